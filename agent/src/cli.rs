@@ -1,0 +1,190 @@
+//! Command-line flags (process sandbox) and the choice of mode.
+
+use std::os::fd::RawFd;
+use std::path::PathBuf;
+
+use crate::runtime::RuntimeSpec;
+
+/// Usage text for `--help`.
+pub const USAGE: &str = "\
+hearth-agent: PID 1 of a hearth instance. Starts the language runtime and
+relays frames between it and the host (see include/hearth_protocol.h).
+
+USAGE
+  hearth-agent --channel-fd <FD> [OPTIONS]   process sandbox: the launcher has
+                                             built the namespaces and root fs
+  /init (no arguments, as PID 1)             microVM: settings come from the
+                                             kernel command line (hearth.*)
+
+OPTIONS
+  --channel-fd <FD>    connected stream socket to the host (required; >= 3).
+                       End of file on it means the host is gone: the agent
+                       stops the runtime and exits.
+  --node <PATH>        Node.js binary              [default: /usr/bin/node]
+  --shim <PATH>        runtime shim script         [default: /hearth/bootstrap.js]
+  --cwd <DIR>          runtime working directory   [default: /var/task]
+  --env <KEY=VALUE>    extra runtime environment variable (repeatable); the
+                       base set is PATH, HOME, LANG, TZ, LAMBDA_TASK_ROOT
+  -h, --help           this text
+  -V, --version        version
+
+The runtime gets the frame socket as fd 3, /dev/null as stdin, and pipes as
+stdout/stderr; the agent turns their lines into LOG frames.
+
+EXIT STATUS (process sandbox)
+  0  the host closed the channel, or SIGTERM/SIGINT asked for shutdown
+  1  the runtime exited on its own
+  2  bad usage, start-up failure, or a protocol error from the host
+";
+
+/// What the agent was asked to do.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Serve a process sandbox over an inherited socket.
+    Process {
+        channel_fd: RawFd,
+        runtime: RuntimeSpec,
+    },
+    /// Boot a microVM from the kernel command line.
+    Vm {
+        ignored_args: Vec<String>,
+    },
+    Help,
+    Version,
+}
+
+/// Picks the mode and parses flags. Without `--channel-fd`, PID 1 means a
+/// microVM (the kernel may pass stray command-line words as arguments, which
+/// are ignored); anywhere else it is a usage error.
+pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
+    if args.iter().any(|a| a == "-h" || a == "--help") {
+        return Ok(Command::Help);
+    }
+    if args.iter().any(|a| a == "-V" || a == "--version") {
+        return Ok(Command::Version);
+    }
+    let has_channel = args
+        .iter()
+        .any(|a| a == "--channel-fd" || a.starts_with("--channel-fd="));
+    if !has_channel {
+        return if is_pid1 {
+            Ok(Command::Vm {
+                ignored_args: args.to_vec(),
+            })
+        } else {
+            Err("--channel-fd is required (microVM mode only runs as PID 1)".to_string())
+        };
+    }
+    let mut channel_fd = None;
+    let mut runtime = RuntimeSpec {
+        node: PathBuf::from("/usr/bin/node"),
+        shim: PathBuf::from("/hearth/bootstrap.js"),
+        cwd: PathBuf::from("/var/task"),
+        extra_env: Vec::new(),
+    };
+    let mut it = args.iter();
+    while let Some(arg) = it.next() {
+        let (flag, inline) = match arg.split_once('=') {
+            Some((f, v)) if f.starts_with("--") => (f, Some(v.to_string())),
+            _ => (arg.as_str(), None),
+        };
+        let mut value = || {
+            inline
+                .clone()
+                .or_else(|| it.next().cloned())
+                .ok_or(format!("{flag} needs a value"))
+        };
+        match flag {
+            "--channel-fd" => {
+                let v = value()?;
+                let fd: RawFd = v
+                    .parse()
+                    .map_err(|_| format!("--channel-fd {v:?} is not a file descriptor number"))?;
+                if fd < 3 {
+                    return Err(format!(
+                        "--channel-fd {fd}: fds 0-2 are stdio; pass the socket as 3 or above"
+                    ));
+                }
+                channel_fd = Some(fd);
+            }
+            "--node" => runtime.node = PathBuf::from(value()?),
+            "--shim" => runtime.shim = PathBuf::from(value()?),
+            "--cwd" => runtime.cwd = PathBuf::from(value()?),
+            "--env" => {
+                let v = value()?;
+                match v.split_once('=') {
+                    Some((k, val)) if !k.is_empty() => {
+                        runtime.extra_env.push((k.to_string(), val.to_string()))
+                    }
+                    _ => return Err(format!("--env {v:?}: expected KEY=VALUE")),
+                }
+            }
+            other => return Err(format!("unknown argument {other:?} (see --help)")),
+        }
+    }
+    Ok(Command::Process {
+        channel_fd: channel_fd.expect("checked above"),
+        runtime,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn process_mode_flags_are_read() {
+        let cmd = parse(
+            &args("--channel-fd 3 --node /n --shim=/s.js --cwd /code --env A=1 --env B=x=y"),
+            true,
+        )
+        .unwrap();
+        let Command::Process {
+            channel_fd,
+            runtime,
+        } = cmd
+        else {
+            panic!("{cmd:?}")
+        };
+        assert_eq!(channel_fd, 3);
+        assert_eq!(runtime.node, PathBuf::from("/n"));
+        assert_eq!(runtime.shim, PathBuf::from("/s.js"));
+        assert_eq!(runtime.cwd, PathBuf::from("/code"));
+        assert_eq!(
+            runtime.extra_env,
+            vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
+        );
+    }
+
+    #[test]
+    fn mode_follows_channel_flag_and_pid() {
+        assert_eq!(
+            parse(&[], true).unwrap(),
+            Command::Vm {
+                ignored_args: vec![]
+            }
+        );
+        assert!(parse(&[], false).is_err());
+        assert!(matches!(
+            parse(&args("--channel-fd 7"), false).unwrap(),
+            Command::Process { channel_fd: 7, .. }
+        ));
+    }
+
+    #[test]
+    fn bad_flags_are_errors() {
+        for bad in [
+            "--channel-fd",
+            "--channel-fd x",
+            "--channel-fd 1",
+            "--channel-fd 3 --env NOEQUALS",
+            "--channel-fd 3 --frob",
+        ] {
+            assert!(parse(&args(bad), false).is_err(), "{bad}");
+        }
+    }
+}

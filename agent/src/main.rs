@@ -1,0 +1,187 @@
+//! hearth-agent: PID 1 of every hearth instance.
+//!
+//! It starts the Node.js runtime shim and relays length-prefixed frames
+//! (`include/hearth_protocol.h`) between the host and the runtime, turning
+//! the runtime's stdout/stderr into LOG frames and reporting its death.
+//!
+//! Two ways in (see `cli.rs`):
+//! * process sandbox: `--channel-fd N`, everything else already set up;
+//! * microVM: `/init` of an initramfs, settings on the kernel command line.
+//!
+//! Module map:
+//! * `cli`      flags and mode choice        * `cmdline`  kernel command-line keys
+//! * `vm`       mounts, switch root, power-off * `modules`  finit_module from `order`
+//! * `channel`  the host stream per transport * `runtime`  spawning node
+//! * `relay`    the event loop               * `frames`   sans-IO frame tracking
+//! * `output`   stdout/stderr -> LOG frames  * `reap`     signals and child exits
+//! * `buf`, `json`, `sys`, `log`: small helpers.
+
+#[macro_use]
+mod log;
+mod buf;
+mod channel;
+mod cli;
+mod cmdline;
+mod frames;
+mod json;
+mod modules;
+mod output;
+#[allow(dead_code)]
+#[path = "../../src/protocol.rs"]
+mod protocol;
+mod reap;
+mod relay;
+mod runtime;
+mod sys;
+mod vm;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use channel::{Channel, ChannelSpec};
+use cli::Command;
+use reap::Signals;
+use relay::{Mode, Outcome, Relay};
+use runtime::{Runtime, RuntimeSpec};
+
+/// Time allowed for the runtime to be killed and reaped before the agent exits.
+const REAP_WAIT: Duration = Duration::from_secs(2);
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let is_pid1 = std::process::id() == 1;
+    match cli::parse(&args, is_pid1) {
+        Ok(Command::Help) => print!("{}", cli::USAGE),
+        Ok(Command::Version) => println!("hearth-agent {}", env!("CARGO_PKG_VERSION")),
+        Ok(Command::Process {
+            channel_fd,
+            runtime,
+        }) => std::process::exit(run_process(channel_fd, &runtime)),
+        Ok(Command::Vm { ignored_args }) => run_vm(&ignored_args),
+        Err(msg) => {
+            diag!("{msg}");
+            std::process::exit(2);
+        }
+    }
+}
+
+/// Process sandbox: relay until the runtime dies or the host leaves.
+fn run_process(channel_fd: i32, spec: &RuntimeSpec) -> i32 {
+    ensure_stdio();
+    if std::process::id() != 1 {
+        // Outside a PID namespace (tests, debugging) still adopt the
+        // runtime's orphans, as PID 1 would.
+        // SAFETY: prctl with integer arguments.
+        unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) };
+    }
+    let signals = match Signals::install() {
+        Ok(s) => s,
+        Err(e) => return fail(&format!("signalfd: {e}")),
+    };
+    let channel = match Channel::open(&ChannelSpec::InheritedFd(channel_fd), Duration::ZERO) {
+        Ok(c) => c,
+        Err(e) => return fail(&e.to_string()),
+    };
+    let runtime = match Runtime::spawn(spec) {
+        Ok(r) => r,
+        Err(e) => {
+            return fail(&format!(
+                "cannot start {} {}: {e}",
+                spec.node.display(),
+                spec.shim.display()
+            ))
+        }
+    };
+    let handle = runtime.handle;
+    let outcome = Relay::new(Mode::Process, channel, signals, runtime).run();
+    let code = match &outcome {
+        Outcome::RuntimeExited {
+            shutdown_requested: true,
+            ..
+        } => 0,
+        Outcome::RuntimeExited { .. } => 1,
+        Outcome::HostGone => {
+            diag!("the host closed the channel; stopping the runtime");
+            0
+        }
+        Outcome::HostBroken(why) | Outcome::Failed(why) => {
+            diag!("{why}; stopping the runtime");
+            2
+        }
+    };
+    // Also clears any children the runtime left in its process group.
+    handle.kill_and_reap(REAP_WAIT);
+    code
+}
+
+fn fail(msg: &str) -> i32 {
+    diag!("{msg}");
+    2
+}
+
+/// microVM: boot, relay across host reconnects, power off when the runtime
+/// is gone. Never returns: PID 1 exiting would panic the kernel.
+fn run_vm(ignored_args: &[String]) -> ! {
+    std::panic::set_hook(Box::new(|info| {
+        diag!("{info}");
+        vm::power_off();
+    }));
+    if !ignored_args.is_empty() {
+        diag!("ignoring arguments {ignored_args:?}");
+    }
+    let cfg = match vm::boot() {
+        Ok(cfg) => cfg,
+        Err(e) => {
+            diag!("boot failed: {e}");
+            vm::power_off();
+        }
+    };
+    ensure_stdio();
+    let signals = Signals::install().unwrap_or_else(|e| stop_vm(&format!("signalfd: {e}")));
+    let channel = Channel::open(&cfg.channel, Duration::from_millis(cfg.wait_ms))
+        .unwrap_or_else(|e| stop_vm(&format!("channel {}: {e}", cfg.channel)));
+    let spec = RuntimeSpec {
+        node: cfg.node.clone(),
+        shim: cfg.shim.clone(),
+        cwd: PathBuf::from("/var/task"),
+        extra_env: Vec::new(),
+    };
+    let runtime = Runtime::spawn(&spec).unwrap_or_else(|e| {
+        stop_vm(&format!(
+            "cannot start {} {}: {e}",
+            spec.node.display(),
+            spec.shim.display()
+        ))
+    });
+    diag!(
+        "runtime started (pid {}); channel {}",
+        runtime.handle.pid,
+        cfg.channel
+    );
+    match Relay::new(Mode::Vm, channel, signals, runtime).run() {
+        Outcome::RuntimeExited { .. } => stop_vm("the runtime is gone; powering off"),
+        other => stop_vm(&format!("relay ended: {other:?}; powering off")),
+    }
+}
+
+fn stop_vm(msg: &str) -> ! {
+    diag!("{msg}");
+    vm::power_off()
+}
+
+/// Opens /dev/null on any of fds 0-2 that is closed, so that fds the agent
+/// opens later never land on them (the runtime's stdio is dup2'ed there).
+fn ensure_stdio() {
+    for fd in 0..=2 {
+        // SAFETY: fcntl/open only touch the fd table.
+        unsafe {
+            if libc::fcntl(fd, libc::F_GETFD) < 0 {
+                let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+                if null >= 0 && null != fd {
+                    libc::dup2(null, fd);
+                    libc::close(null);
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+//! Starting and stopping the language runtime: `node <shim>` with the frame
+//! socket on fd 3 and its stdout/stderr on pipes back to the agent.
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::process::CommandExt;
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use crate::sys;
+
+/// The fd number on which a runtime finds its frame socket.
+pub const RUNTIME_CHANNEL_FD: RawFd = 3;
+
+/// What to run and where.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RuntimeSpec {
+    /// The Node.js binary.
+    pub node: PathBuf,
+    /// The runtime shim script node runs.
+    pub shim: PathBuf,
+    /// Working directory (the function code).
+    pub cwd: PathBuf,
+    /// Environment on top of the fixed base set, `KEY=VALUE` pairs.
+    pub extra_env: Vec<(String, String)>,
+}
+
+/// The environment every runtime starts with; `--env` adds to or overrides it.
+const BASE_ENV: [(&str, &str); 5] = [
+    ("PATH", "/usr/bin:/bin"),
+    ("HOME", "/tmp"),
+    ("LANG", "C.UTF-8"),
+    ("TZ", ":UTC"),
+    ("LAMBDA_TASK_ROOT", "/var/task"),
+];
+
+/// A running runtime and the agent's ends of its three streams.
+pub struct Runtime {
+    /// The process, for signals.
+    pub handle: RuntimeHandle,
+    /// Agent end of the frame socket, non-blocking.
+    pub channel: OwnedFd,
+    /// Read ends of stdout and stderr, non-blocking.
+    pub stdout: OwnedFd,
+    pub stderr: OwnedFd,
+}
+
+impl Runtime {
+    /// Starts the runtime. The caller must already have blocked SIGCHLD
+    /// (see `reap::Signals`) so its exit cannot be missed.
+    pub fn spawn(spec: &RuntimeSpec) -> io::Result<Runtime> {
+        let (agent_end, runtime_end) = sys::stream_socketpair()?;
+        let runtime_fd = runtime_end.as_raw_fd();
+        let mut cmd = Command::new(&spec.node);
+        cmd.arg(&spec.shim)
+            .env_clear()
+            .envs(BASE_ENV)
+            .envs(spec.extra_env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&spec.cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own group, so stopping it also stops whatever it started.
+            .process_group(0);
+        // SAFETY: the closure runs in the forked child before exec and only
+        // makes async-signal-safe system calls.
+        unsafe {
+            cmd.pre_exec(move || {
+                if runtime_fd == RUNTIME_CHANNEL_FD {
+                    sys::set_cloexec(runtime_fd, false)?;
+                } else {
+                    sys::cvt(libc::dup2(runtime_fd, RUNTIME_CHANNEL_FD))?;
+                }
+                // Nothing else the agent holds (or inherited) may leak into
+                // the runtime: mark every higher fd close-on-exec. Closing them
+                // outright would also close std's exec-error pipe. Old kernels
+                // without close_range just keep relying on O_CLOEXEC.
+                libc::close_range(
+                    RUNTIME_CHANNEL_FD as libc::c_uint + 1,
+                    libc::c_uint::MAX,
+                    libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+                );
+                Ok(())
+            });
+        }
+        let mut child = cmd.spawn()?;
+        drop(runtime_end);
+        let stdout: OwnedFd = child.stdout.take().expect("stdout is piped").into();
+        let stderr: OwnedFd = child.stderr.take().expect("stderr is piped").into();
+        for fd in [
+            agent_end.as_raw_fd(),
+            stdout.as_raw_fd(),
+            stderr.as_raw_fd(),
+        ] {
+            sys::set_nonblocking(fd, true)?;
+        }
+        // The Child handle is dropped without waiting: the reaper owns exits.
+        let handle = RuntimeHandle {
+            pid: child.id() as libc::pid_t,
+        };
+        Ok(Runtime {
+            handle,
+            channel: agent_end,
+            stdout,
+            stderr,
+        })
+    }
+}
+
+/// The runtime process, by pid; it also leads its own process group.
+#[derive(Clone, Copy, Debug)]
+pub struct RuntimeHandle {
+    pub pid: libc::pid_t,
+}
+
+impl RuntimeHandle {
+    /// Sends `sig` to the runtime process only.
+    pub fn signal(&self, sig: libc::c_int) {
+        // SAFETY: kill has no memory effects.
+        unsafe { libc::kill(self.pid, sig) };
+    }
+
+    /// SIGKILLs the runtime's whole process group.
+    pub fn kill_group(&self) {
+        // SAFETY: as above.
+        unsafe { libc::kill(-self.pid, libc::SIGKILL) };
+    }
+
+    /// SIGKILLs the group and waits (bounded) until the runtime is reaped, so
+    /// no runtime outlives an agent that is not a namespace's PID 1.
+    pub fn kill_and_reap(&self, wait: Duration) {
+        self.kill_group();
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            let mut status = 0;
+            // SAFETY: waitpid writes the status we own.
+            let pid = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
+            if pid == self.pid || pid < 0 {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}

@@ -1,0 +1,67 @@
+/*
+ * hearth host <-> guest wire protocol, version 1.
+ *
+ * One persistent byte stream per instance carries every frame in both
+ * directions. The stream is a socketpair end (process backend), a
+ * virtio-serial port named "hearth.agent" (QEMU) or an AF_VSOCK connection
+ * (Firecracker); the framing is identical on all three.
+ *
+ * The same frames are used between the guest agent and the language runtime
+ * (the agent relays them on a socket passed to the runtime as fd 3), so a
+ * runtime for another language only has to speak this header.
+ *
+ * Frame layout (all integers little-endian):
+ *
+ *   struct hearth_frame_header   16 bytes
+ *   meta                         meta_len bytes, UTF-8 JSON object (may be 0)
+ *   body                         body_len bytes, raw; never base64 on the wire
+ *
+ * A receiver that sees an unknown type, a bad magic or a length over the
+ * limits below treats the stream as broken and closes it.
+ */
+#ifndef HEARTH_PROTOCOL_H
+#define HEARTH_PROTOCOL_H
+
+#include <stdint.h>
+
+#define HEARTH_PROTO_MAGIC 0x4854u /* "HT" */
+#define HEARTH_PROTO_VERSION 1u
+
+/* Limits: a frame larger than this is a protocol error. */
+#define HEARTH_META_MAX (1u << 20)         /* 1 MiB of JSON metadata        */
+#define HEARTH_BODY_MAX (8u << 20)         /* 8 MiB of body (> 6 MiB payload) */
+
+enum hearth_frame_type {
+    /* host -> guest */
+    HEARTH_HELLO = 1,      /* meta: {"time_ms":<unix ms>,"handler":"app.handler",
+                              "function":"<id>","memory_mb":128,"timeout_ms":30000,
+                              "env":{...}}. First frame after every (re)connect:
+                              the agent sets the wall clock from time_ms; a runtime
+                              that has not loaded the handler yet loads it now. */
+    HEARTH_INVOKE = 2,     /* meta: {"method","path","query","headers":[[k,v],...],
+                              "source_ip","protocol","request_id","time_ms",
+                              "deadline_ms"}; body: raw request body. */
+    /* guest -> host */
+    HEARTH_READY = 16,     /* meta: {"init_ms":<number>,"runtime":"node v20..."} */
+    HEARTH_INIT_ERROR = 17,/* meta: {"errorType","errorMessage","stack"?} */
+    HEARTH_RESPONSE = 18,  /* meta: {"status":200,"headers":[[k,v],...]}; body raw.
+                              Set-Cookie values appear as repeated headers. */
+    HEARTH_ERROR = 19,     /* meta: {"errorType","errorMessage"}: the handler threw
+                              or returned a rejected promise for request_id. */
+    HEARTH_LOG = 20,       /* body: one or more lines of output; request_id is the
+                              request running when it was written (0: none);
+                              flags: HEARTH_LOG_STDERR. */
+};
+
+#define HEARTH_LOG_STDERR 0x01u
+
+struct hearth_frame_header {
+    uint16_t magic;       /* HEARTH_PROTO_MAGIC */
+    uint8_t  type;        /* enum hearth_frame_type */
+    uint8_t  flags;
+    uint32_t request_id;  /* host-assigned, nonzero for INVOKE and its answer */
+    uint32_t meta_len;
+    uint32_t body_len;
+};
+
+#endif /* HEARTH_PROTOCOL_H */

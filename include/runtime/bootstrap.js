@@ -1,0 +1,1032 @@
+'use strict';
+/*
+ * hearth Node.js runtime shim.
+ *
+ * Started by the guest agent as `node bootstrap.js`. File descriptor 3 is a
+ * bidirectional stream socket to the agent carrying hearth frames (see
+ * include/hearth_protocol.h). stdout and stderr belong to the function: the
+ * agent captures them and turns them into log frames, so this file never
+ * writes protocol data there; its own diagnostics go to stderr.
+ *
+ * Lifecycle
+ *   - boot and wait: a runtime may be started before it knows its function.
+ *   - HELLO (first): set the Lambda environment, chdir to the task root, load
+ *     the handler, answer READY {init_ms, runtime} or INIT_ERROR
+ *     {errorType, errorMessage, stack}. After INIT_ERROR the process stays up
+ *     until the host kills it.
+ *   - HELLO (later, e.g. after a snapshot restore): apply `env` again and
+ *     answer READY (or the same INIT_ERROR) at once; nothing is reloaded.
+ *   - INVOKE: build an API Gateway HTTP API 2.0 event (the shape Lambda
+ *     function URLs deliver), call the handler, answer RESPONSE or ERROR with
+ *     the same request id. One invocation runs at a time; frames that arrive
+ *     meanwhile are queued.
+ *
+ * Requires Node >= 18, CommonJS, no dependencies.
+ */
+
+const net = require('net');
+const fs = require('fs');
+const path = require('path');
+const { pathToFileURL } = require('url');
+const { performance } = require('perf_hooks');
+const crypto = require('crypto');
+
+// ---------------------------------------------------------------------------
+// Wire protocol constants (mirror include/hearth_protocol.h).
+
+const MAGIC = 0x4854;
+const HEADER_LEN = 16;
+const META_MAX = 1 << 20;
+const BODY_MAX = 8 << 20;
+
+const T_HELLO = 1;
+const T_INVOKE = 2;
+const T_READY = 16;
+const T_INIT_ERROR = 17;
+const T_RESPONSE = 18;
+const T_ERROR = 19;
+const T_LOG = 20; // made by the agent from stdout/stderr, never by the shim
+
+// Region used for AWS_REGION / the ARN when the function's env sets none.
+const DEFAULT_REGION = 'us-east-1';
+const ACCOUNT_ID = '000000000000';
+
+// ---------------------------------------------------------------------------
+// Channel.
+
+let chan;
+try {
+  chan = new net.Socket({ fd: 3, readable: true, writable: true });
+} catch (e) {
+  process.stderr.write(`hearth runtime: fd 3 is not a usable socket (${e && e.message})\n`);
+  process.exit(70);
+}
+
+function die(code) {
+  // Let an answer already handed to the socket reach the agent, then leave.
+  chan.removeAllListeners('end');
+  chan.removeAllListeners('close');
+  if (chan.writableLength === 0) process.exit(code);
+  chan.once('drain', () => process.exit(code));
+  chan.once('close', () => process.exit(code));
+  setTimeout(() => process.exit(code), 1000).unref();
+}
+
+chan.on('error', (e) => {
+  process.stderr.write(`hearth runtime: channel error: ${e && e.message}\n`);
+  process.exit(71);
+});
+// The agent went away: nobody can reach this instance any more.
+chan.on('end', () => process.exit(0));
+chan.on('close', () => process.exit(0));
+
+/**
+ * Sends one frame with a single socket write. `body` is a Buffer/Uint8Array,
+ * a string (written as UTF-8 straight into the frame) or null.
+ */
+function sendFrame(type, id, metaStr, body) {
+  const metaLen = metaStr ? Buffer.byteLength(metaStr, 'utf8') : 0;
+  let bodyLen = 0;
+  let bodyIsString = false;
+  if (body != null) {
+    if (typeof body === 'string') {
+      bodyIsString = true;
+      bodyLen = Buffer.byteLength(body, 'utf8');
+    } else {
+      bodyLen = body.length;
+    }
+  }
+  const buf = Buffer.allocUnsafe(HEADER_LEN + metaLen + bodyLen);
+  buf.writeUInt16LE(MAGIC, 0);
+  buf[2] = type;
+  buf[3] = 0;
+  buf.writeUInt32LE(id >>> 0, 4);
+  buf.writeUInt32LE(metaLen, 8);
+  buf.writeUInt32LE(bodyLen, 12);
+  if (metaLen !== 0) buf.write(metaStr, HEADER_LEN, metaLen, 'utf8');
+  if (bodyLen !== 0) {
+    const off = HEADER_LEN + metaLen;
+    if (bodyIsString) buf.write(body, off, bodyLen, 'utf8');
+    else buf.set(body, off);
+  }
+  return chan.write(buf);
+}
+
+// ---------------------------------------------------------------------------
+// Incremental frame reader. Each byte is copied at most once: a frame that
+// lies inside one chunk is used as a view of that chunk; a frame split over
+// chunks is assembled into a buffer of exactly its size.
+
+const hdrBuf = Buffer.alloc(HEADER_LEN);
+let hdrFill = 0; // bytes of a split header collected in hdrBuf
+let fType = 0;
+let fId = 0;
+let fMetaLen = 0;
+let fBodyLen = 0;
+let fBuf = null; // assembling frame payload (meta + body), or null
+let fFill = 0;
+
+function protocolError(msg) {
+  process.stderr.write(`hearth runtime: protocol error: ${msg}; closing\n`);
+  chan.destroy();
+  process.exit(72);
+}
+
+function parseHeader(b, o) {
+  if (b.readUInt16LE(o) !== MAGIC) protocolError('bad magic');
+  fType = b[o + 2];
+  fId = b.readUInt32LE(o + 4);
+  fMetaLen = b.readUInt32LE(o + 8);
+  fBodyLen = b.readUInt32LE(o + 12);
+  if (fMetaLen > META_MAX || fBodyLen > BODY_MAX) protocolError('frame over size limits');
+  if (!((fType >= 1 && fType <= 2) || (fType >= 16 && fType <= 20))) {
+    protocolError(`unknown frame type ${fType}`);
+  }
+}
+
+chan.on('data', (chunk) => {
+  let pos = 0;
+  const len = chunk.length;
+  while (pos < len) {
+    if (fBuf !== null) {
+      // Continue a frame split across chunks.
+      const n = Math.min(fBuf.length - fFill, len - pos);
+      chunk.copy(fBuf, fFill, pos, pos + n);
+      fFill += n;
+      pos += n;
+      if (fFill === fBuf.length) {
+        const b = fBuf;
+        fBuf = null;
+        dispatch(fType, fId, b, 0, fMetaLen, fBodyLen);
+      }
+      continue;
+    }
+    // Header.
+    if (hdrFill === 0 && len - pos >= HEADER_LEN) {
+      parseHeader(chunk, pos);
+      pos += HEADER_LEN;
+    } else {
+      const n = Math.min(HEADER_LEN - hdrFill, len - pos);
+      chunk.copy(hdrBuf, hdrFill, pos, pos + n);
+      hdrFill += n;
+      pos += n;
+      if (hdrFill < HEADER_LEN) break;
+      hdrFill = 0;
+      parseHeader(hdrBuf, 0);
+    }
+    const need = fMetaLen + fBodyLen;
+    if (len - pos >= need) {
+      const start = pos;
+      pos += need;
+      dispatch(fType, fId, chunk, start, fMetaLen, fBodyLen);
+    } else {
+      fBuf = Buffer.allocUnsafe(need);
+      fFill = len - pos;
+      chunk.copy(fBuf, 0, pos, len);
+      pos = len;
+    }
+  }
+});
+
+function dispatch(type, id, buf, off, metaLen, bodyLen) {
+  let meta = null;
+  let badMeta = null;
+  if (metaLen !== 0) {
+    try {
+      meta = JSON.parse(buf.toString('utf8', off, off + metaLen));
+    } catch (e) {
+      badMeta = e;
+    }
+  }
+  if (meta === null || typeof meta !== 'object') meta = EMPTY_META;
+  if (type === T_INVOKE) {
+    const body = buf.subarray(off + metaLen, off + metaLen + bodyLen);
+    if (badMeta !== null) {
+      sendError(id, 'Runtime.InvalidFrame', `invoke metadata is not valid JSON: ${badMeta.message}`);
+      return;
+    }
+    onInvoke(id, meta, body);
+  } else if (type === T_HELLO) {
+    if (badMeta !== null) {
+      process.stderr.write(`hearth runtime: HELLO metadata is not valid JSON: ${badMeta.message}\n`);
+    }
+    onHello(meta);
+  }
+  // Other known types are guest->host frames or logs: nothing to do here.
+}
+
+const EMPTY_META = Object.freeze({});
+
+// ---------------------------------------------------------------------------
+// Function configuration (filled in by the first HELLO).
+
+const S_WAITING = 0; // no HELLO yet
+const S_LOADING = 1; // loading the handler
+const S_READY = 2;
+const S_FAILED = 3; // INIT_ERROR sent; waiting to be killed
+
+let state = S_WAITING;
+let handlerFn = null;
+let handlerWantsCallback = false;
+let initMs = 0;
+let initErrorMeta = null; // JSON string of the INIT_ERROR meta
+
+const fn = {
+  id: '',
+  name: '',
+  memoryStr: '128',
+  timeoutMs: 30000,
+  arn: '',
+  logGroup: '',
+  logStream: '',
+};
+
+function newLogStreamName() {
+  const d = new Date();
+  const y = d.getUTCFullYear();
+  const m = String(d.getUTCMonth() + 1).padStart(2, '0');
+  const day = String(d.getUTCDate()).padStart(2, '0');
+  return `${y}/${m}/${day}/[$LATEST]${crypto.randomBytes(16).toString('hex')}`;
+}
+
+function applyUserEnv(env) {
+  if (env === null || typeof env !== 'object') return;
+  for (const k of Object.keys(env)) {
+    const v = env[k];
+    if (v === null || v === undefined) delete process.env[k];
+    else process.env[k] = String(v);
+  }
+}
+
+/**
+ * Environment of the first HELLO, in three layers:
+ *   1. the function's own `env`;
+ *   2. defaults where neither the function nor the agent set a value:
+ *      AWS_REGION / AWS_DEFAULT_REGION (us-east-1, mirrored into each
+ *      other), TZ=:UTC as on Lambda (replacing an inherited TZ unless the
+ *      function sets one);
+ *   3. identity variables the function cannot override (name, version,
+ *      memory, handler, task root, log group/stream, execution env).
+ */
+function setupEnvironment(hello) {
+  const env = process.env;
+  const userEnv = hello.env && typeof hello.env === 'object' ? hello.env : {};
+  applyUserEnv(userEnv);
+  if (!env.AWS_REGION) env.AWS_REGION = env.AWS_DEFAULT_REGION || DEFAULT_REGION;
+  if (!env.AWS_DEFAULT_REGION) env.AWS_DEFAULT_REGION = env.AWS_REGION;
+  if (!('TZ' in userEnv)) env.TZ = ':UTC';
+
+  fn.id = String(hello.function || '');
+  fn.name = fn.id;
+  const mem = Number(hello.memory_mb);
+  fn.memoryStr = String(Number.isFinite(mem) && mem > 0 ? Math.floor(mem) : 128);
+  const tmo = Number(hello.timeout_ms);
+  fn.timeoutMs = Number.isFinite(tmo) && tmo > 0 ? tmo : 30000;
+  const region = env.AWS_REGION || DEFAULT_REGION;
+  fn.arn = `arn:aws:lambda:${region}:${ACCOUNT_ID}:function:${fn.name}`;
+  fn.logGroup = `/aws/lambda/${fn.name}`;
+  fn.logStream = newLogStreamName();
+
+  const major = process.versions.node.split('.')[0];
+  env.AWS_LAMBDA_FUNCTION_NAME = fn.name;
+  env.AWS_LAMBDA_FUNCTION_VERSION = '$LATEST';
+  env.AWS_LAMBDA_FUNCTION_MEMORY_SIZE = fn.memoryStr;
+  env.AWS_LAMBDA_LOG_GROUP_NAME = fn.logGroup;
+  env.AWS_LAMBDA_LOG_STREAM_NAME = fn.logStream;
+  env.AWS_LAMBDA_INITIALIZATION_TYPE = 'on-demand';
+  env.AWS_EXECUTION_ENV = `AWS_Lambda_nodejs${major}.x`;
+  env.LAMBDA_TASK_ROOT = String(hello.task_root || '/var/task');
+  env.LAMBDA_RUNTIME_DIR = __dirname;
+  env._HANDLER = String(hello.handler || '');
+}
+
+// ---------------------------------------------------------------------------
+// HELLO and handler loading.
+
+function readyMeta() {
+  return JSON.stringify({ init_ms: initMs, runtime: `node ${process.version}` });
+}
+
+function onHello(hello) {
+  if (state === S_WAITING) {
+    state = S_LOADING;
+    const t0 = performance.now();
+    try {
+      setupEnvironment(hello);
+    } catch (e) {
+      process.stderr.write(`hearth runtime: environment setup failed: ${e && e.stack}\n`);
+    }
+    const taskRoot = String(hello.task_root || '/var/task');
+    try {
+      process.chdir(taskRoot);
+    } catch (e) {
+      process.stderr.write(`hearth runtime: chdir ${taskRoot}: ${e && e.message}\n`);
+    }
+    loadHandler(taskRoot, String(hello.handler || '')).then(
+      (f) => {
+        if (state !== S_LOADING) return; // an async init failure already reported
+        handlerFn = f;
+        handlerWantsCallback = f.length >= 3;
+        initMs = Math.round((performance.now() - t0) * 1000) / 1000;
+        state = S_READY;
+        sendFrame(T_READY, 0, readyMeta(), null);
+        drainQueue();
+      },
+      (e) => failInit(initErrorFrom(e)),
+    );
+    return;
+  }
+  // Later HELLO: refresh env only.
+  applyUserEnv(hello.env);
+  fn.logStream = newLogStreamName();
+  process.env.AWS_LAMBDA_LOG_STREAM_NAME = fn.logStream;
+  if (state === S_READY) sendFrame(T_READY, 0, readyMeta(), null);
+  else if (state === S_FAILED) sendFrame(T_INIT_ERROR, 0, initErrorMeta, null);
+  // S_LOADING: READY / INIT_ERROR follows when loading ends.
+}
+
+function failInit(info) {
+  if (state === S_FAILED) return;
+  state = S_FAILED;
+  initErrorMeta = JSON.stringify(info);
+  process.stderr.write(
+    `${new Date().toISOString()}\tundefined\tERROR\tInit failed \t${initErrorMeta}\n`,
+  );
+  sendFrame(T_INIT_ERROR, 0, initErrorMeta, null);
+  // Invocations that were waiting for the init cannot run.
+  while (queue.length !== 0) {
+    const q = queue.shift();
+    sendFrame(T_ERROR, q.id, initErrorMeta, null);
+  }
+}
+
+class InitError extends Error {
+  constructor(type, message) {
+    super(message);
+    this.lambdaType = type;
+  }
+}
+
+function stackLines(e) {
+  if (e && typeof e.stack === 'string') return e.stack.split('\n');
+  return [];
+}
+
+function initErrorFrom(e) {
+  if (e instanceof InitError) {
+    return { errorType: e.lambdaType, errorMessage: e.message, stack: [] };
+  }
+  if (e instanceof SyntaxError) {
+    return {
+      errorType: 'Runtime.UserCodeSyntaxError',
+      errorMessage: `SyntaxError: ${e.message}`,
+      stack: stackLines(e),
+    };
+  }
+  if (e && (e.code === 'MODULE_NOT_FOUND' || e.code === 'ERR_MODULE_NOT_FOUND')) {
+    return {
+      errorType: 'Runtime.ImportModuleError',
+      errorMessage: `Error: ${e.message}`,
+      stack: stackLines(e),
+    };
+  }
+  const m = errorInfo(e);
+  m.stack = stackLines(e);
+  return m;
+}
+
+function statKind(p) {
+  try {
+    const st = fs.statSync(p);
+    return st.isFile() ? 1 : st.isDirectory() ? 2 : 0;
+  } catch (_) {
+    return 0;
+  }
+}
+
+/** Resolves a handler module path (absolute, no extension) to a file. */
+function resolveModuleFile(base) {
+  if (statKind(base) === 1) return base;
+  for (const ext of ['.js', '.mjs', '.cjs']) {
+    if (statKind(base + ext) === 1) return base + ext;
+  }
+  if (statKind(base) === 2) {
+    try {
+      return require.resolve(base);
+    } catch (_) {
+      /* not a loadable directory */
+    }
+  }
+  return null;
+}
+
+/** `type` of the nearest package.json above `dir` ('commonjs' if none). */
+function packageType(dir) {
+  for (;;) {
+    const pj = path.join(dir, 'package.json');
+    if (statKind(pj) === 1) {
+      try {
+        const t = JSON.parse(fs.readFileSync(pj, 'utf8')).type;
+        return t === 'module' ? 'module' : 'commonjs';
+      } catch (_) {
+        return 'commonjs';
+      }
+    }
+    const up = path.dirname(dir);
+    if (up === dir) return 'commonjs';
+    dir = up;
+  }
+}
+
+async function loadModule(file) {
+  const esm =
+    file.endsWith('.mjs') || (file.endsWith('.js') && packageType(path.dirname(file)) === 'module');
+  if (esm) return import(pathToFileURL(file).href);
+  try {
+    return require(file);
+  } catch (e) {
+    if (e && (e.code === 'ERR_REQUIRE_ESM' || e.code === 'ERR_REQUIRE_ASYNC_MODULE')) {
+      return import(pathToFileURL(file).href);
+    }
+    throw e;
+  }
+}
+
+/**
+ * Handler string "dir/file.export[.nested]": the module is everything up to
+ * the first '.' after the last '/', as on Lambda; the rest is a property path
+ * into its exports. When no module exists at that split, later dots are tried
+ * too, so dotted file names ("app.v2.handler" -> app.v2.js) also work.
+ */
+async function loadHandler(taskRoot, handlerStr) {
+  const slash = handlerStr.lastIndexOf('/');
+  const dir = handlerStr.slice(0, slash + 1);
+  const baseName = handlerStr.slice(slash + 1);
+  const firstDot = baseName.indexOf('.');
+  if (firstDot <= 0 || firstDot === baseName.length - 1) {
+    throw new InitError('Runtime.MalformedHandlerName', `Bad handler ${handlerStr}`);
+  }
+  let file = null;
+  let exportPath = null;
+  for (let dot = firstDot; dot !== -1; dot = baseName.indexOf('.', dot + 1)) {
+    const rest = baseName.slice(dot + 1);
+    if (rest === '') break;
+    const f = resolveModuleFile(path.resolve(taskRoot, dir + baseName.slice(0, dot)));
+    if (f !== null) {
+      file = f;
+      exportPath = rest;
+      break;
+    }
+  }
+  if (file === null) {
+    throw new InitError(
+      'Runtime.ImportModuleError',
+      `Error: Cannot find module '${dir + baseName.slice(0, firstDot)}'`,
+    );
+  }
+  const mod = await loadModule(file);
+  let h = walk(mod, exportPath);
+  if (h === undefined && mod && mod.default && typeof mod.default === 'object') {
+    h = walk(mod.default, exportPath); // CommonJS module reached through import()
+  }
+  if (h === undefined || h === null) {
+    throw new InitError('Runtime.HandlerNotFound', `${handlerStr} is undefined or not exported`);
+  }
+  if (typeof h !== 'function') {
+    throw new InitError('Runtime.HandlerNotFound', `${handlerStr} is not a function`);
+  }
+  return h;
+}
+
+function walk(obj, dotted) {
+  const parts = dotted.split('.');
+  for (let i = 0; i < parts.length; i++) {
+    if (obj === null || obj === undefined) return undefined;
+    obj = obj[parts[i]];
+  }
+  return obj;
+}
+
+// ---------------------------------------------------------------------------
+// Event construction (API Gateway HTTP API payload 2.0, function URL flavour).
+
+const MONTHS = ['Jan', 'Feb', 'Mar', 'Apr', 'May', 'Jun', 'Jul', 'Aug', 'Sep', 'Oct', 'Nov', 'Dec'];
+let clfSecond = -1;
+let clfString = '';
+
+/** "27/Nov/2026:01:38:38 +0000", cached per second. */
+function clfTime(ms) {
+  const sec = Math.floor(ms / 1000);
+  if (sec !== clfSecond) {
+    const d = new Date(sec * 1000);
+    const p2 = (n) => (n < 10 ? '0' + n : '' + n);
+    clfString =
+      `${p2(d.getUTCDate())}/${MONTHS[d.getUTCMonth()]}/${d.getUTCFullYear()}:` +
+      `${p2(d.getUTCHours())}:${p2(d.getUTCMinutes())}:${p2(d.getUTCSeconds())} +0000`;
+    clfSecond = sec;
+  }
+  return clfString;
+}
+
+function decodeComponent(s) {
+  if (s.indexOf('%') === -1) {
+    return s.indexOf('+') === -1 ? s : s.replace(/\+/g, ' ');
+  }
+  const t = s.indexOf('+') === -1 ? s : s.replace(/\+/g, ' ');
+  try {
+    return decodeURIComponent(t);
+  } catch (_) {
+    return t; // malformed escape: keep the text as sent
+  }
+}
+
+/** Decoded parameters, repeated keys joined with ','; undefined when empty. */
+function parseQuery(q) {
+  let out;
+  let start = 0;
+  const n = q.length;
+  while (start <= n) {
+    let end = q.indexOf('&', start);
+    if (end === -1) end = n;
+    if (end > start) {
+      const eq = q.indexOf('=', start);
+      let k;
+      let v;
+      if (eq === -1 || eq > end) {
+        k = decodeComponent(q.slice(start, end));
+        v = '';
+      } else {
+        k = decodeComponent(q.slice(start, eq));
+        v = decodeComponent(q.slice(eq + 1, end));
+      }
+      if (k !== '__proto__') {
+        if (out === undefined) out = {};
+        const prev = out[k];
+        out[k] = typeof prev === 'string' ? prev + ',' + v : v;
+      }
+    }
+    start = end + 1;
+  }
+  return out;
+}
+
+/** Whether a request body of this content type is delivered as text. */
+function isTextType(ct) {
+  if (ct === undefined) return false;
+  let semi = ct.indexOf(';');
+  let t = (semi === -1 ? ct : ct.slice(0, semi)).trim().toLowerCase();
+  if (t.startsWith('text/')) return true;
+  switch (t) {
+    case 'application/json':
+    case 'application/xml':
+    case 'application/javascript':
+    case 'application/x-www-form-urlencoded':
+      return true;
+    default:
+      return t.endsWith('+json') || t.endsWith('+xml');
+  }
+}
+
+let isUtf8;
+try {
+  isUtf8 = require('buffer').isUtf8;
+} catch (_) {
+  /* older node */
+}
+if (typeof isUtf8 !== 'function') {
+  const strict = new TextDecoder('utf-8', { fatal: true });
+  isUtf8 = (b) => {
+    try {
+      strict.decode(b);
+      return true;
+    } catch (_) {
+      return false;
+    }
+  };
+}
+
+function buildEvent(m, body, frameId) {
+  const list = m.headers;
+  const headers = {};
+  let cookies;
+  if (Array.isArray(list)) {
+    for (let i = 0; i < list.length; i++) {
+      const pair = list[i];
+      if (!Array.isArray(pair) || pair.length < 2) continue;
+      const k = String(pair[0]).toLowerCase();
+      const v = String(pair[1]);
+      if (k === 'cookie') {
+        const parts = v.split(';');
+        for (let j = 0; j < parts.length; j++) {
+          const c = parts[j].trim();
+          if (c !== '') (cookies || (cookies = [])).push(c);
+        }
+      } else if (k !== '__proto__') {
+        const prev = headers[k];
+        headers[k] = typeof prev === 'string' ? prev + ',' + v : v;
+      }
+    }
+  }
+
+  const rawPath = typeof m.path === 'string' && m.path !== '' ? m.path : '/';
+  const rawQuery = typeof m.query === 'string' ? m.query : '';
+  const timeEpoch = typeof m.time_ms === 'number' ? m.time_ms : Date.now();
+  let domain = typeof m.domain === 'string' && m.domain !== '' ? m.domain : headers.host;
+  if (!domain) domain = 'localhost';
+
+  const event = {
+    version: '2.0',
+    routeKey: '$default',
+    rawPath,
+    rawQueryString: rawQuery,
+  };
+  if (cookies !== undefined) event.cookies = cookies;
+  event.headers = headers;
+  if (rawQuery !== '') {
+    const qs = parseQuery(rawQuery);
+    if (qs !== undefined) event.queryStringParameters = qs;
+  }
+  event.requestContext = {
+    accountId: 'anonymous',
+    apiId: fn.id,
+    domainName: domain,
+    domainPrefix: domainPrefix(domain),
+    http: {
+      method: typeof m.method === 'string' ? m.method : 'GET',
+      path: rawPath,
+      protocol: typeof m.protocol === 'string' ? m.protocol : 'HTTP/1.1',
+      sourceIp: typeof m.source_ip === 'string' ? m.source_ip : '',
+      userAgent: headers['user-agent'] || '',
+    },
+    requestId: m.request_id != null ? String(m.request_id) : String(frameId),
+    routeKey: '$default',
+    stage: '$default',
+    time: clfTime(timeEpoch),
+    timeEpoch,
+  };
+  if (body.length !== 0) {
+    if (isTextType(headers['content-type']) && isUtf8(body)) {
+      event.body = body.toString('utf8');
+      event.isBase64Encoded = false;
+    } else {
+      event.body = body.toString('base64');
+      event.isBase64Encoded = true;
+    }
+  } else {
+    event.isBase64Encoded = false;
+  }
+  return event;
+}
+
+let lastDomain = '';
+let lastPrefix = '';
+function domainPrefix(domain) {
+  if (domain === lastDomain) return lastPrefix;
+  let p = domain;
+  const dot = p.indexOf('.');
+  if (dot > 0) p = p.slice(0, dot);
+  // Drop a port ("localhost:3000" -> "localhost"); keep IPv6 brackets whole.
+  const colon = p.lastIndexOf(':');
+  if (colon > 0 && p.indexOf(']') < colon && p[0] !== '[') p = p.slice(0, colon);
+  else if (p[0] === '[' && p.indexOf(']') !== -1) p = p.slice(0, p.indexOf(']') + 1);
+  lastDomain = domain;
+  lastPrefix = p;
+  return p;
+}
+
+// ---------------------------------------------------------------------------
+// Lambda context object. It doubles as the record of one invocation: the
+// private fields hold the frame id, deadline and "already answered" state.
+
+class LambdaContext {
+  #frameId;
+  #deadline;
+  #settled = false;
+  #bound = null;
+
+  constructor(frameId, requestId, deadline) {
+    this.callbackWaitsForEmptyEventLoop = true;
+    this.functionName = fn.name;
+    this.functionVersion = '$LATEST';
+    this.invokedFunctionArn = fn.arn;
+    this.memoryLimitInMB = fn.memoryStr;
+    this.awsRequestId = requestId;
+    this.logGroupName = fn.logGroup;
+    this.logStreamName = fn.logStream;
+    this.#frameId = frameId;
+    this.#deadline = deadline;
+  }
+
+  // Methods are created (bound) only when a handler asks for them, so they
+  // keep working when detached (`const { succeed } = context`).
+  get getRemainingTimeInMillis() {
+    return this.#methods().remaining;
+  }
+  get done() {
+    return this.#methods().done;
+  }
+  get succeed() {
+    return this.#methods().succeed;
+  }
+  get fail() {
+    return this.#methods().fail;
+  }
+
+  #methods() {
+    if (this.#bound === null) {
+      const self = this;
+      this.#bound = {
+        remaining: () => self._remaining(),
+        done: (err, result) => settle(self, err, result),
+        succeed: (result) => settle(self, null, result),
+        fail: (err) => settle(self, err == null ? new Error('handler failed') : err, undefined),
+      };
+    }
+    return this.#bound;
+  }
+
+  _remaining() {
+    const r = this.#deadline - Date.now();
+    return r > 0 ? Math.floor(r) : 0;
+  }
+  _frameId() {
+    return this.#frameId;
+  }
+  // Returns true once: the first caller gets to answer the invocation.
+  _claim() {
+    if (this.#settled) return false;
+    this.#settled = true;
+    return true;
+  }
+  _isSettled() {
+    return this.#settled;
+  }
+}
+
+// ---------------------------------------------------------------------------
+// Invocation.
+
+const queue = []; // {id, meta, body} waiting for init or for the running one
+let current = null; // LambdaContext of the running invocation
+let drainWatch = false; // channel unref'd to notice an empty event loop
+
+function onInvoke(id, meta, body) {
+  if (state === S_FAILED) {
+    sendFrame(T_ERROR, id, initErrorMeta, null);
+    return;
+  }
+  if (state !== S_READY || current !== null) {
+    // Bodies that are views of a socket chunk must outlive this callback.
+    queue.push({ id, meta, body: Buffer.from(body) });
+    return;
+  }
+  runInvoke(id, meta, body);
+}
+
+function drainQueue() {
+  while (current === null && state === S_READY && queue.length !== 0) {
+    const q = queue.shift();
+    runInvoke(q.id, q.meta, q.body);
+  }
+}
+
+function runInvoke(id, meta, body) {
+  let event;
+  try {
+    event = buildEvent(meta, body, id);
+  } catch (e) {
+    sendError(id, 'Runtime.InvalidFrame', `cannot build event: ${e && e.message}`);
+    return;
+  }
+  const deadline =
+    typeof meta.deadline_ms === 'number' ? meta.deadline_ms : Date.now() + fn.timeoutMs;
+  const ctx = new LambdaContext(id, event.requestContext.requestId, deadline);
+  current = ctx;
+
+  let ret;
+  try {
+    ret = handlerWantsCallback ? handlerFn(event, ctx, makeCallback(ctx)) : handlerFn(event, ctx);
+  } catch (e) {
+    settle(ctx, e === undefined || e === null ? new Error(String(e)) : e, undefined);
+    return;
+  }
+  if (ctx._isSettled()) return; // answered synchronously via callback/context
+
+  if (ret !== null && (typeof ret === 'object' || typeof ret === 'function') && typeof ret.then === 'function') {
+    ret.then(
+      (v) => settle(ctx, null, v),
+      (e) => settle(ctx, e === undefined || e === null ? new Error(`promise rejected with ${e}`) : e, undefined),
+    );
+  } else if (handlerWantsCallback || ret === undefined) {
+    // Waits for callback(...) / context.done(...). If neither comes and the
+    // event loop runs dry, the answer is null, as on Lambda.
+    watchForEmptyLoop();
+  } else {
+    // A plain synchronous return value is taken as the result (Lambda would
+    // ignore it and answer null; using it is friendlier and unambiguous).
+    settle(ctx, null, ret);
+  }
+}
+
+function makeCallback(ctx) {
+  return function callback(err, result) {
+    settle(ctx, err, result);
+  };
+}
+
+function watchForEmptyLoop() {
+  drainWatch = true;
+  chan.unref();
+}
+
+process.on('beforeExit', () => {
+  if (current !== null && !current._isSettled()) {
+    settle(current, null, null);
+  }
+  if (drainWatch) {
+    drainWatch = false;
+    chan.ref();
+  }
+});
+
+/** First answer for an invocation wins; later ones are ignored. */
+function settle(ctx, err, result) {
+  if (!ctx._claim()) return;
+  const id = ctx._frameId();
+  if (err !== null && err !== undefined) {
+    const info = errorInfo(err);
+    logInvokeError(ctx.awsRequestId, info, err);
+    sendFrame(T_ERROR, id, JSON.stringify(info), null);
+  } else {
+    try {
+      sendResult(id, result);
+    } catch (e) {
+      const info = {
+        errorType: 'Runtime.MalformedResponse',
+        errorMessage: `cannot translate the handler result: ${e && e.message}`,
+      };
+      logInvokeError(ctx.awsRequestId, info, e);
+      sendFrame(T_ERROR, id, JSON.stringify(info), null);
+    }
+  }
+  if (current === ctx) current = null;
+  if (drainWatch) {
+    drainWatch = false;
+    chan.ref();
+  }
+  if (queue.length !== 0) setImmediate(drainQueue);
+}
+
+function sendError(id, type, message) {
+  sendFrame(T_ERROR, id, JSON.stringify({ errorType: type, errorMessage: message }), null);
+}
+
+function errorInfo(err) {
+  if (err instanceof Error || (err !== null && typeof err === 'object' && typeof err.message === 'string')) {
+    return {
+      errorType: typeof err.name === 'string' && err.name !== '' ? err.name : 'Error',
+      errorMessage: String(err.message),
+    };
+  }
+  let msg;
+  try {
+    msg = typeof err === 'string' ? err : String(err);
+  } catch (_) {
+    msg = Object.prototype.toString.call(err);
+  }
+  return { errorType: typeof err, errorMessage: msg };
+}
+
+function logInvokeError(requestId, info, err) {
+  const line = JSON.stringify({
+    errorType: info.errorType,
+    errorMessage: info.errorMessage,
+    stack: stackLines(err),
+  });
+  process.stderr.write(`${new Date().toISOString()}\t${requestId}\tERROR\tInvoke Error \t${line}\n`);
+}
+
+// ---------------------------------------------------------------------------
+// Result translation (function URL rules).
+
+// Framing is the host's job: these never travel back.
+const DROPPED_HEADERS = new Set(['content-length', 'transfer-encoding', 'connection', 'keep-alive']);
+
+function pushHeader(out, name, value) {
+  if (value === null || value === undefined) return;
+  const n = name.toLowerCase();
+  if (DROPPED_HEADERS.has(n)) return;
+  if (Array.isArray(value)) {
+    for (let i = 0; i < value.length; i++) {
+      if (value[i] !== null && value[i] !== undefined) out.push([n, String(value[i])]);
+    }
+  } else {
+    out.push([n, String(value)]);
+  }
+}
+
+function sendResult(id, result) {
+  if (
+    result !== null &&
+    typeof result === 'object' &&
+    result.statusCode !== undefined &&
+    !Array.isArray(result)
+  ) {
+    const status = Number(result.statusCode);
+    if (!Number.isInteger(status) || status < 100 || status > 999) {
+      throw new Error(`invalid statusCode ${JSON.stringify(result.statusCode)}`);
+    }
+    const out = [];
+    const h = result.headers;
+    const mv = result.multiValueHeaders;
+    let mvNames = null;
+    if (mv !== null && typeof mv === 'object') {
+      for (const k of Object.keys(mv)) {
+        (mvNames || (mvNames = new Set())).add(k.toLowerCase());
+      }
+    }
+    if (h !== null && typeof h === 'object') {
+      for (const k in h) {
+        if (!Object.prototype.hasOwnProperty.call(h, k)) continue;
+        if (mvNames !== null && mvNames.has(k.toLowerCase())) continue; // multi-value wins
+        pushHeader(out, k, h[k]);
+      }
+    }
+    if (mvNames !== null) {
+      for (const k of Object.keys(mv)) pushHeader(out, k, mv[k]);
+    }
+    const cookies = result.cookies;
+    if (Array.isArray(cookies)) {
+      for (let i = 0; i < cookies.length; i++) {
+        if (cookies[i] !== null && cookies[i] !== undefined) out.push(['set-cookie', String(cookies[i])]);
+      }
+    }
+    let body = result.body;
+    if (body === undefined || body === null) {
+      body = null;
+    } else if (typeof body === 'string') {
+      if (result.isBase64Encoded === true && body !== '') body = Buffer.from(body, 'base64');
+    } else if (body instanceof Uint8Array) {
+      // raw bytes
+    } else if (typeof body === 'object') {
+      body = JSON.stringify(body);
+    } else {
+      body = String(body);
+    }
+    const metaStr = JSON.stringify({ status, headers: out });
+    return checkAndSend(id, metaStr, body);
+  }
+  // No statusCode: 200, application/json, the JSON text of the result.
+  let json = JSON.stringify(result);
+  if (json === undefined) json = 'null';
+  return checkAndSend(id, JSON_200_META, json);
+}
+
+const JSON_200_META = JSON.stringify({ status: 200, headers: [['content-type', 'application/json']] });
+
+function checkAndSend(id, metaStr, body) {
+  const bodyLen = body === null ? 0 : typeof body === 'string' ? Buffer.byteLength(body) : body.length;
+  if (bodyLen > BODY_MAX) {
+    sendError(id, 'Runtime.ResponseSizeTooLarge', `response body of ${bodyLen} bytes exceeds ${BODY_MAX}`);
+    return false;
+  }
+  if (Buffer.byteLength(metaStr) > META_MAX) {
+    sendError(id, 'Runtime.ResponseSizeTooLarge', 'response headers exceed the metadata limit');
+    return false;
+  }
+  sendFrame(T_RESPONSE, id, metaStr, body);
+  return true;
+}
+
+// ---------------------------------------------------------------------------
+// Crashes. An uncaught exception or unhandled rejection fails the running
+// invocation and ends the process (the host replaces the instance); during
+// init it becomes INIT_ERROR and the process waits to be killed.
+
+function onFatal(err, rejection) {
+  const info = rejection
+    ? {
+        errorType: 'Runtime.UnhandledPromiseRejection',
+        errorMessage: err instanceof Error ? `${err.name}: ${err.message}` : String(err),
+      }
+    : errorInfo(err);
+  process.stderr.write(
+    `${new Date().toISOString()}\t${current ? current.awsRequestId : 'undefined'}\tERROR\t` +
+      `${rejection ? 'Unhandled Promise Rejection' : 'Uncaught Exception'} \t` +
+      `${JSON.stringify({ ...info, stack: stackLines(err) })}\n`,
+  );
+  if (state === S_LOADING || state === S_WAITING) {
+    info.stack = stackLines(err);
+    failInit(info);
+    return;
+  }
+  if (state === S_FAILED) return;
+  if (current !== null && current._claim()) {
+    sendFrame(T_ERROR, current._frameId(), JSON.stringify(info), null);
+  }
+  die(rejection ? 128 : 129);
+}
+
+process.on('uncaughtException', (err) => onFatal(err, false));
+process.on('unhandledRejection', (reason) => onFatal(reason, true));
+

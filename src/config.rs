@@ -1,0 +1,100 @@
+//! Server settings and every limit the engine enforces, with their defaults.
+//!
+//! Limits are named `<thing>_<unit>_max` and documented in README.md ("Limits").
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// How a worker drives its sockets.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum IoMode {
+    /// io_uring if it can be set up, else epoll.
+    Auto,
+    /// io_uring only (fail if unavailable).
+    Uring,
+    /// epoll through mio.
+    Epoll,
+}
+
+/// Which sandbox backend runs instances.
+#[derive(
+    Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum BackendKind {
+    /// The best backend this host can run (see `hearth doctor`).
+    Auto,
+    /// Namespaced, seccomp-filtered, cgroup-limited processes.
+    Process,
+    /// QEMU microVMs restored from a migration snapshot.
+    Qemu,
+    /// Firecracker microVMs restored from a snapshot (needs a KVM host that can run guests).
+    Firecracker,
+}
+
+/// HTTP limits of the front end.
+#[derive(Clone, Debug)]
+pub struct HttpLimits {
+    /// Largest request head (request line + headers); more → 431.
+    pub head_bytes_max: usize,
+    /// Most header fields in one request; more → 431.
+    pub headers_max: usize,
+    /// Largest request body for invocations; more → 413 (Lambda's payload limit).
+    pub body_bytes_max: u64,
+    /// Largest `POST /deploy` body (the zip plus multipart overhead); more → 413.
+    pub deploy_body_bytes_max: u64,
+    /// Open connections per core; more are answered 503 and closed.
+    pub connections_per_core_max: usize,
+    /// Time allowed to read a request head once it has started, and between body reads; → 408.
+    pub head_timeout: Duration,
+    /// Time an idle keep-alive connection is kept open.
+    pub keepalive_timeout: Duration,
+    /// Bytes of responses buffered for a slow reader before the connection stops reading.
+    pub out_bytes_max: usize,
+}
+
+impl Default for HttpLimits {
+    fn default() -> Self {
+        HttpLimits {
+            head_bytes_max: 64 * 1024,
+            headers_max: 100,
+            body_bytes_max: 6 * 1024 * 1024,
+            deploy_body_bytes_max: 50 * 1024 * 1024 + 64 * 1024,
+            connections_per_core_max: 10_000,
+            head_timeout: Duration::from_secs(10),
+            keepalive_timeout: Duration::from_secs(60),
+            out_bytes_max: 8 * 1024 * 1024,
+        }
+    }
+}
+
+/// Everything `hearth serve` runs with.
+#[derive(Clone, Debug)]
+pub struct ServeConfig {
+    pub listen: SocketAddr,
+    pub cores: usize,
+    pub state_dir: PathBuf,
+    pub io: IoMode,
+    pub backend: BackendKind,
+    pub http: HttpLimits,
+    /// Grace period for in-flight requests at shutdown.
+    pub shutdown_grace: Duration,
+    /// Bearer token required by the control plane; `None` leaves it open.
+    pub admin_token: Option<String>,
+    /// Idle time after which a warm instance is destroyed (scale to zero).
+    pub keep_warm: Duration,
+    /// Requests waiting per function (per core) beyond its concurrency; more → 429.
+    pub queue_depth_max: usize,
+    /// Pin worker threads to cores.
+    pub pin: bool,
+    /// Keep one initialised standby instance per function (process backend).
+    pub standby: bool,
+}
+
+/// Online CPU count (the default for `--cores`).
+pub fn online_cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}

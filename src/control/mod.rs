@@ -1,0 +1,9 @@
+//! Control plane: deploy checks ([`archive`], [`multipart`], [`handler`], [`settings`])
+//! and the request handling thread ([`plane`]).
+pub mod archive;
+pub mod handler;
+pub mod multipart;
+pub mod plane;
+pub mod settings;
+
+pub use plane::Control;

@@ -1,0 +1,326 @@
+//! One HTTP/1.1 client connection: reading requests, answering them in order.
+//!
+//! A connection handles one request at a time: while a request waits for a
+//! function or the control plane, later pipelined requests stay unparsed in the
+//! read buffer, which keeps responses in request order without reordering.
+
+use std::net::IpAddr;
+use std::time::Instant;
+
+use crate::engine::stream::{Kind, Stream};
+use crate::engine::worker::{Token, Worker};
+use crate::http::parse::{self, BodyDecoder, BodyFraming, Error as ParseError, Request};
+use crate::http::response::{self, Response};
+use crate::metrics::add;
+
+/// Where an asynchronous answer must be delivered: the stream and the serial of the
+/// connection that asked (a reused slab slot gets a new serial).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ReplyTo {
+    pub token: Token,
+    pub serial: u64,
+}
+
+/// Read state of a connection.
+pub enum ConnState {
+    /// Between requests (nothing of the next one read yet).
+    Idle,
+    /// Part of a head has arrived.
+    Head,
+    /// Reading a body.
+    Body {
+        req: Box<Request>,
+        decoder: BodyDecoder,
+        body: Vec<u8>,
+    },
+    /// A request was handed off; its answer has not been written yet.
+    Waiting { head_only: bool, keep_alive: bool },
+}
+
+/// Per-connection HTTP state.
+pub struct Conn {
+    pub serial: u64,
+    pub peer: IpAddr,
+    pub state: ConnState,
+    /// When the current wait ends: keep-alive idle, head or body read deadline.
+    pub deadline: Instant,
+}
+
+/// A finished answer to write.
+pub struct Answer<'a> {
+    pub status: u16,
+    pub headers: &'a [(&'a str, &'a str)],
+    pub body: &'a [u8],
+    /// Close the connection after this answer.
+    pub close: bool,
+}
+
+impl Worker {
+    /// Reads and answers as many requests as the buffered input allows.
+    pub fn process_client(&mut self, tok: Token) {
+        loop {
+            let Some(stream) = self.streams.get_mut(tok) else {
+                return;
+            };
+            if stream.closing || stream.dead {
+                return;
+            }
+            let Kind::Client(conn) = &mut stream.kind else {
+                return;
+            };
+            match &mut conn.state {
+                ConnState::Waiting { .. } => {
+                    self.apply_backpressure(tok);
+                    return;
+                }
+                ConnState::Idle | ConnState::Head => {
+                    if stream.rpos == stream.rbuf.len() {
+                        if matches!(conn.state, ConnState::Head) {
+                            return;
+                        }
+                        conn.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
+                        self.apply_backpressure(tok);
+                        return;
+                    }
+                    let parsed = parse::parse_head(&stream.rbuf[stream.rpos..], &self.parse_limits);
+                    match parsed {
+                        Ok(None) => {
+                            if matches!(conn.state, ConnState::Idle) {
+                                conn.state = ConnState::Head;
+                                conn.deadline = self.now + self.shared.cfg.http.head_timeout;
+                            }
+                            return;
+                        }
+                        Err(e) => return self.reject(tok, e),
+                        Ok(Some((req, n))) => {
+                            consume(&mut stream.rbuf, &mut stream.rpos, n);
+                            let limits = if req.path() == "/deploy" {
+                                parse::Limits {
+                                    body_bytes_max: self.shared.cfg.http.deploy_body_bytes_max,
+                                    ..self.parse_limits.clone()
+                                }
+                            } else {
+                                self.parse_limits.clone()
+                            };
+                            if req.body == BodyFraming::None {
+                                conn.state = ConnState::Waiting {
+                                    head_only: req.method == "HEAD",
+                                    keep_alive: req.keep_alive,
+                                };
+                                self.dispatch(tok, req, Vec::new());
+                                continue;
+                            }
+                            let decoder = match BodyDecoder::new(req.body, &limits) {
+                                Ok(d) => d,
+                                Err(e) => return self.reject(tok, e),
+                            };
+                            if req.expect_continue {
+                                stream
+                                    .wbuf
+                                    .extend_from_slice(b"HTTP/1.1 100 Continue\r\n\r\n");
+                                self.mark(tok);
+                            }
+                            let Some(Kind::Client(conn)) =
+                                self.streams.get_mut(tok).map(|s| &mut s.kind)
+                            else {
+                                return;
+                            };
+                            let cap = match req.body {
+                                BodyFraming::Length(n) => n.min(1 << 20) as usize,
+                                _ => 0,
+                            };
+                            conn.state = ConnState::Body {
+                                req: Box::new(req),
+                                decoder,
+                                body: Vec::with_capacity(cap),
+                            };
+                            conn.deadline = self.now + self.shared.cfg.http.head_timeout;
+                        }
+                    }
+                }
+                ConnState::Body { decoder, body, .. } => {
+                    let input = &stream.rbuf[stream.rpos..];
+                    if input.is_empty() {
+                        return;
+                    }
+                    let (n, done) = match decoder.feed(input, body) {
+                        Ok(r) => r,
+                        Err(e) => return self.reject(tok, e),
+                    };
+                    consume(&mut stream.rbuf, &mut stream.rpos, n);
+                    conn.deadline = self.now + self.shared.cfg.http.head_timeout;
+                    if !done {
+                        return;
+                    }
+                    let ConnState::Body { req, body, .. } =
+                        std::mem::replace(&mut conn.state, ConnState::Idle)
+                    else {
+                        unreachable!()
+                    };
+                    conn.state = ConnState::Waiting {
+                        head_only: req.method == "HEAD",
+                        keep_alive: req.keep_alive,
+                    };
+                    self.dispatch(tok, *req, body);
+                }
+            }
+        }
+    }
+
+    /// Stops reading from a connection that has a request in flight and a full
+    /// input buffer, or too much unsent output; resumes otherwise.
+    fn apply_backpressure(&mut self, tok: Token) {
+        let head_max = self.parse_limits.head_bytes_max;
+        let out_max = self.shared.cfg.http.out_bytes_max;
+        let Some(s) = self.streams.get_mut(tok) else {
+            return;
+        };
+        let waiting = matches!(
+            &s.kind,
+            Kind::Client(Conn {
+                state: ConnState::Waiting { .. },
+                ..
+            })
+        );
+        let pause = (waiting && s.input().len() >= head_max) || s.out_pending() > out_max;
+        if pause != s.read_paused {
+            s.read_paused = pause;
+            self.mark(tok);
+        }
+    }
+
+    /// Answers a request that could not be parsed and closes the connection.
+    fn reject(&mut self, tok: Token, e: ParseError) {
+        add(&self.metrics.parse_errors, 1);
+        let body = response::json_error(error_code(&e), e.message());
+        self.answer(
+            tok,
+            Answer {
+                status: e.status(),
+                headers: &[("content-type", "application/json")],
+                body: &body,
+                close: true,
+            },
+            false,
+        );
+    }
+
+    /// Writes the answer to the request a connection is waiting on (or to a
+    /// rejected one), then continues with pipelined input.
+    pub fn answer(&mut self, tok: Token, a: Answer<'_>, head_only: bool) {
+        let date = &self.date;
+        let Some(stream) = self.streams.get_mut(tok) else {
+            return;
+        };
+        let Kind::Client(conn) = &mut stream.kind else {
+            return;
+        };
+        let keep_alive = match conn.state {
+            ConnState::Waiting { keep_alive, .. } => keep_alive && !a.close,
+            _ => false,
+        };
+        let keep_alive = keep_alive && !self.draining;
+        let before = stream.wbuf.len();
+        response::write(
+            &mut stream.wbuf,
+            date,
+            &Response {
+                status: a.status,
+                headers: a.headers,
+                body: a.body,
+            },
+            keep_alive,
+            head_only,
+        );
+        add(&self.metrics.bytes_out, (stream.wbuf.len() - before) as u64);
+        self.metrics.count_status(a.status);
+        conn.state = ConnState::Idle;
+        conn.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
+        if !keep_alive {
+            stream.closing = true;
+        }
+        self.mark(tok);
+    }
+
+    /// Delivers an asynchronous answer if the connection that asked is still there.
+    pub fn answer_async(&mut self, to: ReplyTo, a: Answer<'_>) {
+        let head_only = match self.streams.get(to.token) {
+            Some(Stream {
+                kind: Kind::Client(c),
+                dead: false,
+                ..
+            }) if c.serial == to.serial => match c.state {
+                ConnState::Waiting { head_only, .. } => head_only,
+                _ => return,
+            },
+            _ => return,
+        };
+        self.answer(to.token, a, head_only);
+        self.process_client(to.token);
+    }
+
+    /// Is the connection behind `to` still waiting for its answer?
+    pub fn is_waiting(&self, to: ReplyTo) -> bool {
+        matches!(self.streams.get(to.token),
+            Some(Stream { kind: Kind::Client(Conn { serial, state: ConnState::Waiting { .. }, .. }), dead: false, closing: false, .. }) if *serial == to.serial)
+    }
+
+    /// Closes connections whose deadline passed: 408 where a request was partly read.
+    pub fn expire_clients(&mut self) {
+        let now = self.now;
+        let expired: Vec<(Token, bool)> = self
+            .streams
+            .iter()
+            .filter_map(|(t, s)| match &s.kind {
+                Kind::Client(c) if !s.dead && c.deadline <= now => match c.state {
+                    ConnState::Waiting { .. } => None,
+                    ConnState::Idle => Some((t, false)),
+                    ConnState::Head | ConnState::Body { .. } => Some((t, true)),
+                },
+                _ => None,
+            })
+            .collect();
+        for (tok, partial) in expired {
+            if partial {
+                let body =
+                    response::json_error("request_timeout", "the request was not received in time");
+                add(&self.metrics.parse_errors, 1);
+                self.answer(
+                    tok,
+                    Answer {
+                        status: 408,
+                        headers: &[("content-type", "application/json")],
+                        body: &body,
+                        close: true,
+                    },
+                    false,
+                );
+            } else {
+                self.close_stream(tok);
+            }
+        }
+    }
+}
+
+/// The machine-readable code of a parse error.
+fn error_code(e: &ParseError) -> &'static str {
+    match e {
+        ParseError::BadRequest(_) => "bad_request",
+        ParseError::VersionNotSupported => "http_version_not_supported",
+        ParseError::HeadTooLarge => "head_too_large",
+        ParseError::TooManyHeaders => "too_many_headers",
+        ParseError::BodyTooLarge => "payload_too_large",
+        ParseError::UnsupportedTransferEncoding => "unsupported_transfer_encoding",
+    }
+}
+
+/// Marks `n` bytes of a read buffer consumed (field-level twin of `Stream::consume`,
+/// usable while the connection state is borrowed).
+fn consume(rbuf: &mut Vec<u8>, rpos: &mut usize, n: usize) {
+    *rpos += n;
+    debug_assert!(*rpos <= rbuf.len());
+    if *rpos == rbuf.len() {
+        rbuf.clear();
+        *rpos = 0;
+    }
+}

@@ -1,0 +1,238 @@
+//! The epoll driver (through mio), for hosts where io_uring cannot be set up
+//! or when `--io epoll` is given. Readiness-based and edge-triggered: reads and
+//! writes happen directly until the socket would block.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Instant;
+
+use mio::unix::SourceFd;
+use mio::{Events, Interest, Poll, Token as MioToken};
+
+use crate::engine::uring::TICK;
+use crate::engine::worker::{Token, Worker};
+use crate::engine::{peer_of, set_nodelay};
+
+const LISTENER: MioToken = MioToken(usize::MAX - 1);
+const WAKER: MioToken = MioToken(usize::MAX - 2);
+/// Bytes read per read(2) call.
+const READ_CHUNK: usize = 64 * 1024;
+
+struct Driver {
+    poll: Poll,
+    buf: Vec<u8>,
+}
+
+impl Driver {
+    fn register(&self, fd: RawFd, tok: Token) {
+        if let Err(e) = self.poll.registry().register(
+            &mut SourceFd(&fd),
+            MioToken(tok),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
+            eprintln!("hearth: epoll register: {e}");
+        }
+    }
+
+    /// Reads until the socket would block, the stream pauses, or EOF.
+    fn read(&mut self, w: &mut Worker, tok: Token) {
+        loop {
+            let Some(s) = w.streams.get_mut(tok) else {
+                return;
+            };
+            if s.dead {
+                return;
+            }
+            if s.read_paused {
+                s.readable_pending = true;
+                return;
+            }
+            s.readable_pending = false;
+            // SAFETY: reading into our own buffer of READ_CHUNK bytes.
+            let n = unsafe {
+                libc::read(
+                    s.raw(),
+                    self.buf.as_mut_ptr() as *mut libc::c_void,
+                    READ_CHUNK,
+                )
+            };
+            if n > 0 {
+                w.on_data(tok, &self.buf[..n as usize]);
+                w.mark(tok);
+            } else if n == 0 {
+                w.on_closed(tok);
+                return;
+            } else {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EAGAIN) => return,
+                    Some(libc::EINTR) => continue,
+                    _ => {
+                        w.on_closed(tok);
+                        return;
+                    }
+                }
+            }
+        }
+    }
+
+    /// Writes pending output, closes finished streams, resumes paused reads.
+    fn service(&mut self, w: &mut Worker, tok: Token) {
+        w.close_step(tok);
+        let Some(s) = w.streams.get_mut(tok) else {
+            return;
+        };
+        if s.dead {
+            let fd = s.raw();
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            w.free(tok);
+            return;
+        }
+        let mut flushed = false;
+        while !s.wbuf.is_empty() {
+            // SAFETY: writing from our own buffer; MSG_NOSIGNAL avoids SIGPIPE.
+            let n = unsafe {
+                libc::send(
+                    s.raw(),
+                    s.wbuf.as_ptr() as *const libc::c_void,
+                    s.wbuf.len(),
+                    libc::MSG_NOSIGNAL,
+                )
+            };
+            if n >= 0 {
+                s.wbuf.drain(..n as usize);
+                flushed = s.wbuf.is_empty();
+            } else {
+                match io::Error::last_os_error().raw_os_error() {
+                    Some(libc::EAGAIN) => break,
+                    Some(libc::EINTR) => continue,
+                    _ => {
+                        w.on_closed(tok);
+                        return;
+                    }
+                }
+            }
+        }
+        let pending_read = !s.read_paused && s.readable_pending;
+        if flushed {
+            w.on_flushed(tok);
+            w.mark(tok);
+        }
+        if pending_read {
+            self.read(w, tok);
+        }
+    }
+}
+
+/// Runs `w` on epoll until it has drained after a shutdown.
+pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
+    let mut d = Driver {
+        poll: Poll::new()?,
+        buf: vec![0; READ_CHUNK],
+    };
+    let mut listener = Some(listener);
+    let lfd = listener.as_ref().map(|l| l.as_raw_fd()).unwrap_or(-1);
+    d.poll
+        .registry()
+        .register(&mut SourceFd(&lfd), LISTENER, Interest::READABLE)?;
+    d.poll
+        .registry()
+        .register(&mut SourceFd(&waker), WAKER, Interest::READABLE)?;
+    let mut events = Events::with_capacity(1024);
+    let mut dirty = Vec::with_capacity(256);
+    let mut last_tick = Instant::now();
+    let mut accept_ready = false;
+    loop {
+        w.take_dirty(&mut dirty);
+        while !dirty.is_empty() {
+            for &tok in &dirty {
+                if let Some(s) = w.streams.get_mut(tok) {
+                    if !s.registered && !s.dead {
+                        s.registered = true;
+                        let fd = s.raw();
+                        d.register(fd, tok);
+                        d.read(w, tok);
+                    }
+                }
+                d.service(w, tok);
+            }
+            w.take_dirty(&mut dirty);
+        }
+        if w.draining && listener.is_some() {
+            let _ = d.poll.registry().deregister(&mut SourceFd(&lfd));
+            listener = None;
+        }
+        if w.finished() {
+            return Ok(());
+        }
+        if accept_ready && listener.is_some() && w.can_accept() {
+            accept_ready = accept_all(w, lfd);
+            continue;
+        }
+        match d.poll.poll(&mut events, Some(TICK)) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+        w.now = Instant::now();
+        for ev in events.iter() {
+            match ev.token() {
+                LISTENER => accept_ready = true,
+                WAKER => {
+                    let mut v = 0u64;
+                    // SAFETY: draining the eventfd counter into a local.
+                    unsafe { libc::read(waker, &mut v as *mut u64 as *mut libc::c_void, 8) };
+                    w.on_wake();
+                }
+                MioToken(tok) => {
+                    if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
+                        d.read(w, tok);
+                    }
+                    if ev.is_writable() {
+                        w.mark(tok);
+                    }
+                }
+            }
+        }
+        if accept_ready && listener.is_some() {
+            accept_ready = accept_all(w, lfd);
+        }
+        if w.now.duration_since(last_tick) >= TICK {
+            last_tick = w.now;
+            w.on_tick();
+        }
+    }
+}
+
+/// Accepts until the backlog is empty or the core is full; returns true if
+/// connections may still be waiting.
+fn accept_all(w: &mut Worker, lfd: RawFd) -> bool {
+    loop {
+        // SAFETY: accept4 fills at most `len` bytes of storage.
+        let (fd, peer) = unsafe {
+            let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            let fd = libc::accept4(
+                lfd,
+                &mut storage as *mut _ as *mut libc::sockaddr,
+                &mut len,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            );
+            (fd, peer_of(&storage))
+        };
+        if fd < 0 {
+            return match io::Error::last_os_error().raw_os_error() {
+                Some(libc::EAGAIN) => false,
+                Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
+                _ => false,
+            };
+        }
+        // SAFETY: a new descriptor from accept4.
+        let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+        if !w.can_accept() {
+            w.shed(fd);
+            return true;
+        }
+        set_nodelay(fd.as_raw_fd());
+        w.accepted(fd, peer.ip());
+    }
+}

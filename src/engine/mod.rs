@@ -1,0 +1,332 @@
+//! The thread-per-core engine.
+//!
+//! `hearth serve` starts one worker thread per core. Each worker is pinned to
+//! its CPU and owns an `SO_REUSEPORT` listener, a slab of streams (client
+//! connections and instance channels) and its share of function instances.
+//! The kernel spreads connections over the listeners; from then on a request
+//! never leaves the core that accepted it. Workers run on io_uring
+//! ([`uring`]) or, where it cannot be set up, on epoll through mio ([`epoll`]);
+//! both drive the same [`worker::Worker`] logic.
+
+pub mod conn;
+pub mod epoll;
+pub mod stream;
+pub mod uring;
+pub mod worker;
+
+use std::io;
+use std::net::{IpAddr, SocketAddr};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{channel, Sender};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use crate::config::{IoMode, ServeConfig};
+use crate::metrics::CoreMetrics;
+use worker::{Msg, Worker};
+
+/// State shared by all workers and the control plane.
+pub struct Shared {
+    pub cfg: ServeConfig,
+    pub core_metrics: Vec<Arc<CoreMetrics>>,
+    pub functions: crate::functions::Registry,
+    pub control: crate::control::Control,
+    senders: Vec<Sender<Msg>>,
+    wakers: Vec<OwnedFd>,
+    pub shutdown: AtomicBool,
+}
+
+impl Shared {
+    /// Queues `msg` for `core` and wakes its loop.
+    pub fn send(&self, core: usize, msg: Msg) {
+        if self.senders[core].send(msg).is_ok() {
+            wake(self.wakers[core].as_raw_fd());
+        }
+    }
+
+    /// Sends a message built by `make` to every core.
+    pub fn broadcast(&self, make: impl Fn() -> Msg) {
+        for core in 0..self.senders.len() {
+            self.send(core, make());
+        }
+    }
+
+    /// Number of worker cores.
+    pub fn cores(&self) -> usize {
+        self.senders.len()
+    }
+}
+
+fn wake(fd: RawFd) {
+    let one: u64 = 1;
+    // SAFETY: writing 8 bytes from a valid u64 to an eventfd.
+    unsafe { libc::write(fd, &one as *const u64 as *const libc::c_void, 8) };
+}
+
+/// Creates an eventfd used to wake a worker.
+pub fn eventfd() -> io::Result<OwnedFd> {
+    // SAFETY: plain syscall; the result is checked.
+    let fd = unsafe { libc::eventfd(0, libc::EFD_NONBLOCK | libc::EFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd is a fresh descriptor we own.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Opens a non-blocking TCP listener with SO_REUSEPORT on `addr`.
+pub fn listen(addr: SocketAddr, backlog: i32) -> io::Result<OwnedFd> {
+    let domain = if addr.is_ipv4() {
+        libc::AF_INET
+    } else {
+        libc::AF_INET6
+    };
+    // SAFETY: syscalls on descriptors we own; results checked.
+    unsafe {
+        let fd = libc::socket(
+            domain,
+            libc::SOCK_STREAM | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            0,
+        );
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        let owned = OwnedFd::from_raw_fd(fd);
+        let one: libc::c_int = 1;
+        for opt in [libc::SO_REUSEADDR, libc::SO_REUSEPORT] {
+            libc::setsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                opt,
+                &one as *const _ as *const libc::c_void,
+                4,
+            );
+        }
+        let (storage, len) = sockaddr(addr);
+        if libc::bind(fd, &storage as *const _ as *const libc::sockaddr, len) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        if libc::listen(fd, backlog) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(owned)
+    }
+}
+
+fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: sockaddr_storage is plain data; zeroed is a valid value.
+    let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let len = match addr {
+        SocketAddr::V4(a) => {
+            let sin = libc::sockaddr_in {
+                sin_family: libc::AF_INET as libc::sa_family_t,
+                sin_port: a.port().to_be(),
+                sin_addr: libc::in_addr {
+                    s_addr: u32::from_ne_bytes(a.ip().octets()),
+                },
+                sin_zero: [0; 8],
+            };
+            // SAFETY: sockaddr_in fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in, sin) };
+            std::mem::size_of::<libc::sockaddr_in>()
+        }
+        SocketAddr::V6(a) => {
+            let sin6 = libc::sockaddr_in6 {
+                sin6_family: libc::AF_INET6 as libc::sa_family_t,
+                sin6_port: a.port().to_be(),
+                sin6_flowinfo: 0,
+                sin6_addr: libc::in6_addr {
+                    s6_addr: a.ip().octets(),
+                },
+                sin6_scope_id: 0,
+            };
+            // SAFETY: sockaddr_in6 fits in sockaddr_storage.
+            unsafe { std::ptr::write(&mut storage as *mut _ as *mut libc::sockaddr_in6, sin6) };
+            std::mem::size_of::<libc::sockaddr_in6>()
+        }
+    };
+    (storage, len as libc::socklen_t)
+}
+
+/// The address a socket is bound to.
+pub fn local_addr(fd: RawFd) -> io::Result<SocketAddr> {
+    // SAFETY: getsockname fills at most `len` bytes of storage.
+    unsafe {
+        let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+        let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        if libc::getsockname(fd, &mut storage as *mut _ as *mut libc::sockaddr, &mut len) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(peer_of(&storage))
+    }
+}
+
+/// Decodes a socket address filled in by the kernel.
+pub fn peer_of(storage: &libc::sockaddr_storage) -> SocketAddr {
+    match storage.ss_family as i32 {
+        libc::AF_INET6 => {
+            // SAFETY: the family says this is a sockaddr_in6.
+            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in6) };
+            SocketAddr::new(IpAddr::from(a.sin6_addr.s6_addr), u16::from_be(a.sin6_port))
+        }
+        _ => {
+            // SAFETY: AF_INET (or unknown, read as v4 for logging only).
+            let a = unsafe { &*(storage as *const _ as *const libc::sockaddr_in) };
+            SocketAddr::new(
+                IpAddr::from(a.sin_addr.s_addr.to_ne_bytes()),
+                u16::from_be(a.sin_port),
+            )
+        }
+    }
+}
+
+/// Sets TCP_NODELAY: responses are written whole, Nagle would only delay them.
+pub fn set_nodelay(fd: RawFd) {
+    let one: libc::c_int = 1;
+    // SAFETY: setsockopt with a valid int option.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_NODELAY,
+            &one as *const _ as *const libc::c_void,
+            4,
+        )
+    };
+}
+
+fn pin_to(core: usize) {
+    // SAFETY: cpu_set_t is plain data; sched_setaffinity on the calling thread.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(core % libc::CPU_SETSIZE as usize, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            eprintln!(
+                "hearth: worker {core}: could not pin to cpu {core}: {}",
+                io::Error::last_os_error()
+            );
+        }
+    }
+}
+
+/// Blocks SIGINT/SIGTERM in the calling thread (and threads it spawns later).
+fn block_signals() -> libc::sigset_t {
+    // SAFETY: sigset manipulation on a local set.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        libc::pthread_sigmask(libc::SIG_BLOCK, &set, std::ptr::null_mut());
+        set
+    }
+}
+
+/// Runs the server until SIGINT/SIGTERM, then drains and returns.
+pub fn serve(cfg: ServeConfig) -> io::Result<()> {
+    let sigset = block_signals();
+    let cores = cfg.cores.max(1);
+    let first = listen(cfg.listen, 4096)?;
+    let addr = local_addr(first.as_raw_fd())?;
+    let mut listeners = vec![first];
+    for _ in 1..cores {
+        listeners.push(listen(addr, 4096)?);
+    }
+    let mut senders = Vec::new();
+    let mut receivers = Vec::new();
+    let mut wakers = Vec::new();
+    for _ in 0..cores {
+        let (tx, rx) = channel();
+        senders.push(tx);
+        receivers.push(rx);
+        wakers.push(eventfd()?);
+    }
+    let functions = crate::functions::Registry::open(&cfg)?;
+    let control = crate::control::Control::new(&cfg);
+    let io_mode = cfg.io;
+    let pin = cfg.pin;
+    let grace = cfg.shutdown_grace;
+    let shared = Arc::new(Shared {
+        core_metrics: (0..cores)
+            .map(|_| Arc::new(CoreMetrics::default()))
+            .collect(),
+        functions,
+        control,
+        senders,
+        wakers,
+        shutdown: AtomicBool::new(false),
+        cfg,
+    });
+    shared.control.start(shared.clone());
+    let use_uring = match io_mode {
+        IoMode::Epoll => false,
+        IoMode::Uring => {
+            uring::probe()?;
+            true
+        }
+        IoMode::Auto => match uring::probe() {
+            Ok(()) => true,
+            Err(e) => {
+                eprintln!("hearth: io_uring unavailable ({e}); using epoll");
+                false
+            }
+        },
+    };
+    eprintln!(
+        "hearth: {} worker(s) on {}, backend {}, state {}",
+        cores,
+        if use_uring { "io_uring" } else { "epoll" },
+        shared.functions.backend_name(),
+        shared.cfg.state_dir.display()
+    );
+    let mut threads = Vec::new();
+    for (core, (listener, inbox)) in listeners.into_iter().zip(receivers).enumerate() {
+        let shared = shared.clone();
+        let t = std::thread::Builder::new()
+            .name(format!("hearth-w{core}"))
+            .spawn(move || {
+                if pin {
+                    pin_to(core);
+                }
+                let waker = shared.wakers[core].as_raw_fd();
+                let mut worker = Worker::new(core, shared, inbox);
+                let r = if use_uring {
+                    uring::run(&mut worker, listener, waker)
+                } else {
+                    epoll::run(&mut worker, listener, waker)
+                };
+                if let Err(e) = r {
+                    eprintln!("hearth: worker {core} failed: {e}");
+                }
+                worker.fns.shutdown(&mut worker.streams);
+            })?;
+        threads.push(t);
+    }
+    // Tests and scripts read this line to learn an ephemeral port.
+    println!("hearth: listening on http://{addr}");
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+
+    let mut sig: libc::c_int = 0;
+    // SAFETY: sigwait on the set blocked above.
+    unsafe { libc::sigwait(&sigset, &mut sig) };
+    eprintln!(
+        "hearth: signal {sig}: draining (up to {} ms)",
+        grace.as_millis()
+    );
+    shared.shutdown.store(true, Ordering::SeqCst);
+    shared.broadcast(|| Msg::Shutdown);
+    let deadline = Instant::now() + grace;
+    for t in threads {
+        while !t.is_finished() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if t.is_finished() {
+            let _ = t.join();
+        }
+    }
+    shared.functions.shutdown();
+    eprintln!("hearth: stopped");
+    Ok(())
+}

@@ -1,0 +1,106 @@
+//! One socket owned by a worker: a client connection or an instance channel.
+//!
+//! The logic appends to `wbuf` and consumes `rbuf`; the driver (io_uring or
+//! epoll) owns the bookkeeping fields and is the only code that does I/O.
+
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+
+use crate::engine::conn::Conn;
+use crate::functions::ChannelId;
+
+/// What a stream is for.
+pub enum Kind {
+    /// An HTTP client.
+    Client(Conn),
+    /// The channel to an instance's guest agent.
+    Channel(ChannelId),
+}
+
+/// A socket plus its buffers.
+pub struct Stream {
+    pub fd: OwnedFd,
+    /// Received bytes not yet consumed; consumption advances `rpos`.
+    pub rbuf: Vec<u8>,
+    pub rpos: usize,
+    /// Bytes the logic wants sent.
+    pub wbuf: Vec<u8>,
+    /// The logic does not want more input for now (backpressure).
+    pub read_paused: bool,
+    /// Close once `wbuf` is flushed.
+    pub closing: bool,
+    pub kind: Kind,
+    // Driver bookkeeping.
+    /// Bytes handed to an in-flight send (io_uring), with the count already sent.
+    pub sending: Vec<u8>,
+    pub sent: usize,
+    pub recv_buf: Vec<u8>,
+    pub recv_inflight: bool,
+    pub send_inflight: bool,
+    /// The socket was shut down; the entry is freed once no operation is in flight.
+    pub dead: bool,
+    /// epoll: the socket became readable while reads were paused.
+    pub readable_pending: bool,
+    /// epoll: the descriptor is registered with the poller.
+    pub registered: bool,
+    /// A client whose last answer is written: our side is half-closed and input is
+    /// discarded until EOF or this time, so the peer reads the answer instead of a reset.
+    pub linger_until: Option<std::time::Instant>,
+}
+
+impl Stream {
+    /// A new stream around `fd`.
+    pub fn new(fd: OwnedFd, kind: Kind) -> Stream {
+        Stream {
+            fd,
+            rbuf: Vec::new(),
+            rpos: 0,
+            wbuf: Vec::new(),
+            read_paused: false,
+            closing: false,
+            kind,
+            sending: Vec::new(),
+            sent: 0,
+            recv_buf: Vec::new(),
+            recv_inflight: false,
+            send_inflight: false,
+            dead: false,
+            readable_pending: false,
+            linger_until: None,
+            registered: false,
+        }
+    }
+
+    /// The raw descriptor.
+    pub fn raw(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+
+    /// Unconsumed input.
+    pub fn input(&self) -> &[u8] {
+        &self.rbuf[self.rpos..]
+    }
+
+    /// Marks `n` input bytes consumed.
+    pub fn consume(&mut self, n: usize) {
+        self.rpos += n;
+        debug_assert!(self.rpos <= self.rbuf.len());
+        if self.rpos == self.rbuf.len() {
+            self.rbuf.clear();
+            self.rpos = 0;
+        }
+    }
+
+    /// Adds received bytes, compacting consumed space first.
+    pub fn push_input(&mut self, bytes: &[u8]) {
+        if self.rpos > 0 && self.rpos * 2 >= self.rbuf.len() {
+            self.rbuf.drain(..self.rpos);
+            self.rpos = 0;
+        }
+        self.rbuf.extend_from_slice(bytes);
+    }
+
+    /// Output still to be written by the driver (queued or in flight).
+    pub fn out_pending(&self) -> usize {
+        self.wbuf.len() + self.sending.len() - self.sent
+    }
+}

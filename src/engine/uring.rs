@@ -1,0 +1,300 @@
+//! The io_uring driver: one ring per worker, multishot accept, one recv and at
+//! most one send in flight per stream, all submitted in one `io_uring_enter`
+//! per loop turn together with the wait for completions.
+
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::{Duration, Instant};
+
+use io_uring::{cqueue, opcode, squeue, types, IoUring};
+
+use crate::engine::stream::Kind;
+use crate::engine::worker::{Token, Worker};
+use crate::engine::{peer_of, set_nodelay};
+
+const RING_ENTRIES: u32 = 4096;
+/// Bytes one recv may return on a client connection.
+const CLIENT_RECV_BYTES: usize = 16 * 1024;
+/// Bytes one recv may return on an instance channel (bodies up to 6 MiB pass through).
+const CHANNEL_RECV_BYTES: usize = 256 * 1024;
+/// How often timers are checked.
+pub const TICK: Duration = Duration::from_millis(100);
+
+const OP_ACCEPT: u64 = 1;
+const OP_RECV: u64 = 2;
+const OP_SEND: u64 = 3;
+const OP_WAKE: u64 = 4;
+const LISTENER: u64 = u64::MAX >> 8;
+
+fn ud(tok: u64, op: u64) -> u64 {
+    (tok << 8) | op
+}
+
+/// Checks that a ring with the features we use can be created.
+pub fn probe() -> io::Result<()> {
+    let ring = new_ring(8)?;
+    let mut probe = io_uring::Probe::new();
+    ring.submitter().register_probe(&mut probe)?;
+    for (code, name) in [
+        (opcode::AcceptMulti::CODE, "accept"),
+        (opcode::Recv::CODE, "recv"),
+        (opcode::Send::CODE, "send"),
+    ] {
+        if !probe.is_supported(code) {
+            return Err(io::Error::new(
+                io::ErrorKind::Unsupported,
+                format!("io_uring lacks {name}"),
+            ));
+        }
+    }
+    if !ring.params().is_feature_ext_arg() {
+        return Err(io::Error::new(
+            io::ErrorKind::Unsupported,
+            "io_uring lacks EXT_ARG (kernel < 5.11)",
+        ));
+    }
+    Ok(())
+}
+
+fn new_ring(entries: u32) -> io::Result<IoUring> {
+    IoUring::builder()
+        .setup_single_issuer()
+        .setup_coop_taskrun()
+        .build(entries)
+        .or_else(|_| IoUring::new(entries))
+}
+
+struct Driver {
+    ring: IoUring,
+    listener: Option<OwnedFd>,
+    accept_armed: bool,
+    waker: RawFd,
+    wake_buf: Box<u64>,
+}
+
+impl Driver {
+    fn push(&mut self, e: squeue::Entry) {
+        // SAFETY: every buffer referenced by an entry lives in a stream (or the driver)
+        // that is not freed or reallocated until the entry's completion arrives.
+        while unsafe { self.ring.submission().push(&e) }.is_err() {
+            let _ = self.ring.submit();
+        }
+    }
+
+    fn arm_accept(&mut self) {
+        if let Some(l) = &self.listener {
+            if !self.accept_armed {
+                let e = opcode::AcceptMulti::new(types::Fd(l.as_raw_fd()))
+                    .flags(libc::SOCK_CLOEXEC)
+                    .build()
+                    .user_data(ud(LISTENER, OP_ACCEPT));
+                self.push(e);
+                self.accept_armed = true;
+            }
+        }
+    }
+
+    fn arm_wake(&mut self) {
+        let ptr = &mut *self.wake_buf as *mut u64 as *mut u8;
+        let e = opcode::Read::new(types::Fd(self.waker), ptr, 8)
+            .build()
+            .user_data(ud(0, OP_WAKE));
+        self.push(e);
+    }
+
+    /// Issues the I/O a stream needs after the logic touched it.
+    fn service(&mut self, w: &mut Worker, tok: Token) {
+        w.close_step(tok);
+        let Some(s) = w.streams.get_mut(tok) else {
+            return;
+        };
+        if s.dead {
+            if !s.recv_inflight && !s.send_inflight {
+                w.free(tok);
+            } else {
+                // Makes in-flight operations complete so the entry can be freed.
+                // SAFETY: shutdown on a descriptor we own.
+                unsafe { libc::shutdown(s.raw(), libc::SHUT_RDWR) };
+            }
+            return;
+        }
+        if !s.send_inflight && s.sending.is_empty() && !s.wbuf.is_empty() {
+            std::mem::swap(&mut s.sending, &mut s.wbuf);
+            s.sent = 0;
+        }
+        if !s.send_inflight && s.sent < s.sending.len() {
+            let rest = &s.sending[s.sent..];
+            let e = opcode::Send::new(types::Fd(s.raw()), rest.as_ptr(), rest.len() as u32)
+                .flags(libc::MSG_NOSIGNAL)
+                .build()
+                .user_data(ud(tok as u64, OP_SEND));
+            s.send_inflight = true;
+            self.push(e);
+        }
+        let s = &mut w.streams[tok];
+        if !s.recv_inflight && !s.read_paused {
+            let want = match s.kind {
+                Kind::Client(_) => CLIENT_RECV_BYTES,
+                Kind::Channel(_) => CHANNEL_RECV_BYTES,
+            };
+            if s.recv_buf.capacity() < want {
+                s.recv_buf = Vec::with_capacity(want);
+            }
+            let e = opcode::Recv::new(types::Fd(s.raw()), s.recv_buf.as_mut_ptr(), want as u32)
+                .build()
+                .user_data(ud(tok as u64, OP_RECV));
+            s.recv_inflight = true;
+            self.push(e);
+        }
+    }
+
+    fn on_accept(&mut self, w: &mut Worker, res: i32, flags: u32) {
+        if !cqueue::more(flags) {
+            self.accept_armed = false;
+        }
+        if res < 0 {
+            let err = io::Error::from_raw_os_error(-res);
+            if !matches!(
+                -res,
+                libc::EAGAIN | libc::EINTR | libc::ECONNABORTED | libc::ECANCELED
+            ) {
+                eprintln!("hearth: worker {}: accept: {err}", w.core);
+            }
+            return;
+        }
+        // SAFETY: the kernel handed us a new descriptor.
+        let fd = unsafe { OwnedFd::from_raw_fd(res) };
+        if !w.can_accept() {
+            w.shed(fd);
+            return;
+        }
+        set_nodelay(fd.as_raw_fd());
+        // SAFETY: getpeername fills at most `len` bytes.
+        let peer = unsafe {
+            let mut storage: libc::sockaddr_storage = std::mem::zeroed();
+            let mut len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+            libc::getpeername(
+                fd.as_raw_fd(),
+                &mut storage as *mut _ as *mut libc::sockaddr,
+                &mut len,
+            );
+            peer_of(&storage)
+        };
+        let tok = w.accepted(fd, peer.ip());
+        self.service(w, tok);
+    }
+}
+
+/// Runs `w` on io_uring until it has drained after a shutdown.
+pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
+    let mut d = Driver {
+        ring: new_ring(RING_ENTRIES)?,
+        listener: Some(listener),
+        accept_armed: false,
+        waker,
+        wake_buf: Box::new(0),
+    };
+    d.arm_accept();
+    d.arm_wake();
+    let mut dirty = Vec::with_capacity(256);
+    let mut last_tick = Instant::now();
+    let ts = types::Timespec::from(TICK);
+    loop {
+        w.take_dirty(&mut dirty);
+        while !dirty.is_empty() {
+            for &tok in &dirty {
+                d.service(w, tok);
+            }
+            w.take_dirty(&mut dirty);
+        }
+        if w.draining && d.listener.is_some() {
+            // Dropping the listener ends the multishot accept (it completes with an error).
+            d.listener = None;
+        }
+        if w.finished() {
+            return Ok(());
+        }
+        let args = types::SubmitArgs::new().timespec(&ts);
+        match d.ring.submitter().submit_with_args(1, &args) {
+            Ok(_) => {}
+            Err(e)
+                if e.raw_os_error() == Some(libc::ETIME)
+                    || e.raw_os_error() == Some(libc::EINTR)
+                    || e.raw_os_error() == Some(libc::EBUSY) => {}
+            Err(e) => return Err(e),
+        }
+        w.now = Instant::now();
+        let mut cq = Vec::with_capacity(64);
+        {
+            let mut c = d.ring.completion();
+            c.sync();
+            for cqe in &mut c {
+                cq.push((cqe.user_data(), cqe.result(), cqe.flags()));
+            }
+        }
+        for (data, res, flags) in cq {
+            let (tok, op) = ((data >> 8) as usize, data & 0xff);
+            match op {
+                OP_ACCEPT => d.on_accept(w, res, flags),
+                OP_WAKE => {
+                    w.on_wake();
+                    d.arm_wake();
+                }
+                OP_RECV => {
+                    let Some(s) = w.streams.get_mut(tok) else {
+                        continue;
+                    };
+                    s.recv_inflight = false;
+                    if s.dead {
+                        w.mark(tok);
+                    } else if res > 0 {
+                        let mut buf = std::mem::take(&mut s.recv_buf);
+                        // SAFETY: the kernel initialised `res` bytes of the buffer's capacity.
+                        unsafe { buf.set_len(res as usize) };
+                        w.on_data(tok, &buf);
+                        buf.clear();
+                        if let Some(s) = w.streams.get_mut(tok) {
+                            s.recv_buf = buf;
+                        }
+                        w.mark(tok);
+                    } else if res == -libc::EAGAIN || res == -libc::EINTR {
+                        w.mark(tok);
+                    } else {
+                        w.on_closed(tok);
+                    }
+                }
+                OP_SEND => {
+                    let Some(s) = w.streams.get_mut(tok) else {
+                        continue;
+                    };
+                    s.send_inflight = false;
+                    if s.dead {
+                        w.mark(tok);
+                    } else if res >= 0 {
+                        s.sent += res as usize;
+                        if s.sent >= s.sending.len() {
+                            s.sending.clear();
+                            s.sent = 0;
+                            if s.wbuf.is_empty() {
+                                w.on_flushed(tok);
+                            }
+                        }
+                        w.mark(tok);
+                    } else if res == -libc::EAGAIN || res == -libc::EINTR {
+                        w.mark(tok);
+                    } else {
+                        w.on_closed(tok);
+                    }
+                }
+                _ => {}
+            }
+        }
+        if w.now.duration_since(last_tick) >= TICK {
+            last_tick = w.now;
+            w.on_tick();
+        }
+        if !d.accept_armed && w.can_accept() {
+            d.arm_accept();
+        }
+    }
+}

@@ -1,0 +1,482 @@
+//! The per-core state every driver runs: streams, their HTTP logic, routing,
+//! and this core's share of functions. Drivers call the `on_*` methods and
+//! then perform the I/O that [`Worker::take_dirty`] asks for.
+
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering;
+use std::sync::mpsc::Receiver;
+use std::sync::Arc;
+use std::time::Instant;
+
+use slab::Slab;
+
+use crate::engine::conn::{Answer, Conn, ConnState, ReplyTo};
+use crate::engine::stream::{Kind, Stream};
+use crate::engine::Shared;
+use crate::functions::CorePool;
+use crate::http::parse::{self, Request};
+use crate::http::response::{self, DateCache};
+use crate::metrics::{add, CoreMetrics};
+use crate::routes::{self, Route};
+
+/// How long a closing client may keep sending before it is cut off.
+const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// Index of a stream in the worker's slab.
+pub type Token = usize;
+
+/// Messages other threads send to a worker (control plane replies, started instances).
+pub enum Msg {
+    /// An answer for a connection waiting on the control plane.
+    Reply {
+        to: ReplyTo,
+        status: u16,
+        content_type: &'static str,
+        body: Vec<u8>,
+    },
+    /// Functions were deployed, changed or deleted: refresh this core's view.
+    FunctionsChanged,
+    /// An instance finished starting (or failed to).
+    InstanceStarted(crate::functions::Started),
+    /// Shut down gracefully.
+    Shutdown,
+}
+
+/// One core's event-loop state.
+pub struct Worker {
+    pub core: usize,
+    pub shared: Arc<Shared>,
+    pub metrics: Arc<CoreMetrics>,
+    pub streams: Slab<Stream>,
+    pub parse_limits: parse::Limits,
+    pub date: DateCache,
+    pub now: Instant,
+    pub inbox: Receiver<Msg>,
+    pub fns: CorePool,
+    /// Set once shutdown started: no new accepts, no keep-alive.
+    pub draining: bool,
+    drain_deadline: Option<Instant>,
+    dirty: Vec<Token>,
+    next_serial: u64,
+    clients: usize,
+}
+
+impl Worker {
+    /// A worker for `core` with an empty slab.
+    pub fn new(core: usize, shared: Arc<Shared>, inbox: Receiver<Msg>) -> Worker {
+        let h = &shared.cfg.http;
+        let parse_limits = parse::Limits {
+            head_bytes_max: h.head_bytes_max,
+            headers_max: h.headers_max,
+            body_bytes_max: h.body_bytes_max,
+        };
+        let metrics = shared.core_metrics[core].clone();
+        Worker {
+            core,
+            fns: CorePool::new(core, shared.clone()),
+            shared,
+            metrics,
+            streams: Slab::with_capacity(1024),
+            parse_limits,
+            date: DateCache::default(),
+            now: Instant::now(),
+            inbox,
+            draining: false,
+            drain_deadline: None,
+            dirty: Vec::with_capacity(256),
+            next_serial: 1,
+            clients: 0,
+        }
+    }
+
+    /// Asks the driver to look at `tok` (output queued, closing, read state changed).
+    pub fn mark(&mut self, tok: Token) {
+        self.dirty.push(tok);
+    }
+
+    /// Streams the driver must look at; the list is left empty.
+    pub fn take_dirty(&mut self, into: &mut Vec<Token>) {
+        into.clear();
+        std::mem::swap(into, &mut self.dirty);
+    }
+
+    /// Open client connections on this core.
+    pub fn clients(&self) -> usize {
+        self.clients
+    }
+
+    /// Whether the core may accept another connection.
+    pub fn can_accept(&self) -> bool {
+        !self.draining && self.clients < self.shared.cfg.http.connections_per_core_max
+    }
+
+    /// Registers an accepted client socket.
+    pub fn accepted(&mut self, fd: OwnedFd, peer: IpAddr) -> Token {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        let conn = Conn {
+            serial,
+            peer,
+            state: ConnState::Idle,
+            deadline: self.now + self.shared.cfg.http.keepalive_timeout,
+        };
+        let tok = self.streams.insert(Stream::new(fd, Kind::Client(conn)));
+        self.clients += 1;
+        add(&self.metrics.accepted_connections, 1);
+        self.metrics
+            .open_connections
+            .store(self.clients as u64, Ordering::Relaxed);
+        self.mark(tok);
+        tok
+    }
+
+    /// Registers an instance channel socket.
+    pub fn add_channel(&mut self, fd: OwnedFd, id: crate::functions::ChannelId) -> Token {
+        set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let tok = self.streams.insert(Stream::new(fd, Kind::Channel(id)));
+        self.mark(tok);
+        tok
+    }
+
+    /// Bytes arrived on `tok`.
+    pub fn on_data(&mut self, tok: Token, bytes: &[u8]) {
+        let Some(s) = self.streams.get_mut(tok) else {
+            return;
+        };
+        if s.linger_until.is_some() {
+            return;
+        }
+        s.push_input(bytes);
+        match s.kind {
+            Kind::Client(_) => {
+                add(&self.metrics.bytes_in, bytes.len() as u64);
+                self.process_client(tok)
+            }
+            Kind::Channel(id) => {
+                self.fns
+                    .on_channel_data(tok, id, &mut self.streams, &mut self.dirty, self.now)
+            }
+        }
+        self.flush_replies();
+    }
+
+    /// The peer closed `tok` or it failed.
+    pub fn on_closed(&mut self, tok: Token) {
+        let Some(s) = self.streams.get(tok) else {
+            return;
+        };
+        if let Kind::Channel(id) = s.kind {
+            self.fns
+                .on_channel_closed(id, &mut self.streams, &mut self.dirty, self.now);
+            self.flush_replies();
+        }
+        self.close_stream(tok);
+    }
+
+    /// Shuts a stream down now (the driver frees it once idle).
+    pub fn close_stream(&mut self, tok: Token) {
+        let Some(s) = self.streams.get_mut(tok) else {
+            return;
+        };
+        if !s.dead {
+            s.dead = true;
+            s.closing = true;
+            if matches!(s.kind, Kind::Client(_)) {
+                self.clients -= 1;
+                self.metrics
+                    .open_connections
+                    .store(self.clients as u64, Ordering::Relaxed);
+            }
+            self.mark(tok);
+        }
+    }
+
+    /// Moves a closing stream on once its output is flushed. Clients are first
+    /// half-closed and lingered (see [`Stream::linger_until`]); others close at once.
+    pub fn close_step(&mut self, tok: Token) {
+        let now = self.now;
+        let Some(s) = self.streams.get_mut(tok) else {
+            return;
+        };
+        if s.dead || !s.closing || s.out_pending() > 0 {
+            return;
+        }
+        match (&s.kind, s.linger_until) {
+            (Kind::Client(_), None) => {
+                // SAFETY: shutdown on a descriptor we own.
+                unsafe { libc::shutdown(s.raw(), libc::SHUT_WR) };
+                s.linger_until = Some(now + LINGER);
+                s.read_paused = false;
+                s.rbuf.clear();
+                s.rpos = 0;
+            }
+            (Kind::Client(_), Some(_)) => {}
+            (Kind::Channel(_), _) => self.close_stream(tok),
+        }
+    }
+
+    /// Refuses a connection over the per-core limit with a 503.
+    pub fn shed(&mut self, fd: OwnedFd) {
+        add(&self.metrics.shed_connections, 1);
+        let body = response::json_error(
+            "too_many_connections",
+            "connection limit reached, retry later",
+        );
+        let mut out = Vec::with_capacity(256);
+        response::write(
+            &mut out,
+            &self.date,
+            &response::Response {
+                status: 503,
+                headers: &[("content-type", "application/json"), ("retry-after", "1")],
+                body: &body,
+            },
+            false,
+            false,
+        );
+        // SAFETY: best-effort non-blocking write of a short answer on a socket we own.
+        unsafe {
+            libc::write(
+                std::os::fd::AsRawFd::as_raw_fd(&fd),
+                out.as_ptr() as *const libc::c_void,
+                out.len(),
+            )
+        };
+    }
+
+    /// True when the loop may stop: drained, or the grace period is over.
+    pub fn finished(&self) -> bool {
+        self.draining && (self.clients == 0 || self.drain_deadline.is_some_and(|d| self.now >= d))
+    }
+
+    /// Called by the driver when a dead stream has no I/O in flight: frees it.
+    pub fn free(&mut self, tok: Token) {
+        self.streams.remove(tok);
+    }
+
+    /// All of `tok`'s output was written.
+    pub fn on_flushed(&mut self, tok: Token) {
+        if let Some(Stream {
+            kind: Kind::Client(_),
+            ..
+        }) = self.streams.get(tok)
+        {
+            self.process_client(tok);
+        }
+    }
+
+    /// Periodic work: timeouts, idle instances, the clock.
+    pub fn on_tick(&mut self) {
+        self.date.refresh();
+        self.expire_clients();
+        let now = self.now;
+        let lingered: Vec<Token> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| !s.dead && s.linger_until.is_some_and(|t| t <= now))
+            .map(|(t, _)| t)
+            .collect();
+        for t in lingered {
+            self.close_stream(t);
+        }
+        self.fns
+            .on_tick(&mut self.streams, &mut self.dirty, self.now);
+        self.flush_replies();
+    }
+
+    /// Handles queued messages; returns false when the worker should stop.
+    pub fn on_wake(&mut self) {
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                Msg::Reply {
+                    to,
+                    status,
+                    content_type,
+                    body,
+                } => self.answer_async(
+                    to,
+                    Answer {
+                        status,
+                        headers: &[("content-type", content_type)],
+                        body: &body,
+                        close: false,
+                    },
+                ),
+                Msg::FunctionsChanged => {
+                    self.fns
+                        .refresh(&mut self.streams, &mut self.dirty, self.now)
+                }
+                Msg::InstanceStarted(started) => {
+                    self.fns
+                        .on_started(started, &mut self.streams, &mut self.dirty, self.now);
+                }
+                Msg::Shutdown => self.start_drain(),
+            }
+            self.flush_replies();
+        }
+    }
+
+    /// Stops keep-alive and closes idle connections; in-flight requests finish.
+    fn start_drain(&mut self) {
+        self.draining = true;
+        self.drain_deadline = Some(self.now + self.shared.cfg.shutdown_grace);
+        let idle: Vec<Token> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| matches!(&s.kind, Kind::Client(c) if matches!(c.state, ConnState::Idle) && s.out_pending() == 0))
+            .map(|(t, _)| t)
+            .collect();
+        for t in idle {
+            self.close_stream(t);
+        }
+    }
+
+    /// True once draining and no client remains.
+    pub fn drained(&self) -> bool {
+        self.draining && self.clients == 0
+    }
+
+    /// Answers function invocations whose outcome the pool decided.
+    fn flush_replies(&mut self) {
+        while let Some(r) = self.fns.replies.pop_front() {
+            let headers: Vec<(&str, &str)> = r
+                .headers
+                .iter()
+                .map(|(k, v)| (k.as_str(), v.as_str()))
+                .collect();
+            self.answer_async(
+                r.to,
+                Answer {
+                    status: r.status,
+                    headers: &headers,
+                    body: &r.body,
+                    close: false,
+                },
+            );
+        }
+    }
+
+    /// Routes a complete request.
+    pub fn dispatch(&mut self, tok: Token, req: Request, body: Vec<u8>) {
+        let head_only = req.method == "HEAD";
+        let json = [("content-type", "application/json")];
+        match routes::route(&req.method, req.path()) {
+            Route::Health => self.answer(
+                tok,
+                Answer {
+                    status: 200,
+                    headers: &[("content-type", "text/plain")],
+                    body: b"ok",
+                    close: false,
+                },
+                head_only,
+            ),
+            Route::Metrics => {
+                let mut text = String::with_capacity(4096);
+                crate::metrics::render_cores(&mut text, &self.shared.core_metrics);
+                self.shared.functions.render_metrics(&mut text);
+                let ct = [("content-type", "text/plain; version=0.0.4")];
+                self.answer(
+                    tok,
+                    Answer {
+                        status: 200,
+                        headers: &ct,
+                        body: text.as_bytes(),
+                        close: false,
+                    },
+                    head_only,
+                )
+            }
+            Route::MethodNotAllowed(allow) => {
+                let body = response::json_error(
+                    "method_not_allowed",
+                    &format!("method {} is not allowed here", req.method),
+                );
+                self.answer(
+                    tok,
+                    Answer {
+                        status: 405,
+                        headers: &[("content-type", "application/json"), ("allow", allow)],
+                        body: &body,
+                        close: false,
+                    },
+                    head_only,
+                )
+            }
+            Route::NotFound => {
+                let body =
+                    response::json_error("not_found", &format!("no route for {}", req.path()));
+                self.answer(
+                    tok,
+                    Answer {
+                        status: 404,
+                        headers: &json,
+                        body: &body,
+                        close: false,
+                    },
+                    head_only,
+                )
+            }
+            Route::Invoke { id, path } => {
+                let (id, path) = (id.to_string(), path.to_string());
+                let to = self.reply_to(tok);
+                let peer = self.peer(tok);
+                self.fns.invoke(
+                    to,
+                    peer,
+                    &id,
+                    &path,
+                    req,
+                    body,
+                    &mut self.streams,
+                    &mut self.dirty,
+                    self.now,
+                );
+                self.flush_replies();
+            }
+            _ => {
+                let to = self.reply_to(tok);
+                let peer = self.peer(tok);
+                if let Err(busy) = self.shared.control.submit(self.core, to, peer, req, body) {
+                    self.answer(
+                        tok,
+                        Answer {
+                            status: 503,
+                            headers: &json,
+                            body: &busy,
+                            close: false,
+                        },
+                        head_only,
+                    );
+                }
+            }
+        }
+    }
+
+    fn reply_to(&self, tok: Token) -> ReplyTo {
+        match &self.streams[tok].kind {
+            Kind::Client(c) => ReplyTo {
+                token: tok,
+                serial: c.serial,
+            },
+            Kind::Channel(_) => unreachable!("requests only come from clients"),
+        }
+    }
+
+    fn peer(&self, tok: Token) -> IpAddr {
+        match &self.streams[tok].kind {
+            Kind::Client(c) => c.peer,
+            Kind::Channel(_) => unreachable!("requests only come from clients"),
+        }
+    }
+}
+
+/// Puts a descriptor in non-blocking mode (the epoll driver needs it; io_uring ignores it).
+pub fn set_nonblocking(fd: std::os::fd::RawFd) {
+    // SAFETY: fcntl on a descriptor the caller owns.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK);
+    }
+}

@@ -1,0 +1,317 @@
+//! Functions: what is deployed ([`Registry`], durable under the state dir) and
+//! how each core runs them ([`pool::CorePool`]).
+//!
+//! The registry is control-plane state behind a lock; cores never touch it on
+//! the request path. Each core keeps its own view (refreshed by a message when
+//! functions change) and its own instances; only a function's instance count
+//! is shared (an atomic), so its concurrency limit holds across cores.
+
+pub mod logs;
+pub mod pool;
+pub mod store;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
+use std::sync::mpsc::{channel, Receiver, Sender};
+use std::sync::{Arc, Mutex, RwLock};
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ServeConfig;
+use crate::engine::conn::ReplyTo;
+use crate::engine::worker::Msg;
+use crate::engine::Shared;
+use crate::metrics::FunctionMetrics;
+use crate::sandbox::{Backend, Instance, StartError};
+
+pub use pool::CorePool;
+
+/// Most functions one server holds (bounds metrics cardinality and memory).
+pub const FUNCTIONS_MAX: usize = 1000;
+/// Threads that start instances (sandbox spawn + runtime init) off the event loops.
+pub const STARTER_THREADS: usize = 4;
+
+/// Index of an instance in its core's pool.
+pub type ChannelId = usize;
+
+/// A deployed function's settings, stored as `meta.json` in its directory.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FunctionSpec {
+    pub id: String,
+    pub handler: String,
+    pub memory_mb: u32,
+    pub timeout_ms: u64,
+    pub concurrency: u32,
+    pub env: Vec<(String, String)>,
+    pub created_ms: u64,
+    pub code_bytes: u64,
+    pub backend: String,
+}
+
+/// A deployed function as the server holds it.
+pub struct Function {
+    pub spec: FunctionSpec,
+    /// `<state>/functions/<id>`: `meta.json`, `code/`, backend artifacts.
+    pub dir: PathBuf,
+    pub metrics: FunctionMetrics,
+    /// Instances alive or starting, over all cores (the concurrency limit).
+    pub instances: AtomicU32,
+    /// Set by `DELETE`: cores stop taking requests for it.
+    pub deleted: AtomicBool,
+    pub logs: Mutex<logs::LogRing>,
+}
+
+impl Function {
+    /// Reserves one instance slot if below the concurrency limit.
+    pub fn try_reserve(&self) -> bool {
+        let limit = self.spec.concurrency;
+        self.instances
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < limit).then_some(n + 1)
+            })
+            .is_ok()
+    }
+
+    /// Gives a slot back.
+    pub fn release(&self) {
+        let prev = self.instances.fetch_sub(1, Ordering::AcqRel);
+        assert!(
+            prev > 0,
+            "instance count of {} went below zero",
+            self.spec.id
+        );
+    }
+
+    /// The code directory mounted at /var/task.
+    pub fn code_dir(&self) -> PathBuf {
+        self.dir.join("code")
+    }
+}
+
+/// The outcome of starting an instance, sent to the core that asked.
+pub struct Started {
+    pub function: Arc<Function>,
+    pub result: Result<Box<dyn Instance>, StartError>,
+}
+
+/// An answer for a client, decided by a core's pool.
+pub struct Reply {
+    pub to: ReplyTo,
+    pub status: u16,
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+struct StartJob {
+    core: usize,
+    function: Arc<Function>,
+}
+
+/// All deployed functions, the backend that runs them, and the threads that
+/// start and destroy instances.
+pub struct Registry {
+    pub functions_dir: PathBuf,
+    map: RwLock<HashMap<String, Arc<Function>>>,
+    pub backend: Box<dyn Backend>,
+    jobs: Mutex<Option<Receiver<StartJob>>>,
+    job_tx: Sender<StartJob>,
+    reap_tx: Mutex<Sender<Box<dyn Instance>>>,
+    reap_rx: Mutex<Option<Receiver<Box<dyn Instance>>>>,
+}
+
+impl Registry {
+    /// Opens the state dir, removes leftovers of interrupted deploys, loads every function.
+    pub fn open(cfg: &ServeConfig) -> std::io::Result<Registry> {
+        let backend = crate::sandbox::select(cfg)?;
+        let functions_dir = cfg.state_dir.join("functions");
+        let specs = store::load_all(&functions_dir)?;
+        let mut map = HashMap::new();
+        for (spec, dir) in specs {
+            map.insert(spec.id.clone(), Arc::new(Function::new(spec, dir)));
+        }
+        if !map.is_empty() {
+            eprintln!(
+                "hearth: loaded {} function(s) from {}",
+                map.len(),
+                functions_dir.display()
+            );
+        }
+        let (job_tx, jobs) = channel();
+        let (reap_tx, reap_rx) = channel();
+        Ok(Registry {
+            functions_dir,
+            map: RwLock::new(map),
+            backend,
+            jobs: Mutex::new(Some(jobs)),
+            job_tx,
+            reap_tx: Mutex::new(reap_tx),
+            reap_rx: Mutex::new(Some(reap_rx)),
+        })
+    }
+
+    /// Starts the starter and reaper threads and warms up loaded functions.
+    pub fn start_threads(shared: &Arc<Shared>) {
+        for f in shared.functions.all() {
+            shared.functions.backend.restore(&f.spec, &f.dir);
+        }
+        let jobs = Arc::new(Mutex::new(
+            shared
+                .functions
+                .jobs
+                .lock()
+                .unwrap()
+                .take()
+                .expect("threads started once"),
+        ));
+        for i in 0..STARTER_THREADS {
+            let (jobs, shared) = (jobs.clone(), shared.clone());
+            std::thread::Builder::new()
+                .name(format!("hearth-start{i}"))
+                .spawn(move || loop {
+                    let job = match jobs.lock().unwrap().recv() {
+                        Ok(j) => j,
+                        Err(_) => return,
+                    };
+                    let f = job.function;
+                    let result = if f.deleted.load(Ordering::Acquire) {
+                        Err(StartError::Sandbox("function deleted".into()))
+                    } else {
+                        shared
+                            .functions
+                            .backend
+                            .start(&f.spec, &f.dir, job.core)
+                            .map(|(inst, init_logs)| {
+                                f.logs.lock().unwrap().extend_init(&init_logs);
+                                inst
+                            })
+                    };
+                    shared.send(
+                        job.core,
+                        Msg::InstanceStarted(Started {
+                            function: f,
+                            result,
+                        }),
+                    );
+                })
+                .expect("spawn starter thread");
+        }
+        let rx = shared
+            .functions
+            .reap_rx
+            .lock()
+            .unwrap()
+            .take()
+            .expect("threads started once");
+        std::thread::Builder::new()
+            .name("hearth-reaper".into())
+            .spawn(move || {
+                while let Ok(inst) = rx.recv() {
+                    inst.destroy();
+                }
+            })
+            .expect("spawn reaper thread");
+    }
+
+    /// Asks a starter thread for a new instance of `f` for `core`.
+    pub fn request_start(&self, core: usize, function: Arc<Function>) {
+        let _ = self.job_tx.send(StartJob { core, function });
+    }
+
+    /// Hands an instance to the reaper thread for destruction.
+    pub fn destroy(&self, inst: Box<dyn Instance>) {
+        let _ = self.reap_tx.lock().unwrap().send(inst);
+    }
+
+    /// The backend's name.
+    pub fn backend_name(&self) -> &'static str {
+        self.backend.name()
+    }
+
+    /// A function by id.
+    pub fn get(&self, id: &str) -> Option<Arc<Function>> {
+        self.map.read().unwrap().get(id).cloned()
+    }
+
+    /// Every function, sorted by id.
+    pub fn all(&self) -> Vec<Arc<Function>> {
+        let mut v: Vec<_> = self.map.read().unwrap().values().cloned().collect();
+        v.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
+        v
+    }
+
+    /// Number of functions.
+    pub fn len(&self) -> usize {
+        self.map.read().unwrap().len()
+    }
+
+    /// True when nothing is deployed.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Publishes a newly deployed function (the caller broadcasts the change).
+    pub fn insert(&self, f: Arc<Function>) {
+        self.map.write().unwrap().insert(f.spec.id.clone(), f);
+    }
+
+    /// Unpublishes a function; returns it.
+    pub fn remove(&self, id: &str) -> Option<Arc<Function>> {
+        let f = self.map.write().unwrap().remove(id)?;
+        f.deleted.store(true, Ordering::Release);
+        Some(f)
+    }
+
+    /// Appends the per-function metric series.
+    pub fn render_metrics(&self, out: &mut String) {
+        let all = self.all();
+        crate::metrics::render_functions(out, all.iter().map(|f| (f.spec.id.as_str(), &f.metrics)));
+    }
+
+    /// Releases backend resources at exit.
+    pub fn shutdown(&self) {
+        self.backend.shutdown();
+    }
+}
+
+impl Function {
+    /// A function loaded from `dir`.
+    pub fn new(spec: FunctionSpec, dir: PathBuf) -> Function {
+        Function {
+            spec,
+            dir,
+            metrics: FunctionMetrics::default(),
+            instances: AtomicU32::new(0),
+            deleted: AtomicBool::new(false),
+            logs: Mutex::new(logs::LogRing::default()),
+        }
+    }
+}
+
+/// True if `id` has the shape of a function id (16 lower-case hex digits).
+pub fn valid_id(id: &str) -> bool {
+    id.len() == 16
+        && id
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+}
+
+/// A new random function id.
+pub fn new_id() -> String {
+    format!("{:016x}", random_u64())
+}
+
+/// 64 random bits from the kernel.
+pub fn random_u64() -> u64 {
+    let mut b = [0u8; 8];
+    // SAFETY: getrandom writes at most 8 bytes into b.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
+    assert_eq!(n, 8, "getrandom failed");
+    u64::from_ne_bytes(b)
+}
+
+/// Path of a function's directory.
+pub fn function_dir(functions_dir: &Path, id: &str) -> PathBuf {
+    functions_dir.join(id)
+}

@@ -1,0 +1,717 @@
+//! One core's instances and request queues.
+//!
+//! Per function: a LIFO of idle instances (the warmest first) and a bounded
+//! FIFO of requests waiting for one. A request goes to an idle instance at
+//! once; otherwise it queues and, below the function's concurrency limit, a
+//! new instance is started for it. When the core's instance cap is reached,
+//! functions waiting for a slot are served round robin (deficit round robin
+//! with unit cost and equal quanta): a finishing instance of a function is
+//! retired in favour of the next waiting function instead of serving its own
+//! queue again, so a flooded function cannot starve the others.
+//! Instances idle past the keep-warm period are destroyed (scale to zero);
+//! an instance whose request timed out is destroyed, never reused.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use slab::Slab;
+
+use super::{Function, Reply, Started};
+use crate::engine::conn::{ConnState, ReplyTo};
+use crate::engine::stream::{Kind, Stream};
+use crate::engine::worker::Token;
+use crate::engine::Shared;
+use crate::http::parse::Request;
+use crate::metrics::{add, ErrorKind};
+use crate::protocol::{self, FrameType, HEADER_BYTES};
+use crate::sandbox::Instance;
+
+/// Instances one core may hold over all functions.
+pub const INSTANCES_PER_CORE_MAX: usize = 256;
+
+/// A request waiting for (or running on) an instance.
+struct Pending {
+    to: ReplyTo,
+    rid: u32,
+    request_id: String,
+    frame: Vec<u8>,
+    arrived: Instant,
+    deadline: Instant,
+}
+
+struct Busy {
+    to: ReplyTo,
+    rid: u32,
+    request_id: String,
+    started: Instant,
+    deadline: Instant,
+}
+
+struct Inst {
+    function: Arc<Function>,
+    handle: Box<dyn Instance>,
+    tok: Token,
+    busy: Option<Busy>,
+    idle_since: Instant,
+}
+
+struct FnState {
+    f: Arc<Function>,
+    idle: Vec<usize>,
+    queue: VecDeque<Pending>,
+    /// Instances being started for this core.
+    starting: usize,
+    /// Instances of this function on this core (idle, busy; not starting).
+    live: usize,
+}
+
+/// A core's share of all functions.
+pub struct CorePool {
+    core: usize,
+    shared: Arc<Shared>,
+    fns: HashMap<String, FnState>,
+    insts: Slab<Inst>,
+    /// Functions waiting for a free instance slot on this core, served in turn.
+    slot_waiters: VecDeque<String>,
+    next_rid: u32,
+    rng: u64,
+    /// Answers for the worker to write.
+    pub replies: VecDeque<Reply>,
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+fn json_reply(to: ReplyTo, status: u16, code: &str, message: &str) -> Reply {
+    Reply {
+        to,
+        status,
+        headers: vec![("content-type".into(), "application/json".into())],
+        body: crate::http::response::json_error(code, message),
+    }
+}
+
+/// Is the connection behind `to` still waiting for an answer?
+fn client_waiting(streams: &Slab<Stream>, to: ReplyTo) -> bool {
+    matches!(streams.get(to.token), Some(Stream { kind: Kind::Client(c), dead: false, .. }) if c.serial == to.serial && matches!(c.state, ConnState::Waiting { .. }))
+}
+
+impl CorePool {
+    /// An empty pool for `core`; the function view is filled by [`CorePool::refresh`].
+    pub fn new(core: usize, shared: Arc<Shared>) -> CorePool {
+        let mut p = CorePool {
+            core,
+            shared,
+            fns: HashMap::new(),
+            insts: Slab::new(),
+            slot_waiters: VecDeque::new(),
+            next_rid: 0,
+            rng: super::random_u64() | 1,
+            replies: VecDeque::new(),
+        };
+        p.sync_view(&mut Slab::new(), &mut Vec::new(), Instant::now());
+        p
+    }
+
+    fn request_uuid(&mut self) -> String {
+        // xorshift64*: unique enough for request ids, no syscall per request.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        let a = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let b = a.rotate_left(29) ^ x;
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            (a >> 32) as u32,
+            (a >> 16) as u16,
+            (a & 0xfff) as u16,
+            ((b >> 48) as u16 & 0x3fff) | 0x8000,
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    /// Handles one invocation request.
+    #[allow(clippy::too_many_arguments)]
+    pub fn invoke(
+        &mut self,
+        to: ReplyTo,
+        peer: IpAddr,
+        id: &str,
+        path: &str,
+        req: Request,
+        body: Vec<u8>,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) {
+        let Some(fs) = self.fns.get(id) else {
+            self.replies.push_back(json_reply(
+                to,
+                404,
+                "function_not_found",
+                &format!("no function with id {id}"),
+            ));
+            return;
+        };
+        let f = fs.f.clone();
+        add(&f.metrics.invocations, 1);
+        self.next_rid = self.next_rid.wrapping_add(1).max(1);
+        let rid = self.next_rid;
+        let request_id = self.request_uuid();
+        let deadline_ms = now_ms() + f.spec.timeout_ms;
+        let meta = serde_json::json!({
+            "method": req.method,
+            "path": path,
+            "query": req.query(),
+            "headers": req.headers,
+            "source_ip": peer.to_string(),
+            "protocol": match req.version { crate::http::parse::Version::Http10 => "HTTP/1.0", _ => "HTTP/1.1" },
+            "request_id": request_id,
+            "time_ms": now_ms(),
+            "deadline_ms": deadline_ms,
+            "domain": req.header("host").unwrap_or("localhost"),
+        });
+        let meta = serde_json::to_vec(&meta).expect("json of plain values");
+        let mut frame = Vec::with_capacity(HEADER_BYTES + meta.len() + body.len());
+        protocol::encode(&mut frame, FrameType::Invoke, 0, rid, &meta, &body);
+        let pending = Pending {
+            to,
+            rid,
+            request_id,
+            frame,
+            arrived: now,
+            deadline: now + std::time::Duration::from_millis(f.spec.timeout_ms),
+        };
+        let fs = self.fns.get_mut(id).expect("looked up above");
+        if let Some(i) = fs.idle.pop() {
+            self.send(i, pending, streams, dirty, now);
+            return;
+        }
+        if fs.queue.len() >= self.shared.cfg.queue_depth_max {
+            f.metrics.error(ErrorKind::Throttled);
+            let mut r = json_reply(
+                to,
+                429,
+                "too_many_requests",
+                &format!("function {id} is at its concurrency limit and its queue is full"),
+            );
+            r.headers.push(("retry-after".into(), "1".into()));
+            self.replies.push_back(r);
+            return;
+        }
+        fs.queue.push_back(pending);
+        add(&f.metrics.queue_depth, 1);
+        self.grow(id, streams, dirty, now);
+    }
+
+    /// Starts instances for queued requests not yet covered by one starting.
+    fn grow(&mut self, id: &str, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        loop {
+            let Some(fs) = self.fns.get(id) else { return };
+            if fs.queue.len() <= fs.starting {
+                return;
+            }
+            if self.insts.len() + self.starting_total() >= INSTANCES_PER_CORE_MAX {
+                if !self.slot_waiters.iter().any(|w| w == id) {
+                    self.slot_waiters.push_back(id.to_string());
+                }
+                // Make room from idle instances of other functions.
+                if !self.evict_idle(id, streams, dirty, now) {
+                    return;
+                }
+                continue;
+            }
+            let fs = self.fns.get_mut(id).expect("present");
+            if !fs.f.try_reserve() {
+                return;
+            }
+            fs.starting += 1;
+            add(&fs.f.metrics.cold_starts, 1);
+            self.shared.functions.request_start(self.core, fs.f.clone());
+        }
+    }
+
+    fn starting_total(&self) -> usize {
+        self.fns.values().map(|f| f.starting).sum()
+    }
+
+    /// Destroys the longest-idle instance of a function other than `except`.
+    fn evict_idle(
+        &mut self,
+        except: &str,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) -> bool {
+        let victim = self
+            .insts
+            .iter()
+            .filter(|(_, i)| i.busy.is_none() && i.function.spec.id != except)
+            .min_by_key(|(_, i)| i.idle_since)
+            .map(|(k, _)| k);
+        match victim {
+            Some(k) => {
+                self.retire(k, streams, dirty, now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    fn send(
+        &mut self,
+        i: usize,
+        p: Pending,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) {
+        let inst = &mut self.insts[i];
+        let s = &mut streams[inst.tok];
+        s.wbuf.extend_from_slice(&p.frame);
+        dirty.push(inst.tok);
+        inst.busy = Some(Busy {
+            to: p.to,
+            rid: p.rid,
+            request_id: p.request_id,
+            started: now,
+            deadline: p.deadline,
+        });
+    }
+
+    /// Gives an idle instance its next request, or parks it.
+    fn next_for(
+        &mut self,
+        i: usize,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) {
+        let id = self.insts[i].function.spec.id.clone();
+        // Round robin between functions waiting for a slot: hand this slot over.
+        if let Some(pos) = self.slot_waiters.iter().position(|w| *w != id) {
+            let own_queue = self.fns.get(&id).map_or(0, |f| f.queue.len());
+            if own_queue > 0 || self.fns.get(&id).is_none() {
+                let waiter = self.slot_waiters.remove(pos).expect("position is valid");
+                self.retire(i, streams, dirty, now);
+                self.grow(&waiter, streams, dirty, now);
+                self.grow(&id, streams, dirty, now);
+                return;
+            }
+        }
+        let Some(fs) = self.fns.get_mut(&id) else {
+            self.retire(i, streams, dirty, now);
+            return;
+        };
+        while let Some(p) = fs.queue.pop_front() {
+            fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
+            if client_waiting(streams, p.to) {
+                self.send(i, p, streams, dirty, now);
+                return;
+            }
+        }
+        let inst = &mut self.insts[i];
+        inst.idle_since = now;
+        fs.idle.push(i);
+    }
+
+    /// Removes an instance and destroys it off-loop; frees its concurrency slot.
+    fn retire(
+        &mut self,
+        i: usize,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        _now: Instant,
+    ) {
+        let mut inst = self.insts.remove(i);
+        inst.handle.kill();
+        if let Some(s) = streams.get_mut(inst.tok) {
+            if !s.dead {
+                s.dead = true;
+                s.closing = true;
+                dirty.push(inst.tok);
+            }
+        }
+        let id = &inst.function.spec.id;
+        if let Some(fs) = self.fns.get_mut(id) {
+            fs.idle.retain(|&k| k != i);
+            fs.live -= 1;
+        }
+        inst.function.metrics.instances.fetch_sub(1, Relaxed);
+        inst.function.release();
+        self.shared.functions.destroy(inst.handle);
+    }
+
+    /// Frames arrived from an instance.
+    pub fn on_channel_data(
+        &mut self,
+        tok: Token,
+        i: usize,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) {
+        loop {
+            let Some(inst) = self.insts.get_mut(i) else {
+                return;
+            };
+            let s = &mut streams[tok];
+            let input = s.input();
+            let h = match protocol::parse_header(input) {
+                Ok(Some(h)) if input.len() >= h.frame_len() => h,
+                Ok(_) => return,
+                Err(e) => {
+                    let f = inst.function.clone();
+                    f.logs.lock().unwrap().push(
+                        "host",
+                        true,
+                        format!("instance broke the protocol: {e}").as_bytes(),
+                    );
+                    return self.instance_failed(
+                        i,
+                        streams,
+                        dirty,
+                        now,
+                        "the instance broke the protocol",
+                    );
+                }
+            };
+            let meta = &input[HEADER_BYTES..HEADER_BYTES + h.meta_len];
+            let body = &input[HEADER_BYTES + h.meta_len..h.frame_len()];
+            match h.kind {
+                FrameType::Log => {
+                    let rid_text = match &inst.busy {
+                        Some(b) if b.rid == h.request_id => b.request_id.as_str(),
+                        _ => "",
+                    };
+                    inst.function.logs.lock().unwrap().push(
+                        rid_text,
+                        h.flags & protocol::LOG_STDERR != 0,
+                        body,
+                    );
+                }
+                FrameType::Response | FrameType::Error
+                    if inst.busy.as_ref().is_some_and(|b| b.rid == h.request_id) =>
+                {
+                    let busy = inst.busy.take().expect("checked");
+                    let f = inst.function.clone();
+                    f.metrics
+                        .observe_duration(now.duration_since(busy.started).as_micros() as u64);
+                    let reply = if h.kind == FrameType::Response {
+                        response_reply(busy.to, meta, body)
+                    } else {
+                        f.metrics.error(ErrorKind::Handler);
+                        let m: serde_json::Value = serde_json::from_slice(meta).unwrap_or_default();
+                        let body = serde_json::to_vec(&serde_json::json!({
+                            "error": "the function failed",
+                            "code": "function_error",
+                            "errorType": m["errorType"],
+                            "errorMessage": m["errorMessage"],
+                        }))
+                        .expect("json");
+                        Reply {
+                            to: busy.to,
+                            status: 502,
+                            headers: vec![("content-type".into(), "application/json".into())],
+                            body,
+                        }
+                    };
+                    self.replies.push_back(reply);
+                    streams[tok].consume(h.frame_len());
+                    self.next_for(i, streams, dirty, now);
+                    continue;
+                }
+                other => {
+                    let msg = format!("unexpected {other:?} frame for request {}", h.request_id);
+                    inst.function
+                        .logs
+                        .lock()
+                        .unwrap()
+                        .push("host", true, msg.as_bytes());
+                    return self.instance_failed(
+                        i,
+                        streams,
+                        dirty,
+                        now,
+                        "the instance broke the protocol",
+                    );
+                }
+            }
+            streams[tok].consume(h.frame_len());
+        }
+    }
+
+    /// An instance's channel closed: it died.
+    pub fn on_channel_closed(
+        &mut self,
+        i: usize,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) {
+        if self.insts.contains(i) {
+            self.instance_failed(i, streams, dirty, now, "the instance exited");
+        }
+    }
+
+    /// Answers the instance's request with 502 (if any), destroys it, replaces it if needed.
+    fn instance_failed(
+        &mut self,
+        i: usize,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+        why: &str,
+    ) {
+        let inst = &mut self.insts[i];
+        let f = inst.function.clone();
+        if let Some(busy) = inst.busy.take() {
+            f.metrics.error(ErrorKind::Crash);
+            let oom = inst.handle.oom_killed();
+            let msg = if oom {
+                format!(
+                    "{why}: it exceeded its memory limit of {} MB",
+                    f.spec.memory_mb
+                )
+            } else {
+                why.to_string()
+            };
+            self.replies
+                .push_back(json_reply(busy.to, 502, "instance_crashed", &msg));
+        }
+        self.retire(i, streams, dirty, now);
+        let id = f.spec.id.clone();
+        self.grow(&id, streams, dirty, now);
+    }
+
+    /// A starter thread finished.
+    pub fn on_started(
+        &mut self,
+        started: Started,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) {
+        let f = started.function;
+        let id = f.spec.id.clone();
+        if let Some(fs) = self.fns.get_mut(&id) {
+            fs.starting = fs.starting.saturating_sub(1);
+        }
+        let mut handle = match started.result {
+            Ok(h) => h,
+            Err(e) => {
+                f.release();
+                f.metrics.error(ErrorKind::Start);
+                f.logs.lock().unwrap().push(
+                    "host",
+                    true,
+                    format!("instance start failed: {e}").as_bytes(),
+                );
+                if let Some(fs) = self.fns.get_mut(&id) {
+                    if let Some(p) = fs.queue.pop_front() {
+                        f.metrics.queue_depth.fetch_sub(1, Relaxed);
+                        self.replies.push_back(json_reply(
+                            p.to,
+                            503,
+                            "instance_start_failed",
+                            &format!("could not start an instance: {e}"),
+                        ));
+                    }
+                }
+                return;
+            }
+        };
+        let Some(channel) = handle.take_channel() else {
+            f.release();
+            self.shared.functions.destroy(handle);
+            return;
+        };
+        if !self.fns.contains_key(&id) || f.deleted.load(Relaxed) {
+            f.release();
+            self.shared.functions.destroy(handle);
+            return;
+        }
+        let i = self.insts.vacant_key();
+        let tok = streams.insert(Stream::new(channel, Kind::Channel(i)));
+        crate::engine::worker::set_nonblocking(streams[tok].raw());
+        dirty.push(tok);
+        self.insts.insert(Inst {
+            function: f.clone(),
+            handle,
+            tok,
+            busy: None,
+            idle_since: now,
+        });
+        f.metrics.instances.fetch_add(1, Relaxed);
+        self.fns.get_mut(&id).expect("checked").live += 1;
+        self.next_for(i, streams, dirty, now);
+    }
+
+    /// Timeouts (504, instance destroyed), queue expiry, keep-warm reaping.
+    pub fn on_tick(&mut self, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        let timed_out: Vec<usize> = self
+            .insts
+            .iter()
+            .filter(|(_, i)| i.busy.as_ref().is_some_and(|b| b.deadline <= now))
+            .map(|(k, _)| k)
+            .collect();
+        for i in timed_out {
+            let inst = &mut self.insts[i];
+            let busy = inst.busy.take().expect("filtered on busy");
+            let f = inst.function.clone();
+            f.metrics.error(ErrorKind::Timeout);
+            f.logs.lock().unwrap().push(
+                &busy.request_id,
+                true,
+                format!(
+                    "Task timed out after {} ms; instance destroyed",
+                    f.spec.timeout_ms
+                )
+                .as_bytes(),
+            );
+            self.replies.push_back(json_reply(
+                busy.to,
+                504,
+                "function_timeout",
+                &format!(
+                    "the function did not answer within {} ms",
+                    f.spec.timeout_ms
+                ),
+            ));
+            self.retire(i, streams, dirty, now);
+            self.grow(&f.spec.id.clone(), streams, dirty, now);
+        }
+        for fs in self.fns.values_mut() {
+            while fs.queue.front().is_some_and(|p| p.deadline <= now) {
+                let p = fs.queue.pop_front().expect("front exists");
+                fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
+                fs.f.metrics.error(ErrorKind::Timeout);
+                let waited = now.duration_since(p.arrived).as_millis();
+                self.replies.push_back(json_reply(
+                    p.to,
+                    504,
+                    "function_timeout",
+                    &format!("no instance became free within {waited} ms"),
+                ));
+            }
+        }
+        let keep_warm = self.shared.cfg.keep_warm;
+        let cold: Vec<usize> = self
+            .insts
+            .iter()
+            .filter(|(_, i)| i.busy.is_none() && now.duration_since(i.idle_since) >= keep_warm)
+            .map(|(k, _)| k)
+            .collect();
+        for i in cold {
+            self.retire(i, streams, dirty, now);
+        }
+    }
+
+    /// Re-reads the registry after a deploy or delete.
+    pub fn refresh(&mut self, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        self.sync_view(streams, dirty, now);
+    }
+
+    fn sync_view(&mut self, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        let current = self.shared.functions.all();
+        for f in &current {
+            self.fns
+                .entry(f.spec.id.clone())
+                .or_insert_with(|| FnState {
+                    f: f.clone(),
+                    idle: Vec::new(),
+                    queue: VecDeque::new(),
+                    starting: 0,
+                    live: 0,
+                });
+        }
+        let gone: Vec<String> = self
+            .fns
+            .keys()
+            .filter(|id| !current.iter().any(|f| &f.spec.id == *id))
+            .cloned()
+            .collect();
+        for id in gone {
+            let mut fs = self.fns.remove(&id).expect("listed");
+            for p in fs.queue.drain(..) {
+                fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
+                self.replies.push_back(json_reply(
+                    p.to,
+                    404,
+                    "function_not_found",
+                    &format!("function {id} was deleted"),
+                ));
+            }
+            self.slot_waiters.retain(|w| *w != id);
+            // Idle instances go now; busy ones finish their request first (next_for retires them).
+            let idle: Vec<usize> = fs.idle.drain(..).collect();
+            self.fns.insert(id.clone(), fs);
+            for i in idle {
+                self.retire(i, streams, dirty, now);
+            }
+            self.fns.remove(&id);
+        }
+    }
+
+    /// Instances of `id` alive on this core (idle or busy).
+    pub fn live(&self, id: &str) -> usize {
+        self.fns.get(id).map_or(0, |f| f.live)
+    }
+
+    /// Kills every instance at server exit.
+    pub fn shutdown(&mut self, streams: &mut Slab<Stream>) {
+        let all: Vec<usize> = self.insts.iter().map(|(k, _)| k).collect();
+        for i in all {
+            let mut inst = self.insts.remove(i);
+            inst.handle.kill();
+            let _ = streams.try_remove(inst.tok);
+            inst.function.release();
+            inst.function.metrics.instances.fetch_sub(1, Relaxed);
+            inst.handle.destroy();
+        }
+    }
+}
+
+/// Builds the HTTP answer from a RESPONSE frame's metadata and body.
+fn response_reply(to: ReplyTo, meta: &[u8], body: &[u8]) -> Reply {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        status: u16,
+        #[serde(default)]
+        headers: Vec<(String, String)>,
+    }
+    match serde_json::from_slice::<Meta>(meta) {
+        Ok(m) if (100..=599).contains(&m.status) => {
+            let headers = m
+                .headers
+                .into_iter()
+                .filter(|(k, _)| {
+                    let k = k.to_ascii_lowercase();
+                    // hearth frames the body itself.
+                    k != "content-length" && k != "transfer-encoding" && k != "connection"
+                })
+                .collect();
+            Reply {
+                to,
+                status: m.status,
+                headers,
+                body: body.to_vec(),
+            }
+        }
+        _ => json_reply(
+            to,
+            502,
+            "bad_function_response",
+            "the runtime sent a response hearth could not read",
+        ),
+    }
+}

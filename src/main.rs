@@ -1,0 +1,241 @@
+//! The `hearth` command: the server (`serve`) and a client for its API.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use clap::{Parser, Subcommand};
+use hearth::config::{self, BackendKind, HttpLimits, IoMode, ServeConfig};
+
+/// hearth: a self-hosted, Lambda-compatible serverless runtime.
+///
+/// Deploy a zip holding a Node.js handler, then invoke it over plain HTTP at
+/// /f/<id>/<path>. Each function runs in isolated instances (process sandbox,
+/// QEMU or Firecracker microVMs) that are initialised once and kept warm.
+#[derive(Parser)]
+#[command(name = "hearth", version, about, long_about)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the server.
+    Serve(ServeArgs),
+    /// Deploy a directory or zip as a function.
+    Deploy {
+        /// A directory (zipped on the fly, node_modules included) or a .zip file.
+        path: PathBuf,
+        /// Lambda-style handler "file.export" (default: app.handler, index.handler, package.json main).
+        #[arg(long)]
+        handler: Option<String>,
+        /// Memory limit per instance, MiB.
+        #[arg(long)]
+        memory_mb: Option<u32>,
+        /// Time limit per invocation, ms.
+        #[arg(long)]
+        timeout_ms: Option<u64>,
+        /// Most instances at once.
+        #[arg(long)]
+        concurrency: Option<u32>,
+        /// Environment variable KEY=VALUE (repeatable).
+        #[arg(long = "env", short = 'e')]
+        env: Vec<String>,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Invoke a function and print the response body.
+    Invoke {
+        id: String,
+        /// Path inside the function (default /).
+        path: Option<String>,
+        /// HTTP method.
+        #[arg(short = 'X', long, default_value = "GET")]
+        method: String,
+        /// Request body ("@file" reads a file).
+        #[arg(short = 'd', long)]
+        data: Option<String>,
+        /// Request header "Name: value" (repeatable).
+        #[arg(short = 'H', long = "header")]
+        headers: Vec<String>,
+        /// Print the status line and headers too.
+        #[arg(short = 'i', long)]
+        include: bool,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// List deployed functions.
+    Ls {
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Delete a function (waits for in-flight requests).
+    Rm {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Show a function's recent log lines.
+    Logs {
+        id: String,
+        #[command(flatten)]
+        client: ClientArgs,
+    },
+    /// Report which backends can run on this host, and why not.
+    Doctor {
+        /// State directory (where images and caches live).
+        #[arg(long, default_value = "./state")]
+        state_dir: PathBuf,
+    },
+    #[command(name = "__sandbox", hide = true)]
+    Sandbox,
+}
+
+#[derive(clap::Args)]
+struct ClientArgs {
+    /// Server address.
+    #[arg(long, env = "HEARTH_SERVER", default_value = "127.0.0.1:3000")]
+    server: String,
+    /// Admin token for the control plane.
+    #[arg(long, env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
+    token: Option<String>,
+}
+
+#[derive(clap::Args)]
+struct ServeArgs {
+    /// Address to listen on (port 0 picks a free port; the chosen address is printed).
+    #[arg(long, default_value = "127.0.0.1:3000")]
+    listen: SocketAddr,
+    /// Worker threads, one per core (default: all online cores).
+    #[arg(long)]
+    cores: Option<usize>,
+    /// Where functions, images and caches are kept.
+    #[arg(long, default_value = "./state")]
+    state_dir: PathBuf,
+    /// Socket I/O: io_uring, epoll, or auto (io_uring when it can be set up).
+    #[arg(long, value_enum, default_value = "auto")]
+    io: IoMode,
+    /// Sandbox backend for instances (auto: the best this host can run; see `hearth doctor`).
+    #[arg(long, value_enum, default_value = "auto")]
+    backend: BackendKind,
+    /// Bearer token required by deploy, delete, list and logs.
+    #[arg(long, env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
+    admin_token: Option<String>,
+    /// Largest invocation request body, bytes.
+    #[arg(long, default_value_t = 6 * 1024 * 1024)]
+    body_bytes_max: u64,
+    /// Open connections per core before new ones are refused with 503.
+    #[arg(long, default_value_t = 10_000)]
+    connections_per_core_max: usize,
+    /// Time to receive a request head (and between body reads), ms; then 408.
+    #[arg(long, default_value_t = 10_000)]
+    head_timeout_ms: u64,
+    /// Idle keep-alive connections are closed after this long, ms.
+    #[arg(long, default_value_t = 60_000)]
+    keepalive_timeout_ms: u64,
+    /// Grace period for in-flight requests at SIGINT/SIGTERM, ms.
+    #[arg(long, default_value_t = 10_000)]
+    shutdown_grace_ms: u64,
+    /// Idle instances are destroyed after this long, ms (scale to zero).
+    #[arg(long, default_value_t = 300_000)]
+    keep_warm_ms: u64,
+    /// Requests that may wait per function and core beyond its concurrency; more get 429.
+    #[arg(long, default_value_t = 100)]
+    queue_depth_max: usize,
+    /// Do not pin worker threads to cores.
+    #[arg(long)]
+    no_pin: bool,
+    /// Do not keep an initialised standby instance per function (process backend).
+    #[arg(long)]
+    no_standby: bool,
+}
+
+fn main() -> ExitCode {
+    // The sandbox launcher must stay single-threaded: dispatch before anything else.
+    if std::env::args().nth(1).as_deref() == Some("__sandbox") {
+        hearth::sandbox::process::launch::launcher_main();
+    }
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(a) => serve(a),
+        Command::Deploy {
+            path,
+            handler,
+            memory_mb,
+            timeout_ms,
+            concurrency,
+            env,
+            client,
+        } => hearth::cli::deploy(
+            &client.server,
+            client.token.as_deref(),
+            &path,
+            handler,
+            memory_mb,
+            timeout_ms,
+            concurrency,
+            &env,
+        ),
+        Command::Invoke {
+            id,
+            path,
+            method,
+            data,
+            headers,
+            include,
+            client,
+        } => hearth::cli::invoke(
+            &client.server,
+            &id,
+            path.as_deref().unwrap_or("/"),
+            &method,
+            data.as_deref(),
+            &headers,
+            include,
+        ),
+        Command::Ls { client } => hearth::cli::list(&client.server, client.token.as_deref()),
+        Command::Rm { id, client } => {
+            hearth::cli::remove(&client.server, client.token.as_deref(), &id)
+        }
+        Command::Logs { id, client } => {
+            hearth::cli::logs(&client.server, client.token.as_deref(), &id)
+        }
+        Command::Doctor { state_dir } => hearth::doctor::run(&state_dir),
+        Command::Sandbox => unreachable!("handled above"),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("hearth: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(a: ServeArgs) -> Result<(), String> {
+    let cfg = ServeConfig {
+        listen: a.listen,
+        cores: a.cores.unwrap_or_else(config::online_cores).max(1),
+        state_dir: a.state_dir,
+        io: a.io,
+        backend: a.backend,
+        http: HttpLimits {
+            body_bytes_max: a.body_bytes_max,
+            connections_per_core_max: a.connections_per_core_max.max(1),
+            head_timeout: Duration::from_millis(a.head_timeout_ms),
+            keepalive_timeout: Duration::from_millis(a.keepalive_timeout_ms),
+            ..HttpLimits::default()
+        },
+        shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
+        admin_token: a.admin_token.filter(|t| !t.is_empty()),
+        keep_warm: Duration::from_millis(a.keep_warm_ms),
+        queue_depth_max: a.queue_depth_max.max(1),
+        pin: !a.no_pin,
+        standby: !a.no_standby,
+    };
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(|e| format!("cannot create state dir {}: {e}", cfg.state_dir.display()))?;
+    hearth::engine::serve(cfg).map_err(|e| e.to_string())
+}

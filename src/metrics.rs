@@ -1,0 +1,231 @@
+//! Counters exported at `GET /metrics` in the Prometheus text format.
+//!
+//! Each core owns one [`CoreMetrics`] and is its only writer (relaxed atomics,
+//! no locks); `/metrics` reads all of them. Function series are labelled by
+//! function id only, so cardinality is bounded by the number of deployed
+//! functions (itself limited, see `functions::FUNCTIONS_MAX`).
+
+use std::fmt::Write;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+/// Front-end counters of one core.
+#[derive(Default)]
+pub struct CoreMetrics {
+    pub open_connections: AtomicU64,
+    pub accepted_connections: AtomicU64,
+    pub shed_connections: AtomicU64,
+    /// Responses by status class: index 0 = 1xx ... 4 = 5xx.
+    pub responses_by_class: [AtomicU64; 5],
+    pub parse_errors: AtomicU64,
+    pub bytes_in: AtomicU64,
+    pub bytes_out: AtomicU64,
+}
+
+impl CoreMetrics {
+    /// Counts one response of `status`.
+    pub fn count_status(&self, status: u16) {
+        let class = (status / 100).clamp(1, 5) as usize - 1;
+        add(&self.responses_by_class[class], 1);
+    }
+}
+
+/// Relaxed increment (single writer per counter, or tolerant of races).
+#[inline]
+pub fn add(c: &AtomicU64, n: u64) {
+    c.fetch_add(n, Relaxed);
+}
+
+/// Upper bounds (µs) of the invocation duration histogram buckets.
+pub const DURATION_BUCKETS_US: [u64; 12] = [
+    500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 1_000_000, 5_000_000,
+    30_000_000,
+];
+
+/// Per-function counters, shared by all cores.
+#[derive(Default)]
+pub struct FunctionMetrics {
+    pub invocations: AtomicU64,
+    /// Errors by kind: see [`ErrorKind`].
+    pub errors: [AtomicU64; ErrorKind::COUNT],
+    pub cold_starts: AtomicU64,
+    pub queue_depth: AtomicU64,
+    pub instances: AtomicU64,
+    pub duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
+    pub duration_sum_us: AtomicU64,
+}
+
+/// Why an invocation failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum ErrorKind {
+    /// The handler threw or rejected (502).
+    Handler = 0,
+    /// The deadline passed (504).
+    Timeout = 1,
+    /// The instance died or broke the protocol (502).
+    Crash = 2,
+    /// Queue full (429).
+    Throttled = 3,
+    /// An instance could not be started (503).
+    Start = 4,
+}
+
+impl ErrorKind {
+    pub const COUNT: usize = 5;
+    const NAMES: [&'static str; Self::COUNT] =
+        ["handler", "timeout", "crash", "throttled", "start"];
+}
+
+impl FunctionMetrics {
+    /// Records one finished invocation that took `us` microseconds.
+    pub fn observe_duration(&self, us: u64) {
+        let i = DURATION_BUCKETS_US
+            .iter()
+            .position(|&b| us <= b)
+            .unwrap_or(DURATION_BUCKETS_US.len());
+        add(&self.duration_buckets[i], 1);
+        add(&self.duration_sum_us, us);
+    }
+
+    /// Counts one error.
+    pub fn error(&self, kind: ErrorKind) {
+        add(&self.errors[kind as usize], 1);
+    }
+}
+
+/// Renders the front-end series of all cores.
+pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
+    let series: [(&str, &str, &str, fn(&CoreMetrics) -> u64); 6] = [
+        (
+            "hearth_open_connections",
+            "gauge",
+            "Open client connections.",
+            |m| m.open_connections.load(Relaxed),
+        ),
+        (
+            "hearth_accepted_connections_total",
+            "counter",
+            "Accepted client connections.",
+            |m| m.accepted_connections.load(Relaxed),
+        ),
+        (
+            "hearth_shed_connections_total",
+            "counter",
+            "Connections refused over the per-core limit.",
+            |m| m.shed_connections.load(Relaxed),
+        ),
+        (
+            "hearth_parse_errors_total",
+            "counter",
+            "Requests rejected as malformed or over a limit.",
+            |m| m.parse_errors.load(Relaxed),
+        ),
+        (
+            "hearth_bytes_in_total",
+            "counter",
+            "Bytes read from clients.",
+            |m| m.bytes_in.load(Relaxed),
+        ),
+        (
+            "hearth_bytes_out_total",
+            "counter",
+            "Bytes written to clients.",
+            |m| m.bytes_out.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, get) in series {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (core, m) in cores.iter().enumerate() {
+            let _ = writeln!(out, "{name}{{core=\"{core}\"}} {}", get(m));
+        }
+    }
+    let name = "hearth_responses_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Responses by status class.\n# TYPE {name} counter"
+    );
+    for (core, m) in cores.iter().enumerate() {
+        for (i, c) in m.responses_by_class.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{core=\"{core}\",class=\"{}xx\"}} {}",
+                i + 1,
+                c.load(Relaxed)
+            );
+        }
+    }
+}
+
+/// Renders the per-function series.
+pub fn render_functions<'a>(
+    out: &mut String,
+    fns: impl Iterator<Item = (&'a str, &'a FunctionMetrics)> + Clone,
+) {
+    let simple: [(&str, &str, &str, fn(&FunctionMetrics) -> u64); 4] = [
+        (
+            "hearth_function_invocations_total",
+            "counter",
+            "Invocations received.",
+            |m| m.invocations.load(Relaxed),
+        ),
+        (
+            "hearth_function_cold_starts_total",
+            "counter",
+            "Invocations that waited for a new instance.",
+            |m| m.cold_starts.load(Relaxed),
+        ),
+        (
+            "hearth_function_queue_depth",
+            "gauge",
+            "Requests waiting for an instance.",
+            |m| m.queue_depth.load(Relaxed),
+        ),
+        (
+            "hearth_function_instances",
+            "gauge",
+            "Live instances.",
+            |m| m.instances.load(Relaxed),
+        ),
+    ];
+    for (name, kind, help, get) in simple {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+        for (id, m) in fns.clone() {
+            let _ = writeln!(out, "{name}{{function=\"{id}\"}} {}", get(m));
+        }
+    }
+    let name = "hearth_function_errors_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Failed invocations by kind.\n# TYPE {name} counter"
+    );
+    for (id, m) in fns.clone() {
+        for (i, kind) in ErrorKind::NAMES.iter().enumerate() {
+            let _ = writeln!(
+                out,
+                "{name}{{function=\"{id}\",kind=\"{kind}\"}} {}",
+                m.errors[i].load(Relaxed)
+            );
+        }
+    }
+    let name = "hearth_function_duration_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Invocation time from dispatch to answer.\n# TYPE {name} histogram"
+    );
+    for (id, m) in fns {
+        let mut cum = 0;
+        for (i, b) in m.duration_buckets.iter().enumerate() {
+            cum += b.load(Relaxed);
+            let le = DURATION_BUCKETS_US
+                .get(i)
+                .map(|us| format!("{}", *us as f64 / 1e6))
+                .unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(out, "{name}_bucket{{function=\"{id}\",le=\"{le}\"}} {cum}");
+        }
+        let _ = writeln!(
+            out,
+            "{name}_sum{{function=\"{id}\"}} {}",
+            m.duration_sum_us.load(Relaxed) as f64 / 1e6
+        );
+        let _ = writeln!(out, "{name}_count{{function=\"{id}\"}} {cum}");
+    }
+}

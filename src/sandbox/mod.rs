@@ -1,0 +1,101 @@
+//! Sandbox backends: where instances run.
+//!
+//! Every backend hands back an [`Instance`] whose channel speaks the frames of
+//! [`crate::protocol`] to the same guest agent; only how the instance is made
+//! differs:
+//! - [`process`]: namespaces + seccomp + cgroups around a host process (no KVM needed).
+//! - [`process_backend`]: the [`Backend`] built on it, with pre-initialised standbys.
+
+pub mod handshake;
+pub mod process;
+pub mod process_backend;
+
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+
+use crate::functions::FunctionSpec;
+
+/// Why an instance could not be made ready.
+#[derive(Debug)]
+pub enum StartError {
+    /// The function's code failed to load (the runtime's message). Deploy answers 422.
+    Init { error_type: String, message: String },
+    /// The sandbox or runtime failed (host problem, timeout). Invocations answer 503.
+    Sandbox(String),
+}
+
+impl std::fmt::Display for StartError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            StartError::Init {
+                error_type,
+                message,
+            } => write!(f, "{error_type}: {message}"),
+            StartError::Sandbox(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+/// A running, initialised instance of one function.
+pub trait Instance: Send {
+    /// The host end of the channel to the guest agent (taken once, by the owning core).
+    fn take_channel(&mut self) -> Option<OwnedFd>;
+    /// Stops the instance at once (SIGKILL / VM kill); cheap, non-blocking.
+    fn kill(&mut self);
+    /// Kills if needed and releases everything (waits for exit, removes cgroups, files).
+    /// May block; called off the event loops.
+    fn destroy(self: Box<Self>);
+    /// Memory charged to the instance, where the backend can tell.
+    fn memory_bytes(&self) -> Option<u64>;
+    /// The memory limit was hit (the instance was OOM-killed).
+    fn oom_killed(&self) -> bool {
+        false
+    }
+}
+
+/// Lines a runtime printed while starting, kept for the function's logs.
+pub type InitLogs = Vec<String>;
+
+/// A way of running instances.
+pub trait Backend: Send + Sync {
+    /// Name shown in logs and `GET /functions/<id>`.
+    fn name(&self) -> &'static str;
+    /// Deploy-time preparation (image, template, snapshot) in `dir`, the function's
+    /// directory; fails with `StartError::Init` when the handler does not load.
+    fn prepare(&self, spec: &FunctionSpec, dir: &std::path::Path) -> Result<InitLogs, StartError>;
+    /// Makes a new ready instance for `spec` on `core`. Blocking; runs on a starter thread.
+    fn start(
+        &self,
+        spec: &FunctionSpec,
+        dir: &std::path::Path,
+        core: usize,
+    ) -> Result<(Box<dyn Instance>, InitLogs), StartError>;
+    /// A function was loaded from the state dir at start-up: warm up whatever
+    /// makes its first start fast (process: a standby; VMs: check the snapshot).
+    fn restore(&self, _spec: &FunctionSpec, _dir: &std::path::Path) {}
+    /// The function is gone: drop anything kept for it (standbys, templates in memory).
+    fn forget(&self, _id: &str) {}
+    /// Files the backend keeps per function, relative to its directory (for `GET /functions/<id>`).
+    fn artifacts(&self, _dir: &std::path::Path) -> Vec<PathBuf> {
+        Vec::new()
+    }
+    /// Releases everything at server shutdown.
+    fn shutdown(&self) {}
+}
+
+/// Picks the backend for `cfg.backend` (`auto`: the best this host runs).
+pub fn select(cfg: &crate::config::ServeConfig) -> std::io::Result<Box<dyn Backend>> {
+    use crate::config::BackendKind;
+    let fail = |m: String| std::io::Error::other(m);
+    match cfg.backend {
+        BackendKind::Process | BackendKind::Auto => {
+            let b = process_backend::ProcessBackend::new(cfg, cfg.standby)
+                .map_err(|m| fail(format!("process backend: {m}")))?;
+            Ok(Box::new(b))
+        }
+        BackendKind::Qemu | BackendKind::Firecracker => Err(fail(format!(
+            "backend {:?} is not available in this build; see `hearth doctor`",
+            cfg.backend
+        ))),
+    }
+}

@@ -1,0 +1,523 @@
+//! Control groups for one sandbox: memory, pids and cpu limits, on cgroup v2 or v1.
+//!
+//! Each sandbox gets `hearth/<name>` below the cgroup hearth itself runs in (per hierarchy on
+//! v1), so sandboxes stay inside whatever limits a supervisor (systemd, a container) put on
+//! hearth. On v2 the "no internal processes" rule forbids enabling controllers below a cgroup
+//! that holds processes, so there the `hearth` directory sits at the root of the hierarchy.
+//!
+//! Cgroups are best-effort: when a hierarchy or controller is missing, [`create`] returns what
+//! it could set up plus a warning, and the sandbox runs with fewer limits.
+
+use std::fs;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// Length of one CFS period; `cpu_millicores` are scaled to a quota per period.
+pub const CPU_PERIOD_US: u64 = 100_000;
+/// The kernel rejects quotas below 1 ms.
+const CPU_QUOTA_MIN_US: u64 = 1_000;
+/// How long [`Group::remove`] keeps retrying while the last tasks leave the cgroup.
+pub const REMOVE_WAIT_MS: u64 = 2_000;
+
+/// Which cgroup interface a [`Group`] uses.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub enum Version {
+    V1,
+    V2,
+}
+
+/// The limits applied to one sandbox.
+#[derive(Clone, Copy, Debug)]
+pub struct Limits {
+    pub memory_bytes: u64,
+    pub pids_max: u32,
+    /// 1/1000 of a core per period; 0 = unlimited.
+    pub cpu_millicores: u32,
+}
+
+/// The cgroup directories of one sandbox.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct Group {
+    pub version: Version,
+    /// Directory holding the memory controller's files (v2: the one directory).
+    pub memory: Option<PathBuf>,
+    /// Directory holding the pids controller's files.
+    pub pids: Option<PathBuf>,
+    /// Directory holding the cpu controller's files.
+    pub cpu: Option<PathBuf>,
+}
+
+/// One line of /proc/self/mountinfo that mounts a cgroup hierarchy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct CgroupMount {
+    /// The directory of the hierarchy that is mounted (not "/" inside a cgroup namespace).
+    root: String,
+    mount_point: PathBuf,
+    v2: bool,
+    /// v1: controllers bound to this hierarchy (from the super options).
+    controllers: Vec<String>,
+}
+
+/// Undoes the octal escapes (`\040` for space, ...) of /proc/self/mountinfo.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\'
+            && i + 3 < b.len()
+            && b[i + 1..i + 4].iter().all(|c| (b'0'..=b'7').contains(c))
+        {
+            out.push((b[i + 1] - b'0') * 64 + (b[i + 2] - b'0') * 8 + (b[i + 3] - b'0'));
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn parse_mountinfo(text: &str) -> Vec<CgroupMount> {
+    let mut out = Vec::new();
+    for line in text.lines() {
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        if l.len() < 5 || r.len() < 3 {
+            continue;
+        }
+        let v2 = match r[0] {
+            "cgroup2" => true,
+            "cgroup" => false,
+            _ => continue,
+        };
+        let controllers = if v2 {
+            Vec::new()
+        } else {
+            r[2].split(',')
+                .filter(|o| !o.contains('='))
+                .map(str::to_owned)
+                .collect()
+        };
+        out.push(CgroupMount {
+            root: unescape_mountinfo(l[3]),
+            mount_point: PathBuf::from(unescape_mountinfo(l[4])),
+            v2,
+            controllers,
+        });
+    }
+    out
+}
+
+/// Parses /proc/self/cgroup into (controllers, path) pairs; v2 has an empty controller list.
+fn parse_proc_cgroup(text: &str) -> Vec<(Vec<String>, String)> {
+    text.lines()
+        .filter_map(|line| {
+            let mut it = line.splitn(3, ':');
+            let _id = it.next()?;
+            let ctrls = it.next()?;
+            let path = it.next()?;
+            let ctrls = ctrls
+                .split(',')
+                .filter(|c| !c.is_empty())
+                .map(str::to_owned)
+                .collect();
+            Some((ctrls, path.to_owned()))
+        })
+        .collect()
+}
+
+/// The directory on the host that corresponds to cgroup `path` of a hierarchy mounted at `m`.
+fn host_dir(m: &CgroupMount, path: &str) -> PathBuf {
+    let rel = if m.root == "/" {
+        path
+    } else {
+        path.strip_prefix(m.root.as_str()).unwrap_or(path)
+    };
+    m.mount_point.join(rel.trim_start_matches('/'))
+}
+
+fn write_file(dir: &Path, file: &str, value: &str) -> io::Result<()> {
+    fs::write(dir.join(file), value).map_err(|e| {
+        io::Error::new(
+            e.kind(),
+            format!("writing {value:?} to {}: {e}", dir.join(file).display()),
+        )
+    })
+}
+
+fn read_file(dir: &Path, file: &str) -> Option<String> {
+    fs::read_to_string(dir.join(file)).ok()
+}
+
+/// Looks up `key` in a "key value" per-line file (memory.events, memory.oom_control, ...).
+fn keyed_value(text: &str, key: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (k, v) = l.split_once(' ')?;
+        if k == key {
+            v.trim().parse().ok()
+        } else {
+            None
+        }
+    })
+}
+
+/// Makes `dir` (a fresh leaf); a stale leaf left by a crashed run with the same name is
+/// removed first.
+fn make_leaf(dir: &Path) -> io::Result<()> {
+    if let Some(parent) = dir.parent() {
+        fs::create_dir_all(parent)?;
+    }
+    match fs::create_dir(dir) {
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+            fs::remove_dir(dir)?;
+            fs::create_dir(dir)
+        }
+        r => r,
+    }
+}
+
+fn cpu_quota_us(millicores: u32) -> u64 {
+    (u64::from(millicores) * CPU_PERIOD_US / 1000).max(CPU_QUOTA_MIN_US)
+}
+
+/// Creates and configures the cgroups of sandbox `name`. Returns the group (if any hierarchy
+/// could be used) and warnings describing limits that could not be applied.
+pub fn create(name: &str, limits: Limits) -> (Option<Group>, Vec<String>) {
+    assert!(!name.is_empty() && !name.contains('/') && name != "." && name != "..");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mounts = parse_mountinfo(&mountinfo);
+    let own = parse_proc_cgroup(&own);
+    let mut warnings = Vec::new();
+
+    if let Some(m) = mounts.iter().find(|m| m.v2 && v2_usable(&m.mount_point)) {
+        match create_v2(&m.mount_point, name, limits) {
+            Ok((g, w)) => {
+                warnings.extend(w);
+                return (Some(g), warnings);
+            }
+            Err(e) => warnings.push(format!(
+                "cgroup v2 at {} not usable: {e}",
+                m.mount_point.display()
+            )),
+        }
+    }
+    let (g, w) = create_v1(&mounts, &own, name, limits);
+    warnings.extend(w);
+    (g, warnings)
+}
+
+/// A cgroup2 hierarchy whose root offers the memory and pids controllers.
+fn v2_usable(mount_point: &Path) -> bool {
+    let Some(c) = read_file(mount_point, "cgroup.controllers") else {
+        return false;
+    };
+    let c: Vec<&str> = c.split_whitespace().collect();
+    c.contains(&"memory") && c.contains(&"pids")
+}
+
+fn create_v2(mount_point: &Path, name: &str, limits: Limits) -> io::Result<(Group, Vec<String>)> {
+    let mut warnings = Vec::new();
+    let available = read_file(mount_point, "cgroup.controllers").unwrap_or_default();
+    let has_cpu = available.split_whitespace().any(|c| c == "cpu");
+    let enable = if has_cpu {
+        "+memory +pids +cpu"
+    } else {
+        "+memory +pids"
+    };
+    let base = mount_point.join("hearth");
+    fs::create_dir_all(&base)?;
+    write_file(mount_point, "cgroup.subtree_control", enable)?;
+    write_file(&base, "cgroup.subtree_control", enable)?;
+    let dir = base.join(name);
+    make_leaf(&dir)?;
+    let configure = || -> io::Result<()> {
+        write_file(&dir, "memory.max", &limits.memory_bytes.to_string())?;
+        if dir.join("memory.swap.max").exists() {
+            write_file(&dir, "memory.swap.max", "0")?;
+        }
+        // Kill the whole sandbox on OOM rather than one task of it.
+        if dir.join("memory.oom.group").exists() {
+            write_file(&dir, "memory.oom.group", "1")?;
+        }
+        write_file(&dir, "pids.max", &limits.pids_max.to_string())?;
+        Ok(())
+    };
+    if let Err(e) = configure() {
+        let _ = fs::remove_dir(&dir);
+        return Err(e);
+    }
+    let cpu = if !has_cpu {
+        if limits.cpu_millicores > 0 {
+            warnings.push("cgroup v2 has no cpu controller: cpu_millicores not enforced".into());
+        }
+        None
+    } else {
+        if limits.cpu_millicores > 0 {
+            let max = format!("{} {CPU_PERIOD_US}", cpu_quota_us(limits.cpu_millicores));
+            if let Err(e) = write_file(&dir, "cpu.max", &max) {
+                warnings.push(format!("cpu limit not applied: {e}"));
+            }
+        }
+        Some(dir.clone())
+    };
+    let g = Group {
+        version: Version::V2,
+        memory: Some(dir.clone()),
+        pids: Some(dir),
+        cpu,
+    };
+    Ok((g, warnings))
+}
+
+fn create_v1(
+    mounts: &[CgroupMount],
+    own: &[(Vec<String>, String)],
+    name: &str,
+    limits: Limits,
+) -> (Option<Group>, Vec<String>) {
+    let mut warnings = Vec::new();
+    let mut g = Group {
+        version: Version::V1,
+        memory: None,
+        pids: None,
+        cpu: None,
+    };
+    for controller in ["memory", "pids", "cpu"] {
+        let Some(m) = mounts
+            .iter()
+            .find(|m| !m.v2 && m.controllers.iter().any(|c| c == controller))
+        else {
+            warnings.push(format!(
+                "no cgroup v1 hierarchy with the {controller} controller"
+            ));
+            continue;
+        };
+        let own_path = own
+            .iter()
+            .find(|(c, _)| c.iter().any(|c| c == controller))
+            .map(|(_, p)| p.as_str())
+            .unwrap_or("/");
+        let dir = host_dir(m, own_path).join("hearth").join(name);
+        // A hierarchy that carries several controllers (cpu,cpuacct) is one directory.
+        let shared = [&g.memory, &g.pids, &g.cpu]
+            .into_iter()
+            .flatten()
+            .any(|d| *d == dir);
+        if !shared {
+            if let Err(e) = make_leaf(&dir) {
+                warnings.push(format!("cannot create cgroup {}: {e}", dir.display()));
+                continue;
+            }
+        }
+        let r = match controller {
+            "memory" => configure_v1_memory(&dir, limits.memory_bytes),
+            "pids" => write_file(&dir, "pids.max", &limits.pids_max.to_string()),
+            _ => configure_v1_cpu(&dir, limits.cpu_millicores),
+        };
+        if let Err(e) = r {
+            warnings.push(format!("{controller} limit not applied: {e}"));
+            if !shared {
+                let _ = fs::remove_dir(&dir);
+            }
+            continue;
+        }
+        match controller {
+            "memory" => g.memory = Some(dir),
+            "pids" => g.pids = Some(dir),
+            _ => g.cpu = Some(dir),
+        }
+    }
+    if g.memory.is_none() && g.pids.is_none() && g.cpu.is_none() {
+        return (None, warnings);
+    }
+    (Some(g), warnings)
+}
+
+fn configure_v1_memory(dir: &Path, bytes: u64) -> io::Result<()> {
+    write_file(dir, "memory.limit_in_bytes", &bytes.to_string())?;
+    // Without a memsw limit a sandbox could keep allocating by pushing pages to swap.
+    if dir.join("memory.memsw.limit_in_bytes").exists() {
+        write_file(dir, "memory.memsw.limit_in_bytes", &bytes.to_string())?;
+    }
+    // Best effort: some kernels refuse per-cgroup swappiness below a hierarchy.
+    let _ = write_file(dir, "memory.swappiness", "0");
+    Ok(())
+}
+
+fn configure_v1_cpu(dir: &Path, millicores: u32) -> io::Result<()> {
+    if millicores == 0 {
+        return Ok(());
+    }
+    write_file(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
+    write_file(
+        dir,
+        "cpu.cfs_quota_us",
+        &cpu_quota_us(millicores).to_string(),
+    )
+}
+
+impl Group {
+    /// Every distinct directory of the group.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut v: Vec<PathBuf> = Vec::new();
+        for d in [&self.memory, &self.pids, &self.cpu].into_iter().flatten() {
+            if !v.contains(d) {
+                v.push(d.clone());
+            }
+        }
+        v
+    }
+
+    /// Whether the pids controller contains this sandbox.
+    pub fn has_pids(&self) -> bool {
+        self.pids.is_some()
+    }
+
+    /// Moves process `pid` (all its threads) into every directory of the group.
+    pub fn join(&self, pid: i32) -> io::Result<()> {
+        for d in self.dirs() {
+            write_file(&d, "cgroup.procs", &pid.to_string())?;
+        }
+        Ok(())
+    }
+
+    /// Memory charged to the sandbox now (pages, page cache, tmpfs, kernel memory).
+    pub fn memory_bytes(&self) -> Option<u64> {
+        let dir = self.memory.as_ref()?;
+        let file = match self.version {
+            Version::V1 => "memory.usage_in_bytes",
+            Version::V2 => "memory.current",
+        };
+        read_file(dir, file)?.trim().parse().ok()
+    }
+
+    /// Whether the kernel's OOM killer acted inside this group.
+    pub fn oom_killed(&self) -> bool {
+        let Some(dir) = self.memory.as_ref() else {
+            return false;
+        };
+        match self.version {
+            Version::V2 => read_file(dir, "memory.events")
+                .and_then(|t| keyed_value(&t, "oom_kill"))
+                .is_some_and(|n| n > 0),
+            Version::V1 => {
+                // `oom_kill` exists since Linux 4.13; before that, hitting the limit at all is
+                // the best signal there is.
+                match read_file(dir, "memory.oom_control").and_then(|t| keyed_value(&t, "oom_kill"))
+                {
+                    Some(n) => n > 0,
+                    None => read_file(dir, "memory.failcnt")
+                        .and_then(|t| t.trim().parse::<u64>().ok())
+                        .is_some_and(|n| n > 0),
+                }
+            }
+        }
+    }
+
+    /// Removes the group's directories, retrying for up to [`REMOVE_WAIT_MS`] while exiting
+    /// tasks drain. Directories already gone count as removed.
+    pub fn remove(&self) -> io::Result<()> {
+        let deadline = Instant::now() + Duration::from_millis(REMOVE_WAIT_MS);
+        let mut last_err = None;
+        for d in self.dirs() {
+            loop {
+                match fs::remove_dir(&d) {
+                    Ok(()) => break,
+                    Err(e) if e.kind() == io::ErrorKind::NotFound => break,
+                    Err(e)
+                        if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline =>
+                    {
+                        std::thread::sleep(Duration::from_millis(5));
+                    }
+                    Err(e) => {
+                        last_err = Some(io::Error::new(
+                            e.kind(),
+                            format!("removing {}: {e}", d.display()),
+                        ));
+                        break;
+                    }
+                }
+            }
+        }
+        match last_err {
+            Some(e) => Err(e),
+            None => Ok(()),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MOUNTINFO: &str = "\
+27 1 254:0 / / rw,relatime - ext4 /dev/vda rw,discard
+32 31 0:29 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu
+33 31 0:30 / /sys/fs/cgroup/cpu\\054cpuacct rw,relatime - cgroup cgroup rw,cpu,cpuacct
+35 31 0:32 / /sys/fs/cgroup/memory rw,relatime - cgroup cgroup rw,memory
+39 31 0:36 /ns /sys/fs/cgroup/pids rw,relatime - cgroup cgroup rw,pids
+40 31 0:37 / /sys/fs/cgroup/systemd rw,relatime - cgroup cgroup rw,xattr,name=systemd
+41 31 0:38 / /sys/fs/cgroup/unified rw,relatime - cgroup2 cgroup2 rw
+";
+
+    #[test]
+    fn mountinfo_yields_cgroup_hierarchies_with_controllers() {
+        let m = parse_mountinfo(MOUNTINFO);
+        assert_eq!(m.len(), 6);
+        assert_eq!(
+            m[1].mount_point,
+            PathBuf::from("/sys/fs/cgroup/cpu,cpuacct")
+        );
+        assert_eq!(m[1].controllers, vec!["rw", "cpu", "cpuacct"]);
+        assert_eq!(m[4].controllers, vec!["rw", "xattr"]);
+        assert!(m[5].v2);
+        assert_eq!(m[3].root, "/ns");
+    }
+
+    #[test]
+    fn own_cgroup_paths_map_to_host_directories() {
+        let own = parse_proc_cgroup("8:pids:/ns/a\n4:memory:/process_api/x\n0::/\n");
+        assert_eq!(
+            own[1],
+            (vec!["memory".to_string()], "/process_api/x".to_string())
+        );
+        assert_eq!(own[2].0, Vec::<String>::new());
+        let m = parse_mountinfo(MOUNTINFO);
+        assert_eq!(
+            host_dir(&m[2], "/process_api/x"),
+            PathBuf::from("/sys/fs/cgroup/memory/process_api/x")
+        );
+        // A hierarchy mounted from /ns: the cgroup /ns/a is the directory `a` of the mount.
+        assert_eq!(
+            host_dir(&m[3], "/ns/a"),
+            PathBuf::from("/sys/fs/cgroup/pids/a")
+        );
+        assert_eq!(host_dir(&m[2], "/"), PathBuf::from("/sys/fs/cgroup/memory"));
+    }
+
+    #[test]
+    fn keyed_values_are_found_by_exact_key() {
+        let t = "oom_kill_disable 0\nunder_oom 0\noom_kill 3\n";
+        assert_eq!(keyed_value(t, "oom_kill"), Some(3));
+        assert_eq!(keyed_value(t, "under_oom"), Some(0));
+        assert_eq!(keyed_value(t, "oom"), None);
+    }
+
+    #[test]
+    fn cpu_quota_scales_millicores_and_respects_the_kernel_minimum() {
+        assert_eq!(cpu_quota_us(1000), 100_000);
+        assert_eq!(cpu_quota_us(250), 25_000);
+        assert_eq!(cpu_quota_us(2500), 250_000);
+        assert_eq!(cpu_quota_us(1), 1_000);
+    }
+}

@@ -1,0 +1,341 @@
+//! The runtime root: the directory tree every process sandbox sees (read-only) as `/`.
+//!
+//! It holds Node.js and exactly the shared libraries it links against (at the same absolute
+//! paths as on the host, so the dynamic loader finds them without a cache), the guest agent,
+//! the runtime shim, a minimal `/etc`, mount points for what the launcher mounts, and device
+//! mount points. It is built once per distinct set of inputs under a content-derived name, in a
+//! temporary directory that is renamed into place, so concurrent callers race safely and a
+//! half-built tree is never used.
+
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use sha2::{Digest, Sha256};
+
+/// Bumped whenever the layout below changes, so old trees are not reused.
+const LAYOUT_VERSION: &str = "hearth-runtime-root-v1";
+
+/// Where the agent and shim live inside the root.
+pub const AGENT_PATH: &str = "/hearth/agent";
+pub const SHIM_PATH: &str = "/hearth/bootstrap.js";
+pub const NODE_PATH: &str = "/usr/bin/node";
+
+/// Empty directories the launcher mounts over.
+const MOUNT_DIRS: &[&str] = &["proc", "tmp", "var/task", "dev"];
+/// Host devices bind-mounted over empty files of the same name in `/dev`.
+pub const DEVICES: &[&str] = &["null", "zero", "full", "random", "urandom"];
+/// Symlinks in `/dev`.
+const DEV_LINKS: &[(&str, &str)] = &[
+    ("fd", "/proc/self/fd"),
+    ("stdin", "/proc/self/fd/0"),
+    ("stdout", "/proc/self/fd/1"),
+    ("stderr", "/proc/self/fd/2"),
+];
+
+const ETC_FILES: &[(&str, &str)] = &[
+    ("passwd", "root:x:0:0:root:/tmp:/usr/sbin/nologin\nnobody:x:65534:65534:nobody:/nonexistent:/usr/sbin/nologin\n"),
+    ("group", "root:x:0:\nnogroup:x:65534:\n"),
+    ("hosts", "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"),
+    ("nsswitch.conf", "passwd: files\ngroup: files\nhosts: files\n"),
+];
+
+/// Returns the runtime root for these inputs under `cache_dir`, building it if needed.
+pub fn ensure_runtime(
+    cache_dir: &Path,
+    node: &Path,
+    agent: &Path,
+    shim: &Path,
+) -> io::Result<PathBuf> {
+    let node = fs::canonicalize(node).map_err(|e| annotate(e, "node binary", node))?;
+    let agent = fs::canonicalize(agent).map_err(|e| annotate(e, "agent binary", agent))?;
+    let shim = fs::canonicalize(shim).map_err(|e| annotate(e, "runtime shim", shim))?;
+    let libs = shared_libraries(&node)?;
+
+    let key = runtime_key(&node, &agent, &shim, &libs)?;
+    let root = cache_dir.join(format!("runtime-{key}"));
+    if root.is_dir() {
+        return Ok(root);
+    }
+    fs::create_dir_all(cache_dir)?;
+
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = cache_dir.join(format!(
+        ".runtime-{key}.tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&tmp);
+    if let Err(e) = build(&tmp, &node, &agent, &shim, &libs) {
+        let _ = fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
+    match fs::rename(&tmp, &root) {
+        Ok(()) => Ok(root),
+        // Another caller renamed its identical tree into place first.
+        Err(_) if root.is_dir() => {
+            let _ = fs::remove_dir_all(&tmp);
+            Ok(root)
+        }
+        Err(e) => {
+            let _ = fs::remove_dir_all(&tmp);
+            Err(annotate(e, "renaming the runtime root into", &root))
+        }
+    }
+}
+
+fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
+    io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
+}
+
+/// The libraries (and the dynamic loader) `binary` needs, as absolute paths, from `ldd`.
+fn shared_libraries(binary: &Path) -> io::Result<Vec<PathBuf>> {
+    let out = Command::new("ldd")
+        .arg(binary)
+        .env("LC_ALL", "C")
+        .output()
+        .map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!("running ldd (needed to find Node.js's libraries): {e}"),
+            )
+        })?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    if !out.status.success() {
+        if text.contains("not a dynamic executable") || text.contains("statically linked") {
+            return Ok(Vec::new());
+        }
+        let err = String::from_utf8_lossy(&out.stderr);
+        return Err(io::Error::other(format!(
+            "ldd {} failed: {}{}",
+            binary.display(),
+            text.trim(),
+            err.trim()
+        )));
+    }
+    parse_ldd(&text)
+}
+
+fn parse_ldd(text: &str) -> io::Result<Vec<PathBuf>> {
+    let mut libs = Vec::new();
+    for line in text.lines() {
+        let line = line.trim();
+        let path = match line.split_once("=>") {
+            Some((name, rest)) => {
+                let rest = rest.trim();
+                if rest.starts_with("not found") {
+                    return Err(io::Error::other(format!(
+                        "library {} not found",
+                        name.trim()
+                    )));
+                }
+                rest.split(" (").next().unwrap_or("")
+            }
+            None => line.split(" (").next().unwrap_or(""),
+        };
+        // linux-vdso.so.1 and friends have no file.
+        if path.starts_with('/') {
+            let p = PathBuf::from(path);
+            if !libs.contains(&p) {
+                libs.push(p);
+            }
+        }
+    }
+    Ok(libs)
+}
+
+/// A key over the inputs: full contents of node, agent and shim; path, size, mtime and inode
+/// of each library (hashing every library on each start would cost more than it protects —
+/// the package manager replaces them with new inodes).
+fn runtime_key(node: &Path, agent: &Path, shim: &Path, libs: &[PathBuf]) -> io::Result<String> {
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION.as_bytes());
+    for (role, path) in [("node", node), ("agent", agent), ("shim", shim)] {
+        h.update(role.as_bytes());
+        h.update([0]);
+        hash_file(&mut h, path)?;
+    }
+    for lib in libs {
+        let m = fs::metadata(lib).map_err(|e| annotate(e, "library", lib))?;
+        h.update(lib.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        h.update(m.len().to_le_bytes());
+        h.update(m.mtime().to_le_bytes());
+        h.update(m.mtime_nsec().to_le_bytes());
+        h.update(m.ino().to_le_bytes());
+    }
+    let digest = h.finalize();
+    Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+}
+
+fn hash_file(h: &mut Sha256, path: &Path) -> io::Result<()> {
+    let mut f = fs::File::open(path).map_err(|e| annotate(e, "reading", path))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        len += n as u64;
+        h.update(&buf[..n]);
+    }
+    h.update(len.to_le_bytes());
+    Ok(())
+}
+
+fn mkdir(path: &Path) -> io::Result<()> {
+    fs::create_dir_all(path).map_err(|e| annotate(e, "creating", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+}
+
+/// Copies `src` to `dest` (creating parents), world-readable; executable if `src` is.
+fn install(src: &Path, dest: &Path) -> io::Result<()> {
+    if let Some(parent) = dest.parent() {
+        mkdir_chain(parent)?;
+    }
+    fs::copy(src, dest).map_err(|e| annotate(e, &format!("copying {} to", src.display()), dest))?;
+    let exec = fs::metadata(src)?.permissions().mode() & 0o111 != 0;
+    fs::set_permissions(
+        dest,
+        fs::Permissions::from_mode(if exec { 0o755 } else { 0o644 }),
+    )
+}
+
+/// Like `create_dir_all`, but every directory it creates gets mode 0755 regardless of umask.
+fn mkdir_chain(path: &Path) -> io::Result<()> {
+    if path.is_dir() {
+        return Ok(());
+    }
+    if let Some(parent) = path.parent() {
+        mkdir_chain(parent)?;
+    }
+    match fs::create_dir(path) {
+        Err(e) if e.kind() != io::ErrorKind::AlreadyExists => {
+            return Err(annotate(e, "creating", path))
+        }
+        _ => {}
+    }
+    fs::set_permissions(path, fs::Permissions::from_mode(0o755))
+}
+
+fn write(path: &Path, contents: &str, mode: u32) -> io::Result<()> {
+    fs::write(path, contents).map_err(|e| annotate(e, "writing", path))?;
+    fs::set_permissions(path, fs::Permissions::from_mode(mode))
+}
+
+/// `root` joined with an absolute in-root path.
+fn inside(root: &Path, abs: &Path) -> PathBuf {
+    root.join(abs.strip_prefix("/").unwrap_or(abs))
+}
+
+fn build(root: &Path, node: &Path, agent: &Path, shim: &Path, libs: &[PathBuf]) -> io::Result<()> {
+    mkdir(root)?;
+    for d in MOUNT_DIRS.iter().chain(&["etc", "usr/bin", "hearth"]) {
+        mkdir_chain(&root.join(d))?;
+    }
+    std::os::unix::fs::symlink("usr/bin", root.join("bin"))?;
+
+    install(node, &inside(root, Path::new(NODE_PATH)))?;
+    for lib in libs {
+        install(lib, &inside(root, lib))?;
+    }
+    install(agent, &inside(root, Path::new(AGENT_PATH)))?;
+    install(shim, &inside(root, Path::new(SHIM_PATH)))?;
+    fs::set_permissions(
+        inside(root, Path::new(SHIM_PATH)),
+        fs::Permissions::from_mode(0o644),
+    )?;
+
+    for (name, text) in ETC_FILES {
+        write(&root.join("etc").join(name), text, 0o644)?;
+    }
+    let dev = root.join("dev");
+    for d in DEVICES {
+        write(&dev.join(d), "", 0o644)?;
+    }
+    for (name, target) in DEV_LINKS {
+        std::os::unix::fs::symlink(target, dev.join(name))?;
+    }
+    // The root and /tmp's mount point are plain 0755 directories; the tmpfs brings mode 1777.
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ldd_output_yields_library_paths_and_the_loader() {
+        let text = "\tlinux-vdso.so.1 (0x00007ffb1dc0f000)\n\
+            \tlibdl.so.2 => /lib/x86_64-linux-gnu/libdl.so.2 (0x00007ffb1dbf6000)\n\
+            \tlibc.so.6 => /lib/x86_64-linux-gnu/libc.so.6 (0x00007ffb1d61e000)\n\
+            \t/lib64/ld-linux-x86-64.so.2 (0x00007ffb1dc11000)\n";
+        let libs = parse_ldd(text).unwrap();
+        assert_eq!(
+            libs,
+            vec![
+                PathBuf::from("/lib/x86_64-linux-gnu/libdl.so.2"),
+                PathBuf::from("/lib/x86_64-linux-gnu/libc.so.6"),
+                PathBuf::from("/lib64/ld-linux-x86-64.so.2"),
+            ]
+        );
+    }
+
+    #[test]
+    fn ldd_missing_library_is_an_error() {
+        let err = parse_ldd("\tlibfoo.so.1 => not found\n").unwrap_err();
+        assert!(err.to_string().contains("libfoo.so.1"), "{err}");
+    }
+
+    #[test]
+    fn runtime_root_is_built_once_and_reused() {
+        let base = std::env::temp_dir().join(format!("hearth-rootfs-test-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let shim = base.join("shim.js");
+        fs::write(&shim, "// shim\n").unwrap();
+        // /bin/sh stands in for node: a small dynamic executable.
+        let sh = Path::new("/bin/sh");
+        let cache = base.join("cache");
+        let a = ensure_runtime(&cache, sh, sh, &shim).unwrap();
+        let b = ensure_runtime(&cache, sh, sh, &shim).unwrap();
+        assert_eq!(a, b);
+        assert!(a.join("usr/bin/node").is_file());
+        assert!(a.join("hearth/agent").is_file());
+        assert_eq!(
+            fs::read_to_string(a.join("hearth/bootstrap.js")).unwrap(),
+            "// shim\n"
+        );
+        assert!(
+            a.join("lib64/ld-linux-x86-64.so.2").is_file() || cfg!(not(target_arch = "x86_64"))
+        );
+        assert!(fs::read_to_string(a.join("etc/nsswitch.conf"))
+            .unwrap()
+            .contains("hosts: files"));
+        assert_eq!(
+            fs::read_link(a.join("bin")).unwrap(),
+            PathBuf::from("usr/bin")
+        );
+        for d in ["proc", "tmp", "var/task", "dev"] {
+            let m = fs::metadata(a.join(d)).unwrap();
+            assert!(m.is_dir());
+            assert_eq!(m.permissions().mode() & 0o7777, 0o755, "{d}");
+        }
+        // No temporary trees are left behind.
+        let leftovers: Vec<_> = fs::read_dir(&cache)
+            .unwrap()
+            .filter_map(|e| e.ok())
+            .collect();
+        assert_eq!(leftovers.len(), 1);
+
+        // A different shim is a different root.
+        fs::write(&shim, "// shim 2\n").unwrap();
+        let c = ensure_runtime(&cache, sh, sh, &shim).unwrap();
+        assert_ne!(a, c);
+        let _ = fs::remove_dir_all(&base);
+    }
+}

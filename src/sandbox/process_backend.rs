@@ -1,0 +1,314 @@
+//! The process backend: each instance is the guest agent as PID 1 of a
+//! [`process`](super::process) sandbox, running Node with the shim.
+//!
+//! There is no memory snapshot on this backend, so its stand-in for one is a
+//! **standby**: a fully initialised instance (handler loaded) kept per
+//! function, created at deploy (and at server start for loaded functions).
+//! A cold start takes the standby, which answers at once, and a replacement is
+//! initialised in the background. A standby costs one idle instance's memory
+//! and no CPU.
+
+use std::collections::{HashMap, HashSet};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::handshake;
+use super::process::{self, Sandbox, SandboxSpec};
+use super::{Backend, InitLogs, Instance, StartError};
+use crate::config::ServeConfig;
+use crate::functions::FunctionSpec;
+
+/// Time a runtime gets to load the handler (Lambda's init phase limit).
+pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
+/// Private /tmp of each instance (charged to its memory limit).
+pub const TMP_BYTES: u64 = 64 << 20;
+/// Processes and threads per instance (Node uses about a dozen threads).
+pub const PIDS_MAX: u32 = 256;
+/// CPU quota per instance: at most one core.
+pub const CPU_MILLICORES: u32 = 1000;
+/// First host uid mapped to an instance's root; each instance gets its own.
+const HOST_UID_BASE: u32 = 200_000;
+const HOST_UID_SPAN: u32 = 60_000;
+
+/// The shim, built into the binary so a deployed server needs no source tree.
+const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
+
+/// An instance of the process backend.
+pub struct ProcInstance {
+    sandbox: Sandbox,
+    channel: Option<OwnedFd>,
+}
+
+impl Instance for ProcInstance {
+    fn take_channel(&mut self) -> Option<OwnedFd> {
+        self.channel.take()
+    }
+    fn kill(&mut self) {
+        self.sandbox.kill();
+    }
+    fn destroy(self: Box<Self>) {
+        let ProcInstance { sandbox, channel } = *self;
+        drop(channel);
+        sandbox.destroy();
+    }
+    fn memory_bytes(&self) -> Option<u64> {
+        self.sandbox.memory_bytes()
+    }
+    fn oom_killed(&self) -> bool {
+        self.sandbox.oom_killed()
+    }
+}
+
+struct Inner {
+    hearth_exe: PathBuf,
+    runtime_root: PathBuf,
+    next_uid: AtomicU32,
+    standbys: Mutex<HashMap<String, ProcInstance>>,
+    /// Functions whose standby is being made.
+    refilling: Mutex<HashSet<String>>,
+    forgotten: Mutex<HashSet<String>>,
+    use_standby: bool,
+}
+
+/// See the module documentation.
+pub struct ProcessBackend {
+    inner: Arc<Inner>,
+}
+
+/// Finds the static guest agent: `$HEARTH_AGENT`, next to the hearth binary,
+/// or where `tools/build-agent.sh` puts it in a cargo target directory.
+pub fn find_agent() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("HEARTH_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
+    let dir = exe.parent().unwrap_or(Path::new("/"));
+    let mut candidates = vec![dir.join("hearth-agent")];
+    for up in [dir.join(".."), dir.join("../..")] {
+        for profile in ["release", "debug"] {
+            candidates.push(
+                up.join("x86_64-unknown-linux-gnu")
+                    .join(profile)
+                    .join("hearth-agent"),
+            );
+        }
+    }
+    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
+        "the guest agent binary was not found: run tools/build-agent.sh or set HEARTH_AGENT"
+            .to_string()
+    })
+}
+
+/// Finds Node.js: `$HEARTH_NODE` or `node` on PATH.
+pub fn find_node() -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var("HEARTH_NODE") {
+        return Ok(PathBuf::from(p));
+    }
+    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
+    path.split(':')
+        .map(|d| Path::new(d).join("node"))
+        .find(|p| p.is_file())
+        .ok_or_else(|| {
+            "Node.js was not found on PATH: install nodejs (>= 18) or set HEARTH_NODE".to_string()
+        })
+}
+
+impl ProcessBackend {
+    /// Builds (or reuses) the runtime root under `<state>/cache`.
+    pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, String> {
+        let cache = cfg.state_dir.join("cache");
+        std::fs::create_dir_all(&cache).map_err(|e| format!("create {}: {e}", cache.display()))?;
+        let shim = cache.join("bootstrap.js");
+        if std::fs::read(&shim).ok().as_deref() != Some(SHIM) {
+            let tmp = cache.join(".bootstrap.js.tmp");
+            std::fs::write(&tmp, SHIM)
+                .and_then(|_| std::fs::rename(&tmp, &shim))
+                .map_err(|e| format!("write {}: {e}", shim.display()))?;
+        }
+        let agent = find_agent()?;
+        let node = find_node()?;
+        let runtime_root = process::rootfs::ensure_runtime(&cache, &node, &agent, &shim)
+            .map_err(|e| format!("build the runtime root: {e}"))?;
+        let hearth_exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        process::set_subreaper();
+        Ok(ProcessBackend {
+            inner: Arc::new(Inner {
+                hearth_exe,
+                runtime_root,
+                next_uid: AtomicU32::new(0),
+                standbys: Mutex::new(HashMap::new()),
+                refilling: Mutex::new(HashSet::new()),
+                forgotten: Mutex::new(HashSet::new()),
+                use_standby,
+            }),
+        })
+    }
+}
+
+impl Inner {
+    fn spawn(
+        &self,
+        spec: &FunctionSpec,
+        dir: &Path,
+        core: Option<usize>,
+    ) -> Result<(ProcInstance, InitLogs), StartError> {
+        let n = self.next_uid.fetch_add(1, Ordering::Relaxed);
+        let sspec = SandboxSpec {
+            runtime_root: self.runtime_root.clone(),
+            code_dir: dir.join("code"),
+            tmp_bytes: TMP_BYTES,
+            memory_bytes: u64::from(spec.memory_mb) << 20,
+            pids_max: PIDS_MAX,
+            cpu_millicores: CPU_MILLICORES,
+            cpu_core: core,
+            host_uid: HOST_UID_BASE + n % HOST_UID_SPAN,
+            name: format!("{}-{}-{n}", spec.id, std::process::id()),
+            argv: vec!["/hearth/agent".into(), "--channel-fd".into(), "3".into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+        };
+        let sandbox = process::spawn(&self.hearth_exe, &sspec)
+            .map_err(|e| StartError::Sandbox(e.to_string()))?;
+        let result = {
+            use std::os::fd::AsFd;
+            handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT)
+        };
+        match result {
+            Ok((_init_ms, logs)) => {
+                let channel = sandbox
+                    .channel
+                    .try_clone()
+                    .map_err(|e| StartError::Sandbox(format!("dup channel: {e}")))?;
+                Ok((
+                    ProcInstance {
+                        sandbox,
+                        channel: Some(channel),
+                    },
+                    logs,
+                ))
+            }
+            Err(e) => {
+                sandbox.destroy();
+                Err(e)
+            }
+        }
+    }
+
+    /// Makes a standby for `spec` in the background unless one exists or is coming.
+    fn refill(self: &Arc<Self>, spec: &FunctionSpec, dir: &Path) {
+        if !self.use_standby || self.forgotten.lock().unwrap().contains(&spec.id) {
+            return;
+        }
+        if self.standbys.lock().unwrap().contains_key(&spec.id)
+            || !self.refilling.lock().unwrap().insert(spec.id.clone())
+        {
+            return;
+        }
+        let (me, spec, dir) = (self.clone(), spec.clone(), dir.to_path_buf());
+        std::thread::spawn(move || {
+            let made = me.spawn(&spec, &dir, None);
+            me.refilling.lock().unwrap().remove(&spec.id);
+            if let Ok((inst, _)) = made {
+                if me.forgotten.lock().unwrap().contains(&spec.id) {
+                    Box::new(inst).destroy();
+                } else if let Some(old) = me.standbys.lock().unwrap().insert(spec.id.clone(), inst)
+                {
+                    Box::new(old).destroy();
+                }
+            }
+        });
+    }
+}
+
+impl Backend for ProcessBackend {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn prepare(&self, spec: &FunctionSpec, dir: &Path) -> Result<InitLogs, StartError> {
+        let (inst, logs) = self.inner.spawn(spec, dir, None)?;
+        if self.inner.use_standby {
+            self.inner
+                .standbys
+                .lock()
+                .unwrap()
+                .insert(spec.id.clone(), inst);
+        } else {
+            Box::new(inst).destroy();
+        }
+        Ok(logs)
+    }
+
+    fn start(
+        &self,
+        spec: &FunctionSpec,
+        dir: &Path,
+        core: usize,
+    ) -> Result<(Box<dyn Instance>, InitLogs), StartError> {
+        let standby = self.inner.standbys.lock().unwrap().remove(&spec.id);
+        let made = match standby {
+            Some(inst) => {
+                pin_tree(inst.sandbox.pid, core);
+                Ok((inst, Vec::new()))
+            }
+            None => self.inner.spawn(spec, dir, Some(core)),
+        };
+        self.inner.refill(spec, dir);
+        made.map(|(i, l)| (Box::new(i) as Box<dyn Instance>, l))
+    }
+
+    fn restore(&self, spec: &FunctionSpec, dir: &Path) {
+        self.inner.refill(spec, dir);
+    }
+
+    fn forget(&self, id: &str) {
+        self.inner.forgotten.lock().unwrap().insert(id.to_string());
+        if let Some(inst) = self.inner.standbys.lock().unwrap().remove(id) {
+            Box::new(inst).destroy();
+        }
+    }
+
+    fn shutdown(&self) {
+        let all: Vec<ProcInstance> = self
+            .inner
+            .standbys
+            .lock()
+            .unwrap()
+            .drain()
+            .map(|(_, v)| v)
+            .collect();
+        for inst in all {
+            Box::new(inst).destroy();
+        }
+    }
+}
+
+/// Pins every thread of `pid` and its descendants to `core`.
+fn pin_tree(pid: i32, core: usize) {
+    let mut todo = vec![pid];
+    while let Some(p) = todo.pop() {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
+            continue;
+        };
+        for t in tasks.flatten() {
+            let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            // SAFETY: cpu_set_t is plain data; sched_setaffinity on a thread id.
+            unsafe {
+                let mut set: libc::cpu_set_t = std::mem::zeroed();
+                libc::CPU_SET(core, &mut set);
+                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
+            }
+            if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
+                todo.extend(
+                    children
+                        .split_whitespace()
+                        .filter_map(|c| c.parse::<i32>().ok()),
+                );
+            }
+        }
+    }
+}

@@ -44,9 +44,6 @@ use reap::Signals;
 use relay::{Mode, Outcome, Relay};
 use runtime::{Runtime, RuntimeSpec};
 
-/// Time allowed for the runtime to be killed and reaped before the agent exits.
-const REAP_WAIT: Duration = Duration::from_secs(2);
-
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let is_pid1 = std::process::id() == 1;
@@ -92,7 +89,6 @@ fn run_process(channel_fd: i32, spec: &RuntimeSpec) -> i32 {
             ))
         }
     };
-    let handle = runtime.handle;
     let outcome = Relay::new(Mode::Process, channel, signals, runtime).run();
     let code = match &outcome {
         Outcome::RuntimeExited {
@@ -109,8 +105,6 @@ fn run_process(channel_fd: i32, spec: &RuntimeSpec) -> i32 {
             2
         }
     };
-    // Also clears any children the runtime left in its process group.
-    handle.kill_and_reap(REAP_WAIT);
     code
 }
 

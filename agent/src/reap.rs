@@ -112,17 +112,36 @@ impl RuntimeExit {
 
 /// Reaps every exited child without blocking; returns how `runtime_pid`
 /// ended if it was among them. Other children are orphans re-parented to us.
+///
+/// When the runtime has exited, its process group is SIGKILLed *before* the
+/// runtime is reaped: until then its zombie holds the pid, so the group id
+/// cannot have been handed to an unrelated process (pids wrap quickly when
+/// `pid_max` is 32768).
 pub fn reap_children(runtime_pid: libc::pid_t) -> Option<RuntimeExit> {
     let mut runtime = None;
     loop {
-        let mut status = 0;
-        // SAFETY: waitpid writes the status we own.
-        let pid = unsafe { libc::waitpid(-1, &mut status, libc::WNOHANG) };
+        // Peek at the next zombie without reaping it.
+        // SAFETY: siginfo_t is plain data; waitid fills the one we own.
+        let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+        let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) };
+        // SAFETY: waitid succeeded, so si_pid is the field it filled (0: none).
+        let pid = if rc == 0 { unsafe { info.si_pid() } } else { 0 };
         if pid <= 0 {
             return runtime;
         }
         if pid == runtime_pid {
-            runtime = Some(RuntimeExit::from_wait_status(status));
+            // SAFETY: kill has no memory effects.
+            unsafe { libc::kill(-runtime_pid, libc::SIGKILL) };
+        }
+        let mut status = 0;
+        // SAFETY: waitpid writes the status we own.
+        match unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) } {
+            reaped if reaped == runtime_pid => {
+                runtime = Some(RuntimeExit::from_wait_status(status))
+            }
+            reaped if reaped > 0 => {}
+            _ => return runtime,
         }
     }
 }

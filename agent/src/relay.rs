@@ -46,6 +46,8 @@ pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(2);
 pub const CLOSED_SOCKET_GRACE: Duration = Duration::from_secs(1);
 /// Time spent pushing the final frames to the host after the runtime died.
 pub const FINAL_FLUSH: Duration = Duration::from_secs(2);
+/// Time allowed for a SIGKILLed runtime to be reaped when the host is gone.
+pub const STOP_WAIT: Duration = Duration::from_secs(2);
 /// Requests tracked as in flight; the host sends one at a time, so more
 /// means it pipelines heavily and the oldest is forgotten.
 pub const IN_FLIGHT_MAX: usize = 64;
@@ -153,7 +155,28 @@ impl Relay {
                 return self.finish(exit);
             }
             if let Some(outcome) = self.step() {
+                self.stop_runtime();
                 return outcome;
+            }
+        }
+    }
+
+    /// SIGKILLs the runtime's process group unless the runtime is reaped.
+    fn kill_runtime(&self) {
+        if self.exit.is_none() {
+            self.runtime.kill_group();
+        }
+    }
+
+    /// Kills the runtime and waits (bounded) until it is reaped, so no
+    /// runtime outlives an agent that is not a namespace's PID 1.
+    fn stop_runtime(&mut self) {
+        self.kill_runtime();
+        let deadline = Instant::now() + STOP_WAIT;
+        while self.exit.is_none() && Instant::now() < deadline {
+            self.exit = reap::reap_children(self.runtime.pid);
+            if self.exit.is_none() {
+                std::thread::sleep(Duration::from_millis(5));
             }
         }
     }
@@ -263,7 +286,7 @@ impl Relay {
         if self.kill_at.is_some_and(|at| Instant::now() >= at) {
             self.kill_at = None;
             diag!("runtime still running; sending SIGKILL");
-            self.runtime.kill_group();
+            self.kill_runtime();
         }
         None
     }
@@ -294,7 +317,9 @@ impl Relay {
                 _ if !self.shutdown_requested => {
                     diag!("{} received; stopping the runtime", reap::signal_name(sig));
                     self.shutdown_requested = true;
-                    self.runtime.signal(libc::SIGTERM);
+                    if self.exit.is_none() {
+                        self.runtime.signal(libc::SIGTERM);
+                    }
                     self.kill_at = Some(Instant::now() + SHUTDOWN_GRACE);
                 }
                 _ => {}
@@ -358,7 +383,7 @@ impl Relay {
                     // The runtime holds part of a frame whose rest will never
                     // come; its stream cannot be resynchronised.
                     diag!("the host left in the middle of a frame; stopping the runtime");
-                    self.runtime.kill_group();
+                    self.kill_runtime();
                 }
                 self.host_in.reset();
                 self.to_host.clear();
@@ -460,7 +485,7 @@ impl Relay {
                     diag!("the runtime sent a bad frame ({e}); stopping it");
                     self.from_runtime.clear();
                     self.runtime_sock = None;
-                    self.runtime.kill_group();
+                    self.kill_runtime();
                     return;
                 }
             };

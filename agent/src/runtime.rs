@@ -6,7 +6,6 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
 
 use crate::sys;
 
@@ -121,25 +120,10 @@ impl RuntimeHandle {
         unsafe { libc::kill(self.pid, sig) };
     }
 
-    /// SIGKILLs the runtime's whole process group.
+    /// SIGKILLs the runtime's whole process group. Only while the runtime is
+    /// not yet reaped: afterwards its pid may belong to someone else.
     pub fn kill_group(&self) {
         // SAFETY: as above.
         unsafe { libc::kill(-self.pid, libc::SIGKILL) };
-    }
-
-    /// SIGKILLs the group and waits (bounded) until the runtime is reaped, so
-    /// no runtime outlives an agent that is not a namespace's PID 1.
-    pub fn kill_and_reap(&self, wait: Duration) {
-        self.kill_group();
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            let mut status = 0;
-            // SAFETY: waitpid writes the status we own.
-            let pid = unsafe { libc::waitpid(self.pid, &mut status, libc::WNOHANG) };
-            if pid == self.pid || pid < 0 {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(5));
-        }
     }
 }

@@ -10,6 +10,10 @@
 //! The runtime image must contain the mount points `/var/task`, `/tmp`,
 //! `/proc` and `/dev` (it is read-only, so they cannot be made here);
 //! `/sys` is moved in only if it exists.
+//!
+//! For trying this path outside a VM (a chroot in fresh PID, mount and network
+//! namespaces, with loop devices as drives), `HEARTH_AGENT_CMDLINE` in the
+//! agent's environment stands in for `/proc/cmdline`.
 
 use std::ffi::CString;
 use std::fmt;
@@ -66,10 +70,13 @@ fn step<T>(what: impl Into<String>, r: io::Result<T>) -> Result<T, BootError> {
 pub fn boot() -> Result<VmConfig, BootError> {
     mount_api_filesystems()?;
     ensure_console();
-    let text = step(
-        "read /proc/cmdline",
-        std::fs::read_to_string("/proc/cmdline"),
-    )?;
+    let text = match std::env::var("HEARTH_AGENT_CMDLINE") {
+        Ok(text) => text,
+        Err(_) => step(
+            "read /proc/cmdline",
+            std::fs::read_to_string("/proc/cmdline"),
+        )?,
+    };
     let (cfg, warnings) = cmdline::parse(&text).map_err(BootError::Cmdline)?;
     for w in warnings {
         diag!("{w}");

@@ -34,7 +34,13 @@ pub enum ConnState {
         body: Vec<u8>,
     },
     /// A request was handed off; its answer has not been written yet.
-    Waiting { head_only: bool, keep_alive: bool },
+    /// `announce_keep_alive`: an HTTP/1.0 client asked for keep-alive and only
+    /// keeps the connection if the answer says `Connection: keep-alive`.
+    Waiting {
+        head_only: bool,
+        keep_alive: bool,
+        announce_keep_alive: bool,
+    },
 }
 
 /// Per-connection HTTP state.
@@ -103,10 +109,7 @@ impl Worker {
                                 self.parse_limits.clone()
                             };
                             if req.body == BodyFraming::None {
-                                conn.state = ConnState::Waiting {
-                                    head_only: req.method == "HEAD",
-                                    keep_alive: req.keep_alive,
-                                };
+                                conn.state = waiting_on(&req);
                                 self.dispatch(tok, req, Vec::new());
                                 continue;
                             }
@@ -140,7 +143,8 @@ impl Worker {
                 }
                 ConnState::Body { decoder, body, .. } => {
                     let input = &stream.rbuf[stream.rpos..];
-                    if input.is_empty() {
+                    // A `Content-Length: 0` body is complete before any byte arrives.
+                    if input.is_empty() && !decoder.is_done() {
                         return;
                     }
                     let (n, done) = match decoder.feed(input, body) {
@@ -157,10 +161,7 @@ impl Worker {
                     else {
                         unreachable!()
                     };
-                    conn.state = ConnState::Waiting {
-                        head_only: req.method == "HEAD",
-                        keep_alive: req.keep_alive,
-                    };
+                    conn.state = waiting_on(&req);
                     self.dispatch(tok, *req, body);
                 }
             }
@@ -215,18 +216,30 @@ impl Worker {
         let Kind::Client(conn) = &mut stream.kind else {
             return;
         };
-        let keep_alive = match conn.state {
-            ConnState::Waiting { keep_alive, .. } => keep_alive && !a.close,
-            _ => false,
+        let (keep_alive, announce) = match conn.state {
+            ConnState::Waiting {
+                keep_alive,
+                announce_keep_alive,
+                ..
+            } => (keep_alive && !a.close, announce_keep_alive),
+            _ => (false, false),
         };
         let keep_alive = keep_alive && !self.draining;
+        let mut with_keep_alive = Vec::new();
+        let headers = if keep_alive && announce {
+            with_keep_alive.extend_from_slice(a.headers);
+            with_keep_alive.push(("connection", "keep-alive"));
+            &with_keep_alive[..]
+        } else {
+            a.headers
+        };
         let before = stream.wbuf.len();
         response::write(
             &mut stream.wbuf,
             date,
             &Response {
                 status: a.status,
-                headers: a.headers,
+                headers,
                 body: a.body,
             },
             keep_alive,
@@ -299,6 +312,15 @@ impl Worker {
                 self.close_stream(tok);
             }
         }
+    }
+}
+
+/// The state of a connection whose request `req` was handed off.
+fn waiting_on(req: &Request) -> ConnState {
+    ConnState::Waiting {
+        head_only: req.method == "HEAD",
+        keep_alive: req.keep_alive,
+        announce_keep_alive: req.keep_alive && req.version == parse::Version::Http10,
     }
 }
 

@@ -11,7 +11,7 @@ use mio::{Events, Interest, Poll, Token as MioToken};
 
 use crate::engine::uring::TICK;
 use crate::engine::worker::{Token, Worker};
-use crate::engine::{peer_of, set_nodelay};
+use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
 
 const LISTENER: MioToken = MioToken(usize::MAX - 1);
 const WAKER: MioToken = MioToken(usize::MAX - 2);
@@ -60,7 +60,7 @@ impl Driver {
                 w.on_data(tok, &self.buf[..n as usize]);
                 w.mark(tok);
             } else if n == 0 {
-                w.on_closed(tok);
+                w.on_eof(tok);
                 return;
             } else {
                 match io::Error::last_os_error().raw_os_error() {
@@ -81,6 +81,14 @@ impl Driver {
         let Some(s) = w.streams.get_mut(tok) else {
             return;
         };
+        if s.detaching {
+            let fd = s.raw();
+            if s.registered {
+                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            }
+            w.detached(tok);
+            return;
+        }
         if s.dead {
             let fd = s.raw();
             let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
@@ -141,6 +149,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
     let mut dirty = Vec::with_capacity(256);
     let mut last_tick = Instant::now();
     let mut accept_ready = false;
+    let mut backoff = AcceptBackoff::default();
     loop {
         w.take_dirty(&mut dirty);
         while !dirty.is_empty() {
@@ -164,9 +173,11 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
         if w.finished() {
             return Ok(());
         }
-        if accept_ready && listener.is_some() && w.can_accept() {
-            accept_ready = accept_all(w, lfd);
-            continue;
+        if accept_ready && listener.is_some() && w.can_accept() && backoff.allows(w.now) {
+            accept_ready = accept_all(w, lfd, &mut backoff);
+            if backoff.allows(w.now) {
+                continue;
+            }
         }
         match d.poll.poll(&mut events, Some(TICK)) {
             Ok(()) => {}
@@ -193,8 +204,8 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                 }
             }
         }
-        if accept_ready && listener.is_some() {
-            accept_ready = accept_all(w, lfd);
+        if accept_ready && listener.is_some() && backoff.allows(w.now) {
+            accept_ready = accept_all(w, lfd, &mut backoff);
         }
         if w.now.duration_since(last_tick) >= TICK {
             last_tick = w.now;
@@ -203,9 +214,9 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
     }
 }
 
-/// Accepts until the backlog is empty or the core is full; returns true if
-/// connections may still be waiting.
-fn accept_all(w: &mut Worker, lfd: RawFd) -> bool {
+/// Accepts until the backlog is empty, the core is full, or descriptors run out
+/// (then `backoff` pauses accepting); returns true if connections may still be waiting.
+fn accept_all(w: &mut Worker, lfd: RawFd, backoff: &mut AcceptBackoff) -> bool {
     loop {
         // SAFETY: accept4 fills at most `len` bytes of storage.
         let (fd, peer) = unsafe {
@@ -220,10 +231,11 @@ fn accept_all(w: &mut Worker, lfd: RawFd) -> bool {
             (fd, peer_of(&storage))
         };
         if fd < 0 {
-            return match io::Error::last_os_error().raw_os_error() {
-                Some(libc::EAGAIN) => false,
-                Some(libc::EINTR) | Some(libc::ECONNABORTED) => continue,
-                _ => false,
+            let errno = io::Error::last_os_error().raw_os_error().unwrap_or(0);
+            return match errno {
+                libc::EAGAIN => false,
+                libc::EINTR | libc::ECONNABORTED => continue,
+                _ => backoff.on_error(w.core, errno, w.now),
             };
         }
         // SAFETY: a new descriptor from accept4.

@@ -181,6 +181,46 @@ pub fn peer_of(storage: &libc::sockaddr_storage) -> SocketAddr {
     }
 }
 
+/// Pauses accepting after an accept failed for lack of resources (descriptors,
+/// memory). Retrying at once would spin: the listener stays ready while the
+/// cause persists. Connections wait in the listen backlog meanwhile.
+#[derive(Default)]
+pub struct AcceptBackoff {
+    until: Option<Instant>,
+    logged_at: Option<Instant>,
+}
+
+impl AcceptBackoff {
+    /// How long accepting pauses after a resource error.
+    const PAUSE: Duration = Duration::from_millis(100);
+    /// At most one log line per worker per this period.
+    const LOG_EVERY: Duration = Duration::from_secs(1);
+
+    /// Handles an accept error (`errno`); returns true if accepting should pause.
+    pub fn on_error(&mut self, core: usize, errno: i32, now: Instant) -> bool {
+        if !matches!(
+            errno,
+            libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM
+        ) {
+            return false;
+        }
+        self.until = Some(now + Self::PAUSE);
+        if self.logged_at.is_none_or(|t| now >= t + Self::LOG_EVERY) {
+            self.logged_at = Some(now);
+            eprintln!(
+                "hearth: worker {core}: accept: {}; pausing accepts (raise the open-file limit)",
+                io::Error::from_raw_os_error(errno)
+            );
+        }
+        true
+    }
+
+    /// Whether accepting may go on at `now`.
+    pub fn allows(&self, now: Instant) -> bool {
+        self.until.is_none_or(|t| now >= t)
+    }
+}
+
 /// Sets TCP_NODELAY: responses are written whole, Nagle would only delay them.
 pub fn set_nodelay(fd: RawFd) {
     let one: libc::c_int = 1;
@@ -223,10 +263,45 @@ fn block_signals() -> libc::sigset_t {
     }
 }
 
+/// Descriptors needed besides client connections: listeners, rings, wakers,
+/// instance channels, files.
+const NOFILE_SPARE: u64 = 1024;
+
+/// Raises the soft open-file limit to the hard one (the default soft limit, often
+/// 1024, would cap connections far below `connections_per_core_max`); warns if
+/// even the hard limit is below what the configured connection limits need.
+fn raise_nofile_limit(needed: u64) {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return;
+        }
+        if lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+        if lim.rlim_cur < needed {
+            eprintln!(
+                "hearth: open-file limit is {}, below the {needed} the connection limits need; \
+                 raise it (ulimit -n / LimitNOFILE=) or lower --connections-per-core-max",
+                lim.rlim_cur
+            );
+        }
+    }
+}
+
 /// Runs the server until SIGINT/SIGTERM, then drains and returns.
 pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     let sigset = block_signals();
-    let cores = cfg.cores.max(1);
+    // Function starvation is tracked in a 64-bit mask of cores.
+    let cores = cfg.cores.clamp(1, 64);
+    raise_nofile_limit(
+        (cores as u64)
+            .saturating_mul(cfg.http.connections_per_core_max as u64)
+            .saturating_add(NOFILE_SPARE),
+    );
     let first = listen(cfg.listen, 4096)?;
     let addr = local_addr(first.as_raw_fd())?;
     let mut listeners = vec![first];

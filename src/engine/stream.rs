@@ -40,11 +40,18 @@ pub struct Stream {
     pub dead: bool,
     /// epoll: the socket became readable while reads were paused.
     pub readable_pending: bool,
+    /// The stream is being handed to another core: the driver cancels its I/O and
+    /// then calls `Worker::detached` instead of freeing it.
+    pub detaching: bool,
+    /// io_uring: a cancel for the in-flight recv was submitted.
+    pub cancel_sent: bool,
     /// epoll: the descriptor is registered with the poller.
     pub registered: bool,
     /// A client whose last answer is written: our side is half-closed and input is
     /// discarded until EOF or this time, so the peer reads the answer instead of a reset.
     pub linger_until: Option<std::time::Instant>,
+    /// The peer sent EOF: nothing more will be read, queued output is still delivered.
+    pub peer_closed: bool,
 }
 
 impl Stream {
@@ -67,6 +74,9 @@ impl Stream {
             readable_pending: false,
             linger_until: None,
             registered: false,
+            detaching: false,
+            cancel_sent: false,
+            peer_closed: false,
         }
     }
 

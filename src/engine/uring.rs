@@ -10,7 +10,7 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
-use crate::engine::{peer_of, set_nodelay};
+use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
 
 const RING_ENTRIES: u32 = 4096;
 /// Bytes one recv may return on a client connection.
@@ -24,6 +24,8 @@ const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;
 const OP_SEND: u64 = 3;
 const OP_WAKE: u64 = 4;
+/// Completion of a cancel request (nothing to do: the cancelled recv completes on its own).
+const OP_CANCEL: u64 = 5;
 const LISTENER: u64 = u64::MAX >> 8;
 
 fn ud(tok: u64, op: u64) -> u64 {
@@ -68,6 +70,7 @@ struct Driver {
     ring: IoUring,
     listener: Option<OwnedFd>,
     accept_armed: bool,
+    accept_backoff: AcceptBackoff,
     waker: RawFd,
     wake_buf: Box<u64>,
 }
@@ -108,6 +111,19 @@ impl Driver {
         let Some(s) = w.streams.get_mut(tok) else {
             return;
         };
+        if s.detaching {
+            if s.recv_inflight && !s.cancel_sent {
+                s.cancel_sent = true;
+                let e = opcode::AsyncCancel::new(ud(tok as u64, OP_RECV))
+                    .build()
+                    .user_data(ud(tok as u64, OP_CANCEL));
+                self.push(e);
+            }
+            if !s.recv_inflight && !s.send_inflight {
+                w.detached(tok);
+            }
+            return;
+        }
         if s.dead {
             if !s.recv_inflight && !s.send_inflight {
                 w.free(tok);
@@ -153,11 +169,15 @@ impl Driver {
             self.accept_armed = false;
         }
         if res < 0 {
-            let err = io::Error::from_raw_os_error(-res);
-            if !matches!(
-                -res,
-                libc::EAGAIN | libc::EINTR | libc::ECONNABORTED | libc::ECANCELED
-            ) {
+            // Once draining, the listener was shut down: the error is expected.
+            if self.listener.is_some()
+                && !self.accept_backoff.on_error(w.core, -res, w.now)
+                && !matches!(
+                    -res,
+                    libc::EAGAIN | libc::EINTR | libc::ECONNABORTED | libc::ECANCELED
+                )
+            {
+                let err = io::Error::from_raw_os_error(-res);
                 eprintln!("hearth: worker {}: accept: {err}", w.core);
             }
             return;
@@ -191,6 +211,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
         ring: new_ring(RING_ENTRIES)?,
         listener: Some(listener),
         accept_armed: false,
+        accept_backoff: AcceptBackoff::default(),
         waker,
         wake_buf: Box::new(0),
     };
@@ -207,9 +228,15 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
             }
             w.take_dirty(&mut dirty);
         }
-        if w.draining && d.listener.is_some() {
-            // Dropping the listener ends the multishot accept (it completes with an error).
-            d.listener = None;
+        if w.draining {
+            if let Some(l) = d.listener.take() {
+                // The in-flight multishot accept holds its own reference to the socket,
+                // so closing our descriptor alone would leave it listening (and new
+                // clients shed with 503). Shutting it down leaves the LISTEN state:
+                // new connections are refused and the accept completes with an error.
+                // SAFETY: shutdown on a descriptor we own.
+                unsafe { libc::shutdown(l.as_raw_fd(), libc::SHUT_RD) };
+            }
         }
         if w.finished() {
             return Ok(());
@@ -245,7 +272,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                         continue;
                     };
                     s.recv_inflight = false;
-                    if s.dead {
+                    if s.dead || (s.detaching && res <= 0) {
                         w.mark(tok);
                     } else if res > 0 {
                         let mut buf = std::mem::take(&mut s.recv_buf);
@@ -259,6 +286,8 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                         w.mark(tok);
                     } else if res == -libc::EAGAIN || res == -libc::EINTR {
                         w.mark(tok);
+                    } else if res == 0 {
+                        w.on_eof(tok);
                     } else {
                         w.on_closed(tok);
                     }
@@ -268,7 +297,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                         continue;
                     };
                     s.send_inflight = false;
-                    if s.dead {
+                    if s.dead || (s.detaching && res < 0) {
                         w.mark(tok);
                     } else if res >= 0 {
                         s.sent += res as usize;
@@ -293,7 +322,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
             last_tick = w.now;
             w.on_tick();
         }
-        if !d.accept_armed && w.can_accept() {
+        if !d.accept_armed && w.can_accept() && d.accept_backoff.allows(w.now) {
             d.arm_accept();
         }
     }

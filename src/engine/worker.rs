@@ -39,6 +39,8 @@ pub enum Msg {
     FunctionsChanged,
     /// An instance finished starting (or failed to).
     InstanceStarted(crate::functions::Started),
+    /// Another core hands over an idle instance (its function is starved here).
+    InstanceMigrated(crate::functions::pool::Migrated),
     /// Shut down gracefully.
     Shutdown,
 }
@@ -144,10 +146,16 @@ impl Worker {
         let Some(s) = self.streams.get_mut(tok) else {
             return;
         };
-        if s.linger_until.is_some() {
+        // Input after a client's last answer is never parsed; keeping it would let a
+        // peer that does not read grow the buffer without bound.
+        if s.linger_until.is_some() || (s.closing && matches!(s.kind, Kind::Client(_))) {
             return;
         }
         s.push_input(bytes);
+        if s.detaching {
+            // Kept for the core that takes the stream over.
+            return;
+        }
         match s.kind {
             Kind::Client(_) => {
                 add(&self.metrics.bytes_in, bytes.len() as u64);
@@ -159,6 +167,29 @@ impl Worker {
             }
         }
         self.flush_replies();
+    }
+
+    /// The peer finished sending on `tok` (a read returned EOF). A client may
+    /// half-close right after its last request, so answers already queued are
+    /// still written before the connection closes; a request still being read
+    /// or waited on is abandoned.
+    pub fn on_eof(&mut self, tok: Token) {
+        let Some(s) = self.streams.get_mut(tok) else {
+            return;
+        };
+        let answered = match &s.kind {
+            Kind::Client(c) => !matches!(c.state, ConnState::Waiting { .. }),
+            Kind::Channel(_) => false,
+        };
+        if answered && !s.dead && s.linger_until.is_none() && s.out_pending() > 0 {
+            s.peer_closed = true;
+            s.closing = true;
+            // Reading again would only return EOF again.
+            s.read_paused = true;
+            self.mark(tok);
+        } else {
+            self.on_closed(tok);
+        }
     }
 
     /// The peer closed `tok` or it failed.
@@ -200,6 +231,11 @@ impl Worker {
             return;
         };
         if s.dead || !s.closing || s.out_pending() > 0 {
+            return;
+        }
+        if s.peer_closed {
+            // Everything the peer sent was read: no reset can hit the answer.
+            self.close_stream(tok);
             return;
         }
         match (&s.kind, s.linger_until) {
@@ -248,6 +284,14 @@ impl Worker {
     /// True when the loop may stop: drained, or the grace period is over.
     pub fn finished(&self) -> bool {
         self.draining && (self.clients == 0 || self.drain_deadline.is_some_and(|d| self.now >= d))
+    }
+
+    /// Called by the driver once a detaching stream has no I/O in flight: the
+    /// stream leaves this core (its socket and unread bytes go with it).
+    pub fn detached(&mut self, tok: Token) {
+        let s = self.streams.remove(tok);
+        let leftover = s.rbuf[s.rpos..].to_vec();
+        self.fns.finish_migration(tok, s.fd, leftover);
     }
 
     /// Called by the driver when a dead stream has no I/O in flight: frees it.
@@ -310,6 +354,10 @@ impl Worker {
                 Msg::InstanceStarted(started) => {
                     self.fns
                         .on_started(started, &mut self.streams, &mut self.dirty, self.now);
+                }
+                Msg::InstanceMigrated(m) => {
+                    self.fns
+                        .on_migrated(m, &mut self.streams, &mut self.dirty, self.now)
                 }
                 Msg::Shutdown => self.start_drain(),
             }

@@ -58,6 +58,9 @@ pub struct Function {
     pub metrics: FunctionMetrics,
     /// Instances alive or starting, over all cores (the concurrency limit).
     pub instances: AtomicU32,
+    /// Cores (bit per core) with queued requests that could not get an instance
+    /// slot; cores holding instances hand idle ones over.
+    pub starved: std::sync::atomic::AtomicU64,
     /// Set by `DELETE`: cores stop taking requests for it.
     pub deleted: AtomicBool,
     pub logs: Mutex<logs::LogRing>,
@@ -283,6 +286,7 @@ impl Function {
             dir,
             metrics: FunctionMetrics::default(),
             instances: AtomicU32::new(0),
+            starved: std::sync::atomic::AtomicU64::new(0),
             deleted: AtomicBool::new(false),
             logs: Mutex::new(logs::LogRing::default()),
         }

@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use slab::Slab;
 
@@ -29,6 +29,10 @@ use crate::metrics::{add, ErrorKind};
 use crate::protocol::{self, FrameType, HEADER_BYTES};
 use crate::sandbox::Instance;
 
+/// Extra time a queued request may wait for an instance to start, beyond the
+/// function's timeout (the init phase has its own limit, as on Lambda).
+pub const QUEUE_INIT_ALLOWANCE: Duration = crate::sandbox::process_backend::INIT_TIMEOUT;
+
 /// Instances one core may hold over all functions.
 pub const INSTANCES_PER_CORE_MAX: usize = 256;
 
@@ -37,9 +41,12 @@ struct Pending {
     to: ReplyTo,
     rid: u32,
     request_id: String,
-    frame: Vec<u8>,
+    /// The INVOKE metadata without its closing brace; the deadline is added at dispatch.
+    meta_head: Vec<u8>,
+    body: Vec<u8>,
     arrived: Instant,
-    deadline: Instant,
+    /// Latest dispatch time: the function timeout plus the init allowance.
+    queue_deadline: Instant,
 }
 
 struct Busy {
@@ -80,6 +87,8 @@ pub struct CorePool {
     rng: u64,
     /// Answers for the worker to write.
     pub replies: VecDeque<Reply>,
+    /// Instances whose channel is being detached for a move to another core.
+    migrating: HashMap<Token, (Arc<Function>, Box<dyn Instance>, usize)>,
 }
 
 fn now_ms() -> u64 {
@@ -96,6 +105,21 @@ fn json_reply(to: ReplyTo, status: u16, code: &str, message: &str) -> Reply {
         headers: vec![("content-type".into(), "application/json".into())],
         body: crate::http::response::json_error(code, message),
     }
+}
+
+/// An idle instance moving between cores, with its channel and unread bytes.
+pub struct Migrated {
+    function: Arc<Function>,
+    handle: Box<dyn Instance>,
+    channel: std::os::fd::OwnedFd,
+    leftover: Vec<u8>,
+}
+
+/// The first core after `me` (cyclically) whose bit is set in `mask`.
+fn next_core(mask: u64, me: usize) -> usize {
+    debug_assert!(mask != 0);
+    let rotated = mask.rotate_right((me as u32 + 1) % 64);
+    (rotated.trailing_zeros() as usize + me + 1) % 64
 }
 
 /// Is the connection behind `to` still waiting for an answer?
@@ -115,6 +139,7 @@ impl CorePool {
             next_rid: 0,
             rng: super::random_u64() | 1,
             replies: VecDeque::new(),
+            migrating: HashMap::new(),
         };
         p.sync_view(&mut Slab::new(), &mut Vec::new(), Instant::now());
         p
@@ -163,11 +188,14 @@ impl CorePool {
             return;
         };
         let f = fs.f.clone();
+        if f.deleted.load(Relaxed) {
+            self.replies.push_back(json_reply(to, 404, "function_not_found", &format!("function {id} was deleted")));
+            return;
+        }
         add(&f.metrics.invocations, 1);
         self.next_rid = self.next_rid.wrapping_add(1).max(1);
         let rid = self.next_rid;
         let request_id = self.request_uuid();
-        let deadline_ms = now_ms() + f.spec.timeout_ms;
         let meta = serde_json::json!({
             "method": req.method,
             "path": path,
@@ -177,26 +205,26 @@ impl CorePool {
             "protocol": match req.version { crate::http::parse::Version::Http10 => "HTTP/1.0", _ => "HTTP/1.1" },
             "request_id": request_id,
             "time_ms": now_ms(),
-            "deadline_ms": deadline_ms,
             "domain": req.header("host").unwrap_or("localhost"),
         });
-        let meta = serde_json::to_vec(&meta).expect("json of plain values");
-        let mut frame = Vec::with_capacity(HEADER_BYTES + meta.len() + body.len());
-        protocol::encode(&mut frame, FrameType::Invoke, 0, rid, &meta, &body);
+        let mut meta_head = serde_json::to_vec(&meta).expect("json of plain values");
+        assert_eq!(meta_head.pop(), Some(b'}'), "a JSON object ends with a brace");
         let pending = Pending {
             to,
             rid,
             request_id,
-            frame,
+            meta_head,
+            body,
             arrived: now,
-            deadline: now + std::time::Duration::from_millis(f.spec.timeout_ms),
+            queue_deadline: now + Duration::from_millis(f.spec.timeout_ms) + QUEUE_INIT_ALLOWANCE,
         };
         let fs = self.fns.get_mut(id).expect("looked up above");
         if let Some(i) = fs.idle.pop() {
             self.send(i, pending, streams, dirty, now);
             return;
         }
-        if fs.queue.len() >= self.shared.cfg.queue_depth_max {
+        // Requests covered by an instance being started for them are not "waiting beyond the limit".
+        if fs.queue.len().saturating_sub(fs.starting) >= self.shared.cfg.queue_depth_max {
             f.metrics.error(ErrorKind::Throttled);
             let mut r = json_reply(
                 to,
@@ -217,7 +245,7 @@ impl CorePool {
     fn grow(&mut self, id: &str, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
         loop {
             let Some(fs) = self.fns.get(id) else { return };
-            if fs.queue.len() <= fs.starting {
+            if fs.queue.len() <= fs.starting || fs.f.deleted.load(Relaxed) {
                 return;
             }
             if self.insts.len() + self.starting_total() >= INSTANCES_PER_CORE_MAX {
@@ -232,6 +260,8 @@ impl CorePool {
             }
             let fs = self.fns.get_mut(id).expect("present");
             if !fs.f.try_reserve() {
+                // At the concurrency limit: let the cores holding instances know.
+                fs.f.starved.fetch_or(1u64 << self.core, Relaxed);
                 return;
             }
             fs.starting += 1;
@@ -276,15 +306,19 @@ impl CorePool {
         now: Instant,
     ) {
         let inst = &mut self.insts[i];
+        let timeout_ms = inst.function.spec.timeout_ms;
+        // The handler's clock starts now: queue time does not eat into it.
+        let mut meta = p.meta_head;
+        meta.extend_from_slice(format!(",\"deadline_ms\":{}}}", now_ms() + timeout_ms).as_bytes());
         let s = &mut streams[inst.tok];
-        s.wbuf.extend_from_slice(&p.frame);
+        protocol::encode(&mut s.wbuf, FrameType::Invoke, 0, p.rid, &meta, &p.body);
         dirty.push(inst.tok);
         inst.busy = Some(Busy {
             to: p.to,
             rid: p.rid,
             request_id: p.request_id,
             started: now,
-            deadline: p.deadline,
+            deadline: now + Duration::from_millis(timeout_ms),
         });
     }
 
@@ -297,31 +331,94 @@ impl CorePool {
         now: Instant,
     ) {
         let id = self.insts[i].function.spec.id.clone();
-        // Round robin between functions waiting for a slot: hand this slot over.
+        // Round robin between functions waiting for a slot on this core: hand this slot over.
         if let Some(pos) = self.slot_waiters.iter().position(|w| *w != id) {
-            let own_queue = self.fns.get(&id).map_or(0, |f| f.queue.len());
-            if own_queue > 0 || self.fns.get(&id).is_none() {
-                let waiter = self.slot_waiters.remove(pos).expect("position is valid");
-                self.retire(i, streams, dirty, now);
-                self.grow(&waiter, streams, dirty, now);
-                self.grow(&id, streams, dirty, now);
-                return;
-            }
+            let waiter = self.slot_waiters.remove(pos).expect("position is valid");
+            self.retire(i, streams, dirty, now);
+            self.grow(&waiter, streams, dirty, now);
+            self.grow(&id, streams, dirty, now);
+            return;
         }
         let Some(fs) = self.fns.get_mut(&id) else {
             self.retire(i, streams, dirty, now);
             return;
         };
+        // Another core has requests for this function but no slot under its
+        // concurrency limit: share instances evenly between the cores that want them.
+        let me = 1u64 << self.core;
+        let starved = fs.f.starved.load(Relaxed) & !me;
+        if starved != 0 {
+            let share = (fs.f.spec.concurrency as usize / (1 + starved.count_ones() as usize)).max(1);
+            if fs.queue.is_empty() || fs.live > share {
+                let target = next_core(starved, self.core);
+                fs.f.starved.fetch_and(!(1u64 << target), Relaxed);
+                self.migrate(i, target, streams, dirty);
+                return;
+            }
+        }
         while let Some(p) = fs.queue.pop_front() {
             fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
             if client_waiting(streams, p.to) {
+                if fs.queue.is_empty() {
+                    fs.f.starved.fetch_and(!me, Relaxed);
+                }
                 self.send(i, p, streams, dirty, now);
                 return;
             }
         }
+        fs.f.starved.fetch_and(!me, Relaxed);
+        if fs.f.deleted.load(Relaxed) {
+            self.retire(i, streams, dirty, now);
+            return;
+        }
         let inst = &mut self.insts[i];
         inst.idle_since = now;
         fs.idle.push(i);
+    }
+
+    /// Starts moving an idle instance to `target`: its channel is detached
+    /// from this core's driver first (see [`CorePool::finish_migration`]).
+    fn migrate(&mut self, i: usize, target: usize, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>) {
+        let inst = self.insts.remove(i);
+        if let Some(fs) = self.fns.get_mut(&inst.function.spec.id) {
+            fs.idle.retain(|&k| k != i);
+            fs.live -= 1;
+        }
+        streams[inst.tok].detaching = true;
+        dirty.push(inst.tok);
+        self.migrating.insert(inst.tok, (inst.function, inst.handle, target));
+    }
+
+    /// The driver released a migrating instance's channel: send it to its new core.
+    pub fn finish_migration(&mut self, tok: Token, channel: std::os::fd::OwnedFd, leftover: Vec<u8>) {
+        let Some((function, handle, target)) = self.migrating.remove(&tok) else {
+            return;
+        };
+        let m = Migrated { function, handle, channel, leftover };
+        self.shared.send(target, crate::engine::worker::Msg::InstanceMigrated(m));
+    }
+
+    /// Takes over an instance from another core.
+    pub fn on_migrated(&mut self, m: Migrated, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        let Migrated { function: f, mut handle, channel, leftover } = m;
+        let id = f.spec.id.clone();
+        if !self.fns.contains_key(&id) || f.deleted.load(Relaxed) {
+            handle.kill();
+            f.metrics.instances.fetch_sub(1, Relaxed);
+            f.release();
+            self.shared.functions.destroy(handle);
+            return;
+        }
+        handle.repin(self.core);
+        let i = self.insts.vacant_key();
+        let mut stream = Stream::new(channel, Kind::Channel(i));
+        stream.push_input(&leftover);
+        let tok = streams.insert(stream);
+        dirty.push(tok);
+        self.insts.insert(Inst { function: f, handle, tok, busy: None, idle_since: now });
+        self.fns.get_mut(&id).expect("checked").live += 1;
+        self.next_for(i, streams, dirty, now);
+        self.grow(&id, streams, dirty, now);
     }
 
     /// Removes an instance and destroys it off-loop; frees its concurrency slot.
@@ -349,6 +446,8 @@ impl CorePool {
         inst.function.metrics.instances.fetch_sub(1, Relaxed);
         inst.function.release();
         self.shared.functions.destroy(inst.handle);
+        let id = id.clone();
+        self.forget_if_drained(&id);
     }
 
     /// Frames arrived from an instance.
@@ -408,6 +507,11 @@ impl CorePool {
                         .observe_duration(now.duration_since(busy.started).as_micros() as u64);
                     let reply = if h.kind == FrameType::Response {
                         response_reply(busy.to, meta, body)
+                    } else if is_runtime_exit(meta) {
+                        // The runtime died under the request: a crash, not a handler error.
+                        inst.busy = Some(busy);
+                        streams[tok].consume(h.frame_len());
+                        return self.instance_failed(i, streams, dirty, now, "the function's runtime exited");
                     } else {
                         f.metrics.error(ErrorKind::Handler);
                         let m: serde_json::Value = serde_json::from_slice(meta).unwrap_or_default();
@@ -516,6 +620,10 @@ impl CorePool {
                     true,
                     format!("instance start failed: {e}").as_bytes(),
                 );
+                if f.deleted.load(Relaxed) {
+                    self.forget_if_drained(&id);
+                    return;
+                }
                 if let Some(fs) = self.fns.get_mut(&id) {
                     if let Some(p) = fs.queue.pop_front() {
                         f.metrics.queue_depth.fetch_sub(1, Relaxed);
@@ -535,7 +643,7 @@ impl CorePool {
             self.shared.functions.destroy(handle);
             return;
         };
-        if !self.fns.contains_key(&id) || f.deleted.load(Relaxed) {
+        if !self.fns.contains_key(&id) {
             f.release();
             self.shared.functions.destroy(handle);
             return;
@@ -591,7 +699,7 @@ impl CorePool {
             self.grow(&f.spec.id.clone(), streams, dirty, now);
         }
         for fs in self.fns.values_mut() {
-            while fs.queue.front().is_some_and(|p| p.deadline <= now) {
+            while fs.queue.front().is_some_and(|p| p.queue_deadline <= now) {
                 let p = fs.queue.pop_front().expect("front exists");
                 fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
                 fs.f.metrics.error(ErrorKind::Timeout);
@@ -640,25 +748,29 @@ impl CorePool {
             .filter(|id| !current.iter().any(|f| &f.spec.id == *id))
             .cloned()
             .collect();
+        // A deleted function drains: new requests get 404, requests already queued
+        // or running finish on the instances it has; then its state goes.
         for id in gone {
-            let mut fs = self.fns.remove(&id).expect("listed");
-            for p in fs.queue.drain(..) {
-                fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
-                self.replies.push_back(json_reply(
-                    p.to,
-                    404,
-                    "function_not_found",
-                    &format!("function {id} was deleted"),
-                ));
-            }
             self.slot_waiters.retain(|w| *w != id);
-            // Idle instances go now; busy ones finish their request first (next_for retires them).
-            let idle: Vec<usize> = fs.idle.drain(..).collect();
-            self.fns.insert(id.clone(), fs);
+            let idle: Vec<usize> = self.fns.get_mut(&id).map(|fs| fs.idle.drain(..).collect()).unwrap_or_default();
             for i in idle {
                 self.retire(i, streams, dirty, now);
             }
-            self.fns.remove(&id);
+            self.forget_if_drained(&id);
+        }
+    }
+
+    /// Drops a deleted function's state once no instance of it is left here;
+    /// requests still queued then (none could be served) get 404.
+    fn forget_if_drained(&mut self, id: &str) {
+        let Some(fs) = self.fns.get(id) else { return };
+        if !fs.f.deleted.load(Relaxed) || fs.live > 0 || fs.starting > 0 {
+            return;
+        }
+        let mut fs = self.fns.remove(id).expect("present");
+        for p in fs.queue.drain(..) {
+            fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
+            self.replies.push_back(json_reply(p.to, 404, "function_not_found", &format!("function {id} was deleted")));
         }
     }
 
@@ -679,6 +791,11 @@ impl CorePool {
             inst.handle.destroy();
         }
     }
+}
+
+/// True for the ERROR the agent sends when the runtime process died mid-request.
+fn is_runtime_exit(meta: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(meta).is_ok_and(|m| m["errorType"] == "Runtime.ExitError")
 }
 
 /// Builds the HTTP answer from a RESPONSE frame's metadata and body.

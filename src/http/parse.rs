@@ -230,8 +230,9 @@ fn build_request(
     let mut expect_continue = false;
     for field in raw.headers.iter() {
         let name = field.name;
-        let value = field.value; // httparse has already dropped the surrounding SP/HT
-                                 // Dispatch on length first: most fields are none of these four.
+        // httparse has already dropped the SP/HT around the value.
+        let value = field.value;
+        // Dispatch on length first: most fields are none of these four.
         match name.len() {
             14 if name.eq_ignore_ascii_case("content-length") => {
                 let n = parse_content_length(value)?;
@@ -342,7 +343,7 @@ fn require_crlf_line_ends(
     }
     // The head ends in an empty line; the byte before its LF is either its CR or the LF of
     // the previous line.
-    if head_len < 2 || window[head_len - 2] != b'\r' {
+    if window.get(head_len.wrapping_sub(2)) != Some(&b'\r') {
         return Err(BARE_LF);
     }
     Ok(())

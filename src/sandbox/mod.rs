@@ -5,10 +5,13 @@
 //! differs:
 //! - [`process`]: namespaces + seccomp + cgroups around a host process (no KVM needed).
 //! - [`process_backend`]: the [`Backend`] built on it, with pre-initialised standbys.
+//! - [`qemu`]: microVMs restored from a migration snapshot, controlled over [`qmp`].
 
 pub mod handshake;
 pub mod process;
 pub mod process_backend;
+pub mod qemu;
+pub mod qmp;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -45,6 +48,8 @@ pub trait Instance: Send {
     /// Kills if needed and releases everything (waits for exit, removes cgroups, files).
     /// May block; called off the event loops.
     fn destroy(self: Box<Self>);
+    /// The instance now belongs to `core`: move its CPU affinity there.
+    fn repin(&mut self, _core: usize) {}
     /// Memory charged to the instance, where the backend can tell.
     fn memory_bytes(&self) -> Option<u64>;
     /// The memory limit was hit (the instance was OOM-killed).
@@ -87,13 +92,36 @@ pub trait Backend: Send + Sync {
 pub fn select(cfg: &crate::config::ServeConfig) -> std::io::Result<Box<dyn Backend>> {
     use crate::config::BackendKind;
     let fail = |m: String| std::io::Error::other(m);
+    let process = || -> std::io::Result<Box<dyn Backend>> {
+        let b = process_backend::ProcessBackend::new(cfg, cfg.standby)
+            .map_err(|m| fail(format!("process backend: {m}")))?;
+        Ok(Box::new(b))
+    };
     match cfg.backend {
-        BackendKind::Process | BackendKind::Auto => {
-            let b = process_backend::ProcessBackend::new(cfg, cfg.standby)
-                .map_err(|m| fail(format!("process backend: {m}")))?;
+        BackendKind::Process => process(),
+        BackendKind::Qemu => {
+            let b = qemu::QemuBackend::new(cfg).map_err(|m| fail(format!("qemu backend: {m}")))?;
             Ok(Box::new(b))
         }
-        BackendKind::Qemu | BackendKind::Firecracker => Err(fail(format!(
+        BackendKind::Auto => {
+            // MicroVMs only when they run at hardware speed; under software
+            // emulation the process backend serves far faster.
+            if let Err(why) = qemu::kvm_usable() {
+                eprintln!("hearth: backend auto: process (no microVMs: {why})");
+                return process();
+            }
+            match qemu::QemuBackend::new(cfg) {
+                Ok(b) => {
+                    eprintln!("hearth: backend auto: qemu with KVM");
+                    Ok(Box::new(b))
+                }
+                Err(why) => {
+                    eprintln!("hearth: backend auto: process (qemu unavailable: {why})");
+                    process()
+                }
+            }
+        }
+        BackendKind::Firecracker => Err(fail(format!(
             "backend {:?} is not available in this build; see `hearth doctor`",
             cfg.backend
         ))),

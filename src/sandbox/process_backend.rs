@@ -34,7 +34,7 @@ const HOST_UID_BASE: u32 = 200_000;
 const HOST_UID_SPAN: u32 = 60_000;
 
 /// The shim, built into the binary so a deployed server needs no source tree.
-const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
+pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
 
 /// An instance of the process backend.
 pub struct ProcInstance {
@@ -53,6 +53,9 @@ impl Instance for ProcInstance {
         let ProcInstance { sandbox, channel } = *self;
         drop(channel);
         sandbox.destroy();
+    }
+    fn repin(&mut self, core: usize) {
+        pin_tree(self.sandbox.pid, core);
     }
     fn memory_bytes(&self) -> Option<u64> {
         self.sandbox.memory_bytes()
@@ -132,7 +135,8 @@ impl ProcessBackend {
         let node = find_node()?;
         let runtime_root = process::rootfs::ensure_runtime(&cache, &node, &agent, &shim)
             .map_err(|e| format!("build the runtime root: {e}"))?;
-        let hearth_exe = std::env::current_exe().map_err(|e| e.to_string())?;
+        // The running binary itself, even if its file was replaced since (upgrades, rebuilds).
+        let hearth_exe = PathBuf::from("/proc/self/exe");
         process::set_subreaper();
         Ok(ProcessBackend {
             inner: Arc::new(Inner {

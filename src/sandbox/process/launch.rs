@@ -42,6 +42,10 @@ const TMP_INODES_MIN: u64 = 1024;
 const TMP_INODES_MAX: u64 = 1 << 20;
 /// RLIMIT_NOFILE inside (what AWS Lambda grants).
 pub const NOFILE_MAX: u64 = 1024;
+/// Environment variable (of hearth, passed on to the launcher): `inherit` keeps hearth's
+/// stderr as the sandbox's fd 2, for debugging the agent. Otherwise fd 2 is /dev/null, because
+/// anything in the sandbox running as its uid could reach that descriptor via /proc/1/fd/2.
+pub const STDERR_ENV: &str = "HEARTH_SANDBOX_STDERR";
 
 /// One line of the launcher's report to `spawn`.
 #[derive(Debug, PartialEq)]
@@ -157,6 +161,7 @@ struct Prepared {
     tmp_bytes: u64,
     pids_rlimit: Option<u64>,
     cpu_core: Option<usize>,
+    keep_stderr: bool,
     filter: Vec<seccomp::SockFilter>,
     exe: CString,
     argv: Vec<CString>,
@@ -207,6 +212,7 @@ fn prepare(spec: &SandboxSpec, has_pids_cgroup: bool) -> Result<Prepared, String
             Some(u64::from(spec.pids_max))
         },
         cpu_core: spec.cpu_core,
+        keep_stderr: std::env::var(STDERR_ENV).is_ok_and(|v| v == "inherit"),
         filter: seccomp::build_filter().map_err(|e| format!("building the seccomp filter: {e}"))?,
         exe: argv[0].clone(),
         argv,
@@ -229,22 +235,19 @@ fn launch() -> Result<(), String> {
         pids_max: spec.pids_max,
         cpu_millicores: spec.cpu_millicores,
     };
-    let (mut group, warnings) = cgroup::create(&spec.name, limits);
+    let (group, warnings) = cgroup::create(&spec.name, limits);
     for w in warnings {
         report(&Line::Warning(w));
     }
     if let Some(g) = &group {
+        // Reported before joining: whatever happens next, hearth removes these directories.
+        report(&Line::Cgroup(g.clone()));
         // SAFETY: getpid has no preconditions.
         if let Err(e) = g.join(unsafe { libc::getpid() }) {
             report(&Line::Warning(format!(
-                "cannot join the sandbox cgroups, running without: {e}"
+                "cannot join the sandbox cgroups, limits may not apply: {e}"
             )));
-            let _ = g.remove();
-            group = None;
         }
-    }
-    if let Some(g) = &group {
-        report(&Line::Cgroup(g.clone()));
     }
     let prepared = prepare(&spec, group.as_ref().is_some_and(Group::has_pids))?;
 
@@ -564,7 +567,7 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
         pin_to_core(core)?;
     }
     reset_signals();
-    prepare_fds()?;
+    prepare_fds(p.keep_stderr)?;
     drop_privileges()?;
     seccomp::install(&p.filter).map_err(|e| format!("installing the seccomp filter: {e}"))?;
 
@@ -664,15 +667,18 @@ fn reset_signals() {
     }
 }
 
-/// stdin and stdout become /dev/null (stdout was the pipe to hearth); stderr stays for the
-/// agent's own diagnostics; fd 3 is the channel; everything else closes on exec.
-fn prepare_fds() -> Result<(), String> {
+/// stdin and stdout (the pipe to hearth) become /dev/null, and so does stderr unless
+/// [`STDERR_ENV`] asks to keep it; fd 3 is the channel; everything else closes on exec.
+fn prepare_fds(keep_stderr: bool) -> Result<(), String> {
     // SAFETY: plain fd syscalls on descriptors this process owns.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
         check(null, "opening /dev/null")?;
         check(libc::dup2(null, 0), "dup2 /dev/null to stdin")?;
         check(libc::dup2(null, 1), "dup2 /dev/null to stdout")?;
+        if !keep_stderr {
+            check(libc::dup2(null, 2), "dup2 /dev/null to stderr")?;
+        }
         libc::close(null);
         check(
             libc::fcntl(3 as RawFd, libc::F_SETFD, 0),

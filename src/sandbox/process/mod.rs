@@ -14,7 +14,9 @@
 //! the sandbox has exec'd, and the sandbox's PID 1 is reparented to hearth, which is a child
 //! subreaper ([`set_subreaper`]) and therefore reaps it ([`Sandbox::try_wait`]).
 //!
-//! The channel is a Unix stream socketpair: fd 3 inside, [`Sandbox::channel`] outside.
+//! The channel is a Unix stream socketpair: fd 3 inside, [`Sandbox::channel`] outside. Fds 0-2
+//! are /dev/null (`HEARTH_SANDBOX_STDERR=inherit` in hearth's environment keeps hearth's stderr
+//! as fd 2, for debugging); no other descriptor survives into the sandbox.
 //!
 //! This is weaker isolation than a microVM: the sandbox shares the host kernel.
 
@@ -231,6 +233,9 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit());
+    if let Some(v) = std::env::var_os(launch::STDERR_ENV) {
+        cmd.env(launch::STDERR_ENV, v);
+    }
     // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl).
     unsafe {
         cmd.pre_exec(move || {
@@ -296,20 +301,21 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
 
     let pid = match (failed, pid) {
         (None, Some(pid)) => pid,
-        (None, None) => {
-            return Err(SandboxError::Launcher(
-                "launcher reported success without a pid".into(),
-            ));
-        }
-        (Some(e), pid) => {
-            // Leave nothing behind: the child (if any) and the cgroups.
+        (failed, pid) => {
+            let e = failed.unwrap_or_else(|| {
+                SandboxError::Launcher("launcher reported success without a pid".into())
+            });
+            // Leave nothing behind: the child (if any) and the cgroups. After a setup error
+            // the launcher has reaped the child itself; otherwise the child (if there is
+            // one) is ours now, unreaped, and must be killed.
+            let reaped = pid.is_none() || matches!(e, SandboxError::Setup(_));
             let mut orphan = Sandbox {
                 pid: pid.unwrap_or(0),
                 channel: host_end,
                 warnings,
                 group,
                 pidfd,
-                status: if pid.is_some() { None } else { Some(0) },
+                status: reaped.then_some(-1),
                 destroyed: false,
             };
             orphan.teardown();
@@ -518,7 +524,8 @@ mod tests {
 
     #[test]
     fn unsafe_or_unusable_specs_are_rejected() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut SandboxSpec)>)> = vec![
+        type Mutation = Box<dyn Fn(&mut SandboxSpec)>;
+        let cases: Vec<(&str, Mutation)> = vec![
             ("name", Box::new(|s| s.name = "../x".into())),
             ("name", Box::new(|s| s.name = "a".repeat(65))),
             ("name", Box::new(|s| s.name = String::new())),

@@ -1,8 +1,8 @@
 //! The runtime root: the directory tree every process sandbox sees (read-only) as `/`.
 //!
-//! It holds Node.js and exactly the shared libraries it links against (at the same absolute
-//! paths as on the host, so the dynamic loader finds them without a cache), the guest agent,
-//! the runtime shim, a minimal `/etc`, mount points for what the launcher mounts, and device
+//! It holds Node.js and exactly the shared libraries it and the agent link against (at the
+//! same absolute paths as on the host, so the dynamic loader finds them without a cache), the
+//! guest agent, the runtime shim, a minimal `/etc`, mount points for what the launcher mounts, and device
 //! mount points. It is built once per distinct set of inputs under a content-derived name, in a
 //! temporary directory that is renamed into place, so concurrent callers race safely and a
 //! half-built tree is never used.
@@ -53,9 +53,15 @@ pub fn ensure_runtime(
     let node = fs::canonicalize(node).map_err(|e| annotate(e, "node binary", node))?;
     let agent = fs::canonicalize(agent).map_err(|e| annotate(e, "agent binary", agent))?;
     let shim = fs::canonicalize(shim).map_err(|e| annotate(e, "runtime shim", shim))?;
-    let libs = shared_libraries(&node)?;
+    // The agent may be static (musl) or link glibc like Node; either way its libraries come.
+    let mut libs = shared_libraries(&node)?;
+    for lib in shared_libraries(&agent)? {
+        if !libs.contains(&lib) {
+            libs.push(lib);
+        }
+    }
 
-    let key = runtime_key(&node, &agent, &shim, &libs)?;
+    let key = runtime_key(cache_dir, &node, &agent, &shim, &libs)?;
     let root = cache_dir.join(format!("runtime-{key}"));
     if root.is_dir() {
         return Ok(root);
@@ -150,13 +156,19 @@ fn parse_ldd(text: &str) -> io::Result<Vec<PathBuf>> {
 /// A key over the inputs: full contents of node, agent and shim; path, size, mtime and inode
 /// of each library (hashing every library on each start would cost more than it protects —
 /// the package manager replaces them with new inodes).
-fn runtime_key(node: &Path, agent: &Path, shim: &Path, libs: &[PathBuf]) -> io::Result<String> {
+fn runtime_key(
+    cache_dir: &Path,
+    node: &Path,
+    agent: &Path,
+    shim: &Path,
+    libs: &[PathBuf],
+) -> io::Result<String> {
     let mut h = Sha256::new();
     h.update(LAYOUT_VERSION.as_bytes());
     for (role, path) in [("node", node), ("agent", agent), ("shim", shim)] {
         h.update(role.as_bytes());
         h.update([0]);
-        hash_file(&mut h, path)?;
+        h.update(content_digest(cache_dir, path)?);
     }
     for lib in libs {
         let m = fs::metadata(lib).map_err(|e| annotate(e, "library", lib))?;
@@ -167,8 +179,48 @@ fn runtime_key(node: &Path, agent: &Path, shim: &Path, libs: &[PathBuf]) -> io::
         h.update(m.mtime_nsec().to_le_bytes());
         h.update(m.ino().to_le_bytes());
     }
-    let digest = h.finalize();
-    Ok(digest[..16].iter().map(|b| format!("{b:02x}")).collect())
+    Ok(hex(&h.finalize()[..16]))
+}
+
+/// SHA-256 of a file's contents, remembered under `cache_dir/.digests` by the file's identity
+/// (device, inode, size, mtime, ctime): hashing Node.js (~100 MB) takes 3 s in a debug build,
+/// and any change to the file changes its ctime.
+fn content_digest(cache_dir: &Path, path: &Path) -> io::Result<[u8; 32]> {
+    let m = fs::metadata(path).map_err(|e| annotate(e, "reading", path))?;
+    let mut id = Sha256::new();
+    id.update(path.as_os_str().as_encoded_bytes());
+    for v in [m.dev(), m.ino(), m.len()] {
+        id.update(v.to_le_bytes());
+    }
+    for v in [m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec()] {
+        id.update(v.to_le_bytes());
+    }
+    let memo_dir = cache_dir.join(".digests");
+    let memo = memo_dir.join(hex(&id.finalize()));
+    if let Ok(bytes) = fs::read(&memo) {
+        if let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) {
+            return Ok(digest);
+        }
+    }
+    let mut h = Sha256::new();
+    hash_file(&mut h, path)?;
+    let digest: [u8; 32] = h.finalize().into();
+    // Best effort: a missing memo only costs the hash again.
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = memo_dir.join(format!(
+        ".tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::create_dir_all(&memo_dir)
+        .and_then(|_| fs::write(&tmp, digest))
+        .and_then(|_| fs::rename(&tmp, &memo));
+    let _ = fs::remove_file(&tmp);
+    Ok(digest)
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 fn hash_file(h: &mut Sha256, path: &Path) -> io::Result<()> {
@@ -286,6 +338,11 @@ mod tests {
     }
 
     #[test]
+    fn static_binaries_need_no_libraries() {
+        assert!(parse_ldd("\tstatically linked\n").unwrap().is_empty());
+    }
+
+    #[test]
     fn ldd_missing_library_is_an_error() {
         let err = parse_ldd("\tlibfoo.so.1 => not found\n").unwrap_err();
         assert!(err.to_string().contains("libfoo.so.1"), "{err}");
@@ -325,12 +382,14 @@ mod tests {
             assert!(m.is_dir());
             assert_eq!(m.permissions().mode() & 0o7777, 0o755, "{d}");
         }
-        // No temporary trees are left behind.
-        let leftovers: Vec<_> = fs::read_dir(&cache)
+        // No temporary trees are left behind: one root plus the digest memos.
+        let mut entries: Vec<String> = fs::read_dir(&cache)
             .unwrap()
-            .filter_map(|e| e.ok())
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
             .collect();
-        assert_eq!(leftovers.len(), 1);
+        entries.sort();
+        assert_eq!(entries.len(), 2, "{entries:?}");
+        assert_eq!(entries[0], ".digests");
 
         // A different shim is a different root.
         fs::write(&shim, "// shim 2\n").unwrap();

@@ -15,7 +15,7 @@
 use std::io;
 
 // Classic BPF opcodes (linux/bpf_common.h); only what the filter uses.
-const BPF_LD_W_ABS: u16 = 0x00 | 0x00 | 0x20; // BPF_LD | BPF_W | BPF_ABS
+const BPF_LD_W_ABS: u16 = 0x20; // BPF_LD (0) | BPF_W (0) | BPF_ABS (0x20)
 const BPF_JMP_JEQ_K: u16 = 0x05 | 0x10; // BPF_JMP | BPF_JEQ | BPF_K
 const BPF_JMP_JGE_K: u16 = 0x05 | 0x30; // BPF_JMP | BPF_JGE | BPF_K
 const BPF_JMP_JSET_K: u16 = 0x05 | 0x40; // BPF_JMP | BPF_JSET | BPF_K
@@ -327,9 +327,9 @@ mod tests {
             match off {
                 0 => self.nr,
                 4 => self.arch,
-                16..=63 if off % 4 == 0 => {
+                16..=63 if off.is_multiple_of(4) => {
                     let a = self.args[(off as usize - 16) / 8];
-                    if off % 8 == 0 {
+                    if off.is_multiple_of(8) {
                         a as u32
                     } else {
                         (a >> 32) as u32

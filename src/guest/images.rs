@@ -1,0 +1,386 @@
+//! The guest's boot artifacts, cached under names derived from their inputs:
+//!
+//! | artifact   | where                                     | inputs                              |
+//! |------------|-------------------------------------------|-------------------------------------|
+//! | initramfs  | `<state>/cache/guest/initramfs-<h>.cpio`  | agent binary, kernel modules        |
+//! | runtime    | `<state>/cache/guest/runtime-<h>.ext4`    | the process backend's runtime root (node, its libraries, shim, agent) |
+//! | code       | `<fn dir>/code-<h>.ext4`                  | the function's `code/` tree         |
+//!
+//! A file is rebuilt only when no file of its name exists; builds go to a
+//! temporary name and are renamed into place, so concurrent builders race
+//! safely and a half-written image is never used. Old artifacts are kept:
+//! snapshots name the exact files they were made with.
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Read};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+
+use sha2::{Digest, Sha256};
+
+use super::ext4::{self, Ext4Error};
+use super::initramfs::CpioWriter;
+use super::kernel::{self, Kernel, KernelError};
+
+/// Bumped whenever what goes into the artifacts changes.
+const LAYOUT_VERSION: &str = "hearth-guest-v2";
+/// Where the agent is in the initramfs (the kernel runs `/init`).
+pub const INIT_PATH: &str = "init";
+/// The modules directory in the initramfs (the agent's `hearth.modules` default).
+pub const MODULES_DIR: &str = "modules";
+/// Files in a function's code tree that are hashed (bounded like the archive limits).
+const CODE_ENTRIES_MAX: usize = 200_000;
+
+/// Why an artifact could not be built.
+#[derive(Debug)]
+pub enum ImageError {
+    Kernel(KernelError),
+    Ext4(Ext4Error),
+    /// A host tool or binary the guest needs is missing.
+    Missing(String),
+    Io { path: PathBuf, err: io::Error },
+}
+
+impl fmt::Display for ImageError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            ImageError::Kernel(e) => write!(f, "{e}"),
+            ImageError::Ext4(e) => write!(f, "{e}"),
+            ImageError::Missing(m) => write!(f, "{m}"),
+            ImageError::Io { path, err } => write!(f, "{}: {err}", path.display()),
+        }
+    }
+}
+
+impl std::error::Error for ImageError {}
+
+impl From<KernelError> for ImageError {
+    fn from(e: KernelError) -> Self {
+        ImageError::Kernel(e)
+    }
+}
+
+impl From<Ext4Error> for ImageError {
+    fn from(e: Ext4Error) -> Self {
+        ImageError::Ext4(e)
+    }
+}
+
+fn io_at(path: &Path) -> impl FnOnce(io::Error) -> ImageError + '_ {
+    move |err| ImageError::Io {
+        path: path.to_path_buf(),
+        err,
+    }
+}
+
+/// What every VM of this server boots: kernel, initramfs, runtime drive.
+#[derive(Clone, Debug)]
+pub struct Guest {
+    pub kernel: Kernel,
+    pub initramfs: PathBuf,
+    pub runtime_image: PathBuf,
+}
+
+/// The artifact cache of a state directory.
+pub fn cache_dir(state_dir: &Path) -> PathBuf {
+    state_dir.join("cache").join("guest")
+}
+
+/// Finds (or fetches) the kernel and builds what is missing of the initramfs
+/// and runtime image, with the same Node.js, agent and shim the process
+/// backend uses.
+pub fn prepare_guest(state_dir: &Path) -> Result<Guest, ImageError> {
+    let kernel = kernel::ensure(state_dir)?;
+    let agent = find_static_agent()?;
+    let node = crate::sandbox::process_backend::find_node().map_err(ImageError::Missing)?;
+    let cache = state_dir.join("cache");
+    let shim = write_shim(&cache)?;
+    let root = crate::sandbox::process::rootfs::ensure_runtime(&cache, &node, &agent, &shim)
+        .map_err(io_at(&cache))?;
+    let guest_cache = cache_dir(state_dir);
+    let runtime_image = runtime_image(&guest_cache, &root)?;
+    let initramfs = initramfs(&guest_cache, &agent, &kernel)?;
+    Ok(Guest {
+        kernel,
+        initramfs,
+        runtime_image,
+    })
+}
+
+/// The guest agent for the initramfs, which has no shared libraries: a
+/// statically linked build (`tools/build-agent.sh`). `$HEARTH_AGENT` if set,
+/// else the first static one of the places the process backend looks (a
+/// plain `cargo build` also leaves a dynamic `hearth-agent` next to hearth).
+pub fn find_static_agent() -> Result<PathBuf, ImageError> {
+    let mut candidates = Vec::new();
+    if let Ok(p) = std::env::var("HEARTH_AGENT") {
+        candidates.push(PathBuf::from(p));
+    } else {
+        let exe = std::env::current_exe().map_err(|e| ImageError::Missing(e.to_string()))?;
+        let dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
+        candidates.push(dir.join("hearth-agent"));
+        for up in [dir.join(".."), dir.join("../..")] {
+            for profile in ["release", "debug"] {
+                candidates.push(up.join("x86_64-unknown-linux-gnu").join(profile).join("hearth-agent"));
+            }
+        }
+    }
+    let mut dynamic = Vec::new();
+    for c in candidates.into_iter().filter(|p| p.is_file()) {
+        match is_static_elf(&c) {
+            Ok(true) => return Ok(c),
+            Ok(false) => dynamic.push(c.display().to_string()),
+            Err(e) => dynamic.push(format!("{} ({e})", c.display())),
+        }
+    }
+    Err(ImageError::Missing(if dynamic.is_empty() {
+        "the guest agent binary was not found: run tools/build-agent.sh or set HEARTH_AGENT".into()
+    } else {
+        format!(
+            "no statically linked guest agent (dynamic: {}): run tools/build-agent.sh",
+            dynamic.join(", ")
+        )
+    }))
+}
+
+/// True when the ELF file at `path` has no program interpreter (PT_INTERP).
+pub fn is_static_elf(path: &Path) -> io::Result<bool> {
+    let mut f = fs::File::open(path)?;
+    let mut head = [0u8; 64];
+    f.read_exact(&mut head)?;
+    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a 64-bit little-endian ELF file");
+    if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return Err(bad());
+    }
+    let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().expect("8 bytes"));
+    let phentsize = usize::from(u16::from_le_bytes([head[0x36], head[0x37]]));
+    let phnum = usize::from(u16::from_le_bytes([head[0x38], head[0x39]]));
+    if phentsize < 4 || phnum > 256 {
+        return Err(bad());
+    }
+    let mut table = vec![0u8; phentsize * phnum];
+    use std::io::Seek;
+    f.seek(io::SeekFrom::Start(phoff))?;
+    f.read_exact(&mut table)?;
+    const PT_INTERP: u32 = 3;
+    Ok(table
+        .chunks(phentsize)
+        .all(|ph| u32::from_le_bytes(ph[..4].try_into().expect("4 bytes")) != PT_INTERP))
+}
+
+/// Writes the runtime shim to `<cache>/bootstrap.js` (as the process backend does).
+pub fn write_shim(cache: &Path) -> Result<PathBuf, ImageError> {
+    let shim = cache.join("bootstrap.js");
+    let want = crate::sandbox::process_backend::SHIM;
+    if fs::read(&shim).ok().as_deref() != Some(want) {
+        fs::create_dir_all(cache).map_err(io_at(cache))?;
+        let tmp = cache.join(format!(".bootstrap.js.tmp-{}", std::process::id()));
+        fs::write(&tmp, want)
+            .and_then(|_| fs::rename(&tmp, &shim))
+            .map_err(io_at(&shim))?;
+    }
+    Ok(shim)
+}
+
+/// The read-only runtime drive made from `runtime_root` (a directory from
+/// [`crate::sandbox::process::rootfs::ensure_runtime`], whose name already
+/// is a digest of its contents).
+pub fn runtime_image(cache: &Path, runtime_root: &Path) -> Result<PathBuf, ImageError> {
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION);
+    h.update(runtime_root.file_name().unwrap_or_default().as_encoded_bytes());
+    let image = cache.join(format!("runtime-{}.ext4", super::short_hex(h)));
+    if image.is_file() {
+        return Ok(image);
+    }
+    fs::create_dir_all(cache).map_err(io_at(cache))?;
+    // The agent moves /sys into the new root only if the image has a mount
+    // point for it, and it finds the channel port through /sys.
+    let extra: &[&str] = if runtime_root.join("sys").is_dir() { &[] } else { &["sys"] };
+    ext4::make_image_with(runtime_root, &image, "hearth-runtime", extra)?;
+    Ok(image)
+}
+
+/// The initramfs: the agent as `/init`, the kernel's modules and their
+/// load order in `/modules/order`, and `/dev/console` so that the kernel
+/// gives init a console before devtmpfs is mounted.
+pub fn initramfs(cache: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf, ImageError> {
+    let agent_bytes = fs::read(agent).map_err(io_at(agent))?;
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION);
+    h.update(&agent_bytes);
+    let mut modules = Vec::new();
+    for m in &kernel.modules {
+        let bytes = fs::read(m).map_err(io_at(m))?;
+        let name = m
+            .file_name()
+            .expect("module paths name files")
+            .to_string_lossy()
+            .into_owned();
+        h.update(name.as_bytes());
+        h.update((bytes.len() as u64).to_le_bytes());
+        h.update(&bytes);
+        modules.push((name, bytes));
+    }
+    let out = cache.join(format!("initramfs-{}.cpio", super::short_hex(h)));
+    if out.is_file() {
+        return Ok(out);
+    }
+    let mut w = CpioWriter::new(Vec::with_capacity(agent_bytes.len() + (4 << 20)));
+    let cpio_err = |e: io::Error| ImageError::Io {
+        path: out.clone(),
+        err: e,
+    };
+    for d in ["dev", "proc", "sys", MODULES_DIR] {
+        w.dir(d, 0o755).map_err(cpio_err)?;
+    }
+    w.char_device("dev/console", 0o600, 5, 1).map_err(cpio_err)?;
+    w.char_device("dev/null", 0o666, 1, 3).map_err(cpio_err)?;
+    w.file(INIT_PATH, 0o755, &agent_bytes).map_err(cpio_err)?;
+    let mut order = String::from("# load order (written by hearth)\n");
+    for (name, bytes) in &modules {
+        w.file(&format!("{MODULES_DIR}/{name}"), 0o644, bytes)
+            .map_err(cpio_err)?;
+        order.push_str(name);
+        order.push('\n');
+    }
+    w.file(&format!("{MODULES_DIR}/order"), 0o644, order.as_bytes())
+        .map_err(cpio_err)?;
+    let bytes = w.finish().map_err(cpio_err)?;
+    fs::create_dir_all(cache).map_err(io_at(cache))?;
+    let tmp = cache.join(format!(".initramfs.tmp-{}", std::process::id()));
+    fs::write(&tmp, &bytes)
+        .and_then(|_| fs::rename(&tmp, &out))
+        .map_err(io_at(&out))?;
+    Ok(out)
+}
+
+/// The read-only code drive of a function: `<fn dir>/code-<h>.ext4` made
+/// from `<fn dir>/code`.
+pub fn code_image(fn_dir: &Path) -> Result<PathBuf, ImageError> {
+    let code = fn_dir.join("code");
+    let key = tree_digest(&code)?;
+    let image = fn_dir.join(format!("code-{key}.ext4"));
+    if image.is_file() {
+        return Ok(image);
+    }
+    ext4::make_image(&code, &image, "hearth-code")?;
+    Ok(image)
+}
+
+/// A digest of a tree: every entry's relative path, type, mode, and its
+/// contents or link target, in sorted order.
+pub fn tree_digest(root: &Path) -> Result<String, ImageError> {
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION);
+    let mut todo = vec![PathBuf::new()];
+    let mut count = 0usize;
+    let mut buf = vec![0u8; 1 << 16];
+    while let Some(rel) = todo.pop() {
+        let dir = root.join(&rel);
+        let mut entries: Vec<_> = fs::read_dir(&dir)
+            .map_err(io_at(&dir))?
+            .collect::<Result<_, _>>()
+            .map_err(io_at(&dir))?;
+        entries.sort_by_key(|e| e.file_name());
+        // Pushed in reverse so the walk visits names in order.
+        let mut subdirs = Vec::new();
+        for e in entries {
+            count += 1;
+            if count > CODE_ENTRIES_MAX {
+                return Err(ImageError::Missing(format!(
+                    "{} has more than {CODE_ENTRIES_MAX} entries",
+                    root.display()
+                )));
+            }
+            let path = e.path();
+            let m = fs::symlink_metadata(&path).map_err(io_at(&path))?;
+            let name = rel.join(e.file_name());
+            h.update(name.as_os_str().as_encoded_bytes());
+            h.update([0]);
+            h.update(m.mode().to_le_bytes());
+            if m.file_type().is_symlink() {
+                let t = fs::read_link(&path).map_err(io_at(&path))?;
+                h.update(t.as_os_str().as_encoded_bytes());
+            } else if m.is_file() {
+                h.update(m.len().to_le_bytes());
+                let mut f = fs::File::open(&path).map_err(io_at(&path))?;
+                loop {
+                    let n = f.read(&mut buf).map_err(io_at(&path))?;
+                    if n == 0 {
+                        break;
+                    }
+                    h.update(&buf[..n]);
+                }
+            } else if m.is_dir() {
+                subdirs.push(name);
+            }
+            h.update([0xff]);
+        }
+        todo.extend(subdirs.into_iter().rev());
+    }
+    Ok(super::short_hex(h))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn tree_digest_follows_contents_names_and_modes() {
+        let base = std::env::temp_dir().join(format!("hearth-digest-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(base.join("a/b")).unwrap();
+        fs::write(base.join("a/b/f.js"), "1").unwrap();
+        fs::write(base.join("index.js"), "x").unwrap();
+        let d1 = tree_digest(&base).unwrap();
+        assert_eq!(d1, tree_digest(&base).unwrap());
+        fs::write(base.join("a/b/f.js"), "2").unwrap();
+        let d2 = tree_digest(&base).unwrap();
+        assert_ne!(d1, d2);
+        fs::set_permissions(base.join("index.js"), fs::Permissions::from_mode(0o600)).unwrap();
+        assert_ne!(d2, tree_digest(&base).unwrap());
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        // /bin/sh is dynamic on every distribution hearth supports.
+        assert!(!is_static_elf(Path::new("/bin/sh")).unwrap());
+        assert!(is_static_elf(Path::new("/etc/hostname")).is_err());
+    }
+
+    #[test]
+    fn initramfs_holds_init_modules_and_their_order() {
+        let base = std::env::temp_dir().join(format!("hearth-initrd-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let agent = base.join("agent");
+        fs::write(&agent, b"\x7fELF agent").unwrap();
+        let mut modules = Vec::new();
+        for m in ["virtio_ring.ko", "virtio.ko"] {
+            fs::write(base.join(m), m).unwrap();
+            modules.push(base.join(m));
+        }
+        let k = Kernel {
+            image: base.join("bz"),
+            release: String::new(),
+            modules,
+            source: "test".into(),
+        };
+        let a = initramfs(&base.join("cache"), &agent, &k).unwrap();
+        assert_eq!(a, initramfs(&base.join("cache"), &agent, &k).unwrap());
+        let bytes = fs::read(&a).unwrap();
+        let text = String::from_utf8_lossy(&bytes);
+        let ring = text.find("modules/virtio_ring.ko").unwrap();
+        assert!(ring < text.find("modules/virtio.ko").unwrap());
+        assert!(text.contains("virtio_ring.ko\nvirtio.ko\n"));
+        assert!(text.contains("init\0"));
+        // A different agent is a different archive.
+        fs::write(&agent, b"\x7fELF agent 2").unwrap();
+        assert_ne!(a, initramfs(&base.join("cache"), &agent, &k).unwrap());
+        let _ = fs::remove_dir_all(&base);
+    }
+}

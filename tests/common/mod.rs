@@ -1,0 +1,486 @@
+//! Helpers shared by the integration tests: a real `hearth serve` process on an
+//! ephemeral port ([`Server`]) and a raw-TCP HTTP/1.1 client ([`Client`]) that
+//! lets a test send exactly the bytes it wants and see exactly what came back,
+//! including whether the server closed the connection.
+//!
+//! Each test binary compiles this module separately and uses only part of it.
+#![allow(dead_code)]
+
+use std::fs;
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// How long a server may take to print its listening line.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `Drop` waits after SIGTERM before it kills the server.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+/// Default read timeout of client sockets: long enough for a loaded CI box,
+/// short enough that a hung test fails instead of stalling the run.
+pub const READ_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the static guest agent lands after `tools/build-agent.sh`.
+fn static_agent() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/x86_64-unknown-linux-gnu/release/hearth-agent")
+}
+
+/// A fresh, empty directory under cargo's per-target scratch space.
+pub fn temp_dir(label: &str) -> PathBuf {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR")).join(format!(
+        "{label}-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    let _ = fs::remove_dir_all(&dir);
+    fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("create {}: {e}", dir.display()));
+    dir
+}
+
+/// A running `hearth serve` child process, stopped and cleaned up on drop.
+pub struct Server {
+    /// The address the server listens on.
+    pub addr: SocketAddr,
+    /// The temporary directory holding the state dir and the stderr log.
+    pub dir: PathBuf,
+    child: Option<Child>,
+    stderr_path: PathBuf,
+}
+
+impl Server {
+    /// Starts `hearth serve --listen 127.0.0.1:0 --state-dir <tmp> <args>`.
+    pub fn start(args: &[&str]) -> Server {
+        Server::start_with_env(args, &[])
+    }
+
+    /// Like [`Server::start`], with extra environment variables (which override
+    /// the defaults chosen here, e.g. `HEARTH_AGENT`).
+    pub fn start_with_env(args: &[&str], env: &[(&str, &str)]) -> Server {
+        Server::start_with(args, env, |_| {})
+    }
+
+    /// Like [`Server::start_with_env`]; `configure` may adjust the command last
+    /// (e.g. `pre_exec` to set resource limits).
+    pub fn start_with(
+        args: &[&str],
+        env: &[(&str, &str)],
+        configure: impl FnOnce(&mut Command),
+    ) -> Server {
+        let dir = temp_dir("server");
+        let state = dir.join("state");
+        let stderr_path = dir.join("stderr.log");
+        let stderr = fs::File::create(&stderr_path).expect("create stderr log");
+        let agent = static_agent();
+        // The process backend builds a runtime root holding the agent at start-up, so
+        // some file must be named even when no function will run.
+        let agent = if agent.is_file() {
+            agent
+        } else {
+            PathBuf::from("/usr/bin/true")
+        };
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
+        cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");
+        // A test may bring its own state dir (e.g. to restart on the same state).
+        if !args.contains(&"--state-dir") {
+            cmd.arg("--state-dir").arg(&state);
+        }
+        cmd.args(args)
+            .env("HEARTH_AGENT", &agent)
+            .env_remove("HEARTH_ADMIN_TOKEN")
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::from(stderr));
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        configure(&mut cmd);
+        let mut child = cmd
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn {}: {e}", env!("CARGO_BIN_EXE_hearth")));
+
+        // Read stdout on a thread so a server that never prints cannot hang the test;
+        // the thread keeps draining stdout until the server exits.
+        let stdout = child.stdout.take().expect("piped stdout");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = BufReader::new(stdout).lines();
+            for line in lines.by_ref() {
+                let Ok(line) = line else { break };
+                if let Some(addr) = line.strip_prefix("hearth: listening on http://") {
+                    let _ = tx.send(addr.trim().to_string());
+                }
+            }
+        });
+        let addr = match rx.recv_timeout(START_TIMEOUT) {
+            Ok(a) => a,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "hearth serve {args:?} did not report its address; stderr:\n{}",
+                    fs::read_to_string(&stderr_path).unwrap_or_default()
+                );
+            }
+        };
+        Server {
+            addr: addr
+                .parse()
+                .unwrap_or_else(|e| panic!("bad listening address {addr:?}: {e}")),
+            dir,
+            child: Some(child),
+            stderr_path,
+        }
+    }
+
+    /// The process id of the server.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// Everything the server wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// Sends `sig` to the server.
+    pub fn signal(&self, sig: i32) {
+        // SAFETY: kill(2) on our own child's pid.
+        unsafe { libc::kill(self.pid() as libc::pid_t, sig) };
+    }
+
+    /// Sends SIGTERM and waits for the server to exit (killing it after 30 s);
+    /// returns its exit status and how long it took to exit.
+    pub fn stop(&mut self) -> (ExitStatus, Duration) {
+        let started = Instant::now();
+        self.signal(libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(30));
+        (status, started.elapsed())
+    }
+
+    /// Waits up to `limit` for the server to exit, then kills it.
+    pub fn wait_exit(&mut self, limit: Duration) -> ExitStatus {
+        let child = self.child.as_mut().expect("server is running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().expect("wait for server") {
+                self.child = None;
+                return status;
+            }
+            if Instant::now() >= deadline {
+                let _ = child.kill();
+                let status = child.wait().expect("wait for killed server");
+                self.child = None;
+                return status;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
+    /// Opens a TCP connection to the server.
+    pub fn connect(&self) -> Client {
+        Client::connect(self.addr)
+    }
+
+    /// Sends raw bytes on a new connection and returns everything the server
+    /// sends back until it closes the connection (or [`READ_TIMEOUT`] passes).
+    pub fn send(&self, bytes: &[u8]) -> Vec<u8> {
+        let mut c = self.connect();
+        c.write(bytes);
+        c.read_to_close(READ_TIMEOUT).0
+    }
+
+    /// `GET <path>` on a new connection that asks to be closed.
+    pub fn get(&self, path: &str) -> Response {
+        let mut c = self.connect();
+        c.write(format!("GET {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n").as_bytes());
+        c.response()
+    }
+
+    /// Asserts that `GET /healthz` answers 200 `ok` on a new connection.
+    pub fn assert_healthy(&self) {
+        let r = self.get("/healthz");
+        assert_eq!(
+            (r.status, r.body.as_slice()),
+            (200, &b"ok"[..]),
+            "server unhealthy; stderr:\n{}",
+            self.stderr()
+        );
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        if self.child.is_some() {
+            self.signal(libc::SIGTERM);
+            self.wait_exit(STOP_GRACE);
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// A parsed HTTP/1.1 response.
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    /// Header fields in order, names lower-cased.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Response {
+    /// The first header called `name` (lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The body as text.
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+
+    /// The body as JSON (panics if it is not).
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("body is not JSON ({e}): {:?}", self.text()))
+    }
+
+    /// Asserts the body is exactly `{"error": <string>, "code": <code>}`.
+    pub fn assert_json_error(&self, code: &str) {
+        assert_eq!(
+            self.header("content-type"),
+            Some("application/json"),
+            "{self:?}"
+        );
+        let v = self.json();
+        let obj = v
+            .as_object()
+            .unwrap_or_else(|| panic!("not an object: {v}"));
+        assert_eq!(obj.len(), 2, "unexpected fields in {v}");
+        assert!(obj["error"].as_str().is_some_and(|s| !s.is_empty()), "{v}");
+        assert_eq!(obj["code"], code, "{v}");
+    }
+}
+
+/// One client connection, with a buffer for bytes read past the last response.
+pub struct Client {
+    pub stream: TcpStream,
+    buf: Vec<u8>,
+}
+
+impl Client {
+    /// Connects to `addr` with a [`READ_TIMEOUT`] read timeout.
+    pub fn connect(addr: SocketAddr) -> Client {
+        let stream = TcpStream::connect(addr).unwrap_or_else(|e| panic!("connect to {addr}: {e}"));
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Writes all of `bytes`.
+    pub fn write(&mut self, bytes: &[u8]) {
+        self.stream
+            .write_all(bytes)
+            .unwrap_or_else(|e| panic!("write {} bytes: {e}", bytes.len()));
+    }
+
+    /// Writes `bytes`, tolerating a peer that already closed (returns false then).
+    pub fn try_write(&mut self, bytes: &[u8]) -> bool {
+        self.stream.write_all(bytes).is_ok()
+    }
+
+    /// Reads once into the buffer; `Ok(0)` is EOF.
+    fn fill(&mut self) -> std::io::Result<usize> {
+        let mut chunk = [0u8; 16 * 1024];
+        let n = self.stream.read(&mut chunk)?;
+        self.buf.extend_from_slice(&chunk[..n]);
+        Ok(n)
+    }
+
+    /// Reads one response to a non-HEAD request; panics on EOF or timeout.
+    pub fn response(&mut self) -> Response {
+        self.read_response(false)
+    }
+
+    /// Reads one response to a HEAD request (Content-Length but no body).
+    pub fn head_response(&mut self) -> Response {
+        self.read_response(true)
+    }
+
+    fn read_response(&mut self, head_only: bool) -> Response {
+        loop {
+            let mut fields = [httparse::EMPTY_HEADER; 64];
+            let mut parsed = httparse::Response::new(&mut fields);
+            match parsed.parse(&self.buf) {
+                Ok(httparse::Status::Complete(head_len)) => {
+                    let status = parsed.code.expect("status code");
+                    let headers: Vec<(String, String)> = parsed
+                        .headers
+                        .iter()
+                        .map(|h| {
+                            (
+                                h.name.to_ascii_lowercase(),
+                                String::from_utf8_lossy(h.value).into_owned(),
+                            )
+                        })
+                        .collect();
+                    let len = if head_only || status / 100 == 1 {
+                        0
+                    } else {
+                        headers
+                            .iter()
+                            .find(|(k, _)| k == "content-length")
+                            .map(|(_, v)| v.parse::<usize>().expect("numeric Content-Length"))
+                            .expect("response without Content-Length")
+                    };
+                    while self.buf.len() < head_len + len {
+                        self.fill_or_panic("response body");
+                    }
+                    let body = self.buf[head_len..head_len + len].to_vec();
+                    self.buf.drain(..head_len + len);
+                    return Response {
+                        status,
+                        headers,
+                        body,
+                    };
+                }
+                Ok(httparse::Status::Partial) => self.fill_or_panic("response head"),
+                Err(e) => panic!(
+                    "unparsable response ({e}): {:?}",
+                    String::from_utf8_lossy(&self.buf)
+                ),
+            }
+        }
+    }
+
+    fn fill_or_panic(&mut self, what: &str) {
+        match self.fill() {
+            Ok(0) => panic!(
+                "connection closed while reading the {what}; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+            Ok(_) => {}
+            Err(e) => panic!(
+                "reading the {what}: {e}; have {:?}",
+                String::from_utf8_lossy(&self.buf)
+            ),
+        }
+    }
+
+    /// Reads until the server closes the connection or `limit` passes. Returns the
+    /// unread bytes (including any buffered) and whether the connection was closed
+    /// (EOF or reset) within the limit.
+    pub fn read_to_close(&mut self, limit: Duration) -> (Vec<u8>, bool) {
+        let deadline = Instant::now() + limit;
+        let closed = loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                break false;
+            }
+            self.stream.set_read_timeout(Some(left)).unwrap();
+            match self.fill() {
+                Ok(0) => break true,
+                Ok(_) => {}
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    break false
+                }
+                Err(e) if e.kind() == ErrorKind::Interrupted => {}
+                Err(_) => break true,
+            }
+        };
+        self.stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        (std::mem::take(&mut self.buf), closed)
+    }
+
+    /// Asserts the server closes the connection within `limit` with nothing more to say.
+    pub fn assert_closed(&mut self, limit: Duration) {
+        let (rest, closed) = self.read_to_close(limit);
+        assert!(
+            closed,
+            "connection still open after {limit:?}; unread: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+        assert!(
+            rest.is_empty(),
+            "unexpected bytes before close: {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+
+    /// Asserts the connection stays open (no bytes, no EOF) for `span`.
+    pub fn assert_open(&mut self, span: Duration) {
+        let (rest, closed) = self.read_to_close(span);
+        assert!(
+            !closed && rest.is_empty(),
+            "expected an open, quiet connection; closed={closed}, got {:?}",
+            String::from_utf8_lossy(&rest)
+        );
+    }
+}
+
+/// Parses every complete response in `bytes` (none of them to HEAD requests).
+pub fn parse_responses(bytes: &[u8]) -> Vec<Response> {
+    let mut out = Vec::new();
+    let mut rest = bytes;
+    while !rest.is_empty() {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut fields);
+        let Ok(httparse::Status::Complete(head_len)) = parsed.parse(rest) else {
+            panic!("incomplete response: {:?}", String::from_utf8_lossy(rest));
+        };
+        let headers: Vec<(String, String)> = parsed
+            .headers
+            .iter()
+            .map(|h| {
+                (
+                    h.name.to_ascii_lowercase(),
+                    String::from_utf8_lossy(h.value).into_owned(),
+                )
+            })
+            .collect();
+        let status = parsed.code.expect("status");
+        let len = if status / 100 == 1 {
+            0
+        } else {
+            headers
+                .iter()
+                .find(|(k, _)| k == "content-length")
+                .map(|(_, v)| v.parse::<usize>().unwrap())
+                .unwrap_or(0)
+        };
+        assert!(rest.len() >= head_len + len, "truncated body");
+        out.push(Response {
+            status,
+            headers,
+            body: rest[head_len..head_len + len].to_vec(),
+        });
+        rest = &rest[head_len + len..];
+    }
+    out
+}
+
+/// Raises this process's soft open-file limit to at least `want` (up to the hard limit);
+/// children started afterwards inherit it. Returns the soft limit now in force.
+pub fn raise_nofile(want: u64) -> u64 {
+    // SAFETY: getrlimit/setrlimit with a valid rlimit struct.
+    unsafe {
+        let mut lim: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        if lim.rlim_cur < want {
+            lim.rlim_cur = want.min(lim.rlim_max);
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim);
+        }
+        lim.rlim_cur
+    }
+}

@@ -1,57 +1,402 @@
 //! `hearth doctor`: what this host can run, and what to do about what it can't.
+//!
+//! Probes are read-only apart from one forked child that tries to create the
+//! namespaces the process sandbox uses. The report has a section for the host
+//! and one per backend; each backend's first line is its verdict.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use crate::guest::{ext4, images, kernel};
+use crate::sandbox::qemu;
 
 /// One finding.
 pub struct Check {
-    pub name: &'static str,
+    pub name: String,
     pub ok: bool,
     pub detail: String,
 }
 
-/// Host checks shared by every backend.
-pub fn checks(_state_dir: &Path) -> Vec<Check> {
-    let mut out = Vec::new();
-    let uring = crate::engine::uring::probe();
-    out.push(Check {
-        name: "io_uring",
-        ok: uring.is_ok(),
-        detail: uring
-            .err()
-            .map(|e| format!("{e}; the engine falls back to epoll"))
-            .unwrap_or_else(|| "available".into()),
-    });
-    let node = crate::sandbox::process_backend::find_node();
-    out.push(Check {
-        name: "node",
-        ok: node.is_ok(),
-        detail: node.map(|p| p.display().to_string()).unwrap_or_else(|e| e),
-    });
-    let agent = crate::sandbox::process_backend::find_agent();
-    out.push(Check {
-        name: "guest agent",
-        ok: agent.is_ok(),
-        detail: agent.map(|p| p.display().to_string()).unwrap_or_else(|e| e),
-    });
+/// A titled group of findings; for a backend, `verdict` says whether it runs here.
+pub struct Section {
+    pub title: &'static str,
+    pub verdict: Option<Check>,
+    pub checks: Vec<Check>,
+}
+
+fn check(name: &str, ok: bool, detail: impl Into<String>) -> Check {
+    Check {
+        name: name.to_string(),
+        ok,
+        detail: detail.into(),
+    }
+}
+
+fn from_result(name: &str, r: Result<String, String>) -> Check {
+    match r {
+        Ok(d) => check(name, true, d),
+        Err(e) => check(name, false, e),
+    }
+}
+
+/// Everything `hearth doctor` reports, for `state_dir`.
+pub fn report(state_dir: &Path) -> Vec<Section> {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    out.push(Check {
-        name: "process sandbox",
-        ok: root,
-        detail: if root { "root: user/pid/mount/net namespaces, seccomp, cgroups".into() } else { "needs root (it maps each instance to its own host uid and sets up cgroups); run hearth serve as root".into() },
-    });
-    out
+    let uring = crate::engine::uring::probe();
+    let userns = probe_namespaces();
+    let cgroups = cgroup_summary();
+    let node = crate::sandbox::process_backend::find_node();
+    let agent = crate::sandbox::process_backend::find_agent();
+    let static_agent = images::find_static_agent().map_err(|e| e.to_string());
+    let dev_kvm = dev_kvm();
+    let kvm = qemu::kvm_usable();
+
+    let host = Section {
+        title: "host",
+        verdict: None,
+        checks: vec![
+            check(
+                "io_uring",
+                uring.is_ok(),
+                uring
+                    .err()
+                    .map(|e| format!("{e}; the engine falls back to epoll (check /proc/sys/kernel/io_uring_disabled, seccomp)"))
+                    .unwrap_or_else(|| "available".into()),
+            ),
+            from_result("namespaces", userns.clone()),
+            from_result("cgroups", cgroups.clone()),
+            from_result("node", node.clone().map(|p| p.display().to_string())),
+            from_result(
+                "guest agent",
+                agent.clone().map(|p| match images::is_static_elf(&p) {
+                    Ok(true) => format!("{} (static)", p.display()),
+                    _ => format!("{} (dynamically linked: fine for the process backend; microVMs use {})", p.display(),
+                        static_agent.as_ref().map(|s| s.display().to_string()).unwrap_or_else(|_| "a static build: tools/build-agent.sh".into())),
+                }),
+            ),
+            from_result("/dev/kvm", dev_kvm.clone()),
+            from_result("kvm guests", kvm.clone().map(|_| "KVM can run a standard Linux guest".into())),
+        ],
+    };
+
+    let process_problems: Vec<String> = [
+        (!root).then(|| "needs root (each instance gets its own host uid and cgroups): run hearth serve as root".to_string()),
+        userns.as_ref().err().cloned(),
+        node.as_ref().err().cloned(),
+        agent.as_ref().err().cloned(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let process = Section {
+        title: "process backend",
+        verdict: Some(if process_problems.is_empty() {
+            check(
+                "runs here",
+                true,
+                format!(
+                    "namespaces, seccomp, {}; `--backend auto` picks it unless KVM can run guests",
+                    cgroups.as_deref().unwrap_or("no cgroup limits")
+                ),
+            )
+        } else {
+            check("runs here", false, process_problems.join("; "))
+        }),
+        checks: Vec::new(),
+    };
+
+    let qemu_bin = qemu::find_qemu();
+    let qemu_version = qemu_bin.as_ref().map_err(Clone::clone).and_then(|q| qemu::qemu_version(q));
+    let kern = kernel::locate(state_dir);
+    let kernel_check = match &kern {
+        Ok(k) => check(
+            "guest kernel",
+            true,
+            format!(
+                "{} ({} virtio modules){}",
+                k.image.display(),
+                k.modules.len(),
+                if k.release.is_empty() { String::new() } else { format!(", release {}", k.release) }
+            ),
+        ),
+        Err(e) if which("apt-get").is_some() => check(
+            "guest kernel",
+            true,
+            format!("not fetched yet; the first `hearth serve --backend qemu` fetches it ({e})"),
+        ),
+        Err(e) => check("guest kernel", false, e.to_string()),
+    };
+    let mkfs = ext4::mkfs_path();
+    let qemu_checks = vec![
+        from_result("qemu", qemu_version.clone().map(|v| {
+            format!("{v} ({})", qemu_bin.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
+        })),
+        kernel_check,
+        check(
+            "mkfs.ext4",
+            mkfs.is_some(),
+            mkfs.map(|p| p.display().to_string())
+                .unwrap_or_else(|| "not found: install e2fsprogs".into()),
+        ),
+        from_result("static agent", static_agent.clone().map(|p| p.display().to_string())),
+        guest_images(state_dir),
+    ];
+    let qemu_problems: Vec<String> = [
+        qemu_version.as_ref().err().cloned(),
+        (!qemu_checks[1].ok).then(|| qemu_checks[1].detail.clone()),
+        (!qemu_checks[2].ok).then(|| qemu_checks[2].detail.clone()),
+        static_agent.as_ref().err().cloned(),
+        node.as_ref().err().cloned(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let qemu_verdict = if !qemu_problems.is_empty() {
+        check("runs here", false, qemu_problems.join("; "))
+    } else {
+        match &kvm {
+            Ok(()) => check("runs here", true, "with KVM (-accel kvm); `--backend auto` picks it"),
+            Err(why) => check(
+                "runs here",
+                true,
+                format!(
+                    "only with software emulation (-accel tcg, ~40x slower guests; `--backend qemu` to use it, \
+                     auto does not): {why}"
+                ),
+            ),
+        }
+    };
+    let qemu = Section {
+        title: "qemu backend",
+        verdict: Some(qemu_verdict),
+        checks: qemu_checks,
+    };
+
+    let fc = find_tool("HEARTH_FIRECRACKER", "firecracker");
+    let fc_version = fc.as_ref().map_err(Clone::clone).and_then(|p| version_line(p));
+    let jailer = find_tool("HEARTH_JAILER", "jailer");
+    let vmlinux = match &kern {
+        Ok(k) => {
+            let beside = k.image.with_file_name(format!("vmlinux-{}", k.release));
+            if !k.release.is_empty() && beside.is_file() {
+                Ok(beside.display().to_string())
+            } else {
+                Ok(format!(
+                    "extracted from {} on first use (LZ4 payload)",
+                    k.image.display()
+                ))
+            }
+        }
+        Err(e) => Err(e.to_string()),
+    };
+    let fc_problems: Vec<String> = [
+        kvm.as_ref().err().cloned(),
+        fc_version.as_ref().err().cloned(),
+        vmlinux.as_ref().err().cloned(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
+    let firecracker = Section {
+        title: "firecracker backend",
+        verdict: Some(if fc_problems.is_empty() {
+            check("runs here", true, "KVM can run guests and firecracker is installed")
+        } else {
+            check("runs here", false, fc_problems.join("; "))
+        }),
+        checks: vec![
+            from_result("firecracker", fc_version),
+            from_result("jailer", jailer.map(|p| p.display().to_string())),
+            from_result("vmlinux", vmlinux),
+            from_result("kvm guests", kvm.map(|_| "ok".into())),
+        ],
+    };
+    vec![host, process, qemu, firecracker]
+}
+
+/// Tries the namespaces the process sandbox creates, in a forked child.
+fn probe_namespaces() -> Result<String, String> {
+    let flags = libc::CLONE_NEWUSER
+        | libc::CLONE_NEWPID
+        | libc::CLONE_NEWNS
+        | libc::CLONE_NEWNET
+        | libc::CLONE_NEWIPC
+        | libc::CLONE_NEWUTS;
+    // SAFETY: the child only calls unshare and _exit (async-signal-safe).
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(format!("fork: {}", std::io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: as above.
+        unsafe {
+            let rc = libc::unshare(flags);
+            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
+            libc::_exit(errno.min(255));
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waits for the child just forked.
+    unsafe { libc::waitpid(pid, &mut status, 0) };
+    let code = libc::WEXITSTATUS(status);
+    if libc::WIFEXITED(status) && code == 0 {
+        return Ok("user, pid, mount, net, ipc and uts namespaces can be created".into());
+    }
+    let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
+    let unpriv = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").unwrap_or_default();
+    let mut why = format!(
+        "unshare(user|pid|mount|net|ipc|uts) failed: {}",
+        std::io::Error::from_raw_os_error(code)
+    );
+    if max.trim() == "0" {
+        why.push_str("; user namespaces are disabled: sysctl user.max_user_namespaces=15000");
+    } else if unpriv.trim() == "0" {
+        why.push_str("; sysctl kernel.unprivileged_userns_clone=1, or run as root");
+    } else {
+        why.push_str("; in a container, allow unshare/CLONE_NEWUSER in its seccomp profile");
+    }
+    Err(why)
+}
+
+/// Which cgroup hierarchies are mounted and which controllers they offer.
+fn cgroup_summary() -> Result<String, String> {
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let wanted = ["memory", "pids", "cpu"];
+    let mut v1 = Vec::new();
+    let mut v2 = None;
+    for line in mounts.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let mount_point = left.split(' ').nth(4).unwrap_or("");
+        let mut r = right.split(' ');
+        match r.next() {
+            Some("cgroup2") => {
+                let ctl = std::fs::read_to_string(Path::new(mount_point).join("cgroup.controllers")).unwrap_or_default();
+                let have: Vec<&str> = wanted.iter().copied().filter(|w| ctl.split_whitespace().any(|c| c == *w)).collect();
+                v2 = Some(have.join(", "));
+            }
+            Some("cgroup") => {
+                let opts = r.nth(1).unwrap_or("");
+                for w in wanted {
+                    if opts.split(',').any(|o| o == w) && !v1.contains(&w) {
+                        v1.push(w);
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+    match (v1.is_empty(), v2) {
+        (false, _) => Ok(format!("v1: {}", v1.join(", "))),
+        (true, Some(c)) if !c.is_empty() => Ok(format!("v2: {c}")),
+        _ => Err("no cgroup memory/pids/cpu controllers: instances run without those limits (mount cgroup2 with the controllers enabled)".into()),
+    }
+}
+
+fn dev_kvm() -> Result<String, String> {
+    let p = Path::new("/dev/kvm");
+    if !p.exists() {
+        return Err("/dev/kvm does not exist: load kvm_intel or kvm_amd (and enable VT-x/AMD-V)".into());
+    }
+    std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p)
+        .map(|_| {
+            let pvm = Path::new("/sys/module/kvm_pvm").exists();
+            format!("opens read-write{}", if pvm { " (module kvm_pvm)" } else { "" })
+        })
+        .map_err(|e| format!("/dev/kvm: {e}: add this user to group kvm, or run as root"))
+}
+
+/// What is built in `<state>/cache/guest`.
+fn guest_images(state_dir: &Path) -> Check {
+    let dir = images::cache_dir(state_dir);
+    let mut runtime = 0;
+    let mut initramfs = 0;
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        if n.starts_with("runtime-") && n.ends_with(".ext4") {
+            runtime += 1;
+        } else if n.starts_with("initramfs-") && n.ends_with(".cpio") {
+            initramfs += 1;
+        }
+    }
+    if runtime > 0 && initramfs > 0 {
+        check(
+            "guest images",
+            true,
+            format!("{runtime} runtime image(s), {initramfs} initramfs in {}", dir.display()),
+        )
+    } else {
+        check(
+            "guest images",
+            true,
+            format!("not built yet in {}; `hearth serve --backend qemu` builds them at start", dir.display()),
+        )
+    }
+}
+
+fn which(name: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
+fn find_tool(env: &str, name: &str) -> Result<PathBuf, String> {
+    if let Ok(p) = std::env::var(env) {
+        return Ok(PathBuf::from(p));
+    }
+    which(name).ok_or_else(|| {
+        format!("{name} not found: install a release from github.com/firecracker-microvm/firecracker (no distribution package) or set {env}")
+    })
+}
+
+fn version_line(bin: &Path) -> Result<String, String> {
+    let out = Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .next()
+        .map(str::to_string)
+        .filter(|l| out.status.success() && !l.is_empty())
+        .ok_or_else(|| format!("{} --version failed", bin.display()))
 }
 
 /// Prints the report; never fails.
 pub fn run(state_dir: &Path) -> Result<(), String> {
-    for c in checks(state_dir) {
-        println!(
-            "{:<16} {:<4} {}",
-            c.name,
-            if c.ok { "ok" } else { "NO" },
-            c.detail
-        );
+    for s in report(state_dir) {
+        match &s.verdict {
+            Some(v) => println!("{:<20} {:<4} {}", s.title, if v.ok { "yes" } else { "NO" }, v.detail),
+            None => println!("{}", s.title),
+        }
+        for c in &s.checks {
+            println!("  {:<18} {:<4} {}", c.name, if c.ok { "ok" } else { "NO" }, c.detail);
+        }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn report_has_a_verdict_for_every_backend() {
+        let dir = std::env::temp_dir().join(format!("hearth-doctor-{}", std::process::id()));
+        let r = report(&dir);
+        let titles: Vec<&str> = r.iter().map(|s| s.title).collect();
+        assert_eq!(titles, ["host", "process backend", "qemu backend", "firecracker backend"]);
+        for s in &r[1..] {
+            let v = s.verdict.as_ref().expect("backend verdict");
+            assert!(!v.detail.is_empty(), "{}", s.title);
+        }
+        // Firecracker needs KVM that runs guests: the verdict follows the probe.
+        assert!(!r[3].verdict.as_ref().unwrap().ok || qemu::kvm_usable().is_ok());
+    }
 }

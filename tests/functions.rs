@@ -405,3 +405,38 @@ fn admin_token_guards_the_control_plane_only() {
     assert_eq!(call(&s, "DELETE", &format!("/functions/{id}"), &[], b"").status, 401);
     assert_eq!(call(&s, "DELETE", &format!("/functions/{id}"), &[("authorization", "Bearer s3cret")], b"").status, 200);
 }
+
+#[test]
+fn kill_9_during_a_deploy_leaves_no_half_function() {
+    require_sandbox!();
+    if !fixture("express-app/node_modules/express").is_dir() {
+        eprintln!("skipped: run `npm ci` in tests/fixtures/express-app (tools/setup.sh does)");
+        return;
+    }
+    let mut s = Server::start(&[]);
+    let zip = zip_fixture("express-app");
+    let state = s.dir.join("state");
+    // Start a deploy (unpacking 600+ files and booting a runtime takes a while)…
+    let mut c = s.connect();
+    c.write(format!("POST /deploy HTTP/1.1\r\nHost: t\r\nContent-Type: application/zip\r\nContent-Length: {}\r\n\r\n", zip.len()).as_bytes());
+    c.write(&zip);
+    // …and kill the server in the middle of it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !std::fs::read_dir(state.join("functions")).map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".staging-"))).unwrap_or(false) {
+        assert!(Instant::now() < deadline, "no deploy started");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    s.signal(libc::SIGKILL);
+    let _ = s.stop();
+    let s2 = Server::start(&["--state-dir", state.to_str().unwrap()]);
+    let list = call(&s2, "GET", "/functions", &[], b"").json();
+    let listed = list["functions"].as_array().unwrap().len();
+    let on_disk = functions_on_disk(&s);
+    assert!(on_disk.iter().all(|n| !n.starts_with('.')), "leftovers: {on_disk:?}");
+    assert_eq!(listed, on_disk.len(), "listed {list} vs on disk {on_disk:?}");
+    // Whatever survived is whole and serves.
+    for f in list["functions"].as_array().unwrap() {
+        let id = f["functionId"].as_str().unwrap();
+        assert_eq!(call(&s2, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
+    }
+}

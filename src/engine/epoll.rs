@@ -34,8 +34,13 @@ impl Driver {
         }
     }
 
-    /// Reads until the socket would block, the stream pauses, or EOF.
-    fn read(&mut self, w: &mut Worker, tok: Token) {
+    /// Reads until the socket would block, the stream pauses, or EOF. Unless
+    /// `to_eof`, a read shorter than the buffer also ends it: the socket is
+    /// drained, and data arriving later raises a new edge. That saves a read
+    /// returning EAGAIN per request. `to_eof` is needed when the event carried
+    /// the peer's FIN (no further edge will come for it) and when resuming a
+    /// paused stream (whose edge was consumed without reading).
+    fn read(&mut self, w: &mut Worker, tok: Token, to_eof: bool) {
         loop {
             let Some(s) = w.streams.get_mut(tok) else {
                 return;
@@ -59,6 +64,9 @@ impl Driver {
             if n > 0 {
                 w.on_data(tok, &self.buf[..n as usize]);
                 w.mark(tok);
+                if !to_eof && (n as usize) < READ_CHUNK {
+                    return;
+                }
             } else if n == 0 {
                 w.on_eof(tok);
                 return;
@@ -126,7 +134,7 @@ impl Driver {
             w.mark(tok);
         }
         if pending_read {
-            self.read(w, tok);
+            self.read(w, tok, true);
         }
     }
 }
@@ -159,7 +167,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                         s.registered = true;
                         let fd = s.raw();
                         d.register(fd, tok);
-                        d.read(w, tok);
+                        d.read(w, tok, false);
                     }
                 }
                 d.service(w, tok);
@@ -196,7 +204,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                 }
                 MioToken(tok) => {
                     if ev.is_readable() || ev.is_read_closed() || ev.is_error() {
-                        d.read(w, tok);
+                        d.read(w, tok, ev.is_read_closed() || ev.is_error());
                     }
                     if ev.is_writable() {
                         w.mark(tok);

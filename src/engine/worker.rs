@@ -197,6 +197,11 @@ impl Worker {
         let Some(s) = self.streams.get(tok) else {
             return;
         };
+        if s.detaching {
+            // Moving to another core, which will see the end of file itself.
+            self.mark(tok);
+            return;
+        }
         if let Kind::Channel(id) = s.kind {
             self.fns
                 .on_channel_closed(id, &mut self.streams, &mut self.dirty, self.now);

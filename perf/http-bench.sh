@@ -124,8 +124,10 @@ start_hearth() { # io mode
 }
 
 stop_hearth() {
+    local status=0
     kill -TERM "$HEARTH_PID"
-    wait "$HEARTH_PID" 2>/dev/null || true
+    wait "$HEARTH_PID" 2>/dev/null || status=$?
+    [ "$status" = 0 ] || echo "http-bench: hearth exited with status $status" >&2
     HEARTH_PID=
 }
 
@@ -156,6 +158,7 @@ median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]
 
 echo "# hearth HTTP engine vs nginx: GET /healthz, wrk -t$WRK_THREADS -d$DURATION --latency"
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) cores ($(awk -F': ' '/^model name/ { print $2; exit }' /proc/cpuinfo)), kernel $(uname -r)"
+echo "# load average at start: $(cut -d' ' -f1-3 /proc/loadavg) (other work on the machine skews every figure)"
 echo "# hearth $("$HEARTH" --version | awk '{ print $2 }') --cores $CORES; $(nginx -v 2>&1 | sed 's/^nginx version: //') worker_processes 2"
 
 start_nginx
@@ -185,6 +188,8 @@ for io in $IO_MODES; do
     stop_hearth
 done
 
+echo
+echo "# load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "## Medians of $ROUNDS rounds"
 echo

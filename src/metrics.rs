@@ -92,9 +92,12 @@ impl FunctionMetrics {
     }
 }
 
+/// A metric series: name, type, help text, and how to read it.
+type Series<M> = (&'static str, &'static str, &'static str, fn(&M) -> u64);
+
 /// Renders the front-end series of all cores.
 pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
-    let series: [(&str, &str, &str, fn(&CoreMetrics) -> u64); 6] = [
+    let series: [Series<CoreMetrics>; 6] = [
         (
             "hearth_open_connections",
             "gauge",
@@ -160,7 +163,7 @@ pub fn render_functions<'a>(
     out: &mut String,
     fns: impl Iterator<Item = (&'a str, &'a FunctionMetrics)> + Clone,
 ) {
-    let simple: [(&str, &str, &str, fn(&FunctionMetrics) -> u64); 4] = [
+    let simple: [Series<FunctionMetrics>; 4] = [
         (
             "hearth_function_invocations_total",
             "counter",

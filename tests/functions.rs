@@ -440,3 +440,52 @@ fn kill_9_during_a_deploy_leaves_no_half_function() {
         assert_eq!(call(&s2, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
     }
 }
+
+#[test]
+fn idle_instances_scale_to_zero_and_come_back() {
+    require_sandbox!();
+    let s = Server::start(&["--keep-warm-ms", "300"]);
+    let id = deploy(&s, "behave", "");
+    assert_eq!(call(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let v = call(&s, "GET", &format!("/functions/{id}"), &[], b"").json();
+        if v["instances"] == 0 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "instances never reaped: {v}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let r = call(&s, "GET", &format!("/f/{id}/"), &[], b"");
+    assert_eq!(r.status, 200);
+    assert_eq!(r.json()["calls"], 1, "a fresh instance served the request");
+}
+
+#[test]
+fn the_cli_drives_the_server() {
+    require_sandbox!();
+    let s = Server::start(&["--admin-token", "tok"]);
+    let server = s.addr.to_string();
+    let hearth = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth")).args(args).args(["--server", &server, "--token", "tok"]).output().expect("run hearth");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (ok, out, err) = hearth(&["deploy", fixture("behave").to_str().unwrap(), "--timeout-ms", "5000", "-e", "A=1"]);
+    assert!(ok, "{out}{err}");
+    assert!(err.contains("packing") && err.contains("ready in"), "progress is shown: {err}");
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["functionId"].as_str().unwrap().to_string();
+    let invoke = |args: &[&str]| {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth")).args(args).args(["--server", &server]).output().expect("run hearth");
+        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+    };
+    let (ok, out) = invoke(&["invoke", &id, "/log", "-X", "POST", "-d", "x"]);
+    assert!(ok && out.contains("logged"), "{out}");
+    let (ok, out, _) = hearth(&["ls"]);
+    assert!(ok && out.contains(&id) && out.contains("index.handler"), "{out}");
+    let (ok, out, _) = hearth(&["logs", &id]);
+    assert!(ok && out.contains("hello from stdout"), "{out}");
+    let (ok, out, _) = hearth(&["rm", &id]);
+    assert!(ok && out.contains("deleted"), "{out}");
+    let (ok, _, err) = hearth(&["rm", &id]);
+    assert!(!ok && err.contains("404"), "{err}");
+}

@@ -327,7 +327,37 @@ fn half_closed_client_still_gets_its_answers(io: &str) {
     assert_eq!(responses.len(), 64);
     assert!(responses.iter().all(|r| r.status == 200));
     assert!(closed);
+
+    // The request and the FIN in one segment, on a connection already in use:
+    // a single readiness event reports both.
+    let mut c = s.connect();
+    c.write(GET_HEALTHZ);
+    assert_eq!(c.response().status, 200);
+    set_cork(&c, true);
+    c.write(GET_HEALTHZ);
+    // With the data held back by the cork, the FIN is sent on the same segment.
+    c.stream.shutdown(std::net::Shutdown::Write).unwrap();
+    let (raw, closed) = c.read_to_close(Duration::from_secs(3));
+    assert_eq!(parse_responses(&raw).len(), 1);
+    assert!(closed, "the FIN that came with the request was missed");
     s.assert_healthy();
+}
+
+/// Sets TCP_CORK: written data is held until uncorked (or a FIN flushes it).
+fn set_cork(c: &Client, on: bool) {
+    use std::os::fd::AsRawFd;
+    let v: libc::c_int = on.into();
+    // SAFETY: setsockopt with a valid int option on our own socket.
+    let rc = unsafe {
+        libc::setsockopt(
+            c.stream.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CORK,
+            &v as *const libc::c_int as *const libc::c_void,
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(rc, 0, "TCP_CORK: {}", std::io::Error::last_os_error());
 }
 
 fn head_gets_length_without_body(io: &str) {

@@ -103,10 +103,10 @@ impl Worker {
                             let limits = if req.path() == "/deploy" {
                                 parse::Limits {
                                     body_bytes_max: self.shared.cfg.http.deploy_body_bytes_max,
-                                    ..self.parse_limits.clone()
+                                    ..self.parse_limits
                                 }
                             } else {
-                                self.parse_limits.clone()
+                                self.parse_limits
                             };
                             if req.body == BodyFraming::None {
                                 conn.state = waiting_on(&req);

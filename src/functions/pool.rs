@@ -88,8 +88,11 @@ pub struct CorePool {
     /// Answers for the worker to write.
     pub replies: VecDeque<Reply>,
     /// Instances whose channel is being detached for a move to another core.
-    migrating: HashMap<Token, (Arc<Function>, Box<dyn Instance>, usize)>,
+    migrating: HashMap<Token, Moving>,
 }
+
+/// An instance leaving this core: its function, its handle, the core it goes to.
+type Moving = (Arc<Function>, Box<dyn Instance>, usize);
 
 fn now_ms() -> u64 {
     SystemTime::now()

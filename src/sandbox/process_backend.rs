@@ -138,6 +138,10 @@ impl ProcessBackend {
         // The running binary itself, even if its file was replaced since (upgrades, rebuilds).
         let hearth_exe = PathBuf::from("/proc/self/exe");
         process::set_subreaper();
+        let swept = process::cgroup::sweep_stale();
+        if swept > 0 {
+            eprintln!("hearth: removed {swept} cgroup(s) left by a previous run");
+        }
         Ok(ProcessBackend {
             inner: Arc::new(Inner {
                 hearth_exe,

@@ -34,13 +34,16 @@
 enum hearth_frame_type {
     /* host -> guest */
     HEARTH_HELLO = 1,      /* meta: {"time_ms":<unix ms>,"handler":"app.handler",
-                              "function":"<id>","memory_mb":128,"timeout_ms":30000,
-                              "env":{...}}. First frame after every (re)connect:
+                              "function":"<id>","task_root":"/var/task",
+                              "memory_mb":128,"timeout_ms":30000,"env":{...}}.
+                              First frame after every (re)connect:
                               the agent sets the wall clock from time_ms; a runtime
                               that has not loaded the handler yet loads it now. */
     HEARTH_INVOKE = 2,     /* meta: {"method","path","query","headers":[[k,v],...],
                               "source_ip","protocol","request_id","time_ms",
-                              "deadline_ms"}; body: raw request body. */
+                              "domain","deadline_ms"}; header names lower-case,
+                              repeats as separate pairs; path is what follows
+                              /f/<id>; deadline_ms is unix ms; body: raw bytes. */
     /* guest -> host */
     HEARTH_READY = 16,     /* meta: {"init_ms":<number>,"runtime":"node v20..."} */
     HEARTH_INIT_ERROR = 17,/* meta: {"errorType","errorMessage","stack"?} */

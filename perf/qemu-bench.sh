@@ -100,7 +100,9 @@ t = sys.stdin.read()
 rps = re.search(r"Requests/sec:\s+([\d.]+)", t).group(1)
 lat = dict(re.findall(r"^\s+(50|99)%\s+(\S+)", t, re.M))
 errs = re.search(r"Non-2xx or 3xx responses: (\d+)", t)
-print(f"{float(rps):9.0f} req/s  p50 {lat.get(\"50\")}  p99 {lat.get(\"99\")}" + (f"  NON-2XX {errs.group(1)}" if errs else ""))'
+p50, p99 = lat.get("50"), lat.get("99")
+extra = f"  NON-2XX {errs.group(1)}" if errs else ""
+print(f"{float(rps):9.0f} req/s  p50 {p50}  p99 {p99}{extra}")'
 }
 
 echo "== qemu backend ($(qemu-system-x86_64 --version | head -1))"

@@ -49,6 +49,21 @@ struct Pending {
     queue_deadline: Instant,
 }
 
+/// The metadata of an INVOKE frame (see `include/hearth_protocol.h`), minus
+/// `deadline_ms`, which is appended when the request is dispatched.
+#[derive(serde::Serialize)]
+struct InvokeMeta<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: &'a str,
+    headers: &'a [(String, String)],
+    source_ip: IpAddr,
+    protocol: &'static str,
+    request_id: &'a str,
+    time_ms: u64,
+    domain: &'a str,
+}
+
 struct Busy {
     to: ReplyTo,
     rid: u32,
@@ -199,18 +214,22 @@ impl CorePool {
         self.next_rid = self.next_rid.wrapping_add(1).max(1);
         let rid = self.next_rid;
         let request_id = self.request_uuid();
-        let meta = serde_json::json!({
-            "method": req.method,
-            "path": path,
-            "query": req.query(),
-            "headers": req.headers,
-            "source_ip": peer.to_string(),
-            "protocol": match req.version { crate::http::parse::Version::Http10 => "HTTP/1.0", _ => "HTTP/1.1" },
-            "request_id": request_id,
-            "time_ms": now_ms(),
-            "domain": req.header("host").unwrap_or("localhost"),
-        });
-        let mut meta_head = serde_json::to_vec(&meta).expect("json of plain values");
+        let meta = InvokeMeta {
+            method: &req.method,
+            path,
+            query: req.query(),
+            headers: &req.headers,
+            source_ip: peer,
+            protocol: match req.version {
+                crate::http::parse::Version::Http10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            request_id: &request_id,
+            time_ms: now_ms(),
+            domain: req.header("host").unwrap_or("localhost"),
+        };
+        let mut meta_head = Vec::with_capacity(256 + 32 * req.headers.len());
+        serde_json::to_writer(&mut meta_head, &meta).expect("json of plain values");
         assert_eq!(meta_head.pop(), Some(b'}'), "a JSON object ends with a brace");
         let pending = Pending {
             to,

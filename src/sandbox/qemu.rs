@@ -430,6 +430,8 @@ struct Inner {
     template_lock: Mutex<()>,
     /// `<state>/run/qemu.lock`, flocked while this backend lives.
     _lock: fs::File,
+    /// Log the phases of every restore (`HEARTH_QEMU_TRACE=1`).
+    trace: bool,
 }
 
 /// See the module documentation.
@@ -478,6 +480,7 @@ impl QemuBackend {
                 slots: Mutex::new(HashMap::new()),
                 template_lock: Mutex::new(()),
                 _lock: lock,
+                trace: std::env::var_os("HEARTH_QEMU_TRACE").is_some_and(|v| v != "0"),
             }),
         })
     }
@@ -761,6 +764,7 @@ impl Inner {
             }
         }
         drop(q);
+        let resumed_ms = started.elapsed().as_millis();
         let channel = vm.connect_channel(deadline).map_err(|m| fail(m, &vm))?;
         let left = deadline.saturating_duration_since(Instant::now());
         let logs = match handshake::hello(channel.as_fd(), spec, left) {
@@ -768,6 +772,14 @@ impl Inner {
             Err(StartError::Sandbox(m)) => return Err(fail(m, &vm)),
             Err(e) => return Err(e),
         };
+        if self.trace {
+            eprintln!(
+                "hearth: qemu: restored {} (pid {}): running after {resumed_ms} ms, ready after {} ms",
+                spec.id,
+                vm.pid(),
+                started.elapsed().as_millis()
+            );
+        }
         Ok((
             QemuInstance {
                 vm,

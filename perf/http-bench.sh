@@ -8,8 +8,9 @@
 # For each I/O mode: starts `hearth serve --cores 2` (release build) and nginx
 # side by side, warms both up, then for each round and connection count runs
 # wrk on hearth and then on nginx (alternating, so drift hits both alike).
-# Prints every run (req/s, p50, p99), then the medians and hearth/nginx ratios,
-# plus hearth's idle RSS. Needs wrk, nginx and python3 (to pick free ports).
+# Prints every run (req/s, p50, p99, server CPU time per request), then the
+# medians and hearth/nginx ratios, plus hearth's idle RSS.
+# Needs wrk, nginx and python3 (to pick free ports).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -142,16 +143,35 @@ to_us() {
     }'
 }
 
-# Runs wrk; prints "req_per_s p50_us p99_us errors".
-run_wrk() { # url connections duration
-    local out rps p50 p99 errors
-    out=$(wrk -t"$WRK_THREADS" -c"$2" -d"$3" --latency "$1")
+# CPU time (user + system) used so far by the given processes, in clock ticks.
+cpu_ticks() { # pid...
+    local pid total=0
+    for pid in "$@"; do
+        total=$((total + $(awk '{ print $14 + $15 }' "/proc/$pid/stat")))
+    done
+    echo "$total"
+}
+
+# Runs wrk; prints "req_per_s p50_us p99_us errors cpu_us_per_request", the last
+# from the CPU time the server processes (remaining arguments) used meanwhile:
+# a measure of the server's own cost that contention for the cores skews less
+# than throughput does.
+run_wrk() { # url connections duration server-pid...
+    local out rps p50 p99 errors requests cpu_before cpu_after
+    local url=$1 conns=$2 duration=$3
+    shift 3
+    cpu_before=$(cpu_ticks "$@")
+    out=$(wrk -t"$WRK_THREADS" -c"$conns" -d"$duration" --latency "$url")
+    cpu_after=$(cpu_ticks "$@")
+    requests=$(awk '/ requests in / { print $1 }' <<<"$out")
     rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
     p50=$(to_us "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
     p99=$(to_us "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
     errors=$(awk '/Non-2xx or 3xx responses:/ { n += $NF } /Socket errors:/ {
         for (i = 3; i <= NF; i += 2) n += $(i + 1) } END { print n + 0 }' <<<"$out")
-    echo "$rps $p50 $p99 $errors"
+    awk -v r="$rps" -v p50="$p50" -v p99="$p99" -v e="$errors" -v n="$requests" \
+        -v t=$((cpu_after - cpu_before)) -v hz="$(getconf CLK_TCK)" \
+        'BEGIN { printf "%s %s %s %s %.2f\n", r, p50, p99, e, (n > 0 ? t / hz * 1e6 / n : 0) }'
 }
 
 median() { sort -g | awk '{ v[NR] = $1 } END { if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
@@ -170,18 +190,22 @@ for io in $IO_MODES; do
     echo
     echo "## --io $io: hearth idle RSS $(rss_kib "$HEARTH_PID") KiB" \
         "(nginx master + workers: $(rss_kib "$NGINX_PID" $(pgrep -P "$NGINX_PID" | tr '\n' ' ')) KiB)"
+    NGINX_WORKERS=$(pgrep -P "$NGINX_PID" | tr '\n' ' ')
     for c in $CONNECTIONS; do
-        run_wrk "$HEARTH_URL" "$c" 2s >/dev/null
-        run_wrk "$NGINX_URL" "$c" 2s >/dev/null
+        run_wrk "$HEARTH_URL" "$c" 2s "$HEARTH_PID" >/dev/null
+        run_wrk "$NGINX_URL" "$c" 2s $NGINX_WORKERS >/dev/null
     done
-    printf '%-6s %-6s %5s %6s %12s %9s %9s %7s\n' io server conns round req/s p50_us p99_us errors
+    printf '%-6s %-6s %5s %6s %12s %9s %9s %7s %11s\n' io server conns round req/s p50_us p99_us errors cpu_us/req
     for round in $(seq 1 "$ROUNDS"); do
         for c in $CONNECTIONS; do
             for server in hearth nginx; do
-                if [ "$server" = hearth ]; then url=$HEARTH_URL; else url=$NGINX_URL; fi
-                read -r rps p50 p99 errors < <(run_wrk "$url" "$c" "$DURATION")
-                printf '%-6s %-6s %5s %6s %12s %9s %9s %7s\n' "$io" "$server" "$c" "$round" "$rps" "$p50" "$p99" "$errors"
-                echo "$io $server $c $rps $p50 $p99" >>"$RESULTS"
+                if [ "$server" = hearth ]; then
+                    read -r rps p50 p99 errors cpu < <(run_wrk "$HEARTH_URL" "$c" "$DURATION" "$HEARTH_PID")
+                else
+                    read -r rps p50 p99 errors cpu < <(run_wrk "$NGINX_URL" "$c" "$DURATION" $NGINX_WORKERS)
+                fi
+                printf '%-6s %-6s %5s %6s %12s %9s %9s %7s %11s\n' "$io" "$server" "$c" "$round" "$rps" "$p50" "$p99" "$errors" "$cpu"
+                echo "$io $server $c $rps $p50 $p99 $cpu" >>"$RESULTS"
             done
         done
     done
@@ -193,18 +217,19 @@ echo "# load average at end: $(cut -d' ' -f1-3 /proc/loadavg)"
 echo
 echo "## Medians of $ROUNDS rounds"
 echo
-echo "| io | conns | hearth req/s | nginx req/s | ratio | hearth p50 µs | nginx p50 µs | hearth p99 µs | nginx p99 µs | p99 ratio |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+echo "| io | conns | hearth req/s | nginx req/s | ratio | hearth p50 µs | nginx p50 µs | hearth p99 µs | nginx p99 µs | p99 ratio | hearth CPU µs/req | nginx CPU µs/req |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for io in $IO_MODES; do
     for c in $CONNECTIONS; do
         pick() { awk -v io="$io" -v s="$1" -v c="$c" -v f="$2" '$1 == io && $2 == s && $3 == c { print $f }' "$RESULTS" | median; }
         h_rps=$(pick hearth 4); n_rps=$(pick nginx 4)
         h_p50=$(pick hearth 5); n_p50=$(pick nginx 5)
         h_p99=$(pick hearth 6); n_p99=$(pick nginx 6)
+        h_cpu=$(pick hearth 7); n_cpu=$(pick nginx 7)
         awk -v io="$io" -v c="$c" -v hr="$h_rps" -v nr="$n_rps" -v h5="$h_p50" -v n5="$n_p50" \
-            -v h9="$h_p99" -v n9="$n_p99" 'BEGIN {
-            printf "| %s | %d | %.0f | %.0f | %.2f× | %.0f | %.0f | %.0f | %.0f | %.2f× |\n",
-                io, c, hr, nr, hr / nr, h5, n5, h9, n9, h9 / n9
+            -v h9="$h_p99" -v n9="$n_p99" -v hc="$h_cpu" -v nc="$n_cpu" 'BEGIN {
+            printf "| %s | %d | %.0f | %.0f | %.2f× | %.0f | %.0f | %.0f | %.0f | %.2f× | %.2f | %.2f |\n",
+                io, c, hr, nr, hr / nr, h5, n5, h9, n9, h9 / n9, hc, nc
         }'
     done
 done

@@ -14,8 +14,9 @@ use common::{parse_responses, raise_nofile, Client, Response, Server};
 
 /// Starts a server for engine tests on the `io` driver.
 ///
-/// Node.js is stubbed: the process backend hashes the node binary into the key of its
-/// runtime root at every start-up (seconds in a debug build), and no function runs here.
+/// Node.js is stubbed: no function runs here, and in a fresh state dir the process
+/// backend would hash the ~100 MB node binary for its runtime root's key (seconds in
+/// a debug build).
 fn start(io: &str, extra: &[&str]) -> Server {
     start_with(io, extra, |_| {})
 }
@@ -121,6 +122,11 @@ fn healthz_answers_ok(io: &str) {
     assert_eq!(r.header("content-type"), Some("text/plain"));
     assert_eq!(r.header("content-length"), Some("2"));
     assert!(r.header("date").is_some_and(|d| d.ends_with(" GMT")));
+    // An absolute-form target is served by its path.
+    let mut c = s.connect();
+    c.write(b"GET http://example.test/healthz?probe=1 HTTP/1.1\r\nHost: example.test\r\n\r\n");
+    let r = c.response();
+    assert_eq!((r.status, r.body.as_slice()), (200, &b"ok"[..]));
 }
 
 fn metrics_expose_per_core_counters_that_move(io: &str) {
@@ -419,6 +425,8 @@ fn malformed_heads_are_400_and_close(io: &str) {
         b"GET /healthz HTTP/1.1\nHost: t\n\n",
         b"GET /healthz HTTP/1.1\r\nHost: t\nX: y\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost t\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Nul: a\0b\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: t\r\nBad Name: v\r\n\r\n",
         b"GET /healthz HTTP/1.1\r\nHost: t\r\nX-Long: a\r\n  folded\r\n\r\n",
         b"G(T /healthz HTTP/1.1\r\nHost: t\r\n\r\n",
         b"GET healthz HTTP/1.1\r\nHost: t\r\n\r\n",
@@ -541,6 +549,11 @@ fn unknown_transfer_coding_is_501(io: &str) {
 
 const TIMEOUTS: &[&str] = &["--head-timeout-ms", "300", "--keepalive-timeout-ms", "500"];
 
+/// How late a timer may fire, or a reaction come, on a loaded machine. Far below
+/// what a broken timer would take here (the default timeouts are 10 s and 60 s;
+/// a slowloris that could extend its deadline would drip for 7 s).
+const SLACK_MAX: Duration = Duration::from_secs(3);
+
 fn partial_head_times_out_with_408(io: &str) {
     let s = start(io, TIMEOUTS);
     let mut c = s.connect();
@@ -552,7 +565,7 @@ fn partial_head_times_out_with_408(io: &str) {
     r.assert_json_error("request_timeout");
     assert_eq!(r.header("connection"), Some("close"));
     assert!(
-        waited >= Duration::from_millis(250) && waited < Duration::from_millis(1500),
+        waited >= Duration::from_millis(250) && waited < SLACK_MAX,
         "408 after {waited:?}"
     );
     c.assert_closed(Duration::from_secs(3));
@@ -574,7 +587,7 @@ fn idle_keep_alive_connection_is_closed(io: &str) {
     c.assert_closed(Duration::from_secs(3));
     let idle = answered.elapsed();
     assert!(
-        idle >= Duration::from_millis(400) && idle < Duration::from_millis(1500),
+        idle >= Duration::from_millis(400) && idle < SLACK_MAX,
         "closed after {idle:?} idle"
     );
     // A connection that never sends anything is idle from the start.
@@ -605,7 +618,7 @@ fn slowloris_gets_408_at_the_head_deadline(io: &str) {
     let waited = started.elapsed();
     assert_eq!(r.status, 408);
     assert!(
-        waited < Duration::from_millis(1500),
+        waited < SLACK_MAX,
         "trickled bytes extended the deadline: 408 after {waited:?}"
     );
     c.assert_closed(Duration::from_secs(5));
@@ -765,16 +778,18 @@ fn sigterm_drains_and_refuses_new_connections(io: &str) {
     let signalled = Instant::now();
     s.signal(libc::SIGTERM);
     // An idle keep-alive connection is closed at once.
-    idle.assert_closed(Duration::from_millis(800));
+    idle.assert_closed(SLACK_MAX);
     // The listeners close: new connections are refused, not queued.
     loop {
         match std::net::TcpStream::connect_timeout(&addr, Duration::from_millis(200)) {
             Err(e) if e.kind() == std::io::ErrorKind::ConnectionRefused => break,
+            // A busy machine may drop the SYN; try again.
+            Err(e) if e.kind() == std::io::ErrorKind::TimedOut => {}
             Err(e) => panic!("connect during drain: {e}"),
             Ok(_) => {}
         }
         assert!(
-            signalled.elapsed() < Duration::from_millis(800),
+            signalled.elapsed() < SLACK_MAX,
             "still accepting connections {:?} after SIGTERM",
             signalled.elapsed()
         );
@@ -788,7 +803,7 @@ fn sigterm_drains_and_refuses_new_connections(io: &str) {
         s.stderr()
     );
     assert!(
-        took < Duration::from_millis(2500),
+        took < Duration::from_millis(1000) + SLACK_MAX,
         "exit took {took:?} with a 1000 ms grace period"
     );
     // The half-read request was cut off when the grace period ended.

@@ -6,7 +6,8 @@
 #
 # 1. restore-to-first-response: `--keep-warm-ms 300` lets every VM expire, so
 #    each of N requests (1.5 s apart) restores a VM from the plain fixture's
-#    snapshot; curl's total time per request (restore + HELLO + invoke).
+#    snapshot; curl's total time per request (QEMU start, device state load,
+#    HELLO/READY, the invoke).
 # 2. deploy-to-ready of the Express app (tests/fixtures/express-app, after
 #    `npm ci` there): the deploy_ms hearth reports (unzip, code image, template
 #    boot under QEMU, handler load, snapshot), N deploys.
@@ -136,9 +137,20 @@ fi
 
 curl -s -o /dev/null "http://$ADDR/f/$PLAIN/"
 echo "warm plain, qemu  (1 conn):   $(wrk_line "http://$ADDR/f/$PLAIN/" 1 1)"
+# Memory per VM, sampled halfway through the next run (idle VMs expire after
+# 300 ms): private memory (RssAnon) and pages shared through the RAM file's
+# page cache (RssFile).
+(
+    sleep "$(( ${DURATION%s} / 2 ))"
+    for p in $(pgrep -f "qemu-system-x86_64.*$TMP/qemu"); do
+        awk '/^RssAnon|^RssFile/ {printf "%s %d MiB  ", $1, $2/1024}' "/proc/$p/status"
+        echo
+    done >"$TMP/rss"
+) &
 echo "warm plain, qemu  (4 conns):  $(wrk_line "http://$ADDR/f/$PLAIN/" 2 4)"
-RSS=$(ps -o rss= -C qemu-system-x86_64 | awk '{s+=$1; n++} END {if (n) printf "%d VMs, %.0f MiB RSS each", n, s/n/1024}')
-echo "   $RSS"
+wait $!
+sed 's/^/   VM: /' "$TMP/rss"
+
 
 echo "== process backend"
 start process --backend process

@@ -107,7 +107,10 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
     };
 
     let qemu_bin = qemu::find_qemu();
-    let qemu_version = qemu_bin.as_ref().map_err(Clone::clone).and_then(|q| qemu::qemu_version(q));
+    let qemu_version = qemu_bin
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|q| qemu::qemu_version(q));
     let kern = kernel::locate(state_dir);
     let kernel_check = match &kern {
         Ok(k) => check(
@@ -117,7 +120,11 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
                 "{} ({} virtio modules){}",
                 k.image.display(),
                 k.modules.len(),
-                if k.release.is_empty() { String::new() } else { format!(", release {}", k.release) }
+                if k.release.is_empty() {
+                    String::new()
+                } else {
+                    format!(", release {}", k.release)
+                }
             ),
         ),
         Err(e) if which("apt-get").is_some() => check(
@@ -129,9 +136,18 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
     };
     let mkfs = ext4::mkfs_path();
     let qemu_checks = vec![
-        from_result("qemu", qemu_version.clone().map(|v| {
-            format!("{v} ({})", qemu_bin.as_ref().map(|p| p.display().to_string()).unwrap_or_default())
-        })),
+        from_result(
+            "qemu",
+            qemu_version.clone().map(|v| {
+                format!(
+                    "{v} ({})",
+                    qemu_bin
+                        .as_ref()
+                        .map(|p| p.display().to_string())
+                        .unwrap_or_default()
+                )
+            }),
+        ),
         kernel_check,
         check(
             "mkfs.ext4",
@@ -139,7 +155,10 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
             mkfs.map(|p| p.display().to_string())
                 .unwrap_or_else(|| "not found: install e2fsprogs".into()),
         ),
-        from_result("static agent", static_agent.clone().map(|p| p.display().to_string())),
+        from_result(
+            "static agent",
+            static_agent.clone().map(|p| p.display().to_string()),
+        ),
         guest_images(state_dir),
     ];
     let qemu_problems: Vec<String> = [
@@ -161,7 +180,7 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
                 "runs here",
                 true,
                 format!(
-                    "only with software emulation (-accel tcg, ~40x slower guests; `--backend qemu` to use it, \
+                    "only with software emulation (-accel tcg: guest code runs 10-40x slower than native; `--backend qemu` to use it, \
                      auto does not): {why}"
                 ),
             ),
@@ -174,7 +193,10 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
     };
 
     let fc = find_tool("HEARTH_FIRECRACKER", "firecracker");
-    let fc_version = fc.as_ref().map_err(Clone::clone).and_then(|p| version_line(p));
+    let fc_version = fc
+        .as_ref()
+        .map_err(Clone::clone)
+        .and_then(|p| version_line(p));
     let jailer = find_tool("HEARTH_JAILER", "jailer");
     let vmlinux = match &kern {
         Ok(k) => {
@@ -201,7 +223,11 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
     let firecracker = Section {
         title: "firecracker backend",
         verdict: Some(if fc_problems.is_empty() {
-            check("runs here", true, "KVM can run guests and firecracker is installed")
+            check(
+                "runs here",
+                true,
+                "KVM can run guests and firecracker is installed",
+            )
         } else {
             check("runs here", false, fc_problems.join("; "))
         }),
@@ -232,7 +258,11 @@ fn probe_namespaces() -> Result<String, String> {
         // SAFETY: as above.
         unsafe {
             let rc = libc::unshare(flags);
-            let errno = if rc == 0 { 0 } else { *libc::__errno_location() };
+            let errno = if rc == 0 {
+                0
+            } else {
+                *libc::__errno_location()
+            };
             libc::_exit(errno.min(255));
         }
     }
@@ -244,7 +274,8 @@ fn probe_namespaces() -> Result<String, String> {
         return Ok("user, pid, mount, net, ipc and uts namespaces can be created".into());
     }
     let max = std::fs::read_to_string("/proc/sys/user/max_user_namespaces").unwrap_or_default();
-    let unpriv = std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").unwrap_or_default();
+    let unpriv =
+        std::fs::read_to_string("/proc/sys/kernel/unprivileged_userns_clone").unwrap_or_default();
     let mut why = format!(
         "unshare(user|pid|mount|net|ipc|uts) failed: {}",
         std::io::Error::from_raw_os_error(code)
@@ -261,18 +292,27 @@ fn probe_namespaces() -> Result<String, String> {
 
 /// Which cgroup hierarchies are mounted and which controllers they offer.
 fn cgroup_summary() -> Result<String, String> {
-    let mounts = std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo")
+        .map_err(|e| format!("/proc/self/mountinfo: {e}"))?;
     let wanted = ["memory", "pids", "cpu"];
     let mut v1 = Vec::new();
     let mut v2 = None;
     for line in mounts.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let Some((left, right)) = line.split_once(" - ") else {
+            continue;
+        };
         let mount_point = left.split(' ').nth(4).unwrap_or("");
         let mut r = right.split(' ');
         match r.next() {
             Some("cgroup2") => {
-                let ctl = std::fs::read_to_string(Path::new(mount_point).join("cgroup.controllers")).unwrap_or_default();
-                let have: Vec<&str> = wanted.iter().copied().filter(|w| ctl.split_whitespace().any(|c| c == *w)).collect();
+                let ctl =
+                    std::fs::read_to_string(Path::new(mount_point).join("cgroup.controllers"))
+                        .unwrap_or_default();
+                let have: Vec<&str> = wanted
+                    .iter()
+                    .copied()
+                    .filter(|w| ctl.split_whitespace().any(|c| c == *w))
+                    .collect();
                 v2 = Some(have.join(", "));
             }
             Some("cgroup") => {
@@ -296,7 +336,9 @@ fn cgroup_summary() -> Result<String, String> {
 fn dev_kvm() -> Result<String, String> {
     let p = Path::new("/dev/kvm");
     if !p.exists() {
-        return Err("/dev/kvm does not exist: load kvm_intel or kvm_amd (and enable VT-x/AMD-V)".into());
+        return Err(
+            "/dev/kvm does not exist: load kvm_intel or kvm_amd (and enable VT-x/AMD-V)".into(),
+        );
     }
     std::fs::OpenOptions::new()
         .read(true)
@@ -304,7 +346,10 @@ fn dev_kvm() -> Result<String, String> {
         .open(p)
         .map(|_| {
             let pvm = Path::new("/sys/module/kvm_pvm").exists();
-            format!("opens read-write{}", if pvm { " (module kvm_pvm)" } else { "" })
+            format!(
+                "opens read-write{}",
+                if pvm { " (module kvm_pvm)" } else { "" }
+            )
         })
         .map_err(|e| format!("/dev/kvm: {e}: add this user to group kvm, or run as root"))
 }
@@ -326,13 +371,19 @@ fn guest_images(state_dir: &Path) -> Check {
         check(
             "guest images",
             true,
-            format!("{runtime} runtime image(s), {initramfs} initramfs in {}", dir.display()),
+            format!(
+                "{runtime} runtime image(s), {initramfs} initramfs in {}",
+                dir.display()
+            ),
         )
     } else {
         check(
             "guest images",
             true,
-            format!("not built yet in {}; `hearth serve --backend qemu` builds them at start", dir.display()),
+            format!(
+                "not built yet in {}; `hearth serve --backend qemu` builds them at start",
+                dir.display()
+            ),
         )
     }
 }
@@ -372,11 +423,21 @@ fn version_line(bin: &Path) -> Result<String, String> {
 pub fn run(state_dir: &Path) -> Result<(), String> {
     for s in report(state_dir) {
         match &s.verdict {
-            Some(v) => println!("{:<20} {:<4} {}", s.title, if v.ok { "yes" } else { "NO" }, v.detail),
+            Some(v) => println!(
+                "{:<20} {:<4} {}",
+                s.title,
+                if v.ok { "yes" } else { "NO" },
+                v.detail
+            ),
             None => println!("{}", s.title),
         }
         for c in &s.checks {
-            println!("  {:<18} {:<4} {}", c.name, if c.ok { "ok" } else { "NO" }, c.detail);
+            println!(
+                "  {:<18} {:<4} {}",
+                c.name,
+                if c.ok { "ok" } else { "NO" },
+                c.detail
+            );
         }
     }
     Ok(())
@@ -391,7 +452,15 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("hearth-doctor-{}", std::process::id()));
         let r = report(&dir);
         let titles: Vec<&str> = r.iter().map(|s| s.title).collect();
-        assert_eq!(titles, ["host", "process backend", "qemu backend", "firecracker backend"]);
+        assert_eq!(
+            titles,
+            [
+                "host",
+                "process backend",
+                "qemu backend",
+                "firecracker backend"
+            ]
+        );
         for s in &r[1..] {
             let v = s.verdict.as_ref().expect("backend verdict");
             assert!(!v.detail.is_empty(), "{}", s.title);

@@ -75,7 +75,14 @@ struct Hearth {
 impl Hearth {
     fn start(state: &Path, log: &Path, extra: &[&str]) -> Hearth {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(["serve", "--backend", "qemu", "--listen", "127.0.0.1:0", "--state-dir"])
+            .args([
+                "serve",
+                "--backend",
+                "qemu",
+                "--listen",
+                "127.0.0.1:0",
+                "--state-dir",
+            ])
             .arg(state)
             .args(extra)
             .env("HEARTH_AGENT", static_agent())
@@ -97,7 +104,10 @@ impl Hearth {
         // Building the runtime image on a first start takes a while.
         let addr = rx.recv_timeout(SLOW).unwrap_or_else(|_| {
             let _ = child.kill();
-            panic!("hearth did not start:\n{}", fs::read_to_string(log).unwrap_or_default())
+            panic!(
+                "hearth did not start:\n{}",
+                fs::read_to_string(log).unwrap_or_default()
+            )
         });
         Hearth {
             addr: addr.parse().unwrap(),
@@ -145,7 +155,13 @@ impl Hearth {
     fn deploy(&self, fixture: &str, query: &str) -> String {
         let t = Instant::now();
         let r = self.deploy_raw(fixture, query);
-        assert_eq!(r.status, 201, "deploy {fixture}: {}\n{}", r.text(), self.stderr());
+        assert_eq!(
+            r.status,
+            201,
+            "deploy {fixture}: {}\n{}",
+            r.text(),
+            self.stderr()
+        );
         let v = r.json();
         assert_eq!(v["backend"], "qemu", "{v}");
         assert_eq!(v["snapshotReady"], true, "{v}");
@@ -187,7 +203,10 @@ fn instance_vms(id: &str) -> Vec<i32> {
             continue;
         };
         let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system") && cmd.contains("-incoming") && cmd.contains(&format!("/{id}-")) {
+        if cmd.contains("qemu-system")
+            && cmd.contains("-incoming")
+            && cmd.contains(&format!("/{id}-"))
+        {
             pids.push(pid);
         }
     }
@@ -232,18 +251,38 @@ fn guest_images_are_valid_ext4_with_root_owned_files() {
     let fn_dir = dir.join("fn");
     let code = fn_dir.join("code");
     fs::create_dir_all(code.join("lib")).unwrap();
-    fs::write(code.join("index.js"), "exports.handler = async () => ({});\n").unwrap();
+    fs::write(
+        code.join("index.js"),
+        "exports.handler = async () => ({});\n",
+    )
+    .unwrap();
     fs::write(code.join("lib/data.bin"), vec![1u8; 50_000]).unwrap();
     let image = images::code_image(&fn_dir).unwrap();
-    assert!(image.file_name().unwrap().to_string_lossy().starts_with("code-"));
+    assert!(image
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .starts_with("code-"));
     ext4::check(&image).expect("code image passes e2fsck -fn");
     assert_eq!(ext4::stat_in_image(&image, "/index.js").unwrap().0, uid);
     assert!(ext4::stat_in_image(&image, "/lib/data.bin").is_ok());
     let mtime = fs::metadata(&image).unwrap().modified().unwrap();
-    assert_eq!(images::code_image(&fn_dir).unwrap(), image, "same code, same image");
-    assert_eq!(fs::metadata(&image).unwrap().modified().unwrap(), mtime, "not rebuilt");
+    assert_eq!(
+        images::code_image(&fn_dir).unwrap(),
+        image,
+        "same code, same image"
+    );
+    assert_eq!(
+        fs::metadata(&image).unwrap().modified().unwrap(),
+        mtime,
+        "not rebuilt"
+    );
     fs::write(code.join("index.js"), "exports.handler = async () => 1;\n").unwrap();
-    assert_ne!(images::code_image(&fn_dir).unwrap(), image, "new code, new image");
+    assert_ne!(
+        images::code_image(&fn_dir).unwrap(),
+        image,
+        "new code, new image"
+    );
 
     // The initramfs: the static agent as /init, then the modules in load order.
     let list = Command::new("cpio")
@@ -275,14 +314,31 @@ fn qemu_functions_deploy_invoke_and_survive_a_restart() {
 
     // Plain handler: event, cookies, headers, bodies.
     let id = s.deploy("plain", "env=%7B%22GREETING%22%3A%22hi%22%7D");
+    let fn_dir = state.join("functions").join(&id);
+    // Instances map the RAM file privately: their writes never reach it.
+    let ram_mtime = || {
+        fs::metadata(fn_dir.join("vm.ram"))
+            .unwrap()
+            .modified()
+            .unwrap()
+    };
+    let ram_before = ram_mtime();
     let t = Instant::now();
     let r = s.call(
         "POST",
         &format!("/f/{id}/a/b?x=1&x=2"),
-        &[("cookie", "c1=v1; c2=v2"), ("x-rep", "a"), ("x-rep", "b"), ("content-type", "text/plain")],
+        &[
+            ("cookie", "c1=v1; c2=v2"),
+            ("x-rep", "a"),
+            ("x-rep", "b"),
+            ("content-type", "text/plain"),
+        ],
         b"hello",
     );
-    eprintln!("first request (restore) answered in {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "first request (restore) answered in {} ms",
+        t.elapsed().as_millis()
+    );
     assert_eq!(r.status, 200, "{}\n{}", r.text(), s.stderr());
     let v = r.json();
     let e = &v["event"];
@@ -295,7 +351,12 @@ fn qemu_functions_deploy_invoke_and_survive_a_restart() {
     assert_eq!(v["cwd"], "/var/task");
     let r = s.get(&format!("/f/{id}/headers"));
     assert_eq!(r.status, 201);
-    let cookies: Vec<_> = r.headers.iter().filter(|(k, _)| k == "set-cookie").map(|(_, v)| v.as_str()).collect();
+    let cookies: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
     assert_eq!(cookies, ["a=1; Path=/", "b=2"]);
     let r = s.get(&format!("/f/{id}/error"));
     assert_eq!(r.status, 502);
@@ -304,14 +365,23 @@ fn qemu_functions_deploy_invoke_and_survive_a_restart() {
     // Binary bodies both ways, byte-exact.
     let bin = s.deploy("binary", "");
     let payload: Vec<u8> = (0..70_000u32).map(|i| (i * 7 % 256) as u8).collect();
-    let r = s.call("POST", &format!("/f/{bin}/"), &[("content-type", "application/octet-stream")], &payload);
+    let r = s.call(
+        "POST",
+        &format!("/f/{bin}/"),
+        &[("content-type", "application/octet-stream")],
+        &payload,
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.body, payload);
 
     // A handler that fails to load: 422 with the runtime's message, nothing deployed.
     let r = s.deploy_raw("init-error", "");
     assert_eq!(r.status, 422, "{}", r.text());
-    assert!(r.text().contains("init-error fixture fails while loading"), "{}", r.text());
+    assert!(
+        r.text().contains("init-error fixture fails while loading"),
+        "{}",
+        r.text()
+    );
 
     // The Express app (needs `npm ci` in its directory).
     let express = root().join("tests/fixtures/express-app/node_modules/express");
@@ -322,11 +392,24 @@ fn qemu_functions_deploy_invoke_and_survive_a_restart() {
         assert!(deploy_ms < 60_000, "express deploy took {deploy_ms} ms");
         let r = s.get(&format!("/f/{app}/"));
         assert_eq!((r.status, r.text().as_str()), (200, "Hello from hearth"));
-        let r = s.call("POST", &format!("/f/{app}/greet"), &[("content-type", "application/json")], br#"{"name":"vm"}"#);
+        let r = s.call(
+            "POST",
+            &format!("/f/{app}/greet"),
+            &[("content-type", "application/json")],
+            br#"{"name":"vm"}"#,
+        );
         assert_eq!(r.json()["message"], "Hello, vm");
-        let r = s.call("GET", &format!("/f/{app}/cookie"), &[("cookie", "k=v")], b"");
+        let r = s.call(
+            "GET",
+            &format!("/f/{app}/cookie"),
+            &[("cookie", "k=v")],
+            b"",
+        );
         assert_eq!(r.json()["cookie"], "k=v");
-        assert_eq!(r.headers.iter().filter(|(k, _)| k == "set-cookie").count(), 2);
+        assert_eq!(
+            r.headers.iter().filter(|(k, _)| k == "set-cookie").count(),
+            2
+        );
         let r = s.get(&format!("/f/{app}/bin"));
         assert_eq!(r.body, (0..=255u8).collect::<Vec<_>>());
         Some(app)
@@ -336,10 +419,10 @@ fn qemu_functions_deploy_invoke_and_survive_a_restart() {
     };
 
     // The snapshot and its description are the function's artifacts.
-    let fn_dir = state.join("functions").join(&id);
-    for f in ["vm.snap", "qemu.json"] {
+    for f in ["vm.snap", "vm.ram", "qemu.json"] {
         assert!(fn_dir.join(f).is_file(), "{f} in {}", fn_dir.display());
     }
+
     let r = s.get(&format!("/functions/{id}"));
     assert_eq!(r.status, 200);
 
@@ -355,12 +438,16 @@ fn qemu_functions_deploy_invoke_and_survive_a_restart() {
     let r = s2.get(&format!("/f/{id}/again"));
     assert_eq!(r.status, 200, "{}\n{}", r.text(), s2.stderr());
     assert_eq!(r.json()["event"]["rawPath"], "/again");
-    eprintln!("first request after restart answered in {} ms", t.elapsed().as_millis());
+    eprintln!(
+        "first request after restart answered in {} ms",
+        t.elapsed().as_millis()
+    );
     if let Some(app) = app {
         let r = s2.get(&format!("/f/{app}/q?a=1"));
         assert_eq!(r.json()["a"], "1");
     }
     assert!(!s2.stderr().contains("rebuilding"), "{}", s2.stderr());
+    assert_eq!(ram_mtime(), ram_before, "an instance wrote to vm.ram");
     s2.stop();
     let _ = fs::remove_dir_all(&dir);
 }
@@ -370,7 +457,11 @@ fn qemu_instances_that_hang_or_die_are_replaced() {
     require_qemu!();
     let dir = common::temp_dir("qemu-faults");
     // One core: one warm VM, so the one killed below is the one serving.
-    let s = Hearth::start(&dir.join("state"), &dir.join("serve.log"), &["--cores", "1"]);
+    let s = Hearth::start(
+        &dir.join("state"),
+        &dir.join("serve.log"),
+        &["--cores", "1"],
+    );
     let id = s.deploy("behave", "timeout_ms=4000");
     let base = format!("/f/{id}");
     let r = s.get(&format!("{base}/whoami"));
@@ -406,6 +497,27 @@ fn qemu_instances_that_hang_or_die_are_replaced() {
     let r = s.get(&format!("{base}/whoami"));
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["calls"], 1, "a fresh VM from the snapshot");
+
+    // Several VMs at once from the one snapshot (its RAM file mapped
+    // copy-on-write by each): each keeps its own state.
+    let mut clients: Vec<Client> = (0..3)
+        .map(|_| {
+            let mut c = Client::connect(s.addr);
+            c.stream.set_read_timeout(Some(SLOW)).unwrap();
+            c.write(format!("GET {base}/sleep?ms=1500 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            c
+        })
+        .collect();
+    let calls: Vec<u64> = clients
+        .iter_mut()
+        .map(|c| {
+            let r = c.response();
+            assert_eq!(r.status, 200, "{}", r.text());
+            r.json()["calls"].as_u64().unwrap()
+        })
+        .collect();
+    assert!(instance_vms(&id).len() >= 3, "{:?}", instance_vms(&id));
+    assert!(calls.iter().filter(|&&c| c == 1).count() >= 2, "{calls:?}");
     s.stop();
     let _ = fs::remove_dir_all(&dir);
 }

@@ -37,8 +37,12 @@ impl fmt::Display for Ext4Error {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Ext4Error::Walk { path, err } => write!(f, "reading {}: {err}", path.display()),
-            Ext4Error::TooLarge { path, what } => write!(f, "{} is too large for an image: {what}", path.display()),
-            Ext4Error::Mkfs { image, detail } => write!(f, "mkfs.ext4 for {}: {detail}", image.display()),
+            Ext4Error::TooLarge { path, what } => {
+                write!(f, "{} is too large for an image: {what}", path.display())
+            }
+            Ext4Error::Mkfs { image, detail } => {
+                write!(f, "mkfs.ext4 for {}: {detail}", image.display())
+            }
             Ext4Error::Io { path, err } => write!(f, "{}: {err}", path.display()),
         }
     }
@@ -58,11 +62,20 @@ pub fn measure(dir: &Path) -> Result<TreeSize, Ext4Error> {
     let mut size = TreeSize::default();
     let mut todo = vec![dir.to_path_buf()];
     while let Some(d) = todo.pop() {
-        let rd = fs::read_dir(&d).map_err(|err| Ext4Error::Walk { path: d.clone(), err })?;
+        let rd = fs::read_dir(&d).map_err(|err| Ext4Error::Walk {
+            path: d.clone(),
+            err,
+        })?;
         let mut names = 0u64;
         for e in rd {
-            let e = e.map_err(|err| Ext4Error::Walk { path: d.clone(), err })?;
-            let m = e.metadata().map_err(|err| Ext4Error::Walk { path: e.path(), err })?;
+            let e = e.map_err(|err| Ext4Error::Walk {
+                path: d.clone(),
+                err,
+            })?;
+            let m = e.metadata().map_err(|err| Ext4Error::Walk {
+                path: e.path(),
+                err,
+            })?;
             size.entries += 1;
             names += e.file_name().len() as u64 + 12;
             if m.is_dir() {
@@ -153,7 +166,9 @@ pub fn make_image_with(
             .and_then(|f| f.set_len(bytes))
             .map_err(io_err(&tmp))?;
         let out = Command::new(&mkfs)
-            .args(["-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0"])
+            .args([
+                "-q", "-F", "-t", "ext4", "-b", "4096", "-I", "256", "-m", "0",
+            ])
             .arg("-N")
             .arg(inodes(tree).to_string())
             // Read-only images need no journal; no resize room either.
@@ -179,9 +194,8 @@ pub fn make_image_with(
         }
         let _ = fs::remove_file(&tmp);
         let msg = String::from_utf8_lossy(&out.stderr).trim().to_string();
-        let out_of_room = msg.contains("Could not allocate")
-            || msg.contains("No space")
-            || msg.contains("inode");
+        let out_of_room =
+            msg.contains("Could not allocate") || msg.contains("No space") || msg.contains("inode");
         if !out_of_room || attempt == ATTEMPTS_MAX {
             return Err(Ext4Error::Mkfs {
                 image: image.to_path_buf(),
@@ -200,7 +214,8 @@ pub fn add_dirs(image: &Path, dirs: &[&str]) -> Result<(), Ext4Error> {
         image: image.to_path_buf(),
         detail,
     };
-    let debugfs = tool_path("debugfs").ok_or_else(|| err("debugfs not found: install e2fsprogs".into()))?;
+    let debugfs =
+        tool_path("debugfs").ok_or_else(|| err("debugfs not found: install e2fsprogs".into()))?;
     for d in dirs {
         let out = Command::new(&debugfs)
             .arg("-w")
@@ -212,7 +227,9 @@ pub fn add_dirs(image: &Path, dirs: &[&str]) -> Result<(), Ext4Error> {
             .map_err(|e| err(format!("cannot run debugfs: {e}")))?;
         // debugfs reports command errors on stderr but exits 0.
         let text = String::from_utf8_lossy(&out.stderr);
-        let failed = text.lines().any(|l| !l.starts_with("debugfs ") && !l.trim().is_empty());
+        let failed = text
+            .lines()
+            .any(|l| !l.starts_with("debugfs ") && !l.trim().is_empty());
         if !out.status.success() || failed {
             return Err(err(format!("debugfs mkdir {d}: {}", text.trim())));
         }
@@ -264,7 +281,11 @@ pub fn stat_in_image(image: &Path, path: &str) -> Result<(u32, u32, u32), String
             w.parse().ok()
         }
     };
-    match (word_after("User:"), word_after("Group:"), word_after("Mode:")) {
+    match (
+        word_after("User:"),
+        word_after("Group:"),
+        word_after("Mode:"),
+    ) {
         (Some(u), Some(g), Some(m)) => Ok((u, g, m)),
         _ => Err(format!(
             "debugfs stat {path} in {}: {}",
@@ -281,8 +302,14 @@ mod tests {
 
     #[test]
     fn sizes_grow_with_the_tree_and_round_to_mib() {
-        let small = image_bytes(TreeSize { blocks: 1, entries: 1 });
-        let big = image_bytes(TreeSize { blocks: 25_600, entries: 10_000 });
+        let small = image_bytes(TreeSize {
+            blocks: 1,
+            entries: 1,
+        });
+        let big = image_bytes(TreeSize {
+            blocks: 25_600,
+            entries: 10_000,
+        });
         assert_eq!(small % (1 << 20), 0);
         assert!(small >= 16 << 20);
         assert!(big > 100 << 20 && big < 160 << 20, "{big}");
@@ -308,14 +335,22 @@ mod tests {
         assert_eq!(sys_mode & 0o7777, 0o755);
         let (uid, _gid, mode) = stat_in_image(&image, "/index.js").unwrap();
         assert_eq!(uid, unsafe { libc::geteuid() });
-        assert_eq!(mode & 0o777, fs::metadata(src.join("index.js")).unwrap().mode() & 0o777);
+        assert_eq!(
+            mode & 0o777,
+            fs::metadata(src.join("index.js")).unwrap().mode() & 0o777
+        );
         let (root_uid, root_gid, _) = stat_in_image(&image, "/").unwrap();
         assert_eq!((root_uid, root_gid), (0, 0));
         assert!(stat_in_image(&image, "/lib/deep/blob.bin").is_ok());
         assert!(stat_in_image(&image, "/missing").is_err());
         // Sparse: far fewer bytes on disk than the apparent size.
         let m = fs::metadata(&image).unwrap();
-        assert!(m.blocks() * 512 < m.len(), "{} on disk of {}", m.blocks() * 512, m.len());
+        assert!(
+            m.blocks() * 512 < m.len(),
+            "{} on disk of {}",
+            m.blocks() * 512,
+            m.len()
+        );
         let _ = fs::remove_dir_all(&base);
     }
 }

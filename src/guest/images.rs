@@ -39,7 +39,10 @@ pub enum ImageError {
     Ext4(Ext4Error),
     /// A host tool or binary the guest needs is missing.
     Missing(String),
-    Io { path: PathBuf, err: io::Error },
+    Io {
+        path: PathBuf,
+        err: io::Error,
+    },
 }
 
 impl fmt::Display for ImageError {
@@ -122,7 +125,11 @@ pub fn find_static_agent() -> Result<PathBuf, ImageError> {
         candidates.push(dir.join("hearth-agent"));
         for up in [dir.join(".."), dir.join("../..")] {
             for profile in ["release", "debug"] {
-                candidates.push(up.join("x86_64-unknown-linux-gnu").join(profile).join("hearth-agent"));
+                candidates.push(
+                    up.join("x86_64-unknown-linux-gnu")
+                        .join(profile)
+                        .join("hearth-agent"),
+                );
             }
         }
     }
@@ -149,7 +156,12 @@ pub fn is_static_elf(path: &Path) -> io::Result<bool> {
     let mut f = fs::File::open(path)?;
     let mut head = [0u8; 64];
     f.read_exact(&mut head)?;
-    let bad = || io::Error::new(io::ErrorKind::InvalidData, "not a 64-bit little-endian ELF file");
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a 64-bit little-endian ELF file",
+        )
+    };
     if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
         return Err(bad());
     }
@@ -189,7 +201,12 @@ pub fn write_shim(cache: &Path) -> Result<PathBuf, ImageError> {
 pub fn runtime_image(cache: &Path, runtime_root: &Path) -> Result<PathBuf, ImageError> {
     let mut h = Sha256::new();
     h.update(LAYOUT_VERSION);
-    h.update(runtime_root.file_name().unwrap_or_default().as_encoded_bytes());
+    h.update(
+        runtime_root
+            .file_name()
+            .unwrap_or_default()
+            .as_encoded_bytes(),
+    );
     let image = cache.join(format!("runtime-{}.ext4", super::short_hex(h)));
     if image.is_file() {
         return Ok(image);
@@ -197,7 +214,11 @@ pub fn runtime_image(cache: &Path, runtime_root: &Path) -> Result<PathBuf, Image
     fs::create_dir_all(cache).map_err(io_at(cache))?;
     // The agent moves /sys into the new root only if the image has a mount
     // point for it, and it finds the channel port through /sys.
-    let extra: &[&str] = if runtime_root.join("sys").is_dir() { &[] } else { &["sys"] };
+    let extra: &[&str] = if runtime_root.join("sys").is_dir() {
+        &[]
+    } else {
+        &["sys"]
+    };
     ext4::make_image_with(runtime_root, &image, "hearth-runtime", extra)?;
     Ok(image)
 }
@@ -235,7 +256,8 @@ pub fn initramfs(cache: &Path, agent: &Path, kernel: &Kernel) -> Result<PathBuf,
     for d in ["dev", "proc", "sys", MODULES_DIR] {
         w.dir(d, 0o755).map_err(cpio_err)?;
     }
-    w.char_device("dev/console", 0o600, 5, 1).map_err(cpio_err)?;
+    w.char_device("dev/console", 0o600, 5, 1)
+        .map_err(cpio_err)?;
     w.char_device("dev/null", 0o666, 1, 3).map_err(cpio_err)?;
     w.file(INIT_PATH, 0o755, &agent_bytes).map_err(cpio_err)?;
     let mut order = String::from("# load order (written by hearth)\n");

@@ -171,7 +171,7 @@ impl<W: Write> CpioWriter<W> {
 
 /// Pads `buf` (which starts at archive offset `base`) to a 4-byte boundary.
 fn pad4(buf: &mut Vec<u8>, base: u64) {
-    while (base + buf.len() as u64) % 4 != 0 {
+    while !(base + buf.len() as u64).is_multiple_of(4) {
         buf.push(0);
     }
 }
@@ -203,12 +203,16 @@ mod tests {
         loop {
             assert_eq!(at % 4, 0);
             let field = |i: usize| {
-                u32::from_str_radix(std::str::from_utf8(&a[at + 6 + i * 8..at + 14 + i * 8]).unwrap(), 16)
-                    .unwrap() as usize
+                u32::from_str_radix(
+                    std::str::from_utf8(&a[at + 6 + i * 8..at + 14 + i * 8]).unwrap(),
+                    16,
+                )
+                .unwrap() as usize
             };
             let (mode, size, namesize) = (field(1), field(6), field(11));
-            let name =
-                std::str::from_utf8(&a[at + 110..at + 110 + namesize - 1]).unwrap().to_string();
+            let name = std::str::from_utf8(&a[at + 110..at + 110 + namesize - 1])
+                .unwrap()
+                .to_string();
             let data_at = (at + 110 + namesize + 3) & !3;
             if name == "init" {
                 assert_eq!(&a[data_at..data_at + size], b"#!/bin/sh\necho hi\n");
@@ -224,12 +228,26 @@ mod tests {
             names.push(name);
         }
         assert_eq!(at, a.len());
-        assert_eq!(names, ["dev", "dev/console", "init", "modules", "modules/order", "sbin"]);
+        assert_eq!(
+            names,
+            [
+                "dev",
+                "dev/console",
+                "init",
+                "modules",
+                "modules/order",
+                "sbin"
+            ]
+        );
     }
 
     #[test]
     fn the_cpio_tool_reads_it() {
-        if std::process::Command::new("cpio").arg("--version").output().is_err() {
+        if std::process::Command::new("cpio")
+            .arg("--version")
+            .output()
+            .is_err()
+        {
             eprintln!("skipped: no cpio tool");
             return;
         }
@@ -243,8 +261,14 @@ mod tests {
         let out = child.wait_with_output().unwrap();
         let text = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{text}");
-        assert!(text.contains("crw-------") && text.contains("dev/console"), "{text}");
-        assert!(text.contains("-rwxr-xr-x") && text.contains("init"), "{text}");
+        assert!(
+            text.contains("crw-------") && text.contains("dev/console"),
+            "{text}"
+        );
+        assert!(
+            text.contains("-rwxr-xr-x") && text.contains("init"),
+            "{text}"
+        );
         assert!(text.contains("sbin -> /"), "{text}");
     }
 

@@ -169,15 +169,12 @@ fn from_tree_dir(dir: &Path) -> Result<Option<Kernel>, KernelError> {
     // Resolved, so that snapshots name the exact tree (a later fetch moves `current`).
     let tree = fs::canonicalize(&link).map_err(io_at(&link))?;
     let modules_root = tree.join("lib").join("modules");
-    let Some(release) = fs::read_dir(&modules_root)
-        .ok()
-        .and_then(|rd| {
-            rd.flatten()
-                .filter(|e| e.path().is_dir())
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .max()
-        })
-    else {
+    let Some(release) = fs::read_dir(&modules_root).ok().and_then(|rd| {
+        rd.flatten()
+            .filter(|e| e.path().is_dir())
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .max()
+    }) else {
         return Ok(None);
     };
     let image = tree.join("boot").join(format!("vmlinuz-{release}"));
@@ -244,7 +241,12 @@ pub fn fetch(dir: &Path) -> Result<Kernel, KernelError> {
         .filter_map(|l| l.trim().strip_prefix("Depends:"))
         .map(str::trim)
         .find(|p| p.starts_with("linux-image-"))
-        .ok_or_else(|| fail("apt-cache depends", format!("no linux-image dependency in {depends:?} (run apt-get update?)")))?
+        .ok_or_else(|| {
+            fail(
+                "apt-cache depends",
+                format!("no linux-image dependency in {depends:?} (run apt-get update?)"),
+            )
+        })?
         .to_string();
     let work = dir.join(format!(".fetch-{}", std::process::id()));
     let _ = fs::remove_dir_all(&work);
@@ -323,20 +325,29 @@ pub fn vmlinux_from_bzimage(bz: &[u8], path: &Path) -> Result<Vec<u8>, KernelErr
             .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
     };
     if bz.get(MAGIC..MAGIC + 4) != Some(b"HdrS") {
-        return Err(bad("no x86 boot header (\"HdrS\" at 0x202): not a bzImage".into()));
+        return Err(bad(
+            "no x86 boot header (\"HdrS\" at 0x202): not a bzImage".into()
+        ));
     }
     let setup_sects = match bz[SETUP_SECTS] {
         0 => 4,
         n => usize::from(n),
     };
     let (Some(offset), Some(length)) = (u32_at(PAYLOAD_OFFSET), u32_at(PAYLOAD_LENGTH)) else {
-        return Err(bad("boot header too short for a payload (boot protocol < 2.08)".into()));
+        return Err(bad(
+            "boot header too short for a payload (boot protocol < 2.08)".into(),
+        ));
     };
     let start = (setup_sects + 1) * 512 + offset;
     let payload = bz
         .get(start..start + length)
         .filter(|p| p.len() >= 8)
-        .ok_or_else(|| bad(format!("payload {start}+{length} lies outside the {}-byte file", bz.len())))?;
+        .ok_or_else(|| {
+            bad(format!(
+                "payload {start}+{length} lies outside the {}-byte file",
+                bz.len()
+            ))
+        })?;
     if payload[..4] != super::lz4::LEGACY_MAGIC.to_le_bytes() {
         return Err(bad(format!(
             "payload is not LZ4 (starts with {:02x?}); extract vmlinux with the kernel's scripts/extract-vmlinux",
@@ -346,13 +357,17 @@ pub fn vmlinux_from_bzimage(bz: &[u8], path: &Path) -> Result<Vec<u8>, KernelErr
     // The build appends the decompressed size (u32 LE) after the stream.
     let (stream, trailer) = payload.split_at(payload.len() - 4);
     let expected = u32::from_le_bytes(trailer.try_into().expect("4 bytes")) as usize;
-    let elf = super::lz4::decode_legacy(stream, VMLINUX_BYTES_MAX)
-        .map_err(|e| bad(e.to_string()))?;
+    let elf =
+        super::lz4::decode_legacy(stream, VMLINUX_BYTES_MAX).map_err(|e| bad(e.to_string()))?;
     if elf.len() != expected || !elf.starts_with(b"\x7fELF") {
         return Err(bad(format!(
             "decompressed payload is {} bytes (header says {expected}) and {}an ELF file",
             elf.len(),
-            if elf.starts_with(b"\x7fELF") { "" } else { "not " }
+            if elf.starts_with(b"\x7fELF") {
+                ""
+            } else {
+                "not "
+            }
         )));
     }
     Ok(elf)
@@ -423,7 +438,12 @@ mod tests {
             .collect();
         assert_eq!(
             names,
-            ["virtio_ring.ko", "virtio.ko", "virtio_blk.ko.xz", "virtio_console.ko"]
+            [
+                "virtio_ring.ko",
+                "virtio.ko",
+                "virtio_blk.ko.xz",
+                "virtio_console.ko"
+            ]
         );
         let _ = fs::remove_dir_all(&d);
     }
@@ -435,7 +455,10 @@ mod tests {
         let tree = d.join("linux-image_1");
         fs::create_dir_all(tree.join("boot")).unwrap();
         fs::write(tree.join("boot").join(format!("vmlinuz-{rel}")), b"bz").unwrap();
-        let mods = tree.join("lib/modules").join(rel).join("kernel/drivers/virtio");
+        let mods = tree
+            .join("lib/modules")
+            .join(rel)
+            .join("kernel/drivers/virtio");
         fs::create_dir_all(&mods).unwrap();
         fs::write(mods.join("virtio.ko"), b"").unwrap();
         assert!(from_tree_dir(&d).unwrap().is_none(), "no current link yet");

@@ -177,7 +177,7 @@ mod tests {
     fn long_lengths_use_continuation_bytes() {
         // 15 + 255 + 10 = 280 literal 'x' bytes, then a match of 15+4+1 = 20 at offset 1.
         let mut block = vec![0xFF, 255, 10];
-        block.extend(std::iter::repeat(b'x').take(280));
+        block.extend(std::iter::repeat_n(b'x', 280));
         block.extend_from_slice(&[1, 0, 1, 0x00]);
         let out = decode_legacy(&stream(&[&block]), 1 << 20).unwrap();
         assert_eq!(out.len(), 300);
@@ -195,7 +195,10 @@ mod tests {
         // A match reaching back into the previous block is invalid.
         let b: &[u8] = &[0x10, b'z', 3, 0, 0x00];
         let err = decode_legacy(&stream(&[a, b]), 100).unwrap_err();
-        assert!(matches!(err, Lz4Error::BadOffset { offset: 3, .. }), "{err}");
+        assert!(
+            matches!(err, Lz4Error::BadOffset { offset: 3, .. }),
+            "{err}"
+        );
     }
 
     #[test]

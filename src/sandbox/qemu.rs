@@ -2,14 +2,24 @@
 //! a VM that has already loaded the function's handler.
 //!
 //! Deploy ([`Backend::prepare`]): build the function's code drive, boot a
-//! template VM from the shared guest ([`crate::guest`]), HELLO → READY over
-//! the channel, then QMP `stop`, `migrate` to `<fn dir>/vm.snap`, `quit`;
-//! `<fn dir>/qemu.json` records what the snapshot was made from.
+//! template VM from the shared guest ([`crate::guest`]) whose RAM is a shared
+//! mapping of `<fn dir>/vm.ram`, HELLO → READY over the channel, then QMP
+//! `stop`, `migrate` with the `x-ignore-shared` capability (so only device
+//! state goes into `<fn dir>/vm.snap`, a few hundred KiB; the RAM already is
+//! in `vm.ram`), `quit`. `<fn dir>/qemu.json` records what the snapshot was
+//! made from.
 //!
-//! Instance ([`Backend::start`]): a fresh QEMU with the same command line and
-//! `-incoming "exec:cat vm.snap"`; once the state is loaded (`paused`), `cont`;
-//! connect the channel and HELLO again (the agent sets the guest clock, the
-//! shim answers READY at once).
+//! Instance ([`Backend::start`]): a fresh QEMU with the same command line,
+//! except that its RAM maps `vm.ram` *privately* (MAP_PRIVATE: instances share
+//! the file's page cache, and each one's writes are copy-on-write), and
+//! `-incoming defer`; over QMP, the same capability and `migrate-incoming`
+//! from `vm.snap`; once the device state is loaded (`paused`), `cont`; HELLO
+//! again on the channel (the agent sets the guest clock, the shim answers
+//! READY at once). The destination treats its private RAM block as not
+//! shared, so it expects no RAM pages and none come: guest memory is exactly
+//! the file's contents, faulted in on demand. Copying the RAM through the
+//! migration stream instead (the first design) cost 100-300 ms per restore
+//! here, mostly in faulting in fresh host memory.
 //!
 //! Channel: a virtio-serial port named `hearth.agent` whose host side is a
 //! Unix socket (QEMU 7.2 cannot migrate vhost-user-vsock). Each VM gets a
@@ -64,11 +74,14 @@ pub const GUEST_DEVICE_WAIT_MS: u32 = 20_000;
 const SOCKET_PATH_BYTES_MAX: usize = 107;
 /// Name of the virtio-serial port the agent looks for.
 pub const AGENT_PORT: &str = "hearth.agent";
-/// Snapshot and its description in the function's directory.
+/// Device state, guest RAM and their description in the function's directory.
 pub const SNAPSHOT_FILE: &str = "vm.snap";
+pub const RAM_FILE: &str = "vm.ram";
 pub const META_FILE: &str = "qemu.json";
 /// Bumped when [`SnapshotMeta`] or the VM command line changes incompatibly.
-const META_FORMAT: u32 = 1;
+const META_FORMAT: u32 = 2;
+/// The QEMU id of the guest RAM backend.
+const RAM_ID: &str = "pc.ram";
 /// Bytes of console output quoted in error messages.
 const LOG_TAIL_BYTES: u64 = 2048;
 
@@ -106,9 +119,11 @@ pub fn kvm_usable() -> Result<(), String> {
             .into());
     }
     if !vmx_or_svm {
-        return Err("the CPU has no vmx/svm flag: hardware virtualisation is off or not exposed \
+        return Err(
+            "the CPU has no vmx/svm flag: hardware virtualisation is off or not exposed \
                     to this machine (enable VT-x/AMD-V, or nested virtualisation)"
-            .into());
+                .into(),
+        );
     }
     fs::OpenOptions::new()
         .read(true)
@@ -165,6 +180,8 @@ pub struct SnapshotMeta {
     pub code_image: String,
     pub snapshot: String,
     pub snapshot_bytes: u64,
+    pub ram: String,
+    pub ram_bytes: u64,
     /// The kernel command line the template booted with.
     pub append: String,
     /// Template boot to READY, and writing the snapshot.
@@ -197,57 +214,80 @@ pub struct VmPlan<'a> {
     pub code_image: &'a Path,
     /// The VM's private directory (sockets, logs).
     pub dir: &'a Path,
-    /// Restore from this snapshot instead of booting.
-    pub incoming: Option<&'a Path>,
+    /// The file holding guest RAM.
+    pub ram: &'a Path,
+    /// Boot a template (RAM mapped shared, written to the file) or restore
+    /// (RAM mapped private; device state from a migration stream over QMP).
+    pub restore: bool,
 }
 
 /// The QEMU arguments for `plan` (sans-IO: tests check them as data).
 pub fn qemu_args(p: &VmPlan<'_>) -> Vec<OsString> {
-    let mut a: Vec<OsString> = Vec::new();
-    let mut push = |s: &str| a.push(OsString::from(s));
+    let path = |x: &Path| x.display().to_string();
+    // QEMU's option parser reads ",," as a literal comma.
+    let opt_path = |x: &Path| path(x).replace(',', ",,");
     let (accel, cpu) = match p.accel {
         Accel::Kvm => ("kvm", "host"),
         Accel::Tcg => ("tcg", "max"),
     };
-    for s in [
-        "-accel", accel, "-M", "pc", "-cpu", cpu, "-smp", "1", "-display", "none", "-no-reboot",
-        "-nodefaults", "-no-user-config",
-    ] {
-        push(s);
-    }
-    push("-m");
-    push(&p.memory_mb.to_string());
-    let path = |x: &Path| x.display().to_string();
-    push("-kernel");
-    push(&path(p.kernel));
-    push("-initrd");
-    push(&path(p.initramfs));
-    push("-append");
-    push(p.append);
+    let mut a: Vec<String> = [
+        "-accel",
+        accel,
+        "-M",
+        "",
+        "-cpu",
+        cpu,
+        "-smp",
+        "1",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a[3] = format!("pc,memory-backend={RAM_ID}");
+    a.push("-m".into());
+    a.push(p.memory_mb.to_string());
+    a.push("-object".into());
+    a.push(format!(
+        "memory-backend-file,id={RAM_ID},size={}M,mem-path={},share={}",
+        p.memory_mb,
+        opt_path(p.ram),
+        if p.restore { "off" } else { "on" }
+    ));
+    a.extend(["-kernel".into(), path(p.kernel)]);
+    a.extend(["-initrd".into(), path(p.initramfs)]);
+    a.extend(["-append".into(), p.append.to_string()]);
     // Drive order gives the guest names: runtime /dev/vda, code /dev/vdb.
     for img in [p.runtime_image, p.code_image] {
-        push("-drive");
-        push(&format!(
+        a.push("-drive".into());
+        a.push(format!(
             "file={},if=virtio,format=raw,readonly=on",
-            path(img).replace(',', ",,")
+            opt_path(img)
         ));
     }
-    let sock = |n: &str| path(&p.dir.join(n)).replace(',', ",,");
-    push("-device");
-    push("virtio-serial-pci");
-    push("-chardev");
-    push(&format!("socket,id=agent,path={},server=on,wait=off", sock("agent.sock")));
-    push("-device");
-    push(&format!("virtserialport,chardev=agent,name={AGENT_PORT}"));
-    push("-qmp");
-    push(&format!("unix:{},server=on,wait=off", sock("qmp.sock")));
-    push("-serial");
-    push(&format!("file:{}", sock("console.log")));
-    if let Some(snap) = p.incoming {
-        push("-incoming");
-        push(&format!("exec:cat {}", qmp::shell_quote(&path(snap))));
+    let sock = |n: &str| opt_path(&p.dir.join(n));
+    a.extend(["-device".into(), "virtio-serial-pci".into()]);
+    a.push("-chardev".into());
+    a.push(format!(
+        "socket,id=agent,path={},server=on,wait=off",
+        sock("agent.sock")
+    ));
+    a.push("-device".into());
+    a.push(format!("virtserialport,chardev=agent,name={AGENT_PORT}"));
+    a.push("-qmp".into());
+    a.push(format!("unix:{},server=on,wait=off", sock("qmp.sock")));
+    a.push("-serial".into());
+    a.push(format!("file:{}", sock("console.log")));
+    if p.restore {
+        // The migration capability must be set before the stream is read,
+        // so the stream is started over QMP.
+        a.extend(["-incoming".into(), "defer".into()]);
     }
-    a
+    a.into_iter().map(OsString::from).collect()
 }
 
 /// A running QEMU and its private directory; dropping it kills the process,
@@ -258,13 +298,21 @@ struct Vm {
 }
 
 impl Vm {
-    fn spawn(qemu: &Path, plan: &VmPlan<'_>, core: Option<usize>) -> Result<Vm, String> {
+    /// Starts QEMU for `plan`; `inherit` is a descriptor it keeps across exec
+    /// (the open snapshot of a restore).
+    fn spawn(
+        qemu: &Path,
+        plan: &VmPlan<'_>,
+        core: Option<usize>,
+        inherit: Option<&fs::File>,
+    ) -> Result<Vm, String> {
         let dir = plan.dir.to_path_buf();
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
         let log = fs::File::create(dir.join("qemu.log"))
             .map_err(|e| format!("create {}/qemu.log: {e}", dir.display()))?;
         let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        let inherit_fd = inherit.map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = Command::new(qemu);
         cmd.args(qemu_args(plan))
             .stdin(Stdio::null())
@@ -279,6 +327,12 @@ impl Vm {
                 // The VM dies with the hearth thread that started it (the
                 // starter threads live as long as the server).
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+                if let Some(fd) = inherit_fd {
+                    // Opened close-on-exec (no other child inherits it); this one keeps it.
+                    if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
                 if let Some(core) = core {
                     let mut set: libc::cpu_set_t = std::mem::zeroed();
                     libc::CPU_SET(core, &mut set);
@@ -338,10 +392,9 @@ impl Vm {
         out
     }
 
+    /// SIGKILL, unless the child was already reaped (its pid may be reused).
     fn kill(&mut self) {
-        // SAFETY: kill has no memory effects; the child is not reaped until
-        // `Drop`, so the pid cannot have been reused.
-        unsafe { libc::kill(self.pid(), libc::SIGKILL) };
+        let _ = self.child.kill();
     }
 
     /// Asks QEMU to exit, SIGKILL after [`QUIT_WAIT`].
@@ -402,7 +455,9 @@ impl Instance for QemuInstance {
         let status = fs::read_to_string(format!("/proc/{}/status", self.vm.pid())).ok()?;
         let kb: u64 = status
             .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))?
+            // Private memory only: pages still shared with the RAM file's
+            // page cache are not this instance's cost.
+            .find_map(|l| l.strip_prefix("RssAnon:"))?
             .split_whitespace()
             .next()?
             .parse()
@@ -515,6 +570,29 @@ fn lock_run_dir(state_dir: &Path) -> Result<fs::File, String> {
     Ok(f)
 }
 
+/// Removes its files when dropped (after a successful rename they are gone already).
+struct RemoveOnDrop(Vec<PathBuf>);
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// The `x-ignore-shared` migration capability, set on both ends: RAM that is
+/// a shared file mapping is not copied into the stream.
+fn ignore_shared() -> serde_json::Value {
+    json!({ "capabilities": [{ "capability": "x-ignore-shared", "state": true }] })
+}
+
+/// Bytes a (sparse) file occupies on disk.
+fn allocated_bytes(path: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
+}
+
 fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -553,6 +631,15 @@ impl Inner {
         let append = kernel_cmdline();
         let memory_mb = guest_memory_mb(spec);
         let vm_dir = self.vm_dir(&spec.id, "t");
+        // The template's RAM is written straight into this file; it replaces
+        // vm.ram by rename, so running instances keep mapping the old one.
+        let ram_tmp = dir.join(format!(".{RAM_FILE}.tmp"));
+        let _ = fs::remove_file(&ram_tmp);
+        // A failed template leaves no half-written files behind.
+        let _cleanup = RemoveOnDrop(vec![
+            ram_tmp.clone(),
+            dir.join(format!(".{SNAPSHOT_FILE}.tmp")),
+        ]);
         let plan = VmPlan {
             accel: self.accel,
             memory_mb,
@@ -562,17 +649,16 @@ impl Inner {
             runtime_image: &self.guest.runtime_image,
             code_image: &code_image,
             dir: &vm_dir,
-            incoming: None,
+            ram: &ram_tmp,
+            restore: false,
         };
         let started = Instant::now();
-        let mut vm = Vm::spawn(&self.qemu, &plan, None).map_err(sandbox_err)?;
+        let mut vm = Vm::spawn(&self.qemu, &plan, None, None).map_err(sandbox_err)?;
         let timeout = match self.accel {
             Accel::Kvm => TEMPLATE_READY_TIMEOUT_KVM,
             Accel::Tcg => TEMPLATE_READY_TIMEOUT_TCG,
         };
-        let channel = vm
-            .connect_channel(started + timeout)
-            .map_err(sandbox_err)?;
+        let channel = vm.connect_channel(started + timeout).map_err(sandbox_err)?;
         let logs = match handshake::hello(channel.as_fd(), spec, timeout) {
             Ok((_init_ms, logs)) => logs,
             Err(StartError::Sandbox(m)) => {
@@ -588,8 +674,12 @@ impl Inner {
         let _ = fs::remove_file(&tmp);
         let fail = |m: String, vm: &Vm| sandbox_err(format!("snapshot: {m}{}", vm.log_tail()));
         let mut q = vm.qmp(deadline).map_err(|m| fail(m, &vm))?;
-        let uri = format!("exec:cat > {}", qmp::shell_quote(&tmp.display().to_string()));
-        q.execute("stop", None, deadline)
+        let uri = format!(
+            "exec:cat > {}",
+            qmp::shell_quote(&tmp.display().to_string())
+        );
+        q.execute("migrate-set-capabilities", Some(ignore_shared()), deadline)
+            .and_then(|_| q.execute("stop", None, deadline))
             .and_then(|_| q.execute("migrate", Some(json!({ "uri": uri })), deadline))
             .map_err(|e| fail(e.to_string(), &vm))?;
         loop {
@@ -614,14 +704,17 @@ impl Inner {
         vm.quit(&mut q);
         drop(channel);
         drop(vm);
-        let snap = dir.join(SNAPSHOT_FILE);
-        let bytes = fs::File::open(&tmp)
-            .and_then(|f| {
-                f.sync_all()?;
-                f.metadata()
-            })
-            .and_then(|m| fs::rename(&tmp, &snap).map(|_| m.len()))
-            .map_err(|e| sandbox_err(format!("snapshot {}: {e}", tmp.display())))?;
+        let publish = |tmp: &Path, name: &str| {
+            fs::File::open(tmp)
+                .and_then(|f| {
+                    f.sync_all()?;
+                    f.metadata()
+                })
+                .and_then(|m| fs::rename(tmp, dir.join(name)).map(|_| m.len()))
+                .map_err(|e| sandbox_err(format!("snapshot {}: {e}", tmp.display())))
+        };
+        let ram_bytes = publish(&ram_tmp, RAM_FILE)?;
+        let bytes = publish(&tmp, SNAPSHOT_FILE)?;
         let meta = SnapshotMeta {
             format: META_FORMAT,
             qemu_version: self.qemu_version.clone(),
@@ -637,6 +730,8 @@ impl Inner {
                 .into_owned(),
             snapshot: SNAPSHOT_FILE.to_string(),
             snapshot_bytes: bytes,
+            ram: RAM_FILE.to_string(),
+            ram_bytes,
             append,
             ready_ms,
             snapshot_ms: snap_started.elapsed().as_millis() as u64,
@@ -644,11 +739,12 @@ impl Inner {
         };
         write_meta(dir, &meta).map_err(|e| sandbox_err(format!("{META_FILE}: {e}")))?;
         eprintln!(
-            "hearth: qemu: function {}: template ready in {} ms, snapshot of {} MiB in {} ms",
+            "hearth: qemu: function {}: template ready in {} ms, snapshot in {} ms ({} KiB of device state, {} MiB of RAM on disk)",
             spec.id,
             meta.ready_ms,
-            bytes >> 20,
-            meta.snapshot_ms
+            meta.snapshot_ms,
+            bytes >> 10,
+            allocated_bytes(&dir.join(RAM_FILE)) >> 20
         );
         Ok((meta, logs))
     }
@@ -659,7 +755,10 @@ impl Inner {
             return Some(format!("format {} (now {META_FORMAT})", meta.format));
         }
         if meta.qemu_version != self.qemu_version {
-            return Some(format!("made by {} (now {})", meta.qemu_version, self.qemu_version));
+            return Some(format!(
+                "made by {} (now {})",
+                meta.qemu_version, self.qemu_version
+            ));
         }
         if meta.accel != self.accel {
             return Some(format!("made with -accel {}", meta.accel.as_str()));
@@ -670,24 +769,29 @@ impl Inner {
         let current = [
             (&meta.kernel, &self.guest.kernel.image, "kernel"),
             (&meta.initramfs, &self.guest.initramfs, "initramfs"),
-            (&meta.runtime_image, &self.guest.runtime_image, "runtime image"),
+            (
+                &meta.runtime_image,
+                &self.guest.runtime_image,
+                "runtime image",
+            ),
         ];
         for (then, now, what) in current {
             if then != now {
                 return Some(format!("the {what} changed"));
             }
         }
-        for f in [&meta.code_image, &meta.snapshot] {
-            if !dir.join(f).is_file() {
-                return Some(format!("{f} is missing"));
-            }
+        if !dir.join(&meta.code_image).is_file() {
+            return Some(format!("{} is missing", meta.code_image));
         }
-        let len = fs::metadata(dir.join(&meta.snapshot)).map(|m| m.len()).unwrap_or(0);
-        if len != meta.snapshot_bytes {
-            return Some(format!(
-                "{} is {len} bytes, expected {}",
-                meta.snapshot, meta.snapshot_bytes
-            ));
+        for (f, want) in [
+            (&meta.snapshot, meta.snapshot_bytes),
+            (&meta.ram, meta.ram_bytes),
+        ] {
+            match fs::metadata(dir.join(f)).map(|m| m.len()) {
+                Ok(len) if len == want => {}
+                Ok(len) => return Some(format!("{f} is {len} bytes, expected {want}")),
+                Err(e) => return Some(format!("{f}: {e}")),
+            }
         }
         None
     }
@@ -729,8 +833,11 @@ impl Inner {
         let started = Instant::now();
         let deadline = started + RESTORE_TIMEOUT;
         let vm_dir = self.vm_dir(&spec.id, "");
-        let snap = dir.join(&meta.snapshot);
+        let snap_path = dir.join(&meta.snapshot);
+        let snap = fs::File::open(&snap_path)
+            .map_err(|e| sandbox_err(format!("snapshot {}: {e}", snap_path.display())))?;
         let code_image = dir.join(&meta.code_image);
+        let ram = dir.join(&meta.ram);
         let plan = VmPlan {
             accel: meta.accel,
             memory_mb: meta.memory_mb,
@@ -740,11 +847,20 @@ impl Inner {
             runtime_image: &meta.runtime_image,
             code_image: &code_image,
             dir: &vm_dir,
-            incoming: Some(&snap),
+            ram: &ram,
+            restore: true,
         };
-        let mut vm = Vm::spawn(&self.qemu, &plan, core).map_err(sandbox_err)?;
+        let mut vm = Vm::spawn(&self.qemu, &plan, core, Some(&snap)).map_err(sandbox_err)?;
         let fail = |m: String, vm: &Vm| sandbox_err(format!("restore: {m}{}", vm.log_tail()));
+        // Connected before the guest runs, so nothing it writes can be dropped.
+        let channel = vm.connect_channel(deadline).map_err(|m| fail(m, &vm))?;
         let mut q = vm.qmp(deadline).map_err(|m| fail(m, &vm))?;
+        // QEMU inherited the snapshot's descriptor under the same number.
+        let uri = format!("fd:{}", std::os::fd::AsRawFd::as_raw_fd(&snap));
+        q.execute("migrate-set-capabilities", Some(ignore_shared()), deadline)
+            .and_then(|_| q.execute("migrate-incoming", Some(json!({ "uri": uri })), deadline))
+            .map_err(|e| fail(e.to_string(), &vm))?;
+        drop(snap);
         loop {
             let status = q.status(deadline).map_err(|e| fail(e.to_string(), &vm))?;
             match status.as_str() {
@@ -765,7 +881,6 @@ impl Inner {
         }
         drop(q);
         let resumed_ms = started.elapsed().as_millis();
-        let channel = vm.connect_channel(deadline).map_err(|m| fail(m, &vm))?;
         let left = deadline.saturating_duration_since(Instant::now());
         let logs = match handshake::hello(channel.as_fd(), spec, left) {
             Ok((_, logs)) => logs,
@@ -790,6 +905,16 @@ impl Inner {
     }
 }
 
+/// Asks the kernel to read `path` into the page cache ahead of the first
+/// restore after a server start (restores map the guest RAM file).
+fn prefetch(path: &Path) {
+    use std::os::fd::AsRawFd;
+    if let Ok(f) = fs::File::open(path) {
+        // SAFETY: fadvise on a descriptor we own; advice only.
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
+    }
+}
+
 fn read_meta(dir: &Path) -> Result<SnapshotMeta, String> {
     let path = dir.join(META_FILE);
     let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -802,7 +927,9 @@ fn write_meta(dir: &Path, meta: &SnapshotMeta) -> std::io::Result<()> {
     let mut f = fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec_pretty(meta).expect("meta serialises"))?;
     f.sync_all()?;
-    fs::rename(&tmp, dir.join(META_FILE))
+    fs::rename(&tmp, dir.join(META_FILE))?;
+    // Makes both renames (snapshot and meta) durable.
+    fs::File::open(dir)?.sync_all()
 }
 
 impl Backend for QemuBackend {
@@ -830,13 +957,12 @@ impl Backend for QemuBackend {
         // Check (or rebuild) the snapshot off the start-up path; the first
         // start of this function waits on the slot's lock meanwhile.
         let (inner, spec, dir) = (self.inner.clone(), spec.clone(), dir.to_path_buf());
-        std::thread::spawn(move || {
-            if let Err(e) = inner.snapshot(&spec, &dir) {
-                eprintln!(
-                    "hearth: qemu: function {}: no usable snapshot: {e}",
-                    spec.id
-                );
-            }
+        std::thread::spawn(move || match inner.snapshot(&spec, &dir) {
+            Ok(meta) => prefetch(&dir.join(&meta.ram)),
+            Err(e) => eprintln!(
+                "hearth: qemu: function {}: no usable snapshot: {e}",
+                spec.id
+            ),
         });
     }
 
@@ -849,6 +975,7 @@ impl Backend for QemuBackend {
         if let Ok(meta) = read_meta(dir) {
             out.push(PathBuf::from(meta.code_image));
             out.push(PathBuf::from(meta.snapshot));
+            out.push(PathBuf::from(meta.ram));
             out.push(PathBuf::from(META_FILE));
         }
         out
@@ -859,7 +986,7 @@ impl Backend for QemuBackend {
 mod tests {
     use super::*;
 
-    fn args_text(incoming: Option<&Path>) -> Vec<String> {
+    fn args_text(restore: bool) -> Vec<String> {
         let plan = VmPlan {
             accel: Accel::Tcg,
             memory_mb: 256,
@@ -869,7 +996,8 @@ mod tests {
             runtime_image: Path::new("/c/runtime.ext4"),
             code_image: Path::new("/f/a,b/code.ext4"),
             dir: Path::new("/run/vm 1"),
-            incoming,
+            ram: Path::new("/f/vm.ram"),
+            restore,
         };
         qemu_args(&plan)
             .into_iter()
@@ -879,9 +1007,12 @@ mod tests {
 
     #[test]
     fn command_line_has_drives_in_order_the_channel_and_qmp() {
-        let a = args_text(None);
+        let a = args_text(false);
         let joined = a.join(" ");
-        assert!(joined.starts_with("-accel tcg -M pc -cpu max -smp 1"), "{joined}");
+        assert!(
+            joined.starts_with("-accel tcg -M pc,memory-backend=pc.ram -cpu max -smp 1"),
+            "{joined}"
+        );
         let drives: Vec<&String> = a
             .iter()
             .zip(a.iter().skip(1))
@@ -899,14 +1030,26 @@ mod tests {
         assert!(joined.contains("socket,id=agent,path=/run/vm 1/agent.sock,server=on,wait=off"));
         assert!(joined.contains("virtserialport,chardev=agent,name=hearth.agent"));
         assert!(joined.contains("-qmp unix:/run/vm 1/qmp.sock,server=on,wait=off"));
+        assert!(joined.contains(
+            "-object memory-backend-file,id=pc.ram,size=256M,mem-path=/f/vm.ram,share=on"
+        ));
         assert!(!a.contains(&"-incoming".to_string()));
-        let r = args_text(Some(Path::new("/f/it's/vm.snap")));
+    }
+
+    #[test]
+    fn a_restore_maps_ram_privately_and_waits_for_the_stream() {
+        let boot = args_text(false);
+        let restore = args_text(true);
         assert_eq!(
-            r[r.len() - 2..],
-            ["-incoming".to_string(), r"exec:cat '/f/it'\''s/vm.snap'".to_string()]
+            restore[restore.len() - 2..],
+            ["-incoming".to_string(), "defer".to_string()]
         );
-        // Restore differs from boot only by -incoming.
-        assert_eq!(&r[..r.len() - 2], &a[..]);
+        // Otherwise only the RAM mapping differs: MAP_PRIVATE, copy-on-write.
+        let differing: Vec<(&String, &String)> =
+            boot.iter().zip(&restore).filter(|(a, b)| a != b).collect();
+        assert_eq!(differing.len(), 1, "{differing:?}");
+        assert!(differing[0].1.ends_with("share=off"), "{differing:?}");
+        assert_eq!(restore.len(), boot.len() + 2);
     }
 
     #[test]

@@ -489,3 +489,18 @@ fn the_cli_drives_the_server() {
     let (ok, _, err) = hearth(&["rm", &id]);
     assert!(!ok && err.contains("404"), "{err}");
 }
+
+#[test]
+fn a_second_server_cannot_share_a_state_dir() {
+    let s = Server::start(&[]);
+    let state = s.dir.join("state");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()])
+        .env("HEARTH_NODE", "/usr/bin/true")
+        .output()
+        .expect("run hearth");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("another hearth serve is using the state dir"), "{err}");
+    s.assert_healthy();
+}

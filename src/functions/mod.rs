@@ -122,11 +122,14 @@ pub struct Registry {
     job_tx: Sender<StartJob>,
     reap_tx: Mutex<Sender<Box<dyn Instance>>>,
     reap_rx: Mutex<Option<Receiver<Box<dyn Instance>>>>,
+    /// `<state>/hearth.lock`, held while the server runs.
+    _lock: std::fs::File,
 }
 
 impl Registry {
     /// Opens the state dir, removes leftovers of interrupted deploys, loads every function.
     pub fn open(cfg: &ServeConfig) -> std::io::Result<Registry> {
+        let lock = store::lock_state_dir(&cfg.state_dir)?;
         let backend = crate::sandbox::select(cfg)?;
         let functions_dir = cfg.state_dir.join("functions");
         let specs = store::load_all(&functions_dir)?;
@@ -151,6 +154,7 @@ impl Registry {
             job_tx,
             reap_tx: Mutex::new(reap_tx),
             reap_rx: Mutex::new(Some(reap_rx)),
+            _lock: lock,
         })
     }
 

@@ -116,23 +116,22 @@ pub fn prepare_guest(state_dir: &Path) -> Result<Guest, ImageError> {
 /// else the first static one of the places the process backend looks (a
 /// plain `cargo build` also leaves a dynamic `hearth-agent` next to hearth).
 pub fn find_static_agent() -> Result<PathBuf, ImageError> {
-    let mut candidates = Vec::new();
+    // An explicit choice is taken as given (the process backend can run a
+    // dynamic agent whose libraries are in its root; microVMs cannot).
     if let Ok(p) = std::env::var("HEARTH_AGENT") {
-        candidates.push(PathBuf::from(p));
-    } else {
-        let exe = std::env::current_exe().map_err(|e| ImageError::Missing(e.to_string()))?;
-        let dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
-        candidates.push(dir.join("hearth-agent"));
-        for up in [dir.join(".."), dir.join("../..")] {
-            for profile in ["release", "debug"] {
-                candidates.push(
-                    up.join("x86_64-unknown-linux-gnu")
-                        .join(profile)
-                        .join("hearth-agent"),
-                );
-            }
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| ImageError::Missing(e.to_string()))?;
+    let dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
+    // Where tools/build-agent.sh puts the static build, before a plain `cargo
+    // build`'s dynamic one that may sit next to the hearth binary.
+    let mut candidates = Vec::new();
+    for up in [dir.join(".."), dir.join("../..")] {
+        for profile in ["release", "debug"] {
+            candidates.push(up.join("x86_64-unknown-linux-gnu").join(profile).join("hearth-agent"));
         }
     }
+    candidates.push(dir.join("hearth-agent"));
     let mut dynamic = Vec::new();
     for c in candidates.into_iter().filter(|p| p.is_file()) {
         match is_static_elf(&c) {

@@ -81,28 +81,10 @@ pub struct ProcessBackend {
     inner: Arc<Inner>,
 }
 
-/// Finds the static guest agent: `$HEARTH_AGENT`, next to the hearth binary,
-/// or where `tools/build-agent.sh` puts it in a cargo target directory.
+/// Finds the static guest agent (`$HEARTH_AGENT`, the static build in a cargo
+/// target directory, or next to the hearth binary).
 pub fn find_agent() -> Result<PathBuf, String> {
-    if let Ok(p) = std::env::var("HEARTH_AGENT") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(|e| e.to_string())?;
-    let dir = exe.parent().unwrap_or(Path::new("/"));
-    let mut candidates = vec![dir.join("hearth-agent")];
-    for up in [dir.join(".."), dir.join("../..")] {
-        for profile in ["release", "debug"] {
-            candidates.push(
-                up.join("x86_64-unknown-linux-gnu")
-                    .join(profile)
-                    .join("hearth-agent"),
-            );
-        }
-    }
-    candidates.into_iter().find(|p| p.is_file()).ok_or_else(|| {
-        "the guest agent binary was not found: run tools/build-agent.sh or set HEARTH_AGENT"
-            .to_string()
-    })
+    crate::guest::images::find_static_agent().map_err(|e| e.to_string())
 }
 
 /// Finds Node.js: `$HEARTH_NODE` or `node` on PATH.

@@ -483,8 +483,6 @@ struct Inner {
     slots: Mutex<HashMap<String, Arc<Slot>>>,
     /// One template boot at a time: each is CPU-heavy under emulation.
     template_lock: Mutex<()>,
-    /// `<state>/run/qemu.lock`, flocked while this backend lives.
-    _lock: fs::File,
     /// Log the phases of every restore (`HEARTH_QEMU_TRACE=1`).
     trace: bool,
 }
@@ -508,7 +506,6 @@ impl QemuBackend {
         };
         let guest = images::prepare_guest(&cfg.state_dir).map_err(|e| e.to_string())?;
         // One server per state directory: a second one would clear the first's VM directories.
-        let lock = lock_run_dir(&cfg.state_dir)?;
         let mut run_dir = cfg.state_dir.join("run").join("qemu");
         // Socket paths must fit sun_path: "<run>/<16 hex>-<seq>/agent.sock".
         if run_dir.as_os_str().len() + 48 > SOCKET_PATH_BYTES_MAX {
@@ -534,7 +531,6 @@ impl QemuBackend {
                 seq: AtomicU64::new(0),
                 slots: Mutex::new(HashMap::new()),
                 template_lock: Mutex::new(()),
-                _lock: lock,
                 trace: std::env::var_os("HEARTH_QEMU_TRACE").is_some_and(|v| v != "0"),
             }),
         })
@@ -544,30 +540,6 @@ impl QemuBackend {
     pub fn accel(&self) -> Accel {
         self.inner.accel
     }
-}
-
-/// Takes an exclusive lock on `<state>/run/qemu.lock` (released when the
-/// process exits, however it exits).
-fn lock_run_dir(state_dir: &Path) -> Result<fs::File, String> {
-    use std::os::fd::AsRawFd;
-    let dir = state_dir.join("run");
-    fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-    let path = dir.join("qemu.lock");
-    let f = fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("{}: {e}", path.display()))?;
-    // SAFETY: flock on a descriptor we own.
-    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
-        return Err(format!(
-            "another hearth serve is using the QEMU backend on {} ({} is locked)",
-            state_dir.display(),
-            path.display()
-        ));
-    }
-    Ok(f)
 }
 
 /// Removes its files when dropped (after a successful rename they are gone already).

@@ -1,0 +1,105 @@
+#!/usr/bin/env bash
+# Where a hearth function's CPU time goes: runs wrk against one function and
+# reports CPU microseconds per request for hearth (server threads), the guest
+# agents and the node runtimes, from /proc/<pid>/stat before and after; with
+# --perf also records `perf record -a -g -e cpu-clock` during the run and
+# prints the top symbols per component (only this server's processes).
+#
+# Usage: perf/functions/cpu-split.sh [--fixture DIR] [--path /greet] [--post-greet]
+#                                    [--duration 10s] [--concurrency N] [--perf]
+# Defaults: perf/functions/trivial, path /, wrk -t2 -c10 -d10s, function
+# concurrency 10 (hearth's default). KEEP=1 keeps the temp dir (perf.data).
+# Needs root, wrk, curl, zip, and perf for --perf.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+FIXTURE="$ROOT/perf/functions/trivial"
+URL_PATH=/
+LUA=
+DURATION=10s
+CONCURRENCY=10
+PERF=0
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --fixture) FIXTURE=$2; shift 2 ;;
+    --path) URL_PATH=$2; shift 2 ;;
+    --post-greet) LUA="$ROOT/perf/functions/post-greet.lua"; shift ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --concurrency) CONCURRENCY=$2; shift 2 ;;
+    --perf) PERF=1; shift ;;
+    -h | --help) sed -n '2,12p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "unknown argument: $1" >&2; exit 2 ;;
+    esac
+done
+HEARTH="${CARGO_TARGET_DIR:-$ROOT/target}/release/hearth"
+TMP=$(mktemp -d /tmp/hearth-cpusplit.XXXXXX)
+HPID=
+cleanup() {
+    if [ -n "$HPID" ]; then
+        kill -TERM "$HPID" 2>/dev/null || true
+        for _ in $(seq 1 100); do kill -0 "$HPID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$HPID" 2>/dev/null || true
+        wait "$HPID" 2>/dev/null || true
+    fi
+    if [ -n "${KEEP:-}" ]; then echo "kept $TMP" >&2; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+: >"$TMP/stdout"
+"$HEARTH" serve --listen 127.0.0.1:0 --state-dir "$TMP/state" --connections-per-core-max 4096 \
+    >"$TMP/stdout" 2>"$TMP/stderr" &
+HPID=$!
+ADDR=
+for _ in $(seq 1 300); do
+    ADDR=$(sed -n 's|^hearth: listening on http://||p' "$TMP/stdout")
+    [ -n "$ADDR" ] && break
+    sleep 0.1
+done
+[ -n "$ADDR" ] || { cat "$TMP/stderr" >&2; exit 1; }
+(cd "$FIXTURE" && zip -qr "$TMP/f.zip" .)
+ID=$(curl -sS -X POST -H 'content-type: application/zip' --data-binary "@$TMP/f.zip" \
+    "http://$ADDR/deploy?concurrency=$CONCURRENCY" | grep -o '"functionId": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
+URL="http://$ADDR/f/$ID$URL_PATH"
+SCRIPT=()
+[ -n "$LUA" ] && SCRIPT=(-s "$LUA")
+wrk -t2 -c10 -d3s "${SCRIPT[@]}" "$URL" >/dev/null # start the instances
+
+tree() { local c; echo "$1"; for c in $(cat /proc/"$1"/task/*/children 2>/dev/null); do tree "$c"; done; }
+# "component ticks" for hearth and every process below it.
+ticks() {
+    local p comm
+    for p in $(tree "$HPID"); do
+        comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+        case "$comm" in hearth*) comm=hearth ;; agent) ;; node) ;; *) comm=other ;; esac
+        # Fields after the ")" of comm: utime is the 12th, stime the 13th.
+        awk -v c="$comm" '{ sub(/^.*\) /, ""); print c, $12 + $13 }' "/proc/$p/stat" 2>/dev/null || true
+    done | awk '{ t[$1] += $2 } END { for (c in t) print c, t[c] }'
+}
+PIDLIST=$(tree "$HPID" | paste -sd,)
+ticks >"$TMP/before"
+if [ "$PERF" = 1 ]; then
+    perf record -q -a -g -e cpu-clock -o "$TMP/perf.data" -- sleep "${DURATION%s}" >/dev/null 2>&1 &
+    PERF_PID=$!
+fi
+OUT=$(wrk -t2 -c10 -d"$DURATION" --latency "${SCRIPT[@]}" "$URL")
+[ "$PERF" = 1 ] && wait "$PERF_PID"
+ticks >"$TMP/after"
+REQS=$(awk '/requests in/ { print $1 }' <<<"$OUT")
+HZ=$(getconf CLK_TCK)
+echo "# $URL_PATH on $(basename "$FIXTURE"), concurrency $CONCURRENCY, wrk -t2 -c10 -d$DURATION; load $(cut -d' ' -f1-3 /proc/loadavg)"
+echo "# instances: $(curl -sS "http://$ADDR/functions/$ID" | grep -o '"instances": *[0-9]*' | grep -o '[0-9]*$')," \
+    "$(awk '/^Requests\/sec:/ { print $2 }' <<<"$OUT") req/s, p50 $(awk '$1 == "50%" { print $2 }' <<<"$OUT"), p99 $(awk '$1 == "99%" { print $2 }' <<<"$OUT")"
+join -a1 -e 0 -o 0,1.2,2.2 <(sort "$TMP/after") <(sort "$TMP/before") |
+    awk -v n="$REQS" -v hz="$HZ" '{ us = ($2 - $3) / hz * 1e6 / n; tot += us; printf "%-8s %8.1f us CPU/request\n", $1, us } END { printf "%-8s %8.1f us CPU/request\n", "total", tot }'
+if [ "$PERF" = 1 ]; then
+    echo
+    echo "## perf: share of all samples on the machine, this server's processes only"
+    perf report -i "$TMP/perf.data" --no-children --pid "$PIDLIST" --sort comm --stdio -g none 2>/dev/null | grep -v '^#' | grep -v '^$' | head -8 || true
+    for comm in hearth-w0 hearth-w1 agent node; do
+        echo
+        echo "## top symbols: $comm"
+        perf report -i "$TMP/perf.data" --no-children --pid "$PIDLIST" --comm "$comm" --sort dso,sym --stdio -g none 2>/dev/null |
+            grep -v '^#' | grep -v '^$' | head -25 || true
+    done
+fi

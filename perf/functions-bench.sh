@@ -421,6 +421,6 @@ awk -v s5="$S50" -v s9="$S90" -v n5="$N50" -v n9="$N90" -v r5="$R50" -v d5="$D50
         ni, ir / 1024, br / 1024, ir / br, (ir / br <= 1.1 ? "met" : sprintf("NOT met (%.2f×)", ir / br))
     printf "| memory per warm instance, cgroup usage / Pss after load | %.1f / %.1f MiB | bare Pss %.1f MiB | %.2f× (Pss) | (info) | agent + node; cgroup counts page cache too |\n",
         ic / 1024, ip / 1024, bp / 1024, ip / bp
-    printf "| memory per warm instance, VmRSS after >= 20 s idle | %.1f MiB | bare Express %.1f MiB | %.2f× | (info) | V8 shrinks the bare heap when idle |\n",
+    printf "| memory per warm instance, VmRSS after >= 20 s idle | %.1f MiB | bare Express %.1f MiB | %.2f× | (info) | V8 may give idle heap back (bare: sometimes) |\n",
         dr / 1024, db / 1024, dr / db
 }'

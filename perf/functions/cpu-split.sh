@@ -73,8 +73,8 @@ ticks() {
         comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
         case "$comm" in hearth*) comm=hearth ;; agent) ;; node) ;; *) comm=other ;; esac
         # Fields after the ")" of comm: utime is the 12th, stime the 13th.
-        awk -v c="$comm" '{ sub(/^.*\) /, ""); print c, $12 + $13 }' "/proc/$p/stat" 2>/dev/null || true
-    done | awk '{ t[$1] += $2 } END { for (c in t) print c, t[c] }'
+        awk -v c="$comm" '{ sub(/^.*\) /, ""); print c, $12, $13 }' "/proc/$p/stat" 2>/dev/null || true
+    done | awk '{ u[$1] += $2; s[$1] += $3 } END { for (c in u) print c, u[c], s[c] }'
 }
 PIDLIST=$(tree "$HPID" | paste -sd,)
 ticks >"$TMP/before"
@@ -90,8 +90,11 @@ HZ=$(getconf CLK_TCK)
 echo "# $URL_PATH on $(basename "$FIXTURE"), concurrency $CONCURRENCY, wrk -t2 -c10 -d$DURATION; load $(cut -d' ' -f1-3 /proc/loadavg)"
 echo "# instances: $(curl -sS "http://$ADDR/functions/$ID" | grep -o '"instances": *[0-9]*' | grep -o '[0-9]*$')," \
     "$(awk '/^Requests\/sec:/ { print $2 }' <<<"$OUT") req/s, p50 $(awk '$1 == "50%" { print $2 }' <<<"$OUT"), p99 $(awk '$1 == "99%" { print $2 }' <<<"$OUT")"
-join -a1 -e 0 -o 0,1.2,2.2 <(sort "$TMP/after") <(sort "$TMP/before") |
-    awk -v n="$REQS" -v hz="$HZ" '{ us = ($2 - $3) / hz * 1e6 / n; tot += us; printf "%-8s %8.1f us CPU/request\n", $1, us } END { printf "%-8s %8.1f us CPU/request\n", "total", tot }'
+join -a1 -e 0 -o 0,1.2,1.3,2.2,2.3 <(sort "$TMP/after") <(sort "$TMP/before") |
+    awk -v n="$REQS" -v hz="$HZ" 'BEGIN { printf "%-8s %10s %10s %10s  (us CPU per request)\n", "", "user", "system", "total" }
+        { u = ($2 - $4) / hz * 1e6 / n; s = ($3 - $5) / hz * 1e6 / n; tu += u; ts += s
+          printf "%-8s %10.1f %10.1f %10.1f\n", $1, u, s, u + s }
+        END { printf "%-8s %10.1f %10.1f %10.1f\n", "total", tu, ts, tu + ts }'
 if [ "$PERF" = 1 ]; then
     echo
     echo "## perf: share of all samples on the machine, this server's processes only"

@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use common::{Client, Response, Server};
 
 fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(name)
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
 }
 
 fn zip_fixture(name: &str) -> Vec<u8> {
@@ -26,9 +28,13 @@ fn skip_reason() -> Option<String> {
     if unsafe { libc::geteuid() } != 0 {
         return Some("the process sandbox needs root".into());
     }
-    let agent = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/x86_64-unknown-linux-gnu/release/hearth-agent");
+    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("target/x86_64-unknown-linux-gnu/release/hearth-agent");
     if !agent.is_file() {
-        return Some(format!("{} is missing: run tools/build-agent.sh", agent.display()));
+        return Some(format!(
+            "{} is missing: run tools/build-agent.sh",
+            agent.display()
+        ));
     }
     None
 }
@@ -42,8 +48,17 @@ macro_rules! require_sandbox {
     };
 }
 
-fn request(c: &mut Client, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n", body.len());
+fn request(
+    c: &mut Client,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    let mut head = format!(
+        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n",
+        body.len()
+    );
     for (k, v) in headers {
         head.push_str(&format!("{k}: {v}\r\n"));
     }
@@ -58,19 +73,41 @@ fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[
 }
 
 fn deploy_raw(s: &Server, zip: &[u8], query: &str) -> Response {
-    let path = if query.is_empty() { "/deploy".to_string() } else { format!("/deploy?{query}") };
-    call(s, "POST", &path, &[("content-type", "application/zip")], zip)
+    let path = if query.is_empty() {
+        "/deploy".to_string()
+    } else {
+        format!("/deploy?{query}")
+    };
+    call(
+        s,
+        "POST",
+        &path,
+        &[("content-type", "application/zip")],
+        zip,
+    )
 }
 
 /// Deploys a fixture and returns its id (panics unless 201).
 fn deploy(s: &Server, name: &str, query: &str) -> String {
     let r = deploy_raw(s, &zip_fixture(name), query);
-    assert_eq!(r.status, 201, "deploy {name}: {} / stderr:\n{}", r.text(), s.stderr());
+    assert_eq!(
+        r.status,
+        201,
+        "deploy {name}: {} / stderr:\n{}",
+        r.text(),
+        s.stderr()
+    );
     r.json()["functionId"].as_str().unwrap().to_string()
 }
 
 fn functions_on_disk(s: &Server) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(s.dir.join("state/functions")).map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect()).unwrap_or_default();
+    let mut v: Vec<String> = std::fs::read_dir(s.dir.join("state/functions"))
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
     v.sort();
     v
 }
@@ -84,16 +121,36 @@ fn plain_handler_gets_a_function_url_event() {
     let mut body = b"--XyZ\r\nContent-Disposition: form-data; name=\"code\"; filename=\"f.zip\"\r\nContent-Type: application/zip\r\n\r\n".to_vec();
     body.extend_from_slice(&zip);
     body.extend_from_slice(b"\r\n--XyZ\r\nContent-Disposition: form-data; name=\"env\"\r\n\r\n{\"GREETING\":\"hi\"}\r\n--XyZ--\r\n");
-    let r = call(&s, "POST", "/deploy", &[("content-type", "multipart/form-data; boundary=XyZ")], &body);
+    let r = call(
+        &s,
+        "POST",
+        "/deploy",
+        &[("content-type", "multipart/form-data; boundary=XyZ")],
+        &body,
+    );
     assert_eq!(r.status, 201, "{}", r.text());
     let v = r.json();
     let id = v["functionId"].as_str().unwrap();
-    assert!(id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()), "{v}");
+    assert!(
+        id.len() == 16 && id.bytes().all(|b| b.is_ascii_hexdigit()),
+        "{v}"
+    );
     assert_eq!(v["status"], "deployed");
     assert_eq!(v["snapshotReady"], true);
     assert_eq!(v["url"], format!("http://t/f/{id}"));
 
-    let r = call(&s, "POST", &format!("/f/{id}/a/b?x=1&y=2&x=3"), &[("cookie", "c1=v1; c2=v2"), ("x-rep", "a"), ("x-rep", "b"), ("content-type", "text/plain")], b"hello");
+    let r = call(
+        &s,
+        "POST",
+        &format!("/f/{id}/a/b?x=1&y=2&x=3"),
+        &[
+            ("cookie", "c1=v1; c2=v2"),
+            ("x-rep", "a"),
+            ("x-rep", "b"),
+            ("content-type", "text/plain"),
+        ],
+        b"hello",
+    );
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.header("x-fixture"), Some("plain"));
     let v = r.json();
@@ -119,14 +176,33 @@ fn plain_handler_gets_a_function_url_event() {
     // Empty path is "/", HEAD gets no body, result without statusCode is JSON.
     let r = call(&s, "GET", &format!("/f/{id}"), &[], b"");
     assert_eq!(r.json()["event"]["rawPath"], "/");
-    let r = call(&s, "POST", &format!("/f/{id}/result"), &[("content-type", "application/json")], br#"{"value":{"a":[1,2]}}"#);
-    assert_eq!((r.status, r.header("content-type"), r.text().as_str()), (200, Some("application/json"), r#"{"a":[1,2]}"#));
+    let r = call(
+        &s,
+        "POST",
+        &format!("/f/{id}/result"),
+        &[("content-type", "application/json")],
+        br#"{"value":{"a":[1,2]}}"#,
+    );
+    assert_eq!(
+        (r.status, r.header("content-type"), r.text().as_str()),
+        (200, Some("application/json"), r#"{"a":[1,2]}"#)
+    );
     let r = call(&s, "GET", &format!("/f/{id}/headers"), &[], b"");
     assert_eq!(r.status, 201);
     assert_eq!(r.header("x-single"), Some("one"));
-    let multi: Vec<_> = r.headers.iter().filter(|(k, _)| k == "x-multi").map(|(_, v)| v.as_str()).collect();
+    let multi: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "x-multi")
+        .map(|(_, v)| v.as_str())
+        .collect();
     assert_eq!(multi, ["a", "b"]);
-    let cookies: Vec<_> = r.headers.iter().filter(|(k, _)| k == "set-cookie").map(|(_, v)| v.as_str()).collect();
+    let cookies: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.as_str())
+        .collect();
     assert_eq!(cookies, ["a=1; Path=/", "b=2"]);
     assert_eq!(r.body, b"made", "the handler's Content-Length must not win");
     // A handler error is a 502 with the runtime's error.
@@ -146,22 +222,52 @@ fn express_app_with_serverless_http_works_unchanged() {
     let id = deploy(&s, "express-app", "");
     let r = call(&s, "GET", &format!("/f/{id}/"), &[], b"");
     assert_eq!((r.status, r.text().as_str()), (200, "Hello from hearth"));
-    let r = call(&s, "POST", &format!("/f/{id}/greet"), &[("content-type", "application/json")], br#"{ "name": "John Doe" }"#);
-    assert_eq!((r.status, r.json()["message"].as_str()), (200, Some("Hello, John Doe")));
+    let r = call(
+        &s,
+        "POST",
+        &format!("/f/{id}/greet"),
+        &[("content-type", "application/json")],
+        br#"{ "name": "John Doe" }"#,
+    );
+    assert_eq!(
+        (r.status, r.json()["message"].as_str()),
+        (200, Some("Hello, John Doe"))
+    );
     let r = call(&s, "GET", &format!("/f/{id}/q?a=1&b=two"), &[], b"");
     assert_eq!(r.json(), serde_json::json!({"a": "1", "b": "two"}));
-    let r = call(&s, "GET", &format!("/f/{id}/cookie"), &[("cookie", "k=v")], b"");
+    let r = call(
+        &s,
+        "GET",
+        &format!("/f/{id}/cookie"),
+        &[("cookie", "k=v")],
+        b"",
+    );
     assert_eq!(r.json()["cookie"], "k=v");
-    let set: Vec<_> = r.headers.iter().filter(|(k, _)| k == "set-cookie").map(|(_, v)| v.clone()).collect();
+    let set: Vec<_> = r
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "set-cookie")
+        .map(|(_, v)| v.clone())
+        .collect();
     assert_eq!(set.len(), 2, "{set:?}");
     let r = call(&s, "GET", &format!("/f/{id}/redirect"), &[], b"");
     assert_eq!((r.status, r.header("location")), (302, Some("/")));
     let r = call(&s, "GET", &format!("/f/{id}/bin"), &[], b"");
     assert_eq!(r.body, (0..=255u8).collect::<Vec<_>>());
     let payload: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 256) as u8).collect();
-    let r = call(&s, "POST", &format!("/f/{id}/echo-bin"), &[("content-type", "application/octet-stream")], &payload);
+    let r = call(
+        &s,
+        "POST",
+        &format!("/f/{id}/echo-bin"),
+        &[("content-type", "application/octet-stream")],
+        &payload,
+    );
     assert_eq!(r.status, 200);
-    assert!(r.body == payload, "binary body changed on the way ({} bytes back)", r.body.len());
+    assert!(
+        r.body == payload,
+        "binary body changed on the way ({} bytes back)",
+        r.body.len()
+    );
 }
 
 #[test]
@@ -177,7 +283,13 @@ fn esm_callback_and_binary_handlers_work() {
     let r = call(&s, "GET", &format!("/f/{id}/"), &[], b"");
     assert_eq!(r.body, (0..=255u8).collect::<Vec<_>>());
     let bytes: Vec<u8> = (0..=255u8).rev().collect();
-    let r = call(&s, "POST", &format!("/f/{id}/"), &[("content-type", "application/octet-stream")], &bytes);
+    let r = call(
+        &s,
+        "POST",
+        &format!("/f/{id}/"),
+        &[("content-type", "application/octet-stream")],
+        &bytes,
+    );
     assert_eq!(r.body, bytes);
     assert_eq!(r.header("x-request-base64"), Some("true"));
 }
@@ -191,7 +303,8 @@ fn bad_deploys_are_refused_and_leave_nothing_behind() {
     r.assert_json_error("not_a_zip");
     // Zip slip.
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    w.start_file("../evil.js", zip::write::SimpleFileOptions::default()).unwrap();
+    w.start_file("../evil.js", zip::write::SimpleFileOptions::default())
+        .unwrap();
     std::io::Write::write_all(&mut w, b"x").unwrap();
     let evil = w.finish().unwrap().into_inner();
     let r = deploy_raw(&s, &evil, "");
@@ -203,7 +316,13 @@ fn bad_deploys_are_refused_and_leave_nothing_behind() {
     let r = deploy_raw(&s, &zip_fixture("plain"), "memory_mb=1");
     assert_eq!(r.status, 400);
     r.assert_json_error("bad_setting");
-    let r = call(&s, "POST", "/deploy", &[("content-type", "text/plain")], b"x");
+    let r = call(
+        &s,
+        "POST",
+        "/deploy",
+        &[("content-type", "text/plain")],
+        b"x",
+    );
     assert_eq!(r.status, 415);
     for name in ["init-error", "no-export"] {
         let r = deploy_raw(&s, &zip_fixture(name), "");
@@ -212,7 +331,11 @@ fn bad_deploys_are_refused_and_leave_nothing_behind() {
         assert_eq!(v["code"], "init_error");
         assert!(!v["error"].as_str().unwrap().is_empty());
     }
-    assert!(functions_on_disk(&s).is_empty(), "left behind: {:?}", functions_on_disk(&s));
+    assert!(
+        functions_on_disk(&s).is_empty(),
+        "left behind: {:?}",
+        functions_on_disk(&s)
+    );
     let r = call(&s, "GET", "/f/0123456789abcdef/", &[], b"");
     assert_eq!(r.status, 404);
     r.assert_json_error("function_not_found");
@@ -232,7 +355,11 @@ fn concurrency_limit_queues_then_throttles_with_429() {
     let statuses: Vec<u16> = clients.iter_mut().map(|c| c.response().status).collect();
     let ok = statuses.iter().filter(|&&st| st == 200).count();
     let throttled = statuses.iter().filter(|&&st| st == 429).count();
-    assert_eq!((ok, throttled), (3, 2), "one running + two queued succeed, the rest are throttled: {statuses:?}");
+    assert_eq!(
+        (ok, throttled),
+        (3, 2),
+        "one running + two queued succeed, the rest are throttled: {statuses:?}"
+    );
     let r = call(&s, "GET", &path, &[], b"");
     assert_eq!(r.status, 200);
     let v = call(&s, "GET", &format!("/functions/{id}"), &[], b"").json();
@@ -246,7 +373,10 @@ fn a_flooded_function_does_not_starve_another() {
     let s = Server::start(&["--cores", "1", "--queue-depth-max", "50"]);
     let busy = deploy(&s, "behave", "concurrency=2");
     let quiet = deploy(&s, "plain", "");
-    assert_eq!(call(&s, "GET", &format!("/f/{quiet}/"), &[], b"").status, 200);
+    assert_eq!(
+        call(&s, "GET", &format!("/f/{quiet}/"), &[], b"").status,
+        200
+    );
     let mut flood: Vec<Client> = (0..40).map(|_| s.connect()).collect();
     for c in flood.iter_mut() {
         c.write(format!("GET /f/{busy}/sleep?ms=200 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
@@ -254,10 +384,16 @@ fn a_flooded_function_does_not_starve_another() {
     std::thread::sleep(Duration::from_millis(100));
     let t = Instant::now();
     for _ in 0..5 {
-        assert_eq!(call(&s, "GET", &format!("/f/{quiet}/"), &[], b"").status, 200);
+        assert_eq!(
+            call(&s, "GET", &format!("/f/{quiet}/"), &[], b"").status,
+            200
+        );
     }
     let quiet_took = t.elapsed();
-    assert!(quiet_took < Duration::from_secs(2), "the quiet function waited {quiet_took:?} behind the flood");
+    assert!(
+        quiet_took < Duration::from_secs(2),
+        "the quiet function waited {quiet_took:?} behind the flood"
+    );
     let statuses: Vec<u16> = flood.iter_mut().map(|c| c.response().status).collect();
     assert!(statuses.iter().all(|&st| st == 200), "{statuses:?}");
 }
@@ -289,10 +425,21 @@ fn delete_waits_for_in_flight_requests() {
     std::thread::sleep(Duration::from_millis(200));
     let r = call(&s, "DELETE", &format!("/functions/{id}"), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(slow.response().status, 200, "the in-flight request finishes");
+    assert_eq!(
+        slow.response().status,
+        200,
+        "the in-flight request finishes"
+    );
     assert_eq!(call(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 404);
-    assert_eq!(call(&s, "GET", &format!("/functions/{id}"), &[], b"").status, 404);
-    assert!(functions_on_disk(&s).is_empty(), "{:?}", functions_on_disk(&s));
+    assert_eq!(
+        call(&s, "GET", &format!("/functions/{id}"), &[], b"").status,
+        404
+    );
+    assert!(
+        functions_on_disk(&s).is_empty(),
+        "{:?}",
+        functions_on_disk(&s)
+    );
 }
 
 #[test]
@@ -302,7 +449,10 @@ fn timeouts_crashes_and_memory_hogs_are_contained() {
     let id = deploy(&s, "behave", "timeout_ms=1000&memory_mb=128");
     let other = deploy(&s, "plain", "");
     let base = format!("/f/{id}");
-    assert_eq!(call(&s, "GET", &format!("{base}/whoami"), &[], b"").status, 200);
+    assert_eq!(
+        call(&s, "GET", &format!("{base}/whoami"), &[], b"").status,
+        200
+    );
     // Infinite loop: 504 at the deadline, the instance is destroyed.
     let t = Instant::now();
     let r = call(&s, "GET", &format!("{base}/spin"), &[], b"");
@@ -317,19 +467,31 @@ fn timeouts_crashes_and_memory_hogs_are_contained() {
     let r = call(&s, "GET", &format!("{base}/hog"), &[], b"");
     assert_eq!(r.status, 502, "{}", r.text());
     assert!(r.text().contains("memory"), "{}", r.text());
-    assert_eq!(call(&s, "GET", &format!("/f/{other}/"), &[], b"").status, 200);
-    assert_eq!(call(&s, "GET", &format!("{base}/whoami"), &[], b"").status, 200);
+    assert_eq!(
+        call(&s, "GET", &format!("/f/{other}/"), &[], b"").status,
+        200
+    );
+    assert_eq!(
+        call(&s, "GET", &format!("{base}/whoami"), &[], b"").status,
+        200
+    );
     // Fork bomb: stopped inside the sandbox, by the pids limit (spawn fails) or the
     // memory limit (the instance is killed); either way the host is unaffected.
     let r = call(&s, "GET", &format!("{base}/fork"), &[], b"");
     if r.status == 200 {
         let v = r.json();
-        assert!(v["error"].is_string() && v["spawned"].as_u64().unwrap() < 400, "{v}");
+        assert!(
+            v["error"].is_string() && v["spawned"].as_u64().unwrap() < 400,
+            "{v}"
+        );
     } else {
         assert_eq!(r.status, 502, "{}", r.text());
     }
     s.assert_healthy();
-    assert_eq!(call(&s, "GET", &format!("{base}/whoami"), &[], b"").status, 200);
+    assert_eq!(
+        call(&s, "GET", &format!("{base}/whoami"), &[], b"").status,
+        200
+    );
 }
 
 #[test]
@@ -340,11 +502,27 @@ fn functions_are_isolated_from_the_host_and_each_other() {
     let b = deploy(&s, "plain", "");
     let state = s.dir.join("state");
     let other_code = state.join("functions").join(&b).join("code/index.js");
-    for p in ["/etc/shadow", state.join("functions").join(&a).join("meta.json").to_str().unwrap(), other_code.to_str().unwrap()] {
+    for p in [
+        "/etc/shadow",
+        state
+            .join("functions")
+            .join(&a)
+            .join("meta.json")
+            .to_str()
+            .unwrap(),
+        other_code.to_str().unwrap(),
+    ] {
         let v = call(&s, "GET", &format!("/f/{a}/read?path={p}"), &[], b"").json();
         assert_eq!(v["ok"], false, "{p} was readable: {v}");
     }
-    let v = call(&s, "GET", &format!("/f/{a}/read?path=/var/task/index.js"), &[], b"").json();
+    let v = call(
+        &s,
+        "GET",
+        &format!("/f/{a}/read?path=/var/task/index.js"),
+        &[],
+        b"",
+    )
+    .json();
     assert_eq!(v["ok"], true, "its own code is readable");
     for p in ["/var/task/x", "/etc/x", "/x"] {
         let v = call(&s, "GET", &format!("/f/{a}/write?path={p}"), &[], b"").json();
@@ -357,7 +535,10 @@ fn functions_are_isolated_from_the_host_and_each_other() {
     assert_ne!(v["local"], "connected", "reached the host's loopback: {v}");
     assert_ne!(v["remote"], "connected", "reached the network: {v}");
     let v = call(&s, "GET", &format!("/f/{a}/ps"), &[], b"").json();
-    assert!(v["pids"].as_array().unwrap().len() <= 3, "host processes visible: {v}");
+    assert!(
+        v["pids"].as_array().unwrap().len() <= 3,
+        "host processes visible: {v}"
+    );
 }
 
 #[test]
@@ -371,21 +552,39 @@ fn logs_metrics_and_listing_report_functions() {
     loop {
         let logs = call(&s, "GET", &format!("/functions/{id}/logs"), &[], b"").json();
         let lines = logs["logs"].as_array().unwrap().clone();
-        let out = lines.iter().find(|l| l["message"].as_str().unwrap_or("").starts_with("hello from stdout"));
+        let out = lines.iter().find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("hello from stdout")
+        });
         let err = lines.iter().find(|l| l["message"] == "hello from stderr");
         if let (Some(out), Some(err)) = (out, err) {
             assert_eq!(out["stream"], "stdout");
             assert_eq!(err["stream"], "stderr");
             let rid = out["requestId"].as_str().unwrap();
-            assert!(!rid.is_empty() && out["message"].as_str().unwrap().ends_with(rid), "{out}");
+            assert!(
+                !rid.is_empty() && out["message"].as_str().unwrap().ends_with(rid),
+                "{out}"
+            );
             break;
         }
         assert!(Instant::now() < deadline, "log lines missing: {logs}");
         std::thread::sleep(Duration::from_millis(100));
     }
     let metrics = call(&s, "GET", "/metrics", &[], b"").text();
-    assert!(metrics.contains(&format!("hearth_function_invocations_total{{function=\"{id}\"}} 1")), "{metrics}");
-    assert!(metrics.contains(&format!("hearth_function_duration_seconds_count{{function=\"{id}\"}} 1")), "{metrics}");
+    assert!(
+        metrics.contains(&format!(
+            "hearth_function_invocations_total{{function=\"{id}\"}} 1"
+        )),
+        "{metrics}"
+    );
+    assert!(
+        metrics.contains(&format!(
+            "hearth_function_duration_seconds_count{{function=\"{id}\"}} 1"
+        )),
+        "{metrics}"
+    );
     let list = call(&s, "GET", "/functions", &[], b"").json();
     assert_eq!(list["functions"].as_array().unwrap().len(), 1);
 }
@@ -397,13 +596,49 @@ fn admin_token_guards_the_control_plane_only() {
     let r = deploy_raw(&s, &zip_fixture("plain"), "");
     assert_eq!(r.status, 401);
     r.assert_json_error("unauthorized");
-    assert_eq!(call(&s, "GET", "/functions", &[("authorization", "Bearer wrong")], b"").status, 401);
-    let r = call(&s, "POST", "/deploy", &[("content-type", "application/zip"), ("authorization", "Bearer s3cret")], &zip_fixture("plain"));
+    assert_eq!(
+        call(
+            &s,
+            "GET",
+            "/functions",
+            &[("authorization", "Bearer wrong")],
+            b""
+        )
+        .status,
+        401
+    );
+    let r = call(
+        &s,
+        "POST",
+        "/deploy",
+        &[
+            ("content-type", "application/zip"),
+            ("authorization", "Bearer s3cret"),
+        ],
+        &zip_fixture("plain"),
+    );
     assert_eq!(r.status, 201);
     let id = r.json()["functionId"].as_str().unwrap().to_string();
-    assert_eq!(call(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 200, "invocations stay public");
-    assert_eq!(call(&s, "DELETE", &format!("/functions/{id}"), &[], b"").status, 401);
-    assert_eq!(call(&s, "DELETE", &format!("/functions/{id}"), &[("authorization", "Bearer s3cret")], b"").status, 200);
+    assert_eq!(
+        call(&s, "GET", &format!("/f/{id}/"), &[], b"").status,
+        200,
+        "invocations stay public"
+    );
+    assert_eq!(
+        call(&s, "DELETE", &format!("/functions/{id}"), &[], b"").status,
+        401
+    );
+    assert_eq!(
+        call(
+            &s,
+            "DELETE",
+            &format!("/functions/{id}"),
+            &[("authorization", "Bearer s3cret")],
+            b""
+        )
+        .status,
+        200
+    );
 }
 
 #[test]
@@ -422,7 +657,13 @@ fn kill_9_during_a_deploy_leaves_no_half_function() {
     c.write(&zip);
     // …and kill the server in the middle of it.
     let deadline = Instant::now() + Duration::from_secs(10);
-    while !std::fs::read_dir(state.join("functions")).map(|d| d.flatten().any(|e| e.file_name().to_string_lossy().starts_with(".staging-"))).unwrap_or(false) {
+    while !std::fs::read_dir(state.join("functions"))
+        .map(|d| {
+            d.flatten()
+                .any(|e| e.file_name().to_string_lossy().starts_with(".staging-"))
+        })
+        .unwrap_or(false)
+    {
         assert!(Instant::now() < deadline, "no deploy started");
         std::thread::sleep(Duration::from_millis(2));
     }
@@ -432,8 +673,15 @@ fn kill_9_during_a_deploy_leaves_no_half_function() {
     let list = call(&s2, "GET", "/functions", &[], b"").json();
     let listed = list["functions"].as_array().unwrap().len();
     let on_disk = functions_on_disk(&s);
-    assert!(on_disk.iter().all(|n| !n.starts_with('.')), "leftovers: {on_disk:?}");
-    assert_eq!(listed, on_disk.len(), "listed {list} vs on disk {on_disk:?}");
+    assert!(
+        on_disk.iter().all(|n| !n.starts_with('.')),
+        "leftovers: {on_disk:?}"
+    );
+    assert_eq!(
+        listed,
+        on_disk.len(),
+        "listed {list} vs on disk {on_disk:?}"
+    );
     // Whatever survived is whole and serves.
     for f in list["functions"].as_array().unwrap() {
         let id = f["functionId"].as_str().unwrap();
@@ -467,21 +715,52 @@ fn the_cli_drives_the_server() {
     let s = Server::start(&["--admin-token", "tok"]);
     let server = s.addr.to_string();
     let hearth = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth")).args(args).args(["--server", &server, "--token", "tok"]).output().expect("run hearth");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(args)
+            .args(["--server", &server, "--token", "tok"])
+            .output()
+            .expect("run hearth");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
     };
-    let (ok, out, err) = hearth(&["deploy", fixture("behave").to_str().unwrap(), "--timeout-ms", "5000", "-e", "A=1"]);
+    let (ok, out, err) = hearth(&[
+        "deploy",
+        fixture("behave").to_str().unwrap(),
+        "--timeout-ms",
+        "5000",
+        "-e",
+        "A=1",
+    ]);
     assert!(ok, "{out}{err}");
-    assert!(err.contains("packing") && err.contains("ready in"), "progress is shown: {err}");
-    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["functionId"].as_str().unwrap().to_string();
+    assert!(
+        err.contains("packing") && err.contains("ready in"),
+        "progress is shown: {err}"
+    );
+    let id = serde_json::from_str::<serde_json::Value>(&out).unwrap()["functionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
     let invoke = |args: &[&str]| {
-        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth")).args(args).args(["--server", &server]).output().expect("run hearth");
-        (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned())
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(args)
+            .args(["--server", &server])
+            .output()
+            .expect("run hearth");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        )
     };
     let (ok, out) = invoke(&["invoke", &id, "/log", "-X", "POST", "-d", "x"]);
     assert!(ok && out.contains("logged"), "{out}");
     let (ok, out, _) = hearth(&["ls"]);
-    assert!(ok && out.contains(&id) && out.contains("index.handler"), "{out}");
+    assert!(
+        ok && out.contains(&id) && out.contains("index.handler"),
+        "{out}"
+    );
     let (ok, out, _) = hearth(&["logs", &id]);
     assert!(ok && out.contains("hello from stdout"), "{out}");
     let (ok, out, _) = hearth(&["rm", &id]);
@@ -495,12 +774,21 @@ fn a_second_server_cannot_share_a_state_dir() {
     let s = Server::start(&[]);
     let state = s.dir.join("state");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
-        .args(["serve", "--listen", "127.0.0.1:0", "--state-dir", state.to_str().unwrap()])
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--state-dir",
+            state.to_str().unwrap(),
+        ])
         .env("HEARTH_NODE", "/usr/bin/true")
         .output()
         .expect("run hearth");
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("another hearth serve is using the state dir"), "{err}");
+    assert!(
+        err.contains("another hearth serve is using the state dir"),
+        "{err}"
+    );
     s.assert_healthy();
 }

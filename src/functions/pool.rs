@@ -207,7 +207,12 @@ impl CorePool {
         };
         let f = fs.f.clone();
         if f.deleted.load(Relaxed) {
-            self.replies.push_back(json_reply(to, 404, "function_not_found", &format!("function {id} was deleted")));
+            self.replies.push_back(json_reply(
+                to,
+                404,
+                "function_not_found",
+                &format!("function {id} was deleted"),
+            ));
             return;
         }
         add(&f.metrics.invocations, 1);
@@ -230,7 +235,11 @@ impl CorePool {
         };
         let mut meta_head = Vec::with_capacity(256 + 32 * req.headers.len());
         serde_json::to_writer(&mut meta_head, &meta).expect("json of plain values");
-        assert_eq!(meta_head.pop(), Some(b'}'), "a JSON object ends with a brace");
+        assert_eq!(
+            meta_head.pop(),
+            Some(b'}'),
+            "a JSON object ends with a brace"
+        );
         let pending = Pending {
             to,
             rid,
@@ -370,7 +379,8 @@ impl CorePool {
         let me = 1u64 << self.core;
         let starved = fs.f.starved.load(Relaxed) & !me;
         if starved != 0 {
-            let share = (fs.f.spec.concurrency as usize / (1 + starved.count_ones() as usize)).max(1);
+            let share =
+                (fs.f.spec.concurrency as usize / (1 + starved.count_ones() as usize)).max(1);
             if fs.queue.is_empty() || fs.live > share {
                 let target = next_core(starved, self.core);
                 fs.f.starved.fetch_and(!(1u64 << target), Relaxed);
@@ -400,7 +410,13 @@ impl CorePool {
 
     /// Starts moving an idle instance to `target`: its channel is detached
     /// from this core's driver first (see [`CorePool::finish_migration`]).
-    fn migrate(&mut self, i: usize, target: usize, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>) {
+    fn migrate(
+        &mut self,
+        i: usize,
+        target: usize,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+    ) {
         let inst = self.insts.remove(i);
         if let Some(fs) = self.fns.get_mut(&inst.function.spec.id) {
             fs.idle.retain(|&k| k != i);
@@ -408,21 +424,44 @@ impl CorePool {
         }
         streams[inst.tok].detaching = true;
         dirty.push(inst.tok);
-        self.migrating.insert(inst.tok, (inst.function, inst.handle, target));
+        self.migrating
+            .insert(inst.tok, (inst.function, inst.handle, target));
     }
 
     /// The driver released a migrating instance's channel: send it to its new core.
-    pub fn finish_migration(&mut self, tok: Token, channel: std::os::fd::OwnedFd, leftover: Vec<u8>) {
+    pub fn finish_migration(
+        &mut self,
+        tok: Token,
+        channel: std::os::fd::OwnedFd,
+        leftover: Vec<u8>,
+    ) {
         let Some((function, handle, target)) = self.migrating.remove(&tok) else {
             return;
         };
-        let m = Migrated { function, handle, channel, leftover };
-        self.shared.send(target, crate::engine::worker::Msg::InstanceMigrated(m));
+        let m = Migrated {
+            function,
+            handle,
+            channel,
+            leftover,
+        };
+        self.shared
+            .send(target, crate::engine::worker::Msg::InstanceMigrated(m));
     }
 
     /// Takes over an instance from another core.
-    pub fn on_migrated(&mut self, m: Migrated, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
-        let Migrated { function: f, mut handle, channel, leftover } = m;
+    pub fn on_migrated(
+        &mut self,
+        m: Migrated,
+        streams: &mut Slab<Stream>,
+        dirty: &mut Vec<Token>,
+        now: Instant,
+    ) {
+        let Migrated {
+            function: f,
+            mut handle,
+            channel,
+            leftover,
+        } = m;
         let id = f.spec.id.clone();
         if !self.fns.contains_key(&id) || f.deleted.load(Relaxed) {
             handle.kill();
@@ -437,7 +476,13 @@ impl CorePool {
         stream.push_input(&leftover);
         let tok = streams.insert(stream);
         dirty.push(tok);
-        self.insts.insert(Inst { function: f, handle, tok, busy: None, idle_since: now });
+        self.insts.insert(Inst {
+            function: f,
+            handle,
+            tok,
+            busy: None,
+            idle_since: now,
+        });
         self.fns.get_mut(&id).expect("checked").live += 1;
         self.next_for(i, streams, dirty, now);
         self.grow(&id, streams, dirty, now);
@@ -533,7 +578,13 @@ impl CorePool {
                         // The runtime died under the request: a crash, not a handler error.
                         inst.busy = Some(busy);
                         streams[tok].consume(h.frame_len());
-                        return self.instance_failed(i, streams, dirty, now, "the function's runtime exited");
+                        return self.instance_failed(
+                            i,
+                            streams,
+                            dirty,
+                            now,
+                            "the function's runtime exited",
+                        );
                     } else {
                         f.metrics.error(ErrorKind::Handler);
                         let m: serde_json::Value = serde_json::from_slice(meta).unwrap_or_default();
@@ -774,7 +825,11 @@ impl CorePool {
         // or running finish on the instances it has; then its state goes.
         for id in gone {
             self.slot_waiters.retain(|w| *w != id);
-            let idle: Vec<usize> = self.fns.get_mut(&id).map(|fs| fs.idle.drain(..).collect()).unwrap_or_default();
+            let idle: Vec<usize> = self
+                .fns
+                .get_mut(&id)
+                .map(|fs| fs.idle.drain(..).collect())
+                .unwrap_or_default();
             for i in idle {
                 self.retire(i, streams, dirty, now);
             }
@@ -792,7 +847,12 @@ impl CorePool {
         let mut fs = self.fns.remove(id).expect("present");
         for p in fs.queue.drain(..) {
             fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
-            self.replies.push_back(json_reply(p.to, 404, "function_not_found", &format!("function {id} was deleted")));
+            self.replies.push_back(json_reply(
+                p.to,
+                404,
+                "function_not_found",
+                &format!("function {id} was deleted"),
+            ));
         }
     }
 
@@ -817,7 +877,8 @@ impl CorePool {
 
 /// True for the ERROR the agent sends when the runtime process died mid-request.
 fn is_runtime_exit(meta: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(meta).is_ok_and(|m| m["errorType"] == "Runtime.ExitError")
+    serde_json::from_slice::<serde_json::Value>(meta)
+        .is_ok_and(|m| m["errorType"] == "Runtime.ExitError")
 }
 
 /// Builds the HTTP answer from a RESPONSE frame's metadata and body.

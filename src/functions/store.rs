@@ -114,12 +114,20 @@ pub fn lock_state_dir(state_dir: &Path) -> io::Result<fs::File> {
     use std::os::fd::AsRawFd;
     fs::create_dir_all(state_dir)?;
     let path = state_dir.join("hearth.lock");
-    let f = fs::OpenOptions::new().create(true).truncate(false).write(true).open(&path)?;
+    let f = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)?;
     // SAFETY: flock on a descriptor we own.
     if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         return Err(io::Error::new(
             io::ErrorKind::WouldBlock,
-            format!("another hearth serve is using the state dir {} ({} is locked)", state_dir.display(), path.display()),
+            format!(
+                "another hearth serve is using the state dir {} ({} is locked)",
+                state_dir.display(),
+                path.display()
+            ),
         ));
     }
     Ok(f)

@@ -128,7 +128,11 @@ pub fn find_static_agent() -> Result<PathBuf, ImageError> {
     let mut candidates = Vec::new();
     for up in [dir.join(".."), dir.join("../..")] {
         for profile in ["release", "debug"] {
-            candidates.push(up.join("x86_64-unknown-linux-gnu").join(profile).join("hearth-agent"));
+            candidates.push(
+                up.join("x86_64-unknown-linux-gnu")
+                    .join(profile)
+                    .join("hearth-agent"),
+            );
         }
     }
     candidates.push(dir.join("hearth-agent"));

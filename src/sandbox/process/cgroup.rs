@@ -544,10 +544,14 @@ pub fn sweep_stale() -> usize {
     parents.dedup();
     let mut removed = 0;
     for parent in parents {
-        let Ok(entries) = fs::read_dir(&parent) else { continue };
+        let Ok(entries) = fs::read_dir(&parent) else {
+            continue;
+        };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else { continue };
+            let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
             if Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }

@@ -8,7 +8,7 @@
 //! half-built tree is never used.
 
 use std::fs;
-use std::io::{self, Read};
+use std::io;
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -223,20 +223,9 @@ fn hex(bytes: &[u8]) -> String {
     bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
+/// Hashes a file's contents (shared with the guest image builders).
 fn hash_file(h: &mut Sha256, path: &Path) -> io::Result<()> {
-    let mut f = fs::File::open(path).map_err(|e| annotate(e, "reading", path))?;
-    let mut buf = vec![0u8; 1 << 20];
-    let mut len = 0u64;
-    loop {
-        let n = f.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        len += n as u64;
-        h.update(&buf[..n]);
-    }
-    h.update(len.to_le_bytes());
-    Ok(())
+    crate::guest::hash_file(h, path)
 }
 
 fn mkdir(path: &Path) -> io::Result<()> {

@@ -35,7 +35,9 @@ enum hearth_frame_type {
     /* host -> guest */
     HEARTH_HELLO = 1,      /* meta: {"time_ms":<unix ms>,"handler":"app.handler",
                               "function":"<id>","task_root":"/var/task",
-                              "memory_mb":128,"timeout_ms":30000,"env":{...}}.
+                              "memory_mb":128,"timeout_ms":30000,"env":{...},
+                              "seed0".."seed3":<u64>}: the seeds are fresh host
+                              randomness a VM agent mixes into its kernel RNG.
                               First frame after every (re)connect:
                               the agent sets the wall clock from time_ms; a runtime
                               that has not loaded the handler yet loads it now. */

@@ -47,8 +47,12 @@ impl From<ProtocolError> for StreamError {
 /// What the host said that the agent itself acts on.
 #[derive(Debug, PartialEq, Eq)]
 pub enum HostEvent {
-    /// A HELLO's metadata is complete; `time_ms` is its wall-clock reading.
-    Hello { time_ms: Option<u64> },
+    /// A HELLO's metadata is complete; `time_ms` is its wall-clock reading,
+    /// `seed` the host's fresh random words (`seed0`..`seed3`) for the kernel RNG.
+    Hello {
+        time_ms: Option<u64>,
+        seed: Vec<u64>,
+    },
     /// An INVOKE header passed; its answer will carry `request_id`.
     Invoke { request_id: u32 },
 }
@@ -149,8 +153,12 @@ impl HostStream {
 
     fn finish_meta(&mut self, events: &mut Vec<HostEvent>) {
         if let Some(meta) = self.hello_meta.take() {
+            let seed = (0..4)
+                .filter_map(|i| json::top_level_u64(&meta, &format!("seed{i}")))
+                .collect();
             events.push(HostEvent::Hello {
                 time_ms: json::top_level_u64(&meta, "time_ms"),
+                seed,
             });
         }
     }
@@ -220,7 +228,8 @@ mod tests {
                 ev,
                 vec![
                     HostEvent::Hello {
-                        time_ms: Some(1700000000123)
+                        time_ms: Some(1700000000123),
+                        seed: Vec::new(),
                     },
                     HostEvent::Invoke { request_id: 42 },
                     HostEvent::Invoke { request_id: 43 }

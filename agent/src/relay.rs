@@ -351,7 +351,12 @@ impl Relay {
         let events = std::mem::take(&mut self.events);
         for ev in &events {
             match *ev {
-                HostEvent::Hello { time_ms } => self.sync_clock(time_ms),
+                HostEvent::Hello { time_ms, ref seed } => {
+                    self.sync_clock(time_ms);
+                    if self.mode == Mode::Vm {
+                        reseed_rng(seed);
+                    }
+                }
                 HostEvent::Invoke { request_id } => {
                     if self.in_flight.len() == IN_FLIGHT_MAX {
                         let oldest = self.in_flight.pop_front();
@@ -612,4 +617,25 @@ fn push_poll(
         revents: 0,
     });
     Some(fds.len() - 1)
+}
+
+/// Mixes the host's random words into the kernel's pool and forces a reseed,
+/// so VMs restored from one snapshot stop sharing the template's RNG state.
+/// (V8's `Math.random` state inside the runtime is not reached by this.)
+fn reseed_rng(seed: &[u64]) {
+    if seed.is_empty() {
+        return;
+    }
+    let bytes: Vec<u8> = seed.iter().flat_map(|w| w.to_le_bytes()).collect();
+    let Ok(mut f) = std::fs::OpenOptions::new().write(true).open("/dev/urandom") else {
+        diag!("cannot open /dev/urandom to reseed the RNG");
+        return;
+    };
+    let _ = std::io::Write::write_all(&mut f, &bytes);
+    // RNDRESEEDCRNG: make the CRNG pick up the new input now.
+    const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+    // SAFETY: an argument-less ioctl on a descriptor we own.
+    if unsafe { libc::ioctl(std::os::fd::AsRawFd::as_raw_fd(&f), RNDRESEEDCRNG) } != 0 {
+        diag!("RNDRESEEDCRNG: {}", std::io::Error::last_os_error());
+    }
 }

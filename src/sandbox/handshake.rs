@@ -28,6 +28,11 @@ pub fn hello_meta(spec: &FunctionSpec) -> Vec<u8> {
         "memory_mb": spec.memory_mb,
         "timeout_ms": spec.timeout_ms,
         "env": env,
+        // Fresh randomness for the guest kernel of every restored clone.
+        "seed0": crate::functions::random_u64(),
+        "seed1": crate::functions::random_u64(),
+        "seed2": crate::functions::random_u64(),
+        "seed3": crate::functions::random_u64(),
     }))
     .expect("json of plain values")
 }

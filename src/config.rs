@@ -61,7 +61,7 @@ impl Default for HttpLimits {
             headers_max: 100,
             body_bytes_max: 6 * 1024 * 1024,
             deploy_body_bytes_max: 50 * 1024 * 1024 + 64 * 1024,
-            connections_per_core_max: 10_000,
+            connections_per_core_max: 8192,
             head_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
             out_bytes_max: 8 * 1024 * 1024,

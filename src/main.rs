@@ -127,7 +127,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 6 * 1024 * 1024)]
     body_bytes_max: u64,
     /// Open connections per core before new ones are refused with 503.
-    #[arg(long, default_value_t = 10_000)]
+    #[arg(long, default_value_t = 8192)]
     connections_per_core_max: usize,
     /// Time to receive a request head (and between body reads), ms; then 408.
     #[arg(long, default_value_t = 10_000)]

@@ -792,3 +792,27 @@ fn a_second_server_cannot_share_a_state_dir() {
     );
     s.assert_healthy();
 }
+
+#[test]
+fn slow_handlers_fan_out_to_their_concurrency() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "1"]);
+    let id = deploy(&s, "behave", "concurrency=4");
+    assert_eq!(call(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
+    let t = Instant::now();
+    let mut clients: Vec<Client> = (0..4).map(|_| s.connect()).collect();
+    for c in clients.iter_mut() {
+        c.write(format!("GET /f/{id}/sleep?ms=1500 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    }
+    for c in clients.iter_mut() {
+        assert_eq!(c.response().status, 200);
+    }
+    // Serially this takes 6 s; waiting requests on an idle core scale out at once.
+    let took = t.elapsed();
+    assert!(
+        took < Duration::from_secs(4),
+        "4 requests of 1.5 s took {took:?}: they did not run in parallel"
+    );
+    let v = call(&s, "GET", &format!("/functions/{id}"), &[], b"").json();
+    assert_eq!(v["instances"], 4, "{v}");
+}

@@ -195,6 +195,7 @@ fn summary(shared: &Shared, f: &Function) -> serde_json::Value {
         "instances": f.instances.load(Ordering::Relaxed),
         "invocations": m.invocations.load(Ordering::Relaxed),
         "cold_starts": m.cold_starts.load(Ordering::Relaxed),
+        "artifacts": shared.functions.backend.artifacts(&f.dir),
     })
 }
 

@@ -272,12 +272,6 @@ impl Worker {
         self.process_client(to.token);
     }
 
-    /// Is the connection behind `to` still waiting for its answer?
-    pub fn is_waiting(&self, to: ReplyTo) -> bool {
-        matches!(self.streams.get(to.token),
-            Some(Stream { kind: Kind::Client(Conn { serial, state: ConnState::Waiting { .. }, .. }), dead: false, closing: false, .. }) if *serial == to.serial)
-    }
-
     /// Closes connections whose deadline passed: 408 where a request was partly read.
     pub fn expire_clients(&mut self) {
         let now = self.now;

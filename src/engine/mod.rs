@@ -51,11 +51,6 @@ impl Shared {
             self.send(core, make());
         }
     }
-
-    /// Number of worker cores.
-    pub fn cores(&self) -> usize {
-        self.senders.len()
-    }
 }
 
 fn wake(fd: RawFd) {

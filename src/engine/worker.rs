@@ -103,11 +103,6 @@ impl Worker {
         std::mem::swap(into, &mut self.dirty);
     }
 
-    /// Open client connections on this core.
-    pub fn clients(&self) -> usize {
-        self.clients
-    }
-
     /// Whether the core may accept another connection.
     pub fn can_accept(&self) -> bool {
         !self.draining && self.clients < self.shared.cfg.http.connections_per_core_max

@@ -11,7 +11,7 @@ pub mod pool;
 pub mod store;
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Mutex, RwLock};
@@ -317,9 +317,4 @@ pub fn random_u64() -> u64 {
     let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
     assert_eq!(n, 8, "getrandom failed");
     u64::from_ne_bytes(b)
-}
-
-/// Path of a function's directory.
-pub fn function_dir(functions_dir: &Path, id: &str) -> PathBuf {
-    functions_dir.join(id)
 }

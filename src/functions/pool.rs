@@ -953,11 +953,6 @@ impl CorePool {
         }
     }
 
-    /// Instances of `id` alive on this core (idle or busy).
-    pub fn live(&self, id: &str) -> usize {
-        self.fns.get(id).map_or(0, |f| f.live)
-    }
-
     /// Kills every instance at server exit.
     pub fn shutdown(&mut self, streams: &mut Slab<Stream>) {
         let all: Vec<usize> = self.insts.iter().map(|(k, _)| k).collect();

@@ -10,17 +10,7 @@ mod common;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Client, Response, Server};
-
-fn fixture(name: &str) -> std::path::PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-fn zip_fixture(name: &str) -> Vec<u8> {
-    hearth::cli::zip_dir(&fixture(name)).expect("zip fixture").0
-}
+use common::{fixture, zip_fixture, Client, Response, Server};
 
 /// Why these tests cannot run here, if they cannot.
 fn skip_reason() -> Option<String> {
@@ -48,28 +38,8 @@ macro_rules! require_sandbox {
     };
 }
 
-fn request(
-    c: &mut Client,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    let mut head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n",
-        body.len()
-    );
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    c.write(head.as_bytes());
-    c.write(body);
-    c.response()
-}
-
 fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    request(&mut s.connect(), method, path, headers, body)
+    s.connect().request(method, path, headers, body)
 }
 
 fn deploy_raw(s: &Server, zip: &[u8], query: &str) -> Response {

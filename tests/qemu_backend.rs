@@ -123,17 +123,7 @@ impl Hearth {
     fn call(&self, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
         let mut c = Client::connect(self.addr);
         c.stream.set_read_timeout(Some(SLOW)).unwrap();
-        let mut head = format!(
-            "{method} {path} HTTP/1.1\r\nHost: t\r\nConnection: close\r\nContent-Length: {}\r\n",
-            body.len()
-        );
-        for (k, v) in headers {
-            head.push_str(&format!("{k}: {v}\r\n"));
-        }
-        head.push_str("\r\n");
-        c.write(head.as_bytes());
-        c.write(body);
-        c.response()
+        c.request(method, path, headers, body)
     }
 
     fn get(&self, path: &str) -> Response {
@@ -141,9 +131,7 @@ impl Hearth {
     }
 
     fn deploy_raw(&self, fixture: &str, query: &str) -> Response {
-        let zip = hearth::cli::zip_dir(&root().join("tests/fixtures").join(fixture))
-            .expect("zip fixture")
-            .0;
+        let zip = common::zip_fixture(fixture);
         let path = if query.is_empty() {
             "/deploy".to_string()
         } else {

@@ -484,3 +484,38 @@ pub fn raise_nofile(want: u64) -> u64 {
         lim.rlim_cur
     }
 }
+
+/// A directory under `tests/fixtures`.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A fixture directory zipped as `hearth deploy` would (node_modules included).
+pub fn zip_fixture(name: &str) -> Vec<u8> {
+    hearth::cli::zip_dir(&fixture(name)).expect("zip fixture").0
+}
+
+impl Client {
+    /// Sends one request with a Content-Length body and reads its response.
+    pub fn request(
+        &mut self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: t\r\nContent-Length: {}\r\n",
+            body.len()
+        );
+        for (k, v) in headers {
+            head.push_str(&format!("{k}: {v}\r\n"));
+        }
+        head.push_str("\r\n");
+        self.write(head.as_bytes());
+        self.write(body);
+        self.response()
+    }
+}

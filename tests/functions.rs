@@ -786,3 +786,24 @@ fn slow_handlers_fan_out_to_their_concurrency() {
     let v = call(&s, "GET", &format!("/functions/{id}"), &[], b"").json();
     assert_eq!(v["instances"], 4, "{v}");
 }
+
+#[test]
+fn a_second_server_cannot_share_a_port() {
+    let s = Server::start(&[]);
+    let other = common::temp_dir("second-port");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args([
+            "serve",
+            "--listen",
+            &s.addr.to_string(),
+            "--state-dir",
+            other.join("state").to_str().unwrap(),
+        ])
+        .env("HEARTH_NODE", "/usr/bin/true")
+        .output()
+        .expect("run hearth");
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("already in use"), "{err}");
+    s.assert_healthy();
+}

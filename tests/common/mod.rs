@@ -319,42 +319,26 @@ impl Client {
 
     fn read_response(&mut self, head_only: bool) -> Response {
         loop {
-            let mut fields = [httparse::EMPTY_HEADER; 64];
-            let mut parsed = httparse::Response::new(&mut fields);
-            match parsed.parse(&self.buf) {
-                Ok(httparse::Status::Complete(head_len)) => {
-                    let status = parsed.code.expect("status code");
-                    let headers: Vec<(String, String)> = parsed
-                        .headers
-                        .iter()
-                        .map(|h| {
-                            (
-                                h.name.to_ascii_lowercase(),
-                                String::from_utf8_lossy(h.value).into_owned(),
-                            )
-                        })
-                        .collect();
-                    let len = if head_only || status / 100 == 1 {
+            match parse_head(&self.buf) {
+                Ok(Some(head)) => {
+                    let len = if head_only || head.status / 100 == 1 {
                         0
                     } else {
-                        headers
-                            .iter()
-                            .find(|(k, _)| k == "content-length")
-                            .map(|(_, v)| v.parse::<usize>().expect("numeric Content-Length"))
+                        head.content_length
                             .expect("response without Content-Length")
                     };
-                    while self.buf.len() < head_len + len {
+                    while self.buf.len() < head.len + len {
                         self.fill_or_panic("response body");
                     }
-                    let body = self.buf[head_len..head_len + len].to_vec();
-                    self.buf.drain(..head_len + len);
+                    let body = self.buf[head.len..head.len + len].to_vec();
+                    self.buf.drain(..head.len + len);
                     return Response {
-                        status,
-                        headers,
+                        status: head.status,
+                        headers: head.headers,
                         body,
                     };
                 }
-                Ok(httparse::Status::Partial) => self.fill_or_panic("response head"),
+                Ok(None) => self.fill_or_panic("response head"),
                 Err(e) => panic!(
                     "unparsable response ({e}): {:?}",
                     String::from_utf8_lossy(&self.buf)
@@ -428,43 +412,64 @@ impl Client {
     }
 }
 
+/// A parsed response head.
+struct Head {
+    status: u16,
+    headers: Vec<(String, String)>,
+    /// Bytes of the head, blank line included.
+    len: usize,
+    content_length: Option<usize>,
+}
+
+/// Parses the response head at the start of `buf`; `Ok(None)` if incomplete.
+fn parse_head(buf: &[u8]) -> Result<Option<Head>, httparse::Error> {
+    let mut fields = [httparse::EMPTY_HEADER; 64];
+    let mut parsed = httparse::Response::new(&mut fields);
+    let httparse::Status::Complete(len) = parsed.parse(buf)? else {
+        return Ok(None);
+    };
+    let headers: Vec<(String, String)> = parsed
+        .headers
+        .iter()
+        .map(|h| {
+            (
+                h.name.to_ascii_lowercase(),
+                String::from_utf8_lossy(h.value).into_owned(),
+            )
+        })
+        .collect();
+    let content_length = headers
+        .iter()
+        .find(|(k, _)| k == "content-length")
+        .map(|(_, v)| v.parse::<usize>().expect("numeric Content-Length"));
+    Ok(Some(Head {
+        status: parsed.code.expect("status code"),
+        headers,
+        len,
+        content_length,
+    }))
+}
+
 /// Parses every complete response in `bytes` (none of them to HEAD requests).
 pub fn parse_responses(bytes: &[u8]) -> Vec<Response> {
     let mut out = Vec::new();
     let mut rest = bytes;
     while !rest.is_empty() {
-        let mut fields = [httparse::EMPTY_HEADER; 64];
-        let mut parsed = httparse::Response::new(&mut fields);
-        let Ok(httparse::Status::Complete(head_len)) = parsed.parse(rest) else {
+        let Ok(Some(head)) = parse_head(rest) else {
             panic!("incomplete response: {:?}", String::from_utf8_lossy(rest));
         };
-        let headers: Vec<(String, String)> = parsed
-            .headers
-            .iter()
-            .map(|h| {
-                (
-                    h.name.to_ascii_lowercase(),
-                    String::from_utf8_lossy(h.value).into_owned(),
-                )
-            })
-            .collect();
-        let status = parsed.code.expect("status");
-        let len = if status / 100 == 1 {
+        let len = if head.status / 100 == 1 {
             0
         } else {
-            headers
-                .iter()
-                .find(|(k, _)| k == "content-length")
-                .map(|(_, v)| v.parse::<usize>().unwrap())
-                .unwrap_or(0)
+            head.content_length.unwrap_or(0)
         };
-        assert!(rest.len() >= head_len + len, "truncated body");
+        assert!(rest.len() >= head.len + len, "truncated body");
         out.push(Response {
-            status,
-            headers,
-            body: rest[head_len..head_len + len].to_vec(),
+            status: head.status,
+            headers: head.headers,
+            body: rest[head.len..head.len + len].to_vec(),
         });
-        rest = &rest[head_len + len..];
+        rest = &rest[head.len + len..];
     }
     out
 }

@@ -8,6 +8,7 @@
 mod common;
 
 use std::path::Path;
+use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use common::{fixture, zip_fixture, Client, Response, Server};
@@ -785,6 +786,57 @@ fn slow_handlers_fan_out_to_their_concurrency() {
     );
     let v = call(&s, "GET", &format!("/functions/{id}"), &[], b"").json();
     assert_eq!(v["instances"], 4, "{v}");
+}
+
+#[test]
+fn cpu_bound_handlers_scale_in_on_a_saturated_core_io_bound_ones_do_not() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "1"]);
+    let cpu = deploy(&s, "behave", "concurrency=8");
+    let io = deploy(&s, "behave", "concurrency=8");
+    // Eight clients each: the CPU-bound ones start eight instances at once
+    // (the core was idle), the sleepers need eight to overlap.
+    let until = Instant::now() + Duration::from_secs(3);
+    let served = std::sync::atomic::AtomicUsize::new(0);
+    std::thread::scope(|scope| {
+        for n in 0..16 {
+            let (id, path) = if n % 2 == 0 {
+                (&cpu, "burn?ms=3")
+            } else {
+                (&io, "sleep?ms=50")
+            };
+            let (s, served) = (&s, &served);
+            scope.spawn(move || {
+                let mut c = s.connect();
+                while Instant::now() < until {
+                    let r = c.request("GET", &format!("/f/{id}/{path}"), &[], b"");
+                    assert_eq!(r.status, 200, "{}", r.text());
+                    served.fetch_add(1, Relaxed);
+                }
+            });
+        }
+    });
+    let instances = |id: &str| {
+        call(&s, "GET", &format!("/functions/{id}"), &[], b"").json()["instances"]
+            .as_u64()
+            .unwrap()
+    };
+    // One busy core: a CPU-bound function needs one instance to fill it, the
+    // rest were retired; the sleepers keep theirs (each mostly waits).
+    let (n_cpu, n_io) = (instances(&cpu), instances(&io));
+    eprintln!(
+        "served {}, instances: cpu-bound {n_cpu}, sleeping {n_io}",
+        served.load(Relaxed)
+    );
+    assert!(
+        n_cpu <= 2,
+        "CPU-bound function kept {n_cpu} instances on one core"
+    );
+    assert!(
+        n_io >= 6,
+        "sleeping function has only {n_io} instances for 8 clients"
+    );
+    s.assert_healthy();
 }
 
 #[test]

@@ -27,7 +27,7 @@ use crate::engine::Shared;
 use crate::http::parse::Request;
 use crate::metrics::{add, ErrorKind};
 use crate::protocol::{self, FrameType, HEADER_BYTES};
-use crate::sandbox::Instance;
+use crate::sandbox::{Instance, SchedTime};
 
 /// Extra time a queued request may wait for an instance to start, beyond the
 /// function's timeout (the init phase has its own limit, as on Lambda).
@@ -40,6 +40,10 @@ pub const SCALE_UP_WAIT: Duration = Duration::from_millis(2);
 pub const SCALE_UP_WAIT_MAX: Duration = Duration::from_millis(100);
 /// CPU use (percent of the last tick) at which a core counts as saturated.
 pub const CPU_SATURATED_PCT: u64 = 90;
+/// Busy instance time a function needs in one tick before its fit is re-estimated.
+const FIT_SAMPLE_MIN: Duration = Duration::from_millis(10);
+/// Upper bound of an estimated fit (instances that keep one core busy).
+const FIT_MAX: usize = 1024;
 
 /// This core's CPU use over the last tick, from /proc/stat.
 #[derive(Default)]
@@ -126,6 +130,33 @@ struct Inst {
     tok: Token,
     busy: Option<Busy>,
     idle_since: Instant,
+    /// Wall time spent on finished requests, cumulative.
+    busy_done: Duration,
+    /// Scheduler time and busy time at the last fit sample.
+    mark: Option<(SchedTime, Duration)>,
+}
+
+impl Inst {
+    fn new(function: Arc<Function>, handle: Box<dyn Instance>, tok: Token, now: Instant) -> Inst {
+        Inst {
+            function,
+            handle,
+            tok,
+            busy: None,
+            idle_since: now,
+            busy_done: Duration::ZERO,
+            mark: None,
+        }
+    }
+
+    /// Wall time spent serving requests up to `now`, the running one included.
+    fn busy_until(&self, now: Instant) -> Duration {
+        self.busy_done
+            + self
+                .busy
+                .as_ref()
+                .map_or(Duration::ZERO, |b| now.saturating_duration_since(b.started))
+    }
 }
 
 struct FnState {
@@ -139,6 +170,13 @@ struct FnState {
     /// When an instance of this function last became ready here: waits before
     /// it were start-up, not load.
     live_since: Instant,
+    /// Instances that keep this core busy with this function's work, estimated
+    /// from its instances' scheduler time (see [`CorePool::fit_instances`]);
+    /// `usize::MAX` until measured.
+    fit: usize,
+    /// Busy instances to retire when they finish (the core is saturated and
+    /// the function has more instances here than its fit).
+    shrink: usize,
 }
 
 /// A core's share of all functions.
@@ -338,9 +376,10 @@ impl CorePool {
             }
             // Scale out when the wait is worth an instance: nothing runs yet; the
             // queue is full; the first uncovered request waited SCALE_UP_WAIT_MAX;
-            // or it waited SCALE_UP_WAIT while this core has CPU to spare. On a
-            // saturated core another instance only adds contention (measured:
-            // ten instances on two busy cores serve 1.3-1.6x less than two).
+            // or it waited SCALE_UP_WAIT while this core has CPU to spare, or
+            // while the function has fewer instances here than its fit. On a
+            // saturated core another CPU-bound instance only adds contention
+            // (measured: ten on two busy cores serve 1.3-1.6x less than two).
             // Waits while an instance is starting say nothing about load.
             let nothing_running = fs.live + fs.starting == 0;
             let head_wait = match fs.queue.get(fs.starting) {
@@ -350,7 +389,7 @@ impl CorePool {
                 _ => Duration::ZERO,
             };
             let full = uncovered >= self.shared.cfg.queue_depth_max;
-            let spare_cpu = !self.cpu.saturated();
+            let spare_cpu = !self.cpu.saturated() || fs.live + fs.starting < fs.fit;
             if !(nothing_running
                 || full
                 || head_wait >= SCALE_UP_WAIT_MAX
@@ -467,6 +506,13 @@ impl CorePool {
                 return;
             }
         }
+        // Scale in: the core is saturated and this function has more
+        // instances here than keep it busy; the others serve the queue.
+        if fs.shrink > 0 && fs.live > 1 {
+            fs.shrink -= 1;
+            self.retire(i, streams, dirty, now);
+            return;
+        }
         while let Some(p) = fs.queue.pop_front() {
             fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
             if client_waiting(streams, p.to) {
@@ -555,13 +601,7 @@ impl CorePool {
         stream.push_input(&leftover);
         let tok = streams.insert(stream);
         dirty.push(tok);
-        self.insts.insert(Inst {
-            function: f,
-            handle,
-            tok,
-            busy: None,
-            idle_since: now,
-        });
+        self.insts.insert(Inst::new(f, handle, tok, now));
         let fs = self.fns.get_mut(&id).expect("checked");
         fs.live += 1;
         fs.live_since = now;
@@ -651,8 +691,9 @@ impl CorePool {
                 {
                     let busy = inst.busy.take().expect("checked");
                     let f = inst.function.clone();
-                    f.metrics
-                        .observe_duration(now.duration_since(busy.started).as_micros() as u64);
+                    let took = now.saturating_duration_since(busy.started);
+                    inst.busy_done += took;
+                    f.metrics.observe_duration(took.as_micros() as u64);
                     let reply = if h.kind == FrameType::Response {
                         response_reply(busy.to, meta, body)
                     } else if is_runtime_exit(meta) {
@@ -809,13 +850,7 @@ impl CorePool {
         let tok = streams.insert(Stream::new(channel, Kind::Channel(i)));
         crate::engine::worker::set_nonblocking(streams[tok].raw());
         dirty.push(tok);
-        self.insts.insert(Inst {
-            function: f.clone(),
-            handle,
-            tok,
-            busy: None,
-            idle_since: now,
-        });
+        self.insts.insert(Inst::new(f.clone(), handle, tok, now));
         f.metrics.instances.fetch_add(1, Relaxed);
         let fs = self.fns.get_mut(&id).expect("checked");
         fs.live += 1;
@@ -872,6 +907,7 @@ impl CorePool {
             }
         }
         self.cpu.sample(self.core);
+        self.fit_instances(streams, dirty, now);
         let waiting: Vec<String> = self
             .fns
             .iter()
@@ -893,6 +929,72 @@ impl CorePool {
         }
     }
 
+    /// Re-estimates each function's fit and, on a saturated core, scales in
+    /// functions that have more instances here than their fit.
+    ///
+    /// Over the last tick, per function: `run` and `wait` are its instances'
+    /// time on a CPU and waiting for one, `busy` their wall time serving
+    /// requests. `busy - wait` is what a request would take without
+    /// contention, `run / (busy - wait)` the share of it that needs this CPU,
+    /// so about `(busy - wait) / run` instances keep the core busy: 1 for a
+    /// CPU-bound handler, many for one that mostly waits on I/O. Contention
+    /// makes the estimate high (the relay through the host is counted as
+    /// waiting), so it converges from above as surplus instances go.
+    fn fit_instances(&mut self, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        let mut per_fn: HashMap<String, (u64, u64, Duration)> = HashMap::new();
+        for (_, inst) in self.insts.iter_mut() {
+            // Idle for the whole tick: nothing to learn, keep the old mark.
+            if inst.busy.is_none()
+                && now.saturating_duration_since(inst.idle_since) >= crate::engine::uring::TICK
+                && inst.mark.is_some()
+            {
+                continue;
+            }
+            let Some(st) = inst.handle.sched_time() else {
+                continue;
+            };
+            let busy = inst.busy_until(now);
+            if let Some((prev, prev_busy)) = inst.mark {
+                let e =
+                    per_fn
+                        .entry(inst.function.spec.id.clone())
+                        .or_insert((0, 0, Duration::ZERO));
+                e.0 += st.run_ns.saturating_sub(prev.run_ns);
+                e.1 += st.wait_ns.saturating_sub(prev.wait_ns);
+                e.2 += busy.saturating_sub(prev_busy);
+            }
+            inst.mark = Some((st, busy));
+        }
+        let saturated = self.cpu.saturated();
+        let mut retire = Vec::new();
+        for (id, fs) in self.fns.iter_mut() {
+            if let Some(&(run, wait, busy)) = per_fn.get(id) {
+                if busy >= FIT_SAMPLE_MIN {
+                    let busy_ns = busy.as_nanos() as u64;
+                    let alone = busy_ns.saturating_sub(wait).max(run).max(1);
+                    fs.fit = if run == 0 {
+                        FIT_MAX
+                    } else {
+                        ((alone as f64 / run as f64).round() as usize).clamp(1, FIT_MAX)
+                    };
+                }
+            }
+            fs.shrink = 0;
+            if saturated && fs.live > fs.fit {
+                let mut excess = fs.live - fs.fit;
+                // Idle ones go now, the longest idle first; busy ones when they finish.
+                while excess > 0 && !fs.idle.is_empty() {
+                    retire.push(fs.idle.remove(0));
+                    excess -= 1;
+                }
+                fs.shrink = excess;
+            }
+        }
+        for i in retire {
+            self.retire(i, streams, dirty, now);
+        }
+    }
+
     /// Re-reads the registry after a deploy or delete.
     pub fn refresh(&mut self, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
         self.sync_view(streams, dirty, now);
@@ -910,6 +1012,8 @@ impl CorePool {
                     starting: 0,
                     live: 0,
                     live_since: Instant::now(),
+                    fit: usize::MAX,
+                    shrink: 0,
                 });
         }
         let gone: Vec<String> = self

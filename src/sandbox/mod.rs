@@ -56,6 +56,57 @@ pub trait Instance: Send {
     fn oom_killed(&self) -> bool {
         false
     }
+    /// Scheduler time of the threads that serve requests (cumulative), for
+    /// the pool's autoscaler; `None` where the backend cannot tell.
+    fn sched_time(&mut self) -> Option<SchedTime> {
+        None
+    }
+}
+
+/// Where a task's time went, cumulative, from `/proc/<pid>/schedstat`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchedTime {
+    /// Nanoseconds on a CPU.
+    pub run_ns: u64,
+    /// Nanoseconds runnable but waiting for a CPU.
+    pub wait_ns: u64,
+}
+
+impl SchedTime {
+    /// Reads one task's `schedstat` file (`/proc/<pid>/schedstat`, or
+    /// `/proc/<pid>/task/<tid>/schedstat` for a thread).
+    pub fn read(path: &std::path::Path) -> Option<SchedTime> {
+        let text = std::fs::read_to_string(path).ok()?;
+        let mut f = text.split_whitespace().map(|v| v.parse::<u64>().ok());
+        Some(SchedTime {
+            run_ns: f.next()??,
+            wait_ns: f.next()??,
+        })
+    }
+
+    /// The sum of every thread of `pid`.
+    pub fn read_threads(pid: i32) -> Option<SchedTime> {
+        let mut sum = SchedTime::default();
+        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
+            .ok()?
+            .flatten()
+        {
+            if let Some(s) = SchedTime::read(&t.path().join("schedstat")) {
+                sum = sum + s;
+            }
+        }
+        Some(sum)
+    }
+}
+
+impl std::ops::Add for SchedTime {
+    type Output = SchedTime;
+    fn add(self, o: SchedTime) -> SchedTime {
+        SchedTime {
+            run_ns: self.run_ns + o.run_ns,
+            wait_ns: self.wait_ns + o.wait_ns,
+        }
+    }
 }
 
 /// Lines a runtime printed while starting, kept for the function's logs.

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use super::handshake;
 use super::process::{self, Sandbox, SandboxSpec};
-use super::{Backend, InitLogs, Instance, StartError};
+use super::{Backend, InitLogs, Instance, SchedTime, StartError};
 use crate::config::ServeConfig;
 use crate::functions::FunctionSpec;
 
@@ -40,6 +40,8 @@ pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
 pub struct ProcInstance {
     sandbox: Sandbox,
     channel: Option<OwnedFd>,
+    /// Host pid of the runtime (the agent's child), found on first use.
+    runtime_pid: Option<i32>,
 }
 
 impl Instance for ProcInstance {
@@ -50,7 +52,9 @@ impl Instance for ProcInstance {
         self.sandbox.kill();
     }
     fn destroy(self: Box<Self>) {
-        let ProcInstance { sandbox, channel } = *self;
+        let ProcInstance {
+            sandbox, channel, ..
+        } = *self;
         drop(channel);
         sandbox.destroy();
     }
@@ -62,6 +66,20 @@ impl Instance for ProcInstance {
     }
     fn oom_killed(&self) -> bool {
         self.sandbox.oom_killed()
+    }
+    /// The main threads of the agent and of Node: the ones a request passes
+    /// through (V8's helper threads run beside them and are left out).
+    fn sched_time(&mut self) -> Option<SchedTime> {
+        let agent = self.sandbox.pid;
+        if self.runtime_pid.is_none() {
+            let children =
+                std::fs::read_to_string(format!("/proc/{agent}/task/{agent}/children")).ok()?;
+            self.runtime_pid = children.split_whitespace().next()?.parse().ok();
+        }
+        let runtime = self.runtime_pid?;
+        let a = SchedTime::read(Path::new(&format!("/proc/{agent}/schedstat")))?;
+        let r = SchedTime::read(Path::new(&format!("/proc/{runtime}/schedstat")))?;
+        Some(a + r)
     }
 }
 
@@ -175,6 +193,7 @@ impl Inner {
                     ProcInstance {
                         sandbox,
                         channel: Some(channel),
+                        runtime_pid: None,
                     },
                     logs,
                 ))

@@ -48,7 +48,7 @@ use serde_json::json;
 
 use super::handshake;
 use super::qmp::{self, Qmp};
-use super::{Backend, InitLogs, Instance, StartError};
+use super::{Backend, InitLogs, Instance, SchedTime, StartError};
 use crate::config::ServeConfig;
 use crate::functions::FunctionSpec;
 use crate::guest::images::{self, Guest};
@@ -463,6 +463,10 @@ impl Instance for QemuInstance {
             .parse()
             .ok()?;
         Some(kb * 1024)
+    }
+    /// Every QEMU thread: the vCPU does the guest's work, the others its I/O.
+    fn sched_time(&mut self) -> Option<SchedTime> {
+        SchedTime::read_threads(self.vm.pid())
     }
 }
 

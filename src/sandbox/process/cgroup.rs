@@ -456,6 +456,48 @@ impl Group {
     }
 }
 
+/// Removes sandbox cgroups left behind by a hearth process that no longer runs
+/// (killed before it could clean up). Only empty groups under `hearth/` whose
+/// name embeds a dead pid (`<function>-<pid>-<n>`) are touched. Returns how many went.
+pub fn sweep_stale() -> usize {
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
+    let mut parents = Vec::new();
+    for m in parse_mountinfo(&mountinfo) {
+        if m.v2 {
+            parents.push(m.mount_point.join("hearth"));
+        } else {
+            for (controllers, path) in &own {
+                if controllers.iter().any(|c| m.controllers.contains(c)) {
+                    parents.push(host_dir(&m, path).join("hearth"));
+                }
+            }
+        }
+    }
+    parents.sort();
+    parents.dedup();
+    let mut removed = 0;
+    for parent in parents {
+        let Ok(entries) = fs::read_dir(&parent) else {
+            continue;
+        };
+        for e in entries.flatten() {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+                continue;
+            };
+            if Path::new(&format!("/proc/{pid}")).exists() {
+                continue;
+            }
+            let empty = read_file(&e.path(), "cgroup.procs").is_some_and(|p| p.trim().is_empty());
+            if empty && fs::remove_dir(e.path()).is_ok() {
+                removed += 1;
+            }
+        }
+    }
+    removed
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -520,46 +562,4 @@ mod tests {
         assert_eq!(cpu_quota_us(2500), 250_000);
         assert_eq!(cpu_quota_us(1), 1_000);
     }
-}
-
-/// Removes sandbox cgroups left behind by a hearth process that no longer runs
-/// (killed before it could clean up). Only empty groups under `hearth/` whose
-/// name embeds a dead pid (`<function>-<pid>-<n>`) are touched. Returns how many went.
-pub fn sweep_stale() -> usize {
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
-    let mut parents = Vec::new();
-    for m in parse_mountinfo(&mountinfo) {
-        if m.v2 {
-            parents.push(m.mount_point.join("hearth"));
-        } else {
-            for (controllers, path) in &own {
-                if controllers.iter().any(|c| m.controllers.contains(c)) {
-                    parents.push(host_dir(&m, path).join("hearth"));
-                }
-            }
-        }
-    }
-    parents.sort();
-    parents.dedup();
-    let mut removed = 0;
-    for parent in parents {
-        let Ok(entries) = fs::read_dir(&parent) else {
-            continue;
-        };
-        for e in entries.flatten() {
-            let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
-                continue;
-            };
-            if Path::new(&format!("/proc/{pid}")).exists() {
-                continue;
-            }
-            let empty = read_file(&e.path(), "cgroup.procs").is_some_and(|p| p.trim().is_empty());
-            if empty && fs::remove_dir(e.path()).is_ok() {
-                removed += 1;
-            }
-        }
-    }
-    removed
 }

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# A/B of two hearth builds on the function benchmarks, side by side in one run.
+#
+# Usage: perf/ab.sh A_BINARY B_BINARY [--rounds N] [--duration 6s]
+#                   [--tests express-greet,express-get,trivial] [-- SERVE_FLAGS...]
+#
+# Starts `A_BINARY serve` and `B_BINARY serve` (process backend, own state
+# dirs, the flags after `--` given to both), deploys the Express fixture and
+# perf/functions/trivial to each with the defaults, warms every target 3 s,
+# then runs `wrk -t2 -c10 --latency` against A and B alternately for N rounds
+# (default 3 x 6 s). Prints every run with the function's instance count after
+# it, then medians and the B/A ratio. Both servers stay up the whole time; only
+# one is under load at once. Both use HEARTH_AGENT, by default the release
+# agent of this tree (tools/build-agent.sh release). Needs root, wrk, node, zip, curl.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/.." && pwd)
+ROUNDS=3
+DURATION=6s
+TESTS=express-greet,express-get,trivial
+WRK_THREADS=2
+WRK_CONNS=10
+SERVE_FLAGS=()
+
+die() { echo "ab: $*" >&2; exit 1; }
+[ $# -ge 2 ] || { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+A_BIN=$(realpath "$1")
+B_BIN=$(realpath "$2")
+shift 2
+while [ $# -gt 0 ]; do
+    case "$1" in
+    --rounds) ROUNDS=$2; shift 2 ;;
+    --duration) DURATION=$2; shift 2 ;;
+    --tests) TESTS=$2; shift 2 ;;
+    --) shift; SERVE_FLAGS=("$@"); break ;;
+    *) die "unknown argument: $1" ;;
+    esac
+done
+[ -x "$A_BIN" ] && [ -x "$B_BIN" ] || die "both binaries must be executable"
+[ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
+FIXTURE="$ROOT/tests/fixtures/express-app"
+HERE="$ROOT/perf/functions"
+[ -d "$FIXTURE/node_modules/express" ] || die "run tools/setup.sh first (npm ci in $FIXTURE)"
+
+# Binaries copied out of target/ do not find the agent next to them.
+AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/release/hearth-agent"
+[ -n "${HEARTH_AGENT:-}" ] || { [ -x "$AGENT" ] && export HEARTH_AGENT=$AGENT; }
+
+TMP=$(mktemp -d /tmp/hearth-ab.XXXXXX)
+# shellcheck source=functions/lib.sh
+. "$ROOT/perf/functions/lib.sh"
+
+(cd "$FIXTURE" && zip -qr "$TMP/express.zip" .)
+(cd "$HERE/trivial" && zip -qr "$TMP/trivial.zip" .)
+
+TARGETS=
+for side in A B; do
+    bin_var=${side}_BIN
+    HEARTH=${!bin_var}
+    start_hearth "$side" "${SERVE_FLAGS[@]}"
+    addr=$REPLY
+    r=$(deploy_zip "$addr" "$TMP/express.zip"); ex=${r% *}
+    r=$(deploy_zip "$addr" "$TMP/trivial.zip"); tr=${r% *}
+    TARGETS+="express-greet $side $addr $ex /greet $HERE/post-greet.lua
+express-get $side $addr $ex / -
+trivial $side $addr $tr / -
+"
+done
+TARGETS=$(awk -v tests=",$TESTS," 'index(tests, "," $1 ",")' <<<"$TARGETS")
+
+echo "# A: $A_BIN"
+echo "# B: $B_BIN"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
+while read -r test side addr id path lua; do
+    [ "$lua" = - ] && lua=
+    run_wrk 3s "http://$addr/f/$id$path" "$lua" >/dev/null
+done <<<"$TARGETS"
+
+RESULTS="$TMP/results"
+: >"$RESULTS"
+printf '%-14s %-4s %5s %10s %9s %9s %7s %9s  %s\n' test side round req/s p50_us p99_us errors instances load
+for round in $(seq 1 "$ROUNDS"); do
+    while read -r test side addr id path lua; do
+        [ "$lua" = - ] && lua=
+        read -r rps p50 p99 errors _ <<<"$(run_wrk "$DURATION" "http://$addr/f/$id$path" "$lua")"
+        n=$(instances "$addr" "$id")
+        printf '%-14s %-4s %5s %10s %9s %9s %7s %9s  %s\n' "$test" "$side" "$round" "$rps" "$p50" "$p99" "$errors" "$n" "$(load)"
+        echo "$test $side $rps $p50 $p99" >>"$RESULTS"
+    done <<<"$TARGETS"
+done
+
+pick() { awk -v t="$1" -v s="$2" -v f="$3" '$1 == t && $2 == s { print $f }' "$RESULTS" | median; }
+echo
+echo "| test | A req/s | B req/s | B/A | A p50 µs | B p50 µs | A p99 µs | B p99 µs |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+for test in $(awk '!seen[$1]++ { print $1 }' <<<"$TARGETS"); do
+    awk -v t="$test" -v ar="$(pick "$test" A 3)" -v br="$(pick "$test" B 3)" \
+        -v a5="$(pick "$test" A 4)" -v b5="$(pick "$test" B 4)" \
+        -v a9="$(pick "$test" A 5)" -v b9="$(pick "$test" B 5)" 'BEGIN {
+        printf "| %s | %.0f | %.0f | %.2f× | %.0f | %.0f | %.0f | %.0f |\n", t, ar, br, br / ar, a5, b5, a9, b9 }'
+done

@@ -1,0 +1,127 @@
+# Shared by perf/functions-bench.sh and perf/ab.sh: starting and stopping
+# servers, deploying, running wrk, medians. Expects HEARTH (the binary), TMP
+# (a scratch dir) and WRK_THREADS / WRK_CONNS; defines PIDS and an EXIT trap
+# that stops every server started here.
+# shellcheck shell=bash
+
+PIDS=()
+# Stops servers started here: TERM (hearth kills its instances), KILL after 10 s.
+stop() { # pid...
+    local pid left
+    [ $# -gt 0 ] || return 0
+    kill -TERM "$@" 2>/dev/null || true
+    for _ in $(seq 1 100); do
+        left=
+        for pid in "$@"; do kill -0 "$pid" 2>/dev/null && left=1; done
+        [ -z "$left" ] && break
+        sleep 0.1
+    done
+    kill -KILL "$@" 2>/dev/null || true
+    for pid in "$@"; do wait "$pid" 2>/dev/null || true; done
+}
+cleanup() {
+    stop "${PIDS[@]}"
+    rm -rf "$TMP"
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+# ---------------------------------------------------------------- helpers
+
+# Starts `hearth serve` with extra flags; sets REPLY to its address.
+start_hearth() { # name flags...
+    local name=$1 dir="$TMP/$1" addr= pid
+    shift
+    mkdir -p "$dir"
+    : >"$dir/stdout"
+    "$HEARTH" serve --listen 127.0.0.1:0 --state-dir "$dir/state" \
+        --connections-per-core-max 4096 "$@" >"$dir/stdout" 2>"$dir/stderr" &
+    pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 1 300); do
+        addr=$(sed -n 's|^hearth: listening on http://||p' "$dir/stdout")
+        [ -n "$addr" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat "$dir/stderr" >&2; die "hearth ($name) exited"; }
+        sleep 0.1
+    done
+    [ -n "$addr" ] || { cat "$dir/stderr" >&2; die "hearth ($name) did not start"; }
+    eval "${name}_PID=$pid"
+    REPLY=$addr
+}
+
+# Starts a bare Node server that prints "listening <port>"; sets REPLY to its port.
+start_node() { # name script args...
+    local name=$1 out="$TMP/$1.out" port= pid
+    shift
+    : >"$out"
+    env -i PATH="$PATH" node "$@" >"$out" 2>"$TMP/$name.err" &
+    pid=$!
+    PIDS+=("$pid")
+    for _ in $(seq 1 100); do
+        port=$(awk '/^listening / { print $2 }' "$out")
+        [ -n "$port" ] && break
+        kill -0 "$pid" 2>/dev/null || { cat "$TMP/$name.err" >&2; die "$name exited"; }
+        sleep 0.1
+    done
+    [ -n "$port" ] || die "$name did not start"
+    eval "${name}_PID=$pid"
+    REPLY=$port
+}
+
+# POSTs a zip to /deploy; prints "functionId seconds".
+deploy_zip() { # addr zip
+    local out
+    out=$(curl -sS -w '\n%{http_code} %{time_total}' -X POST -H 'content-type: application/zip' \
+        --data-binary "@$2" "http://$1/deploy")
+    local status=${out##*$'\n'}
+    [ "${status%% *}" = 200 ] || [ "${status%% *}" = 201 ] || die "deploy failed: $out"
+    local id
+    id=$(grep -o '"functionId": *"[^"]*"' <<<"$out" | sed 's/.*"\([^"]*\)"$/\1/')
+    [ -n "$id" ] || die "no functionId in: $out"
+    echo "$id ${status#* }"
+}
+
+instances() { # addr id
+    curl -sS "http://$1/functions/$2" | grep -o '"instances": *[0-9]*' | grep -o '[0-9]*$'
+}
+
+# Latency text from wrk (412.00us, 1.20ms, 2.00s) in microseconds.
+to_us() {
+    awk -v v="$1" 'BEGIN { n = v + 0
+        if (v ~ /us$/) print n; else if (v ~ /ms$/) print n * 1000
+        else if (v ~ /m$/) print n * 60000000; else if (v ~ /s$/) print n * 1000000; else print n }'
+}
+
+# Runs wrk; prints "req_per_s p50_us p99_us errors".
+run_wrk() { # duration url [lua]
+    local out rps p50 p99 errors detail script=()
+    [ -n "${3:-}" ] && script=(-s "$3")
+    out=$(wrk -t"$WRK_THREADS" -c"$WRK_CONNS" -d"$1" --latency "${script[@]}" "$2")
+    rps=$(awk '/^Requests\/sec:/ { print $2 }' <<<"$out")
+    p50=$(to_us "$(awk '$1 == "50%" { print $2 }' <<<"$out")")
+    p99=$(to_us "$(awk '$1 == "99%" { print $2 }' <<<"$out")")
+    errors=$(awk '/Non-2xx or 3xx responses:/ { n += $NF } /Socket errors:/ {
+        for (i = 3; i <= NF; i += 2) n += $(i + 1) + 0 } END { print n + 0 }' <<<"$out")
+    # What the errors were, e.g. "non2xx=3,timeout=2", kept as a fifth field.
+    detail=$(awk '/Non-2xx or 3xx responses:/ { printf "%snon2xx=%s", sep, $NF; sep = "," }
+        /Socket errors:/ { for (i = 3; i <= NF; i += 2) if ($(i + 1) + 0 > 0) {
+            k = $i; sub(/ *$/, "", k); printf "%s%s=%d", sep, k, $(i + 1) + 0; sep = "," } }' <<<"$out")
+    echo "$rps $p50 $p99 $errors ${detail:--}"
+}
+
+median() { sort -g | awk '{ v[NR] = $1 } END { if (NR == 0) print "nan"; else if (NR % 2) print v[(NR + 1) / 2]; else print (v[NR / 2] + v[NR / 2 + 1]) / 2 }'; }
+# Nearest-rank percentile.
+pct() { sort -g | awk -v p="$1" '{ v[NR] = $1 } END { i = int((p * NR + 99) / 100); if (i < 1) i = 1; print v[i] }'; }
+load() { awk '{ print $1 " " $2 " " $3 }' /proc/loadavg; }
+now_s() { echo "${EPOCHREALTIME/,/.}"; }
+
+# A /proc/<pid>/status field in KiB (0 when the process is gone).
+status_kib() { awk -v k="$2:" '$1 == k { n = $2 } END { print n + 0 }' "/proc/$1/status" 2>/dev/null || echo 0; }
+pss_kib() { awk '$1 == "Pss:" { n = $2 } END { print n + 0 }' "/proc/$1/smaps_rollup" 2>/dev/null || echo 0; }
+# A process and all its descendants.
+tree() { # pid
+    local p=$1 c
+    echo "$p"
+    for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree "$c"; done
+}
+

@@ -6,9 +6,15 @@
  * virtio-serial port named "hearth.agent" (QEMU) or an AF_VSOCK connection
  * (Firecracker); the framing is identical on all three.
  *
- * The same frames are used between the guest agent and the language runtime
- * (the agent relays them on a socket passed to the runtime as fd 3), so a
- * runtime for another language only has to speak this header.
+ * The language runtime speaks the same frames on its fd 3, so a runtime for
+ * another language only has to speak this header. In the process backend
+ * fd 3 is the host's socket itself (the agent's "direct mode": it hands the
+ * socket over and stays off the request path, and a second socket carries
+ * only the agent's LOG frames for raw stdout/stderr writes, untagged). In
+ * microVMs the agent relays between the port and a socketpair to the runtime.
+ *
+ * The runtime sends console output as LOG frames tagged with the request it
+ * belongs to, before that request's RESPONSE/ERROR.
  *
  * Frame layout (all integers little-endian):
  *

@@ -434,6 +434,16 @@ fn timeouts_crashes_and_memory_hogs_are_contained() {
     assert_eq!(r.status, 502, "{}", r.text());
     let r = call(&s, "GET", &format!("{base}/whoami"), &[], b"");
     assert_eq!(r.status, 200);
+    // The agent's note on the exit reaches the function's log.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = call(&s, "GET", &format!("/functions/{id}/logs"), &[], b"").text();
+        if logs.contains("runtime exited with status 3") {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no exit note in the log: {logs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
     // Memory hog: killed at its limit, 502 naming the limit; the server and others are fine.
     let r = call(&s, "GET", &format!("{base}/hog"), &[], b"");
     assert_eq!(r.status, 502, "{}", r.text());
@@ -530,9 +540,13 @@ fn logs_metrics_and_listing_report_functions() {
                 .starts_with("hello from stdout")
         });
         let err = lines.iter().find(|l| l["message"] == "hello from stderr");
-        if let (Some(out), Some(err)) = (out, err) {
+        // Raw fd writes reach the log through the agent's pipe, untagged.
+        let raw = lines.iter().find(|l| l["message"] == "raw write to fd 1");
+        if let (Some(out), Some(err), Some(raw)) = (out, err, raw) {
             assert_eq!(out["stream"], "stdout");
             assert_eq!(err["stream"], "stderr");
+            assert_eq!(raw["stream"], "stdout");
+            assert_eq!(err["requestId"], out["requestId"]);
             let rid = out["requestId"].as_str().unwrap();
             assert!(
                 !rid.is_empty() && out["message"].as_str().unwrap().ends_with(rid),

@@ -8,7 +8,8 @@ use crate::runtime::RuntimeSpec;
 /// Usage text for `--help`.
 pub const USAGE: &str = "\
 hearth-agent: PID 1 of a hearth instance. Starts the language runtime and
-relays frames between it and the host (see include/hearth_protocol.h).
+relays frames between it and the host (see include/hearth_protocol.h), or,
+given --log-fd, hands the runtime the host's socket and only supervises.
 
 USAGE
   hearth-agent --channel-fd <FD> [OPTIONS]   process sandbox: the launcher has
@@ -20,6 +21,11 @@ OPTIONS
   --channel-fd <FD>    connected stream socket to the host (required; >= 3).
                        End of file on it means the host is gone: the agent
                        stops the runtime and exits.
+  --log-fd <FD>        direct mode: the runtime gets the channel itself as
+                       fd 3 and speaks frames to the host without a relay;
+                       the agent sends LOG frames for the runtime's raw
+                       stdout/stderr (and its own notes) on this socket, and
+                       end of file on it means the host is gone.
   --node <PATH>        Node.js binary              [default: /usr/bin/node]
   --shim <PATH>        runtime shim script         [default: /hearth/bootstrap.js]
   --cwd <DIR>          runtime working directory   [default: /var/task]
@@ -29,7 +35,9 @@ OPTIONS
   -V, --version        version
 
 The runtime gets the frame socket as fd 3, /dev/null as stdin, and pipes as
-stdout/stderr; the agent turns their lines into LOG frames.
+stdout/stderr; the agent turns their lines into LOG frames (tagged with the
+request in flight when relaying; untagged in direct mode, where the shim
+sends its console output as LOG frames itself).
 
 EXIT STATUS (process sandbox)
   0  the host closed the channel, or SIGTERM/SIGINT asked for shutdown
@@ -43,6 +51,8 @@ pub enum Command {
     /// Serve a process sandbox over an inherited socket.
     Process {
         channel_fd: RawFd,
+        /// Direct mode's log socket.
+        log_fd: Option<RawFd>,
         runtime: RuntimeSpec,
     },
     /// Boot a microVM from the kernel command line.
@@ -76,6 +86,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
         };
     }
     let mut channel_fd = None;
+    let mut log_fd = None;
     let mut runtime = RuntimeSpec {
         node: PathBuf::from("/usr/bin/node"),
         shim: PathBuf::from("/hearth/bootstrap.js"),
@@ -95,17 +106,21 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
                 .ok_or(format!("{flag} needs a value"))
         };
         match flag {
-            "--channel-fd" => {
+            "--channel-fd" | "--log-fd" => {
                 let v = value()?;
                 let fd: RawFd = v
                     .parse()
-                    .map_err(|_| format!("--channel-fd {v:?} is not a file descriptor number"))?;
+                    .map_err(|_| format!("{flag} {v:?} is not a file descriptor number"))?;
                 if fd < 3 {
                     return Err(format!(
-                        "--channel-fd {fd}: fds 0-2 are stdio; pass the socket as 3 or above"
+                        "{flag} {fd}: fds 0-2 are stdio; pass the socket as 3 or above"
                     ));
                 }
-                channel_fd = Some(fd);
+                if flag == "--log-fd" {
+                    log_fd = Some(fd);
+                } else {
+                    channel_fd = Some(fd);
+                }
             }
             "--node" => runtime.node = PathBuf::from(value()?),
             "--shim" => runtime.shim = PathBuf::from(value()?),
@@ -122,8 +137,15 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
             other => return Err(format!("unknown argument {other:?} (see --help)")),
         }
     }
+    let channel_fd = channel_fd.expect("checked above");
+    if log_fd == Some(channel_fd) {
+        return Err(format!(
+            "--log-fd {channel_fd} is the channel; it needs its own socket"
+        ));
+    }
     Ok(Command::Process {
-        channel_fd: channel_fd.expect("checked above"),
+        channel_fd,
+        log_fd,
         runtime,
     })
 }
@@ -139,18 +161,20 @@ mod tests {
     #[test]
     fn process_mode_flags_are_read() {
         let cmd = parse(
-            &args("--channel-fd 3 --node /n --shim=/s.js --cwd /code --env A=1 --env B=x=y"),
+            &args("--channel-fd 3 --log-fd=4 --node /n --shim=/s.js --cwd /code --env A=1 --env B=x=y"),
             true,
         )
         .unwrap();
         let Command::Process {
             channel_fd,
+            log_fd,
             runtime,
         } = cmd
         else {
             panic!("{cmd:?}")
         };
         assert_eq!(channel_fd, 3);
+        assert_eq!(log_fd, Some(4));
         assert_eq!(runtime.node, PathBuf::from("/n"));
         assert_eq!(runtime.shim, PathBuf::from("/s.js"));
         assert_eq!(runtime.cwd, PathBuf::from("/code"));
@@ -171,7 +195,11 @@ mod tests {
         assert!(parse(&[], false).is_err());
         assert!(matches!(
             parse(&args("--channel-fd 7"), false).unwrap(),
-            Command::Process { channel_fd: 7, .. }
+            Command::Process {
+                channel_fd: 7,
+                log_fd: None,
+                ..
+            }
         ));
     }
 
@@ -183,6 +211,8 @@ mod tests {
             "--channel-fd 1",
             "--channel-fd 3 --env NOEQUALS",
             "--channel-fd 3 --frob",
+            "--channel-fd 3 --log-fd 3",
+            "--channel-fd 3 --log-fd 2",
         ] {
             assert!(parse(&args(bad), false).is_err(), "{bad}");
         }

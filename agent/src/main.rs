@@ -5,14 +5,17 @@
 //! the runtime's stdout/stderr into LOG frames and reporting its death.
 //!
 //! Two ways in (see `cli.rs`):
-//! * process sandbox: `--channel-fd N`, everything else already set up;
+//! * process sandbox: `--channel-fd N`, everything else already set up; with
+//!   `--log-fd M` in direct mode (the runtime gets the channel, the agent
+//!   only supervises and forwards raw output);
 //! * microVM: `/init` of an initramfs, settings on the kernel command line.
 //!
 //! Module map:
 //! * `cli`      flags and mode choice        * `cmdline`  kernel command-line keys
 //! * `vm`       mounts, switch root, power-off * `modules`  finit_module from `order`
 //! * `channel`  the host stream per transport * `runtime`  spawning node
-//! * `relay`    the event loop               * `frames`   sans-IO frame tracking
+//! * `relay`    the relaying event loop      * `frames`   sans-IO frame tracking
+//! * `supervise` direct mode's event loop
 //! * `output`   stdout/stderr -> LOG frames  * `reap`     signals and child exits
 //! * `buf`, `json`, `sys`, `log`: small helpers.
 
@@ -32,9 +35,11 @@ mod protocol;
 mod reap;
 mod relay;
 mod runtime;
+mod supervise;
 mod sys;
 mod vm;
 
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -43,6 +48,7 @@ use cli::Command;
 use reap::Signals;
 use relay::{Mode, Outcome, Relay};
 use runtime::{Runtime, RuntimeSpec};
+use supervise::Supervisor;
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
@@ -52,8 +58,9 @@ fn main() {
         Ok(Command::Version) => println!("hearth-agent {}", env!("CARGO_PKG_VERSION")),
         Ok(Command::Process {
             channel_fd,
+            log_fd,
             runtime,
-        }) => std::process::exit(run_process(channel_fd, &runtime)),
+        }) => std::process::exit(run_process(channel_fd, log_fd, &runtime)),
         Ok(Command::Vm { ignored_args }) => run_vm(&ignored_args),
         Err(msg) => {
             diag!("{msg}");
@@ -62,8 +69,9 @@ fn main() {
     }
 }
 
-/// Process sandbox: relay until the runtime dies or the host leaves.
-fn run_process(channel_fd: i32, spec: &RuntimeSpec) -> i32 {
+/// Process sandbox: relay (or, with a log socket, supervise) until the
+/// runtime dies or the host leaves.
+fn run_process(channel_fd: i32, log_fd: Option<i32>, spec: &RuntimeSpec) -> i32 {
     ensure_stdio();
     if std::process::id() != 1 {
         // Outside a PID namespace (tests, debugging) still adopt the
@@ -75,22 +83,15 @@ fn run_process(channel_fd: i32, spec: &RuntimeSpec) -> i32 {
         Ok(s) => s,
         Err(e) => return fail(&format!("signalfd: {e}")),
     };
-    let channel = match Channel::open(&ChannelSpec::InheritedFd(channel_fd), Duration::ZERO) {
-        Ok(c) => c,
-        Err(e) => return fail(&e.to_string()),
+    let outcome = match log_fd {
+        Some(log_fd) => supervise(channel_fd, log_fd, signals, spec),
+        None => relay(channel_fd, signals, spec),
     };
-    let runtime = match Runtime::spawn(spec) {
-        Ok(r) => r,
-        Err(e) => {
-            return fail(&format!(
-                "cannot start {} {}: {e}",
-                spec.node.display(),
-                spec.shim.display()
-            ))
-        }
+    let outcome = match outcome {
+        Ok(o) => o,
+        Err(code) => return code,
     };
-    let outcome = Relay::new(Mode::Process, channel, signals, runtime).run();
-    let code = match &outcome {
+    match &outcome {
         Outcome::RuntimeExited {
             shutdown_requested: true,
             ..
@@ -104,8 +105,53 @@ fn run_process(channel_fd: i32, spec: &RuntimeSpec) -> i32 {
             diag!("{why}; stopping the runtime");
             2
         }
+    }
+}
+
+/// Relaying mode: the agent sits between the host and the runtime.
+fn relay(channel_fd: i32, signals: Signals, spec: &RuntimeSpec) -> Result<Outcome, i32> {
+    let channel = match Channel::open(&ChannelSpec::InheritedFd(channel_fd), Duration::ZERO) {
+        Ok(c) => c,
+        Err(e) => return Err(fail(&e.to_string())),
     };
-    code
+    let runtime = spawn_runtime(spec, None)?;
+    Ok(Relay::new(Mode::Process, channel, signals, runtime).run())
+}
+
+/// Direct mode: the runtime gets the channel; the agent keeps the log socket.
+fn supervise(
+    channel_fd: i32,
+    log_fd: i32,
+    signals: Signals,
+    spec: &RuntimeSpec,
+) -> Result<Outcome, i32> {
+    for (fd, what) in [(channel_fd, "channel"), (log_fd, "log")] {
+        if !sys::is_socket(fd).unwrap_or(false) {
+            return Err(fail(&format!("{what} fd {fd} is not a socket")));
+        }
+    }
+    // SAFETY: the launcher passed both descriptors for the agent to own.
+    let (channel, log) = unsafe {
+        (
+            OwnedFd::from_raw_fd(channel_fd),
+            OwnedFd::from_raw_fd(log_fd),
+        )
+    };
+    let runtime = spawn_runtime(spec, Some(channel))?;
+    match Supervisor::new(log, signals, runtime) {
+        Ok(s) => Ok(s.run()),
+        Err(e) => Err(fail(&format!("log socket: {e}"))),
+    }
+}
+
+fn spawn_runtime(spec: &RuntimeSpec, direct: Option<OwnedFd>) -> Result<Runtime, i32> {
+    Runtime::spawn(spec, direct).map_err(|e| {
+        fail(&format!(
+            "cannot start {} {}: {e}",
+            spec.node.display(),
+            spec.shim.display()
+        ))
+    })
 }
 
 fn fail(msg: &str) -> i32 {
@@ -140,7 +186,7 @@ fn run_vm(ignored_args: &[String]) -> ! {
         cwd: PathBuf::from("/var/task"),
         extra_env: Vec::new(),
     };
-    let runtime = Runtime::spawn(&spec).unwrap_or_else(|e| {
+    let runtime = Runtime::spawn(&spec, None).unwrap_or_else(|e| {
         stop_vm(&format!(
             "cannot start {} {}: {e}",
             spec.node.display(),

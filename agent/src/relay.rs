@@ -119,7 +119,7 @@ impl Relay {
             channel,
             signals,
             runtime: runtime.handle,
-            runtime_sock: Some(runtime.channel),
+            runtime_sock: runtime.channel,
             captures: [
                 Capture {
                     fd: Some(runtime.stdout),

@@ -1,5 +1,6 @@
 //! Starting and stopping the language runtime: `node <shim>` with the frame
-//! socket on fd 3 and its stdout/stderr on pipes back to the agent.
+//! socket on fd 3 (a socketpair to the agent, or in direct mode the host's
+//! channel itself) and its stdout/stderr on pipes back to the agent.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -38,8 +39,8 @@ const BASE_ENV: [(&str, &str); 5] = [
 pub struct Runtime {
     /// The process, for signals.
     pub handle: RuntimeHandle,
-    /// Agent end of the frame socket, non-blocking.
-    pub channel: OwnedFd,
+    /// Agent end of the frame socket, non-blocking; `None` in direct mode.
+    pub channel: Option<OwnedFd>,
     /// Read ends of stdout and stderr, non-blocking.
     pub stdout: OwnedFd,
     pub stderr: OwnedFd,
@@ -47,9 +48,16 @@ pub struct Runtime {
 
 impl Runtime {
     /// Starts the runtime. The caller must already have blocked SIGCHLD
-    /// (see `reap::Signals`) so its exit cannot be missed.
-    pub fn spawn(spec: &RuntimeSpec) -> io::Result<Runtime> {
-        let (agent_end, runtime_end) = sys::stream_socketpair()?;
+    /// (see `reap::Signals`) so its exit cannot be missed. With `direct`, the
+    /// runtime's fd 3 is that socket (the host's channel), not one to the agent.
+    pub fn spawn(spec: &RuntimeSpec, direct: Option<OwnedFd>) -> io::Result<Runtime> {
+        let (agent_end, runtime_end) = match direct {
+            Some(fd) => (None, fd),
+            None => {
+                let (a, r) = sys::stream_socketpair()?;
+                (Some(a), r)
+            }
+        };
         let runtime_fd = runtime_end.as_raw_fd();
         let mut cmd = Command::new(&spec.node);
         cmd.arg(&spec.shim)
@@ -87,11 +95,10 @@ impl Runtime {
         drop(runtime_end);
         let stdout: OwnedFd = child.stdout.take().expect("stdout is piped").into();
         let stderr: OwnedFd = child.stderr.take().expect("stderr is piped").into();
-        for fd in [
-            agent_end.as_raw_fd(),
-            stdout.as_raw_fd(),
-            stderr.as_raw_fd(),
-        ] {
+        for fd in [stdout.as_raw_fd(), stderr.as_raw_fd()]
+            .into_iter()
+            .chain(agent_end.as_ref().map(|a| a.as_raw_fd()))
+        {
             sys::set_nonblocking(fd, true)?;
         }
         // The Child handle is dropped without waiting: the reaper owns exits.

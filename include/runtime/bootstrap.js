@@ -3,10 +3,13 @@
  * hearth Node.js runtime shim.
  *
  * Started by the guest agent as `node bootstrap.js`. File descriptor 3 is a
- * bidirectional stream socket to the agent carrying hearth frames (see
- * include/hearth_protocol.h). stdout and stderr belong to the function: the
- * agent captures them and turns them into log frames, so this file never
- * writes protocol data there; its own diagnostics go to stderr.
+ * bidirectional stream socket carrying hearth frames (see
+ * include/hearth_protocol.h): to the host itself (process sandbox, the
+ * agent's direct mode) or to the agent, which relays (microVMs). Writes to
+ * process.stdout / process.stderr become LOG frames on that socket, tagged
+ * with the running invocation and ordered before its answer; raw writes to
+ * fds 1 and 2 (native code, child processes) go to pipes the agent turns
+ * into LOG frames. Diagnostics about the socket itself go to the raw stderr.
  *
  * Lifecycle
  *   - boot and wait: a runtime may be started before it knows its function.
@@ -45,7 +48,13 @@ const T_READY = 16;
 const T_INIT_ERROR = 17;
 const T_RESPONSE = 18;
 const T_ERROR = 19;
-const T_LOG = 20; // made by the agent from stdout/stderr, never by the shim
+const T_LOG = 20;
+const LOG_STDERR = 1;
+// LOG frame bodies are cut at this size; output beyond LOG_BACKLOG_MAX bytes
+// waiting in the socket's user-space buffer is dropped (and counted), since a
+// socket write never blocks the way a pipe write does.
+const LOG_CHUNK = 64 << 10;
+const LOG_BACKLOG_MAX = 4 << 20;
 
 // Region used for AWS_REGION / the ARN when the function's env sets none.
 const DEFAULT_REGION = 'us-east-1';
@@ -54,11 +63,14 @@ const ACCOUNT_ID = '000000000000';
 // ---------------------------------------------------------------------------
 // Channel.
 
+// The real stderr (a pipe to the agent), for trouble with the socket itself.
+const rawStderr = process.stderr.write.bind(process.stderr);
+
 let chan;
 try {
   chan = new net.Socket({ fd: 3, readable: true, writable: true });
 } catch (e) {
-  process.stderr.write(`hearth runtime: fd 3 is not a usable socket (${e && e.message})\n`);
+  rawStderr(`hearth runtime: fd 3 is not a usable socket (${e && e.message})\n`);
   process.exit(70);
 }
 
@@ -73,7 +85,7 @@ function die(code) {
 }
 
 chan.on('error', (e) => {
-  process.stderr.write(`hearth runtime: channel error: ${e && e.message}\n`);
+  rawStderr(`hearth runtime: channel error: ${e && e.message}\n`);
   process.exit(71);
 });
 // The agent went away: nobody can reach this instance any more.
@@ -84,7 +96,7 @@ chan.on('close', () => process.exit(0));
  * Sends one frame with a single socket write. `body` is a Buffer/Uint8Array,
  * a string (written as UTF-8 straight into the frame) or null.
  */
-function sendFrame(type, id, metaStr, body) {
+function sendFrame(type, id, metaStr, body, flags = 0) {
   const metaLen = metaStr ? Buffer.byteLength(metaStr, 'utf8') : 0;
   let bodyLen = 0;
   let bodyIsString = false;
@@ -99,7 +111,7 @@ function sendFrame(type, id, metaStr, body) {
   const buf = Buffer.allocUnsafe(HEADER_LEN + metaLen + bodyLen);
   buf.writeUInt16LE(MAGIC, 0);
   buf[2] = type;
-  buf[3] = 0;
+  buf[3] = flags;
   buf.writeUInt32LE(id >>> 0, 4);
   buf.writeUInt32LE(metaLen, 8);
   buf.writeUInt32LE(bodyLen, 12);
@@ -111,6 +123,58 @@ function sendFrame(type, id, metaStr, body) {
   }
   return chan.write(buf);
 }
+
+// ---------------------------------------------------------------------------
+// Console output as LOG frames (see the top of the file).
+
+let current = null; // LambdaContext of the running invocation
+let logDropped = 0; // bytes dropped while the socket's backlog was full
+
+function sendLog(flags, body) {
+  const id = current !== null ? current._frameId() : 0;
+  if (chan.writableLength > LOG_BACKLOG_MAX) {
+    logDropped += typeof body === 'string' ? Buffer.byteLength(body) : body.length;
+    return;
+  }
+  if (logDropped !== 0) {
+    sendFrame(T_LOG, id, null, `[hearth: ${logDropped} bytes of output dropped]\n`, LOG_STDERR);
+    logDropped = 0;
+  }
+  if (typeof body === 'string') {
+    if (body.length <= LOG_CHUNK / 4) {
+      sendFrame(T_LOG, id, null, body, flags);
+      return;
+    }
+    body = Buffer.from(body, 'utf8');
+  }
+  for (let off = 0; off < body.length; off += LOG_CHUNK) {
+    sendFrame(T_LOG, id, null, body.subarray(off, off + LOG_CHUNK), flags);
+  }
+}
+
+/** A replacement for `stream.write` that sends LOG frames. */
+function logWriter(flags) {
+  return function write(chunk, encoding, cb) {
+    if (typeof encoding === 'function') {
+      cb = encoding;
+      encoding = undefined;
+    }
+    let body;
+    if (typeof chunk === 'string') {
+      body = encoding && encoding !== 'utf8' && encoding !== 'utf-8' ? Buffer.from(chunk, encoding) : chunk;
+    } else if (chunk instanceof Uint8Array) {
+      body = chunk;
+    } else {
+      body = String(chunk);
+    }
+    if (body.length !== 0) sendLog(flags, body);
+    if (typeof cb === 'function') process.nextTick(cb);
+    return true;
+  };
+}
+
+process.stdout.write = logWriter(0);
+process.stderr.write = logWriter(LOG_STDERR);
 
 // ---------------------------------------------------------------------------
 // Incremental frame reader. Each byte is copied at most once: a frame that
@@ -127,7 +191,7 @@ let fBuf = null; // assembling frame payload (meta + body), or null
 let fFill = 0;
 
 function protocolError(msg) {
-  process.stderr.write(`hearth runtime: protocol error: ${msg}; closing\n`);
+  rawStderr(`hearth runtime: protocol error: ${msg}; closing\n`);
   chan.destroy();
   process.exit(72);
 }
@@ -767,7 +831,6 @@ class LambdaContext {
 // Invocation.
 
 const queue = []; // {id, meta, body} waiting for init or for the running one
-let current = null; // LambdaContext of the running invocation
 let drainWatch = false; // channel unref'd to notice an empty event loop
 
 function onInvoke(id, meta, body) {

@@ -122,6 +122,8 @@ pub struct Registry {
     job_tx: Sender<StartJob>,
     reap_tx: Mutex<Sender<Box<dyn Instance>>>,
     reap_rx: Mutex<Option<Receiver<Box<dyn Instance>>>>,
+    /// Reads instances' separate log sockets.
+    logs: logs::LogCollector,
     /// `<state>/hearth.lock`, held while the server runs.
     _lock: std::fs::File,
 }
@@ -154,6 +156,7 @@ impl Registry {
             job_tx,
             reap_tx: Mutex::new(reap_tx),
             reap_rx: Mutex::new(Some(reap_rx)),
+            logs: logs::LogCollector::start()?,
             _lock: lock,
         })
     }
@@ -189,8 +192,11 @@ impl Registry {
                             .functions
                             .backend
                             .start(&f.spec, &f.dir, job.core)
-                            .map(|(inst, init_logs)| {
+                            .map(|(mut inst, init_logs)| {
                                 f.logs.lock().unwrap().extend_init(&init_logs);
+                                if let Some(socket) = inst.take_log_channel() {
+                                    shared.functions.logs.add(socket, f.clone());
+                                }
                                 inst
                             })
                     };

@@ -760,7 +760,8 @@ impl CorePool {
         dirty: &mut Vec<Token>,
         now: Instant,
     ) {
-        if self.insts.contains(i) {
+        if let Some(inst) = self.insts.get_mut(i) {
+            inst.handle.let_exit();
             self.instance_failed(i, streams, dirty, now, "the instance exited");
         }
     }

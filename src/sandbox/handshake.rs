@@ -132,3 +132,36 @@ pub fn hello(
         }
     }
 }
+
+/// Output lines waiting on an agent's log socket (direct mode), read for up
+/// to `wait`: for the error message of an instance that died starting up.
+pub fn drain_logs(fd: BorrowedFd<'_>, wait: Duration) -> InitLogs {
+    let deadline = Instant::now() + wait;
+    let mut dec = FrameDecoder::new();
+    let mut lines = Vec::new();
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: poll on one valid descriptor.
+        if unsafe { libc::poll(&mut pfd, 1, left.as_millis() as i32) } <= 0 {
+            break;
+        }
+        let buf = dec.spare(64 * 1024);
+        // SAFETY: reading into the decoder's spare space.
+        let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        if n <= 0 {
+            break;
+        }
+        dec.filled(64 * 1024, n as usize);
+        while let Ok(Some(f)) = dec.next_frame() {
+            if f.kind == FrameType::Log {
+                lines.extend(String::from_utf8_lossy(&f.body).lines().map(str::to_string));
+            }
+        }
+    }
+    lines
+}

@@ -41,13 +41,23 @@ impl std::fmt::Display for StartError {
 
 /// A running, initialised instance of one function.
 pub trait Instance: Send {
-    /// The host end of the channel to the guest agent (taken once, by the owning core).
+    /// The host end of the channel to the guest (taken once, by the owning core).
     fn take_channel(&mut self) -> Option<OwnedFd>;
+    /// A second socket carrying only LOG frames (the process backend's agent
+    /// in direct mode), taken once by the log collector; `None` when logs
+    /// travel on the channel.
+    fn take_log_channel(&mut self) -> Option<OwnedFd> {
+        None
+    }
     /// Stops the instance at once (SIGKILL / VM kill); cheap, non-blocking.
     fn kill(&mut self);
     /// Kills if needed and releases everything (waits for exit, removes cgroups, files).
     /// May block; called off the event loops.
     fn destroy(self: Box<Self>);
+    /// The instance's channel closed: it is exiting by itself. [`Instance::kill`]
+    /// then leaves it be, and [`Instance::destroy`] gives it a moment to
+    /// finish (the agent's last log lines) before killing it.
+    fn let_exit(&mut self) {}
     /// The instance now belongs to `core`: move its CPU affinity there.
     fn repin(&mut self, _core: usize) {}
     /// Memory charged to the instance, where the backend can tell.
@@ -82,20 +92,6 @@ impl SchedTime {
             run_ns: f.next()??,
             wait_ns: f.next()??,
         })
-    }
-
-    /// The sum of every thread of `pid`.
-    pub fn read_threads(pid: i32) -> Option<SchedTime> {
-        let mut sum = SchedTime::default();
-        for t in std::fs::read_dir(format!("/proc/{pid}/task"))
-            .ok()?
-            .flatten()
-        {
-            if let Some(s) = SchedTime::read(&t.path().join("schedstat")) {
-                sum = sum + s;
-            }
-        }
-        Some(sum)
     }
 }
 

@@ -9,7 +9,7 @@
 //! and no CPU.
 
 use std::collections::{HashMap, HashSet};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
@@ -42,21 +42,43 @@ pub struct ProcInstance {
     channel: Option<OwnedFd>,
     /// Host pid of the runtime (the agent's child), found on first use.
     runtime_pid: Option<i32>,
+    /// The agent's log socket (raw runtime output), until taken.
+    logs: Option<OwnedFd>,
+    /// The runtime is gone and the agent is expected to exit by itself.
+    exiting: bool,
 }
+
+/// How long a destroyed instance whose runtime died may take to exit by
+/// itself (the agent sends its last log lines) before it is killed.
+pub const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 impl Instance for ProcInstance {
     fn take_channel(&mut self) -> Option<OwnedFd> {
         self.channel.take()
     }
+    fn take_log_channel(&mut self) -> Option<OwnedFd> {
+        self.logs.take()
+    }
     fn kill(&mut self) {
-        self.sandbox.kill();
+        if !self.exiting {
+            self.sandbox.kill();
+        }
     }
     fn destroy(self: Box<Self>) {
         let ProcInstance {
-            sandbox, channel, ..
+            mut sandbox,
+            channel,
+            exiting,
+            ..
         } = *self;
         drop(channel);
+        if exiting {
+            sandbox.wait_exit(EXIT_GRACE);
+        }
         sandbox.destroy();
+    }
+    fn let_exit(&mut self) {
+        self.exiting = true;
     }
     fn repin(&mut self, core: usize) {
         pin_tree(self.sandbox.pid, core);
@@ -174,15 +196,17 @@ impl Inner {
             cpu_core: core,
             host_uid: HOST_UID_BASE + n % HOST_UID_SPAN,
             name: format!("{}-{}-{n}", spec.id, std::process::id()),
-            argv: vec!["/hearth/agent".into(), "--channel-fd".into(), "3".into()],
+            // Direct mode: Node gets the channel, the agent stays off the
+            // request path and sends raw output on the log socket.
+            argv: ["/hearth/agent", "--channel-fd", "3", "--log-fd", "4"]
+                .map(String::from)
+                .to_vec(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         };
-        let sandbox = process::spawn(&self.hearth_exe, &sspec)
+        let mut sandbox = process::spawn(&self.hearth_exe, &sspec)
             .map_err(|e| StartError::Sandbox(e.to_string()))?;
-        let result = {
-            use std::os::fd::AsFd;
-            handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT)
-        };
+        let log_socket = sandbox.logs.take();
+        let result = handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT);
         match result {
             Ok((_init_ms, logs)) => {
                 let channel = sandbox
@@ -194,9 +218,23 @@ impl Inner {
                         sandbox,
                         channel: Some(channel),
                         runtime_pid: None,
+                        logs: log_socket,
+                        exiting: false,
                     },
                     logs,
                 ))
+            }
+            Err(StartError::Sandbox(why)) => {
+                // What the runtime printed before dying is on the log socket.
+                let tail = log_socket
+                    .map(|fd| handshake::drain_logs(fd.as_fd(), Duration::from_millis(200)))
+                    .unwrap_or_default();
+                sandbox.destroy();
+                Err(StartError::Sandbox(if tail.is_empty() {
+                    why
+                } else {
+                    format!("{why}: {}", tail.join(" | "))
+                }))
             }
             Err(e) => {
                 sandbox.destroy();

@@ -48,7 +48,7 @@ use serde_json::json;
 
 use super::handshake;
 use super::qmp::{self, Qmp};
-use super::{Backend, InitLogs, Instance, SchedTime, StartError};
+use super::{Backend, InitLogs, Instance, StartError};
 use crate::config::ServeConfig;
 use crate::functions::FunctionSpec;
 use crate::guest::images::{self, Guest};
@@ -464,10 +464,9 @@ impl Instance for QemuInstance {
             .ok()?;
         Some(kb * 1024)
     }
-    /// Every QEMU thread: the vCPU does the guest's work, the others its I/O.
-    fn sched_time(&mut self) -> Option<SchedTime> {
-        SchedTime::read_threads(self.vm.pid())
-    }
+    // No `sched_time`: QEMU's threads also emulate devices and timers, so
+    // their CPU time says little about the handler (under TCG nothing at
+    // all); VMs keep scaling by queueing delay alone.
 }
 
 /// One function's snapshot, loaded or (re)built under the lock.

@@ -46,6 +46,11 @@ class ShimClient {
     this.child.stderr.setEncoding('utf8');
     this.child.stdout.on('data', (d) => (this.stdout += d));
     this.child.stderr.on('data', (d) => (this.stderr += d));
+    // LOG frames, in arrival order ({id, stream, text}); their text is also
+    // appended to this.stdout / this.stderr, as the host's log would show it.
+    this.logs = [];
+    // Every frame type in arrival order, LOG included, to check ordering.
+    this.order = [];
     this.frames = [];
     this.waiters = [];
     this.pending = Buffer.alloc(0);
@@ -81,6 +86,14 @@ class ShimClient {
   }
 
   _deliver(f) {
+    this.order.push({ type: f.type, id: f.id });
+    if (f.type === T.LOG) {
+      const stream = f.flags & 1 ? 'stderr' : 'stdout';
+      const text = f.body.toString('utf8');
+      this.logs.push({ id: f.id, stream, text });
+      this[stream] += text;
+      return;
+    }
     for (let i = 0; i < this.waiters.length; i++) {
       if (this.waiters[i].pred(f)) {
         const w = this.waiters.splice(i, 1)[0];

@@ -363,6 +363,51 @@ test('esm: .mjs handler with top-level await', async () => {
   assert.equal(r.body.toString(), 'esm ok PUT /thing');
 });
 
+test('console output travels as LOG frames tagged with the invocation, before its answer', async () => {
+  const dir = tmpFixture({
+    'index.js': `
+      const fs = require('fs');
+      console.log('init line');
+      exports.handler = async (event) => {
+        console.log('line one');
+        console.error('to stderr');
+        process.stdout.write('no newline');
+        fs.writeSync(1, 'raw write\\n');
+        if (event.rawPath === '/big') process.stdout.write('x'.repeat(200 * 1024) + '\\n');
+        return 'ok';
+      };`,
+  });
+  const c = await ready(dir, 'index.handler');
+  const initLogs = c.logs.splice(0);
+  assert.deepEqual(initLogs, [{ id: 0, stream: 'stdout', text: 'init line\n' }]);
+  c.order.length = 0;
+  const r = await c.invoke({});
+  assert.equal(r.type, T.RESPONSE, r.metaText);
+  const mine = c.logs.filter((l) => l.id === r.id);
+  assert.deepEqual(mine, [
+    { id: r.id, stream: 'stdout', text: 'line one\n' },
+    { id: r.id, stream: 'stderr', text: 'to stderr\n' },
+    { id: r.id, stream: 'stdout', text: 'no newline' },
+  ]);
+  const answerAt = c.order.findIndex((f) => f.type === T.RESPONSE);
+  assert.ok(
+    c.order.slice(0, answerAt).filter((f) => f.type === T.LOG).length === 3,
+    JSON.stringify(c.order),
+  );
+  // Raw writes to fd 1 bypass the frames (the agent captures that pipe).
+  await new Promise((r) => setTimeout(r, 50));
+  assert.match(c.stdout, /raw write/);
+  assert.ok(!c.logs.some((l) => l.text.includes('raw write')));
+  // Large output is cut into frames of at most 64 KiB.
+  c.logs.length = 0;
+  const big = await c.invoke({ path: '/big' });
+  assert.equal(big.type, T.RESPONSE);
+  const chunks = c.logs.filter((l) => l.id === big.id && l.text.startsWith('x'));
+  assert.ok(chunks.length >= 4, `${chunks.length} chunks`);
+  assert.ok(chunks.every((l) => Buffer.byteLength(l.text) <= 64 * 1024));
+  assert.equal(chunks.map((l) => l.text).join('').length, 200 * 1024 + 1);
+});
+
 test('callback: result, error, and a second callback is ignored', async () => {
   const c = await ready(path.join(FIXTURES, 'callback'), 'index.handler');
   const r = await c.invoke({ path: '/x' });

@@ -668,7 +668,8 @@ fn reset_signals() {
 }
 
 /// stdin and stdout (the pipe to hearth) become /dev/null, and so does stderr unless
-/// [`STDERR_ENV`] asks to keep it; fd 3 is the channel; everything else closes on exec.
+/// [`STDERR_ENV`] asks to keep it; fd 3 is the channel, fd 4 the log socket; everything else
+/// closes on exec.
 fn prepare_fds(keep_stderr: bool) -> Result<(), String> {
     // SAFETY: plain fd syscalls on descriptors this process owns.
     unsafe {
@@ -685,8 +686,12 @@ fn prepare_fds(keep_stderr: bool) -> Result<(), String> {
             "the channel (fd 3)",
         )?;
         check(
+            libc::fcntl(4 as RawFd, libc::F_SETFD, 0),
+            "the log socket (fd 4)",
+        )?;
+        check(
             libc::close_range(
-                4,
+                5,
                 libc::c_uint::MAX,
                 libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
             ),

@@ -14,7 +14,8 @@
 //! the sandbox has exec'd, and the sandbox's PID 1 is reparented to hearth, which is a child
 //! subreaper ([`set_subreaper`]) and therefore reaps it ([`Sandbox::try_wait`]).
 //!
-//! The channel is a Unix stream socketpair: fd 3 inside, [`Sandbox::channel`] outside. Fds 0-2
+//! The channel is a Unix stream socketpair: fd 3 inside, [`Sandbox::channel`] outside; a second
+//! one, fd 4 inside and [`Sandbox::logs`] outside, carries the agent's own output. Fds 0-2
 //! are /dev/null (`HEARTH_SANDBOX_STDERR=inherit` in hearth's environment keeps hearth's stderr
 //! as fd 2, for debugging); no other descriptor survives into the sandbox.
 //!
@@ -173,6 +174,8 @@ pub struct Sandbox {
     pub pid: i32,
     /// Host end of the channel; fd 3 inside.
     pub channel: OwnedFd,
+    /// Host end of the log socket; fd 4 inside (taken by whoever reads it).
+    pub logs: Option<OwnedFd>,
     /// Limits the host could not apply (missing cgroup controllers, ...).
     pub warnings: Vec<String>,
     group: Option<Group>,
@@ -193,6 +196,28 @@ fn io_err(what: &'static str) -> impl FnOnce(io::Error) -> SandboxError {
     move |source| SandboxError::Io { what, source }
 }
 
+/// A connected Unix stream socketpair, close-on-exec.
+fn socketpair(what: &'static str) -> Result<(OwnedFd, OwnedFd), SandboxError> {
+    let mut pair = [0; 2];
+    // SAFETY: `pair` has room for the two descriptors.
+    let rc = unsafe {
+        libc::socketpair(
+            libc::AF_UNIX,
+            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
+            0,
+            pair.as_mut_ptr(),
+        )
+    };
+    if rc != 0 {
+        return Err(SandboxError::Io {
+            what,
+            source: io::Error::last_os_error(),
+        });
+    }
+    // SAFETY: socketpair succeeded; both descriptors are ours.
+    Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
+}
+
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     // SAFETY: plain syscall; on success it returns a new descriptor that we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
@@ -206,26 +231,9 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
     set_subreaper();
     let json = serde_json::to_vec(spec).expect("spec serialises");
 
-    let mut pair = [0; 2];
-    // SAFETY: `pair` has room for the two descriptors.
-    let rc = unsafe {
-        libc::socketpair(
-            libc::AF_UNIX,
-            libc::SOCK_STREAM | libc::SOCK_CLOEXEC,
-            0,
-            pair.as_mut_ptr(),
-        )
-    };
-    if rc != 0 {
-        return Err(SandboxError::Io {
-            what: "socketpair for the channel",
-            source: io::Error::last_os_error(),
-        });
-    }
-    // SAFETY: socketpair succeeded; both descriptors are ours.
-    let (host_end, guest_end) =
-        unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) };
-    let guest_fd = guest_end.as_raw_fd();
+    let (host_end, guest_end) = socketpair("socketpair for the channel")?;
+    let (host_logs, guest_logs) = socketpair("socketpair for the log socket")?;
+    let guest_fds = [guest_end.as_raw_fd(), guest_logs.as_raw_fd()];
 
     let mut cmd = Command::new(hearth_exe);
     cmd.arg("__sandbox")
@@ -239,12 +247,13 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
     // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl).
     unsafe {
         cmd.pre_exec(move || {
-            if guest_fd == 3 {
-                if libc::fcntl(3, libc::F_SETFD, 0) < 0 {
+            // Park both above 4 first, so neither dup2 overwrites the other.
+            for (i, &fd) in guest_fds.iter().enumerate() {
+                let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if high < 0 || libc::dup2(high, 3 + i as i32) < 0 {
                     return Err(io::Error::last_os_error());
                 }
-            } else if libc::dup2(guest_fd, 3) < 0 {
-                return Err(io::Error::last_os_error());
+                libc::close(high);
             }
             Ok(())
         });
@@ -253,6 +262,7 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
         .spawn()
         .map_err(io_err("starting the sandbox launcher (hearth __sandbox)"))?;
     drop(guest_end);
+    drop(guest_logs);
     {
         let mut stdin = launcher.stdin.take().expect("stdin is piped");
         // A launcher that dies early shows up below as a missing report; its error is there.
@@ -312,6 +322,7 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
             let mut orphan = Sandbox {
                 pid: pid.unwrap_or(0),
                 channel: host_end,
+                logs: Some(host_logs),
                 warnings,
                 group,
                 pidfd,
@@ -325,6 +336,7 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
     Ok(Sandbox {
         pid,
         channel: host_end,
+        logs: Some(host_logs),
         warnings,
         group,
         pidfd,
@@ -436,6 +448,33 @@ impl Sandbox {
         self.teardown();
     }
 
+    /// Waits up to `limit` for PID 1 to exit (and reaps it); true once it has.
+    pub fn wait_exit(&mut self, limit: Duration) -> bool {
+        let deadline = Instant::now() + limit;
+        while self.try_wait().is_none() {
+            let left = deadline
+                .saturating_duration_since(Instant::now())
+                .as_millis() as i32;
+            if left == 0 {
+                return false;
+            }
+            match &self.pidfd {
+                Some(fd) => {
+                    // A pidfd turns readable when the process exits.
+                    let mut pfd = libc::pollfd {
+                        fd: fd.as_raw_fd(),
+                        events: libc::POLLIN,
+                        revents: 0,
+                    };
+                    // SAFETY: one valid pollfd.
+                    unsafe { libc::poll(&mut pfd, 1, left.min(100)) };
+                }
+                None => std::thread::sleep(Duration::from_millis(2)),
+            }
+        }
+        true
+    }
+
     /// Memory charged to the sandbox's cgroup now; `None` without a memory cgroup.
     pub fn memory_bytes(&self) -> Option<u64> {
         self.group.as_ref()?.memory_bytes()
@@ -457,31 +496,12 @@ impl Sandbox {
         }
         self.destroyed = true;
         self.kill();
-        let deadline = Instant::now() + Duration::from_millis(DESTROY_WAIT_MS);
-        while self.try_wait().is_none() {
-            let left = deadline
-                .saturating_duration_since(Instant::now())
-                .as_millis() as i32;
-            if left == 0 {
-                eprintln!(
-                    "hearth: sandbox pid {} did not exit within {DESTROY_WAIT_MS} ms of SIGKILL",
-                    self.pid
-                );
-                return;
-            }
-            match &self.pidfd {
-                Some(fd) => {
-                    // A pidfd turns readable when the process exits.
-                    let mut pfd = libc::pollfd {
-                        fd: fd.as_raw_fd(),
-                        events: libc::POLLIN,
-                        revents: 0,
-                    };
-                    // SAFETY: one valid pollfd.
-                    unsafe { libc::poll(&mut pfd, 1, left.min(100)) };
-                }
-                None => std::thread::sleep(Duration::from_millis(2)),
-            }
+        if !self.wait_exit(Duration::from_millis(DESTROY_WAIT_MS)) {
+            eprintln!(
+                "hearth: sandbox pid {} did not exit within {DESTROY_WAIT_MS} ms of SIGKILL",
+                self.pid
+            );
+            return;
         }
         if let Some(g) = &self.group {
             if let Err(e) = g.remove() {

@@ -1,0 +1,248 @@
+//! Direct mode (process sandbox with `--log-fd`): the runtime owns the host
+//! channel and the agent stays off the request path. Its loop polls only the
+//! runtime's stdout/stderr pipes, the signalfd and the log socket:
+//!
+//! * stdout/stderr -> LOG frames on the log socket, untagged (request id 0):
+//!   the shim sends console output as LOG frames on the channel itself, so
+//!   these pipes only carry raw writes (native code, child processes).
+//! * SIGCHLD -> reap; the runtime's death ends the loop after a LOG note.
+//!   The host learns of it when the channel closes (this process is PID 1:
+//!   its exit takes down everything the runtime left behind).
+//! * end of file on the log socket: the host is gone; stop the runtime.
+//! * SIGTERM/SIGINT -> SIGTERM to the runtime, SIGKILL after a grace period.
+//!
+//! Memory is bounded: the pipes are read only while fewer than
+//! [`TO_HOST_BYTES_SOFT_MAX`] bytes wait for the host, and the log queue
+//! drops lines beyond its own limit (saying how many bytes).
+
+use std::io;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::time::{Duration, Instant};
+
+use crate::buf::ByteQueue;
+use crate::output::{LineSplitter, LogQueue};
+use crate::protocol::LOG_STDERR;
+use crate::reap::{self, RuntimeExit, Signals};
+use crate::relay::{Outcome, FINAL_FLUSH, READ_BYTES, SHUTDOWN_GRACE, TO_HOST_BYTES_SOFT_MAX};
+use crate::runtime::{Runtime, RuntimeHandle};
+use crate::sys;
+
+/// One output pipe of the runtime.
+struct Capture {
+    fd: Option<OwnedFd>,
+    lines: LineSplitter,
+}
+
+/// The supervisor's state; see the module docs.
+pub struct Supervisor {
+    log: Option<OwnedFd>,
+    signals: Signals,
+    runtime: RuntimeHandle,
+    captures: [Capture; 2],
+    logs: LogQueue,
+    to_host: ByteQueue,
+    exit: Option<RuntimeExit>,
+    shutdown_requested: bool,
+    kill_at: Option<Instant>,
+    scratch: Vec<u8>,
+}
+
+impl Supervisor {
+    /// Supervises a runtime spawned in direct mode; `log` is the host's log socket.
+    pub fn new(log: OwnedFd, signals: Signals, runtime: Runtime) -> io::Result<Supervisor> {
+        sys::set_nonblocking(log.as_raw_fd(), true)?;
+        Ok(Supervisor {
+            log: Some(log),
+            signals,
+            runtime: runtime.handle,
+            captures: [
+                Capture {
+                    fd: Some(runtime.stdout),
+                    lines: LineSplitter::new(0),
+                },
+                Capture {
+                    fd: Some(runtime.stderr),
+                    lines: LineSplitter::new(LOG_STDERR),
+                },
+            ],
+            logs: LogQueue::new(),
+            to_host: ByteQueue::new(),
+            exit: None,
+            shutdown_requested: false,
+            kill_at: None,
+            scratch: vec![0; READ_BYTES],
+        })
+    }
+
+    /// Runs until the runtime has exited or the host is gone.
+    pub fn run(mut self) -> Outcome {
+        loop {
+            if let Some(exit) = self.exit {
+                return self.finish(exit);
+            }
+            if let Err(why) = self.step() {
+                self.runtime.kill_group();
+                // PID 1 exiting kills the namespace; outside one (tests), reap.
+                let deadline = Instant::now() + crate::relay::STOP_WAIT;
+                while reap::reap_children(self.runtime.pid).is_none() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_millis(5));
+                }
+                return why;
+            }
+        }
+    }
+
+    /// One poll and everything it made ready.
+    fn step(&mut self) -> Result<(), Outcome> {
+        let log_fd = self.log.as_ref().map(|f| f.as_raw_fd());
+        let room = self.to_host.len() < TO_HOST_BYTES_SOFT_MAX;
+        let mut fds = Vec::with_capacity(4);
+        fds.push(pollfd(self.signals.fd(), libc::POLLIN));
+        if let Some(fd) = log_fd {
+            let out = if self.to_host.is_empty() {
+                0
+            } else {
+                libc::POLLOUT
+            };
+            fds.push(pollfd(fd, libc::POLLIN | out));
+        }
+        let mut capture_slots = [None; 2];
+        for (i, c) in self.captures.iter().enumerate() {
+            if let (Some(fd), true) = (&c.fd, room) {
+                capture_slots[i] = Some(fds.len());
+                fds.push(pollfd(fd.as_raw_fd(), libc::POLLIN));
+            }
+        }
+        let timeout = self.kill_at.map_or(-1, |at| {
+            at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1
+        });
+        sys::poll(&mut fds, timeout).map_err(|e| Outcome::Failed(format!("poll: {e}")))?;
+
+        if fds[0].revents != 0 {
+            self.handle_signals();
+        }
+        if let Some(fd) = log_fd {
+            if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+                // The host never writes here: readable means end of file or an error.
+                let mut b = [0u8; 64];
+                match sys::read(fd, &mut b) {
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                    Ok(n) if n > 0 => {}
+                    _ => return Err(Outcome::HostGone),
+                }
+            }
+        }
+        for (i, slot) in capture_slots.into_iter().enumerate() {
+            if slot.is_some_and(|s| fds[s].revents != 0) {
+                self.read_capture(i);
+            }
+        }
+        self.logs
+            .drain_into(&mut self.to_host, TO_HOST_BYTES_SOFT_MAX);
+        self.flush()?;
+        if self.kill_at.is_some_and(|at| Instant::now() >= at) {
+            self.kill_at = None;
+            diag!("runtime still running; sending SIGKILL");
+            self.runtime.kill_group();
+        }
+        Ok(())
+    }
+
+    fn handle_signals(&mut self) {
+        for sig in self.signals.drain() {
+            match sig {
+                libc::SIGCHLD => {
+                    if let Some(exit) = reap::reap_children(self.runtime.pid) {
+                        self.exit = Some(exit);
+                    }
+                }
+                _ if !self.shutdown_requested => {
+                    diag!("{} received; stopping the runtime", reap::signal_name(sig));
+                    self.shutdown_requested = true;
+                    self.runtime.signal(libc::SIGTERM);
+                    self.kill_at = Some(Instant::now() + SHUTDOWN_GRACE);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Reads one chunk from an output pipe; false when nothing came.
+    fn read_capture(&mut self, i: usize) -> bool {
+        let c = &mut self.captures[i];
+        let Some(fd) = c.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return false;
+        };
+        match sys::read(fd, &mut self.scratch) {
+            Ok(0) => {
+                c.lines.flush(0, &mut self.logs);
+                c.fd = None;
+                false
+            }
+            Ok(n) => {
+                c.lines.push(&self.scratch[..n], 0, &mut self.logs);
+                true
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                diag!("runtime output pipe: {e}");
+                c.fd = None;
+                false
+            }
+        }
+    }
+
+    /// Writes queued LOG frames until the socket is full.
+    fn flush(&mut self) -> Result<(), Outcome> {
+        let Some(fd) = self.log.as_ref().map(|f| f.as_raw_fd()) else {
+            return Ok(());
+        };
+        while !self.to_host.is_empty() {
+            match self.to_host.write_to(fd) {
+                Ok(_) => {}
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(()),
+                Err(_) => return Err(Outcome::HostGone),
+            }
+        }
+        Ok(())
+    }
+
+    /// The runtime is gone: pass on its last output and a note, within a bound.
+    fn finish(mut self, exit: RuntimeExit) -> Outcome {
+        diag!("runtime {}", exit.describe());
+        for i in 0..self.captures.len() {
+            for _ in 0..crate::relay::DRAIN_READS_MAX {
+                if !self.read_capture(i) {
+                    break;
+                }
+            }
+            self.captures[i].lines.flush(0, &mut self.logs);
+        }
+        self.logs
+            .push_note(0, &format!("runtime {}", exit.describe()));
+        self.logs.drain_into(&mut self.to_host, usize::MAX);
+        let deadline = Instant::now() + FINAL_FLUSH;
+        while !self.to_host.is_empty() && Instant::now() < deadline {
+            if self.flush().is_err() {
+                break;
+            }
+            if let Some(fd) = self.log.as_ref().map(|f| f.as_raw_fd()) {
+                let mut p = [pollfd(fd, libc::POLLOUT)];
+                let left = deadline.saturating_duration_since(Instant::now());
+                let _ = sys::poll(&mut p, left.as_millis() as i32 + 1);
+            }
+        }
+        Outcome::RuntimeExited {
+            exit,
+            shutdown_requested: self.shutdown_requested,
+        }
+    }
+}
+
+fn pollfd(fd: i32, events: libc::c_short) -> libc::pollfd {
+    libc::pollfd {
+        fd,
+        events,
+        revents: 0,
+    }
+}

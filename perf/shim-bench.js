@@ -5,10 +5,16 @@
 //
 //   node perf/shim-bench.js [seconds-per-run=3] [instances=1]
 //   SHIM_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' node perf/shim-bench.js
+//   SHIM_APP=express node perf/shim-bench.js   # the Express fixture, POST /greet
+//
+// Prints round trips per second, latency, and the shim process's CPU time
+// per round trip (user + system, from /proc/<pid>/stat).
 //
 // Runs:
 //   sequential  one INVOKE in flight per instance (what hearth does: the
 //               next request is dispatched when the previous answer is in)
+//   one ahead   2 INVOKEs in flight per instance (the next one waits in the
+//               shim's queue while the current one runs)
 //   pipelined   16 INVOKEs in flight per instance (the shim's own ceiling;
 //               it queues and serves them one at a time)
 
@@ -21,23 +27,36 @@ const SECONDS = Number(process.argv[2] || 3);
 const INSTANCES = Number(process.argv[3] || 1);
 const EXEC_ARGV = (process.env.SHIM_NODE_ARGS || '').split(' ').filter(Boolean);
 
-const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'hearth-bench-'));
-fs.writeFileSync(
-  path.join(dir, 'index.js'),
-  "exports.handler = async (event) => ({ statusCode: 200, headers: { 'content-type': 'text/plain' }, body: 'ok' });\n",
-);
+const EXPRESS = process.env.SHIM_APP === 'express';
+const dir = EXPRESS
+  ? path.resolve(__dirname, '../tests/fixtures/express-app')
+  : fs.mkdtempSync(path.join(os.tmpdir(), 'hearth-bench-'));
+const HANDLER = EXPRESS ? 'app.handler' : 'index.handler';
+if (!EXPRESS) {
+  fs.writeFileSync(
+    path.join(dir, 'index.js'),
+    "exports.handler = async (event) => ({ statusCode: 200, headers: { 'content-type': 'text/plain' }, body: 'ok' });\n",
+  );
+}
+const BODY = EXPRESS ? Buffer.from('{ "name": "John Doe" }') : Buffer.alloc(0);
 
-// A typical small GET request as the host would frame it.
+// A typical small request as the host would frame it (wrk's headers).
 const META = Buffer.from(
   JSON.stringify({
-    method: 'GET',
-    path: '/hello',
-    query: 'a=1',
-    headers: [
-      ['host', 'localhost:3000'],
-      ['user-agent', 'bench/1.0'],
-      ['accept', '*/*'],
-    ],
+    method: EXPRESS ? 'POST' : 'GET',
+    path: EXPRESS ? '/greet' : '/hello',
+    query: EXPRESS ? '' : 'a=1',
+    headers: EXPRESS
+      ? [
+          ['host', '127.0.0.1:8080'],
+          ['content-type', 'application/json'],
+          ['content-length', String(BODY.length)],
+        ]
+      : [
+          ['host', 'localhost:3000'],
+          ['user-agent', 'bench/1.0'],
+          ['accept', '*/*'],
+        ],
     source_ip: '127.0.0.1',
     protocol: 'HTTP/1.1',
     request_id: 'bench-request-0000000000000000',
@@ -48,15 +67,23 @@ const META = Buffer.from(
 );
 
 function invokeFrame(id) {
-  const b = Buffer.allocUnsafe(16 + META.length);
+  const b = Buffer.allocUnsafe(16 + META.length + BODY.length);
   b.writeUInt16LE(0x4854, 0);
   b[2] = T.INVOKE;
   b[3] = 0;
   b.writeUInt32LE(id, 4);
   b.writeUInt32LE(META.length, 8);
-  b.writeUInt32LE(0, 12);
+  b.writeUInt32LE(BODY.length, 12);
   META.copy(b, 16);
+  BODY.copy(b, 16 + META.length);
   return b;
+}
+
+/** CPU seconds (user + system) of a process so far. */
+function cpuSeconds(pid) {
+  const f = fs.readFileSync(`/proc/${pid}/stat`, 'utf8');
+  const fields = f.slice(f.lastIndexOf(')') + 2).split(' ');
+  return (Number(fields[11]) + Number(fields[12])) / 100; // utime, stime in USER_HZ
 }
 
 /** Drives one instance with `depth` requests in flight until `until`. */
@@ -104,15 +131,17 @@ async function run(name, clients, depth) {
   // warm-up
   await Promise.all(clients.map((c) => drive(c, depth, Date.now() + 500)));
   const t0 = process.hrtime.bigint();
+  const cpu0 = clients.map((c) => cpuSeconds(c.child.pid));
   const results = await Promise.all(clients.map((c) => drive(c, depth, Date.now() + SECONDS * 1000)));
   const secs = Number(process.hrtime.bigint() - t0) / 1e9;
   const total = results.reduce((a, r) => a + r.done, 0);
   const lat = results.flatMap((r) => r.lat).sort((a, b) => a - b);
   const pct = (p) => lat[Math.min(lat.length - 1, Math.floor(lat.length * p))].toFixed(1);
+  const cpu = clients.reduce((a, c, i) => a + cpuSeconds(c.child.pid) - cpu0[i], 0);
   console.log(
     `${name.padEnd(11)} instances=${clients.length} in-flight/instance=${String(depth).padEnd(2)} ` +
       `${Math.round(total / secs).toLocaleString('en-US').padStart(9)} round trips/s   ` +
-      `latency us p50=${pct(0.5)} p99=${pct(0.99)}`,
+      `latency us p50=${pct(0.5)} p99=${pct(0.99)}   shim CPU ${((cpu / total) * 1e6).toFixed(1)} us/trip`,
   );
 }
 
@@ -120,16 +149,17 @@ async function run(name, clients, depth) {
   const clients = [];
   for (let i = 0; i < INSTANCES; i++) {
     const c = new ShimClient({ execArgv: EXEC_ARGV });
-    const f = await c.hello(dir, 'index.handler');
+    const f = await c.hello(dir, HANDLER);
     if (f.type !== T.READY) throw new Error(`init failed: ${f.metaText}`);
     clients.push(c);
   }
   console.log(`node ${process.version}, ${os.cpus().length} CPUs, ${SECONDS}s per run`);
   await run('sequential', clients, 1);
+  await run('one ahead', clients, 2);
   await run('pipelined', clients, 16);
   // EOF on the channel makes each shim exit normally (so profiles get written).
   await Promise.all(clients.map((c) => (c.sock.end(), c.exit)));
-  fs.rmSync(dir, { recursive: true, force: true });
+  if (!EXPRESS) fs.rmSync(dir, { recursive: true, force: true });
 })().catch((e) => {
   console.error(e);
   process.exit(1);

@@ -54,7 +54,8 @@ start_node() { # name script args...
     local name=$1 out="$TMP/$1.out" port= pid
     shift
     : >"$out"
-    env -i PATH="$PATH" node "$@" >"$out" 2>"$TMP/$name.err" &
+    # shellcheck disable=SC2086 # NODE_WRAP: an optional command prefix, e.g. "taskset -c 0"
+    env -i PATH="$PATH" ${NODE_WRAP:-} node "$@" >"$out" 2>"$TMP/$name.err" &
     pid=$!
     PIDS+=("$pid")
     for _ in $(seq 1 100); do

@@ -61,8 +61,14 @@ pub fn probe() -> io::Result<()> {
 fn new_ring(entries: u32) -> io::Result<IoUring> {
     IoUring::builder()
         .setup_single_issuer()
-        .setup_coop_taskrun()
+        .setup_defer_taskrun()
         .build(entries)
+        .or_else(|_| {
+            IoUring::builder()
+                .setup_single_issuer()
+                .setup_coop_taskrun()
+                .build(entries)
+        })
         .or_else(|_| IoUring::new(entries))
 }
 

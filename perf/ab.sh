@@ -61,9 +61,9 @@ for side in A B; do
     addr=$REPLY
     r=$(deploy_zip "$addr" "$TMP/express.zip"); ex=${r% *}
     r=$(deploy_zip "$addr" "$TMP/trivial.zip"); tr=${r% *}
-    TARGETS+="express-greet $side $addr $ex /greet $HERE/post-greet.lua
-express-get $side $addr $ex / -
-trivial $side $addr $tr / -
+    TARGETS+="express-greet $side http://$addr/f/$ex/greet $HERE/post-greet.lua
+express-get $side http://$addr/f/$ex/ -
+trivial $side http://$addr/f/$tr/ -
 "
 done
 TARGETS=$(awk -v tests=",$TESTS," 'index(tests, "," $1 ",")' <<<"$TARGETS")
@@ -71,25 +71,15 @@ TARGETS=$(awk -v tests=",$TESTS," 'index(tests, "," $1 ",")' <<<"$TARGETS")
 echo "# A: $A_BIN"
 echo "# B: $B_BIN"
 echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
-while read -r test side addr id path lua; do
-    [ "$lua" = - ] && lua=
-    run_wrk 3s "http://$addr/f/$id$path" "$lua" >/dev/null
-done <<<"$TARGETS"
-
 RESULTS="$TMP/results"
-: >"$RESULTS"
-printf '%-14s %-4s %5s %10s %9s %9s %7s %9s  %s\n' test side round req/s p50_us p99_us errors instances load
-for round in $(seq 1 "$ROUNDS"); do
-    while read -r test side addr id path lua; do
-        [ "$lua" = - ] && lua=
-        read -r rps p50 p99 errors _ <<<"$(run_wrk "$DURATION" "http://$addr/f/$id$path" "$lua")"
-        n=$(instances "$addr" "$id")
-        printf '%-14s %-4s %5s %10s %9s %9s %7s %9s  %s\n' "$test" "$side" "$round" "$rps" "$p50" "$p99" "$errors" "$n" "$(load)"
-        echo "$test $side $rps $p50 $p99" >>"$RESULTS"
-    done <<<"$TARGETS"
-done
-
-pick() { awk -v t="$1" -v s="$2" -v f="$3" '$1 == t && $2 == s { print $f }' "$RESULTS" | median; }
+# The function's instance count after each run.
+after_run() { # test side url
+    local rest=${3#http://} addr id
+    addr=${rest%%/*}
+    id=${rest#*/f/}
+    echo "instances=$(instances "$addr" "${id%%/*}")"
+}
+run_rounds "$TARGETS" "$ROUNDS" "$DURATION"
 echo
 echo "| test | A req/s | B req/s | B/A | A p50 µs | B p50 µs | A p99 µs | B p99 µs |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"

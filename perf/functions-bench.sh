@@ -54,23 +54,10 @@ while [ $# -gt 0 ]; do
 done
 
 die() { echo "functions-bench: $*" >&2; exit 1; }
-[ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
-for tool in wrk node zip curl; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
-FIXTURE="$ROOT/tests/fixtures/express-app"
-HERE="$ROOT/perf/functions"
-[ -d "$FIXTURE/node_modules/express" ] || die "run tools/setup.sh first (npm ci in $FIXTURE)"
-
-if [ "$BUILD" = 1 ]; then
-    (cd "$ROOT" && cargo build --release -q --bin hearth && tools/build-agent.sh release >/dev/null) >&2
-fi
-HEARTH="${CARGO_TARGET_DIR:-$ROOT/target}/release/hearth"
-[ -x "$HEARTH" ] || die "$HEARTH is not built"
-
-TMP=$(mktemp -d /tmp/hearth-fbench.XXXXXX)
 # shellcheck source=functions/lib.sh
 . "$ROOT/perf/functions/lib.sh"
+bench_prepare wrk node zip curl
+TMP=$(mktemp -d /tmp/hearth-fbench.XXXXXX)
 
 # ---------------------------------------------------------------- setup
 
@@ -155,28 +142,15 @@ mem_bare() { # tag
 
 echo
 echo "## Throughput: wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION --latency, $ROUNDS alternating rounds (load $(load))"
-while read -r test server url lua; do
-    [ "$lua" = - ] && lua=
-    run_wrk 3s "$url" "$lua" >/dev/null
-done <<<"$TARGETS"
 RESULTS="$TMP/results"
-: >"$RESULTS"
-printf '%-14s %-7s %5s %10s %9s %9s %7s  %s\n' test server round req/s p50_us p99_us errors load
-for round in $(seq 1 "$ROUNDS"); do
-    while read -r test server url lua; do
-        [ "$lua" = - ] && lua=
-        r=$(run_wrk "$DURATION" "$url" "$lua")
-        read -r rps p50 p99 errors detail <<<"$r"
-        # Memory right after each Express run (V8 gives memory back ~15 s after load).
-        case "$test:$server" in
-        express-*:hearth) mem_hearth run ;;
-        express-*:bare) mem_bare run ;;
-        esac
-        printf '%-14s %-7s %5s %10s %9s %9s %7s  %s%s\n' "$test" "$server" "$round" "$rps" "$p50" "$p99" "$errors" \
-            "$(load)" "$([ "$detail" = - ] || echo "  ($detail)")"
-        echo "$test $server $rps $p50 $p99 $errors" >>"$RESULTS"
-    done <<<"$TARGETS"
-done
+# Memory right after each Express run (V8 gives memory back ~15 s after load).
+after_run() { # test server url
+    case "$1:$2" in
+    express-*:hearth) mem_hearth run ;;
+    express-*:bare) mem_bare run ;;
+    esac
+}
+run_rounds "$TARGETS" "$ROUNDS" "$DURATION"
 # And once more after the Express servers sat idle (through the trivial runs and 20 s).
 sleep 20
 mem_hearth idle
@@ -255,7 +229,6 @@ done
 # ---------------------------------------------------------------- summary
 
 LOAD_END=$(load)
-pick() { awk -v t="$1" -v s="$2" -v f="$3" '$1 == t && $2 == s { print $f }' "$RESULTS" | median; }
 echo
 echo "## Summary (medians; load average at end: $LOAD_END)"
 echo

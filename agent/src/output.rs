@@ -9,8 +9,11 @@
 
 use std::collections::VecDeque;
 
+use std::os::fd::{AsRawFd, OwnedFd};
+
 use crate::buf::ByteQueue;
 use crate::protocol::{self, FrameType};
+use crate::sys;
 
 /// Longest line kept whole; longer lines are cut into pieces of this size.
 pub const LINE_BYTES_MAX: usize = 16 * 1024;
@@ -176,6 +179,53 @@ impl LineSplitter {
             self.partial.push(b'\n');
             queue.push_line(self.flags, request_id, &self.partial);
             self.partial.clear();
+        }
+    }
+}
+
+/// One output pipe of the runtime and the lines read from it so far.
+pub struct Capture {
+    pub fd: Option<OwnedFd>,
+    pub lines: LineSplitter,
+}
+
+impl Capture {
+    /// The runtime's stdout and stderr, in that order.
+    pub fn pair(stdout: OwnedFd, stderr: OwnedFd) -> [Capture; 2] {
+        [
+            Capture {
+                fd: Some(stdout),
+                lines: LineSplitter::new(0),
+            },
+            Capture {
+                fd: Some(stderr),
+                lines: LineSplitter::new(protocol::LOG_STDERR),
+            },
+        ]
+    }
+
+    /// Reads one chunk into `logs`, tagged `request_id`; false when nothing
+    /// came (the pipe is empty, or closed: then it is dropped).
+    pub fn read(&mut self, scratch: &mut [u8], request_id: u32, logs: &mut LogQueue) -> bool {
+        let Some(fd) = self.fd.as_ref().map(|f| f.as_raw_fd()) else {
+            return false;
+        };
+        match sys::read(fd, scratch) {
+            Ok(0) => {
+                self.lines.flush(request_id, logs);
+                self.fd = None;
+                false
+            }
+            Ok(n) => {
+                self.lines.push(&scratch[..n], request_id, logs);
+                true
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => false,
+            Err(e) => {
+                diag!("runtime output pipe: {e}");
+                self.fd = None;
+                false
+            }
         }
     }
 }

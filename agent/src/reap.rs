@@ -5,6 +5,9 @@
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
+use std::time::{Duration, Instant};
+
+use crate::runtime::RuntimeHandle;
 use crate::sys::{self, cvt};
 
 /// Signals handled through the signalfd: child exits and shutdown requests.
@@ -187,6 +190,78 @@ fn signal_words(sig: i32) -> String {
         _ => return signal_name(sig),
     };
     words.to_string()
+}
+
+/// What the agent knows of its runtime's life: its exit once reaped, and a
+/// requested shutdown (SIGTERM sent, SIGKILL due at `kill_at`). Shared by the
+/// relaying and the supervising loop.
+pub struct Life {
+    pub runtime: RuntimeHandle,
+    pub exit: Option<RuntimeExit>,
+    pub shutdown_requested: bool,
+    pub kill_at: Option<Instant>,
+}
+
+impl Life {
+    /// A runtime just started.
+    pub fn new(runtime: RuntimeHandle) -> Life {
+        Life {
+            runtime,
+            exit: None,
+            shutdown_requested: false,
+            kill_at: None,
+        }
+    }
+
+    /// Takes pending signals: SIGCHLD reaps; the first SIGTERM or SIGINT sends
+    /// the runtime SIGTERM and schedules SIGKILL after `grace`.
+    pub fn on_signals(&mut self, signals: &Signals, grace: Duration) {
+        for sig in signals.drain() {
+            match sig {
+                libc::SIGCHLD => {
+                    if let Some(exit) = reap_children(self.runtime.pid) {
+                        self.exit = Some(exit);
+                    }
+                }
+                _ if !self.shutdown_requested => {
+                    diag!("{} received; stopping the runtime", signal_name(sig));
+                    self.shutdown_requested = true;
+                    if self.exit.is_none() {
+                        self.runtime.signal(libc::SIGTERM);
+                    }
+                    self.kill_at = Some(Instant::now() + grace);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// SIGKILLs the runtime's process group unless it is reaped (its pid
+    /// could belong to someone else by then).
+    pub fn kill(&self) {
+        if self.exit.is_none() {
+            self.runtime.kill_group();
+        }
+    }
+
+    /// Kills the runtime if a shutdown's grace period ran out.
+    pub fn kill_if_due(&mut self) {
+        if self.kill_at.is_some_and(|at| Instant::now() >= at) {
+            self.kill_at = None;
+            diag!("runtime still running; sending SIGKILL");
+            self.kill();
+        }
+    }
+
+    /// Milliseconds until [`Life::kill_if_due`] has work, for a poll timeout (-1: none).
+    pub fn poll_timeout_ms(&self) -> i32 {
+        self.kill_at.map_or(-1, |at| {
+            at.saturating_duration_since(Instant::now())
+                .as_millis()
+                .min(i32::MAX as u128 - 1) as i32
+                + 1
+        })
+    }
 }
 
 #[cfg(test)]

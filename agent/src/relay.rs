@@ -25,10 +25,10 @@ use crate::buf::ByteQueue;
 use crate::channel::{Channel, Lost};
 use crate::frames::{self, HostEvent, HostStream};
 use crate::json;
-use crate::output::{LineSplitter, LogQueue};
-use crate::protocol::{self, FrameType, LOG_STDERR};
-use crate::reap::{self, RuntimeExit, Signals};
-use crate::runtime::{Runtime, RuntimeHandle};
+use crate::output::{Capture, LogQueue};
+use crate::protocol::{self, FrameType};
+use crate::reap::{self, Life, RuntimeExit, Signals};
+use crate::runtime::Runtime;
 use crate::sys;
 
 /// Largest single read from any fd.
@@ -79,18 +79,12 @@ pub enum Outcome {
     Failed(String),
 }
 
-/// One of the runtime's output pipes.
-struct Capture {
-    fd: Option<OwnedFd>,
-    lines: LineSplitter,
-}
-
 /// The relay state; see the module docs.
 pub struct Relay {
     mode: Mode,
     channel: Channel,
     signals: Signals,
-    runtime: RuntimeHandle,
+    life: Life,
     runtime_sock: Option<OwnedFd>,
     captures: [Capture; 2],
     host_in: HostStream,
@@ -100,9 +94,6 @@ pub struct Relay {
     to_host: ByteQueue,
     logs: LogQueue,
     in_flight: VecDeque<u32>,
-    exit: Option<RuntimeExit>,
-    shutdown_requested: bool,
-    kill_at: Option<Instant>,
     /// poll reported a hangup on an fd we were not reading; leave it out of
     /// the poll set until we read again (else poll would spin on POLLHUP).
     host_hup: bool,
@@ -118,18 +109,9 @@ impl Relay {
             mode,
             channel,
             signals,
-            runtime: runtime.handle,
+            life: Life::new(runtime.handle),
             runtime_sock: runtime.channel,
-            captures: [
-                Capture {
-                    fd: Some(runtime.stdout),
-                    lines: LineSplitter::new(0),
-                },
-                Capture {
-                    fd: Some(runtime.stderr),
-                    lines: LineSplitter::new(LOG_STDERR),
-                },
-            ],
+            captures: Capture::pair(runtime.stdout, runtime.stderr),
             host_in: HostStream::new(),
             events: Vec::new(),
             to_runtime: ByteQueue::new(),
@@ -137,9 +119,6 @@ impl Relay {
             to_host: ByteQueue::new(),
             logs: LogQueue::new(),
             in_flight: VecDeque::new(),
-            exit: None,
-            shutdown_requested: false,
-            kill_at: None,
             host_hup: false,
             runtime_hup: false,
             scratch: vec![0; READ_BYTES],
@@ -151,7 +130,7 @@ impl Relay {
     /// is gone for good.
     pub fn run(mut self) -> Outcome {
         loop {
-            if let Some(exit) = self.exit {
+            if let Some(exit) = self.life.exit {
                 return self.finish(exit);
             }
             if let Some(outcome) = self.step() {
@@ -161,21 +140,14 @@ impl Relay {
         }
     }
 
-    /// SIGKILLs the runtime's process group unless the runtime is reaped.
-    fn kill_runtime(&self) {
-        if self.exit.is_none() {
-            self.runtime.kill_group();
-        }
-    }
-
     /// Kills the runtime and waits (bounded) until it is reaped, so no
     /// runtime outlives an agent that is not a namespace's PID 1.
     fn stop_runtime(&mut self) {
-        self.kill_runtime();
+        self.life.kill();
         let deadline = Instant::now() + STOP_WAIT;
-        while self.exit.is_none() && Instant::now() < deadline {
-            self.exit = reap::reap_children(self.runtime.pid);
-            if self.exit.is_none() {
+        while self.life.exit.is_none() && Instant::now() < deadline {
+            self.life.exit = reap::reap_children(self.life.runtime.pid);
+            if self.life.exit.is_none() {
                 std::thread::sleep(Duration::from_millis(5));
             }
         }
@@ -240,7 +212,7 @@ impl Relay {
         let readable = libc::POLLIN | libc::POLLHUP | libc::POLLERR;
 
         if sig_ev != 0 {
-            self.handle_signals();
+            self.life.on_signals(&self.signals, SHUTDOWN_GRACE);
         }
         if accept_ev != 0 {
             match self.channel.accept() {
@@ -283,47 +255,15 @@ impl Relay {
         if let Some(outcome) = self.flush_host() {
             return Some(outcome);
         }
-        if self.kill_at.is_some_and(|at| Instant::now() >= at) {
-            self.kill_at = None;
-            diag!("runtime still running; sending SIGKILL");
-            self.kill_runtime();
-        }
+        self.life.kill_if_due();
         None
     }
 
     fn poll_timeout_ms(&self) -> i32 {
-        let tick = self.channel.tick_ms();
-        let kill = self.kill_at.map(|at| {
-            at.saturating_duration_since(Instant::now())
-                .as_millis()
-                .min(i32::MAX as u128 - 1) as i32
-                + 1
-        });
-        match (tick, kill) {
-            (Some(a), Some(b)) => a.min(b),
-            (Some(a), None) | (None, Some(a)) => a,
-            (None, None) => -1,
-        }
-    }
-
-    fn handle_signals(&mut self) {
-        for sig in self.signals.drain() {
-            match sig {
-                libc::SIGCHLD => {
-                    if let Some(exit) = reap::reap_children(self.runtime.pid) {
-                        self.exit = Some(exit);
-                    }
-                }
-                _ if !self.shutdown_requested => {
-                    diag!("{} received; stopping the runtime", reap::signal_name(sig));
-                    self.shutdown_requested = true;
-                    if self.exit.is_none() {
-                        self.runtime.signal(libc::SIGTERM);
-                    }
-                    self.kill_at = Some(Instant::now() + SHUTDOWN_GRACE);
-                }
-                _ => {}
-            }
+        match (self.channel.tick_ms(), self.life.poll_timeout_ms()) {
+            (Some(a), -1) => a,
+            (Some(a), b) => a.min(b),
+            (None, b) => b,
         }
     }
 
@@ -388,7 +328,7 @@ impl Relay {
                     // The runtime holds part of a frame whose rest will never
                     // come; its stream cannot be resynchronised.
                     diag!("the host left in the middle of a frame; stopping the runtime");
-                    self.kill_runtime();
+                    self.life.kill();
                 }
                 self.host_in.reset();
                 self.to_host.clear();
@@ -428,42 +368,20 @@ impl Relay {
     fn runtime_closed(&mut self, why: &str) {
         self.runtime_sock = None;
         self.to_runtime.clear();
-        if self.exit.is_none() && !self.shutdown_requested {
+        if self.life.exit.is_none() && !self.life.shutdown_requested {
             diag!(
                 "{why}; it has {} ms to exit",
                 CLOSED_SOCKET_GRACE.as_millis()
             );
             let at = Instant::now() + CLOSED_SOCKET_GRACE;
-            self.kill_at = Some(self.kill_at.map_or(at, |k| k.min(at)));
+            self.life.kill_at = Some(self.life.kill_at.map_or(at, |k| k.min(at)));
         }
     }
 
     /// Reads one chunk from an output pipe; returns false when nothing came.
     fn read_capture(&mut self, i: usize) -> bool {
-        let Some(fd) = self.captures[i].fd.as_ref().map(|f| f.as_raw_fd()) else {
-            return false;
-        };
         let rid = self.current_request();
-        match sys::read(fd, &mut self.scratch) {
-            Ok(0) => {
-                let c = &mut self.captures[i];
-                c.lines.flush(rid, &mut self.logs);
-                c.fd = None;
-                false
-            }
-            Ok(n) => {
-                self.captures[i]
-                    .lines
-                    .push(&self.scratch[..n], rid, &mut self.logs);
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => {
-                diag!("runtime output pipe: {e}");
-                self.captures[i].fd = None;
-                false
-            }
-        }
+        self.captures[i].read(&mut self.scratch, rid, &mut self.logs)
     }
 
     /// Takes in all output written so far, unfinished lines included.
@@ -490,7 +408,7 @@ impl Relay {
                     diag!("the runtime sent a bad frame ({e}); stopping it");
                     self.from_runtime.clear();
                     self.runtime_sock = None;
-                    self.kill_runtime();
+                    self.life.kill();
                     return;
                 }
             };
@@ -568,7 +486,7 @@ impl Relay {
         self.flush_host_until(Instant::now() + FINAL_FLUSH);
         Outcome::RuntimeExited {
             exit,
-            shutdown_requested: self.shutdown_requested,
+            shutdown_requested: self.life.shutdown_requested,
         }
     }
 

@@ -20,30 +20,20 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::buf::ByteQueue;
-use crate::output::{LineSplitter, LogQueue};
-use crate::protocol::LOG_STDERR;
-use crate::reap::{self, RuntimeExit, Signals};
+use crate::output::{Capture, LogQueue};
+use crate::reap::{self, Life, RuntimeExit, Signals};
 use crate::relay::{Outcome, FINAL_FLUSH, READ_BYTES, SHUTDOWN_GRACE, TO_HOST_BYTES_SOFT_MAX};
-use crate::runtime::{Runtime, RuntimeHandle};
+use crate::runtime::Runtime;
 use crate::sys;
-
-/// One output pipe of the runtime.
-struct Capture {
-    fd: Option<OwnedFd>,
-    lines: LineSplitter,
-}
 
 /// The supervisor's state; see the module docs.
 pub struct Supervisor {
     log: Option<OwnedFd>,
     signals: Signals,
-    runtime: RuntimeHandle,
+    life: Life,
     captures: [Capture; 2],
     logs: LogQueue,
     to_host: ByteQueue,
-    exit: Option<RuntimeExit>,
-    shutdown_requested: bool,
-    kill_at: Option<Instant>,
     scratch: Vec<u8>,
 }
 
@@ -54,22 +44,10 @@ impl Supervisor {
         Ok(Supervisor {
             log: Some(log),
             signals,
-            runtime: runtime.handle,
-            captures: [
-                Capture {
-                    fd: Some(runtime.stdout),
-                    lines: LineSplitter::new(0),
-                },
-                Capture {
-                    fd: Some(runtime.stderr),
-                    lines: LineSplitter::new(LOG_STDERR),
-                },
-            ],
+            life: Life::new(runtime.handle),
+            captures: Capture::pair(runtime.stdout, runtime.stderr),
             logs: LogQueue::new(),
             to_host: ByteQueue::new(),
-            exit: None,
-            shutdown_requested: false,
-            kill_at: None,
             scratch: vec![0; READ_BYTES],
         })
     }
@@ -77,14 +55,16 @@ impl Supervisor {
     /// Runs until the runtime has exited or the host is gone.
     pub fn run(mut self) -> Outcome {
         loop {
-            if let Some(exit) = self.exit {
+            if let Some(exit) = self.life.exit {
                 return self.finish(exit);
             }
             if let Err(why) = self.step() {
-                self.runtime.kill_group();
+                self.life.kill();
                 // PID 1 exiting kills the namespace; outside one (tests), reap.
                 let deadline = Instant::now() + crate::relay::STOP_WAIT;
-                while reap::reap_children(self.runtime.pid).is_none() && Instant::now() < deadline {
+                while reap::reap_children(self.life.runtime.pid).is_none()
+                    && Instant::now() < deadline
+                {
                     std::thread::sleep(Duration::from_millis(5));
                 }
                 return why;
@@ -113,13 +93,11 @@ impl Supervisor {
                 fds.push(pollfd(fd.as_raw_fd(), libc::POLLIN));
             }
         }
-        let timeout = self.kill_at.map_or(-1, |at| {
-            at.saturating_duration_since(Instant::now()).as_millis() as i32 + 1
-        });
-        sys::poll(&mut fds, timeout).map_err(|e| Outcome::Failed(format!("poll: {e}")))?;
+        sys::poll(&mut fds, self.life.poll_timeout_ms())
+            .map_err(|e| Outcome::Failed(format!("poll: {e}")))?;
 
         if fds[0].revents != 0 {
-            self.handle_signals();
+            self.life.on_signals(&self.signals, SHUTDOWN_GRACE);
         }
         if let Some(fd) = log_fd {
             if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
@@ -140,56 +118,14 @@ impl Supervisor {
         self.logs
             .drain_into(&mut self.to_host, TO_HOST_BYTES_SOFT_MAX);
         self.flush()?;
-        if self.kill_at.is_some_and(|at| Instant::now() >= at) {
-            self.kill_at = None;
-            diag!("runtime still running; sending SIGKILL");
-            self.runtime.kill_group();
-        }
+        self.life.kill_if_due();
         Ok(())
-    }
-
-    fn handle_signals(&mut self) {
-        for sig in self.signals.drain() {
-            match sig {
-                libc::SIGCHLD => {
-                    if let Some(exit) = reap::reap_children(self.runtime.pid) {
-                        self.exit = Some(exit);
-                    }
-                }
-                _ if !self.shutdown_requested => {
-                    diag!("{} received; stopping the runtime", reap::signal_name(sig));
-                    self.shutdown_requested = true;
-                    self.runtime.signal(libc::SIGTERM);
-                    self.kill_at = Some(Instant::now() + SHUTDOWN_GRACE);
-                }
-                _ => {}
-            }
-        }
     }
 
     /// Reads one chunk from an output pipe; false when nothing came.
     fn read_capture(&mut self, i: usize) -> bool {
-        let c = &mut self.captures[i];
-        let Some(fd) = c.fd.as_ref().map(|f| f.as_raw_fd()) else {
-            return false;
-        };
-        match sys::read(fd, &mut self.scratch) {
-            Ok(0) => {
-                c.lines.flush(0, &mut self.logs);
-                c.fd = None;
-                false
-            }
-            Ok(n) => {
-                c.lines.push(&self.scratch[..n], 0, &mut self.logs);
-                true
-            }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => false,
-            Err(e) => {
-                diag!("runtime output pipe: {e}");
-                c.fd = None;
-                false
-            }
-        }
+        let rid = 0;
+        self.captures[i].read(&mut self.scratch, rid, &mut self.logs)
     }
 
     /// Writes queued LOG frames until the socket is full.
@@ -234,7 +170,7 @@ impl Supervisor {
         }
         Outcome::RuntimeExited {
             exit,
-            shutdown_requested: self.shutdown_requested,
+            shutdown_requested: self.life.shutdown_requested,
         }
     }
 }

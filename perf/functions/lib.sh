@@ -1,7 +1,9 @@
-# Shared by perf/functions-bench.sh and perf/ab.sh: starting and stopping
-# servers, deploying, running wrk, medians. Expects HEARTH (the binary), TMP
-# (a scratch dir) and WRK_THREADS / WRK_CONNS; defines PIDS and an EXIT trap
-# that stops every server started here.
+# Shared by the function benchmarks (perf/functions-bench.sh, perf/ab.sh,
+# perf/functions/one-core.sh): checks and build, starting and stopping
+# servers, deploying, running wrk, medians. Expects ROOT (the repository), a
+# `die` function, and before servers start HEARTH (the binary), TMP (a
+# scratch dir) and WRK_THREADS / WRK_CONNS; defines PIDS and an EXIT trap
+# that stops every server started here and removes TMP.
 # shellcheck shell=bash
 
 PIDS=()
@@ -21,12 +23,30 @@ stop() { # pid...
 }
 cleanup() {
     stop "${PIDS[@]}"
-    rm -rf "$TMP"
+    [ -z "${TMP:-}" ] || rm -rf "$TMP"
 }
 trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- helpers
+
+# Checks for root, the tools named and the Express fixture's node_modules;
+# builds hearth and the static agent unless BUILD=0; sets FIXTURE, HERE, HEARTH.
+bench_prepare() { # tools...
+    local tool
+    [ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
+    for tool in "$@"; do
+        command -v "$tool" >/dev/null || die "$tool is not installed"
+    done
+    FIXTURE="$ROOT/tests/fixtures/express-app"
+    HERE="$ROOT/perf/functions"
+    [ -d "$FIXTURE/node_modules/express" ] || die "run tools/setup.sh first (npm ci in $FIXTURE)"
+    if [ "${BUILD:-1}" = 1 ]; then
+        (cd "$ROOT" && cargo build --release -q --bin hearth && tools/build-agent.sh release >/dev/null) >&2
+    fi
+    HEARTH="${CARGO_TARGET_DIR:-$ROOT/target}/release/hearth"
+    [ -x "$HEARTH" ] || die "$HEARTH is not built"
+}
 
 # Starts `hearth serve` with extra flags; sets REPLY to its address.
 start_hearth() { # name flags...
@@ -126,3 +146,33 @@ tree() { # pid
     for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree "$c"; done
 }
 
+
+# Warms every target up (3 s, discarded), then runs `rounds` alternating
+# rounds of wrk over them. `targets`: one "test server url lua|-" per line.
+# Prints each run (with the output of `after_run test server url`, if the
+# caller defines it, as a last column) and appends "test server req/s p50_us
+# p99_us errors" to $RESULTS.
+run_rounds() { # targets rounds duration
+    local targets=$1 rounds=$2 duration=$3 test server url lua round rps p50 p99 errors detail extra
+    while read -r test server url lua; do
+        [ "$lua" = - ] && lua=
+        run_wrk 3s "$url" "$lua" >/dev/null
+    done <<<"$targets"
+    : >"$RESULTS"
+    printf '%-14s %-7s %5s %10s %9s %9s %7s  %-16s %s\n' test server round req/s p50_us p99_us errors load ""
+    for round in $(seq 1 "$rounds"); do
+        while read -r test server url lua; do
+            [ "$lua" = - ] && lua=
+            read -r rps p50 p99 errors detail <<<"$(run_wrk "$duration" "$url" "$lua")"
+            extra=
+            if declare -F after_run >/dev/null; then extra=$(after_run "$test" "$server" "$url"); fi
+            [ "$detail" = - ] || extra="$extra ($detail)"
+            printf '%-14s %-7s %5s %10s %9s %9s %7s  %-16s %s\n' "$test" "$server" "$round" "$rps" "$p50" "$p99" \
+                "$errors" "$(load)" "$extra"
+            echo "$test $server $rps $p50 $p99 $errors" >>"$RESULTS"
+        done <<<"$targets"
+    done
+}
+
+# The median of field `field` (3 req/s, 4 p50, 5 p99) of one test and server in $RESULTS.
+pick() { awk -v t="$1" -v s="$2" -v f="$3" '$1 == t && $2 == s { print $f }' "$RESULTS" | median; }

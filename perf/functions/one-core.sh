@@ -31,23 +31,13 @@ while [ $# -gt 0 ]; do
     esac
 done
 die() { echo "one-core: $*" >&2; exit 1; }
-[ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
 [ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (one for the servers, one for wrk)"
-for tool in wrk node zip curl taskset; do
-    command -v "$tool" >/dev/null || die "$tool is not installed"
-done
-FIXTURE="$ROOT/tests/fixtures/express-app"
-HERE="$ROOT/perf/functions"
-[ -d "$FIXTURE/node_modules/express" ] || die "run tools/setup.sh first (npm ci in $FIXTURE)"
-if [ "$BUILD" = 1 ]; then
-    (cd "$ROOT" && cargo build --release -q --bin hearth && tools/build-agent.sh release >/dev/null) >&2
-fi
-HEARTH="${CARGO_TARGET_DIR:-$ROOT/target}/release/hearth"
+# shellcheck source=lib.sh
+. "$ROOT/perf/functions/lib.sh"
+bench_prepare wrk node zip curl taskset
 WRK_THREADS=1
 WRK_CONNS=10
 TMP=$(mktemp -d /tmp/hearth-onecore.XXXXXX)
-# shellcheck source=lib.sh
-. "$HERE/lib.sh"
 
 (cd "$FIXTURE" && zip -qr "$TMP/express.zip" .)
 (cd "$HERE/trivial" && zip -qr "$TMP/trivial.zip" .)
@@ -69,22 +59,14 @@ trivial bare http://127.0.0.1:$BH/ -"
 wrk() { command taskset -c 1 wrk "$@"; }
 
 echo "# one core each: $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t1 -c10 -d$DURATION on CPU 1, load $(load)"
-while read -r test server url lua; do
-    [ "$lua" = - ] && lua=
-    run_wrk 3s "$url" "$lua" >/dev/null
-done <<<"$TARGETS"
 RESULTS="$TMP/results"
-: >"$RESULTS"
-printf '%-14s %-7s %5s %10s %9s %9s %7s  %s\n' test server round req/s p50_us p99_us errors load
-for round in $(seq 1 "$ROUNDS"); do
-    while read -r test server url lua; do
-        [ "$lua" = - ] && lua=
-        read -r rps p50 p99 errors _ <<<"$(run_wrk "$DURATION" "$url" "$lua")"
-        printf '%-14s %-7s %5s %10s %9s %9s %7s  %s\n' "$test" "$server" "$round" "$rps" "$p50" "$p99" "$errors" "$(load)"
-        echo "$test $server $rps $p50 $p99" >>"$RESULTS"
-    done <<<"$TARGETS"
-done
-pick() { awk -v t="$1" -v s="$2" -v f="$3" '$1 == t && $2 == s { print $f }' "$RESULTS" | median; }
+# hearth's instance count for the function after each of its runs.
+after_run() { # test server url
+    [ "$2" = hearth ] || return 0
+    local id=${3#*/f/}
+    echo "instances=$(instances "$H" "${id%%/*}")"
+}
+run_rounds "$TARGETS" "$ROUNDS" "$DURATION"
 echo
 echo "| test | hearth req/s | bare req/s | hearth/bare per core | hearth p50 µs | bare p50 µs | hearth p99 µs | bare p99 µs |"
 echo "|---|---:|---:|---:|---:|---:|---:|---:|"

@@ -28,7 +28,7 @@ use crate::sys;
 
 /// The supervisor's state; see the module docs.
 pub struct Supervisor {
-    log: Option<OwnedFd>,
+    log: OwnedFd,
     signals: Signals,
     life: Life,
     captures: [Capture; 2],
@@ -42,7 +42,7 @@ impl Supervisor {
     pub fn new(log: OwnedFd, signals: Signals, runtime: Runtime) -> io::Result<Supervisor> {
         sys::set_nonblocking(log.as_raw_fd(), true)?;
         Ok(Supervisor {
-            log: Some(log),
+            log,
             signals,
             life: Life::new(runtime.handle),
             captures: Capture::pair(runtime.stdout, runtime.stderr),
@@ -74,18 +74,17 @@ impl Supervisor {
 
     /// One poll and everything it made ready.
     fn step(&mut self) -> Result<(), Outcome> {
-        let log_fd = self.log.as_ref().map(|f| f.as_raw_fd());
+        let log_fd = self.log.as_raw_fd();
         let room = self.to_host.len() < TO_HOST_BYTES_SOFT_MAX;
+        let out = if self.to_host.is_empty() {
+            0
+        } else {
+            libc::POLLOUT
+        };
         let mut fds = Vec::with_capacity(4);
         fds.push(pollfd(self.signals.fd(), libc::POLLIN));
-        if let Some(fd) = log_fd {
-            let out = if self.to_host.is_empty() {
-                0
-            } else {
-                libc::POLLOUT
-            };
-            fds.push(pollfd(fd, libc::POLLIN | out));
-        }
+        // POLLIN: the host never writes here, so readable means end of file.
+        fds.push(pollfd(log_fd, libc::POLLIN | out));
         let mut capture_slots = [None; 2];
         for (i, c) in self.captures.iter().enumerate() {
             if let (Some(fd), true) = (&c.fd, room) {
@@ -99,15 +98,12 @@ impl Supervisor {
         if fds[0].revents != 0 {
             self.life.on_signals(&self.signals, SHUTDOWN_GRACE);
         }
-        if let Some(fd) = log_fd {
-            if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
-                // The host never writes here: readable means end of file or an error.
-                let mut b = [0u8; 64];
-                match sys::read(fd, &mut b) {
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                    Ok(n) if n > 0 => {}
-                    _ => return Err(Outcome::HostGone),
-                }
+        if fds[1].revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0 {
+            let mut b = [0u8; 64];
+            match sys::read(log_fd, &mut b) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Ok(n) if n > 0 => {}
+                _ => return Err(Outcome::HostGone),
             }
         }
         for (i, slot) in capture_slots.into_iter().enumerate() {
@@ -122,17 +118,14 @@ impl Supervisor {
         Ok(())
     }
 
-    /// Reads one chunk from an output pipe; false when nothing came.
+    /// Reads one chunk from an output pipe (untagged); false when nothing came.
     fn read_capture(&mut self, i: usize) -> bool {
-        let rid = 0;
-        self.captures[i].read(&mut self.scratch, rid, &mut self.logs)
+        self.captures[i].read(&mut self.scratch, 0, &mut self.logs)
     }
 
     /// Writes queued LOG frames until the socket is full.
     fn flush(&mut self) -> Result<(), Outcome> {
-        let Some(fd) = self.log.as_ref().map(|f| f.as_raw_fd()) else {
-            return Ok(());
-        };
+        let fd = self.log.as_raw_fd();
         while !self.to_host.is_empty() {
             match self.to_host.write_to(fd) {
                 Ok(_) => {}
@@ -162,11 +155,9 @@ impl Supervisor {
             if self.flush().is_err() {
                 break;
             }
-            if let Some(fd) = self.log.as_ref().map(|f| f.as_raw_fd()) {
-                let mut p = [pollfd(fd, libc::POLLOUT)];
-                let left = deadline.saturating_duration_since(Instant::now());
-                let _ = sys::poll(&mut p, left.as_millis() as i32 + 1);
-            }
+            let mut p = [pollfd(self.log.as_raw_fd(), libc::POLLOUT)];
+            let left = deadline.saturating_duration_since(Instant::now());
+            let _ = sys::poll(&mut p, left.as_millis() as i32 + 1);
         }
         Outcome::RuntimeExited {
             exit,

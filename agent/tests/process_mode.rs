@@ -1,6 +1,7 @@
 //! End-to-end tests of the agent in process-sandbox mode: the agent runs as a
 //! normal child process with one end of a socketpair on fd 3, and relays to
-//! `fixtures/echo-runtime.js` under the system's Node.js.
+//! `fixtures/echo-runtime.js` under the system's Node.js; in direct mode
+//! (`--log-fd 4`, a second socketpair) it hands fd 3 to the runtime instead.
 //!
 //! `HEARTH_AGENT_BIN=<path>` runs the suite against another build of the
 //! agent, e.g. the static one from `tools/build-agent.sh`.
@@ -27,6 +28,8 @@ const IO_TIMEOUT: Duration = Duration::from_secs(20);
 struct Agent {
     child: Child,
     host: Option<UnixStream>,
+    /// Direct mode: the host end of the log socket.
+    logs: Option<UnixStream>,
     decoder: FrameDecoder,
     stderr: Arc<Mutex<String>>,
     stderr_reader: Option<std::thread::JoinHandle<()>>,
@@ -34,23 +37,25 @@ struct Agent {
 
 impl Agent {
     fn start() -> Agent {
+        Agent::start_with(false)
+    }
+
+    /// `direct`: with `--log-fd 4` (the runtime gets the channel itself).
+    fn start_with(direct: bool) -> Agent {
         let (host, guest) = UnixStream::pair().unwrap();
-        let guest_fd = guest.as_raw_fd();
+        let (host_logs, guest_logs) = UnixStream::pair().unwrap();
+        let guest_fds = [guest.as_raw_fd(), guest_logs.as_raw_fd()];
         let shim = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/echo-runtime.js");
         let mut cmd = Command::new(agent_bin());
-        cmd.args([
-            "--channel-fd",
-            "3",
-            "--node",
-            NODE,
-            "--cwd",
-            "/tmp",
-            "--shim",
-        ])
-        .arg(&shim)
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped());
+        cmd.args(["--channel-fd", "3"]);
+        if direct {
+            cmd.args(["--log-fd", "4"]);
+        }
+        cmd.args(["--node", NODE, "--cwd", "/tmp", "--shim"])
+            .arg(&shim)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
         // SAFETY: only async-signal-safe calls between fork and exec.
         unsafe {
             cmd.pre_exec(move || {
@@ -60,17 +65,26 @@ impl Agent {
                 if libc::unshare(libc::CLONE_NEWUSER) != 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                if guest_fd == 3 {
-                    let flags = libc::fcntl(3, libc::F_GETFD);
-                    libc::fcntl(3, libc::F_SETFD, flags & !libc::FD_CLOEXEC);
-                } else if libc::dup2(guest_fd, 3) < 0 {
-                    return Err(std::io::Error::last_os_error());
+                // fds 3 and 4, parked high first so neither dup2 closes the
+                // other's source.
+                let mut high = [0; 2];
+                for (h, &fd) in high.iter_mut().zip(&guest_fds) {
+                    *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                    if *h < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                for (i, &h) in high.iter().enumerate() {
+                    if libc::dup2(h, 3 + i as i32) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
                 }
                 Ok(())
             });
         }
         let mut child = cmd.spawn().expect("spawn hearth-agent");
         drop(guest);
+        drop(guest_logs);
         let stderr = Arc::new(Mutex::new(String::new()));
         let mut pipe = child.stderr.take().unwrap();
         let sink = stderr.clone();
@@ -83,9 +97,11 @@ impl Agent {
             }
         }));
         host.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
+        host_logs.set_read_timeout(Some(IO_TIMEOUT)).unwrap();
         Agent {
             child,
             host: Some(host),
+            logs: Some(host_logs),
             decoder: FrameDecoder::new(),
             stderr,
             stderr_reader,
@@ -120,6 +136,27 @@ impl Agent {
                 return None;
             }
             self.decoder.push(&buf[..n]);
+        }
+    }
+
+    /// Direct mode: LOG frames from the log socket until `done` accepts
+    /// them all; returns them.
+    fn logs_until(&mut self, done: impl Fn(&[Frame]) -> bool) -> Vec<Frame> {
+        let sock = self.logs.as_mut().expect("log socket open");
+        let mut dec = FrameDecoder::new();
+        let mut got: Vec<Frame> = Vec::new();
+        let mut buf = vec![0u8; 64 * 1024];
+        loop {
+            while let Some(f) = dec.next_frame().expect("valid LOG frames") {
+                assert_eq!(f.kind, FrameType::Log, "{f:?}");
+                got.push(f);
+            }
+            if done(&got) {
+                return got;
+            }
+            let n = sock.read(&mut buf).expect("read log socket");
+            assert!(n > 0, "log socket closed early: {got:?}");
+            dec.push(&buf[..n]);
         }
     }
 
@@ -467,5 +504,66 @@ fn help_documents_the_flags() {
         out.status.code(),
         Some(2),
         "no --channel-fd outside PID 1 is a usage error"
+    );
+}
+
+#[test]
+fn direct_mode_gives_the_runtime_the_channel_and_raw_output_the_log_socket() {
+    let mut agent = Agent::start_with(true);
+    let runtime = agent.hello();
+    // The runtime answered HELLO itself; the agent kept no copy of the channel.
+    assert!(
+        std::fs::read_link(format!("/proc/{}/fd/3", agent.child.id())).is_err(),
+        "the agent still holds fd 3"
+    );
+    assert!(runtime.alive());
+    agent.send(FrameType::Invoke, 7, "{}", b"log");
+    let answer = agent.recv();
+    assert!(is_answer(7)(&answer), "{answer:?}");
+    // The echo runtime writes to its stdout/stderr pipes: in direct mode those
+    // lines arrive untagged on the log socket, not on the channel.
+    let stream = |logs: &[Frame], flags: u8| -> String {
+        logs.iter()
+            .filter(|f| f.flags == flags)
+            .map(|f| String::from_utf8_lossy(&f.body).into_owned())
+            .collect()
+    };
+    let logs = agent.logs_until(|l| {
+        stream(l, 0) == "out one\nout two\n" && stream(l, LOG_STDERR) == "err one\n"
+    });
+    assert!(logs.iter().all(|f| f.request_id == 0), "{logs:?}");
+}
+
+#[test]
+fn direct_mode_runtime_exit_closes_the_channel_and_notes_it_on_the_log_socket() {
+    let mut agent = Agent::start_with(true);
+    let runtime = agent.hello();
+    agent.send(FrameType::Invoke, 9, "{}", b"exit");
+    assert!(
+        agent.try_recv().is_none(),
+        "the channel closes with the runtime"
+    );
+    let text_of = |logs: &[Frame]| -> String {
+        logs.iter()
+            .map(|f| String::from_utf8_lossy(&f.body).into_owned())
+            .collect()
+    };
+    let logs = agent.logs_until(|l| text_of(l).contains("runtime exited with status 3"));
+    let text = text_of(&logs);
+    assert!(text.contains("about to exit\n"), "{text}");
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)).code(), Some(1));
+    assert!(!runtime.alive());
+}
+
+#[test]
+fn direct_mode_host_closing_the_log_socket_stops_agent_and_runtime() {
+    let mut agent = Agent::start_with(true);
+    let runtime = agent.hello();
+    drop(agent.logs.take());
+    assert_eq!(agent.wait_exit(Duration::from_secs(10)).code(), Some(0));
+    assert!(
+        !runtime.alive(),
+        "runtime pid {} outlived the agent",
+        runtime.pid
     );
 }

@@ -247,13 +247,19 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
     // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl).
     unsafe {
         cmd.pre_exec(move || {
-            // Park both above 4 first, so neither dup2 overwrites the other.
-            for (i, &fd) in guest_fds.iter().enumerate() {
-                let high = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
-                if high < 0 || libc::dup2(high, 3 + i as i32) < 0 {
+            // Park both above 4 first, so neither dup2 closes the other's source.
+            let mut high = [0; 2];
+            for (h, &fd) in high.iter_mut().zip(&guest_fds) {
+                *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
+                if *h < 0 {
                     return Err(io::Error::last_os_error());
                 }
-                libc::close(high);
+            }
+            for (i, &h) in high.iter().enumerate() {
+                if libc::dup2(h, 3 + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                libc::close(h);
             }
             Ok(())
         });

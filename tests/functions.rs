@@ -378,12 +378,32 @@ fn functions_survive_a_restart() {
     let (status, _) = s.stop();
     assert!(status.success(), "{status:?}");
     let state = s.dir.join("state");
+    // A runtime root of an older build (another node, agent or shim) is
+    // pruned at start-up; the current one stays.
+    let roots = |state: &Path| -> Vec<String> {
+        let mut r: Vec<String> = std::fs::read_dir(state.join("cache"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with("runtime-"))
+            .collect();
+        r.sort();
+        r
+    };
+    let current = roots(&state);
+    assert_eq!(current.len(), 1, "{current:?}");
+    std::fs::create_dir_all(state.join("cache/runtime-0000old/usr/bin")).unwrap();
     let s2 = Server::start(&["--state-dir", state.to_str().unwrap()]);
     let r = call(&s2, "GET", &format!("/f/{id}/again"), &[], b"");
     assert_eq!(r.status, 200, "{} / {}", r.text(), s2.stderr());
     assert_eq!(r.json()["path"], "/again");
     let list = call(&s2, "GET", "/functions", &[], b"").json();
     assert_eq!(list["functions"][0]["functionId"], id.as_str());
+    assert_eq!(roots(&state), current);
+    assert!(
+        s2.stderr().contains("removed 1 unused runtime root"),
+        "{}",
+        s2.stderr()
+    );
 }
 
 #[test]

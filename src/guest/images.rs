@@ -104,6 +104,16 @@ pub fn prepare_guest(state_dir: &Path) -> Result<Guest, ImageError> {
     let guest_cache = cache_dir(state_dir);
     let runtime_image = runtime_image(&guest_cache, &root)?;
     let initramfs = initramfs(&guest_cache, &agent, &kernel)?;
+    // Only the server calls this, once, holding the state-dir lock: nothing
+    // else uses older artifacts (snapshots made with them are rebuilt).
+    let pruned = crate::sandbox::process::rootfs::prune_runtimes(&cache, &root)
+        + prune(&guest_cache, &[&runtime_image, &initramfs]);
+    if pruned > 0 {
+        eprintln!(
+            "hearth: removed {pruned} unused runtime root(s) and guest image(s) from {}",
+            cache.display()
+        );
+    }
     Ok(Guest {
         kernel,
         initramfs,
@@ -224,6 +234,25 @@ pub fn runtime_image(cache: &Path, runtime_root: &Path) -> Result<PathBuf, Image
     };
     ext4::make_image_with(runtime_root, &image, "hearth-runtime", extra)?;
     Ok(image)
+}
+
+/// Removes runtime images and initramfs files in `guest_cache` other than
+/// `keep`; returns how many went.
+pub fn prune(guest_cache: &Path, keep: &[&Path]) -> usize {
+    let Ok(entries) = fs::read_dir(guest_cache) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let artifact = (name.starts_with("runtime-") && name.ends_with(".ext4"))
+            || (name.starts_with("initramfs-") && name.ends_with(".cpio"));
+        if artifact && !keep.contains(&path.as_path()) && fs::remove_file(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
 }
 
 /// The initramfs: the agent as `/init`, the kernel's modules and their
@@ -350,6 +379,32 @@ pub fn tree_digest(root: &Path) -> Result<String, ImageError> {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn prune_removes_only_unused_images() {
+        let dir = std::env::temp_dir().join(format!("hearth-img-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        for f in [
+            "runtime-1.ext4",
+            "runtime-2.ext4",
+            "initramfs-1.cpio",
+            "initramfs-2.cpio",
+            "vmlinux-x",
+        ] {
+            fs::write(dir.join(f), "x").unwrap();
+        }
+        let (img, ird) = (dir.join("runtime-2.ext4"), dir.join("initramfs-1.cpio"));
+        assert_eq!(prune(&dir, &[&img, &ird]), 2);
+        let mut left: Vec<String> = fs::read_dir(&dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        assert_eq!(left, ["initramfs-1.cpio", "runtime-2.ext4", "vmlinux-x"]);
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
     use super::*;
     use std::os::unix::fs::PermissionsExt;
 

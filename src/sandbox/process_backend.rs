@@ -157,6 +157,14 @@ impl ProcessBackend {
         let node = find_node()?;
         let runtime_root = process::rootfs::ensure_runtime(&cache, &node, &agent, &shim)
             .map_err(|e| format!("build the runtime root: {e}"))?;
+        // At start-up, under the state-dir lock: roots of older builds are unused.
+        let pruned = process::rootfs::prune_runtimes(&cache, &runtime_root);
+        if pruned > 0 {
+            eprintln!(
+                "hearth: removed {pruned} unused runtime root(s) from {}",
+                cache.display()
+            );
+        }
         // The running binary itself, even if its file was replaced since (upgrades, rebuilds).
         let hearth_exe = PathBuf::from("/proc/self/exe");
         process::set_subreaper();

@@ -93,6 +93,36 @@ pub fn ensure_runtime(
     }
 }
 
+/// Removes runtime roots under `cache_dir` other than `keep` (left by builds
+/// of node, the agent or the shim that are no longer used), and build
+/// leftovers of processes that are gone. Call it only where nothing else
+/// uses the cache: hearth does at start-up, holding the state-dir lock.
+/// Returns how many directories went.
+pub fn prune_runtimes(cache_dir: &Path, keep: &Path) -> usize {
+    let Ok(entries) = fs::read_dir(cache_dir) else {
+        return 0;
+    };
+    let mut removed = 0;
+    for e in entries.flatten() {
+        let path = e.path();
+        let name = e.file_name().to_string_lossy().into_owned();
+        let stale = if let Some(rest) = name.strip_prefix(".runtime-") {
+            // `.runtime-<key>.tmp-<pid>-<seq>`: a build in progress unless its process is gone.
+            rest.split_once(".tmp-")
+                .and_then(|(_, t)| t.split('-').next()?.parse::<u32>().ok())
+                .is_some_and(|pid| {
+                    pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+                })
+        } else {
+            name.starts_with("runtime-") && path != keep
+        };
+        if stale && e.file_type().is_ok_and(|t| t.is_dir()) && fs::remove_dir_all(&path).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 fn annotate(e: io::Error, what: &str, path: &Path) -> io::Error {
     io::Error::new(e.kind(), format!("{what} {}: {e}", path.display()))
 }
@@ -307,6 +337,36 @@ fn build(root: &Path, node: &Path, agent: &Path, shim: &Path, libs: &[PathBuf]) 
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn prune_keeps_the_current_root_and_builds_in_progress() {
+        let cache = std::env::temp_dir().join(format!("hearth-prune-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&cache);
+        let dead_pid = 4_000_000; // above any pid_max
+        for d in [
+            "runtime-aaaa".to_string(),
+            "runtime-bbbb".to_string(),
+            format!(".runtime-cccc.tmp-{dead_pid}-0"),
+            format!(".runtime-dddd.tmp-{}-0", std::process::id()),
+            "guest".to_string(),
+        ] {
+            fs::create_dir_all(cache.join(d).join("usr")).unwrap();
+        }
+        fs::write(cache.join("bootstrap.js"), "x").unwrap();
+        assert_eq!(prune_runtimes(&cache, &cache.join("runtime-bbbb")), 2);
+        let mut left: Vec<String> = fs::read_dir(&cache)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        left.sort();
+        let mine = format!(".runtime-dddd.tmp-{}-0", std::process::id());
+        assert_eq!(
+            left,
+            [mine.as_str(), "bootstrap.js", "guest", "runtime-bbbb"]
+        );
+        fs::remove_dir_all(&cache).unwrap();
+    }
+
     use super::*;
 
     #[test]

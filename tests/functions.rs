@@ -874,6 +874,41 @@ fn cpu_bound_handlers_scale_in_on_a_saturated_core_io_bound_ones_do_not() {
 }
 
 #[test]
+fn raw_output_keeps_flowing_and_the_instance_lives() {
+    require_sandbox!();
+    // One core: every request goes to the same instance.
+    let s = Server::start(&["--cores", "1"]);
+    let id = deploy(&s, "behave", "");
+    // Each /log also writes a line straight to fd 1 (the agent's pipe, then
+    // its log socket): separate requests, separate reads on the host.
+    for _ in 0..3 {
+        assert_eq!(
+            call(&s, "GET", &format!("/f/{id}/log"), &[], b"").status,
+            200
+        );
+        std::thread::sleep(Duration::from_millis(150));
+    }
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let logs = call(&s, "GET", &format!("/functions/{id}/logs"), &[], b"").json();
+        let raw = logs["logs"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|l| l["message"] == "raw write to fd 1")
+            .count();
+        if raw == 3 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{raw} raw lines: {logs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    // Still the same instance: /whoami counts the calls it has served.
+    let r = call(&s, "GET", &format!("/f/{id}/whoami"), &[], b"");
+    assert_eq!(r.json()["calls"], 4, "{}", r.text());
+}
+
+#[test]
 fn a_second_server_cannot_share_a_port() {
     let s = Server::start(&[]);
     let other = common::temp_dir("second-port");

@@ -130,6 +130,10 @@ fn supervise(
             return Err(fail(&format!("{what} fd {fd} is not a socket")));
         }
     }
+    // Never inherited by the runtime (the launcher cleared close-on-exec).
+    if let Err(e) = sys::set_cloexec(log_fd, true) {
+        return Err(fail(&format!("log fd {log_fd}: {e}")));
+    }
     // SAFETY: the launcher passed both descriptors for the agent to own.
     let (channel, log) = unsafe {
         (

@@ -97,6 +97,11 @@ chan.on('close', () => process.exit(0));
  * a string (written as UTF-8 straight into the frame) or null.
  */
 function sendFrame(type, id, metaStr, body, flags = 0) {
+  return chan.write(frameBytes(type, id, metaStr, body, flags));
+}
+
+/** One frame's bytes. */
+function frameBytes(type, id, metaStr, body, flags) {
   const metaLen = metaStr ? Buffer.byteLength(metaStr, 'utf8') : 0;
   let bodyLen = 0;
   let bodyIsString = false;
@@ -121,7 +126,7 @@ function sendFrame(type, id, metaStr, body, flags = 0) {
     if (bodyIsString) buf.write(body, off, bodyLen, 'utf8');
     else buf.set(body, off);
   }
-  return chan.write(buf);
+  return buf;
 }
 
 // ---------------------------------------------------------------------------
@@ -132,24 +137,50 @@ let logDropped = 0; // bytes dropped while the socket's backlog was full
 
 function sendLog(flags, body) {
   const id = current !== null ? current._frameId() : 0;
-  if (chan.writableLength > LOG_BACKLOG_MAX) {
-    logDropped += typeof body === 'string' ? Buffer.byteLength(body) : body.length;
-    return;
-  }
-  if (logDropped !== 0) {
-    sendFrame(T_LOG, id, null, `[hearth: ${logDropped} bytes of output dropped]\n`, LOG_STDERR);
-    logDropped = 0;
-  }
   if (typeof body === 'string') {
     if (body.length <= LOG_CHUNK / 4) {
-      sendFrame(T_LOG, id, null, body, flags);
+      writeLog(frameBytes(T_LOG, id, null, body, flags), Buffer.byteLength(body));
       return;
     }
     body = Buffer.from(body, 'utf8');
   }
-  for (let off = 0; off < body.length; off += LOG_CHUNK) {
-    sendFrame(T_LOG, id, null, body.subarray(off, off + LOG_CHUNK), flags);
+  for (let off = 0; off < body.length; ) {
+    let end = Math.min(off + LOG_CHUNK, body.length);
+    // Cut between UTF-8 characters (continuation bytes are 10xxxxxx).
+    while (end < body.length && end > off + 1 && (body[end] & 0xc0) === 0x80) end--;
+    const piece = body.subarray(off, end);
+    writeLog(frameBytes(T_LOG, id, null, piece, flags), piece.length);
+    off = end;
   }
+}
+
+/**
+ * Writes a LOG frame: synchronously when nothing else waits to be written
+ * (so output printed just before process.exit() is not lost, as with a
+ * pipe), else after what waits; dropped (and counted) while more than
+ * LOG_BACKLOG_MAX bytes wait.
+ */
+function writeLog(frame, textBytes) {
+  if (chan.destroyed) return;
+  if (chan.writableLength > LOG_BACKLOG_MAX) {
+    logDropped += textBytes;
+    return;
+  }
+  if (logDropped !== 0) {
+    const note = `[hearth: ${logDropped} bytes of output dropped]\n`;
+    logDropped = 0;
+    writeLog(frameBytes(T_LOG, frame.readUInt32LE(4), null, note, LOG_STDERR), 0);
+  }
+  let off = 0;
+  if (chan.writableLength === 0) {
+    try {
+      while (off < frame.length) off += fs.writeSync(3, frame, off);
+      return;
+    } catch (e) {
+      if (e.code !== 'EAGAIN') return; // the channel is broken; its error handler acts
+    }
+  }
+  chan.write(off === 0 ? frame : frame.subarray(off));
 }
 
 /** A replacement for `stream.write` that sends LOG frames. */

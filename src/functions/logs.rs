@@ -104,75 +104,133 @@ impl LogCollector {
     }
 }
 
+/// One log socket: its function and what has been read of it.
+struct Source {
+    sock: mio::net::UnixStream,
+    function: Arc<Function>,
+    dec: FrameDecoder,
+    /// The agent broke the protocol: the rest is read and thrown away. The
+    /// socket stays open: closing it would tell the agent the host is gone,
+    /// which stops the instance.
+    discarding: bool,
+}
+
+/// Reads per socket and wakeup before the others get a turn.
+const READS_PER_TURN: usize = 16;
+const READ_BYTES: usize = 64 * 1024;
+
 fn collect(mut poll: mio::Poll, rx: std::sync::mpsc::Receiver<(OwnedFd, Arc<Function>)>) {
-    let mut socks: slab::Slab<(mio::net::UnixStream, Arc<Function>, FrameDecoder)> =
-        slab::Slab::new();
+    let mut socks: slab::Slab<Source> = slab::Slab::new();
     let mut events = mio::Events::with_capacity(64);
+    // Sockets that still had data when their turn ended (edge-triggered).
+    let mut again: Vec<usize> = Vec::new();
     loop {
-        if let Err(e) = poll.poll(&mut events, None) {
-            if e.kind() == std::io::ErrorKind::Interrupted {
-                continue;
+        let timeout = (!again.is_empty()).then_some(std::time::Duration::ZERO);
+        if let Err(e) = poll.poll(&mut events, timeout) {
+            // Never give up: exiting would close every socket, which stops
+            // every instance. Back off and retry.
+            if e.kind() != std::io::ErrorKind::Interrupted {
+                eprintln!("hearth: log collector: poll: {e}");
+                std::thread::sleep(std::time::Duration::from_millis(100));
             }
-            eprintln!("hearth: log collector stopped: {e}");
-            return;
+            continue;
         }
+        let mut ready: Vec<usize> = std::mem::take(&mut again);
         for ev in events.iter() {
             if ev.token() == WAKE {
-                while let Ok((fd, f)) = rx.try_recv() {
+                while let Ok((fd, function)) = rx.try_recv() {
                     let std_sock = std::os::unix::net::UnixStream::from(fd);
                     if std_sock.set_nonblocking(true).is_err() {
                         continue;
                     }
                     let mut sock = mio::net::UnixStream::from_std(std_sock);
                     let entry = socks.vacant_entry();
+                    let key = entry.key();
                     if poll
                         .registry()
-                        .register(&mut sock, mio::Token(entry.key()), mio::Interest::READABLE)
+                        .register(&mut sock, mio::Token(key), mio::Interest::READABLE)
                         .is_ok()
                     {
-                        entry.insert((sock, f, FrameDecoder::new()));
+                        entry.insert(Source {
+                            sock,
+                            function,
+                            dec: FrameDecoder::new(),
+                            discarding: false,
+                        });
+                        // Output written before registration raised no edge.
+                        ready.push(key);
                     }
                 }
-                continue;
+            } else if !ready.contains(&ev.token().0) {
+                ready.push(ev.token().0);
             }
-            let k = ev.token().0;
-            let Some((sock, f, dec)) = socks.get_mut(k) else {
+        }
+        for k in ready {
+            let Some(src) = socks.get_mut(k) else {
                 continue;
             };
-            if !drain(sock, f, dec) {
-                let (mut sock, _, _) = socks.remove(k);
-                let _ = poll.registry().deregister(&mut sock);
+            match read_turn(src) {
+                Turn::Drained => {}
+                Turn::More => again.push(k),
+                Turn::Closed => {
+                    let mut src = socks.remove(k);
+                    let _ = poll.registry().deregister(&mut src.sock);
+                }
             }
         }
     }
 }
 
-/// Reads everything available; false when the socket is finished with.
-fn drain(sock: &mut mio::net::UnixStream, f: &Function, dec: &mut FrameDecoder) -> bool {
+enum Turn {
+    /// Everything available was read.
+    Drained,
+    /// The turn ended with data left.
+    More,
+    /// End of file or a read error: the instance is gone.
+    Closed,
+}
+
+/// Reads up to [`READS_PER_TURN`] chunks into the function's log ring.
+fn read_turn(src: &mut Source) -> Turn {
     use std::io::Read;
-    loop {
-        let buf = dec.spare(64 * 1024);
-        match sock.read(buf) {
-            Ok(0) => return false,
-            Ok(n) => dec.filled(64 * 1024, n),
-            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => return true,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {
-                dec.filled(64 * 1024, 0);
-                continue;
+    for _ in 0..READS_PER_TURN {
+        let buf = src.dec.spare(READ_BYTES);
+        let n = match src.sock.read(buf) {
+            Ok(0) => return Turn::Closed,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => 0,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                src.dec.filled(READ_BYTES, 0);
+                return Turn::Drained;
             }
-            Err(_) => return false,
+            Err(_) => return Turn::Closed,
+        };
+        src.dec.filled(READ_BYTES, n);
+        if src.discarding {
+            src.dec = FrameDecoder::new();
+            continue;
         }
         loop {
-            match dec.next_frame() {
-                Ok(Some(fr)) if fr.kind == FrameType::Log => {
-                    f.logs
-                        .lock()
-                        .unwrap()
-                        .push("", fr.flags & LOG_STDERR != 0, &fr.body)
-                }
-                Ok(Some(_)) | Err(_) => return false,
+            match src.dec.next_frame() {
+                Ok(Some(fr)) if fr.kind == FrameType::Log => src
+                    .function
+                    .logs
+                    .lock()
+                    .unwrap()
+                    .push("", fr.flags & LOG_STDERR != 0, &fr.body),
                 Ok(None) => break,
+                Ok(Some(_)) | Err(_) => {
+                    src.function.logs.lock().unwrap().push(
+                        "host",
+                        true,
+                        b"an instance's agent sent something other than log frames on its log socket; its further raw output is discarded",
+                    );
+                    src.discarding = true;
+                    src.dec = FrameDecoder::new();
+                    break;
+                }
             }
         }
     }
+    Turn::More
 }

@@ -40,6 +40,9 @@ pub const SCALE_UP_WAIT: Duration = Duration::from_millis(2);
 pub const SCALE_UP_WAIT_MAX: Duration = Duration::from_millis(100);
 /// CPU use (percent of the last tick) at which a core counts as saturated.
 pub const CPU_SATURATED_PCT: u64 = 90;
+/// Time an instance whose channel closed gets to exit by itself (the agent
+/// sends its last log lines) before it is killed; checked every tick.
+pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// Busy instance time a function needs in one tick before its fit is re-estimated.
 const FIT_SAMPLE_MIN: Duration = Duration::from_millis(10);
 /// Upper bound of an estimated fit (instances that keep one core busy).
@@ -134,6 +137,8 @@ struct Inst {
     busy_done: Duration,
     /// Scheduler time and busy time at the last fit sample.
     mark: Option<(SchedTime, Duration)>,
+    /// Its channel closed: it is exiting by itself.
+    exiting: bool,
 }
 
 impl Inst {
@@ -146,6 +151,7 @@ impl Inst {
             idle_since: now,
             busy_done: Duration::ZERO,
             mark: None,
+            exiting: false,
         }
     }
 
@@ -172,8 +178,8 @@ struct FnState {
     live_since: Instant,
     /// Instances that keep this core busy with this function's work, estimated
     /// from its instances' scheduler time (see [`CorePool::fit_instances`]);
-    /// `usize::MAX` until measured.
-    fit: usize,
+    /// `None` until measured (and always for backends without schedstat).
+    fit: Option<usize>,
     /// Busy instances to retire when they finish (the core is saturated and
     /// the function has more instances here than its fit).
     shrink: usize,
@@ -194,6 +200,8 @@ pub struct CorePool {
     /// Instances whose channel is being detached for a move to another core.
     migrating: HashMap<Token, Moving>,
     cpu: CpuMeter,
+    /// Instances exiting by themselves, killed at the deadline if still there.
+    dying: Vec<(Instant, Box<dyn Instance>)>,
 }
 
 /// An instance leaving this core: its function, its handle, the core it goes to.
@@ -249,6 +257,7 @@ impl CorePool {
             replies: VecDeque::new(),
             migrating: HashMap::new(),
             cpu: CpuMeter::default(),
+            dying: Vec::new(),
         };
         p.sync_view(&mut Slab::new(), &mut Vec::new(), Instant::now());
         p
@@ -375,9 +384,10 @@ impl CorePool {
                 return;
             }
             // Scale out when the wait is worth an instance: nothing runs yet; the
-            // queue is full; the first uncovered request waited SCALE_UP_WAIT_MAX;
-            // or it waited SCALE_UP_WAIT while this core has CPU to spare, or
-            // while the function has fewer instances here than its fit. On a
+            // queue is full; the first uncovered request waited SCALE_UP_WAIT
+            // while this core has CPU to spare or the function has fewer
+            // instances here than its fit; or it waited SCALE_UP_WAIT_MAX,
+            // unless the core is saturated and the function is at its fit. On a
             // saturated core another CPU-bound instance only adds contention
             // (measured: ten on two busy cores serve 1.3-1.6x less than two).
             // Waits while an instance is starting say nothing about load.
@@ -389,11 +399,13 @@ impl CorePool {
                 _ => Duration::ZERO,
             };
             let full = uncovered >= self.shared.cfg.queue_depth_max;
-            let spare_cpu = !self.cpu.saturated() || fs.live + fs.starting < fs.fit;
+            let saturated = self.cpu.saturated();
+            let below_fit = fs.fit.is_some_and(|f| fs.live + fs.starting < f);
+            let at_fit = saturated && fs.fit.is_some() && !below_fit;
             if !(nothing_running
                 || full
-                || head_wait >= SCALE_UP_WAIT_MAX
-                || (head_wait >= SCALE_UP_WAIT && spare_cpu))
+                || (head_wait >= SCALE_UP_WAIT_MAX && !at_fit)
+                || (head_wait >= SCALE_UP_WAIT && (!saturated || below_fit)))
             {
                 return;
             }
@@ -506,13 +518,6 @@ impl CorePool {
                 return;
             }
         }
-        // Scale in: the core is saturated and this function has more
-        // instances here than keep it busy; the others serve the queue.
-        if fs.shrink > 0 && fs.live > 1 {
-            fs.shrink -= 1;
-            self.retire(i, streams, dirty, now);
-            return;
-        }
         while let Some(p) = fs.queue.pop_front() {
             fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
             if client_waiting(streams, p.to) {
@@ -531,6 +536,20 @@ impl CorePool {
         let inst = &mut self.insts[i];
         inst.idle_since = now;
         fs.idle.push(i);
+    }
+
+    /// Whether an instance of `id` that just finished a request should be
+    /// retired (the core is saturated and `id` has more instances than its fit).
+    fn take_shrink(&mut self, id: &str) -> bool {
+        let Some(fs) = self.fns.get_mut(id) else {
+            return false;
+        };
+        if fs.shrink > 0 && fs.live > fs.fit.unwrap_or(1).max(1) {
+            fs.shrink -= 1;
+            return true;
+        }
+        fs.shrink = 0;
+        false
     }
 
     /// Starts moving an idle instance to `target`: its channel is detached
@@ -615,10 +634,12 @@ impl CorePool {
         i: usize,
         streams: &mut Slab<Stream>,
         dirty: &mut Vec<Token>,
-        _now: Instant,
+        now: Instant,
     ) {
         let mut inst = self.insts.remove(i);
-        inst.handle.kill();
+        if !inst.exiting {
+            inst.handle.kill();
+        }
         if let Some(s) = streams.get_mut(inst.tok) {
             if !s.dead {
                 s.dead = true;
@@ -633,7 +654,13 @@ impl CorePool {
         }
         inst.function.metrics.instances.fetch_sub(1, Relaxed);
         inst.function.release();
-        self.shared.functions.destroy(inst.handle);
+        if inst.exiting {
+            // It is exiting by itself: give the agent a moment to send its
+            // last log lines, then kill it (see `on_tick`).
+            self.dying.push((now + EXIT_GRACE, inst.handle));
+        } else {
+            self.shared.functions.destroy(inst.handle);
+        }
         let id = id.clone();
         self.forget_if_drained(&id);
     }
@@ -727,7 +754,12 @@ impl CorePool {
                     self.replies.push_back(reply);
                     streams[tok].consume(h.frame_len());
                     let id = f.spec.id.clone();
-                    self.next_for(i, streams, dirty, now);
+                    if self.take_shrink(&id) {
+                        // Scale in: the others serve the queue.
+                        self.retire(i, streams, dirty, now);
+                    } else {
+                        self.next_for(i, streams, dirty, now);
+                    }
                     // The queue head may have waited long enough to scale out.
                     self.grow(&id, streams, dirty, now);
                     continue;
@@ -760,8 +792,8 @@ impl CorePool {
         dirty: &mut Vec<Token>,
         now: Instant,
     ) {
-        if let Some(inst) = self.insts.get_mut(i) {
-            inst.handle.let_exit();
+        if self.insts.contains(i) {
+            self.insts[i].exiting = true;
             self.instance_failed(i, streams, dirty, now, "the instance exited");
         }
     }
@@ -907,6 +939,14 @@ impl CorePool {
                 ));
             }
         }
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dying)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.dying = waiting;
+        for (_, mut handle) in due {
+            handle.kill();
+            self.shared.functions.destroy(handle);
+        }
         self.cpu.sample(self.core);
         self.fit_instances(streams, dirty, now);
         let waiting: Vec<String> = self
@@ -973,16 +1013,18 @@ impl CorePool {
                 if busy >= FIT_SAMPLE_MIN {
                     let busy_ns = busy.as_nanos() as u64;
                     let alone = busy_ns.saturating_sub(wait).max(run).max(1);
-                    fs.fit = if run == 0 {
+                    // No CPU at all in that much busy time: it only waits.
+                    fs.fit = Some(if run == 0 {
                         FIT_MAX
                     } else {
                         ((alone as f64 / run as f64).round() as usize).clamp(1, FIT_MAX)
-                    };
+                    });
                 }
             }
             fs.shrink = 0;
-            if saturated && fs.live > fs.fit {
-                let mut excess = fs.live - fs.fit;
+            let Some(fit) = fs.fit else { continue };
+            if saturated && fs.live > fit {
+                let mut excess = fs.live - fit;
                 // Idle ones go now, the longest idle first; busy ones when they finish.
                 while excess > 0 && !fs.idle.is_empty() {
                     retire.push(fs.idle.remove(0));
@@ -1013,7 +1055,7 @@ impl CorePool {
                     starting: 0,
                     live: 0,
                     live_since: Instant::now(),
-                    fit: usize::MAX,
+                    fit: None,
                     shrink: 0,
                 });
         }
@@ -1060,6 +1102,10 @@ impl CorePool {
 
     /// Kills every instance at server exit.
     pub fn shutdown(&mut self, streams: &mut Slab<Stream>) {
+        for (_, mut handle) in self.dying.drain(..) {
+            handle.kill();
+            handle.destroy();
+        }
         let all: Vec<usize> = self.insts.iter().map(|(k, _)| k).collect();
         for i in all {
             let mut inst = self.insts.remove(i);

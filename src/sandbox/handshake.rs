@@ -133,8 +133,12 @@ pub fn hello(
     }
 }
 
-/// Output lines waiting on an agent's log socket (direct mode), read for up
-/// to `wait`: for the error message of an instance that died starting up.
+/// Lines of [`drain_logs`] kept (the last ones).
+pub const DRAIN_LINES_MAX: usize = 20;
+
+/// The last output lines waiting on an agent's log socket (direct mode), read
+/// for up to `wait` (at most [`DRAIN_LINES_MAX`], each cut at 500 bytes): for
+/// the error message of an instance that died starting up.
 pub fn drain_logs(fd: BorrowedFd<'_>, wait: Duration) -> InitLogs {
     let deadline = Instant::now() + wait;
     let mut dec = FrameDecoder::new();
@@ -159,7 +163,15 @@ pub fn drain_logs(fd: BorrowedFd<'_>, wait: Duration) -> InitLogs {
         dec.filled(64 * 1024, n as usize);
         while let Ok(Some(f)) = dec.next_frame() {
             if f.kind == FrameType::Log {
-                lines.extend(String::from_utf8_lossy(&f.body).lines().map(str::to_string));
+                for l in String::from_utf8_lossy(&f.body).lines() {
+                    let mut cut = l.len().min(500);
+                    while !l.is_char_boundary(cut) {
+                        cut -= 1;
+                    }
+                    lines.push(l[..cut].to_string());
+                }
+                let excess = lines.len().saturating_sub(DRAIN_LINES_MAX);
+                lines.drain(..excess);
             }
         }
     }

@@ -54,10 +54,6 @@ pub trait Instance: Send {
     /// Kills if needed and releases everything (waits for exit, removes cgroups, files).
     /// May block; called off the event loops.
     fn destroy(self: Box<Self>);
-    /// The instance's channel closed: it is exiting by itself. [`Instance::kill`]
-    /// then leaves it be, and [`Instance::destroy`] gives it a moment to
-    /// finish (the agent's last log lines) before killing it.
-    fn let_exit(&mut self) {}
     /// The instance now belongs to `core`: move its CPU affinity there.
     fn repin(&mut self, _core: usize) {}
     /// Memory charged to the instance, where the backend can tell.

@@ -44,13 +44,7 @@ pub struct ProcInstance {
     runtime_pid: Option<i32>,
     /// The agent's log socket (raw runtime output), until taken.
     logs: Option<OwnedFd>,
-    /// The runtime is gone and the agent is expected to exit by itself.
-    exiting: bool,
 }
-
-/// How long a destroyed instance whose runtime died may take to exit by
-/// itself (the agent sends its last log lines) before it is killed.
-pub const EXIT_GRACE: Duration = Duration::from_millis(500);
 
 impl Instance for ProcInstance {
     fn take_channel(&mut self) -> Option<OwnedFd> {
@@ -60,25 +54,14 @@ impl Instance for ProcInstance {
         self.logs.take()
     }
     fn kill(&mut self) {
-        if !self.exiting {
-            self.sandbox.kill();
-        }
+        self.sandbox.kill();
     }
     fn destroy(self: Box<Self>) {
         let ProcInstance {
-            mut sandbox,
-            channel,
-            exiting,
-            ..
+            sandbox, channel, ..
         } = *self;
         drop(channel);
-        if exiting {
-            sandbox.wait_exit(EXIT_GRACE);
-        }
         sandbox.destroy();
-    }
-    fn let_exit(&mut self) {
-        self.exiting = true;
     }
     fn repin(&mut self, core: usize) {
         pin_tree(self.sandbox.pid, core);
@@ -227,7 +210,6 @@ impl Inner {
                         channel: Some(channel),
                         runtime_pid: None,
                         logs: log_socket,
-                        exiting: false,
                     },
                     logs,
                 ))

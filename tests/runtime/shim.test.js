@@ -408,6 +408,27 @@ test('console output travels as LOG frames tagged with the invocation, before it
   assert.equal(chunks.map((l) => l.text).join('').length, 200 * 1024 + 1);
 });
 
+test('output right before process.exit() is not lost; chunks end between characters', async () => {
+  const dir = tmpFixture({
+    'index.js': `exports.handler = async (event) => {
+      if (event.rawPath === '/wide') { console.log('é'.repeat(40000)); return 'ok'; }
+      console.error('last words');
+      process.exit(2);
+    };`,
+  });
+  const c = await ready(dir, 'index.handler');
+  const wide = await c.invoke({ path: '/wide' });
+  assert.equal(wide.type, T.RESPONSE);
+  const pieces = c.logs.filter((l) => l.id === wide.id).map((l) => l.text);
+  assert.ok(pieces.length >= 2, `${pieces.length} pieces`);
+  assert.ok(pieces.every((t) => !t.includes('\ufffd')), 'a chunk split a character');
+  assert.equal(pieces.join(''), 'é'.repeat(40000) + '\n');
+  c.invoke({ path: '/bye' }).catch(() => {});
+  const exit = await c.exit;
+  assert.equal(exit.code, 2);
+  assert.ok(c.logs.some((l) => l.stream === 'stderr' && l.text === 'last words\n'), JSON.stringify(c.logs));
+});
+
 test('callback: result, error, and a second callback is ignored', async () => {
   const c = await ready(path.join(FIXTURES, 'callback'), 'index.handler');
   const r = await c.invoke({ path: '/x' });

@@ -127,7 +127,7 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
                 }
             ),
         ),
-        Err(e) if which("apt-get").is_some() => check(
+        Err(e) if crate::sandbox::which("apt-get").is_some() => check(
             "guest kernel",
             true,
             format!("not fetched yet; the first `hearth serve --backend qemu` fetches it ({e})"),
@@ -388,20 +388,8 @@ fn guest_images(state_dir: &Path) -> Check {
     }
 }
 
-fn which(name: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_default()
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
 fn find_tool(env: &str, name: &str) -> Result<PathBuf, String> {
-    if let Ok(p) = std::env::var(env) {
-        return Ok(PathBuf::from(p));
-    }
-    which(name).ok_or_else(|| {
+    crate::sandbox::find_program(env, name).ok_or_else(|| {
         format!("{name} not found: install a release from github.com/firecracker-microvm/firecracker (no distribution package) or set {env}")
     })
 }

@@ -116,14 +116,12 @@ pub fn mkfs_path() -> Option<PathBuf> {
 
 /// Finds an e2fsprogs tool like [`mkfs_path`] does.
 pub fn tool_path(name: &str) -> Option<PathBuf> {
-    let path = std::env::var("PATH").unwrap_or_default();
-    let found = path
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .chain(["/usr/sbin", "/sbin", "/usr/bin", "/bin"])
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file());
-    found
+    crate::sandbox::which(name).or_else(|| {
+        ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.is_file())
+    })
 }
 
 /// Makes `image` (written to a temporary name, then renamed) holding the

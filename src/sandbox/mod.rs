@@ -101,6 +101,25 @@ impl std::ops::Add for SchedTime {
     }
 }
 
+/// A program named by the environment variable `env` if set, else the first
+/// `name` on PATH.
+pub fn find_program(env: &str, name: &str) -> Option<PathBuf> {
+    match std::env::var_os(env) {
+        Some(p) => Some(PathBuf::from(p)),
+        None => which(name),
+    }
+}
+
+/// The first `name` on PATH (`/usr/bin:/bin` when PATH is unset).
+pub fn which(name: &str) -> Option<PathBuf> {
+    std::env::var("PATH")
+        .unwrap_or_else(|_| "/usr/bin:/bin".into())
+        .split(':')
+        .filter(|d| !d.is_empty())
+        .map(|d| std::path::Path::new(d).join(name))
+        .find(|p| p.is_file())
+}
+
 /// Lines a runtime printed while starting, kept for the function's logs.
 pub type InitLogs = Vec<String>;
 

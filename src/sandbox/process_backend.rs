@@ -112,16 +112,9 @@ pub fn find_agent() -> Result<PathBuf, String> {
 
 /// Finds Node.js: `$HEARTH_NODE` or `node` on PATH.
 pub fn find_node() -> Result<PathBuf, String> {
-    if let Ok(p) = std::env::var("HEARTH_NODE") {
-        return Ok(PathBuf::from(p));
-    }
-    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
-    path.split(':')
-        .map(|d| Path::new(d).join("node"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            "Node.js was not found on PATH: install nodejs (>= 18) or set HEARTH_NODE".to_string()
-        })
+    super::find_program("HEARTH_NODE", "node").ok_or_else(|| {
+        "Node.js was not found on PATH: install nodejs (>= 18) or set HEARTH_NODE".to_string()
+    })
 }
 
 impl ProcessBackend {

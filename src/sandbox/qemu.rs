@@ -137,17 +137,10 @@ pub fn kvm_usable() -> Result<(), String> {
 
 /// `$HEARTH_QEMU` or `qemu-system-x86_64` on PATH.
 pub fn find_qemu() -> Result<PathBuf, String> {
-    if let Ok(p) = std::env::var("HEARTH_QEMU") {
-        return Ok(PathBuf::from(p));
-    }
-    let path = std::env::var("PATH").unwrap_or_else(|_| "/usr/bin:/bin".into());
-    path.split(':')
-        .map(|d| Path::new(d).join("qemu-system-x86_64"))
-        .find(|p| p.is_file())
-        .ok_or_else(|| {
-            "qemu-system-x86_64 not found: install qemu-system-x86 (Debian) or set HEARTH_QEMU"
-                .to_string()
-        })
+    super::find_program("HEARTH_QEMU", "qemu-system-x86_64").ok_or_else(|| {
+        "qemu-system-x86_64 not found: install qemu-system-x86 (Debian) or set HEARTH_QEMU"
+            .to_string()
+    })
 }
 
 /// The first line of `qemu --version`, e.g. "QEMU emulator version 7.2.22 (...)".

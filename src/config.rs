@@ -50,8 +50,20 @@ pub struct HttpLimits {
     pub head_timeout: Duration,
     /// Time an idle keep-alive connection is kept open.
     pub keepalive_timeout: Duration,
-    /// Bytes of responses buffered for a slow reader before the connection stops reading.
+    /// Bytes of responses buffered for a slow reader before the connection stops
+    /// reading and parsing (pipelined requests wait).
     pub out_bytes_max: usize,
+    /// Bytes of responses buffered on all connections of the server before no
+    /// connection gets another request parsed; each core holds an equal share.
+    pub out_bytes_total_max: usize,
+    /// Total time to receive a request body, however fast it trickles in.
+    pub body_timeout_max: Duration,
+    /// Slowest average body rate accepted, bytes per second: a body must arrive by
+    /// `head_timeout + received / body_rate_min` after it started (and within
+    /// `body_timeout_max`); → 408.
+    pub body_rate_min: u64,
+    /// Open connections from one client address (an IPv6 client's /64) across all cores.
+    pub connections_per_ip_max: usize,
 }
 
 impl Default for HttpLimits {
@@ -65,6 +77,10 @@ impl Default for HttpLimits {
             head_timeout: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(60),
             out_bytes_max: 8 * 1024 * 1024,
+            out_bytes_total_max: 1024 * 1024 * 1024,
+            body_timeout_max: Duration::from_secs(300),
+            body_rate_min: 1024,
+            connections_per_ip_max: 1024,
         }
     }
 }
@@ -80,8 +96,11 @@ pub struct ServeConfig {
     pub http: HttpLimits,
     /// Grace period for in-flight requests at shutdown.
     pub shutdown_grace: Duration,
-    /// Bearer token required by the control plane; `None` leaves it open.
+    /// Bearer token required by the control plane and `/metrics`; `None` leaves
+    /// them open (allowed on loopback listens only).
     pub admin_token: Option<String>,
+    /// A token that grants `/metrics` only.
+    pub metrics_token: Option<String>,
     /// Idle time after which a warm instance is destroyed (scale to zero).
     pub keep_warm: Duration,
     /// Requests waiting per function (per core) beyond its concurrency; more → 429.

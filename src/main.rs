@@ -98,9 +98,21 @@ struct ClientArgs {
     /// Server address.
     #[arg(long, env = "HEARTH_SERVER", default_value = "127.0.0.1:3000")]
     server: String,
-    /// Admin token for the control plane.
+    /// Admin token for the control plane (default: the one `hearth serve` keeps
+    /// in <state-dir>/admin-token).
     #[arg(long, env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The server's state directory, where its admin token is read from when
+    /// --token is not given.
+    #[arg(long, env = "HEARTH_STATE_DIR", default_value = "./state")]
+    state_dir: PathBuf,
+}
+
+impl ClientArgs {
+    /// The token to send, if any.
+    fn token(&self) -> Option<String> {
+        hearth::control::auth::client_token(self.token.clone(), &self.state_dir)
+    }
 }
 
 #[derive(clap::Args)]
@@ -120,9 +132,19 @@ struct ServeArgs {
     /// Sandbox backend for instances (auto: the best this host can run; see `hearth doctor`).
     #[arg(long, value_enum, default_value = "auto")]
     backend: BackendKind,
-    /// Bearer token required by deploy, delete, list and logs.
+    /// Bearer token required by deploy, delete, list, logs and /metrics.
+    /// Default: generated on first start and kept in <state-dir>/admin-token
+    /// (mode 0600), where the hearth CLI finds it.
     #[arg(long, env = "HEARTH_ADMIN_TOKEN", hide_env_values = true)]
     admin_token: Option<String>,
+    /// Run the control plane without a token: anyone who can reach the port may
+    /// deploy code. Refused unless --listen is a loopback address; requests must
+    /// then name a loopback Host (no DNS rebinding) and come from no other origin.
+    #[arg(long, conflicts_with = "admin_token")]
+    no_admin_token: bool,
+    /// A second token that grants GET /metrics only (for scrapers).
+    #[arg(long, env = "HEARTH_METRICS_TOKEN", hide_env_values = true)]
+    metrics_token: Option<String>,
     /// Largest invocation request body, bytes.
     #[arg(long, default_value_t = 6 * 1024 * 1024)]
     body_bytes_max: u64,
@@ -135,6 +157,21 @@ struct ServeArgs {
     /// Idle keep-alive connections are closed after this long, ms.
     #[arg(long, default_value_t = 60_000)]
     keepalive_timeout_ms: u64,
+    /// Slowest average request-body rate accepted after the first
+    /// --head-timeout-ms, bytes/s; slower bodies get 408.
+    #[arg(long, default_value_t = 1024)]
+    body_rate_min: u64,
+    /// Longest time to receive one request body, ms; then 408.
+    #[arg(long, default_value_t = 300_000)]
+    body_timeout_ms: u64,
+    /// Open connections from one client address (an IPv6 /64) across all cores;
+    /// more are answered 503 and closed.
+    #[arg(long, default_value_t = 1024)]
+    connections_per_ip_max: usize,
+    /// Answer bytes buffered for clients that do not read, over the whole server,
+    /// before no connection gets another request parsed.
+    #[arg(long, default_value_t = 1 << 30)]
+    out_bytes_total_max: usize,
     /// Grace period for in-flight requests at SIGINT/SIGTERM, ms.
     #[arg(long, default_value_t = 10_000)]
     shutdown_grace_ms: u64,
@@ -170,7 +207,7 @@ fn main() -> ExitCode {
             client,
         } => hearth::cli::deploy(
             &client.server,
-            client.token.as_deref(),
+            client.token().as_deref(),
             &path,
             handler,
             memory_mb,
@@ -195,12 +232,12 @@ fn main() -> ExitCode {
             &headers,
             include,
         ),
-        Command::Ls { client } => hearth::cli::list(&client.server, client.token.as_deref()),
+        Command::Ls { client } => hearth::cli::list(&client.server, client.token().as_deref()),
         Command::Rm { id, client } => {
-            hearth::cli::remove(&client.server, client.token.as_deref(), &id)
+            hearth::cli::remove(&client.server, client.token().as_deref(), &id)
         }
         Command::Logs { id, client } => {
-            hearth::cli::logs(&client.server, client.token.as_deref(), &id)
+            hearth::cli::logs(&client.server, client.token().as_deref(), &id)
         }
         Command::Doctor { state_dir } => hearth::doctor::run(&state_dir),
         Command::Sandbox => unreachable!("handled above"),
@@ -226,10 +263,15 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             connections_per_core_max: a.connections_per_core_max.max(1),
             head_timeout: Duration::from_millis(a.head_timeout_ms),
             keepalive_timeout: Duration::from_millis(a.keepalive_timeout_ms),
+            body_rate_min: a.body_rate_min.max(1),
+            body_timeout_max: Duration::from_millis(a.body_timeout_ms),
+            connections_per_ip_max: a.connections_per_ip_max.max(1),
+            out_bytes_total_max: a.out_bytes_total_max,
             ..HttpLimits::default()
         },
         shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
-        admin_token: a.admin_token.filter(|t| !t.is_empty()),
+        admin_token: None,
+        metrics_token: a.metrics_token.filter(|t| !t.is_empty()),
         keep_warm: Duration::from_millis(a.keep_warm_ms),
         queue_depth_max: a.queue_depth_max.max(1),
         pin: !a.no_pin,
@@ -237,5 +279,44 @@ fn serve(a: ServeArgs) -> Result<(), String> {
     };
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| format!("cannot create state dir {}: {e}", cfg.state_dir.display()))?;
+    let mut cfg = cfg;
+    cfg.admin_token = admin_token(
+        a.admin_token.filter(|t| !t.is_empty()),
+        a.no_admin_token,
+        &cfg,
+    )?;
     hearth::engine::serve(cfg).map_err(|e| e.to_string())
+}
+
+/// The control plane's token: the one given, the one stored in the state dir,
+/// or a new one stored there; `None` only when asked for, on loopback.
+fn admin_token(
+    given: Option<String>,
+    open: bool,
+    cfg: &ServeConfig,
+) -> Result<Option<String>, String> {
+    if let Some(t) = given {
+        return Ok(Some(t));
+    }
+    if open {
+        if !cfg.listen.ip().is_loopback() {
+            return Err(format!(
+                "--no-admin-token is refused on {}: anyone who can reach it could deploy code; \
+                 give --admin-token or listen on a loopback address",
+                cfg.listen
+            ));
+        }
+        eprintln!(
+            "hearth: warning: the control plane has no admin token (--no-admin-token); \
+             any local user or program can deploy code"
+        );
+        return Ok(None);
+    }
+    let token = hearth::control::auth::load_or_create_token(&cfg.state_dir)?;
+    eprintln!(
+        "hearth: admin token in {} (the hearth CLI reads it from there; other clients send \
+         'Authorization: Bearer <token>')",
+        hearth::control::auth::token_file(&cfg.state_dir).display()
+    );
+    Ok(Some(token))
 }

@@ -19,6 +19,14 @@ pub struct CoreMetrics {
     pub parse_errors: AtomicU64,
     pub bytes_in: AtomicU64,
     pub bytes_out: AtomicU64,
+    /// Answer bytes queued and not yet written (gauge).
+    pub out_queued: AtomicU64,
+    /// Times a connection's next request waited for the core's output budget.
+    pub budget_waits: AtomicU64,
+    /// Connections refused over the per-address limit.
+    pub shed_per_ip: AtomicU64,
+    /// Connections closed because their unread answers stalled over the budget.
+    pub out_evicted: AtomicU64,
 }
 
 impl CoreMetrics {
@@ -97,7 +105,7 @@ type Series<M> = (&'static str, &'static str, &'static str, fn(&M) -> u64);
 
 /// Renders the front-end series of all cores.
 pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
-    let series: [Series<CoreMetrics>; 6] = [
+    let series: [Series<CoreMetrics>; 10] = [
         (
             "hearth_open_connections",
             "gauge",
@@ -133,6 +141,30 @@ pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
             "counter",
             "Bytes written to clients.",
             |m| m.bytes_out.load(Relaxed),
+        ),
+        (
+            "hearth_out_queued_bytes",
+            "gauge",
+            "Answer bytes buffered for clients and not yet written.",
+            |m| m.out_queued.load(Relaxed),
+        ),
+        (
+            "hearth_out_budget_waits_total",
+            "counter",
+            "Requests left unparsed while the core's output budget was exhausted.",
+            |m| m.budget_waits.load(Relaxed),
+        ),
+        (
+            "hearth_shed_per_ip_total",
+            "counter",
+            "Connections refused over the per-address limit.",
+            |m| m.shed_per_ip.load(Relaxed),
+        ),
+        (
+            "hearth_out_evicted_total",
+            "counter",
+            "Connections closed because their unread answers stalled over the output budget.",
+            |m| m.out_evicted.load(Relaxed),
         ),
     ];
     for (name, kind, help, get) in series {

@@ -39,7 +39,28 @@ macro_rules! require_sandbox {
     };
 }
 
+/// One request with the server's admin token (unless `headers` carries one).
 fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let auth = s.auth();
+    let mut h = headers.to_vec();
+    if !auth.is_empty()
+        && !h
+            .iter()
+            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+    {
+        h.push(("authorization", &auth));
+    }
+    s.connect().request(method, path, &h, body)
+}
+
+/// One request without credentials.
+fn call_anon(
+    s: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
     s.connect().request(method, path, headers, body)
 }
 
@@ -486,7 +507,9 @@ fn timeouts_crashes_and_memory_hogs_are_contained() {
             "{v}"
         );
     } else {
-        assert_eq!(r.status, 502, "{}", r.text());
+        // 502 when a limit killed the instance; 504 when spawning hundreds of
+        // processes on a loaded machine outlasted the 1 s timeout.
+        assert!(matches!(r.status, 502 | 504), "{}", r.text());
     }
     s.assert_healthy();
     assert_eq!(
@@ -598,7 +621,13 @@ fn logs_metrics_and_listing_report_functions() {
 fn admin_token_guards_the_control_plane_only() {
     require_sandbox!();
     let s = Server::start(&["--admin-token", "s3cret"]);
-    let r = deploy_raw(&s, &zip_fixture("plain"), "");
+    let r = call_anon(
+        &s,
+        "POST",
+        "/deploy",
+        &[("content-type", "application/zip")],
+        &zip_fixture("plain"),
+    );
     assert_eq!(r.status, 401);
     r.assert_json_error("unauthorized");
     assert_eq!(
@@ -630,7 +659,7 @@ fn admin_token_guards_the_control_plane_only() {
         "invocations stay public"
     );
     assert_eq!(
-        call(&s, "DELETE", &format!("/functions/{id}"), &[], b"").status,
+        call_anon(&s, "DELETE", &format!("/functions/{id}"), &[], b"").status,
         401
     );
     assert_eq!(
@@ -658,7 +687,7 @@ fn kill_9_during_a_deploy_leaves_no_half_function() {
     let state = s.dir.join("state");
     // Start a deploy (unpacking 600+ files and booting a runtime takes a while)…
     let mut c = s.connect();
-    c.write(format!("POST /deploy HTTP/1.1\r\nHost: t\r\nContent-Type: application/zip\r\nContent-Length: {}\r\n\r\n", zip.len()).as_bytes());
+    c.write(format!("POST /deploy HTTP/1.1\r\nHost: t\r\n{}Content-Type: application/zip\r\nContent-Length: {}\r\n\r\n", s.auth_line(), zip.len()).as_bytes());
     c.write(&zip);
     // …and kill the server in the middle of it.
     let deadline = Instant::now() + Duration::from_secs(10);

@@ -10,7 +10,7 @@ use std::os::unix::process::CommandExt;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{parse_responses, raise_nofile, Client, Response, Server};
+use common::{metric_sum, parse_responses, raise_nofile, Client, Response, Server};
 
 /// Starts a server for engine tests on the `io` driver.
 ///
@@ -51,25 +51,6 @@ fn assert_rejected(server: &Server, bytes: &[u8], status: u16, code: &str) {
     assert_eq!(r.header("connection"), Some("close"), "{what:?}");
     assert!(closed, "{what:?}: connection left open after {status}");
     server.assert_healthy();
-}
-
-/// Sums the samples of `name` whose labels contain `label` (all cores).
-fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| l.split_once(' '))
-        .filter(|(series, _)| {
-            series
-                .strip_prefix(name)
-                .is_some_and(|rest| rest.starts_with('{'))
-                && series.contains(label)
-        })
-        .map(|(_, v)| {
-            v.trim()
-                .parse::<u64>()
-                .unwrap_or_else(|e| panic!("{name}: {v}: {e}"))
-        })
-        .sum()
 }
 
 /// Declares each case as a test on io_uring and as a test on epoll.
@@ -326,7 +307,11 @@ fn half_closed_client_still_gets_its_answers(io: &str) {
     }
     // A large answer is flushed whole before the close.
     let mut c = s.connect();
-    c.write(&b"GET /metrics HTTP/1.1\r\nHost: t\r\n\r\n".repeat(64));
+    c.write(
+        format!("GET /metrics HTTP/1.1\r\nHost: t\r\n{}\r\n", s.auth_line())
+            .repeat(64)
+            .as_bytes(),
+    );
     c.stream.shutdown(std::net::Shutdown::Write).unwrap();
     let (raw, closed) = c.read_to_close(Duration::from_secs(3));
     let responses = parse_responses(&raw);
@@ -653,7 +638,13 @@ fn connections_over_the_limit_get_503(io: &str) {
     let deadline = Instant::now() + Duration::from_secs(3);
     loop {
         let mut c = s.connect();
-        c.write(b"GET /metrics HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        c.write(
+            format!(
+                "GET /metrics HTTP/1.1\r\nHost: t\r\n{}Connection: close\r\n\r\n",
+                s.auth_line()
+            )
+            .as_bytes(),
+        );
         let (raw, _) = c.read_to_close(Duration::from_secs(3));
         let r = parse_responses(&raw);
         if r.first().map(|r| r.status) == Some(200) {

@@ -27,11 +27,12 @@ pub enum ConnState {
     Idle,
     /// Part of a head has arrived.
     Head,
-    /// Reading a body.
+    /// Reading a body that started arriving at `started`.
     Body {
         req: Box<Request>,
         decoder: BodyDecoder,
         body: Vec<u8>,
+        started: Instant,
     },
     /// A request was handed off; its answer has not been written yet.
     /// `announce_keep_alive`: an HTTP/1.0 client asked for keep-alive and only
@@ -71,6 +72,7 @@ impl Worker {
             if stream.closing || stream.dead {
                 return;
             }
+            let out_pending = stream.out_pending();
             let Kind::Client(conn) = &mut stream.kind else {
                 return;
             };
@@ -88,6 +90,27 @@ impl Worker {
                         self.apply_backpressure(tok);
                         return;
                     }
+                    // Pipelined requests are not parsed while answers pile up, on this
+                    // connection or on the core: a client that sends but never reads
+                    // holds at most one answer beyond its bound.
+                    if out_pending > self.shared.cfg.http.out_bytes_max {
+                        self.apply_backpressure(tok);
+                        return;
+                    }
+                    // Over the core's budget, connections that hold unsent answers
+                    // wait; the others go on, so health checks and well-behaved
+                    // clients are still served (see `Worker::evict_stalled`).
+                    if self.out_queued > self.out_budget && out_pending > 0 {
+                        if !stream.read_paused {
+                            stream.read_paused = true;
+                            self.mark(tok);
+                        }
+                        if !self.budget_paused.contains(&tok) {
+                            add(&self.metrics.budget_waits, 1);
+                            self.budget_paused.push(tok);
+                        }
+                        return;
+                    }
                     let parsed = parse::parse_head(&stream.rbuf[stream.rpos..], &self.parse_limits);
                     match parsed {
                         Ok(None) => {
@@ -100,6 +123,14 @@ impl Worker {
                         Err(e) => return self.reject(tok, e),
                         Ok(Some((req, n))) => {
                             consume(&mut stream.rbuf, &mut stream.rpos, n);
+                            // Authorised on the head: a refused client never gets
+                            // `100 Continue` nor has its body buffered.
+                            if let Some(scope) = guarded_scope(&req) {
+                                if let Err(d) = self.shared.guard.check(scope, &req) {
+                                    conn.state = waiting_on(&req);
+                                    return self.deny(tok, &req, d);
+                                }
+                            }
                             let limits = if req.path() == "/deploy" {
                                 parse::Limits {
                                     body_bytes_max: self.shared.cfg.http.deploy_body_bytes_max,
@@ -136,12 +167,18 @@ impl Worker {
                                 req: Box::new(req),
                                 decoder,
                                 body: Vec::with_capacity(cap),
+                                started: self.now,
                             };
                             conn.deadline = self.now + self.shared.cfg.http.head_timeout;
                         }
                     }
                 }
-                ConnState::Body { decoder, body, .. } => {
+                ConnState::Body {
+                    decoder,
+                    body,
+                    started,
+                    ..
+                } => {
                     let input = &stream.rbuf[stream.rpos..];
                     // A `Content-Length: 0` body is complete before any byte arrives.
                     if input.is_empty() && !decoder.is_done() {
@@ -152,7 +189,8 @@ impl Worker {
                         Err(e) => return self.reject(tok, e),
                     };
                     consume(&mut stream.rbuf, &mut stream.rpos, n);
-                    conn.deadline = self.now + self.shared.cfg.http.head_timeout;
+                    conn.deadline =
+                        body_deadline(&self.shared.cfg.http, *started, body.len(), self.now);
                     if !done {
                         return;
                     }
@@ -188,6 +226,26 @@ impl Worker {
             s.read_paused = pause;
             self.mark(tok);
         }
+    }
+
+    /// Refuses a guarded request on its head. Its body (if any) is never read,
+    /// so the connection closes after the answer.
+    fn deny(&mut self, tok: Token, req: &Request, d: crate::control::auth::Denial) {
+        let body = response::json_error(d.code, &d.message);
+        let mut headers = vec![("content-type", "application/json")];
+        if d.status == 401 {
+            headers.push(("www-authenticate", "Bearer"));
+        }
+        self.answer(
+            tok,
+            Answer {
+                status: d.status,
+                headers: &headers,
+                body: &body,
+                close: req.body != BodyFraming::None,
+            },
+            req.method == "HEAD",
+        );
     }
 
     /// Answers a request that could not be parsed and closes the connection.
@@ -245,7 +303,13 @@ impl Worker {
             keep_alive,
             head_only,
         );
-        add(&self.metrics.bytes_out, (stream.wbuf.len() - before) as u64);
+        let written = stream.wbuf.len() - before;
+        if stream.out_counted == 0 {
+            stream.out_progress = Some(self.now);
+        }
+        stream.out_counted += written;
+        self.out_queued += written;
+        add(&self.metrics.bytes_out, written as u64);
         self.metrics.count_status(a.status);
         conn.state = ConnState::Idle;
         conn.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
@@ -309,6 +373,41 @@ impl Worker {
     }
 }
 
+/// What guards `req`'s route: the control plane and `/metrics` need the admin
+/// token (or the metrics token); invocations and `/healthz` are public.
+fn guarded_scope(req: &Request) -> Option<crate::control::auth::Scope> {
+    use crate::control::auth::Scope;
+    use crate::routes::Route;
+    match crate::routes::route(&req.method, req.path()) {
+        Route::Deploy
+        | Route::ListFunctions
+        | Route::GetFunction(_)
+        | Route::DeleteFunction(_)
+        | Route::Logs(_) => Some(Scope::Control),
+        Route::Metrics => Some(Scope::Metrics),
+        _ => None,
+    }
+}
+
+/// When a body that started at `started` and has `received` bytes so far must
+/// be complete: no read may be more than `head_timeout` after the previous one,
+/// the body must average at least `body_rate_min` bytes/s beyond a first
+/// `head_timeout`, and it must end within `body_timeout_max` in any case. A
+/// client trickling a byte now and then is cut off (408) instead of holding
+/// its connection for ever.
+fn body_deadline(
+    limits: &crate::config::HttpLimits,
+    started: Instant,
+    received: usize,
+    now: Instant,
+) -> Instant {
+    let rate = limits.body_rate_min.max(1);
+    let earned = std::time::Duration::from_millis((received as u64).saturating_mul(1000) / rate);
+    (now + limits.head_timeout)
+        .min(started + limits.head_timeout + earned)
+        .min(started + limits.body_timeout_max)
+}
+
 /// The state of a connection whose request `req` was handed off.
 fn waiting_on(req: &Request) -> ConnState {
     ConnState::Waiting {
@@ -338,5 +437,50 @@ fn consume(rbuf: &mut Vec<u8>, rpos: &mut usize, n: usize) {
     if *rpos == rbuf.len() {
         rbuf.clear();
         *rpos = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn a_trickling_body_runs_out_of_time() {
+        let limits = crate::config::HttpLimits::default();
+        let t0 = Instant::now();
+        // One byte every 1.4 s: each read is within the gap, but the average rate
+        // is far below the minimum, so the deadline stops moving after ~10 s.
+        let mut now = t0;
+        let mut deadline = body_deadline(&limits, t0, 0, now);
+        for received in 1..100 {
+            now += Duration::from_millis(1400);
+            if now > deadline {
+                assert!(
+                    now - t0 < Duration::from_secs(12),
+                    "cut off at {:?}",
+                    now - t0
+                );
+                return;
+            }
+            deadline = body_deadline(&limits, t0, received, now);
+        }
+        panic!("a body of one byte per 1.4 s was never cut off");
+    }
+
+    #[test]
+    fn a_steady_body_keeps_its_time_until_the_total_limit() {
+        let limits = crate::config::HttpLimits::default();
+        let t0 = Instant::now();
+        // 64 KiB/s for 100 s: well above the minimum rate.
+        let at = t0 + Duration::from_secs(100);
+        let d = body_deadline(&limits, t0, 100 * 64 * 1024, at);
+        assert_eq!(d, at + limits.head_timeout);
+        // Past the total limit nothing helps.
+        let late = t0 + limits.body_timeout_max;
+        assert_eq!(
+            body_deadline(&limits, t0, usize::MAX / 2, late),
+            t0 + limits.body_timeout_max
+        );
     }
 }

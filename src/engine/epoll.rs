@@ -104,31 +104,51 @@ impl Driver {
             return;
         }
         let mut flushed = false;
-        while !s.wbuf.is_empty() {
+        let mut written = 0;
+        loop {
+            // Output moves to `sending` and is consumed by offset: draining the
+            // front of a large buffer after each partial write would copy it again
+            // and again.
+            if s.sent >= s.sending.len() {
+                s.sending.clear();
+                s.sent = 0;
+                if s.wbuf.is_empty() {
+                    break;
+                }
+                std::mem::swap(&mut s.sending, &mut s.wbuf);
+            }
+            let rest = &s.sending[s.sent..];
             // SAFETY: writing from our own buffer; MSG_NOSIGNAL avoids SIGPIPE.
             let n = unsafe {
                 libc::send(
                     s.raw(),
-                    s.wbuf.as_ptr() as *const libc::c_void,
-                    s.wbuf.len(),
+                    rest.as_ptr() as *const libc::c_void,
+                    rest.len(),
                     libc::MSG_NOSIGNAL,
                 )
             };
             if n >= 0 {
-                s.wbuf.drain(..n as usize);
-                flushed = s.wbuf.is_empty();
+                s.sent += n as usize;
+                written += n as usize;
+                flushed = s.sent >= s.sending.len() && s.wbuf.is_empty();
             } else {
                 match io::Error::last_os_error().raw_os_error() {
                     Some(libc::EAGAIN) => break,
                     Some(libc::EINTR) => continue,
                     _ => {
+                        w.on_sent(tok, written);
                         w.on_closed(tok);
                         return;
                     }
                 }
             }
         }
+        if flushed {
+            s.sending.clear();
+            s.sent = 0;
+        }
         let pending_read = !s.read_paused && s.readable_pending;
+        w.on_sent(tok, written);
         if flushed {
             w.on_flushed(tok);
             w.mark(tok);

@@ -10,6 +10,7 @@
 
 pub mod conn;
 pub mod epoll;
+pub mod peers;
 pub mod stream;
 pub mod uring;
 pub mod worker;
@@ -32,6 +33,10 @@ pub struct Shared {
     pub core_metrics: Vec<Arc<CoreMetrics>>,
     pub functions: crate::functions::Registry,
     pub control: crate::control::Control,
+    /// Who may use the control plane and `/metrics` (checked on request heads).
+    pub guard: crate::control::auth::Guard,
+    /// Open connections per client address, across cores.
+    pub peers: peers::PeerTable,
     senders: Vec<Sender<Msg>>,
     wakers: Vec<OwnedFd>,
     pub shutdown: AtomicBool,
@@ -309,6 +314,11 @@ fn raise_nofile_limit(needed: u64) {
 /// Runs the server until SIGINT/SIGTERM, then drains and returns.
 pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     let sigset = block_signals();
+    // Large buffers (answers, bodies) get their own mappings and go back to the
+    // system when freed. Without a fixed threshold glibc raises it after the first
+    // large free, and later multi-megabyte buffers stay in the heap for good.
+    // SAFETY: mallopt only tunes the allocator; called before other threads start.
+    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
     // Function starvation is tracked in a 64-bit mask of cores.
     let cores = cfg.cores.clamp(1, 64);
     raise_nofile_limit(
@@ -333,7 +343,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         wakers.push(eventfd()?);
     }
     let functions = crate::functions::Registry::open(&cfg)?;
-    let control = crate::control::Control::new(&cfg);
+    let control = crate::control::Control::new();
     let io_mode = cfg.io;
     let pin = cfg.pin;
     let grace = cfg.shutdown_grace;
@@ -343,6 +353,11 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
             .collect(),
         functions,
         control,
+        guard: crate::control::auth::Guard {
+            admin_token: cfg.admin_token.clone(),
+            metrics_token: cfg.metrics_token.clone(),
+        },
+        peers: peers::PeerTable::new(cfg.http.connections_per_ip_max),
         senders,
         wakers,
         shutdown: AtomicBool::new(false),

@@ -8,6 +8,9 @@ use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use crate::engine::conn::Conn;
 use crate::functions::ChannelId;
 
+/// Empty buffers larger than this are freed rather than kept for reuse.
+const BUF_KEEP_BYTES: usize = 256 * 1024;
+
 /// What a stream is for.
 pub enum Kind {
     /// An HTTP client.
@@ -52,6 +55,10 @@ pub struct Stream {
     pub linger_until: Option<std::time::Instant>,
     /// The peer sent EOF: nothing more will be read, queued output is still delivered.
     pub peer_closed: bool,
+    /// Bytes of answers in `wbuf`/`sending` counted against the core's output budget.
+    pub out_counted: usize,
+    /// When counted output last moved (queued from nothing, or partly sent).
+    pub out_progress: Option<std::time::Instant>,
 }
 
 impl Stream {
@@ -77,6 +84,8 @@ impl Stream {
             detaching: false,
             cancel_sent: false,
             peer_closed: false,
+            out_counted: 0,
+            out_progress: None,
         }
     }
 
@@ -107,6 +116,22 @@ impl Stream {
             self.rpos = 0;
         }
         self.rbuf.extend_from_slice(bytes);
+    }
+
+    /// Gives large, empty buffers back to the allocator: one big answer or body
+    /// must not pin its memory for the rest of a keep-alive connection's life.
+    pub fn trim(&mut self) {
+        // `sending` is empty only when no send is in flight (the kernel may read
+        // it until the completion); `recv_buf` is left alone for the same reason.
+        for buf in [&mut self.wbuf, &mut self.sending] {
+            if buf.is_empty() && buf.capacity() > BUF_KEEP_BYTES {
+                *buf = Vec::new();
+            }
+        }
+        if self.rpos == self.rbuf.len() && self.rbuf.capacity() > BUF_KEEP_BYTES {
+            self.rbuf = Vec::new();
+            self.rpos = 0;
+        }
     }
 
     /// Output still to be written by the driver (queued or in flight).

@@ -206,8 +206,9 @@ impl Driver {
             );
             peer_of(&storage)
         };
-        let tok = w.accepted(fd, peer.ip());
-        self.service(w, tok);
+        if let Some(tok) = w.accepted(fd, peer.ip()) {
+            self.service(w, tok);
+        }
     }
 }
 
@@ -307,12 +308,15 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                         w.mark(tok);
                     } else if res >= 0 {
                         s.sent += res as usize;
+                        let mut flushed = false;
                         if s.sent >= s.sending.len() {
                             s.sending.clear();
                             s.sent = 0;
-                            if s.wbuf.is_empty() {
-                                w.on_flushed(tok);
-                            }
+                            flushed = s.wbuf.is_empty();
+                        }
+                        w.on_sent(tok, res as usize);
+                        if flushed {
+                            w.on_flushed(tok);
                         }
                         w.mark(tok);
                     } else if res == -libc::EAGAIN || res == -libc::EINTR {

@@ -23,6 +23,10 @@ use crate::routes::{self, Route};
 /// How long a closing client may keep sending before it is cut off.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
 
+/// Over the output budget, a connection whose answers made no progress for this
+/// long is closed.
+pub const OUT_STALL: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Index of a stream in the worker's slab.
 pub type Token = usize;
 
@@ -62,6 +66,12 @@ pub struct Worker {
     dirty: Vec<Token>,
     next_serial: u64,
     clients: usize,
+    /// Answer bytes queued on this core's connections and not yet sent.
+    pub out_queued: usize,
+    /// This core's share of `HttpLimits::out_bytes_total_max`.
+    pub out_budget: usize,
+    /// Connections with input waiting until `out_queued` falls within the budget.
+    pub budget_paused: Vec<Token>,
 }
 
 impl Worker {
@@ -74,6 +84,7 @@ impl Worker {
             body_bytes_max: h.body_bytes_max,
         };
         let metrics = shared.core_metrics[core].clone();
+        let out_budget = (h.out_bytes_total_max / shared.cfg.cores.max(1)).max(h.out_bytes_max);
         Worker {
             core,
             fns: CorePool::new(core, shared.clone()),
@@ -89,6 +100,9 @@ impl Worker {
             dirty: Vec::with_capacity(256),
             next_serial: 1,
             clients: 0,
+            out_queued: 0,
+            out_budget,
+            budget_paused: Vec::new(),
         }
     }
 
@@ -108,8 +122,18 @@ impl Worker {
         !self.draining && self.clients < self.shared.cfg.http.connections_per_core_max
     }
 
-    /// Registers an accepted client socket.
-    pub fn accepted(&mut self, fd: OwnedFd, peer: IpAddr) -> Token {
+    /// Registers an accepted client socket, or refuses it (503) when its address
+    /// already holds `connections_per_ip_max` connections.
+    pub fn accepted(&mut self, fd: OwnedFd, peer: IpAddr) -> Option<Token> {
+        if !self.shared.peers.try_open(peer) {
+            add(&self.metrics.shed_per_ip, 1);
+            self.refuse(
+                fd,
+                "too_many_connections_from_address",
+                "this address holds too many connections, retry later",
+            );
+            return None;
+        }
         let serial = self.next_serial;
         self.next_serial += 1;
         let conn = Conn {
@@ -125,7 +149,7 @@ impl Worker {
             .open_connections
             .store(self.clients as u64, Ordering::Relaxed);
         self.mark(tok);
-        tok
+        Some(tok)
     }
 
     /// Registers an instance channel socket.
@@ -213,7 +237,8 @@ impl Worker {
         if !s.dead {
             s.dead = true;
             s.closing = true;
-            if matches!(s.kind, Kind::Client(_)) {
+            if let Kind::Client(c) = &s.kind {
+                self.shared.peers.close(c.peer);
                 self.clients -= 1;
                 self.metrics
                     .open_connections
@@ -255,10 +280,16 @@ impl Worker {
     /// Refuses a connection over the per-core limit with a 503.
     pub fn shed(&mut self, fd: OwnedFd) {
         add(&self.metrics.shed_connections, 1);
-        let body = response::json_error(
+        self.refuse(
+            fd,
             "too_many_connections",
             "connection limit reached, retry later",
         );
+    }
+
+    /// Writes a 503 with `code` on a connection that is not kept, then drops it.
+    fn refuse(&mut self, fd: OwnedFd, code: &str, message: &str) {
+        let body = response::json_error(code, message);
         let mut out = Vec::with_capacity(256);
         response::write(
             &mut out,
@@ -290,29 +321,90 @@ impl Worker {
     /// stream leaves this core (its socket and unread bytes go with it).
     pub fn detached(&mut self, tok: Token) {
         let s = self.streams.remove(tok);
+        self.release_out(s.out_counted);
         let leftover = s.rbuf[s.rpos..].to_vec();
         self.fns.finish_migration(tok, s.fd, leftover);
     }
 
     /// Called by the driver when a dead stream has no I/O in flight: frees it.
     pub fn free(&mut self, tok: Token) {
-        self.streams.remove(tok);
+        let s = self.streams.remove(tok);
+        self.release_out(s.out_counted);
+    }
+
+    /// The driver wrote `n` bytes of `tok`'s output.
+    pub fn on_sent(&mut self, tok: Token, n: usize) {
+        if let Some(s) = self.streams.get_mut(tok) {
+            let d = n.min(s.out_counted);
+            s.out_counted -= d;
+            if n > 0 {
+                s.out_progress = Some(self.now);
+            }
+            self.release_out(d);
+        }
+    }
+
+    /// Over the core's output budget, closes the connections whose answers have
+    /// not moved for [`OUT_STALL`], largest first, until the excess is covered:
+    /// clients that never read cannot hold the server's memory.
+    fn evict_stalled(&mut self) {
+        if self.out_queued <= self.out_budget {
+            return;
+        }
+        let now = self.now;
+        let mut stalled: Vec<(usize, Token)> = self
+            .streams
+            .iter()
+            .filter(|(_, s)| {
+                matches!(s.kind, Kind::Client(_))
+                    && !s.dead
+                    && s.out_counted > 0
+                    && s.out_progress
+                        .is_some_and(|t| now.duration_since(t) >= OUT_STALL)
+            })
+            .map(|(t, s)| (s.out_counted, t))
+            .collect();
+        stalled.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        let mut excess = self.out_queued - self.out_budget;
+        for (held, tok) in stalled {
+            if excess == 0 {
+                break;
+            }
+            add(&self.metrics.out_evicted, 1);
+            self.close_stream(tok);
+            excess = excess.saturating_sub(held);
+        }
+    }
+
+    /// Returns `n` bytes to the core's output budget; once within it, the
+    /// connections that waited for it go on.
+    fn release_out(&mut self, n: usize) {
+        self.out_queued -= n;
+        if self.out_queued <= self.out_budget && !self.budget_paused.is_empty() {
+            for tok in std::mem::take(&mut self.budget_paused) {
+                self.process_client(tok);
+                self.mark(tok);
+            }
+        }
     }
 
     /// All of `tok`'s output was written.
     pub fn on_flushed(&mut self, tok: Token) {
-        if let Some(Stream {
-            kind: Kind::Client(_),
-            ..
-        }) = self.streams.get(tok)
-        {
-            self.process_client(tok);
+        if let Some(s) = self.streams.get_mut(tok) {
+            s.trim();
+            if matches!(s.kind, Kind::Client(_)) {
+                self.process_client(tok);
+            }
         }
     }
 
     /// Periodic work: timeouts, idle instances, the clock.
     pub fn on_tick(&mut self) {
         self.date.refresh();
+        self.evict_stalled();
+        self.metrics
+            .out_queued
+            .store(self.out_queued as u64, Ordering::Relaxed);
         self.expire_clients();
         let now = self.now;
         let lingered: Vec<Token> = self

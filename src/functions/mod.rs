@@ -100,6 +100,7 @@ pub struct Started {
 }
 
 /// An answer for a client, decided by a core's pool.
+#[derive(Debug)]
 pub struct Reply {
     pub to: ReplyTo,
     pub status: u16,
@@ -323,4 +324,12 @@ pub fn random_u64() -> u64 {
     let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
     assert_eq!(n, 8, "getrandom failed");
     u64::from_ne_bytes(b)
+}
+
+/// `bytes` random bytes from the kernel, as lower-case hex.
+pub fn random_hex(bytes: usize) -> String {
+    (0..bytes.div_ceil(8))
+        .map(|_| format!("{:016x}", random_u64()))
+        .collect::<String>()[..bytes * 2]
+        .to_string()
 }

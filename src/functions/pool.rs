@@ -722,7 +722,26 @@ impl CorePool {
                     inst.busy_done += took;
                     f.metrics.observe_duration(took.as_micros() as u64);
                     let reply = if h.kind == FrameType::Response {
-                        response_reply(busy.to, meta, body)
+                        match response_reply(busy.to, meta, body) {
+                            Ok((reply, dropped)) => {
+                                if !dropped.is_empty() {
+                                    let note = format!(
+                                        "[hearth] left out of the response: {}",
+                                        dropped.join(", ")
+                                    );
+                                    f.logs.lock().unwrap().push(
+                                        &busy.request_id,
+                                        true,
+                                        note.as_bytes(),
+                                    );
+                                }
+                                reply
+                            }
+                            Err(bad) => {
+                                f.metrics.error(ErrorKind::Handler);
+                                bad
+                            }
+                        }
                     } else if is_runtime_exit(meta) {
                         // The runtime died under the request: a crash, not a handler error.
                         inst.busy = Some(busy);
@@ -1124,8 +1143,41 @@ fn is_runtime_exit(meta: &[u8]) -> bool {
         .is_ok_and(|m| m["errorType"] == "Runtime.ExitError")
 }
 
-/// Builds the HTTP answer from a RESPONSE frame's metadata and body.
-fn response_reply(to: ReplyTo, meta: &[u8], body: &[u8]) -> Reply {
+/// Headers hearth owns on the wire: framing and connection management are
+/// decided by hearth, never by a handler (RFC 9110 §7.6.1 hop-by-hop fields
+/// among them, so no handler can switch a proxy in front into a tunnel).
+const RESERVED_HEADERS: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "date",
+];
+
+/// An RFC 9110 field name: a non-empty token.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// An RFC 9110 field value: visible bytes, spaces and tabs, no controls.
+fn is_field_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+}
+
+/// Builds the HTTP answer from a RESPONSE frame's metadata and body. Header
+/// fields that are not valid RFC 9110 names and values, or that hearth owns,
+/// are left out and described in the second value (for the function's log).
+/// `Err` is the 502 for a response hearth will not send.
+fn response_reply(to: ReplyTo, meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<String>), Reply> {
     #[derive(serde::Deserialize)]
     struct Meta {
         status: u16,
@@ -1133,28 +1185,95 @@ fn response_reply(to: ReplyTo, meta: &[u8], body: &[u8]) -> Reply {
         headers: Vec<(String, String)>,
     }
     match serde_json::from_slice::<Meta>(meta) {
-        Ok(m) if (100..=599).contains(&m.status) => {
+        // hearth never sends an informational answer for a handler: a 101 would
+        // tell a proxy in front to hand the connection over as a raw tunnel.
+        Ok(m) if !(200..=599).contains(&m.status) => Err(json_reply(
+            to,
+            502,
+            "bad_function_response",
+            &format!(
+                "the function answered status {}; a function's status must be 200-599",
+                m.status
+            ),
+        )),
+        Ok(m) => {
+            let mut dropped = Vec::new();
             let headers = m
                 .headers
                 .into_iter()
-                .filter(|(k, _)| {
+                .filter(|(k, v)| {
+                    if !is_token(k) || !is_field_value(v) {
+                        dropped.push(format!("invalid header field {:?}", k));
+                        return false;
+                    }
                     let k = k.to_ascii_lowercase();
-                    // hearth frames the body itself.
-                    k != "content-length" && k != "transfer-encoding" && k != "connection"
+                    if RESERVED_HEADERS.contains(&k.as_str()) {
+                        dropped.push(format!("header {k:?} (set by hearth)"));
+                        return false;
+                    }
+                    true
                 })
                 .collect();
-            Reply {
-                to,
-                status: m.status,
-                headers,
-                body: body.to_vec(),
-            }
+            Ok((
+                Reply {
+                    to,
+                    status: m.status,
+                    headers,
+                    body: body.to_vec(),
+                },
+                dropped,
+            ))
         }
-        _ => json_reply(
+        Err(_) => Err(json_reply(
             to,
             502,
             "bad_function_response",
             "the runtime sent a response hearth could not read",
-        ),
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const TO: ReplyTo = ReplyTo {
+        token: 0,
+        serial: 1,
+    };
+
+    #[test]
+    fn informational_and_out_of_range_statuses_become_502() {
+        for status in [100, 101, 103, 199, 600, 0] {
+            let meta = format!(r#"{{"status":{status},"headers":[["upgrade","websocket"]]}}"#);
+            let bad = response_reply(TO, meta.as_bytes(), b"").expect_err("refused");
+            assert_eq!(bad.status, 502, "status {status}");
+        }
+        assert!(response_reply(TO, br#"{"status":200}"#, b"").is_ok());
+    }
+
+    #[test]
+    fn header_fields_must_be_valid_and_not_hearths() {
+        let meta = serde_json::json!({
+            "status": 200,
+            "headers": [
+                ["x-ok", "fine value\twith tab"],
+                ["transfer-encoding\t", "chunked"],
+                ["content-length ", "5"],
+                ["Content-Length", "5"],
+                ["Upgrade", "websocket"],
+                ["bad name", "v"],
+                ["", "v"],
+                ["x-nul", "a\u{0}b"],
+                ["x-ctl", "a\u{1b}b"],
+                ["x\u{0}n", "v"],
+                ["x-utf8", "héllo"],
+            ]
+        });
+        let (reply, dropped) =
+            response_reply(TO, meta.to_string().as_bytes(), b"body").expect("ok");
+        let names: Vec<&str> = reply.headers.iter().map(|(k, _)| k.as_str()).collect();
+        assert_eq!(names, ["x-ok", "x-utf8"]);
+        assert_eq!(dropped.len(), 9, "{dropped:?}");
     }
 }

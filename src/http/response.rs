@@ -121,8 +121,16 @@ pub struct Response<'a> {
     pub body: &'a [u8],
 }
 
+/// Whether a response with `status` carries no body and no `Content-Length`
+/// (RFC 9110 §8.6, RFC 9112 §6.3: 1xx, 204 and 304 end at their head; a body
+/// after one would be read as the start of the next response).
+pub fn is_bodiless(status: u16) -> bool {
+    status < 200 || status == 204 || status == 304
+}
+
 /// Appends a complete response. `head_only` answers HEAD (length kept, body omitted).
-/// `keep_alive == false` adds `Connection: close`.
+/// `keep_alive == false` adds `Connection: close`. The body of a status that
+/// cannot have one (see [`is_bodiless`]) is dropped.
 pub fn write(
     out: &mut Vec<u8>,
     date: &DateCache,
@@ -131,12 +139,13 @@ pub fn write(
     head_only: bool,
 ) {
     write_head(out, date, r.status, r.headers, r.body.len(), keep_alive);
-    if !head_only {
+    if !head_only && !is_bodiless(r.status) {
         out.extend_from_slice(r.body);
     }
 }
 
-/// Appends a status line and headers with `Content-Length: body_len`.
+/// Appends a status line and headers with `Content-Length: body_len` (none for
+/// a bodiless status).
 pub fn write_head(
     out: &mut Vec<u8>,
     date: &DateCache,
@@ -152,10 +161,13 @@ pub fn write_head(
     out.extend_from_slice(reason(status).as_bytes());
     out.extend_from_slice(b"\r\nServer: hearth\r\nDate: ");
     out.extend_from_slice(date.get());
-    out.extend_from_slice(b"\r\nContent-Length: ");
-    num = itoa_buf(body_len as u64);
-    out.extend_from_slice(num.as_bytes());
     out.extend_from_slice(b"\r\n");
+    if !is_bodiless(status) {
+        out.extend_from_slice(b"Content-Length: ");
+        num = itoa_buf(body_len as u64);
+        out.extend_from_slice(num.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
     for (k, v) in headers {
         push_header(out, k, v.as_bytes());
     }
@@ -235,6 +247,24 @@ mod tests {
         let mut out = Vec::new();
         push_header(&mut out, "x-a\r\nx", b"1\r\nSet-Cookie: evil");
         assert_eq!(out, b"x-a__x: 1  Set-Cookie: evil\r\n");
+    }
+
+    #[test]
+    fn bodiless_statuses_carry_neither_length_nor_body() {
+        let date = DateCache::default();
+        for status in [204, 304] {
+            let mut out = Vec::new();
+            let r = Response {
+                status,
+                headers: &[],
+                body: b"HTTP/1.1 200 OK\r\n\r\nsmuggled",
+            };
+            write(&mut out, &date, &r, true, false);
+            let text = String::from_utf8(out).unwrap();
+            assert!(!text.contains("Content-Length"), "{text}");
+            assert!(text.ends_with("\r\n\r\n"), "{text}");
+            assert!(!text.contains("smuggled"), "{text}");
+        }
     }
 
     #[test]

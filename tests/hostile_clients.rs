@@ -1,0 +1,435 @@
+//! What an anonymous client or a hostile function author can do to the front
+//! end, tried against the real server: pipelined answers that are never read,
+//! slow bodies, connection floods from one address, a browser page driving the
+//! control plane, and function answers meant to split or hijack a connection.
+
+mod common;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::os::fd::FromRawFd;
+use std::time::{Duration, Instant};
+
+use common::{metric_sum, parse_responses, rss_kib, zip_fixture, Client, Response, Server};
+
+macro_rules! require_sandbox {
+    () => {
+        if let Some(why) = common::sandbox_skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+/// One request with the server's admin token.
+fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
+    let auth = s.auth();
+    let mut h = headers.to_vec();
+    if !auth.is_empty() {
+        h.push(("authorization", &auth));
+    }
+    s.connect().request(method, path, &h, body)
+}
+
+/// Deploys the `hostile` fixture; returns its id.
+fn deploy_hostile(s: &Server, query: &str) -> String {
+    let r = call(
+        s,
+        "POST",
+        &format!("/deploy?handler=index.handler&{query}"),
+        &[("content-type", "application/zip")],
+        &zip_fixture("hostile"),
+    );
+    assert_eq!(r.status, 201, "{} / {}", r.text(), s.stderr());
+    r.json()["functionId"].as_str().unwrap().to_string()
+}
+
+/// A connection whose receive buffer is tiny, so the server's answers back up.
+fn connect_small_window(s: &Server) -> TcpStream {
+    // SAFETY: plain socket calls on a descriptor we own; results checked.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            &size as *const _ as *const libc::c_void,
+            4,
+        );
+        let stream = TcpStream::from_raw_fd(fd);
+        let std::net::SocketAddr::V4(a) = s.addr else {
+            panic!("ipv4 only")
+        };
+        let sin = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: a.port().to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_ne_bytes(a.ip().octets()),
+            },
+            sin_zero: [0; 8],
+        };
+        let rc = libc::connect(
+            fd,
+            &sin as *const _ as *const libc::sockaddr,
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
+        stream
+    }
+}
+
+fn metrics(s: &Server) -> String {
+    s.get("/metrics").text()
+}
+
+/// Waits until `cond` holds or `limit` passes; returns whether it held.
+fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + limit;
+    while Instant::now() < end {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    cond()
+}
+
+#[test]
+fn pipelined_answers_wait_for_a_client_that_does_not_read() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "1"]);
+    let id = deploy_hostile(&s, "");
+    let get = format!("GET /f/{id}/big HTTP/1.1\r\nHost: t\r\n\r\n");
+    // Warm the instance and settle the allocator before measuring.
+    assert_eq!(
+        call(&s, "GET", &format!("/f/{id}/big"), &[], b"")
+            .body
+            .len(),
+        6_000_000
+    );
+    let before = rss_kib(s.pid());
+    let mut c = connect_small_window(&s);
+    c.write_all(get.repeat(40).as_bytes()).unwrap();
+    // The server answers what it may, then stops parsing this connection.
+    std::thread::sleep(Duration::from_secs(4));
+    let queued = metric_sum(&metrics(&s), "hearth_out_queued_bytes", "");
+    let grown_mib = rss_kib(s.pid()).saturating_sub(before) / 1024;
+    // One connection holds at most its 8 MiB bound plus the answer that crossed
+    // it; before the fix all 40 answers (240 MB) were queued.
+    assert!(
+        queued <= 16_000_000,
+        "{queued} bytes queued for one connection"
+    );
+    assert!(grown_mib < 64, "server grew by {grown_mib} MiB");
+    // The client can still read everything, in order.
+    c.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut buf = vec![0u8; 1 << 20];
+    let mut got = Vec::new();
+    while got.len() < 40 * 6_000_000 {
+        let n = c.read(&mut buf).expect("read");
+        assert!(n > 0, "closed after {} bytes", got.len());
+        got.extend_from_slice(&buf[..n]);
+    }
+    // The heads of the 40 answers follow within a second.
+    c.set_read_timeout(Some(Duration::from_secs(1))).unwrap();
+    while let Ok(n) = c.read(&mut buf) {
+        if n == 0 {
+            break;
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let rs = parse_responses(&got);
+    assert_eq!(rs.len(), 40);
+    assert!(rs
+        .iter()
+        .all(|r| r.status == 200 && r.body.len() == 6_000_000));
+    drop(c);
+    s.assert_healthy();
+}
+
+#[test]
+fn clients_that_never_read_are_evicted_over_the_output_budget() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "1", "--out-bytes-total-max", "16000000"]);
+    let id = deploy_hostile(&s, "concurrency=2");
+    let get = format!("GET /f/{id}/big HTTP/1.1\r\nHost: t\r\n\r\n");
+    let mut conns: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut c = connect_small_window(&s);
+            c.write_all(get.repeat(3).as_bytes()).unwrap();
+            c
+        })
+        .collect();
+    // The per-connection bounds alone would let these six hold 12 answers (72 MB).
+    // Over the 16 MB budget, those that do not read are closed once they stall.
+    std::thread::sleep(Duration::from_secs(4));
+    let m = metrics(&s);
+    let queued = metric_sum(&m, "hearth_out_queued_bytes", "");
+    assert!(
+        queued <= 16_000_000 + 6_000_200,
+        "{queued} bytes queued over a 16 MB budget"
+    );
+    assert!(metric_sum(&m, "hearth_out_evicted_total", "") >= 1, "{m}");
+    // Everyone else is still served while that happens.
+    assert_eq!(call(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
+    // An evicted reader sees the end of its connection.
+    let closed = conns.iter_mut().any(|c| {
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            match c.read(&mut buf) {
+                Ok(0) | Err(_) => return true,
+                Ok(_) => {}
+            }
+        }
+    });
+    assert!(closed);
+}
+
+#[test]
+fn function_answers_cannot_open_a_tunnel_or_smuggle_a_response() {
+    require_sandbox!();
+    let s = Server::start(&[]);
+    let id = deploy_hostile(&s, "");
+    let mut c = s.connect();
+    // 101 with an upgrade header: refused, the connection stays plain HTTP.
+    for code in [101, 100, 103] {
+        let r = c.request("GET", &format!("/f/{id}/status?code={code}"), &[], b"");
+        assert_eq!(r.status, 502, "status {code}: {}", r.text());
+        r.assert_json_error("bad_function_response");
+        assert!(r.header("upgrade").is_none());
+    }
+    // 204 and 304 end at their head: the body that looks like a second response
+    // is dropped, and the next pipelined answer is the real one.
+    for code in [204, 304] {
+        let mut raw = Vec::new();
+        c.write(
+            format!(
+                "GET /f/{id}/status?code={code} HTTP/1.1\r\nHost: t\r\n\r\nGET /healthz HTTP/1.1\r\nHost: t\r\n\r\n"
+            )
+            .as_bytes(),
+        );
+        let first = c.head_response();
+        assert_eq!(first.status, code);
+        assert!(first.header("content-length").is_none(), "{first:?}");
+        assert!(first.header("upgrade").is_none() && first.header("connection").is_none());
+        let second = c.response();
+        raw.extend_from_slice(&second.body);
+        assert_eq!((second.status, &raw[..]), (200, &b"ok"[..]), "code {code}");
+    }
+    // Invalid header names and values are left out and noted in the log.
+    let r = c.request("GET", &format!("/f/{id}/headers"), &[], b"");
+    assert_eq!((r.status, r.text().as_str()), (200, "headers"));
+    assert_eq!(r.header("x-fine"), Some("yes"));
+    assert!(r.header("x-utf8").is_some());
+    for bad in ["transfer-encoding", "bad name", "x-nul", "x-esc"] {
+        assert!(
+            r.headers.iter().all(|(k, _)| !k.starts_with(bad)),
+            "{bad} in {:?}",
+            r.headers
+        );
+    }
+    assert_eq!(r.header("content-length"), Some("7"));
+    let logs = call(&s, "GET", &format!("/functions/{id}/logs"), &[], b"").text();
+    assert!(logs.contains("left out of the response"), "{logs}");
+}
+
+#[test]
+fn the_control_plane_is_closed_by_default() {
+    let s = Server::start(&[]);
+    // A token was generated and stored where only root can read it.
+    let file = s.dir.join("state/admin-token");
+    let mode =
+        std::os::unix::fs::PermissionsExt::mode(&std::fs::metadata(&file).unwrap().permissions());
+    assert_eq!(mode & 0o777, 0o600);
+    let token = s.token.clone().expect("token generated");
+    assert!(token.len() >= 32);
+    // A browser page's multipart deploy (no preflight needed) is refused…
+    let mut c = s.connect();
+    let form = "--b\r\nContent-Disposition: form-data; name=\"code\"; filename=\"f.zip\"\r\n\r\nPK\r\n--b--\r\n";
+    let r = c.request(
+        "POST",
+        "/deploy",
+        &[
+            ("origin", "http://evil.example"),
+            ("content-type", "multipart/form-data; boundary=b"),
+        ],
+        form.as_bytes(),
+    );
+    assert_eq!(r.status, 403, "{}", r.text());
+    r.assert_json_error("forbidden_origin");
+    // Without a browser's Origin, no token means 401.
+    let r = s.connect().request("GET", "/functions", &[], b"");
+    assert_eq!(r.status, 401);
+    r.assert_json_error("unauthorized");
+    // A foreign origin is refused even when it somehow carries the token.
+    let bearer = format!("Bearer {token}");
+    let r = s.connect().request(
+        "GET",
+        "/functions",
+        &[
+            ("origin", "http://evil.example"),
+            ("authorization", &bearer),
+        ],
+        b"",
+    );
+    assert_eq!(r.status, 403);
+    r.assert_json_error("forbidden_origin");
+    assert_eq!(
+        s.connect()
+            .request("GET", "/functions", &[("authorization", &bearer)], b"")
+            .status,
+        200
+    );
+    // /metrics names every function: it needs the token too.
+    assert_eq!(s.connect().request("GET", "/metrics", &[], b"").status, 401);
+    assert_eq!(s.get("/metrics").status, 200);
+    // Invocations and health stay public.
+    assert_eq!(s.connect().request("GET", "/healthz", &[], b"").status, 200);
+
+    // The CLI finds the token in ./state by itself.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args(["ls", "--server", &s.addr.to_string()])
+        .current_dir(&s.dir)
+        .env_remove("HEARTH_ADMIN_TOKEN")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn an_open_control_plane_is_loopback_only_and_refuses_rebinding() {
+    let s = Server::start(&["--no-admin-token"]);
+    assert!(!s.dir.join("state/admin-token").exists());
+    let get = |host: &str| {
+        let mut c = s.connect();
+        c.write(format!("GET /functions HTTP/1.1\r\nHost: {host}\r\n\r\n").as_bytes());
+        c.response()
+    };
+    assert_eq!(get(&s.addr.to_string()).status, 200);
+    assert_eq!(get("localhost:3000").status, 200);
+    let r = get("evil.example:3000");
+    assert_eq!(r.status, 403);
+    r.assert_json_error("forbidden_host");
+    // Never without a token on an address others can reach.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .args([
+            "serve",
+            "--listen",
+            "0.0.0.0:0",
+            "--no-admin-token",
+            "--state-dir",
+        ])
+        .arg(s.dir.join("other-state"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("--no-admin-token is refused"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn metrics_accept_a_separate_scrape_token() {
+    let s = Server::start(&[
+        "--admin-token",
+        "admin-secret",
+        "--metrics-token",
+        "scrape-secret",
+    ]);
+    let get = |path: &str, token: &str| {
+        s.connect()
+            .request(
+                "GET",
+                path,
+                &[("authorization", &format!("Bearer {token}"))],
+                b"",
+            )
+            .status
+    };
+    assert_eq!(get("/metrics", "scrape-secret"), 200);
+    assert_eq!(get("/metrics", "admin-secret"), 200);
+    assert_eq!(get("/metrics", "wrong"), 401);
+    assert_eq!(get("/functions", "scrape-secret"), 401);
+}
+
+#[test]
+fn unauthorised_uploads_are_refused_on_their_head() {
+    let s = Server::start(&[]);
+    let mut c = s.connect();
+    // A 40 MiB deploy that waits for `100 Continue`: it gets 401 at once instead,
+    // and the connection closes without the body being read.
+    c.write(
+        b"POST /deploy HTTP/1.1\r\nHost: t\r\nContent-Type: application/zip\r\nExpect: 100-continue\r\nContent-Length: 41943040\r\n\r\n",
+    );
+    let (raw, closed) = c.read_to_close(Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&raw);
+    assert!(text.starts_with("HTTP/1.1 401 "), "{text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+    assert!(closed);
+    s.assert_healthy();
+}
+
+#[test]
+fn a_trickling_body_is_cut_off() {
+    let s = Server::start(&["--head-timeout-ms", "1000", "--body-rate-min", "100"]);
+    let mut c = s.connect();
+    c.write(b"POST /f/none HTTP/1.1\r\nHost: t\r\nContent-Length: 1000\r\n\r\n");
+    // A byte every 400 ms: each read comes well within the 1 s gap, but the body
+    // averages 2.5 bytes/s against a minimum of 100.
+    let start = Instant::now();
+    let mut answered = None;
+    c.stream
+        .set_read_timeout(Some(Duration::from_millis(400)))
+        .unwrap();
+    while start.elapsed() < Duration::from_secs(6) {
+        if !c.try_write(b"x") {
+            break;
+        }
+        let mut buf = [0u8; 512];
+        if let Ok(n) = c.stream.read(&mut buf) {
+            if n > 0 {
+                answered = Some((
+                    start.elapsed(),
+                    String::from_utf8_lossy(&buf[..n]).into_owned(),
+                ));
+            }
+            break;
+        }
+    }
+    let (after, text) = answered.expect("the trickling body was never cut off");
+    assert!(text.starts_with("HTTP/1.1 408 "), "{text}");
+    assert!(after < Duration::from_secs(4), "cut off after {after:?}");
+}
+
+#[test]
+fn one_address_cannot_take_every_connection() {
+    let s = Server::start(&["--connections-per-ip-max", "8"]);
+    let mut held: Vec<Client> = (0..8).map(|_| s.connect()).collect();
+    for c in &mut held {
+        c.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n");
+        assert_eq!(c.response().status, 200);
+    }
+    let mut extra = s.connect();
+    let (raw, closed) = extra.read_to_close(Duration::from_secs(3));
+    let r = parse_responses(&raw);
+    assert_eq!(r.first().map(|r| r.status), Some(503), "{raw:?}");
+    r[0].assert_json_error("too_many_connections_from_address");
+    assert!(closed);
+    drop(held);
+    // Slots come back once the server has seen the closes.
+    assert!(eventually(Duration::from_secs(3), || {
+        let mut c = s.connect();
+        c.write(b"GET /healthz HTTP/1.1\r\nHost: t\r\nConnection: close\r\n\r\n");
+        let (raw, _) = c.read_to_close(Duration::from_secs(2));
+        parse_responses(&raw).first().map(|r| r.status) == Some(200)
+    }));
+}

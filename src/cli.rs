@@ -13,7 +13,11 @@ pub struct HttpResponse {
     pub body: Vec<u8>,
 }
 
-/// Sends one request with `Connection: close` and reads the whole answer.
+/// Largest answer head the client reads.
+const HEAD_BYTES_MAX: usize = 64 * 1024;
+
+/// Sends one request and reads its answer: the head with `httparse`, the body
+/// by its `Content-Length` (or to the end of the connection when it has none).
 pub fn request(
     server: &str,
     method: &str,
@@ -36,22 +40,62 @@ pub fn request(
     s.write_all(head.as_bytes())
         .and_then(|_| s.write_all(body))
         .map_err(|e| format!("send: {e}"))?;
-    let mut raw = Vec::new();
-    s.read_to_end(&mut raw).map_err(|e| format!("read: {e}"))?;
-    let split = raw
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .ok_or("the server sent no complete response head")?;
-    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
-    let status = head
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .ok_or("bad status line")?;
+    let mut raw = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 16 * 1024];
+    let (status, head_len, length) = loop {
+        let mut fields = [httparse::EMPTY_HEADER; 64];
+        let mut parsed = httparse::Response::new(&mut fields);
+        match parsed.parse(&raw) {
+            Ok(httparse::Status::Complete(n)) => {
+                let status = parsed.code.ok_or("the server sent no status")?;
+                let length = parsed
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                    .map(|h| {
+                        std::str::from_utf8(h.value)
+                            .ok()
+                            .and_then(|v| v.trim().parse::<usize>().ok())
+                            .ok_or("the server sent a bad Content-Length")
+                    })
+                    .transpose()?;
+                break (status, n, length);
+            }
+            Ok(httparse::Status::Partial) if raw.len() < HEAD_BYTES_MAX => {}
+            Ok(httparse::Status::Partial) => {
+                return Err("the server's answer head is too large".into())
+            }
+            Err(e) => return Err(format!("the server sent a malformed answer: {e}")),
+        }
+        let n = s.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+        if n == 0 {
+            return Err("the server closed the connection before a complete answer head".into());
+        }
+        raw.extend_from_slice(&chunk[..n]);
+    };
+    let mut body = raw.split_off(head_len);
+    match length {
+        Some(len) => {
+            while body.len() < len {
+                let n = s.read(&mut chunk).map_err(|e| format!("read: {e}"))?;
+                if n == 0 {
+                    return Err(format!(
+                        "the answer ended after {} of {len} body bytes",
+                        body.len()
+                    ));
+                }
+                body.extend_from_slice(&chunk[..n]);
+            }
+            body.truncate(len);
+        }
+        None => {
+            s.read_to_end(&mut body).map_err(|e| format!("read: {e}"))?;
+        }
+    }
     Ok(HttpResponse {
         status,
-        head,
-        body: raw[split + 4..].to_vec(),
+        head: String::from_utf8_lossy(&raw).trim_end().to_string(),
+        body,
     })
 }
 

@@ -11,7 +11,7 @@ if [ ${#need[@]} -gt 0 ]; then
   echo "setup: installing ${need[*]}"
   if [ "$(id -u)" = 0 ]; then SUDO=; else SUDO=sudo; fi
   $SUDO apt-get update -qq || true
-  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
 # The Express fixture's node_modules (tests zip it into functions).
 if [ ! -d tests/fixtures/express-app/node_modules ] || [ tests/fixtures/express-app/package-lock.json -nt tests/fixtures/express-app/node_modules ]; then

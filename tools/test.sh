@@ -5,6 +5,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 tools/setup.sh debug
+# Lints and formatting are part of the test: [workspace.lints] in Cargo.toml.
+cargo fmt --all --check
+cargo clippy -q --all-targets --workspace -- -D warnings
 tools/fetch-kernel.sh >/dev/null 2>&1 || echo "test: guest kernel unavailable; QEMU tests will say why they skip"
 node --test tests/runtime/
 cargo test --workspace -- --test-threads 2

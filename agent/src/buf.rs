@@ -88,6 +88,7 @@ impl ByteQueue {
         // SAFETY: `spare` has room for at least `max` bytes; read(2) initialises
         // exactly the `n` it reports, and only those are added to the length.
         let n = unsafe { sys::read_raw(fd, spare.as_mut_ptr().cast(), max)? };
+        // SAFETY: the first `n` spare bytes were initialised by read(2) above.
         unsafe { self.buf.set_len(len + n) };
         Ok(n)
     }

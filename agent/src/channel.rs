@@ -321,6 +321,7 @@ fn vsock_listen(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: the address pointer and length describe `addr`.
     cvt(unsafe { libc::bind(fd, (&addr as *const libc::sockaddr_vm).cast(), len) })
         .map_err(|e| annotate(e, &format!("bind vsock port {port}")))?;
+    // SAFETY: listen on the socket we just bound.
     cvt(unsafe { libc::listen(fd, 4) })
         .map_err(|e| annotate(e, &format!("listen on vsock port {port}")))?;
     Ok(sock)

@@ -127,6 +127,7 @@ pub fn reap_children(runtime_pid: libc::pid_t) -> Option<RuntimeExit> {
         // SAFETY: siginfo_t is plain data; waitid fills the one we own.
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         let flags = libc::WEXITED | libc::WNOHANG | libc::WNOWAIT;
+        // SAFETY: waitid writes only into `info`, which we own.
         let rc = unsafe { libc::waitid(libc::P_ALL, 0, &mut info, flags) };
         // SAFETY: waitid succeeded, so si_pid is the field it filled (0: none).
         let pid = if rc == 0 { unsafe { info.si_pid() } } else { 0 };

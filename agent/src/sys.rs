@@ -25,7 +25,8 @@ pub fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
 /// `ptr` must be valid for writes of `len` bytes.
 pub unsafe fn read_raw(fd: RawFd, ptr: *mut u8, len: usize) -> io::Result<usize> {
     loop {
-        let n = libc::read(fd, ptr.cast(), len);
+        // SAFETY: the caller guarantees `ptr` is valid for `len` bytes of writes.
+        let n = unsafe { libc::read(fd, ptr.cast(), len) };
         if n >= 0 {
             return Ok(n as usize);
         }
@@ -61,6 +62,7 @@ pub fn set_nonblocking(fd: RawFd, on: bool) -> io::Result<()> {
     } else {
         flags & !libc::O_NONBLOCK
     };
+    // SAFETY: as above.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFL, flags) }).map(drop)
 }
 
@@ -73,6 +75,7 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
     } else {
         flags & !libc::FD_CLOEXEC
     };
+    // SAFETY: as above.
     cvt(unsafe { libc::fcntl(fd, libc::F_SETFD, flags) }).map(drop)
 }
 
@@ -80,6 +83,7 @@ pub fn set_cloexec(fd: RawFd, on: bool) -> io::Result<()> {
 pub fn is_socket(fd: RawFd) -> io::Result<bool> {
     // SAFETY: fstat writes into the zeroed struct we own.
     let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`.
     cvt(unsafe { libc::fstat(fd, &mut st) })?;
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }

@@ -44,6 +44,7 @@ fn json_answer(status: u16, v: serde_json::Value) -> Answer {
 }
 
 /// Handle held by the engine.
+#[derive(Default)]
 pub struct Control {
     inflight: Arc<AtomicUsize>,
     shared: OnceLock<Arc<Shared>>,
@@ -52,10 +53,7 @@ pub struct Control {
 impl Control {
     /// A control plane with no request in flight.
     pub fn new() -> Control {
-        Control {
-            inflight: Arc::new(AtomicUsize::new(0)),
-            shared: OnceLock::new(),
-        }
+        Control::default()
     }
 
     /// Connects the control plane to the running server.

@@ -364,7 +364,7 @@ impl Worker {
             })
             .map(|(t, s)| (s.out_counted, t))
             .collect();
-        stalled.sort_unstable_by(|a, b| b.0.cmp(&a.0));
+        stalled.sort_unstable_by_key(|&(held, _)| std::cmp::Reverse(held));
         let mut excess = self.out_queued - self.out_budget;
         for (held, tok) in stalled {
             if excess == 0 {

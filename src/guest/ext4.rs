@@ -332,6 +332,7 @@ mod tests {
         let (_, _, sys_mode) = stat_in_image(&image, "/sys").unwrap();
         assert_eq!(sys_mode & 0o7777, 0o755);
         let (uid, _gid, mode) = stat_in_image(&image, "/index.js").unwrap();
+        // SAFETY: geteuid has no preconditions.
         assert_eq!(uid, unsafe { libc::geteuid() });
         assert_eq!(
             mode & 0o777,

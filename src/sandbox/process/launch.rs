@@ -139,8 +139,8 @@ fn cpath(p: &Path) -> Result<CString, String> {
 
 fn pipe() -> Result<(OwnedFd, OwnedFd), String> {
     let mut fds = [0; 2];
-    // SAFETY: `fds` has room for the two descriptors pipe2 writes.
     check(
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
         unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) },
         "pipe2",
     )?;
@@ -447,6 +447,7 @@ fn locked_flags(path: &CStr) -> Result<libc::c_ulong, String> {
     // SAFETY: statvfs writes into the zeroed struct we own.
     let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
     check(
+        // SAFETY: statvfs writes only into `st`; `path` is NUL-terminated.
         unsafe { libc::statvfs(path.as_ptr(), &mut st) },
         &format!("statvfs {path:?}"),
     )?;
@@ -628,8 +629,8 @@ fn set_rlimits(p: &Prepared) -> Result<(), String> {
             rlim_cur: value,
             rlim_max: value,
         };
-        // SAFETY: passes a valid rlimit.
         check(
+            // SAFETY: passes a valid rlimit.
             unsafe { libc::setrlimit(resource, &rl) },
             &format!("setrlimit {name} {value}"),
         )?;

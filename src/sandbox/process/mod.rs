@@ -221,6 +221,7 @@ fn socketpair(what: &'static str) -> Result<(OwnedFd, OwnedFd), SandboxError> {
 fn pidfd_open(pid: i32) -> Option<OwnedFd> {
     // SAFETY: plain syscall; on success it returns a new descriptor that we own.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    // SAFETY: a non-negative result is a new descriptor nobody else owns.
     (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 

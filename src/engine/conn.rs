@@ -101,14 +101,13 @@ impl Worker {
                     // wait; the others go on, so health checks and well-behaved
                     // clients are still served (see `Worker::evict_stalled`).
                     if self.out_queued > self.out_budget && out_pending > 0 {
-                        if !stream.read_paused {
-                            stream.read_paused = true;
-                            self.mark(tok);
-                        }
-                        if !self.budget_paused.contains(&tok) {
+                        stream.read_paused = true;
+                        if !stream.budget_wait {
+                            stream.budget_wait = true;
                             add(&self.metrics.budget_waits, 1);
                             self.budget_paused.push(tok);
                         }
+                        self.mark(tok);
                         return;
                     }
                     let parsed = parse::parse_head(&stream.rbuf[stream.rpos..], &self.parse_limits);

@@ -59,6 +59,8 @@ pub struct Stream {
     pub out_counted: usize,
     /// When counted output last moved (queued from nothing, or partly sent).
     pub out_progress: Option<std::time::Instant>,
+    /// Listed in `Worker::budget_paused`, waiting for the core's output budget.
+    pub budget_wait: bool,
 }
 
 impl Stream {
@@ -86,6 +88,7 @@ impl Stream {
             peer_closed: false,
             out_counted: 0,
             out_progress: None,
+            budget_wait: false,
         }
     }
 

@@ -382,6 +382,12 @@ impl Worker {
         self.out_queued -= n;
         if self.out_queued <= self.out_budget && !self.budget_paused.is_empty() {
             for tok in std::mem::take(&mut self.budget_paused) {
+                // A slot freed meanwhile may hold another stream: only the one
+                // that waited is resumed.
+                match self.streams.get_mut(tok) {
+                    Some(s) if s.budget_wait => s.budget_wait = false,
+                    _ => continue,
+                }
                 self.process_client(tok);
                 self.mark(tok);
             }

@@ -69,7 +69,8 @@ pub struct SandboxSpec {
     pub cpu_core: Option<usize>,
     /// Host uid and gid that uid/gid 0 inside maps to; the only ids mapped. Never 0.
     pub host_uid: u32,
-    /// Unique instance name: cgroup directory name and hostname.
+    /// Unique instance name: the cgroup directory name (the hostname inside is always
+    /// [`launch::HOSTNAME`]).
     pub name: String,
     /// Command inside; argv[0] is an absolute path in the runtime root.
     pub argv: Vec<String>,

@@ -25,6 +25,7 @@ pub mod cgroup;
 pub mod launch;
 pub mod rootfs;
 pub mod seccomp;
+pub mod uids;
 
 use std::fmt;
 use std::io::{self, Write};
@@ -450,9 +451,10 @@ impl Sandbox {
     }
 
     /// Kills the sandbox, reaps PID 1 (waiting at most [`DESTROY_WAIT_MS`]) and removes its
-    /// cgroups.
-    pub fn destroy(mut self) {
-        self.teardown();
+    /// cgroups. Returns false if PID 1 could not be reaped in time (its processes may live on,
+    /// so its host uid must not be reused).
+    pub fn destroy(mut self) -> bool {
+        self.teardown()
     }
 
     /// Waits up to `limit` for PID 1 to exit (and reaps it); true once it has.
@@ -497,9 +499,10 @@ impl Sandbox {
         self.group.as_ref().map(Group::dirs).unwrap_or_default()
     }
 
-    fn teardown(&mut self) {
+    /// True once PID 1 is reaped (so every process of its pid namespace is gone).
+    fn teardown(&mut self) -> bool {
         if self.destroyed {
-            return;
+            return self.status.is_some();
         }
         self.destroyed = true;
         self.kill();
@@ -508,13 +511,14 @@ impl Sandbox {
                 "hearth: sandbox pid {} did not exit within {DESTROY_WAIT_MS} ms of SIGKILL",
                 self.pid
             );
-            return;
+            return false;
         }
         if let Some(g) = &self.group {
             if let Err(e) = g.remove() {
                 eprintln!("hearth: removing cgroups of sandbox pid {}: {e}", self.pid);
             }
         }
+        true
     }
 }
 

@@ -322,6 +322,10 @@ impl Backend for ProcessBackend {
         }
     }
 
+    fn keeps_standby(&self) -> bool {
+        self.inner.use_standby
+    }
+
     fn shutdown(&self) {
         let all: Vec<ProcInstance> = self
             .inner

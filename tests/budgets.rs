@@ -37,7 +37,18 @@ macro_rules! require_sandbox {
     };
 }
 
-/// Every control-plane request goes through here (one place to add credentials).
+/// The admin token every server here runs with (given explicitly, so the tests hold with or
+/// without a generated default).
+const TOKEN: &str = "budget-and-sandbox-tests";
+
+/// Starts a server with [`TOKEN`] and `args`.
+fn start(args: &[&str]) -> Server {
+    let mut all = vec!["--admin-token", TOKEN];
+    all.extend_from_slice(args);
+    Server::start(&all)
+}
+
+/// Every control-plane request goes through here, with the admin token.
 fn control(
     s: &Server,
     method: &str,
@@ -45,7 +56,10 @@ fn control(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Response {
-    s.connect().request(method, path, headers, body)
+    let auth = format!("Bearer {TOKEN}");
+    let mut all = vec![("authorization", auth.as_str())];
+    all.extend_from_slice(headers);
+    s.connect().request(method, path, &all, body)
 }
 
 fn deploy_zip(s: &Server, zip: &[u8], query: &str) -> Response {
@@ -106,7 +120,7 @@ fn zip_of(source: &str, pad_bytes: usize) -> Vec<u8> {
 fn memory_budget_refuses_the_deploy_and_the_scale_out_that_do_not_fit() {
     require_sandbox!();
     // 320 MiB: two 128 MiB standbys fit, a third instance of 128 MiB does not.
-    let s = Server::start(&["--cores", "1", "--instance-memory-max-mb", "320"]);
+    let s = start(&["--cores", "1", "--instance-memory-max-mb", "320"]);
     let zip = zip_fixture("plain");
     let a = deploy_ok(&s, &zip, "memory_mb=128");
     let b = deploy_ok(&s, &zip, "memory_mb=128");
@@ -151,7 +165,7 @@ fn memory_budget_refuses_the_deploy_and_the_scale_out_that_do_not_fit() {
 #[test]
 fn a_scale_out_beyond_the_memory_budget_waits_for_a_running_instance() {
     require_sandbox!();
-    let s = Server::start(&["--cores", "1", "--instance-memory-max-mb", "300"]);
+    let s = start(&["--cores", "1", "--instance-memory-max-mb", "300"]);
     let slow = zip_of(
         "exports.handler = async () => { await new Promise(r => setTimeout(r, 400)); return { statusCode: 200, body: 'done' }; };\n",
         0,
@@ -178,7 +192,7 @@ fn a_scale_out_beyond_the_memory_budget_waits_for_a_running_instance() {
 #[test]
 fn disk_budget_refuses_a_bigger_zip_with_507_and_leaves_nothing() {
     require_sandbox!();
-    let s = Server::start(&["--cores", "1", "--functions-disk-max-mb", "2"]);
+    let s = start(&["--cores", "1", "--functions-disk-max-mb", "2"]);
     let big = zip_of("exports.handler = async () => 'big';\n", 3 << 20);
     let r = deploy_zip(&s, &big, "");
     assert_eq!(r.status, 507, "{}", r.text());

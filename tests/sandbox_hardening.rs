@@ -39,7 +39,18 @@ macro_rules! require_sandbox {
     };
 }
 
-/// Every control-plane request goes through here (one place to add credentials).
+/// The admin token every server here runs with (given explicitly, so the tests hold with or
+/// without a generated default).
+const TOKEN: &str = "budget-and-sandbox-tests";
+
+/// Starts a server with [`TOKEN`] and `args`.
+fn start(args: &[&str]) -> Server {
+    let mut all = vec!["--admin-token", TOKEN];
+    all.extend_from_slice(args);
+    Server::start(&all)
+}
+
+/// Every control-plane request goes through here, with the admin token.
 fn control(
     s: &Server,
     method: &str,
@@ -47,7 +58,10 @@ fn control(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Response {
-    s.connect().request(method, path, headers, body)
+    let auth = format!("Bearer {TOKEN}");
+    let mut all = vec![("authorization", auth.as_str())];
+    all.extend_from_slice(headers);
+    s.connect().request(method, path, &all, body)
 }
 
 fn deploy_dir(s: &Server, dir: &Path, query: &str) -> String {
@@ -117,7 +131,7 @@ fn assert_private(state: &Path, id: &str) {
 #[test]
 fn function_secrets_on_disk_are_readable_by_root_only() {
     require_sandbox!();
-    let s = Server::start(&["--cores", "1"]);
+    let s = start(&["--cores", "1"]);
     let code = secret_function();
     let id = deploy_dir(&s, &code, "env=%7B%22SECRET%22%3A%22s3cr3t%22%7D");
     assert_private(&s.dir.join("state"), &id);
@@ -135,7 +149,7 @@ fn a_state_dir_left_world_readable_is_tightened_at_start_up() {
     let state_arg = state.to_str().unwrap().to_string();
     let code = secret_function();
     let id = {
-        let mut s = Server::start(&["--cores", "1", "--state-dir", &state_arg]);
+        let mut s = start(&["--cores", "1", "--state-dir", &state_arg]);
         let id = deploy_dir(&s, &code, "env=%7B%22SECRET%22%3A%22s3cr3t%22%7D");
         s.stop();
         id
@@ -148,7 +162,7 @@ fn a_state_dir_left_world_readable_is_tightened_at_start_up() {
     fs::set_permissions(fdir.join("meta.json"), fs::Permissions::from_mode(0o644)).unwrap();
     assert!(nobody_can_read(&fdir.join("meta.json")));
 
-    let s = Server::start(&["--cores", "1", "--state-dir", &state_arg]);
+    let s = start(&["--cores", "1", "--state-dir", &state_arg]);
     assert_private(&state, &id);
     let r = s.connect().request("GET", &format!("/f/{id}/"), &[], b"");
     assert_eq!((r.status, r.text().as_str()), (200, "s3cr3t"));
@@ -250,7 +264,7 @@ fn a_function_cannot_leave_its_core_open_vsock_or_read_host_proc() {
     fs::remove_file(dir.join("escape.c")).unwrap();
     fs::write(dir.join("index.js"), ESCAPE_JS).unwrap();
 
-    let s = Server::start(&["--cores", "1"]);
+    let s = start(&["--cores", "1"]);
     let id = deploy_dir(&s, &dir, "");
     let r = s.connect().request("GET", &format!("/f/{id}/"), &[], b"");
     assert_eq!(r.status, 200, "{} / stderr:\n{}", r.text(), s.stderr());

@@ -413,7 +413,7 @@ fn stage(
             ),
         })?;
     // What the function really occupies, artifacts and block rounding included.
-    let on_disk = budget::disk_bytes(&[staging.to_path_buf()]);
+    let on_disk = budget::disk_bytes(staging);
     let Some(disk) = disk.try_reserve(on_disk) else {
         shared.functions.backend.forget(id);
         return Err(disk_exhausted(&disk.explain(on_disk)));

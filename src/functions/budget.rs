@@ -139,12 +139,12 @@ pub fn default_instance_memory_max_mb() -> u64 {
 /// Default disk budget for functions: 20 GiB, in MiB.
 pub const FUNCTIONS_DISK_MAX_MB_DEFAULT: u64 = 20 * 1024;
 
-/// Bytes a set of files and directories occupies on disk (allocated blocks, so a sparse VM
-/// memory file counts what it really holds); unreadable entries count 0.
-pub fn disk_bytes(paths: &[std::path::PathBuf]) -> u64 {
+/// Bytes a file or directory tree occupies on disk (allocated blocks, so a sparse VM memory
+/// file counts what it really holds); unreadable entries count 0.
+pub fn disk_bytes(path: &std::path::Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     let mut total = 0u64;
-    let mut todo: Vec<std::path::PathBuf> = paths.to_vec();
+    let mut todo = vec![path.to_path_buf()];
     while let Some(p) = todo.pop() {
         let Ok(m) = std::fs::symlink_metadata(&p) else {
             continue;

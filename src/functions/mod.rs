@@ -182,7 +182,7 @@ impl Registry {
         for (spec, dir) in specs {
             let f = Function::new(spec, dir, memory.clone());
             // What exists counts, even beyond a budget lowered since.
-            f.hold(disk.reserve_over(budget::disk_bytes(&[f.dir.clone()])));
+            f.hold(disk.reserve_over(budget::disk_bytes(&f.dir)));
             if backend.keeps_standby() {
                 f.hold(memory.reserve_over(u64::from(f.spec.memory_mb)));
             }

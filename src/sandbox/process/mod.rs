@@ -44,7 +44,7 @@ use launch::Line;
 pub const SPAWN_TIMEOUT_MS: u64 = 15_000;
 /// How long [`Sandbox::destroy`] waits for PID 1 to be reaped after SIGKILL.
 pub const DESTROY_WAIT_MS: u64 = 5_000;
-/// Longest instance name (it is the hostname inside: HOST_NAME_MAX).
+/// Longest instance name (a cgroup directory name).
 pub const NAME_BYTES_MAX: usize = 64;
 /// Smallest `/tmp`: tmpfs reads `size=0` as "unlimited", so zero must never reach it.
 pub const TMP_BYTES_MIN: u64 = 4096;

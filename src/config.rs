@@ -109,6 +109,11 @@ pub struct ServeConfig {
     pub pin: bool,
     /// Keep one initialised standby instance per function (process backend).
     pub standby: bool,
+    /// Sum of `memory_mb` over all instances alive or starting and all standbys, MiB;
+    /// a deploy beyond it → 503, a scale-out waits, then 503 (`functions::budget`).
+    pub instance_memory_max_mb: u64,
+    /// Sum of the functions' code and artifacts on disk, MiB; a deploy beyond it → 507.
+    pub functions_disk_max_mb: u64,
 }
 
 /// Online CPU count (the default for `--cores`).

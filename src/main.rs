@@ -187,6 +187,15 @@ struct ServeArgs {
     /// Do not keep an initialised standby instance per function (process backend).
     #[arg(long)]
     no_standby: bool,
+    /// Memory all instances may reserve together, MiB: the sum of memory_mb over instances
+    /// alive or starting and standbys (default: 75% of RAM). A deploy that does not fit gets
+    /// 503 memory_budget_exhausted; a scale-out waits for room, then 503.
+    #[arg(long)]
+    instance_memory_max_mb: Option<u64>,
+    /// Disk all functions may use together (unpacked code and backend artifacts), MiB. A
+    /// deploy that does not fit gets 507 insufficient_storage.
+    #[arg(long, default_value_t = hearth::functions::budget::FUNCTIONS_DISK_MAX_MB_DEFAULT)]
+    functions_disk_max_mb: u64,
 }
 
 fn main() -> ExitCode {
@@ -276,6 +285,10 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         queue_depth_max: a.queue_depth_max.max(1),
         pin: !a.no_pin,
         standby: !a.no_standby,
+        instance_memory_max_mb: a
+            .instance_memory_max_mb
+            .unwrap_or_else(hearth::functions::budget::default_instance_memory_max_mb),
+        functions_disk_max_mb: a.functions_disk_max_mb,
     };
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| format!("cannot create state dir {}: {e}", cfg.state_dir.display()))?;

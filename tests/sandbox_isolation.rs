@@ -299,7 +299,7 @@ send({{
     let env: BTreeMap<String, String> = serde_json::from_value(r["env"].clone()).unwrap();
     let want: BTreeMap<String, String> = spec.env.iter().cloned().collect();
     assert_eq!(env, want);
-    assert_eq!(r["hostname"], spec.name);
+    assert_eq!(r["hostname"], "localhost");
     assert_eq!(
         r["fd2"], "/dev/null",
         "hearth's stderr must not reach the sandbox by default"
@@ -884,4 +884,168 @@ fn measure_spawn_to_first_byte() {
     );
     eprintln!("median over {RUNS}: spawn() returned {o:?}; first byte on fd 3 {s:?}; bare node -e first byte {b:?}");
     assert!(s < Duration::from_secs(5));
+}
+
+/// Host files of `/proc` that must read as empty inside (each checked only where the host
+/// kernel has it), and host directories that must look empty.
+const MASKED_FILES: &[&str] = &[
+    "kallsyms",
+    "cmdline",
+    "config.gz",
+    "keys",
+    "timer_list",
+    "sched_debug",
+    "modules",
+];
+const MASKED_DIRS: &[&str] = &["acpi", "scsi"];
+
+#[test]
+fn proc_hides_host_details_and_the_hostname_is_neutral() {
+    if !can_run() {
+        return;
+    }
+    let script = format!(
+        r#"{PRELUDE}
+const os = require('os');
+const r = {{ files: {{}}, dirs: {{}} }};
+for (const f of {files:?}) {{
+  try {{ r.files[f] = fs.readFileSync('/proc/' + f).length; }} catch (e) {{ r.files[f] = e.code; }}
+}}
+for (const d of {dirs:?}) {{
+  try {{ r.dirs[d] = fs.readdirSync('/proc/' + d).length; }} catch (e) {{ r.dirs[d] = e.code; }}
+}}
+r.kcore = t(() => fs.readSync(fs.openSync('/proc/kcore', 'r'), Buffer.alloc(16), 0, 16, 0));
+r.kcore_size = t(() => {{ if (fs.statSync('/proc/kcore').size !== 0) throw {{ code: 'nonempty' }}; }});
+r.sysrq = t(() => fs.writeFileSync('/proc/sysrq-trigger', 'h'));
+r.hostname = os.hostname();
+r.uname = fs.readFileSync('/proc/sys/kernel/hostname', 'utf8').trim();
+send(r);
+"#,
+        files = MASKED_FILES,
+        dirs = MASKED_DIRS,
+    );
+    let mut sb = spawn(Path::new(HEARTH), &node_spec(&script)).unwrap();
+    let r = read_json(&mut sb);
+    wait_exit(&mut sb, Duration::from_secs(20));
+    for f in MASKED_FILES {
+        let host = Path::new("/proc").join(f);
+        if !host.exists() {
+            continue;
+        }
+        assert_eq!(r["files"][f], 0, "/proc/{f} must read as empty inside: {r}");
+    }
+    for d in MASKED_DIRS {
+        let host = Path::new("/proc").join(d);
+        if !host.is_dir() {
+            continue;
+        }
+        assert_eq!(r["dirs"][d], 0, "/proc/{d} must look empty inside: {r}");
+    }
+    if Path::new("/proc/kcore").exists() {
+        assert_eq!(r["kcore_size"], "ok", "{r}");
+        // Nothing to read: either the read-only /dev/null (0 bytes) or EACCES.
+        assert!(r["kcore"] == "ok" || r["kcore"] == "EACCES", "{r}");
+    }
+    if Path::new("/proc/sysrq-trigger").exists() {
+        assert!(r["sysrq"] == "EROFS" || r["sysrq"] == "EACCES", "{r}");
+    }
+    assert_eq!(r["hostname"], "localhost", "{r}");
+    assert_eq!(r["uname"], "localhost", "{r}");
+    // Something to compare with: the host does have readable symbols and a command line.
+    assert!(!fs::read("/proc/cmdline").unwrap().is_empty());
+}
+
+/// The escape probe: runs only inside a sandbox (`PROBE_ENV` = "escape"), where this test
+/// binary is PID 1. It tries to widen its CPU affinity and to open sockets of families that
+/// reach past the network namespace, and reports on fd 3.
+#[test]
+fn escape_probe_helper() {
+    if std::env::var(PROBE_ENV).as_deref() != Ok("escape") {
+        return;
+    }
+    fn outcome(rc: libc::c_int) -> String {
+        if rc >= 0 {
+            return "ok".into();
+        }
+        match std::io::Error::last_os_error().raw_os_error().unwrap() {
+            libc::EPERM => "EPERM".into(),
+            libc::EAFNOSUPPORT => "EAFNOSUPPORT".into(),
+            libc::EACCES => "EACCES".into(),
+            other => format!("errno {other}"),
+        }
+    }
+    let cpus = || {
+        let s = fs::read_to_string("/proc/self/status").unwrap();
+        status_field(&s, "Cpus_allowed_list")
+    };
+    let mut r = serde_json::Map::new();
+    r.insert("cpus_before".into(), cpus().into());
+    // SAFETY: plain system calls on this throwaway process; sockets are closed at exit.
+    unsafe {
+        let mut all: libc::cpu_set_t = std::mem::zeroed();
+        for c in 0..libc::CPU_SETSIZE as usize {
+            libc::CPU_SET(c, &mut all);
+        }
+        let rc = libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &all);
+        r.insert("setaffinity".into(), outcome(rc).into());
+        let mut got: libc::cpu_set_t = std::mem::zeroed();
+        let rc = libc::sched_getaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &mut got);
+        r.insert("getaffinity".into(), outcome(rc).into());
+        for (name, family, kind) in [
+            ("vsock", libc::AF_VSOCK, libc::SOCK_STREAM),
+            ("packet", libc::AF_PACKET, libc::SOCK_RAW),
+            ("inet", libc::AF_INET, libc::SOCK_STREAM),
+            ("unix", libc::AF_UNIX, libc::SOCK_STREAM),
+            ("netlink", libc::AF_NETLINK, libc::SOCK_RAW),
+        ] {
+            r.insert(name.into(), outcome(libc::socket(family, kind, 0)).into());
+        }
+    }
+    r.insert("cpus_after".into(), cpus().into());
+    let msg = format!("{}\n", Value::Object(r));
+    // SAFETY: writes a valid buffer to the channel.
+    unsafe { libc::write(3, msg.as_ptr().cast(), msg.len()) };
+}
+
+#[test]
+fn instances_cannot_leave_their_core_or_open_vsock_sockets() {
+    if !can_run() {
+        return;
+    }
+    let code = code_dir("escape");
+    let probe = code.join("probe");
+    fs::copy(std::env::current_exe().unwrap(), &probe).unwrap();
+    fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).unwrap();
+    let mut spec = spec_for(
+        &code,
+        [
+            "/var/task/probe",
+            "--exact",
+            "escape_probe_helper",
+            "--test-threads=1",
+            "-q",
+        ]
+        .map(String::from)
+        .to_vec(),
+    );
+    spec.env.push((PROBE_ENV.into(), "escape".into()));
+    spec.cpu_core = Some(0);
+    let mut sb = spawn(Path::new(HEARTH), &spec).unwrap();
+    let text = read_message(&sb.channel, Duration::from_secs(20));
+    let r: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    wait_exit(&mut sb, Duration::from_secs(20));
+    assert_eq!(r["cpus_before"], "0", "{r}");
+    assert_eq!(r["setaffinity"], "EPERM", "{r}");
+    assert_eq!(
+        r["cpus_after"], "0",
+        "the instance widened its CPU mask: {r}"
+    );
+    assert_eq!(r["getaffinity"], "ok", "libuv reads its affinity: {r}");
+    assert_eq!(r["vsock"], "EAFNOSUPPORT", "{r}");
+    assert_eq!(r["packet"], "EAFNOSUPPORT", "{r}");
+    for key in ["inet", "unix", "netlink"] {
+        assert_eq!(r[key], "ok", "{key}: {r}");
+    }
+    sb.destroy();
+    let _ = fs::remove_dir_all(&code);
 }

@@ -19,6 +19,7 @@ use crate::control::{handler, multipart, settings};
 use crate::engine::conn::ReplyTo;
 use crate::engine::worker::Msg;
 use crate::engine::Shared;
+use crate::functions::budget::{self, Reservation};
 use crate::functions::{self, store, Function, FunctionSpec, FUNCTIONS_MAX};
 use crate::http::parse::Request;
 use crate::http::response::json_error;
@@ -242,7 +243,7 @@ fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
         }
     };
     let result = stage(shared, &staging, &id, code, settings);
-    let (spec, init_logs) = match result {
+    let (spec, init_logs, held) = match result {
         Ok(x) => x,
         Err(a) => {
             store::remove_tree(&staging);
@@ -257,7 +258,10 @@ fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
             return error(500, "io", &format!("cannot publish the function: {e}"));
         }
     };
-    let f = Arc::new(Function::new(spec, dir));
+    let f = Arc::new(Function::new(spec, dir, shared.functions.memory.clone()));
+    for r in held {
+        f.hold(r);
+    }
     f.logs.lock().unwrap().extend_init(&init_logs);
     shared.functions.insert(f.clone());
     shared.broadcast(|| Msg::FunctionsChanged);
@@ -284,17 +288,59 @@ fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
     )
 }
 
-/// Unpacks, checks and prepares a function in `staging`.
+/// 503 for a deploy whose first instance does not fit in the memory budget.
+fn memory_exhausted(shared: &Shared, memory_mb: u32) -> Answer {
+    error(
+        503,
+        "memory_budget_exhausted",
+        &format!(
+            "cannot start the function's first instance: {}; delete functions or raise --instance-memory-max-mb",
+            shared.functions.memory.explain(u64::from(memory_mb))
+        ),
+    )
+}
+
+/// 507 for a deploy that does not fit in the functions' disk budget; `why` says by how much.
+fn disk_exhausted(why: &str) -> Answer {
+    error(
+        507,
+        "insufficient_storage",
+        &format!("{why}; delete functions or raise --functions-disk-max-mb"),
+    )
+}
+
+/// Unpacks, checks and prepares a function in `staging`. Returns what the function
+/// holds of the server's budgets (its disk space and, with a standby, its memory).
 fn stage(
     shared: &Shared,
     staging: &Path,
     id: &str,
     code: &[u8],
     s: settings::DeploySettings,
-) -> Result<(FunctionSpec, Vec<String>), Answer> {
+) -> Result<(FunctionSpec, Vec<String>, Vec<Reservation>), Answer> {
+    // The first instance (template or standby) must fit before anything is unpacked.
+    let memory = shared
+        .functions
+        .memory
+        .try_reserve(u64::from(s.memory_mb))
+        .ok_or_else(|| memory_exhausted(shared, s.memory_mb))?;
+    let disk = &shared.functions.disk;
+    let mut limits = ArchiveLimits::default();
+    let disk_bound = disk.remaining() < limits.unpacked_bytes_max;
+    limits.unpacked_bytes_max = limits.unpacked_bytes_max.min(disk.remaining());
     let code_dir = staging.join("code");
-    let extracted = archive::extract_zip(code, &code_dir, &ArchiveLimits::default())
-        .map_err(|e| error(e.status, e.code, &e.message))?;
+    let extracted = archive::extract_zip(code, &code_dir, &limits).map_err(|e| {
+        if disk_bound && e.code == "unpacked_too_large" {
+            disk_exhausted(&format!(
+                "the server's functions disk budget has {} of {} bytes left: {}",
+                disk.remaining(),
+                disk.max(),
+                e.message
+            ))
+        } else {
+            error(e.status, e.code, &e.message)
+        }
+    })?;
     let handler = handler::resolve_handler(&code_dir, s.handler.as_deref())
         .map_err(|e| error(400, "bad_handler", &e.message))?;
     let spec = FunctionSpec {
@@ -336,7 +382,17 @@ fn stage(
                 &format!("could not start the function: {m}"),
             ),
         })?;
-    Ok((spec, logs))
+    // What the function really occupies, artifacts and block rounding included.
+    let on_disk = budget::disk_bytes(staging);
+    let Some(disk) = disk.try_reserve(on_disk) else {
+        shared.functions.backend.forget(id);
+        return Err(disk_exhausted(&disk.explain(on_disk)));
+    };
+    let mut held = vec![disk];
+    if shared.functions.backend.keeps_standby() {
+        held.push(memory);
+    }
+    Ok((spec, logs, held))
 }
 
 /// Flushes the staged files to disk before they are published (one syncfs
@@ -361,7 +417,10 @@ fn delete(shared: &Arc<Shared>, id: &str) -> Answer {
     }
     shared.functions.backend.forget(id);
     match store::trash(&shared.functions.functions_dir, id) {
-        Ok(p) => store::remove_tree(&p),
+        Ok(p) => {
+            store::remove_tree(&p);
+            f.release_held();
+        }
         Err(e) => {
             return error(
                 500,

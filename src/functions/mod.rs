@@ -6,6 +6,7 @@
 //! functions change) and its own instances; only a function's instance count
 //! is shared (an atomic), so its concurrency limit holds across cores.
 
+pub mod budget;
 pub mod logs;
 pub mod pool;
 pub mod store;
@@ -24,6 +25,7 @@ use crate::engine::worker::Msg;
 use crate::engine::Shared;
 use crate::metrics::FunctionMetrics;
 use crate::sandbox::{Backend, Instance, StartError};
+use budget::{Budget, Reservation};
 
 pub use pool::CorePool;
 
@@ -64,20 +66,40 @@ pub struct Function {
     /// Set by `DELETE`: cores stop taking requests for it.
     pub deleted: AtomicBool,
     pub logs: Mutex<logs::LogRing>,
+    /// The server's instance memory budget; each instance slot holds `memory_mb` of it.
+    memory: Arc<Budget>,
+    /// What the function holds for as long as it exists: its standby's memory and its
+    /// disk space. Released by [`Function::release_held`] when it is deleted.
+    held: Mutex<Vec<Reservation>>,
+}
+
+/// Why [`Function::try_reserve`] gave no instance slot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NoSlot {
+    /// The function runs `concurrency` instances already.
+    Concurrency,
+    /// Another instance would exceed the server's instance memory budget.
+    Memory,
 }
 
 impl Function {
-    /// Reserves one instance slot if below the concurrency limit.
-    pub fn try_reserve(&self) -> bool {
+    /// Reserves one instance slot: below the concurrency limit, and `memory_mb` of the
+    /// server's memory budget. [`Function::release`] gives both back.
+    pub fn try_reserve(&self) -> Result<(), NoSlot> {
         let limit = self.spec.concurrency;
         self.instances
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
                 (n < limit).then_some(n + 1)
             })
-            .is_ok()
+            .map_err(|_| NoSlot::Concurrency)?;
+        if !self.memory.try_take(u64::from(self.spec.memory_mb)) {
+            self.instances.fetch_sub(1, Ordering::AcqRel);
+            return Err(NoSlot::Memory);
+        }
+        Ok(())
     }
 
-    /// Gives a slot back.
+    /// Gives a slot back (its instance is gone or going: killed, handed to the reaper).
     pub fn release(&self) {
         let prev = self.instances.fetch_sub(1, Ordering::AcqRel);
         assert!(
@@ -85,6 +107,17 @@ impl Function {
             "instance count of {} went below zero",
             self.spec.id
         );
+        self.memory.give(u64::from(self.spec.memory_mb));
+    }
+
+    /// Keeps `r` until the function is deleted.
+    pub fn hold(&self, r: Reservation) {
+        self.held.lock().unwrap().push(r);
+    }
+
+    /// Releases what the function held (its standby is destroyed, its files removed).
+    pub fn release_held(&self) {
+        self.held.lock().unwrap().clear();
     }
 
     /// The code directory mounted at /var/task.
@@ -119,6 +152,10 @@ pub struct Registry {
     pub functions_dir: PathBuf,
     map: RwLock<HashMap<String, Arc<Function>>>,
     pub backend: Box<dyn Backend>,
+    /// Memory of all instances and standbys, MiB (`--instance-memory-max-mb`).
+    pub memory: Arc<Budget>,
+    /// Disk of all functions' code and artifacts, bytes (`--functions-disk-max-mb`).
+    pub disk: Arc<Budget>,
     jobs: Mutex<Option<Receiver<StartJob>>>,
     job_tx: Sender<StartJob>,
     reap_tx: Mutex<Sender<Box<dyn Instance>>>,
@@ -136,9 +173,30 @@ impl Registry {
         let backend = crate::sandbox::select(cfg)?;
         let functions_dir = cfg.state_dir.join("functions");
         let specs = store::load_all(&functions_dir)?;
+        let memory = Budget::new("instance memory", "MiB", cfg.instance_memory_max_mb);
+        let disk = Budget::new(
+            "functions disk",
+            "bytes",
+            cfg.functions_disk_max_mb.saturating_mul(1 << 20),
+        );
         let mut map = HashMap::new();
         for (spec, dir) in specs {
-            map.insert(spec.id.clone(), Arc::new(Function::new(spec, dir)));
+            let f = Function::new(spec, dir, memory.clone());
+            // What exists counts, even beyond a budget lowered since.
+            f.hold(disk.reserve_over(budget::disk_bytes(&f.dir)));
+            if backend.keeps_standby() {
+                f.hold(memory.reserve_over(u64::from(f.spec.memory_mb)));
+            }
+            map.insert(f.spec.id.clone(), Arc::new(f));
+        }
+        for (b, unit) in [(&memory, "MiB"), (&disk, "bytes")] {
+            if b.used() > b.max() {
+                eprintln!(
+                    "hearth: warning: loaded functions take {} {unit}, over the budget of {} {unit}; nothing new fits until some are deleted",
+                    b.used(),
+                    b.max()
+                );
+            }
         }
         if !map.is_empty() {
             eprintln!(
@@ -153,6 +211,8 @@ impl Registry {
             functions_dir,
             map: RwLock::new(map),
             backend,
+            memory,
+            disk,
             jobs: Mutex::new(Some(jobs)),
             job_tx,
             reap_tx: Mutex::new(reap_tx),
@@ -290,8 +350,8 @@ impl Registry {
 }
 
 impl Function {
-    /// A function loaded from `dir`.
-    pub fn new(spec: FunctionSpec, dir: PathBuf) -> Function {
+    /// A function in `dir` whose instances draw on `memory`.
+    pub fn new(spec: FunctionSpec, dir: PathBuf, memory: Arc<Budget>) -> Function {
         Function {
             spec,
             dir,
@@ -300,6 +360,8 @@ impl Function {
             starved: std::sync::atomic::AtomicU64::new(0),
             deleted: AtomicBool::new(false),
             logs: Mutex::new(logs::LogRing::default()),
+            memory,
+            held: Mutex::new(Vec::new()),
         }
     }
 }

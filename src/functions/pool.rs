@@ -19,7 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use slab::Slab;
 
-use super::{Function, Reply, Started};
+use super::{Function, NoSlot, Reply, Started};
 use crate::engine::conn::{ConnState, ReplyTo};
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::worker::Token;
@@ -43,6 +43,10 @@ pub const CPU_SATURATED_PCT: u64 = 90;
 /// Time an instance whose channel closed gets to exit by itself (the agent
 /// sends its last log lines) before it is killed; checked every tick.
 pub const EXIT_GRACE: Duration = Duration::from_millis(300);
+/// A queued request of a function with no instance anywhere, which cannot
+/// start one because the server's instance memory budget is taken, gets 503
+/// `memory_budget_exhausted` after waiting this long for room.
+pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
 /// Busy instance time a function needs in one tick before its fit is re-estimated.
 const FIT_SAMPLE_MIN: Duration = Duration::from_millis(10);
 /// Upper bound of an estimated fit (instances that keep one core busy).
@@ -420,14 +424,59 @@ impl CorePool {
                 continue;
             }
             let fs = self.fns.get_mut(id).expect("present");
-            if !fs.f.try_reserve() {
-                // At the concurrency limit: let the cores holding instances know.
-                fs.f.starved.fetch_or(1u64 << self.core, Relaxed);
-                return;
+            match fs.f.try_reserve() {
+                Ok(()) => {}
+                Err(NoSlot::Concurrency) => {
+                    // At the concurrency limit: let the cores holding instances know.
+                    fs.f.starved.fetch_or(1u64 << self.core, Relaxed);
+                    return;
+                }
+                Err(NoSlot::Memory) => {
+                    // Make room from idle instances of other functions, as for slots.
+                    if self.evict_idle(id, streams, dirty, now) {
+                        continue;
+                    }
+                    self.over_memory_budget(id, now);
+                    return;
+                }
             }
             fs.starting += 1;
             add(&fs.f.metrics.cold_starts, 1);
             self.shared.functions.request_start(self.core, fs.f.clone());
+        }
+    }
+
+    /// No room in the memory budget for an instance of `id`: its requests wait for
+    /// instances held elsewhere (cores hand idle ones over) or for room; with no
+    /// instance anywhere, those that waited [`MEMORY_WAIT_MAX`] get 503.
+    fn over_memory_budget(&mut self, id: &str, now: Instant) {
+        let Some(fs) = self.fns.get_mut(id) else {
+            return;
+        };
+        fs.f.starved.fetch_or(1u64 << self.core, Relaxed);
+        if fs.live + fs.starting > 0 || fs.f.instances.load(Relaxed) > 0 {
+            return;
+        }
+        let memory = &self.shared.functions.memory;
+        while fs
+            .queue
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.arrived) >= MEMORY_WAIT_MAX)
+        {
+            let p = fs.queue.pop_front().expect("front exists");
+            fs.f.metrics.queue_depth.fetch_sub(1, Relaxed);
+            fs.f.metrics.error(ErrorKind::Throttled);
+            let mut r = json_reply(
+                p.to,
+                503,
+                "memory_budget_exhausted",
+                &format!(
+                    "no instance of function {id} can start: {}",
+                    memory.explain(u64::from(fs.f.spec.memory_mb))
+                ),
+            );
+            r.headers.push(("retry-after".into(), "1".into()));
+            self.replies.push_back(r);
         }
     }
 

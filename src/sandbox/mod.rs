@@ -148,6 +148,11 @@ pub trait Backend: Send + Sync {
     }
     /// Releases everything at server shutdown.
     fn shutdown(&self) {}
+    /// Whether the backend keeps one initialised instance per function between requests
+    /// (a standby), which the server's memory budget must count.
+    fn keeps_standby(&self) -> bool {
+        false
+    }
 }
 
 /// Picks the backend for `cfg.backend` (`auto`: the best this host runs).

@@ -13,6 +13,8 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
+
+use super::process::uids::{UidLease, UidPool};
 use std::time::Duration;
 
 use super::handshake;
@@ -29,7 +31,8 @@ pub const TMP_BYTES: u64 = 64 << 20;
 pub const PIDS_MAX: u32 = 256;
 /// CPU quota per instance: at most one core.
 pub const CPU_MILLICORES: u32 = 1000;
-/// First host uid mapped to an instance's root; each instance gets its own.
+/// First host uid mapped to an instance's root; each live instance holds its own
+/// (see [`UidPool`]), so at most this many instances live at once.
 const HOST_UID_BASE: u32 = 200_000;
 const HOST_UID_SPAN: u32 = 60_000;
 
@@ -39,6 +42,8 @@ pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
 /// An instance of the process backend.
 pub struct ProcInstance {
     sandbox: Sandbox,
+    /// Declared after `sandbox`: dropped (and reusable) only once the sandbox is torn down.
+    uid: UidLease,
     channel: Option<OwnedFd>,
     /// Host pid of the runtime (the agent's child), found on first use.
     runtime_pid: Option<i32>,
@@ -58,10 +63,13 @@ impl Instance for ProcInstance {
     }
     fn destroy(self: Box<Self>) {
         let ProcInstance {
-            sandbox, channel, ..
+            sandbox,
+            uid,
+            channel,
+            ..
         } = *self;
         drop(channel);
-        sandbox.destroy();
+        retire_uid(sandbox.destroy(), uid);
     }
     fn repin(&mut self, core: usize) {
         pin_tree(self.sandbox.pid, core);
@@ -91,7 +99,9 @@ impl Instance for ProcInstance {
 struct Inner {
     hearth_exe: PathBuf,
     runtime_root: PathBuf,
-    next_uid: AtomicU32,
+    uids: Arc<UidPool>,
+    /// Numbers instances for their cgroup names.
+    next_seq: AtomicU32,
     standbys: Mutex<HashMap<String, ProcInstance>>,
     /// Functions whose standby is being made.
     refilling: Mutex<HashSet<String>>,
@@ -152,7 +162,14 @@ impl ProcessBackend {
             inner: Arc::new(Inner {
                 hearth_exe,
                 runtime_root,
-                next_uid: AtomicU32::new(0),
+                // Servers on one host share the range; a pid-derived start keeps their
+                // instances apart in practice (one server per host is the supported setup).
+                uids: UidPool::new(
+                    HOST_UID_BASE,
+                    HOST_UID_SPAN,
+                    std::process::id().wrapping_mul(7919),
+                ),
+                next_seq: AtomicU32::new(0),
                 standbys: Mutex::new(HashMap::new()),
                 refilling: Mutex::new(HashSet::new()),
                 forgotten: Mutex::new(HashSet::new()),
@@ -169,7 +186,11 @@ impl Inner {
         dir: &Path,
         core: Option<usize>,
     ) -> Result<(ProcInstance, InitLogs), StartError> {
-        let n = self.next_uid.fetch_add(1, Ordering::Relaxed);
+        let n = self.next_seq.fetch_add(1, Ordering::Relaxed);
+        let uid = self
+            .uids
+            .lease()
+            .map_err(|e| StartError::Sandbox(e.to_string()))?;
         let sspec = SandboxSpec {
             runtime_root: self.runtime_root.clone(),
             code_dir: dir.join("code"),
@@ -178,7 +199,7 @@ impl Inner {
             pids_max: PIDS_MAX,
             cpu_millicores: CPU_MILLICORES,
             cpu_core: core,
-            host_uid: HOST_UID_BASE + n % HOST_UID_SPAN,
+            host_uid: uid.uid(),
             name: format!("{}-{}-{n}", spec.id, std::process::id()),
             // Direct mode: Node gets the channel, the agent stays off the
             // request path and sends raw output on the log socket.
@@ -200,6 +221,7 @@ impl Inner {
                 Ok((
                     ProcInstance {
                         sandbox,
+                        uid,
                         channel: Some(channel),
                         runtime_pid: None,
                         logs: log_socket,
@@ -212,7 +234,7 @@ impl Inner {
                 let tail = log_socket
                     .map(|fd| handshake::drain_logs(fd.as_fd(), Duration::from_millis(200)))
                     .unwrap_or_default();
-                sandbox.destroy();
+                retire_uid(sandbox.destroy(), uid);
                 Err(StartError::Sandbox(if tail.is_empty() {
                     why
                 } else {
@@ -220,7 +242,7 @@ impl Inner {
                 }))
             }
             Err(e) => {
-                sandbox.destroy();
+                retire_uid(sandbox.destroy(), uid);
                 Err(e)
             }
         }
@@ -300,6 +322,10 @@ impl Backend for ProcessBackend {
         }
     }
 
+    fn keeps_standby(&self) -> bool {
+        self.inner.use_standby
+    }
+
     fn shutdown(&self) {
         let all: Vec<ProcInstance> = self
             .inner
@@ -312,6 +338,18 @@ impl Backend for ProcessBackend {
         for inst in all {
             Box::new(inst).destroy();
         }
+    }
+}
+
+/// Returns a destroyed sandbox's uid to the pool, unless the sandbox could not be reaped:
+/// its processes may still run as that uid, so it is never handed to another instance.
+fn retire_uid(reaped: bool, uid: UidLease) {
+    if !reaped {
+        eprintln!(
+            "hearth: host uid {} stays reserved: its sandbox was not reaped",
+            uid.uid()
+        );
+        std::mem::forget(uid);
     }
 }
 

@@ -42,6 +42,29 @@ const TMP_INODES_MIN: u64 = 1024;
 const TMP_INODES_MAX: u64 = 1 << 20;
 /// RLIMIT_NOFILE inside (what AWS Lambda grants).
 pub const NOFILE_MAX: u64 = 1024;
+/// The hostname inside every sandbox: fixed, so it tells nothing about the host, hearth or
+/// the instance (resolvable through the runtime root's `/etc/hosts`).
+pub const HOSTNAME: &str = "localhost";
+/// Files of `/proc` that describe the host (kernel symbols, boot command line, build config,
+/// keyrings, timers, scheduler internals) or act on it (`sysrq-trigger`): a read-only
+/// `/dev/null` is bound over each that exists, as container runtimes do.
+pub const PROC_MASKED_FILES: &[&str] = &[
+    "kallsyms",
+    "kcore",
+    "config.gz",
+    "cmdline",
+    "keys",
+    "key-users",
+    "modules",
+    "timer_list",
+    "timer_stats",
+    "sched_debug",
+    "latency_stats",
+    "sysrq-trigger",
+];
+/// Directories of `/proc` about the host's hardware: an empty read-only tmpfs covers each that
+/// exists.
+pub const PROC_MASKED_DIRS: &[&str] = &["acpi", "scsi", "asound", "driver"];
 /// Environment variable (of hearth, passed on to the launcher): `inherit` keeps hearth's
 /// stderr as the sandbox's fd 2, for debugging the agent. Otherwise fd 2 is /dev/null, because
 /// anything in the sandbox running as its uid could reach that descriptor via /proc/1/fd/2.
@@ -156,6 +179,8 @@ struct Prepared {
     tmp: CString,
     tmp_options: CString,
     proc_: CString,
+    /// `(target, is_dir)` for every masked `/proc` path, under the root.
+    proc_masks: Vec<(CString, bool)>,
     devices: Vec<(CString, CString)>,
     hostname: Vec<u8>,
     tmp_bytes: u64,
@@ -201,8 +226,14 @@ fn prepare(spec: &SandboxSpec, has_pids_cgroup: bool) -> Result<Prepared, String
             "tmpfs options",
         )?,
         proc_: cpath(&root.join("proc"))?,
+        proc_masks: PROC_MASKED_FILES
+            .iter()
+            .map(|f| (f, false))
+            .chain(PROC_MASKED_DIRS.iter().map(|d| (d, true)))
+            .map(|(name, dir)| Ok((cpath(&root.join("proc").join(name))?, dir)))
+            .collect::<Result<_, String>>()?,
         devices,
-        hostname: spec.name.as_bytes().to_vec(),
+        hostname: HOSTNAME.as_bytes().to_vec(),
         tmp_bytes: spec.tmp_bytes,
         // Without a pids cgroup, RLIMIT_NPROC on the sandbox's own host uid is the fallback
         // fork-bomb guard (it counts every task of that uid on the host).
@@ -488,6 +519,44 @@ fn bind_read_only(src: &CStr, target: &CStr) -> Result<(), String> {
     )
 }
 
+/// Covers the host details of the freshly mounted `/proc` (see [`PROC_MASKED_FILES`] and
+/// [`PROC_MASKED_DIRS`]); paths this kernel does not have are skipped.
+fn mask_proc(masks: &[(CString, bool)]) -> Result<(), String> {
+    for (target, is_dir) in masks {
+        // SAFETY: an all-zero stat is a valid value of this plain C struct.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: stat writes into the struct we own; the path is NUL-terminated.
+        if unsafe { libc::stat(target.as_ptr(), &mut st) } != 0 {
+            if io::Error::last_os_error().raw_os_error() == Some(libc::ENOENT) {
+                continue;
+            }
+            return Err(os_err(&format!("stat {target:?}")));
+        }
+        if *is_dir {
+            mount(
+                Some(c"tmpfs"),
+                target,
+                Some(c"tmpfs"),
+                libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
+                Some(c"size=4k,nr_inodes=1,mode=0555"),
+            )?;
+        } else {
+            // Not `bind_read_only`: a device node on a nodev mount cannot be opened at all,
+            // and readers should see an empty file, not EACCES.
+            mount(Some(c"/dev/null"), target, None, libc::MS_BIND, None)?;
+            let keep = locked_flags(target)?;
+            mount(
+                None,
+                target,
+                None,
+                libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY | libc::MS_NOSUID | keep,
+                None,
+            )?;
+        }
+    }
+    Ok(())
+}
+
 /// Builds the sandbox's view of the world and execs. Returns only on failure.
 fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
     // Nothing we mount may propagate back to the host.
@@ -518,6 +587,7 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
         libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC,
         None,
     )?;
+    mask_proc(&p.proc_masks)?;
     for (host, target) in &p.devices {
         mount(Some(host), target, None, libc::MS_BIND, None)?;
     }

@@ -25,6 +25,7 @@ pub mod cgroup;
 pub mod launch;
 pub mod rootfs;
 pub mod seccomp;
+pub mod uids;
 
 use std::fmt;
 use std::io::{self, Write};
@@ -43,7 +44,7 @@ use launch::Line;
 pub const SPAWN_TIMEOUT_MS: u64 = 15_000;
 /// How long [`Sandbox::destroy`] waits for PID 1 to be reaped after SIGKILL.
 pub const DESTROY_WAIT_MS: u64 = 5_000;
-/// Longest instance name (it is the hostname inside: HOST_NAME_MAX).
+/// Longest instance name (a cgroup directory name).
 pub const NAME_BYTES_MAX: usize = 64;
 /// Smallest `/tmp`: tmpfs reads `size=0` as "unlimited", so zero must never reach it.
 pub const TMP_BYTES_MIN: u64 = 4096;
@@ -69,7 +70,8 @@ pub struct SandboxSpec {
     pub cpu_core: Option<usize>,
     /// Host uid and gid that uid/gid 0 inside maps to; the only ids mapped. Never 0.
     pub host_uid: u32,
-    /// Unique instance name: cgroup directory name and hostname.
+    /// Unique instance name: the cgroup directory name (the hostname inside is always
+    /// [`launch::HOSTNAME`]).
     pub name: String,
     /// Command inside; argv[0] is an absolute path in the runtime root.
     pub argv: Vec<String>,
@@ -450,9 +452,10 @@ impl Sandbox {
     }
 
     /// Kills the sandbox, reaps PID 1 (waiting at most [`DESTROY_WAIT_MS`]) and removes its
-    /// cgroups.
-    pub fn destroy(mut self) {
-        self.teardown();
+    /// cgroups. Returns false if PID 1 could not be reaped in time (its processes may live on,
+    /// so its host uid must not be reused).
+    pub fn destroy(mut self) -> bool {
+        self.teardown()
     }
 
     /// Waits up to `limit` for PID 1 to exit (and reaps it); true once it has.
@@ -497,9 +500,10 @@ impl Sandbox {
         self.group.as_ref().map(Group::dirs).unwrap_or_default()
     }
 
-    fn teardown(&mut self) {
+    /// True once PID 1 is reaped (so every process of its pid namespace is gone).
+    fn teardown(&mut self) -> bool {
         if self.destroyed {
-            return;
+            return self.status.is_some();
         }
         self.destroyed = true;
         self.kill();
@@ -508,13 +512,14 @@ impl Sandbox {
                 "hearth: sandbox pid {} did not exit within {DESTROY_WAIT_MS} ms of SIGKILL",
                 self.pid
             );
-            return;
+            return false;
         }
         if let Some(g) = &self.group {
             if let Err(e) = g.remove() {
                 eprintln!("hearth: removing cgroups of sandbox pid {}: {e}", self.pid);
             }
         }
+        true
     }
 }
 

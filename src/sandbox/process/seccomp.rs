@@ -8,6 +8,14 @@
 //! on `ENOSYS`, and a BPF filter cannot look into `clone3`'s argument struct. A call made for a
 //! foreign architecture kills the process; x32 system calls are denied.
 //!
+//! Two calls are inspected by argument: `socket` may only open the address families a function
+//! needs ([`SOCKET_FAMILIES_ALLOWED`]: Unix, IPv4, IPv6, netlink, all confined by the network
+//! namespace); any other family (notably `AF_VSOCK`, which ignores network namespaces and
+//! reaches the host's hypervisor sockets) fails with `EAFNOSUPPORT`, as on a kernel built
+//! without it. `sched_setaffinity` fails with `EPERM`: an instance stays on the core hearth
+//! pinned it to (hearth re-pins from outside; `sched_getaffinity`, which libuv reads, stays
+//! allowed).
+//!
 //! The program is built by a tiny assembler with symbolic forward jumps ([`Asm`]), because
 //! classic BPF jump offsets are 8-bit and relative: computing them by hand is the classic way to
 //! get a filter silently wrong.
@@ -30,8 +38,18 @@ const SECCOMP_RET_ALLOW: u32 = 0x7fff_0000;
 const DATA_NR: u32 = 0;
 const DATA_ARCH: u32 = 4;
 /// Low 32 bits of args[0] (little-endian); clone's flags live there (the kernel ignores the
-/// upper half of the flags word of legacy clone).
+/// upper half of the flags word of legacy clone), and so does socket's address family (an
+/// `int`).
 const DATA_ARG0_LO: u32 = 16;
+
+/// Address families `socket` may open: everything else answers `EAFNOSUPPORT`. All four stay
+/// inside the sandbox's network namespace (or, for Unix sockets, its mount namespace).
+pub const SOCKET_FAMILIES_ALLOWED: &[(&str, i32)] = &[
+    ("AF_UNIX", libc::AF_UNIX),
+    ("AF_INET", libc::AF_INET),
+    ("AF_INET6", libc::AF_INET6),
+    ("AF_NETLINK", libc::AF_NETLINK),
+];
 
 #[cfg(target_arch = "x86_64")]
 const AUDIT_ARCH_NATIVE: u32 = 0xc000_003e; // AUDIT_ARCH_X86_64
@@ -102,6 +120,9 @@ pub fn denied_syscalls() -> Vec<(&'static str, i64)> {
         ("kcmp", libc::SYS_kcmp),
         ("vhangup", libc::SYS_vhangup),
         ("syslog", libc::SYS_syslog),
+        // hearth pins each instance to its core; widening the mask would let a function run
+        // beside other cores' event loops.
+        ("sched_setaffinity", libc::SYS_sched_setaffinity),
     ];
     #[cfg(target_arch = "x86_64")]
     v.extend([
@@ -247,6 +268,7 @@ pub fn build_filter() -> Result<Vec<SockFilter>, String> {
     let enosys = a.label();
     let allow = a.label();
     let clone_check = a.label();
+    let socket_check = a.label();
 
     a.load(DATA_ARCH);
     a.jeq(AUDIT_ARCH_NATIVE, Jump::Next, Jump::To(kill));
@@ -259,11 +281,24 @@ pub fn build_filter() -> Result<Vec<SockFilter>, String> {
     for (_, n) in enosys_syscalls() {
         a.jeq(nr(n), Jump::To(enosys), Jump::Next);
     }
-    a.jeq(nr(libc::SYS_clone), Jump::To(clone_check), Jump::To(allow));
+    a.jeq(nr(libc::SYS_clone), Jump::To(clone_check), Jump::Next);
+    a.jeq(
+        nr(libc::SYS_socket),
+        Jump::To(socket_check),
+        Jump::To(allow),
+    );
 
     a.bind(clone_check);
     a.load(DATA_ARG0_LO);
     a.jset(CLONE_NEW_MASK, Jump::To(eperm), Jump::To(allow));
+
+    a.bind(socket_check);
+    a.load(DATA_ARG0_LO);
+    for &(_, family) in SOCKET_FAMILIES_ALLOWED {
+        let family = u32::try_from(family).expect("address families are positive");
+        a.jeq(family, Jump::To(allow), Jump::Next);
+    }
+    a.ret(SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32);
 
     a.bind(kill);
     a.ret(SECCOMP_RET_KILL_PROCESS);
@@ -401,7 +436,6 @@ mod tests {
             libc::SYS_execve,
             libc::SYS_futex,
             libc::SYS_epoll_wait,
-            libc::SYS_socket,
             libc::SYS_wait4,
             libc::SYS_vfork,
         ] {
@@ -453,6 +487,52 @@ mod tests {
             let d = Data::call(libc::SYS_clone, fork | flag as u32 as u64);
             assert_eq!(run(&f, &d), eperm(), "flag {flag:#x}");
         }
+    }
+
+    #[test]
+    fn sched_setaffinity_is_denied_and_getaffinity_allowed() {
+        let f = build_filter().unwrap();
+        assert_eq!(
+            run(&f, &Data::call(libc::SYS_sched_setaffinity, 0)),
+            eperm()
+        );
+        assert_eq!(
+            run(&f, &Data::call(libc::SYS_sched_getaffinity, 0)),
+            SECCOMP_RET_ALLOW
+        );
+    }
+
+    #[test]
+    fn socket_opens_only_namespaced_families() {
+        let f = build_filter().unwrap();
+        let eafnosupport = SECCOMP_RET_ERRNO | libc::EAFNOSUPPORT as u32;
+        for &(name, family) in SOCKET_FAMILIES_ALLOWED {
+            let d = Data::call(libc::SYS_socket, family as u64);
+            assert_eq!(run(&f, &d), SECCOMP_RET_ALLOW, "{name}");
+        }
+        for family in [
+            libc::AF_VSOCK,
+            libc::AF_PACKET,
+            libc::AF_BLUETOOTH,
+            libc::AF_ALG,
+            libc::AF_KEY,
+            libc::AF_UNSPEC,
+            4242,
+        ] {
+            let d = Data::call(libc::SYS_socket, family as u64);
+            assert_eq!(run(&f, &d), eafnosupport, "family {family}");
+        }
+        // The family is an int: garbage in the upper half does not turn AF_VSOCK into AF_UNIX
+        // or the reverse (the kernel reads the low 32 bits).
+        let d = Data::call(libc::SYS_socket, libc::AF_INET as u64 | 1 << 40);
+        assert_eq!(run(&f, &d), SECCOMP_RET_ALLOW);
+        let d = Data::call(libc::SYS_socket, libc::AF_VSOCK as u64 | 1 << 40);
+        assert_eq!(run(&f, &d), eafnosupport);
+        // socketpair has no family that escapes the namespace worth filtering: it stays allowed.
+        assert_eq!(
+            run(&f, &Data::call(libc::SYS_socketpair, libc::AF_UNIX as u64)),
+            SECCOMP_RET_ALLOW
+        );
     }
 
     #[test]

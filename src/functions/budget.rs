@@ -1,0 +1,228 @@
+//! Server-wide budgets: memory for instances, disk for functions.
+//!
+//! Each function's limits are checked at deploy, but a thousand functions of 10 GiB, each with
+//! a standby, would outgrow any host. A [`Budget`] is one counter with a ceiling, shared by the
+//! whole server; [`Budget::try_reserve`] takes an amount atomically or refuses it, and the
+//! [`Reservation`] gives it back when dropped.
+//!
+//! - **Memory** (`--instance-memory-max-mb`, MiB): the `memory_mb` of every instance alive or
+//!   starting, and of each function's standby. A deploy reserves its first instance (kept as
+//!   the standby's share where the backend keeps one); a scale-out reserves one instance
+//!   ([`super::Function::try_reserve`]), released when the instance is retired.
+//! - **Disk** (`--functions-disk-max-mb`, bytes): each function's unpacked code plus its
+//!   backend artifacts, reserved at deploy and released when the function is deleted.
+//!
+//! Loaded functions are counted at start-up even beyond the ceiling (an operator may have
+//! lowered it); nothing new fits until enough is released.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// A ceiling on a quantity shared by the server, and how much of it is taken.
+#[derive(Debug)]
+pub struct Budget {
+    what: &'static str,
+    unit: &'static str,
+    max: u64,
+    used: AtomicU64,
+}
+
+/// An amount taken from a [`Budget`], returned on drop.
+#[derive(Debug)]
+pub struct Reservation {
+    budget: Arc<Budget>,
+    amount: u64,
+}
+
+impl Budget {
+    /// A budget of `max` units; `what` and `unit` name it in messages ("instance memory", "MiB").
+    pub fn new(what: &'static str, unit: &'static str, max: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            what,
+            unit,
+            max,
+            used: AtomicU64::new(0),
+        })
+    }
+
+    /// The ceiling.
+    pub fn max(&self) -> u64 {
+        self.max
+    }
+
+    /// How much is taken now.
+    pub fn used(&self) -> u64 {
+        self.used.load(Ordering::Acquire)
+    }
+
+    /// What is left (0 when over the ceiling).
+    pub fn remaining(&self) -> u64 {
+        self.max.saturating_sub(self.used())
+    }
+
+    /// Takes `amount` if it fits under the ceiling.
+    pub fn try_reserve(self: &Arc<Self>, amount: u64) -> Option<Reservation> {
+        self.try_take(amount).then(|| Reservation {
+            budget: self.clone(),
+            amount,
+        })
+    }
+
+    /// Takes `amount` even beyond the ceiling (for what already exists at start-up).
+    pub fn reserve_over(self: &Arc<Self>, amount: u64) -> Reservation {
+        self.used.fetch_add(amount, Ordering::AcqRel);
+        Reservation {
+            budget: self.clone(),
+            amount,
+        }
+    }
+
+    /// Takes `amount` if it fits; the caller must [`Budget::give`] it back exactly once.
+    /// For counts that already have an owner (a function's instance count); others use
+    /// [`Budget::try_reserve`].
+    pub fn try_take(&self, amount: u64) -> bool {
+        self.used
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                used.checked_add(amount).filter(|&n| n <= self.max)
+            })
+            .is_ok()
+    }
+
+    /// Returns what [`Budget::try_take`] took.
+    pub fn give(&self, amount: u64) {
+        let prev = self.used.fetch_sub(amount, Ordering::AcqRel);
+        assert!(
+            prev >= amount,
+            "{} budget went below zero ({prev} - {amount})",
+            self.what
+        );
+    }
+
+    /// "instance memory budget: 300 of 300 MiB in use, 128 more needed" and the like.
+    pub fn explain(&self, needed: u64) -> String {
+        format!(
+            "the server's {} budget is exhausted: {} of {} {} in use, {needed} more needed",
+            self.what,
+            self.used(),
+            self.max,
+            self.unit
+        )
+    }
+}
+
+impl Reservation {
+    /// How much this reservation holds.
+    pub fn amount(&self) -> u64 {
+        self.amount
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.budget.give(self.amount);
+    }
+}
+
+/// Default memory budget: 75 % of the host's RAM (MemTotal), in MiB; 4 GiB if unknown.
+pub fn default_instance_memory_max_mb() -> u64 {
+    let total_kib = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+        m.lines()
+            .find_map(|l| l.strip_prefix("MemTotal:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+    });
+    match total_kib {
+        Some(kib) => kib / 1024 * 3 / 4,
+        None => 4096,
+    }
+}
+
+/// Default disk budget for functions: 20 GiB, in MiB.
+pub const FUNCTIONS_DISK_MAX_MB_DEFAULT: u64 = 20 * 1024;
+
+/// Bytes a file or directory tree occupies on disk (allocated blocks, so a sparse VM memory
+/// file counts what it really holds); unreadable entries count 0.
+pub fn disk_bytes(path: &std::path::Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let mut total = 0u64;
+    let mut todo = vec![path.to_path_buf()];
+    while let Some(p) = todo.pop() {
+        let Ok(m) = std::fs::symlink_metadata(&p) else {
+            continue;
+        };
+        total = total.saturating_add(m.blocks().saturating_mul(512));
+        if m.is_dir() {
+            if let Ok(entries) = std::fs::read_dir(&p) {
+                todo.extend(entries.flatten().map(|e| e.path()));
+            }
+        }
+    }
+    total
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reservations_fit_under_the_ceiling_and_return_on_drop() {
+        let b = Budget::new("instance memory", "MiB", 300);
+        let a = b.try_reserve(128).expect("fits");
+        let c = b.try_reserve(128).expect("fits");
+        assert_eq!(b.used(), 256);
+        assert!(b.try_reserve(128).is_none(), "384 > 300");
+        assert_eq!(b.used(), 256, "a refused reservation takes nothing");
+        assert!(b.try_reserve(44).is_some_and(|r| r.amount() == 44));
+        drop(a);
+        assert_eq!(b.used(), 128);
+        assert!(b.try_reserve(128).is_some());
+        drop(c);
+        assert_eq!(b.used(), 0);
+        assert!(b
+            .explain(128)
+            .contains("0 of 300 MiB in use, 128 more needed"));
+    }
+
+    #[test]
+    fn forced_reservations_count_and_block_new_ones() {
+        let b = Budget::new("disk", "bytes", 100);
+        let old = b.reserve_over(150);
+        assert_eq!(b.remaining(), 0);
+        assert!(!b.try_take(1));
+        drop(old);
+        assert!(b.try_take(100));
+        b.give(100);
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn concurrent_reservations_never_exceed_the_ceiling() {
+        let b = Budget::new("instance memory", "MiB", 1000);
+        let threads: Vec<_> = (0..8)
+            .map(|_| {
+                let b = b.clone();
+                std::thread::spawn(move || {
+                    let mut held = Vec::new();
+                    for _ in 0..1000 {
+                        if let Some(r) = b.try_reserve(7) {
+                            assert!(b.used() <= 1000);
+                            held.push(r);
+                        }
+                        if held.len() > 10 {
+                            held.clear();
+                        }
+                    }
+                })
+            })
+            .collect();
+        for t in threads {
+            t.join().unwrap();
+        }
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn the_default_memory_budget_is_most_of_the_ram() {
+        let mb = default_instance_memory_max_mb();
+        assert!(mb >= 64, "{mb}");
+    }
+}

@@ -2022,6 +2022,14 @@ mod tests {
             })
     }
 
+    #[test]
+    fn a_chunk_not_followed_by_crlf_is_refused() {
+        // Found by the property test: one data byte, then NUL where CRLF belongs.
+        let mut decoder = BodyDecoder::new(BodyFraming::Chunked, &limits()).unwrap();
+        let mut out = Vec::new();
+        assert!(decoder.feed(&[b'1', b'\r', b'\n', 0, 0], &mut out).is_err());
+    }
+
     proptest! {
         #[test]
         fn split_stream_parses_the_same_as_whole_stream(

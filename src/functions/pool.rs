@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use slab::Slab;
 
+use super::logs::LogIntake;
 use super::{Function, Reply, Started};
 use crate::engine::conn::{ConnState, ReplyTo};
 use crate::engine::stream::{Kind, Stream};
@@ -139,6 +140,8 @@ struct Inst {
     mark: Option<(SchedTime, Duration)>,
     /// Its channel closed: it is exiting by itself.
     exiting: bool,
+    /// What it may still add to its function's log from its channel.
+    log_intake: LogIntake,
 }
 
 impl Inst {
@@ -152,6 +155,7 @@ impl Inst {
             busy_done: Duration::ZERO,
             mark: None,
             exiting: false,
+            log_intake: LogIntake::new(now),
         }
     }
 
@@ -707,10 +711,13 @@ impl CorePool {
                         Some(b) if b.rid == h.request_id => b.request_id.as_str(),
                         _ => "",
                     };
-                    inst.function.logs.lock().unwrap().push(
+                    // Bounded work: LOG frames come from untrusted code.
+                    inst.log_intake.take(
+                        &inst.function,
                         rid_text,
                         h.flags & protocol::LOG_STDERR != 0,
                         body,
+                        now,
                     );
                 }
                 FrameType::Response | FrameType::Error

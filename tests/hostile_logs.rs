@@ -161,12 +161,20 @@ fn flood_setup() -> (Server, String, String) {
     (s, flood, plain)
 }
 
-/// Waits until the function's log has a line starting with `prefix`.
+/// The start of the host's note of output it dropped.
+const DROP_NOTE: &str = "[hearth: ";
+/// The end of that note.
+const DROP_NOTE_END: &str = " of output dropped: over the log rate or size limit]";
+
+/// Waits until the function's log has a line starting with `prefix` (and,
+/// for the host's drop note, ending like one).
 fn wait_for_line(s: &Server, id: &str, prefix: &str) -> serde_json::Value {
     let deadline = Instant::now() + Duration::from_secs(10);
+    let wanted =
+        |m: &String| m.starts_with(prefix) && (prefix != DROP_NOTE || m.ends_with(DROP_NOTE_END));
     loop {
         let l = logs(s, id);
-        if messages(&l).iter().any(|m| m.starts_with(prefix)) {
+        if messages(&l).iter().any(wanted) {
             return l;
         }
         if Instant::now() >= deadline {
@@ -202,14 +210,11 @@ fn one_flood_is_bounded(via: &str) {
         worst < BYSTANDER_LATENCY_MAX,
         "{via}: a bystander waited {worst:?}"
     );
-    let l = wait_for_line(&s, &flood, "[hearth: ");
+    // The host notes what it left out, within a second even if the
+    // function falls silent.
+    let l = wait_for_line(&s, &flood, DROP_NOTE);
     let kept = l["logs"].as_array().unwrap().len();
     assert!(kept <= 1000, "{kept} lines kept");
-    let note = messages(&l)
-        .into_iter()
-        .find(|m| m.starts_with("[hearth: "))
-        .unwrap();
-    assert!(note.contains("dropped"), "{note}");
     // The drops are counted in /metrics.
     let metrics = control(&s, "GET", "/metrics", &[], b"").text();
     let dropped = format!("hearth_function_log_dropped_lines_total{{function=\"{flood}\"}} ");
@@ -311,8 +316,18 @@ fn init_flood_fails_with_a_bounded_tail(via: &str) {
         .iter()
         .map(|l| l.as_str().unwrap())
         .collect();
-    assert!(tail.len() <= 200, "{} lines in the tail", tail.len());
-    assert_eq!(tail.last(), Some(&"init-flood: last words"), "{v}");
+    // The last 200 lines, after one note of what came before them.
+    assert!(tail.len() <= 201, "{} lines in the tail", tail.len());
+    assert!(tail[0].starts_with("[hearth: "), "{}", tail[0]);
+    // The runtime's own report of the failure comes last, after the last
+    // words, or after the runtime's count of output it had to drop.
+    let end = &tail[tail.len() - 2..];
+    assert!(end[1].contains("Init failed"), "{end:?}");
+    assert!(
+        end[0] == "init-flood: last words"
+            || end[0].starts_with("[hearth: ") && end[0].ends_with(" bytes of output dropped]"),
+        "{end:?}"
+    );
     assert!(r.body.len() < 64 * 1024, "a {} byte answer", r.body.len());
     assert!(
         growth < RSS_GROWTH_KIB_MAX,

@@ -265,6 +265,14 @@ impl LogIntake {
             crate::metrics::add(&function.metrics.log_dropped_lines, lines);
             crate::metrics::add(&function.metrics.log_dropped_bytes, rest.len() as u64);
         }
+        self.note_drops(function, now);
+    }
+
+    /// Notes the output dropped since the last note in the log, if there is
+    /// some and the last note is [`LOG_NOTE_INTERVAL`] old. Called after each
+    /// frame and now and then by the owner, so that drops are reported even
+    /// when the instance falls silent.
+    pub fn note_drops(&mut self, function: &Function, now: Instant) {
         let due = self
             .noted
             .is_none_or(|t| now.saturating_duration_since(t) >= LOG_NOTE_INTERVAL);
@@ -348,9 +356,21 @@ fn collect(mut poll: mio::Poll, rx: std::sync::mpsc::Receiver<(OwnedFd, Arc<Func
     let mut events = mio::Events::with_capacity(64);
     // Sockets that still had data when their turn ended (edge-triggered).
     let mut again: Vec<usize> = Vec::new();
+    let mut next_note = Instant::now() + LOG_NOTE_INTERVAL;
     loop {
-        let timeout = (!again.is_empty()).then_some(std::time::Duration::ZERO);
-        if let Err(e) = poll.poll(&mut events, timeout) {
+        let now = Instant::now();
+        if now >= next_note {
+            for (_, src) in socks.iter_mut() {
+                src.intake.note_drops(&src.function, now);
+            }
+            next_note = now + LOG_NOTE_INTERVAL;
+        }
+        let timeout = if again.is_empty() {
+            next_note.saturating_duration_since(now)
+        } else {
+            Duration::ZERO
+        };
+        if let Err(e) = poll.poll(&mut events, Some(timeout)) {
             // Never give up: exiting would close every socket, which stops
             // every instance. Back off and retry.
             if e.kind() != std::io::ErrorKind::Interrupted {

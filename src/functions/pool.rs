@@ -900,6 +900,9 @@ impl CorePool {
 
     /// Timeouts (504, instance destroyed), queue expiry, keep-warm reaping.
     pub fn on_tick(&mut self, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        for (_, inst) in self.insts.iter_mut() {
+            inst.log_intake.note_drops(&inst.function, now);
+        }
         let timed_out: Vec<usize> = self
             .insts
             .iter()

@@ -602,6 +602,49 @@ mod tests {
         );
     }
 
+    /// Waits up to 5 s for a line of `f`'s log that starts with `prefix`.
+    fn wait_for(f: &Function, prefix: &str) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while Instant::now() < deadline {
+            if messages(f).iter().any(|m| m.starts_with(prefix)) {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        false
+    }
+
+    #[test]
+    fn the_log_socket_refuses_oversized_frames_and_floods_are_bounded() {
+        use std::io::Write;
+        let collector = LogCollector::start().unwrap();
+        // A flood: one frame of the largest body, nothing but newlines.
+        let (mut agent, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        let f = Arc::new(function());
+        collector.add(OwnedFd::from(host), f.clone());
+        let mut wire = Vec::new();
+        let body = vec![b'\n'; crate::protocol::BODY_BYTES_MAX];
+        crate::protocol::encode(&mut wire, FrameType::Log, 0, 0, b"", &body);
+        agent.write_all(&wire).unwrap();
+        assert!(wait_for(&f, "[hearth: "), "{:?}", messages(&f).last());
+        assert_eq!(messages(&f).len(), LOG_LINES_MAX);
+        // A header announcing more than the protocol allows is refused at
+        // once (nothing is buffered for it), and the rest is discarded.
+        let (mut agent, host) = std::os::unix::net::UnixStream::pair().unwrap();
+        let f = Arc::new(function());
+        collector.add(OwnedFd::from(host), f.clone());
+        let mut head = Vec::new();
+        crate::protocol::encode(&mut head, FrameType::Log, 0, 0, b"", b"");
+        head[12..16].copy_from_slice(&(1u32 << 30).to_le_bytes());
+        agent.write_all(&head).unwrap();
+        assert!(wait_for(&f, "an instance's agent sent something other"));
+        let mut later = Vec::new();
+        crate::protocol::encode(&mut later, FrameType::Log, 0, 0, b"", b"later\n");
+        agent.write_all(&later).unwrap();
+        std::thread::sleep(Duration::from_millis(200));
+        assert!(!messages(&f).iter().any(|m| m == "later"));
+    }
+
     #[test]
     fn the_bucket_limits_an_instance_and_refills_with_time() {
         let f = function();

@@ -60,6 +60,9 @@ pub struct FunctionMetrics {
     pub instances: AtomicU64,
     pub duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
     pub duration_sum_us: AtomicU64,
+    /// Output lines and bytes left out of the log (rate and size limits).
+    pub log_dropped_lines: AtomicU64,
+    pub log_dropped_bytes: AtomicU64,
 }
 
 /// Why an invocation failed.
@@ -195,7 +198,7 @@ pub fn render_functions<'a>(
     out: &mut String,
     fns: impl Iterator<Item = (&'a str, &'a FunctionMetrics)> + Clone,
 ) {
-    let simple: [Series<FunctionMetrics>; 4] = [
+    let simple: [Series<FunctionMetrics>; 6] = [
         (
             "hearth_function_invocations_total",
             "counter",
@@ -219,6 +222,18 @@ pub fn render_functions<'a>(
             "gauge",
             "Live instances.",
             |m| m.instances.load(Relaxed),
+        ),
+        (
+            "hearth_function_log_dropped_lines_total",
+            "counter",
+            "Output lines left out of the log by its rate and size limits.",
+            |m| m.log_dropped_lines.load(Relaxed),
+        ),
+        (
+            "hearth_function_log_dropped_bytes_total",
+            "counter",
+            "Output bytes left out of the log by its rate and size limits.",
+            |m| m.log_dropped_bytes.load(Relaxed),
         ),
     ];
     for (name, kind, help, get) in simple {

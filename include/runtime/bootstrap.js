@@ -158,18 +158,18 @@ function sendLog(flags, body) {
  * Writes a LOG frame: synchronously when nothing else waits to be written
  * (so output printed just before process.exit() is not lost, as with a
  * pipe), else after what waits; dropped (and counted) while more than
- * LOG_BACKLOG_MAX bytes wait.
+ * LOG_BACKLOG_MAX bytes wait, unless `force` (the runtime's own last words).
  */
-function writeLog(frame, textBytes) {
+function writeLog(frame, textBytes, force = false) {
   if (chan.destroyed) return;
-  if (chan.writableLength > LOG_BACKLOG_MAX) {
+  if (!force && chan.writableLength > LOG_BACKLOG_MAX) {
     logDropped += textBytes;
     return;
   }
   if (logDropped !== 0) {
     const note = `[hearth: ${logDropped} bytes of output dropped]\n`;
     logDropped = 0;
-    writeLog(frameBytes(T_LOG, frame.readUInt32LE(4), null, note, LOG_STDERR), 0);
+    writeLog(frameBytes(T_LOG, frame.readUInt32LE(4), null, note, LOG_STDERR), 0, force);
   }
   let off = 0;
   if (chan.writableLength === 0) {
@@ -444,9 +444,10 @@ function failInit(info) {
   if (state === S_FAILED) return;
   state = S_FAILED;
   initErrorMeta = JSON.stringify(info);
-  process.stderr.write(
-    `${new Date().toISOString()}\tundefined\tERROR\tInit failed \t${initErrorMeta}\n`,
-  );
+  // Sent even past the log backlog bound (with the count of what was
+  // dropped): the deploy's error shows the tail of the output.
+  const report = `${new Date().toISOString()}\tundefined\tERROR\tInit failed \t${initErrorMeta}\n`;
+  writeLog(frameBytes(T_LOG, 0, null, report, LOG_STDERR), Buffer.byteLength(report), true);
   sendFrame(T_INIT_ERROR, 0, initErrorMeta, null);
   // Invocations that were waiting for the init cannot run.
   while (queue.length !== 0) {

@@ -368,12 +368,16 @@ fn stage(
             StartError::Init {
                 error_type,
                 message,
+                logs,
             } => (
                 422,
                 "application/json",
-                serde_json::to_vec(
-                    &json!({ "error": message, "code": "init_error", "errorType": error_type }),
-                )
+                serde_json::to_vec(&json!({
+                    "error": message,
+                    "code": "init_error",
+                    "errorType": error_type,
+                    "logs": logs,
+                }))
                 .expect("json"),
             ),
             StartError::Sandbox(m) => error(

@@ -19,6 +19,7 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use slab::Slab;
 
+use super::logs::LogIntake;
 use super::{Function, NoSlot, Reply, Started};
 use crate::engine::conn::{ConnState, ReplyTo};
 use crate::engine::stream::{Kind, Stream};
@@ -143,6 +144,8 @@ struct Inst {
     mark: Option<(SchedTime, Duration)>,
     /// Its channel closed: it is exiting by itself.
     exiting: bool,
+    /// What it may still add to its function's log from its channel.
+    log_intake: LogIntake,
 }
 
 impl Inst {
@@ -156,6 +159,7 @@ impl Inst {
             busy_done: Duration::ZERO,
             mark: None,
             exiting: false,
+            log_intake: LogIntake::new(now),
         }
     }
 
@@ -756,10 +760,13 @@ impl CorePool {
                         Some(b) if b.rid == h.request_id => b.request_id.as_str(),
                         _ => "",
                     };
-                    inst.function.logs.lock().unwrap().push(
+                    // Bounded work: LOG frames come from untrusted code.
+                    inst.log_intake.take(
+                        &inst.function,
                         rid_text,
                         h.flags & protocol::LOG_STDERR != 0,
                         body,
+                        now,
                     );
                 }
                 FrameType::Response | FrameType::Error
@@ -961,6 +968,9 @@ impl CorePool {
 
     /// Timeouts (504, instance destroyed), queue expiry, keep-warm reaping.
     pub fn on_tick(&mut self, streams: &mut Slab<Stream>, dirty: &mut Vec<Token>, now: Instant) {
+        for (_, inst) in self.insts.iter_mut() {
+            inst.log_intake.note_drops(&inst.function, now);
+        }
         let timed_out: Vec<usize> = self
             .insts
             .iter()

@@ -1,6 +1,9 @@
 //! The start-up exchange every backend performs on a new channel: send HELLO,
-//! wait for READY (or INIT_ERROR), collecting log output on the way.
+//! wait for READY (or INIT_ERROR), keeping the tail of the log output on the
+//! way (an [`OutputTail`]: however much a runtime prints while loading, only
+//! its last lines are kept).
 
+use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -55,7 +58,11 @@ pub fn hello(
         .map_err(|e| StartError::Sandbox(format!("send hello: {e}")))?;
     let deadline = Instant::now() + timeout;
     let mut dec = FrameDecoder::new();
-    let mut logs = Vec::new();
+    let mut logs = OutputTail::new(
+        INIT_TAIL_LINES_MAX,
+        INIT_TAIL_BYTES_MAX,
+        INIT_LINE_BYTES_MAX,
+    );
     loop {
         while let Some(f) = dec
             .next_frame()
@@ -65,7 +72,7 @@ pub fn hello(
                 FrameType::Ready => {
                     let meta: serde_json::Value =
                         serde_json::from_slice(&f.meta).unwrap_or_default();
-                    return Ok((meta["init_ms"].as_f64().unwrap_or(0.0), logs));
+                    return Ok((meta["init_ms"].as_f64().unwrap_or(0.0), logs.into_lines()));
                 }
                 FrameType::InitError => {
                     let meta: serde_json::Value =
@@ -79,11 +86,10 @@ pub fn hello(
                             .as_str()
                             .unwrap_or("the handler failed to load")
                             .to_string(),
+                        logs: logs.into_lines(),
                     });
                 }
-                FrameType::Log => {
-                    logs.extend(String::from_utf8_lossy(&f.body).lines().map(str::to_string))
-                }
+                FrameType::Log => logs.push(&f.body),
                 other => {
                     return Err(StartError::Sandbox(format!(
                         "agent sent {other:?} before ready"
@@ -112,6 +118,7 @@ pub fn hello(
         match stream.read(buf) {
             Ok(0) => {
                 dec.filled(64 * 1024, 0);
+                let logs = logs.into_lines();
                 let tail = if logs.is_empty() {
                     String::new()
                 } else {
@@ -135,14 +142,21 @@ pub fn hello(
 
 /// Lines of [`drain_logs`] kept (the last ones).
 pub const DRAIN_LINES_MAX: usize = 20;
+/// Longest line of [`drain_logs`] kept; longer ones are cut.
+pub const DRAIN_LINE_BYTES_MAX: usize = 500;
 
 /// The last output lines waiting on an agent's log socket (direct mode), read
-/// for up to `wait` (at most [`DRAIN_LINES_MAX`], each cut at 500 bytes): for
-/// the error message of an instance that died starting up.
+/// for up to `wait` (at most [`DRAIN_LINES_MAX`], each cut at
+/// [`DRAIN_LINE_BYTES_MAX`] bytes): for the error message of an instance that
+/// died starting up.
 pub fn drain_logs(fd: BorrowedFd<'_>, wait: Duration) -> InitLogs {
     let deadline = Instant::now() + wait;
     let mut dec = FrameDecoder::new();
-    let mut lines = Vec::new();
+    let mut tail = OutputTail::new(
+        DRAIN_LINES_MAX,
+        DRAIN_LINES_MAX * DRAIN_LINE_BYTES_MAX,
+        DRAIN_LINE_BYTES_MAX,
+    );
     loop {
         let left = deadline.saturating_duration_since(Instant::now());
         let mut pfd = libc::pollfd {
@@ -163,17 +177,149 @@ pub fn drain_logs(fd: BorrowedFd<'_>, wait: Duration) -> InitLogs {
         dec.filled(64 * 1024, n as usize);
         while let Ok(Some(f)) = dec.next_frame() {
             if f.kind == FrameType::Log {
-                for l in String::from_utf8_lossy(&f.body).lines() {
-                    let mut cut = l.len().min(500);
-                    while !l.is_char_boundary(cut) {
-                        cut -= 1;
-                    }
-                    lines.push(l[..cut].to_string());
-                }
-                let excess = lines.len().saturating_sub(DRAIN_LINES_MAX);
-                lines.drain(..excess);
+                tail.push(&f.body);
             }
         }
     }
-    lines
+    tail.into_lines()
+}
+
+/// Lines of start-up output kept (the last ones), for the function's log and
+/// the error of a failed start.
+pub const INIT_TAIL_LINES_MAX: usize = 200;
+/// Bytes of start-up output kept.
+pub const INIT_TAIL_BYTES_MAX: usize = 64 * 1024;
+/// Longest start-up line kept; longer ones are cut.
+pub const INIT_LINE_BYTES_MAX: usize = 1024;
+
+/// The last lines of some output, within a number of lines and bytes; what
+/// falls out is counted. Each push does work bounded by the lines it keeps
+/// plus one `memchr` pass over the rest, whatever the output holds.
+pub struct OutputTail {
+    lines: VecDeque<String>,
+    bytes: usize,
+    lines_max: usize,
+    bytes_max: usize,
+    line_bytes_max: usize,
+    dropped_lines: u64,
+    dropped_bytes: u64,
+}
+
+impl OutputTail {
+    /// An empty tail keeping at most `lines_max` lines and `bytes_max` bytes,
+    /// each line cut at `line_bytes_max` bytes.
+    pub fn new(lines_max: usize, bytes_max: usize, line_bytes_max: usize) -> OutputTail {
+        assert!(lines_max > 0 && line_bytes_max > 0 && bytes_max >= line_bytes_max);
+        OutputTail {
+            lines: VecDeque::new(),
+            bytes: 0,
+            lines_max,
+            bytes_max,
+            line_bytes_max,
+            dropped_lines: 0,
+            dropped_bytes: 0,
+        }
+    }
+
+    /// Adds the lines of one LOG frame body (a frame holds whole lines, the
+    /// last one possibly unfinished).
+    pub fn push(&mut self, body: &[u8]) {
+        if body.is_empty() {
+            return;
+        }
+        let text = body.strip_suffix(b"\n").unwrap_or(body);
+        // Only the end can be kept: the last `lines_max` lines within the
+        // last `bytes_max` bytes. What comes before is counted, not split.
+        let window = text.len().saturating_sub(self.bytes_max);
+        let start = memchr::memrchr_iter(b'\n', &text[window..])
+            .nth(self.lines_max - 1)
+            .map_or(window, |i| window + i + 1);
+        self.dropped_bytes += start as u64;
+        self.dropped_lines += memchr::memchr_iter(b'\n', &text[..start]).count() as u64;
+        for line in text[start..].split(|&b| b == b'\n') {
+            self.push_line(line.strip_suffix(b"\r").unwrap_or(line));
+        }
+    }
+
+    fn push_line(&mut self, line: &[u8]) {
+        let head = &line[..line.len().min(self.line_bytes_max)];
+        let mut kept = String::from_utf8_lossy(head).into_owned();
+        let mut cut = kept.len().min(self.line_bytes_max);
+        while !kept.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        kept.truncate(cut);
+        self.bytes += kept.len();
+        self.lines.push_back(kept);
+        while self.lines.len() > self.lines_max || self.bytes > self.bytes_max {
+            let old = self.lines.pop_front().expect("over a bound, so not empty");
+            self.bytes -= old.len();
+            self.dropped_lines += 1;
+            self.dropped_bytes += old.len() as u64 + 1;
+        }
+    }
+
+    /// The kept lines, oldest first, after a note of what was left out.
+    pub fn into_lines(self) -> Vec<String> {
+        let mut out = Vec::with_capacity(self.lines.len() + 1);
+        if self.dropped_lines > 0 {
+            out.push(format!(
+                "[hearth: {} earlier lines ({} bytes) of output not kept]",
+                self.dropped_lines, self.dropped_bytes
+            ));
+        }
+        out.extend(self.lines);
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tail_keeps_the_last_lines_of_a_flood() {
+        let mut t = OutputTail::new(200, 64 * 1024, 1024);
+        let mut frame = vec![b'\n'; 8 << 20];
+        frame.extend_from_slice(b"last words\n");
+        t.push(&frame);
+        t.push(&frame);
+        let lines = t.into_lines();
+        assert_eq!(lines.len(), 201);
+        assert_eq!(lines[200], "last words");
+        assert_eq!(
+            lines[0],
+            format!(
+                "[hearth: {} earlier lines ({} bytes) of output not kept]",
+                2 * (8 << 20) - 198,
+                2 * (8 << 20) - 188
+            )
+        );
+    }
+
+    #[test]
+    fn the_tail_cuts_long_lines_and_keeps_its_byte_bound() {
+        let mut t = OutputTail::new(200, 4096, 1024);
+        let long = "é".repeat(2000);
+        for _ in 0..10 {
+            t.push(long.as_bytes());
+        }
+        let lines = t.into_lines();
+        // 4 lines of 1024 bytes fit; a cut never splits a character.
+        assert_eq!(lines.len(), 5);
+        assert!(lines[1..]
+            .iter()
+            .all(|l| l.len() == 1024 && l.chars().all(|c| c == 'é')));
+        let mut t = OutputTail::new(3, 4096, 1024);
+        t.push(b"a\r\nb\n\nc");
+        assert_eq!(
+            t.into_lines(),
+            vec![
+                "[hearth: 1 earlier lines (3 bytes) of output not kept]",
+                "b",
+                "",
+                "c"
+            ]
+        );
+    }
 }

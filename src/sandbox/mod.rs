@@ -21,8 +21,13 @@ use crate::functions::FunctionSpec;
 /// Why an instance could not be made ready.
 #[derive(Debug)]
 pub enum StartError {
-    /// The function's code failed to load (the runtime's message). Deploy answers 422.
-    Init { error_type: String, message: String },
+    /// The function's code failed to load (the runtime's message, and the
+    /// bounded tail of what it printed). Deploy answers 422.
+    Init {
+        error_type: String,
+        message: String,
+        logs: InitLogs,
+    },
     /// The sandbox or runtime failed (host problem, timeout). Invocations answer 503.
     Sandbox(String),
 }
@@ -33,6 +38,7 @@ impl std::fmt::Display for StartError {
             StartError::Init {
                 error_type,
                 message,
+                ..
             } => write!(f, "{error_type}: {message}"),
             StartError::Sandbox(m) => write!(f, "{m}"),
         }

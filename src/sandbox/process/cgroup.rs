@@ -10,6 +10,7 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -457,8 +458,11 @@ impl Group {
 }
 
 /// Removes sandbox cgroups left behind by a hearth process that no longer runs
-/// (killed before it could clean up). Only empty groups under `hearth/` whose
-/// name embeds a dead pid (`<function>-<pid>-<n>`) are touched. Returns how many went.
+/// (killed before it could clean up). Only groups under `hearth/` whose name
+/// embeds a dead pid (`<function>-<pid>-<n>`) are touched. Their processes are
+/// orphans of the dead server (a sandbox still dying, or one busy enough not to
+/// notice its channel closed): they are killed, and each group is removed once
+/// empty, waiting at most [`REMOVE_WAIT_MS`] in all. Returns how many went.
 pub fn sweep_stale() -> usize {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
@@ -476,7 +480,7 @@ pub fn sweep_stale() -> usize {
     }
     parents.sort();
     parents.dedup();
-    let mut removed = 0;
+    let mut stale = Vec::new();
     for parent in parents {
         let Ok(entries) = fs::read_dir(&parent) else {
             continue;
@@ -489,13 +493,58 @@ pub fn sweep_stale() -> usize {
             if Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
-            let empty = read_file(&e.path(), "cgroup.procs").is_some_and(|p| p.trim().is_empty());
-            if empty && fs::remove_dir(e.path()).is_ok() {
-                removed += 1;
+            kill_members(&e.path(), &name);
+            stale.push(e.path());
+        }
+    }
+    let deadline = Instant::now() + Duration::from_millis(REMOVE_WAIT_MS);
+    let mut removed = 0;
+    for dir in stale {
+        loop {
+            match fs::remove_dir(&dir) {
+                Ok(()) => removed += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(_) => {}
             }
+            break;
         }
     }
     removed
+}
+
+/// SIGKILLs every process in the cgroup directory `dir` (named `name`). Each
+/// pid is pinned with a pidfd and checked to be still in the group before the
+/// signal, so a pid reused meanwhile is never hit.
+fn kill_members(dir: &Path, name: &str) {
+    let Some(procs) = read_file(dir, "cgroup.procs") else {
+        return;
+    };
+    for pid in procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()) {
+        // SAFETY: plain syscall; a non-negative result is a descriptor we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: `fd` was just returned to us by pidfd_open.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let member = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.lines().any(|l| l.ends_with(&format!("/hearth/{name}"))));
+        if member {
+            // SAFETY: signals the process the pidfd refers to.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<u8>(),
+                    0,
+                )
+            };
+        }
+    }
 }
 
 #[cfg(test)]

@@ -59,6 +59,14 @@ fn a_server_killed_with_sigkill_restarts_at_once_on_its_port() {
         // At once, on the same port and state dir, as a supervisor would.
         h = Hearth::try_start(&addr.to_string(), &state, &log, &[])
             .unwrap_or_else(|e| panic!("round {round}: restart failed:\n{e}"));
+        // The start-up sweep already removed the dead server's sandboxes and
+        // cgroups, though they may still have been dying at that moment.
+        let dead = *pids.last().unwrap();
+        let (groups, procs) = leftovers_of(dead, Duration::ZERO);
+        assert!(
+            groups.is_empty() && procs.is_empty(),
+            "round {round}: killed server {dead} left {groups:?} {procs:?}"
+        );
         pids.push(h.pid);
         let deadline = h.spawned + SERVE_WITHIN;
         let served = until(deadline, || healthy(addr) && serves(addr));

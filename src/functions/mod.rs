@@ -253,7 +253,8 @@ impl Registry {
     /// Hands an instance to the reaper thread for destruction.
     pub fn destroy(&self, inst: Box<dyn Instance>) {
         *self.pending.lock().unwrap() += 1;
-        if let Err(unsent) = self.reap_tx.lock().unwrap().send(inst) {
+        let sent = self.reap_tx.lock().unwrap().send(inst);
+        if let Err(unsent) = sent {
             unsent.0.destroy();
             self.settle();
         }

@@ -179,8 +179,7 @@ fn check_restart(round: usize, h: &Hearth, state: &Path, model: &mut Model) -> D
     let disk = on_disk(state);
     let list = listed(addr);
     assert_eq!(
-        disk.iter().cloned().collect::<Vec<_>>(),
-        list,
+        disk, list,
         "round {round}: on disk vs listed (no staging/trash may remain after start-up)"
     );
     let listed_set: BTreeSet<String> = list.iter().cloned().collect();

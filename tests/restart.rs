@@ -22,8 +22,17 @@ macro_rules! require_sandbox {
     };
 }
 
-/// How soon a restarted server must serve its functions.
+/// How soon a restarted server must serve its functions (on a quiet machine;
+/// see `serve_budget`).
 const SERVE_WITHIN: Duration = Duration::from_secs(1);
+
+/// The time a server restarted after kill -9 gets to serve its functions:
+/// [`SERVE_WITHIN`], or on a machine so contended that a clean restart (the
+/// same start-up and cold starts, without a dead server's listeners to wait
+/// out) took longer, 1.5 times that clean restart.
+fn serve_budget(clean_restart: Duration) -> Duration {
+    SERVE_WITHIN.max(clean_restart * 3 / 2)
+}
 
 fn healthy(addr: std::net::SocketAddr) -> bool {
     request(addr, "GET", "/healthz", &[], b"", Duration::from_secs(1))
@@ -53,7 +62,18 @@ fn a_server_killed_with_sigkill_restarts_at_once_on_its_port() {
             .all(|(id, status)| invoke(addr, id).is_ok_and(|r| r.status == *status))
     };
     assert!(serves(addr));
+    // The yardstick: a clean restart (SIGTERM, start, both functions served).
+    assert!(h.term(), "clean exit; log:\n{}", h.stderr());
     let mut pids = vec![h.pid];
+    h = Hearth::start(&addr.to_string(), &state, &log, &[]);
+    assert!(until(h.spawned + Duration::from_secs(30), || healthy(addr)
+        && serves(addr)));
+    let clean = h.spawned.elapsed();
+    let budget = serve_budget(clean);
+    eprintln!(
+        "clean restart served both functions after {clean:?}; kill -9 restarts must within {budget:?}"
+    );
+    pids.push(h.pid);
     for round in 0..5 {
         h.kill9();
         // At once, on the same port and state dir, as a supervisor would.
@@ -68,7 +88,7 @@ fn a_server_killed_with_sigkill_restarts_at_once_on_its_port() {
             "round {round}: killed server {dead} left {groups:?} {procs:?}"
         );
         pids.push(h.pid);
-        let deadline = h.spawned + SERVE_WITHIN;
+        let deadline = h.spawned + budget;
         let served = until(deadline, || healthy(addr) && serves(addr));
         assert!(
             served,

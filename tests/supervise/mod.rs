@@ -264,11 +264,12 @@ pub fn invoke(addr: SocketAddr, id: &str) -> std::io::Result<Reply> {
     )
 }
 
-/// Polls until `ok` holds or `deadline` passes; returns whether it held.
+/// Polls until `ok` holds or `deadline` passes; returns whether it held by
+/// the deadline (a probe that succeeds only after it does not count).
 pub fn until(deadline: Instant, mut ok: impl FnMut() -> bool) -> bool {
     loop {
         if ok() {
-            return true;
+            return Instant::now() <= deadline;
         }
         if Instant::now() >= deadline {
             return false;
@@ -333,6 +334,23 @@ pub fn processes_of(pid: u32) -> Vec<(u32, String)> {
                 && l.contains("/hearth/")
         });
         if ours {
+            let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
+            out.push((p, String::from_utf8_lossy(&cmd).replace('\0', " ")));
+        }
+    }
+    out
+}
+
+/// Processes (pid, command) running this build's hearth binary: servers and
+/// sandbox launchers (`hearth __sandbox`).
+pub fn hearth_processes() -> Vec<(u32, String)> {
+    let me = Path::new(env!("CARGO_BIN_EXE_hearth"));
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        if std::fs::read_link(e.path().join("exe")).is_ok_and(|x| x == me) {
             let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             out.push((p, String::from_utf8_lossy(&cmd).replace('\0', " ")));
         }

@@ -213,3 +213,29 @@ fn the_readme_quick_start_works_as_written() {
     drop(server);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn doctor_reports_the_default_state_dir_as_an_absolute_path() {
+    let dir = temp_dir("doctor");
+    let out = Command::new(env!("CARGO_BIN_EXE_hearth"))
+        .arg("doctor")
+        .current_dir(&dir)
+        .output()
+        .expect("run hearth doctor");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let Some(line) = text
+        .lines()
+        .find(|l| l.trim_start().starts_with("guest images"))
+    else {
+        eprintln!("skipped: doctor printed no guest images line (the only one naming the state dir):\n{text}");
+        return;
+    };
+    // The default `./state`, resolved against the working directory.
+    let want = dir.join("state/cache/guest");
+    assert!(
+        line.contains(&want.display().to_string()),
+        "{line:?} should name {}",
+        want.display()
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -40,6 +40,9 @@ const HOST_UID_BASE: u32 = 200_000;
 const HOST_UID_SPAN: u32 = 60_000;
 /// Longest wait at shutdown for sandboxes being made (killed first) to be cleaned up.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait at start-up (in the background) for the sandboxes of a killed
+/// server to drain from their cgroups, so the groups can be removed.
+pub const SWEEP_WAIT: Duration = Duration::from_secs(5);
 /// Longest wait of a start for the standby a refill is making (a spawn and an init).
 const STANDBY_WAIT: Duration =
     Duration::from_millis(process::SPAWN_TIMEOUT_MS + INIT_TIMEOUT.as_millis() as u64);
@@ -190,24 +193,32 @@ impl ProcessBackend {
         // The running binary itself, even if its file was replaced since (upgrades, rebuilds).
         let hearth_exe = PathBuf::from("/proc/self/exe");
         process::set_subreaper();
-        let swept = process::cgroup::sweep_stale();
-        if swept > 0 {
-            eprintln!("hearth: removed {swept} cgroup(s) left by a previous run");
-        }
-        Ok(ProcessBackend {
-            inner: Arc::new(Inner {
-                hearth_exe,
-                runtime_root,
-                next_uid: AtomicU32::new(0),
-                standbys: Mutex::new(HashMap::new()),
-                refilling: Mutex::new(HashSet::new()),
-                refilled: Condvar::new(),
-                forgotten: Mutex::new(HashSet::new()),
-                use_standby,
-                work: Mutex::new(Work::default()),
-                work_done: Condvar::new(),
-            }),
-        })
+        let inner = Arc::new(Inner {
+            hearth_exe,
+            runtime_root,
+            next_uid: AtomicU32::new(0),
+            standbys: Mutex::new(HashMap::new()),
+            refilling: Mutex::new(HashSet::new()),
+            refilled: Condvar::new(),
+            forgotten: Mutex::new(HashSet::new()),
+            use_standby,
+            work: Mutex::new(Work::default()),
+            work_done: Condvar::new(),
+        });
+        // Off the start-up path: a killed server's sandboxes may take a while
+        // to be killed and reaped. Holds a busy token, so shutdown waits for it.
+        let busy = inner.busy().expect("not shutting down yet");
+        std::thread::Builder::new()
+            .name("hearth-sweep".into())
+            .spawn(move || {
+                let swept = process::cgroup::sweep_stale(SWEEP_WAIT);
+                if swept > 0 {
+                    eprintln!("hearth: removed {swept} cgroup(s) left by a previous run");
+                }
+                drop(busy);
+            })
+            .map_err(|e| format!("spawn the cgroup sweeper: {e}"))?;
+        Ok(ProcessBackend { inner })
     }
 }
 
@@ -424,7 +435,7 @@ impl Backend for ProcessBackend {
             let left = deadline.saturating_duration_since(Instant::now());
             if left.is_zero() {
                 eprintln!(
-                    "hearth: {} sandbox start(s) still running after {} ms at shutdown",
+                    "hearth: {} sandbox job(s) (starts, refills, the cgroup sweep) still running after {} ms at shutdown",
                     w.busy,
                     SHUTDOWN_WAIT.as_millis()
                 );

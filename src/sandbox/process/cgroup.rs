@@ -463,10 +463,10 @@ impl Group {
 /// embeds a dead pid (`<function>-<pid>-<n>`) are touched. Their processes are
 /// orphans of the dead server (a sandbox still dying, or one busy enough not to
 /// notice its channel closed): they are killed, and each such group is removed
-/// once empty, waiting at most [`REMOVE_WAIT_MS`] in all. A group holding a
+/// once empty, waiting at most `wait` in all. A group holding a
 /// process under a live `hearth serve` (a server in another pid namespace) is
 /// left alone. Returns how many went.
-pub fn sweep_stale() -> usize {
+pub fn sweep_stale(wait: Duration) -> usize {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
     let mut parents = Vec::new();
@@ -505,7 +505,7 @@ pub fn sweep_stale() -> usize {
             }
         }
     }
-    let deadline = Instant::now() + Duration::from_millis(REMOVE_WAIT_MS);
+    let deadline = Instant::now() + wait;
     for dir in draining {
         loop {
             match fs::remove_dir(&dir) {

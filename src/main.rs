@@ -248,7 +248,9 @@ fn main() -> ExitCode {
         Command::Logs { id, client } => {
             hearth::cli::logs(&client.server, client.token().as_deref(), &id)
         }
-        Command::Doctor { state_dir } => hearth::doctor::run(&state_dir),
+        Command::Doctor { state_dir } => {
+            absolute_state_dir(&state_dir).and_then(|d| hearth::doctor::run(&d))
+        }
         Command::Sandbox => unreachable!("handled above"),
     };
     match result {
@@ -260,11 +262,20 @@ fn main() -> ExitCode {
     }
 }
 
+/// The state dir as an absolute path, resolved once at start-up: sandboxes and
+/// microVMs get paths under it (runtime roots, code dirs, snapshots) that must
+/// not depend on the working directory (`--state-dir ./state` is the default).
+fn absolute_state_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
+    std::path::absolute(dir)
+        .map_err(|e| format!("cannot resolve the state dir {}: {e}", dir.display()))
+}
+
 fn serve(a: ServeArgs) -> Result<(), String> {
+    let state_dir = absolute_state_dir(&a.state_dir)?;
     let cfg = ServeConfig {
         listen: a.listen,
         cores: a.cores.unwrap_or_else(config::online_cores).max(1),
-        state_dir: a.state_dir,
+        state_dir,
         io: a.io,
         backend: a.backend,
         http: HttpLimits {

@@ -11,6 +11,7 @@
 pub mod conn;
 pub mod epoll;
 pub mod peers;
+pub mod port;
 pub mod stream;
 pub mod uring;
 pub mod worker;
@@ -147,25 +148,6 @@ fn sockaddr(addr: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
         }
     };
     (storage, len as libc::socklen_t)
-}
-
-/// Fails when another socket already listens on `addr`. Our listeners use
-/// SO_REUSEPORT, which would otherwise let a second server (any process of
-/// the same user) silently share the port and take half its connections.
-fn ensure_port_free(addr: SocketAddr) -> io::Result<()> {
-    if addr.port() == 0 {
-        return Ok(());
-    }
-    match std::net::TcpListener::bind(addr) {
-        Ok(_) => Ok(()),
-        Err(e) if e.kind() == io::ErrorKind::AddrInUse => Err(io::Error::new(
-            io::ErrorKind::AddrInUse,
-            format!(
-                "{addr} is already in use (another hearth serve or another server listens there)"
-            ),
-        )),
-        Err(e) => Err(e),
-    }
 }
 
 /// The address a socket is bound to.
@@ -326,7 +308,10 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
             .saturating_mul(cfg.http.connections_per_core_max as u64)
             .saturating_add(NOFILE_SPARE),
     );
-    ensure_port_free(cfg.listen)?;
+    // The state-dir lock first: holding it, any listener left on our port
+    // without a live owner is a dead server's, which `ensure_free` waits out.
+    let lock = crate::functions::store::lock_state_dir(&cfg.state_dir)?;
+    port::ensure_free(cfg.listen)?;
     let first = listen(cfg.listen, 4096)?;
     let addr = local_addr(first.as_raw_fd())?;
     let mut listeners = vec![first];
@@ -342,7 +327,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         receivers.push(rx);
         wakers.push(eventfd()?);
     }
-    let functions = crate::functions::Registry::open(&cfg)?;
+    let functions = crate::functions::Registry::open(&cfg, lock)?;
     let control = crate::control::Control::new();
     let io_mode = cfg.io;
     let pin = cfg.pin;

@@ -15,7 +15,8 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::{Arc, Condvar, Mutex, RwLock};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -33,6 +34,8 @@ pub use pool::CorePool;
 pub const FUNCTIONS_MAX: usize = 1000;
 /// Threads that start instances (sandbox spawn + runtime init) off the event loops.
 pub const STARTER_THREADS: usize = 4;
+/// Longest wait at shutdown for instance starts and destructions under way.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Index of an instance in its core's pool.
 pub type ChannelId = usize;
@@ -162,14 +165,19 @@ pub struct Registry {
     reap_rx: Mutex<Option<Receiver<Box<dyn Instance>>>>,
     /// Reads instances' separate log sockets.
     logs: logs::LogCollector,
+    /// Instance starts and destructions queued or under way; shutdown waits for none.
+    pending: Mutex<usize>,
+    /// Signalled when `pending` drops to zero.
+    settled: Condvar,
     /// `<state>/hearth.lock`, held while the server runs.
     _lock: std::fs::File,
 }
 
 impl Registry {
-    /// Opens the state dir, removes leftovers of interrupted deploys, loads every function.
-    pub fn open(cfg: &ServeConfig) -> std::io::Result<Registry> {
-        let lock = store::lock_state_dir(&cfg.state_dir)?;
+    /// Opens the state dir, removes leftovers of interrupted deploys, loads every
+    /// function. `lock` is the state-dir lock ([`store::lock_state_dir`]), kept
+    /// for the registry's life.
+    pub fn open(cfg: &ServeConfig, lock: std::fs::File) -> std::io::Result<Registry> {
         let backend = crate::sandbox::select(cfg)?;
         let functions_dir = cfg.state_dir.join("functions");
         let specs = store::load_all(&functions_dir)?;
@@ -218,6 +226,8 @@ impl Registry {
             reap_tx: Mutex::new(reap_tx),
             reap_rx: Mutex::new(Some(reap_rx)),
             logs: logs::LogCollector::start()?,
+            pending: Mutex::new(0),
+            settled: Condvar::new(),
             _lock: lock,
         })
     }
@@ -261,6 +271,8 @@ impl Registry {
                                 inst
                             })
                     };
+                    // To a core that has stopped, the instance is dropped (and
+                    // destroyed) right here, before the job counts as done.
                     shared.send(
                         job.core,
                         Msg::InstanceStarted(Started {
@@ -268,6 +280,7 @@ impl Registry {
                             result,
                         }),
                     );
+                    shared.functions.settle();
                 })
                 .expect("spawn starter thread");
         }
@@ -278,11 +291,13 @@ impl Registry {
             .unwrap()
             .take()
             .expect("threads started once");
+        let reaper_shared = shared.clone();
         std::thread::Builder::new()
             .name("hearth-reaper".into())
             .spawn(move || {
                 while let Ok(inst) = rx.recv() {
                     inst.destroy();
+                    reaper_shared.functions.settle();
                 }
             })
             .expect("spawn reaper thread");
@@ -290,12 +305,29 @@ impl Registry {
 
     /// Asks a starter thread for a new instance of `f` for `core`.
     pub fn request_start(&self, core: usize, function: Arc<Function>) {
-        let _ = self.job_tx.send(StartJob { core, function });
+        *self.pending.lock().unwrap() += 1;
+        if self.job_tx.send(StartJob { core, function }).is_err() {
+            self.settle();
+        }
     }
 
     /// Hands an instance to the reaper thread for destruction.
     pub fn destroy(&self, inst: Box<dyn Instance>) {
-        let _ = self.reap_tx.lock().unwrap().send(inst);
+        *self.pending.lock().unwrap() += 1;
+        let sent = self.reap_tx.lock().unwrap().send(inst);
+        if let Err(unsent) = sent {
+            unsent.0.destroy();
+            self.settle();
+        }
+    }
+
+    /// One start or destruction is done.
+    fn settle(&self) {
+        let mut n = self.pending.lock().unwrap();
+        *n -= 1;
+        if *n == 0 {
+            self.settled.notify_all();
+        }
     }
 
     /// The backend's name.
@@ -343,9 +375,25 @@ impl Registry {
         crate::metrics::render_functions(out, all.iter().map(|f| (f.spec.id.as_str(), &f.metrics)));
     }
 
-    /// Releases backend resources at exit.
+    /// Releases backend resources at exit, after the instance starts and
+    /// destructions under way (bounded by [`SHUTDOWN_WAIT`]): the backend stops
+    /// starting new ones first, so queued starts fail fast.
     pub fn shutdown(&self) {
         self.backend.shutdown();
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        let mut n = self.pending.lock().unwrap();
+        while *n > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                eprintln!(
+                    "hearth: {} instance start(s) or destruction(s) unfinished after {} ms at shutdown",
+                    *n,
+                    SHUTDOWN_WAIT.as_millis()
+                );
+                break;
+            }
+            n = self.settled.wait_timeout(n, left).unwrap().0;
+        }
     }
 }
 

@@ -7,15 +7,21 @@
 //! A cold start takes the standby, which answers at once, and a replacement is
 //! initialised in the background. A standby costs one idle instance's memory
 //! and no CPU.
+//!
+//! Every path that makes a sandbox (deploy, start, refill) holds a [`Busy`]
+//! token meanwhile, and sandboxes still initialising are tracked by pid. At
+//! shutdown the backend stops taking new work, kills what is initialising and
+//! waits (up to [`SHUTDOWN_WAIT`]) for the tokens to come back, so no sandbox
+//! or cgroup outlives the server, even one a refill was making at that moment.
 
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::{Duration, Instant};
 
 use super::process::uids::{UidLease, UidPool};
-use std::time::Duration;
 
 use super::handshake;
 use super::process::{self, Sandbox, SandboxSpec};
@@ -35,6 +41,14 @@ pub const CPU_MILLICORES: u32 = 1000;
 /// (see [`UidPool`]), so at most this many instances live at once.
 const HOST_UID_BASE: u32 = 200_000;
 const HOST_UID_SPAN: u32 = 60_000;
+/// Longest wait at shutdown for sandboxes being made (killed first) to be cleaned up.
+pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait at start-up (in the background) for the sandboxes of a killed
+/// server to drain from their cgroups, so the groups can be removed.
+pub const SWEEP_WAIT: Duration = Duration::from_secs(5);
+/// Longest wait of a start for the standby a refill is making (a spawn and an init).
+const STANDBY_WAIT: Duration =
+    Duration::from_millis(process::SPAWN_TIMEOUT_MS + INIT_TIMEOUT.as_millis() as u64);
 
 /// The shim, built into the binary so a deployed server needs no source tree.
 pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
@@ -105,8 +119,43 @@ struct Inner {
     standbys: Mutex<HashMap<String, ProcInstance>>,
     /// Functions whose standby is being made.
     refilling: Mutex<HashSet<String>>,
+    /// Signalled when a refill ends (a start may be waiting for its standby).
+    refilled: Condvar,
     forgotten: Mutex<HashSet<String>>,
     use_standby: bool,
+    /// Work in progress that may make sandboxes; see [`Busy`].
+    work: Mutex<Work>,
+    /// Signalled when `work.busy` drops.
+    work_done: Condvar,
+}
+
+/// Sandbox-making work in progress.
+#[derive(Default)]
+struct Work {
+    /// Outstanding [`Busy`] tokens.
+    busy: usize,
+    /// Set at shutdown: no new work is taken.
+    closing: bool,
+    /// Host pids of sandboxes between spawn and the end of their init, by ticket.
+    initialising: HashMap<u64, i32>,
+    next_ticket: u64,
+}
+
+/// A token held while something may make a sandbox; shutdown waits for all of them.
+struct Busy(Arc<Inner>);
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        let mut w = self.0.work.lock().unwrap();
+        w.busy -= 1;
+        if w.busy == 0 {
+            self.0.work_done.notify_all();
+        }
+    }
+}
+
+fn shutting_down() -> StartError {
+    StartError::Sandbox("the server is shutting down".into())
 }
 
 /// See the module documentation.
@@ -154,32 +203,67 @@ impl ProcessBackend {
         // The running binary itself, even if its file was replaced since (upgrades, rebuilds).
         let hearth_exe = PathBuf::from("/proc/self/exe");
         process::set_subreaper();
-        let swept = process::cgroup::sweep_stale();
-        if swept > 0 {
-            eprintln!("hearth: removed {swept} cgroup(s) left by a previous run");
-        }
-        Ok(ProcessBackend {
-            inner: Arc::new(Inner {
-                hearth_exe,
-                runtime_root,
-                // Servers on one host share the range; a pid-derived start keeps their
-                // instances apart in practice (one server per host is the supported setup).
-                uids: UidPool::new(
-                    HOST_UID_BASE,
-                    HOST_UID_SPAN,
-                    std::process::id().wrapping_mul(7919),
-                ),
-                next_seq: AtomicU32::new(0),
-                standbys: Mutex::new(HashMap::new()),
-                refilling: Mutex::new(HashSet::new()),
-                forgotten: Mutex::new(HashSet::new()),
-                use_standby,
-            }),
-        })
+        let inner = Arc::new(Inner {
+            hearth_exe,
+            runtime_root,
+            // Servers on one host share the range; a pid-derived start keeps their
+            // instances apart in practice (one server per host is the supported setup).
+            uids: UidPool::new(
+                HOST_UID_BASE,
+                HOST_UID_SPAN,
+                std::process::id().wrapping_mul(7919),
+            ),
+            next_seq: AtomicU32::new(0),
+            standbys: Mutex::new(HashMap::new()),
+            refilling: Mutex::new(HashSet::new()),
+            refilled: Condvar::new(),
+            forgotten: Mutex::new(HashSet::new()),
+            use_standby,
+            work: Mutex::new(Work::default()),
+            work_done: Condvar::new(),
+        });
+        // Off the start-up path: a killed server's sandboxes may take a while
+        // to be killed and reaped. Holds a busy token, so shutdown waits for it.
+        let busy = inner.busy().expect("not shutting down yet");
+        std::thread::Builder::new()
+            .name("hearth-sweep".into())
+            .spawn(move || {
+                let swept = process::cgroup::sweep_stale(SWEEP_WAIT);
+                if swept > 0 {
+                    eprintln!("hearth: removed {swept} cgroup(s) left by a previous run");
+                }
+                drop(busy);
+            })
+            .map_err(|e| format!("spawn the cgroup sweeper: {e}"))?;
+        Ok(ProcessBackend { inner })
     }
 }
 
 impl Inner {
+    /// A [`Busy`] token, unless the backend is shutting down.
+    fn busy(self: &Arc<Self>) -> Result<Busy, StartError> {
+        let mut w = self.work.lock().unwrap();
+        if w.closing {
+            return Err(shutting_down());
+        }
+        w.busy += 1;
+        Ok(Busy(self.clone()))
+    }
+
+    /// Records a sandbox as initialising (shutdown kills it); `None` when
+    /// shutting down already, and the caller must destroy it.
+    fn track(&self, pid: i32) -> Option<u64> {
+        let mut w = self.work.lock().unwrap();
+        if w.closing {
+            return None;
+        }
+        let ticket = w.next_ticket;
+        w.next_ticket += 1;
+        w.initialising.insert(ticket, pid);
+        Some(ticket)
+    }
+
+    /// Makes and initialises a sandbox; the caller holds a [`Busy`] token.
     fn spawn(
         &self,
         spec: &FunctionSpec,
@@ -211,7 +295,13 @@ impl Inner {
         let mut sandbox = process::spawn(&self.hearth_exe, &sspec)
             .map_err(|e| StartError::Sandbox(e.to_string()))?;
         let log_socket = sandbox.logs.take();
+        let Some(ticket) = self.track(sandbox.pid) else {
+            sandbox.destroy();
+            return Err(shutting_down());
+        };
         let result = handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT);
+        // Before anything reaps PID 1: shutdown must not signal a reused pid.
+        self.work.lock().unwrap().initialising.remove(&ticket);
         match result {
             Ok((_init_ms, logs)) => {
                 let channel = sandbox
@@ -253,24 +343,56 @@ impl Inner {
         if !self.use_standby || self.forgotten.lock().unwrap().contains(&spec.id) {
             return;
         }
-        if self.standbys.lock().unwrap().contains_key(&spec.id)
-            || !self.refilling.lock().unwrap().insert(spec.id.clone())
-        {
+        if self.standbys.lock().unwrap().contains_key(&spec.id) {
+            return;
+        }
+        // Taken before the thread exists, so shutdown waits for the thread.
+        let Ok(busy) = self.busy() else { return };
+        if !self.refilling.lock().unwrap().insert(spec.id.clone()) {
             return;
         }
         let (me, spec, dir) = (self.clone(), spec.clone(), dir.to_path_buf());
         std::thread::spawn(move || {
-            let made = me.spawn(&spec, &dir, None);
-            me.refilling.lock().unwrap().remove(&spec.id);
-            if let Ok((inst, _)) = made {
-                if me.forgotten.lock().unwrap().contains(&spec.id) {
-                    Box::new(inst).destroy();
-                } else if let Some(old) = me.standbys.lock().unwrap().insert(spec.id.clone(), inst)
-                {
-                    Box::new(old).destroy();
-                }
+            if let Ok((inst, _)) = me.spawn(&spec, &dir, None) {
+                me.keep_standby(&spec.id, inst);
             }
+            me.refilling.lock().unwrap().remove(&spec.id);
+            me.refilled.notify_all();
+            drop(busy);
         });
+    }
+
+    /// Keeps `inst` as the standby of `id` (destroys it if `id` is deleted or the
+    /// backend is shutting down); the caller holds a [`Busy`] token.
+    fn keep_standby(&self, id: &str, inst: ProcInstance) {
+        let unwanted = {
+            let mut standbys = self.standbys.lock().unwrap();
+            // Checked under the standbys lock: shutdown sets `closing`, then drains.
+            if self.work.lock().unwrap().closing || self.forgotten.lock().unwrap().contains(id) {
+                Some(inst)
+            } else {
+                standbys.insert(id.to_string(), inst)
+            }
+        };
+        if let Some(inst) = unwanted {
+            Box::new(inst).destroy();
+        }
+    }
+
+    /// Takes the standby of `id`, waiting for one a refill is making.
+    fn take_standby(&self, id: &str) -> Option<ProcInstance> {
+        let deadline = Instant::now() + STANDBY_WAIT;
+        let mut refilling = self.refilling.lock().unwrap();
+        loop {
+            if let Some(inst) = self.standbys.lock().unwrap().remove(id) {
+                return Some(inst);
+            }
+            let left = deadline.saturating_duration_since(Instant::now());
+            if !refilling.contains(id) || left.is_zero() {
+                return None;
+            }
+            refilling = self.refilled.wait_timeout(refilling, left).unwrap().0;
+        }
     }
 }
 
@@ -280,13 +402,10 @@ impl Backend for ProcessBackend {
     }
 
     fn prepare(&self, spec: &FunctionSpec, dir: &Path) -> Result<InitLogs, StartError> {
+        let _busy = self.inner.busy()?;
         let (inst, logs) = self.inner.spawn(spec, dir, None)?;
         if self.inner.use_standby {
-            self.inner
-                .standbys
-                .lock()
-                .unwrap()
-                .insert(spec.id.clone(), inst);
+            self.inner.keep_standby(&spec.id, inst);
         } else {
             Box::new(inst).destroy();
         }
@@ -299,7 +418,8 @@ impl Backend for ProcessBackend {
         dir: &Path,
         core: usize,
     ) -> Result<(Box<dyn Instance>, InitLogs), StartError> {
-        let standby = self.inner.standbys.lock().unwrap().remove(&spec.id);
+        let _busy = self.inner.busy()?;
+        let standby = self.inner.take_standby(&spec.id);
         let made = match standby {
             Some(inst) => {
                 pin_tree(inst.sandbox.pid, core);
@@ -327,6 +447,29 @@ impl Backend for ProcessBackend {
     }
 
     fn shutdown(&self) {
+        let inner = &self.inner;
+        let mut w = inner.work.lock().unwrap();
+        w.closing = true;
+        for &pid in w.initialising.values() {
+            // SAFETY: `pid` is PID 1 of a sandbox still initialising: our child
+            // (we are its subreaper), not reaped before it leaves `initialising`,
+            // so the pid cannot have been reused.
+            unsafe { libc::kill(pid, libc::SIGKILL) };
+        }
+        let deadline = Instant::now() + SHUTDOWN_WAIT;
+        while w.busy > 0 {
+            let left = deadline.saturating_duration_since(Instant::now());
+            if left.is_zero() {
+                eprintln!(
+                    "hearth: {} sandbox job(s) (starts, refills, the cgroup sweep) still running after {} ms at shutdown",
+                    w.busy,
+                    SHUTDOWN_WAIT.as_millis()
+                );
+                break;
+            }
+            w = inner.work_done.wait_timeout(w, left).unwrap().0;
+        }
+        drop(w);
         let all: Vec<ProcInstance> = self
             .inner
             .standbys

@@ -10,6 +10,8 @@
 
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
@@ -457,9 +459,14 @@ impl Group {
 }
 
 /// Removes sandbox cgroups left behind by a hearth process that no longer runs
-/// (killed before it could clean up). Only empty groups under `hearth/` whose
-/// name embeds a dead pid (`<function>-<pid>-<n>`) are touched. Returns how many went.
-pub fn sweep_stale() -> usize {
+/// (killed before it could clean up). Only groups under `hearth/` whose name
+/// embeds a dead pid (`<function>-<pid>-<n>`) are touched. Their processes are
+/// orphans of the dead server (a sandbox still dying, or one busy enough not to
+/// notice its channel closed): they are killed, and each such group is removed
+/// once empty, waiting at most `wait` in all. A group holding a
+/// process under a live `hearth serve` (a server in another pid namespace) is
+/// left alone. Returns how many went.
+pub fn sweep_stale(wait: Duration) -> usize {
     let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
     let own = parse_proc_cgroup(&fs::read_to_string("/proc/self/cgroup").unwrap_or_default());
     let mut parents = Vec::new();
@@ -476,6 +483,8 @@ pub fn sweep_stale() -> usize {
     }
     parents.sort();
     parents.dedup();
+    // Groups whose processes were killed: removed once they drain.
+    let mut draining = Vec::new();
     let mut removed = 0;
     for parent in parents {
         let Ok(entries) = fs::read_dir(&parent) else {
@@ -489,13 +498,115 @@ pub fn sweep_stale() -> usize {
             if Path::new(&format!("/proc/{pid}")).exists() {
                 continue;
             }
-            let empty = read_file(&e.path(), "cgroup.procs").is_some_and(|p| p.trim().is_empty());
-            if empty && fs::remove_dir(e.path()).is_ok() {
-                removed += 1;
+            match kill_orphans(&e.path(), &name) {
+                Members::None if fs::remove_dir(e.path()).is_ok() => removed += 1,
+                Members::None | Members::Supervised => {}
+                Members::Killed => draining.push(e.path()),
             }
         }
     }
+    let deadline = Instant::now() + wait;
+    for dir in draining {
+        loop {
+            match fs::remove_dir(&dir) {
+                Ok(()) => removed += 1,
+                Err(e) if e.raw_os_error() == Some(libc::EBUSY) && Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(5));
+                    continue;
+                }
+                Err(_) => {}
+            }
+            break;
+        }
+    }
     removed
+}
+
+/// What [`kill_orphans`] found in a stale group.
+enum Members {
+    /// No process (visible in our pid namespace).
+    None,
+    /// Orphaned processes, now killed.
+    Killed,
+    /// A process under a live `hearth serve` (one in another pid namespace
+    /// whose pid in the group's name means nothing here): left alone.
+    Supervised,
+}
+
+/// SIGKILLs the processes of the stale cgroup directory `dir` (named `name`),
+/// unless one of them descends from a live `hearth serve`. Each pid is pinned
+/// with a pidfd and checked to be still in the group before the signal, so a
+/// pid reused meanwhile is never hit.
+fn kill_orphans(dir: &Path, name: &str) -> Members {
+    let pids: Vec<i32> = read_file(dir, "cgroup.procs")
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .filter(|&p| p > 0)
+        .collect();
+    if pids.is_empty() {
+        return Members::None;
+    }
+    if pids.iter().any(|&p| under_live_server(p)) {
+        return Members::Supervised;
+    }
+    let suffix = format!("/hearth/{name}");
+    for pid in pids {
+        // SAFETY: plain syscall; a non-negative result is a descriptor we own.
+        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+        if fd < 0 {
+            continue;
+        }
+        // SAFETY: `fd` was just returned to us by pidfd_open.
+        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        let member = fs::read_to_string(format!("/proc/{pid}/cgroup"))
+            .is_ok_and(|c| c.lines().any(|l| l.ends_with(&suffix)));
+        if member {
+            // SAFETY: signals the process the pidfd refers to.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<u8>(),
+                    0,
+                )
+            };
+        }
+    }
+    Members::Killed
+}
+
+/// True if an ancestor of `pid` is a `hearth serve` process.
+fn under_live_server(pid: i32) -> bool {
+    let mut p = pid;
+    for _ in 0..64 {
+        let Ok(stat) = fs::read_to_string(format!("/proc/{p}/stat")) else {
+            return false;
+        };
+        // The parent pid is the second field after the parenthesised command.
+        let Some(ppid) = stat
+            .rsplit_once(") ")
+            .and_then(|(_, rest)| rest.split(' ').nth(1)?.parse::<i32>().ok())
+        else {
+            return false;
+        };
+        if ppid <= 1 {
+            return false;
+        }
+        let cmd = fs::read(format!("/proc/{ppid}/cmdline")).unwrap_or_default();
+        let mut args = cmd.split(|&b| b == 0);
+        let exe = args.next().unwrap_or_default();
+        if args.next() == Some(b"serve".as_slice())
+            && Path::new(std::ffi::OsStr::from_bytes(exe))
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("hearth"))
+        {
+            return true;
+        }
+        p = ppid;
+    }
+    false
 }
 
 #[cfg(test)]

@@ -55,7 +55,12 @@ fn control(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Response {
-    s.connect().request(method, path, headers, body)
+    let auth = s.auth();
+    let mut h = headers.to_vec();
+    if !auth.is_empty() {
+        h.push(("authorization", &auth));
+    }
+    s.connect().request(method, path, &h, body)
 }
 
 /// An invocation of function `id` at `path`.

@@ -29,9 +29,11 @@ const SERVE_WITHIN: Duration = Duration::from_secs(1);
 /// The time a server restarted after kill -9 gets to serve its functions:
 /// [`SERVE_WITHIN`], or on a machine so contended that a clean restart (the
 /// same start-up and cold starts, without a dead server's listeners to wait
-/// out) took longer, 1.5 times that clean restart.
+/// out) took longer, 3 times that clean restart.
 fn serve_budget(clean_restart: Duration) -> Duration {
-    SERVE_WITHIN.max(clean_restart * 3 / 2)
+    // After kill -9 the successor also shares the CPU with the sweep of the dead
+    // server's sandboxes, which a clean restart does not have.
+    SERVE_WITHIN.max(clean_restart * 3)
 }
 
 fn healthy(addr: std::net::SocketAddr) -> bool {

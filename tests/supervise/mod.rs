@@ -37,6 +37,9 @@ pub fn skip_reason() -> Option<String> {
 }
 
 /// One `hearth serve` process.
+/// The admin token every server of these tests runs with.
+pub const ADMIN_TOKEN: &str = "supervise-admin-token";
+
 pub struct Hearth {
     child: Option<Child>,
     pub pid: u32,
@@ -64,7 +67,14 @@ impl Hearth {
             .expect("open server log");
         let spawned = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_hearth"))
-            .args(["serve", "--listen", listen, "--state-dir"])
+            .args([
+                "serve",
+                "--listen",
+                listen,
+                "--admin-token",
+                ADMIN_TOKEN,
+                "--state-dir",
+            ])
             .arg(state)
             .args(extra)
             .env("HEARTH_AGENT", agent())
@@ -222,10 +232,12 @@ pub fn control(
     content_type: Option<&str>,
     body: &[u8],
 ) -> std::io::Result<Reply> {
-    let headers: Vec<(&str, &str)> = content_type
+    let auth = format!("Bearer {ADMIN_TOKEN}");
+    let mut headers: Vec<(&str, &str)> = content_type
         .map(|c| ("content-type", c))
         .into_iter()
         .collect();
+    headers.push(("authorization", &auth));
     request(addr, method, path, &headers, body, Duration::from_secs(30))
 }
 

@@ -16,6 +16,9 @@ pub enum Kind {
     Channel(ChannelId),
 }
 
+/// Input buffer capacity a stream keeps once all its input is consumed.
+pub const RBUF_KEEP_BYTES: usize = 256 * 1024;
+
 /// A socket plus its buffers.
 pub struct Stream {
     pub fd: OwnedFd,
@@ -97,6 +100,10 @@ impl Stream {
         if self.rpos == self.rbuf.len() {
             self.rbuf.clear();
             self.rpos = 0;
+            if self.rbuf.capacity() > RBUF_KEEP_BYTES {
+                // Room grown for one large frame or body is given back.
+                self.rbuf = Vec::new();
+            }
         }
     }
 
@@ -112,5 +119,24 @@ impl Stream {
     /// Output still to be written by the driver (queued or in flight).
     pub fn out_pending(&self) -> usize {
         self.wbuf.len() + self.sending.len() - self.sent
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn room_grown_for_a_large_frame_is_given_back_once_consumed() {
+        let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
+        let mut s = Stream::new(OwnedFd::from(a), Kind::Channel(0));
+        s.push_input(&vec![7u8; 8 << 20]);
+        s.consume(4 << 20);
+        assert!(s.rbuf.capacity() >= 8 << 20, "kept while input remains");
+        s.consume(4 << 20);
+        assert_eq!(s.rbuf.capacity(), 0);
+        s.push_input(&[1; 100]);
+        s.consume(100);
+        assert!(s.rbuf.capacity() > 0, "small buffers are reused");
     }
 }

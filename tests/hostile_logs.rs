@@ -294,6 +294,12 @@ fn raw_log_frames_from_a_timer_are_bounded() {
 }
 
 #[test]
+fn console_floods_from_a_timer_are_bounded() {
+    require_sandbox!();
+    repeated_flood_is_bounded("stdout");
+}
+
+#[test]
 fn raw_fd_floods_from_a_timer_are_bounded() {
     require_sandbox!();
     repeated_flood_is_bounded("fd1");

@@ -13,32 +13,6 @@ use std::time::{Duration, Instant};
 
 use common::{fixture, zip_fixture, Client, Response, Server};
 
-/// Why these tests cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("the process sandbox needs root".into());
-    }
-    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/x86_64-unknown-linux-gnu/release/hearth-agent");
-    if !agent.is_file() {
-        return Some(format!(
-            "{} is missing: run tools/build-agent.sh",
-            agent.display()
-        ));
-    }
-    None
-}
-
-macro_rules! require_sandbox {
-    () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-}
-
 /// One request with the server's admin token (unless `headers` carries one).
 fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
     let auth = s.auth();

@@ -12,15 +12,6 @@ use std::time::{Duration, Instant};
 
 use common::{metric_sum, parse_responses, rss_kib, zip_fixture, Client, Response, Server};
 
-macro_rules! require_sandbox {
-    () => {
-        if let Some(why) = common::sandbox_skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-}
-
 /// One request with the server's admin token.
 fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
     let auth = s.auth();

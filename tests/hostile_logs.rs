@@ -7,7 +7,6 @@
 
 mod common;
 
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -19,32 +18,6 @@ use common::{zip_fixture, Response, Server};
 const RSS_GROWTH_KIB_MAX: u64 = 64 * 1024;
 /// Slowest answer a bystander may see while a function floods its log.
 const BYSTANDER_LATENCY_MAX: Duration = Duration::from_millis(200);
-
-/// Why these tests cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("the process sandbox needs root".into());
-    }
-    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/x86_64-unknown-linux-gnu/release/hearth-agent");
-    if !agent.is_file() {
-        return Some(format!(
-            "{} is missing: run tools/build-agent.sh",
-            agent.display()
-        ));
-    }
-    None
-}
-
-macro_rules! require_sandbox {
-    () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-}
 
 /// Every control-plane request of this file goes through here (one place to
 /// add credentials).

@@ -14,31 +14,6 @@ use std::process::Command;
 
 use common::{temp_dir, Response, Server};
 
-fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("the process sandbox needs root".into());
-    }
-    let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("target/x86_64-unknown-linux-gnu/release/hearth-agent");
-    if !agent.is_file() {
-        return Some(format!(
-            "{} is missing: run tools/build-agent.sh",
-            agent.display()
-        ));
-    }
-    None
-}
-
-macro_rules! require_sandbox {
-    () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-}
-
 /// The admin token every server here runs with (given explicitly, so the tests hold with or
 /// without a generated default).
 const TOKEN: &str = "budget-and-sandbox-tests";

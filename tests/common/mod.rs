@@ -570,6 +570,18 @@ impl Client {
     }
 }
 
+/// Returns from the calling test, saying why, when functions cannot run on
+/// the process backend here (see [`sandbox_skip_reason`]).
+#[macro_export]
+macro_rules! require_sandbox {
+    () => {
+        if let Some(why) = $crate::common::sandbox_skip_reason() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
 /// Why functions cannot run on the process backend here, if they cannot: it
 /// needs root (user namespaces with uid maps, cgroups) and the static agent.
 pub fn sandbox_skip_reason() -> Option<String> {

@@ -10,7 +10,7 @@
 
 use std::fs;
 use std::io::{Cursor, Write};
-use std::path::{Component, Path, PathBuf};
+use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use hearth::control::archive::{extract_zip, ArchiveLimits};
@@ -39,6 +39,8 @@ mod sys;
 mod protocol {
     pub use hearth::protocol::*;
 }
+#[path = "fuzz_support/tree.rs"]
+mod tree;
 
 // ------------------------------------------------------------------------------ helpers
 
@@ -451,82 +453,9 @@ impl Drop for Scratch {
     }
 }
 
-/// Where the kernel would take `path` (absolute), following symlinks as it does; components
-/// past a missing one are applied lexically. `None` when links nest deeper than the kernel
-/// follows (it would refuse with ELOOP).
-fn resolve(path: &Path, depth: u32) -> Option<PathBuf> {
-    if depth > 40 {
-        return None;
-    }
-    let mut at = PathBuf::from("/");
-    let mut missing = false;
-    for component in path.components() {
-        match component {
-            Component::RootDir | Component::CurDir | Component::Prefix(_) => {}
-            Component::ParentDir => {
-                at.pop();
-            }
-            Component::Normal(name) => {
-                at.push(name);
-                if missing {
-                    continue;
-                }
-                match fs::symlink_metadata(&at) {
-                    Ok(meta) if meta.file_type().is_symlink() => {
-                        let target = fs::read_link(&at).ok()?;
-                        at.pop();
-                        at = resolve(&at.join(target), depth + 1)?;
-                    }
-                    Ok(_) => {}
-                    Err(_) => missing = true,
-                }
-            }
-        }
-    }
-    Some(at)
-}
-
-/// Everything under `root` (not following symlinks).
-fn walk(root: &Path, out: &mut Vec<PathBuf>) {
-    for entry in fs::read_dir(root).unwrap() {
-        let path = entry.unwrap().path();
-        out.push(path.clone());
-        if fs::symlink_metadata(&path).unwrap().is_dir() {
-            walk(&path, out);
-        }
-    }
-}
-
-/// Checks that nothing under `dest` is special or leads outside it (following symlinks as the
-/// kernel does); returns the number of paths and the
-/// bytes of regular files.
-fn check_tree(dest: &Path) -> Result<(usize, u64), TestCaseError> {
-    let root = fs::canonicalize(dest).unwrap();
-    let mut paths = Vec::new();
-    walk(&root, &mut paths);
-    let mut file_bytes = 0;
-    for path in &paths {
-        let meta = fs::symlink_metadata(path).unwrap();
-        let ft = meta.file_type();
-        prop_assert!(
-            ft.is_file() || ft.is_dir() || ft.is_symlink(),
-            "special file {:?}",
-            path
-        );
-        if ft.is_file() {
-            file_bytes += meta.len();
-        }
-        if let Some(real) = resolve(path, 0) {
-            prop_assert!(
-                real.starts_with(&root),
-                "{:?} resolves to {:?}, outside {:?}",
-                path,
-                real,
-                root
-            );
-        }
-    }
-    Ok((paths.len(), file_bytes))
+/// Wraps the shared tree check for proptest.
+fn check_tree(dest: &Path) -> Result<tree::TreeSummary, TestCaseError> {
+    tree::check_tree(dest).map_err(TestCaseError::fail)
 }
 
 /// What `extract_zip` promises whatever the archive: on success every created path and every
@@ -545,8 +474,12 @@ fn check_extraction(zip: &[u8], limits: &ArchiveLimits) -> Result<(), TestCaseEr
         return Ok(());
     };
     prop_assert_eq!(beside, vec![std::ffi::OsString::from("code")]);
-    let (_, file_bytes) = check_tree(&dest)?;
-    prop_assert!(file_bytes <= extracted.unpacked_bytes);
+    let summary = check_tree(&dest)?;
+    prop_assert!(summary.file_bytes <= extracted.unpacked_bytes);
+    prop_assert_eq!(
+        summary.paths,
+        extracted.files + extracted.dirs + extracted.symlinks
+    );
     prop_assert!(extracted.unpacked_bytes <= limits.unpacked_bytes_max);
     Ok(())
 }

@@ -433,7 +433,7 @@ struct Scratch(PathBuf);
 impl Scratch {
     fn new() -> Scratch {
         static NEXT: AtomicUsize = AtomicUsize::new(0);
-        let dir = std::env::temp_dir().join(format!(
+        let dir = tree::scratch_root().join(format!(
             "hearth-fuzz-props-{}-{}",
             std::process::id(),
             NEXT.fetch_add(1, Ordering::Relaxed)

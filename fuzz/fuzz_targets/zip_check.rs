@@ -116,7 +116,7 @@ fuzz_target!(|input: &[u8]| {
     };
 
     static NEXT: AtomicUsize = AtomicUsize::new(0);
-    let scratch = std::env::temp_dir().join(format!(
+    let scratch = tree::scratch_root().join(format!(
         "hearth-fuzz-zip-{}-{}",
         std::process::id(),
         NEXT.fetch_add(1, Ordering::Relaxed)

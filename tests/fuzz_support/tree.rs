@@ -95,3 +95,14 @@ pub fn check_tree(dest: &Path) -> Result<TreeSummary, String> {
     }
     Ok(summary)
 }
+
+/// Where scratch trees go: `/dev/shm` when there is one, since extraction ends with a `syncfs`
+/// that on a disk would flush every other writer's data too; else the temp dir.
+pub fn scratch_root() -> PathBuf {
+    let shm = Path::new("/dev/shm");
+    if fs::metadata(shm).map(|m| m.is_dir()).unwrap_or(false) {
+        shm.to_path_buf()
+    } else {
+        std::env::temp_dir()
+    }
+}

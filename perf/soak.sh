@@ -194,7 +194,7 @@ tally() { # file expected-statuses(comma list, empty: any 2xx)
         /Non-2xx or 3xx responses:/ { non2xx = $NF }
         /Socket errors:/ { for (i = 3; i <= NF; i += 2) { k = $i; sub(/ *$/, "", k); v = $(i + 1) + 0
             if (v > 0) { bad += v; detail = detail sep k "=" v; sep = "," } } }
-        $1 == "status" { if (!($2 in allowed)) { bad += $3; detail = detail sep $2 "=" $3; sep = "," } }
+        $1 == "status" && ok != "" { if (!($2 in allowed)) { bad += $3; detail = detail sep $2 "=" $3; sep = "," } }
         END {
             if (ok == "" && non2xx > 0) { bad += non2xx; detail = detail sep "non2xx=" non2xx; sep = "," }
             printf "%d %d %s\n", requests, bad, (detail == "" ? "-" : detail)
@@ -204,8 +204,9 @@ tally() { # file expected-statuses(comma list, empty: any 2xx)
 TABLE="$TMP/table"
 UNEXPECTED=0
 DETAILS=""
-printf '%-6s %8s %8s %8s %8s %8s %6s %6s %9s %8s %8s %6s %6s\n' minute trivial/s express/s crash/s sleep/s hog/s \
-    churn unexp rss_mib fds inst cgroups procs
+ROW='%-6s %9s %9s %7s %7s %5s %5s %5s %7s %5s %5s %7s %5s %5s\n'
+# shellcheck disable=SC2059 # the format is $ROW
+printf "$ROW" minute trivial/s express/s crash/s sleep/s hog/s churn unexp rss_mib fds inst cgroups procs load1
 for round in $(seq 1 "$MINUTES"); do
     churn_before=$(wc -l <"$CHURN")
     loader trivial "$round" "$C_TRIVIAL" "$PAUSE_MS" "http://$ADDR/f/$TRIVIAL/" 0 &
@@ -219,6 +220,7 @@ for round in $(seq 1 "$MINUTES"); do
     loader hog "$round" 1 500 "http://$ADDR/f/$HOG/" 1 &
     l5=$!
     wait "$l1" "$l2" "$l3" "$l4" "$l5"
+    kill -0 "$SERVER" 2>/dev/null || { tail -20 "$TMP/H/stderr" >&2; die "hearth exited during minute $round"; }
     bad=0
     rates=()
     for spec in trivial: express: crasher:200,502 sleeper:504 hog:502; do
@@ -239,8 +241,9 @@ for round in $(seq 1 "$MINUTES"); do
     UNEXPECTED=$((UNEXPECTED + bad))
     read -r rss fds inst cg procs <<<"$(sample)"
     echo "$round $rss $fds $inst $cg $procs" >>"$TABLE"
-    printf '%-6s %8s %8s %8s %8s %8s %6s %6s %9s %8s %8s %6s %6s\n' "$round" "${rates[@]}" "$churn_ops" "$bad" \
-        "$rss" "$fds" "$inst" "$cg" "$procs"
+    # shellcheck disable=SC2059
+    printf "$ROW" "$round" "${rates[@]}" "$churn_ops" "$bad" "$rss" "$fds" "$inst" "$cg" "$procs" \
+        "$(cut -d' ' -f1 /proc/loadavg)"
 done
 touch "$TMP/stop"
 wait "$CHURN_PID" 2>/dev/null || true

@@ -15,7 +15,8 @@
 #     tracing), plus AddressSanitizer if RUSTC_BOOTSTRAP=1 lets stable take -Zsanitizer
 #     (otherwise without it: Rust code is memory-safe, the sanitizer mostly guards unsafe code);
 #  3. the property tests (tests/fuzz_props.rs) with PROPTEST_CASES raised to fill the time.
-# Prints the runs (libFuzzer executions, or proptest cases) per target. A crash stops with the
+# Prints the runs (libFuzzer executions, or proptest cases) and libFuzzer's coverage (edges
+# reached) per target. A crash stops with the
 # failing input under fuzz/artifacts/<target>/ (reproduce: pass that file to the target binary
 # or to `cargo +nightly fuzz run <target> <file>`). Runs under `nice -n 19`: the machine is
 # shared. Corpora grow in fuzz/corpus/<target>/ (git-ignored) and are reused by later runs.
@@ -64,6 +65,11 @@ build_stable() {
 ENGINE=${FUZZ_ENGINE:-}
 if [ -z "$ENGINE" ]; then
     if have_cargo_fuzz; then ENGINE=cargo-fuzz; else ENGINE=stable; fi
+fi
+if [ "$ENGINE" = cargo-fuzz ] && ! nice -n 19 cargo +nightly fuzz build >"$LOGS/build" 2>&1; then
+    tail -20 "$LOGS/build" >&2
+    echo "fuzz: cargo-fuzz could not build the targets; trying the stable compiler" >&2
+    ENGINE=stable
 fi
 if [ "$ENGINE" = stable ] && ! build_stable; then
     echo "fuzz: libFuzzer does not build with the stable compiler here; running the property tests" >&2
@@ -122,7 +128,7 @@ run_proptest() { # target
 }
 
 FAILED=0
-printf '%-12s %14s %10s  %s\n' target runs seconds result
+printf '%-12s %14s %10s %8s  %s\n' target runs seconds coverage result
 for target in "${TARGETS[@]}"; do
     [ -f "fuzz_targets/$target.rs" ] || die "no target fuzz/fuzz_targets/$target.rs"
     : >"$LOGS/$target"
@@ -131,23 +137,27 @@ for target in "${TARGETS[@]}"; do
     case "$ENGINE" in
     cargo-fuzz)
         run_libfuzzer "$target" cargo +nightly fuzz run "$target" -- || status=CRASH
-        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$LOGS/$target" | tail -1)
         ;;
     stable)
         run_libfuzzer "$target" "$STABLE_BIN/$target" || status=CRASH
-        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$LOGS/$target" | tail -1)
         ;;
     proptest)
         runs=$(run_proptest "$target") || status=FAIL
         ;;
     esac
     elapsed=$(($(date +%s) - start))
+    cov=-
+    if [ "$ENGINE" != proptest ]; then
+        runs=$(sed -n 's/^stat::number_of_executed_units: *//p' "$LOGS/$target" | tail -1)
+        # libFuzzer's last status line: "#<runs> DONE cov: <edges> ft: <features> corp: ...".
+        cov=$(sed -n 's/.* cov: \([0-9]*\) .*/\1/p' "$LOGS/$target" | tail -1)
+    fi
     if [ "$status" != ok ]; then
         FAILED=1
         echo "---- $target log (tail)" >&2
         tail -40 "$LOGS/$target" >&2
     fi
-    printf '%-12s %14s %10s  %s\n' "$target" "${runs:-?}" "$elapsed" "$status"
+    printf '%-12s %14s %10s %8s  %s\n' "$target" "${runs:-?}" "$elapsed" "${cov:-?}" "$status"
 done
 if [ "$FAILED" = 1 ]; then
     echo "fuzz: failures above; crashing inputs are in fuzz/artifacts/<target>/" >&2

@@ -147,20 +147,23 @@ CHURN="$TMP/churn"
 : >"$CHURN"
 # Appends "kind status" lines; stops when $TMP/stop exists.
 churn_loop() {
-    local a b s
+    local a b id
     while [ ! -e "$TMP/stop" ]; do
         a=$(deploy "$TMP/trivial.zip")
         echo "deploy ${a% *}" >>"$CHURN"
+        churn_invoke "${a#* }"
         b=$(deploy "$TMP/trivial.zip")
         echo "deploy ${b% *}" >>"$CHURN"
+        churn_invoke "${b#* }"
         for id in "${a#* }" "${b#* }"; do
             [ "$id" = - ] && continue
-            s=$(curl -s -o /dev/null -w '%{http_code}' --max-time 30 "http://$ADDR/f/$id/") || s=000
-            echo "invoke $s" >>"$CHURN"
-            s=$(control -o /dev/null -w '%{http_code}' -X DELETE "http://$ADDR/functions/$id") || s=000
-            echo "delete $s" >>"$CHURN"
+            echo "delete $(control -o /dev/null -w '%{http_code}' -X DELETE "http://$ADDR/functions/$id" || true)" >>"$CHURN"
         done
     done
+}
+churn_invoke() { # id
+    [ "$1" = - ] && return 0
+    echo "invoke $(curl -s -o /dev/null -w '%{http_code}' --max-time 30 "http://$ADDR/f/$1/" || true)" >>"$CHURN"
 }
 churn_loop &
 CHURN_PID=$!

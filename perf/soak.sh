@@ -8,17 +8,19 @@
 # One `hearth serve` (process backend, defaults) runs five functions:
 #   trivial   perf/functions/trivial                           expected: 200 only
 #   express   tests/fixtures/express-app, POST /greet          expected: 200 only
-#   crasher   process.exit(1) in every 5th request of an instance   200 or 502
+#   crasher   process.exit(1) in every 20th request of an instance  200 or 502
 #   sleeper   timeout_ms 200, the handler sleeps 1 s                504
 #   hog       memory_mb 64, the handler allocates 256 MiB           502
 # plus a churn loop on the control plane: deploy a function, invoke it, deploy the same code
-# again (an update is a new deploy), invoke that, delete both; any answer other than 201 for a
-# deploy, 200 for an invoke or a delete is unexpected. Control requests carry
-# `Authorization: Bearer <token>` when the server stored one in <state>/admin-token.
+# again (an update is a new deploy), invoke that, delete both, pause SOAK_CHURN_PAUSE_S (5 s);
+# any answer other than 201 for a deploy, 200 for an invoke or a delete is unexpected. Control
+# requests carry `Authorization: Bearer <token>` when the server stored one in
+# <state>/admin-token (and work without one).
 #
 # Load: capacity is measured first (wrk -t2 -c10, 3 s warm-up then 5 s, on trivial and on
-# express). The soak then drives trivial and express at 35 % of their capacity each (70 %
-# together) and the others at a few requests per second, with wrk and perf/soak.lua: each
+# express). The soak then drives trivial and express at 30 % of their capacity each and the
+# others at a request or so per second (each crash, timeout and OOM costs a cold start, the
+# churn two deploys; together about the last tenth), with wrk and perf/soak.lua: each
 # connection pauses a fixed delay() between requests, so this is a paced closed loop per
 # connection (Debian's wrk has no constant-rate mode), and the achieved rate is what is printed.
 # Load runs in one-minute rounds; after each round the server's RSS, open fds
@@ -31,11 +33,12 @@ set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
 MINUTES=${SOAK_MINUTES:-30}
+CHURN_PAUSE_S=${SOAK_CHURN_PAUSE_S:-5}
 BUILD=1
 while [ $# -gt 0 ]; do
     case "$1" in
     --no-build) BUILD=0; shift ;;
-    -h | --help) sed -n '2,33p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,/^set -e/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -53,11 +56,11 @@ GREET='{ "name": "John Doe" }'
 mkdir -p "$TMP/src/crasher" "$TMP/src/sleeper" "$TMP/src/hog"
 cat >"$TMP/src/crasher/index.js" <<'EOF'
 'use strict';
-// Exits the whole runtime on every 5th request this instance serves.
+// Exits the whole runtime on every 20th request this instance serves.
 let served = 0;
 exports.handler = async () => {
   served += 1;
-  if (served % 5 === 0) process.exit(1);
+  if (served % 20 === 0) process.exit(1);
   return { statusCode: 200, body: 'ok' };
 };
 EOF
@@ -128,8 +131,8 @@ read -r CAP_EXPRESS _ <<<"$(run_wrk 5s "http://$ADDR/f/$EXPRESS/greet" "$ROOT/pe
 # Paced load: connections for `rate` req/s at a 10 ms pause per connection (+ ~0.3 ms answer).
 PAUSE_MS=10
 conns_for() { awk -v r="$1" -v p="$PAUSE_MS" 'BEGIN { c = int(r * (p + 0.3) / 1000 + 0.5); print (c < 1 ? 1 : c) }'; }
-RATE_TRIVIAL=$(awk -v c="$CAP_TRIVIAL" 'BEGIN { printf "%d", c * 0.35 }')
-RATE_EXPRESS=$(awk -v c="$CAP_EXPRESS" 'BEGIN { printf "%d", c * 0.35 }')
+RATE_TRIVIAL=$(awk -v c="$CAP_TRIVIAL" 'BEGIN { printf "%d", c * 0.30 }')
+RATE_EXPRESS=$(awk -v c="$CAP_EXPRESS" 'BEGIN { printf "%d", c * 0.30 }')
 C_TRIVIAL=$(conns_for "$RATE_TRIVIAL")
 C_EXPRESS=$(conns_for "$RATE_EXPRESS")
 
@@ -137,8 +140,8 @@ echo "# hearth soak: $(date -u '+%Y-%m-%d %H:%M UTC'), $MINUTES minutes, $(nproc
     "node $(node --version), hearth $("$HEARTH" --version | awk '{ print $2 }')"
 echo "# capacity (wrk -t2 -c10, 5 s): trivial $CAP_TRIVIAL req/s, express POST /greet $CAP_EXPRESS req/s"
 echo "# load: trivial ~$RATE_TRIVIAL req/s ($C_TRIVIAL conns), express ~$RATE_EXPRESS req/s ($C_EXPRESS conns)," \
-    "crasher ~20/s, sleeper ~2/s, hog ~1/s (1 connection each, 50/300/500 ms pauses)," \
-    "control churn back to back; $PAUSE_MS ms pause per connection"
+    "crasher ~10/s, sleeper ~0.5/s, hog ~0.3/s (1 connection each, 100/2000/3000 ms pauses)," \
+    "churn every ${CHURN_PAUSE_S}s; $PAUSE_MS ms pause per connection"
 echo "# load average at start: $(load)"
 
 # ---------------------------------------------------------------- churn
@@ -159,6 +162,7 @@ churn_loop() {
             [ "$id" = - ] && continue
             echo "delete $(control -o /dev/null -w '%{http_code}' -X DELETE "http://$ADDR/functions/$id" || true)" >>"$CHURN"
         done
+        sleep "$CHURN_PAUSE_S"
     done
 }
 churn_invoke() { # id
@@ -216,11 +220,11 @@ for round in $(seq 1 "$MINUTES"); do
     l1=$!
     loader express "$round" "$C_EXPRESS" "$PAUSE_MS" "http://$ADDR/f/$EXPRESS/greet" 0 "$GREET" &
     l2=$!
-    loader crasher "$round" 1 50 "http://$ADDR/f/$CRASHER/" 1 &
+    loader crasher "$round" 1 100 "http://$ADDR/f/$CRASHER/" 1 &
     l3=$!
-    loader sleeper "$round" 1 300 "http://$ADDR/f/$SLEEPER/" 1 &
+    loader sleeper "$round" 1 2000 "http://$ADDR/f/$SLEEPER/" 1 &
     l4=$!
-    loader hog "$round" 1 500 "http://$ADDR/f/$HOG/" 1 &
+    loader hog "$round" 1 3000 "http://$ADDR/f/$HOG/" 1 &
     l5=$!
     wait "$l1" "$l2" "$l3" "$l4" "$l5"
     kill -0 "$SERVER" 2>/dev/null || { tail -20 "$TMP/H/stderr" >&2; die "hearth exited during minute $round"; }

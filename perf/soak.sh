@@ -233,7 +233,7 @@ for round in $(seq 1 "$MINUTES"); do
     for spec in trivial: express: crasher:200,502 sleeper:504 hog:502; do
         name=${spec%%:*}
         read -r requests u detail <<<"$(tally "$TMP/$name.$round" "${spec#*:}")"
-        rates+=("$(awk -v n="$requests" 'BEGIN { printf "%.0f", n / 60 }')")
+        rates+=("$(awk -v n="$requests" 'BEGIN { printf (n < 600 ? "%.1f" : "%.0f"), n / 60 }')")
         bad=$((bad + u))
         [ "$detail" = - ] || DETAILS="$DETAILS minute $round $name: $detail;"
     done

@@ -289,15 +289,17 @@ fn multipart_body(boundary: &str, fields: &[Field], preamble: &[u8]) -> Vec<u8> 
     body
 }
 
-fn field_spec() -> impl Strategy<
-    Value = (
-        String,
-        Option<String>,
-        Option<String>,
-        Vec<(Index, u8)>,
-        bool,
-    ),
-> {
+/// One multipart field to generate: name, file name, content type, where to
+/// put pieces of the delimiter in its data (and which byte), and whether it is the code.
+type FieldSpec = (
+    String,
+    Option<String>,
+    Option<String>,
+    Vec<(Index, u8)>,
+    bool,
+);
+
+fn field_spec() -> impl Strategy<Value = FieldSpec> {
     (
         "[a-z\"\\\\ ;=é]{1,12}",
         proptest::option::of("[a-zA-Z0-9 ._\"\\\\;-]{0,16}"),

@@ -290,7 +290,8 @@ fn multipart_body(boundary: &str, fields: &[Field], preamble: &[u8]) -> Vec<u8> 
 }
 
 /// One multipart field to generate: name, file name, content type, where to
-/// put pieces of the delimiter in its data (and which byte), and whether it is the code.
+/// put pieces of the delimiter in its data (and which byte), and whether its
+/// header names are written in upper case.
 type FieldSpec = (
     String,
     Option<String>,

@@ -223,7 +223,7 @@ for run in $(seq 1 "$DEPLOYS"); do
     secs=${r#* }
     printf '%4s %10s\n' "$run" "$secs"
     echo "$secs" >>"$DEP"
-    curl -sS -o /dev/null -X DELETE "http://$S_ADDR/functions/$id"
+    curl -sS -o /dev/null "${AUTH[@]}" -X DELETE "http://$S_ADDR/functions/$id"
 done
 
 # ---------------------------------------------------------------- summary

@@ -60,7 +60,8 @@ port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); 
 start() {
     local name=$1; shift
     local p; p=$(port)
-    "$HEARTH" serve --listen "127.0.0.1:$p" --state-dir "$TMP/$name" --cores 2 "$@" \
+    "$HEARTH" serve --listen "127.0.0.1:$p" --state-dir "$TMP/$name" --cores 2 \
+        --admin-token perf-bench-admin-token "$@" \
         >"$TMP/$name.out" 2>"$TMP/$name.err" &
     PIDS+=($!)
     for _ in $(seq 600); do
@@ -81,7 +82,8 @@ with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z:
         for f in files:
             z.write(os.path.join(d, f))
 req = urllib.request.Request(f"http://{sys.argv[1]}/deploy", data=buf.getvalue(),
-                             headers={"content-type": "application/zip"})
+                             headers={"content-type": "application/zip",
+                                      "authorization": "Bearer perf-bench-admin-token"})
 v = json.load(urllib.request.urlopen(req, timeout=600))
 print(v["functionId"], v["deploy_ms"])
 EOF

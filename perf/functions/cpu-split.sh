@@ -47,8 +47,9 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 : >"$TMP/stdout"
+TOKEN=perf-bench-admin-token
 "$HEARTH" serve --listen 127.0.0.1:0 --state-dir "$TMP/state" --connections-per-core-max 4096 \
-    >"$TMP/stdout" 2>"$TMP/stderr" &
+    --admin-token "$TOKEN" >"$TMP/stdout" 2>"$TMP/stderr" &
 HPID=$!
 ADDR=
 for _ in $(seq 1 300); do
@@ -58,7 +59,7 @@ for _ in $(seq 1 300); do
 done
 [ -n "$ADDR" ] || { cat "$TMP/stderr" >&2; exit 1; }
 (cd "$FIXTURE" && zip -qr "$TMP/f.zip" .)
-ID=$(curl -sS -X POST -H 'content-type: application/zip' --data-binary "@$TMP/f.zip" \
+ID=$(curl -sS -X POST -H 'content-type: application/zip' -H "authorization: Bearer $TOKEN" --data-binary "@$TMP/f.zip" \
     "http://$ADDR/deploy?concurrency=$CONCURRENCY" | grep -o '"functionId": *"[^"]*"' | sed 's/.*"\([^"]*\)"$/\1/')
 URL="http://$ADDR/f/$ID$URL_PATH"
 SCRIPT=()
@@ -88,7 +89,7 @@ ticks >"$TMP/after"
 REQS=$(awk '/requests in/ { print $1 }' <<<"$OUT")
 HZ=$(getconf CLK_TCK)
 echo "# $URL_PATH on $(basename "$FIXTURE"), concurrency $CONCURRENCY, wrk -t2 -c10 -d$DURATION; load $(cut -d' ' -f1-3 /proc/loadavg)"
-echo "# instances: $(curl -sS "http://$ADDR/functions/$ID" | grep -o '"instances": *[0-9]*' | grep -o '[0-9]*$')," \
+echo "# instances: $(curl -sS -H "authorization: Bearer $TOKEN" "http://$ADDR/functions/$ID" | grep -o '"instances": *[0-9]*' | grep -o '[0-9]*$')," \
     "$(awk '/^Requests\/sec:/ { print $2 }' <<<"$OUT") req/s, p50 $(awk '$1 == "50%" { print $2 }' <<<"$OUT"), p99 $(awk '$1 == "99%" { print $2 }' <<<"$OUT")"
 join -a1 -e 0 -o 0,1.2,1.3,2.2,2.3 <(sort "$TMP/after") <(sort "$TMP/before") |
     awk -v n="$REQS" -v hz="$HZ" 'BEGIN { printf "%-8s %10s %10s %10s  (us CPU per request)\n", "", "user", "system", "total" }

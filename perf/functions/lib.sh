@@ -48,6 +48,11 @@ bench_prepare() { # tools...
     [ -x "$HEARTH" ] || die "$HEARTH is not built"
 }
 
+# The admin token every server started here runs with (older builds accept the
+# flag too, so A/B runs work across the change that made the token the default).
+BENCH_TOKEN=perf-bench-admin-token
+AUTH=(-H "authorization: Bearer $BENCH_TOKEN")
+
 # Starts `hearth serve` with extra flags; sets REPLY to its address.
 start_hearth() { # name flags...
     local name=$1 dir="$TMP/$1" addr= pid
@@ -55,7 +60,7 @@ start_hearth() { # name flags...
     mkdir -p "$dir"
     : >"$dir/stdout"
     "$HEARTH" serve --listen 127.0.0.1:0 --state-dir "$dir/state" \
-        --connections-per-core-max 4096 "$@" >"$dir/stdout" 2>"$dir/stderr" &
+        --connections-per-core-max 4096 --admin-token "$BENCH_TOKEN" "$@" >"$dir/stdout" 2>"$dir/stderr" &
     pid=$!
     PIDS+=("$pid")
     for _ in $(seq 1 300); do
@@ -92,7 +97,7 @@ start_node() { # name script args...
 # POSTs a zip to /deploy; prints "functionId seconds".
 deploy_zip() { # addr zip
     local out
-    out=$(curl -sS -w '\n%{http_code} %{time_total}' -X POST -H 'content-type: application/zip' \
+    out=$(curl -sS -w '\n%{http_code} %{time_total}' -X POST -H 'content-type: application/zip' "${AUTH[@]}" \
         --data-binary "@$2" "http://$1/deploy")
     local status=${out##*$'\n'}
     [ "${status%% *}" = 200 ] || [ "${status%% *}" = 201 ] || die "deploy failed: $out"
@@ -103,7 +108,7 @@ deploy_zip() { # addr zip
 }
 
 instances() { # addr id
-    curl -sS "http://$1/functions/$2" | grep -o '"instances": *[0-9]*' | grep -o '[0-9]*$'
+    curl -sS "${AUTH[@]}" "http://$1/functions/$2" | grep -o '"instances": *[0-9]*' | grep -o '[0-9]*$'
 }
 
 # Latency text from wrk (412.00us, 1.20ms, 2.00s) in microseconds.

@@ -14,8 +14,7 @@
 # plus a churn loop on the control plane: deploy a function, invoke it, deploy the same code
 # again (an update is a new deploy), invoke that, delete both, pause SOAK_CHURN_PAUSE_S (5 s);
 # any answer other than 201 for a deploy, 200 for an invoke or a delete is unexpected. Control
-# requests carry `Authorization: Bearer <token>` when the server stored one in
-# <state>/admin-token (and work without one).
+# requests and /metrics carry the admin token the server runs with (perf/functions/lib.sh).
 #
 # Load: capacity is measured first (wrk -t2 -c10, 3 s warm-up then 5 s, on trivial and on
 # express). The soak then drives trivial and express at 30 % of their capacity each and the
@@ -85,15 +84,13 @@ for f in crasher sleeper hog; do (cd "$TMP/src/$f" && zip -qr "$TMP/$f.zip" .); 
 start_hearth H
 ADDR=$REPLY
 SERVER=$H_PID
-STATE="$TMP/H/state"
 
 # ---------------------------------------------------------------- control plane
 
-# Every control request goes through here: adds the admin token when the server stored one.
+# Every control request (and /metrics) goes through here, with the admin token the
+# server was started with (lib.sh's start_hearth).
 control() { # curl args...
-    local auth=()
-    [ -r "$STATE/admin-token" ] && auth=(-H "Authorization: Bearer $(cat "$STATE/admin-token")")
-    curl -sS --max-time 120 "${auth[@]}" "$@"
+    curl -sS --max-time 120 "${AUTH[@]}" "$@"
 }
 
 # POSTs a zip to /deploy with query settings; prints "status functionId".

@@ -299,8 +299,14 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     // Large buffers (answers, bodies) get their own mappings and go back to the
     // system when freed. Without a fixed threshold glibc raises it after the first
     // large free, and later multi-megabyte buffers stay in the heap for good.
+    // Fixing the threshold also fixes the heap's trim threshold, which would then
+    // stay at 128 KiB and shrink and regrow the heap top (brk) under steady load;
+    // small buffers are kept instead.
     // SAFETY: mallopt only tunes the allocator; called before other threads start.
-    unsafe { libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024) };
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, 16 * 1024 * 1024);
+    }
     // Function starvation is tracked in a 64-bit mask of cores.
     let cores = cfg.cores.clamp(1, 64);
     raise_nofile_limit(

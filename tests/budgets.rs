@@ -30,10 +30,7 @@ fn control(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Response {
-    let auth = format!("Bearer {TOKEN}");
-    let mut all = vec![("authorization", auth.as_str())];
-    all.extend_from_slice(headers);
-    s.connect().request(method, path, &all, body)
+    s.control(method, path, headers, body)
 }
 
 fn deploy_zip(s: &Server, zip: &[u8], query: &str) -> Response {

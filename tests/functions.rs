@@ -15,16 +15,7 @@ use common::{fixture, zip_fixture, Client, Response, Server};
 
 /// One request with the server's admin token (unless `headers` carries one).
 fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    let auth = s.auth();
-    let mut h = headers.to_vec();
-    if !auth.is_empty()
-        && !h
-            .iter()
-            .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
-    {
-        h.push(("authorization", &auth));
-    }
-    s.connect().request(method, path, &h, body)
+    s.control(method, path, headers, body)
 }
 
 /// One request without credentials.

@@ -14,12 +14,7 @@ use common::{metric_sum, parse_responses, rss_kib, zip_fixture, Client, Response
 
 /// One request with the server's admin token.
 fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    let auth = s.auth();
-    let mut h = headers.to_vec();
-    if !auth.is_empty() {
-        h.push(("authorization", &auth));
-    }
-    s.connect().request(method, path, &h, body)
+    s.control(method, path, headers, body)
 }
 
 /// Deploys the `hostile` fixture; returns its id.

@@ -28,12 +28,7 @@ fn control(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Response {
-    let auth = s.auth();
-    let mut h = headers.to_vec();
-    if !auth.is_empty() {
-        h.push(("authorization", &auth));
-    }
-    s.connect().request(method, path, &h, body)
+    s.control(method, path, headers, body)
 }
 
 /// An invocation of function `id` at `path`.

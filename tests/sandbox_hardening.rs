@@ -33,10 +33,7 @@ fn control(
     headers: &[(&str, &str)],
     body: &[u8],
 ) -> Response {
-    let auth = format!("Bearer {TOKEN}");
-    let mut all = vec![("authorization", auth.as_str())];
-    all.extend_from_slice(headers);
-    s.connect().request(method, path, &all, body)
+    s.control(method, path, headers, body)
 }
 
 fn deploy_dir(s: &Server, dir: &Path, query: &str) -> String {

@@ -165,6 +165,27 @@ impl Server {
             .unwrap_or_default()
     }
 
+    /// One request on a new connection with the admin token (unless `headers`
+    /// carries an `authorization` of its own): how tests reach the control plane.
+    pub fn control(
+        &self,
+        method: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        body: &[u8],
+    ) -> Response {
+        let auth = self.auth();
+        let mut all = headers.to_vec();
+        if !auth.is_empty()
+            && !all
+                .iter()
+                .any(|(k, _)| k.eq_ignore_ascii_case("authorization"))
+        {
+            all.push(("authorization", &auth));
+        }
+        self.connect().request(method, path, &all, body)
+    }
+
     /// An `Authorization` header line for raw requests ("" when the control plane is open).
     pub fn auth_line(&self) -> String {
         self.token

@@ -3,10 +3,13 @@
 //! Requests arrive on a worker core and are handed to a short-lived control
 //! thread (at most [`CONTROL_INFLIGHT_MAX`] at once; more → 503), because a
 //! deploy unpacks archives, writes files and boots a template instance. The
-//! answer goes back to the core as a message. Nothing here runs on the
-//! request path of invocations.
+//! answer goes to the callback the engine passed with the request, which
+//! carries it back to the core. Nothing here runs on the request path of
+//! invocations, and nothing here knows the engine: the plane holds the
+//! function registry and two callbacks, so no reference cycle ties it to the
+//! engine's shared state.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
@@ -16,11 +19,8 @@ use serde_json::json;
 
 use crate::control::archive::{self, ArchiveLimits};
 use crate::control::{handler, multipart, settings};
-use crate::engine::conn::ReplyTo;
-use crate::engine::worker::Msg;
-use crate::engine::Shared;
 use crate::functions::budget::{self, Reservation};
-use crate::functions::{self, store, Function, FunctionSpec, FUNCTIONS_MAX};
+use crate::functions::{self, store, Function, FunctionSpec, Registry, FUNCTIONS_MAX};
 use crate::http::parse::Request;
 use crate::http::response::json_error;
 use crate::routes::{self, Route};
@@ -30,7 +30,7 @@ use crate::sandbox::StartError;
 pub const CONTROL_INFLIGHT_MAX: usize = 16;
 
 /// An answer: status, content type, body.
-type Answer = (u16, &'static str, Vec<u8>);
+pub type Answer = (u16, &'static str, Vec<u8>);
 
 fn error(status: u16, code: &str, message: &str) -> Answer {
     (status, "application/json", json_error(code, message))
@@ -44,11 +44,23 @@ fn json_answer(status: u16, v: serde_json::Value) -> Answer {
     )
 }
 
+/// Called once with a control request's answer, on the control thread.
+pub type Done = Box<dyn FnOnce(Answer) + Send>;
+
+/// What a control thread works with: the functions and how to tell the cores.
+struct Plane {
+    functions: Arc<Registry>,
+    /// The address the server listens on (function URLs when a request has no Host).
+    listen: SocketAddr,
+    /// Tells every core that functions were deployed or deleted.
+    changed: Box<dyn Fn() + Send + Sync>,
+}
+
 /// Handle held by the engine.
 #[derive(Default)]
 pub struct Control {
     inflight: Arc<AtomicUsize>,
-    shared: OnceLock<Arc<Shared>>,
+    plane: OnceLock<Arc<Plane>>,
 }
 
 impl Control {
@@ -57,22 +69,27 @@ impl Control {
         Control::default()
     }
 
-    /// Connects the control plane to the running server.
-    pub fn start(&self, shared: Arc<Shared>) {
-        functions::Registry::start_threads(&shared);
-        let _ = self.shared.set(shared);
+    /// Connects the control plane to the running server: its functions, its
+    /// address, and `changed`, which tells every core to refresh its view of
+    /// the functions after a deploy or delete.
+    pub fn start(
+        &self,
+        functions: Arc<Registry>,
+        listen: SocketAddr,
+        changed: Box<dyn Fn() + Send + Sync>,
+    ) {
+        let _ = self.plane.set(Arc::new(Plane {
+            functions,
+            listen,
+            changed,
+        }));
     }
 
-    /// Queues a control request from `core`; `Err` carries a 503 body when busy.
-    pub fn submit(
-        &self,
-        core: usize,
-        to: ReplyTo,
-        _peer: IpAddr,
-        req: Request,
-        body: Vec<u8>,
-    ) -> Result<(), Vec<u8>> {
-        let shared = self.shared.get().expect("control plane started").clone();
+    /// Handles a control request on a control thread and calls `done` with
+    /// the answer there; `Err` carries a 503 body when too many are in flight
+    /// (then `done` is dropped uncalled).
+    pub fn submit(&self, req: Request, body: Vec<u8>, done: Done) -> Result<(), Vec<u8>> {
+        let plane = self.plane.get().expect("control plane started").clone();
         if self.inflight.fetch_add(1, Ordering::AcqRel) >= CONTROL_INFLIGHT_MAX {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return Err(json_error(
@@ -84,16 +101,7 @@ impl Control {
         let spawned = std::thread::Builder::new()
             .name("hearth-control".into())
             .spawn(move || {
-                let (status, content_type, body) = handle(&shared, &req, &body);
-                shared.send(
-                    core,
-                    Msg::Reply {
-                        to,
-                        status,
-                        content_type,
-                        body,
-                    },
-                );
+                done(handle(&plane, &req, &body));
                 inflight.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {
@@ -109,7 +117,7 @@ impl Control {
 
 /// Serves one control request. The engine has checked its head against
 /// [`crate::control::auth::Guard`] before its body was read.
-fn handle(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
+fn handle(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
     match routes::route(&req.method, req.path()) {
         Route::Deploy => deploy(shared, req, body),
         Route::ListFunctions => {
@@ -149,9 +157,9 @@ fn not_found(id: &str) -> Answer {
     )
 }
 
-fn summary(shared: &Shared, f: &Function) -> serde_json::Value {
+fn summary(shared: &Plane, f: &Function) -> serde_json::Value {
     let m = &f.metrics;
-    let host = shared.cfg.listen;
+    let host = shared.listen;
     json!({
         "functionId": f.spec.id,
         "handler": f.spec.handler,
@@ -170,7 +178,7 @@ fn summary(shared: &Shared, f: &Function) -> serde_json::Value {
     })
 }
 
-fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
+fn deploy(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
     let started = Instant::now();
     let mut pairs = settings::parse_query(req.query());
     let content_type = req
@@ -264,11 +272,11 @@ fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
     }
     f.logs.lock().unwrap().extend_init(&init_logs);
     shared.functions.insert(f.clone());
-    shared.broadcast(|| Msg::FunctionsChanged);
+    (shared.changed)();
     let host = req
         .header("host")
         .map(str::to_string)
-        .unwrap_or_else(|| shared.cfg.listen.to_string());
+        .unwrap_or_else(|| shared.listen.to_string());
     eprintln!(
         "hearth: deployed {id} ({}) in {} ms",
         f.spec.handler,
@@ -289,7 +297,7 @@ fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
 }
 
 /// 503 for a deploy whose first instance does not fit in the memory budget.
-fn memory_exhausted(shared: &Shared, memory_mb: u32) -> Answer {
+fn memory_exhausted(shared: &Plane, memory_mb: u32) -> Answer {
     error(
         503,
         "memory_budget_exhausted",
@@ -312,7 +320,7 @@ fn disk_exhausted(why: &str) -> Answer {
 /// Unpacks, checks and prepares a function in `staging`. Returns what the function
 /// holds of the server's budgets (its disk space and, with a standby, its memory).
 fn stage(
-    shared: &Shared,
+    shared: &Plane,
     staging: &Path,
     id: &str,
     code: &[u8],
@@ -408,11 +416,11 @@ fn sync_filesystem(dir: &Path) {
     }
 }
 
-fn delete(shared: &Arc<Shared>, id: &str) -> Answer {
+fn delete(shared: &Plane, id: &str) -> Answer {
     let Some(f) = shared.functions.remove(id) else {
         return not_found(id);
     };
-    shared.broadcast(|| Msg::FunctionsChanged);
+    (shared.changed)();
     // In-flight requests finish (bounded by the function timeout), then instances go.
     let deadline =
         Instant::now() + Duration::from_millis(f.spec.timeout_ms) + Duration::from_secs(5);

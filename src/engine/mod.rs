@@ -32,18 +32,38 @@ use worker::{Msg, Worker};
 pub struct Shared {
     pub cfg: ServeConfig,
     pub core_metrics: Vec<Arc<CoreMetrics>>,
-    pub functions: crate::functions::Registry,
+    pub functions: Arc<crate::functions::Registry>,
     pub control: crate::control::Control,
     /// Who may use the control plane and `/metrics` (checked on request heads).
     pub guard: crate::control::auth::Guard,
     /// Open connections per client address, across cores.
     pub peers: peers::PeerTable,
-    senders: Vec<Sender<Msg>>,
-    wakers: Vec<OwnedFd>,
+    /// Each core's message queue (also held by the control plane's callbacks).
+    pub inboxes: Arc<Inboxes>,
     pub shutdown: AtomicBool,
 }
 
 impl Shared {
+    /// Queues `msg` for `core` and wakes its loop.
+    pub fn send(&self, core: usize, msg: Msg) {
+        self.inboxes.send(core, msg);
+    }
+
+    /// Sends a message built by `make` to every core.
+    pub fn broadcast(&self, make: impl Fn() -> Msg) {
+        self.inboxes.broadcast(make);
+    }
+}
+
+/// The cores' message queues, each with the eventfd that wakes its loop.
+/// Kept apart from [`Shared`] so that what holds it (the control plane's
+/// callbacks) does not keep `Shared` alive in a cycle.
+pub struct Inboxes {
+    senders: Vec<Sender<Msg>>,
+    wakers: Vec<OwnedFd>,
+}
+
+impl Inboxes {
     /// Queues `msg` for `core` and wakes its loop.
     pub fn send(&self, core: usize, msg: Msg) {
         if self.senders[core].send(msg).is_ok() {
@@ -333,8 +353,15 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         receivers.push(rx);
         wakers.push(eventfd()?);
     }
-    let functions = crate::functions::Registry::open(&cfg, lock)?;
+    let functions = Arc::new(crate::functions::Registry::open(&cfg, lock)?);
+    let inboxes = Arc::new(Inboxes { senders, wakers });
     let control = crate::control::Control::new();
+    let changed = inboxes.clone();
+    control.start(
+        functions.clone(),
+        cfg.listen,
+        Box::new(move || changed.broadcast(|| Msg::FunctionsChanged)),
+    );
     let io_mode = cfg.io;
     let pin = cfg.pin;
     let grace = cfg.shutdown_grace;
@@ -349,12 +376,11 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
             metrics_token: cfg.metrics_token.clone(),
         },
         peers: peers::PeerTable::new(cfg.http.connections_per_ip_max),
-        senders,
-        wakers,
+        inboxes,
         shutdown: AtomicBool::new(false),
         cfg,
     });
-    shared.control.start(shared.clone());
+    crate::functions::Registry::start_threads(&shared);
     let use_uring = match io_mode {
         IoMode::Epoll => false,
         IoMode::Uring => {
@@ -385,7 +411,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
                 if pin {
                     pin_to(core);
                 }
-                let waker = shared.wakers[core].as_raw_fd();
+                let waker = shared.inboxes.wakers[core].as_raw_fd();
                 let mut worker = Worker::new(core, shared, inbox);
                 let r = if use_uring {
                     uring::run(&mut worker, listener, waker)

@@ -583,8 +583,19 @@ impl Worker {
             }
             _ => {
                 let to = self.reply_to(tok);
-                let peer = self.peer(tok);
-                if let Err(busy) = self.shared.control.submit(self.core, to, peer, req, body) {
+                let (core, inboxes) = (self.core, self.shared.inboxes.clone());
+                let done = Box::new(move |(status, content_type, body)| {
+                    inboxes.send(
+                        core,
+                        Msg::Reply {
+                            to,
+                            status,
+                            content_type,
+                            body,
+                        },
+                    )
+                });
+                if let Err(busy) = self.shared.control.submit(req, body, done) {
                     self.answer(
                         tok,
                         Answer {

@@ -31,6 +31,9 @@ pub enum Scope {
     Control,
     /// `GET /metrics`.
     Metrics,
+    /// The Lambda service API: SigV4-signed (checked in full once the body is
+    /// in, see [`crate::control::lambda`]) or the admin token.
+    Service,
 }
 
 /// Why a request was refused: the HTTP status, a machine code and a message.
@@ -48,6 +51,8 @@ pub struct Guard {
     pub admin_token: Option<String>,
     /// A second token that grants `/metrics` only.
     pub metrics_token: Option<String>,
+    /// The access key id service API requests must be signed with.
+    pub access_key_id: String,
 }
 
 impl Guard {
@@ -58,6 +63,9 @@ impl Guard {
             return check_loopback_host(req);
         };
         let given = bearer(req);
+        if scope == Scope::Service && !constant_time_eq(given.as_bytes(), admin.as_bytes()) {
+            return self.check_signed(req);
+        }
         let ok = constant_time_eq(given.as_bytes(), admin.as_bytes())
             || (scope == Scope::Metrics
                 && self
@@ -77,9 +85,38 @@ impl Guard {
                     Scope::Metrics => {
                         "/metrics needs 'Authorization: Bearer <admin or metrics token>'".into()
                     }
+                    Scope::Service => unreachable!("checked by check_signed"),
                 },
             })
         }
+    }
+}
+
+impl Guard {
+    /// The head check of a service API request: a SigV4 `Authorization` made
+    /// with the server's access key id, dated within the clock-skew window.
+    /// The signature itself covers the body, so it is verified later.
+    fn check_signed(&self, req: &Request) -> Result<(), Denial> {
+        let refuse = |message: String| Denial {
+            status: 403,
+            code: "UnrecognizedClientException",
+            message,
+        };
+        let header = req.header("authorization").unwrap_or("");
+        let auth = crate::control::sigv4::parse_authorization(header).map_err(|_| {
+            refuse(
+                "the Lambda API needs requests signed with AWS Signature Version 4 \
+                 (access key id 'hearth', secret: the admin token) or the admin token as a bearer"
+                    .into(),
+            )
+        })?;
+        if !constant_time_eq(auth.access_key_id.as_bytes(), self.access_key_id.as_bytes()) {
+            return Err(refuse(
+                "The security token included in the request is invalid (unknown access key id)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -266,6 +303,7 @@ mod tests {
         Guard {
             admin_token: token.map(str::to_string),
             metrics_token: Some("metrics-secret-token".into()),
+            access_key_id: "hearth".into(),
         }
     }
 

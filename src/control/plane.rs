@@ -18,9 +18,11 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde_json::json;
 
 use crate::control::archive::{self, ArchiveLimits};
+use crate::control::lambda::{self, ServiceAuth};
+use crate::control::settings::DeploySettings;
 use crate::control::{handler, multipart, settings};
 use crate::functions::budget::{self, Reservation};
-use crate::functions::{self, store, Function, FunctionSpec, Registry, FUNCTIONS_MAX};
+use crate::functions::{self, store, Function, FunctionSpec, Registry, ServiceMeta, FUNCTIONS_MAX};
 use crate::http::parse::Request;
 use crate::http::response::json_error;
 use crate::routes::{self, Route};
@@ -48,12 +50,14 @@ fn json_answer(status: u16, v: serde_json::Value) -> Answer {
 pub type Done = Box<dyn FnOnce(Answer) + Send>;
 
 /// What a control thread works with: the functions and how to tell the cores.
-struct Plane {
-    functions: Arc<Registry>,
+pub(super) struct Plane {
+    pub(super) functions: Arc<Registry>,
     /// The address the server listens on (function URLs when a request has no Host).
-    listen: SocketAddr,
+    pub(super) listen: SocketAddr,
     /// Tells every core that functions were deployed or deleted.
-    changed: Box<dyn Fn() + Send + Sync>,
+    pub(super) changed: Box<dyn Fn() + Send + Sync>,
+    /// Who may use the Lambda service API.
+    pub(super) service_auth: ServiceAuth,
 }
 
 /// Handle held by the engine.
@@ -76,12 +80,14 @@ impl Control {
         &self,
         functions: Arc<Registry>,
         listen: SocketAddr,
+        service_auth: ServiceAuth,
         changed: Box<dyn Fn() + Send + Sync>,
     ) {
         let _ = self.plane.set(Arc::new(Plane {
             functions,
             listen,
             changed,
+            service_auth,
         }));
     }
 
@@ -134,6 +140,7 @@ fn handle(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
             None => not_found(id),
         },
         Route::DeleteFunction(id) => delete(shared, id),
+        Route::Lambda(op) => lambda::handle(shared, op, req, body),
         Route::Logs(id) => match shared.functions.get(id) {
             Some(f) => {
                 let logs = f.logs.lock().unwrap();
@@ -231,61 +238,20 @@ fn deploy(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
         Ok(s) => s,
         Err(m) => return error(400, "bad_setting", &m),
     };
-    if shared.functions.len() >= FUNCTIONS_MAX {
-        return error(
-            409,
-            "function_limit",
-            &format!("this server already holds {FUNCTIONS_MAX} functions"),
-        );
-    }
-    let id = functions::new_id();
-    let fdir = &shared.functions.functions_dir;
-    let staging = match store::staging_dir(fdir, &id) {
-        Ok(p) => p,
-        Err(e) => {
-            return error(
-                500,
-                "io",
-                &format!("cannot create a staging directory: {e}"),
-            )
-        }
+    let f = match create(shared, Code::Zip(code), settings, ServiceMeta::default()) {
+        Ok(f) => f,
+        Err(a) => return a,
     };
-    let result = stage(shared, &staging, &id, code, settings);
-    let (spec, init_logs, held) = match result {
-        Ok(x) => x,
-        Err(a) => {
-            store::remove_tree(&staging);
-            return a;
-        }
-    };
-    let dir = match store::publish(&staging, fdir, &id) {
-        Ok(d) => d,
-        Err(e) => {
-            store::remove_tree(&staging);
-            shared.functions.backend.forget(&id);
-            return error(500, "io", &format!("cannot publish the function: {e}"));
-        }
-    };
-    let f = Arc::new(Function::new(spec, dir, shared.functions.memory.clone()));
-    for r in held {
-        f.hold(r);
-    }
-    f.logs.lock().unwrap().extend_init(&init_logs);
-    shared.functions.insert(f.clone());
-    (shared.changed)();
+    let id = &f.spec.id;
     let host = req
         .header("host")
         .map(str::to_string)
         .unwrap_or_else(|| shared.listen.to_string());
-    eprintln!(
-        "hearth: deployed {id} ({}) in {} ms",
-        f.spec.handler,
-        started.elapsed().as_millis()
-    );
     json_answer(
         201,
         json!({
             "functionId": id,
+            "name": f.spec.name,
             "status": "deployed",
             "snapshotReady": true,
             "url": format!("http://{host}/f/{id}"),
@@ -294,6 +260,86 @@ fn deploy(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
             "deploy_ms": started.elapsed().as_millis() as u64,
         }),
     )
+}
+
+/// Where a new function's code comes from.
+pub(super) enum Code<'a> {
+    /// A zip archive, checked and unpacked.
+    Zip(&'a [u8]),
+    /// The code directory of a deployed function, copied (a configuration change).
+    Copy(&'a Path),
+}
+
+/// Unpacks, prepares and publishes a function. A function holding the same
+/// name is replaced without downtime: requests by name move to the new one
+/// once it is ready, the old one finishes what it has (in the background) and
+/// is removed. On error nothing of the new function is left on disk.
+pub(super) fn create(
+    shared: &Plane,
+    code: Code<'_>,
+    settings: DeploySettings,
+    service: ServiceMeta,
+) -> Result<Arc<Function>, Answer> {
+    let started = Instant::now();
+    let replaces = settings
+        .name
+        .as_deref()
+        .is_some_and(|n| shared.functions.id_of(n).is_some());
+    if shared.functions.len() >= FUNCTIONS_MAX && !replaces {
+        return Err(error(
+            409,
+            "function_limit",
+            &format!("this server already holds {FUNCTIONS_MAX} functions"),
+        ));
+    }
+    let id = functions::new_id();
+    let fdir = &shared.functions.functions_dir;
+    let staging = store::staging_dir(fdir, &id).map_err(|e| {
+        error(
+            500,
+            "io",
+            &format!("cannot create a staging directory: {e}"),
+        )
+    })?;
+    let (spec, init_logs, held) = stage(shared, &staging, &id, code, settings, service)
+        .inspect_err(|_| store::remove_tree(&staging))?;
+    let dir = store::publish(&staging, fdir, &id).map_err(|e| {
+        store::remove_tree(&staging);
+        shared.functions.backend.forget(&id);
+        error(500, "io", &format!("cannot publish the function: {e}"))
+    })?;
+    let f = Arc::new(Function::new(spec, dir, shared.functions.memory.clone()));
+    for r in held {
+        f.hold(r);
+    }
+    f.logs.lock().unwrap().extend_init(&init_logs);
+    let replaced = shared.functions.insert(f.clone());
+    (shared.changed)();
+    eprintln!(
+        "hearth: deployed {id} ({}) in {} ms",
+        f.spec.handler,
+        started.elapsed().as_millis()
+    );
+    if let Some(old) = replaced {
+        eprintln!(
+            "hearth: {} replaces {} as {:?}",
+            id,
+            old.spec.id,
+            f.spec.name.as_deref().unwrap_or("")
+        );
+        let functions = shared.functions.clone();
+        let drained = std::thread::Builder::new()
+            .name("hearth-retire".into())
+            .spawn(move || {
+                if let Err(e) = retire(&functions, &old) {
+                    eprintln!("hearth: {e}");
+                }
+            });
+        if let Err(e) = drained {
+            eprintln!("hearth: cannot start a thread to remove the replaced function: {e}");
+        }
+    }
+    Ok(f)
 }
 
 /// 503 for a deploy whose first instance does not fit in the memory budget.
@@ -323,8 +369,9 @@ fn stage(
     shared: &Plane,
     staging: &Path,
     id: &str,
-    code: &[u8],
-    s: settings::DeploySettings,
+    code: Code<'_>,
+    s: DeploySettings,
+    service: ServiceMeta,
 ) -> Result<(FunctionSpec, Vec<String>, Vec<Reservation>), Answer> {
     // The first instance (template or standby) must fit before anything is unpacked.
     let memory = shared
@@ -337,7 +384,11 @@ fn stage(
     let disk_bound = disk.remaining() < limits.unpacked_bytes_max;
     limits.unpacked_bytes_max = limits.unpacked_bytes_max.min(disk.remaining());
     let code_dir = staging.join("code");
-    let extracted = archive::extract_zip(code, &code_dir, &limits).map_err(|e| {
+    let extracted = match code {
+        Code::Zip(zip) => archive::extract_zip(zip, &code_dir, &limits),
+        Code::Copy(from) => archive::copy_tree(from, &code_dir, &limits),
+    };
+    let extracted = extracted.map_err(|e| {
         if disk_bound && e.code == "unpacked_too_large" {
             disk_exhausted(&format!(
                 "the server's functions disk budget has {} of {} bytes left: {}",
@@ -364,6 +415,8 @@ fn stage(
             .unwrap_or(0),
         code_bytes: extracted.unpacked_bytes,
         backend: shared.functions.backend_name().to_string(),
+        name: s.name,
+        service,
     };
     store::write_meta(staging, &spec)
         .map_err(|e| error(500, "io", &format!("cannot write meta.json: {e}")))?;
@@ -421,25 +474,31 @@ fn delete(shared: &Plane, id: &str) -> Answer {
         return not_found(id);
     };
     (shared.changed)();
-    // In-flight requests finish (bounded by the function timeout), then instances go.
+    match retire(&shared.functions, &f) {
+        Ok(()) => json_answer(200, json!({ "functionId": f.spec.id, "status": "deleted" })),
+        Err(m) => error(500, "io", &m),
+    }
+}
+
+/// Removes an unpublished function once the cores are done with it: its
+/// in-flight requests finish (bounded by its timeout), its instances go, then
+/// its files and what it held of the budgets.
+pub(super) fn retire(functions: &Registry, f: &Function) -> Result<(), String> {
     let deadline =
         Instant::now() + Duration::from_millis(f.spec.timeout_ms) + Duration::from_secs(5);
     while f.instances.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    shared.functions.backend.forget(id);
-    match store::trash(&shared.functions.functions_dir, id) {
+    let id = &f.spec.id;
+    functions.backend.forget(id);
+    match store::trash(&functions.functions_dir, id) {
         Ok(p) => {
             store::remove_tree(&p);
             f.release_held();
+            Ok(())
         }
-        Err(e) => {
-            return error(
-                500,
-                "io",
-                &format!("function unpublished but its files remain: {e}"),
-            )
-        }
+        Err(e) => Err(format!(
+            "function {id} unpublished but its files remain: {e}"
+        )),
     }
-    json_answer(200, json!({ "functionId": id, "status": "deleted" }))
 }

@@ -357,9 +357,21 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     let inboxes = Arc::new(Inboxes { senders, wakers });
     let control = crate::control::Control::new();
     let changed = inboxes.clone();
+    let service_auth = match &cfg.admin_token {
+        None => crate::control::lambda::ServiceAuth::Open,
+        Some(admin) => crate::control::lambda::ServiceAuth::Keys {
+            access_key_id: cfg.aws_access_key_id.clone(),
+            secret_access_key: cfg
+                .aws_secret_access_key
+                .clone()
+                .unwrap_or_else(|| admin.clone()),
+            admin_token: admin.clone(),
+        },
+    };
     control.start(
         functions.clone(),
         cfg.listen,
+        service_auth,
         Box::new(move || changed.broadcast(|| Msg::FunctionsChanged)),
     );
     let io_mode = cfg.io;
@@ -374,6 +386,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         guard: crate::control::auth::Guard {
             admin_token: cfg.admin_token.clone(),
             metrics_token: cfg.metrics_token.clone(),
+            access_key_id: cfg.aws_access_key_id.clone(),
         },
         peers: peers::PeerTable::new(cfg.http.connections_per_ip_max),
         inboxes,

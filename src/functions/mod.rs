@@ -53,6 +53,31 @@ pub struct FunctionSpec {
     pub created_ms: u64,
     pub code_bytes: u64,
     pub backend: String,
+    /// A unique name (Lambda's `FunctionName`); `/f/<name>/…` serves it like its id.
+    /// Deploying under a taken name replaces that function.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// What the Lambda service API stores and shows but hearth does not act on.
+    #[serde(default)]
+    pub service: ServiceMeta,
+}
+
+/// Lambda configuration fields kept for the service API (`Runtime`, `Role`, …).
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceMeta {
+    /// `Runtime`, e.g. `nodejs20.x`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub runtime: Option<String>,
+    /// `Role`: an IAM role ARN, stored as given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
+    /// `Description`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub description: Option<String>,
+    /// `CodeSha256`: base64 of the SHA-256 of the deployed zip.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code_sha256: Option<String>,
 }
 
 /// A deployed function as the server holds it.
@@ -149,11 +174,32 @@ struct StartJob {
     function: Arc<Function>,
 }
 
+/// The functions by id, and the ids of the named ones by name.
+#[derive(Default)]
+struct Index {
+    by_id: HashMap<String, Arc<Function>>,
+    by_name: HashMap<String, String>,
+}
+
+impl Index {
+    fn insert(&mut self, f: Arc<Function>) -> Option<Arc<Function>> {
+        let replaced = match &f.spec.name {
+            Some(name) => self
+                .by_name
+                .insert(name.clone(), f.spec.id.clone())
+                .and_then(|old| self.by_id.remove(&old)),
+            None => None,
+        };
+        self.by_id.insert(f.spec.id.clone(), f);
+        replaced
+    }
+}
+
 /// All deployed functions, the backend that runs them, and the threads that
 /// start and destroy instances.
 pub struct Registry {
     pub functions_dir: PathBuf,
-    map: RwLock<HashMap<String, Arc<Function>>>,
+    map: RwLock<Index>,
     pub backend: Box<dyn Backend>,
     /// Memory of all instances and standbys, MiB (`--instance-memory-max-mb`).
     pub memory: Arc<Budget>,
@@ -180,14 +226,16 @@ impl Registry {
     pub fn open(cfg: &ServeConfig, lock: std::fs::File) -> std::io::Result<Registry> {
         let backend = crate::sandbox::select(cfg)?;
         let functions_dir = cfg.state_dir.join("functions");
-        let specs = store::load_all(&functions_dir)?;
+        let mut specs = store::load_all(&functions_dir)?;
+        // Oldest first, so that of two under one name the newer keeps it.
+        specs.sort_by_key(|(spec, _)| spec.created_ms);
         let memory = Budget::new("instance memory", "MiB", cfg.instance_memory_max_mb);
         let disk = Budget::new(
             "functions disk",
             "bytes",
             cfg.functions_disk_max_mb.saturating_mul(1 << 20),
         );
-        let mut map = HashMap::new();
+        let mut map = Index::default();
         for (spec, dir) in specs {
             let f = Function::new(spec, dir, memory.clone());
             // What exists counts, even beyond a budget lowered since.
@@ -195,7 +243,18 @@ impl Registry {
             if backend.keeps_standby() {
                 f.hold(memory.reserve_over(u64::from(f.spec.memory_mb)));
             }
-            map.insert(f.spec.id.clone(), Arc::new(f));
+            if let Some(older) = map.insert(Arc::new(f)) {
+                // The server stopped between publishing a function's
+                // replacement and removing it: finish the replacement.
+                eprintln!(
+                    "hearth: removing {} (replaced under the name {:?})",
+                    older.spec.id,
+                    older.spec.name.as_deref().unwrap_or("")
+                );
+                if let Ok(p) = store::trash(&functions_dir, &older.spec.id) {
+                    store::remove_tree(&p);
+                }
+            }
         }
         for (b, unit) in [(&memory, "MiB"), (&disk, "bytes")] {
             if b.used() > b.max() {
@@ -206,10 +265,10 @@ impl Registry {
                 );
             }
         }
-        if !map.is_empty() {
+        if !map.by_id.is_empty() {
             eprintln!(
                 "hearth: loaded {} function(s) from {}",
-                map.len(),
+                map.by_id.len(),
                 functions_dir.display()
             );
         }
@@ -335,21 +394,31 @@ impl Registry {
         self.backend.name()
     }
 
-    /// A function by id.
-    pub fn get(&self, id: &str) -> Option<Arc<Function>> {
-        self.map.read().unwrap().get(id).cloned()
+    /// A function by id, or by name when `key` is not an id.
+    pub fn get(&self, key: &str) -> Option<Arc<Function>> {
+        let map = self.map.read().unwrap();
+        if valid_id(key) {
+            return map.by_id.get(key).cloned();
+        }
+        let id = map.by_name.get(key)?;
+        map.by_id.get(id).cloned()
+    }
+
+    /// The id of the function named `name`.
+    pub fn id_of(&self, name: &str) -> Option<String> {
+        self.map.read().unwrap().by_name.get(name).cloned()
     }
 
     /// Every function, sorted by id.
     pub fn all(&self) -> Vec<Arc<Function>> {
-        let mut v: Vec<_> = self.map.read().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = self.map.read().unwrap().by_id.values().cloned().collect();
         v.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
         v
     }
 
     /// Number of functions.
     pub fn len(&self) -> usize {
-        self.map.read().unwrap().len()
+        self.map.read().unwrap().by_id.len()
     }
 
     /// True when nothing is deployed.
@@ -358,13 +427,26 @@ impl Registry {
     }
 
     /// Publishes a newly deployed function (the caller broadcasts the change).
-    pub fn insert(&self, f: Arc<Function>) {
-        self.map.write().unwrap().insert(f.spec.id.clone(), f);
+    /// A function that had its name is unpublished and returned: requests by
+    /// name go to the new one from now on, the old one drains.
+    pub fn insert(&self, f: Arc<Function>) -> Option<Arc<Function>> {
+        let old = self.map.write().unwrap().insert(f)?;
+        old.deleted.store(true, Ordering::Release);
+        Some(old)
     }
 
-    /// Unpublishes a function; returns it.
-    pub fn remove(&self, id: &str) -> Option<Arc<Function>> {
-        let f = self.map.write().unwrap().remove(id)?;
+    /// Unpublishes a function (by id or name); returns it.
+    pub fn remove(&self, key: &str) -> Option<Arc<Function>> {
+        let mut map = self.map.write().unwrap();
+        let id = if valid_id(key) {
+            key.to_string()
+        } else {
+            map.by_name.get(key)?.clone()
+        };
+        let f = map.by_id.remove(&id)?;
+        if let Some(name) = &f.spec.name {
+            map.by_name.remove(name);
+        }
         f.deleted.store(true, Ordering::Release);
         Some(f)
     }

@@ -169,6 +169,7 @@ fn summary(shared: &Plane, f: &Function) -> serde_json::Value {
     let host = shared.listen;
     json!({
         "functionId": f.spec.id,
+        "name": f.spec.name,
         "handler": f.spec.handler,
         "memory_mb": f.spec.memory_mb,
         "timeout_ms": f.spec.timeout_ms,

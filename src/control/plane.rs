@@ -10,7 +10,7 @@ use std::net::IpAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -20,11 +20,13 @@ use crate::engine::conn::ReplyTo;
 use crate::engine::worker::Msg;
 use crate::engine::Shared;
 use crate::functions::budget::{self, Reservation};
-use crate::functions::{self, store, Function, FunctionSpec, FUNCTIONS_MAX};
+use crate::functions::{self, store, Function, FUNCTIONS_MAX};
 use crate::http::parse::Request;
 use crate::http::response::json_error;
 use crate::routes::{self, Route};
 use crate::sandbox::StartError;
+use crate::spec::FunctionSpec;
+use crate::util::time::unix_time_ms;
 
 /// Control requests handled at the same time.
 pub const CONTROL_INFLIGHT_MAX: usize = 16;
@@ -350,10 +352,7 @@ fn stage(
         timeout_ms: s.timeout_ms,
         concurrency: s.concurrency,
         env: s.env,
-        created_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        created_ms: unix_time_ms(),
         code_bytes: extracted.unpacked_bytes,
         backend: shared.functions.backend_name().to_string(),
     };

@@ -24,8 +24,10 @@ pub mod functions;
 pub mod guest;
 pub mod http;
 pub mod metrics;
-pub mod protocol;
 pub mod routes;
 pub mod sandbox;
 pub mod spec;
 pub mod util;
+
+/// The frames exchanged with the guest agent: the `hearth-protocol` crate, shared with it.
+pub use hearth_protocol as protocol;

@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use zip::{CompressionMethod, ZipArchive};
 
+use crate::util::{hex, random, time};
+
 /// Compressed sizes below this count as this many bytes when a ratio is computed, so small
 /// entries (a 20-byte deflate stream of 4 KiB of spaces) are not mistaken for bombs: any entry
 /// may inflate to `ratio_max * 1 KiB` whatever its compressed size.
@@ -793,18 +795,14 @@ fn create_staging_dir(dest: &Path) -> Result<PathBuf, ArchiveError> {
     ))
 }
 
+/// 16 hex digits for a staging name; from the clock and pid if the kernel has no random bytes.
 fn random_hex() -> String {
     let mut bytes = [0u8; 8];
-    // SAFETY: the pointer and length describe `bytes`, which outlives the call.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if got != bytes.len() as isize {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+    if random::fill(&mut bytes).is_err() {
+        let nanos = time::since_unix_epoch().as_nanos() as u64;
         bytes = (nanos ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&bytes)
 }
 
 fn write_tree(

@@ -25,9 +25,10 @@ use sha2::{Digest, Sha256};
 use crate::control::plane::{self, Answer, Code, Plane};
 use crate::control::settings::{self, DeploySettings};
 use crate::control::sigv4;
-use crate::functions::{Function, ServiceMeta};
+use crate::functions::Function;
 use crate::http::parse::Request;
 use crate::routes::LambdaOp;
+use crate::spec::ServiceMeta;
 
 /// The account id in ARNs (hearth has no accounts).
 pub const ACCOUNT_ID: &str = "000000000000";
@@ -222,20 +223,7 @@ fn function_name(raw: &str) -> Result<String, Answer> {
 }
 
 fn percent_decode(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let hex = |j: usize| b.get(j).and_then(|c| (*c as char).to_digit(16));
-        if let (b'%', Some(h), Some(l)) = (b[i], hex(i + 1), hex(i + 2)) {
-            out.push((h * 16 + l) as u8);
-            i += 3;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    String::from_utf8_lossy(&sigv4::percent_decode(s)).into_owned()
 }
 
 /// Turns a hearth error answer (`{"error","code"}`) into Lambda's shape.
@@ -552,7 +540,7 @@ impl Cx<'_> {
 fn last_modified(ms: u64) -> String {
     let secs = ms / 1000;
     let (days, rem) = (secs / 86_400, secs % 86_400);
-    let (y, m, d) = civil_from_days(days as i64);
+    let (y, m, d) = crate::util::time::civil_from_days(days as i64);
     format!(
         "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}+0000",
         rem / 3600,
@@ -560,19 +548,6 @@ fn last_modified(ms: u64) -> String {
         rem % 60,
         ms % 1000
     )
-}
-
-/// The date of a day count since 1970-01-01 (Howard Hinnant's method).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z - era * 146_097;
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    (yoe + era * 400 + i64::from(m <= 2), m, d)
 }
 
 #[cfg(test)]

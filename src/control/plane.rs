@@ -13,7 +13,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
@@ -22,11 +22,13 @@ use crate::control::lambda::{self, ServiceAuth};
 use crate::control::settings::DeploySettings;
 use crate::control::{handler, multipart, settings};
 use crate::functions::budget::{self, Reservation};
-use crate::functions::{self, store, Function, FunctionSpec, Registry, ServiceMeta, FUNCTIONS_MAX};
+use crate::functions::{self, store, Function, Registry, FUNCTIONS_MAX};
 use crate::http::parse::Request;
 use crate::http::response::json_error;
 use crate::routes::{self, Route};
 use crate::sandbox::StartError;
+use crate::spec::{FunctionSpec, ServiceMeta};
+use crate::util::time::unix_time_ms;
 
 /// Control requests handled at the same time.
 pub const CONTROL_INFLIGHT_MAX: usize = 16;
@@ -410,10 +412,7 @@ fn stage(
         timeout_ms: s.timeout_ms,
         concurrency: s.concurrency,
         env: s.env,
-        created_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        created_ms: unix_time_ms(),
         code_bytes: extracted.unpacked_bytes,
         backend: shared.functions.backend_name().to_string(),
         name: s.name,

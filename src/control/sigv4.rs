@@ -14,6 +14,7 @@ use sha2::{Digest, Sha256};
 
 use crate::control::auth::constant_time_eq;
 use crate::http::parse::Request;
+use crate::util::hex::encode as hex;
 
 /// How far a request's `X-Amz-Date` may be from the server's clock.
 pub const CLOCK_SKEW_MAX: Duration = Duration::from_secs(15 * 60);
@@ -205,7 +206,7 @@ fn encode_into(out: &mut String, bytes: &[u8], keep_slash: bool) {
 }
 
 /// Decodes `%XX` escapes (a stray `%` stays as it is).
-fn percent_decode(s: &str) -> Vec<u8> {
+pub fn percent_decode(s: &str) -> Vec<u8> {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;
@@ -241,19 +242,8 @@ fn parse_amz_date(s: &str) -> Option<SystemTime> {
     if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || se > 60 {
         return None;
     }
-    let secs = days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se;
+    let secs = crate::util::time::days_from_civil(y, mo, d) * 86_400 + h * 3600 + mi * 60 + se;
     Some(UNIX_EPOCH + Duration::from_secs(u64::try_from(secs).ok()?))
-}
-
-/// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's method).
-fn days_from_civil(y: i64, m: i64, d: i64) -> i64 {
-    let y = if m <= 2 { y - 1 } else { y };
-    let era = y.div_euclid(400);
-    let yoe = y - era * 400;
-    let mp = (m + 9) % 12;
-    let doy = (153 * mp + 2) / 5 + d - 1;
-    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
-    era * 146_097 + doe - 719_468
 }
 
 /// HMAC-SHA256 (RFC 2104).
@@ -275,10 +265,6 @@ fn hmac(key: &[u8], msg: &[u8]) -> [u8; 32] {
         .chain_update(inner)
         .finalize()
         .into()
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 #[cfg(test)]

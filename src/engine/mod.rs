@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::{IoMode, ServeConfig};
 use crate::metrics::CoreMetrics;
+use crate::util::cpu;
 use worker::{Msg, Worker};
 
 /// State shared by all workers and the control plane.
@@ -258,16 +259,8 @@ pub fn set_nodelay(fd: RawFd) {
 }
 
 fn pin_to(core: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity on the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core % libc::CPU_SETSIZE as usize, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!(
-                "hearth: worker {core}: could not pin to cpu {core}: {}",
-                io::Error::last_os_error()
-            );
-        }
+    if let Err(e) = cpu::pin_thread(0, core % libc::CPU_SETSIZE as usize) {
+        eprintln!("hearth: worker {core}: could not pin to cpu {core}: {e}");
     }
 }
 

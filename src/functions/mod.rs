@@ -18,14 +18,13 @@ use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
-use serde::{Deserialize, Serialize};
-
 use crate::config::ServeConfig;
 use crate::engine::conn::ReplyTo;
 use crate::engine::worker::Msg;
 use crate::engine::Shared;
 use crate::metrics::FunctionMetrics;
 use crate::sandbox::{Backend, Instance, StartError};
+use crate::spec::FunctionSpec;
 use budget::{Budget, Reservation};
 
 pub use pool::CorePool;
@@ -39,46 +38,6 @@ pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Index of an instance in its core's pool.
 pub type ChannelId = usize;
-
-/// A deployed function's settings, stored as `meta.json` in its directory.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FunctionSpec {
-    pub id: String,
-    pub handler: String,
-    pub memory_mb: u32,
-    pub timeout_ms: u64,
-    pub concurrency: u32,
-    pub env: Vec<(String, String)>,
-    pub created_ms: u64,
-    pub code_bytes: u64,
-    pub backend: String,
-    /// A unique name (Lambda's `FunctionName`); `/f/<name>/…` serves it like its id.
-    /// Deploying under a taken name replaces that function.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-    /// What the Lambda service API stores and shows but hearth does not act on.
-    #[serde(default)]
-    pub service: ServiceMeta,
-}
-
-/// Lambda configuration fields kept for the service API (`Runtime`, `Role`, …).
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct ServiceMeta {
-    /// `Runtime`, e.g. `nodejs20.x`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub runtime: Option<String>,
-    /// `Role`: an IAM role ARN, stored as given.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub role: Option<String>,
-    /// `Description`.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub description: Option<String>,
-    /// `CodeSha256`: base64 of the SHA-256 of the deployed zip.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code_sha256: Option<String>,
-}
 
 /// A deployed function as the server holds it.
 pub struct Function {
@@ -506,22 +465,5 @@ pub fn valid_id(id: &str) -> bool {
 
 /// A new random function id.
 pub fn new_id() -> String {
-    format!("{:016x}", random_u64())
-}
-
-/// 64 random bits from the kernel.
-pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most 8 bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
-    assert_eq!(n, 8, "getrandom failed");
-    u64::from_ne_bytes(b)
-}
-
-/// `bytes` random bytes from the kernel, as lower-case hex.
-pub fn random_hex(bytes: usize) -> String {
-    (0..bytes.div_ceil(8))
-        .map(|_| format!("{:016x}", random_u64()))
-        .collect::<String>()[..bytes * 2]
-        .to_string()
+    format!("{:016x}", crate::util::random::random_u64())
 }

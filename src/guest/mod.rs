@@ -20,6 +20,8 @@ use std::path::Path;
 
 use sha2::{Digest, Sha256};
 
+use crate::util::hex;
+
 /// Feeds a file's length and whole contents into `h`.
 pub(crate) fn hash_file(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
     let mut f = std::fs::File::open(path)
@@ -40,8 +42,5 @@ pub(crate) fn hash_file(h: &mut Sha256, path: &Path) -> std::io::Result<()> {
 
 /// The first 16 bytes of a digest as 32 hex digits (names of cached files).
 pub(crate) fn short_hex(h: Sha256) -> String {
-    h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&h.finalize()[..16])
 }

@@ -16,7 +16,7 @@ pub mod qmp;
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 
-use crate::functions::FunctionSpec;
+use crate::spec::FunctionSpec;
 
 /// Why an instance could not be made ready.
 #[derive(Debug)]
@@ -105,25 +105,6 @@ impl std::ops::Add for SchedTime {
             wait_ns: self.wait_ns + o.wait_ns,
         }
     }
-}
-
-/// A program named by the environment variable `env` if set, else the first
-/// `name` on PATH.
-pub fn find_program(env: &str, name: &str) -> Option<PathBuf> {
-    match std::env::var_os(env) {
-        Some(p) => Some(PathBuf::from(p)),
-        None => which(name),
-    }
-}
-
-/// The first `name` on PATH (`/usr/bin:/bin` when PATH is unset).
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_else(|_| "/usr/bin:/bin".into())
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| std::path::Path::new(d).join(name))
-        .find(|p| p.is_file())
 }
 
 /// Lines a runtime printed while starting, kept for the function's logs.

@@ -27,7 +27,9 @@ use super::handshake;
 use super::process::{self, Sandbox, SandboxSpec};
 use super::{Backend, InitLogs, Instance, SchedTime, StartError};
 use crate::config::ServeConfig;
-use crate::functions::FunctionSpec;
+use crate::spec::FunctionSpec;
+use crate::util::cpu;
+use crate::util::program::find_program;
 
 /// Time a runtime gets to load the handler (Lambda's init phase limit).
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -171,7 +173,7 @@ pub fn find_agent() -> Result<PathBuf, String> {
 
 /// Finds Node.js: `$HEARTH_NODE` or `node` on PATH.
 pub fn find_node() -> Result<PathBuf, String> {
-    super::find_program("HEARTH_NODE", "node").ok_or_else(|| {
+    find_program("HEARTH_NODE", "node").ok_or_else(|| {
         "Node.js was not found on PATH: install nodejs (>= 18) or set HEARTH_NODE".to_string()
     })
 }
@@ -507,12 +509,7 @@ fn pin_tree(pid: i32, core: usize) {
             let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            // SAFETY: cpu_set_t is plain data; sched_setaffinity on a thread id.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(core, &mut set);
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
+            let _ = cpu::pin_thread(tid, core);
             if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
                 todo.extend(
                     children

@@ -41,7 +41,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -50,8 +50,11 @@ use super::handshake;
 use super::qmp::{self, Qmp};
 use super::{Backend, InitLogs, Instance, StartError};
 use crate::config::ServeConfig;
-use crate::functions::FunctionSpec;
 use crate::guest::images::{self, Guest};
+use crate::spec::FunctionSpec;
+use crate::util::cpu;
+use crate::util::program::find_program;
+use crate::util::time::unix_time_ms;
 
 /// Smallest guest: Node.js and the kernel need this much.
 pub const MEMORY_MB_MIN: u32 = 256;
@@ -137,7 +140,7 @@ pub fn kvm_usable() -> Result<(), String> {
 
 /// `$HEARTH_QEMU` or `qemu-system-x86_64` on PATH.
 pub fn find_qemu() -> Result<PathBuf, String> {
-    super::find_program("HEARTH_QEMU", "qemu-system-x86_64").ok_or_else(|| {
+    find_program("HEARTH_QEMU", "qemu-system-x86_64").ok_or_else(|| {
         "qemu-system-x86_64 not found: install qemu-system-x86 (Debian) or set HEARTH_QEMU"
             .to_string()
     })
@@ -327,9 +330,7 @@ impl Vm {
                     }
                 }
                 if let Some(core) = core {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(core, &mut set);
-                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                    let _ = cpu::pin_thread(0, core);
                 }
                 Ok(())
             });
@@ -561,13 +562,6 @@ fn allocated_bytes(path: &Path) -> u64 {
     fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
 }
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn sandbox_err(m: impl Into<String>) -> StartError {
     StartError::Sandbox(m.into())
 }
@@ -703,7 +697,7 @@ impl Inner {
             append,
             ready_ms,
             snapshot_ms: snap_started.elapsed().as_millis() as u64,
-            created_ms: now_ms(),
+            created_ms: unix_time_ms(),
         };
         write_meta(dir, &meta).map_err(|e| sandbox_err(format!("{META_FILE}: {e}")))?;
         eprintln!(

@@ -51,6 +51,20 @@ pub enum LambdaOp<'a> {
     PutConcurrency(&'a str),
     /// `GET /2019-09-30/functions/{name}/concurrency`
     GetConcurrency(&'a str),
+    /// `POST /2015-03-31/functions/{name}/versions`
+    PublishVersion(&'a str),
+    /// `GET /2015-03-31/functions/{name}/versions`
+    ListVersions(&'a str),
+    /// `POST /2015-03-31/functions/{name}/aliases`
+    CreateAlias(&'a str),
+    /// `GET /2015-03-31/functions/{name}/aliases`
+    ListAliases(&'a str),
+    /// `GET /2015-03-31/functions/{name}/aliases/{alias}`
+    GetAlias(&'a str, &'a str),
+    /// `PUT /2015-03-31/functions/{name}/aliases/{alias}`
+    UpdateAlias(&'a str, &'a str),
+    /// `DELETE /2015-03-31/functions/{name}/aliases/{alias}`
+    DeleteAlias(&'a str, &'a str),
 }
 
 /// Routes the Lambda service API's paths (`rest` follows `/<version>/functions`).
@@ -83,6 +97,23 @@ fn lambda_route<'a>(method: &str, version: &str, rest: &'a str) -> Route<'a> {
         ("2015-03-31", "configuration", _) => return wrong("GET, PUT"),
         ("2015-03-31", "code", "PUT") => Op::UpdateCode(name),
         ("2015-03-31", "code", _) => return wrong("PUT"),
+        ("2015-03-31", "versions", "POST") => Op::PublishVersion(name),
+        ("2015-03-31", "versions", "GET") => Op::ListVersions(name),
+        ("2015-03-31", "versions", _) => return wrong("GET, POST"),
+        ("2015-03-31", "aliases", "POST") => Op::CreateAlias(name),
+        ("2015-03-31", "aliases", "GET") => Op::ListAliases(name),
+        ("2015-03-31", "aliases", _) => return wrong("GET, POST"),
+        ("2015-03-31", sub, _)
+            if sub.starts_with("aliases/") && sub.len() > 8 && !sub[8..].contains('/') =>
+        {
+            let alias = &sub[8..];
+            match method {
+                "GET" => Op::GetAlias(name, alias),
+                "PUT" => Op::UpdateAlias(name, alias),
+                "DELETE" => Op::DeleteAlias(name, alias),
+                _ => return wrong("GET, PUT, DELETE"),
+            }
+        }
         ("2015-03-31", "invocations", "POST") => Op::Invoke(name),
         ("2015-03-31", "invocations", _) => return wrong("POST"),
         ("2017-10-31", "concurrency", "PUT") => Op::PutConcurrency(name),
@@ -250,6 +281,18 @@ mod tests {
             Route::MethodNotAllowed("GET, DELETE")
         );
         assert_eq!(l("GET", "/2015-03-31/functions/f/nope"), Route::NotFound);
+        assert_eq!(
+            l("POST", "/2015-03-31/functions/f/versions"),
+            Route::Lambda(Op::PublishVersion("f"))
+        );
+        assert_eq!(
+            l("PUT", "/2015-03-31/functions/f/aliases/live"),
+            Route::Lambda(Op::UpdateAlias("f", "live"))
+        );
+        assert_eq!(
+            l("GET", "/2015-03-31/functions/f/aliases/a/b"),
+            Route::NotFound
+        );
         assert_eq!(l("GET", "/2015-03-31/functionsx"), Route::NotFound);
     }
 }

@@ -53,4 +53,7 @@ pub struct ServiceMeta {
     /// `CodeSha256`: base64 of the SHA-256 of the deployed zip.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub code_sha256: Option<String>,
+    /// The published version this function is (`None`: `$LATEST`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u32>,
 }

@@ -436,3 +436,172 @@ fn without_an_admin_token_the_service_api_is_open_on_loopback() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[test]
+fn versions_and_weighted_aliases_route_and_survive_a_restart() {
+    require_clients!();
+    let dir = common::temp_dir("lambda-versions");
+    let state = dir.join("state");
+    let state_arg = state.to_str().unwrap();
+    let mut s = Server::start(&["--state-dir", state_arg]);
+    let (plain, _) = write_zip(&s, "plain");
+    let (behave, _) = write_zip(&s, "behave");
+    aws_ok(
+        &s,
+        &[
+            "create-function",
+            "--function-name",
+            "app",
+            "--runtime",
+            "nodejs20.x",
+            "--role",
+            "r",
+            "--handler",
+            "index.handler",
+            "--zip-file",
+            &plain,
+        ],
+    );
+    let v1 = aws_ok(&s, &["publish-version", "--function-name", "app"]);
+    assert_eq!(v1["Version"], "1");
+    assert_eq!(
+        v1["FunctionArn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:app:1"
+    );
+    aws_ok(
+        &s,
+        &[
+            "update-function-code",
+            "--function-name",
+            "app",
+            "--zip-file",
+            &behave,
+        ],
+    );
+    assert_eq!(
+        aws_ok(&s, &["publish-version", "--function-name", "app"])["Version"],
+        "2"
+    );
+    let versions: Vec<String> =
+        aws_ok(&s, &["list-versions-by-function", "--function-name", "app"])["Versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["Version"].as_str().unwrap().to_string())
+            .collect();
+    assert_eq!(versions, ["$LATEST", "1", "2"]);
+    let got = aws_ok(
+        &s,
+        &[
+            "get-function-configuration",
+            "--function-name",
+            "app",
+            "--qualifier",
+            "1",
+        ],
+    );
+    assert_eq!(got["Version"], "1");
+
+    // Each version keeps its own code: 1 echoes (plain), 2 counts (behave).
+    let is_v2 = |r: &common::Response| r.json().get("calls").is_some();
+    assert!(!is_v2(&s.get("/f/app:1/whoami")));
+    assert!(is_v2(&s.get("/f/app:2/whoami")));
+
+    let alias = aws_ok(
+        &s,
+        &[
+            "create-alias",
+            "--function-name",
+            "app",
+            "--name",
+            "live",
+            "--function-version",
+            "1",
+            "--routing-config",
+            "AdditionalVersionWeights={2=0.5}",
+        ],
+    );
+    assert_eq!(
+        alias["AliasArn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:app:live"
+    );
+    assert_eq!(alias["RoutingConfig"]["AdditionalVersionWeights"]["2"], 0.5);
+    let mut c = s.connect();
+    let to_v2 = (0..200)
+        .filter(|_| {
+            let r = c.request("GET", "/f/app:live/whoami", &[], b"");
+            assert_eq!(r.status, 200, "{}", r.text());
+            is_v2(&r)
+        })
+        .count();
+    assert!(
+        (60..=140).contains(&to_v2),
+        "{to_v2} of 200 went to version 2 at weight 0.5"
+    );
+
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &[
+            "delete-function",
+            "--function-name",
+            "app",
+            "--qualifier",
+            "1",
+        ],
+        "ResourceConflictException",
+    );
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &[
+            "create-alias",
+            "--function-name",
+            "app",
+            "--name",
+            "bad",
+            "--function-version",
+            "9",
+        ],
+        "ResourceNotFoundException",
+    );
+
+    // Aliases and versions are stored: after a restart they route the same.
+    let token = s.token.clone();
+    s.stop();
+    let s = Server::start(&["--state-dir", state_arg]);
+    assert_eq!(s.token, token);
+    assert!(is_v2(&s.get("/f/app:2/whoami")));
+    let listed = aws_ok(&s, &["list-aliases", "--function-name", "app"]);
+    assert_eq!(listed["Aliases"][0]["Name"], "live");
+    aws_ok(
+        &s,
+        &[
+            "update-alias",
+            "--function-name",
+            "app",
+            "--name",
+            "live",
+            "--function-version",
+            "2",
+            "--routing-config",
+            "AdditionalVersionWeights={}",
+        ],
+    );
+    assert!(is_v2(&s.get("/f/app:live/whoami")));
+    aws_ok(
+        &s,
+        &[
+            "delete-function",
+            "--function-name",
+            "app",
+            "--qualifier",
+            "1",
+        ],
+    );
+    aws_ok(&s, &["delete-function", "--function-name", "app"]);
+    assert_eq!(s.get("/f/app:2/whoami").status, 404);
+    assert_eq!(s.get("/f/app:live/whoami").status, 404);
+    assert!(!state.join("aliases/app.json").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}

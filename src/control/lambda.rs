@@ -14,7 +14,6 @@
 //! are accepted is [`ServiceAuth`].
 
 use std::collections::BTreeMap;
-use std::sync::atomic::Ordering;
 use std::time::SystemTime;
 
 use base64::Engine as _;
@@ -25,6 +24,7 @@ use sha2::{Digest, Sha256};
 use crate::control::plane::{self, Answer, Code, Plane};
 use crate::control::settings::{self, DeploySettings};
 use crate::control::sigv4;
+use crate::functions::names::{Alias, Index, ALIASES_PER_FUNCTION_MAX, VERSIONS_PER_FUNCTION_MAX};
 use crate::functions::Function;
 use crate::http::parse::Request;
 use crate::routes::LambdaOp;
@@ -104,14 +104,15 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
         .map(|a| a.region.to_string())
         .unwrap_or_else(|| REGION_DEFAULT.to_string());
     let cx = Cx { plane, region };
+    let q = query_qualifier(req.query());
     let result = match op {
         LambdaOp::Create => cx.create(body),
         LambdaOp::List => cx.list(req.query()),
-        LambdaOp::Get(n) => cx.with(n, |f| Ok(ok(200, cx.get(&f)))),
-        LambdaOp::GetConfiguration(n) => cx.with(n, |f| Ok(ok(200, cx.configuration(&f)))),
+        LambdaOp::Get(n) => cx.with_q(n, &q, |f| Ok(ok(200, cx.get(&f)))),
+        LambdaOp::GetConfiguration(n) => cx.with_q(n, &q, |f| Ok(ok(200, cx.configuration(&f)))),
         LambdaOp::UpdateCode(n) => cx.with(n, |f| cx.update_code(&f, body)),
         LambdaOp::UpdateConfiguration(n) => cx.with(n, |f| cx.update_configuration(&f, body)),
-        LambdaOp::Delete(n) => cx.with(n, |f| cx.delete(&f)),
+        LambdaOp::Delete(n) => cx.delete(n, &q),
         LambdaOp::PutConcurrency(n) => cx.with(n, |f| cx.put_concurrency(&f, body)),
         LambdaOp::GetConcurrency(n) => cx.with(n, |f| {
             Ok(ok(
@@ -119,6 +120,13 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
                 json!({ "ReservedConcurrentExecutions": f.spec.concurrency }),
             ))
         }),
+        LambdaOp::PublishVersion(n) => cx.with(n, |f| cx.publish_version(&f)),
+        LambdaOp::ListVersions(n) => cx.with(n, |f| Ok(cx.list_versions(&f))),
+        LambdaOp::CreateAlias(n) => cx.with(n, |f| cx.create_alias(&f, body)),
+        LambdaOp::ListAliases(n) => cx.with(n, |f| Ok(cx.list_aliases(&f))),
+        LambdaOp::GetAlias(n, a) => cx.with(n, |f| cx.get_alias(&f, a)),
+        LambdaOp::UpdateAlias(n, a) => cx.with(n, |f| cx.update_alias(&f, a, body)),
+        LambdaOp::DeleteAlias(n, a) => cx.with(n, |f| cx.delete_alias(&f, a)),
         LambdaOp::Invoke(_) => Err(lambda_error(
             501,
             "ServiceException",
@@ -192,10 +200,10 @@ fn code_sha256(zip: &[u8]) -> String {
     base64::engine::general_purpose::STANDARD.encode(Sha256::digest(zip))
 }
 
-/// The function name of a `FunctionName` path parameter: a name, a partial
-/// ARN (`<account>:function:<name>`) or a full ARN; a qualifier other than
-/// `$LATEST` is not supported yet.
-fn function_name(raw: &str) -> Result<String, Answer> {
+/// The name and qualifier of a `FunctionName` path parameter: a name, a
+/// partial ARN (`<account>:function:<name>`) or a full ARN, each optionally
+/// followed by `:<version or alias>`.
+fn function_name(raw: &str) -> Result<(String, Option<String>), Answer> {
     let decoded = percent_decode(raw);
     let mut parts: Vec<&str> = decoded.split(':').collect();
     if parts.len() >= 7 && parts[0] == "arn" {
@@ -203,23 +211,41 @@ fn function_name(raw: &str) -> Result<String, Answer> {
     } else if parts.len() >= 3 && parts[1] == "function" {
         parts.drain(..2);
     }
-    let (name, qualifier) = match parts.as_slice() {
-        [name] => (*name, None),
-        [name, q] => (*name, Some(*q)),
-        _ => {
-            return Err(invalid(&format!(
-                "{decoded:?} is not a function name or ARN"
-            )))
-        }
-    };
-    if qualifier.is_some_and(|q| q != "$LATEST") {
-        return Err(lambda_error(
-            404,
-            "ResourceNotFoundException",
-            &format!("Function not found: {decoded} (hearth serves $LATEST only so far)"),
-        ));
+    match parts.as_slice() {
+        [name] => Ok((name.to_string(), None)),
+        [name, q] => Ok((name.to_string(), Some(q.to_string()))),
+        _ => Err(invalid(&format!(
+            "{decoded:?} is not a function name or ARN"
+        ))),
     }
-    Ok(name.to_string())
+}
+
+/// The `Qualifier` query parameter, if any.
+fn query_qualifier(query: &str) -> Option<String> {
+    query
+        .split('&')
+        .filter_map(|p| p.split_once('='))
+        .find(|(k, _)| *k == "Qualifier")
+        .map(|(_, v)| percent_decode(v))
+        .filter(|v| !v.is_empty())
+}
+
+/// Checks an alias name as Lambda does: 1–128 of letters, digits, `-`, `_`,
+/// not all digits (those are versions) and not `$LATEST`.
+fn check_alias_name(name: &str) -> Result<(), Answer> {
+    let ok = !name.is_empty()
+        && name.len() <= 128
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+        && !name.bytes().all(|b| b.is_ascii_digit());
+    if ok {
+        Ok(())
+    } else {
+        Err(invalid(&format!(
+            "alias name {name:?} is not valid: 1 to 128 letters, digits, '-' and '_', not only digits"
+        )))
+    }
 }
 
 fn percent_decode(s: &str) -> String {
@@ -253,19 +279,40 @@ impl Cx<'_> {
         )
     }
 
-    /// Runs `op` on the function `raw` names, or answers 404.
+    /// Runs `op` on the `$LATEST` of the function `raw` names, or answers 404.
     fn with(
         &self,
         raw: &str,
         op: impl FnOnce(std::sync::Arc<Function>) -> Result<Answer, Answer>,
     ) -> Result<Answer, Answer> {
-        let name = function_name(raw)?;
-        match self.plane.functions.get(&name) {
-            Some(f) => op(f),
-            None => Err(lambda_error(
+        let (name, qualifier) = function_name(raw)?;
+        if qualifier.as_deref().is_some_and(|q| q != "$LATEST") {
+            return Err(invalid(&format!(
+                "this operation takes the unqualified function name, not {raw:?}"
+            )));
+        }
+        self.with_q(&name, &None, op)
+    }
+
+    /// Runs `op` on the function `raw` names, qualified in the name (an ARN's
+    /// suffix) or by `query` (the `Qualifier` parameter), or answers 404.
+    fn with_q(
+        &self,
+        raw: &str,
+        query: &Option<String>,
+        op: impl FnOnce(std::sync::Arc<Function>) -> Result<Answer, Answer>,
+    ) -> Result<Answer, Answer> {
+        let (name, qualifier) = function_name(raw)?;
+        let key = match qualifier.as_ref().or(query.as_ref()) {
+            Some(q) => format!("{name}:{q}"),
+            None => name.clone(),
+        };
+        match self.plane.functions.get(&key) {
+            Some(f) if f.spec.name.is_some() || crate::functions::valid_id(&name) => op(f),
+            _ => Err(lambda_error(
                 404,
                 "ResourceNotFoundException",
-                &format!("Function not found: {}", self.arn(&name)),
+                &format!("Function not found: {}", self.arn(&key)),
             )),
         }
     }
@@ -274,6 +321,10 @@ impl Cx<'_> {
     fn configuration(&self, f: &Function) -> Value {
         let s = &f.spec;
         let name = s.name.clone().unwrap_or_else(|| s.id.clone());
+        let (arn, version) = match s.service.version {
+            Some(v) => (self.arn(&format!("{name}:{v}")), v.to_string()),
+            None => (self.arn(&name), "$LATEST".to_string()),
+        };
         let env: BTreeMap<&str, &str> = s
             .env
             .iter()
@@ -281,7 +332,7 @@ impl Cx<'_> {
             .collect();
         json!({
             "FunctionName": name,
-            "FunctionArn": self.arn(&name),
+            "FunctionArn": arn,
             "Runtime": s.service.runtime.as_deref().unwrap_or("nodejs20.x"),
             "Role": s.service.role.as_deref().unwrap_or("arn:aws:iam::000000000000:role/hearth"),
             "Handler": s.handler,
@@ -291,7 +342,7 @@ impl Cx<'_> {
             "MemorySize": s.memory_mb,
             "LastModified": last_modified(s.created_ms),
             "CodeSha256": s.service.code_sha256.as_deref().unwrap_or(""),
-            "Version": "$LATEST",
+            "Version": version,
             "Environment": { "Variables": env },
             "State": "Active",
             "LastUpdateStatus": "Successful",
@@ -327,7 +378,10 @@ impl Cx<'_> {
             .function_name
             .as_deref()
             .ok_or_else(|| invalid("FunctionName is required"))?;
-        let name = function_name(name)?;
+        let (name, qualifier) = function_name(name)?;
+        if qualifier.is_some() {
+            return Err(invalid("FunctionName must not carry a qualifier here"));
+        }
         if input.package_type.as_deref().is_some_and(|p| p != "Zip") {
             return Err(invalid("hearth runs Zip packages only"));
         }
@@ -367,6 +421,7 @@ impl Cx<'_> {
             role: input.role,
             description: input.description,
             code_sha256: Some(code_sha256(&zip)),
+            version: None,
         };
         self.deploy(Code::Zip(&zip), settings, service, 201)
     }
@@ -394,6 +449,7 @@ impl Cx<'_> {
             .functions
             .all()
             .into_iter()
+            .filter(|f| f.spec.service.version.is_none())
             .map(|f| (f.spec.name.clone().unwrap_or_else(|| f.spec.id.clone()), f))
             .collect();
         all.sort_by(|a, b| a.0.cmp(&b.0));
@@ -520,20 +576,309 @@ impl Cx<'_> {
         Ok(ok(200, json!({ "ReservedConcurrentExecutions": n })))
     }
 
-    fn delete(&self, f: &Function) -> Result<Answer, Answer> {
+    /// Unpublishes and retires `f` (on this thread: its in-flight requests finish).
+    fn remove(&self, f: &Function) -> Result<(), Answer> {
         let Some(f) = self.plane.functions.remove(&f.spec.id) else {
-            return Err(lambda_error(
-                404,
-                "ResourceNotFoundException",
-                "Function not found",
-            ));
+            return Ok(()); // removed meanwhile
         };
         (self.plane.changed)();
         plane::retire(&self.plane.functions, &f)
-            .map_err(|m| lambda_error(500, "ServiceException", &m))?;
-        debug_assert_eq!(f.instances.load(Ordering::Relaxed), 0);
+            .map_err(|m| lambda_error(500, "ServiceException", &m))
+    }
+
+    /// `DeleteFunction`: without a qualifier the function, its versions and
+    /// aliases; with a version, that version unless an alias routes to it.
+    fn delete(&self, raw: &str, query: &Option<String>) -> Result<Answer, Answer> {
+        let (name, qualifier) = function_name(raw)?;
+        let qualifier = qualifier.or(query.clone()).filter(|q| q != "$LATEST");
+        let not_found = || {
+            lambda_error(
+                404,
+                "ResourceNotFoundException",
+                &format!("Function not found: {}", self.arn(&name)),
+            )
+        };
+        let latest = self
+            .plane
+            .functions
+            .get(&name)
+            .filter(|f| f.spec.name.is_some())
+            .ok_or_else(not_found)?;
+        let functions = &self.plane.functions;
+        match qualifier {
+            Some(q) if q.bytes().all(|b| b.is_ascii_digit()) => {
+                let v = functions
+                    .get(&format!("{name}:{q}"))
+                    .ok_or_else(not_found)?;
+                let users: Vec<String> = functions
+                    .aliases(&name)
+                    .into_iter()
+                    .filter(|(_, a)| {
+                        a.version == q || a.extra.as_ref().is_some_and(|(e, _)| *e == q)
+                    })
+                    .map(|(n, _)| n)
+                    .collect();
+                if !users.is_empty() {
+                    return Err(lambda_error(
+                        409,
+                        "ResourceConflictException",
+                        &format!("version {q} is used by alias(es) {}", users.join(", ")),
+                    ));
+                }
+                self.remove(&v)?;
+            }
+            Some(q) => {
+                return Err(invalid(&format!(
+                    "{q:?} is an alias: delete it with DeleteAlias, or give a version"
+                )))
+            }
+            None => {
+                functions
+                    .edit_aliases(&name, |_, aliases| {
+                        aliases.clear();
+                        Ok::<_, Answer>(())
+                    })
+                    .map_err(stored)??;
+                for v in functions.versions(&name) {
+                    self.remove(&v)?;
+                }
+                self.remove(&latest)?;
+            }
+        }
         Ok((204, "application/json", Vec::new()))
     }
+
+    fn publish_version(&self, f: &Function) -> Result<Answer, Answer> {
+        Self::replaceable(f)?;
+        let name = f.spec.name.clone().expect("checked by replaceable");
+        let next = self
+            .plane
+            .functions
+            .versions(&name)
+            .last()
+            .and_then(|v| v.spec.service.version)
+            .unwrap_or(0)
+            + 1;
+        if next > VERSIONS_PER_FUNCTION_MAX {
+            return Err(lambda_error(
+                400,
+                "CodeStorageExceededException",
+                &format!("{name} already has {VERSIONS_PER_FUNCTION_MAX} versions"),
+            ));
+        }
+        let mut service = f.spec.service.clone();
+        service.version = Some(next);
+        self.deploy(
+            Code::Copy(&f.code_dir()),
+            Self::settings_of(f),
+            service,
+            201,
+        )
+    }
+
+    fn list_versions(&self, f: &Function) -> Answer {
+        let name = f.spec.name.clone().unwrap_or_else(|| f.spec.id.clone());
+        let mut all = vec![self.configuration(f)];
+        all.extend(
+            self.plane
+                .functions
+                .versions(&name)
+                .iter()
+                .map(|v| self.configuration(v)),
+        );
+        ok(200, json!({ "Versions": all }))
+    }
+
+    fn alias_json(&self, name: &str, alias: &str, a: &Alias) -> Value {
+        let mut v = json!({
+            "AliasArn": self.arn(&format!("{name}:{alias}")),
+            "Name": alias,
+            "FunctionVersion": a.version,
+            "Description": a.description,
+            "RevisionId": format!("{:016x}", crate::util::random::random_u64()),
+        });
+        if let Some((extra, weight)) = &a.extra {
+            v["RoutingConfig"] = json!({ "AdditionalVersionWeights": { extra.as_str(): weight } });
+        }
+        v
+    }
+
+    /// Reads `FunctionVersion`, `Description` and `RoutingConfig` onto `a`, checking them.
+    fn apply_alias_input(
+        index: &Index,
+        name: &str,
+        input: &AliasInput,
+        a: &mut Alias,
+    ) -> Result<(), Answer> {
+        let exists = |v: &str| v == "$LATEST" || index.resolve(&format!("{name}:{v}")).is_some();
+        if let Some(v) = &input.function_version {
+            if !exists(v) {
+                return Err(lambda_error(
+                    404,
+                    "ResourceNotFoundException",
+                    &format!("version {v} of {name} does not exist"),
+                ));
+            }
+            a.version = v.clone();
+        }
+        if let Some(d) = &input.description {
+            a.description = d.clone();
+        }
+        if let Some(r) = &input.routing_config {
+            let weights = &r.additional_version_weights;
+            if weights.len() > 1 {
+                return Err(invalid(
+                    "RoutingConfig takes at most one additional version",
+                ));
+            }
+            a.extra = match weights.iter().next() {
+                None => None,
+                Some((v, w)) => {
+                    if !exists(v) || v == "$LATEST" {
+                        return Err(invalid(&format!(
+                            "additional version {v} does not exist (or is $LATEST)"
+                        )));
+                    }
+                    if !(0.0..=1.0).contains(w) {
+                        return Err(invalid("a routing weight must be from 0.0 to 1.0"));
+                    }
+                    Some((v.clone(), *w))
+                }
+            };
+        }
+        if a.extra.as_ref().is_some_and(|(v, _)| *v == a.version) {
+            return Err(invalid(
+                "the additional version must differ from FunctionVersion",
+            ));
+        }
+        Ok(())
+    }
+
+    fn create_alias(&self, f: &Function, body: &[u8]) -> Result<Answer, Answer> {
+        Self::replaceable(f)?;
+        let name = f.spec.name.clone().expect("checked");
+        let input: AliasInput = parse(body)?;
+        let alias = input
+            .name
+            .clone()
+            .ok_or_else(|| invalid("Name is required"))?;
+        check_alias_name(&alias)?;
+        if input.function_version.is_none() {
+            return Err(invalid("FunctionVersion is required"));
+        }
+        let a = self
+            .plane
+            .functions
+            .edit_aliases(&name, |index, aliases| {
+                if aliases.contains_key(&alias) {
+                    return Err(lambda_error(
+                        409,
+                        "ResourceConflictException",
+                        &format!("Alias already exists: {alias}"),
+                    ));
+                }
+                if aliases.len() >= ALIASES_PER_FUNCTION_MAX {
+                    return Err(invalid(&format!(
+                        "{name} already has {ALIASES_PER_FUNCTION_MAX} aliases"
+                    )));
+                }
+                let mut a = Alias {
+                    version: String::new(),
+                    extra: None,
+                    description: String::new(),
+                };
+                Self::apply_alias_input(index, &name, &input, &mut a)?;
+                aliases.insert(alias.clone(), a.clone());
+                Ok(a)
+            })
+            .map_err(stored)??;
+        Ok(ok(201, self.alias_json(&name, &alias, &a)))
+    }
+
+    fn list_aliases(&self, f: &Function) -> Answer {
+        let name = f.spec.name.clone().unwrap_or_default();
+        let list: Vec<Value> = self
+            .plane
+            .functions
+            .aliases(&name)
+            .iter()
+            .map(|(n, a)| self.alias_json(&name, n, a))
+            .collect();
+        ok(200, json!({ "Aliases": list }))
+    }
+
+    fn get_alias(&self, f: &Function, alias: &str) -> Result<Answer, Answer> {
+        let name = f.spec.name.clone().unwrap_or_default();
+        let aliases = self.plane.functions.aliases(&name);
+        let a = aliases.get(alias).ok_or_else(|| {
+            lambda_error(
+                404,
+                "ResourceNotFoundException",
+                &format!("Alias not found: {}", self.arn(&format!("{name}:{alias}"))),
+            )
+        })?;
+        Ok(ok(200, self.alias_json(&name, alias, a)))
+    }
+
+    fn update_alias(&self, f: &Function, alias: &str, body: &[u8]) -> Result<Answer, Answer> {
+        Self::replaceable(f)?;
+        let name = f.spec.name.clone().expect("checked");
+        let input: AliasInput = parse(body)?;
+        let a = self
+            .plane
+            .functions
+            .edit_aliases(&name, |index, aliases| {
+                let mut a = aliases.get(alias).cloned().ok_or_else(|| {
+                    lambda_error(
+                        404,
+                        "ResourceNotFoundException",
+                        &format!("Alias not found: {alias}"),
+                    )
+                })?;
+                Self::apply_alias_input(index, &name, &input, &mut a)?;
+                aliases.insert(alias.to_string(), a.clone());
+                Ok(a)
+            })
+            .map_err(stored)??;
+        Ok(ok(200, self.alias_json(&name, alias, &a)))
+    }
+
+    fn delete_alias(&self, f: &Function, alias: &str) -> Result<Answer, Answer> {
+        let name = f.spec.name.clone().unwrap_or_default();
+        self.plane
+            .functions
+            .edit_aliases(&name, |_, aliases| {
+                aliases.remove(alias);
+                Ok::<_, Answer>(())
+            })
+            .map_err(stored)??;
+        Ok((204, "application/json", Vec::new()))
+    }
+}
+
+/// A failure to store aliases (nothing changed).
+fn stored(e: std::io::Error) -> Answer {
+    lambda_error(
+        500,
+        "ServiceException",
+        &format!("cannot store the aliases: {e}"),
+    )
+}
+
+/// `CreateAlias` / `UpdateAlias` bodies.
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct AliasInput {
+    name: Option<String>,
+    function_version: Option<String>,
+    description: Option<String>,
+    routing_config: Option<RoutingInput>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "PascalCase", default)]
+struct RoutingInput {
+    additional_version_weights: BTreeMap<String, f64>,
 }
 
 /// `created_ms` as Lambda's `LastModified` (`2026-11-30T18:00:00.000+0000`).
@@ -568,10 +913,24 @@ mod tests {
             ),
             ("123456789012:function:my-fn", "my-fn"),
         ] {
-            assert_eq!(function_name(raw).unwrap(), name, "{raw}");
+            assert_eq!(function_name(raw).unwrap().0, name, "{raw}");
         }
-        assert_eq!(function_name("my-fn:prod").unwrap_err().0, 404);
+        assert_eq!(
+            function_name("my-fn:prod").unwrap(),
+            ("my-fn".to_string(), Some("prod".to_string()))
+        );
+        assert_eq!(
+            function_name("arn:aws:lambda:eu-west-1:1:function:f:7")
+                .unwrap()
+                .1
+                .as_deref(),
+            Some("7")
+        );
         assert_eq!(function_name("a:b:c:d").unwrap_err().0, 400);
+        assert_eq!(
+            query_qualifier("x=1&Qualifier=%24LATEST").as_deref(),
+            Some("$LATEST")
+        );
     }
 
     #[test]

@@ -284,10 +284,11 @@ pub(super) fn create(
     service: ServiceMeta,
 ) -> Result<Arc<Function>, Answer> {
     let started = Instant::now();
-    let replaces = settings
-        .name
-        .as_deref()
-        .is_some_and(|n| shared.functions.id_of(n).is_some());
+    let replaces = service.version.is_none()
+        && settings
+            .name
+            .as_deref()
+            .is_some_and(|n| shared.functions.id_of(n).is_some());
     if shared.functions.len() >= FUNCTIONS_MAX && !replaces {
         return Err(error(
             409,

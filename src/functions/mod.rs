@@ -8,10 +8,11 @@
 
 pub mod budget;
 pub mod logs;
+pub mod names;
 pub mod pool;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -26,6 +27,7 @@ use crate::metrics::FunctionMetrics;
 use crate::sandbox::{Backend, Instance, StartError};
 use crate::spec::FunctionSpec;
 use budget::{Budget, Reservation};
+use names::Index;
 
 pub use pool::CorePool;
 
@@ -133,32 +135,13 @@ struct StartJob {
     function: Arc<Function>,
 }
 
-/// The functions by id, and the ids of the named ones by name.
-#[derive(Default)]
-struct Index {
-    by_id: HashMap<String, Arc<Function>>,
-    by_name: HashMap<String, String>,
-}
-
-impl Index {
-    fn insert(&mut self, f: Arc<Function>) -> Option<Arc<Function>> {
-        let replaced = match &f.spec.name {
-            Some(name) => self
-                .by_name
-                .insert(name.clone(), f.spec.id.clone())
-                .and_then(|old| self.by_id.remove(&old)),
-            None => None,
-        };
-        self.by_id.insert(f.spec.id.clone(), f);
-        replaced
-    }
-}
-
 /// All deployed functions, the backend that runs them, and the threads that
 /// start and destroy instances.
 pub struct Registry {
     pub functions_dir: PathBuf,
     map: RwLock<Index>,
+    /// `<state>/aliases` (see [`names`]).
+    aliases_dir: PathBuf,
     pub backend: Box<dyn Backend>,
     /// Memory of all instances and standbys, MiB (`--instance-memory-max-mb`).
     pub memory: Arc<Budget>,
@@ -231,10 +214,15 @@ impl Registry {
                 functions_dir.display()
             );
         }
+        let aliases_dir = names::aliases_dir(&functions_dir);
+        for (name, aliases) in names::load_aliases(&aliases_dir)? {
+            map.set_aliases(&name, aliases);
+        }
         let (job_tx, jobs) = channel();
         let (reap_tx, reap_rx) = channel();
         Ok(Registry {
             functions_dir,
+            aliases_dir,
             map: RwLock::new(map),
             backend,
             memory,
@@ -353,19 +341,47 @@ impl Registry {
         self.backend.name()
     }
 
-    /// A function by id, or by name when `key` is not an id.
+    /// A function by id, or by (qualified) name when `key` is not an id; see
+    /// [`names::Index::resolve`].
     pub fn get(&self, key: &str) -> Option<Arc<Function>> {
         let map = self.map.read().unwrap();
-        if valid_id(key) {
-            return map.by_id.get(key).cloned();
-        }
-        let id = map.by_name.get(key)?;
-        map.by_id.get(id).cloned()
+        let id = map.resolve(key)?;
+        map.by_id.get(&id).cloned()
     }
 
-    /// The id of the function named `name`.
-    pub fn id_of(&self, name: &str) -> Option<String> {
-        self.map.read().unwrap().by_name.get(name).cloned()
+    /// The id a (qualified) name resolves to now.
+    pub fn id_of(&self, key: &str) -> Option<String> {
+        self.map.read().unwrap().resolve(key)
+    }
+
+    /// The published versions of `name`, oldest first.
+    pub fn versions(&self, name: &str) -> Vec<Arc<Function>> {
+        self.map.read().unwrap().versions(name)
+    }
+
+    /// The aliases of `name`.
+    pub fn aliases(&self, name: &str) -> BTreeMap<String, names::Alias> {
+        self.map.read().unwrap().aliases(name)
+    }
+
+    /// Changes the aliases of `name` with `edit`, which sees the index (to
+    /// check versions exist) and decides; they are stored before the change
+    /// is visible. `edit` returning `Err` changes nothing; the outer error is
+    /// a failure to store them (nothing changed either).
+    pub fn edit_aliases<T, E>(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&Index, &mut BTreeMap<String, names::Alias>) -> Result<T, E>,
+    ) -> std::io::Result<Result<T, E>> {
+        let mut map = self.map.write().unwrap();
+        let mut aliases = map.aliases(name);
+        let out = match edit(&map, &mut aliases) {
+            Ok(out) => out,
+            Err(e) => return Ok(Err(e)),
+        };
+        names::store_aliases(&self.aliases_dir, name, &aliases)?;
+        map.set_aliases(name, aliases);
+        Ok(Ok(out))
     }
 
     /// Every function, sorted by id.
@@ -394,18 +410,11 @@ impl Registry {
         Some(old)
     }
 
-    /// Unpublishes a function (by id or name); returns it.
+    /// Unpublishes a function (by id or qualified name); returns it.
     pub fn remove(&self, key: &str) -> Option<Arc<Function>> {
         let mut map = self.map.write().unwrap();
-        let id = if valid_id(key) {
-            key.to_string()
-        } else {
-            map.by_name.get(key)?.clone()
-        };
-        let f = map.by_id.remove(&id)?;
-        if let Some(name) = &f.spec.name {
-            map.by_name.remove(name);
-        }
+        let id = map.resolve(key)?;
+        let f = map.remove_id(&id)?;
         f.deleted.store(true, Ordering::Release);
         Some(f)
     }

@@ -299,6 +299,11 @@ impl CorePool {
         dirty: &mut Vec<Token>,
         now: Instant,
     ) {
+        if !self.fns.contains_key(id) && self.shared.functions.get(id).is_some() {
+            // Published after this core last looked (a deploy, or a function
+            // replacing another under its name): catch up before answering.
+            self.sync_view(streams, dirty, now);
+        }
         let Some(fs) = self.fns.get(id) else {
             self.replies.push_back(json_reply(
                 to,

@@ -399,4 +399,46 @@ mod tests {
         );
         fs::remove_dir_all(&dir).unwrap();
     }
+
+    #[test]
+    fn service_requests_need_a_signature_with_our_key_id_or_the_admin_token() {
+        let g = guard(Some("admin-secret-token"));
+        let signed = |key: &str| {
+            format!(
+                "Host: 127.0.0.1\r\nAuthorization: AWS4-HMAC-SHA256 Credential={key}/20261130/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=00\r\n"
+            )
+        };
+        assert_eq!(g.check(Scope::Service, &req(&signed("hearth"))), Ok(()));
+        let other = g
+            .check(Scope::Service, &req(&signed("AKIDOTHER")))
+            .unwrap_err();
+        assert_eq!(
+            (other.status, other.code),
+            (403, "UnrecognizedClientException")
+        );
+        let none = g
+            .check(Scope::Service, &req("Host: 127.0.0.1\r\n"))
+            .unwrap_err();
+        assert_eq!(none.status, 403);
+        let bearer = "Host: 127.0.0.1\r\nAuthorization: Bearer admin-secret-token\r\n";
+        assert_eq!(g.check(Scope::Service, &req(bearer)), Ok(()));
+        // A foreign origin is refused whatever it carries.
+        let foreign = format!("{}Origin: http://evil.example\r\n", signed("hearth"));
+        assert_eq!(
+            g.check(Scope::Service, &req(&foreign)).unwrap_err().status,
+            403
+        );
+        // Without an admin token: open, on loopback Host names only.
+        let open = guard(None);
+        assert_eq!(
+            open.check(Scope::Service, &req("Host: 127.0.0.1:3000\r\n")),
+            Ok(())
+        );
+        assert_eq!(
+            open.check(Scope::Service, &req("Host: evil.example\r\n"))
+                .unwrap_err()
+                .code,
+            "forbidden_host"
+        );
+    }
 }

@@ -8,6 +8,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use crate::guest::{ext4, images, kernel};
+use crate::runtime;
 use crate::sandbox::qemu;
 
 /// One finding.
@@ -46,9 +47,8 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
     let uring = crate::engine::uring::probe();
     let userns = probe_namespaces();
     let cgroups = cgroup_summary();
-    let node = crate::sandbox::process_backend::find_node();
-    let agent = crate::sandbox::process_backend::find_agent();
-    let static_agent = images::find_static_agent().map_err(|e| e.to_string());
+    let node = runtime::find_node().map_err(|e| e.to_string());
+    let agent = runtime::find_static_agent().map_err(|e| e.to_string());
     let dev_kvm = dev_kvm();
     let kvm = qemu::kvm_usable();
 
@@ -69,10 +69,9 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
             from_result("node", node.clone().map(|p| p.display().to_string())),
             from_result(
                 "guest agent",
-                agent.clone().map(|p| match images::is_static_elf(&p) {
+                agent.clone().map(|p| match runtime::is_static_elf(&p) {
                     Ok(true) => format!("{} (static)", p.display()),
-                    _ => format!("{} (dynamically linked: fine for the process backend; microVMs use {})", p.display(),
-                        static_agent.as_ref().map(|s| s.display().to_string()).unwrap_or_else(|_| "a static build: tools/build-agent.sh".into())),
+                    _ => format!("{} (dynamically linked: fine for the process backend; microVMs need a static build: tools/build-agent.sh)", p.display()),
                 }),
             ),
             from_result("/dev/kvm", dev_kvm.clone()),
@@ -127,7 +126,7 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
                 }
             ),
         ),
-        Err(e) if crate::sandbox::which("apt-get").is_some() => check(
+        Err(e) if runtime::which("apt-get").is_some() => check(
             "guest kernel",
             true,
             format!("not fetched yet; the first `hearth serve --backend qemu` fetches it ({e})"),
@@ -157,7 +156,7 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
         ),
         from_result(
             "static agent",
-            static_agent.clone().map(|p| p.display().to_string()),
+            agent.clone().map(|p| p.display().to_string()),
         ),
         guest_images(state_dir),
     ];
@@ -165,7 +164,7 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
         qemu_version.as_ref().err().cloned(),
         (!qemu_checks[1].ok).then(|| qemu_checks[1].detail.clone()),
         (!qemu_checks[2].ok).then(|| qemu_checks[2].detail.clone()),
-        static_agent.as_ref().err().cloned(),
+        agent.as_ref().err().cloned(),
         node.as_ref().err().cloned(),
     ]
     .into_iter()
@@ -389,7 +388,7 @@ fn guest_images(state_dir: &Path) -> Check {
 }
 
 fn find_tool(env: &str, name: &str) -> Result<PathBuf, String> {
-    crate::sandbox::find_program(env, name).ok_or_else(|| {
+    runtime::find_program(env, name).ok_or_else(|| {
         format!("{name} not found: install a release from github.com/firecracker-microvm/firecracker (no distribution package) or set {env}")
     })
 }

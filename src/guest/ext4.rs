@@ -116,7 +116,7 @@ pub fn mkfs_path() -> Option<PathBuf> {
 
 /// Finds an e2fsprogs tool like [`mkfs_path`] does.
 pub fn tool_path(name: &str) -> Option<PathBuf> {
-    crate::sandbox::which(name).or_else(|| {
+    crate::runtime::which(name).or_else(|| {
         ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .iter()
             .map(|d| Path::new(d).join(name))

@@ -3,15 +3,18 @@
 //! Every backend hands back an [`Instance`] whose channel speaks the frames of
 //! [`crate::protocol`] to the same guest agent; only how the instance is made
 //! differs:
-//! - [`process`]: namespaces + seccomp + cgroups around a host process (no KVM needed).
-//! - [`process_backend`]: the [`Backend`] built on it, with pre-initialised standbys.
-//! - [`qemu`]: microVMs restored from a migration snapshot, controlled over [`qmp`].
+//! - [`process`]: a host process jailed by namespaces + seccomp + cgroups (no
+//!   KVM needed); [`process::backend`] is its [`Backend`], with pre-initialised standbys.
+//! - [`qemu`]: microVMs restored from a migration snapshot, controlled over
+//!   [`qemu::qmp`].
+//!
+//! Both start the same runtime root ([`crate::runtime`]) and greet the agent
+//! with the same [`handshake`]; this module holds the seam between them and
+//! the scheduler: [`Backend`], [`Instance`], [`StartError`].
 
 pub mod handshake;
 pub mod process;
-pub mod process_backend;
 pub mod qemu;
-pub mod qmp;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -107,25 +110,6 @@ impl std::ops::Add for SchedTime {
     }
 }
 
-/// A program named by the environment variable `env` if set, else the first
-/// `name` on PATH.
-pub fn find_program(env: &str, name: &str) -> Option<PathBuf> {
-    match std::env::var_os(env) {
-        Some(p) => Some(PathBuf::from(p)),
-        None => which(name),
-    }
-}
-
-/// The first `name` on PATH (`/usr/bin:/bin` when PATH is unset).
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_else(|_| "/usr/bin:/bin".into())
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| std::path::Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
 /// Lines a runtime printed while starting, kept for the function's logs.
 pub type InitLogs = Vec<String>;
 
@@ -166,7 +150,7 @@ pub fn select(cfg: &crate::config::ServeConfig) -> std::io::Result<Box<dyn Backe
     use crate::config::BackendKind;
     let fail = |m: String| std::io::Error::other(m);
     let process = || -> std::io::Result<Box<dyn Backend>> {
-        let b = process_backend::ProcessBackend::new(cfg, cfg.standby)
+        let b = process::backend::ProcessBackend::new(cfg, cfg.standby)
             .map_err(|m| fail(format!("process backend: {m}")))?;
         Ok(Box::new(b))
     };

@@ -1,5 +1,6 @@
 //! The process backend: each instance is the guest agent as PID 1 of a
-//! [`process`](super::process) sandbox, running Node with the shim.
+//! [`process`](super) sandbox, running Node with the shim from the runtime
+//! root ([`crate::runtime`]).
 //!
 //! There is no memory snapshot on this backend, so its stand-in for one is a
 //! **standby**: a fully initialised instance (handler loaded) kept per
@@ -21,13 +22,15 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::process::uids::{UidLease, UidPool};
+use super::uids::{UidLease, UidPool};
 
-use super::handshake;
-use super::process::{self, Sandbox, SandboxSpec};
-use super::{Backend, InitLogs, Instance, SchedTime, StartError};
+use super::{Sandbox, SandboxSpec};
 use crate::config::ServeConfig;
 use crate::functions::FunctionSpec;
+use crate::runtime;
+use crate::sandbox::handshake;
+use crate::sandbox::process;
+use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, StartError};
 
 /// Time a runtime gets to load the handler (Lambda's init phase limit).
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,9 +52,6 @@ pub const SWEEP_WAIT: Duration = Duration::from_secs(5);
 /// Longest wait of a start for the standby a refill is making (a spawn and an init).
 const STANDBY_WAIT: Duration =
     Duration::from_millis(process::SPAWN_TIMEOUT_MS + INIT_TIMEOUT.as_millis() as u64);
-
-/// The shim, built into the binary so a deployed server needs no source tree.
-pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
 
 /// An instance of the process backend.
 pub struct ProcInstance {
@@ -163,37 +163,13 @@ pub struct ProcessBackend {
     inner: Arc<Inner>,
 }
 
-/// Finds the static guest agent (`$HEARTH_AGENT`, the static build in a cargo
-/// target directory, or next to the hearth binary).
-pub fn find_agent() -> Result<PathBuf, String> {
-    crate::guest::images::find_static_agent().map_err(|e| e.to_string())
-}
-
-/// Finds Node.js: `$HEARTH_NODE` or `node` on PATH.
-pub fn find_node() -> Result<PathBuf, String> {
-    super::find_program("HEARTH_NODE", "node").ok_or_else(|| {
-        "Node.js was not found on PATH: install nodejs (>= 18) or set HEARTH_NODE".to_string()
-    })
-}
-
 impl ProcessBackend {
     /// Builds (or reuses) the runtime root under `<state>/cache`.
     pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, String> {
         let cache = cfg.state_dir.join("cache");
-        std::fs::create_dir_all(&cache).map_err(|e| format!("create {}: {e}", cache.display()))?;
-        let shim = cache.join("bootstrap.js");
-        if std::fs::read(&shim).ok().as_deref() != Some(SHIM) {
-            let tmp = cache.join(".bootstrap.js.tmp");
-            std::fs::write(&tmp, SHIM)
-                .and_then(|_| std::fs::rename(&tmp, &shim))
-                .map_err(|e| format!("write {}: {e}", shim.display()))?;
-        }
-        let agent = find_agent()?;
-        let node = find_node()?;
-        let runtime_root = process::rootfs::ensure_runtime(&cache, &node, &agent, &shim)
-            .map_err(|e| format!("build the runtime root: {e}"))?;
+        let runtime_root = runtime::ensure(&cache).map_err(|e| e.to_string())?;
         // At start-up, under the state-dir lock: roots of older builds are unused.
-        let pruned = process::rootfs::prune_runtimes(&cache, &runtime_root);
+        let pruned = runtime::root::prune_runtimes(&cache, &runtime_root);
         if pruned > 0 {
             eprintln!(
                 "hearth: removed {pruned} unused runtime root(s) from {}",

@@ -26,9 +26,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use super::cgroup::{self, Group, Limits};
-use super::rootfs::DEVICES;
 use super::seccomp;
 use super::SandboxSpec;
+use crate::runtime::root::DEVICES;
 
 /// Largest spec the launcher accepts on stdin.
 const SPEC_BYTES_MAX: u64 = 1 << 20;

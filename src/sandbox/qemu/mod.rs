@@ -46,12 +46,14 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
+pub mod qmp;
+
 use super::handshake;
-use super::qmp::{self, Qmp};
 use super::{Backend, InitLogs, Instance, StartError};
 use crate::config::ServeConfig;
 use crate::functions::FunctionSpec;
 use crate::guest::images::{self, Guest};
+use qmp::Qmp;
 
 /// Smallest guest: Node.js and the kernel need this much.
 pub const MEMORY_MB_MIN: u32 = 256;
@@ -137,7 +139,7 @@ pub fn kvm_usable() -> Result<(), String> {
 
 /// `$HEARTH_QEMU` or `qemu-system-x86_64` on PATH.
 pub fn find_qemu() -> Result<PathBuf, String> {
-    super::find_program("HEARTH_QEMU", "qemu-system-x86_64").ok_or_else(|| {
+    crate::runtime::find_program("HEARTH_QEMU", "qemu-system-x86_64").ok_or_else(|| {
         "qemu-system-x86_64 not found: install qemu-system-x86 (Debian) or set HEARTH_QEMU"
             .to_string()
     })

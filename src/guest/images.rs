@@ -40,7 +40,7 @@ pub enum ImageError {
     /// The runtime root the runtime drive is made from.
     Runtime(RuntimeError),
     Ext4(Ext4Error),
-    /// A function's code tree has more than [`CODE_ENTRIES_MAX`] entries.
+    /// A function's code tree has more entries than hashing takes (`CODE_ENTRIES_MAX`).
     TooManyEntries(PathBuf),
     Io {
         path: PathBuf,

@@ -5,8 +5,7 @@
 //! differs:
 //! - [`process`]: a host process jailed by namespaces + seccomp + cgroups (no
 //!   KVM needed); [`process::backend`] is its [`Backend`], with pre-initialised standbys.
-//! - [`qemu`]: microVMs restored from a migration snapshot, controlled over
-//!   [`qemu::qmp`].
+//! - [`qemu`]: microVMs restored from a migration snapshot, controlled over QMP.
 //!
 //! Both start the same runtime root ([`crate::runtime`]) and greet the agent
 //! with the same [`handshake`]; this module holds the seam between them and

@@ -154,10 +154,6 @@ impl Drop for Busy {
     }
 }
 
-fn shutting_down() -> StartError {
-    StartError::Sandbox("the server is shutting down".into())
-}
-
 /// See the module documentation.
 pub struct ProcessBackend {
     inner: Arc<Inner>,
@@ -220,7 +216,7 @@ impl Inner {
     fn busy(self: &Arc<Self>) -> Result<Busy, StartError> {
         let mut w = self.work.lock().unwrap();
         if w.closing {
-            return Err(shutting_down());
+            return Err(StartError::ShuttingDown);
         }
         w.busy += 1;
         Ok(Busy(self.clone()))
@@ -247,10 +243,7 @@ impl Inner {
         core: Option<usize>,
     ) -> Result<(ProcInstance, InitLogs), StartError> {
         let n = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let uid = self
-            .uids
-            .lease()
-            .map_err(|e| StartError::Sandbox(e.to_string()))?;
+        let uid = self.uids.lease().map_err(StartError::Uids)?;
         let sspec = SandboxSpec {
             runtime_root: self.runtime_root.clone(),
             code_dir: dir.join("code"),
@@ -268,12 +261,11 @@ impl Inner {
                 .to_vec(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         };
-        let mut sandbox = process::spawn(&self.hearth_exe, &sspec)
-            .map_err(|e| StartError::Sandbox(e.to_string()))?;
+        let mut sandbox = process::spawn(&self.hearth_exe, &sspec).map_err(StartError::Jail)?;
         let log_socket = sandbox.logs.take();
         let Some(ticket) = self.track(sandbox.pid) else {
             sandbox.destroy();
-            return Err(shutting_down());
+            return Err(StartError::ShuttingDown);
         };
         let result = handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT);
         // Before anything reaps PID 1: shutdown must not signal a reused pid.
@@ -283,7 +275,7 @@ impl Inner {
                 let channel = sandbox
                     .channel
                     .try_clone()
-                    .map_err(|e| StartError::Sandbox(format!("dup channel: {e}")))?;
+                    .map_err(|e| StartError::io("dup channel", e))?;
                 Ok((
                     ProcInstance {
                         sandbox,
@@ -295,21 +287,24 @@ impl Inner {
                     logs,
                 ))
             }
-            Err(StartError::Sandbox(why)) => {
+            Err(e @ StartError::Init { .. }) => {
+                retire_uid(sandbox.destroy(), uid);
+                Err(e)
+            }
+            Err(e) => {
                 // What the runtime printed before dying is on the log socket.
-                let tail = log_socket
+                let output = log_socket
                     .map(|fd| handshake::drain_logs(fd.as_fd(), Duration::from_millis(200)))
                     .unwrap_or_default();
                 retire_uid(sandbox.destroy(), uid);
-                Err(StartError::Sandbox(if tail.is_empty() {
-                    why
+                Err(if output.is_empty() {
+                    e
                 } else {
-                    format!("{why}: {}", tail.join(" | "))
-                }))
-            }
-            Err(e) => {
-                retire_uid(sandbox.destroy(), uid);
-                Err(e)
+                    StartError::WithOutput {
+                        cause: Box::new(e),
+                        output,
+                    }
+                })
             }
         }
     }

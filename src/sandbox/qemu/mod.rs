@@ -55,7 +55,7 @@ use std::time::{Duration, Instant};
 use serde_json::json;
 
 pub use args::Accel;
-pub use vm::{find_qemu, kvm_usable, qemu_version};
+pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::handshake;
 use super::{Backend, InitLogs, Instance, StartError};
@@ -63,7 +63,7 @@ use crate::config::ServeConfig;
 use crate::functions::FunctionSpec;
 use crate::guest::images::{self, Guest};
 use args::VmPlan;
-use snapshot::{ignore_shared, prefetch, read_meta, sandbox_err, SnapshotMeta, META_FILE};
+use snapshot::{ignore_shared, in_vm, prefetch, read_meta, SnapshotMeta, META_FILE};
 use vm::Vm;
 
 /// From QEMU spawn to READY of a restored instance.
@@ -211,7 +211,7 @@ impl Inner {
         let vm_dir = self.vm_dir(&spec.id, "");
         let snap_path = dir.join(&meta.snapshot);
         let snap = fs::File::open(&snap_path)
-            .map_err(|e| sandbox_err(format!("snapshot {}: {e}", snap_path.display())))?;
+            .map_err(|e| StartError::io(format!("snapshot {}", snap_path.display()), e))?;
         let code_image = dir.join(&meta.code_image);
         let ram = dir.join(&meta.ram);
         let plan = VmPlan {
@@ -226,33 +226,36 @@ impl Inner {
             ram: &ram,
             restore: true,
         };
-        let mut vm = Vm::spawn(&self.qemu, &plan, core, Some(&snap)).map_err(sandbox_err)?;
-        let fail = |m: String, vm: &Vm| sandbox_err(format!("restore: {m}{}", vm.log_tail()));
+        let mut vm = Vm::spawn(&self.qemu, &plan, core, Some(&snap))?;
+        let fail = |e: VmError, vm: &Vm| in_vm("restore", e, vm);
         // Connected before the guest runs, so nothing it writes can be dropped.
-        let channel = vm.connect_channel(deadline).map_err(|m| fail(m, &vm))?;
-        let mut q = vm.qmp(deadline).map_err(|m| fail(m, &vm))?;
+        let channel = vm.connect_channel(deadline).map_err(|e| fail(e, &vm))?;
+        let mut q = vm.qmp(deadline).map_err(|e| fail(e, &vm))?;
         // QEMU inherited the snapshot's descriptor under the same number.
         let uri = format!("fd:{}", std::os::fd::AsRawFd::as_raw_fd(&snap));
         q.execute("migrate-set-capabilities", Some(ignore_shared()), deadline)
             .and_then(|_| q.execute("migrate-incoming", Some(json!({ "uri": uri })), deadline))
-            .map_err(|e| fail(e.to_string(), &vm))?;
+            .map_err(|e| fail(VmError::Qmp(e), &vm))?;
         drop(snap);
         loop {
-            let status = q.status(deadline).map_err(|e| fail(e.to_string(), &vm))?;
+            let status = q.status(deadline).map_err(|e| fail(VmError::Qmp(e), &vm))?;
             match status.as_str() {
                 "paused" => {
                     q.execute("cont", None, deadline)
-                        .map_err(|e| fail(e.to_string(), &vm))?;
+                        .map_err(|e| fail(VmError::Qmp(e), &vm))?;
                     break;
                 }
                 "running" => break,
                 "inmigrate" | "prelaunch" | "restore-vm" => {
                     if Instant::now() >= deadline {
-                        return Err(fail("snapshot not loaded in time".into(), &vm));
+                        return Err(fail(
+                            VmError::Migration("snapshot not loaded in time".into()),
+                            &vm,
+                        ));
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
-                other => return Err(fail(format!("VM is {other}"), &vm)),
+                other => return Err(fail(VmError::Migration(format!("VM is {other}")), &vm)),
             }
         }
         drop(q);
@@ -260,8 +263,8 @@ impl Inner {
         let left = deadline.saturating_duration_since(Instant::now());
         let logs = match handshake::hello(channel.as_fd(), spec, left) {
             Ok((_, logs)) => logs,
-            Err(StartError::Sandbox(m)) => return Err(fail(m, &vm)),
-            Err(e) => return Err(e),
+            Err(e @ StartError::Init { .. }) => return Err(e),
+            Err(e) => return Err(in_vm("restore", e, &vm)),
         };
         if self.trace {
             eprintln!(

@@ -13,7 +13,7 @@ use serde_json::json;
 
 use super::args::{guest_memory_mb, kernel_cmdline, Accel, VmPlan};
 use super::qmp;
-use super::vm::Vm;
+use super::vm::{Vm, VmError};
 use super::Inner;
 use crate::functions::FunctionSpec;
 use crate::guest::images;
@@ -89,8 +89,14 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-pub(super) fn sandbox_err(m: impl Into<String>) -> StartError {
-    StartError::Sandbox(m.into())
+/// `cause`, with the phase of the VM's life it happened in and the end of
+/// the VM's output.
+pub(super) fn in_vm(phase: &'static str, cause: impl Into<StartError>, vm: &Vm) -> StartError {
+    StartError::InVm {
+        phase,
+        cause: Box::new(cause.into()),
+        log_tail: vm.log_tail(),
+    }
 }
 
 impl Inner {
@@ -102,7 +108,7 @@ impl Inner {
         dir: &Path,
     ) -> Result<(SnapshotMeta, InitLogs), StartError> {
         let _one_at_a_time = self.template_lock.lock().unwrap();
-        let code_image = images::code_image(dir).map_err(|e| sandbox_err(e.to_string()))?;
+        let code_image = images::code_image(dir).map_err(StartError::Image)?;
         let append = kernel_cmdline();
         let memory_mb = guest_memory_mb(spec);
         let vm_dir = self.vm_dir(&spec.id, "t");
@@ -128,18 +134,16 @@ impl Inner {
             restore: false,
         };
         let started = Instant::now();
-        let mut vm = Vm::spawn(&self.qemu, &plan, None, None).map_err(sandbox_err)?;
+        let mut vm = Vm::spawn(&self.qemu, &plan, None, None)?;
         let timeout = match self.accel {
             Accel::Kvm => TEMPLATE_READY_TIMEOUT_KVM,
             Accel::Tcg => TEMPLATE_READY_TIMEOUT_TCG,
         };
-        let channel = vm.connect_channel(started + timeout).map_err(sandbox_err)?;
+        let channel = vm.connect_channel(started + timeout)?;
         let logs = match handshake::hello(channel.as_fd(), spec, timeout) {
             Ok((_init_ms, logs)) => logs,
-            Err(StartError::Sandbox(m)) => {
-                return Err(sandbox_err(format!("template VM: {m}{}", vm.log_tail())))
-            }
-            Err(e) => return Err(e),
+            Err(e @ StartError::Init { .. }) => return Err(e),
+            Err(e) => return Err(in_vm("template VM", e, &vm)),
         };
         let ready_ms = started.elapsed().as_millis() as u64;
 
@@ -147,8 +151,8 @@ impl Inner {
         let deadline = snap_started + SNAPSHOT_TIMEOUT;
         let tmp = dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
         let _ = fs::remove_file(&tmp);
-        let fail = |m: String, vm: &Vm| sandbox_err(format!("snapshot: {m}{}", vm.log_tail()));
-        let mut q = vm.qmp(deadline).map_err(|m| fail(m, &vm))?;
+        let fail = |e: VmError, vm: &Vm| in_vm("snapshot", e, vm);
+        let mut q = vm.qmp(deadline).map_err(|e| fail(e, &vm))?;
         let uri = format!(
             "exec:cat > {}",
             qmp::shell_quote(&tmp.display().to_string())
@@ -156,20 +160,26 @@ impl Inner {
         q.execute("migrate-set-capabilities", Some(ignore_shared()), deadline)
             .and_then(|_| q.execute("stop", None, deadline))
             .and_then(|_| q.execute("migrate", Some(json!({ "uri": uri })), deadline))
-            .map_err(|e| fail(e.to_string(), &vm))?;
+            .map_err(|e| fail(VmError::Qmp(e), &vm))?;
         loop {
             let st = q
                 .execute("query-migrate", None, deadline)
-                .map_err(|e| fail(e.to_string(), &vm))?;
+                .map_err(|e| fail(VmError::Qmp(e), &vm))?;
             match st["status"].as_str().unwrap_or("") {
                 "completed" => break,
                 "failed" | "cancelled" => {
                     let why = st["error-desc"].as_str().unwrap_or("no reason given");
-                    return Err(fail(format!("migration failed: {why}"), &vm));
+                    return Err(fail(
+                        VmError::Migration(format!("migration failed: {why}")),
+                        &vm,
+                    ));
                 }
                 _ if Instant::now() >= deadline => {
                     return Err(fail(
-                        format!("not written after {} s", SNAPSHOT_TIMEOUT.as_secs()),
+                        VmError::Migration(format!(
+                            "not written after {} s",
+                            SNAPSHOT_TIMEOUT.as_secs()
+                        )),
                         &vm,
                     ))
                 }
@@ -186,7 +196,7 @@ impl Inner {
                     f.metadata()
                 })
                 .and_then(|m| fs::rename(tmp, dir.join(name)).map(|_| m.len()))
-                .map_err(|e| sandbox_err(format!("snapshot {}: {e}", tmp.display())))
+                .map_err(|e| StartError::io(format!("snapshot {}", tmp.display()), e))
         };
         let ram_bytes = publish(&ram_tmp, RAM_FILE)?;
         let bytes = publish(&tmp, SNAPSHOT_FILE)?;
@@ -212,7 +222,7 @@ impl Inner {
             snapshot_ms: snap_started.elapsed().as_millis() as u64,
             created_ms: now_ms(),
         };
-        write_meta(dir, &meta).map_err(|e| sandbox_err(format!("{META_FILE}: {e}")))?;
+        write_meta(dir, &meta).map_err(|e| StartError::io(META_FILE, e))?;
         eprintln!(
             "hearth: qemu: function {}: template ready in {} ms, snapshot in {} ms ({} KiB of device state, {} MiB of RAM on disk)",
             spec.id,

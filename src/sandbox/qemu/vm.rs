@@ -2,21 +2,71 @@
 //! starting it from a [`VmPlan`], reaching its agent channel and QMP socket,
 //! quoting its logs in errors, and stopping it.
 
+use std::fmt;
 use std::fs;
+use std::io;
 use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::args::{qemu_args, VmPlan};
-use super::qmp::Qmp;
+use super::qmp::{Qmp, QmpError};
 
 /// How long a QEMU asked to `quit` gets before SIGKILL.
 pub const QUIT_WAIT: Duration = Duration::from_secs(5);
 /// Bytes of console output quoted in error messages.
 const LOG_TAIL_BYTES: u64 = 2048;
+
+/// Why a VM did not do what was asked of it.
+#[derive(Debug)]
+pub enum VmError {
+    /// A host operation around the VM failed; `what` names it.
+    Io { what: String, err: io::Error },
+    /// QEMU could not be started.
+    Start { qemu: PathBuf, err: io::Error },
+    /// QEMU exited; the end of its output and of the guest console.
+    Exited {
+        status: ExitStatus,
+        log_tail: String,
+    },
+    /// The agent channel's socket could not be reached in time.
+    Channel { path: PathBuf, err: io::Error },
+    /// A QMP command failed.
+    Qmp(QmpError),
+    /// Writing or loading the snapshot failed or stalled; QEMU's reason or the
+    /// state the VM was left in.
+    Migration(String),
+}
+
+impl fmt::Display for VmError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            VmError::Io { what, err } => write!(f, "{what}: {err}"),
+            VmError::Start { qemu, err } => write!(f, "cannot start {}: {err}", qemu.display()),
+            VmError::Exited { status, log_tail } => write!(f, "QEMU exited ({status}){log_tail}"),
+            VmError::Channel { path, err } => {
+                write!(f, "channel socket {}: {err}", path.display())
+            }
+            VmError::Qmp(e) => write!(f, "{e}"),
+            VmError::Migration(m) => write!(f, "{m}"),
+        }
+    }
+}
+
+impl std::error::Error for VmError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            VmError::Io { err, .. } | VmError::Start { err, .. } | VmError::Channel { err, .. } => {
+                Some(err)
+            }
+            VmError::Qmp(e) => Some(e),
+            VmError::Exited { .. } | VmError::Migration(_) => None,
+        }
+    }
+}
 
 /// Whether this host's KVM can run a standard Linux guest; the error says why not.
 pub fn kvm_usable() -> Result<(), String> {
@@ -86,13 +136,22 @@ impl Vm {
         plan: &VmPlan<'_>,
         core: Option<usize>,
         inherit: Option<&fs::File>,
-    ) -> Result<Vm, String> {
+    ) -> Result<Vm, VmError> {
         let dir = plan.dir.to_path_buf();
         let _ = fs::remove_dir_all(&dir);
-        fs::create_dir_all(&dir).map_err(|e| format!("create {}: {e}", dir.display()))?;
-        let log = fs::File::create(dir.join("qemu.log"))
-            .map_err(|e| format!("create {}/qemu.log: {e}", dir.display()))?;
-        let log2 = log.try_clone().map_err(|e| e.to_string())?;
+        fs::create_dir_all(&dir).map_err(|err| VmError::Io {
+            what: format!("create {}", dir.display()),
+            err,
+        })?;
+        let log_what = || format!("create {}/qemu.log", dir.display());
+        let log = fs::File::create(dir.join("qemu.log")).map_err(|err| VmError::Io {
+            what: log_what(),
+            err,
+        })?;
+        let log2 = log.try_clone().map_err(|err| VmError::Io {
+            what: log_what(),
+            err,
+        })?;
         let inherit_fd = inherit.map(std::os::fd::AsRawFd::as_raw_fd);
         let mut cmd = Command::new(qemu);
         cmd.args(qemu_args(plan))
@@ -122,9 +181,12 @@ impl Vm {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|e| {
+        let child = cmd.spawn().map_err(|err| {
             let _ = fs::remove_dir_all(&dir);
-            format!("cannot start {}: {e}", qemu.display())
+            VmError::Start {
+                qemu: qemu.to_path_buf(),
+                err,
+            }
         })?;
         Ok(Vm { child, dir })
     }
@@ -134,17 +196,20 @@ impl Vm {
     }
 
     /// Connects to the agent channel's socket, waiting for QEMU to make it.
-    pub(super) fn connect_channel(&mut self, deadline: Instant) -> Result<UnixStream, String> {
+    pub(super) fn connect_channel(&mut self, deadline: Instant) -> Result<UnixStream, VmError> {
         let path = self.dir.join("agent.sock");
         loop {
             match UnixStream::connect(&path) {
                 Ok(s) => return Ok(s),
-                Err(e) => {
+                Err(err) => {
                     if let Ok(Some(status)) = self.child.try_wait() {
-                        return Err(format!("QEMU exited ({status}){}", self.log_tail()));
+                        return Err(VmError::Exited {
+                            status,
+                            log_tail: self.log_tail(),
+                        });
                     }
                     if Instant::now() >= deadline {
-                        return Err(format!("channel socket {}: {e}", path.display()));
+                        return Err(VmError::Channel { path, err });
                     }
                     std::thread::sleep(Duration::from_millis(2));
                 }
@@ -152,11 +217,14 @@ impl Vm {
         }
     }
 
-    pub(super) fn qmp(&mut self, deadline: Instant) -> Result<Qmp, String> {
+    pub(super) fn qmp(&mut self, deadline: Instant) -> Result<Qmp, VmError> {
         Qmp::connect(&self.dir.join("qmp.sock"), deadline).map_err(|e| {
             match self.child.try_wait() {
-                Ok(Some(status)) => format!("QEMU exited ({status}){}", self.log_tail()),
-                _ => e.to_string(),
+                Ok(Some(status)) => VmError::Exited {
+                    status,
+                    log_tail: self.log_tail(),
+                },
+                _ => VmError::Qmp(e),
             }
         })
     }

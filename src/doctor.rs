@@ -10,6 +10,7 @@ use std::process::Command;
 use crate::guest::{ext4, images, kernel};
 use crate::runtime;
 use crate::sandbox::qemu;
+use crate::util::program::{find_program, which};
 
 /// One finding.
 pub struct Check {
@@ -126,7 +127,7 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
                 }
             ),
         ),
-        Err(e) if runtime::which("apt-get").is_some() => check(
+        Err(e) if which("apt-get").is_some() => check(
             "guest kernel",
             true,
             format!("not fetched yet; the first `hearth serve --backend qemu` fetches it ({e})"),
@@ -363,7 +364,7 @@ fn guest_images(state_dir: &Path) -> Check {
 }
 
 fn find_tool(env: &str, name: &str) -> Result<PathBuf, String> {
-    runtime::find_program(env, name).ok_or_else(|| {
+    find_program(env, name).ok_or_else(|| {
         format!("{name} not found: install a release from github.com/firecracker-microvm/firecracker (no distribution package) or set {env}")
     })
 }

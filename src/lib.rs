@@ -25,3 +25,4 @@ pub mod protocol;
 pub mod routes;
 pub mod runtime;
 pub mod sandbox;
+pub mod util;

@@ -18,6 +18,8 @@ use std::fs;
 use std::io::{self, Read, Seek};
 use std::path::{Path, PathBuf};
 
+use crate::util::program::find_program;
+
 /// The shim, built into the binary so a deployed server needs no source tree.
 pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
 
@@ -167,25 +169,6 @@ pub fn is_static_elf(path: &Path) -> io::Result<bool> {
     Ok(table
         .chunks(phentsize)
         .all(|ph| u32::from_le_bytes(ph[..4].try_into().expect("4 bytes")) != PT_INTERP))
-}
-
-/// A program named by the environment variable `env` if set, else the first
-/// `name` on PATH.
-pub fn find_program(env: &str, name: &str) -> Option<PathBuf> {
-    match std::env::var_os(env) {
-        Some(p) => Some(PathBuf::from(p)),
-        None => which(name),
-    }
-}
-
-/// The first `name` on PATH (`/usr/bin:/bin` when PATH is unset).
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_else(|_| "/usr/bin:/bin".into())
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| Path::new(d).join(name))
-        .find(|p| p.is_file())
 }
 
 #[cfg(test)]

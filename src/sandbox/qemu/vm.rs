@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::args::{qemu_args, VmPlan};
 use super::qmp::{Qmp, QmpError};
+use crate::util::program::find_program;
 
 /// How long a QEMU asked to `quit` gets before SIGKILL.
 pub const QUIT_WAIT: Duration = Duration::from_secs(5);
@@ -101,7 +102,7 @@ pub fn kvm_usable() -> Result<(), String> {
 
 /// `$HEARTH_QEMU` or `qemu-system-x86_64` on PATH.
 pub fn find_qemu() -> Result<PathBuf, String> {
-    crate::runtime::find_program("HEARTH_QEMU", "qemu-system-x86_64").ok_or_else(|| {
+    find_program("HEARTH_QEMU", "qemu-system-x86_64").ok_or_else(|| {
         "qemu-system-x86_64 not found: install qemu-system-x86 (Debian) or set HEARTH_QEMU"
             .to_string()
     })

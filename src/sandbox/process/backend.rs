@@ -30,7 +30,7 @@ use crate::functions::FunctionSpec;
 use crate::runtime;
 use crate::sandbox::handshake;
 use crate::sandbox::process;
-use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, StartError};
+use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, SetupError, StartError};
 
 /// Time a runtime gets to load the handler (Lambda's init phase limit).
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -161,9 +161,9 @@ pub struct ProcessBackend {
 
 impl ProcessBackend {
     /// Builds (or reuses) the runtime root under `<state>/cache`.
-    pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, String> {
+    pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, SetupError> {
         let cache = cfg.state_dir.join("cache");
-        let runtime_root = runtime::ensure(&cache).map_err(|e| e.to_string())?;
+        let runtime_root = runtime::ensure(&cache).map_err(SetupError::Runtime)?;
         // At start-up, under the state-dir lock: roots of older builds are unused.
         let pruned = runtime::root::prune_runtimes(&cache, &runtime_root);
         if pruned > 0 {
@@ -206,7 +206,10 @@ impl ProcessBackend {
                 }
                 drop(busy);
             })
-            .map_err(|e| format!("spawn the cgroup sweeper: {e}"))?;
+            .map_err(|err| SetupError::Io {
+                what: "spawn the cgroup sweeper".into(),
+                err,
+            })?;
         Ok(ProcessBackend { inner })
     }
 }

@@ -29,7 +29,7 @@ pub enum BackendKind {
     Process,
     /// QEMU microVMs restored from a migration snapshot.
     Qemu,
-    /// Firecracker microVMs restored from a snapshot (needs a KVM host that can run guests).
+    /// Firecracker microVMs: not in this build yet, refused at start (see `hearth doctor`).
     Firecracker,
 }
 

@@ -6,7 +6,8 @@
 //! - [`http`]: request parsing and framing ([`http::parse`]) and response writing.
 //! - [`routes`]: maps a request to the health/metrics endpoints, the control plane or a function.
 //! - [`functions`]: the function registry and each core's instance pools and scheduler.
-//! - [`sandbox`]: backends that create instances (process, qemu, firecracker).
+//! - [`sandbox`]: backends that create instances (process, qemu).
+//! - [`runtime`]: the runtime root (Node.js, the guest agent, the shim) every backend runs.
 //! - [`protocol`]: the frames exchanged with the guest agent inside each instance.
 //! - [`control`]: deploy (archive checks, multipart), durable state.
 //! - [`guest`]: kernel and image builders for the microVM backends.
@@ -25,6 +26,7 @@ pub mod guest;
 pub mod http;
 pub mod metrics;
 pub mod routes;
+pub mod runtime;
 pub mod sandbox;
 pub mod spec;
 pub mod util;

@@ -11,8 +11,8 @@ use hearth::config::{self, BackendKind, HttpLimits, IoMode, ServeConfig};
 /// hearth: a self-hosted, Lambda-compatible serverless runtime.
 ///
 /// Deploy a zip holding a Node.js handler, then invoke it over plain HTTP at
-/// /f/<id>/<path>. Each function runs in isolated instances (process sandbox,
-/// QEMU or Firecracker microVMs) that are initialised once and kept warm.
+/// /f/<id>/<path>. Each function runs in isolated instances (process sandbox
+/// or QEMU microVMs) that are initialised once and kept warm.
 #[derive(Parser)]
 #[command(name = "hearth", version, about, long_about)]
 struct Cli {

@@ -442,10 +442,10 @@ fn stage(
                 }))
                 .expect("json"),
             ),
-            StartError::Sandbox(m) => error(
+            e => error(
                 503,
                 "sandbox_error",
-                &format!("could not start the function: {m}"),
+                &format!("could not start the function: {e}"),
             ),
         })?;
     // What the function really occupies, artifacts and block rounding included.

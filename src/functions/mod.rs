@@ -263,7 +263,7 @@ impl Registry {
                     };
                     let f = job.function;
                     let result = if f.deleted.load(Ordering::Acquire) {
-                        Err(StartError::Sandbox("function deleted".into()))
+                        Err(StartError::Deleted)
                     } else {
                         shared
                             .functions

@@ -34,7 +34,7 @@ use crate::util::time::unix_time_ms;
 
 /// Extra time a queued request may wait for an instance to start, beyond the
 /// function's timeout (the init phase has its own limit, as on Lambda).
-pub const QUEUE_INIT_ALLOWANCE: Duration = crate::sandbox::process_backend::INIT_TIMEOUT;
+pub const QUEUE_INIT_ALLOWANCE: Duration = crate::sandbox::process::backend::INIT_TIMEOUT;
 
 /// A queued request that waited this long scales its function out, if the
 /// core has CPU to spare.

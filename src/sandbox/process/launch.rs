@@ -26,9 +26,9 @@ use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::Path;
 
 use super::cgroup::{self, Group, Limits};
-use super::rootfs::DEVICES;
 use super::seccomp;
 use super::SandboxSpec;
+use crate::runtime::root::DEVICES;
 use crate::util::cpu;
 
 /// Largest spec the launcher accepts on stdin.

@@ -10,7 +10,10 @@
 //! - [`protocol`]: the frames exchanged with the guest agent inside each instance.
 //! - [`control`]: deploy (archive checks, multipart), durable state.
 //! - [`guest`]: kernel and image builders for the microVM backends.
+//! - [`bench`]: `hearth bench`, the HTTP load generator and its charts (a client; no part
+//!   of the server).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;

@@ -215,7 +215,9 @@ impl<'a> Worker<'a> {
     }
 
     /// Whether this thread is done: the window is over, or its budget is
-    /// spent and answered, or (counted runs) nothing has moved for --timeout.
+    /// spent and answered, or (counted runs) no connection was made and no
+    /// answer came in for twice --timeout (a request times out, and its
+    /// reconnect counts as movement, before that).
     fn finished(&self, now: Instant) -> bool {
         if let Some(end) = self.window.end {
             return now >= end;
@@ -223,7 +225,7 @@ impl<'a> Worker<'a> {
         if self.budget == Some(0) && self.in_flight == 0 {
             return true;
         }
-        now.saturating_duration_since(self.last_progress) > self.plan.timeout
+        now.saturating_duration_since(self.last_progress) > self.plan.timeout * 2
     }
 
     fn measuring(&self, at: Instant) -> bool {

@@ -198,11 +198,9 @@ impl<'a> Worker<'a> {
             if let Some(Reverse((at, _))) = self.schedule.peek() {
                 wake = wake.min(*at);
             }
-            let ready: Vec<_> = self
-                .poller
-                .wait(wake.saturating_duration_since(now))?
-                .collect();
-            for r in ready {
+            let n = self.poller.wait(wake.saturating_duration_since(now))?;
+            for k in 0..n {
+                let r = self.poller.event(k);
                 self.on_ready(r.token, r.readable, r.writable, r.failed);
             }
             self.progress

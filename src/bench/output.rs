@@ -90,15 +90,17 @@ pub fn us(v: u64) -> String {
 
 /// Redraws a one-line summary every second until `done`, then erases it.
 pub fn progress_line(progress: &[Progress], start: Instant, warmup: Duration, done: &AtomicBool) {
-    let mut last = 0;
+    let mut second = 0;
+    let mut answers_before = 0;
     let mut out = std::io::stdout();
     while !done.load(Ordering::Relaxed) {
         std::thread::sleep(Duration::from_millis(100));
         let t = start.elapsed();
-        if t.as_millis() / 1000 == last {
+        if t.as_secs() == second {
             continue;
         }
-        last = t.as_millis() / 1000;
+        second = t.as_secs();
+        // Measured answers only: warm-up ones are not counted anywhere.
         let answers: u64 = progress
             .iter()
             .map(|p| p.answers.load(Ordering::Relaxed))
@@ -107,11 +109,12 @@ pub fn progress_line(progress: &[Progress], start: Instant, warmup: Duration, do
             .iter()
             .map(|p| p.errors.load(Ordering::Relaxed))
             .sum();
+        let per_s = answers.saturating_sub(answers_before);
+        answers_before = answers;
         let phase = if t < warmup { "warm-up" } else { "measuring" };
         let _ = write!(
             out,
-            "\r\x1b[2K  {phase} {:>5.0}s  {answers} answers  {errors} errors",
-            t.as_secs_f64()
+            "\r\x1b[2K  {phase} {second:>4}s  {per_s:>8} answers/s  {answers} answers  {errors} errors"
         );
         let _ = out.flush();
     }

@@ -202,15 +202,16 @@ fn latency_chart<DB: DrawingBackend>(
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    legend(&mut chart)
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 fn legend<'a, DB: DrawingBackend + 'a, X: Ranged, Y: Ranged>(
     chart: &mut ChartContext<'a, DB, Cartesian2d<X, Y>>,
+    at: SeriesLabelPosition,
 ) -> Fallible {
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(at)
         .background_style(WHITE.mix(0.85))
         .border_style(BLACK)
         .label_font(("sans-serif", 16))
@@ -246,6 +247,7 @@ fn throughput_chart<DB: DrawingBackend>(
         .configure_mesh()
         .x_desc("second of the measured window")
         .y_desc("answers per second")
+        .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()
         .map_err(err)?;
     for (i, s) in series.iter().enumerate() {
@@ -256,15 +258,16 @@ fn throughput_chart<DB: DrawingBackend>(
             .iter()
             .enumerate()
             .map(|(t, &n)| (t as f64 + 0.5, n as f64));
+        // Points as well as lines: a one-second run is a single point.
         chart
-            .draw_series(LineSeries::new(pts, color.stroke_width(2)))
+            .draw_series(LineSeries::new(pts, color.stroke_width(2)).point_size(3))
             .map_err(err)?
             .label(s.name.clone())
             .legend(move |(x, y)| {
                 PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
             });
     }
-    legend(&mut chart)
+    legend(&mut chart, SeriesLabelPosition::LowerRight)
 }
 
 /// The knee of a sweep: the highest offered rate before the first one that is
@@ -306,6 +309,7 @@ fn sweep_chart<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, sweeps: &[&Out
     chart
         .configure_mesh()
         .x_desc("offered load (requests/s)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
         .y_desc("latency (ms), p99 solid, p50 thin")
         .draw()
         .map_err(err)?;
@@ -340,7 +344,7 @@ fn sweep_chart<DB: DrawingBackend>(root: &DrawingArea<DB, Shift>, sweeps: &[&Out
                 .map_err(err)?;
         }
     }
-    legend(&mut chart)
+    legend(&mut chart, SeriesLabelPosition::UpperLeft)
 }
 
 #[cfg(test)]

@@ -72,27 +72,30 @@ impl Poller {
         self.ctl(libc::EPOLL_CTL_MOD, fd, token, writable)
     }
 
-    /// Waits up to `timeout` and returns what became ready.
-    pub fn wait(&mut self, timeout: Duration) -> io::Result<impl Iterator<Item = Ready> + '_> {
-        let n = loop {
+    /// Waits up to `timeout`; returns how many events [`Poller::event`] holds.
+    pub fn wait(&mut self, timeout: Duration) -> io::Result<usize> {
+        loop {
             let rc = self.wait_once(timeout);
             if rc >= 0 {
-                break rc as usize;
+                return Ok(rc as usize);
             }
             let e = io::Error::last_os_error();
             if e.kind() != io::ErrorKind::Interrupted {
                 return Err(e);
             }
-        };
-        Ok(self.events[..n].iter().map(|ev| {
-            let flags = ev.events as i32;
-            Ready {
-                token: ev.u64 as usize,
-                readable: flags & (libc::EPOLLIN | libc::EPOLLRDHUP) != 0,
-                writable: flags & libc::EPOLLOUT != 0,
-                failed: flags & (libc::EPOLLERR | libc::EPOLLHUP) != 0,
-            }
-        }))
+        }
+    }
+
+    /// Event `i` of the last [`Poller::wait`].
+    pub fn event(&self, i: usize) -> Ready {
+        let ev = self.events[i];
+        let flags = ev.events as i32;
+        Ready {
+            token: ev.u64 as usize,
+            readable: flags & (libc::EPOLLIN | libc::EPOLLRDHUP) != 0,
+            writable: flags & libc::EPOLLOUT != 0,
+            failed: flags & (libc::EPOLLERR | libc::EPOLLHUP) != 0,
+        }
     }
 
     fn wait_once(&mut self, timeout: Duration) -> i64 {

@@ -178,9 +178,11 @@ fn open_loop_sends_at_the_asked_rate_and_skips_the_warmup() {
         "-t",
         "1",
     ]);
+    // About 200; 400 would mean the warm-up was counted. The band is wide
+    // because one second on a loaded machine can lose a late burst.
     let n = run0(&v)["requests"].as_u64().unwrap();
     assert!(
-        (180..=220).contains(&n),
+        (140..=230).contains(&n),
         "1s measured after 1s warm-up answered {n}"
     );
 }

@@ -94,7 +94,7 @@ struct Conn {
     watch_out: bool,
 }
 
-/// Runs one thread's share of a plan; `rate` overrides the plan's load (sweeps).
+/// Runs one thread's share of a plan under `load` (a sweep passes each rate in turn).
 pub fn run_thread(
     plan: &Plan,
     load: Load,

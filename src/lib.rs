@@ -9,13 +9,17 @@
 //! - [`sandbox`]: backends that create instances (process, qemu).
 //! - [`runtime`]: the runtime root (Node.js, the guest agent, the shim) every backend runs.
 //! - [`protocol`]: the frames exchanged with the guest agent inside each instance.
-//! - [`control`]: deploy (archive checks, multipart), durable state.
+//! - [`control`]: the control plane: deploy (archive checks, multipart), durable state, and
+//!   the Lambda service API (`aws lambda …`, SigV4).
 //! - [`guest`]: kernel and image builders for the microVM backends.
+//! - [`bench`]: `hearth bench`, the HTTP load generator and its charts (a client; no part
+//!   of the server).
 //!
 //! Leaves that every layer may use and that import nothing else of the crate:
 //! [`spec`] (a function's settings as plain data) and [`util`] (randomness, hex, epoch time,
 //! CPU pinning, program lookup).
 
+pub mod bench;
 pub mod cli;
 pub mod config;
 pub mod control;

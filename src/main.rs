@@ -89,6 +89,8 @@ enum Command {
         #[arg(long, default_value = "./state")]
         state_dir: PathBuf,
     },
+    /// Load-test an HTTP server (closed or open loop, HDR latency), or plot results.
+    Bench(hearth::bench::BenchArgs),
     #[command(name = "__sandbox", hide = true)]
     Sandbox,
 }
@@ -259,6 +261,7 @@ fn main() -> ExitCode {
         Command::Doctor { state_dir } => {
             absolute_state_dir(&state_dir).and_then(|d| hearth::doctor::run(&d))
         }
+        Command::Bench(a) => hearth::bench::run(&a),
         Command::Sandbox => unreachable!("handled above"),
     };
     match result {

@@ -11,12 +11,13 @@ use std::time::Instant;
 
 use slab::Slab;
 
-use crate::engine::conn::{Answer, Conn, ConnState, ReplyTo};
+use crate::engine::conn::{Conn, ConnState};
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::Shared;
 use crate::functions::CorePool;
 use crate::http::parse::{self, Request};
-use crate::http::response::{self, DateCache};
+use crate::http::reply::{Reply, ReplyTo};
+use crate::http::response::{self, DateCache, Persistence};
 use crate::metrics::{add, CoreMetrics};
 use crate::routes::{self, Route};
 
@@ -289,19 +290,9 @@ impl Worker {
 
     /// Writes a 503 with `code` on a connection that is not kept, then drops it.
     fn refuse(&mut self, fd: OwnedFd, code: &str, message: &str) {
-        let body = response::json_error(code, message);
+        let r = Reply::error(503, code, message).with_header("retry-after", "1");
         let mut out = Vec::with_capacity(256);
-        response::write(
-            &mut out,
-            &self.date,
-            &response::Response {
-                status: 503,
-                headers: &[("content-type", "application/json"), ("retry-after", "1")],
-                body: &body,
-            },
-            false,
-            false,
-        );
+        response::write(&mut out, &self.date, &r, Persistence::Close, false);
         // SAFETY: best-effort non-blocking write of a short answer on a socket we own.
         unsafe {
             libc::write(
@@ -436,15 +427,7 @@ impl Worker {
                     status,
                     content_type,
                     body,
-                } => self.answer_async(
-                    to,
-                    Answer {
-                        status,
-                        headers: &[("content-type", content_type)],
-                        body: &body,
-                        close: false,
-                    },
-                ),
+                } => self.answer_async(to, &Reply::new(status, content_type, body)),
                 Msg::FunctionsChanged => {
                     self.fns
                         .refresh(&mut self.streams, &mut self.dirty, self.now)
@@ -485,84 +468,28 @@ impl Worker {
 
     /// Answers function invocations whose outcome the pool decided.
     fn flush_replies(&mut self) {
-        while let Some(r) = self.fns.replies.pop_front() {
-            let headers: Vec<(&str, &str)> = r
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            self.answer_async(
-                r.to,
-                Answer {
-                    status: r.status,
-                    headers: &headers,
-                    body: &r.body,
-                    close: false,
-                },
-            );
+        while let Some((to, r)) = self.fns.replies.pop_front() {
+            self.answer_async(to, &r);
         }
     }
 
     /// Routes a complete request.
     pub fn dispatch(&mut self, tok: Token, req: Request, body: Vec<u8>) {
         let head_only = req.method == "HEAD";
-        let json = [("content-type", "application/json")];
-        match routes::route(&req.method, req.path()) {
-            Route::Health => self.answer(
-                tok,
-                Answer {
-                    status: 200,
-                    headers: &[("content-type", "text/plain")],
-                    body: b"ok",
-                    close: false,
-                },
-                head_only,
-            ),
+        let local = match routes::route(&req.method, req.path()) {
+            Route::Health => Reply::new(200, "text/plain", b"ok".to_vec()),
             Route::Metrics => {
                 let mut text = String::with_capacity(4096);
                 crate::metrics::render_cores(&mut text, &self.shared.core_metrics);
                 self.shared.functions.render_metrics(&mut text);
-                let ct = [("content-type", "text/plain; version=0.0.4")];
-                self.answer(
-                    tok,
-                    Answer {
-                        status: 200,
-                        headers: &ct,
-                        body: text.as_bytes(),
-                        close: false,
-                    },
-                    head_only,
-                )
+                Reply::new(200, "text/plain; version=0.0.4", text.into_bytes())
             }
             Route::MethodNotAllowed(allow) => {
-                let body = response::json_error(
-                    "method_not_allowed",
-                    &format!("method {} is not allowed here", req.method),
-                );
-                self.answer(
-                    tok,
-                    Answer {
-                        status: 405,
-                        headers: &[("content-type", "application/json"), ("allow", allow)],
-                        body: &body,
-                        close: false,
-                    },
-                    head_only,
-                )
+                let message = format!("method {} is not allowed here", req.method);
+                Reply::error(405, "method_not_allowed", &message).with_header("allow", allow)
             }
             Route::NotFound => {
-                let body =
-                    response::json_error("not_found", &format!("no route for {}", req.path()));
-                self.answer(
-                    tok,
-                    Answer {
-                        status: 404,
-                        headers: &json,
-                        body: &body,
-                        close: false,
-                    },
-                    head_only,
-                )
+                Reply::error(404, "not_found", &format!("no route for {}", req.path()))
             }
             Route::Invoke { id, path } => {
                 let (id, path) = (id.to_string(), path.to_string());
@@ -580,24 +507,18 @@ impl Worker {
                     self.now,
                 );
                 self.flush_replies();
+                return;
             }
             _ => {
                 let to = self.reply_to(tok);
                 let peer = self.peer(tok);
-                if let Err(busy) = self.shared.control.submit(self.core, to, peer, req, body) {
-                    self.answer(
-                        tok,
-                        Answer {
-                            status: 503,
-                            headers: &json,
-                            body: &busy,
-                            close: false,
-                        },
-                        head_only,
-                    );
+                match self.shared.control.submit(self.core, to, peer, req, body) {
+                    Ok(()) => return,
+                    Err(busy) => Reply::new(503, "application/json", busy),
                 }
             }
-        }
+        };
+        self.answer(tok, &local, head_only);
     }
 
     fn reply_to(&self, tok: Token) -> ReplyTo {

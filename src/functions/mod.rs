@@ -21,7 +21,6 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use crate::config::ServeConfig;
-use crate::engine::conn::ReplyTo;
 use crate::engine::worker::Msg;
 use crate::engine::Shared;
 use crate::metrics::FunctionMetrics;
@@ -133,15 +132,6 @@ impl Function {
 pub struct Started {
     pub function: Arc<Function>,
     pub result: Result<Box<dyn Instance>, StartError>,
-}
-
-/// An answer for a client, decided by a core's pool.
-#[derive(Debug)]
-pub struct Reply {
-    pub to: ReplyTo,
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
 }
 
 struct StartJob {

@@ -20,8 +20,9 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use slab::Slab;
 
 use super::logs::LogIntake;
-use super::{Function, NoSlot, Reply, Started};
-use crate::engine::conn::{ConnState, ReplyTo};
+use super::{Function, NoSlot, Started};
+use crate::engine::conn::ConnState;
+use crate::http::reply::{Reply, ReplyTo};
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::worker::Token;
 use crate::engine::Shared;
@@ -204,7 +205,7 @@ pub struct CorePool {
     next_rid: u32,
     rng: u64,
     /// Answers for the worker to write.
-    pub replies: VecDeque<Reply>,
+    pub replies: VecDeque<(ReplyTo, Reply)>,
     /// Instances whose channel is being detached for a move to another core.
     migrating: HashMap<Token, Moving>,
     cpu: CpuMeter,
@@ -222,13 +223,8 @@ fn now_ms() -> u64 {
         .unwrap_or(0)
 }
 
-fn json_reply(to: ReplyTo, status: u16, code: &str, message: &str) -> Reply {
-    Reply {
-        to,
-        status,
-        headers: vec![("content-type".into(), "application/json".into())],
-        body: crate::http::response::json_error(code, message),
-    }
+fn json_reply(to: ReplyTo, status: u16, code: &str, message: &str) -> (ReplyTo, Reply) {
+    (to, Reply::error(status, code, message))
 }
 
 /// An idle instance moving between cores, with its channel and unread bytes.
@@ -374,7 +370,7 @@ impl CorePool {
                 "too_many_requests",
                 &format!("function {id} is at its concurrency limit and its queue is full"),
             );
-            r.headers.push(("retry-after".into(), "1".into()));
+            r.1 = r.1.with_header("retry-after", "1");
             self.replies.push_back(r);
             return;
         }
@@ -479,7 +475,7 @@ impl CorePool {
                     memory.explain(u64::from(fs.f.spec.memory_mb))
                 ),
             );
-            r.headers.push(("retry-after".into(), "1".into()));
+            r.1 = r.1.with_header("retry-after", "1");
             self.replies.push_back(r);
         }
     }
@@ -778,7 +774,7 @@ impl CorePool {
                     inst.busy_done += took;
                     f.metrics.observe_duration(took.as_micros() as u64);
                     let reply = if h.kind == FrameType::Response {
-                        match response_reply(busy.to, meta, body) {
+                        match response_reply(meta, body) {
                             Ok((reply, dropped)) => {
                                 if !dropped.is_empty() {
                                     let note = format!(
@@ -819,14 +815,9 @@ impl CorePool {
                             "errorMessage": m["errorMessage"],
                         }))
                         .expect("json");
-                        Reply {
-                            to: busy.to,
-                            status: 502,
-                            headers: vec![("content-type".into(), "application/json".into())],
-                            body,
-                        }
+                        Reply::new(502, "application/json", body)
                     };
-                    self.replies.push_back(reply);
+                    self.replies.push_back((busy.to, reply));
                     streams[tok].consume(h.frame_len());
                     let id = f.spec.id.clone();
                     if self.take_shrink(&id) {
@@ -1236,18 +1227,17 @@ fn is_field_value(value: &str) -> bool {
 /// fields that are not valid RFC 9110 names and values, or that hearth owns,
 /// are left out and described in the second value (for the function's log).
 /// `Err` is the 502 for a response hearth will not send.
-fn response_reply(to: ReplyTo, meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<String>), Reply> {
+fn response_reply(meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<String>), Reply> {
     #[derive(serde::Deserialize)]
     struct Meta {
         status: u16,
         #[serde(default)]
-        headers: Vec<(String, String)>,
+        headers: Vec<crate::http::reply::Header>,
     }
     match serde_json::from_slice::<Meta>(meta) {
         // hearth never sends an informational answer for a handler: a 101 would
         // tell a proxy in front to hand the connection over as a raw tunnel.
-        Ok(m) if !(200..=599).contains(&m.status) => Err(json_reply(
-            to,
+        Ok(m) if !(200..=599).contains(&m.status) => Err(Reply::error(
             502,
             "bad_function_response",
             &format!(
@@ -1275,16 +1265,15 @@ fn response_reply(to: ReplyTo, meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<S
                 .collect();
             Ok((
                 Reply {
-                    to,
                     status: m.status,
                     headers,
                     body: body.to_vec(),
+                    close: false,
                 },
                 dropped,
             ))
         }
-        Err(_) => Err(json_reply(
-            to,
+        Err(_) => Err(Reply::error(
             502,
             "bad_function_response",
             "the runtime sent a response hearth could not read",
@@ -1296,19 +1285,14 @@ fn response_reply(to: ReplyTo, meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<S
 mod tests {
     use super::*;
 
-    const TO: ReplyTo = ReplyTo {
-        token: 0,
-        serial: 1,
-    };
-
     #[test]
     fn informational_and_out_of_range_statuses_become_502() {
         for status in [100, 101, 103, 199, 600, 0] {
             let meta = format!(r#"{{"status":{status},"headers":[["upgrade","websocket"]]}}"#);
-            let bad = response_reply(TO, meta.as_bytes(), b"").expect_err("refused");
+            let bad = response_reply(meta.as_bytes(), b"").expect_err("refused");
             assert_eq!(bad.status, 502, "status {status}");
         }
-        assert!(response_reply(TO, br#"{"status":200}"#, b"").is_ok());
+        assert!(response_reply(br#"{"status":200}"#, b"").is_ok());
     }
 
     #[test]
@@ -1330,8 +1314,8 @@ mod tests {
             ]
         });
         let (reply, dropped) =
-            response_reply(TO, meta.to_string().as_bytes(), b"body").expect("ok");
-        let names: Vec<&str> = reply.headers.iter().map(|(k, _)| k.as_str()).collect();
+            response_reply(meta.to_string().as_bytes(), b"body").expect("ok");
+        let names: Vec<&str> = reply.headers.iter().map(|(k, _)| k.as_ref()).collect();
         assert_eq!(names, ["x-ok", "x-utf8"]);
         assert_eq!(dropped.len(), 9, "{dropped:?}");
     }

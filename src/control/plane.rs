@@ -59,7 +59,6 @@ impl Control {
 
     /// Connects the control plane to the running server.
     pub fn start(&self, shared: Arc<Shared>) {
-        functions::Registry::start_threads(&shared);
         let _ = self.shared.set(shared);
     }
 

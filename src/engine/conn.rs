@@ -31,10 +31,13 @@ pub enum ConnState {
     /// A request was handed off; its answer has not been written yet.
     /// `announce_keep_alive`: an HTTP/1.0 client asked for keep-alive and only
     /// keeps the connection if the answer says `Connection: keep-alive`.
+    /// `invoke`: the request went to this core's scheduler (which is told if
+    /// the client leaves before the answer).
     Waiting {
         head_only: bool,
         keep_alive: bool,
         announce_keep_alive: bool,
+        invoke: bool,
     },
 }
 
@@ -362,6 +365,7 @@ fn waiting_on(req: &Request) -> ConnState {
         head_only: req.method == "HEAD",
         keep_alive: req.keep_alive,
         announce_keep_alive: req.keep_alive && req.version == parse::Version::Http10,
+        invoke: false,
     }
 }
 

@@ -9,6 +9,7 @@
 //! both drive the same [`worker::Worker`] logic.
 
 pub mod conn;
+pub mod cpu_meter;
 pub mod epoll;
 pub mod peers;
 pub mod port;
@@ -354,6 +355,11 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         shutdown: AtomicBool::new(false),
         cfg,
     });
+    crate::functions::Registry::start_threads(
+        &shared,
+        |s| &s.functions,
+        |s, core, started| s.send(core, Msg::InstanceStarted(started)),
+    );
     shared.control.start(shared.clone());
     let use_uring = match io_mode {
         IoMode::Epoll => false,
@@ -395,7 +401,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
                 if let Err(e) = r {
                     eprintln!("hearth: worker {core} failed: {e}");
                 }
-                worker.fns.shutdown(&mut worker.streams);
+                worker.shutdown_instances();
             })?;
         threads.push(t);
     }

@@ -12,13 +12,16 @@ use std::time::Instant;
 use slab::Slab;
 
 use crate::engine::conn::{Conn, ConnState};
+use crate::engine::cpu_meter::CpuMeter;
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::Shared;
+use crate::functions::sched::{Action, InstId, SchedConfig, Tick, INSTANCES_PER_CORE_MAX};
 use crate::functions::CorePool;
 use crate::http::parse::{self, Request};
 use crate::http::reply::{Reply, ReplyTo};
 use crate::http::response::{self, DateCache, Persistence};
 use crate::metrics::{add, CoreMetrics};
+use crate::protocol;
 use crate::routes::{self, Route};
 
 /// How long a closing client may keep sending before it is cut off.
@@ -45,7 +48,7 @@ pub enum Msg {
     /// An instance finished starting (or failed to).
     InstanceStarted(crate::functions::Started),
     /// Another core hands over an idle instance (its function is starved here).
-    InstanceMigrated(crate::functions::pool::Migrated),
+    InstanceMigrated(crate::functions::sched::Migrated),
     /// Shut down gracefully.
     Shutdown,
 }
@@ -61,6 +64,9 @@ pub struct Worker {
     pub now: Instant,
     pub inbox: Receiver<Msg>,
     pub fns: CorePool,
+    /// The stream of each instance channel, by [`InstId::slot`].
+    channels: Vec<Option<(InstId, Token)>>,
+    cpu: CpuMeter,
     /// Set once shutdown started: no new accepts, no keep-alive.
     pub draining: bool,
     drain_deadline: Option<Instant>,
@@ -86,15 +92,26 @@ impl Worker {
         };
         let metrics = shared.core_metrics[core].clone();
         let out_budget = (h.out_bytes_total_max / shared.cfg.cores.max(1)).max(h.out_bytes_max);
+        let sched = SchedConfig {
+            core,
+            queue_depth_max: shared.cfg.queue_depth_max,
+            keep_warm: shared.cfg.keep_warm,
+            instances_max: INSTANCES_PER_CORE_MAX,
+            memory: shared.functions.memory.clone(),
+            seed: crate::functions::random_u64(),
+        };
+        let now = Instant::now();
         Worker {
             core,
-            fns: CorePool::new(core, shared.clone()),
+            fns: CorePool::new(sched, shared.functions.all(), now, wall_ms()),
+            channels: Vec::new(),
+            cpu: CpuMeter::default(),
             shared,
             metrics,
             streams: Slab::with_capacity(1024),
             parse_limits,
             date: DateCache::default(),
-            now: Instant::now(),
+            now,
             inbox,
             draining: false,
             drain_deadline: None,
@@ -153,14 +170,6 @@ impl Worker {
         Some(tok)
     }
 
-    /// Registers an instance channel socket.
-    pub fn add_channel(&mut self, fd: OwnedFd, id: crate::functions::ChannelId) -> Token {
-        set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&fd));
-        let tok = self.streams.insert(Stream::new(fd, Kind::Channel(id)));
-        self.mark(tok);
-        tok
-    }
-
     /// Bytes arrived on `tok`.
     pub fn on_data(&mut self, tok: Token, bytes: &[u8]) {
         let Some(s) = self.streams.get_mut(tok) else {
@@ -182,11 +191,16 @@ impl Worker {
                 self.process_client(tok)
             }
             Kind::Channel(id) => {
-                self.fns
-                    .on_channel_data(tok, id, &mut self.streams, &mut self.dirty, self.now)
+                if !matches!(self.channels.get(id.slot()), Some(&Some((i, t))) if i == id && t == tok)
+                {
+                    return;
+                }
+                let s = &mut self.streams[tok];
+                let n = self.fns.on_channel_input(id, s.input(), self.now);
+                s.consume(n);
             }
         }
-        self.flush_replies();
+        self.run_actions();
     }
 
     /// The peer finished sending on `tok` (a read returned EOF). A client may
@@ -223,9 +237,10 @@ impl Worker {
             return;
         }
         if let Kind::Channel(id) = s.kind {
-            self.fns
-                .on_channel_closed(id, &mut self.streams, &mut self.dirty, self.now);
-            self.flush_replies();
+            if self.channel(id) == Some(tok) {
+                self.fns.on_channel_closed(id, self.now);
+                self.run_actions();
+            }
         }
         self.close_stream(tok);
     }
@@ -239,6 +254,12 @@ impl Worker {
             s.dead = true;
             s.closing = true;
             if let Kind::Client(c) = &s.kind {
+                if let ConnState::Waiting { invoke: true, .. } = c.state {
+                    self.fns.on_client_gone(ReplyTo {
+                        token: tok,
+                        serial: c.serial,
+                    });
+                }
                 self.shared.peers.close(c.peer);
                 self.clients -= 1;
                 self.metrics
@@ -314,7 +335,10 @@ impl Worker {
         let s = self.streams.remove(tok);
         self.release_out(s.out_counted);
         let leftover = s.rbuf[s.rpos..].to_vec();
-        self.fns.finish_migration(tok, s.fd, leftover);
+        if let Kind::Channel(id) = s.kind {
+            self.fns.on_detached(id, s.fd, leftover);
+            self.run_actions();
+        }
     }
 
     /// Called by the driver when a dead stream has no I/O in flight: frees it.
@@ -413,9 +437,13 @@ impl Worker {
         for t in lingered {
             self.close_stream(t);
         }
-        self.fns
-            .on_tick(&mut self.streams, &mut self.dirty, self.now);
-        self.flush_replies();
+        let cpu_busy_pct = self.cpu.sample(self.core);
+        self.fns.on_tick(Tick {
+            now,
+            wall_ms: wall_ms(),
+            cpu_busy_pct,
+        });
+        self.run_actions();
     }
 
     /// Handles queued messages; returns false when the worker should stop.
@@ -428,21 +456,14 @@ impl Worker {
                     content_type,
                     body,
                 } => self.answer_async(to, &Reply::new(status, content_type, body)),
-                Msg::FunctionsChanged => {
-                    self.fns
-                        .refresh(&mut self.streams, &mut self.dirty, self.now)
-                }
-                Msg::InstanceStarted(started) => {
-                    self.fns
-                        .on_started(started, &mut self.streams, &mut self.dirty, self.now);
-                }
-                Msg::InstanceMigrated(m) => {
-                    self.fns
-                        .on_migrated(m, &mut self.streams, &mut self.dirty, self.now)
-                }
+                Msg::FunctionsChanged => self
+                    .fns
+                    .on_functions_changed(self.shared.functions.all(), self.now),
+                Msg::InstanceStarted(started) => self.fns.on_started(started, self.now),
+                Msg::InstanceMigrated(m) => self.fns.on_migrated(m, self.now),
                 Msg::Shutdown => self.start_drain(),
             }
-            self.flush_replies();
+            self.run_actions();
         }
     }
 
@@ -466,11 +487,76 @@ impl Worker {
         self.draining && self.clients == 0
     }
 
-    /// Answers function invocations whose outcome the pool decided.
-    fn flush_replies(&mut self) {
-        while let Some((to, r)) = self.fns.replies.pop_front() {
-            self.answer_async(to, &r);
+    /// Carries out what the scheduler decided, in order.
+    fn run_actions(&mut self) {
+        while let Some(action) = self.fns.poll_action() {
+            match action {
+                Action::Send { inst, frame } => {
+                    let Some(tok) = self.channel(inst) else {
+                        continue;
+                    };
+                    let f = &frame;
+                    let wbuf = &mut self.streams[tok].wbuf;
+                    protocol::encode(wbuf, f.kind, 0, f.request_id, &f.meta, &f.body);
+                    self.mark(tok);
+                }
+                Action::Reply { to, reply } => self.answer_async(to, &reply),
+                Action::Attach {
+                    inst,
+                    channel,
+                    leftover,
+                } => {
+                    set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&channel));
+                    let mut stream = Stream::new(channel, Kind::Channel(inst));
+                    stream.push_input(&leftover);
+                    let tok = self.streams.insert(stream);
+                    if self.channels.len() <= inst.slot() {
+                        self.channels.resize(inst.slot() + 1, None);
+                    }
+                    self.channels[inst.slot()] = Some((inst, tok));
+                    self.mark(tok);
+                }
+                Action::Close(inst) => {
+                    if let Some(tok) = self.take_channel(inst) {
+                        self.close_stream(tok);
+                    }
+                }
+                Action::Detach(inst) => {
+                    if let Some(tok) = self.take_channel(inst) {
+                        self.streams[tok].detaching = true;
+                        self.mark(tok);
+                    }
+                }
+                Action::HandOver { core, instance } => {
+                    self.shared.send(core, Msg::InstanceMigrated(instance))
+                }
+                Action::Start(f) => self.shared.functions.request_start(self.core, f),
+                Action::Destroy(handle) => self.shared.functions.destroy(handle),
+            }
         }
+    }
+
+    /// The stream of instance `inst`'s channel.
+    fn channel(&self, inst: InstId) -> Option<Token> {
+        match self.channels.get(inst.slot()) {
+            Some(&Some((i, tok))) if i == inst => Some(tok),
+            _ => None,
+        }
+    }
+
+    /// Forgets instance `inst`'s channel; returns its stream.
+    fn take_channel(&mut self, inst: InstId) -> Option<Token> {
+        let tok = self.channel(inst)?;
+        self.channels[inst.slot()] = None;
+        Some(tok)
+    }
+
+    /// Kills every instance at server exit, after dropping their channels.
+    pub fn shutdown_instances(&mut self) {
+        for (_, tok) in self.channels.drain(..).flatten() {
+            let _ = self.streams.try_remove(tok);
+        }
+        self.fns.shutdown();
     }
 
     /// Routes a complete request.
@@ -495,18 +581,16 @@ impl Worker {
                 let (id, path) = (id.to_string(), path.to_string());
                 let to = self.reply_to(tok);
                 let peer = self.peer(tok);
-                self.fns.invoke(
-                    to,
-                    peer,
-                    &id,
-                    &path,
-                    req,
-                    body,
-                    &mut self.streams,
-                    &mut self.dirty,
-                    self.now,
-                );
-                self.flush_replies();
+                if let Kind::Client(Conn {
+                    state: ConnState::Waiting { invoke, .. },
+                    ..
+                }) = &mut self.streams[tok].kind
+                {
+                    *invoke = true;
+                }
+                self.fns
+                    .on_request(to, peer, &id, &path, req, body, self.now);
+                self.run_actions();
                 return;
             }
             _ => {
@@ -537,6 +621,13 @@ impl Worker {
             Kind::Channel(_) => unreachable!("requests only come from clients"),
         }
     }
+}
+
+/// The wall clock in milliseconds since the Unix epoch.
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Puts a descriptor in non-blocking mode (the epoll driver needs it; io_uring ignores it).

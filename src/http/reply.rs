@@ -16,8 +16,11 @@ pub type Header = (Cow<'static, str>, Cow<'static, str>);
 /// `Content-Length` and `Connection` are written by hearth, not listed here.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Reply {
+    /// The status code.
     pub status: u16,
+    /// Header fields, in order.
     pub headers: Vec<Header>,
+    /// The body (dropped on the wire for HEAD and bodiless statuses).
     pub body: Vec<u8>,
     /// Close the connection after this answer.
     pub close: bool,
@@ -41,7 +44,8 @@ impl Reply {
 
     /// The same answer with one more header field.
     pub fn with_header(mut self, name: &'static str, value: &'static str) -> Reply {
-        self.headers.push((Cow::Borrowed(name), Cow::Borrowed(value)));
+        self.headers
+            .push((Cow::Borrowed(name), Cow::Borrowed(value)));
         self
     }
 
@@ -68,6 +72,8 @@ pub fn json_error(code: &str, message: &str) -> Vec<u8> {
 /// slot gets a new serial, so a late answer never reaches a newer client).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct ReplyTo {
+    /// The engine's stream token of the connection.
     pub token: usize,
+    /// The connection's serial number on its core.
     pub serial: u64,
 }

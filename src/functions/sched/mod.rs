@@ -31,6 +31,8 @@ mod dispatch;
 mod migrate;
 mod reply;
 pub mod scale;
+#[cfg(test)]
+mod tests;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::net::IpAddr;

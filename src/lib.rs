@@ -7,10 +7,15 @@
 //!   ([`http::reply`]) and response writing.
 //! - [`routes`]: maps a request to the health/metrics endpoints, the control plane or a function.
 //! - [`functions`]: the function registry and each core's scheduler ([`functions::sched`], sans-IO).
-//! - [`sandbox`]: backends that create instances (process, qemu, firecracker).
+//! - [`sandbox`]: backends that create instances (process, qemu).
+//! - [`runtime`]: the runtime root (Node.js, the guest agent, the shim) every backend runs.
 //! - [`protocol`]: the frames exchanged with the guest agent inside each instance.
 //! - [`control`]: deploy (archive checks, multipart), durable state.
 //! - [`guest`]: kernel and image builders for the microVM backends.
+//!
+//! Leaves that every layer may use and that import nothing else of the crate:
+//! [`spec`] (a function's settings as plain data) and [`util`] (randomness, hex, epoch time,
+//! CPU pinning, program lookup).
 
 pub mod cli;
 pub mod config;
@@ -21,6 +26,11 @@ pub mod functions;
 pub mod guest;
 pub mod http;
 pub mod metrics;
-pub mod protocol;
 pub mod routes;
+pub mod runtime;
 pub mod sandbox;
+pub mod spec;
+pub mod util;
+
+/// The frames exchanged with the guest agent: the `hearth-protocol` crate, shared with it.
+pub use hearth_protocol as protocol;

@@ -18,7 +18,8 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use hearth::sandbox::process::{rootfs, spawn, Sandbox, SandboxError, SandboxSpec};
+use hearth::runtime::root as rootfs;
+use hearth::sandbox::process::{spawn, Sandbox, SandboxError, SandboxSpec};
 use serde_json::Value;
 
 const NODE: &str = "/usr/bin/node";

@@ -71,7 +71,7 @@ if command -v lz4 >/dev/null; then
     mv "$out.tmp" "$out"
   else
     rm -f "$out.tmp"
-    echo "fetch-kernel: could not extract vmlinux (hearth extracts it itself when needed)" >&2
+    echo "fetch-kernel: could not extract vmlinux (only a Firecracker backend would boot it; QEMU boots the bzImage)" >&2
   fi
 fi
 echo "fetch-kernel: $name -> $dest/$tree" >&2

@@ -29,9 +29,6 @@ mod frames;
 mod json;
 mod modules;
 mod output;
-#[allow(dead_code)]
-#[path = "../../src/protocol.rs"]
-mod protocol;
 mod reap;
 mod relay;
 mod runtime;
@@ -42,6 +39,9 @@ mod vm;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
+
+// The wire protocol shared with hearth, as `crate::protocol` in every module.
+use hearth_protocol as protocol;
 
 use channel::{Channel, ChannelSpec};
 use cli::Command;

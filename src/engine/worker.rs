@@ -98,12 +98,17 @@ impl Worker {
             keep_warm: shared.cfg.keep_warm,
             instances_max: INSTANCES_PER_CORE_MAX,
             memory: shared.functions.memory.clone(),
-            seed: crate::functions::random_u64(),
+            seed: crate::util::random::random_u64(),
         };
         let now = Instant::now();
         Worker {
             core,
-            fns: CorePool::new(sched, shared.functions.all(), now, wall_ms()),
+            fns: CorePool::new(
+                sched,
+                shared.functions.all(),
+                now,
+                crate::util::time::unix_time_ms(),
+            ),
             channels: Vec::new(),
             cpu: CpuMeter::default(),
             shared,
@@ -440,7 +445,7 @@ impl Worker {
         let cpu_busy_pct = self.cpu.sample(self.core);
         self.fns.on_tick(Tick {
             now,
-            wall_ms: wall_ms(),
+            wall_ms: crate::util::time::unix_time_ms(),
             cpu_busy_pct,
         });
         self.run_actions();
@@ -578,7 +583,22 @@ impl Worker {
                 Reply::error(404, "not_found", &format!("no route for {}", req.path()))
             }
             Route::Invoke { id, path } => {
-                let (id, path) = (id.to_string(), path.to_string());
+                // A name is looked up once here; the pool knows functions by id.
+                let id = match crate::functions::valid_id(id) {
+                    true => id.to_string(),
+                    false => self
+                        .shared
+                        .functions
+                        .id_of(id)
+                        .unwrap_or_else(|| id.to_string()),
+                };
+                if !self.fns.knows(&id) && self.shared.functions.get(&id).is_some() {
+                    // Published after this core last looked (a deploy, or a function
+                    // replacing another under its name): catch up before answering.
+                    let all = self.shared.functions.all();
+                    self.fns.on_functions_changed(all, self.now);
+                }
+                let path = path.to_string();
                 let to = self.reply_to(tok);
                 let peer = self.peer(tok);
                 if let Kind::Client(Conn {
@@ -595,8 +615,19 @@ impl Worker {
             }
             _ => {
                 let to = self.reply_to(tok);
-                let peer = self.peer(tok);
-                match self.shared.control.submit(self.core, to, peer, req, body) {
+                let (core, inboxes) = (self.core, self.shared.inboxes.clone());
+                let done = Box::new(move |(status, content_type, body)| {
+                    inboxes.send(
+                        core,
+                        Msg::Reply {
+                            to,
+                            status,
+                            content_type,
+                            body,
+                        },
+                    )
+                });
+                match self.shared.control.submit(req, body, done) {
                     Ok(()) => return,
                     Err(busy) => Reply::new(503, "application/json", busy),
                 }
@@ -621,13 +652,6 @@ impl Worker {
             Kind::Channel(_) => unreachable!("requests only come from clients"),
         }
     }
-}
-
-/// The wall clock in milliseconds since the Unix epoch.
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Puts a descriptor in non-blocking mode (the epoll driver needs it; io_uring ignores it).

@@ -11,6 +11,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::util::program::which;
+
 /// Block size of every image.
 pub const BLOCK_BYTES: u64 = 4096;
 /// Entries a tree may hold (node_modules trees are large, but not this large).
@@ -116,7 +118,7 @@ pub fn mkfs_path() -> Option<PathBuf> {
 
 /// Finds an e2fsprogs tool like [`mkfs_path`] does.
 pub fn tool_path(name: &str) -> Option<PathBuf> {
-    crate::sandbox::which(name).or_else(|| {
+    which(name).or_else(|| {
         ["/usr/sbin", "/sbin", "/usr/bin", "/bin"]
             .iter()
             .map(|d| Path::new(d).join(name))

@@ -3,7 +3,7 @@
 //! | artifact   | where                                     | inputs                              |
 //! |------------|-------------------------------------------|-------------------------------------|
 //! | initramfs  | `<state>/cache/guest/initramfs-<h>.cpio`  | agent binary, kernel modules        |
-//! | runtime    | `<state>/cache/guest/runtime-<h>.ext4`    | the process backend's runtime root (node, its libraries, shim, agent) |
+//! | runtime    | `<state>/cache/guest/runtime-<h>.ext4`    | the runtime root ([`crate::runtime`]: node, its libraries, shim, agent) |
 //! | code       | `<fn dir>/code-<h>.ext4`                  | the function's `code/` tree         |
 //!
 //! A file is rebuilt only when no file of its name exists; builds go to a
@@ -22,6 +22,7 @@ use sha2::{Digest, Sha256};
 use super::ext4::{self, Ext4Error};
 use super::initramfs::CpioWriter;
 use super::kernel::{self, Kernel, KernelError};
+use crate::runtime::{self, RuntimeError};
 
 /// Bumped whenever what goes into the artifacts changes.
 const LAYOUT_VERSION: &str = "hearth-guest-v2";
@@ -36,9 +37,11 @@ const CODE_ENTRIES_MAX: usize = 200_000;
 #[derive(Debug)]
 pub enum ImageError {
     Kernel(KernelError),
+    /// The runtime root the runtime drive is made from.
+    Runtime(RuntimeError),
     Ext4(Ext4Error),
-    /// A host tool or binary the guest needs is missing.
-    Missing(String),
+    /// A function's code tree has more entries than hashing takes (`CODE_ENTRIES_MAX`).
+    TooManyEntries(PathBuf),
     Io {
         path: PathBuf,
         err: io::Error,
@@ -49,8 +52,13 @@ impl fmt::Display for ImageError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             ImageError::Kernel(e) => write!(f, "{e}"),
+            ImageError::Runtime(e) => write!(f, "{e}"),
             ImageError::Ext4(e) => write!(f, "{e}"),
-            ImageError::Missing(m) => write!(f, "{m}"),
+            ImageError::TooManyEntries(root) => write!(
+                f,
+                "{} has more than {CODE_ENTRIES_MAX} entries",
+                root.display()
+            ),
             ImageError::Io { path, err } => write!(f, "{}: {err}", path.display()),
         }
     }
@@ -61,6 +69,12 @@ impl std::error::Error for ImageError {}
 impl From<KernelError> for ImageError {
     fn from(e: KernelError) -> Self {
         ImageError::Kernel(e)
+    }
+}
+
+impl From<RuntimeError> for ImageError {
+    fn from(e: RuntimeError) -> Self {
+        ImageError::Runtime(e)
     }
 }
 
@@ -91,22 +105,19 @@ pub fn cache_dir(state_dir: &Path) -> PathBuf {
 }
 
 /// Finds (or fetches) the kernel and builds what is missing of the initramfs
-/// and runtime image, with the same Node.js, agent and shim the process
-/// backend uses.
+/// and runtime image; the runtime image holds the same runtime root
+/// ([`crate::runtime`]) the process backend mounts.
 pub fn prepare_guest(state_dir: &Path) -> Result<Guest, ImageError> {
     let kernel = kernel::ensure(state_dir)?;
-    let agent = find_static_agent()?;
-    let node = crate::sandbox::process_backend::find_node().map_err(ImageError::Missing)?;
     let cache = state_dir.join("cache");
-    let shim = write_shim(&cache)?;
-    let root = crate::sandbox::process::rootfs::ensure_runtime(&cache, &node, &agent, &shim)
-        .map_err(io_at(&cache))?;
+    let root = runtime::ensure(&cache)?;
+    let agent = runtime::find_static_agent()?;
     let guest_cache = cache_dir(state_dir);
     let runtime_image = runtime_image(&guest_cache, &root)?;
     let initramfs = initramfs(&guest_cache, &agent, &kernel)?;
     // Only the server calls this, once, holding the state-dir lock: nothing
     // else uses older artifacts (snapshots made with them are rebuilt).
-    let pruned = crate::sandbox::process::rootfs::prune_runtimes(&cache, &root)
+    let pruned = runtime::root::prune_runtimes(&cache, &root)
         + prune(&guest_cache, &[&runtime_image, &initramfs]);
     if pruned > 0 {
         eprintln!(
@@ -121,95 +132,8 @@ pub fn prepare_guest(state_dir: &Path) -> Result<Guest, ImageError> {
     })
 }
 
-/// The guest agent for the initramfs, which has no shared libraries: a
-/// statically linked build (`tools/build-agent.sh`). `$HEARTH_AGENT` if set,
-/// else the first static one of the places the process backend looks (a
-/// plain `cargo build` also leaves a dynamic `hearth-agent` next to hearth).
-pub fn find_static_agent() -> Result<PathBuf, ImageError> {
-    // An explicit choice is taken as given (the process backend can run a
-    // dynamic agent whose libraries are in its root; microVMs cannot).
-    if let Ok(p) = std::env::var("HEARTH_AGENT") {
-        return Ok(PathBuf::from(p));
-    }
-    let exe = std::env::current_exe().map_err(|e| ImageError::Missing(e.to_string()))?;
-    let dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
-    // Where tools/build-agent.sh puts the static build, before a plain `cargo
-    // build`'s dynamic one that may sit next to the hearth binary.
-    let mut candidates = Vec::new();
-    for up in [dir.join(".."), dir.join("../..")] {
-        for profile in ["release", "debug"] {
-            candidates.push(
-                up.join("x86_64-unknown-linux-gnu")
-                    .join(profile)
-                    .join("hearth-agent"),
-            );
-        }
-    }
-    candidates.push(dir.join("hearth-agent"));
-    let mut dynamic = Vec::new();
-    for c in candidates.into_iter().filter(|p| p.is_file()) {
-        match is_static_elf(&c) {
-            Ok(true) => return Ok(c),
-            Ok(false) => dynamic.push(c.display().to_string()),
-            Err(e) => dynamic.push(format!("{} ({e})", c.display())),
-        }
-    }
-    Err(ImageError::Missing(if dynamic.is_empty() {
-        "the guest agent binary was not found: run tools/build-agent.sh or set HEARTH_AGENT".into()
-    } else {
-        format!(
-            "no statically linked guest agent (dynamic: {}): run tools/build-agent.sh",
-            dynamic.join(", ")
-        )
-    }))
-}
-
-/// True when the ELF file at `path` has no program interpreter (PT_INTERP).
-pub fn is_static_elf(path: &Path) -> io::Result<bool> {
-    let mut f = fs::File::open(path)?;
-    let mut head = [0u8; 64];
-    f.read_exact(&mut head)?;
-    let bad = || {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            "not a 64-bit little-endian ELF file",
-        )
-    };
-    if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
-        return Err(bad());
-    }
-    let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().expect("8 bytes"));
-    let phentsize = usize::from(u16::from_le_bytes([head[0x36], head[0x37]]));
-    let phnum = usize::from(u16::from_le_bytes([head[0x38], head[0x39]]));
-    if phentsize < 4 || phnum > 256 {
-        return Err(bad());
-    }
-    let mut table = vec![0u8; phentsize * phnum];
-    use std::io::Seek;
-    f.seek(io::SeekFrom::Start(phoff))?;
-    f.read_exact(&mut table)?;
-    const PT_INTERP: u32 = 3;
-    Ok(table
-        .chunks(phentsize)
-        .all(|ph| u32::from_le_bytes(ph[..4].try_into().expect("4 bytes")) != PT_INTERP))
-}
-
-/// Writes the runtime shim to `<cache>/bootstrap.js` (as the process backend does).
-pub fn write_shim(cache: &Path) -> Result<PathBuf, ImageError> {
-    let shim = cache.join("bootstrap.js");
-    let want = crate::sandbox::process_backend::SHIM;
-    if fs::read(&shim).ok().as_deref() != Some(want) {
-        fs::create_dir_all(cache).map_err(io_at(cache))?;
-        let tmp = cache.join(format!(".bootstrap.js.tmp-{}", std::process::id()));
-        fs::write(&tmp, want)
-            .and_then(|_| fs::rename(&tmp, &shim))
-            .map_err(io_at(&shim))?;
-    }
-    Ok(shim)
-}
-
 /// The read-only runtime drive made from `runtime_root` (a directory from
-/// [`crate::sandbox::process::rootfs::ensure_runtime`], whose name already
+/// [`runtime::ensure`], whose name already
 /// is a digest of its contents).
 pub fn runtime_image(cache: &Path, runtime_root: &Path) -> Result<PathBuf, ImageError> {
     let mut h = Sha256::new();
@@ -343,10 +267,7 @@ pub fn tree_digest(root: &Path) -> Result<String, ImageError> {
         for e in entries {
             count += 1;
             if count > CODE_ENTRIES_MAX {
-                return Err(ImageError::Missing(format!(
-                    "{} has more than {CODE_ENTRIES_MAX} entries",
-                    root.display()
-                )));
+                return Err(ImageError::TooManyEntries(root.to_path_buf()));
             }
             let path = e.path();
             let m = fs::symlink_metadata(&path).map_err(io_at(&path))?;
@@ -423,13 +344,6 @@ mod tests {
         fs::set_permissions(base.join("index.js"), fs::Permissions::from_mode(0o600)).unwrap();
         assert_ne!(d2, tree_digest(&base).unwrap());
         let _ = fs::remove_dir_all(&base);
-    }
-
-    #[test]
-    fn static_and_dynamic_executables_are_told_apart() {
-        // /bin/sh is dynamic on every distribution hearth supports.
-        assert!(!is_static_elf(Path::new("/bin/sh")).unwrap());
-        assert!(is_static_elf(Path::new("/etc/hostname")).is_err());
     }
 
     #[test]

@@ -41,8 +41,6 @@ pub const MODULE_ORDER: &[&str] = &[
     "vmw_vsock_virtio_transport_common",
     "vmw_vsock_virtio_transport",
 ];
-/// Largest `vmlinux` accepted when decompressing a bzImage payload.
-pub const VMLINUX_BYTES_MAX: usize = 512 << 20;
 
 /// A kernel the microVMs can boot.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -66,8 +64,6 @@ pub enum KernelError {
     Fetch { step: String, detail: String },
     /// A file could not be read or written.
     Io { path: PathBuf, err: io::Error },
-    /// The image is not a kernel this code can handle.
-    BadImage { path: PathBuf, why: String },
 }
 
 impl fmt::Display for KernelError {
@@ -79,9 +75,6 @@ impl fmt::Display for KernelError {
                 "fetching the guest kernel: {step} failed: {detail} (run tools/fetch-kernel.sh, or set HEARTH_KERNEL)"
             ),
             KernelError::Io { path, err } => write!(f, "{}: {err}", path.display()),
-            KernelError::BadImage { path, why } => {
-                write!(f, "kernel image {}: {why}", path.display())
-            }
         }
     }
 }
@@ -304,103 +297,15 @@ fn run(cmd: &mut Command) -> Result<String, String> {
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// Offsets in the x86 boot protocol header of a bzImage.
-mod boot_header {
-    pub const SETUP_SECTS: usize = 0x1f1;
-    pub const MAGIC: usize = 0x202;
-    pub const PAYLOAD_OFFSET: usize = 0x248;
-    pub const PAYLOAD_LENGTH: usize = 0x24c;
-}
-
-/// Decompresses the ELF `vmlinux` out of a bzImage with an LZ4 payload
-/// (what Firecracker boots).
-pub fn vmlinux_from_bzimage(bz: &[u8], path: &Path) -> Result<Vec<u8>, KernelError> {
-    use boot_header::*;
-    let bad = |why: String| KernelError::BadImage {
-        path: path.to_path_buf(),
-        why,
-    };
-    let u32_at = |at: usize| {
-        bz.get(at..at + 4)
-            .map(|b| u32::from_le_bytes(b.try_into().expect("4 bytes")) as usize)
-    };
-    if bz.get(MAGIC..MAGIC + 4) != Some(b"HdrS") {
-        return Err(bad(
-            "no x86 boot header (\"HdrS\" at 0x202): not a bzImage".into()
-        ));
-    }
-    let setup_sects = match bz[SETUP_SECTS] {
-        0 => 4,
-        n => usize::from(n),
-    };
-    let (Some(offset), Some(length)) = (u32_at(PAYLOAD_OFFSET), u32_at(PAYLOAD_LENGTH)) else {
-        return Err(bad(
-            "boot header too short for a payload (boot protocol < 2.08)".into(),
-        ));
-    };
-    let start = (setup_sects + 1) * 512 + offset;
-    let payload = bz
-        .get(start..start + length)
-        .filter(|p| p.len() >= 8)
-        .ok_or_else(|| {
-            bad(format!(
-                "payload {start}+{length} lies outside the {}-byte file",
-                bz.len()
-            ))
-        })?;
-    if payload[..4] != super::lz4::LEGACY_MAGIC.to_le_bytes() {
-        return Err(bad(format!(
-            "payload is not LZ4 (starts with {:02x?}); extract vmlinux with the kernel's scripts/extract-vmlinux",
-            &payload[..4]
-        )));
-    }
-    // The build appends the decompressed size (u32 LE) after the stream.
-    let (stream, trailer) = payload.split_at(payload.len() - 4);
-    let expected = u32::from_le_bytes(trailer.try_into().expect("4 bytes")) as usize;
-    let elf =
-        super::lz4::decode_legacy(stream, VMLINUX_BYTES_MAX).map_err(|e| bad(e.to_string()))?;
-    if elf.len() != expected || !elf.starts_with(b"\x7fELF") {
-        return Err(bad(format!(
-            "decompressed payload is {} bytes (header says {expected}) and {}an ELF file",
-            elf.len(),
-            if elf.starts_with(b"\x7fELF") {
-                ""
-            } else {
-                "not "
-            }
-        )));
-    }
-    Ok(elf)
-}
-
 impl Kernel {
-    /// The uncompressed ELF kernel, extracted once into `cache_dir` under a
-    /// name derived from the bzImage's contents.
-    pub fn vmlinux(&self, cache_dir: &Path) -> Result<PathBuf, KernelError> {
-        let bz = fs::read(&self.image).map_err(io_at(&self.image))?;
-        let mut h = Sha256::new();
-        h.update(&bz);
-        let out = cache_dir.join(format!("vmlinux-{}", super::short_hex(h)));
-        if out.is_file() {
-            return Ok(out);
-        }
-        let elf = vmlinux_from_bzimage(&bz, &self.image)?;
-        fs::create_dir_all(cache_dir).map_err(io_at(cache_dir))?;
-        let tmp = cache_dir.join(format!(".vmlinux.tmp-{}", std::process::id()));
-        fs::write(&tmp, &elf)
-            .and_then(|_| fs::rename(&tmp, &out))
-            .map_err(io_at(&out))?;
-        Ok(out)
-    }
-
     /// A digest of everything the guest boots from this kernel (image and
     /// modules), part of the names of images and snapshots built with it.
     pub fn digest(&self) -> io::Result<String> {
         let mut h = Sha256::new();
-        super::hash_file(&mut h, &self.image)?;
+        crate::runtime::root::hash_file(&mut h, &self.image)?;
         for m in &self.modules {
             h.update(m.file_name().unwrap_or_default().as_encoded_bytes());
-            super::hash_file(&mut h, m)?;
+            crate::runtime::root::hash_file(&mut h, m)?;
         }
         Ok(super::short_hex(h))
     }
@@ -468,31 +373,5 @@ mod tests {
         assert!(k.image.ends_with(format!("boot/vmlinuz-{rel}")));
         assert_eq!(k.modules.len(), 1);
         let _ = fs::remove_dir_all(&d);
-    }
-
-    #[test]
-    fn vmlinux_is_cut_out_of_an_lz4_bzimage() {
-        // A fake bzImage: setup_sects = 1, payload at (1+1)*512 + 16.
-        let mut elf = b"\x7fELF".to_vec();
-        elf.extend_from_slice(b"kernel!!");
-        let mut payload = crate::guest::lz4::LEGACY_MAGIC.to_le_bytes().to_vec();
-        let block: Vec<u8> = std::iter::once(0xC0u8).chain(elf.iter().copied()).collect();
-        payload.extend_from_slice(&(block.len() as u32).to_le_bytes());
-        payload.extend_from_slice(&block);
-        payload.extend_from_slice(&(elf.len() as u32).to_le_bytes());
-        let mut bz = vec![0u8; 1024 + 16];
-        bz[boot_header::SETUP_SECTS] = 1;
-        bz[boot_header::MAGIC..boot_header::MAGIC + 4].copy_from_slice(b"HdrS");
-        bz[boot_header::PAYLOAD_OFFSET..boot_header::PAYLOAD_OFFSET + 4]
-            .copy_from_slice(&16u32.to_le_bytes());
-        bz[boot_header::PAYLOAD_LENGTH..boot_header::PAYLOAD_LENGTH + 4]
-            .copy_from_slice(&(payload.len() as u32).to_le_bytes());
-        bz.extend_from_slice(&payload);
-        assert_eq!(vmlinux_from_bzimage(&bz, Path::new("bz")).unwrap(), elf);
-        // A wrong size trailer is caught.
-        let n = bz.len();
-        bz[n - 4] ^= 1;
-        assert!(vmlinux_from_bzimage(&bz, Path::new("bz")).is_err());
-        assert!(vmlinux_from_bzimage(b"not a kernel", Path::new("x")).is_err());
     }
 }

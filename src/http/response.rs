@@ -1,6 +1,6 @@
 //! Writing HTTP/1.1 responses ([`Reply`]) into a connection's output buffer.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use crate::util::time::since_unix_epoch;
 
 pub use super::reply::json_error;
 use super::reply::{Header, Reply};
@@ -62,10 +62,7 @@ impl Default for DateCache {
 impl DateCache {
     /// Updates the cached text if the second changed.
     pub fn refresh(&mut self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = since_unix_epoch().as_secs();
         if now != self.secs {
             self.secs = now;
             self.text = http_date(now);

@@ -6,18 +6,17 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use crate::functions::FunctionSpec;
 use crate::protocol::{self, FrameDecoder, FrameType};
 use crate::sandbox::{InitLogs, StartError};
+use crate::spec::FunctionSpec;
+use crate::util::random::random_u64;
+use crate::util::time::unix_time_ms;
 
 /// The HELLO metadata for `spec` (also sent again after every snapshot restore).
 pub fn hello_meta(spec: &FunctionSpec) -> Vec<u8> {
-    let time_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let time_ms = unix_time_ms();
     let env: serde_json::Map<String, serde_json::Value> = spec
         .env
         .iter()
@@ -32,10 +31,10 @@ pub fn hello_meta(spec: &FunctionSpec) -> Vec<u8> {
         "timeout_ms": spec.timeout_ms,
         "env": env,
         // Fresh randomness for the guest kernel of every restored clone.
-        "seed0": crate::functions::random_u64(),
-        "seed1": crate::functions::random_u64(),
-        "seed2": crate::functions::random_u64(),
-        "seed3": crate::functions::random_u64(),
+        "seed0": random_u64(),
+        "seed1": random_u64(),
+        "seed2": random_u64(),
+        "seed3": random_u64(),
     }))
     .expect("json of plain values")
 }
@@ -51,11 +50,11 @@ pub fn hello(
     protocol::encode(&mut frame, FrameType::Hello, 0, 0, &hello_meta(spec), &[]);
     let file = fd
         .try_clone_to_owned()
-        .map_err(|e| StartError::Sandbox(format!("dup channel: {e}")))?;
+        .map_err(|e| StartError::io("dup channel", e))?;
     let mut stream = std::fs::File::from(file);
     stream
         .write_all(&frame)
-        .map_err(|e| StartError::Sandbox(format!("send hello: {e}")))?;
+        .map_err(|e| StartError::io("send hello", e))?;
     let deadline = Instant::now() + timeout;
     let mut dec = FrameDecoder::new();
     let mut logs = OutputTail::new(
@@ -64,10 +63,7 @@ pub fn hello(
         INIT_LINE_BYTES_MAX,
     );
     loop {
-        while let Some(f) = dec
-            .next_frame()
-            .map_err(|e| StartError::Sandbox(format!("agent protocol: {e}")))?
-        {
+        while let Some(f) = dec.next_frame().map_err(StartError::Protocol)? {
             match f.kind {
                 FrameType::Ready => {
                     let meta: serde_json::Value =
@@ -90,19 +86,12 @@ pub fn hello(
                     });
                 }
                 FrameType::Log => logs.push(&f.body),
-                other => {
-                    return Err(StartError::Sandbox(format!(
-                        "agent sent {other:?} before ready"
-                    )))
-                }
+                other => return Err(StartError::Unexpected(other)),
             }
         }
         let left = deadline.saturating_duration_since(Instant::now());
         if left.is_zero() {
-            return Err(StartError::Sandbox(format!(
-                "runtime not ready after {} ms",
-                timeout.as_millis()
-            )));
+            return Err(StartError::NotReady { waited: timeout });
         }
         let mut pfd = libc::pollfd {
             fd: fd.as_raw_fd(),
@@ -118,15 +107,9 @@ pub fn hello(
         match stream.read(buf) {
             Ok(0) => {
                 dec.filled(64 * 1024, 0);
-                let logs = logs.into_lines();
-                let tail = if logs.is_empty() {
-                    String::new()
-                } else {
-                    format!(": {}", logs.join(" | "))
-                };
-                return Err(StartError::Sandbox(format!(
-                    "instance exited during start-up{tail}"
-                )));
+                return Err(StartError::Exited {
+                    output: logs.into_lines(),
+                });
             }
             Ok(n) => dec.filled(64 * 1024, n),
             Err(e)
@@ -135,7 +118,7 @@ pub fn hello(
             {
                 dec.filled(64 * 1024, 0)
             }
-            Err(e) => return Err(StartError::Sandbox(format!("read channel: {e}"))),
+            Err(e) => return Err(StartError::io("read channel", e)),
         }
     }
 }

@@ -3,22 +3,27 @@
 //! Every backend hands back an [`Instance`] whose channel speaks the frames of
 //! [`crate::protocol`] to the same guest agent; only how the instance is made
 //! differs:
-//! - [`process`]: namespaces + seccomp + cgroups around a host process (no KVM needed).
-//! - [`process_backend`]: the [`Backend`] built on it, with pre-initialised standbys.
-//! - [`qemu`]: microVMs restored from a migration snapshot, controlled over [`qmp`].
+//! - [`process`]: a host process jailed by namespaces + seccomp + cgroups (no
+//!   KVM needed); [`process::backend`] is its [`Backend`], with pre-initialised standbys.
+//! - [`qemu`]: microVMs restored from a migration snapshot, controlled over QMP.
+//!
+//! Both start the same runtime root ([`crate::runtime`]) and greet the agent
+//! with the same [`handshake`]; this module holds the seam between them and
+//! the scheduler: [`Backend`], [`Instance`], [`StartError`].
 
 pub mod handshake;
 pub mod process;
-pub mod process_backend;
 pub mod qemu;
-pub mod qmp;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
+use std::time::Duration;
 
-use crate::functions::FunctionSpec;
+use crate::spec::FunctionSpec;
 
-/// Why an instance could not be made ready.
+/// Why an instance could not be made ready. Every variant but [`StartError::Init`]
+/// is a host-side failure (deploy answers 503); the message of each is what
+/// users and logs see, so it names what failed and keeps the cause's words.
 #[derive(Debug)]
 pub enum StartError {
     /// The function's code failed to load (the runtime's message, and the
@@ -28,8 +33,52 @@ pub enum StartError {
         message: String,
         logs: InitLogs,
     },
-    /// The sandbox or runtime failed (host problem, timeout). Invocations answer 503.
-    Sandbox(String),
+    /// The server is shutting down and makes no new instance.
+    ShuttingDown,
+    /// The function was deleted before its instance started.
+    Deleted,
+    /// A host operation on the way failed; `what` names it.
+    Io { what: String, err: std::io::Error },
+    /// The process jail could not be made.
+    Jail(process::SandboxError),
+    /// Every host uid of the process backend is held by a live instance.
+    Uids(process::uids::UidsExhausted),
+    /// The function's code image could not be built.
+    Image(crate::guest::images::ImageError),
+    /// QEMU failed: it did not start, exited, or a QMP command or the
+    /// migration failed.
+    Vm(qemu::VmError),
+    /// The runtime sent no READY within `waited`.
+    NotReady { waited: Duration },
+    /// The instance closed its channel before READY; the last lines it printed.
+    Exited { output: InitLogs },
+    /// The agent's frames could not be decoded.
+    Protocol(crate::protocol::ProtocolError),
+    /// The agent sent a frame other than READY, INIT_ERROR or LOG before READY.
+    Unexpected(crate::protocol::FrameType),
+    /// A start failed, and the runtime's last output lines (read from its log
+    /// socket afterwards) say more.
+    WithOutput {
+        cause: Box<StartError>,
+        output: InitLogs,
+    },
+    /// A phase of a VM's life failed (`template VM`, `snapshot`, `restore`);
+    /// `log_tail` is the end of QEMU's and the guest console's output.
+    InVm {
+        phase: &'static str,
+        cause: Box<StartError>,
+        log_tail: String,
+    },
+}
+
+impl StartError {
+    /// A host operation `what` failed with `err`.
+    pub fn io(what: impl Into<String>, err: std::io::Error) -> StartError {
+        StartError::Io {
+            what: what.into(),
+            err,
+        }
+    }
 }
 
 impl std::fmt::Display for StartError {
@@ -40,7 +89,90 @@ impl std::fmt::Display for StartError {
                 message,
                 ..
             } => write!(f, "{error_type}: {message}"),
-            StartError::Sandbox(m) => write!(f, "{m}"),
+            StartError::ShuttingDown => write!(f, "the server is shutting down"),
+            StartError::Deleted => write!(f, "function deleted"),
+            StartError::Io { what, err } => write!(f, "{what}: {err}"),
+            StartError::Jail(e) => write!(f, "{e}"),
+            StartError::Uids(e) => write!(f, "{e}"),
+            StartError::Image(e) => write!(f, "{e}"),
+            StartError::Vm(e) => write!(f, "{e}"),
+            StartError::NotReady { waited } => {
+                write!(f, "runtime not ready after {} ms", waited.as_millis())
+            }
+            StartError::Exited { output } if output.is_empty() => {
+                write!(f, "instance exited during start-up")
+            }
+            StartError::Exited { output } => {
+                write!(f, "instance exited during start-up: {}", output.join(" | "))
+            }
+            StartError::Protocol(e) => write!(f, "agent protocol: {e}"),
+            StartError::Unexpected(kind) => write!(f, "agent sent {kind:?} before ready"),
+            StartError::WithOutput { cause, output } => {
+                write!(f, "{cause}: {}", output.join(" | "))
+            }
+            StartError::InVm {
+                phase,
+                cause,
+                log_tail,
+            } => write!(f, "{phase}: {cause}{log_tail}"),
+        }
+    }
+}
+
+impl From<qemu::VmError> for StartError {
+    fn from(e: qemu::VmError) -> Self {
+        StartError::Vm(e)
+    }
+}
+
+impl std::error::Error for StartError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            StartError::Io { err, .. } => Some(err),
+            StartError::Jail(e) => Some(e),
+            StartError::Uids(e) => Some(e),
+            StartError::Image(e) => Some(e),
+            StartError::Protocol(e) => Some(e),
+            StartError::Vm(e) => Some(e),
+            StartError::WithOutput { cause, .. } | StartError::InVm { cause, .. } => Some(&**cause),
+            _ => None,
+        }
+    }
+}
+
+/// Why a backend could not be set up at server start ([`select`] reports it,
+/// and `auto` falls back to the process backend on it).
+#[derive(Debug)]
+pub enum SetupError {
+    /// A program the backend needs is missing or does not run (QEMU); the
+    /// text says what to install or set.
+    Host(String),
+    /// The runtime root could not be made.
+    Runtime(crate::runtime::RuntimeError),
+    /// The guest kernel or images could not be had.
+    Guest(crate::guest::images::ImageError),
+    /// A host operation failed; `what` names it.
+    Io { what: String, err: std::io::Error },
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetupError::Host(m) => write!(f, "{m}"),
+            SetupError::Runtime(e) => write!(f, "{e}"),
+            SetupError::Guest(e) => write!(f, "{e}"),
+            SetupError::Io { what, err } => write!(f, "{what}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SetupError::Host(_) => None,
+            SetupError::Runtime(e) => Some(e),
+            SetupError::Guest(e) => Some(e),
+            SetupError::Io { err, .. } => Some(err),
         }
     }
 }
@@ -107,25 +239,6 @@ impl std::ops::Add for SchedTime {
     }
 }
 
-/// A program named by the environment variable `env` if set, else the first
-/// `name` on PATH.
-pub fn find_program(env: &str, name: &str) -> Option<PathBuf> {
-    match std::env::var_os(env) {
-        Some(p) => Some(PathBuf::from(p)),
-        None => which(name),
-    }
-}
-
-/// The first `name` on PATH (`/usr/bin:/bin` when PATH is unset).
-pub fn which(name: &str) -> Option<PathBuf> {
-    std::env::var("PATH")
-        .unwrap_or_else(|_| "/usr/bin:/bin".into())
-        .split(':')
-        .filter(|d| !d.is_empty())
-        .map(|d| std::path::Path::new(d).join(name))
-        .find(|p| p.is_file())
-}
-
 /// Lines a runtime printed while starting, kept for the function's logs.
 pub type InitLogs = Vec<String>;
 
@@ -166,7 +279,7 @@ pub fn select(cfg: &crate::config::ServeConfig) -> std::io::Result<Box<dyn Backe
     use crate::config::BackendKind;
     let fail = |m: String| std::io::Error::other(m);
     let process = || -> std::io::Result<Box<dyn Backend>> {
-        let b = process_backend::ProcessBackend::new(cfg, cfg.standby)
+        let b = process::backend::ProcessBackend::new(cfg, cfg.standby)
             .map_err(|m| fail(format!("process backend: {m}")))?;
         Ok(Box::new(b))
     };
@@ -198,5 +311,71 @@ pub fn select(cfg: &crate::config::ServeConfig) -> std::io::Result<Box<dyn Backe
             "backend {:?} is not available in this build; see `hearth doctor`",
             cfg.backend
         ))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The texts users see in 503 answers and function logs stay what they were
+    /// when the causes were strings.
+    #[test]
+    fn start_errors_read_as_before() {
+        let exited = |lines: &[&str]| StartError::Exited {
+            output: lines.iter().map(|l| l.to_string()).collect(),
+        };
+        let cases = [
+            (StartError::ShuttingDown, "the server is shutting down"),
+            (StartError::Deleted, "function deleted"),
+            (
+                StartError::NotReady {
+                    waited: Duration::from_secs(10),
+                },
+                "runtime not ready after 10000 ms",
+            ),
+            (exited(&[]), "instance exited during start-up"),
+            (
+                exited(&["a", "b"]),
+                "instance exited during start-up: a | b",
+            ),
+            (
+                StartError::io("send hello", std::io::Error::other("broken pipe")),
+                "send hello: broken pipe",
+            ),
+            (
+                StartError::Unexpected(crate::protocol::FrameType::Response),
+                "agent sent Response before ready",
+            ),
+            (
+                StartError::WithOutput {
+                    cause: Box::new(exited(&[])),
+                    output: vec!["Error: boom".into(), "at x".into()],
+                },
+                "instance exited during start-up: Error: boom | at x",
+            ),
+            (
+                StartError::InVm {
+                    phase: "restore",
+                    cause: Box::new(StartError::Vm(qemu::VmError::Migration(
+                        "VM is shutdown".into(),
+                    ))),
+                    log_tail: "\n--- console:\npanic".into(),
+                },
+                "restore: VM is shutdown\n--- console:\npanic",
+            ),
+        ];
+        for (e, text) in cases {
+            assert_eq!(e.to_string(), text, "{e:?}");
+        }
+        let init = StartError::Init {
+            error_type: "Runtime.ImportModuleError".into(),
+            message: "no index.js".into(),
+            logs: Vec::new(),
+        };
+        assert_eq!(init.to_string(), "Runtime.ImportModuleError: no index.js");
+        use std::error::Error;
+        let io = StartError::io("dup channel", std::io::Error::other("EMFILE"));
+        assert_eq!(io.source().unwrap().to_string(), "EMFILE");
     }
 }

@@ -332,6 +332,12 @@ impl CorePool {
         p
     }
 
+    /// Whether this core has function `id` in its view (its owner refreshes
+    /// the view when a function was published after the last refresh).
+    pub fn knows(&self, id: &str) -> bool {
+        self.fns.contains_key(id)
+    }
+
     /// The next thing to do, in the order decided.
     pub fn poll_action(&mut self) -> Option<Action> {
         self.actions.pop_front()

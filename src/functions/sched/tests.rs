@@ -104,6 +104,8 @@ fn function(id: &str, concurrency: u32, timeout_ms: u64) -> Arc<Function> {
         created_ms: 0,
         code_bytes: 0,
         backend: "process".into(),
+        name: None,
+        service: Default::default(),
     };
     let memory = Budget::new("instance memory", "MiB", 1 << 20);
     Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
@@ -218,7 +220,8 @@ impl Sim {
     /// Fails the next start asked for.
     fn fail_start(&mut self) {
         let f = self.starts.remove(0);
-        let result = Err(StartError::Sandbox("no room".into()));
+        let waited = Duration::from_secs(10);
+        let result = Err(StartError::NotReady { waited });
         self.pool.on_started(
             Started {
                 function: f,

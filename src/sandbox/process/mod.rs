@@ -1,8 +1,10 @@
-//! The process sandbox: a command run as PID 1 of fresh namespaces on the host kernel.
+//! The process backend: [`backend`] is the [`Backend`](super::Backend) (standbys, uid leases,
+//! shutdown); this module and the rest of its children are the jail it runs each instance in,
+//! a command run as PID 1 of fresh namespaces on the host kernel.
 //!
 //! An instance is the guest agent (or any command) in new user, PID, mount, network, IPC, UTS
 //! and cgroup namespaces, with:
-//! - a read-only root built by [`rootfs::ensure_runtime`], the function code read-only at
+//! - a read-only root built by [`crate::runtime::root::ensure_runtime`], the function code read-only at
 //!   `/var/task`, a private size-limited tmpfs at `/tmp`, its own `/proc`, a handful of devices;
 //! - only loopback networking;
 //! - uid/gid 0 inside mapped to one unprivileged host id, every capability dropped,
@@ -21,9 +23,9 @@
 //!
 //! This is weaker isolation than a microVM: the sandbox shares the host kernel.
 
+pub mod backend;
 pub mod cgroup;
 pub mod launch;
-pub mod rootfs;
 pub mod seccomp;
 pub mod uids;
 
@@ -53,7 +55,7 @@ pub const TMP_BYTES_MIN: u64 = 4096;
 #[derive(Serialize, Deserialize, Clone, Debug)]
 #[serde(deny_unknown_fields)]
 pub struct SandboxSpec {
-    /// Read-only root file system (from [`rootfs::ensure_runtime`]).
+    /// Read-only root file system (from [`crate::runtime::root::ensure_runtime`]).
     pub runtime_root: PathBuf,
     /// Bind-mounted read-only at /var/task. Files must be readable by "others" (the sandbox's
     /// uid is `host_uid`, not their owner).

@@ -1,4 +1,5 @@
-//! The runtime root: the directory tree every process sandbox sees (read-only) as `/`.
+//! The runtime root: the directory tree every process sandbox sees (read-only) as `/`,
+//! and the VM backends pack into their runtime drive.
 //!
 //! It holds Node.js and exactly the shared libraries it and the agent link against (at the
 //! same absolute paths as on the host, so the dynamic loader finds them without a cache), the
@@ -8,13 +9,15 @@
 //! half-built tree is never used.
 
 use std::fs;
-use std::io;
+use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
+
+use crate::util::hex;
 
 /// Bumped whenever the layout below changes, so old trees are not reused.
 const LAYOUT_VERSION: &str = "hearth-runtime-root-v1";
@@ -209,7 +212,7 @@ fn runtime_key(
         h.update(m.mtime_nsec().to_le_bytes());
         h.update(m.ino().to_le_bytes());
     }
-    Ok(hex(&h.finalize()[..16]))
+    Ok(hex::encode(&h.finalize()[..16]))
 }
 
 /// SHA-256 of a file's contents, remembered under `cache_dir/.digests` by the file's identity
@@ -226,7 +229,7 @@ fn content_digest(cache_dir: &Path, path: &Path) -> io::Result<[u8; 32]> {
         id.update(v.to_le_bytes());
     }
     let memo_dir = cache_dir.join(".digests");
-    let memo = memo_dir.join(hex(&id.finalize()));
+    let memo = memo_dir.join(hex::encode(&id.finalize()));
     if let Ok(bytes) = fs::read(&memo) {
         if let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) {
             return Ok(digest);
@@ -249,13 +252,22 @@ fn content_digest(cache_dir: &Path, path: &Path) -> io::Result<[u8; 32]> {
     Ok(digest)
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-/// Hashes a file's contents (shared with the guest image builders).
-fn hash_file(h: &mut Sha256, path: &Path) -> io::Result<()> {
-    crate::guest::hash_file(h, path)
+/// Feeds a file's length and whole contents into `h` (shared with the guest image builders).
+pub(crate) fn hash_file(h: &mut Sha256, path: &Path) -> io::Result<()> {
+    let mut f = fs::File::open(path)
+        .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", path.display())))?;
+    let mut buf = vec![0u8; 1 << 20];
+    let mut len = 0u64;
+    loop {
+        let n = f.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        len += n as u64;
+        h.update(&buf[..n]);
+    }
+    h.update(len.to_le_bytes());
+    Ok(())
 }
 
 fn mkdir(path: &Path) -> io::Result<()> {

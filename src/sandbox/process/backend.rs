@@ -1,5 +1,6 @@
 //! The process backend: each instance is the guest agent as PID 1 of a
-//! [`process`](super::process) sandbox, running Node with the shim.
+//! [`process`](super) sandbox, running Node with the shim from the runtime
+//! root ([`crate::runtime`]).
 //!
 //! There is no memory snapshot on this backend, so its stand-in for one is a
 //! **standby**: a fully initialised instance (handler loaded) kept per
@@ -21,13 +22,16 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
-use super::process::uids::{UidLease, UidPool};
+use super::uids::{UidLease, UidPool};
 
-use super::handshake;
-use super::process::{self, Sandbox, SandboxSpec};
-use super::{Backend, InitLogs, Instance, SchedTime, StartError};
+use super::{Sandbox, SandboxSpec};
 use crate::config::ServeConfig;
-use crate::functions::FunctionSpec;
+use crate::runtime;
+use crate::sandbox::handshake;
+use crate::sandbox::process;
+use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, SetupError, StartError};
+use crate::spec::FunctionSpec;
+use crate::util::cpu;
 
 /// Time a runtime gets to load the handler (Lambda's init phase limit).
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -49,9 +53,6 @@ pub const SWEEP_WAIT: Duration = Duration::from_secs(5);
 /// Longest wait of a start for the standby a refill is making (a spawn and an init).
 const STANDBY_WAIT: Duration =
     Duration::from_millis(process::SPAWN_TIMEOUT_MS + INIT_TIMEOUT.as_millis() as u64);
-
-/// The shim, built into the binary so a deployed server needs no source tree.
-pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
 
 /// An instance of the process backend.
 pub struct ProcInstance {
@@ -154,46 +155,18 @@ impl Drop for Busy {
     }
 }
 
-fn shutting_down() -> StartError {
-    StartError::Sandbox("the server is shutting down".into())
-}
-
 /// See the module documentation.
 pub struct ProcessBackend {
     inner: Arc<Inner>,
 }
 
-/// Finds the static guest agent (`$HEARTH_AGENT`, the static build in a cargo
-/// target directory, or next to the hearth binary).
-pub fn find_agent() -> Result<PathBuf, String> {
-    crate::guest::images::find_static_agent().map_err(|e| e.to_string())
-}
-
-/// Finds Node.js: `$HEARTH_NODE` or `node` on PATH.
-pub fn find_node() -> Result<PathBuf, String> {
-    super::find_program("HEARTH_NODE", "node").ok_or_else(|| {
-        "Node.js was not found on PATH: install nodejs (>= 18) or set HEARTH_NODE".to_string()
-    })
-}
-
 impl ProcessBackend {
     /// Builds (or reuses) the runtime root under `<state>/cache`.
-    pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, String> {
+    pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, SetupError> {
         let cache = cfg.state_dir.join("cache");
-        std::fs::create_dir_all(&cache).map_err(|e| format!("create {}: {e}", cache.display()))?;
-        let shim = cache.join("bootstrap.js");
-        if std::fs::read(&shim).ok().as_deref() != Some(SHIM) {
-            let tmp = cache.join(".bootstrap.js.tmp");
-            std::fs::write(&tmp, SHIM)
-                .and_then(|_| std::fs::rename(&tmp, &shim))
-                .map_err(|e| format!("write {}: {e}", shim.display()))?;
-        }
-        let agent = find_agent()?;
-        let node = find_node()?;
-        let runtime_root = process::rootfs::ensure_runtime(&cache, &node, &agent, &shim)
-            .map_err(|e| format!("build the runtime root: {e}"))?;
+        let runtime_root = runtime::ensure(&cache).map_err(SetupError::Runtime)?;
         // At start-up, under the state-dir lock: roots of older builds are unused.
-        let pruned = process::rootfs::prune_runtimes(&cache, &runtime_root);
+        let pruned = runtime::root::prune_runtimes(&cache, &runtime_root);
         if pruned > 0 {
             eprintln!(
                 "hearth: removed {pruned} unused runtime root(s) from {}",
@@ -234,7 +207,10 @@ impl ProcessBackend {
                 }
                 drop(busy);
             })
-            .map_err(|e| format!("spawn the cgroup sweeper: {e}"))?;
+            .map_err(|err| SetupError::Io {
+                what: "spawn the cgroup sweeper".into(),
+                err,
+            })?;
         Ok(ProcessBackend { inner })
     }
 }
@@ -244,7 +220,7 @@ impl Inner {
     fn busy(self: &Arc<Self>) -> Result<Busy, StartError> {
         let mut w = self.work.lock().unwrap();
         if w.closing {
-            return Err(shutting_down());
+            return Err(StartError::ShuttingDown);
         }
         w.busy += 1;
         Ok(Busy(self.clone()))
@@ -271,10 +247,7 @@ impl Inner {
         core: Option<usize>,
     ) -> Result<(ProcInstance, InitLogs), StartError> {
         let n = self.next_seq.fetch_add(1, Ordering::Relaxed);
-        let uid = self
-            .uids
-            .lease()
-            .map_err(|e| StartError::Sandbox(e.to_string()))?;
+        let uid = self.uids.lease().map_err(StartError::Uids)?;
         let sspec = SandboxSpec {
             runtime_root: self.runtime_root.clone(),
             code_dir: dir.join("code"),
@@ -292,12 +265,11 @@ impl Inner {
                 .to_vec(),
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
         };
-        let mut sandbox = process::spawn(&self.hearth_exe, &sspec)
-            .map_err(|e| StartError::Sandbox(e.to_string()))?;
+        let mut sandbox = process::spawn(&self.hearth_exe, &sspec).map_err(StartError::Jail)?;
         let log_socket = sandbox.logs.take();
         let Some(ticket) = self.track(sandbox.pid) else {
             sandbox.destroy();
-            return Err(shutting_down());
+            return Err(StartError::ShuttingDown);
         };
         let result = handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT);
         // Before anything reaps PID 1: shutdown must not signal a reused pid.
@@ -307,7 +279,7 @@ impl Inner {
                 let channel = sandbox
                     .channel
                     .try_clone()
-                    .map_err(|e| StartError::Sandbox(format!("dup channel: {e}")))?;
+                    .map_err(|e| StartError::io("dup channel", e))?;
                 Ok((
                     ProcInstance {
                         sandbox,
@@ -319,21 +291,24 @@ impl Inner {
                     logs,
                 ))
             }
-            Err(StartError::Sandbox(why)) => {
+            Err(e @ StartError::Init { .. }) => {
+                retire_uid(sandbox.destroy(), uid);
+                Err(e)
+            }
+            Err(e) => {
                 // What the runtime printed before dying is on the log socket.
-                let tail = log_socket
+                let output = log_socket
                     .map(|fd| handshake::drain_logs(fd.as_fd(), Duration::from_millis(200)))
                     .unwrap_or_default();
                 retire_uid(sandbox.destroy(), uid);
-                Err(StartError::Sandbox(if tail.is_empty() {
-                    why
+                Err(if output.is_empty() {
+                    e
                 } else {
-                    format!("{why}: {}", tail.join(" | "))
-                }))
-            }
-            Err(e) => {
-                retire_uid(sandbox.destroy(), uid);
-                Err(e)
+                    StartError::WithOutput {
+                        cause: Box::new(e),
+                        output,
+                    }
+                })
             }
         }
     }
@@ -507,12 +482,7 @@ fn pin_tree(pid: i32, core: usize) {
             let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            // SAFETY: cpu_set_t is plain data; sched_setaffinity on a thread id.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(core, &mut set);
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
+            let _ = cpu::pin_thread(tid, core);
             if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
                 todo.extend(
                     children

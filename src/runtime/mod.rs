@@ -1,0 +1,199 @@
+//! The runtime every instance runs, whatever the backend: Node.js, the static
+//! guest agent and the shim, gathered into one runtime root.
+//!
+//! - [`SHIM`] and [`write_shim`]: the shim (`include/runtime/bootstrap.js`),
+//!   built into the binary and written to `<state>/cache/bootstrap.js`.
+//! - [`find_node`], [`find_static_agent`]: the host programs that go into the root.
+//! - [`root`]: builds the root tree under a content-derived name, and prunes
+//!   the roots of older builds.
+//!
+//! The process backend mounts the root read-only as each sandbox's `/`; the VM
+//! backends pack the same tree into their read-only runtime drive
+//! ([`crate::guest::images`]). Both get it from [`ensure`].
+
+pub mod root;
+
+use std::fmt;
+use std::fs;
+use std::io::{self, Read, Seek};
+use std::path::{Path, PathBuf};
+
+use crate::util::program::find_program;
+
+/// The shim, built into the binary so a deployed server needs no source tree.
+pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
+
+/// Why the runtime root could not be made.
+#[derive(Debug)]
+pub enum RuntimeError {
+    /// A program the runtime needs (Node.js, the static agent) was not found;
+    /// the text says what to install or set.
+    Missing(String),
+    /// The cache directory could not be created.
+    Cache { path: PathBuf, err: io::Error },
+    /// The shim could not be written to the cache.
+    Shim { path: PathBuf, err: io::Error },
+    /// Building the root tree failed.
+    Build(io::Error),
+}
+
+impl fmt::Display for RuntimeError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            RuntimeError::Missing(m) => write!(f, "{m}"),
+            RuntimeError::Cache { path, err } => write!(f, "create {}: {err}", path.display()),
+            RuntimeError::Shim { path, err } => write!(f, "write {}: {err}", path.display()),
+            RuntimeError::Build(e) => write!(f, "build the runtime root: {e}"),
+        }
+    }
+}
+
+impl std::error::Error for RuntimeError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            RuntimeError::Missing(_) => None,
+            RuntimeError::Cache { err, .. } | RuntimeError::Shim { err, .. } => Some(err),
+            RuntimeError::Build(e) => Some(e),
+        }
+    }
+}
+
+/// The runtime root for the programs this host has, under `cache`
+/// (`<state>/cache`): writes the shim, finds Node.js and the static agent, and
+/// builds the root unless a root of the same inputs exists. Older roots stay;
+/// [`root::prune_runtimes`] removes them.
+pub fn ensure(cache: &Path) -> Result<PathBuf, RuntimeError> {
+    let shim = write_shim(cache)?;
+    let agent = find_static_agent()?;
+    let node = find_node()?;
+    root::ensure_runtime(cache, &node, &agent, &shim).map_err(RuntimeError::Build)
+}
+
+/// Writes the shim to `<cache>/bootstrap.js` unless it is there already;
+/// returns its path. The one place the shim reaches the disk.
+pub fn write_shim(cache: &Path) -> Result<PathBuf, RuntimeError> {
+    fs::create_dir_all(cache).map_err(|err| RuntimeError::Cache {
+        path: cache.to_path_buf(),
+        err,
+    })?;
+    let shim = cache.join("bootstrap.js");
+    if fs::read(&shim).ok().as_deref() != Some(SHIM) {
+        let tmp = cache.join(format!(".bootstrap.js.tmp-{}", std::process::id()));
+        fs::write(&tmp, SHIM)
+            .and_then(|_| fs::rename(&tmp, &shim))
+            .map_err(|err| RuntimeError::Shim {
+                path: shim.clone(),
+                err,
+            })?;
+    }
+    Ok(shim)
+}
+
+/// Finds Node.js: `$HEARTH_NODE` or `node` on PATH.
+pub fn find_node() -> Result<PathBuf, RuntimeError> {
+    find_program("HEARTH_NODE", "node").ok_or_else(|| {
+        RuntimeError::Missing(
+            "Node.js was not found on PATH: install nodejs (>= 18) or set HEARTH_NODE".into(),
+        )
+    })
+}
+
+/// The guest agent, which must run without shared libraries in a VM's
+/// initramfs: a statically linked build (`tools/build-agent.sh`).
+/// `$HEARTH_AGENT` if set, else the first static one of: the static build in
+/// the cargo target directory above the hearth binary, the agent next to it
+/// (a plain `cargo build` also leaves a dynamic `hearth-agent` there).
+pub fn find_static_agent() -> Result<PathBuf, RuntimeError> {
+    // An explicit choice is taken as given (the process backend can run a
+    // dynamic agent whose libraries are in its root; microVMs cannot).
+    if let Ok(p) = std::env::var("HEARTH_AGENT") {
+        return Ok(PathBuf::from(p));
+    }
+    let exe = std::env::current_exe().map_err(|e| RuntimeError::Missing(e.to_string()))?;
+    let dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
+    // Where tools/build-agent.sh puts the static build, before a plain `cargo
+    // build`'s dynamic one that may sit next to the hearth binary.
+    let mut candidates = Vec::new();
+    for up in [dir.join(".."), dir.join("../..")] {
+        for profile in ["release", "debug"] {
+            candidates.push(
+                up.join("x86_64-unknown-linux-gnu")
+                    .join(profile)
+                    .join("hearth-agent"),
+            );
+        }
+    }
+    candidates.push(dir.join("hearth-agent"));
+    let mut dynamic = Vec::new();
+    for c in candidates.into_iter().filter(|p| p.is_file()) {
+        match is_static_elf(&c) {
+            Ok(true) => return Ok(c),
+            Ok(false) => dynamic.push(c.display().to_string()),
+            Err(e) => dynamic.push(format!("{} ({e})", c.display())),
+        }
+    }
+    Err(RuntimeError::Missing(if dynamic.is_empty() {
+        "the guest agent binary was not found: run tools/build-agent.sh or set HEARTH_AGENT".into()
+    } else {
+        format!(
+            "no statically linked guest agent (dynamic: {}): run tools/build-agent.sh",
+            dynamic.join(", ")
+        )
+    }))
+}
+
+/// True when the ELF file at `path` has no program interpreter (PT_INTERP).
+pub fn is_static_elf(path: &Path) -> io::Result<bool> {
+    let mut f = fs::File::open(path)?;
+    let mut head = [0u8; 64];
+    f.read_exact(&mut head)?;
+    let bad = || {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            "not a 64-bit little-endian ELF file",
+        )
+    };
+    if &head[..4] != b"\x7fELF" || head[4] != 2 || head[5] != 1 {
+        return Err(bad());
+    }
+    let phoff = u64::from_le_bytes(head[0x20..0x28].try_into().expect("8 bytes"));
+    let phentsize = usize::from(u16::from_le_bytes([head[0x36], head[0x37]]));
+    let phnum = usize::from(u16::from_le_bytes([head[0x38], head[0x39]]));
+    if phentsize < 4 || phnum > 256 {
+        return Err(bad());
+    }
+    let mut table = vec![0u8; phentsize * phnum];
+    f.seek(io::SeekFrom::Start(phoff))?;
+    f.read_exact(&mut table)?;
+    const PT_INTERP: u32 = 3;
+    Ok(table
+        .chunks(phentsize)
+        .all(|ph| u32::from_le_bytes(ph[..4].try_into().expect("4 bytes")) != PT_INTERP))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn static_and_dynamic_executables_are_told_apart() {
+        // /bin/sh is dynamic on every distribution hearth supports.
+        assert!(!is_static_elf(Path::new("/bin/sh")).unwrap());
+        assert!(is_static_elf(Path::new("/etc/hostname")).is_err());
+    }
+
+    #[test]
+    fn the_shim_is_written_once_and_rewritten_when_it_differs() {
+        let cache = std::env::temp_dir().join(format!("hearth-shim-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&cache);
+        let shim = write_shim(&cache).unwrap();
+        assert_eq!(shim, cache.join("bootstrap.js"));
+        assert_eq!(fs::read(&shim).unwrap(), SHIM);
+        fs::write(&shim, "stale").unwrap();
+        write_shim(&cache).unwrap();
+        assert_eq!(fs::read(&shim).unwrap(), SHIM);
+        let left: Vec<_> = fs::read_dir(&cache).unwrap().flatten().collect();
+        assert_eq!(left.len(), 1, "no temporary file stays behind");
+        fs::remove_dir_all(&cache).unwrap();
+    }
+}

@@ -1,0 +1,245 @@
+//! The QEMU command line, as data: the machine, the guest RAM mapping, the
+//! kernel and its command line, the two read-only drives, the agent's
+//! virtio-serial port, QMP and the console (sans-IO: tests check it as a
+//! list of strings).
+
+use std::ffi::OsString;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::spec::FunctionSpec;
+
+/// Smallest guest: Node.js and the kernel need this much.
+pub const MEMORY_MB_MIN: u32 = 256;
+/// Size of the guest's tmpfs `/tmp`, MiB.
+pub const TMP_MB: u32 = 64;
+/// How long the agent waits for drives and the channel port, ms.
+pub const GUEST_DEVICE_WAIT_MS: u32 = 20_000;
+/// Name of the virtio-serial port the agent looks for.
+pub const AGENT_PORT: &str = "hearth.agent";
+/// The QEMU id of the guest RAM backend.
+const RAM_ID: &str = "pc.ram";
+
+/// How the VMs run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Accel {
+    /// Hardware virtualisation.
+    Kvm,
+    /// Software emulation.
+    Tcg,
+}
+
+impl Accel {
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Accel::Kvm => "kvm",
+            Accel::Tcg => "tcg",
+        }
+    }
+}
+
+/// Guest memory for a function.
+pub fn guest_memory_mb(spec: &FunctionSpec) -> u32 {
+    spec.memory_mb.max(MEMORY_MB_MIN)
+}
+
+/// The guest kernel command line.
+pub fn kernel_cmdline() -> String {
+    format!(
+        "console=ttyS0 panic=-1 quiet hearth.runtime=/dev/vda hearth.code=/dev/vdb \
+         hearth.channel=virtio-port:{AGENT_PORT} hearth.tmp_mb={TMP_MB} hearth.wait_ms={GUEST_DEVICE_WAIT_MS}"
+    )
+}
+
+/// Everything one QEMU command line depends on.
+pub struct VmPlan<'a> {
+    pub accel: Accel,
+    pub memory_mb: u32,
+    pub kernel: &'a Path,
+    pub initramfs: &'a Path,
+    pub append: &'a str,
+    pub runtime_image: &'a Path,
+    pub code_image: &'a Path,
+    /// The VM's private directory (sockets, logs).
+    pub dir: &'a Path,
+    /// The file holding guest RAM.
+    pub ram: &'a Path,
+    /// Boot a template (RAM mapped shared, written to the file) or restore
+    /// (RAM mapped private; device state from a migration stream over QMP).
+    pub restore: bool,
+}
+
+/// The QEMU arguments for `plan` (sans-IO: tests check them as data).
+pub fn qemu_args(p: &VmPlan<'_>) -> Vec<OsString> {
+    let path = |x: &Path| x.display().to_string();
+    // QEMU's option parser reads ",," as a literal comma.
+    let opt_path = |x: &Path| path(x).replace(',', ",,");
+    let (accel, cpu) = match p.accel {
+        Accel::Kvm => ("kvm", "host"),
+        Accel::Tcg => ("tcg", "max"),
+    };
+    let mut a: Vec<String> = [
+        "-accel",
+        accel,
+        "-M",
+        "",
+        "-cpu",
+        cpu,
+        "-smp",
+        "1",
+        "-display",
+        "none",
+        "-no-reboot",
+        "-nodefaults",
+        "-no-user-config",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    a[3] = format!("pc,memory-backend={RAM_ID}");
+    a.push("-m".into());
+    a.push(p.memory_mb.to_string());
+    a.push("-object".into());
+    a.push(format!(
+        "memory-backend-file,id={RAM_ID},size={}M,mem-path={},share={}",
+        p.memory_mb,
+        opt_path(p.ram),
+        if p.restore { "off" } else { "on" }
+    ));
+    a.extend(["-kernel".into(), path(p.kernel)]);
+    a.extend(["-initrd".into(), path(p.initramfs)]);
+    a.extend(["-append".into(), p.append.to_string()]);
+    // Drive order gives the guest names: runtime /dev/vda, code /dev/vdb.
+    for img in [p.runtime_image, p.code_image] {
+        a.push("-drive".into());
+        a.push(format!(
+            "file={},if=virtio,format=raw,readonly=on",
+            opt_path(img)
+        ));
+    }
+    let sock = |n: &str| opt_path(&p.dir.join(n));
+    a.extend(["-device".into(), "virtio-serial-pci".into()]);
+    a.push("-chardev".into());
+    a.push(format!(
+        "socket,id=agent,path={},server=on,wait=off",
+        sock("agent.sock")
+    ));
+    a.push("-device".into());
+    a.push(format!("virtserialport,chardev=agent,name={AGENT_PORT}"));
+    a.push("-qmp".into());
+    a.push(format!("unix:{},server=on,wait=off", sock("qmp.sock")));
+    a.push("-serial".into());
+    a.push(format!("file:{}", sock("console.log")));
+    if p.restore {
+        // The migration capability must be set before the stream is read,
+        // so the stream is started over QMP.
+        a.extend(["-incoming".into(), "defer".into()]);
+    }
+    a.into_iter().map(OsString::from).collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args_text(restore: bool) -> Vec<String> {
+        let plan = VmPlan {
+            accel: Accel::Tcg,
+            memory_mb: 256,
+            kernel: Path::new("/k/vmlinuz"),
+            initramfs: Path::new("/k/init.cpio"),
+            append: "console=ttyS0",
+            runtime_image: Path::new("/c/runtime.ext4"),
+            code_image: Path::new("/f/a,b/code.ext4"),
+            dir: Path::new("/run/vm 1"),
+            ram: Path::new("/f/vm.ram"),
+            restore,
+        };
+        qemu_args(&plan)
+            .into_iter()
+            .map(|s| s.to_string_lossy().into_owned())
+            .collect()
+    }
+
+    #[test]
+    fn command_line_has_drives_in_order_the_channel_and_qmp() {
+        let a = args_text(false);
+        let joined = a.join(" ");
+        assert!(
+            joined.starts_with("-accel tcg -M pc,memory-backend=pc.ram -cpu max -smp 1"),
+            "{joined}"
+        );
+        let drives: Vec<&String> = a
+            .iter()
+            .zip(a.iter().skip(1))
+            .filter(|(k, _)| *k == "-drive")
+            .map(|(_, v)| v)
+            .collect();
+        assert_eq!(
+            drives,
+            [
+                "file=/c/runtime.ext4,if=virtio,format=raw,readonly=on",
+                // A comma in a path is doubled for QEMU's option parser.
+                "file=/f/a,,b/code.ext4,if=virtio,format=raw,readonly=on"
+            ]
+        );
+        assert!(joined.contains("socket,id=agent,path=/run/vm 1/agent.sock,server=on,wait=off"));
+        assert!(joined.contains("virtserialport,chardev=agent,name=hearth.agent"));
+        assert!(joined.contains("-qmp unix:/run/vm 1/qmp.sock,server=on,wait=off"));
+        assert!(joined.contains(
+            "-object memory-backend-file,id=pc.ram,size=256M,mem-path=/f/vm.ram,share=on"
+        ));
+        assert!(!a.contains(&"-incoming".to_string()));
+    }
+
+    #[test]
+    fn a_restore_maps_ram_privately_and_waits_for_the_stream() {
+        let boot = args_text(false);
+        let restore = args_text(true);
+        assert_eq!(
+            restore[restore.len() - 2..],
+            ["-incoming".to_string(), "defer".to_string()]
+        );
+        // Otherwise only the RAM mapping differs: MAP_PRIVATE, copy-on-write.
+        let differing: Vec<(&String, &String)> =
+            boot.iter().zip(&restore).filter(|(a, b)| a != b).collect();
+        assert_eq!(differing.len(), 1, "{differing:?}");
+        assert!(differing[0].1.ends_with("share=off"), "{differing:?}");
+        assert_eq!(restore.len(), boot.len() + 2);
+    }
+
+    #[test]
+    fn guests_get_at_least_the_minimum_memory() {
+        let mut spec = FunctionSpec {
+            id: "0123456789abcdef".into(),
+            handler: "index.handler".into(),
+            memory_mb: 128,
+            timeout_ms: 3000,
+            concurrency: 1,
+            env: Vec::new(),
+            created_ms: 0,
+            code_bytes: 0,
+            backend: "qemu".into(),
+            name: None,
+            service: Default::default(),
+        };
+        assert_eq!(guest_memory_mb(&spec), MEMORY_MB_MIN);
+        spec.memory_mb = 1024;
+        assert_eq!(guest_memory_mb(&spec), 1024);
+    }
+
+    #[test]
+    fn kernel_command_line_names_the_agents_keys() {
+        let c = kernel_cmdline();
+        for key in [
+            "hearth.runtime=/dev/vda",
+            "hearth.code=/dev/vdb",
+            "hearth.channel=virtio-port:hearth.agent",
+            "panic=-1",
+        ] {
+            assert!(c.contains(key), "{c}");
+        }
+    }
+}

@@ -6,6 +6,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// How often the event loops run their timers (client deadlines, request
+/// timeouts, keep-warm reaping, the scheduler's CPU samples and fit estimates).
+pub const TICK: Duration = Duration::from_millis(100);
+
 /// How a worker drives its sockets.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum IoMode {

@@ -3,9 +3,10 @@
 //! Walking the data path of one invocation top-down:
 //! - [`engine`]: thread-per-core event loops (io_uring, or epoll through mio) that accept,
 //!   read and write connections; [`engine::conn`] drives one HTTP connection.
-//! - [`http`]: request parsing and framing ([`http::parse`]) and response writing.
+//! - [`http`]: request parsing and framing ([`http::parse`]), the one owned answer type
+//!   ([`http::reply`]) and response writing.
 //! - [`routes`]: maps a request to the health/metrics endpoints, the control plane or a function.
-//! - [`functions`]: the function registry and each core's instance pools and scheduler.
+//! - [`functions`]: the function registry and each core's scheduler ([`functions::sched`], sans-IO).
 //! - [`sandbox`]: backends that create instances (process, qemu).
 //! - [`runtime`]: the runtime root (Node.js, the guest agent, the shim) every backend runs.
 //! - [`protocol`]: the frames exchanged with the guest agent inside each instance.

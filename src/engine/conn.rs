@@ -11,16 +11,10 @@ use std::time::Instant;
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::worker::{Token, Worker};
 use crate::http::parse::{self, BodyDecoder, BodyFraming, Error as ParseError, Request};
-use crate::http::response::{self, Response};
+use crate::http::reply::Reply;
+pub use crate::http::reply::ReplyTo;
+use crate::http::response::{self, Persistence};
 use crate::metrics::add;
-
-/// Where an asynchronous answer must be delivered: the stream and the serial of the
-/// connection that asked (a reused slab slot gets a new serial).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ReplyTo {
-    pub token: Token,
-    pub serial: u64,
-}
 
 /// Read state of a connection.
 pub enum ConnState {
@@ -38,10 +32,13 @@ pub enum ConnState {
     /// A request was handed off; its answer has not been written yet.
     /// `announce_keep_alive`: an HTTP/1.0 client asked for keep-alive and only
     /// keeps the connection if the answer says `Connection: keep-alive`.
+    /// `invoke`: the request went to this core's scheduler (which is told if
+    /// the client leaves before the answer).
     Waiting {
         head_only: bool,
         keep_alive: bool,
         announce_keep_alive: bool,
+        invoke: bool,
     },
 }
 
@@ -52,15 +49,6 @@ pub struct Conn {
     pub state: ConnState,
     /// When the current wait ends: keep-alive idle, head or body read deadline.
     pub deadline: Instant,
-}
-
-/// A finished answer to write.
-pub struct Answer<'a> {
-    pub status: u16,
-    pub headers: &'a [(&'a str, &'a str)],
-    pub body: &'a [u8],
-    /// Close the connection after this answer.
-    pub close: bool,
 }
 
 impl Worker {
@@ -237,47 +225,31 @@ impl Worker {
     /// Refuses a guarded request on its head. Its body (if any) is never read,
     /// so the connection closes after the answer.
     fn deny(&mut self, tok: Token, req: &Request, d: crate::control::auth::Denial) {
-        let body = match guarded_scope(req) {
+        let mut r = match guarded_scope(req) {
             Some(Scope::Service) => {
-                crate::control::lambda::lambda_error(d.status, d.code, &d.message).2
+                let (status, content_type, body) =
+                    crate::control::lambda::lambda_error(d.status, d.code, &d.message);
+                Reply::new(status, content_type, body)
             }
-            _ => response::json_error(d.code, &d.message),
+            _ => Reply::error(d.status, d.code, &d.message),
         };
-        let mut headers = vec![("content-type", "application/json")];
         if d.status == 401 {
-            headers.push(("www-authenticate", "Bearer"));
+            r = r.with_header("www-authenticate", "Bearer");
         }
-        self.answer(
-            tok,
-            Answer {
-                status: d.status,
-                headers: &headers,
-                body: &body,
-                close: req.body != BodyFraming::None,
-            },
-            req.method == "HEAD",
-        );
+        r.close = req.body != BodyFraming::None;
+        self.answer(tok, &r, req.method == "HEAD");
     }
 
     /// Answers a request that could not be parsed and closes the connection.
     fn reject(&mut self, tok: Token, e: ParseError) {
         add(&self.metrics.parse_errors, 1);
-        let body = response::json_error(error_code(&e), e.message());
-        self.answer(
-            tok,
-            Answer {
-                status: e.status(),
-                headers: &[("content-type", "application/json")],
-                body: &body,
-                close: true,
-            },
-            false,
-        );
+        let r = Reply::error(e.status(), error_code(&e), e.message()).closing();
+        self.answer(tok, &r, false);
     }
 
     /// Writes the answer to the request a connection is waiting on (or to a
     /// rejected one), then continues with pipelined input.
-    pub fn answer(&mut self, tok: Token, a: Answer<'_>, head_only: bool) {
+    pub fn answer(&mut self, tok: Token, r: &Reply, head_only: bool) {
         let date = &self.date;
         let Some(stream) = self.streams.get_mut(tok) else {
             return;
@@ -290,30 +262,17 @@ impl Worker {
                 keep_alive,
                 announce_keep_alive,
                 ..
-            } => (keep_alive && !a.close, announce_keep_alive),
+            } => (keep_alive && !r.close, announce_keep_alive),
             _ => (false, false),
         };
         let keep_alive = keep_alive && !self.draining;
-        let mut with_keep_alive = Vec::new();
-        let headers = if keep_alive && announce {
-            with_keep_alive.extend_from_slice(a.headers);
-            with_keep_alive.push(("connection", "keep-alive"));
-            &with_keep_alive[..]
-        } else {
-            a.headers
+        let persistence = match (keep_alive, announce) {
+            (false, _) => Persistence::Close,
+            (true, true) => Persistence::AnnounceKeepAlive,
+            (true, false) => Persistence::KeepAlive,
         };
         let before = stream.wbuf.len();
-        response::write(
-            &mut stream.wbuf,
-            date,
-            &Response {
-                status: a.status,
-                headers,
-                body: a.body,
-            },
-            keep_alive,
-            head_only,
-        );
+        response::write(&mut stream.wbuf, date, r, persistence, head_only);
         let written = stream.wbuf.len() - before;
         if stream.out_counted == 0 {
             stream.out_progress = Some(self.now);
@@ -321,7 +280,7 @@ impl Worker {
         stream.out_counted += written;
         self.out_queued += written;
         add(&self.metrics.bytes_out, written as u64);
-        self.metrics.count_status(a.status);
+        self.metrics.count_status(r.status);
         conn.state = ConnState::Idle;
         conn.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
         if !keep_alive {
@@ -331,7 +290,7 @@ impl Worker {
     }
 
     /// Delivers an asynchronous answer if the connection that asked is still there.
-    pub fn answer_async(&mut self, to: ReplyTo, a: Answer<'_>) {
+    pub fn answer_async(&mut self, to: ReplyTo, r: &Reply) {
         let head_only = match self.streams.get(to.token) {
             Some(Stream {
                 kind: Kind::Client(c),
@@ -343,7 +302,7 @@ impl Worker {
             },
             _ => return,
         };
-        self.answer(to.token, a, head_only);
+        self.answer(to.token, r, head_only);
         self.process_client(to.token);
     }
 
@@ -364,19 +323,14 @@ impl Worker {
             .collect();
         for (tok, partial) in expired {
             if partial {
-                let body =
-                    response::json_error("request_timeout", "the request was not received in time");
+                let r = Reply::error(
+                    408,
+                    "request_timeout",
+                    "the request was not received in time",
+                )
+                .closing();
                 add(&self.metrics.parse_errors, 1);
-                self.answer(
-                    tok,
-                    Answer {
-                        status: 408,
-                        headers: &[("content-type", "application/json")],
-                        body: &body,
-                        close: true,
-                    },
-                    false,
-                );
+                self.answer(tok, &r, false);
             } else {
                 self.close_stream(tok);
             }
@@ -425,6 +379,7 @@ fn waiting_on(req: &Request) -> ConnState {
         head_only: req.method == "HEAD",
         keep_alive: req.keep_alive,
         announce_keep_alive: req.keep_alive && req.version == parse::Version::Http10,
+        invoke: false,
     }
 }
 

@@ -9,7 +9,7 @@ use std::time::Instant;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 
-use crate::engine::uring::TICK;
+use crate::config::TICK;
 use crate::engine::worker::{Token, Worker};
 use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
 

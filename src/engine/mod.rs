@@ -9,6 +9,7 @@
 //! both drive the same [`worker::Worker`] logic.
 
 pub mod conn;
+pub mod cpu_meter;
 pub mod epoll;
 pub mod peers;
 pub mod port;
@@ -386,7 +387,11 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         shutdown: AtomicBool::new(false),
         cfg,
     });
-    crate::functions::Registry::start_threads(&shared);
+    crate::functions::Registry::start_threads(
+        &shared,
+        |s| &s.functions,
+        |s, core, started| s.inboxes.send(core, Msg::InstanceStarted(started)),
+    );
     let use_uring = match io_mode {
         IoMode::Epoll => false,
         IoMode::Uring => {
@@ -427,7 +432,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
                 if let Err(e) = r {
                     eprintln!("hearth: worker {core} failed: {e}");
                 }
-                worker.fns.shutdown(&mut worker.streams);
+                worker.shutdown_instances();
             })?;
         threads.push(t);
     }

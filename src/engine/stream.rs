@@ -6,7 +6,7 @@
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 
 use crate::engine::conn::Conn;
-use crate::functions::ChannelId;
+use crate::functions::sched::InstId;
 
 /// Empty buffers larger than this are freed rather than kept for reuse.
 const BUF_KEEP_BYTES: usize = 256 * 1024;
@@ -16,7 +16,7 @@ pub enum Kind {
     /// An HTTP client.
     Client(Conn),
     /// The channel to an instance's guest agent.
-    Channel(ChannelId),
+    Channel(InstId),
 }
 
 /// A socket plus its buffers.
@@ -151,10 +151,19 @@ impl Stream {
 mod tests {
     use super::*;
 
+    fn test_conn() -> Conn {
+        Conn {
+            serial: 1,
+            peer: std::net::IpAddr::from([127, 0, 0, 1]),
+            state: crate::engine::conn::ConnState::Idle,
+            deadline: std::time::Instant::now(),
+        }
+    }
+
     #[test]
     fn room_grown_for_a_large_frame_is_given_back_once_consumed() {
         let (a, _b) = std::os::unix::net::UnixStream::pair().unwrap();
-        let mut s = Stream::new(OwnedFd::from(a), Kind::Channel(0));
+        let mut s = Stream::new(OwnedFd::from(a), Kind::Client(test_conn()));
         s.push_input(&vec![7u8; 8 << 20]);
         s.consume(4 << 20);
         assert!(s.rbuf.capacity() >= 8 << 20, "kept while input remains");

@@ -4,10 +4,11 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
+use crate::config::TICK;
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
 use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
@@ -17,8 +18,6 @@ const RING_ENTRIES: u32 = 4096;
 const CLIENT_RECV_BYTES: usize = 16 * 1024;
 /// Bytes one recv may return on an instance channel (bodies up to 6 MiB pass through).
 const CHANNEL_RECV_BYTES: usize = 256 * 1024;
-/// How often timers are checked.
-pub const TICK: Duration = Duration::from_millis(100);
 
 const OP_ACCEPT: u64 = 1;
 const OP_RECV: u64 = 2;

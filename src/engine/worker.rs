@@ -11,13 +11,17 @@ use std::time::Instant;
 
 use slab::Slab;
 
-use crate::engine::conn::{Answer, Conn, ConnState, ReplyTo};
+use crate::engine::conn::{Conn, ConnState};
+use crate::engine::cpu_meter::CpuMeter;
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::Shared;
+use crate::functions::sched::{Action, InstId, SchedConfig, Tick, INSTANCES_PER_CORE_MAX};
 use crate::functions::CorePool;
 use crate::http::parse::{self, Request};
-use crate::http::response::{self, DateCache};
+use crate::http::reply::{Reply, ReplyTo};
+use crate::http::response::{self, DateCache, Persistence};
 use crate::metrics::{add, CoreMetrics};
+use crate::protocol;
 use crate::routes::{self, Route};
 
 /// How long a closing client may keep sending before it is cut off.
@@ -44,7 +48,7 @@ pub enum Msg {
     /// An instance finished starting (or failed to).
     InstanceStarted(crate::functions::Started),
     /// Another core hands over an idle instance (its function is starved here).
-    InstanceMigrated(crate::functions::pool::Migrated),
+    InstanceMigrated(crate::functions::sched::Migrated),
     /// Shut down gracefully.
     Shutdown,
 }
@@ -60,6 +64,9 @@ pub struct Worker {
     pub now: Instant,
     pub inbox: Receiver<Msg>,
     pub fns: CorePool,
+    /// The stream of each instance channel, by [`InstId::slot`].
+    channels: Vec<Option<(InstId, Token)>>,
+    cpu: CpuMeter,
     /// Set once shutdown started: no new accepts, no keep-alive.
     pub draining: bool,
     drain_deadline: Option<Instant>,
@@ -85,15 +92,31 @@ impl Worker {
         };
         let metrics = shared.core_metrics[core].clone();
         let out_budget = (h.out_bytes_total_max / shared.cfg.cores.max(1)).max(h.out_bytes_max);
+        let sched = SchedConfig {
+            core,
+            queue_depth_max: shared.cfg.queue_depth_max,
+            keep_warm: shared.cfg.keep_warm,
+            instances_max: INSTANCES_PER_CORE_MAX,
+            memory: shared.functions.memory.clone(),
+            seed: crate::util::random::random_u64(),
+        };
+        let now = Instant::now();
         Worker {
             core,
-            fns: CorePool::new(core, shared.clone()),
+            fns: CorePool::new(
+                sched,
+                shared.functions.all(),
+                now,
+                crate::util::time::unix_time_ms(),
+            ),
+            channels: Vec::new(),
+            cpu: CpuMeter::default(),
             shared,
             metrics,
             streams: Slab::with_capacity(1024),
             parse_limits,
             date: DateCache::default(),
-            now: Instant::now(),
+            now,
             inbox,
             draining: false,
             drain_deadline: None,
@@ -152,14 +175,6 @@ impl Worker {
         Some(tok)
     }
 
-    /// Registers an instance channel socket.
-    pub fn add_channel(&mut self, fd: OwnedFd, id: crate::functions::ChannelId) -> Token {
-        set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&fd));
-        let tok = self.streams.insert(Stream::new(fd, Kind::Channel(id)));
-        self.mark(tok);
-        tok
-    }
-
     /// Bytes arrived on `tok`.
     pub fn on_data(&mut self, tok: Token, bytes: &[u8]) {
         let Some(s) = self.streams.get_mut(tok) else {
@@ -181,11 +196,16 @@ impl Worker {
                 self.process_client(tok)
             }
             Kind::Channel(id) => {
-                self.fns
-                    .on_channel_data(tok, id, &mut self.streams, &mut self.dirty, self.now)
+                // Bytes from a channel the scheduler let go of are not its business.
+                if self.channel(id) != Some(tok) {
+                    return;
+                }
+                let s = &mut self.streams[tok];
+                let n = self.fns.on_channel_input(id, s.input(), self.now);
+                s.consume(n);
             }
         }
-        self.flush_replies();
+        self.run_actions();
     }
 
     /// The peer finished sending on `tok` (a read returned EOF). A client may
@@ -222,9 +242,10 @@ impl Worker {
             return;
         }
         if let Kind::Channel(id) = s.kind {
-            self.fns
-                .on_channel_closed(id, &mut self.streams, &mut self.dirty, self.now);
-            self.flush_replies();
+            if self.channel(id) == Some(tok) {
+                self.fns.on_channel_closed(id, self.now);
+                self.run_actions();
+            }
         }
         self.close_stream(tok);
     }
@@ -238,6 +259,12 @@ impl Worker {
             s.dead = true;
             s.closing = true;
             if let Kind::Client(c) = &s.kind {
+                if let ConnState::Waiting { invoke: true, .. } = c.state {
+                    self.fns.on_client_gone(ReplyTo {
+                        token: tok,
+                        serial: c.serial,
+                    });
+                }
                 self.shared.peers.close(c.peer);
                 self.clients -= 1;
                 self.metrics
@@ -289,19 +316,9 @@ impl Worker {
 
     /// Writes a 503 with `code` on a connection that is not kept, then drops it.
     fn refuse(&mut self, fd: OwnedFd, code: &str, message: &str) {
-        let body = response::json_error(code, message);
+        let r = Reply::error(503, code, message).with_header("retry-after", "1");
         let mut out = Vec::with_capacity(256);
-        response::write(
-            &mut out,
-            &self.date,
-            &response::Response {
-                status: 503,
-                headers: &[("content-type", "application/json"), ("retry-after", "1")],
-                body: &body,
-            },
-            false,
-            false,
-        );
+        response::write(&mut out, &self.date, &r, Persistence::Close, false);
         // SAFETY: best-effort non-blocking write of a short answer on a socket we own.
         unsafe {
             libc::write(
@@ -323,7 +340,10 @@ impl Worker {
         let s = self.streams.remove(tok);
         self.release_out(s.out_counted);
         let leftover = s.rbuf[s.rpos..].to_vec();
-        self.fns.finish_migration(tok, s.fd, leftover);
+        if let Kind::Channel(id) = s.kind {
+            self.fns.on_detached(id, s.fd, leftover);
+            self.run_actions();
+        }
     }
 
     /// Called by the driver when a dead stream has no I/O in flight: frees it.
@@ -422,9 +442,13 @@ impl Worker {
         for t in lingered {
             self.close_stream(t);
         }
-        self.fns
-            .on_tick(&mut self.streams, &mut self.dirty, self.now);
-        self.flush_replies();
+        let cpu_busy_pct = self.cpu.sample(self.core);
+        self.fns.on_tick(Tick {
+            now,
+            wall_ms: crate::util::time::unix_time_ms(),
+            cpu_busy_pct,
+        });
+        self.run_actions();
     }
 
     /// Handles queued messages; returns false when the worker should stop.
@@ -436,30 +460,15 @@ impl Worker {
                     status,
                     content_type,
                     body,
-                } => self.answer_async(
-                    to,
-                    Answer {
-                        status,
-                        headers: &[("content-type", content_type)],
-                        body: &body,
-                        close: false,
-                    },
-                ),
-                Msg::FunctionsChanged => {
-                    self.fns
-                        .refresh(&mut self.streams, &mut self.dirty, self.now)
-                }
-                Msg::InstanceStarted(started) => {
-                    self.fns
-                        .on_started(started, &mut self.streams, &mut self.dirty, self.now);
-                }
-                Msg::InstanceMigrated(m) => {
-                    self.fns
-                        .on_migrated(m, &mut self.streams, &mut self.dirty, self.now)
-                }
+                } => self.answer_async(to, &Reply::new(status, content_type, body)),
+                Msg::FunctionsChanged => self
+                    .fns
+                    .on_functions_changed(self.shared.functions.all(), self.now),
+                Msg::InstanceStarted(started) => self.fns.on_started(started, self.now),
+                Msg::InstanceMigrated(m) => self.fns.on_migrated(m, self.now),
                 Msg::Shutdown => self.start_drain(),
             }
-            self.flush_replies();
+            self.run_actions();
         }
     }
 
@@ -483,86 +492,95 @@ impl Worker {
         self.draining && self.clients == 0
     }
 
-    /// Answers function invocations whose outcome the pool decided.
-    fn flush_replies(&mut self) {
-        while let Some(r) = self.fns.replies.pop_front() {
-            let headers: Vec<(&str, &str)> = r
-                .headers
-                .iter()
-                .map(|(k, v)| (k.as_str(), v.as_str()))
-                .collect();
-            self.answer_async(
-                r.to,
-                Answer {
-                    status: r.status,
-                    headers: &headers,
-                    body: &r.body,
-                    close: false,
-                },
-            );
+    /// Carries out what the scheduler decided, in order.
+    fn run_actions(&mut self) {
+        while let Some(action) = self.fns.poll_action() {
+            match action {
+                Action::Send { inst, frame } => {
+                    let Some(tok) = self.channel(inst) else {
+                        continue;
+                    };
+                    let f = &frame;
+                    let wbuf = &mut self.streams[tok].wbuf;
+                    protocol::encode(wbuf, f.kind, 0, f.request_id, &f.meta, &f.body);
+                    self.mark(tok);
+                }
+                Action::Reply { to, reply } => self.answer_async(to, &reply),
+                Action::Attach {
+                    inst,
+                    channel,
+                    leftover,
+                } => {
+                    set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&channel));
+                    let mut stream = Stream::new(channel, Kind::Channel(inst));
+                    stream.push_input(&leftover);
+                    let tok = self.streams.insert(stream);
+                    if self.channels.len() <= inst.slot() {
+                        self.channels.resize(inst.slot() + 1, None);
+                    }
+                    self.channels[inst.slot()] = Some((inst, tok));
+                    self.mark(tok);
+                }
+                Action::Close(inst) => {
+                    if let Some(tok) = self.take_channel(inst) {
+                        self.close_stream(tok);
+                    }
+                }
+                Action::Detach(inst) => {
+                    if let Some(tok) = self.take_channel(inst) {
+                        self.streams[tok].detaching = true;
+                        self.mark(tok);
+                    }
+                }
+                Action::HandOver { core, instance } => {
+                    self.shared.send(core, Msg::InstanceMigrated(instance))
+                }
+                Action::Start(f) => self.shared.functions.request_start(self.core, f),
+                Action::Destroy(handle) => self.shared.functions.destroy(handle),
+            }
         }
+    }
+
+    /// The stream of instance `inst`'s channel.
+    fn channel(&self, inst: InstId) -> Option<Token> {
+        match self.channels.get(inst.slot()) {
+            Some(&Some((i, tok))) if i == inst => Some(tok),
+            _ => None,
+        }
+    }
+
+    /// Forgets instance `inst`'s channel; returns its stream.
+    fn take_channel(&mut self, inst: InstId) -> Option<Token> {
+        let tok = self.channel(inst)?;
+        self.channels[inst.slot()] = None;
+        Some(tok)
+    }
+
+    /// Kills every instance at server exit, after dropping their channels.
+    pub fn shutdown_instances(&mut self) {
+        for (_, tok) in self.channels.drain(..).flatten() {
+            let _ = self.streams.try_remove(tok);
+        }
+        self.fns.shutdown();
     }
 
     /// Routes a complete request.
     pub fn dispatch(&mut self, tok: Token, req: Request, body: Vec<u8>) {
         let head_only = req.method == "HEAD";
-        let json = [("content-type", "application/json")];
-        match routes::route(&req.method, req.path()) {
-            Route::Health => self.answer(
-                tok,
-                Answer {
-                    status: 200,
-                    headers: &[("content-type", "text/plain")],
-                    body: b"ok",
-                    close: false,
-                },
-                head_only,
-            ),
+        let local = match routes::route(&req.method, req.path()) {
+            Route::Health => Reply::new(200, "text/plain", b"ok".to_vec()),
             Route::Metrics => {
                 let mut text = String::with_capacity(4096);
                 crate::metrics::render_cores(&mut text, &self.shared.core_metrics);
                 self.shared.functions.render_metrics(&mut text);
-                let ct = [("content-type", "text/plain; version=0.0.4")];
-                self.answer(
-                    tok,
-                    Answer {
-                        status: 200,
-                        headers: &ct,
-                        body: text.as_bytes(),
-                        close: false,
-                    },
-                    head_only,
-                )
+                Reply::new(200, "text/plain; version=0.0.4", text.into_bytes())
             }
             Route::MethodNotAllowed(allow) => {
-                let body = response::json_error(
-                    "method_not_allowed",
-                    &format!("method {} is not allowed here", req.method),
-                );
-                self.answer(
-                    tok,
-                    Answer {
-                        status: 405,
-                        headers: &[("content-type", "application/json"), ("allow", allow)],
-                        body: &body,
-                        close: false,
-                    },
-                    head_only,
-                )
+                let message = format!("method {} is not allowed here", req.method);
+                Reply::error(405, "method_not_allowed", &message).with_header("allow", allow)
             }
             Route::NotFound => {
-                let body =
-                    response::json_error("not_found", &format!("no route for {}", req.path()));
-                self.answer(
-                    tok,
-                    Answer {
-                        status: 404,
-                        headers: &json,
-                        body: &body,
-                        close: false,
-                    },
-                    head_only,
-                )
+                Reply::error(404, "not_found", &format!("no route for {}", req.path()))
             }
             Route::Invoke { id, path } => {
                 // A name is looked up once here; the pool knows functions by id.
@@ -574,21 +592,26 @@ impl Worker {
                         .id_of(id)
                         .unwrap_or_else(|| id.to_string()),
                 };
+                if !self.fns.knows(&id) && self.shared.functions.get(&id).is_some() {
+                    // Published after this core last looked (a deploy, or a function
+                    // replacing another under its name): catch up before answering.
+                    let all = self.shared.functions.all();
+                    self.fns.on_functions_changed(all, self.now);
+                }
                 let path = path.to_string();
                 let to = self.reply_to(tok);
                 let peer = self.peer(tok);
-                self.fns.invoke(
-                    to,
-                    peer,
-                    &id,
-                    &path,
-                    req,
-                    body,
-                    &mut self.streams,
-                    &mut self.dirty,
-                    self.now,
-                );
-                self.flush_replies();
+                if let Kind::Client(Conn {
+                    state: ConnState::Waiting { invoke, .. },
+                    ..
+                }) = &mut self.streams[tok].kind
+                {
+                    *invoke = true;
+                }
+                self.fns
+                    .on_request(to, peer, &id, &path, req, body, self.now);
+                self.run_actions();
+                return;
             }
             _ => {
                 let to = self.reply_to(tok);
@@ -604,20 +627,13 @@ impl Worker {
                         },
                     )
                 });
-                if let Err(busy) = self.shared.control.submit(req, body, done) {
-                    self.answer(
-                        tok,
-                        Answer {
-                            status: 503,
-                            headers: &json,
-                            body: &busy,
-                            close: false,
-                        },
-                        head_only,
-                    );
+                match self.shared.control.submit(req, body, done) {
+                    Ok(()) => return,
+                    Err(busy) => Reply::new(503, "application/json", busy),
                 }
             }
-        }
+        };
+        self.answer(tok, &local, head_only);
     }
 
     fn reply_to(&self, tok: Token) -> ReplyTo {

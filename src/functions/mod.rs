@@ -1,5 +1,6 @@
 //! Functions: what is deployed ([`Registry`], durable under the state dir) and
-//! how each core runs them ([`pool::CorePool`]).
+//! how each core runs them ([`sched::CorePool`], a sans-IO scheduler the
+//! engine's workers drive).
 //!
 //! The registry is control-plane state behind a lock; cores never touch it on
 //! the request path. Each core keeps its own view (refreshed by a message when
@@ -9,7 +10,7 @@
 pub mod budget;
 pub mod logs;
 pub mod names;
-pub mod pool;
+pub mod sched;
 pub mod store;
 
 use std::collections::BTreeMap;
@@ -20,16 +21,13 @@ use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
 
 use crate::config::ServeConfig;
-use crate::engine::conn::ReplyTo;
-use crate::engine::worker::Msg;
-use crate::engine::Shared;
 use crate::metrics::FunctionMetrics;
 use crate::sandbox::{Backend, Instance, StartError};
 use crate::spec::FunctionSpec;
 use budget::{Budget, Reservation};
 use names::Index;
 
-pub use pool::CorePool;
+pub use sched::CorePool;
 
 /// Most functions one server holds (bounds metrics cardinality and memory).
 pub const FUNCTIONS_MAX: usize = 1000;
@@ -37,9 +35,6 @@ pub const FUNCTIONS_MAX: usize = 1000;
 pub const STARTER_THREADS: usize = 4;
 /// Longest wait at shutdown for instance starts and destructions under way.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
-
-/// Index of an instance in its core's pool.
-pub type ChannelId = usize;
 
 /// A deployed function as the server holds it.
 pub struct Function {
@@ -119,15 +114,6 @@ impl Function {
 pub struct Started {
     pub function: Arc<Function>,
     pub result: Result<Box<dyn Instance>, StartError>,
-}
-
-/// An answer for a client, decided by a core's pool.
-#[derive(Debug)]
-pub struct Reply {
-    pub to: ReplyTo,
-    pub status: u16,
-    pub headers: Vec<(String, String)>,
-    pub body: Vec<u8>,
 }
 
 struct StartJob {
@@ -239,21 +225,27 @@ impl Registry {
     }
 
     /// Starts the starter and reaper threads and warms up loaded functions.
-    pub fn start_threads(shared: &Arc<Shared>) {
-        for f in shared.functions.all() {
-            shared.functions.backend.restore(&f.spec, &f.dir);
+    /// The threads keep `owner` alive and find the registry in it with
+    /// `registry`; `deliver` hands an instance start's outcome to the core
+    /// that asked for it.
+    pub fn start_threads<O: Send + Sync + 'static>(
+        owner: &Arc<O>,
+        registry: fn(&O) -> &Registry,
+        deliver: fn(&O, usize, Started),
+    ) {
+        let reg = registry(owner);
+        for f in reg.all() {
+            reg.backend.restore(&f.spec, &f.dir);
         }
         let jobs = Arc::new(Mutex::new(
-            shared
-                .functions
-                .jobs
+            reg.jobs
                 .lock()
                 .unwrap()
                 .take()
                 .expect("threads started once"),
         ));
         for i in 0..STARTER_THREADS {
-            let (jobs, shared) = (jobs.clone(), shared.clone());
+            let (jobs, owner) = (jobs.clone(), owner.clone());
             std::thread::Builder::new()
                 .name(format!("hearth-start{i}"))
                 .spawn(move || loop {
@@ -261,49 +253,45 @@ impl Registry {
                         Ok(j) => j,
                         Err(_) => return,
                     };
+                    let reg = registry(&owner);
                     let f = job.function;
                     let result = if f.deleted.load(Ordering::Acquire) {
                         Err(StartError::Deleted)
                     } else {
-                        shared
-                            .functions
-                            .backend
+                        reg.backend
                             .start(&f.spec, &f.dir, job.core)
                             .map(|(mut inst, init_logs)| {
                                 f.logs.lock().unwrap().extend_init(&init_logs);
                                 if let Some(socket) = inst.take_log_channel() {
-                                    shared.functions.logs.add(socket, f.clone());
+                                    reg.logs.add(socket, f.clone());
                                 }
                                 inst
                             })
                     };
                     // To a core that has stopped, the instance is dropped (and
                     // destroyed) right here, before the job counts as done.
-                    shared.send(
-                        job.core,
-                        Msg::InstanceStarted(Started {
-                            function: f,
-                            result,
-                        }),
-                    );
-                    shared.functions.settle();
+                    let started = Started {
+                        function: f,
+                        result,
+                    };
+                    deliver(&owner, job.core, started);
+                    reg.settle();
                 })
                 .expect("spawn starter thread");
         }
-        let rx = shared
-            .functions
+        let rx = reg
             .reap_rx
             .lock()
             .unwrap()
             .take()
             .expect("threads started once");
-        let reaper_shared = shared.clone();
+        let owner = owner.clone();
         std::thread::Builder::new()
             .name("hearth-reaper".into())
             .spawn(move || {
                 while let Ok(inst) = rx.recv() {
                     inst.destroy();
-                    reaper_shared.functions.settle();
+                    registry(&owner).settle();
                 }
             })
             .expect("spawn reaper thread");

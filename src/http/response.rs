@@ -1,8 +1,9 @@
-//! Writing HTTP/1.1 responses into a connection's output buffer.
-
-use std::io::Write;
+//! Writing HTTP/1.1 responses ([`Reply`]) into a connection's output buffer.
 
 use crate::util::time::since_unix_epoch;
+
+pub use super::reply::json_error;
+use super::reply::{Header, Reply};
 
 /// Reason phrase for the status codes hearth sends.
 pub fn reason(status: u16) -> &'static str {
@@ -112,11 +113,16 @@ pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
     (y, m, d)
 }
 
-/// A response being assembled for one request.
-pub struct Response<'a> {
-    pub status: u16,
-    pub headers: &'a [(&'a str, &'a str)],
-    pub body: &'a [u8],
+/// What a response says about the connection after it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Persistence {
+    /// HTTP/1.1 keep-alive: nothing to say.
+    KeepAlive,
+    /// Kept, and said so (`Connection: keep-alive`, which an HTTP/1.0 client
+    /// that asked for keep-alive needs to see).
+    AnnounceKeepAlive,
+    /// Closed after this response (`Connection: close`).
+    Close,
 }
 
 /// Whether a response with `status` carries no body and no `Content-Length`
@@ -126,19 +132,19 @@ pub fn is_bodiless(status: u16) -> bool {
     status < 200 || status == 204 || status == 304
 }
 
-/// Appends a complete response. `head_only` answers HEAD (length kept, body omitted).
-/// `keep_alive == false` adds `Connection: close`. The body of a status that
-/// cannot have one (see [`is_bodiless`]) is dropped.
+/// Appends a complete response. `head_only` answers HEAD (length kept, body
+/// omitted). The body of a status that cannot have one (see [`is_bodiless`]) is
+/// dropped. `r.close` is the caller's to act on: `persistence` is what is written.
 pub fn write(
     out: &mut Vec<u8>,
     date: &DateCache,
-    r: &Response<'_>,
-    keep_alive: bool,
+    r: &Reply,
+    persistence: Persistence,
     head_only: bool,
 ) {
-    write_head(out, date, r.status, r.headers, r.body.len(), keep_alive);
+    write_head(out, date, r.status, &r.headers, r.body.len(), persistence);
     if !head_only && !is_bodiless(r.status) {
-        out.extend_from_slice(r.body);
+        out.extend_from_slice(&r.body);
     }
 }
 
@@ -148,9 +154,9 @@ pub fn write_head(
     out: &mut Vec<u8>,
     date: &DateCache,
     status: u16,
-    headers: &[(&str, &str)],
+    headers: &[Header],
     body_len: usize,
-    keep_alive: bool,
+    persistence: Persistence,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
     let mut num = itoa_buf(status as u64);
@@ -169,8 +175,10 @@ pub fn write_head(
     for (k, v) in headers {
         push_header(out, k, v.as_bytes());
     }
-    if !keep_alive {
-        out.extend_from_slice(b"Connection: close\r\n");
+    match persistence {
+        Persistence::KeepAlive => {}
+        Persistence::AnnounceKeepAlive => push_header(out, "connection", b"keep-alive"),
+        Persistence::Close => out.extend_from_slice(b"Connection: close\r\n"),
     }
     out.extend_from_slice(b"\r\n");
 }
@@ -192,17 +200,6 @@ pub fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
             .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
     );
     out.extend_from_slice(b"\r\n");
-}
-
-/// A JSON error body: `{"error":"<message>","code":"<code>"}`.
-pub fn json_error(code: &str, message: &str) -> Vec<u8> {
-    let mut v = Vec::with_capacity(32 + message.len());
-    let _ = write!(
-        v,
-        "{}",
-        serde_json::json!({ "error": message, "code": code })
-    );
-    v
 }
 
 struct Itoa {
@@ -252,12 +249,13 @@ mod tests {
         let date = DateCache::default();
         for status in [204, 304] {
             let mut out = Vec::new();
-            let r = Response {
+            let r = Reply {
                 status,
-                headers: &[],
-                body: b"HTTP/1.1 200 OK\r\n\r\nsmuggled",
+                headers: Vec::new(),
+                body: b"HTTP/1.1 200 OK\r\n\r\nsmuggled".to_vec(),
+                close: false,
             };
-            write(&mut out, &date, &r, true, false);
+            write(&mut out, &date, &r, Persistence::KeepAlive, false);
             let text = String::from_utf8(out).unwrap();
             assert!(!text.contains("Content-Length"), "{text}");
             assert!(text.ends_with("\r\n\r\n"), "{text}");
@@ -272,12 +270,8 @@ mod tests {
         write(
             &mut out,
             &date,
-            &Response {
-                status: 404,
-                headers: &[("content-type", "application/json")],
-                body: b"{}",
-            },
-            false,
+            &Reply::new(404, "application/json", b"{}".to_vec()),
+            Persistence::Close,
             false,
         );
         let text = String::from_utf8(out).unwrap();

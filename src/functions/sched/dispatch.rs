@@ -1,0 +1,531 @@
+//! Queues and dispatch: a request goes to an idle instance or waits in its
+//! function's queue (bounded: 429 beyond it); instances are started for
+//! waiting requests, given their next request when they finish, retired when
+//! they are not needed; requests and instances time out on the tick.
+
+use std::net::IpAddr;
+use std::sync::atomic::Ordering::Relaxed;
+use std::time::{Duration, Instant};
+
+use super::{
+    scale, Action, Busy, CorePool, FnState, Frame, Inst, InstId, Pending, EXIT_GRACE,
+    MEMORY_WAIT_MAX, QUEUE_INIT_ALLOWANCE,
+};
+use crate::functions::{NoSlot, Started};
+use crate::http::parse::{Request, Version};
+use crate::http::reply::{Reply, ReplyTo};
+use crate::metrics::{add, ErrorKind};
+use crate::protocol::FrameType;
+
+/// The metadata of an INVOKE frame (see `include/hearth_protocol.h`), minus
+/// `deadline_ms`, which is appended when the request is dispatched.
+#[derive(serde::Serialize)]
+struct InvokeMeta<'a> {
+    method: &'a str,
+    path: &'a str,
+    query: &'a str,
+    headers: &'a [(String, String)],
+    source_ip: IpAddr,
+    protocol: &'static str,
+    request_id: &'a str,
+    time_ms: u64,
+    domain: &'a str,
+}
+
+impl CorePool {
+    /// A request id in UUID v4 shape.
+    pub(super) fn request_uuid(&mut self) -> String {
+        // xorshift64*: unique enough for request ids, no syscall per request.
+        let mut x = self.rng;
+        x ^= x >> 12;
+        x ^= x << 25;
+        x ^= x >> 27;
+        self.rng = x;
+        let a = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
+        let b = a.rotate_left(29) ^ x;
+        format!(
+            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
+            (a >> 32) as u32,
+            (a >> 16) as u16,
+            (a & 0xfff) as u16,
+            ((b >> 48) as u16 & 0x3fff) | 0x8000,
+            b & 0xffff_ffff_ffff
+        )
+    }
+
+    /// Handles one invocation request.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn invoke(
+        &mut self,
+        to: ReplyTo,
+        peer: IpAddr,
+        id: &str,
+        path: &str,
+        req: Request,
+        body: Vec<u8>,
+        now: Instant,
+    ) {
+        let Some(fs) = self.fns.get(id) else {
+            let message = format!("no function with id {id}");
+            return self.reply(to, Reply::error(404, "function_not_found", &message));
+        };
+        let f = fs.f.clone();
+        if f.deleted.load(Relaxed) {
+            let message = format!("function {id} was deleted");
+            return self.reply(to, Reply::error(404, "function_not_found", &message));
+        }
+        add(&f.metrics.invocations, 1);
+        self.next_rid = self.next_rid.wrapping_add(1).max(1);
+        let rid = self.next_rid;
+        let request_id = self.request_uuid();
+        let meta = InvokeMeta {
+            method: &req.method,
+            path,
+            query: req.query(),
+            headers: &req.headers,
+            source_ip: peer,
+            protocol: match req.version {
+                Version::Http10 => "HTTP/1.0",
+                _ => "HTTP/1.1",
+            },
+            request_id: &request_id,
+            time_ms: self.wall_ms(now),
+            domain: req.header("host").unwrap_or("localhost"),
+        };
+        let mut meta_head = Vec::with_capacity(256 + 32 * req.headers.len());
+        serde_json::to_writer(&mut meta_head, &meta).expect("json of plain values");
+        assert_eq!(
+            meta_head.pop(),
+            Some(b'}'),
+            "a JSON object ends with a brace"
+        );
+        let pending = Pending {
+            to,
+            rid,
+            request_id,
+            meta_head,
+            body,
+            arrived: now,
+            queue_deadline: now + Duration::from_millis(f.spec.timeout_ms) + QUEUE_INIT_ALLOWANCE,
+        };
+        let fs = self.fns.get_mut(id).expect("looked up above");
+        if let Some(i) = fs.idle.pop() {
+            self.send(i, pending, now);
+            return;
+        }
+        // Requests covered by an instance being started for them are not
+        // "waiting beyond the limit"; a full queue below the limit scales out.
+        let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;
+        if fs.uncovered() >= self.cfg.queue_depth_max && at_limit {
+            f.metrics.error(ErrorKind::Throttled);
+            let message =
+                format!("function {id} is at its concurrency limit and its queue is full");
+            let r =
+                Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1");
+            return self.reply(to, r);
+        }
+        fs.enqueue(pending, &mut self.queued);
+        self.grow(id, now);
+    }
+
+    /// Starts instances for queued requests not yet covered by one starting,
+    /// as far as [`scale::scale_out`] finds the wait worth it.
+    pub(super) fn grow(&mut self, id: &str, now: Instant) {
+        loop {
+            let Some(fs) = self.fns.get(id) else { return };
+            if fs.f.deleted.load(Relaxed) {
+                return;
+            }
+            let view = scale::FnView::of(fs, now);
+            if !scale::scale_out(&view, self.saturated(), self.cfg.queue_depth_max) {
+                return;
+            }
+            if self.insts.len() + self.starting_total() >= self.cfg.instances_max {
+                if !self.slot_waiters.iter().any(|w| w == id) {
+                    self.slot_waiters.push_back(id.to_string());
+                }
+                // Make room from idle instances of other functions.
+                if !self.evict_idle(id, now) {
+                    return;
+                }
+                continue;
+            }
+            let core = self.cfg.core;
+            let fs = self.fns.get_mut(id).expect("present");
+            match fs.f.try_reserve() {
+                Ok(()) => {}
+                Err(NoSlot::Concurrency) => {
+                    // At the concurrency limit: let the cores holding instances know.
+                    fs.f.starved.fetch_or(1u64 << core, Relaxed);
+                    return;
+                }
+                Err(NoSlot::Memory) => {
+                    // Make room from idle instances of other functions, as for slots.
+                    if self.evict_idle(id, now) {
+                        continue;
+                    }
+                    self.over_memory_budget(id, now);
+                    return;
+                }
+            }
+            fs.starting += 1;
+            add(&fs.f.metrics.cold_starts, 1);
+            self.actions.push_back(Action::Start(fs.f.clone()));
+        }
+    }
+
+    /// No room in the memory budget for an instance of `id`: its requests wait for
+    /// instances held elsewhere (cores hand idle ones over) or for room; with no
+    /// instance anywhere, those that waited [`MEMORY_WAIT_MAX`] get 503.
+    fn over_memory_budget(&mut self, id: &str, now: Instant) {
+        let Some(fs) = self.fns.get_mut(id) else {
+            return;
+        };
+        fs.f.starved.fetch_or(1u64 << self.cfg.core, Relaxed);
+        if fs.live + fs.starting > 0 || fs.f.instances.load(Relaxed) > 0 {
+            return;
+        }
+        let mut expired = Vec::new();
+        while fs
+            .queue
+            .front()
+            .is_some_and(|p| now.saturating_duration_since(p.arrived) >= MEMORY_WAIT_MAX)
+        {
+            let p = fs.dequeue(&mut self.queued).expect("front exists");
+            fs.f.metrics.error(ErrorKind::Throttled);
+            expired.push(p.to);
+        }
+        if expired.is_empty() {
+            return;
+        }
+        let message = format!(
+            "no instance of function {id} can start: {}",
+            self.cfg.memory.explain(u64::from(fs.f.spec.memory_mb))
+        );
+        for to in expired {
+            let r = Reply::error(503, "memory_budget_exhausted", &message)
+                .with_header("retry-after", "1");
+            self.reply(to, r);
+        }
+    }
+
+    fn starting_total(&self) -> usize {
+        self.fns.values().map(|f| f.starting).sum()
+    }
+
+    /// Destroys the longest-idle instance of a function other than `except`.
+    fn evict_idle(&mut self, except: &str, now: Instant) -> bool {
+        let victim = self
+            .insts
+            .iter()
+            .filter(|(_, i)| i.busy.is_none() && i.function.spec.id != except)
+            .min_by_key(|(_, i)| i.idle_since)
+            .map(|(k, _)| k);
+        match victim {
+            Some(k) => {
+                self.retire(k, now);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Gives request `p` to idle instance `i`.
+    pub(super) fn send(&mut self, i: usize, p: Pending, now: Instant) {
+        let wall_ms = self.wall_ms(now);
+        let inst = &mut self.insts[i];
+        let timeout_ms = inst.function.spec.timeout_ms;
+        // The handler's clock starts now: queue time does not eat into it.
+        let mut meta = p.meta_head;
+        meta.extend_from_slice(format!(",\"deadline_ms\":{}}}", wall_ms + timeout_ms).as_bytes());
+        inst.busy = Some(Busy {
+            to: p.to,
+            rid: p.rid,
+            request_id: p.request_id,
+            started: now,
+            deadline: now + Duration::from_millis(timeout_ms),
+        });
+        let frame = Frame {
+            kind: FrameType::Invoke,
+            request_id: p.rid,
+            meta,
+            body: p.body,
+        };
+        self.actions.push_back(Action::Send {
+            inst: inst.id,
+            frame,
+        });
+    }
+
+    /// Instance `i` finished a request. Round robin between functions waiting
+    /// for a slot on this core: its slot goes to the next other function
+    /// waiting for one, if any; else it takes its next request.
+    pub(super) fn after_request(&mut self, i: usize, now: Instant) {
+        let id = self.insts[i].function.spec.id.clone();
+        if let Some(pos) = self.slot_waiters.iter().position(|w| *w != id) {
+            let waiter = self.slot_waiters.remove(pos).expect("position is valid");
+            self.retire(i, now);
+            self.grow(&waiter, now);
+            self.grow(&id, now);
+            return;
+        }
+        self.next_for(i, now);
+    }
+
+    /// Gives an idle instance its next request, or parks it. An instance that
+    /// just started or moved here got its slot in its function's turn, so it
+    /// serves its own queue (see [`CorePool::after_request`] for the turns).
+    pub(super) fn next_for(&mut self, i: usize, now: Instant) {
+        let id = self.insts[i].function.spec.id.clone();
+        if !self.fns.contains_key(&id) {
+            self.retire(i, now);
+            return;
+        }
+        if let Some(target) = self.hand_over_to(&id) {
+            self.migrate(i, target);
+            return;
+        }
+        let me = 1u64 << self.cfg.core;
+        let fs = self.fns.get_mut(&id).expect("checked");
+        while let Some(p) = fs.dequeue(&mut self.queued) {
+            if !self.gone.is_empty() && self.gone.remove(&p.to) {
+                continue;
+            }
+            if fs.queue.is_empty() {
+                fs.f.starved.fetch_and(!me, Relaxed);
+            }
+            self.send(i, p, now);
+            return;
+        }
+        fs.f.starved.fetch_and(!me, Relaxed);
+        if fs.f.deleted.load(Relaxed) {
+            self.retire(i, now);
+            return;
+        }
+        self.insts[i].idle_since = now;
+        fs.idle.push(i);
+    }
+
+    /// Adds a ready instance (started here or moved in) and gives it work.
+    pub(super) fn adopt(&mut self, inst: Inst, now: Instant) -> usize {
+        let fs = self
+            .fns
+            .get_mut(&inst.function.spec.id)
+            .expect("adopted for a known function");
+        fs.live += 1;
+        fs.live_since = now;
+        self.insts.insert(inst)
+    }
+
+    /// A fresh instance id for the next slab slot.
+    pub(super) fn next_id(&mut self) -> InstId {
+        self.gen = self.gen.wrapping_add(1);
+        InstId {
+            slot: self.insts.vacant_key() as u32,
+            gen: self.gen,
+        }
+    }
+
+    /// Removes an instance and has it destroyed off-loop; frees its concurrency slot.
+    pub(super) fn retire(&mut self, i: usize, now: Instant) {
+        let mut inst = self.insts.remove(i);
+        if !inst.exiting {
+            inst.handle.kill();
+        }
+        self.actions.push_back(Action::Close(inst.id));
+        let id = &inst.function.spec.id;
+        if let Some(fs) = self.fns.get_mut(id) {
+            fs.idle.retain(|&k| k != i);
+            fs.live -= 1;
+        }
+        inst.function.metrics.instances.fetch_sub(1, Relaxed);
+        inst.function.release();
+        if inst.exiting {
+            // It is exiting by itself: give the agent a moment to send its
+            // last log lines, then kill it (see `tick`).
+            self.dying.push((now + EXIT_GRACE, inst.handle));
+        } else {
+            self.actions.push_back(Action::Destroy(inst.handle));
+        }
+        let id = id.clone();
+        self.forget_if_drained(&id);
+    }
+
+    /// Drops a deleted function's state once no instance of it is left here;
+    /// requests still queued then (none could be served) get 404.
+    pub(super) fn forget_if_drained(&mut self, id: &str) {
+        let Some(fs) = self.fns.get(id) else { return };
+        if !fs.f.deleted.load(Relaxed) || fs.live > 0 || fs.starting > 0 {
+            return;
+        }
+        let mut fs = self.fns.remove(id).expect("present");
+        let message = format!("function {id} was deleted");
+        while let Some(p) = fs.dequeue(&mut self.queued) {
+            self.reply(p.to, Reply::error(404, "function_not_found", &message));
+        }
+    }
+
+    /// Answers the instance's request with 502 (if any), destroys it, replaces it if needed.
+    pub(super) fn instance_failed(&mut self, i: usize, now: Instant, why: &str) {
+        let inst = &mut self.insts[i];
+        let f = inst.function.clone();
+        if let Some(busy) = inst.busy.take() {
+            f.metrics.error(ErrorKind::Crash);
+            let msg = if inst.handle.oom_killed() {
+                format!(
+                    "{why}: it exceeded its memory limit of {} MB",
+                    f.spec.memory_mb
+                )
+            } else {
+                why.to_string()
+            };
+            self.reply(busy.to, Reply::error(502, "instance_crashed", &msg));
+        }
+        self.retire(i, now);
+        self.grow(&f.spec.id, now);
+    }
+
+    /// A start finished: adopt the instance, or answer a waiting request with 503.
+    pub(super) fn started(&mut self, started: Started, now: Instant) {
+        let f = started.function;
+        let id = f.spec.id.clone();
+        if let Some(fs) = self.fns.get_mut(&id) {
+            fs.starting = fs.starting.saturating_sub(1);
+        }
+        let mut handle = match started.result {
+            Ok(h) => h,
+            Err(e) => {
+                f.release();
+                f.metrics.error(ErrorKind::Start);
+                f.logs.lock().unwrap().push(
+                    "host",
+                    true,
+                    format!("instance start failed: {e}").as_bytes(),
+                );
+                if f.deleted.load(Relaxed) {
+                    self.forget_if_drained(&id);
+                    return;
+                }
+                let waiting = self
+                    .fns
+                    .get_mut(&id)
+                    .and_then(|fs| fs.dequeue(&mut self.queued));
+                if let Some(p) = waiting {
+                    let message = format!("could not start an instance: {e}");
+                    self.reply(p.to, Reply::error(503, "instance_start_failed", &message));
+                }
+                return;
+            }
+        };
+        let channel = match handle.take_channel() {
+            Some(c) if self.fns.contains_key(&id) => c,
+            _ => {
+                f.release();
+                self.actions.push_back(Action::Destroy(handle));
+                return;
+            }
+        };
+        let inst_id = self.next_id();
+        self.actions.push_back(Action::Attach {
+            inst: inst_id,
+            channel,
+            leftover: Vec::new(),
+        });
+        f.metrics.instances.fetch_add(1, Relaxed);
+        let inst = Inst::new(inst_id, f, handle, now);
+        let i = self.adopt(inst, now);
+        self.next_for(i, now);
+    }
+
+    /// Timeouts (504, instance destroyed), queue expiry, kills of instances
+    /// past their exit grace, fit estimates, scale-out, keep-warm reaping.
+    pub(super) fn tick(&mut self, now: Instant) {
+        for (_, inst) in self.insts.iter_mut() {
+            inst.log_intake.note_drops(&inst.function, now);
+        }
+        let timed_out: Vec<usize> = self
+            .insts
+            .iter()
+            .filter(|(_, i)| i.busy.as_ref().is_some_and(|b| b.deadline <= now))
+            .map(|(k, _)| k)
+            .collect();
+        for i in timed_out {
+            self.timed_out(i, now);
+        }
+        self.expire_queues(now);
+        let (due, waiting): (Vec<_>, Vec<_>) = std::mem::take(&mut self.dying)
+            .into_iter()
+            .partition(|(at, _)| *at <= now);
+        self.dying = waiting;
+        for (_, mut handle) in due {
+            handle.kill();
+            self.actions.push_back(Action::Destroy(handle));
+        }
+        self.fit_instances(now);
+        let waiting: Vec<String> = self
+            .fns
+            .iter()
+            .filter(|(_, f)| !f.queue.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in waiting {
+            self.grow(&id, now);
+        }
+        let keep_warm = self.cfg.keep_warm;
+        let cold: Vec<usize> = self
+            .insts
+            .iter()
+            .filter(|(_, i)| i.busy.is_none() && now.duration_since(i.idle_since) >= keep_warm)
+            .map(|(k, _)| k)
+            .collect();
+        for i in cold {
+            self.retire(i, now);
+        }
+    }
+
+    /// Instance `i` did not answer in time: 504, and it is destroyed.
+    fn timed_out(&mut self, i: usize, now: Instant) {
+        let inst = &mut self.insts[i];
+        let busy = inst.busy.take().expect("timed out while busy");
+        let f = inst.function.clone();
+        f.metrics.error(ErrorKind::Timeout);
+        let note = format!(
+            "Task timed out after {} ms; instance destroyed",
+            f.spec.timeout_ms
+        );
+        f.logs
+            .lock()
+            .unwrap()
+            .push(&busy.request_id, true, note.as_bytes());
+        let message = format!(
+            "the function did not answer within {} ms",
+            f.spec.timeout_ms
+        );
+        self.reply(busy.to, Reply::error(504, "function_timeout", &message));
+        self.retire(i, now);
+        self.grow(&f.spec.id, now);
+    }
+
+    /// Queued requests past their queue deadline get 504.
+    fn expire_queues(&mut self, now: Instant) {
+        let mut expired = Vec::new();
+        for fs in self.fns.values_mut() {
+            while fs.queue.front().is_some_and(|p| p.queue_deadline <= now) {
+                let p = fs.dequeue(&mut self.queued).expect("front exists");
+                fs.f.metrics.error(ErrorKind::Timeout);
+                expired.push((p.to, now.duration_since(p.arrived).as_millis()));
+            }
+        }
+        for (to, waited) in expired {
+            let message = format!("no instance became free within {waited} ms");
+            self.reply(to, Reply::error(504, "function_timeout", &message));
+        }
+    }
+}
+
+impl FnState {
+    /// Requests queued beyond those an instance is starting for.
+    pub(super) fn uncovered(&self) -> usize {
+        self.queue.len().saturating_sub(self.starting)
+    }
+}

@@ -1,0 +1,528 @@
+//! One core's scheduler: its instances and request queues, as a sans-IO core.
+//!
+//! The engine's worker feeds it events (a request arrived, bytes from an
+//! instance's channel, a channel closed, an instance started or failed to, a
+//! tick with the time and the core's CPU use, an instance moved in from
+//! another core, functions changed, a waiting client left) and carries out the
+//! [`Action`]s it queues (write a frame to an instance, answer a client, attach,
+//! close or detach a channel, hand an instance to another core, start or
+//! destroy an instance). It never touches a socket, a stream or a ring, and time
+//! is passed in, so the whole of it runs in unit tests with simulated time and
+//! fake instances (`tests.rs`).
+//!
+//! Per function: a LIFO of idle instances (the warmest first) and a bounded
+//! FIFO of requests waiting for one. A request goes to an idle instance at
+//! once; otherwise it queues and, when waiting is worth an instance (see
+//! [`scale`]), a new one is started for it below the function's concurrency
+//! limit. When the core's instance cap is reached, functions waiting for a slot
+//! are served round robin (deficit round robin with unit cost and equal
+//! quanta): a finishing instance of a function is retired in favour of the
+//! next waiting function instead of serving its own queue again, so a flooded
+//! function cannot starve the others. Idle instances move to cores where their
+//! function is starved ([`migrate`]). Instances idle past the keep-warm period
+//! are destroyed (scale to zero); an instance whose request timed out is
+//! destroyed, never reused.
+//!
+//! The modules: [`dispatch`] (queues, dispatch, retiring), [`scale`] (when to
+//! scale out or in, and the fit estimate), [`migrate`] (hand-over between
+//! cores), [`reply`] (instance answers to HTTP replies).
+
+mod dispatch;
+mod migrate;
+mod reply;
+pub mod scale;
+#[cfg(test)]
+mod tests;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use slab::Slab;
+
+use super::budget::Budget;
+use super::logs::LogIntake;
+use super::{Function, Started};
+use crate::http::parse::Request;
+use crate::http::reply::{Reply, ReplyTo};
+use crate::metrics::add;
+use crate::protocol::FrameType;
+use crate::sandbox::{Instance, SchedTime};
+pub use migrate::Migrated;
+
+/// Extra time a queued request may wait for an instance to start, beyond the
+/// function's timeout: the init phase has its own limit, as on Lambda. It is
+/// the scheduler's own bound, chosen equal to the process backend's init
+/// timeout (10 s) so that a request queued behind a cold start that uses all
+/// of it still gets served.
+pub const QUEUE_INIT_ALLOWANCE: Duration = Duration::from_secs(10);
+/// A queued request that waited this long scales its function out, if the
+/// core has CPU to spare.
+pub const SCALE_UP_WAIT: Duration = Duration::from_millis(2);
+/// A queued request that waited this long scales its function out regardless.
+pub const SCALE_UP_WAIT_MAX: Duration = Duration::from_millis(100);
+/// CPU use (percent of the last tick) at which a core counts as saturated.
+pub const CPU_SATURATED_PCT: u64 = 90;
+/// Time an instance whose channel closed gets to exit by itself (the agent
+/// sends its last log lines) before it is killed; checked every tick.
+pub const EXIT_GRACE: Duration = Duration::from_millis(300);
+/// A queued request of a function with no instance anywhere, which cannot
+/// start one because the server's instance memory budget is taken, gets 503
+/// `memory_budget_exhausted` after waiting this long for room.
+pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
+/// Instances one core may hold over all functions (the default of
+/// [`SchedConfig::instances_max`]).
+pub const INSTANCES_PER_CORE_MAX: usize = 256;
+
+/// What a core's scheduler is told once, at creation.
+pub struct SchedConfig {
+    /// The core it runs on (its bit in [`Function::starved`]).
+    pub core: usize,
+    /// Requests a function may queue beyond those covered by starting instances
+    /// once it is at its concurrency limit (`--queue-depth-max`).
+    pub queue_depth_max: usize,
+    /// How long an idle instance is kept (`--keep-warm`).
+    pub keep_warm: Duration,
+    /// Instances this core may hold over all functions.
+    pub instances_max: usize,
+    /// The server's instance memory budget (for the 503 that explains it).
+    pub memory: Arc<Budget>,
+    /// Seed of the request-id generator.
+    pub seed: u64,
+}
+
+/// Identifies an instance on its core. The slot is reused after the instance
+/// goes, the generation never is, so a stale id matches nothing.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct InstId {
+    slot: u32,
+    gen: u32,
+}
+
+impl InstId {
+    /// A small dense index: ids alive at the same time have distinct slots.
+    pub fn slot(self) -> usize {
+        self.slot as usize
+    }
+}
+
+/// A frame for an instance's channel (encoded with [`crate::protocol::encode`]).
+#[derive(Debug)]
+pub struct Frame {
+    /// The frame type (today always INVOKE).
+    pub kind: FrameType,
+    /// The request it belongs to, echoed in the instance's answer.
+    pub request_id: u32,
+    /// JSON metadata.
+    pub meta: Vec<u8>,
+    /// The payload (the request body).
+    pub body: Vec<u8>,
+}
+
+/// What the scheduler asks its owner to do, in order.
+pub enum Action {
+    /// Write a frame to an instance's channel.
+    Send { inst: InstId, frame: Frame },
+    /// Answer the client waiting at `to` (if it still is).
+    Reply { to: ReplyTo, reply: Reply },
+    /// Watch a new (or moved-in) instance's channel; `leftover` was read from
+    /// it already and comes before anything read next.
+    Attach {
+        inst: InstId,
+        channel: OwnedFd,
+        leftover: Vec<u8>,
+    },
+    /// Close an instance's channel: the instance is gone.
+    Close(InstId),
+    /// Stop watching an instance's channel and give it back, with its unread
+    /// bytes, through [`CorePool::on_detached`] (it moves to another core).
+    Detach(InstId),
+    /// Give a detached instance to another core.
+    HandOver { core: usize, instance: Migrated },
+    /// Start an instance of the function for this core, off the event loop;
+    /// the outcome comes back as [`CorePool::on_started`].
+    Start(Arc<Function>),
+    /// Destroy an instance off the event loop.
+    Destroy(Box<dyn Instance>),
+}
+
+/// One periodic tick.
+#[derive(Clone, Copy, Debug)]
+pub struct Tick {
+    /// The event loop's clock.
+    pub now: Instant,
+    /// Wall clock, milliseconds since the Unix epoch (for the guest's deadlines).
+    pub wall_ms: u64,
+    /// This core's CPU use over the last tick, percent.
+    pub cpu_busy_pct: u64,
+}
+
+/// A request waiting for an instance.
+struct Pending {
+    to: ReplyTo,
+    rid: u32,
+    request_id: String,
+    /// The INVOKE metadata without its closing brace; the deadline is added at dispatch.
+    meta_head: Vec<u8>,
+    body: Vec<u8>,
+    arrived: Instant,
+    /// Latest dispatch time: the function timeout plus the init allowance.
+    queue_deadline: Instant,
+}
+
+/// The request an instance is serving.
+struct Busy {
+    to: ReplyTo,
+    rid: u32,
+    request_id: String,
+    started: Instant,
+    deadline: Instant,
+}
+
+/// An instance on this core.
+struct Inst {
+    id: InstId,
+    function: Arc<Function>,
+    handle: Box<dyn Instance>,
+    busy: Option<Busy>,
+    idle_since: Instant,
+    /// Wall time spent on finished requests, cumulative.
+    busy_done: Duration,
+    /// Scheduler time and busy time at the last fit sample.
+    mark: Option<(SchedTime, Duration)>,
+    /// Its channel closed: it is exiting by itself.
+    exiting: bool,
+    /// What it may still add to its function's log from its channel.
+    log_intake: LogIntake,
+}
+
+impl Inst {
+    /// A ready, idle instance.
+    fn new(id: InstId, function: Arc<Function>, handle: Box<dyn Instance>, now: Instant) -> Inst {
+        Inst {
+            id,
+            function,
+            handle,
+            busy: None,
+            idle_since: now,
+            busy_done: Duration::ZERO,
+            mark: None,
+            exiting: false,
+            log_intake: LogIntake::new(now),
+        }
+    }
+
+    /// Wall time spent serving requests up to `now`, the running one included.
+    fn busy_until(&self, now: Instant) -> Duration {
+        self.busy_done
+            + self
+                .busy
+                .as_ref()
+                .map_or(Duration::ZERO, |b| now.saturating_duration_since(b.started))
+    }
+}
+
+/// A function's state on this core.
+struct FnState {
+    f: Arc<Function>,
+    idle: Vec<usize>,
+    queue: VecDeque<Pending>,
+    /// Instances being started for this core.
+    starting: usize,
+    /// Instances of this function on this core (idle, busy; not starting).
+    live: usize,
+    /// When an instance of this function last became ready here: waits before
+    /// it were start-up, not load.
+    live_since: Instant,
+    /// Instances that keep this core busy with this function's work (see
+    /// [`scale::fit_estimate`]); `None` until measured (and always for
+    /// backends without schedstat).
+    fit: Option<usize>,
+    /// Busy instances to retire when they finish (the core is saturated and
+    /// the function has more instances here than its fit).
+    shrink: usize,
+}
+
+impl FnState {
+    fn new(f: Arc<Function>, now: Instant) -> FnState {
+        FnState {
+            f,
+            idle: Vec::new(),
+            queue: VecDeque::new(),
+            starting: 0,
+            live: 0,
+            live_since: now,
+            fit: None,
+            shrink: 0,
+        }
+    }
+
+    /// Queues a request; `queued` is the core's total.
+    fn enqueue(&mut self, p: Pending, queued: &mut usize) {
+        self.queue.push_back(p);
+        add(&self.f.metrics.queue_depth, 1);
+        *queued += 1;
+    }
+
+    /// Takes the oldest queued request; `queued` is the core's total.
+    fn dequeue(&mut self, queued: &mut usize) -> Option<Pending> {
+        let p = self.queue.pop_front()?;
+        self.f.metrics.queue_depth.fetch_sub(1, Relaxed);
+        *queued -= 1;
+        Some(p)
+    }
+}
+
+/// A core's share of all functions.
+pub struct CorePool {
+    cfg: SchedConfig,
+    fns: HashMap<String, FnState>,
+    insts: Slab<Inst>,
+    /// Generation of the last instance id handed out.
+    gen: u32,
+    /// Requests queued over all functions (the sum of the queue lengths).
+    queued: usize,
+    /// Functions waiting for a free instance slot on this core, served in turn.
+    slot_waiters: VecDeque<String>,
+    next_rid: u32,
+    rng: u64,
+    /// Wall clock at an instant: `(instant, ms since the epoch)`, set each tick.
+    clock: (Instant, u64),
+    /// This core's CPU use over the last tick, percent.
+    cpu_busy_pct: u64,
+    /// Clients that left while their request was queued or running here.
+    gone: HashSet<ReplyTo>,
+    /// What the owner is to do next.
+    actions: VecDeque<Action>,
+    /// Instances whose channel is being detached for a move to another core.
+    migrating: HashMap<InstId, migrate::Moving>,
+    /// Instances exiting by themselves, killed at the deadline if still there.
+    dying: Vec<(Instant, Box<dyn Instance>)>,
+}
+
+impl CorePool {
+    /// A pool for `cfg.core` holding `functions`; `wall_ms` is the wall clock at `now`.
+    pub fn new(
+        cfg: SchedConfig,
+        functions: Vec<Arc<Function>>,
+        now: Instant,
+        wall_ms: u64,
+    ) -> CorePool {
+        let rng = cfg.seed | 1;
+        let mut p = CorePool {
+            cfg,
+            fns: HashMap::new(),
+            insts: Slab::new(),
+            gen: 0,
+            queued: 0,
+            slot_waiters: VecDeque::new(),
+            next_rid: 0,
+            rng,
+            clock: (now, wall_ms),
+            cpu_busy_pct: 0,
+            gone: HashSet::new(),
+            actions: VecDeque::new(),
+            migrating: HashMap::new(),
+            dying: Vec::new(),
+        };
+        p.on_functions_changed(functions, now);
+        p
+    }
+
+    /// Whether this core has function `id` in its view (its owner refreshes
+    /// the view when a function was published after the last refresh).
+    pub fn knows(&self, id: &str) -> bool {
+        self.fns.contains_key(id)
+    }
+
+    /// The next thing to do, in the order decided.
+    pub fn poll_action(&mut self) -> Option<Action> {
+        self.actions.pop_front()
+    }
+
+    /// Event: a request for function `id` arrived from the client at `to`.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_request(
+        &mut self,
+        to: ReplyTo,
+        peer: IpAddr,
+        id: &str,
+        path: &str,
+        req: Request,
+        body: Vec<u8>,
+        now: Instant,
+    ) {
+        self.invoke(to, peer, id, path, req, body, now);
+        self.check_invariants();
+    }
+
+    /// Event: bytes arrived on an instance's channel; `input` is all that is
+    /// unread. Returns how many bytes were consumed (whole frames).
+    pub fn on_channel_input(&mut self, inst: InstId, input: &[u8], now: Instant) -> usize {
+        let n = match self.slot_of(inst) {
+            Some(i) => self.frames(i, input, now),
+            None => 0,
+        };
+        self.check_invariants();
+        n
+    }
+
+    /// Event: an instance's channel closed (the instance died or exited).
+    pub fn on_channel_closed(&mut self, inst: InstId, now: Instant) {
+        if let Some(i) = self.slot_of(inst) {
+            self.insts[i].exiting = true;
+            self.instance_failed(i, now, "the instance exited");
+        }
+        self.check_invariants();
+    }
+
+    /// Event: an instance start asked for by [`Action::Start`] finished.
+    pub fn on_started(&mut self, started: Started, now: Instant) {
+        self.started(started, now);
+        self.check_invariants();
+    }
+
+    /// Event: the client at `to` left while its request was here (queued or
+    /// running): it is not dispatched, and no answer is sent for it.
+    pub fn on_client_gone(&mut self, to: ReplyTo) {
+        // An answer already decided clears nothing: the owner drops it.
+        if !self
+            .actions
+            .iter()
+            .any(|a| matches!(a, Action::Reply { to: t, .. } if *t == to))
+        {
+            self.gone.insert(to);
+        }
+        self.check_invariants();
+    }
+
+    /// Event: periodic tick. Timeouts (504, instance destroyed), queue expiry,
+    /// fit estimates, scale-out of waiting queues, keep-warm reaping.
+    pub fn on_tick(&mut self, tick: Tick) {
+        self.clock = (tick.now, tick.wall_ms);
+        self.cpu_busy_pct = tick.cpu_busy_pct;
+        self.tick(tick.now);
+        self.check_invariants();
+    }
+
+    /// Event: another core handed over an instance.
+    pub fn on_migrated(&mut self, m: Migrated, now: Instant) {
+        self.migrated_in(m, now);
+        self.check_invariants();
+    }
+
+    /// Event: a channel detached on [`Action::Detach`] is free to move.
+    pub fn on_detached(&mut self, inst: InstId, channel: OwnedFd, leftover: Vec<u8>) {
+        self.detached(inst, channel, leftover);
+        self.check_invariants();
+    }
+
+    /// Event: functions were deployed or deleted; `current` is all there are.
+    /// A deleted function drains: new requests get 404, requests already
+    /// queued or running finish on the instances it has; then its state goes.
+    pub fn on_functions_changed(&mut self, current: Vec<Arc<Function>>, now: Instant) {
+        for f in &current {
+            self.fns
+                .entry(f.spec.id.clone())
+                .or_insert_with(|| FnState::new(f.clone(), now));
+        }
+        let gone: Vec<String> = self
+            .fns
+            .keys()
+            .filter(|id| !current.iter().any(|f| &f.spec.id == *id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.slot_waiters.retain(|w| *w != id);
+            let idle: Vec<usize> = self
+                .fns
+                .get_mut(&id)
+                .map(|fs| fs.idle.drain(..).collect())
+                .unwrap_or_default();
+            for i in idle {
+                self.retire(i, now);
+            }
+            self.forget_if_drained(&id);
+        }
+        self.check_invariants();
+    }
+
+    /// Kills and destroys every instance, here and now, at server exit. The
+    /// owner has dropped the channels; no action is left to carry out.
+    pub fn shutdown(&mut self) {
+        for (_, mut handle) in self.dying.drain(..) {
+            handle.kill();
+            handle.destroy();
+        }
+        for (_, mut inst) in std::mem::take(&mut self.insts) {
+            inst.handle.kill();
+            inst.function.release();
+            inst.function.metrics.instances.fetch_sub(1, Relaxed);
+            inst.handle.destroy();
+        }
+        self.actions.clear();
+    }
+
+    /// The slab slot of `id`, if that instance is still here.
+    fn slot_of(&self, id: InstId) -> Option<usize> {
+        self.insts
+            .get(id.slot())
+            .is_some_and(|i| i.id == id)
+            .then_some(id.slot())
+    }
+
+    /// Queues an answer for `to`, unless that client left.
+    fn reply(&mut self, to: ReplyTo, reply: Reply) {
+        if !self.gone.is_empty() && self.gone.remove(&to) {
+            return;
+        }
+        self.actions.push_back(Action::Reply { to, reply });
+    }
+
+    /// The wall clock at `now`, in milliseconds since the epoch.
+    fn wall_ms(&self, now: Instant) -> u64 {
+        let (at, ms) = self.clock;
+        ms + now.saturating_duration_since(at).as_millis() as u64
+    }
+
+    /// Whether the core used at least [`CPU_SATURATED_PCT`] of its CPU last tick.
+    fn saturated(&self) -> bool {
+        self.cpu_busy_pct >= CPU_SATURATED_PCT
+    }
+
+    /// Checks the bookkeeping after an event (debug builds): each function's
+    /// live count is its instances here, the core's queue depth is the sum of
+    /// the queues, idle lists hold idle instances of their own function, and
+    /// every client known to have left still has a request here.
+    fn check_invariants(&self) {
+        if !cfg!(debug_assertions) {
+            return;
+        }
+        let mut live: HashMap<&str, usize> = HashMap::new();
+        let mut busy = 0;
+        for (_, inst) in &self.insts {
+            *live.entry(inst.function.spec.id.as_str()).or_default() += 1;
+            busy += usize::from(inst.busy.is_some());
+        }
+        let mut queued = 0;
+        for (id, fs) in &self.fns {
+            let n = live.remove(id.as_str()).unwrap_or(0);
+            debug_assert_eq!(fs.live, n, "live count of {id} is not its instances");
+            queued += fs.queue.len();
+            for &i in &fs.idle {
+                let inst = &self.insts[i];
+                debug_assert!(inst.busy.is_none(), "busy instance listed idle");
+                debug_assert_eq!(&inst.function.spec.id, id, "idle under another function");
+            }
+        }
+        debug_assert!(live.is_empty(), "instances of unknown functions: {live:?}");
+        debug_assert_eq!(self.queued, queued, "queue depth is not the sum of queues");
+        debug_assert!(
+            self.gone.len() <= queued + busy,
+            "clients gone that had nothing here"
+        );
+    }
+}

@@ -1,0 +1,265 @@
+//! Instances' answers: frames read from an instance's channel become log
+//! lines, HTTP replies (a RESPONSE, checked: hearth owns framing and
+//! connection headers) or a failed instance (a runtime that exited, a broken
+//! protocol).
+
+use std::time::Instant;
+
+use super::CorePool;
+use crate::http::reply::{Header, Reply};
+use crate::metrics::ErrorKind;
+use crate::protocol::{self, FrameType, HEADER_BYTES};
+
+impl CorePool {
+    /// Handles the whole frames at the start of `input` from instance `i`;
+    /// returns the bytes they took. Stops early once the instance is gone
+    /// (failed, retired or moving to another core).
+    pub(super) fn frames(&mut self, i: usize, input: &[u8], now: Instant) -> usize {
+        let id = self.insts[i].id;
+        let mut pos = 0;
+        while self.slot_of(id).is_some() {
+            let rest = &input[pos..];
+            let inst = &mut self.insts[i];
+            let h = match protocol::parse_header(rest) {
+                Ok(Some(h)) if rest.len() >= h.frame_len() => h,
+                Ok(_) => break,
+                Err(e) => {
+                    let note = format!("instance broke the protocol: {e}");
+                    inst.function
+                        .logs
+                        .lock()
+                        .unwrap()
+                        .push("host", true, note.as_bytes());
+                    self.instance_failed(i, now, "the instance broke the protocol");
+                    break;
+                }
+            };
+            let meta = &rest[HEADER_BYTES..HEADER_BYTES + h.meta_len];
+            let body = &rest[HEADER_BYTES + h.meta_len..h.frame_len()];
+            pos += h.frame_len();
+            match h.kind {
+                FrameType::Log => {
+                    let rid_text = match &inst.busy {
+                        Some(b) if b.rid == h.request_id => b.request_id.as_str(),
+                        _ => "",
+                    };
+                    // Bounded work: LOG frames come from untrusted code.
+                    inst.log_intake.take(
+                        &inst.function,
+                        rid_text,
+                        h.flags & protocol::LOG_STDERR != 0,
+                        body,
+                        now,
+                    );
+                }
+                FrameType::Response | FrameType::Error
+                    if inst.busy.as_ref().is_some_and(|b| b.rid == h.request_id) =>
+                {
+                    self.finished(i, h.kind, meta, body, now);
+                }
+                other => {
+                    let note = format!("unexpected {other:?} frame for request {}", h.request_id);
+                    inst.function
+                        .logs
+                        .lock()
+                        .unwrap()
+                        .push("host", true, note.as_bytes());
+                    self.instance_failed(i, now, "the instance broke the protocol");
+                }
+            }
+        }
+        pos
+    }
+
+    /// Instance `i` answered its request with a RESPONSE or an ERROR frame.
+    fn finished(&mut self, i: usize, kind: FrameType, meta: &[u8], body: &[u8], now: Instant) {
+        let inst = &mut self.insts[i];
+        let busy = inst.busy.take().expect("answered while busy");
+        let f = inst.function.clone();
+        let took = now.saturating_duration_since(busy.started);
+        inst.busy_done += took;
+        f.metrics.observe_duration(took.as_micros() as u64);
+        let reply = if kind == FrameType::Response {
+            match response_reply(meta, body) {
+                Ok((reply, dropped)) => {
+                    if !dropped.is_empty() {
+                        let note =
+                            format!("[hearth] left out of the response: {}", dropped.join(", "));
+                        f.logs
+                            .lock()
+                            .unwrap()
+                            .push(&busy.request_id, true, note.as_bytes());
+                    }
+                    reply
+                }
+                Err(bad) => {
+                    f.metrics.error(ErrorKind::Handler);
+                    bad
+                }
+            }
+        } else if is_runtime_exit(meta) {
+            // The runtime died under the request: a crash, not a handler error.
+            inst.busy = Some(busy);
+            return self.instance_failed(i, now, "the function's runtime exited");
+        } else {
+            f.metrics.error(ErrorKind::Handler);
+            handler_error_reply(meta)
+        };
+        self.reply(busy.to, reply);
+        let id = &f.spec.id;
+        if self.fns.get_mut(id).is_some_and(|fs| fs.take_shrink()) {
+            // Scale in: the others serve the queue.
+            self.retire(i, now);
+        } else {
+            self.after_request(i, now);
+        }
+        // The queue head may have waited long enough to scale out.
+        self.grow(id, now);
+    }
+}
+
+/// The 502 for a handler that threw: its error type and message, as the agent reported them.
+fn handler_error_reply(meta: &[u8]) -> Reply {
+    let m: serde_json::Value = serde_json::from_slice(meta).unwrap_or_default();
+    let body = serde_json::to_vec(&serde_json::json!({
+        "error": "the function failed",
+        "code": "function_error",
+        "errorType": m["errorType"],
+        "errorMessage": m["errorMessage"],
+    }))
+    .expect("json");
+    Reply::new(502, "application/json", body)
+}
+
+/// True for the ERROR the agent sends when the runtime process died mid-request.
+fn is_runtime_exit(meta: &[u8]) -> bool {
+    serde_json::from_slice::<serde_json::Value>(meta)
+        .is_ok_and(|m| m["errorType"] == "Runtime.ExitError")
+}
+
+/// Headers hearth owns on the wire: framing and connection management are
+/// decided by hearth, never by a handler (RFC 9110 §7.6.1 hop-by-hop fields
+/// among them, so no handler can switch a proxy in front into a tunnel).
+const RESERVED_HEADERS: [&str; 9] = [
+    "content-length",
+    "transfer-encoding",
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "upgrade",
+    "date",
+];
+
+/// An RFC 9110 field name: a non-empty token.
+fn is_token(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b))
+}
+
+/// An RFC 9110 field value: visible bytes, spaces and tabs, no controls.
+fn is_field_value(value: &str) -> bool {
+    value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b) || b >= 0x80)
+}
+
+/// Builds the HTTP answer from a RESPONSE frame's metadata and body. Header
+/// fields that are not valid RFC 9110 names and values, or that hearth owns,
+/// are left out and described in the second value (for the function's log).
+/// `Err` is the 502 for a response hearth will not send.
+fn response_reply(meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<String>), Reply> {
+    #[derive(serde::Deserialize)]
+    struct Meta {
+        status: u16,
+        #[serde(default)]
+        headers: Vec<Header>,
+    }
+    match serde_json::from_slice::<Meta>(meta) {
+        // hearth never sends an informational answer for a handler: a 101 would
+        // tell a proxy in front to hand the connection over as a raw tunnel.
+        Ok(m) if !(200..=599).contains(&m.status) => Err(Reply::error(
+            502,
+            "bad_function_response",
+            &format!(
+                "the function answered status {}; a function's status must be 200-599",
+                m.status
+            ),
+        )),
+        Ok(m) => {
+            let mut dropped = Vec::new();
+            let headers = m
+                .headers
+                .into_iter()
+                .filter(|(k, v)| {
+                    if !is_token(k) || !is_field_value(v) {
+                        dropped.push(format!("invalid header field {:?}", k));
+                        return false;
+                    }
+                    let k = k.to_ascii_lowercase();
+                    if RESERVED_HEADERS.contains(&k.as_str()) {
+                        dropped.push(format!("header {k:?} (set by hearth)"));
+                        return false;
+                    }
+                    true
+                })
+                .collect();
+            Ok((
+                Reply {
+                    status: m.status,
+                    headers,
+                    body: body.to_vec(),
+                    close: false,
+                },
+                dropped,
+            ))
+        }
+        Err(_) => Err(Reply::error(
+            502,
+            "bad_function_response",
+            "the runtime sent a response hearth could not read",
+        )),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn informational_and_out_of_range_statuses_become_502() {
+        for status in [100, 101, 103, 199, 600, 0] {
+            let meta = format!(r#"{{"status":{status},"headers":[["upgrade","websocket"]]}}"#);
+            let bad = response_reply(meta.as_bytes(), b"").expect_err("refused");
+            assert_eq!(bad.status, 502, "status {status}");
+        }
+        assert!(response_reply(br#"{"status":200}"#, b"").is_ok());
+    }
+
+    #[test]
+    fn header_fields_must_be_valid_and_not_hearths() {
+        let meta = serde_json::json!({
+            "status": 200,
+            "headers": [
+                ["x-ok", "fine value\twith tab"],
+                ["transfer-encoding\t", "chunked"],
+                ["content-length ", "5"],
+                ["Content-Length", "5"],
+                ["Upgrade", "websocket"],
+                ["bad name", "v"],
+                ["", "v"],
+                ["x-nul", "a\u{0}b"],
+                ["x-ctl", "a\u{1b}b"],
+                ["x\u{0}n", "v"],
+                ["x-utf8", "héllo"],
+            ]
+        });
+        let (reply, dropped) = response_reply(meta.to_string().as_bytes(), b"body").expect("ok");
+        let names: Vec<&str> = reply.headers.iter().map(|(k, _)| k.as_ref()).collect();
+        assert_eq!(names, ["x-ok", "x-utf8"]);
+        assert_eq!(dropped.len(), 9, "{dropped:?}");
+    }
+}

@@ -1,0 +1,815 @@
+//! The scheduler driven alone: simulated time, fake instances, no engine, no
+//! Node, no root. Each test feeds events and checks the actions that come out;
+//! the core's invariants are checked after every event (`check_invariants`)
+//! and the harness checks the queue-depth metric against the queues after
+//! every step.
+
+use std::net::IpAddr;
+use std::os::fd::OwnedFd;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use super::scale::{self, FnView};
+use super::*;
+use crate::functions::budget::Budget;
+use crate::functions::{FunctionSpec, Started};
+use crate::http::parse;
+use crate::protocol;
+use crate::sandbox::StartError;
+use std::borrow::Cow;
+
+/// What a fake instance went through, and the scheduler time it reports.
+#[derive(Default)]
+struct FakeLog {
+    killed: bool,
+    destroyed: bool,
+    repinned: Option<usize>,
+    sched: Option<SchedTime>,
+}
+
+/// An instance that runs nothing: its channel is `/dev/null`.
+struct Fake {
+    log: Arc<Mutex<FakeLog>>,
+    channel: Option<OwnedFd>,
+}
+
+impl Instance for Fake {
+    fn take_channel(&mut self) -> Option<OwnedFd> {
+        self.channel.take()
+    }
+    fn kill(&mut self) {
+        self.log.lock().unwrap().killed = true;
+    }
+    fn destroy(self: Box<Self>) {
+        self.log.lock().unwrap().destroyed = true;
+    }
+    fn repin(&mut self, core: usize) {
+        self.log.lock().unwrap().repinned = Some(core);
+    }
+    fn memory_bytes(&self) -> Option<u64> {
+        None
+    }
+    fn sched_time(&mut self) -> Option<SchedTime> {
+        self.log.lock().unwrap().sched
+    }
+}
+
+/// One core's scheduler and everything it asked for.
+struct Sim {
+    pool: CorePool,
+    now: Instant,
+    wall_ms: u64,
+    next_serial: u64,
+    /// Functions the pool asked to start an instance of, not yet started.
+    starts: Vec<Arc<Function>>,
+    replies: Vec<(ReplyTo, Reply)>,
+    /// INVOKE frames sent, in order.
+    sent: Vec<(InstId, Frame)>,
+    attached: Vec<InstId>,
+    closed: Vec<InstId>,
+    detached: Vec<InstId>,
+    handed: Vec<(usize, Migrated)>,
+    destroyed: usize,
+    /// Every fake instance this core started, by id.
+    fakes: Vec<(InstId, Arc<Mutex<FakeLog>>)>,
+    functions: Vec<Arc<Function>>,
+    /// Whether this core is the only one, so the functions' queue-depth
+    /// metric (over all cores) must equal its own queue depth.
+    alone: bool,
+}
+
+const WALL_MS_AT_START: u64 = 1_800_000_000_000;
+
+fn config(core: usize) -> SchedConfig {
+    SchedConfig {
+        core,
+        queue_depth_max: 100,
+        keep_warm: Duration::from_secs(60),
+        instances_max: INSTANCES_PER_CORE_MAX,
+        memory: Budget::new("instance memory", "MiB", 1 << 20),
+        seed: 7,
+    }
+}
+
+/// A function with `concurrency` and `timeout_ms` (128 MB, no code on disk).
+fn function(id: &str, concurrency: u32, timeout_ms: u64) -> Arc<Function> {
+    let spec = FunctionSpec {
+        id: id.to_string(),
+        handler: "index.handler".into(),
+        memory_mb: 128,
+        timeout_ms,
+        concurrency,
+        env: Vec::new(),
+        created_ms: 0,
+        code_bytes: 0,
+        backend: "process".into(),
+        name: None,
+        service: Default::default(),
+    };
+    let memory = Budget::new("instance memory", "MiB", 1 << 20);
+    Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
+}
+
+fn request() -> Request {
+    let limits = parse::Limits {
+        head_bytes_max: 8192,
+        headers_max: 100,
+        body_bytes_max: 1 << 20,
+    };
+    let head = b"GET /f/x/ HTTP/1.1\r\nHost: example\r\n\r\n";
+    parse::parse_head(head, &limits).unwrap().unwrap().0
+}
+
+impl Sim {
+    fn new(cfg: SchedConfig, functions: &[&Arc<Function>]) -> Sim {
+        let functions: Vec<Arc<Function>> = functions.iter().map(|&f| f.clone()).collect();
+        let now = Instant::now();
+        Sim {
+            pool: CorePool::new(cfg, functions.clone(), now, WALL_MS_AT_START),
+            now,
+            wall_ms: WALL_MS_AT_START,
+            next_serial: 1,
+            starts: Vec::new(),
+            replies: Vec::new(),
+            sent: Vec::new(),
+            attached: Vec::new(),
+            closed: Vec::new(),
+            detached: Vec::new(),
+            handed: Vec::new(),
+            destroyed: 0,
+            fakes: Vec::new(),
+            functions,
+            alone: true,
+        }
+    }
+
+    /// Collects what the pool asked for; checks the queue-depth metric.
+    fn drain(&mut self) {
+        while let Some(a) = self.pool.poll_action() {
+            match a {
+                Action::Send { inst, frame } => self.sent.push((inst, frame)),
+                Action::Reply { to, reply } => self.replies.push((to, reply)),
+                Action::Attach { inst, .. } => self.attached.push(inst),
+                Action::Close(inst) => self.closed.push(inst),
+                Action::Detach(inst) => self.detached.push(inst),
+                Action::HandOver { core, instance } => self.handed.push((core, instance)),
+                Action::Start(f) => self.starts.push(f),
+                Action::Destroy(handle) => {
+                    handle.destroy();
+                    self.destroyed += 1;
+                }
+            }
+        }
+        if !self.alone {
+            return;
+        }
+        let metric: u64 = self
+            .functions
+            .iter()
+            .map(|f| f.metrics.queue_depth.load(Relaxed))
+            .sum();
+        assert_eq!(metric as usize, self.pool.queued, "queue depth metric");
+    }
+
+    fn advance(&mut self, ms: u64) {
+        self.now += Duration::from_millis(ms);
+        self.wall_ms += ms;
+    }
+
+    /// A client asks function `id`; returns where its answer goes.
+    fn request(&mut self, id: &str) -> ReplyTo {
+        let to = ReplyTo {
+            token: self.next_serial as usize,
+            serial: self.next_serial,
+        };
+        self.next_serial += 1;
+        let peer = IpAddr::from([127, 0, 0, 1]);
+        self.pool
+            .on_request(to, peer, id, "/", request(), b"in".to_vec(), self.now);
+        self.drain();
+        to
+    }
+
+    /// Starts every instance asked for; returns their ids.
+    fn start_all(&mut self) -> Vec<InstId> {
+        let mut ids = Vec::new();
+        for f in std::mem::take(&mut self.starts) {
+            let log = Arc::new(Mutex::new(FakeLog::default()));
+            let null = std::fs::File::open("/dev/null").unwrap();
+            let fake = Fake {
+                log: log.clone(),
+                channel: Some(OwnedFd::from(null)),
+            };
+            let attached = self.attached.len();
+            self.pool.on_started(
+                Started {
+                    function: f,
+                    result: Ok(Box::new(fake)),
+                },
+                self.now,
+            );
+            self.drain();
+            let id = self.attached[attached];
+            self.fakes.push((id, log));
+            ids.push(id);
+        }
+        ids
+    }
+
+    /// Fails the next start asked for.
+    fn fail_start(&mut self) {
+        let f = self.starts.remove(0);
+        let waited = Duration::from_secs(10);
+        let result = Err(StartError::NotReady { waited });
+        self.pool.on_started(
+            Started {
+                function: f,
+                result,
+            },
+            self.now,
+        );
+        self.drain();
+    }
+
+    fn fake(&self, inst: InstId) -> std::sync::MutexGuard<'_, FakeLog> {
+        let (_, log) = self.fakes.iter().find(|(i, _)| *i == inst).unwrap();
+        log.lock().unwrap()
+    }
+
+    /// The request id of the last INVOKE sent to `inst`.
+    fn running(&self, inst: InstId) -> u32 {
+        let (_, f) = self.sent.iter().rev().find(|(i, _)| *i == inst).unwrap();
+        f.request_id
+    }
+
+    /// `inst` answers its request with `status`.
+    fn respond(&mut self, inst: InstId, status: u16) {
+        let rid = self.running(inst);
+        let meta = format!(r#"{{"status":{status},"headers":[["x-by","fake"]]}}"#);
+        let mut bytes = Vec::new();
+        protocol::encode(
+            &mut bytes,
+            FrameType::Response,
+            0,
+            rid,
+            meta.as_bytes(),
+            b"out",
+        );
+        let n = self.pool.on_channel_input(inst, &bytes, self.now);
+        assert_eq!(n, bytes.len(), "a whole frame is consumed");
+        self.drain();
+    }
+
+    fn tick(&mut self, cpu_busy_pct: u64) {
+        self.pool.on_tick(Tick {
+            now: self.now,
+            wall_ms: self.wall_ms,
+            cpu_busy_pct,
+        });
+        self.drain();
+    }
+
+    /// The answer sent to `to`, if any.
+    fn reply_to(&self, to: ReplyTo) -> Option<&Reply> {
+        self.replies.iter().find(|(t, _)| *t == to).map(|(_, r)| r)
+    }
+
+    fn status(&self, to: ReplyTo) -> Option<u16> {
+        self.reply_to(to).map(|r| r.status)
+    }
+
+    fn live(&self, id: &str) -> usize {
+        self.pool.fns.get(id).map_or(0, |fs| fs.live)
+    }
+}
+
+#[test]
+fn requests_go_to_an_idle_instance_at_once() {
+    let f = function("a", 4, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let first = sim.request("a");
+    assert_eq!(sim.starts.len(), 1, "nothing runs: one instance starts");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    assert_eq!(
+        sim.sent.len(),
+        1,
+        "the queued request goes to the new instance"
+    );
+    sim.respond(inst, 201);
+    let r = sim.reply_to(first).unwrap();
+    assert_eq!((r.status, &r.body[..]), (201, &b"out"[..]));
+    assert_eq!(r.headers, [(Cow::Borrowed("x-by"), Cow::Borrowed("fake"))]);
+    // Warm: the next request is sent at once, nothing starts.
+    sim.request("a");
+    assert_eq!((sim.sent.len(), sim.starts.len()), (2, 0));
+    assert_eq!(sim.running(inst), sim.sent[1].1.request_id);
+    assert_eq!(f.metrics.queue_depth.load(Relaxed), 0);
+}
+
+#[test]
+fn unknown_and_deleted_functions_get_404() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let unknown = sim.request("zz");
+    assert_eq!(sim.status(unknown), Some(404));
+    f.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(Vec::new(), sim.now);
+    let deleted = sim.request("a");
+    assert_eq!(sim.status(deleted), Some(404));
+}
+
+#[test]
+fn a_full_queue_at_the_concurrency_limit_answers_429() {
+    let f = function("a", 1, 1000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 2;
+    let mut sim = Sim::new(cfg, &[&f]);
+    sim.request("a");
+    sim.start_all();
+    let queued = [sim.request("a"), sim.request("a")];
+    assert!(queued.iter().all(|&to| sim.status(to).is_none()));
+    assert_eq!(f.metrics.queue_depth.load(Relaxed), 2);
+    let refused = sim.request("a");
+    let r = sim.reply_to(refused).unwrap();
+    assert_eq!(r.status, 429);
+    assert!(r
+        .headers
+        .contains(&(Cow::Borrowed("retry-after"), Cow::Borrowed("1"))));
+    assert!(sim.starts.is_empty(), "at the limit nothing more starts");
+}
+
+#[test]
+fn a_full_queue_below_the_limit_scales_out_instead() {
+    let f = function("a", 3, 1000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 1;
+    let mut sim = Sim::new(cfg, &[&f]);
+    for _ in 0..3 {
+        sim.request("a");
+    }
+    assert_eq!(
+        sim.starts.len(),
+        3,
+        "each request beyond the queue starts one"
+    );
+    let fourth = sim.request("a");
+    assert_eq!(sim.status(fourth), None, "covered by the starts: queued");
+}
+
+#[test]
+fn timeouts_run_from_dispatch_not_from_arrival() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let first = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let second = sim.request("a");
+    sim.advance(900);
+    sim.respond(inst, 200);
+    assert_eq!(sim.status(first), Some(200));
+    // The handler is told its deadline: dispatch time plus the timeout.
+    let meta = String::from_utf8(sim.sent[1].1.meta.clone()).unwrap();
+    let deadline = WALL_MS_AT_START + 900 + 1000;
+    assert!(
+        meta.ends_with(&format!(",\"deadline_ms\":{deadline}}}")),
+        "{meta}"
+    );
+    sim.advance(800); // 1700 ms after arrival, 800 after dispatch
+    sim.tick(10);
+    assert_eq!(
+        sim.status(second),
+        None,
+        "waiting in the queue did not count"
+    );
+    sim.advance(250);
+    sim.tick(10);
+    assert_eq!(sim.status(second), Some(504));
+    assert_eq!(sim.closed, vec![inst], "a timed-out instance is not reused");
+    assert!(sim.fake(inst).killed && sim.fake(inst).destroyed);
+    assert_eq!(sim.live("a"), 0);
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+}
+
+#[test]
+fn queued_requests_expire_after_the_timeout_and_init_allowance() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let waiting = sim.request("a");
+    // The start never finishes.
+    sim.advance(1000 + QUEUE_INIT_ALLOWANCE.as_millis() as u64 - 1);
+    sim.tick(0);
+    assert_eq!(sim.status(waiting), None);
+    sim.advance(1);
+    sim.tick(0);
+    assert_eq!(sim.status(waiting), Some(504));
+}
+
+#[test]
+fn a_timeout_replaces_the_instance_for_the_queue() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.advance(10);
+    let queued = sim.request("a");
+    sim.advance(1000);
+    sim.tick(0);
+    assert_eq!(sim.closed, vec![inst]);
+    assert_eq!(sim.starts.len(), 1, "a new instance starts for the queue");
+    let [fresh] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(fresh, 200);
+    assert_eq!(sim.status(queued), Some(200));
+}
+
+#[test]
+fn a_crash_answers_502_and_replaces_the_instance() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let running = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let queued = sim.request("a");
+    sim.pool.on_channel_closed(inst, sim.now);
+    sim.drain();
+    let r = sim.reply_to(running).unwrap();
+    assert_eq!(r.status, 502);
+    assert!(String::from_utf8_lossy(&r.body).contains("instance_crashed"));
+    assert_eq!(sim.closed, vec![inst]);
+    assert_eq!(sim.starts.len(), 1, "replaced for the queued request");
+    // It exits by itself: killed only after the grace period.
+    assert!(!sim.fake(inst).killed);
+    sim.advance(EXIT_GRACE.as_millis() as u64);
+    sim.tick(0);
+    assert!(sim.fake(inst).killed && sim.fake(inst).destroyed);
+    sim.start_all();
+    assert_eq!(sim.status(queued), None, "dispatched to the replacement");
+    assert_eq!(sim.sent.len(), 2);
+}
+
+#[test]
+fn a_runtime_exit_is_a_crash_and_a_handler_error_is_not() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let thrown = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let mut frame = Vec::new();
+    let meta = br#"{"errorType":"TypeError","errorMessage":"boom"}"#;
+    protocol::encode(
+        &mut frame,
+        FrameType::Error,
+        0,
+        sim.running(inst),
+        meta,
+        b"",
+    );
+    sim.pool.on_channel_input(inst, &frame, sim.now);
+    sim.drain();
+    let r = sim.reply_to(thrown).unwrap();
+    assert_eq!(r.status, 502);
+    assert!(String::from_utf8_lossy(&r.body).contains("boom"));
+    assert!(sim.closed.is_empty(), "the instance lives on");
+    let exited = sim.request("a");
+    let mut frame = Vec::new();
+    let meta = br#"{"errorType":"Runtime.ExitError","errorMessage":"exit 1"}"#;
+    protocol::encode(
+        &mut frame,
+        FrameType::Error,
+        0,
+        sim.running(inst),
+        meta,
+        b"",
+    );
+    sim.pool.on_channel_input(inst, &frame, sim.now);
+    sim.drain();
+    assert!(
+        String::from_utf8_lossy(&sim.reply_to(exited).unwrap().body).contains("instance_crashed")
+    );
+    assert_eq!(sim.closed, vec![inst]);
+}
+
+#[test]
+fn a_failed_start_answers_one_queued_request_503() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let to = sim.request("a");
+    sim.fail_start();
+    assert_eq!(sim.status(to), Some(503));
+    assert_eq!(f.instances.load(Relaxed), 0);
+}
+
+#[test]
+fn a_client_that_left_is_neither_dispatched_nor_answered() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let first = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let left = sim.request("a");
+    let stays = sim.request("a");
+    sim.pool.on_client_gone(left);
+    sim.pool.on_client_gone(first);
+    sim.respond(inst, 200);
+    assert_eq!(sim.status(first), None, "no answer for a client that left");
+    assert_eq!(
+        sim.sent.len(),
+        2,
+        "the next request is the one still waiting"
+    );
+    sim.respond(inst, 200);
+    assert_eq!((sim.status(left), sim.status(stays)), (None, Some(200)));
+    assert!(sim.pool.gone.is_empty());
+}
+
+#[test]
+fn scale_out_waits_for_spare_cpu() {
+    let f = function("a", 4, 10_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    sim.request("a");
+    sim.start_all();
+    sim.request("a");
+    sim.advance(5); // past SCALE_UP_WAIT, short of SCALE_UP_WAIT_MAX
+    sim.tick(95);
+    assert!(sim.starts.is_empty(), "a saturated core adds no instance");
+    sim.tick(40);
+    assert_eq!(
+        sim.starts.len(),
+        1,
+        "spare CPU: the wait is worth an instance"
+    );
+}
+
+#[test]
+fn a_long_wait_scales_out_even_on_a_saturated_core_until_the_fit() {
+    let saturated = true;
+    let mut f = FnView {
+        queued: 1,
+        starting: 0,
+        live: 1,
+        head_wait: SCALE_UP_WAIT_MAX,
+        fit: None,
+    };
+    assert!(scale::scale_out(&f, saturated, 100), "no fit known yet");
+    f.fit = Some(1);
+    assert!(!scale::scale_out(&f, saturated, 100), "at its fit");
+    f.fit = Some(2);
+    f.head_wait = SCALE_UP_WAIT;
+    assert!(scale::scale_out(&f, saturated, 100), "below its fit");
+    f.head_wait = Duration::ZERO;
+    assert!(!scale::scale_out(&f, false, 100), "no wait yet");
+    f.starting = 1;
+    f.head_wait = SCALE_UP_WAIT_MAX;
+    assert!(!scale::scale_out(&f, false, 100), "covered by a start");
+}
+
+#[test]
+fn fit_is_one_for_cpu_bound_and_many_for_waiting_handlers() {
+    let ms = |n: u64| n * 1_000_000;
+    let busy = Duration::from_millis(300);
+    assert_eq!(scale::fit_estimate(ms(300), 0, busy), Some(1));
+    assert_eq!(scale::fit_estimate(ms(30), 0, busy), Some(10));
+    // Waiting for the CPU is contention, not the handler's own time.
+    assert_eq!(scale::fit_estimate(ms(100), ms(200), busy), Some(1));
+    assert_eq!(scale::fit_estimate(0, 0, busy), Some(scale::FIT_MAX));
+    assert_eq!(
+        scale::fit_estimate(ms(5), 0, Duration::from_millis(5)),
+        None
+    );
+    assert_eq!(scale::excess_over_fit(5, Some(2), true), 3);
+    assert_eq!(scale::excess_over_fit(5, Some(2), false), 0);
+    assert_eq!(scale::excess_over_fit(5, None, true), 0);
+}
+
+#[test]
+fn scale_in_happens_after_a_finished_request_and_never_below_the_fit() {
+    let f = function("a", 3, 10_000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 1;
+    let mut sim = Sim::new(cfg, &[&f]);
+    let insts = three_cpu_bound_at(&mut sim, 95);
+    assert!(
+        sim.closed.is_empty(),
+        "busy instances finish their request first"
+    );
+    for (n, &i) in insts.iter().enumerate() {
+        sim.respond(i, 200);
+        let expect_live = if n < 2 { 2 - n } else { 1 };
+        assert_eq!(sim.live("a"), expect_live, "after {} answers", n + 1);
+    }
+    assert_eq!(sim.closed, insts[..2].to_vec());
+    assert_eq!(sim.replies.len(), 3, "every request was answered");
+}
+
+#[test]
+fn an_unsaturated_core_keeps_instances_beyond_the_fit() {
+    let f = function("a", 3, 10_000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 1;
+    let mut sim = Sim::new(cfg, &[&f]);
+    let insts = three_cpu_bound_at(&mut sim, 50);
+    for &i in &insts {
+        sim.respond(i, 200);
+    }
+    assert_eq!(sim.live("a"), 3);
+    assert!(sim.closed.is_empty());
+}
+
+/// Like [`three_cpu_bound`], ticking with `cpu_busy_pct`.
+fn three_cpu_bound_at(sim: &mut Sim, cpu_busy_pct: u64) -> Vec<InstId> {
+    for _ in 0..3 {
+        sim.request("a");
+    }
+    let insts = sim.start_all();
+    for &i in &insts {
+        sim.fake(i).sched = Some(SchedTime::default());
+    }
+    sim.advance(100);
+    sim.tick(cpu_busy_pct);
+    for &i in &insts {
+        sim.fake(i).sched = Some(SchedTime {
+            run_ns: 100_000_000,
+            wait_ns: 0,
+        });
+    }
+    sim.advance(100);
+    sim.tick(cpu_busy_pct);
+    assert_eq!(sim.pool.fns["a"].fit, Some(1));
+    insts
+}
+
+#[test]
+fn idle_instances_beyond_the_fit_go_at_once_on_a_saturated_core() {
+    let f = function("a", 3, 10_000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 1;
+    let mut sim = Sim::new(cfg, &[&f]);
+    let insts = three_cpu_bound_at(&mut sim, 50);
+    for &i in &insts {
+        sim.respond(i, 200);
+    }
+    sim.tick(95);
+    assert_eq!(sim.live("a"), 1, "down to the fit");
+    assert_eq!(sim.closed.len(), 2);
+}
+
+#[test]
+fn idle_instances_go_after_the_keep_warm_period() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(inst, 200);
+    sim.advance(59_000);
+    sim.tick(0);
+    assert_eq!(sim.live("a"), 1);
+    sim.advance(1_000);
+    sim.tick(0);
+    assert_eq!((sim.live("a"), sim.closed.clone()), (0, vec![inst]));
+    assert!(sim.fake(inst).destroyed);
+}
+
+#[test]
+fn a_starved_core_gets_an_idle_instance_handed_over() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    // Core 1 gets a request too; the function is at its limit there.
+    let waiting = core1.request("a");
+    assert!(core1.starts.is_empty());
+    assert_eq!(f.starved.load(Relaxed), 1 << 1, "core 1 says it is starved");
+    // The instance on core 0 finishes with nothing queued: it moves to core 1.
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    assert_eq!(core0.live("a"), 0);
+    core0.pool.on_detached(
+        inst,
+        std::fs::File::open("/dev/null").unwrap().into(),
+        Vec::new(),
+    );
+    core0.drain();
+    let (target, moved) = core0.handed.pop().unwrap();
+    assert_eq!(target, 1);
+    assert_eq!(f.starved.load(Relaxed), 0);
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    assert_eq!(core1.attached.len(), 1);
+    assert_eq!(
+        core1.sent.len(),
+        1,
+        "the waiting request goes to the moved instance"
+    );
+    let moved_id = core1.attached[0];
+    core1.fakes.push((moved_id, core0.fakes[0].1.clone()));
+    assert_eq!(core1.fake(moved_id).repinned, Some(1));
+    core1.respond(moved_id, 200);
+    assert_eq!(core1.status(waiting), Some(200));
+    assert_eq!(f.instances.load(Relaxed), 1, "one instance all along");
+}
+
+#[test]
+fn functions_take_turns_when_the_core_is_at_its_instance_cap() {
+    let a = function("a", 8, 10_000);
+    let b = function("b", 8, 10_000);
+    let mut cfg = config(0);
+    cfg.instances_max = 2;
+    cfg.queue_depth_max = 1;
+    let mut sim = Sim::new(cfg, &[&a, &b]);
+    for _ in 0..4 {
+        sim.request("a");
+    }
+    assert_eq!(sim.starts.len(), 2, "the cap holds");
+    let a_insts = sim.start_all();
+    let b_first = sim.request("b");
+    assert!(sim.starts.is_empty(), "no slot, nothing idle to evict");
+    // An instance of a finishes: its slot goes to b, not to a's queue.
+    sim.respond(a_insts[0], 200);
+    assert_eq!(sim.closed, vec![a_insts[0]]);
+    assert_eq!(
+        sim.starts
+            .iter()
+            .map(|f| f.spec.id.as_str())
+            .collect::<Vec<_>>(),
+        ["b"]
+    );
+    let [b_inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let b_second = sim.request("b");
+    // b's instance finishes: a waits for a slot, so b hands it back.
+    sim.respond(b_inst, 200);
+    assert_eq!(sim.status(b_first), Some(200));
+    assert_eq!(sim.closed, vec![a_insts[0], b_inst]);
+    assert_eq!(
+        sim.starts
+            .iter()
+            .map(|f| f.spec.id.as_str())
+            .collect::<Vec<_>>(),
+        ["a"]
+    );
+    assert_eq!(sim.status(b_second), None, "b waits for its next turn");
+    // a still has a request no start covers: it waits for a slot after b.
+    assert_eq!(sim.pool.slot_waiters, ["b", "a"]);
+}
+
+#[test]
+fn request_ids_look_like_uuids_and_differ() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let ids: Vec<String> = (0..100).map(|_| sim.pool.request_uuid()).collect();
+    for id in &ids {
+        let parts: Vec<usize> = id.split('-').map(str::len).collect();
+        assert_eq!(parts, [8, 4, 4, 4, 12], "{id}");
+        assert_eq!(&id[14..15], "4", "{id}");
+    }
+    let unique: std::collections::HashSet<_> = ids.iter().collect();
+    assert_eq!(unique.len(), ids.len());
+}
+
+#[test]
+fn next_core_wraps_around() {
+    use super::migrate::next_core;
+    assert_eq!(next_core(0b1010, 1), 3);
+    assert_eq!(next_core(0b1010, 3), 1);
+    assert_eq!(next_core(0b0001, 0), 0);
+}
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "live count of a is not its instances")]
+fn a_live_count_that_drifts_from_the_instances_is_caught() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    sim.request("a");
+    sim.start_all();
+    sim.pool.fns.get_mut("a").unwrap().live += 1;
+    sim.tick(0);
+}
+
+#[test]
+#[cfg(debug_assertions)]
+#[should_panic(expected = "queue depth is not the sum of queues")]
+fn a_queue_depth_that_drifts_from_the_queues_is_caught() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    sim.request("a");
+    sim.pool.queued += 1;
+    sim.tick(0);
+}

@@ -605,3 +605,136 @@ fn versions_and_weighted_aliases_route_and_survive_a_restart() {
     assert!(!state.join("aliases/app.json").exists());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn invoke_through_the_service_api_answers_as_lambda_does() {
+    require_clients!();
+    let s = Server::start(&[]);
+    let token = s.token.clone().unwrap();
+    let (behave, _) = write_zip(&s, "behave");
+    aws_ok(
+        &s,
+        &[
+            "create-function",
+            "--function-name",
+            "inv",
+            "--runtime",
+            "nodejs20.x",
+            "--role",
+            "r",
+            "--handler",
+            "index.handler",
+            "--timeout",
+            "2",
+            "--zip-file",
+            &behave,
+        ],
+    );
+    // The aws CLI: the payload is the event, the result comes back as is.
+    let out_file = s.dir.join("out.json");
+    let meta = aws_ok(
+        &s,
+        &[
+            "invoke",
+            "--function-name",
+            "inv",
+            "--payload",
+            r#"{"rawPath":"/whoami"}"#,
+            out_file.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(meta["StatusCode"], 200, "{meta}");
+    assert_eq!(meta["ExecutedVersion"], "$LATEST");
+    assert!(meta.get("FunctionError").is_none(), "{meta}");
+    // The fixture answers in the function-URL shape; through Invoke that
+    // object is the payload itself, untranslated.
+    let result: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&out_file).unwrap()).unwrap();
+    assert_eq!(result["statusCode"], 200, "{result}");
+    let inner: serde_json::Value = serde_json::from_str(result["body"].as_str().unwrap()).unwrap();
+    assert_eq!(inner["calls"], 1, "{result}");
+
+    let out = boto3(
+        &s,
+        &token,
+        r#"
+import base64
+def inv(payload, **kw):
+    r = client.invoke(FunctionName='inv', Payload=json.dumps(payload).encode(), **kw)
+    body = r['Payload'].read()
+    return {'status': r['StatusCode'], 'error': r.get('FunctionError'),
+            'log': base64.b64decode(r['LogResult']).decode() if 'LogResult' in r else None,
+            'version': r.get('ExecutedVersion'), 'body': json.loads(body) if body else None}
+out = {}
+out['log'] = inv({'rawPath': '/log', 'requestContext': {'requestId': 'r1'}}, LogType='Tail')
+out['timeout'] = inv({'rawPath': '/spin'})
+out['after'] = inv({'rawPath': '/whoami'})
+out['dry'] = client.invoke(FunctionName='inv', InvocationType='DryRun')['StatusCode']
+try:
+    client.invoke(FunctionName='nope', Payload=b'{}')
+except client.exceptions.ResourceNotFoundException as e:
+    out['missing'] = e.response['ResponseMetadata']['HTTPStatusCode']
+try:
+    client.invoke(FunctionName='inv', Payload=b'{not json')
+except client.exceptions.InvalidRequestContentException as e:
+    out['bad'] = e.response['ResponseMetadata']['HTTPStatusCode']
+print(json.dumps(out))
+"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["log"]["status"], 200, "{v}");
+    let log = v["log"]["log"].as_str().unwrap();
+    assert!(
+        log.contains("hello from stdout") && log.contains("hello from stderr"),
+        "{log}"
+    );
+    assert_eq!(v["timeout"]["status"], 200);
+    assert_eq!(v["timeout"]["error"], "Unhandled");
+    assert_eq!(v["timeout"]["body"]["errorType"], "Sandbox.Timedout", "{v}");
+    let after: serde_json::Value =
+        serde_json::from_str(v["after"]["body"]["body"].as_str().unwrap()).unwrap();
+    assert_eq!(
+        after["calls"], 1,
+        "a fresh instance replaced the timed-out one: {v}"
+    );
+    assert_eq!(v["dry"], 204);
+    assert_eq!(v["missing"], 404);
+    assert_eq!(v["bad"], 400);
+
+    // A handler that throws: 200 with X-Amz-Function-Error and Lambda's error object.
+    let (plain, _) = write_zip(&s, "plain");
+    aws_ok(
+        &s,
+        &[
+            "update-function-code",
+            "--function-name",
+            "inv",
+            "--zip-file",
+            &plain,
+        ],
+    );
+    let out = boto3(
+        &s,
+        &token,
+        "r = client.invoke(FunctionName='inv', Payload=b'{\"rawPath\":\"/error\"}')\n\
+         print(json.dumps({'error': r.get('FunctionError'), 'body': json.loads(r['Payload'].read())}))",
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout)
+        .unwrap_or_else(|e| panic!("{e}: {}", String::from_utf8_lossy(&out.stderr)));
+    assert_eq!(v["error"], "Unhandled");
+    assert_eq!(v["body"]["errorType"], "TypeError");
+    assert_eq!(v["body"]["errorMessage"], "plain fixture failed on purpose");
+    assert!(
+        v["body"]["trace"][0]
+            .as_str()
+            .unwrap()
+            .starts_with("TypeError"),
+        "{v}"
+    );
+    s.assert_healthy();
+}

@@ -25,7 +25,7 @@ use crate::control::plane::{self, Answer, Code, Plane};
 use crate::control::settings::{self, DeploySettings};
 use crate::control::sigv4;
 use crate::functions::names::{Alias, Index, ALIASES_PER_FUNCTION_MAX, VERSIONS_PER_FUNCTION_MAX};
-use crate::functions::Function;
+use crate::functions::{Function, ServiceInvoke};
 use crate::http::parse::Request;
 use crate::routes::LambdaOp;
 use crate::spec::ServiceMeta;
@@ -127,13 +127,75 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
         LambdaOp::GetAlias(n, a) => cx.with(n, |f| cx.get_alias(&f, a)),
         LambdaOp::UpdateAlias(n, a) => cx.with(n, |f| cx.update_alias(&f, a, body)),
         LambdaOp::DeleteAlias(n, a) => cx.with(n, |f| cx.delete_alias(&f, a)),
-        LambdaOp::Invoke(_) => Err(lambda_error(
-            501,
-            "ServiceException",
-            "Invoke through the service API is not supported yet; call the function URL /f/<name>/",
-        )),
+        // Served on the request path by the engine (see `invoke_target`).
+        LambdaOp::Invoke(_) => Err(lambda_error(500, "ServiceException", "misrouted Invoke")),
     };
     result.unwrap_or_else(|a| a)
+}
+
+/// Checks an `Invoke` (signature, invocation type, payload) and finds the
+/// function it names (`Qualifier` or a qualified name picks a version or an
+/// alias). `DryRun` is answered here (204); `Event` (asynchronous) is not
+/// supported yet (501).
+pub(super) fn invoke_target(
+    plane: &Plane,
+    raw: &str,
+    req: &Request,
+    body: &[u8],
+) -> Result<(String, ServiceInvoke), Answer> {
+    plane.service_auth.check(req, body)?;
+    let (name, qualifier) = function_name(raw)?;
+    let qualifier = qualifier.or_else(|| query_qualifier(req.query()));
+    let key = match &qualifier {
+        Some(q) => format!("{name}:{q}"),
+        None => name.clone(),
+    };
+    let not_found = || {
+        lambda_error(
+            404,
+            "ResourceNotFoundException",
+            &format!(
+                "Function not found: arn:aws:lambda:{REGION_DEFAULT}:{ACCOUNT_ID}:function:{key}"
+            ),
+        )
+    };
+    let f = plane.functions.get(&key).ok_or_else(not_found)?;
+    if !body.is_empty() && serde_json::from_slice::<serde::de::IgnoredAny>(body).is_err() {
+        return Err(lambda_error(
+            400,
+            "InvalidRequestContentException",
+            "Could not parse request body into json: the payload must be JSON",
+        ));
+    }
+    match req
+        .header("x-amz-invocation-type")
+        .unwrap_or("RequestResponse")
+    {
+        "RequestResponse" => {}
+        "DryRun" => return Err((204, "application/json", Vec::new())),
+        "Event" => return Err(lambda_error(
+            501,
+            "ServiceException",
+            "asynchronous invocations (Event) are not supported yet; invoke with RequestResponse",
+        )),
+        other => {
+            return Err(invalid(&format!(
+                "X-Amz-Invocation-Type {other:?} is not one of RequestResponse, Event, DryRun"
+            )))
+        }
+    }
+    let invoke = ServiceInvoke {
+        version: f
+            .spec
+            .service
+            .version
+            .map_or_else(|| "$LATEST".to_string(), |v| v.to_string()),
+        tail: req
+            .header("x-amz-log-type")
+            .is_some_and(|t| t.eq_ignore_ascii_case("Tail")),
+        ..ServiceInvoke::default()
+    };
+    Ok((f.spec.id.clone(), invoke))
 }
 
 /// One request's context: the plane and the region named in its signature.

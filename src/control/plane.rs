@@ -70,6 +70,21 @@ pub struct Control {
 }
 
 impl Control {
+    /// Checks a service API `Invoke` on the worker that received it (it runs
+    /// on the request path, not on a control thread) and says which function
+    /// serves it; `Err` is the answer to send instead.
+    pub fn service_invoke(
+        &self,
+        name: &str,
+        req: &Request,
+        body: &[u8],
+    ) -> Result<(String, crate::functions::ServiceInvoke), crate::http::reply::Reply> {
+        let plane = self.plane.get().expect("control plane started");
+        lambda::invoke_target(plane, name, req, body).map_err(|(status, content_type, body)| {
+            crate::http::reply::Reply::new(status, content_type, body)
+        })
+    }
+
     /// A control plane with no request in flight.
     pub fn new() -> Control {
         Control::default()

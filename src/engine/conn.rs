@@ -126,11 +126,14 @@ impl Worker {
                                     body_bytes_max: deploy_max,
                                     ..self.parse_limits
                                 },
-                                // A zip travels base64-encoded inside JSON.
-                                Some(Scope::Service) => parse::Limits {
-                                    body_bytes_max: deploy_max / 3 * 4 + 64 * 1024,
-                                    ..self.parse_limits
-                                },
+                                // A zip travels base64-encoded inside JSON; an
+                                // Invoke's payload has the invocation limit.
+                                Some(Scope::Service) if !req.path().ends_with("/invocations") => {
+                                    parse::Limits {
+                                        body_bytes_max: deploy_max / 3 * 4 + 64 * 1024,
+                                        ..self.parse_limits
+                                    }
+                                }
                                 _ => self.parse_limits,
                             };
                             if req.body == BodyFraming::None {

@@ -22,7 +22,7 @@ use crate::http::reply::{Reply, ReplyTo};
 use crate::http::response::{self, DateCache, Persistence};
 use crate::metrics::{add, CoreMetrics};
 use crate::protocol;
-use crate::routes::{self, Route};
+use crate::routes::{self, LambdaOp, Route};
 
 /// How long a closing client may keep sending before it is cut off.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -564,6 +564,27 @@ impl Worker {
         self.fns.shutdown();
     }
 
+    /// Refreshes this core's view of the functions if `id` was published
+    /// after it last looked (a deploy, or a function replacing another under
+    /// its name), so that the request is not answered 404.
+    fn catch_up(&mut self, id: &str) {
+        if !self.fns.knows(id) && self.shared.functions.get(id).is_some() {
+            let all = self.shared.functions.all();
+            self.fns.on_functions_changed(all, self.now);
+        }
+    }
+
+    /// Notes that the connection at `tok` waits on an invocation.
+    fn mark_invoking(&mut self, tok: Token) {
+        if let Kind::Client(Conn {
+            state: ConnState::Waiting { invoke, .. },
+            ..
+        }) = &mut self.streams[tok].kind
+        {
+            *invoke = true;
+        }
+    }
+
     /// Routes a complete request.
     pub fn dispatch(&mut self, tok: Token, req: Request, body: Vec<u8>) {
         let head_only = req.method == "HEAD";
@@ -592,26 +613,30 @@ impl Worker {
                         .id_of(id)
                         .unwrap_or_else(|| id.to_string()),
                 };
-                if !self.fns.knows(&id) && self.shared.functions.get(&id).is_some() {
-                    // Published after this core last looked (a deploy, or a function
-                    // replacing another under its name): catch up before answering.
-                    let all = self.shared.functions.all();
-                    self.fns.on_functions_changed(all, self.now);
-                }
+                self.catch_up(&id);
                 let path = path.to_string();
                 let to = self.reply_to(tok);
                 let peer = self.peer(tok);
-                if let Kind::Client(Conn {
-                    state: ConnState::Waiting { invoke, .. },
-                    ..
-                }) = &mut self.streams[tok].kind
-                {
-                    *invoke = true;
-                }
+                self.mark_invoking(tok);
                 self.fns
                     .on_request(to, peer, &id, &path, req, body, self.now);
                 self.run_actions();
                 return;
+            }
+            Route::Lambda(LambdaOp::Invoke(name)) => {
+                match self.shared.control.service_invoke(name, &req, &body) {
+                    Err(reply) => reply,
+                    Ok((id, invoke)) => {
+                        self.catch_up(&id);
+                        let to = self.reply_to(tok);
+                        let peer = self.peer(tok);
+                        self.mark_invoking(tok);
+                        self.fns
+                            .on_service_invoke(to, peer, &id, req, body, invoke, self.now);
+                        self.run_actions();
+                        return;
+                    }
+                }
             }
             _ => {
                 let to = self.reply_to(tok);

@@ -27,7 +27,7 @@ use crate::spec::FunctionSpec;
 use budget::{Budget, Reservation};
 use names::Index;
 
-pub use sched::CorePool;
+pub use sched::{CorePool, ServiceInvoke};
 
 /// Most functions one server holds (bounds metrics cardinality and memory).
 pub const FUNCTIONS_MAX: usize = 1000;

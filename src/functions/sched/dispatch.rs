@@ -30,6 +30,9 @@ struct InvokeMeta<'a> {
     request_id: &'a str,
     time_ms: u64,
     domain: &'a str,
+    /// The body is the event (the service API's `Invoke`).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    raw: bool,
 }
 
 impl CorePool {
@@ -53,7 +56,7 @@ impl CorePool {
         )
     }
 
-    /// Handles one invocation request.
+    /// Handles one invocation request from a function URL.
     #[allow(clippy::too_many_arguments)]
     pub(super) fn invoke(
         &mut self,
@@ -63,6 +66,23 @@ impl CorePool {
         path: &str,
         req: Request,
         body: Vec<u8>,
+        now: Instant,
+    ) {
+        self.invoke_as(to, peer, id, path, req, body, false, now);
+    }
+
+    /// Handles one invocation request; `raw`: the body is the event itself
+    /// (the service API's `Invoke`), not an HTTP request to turn into one.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn invoke_as(
+        &mut self,
+        to: ReplyTo,
+        peer: IpAddr,
+        id: &str,
+        path: &str,
+        req: Request,
+        body: Vec<u8>,
+        raw: bool,
         now: Instant,
     ) {
         let Some(fs) = self.fns.get(id) else {
@@ -91,7 +111,12 @@ impl CorePool {
             request_id: &request_id,
             time_ms: self.wall_ms(now),
             domain: req.header("host").unwrap_or("localhost"),
+            raw,
         };
+        if let Some(s) = self.service.get_mut(&to) {
+            s.request_id.clone_from(&request_id);
+            s.function = Some(f.clone());
+        }
         let mut meta_head = Vec::with_capacity(256 + 32 * req.headers.len());
         serde_json::to_writer(&mut meta_head, &meta).expect("json of plain values");
         assert_eq!(

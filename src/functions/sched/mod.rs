@@ -276,6 +276,19 @@ impl FnState {
     }
 }
 
+/// What the answer to a service API `Invoke` needs besides the function's.
+#[derive(Clone, Default)]
+pub struct ServiceInvoke {
+    /// `X-Amz-Executed-Version`: `$LATEST` or the version number.
+    pub version: String,
+    /// `X-Amz-Log-Type: Tail`: return the end of the invocation's log.
+    pub tail: bool,
+    /// The request id, set when the request is accepted.
+    pub request_id: String,
+    /// The function, set when the request is accepted (for the log tail).
+    pub function: Option<Arc<Function>>,
+}
+
 /// A core's share of all functions.
 pub struct CorePool {
     cfg: SchedConfig,
@@ -295,6 +308,9 @@ pub struct CorePool {
     cpu_busy_pct: u64,
     /// Clients that left while their request was queued or running here.
     gone: HashSet<ReplyTo>,
+    /// Requests that came through the Lambda service API's `Invoke`: their
+    /// answers take Lambda's shape ([`reply::service_reply`]).
+    service: HashMap<ReplyTo, ServiceInvoke>,
     /// What the owner is to do next.
     actions: VecDeque<Action>,
     /// Instances whose channel is being detached for a move to another core.
@@ -324,6 +340,7 @@ impl CorePool {
             clock: (now, wall_ms),
             cpu_busy_pct: 0,
             gone: HashSet::new(),
+            service: HashMap::new(),
             actions: VecDeque::new(),
             migrating: HashMap::new(),
             dying: Vec::new(),
@@ -356,6 +373,25 @@ impl CorePool {
         now: Instant,
     ) {
         self.invoke(to, peer, id, path, req, body, now);
+        self.check_invariants();
+    }
+
+    /// Event: a Lambda service API `Invoke` (`RequestResponse`) of function
+    /// `id`: the body is the event's JSON, the answer is the handler's result
+    /// as it is, and every outcome is answered in Lambda's shape.
+    #[allow(clippy::too_many_arguments)]
+    pub fn on_service_invoke(
+        &mut self,
+        to: ReplyTo,
+        peer: IpAddr,
+        id: &str,
+        req: Request,
+        body: Vec<u8>,
+        invoke: ServiceInvoke,
+        now: Instant,
+    ) {
+        self.service.insert(to, invoke);
+        self.invoke_as(to, peer, id, "/", req, body, true, now);
         self.check_invariants();
     }
 
@@ -476,10 +512,23 @@ impl CorePool {
 
     /// Queues an answer for `to`, unless that client left.
     fn reply(&mut self, to: ReplyTo, reply: Reply) {
+        let service = match self.service.is_empty() {
+            true => None,
+            false => self.service.remove(&to),
+        };
         if !self.gone.is_empty() && self.gone.remove(&to) {
             return;
         }
+        let reply = match service {
+            Some(s) => reply::service_reply(reply, &s),
+            None => reply,
+        };
         self.actions.push_back(Action::Reply { to, reply });
+    }
+
+    /// Whether the request answered at `to` came through the service API.
+    fn is_service(&self, to: ReplyTo) -> bool {
+        !self.service.is_empty() && self.service.contains_key(&to)
     }
 
     /// The wall clock at `now`, in milliseconds since the epoch.
@@ -523,6 +572,10 @@ impl CorePool {
         debug_assert!(
             self.gone.len() <= queued + busy,
             "clients gone that had nothing here"
+        );
+        debug_assert!(
+            self.service.len() <= queued + busy,
+            "service invocations that are neither queued nor running"
         );
     }
 }

@@ -101,6 +101,9 @@ impl CorePool {
             // The runtime died under the request: a crash, not a handler error.
             inst.busy = Some(busy);
             return self.instance_failed(i, now, "the function's runtime exited");
+        } else if self.is_service(busy.to) {
+            f.metrics.error(ErrorKind::Handler);
+            service_error_reply(meta)
         } else {
             f.metrics.error(ErrorKind::Handler);
             handler_error_reply(meta)
@@ -129,6 +132,107 @@ fn handler_error_reply(meta: &[u8]) -> Reply {
     }))
     .expect("json");
     Reply::new(502, "application/json", body)
+}
+
+/// `X-Amz-Function-Error`: the marker of a failed invocation in a 200 answer.
+const FUNCTION_ERROR: &str = "x-amz-function-error";
+/// Bytes of the invocation's log returned by `X-Amz-Log-Type: Tail` (Lambda's 4 KB).
+pub const LOG_TAIL_BYTES: usize = 4096;
+
+/// A handler error answered through the service API, as Lambda answers it:
+/// 200, `X-Amz-Function-Error: Unhandled`, and the runtime's error object
+/// (`errorMessage`, `errorType`, and `trace` when the runtime gave one).
+fn service_error_reply(meta: &[u8]) -> Reply {
+    let m: serde_json::Value = serde_json::from_slice(meta).unwrap_or_default();
+    let mut out = serde_json::json!({
+        "errorMessage": m["errorMessage"],
+        "errorType": m["errorType"],
+    });
+    if m["trace"].is_array() {
+        out["trace"] = m["trace"].clone();
+    }
+    function_error(out)
+}
+
+fn function_error(payload: serde_json::Value) -> Reply {
+    Reply::new(200, "application/json", payload.to_string().into_bytes())
+        .with_header(FUNCTION_ERROR, "Unhandled")
+}
+
+/// A Lambda service error: Lambda's status, `x-amzn-ErrorType`, and a body
+/// botocore reads (`Type`, `message`, and `code` as the type again).
+fn service_error(status: u16, kind: &'static str, message: &str) -> Reply {
+    let body = serde_json::json!({ "Type": "User", "message": message, "code": kind });
+    Reply::new(status, "application/json", body.to_string().into_bytes())
+        .with_header("x-amzn-errortype", kind)
+}
+
+/// Turns the answer to a service API `Invoke` into Lambda's shape: the
+/// handler's result or error passes with `X-Amz-Executed-Version`, the
+/// request id and, when asked, the log tail; hearth's own errors become
+/// Lambda's (a timeout or crash is a function error in a 200, as Lambda
+/// reports them; a full queue is `TooManyRequestsException`).
+pub(super) fn service_reply(reply: Reply, s: &super::ServiceInvoke) -> Reply {
+    use std::borrow::Cow;
+    let handler_answered =
+        reply.status == 200 || reply.headers.iter().any(|(k, _)| k == FUNCTION_ERROR);
+    let mut out = if handler_answered {
+        reply
+    } else {
+        let v: serde_json::Value = serde_json::from_slice(&reply.body).unwrap_or_default();
+        let message = v["error"].as_str().unwrap_or("the invocation failed");
+        match (reply.status, v["code"].as_str().unwrap_or("")) {
+            (_, "function_timeout") => function_error(serde_json::json!({
+                "errorType": "Sandbox.Timedout",
+                "errorMessage": format!("RequestId: {} Error: {message}", s.request_id),
+            })),
+            (_, "instance_crashed") | (_, "bad_function_response") => {
+                function_error(serde_json::json!({
+                    "errorType": "Runtime.ExitError",
+                    "errorMessage": format!("RequestId: {} Error: {message}", s.request_id),
+                }))
+            }
+            (429, _) => service_error(429, "TooManyRequestsException", message)
+                .with_header("retry-after", "1"),
+            (404, _) => service_error(404, "ResourceNotFoundException", message),
+            (413, _) => service_error(413, "RequestTooLargeException", message),
+            (503, _) => service_error(503, "ServiceException", message),
+            (status, _) => service_error(status.max(500), "ServiceException", message),
+        }
+    };
+    out.headers.push((
+        Cow::Borrowed("x-amz-executed-version"),
+        Cow::Owned(s.version.clone()),
+    ));
+    if !s.request_id.is_empty() {
+        out.headers.push((
+            Cow::Borrowed("x-amzn-requestid"),
+            Cow::Owned(s.request_id.clone()),
+        ));
+    }
+    if let (true, Some(f)) = (s.tail, &s.function) {
+        out.headers.push((
+            Cow::Borrowed("x-amz-log-result"),
+            Cow::Owned(log_tail(f, &s.request_id)),
+        ));
+    }
+    out
+}
+
+/// Base64 of the last [`LOG_TAIL_BYTES`] of what invocation `request_id` logged.
+fn log_tail(f: &super::Function, request_id: &str) -> String {
+    use base64::Engine as _;
+    let logs = f.logs.lock().unwrap();
+    let mut text = String::new();
+    for line in logs.lines().filter(|l| &*l.request_id == request_id) {
+        text.push_str(&line.message);
+        text.push('\n');
+    }
+    let mut start = text.len().saturating_sub(LOG_TAIL_BYTES);
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    base64::engine::general_purpose::STANDARD.encode(&text.as_bytes()[start..])
 }
 
 /// True for the ERROR the agent sends when the runtime process died mid-request.

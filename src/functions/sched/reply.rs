@@ -366,4 +366,51 @@ mod tests {
         assert_eq!(names, ["x-ok", "x-utf8"]);
         assert_eq!(dropped.len(), 9, "{dropped:?}");
     }
+
+    #[test]
+    fn service_invocations_get_lambdas_shapes() {
+        let s = crate::functions::ServiceInvoke {
+            version: "3".into(),
+            request_id: "rid".into(),
+            ..Default::default()
+        };
+        let header = |r: &Reply, name: &str| {
+            r.headers
+                .iter()
+                .find(|(k, _)| k == name)
+                .map(|(_, v)| v.to_string())
+        };
+        let json = |r: &Reply| serde_json::from_slice::<serde_json::Value>(&r.body).unwrap();
+        let ok = service_reply(Reply::new(200, "application/json", b"42".to_vec()), &s);
+        assert_eq!((ok.status, ok.body.as_slice()), (200, &b"42"[..]));
+        assert_eq!(header(&ok, "x-amz-executed-version").as_deref(), Some("3"));
+        assert_eq!(header(&ok, "x-amzn-requestid").as_deref(), Some("rid"));
+        assert_eq!(header(&ok, FUNCTION_ERROR), None);
+
+        let timeout = service_reply(Reply::error(504, "function_timeout", "took too long"), &s);
+        assert_eq!(timeout.status, 200);
+        assert_eq!(
+            header(&timeout, FUNCTION_ERROR).as_deref(),
+            Some("Unhandled")
+        );
+        assert_eq!(json(&timeout)["errorType"], "Sandbox.Timedout");
+        let crash = service_reply(Reply::error(502, "instance_crashed", "gone"), &s);
+        assert_eq!(json(&crash)["errorType"], "Runtime.ExitError");
+
+        let busy = service_reply(Reply::error(429, "too_many_requests", "full"), &s);
+        assert_eq!(busy.status, 429);
+        assert_eq!(
+            header(&busy, "x-amzn-errortype").as_deref(),
+            Some("TooManyRequestsException")
+        );
+        assert_eq!(json(&busy)["message"], "full");
+        let missing = service_reply(Reply::error(404, "function_not_found", "no"), &s);
+        assert_eq!(json(&missing)["code"], "ResourceNotFoundException");
+
+        let thrown = service_error_reply(
+            br#"{"errorType":"TypeError","errorMessage":"x","trace":["TypeError: x"]}"#,
+        );
+        assert_eq!(thrown.status, 200);
+        assert_eq!(json(&thrown)["trace"][0], "TypeError: x");
+    }
 }

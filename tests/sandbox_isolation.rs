@@ -813,8 +813,13 @@ fn concurrent_spawns_do_not_leak_channels_into_each_other() {
                         }
                         all.extend_from_slice(&b[..n as usize]);
                     }
-                    assert_eq!(all, b"bye");
-                    assert_eq!(wait_exit(&mut sb, Duration::from_secs(10)), 0);
+                    assert_eq!(all, b"bye", "output of {}", spec.name);
+                    assert_eq!(
+                        wait_exit(&mut sb, Duration::from_secs(10)),
+                        0,
+                        "wait status of {}",
+                        spec.name
+                    );
                     let dirs = sb.cgroup_dirs();
                     sb.destroy();
                     assert!(dirs.iter().all(|d| !d.exists()));

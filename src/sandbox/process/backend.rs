@@ -257,7 +257,7 @@ impl Inner {
             cpu_millicores: CPU_MILLICORES,
             cpu_core: core,
             host_uid: uid.uid(),
-            name: format!("{}-{}-{n}", spec.id, std::process::id()),
+            name: process::cgroup::server_group_name(&spec.id, std::process::id(), n),
             // Direct mode: Node gets the channel, the agent stays off the
             // request path and sends raw output on the log socket.
             argv: ["/hearth/agent", "--channel-fd", "3", "--log-fd", "4"]

@@ -458,9 +458,34 @@ impl Group {
     }
 }
 
+/// The name of the `n`th sandbox group of server `pid` for function `id`
+/// (`<function id>-<server pid>-<n>`): what [`sweep_stale`] recognises.
+pub fn server_group_name(id: &str, pid: u32, n: u32) -> String {
+    format!("{id}-{pid}-{n}")
+}
+
+/// The server pid in `name` if it is exactly a [`server_group_name`]: a function
+/// id of 16 lower-case hex digits, a pid, a number. Groups of any other shape
+/// (sandboxes made directly with [`spawn`](super::spawn), by tests or another
+/// tool) are not a server's and never swept.
+fn server_pid(name: &str) -> Option<u32> {
+    let mut parts = name.split('-');
+    let (Some(id), Some(pid), Some(n), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return None;
+    };
+    let hex = |b: u8| b.is_ascii_digit() || (b'a'..=b'f').contains(&b);
+    let digits = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    if id.len() != 16 || !id.bytes().all(hex) || !digits(pid) || !digits(n) {
+        return None;
+    }
+    pid.parse().ok()
+}
+
 /// Removes sandbox cgroups left behind by a hearth process that no longer runs
-/// (killed before it could clean up). Only groups under `hearth/` whose name
-/// embeds a dead pid (`<function>-<pid>-<n>`) are touched. Their processes are
+/// (killed before it could clean up). Only groups under `hearth/` named by
+/// [`server_group_name`] with a dead pid are touched. Their processes are
 /// orphans of the dead server (a sandbox still dying, or one busy enough not to
 /// notice its channel closed): they are killed, and each such group is removed
 /// once empty, waiting at most `wait` in all. A group holding a
@@ -492,7 +517,7 @@ pub fn sweep_stale(wait: Duration) -> usize {
         };
         for e in entries.flatten() {
             let name = e.file_name().to_string_lossy().into_owned();
-            let Some(pid) = name.split('-').nth(1).and_then(|p| p.parse::<u32>().ok()) else {
+            let Some(pid) = server_pid(&name) else {
                 continue;
             };
             if Path::new(&format!("/proc/{pid}")).exists() {
@@ -672,5 +697,26 @@ mod tests {
         assert_eq!(cpu_quota_us(250), 25_000);
         assert_eq!(cpu_quota_us(2500), 250_000);
         assert_eq!(cpu_quota_us(1), 1_000);
+    }
+
+    #[test]
+    fn only_server_group_names_yield_a_server_pid() {
+        let id = "0123456789abcdef";
+        assert_eq!(server_pid(&server_group_name(id, 4242, 7)), Some(4242));
+        // Sandboxes named by anyone else, e.g. the tests' `t<pid>-<n>`: the second
+        // field is not a server's pid, and killing "orphans" there kills live sandboxes.
+        for name in [
+            "t4242-9",
+            "t4242-9-1",
+            "0123456789ABCDEF-4242-7",
+            "0123456789abcde-4242-7",
+            "0123456789abcdef-4242",
+            "0123456789abcdef-4242-7-1",
+            "0123456789abcdef-+4242-7",
+            "0123456789abcdef--7",
+            "0123456789abcdef-4242-x",
+        ] {
+            assert_eq!(server_pid(name), None, "{name}");
+        }
     }
 }

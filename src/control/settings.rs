@@ -1,6 +1,7 @@
 //! The settings a deploy may carry, from the query string or the form's text fields.
 //!
-//! Keys: `handler`, `memory_mb`, `timeout_ms`, `concurrency`, `env` (a JSON object of strings).
+//! Keys: `handler`, `memory_mb`, `timeout_ms`, `concurrency`, `env` (a JSON object of strings),
+//! `runtime` (`nodejs`, `provided`, `python3` or one of Lambda's names for them).
 //! Anything else, or a key given twice, is refused rather than ignored, so a typo never deploys
 //! with a silently different setting.
 
@@ -8,6 +9,8 @@ use std::fmt;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+
+use crate::runtime::RuntimeKind;
 
 /// Memory a function may ask for, in MiB, and the default.
 pub const MEMORY_MB_MIN: u32 = 64;
@@ -39,6 +42,8 @@ pub struct DeploySettings {
     pub concurrency: u32,
     /// Environment variables, in the order given.
     pub env: Vec<(String, String)>,
+    /// The language runtime.
+    pub runtime: RuntimeKind,
 }
 
 impl Default for DeploySettings {
@@ -49,6 +54,7 @@ impl Default for DeploySettings {
             timeout_ms: TIMEOUT_MS_DEFAULT,
             concurrency: CONCURRENCY_DEFAULT,
             env: Vec::new(),
+            runtime: RuntimeKind::Nodejs,
         }
     }
 }
@@ -69,9 +75,10 @@ pub fn parse_settings(pairs: &[(String, String)]) -> Result<DeploySettings, Stri
             "timeout_ms" => settings.timeout_ms = number(key, value, TIMEOUT_MS_MIN, TIMEOUT_MS_MAX)?,
             "concurrency" => settings.concurrency = number(key, value, CONCURRENCY_MIN, CONCURRENCY_MAX)?,
             "env" => settings.env = parse_env(value)?,
+            "runtime" => settings.runtime = RuntimeKind::parse(value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting '{}'; known settings are handler, memory_mb, timeout_ms, concurrency, env",
+                    "unknown setting '{}'; known settings are handler, memory_mb, timeout_ms, concurrency, env, runtime",
                     key.escape_debug()
                 ))
             }
@@ -229,8 +236,26 @@ mod tests {
                 memory_mb: 128,
                 timeout_ms: 30_000,
                 concurrency: 10,
-                env: vec![]
+                env: vec![],
+                runtime: RuntimeKind::Nodejs,
             }
+        );
+    }
+
+    #[test]
+    fn runtime_takes_lambda_names_and_refuses_others() {
+        for (name, kind) in [
+            ("python3.12", RuntimeKind::Python3),
+            ("provided.al2023", RuntimeKind::Provided),
+            ("nodejs20.x", RuntimeKind::Nodejs),
+        ] {
+            let s = parse_settings(&pairs(&[("runtime", name)])).unwrap();
+            assert_eq!(s.runtime, kind, "{name}");
+        }
+        let err = parse_settings(&pairs(&[("runtime", "java21")])).unwrap_err();
+        assert!(
+            err.contains("'java21' is not supported") && err.contains("python3"),
+            "{err}"
         );
     }
 

@@ -502,6 +502,7 @@ mod tests {
                 created_ms: 0,
                 code_bytes: 0,
                 backend: "process".into(),
+                runtime: Default::default(),
             },
             "/nonexistent".into(),
             crate::functions::budget::Budget::new("instance memory", "MiB", 1 << 20),

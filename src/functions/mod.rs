@@ -53,6 +53,12 @@ pub struct FunctionSpec {
     pub created_ms: u64,
     pub code_bytes: u64,
     pub backend: String,
+    /// The language runtime (absent in `meta.json`: Node.js).
+    #[serde(
+        default,
+        skip_serializing_if = "crate::runtime::RuntimeKind::is_nodejs"
+    )]
+    pub runtime: crate::runtime::RuntimeKind,
 }
 
 /// A deployed function as the server holds it.

@@ -222,6 +222,7 @@ mod tests {
             created_ms: 0,
             code_bytes: 0,
             backend: "qemu".into(),
+            runtime: Default::default(),
         };
         assert_eq!(guest_memory_mb(&spec), MEMORY_MB_MIN);
         spec.memory_mb = 1024;

@@ -364,3 +364,121 @@ fn python3_init_failures_fail_the_deploy() {
     r.assert_json_error("bad_handler");
     s.assert_healthy();
 }
+
+/// The official Python runtime interface client from PyPI, vendored into the zip with
+/// `pip install --target`, started by the function's own `bootstrap`.
+#[test]
+fn the_official_python_runtime_client_runs_unchanged() {
+    require_sandbox!();
+    if !Path::new("/usr/bin/python3").is_file() {
+        eprintln!("skipped: awslambdaric needs /usr/bin/python3 on the host");
+        return;
+    }
+    let dir = common::temp_dir("awslambdaric");
+    let pip = std::process::Command::new("/usr/bin/python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--only-binary=:all:",
+            "--target",
+        ])
+        .arg(&dir)
+        .arg("awslambdaric")
+        .output();
+    match pip {
+        Ok(out) if out.status.success() => {}
+        Ok(out) => {
+            eprintln!(
+                "skipped: pip install --target awslambdaric failed: {}",
+                String::from_utf8_lossy(&out.stderr)
+                    .lines()
+                    .last()
+                    .unwrap_or("")
+            );
+            return;
+        }
+        Err(e) => {
+            eprintln!("skipped: cannot run /usr/bin/python3 -m pip: {e}");
+            return;
+        }
+    }
+    let bootstrap = dir.join("bootstrap");
+    std::fs::write(
+        &bootstrap,
+        "#!/bin/sh\ncd \"$LAMBDA_TASK_ROOT\"\nexec /usr/bin/python3 -m awslambdaric \"$_HANDLER\"\n",
+    )
+    .unwrap();
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::set_permissions(&bootstrap, std::fs::Permissions::from_mode(0o755)).unwrap();
+    std::fs::write(
+        dir.join("app.py"),
+        "import base64\n\
+         def handler(event, context):\n\
+         \x20   if event['rawPath'] == '/boom':\n\
+         \x20       raise KeyError('missing')\n\
+         \x20   return {'statusCode': 200, 'headers': {'x-ric': context.aws_request_id},\n\
+         \x20           'cookies': ['r=1'], 'isBase64Encoded': True,\n\
+         \x20           'body': base64.b64encode(b'\\x00ric' + event['rawPath'].encode()).decode()}\n",
+    )
+    .unwrap();
+    let (code, _) = hearth::cli::zip_dir(&dir).unwrap();
+    let s = Server::start(&[]);
+    let id = deploy_ok(&s, &code, "runtime=provided.al2023&handler=app.handler");
+    let r = call(&s, "GET", &format!("/f/{id}/x"), &[], b"");
+    assert_eq!(r.status, 200, "{} / {}", r.text(), s.stderr());
+    assert_eq!(r.body, b"\x00ric/x");
+    assert!(!r.header("x-ric").unwrap_or("").is_empty());
+    assert_eq!(header_values(&r, "set-cookie"), ["r=1"]);
+    let r = call(&s, "GET", &format!("/f/{id}/boom"), &[], b"");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(r.json()["errorType"], "KeyError", "{}", r.text());
+    assert_eq!(call(&s, "GET", &format!("/f/{id}/y"), &[], b"").status, 200);
+    s.assert_healthy();
+}
+
+/// A response over Lambda's 6 MiB limit: 413 to the runtime, the invocation fails, the
+/// instance keeps serving.
+#[test]
+fn oversized_responses_are_refused_and_the_instance_stays_usable() {
+    require_sandbox!();
+    if !Path::new("/usr/bin/curl").is_file() || !Path::new("/usr/bin/head").is_file() {
+        eprintln!("skipped: needs /usr/bin/curl and /usr/bin/head on the host");
+        return;
+    }
+    let script = r#"#!/bin/sh
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+head -c 7000000 /dev/zero > /tmp/big
+while true; do
+  H="$(mktemp)"
+  EVENT=$(curl -sS -D "$H" "$API/invocation/next")
+  ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$H" | tr -d '[:space:]' | cut -d: -f2)
+  case "$EVENT" in
+    *'"rawPath":"/big"'*)
+      STATUS=$(curl -s -o /tmp/answer -w '%{http_code}' -X POST --data-binary @/tmp/big "$API/invocation/$ID/response")
+      echo "big answered $STATUS $(cat /tmp/answer)" ;;
+    *)
+      curl -sS -X POST -d '{"statusCode":200,"body":"small"}' "$API/invocation/$ID/response" >/dev/null ;;
+  esac
+done
+"#;
+    let s = Server::start(&[]);
+    let id = deploy_ok(
+        &s,
+        &zip(&[("bootstrap", script.as_bytes(), 0o755)]),
+        "runtime=provided",
+    );
+    let r = call(&s, "GET", &format!("/f/{id}/big"), &[], b"");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert_eq!(
+        r.json()["errorType"],
+        "Function.ResponseSizeTooLarge",
+        "{}",
+        r.text()
+    );
+    wait_log(&s, &id, "big answered 413");
+    let r = call(&s, "GET", &format!("/f/{id}/small"), &[], b"");
+    assert_eq!((r.status, r.text()), (200, "small".to_string()));
+}

@@ -275,6 +275,25 @@ fn the_python3_runtime_runs_file_function_handlers() {
     assert_eq!(v["handler"], "app.lambda_handler");
     assert_eq!(v["exec_env"], "AWS_Lambda_python3");
     assert_eq!(v["mine"], "mine");
+    // What the handler printed is in the log, tagged with its request.
+    let req = r.header("x-req").unwrap().to_string();
+    wait_log(&s, &id, &format!("handling {req}"));
+    let logs = s
+        .control("GET", &format!("/functions/{id}/logs"), &[], b"")
+        .json();
+    let line = logs["logs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains(&format!("handling {req}"))
+        })
+        .unwrap()
+        .clone();
+    assert_eq!(line["requestId"], req.as_str(), "{line}");
 
     // A binary body, base64-encoded by the handler, arrives as bytes.
     let r = call(&s, "GET", &format!("{base}/bin"), &[], b"");

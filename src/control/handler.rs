@@ -246,6 +246,48 @@ mod tests {
         }
     }
 
+    /// A backend that runs Node.js only (the trait's default), as QEMU does.
+    struct NodeOnly;
+
+    impl Backend for NodeOnly {
+        fn name(&self) -> &'static str {
+            "qemu"
+        }
+        fn prepare(
+            &self,
+            _spec: &crate::functions::FunctionSpec,
+            _dir: &Path,
+        ) -> Result<crate::sandbox::InitLogs, crate::sandbox::StartError> {
+            Err(crate::sandbox::StartError::ShuttingDown)
+        }
+        fn start(
+            &self,
+            _spec: &crate::functions::FunctionSpec,
+            _dir: &Path,
+            _core: usize,
+        ) -> Result<
+            (Box<dyn crate::sandbox::Instance>, crate::sandbox::InitLogs),
+            crate::sandbox::StartError,
+        > {
+            Err(crate::sandbox::StartError::ShuttingDown)
+        }
+    }
+
+    #[test]
+    fn other_runtimes_are_refused_by_backends_that_do_not_run_them() {
+        let code = Code::with(&[("app.js", ""), ("lambda_function.py", "")]);
+        assert_eq!(
+            resolve(RuntimeKind::Nodejs, &NodeOnly, &code.0, None).unwrap(),
+            "app.handler"
+        );
+        let (kind, msg) = resolve(RuntimeKind::Python3, &NodeOnly, &code.0, None).unwrap_err();
+        assert_eq!(kind, "bad_setting");
+        assert!(
+            msg.contains("qemu backend does not run the runtime 'python3'"),
+            "{msg}"
+        );
+    }
+
     #[test]
     fn explicit_handler_is_checked_against_the_files() {
         let code = Code::with(&[

@@ -115,7 +115,7 @@ impl Function {
         }
     }
 
-    /// The runtime's environment: `inherited` (the agent's base set), then
+    /// The runtime's environment: `inherited` (the agent's base set: LANG=C.UTF-8, HOME…), then
     /// the function's own variables, then defaults it did not set, then the
     /// identity variables it cannot override, as the Node shim does.
     pub fn environment(
@@ -136,7 +136,6 @@ impl Function {
         for (k, v) in [
             ("PATH", "/usr/local/bin:/usr/bin:/bin:/opt/bin"),
             ("LD_LIBRARY_PATH", "/var/task/lib:/opt/lib"),
-            ("LANG", "en_US.UTF-8"),
             ("TZ", ":UTC"),
         ] {
             if !user(k) {

@@ -29,7 +29,7 @@ pub enum BackendKind {
     Process,
     /// QEMU microVMs restored from a migration snapshot.
     Qemu,
-    /// Firecracker microVMs restored from a snapshot (needs a KVM host that can run guests).
+    /// Firecracker microVMs: not in this build yet, refused at start (see `hearth doctor`).
     Firecracker,
 }
 
@@ -101,6 +101,10 @@ pub struct ServeConfig {
     pub admin_token: Option<String>,
     /// A token that grants `/metrics` only.
     pub metrics_token: Option<String>,
+    /// The access key id Lambda service API requests are signed with.
+    pub aws_access_key_id: String,
+    /// Its secret; `None`: the admin token.
+    pub aws_secret_access_key: Option<String>,
     /// Idle time after which a warm instance is destroyed (scale to zero).
     pub keep_warm: Duration,
     /// Requests waiting per function (per core) beyond its concurrency; more → 429.

@@ -11,6 +11,10 @@
 //! - [`protocol`]: the frames exchanged with the guest agent inside each instance.
 //! - [`control`]: deploy (archive checks, multipart), durable state.
 //! - [`guest`]: kernel and image builders for the microVM backends.
+//!
+//! Leaves that every layer may use and that import nothing else of the crate:
+//! [`spec`] (a function's settings as plain data) and [`util`] (randomness, hex, epoch time,
+//! CPU pinning, program lookup).
 
 pub mod cli;
 pub mod config;
@@ -21,8 +25,11 @@ pub mod functions;
 pub mod guest;
 pub mod http;
 pub mod metrics;
-pub mod protocol;
 pub mod routes;
 pub mod runtime;
 pub mod sandbox;
+pub mod spec;
 pub mod util;
+
+/// The frames exchanged with the guest agent: the `hearth-protocol` crate, shared with it.
+pub use hearth_protocol as protocol;

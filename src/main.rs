@@ -11,8 +11,8 @@ use hearth::config::{self, BackendKind, HttpLimits, IoMode, ServeConfig};
 /// hearth: a self-hosted, Lambda-compatible serverless runtime.
 ///
 /// Deploy a zip holding a Node.js handler, then invoke it over plain HTTP at
-/// /f/<id>/<path>. Each function runs in isolated instances (process sandbox,
-/// QEMU or Firecracker microVMs) that are initialised once and kept warm.
+/// /f/<id>/<path>. Each function runs in isolated instances (process sandbox
+/// or QEMU microVMs) that are initialised once and kept warm.
 #[derive(Parser)]
 #[command(name = "hearth", version, about, long_about)]
 struct Cli {
@@ -145,6 +145,14 @@ struct ServeArgs {
     /// A second token that grants GET /metrics only (for scrapers).
     #[arg(long, env = "HEARTH_METRICS_TOKEN", hide_env_values = true)]
     metrics_token: Option<String>,
+    /// Access key id that Lambda service API requests (aws CLI, SDKs) must be
+    /// signed with (AWS Signature Version 4).
+    #[arg(long, env = "HEARTH_AWS_ACCESS_KEY_ID", default_value = "hearth")]
+    aws_access_key_id: String,
+    /// Its secret access key. Default: the admin token. With --no-admin-token
+    /// the service API is open like the control plane (loopback only).
+    #[arg(long, env = "HEARTH_AWS_SECRET_ACCESS_KEY", hide_env_values = true)]
+    aws_secret_access_key: Option<String>,
     /// Largest invocation request body, bytes.
     #[arg(long, default_value_t = 6 * 1024 * 1024)]
     body_bytes_max: u64,
@@ -292,6 +300,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),
         admin_token: None,
         metrics_token: a.metrics_token.filter(|t| !t.is_empty()),
+        aws_access_key_id: a.aws_access_key_id,
+        aws_secret_access_key: a.aws_secret_access_key.filter(|t| !t.is_empty()),
         keep_warm: Duration::from_millis(a.keep_warm_ms),
         queue_depth_max: a.queue_depth_max.max(1),
         pin: !a.no_pin,

@@ -3,7 +3,7 @@
 #   http_parse  the HTTP/1.1 head parser and body decoder    (src/http/parse.rs)
 #   multipart   the deploy form parser                       (src/control/multipart.rs)
 #   zip_check   the deploy archive checks and extraction     (src/control/archive.rs)
-#   frames      both frame decoders of the guest channel     (src/protocol.rs, agent/src/frames.rs)
+#   frames      both frame decoders of the guest channel     (crates/protocol, agent/src/frames.rs)
 #
 # Usage: tools/fuzz.sh [seconds per target, default 60] [target...]
 #

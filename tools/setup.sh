@@ -13,6 +13,13 @@ if [ ${#need[@]} -gt 0 ]; then
   $SUDO apt-get update -qq || true
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need[@]}"
 fi
+# The real Lambda clients the service API tests drive (tests/lambda_api.rs).
+if ! command -v aws >/dev/null 2>&1 || ! python3 -c 'import boto3' >/dev/null 2>&1; then
+  echo "setup: installing awscli and boto3 (pip)"
+  python3 -m pip install -q awscli boto3 2>/dev/null \
+    || python3 -m pip install -q --break-system-packages awscli boto3 \
+    || echo "setup: warning: could not install awscli/boto3; tests/lambda_api.rs will skip"
+fi
 # The Express fixture's node_modules (tests zip it into functions).
 if [ ! -d tests/fixtures/express-app/node_modules ] || [ tests/fixtures/express-app/package-lock.json -nt tests/fixtures/express-app/node_modules ]; then
   (cd tests/fixtures/express-app && npm ci --no-audit --no-fund --loglevel=error)

@@ -32,9 +32,6 @@ mod http;
 mod json;
 mod modules;
 mod output;
-#[allow(dead_code)]
-#[path = "../../src/protocol.rs"]
-mod protocol;
 mod rapi;
 mod reap;
 mod relay;
@@ -47,6 +44,9 @@ mod vm;
 use std::os::fd::{FromRawFd, OwnedFd};
 use std::path::PathBuf;
 use std::time::Duration;
+
+// The wire protocol shared with hearth, as `crate::protocol` in every module.
+use hearth_protocol as protocol;
 
 use channel::{Channel, ChannelSpec};
 use cli::Command;

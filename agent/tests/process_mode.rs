@@ -6,10 +6,6 @@
 //! `HEARTH_AGENT_BIN=<path>` runs the suite against another build of the
 //! agent, e.g. the static one from `tools/build-agent.sh`.
 
-#[allow(dead_code)]
-#[path = "../../src/protocol.rs"]
-mod protocol;
-
 use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -19,7 +15,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use protocol::{encode, Frame, FrameDecoder, FrameType, LOG_STDERR};
+use hearth_protocol::{encode, Frame, FrameDecoder, FrameType, LOG_STDERR};
 
 const NODE: &str = "/usr/bin/node";
 const IO_TIMEOUT: Duration = Duration::from_secs(20);

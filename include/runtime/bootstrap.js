@@ -22,7 +22,10 @@
  *   - INVOKE: build an API Gateway HTTP API 2.0 event (the shape Lambda
  *     function URLs deliver), call the handler, answer RESPONSE or ERROR with
  *     the same request id. One invocation runs at a time; frames that arrive
- *     meanwhile are queued.
+ *     meanwhile are queued. With `raw: true` in its metadata (the service
+ *     API's Invoke) the body is the event's JSON text and the answer is the
+ *     result's JSON text as it is, with no function-URL translation; an ERROR
+ *     then also carries the stack as `trace`, as Lambda's Node runtime reports.
  *
  * Requires Node >= 18, CommonJS, no dependencies.
  */
@@ -799,8 +802,10 @@ class LambdaContext {
   #deadline;
   #settled = false;
   #bound = null;
+  #raw = false;
 
-  constructor(frameId, requestId, deadline) {
+  constructor(frameId, requestId, deadline, raw = false) {
+    this.#raw = raw;
     this.callbackWaitsForEmptyEventLoop = true;
     this.functionName = fn.name;
     this.functionVersion = '$LATEST';
@@ -845,6 +850,11 @@ class LambdaContext {
     const r = this.#deadline - Date.now();
     return r > 0 ? Math.floor(r) : 0;
   }
+  /** Whether this invocation came through the service API's Invoke (no URL translation). */
+  _isRaw() {
+    return this.#raw;
+  }
+
   _frameId() {
     return this.#frameId;
   }
@@ -886,16 +896,20 @@ function drainQueue() {
 }
 
 function runInvoke(id, meta, body) {
+  const raw = meta.raw === true;
   let event;
   try {
-    event = buildEvent(meta, body, id);
+    event = raw ? rawEvent(body) : buildEvent(meta, body, id);
   } catch (e) {
     sendError(id, 'Runtime.InvalidFrame', `cannot build event: ${e && e.message}`);
     return;
   }
   const deadline =
     typeof meta.deadline_ms === 'number' ? meta.deadline_ms : Date.now() + fn.timeoutMs;
-  const ctx = new LambdaContext(id, event.requestContext.requestId, deadline);
+  const requestId = raw
+    ? String(meta.request_id != null ? meta.request_id : id)
+    : event.requestContext.requestId;
+  const ctx = new LambdaContext(id, requestId, deadline, raw);
   current = ctx;
 
   let ret;
@@ -921,6 +935,12 @@ function runInvoke(id, meta, body) {
     // ignore it and answer null; using it is friendlier and unambiguous).
     settle(ctx, null, ret);
   }
+}
+
+/** The event of a raw invocation: the JSON text of its body (empty: null). */
+function rawEvent(body) {
+  if (body === null || body === undefined || body.length === 0) return null;
+  return JSON.parse(Buffer.from(body.buffer, body.byteOffset, body.length).toString('utf8'));
 }
 
 function makeCallback(ctx) {
@@ -951,10 +971,17 @@ function settle(ctx, err, result) {
   if (err !== null && err !== undefined) {
     const info = errorInfo(err);
     logInvokeError(ctx.awsRequestId, info, err);
+    if (ctx._isRaw()) info.trace = stackLines(err);
     sendFrame(T_ERROR, id, JSON.stringify(info), null);
   } else {
     try {
-      sendResult(id, result);
+      if (ctx._isRaw()) {
+        let json = JSON.stringify(result);
+        if (json === undefined) json = 'null';
+        checkAndSend(id, JSON_200_META, json);
+      } else {
+        sendResult(id, result);
+      }
     } catch (e) {
       const info = {
         errorType: 'Runtime.MalformedResponse',

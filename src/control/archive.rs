@@ -19,6 +19,8 @@ use std::path::{Path, PathBuf};
 
 use zip::{CompressionMethod, ZipArchive};
 
+use crate::util::{hex, random, time};
+
 /// Compressed sizes below this count as this many bytes when a ratio is computed, so small
 /// entries (a 20-byte deflate stream of 4 KiB of spaces) are not mistaken for bombs: any entry
 /// may inflate to `ratio_max * 1 KiB` whatever its compressed size.
@@ -123,6 +125,67 @@ impl fmt::Display for ArchiveError {
 }
 
 impl std::error::Error for ArchiveError {}
+
+/// Copies a deployed function's code tree (unpacked and checked by
+/// [`extract_zip`] before) to `dest`, within `limits`' byte and entry counts.
+/// Symlinks are copied as links; nothing else but files and directories is
+/// expected. Used when only a function's configuration changes.
+pub fn copy_tree(
+    src: &Path,
+    dest: &Path,
+    limits: &ArchiveLimits,
+) -> Result<Extracted, ArchiveError> {
+    let mut out = Extracted::default();
+    copy_dir(src, dest, limits, &mut out)?;
+    Ok(out)
+}
+
+fn copy_dir(
+    src: &Path,
+    dest: &Path,
+    limits: &ArchiveLimits,
+    out: &mut Extracted,
+) -> Result<(), ArchiveError> {
+    let io_err = |what: &str, p: &Path, e| ArchiveError::io(format!("{what} {}", p.display()), e);
+    fs::create_dir(dest).map_err(|e| io_err("cannot create", dest, e))?;
+    out.dirs += 1;
+    let entries = fs::read_dir(src).map_err(|e| io_err("cannot read", src, e))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| io_err("cannot read", src, e))?;
+        if out.files + out.dirs + out.symlinks >= limits.entries_max {
+            return Err(ArchiveError::too_big(
+                "too_many_entries",
+                format!("the code has more than {} entries", limits.entries_max),
+            ));
+        }
+        let (from, to) = (entry.path(), dest.join(entry.file_name()));
+        let kind = entry
+            .file_type()
+            .map_err(|e| io_err("cannot stat", &from, e))?;
+        if kind.is_dir() {
+            copy_dir(&from, &to, limits, out)?;
+        } else if kind.is_symlink() {
+            let target = fs::read_link(&from).map_err(|e| io_err("cannot read", &from, e))?;
+            std::os::unix::fs::symlink(&target, &to)
+                .map_err(|e| io_err("cannot create", &to, e))?;
+            out.symlinks += 1;
+        } else if kind.is_file() {
+            let n = fs::copy(&from, &to).map_err(|e| io_err("cannot copy", &from, e))?;
+            out.files += 1;
+            out.unpacked_bytes += n;
+            if out.unpacked_bytes > limits.unpacked_bytes_max {
+                return Err(ArchiveError::too_big(
+                    "unpacked_too_large",
+                    format!(
+                        "the code takes more than {} bytes",
+                        limits.unpacked_bytes_max
+                    ),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
 
 /// Checks the whole archive first (central directory: entry count, declared sizes, names, symlink
 /// targets) and only then extracts into `dest`, which must not exist yet.
@@ -732,18 +795,14 @@ fn create_staging_dir(dest: &Path) -> Result<PathBuf, ArchiveError> {
     ))
 }
 
+/// 16 hex digits for a staging name; from the clock and pid if the kernel has no random bytes.
 fn random_hex() -> String {
     let mut bytes = [0u8; 8];
-    // SAFETY: the pointer and length describe `bytes`, which outlives the call.
-    let got = unsafe { libc::getrandom(bytes.as_mut_ptr().cast(), bytes.len(), 0) };
-    if got != bytes.len() as isize {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.as_nanos() as u64)
-            .unwrap_or(0);
+    if random::fill(&mut bytes).is_err() {
+        let nanos = time::since_unix_epoch().as_nanos() as u64;
         bytes = (nanos ^ (u64::from(std::process::id()) << 32)).to_le_bytes();
     }
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(&bytes)
 }
 
 fn write_tree(

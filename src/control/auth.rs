@@ -23,6 +23,7 @@ use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
 use crate::http::parse::Request;
+use crate::util::random::random_hex;
 
 /// What a guarded request needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -31,6 +32,9 @@ pub enum Scope {
     Control,
     /// `GET /metrics`.
     Metrics,
+    /// The Lambda service API: SigV4-signed (checked in full once the body is
+    /// in, see [`crate::control::lambda`]) or the admin token.
+    Service,
 }
 
 /// Why a request was refused: the HTTP status, a machine code and a message.
@@ -48,6 +52,8 @@ pub struct Guard {
     pub admin_token: Option<String>,
     /// A second token that grants `/metrics` only.
     pub metrics_token: Option<String>,
+    /// The access key id service API requests must be signed with.
+    pub access_key_id: String,
 }
 
 impl Guard {
@@ -58,6 +64,9 @@ impl Guard {
             return check_loopback_host(req);
         };
         let given = bearer(req);
+        if scope == Scope::Service && !constant_time_eq(given.as_bytes(), admin.as_bytes()) {
+            return self.check_signed(req);
+        }
         let ok = constant_time_eq(given.as_bytes(), admin.as_bytes())
             || (scope == Scope::Metrics
                 && self
@@ -77,9 +86,38 @@ impl Guard {
                     Scope::Metrics => {
                         "/metrics needs 'Authorization: Bearer <admin or metrics token>'".into()
                     }
+                    Scope::Service => unreachable!("checked by check_signed"),
                 },
             })
         }
+    }
+}
+
+impl Guard {
+    /// The head check of a service API request: a SigV4 `Authorization` made
+    /// with the server's access key id, dated within the clock-skew window.
+    /// The signature itself covers the body, so it is verified later.
+    fn check_signed(&self, req: &Request) -> Result<(), Denial> {
+        let refuse = |message: String| Denial {
+            status: 403,
+            code: "UnrecognizedClientException",
+            message,
+        };
+        let header = req.header("authorization").unwrap_or("");
+        let auth = crate::control::sigv4::parse_authorization(header).map_err(|_| {
+            refuse(
+                "the Lambda API needs requests signed with AWS Signature Version 4 \
+                 (access key id 'hearth', secret: the admin token) or the admin token as a bearer"
+                    .into(),
+            )
+        })?;
+        if !constant_time_eq(auth.access_key_id.as_bytes(), self.access_key_id.as_bytes()) {
+            return Err(refuse(
+                "The security token included in the request is invalid (unknown access key id)"
+                    .into(),
+            ));
+        }
+        Ok(())
     }
 }
 
@@ -216,7 +254,7 @@ pub fn load_or_create_token(state_dir: &Path) -> Result<String, String> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(format!("cannot read {}: {e}", path.display())),
     }
-    let token = crate::functions::random_hex(32);
+    let token = random_hex(32);
     let tmp = state_dir.join(format!(".admin-token.{}", std::process::id()));
     let write = || -> std::io::Result<()> {
         let mut f = fs::OpenOptions::new()
@@ -266,6 +304,7 @@ mod tests {
         Guard {
             admin_token: token.map(str::to_string),
             metrics_token: Some("metrics-secret-token".into()),
+            access_key_id: "hearth".into(),
         }
     }
 
@@ -359,5 +398,47 @@ mod tests {
             Some("given".into())
         );
         fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn service_requests_need_a_signature_with_our_key_id_or_the_admin_token() {
+        let g = guard(Some("admin-secret-token"));
+        let signed = |key: &str| {
+            format!(
+                "Host: 127.0.0.1\r\nAuthorization: AWS4-HMAC-SHA256 Credential={key}/20261130/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=00\r\n"
+            )
+        };
+        assert_eq!(g.check(Scope::Service, &req(&signed("hearth"))), Ok(()));
+        let other = g
+            .check(Scope::Service, &req(&signed("AKIDOTHER")))
+            .unwrap_err();
+        assert_eq!(
+            (other.status, other.code),
+            (403, "UnrecognizedClientException")
+        );
+        let none = g
+            .check(Scope::Service, &req("Host: 127.0.0.1\r\n"))
+            .unwrap_err();
+        assert_eq!(none.status, 403);
+        let bearer = "Host: 127.0.0.1\r\nAuthorization: Bearer admin-secret-token\r\n";
+        assert_eq!(g.check(Scope::Service, &req(bearer)), Ok(()));
+        // A foreign origin is refused whatever it carries.
+        let foreign = format!("{}Origin: http://evil.example\r\n", signed("hearth"));
+        assert_eq!(
+            g.check(Scope::Service, &req(&foreign)).unwrap_err().status,
+            403
+        );
+        // Without an admin token: open, on loopback Host names only.
+        let open = guard(None);
+        assert_eq!(
+            open.check(Scope::Service, &req("Host: 127.0.0.1:3000\r\n")),
+            Ok(())
+        );
+        assert_eq!(
+            open.check(Scope::Service, &req("Host: evil.example\r\n"))
+                .unwrap_err()
+                .code,
+            "forbidden_host"
+        );
     }
 }

@@ -255,14 +255,14 @@ mod tests {
         }
         fn prepare(
             &self,
-            _spec: &crate::functions::FunctionSpec,
+            _spec: &crate::spec::FunctionSpec,
             _dir: &Path,
         ) -> Result<crate::sandbox::InitLogs, crate::sandbox::StartError> {
             Err(crate::sandbox::StartError::ShuttingDown)
         }
         fn start(
             &self,
-            _spec: &crate::functions::FunctionSpec,
+            _spec: &crate::spec::FunctionSpec,
             _dir: &Path,
             _core: usize,
         ) -> Result<

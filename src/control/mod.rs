@@ -1,10 +1,13 @@
 //! Control plane: who may use it ([`auth`]), deploy checks ([`archive`],
-//! [`multipart`], [`handler`], [`settings`]) and the request handling thread ([`plane`]).
+//! [`multipart`], [`handler`], [`settings`]), the request handling thread ([`plane`]),
+//! and the Lambda service API ([`lambda`], signed with [`sigv4`]).
 pub mod archive;
 pub mod auth;
 pub mod handler;
+pub mod lambda;
 pub mod multipart;
 pub mod plane;
 pub mod settings;
+pub mod sigv4;
 
 pub use plane::Control;

@@ -3,34 +3,38 @@
 //! Requests arrive on a worker core and are handed to a short-lived control
 //! thread (at most [`CONTROL_INFLIGHT_MAX`] at once; more → 503), because a
 //! deploy unpacks archives, writes files and boots a template instance. The
-//! answer goes back to the core as a message. Nothing here runs on the
-//! request path of invocations.
+//! answer goes to the callback the engine passed with the request, which
+//! carries it back to the core. Nothing here runs on the request path of
+//! invocations, and nothing here knows the engine: the plane holds the
+//! function registry and two callbacks, so no reference cycle ties it to the
+//! engine's shared state.
 
-use std::net::IpAddr;
+use std::net::SocketAddr;
 use std::path::Path;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 
 use crate::control::archive::{self, ArchiveLimits};
+use crate::control::lambda::{self, ServiceAuth};
+use crate::control::settings::DeploySettings;
 use crate::control::{handler, multipart, settings};
-use crate::engine::conn::ReplyTo;
-use crate::engine::worker::Msg;
-use crate::engine::Shared;
 use crate::functions::budget::{self, Reservation};
-use crate::functions::{self, store, Function, FunctionSpec, FUNCTIONS_MAX};
+use crate::functions::{self, store, Function, Registry, FUNCTIONS_MAX};
 use crate::http::parse::Request;
 use crate::http::response::json_error;
 use crate::routes::{self, Route};
 use crate::sandbox::StartError;
+use crate::spec::{FunctionSpec, ServiceMeta};
+use crate::util::time::unix_time_ms;
 
 /// Control requests handled at the same time.
 pub const CONTROL_INFLIGHT_MAX: usize = 16;
 
 /// An answer: status, content type, body.
-type Answer = (u16, &'static str, Vec<u8>);
+pub type Answer = (u16, &'static str, Vec<u8>);
 
 fn error(status: u16, code: &str, message: &str) -> Answer {
     (status, "application/json", json_error(code, message))
@@ -44,11 +48,25 @@ fn json_answer(status: u16, v: serde_json::Value) -> Answer {
     )
 }
 
+/// Called once with a control request's answer, on the control thread.
+pub type Done = Box<dyn FnOnce(Answer) + Send>;
+
+/// What a control thread works with: the functions and how to tell the cores.
+pub(super) struct Plane {
+    pub(super) functions: Arc<Registry>,
+    /// The address the server listens on (function URLs when a request has no Host).
+    pub(super) listen: SocketAddr,
+    /// Tells every core that functions were deployed or deleted.
+    pub(super) changed: Box<dyn Fn() + Send + Sync>,
+    /// Who may use the Lambda service API.
+    pub(super) service_auth: ServiceAuth,
+}
+
 /// Handle held by the engine.
 #[derive(Default)]
 pub struct Control {
     inflight: Arc<AtomicUsize>,
-    shared: OnceLock<Arc<Shared>>,
+    plane: OnceLock<Arc<Plane>>,
 }
 
 impl Control {
@@ -57,22 +75,29 @@ impl Control {
         Control::default()
     }
 
-    /// Connects the control plane to the running server.
-    pub fn start(&self, shared: Arc<Shared>) {
-        functions::Registry::start_threads(&shared);
-        let _ = self.shared.set(shared);
+    /// Connects the control plane to the running server: its functions, its
+    /// address, and `changed`, which tells every core to refresh its view of
+    /// the functions after a deploy or delete.
+    pub fn start(
+        &self,
+        functions: Arc<Registry>,
+        listen: SocketAddr,
+        service_auth: ServiceAuth,
+        changed: Box<dyn Fn() + Send + Sync>,
+    ) {
+        let _ = self.plane.set(Arc::new(Plane {
+            functions,
+            listen,
+            changed,
+            service_auth,
+        }));
     }
 
-    /// Queues a control request from `core`; `Err` carries a 503 body when busy.
-    pub fn submit(
-        &self,
-        core: usize,
-        to: ReplyTo,
-        _peer: IpAddr,
-        req: Request,
-        body: Vec<u8>,
-    ) -> Result<(), Vec<u8>> {
-        let shared = self.shared.get().expect("control plane started").clone();
+    /// Handles a control request on a control thread and calls `done` with
+    /// the answer there; `Err` carries a 503 body when too many are in flight
+    /// (then `done` is dropped uncalled).
+    pub fn submit(&self, req: Request, body: Vec<u8>, done: Done) -> Result<(), Vec<u8>> {
+        let plane = self.plane.get().expect("control plane started").clone();
         if self.inflight.fetch_add(1, Ordering::AcqRel) >= CONTROL_INFLIGHT_MAX {
             self.inflight.fetch_sub(1, Ordering::AcqRel);
             return Err(json_error(
@@ -84,16 +109,7 @@ impl Control {
         let spawned = std::thread::Builder::new()
             .name("hearth-control".into())
             .spawn(move || {
-                let (status, content_type, body) = handle(&shared, &req, &body);
-                shared.send(
-                    core,
-                    Msg::Reply {
-                        to,
-                        status,
-                        content_type,
-                        body,
-                    },
-                );
+                done(handle(&plane, &req, &body));
                 inflight.fetch_sub(1, Ordering::AcqRel);
             });
         if spawned.is_err() {
@@ -109,7 +125,7 @@ impl Control {
 
 /// Serves one control request. The engine has checked its head against
 /// [`crate::control::auth::Guard`] before its body was read.
-fn handle(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
+fn handle(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
     match routes::route(&req.method, req.path()) {
         Route::Deploy => deploy(shared, req, body),
         Route::ListFunctions => {
@@ -126,6 +142,7 @@ fn handle(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
             None => not_found(id),
         },
         Route::DeleteFunction(id) => delete(shared, id),
+        Route::Lambda(op) => lambda::handle(shared, op, req, body),
         Route::Logs(id) => match shared.functions.get(id) {
             Some(f) => {
                 let logs = f.logs.lock().unwrap();
@@ -149,11 +166,12 @@ fn not_found(id: &str) -> Answer {
     )
 }
 
-fn summary(shared: &Shared, f: &Function) -> serde_json::Value {
+fn summary(shared: &Plane, f: &Function) -> serde_json::Value {
     let m = &f.metrics;
-    let host = shared.cfg.listen;
+    let host = shared.listen;
     json!({
         "functionId": f.spec.id,
+        "name": f.spec.name,
         "handler": f.spec.handler,
         "memory_mb": f.spec.memory_mb,
         "timeout_ms": f.spec.timeout_ms,
@@ -171,7 +189,7 @@ fn summary(shared: &Shared, f: &Function) -> serde_json::Value {
     })
 }
 
-fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
+fn deploy(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
     let started = Instant::now();
     let mut pairs = settings::parse_query(req.query());
     let content_type = req
@@ -224,61 +242,20 @@ fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
         Ok(s) => s,
         Err(m) => return error(400, "bad_setting", &m),
     };
-    if shared.functions.len() >= FUNCTIONS_MAX {
-        return error(
-            409,
-            "function_limit",
-            &format!("this server already holds {FUNCTIONS_MAX} functions"),
-        );
-    }
-    let id = functions::new_id();
-    let fdir = &shared.functions.functions_dir;
-    let staging = match store::staging_dir(fdir, &id) {
-        Ok(p) => p,
-        Err(e) => {
-            return error(
-                500,
-                "io",
-                &format!("cannot create a staging directory: {e}"),
-            )
-        }
+    let f = match create(shared, Code::Zip(code), settings, ServiceMeta::default()) {
+        Ok(f) => f,
+        Err(a) => return a,
     };
-    let result = stage(shared, &staging, &id, code, settings);
-    let (spec, init_logs, held) = match result {
-        Ok(x) => x,
-        Err(a) => {
-            store::remove_tree(&staging);
-            return a;
-        }
-    };
-    let dir = match store::publish(&staging, fdir, &id) {
-        Ok(d) => d,
-        Err(e) => {
-            store::remove_tree(&staging);
-            shared.functions.backend.forget(&id);
-            return error(500, "io", &format!("cannot publish the function: {e}"));
-        }
-    };
-    let f = Arc::new(Function::new(spec, dir, shared.functions.memory.clone()));
-    for r in held {
-        f.hold(r);
-    }
-    f.logs.lock().unwrap().extend_init(&init_logs);
-    shared.functions.insert(f.clone());
-    shared.broadcast(|| Msg::FunctionsChanged);
+    let id = &f.spec.id;
     let host = req
         .header("host")
         .map(str::to_string)
-        .unwrap_or_else(|| shared.cfg.listen.to_string());
-    eprintln!(
-        "hearth: deployed {id} ({}) in {} ms",
-        f.spec.handler,
-        started.elapsed().as_millis()
-    );
+        .unwrap_or_else(|| shared.listen.to_string());
     json_answer(
         201,
         json!({
             "functionId": id,
+            "name": f.spec.name,
             "status": "deployed",
             "snapshotReady": true,
             "url": format!("http://{host}/f/{id}"),
@@ -289,8 +266,89 @@ fn deploy(shared: &Arc<Shared>, req: &Request, body: &[u8]) -> Answer {
     )
 }
 
+/// Where a new function's code comes from.
+pub(super) enum Code<'a> {
+    /// A zip archive, checked and unpacked.
+    Zip(&'a [u8]),
+    /// The code directory of a deployed function, copied (a configuration change).
+    Copy(&'a Path),
+}
+
+/// Unpacks, prepares and publishes a function. A function holding the same
+/// name is replaced without downtime: requests by name move to the new one
+/// once it is ready, the old one finishes what it has (in the background) and
+/// is removed. On error nothing of the new function is left on disk.
+pub(super) fn create(
+    shared: &Plane,
+    code: Code<'_>,
+    settings: DeploySettings,
+    service: ServiceMeta,
+) -> Result<Arc<Function>, Answer> {
+    let started = Instant::now();
+    let replaces = service.version.is_none()
+        && settings
+            .name
+            .as_deref()
+            .is_some_and(|n| shared.functions.id_of(n).is_some());
+    if shared.functions.len() >= FUNCTIONS_MAX && !replaces {
+        return Err(error(
+            409,
+            "function_limit",
+            &format!("this server already holds {FUNCTIONS_MAX} functions"),
+        ));
+    }
+    let id = functions::new_id();
+    let fdir = &shared.functions.functions_dir;
+    let staging = store::staging_dir(fdir, &id).map_err(|e| {
+        error(
+            500,
+            "io",
+            &format!("cannot create a staging directory: {e}"),
+        )
+    })?;
+    let (spec, init_logs, held) = stage(shared, &staging, &id, code, settings, service)
+        .inspect_err(|_| store::remove_tree(&staging))?;
+    let dir = store::publish(&staging, fdir, &id).map_err(|e| {
+        store::remove_tree(&staging);
+        shared.functions.backend.forget(&id);
+        error(500, "io", &format!("cannot publish the function: {e}"))
+    })?;
+    let f = Arc::new(Function::new(spec, dir, shared.functions.memory.clone()));
+    for r in held {
+        f.hold(r);
+    }
+    f.logs.lock().unwrap().extend_init(&init_logs);
+    let replaced = shared.functions.insert(f.clone());
+    (shared.changed)();
+    eprintln!(
+        "hearth: deployed {id} ({}) in {} ms",
+        f.spec.handler,
+        started.elapsed().as_millis()
+    );
+    if let Some(old) = replaced {
+        eprintln!(
+            "hearth: {} replaces {} as {:?}",
+            id,
+            old.spec.id,
+            f.spec.name.as_deref().unwrap_or("")
+        );
+        let functions = shared.functions.clone();
+        let drained = std::thread::Builder::new()
+            .name("hearth-retire".into())
+            .spawn(move || {
+                if let Err(e) = retire(&functions, &old) {
+                    eprintln!("hearth: {e}");
+                }
+            });
+        if let Err(e) = drained {
+            eprintln!("hearth: cannot start a thread to remove the replaced function: {e}");
+        }
+    }
+    Ok(f)
+}
+
 /// 503 for a deploy whose first instance does not fit in the memory budget.
-fn memory_exhausted(shared: &Shared, memory_mb: u32) -> Answer {
+fn memory_exhausted(shared: &Plane, memory_mb: u32) -> Answer {
     error(
         503,
         "memory_budget_exhausted",
@@ -313,11 +371,12 @@ fn disk_exhausted(why: &str) -> Answer {
 /// Unpacks, checks and prepares a function in `staging`. Returns what the function
 /// holds of the server's budgets (its disk space and, with a standby, its memory).
 fn stage(
-    shared: &Shared,
+    shared: &Plane,
     staging: &Path,
     id: &str,
-    code: &[u8],
-    s: settings::DeploySettings,
+    code: Code<'_>,
+    s: DeploySettings,
+    service: ServiceMeta,
 ) -> Result<(FunctionSpec, Vec<String>, Vec<Reservation>), Answer> {
     // The first instance (template or standby) must fit before anything is unpacked.
     let memory = shared
@@ -330,7 +389,11 @@ fn stage(
     let disk_bound = disk.remaining() < limits.unpacked_bytes_max;
     limits.unpacked_bytes_max = limits.unpacked_bytes_max.min(disk.remaining());
     let code_dir = staging.join("code");
-    let extracted = archive::extract_zip(code, &code_dir, &limits).map_err(|e| {
+    let extracted = match code {
+        Code::Zip(zip) => archive::extract_zip(zip, &code_dir, &limits),
+        Code::Copy(from) => archive::copy_tree(from, &code_dir, &limits),
+    };
+    let extracted = extracted.map_err(|e| {
         if disk_bound && e.code == "unpacked_too_large" {
             disk_exhausted(&format!(
                 "the server's functions disk budget has {} of {} bytes left: {}",
@@ -356,12 +419,11 @@ fn stage(
         timeout_ms: s.timeout_ms,
         concurrency: s.concurrency,
         env: s.env,
-        created_ms: SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_millis() as u64)
-            .unwrap_or(0),
+        created_ms: unix_time_ms(),
         code_bytes: extracted.unpacked_bytes,
         backend: shared.functions.backend_name().to_string(),
+        name: s.name,
+        service,
         runtime: s.runtime,
     };
     store::write_meta(staging, &spec)
@@ -415,30 +477,36 @@ fn sync_filesystem(dir: &Path) {
     }
 }
 
-fn delete(shared: &Arc<Shared>, id: &str) -> Answer {
+fn delete(shared: &Plane, id: &str) -> Answer {
     let Some(f) = shared.functions.remove(id) else {
         return not_found(id);
     };
-    shared.broadcast(|| Msg::FunctionsChanged);
-    // In-flight requests finish (bounded by the function timeout), then instances go.
+    (shared.changed)();
+    match retire(&shared.functions, &f) {
+        Ok(()) => json_answer(200, json!({ "functionId": f.spec.id, "status": "deleted" })),
+        Err(m) => error(500, "io", &m),
+    }
+}
+
+/// Removes an unpublished function once the cores are done with it: its
+/// in-flight requests finish (bounded by its timeout), its instances go, then
+/// its files and what it held of the budgets.
+pub(super) fn retire(functions: &Registry, f: &Function) -> Result<(), String> {
     let deadline =
         Instant::now() + Duration::from_millis(f.spec.timeout_ms) + Duration::from_secs(5);
     while f.instances.load(Ordering::Acquire) > 0 && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(10));
     }
-    shared.functions.backend.forget(id);
-    match store::trash(&shared.functions.functions_dir, id) {
+    let id = &f.spec.id;
+    functions.backend.forget(id);
+    match store::trash(&functions.functions_dir, id) {
         Ok(p) => {
             store::remove_tree(&p);
             f.release_held();
+            Ok(())
         }
-        Err(e) => {
-            return error(
-                500,
-                "io",
-                &format!("function unpublished but its files remain: {e}"),
-            )
-        }
+        Err(e) => Err(format!(
+            "function {id} unpublished but its files remain: {e}"
+        )),
     }
-    json_answer(200, json!({ "functionId": id, "status": "deleted" }))
 }

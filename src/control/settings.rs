@@ -42,6 +42,9 @@ pub struct DeploySettings {
     pub concurrency: u32,
     /// Environment variables, in the order given.
     pub env: Vec<(String, String)>,
+    /// A unique name besides the id (see [`check_name`]); deploying under a
+    /// taken name replaces that function.
+    pub name: Option<String>,
     /// The language runtime.
     pub runtime: RuntimeKind,
 }
@@ -54,6 +57,7 @@ impl Default for DeploySettings {
             timeout_ms: TIMEOUT_MS_DEFAULT,
             concurrency: CONCURRENCY_DEFAULT,
             env: Vec::new(),
+            name: None,
             runtime: RuntimeKind::Nodejs,
         }
     }
@@ -75,10 +79,11 @@ pub fn parse_settings(pairs: &[(String, String)]) -> Result<DeploySettings, Stri
             "timeout_ms" => settings.timeout_ms = number(key, value, TIMEOUT_MS_MIN, TIMEOUT_MS_MAX)?,
             "concurrency" => settings.concurrency = number(key, value, CONCURRENCY_MIN, CONCURRENCY_MAX)?,
             "env" => settings.env = parse_env(value)?,
+            "name" => settings.name = Some(check_name(value)?.to_string()),
             "runtime" => settings.runtime = RuntimeKind::parse(value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting '{}'; known settings are handler, memory_mb, timeout_ms, concurrency, env, runtime",
+                    "unknown setting '{}'; known settings are name, handler, memory_mb, timeout_ms, concurrency, env, runtime",
                     key.escape_debug()
                 ))
             }
@@ -86,6 +91,30 @@ pub fn parse_settings(pairs: &[(String, String)]) -> Result<DeploySettings, Stri
         seen.push(key);
     }
     Ok(settings)
+}
+
+/// Longest function name (Lambda's limit).
+pub const NAME_BYTES_MAX: usize = 64;
+
+/// Checks a function name as Lambda does: 1 to 64 letters, digits, `-` and
+/// `_`. A name may not look like a hearth id (16 hex digits), so `/f/<x>`
+/// always means one thing.
+pub fn check_name(name: &str) -> Result<&str, String> {
+    let ok_chars = name
+        .bytes()
+        .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if name.is_empty() || name.len() > NAME_BYTES_MAX || !ok_chars {
+        return Err(format!(
+            "function name '{}' is not valid: use 1 to {NAME_BYTES_MAX} letters, digits, '-' and '_'",
+            name.escape_debug()
+        ));
+    }
+    if crate::functions::valid_id(name) {
+        return Err(format!(
+            "function name '{name}' looks like a function id (16 hex digits); choose another"
+        ));
+    }
+    Ok(name)
 }
 
 /// A whole number within `min..=max`, written in plain decimal digits.
@@ -237,6 +266,7 @@ mod tests {
                 timeout_ms: 30_000,
                 concurrency: 10,
                 env: vec![],
+                name: None,
                 runtime: RuntimeKind::Nodejs,
             }
         );
@@ -267,9 +297,11 @@ mod tests {
             ("timeout_ms", "900000"),
             ("concurrency", "1"),
             ("env", r#"{"B":"2","A":"x=y&z","_under":""}"#),
+            ("name", "my-fn_2"),
         ]))
         .unwrap();
         assert_eq!(settings.handler.as_deref(), Some("src/app.main"));
+        assert_eq!(settings.name.as_deref(), Some("my-fn_2"));
         assert_eq!(
             (
                 settings.memory_mb,
@@ -282,6 +314,24 @@ mod tests {
             settings.env,
             pairs(&[("B", "2"), ("A", "x=y&z"), ("_under", "")])
         );
+    }
+
+    #[test]
+    fn names_follow_lambda_rules_and_never_look_like_ids() {
+        for good in ["a", "my-fn", "A_b-9", &"x".repeat(64)] {
+            assert_eq!(check_name(good), Ok(good));
+        }
+        for bad in [
+            "",
+            "a b",
+            "a/b",
+            "a:b",
+            "é",
+            &"x".repeat(65),
+            "0123456789abcdef",
+        ] {
+            assert!(check_name(bad).is_err(), "{bad:?}");
+        }
     }
 
     #[test]

@@ -4,6 +4,7 @@
 //! function or the control plane, later pipelined requests stay unparsed in the
 //! read buffer, which keeps responses in request order without reordering.
 
+use crate::control::auth::Scope;
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -124,19 +125,25 @@ impl Worker {
                             consume(&mut stream.rbuf, &mut stream.rpos, n);
                             // Authorised on the head: a refused client never gets
                             // `100 Continue` nor has its body buffered.
-                            if let Some(scope) = guarded_scope(&req) {
+                            let scope = guarded_scope(&req);
+                            if let Some(scope) = scope {
                                 if let Err(d) = self.shared.guard.check(scope, &req) {
                                     conn.state = waiting_on(&req);
                                     return self.deny(tok, &req, d);
                                 }
                             }
-                            let limits = if req.path() == "/deploy" {
-                                parse::Limits {
-                                    body_bytes_max: self.shared.cfg.http.deploy_body_bytes_max,
+                            let deploy_max = self.shared.cfg.http.deploy_body_bytes_max;
+                            let limits = match scope {
+                                Some(Scope::Control) if req.path() == "/deploy" => parse::Limits {
+                                    body_bytes_max: deploy_max,
                                     ..self.parse_limits
-                                }
-                            } else {
-                                self.parse_limits
+                                },
+                                // A zip travels base64-encoded inside JSON.
+                                Some(Scope::Service) => parse::Limits {
+                                    body_bytes_max: deploy_max / 3 * 4 + 64 * 1024,
+                                    ..self.parse_limits
+                                },
+                                _ => self.parse_limits,
                             };
                             if req.body == BodyFraming::None {
                                 conn.state = waiting_on(&req);
@@ -230,7 +237,12 @@ impl Worker {
     /// Refuses a guarded request on its head. Its body (if any) is never read,
     /// so the connection closes after the answer.
     fn deny(&mut self, tok: Token, req: &Request, d: crate::control::auth::Denial) {
-        let body = response::json_error(d.code, &d.message);
+        let body = match guarded_scope(req) {
+            Some(Scope::Service) => {
+                crate::control::lambda::lambda_error(d.status, d.code, &d.message).2
+            }
+            _ => response::json_error(d.code, &d.message),
+        };
         let mut headers = vec![("content-type", "application/json")];
         if d.status == 401 {
             headers.push(("www-authenticate", "Bearer"));
@@ -374,8 +386,7 @@ impl Worker {
 
 /// What guards `req`'s route: the control plane and `/metrics` need the admin
 /// token (or the metrics token); invocations and `/healthz` are public.
-fn guarded_scope(req: &Request) -> Option<crate::control::auth::Scope> {
-    use crate::control::auth::Scope;
+fn guarded_scope(req: &Request) -> Option<Scope> {
     use crate::routes::Route;
     match crate::routes::route(&req.method, req.path()) {
         Route::Deploy
@@ -383,6 +394,7 @@ fn guarded_scope(req: &Request) -> Option<crate::control::auth::Scope> {
         | Route::GetFunction(_)
         | Route::DeleteFunction(_)
         | Route::Logs(_) => Some(Scope::Control),
+        Route::Lambda(_) => Some(Scope::Service),
         Route::Metrics => Some(Scope::Metrics),
         _ => None,
     }

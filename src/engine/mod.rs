@@ -26,24 +26,45 @@ use std::time::{Duration, Instant};
 
 use crate::config::{IoMode, ServeConfig};
 use crate::metrics::CoreMetrics;
+use crate::util::cpu;
 use worker::{Msg, Worker};
 
 /// State shared by all workers and the control plane.
 pub struct Shared {
     pub cfg: ServeConfig,
     pub core_metrics: Vec<Arc<CoreMetrics>>,
-    pub functions: crate::functions::Registry,
+    pub functions: Arc<crate::functions::Registry>,
     pub control: crate::control::Control,
     /// Who may use the control plane and `/metrics` (checked on request heads).
     pub guard: crate::control::auth::Guard,
     /// Open connections per client address, across cores.
     pub peers: peers::PeerTable,
-    senders: Vec<Sender<Msg>>,
-    wakers: Vec<OwnedFd>,
+    /// Each core's message queue (also held by the control plane's callbacks).
+    pub inboxes: Arc<Inboxes>,
     pub shutdown: AtomicBool,
 }
 
 impl Shared {
+    /// Queues `msg` for `core` and wakes its loop.
+    pub fn send(&self, core: usize, msg: Msg) {
+        self.inboxes.send(core, msg);
+    }
+
+    /// Sends a message built by `make` to every core.
+    pub fn broadcast(&self, make: impl Fn() -> Msg) {
+        self.inboxes.broadcast(make);
+    }
+}
+
+/// The cores' message queues, each with the eventfd that wakes its loop.
+/// Kept apart from [`Shared`] so that what holds it (the control plane's
+/// callbacks) does not keep `Shared` alive in a cycle.
+pub struct Inboxes {
+    senders: Vec<Sender<Msg>>,
+    wakers: Vec<OwnedFd>,
+}
+
+impl Inboxes {
     /// Queues `msg` for `core` and wakes its loop.
     pub fn send(&self, core: usize, msg: Msg) {
         if self.senders[core].send(msg).is_ok() {
@@ -238,16 +259,8 @@ pub fn set_nodelay(fd: RawFd) {
 }
 
 fn pin_to(core: usize) {
-    // SAFETY: cpu_set_t is plain data; sched_setaffinity on the calling thread.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        libc::CPU_SET(core % libc::CPU_SETSIZE as usize, &mut set);
-        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
-            eprintln!(
-                "hearth: worker {core}: could not pin to cpu {core}: {}",
-                io::Error::last_os_error()
-            );
-        }
+    if let Err(e) = cpu::pin_thread(0, core % libc::CPU_SETSIZE as usize) {
+        eprintln!("hearth: worker {core}: could not pin to cpu {core}: {e}");
     }
 }
 
@@ -333,8 +346,27 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         receivers.push(rx);
         wakers.push(eventfd()?);
     }
-    let functions = crate::functions::Registry::open(&cfg, lock)?;
+    let functions = Arc::new(crate::functions::Registry::open(&cfg, lock)?);
+    let inboxes = Arc::new(Inboxes { senders, wakers });
     let control = crate::control::Control::new();
+    let changed = inboxes.clone();
+    let service_auth = match &cfg.admin_token {
+        None => crate::control::lambda::ServiceAuth::Open,
+        Some(admin) => crate::control::lambda::ServiceAuth::Keys {
+            access_key_id: cfg.aws_access_key_id.clone(),
+            secret_access_key: cfg
+                .aws_secret_access_key
+                .clone()
+                .unwrap_or_else(|| admin.clone()),
+            admin_token: admin.clone(),
+        },
+    };
+    control.start(
+        functions.clone(),
+        cfg.listen,
+        service_auth,
+        Box::new(move || changed.broadcast(|| Msg::FunctionsChanged)),
+    );
     let io_mode = cfg.io;
     let pin = cfg.pin;
     let grace = cfg.shutdown_grace;
@@ -347,14 +379,14 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         guard: crate::control::auth::Guard {
             admin_token: cfg.admin_token.clone(),
             metrics_token: cfg.metrics_token.clone(),
+            access_key_id: cfg.aws_access_key_id.clone(),
         },
         peers: peers::PeerTable::new(cfg.http.connections_per_ip_max),
-        senders,
-        wakers,
+        inboxes,
         shutdown: AtomicBool::new(false),
         cfg,
     });
-    shared.control.start(shared.clone());
+    crate::functions::Registry::start_threads(&shared);
     let use_uring = match io_mode {
         IoMode::Epoll => false,
         IoMode::Uring => {
@@ -385,7 +417,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
                 if pin {
                     pin_to(core);
                 }
-                let waker = shared.wakers[core].as_raw_fd();
+                let waker = shared.inboxes.wakers[core].as_raw_fd();
                 let mut worker = Worker::new(core, shared, inbox);
                 let r = if use_uring {
                     uring::run(&mut worker, listener, waker)

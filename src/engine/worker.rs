@@ -565,7 +565,16 @@ impl Worker {
                 )
             }
             Route::Invoke { id, path } => {
-                let (id, path) = (id.to_string(), path.to_string());
+                // A name is looked up once here; the pool knows functions by id.
+                let id = match crate::functions::valid_id(id) {
+                    true => id.to_string(),
+                    false => self
+                        .shared
+                        .functions
+                        .id_of(id)
+                        .unwrap_or_else(|| id.to_string()),
+                };
+                let path = path.to_string();
                 let to = self.reply_to(tok);
                 let peer = self.peer(tok);
                 self.fns.invoke(
@@ -583,8 +592,19 @@ impl Worker {
             }
             _ => {
                 let to = self.reply_to(tok);
-                let peer = self.peer(tok);
-                if let Err(busy) = self.shared.control.submit(self.core, to, peer, req, body) {
+                let (core, inboxes) = (self.core, self.shared.inboxes.clone());
+                let done = Box::new(move |(status, content_type, body)| {
+                    inboxes.send(
+                        core,
+                        Msg::Reply {
+                            to,
+                            status,
+                            content_type,
+                            body,
+                        },
+                    )
+                });
+                if let Err(busy) = self.shared.control.submit(req, body, done) {
                     self.answer(
                         tok,
                         Answer {

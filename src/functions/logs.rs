@@ -15,10 +15,11 @@
 use std::collections::VecDeque;
 use std::os::fd::OwnedFd;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use super::Function;
 use crate::protocol::{FrameDecoder, FrameType, LOG_STDERR};
+use crate::util::time::unix_time_ms;
 
 /// Lines kept per function.
 pub const LOG_LINES_MAX: usize = 1000;
@@ -107,7 +108,7 @@ impl LogRing {
         lines_max: usize,
         bytes_max: usize,
     ) -> Taken {
-        let time_ms = now_ms();
+        let time_ms = unix_time_ms();
         let mut rid: Option<Arc<str>> = None;
         split_lines(text, lines_max.min(LOG_PUSH_LINES_MAX), bytes_max, |line| {
             let rid = rid
@@ -119,7 +120,7 @@ impl LogRing {
 
     /// Adds lines printed while an instance started.
     pub fn extend_init(&mut self, lines: &[String]) {
-        let time_ms = now_ms();
+        let time_ms = unix_time_ms();
         let rid = self.request_id("init");
         for l in lines.iter().take(LOG_LINES_MAX) {
             self.push_line(time_ms, rid.clone(), false, l.as_bytes());
@@ -160,13 +161,6 @@ impl LogRing {
         });
         debug_assert!(self.lines.len() <= LOG_LINES_MAX);
     }
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// Calls `each` with the lines of `text` (without `\n` or `\r\n`; a line
@@ -488,7 +482,7 @@ fn read_turn(src: &mut Source) -> Turn {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::functions::FunctionSpec;
+    use crate::spec::FunctionSpec;
 
     fn function() -> Function {
         Function::new(
@@ -502,6 +496,8 @@ mod tests {
                 created_ms: 0,
                 code_bytes: 0,
                 backend: "process".into(),
+                name: None,
+                service: Default::default(),
                 runtime: Default::default(),
             },
             "/nonexistent".into(),

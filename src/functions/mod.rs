@@ -8,17 +8,16 @@
 
 pub mod budget;
 pub mod logs;
+pub mod names;
 pub mod pool;
 pub mod store;
 
-use std::collections::HashMap;
+use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
 use std::sync::{Arc, Condvar, Mutex, RwLock};
 use std::time::{Duration, Instant};
-
-use serde::{Deserialize, Serialize};
 
 use crate::config::ServeConfig;
 use crate::engine::conn::ReplyTo;
@@ -26,7 +25,9 @@ use crate::engine::worker::Msg;
 use crate::engine::Shared;
 use crate::metrics::FunctionMetrics;
 use crate::sandbox::{Backend, Instance, StartError};
+use crate::spec::FunctionSpec;
 use budget::{Budget, Reservation};
+use names::Index;
 
 pub use pool::CorePool;
 
@@ -39,27 +40,6 @@ pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
 /// Index of an instance in its core's pool.
 pub type ChannelId = usize;
-
-/// A deployed function's settings, stored as `meta.json` in its directory.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct FunctionSpec {
-    pub id: String,
-    pub handler: String,
-    pub memory_mb: u32,
-    pub timeout_ms: u64,
-    pub concurrency: u32,
-    pub env: Vec<(String, String)>,
-    pub created_ms: u64,
-    pub code_bytes: u64,
-    pub backend: String,
-    /// The language runtime (absent in `meta.json`: Node.js).
-    #[serde(
-        default,
-        skip_serializing_if = "crate::runtime::RuntimeKind::is_nodejs"
-    )]
-    pub runtime: crate::runtime::RuntimeKind,
-}
 
 /// A deployed function as the server holds it.
 pub struct Function {
@@ -159,7 +139,9 @@ struct StartJob {
 /// start and destroy instances.
 pub struct Registry {
     pub functions_dir: PathBuf,
-    map: RwLock<HashMap<String, Arc<Function>>>,
+    map: RwLock<Index>,
+    /// `<state>/aliases` (see [`names`]).
+    aliases_dir: PathBuf,
     pub backend: Box<dyn Backend>,
     /// Memory of all instances and standbys, MiB (`--instance-memory-max-mb`).
     pub memory: Arc<Budget>,
@@ -186,14 +168,16 @@ impl Registry {
     pub fn open(cfg: &ServeConfig, lock: std::fs::File) -> std::io::Result<Registry> {
         let backend = crate::sandbox::select(cfg)?;
         let functions_dir = cfg.state_dir.join("functions");
-        let specs = store::load_all(&functions_dir)?;
+        let mut specs = store::load_all(&functions_dir)?;
+        // Oldest first, so that of two under one name the newer keeps it.
+        specs.sort_by_key(|(spec, _)| spec.created_ms);
         let memory = Budget::new("instance memory", "MiB", cfg.instance_memory_max_mb);
         let disk = Budget::new(
             "functions disk",
             "bytes",
             cfg.functions_disk_max_mb.saturating_mul(1 << 20),
         );
-        let mut map = HashMap::new();
+        let mut map = Index::default();
         for (spec, dir) in specs {
             let f = Function::new(spec, dir, memory.clone());
             // What exists counts, even beyond a budget lowered since.
@@ -201,7 +185,18 @@ impl Registry {
             if backend.keeps_standby() {
                 f.hold(memory.reserve_over(u64::from(f.spec.memory_mb)));
             }
-            map.insert(f.spec.id.clone(), Arc::new(f));
+            if let Some(older) = map.insert(Arc::new(f)) {
+                // The server stopped between publishing a function's
+                // replacement and removing it: finish the replacement.
+                eprintln!(
+                    "hearth: removing {} (replaced under the name {:?})",
+                    older.spec.id,
+                    older.spec.name.as_deref().unwrap_or("")
+                );
+                if let Ok(p) = store::trash(&functions_dir, &older.spec.id) {
+                    store::remove_tree(&p);
+                }
+            }
         }
         for (b, unit) in [(&memory, "MiB"), (&disk, "bytes")] {
             if b.used() > b.max() {
@@ -212,17 +207,22 @@ impl Registry {
                 );
             }
         }
-        if !map.is_empty() {
+        if !map.by_id.is_empty() {
             eprintln!(
                 "hearth: loaded {} function(s) from {}",
-                map.len(),
+                map.by_id.len(),
                 functions_dir.display()
             );
+        }
+        let aliases_dir = names::aliases_dir(&functions_dir);
+        for (name, aliases) in names::load_aliases(&aliases_dir)? {
+            map.set_aliases(&name, aliases);
         }
         let (job_tx, jobs) = channel();
         let (reap_tx, reap_rx) = channel();
         Ok(Registry {
             functions_dir,
+            aliases_dir,
             map: RwLock::new(map),
             backend,
             memory,
@@ -341,21 +341,59 @@ impl Registry {
         self.backend.name()
     }
 
-    /// A function by id.
-    pub fn get(&self, id: &str) -> Option<Arc<Function>> {
-        self.map.read().unwrap().get(id).cloned()
+    /// A function by id, or by (qualified) name when `key` is not an id; see
+    /// [`names::Index::resolve`].
+    pub fn get(&self, key: &str) -> Option<Arc<Function>> {
+        let map = self.map.read().unwrap();
+        let id = map.resolve(key)?;
+        map.by_id.get(&id).cloned()
+    }
+
+    /// The id a (qualified) name resolves to now.
+    pub fn id_of(&self, key: &str) -> Option<String> {
+        self.map.read().unwrap().resolve(key)
+    }
+
+    /// The published versions of `name`, oldest first.
+    pub fn versions(&self, name: &str) -> Vec<Arc<Function>> {
+        self.map.read().unwrap().versions(name)
+    }
+
+    /// The aliases of `name`.
+    pub fn aliases(&self, name: &str) -> BTreeMap<String, names::Alias> {
+        self.map.read().unwrap().aliases(name)
+    }
+
+    /// Changes the aliases of `name` with `edit`, which sees the index (to
+    /// check versions exist) and decides; they are stored before the change
+    /// is visible. `edit` returning `Err` changes nothing; the outer error is
+    /// a failure to store them (nothing changed either).
+    pub fn edit_aliases<T, E>(
+        &self,
+        name: &str,
+        edit: impl FnOnce(&Index, &mut BTreeMap<String, names::Alias>) -> Result<T, E>,
+    ) -> std::io::Result<Result<T, E>> {
+        let mut map = self.map.write().unwrap();
+        let mut aliases = map.aliases(name);
+        let out = match edit(&map, &mut aliases) {
+            Ok(out) => out,
+            Err(e) => return Ok(Err(e)),
+        };
+        names::store_aliases(&self.aliases_dir, name, &aliases)?;
+        map.set_aliases(name, aliases);
+        Ok(Ok(out))
     }
 
     /// Every function, sorted by id.
     pub fn all(&self) -> Vec<Arc<Function>> {
-        let mut v: Vec<_> = self.map.read().unwrap().values().cloned().collect();
+        let mut v: Vec<_> = self.map.read().unwrap().by_id.values().cloned().collect();
         v.sort_by(|a, b| a.spec.id.cmp(&b.spec.id));
         v
     }
 
     /// Number of functions.
     pub fn len(&self) -> usize {
-        self.map.read().unwrap().len()
+        self.map.read().unwrap().by_id.len()
     }
 
     /// True when nothing is deployed.
@@ -364,13 +402,19 @@ impl Registry {
     }
 
     /// Publishes a newly deployed function (the caller broadcasts the change).
-    pub fn insert(&self, f: Arc<Function>) {
-        self.map.write().unwrap().insert(f.spec.id.clone(), f);
+    /// A function that had its name is unpublished and returned: requests by
+    /// name go to the new one from now on, the old one drains.
+    pub fn insert(&self, f: Arc<Function>) -> Option<Arc<Function>> {
+        let old = self.map.write().unwrap().insert(f)?;
+        old.deleted.store(true, Ordering::Release);
+        Some(old)
     }
 
-    /// Unpublishes a function; returns it.
-    pub fn remove(&self, id: &str) -> Option<Arc<Function>> {
-        let f = self.map.write().unwrap().remove(id)?;
+    /// Unpublishes a function (by id or qualified name); returns it.
+    pub fn remove(&self, key: &str) -> Option<Arc<Function>> {
+        let mut map = self.map.write().unwrap();
+        let id = map.resolve(key)?;
+        let f = map.remove_id(&id)?;
         f.deleted.store(true, Ordering::Release);
         Some(f)
     }
@@ -430,22 +474,5 @@ pub fn valid_id(id: &str) -> bool {
 
 /// A new random function id.
 pub fn new_id() -> String {
-    format!("{:016x}", random_u64())
-}
-
-/// 64 random bits from the kernel.
-pub fn random_u64() -> u64 {
-    let mut b = [0u8; 8];
-    // SAFETY: getrandom writes at most 8 bytes into b.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr() as *mut libc::c_void, 8, 0) };
-    assert_eq!(n, 8, "getrandom failed");
-    u64::from_ne_bytes(b)
-}
-
-/// `bytes` random bytes from the kernel, as lower-case hex.
-pub fn random_hex(bytes: usize) -> String {
-    (0..bytes.div_ceil(8))
-        .map(|_| format!("{:016x}", random_u64()))
-        .collect::<String>()[..bytes * 2]
-        .to_string()
+    format!("{:016x}", crate::util::random::random_u64())
 }

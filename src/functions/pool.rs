@@ -15,7 +15,7 @@ use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
@@ -29,6 +29,8 @@ use crate::http::parse::Request;
 use crate::metrics::{add, ErrorKind};
 use crate::protocol::{self, FrameType, HEADER_BYTES};
 use crate::sandbox::{Instance, SchedTime};
+use crate::util::random::random_u64;
+use crate::util::time::unix_time_ms;
 
 /// Extra time a queued request may wait for an instance to start, beyond the
 /// function's timeout (the init phase has its own limit, as on Lambda).
@@ -215,13 +217,6 @@ pub struct CorePool {
 /// An instance leaving this core: its function, its handle, the core it goes to.
 type Moving = (Arc<Function>, Box<dyn Instance>, usize);
 
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
-}
-
 fn json_reply(to: ReplyTo, status: u16, code: &str, message: &str) -> Reply {
     Reply {
         to,
@@ -261,7 +256,7 @@ impl CorePool {
             insts: Slab::new(),
             slot_waiters: VecDeque::new(),
             next_rid: 0,
-            rng: super::random_u64() | 1,
+            rng: random_u64() | 1,
             replies: VecDeque::new(),
             migrating: HashMap::new(),
             cpu: CpuMeter::default(),
@@ -304,6 +299,11 @@ impl CorePool {
         dirty: &mut Vec<Token>,
         now: Instant,
     ) {
+        if !self.fns.contains_key(id) && self.shared.functions.get(id).is_some() {
+            // Published after this core last looked (a deploy, or a function
+            // replacing another under its name): catch up before answering.
+            self.sync_view(streams, dirty, now);
+        }
         let Some(fs) = self.fns.get(id) else {
             self.replies.push_back(json_reply(
                 to,
@@ -338,7 +338,7 @@ impl CorePool {
                 _ => "HTTP/1.1",
             },
             request_id: &request_id,
-            time_ms: now_ms(),
+            time_ms: unix_time_ms(),
             domain: req.header("host").unwrap_or("localhost"),
         };
         let mut meta_head = Vec::with_capacity(256 + 32 * req.headers.len());
@@ -523,7 +523,9 @@ impl CorePool {
         let timeout_ms = inst.function.spec.timeout_ms;
         // The handler's clock starts now: queue time does not eat into it.
         let mut meta = p.meta_head;
-        meta.extend_from_slice(format!(",\"deadline_ms\":{}}}", now_ms() + timeout_ms).as_bytes());
+        meta.extend_from_slice(
+            format!(",\"deadline_ms\":{}}}", unix_time_ms() + timeout_ms).as_bytes(),
+        );
         let s = &mut streams[inst.tok];
         protocol::encode(&mut s.wbuf, FrameType::Invoke, 0, p.rid, &meta, &p.body);
         dirty.push(inst.tok);

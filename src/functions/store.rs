@@ -43,7 +43,7 @@ fn tighten(path: &Path, mode: u32) -> io::Result<()> {
     Ok(())
 }
 
-use super::FunctionSpec;
+use crate::spec::FunctionSpec;
 
 /// Loads every complete function; deletes staging and trash leftovers.
 pub fn load_all(functions_dir: &Path) -> io::Result<Vec<(FunctionSpec, PathBuf)>> {

@@ -3,7 +3,7 @@
 //! | artifact   | where                                     | inputs                              |
 //! |------------|-------------------------------------------|-------------------------------------|
 //! | initramfs  | `<state>/cache/guest/initramfs-<h>.cpio`  | agent binary, kernel modules        |
-//! | runtime    | `<state>/cache/guest/runtime-<h>.ext4`    | the process backend's runtime root (node, its libraries, shim, agent) |
+//! | runtime    | `<state>/cache/guest/runtime-<h>.ext4`    | the runtime root ([`crate::runtime`]: node, its libraries, shim, agent) |
 //! | code       | `<fn dir>/code-<h>.ext4`                  | the function's `code/` tree         |
 //!
 //! A file is rebuilt only when no file of its name exists; builds go to a

@@ -15,10 +15,9 @@ pub mod kernel;
 
 use sha2::{Digest, Sha256};
 
+use crate::util::hex;
+
 /// The first 16 bytes of a digest as 32 hex digits (names of cached files).
 pub(crate) fn short_hex(h: Sha256) -> String {
-    h.finalize()[..16]
-        .iter()
-        .map(|b| format!("{b:02x}"))
-        .collect()
+    hex::encode(&h.finalize()[..16])
 }

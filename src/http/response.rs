@@ -1,7 +1,8 @@
 //! Writing HTTP/1.1 responses into a connection's output buffer.
 
 use std::io::Write;
-use std::time::{SystemTime, UNIX_EPOCH};
+
+use crate::util::time::since_unix_epoch;
 
 /// Reason phrase for the status codes hearth sends.
 pub fn reason(status: u16) -> &'static str {
@@ -60,10 +61,7 @@ impl Default for DateCache {
 impl DateCache {
     /// Updates the cached text if the second changed.
     pub fn refresh(&mut self) {
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = since_unix_epoch().as_secs();
         if now != self.secs {
             self.secs = now;
             self.text = http_date(now);

@@ -17,6 +17,8 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use sha2::{Digest, Sha256};
 
+use crate::util::hex;
+
 /// Bumped whenever the layout below changes, so old trees are not reused.
 const LAYOUT_VERSION: &str = "hearth-runtime-root-v1";
 
@@ -160,7 +162,7 @@ pub fn ensure_userland(cache_dir: &Path, agent: &Path, python: &Path) -> io::Res
         }
         h.update([1]);
     }
-    let key = hex(&h.finalize()[..16]);
+    let key = hex::encode(&h.finalize()[..16]);
     let root = build_once(cache_dir, "userland", &key, |tmp| {
         build_userland(tmp, &agent, &python, &entries)
     })?;
@@ -303,7 +305,7 @@ fn runtime_key(
         h.update(m.mtime_nsec().to_le_bytes());
         h.update(m.ino().to_le_bytes());
     }
-    Ok(hex(&h.finalize()[..16]))
+    Ok(hex::encode(&h.finalize()[..16]))
 }
 
 /// SHA-256 of a file's contents, remembered under `cache_dir/.digests` by the file's identity
@@ -320,7 +322,7 @@ fn content_digest(cache_dir: &Path, path: &Path) -> io::Result<[u8; 32]> {
         id.update(v.to_le_bytes());
     }
     let memo_dir = cache_dir.join(".digests");
-    let memo = memo_dir.join(hex(&id.finalize()));
+    let memo = memo_dir.join(hex::encode(&id.finalize()));
     if let Ok(bytes) = fs::read(&memo) {
         if let Ok(digest) = <[u8; 32]>::try_from(bytes.as_slice()) {
             return Ok(digest);
@@ -341,10 +343,6 @@ fn content_digest(cache_dir: &Path, path: &Path) -> io::Result<[u8; 32]> {
         .and_then(|_| fs::rename(&tmp, &memo));
     let _ = fs::remove_file(&tmp);
     Ok(digest)
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// Feeds a file's length and whole contents into `h` (shared with the guest image builders).

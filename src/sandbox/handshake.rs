@@ -6,18 +6,17 @@
 use std::collections::VecDeque;
 use std::io::{Read, Write};
 use std::os::fd::{AsRawFd, BorrowedFd};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use crate::functions::FunctionSpec;
 use crate::protocol::{self, FrameDecoder, FrameType};
 use crate::sandbox::{InitLogs, StartError};
+use crate::spec::FunctionSpec;
+use crate::util::random::random_u64;
+use crate::util::time::unix_time_ms;
 
 /// The HELLO metadata for `spec` (also sent again after every snapshot restore).
 pub fn hello_meta(spec: &FunctionSpec) -> Vec<u8> {
-    let time_ms = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0);
+    let time_ms = unix_time_ms();
     let env: serde_json::Map<String, serde_json::Value> = spec
         .env
         .iter()
@@ -32,10 +31,10 @@ pub fn hello_meta(spec: &FunctionSpec) -> Vec<u8> {
         "timeout_ms": spec.timeout_ms,
         "env": env,
         // Fresh randomness for the guest kernel of every restored clone.
-        "seed0": crate::functions::random_u64(),
-        "seed1": crate::functions::random_u64(),
-        "seed2": crate::functions::random_u64(),
-        "seed3": crate::functions::random_u64(),
+        "seed0": random_u64(),
+        "seed1": random_u64(),
+        "seed2": random_u64(),
+        "seed3": random_u64(),
     }))
     .expect("json of plain values")
 }

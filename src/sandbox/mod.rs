@@ -19,7 +19,7 @@ use std::os::fd::OwnedFd;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use crate::functions::FunctionSpec;
+use crate::spec::FunctionSpec;
 
 /// Why an instance could not be made ready. Every variant but [`StartError::Init`]
 /// is a host-side failure (deploy answers 503); the message of each is what
@@ -136,6 +136,43 @@ impl std::error::Error for StartError {
             StartError::Vm(e) => Some(e),
             StartError::WithOutput { cause, .. } | StartError::InVm { cause, .. } => Some(&**cause),
             _ => None,
+        }
+    }
+}
+
+/// Why a backend could not be set up at server start ([`select`] reports it,
+/// and `auto` falls back to the process backend on it).
+#[derive(Debug)]
+pub enum SetupError {
+    /// A program the backend needs is missing or does not run (QEMU); the
+    /// text says what to install or set.
+    Host(String),
+    /// The runtime root could not be made.
+    Runtime(crate::runtime::RuntimeError),
+    /// The guest kernel or images could not be had.
+    Guest(crate::guest::images::ImageError),
+    /// A host operation failed; `what` names it.
+    Io { what: String, err: std::io::Error },
+}
+
+impl std::fmt::Display for SetupError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            SetupError::Host(m) => write!(f, "{m}"),
+            SetupError::Runtime(e) => write!(f, "{e}"),
+            SetupError::Guest(e) => write!(f, "{e}"),
+            SetupError::Io { what, err } => write!(f, "{what}: {err}"),
+        }
+    }
+}
+
+impl std::error::Error for SetupError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        match self {
+            SetupError::Host(_) => None,
+            SetupError::Runtime(e) => Some(e),
+            SetupError::Guest(e) => Some(e),
+            SetupError::Io { err, .. } => Some(err),
         }
     }
 }

@@ -1,6 +1,14 @@
 //! Small helpers with no knowledge of hearth: they depend on `std` and `libc` only and never
 //! on another module of this crate, so any layer may use them without creating an import cycle.
 //!
+//! - [`cpu`]: pinning a thread to one CPU.
+//! - [`hex`]: lower-case hex text of bytes.
 //! - [`program`]: finding an executable (an environment override, else `PATH`).
+//! - [`random`]: random bits from the kernel.
+//! - [`time`]: wall-clock time since the Unix epoch.
 
+pub mod cpu;
+pub mod hex;
 pub mod program;
+pub mod random;
+pub mod time;

@@ -293,6 +293,32 @@ test('plain: a throwing handler answers ERROR and the instance stays warm', asyn
   assert.match(c.stderr, /req-err\tERROR\tInvoke Error/);
 });
 
+test('raw (service API) invocations: the body is the event, the result goes back as JSON', async () => {
+  const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler');
+  // A result with statusCode is not translated: it is the payload itself.
+  const r = await c.invoke({ raw: true, request_id: 'raw-1' }, JSON.stringify({ rawPath: '/headers' }));
+  assert.equal(r.type, T.RESPONSE);
+  assert.deepEqual(r.meta, { status: 200, headers: [['content-type', 'application/json']] });
+  const payload = JSON.parse(r.body.toString());
+  assert.equal(payload.statusCode, 201);
+  assert.deepEqual(payload.cookies, ['a=1; Path=/', 'b=2']);
+  // A handler error carries the stack as `trace`.
+  const e = await c.invoke({ raw: true, request_id: 'raw-2' }, JSON.stringify({ rawPath: '/error' }));
+  assert.equal(e.type, T.ERROR);
+  assert.equal(e.meta.errorType, 'TypeError');
+  assert.equal(e.meta.errorMessage, 'plain fixture failed on purpose');
+  assert.ok(Array.isArray(e.meta.trace) && e.meta.trace[0].startsWith('TypeError'), JSON.stringify(e.meta));
+  assert.match(c.stderr, /raw-2\tERROR\tInvoke Error/);
+  // An empty body is a null event; malformed JSON is refused, the instance stays.
+  const n = await c.invoke({ raw: true }, '');
+  assert.equal(n.type, T.ERROR, 'null event: the fixture reads event.rawPath and throws');
+  const bad = await c.invoke({ raw: true }, '{not json');
+  assert.equal(bad.type, T.ERROR);
+  assert.equal(bad.meta.errorType, 'Runtime.InvalidFrame');
+  const ok = await c.invoke({ path: '/' });
+  assert.equal(ok.type, T.RESPONSE);
+});
+
 test('later HELLO answers READY at once and only refreshes env', async () => {
   const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler', { env: { GREETING: 'one' } });
   const first = await c.invoke({});

@@ -26,11 +26,12 @@ use super::uids::{UidLease, UidPool};
 
 use super::{Sandbox, SandboxSpec};
 use crate::config::ServeConfig;
-use crate::functions::FunctionSpec;
 use crate::runtime::{self, root::Userland, RuntimeKind};
 use crate::sandbox::handshake;
 use crate::sandbox::process;
-use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, StartError};
+use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, SetupError, StartError};
+use crate::spec::FunctionSpec;
+use crate::util::cpu;
 
 /// Time a runtime gets to load the handler (Lambda's init phase limit).
 pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -163,11 +164,11 @@ pub struct ProcessBackend {
 
 impl ProcessBackend {
     /// Builds (or reuses) the runtime root under `<state>/cache`.
-    pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, String> {
+    pub fn new(cfg: &ServeConfig, use_standby: bool) -> Result<ProcessBackend, SetupError> {
         let cache = cfg.state_dir.join("cache");
-        let runtime_root = runtime::ensure(&cache).map_err(|e| e.to_string())?;
+        let runtime_root = runtime::ensure(&cache).map_err(SetupError::Runtime)?;
         // At start-up, under the state-dir lock: roots of older builds are unused.
-        let userland = runtime::ensure_userland(&cache).map_err(|e| e.to_string())?;
+        let userland = runtime::ensure_userland(&cache).map_err(SetupError::Runtime)?;
         let pruned = runtime::root::prune_runtimes(&cache, &runtime_root)
             + runtime::root::prune_userlands(&cache, &userland.root);
         if pruned > 0 {
@@ -211,7 +212,10 @@ impl ProcessBackend {
                 }
                 drop(busy);
             })
-            .map_err(|e| format!("spawn the cgroup sweeper: {e}"))?;
+            .map_err(|err| SetupError::Io {
+                what: "spawn the cgroup sweeper".into(),
+                err,
+            })?;
         Ok(ProcessBackend { inner })
     }
 }
@@ -496,12 +500,7 @@ fn pin_tree(pid: i32, core: usize) {
             let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            // SAFETY: cpu_set_t is plain data; sched_setaffinity on a thread id.
-            unsafe {
-                let mut set: libc::cpu_set_t = std::mem::zeroed();
-                libc::CPU_SET(core, &mut set);
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set);
-            }
+            let _ = cpu::pin_thread(tid, core);
             if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
                 todo.extend(
                     children

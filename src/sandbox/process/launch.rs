@@ -29,6 +29,7 @@ use super::cgroup::{self, Group, Limits};
 use super::seccomp;
 use super::SandboxSpec;
 use crate::runtime::root::DEVICES;
+use crate::util::cpu;
 
 /// Largest spec the launcher accepts on stdin.
 const SPEC_BYTES_MAX: u64 = 1 << 20;
@@ -724,18 +725,10 @@ fn set_rlimits(p: &Prepared) -> Result<(), String> {
 }
 
 fn pin_to_core(core: usize) -> Result<(), String> {
-    // SAFETY: cpu_set_t is plain data; CPU_SET bounds-checks `core`.
-    unsafe {
-        let mut set: libc::cpu_set_t = std::mem::zeroed();
-        if core >= 8 * std::mem::size_of::<libc::cpu_set_t>() {
-            return Err(format!("cpu_core {core} is out of range"));
-        }
-        libc::CPU_SET(core, &mut set);
-        check(
-            libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set),
-            &format!("pinning to cpu {core}"),
-        )
+    if core >= libc::CPU_SETSIZE as usize {
+        return Err(format!("cpu_core {core} is out of range"));
     }
+    cpu::pin_thread(0, core).map_err(|e| format!("pinning to cpu {core}: {e}"))
 }
 
 /// Signal dispositions ignored by the launcher (Rust ignores SIGPIPE) would survive `execve`.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
-use crate::functions::FunctionSpec;
+use crate::spec::FunctionSpec;
 
 /// Smallest guest: Node.js and the kernel need this much.
 pub const MEMORY_MB_MIN: u32 = 256;
@@ -222,6 +222,8 @@ mod tests {
             created_ms: 0,
             code_bytes: 0,
             backend: "qemu".into(),
+            name: None,
+            service: Default::default(),
             runtime: Default::default(),
         };
         assert_eq!(guest_memory_mb(&spec), MEMORY_MB_MIN);

@@ -58,10 +58,10 @@ pub use args::Accel;
 pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::handshake;
-use super::{Backend, InitLogs, Instance, StartError};
+use super::{Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
-use crate::functions::FunctionSpec;
 use crate::guest::images::{self, Guest};
+use crate::spec::FunctionSpec;
 use args::VmPlan;
 use snapshot::{ignore_shared, in_vm, prefetch, read_meta, SnapshotMeta, META_FILE};
 use vm::Vm;
@@ -135,9 +135,9 @@ pub struct QemuBackend {
 
 impl QemuBackend {
     /// Finds QEMU and the kernel, builds the shared guest images, picks the accelerator.
-    pub fn new(cfg: &ServeConfig) -> Result<QemuBackend, String> {
-        let qemu = find_qemu()?;
-        let qemu_version = qemu_version(&qemu)?;
+    pub fn new(cfg: &ServeConfig) -> Result<QemuBackend, SetupError> {
+        let qemu = find_qemu().map_err(SetupError::Host)?;
+        let qemu_version = qemu_version(&qemu).map_err(SetupError::Host)?;
         let accel = match kvm_usable() {
             Ok(()) => Accel::Kvm,
             Err(why) => {
@@ -145,7 +145,7 @@ impl QemuBackend {
                 Accel::Tcg
             }
         };
-        let guest = images::prepare_guest(&cfg.state_dir).map_err(|e| e.to_string())?;
+        let guest = images::prepare_guest(&cfg.state_dir).map_err(SetupError::Guest)?;
         // One server per state directory: a second one would clear the first's VM directories.
         let mut run_dir = cfg.state_dir.join("run").join("qemu");
         // Socket paths must fit sun_path: "<run>/<16 hex>-<seq>/agent.sock".
@@ -154,7 +154,10 @@ impl QemuBackend {
         }
         // VMs of an earlier server are gone (they die with it); so are their directories.
         let _ = fs::remove_dir_all(&run_dir);
-        fs::create_dir_all(&run_dir).map_err(|e| format!("create {}: {e}", run_dir.display()))?;
+        fs::create_dir_all(&run_dir).map_err(|err| SetupError::Io {
+            what: format!("create {}", run_dir.display()),
+            err,
+        })?;
         eprintln!(
             "hearth: qemu: {qemu_version}, -accel {}, kernel {} ({} modules), run dir {}",
             accel.as_str(),

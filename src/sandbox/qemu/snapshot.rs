@@ -6,7 +6,7 @@
 use std::fs;
 use std::os::fd::AsFd;
 use std::path::{Path, PathBuf};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 use serde_json::json;
@@ -15,9 +15,10 @@ use super::args::{guest_memory_mb, kernel_cmdline, Accel, VmPlan};
 use super::qmp;
 use super::vm::{Vm, VmError};
 use super::Inner;
-use crate::functions::FunctionSpec;
 use crate::guest::images;
 use crate::sandbox::{handshake, InitLogs, StartError};
+use crate::spec::FunctionSpec;
+use crate::util::time::unix_time_ms;
 
 /// Boot + handler load in a template VM under software emulation (slow: ~8 s
 /// boot, Node ~37x slower than native).
@@ -80,13 +81,6 @@ pub(super) fn ignore_shared() -> serde_json::Value {
 fn allocated_bytes(path: &Path) -> u64 {
     use std::os::unix::fs::MetadataExt;
     fs::metadata(path).map(|m| m.blocks() * 512).unwrap_or(0)
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
 }
 
 /// `cause`, with the phase of the VM's life it happened in and the end of
@@ -220,7 +214,7 @@ impl Inner {
             append,
             ready_ms,
             snapshot_ms: snap_started.elapsed().as_millis() as u64,
-            created_ms: now_ms(),
+            created_ms: unix_time_ms(),
         };
         write_meta(dir, &meta).map_err(|e| StartError::io(META_FILE, e))?;
         eprintln!(

@@ -175,9 +175,7 @@ impl Vm {
                     }
                 }
                 if let Some(core) = core {
-                    let mut set: libc::cpu_set_t = std::mem::zeroed();
-                    libc::CPU_SET(core, &mut set);
-                    libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set);
+                    let _ = crate::util::cpu::pin_thread(0, core);
                 }
                 Ok(())
             });

@@ -1,8 +1,10 @@
 //! The host <-> guest wire protocol (see `include/hearth_protocol.h`).
 //!
 //! Sans-IO: [`FrameDecoder`] takes bytes and yields frames, [`encode`] appends
-//! a frame to a buffer. The guest agent compiles this same file, so it must
-//! depend on nothing but `std`.
+//! a frame to a buffer. Both ends use this crate: the server (as `hearth::protocol`)
+//! and the static guest agent, so it depends on nothing but `std`.
+//! `tests/mirrors.rs` checks that the C header and the Node.js shim
+//! (`include/runtime/bootstrap.js`) agree with the constants here.
 
 use std::fmt;
 

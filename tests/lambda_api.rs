@@ -1,0 +1,660 @@
+//! The Lambda service API driven by the real `aws` CLI and boto3 (the
+//! clients nobody here wrote), against the real server on the process
+//! backend: create, get, list with paging, configuration and code updates
+//! without downtime, concurrency, delete, signatures right, wrong and absent.
+//!
+//! Needs root and the static agent (the process backend) and `aws` + `boto3`
+//! (`tools/setup.sh` installs them); without them each test prints why and
+//! returns.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use base64::Engine as _;
+use common::{zip_fixture, Server};
+use sha2::{Digest, Sha256};
+
+/// Why the real clients cannot run here, if they cannot.
+fn clients_missing() -> Option<String> {
+    let aws = Command::new("aws").arg("--version").output();
+    if !aws.is_ok_and(|o| o.status.success()) {
+        return Some("the aws CLI is missing (pip install awscli)".into());
+    }
+    let boto = Command::new("python3")
+        .args(["-c", "import boto3"])
+        .output();
+    if !boto.is_ok_and(|o| o.status.success()) {
+        return Some("boto3 is missing (pip install boto3)".into());
+    }
+    None
+}
+
+macro_rules! require_clients {
+    () => {
+        require_sandbox!();
+        if let Some(why) = clients_missing() {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+}
+
+/// Runs `aws lambda <args>` against `s`, signed with `secret`.
+fn aws(s: &Server, secret: &str, args: &[&str]) -> Output {
+    Command::new("aws")
+        .arg("lambda")
+        .args(args)
+        .args([
+            "--endpoint-url",
+            &format!("http://{}", s.addr),
+            "--output",
+            "json",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "hearth")
+        .env("AWS_SECRET_ACCESS_KEY", secret)
+        .env("AWS_DEFAULT_REGION", "eu-west-1")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .output()
+        .expect("run aws")
+}
+
+/// `aws lambda …` that must succeed; its JSON output.
+fn aws_ok(s: &Server, args: &[&str]) -> serde_json::Value {
+    let out = aws(s, s.token.as_deref().unwrap(), args);
+    assert!(
+        out.status.success(),
+        "aws lambda {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.stderr()
+    );
+    if out.stdout.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).expect("aws prints JSON")
+}
+
+/// `aws lambda …` that must fail with `error` (Lambda's exception name).
+fn aws_err(s: &Server, secret: &str, args: &[&str], error: &str) {
+    let out = aws(s, secret, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "aws lambda {args:?} succeeded");
+    assert!(stderr.contains(error), "aws lambda {args:?}: {stderr}");
+}
+
+/// Runs a boto3 script with `client` bound to a Lambda client for `s`.
+fn boto3(s: &Server, secret: &str, script: &str) -> Output {
+    let prelude = format!(
+        "import boto3, json, sys\nfrom botocore.config import Config\n\
+         client = boto3.client('lambda', endpoint_url='http://{}', region_name='us-east-1', \
+         aws_access_key_id='hearth', aws_secret_access_key={secret:?}, \
+         config=Config(retries={{'max_attempts': 1}}))\n",
+        s.addr
+    );
+    Command::new("python3")
+        .args(["-c", &format!("{prelude}{script}")])
+        .output()
+        .expect("run python3")
+}
+
+fn write_zip(s: &Server, name: &str) -> (String, Vec<u8>) {
+    let zip = zip_fixture(name);
+    let path = s.dir.join(format!("{name}.zip"));
+    std::fs::write(&path, &zip).unwrap();
+    (format!("fileb://{}", path.display()), zip)
+}
+
+#[test]
+fn the_aws_cli_manages_functions_by_name() {
+    require_clients!();
+    let s = Server::start(&[]);
+    let (plain, zip) = write_zip(&s, "plain");
+    let created = aws_ok(
+        &s,
+        &[
+            "create-function",
+            "--function-name",
+            "greet",
+            "--runtime",
+            "nodejs20.x",
+            "--role",
+            "arn:aws:iam::123456789012:role/test",
+            "--handler",
+            "index.handler",
+            "--timeout",
+            "10",
+            "--memory-size",
+            "256",
+            "--environment",
+            "Variables={GREETING=hi}",
+            "--zip-file",
+            &plain,
+        ],
+    );
+    assert_eq!(created["FunctionName"], "greet");
+    assert_eq!(
+        created["FunctionArn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:greet"
+    );
+    assert_eq!(created["Runtime"], "nodejs20.x");
+    assert_eq!(created["Role"], "arn:aws:iam::123456789012:role/test");
+    assert_eq!(
+        (created["Timeout"].as_u64(), created["MemorySize"].as_u64()),
+        (Some(10), Some(256))
+    );
+    assert_eq!(created["Environment"]["Variables"]["GREETING"], "hi");
+    assert_eq!(
+        created["CodeSha256"],
+        base64::engine::general_purpose::STANDARD.encode(Sha256::digest(&zip))
+    );
+    assert_eq!(created["State"], "Active");
+
+    // The name serves invocations like the id.
+    let r = s.get("/f/greet/hello");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let id = created["RevisionId"].as_str().unwrap().to_string();
+    assert_eq!(s.get(&format!("/f/{id}/hello")).status, 200);
+
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &[
+            "create-function",
+            "--function-name",
+            "greet",
+            "--runtime",
+            "nodejs20.x",
+            "--role",
+            "r",
+            "--handler",
+            "index.handler",
+            "--zip-file",
+            &plain,
+        ],
+        "ResourceConflictException",
+    );
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &[
+            "create-function",
+            "--function-name",
+            "bad name",
+            "--runtime",
+            "nodejs20.x",
+            "--role",
+            "r",
+            "--handler",
+            "index.handler",
+            "--zip-file",
+            &plain,
+        ],
+        "InvalidParameterValueException",
+    );
+
+    let got = aws_ok(&s, &["get-function", "--function-name", "greet"]);
+    assert_eq!(got["Configuration"]["Handler"], "index.handler");
+    let by_arn = aws_ok(
+        &s,
+        &[
+            "get-function-configuration",
+            "--function-name",
+            "arn:aws:lambda:eu-west-1:000000000000:function:greet",
+        ],
+    );
+    assert_eq!(by_arn["FunctionName"], "greet");
+    let listed = aws_ok(&s, &["list-functions"]);
+    let names: Vec<_> = listed["Functions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f["FunctionName"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["greet"]);
+
+    // A configuration change deploys anew under the name.
+    let updated = aws_ok(
+        &s,
+        &[
+            "update-function-configuration",
+            "--function-name",
+            "greet",
+            "--timeout",
+            "20",
+        ],
+    );
+    assert_eq!(updated["Timeout"], 20);
+    assert_eq!(updated["MemorySize"], 256, "unchanged settings are kept");
+    assert_ne!(updated["RevisionId"], id.as_str());
+    assert_eq!(s.get("/f/greet/hello").status, 200);
+    let concurrency = aws_ok(
+        &s,
+        &[
+            "put-function-concurrency",
+            "--function-name",
+            "greet",
+            "--reserved-concurrent-executions",
+            "3",
+        ],
+    );
+    assert_eq!(concurrency["ReservedConcurrentExecutions"], 3);
+
+    aws_ok(&s, &["delete-function", "--function-name", "greet"]);
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &["get-function", "--function-name", "greet"],
+        "ResourceNotFoundException",
+    );
+    assert_eq!(s.get("/f/greet/hello").status, 404);
+    s.assert_healthy();
+}
+
+#[test]
+fn code_updates_under_load_fail_no_request() {
+    require_clients!();
+    let s = Server::start(&[]);
+    let (plain, _) = write_zip(&s, "plain");
+    let (behave, _) = write_zip(&s, "behave");
+    aws_ok(
+        &s,
+        &[
+            "create-function",
+            "--function-name",
+            "live",
+            "--runtime",
+            "nodejs20.x",
+            "--role",
+            "r",
+            "--handler",
+            "index.handler",
+            "--zip-file",
+            &plain,
+        ],
+    );
+    let stop = Arc::new(AtomicBool::new(false));
+    let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let load: Vec<_> = (0..3)
+        .map(|_| {
+            let (stop, served, failed) = (stop.clone(), served.clone(), failed.clone());
+            let addr = s.addr;
+            std::thread::spawn(move || {
+                let mut c = common::Client::connect(addr);
+                while !stop.load(Ordering::Relaxed) {
+                    let r = c.request("GET", "/f/live/whoami", &[], b"");
+                    if r.status == 200 {
+                        served.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        failed.fetch_add(1, Ordering::Relaxed);
+                        eprintln!("failed: {} {}", r.status, r.text());
+                    }
+                }
+            })
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    aws_ok(
+        &s,
+        &[
+            "update-function-code",
+            "--function-name",
+            "live",
+            "--zip-file",
+            &behave,
+        ],
+    );
+    // The new code answers /whoami with its call count (the old echoes).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = s.get("/f/live/whoami");
+        if r.status == 200 && r.json().get("calls").is_some() {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still the old code: {}",
+            r.text()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    stop.store(true, Ordering::Relaxed);
+    for t in load {
+        t.join().unwrap();
+    }
+    let (served, failed) = (
+        served.load(Ordering::Relaxed),
+        failed.load(Ordering::Relaxed),
+    );
+    eprintln!("served {served}, failed {failed} across the update");
+    assert!(served > 20, "served {served}");
+    assert_eq!(failed, 0, "{}", s.stderr());
+}
+
+#[test]
+fn signatures_are_checked_and_boto3_pages_the_list() {
+    require_clients!();
+    let s = Server::start(&[]);
+    let token = s.token.clone().unwrap();
+    let (plain, _) = write_zip(&s, "plain");
+    for name in ["a-fn", "b-fn", "c-fn"] {
+        aws_ok(
+            &s,
+            &[
+                "create-function",
+                "--function-name",
+                name,
+                "--runtime",
+                "nodejs20.x",
+                "--role",
+                "r",
+                "--handler",
+                "index.handler",
+                "--zip-file",
+                &plain,
+            ],
+        );
+    }
+    let out = boto3(
+        &s,
+        &token,
+        "page = client.list_functions(MaxItems=2)\n\
+         rest = client.list_functions(Marker=page['NextMarker'], MaxItems=2)\n\
+         print(json.dumps([[f['FunctionName'] for f in p['Functions']] for p in (page, rest)] + [('NextMarker' in rest)]))",
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pages: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(
+        pages,
+        serde_json::json!([["a-fn", "b-fn"], ["c-fn"], false])
+    );
+
+    // A wrong secret, an unknown key, no signature at all: refused, and the
+    // server keeps serving.
+    aws_err(
+        &s,
+        "not-the-secret",
+        &["list-functions"],
+        "InvalidSignatureException",
+    );
+    let out = boto3(
+        &s,
+        &token,
+        "from botocore import UNSIGNED\n\
+         anon = boto3.client('lambda', endpoint_url=client.meta.endpoint_url, region_name='us-east-1', config=Config(signature_version=UNSIGNED))\n\
+         try:\n    anon.list_functions()\nexcept anon.exceptions.ClientError as e:\n    print(e.response['Error']['Code'], e.response['ResponseMetadata']['HTTPStatusCode'])\n",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "UnrecognizedClientException 403",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = Command::new("aws")
+        .args([
+            "lambda",
+            "list-functions",
+            "--endpoint-url",
+            &format!("http://{}", s.addr),
+        ])
+        .env("AWS_ACCESS_KEY_ID", "someone-else")
+        .env("AWS_SECRET_ACCESS_KEY", &token)
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .output()
+        .unwrap();
+    assert!(String::from_utf8_lossy(&out.stderr).contains("UnrecognizedClientException"));
+    // The admin token as a bearer works too (for curl users).
+    let r = s.control("GET", "/2015-03-31/functions/", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["Functions"].as_array().unwrap().len(), 3);
+    s.assert_healthy();
+}
+
+#[test]
+fn without_an_admin_token_the_service_api_is_open_on_loopback() {
+    require_clients!();
+    let s = Server::start(&["--no-admin-token"]);
+    let out = boto3(
+        &s,
+        "anything",
+        "print(len(client.list_functions()['Functions']))",
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "0",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn versions_and_weighted_aliases_route_and_survive_a_restart() {
+    require_clients!();
+    let dir = common::temp_dir("lambda-versions");
+    let state = dir.join("state");
+    let state_arg = state.to_str().unwrap();
+    let mut s = Server::start(&["--state-dir", state_arg]);
+    let (plain, _) = write_zip(&s, "plain");
+    let (behave, _) = write_zip(&s, "behave");
+    aws_ok(
+        &s,
+        &[
+            "create-function",
+            "--function-name",
+            "app",
+            "--runtime",
+            "nodejs20.x",
+            "--role",
+            "r",
+            "--handler",
+            "index.handler",
+            "--zip-file",
+            &plain,
+        ],
+    );
+    let v1 = aws_ok(&s, &["publish-version", "--function-name", "app"]);
+    assert_eq!(v1["Version"], "1");
+    assert_eq!(
+        v1["FunctionArn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:app:1"
+    );
+    aws_ok(
+        &s,
+        &[
+            "update-function-code",
+            "--function-name",
+            "app",
+            "--zip-file",
+            &behave,
+        ],
+    );
+    assert_eq!(
+        aws_ok(&s, &["publish-version", "--function-name", "app"])["Version"],
+        "2"
+    );
+    let versions: Vec<String> =
+        aws_ok(&s, &["list-versions-by-function", "--function-name", "app"])["Versions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["Version"].as_str().unwrap().to_string())
+            .collect();
+    assert_eq!(versions, ["$LATEST", "1", "2"]);
+    let got = aws_ok(
+        &s,
+        &[
+            "get-function-configuration",
+            "--function-name",
+            "app",
+            "--qualifier",
+            "1",
+        ],
+    );
+    assert_eq!(got["Version"], "1");
+
+    // Each version keeps its own code: 1 echoes (plain), 2 counts (behave).
+    let is_v2 = |r: &common::Response| r.json().get("calls").is_some();
+    assert!(!is_v2(&s.get("/f/app:1/whoami")));
+    assert!(is_v2(&s.get("/f/app:2/whoami")));
+
+    let alias = aws_ok(
+        &s,
+        &[
+            "create-alias",
+            "--function-name",
+            "app",
+            "--name",
+            "live",
+            "--function-version",
+            "1",
+            "--routing-config",
+            "AdditionalVersionWeights={2=0.5}",
+        ],
+    );
+    assert_eq!(
+        alias["AliasArn"],
+        "arn:aws:lambda:eu-west-1:000000000000:function:app:live"
+    );
+    assert_eq!(alias["RoutingConfig"]["AdditionalVersionWeights"]["2"], 0.5);
+    let mut c = s.connect();
+    let to_v2 = (0..200)
+        .filter(|_| {
+            let r = c.request("GET", "/f/app:live/whoami", &[], b"");
+            assert_eq!(r.status, 200, "{}", r.text());
+            is_v2(&r)
+        })
+        .count();
+    assert!(
+        (60..=140).contains(&to_v2),
+        "{to_v2} of 200 went to version 2 at weight 0.5"
+    );
+
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &[
+            "delete-function",
+            "--function-name",
+            "app",
+            "--qualifier",
+            "1",
+        ],
+        "ResourceConflictException",
+    );
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &[
+            "create-alias",
+            "--function-name",
+            "app",
+            "--name",
+            "bad",
+            "--function-version",
+            "9",
+        ],
+        "ResourceNotFoundException",
+    );
+
+    // Aliases and versions are stored: after a restart they route the same.
+    let token = s.token.clone();
+    s.stop();
+    let s = Server::start(&["--state-dir", state_arg]);
+    assert_eq!(s.token, token);
+    assert!(is_v2(&s.get("/f/app:2/whoami")));
+    let listed = aws_ok(&s, &["list-aliases", "--function-name", "app"]);
+    assert_eq!(listed["Aliases"][0]["Name"], "live");
+    aws_ok(
+        &s,
+        &[
+            "update-alias",
+            "--function-name",
+            "app",
+            "--name",
+            "live",
+            "--function-version",
+            "2",
+            "--routing-config",
+            "AdditionalVersionWeights={}",
+        ],
+    );
+    assert!(is_v2(&s.get("/f/app:live/whoami")));
+    aws_ok(
+        &s,
+        &[
+            "delete-function",
+            "--function-name",
+            "app",
+            "--qualifier",
+            "1",
+        ],
+    );
+    aws_ok(&s, &["delete-function", "--function-name", "app"]);
+    assert_eq!(s.get("/f/app:2/whoami").status, 404);
+    assert_eq!(s.get("/f/app:live/whoami").status, 404);
+    assert!(!state.join("aliases/app.json").exists());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The service API's `Runtime` chooses the runtime: a Python function created with
+/// `--runtime python3.12` runs under the python3 runtime; unsupported runtimes are refused.
+#[test]
+fn the_runtime_field_chooses_the_runtime() {
+    require_clients!();
+    if !std::path::Path::new("/usr/bin/python3").is_file() {
+        eprintln!("skipped: the python3 runtime needs /usr/bin/python3 on the host");
+        return;
+    }
+    use std::io::Write as _;
+    let s = Server::start(&[]);
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.start_file("app.py", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    w.write_all(b"import sys\ndef handler(event, context):\n    return {'statusCode': 200, 'body': 'python %d' % sys.version_info[0]}\n")
+        .unwrap();
+    let path = s.dir.join("py.zip");
+    std::fs::write(&path, w.finish().unwrap().into_inner()).unwrap();
+    let zip_arg = format!("fileb://{}", path.display());
+    let create = |name: &str, runtime: &str| {
+        vec![
+            "create-function".to_string(),
+            "--function-name".into(),
+            name.into(),
+            "--runtime".into(),
+            runtime.into(),
+            "--role".into(),
+            "r".into(),
+            "--handler".into(),
+            "app.handler".into(),
+            "--zip-file".into(),
+            zip_arg.clone(),
+        ]
+    };
+    let args = create("py", "python3.12");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let created = aws_ok(&s, &args);
+    assert_eq!(created["Runtime"], "python3.12");
+    let r = s.get("/f/py/x");
+    assert_eq!((r.status, r.text()), (200, "python 3".to_string()));
+    let info = s.control("GET", "/functions", &[], b"").json();
+    assert_eq!(info["functions"][0]["runtime"], "python3", "{info}");
+
+    let args = create("java", "java21");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &args,
+        "InvalidParameterValueException",
+    );
+}

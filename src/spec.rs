@@ -46,7 +46,7 @@ pub struct FunctionSpec {
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceMeta {
-    /// `Runtime`, e.g. `nodejs20.x`.
+    /// `Runtime` as given, e.g. `nodejs20.x` (what runs is [`FunctionSpec::runtime`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
     /// `Role`: an IAM role ARN, stored as given.

@@ -16,9 +16,9 @@
 //! - [`bench`]: `hearth bench`, the HTTP load generator and its charts (a client; no part
 //!   of the server).
 //!
-//! Leaves that every layer may use and that import nothing else of the crate:
-//! [`spec`] (a function's settings as plain data) and [`util`] (randomness, hex, epoch time,
-//! CPU pinning, program lookup).
+//! Near-leaves that every layer may use: [`spec`] (a function's settings as plain data;
+//! it imports only [`runtime::RuntimeKind`]) and [`util`] (randomness, hex, epoch time,
+//! CPU pinning, program lookup; it imports nothing else of the crate).
 
 pub mod bench;
 pub mod cli;

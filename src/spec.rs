@@ -1,10 +1,12 @@
 //! [`FunctionSpec`]: a deployed function's settings as plain data.
 //!
-//! A leaf: the control plane builds it at deploy, the registry stores it as `meta.json`
+//! Nearly a leaf (it names a [`crate::runtime::RuntimeKind`]): the control plane builds it at deploy, the registry stores it as `meta.json`
 //! ([`crate::functions::store`]), the backends in [`crate::sandbox`] start instances from it.
 //! It lives apart from all three so the backends need not import the function registry.
 
 use serde::{Deserialize, Serialize};
+
+use crate::runtime::RuntimeKind;
 
 /// A deployed function's settings, stored as `meta.json` in its directory.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -35,13 +37,16 @@ pub struct FunctionSpec {
     /// What the Lambda service API stores and shows but hearth does not act on.
     #[serde(default)]
     pub service: ServiceMeta,
+    /// The language runtime (absent in `meta.json`: Node.js).
+    #[serde(default, skip_serializing_if = "RuntimeKind::is_nodejs")]
+    pub runtime: RuntimeKind,
 }
 
 /// Lambda configuration fields kept for the service API (`Runtime`, `Role`, …).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceMeta {
-    /// `Runtime`, e.g. `nodejs20.x`.
+    /// `Runtime` as given, e.g. `nodejs20.x` (what runs is [`FunctionSpec::runtime`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub runtime: Option<String>,
     /// `Role`: an IAM role ARN, stored as given.

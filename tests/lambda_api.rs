@@ -738,3 +738,56 @@ print(json.dumps(out))
     );
     s.assert_healthy();
 }
+
+/// The service API's `Runtime` chooses the runtime: a Python function created with
+/// `--runtime python3.12` runs under the python3 runtime; unsupported runtimes are refused.
+#[test]
+fn the_runtime_field_chooses_the_runtime() {
+    require_clients!();
+    if !std::path::Path::new("/usr/bin/python3").is_file() {
+        eprintln!("skipped: the python3 runtime needs /usr/bin/python3 on the host");
+        return;
+    }
+    use std::io::Write as _;
+    let s = Server::start(&[]);
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.start_file("app.py", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    w.write_all(b"import sys\ndef handler(event, context):\n    return {'statusCode': 200, 'body': 'python %d' % sys.version_info[0]}\n")
+        .unwrap();
+    let path = s.dir.join("py.zip");
+    std::fs::write(&path, w.finish().unwrap().into_inner()).unwrap();
+    let zip_arg = format!("fileb://{}", path.display());
+    let create = |name: &str, runtime: &str| {
+        vec![
+            "create-function".to_string(),
+            "--function-name".into(),
+            name.into(),
+            "--runtime".into(),
+            runtime.into(),
+            "--role".into(),
+            "r".into(),
+            "--handler".into(),
+            "app.handler".into(),
+            "--zip-file".into(),
+            zip_arg.clone(),
+        ]
+    };
+    let args = create("py", "python3.12");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    let created = aws_ok(&s, &args);
+    assert_eq!(created["Runtime"], "python3.12");
+    let r = s.get("/f/py/x");
+    assert_eq!((r.status, r.text()), (200, "python 3".to_string()));
+    let info = s.control("GET", "/functions", &[], b"").json();
+    assert_eq!(info["functions"][0]["runtime"], "python3", "{info}");
+
+    let args = create("java", "java21");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    aws_err(
+        &s,
+        s.token.as_deref().unwrap(),
+        &args,
+        "InvalidParameterValueException",
+    );
+}

@@ -98,6 +98,7 @@ fn spec_for(code: &Path, argv: Vec<String>) -> SandboxSpec {
             ("PATH".into(), "/usr/bin".into()),
             ("HOME".into(), "/tmp".into()),
         ],
+        binds: vec![],
     }
 }
 

@@ -3,6 +3,7 @@
 use std::os::fd::RawFd;
 use std::path::PathBuf;
 
+use crate::rapi::Kind;
 use crate::runtime::RuntimeSpec;
 
 /// Usage text for `--help`.
@@ -31,6 +32,10 @@ OPTIONS
   --cwd <DIR>          runtime working directory   [default: /var/task]
   --env <KEY=VALUE>    extra runtime environment variable (repeatable); the
                        base set is PATH, HOME, LANG, TZ, LAMBDA_TASK_ROOT
+  --runtime <KIND>     not Node.js: `provided` (/var/task/bootstrap) or
+                       `python3`; the agent runs itself with --runtime-api
+                       as the runtime on fd 3, which serves the Lambda
+                       Runtime API on 127.0.0.1:9001 to that program
   -h, --help           this text
   -V, --version        version
 
@@ -59,6 +64,8 @@ pub enum Command {
     Vm {
         ignored_args: Vec<String>,
     },
+    /// `--runtime-api <kind>`: serve the Runtime API as the runtime on fd 3.
+    RuntimeApi(Kind),
     Help,
     Version,
 }
@@ -72,6 +79,14 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
     }
     if args.iter().any(|a| a == "-V" || a == "--version") {
         return Ok(Command::Version);
+    }
+    if args.first().map(String::as_str) == Some("--runtime-api") {
+        return match args {
+            [_, kind] => Kind::parse(kind)
+                .map(Command::RuntimeApi)
+                .ok_or_else(|| format!("--runtime-api {kind:?}: expected provided or python3")),
+            _ => Err("--runtime-api takes exactly one argument".to_string()),
+        };
     }
     let has_channel = args
         .iter()
@@ -92,6 +107,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
         shim: PathBuf::from("/hearth/bootstrap.js"),
         cwd: PathBuf::from("/var/task"),
         extra_env: Vec::new(),
+        api: None,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -125,6 +141,13 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
             "--node" => runtime.node = PathBuf::from(value()?),
             "--shim" => runtime.shim = PathBuf::from(value()?),
             "--cwd" => runtime.cwd = PathBuf::from(value()?),
+            "--runtime" => {
+                let v = value()?;
+                runtime.api = Some(
+                    Kind::parse(&v)
+                        .ok_or_else(|| format!("--runtime {v:?}: expected provided or python3"))?,
+                );
+            }
             "--env" => {
                 let v = value()?;
                 match v.split_once('=') {
@@ -178,6 +201,7 @@ mod tests {
         assert_eq!(runtime.node, PathBuf::from("/n"));
         assert_eq!(runtime.shim, PathBuf::from("/s.js"));
         assert_eq!(runtime.cwd, PathBuf::from("/code"));
+        assert_eq!(runtime.api, None);
         assert_eq!(
             runtime.extra_env,
             vec![("A".into(), "1".into()), ("B".into(), "x=y".into())]
@@ -204,6 +228,20 @@ mod tests {
     }
 
     #[test]
+    fn runtime_api_mode_and_flag() {
+        assert_eq!(
+            parse(&args("--runtime-api python3"), false).unwrap(),
+            Command::RuntimeApi(Kind::Python3)
+        );
+        let Command::Process { runtime, .. } =
+            parse(&args("--channel-fd 3 --runtime provided"), false).unwrap()
+        else {
+            panic!()
+        };
+        assert_eq!(runtime.api, Some(Kind::Provided));
+    }
+
+    #[test]
     fn bad_flags_are_errors() {
         for bad in [
             "--channel-fd",
@@ -213,6 +251,10 @@ mod tests {
             "--channel-fd 3 --frob",
             "--channel-fd 3 --log-fd 3",
             "--channel-fd 3 --log-fd 2",
+            "--channel-fd 3 --runtime ruby",
+            "--runtime-api",
+            "--runtime-api ruby",
+            "--runtime-api python3 extra",
         ] {
             assert!(parse(&args(bad), false).is_err(), "{bad}");
         }

@@ -1,6 +1,7 @@
-//! Just enough JSON for the agent: pull one number out of a HELLO's metadata
-//! and write escaped strings. The agent stays free of serde to keep the
-//! static binary small; the runtime shim does the real JSON work.
+//! Just enough JSON for the relay: pull one number out of a HELLO's metadata
+//! and write escaped strings, without parsing whole documents on the request
+//! path. (The runtime-API mode, which must build and read whole events, uses
+//! serde_json.)
 
 /// The value of `key` at the top level of a JSON object when it is a
 /// non-negative number (a fraction is truncated). `None` for anything else:

@@ -17,6 +17,8 @@
 //! * `relay`    the relaying event loop      * `frames`   sans-IO frame tracking
 //! * `supervise` direct mode's event loop
 //! * `output`   stdout/stderr -> LOG frames  * `reap`     signals and child exits
+//! * `runtime_api` the Lambda Runtime API mode * `rapi`  its sans-IO translations
+//! * `http`     sans-IO HTTP/1.1 for it
 //! * `buf`, `json`, `sys`, `log`: small helpers.
 
 #[macro_use]
@@ -26,12 +28,15 @@ mod channel;
 mod cli;
 mod cmdline;
 mod frames;
+mod http;
 mod json;
 mod modules;
 mod output;
+mod rapi;
 mod reap;
 mod relay;
 mod runtime;
+mod runtime_api;
 mod supervise;
 mod sys;
 mod vm;
@@ -62,6 +67,7 @@ fn main() {
             runtime,
         }) => std::process::exit(run_process(channel_fd, log_fd, &runtime)),
         Ok(Command::Vm { ignored_args }) => run_vm(&ignored_args),
+        Ok(Command::RuntimeApi(kind)) => std::process::exit(runtime_api::run(kind)),
         Err(msg) => {
             diag!("{msg}");
             std::process::exit(2);
@@ -149,13 +155,8 @@ fn supervise(
 }
 
 fn spawn_runtime(spec: &RuntimeSpec, direct: Option<OwnedFd>) -> Result<Runtime, i32> {
-    Runtime::spawn(spec, direct).map_err(|e| {
-        fail(&format!(
-            "cannot start {} {}: {e}",
-            spec.node.display(),
-            spec.shim.display()
-        ))
-    })
+    Runtime::spawn(spec, direct)
+        .map_err(|e| fail(&format!("cannot start {}: {e}", spec.describe())))
 }
 
 fn fail(msg: &str) -> i32 {
@@ -189,14 +190,10 @@ fn run_vm(ignored_args: &[String]) -> ! {
         shim: cfg.shim.clone(),
         cwd: PathBuf::from("/var/task"),
         extra_env: Vec::new(),
+        api: None,
     };
-    let runtime = Runtime::spawn(&spec, None).unwrap_or_else(|e| {
-        stop_vm(&format!(
-            "cannot start {} {}: {e}",
-            spec.node.display(),
-            spec.shim.display()
-        ))
-    });
+    let runtime = Runtime::spawn(&spec, None)
+        .unwrap_or_else(|e| stop_vm(&format!("cannot start {}: {e}", spec.describe())));
     diag!(
         "runtime started (pid {}); channel {}",
         runtime.handle.pid,

@@ -1,4 +1,5 @@
-//! Starting and stopping the language runtime: `node <shim>` with the frame
+//! Starting and stopping the language runtime: `node <shim>` (or, for other
+//! languages, the agent itself in runtime-API mode) with the frame
 //! socket on fd 3 (a socketpair to the agent, or in direct mode the host's
 //! channel itself) and its stdout/stderr on pipes back to the agent.
 
@@ -8,6 +9,7 @@ use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 
+use crate::rapi::Kind;
 use crate::sys;
 
 /// The fd number on which a runtime finds its frame socket.
@@ -24,7 +26,22 @@ pub struct RuntimeSpec {
     pub cwd: PathBuf,
     /// Environment on top of the fixed base set, `KEY=VALUE` pairs.
     pub extra_env: Vec<(String, String)>,
+    /// Not Node.js: the agent itself serves the Runtime API to this runtime.
+    pub api: Option<Kind>,
 }
+
+impl RuntimeSpec {
+    /// The command line, for messages.
+    pub fn describe(&self) -> String {
+        match self.api {
+            Some(kind) => format!("{RUNTIME_API_EXE} --runtime-api {}", kind.name()),
+            None => format!("{} {}", self.node.display(), self.shim.display()),
+        }
+    }
+}
+
+/// How the agent runs itself in runtime-API mode.
+const RUNTIME_API_EXE: &str = "/proc/self/exe";
 
 /// The environment every runtime starts with; `--env` adds to or overrides it.
 const BASE_ENV: [(&str, &str); 5] = [
@@ -59,9 +76,19 @@ impl Runtime {
             }
         };
         let runtime_fd = runtime_end.as_raw_fd();
-        let mut cmd = Command::new(&spec.node);
-        cmd.arg(&spec.shim)
-            .env_clear()
+        let mut cmd = match spec.api {
+            Some(kind) => {
+                let mut c = Command::new(RUNTIME_API_EXE);
+                c.args(["--runtime-api", kind.name()]);
+                c
+            }
+            None => {
+                let mut c = Command::new(&spec.node);
+                c.arg(&spec.shim);
+                c
+            }
+        };
+        cmd.env_clear()
             .envs(BASE_ENV)
             .envs(spec.extra_env.iter().map(|(k, v)| (k, v)))
             .current_dir(&spec.cwd)

@@ -2,11 +2,15 @@
 //!
 //! A handler is `<file>.<export>`: `app.handler` is the export `handler` of `app.js` (or `.mjs`,
 //! `.cjs`), `src/api.main` the export `main` of `src/api.js`. The last '.' splits the two, so a
-//! file name may itself contain dots (`my.module.handler`).
+//! file name may itself contain dots (`my.module.handler`). Other runtimes check their own
+//! entry points ([`RuntimeKind::check_code`]); [`resolve`] picks.
 
 use std::fmt;
 use std::fs;
 use std::path::Path;
+
+use crate::runtime::RuntimeKind;
+use crate::sandbox::Backend;
 
 /// Longest handler string accepted (Lambda's limit).
 pub const HANDLER_BYTES_MAX: usize = 128;
@@ -37,6 +41,30 @@ impl fmt::Display for HandlerError {
 }
 
 impl std::error::Error for HandlerError {}
+
+/// The handler to record for a function of `runtime` whose code is unpacked at `code_dir`:
+/// Node.js handlers are resolved by [`resolve_handler`], other runtimes check their own
+/// entry point. The error is a deploy's 400 (code, message), also when `backend` does not
+/// run `runtime`.
+pub fn resolve(
+    runtime: RuntimeKind,
+    backend: &dyn Backend,
+    code_dir: &Path,
+    explicit: Option<&str>,
+) -> Result<String, (&'static str, String)> {
+    if !backend.runs(runtime) {
+        let msg = format!(
+            "the {} backend does not run the runtime '{runtime}' yet (the process backend does)",
+            backend.name()
+        );
+        return Err(("bad_setting", msg));
+    }
+    match runtime {
+        RuntimeKind::Nodejs => resolve_handler(code_dir, explicit).map_err(|e| e.message),
+        other => other.check_code(code_dir, explicit),
+    }
+    .map_err(|msg| ("bad_handler", msg))
+}
 
 /// Resolves the handler for the code unpacked at `code_dir`.
 ///
@@ -216,6 +244,48 @@ mod tests {
         fn drop(&mut self) {
             let _ = fs::remove_dir_all(&self.0);
         }
+    }
+
+    /// A backend that runs Node.js only (the trait's default), as QEMU does.
+    struct NodeOnly;
+
+    impl Backend for NodeOnly {
+        fn name(&self) -> &'static str {
+            "qemu"
+        }
+        fn prepare(
+            &self,
+            _spec: &crate::spec::FunctionSpec,
+            _dir: &Path,
+        ) -> Result<crate::sandbox::InitLogs, crate::sandbox::StartError> {
+            Err(crate::sandbox::StartError::ShuttingDown)
+        }
+        fn start(
+            &self,
+            _spec: &crate::spec::FunctionSpec,
+            _dir: &Path,
+            _core: usize,
+        ) -> Result<
+            (Box<dyn crate::sandbox::Instance>, crate::sandbox::InitLogs),
+            crate::sandbox::StartError,
+        > {
+            Err(crate::sandbox::StartError::ShuttingDown)
+        }
+    }
+
+    #[test]
+    fn other_runtimes_are_refused_by_backends_that_do_not_run_them() {
+        let code = Code::with(&[("app.js", ""), ("lambda_function.py", "")]);
+        assert_eq!(
+            resolve(RuntimeKind::Nodejs, &NodeOnly, &code.0, None).unwrap(),
+            "app.handler"
+        );
+        let (kind, msg) = resolve(RuntimeKind::Python3, &NodeOnly, &code.0, None).unwrap_err();
+        assert_eq!(kind, "bad_setting");
+        assert!(
+            msg.contains("qemu backend does not run the runtime 'python3'"),
+            "{msg}"
+        );
     }
 
     #[test]

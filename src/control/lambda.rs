@@ -462,6 +462,7 @@ impl Cx<'_> {
         }
         let zip = decode_zip(code.zip_file.as_deref())?;
         let mut pairs = vec![("name".to_string(), name)];
+        pairs.extend(input.runtime.clone().map(|r| ("runtime".to_string(), r)));
         if let Some(h) = input.handler {
             pairs.push(("handler".into(), h));
         }
@@ -539,6 +540,7 @@ impl Cx<'_> {
             concurrency: s.concurrency,
             env: s.env.clone(),
             name: Some(s.name.clone().unwrap_or_else(|| s.id.clone())),
+            runtime: s.runtime,
         }
     }
 
@@ -576,6 +578,7 @@ impl Cx<'_> {
         let input: FunctionInput = parse(body)?;
         let mut settings = Self::settings_of(f);
         let mut pairs = Vec::new();
+        pairs.extend(input.runtime.clone().map(|r| ("runtime".to_string(), r)));
         if let Some(h) = input.handler {
             pairs.push(("handler".to_string(), h));
         }
@@ -598,6 +601,7 @@ impl Cx<'_> {
                 "timeout_ms" => settings.timeout_ms = given.timeout_ms,
                 "memory_mb" => settings.memory_mb = given.memory_mb,
                 "env" => settings.env = given.env.clone(),
+                "runtime" => settings.runtime = given.runtime,
                 _ => {}
             }
         }

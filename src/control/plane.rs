@@ -195,6 +195,7 @@ fn summary(shared: &Plane, f: &Function) -> serde_json::Value {
         "created_ms": f.spec.created_ms,
         "code_bytes": f.spec.code_bytes,
         "backend": f.spec.backend,
+        "runtime": f.spec.runtime.name(),
         "url": format!("http://{host}/f/{}", f.spec.id),
         "instances": f.instances.load(Ordering::Relaxed),
         "invocations": m.invocations.load(Ordering::Relaxed),
@@ -419,8 +420,13 @@ fn stage(
             error(e.status, e.code, &e.message)
         }
     })?;
-    let handler = handler::resolve_handler(&code_dir, s.handler.as_deref())
-        .map_err(|e| error(400, "bad_handler", &e.message))?;
+    let handler = handler::resolve(
+        s.runtime,
+        &*shared.functions.backend,
+        &code_dir,
+        s.handler.as_deref(),
+    )
+    .map_err(|(code, msg)| error(400, code, &msg))?;
     let spec = FunctionSpec {
         id: id.to_string(),
         handler,
@@ -433,6 +439,7 @@ fn stage(
         backend: shared.functions.backend_name().to_string(),
         name: s.name,
         service,
+        runtime: s.runtime,
     };
     store::write_meta(staging, &spec)
         .map_err(|e| error(500, "io", &format!("cannot write meta.json: {e}")))?;

@@ -1,6 +1,7 @@
 //! The settings a deploy may carry, from the query string or the form's text fields.
 //!
-//! Keys: `handler`, `memory_mb`, `timeout_ms`, `concurrency`, `env` (a JSON object of strings).
+//! Keys: `handler`, `memory_mb`, `timeout_ms`, `concurrency`, `env` (a JSON object of strings),
+//! `runtime` (`nodejs`, `provided`, `python3` or one of Lambda's names for them).
 //! Anything else, or a key given twice, is refused rather than ignored, so a typo never deploys
 //! with a silently different setting.
 
@@ -8,6 +9,8 @@ use std::fmt;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
 use serde::Deserialize;
+
+use crate::runtime::RuntimeKind;
 
 /// Memory a function may ask for, in MiB, and the default.
 pub const MEMORY_MB_MIN: u32 = 64;
@@ -42,6 +45,8 @@ pub struct DeploySettings {
     /// A unique name besides the id (see [`check_name`]); deploying under a
     /// taken name replaces that function.
     pub name: Option<String>,
+    /// The language runtime.
+    pub runtime: RuntimeKind,
 }
 
 impl Default for DeploySettings {
@@ -53,6 +58,7 @@ impl Default for DeploySettings {
             concurrency: CONCURRENCY_DEFAULT,
             env: Vec::new(),
             name: None,
+            runtime: RuntimeKind::Nodejs,
         }
     }
 }
@@ -74,9 +80,10 @@ pub fn parse_settings(pairs: &[(String, String)]) -> Result<DeploySettings, Stri
             "concurrency" => settings.concurrency = number(key, value, CONCURRENCY_MIN, CONCURRENCY_MAX)?,
             "env" => settings.env = parse_env(value)?,
             "name" => settings.name = Some(check_name(value)?.to_string()),
+            "runtime" => settings.runtime = RuntimeKind::parse(value)?,
             _ => {
                 return Err(format!(
-                    "unknown setting '{}'; known settings are name, handler, memory_mb, timeout_ms, concurrency, env",
+                    "unknown setting '{}'; known settings are name, handler, memory_mb, timeout_ms, concurrency, env, runtime",
                     key.escape_debug()
                 ))
             }
@@ -260,7 +267,25 @@ mod tests {
                 concurrency: 10,
                 env: vec![],
                 name: None,
+                runtime: RuntimeKind::Nodejs,
             }
+        );
+    }
+
+    #[test]
+    fn runtime_takes_lambda_names_and_refuses_others() {
+        for (name, kind) in [
+            ("python3.12", RuntimeKind::Python3),
+            ("provided.al2023", RuntimeKind::Provided),
+            ("nodejs20.x", RuntimeKind::Nodejs),
+        ] {
+            let s = parse_settings(&pairs(&[("runtime", name)])).unwrap();
+            assert_eq!(s.runtime, kind, "{name}");
+        }
+        let err = parse_settings(&pairs(&[("runtime", "java21")])).unwrap_err();
+        assert!(
+            err.contains("'java21' is not supported") && err.contains("python3"),
+            "{err}"
         );
     }
 

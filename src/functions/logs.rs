@@ -498,6 +498,7 @@ mod tests {
                 backend: "process".into(),
                 name: None,
                 service: Default::default(),
+                runtime: Default::default(),
             },
             "/nonexistent".into(),
             crate::functions::budget::Budget::new("instance memory", "MiB", 1 << 20),

@@ -10,8 +10,16 @@
 //! The process backend mounts the root read-only as each sandbox's `/`; the VM
 //! backends pack the same tree into their read-only runtime drive
 //! ([`crate::guest::images`]). Both get it from [`ensure`].
+//!
+//! Functions of other runtimes ([`RuntimeKind`]: `provided`, `python3`) run in a
+//! userland root instead ([`ensure_userland`]): the agent, hearth's Python bootstrap
+//! ([`PYTHON_BOOTSTRAP`], `include/runtime/bootstrap.py`) and the host's `/usr`
+//! bound read-only; the agent serves them the Lambda Runtime API.
 
+pub mod kind;
 pub mod root;
+
+pub use kind::RuntimeKind;
 
 use std::fmt;
 use std::fs;
@@ -22,6 +30,8 @@ use crate::util::program::find_program;
 
 /// The shim, built into the binary so a deployed server needs no source tree.
 pub const SHIM: &[u8] = include_bytes!("../../include/runtime/bootstrap.js");
+/// The Python runtime's bootstrap (a Runtime API client), built in likewise.
+pub const PYTHON_BOOTSTRAP: &[u8] = include_bytes!("../../include/runtime/bootstrap.py");
 
 /// Why the runtime root could not be made.
 #[derive(Debug)]
@@ -69,17 +79,30 @@ pub fn ensure(cache: &Path) -> Result<PathBuf, RuntimeError> {
     root::ensure_runtime(cache, &node, &agent, &shim).map_err(RuntimeError::Build)
 }
 
+/// The userland root for runtimes other than Node.js, under `cache`: writes the
+/// Python bootstrap, finds the static agent, and builds the tree unless it exists.
+pub fn ensure_userland(cache: &Path) -> Result<root::Userland, RuntimeError> {
+    let python = write_cached(cache, "bootstrap.py", PYTHON_BOOTSTRAP)?;
+    let agent = find_static_agent()?;
+    root::ensure_userland(cache, &agent, &python).map_err(RuntimeError::Build)
+}
+
 /// Writes the shim to `<cache>/bootstrap.js` unless it is there already;
 /// returns its path. The one place the shim reaches the disk.
 pub fn write_shim(cache: &Path) -> Result<PathBuf, RuntimeError> {
+    write_cached(cache, "bootstrap.js", SHIM)
+}
+
+/// Writes `bytes` to `<cache>/<name>` unless the file holds them already.
+fn write_cached(cache: &Path, name: &str, bytes: &[u8]) -> Result<PathBuf, RuntimeError> {
     fs::create_dir_all(cache).map_err(|err| RuntimeError::Cache {
         path: cache.to_path_buf(),
         err,
     })?;
-    let shim = cache.join("bootstrap.js");
-    if fs::read(&shim).ok().as_deref() != Some(SHIM) {
-        let tmp = cache.join(format!(".bootstrap.js.tmp-{}", std::process::id()));
-        fs::write(&tmp, SHIM)
+    let shim = cache.join(name);
+    if fs::read(&shim).ok().as_deref() != Some(bytes) {
+        let tmp = cache.join(format!(".{name}.tmp-{}", std::process::id()));
+        fs::write(&tmp, bytes)
             .and_then(|_| fs::rename(&tmp, &shim))
             .map_err(|err| RuntimeError::Shim {
                 path: shim.clone(),

@@ -65,7 +65,20 @@ pub fn ensure_runtime(
     }
 
     let key = runtime_key(cache_dir, &node, &agent, &shim, &libs)?;
-    let root = cache_dir.join(format!("runtime-{key}"));
+    build_once(cache_dir, "runtime", &key, |tmp| {
+        build(tmp, &node, &agent, &shim, &libs)
+    })
+}
+
+/// Builds `<cache_dir>/<prefix>-<key>` with `build` in a temporary directory renamed into
+/// place, unless it exists; concurrent callers race safely.
+fn build_once(
+    cache_dir: &Path,
+    prefix: &str,
+    key: &str,
+    build: impl FnOnce(&Path) -> io::Result<()>,
+) -> io::Result<PathBuf> {
+    let root = cache_dir.join(format!("{prefix}-{key}"));
     if root.is_dir() {
         return Ok(root);
     }
@@ -73,12 +86,12 @@ pub fn ensure_runtime(
 
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let tmp = cache_dir.join(format!(
-        ".runtime-{key}.tmp-{}-{}",
+        ".{prefix}-{key}.tmp-{}-{}",
         std::process::id(),
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let _ = fs::remove_dir_all(&tmp);
-    if let Err(e) = build(&tmp, &node, &agent, &shim, &libs) {
+    if let Err(e) = build(&tmp) {
         let _ = fs::remove_dir_all(&tmp);
         return Err(e);
     }
@@ -91,9 +104,74 @@ pub fn ensure_runtime(
         }
         Err(e) => {
             let _ = fs::remove_dir_all(&tmp);
-            Err(annotate(e, "renaming the runtime root into", &root))
+            Err(annotate(
+                e,
+                &format!("renaming the {prefix} root into"),
+                &root,
+            ))
         }
     }
+}
+
+/// A root for runtimes other than Node.js, and the host directories to bind over it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Userland {
+    /// The tree: hearth's `/etc`, devices, mount points, the agent and the Python bootstrap.
+    pub root: PathBuf,
+    /// Host directories (of [`USERLAND_DIRS`]) the sandbox binds read-only at the same path.
+    pub binds: Vec<PathBuf>,
+}
+
+/// Top-level host directories a userland root takes from the host: as the same symlink when
+/// the host has a symlink there (merged /usr), else as a read-only bind mount.
+pub const USERLAND_DIRS: &[&str] = &["usr", "bin", "sbin", "lib", "lib32", "lib64", "libx32"];
+/// Where the Python bootstrap lives inside a userland root.
+pub const PYTHON_BOOTSTRAP_PATH: &str = "/hearth/bootstrap.py";
+
+/// Returns the userland root for this agent and Python bootstrap under `cache_dir`, building
+/// it if needed. Unlike the Node root it holds no host programs: the host's `/usr` (and
+/// `/bin`, `/lib`… where they are not symlinks into it) are bound read-only over it, which
+/// gives a bootstrap the host's glibc userland (a shell, curl, Python 3).
+pub fn ensure_userland(cache_dir: &Path, agent: &Path, python: &Path) -> io::Result<Userland> {
+    let agent = fs::canonicalize(agent).map_err(|e| annotate(e, "agent binary", agent))?;
+    let python = fs::canonicalize(python).map_err(|e| annotate(e, "Python bootstrap", python))?;
+    // (name, Some(link target) | None for a directory to bind)
+    let mut entries = Vec::new();
+    for name in USERLAND_DIRS {
+        let host = Path::new("/").join(name);
+        match fs::symlink_metadata(&host) {
+            Ok(m) if m.file_type().is_symlink() => {
+                entries.push((*name, Some(fs::read_link(&host)?)))
+            }
+            Ok(m) if m.is_dir() => entries.push((*name, None)),
+            _ => {}
+        }
+    }
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION.as_bytes());
+    h.update(b"userland\0");
+    for (role, path) in [("agent", &agent), ("python", &python)] {
+        h.update(role.as_bytes());
+        h.update(content_digest(cache_dir, path)?);
+    }
+    for (name, link) in &entries {
+        h.update(name.as_bytes());
+        h.update([0]);
+        if let Some(l) = link {
+            h.update(l.as_os_str().as_encoded_bytes());
+        }
+        h.update([1]);
+    }
+    let key = hex::encode(&h.finalize()[..16]);
+    let root = build_once(cache_dir, "userland", &key, |tmp| {
+        build_userland(tmp, &agent, &python, &entries)
+    })?;
+    let binds = entries
+        .iter()
+        .filter(|(_, link)| link.is_none())
+        .map(|(name, _)| Path::new("/").join(name))
+        .collect();
+    Ok(Userland { root, binds })
 }
 
 /// Removes runtime roots under `cache_dir` other than `keep` (left by builds
@@ -102,6 +180,15 @@ pub fn ensure_runtime(
 /// uses the cache: hearth does at start-up, holding the state-dir lock.
 /// Returns how many directories went.
 pub fn prune_runtimes(cache_dir: &Path, keep: &Path) -> usize {
+    prune(cache_dir, "runtime", keep)
+}
+
+/// Removes userland roots other than `keep`, as [`prune_runtimes`] does runtime roots.
+pub fn prune_userlands(cache_dir: &Path, keep: &Path) -> usize {
+    prune(cache_dir, "userland", keep)
+}
+
+fn prune(cache_dir: &Path, prefix: &str, keep: &Path) -> usize {
     let Ok(entries) = fs::read_dir(cache_dir) else {
         return 0;
     };
@@ -109,7 +196,11 @@ pub fn prune_runtimes(cache_dir: &Path, keep: &Path) -> usize {
     for e in entries.flatten() {
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
-        let stale = if let Some(rest) = name.strip_prefix(".runtime-") {
+        let stale = if let Some(rest) = name
+            .strip_prefix('.')
+            .and_then(|n| n.strip_prefix(prefix))
+            .and_then(|n| n.strip_prefix('-'))
+        {
             // `.runtime-<key>.tmp-<pid>-<seq>`: a build in progress unless its process is gone.
             rest.split_once(".tmp-")
                 .and_then(|(_, t)| t.split('-').next()?.parse::<u32>().ok())
@@ -117,7 +208,9 @@ pub fn prune_runtimes(cache_dir: &Path, keep: &Path) -> usize {
                     pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
                 })
         } else {
-            name.starts_with("runtime-") && path != keep
+            name.strip_prefix(prefix)
+                .is_some_and(|n| n.starts_with('-'))
+                && path != keep
         };
         if stale && e.file_type().is_ok_and(|t| t.is_dir()) && fs::remove_dir_all(&path).is_ok() {
             removed += 1;
@@ -333,6 +426,37 @@ fn build(root: &Path, node: &Path, agent: &Path, shim: &Path, libs: &[PathBuf]) 
         fs::Permissions::from_mode(0o644),
     )?;
 
+    populate_etc_and_dev(root)?;
+    // The root and /tmp's mount point are plain 0755 directories; the tmpfs brings mode 1777.
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755))
+}
+
+fn build_userland(
+    root: &Path,
+    agent: &Path,
+    python: &Path,
+    entries: &[(&str, Option<PathBuf>)],
+) -> io::Result<()> {
+    mkdir(root)?;
+    for d in MOUNT_DIRS.iter().chain(&["etc", "hearth"]) {
+        mkdir_chain(&root.join(d))?;
+    }
+    for (name, link) in entries {
+        match link {
+            Some(target) => std::os::unix::fs::symlink(target, root.join(name))?,
+            None => mkdir(&root.join(name))?,
+        }
+    }
+    install(agent, &inside(root, Path::new(AGENT_PATH)))?;
+    let py = inside(root, Path::new(PYTHON_BOOTSTRAP_PATH));
+    install(python, &py)?;
+    fs::set_permissions(&py, fs::Permissions::from_mode(0o644))?;
+    populate_etc_and_dev(root)?;
+    fs::set_permissions(root, fs::Permissions::from_mode(0o755))
+}
+
+/// hearth's `/etc` files, and the device files and links of `/dev`.
+fn populate_etc_and_dev(root: &Path) -> io::Result<()> {
     for (name, text) in ETC_FILES {
         write(&root.join("etc").join(name), text, 0o644)?;
     }
@@ -343,8 +467,7 @@ fn build(root: &Path, node: &Path, agent: &Path, shim: &Path, libs: &[PathBuf]) 
     for (name, target) in DEV_LINKS {
         std::os::unix::fs::symlink(target, dev.join(name))?;
     }
-    // The root and /tmp's mount point are plain 0755 directories; the tmpfs brings mode 1777.
-    fs::set_permissions(root, fs::Permissions::from_mode(0o755))
+    Ok(())
 }
 
 #[cfg(test)]
@@ -407,6 +530,63 @@ mod tests {
     fn ldd_missing_library_is_an_error() {
         let err = parse_ldd("\tlibfoo.so.1 => not found\n").unwrap_err();
         assert!(err.to_string().contains("libfoo.so.1"), "{err}");
+    }
+
+    #[test]
+    fn userland_root_mirrors_the_hosts_top_level_directories() {
+        let base = std::env::temp_dir().join(format!("hearth-userland-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let py = base.join("bootstrap.py");
+        fs::write(&py, "# py\n").unwrap();
+        let cache = base.join("cache");
+        let u = ensure_userland(&cache, Path::new("/bin/sh"), &py).unwrap();
+        assert_eq!(
+            ensure_userland(&cache, Path::new("/bin/sh"), &py).unwrap(),
+            u
+        );
+        assert!(u
+            .root
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .starts_with("userland-"));
+        assert!(u.binds.contains(&PathBuf::from("/usr")));
+        for name in USERLAND_DIRS {
+            let host = Path::new("/").join(name);
+            let inside = u.root.join(name);
+            match fs::symlink_metadata(&host) {
+                Ok(m) if m.file_type().is_symlink() => {
+                    assert_eq!(
+                        fs::read_link(&inside).unwrap(),
+                        fs::read_link(&host).unwrap()
+                    );
+                }
+                Ok(_) => {
+                    assert!(
+                        fs::read_dir(&inside).unwrap().next().is_none(),
+                        "{name} is empty"
+                    );
+                    assert!(u.binds.contains(&host));
+                }
+                Err(_) => assert!(!inside.exists()),
+            }
+        }
+        assert_eq!(
+            fs::read_to_string(u.root.join("hearth/bootstrap.py")).unwrap(),
+            "# py\n"
+        );
+        assert!(u.root.join("hearth/agent").is_file());
+        assert!(u.root.join("etc/passwd").is_file());
+        assert!(u.root.join("var/task").is_dir());
+        // Pruning userlands leaves runtime roots alone, and the reverse.
+        fs::create_dir_all(cache.join("runtime-x")).unwrap();
+        fs::create_dir_all(cache.join("userland-old")).unwrap();
+        assert_eq!(prune_userlands(&cache, &u.root), 1);
+        assert!(u.root.is_dir() && cache.join("runtime-x").is_dir());
+        assert_eq!(prune_runtimes(&cache, Path::new("/none")), 1);
+        assert!(u.root.is_dir());
+        let _ = fs::remove_dir_all(&base);
     }
 
     #[test]

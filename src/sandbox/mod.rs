@@ -272,6 +272,11 @@ pub trait Backend: Send + Sync {
     fn keeps_standby(&self) -> bool {
         false
     }
+    /// Whether the backend runs functions of `runtime` (Node.js everywhere; the others
+    /// where the guest agent serves them the Runtime API with a userland to run in).
+    fn runs(&self, runtime: crate::runtime::RuntimeKind) -> bool {
+        runtime.is_nodejs()
+    }
 }
 
 /// Picks the backend for `cfg.backend` (`auto`: the best this host runs).

@@ -106,6 +106,7 @@ fn function(id: &str, concurrency: u32, timeout_ms: u64) -> Arc<Function> {
         backend: "process".into(),
         name: None,
         service: Default::default(),
+        runtime: Default::default(),
     };
     let memory = Budget::new("instance memory", "MiB", 1 << 20);
     Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))

@@ -26,7 +26,7 @@ use super::uids::{UidLease, UidPool};
 
 use super::{Sandbox, SandboxSpec};
 use crate::config::ServeConfig;
-use crate::runtime;
+use crate::runtime::{self, root::Userland, RuntimeKind};
 use crate::sandbox::handshake;
 use crate::sandbox::process;
 use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, SetupError, StartError};
@@ -114,6 +114,8 @@ impl Instance for ProcInstance {
 struct Inner {
     hearth_exe: PathBuf,
     runtime_root: PathBuf,
+    /// The root and host binds of runtimes other than Node.js.
+    userland: Userland,
     uids: Arc<UidPool>,
     /// Numbers instances for their cgroup names.
     next_seq: AtomicU32,
@@ -166,7 +168,9 @@ impl ProcessBackend {
         let cache = cfg.state_dir.join("cache");
         let runtime_root = runtime::ensure(&cache).map_err(SetupError::Runtime)?;
         // At start-up, under the state-dir lock: roots of older builds are unused.
-        let pruned = runtime::root::prune_runtimes(&cache, &runtime_root);
+        let userland = runtime::ensure_userland(&cache).map_err(SetupError::Runtime)?;
+        let pruned = runtime::root::prune_runtimes(&cache, &runtime_root)
+            + runtime::root::prune_userlands(&cache, &userland.root);
         if pruned > 0 {
             eprintln!(
                 "hearth: removed {pruned} unused runtime root(s) from {}",
@@ -179,6 +183,7 @@ impl ProcessBackend {
         let inner = Arc::new(Inner {
             hearth_exe,
             runtime_root,
+            userland,
             // Servers on one host share the range; a pid-derived start keeps their
             // instances apart in practice (one server per host is the supported setup).
             uids: UidPool::new(
@@ -248,8 +253,20 @@ impl Inner {
     ) -> Result<(ProcInstance, InitLogs), StartError> {
         let n = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let uid = self.uids.lease().map_err(StartError::Uids)?;
+        // Direct mode: the runtime gets the channel, the agent stays off the request path and
+        // sends raw output on the log socket. Node.js runs in the Node root; other runtimes
+        // run in the userland root, where the agent serves them the Runtime API.
+        let mut argv: Vec<String> = ["/hearth/agent", "--channel-fd", "3", "--log-fd", "4"]
+            .map(String::from)
+            .to_vec();
+        let (root, binds) = if spec.runtime.is_nodejs() {
+            (self.runtime_root.clone(), Vec::new())
+        } else {
+            argv.extend(["--runtime".to_string(), spec.runtime.name().to_string()]);
+            (self.userland.root.clone(), self.userland.binds.clone())
+        };
         let sspec = SandboxSpec {
-            runtime_root: self.runtime_root.clone(),
+            runtime_root: root,
             code_dir: dir.join("code"),
             tmp_bytes: TMP_BYTES,
             memory_bytes: u64::from(spec.memory_mb) << 20,
@@ -258,12 +275,9 @@ impl Inner {
             cpu_core: core,
             host_uid: uid.uid(),
             name: process::cgroup::server_group_name(&spec.id, std::process::id(), n),
-            // Direct mode: Node gets the channel, the agent stays off the
-            // request path and sends raw output on the log socket.
-            argv: ["/hearth/agent", "--channel-fd", "3", "--log-fd", "4"]
-                .map(String::from)
-                .to_vec(),
+            argv,
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
+            binds,
         };
         let mut sandbox = process::spawn(&self.hearth_exe, &sspec).map_err(StartError::Jail)?;
         let log_socket = sandbox.logs.take();
@@ -415,6 +429,10 @@ impl Backend for ProcessBackend {
         if let Some(inst) = self.inner.standbys.lock().unwrap().remove(id) {
             Box::new(inst).destroy();
         }
+    }
+
+    fn runs(&self, _runtime: RuntimeKind) -> bool {
+        true
     }
 
     fn keeps_standby(&self) -> bool {

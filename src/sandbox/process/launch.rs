@@ -183,6 +183,8 @@ struct Prepared {
     /// `(target, is_dir)` for every masked `/proc` path, under the root.
     proc_masks: Vec<(CString, bool)>,
     devices: Vec<(CString, CString)>,
+    /// Host directory and its mount point under the root, for each bind.
+    binds: Vec<(CString, CString)>,
     hostname: Vec<u8>,
     tmp_bytes: u64,
     pids_rlimit: Option<u64>,
@@ -234,6 +236,16 @@ fn prepare(spec: &SandboxSpec, has_pids_cgroup: bool) -> Result<Prepared, String
             .map(|(name, dir)| Ok((cpath(&root.join("proc").join(name))?, dir)))
             .collect::<Result<_, String>>()?,
         devices,
+        binds: spec
+            .binds
+            .iter()
+            .map(|b| {
+                Ok((
+                    cpath(b)?,
+                    cpath(&root.join(b.strip_prefix("/").unwrap_or(b)))?,
+                ))
+            })
+            .collect::<Result<_, String>>()?,
         hostname: HOSTNAME.as_bytes().to_vec(),
         tmp_bytes: spec.tmp_bytes,
         // Without a pids cgroup, RLIMIT_NPROC on the sandbox's own host uid is the fallback
@@ -572,6 +584,9 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
         None,
     )?;
     bind_read_only(&p.code_dir, &p.var_task)?;
+    for (host, target) in &p.binds {
+        bind_read_only(host, target)?;
+    }
     mount(
         Some(c"tmpfs"),
         &p.tmp,

@@ -79,6 +79,10 @@ pub struct SandboxSpec {
     pub argv: Vec<String>,
     /// The complete environment of the command.
     pub env: Vec<(String, String)>,
+    /// Host directories bind-mounted read-only (nosuid, nodev) at the same path inside, over
+    /// empty directories of the root (the userland of non-Node runtimes: `/usr`, …).
+    #[serde(default)]
+    pub binds: Vec<PathBuf>,
 }
 
 /// Why a sandbox could not be created.
@@ -137,6 +141,26 @@ impl SandboxSpec {
         ] {
             if !p.is_absolute() {
                 return bad(format!("{what} {} is not an absolute path", p.display()));
+            }
+        }
+        for b in &self.binds {
+            let inside = self.runtime_root.join(b.strip_prefix("/").unwrap_or(b));
+            if !b.is_absolute()
+                || b.components()
+                    .any(|c| matches!(c, std::path::Component::ParentDir))
+                || b == Path::new("/")
+            {
+                return bad(format!(
+                    "bind {} is not an absolute path below /",
+                    b.display()
+                ));
+            }
+            if !inside.is_dir() {
+                return bad(format!(
+                    "bind {}: the root has no directory {}",
+                    b.display(),
+                    inside.display()
+                ));
             }
         }
         match self.argv.first() {
@@ -548,6 +572,7 @@ mod tests {
             name: "fn-1.a_b".into(),
             argv: vec!["/usr/bin/node".into()],
             env: vec![("A".into(), "b=c".into())],
+            binds: vec![],
         }
     }
 
@@ -573,6 +598,13 @@ mod tests {
             ("host_uid", Box::new(|s| s.host_uid = 0)),
             ("tmp_bytes", Box::new(|s| s.tmp_bytes = 0)),
             ("absolute", Box::new(|s| s.code_dir = "code".into())),
+            ("bind", Box::new(|s| s.binds.push("usr".into()))),
+            ("bind", Box::new(|s| s.binds.push("/".into()))),
+            ("bind", Box::new(|s| s.binds.push("/usr/../etc".into()))),
+            (
+                "root has no directory",
+                Box::new(|s| s.binds.push("/usr".into())),
+            ),
         ];
         for (needle, mutate) in cases {
             let mut s = spec();

@@ -224,6 +224,7 @@ mod tests {
             backend: "qemu".into(),
             name: None,
             service: Default::default(),
+            runtime: Default::default(),
         };
         assert_eq!(guest_memory_mb(&spec), MEMORY_MB_MIN);
         spec.memory_mb = 1024;

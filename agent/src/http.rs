@@ -1,0 +1,345 @@
+//! A small sans-IO HTTP/1.1 server side for the Runtime API: request heads,
+//! bodies (Content-Length or chunked) and responses, as pure functions over
+//! byte slices. Only what a runtime client sends is understood; anything
+//! else is a 400.
+
+/// Longest request head (request line and headers) accepted.
+pub const HEAD_BYTES_MAX: usize = 64 << 10;
+
+/// A request line and its headers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Head {
+    pub method: String,
+    /// The request target as sent (origin form: path and query).
+    pub target: String,
+    /// Header names lower-cased, values trimmed, in order.
+    pub headers: Vec<(String, String)>,
+    /// Bytes of the head, blank line included.
+    pub len: usize,
+    pub body: BodyKind,
+    /// `Connection: close`, or HTTP/1.0 without keep-alive.
+    pub close: bool,
+}
+
+impl Head {
+    /// The first value of a header (name in lower case).
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    /// The client waits for `100 Continue` before sending the body.
+    pub fn expects_continue(&self) -> bool {
+        self.header("expect")
+            .is_some_and(|v| v.eq_ignore_ascii_case("100-continue"))
+    }
+}
+
+/// How the body of a request is framed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum BodyKind {
+    Length(usize),
+    Chunked,
+}
+
+/// Why a request cannot be served.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum HttpError {
+    /// Malformed; the text says what.
+    Bad(&'static str),
+    /// The head is over [`HEAD_BYTES_MAX`].
+    HeadTooLarge,
+    /// The body is over the caller's limit.
+    BodyTooLarge,
+}
+
+/// Parses a request head at the start of `buf`; `Ok(None)` until it is complete.
+pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
+    let Some(end) = find(buf, b"\r\n\r\n") else {
+        return if buf.len() > HEAD_BYTES_MAX {
+            Err(HttpError::HeadTooLarge)
+        } else {
+            Ok(None)
+        };
+    };
+    if end + 4 > HEAD_BYTES_MAX {
+        return Err(HttpError::HeadTooLarge);
+    }
+    let text = std::str::from_utf8(&buf[..end]).map_err(|_| HttpError::Bad("head is not UTF-8"))?;
+    let mut lines = text.split("\r\n");
+    let line = lines.next().unwrap_or("");
+    let mut parts = line.split(' ');
+    let (Some(method), Some(target), Some(version), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(HttpError::Bad("malformed request line"));
+    };
+    if method.is_empty() || !method.bytes().all(|b| b.is_ascii_uppercase()) {
+        return Err(HttpError::Bad("malformed method"));
+    }
+    if !target.starts_with('/') {
+        return Err(HttpError::Bad("request target must be a path"));
+    }
+    let http10 = match version {
+        "HTTP/1.1" => false,
+        "HTTP/1.0" => true,
+        _ => return Err(HttpError::Bad("unsupported HTTP version")),
+    };
+    let mut headers = Vec::new();
+    for l in lines {
+        let (k, v) = l
+            .split_once(':')
+            .ok_or(HttpError::Bad("malformed header"))?;
+        if k.is_empty() || k.bytes().any(|b| b <= b' ' || b == 0x7f) {
+            return Err(HttpError::Bad("malformed header name"));
+        }
+        headers.push((k.to_ascii_lowercase(), v.trim().to_string()));
+    }
+    let mut head = Head {
+        method: method.to_string(),
+        target: target.to_string(),
+        headers,
+        len: end + 4,
+        body: BodyKind::Length(0),
+        close: http10,
+    };
+    if let Some(c) = head.header("connection") {
+        let c = c.to_ascii_lowercase();
+        if c.split(',').any(|t| t.trim() == "close") {
+            head.close = true;
+        } else if c.split(',').any(|t| t.trim() == "keep-alive") {
+            head.close = false;
+        }
+    }
+    let chunked = match head.header("transfer-encoding") {
+        None => false,
+        Some(te) if te.eq_ignore_ascii_case("chunked") => true,
+        Some(_) => return Err(HttpError::Bad("unsupported transfer-encoding")),
+    };
+    let lengths: Vec<&str> = head
+        .headers
+        .iter()
+        .filter(|(k, _)| k == "content-length")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    if chunked {
+        if !lengths.is_empty() {
+            return Err(HttpError::Bad("both content-length and chunked"));
+        }
+        head.body = BodyKind::Chunked;
+    } else if let Some(first) = lengths.first() {
+        if lengths.iter().any(|l| l != first) {
+            return Err(HttpError::Bad("conflicting content-length"));
+        }
+        if first.is_empty() || !first.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(HttpError::Bad("malformed content-length"));
+        }
+        let n = first
+            .parse::<usize>()
+            .map_err(|_| HttpError::Bad("malformed content-length"))?;
+        head.body = BodyKind::Length(n);
+    }
+    Ok(Some(head))
+}
+
+/// Decodes a body that starts at `buf[0]`. `Ok(None)` until complete; then
+/// the body and how many bytes of `buf` it took. Bodies over `max` bytes
+/// fail as soon as that is known.
+pub fn parse_body(
+    buf: &[u8],
+    kind: BodyKind,
+    max: usize,
+) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
+    match kind {
+        BodyKind::Length(n) if n > max => Err(HttpError::BodyTooLarge),
+        BodyKind::Length(n) if buf.len() < n => Ok(None),
+        BodyKind::Length(n) => Ok(Some((buf[..n].to_vec(), n))),
+        BodyKind::Chunked => parse_chunked(buf, max),
+    }
+}
+
+fn parse_chunked(buf: &[u8], max: usize) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
+    let mut body = Vec::new();
+    let mut at = 0;
+    loop {
+        let Some(eol) = find(&buf[at..], b"\r\n") else {
+            return if buf.len() - at > 1024 {
+                Err(HttpError::Bad("malformed chunk size"))
+            } else {
+                Ok(None)
+            };
+        };
+        let line = std::str::from_utf8(&buf[at..at + eol])
+            .map_err(|_| HttpError::Bad("malformed chunk size"))?;
+        let size_text = line.split(';').next().unwrap_or("").trim();
+        if size_text.is_empty() || size_text.len() > 15 {
+            return Err(HttpError::Bad("malformed chunk size"));
+        }
+        let size = usize::from_str_radix(size_text, 16)
+            .map_err(|_| HttpError::Bad("malformed chunk size"))?;
+        at += eol + 2;
+        if size == 0 {
+            // Trailers (ignored) up to an empty line.
+            loop {
+                let Some(eol) = find(&buf[at..], b"\r\n") else {
+                    return if buf.len() - at > HEAD_BYTES_MAX {
+                        Err(HttpError::HeadTooLarge)
+                    } else {
+                        Ok(None)
+                    };
+                };
+                at += eol + 2;
+                if eol == 0 {
+                    return Ok(Some((body, at)));
+                }
+            }
+        }
+        if body.len() + size > max {
+            return Err(HttpError::BodyTooLarge);
+        }
+        if buf.len() < at + size + 2 {
+            return Ok(None);
+        }
+        body.extend_from_slice(&buf[at..at + size]);
+        at += size;
+        if &buf[at..at + 2] != b"\r\n" {
+            return Err(HttpError::Bad("chunk not followed by CRLF"));
+        }
+        at += 2;
+    }
+}
+
+/// A complete response with a Content-Length body.
+pub fn response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(128 + body.len());
+    out.extend_from_slice(format!("HTTP/1.1 {status} {}\r\n", reason(status)).as_bytes());
+    for (k, v) in headers {
+        out.extend_from_slice(k.as_bytes());
+        out.extend_from_slice(b": ");
+        out.extend_from_slice(v.as_bytes());
+        out.extend_from_slice(b"\r\n");
+    }
+    out.extend_from_slice(format!("Content-Length: {}\r\n\r\n", body.len()).as_bytes());
+    out.extend_from_slice(body);
+    out
+}
+
+/// The interim answer to `Expect: 100-continue`.
+pub const CONTINUE: &[u8] = b"HTTP/1.1 100 Continue\r\n\r\n";
+
+fn reason(status: u16) -> &'static str {
+    match status {
+        200 => "OK",
+        202 => "Accepted",
+        400 => "Bad Request",
+        403 => "Forbidden",
+        404 => "Not Found",
+        405 => "Method Not Allowed",
+        413 => "Payload Too Large",
+        431 => "Request Header Fields Too Large",
+        500 => "Internal Server Error",
+        _ => "Status",
+    }
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
+    hay.windows(needle.len()).position(|w| w == needle)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn heads_parse_when_complete() {
+        let req = b"POST /2018-06-01/runtime/invocation/abc/response HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nX-A:  b \r\n\r\nhello";
+        assert_eq!(parse_head(&req[..20]).unwrap(), None);
+        let head = parse_head(req).unwrap().unwrap();
+        assert_eq!(head.method, "POST");
+        assert_eq!(head.target, "/2018-06-01/runtime/invocation/abc/response");
+        assert_eq!(head.header("x-a"), Some("b"));
+        assert_eq!(head.body, BodyKind::Length(5));
+        assert!(!head.close);
+        let (body, used) = parse_body(&req[head.len..], head.body, 100)
+            .unwrap()
+            .unwrap();
+        assert_eq!((body.as_slice(), used), (&b"hello"[..], 5));
+        assert_eq!(
+            parse_body(&req[head.len..head.len + 3], head.body, 100).unwrap(),
+            None
+        );
+        assert_eq!(
+            parse_body(&req[head.len..], head.body, 4),
+            Err(HttpError::BodyTooLarge)
+        );
+    }
+
+    #[test]
+    fn connection_and_expect_are_read() {
+        let h = parse_head(b"GET / HTTP/1.0\r\n\r\n").unwrap().unwrap();
+        assert!(h.close);
+        let h = parse_head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.close);
+        let h = parse_head(b"POST / HTTP/1.1\r\nExpect: 100-continue\r\nContent-Length: 9\r\n\r\n")
+            .unwrap()
+            .unwrap();
+        assert!(h.expects_continue());
+    }
+
+    #[test]
+    fn chunked_bodies_decode_and_respect_the_limit() {
+        let b = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
+        let (body, used) = parse_body(b, BodyKind::Chunked, 100).unwrap().unwrap();
+        assert_eq!(body, b"hello world");
+        assert_eq!(&b[used..], b"NEXT");
+        for cut in 0..b.len() - 4 {
+            assert_eq!(
+                parse_body(&b[..cut], BodyKind::Chunked, 100).unwrap(),
+                None,
+                "{cut}"
+            );
+        }
+        assert_eq!(
+            parse_body(b, BodyKind::Chunked, 8),
+            Err(HttpError::BodyTooLarge)
+        );
+        assert!(parse_body(b"zz\r\n", BodyKind::Chunked, 8).is_err());
+        assert!(parse_body(b"2\r\nabXY", BodyKind::Chunked, 8).is_err());
+    }
+
+    #[test]
+    fn malformed_heads_are_refused() {
+        for bad in [
+            &b"GET\r\n\r\n"[..],
+            b"get / HTTP/1.1\r\n\r\n",
+            b"GET x HTTP/1.1\r\n\r\n",
+            b"GET / HTTP/2\r\n\r\n",
+            b"GET / HTTP/1.1\r\nNoColon\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\n",
+            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: gzip\r\n\r\n",
+            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 3\r\n\r\n",
+        ] {
+            assert!(
+                matches!(parse_head(bad), Err(HttpError::Bad(_))),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let huge = vec![b'a'; HEAD_BYTES_MAX + 1];
+        assert_eq!(parse_head(&huge), Err(HttpError::HeadTooLarge));
+    }
+
+    #[test]
+    fn responses_carry_a_length() {
+        let r = response(202, &[("Content-Type", "application/json")], b"{}");
+        assert_eq!(
+            r,
+            b"HTTP/1.1 202 Accepted\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+        );
+    }
+}

@@ -13,6 +13,7 @@
 //! Requests are signed with AWS Signature Version 4 ([`sigv4`]); which keys
 //! are accepted is [`ServiceAuth`].
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::time::SystemTime;
 
@@ -27,6 +28,7 @@ use crate::control::sigv4;
 use crate::functions::names::{Alias, Index, ALIASES_PER_FUNCTION_MAX, VERSIONS_PER_FUNCTION_MAX};
 use crate::functions::{Function, ServiceInvoke};
 use crate::http::parse::Request;
+use crate::http::reply::Reply;
 use crate::routes::LambdaOp;
 use crate::spec::ServiceMeta;
 
@@ -86,11 +88,21 @@ impl ServiceAuth {
 /// also sends it as `x-amzn-ErrorType`) and the text from `message`.
 pub fn lambda_error(status: u16, error_type: &str, message: &str) -> Answer {
     let body = json!({ "Type": "User", "message": message, "code": error_type });
-    (status, "application/json", body.to_string().into_bytes())
+    let mut r = Reply::new(status, "application/json", body.to_string().into_bytes());
+    r.headers.push((
+        Cow::Borrowed("x-amzn-errortype"),
+        Cow::Owned(error_type.to_string()),
+    ));
+    r
 }
 
 fn ok(status: u16, v: Value) -> Answer {
-    (status, "application/json", v.to_string().into_bytes())
+    Reply::new(status, "application/json", v.to_string().into_bytes())
+}
+
+/// 204, no body (`DeleteFunction`, `DryRun`, …).
+fn no_content() -> Answer {
+    Reply::new(204, "application/json", Vec::new())
 }
 
 /// Serves one service API request (the head was let through by the guard).
@@ -172,7 +184,7 @@ pub(super) fn invoke_target(
         .unwrap_or("RequestResponse")
     {
         "RequestResponse" => {}
-        "DryRun" => return Err((204, "application/json", Vec::new())),
+        "DryRun" => return Err(no_content()),
         "Event" => return Err(lambda_error(
             501,
             "ServiceException",
@@ -316,10 +328,9 @@ fn percent_decode(s: &str) -> String {
 
 /// Turns a hearth error answer (`{"error","code"}`) into Lambda's shape.
 fn as_lambda(a: Answer) -> Answer {
-    let (status, _, body) = &a;
-    let v: Value = serde_json::from_slice(body).unwrap_or(Value::Null);
+    let v: Value = serde_json::from_slice(&a.body).unwrap_or(Value::Null);
     let message = v["error"].as_str().unwrap_or("request failed").to_string();
-    let (status, kind) = match (*status, v["code"].as_str().unwrap_or("")) {
+    let (status, kind) = match (a.status, v["code"].as_str().unwrap_or("")) {
         (507, _) => (400, "CodeStorageExceededException"),
         (409, _) => (409, "ResourceConflictException"),
         (413, _) => (413, "RequestTooLargeException"),
@@ -711,7 +722,7 @@ impl Cx<'_> {
                 self.remove(&latest)?;
             }
         }
-        Ok((204, "application/json", Vec::new()))
+        Ok(no_content())
     }
 
     fn publish_version(&self, f: &Function) -> Result<Answer, Answer> {
@@ -918,7 +929,7 @@ impl Cx<'_> {
                 Ok::<_, Answer>(())
             })
             .map_err(stored)??;
-        Ok((204, "application/json", Vec::new()))
+        Ok(no_content())
     }
 }
 
@@ -992,7 +1003,7 @@ mod tests {
                 .as_deref(),
             Some("7")
         );
-        assert_eq!(function_name("a:b:c:d").unwrap_err().0, 400);
+        assert_eq!(function_name("a:b:c:d").unwrap_err().status, 400);
         assert_eq!(
             query_qualifier("x=1&Qualifier=%24LATEST").as_deref(),
             Some("$LATEST")
@@ -1015,11 +1026,9 @@ mod tests {
     #[test]
     fn hearth_errors_map_to_lambda_exceptions() {
         let map = |status, code| {
-            let (s, _, body) = as_lambda((
-                status,
-                "application/json",
-                crate::http::response::json_error(code, "why"),
-            ));
+            let Reply {
+                status: s, body, ..
+            } = as_lambda(Reply::error(status, code, "why"));
             let v: Value = serde_json::from_slice(&body).unwrap();
             (
                 s,

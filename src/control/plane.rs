@@ -24,7 +24,7 @@ use crate::control::{handler, multipart, settings};
 use crate::functions::budget::{self, Reservation};
 use crate::functions::{self, store, Function, Registry, FUNCTIONS_MAX};
 use crate::http::parse::Request;
-use crate::http::response::json_error;
+use crate::http::reply::{json_error, Reply};
 use crate::routes::{self, Route};
 use crate::sandbox::StartError;
 use crate::spec::{FunctionSpec, ServiceMeta};
@@ -33,15 +33,15 @@ use crate::util::time::unix_time_ms;
 /// Control requests handled at the same time.
 pub const CONTROL_INFLIGHT_MAX: usize = 16;
 
-/// An answer: status, content type, body.
-pub type Answer = (u16, &'static str, Vec<u8>);
+/// An answer: the one owned reply type, as every producer uses it.
+pub type Answer = Reply;
 
 fn error(status: u16, code: &str, message: &str) -> Answer {
-    (status, "application/json", json_error(code, message))
+    Reply::error(status, code, message)
 }
 
 fn json_answer(status: u16, v: serde_json::Value) -> Answer {
-    (
+    Reply::new(
         status,
         "application/json",
         serde_json::to_vec_pretty(&v).expect("json"),
@@ -78,11 +78,9 @@ impl Control {
         name: &str,
         req: &Request,
         body: &[u8],
-    ) -> Result<(String, crate::functions::ServiceInvoke), crate::http::reply::Reply> {
+    ) -> Result<(String, crate::functions::ServiceInvoke), Reply> {
         let plane = self.plane.get().expect("control plane started");
-        lambda::invoke_target(plane, name, req, body).map_err(|(status, content_type, body)| {
-            crate::http::reply::Reply::new(status, content_type, body)
-        })
+        lambda::invoke_target(plane, name, req, body)
     }
 
     /// A control plane with no request in flight.
@@ -453,7 +451,7 @@ fn stage(
                 error_type,
                 message,
                 logs,
-            } => (
+            } => Reply::new(
                 422,
                 "application/json",
                 serde_json::to_vec(&json!({

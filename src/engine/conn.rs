@@ -230,9 +230,7 @@ impl Worker {
     fn deny(&mut self, tok: Token, req: &Request, d: crate::control::auth::Denial) {
         let mut r = match guarded_scope(req) {
             Some(Scope::Service) => {
-                let (status, content_type, body) =
-                    crate::control::lambda::lambda_error(d.status, d.code, &d.message);
-                Reply::new(status, content_type, body)
+                crate::control::lambda::lambda_error(d.status, d.code, &d.message)
             }
             _ => Reply::error(d.status, d.code, &d.message),
         };

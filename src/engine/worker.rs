@@ -37,12 +37,7 @@ pub type Token = usize;
 /// Messages other threads send to a worker (control plane replies, started instances).
 pub enum Msg {
     /// An answer for a connection waiting on the control plane.
-    Reply {
-        to: ReplyTo,
-        status: u16,
-        content_type: &'static str,
-        body: Vec<u8>,
-    },
+    Reply { to: ReplyTo, reply: Reply },
     /// Functions were deployed, changed or deleted: refresh this core's view.
     FunctionsChanged,
     /// An instance finished starting (or failed to).
@@ -455,12 +450,7 @@ impl Worker {
     pub fn on_wake(&mut self) {
         while let Ok(msg) = self.inbox.try_recv() {
             match msg {
-                Msg::Reply {
-                    to,
-                    status,
-                    content_type,
-                    body,
-                } => self.answer_async(to, &Reply::new(status, content_type, body)),
+                Msg::Reply { to, reply } => self.answer_async(to, &reply),
                 Msg::FunctionsChanged => self
                     .fns
                     .on_functions_changed(self.shared.functions.all(), self.now),
@@ -641,17 +631,7 @@ impl Worker {
             _ => {
                 let to = self.reply_to(tok);
                 let (core, inboxes) = (self.core, self.shared.inboxes.clone());
-                let done = Box::new(move |(status, content_type, body)| {
-                    inboxes.send(
-                        core,
-                        Msg::Reply {
-                            to,
-                            status,
-                            content_type,
-                            body,
-                        },
-                    )
-                });
+                let done = Box::new(move |reply| inboxes.send(core, Msg::Reply { to, reply }));
                 match self.shared.control.submit(req, body, done) {
                     Ok(()) => return,
                     Err(busy) => Reply::new(503, "application/json", busy),

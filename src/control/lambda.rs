@@ -233,6 +233,31 @@ struct FunctionInput {
     package_type: Option<String>,
 }
 
+impl FunctionInput {
+    /// The settings given, as the deploy settings' key/value pairs (checked by
+    /// [`settings::parse_settings`] like `POST /deploy`'s).
+    fn setting_pairs(&self) -> Vec<(String, String)> {
+        let mut pairs = Vec::new();
+        let mut add = |key: &str, value: Option<String>| {
+            pairs.extend(value.map(|v| (key.to_string(), v)));
+        };
+        add("runtime", self.runtime.clone());
+        add("handler", self.handler.clone());
+        add(
+            "timeout_ms",
+            self.timeout.map(|t| t.saturating_mul(1000).to_string()),
+        );
+        add("memory_mb", self.memory_size.map(|m| m.to_string()));
+        add(
+            "env",
+            self.environment
+                .as_ref()
+                .map(|e| serde_json::to_string(&e.variables).expect("json")),
+        );
+        pairs
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "PascalCase", default)]
 struct EnvironmentInput {
@@ -446,7 +471,7 @@ impl Cx<'_> {
     }
 
     fn create(&self, body: &[u8]) -> Result<Answer, Answer> {
-        let input: FunctionInput = parse(body)?;
+        let mut input: FunctionInput = parse(body)?;
         let name = input
             .function_name
             .as_deref()
@@ -465,7 +490,7 @@ impl Cx<'_> {
                 &format!("Function already exist: {name}"),
             ));
         }
-        let code = input.code.unwrap_or_default();
+        let code = input.code.take().unwrap_or_default();
         if code.s3_bucket.is_some() || code.image_uri.is_some() {
             return Err(invalid(
                 "hearth takes code as ZipFile only (no S3 or image)",
@@ -473,22 +498,7 @@ impl Cx<'_> {
         }
         let zip = decode_zip(code.zip_file.as_deref())?;
         let mut pairs = vec![("name".to_string(), name)];
-        pairs.extend(input.runtime.clone().map(|r| ("runtime".to_string(), r)));
-        if let Some(h) = input.handler {
-            pairs.push(("handler".into(), h));
-        }
-        if let Some(t) = input.timeout {
-            pairs.push(("timeout_ms".into(), t.saturating_mul(1000).to_string()));
-        }
-        if let Some(m) = input.memory_size {
-            pairs.push(("memory_mb".into(), m.to_string()));
-        }
-        if let Some(e) = input.environment {
-            pairs.push((
-                "env".into(),
-                serde_json::to_string(&e.variables).expect("json"),
-            ));
-        }
+        pairs.extend(input.setting_pairs());
         let settings = settings::parse_settings(&pairs).map_err(|m| invalid(&m))?;
         let service = ServiceMeta {
             runtime: input.runtime,
@@ -588,23 +598,7 @@ impl Cx<'_> {
         Self::replaceable(f)?;
         let input: FunctionInput = parse(body)?;
         let mut settings = Self::settings_of(f);
-        let mut pairs = Vec::new();
-        pairs.extend(input.runtime.clone().map(|r| ("runtime".to_string(), r)));
-        if let Some(h) = input.handler {
-            pairs.push(("handler".to_string(), h));
-        }
-        if let Some(t) = input.timeout {
-            pairs.push(("timeout_ms".into(), t.saturating_mul(1000).to_string()));
-        }
-        if let Some(m) = input.memory_size {
-            pairs.push(("memory_mb".into(), m.to_string()));
-        }
-        if let Some(e) = &input.environment {
-            pairs.push((
-                "env".into(),
-                serde_json::to_string(&e.variables).expect("json"),
-            ));
-        }
+        let pairs = input.setting_pairs();
         let given = settings::parse_settings(&pairs).map_err(|m| invalid(&m))?;
         for (key, _) in &pairs {
             match key.as_str() {

@@ -102,6 +102,25 @@ fn boto3(s: &Server, secret: &str, script: &str) -> Output {
         .expect("run python3")
 }
 
+/// `create-function` arguments for a Node.js function `name` from `zip`
+/// (a `fileb://` path), with `extra` flags before the code.
+fn create_args<'a>(name: &'a str, zip: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "create-function",
+        "--function-name",
+        name,
+        "--runtime",
+        "nodejs20.x",
+        "--role",
+        "r",
+        "--handler",
+        "index.handler",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--zip-file", zip]);
+    args
+}
+
 fn write_zip(s: &Server, name: &str) -> (String, Vec<u8>) {
     let zip = zip_fixture(name);
     let path = s.dir.join(format!("{name}.zip"));
@@ -163,37 +182,13 @@ fn the_aws_cli_manages_functions_by_name() {
     aws_err(
         &s,
         s.token.as_deref().unwrap(),
-        &[
-            "create-function",
-            "--function-name",
-            "greet",
-            "--runtime",
-            "nodejs20.x",
-            "--role",
-            "r",
-            "--handler",
-            "index.handler",
-            "--zip-file",
-            &plain,
-        ],
+        &create_args("greet", &plain, &[]),
         "ResourceConflictException",
     );
     aws_err(
         &s,
         s.token.as_deref().unwrap(),
-        &[
-            "create-function",
-            "--function-name",
-            "bad name",
-            "--runtime",
-            "nodejs20.x",
-            "--role",
-            "r",
-            "--handler",
-            "index.handler",
-            "--zip-file",
-            &plain,
-        ],
+        &create_args("bad name", &plain, &[]),
         "InvalidParameterValueException",
     );
 
@@ -261,22 +256,7 @@ fn code_updates_under_load_fail_no_request() {
     let s = Server::start(&[]);
     let (plain, _) = write_zip(&s, "plain");
     let (behave, _) = write_zip(&s, "behave");
-    aws_ok(
-        &s,
-        &[
-            "create-function",
-            "--function-name",
-            "live",
-            "--runtime",
-            "nodejs20.x",
-            "--role",
-            "r",
-            "--handler",
-            "index.handler",
-            "--zip-file",
-            &plain,
-        ],
-    );
+    aws_ok(&s, &create_args("live", &plain, &[]));
     let stop = Arc::new(AtomicBool::new(false));
     let (served, failed) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let load: Vec<_> = (0..3)
@@ -343,22 +323,7 @@ fn signatures_are_checked_and_boto3_pages_the_list() {
     let token = s.token.clone().unwrap();
     let (plain, _) = write_zip(&s, "plain");
     for name in ["a-fn", "b-fn", "c-fn"] {
-        aws_ok(
-            &s,
-            &[
-                "create-function",
-                "--function-name",
-                name,
-                "--runtime",
-                "nodejs20.x",
-                "--role",
-                "r",
-                "--handler",
-                "index.handler",
-                "--zip-file",
-                &plain,
-            ],
-        );
+        aws_ok(&s, &create_args(name, &plain, &[]));
     }
     let out = boto3(
         &s,
@@ -446,22 +411,7 @@ fn versions_and_weighted_aliases_route_and_survive_a_restart() {
     let mut s = Server::start(&["--state-dir", state_arg]);
     let (plain, _) = write_zip(&s, "plain");
     let (behave, _) = write_zip(&s, "behave");
-    aws_ok(
-        &s,
-        &[
-            "create-function",
-            "--function-name",
-            "app",
-            "--runtime",
-            "nodejs20.x",
-            "--role",
-            "r",
-            "--handler",
-            "index.handler",
-            "--zip-file",
-            &plain,
-        ],
-    );
+    aws_ok(&s, &create_args("app", &plain, &[]));
     let v1 = aws_ok(&s, &["publish-version", "--function-name", "app"]);
     assert_eq!(v1["Version"], "1");
     assert_eq!(
@@ -612,24 +562,7 @@ fn invoke_through_the_service_api_answers_as_lambda_does() {
     let s = Server::start(&[]);
     let token = s.token.clone().unwrap();
     let (behave, _) = write_zip(&s, "behave");
-    aws_ok(
-        &s,
-        &[
-            "create-function",
-            "--function-name",
-            "inv",
-            "--runtime",
-            "nodejs20.x",
-            "--role",
-            "r",
-            "--handler",
-            "index.handler",
-            "--timeout",
-            "2",
-            "--zip-file",
-            &behave,
-        ],
-    );
+    aws_ok(&s, &create_args("inv", &behave, &["--timeout", "2"]));
     // The aws CLI: the payload is the event, the result comes back as is.
     let out_file = s.dir.join("out.json");
     let meta = aws_ok(

@@ -113,9 +113,11 @@ impl CorePool {
             domain: req.header("host").unwrap_or("localhost"),
             raw,
         };
-        if let Some(s) = self.service.get_mut(&to) {
-            s.request_id.clone_from(&request_id);
-            s.function = Some(f.clone());
+        if raw {
+            if let Some(s) = self.service.get_mut(&to) {
+                s.request_id.clone_from(&request_id);
+                s.function = Some(f.clone());
+            }
         }
         let mut meta_head = Vec::with_capacity(256 + 32 * req.headers.len());
         serde_json::to_writer(&mut meta_head, &meta).expect("json of plain values");

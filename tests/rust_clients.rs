@@ -126,7 +126,10 @@ fn wait_log(s: &Server, id: &str, needle: &str) -> Vec<serde_json::Value> {
 
 #[test]
 fn a_lambda_runtime_function_serves_function_url_requests() {
-    let Some((s, id)) = deploy("runtime-fn", "timeout_ms=1500&memory_mb=256") else {
+    let Some((s, id)) = deploy(
+        "runtime-fn",
+        "timeout_ms=1500&memory_mb=256&env=%7B%22MY_VAR%22%3A%22mine%22%7D",
+    ) else {
         return;
     };
     let base = format!("/f/{id}");
@@ -168,6 +171,58 @@ fn a_lambda_runtime_function_serves_function_url_requests() {
         .unwrap();
     assert_eq!(line["requestId"], req.as_str(), "{line}");
     wait_log(&s, &id, "rust runtime-fn init");
+    // Each cold init reports its duration, as Lambda's INIT_REPORT line does.
+    let lines = wait_log(&s, &id, "INIT_REPORT Init Duration: ");
+    let report = lines
+        .iter()
+        .find(|l| {
+            l["message"]
+                .as_str()
+                .unwrap_or("")
+                .starts_with("INIT_REPORT")
+        })
+        .unwrap();
+    assert_eq!(report["requestId"], "init", "{report}");
+    let ms: f64 = report["message"].as_str().unwrap()["INIT_REPORT Init Duration: ".len()..]
+        .trim_end_matches(" ms")
+        .parse()
+        .unwrap();
+    assert!(ms > 0.0 && ms < 30_000.0, "{report}");
+    let metrics = s.control("GET", "/metrics", &[], b"").text();
+    let label = format!("function=\"{id}\"");
+    assert!(
+        common::metric_sum(&metrics, "hearth_function_cold_starts_total", &label) >= 1,
+        "{metrics}"
+    );
+
+    // The environment Lambda gives a runtime.
+    let env = call(&s, "GET", &format!("{base}/env"), &[], b"").json();
+    for (k, want) in [
+        ("AWS_LAMBDA_RUNTIME_API", "127.0.0.1:9001"),
+        ("_HANDLER", "bootstrap"),
+        ("LAMBDA_TASK_ROOT", "/var/task"),
+        ("AWS_LAMBDA_FUNCTION_NAME", id.as_str()),
+        ("AWS_LAMBDA_FUNCTION_MEMORY_SIZE", "256"),
+        ("AWS_LAMBDA_FUNCTION_VERSION", "$LATEST"),
+        ("AWS_LAMBDA_LOG_GROUP_NAME", &format!("/aws/lambda/{id}")),
+        ("AWS_REGION", "us-east-1"),
+        ("AWS_DEFAULT_REGION", "us-east-1"),
+        ("AWS_LAMBDA_INITIALIZATION_TYPE", "on-demand"),
+        ("TZ", ":UTC"),
+        ("MY_VAR", "mine"),
+    ] {
+        assert_eq!(env[k], want, "{k}: {env}");
+    }
+    for k in [
+        "LAMBDA_RUNTIME_DIR",
+        "AWS_LAMBDA_LOG_STREAM_NAME",
+        "AWS_EXECUTION_ENV",
+        "LANG",
+        "PATH",
+        "LD_LIBRARY_PATH",
+    ] {
+        assert!(!env[k].as_str().unwrap_or("").is_empty(), "{k}: {env}");
+    }
 
     // A base64 body from the handler arrives as raw bytes.
     let r = call(&s, "GET", &format!("{base}/bin"), &[], b"");

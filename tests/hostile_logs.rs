@@ -342,7 +342,10 @@ fn init_output_flood_then_success_deploys_with_bounded_logs() {
     let l = logs(&s, &id);
     let m = messages(&l);
     assert!(m.len() <= 1000, "{} lines kept", m.len());
-    assert_eq!(m.last().map(String::as_str), Some("init-flood: last words"));
+    // The runtime's last words, then the host's report of the init.
+    let end = &m[m.len() - 2..];
+    assert_eq!(end[0], "init-flood: last words", "{end:?}");
+    assert!(end[1].starts_with("INIT_REPORT Init Duration: "), "{end:?}");
     assert!(
         growth < RSS_GROWTH_KIB_MAX,
         "peak memory grew by {growth} KiB"

@@ -68,6 +68,7 @@ pub fn run(kind: Kind) -> i32 {
         last_answered: None,
         parked: None,
         child: None,
+        scratch: vec![0; 64 << 10].into_boxed_slice(),
     };
     match server.run() {
         Ok(code) => code,
@@ -128,6 +129,9 @@ struct Server {
     /// The connection waiting in `/next`.
     parked: Option<usize>,
     child: Option<Child>,
+    /// Where connection reads land before they join a connection's buffer: allocated
+    /// once, as zeroing a fresh 64 KiB per read cost more than the rest of a read.
+    scratch: Box<[u8]>,
 }
 
 impl Server {
@@ -200,6 +204,8 @@ impl Server {
             self.decoder.filled(CHUNK, *got.as_ref().unwrap_or(&0));
             match got {
                 Ok(0) => return Ok(false),
+                // A short read drained the socket: poll says when more comes.
+                Ok(n) if n < CHUNK => break,
                 Ok(_) => {}
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) => return Err(e),
@@ -474,17 +480,21 @@ impl Server {
     }
 
     fn on_conn(&mut self, i: usize) -> io::Result<()> {
-        let mut chunk = [0u8; 64 << 10];
         loop {
             let Some(c) = self.conns[i].as_mut() else {
                 return Ok(());
             };
-            match c.stream.read(&mut chunk) {
+            match c.stream.read(&mut self.scratch) {
                 Ok(0) => {
                     self.drop_conn(i);
                     return Ok(());
                 }
-                Ok(n) => c.buf.extend_from_slice(&chunk[..n]),
+                Ok(n) => {
+                    c.buf.extend_from_slice(&self.scratch[..n]);
+                    if n < self.scratch.len() {
+                        break; // drained, as above
+                    }
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {

@@ -68,7 +68,10 @@ pub fn hello(
                 FrameType::Ready => {
                     let meta: serde_json::Value =
                         serde_json::from_slice(&f.meta).unwrap_or_default();
-                    return Ok((meta["init_ms"].as_f64().unwrap_or(0.0), logs.into_lines()));
+                    let init_ms = meta["init_ms"].as_f64().unwrap_or(0.0);
+                    // As Lambda's log has it, whatever the runtime: one line per cold init.
+                    logs.push(format!("INIT_REPORT Init Duration: {init_ms:.2} ms").as_bytes());
+                    return Ok((init_ms, logs.into_lines()));
                 }
                 FrameType::InitError => {
                     let meta: serde_json::Value =

@@ -161,10 +161,14 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ProtocolError> {
 }
 
 /// Accumulates stream bytes and yields whole frames.
+///
+/// The buffer holds the unread bytes at `start..end`; what lies past `end` is initialised
+/// room that [`FrameDecoder::spare`] hands out again without zeroing it on every read.
 #[derive(Default)]
 pub struct FrameDecoder {
     buf: Vec<u8>,
     start: usize,
+    end: usize,
 }
 
 impl FrameDecoder {
@@ -175,27 +179,28 @@ impl FrameDecoder {
 
     /// Adds bytes read from the stream.
     pub fn push(&mut self, bytes: &[u8]) {
-        self.compact();
-        self.buf.extend_from_slice(bytes);
+        self.spare(bytes.len()).copy_from_slice(bytes);
+        self.end += bytes.len();
     }
 
     /// Spare room to read into directly; call [`FrameDecoder::filled`] after.
     pub fn spare(&mut self, want: usize) -> &mut [u8] {
         self.compact();
-        let len = self.buf.len();
-        self.buf.resize(len + want, 0);
-        &mut self.buf[len..]
+        if self.buf.len() < self.end + want {
+            self.buf.resize(self.end + want, 0);
+        }
+        &mut self.buf[self.end..self.end + want]
     }
 
-    /// Marks `n` bytes of the last [`FrameDecoder::spare`] as read and drops the rest.
+    /// Marks `n` bytes of the last [`FrameDecoder::spare`] (of `want`) as read.
     pub fn filled(&mut self, want: usize, n: usize) {
-        let len = self.buf.len() - want;
-        self.buf.truncate(len + n);
+        assert!(n <= want && self.end + want <= self.buf.len());
+        self.end += n;
     }
 
     /// The next whole frame, if buffered.
     pub fn next_frame(&mut self) -> Result<Option<Frame>, ProtocolError> {
-        let pending = &self.buf[self.start..];
+        let pending = &self.buf[self.start..self.end];
         let Some(h) = parse_header(pending)? else {
             return Ok(None);
         };
@@ -216,12 +221,13 @@ impl FrameDecoder {
 
     /// Bytes buffered but not yet returned as frames.
     pub fn pending(&self) -> usize {
-        self.buf.len() - self.start
+        self.end - self.start
     }
 
     fn compact(&mut self) {
         if self.start > 0 {
-            self.buf.drain(..self.start);
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
             self.start = 0;
         }
     }
@@ -230,6 +236,26 @@ impl FrameDecoder {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn reads_into_spare_room_reuse_it_without_growing() {
+        let mut wire = Vec::new();
+        encode(&mut wire, FrameType::Invoke, 0, 9, b"{}", b"payload");
+        let mut d = FrameDecoder::new();
+        for round in 0..1000 {
+            // A frame arrives in two reads, with a failed read (0 bytes) between.
+            let (a, b) = wire.split_at(round % wire.len());
+            for part in [a, &[][..], b] {
+                let room = d.spare(4096);
+                room[..part.len()].copy_from_slice(part);
+                d.filled(4096, part.len());
+            }
+            let f = d.next_frame().unwrap().expect("a whole frame");
+            assert_eq!((f.request_id, &f.body[..]), (9, &b"payload"[..]));
+            assert_eq!(d.pending(), 0);
+        }
+        assert!(d.buf.len() <= 4096 + wire.len(), "{}", d.buf.len());
+    }
 
     #[test]
     fn frames_survive_any_split() {

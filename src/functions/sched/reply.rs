@@ -97,10 +97,11 @@ impl CorePool {
                     bad
                 }
             }
-        } else if is_runtime_exit(meta) {
+        } else if let Some(how) = runtime_exit(meta) {
             // The runtime died under the request: a crash, not a handler error.
             inst.busy = Some(busy);
-            return self.instance_failed(i, now, "the function's runtime exited");
+            let why = format!("the function's runtime exited (Runtime.ExitError: {how})");
+            return self.instance_failed(i, now, &why);
         } else if self.is_service(busy.to) {
             f.metrics.error(ErrorKind::Handler);
             service_error_reply(meta)
@@ -235,10 +236,19 @@ fn log_tail(f: &super::Function, request_id: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(&text.as_bytes()[start..])
 }
 
-/// True for the ERROR the agent sends when the runtime process died mid-request.
-fn is_runtime_exit(meta: &[u8]) -> bool {
-    serde_json::from_slice::<serde_json::Value>(meta)
-        .is_ok_and(|m| m["errorType"] == "Runtime.ExitError")
+/// How the runtime process ended, when `meta` is the ERROR the agent sends for one that died
+/// mid-request.
+fn runtime_exit(meta: &[u8]) -> Option<String> {
+    let m = serde_json::from_slice::<serde_json::Value>(meta).ok()?;
+    if m["errorType"] != "Runtime.ExitError" {
+        return None;
+    }
+    // The agent says "RequestId: <id> Error: <how>"; the request id is the caller's already.
+    let message = m["errorMessage"].as_str().unwrap_or("");
+    let how = message
+        .split_once(" Error: ")
+        .map_or(message, |(_, how)| how);
+    Some(how.to_string())
 }
 
 /// Headers hearth owns on the wire: framing and connection management are

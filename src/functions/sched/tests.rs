@@ -493,9 +493,10 @@ fn a_runtime_exit_is_a_crash_and_a_handler_error_is_not() {
     );
     sim.pool.on_channel_input(inst, &frame, sim.now);
     sim.drain();
-    assert!(
-        String::from_utf8_lossy(&sim.reply_to(exited).unwrap().body).contains("instance_crashed")
-    );
+    let body = String::from_utf8_lossy(&sim.reply_to(exited).unwrap().body).into_owned();
+    assert!(body.contains("instance_crashed"), "{body}");
+    // How it exited reaches the caller.
+    assert!(body.contains("(Runtime.ExitError: exit 1)"), "{body}");
     assert_eq!(sim.closed, vec![inst]);
 }
 

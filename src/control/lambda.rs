@@ -191,7 +191,13 @@ pub(super) fn invoke_target(
     {
         "RequestResponse" => {}
         "DryRun" => return Err(no_content()),
-        "Event" => return Err(lambda_error(500, "ServiceException", "misrouted Event invocation")),
+        "Event" => {
+            return Err(lambda_error(
+                500,
+                "ServiceException",
+                "misrouted Event invocation",
+            ))
+        }
         other => {
             return Err(invalid(&format!(
                 "X-Amz-Invocation-Type {other:?} is not one of RequestResponse, Event, DryRun"

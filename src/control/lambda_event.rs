@@ -29,12 +29,18 @@ fn not_found(what: &str) -> Answer {
     lambda_error(
         404,
         "ResourceNotFoundException",
-        &format!("Function not found: arn:aws:lambda:{REGION_DEFAULT}:{ACCOUNT_ID}:function:{what}"),
+        &format!(
+            "Function not found: arn:aws:lambda:{REGION_DEFAULT}:{ACCOUNT_ID}:function:{what}"
+        ),
     )
 }
 
 /// The function `raw` (and `?Qualifier=`) names, with the qualifier as given.
-fn target(plane: &Plane, raw: &str, req: &Request) -> Result<(std::sync::Arc<Function>, String), Answer> {
+fn target(
+    plane: &Plane,
+    raw: &str,
+    req: &Request,
+) -> Result<(std::sync::Arc<Function>, String), Answer> {
     let (name, qualifier) = function_name(raw)?;
     let qualifier = qualifier
         .or_else(|| query_qualifier(req.query()))
@@ -51,7 +57,13 @@ fn target(plane: &Plane, raw: &str, req: &Request) -> Result<(std::sync::Arc<Fun
 
 /// Accepts an `Event` invocation: checks it, hands it to the committer, and
 /// lets `done` carry the answer (202 once stored). `Err` is the answer now.
-pub(super) fn accept(plane: &Plane, raw: &str, req: &Request, body: Vec<u8>, done: Done) -> Result<(), Answer> {
+pub(super) fn accept(
+    plane: &Plane,
+    raw: &str,
+    req: &Request,
+    body: Vec<u8>,
+    done: Done,
+) -> Result<(), Answer> {
     plane.service_auth.check(req, &body)?;
     let (f, qualifier) = target(plane, raw, req)?;
     if body.len() > EVENT_BYTES_MAX {
@@ -97,23 +109,38 @@ pub(super) fn accept(plane: &Plane, raw: &str, req: &Request, body: Vec<u8>, don
         .functions
         .async_events
         .submit(key, qualifier, request_id, body, answered)
-        .map_err(|()| too_many("too many asynchronous events are waiting to be stored; retry later"))
+        .map_err(|()| {
+            too_many("too many asynchronous events are waiting to be stored; retry later")
+        })
 }
 
 fn too_many(message: &str) -> Answer {
     let mut r = lambda_error(429, "TooManyRequestsException", message);
-    r.headers.push((Cow::Borrowed("retry-after"), Cow::Borrowed("1")));
+    r.headers
+        .push((Cow::Borrowed("retry-after"), Cow::Borrowed("1")));
     r
 }
 
 /// A random request id in the UUID shape Lambda uses.
 fn uuid() -> String {
     let h = crate::util::random::random_hex(16);
-    format!("{}-{}-{}-{}-{}", &h[..8], &h[8..12], &h[12..16], &h[16..20], &h[20..])
+    format!(
+        "{}-{}-{}-{}-{}",
+        &h[..8],
+        &h[8..12],
+        &h[12..16],
+        &h[16..20],
+        &h[20..]
+    )
 }
 
 /// `Put`/`Update`/`Get`/`DeleteFunctionEventInvokeConfig`.
-pub(super) fn event_invoke_config(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]) -> Answer {
+pub(super) fn event_invoke_config(
+    plane: &Plane,
+    op: LambdaOp<'_>,
+    req: &Request,
+    body: &[u8],
+) -> Answer {
     let (raw, kind) = match op {
         LambdaOp::PutEventInvokeConfig(n) => (n, 'p'),
         LambdaOp::UpdateEventInvokeConfig(n) => (n, 'u'),
@@ -133,7 +160,11 @@ pub(super) fn event_invoke_config(plane: &Plane, op: LambdaOp<'_>, req: &Request
             "" => format!("arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{key}"),
             q => format!("arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{key}:{q}"),
         };
-        let events = plane.functions.async_events.get_or_open(&key).map_err(stored)?;
+        let events = plane
+            .functions
+            .async_events
+            .get_or_open(&key)
+            .map_err(stored)?;
         let missing = || {
             lambda_error(
                 404,
@@ -211,22 +242,43 @@ fn config_input(body: &[u8]) -> Result<ConfigInput, Answer> {
     };
     if let Some(r) = input.maximum_retry_attempts {
         if r < 0 {
-            return Err(validation("maximumRetryAttempts", r, "greater than or equal to 0"));
+            return Err(validation(
+                "maximumRetryAttempts",
+                r,
+                "greater than or equal to 0",
+            ));
         }
         if r > i64::from(RETRIES_MAX) {
-            return Err(validation("maximumRetryAttempts", r, &format!("less than or equal to {RETRIES_MAX}")));
+            return Err(validation(
+                "maximumRetryAttempts",
+                r,
+                &format!("less than or equal to {RETRIES_MAX}"),
+            ));
         }
     }
     if let Some(a) = input.maximum_event_age_in_seconds {
         if a < EVENT_AGE_S_MIN as i64 {
-            return Err(validation("maximumEventAgeInSeconds", a, &format!("greater than or equal to {EVENT_AGE_S_MIN}")));
+            return Err(validation(
+                "maximumEventAgeInSeconds",
+                a,
+                &format!("greater than or equal to {EVENT_AGE_S_MIN}"),
+            ));
         }
         if a > EVENT_AGE_S_MAX as i64 {
-            return Err(validation("maximumEventAgeInSeconds", a, &format!("less than or equal to {EVENT_AGE_S_MAX}")));
+            return Err(validation(
+                "maximumEventAgeInSeconds",
+                a,
+                &format!("less than or equal to {EVENT_AGE_S_MAX}"),
+            ));
         }
     }
     let has_destination = |which: &str| {
-        input.destination_config.as_ref().and_then(|d| d.get(which)).and_then(|o| o.get("Destination")).is_some()
+        input
+            .destination_config
+            .as_ref()
+            .and_then(|d| d.get(which))
+            .and_then(|o| o.get("Destination"))
+            .is_some()
     };
     if has_destination("OnSuccess") || has_destination("OnFailure") {
         return Err(invalid(
@@ -238,14 +290,22 @@ fn config_input(body: &[u8]) -> Result<ConfigInput, Answer> {
 }
 
 fn stored(e: std::io::Error) -> Answer {
-    lambda_error(500, "ServiceException", &format!("cannot store the settings: {e}"))
+    lambda_error(
+        500,
+        "ServiceException",
+        &format!("cannot store the settings: {e}"),
+    )
 }
 
 /// `GET /functions/<id or name>/async/failed`: the events given up, with
 /// their errors, and the queue's state.
 pub(super) fn failed_list(plane: &Plane, id: &str) -> Answer {
     let Some(f) = plane.functions.get(id) else {
-        return Reply::error(404, "function_not_found", &format!("no function with id {id}"));
+        return Reply::error(
+            404,
+            "function_not_found",
+            &format!("no function with id {id}"),
+        );
     };
     let key = Registry::async_key(&f);
     let (failed, depth) = match plane.functions.async_events.get(key) {
@@ -256,7 +316,8 @@ pub(super) fn failed_list(plane: &Plane, id: &str) -> Answer {
         Ok(list) => Reply::new(
             200,
             "application/json",
-            serde_json::to_vec_pretty(&json!({ "function": key, "queued": depth, "failed": list })).expect("json"),
+            serde_json::to_vec_pretty(&json!({ "function": key, "queued": depth, "failed": list }))
+                .expect("json"),
         ),
         Err(e) => Reply::error(500, "io", &format!("cannot read the failed events: {e}")),
     }

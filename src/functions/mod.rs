@@ -431,7 +431,11 @@ impl Registry {
     /// Starts running queued asynchronous events through the service API at
     /// `addr` (the server's own; a wildcard address is reached on loopback),
     /// with the admin token when the server has one.
-    pub fn start_async_dispatch(self: &Arc<Self>, addr: std::net::SocketAddr, token: Option<String>) {
+    pub fn start_async_dispatch(
+        self: &Arc<Self>,
+        addr: std::net::SocketAddr,
+        token: Option<String>,
+    ) {
         let mut addr = addr;
         if addr.ip().is_unspecified() {
             addr.set_ip(match addr {

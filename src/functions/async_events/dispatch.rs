@@ -174,7 +174,9 @@ impl AsyncEvents {
                 .filter_map(|q| q.queue.next_due_ms())
                 .min()
                 .unwrap_or(now + 1000);
-            waker.wait(Duration::from_millis(next.saturating_sub(now).clamp(1, 1000)));
+            waker.wait(Duration::from_millis(
+                next.saturating_sub(now).clamp(1, 1000),
+            ));
         }
     }
 
@@ -213,7 +215,14 @@ impl AsyncEvents {
         let cfg = events.config(&record.qualifier).unwrap_or_default();
         let now = unix_time_ms();
         if too_old(&pending, &cfg, now) {
-            return self.give_up(&events, &pending, &record, "EventAgeExceeded", Value::Null, webhook);
+            return self.give_up(
+                &events,
+                &pending,
+                &record,
+                "EventAgeExceeded",
+                Value::Null,
+                webhook,
+            );
         }
         let outcome = invoke(target, conn, &events.queue.key, &record);
         let m = &events.queue.metrics;
@@ -248,12 +257,26 @@ impl AsyncEvents {
             Outcome::Failed(error) => {
                 pending.attempts += 1;
                 if pending.attempts > cfg.retries_max {
-                    return self.give_up(&events, &pending, &record, "RetriesExhausted", error, webhook);
+                    return self.give_up(
+                        &events,
+                        &pending,
+                        &record,
+                        "RetriesExhausted",
+                        error,
+                        webhook,
+                    );
                 }
                 let shift = (pending.attempts - 1).min(16);
                 pending.not_before_ms = now + self.limits.retry_base_ms.saturating_mul(1 << shift);
                 if too_old(&pending, &cfg, pending.not_before_ms) {
-                    return self.give_up(&events, &pending, &record, "EventAgeExceeded", error, webhook);
+                    return self.give_up(
+                        &events,
+                        &pending,
+                        &record,
+                        "EventAgeExceeded",
+                        error,
+                        webhook,
+                    );
                 }
                 m.retried.fetch_add(1, Ordering::Relaxed);
                 events.queue.finish_later(pending);
@@ -273,7 +296,9 @@ impl AsyncEvents {
     ) {
         let payload = match std::str::from_utf8(&record.body) {
             Ok(s) => json!(s),
-            Err(_) => json!({ "base64": base64::engine::general_purpose::STANDARD.encode(&record.body) }),
+            Err(_) => {
+                json!({ "base64": base64::engine::general_purpose::STANDARD.encode(&record.body) })
+            }
         };
         let failure = json!({
             "requestId": record.request_id,
@@ -307,7 +332,12 @@ fn too_old(p: &Pending, cfg: &EventConfig, at_ms: u64) -> bool {
 
 /// Invokes `record` through the service API, reusing `conn` (one retry on a
 /// fresh connection when a kept one turns out closed).
-fn invoke(target: &Target, conn: &mut Option<TcpStream>, key: &str, record: &EventRecord) -> Outcome {
+fn invoke(
+    target: &Target,
+    conn: &mut Option<TcpStream>,
+    key: &str,
+    record: &EventRecord,
+) -> Outcome {
     let name = if record.qualifier.is_empty() {
         key.to_string()
     } else {
@@ -358,7 +388,8 @@ fn invoke(target: &Target, conn: &mut Option<TcpStream>, key: &str, record: &Eve
 }
 
 fn classify(status: u16, function_error: bool, body: &[u8]) -> Outcome {
-    let payload = || serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)));
+    let payload =
+        || serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)));
     match status {
         200 if !function_error => Outcome::Succeeded,
         200 => Outcome::Failed(payload()),
@@ -377,7 +408,10 @@ fn read_answer(s: &mut TcpStream) -> io::Result<(u16, bool, Vec<u8>, bool)> {
     loop {
         let n = s.read(&mut chunk)?;
         if n == 0 {
-            return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "connection closed"));
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
         }
         buf.extend_from_slice(&chunk[..n]);
         let mut headers = [httparse::EMPTY_HEADER; 64];
@@ -386,7 +420,10 @@ fn read_answer(s: &mut TcpStream) -> io::Result<(u16, bool, Vec<u8>, bool)> {
             Ok(httparse::Status::Complete(len)) => len,
             Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
             Ok(httparse::Status::Partial) => {
-                return Err(io::Error::new(io::ErrorKind::InvalidData, "answer head too large"))
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "answer head too large",
+                ))
             }
             Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
         };
@@ -403,14 +440,20 @@ fn read_answer(s: &mut TcpStream) -> io::Result<(u16, bool, Vec<u8>, bool)> {
                 close = value.eq_ignore_ascii_case("close");
             }
         }
-        let length = length
-            .filter(|&l| l <= ANSWER_BYTES_MAX)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "answer without a usable content-length"))?;
+        let length = length.filter(|&l| l <= ANSWER_BYTES_MAX).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "answer without a usable content-length",
+            )
+        })?;
         let mut body = buf.split_off(head_len);
         while body.len() < length {
             let n = s.read(&mut chunk)?;
             if n == 0 {
-                return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "answer cut short"));
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "answer cut short",
+                ));
             }
             body.extend_from_slice(&chunk[..n]);
         }
@@ -422,15 +465,17 @@ fn read_answer(s: &mut TcpStream) -> io::Result<(u16, bool, Vec<u8>, bool)> {
 /// An `http://host[:port][/path]` URL: the address to connect to, the Host
 /// value and the path.
 pub fn parse_webhook(url: &str) -> Result<(String, String), String> {
-    let rest = url
-        .strip_prefix("http://")
-        .ok_or_else(|| format!("--async-failure-webhook {url:?}: only http:// URLs are supported"))?;
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("--async-failure-webhook {url:?}: only http:// URLs are supported")
+    })?;
     let (host, path) = match rest.find('/') {
         Some(i) => (&rest[..i], &rest[i..]),
         None => (rest, "/"),
     };
     if host.is_empty() || host.contains('@') {
-        return Err(format!("--async-failure-webhook {url:?}: no host (or credentials in it)"));
+        return Err(format!(
+            "--async-failure-webhook {url:?}: no host (or credentials in it)"
+        ));
     }
     let host = if host.contains(':') && !host.ends_with(']') {
         host.to_string()
@@ -478,7 +523,10 @@ fn post(host: &str, path: &str, v: &Value) -> io::Result<()> {
     s.write_all(&body)?;
     let mut status = [0u8; 12];
     s.read_exact(&mut status)?;
-    match std::str::from_utf8(&status[9..12]).ok().and_then(|c| c.parse::<u16>().ok()) {
+    match std::str::from_utf8(&status[9..12])
+        .ok()
+        .and_then(|c| c.parse::<u16>().ok())
+    {
         Some(200..=299) => Ok(()),
         other => Err(io::Error::other(format!("answered {other:?}"))),
     }
@@ -491,7 +539,10 @@ mod tests {
     #[test]
     fn answers_are_classified_as_lambda_would_retry_them() {
         assert!(matches!(classify(200, false, b"{}"), Outcome::Succeeded));
-        assert!(matches!(classify(200, true, b"{\"errorType\":\"Error\"}"), Outcome::Failed(_)));
+        assert!(matches!(
+            classify(200, true, b"{\"errorType\":\"Error\"}"),
+            Outcome::Failed(_)
+        ));
         assert!(matches!(classify(429, false, b""), Outcome::Throttled));
         assert!(matches!(classify(404, false, b""), Outcome::Gone));
         assert!(matches!(classify(400, false, b"x"), Outcome::Refused(_)));

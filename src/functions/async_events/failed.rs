@@ -41,7 +41,10 @@ impl FailedStore {
             Ok(all) => {
                 let (found, valid) = log::frames(&all);
                 if valid < all.len() {
-                    OpenOptions::new().write(true).open(&path)?.set_len(valid as u64)?;
+                    OpenOptions::new()
+                        .write(true)
+                        .open(&path)?
+                        .set_len(valid as u64)?;
                 }
                 (found.len(), valid as u64)
             }
@@ -61,7 +64,10 @@ impl FailedStore {
     pub fn push(&mut self, record: &Value) -> io::Result<()> {
         let mut buf = Vec::new();
         log::frame(&mut buf, &serde_json::to_vec(record).expect("json"));
-        let mut f = OpenOptions::new().create(true).append(true).open(&self.path)?;
+        let mut f = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.path)?;
         f.write_all(&buf)?;
         f.sync_data()?;
         self.records += 1;

@@ -19,7 +19,11 @@ const CRC_TABLE: [u32; 256] = {
         let mut c = i as u32;
         let mut k = 0;
         while k < 8 {
-            c = if c & 1 != 0 { 0x82f6_3b78 ^ (c >> 1) } else { c >> 1 };
+            c = if c & 1 != 0 {
+                0x82f6_3b78 ^ (c >> 1)
+            } else {
+                c >> 1
+            };
             k += 1;
         }
         table[i] = c;
@@ -103,7 +107,9 @@ impl EventRecord {
         let mut strings = [String::new(), String::new()];
         for s in &mut strings {
             let n = usize::from(*p.get(at)?);
-            *s = std::str::from_utf8(p.get(at + 1..at + 1 + n)?).ok()?.to_string();
+            *s = std::str::from_utf8(p.get(at + 1..at + 1 + n)?)
+                .ok()?
+                .to_string();
             at += 1 + n;
         }
         let [request_id, qualifier] = strings;
@@ -152,7 +158,11 @@ mod tests {
             seq,
             accepted_ms: 1_700_000_000_000 + seq,
             request_id: format!("req-{seq}"),
-            qualifier: if seq % 2 == 0 { "live".into() } else { String::new() },
+            qualifier: if seq % 2 == 0 {
+                "live".into()
+            } else {
+                String::new()
+            },
             body: body.to_vec(),
         }
     }
@@ -160,7 +170,9 @@ mod tests {
     #[test]
     fn events_round_trip_through_frames() {
         let mut log = Vec::new();
-        let all: Vec<EventRecord> = (1..=3).map(|i| event(i, &vec![b'x'; i as usize * 10])).collect();
+        let all: Vec<EventRecord> = (1..=3)
+            .map(|i| event(i, &vec![b'x'; i as usize * 10]))
+            .collect();
         for e in &all {
             let mut p = Vec::new();
             e.encode(&mut p);
@@ -168,7 +180,10 @@ mod tests {
         }
         let (found, valid) = frames(&log);
         assert_eq!(valid, log.len());
-        let back: Vec<EventRecord> = found.iter().map(|(_, p)| EventRecord::decode(p).unwrap()).collect();
+        let back: Vec<EventRecord> = found
+            .iter()
+            .map(|(_, p)| EventRecord::decode(p).unwrap())
+            .collect();
         assert_eq!(back, all);
     }
 

@@ -72,7 +72,11 @@ impl FunctionEvents {
 
     /// The settings of `qualifier` ("" or `$LATEST`: the unqualified function), if set.
     pub fn config(&self, qualifier: &str) -> Option<EventConfig> {
-        self.configs.lock().unwrap().get(config_key(qualifier)).copied()
+        self.configs
+            .lock()
+            .unwrap()
+            .get(config_key(qualifier))
+            .copied()
     }
 
     /// Changes the settings of `qualifier` with `edit` (given the current ones,
@@ -160,7 +164,10 @@ impl AsyncEvents {
                 let _ = std::fs::remove_dir_all(entry.path());
                 continue;
             }
-            queues.insert(key.clone(), Arc::new(FunctionEvents::open(&key, entry.path())?));
+            queues.insert(
+                key.clone(),
+                Arc::new(FunctionEvents::open(&key, entry.path())?),
+            );
         }
         let (submit_tx, submit_rx) = sync_channel(ACCEPT_PENDING_MAX);
         Ok(AsyncEvents {
@@ -278,14 +285,23 @@ impl AsyncEvents {
                 Err(e) => {
                     eprintln!("hearth: cannot open the async queue of {key}: {e}");
                     for s in events {
-                        (s.done)(Err(AppendError::Io(io::Error::new(e.kind(), e.to_string()))));
+                        (s.done)(Err(AppendError::Io(io::Error::new(
+                            e.kind(),
+                            e.to_string(),
+                        ))));
                     }
                     continue;
                 }
             };
             let items: Vec<(&str, &str, &[u8])> = events
                 .iter()
-                .map(|s| (s.qualifier.as_str(), s.request_id.as_str(), s.body.as_slice()))
+                .map(|s| {
+                    (
+                        s.qualifier.as_str(),
+                        s.request_id.as_str(),
+                        s.body.as_slice(),
+                    )
+                })
                 .collect();
             let results = q.queue.append(&items, now_ms, self.limits.queue_bytes_max);
             drop(items);
@@ -306,17 +322,47 @@ impl AsyncEvents {
     pub fn render_metrics(&self, out: &mut String) {
         type Get = fn(&queue::QueueMetrics) -> u64;
         let series: [(&str, &str, &str, Get); 5] = [
-            ("hearth_async_events_accepted_total", "counter", "Events accepted (stored, answered 202).", |m| m.accepted.load(Relaxed)),
-            ("hearth_async_events_succeeded_total", "counter", "Events whose run succeeded.", |m| m.succeeded.load(Relaxed)),
-            ("hearth_async_events_retried_total", "counter", "Failed runs scheduled again.", |m| m.retried.load(Relaxed)),
-            ("hearth_async_events_failed_total", "counter", "Events given up and kept as failed.", |m| m.failed.load(Relaxed)),
-            ("hearth_async_queue_depth", "gauge", "Events queued, waiting for a retry or running.", |m| m.depth.load(Relaxed)),
+            (
+                "hearth_async_events_accepted_total",
+                "counter",
+                "Events accepted (stored, answered 202).",
+                |m| m.accepted.load(Relaxed),
+            ),
+            (
+                "hearth_async_events_succeeded_total",
+                "counter",
+                "Events whose run succeeded.",
+                |m| m.succeeded.load(Relaxed),
+            ),
+            (
+                "hearth_async_events_retried_total",
+                "counter",
+                "Failed runs scheduled again.",
+                |m| m.retried.load(Relaxed),
+            ),
+            (
+                "hearth_async_events_failed_total",
+                "counter",
+                "Events given up and kept as failed.",
+                |m| m.failed.load(Relaxed),
+            ),
+            (
+                "hearth_async_queue_depth",
+                "gauge",
+                "Events queued, waiting for a retry or running.",
+                |m| m.depth.load(Relaxed),
+            ),
         ];
         let all = self.all();
         for (name, kind, help, get) in series {
             let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
             for q in &all {
-                let _ = writeln!(out, "{name}{{function=\"{}\"}} {}", q.queue.key, get(&q.queue.metrics));
+                let _ = writeln!(
+                    out,
+                    "{name}{{function=\"{}\"}} {}",
+                    q.queue.key,
+                    get(&q.queue.metrics)
+                );
             }
         }
     }

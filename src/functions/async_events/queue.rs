@@ -108,14 +108,21 @@ fn read_trimmed(path: &Path) -> io::Result<Vec<u8>> {
             path.display(),
             bytes.len() - valid
         );
-        OpenOptions::new().write(true).open(path)?.set_len(valid as u64)?;
+        OpenOptions::new()
+            .write(true)
+            .open(path)?
+            .set_len(valid as u64)?;
         bytes.truncate(valid);
     }
     Ok(bytes)
 }
 
 fn open_append(path: &Path) -> io::Result<File> {
-    OpenOptions::new().create(true).append(true).read(true).open(path)
+    OpenOptions::new()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
 }
 
 impl Queue {
@@ -127,9 +134,15 @@ impl Queue {
         for entry in fs::read_dir(&dir)? {
             let name = entry?.file_name();
             let name = name.to_string_lossy();
-            if let Some(n) = name.strip_prefix("seg-").and_then(|r| r.strip_suffix(".log")) {
+            if let Some(n) = name
+                .strip_prefix("seg-")
+                .and_then(|r| r.strip_suffix(".log"))
+            {
                 numbers.extend(n.parse::<u64>().ok());
-            } else if let Some(n) = name.strip_prefix("seg-").and_then(|r| r.strip_suffix(".ack")) {
+            } else if let Some(n) = name
+                .strip_prefix("seg-")
+                .and_then(|r| r.strip_suffix(".ack"))
+            {
                 // An ack file whose log was deleted (a crash between the two removals).
                 if let Ok(n) = n.parse::<u64>() {
                     if !segment_path(&dir, n, "log").exists() {
@@ -189,7 +202,11 @@ impl Queue {
                 let _ = fs::remove_file(&ack_path);
                 continue;
             }
-            let ack = if ack_path.exists() { Some(open_append(&ack_path)?) } else { None };
+            let ack = if ack_path.exists() {
+                Some(open_append(&ack_path)?)
+            } else {
+                None
+            };
             st.bytes += bytes.len() as u64;
             st.segments.insert(
                 n,
@@ -208,7 +225,9 @@ impl Queue {
             );
         }
         let metrics = QueueMetrics::default();
-        metrics.depth.store(st.ready.len() as u64, Ordering::Relaxed);
+        metrics
+            .depth
+            .store(st.ready.len() as u64, Ordering::Relaxed);
         Ok(Queue {
             key: key.to_string(),
             dir,
@@ -447,7 +466,10 @@ impl Queue {
         if seg.ack.is_none() {
             match open_append(&segment_path(&self.dir, p.segment, "ack")) {
                 Ok(f) => seg.ack = Some(f),
-                Err(e) => eprintln!("hearth: async queue {}: cannot open an ack file: {e}", self.key),
+                Err(e) => eprintln!(
+                    "hearth: async queue {}: cannot open an ack file: {e}",
+                    self.key
+                ),
             }
         }
         if let Some(f) = &mut seg.ack {
@@ -575,7 +597,13 @@ mod tests {
         push(&q, 1); // lands in a new segment once the first is full
         let segments = fs::read_dir(&d)
             .unwrap()
-            .filter(|e| e.as_ref().unwrap().file_name().to_string_lossy().ends_with(".log"))
+            .filter(|e| {
+                e.as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .ends_with(".log")
+            })
             .count();
         assert!(segments <= 2, "{segments} segments left");
         assert!(q.bytes() < 5 << 20);

@@ -109,9 +109,7 @@ pub(super) fn accept(
         .functions
         .async_events
         .submit(key, qualifier, request_id, body, answered)
-        .map_err(|()| {
-            too_many("too many asynchronous events are waiting to be stored; retry later")
-        })
+        .map_err(|_| too_many("too many asynchronous events are waiting to be stored; retry later"))
 }
 
 fn too_many(message: &str) -> Answer {

@@ -158,7 +158,7 @@ mod tests {
             seq,
             accepted_ms: 1_700_000_000_000 + seq,
             request_id: format!("req-{seq}"),
-            qualifier: if seq % 2 == 0 {
+            qualifier: if seq.is_multiple_of(2) {
                 "live".into()
             } else {
                 String::new()

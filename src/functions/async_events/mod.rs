@@ -115,6 +115,10 @@ fn config_key(qualifier: &str) -> &str {
 /// What the engine hears back once an event is stored (or refused).
 pub type Accepted = Box<dyn FnOnce(Result<(), AppendError>) + Send>;
 
+/// The committer has [`ACCEPT_PENDING_MAX`] events waiting already.
+#[derive(Debug)]
+pub struct Backlogged;
+
 /// An event on its way to the committer.
 struct Submit {
     key: String,
@@ -224,7 +228,7 @@ impl AsyncEvents {
 
     /// Hands an event to the committer; `done` hears whether it was stored.
     /// Never blocks: with [`ACCEPT_PENDING_MAX`] events waiting already, the
-    /// event is refused at once (`Err`, and `done` is dropped).
+    /// event is refused at once ([`Backlogged`], and `done` is dropped).
     pub fn submit(
         &self,
         key: String,
@@ -232,7 +236,7 @@ impl AsyncEvents {
         request_id: String,
         body: Vec<u8>,
         done: Accepted,
-    ) -> Result<(), ()> {
+    ) -> Result<(), Backlogged> {
         let s = Submit {
             key,
             qualifier,
@@ -242,7 +246,7 @@ impl AsyncEvents {
         };
         match self.submit_tx.try_send(s) {
             Ok(()) => Ok(()),
-            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Backlogged),
         }
     }
 

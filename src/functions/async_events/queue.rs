@@ -129,7 +129,13 @@ impl Queue {
     /// Opens (creating) the queue in `dir`, recovering what a previous run left:
     /// torn tails are cut, acked events dropped, fully acked old segments deleted.
     pub fn open(key: &str, dir: PathBuf) -> io::Result<Queue> {
-        fs::create_dir_all(&dir)?;
+        if !dir.is_dir() {
+            fs::create_dir_all(&dir)?;
+            // Its name must be durable before events in it are acknowledged.
+            for d in dir.ancestors().skip(1).take(2) {
+                File::open(d)?.sync_all()?;
+            }
+        }
         let mut numbers = Vec::new();
         for entry in fs::read_dir(&dir)? {
             let name = entry?.file_name();

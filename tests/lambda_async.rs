@@ -321,6 +321,19 @@ fn accepted_events_survive_kill_9_and_all_run_after_the_restart() {
         let (status, _) = event(&s, "slow", &format!(r#"{{"n": {n}, "sleep_ms": 300}}"#));
         assert_eq!(status, 202, "event {n}");
     }
+    // Events take at most half the concurrency: a synchronous request is
+    // served by the other instance while events are still queued.
+    let sync = s.get("/f/slow/");
+    assert_eq!(sync.status, 200, "{}", sync.text());
+    let depth = common::metric_sum(
+        &s.get("/metrics").text(),
+        "hearth_async_queue_depth",
+        "function=\"slow\"",
+    );
+    assert!(
+        depth > 0,
+        "the events drained before a synchronous request was served"
+    );
     // An event that finishes after this read started after it (runs take
     // 300 ms), so its ack cannot precede the kill: whatever is not done here
     // must run after the restart.

@@ -82,6 +82,8 @@ pub type Concurrency = Box<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 
 struct Job {
     events: Arc<FunctionEvents>,
+    /// The function's share of instances for events when the job was made.
+    share: usize,
     pending: Pending,
     record: EventRecord,
 }
@@ -159,6 +161,7 @@ impl AsyncEvents {
                         running.fetch_add(1, Ordering::AcqRel);
                         let job = Job {
                             events: q.clone(),
+                            share,
                             pending,
                             record,
                         };
@@ -193,7 +196,22 @@ impl AsyncEvents {
                 Ok(j) => j,
                 Err(_) => return,
             };
-            self.run(job, target, &mut conn, webhook);
+            // Once done, the invoker goes on with the same function's next
+            // event itself (within its share): no hop through the dispatcher.
+            let mut next = Some(job);
+            while let Some(job) = next.take() {
+                let (events, share) = (job.events.clone(), job.share);
+                self.run(job, target, &mut conn, webhook);
+                next = events
+                    .queue
+                    .take(unix_time_ms(), share)
+                    .map(|(pending, record)| Job {
+                        events,
+                        share,
+                        pending,
+                        record,
+                    });
+            }
             running.fetch_sub(1, Ordering::AcqRel);
             self.wake_dispatcher();
         }
@@ -211,6 +229,7 @@ impl AsyncEvents {
             events,
             mut pending,
             record,
+            ..
         } = job;
         let cfg = events.config(&record.qualifier).unwrap_or_default();
         let now = unix_time_ms();

@@ -1,7 +1,8 @@
 //! Asynchronous invocations (`--invocation-type Event`) driven by the real
 //! `aws` CLI against the real server on the process backend: accepted with
 //! 202 and run, failures retried then kept and listed, settings validated as
-//! Lambda does, and no accepted event lost to `kill -9`.
+//! Lambda does, no accepted event lost to `kill -9`, and failed events
+//! POSTed to the operator's webhook.
 //!
 //! Which events ran is read from the function's log (the handler prints
 //! `event-start [n]` and `event-done [n]`): instances are isolated, so the
@@ -423,4 +424,71 @@ fn deleting_a_function_by_id_deletes_its_versions_aliases_and_events() {
         Some(0),
         "{aliases}"
     );
+}
+
+#[test]
+fn failed_events_are_posted_to_the_operators_webhook() {
+    require_sandbox!();
+    use std::io::{Read, Write};
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let s = Server::start(&["--async-failure-webhook", &url]);
+    let r = s.control(
+        "POST",
+        "/deploy?name=hooked",
+        &[("content-type", "application/zip")],
+        &zip_fixture("async-events"),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.control(
+        "PUT",
+        "/2019-09-25/functions/hooked/event-invoke-config",
+        &[("content-type", "application/json")],
+        br#"{"MaximumRetryAttempts": 0}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(event(&s, "hooked", r#"{"n": 7, "fail": true}"#).0, 202);
+
+    hook.set_nonblocking(false).unwrap();
+    let (mut c, _) = hook.accept().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the head and the Content-Length body are in.
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got).to_lowercase();
+        let Some(end) = text.find("\r\n\r\n") else {
+            return false;
+        };
+        let length = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .expect("the webhook request has a content-length");
+        got.len() >= end + 4 + length
+    };
+    while !complete(&got) {
+        let n = c.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the webhook request ended early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    c.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("POST /hook HTTP/1.1\r\n"), "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(
+        (&body["function"], &body["condition"], &body["attempts"]),
+        (&"hooked".into(), &"RetriesExhausted".into(), &1.into()),
+        "{body}"
+    );
+    assert!(body["error"]["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("boom [7]"));
 }

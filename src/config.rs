@@ -122,6 +122,12 @@ pub struct ServeConfig {
     pub instance_memory_max_mb: u64,
     /// Sum of the functions' code and artifacts on disk, MiB; a deploy beyond it → 507.
     pub functions_disk_max_mb: u64,
+    /// Bytes of queued asynchronous events per function; more → 429.
+    pub async_queue_bytes_max: u64,
+    /// Delay before the first retry of a failed asynchronous event, ms (doubling after).
+    pub async_retry_base_ms: u64,
+    /// Where failed asynchronous events are POSTed (`http://` only), if anywhere.
+    pub async_failure_webhook: Option<String>,
 }
 
 /// Online CPU count (the default for `--cores`).

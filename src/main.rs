@@ -206,6 +206,18 @@ struct ServeArgs {
     /// deploy that does not fit gets 507 insufficient_storage.
     #[arg(long, default_value_t = hearth::functions::budget::FUNCTIONS_DISK_MAX_MB_DEFAULT)]
     functions_disk_max_mb: u64,
+    /// Disk one function's queue of asynchronous events (Event invocations) may use, MiB;
+    /// an event beyond it gets 429 TooManyRequestsException.
+    #[arg(long, default_value_t = 64)]
+    async_queue_max_mb: u64,
+    /// Delay before the first retry of a failed asynchronous event, ms; the second waits
+    /// twice as long (Lambda: 1 and 2 minutes).
+    #[arg(long, default_value_t = 60_000)]
+    async_retry_base_ms: u64,
+    /// POST each asynchronous event given up (with its error) to this http:// URL, once.
+    /// Only the operator sets it: tenants cannot make hearth call URLs.
+    #[arg(long)]
+    async_failure_webhook: Option<String>,
 }
 
 fn main() -> ExitCode {
@@ -313,7 +325,13 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             .instance_memory_max_mb
             .unwrap_or_else(hearth::functions::budget::default_instance_memory_max_mb),
         functions_disk_max_mb: a.functions_disk_max_mb,
+        async_queue_bytes_max: a.async_queue_max_mb.max(1).saturating_mul(1 << 20),
+        async_retry_base_ms: a.async_retry_base_ms.max(1),
+        async_failure_webhook: a.async_failure_webhook,
     };
+    if let Some(url) = &cfg.async_failure_webhook {
+        hearth::functions::async_events::dispatch::parse_webhook(url)?;
+    }
     std::fs::create_dir_all(&cfg.state_dir)
         .map_err(|e| format!("cannot create state dir {}: {e}", cfg.state_dir.display()))?;
     let mut cfg = cfg;

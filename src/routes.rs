@@ -17,6 +17,8 @@ pub enum Route<'a> {
     DeleteFunction(&'a str),
     /// `GET /functions/<id>/logs`
     Logs(&'a str),
+    /// `GET /functions/<id>/async/failed`
+    AsyncFailed(&'a str),
     /// `ANY /f/<id>[/<path>]`; `path` is what follows the id (`/` when empty).
     Invoke { id: &'a str, path: &'a str },
     /// The Lambda service API (`/2015-03-31/functions…` and its siblings).
@@ -65,6 +67,14 @@ pub enum LambdaOp<'a> {
     UpdateAlias(&'a str, &'a str),
     /// `DELETE /2015-03-31/functions/{name}/aliases/{alias}`
     DeleteAlias(&'a str, &'a str),
+    /// `PUT /2019-09-25/functions/{name}/event-invoke-config`
+    PutEventInvokeConfig(&'a str),
+    /// `POST /2019-09-25/functions/{name}/event-invoke-config`
+    UpdateEventInvokeConfig(&'a str),
+    /// `GET /2019-09-25/functions/{name}/event-invoke-config`
+    GetEventInvokeConfig(&'a str),
+    /// `DELETE /2019-09-25/functions/{name}/event-invoke-config`
+    DeleteEventInvokeConfig(&'a str),
 }
 
 /// Routes the Lambda service API's paths (`rest` follows `/<version>/functions`).
@@ -120,6 +130,13 @@ fn lambda_route<'a>(method: &str, version: &str, rest: &'a str) -> Route<'a> {
         ("2017-10-31", "concurrency", _) => return wrong("PUT"),
         ("2019-09-30", "concurrency", "GET") => Op::GetConcurrency(name),
         ("2019-09-30", "concurrency", _) => return wrong("GET"),
+        ("2019-09-25", "event-invoke-config", m) => match m {
+            "PUT" => Op::PutEventInvokeConfig(name),
+            "POST" => Op::UpdateEventInvokeConfig(name),
+            "GET" => Op::GetEventInvokeConfig(name),
+            "DELETE" => Op::DeleteEventInvokeConfig(name),
+            _ => return wrong("GET, PUT, POST, DELETE"),
+        },
         _ => return Route::NotFound,
     };
     Route::Lambda(op)
@@ -128,7 +145,7 @@ fn lambda_route<'a>(method: &str, version: &str, rest: &'a str) -> Route<'a> {
 /// Routes `method` + `path` (the target without its query).
 pub fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
     let get = method == "GET" || method == "HEAD";
-    for version in ["2015-03-31", "2017-10-31", "2019-09-30"] {
+    for version in ["2015-03-31", "2017-10-31", "2019-09-30", "2019-09-25"] {
         if let Some(rest) = path
             .strip_prefix('/')
             .and_then(|p| p.strip_prefix(version))
@@ -182,6 +199,15 @@ pub fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
         _ => {}
     }
     if let Some(rest) = path.strip_prefix("/functions/") {
+        if let Some(id) = rest.strip_suffix("/async/failed") {
+            if !id.contains('/') && !id.is_empty() {
+                return if get {
+                    Route::AsyncFailed(id)
+                } else {
+                    Route::MethodNotAllowed("GET, HEAD")
+                };
+            }
+        }
         if let Some(id) = rest.strip_suffix("/logs") {
             if !id.contains('/') && !id.is_empty() {
                 return if get {
@@ -240,6 +266,10 @@ mod tests {
         );
         assert_eq!(route("DELETE", "/functions/x"), Route::DeleteFunction("x"));
         assert_eq!(route("GET", "/functions/x/logs"), Route::Logs("x"));
+        assert_eq!(
+            route("GET", "/functions/x/async/failed"),
+            Route::AsyncFailed("x")
+        );
         assert_eq!(route("GET", "/nope"), Route::NotFound);
     }
 
@@ -294,5 +324,13 @@ mod tests {
             Route::NotFound
         );
         assert_eq!(l("GET", "/2015-03-31/functionsx"), Route::NotFound);
+        assert_eq!(
+            l("POST", "/2019-09-25/functions/f/event-invoke-config"),
+            Route::Lambda(Op::UpdateEventInvokeConfig("f"))
+        );
+        assert_eq!(
+            l("PATCH", "/2019-09-25/functions/f/event-invoke-config"),
+            Route::MethodNotAllowed("GET, PUT, POST, DELETE")
+        );
     }
 }

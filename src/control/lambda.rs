@@ -55,7 +55,7 @@ pub enum ServiceAuth {
 
 impl ServiceAuth {
     /// Checks a request whose body has arrived.
-    fn check(&self, req: &Request, body: &[u8]) -> Result<(), Answer> {
+    pub(super) fn check(&self, req: &Request, body: &[u8]) -> Result<(), Answer> {
         let ServiceAuth::Keys {
             access_key_id,
             secret_access_key,
@@ -101,7 +101,7 @@ fn ok(status: u16, v: Value) -> Answer {
 }
 
 /// 204, no body (`DeleteFunction`, `DryRun`, …).
-fn no_content() -> Answer {
+pub(super) fn no_content() -> Answer {
     Reply::new(204, "application/json", Vec::new())
 }
 
@@ -139,6 +139,12 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
         LambdaOp::GetAlias(n, a) => cx.with(n, |f| cx.get_alias(&f, a)),
         LambdaOp::UpdateAlias(n, a) => cx.with(n, |f| cx.update_alias(&f, a, body)),
         LambdaOp::DeleteAlias(n, a) => cx.with(n, |f| cx.delete_alias(&f, a)),
+        op @ (LambdaOp::PutEventInvokeConfig(_)
+        | LambdaOp::UpdateEventInvokeConfig(_)
+        | LambdaOp::GetEventInvokeConfig(_)
+        | LambdaOp::DeleteEventInvokeConfig(_)) => Ok(
+            crate::control::lambda_event::event_invoke_config(plane, op, req, body),
+        ),
         // Served on the request path by the engine (see `invoke_target`).
         LambdaOp::Invoke(_) => Err(lambda_error(500, "ServiceException", "misrouted Invoke")),
     };
@@ -147,8 +153,8 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
 
 /// Checks an `Invoke` (signature, invocation type, payload) and finds the
 /// function it names (`Qualifier` or a qualified name picks a version or an
-/// alias). `DryRun` is answered here (204); `Event` (asynchronous) is not
-/// supported yet (501).
+/// alias). `DryRun` is answered here (204); `Event` (asynchronous) goes to
+/// [`crate::control::lambda_event::accept`] before this.
 pub(super) fn invoke_target(
     plane: &Plane,
     raw: &str,
@@ -185,11 +191,13 @@ pub(super) fn invoke_target(
     {
         "RequestResponse" => {}
         "DryRun" => return Err(no_content()),
-        "Event" => return Err(lambda_error(
-            501,
-            "ServiceException",
-            "asynchronous invocations (Event) are not supported yet; invoke with RequestResponse",
-        )),
+        "Event" => {
+            return Err(lambda_error(
+                500,
+                "ServiceException",
+                "misrouted Event invocation",
+            ))
+        }
         other => {
             return Err(invalid(&format!(
                 "X-Amz-Invocation-Type {other:?} is not one of RequestResponse, Event, DryRun"
@@ -272,11 +280,11 @@ struct CodeInput {
     image_uri: Option<String>,
 }
 
-fn invalid(message: &str) -> Answer {
+pub(super) fn invalid(message: &str) -> Answer {
     lambda_error(400, "InvalidParameterValueException", message)
 }
 
-fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Answer> {
+pub(super) fn parse<'a, T: Deserialize<'a>>(body: &'a [u8]) -> Result<T, Answer> {
     serde_json::from_slice(body).map_err(|e| {
         invalid(&format!(
             "the request body is not valid JSON for this operation: {e}"
@@ -302,7 +310,7 @@ fn code_sha256(zip: &[u8]) -> String {
 /// The name and qualifier of a `FunctionName` path parameter: a name, a
 /// partial ARN (`<account>:function:<name>`) or a full ARN, each optionally
 /// followed by `:<version or alias>`.
-fn function_name(raw: &str) -> Result<(String, Option<String>), Answer> {
+pub(super) fn function_name(raw: &str) -> Result<(String, Option<String>), Answer> {
     let decoded = percent_decode(raw);
     let mut parts: Vec<&str> = decoded.split(':').collect();
     if parts.len() >= 7 && parts[0] == "arn" {
@@ -320,7 +328,7 @@ fn function_name(raw: &str) -> Result<(String, Option<String>), Answer> {
 }
 
 /// The `Qualifier` query parameter, if any.
-fn query_qualifier(query: &str) -> Option<String> {
+pub(super) fn query_qualifier(query: &str) -> Option<String> {
     query
         .split('&')
         .filter_map(|p| p.split_once('='))
@@ -714,6 +722,7 @@ impl Cx<'_> {
                     self.remove(&v)?;
                 }
                 self.remove(&latest)?;
+                functions.async_events.forget(&name);
             }
         }
         Ok(no_content())

@@ -83,6 +83,20 @@ impl Control {
         lambda::invoke_target(plane, name, req, body)
     }
 
+    /// Accepts a service API `Invoke` of type `Event` on the worker that
+    /// received it: checked there, stored by the async committer, answered
+    /// through `done` (202 once on disk); `Err` is the answer to send now.
+    pub fn service_event(
+        &self,
+        name: &str,
+        req: &Request,
+        body: Vec<u8>,
+        done: Done,
+    ) -> Result<(), Reply> {
+        let plane = self.plane.get().expect("control plane started");
+        crate::control::lambda_event::accept(plane, name, req, body, done)
+    }
+
     /// A control plane with no request in flight.
     pub fn new() -> Control {
         Control::default()
@@ -155,6 +169,7 @@ fn handle(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
             None => not_found(id),
         },
         Route::DeleteFunction(id) => delete(shared, id),
+        Route::AsyncFailed(id) => crate::control::lambda_event::failed_list(shared, id),
         Route::Lambda(op) => lambda::handle(shared, op, req, body),
         Route::Logs(id) => match shared.functions.get(id) {
             Some(f) => {
@@ -490,15 +505,43 @@ fn sync_filesystem(dir: &Path) {
     }
 }
 
+/// Deletes a function. As Lambda's `DeleteFunction` without a qualifier,
+/// deleting a name's current function also deletes its published versions,
+/// its aliases and its queued asynchronous events.
 fn delete(shared: &Plane, id: &str) -> Answer {
     let Some(f) = shared.functions.remove(id) else {
         return not_found(id);
     };
-    (shared.changed)();
-    match retire(&shared.functions, &f) {
-        Ok(()) => json_answer(200, json!({ "functionId": f.spec.id, "status": "deleted" })),
-        Err(m) => error(500, "io", &m),
+    let functions = &shared.functions;
+    let mut gone = vec![f.clone()];
+    if let (Some(name), None) = (&f.spec.name, f.spec.service.version) {
+        if let Err(e) = functions.edit_aliases(name, |_, aliases| {
+            aliases.clear();
+            Ok::<_, ()>(())
+        }) {
+            eprintln!("hearth: cannot remove the aliases of {name}: {e}");
+        }
+        gone.extend(
+            functions
+                .versions(name)
+                .iter()
+                .filter_map(|v| functions.remove(&v.spec.id)),
+        );
+        functions.async_events.forget(name);
+    } else if f.spec.name.is_none() {
+        functions.async_events.forget(&f.spec.id);
     }
+    (shared.changed)();
+    for g in &gone {
+        if let Err(m) = retire(functions, g) {
+            return error(500, "io", &m);
+        }
+    }
+    let versions: Vec<&str> = gone[1..].iter().map(|g| g.spec.id.as_str()).collect();
+    json_answer(
+        200,
+        json!({ "functionId": f.spec.id, "status": "deleted", "versionsDeleted": versions }),
+    )
 }
 
 /// Removes an unpublished function once the cores are done with it: its

@@ -348,7 +348,8 @@ fn guarded_scope(req: &Request) -> Option<Scope> {
         | Route::ListFunctions
         | Route::GetFunction(_)
         | Route::DeleteFunction(_)
-        | Route::Logs(_) => Some(Scope::Control),
+        | Route::Logs(_)
+        | Route::AsyncFailed(_) => Some(Scope::Control),
         Route::Lambda(_) => Some(Scope::Service),
         Route::Metrics => Some(Scope::Metrics),
         _ => None,

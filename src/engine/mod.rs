@@ -392,6 +392,9 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         |s| &s.functions,
         |s, core, started| s.inboxes.send(core, Msg::InstanceStarted(started)),
     );
+    shared
+        .functions
+        .start_async_dispatch(addr, shared.cfg.admin_token.clone());
     let use_uring = match io_mode {
         IoMode::Epoll => false,
         IoMode::Uring => {

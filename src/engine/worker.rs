@@ -613,6 +613,17 @@ impl Worker {
                 self.run_actions();
                 return;
             }
+            Route::Lambda(LambdaOp::Invoke(name))
+                if req.header("x-amz-invocation-type") == Some("Event") =>
+            {
+                let to = self.reply_to(tok);
+                let (core, inboxes) = (self.core, self.shared.inboxes.clone());
+                let done = Box::new(move |reply| inboxes.send(core, Msg::Reply { to, reply }));
+                match self.shared.control.service_event(name, &req, body, done) {
+                    Ok(()) => return,
+                    Err(reply) => reply,
+                }
+            }
             Route::Lambda(LambdaOp::Invoke(name)) => {
                 match self.shared.control.service_invoke(name, &req, &body) {
                     Err(reply) => reply,

@@ -7,6 +7,7 @@
 //! functions change) and its own instances; only a function's instance count
 //! is shared (an atomic), so its concurrency limit holds across cores.
 
+pub mod async_events;
 pub mod budget;
 pub mod logs;
 pub mod names;
@@ -133,6 +134,8 @@ pub struct Registry {
     pub memory: Arc<Budget>,
     /// Disk of all functions' code and artifacts, bytes (`--functions-disk-max-mb`).
     pub disk: Arc<Budget>,
+    /// Asynchronous invocations: a durable queue per function (by name, or id).
+    pub async_events: Arc<async_events::AsyncEvents>,
     jobs: Mutex<Option<Receiver<StartJob>>>,
     job_tx: Sender<StartJob>,
     reap_tx: Mutex<Sender<Box<dyn Instance>>>,
@@ -204,6 +207,16 @@ impl Registry {
         for (name, aliases) in names::load_aliases(&aliases_dir)? {
             map.set_aliases(&name, aliases);
         }
+        let async_events = Arc::new(async_events::AsyncEvents::open(
+            &cfg.state_dir.join("async"),
+            async_events::AsyncLimits {
+                queue_bytes_max: cfg.async_queue_bytes_max,
+                retry_base_ms: cfg.async_retry_base_ms,
+                failure_webhook: cfg.async_failure_webhook.clone(),
+            },
+            |key| map.resolve(key).is_some(),
+        )?);
+        async_events.start_committer();
         let (job_tx, jobs) = channel();
         let (reap_tx, reap_rx) = channel();
         Ok(Registry {
@@ -213,6 +226,7 @@ impl Registry {
             backend,
             memory,
             disk,
+            async_events,
             jobs: Mutex::new(Some(jobs)),
             job_tx,
             reap_tx: Mutex::new(reap_tx),
@@ -411,6 +425,37 @@ impl Registry {
     pub fn render_metrics(&self, out: &mut String) {
         let all = self.all();
         crate::metrics::render_functions(out, all.iter().map(|f| (f.spec.id.as_str(), &f.metrics)));
+        self.async_events.render_metrics(out);
+    }
+
+    /// Starts running queued asynchronous events through the service API at
+    /// `addr` (the server's own; a wildcard address is reached on loopback),
+    /// with the admin token when the server has one.
+    pub fn start_async_dispatch(
+        self: &Arc<Self>,
+        addr: std::net::SocketAddr,
+        token: Option<String>,
+    ) {
+        let mut addr = addr;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(match addr {
+                std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+                std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+            });
+        }
+        let me = Arc::downgrade(self);
+        self.async_events.start_dispatch(
+            async_events::dispatch::Target {
+                addr,
+                authorization: token.map(|t| format!("Bearer {t}")),
+            },
+            Box::new(move |key| Some(me.upgrade()?.get(key)?.spec.concurrency)),
+        );
+    }
+
+    /// The key of `f`'s async queue: its name, or its id when it has none.
+    pub fn async_key(f: &Function) -> &str {
+        f.spec.name.as_deref().unwrap_or(&f.spec.id)
     }
 
     /// Releases backend resources at exit, after the instance starts and

@@ -1,0 +1,584 @@
+//! Runs queued events: a dispatcher thread picks what may run, a pool of
+//! invoker threads runs each through the server's own Lambda service API on
+//! loopback (`Invoke`, `RequestResponse`), and the outcome decides: ack,
+//! retry later, or give up and keep the event as failed.
+//!
+//! Why loopback: an event then runs exactly like a synchronous invocation —
+//! accepted by one core, scheduled there with the same instances, queues,
+//! limits, timeouts and metrics, never crossing engine threads — and the
+//! scheduler needs no second entry point. It costs a loopback connection per
+//! invoker (kept alive) and an HTTP round trip per event, small next to a run.
+//!
+//! Async work yields to synchronous traffic: at most half of a function's
+//! concurrency limit (at least one) runs its events at once, so requests
+//! always find the other half; throttled events (429) wait and retry without
+//! using up their attempts.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{channel, Receiver, SyncSender};
+use std::sync::{Arc, Condvar, Mutex};
+use std::time::Duration;
+
+use base64::Engine as _;
+use serde_json::{json, Value};
+
+use super::config::EventConfig;
+use super::log::EventRecord;
+use super::queue::Pending;
+use super::{AsyncEvents, FunctionEvents};
+use crate::util::time::unix_time_ms;
+
+/// Threads running events, and so the most events running at once server-wide.
+pub const INVOKERS: usize = 32;
+/// Delay before a throttled (429) event is tried again, ms.
+pub const THROTTLED_RETRY_MS: u64 = 200;
+/// Delay before trying again when the server could not be reached, ms.
+pub const UNREACHABLE_RETRY_MS: u64 = 1000;
+/// Longest wait for an invocation's answer: the longest function timeout and a margin.
+pub const ANSWER_WAIT: Duration = Duration::from_secs(900 + 30);
+/// Largest answer read from an invocation (the 6 MiB response limit and a margin).
+pub const ANSWER_BYTES_MAX: usize = 7 << 20;
+/// Failed events waiting to be POSTed to the webhook; more are not sent.
+pub const WEBHOOK_PENDING_MAX: usize = 1000;
+/// Connect, write and read timeout of a webhook POST.
+pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Wakes the dispatcher.
+#[derive(Default)]
+pub struct Waker {
+    woken: Mutex<bool>,
+    cv: Condvar,
+}
+
+impl Waker {
+    /// Makes the dispatcher look at the queues again.
+    pub fn wake(&self) {
+        *self.woken.lock().unwrap() = true;
+        self.cv.notify_one();
+    }
+
+    fn wait(&self, limit: Duration) {
+        let mut w = self.woken.lock().unwrap();
+        if !*w {
+            w = self.cv.wait_timeout(w, limit).unwrap().0;
+        }
+        *w = false;
+    }
+}
+
+/// Where events are invoked: the server's own address and credential.
+#[derive(Clone, Debug)]
+pub struct Target {
+    /// A loopback address the server listens on.
+    pub addr: SocketAddr,
+    /// `Authorization` value (the admin token as a bearer), if the service API needs one.
+    pub authorization: Option<String>,
+}
+
+/// The concurrency limit of the function a queue key names, if it exists.
+pub type Concurrency = Box<dyn Fn(&str) -> Option<u32> + Send + Sync>;
+
+struct Job {
+    events: Arc<FunctionEvents>,
+    /// The function's share of instances for events when the job was made.
+    share: usize,
+    pending: Pending,
+    record: EventRecord,
+}
+
+/// How one run went.
+#[derive(Debug)]
+enum Outcome {
+    Succeeded,
+    /// The handler failed (threw, timed out, crashed): the error payload.
+    Failed(Value),
+    /// The service refused the event for good (e.g. 400): no retry.
+    Refused(Value),
+    /// 429: try again later, without using an attempt.
+    Throttled,
+    /// The function is gone.
+    Gone,
+    /// The server could not be reached.
+    Unreachable(String),
+}
+
+impl AsyncEvents {
+    /// Starts the dispatcher and its invokers, running events against `target`.
+    pub fn start_dispatch(self: &Arc<Self>, target: Target, concurrency: Concurrency) {
+        if self.wake.set(Waker::default()).is_err() {
+            return;
+        }
+        let webhook = self.limits.failure_webhook.clone().map(start_webhook);
+        let (job_tx, job_rx) = channel::<Job>();
+        let job_rx = Arc::new(Mutex::new(job_rx));
+        let running = Arc::new(AtomicUsize::new(0));
+        for i in 0..INVOKERS {
+            let (me, rx, target, running, webhook) = (
+                self.clone(),
+                job_rx.clone(),
+                target.clone(),
+                running.clone(),
+                webhook.clone(),
+            );
+            std::thread::Builder::new()
+                .name(format!("hearth-async{i}"))
+                .spawn(move || me.invoker(&rx, &target, &running, webhook.as_ref()))
+                .expect("spawn an async invoker");
+        }
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("hearth-async-dispatch".into())
+            .spawn(move || me.dispatcher(&job_tx, &running, &concurrency))
+            .expect("spawn the async dispatcher");
+    }
+
+    /// Hands due events to the invokers, one per function per round (so
+    /// functions share the invokers fairly), within each function's share.
+    fn dispatcher(
+        &self,
+        jobs: &std::sync::mpsc::Sender<Job>,
+        running: &AtomicUsize,
+        concurrency: &Concurrency,
+    ) {
+        let waker = self.wake.get().expect("set before the thread starts");
+        loop {
+            let now = unix_time_ms();
+            let queues = self.all();
+            let shares: Vec<usize> = queues
+                .iter()
+                .map(|q| concurrency(&q.queue.key).map_or(1, |c| (c as usize / 2).max(1)))
+                .collect();
+            let mut progress = true;
+            while progress && running.load(Ordering::Acquire) < INVOKERS {
+                progress = false;
+                for (q, &share) in queues.iter().zip(&shares) {
+                    if running.load(Ordering::Acquire) >= INVOKERS {
+                        break;
+                    }
+                    if let Some((pending, record)) = q.queue.take(now, share) {
+                        running.fetch_add(1, Ordering::AcqRel);
+                        let job = Job {
+                            events: q.clone(),
+                            share,
+                            pending,
+                            record,
+                        };
+                        if jobs.send(job).is_err() {
+                            return;
+                        }
+                        progress = true;
+                    }
+                }
+            }
+            let next = queues
+                .iter()
+                .filter_map(|q| q.queue.next_due_ms())
+                .min()
+                .unwrap_or(now + 1000);
+            waker.wait(Duration::from_millis(
+                next.saturating_sub(now).clamp(1, 1000),
+            ));
+        }
+    }
+
+    fn invoker(
+        &self,
+        jobs: &Mutex<Receiver<Job>>,
+        target: &Target,
+        running: &AtomicUsize,
+        webhook: Option<&SyncSender<Value>>,
+    ) {
+        let mut conn: Option<TcpStream> = None;
+        loop {
+            let job = match jobs.lock().unwrap().recv() {
+                Ok(j) => j,
+                Err(_) => return,
+            };
+            // Once done, the invoker goes on with the same function's next
+            // event itself (within its share): no hop through the dispatcher.
+            let mut next = Some(job);
+            while let Some(job) = next.take() {
+                let (events, share) = (job.events.clone(), job.share);
+                self.run(job, target, &mut conn, webhook);
+                next = events
+                    .queue
+                    .take(unix_time_ms(), share)
+                    .map(|(pending, record)| Job {
+                        events,
+                        share,
+                        pending,
+                        record,
+                    });
+            }
+            running.fetch_sub(1, Ordering::AcqRel);
+            self.wake_dispatcher();
+        }
+    }
+
+    /// Runs one event (unless it is too old) and settles it.
+    fn run(
+        &self,
+        job: Job,
+        target: &Target,
+        conn: &mut Option<TcpStream>,
+        webhook: Option<&SyncSender<Value>>,
+    ) {
+        let Job {
+            events,
+            mut pending,
+            record,
+            ..
+        } = job;
+        let cfg = events.config(&record.qualifier).unwrap_or_default();
+        let now = unix_time_ms();
+        if too_old(&pending, &cfg, now) {
+            return self.give_up(
+                &events,
+                &pending,
+                &record,
+                "EventAgeExceeded",
+                Value::Null,
+                webhook,
+            );
+        }
+        let outcome = invoke(target, conn, &events.queue.key, &record);
+        let m = &events.queue.metrics;
+        let now = unix_time_ms();
+        match outcome {
+            Outcome::Succeeded => {
+                m.succeeded.fetch_add(1, Ordering::Relaxed);
+                events.queue.finish_ack(&pending);
+            }
+            Outcome::Gone => {
+                eprintln!(
+                    "hearth: async event {} of {}: the function is gone; dropped",
+                    record.request_id, events.queue.key
+                );
+                events.queue.finish_ack(&pending);
+            }
+            Outcome::Throttled | Outcome::Unreachable(_) => {
+                if let Outcome::Unreachable(why) = &outcome {
+                    eprintln!("hearth: async dispatch cannot reach the server: {why}");
+                }
+                let wait = match outcome {
+                    Outcome::Throttled => THROTTLED_RETRY_MS,
+                    _ => UNREACHABLE_RETRY_MS,
+                };
+                pending.not_before_ms = now + wait;
+                events.queue.finish_later(pending);
+            }
+            Outcome::Refused(error) => {
+                pending.attempts += 1;
+                self.give_up(&events, &pending, &record, "Refused", error, webhook)
+            }
+            Outcome::Failed(error) => {
+                pending.attempts += 1;
+                if pending.attempts > cfg.retries_max {
+                    return self.give_up(
+                        &events,
+                        &pending,
+                        &record,
+                        "RetriesExhausted",
+                        error,
+                        webhook,
+                    );
+                }
+                let shift = (pending.attempts - 1).min(16);
+                pending.not_before_ms = now + self.limits.retry_base_ms.saturating_mul(1 << shift);
+                if too_old(&pending, &cfg, pending.not_before_ms) {
+                    return self.give_up(
+                        &events,
+                        &pending,
+                        &record,
+                        "EventAgeExceeded",
+                        error,
+                        webhook,
+                    );
+                }
+                m.retried.fetch_add(1, Ordering::Relaxed);
+                events.queue.finish_later(pending);
+            }
+        }
+    }
+
+    /// Keeps a given-up event as failed (durably, before its ack), and tells the webhook.
+    fn give_up(
+        &self,
+        events: &FunctionEvents,
+        pending: &Pending,
+        record: &EventRecord,
+        condition: &str,
+        error: Value,
+        webhook: Option<&SyncSender<Value>>,
+    ) {
+        let payload = match std::str::from_utf8(&record.body) {
+            Ok(s) => json!(s),
+            Err(_) => {
+                json!({ "base64": base64::engine::general_purpose::STANDARD.encode(&record.body) })
+            }
+        };
+        let failure = json!({
+            "requestId": record.request_id,
+            "function": events.queue.key,
+            "qualifier": if record.qualifier.is_empty() { "$LATEST" } else { &record.qualifier },
+            "condition": condition,
+            "attempts": pending.attempts,
+            "acceptedMs": record.accepted_ms,
+            "failedMs": unix_time_ms(),
+            "error": error,
+            "payload": payload,
+        });
+        if let Err(e) = events.failed.lock().unwrap().push(&failure) {
+            eprintln!(
+                "hearth: async event {} of {} failed ({condition}) and cannot be kept: {e}",
+                record.request_id, events.queue.key
+            );
+        }
+        events.queue.metrics.failed.fetch_add(1, Ordering::Relaxed);
+        events.queue.finish_ack(pending);
+        if let Some(w) = webhook {
+            // A full webhook backlog drops the notification, never the record.
+            let _ = w.try_send(failure);
+        }
+    }
+}
+
+fn too_old(p: &Pending, cfg: &EventConfig, at_ms: u64) -> bool {
+    at_ms.saturating_sub(p.accepted_ms) > cfg.event_age_s_max * 1000
+}
+
+/// Invokes `record` through the service API, reusing `conn` (one retry on a
+/// fresh connection when a kept one turns out closed).
+fn invoke(
+    target: &Target,
+    conn: &mut Option<TcpStream>,
+    key: &str,
+    record: &EventRecord,
+) -> Outcome {
+    let name = if record.qualifier.is_empty() {
+        key.to_string()
+    } else {
+        format!("{key}:{}", record.qualifier)
+    };
+    let mut head = format!(
+        "POST /2015-03-31/functions/{name}/invocations HTTP/1.1\r\nHost: {}\r\n\
+         X-Amz-Invocation-Type: RequestResponse\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n",
+        target.addr,
+        record.body.len()
+    );
+    if let Some(a) = &target.authorization {
+        head.push_str(&format!("Authorization: {a}\r\n"));
+    }
+    head.push_str("\r\n");
+    for fresh in [conn.is_none(), true] {
+        if fresh {
+            *conn = match TcpStream::connect_timeout(&target.addr, Duration::from_secs(5)) {
+                Ok(s) => {
+                    let _ = s.set_nodelay(true);
+                    let _ = s.set_read_timeout(Some(ANSWER_WAIT));
+                    Some(s)
+                }
+                Err(e) => return Outcome::Unreachable(e.to_string()),
+            };
+        }
+        let s = conn.as_mut().expect("connected");
+        let sent = s
+            .write_all(head.as_bytes())
+            .and_then(|()| s.write_all(&record.body));
+        match sent.and_then(|()| read_answer(s)) {
+            Ok((status, function_error, body, close)) => {
+                if close {
+                    *conn = None;
+                }
+                return classify(status, function_error, &body);
+            }
+            Err(e) => {
+                *conn = None;
+                if fresh {
+                    return Outcome::Unreachable(e.to_string());
+                }
+            }
+        }
+    }
+    unreachable!("the second attempt is on a fresh connection")
+}
+
+fn classify(status: u16, function_error: bool, body: &[u8]) -> Outcome {
+    let payload =
+        || serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)));
+    match status {
+        200 if !function_error => Outcome::Succeeded,
+        200 => Outcome::Failed(payload()),
+        429 => Outcome::Throttled,
+        404 => Outcome::Gone,
+        400..=499 => Outcome::Refused(payload()),
+        _ => Outcome::Failed(json!({ "status": status, "body": payload() })),
+    }
+}
+
+/// Reads one answer: status, whether `X-Amz-Function-Error` is set, body,
+/// and whether the server closes the connection after it.
+fn read_answer(s: &mut TcpStream) -> io::Result<(u16, bool, Vec<u8>, bool)> {
+    let mut buf = Vec::with_capacity(4096);
+    let mut chunk = [0u8; 16 * 1024];
+    loop {
+        let n = s.read(&mut chunk)?;
+        if n == 0 {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "connection closed",
+            ));
+        }
+        buf.extend_from_slice(&chunk[..n]);
+        let mut headers = [httparse::EMPTY_HEADER; 64];
+        let mut r = httparse::Response::new(&mut headers);
+        let head_len = match r.parse(&buf) {
+            Ok(httparse::Status::Complete(len)) => len,
+            Ok(httparse::Status::Partial) if buf.len() < 64 * 1024 => continue,
+            Ok(httparse::Status::Partial) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "answer head too large",
+                ))
+            }
+            Err(e) => return Err(io::Error::new(io::ErrorKind::InvalidData, e.to_string())),
+        };
+        let status = r.code.unwrap_or(0);
+        let mut length = None;
+        let (mut function_error, mut close) = (false, false);
+        for h in r.headers.iter() {
+            let value = std::str::from_utf8(h.value).unwrap_or("").trim();
+            if h.name.eq_ignore_ascii_case("content-length") {
+                length = value.parse::<usize>().ok();
+            } else if h.name.eq_ignore_ascii_case("x-amz-function-error") {
+                function_error = true;
+            } else if h.name.eq_ignore_ascii_case("connection") {
+                close = value.eq_ignore_ascii_case("close");
+            }
+        }
+        let length = length.filter(|&l| l <= ANSWER_BYTES_MAX).ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                "answer without a usable content-length",
+            )
+        })?;
+        let mut body = buf.split_off(head_len);
+        while body.len() < length {
+            let n = s.read(&mut chunk)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "answer cut short",
+                ));
+            }
+            body.extend_from_slice(&chunk[..n]);
+        }
+        body.truncate(length);
+        return Ok((status, function_error, body, close));
+    }
+}
+
+/// An `http://host[:port][/path]` URL: the address to connect to, the Host
+/// value and the path.
+pub fn parse_webhook(url: &str) -> Result<(String, String), String> {
+    let rest = url.strip_prefix("http://").ok_or_else(|| {
+        format!("--async-failure-webhook {url:?}: only http:// URLs are supported")
+    })?;
+    let (host, path) = match rest.find('/') {
+        Some(i) => (&rest[..i], &rest[i..]),
+        None => (rest, "/"),
+    };
+    if host.is_empty() || host.contains('@') {
+        return Err(format!(
+            "--async-failure-webhook {url:?}: no host (or credentials in it)"
+        ));
+    }
+    let host = if host.contains(':') && !host.ends_with(']') {
+        host.to_string()
+    } else {
+        format!("{host}:80")
+    };
+    Ok((host, path.to_string()))
+}
+
+/// Starts the thread that POSTs failed events to `url` (one attempt each).
+fn start_webhook(url: String) -> SyncSender<Value> {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Value>(WEBHOOK_PENDING_MAX);
+    std::thread::Builder::new()
+        .name("hearth-async-webhook".into())
+        .spawn(move || {
+            let Ok((host, path)) = parse_webhook(&url) else {
+                return;
+            };
+            while let Ok(failure) = rx.recv() {
+                if let Err(e) = post(&host, &path, &failure) {
+                    eprintln!("hearth: the failure webhook {url} failed: {e}");
+                }
+            }
+        })
+        .expect("spawn the webhook thread");
+    tx
+}
+
+fn post(host: &str, path: &str, v: &Value) -> io::Result<()> {
+    use std::net::ToSocketAddrs;
+    let addr = host
+        .to_socket_addrs()?
+        .next()
+        .ok_or_else(|| io::Error::new(io::ErrorKind::NotFound, "no address"))?;
+    let mut s = TcpStream::connect_timeout(&addr, WEBHOOK_TIMEOUT)?;
+    s.set_read_timeout(Some(WEBHOOK_TIMEOUT))?;
+    s.set_write_timeout(Some(WEBHOOK_TIMEOUT))?;
+    let body = serde_json::to_vec(v).expect("json");
+    write!(
+        s,
+        "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )?;
+    s.write_all(&body)?;
+    let mut status = [0u8; 12];
+    s.read_exact(&mut status)?;
+    match std::str::from_utf8(&status[9..12])
+        .ok()
+        .and_then(|c| c.parse::<u16>().ok())
+    {
+        Some(200..=299) => Ok(()),
+        other => Err(io::Error::other(format!("answered {other:?}"))),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn answers_are_classified_as_lambda_would_retry_them() {
+        assert!(matches!(classify(200, false, b"{}"), Outcome::Succeeded));
+        assert!(matches!(
+            classify(200, true, b"{\"errorType\":\"Error\"}"),
+            Outcome::Failed(_)
+        ));
+        assert!(matches!(classify(429, false, b""), Outcome::Throttled));
+        assert!(matches!(classify(404, false, b""), Outcome::Gone));
+        assert!(matches!(classify(400, false, b"x"), Outcome::Refused(_)));
+        assert!(matches!(classify(503, false, b""), Outcome::Failed(_)));
+    }
+
+    #[test]
+    fn webhook_urls_are_plain_http_with_a_host() {
+        assert_eq!(
+            parse_webhook("http://127.0.0.1:9000/hook").unwrap(),
+            ("127.0.0.1:9000".to_string(), "/hook".to_string())
+        );
+        assert_eq!(
+            parse_webhook("http://example.test").unwrap(),
+            ("example.test:80".to_string(), "/".to_string())
+        );
+        assert!(parse_webhook("https://x/").is_err());
+        assert!(parse_webhook("http://u:p@x/").is_err());
+    }
+}

@@ -1,0 +1,373 @@
+//! Asynchronous invocations (`X-Amz-Invocation-Type: Event`): a durable queue
+//! per function, group commit, dispatch with retries, and the failures kept.
+//!
+//! - [`log`]: the record format (frames with a CRC, torn tails found).
+//! - [`queue`]: one function's segments and ack files, recovery after a crash.
+//! - [`config`]: `MaximumRetryAttempts` / `MaximumEventAgeInSeconds` per qualifier.
+//! - [`failed`]: the bounded store of events given up, with their errors.
+//! - [`dispatch`]: the dispatcher and the threads that run events.
+//!
+//! An accepted event goes from the engine core that received it to the
+//! *committer* thread over a bounded channel (the core never blocks on the
+//! disk): the committer takes every event waiting, appends them per function
+//! and fsyncs once per segment written, then answers each (202) through the
+//! callback the core passed. So concurrent accepts share one fsync (group
+//! commit), and a 202 always means the event is on disk.
+
+pub mod config;
+pub mod dispatch;
+pub mod failed;
+pub mod log;
+pub mod queue;
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering::Relaxed;
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use config::{Configs, EventConfig};
+use failed::FailedStore;
+use queue::{AppendError, Queue};
+
+/// Largest event payload, bytes (as Lambda allows for asynchronous invocations).
+pub const EVENT_BYTES_MAX: usize = 1 << 20;
+/// Events accepted by the cores and not yet written; more → 429 at once.
+pub const ACCEPT_PENDING_MAX: usize = 16_384;
+/// Events the committer writes in one batch (one fsync per segment).
+pub const COMMIT_BATCH_MAX: usize = 4096;
+
+/// The server's settings for asynchronous invocations.
+#[derive(Clone, Debug)]
+pub struct AsyncLimits {
+    /// Bytes of queued events per function (`--async-queue-max-mb`); more → 429.
+    pub queue_bytes_max: u64,
+    /// The first retry's delay; each further retry doubles it (`--async-retry-base-ms`).
+    pub retry_base_ms: u64,
+    /// Where failed events are POSTed (`--async-failure-webhook`), set by the operator only.
+    pub failure_webhook: Option<String>,
+}
+
+/// One function's queue with its settings and failures.
+pub struct FunctionEvents {
+    /// Its events.
+    pub queue: Queue,
+    configs: Mutex<Configs>,
+    failed: Mutex<FailedStore>,
+}
+
+impl FunctionEvents {
+    fn open(key: &str, dir: PathBuf) -> io::Result<FunctionEvents> {
+        let configs = config::load(&dir)?;
+        let queue = Queue::open(key, dir)?;
+        let failed = FailedStore::open(&queue.dir)?;
+        Ok(FunctionEvents {
+            queue,
+            configs: Mutex::new(configs),
+            failed: Mutex::new(failed),
+        })
+    }
+
+    /// The settings of `qualifier` ("" or `$LATEST`: the unqualified function), if set.
+    pub fn config(&self, qualifier: &str) -> Option<EventConfig> {
+        self.configs
+            .lock()
+            .unwrap()
+            .get(config_key(qualifier))
+            .copied()
+    }
+
+    /// Changes the settings of `qualifier` with `edit` (given the current ones,
+    /// if any; returning `None` deletes them) and stores them durably.
+    pub fn edit_config(
+        &self,
+        qualifier: &str,
+        edit: impl FnOnce(Option<EventConfig>) -> Option<EventConfig>,
+    ) -> io::Result<Option<EventConfig>> {
+        let mut configs = self.configs.lock().unwrap();
+        let mut next = configs.clone();
+        let key = config_key(qualifier).to_string();
+        match edit(next.get(&key).copied()) {
+            Some(c) => next.insert(key.clone(), c),
+            None => next.remove(&key),
+        };
+        config::store(&self.queue.dir, &next)?;
+        *configs = next;
+        Ok(configs.get(&key).copied())
+    }
+
+    /// The events given up and kept, oldest first.
+    pub fn failed(&self) -> io::Result<Vec<serde_json::Value>> {
+        self.failed.lock().unwrap().list()
+    }
+}
+
+fn config_key(qualifier: &str) -> &str {
+    if qualifier.is_empty() {
+        "$LATEST"
+    } else {
+        qualifier
+    }
+}
+
+/// What the engine hears back once an event is stored (or refused).
+pub type Accepted = Box<dyn FnOnce(Result<(), AppendError>) + Send>;
+
+/// The committer has [`ACCEPT_PENDING_MAX`] events waiting already.
+#[derive(Debug)]
+pub struct Backlogged;
+
+/// An event on its way to the committer.
+struct Submit {
+    key: String,
+    qualifier: String,
+    request_id: String,
+    body: Vec<u8>,
+    done: Accepted,
+}
+
+/// Every function's queue, the committer, and the dispatcher once started.
+pub struct AsyncEvents {
+    /// `<state>/async`.
+    dir: PathBuf,
+    /// The settings it runs with.
+    pub limits: AsyncLimits,
+    queues: Mutex<HashMap<String, Arc<FunctionEvents>>>,
+    submit_tx: SyncSender<Submit>,
+    submit_rx: Mutex<Option<Receiver<Submit>>>,
+    /// Wakes the dispatcher (new events, a run finished).
+    wake: OnceLock<dispatch::Waker>,
+}
+
+/// A queue key must be a function name or id: it becomes a directory name.
+fn valid_key(key: &str) -> bool {
+    !key.is_empty()
+        && key.len() <= 64
+        && key
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+}
+
+impl AsyncEvents {
+    /// Opens every queue under `dir` (recovering them) whose function `exists`;
+    /// the others' directories are removed (their functions were deleted).
+    pub fn open(
+        dir: &Path,
+        limits: AsyncLimits,
+        exists: impl Fn(&str) -> bool,
+    ) -> io::Result<AsyncEvents> {
+        std::fs::create_dir_all(dir)?;
+        let mut queues = HashMap::new();
+        for entry in std::fs::read_dir(dir)? {
+            let entry = entry?;
+            let key = entry.file_name().to_string_lossy().into_owned();
+            if !valid_key(&key) || !exists(&key) {
+                eprintln!("hearth: removing the async queue of {key:?} (no such function)");
+                let _ = std::fs::remove_dir_all(entry.path());
+                continue;
+            }
+            queues.insert(
+                key.clone(),
+                Arc::new(FunctionEvents::open(&key, entry.path())?),
+            );
+        }
+        let (submit_tx, submit_rx) = sync_channel(ACCEPT_PENDING_MAX);
+        Ok(AsyncEvents {
+            dir: dir.to_path_buf(),
+            limits,
+            queues: Mutex::new(queues),
+            submit_tx,
+            submit_rx: Mutex::new(Some(submit_rx)),
+            wake: OnceLock::new(),
+        })
+    }
+
+    /// The queue of `key`, opened (created) if needed.
+    pub fn get_or_open(&self, key: &str) -> io::Result<Arc<FunctionEvents>> {
+        if !valid_key(key) {
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                format!("{key:?} cannot name an async queue"),
+            ));
+        }
+        let mut queues = self.queues.lock().unwrap();
+        if let Some(q) = queues.get(key) {
+            return Ok(q.clone());
+        }
+        let q = Arc::new(FunctionEvents::open(key, self.dir.join(key))?);
+        queues.insert(key.to_string(), q.clone());
+        Ok(q)
+    }
+
+    /// The queue of `key` if it has one.
+    pub fn get(&self, key: &str) -> Option<Arc<FunctionEvents>> {
+        self.queues.lock().unwrap().get(key).cloned()
+    }
+
+    /// Every queue, by key.
+    pub fn all(&self) -> Vec<Arc<FunctionEvents>> {
+        let queues = self.queues.lock().unwrap();
+        let sorted: BTreeMap<&String, &Arc<FunctionEvents>> = queues.iter().collect();
+        sorted.into_values().cloned().collect()
+    }
+
+    /// Drops the queue of `key` with its events and settings (its function was deleted).
+    pub fn forget(&self, key: &str) {
+        let q = self.queues.lock().unwrap().remove(key);
+        match q {
+            Some(q) => q.queue.remove(),
+            None => {
+                if valid_key(key) {
+                    let _ = std::fs::remove_dir_all(self.dir.join(key));
+                }
+            }
+        }
+    }
+
+    /// Hands an event to the committer; `done` hears whether it was stored.
+    /// Never blocks: with [`ACCEPT_PENDING_MAX`] events waiting already, the
+    /// event is refused at once ([`Backlogged`], and `done` is dropped).
+    pub fn submit(
+        &self,
+        key: String,
+        qualifier: String,
+        request_id: String,
+        body: Vec<u8>,
+        done: Accepted,
+    ) -> Result<(), Backlogged> {
+        let s = Submit {
+            key,
+            qualifier,
+            request_id,
+            body,
+            done,
+        };
+        match self.submit_tx.try_send(s) {
+            Ok(()) => Ok(()),
+            Err(TrySendError::Full(_) | TrySendError::Disconnected(_)) => Err(Backlogged),
+        }
+    }
+
+    /// Starts the committer thread (events are accepted once it runs).
+    pub fn start_committer(self: &Arc<Self>) {
+        let rx = self
+            .submit_rx
+            .lock()
+            .unwrap()
+            .take()
+            .expect("committer started once");
+        let me = self.clone();
+        std::thread::Builder::new()
+            .name("hearth-async-commit".into())
+            .spawn(move || {
+                while let Ok(first) = rx.recv() {
+                    let mut batch = vec![first];
+                    while batch.len() < COMMIT_BATCH_MAX {
+                        match rx.try_recv() {
+                            Ok(s) => batch.push(s),
+                            Err(_) => break,
+                        }
+                    }
+                    me.commit(batch);
+                }
+            })
+            .expect("spawn the async committer");
+    }
+
+    /// Writes a batch, one append (and fsync) per function, and answers each event.
+    fn commit(&self, batch: Vec<Submit>) {
+        let mut by_key: BTreeMap<String, Vec<Submit>> = BTreeMap::new();
+        for s in batch {
+            by_key.entry(s.key.clone()).or_default().push(s);
+        }
+        let now_ms = crate::util::time::unix_time_ms();
+        for (key, events) in by_key {
+            let q = match self.get_or_open(&key) {
+                Ok(q) => q,
+                Err(e) => {
+                    eprintln!("hearth: cannot open the async queue of {key}: {e}");
+                    for s in events {
+                        (s.done)(Err(AppendError::Io(io::Error::new(
+                            e.kind(),
+                            e.to_string(),
+                        ))));
+                    }
+                    continue;
+                }
+            };
+            let items: Vec<(&str, &str, &[u8])> = events
+                .iter()
+                .map(|s| {
+                    (
+                        s.qualifier.as_str(),
+                        s.request_id.as_str(),
+                        s.body.as_slice(),
+                    )
+                })
+                .collect();
+            let results = q.queue.append(&items, now_ms, self.limits.queue_bytes_max);
+            drop(items);
+            for (s, r) in events.into_iter().zip(results) {
+                (s.done)(r);
+            }
+        }
+        self.wake_dispatcher();
+    }
+
+    fn wake_dispatcher(&self) {
+        if let Some(w) = self.wake.get() {
+            w.wake();
+        }
+    }
+
+    /// Appends the async series of every queue to `/metrics` text.
+    pub fn render_metrics(&self, out: &mut String) {
+        type Get = fn(&queue::QueueMetrics) -> u64;
+        let series: [(&str, &str, &str, Get); 5] = [
+            (
+                "hearth_async_events_accepted_total",
+                "counter",
+                "Events accepted (stored, answered 202).",
+                |m| m.accepted.load(Relaxed),
+            ),
+            (
+                "hearth_async_events_succeeded_total",
+                "counter",
+                "Events whose run succeeded.",
+                |m| m.succeeded.load(Relaxed),
+            ),
+            (
+                "hearth_async_events_retried_total",
+                "counter",
+                "Failed runs scheduled again.",
+                |m| m.retried.load(Relaxed),
+            ),
+            (
+                "hearth_async_events_failed_total",
+                "counter",
+                "Events given up and kept as failed.",
+                |m| m.failed.load(Relaxed),
+            ),
+            (
+                "hearth_async_queue_depth",
+                "gauge",
+                "Events queued, waiting for a retry or running.",
+                |m| m.depth.load(Relaxed),
+            ),
+        ];
+        let all = self.all();
+        for (name, kind, help, get) in series {
+            let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} {kind}");
+            for q in &all {
+                let _ = writeln!(
+                    out,
+                    "{name}{{function=\"{}\"}} {}",
+                    q.queue.key,
+                    get(&q.queue.metrics)
+                );
+            }
+        }
+    }
+}

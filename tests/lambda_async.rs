@@ -1,0 +1,494 @@
+//! Asynchronous invocations (`--invocation-type Event`) driven by the real
+//! `aws` CLI against the real server on the process backend: accepted with
+//! 202 and run, failures retried then kept and listed, settings validated as
+//! Lambda does, no accepted event lost to `kill -9`, and failed events
+//! POSTed to the operator's webhook.
+//!
+//! Which events ran is read from the function's log (the handler prints
+//! `event-start [n]` and `event-done [n]`): instances are isolated, so the
+//! log is the side effect a test can observe.
+//!
+//! Needs root and the static agent (the process backend) and `aws`; without
+//! them each test prints why and returns.
+
+mod common;
+
+use std::process::{Command, Output};
+use std::time::{Duration, Instant};
+
+use common::{temp_dir, zip_fixture, Server};
+
+fn aws_missing() -> bool {
+    !Command::new("aws")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+macro_rules! require_clients {
+    () => {
+        require_sandbox!();
+        if aws_missing() {
+            eprintln!("skipped: the aws CLI is missing (pip install awscli)");
+            return;
+        }
+    };
+}
+
+fn aws(s: &Server, args: &[&str]) -> Output {
+    Command::new("aws")
+        .arg("lambda")
+        .args(args)
+        .args([
+            "--endpoint-url",
+            &format!("http://{}", s.addr),
+            "--output",
+            "json",
+        ])
+        .env("AWS_ACCESS_KEY_ID", "hearth")
+        .env("AWS_SECRET_ACCESS_KEY", s.token.as_deref().unwrap())
+        .env("AWS_DEFAULT_REGION", "us-east-1")
+        .env("AWS_CONFIG_FILE", "/nonexistent")
+        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
+        .env("AWS_MAX_ATTEMPTS", "1")
+        .output()
+        .expect("run aws")
+}
+
+fn aws_ok(s: &Server, args: &[&str]) -> serde_json::Value {
+    let out = aws(s, args);
+    assert!(
+        out.status.success(),
+        "aws lambda {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        s.stderr()
+    );
+    if out.stdout.is_empty() {
+        return serde_json::Value::Null;
+    }
+    serde_json::from_slice(&out.stdout).expect("aws prints JSON")
+}
+
+fn aws_err(s: &Server, args: &[&str], error: &str) {
+    let out = aws(s, args);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "aws lambda {args:?} succeeded");
+    assert!(stderr.contains(error), "aws lambda {args:?}: {stderr}");
+}
+
+/// Creates the fixture function `name` with `extra` create-function flags.
+fn create(s: &Server, name: &str, extra: &[&str]) {
+    let zip = s.dir.join(format!("{name}.zip"));
+    std::fs::write(&zip, zip_fixture("async-events")).unwrap();
+    let zip = format!("fileb://{}", zip.display());
+    let mut args = vec![
+        "create-function",
+        "--function-name",
+        name,
+        "--runtime",
+        "nodejs20.x",
+        "--role",
+        "r",
+        "--handler",
+        "index.handler",
+    ];
+    args.extend_from_slice(extra);
+    args.extend(["--zip-file", &zip]);
+    aws_ok(s, &args);
+}
+
+/// Sends an `Event` invocation with the admin token; its status and request id.
+fn event(s: &Server, name: &str, payload: &str) -> (u16, Option<String>) {
+    let r = s.control(
+        "POST",
+        &format!("/2015-03-31/functions/{name}/invocations"),
+        &[
+            ("x-amz-invocation-type", "Event"),
+            ("content-type", "application/json"),
+        ],
+        payload.as_bytes(),
+    );
+    (r.status, r.header("x-amzn-requestid").map(str::to_string))
+}
+
+/// The function's log, as text.
+fn logs(s: &Server, name: &str) -> String {
+    let r = s.get(&format!("/functions/{name}/logs"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    r.text()
+}
+
+fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+    let deadline = Instant::now() + limit;
+    while !ok() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn events_run_and_failures_are_retried_then_kept_and_listed() {
+    require_clients!();
+    let s = Server::start(&["--async-retry-base-ms", "100"]);
+    create(&s, "ev", &[]);
+
+    // The CLI's own Event invocation: 202, and the handler runs.
+    let out = s.dir.join("out.json");
+    let invoked = aws_ok(
+        &s,
+        &[
+            "invoke",
+            "--function-name",
+            "ev",
+            "--invocation-type",
+            "Event",
+            "--payload",
+            r#"{"n": 1}"#,
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_eq!(invoked["StatusCode"], 202, "{invoked}");
+    wait_for(Duration::from_secs(30), "event 1 to run", || {
+        logs(&s, "ev").contains("event-done [1]")
+    });
+
+    // Settings as Lambda validates them.
+    aws_err(
+        &s,
+        &["get-function-event-invoke-config", "--function-name", "ev"],
+        "ResourceNotFoundException",
+    );
+    aws_err(
+        &s,
+        &[
+            "put-function-event-invoke-config",
+            "--function-name",
+            "ev",
+            "--maximum-retry-attempts",
+            "3",
+        ],
+        "ValidationException",
+    );
+    aws_err(
+        &s,
+        &[
+            "put-function-event-invoke-config",
+            "--function-name",
+            "ev",
+            "--maximum-event-age-in-seconds",
+            "30000",
+        ],
+        "ValidationException",
+    );
+    let put = aws_ok(
+        &s,
+        &[
+            "put-function-event-invoke-config",
+            "--function-name",
+            "ev",
+            "--maximum-retry-attempts",
+            "1",
+        ],
+    );
+    assert_eq!(
+        (
+            put["MaximumRetryAttempts"].as_u64(),
+            put["MaximumEventAgeInSeconds"].as_u64()
+        ),
+        (Some(1), Some(21600)),
+        "{put}"
+    );
+    let updated = aws_ok(
+        &s,
+        &[
+            "update-function-event-invoke-config",
+            "--function-name",
+            "ev",
+            "--maximum-event-age-in-seconds",
+            "600",
+        ],
+    );
+    assert_eq!(
+        (
+            updated["MaximumRetryAttempts"].as_u64(),
+            updated["MaximumEventAgeInSeconds"].as_u64()
+        ),
+        (Some(1), Some(600)),
+        "{updated}"
+    );
+    let got = aws_ok(
+        &s,
+        &["get-function-event-invoke-config", "--function-name", "ev"],
+    );
+    assert_eq!(
+        got["FunctionArn"],
+        "arn:aws:lambda:us-east-1:000000000000:function:ev"
+    );
+
+    // A failing event runs twice (one retry), then is kept with its error.
+    let (status, request_id) = event(&s, "ev", r#"{"n": 2, "fail": true}"#);
+    assert_eq!(status, 202);
+    let mut failed = serde_json::Value::Null;
+    wait_for(Duration::from_secs(30), "event 2 to be given up", || {
+        let r = s.get("/functions/ev/async/failed");
+        failed = r.json();
+        failed["failed"].as_array().is_some_and(|l| !l.is_empty())
+    });
+    let f = &failed["failed"][0];
+    assert_eq!(f["requestId"].as_str(), request_id.as_deref(), "{failed}");
+    assert_eq!(f["condition"], "RetriesExhausted");
+    assert_eq!(f["attempts"], 2);
+    assert_eq!(f["payload"], r#"{"n": 2, "fail": true}"#);
+    assert!(
+        f["error"]["errorMessage"]
+            .as_str()
+            .unwrap()
+            .contains("boom [2]"),
+        "{failed}"
+    );
+    assert_eq!(logs(&s, "ev").matches("event-start [2]").count(), 2);
+    let metrics = s.get("/metrics").text();
+    for (series, want) in [
+        ("hearth_async_events_accepted_total", 2),
+        ("hearth_async_events_succeeded_total", 1),
+        ("hearth_async_events_retried_total", 1),
+        ("hearth_async_events_failed_total", 1),
+        ("hearth_async_queue_depth", 0),
+    ] {
+        assert_eq!(
+            common::metric_sum(&metrics, series, "function=\"ev\""),
+            want,
+            "{series}"
+        );
+    }
+
+    // Bad events are refused before they are queued.
+    let big = format!(r#"{{"pad": "{}"}}"#, "x".repeat(1 << 20));
+    let r = s.control(
+        "POST",
+        "/2015-03-31/functions/ev/invocations",
+        &[("x-amz-invocation-type", "Event")],
+        big.as_bytes(),
+    );
+    assert_eq!(
+        (r.status, r.header("x-amzn-errortype")),
+        (413, Some("RequestTooLargeException"))
+    );
+    assert_eq!(event(&s, "ev", "not json").0, 400);
+    assert_eq!(event(&s, "nope", "{}").0, 404);
+
+    aws_ok(
+        &s,
+        &[
+            "delete-function-event-invoke-config",
+            "--function-name",
+            "ev",
+        ],
+    );
+    aws_err(
+        &s,
+        &["get-function-event-invoke-config", "--function-name", "ev"],
+        "ResourceNotFoundException",
+    );
+    s.assert_healthy();
+}
+
+#[test]
+fn accepted_events_survive_kill_9_and_all_run_after_the_restart() {
+    require_clients!();
+    let dir = temp_dir("async-kill9");
+    let state = dir.join("state");
+    let state_arg = state.to_str().unwrap();
+    let mut s = Server::start(&[
+        "--state-dir",
+        state_arg,
+        "--admin-token",
+        "async-test-token",
+    ]);
+    // Concurrency 2: events run one at a time (half the limit), 300 ms each.
+    create(&s, "slow", &["--timeout", "10"]);
+    aws_ok(
+        &s,
+        &[
+            "put-function-concurrency",
+            "--function-name",
+            "slow",
+            "--reserved-concurrent-executions",
+            "2",
+        ],
+    );
+    const EVENTS: usize = 12;
+    for n in 0..EVENTS {
+        let (status, _) = event(&s, "slow", &format!(r#"{{"n": {n}, "sleep_ms": 300}}"#));
+        assert_eq!(status, 202, "event {n}");
+    }
+    // Events take at most half the concurrency: a synchronous request is
+    // served by the other instance while events are still queued.
+    let sync = s.get("/f/slow/");
+    assert_eq!(sync.status, 200, "{}", sync.text());
+    let depth = common::metric_sum(
+        &s.get("/metrics").text(),
+        "hearth_async_queue_depth",
+        "function=\"slow\"",
+    );
+    assert!(
+        depth > 0,
+        "the events drained before a synchronous request was served"
+    );
+    // An event that finishes after this read started after it (runs take
+    // 300 ms), so its ack cannot precede the kill: whatever is not done here
+    // must run after the restart.
+    let before = logs(&s, "slow");
+    s.signal(libc::SIGKILL);
+    s.wait_exit(Duration::from_secs(10));
+    let ran_before: Vec<usize> = (0..EVENTS)
+        .filter(|n| before.contains(&format!("event-done [{n}]")))
+        .collect();
+    assert!(
+        ran_before.len() < EVENTS,
+        "every event ran before the kill; the test proves nothing"
+    );
+
+    let s = Server::start(&[
+        "--state-dir",
+        state_arg,
+        "--admin-token",
+        "async-test-token",
+    ]);
+    wait_for(
+        Duration::from_secs(60),
+        "the queued events to run after the restart",
+        || {
+            let after = logs(&s, "slow");
+            (0..EVENTS)
+                .all(|n| ran_before.contains(&n) || after.contains(&format!("event-done [{n}]")))
+        },
+    );
+    eprintln!(
+        "{} event(s) ran before the kill, {} after the restart",
+        ran_before.len(),
+        EVENTS - ran_before.len()
+    );
+    // Nothing stays queued: segments of acked events are removed.
+    wait_for(Duration::from_secs(10), "the queue to empty", || {
+        common::metric_sum(
+            &s.get("/metrics").text(),
+            "hearth_async_queue_depth",
+            "function=\"slow\"",
+        ) == 0
+    });
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn deleting_a_function_by_id_deletes_its_versions_aliases_and_events() {
+    require_clients!();
+    let s = Server::start(&[]);
+    create(&s, "gone", &[]);
+    let v1 = aws_ok(&s, &["publish-version", "--function-name", "gone"]);
+    aws_ok(
+        &s,
+        &[
+            "create-alias",
+            "--function-name",
+            "gone",
+            "--name",
+            "live",
+            "--function-version",
+            "1",
+        ],
+    );
+    assert_eq!(s.get("/f/gone:live/").status, 200);
+    let latest = aws_ok(&s, &["get-function", "--function-name", "gone"]);
+    let id = latest["Configuration"]["RevisionId"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let v1_id = v1["RevisionId"].as_str().unwrap().to_string();
+
+    let r = s.control("DELETE", &format!("/functions/{id}"), &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(
+        s.get(&format!("/functions/{v1_id}")).status,
+        404,
+        "version 1 left behind"
+    );
+    assert_eq!(s.get("/f/gone:1/").status, 404);
+    assert_eq!(s.get("/f/gone:live/").status, 404);
+    // The name is free again, without stale aliases.
+    create(&s, "gone", &[]);
+    let aliases = aws_ok(&s, &["list-aliases", "--function-name", "gone"]);
+    assert_eq!(
+        aliases["Aliases"].as_array().map(Vec::len),
+        Some(0),
+        "{aliases}"
+    );
+}
+
+#[test]
+fn failed_events_are_posted_to_the_operators_webhook() {
+    require_sandbox!();
+    use std::io::{Read, Write};
+    let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let url = format!("http://{}/hook", hook.local_addr().unwrap());
+    let s = Server::start(&["--async-failure-webhook", &url]);
+    let r = s.control(
+        "POST",
+        "/deploy?name=hooked",
+        &[("content-type", "application/zip")],
+        &zip_fixture("async-events"),
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.control(
+        "PUT",
+        "/2019-09-25/functions/hooked/event-invoke-config",
+        &[("content-type", "application/json")],
+        br#"{"MaximumRetryAttempts": 0}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(event(&s, "hooked", r#"{"n": 7, "fail": true}"#).0, 202);
+
+    hook.set_nonblocking(false).unwrap();
+    let (mut c, _) = hook.accept().unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    // Until the head and the Content-Length body are in.
+    let complete = |got: &[u8]| {
+        let text = String::from_utf8_lossy(got).to_lowercase();
+        let Some(end) = text.find("\r\n\r\n") else {
+            return false;
+        };
+        let length = text
+            .lines()
+            .find_map(|l| l.strip_prefix("content-length:"))
+            .and_then(|v| v.trim().parse::<usize>().ok())
+            .expect("the webhook request has a content-length");
+        got.len() >= end + 4 + length
+    };
+    while !complete(&got) {
+        let n = c.read(&mut buf).unwrap();
+        assert!(
+            n > 0,
+            "the webhook request ended early: {}",
+            String::from_utf8_lossy(&got)
+        );
+        got.extend_from_slice(&buf[..n]);
+    }
+    c.write_all(b"HTTP/1.1 204 No Content\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let text = String::from_utf8_lossy(&got);
+    assert!(text.starts_with("POST /hook HTTP/1.1\r\n"), "{text}");
+    let body: serde_json::Value =
+        serde_json::from_str(&text[text.find("\r\n\r\n").unwrap() + 4..]).unwrap();
+    assert_eq!(
+        (&body["function"], &body["condition"], &body["attempts"]),
+        (&"hooked".into(), &"RetriesExhausted".into(), &1.into()),
+        "{body}"
+    );
+    assert!(body["error"]["errorMessage"]
+        .as_str()
+        .unwrap()
+        .contains("boom [7]"));
+}

@@ -134,6 +134,12 @@ impl From<qemu::VmError> for StartError {
     }
 }
 
+impl From<firecracker::VmmError> for StartError {
+    fn from(e: firecracker::VmmError) -> Self {
+        StartError::Firecracker(e)
+    }
+}
+
 impl std::error::Error for StartError {
     fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
         match self {

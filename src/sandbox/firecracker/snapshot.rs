@@ -81,12 +81,6 @@ pub(super) fn in_vm(phase: &'static str, cause: impl Into<StartError>, vmm: &Vmm
     }
 }
 
-impl From<VmmError> for StartError {
-    fn from(e: VmmError) -> Self {
-        StartError::Firecracker(e)
-    }
-}
-
 impl Inner {
     /// Boots a template microVM for `spec`, waits for READY, pauses it and
     /// writes the snapshot and `firecracker.json` into `dir`.

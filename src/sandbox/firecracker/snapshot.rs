@@ -23,8 +23,8 @@ use crate::spec::FunctionSpec;
 use crate::util::time::unix_time_ms;
 
 /// Boot + handler load in a template VM (generous: nested under software
-/// emulation Node runs ~37x slower than native).
-pub const TEMPLATE_READY_TIMEOUT: Duration = Duration::from_secs(120);
+/// emulation Node runs ~37x slower than native; a loaded host took 100 s).
+pub const TEMPLATE_READY_TIMEOUT: Duration = Duration::from_secs(300);
 /// Pausing and writing the snapshot.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Each configuration request before the boot.

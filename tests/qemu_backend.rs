@@ -538,3 +538,46 @@ fn qemu_instances_that_hang_or_die_are_replaced() {
     s.stop();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// Two VMs restored from one snapshot do not share random state: each
+/// clone's first `Math.random()` and `crypto.randomUUID()` differ (the shim
+/// reseeds both on the HELLO after a restore; before, every clone repeated
+/// the template's sequence).
+#[test]
+fn qemu_clones_do_not_share_random_state() {
+    require_qemu!();
+    let dir = common::temp_dir("qemu-random");
+    let s = Hearth::start(
+        &dir.join("state"),
+        &dir.join("serve.log"),
+        &["--cores", "1"],
+    );
+    let id = s.deploy("behave", "concurrency=2");
+    let path = format!("/f/{id}/random?ms=3000");
+    // Two requests at once: the second waits, so a second clone is restored.
+    let mut clients: Vec<Client> = (0..2)
+        .map(|_| {
+            let mut c = Client::connect(s.addr);
+            c.stream.set_read_timeout(Some(SLOW)).unwrap();
+            c.write(format!("GET {path} HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            c
+        })
+        .collect();
+    let answers: Vec<serde_json::Value> = clients
+        .iter_mut()
+        .map(|c| {
+            let r = c.response();
+            assert_eq!(r.status, 200, "{}\n{}", r.text(), s.stderr());
+            r.json()
+        })
+        .collect();
+    // Each answer is its clone's first call.
+    assert!(
+        answers.iter().all(|a| a["calls"] == 1),
+        "one clone served both: {answers:?}"
+    );
+    assert_ne!(answers[0]["random"], answers[1]["random"], "{answers:?}");
+    assert_ne!(answers[0]["uuid"], answers[1]["uuid"], "{answers:?}");
+    s.stop();
+    let _ = fs::remove_dir_all(&dir);
+}

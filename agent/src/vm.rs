@@ -146,14 +146,15 @@ pub fn boot() -> Result<VmConfig, BootError> {
     Ok(cfg)
 }
 
-/// Flushes filesystems and powers the VM off (QEMU runs with -no-reboot, so
-/// this ends the VM either way). PID 1 must never simply exit: that panics
-/// the kernel.
+/// Flushes filesystems and ends the VM with a reset: QEMU runs with
+/// -no-reboot and Firecracker exits on the guest's keyboard-controller reset
+/// (`reboot=k`), while a power-off would only halt a Firecracker guest and
+/// leave its VMM running. PID 1 must never simply exit: that panics the kernel.
 pub fn power_off() -> ! {
     // SAFETY: sync and reboot take no pointers.
     unsafe {
         libc::sync();
-        libc::reboot(libc::RB_POWER_OFF);
+        libc::reboot(libc::RB_AUTOBOOT);
     }
     diag!(
         "power off failed: {}; halting here",

@@ -434,13 +434,80 @@ function onHello(hello) {
     );
     return;
   }
-  // Later HELLO: refresh env only.
+  // Later HELLO: refresh env only, and (a clone restored from a snapshot)
+  // stop sharing the template's random state.
+  reseedClone(hello);
   applyUserEnv(hello.env);
   fn.logStream = newLogStreamName();
   process.env.AWS_LAMBDA_LOG_STREAM_NAME = fn.logStream;
   if (state === S_READY) sendFrame(T_READY, 0, readyMeta(), null);
   else if (state === S_FAILED) sendFrame(T_INIT_ERROR, 0, initErrorMeta, null);
   // S_LOADING: READY / INIT_ERROR follows when loading ends.
+}
+
+// ---------------------------------------------------------------------------
+// Random state of clones. Every VM restored from one snapshot starts with the
+// template's V8 Math.random state, OpenSSL DRBG state and Node's cached
+// randomUUID bytes; the agent reseeds the guest kernel, but those live in
+// this process. A later HELLO carries fresh host randomness (`seed0..3`):
+// from it, Math.random becomes a xoshiro128** generator with a clone-unique
+// seed, and the bytes of crypto.randomBytes / randomFillSync / randomUUID
+// are XORed with a clone-unique AES-256-CTR key stream (the result is at
+// least as random as OpenSSL's output, and differs per clone). Not reached:
+// functions a module took out of `crypto` before the snapshot, randomInt,
+// and webcrypto's getRandomValues (a getter Node does not let us replace).
+
+const cryptoOrig = {
+  randomBytes: crypto.randomBytes,
+  randomFillSync: crypto.randomFillSync,
+};
+let cloneMix = null;
+
+function reseedClone(hello) {
+  const seeds = [0, 1, 2, 3].map((i) => hello[`seed${i}`]).filter((v) => typeof v === 'number');
+  if (seeds.length === 0) return;
+  const key = crypto.createHash('sha512')
+    .update(`hearth clone ${seeds.join(',')} ${process.hrtime.bigint()}`)
+    .update(cryptoOrig.randomBytes(32))
+    .digest();
+  cloneMix = crypto.createCipheriv('aes-256-ctr', key.subarray(0, 32), key.subarray(32, 48));
+  const st = new Uint32Array(4);
+  for (let i = 0; i < 4; i++) st[i] = key.readUInt32LE(48 + 4 * (i % 4)) ^ (i + 1);
+  const rotl = (x, k) => (x << k) | (x >>> (32 - k));
+  const next = () => {
+    const r = Math.imul(rotl(Math.imul(st[1], 5), 7), 9) >>> 0;
+    const t = st[1] << 9;
+    st[2] ^= st[0]; st[3] ^= st[1]; st[1] ^= st[2]; st[0] ^= st[3];
+    st[2] ^= t; st[3] = rotl(st[3], 11);
+    return r;
+  };
+  Math.random = function random() {
+    return ((next() >>> 5) * 67108864 + (next() >>> 6)) / 9007199254740992;
+  };
+  const mixed = (buf) => {
+    const u8 = Buffer.from(buf.buffer, buf.byteOffset, buf.byteLength);
+    cloneMix.update(u8).copy(u8);
+    return buf;
+  };
+  crypto.randomBytes = function randomBytes(size, cb) {
+    if (typeof cb !== 'function') return mixed(cryptoOrig.randomBytes(size));
+    return cryptoOrig.randomBytes(size, (err, buf) => cb(err, err ? buf : mixed(buf)));
+  };
+  crypto.randomFillSync = function randomFillSync(buf, offset, size) {
+    cryptoOrig.randomFillSync(buf, offset, size);
+    const view = ArrayBuffer.isView(buf) ? buf : new Uint8Array(buf);
+    const start = (offset | 0) * (view.BYTES_PER_ELEMENT || 1);
+    const len = size === undefined ? view.byteLength - start : size * (view.BYTES_PER_ELEMENT || 1);
+    mixed(new Uint8Array(view.buffer, view.byteOffset + start, len));
+    return buf;
+  };
+  crypto.randomUUID = function randomUUID() {
+    const b = crypto.randomBytes(16);
+    b[6] = (b[6] & 0x0f) | 0x40;
+    b[8] = (b[8] & 0x3f) | 0x80;
+    const h = b.toString('hex');
+    return `${h.slice(0, 8)}-${h.slice(8, 12)}-${h.slice(12, 16)}-${h.slice(16, 20)}-${h.slice(20)}`;
+  };
 }
 
 function failInit(info) {

@@ -8,6 +8,7 @@
 //! - [`stats`]: HDR histograms and counters, and the JSON report.
 //! - [`output`]: the human table, the JSON and the live progress line.
 //! - [`plot`]: `hearth bench plot`, PNG and SVG charts from JSON reports.
+//! - [`timing`]: the server's `Server-Timing` phases, aggregated.
 
 pub mod args;
 mod conn;
@@ -17,6 +18,7 @@ mod plot;
 mod poller;
 mod request;
 pub mod stats;
+mod timing;
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -143,6 +145,7 @@ fn report(plan: &Plan, load: Load, s: &Stats, measured: Duration) -> RunReport {
         latency_us: stats::latency(&s.latency_us),
         percentiles: stats::percentiles(&s.latency_us),
         per_second,
+        phases: s.phases.summary(),
     }
 }
 

@@ -8,11 +8,13 @@
 //! - [`stats`]: HDR histograms and counters, and the JSON report.
 //! - [`output`]: the human table, the JSON and the live progress line.
 //! - [`plot`]: `hearth bench plot`, PNG and SVG charts from JSON reports.
+//! - [`flame`]: `hearth bench flame`, flame graphs from `perf script` output.
 //! - [`timing`]: the server's `Server-Timing` phases, aggregated.
 
 pub mod args;
 mod conn;
 mod driver;
+pub mod flame;
 mod output;
 mod plot;
 mod poller;
@@ -32,8 +34,10 @@ use stats::{Output, RunReport, Stats};
 
 /// Runs `hearth bench` (a load run, a sweep, or `plot`).
 pub fn run(a: &BenchArgs) -> Result<(), String> {
-    if let Some(BenchCommand::Plot(p)) = &a.command {
-        return plot::run(p);
+    match &a.command {
+        Some(BenchCommand::Plot(p)) => return plot::run(p),
+        Some(BenchCommand::Flame(f)) => return flame::run(f),
+        None => {}
     }
     let plan = a.plan()?;
     raise_fd_limit(plan.connections);

@@ -115,13 +115,15 @@ def summarise(runs):
 def copy_for_plots(summary, out):
     for test, rows in summary.items():
         d = os.path.join(out, test)
-        os.makedirs(d, exist_ok=True)
-        for old in glob.glob(os.path.join(d, "*.json")):
+        # Closed-loop runs and open-loop sweeps are charted apart.
+        od = os.path.join(d, "open")
+        os.makedirs(od, exist_ok=True)
+        for old in glob.glob(os.path.join(d, "*.json")) + glob.glob(os.path.join(od, "*.json")):
             os.remove(old)
         for system, row in rows.items():
             shutil.copy(row.pop("median_file"), os.path.join(d, f"{system}.json"))
             if "open_file" in row:
-                shutil.copy(row.pop("open_file"), os.path.join(d, f"{system}-open.json"))
+                shutil.copy(row.pop("open_file"), os.path.join(od, f"{system}.json"))
 
 
 def ratio(rows, a, b):
@@ -144,7 +146,7 @@ def results_section(summary, a, cold, qemu):
         f"- **How:** every system runs at once; `hearth bench <url> -c <conns> --duration {a.duration}"
         " --warmup 1s --json` (2 threads) runs against each in turn, and the round repeats"
         f" {a.rounds} times; the medians are below. All servers, peers and the load generator share the"
-        " machine's cores. Charts: `perf/results/<test>/` (`latency`, `throughput`, `sweep`).",
+        " machine's cores. Charts: `perf/results/<test>/` (closed loop: `latency`, `throughput`) and `perf/results/<test>/open/` (`sweep`: latency against offered load).",
         "",
         "### Closed loop (medians)",
         "",

@@ -56,15 +56,25 @@ fn server_timing_comes_when_asked_and_the_metrics_move() {
     assert_eq!(names, ["parse", "queue", "acquire", "instance", "total"]);
     assert!(t["acquire"] > 0.0, "waited for the start: {t:?}");
 
-    // A warm one: no acquire, the handler's 30 ms are in the instance phase.
-    let warm = timed_get(&s, &format!("/f/{id}/sleep?ms=30"));
-    assert_eq!(warm.status, 200);
-    let t: HashMap<String, f64> = server_timing(&warm).into_iter().collect();
-    assert_eq!(t["acquire"], 0.0, "{t:?}");
-    assert!(t["instance"] >= 30.0, "{t:?}");
-    let sum = t["parse"] + t["queue"] + t["acquire"] + t["instance"];
-    assert!(sum <= t["total"] + 1e-9, "phases {sum} > total: {t:?}");
-    assert!(t["total"] < 5_000.0, "{t:?}");
+    // Warm ones: the handler's 30 ms are in the instance phase, and the
+    // phases fit in the total. On a loaded machine the scheduler may retire
+    // the instance in between (scale-in), so a start may come first; a few
+    // tries find a request served warm, without an acquire.
+    let mut warm_seen = false;
+    for _ in 0..5 {
+        let warm = timed_get(&s, &format!("/f/{id}/sleep?ms=30"));
+        assert_eq!(warm.status, 200);
+        let t: HashMap<String, f64> = server_timing(&warm).into_iter().collect();
+        assert!(t["instance"] >= 30.0, "{t:?}");
+        let sum = t["parse"] + t["queue"] + t["acquire"] + t["instance"];
+        assert!(sum <= t["total"] + 1e-9, "phases {sum} > total: {t:?}");
+        assert!(t["total"] < 15_000.0, "{t:?}");
+        if t["acquire"] == 0.0 {
+            warm_seen = true;
+            break;
+        }
+    }
+    assert!(warm_seen, "no request was served by a warm instance");
 
     // Not asked, not given; "0" or another value is not asking.
     let plain = s.get(&format!("/f/{id}/sleep?ms=1"));
@@ -95,6 +105,11 @@ fn server_timing_comes_when_asked_and_the_metrics_move() {
     assert!(count("instance") >= 4, "{metrics}");
     assert!(count("parse") >= 5, "{metrics}");
     assert!(count("write") >= 4, "{metrics}");
+    assert_eq!(
+        count("queue") + count("acquire"),
+        count("instance"),
+        "{metrics}"
+    );
     let slow = metric_sum(
         &metrics,
         "hearth_phase_seconds_bucket",

@@ -27,6 +27,8 @@ pub struct CoreMetrics {
     pub shed_per_ip: AtomicU64,
     /// Connections closed because their unread answers stalled over the budget.
     pub out_evicted: AtomicU64,
+    /// Time requests spent in each phase inside hearth.
+    pub phases: PhaseMetrics,
 }
 
 impl CoreMetrics {
@@ -41,6 +43,66 @@ impl CoreMetrics {
 #[inline]
 pub fn add(c: &AtomicU64, n: u64) {
     c.fetch_add(n, Relaxed);
+}
+
+/// The phases of a request inside hearth, as timed on the event loop's clock
+/// (see `engine::phases`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Phase {
+    /// From the first bytes of the request to its dispatch (body included).
+    Parse = 0,
+    /// Waiting in the function's queue for a warm instance.
+    Queue = 1,
+    /// Waiting for an instance started (or restored) for the request.
+    Acquire = 2,
+    /// From the frame handed to the instance to its answer read back.
+    Instance = 3,
+    /// From the answer queued to its last byte handed to the kernel.
+    Write = 4,
+}
+
+impl Phase {
+    /// How many phases there are.
+    pub const COUNT: usize = 5;
+    /// Their names, as in `/metrics` and `Server-Timing`.
+    pub const NAMES: [&'static str; Self::COUNT] =
+        ["parse", "queue", "acquire", "instance", "write"];
+}
+
+/// Upper bounds (µs) of the phase histogram buckets.
+pub const PHASE_BUCKETS_US: [u64; 15] = [
+    10, 25, 50, 100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 100_000, 1_000_000, 10_000_000,
+    60_000_000,
+];
+
+/// One core's phase histograms: a fixed set of buckets per phase, written by
+/// the core alone.
+pub struct PhaseMetrics {
+    buckets: [[AtomicU64; PHASE_BUCKETS_US.len() + 1]; Phase::COUNT],
+    sum_us: [AtomicU64; Phase::COUNT],
+}
+
+impl Default for PhaseMetrics {
+    fn default() -> Self {
+        PhaseMetrics {
+            buckets: std::array::from_fn(|_| std::array::from_fn(|_| AtomicU64::new(0))),
+            sum_us: std::array::from_fn(|_| AtomicU64::new(0)),
+        }
+    }
+}
+
+impl PhaseMetrics {
+    /// Records that a request spent `us` microseconds in `phase`. Only the
+    /// owning core calls this, so a plain load and store suffice (no locked
+    /// read-modify-write on the request path); readers see whole values.
+    #[inline]
+    pub fn observe(&self, phase: Phase, us: u64) {
+        let i = PHASE_BUCKETS_US.partition_point(|&b| b < us);
+        let b = &self.buckets[phase as usize][i];
+        b.store(b.load(Relaxed) + 1, Relaxed);
+        let s = &self.sum_us[phase as usize];
+        s.store(s.load(Relaxed) + us, Relaxed);
+    }
 }
 
 /// Upper bounds (µs) of the invocation duration histogram buckets.
@@ -190,6 +252,33 @@ pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
                 c.load(Relaxed)
             );
         }
+    }
+    render_phases(out, cores);
+}
+
+/// Renders the phase histograms, summed over the cores.
+fn render_phases(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
+    let name = "hearth_phase_seconds";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Time requests spent in each phase inside hearth (event-loop clock).\n# TYPE {name} histogram"
+    );
+    for (p, phase) in Phase::NAMES.iter().enumerate() {
+        let mut cum = 0;
+        for i in 0..=PHASE_BUCKETS_US.len() {
+            cum += cores
+                .iter()
+                .map(|m| m.phases.buckets[p][i].load(Relaxed))
+                .sum::<u64>();
+            let le = PHASE_BUCKETS_US
+                .get(i)
+                .map(|us| format!("{}", *us as f64 / 1e6))
+                .unwrap_or_else(|| "+Inf".into());
+            let _ = writeln!(out, "{name}_bucket{{phase=\"{phase}\",le=\"{le}\"}} {cum}");
+        }
+        let sum: u64 = cores.iter().map(|m| m.phases.sum_us[p].load(Relaxed)).sum();
+        let _ = writeln!(out, "{name}_sum{{phase=\"{phase}\"}} {}", sum as f64 / 1e6);
+        let _ = writeln!(out, "{name}_count{{phase=\"{phase}\"}} {cum}");
     }
 }
 

@@ -99,6 +99,10 @@ pub enum BenchCommand {
     /// Draw charts from JSON results of `hearth bench --json`: latency by
     /// percentile, throughput over time and, for sweeps, latency against offered load.
     Plot(PlotArgs),
+    /// Draw flame graphs and list the top symbols of a profile: the output of
+    /// `perf script` for a `perf record -g` run, split into hearth, its guest
+    /// agents and Node.
+    Flame(super::flame::FlameArgs),
 }
 
 /// Arguments of `hearth bench plot`.

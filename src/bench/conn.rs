@@ -57,6 +57,8 @@ pub struct ResponseReader {
     /// Bytes of the current answer so far (head and body).
     answer_bytes: usize,
     answer_bytes_max: usize,
+    /// The current answer's `Server-Timing` phases, if it had the header.
+    timing: Option<super::timing::Sample>,
 }
 
 impl ResponseReader {
@@ -72,6 +74,7 @@ impl ResponseReader {
             close: false,
             answer_bytes: 0,
             answer_bytes_max,
+            timing: None,
         }
     }
 
@@ -81,6 +84,12 @@ impl ResponseReader {
         self.head_request = head_request;
         self.answer_bytes = 0;
         self.close = false;
+        self.timing = None;
+    }
+
+    /// The phases the last complete answer reported in `Server-Timing`.
+    pub fn take_timing(&mut self) -> Option<super::timing::Sample> {
+        self.timing.take()
     }
 
     /// Forgets everything (the connection was reopened).
@@ -219,6 +228,9 @@ impl ResponseReader {
                     .is_some_and(|v| v.trim_ascii().eq_ignore_ascii_case(b"chunked"));
             } else if h.name.eq_ignore_ascii_case("connection") {
                 close = h.value.eq_ignore_ascii_case(b"close");
+            } else if h.name.eq_ignore_ascii_case("server-timing") {
+                let t = self.timing.get_or_insert_with(Default::default);
+                super::timing::parse_into(h.value, t);
             }
         }
         self.consume(n);

@@ -458,6 +458,9 @@ impl<'a> Worker<'a> {
                 .saturating_duration_since(self.window.measure_from)
                 .as_secs();
             self.stats.answer(status, latency_us, second as usize);
+            if let Some(t) = self.conns[i].reader.take_timing() {
+                self.stats.phases.record(&t, latency_us);
+            }
             self.last_answer = Some(now);
         }
         self.conns[i].phase = Phase::Ready;

@@ -8,15 +8,19 @@
 //! - [`stats`]: HDR histograms and counters, and the JSON report.
 //! - [`output`]: the human table, the JSON and the live progress line.
 //! - [`plot`]: `hearth bench plot`, PNG and SVG charts from JSON reports.
+//! - [`flame`]: `hearth bench flame`, flame graphs from `perf script` output.
+//! - [`timing`]: the server's `Server-Timing` phases, aggregated.
 
 pub mod args;
 mod conn;
 mod driver;
+pub mod flame;
 mod output;
 mod plot;
 mod poller;
 mod request;
 pub mod stats;
+mod timing;
 
 use std::io::{IsTerminal, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -30,8 +34,10 @@ use stats::{Output, RunReport, Stats};
 
 /// Runs `hearth bench` (a load run, a sweep, or `plot`).
 pub fn run(a: &BenchArgs) -> Result<(), String> {
-    if let Some(BenchCommand::Plot(p)) = &a.command {
-        return plot::run(p);
+    match &a.command {
+        Some(BenchCommand::Plot(p)) => return plot::run(p),
+        Some(BenchCommand::Flame(f)) => return flame::run(f),
+        None => {}
     }
     let plan = a.plan()?;
     raise_fd_limit(plan.connections);
@@ -143,6 +149,7 @@ fn report(plan: &Plan, load: Load, s: &Stats, measured: Duration) -> RunReport {
         latency_us: stats::latency(&s.latency_us),
         percentiles: stats::percentiles(&s.latency_us),
         per_second,
+        phases: s.phases.summary(),
     }
 }
 

@@ -55,6 +55,50 @@ pub fn print_table(r: &RunReport) {
         let codes: Vec<String> = r.status.iter().map(|(k, n)| format!("{k}: {n}")).collect();
         println!("  status     {}", codes.join(", "));
     }
+    print_phases(r);
+}
+
+/// Prints the server-reported phases and how the mean latency splits
+/// between the function, the server around it, and what lies outside it.
+fn print_phases(r: &RunReport) {
+    if r.phases.is_empty() {
+        return;
+    }
+    println!();
+    println!(
+        "  {:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}  (Server-Timing)",
+        "phase", "answers", "mean", "p50", "p90", "p99", "max"
+    );
+    for p in &r.phases {
+        println!(
+            "  {:<10} {:>9} {:>9} {:>9} {:>9} {:>9} {:>9}",
+            p.phase,
+            p.count,
+            us(p.mean_us as u64),
+            us(p.p50),
+            us(p.p90),
+            us(p.p99),
+            us(p.max)
+        );
+    }
+    let mean = |name: &str| {
+        r.phases
+            .iter()
+            .find(|p| p.phase == name)
+            .map_or(0.0, |p| p.mean_us)
+    };
+    let (total, instance, outside) = (mean("total"), mean("instance"), mean("outside"));
+    let end_to_end = total + outside;
+    if end_to_end > 0.0 {
+        let pct = |v: f64| 100.0 * v / end_to_end;
+        println!(
+            "  mean latency {}: function (instance) {:.0}%, hearth (total - instance) {:.0}%, outside hearth (network, kernel, client) {:.0}%",
+            us(end_to_end as u64),
+            pct(instance),
+            pct((total - instance).max(0.0)),
+            pct(outside)
+        );
+    }
 }
 
 /// Prints one rate of a sweep, with the header before the first.

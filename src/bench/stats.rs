@@ -6,6 +6,9 @@
 use std::collections::BTreeMap;
 
 use hdrhistogram::Histogram;
+
+use super::timing::PhaseStats;
+pub use super::timing::PhaseSummary;
 use serde::{Deserialize, Serialize};
 
 /// Highest latency the histogram holds, µs (one hour); longer ones are clamped.
@@ -54,6 +57,8 @@ pub struct Stats {
     pub status: Vec<u64>,
     /// Complete answers per second of the measured window.
     pub per_second: Vec<u64>,
+    /// Server-reported phases of the answers that had them.
+    pub phases: PhaseStats,
 }
 
 impl Default for Stats {
@@ -71,6 +76,7 @@ impl Stats {
             errors: Errors::default(),
             status: vec![0; 600],
             per_second: Vec::new(),
+            phases: PhaseStats::default(),
         }
     }
 
@@ -114,6 +120,7 @@ impl Stats {
         for (a, b) in self.per_second.iter_mut().zip(&o.per_second) {
             *a += b;
         }
+        self.phases.merge(&o.phases);
     }
 }
 
@@ -166,6 +173,9 @@ pub struct RunReport {
     pub percentiles: Vec<Percentile>,
     /// Complete answers in each second of the measured window.
     pub per_second: Vec<u64>,
+    /// Phases the server reported in `Server-Timing` (none without the header).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub phases: Vec<PhaseSummary>,
 }
 
 /// What `hearth bench --json` prints: one run, or one per rate of a sweep.

@@ -8,8 +8,10 @@ use crate::control::auth::Scope;
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::engine::phases::Track;
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::worker::{Token, Worker};
+use crate::functions::sched::Served;
 use crate::http::parse::{self, BodyDecoder, BodyFraming, Error as ParseError, Request};
 use crate::http::reply::Reply;
 pub use crate::http::reply::ReplyTo;
@@ -49,6 +51,8 @@ pub struct Conn {
     pub state: ConnState,
     /// When the current wait ends: keep-alive idle, head or body read deadline.
     pub deadline: Instant,
+    /// The current request's phase timings.
+    pub phases: Track,
 }
 
 impl Worker {
@@ -99,6 +103,9 @@ impl Worker {
                         self.mark(tok);
                         return;
                     }
+                    if matches!(conn.state, ConnState::Idle) {
+                        conn.phases.head(self.now);
+                    }
                     let parsed = parse::parse_head(&stream.rbuf[stream.rpos..], &self.parse_limits);
                     match parsed {
                         Ok(None) => {
@@ -138,6 +145,8 @@ impl Worker {
                             };
                             if req.body == BodyFraming::None {
                                 conn.state = waiting_on(&req);
+                                conn.phases
+                                    .dispatched(self.now, req.timing, &self.metrics.phases);
                                 self.dispatch(tok, req, Vec::new());
                                 continue;
                             }
@@ -197,6 +206,8 @@ impl Worker {
                         unreachable!()
                     };
                     conn.state = waiting_on(&req);
+                    conn.phases
+                        .dispatched(self.now, req.timing, &self.metrics.phases);
                     self.dispatch(tok, *req, body);
                 }
             }
@@ -251,6 +262,12 @@ impl Worker {
     /// Writes the answer to the request a connection is waiting on (or to a
     /// rejected one), then continues with pipelined input.
     pub fn answer(&mut self, tok: Token, r: &Reply, head_only: bool) {
+        self.answer_served(tok, r, head_only, None);
+    }
+
+    /// [`Worker::answer`] for an answer an instance gave (`served`, for the
+    /// phase timings).
+    fn answer_served(&mut self, tok: Token, r: &Reply, head_only: bool, served: Option<Served>) {
         let date = &self.date;
         let Some(stream) = self.streams.get_mut(tok) else {
             return;
@@ -267,6 +284,14 @@ impl Worker {
             _ => (false, false),
         };
         let keep_alive = keep_alive && !self.draining;
+        let timed;
+        let r = match conn.phases.answered(self.now, served, &self.metrics.phases) {
+            None => r,
+            Some(value) => {
+                timed = r.clone().with_owned_header("server-timing", value);
+                &timed
+            }
+        };
         let persistence = match (keep_alive, announce) {
             (false, _) => Persistence::Close,
             (true, true) => Persistence::AnnounceKeepAlive,
@@ -290,8 +315,9 @@ impl Worker {
         self.mark(tok);
     }
 
-    /// Delivers an asynchronous answer if the connection that asked is still there.
-    pub fn answer_async(&mut self, to: ReplyTo, r: &Reply) {
+    /// Delivers an asynchronous answer if the connection that asked is still
+    /// there; `served`: how an instance served it.
+    pub fn answer_async(&mut self, to: ReplyTo, r: &Reply, served: Option<Served>) {
         let head_only = match self.streams.get(to.token) {
             Some(Stream {
                 kind: Kind::Client(c),
@@ -303,7 +329,7 @@ impl Worker {
             },
             _ => return,
         };
-        self.answer(to.token, r, head_only);
+        self.answer_served(to.token, r, head_only, served);
         self.process_client(to.token);
     }
 

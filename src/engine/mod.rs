@@ -12,6 +12,7 @@ pub mod conn;
 pub mod cpu_meter;
 pub mod epoll;
 pub mod peers;
+pub mod phases;
 pub mod port;
 pub mod stream;
 pub mod uring;

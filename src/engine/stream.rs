@@ -12,6 +12,10 @@ use crate::functions::sched::InstId;
 const BUF_KEEP_BYTES: usize = 256 * 1024;
 
 /// What a stream is for.
+// Clients are the many streams and channels the few (one per instance), so
+// boxing the client state would cost an allocation per connection to save
+// bytes on the channels.
+#[allow(clippy::large_enum_variant)]
 pub enum Kind {
     /// An HTTP client.
     Client(Conn),
@@ -157,6 +161,7 @@ mod tests {
             peer: std::net::IpAddr::from([127, 0, 0, 1]),
             state: crate::engine::conn::ConnState::Idle,
             deadline: std::time::Instant::now(),
+            phases: crate::engine::phases::Track::new(std::time::Instant::now()),
         }
     }
 

@@ -159,6 +159,7 @@ impl Worker {
             peer,
             state: ConnState::Idle,
             deadline: self.now + self.shared.cfg.http.keepalive_timeout,
+            phases: crate::engine::phases::Track::new(self.now),
         };
         let tok = self.streams.insert(Stream::new(fd, Kind::Client(conn)));
         self.clients += 1;
@@ -413,7 +414,8 @@ impl Worker {
     pub fn on_flushed(&mut self, tok: Token) {
         if let Some(s) = self.streams.get_mut(tok) {
             s.trim();
-            if matches!(s.kind, Kind::Client(_)) {
+            if let Kind::Client(c) = &mut s.kind {
+                c.phases.flushed(self.now, &self.metrics.phases);
                 self.process_client(tok);
             }
         }
@@ -450,7 +452,7 @@ impl Worker {
     pub fn on_wake(&mut self) {
         while let Ok(msg) = self.inbox.try_recv() {
             match msg {
-                Msg::Reply { to, reply } => self.answer_async(to, &reply),
+                Msg::Reply { to, reply } => self.answer_async(to, &reply, None),
                 Msg::FunctionsChanged => self
                     .fns
                     .on_functions_changed(self.shared.functions.all(), self.now),
@@ -495,7 +497,7 @@ impl Worker {
                     protocol::encode(wbuf, f.kind, 0, f.request_id, &f.meta, &f.body);
                     self.mark(tok);
                 }
-                Action::Reply { to, reply } => self.answer_async(to, &reply),
+                Action::Reply { to, reply, served } => self.answer_async(to, &reply, served),
                 Action::Attach {
                     inst,
                     channel,

@@ -88,6 +88,8 @@ pub struct Request {
     pub expect_continue: bool,
     /// How the body that follows the head is framed.
     pub body: BodyFraming,
+    /// `X-Hearth-Timing: 1`: the client asks for the answer's phase timings.
+    pub timing: bool,
 }
 
 impl Request {
@@ -228,11 +230,12 @@ fn build_request(
     let mut close = false;
     let mut keep_alive_token = false;
     let mut expect_continue = false;
+    let mut timing = false;
     for field in raw.headers.iter() {
         let name = field.name;
         // httparse has already dropped the SP/HT around the value.
         let value = field.value;
-        // Dispatch on length first: most fields are none of these four.
+        // Dispatch on length first: most fields are none of these five.
         match name.len() {
             14 if name.eq_ignore_ascii_case("content-length") => {
                 let n = parse_content_length(value)?;
@@ -254,6 +257,7 @@ fn build_request(
             6 if name.eq_ignore_ascii_case("expect") => {
                 expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
             }
+            15 if name.eq_ignore_ascii_case("x-hearth-timing") => timing = value == b"1",
             _ => {}
         }
         headers.push((
@@ -293,6 +297,7 @@ fn build_request(
         keep_alive,
         expect_continue: expect_continue && version == Version::Http11,
         body,
+        timing,
     })
 }
 

@@ -49,6 +49,12 @@ impl Reply {
         self
     }
 
+    /// The same answer with one more header field whose value was computed.
+    pub fn with_owned_header(mut self, name: &'static str, value: String) -> Reply {
+        self.headers.push((Cow::Borrowed(name), Cow::Owned(value)));
+        self
+    }
+
     /// The same answer, closing the connection after it.
     pub fn closing(mut self) -> Reply {
         self.close = true;

@@ -271,6 +271,9 @@ impl CorePool {
             request_id: p.request_id,
             started: now,
             deadline: now + Duration::from_millis(timeout_ms),
+            // An instance fresh from its start that finds a request it
+            // did not keep waiting was not what that request waited for.
+            cold: std::mem::take(&mut inst.fresh) && p.arrived < now,
         });
         let frame = Frame {
             kind: FrameType::Invoke,
@@ -459,7 +462,8 @@ impl CorePool {
             leftover: Vec::new(),
         });
         f.metrics.instances.fetch_add(1, Relaxed);
-        let inst = Inst::new(inst_id, f, handle, now);
+        let mut inst = Inst::new(inst_id, f, handle, now);
+        inst.fresh = true;
         let i = self.adopt(inst, now);
         self.next_for(i, now);
     }

@@ -126,8 +126,13 @@ pub struct Frame {
 pub enum Action {
     /// Write a frame to an instance's channel.
     Send { inst: InstId, frame: Frame },
-    /// Answer the client waiting at `to` (if it still is).
-    Reply { to: ReplyTo, reply: Reply },
+    /// Answer the client waiting at `to` (if it still is); `served`: how an
+    /// instance served it, for the phase timings.
+    Reply {
+        to: ReplyTo,
+        reply: Reply,
+        served: Option<Served>,
+    },
     /// Watch a new (or moved-in) instance's channel; `leftover` was read from
     /// it already and comes before anything read next.
     Attach {
@@ -147,6 +152,16 @@ pub enum Action {
     Start(Arc<Function>),
     /// Destroy an instance off the event loop.
     Destroy(Box<dyn Instance>),
+}
+
+/// How an instance served a request, on the event loop's clock.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Served {
+    /// When the request was handed to the instance.
+    pub sent: Instant,
+    /// The instance was started (or restored) for it: the wait before `sent`
+    /// was an acquire, not a queue wait.
+    pub cold: bool,
 }
 
 /// One periodic tick.
@@ -180,6 +195,8 @@ struct Busy {
     request_id: String,
     started: Instant,
     deadline: Instant,
+    /// The instance was fresh from its start when it took the request.
+    cold: bool,
 }
 
 /// An instance on this core.
@@ -197,6 +214,8 @@ struct Inst {
     exiting: bool,
     /// What it may still add to its function's log from its channel.
     log_intake: LogIntake,
+    /// Started here and not yet given a request (its first one waited for the start).
+    fresh: bool,
 }
 
 impl Inst {
@@ -212,6 +231,7 @@ impl Inst {
             mark: None,
             exiting: false,
             log_intake: LogIntake::new(now),
+            fresh: false,
         }
     }
 
@@ -512,6 +532,11 @@ impl CorePool {
 
     /// Queues an answer for `to`, unless that client left.
     fn reply(&mut self, to: ReplyTo, reply: Reply) {
+        self.reply_served(to, reply, None);
+    }
+
+    /// Queues an answer for `to` that an instance gave, unless that client left.
+    fn reply_served(&mut self, to: ReplyTo, reply: Reply, served: Option<Served>) {
         let service = match self.service.is_empty() {
             true => None,
             false => self.service.remove(&to),
@@ -523,7 +548,7 @@ impl CorePool {
             Some(s) => reply::service_reply(reply, &s),
             None => reply,
         };
-        self.actions.push_back(Action::Reply { to, reply });
+        self.actions.push_back(Action::Reply { to, reply, served });
     }
 
     /// Whether the request answered at `to` came through the service API.

@@ -109,7 +109,11 @@ impl CorePool {
             f.metrics.error(ErrorKind::Handler);
             handler_error_reply(meta)
         };
-        self.reply(busy.to, reply);
+        let served = super::Served {
+            sent: busy.started,
+            cold: busy.cold,
+        };
+        self.reply_served(busy.to, reply, Some(served));
         let id = &f.spec.id;
         if self.fns.get_mut(id).is_some_and(|fs| fs.take_shrink()) {
             // Scale in: the others serve the queue.

@@ -64,6 +64,8 @@ struct Sim {
     /// Functions the pool asked to start an instance of, not yet started.
     starts: Vec<Arc<Function>>,
     replies: Vec<(ReplyTo, Reply)>,
+    /// How an instance served each answer (phase timings).
+    served: Vec<(ReplyTo, Option<Served>)>,
     /// INVOKE frames sent, in order.
     sent: Vec<(InstId, Frame)>,
     attached: Vec<InstId>,
@@ -133,6 +135,7 @@ impl Sim {
             next_serial: 1,
             starts: Vec::new(),
             replies: Vec::new(),
+            served: Vec::new(),
             sent: Vec::new(),
             attached: Vec::new(),
             closed: Vec::new(),
@@ -150,7 +153,10 @@ impl Sim {
         while let Some(a) = self.pool.poll_action() {
             match a {
                 Action::Send { inst, frame } => self.sent.push((inst, frame)),
-                Action::Reply { to, reply } => self.replies.push((to, reply)),
+                Action::Reply { to, reply, served } => {
+                    self.replies.push((to, reply));
+                    self.served.push((to, served));
+                }
                 Action::Attach { inst, .. } => self.attached.push(inst),
                 Action::Close(inst) => self.closed.push(inst),
                 Action::Detach(inst) => self.detached.push(inst),
@@ -283,6 +289,38 @@ impl Sim {
     fn live(&self, id: &str) -> usize {
         self.pool.fns.get(id).map_or(0, |fs| fs.live)
     }
+}
+
+#[test]
+fn answers_say_when_and_whether_the_request_waited_for_a_start() {
+    let f = function("a", 4, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let first = sim.request("a");
+    sim.advance(7);
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let first_sent = sim.now;
+    sim.advance(3);
+    sim.respond(inst, 200);
+    let second = sim.request("a");
+    let second_sent = sim.now;
+    sim.advance(2);
+    sim.respond(inst, 200);
+    let served = |sim: &Sim, to| sim.served.iter().find(|(t, _)| *t == to).unwrap().1;
+    let cold = Served {
+        sent: first_sent,
+        cold: true,
+    };
+    let warm = Served {
+        sent: second_sent,
+        cold: false,
+    };
+    assert_eq!(served(&sim, first), Some(cold));
+    assert_eq!(served(&sim, second), Some(warm));
+    // Answers no instance gave carry nothing.
+    let missing = sim.request("nope");
+    assert_eq!(served(&sim, missing), None);
 }
 
 #[test]

@@ -52,7 +52,14 @@ const T_INIT_ERROR = 17;
 const T_RESPONSE = 18;
 const T_ERROR = 19;
 const T_LOG = 20;
+const T_STREAM_HEAD = 21;
+const T_STREAM_CHUNK = 22;
+const T_STREAM_END = 23;
 const LOG_STDERR = 1;
+// A streamed answer is cut into chunks of at most STREAM_CHUNK_MAX bytes and
+// may hold STREAM_MAX bytes in all.
+const STREAM_CHUNK_MAX = 64 << 10;
+const STREAM_MAX = 20 << 20;
 // LOG frame bodies are cut at this size; output beyond LOG_BACKLOG_MAX bytes
 // waiting in the socket's user-space buffer is dropped (and counted), since a
 // socket write never blocks the way a pipe write does.
@@ -237,7 +244,7 @@ function parseHeader(b, o) {
   fMetaLen = b.readUInt32LE(o + 8);
   fBodyLen = b.readUInt32LE(o + 12);
   if (fMetaLen > META_MAX || fBodyLen > BODY_MAX) protocolError('frame over size limits');
-  if (!((fType >= 1 && fType <= 2) || (fType >= 16 && fType <= 20))) {
+  if (!((fType >= 1 && fType <= 2) || (fType >= 16 && fType <= 23))) {
     protocolError(`unknown frame type ${fType}`);
   }
 }

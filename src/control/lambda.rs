@@ -140,7 +140,9 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
         LambdaOp::UpdateAlias(n, a) => cx.with(n, |f| cx.update_alias(&f, a, body)),
         LambdaOp::DeleteAlias(n, a) => cx.with(n, |f| cx.delete_alias(&f, a)),
         // Served on the request path by the engine (see `invoke_target`).
-        LambdaOp::Invoke(_) => Err(lambda_error(500, "ServiceException", "misrouted Invoke")),
+        LambdaOp::Invoke(_) | LambdaOp::InvokeStream(_) => {
+            Err(lambda_error(500, "ServiceException", "misrouted Invoke"))
+        }
     };
     result.unwrap_or_else(|a| a)
 }

@@ -14,6 +14,7 @@ pub mod epoll;
 pub mod peers;
 pub mod port;
 pub mod stream;
+pub mod streamed;
 pub mod uring;
 pub mod worker;
 

@@ -251,6 +251,10 @@ impl Worker {
             return;
         };
         if !s.dead {
+            if matches!(s.kind, Kind::Client(_)) {
+                self.stream_resume(tok);
+            }
+            let s = &mut self.streams[tok];
             s.dead = true;
             s.closing = true;
             if let Kind::Client(c) = &s.kind {
@@ -414,6 +418,7 @@ impl Worker {
         if let Some(s) = self.streams.get_mut(tok) {
             s.trim();
             if matches!(s.kind, Kind::Client(_)) {
+                self.stream_resume(tok);
                 self.process_client(tok);
             }
         }
@@ -496,6 +501,9 @@ impl Worker {
                     self.mark(tok);
                 }
                 Action::Reply { to, reply } => self.answer_async(to, &reply),
+                Action::StreamHead { to, head } => self.stream_head(to, &head),
+                Action::StreamData { to, inst, data } => self.stream_data(to, inst, &data),
+                Action::StreamEnd { to, data, complete } => self.stream_end(to, &data, complete),
                 Action::Attach {
                     inst,
                     channel,
@@ -527,6 +535,16 @@ impl Worker {
                 }
                 Action::Start(f) => self.shared.functions.request_start(self.core, f),
                 Action::Destroy(handle) => self.shared.functions.destroy(handle),
+            }
+        }
+    }
+
+    /// Stops or resumes reading instance `inst`'s channel (see [`crate::engine::streamed`]).
+    pub fn set_channel_paused(&mut self, inst: InstId, paused: bool) {
+        if let Some(tok) = self.channel(inst) {
+            if self.streams[tok].read_paused != paused {
+                self.streams[tok].read_paused = paused;
+                self.mark(tok);
             }
         }
     }
@@ -617,6 +635,30 @@ impl Worker {
                 match self.shared.control.service_invoke(name, &req, &body) {
                     Err(reply) => reply,
                     Ok((id, invoke)) => {
+                        self.catch_up(&id);
+                        let to = self.reply_to(tok);
+                        let peer = self.peer(tok);
+                        self.mark_invoking(tok);
+                        self.fns
+                            .on_service_invoke(to, peer, &id, req, body, invoke, self.now);
+                        self.run_actions();
+                        return;
+                    }
+                }
+            }
+            Route::Lambda(LambdaOp::InvokeStream(name)) => {
+                let checked = match req.header("x-amz-invocation-type") {
+                    Some("Event") => Err(crate::control::lambda::lambda_error(
+                        400,
+                        "InvalidParameterValueException",
+                        "InvokeWithResponseStream takes RequestResponse or DryRun",
+                    )),
+                    _ => self.shared.control.service_invoke(name, &req, &body),
+                };
+                match checked {
+                    Err(reply) => reply,
+                    Ok((id, mut invoke)) => {
+                        invoke.stream = true;
                         self.catch_up(&id);
                         let to = self.reply_to(tok);
                         let peer = self.peer(tok);

@@ -304,3 +304,158 @@ print(json.dumps(out))
     assert_eq!(complete["ErrorCode"], "Error", "{complete}");
     assert_eq!(complete["ErrorDetails"], "broke mid-stream", "{complete}");
 }
+
+/// A zip of `bootstrap` (mode 0755) holding `script`.
+fn bootstrap_zip(script: &str) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    let opts = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
+    w.start_file("bootstrap", opts).unwrap();
+    w.write_all(script.as_bytes()).unwrap();
+    w.finish().unwrap().into_inner()
+}
+
+/// Deploys a `provided` function from `script` under `name`; returns its id.
+fn deploy_bootstrap(s: &Server, name: &str, script: &str) -> String {
+    let r = s.control(
+        "POST",
+        &format!("/deploy?name={name}&runtime=provided.al2023&handler=function.handler"),
+        &[("content-type", "application/zip")],
+        &bootstrap_zip(script),
+    );
+    assert_eq!(r.status, 201, "deploy: {} / {}", r.text(), s.stderr());
+    r.json()["functionId"].as_str().unwrap().to_string()
+}
+
+/// A custom runtime in the style of AWS's tutorial that streams its answer
+/// with curl: an HTTP prelude, then a line every 200 ms, uploaded from a
+/// pipe as it is written (`-T .` reads stdin without waiting for its end).
+const CURL_STREAMING_BOOTSTRAP: &str = r#"#!/bin/sh
+set -eu
+API="http://${AWS_LAMBDA_RUNTIME_API}/2018-06-01/runtime"
+while true; do
+  HEADERS="$(mktemp)"
+  curl -sS -o /dev/null -D "$HEADERS" "$API/invocation/next"
+  REQUEST_ID=$(grep -Fi Lambda-Runtime-Aws-Request-Id "$HEADERS" | tr -d '[:space:]' | cut -d: -f2)
+  rm -f "$HEADERS"
+  {
+    printf '{"statusCode":202,"headers":{"x-runtime":"curl"},"cookies":["c=1"]}'
+    printf '\000\000\000\000\000\000\000\000'
+    for i in 0 1 2 3 4; do echo "line $i"; sleep 0.2; done
+  } | curl -sS -o /dev/null -X POST -T . \
+      -H 'Lambda-Runtime-Function-Response-Mode: streaming' \
+      -H 'Transfer-Encoding: chunked' \
+      -H 'Content-Type: application/vnd.awslambda.http-integration-response' \
+      "$API/invocation/$REQUEST_ID/response"
+done
+"#;
+
+#[test]
+fn a_curl_bootstrap_streams_through_the_runtime_api() {
+    require_sandbox!();
+    if !std::path::Path::new("/usr/bin/curl").is_file() {
+        eprintln!("skipped: the bootstrap needs /usr/bin/curl on the host");
+        return;
+    }
+    let s = Server::start(&[]);
+    deploy_bootstrap(&s, "curlstream", CURL_STREAMING_BOOTSTRAP);
+    for _ in 0..2 {
+        let t0 = Instant::now();
+        let (mut c, status, head) = Chunked::get(&s, "/f/curlstream/");
+        assert_eq!(status, 202, "{head}");
+        assert!(head.contains("transfer-encoding: chunked"), "{head}");
+        assert!(head.contains("x-runtime: curl"), "{head}");
+        assert!(head.contains("set-cookie: c=1"), "{head}");
+        let mut text = String::new();
+        let mut arrivals = Vec::new();
+        while let Some(data) = c.chunk().expect("a complete body") {
+            arrivals.push((t0.elapsed(), String::from_utf8_lossy(&data).to_string()));
+            text.push_str(&String::from_utf8_lossy(&data));
+        }
+        assert_eq!(text, "line 0\nline 1\nline 2\nline 3\nline 4\n");
+        let first = arrivals
+            .iter()
+            .find(|(_, t)| t.contains("line 0"))
+            .unwrap()
+            .0;
+        let last = arrivals
+            .iter()
+            .find(|(_, t)| t.contains("line 4"))
+            .unwrap()
+            .0;
+        assert!(
+            last - first >= Duration::from_millis(600),
+            "the lines arrived together: {arrivals:?}"
+        );
+    }
+    s.assert_healthy();
+}
+
+/// A Python bootstrap posting a chunked streamed response by hand, ending
+/// it with Lambda's error trailers on `/fail`.
+const PYTHON_TRAILERS_BOOTSTRAP: &str = r#"#!/usr/bin/python3
+import base64, http.client, json, os, socket, time
+host, port = os.environ['AWS_LAMBDA_RUNTIME_API'].split(':')
+while True:
+    c = http.client.HTTPConnection(host, int(port))
+    c.request('GET', '/2018-06-01/runtime/invocation/next')
+    r = c.getresponse()
+    event = json.loads(r.read())
+    rid = r.getheader('Lambda-Runtime-Aws-Request-Id')
+    c.close()
+    s = socket.create_connection((host, int(port)))
+    s.sendall(('POST /2018-06-01/runtime/invocation/%s/response HTTP/1.1\r\nHost: rapi\r\n'
+               'Lambda-Runtime-Function-Response-Mode: streaming\r\n'
+               'Transfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n' % rid).encode())
+    for i in range(2):
+        d = ('part %d\n' % i).encode()
+        s.sendall(b'%x\r\n%s\r\n' % (len(d), d))
+        time.sleep(0.1)
+    if event['rawPath'] == '/fail':
+        doc = json.dumps({'errorType': 'Oops', 'errorMessage': 'broke', 'stackTrace': []})
+        s.sendall(('0\r\nLambda-Runtime-Function-Error-Type: Oops\r\n'
+                   'Lambda-Runtime-Function-Error-Body: %s\r\n\r\n'
+                   % base64.b64encode(doc.encode()).decode()).encode())
+    else:
+        s.sendall(b'0\r\n\r\n')
+    print('posted', s.recv(4096).split(b'\r\n')[0].decode(), flush=True)
+    s.close()
+"#;
+
+#[test]
+fn runtime_api_error_trailers_cut_a_stream_off() {
+    require_sandbox!();
+    if !std::path::Path::new("/usr/bin/python3").is_file() {
+        eprintln!("skipped: the bootstrap needs /usr/bin/python3 on the host");
+        return;
+    }
+    let s = Server::start(&[]);
+    let id = deploy_bootstrap(&s, "trailers", PYTHON_TRAILERS_BOOTSTRAP);
+    let (mut c, status, head) = Chunked::get(&s, "/f/trailers/ok");
+    assert_eq!(status, 200, "{head}");
+    assert!(head.contains("content-type: text/plain"), "{head}");
+    let mut text = Vec::new();
+    while let Some(data) = c.chunk().expect("a complete body") {
+        text.extend(data);
+    }
+    assert_eq!(text, b"part 0\npart 1\n");
+
+    let (mut c, status, _) = Chunked::get(&s, "/f/trailers/fail");
+    assert_eq!(status, 200);
+    let mut text = Vec::new();
+    let end = loop {
+        match c.chunk() {
+            Ok(Some(data)) => text.extend(data),
+            other => break other,
+        }
+    };
+    assert_eq!(text, b"part 0\npart 1\n");
+    assert!(end.is_err(), "the body must not end cleanly: {end:?}");
+    // The runtime was told 202 both times and serves on.
+    let (mut c, status, _) = Chunked::get(&s, "/f/trailers/ok");
+    assert_eq!(status, 200);
+    while c.chunk().expect("complete").is_some() {}
+    let logs = s
+        .control("GET", &format!("/functions/{id}/logs"), &[], b"")
+        .text();
+    assert!(logs.contains("posted HTTP/1.1 202"), "{logs}");
+}

@@ -26,6 +26,9 @@
  *     API's Invoke) the body is the event's JSON text and the answer is the
  *     result's JSON text as it is, with no function-URL translation; an ERROR
  *     then also carries the stack as `trace`, as Lambda's Node runtime reports.
+ *   - A handler wrapped in `awslambda.streamifyResponse` answers with
+ *     STREAM_HEAD, STREAM_CHUNKs as it writes and STREAM_END instead (see
+ *     "Response streaming" below).
  *
  * Requires Node >= 18, CommonJS, no dependencies.
  */

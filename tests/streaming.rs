@@ -234,6 +234,19 @@ fn boto3_reads_invoke_with_response_stream() {
     }
     let s = Server::start(&[]);
     deploy_streaming(&s, "evstream");
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    w.start_file("index.js", zip::write::SimpleFileOptions::default())
+        .unwrap();
+    w.write_all(b"exports.handler = async (event) => ({ got: event });")
+        .unwrap();
+    let plain_zip = w.finish().unwrap().into_inner();
+    let r = s.control(
+        "POST",
+        "/deploy?name=plainfn&handler=index.handler",
+        &[("content-type", "application/zip")],
+        &plain_zip,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
     let script = format!(
         r#"
 import boto3, json, time
@@ -254,6 +267,14 @@ for mode in ['chunks', 'fail']:
             events.append(['complete', ev['InvokeComplete'], time.monotonic() - t0])
     out[mode] = {{'status': r['StatusCode'], 'version': r.get('ExecutedVersion'),
                  'type': r.get('ResponseStreamContentType'), 'events': events}}
+r = client.invoke(FunctionName='evstream', Payload=json.dumps({{'mode': 'chunks'}}).encode())
+out['collected'] = {{'payload': r['Payload'].read().decode(), 'error': r.get('FunctionError')}}
+r = client.invoke_with_response_stream(FunctionName='plainfn', Payload=b'{{"x": 1}}')
+out['plain'] = [list(ev.keys())[0] for ev in r['EventStream']]
+out['plain_payload'] = ''
+for ev in client.invoke_with_response_stream(FunctionName='plainfn', Payload=b'{{"x": 1}}')['EventStream']:
+    if 'PayloadChunk' in ev:
+        out['plain_payload'] += ev['PayloadChunk']['Payload'].decode()
 print(json.dumps(out))
 "#,
         addr = s.addr,
@@ -297,6 +318,21 @@ print(json.dumps(out))
     assert_eq!(complete[0], "complete");
     assert!(complete[1].get("ErrorCode").is_none(), "{complete}");
     assert!(complete[1]["LogResult"].is_string(), "{complete}");
+
+    // A plain Invoke of a streaming handler gets the stream collected.
+    assert_eq!(
+        v["collected"]["payload"],
+        "chunk 0\nchunk 1\nchunk 2\nchunk 3\nchunk 4\n"
+    );
+    assert!(v["collected"]["error"].is_null(), "{v}");
+    // A handler that does not stream: one PayloadChunk, then InvokeComplete.
+    assert_eq!(
+        v["plain"],
+        serde_json::json!(["PayloadChunk", "InvokeComplete"])
+    );
+    let plain: serde_json::Value =
+        serde_json::from_str(v["plain_payload"].as_str().unwrap()).expect("the result's JSON");
+    assert_eq!(plain["got"]["x"], 1, "{plain}");
 
     let failed = v["fail"]["events"].as_array().unwrap();
     assert_eq!(failed[0][1], "partial 1\n");

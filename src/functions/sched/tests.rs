@@ -913,3 +913,33 @@ fn a_chunk_before_the_head_breaks_the_protocol() {
     assert_eq!(sim.status(to), Some(502));
     assert!(sim.streamed.is_empty());
 }
+
+#[test]
+fn a_stream_over_its_size_limit_is_cut_off_and_the_instance_serves_on() {
+    use crate::protocol::{STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX};
+    let f = function("a", 1, 60_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let to = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.frame(inst, FrameType::StreamHead, r#"{"status":200}"#, b"");
+    let chunk = vec![b'x'; STREAM_CHUNK_BYTES_MAX];
+    for _ in 0..STREAM_BYTES_MAX / STREAM_CHUNK_BYTES_MAX + 3 {
+        sim.frame(inst, FrameType::StreamChunk, "", &chunk);
+    }
+    let sent: usize = sim
+        .streamed
+        .iter()
+        .filter(|s| s.1 == "data")
+        .map(|s| s.2.len())
+        .sum();
+    assert_eq!(sent, STREAM_BYTES_MAX, "nothing past the limit goes out");
+    let last = sim.streamed.last().unwrap();
+    assert_eq!((last.0, last.1, last.3), (to, "end", false));
+    let pieces = sim.streamed.len();
+    sim.frame(inst, FrameType::StreamEnd, "", b"");
+    assert_eq!(sim.streamed.len(), pieces, "the end was sent already");
+    sim.request("a");
+    assert_eq!(sim.sent.len(), 2, "the instance takes the next request");
+}

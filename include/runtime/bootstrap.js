@@ -814,11 +814,10 @@ class LambdaContext {
   #settled = false;
   #bound = null;
   #raw = false;
+  #stream = null; // the ResponseStream of a streaming handler's invocation
 
   constructor(frameId, requestId, deadline, raw = false) {
     this.#raw = raw;
-    // The ResponseStream of a streaming handler's invocation, else null.
-    Object.defineProperty(this, '_stream', { value: null, writable: true, enumerable: false });
     this.callbackWaitsForEmptyEventLoop = true;
     this.functionName = fn.name;
     this.functionVersion = '$LATEST';
@@ -870,6 +869,12 @@ class LambdaContext {
 
   _frameId() {
     return this.#frameId;
+  }
+  _stream() {
+    return this.#stream;
+  }
+  _setStream(rs) {
+    this.#stream = rs;
   }
   // Returns true once: the first caller gets to answer the invocation.
   _claim() {
@@ -973,7 +978,7 @@ function watchForEmptyLoop() {
 
 process.on('beforeExit', () => {
   if (current !== null && !current._isSettled()) {
-    if (current._stream !== null) current._stream.end();
+    if (current._stream() !== null) current._stream().end();
     else settle(current, null, null);
   }
   if (drainWatch) {
@@ -1176,7 +1181,7 @@ globalThis.awslambda = Object.freeze({ streamifyResponse, HttpResponseStream });
 /** Runs a streaming handler: it answers through its ResponseStream. */
 function runStreaming(ctx, event) {
   const rs = new ResponseStream(ctx);
-  ctx._stream = rs;
+  ctx._setStream(rs);
   let ret;
   try {
     ret = handlerFn(event, rs, ctx);

@@ -36,6 +36,8 @@
 /* Limits: a frame larger than this is a protocol error. */
 #define HEARTH_META_MAX (1u << 20)         /* 1 MiB of JSON metadata        */
 #define HEARTH_BODY_MAX (8u << 20)         /* 8 MiB of body (> 6 MiB payload) */
+#define HEARTH_STREAM_CHUNK_MAX (64u << 10) /* body of one STREAM_CHUNK       */
+#define HEARTH_STREAM_MAX (20u << 20)      /* all chunks of one streamed answer */
 
 enum hearth_frame_type {
     /* host -> guest */
@@ -62,6 +64,18 @@ enum hearth_frame_type {
     HEARTH_LOG = 20,       /* body: one or more lines of output; request_id is the
                               request running when it was written (0: none);
                               flags: HEARTH_LOG_STDERR. */
+    /* Streamed answers: instead of RESPONSE, a runtime may answer an INVOKE with
+       STREAM_HEAD, any number of STREAM_CHUNKs and one STREAM_END, all with the
+       invoke's request_id (LOG frames may come between them). The host sends
+       each chunk on as it arrives, and stops reading the stream while the
+       client is slow, so a runtime must expect its writes to block. */
+    HEARTH_STREAM_HEAD = 21,  /* meta: as RESPONSE's {"status","headers"}; no body. */
+    HEARTH_STREAM_CHUNK = 22, /* body: the next bytes, at most HEARTH_STREAM_CHUNK_MAX;
+                                 over HEARTH_STREAM_MAX in all, the host ends the
+                                 answer as failed and drops the rest. */
+    HEARTH_STREAM_END = 23,   /* meta: {} (complete) or {"errorType","errorMessage"}
+                                 (the handler failed mid-stream). An ERROR frame
+                                 instead also ends the stream as failed. */
 };
 
 #define HEARTH_LOG_STDERR 0x01u

@@ -49,6 +49,8 @@ pub enum LambdaOp<'a> {
     UpdateCode(&'a str),
     /// `POST /2015-03-31/functions/{name}/invocations`
     Invoke(&'a str),
+    /// `POST /2021-11-15/functions/{name}/response-streaming-invocations`
+    InvokeStream(&'a str),
     /// `PUT /2017-10-31/functions/{name}/concurrency`
     PutConcurrency(&'a str),
     /// `GET /2019-09-30/functions/{name}/concurrency`
@@ -126,6 +128,8 @@ fn lambda_route<'a>(method: &str, version: &str, rest: &'a str) -> Route<'a> {
         }
         ("2015-03-31", "invocations", "POST") => Op::Invoke(name),
         ("2015-03-31", "invocations", _) => return wrong("POST"),
+        ("2021-11-15", "response-streaming-invocations", "POST") => Op::InvokeStream(name),
+        ("2021-11-15", "response-streaming-invocations", _) => return wrong("POST"),
         ("2017-10-31", "concurrency", "PUT") => Op::PutConcurrency(name),
         ("2017-10-31", "concurrency", _) => return wrong("PUT"),
         ("2019-09-30", "concurrency", "GET") => Op::GetConcurrency(name),
@@ -145,7 +149,13 @@ fn lambda_route<'a>(method: &str, version: &str, rest: &'a str) -> Route<'a> {
 /// Routes `method` + `path` (the target without its query).
 pub fn route<'a>(method: &str, path: &'a str) -> Route<'a> {
     let get = method == "GET" || method == "HEAD";
-    for version in ["2015-03-31", "2017-10-31", "2019-09-30", "2019-09-25"] {
+    for version in [
+        "2015-03-31",
+        "2017-10-31",
+        "2019-09-30",
+        "2019-09-25",
+        "2021-11-15",
+    ] {
         if let Some(rest) = path
             .strip_prefix('/')
             .and_then(|p| p.strip_prefix(version))

@@ -602,6 +602,9 @@ fn frame_type() -> impl Strategy<Value = FrameType> {
         FrameType::Response,
         FrameType::Error,
         FrameType::Log,
+        FrameType::StreamHead,
+        FrameType::StreamChunk,
+        FrameType::StreamEnd,
     ])
 }
 

@@ -165,7 +165,7 @@ impl HostStream {
 }
 
 /// Header of the frame at the front of `buf` if all of it is buffered.
-/// Frames a runtime may send: READY, INIT_ERROR, RESPONSE, ERROR, LOG.
+/// Frames a runtime may send: READY, INIT_ERROR, RESPONSE, ERROR, LOG, STREAM_*.
 pub fn complete_frame(buf: &[u8]) -> Result<Option<Header>, StreamError> {
     let Some(h) = protocol::parse_header(buf)? else {
         return Ok(None);

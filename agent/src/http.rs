@@ -211,6 +211,132 @@ fn parse_chunked(buf: &[u8], max: usize) -> Result<Option<(Vec<u8>, usize)>, Htt
     }
 }
 
+/// Decodes a request body as it arrives, for a body relayed before it ends
+/// (the Runtime API's streamed responses); sans-IO like [`parse_body`].
+#[derive(Debug)]
+pub struct BodyStream {
+    state: BodyState,
+    /// The trailer fields of a chunked body, names lower-cased.
+    pub trailers: Vec<(String, String)>,
+    trailer_bytes: usize,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum BodyState {
+    /// Bytes left of a Content-Length body.
+    Length(usize),
+    /// Expecting a chunk-size line.
+    Size,
+    /// Bytes left of the current chunk.
+    Data(usize),
+    /// Expecting the CRLF after a chunk.
+    DataEnd,
+    /// Reading trailer fields up to the blank line.
+    Trailers,
+    Done,
+}
+
+impl BodyStream {
+    /// A decoder for a body framed as `kind`.
+    pub fn new(kind: BodyKind) -> BodyStream {
+        BodyStream {
+            state: match kind {
+                BodyKind::Length(0) => BodyState::Done,
+                BodyKind::Length(n) => BodyState::Length(n),
+                BodyKind::Chunked => BodyState::Size,
+            },
+            trailers: Vec::new(),
+            trailer_bytes: 0,
+        }
+    }
+
+    /// Whether the whole body (and its trailers) has been read.
+    pub fn is_done(&self) -> bool {
+        self.state == BodyState::Done
+    }
+
+    /// Decodes what it can of `buf`, appending body bytes to `out`; returns
+    /// how many bytes of `buf` it used (the rest waits for more input).
+    pub fn feed(&mut self, buf: &[u8], out: &mut Vec<u8>) -> Result<usize, HttpError> {
+        let mut at = 0;
+        loop {
+            let rest = &buf[at..];
+            match self.state {
+                BodyState::Done => return Ok(at),
+                BodyState::Length(n) | BodyState::Data(n) => {
+                    let take = n.min(rest.len());
+                    if take == 0 {
+                        return Ok(at);
+                    }
+                    out.extend_from_slice(&rest[..take]);
+                    at += take;
+                    self.state = match (self.state, n - take) {
+                        (BodyState::Length(_), 0) => BodyState::Done,
+                        (BodyState::Length(_), left) => BodyState::Length(left),
+                        (_, 0) => BodyState::DataEnd,
+                        (_, left) => BodyState::Data(left),
+                    };
+                }
+                BodyState::DataEnd => {
+                    if rest.len() < 2 {
+                        return Ok(at);
+                    }
+                    if &rest[..2] != b"\r\n" {
+                        return Err(HttpError::Bad("chunk not followed by CRLF"));
+                    }
+                    at += 2;
+                    self.state = BodyState::Size;
+                }
+                BodyState::Size => {
+                    let Some(eol) = find(rest, b"\r\n") else {
+                        return match rest.len() > 1024 {
+                            true => Err(HttpError::Bad("malformed chunk size")),
+                            false => Ok(at),
+                        };
+                    };
+                    let line = std::str::from_utf8(&rest[..eol])
+                        .map_err(|_| HttpError::Bad("malformed chunk size"))?;
+                    let text = line.split(';').next().unwrap_or("").trim();
+                    if text.is_empty() || text.len() > 15 {
+                        return Err(HttpError::Bad("malformed chunk size"));
+                    }
+                    let size = usize::from_str_radix(text, 16)
+                        .map_err(|_| HttpError::Bad("malformed chunk size"))?;
+                    at += eol + 2;
+                    self.state = match size {
+                        0 => BodyState::Trailers,
+                        n => BodyState::Data(n),
+                    };
+                }
+                BodyState::Trailers => {
+                    let Some(eol) = find(rest, b"\r\n") else {
+                        return match self.trailer_bytes + rest.len() > HEAD_BYTES_MAX {
+                            true => Err(HttpError::HeadTooLarge),
+                            false => Ok(at),
+                        };
+                    };
+                    self.trailer_bytes += eol + 2;
+                    if self.trailer_bytes > HEAD_BYTES_MAX {
+                        return Err(HttpError::HeadTooLarge);
+                    }
+                    let line = std::str::from_utf8(&rest[..eol])
+                        .map_err(|_| HttpError::Bad("malformed trailer"))?;
+                    at += eol + 2;
+                    if line.is_empty() {
+                        self.state = BodyState::Done;
+                        continue;
+                    }
+                    let (k, v) = line
+                        .split_once(':')
+                        .ok_or(HttpError::Bad("malformed trailer"))?;
+                    self.trailers
+                        .push((k.trim().to_ascii_lowercase(), v.trim().to_string()));
+                }
+            }
+        }
+    }
+}
+
 /// A complete response with a Content-Length body.
 pub fn response(status: u16, headers: &[(&str, &str)], body: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(128 + body.len());
@@ -309,6 +435,31 @@ mod tests {
         );
         assert!(parse_body(b"zz\r\n", BodyKind::Chunked, 8).is_err());
         assert!(parse_body(b"2\r\nabXY", BodyKind::Chunked, 8).is_err());
+    }
+
+    #[test]
+    fn streamed_bodies_decode_in_any_split_and_keep_their_trailers() {
+        let wire = b"5\r\nhello\r\n6;x=1\r\n world\r\n0\r\nX-Err: boom\r\n\r\nNEXT";
+        for cut in 0..wire.len() {
+            let mut d = BodyStream::new(BodyKind::Chunked);
+            let mut out = Vec::new();
+            let used = d.feed(&wire[..cut], &mut out).unwrap();
+            let mut rest = wire[used..].to_vec();
+            let used2 = d.feed(&rest, &mut out).unwrap();
+            rest.drain(..used2);
+            assert!(d.is_done(), "cut {cut}");
+            assert_eq!(out, b"hello world", "cut {cut}");
+            assert_eq!(rest, b"NEXT", "cut {cut}");
+            assert_eq!(d.trailers, [("x-err".to_string(), "boom".to_string())]);
+        }
+        let mut d = BodyStream::new(BodyKind::Length(3));
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b"ab", &mut out).unwrap(), 2);
+        assert_eq!(d.feed(b"cd", &mut out).unwrap(), 1);
+        assert!(d.is_done());
+        assert_eq!(out, b"abc");
+        let mut bad = BodyStream::new(BodyKind::Chunked);
+        assert!(bad.feed(b"2\r\nabXY", &mut Vec::new()).is_err());
     }
 
     #[test]

@@ -600,6 +600,59 @@ pub fn translate_response(posted: &[u8], raw: bool) -> Result<Answer, String> {
     ))
 }
 
+/// Content type of a streamed response that opens with an HTTP prelude:
+/// `{"statusCode","headers","cookies"}` JSON, then [`PRELUDE_END`], then the body.
+pub const HTTP_INTEGRATION_TYPE: &str = "application/vnd.awslambda.http-integration-response";
+/// What ends the HTTP prelude of a streamed response.
+pub const PRELUDE_END: [u8; 8] = [0; 8];
+/// Longest HTTP prelude accepted.
+pub const PRELUDE_BYTES_MAX: usize = 64 << 10;
+
+/// STREAM_HEAD metadata for a streamed response: from its HTTP `prelude`
+/// when it has one (status 200 unless it says otherwise), else 200 with the
+/// posted `content_type` (`application/octet-stream` when none).
+pub fn stream_head_meta(
+    content_type: Option<&str>,
+    prelude: Option<&[u8]>,
+) -> Result<Vec<u8>, String> {
+    let Some(prelude) = prelude else {
+        let ct = content_type.unwrap_or("application/octet-stream");
+        let meta = json!({"status": 200, "headers": [["content-type", ct]]});
+        return Ok(serde_json::to_vec(&meta).expect("a JSON value serialises"));
+    };
+    let mut doc: Value = match serde_json::from_slice(prelude) {
+        Ok(v @ Value::Object(_)) => v,
+        _ => return Err("the HTTP prelude is not a JSON object".into()),
+    };
+    if doc.get("statusCode").is_none() {
+        doc["statusCode"] = json!(200);
+    }
+    doc.as_object_mut().expect("an object").remove("body");
+    let (meta, _) = translate_response(doc.to_string().as_bytes(), false)?;
+    Ok(meta)
+}
+
+/// STREAM_END metadata from a streamed response's trailers: the error named
+/// by `Lambda-Runtime-Function-Error-Type` (details in `-Error-Body`, base64
+/// of the error document), else `{}`.
+pub fn stream_end_meta(trailers: &[(String, String)], with_trace: bool) -> Vec<u8> {
+    let field = |name: &str| {
+        trailers
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.as_str())
+    };
+    match field("lambda-runtime-function-error-type") {
+        None => b"{}".to_vec(),
+        Some(error_type) => {
+            let body = field("lambda-runtime-function-error-body")
+                .and_then(base64_decode)
+                .unwrap_or_default();
+            error_meta(&body, Some(error_type), with_trace)
+        }
+    }
+}
+
 /// ERROR / INIT_ERROR metadata from a posted error document. A body that is
 /// not a JSON object is the message; the type then comes from the
 /// `Lambda-Runtime-Function-Error-Type` header, else `Unhandled`. With

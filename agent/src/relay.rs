@@ -412,7 +412,10 @@ impl Relay {
                     return;
                 }
             };
-            if matches!(header.kind, FrameType::Response | FrameType::Error) {
+            if matches!(
+                header.kind,
+                FrameType::Response | FrameType::Error | FrameType::StreamEnd
+            ) {
                 // Node writes console output synchronously to pipes, so all
                 // output of this request is in the pipes by now.
                 self.drain_captures();

@@ -99,7 +99,27 @@ struct Conn {
     continue_sent: bool,
     /// The connection is to close once its current answer is written.
     closing: bool,
+    /// The streamed response this connection is relaying, if any.
+    relay: Option<StreamIn>,
 }
+
+/// A response posted in streaming mode (`Lambda-Runtime-Function-Response-Mode:
+/// streaming`), relayed as STREAM_* frames while its body arrives.
+struct StreamIn {
+    frame_id: u32,
+    request_id: String,
+    /// A service API invocation: bytes pass as they are, with the trace of an error.
+    raw: bool,
+    body: http::BodyStream,
+    content_type: Option<String>,
+    /// The HTTP prelude read so far, while it is awaited.
+    prelude: Option<Vec<u8>>,
+    head_sent: bool,
+}
+
+/// Bytes read from one Runtime API connection per turn of the loop, so a
+/// streaming bootstrap is relayed at the pace the host takes it.
+const CONN_READ_BYTES_MAX: usize = 256 << 10;
 
 struct Child {
     pid: libc::pid_t,
@@ -464,6 +484,7 @@ impl Server {
                 head: None,
                 continue_sent: false,
                 closing: false,
+                relay: None,
             };
             match self.conns.iter().position(Option::is_none) {
                 Some(i) => self.conns[i] = Some(conn),
@@ -473,6 +494,13 @@ impl Server {
     }
 
     fn drop_conn(&mut self, i: usize) {
+        let cut = self.conns[i].as_mut().and_then(|c| c.relay.take());
+        if let Some(st) = cut {
+            // The bootstrap hung up mid-stream: the invocation fails.
+            let meta = serde_json::json!({"errorType": "Runtime.StreamError",
+                "errorMessage": "the runtime closed its connection before the streamed response ended"});
+            self.end_stream(st, meta.to_string().as_bytes());
+        }
         self.conns[i] = None;
         if self.parked == Some(i) {
             self.parked = None;
@@ -480,7 +508,8 @@ impl Server {
     }
 
     fn on_conn(&mut self, i: usize) -> io::Result<()> {
-        loop {
+        let mut read = 0;
+        while read < CONN_READ_BYTES_MAX {
             let Some(c) = self.conns[i].as_mut() else {
                 return Ok(());
             };
@@ -491,6 +520,7 @@ impl Server {
                 }
                 Ok(n) => {
                     c.buf.extend_from_slice(&self.scratch[..n]);
+                    read += n;
                     if n < self.scratch.len() {
                         break; // drained, as above
                     }
@@ -534,6 +564,12 @@ impl Server {
             let c = self.conns[i].as_mut().expect("present");
             let head = c.head.clone().expect("set above");
             let route = rapi::route(&head.method, &head.target);
+            if c.relay.is_some() || is_streaming(&route, &head) {
+                if !self.serve_stream(i, &route, &head)? {
+                    return Ok(());
+                }
+                continue;
+            }
             let max = match route {
                 Route::Response(_) => rapi::RESPONSE_BYTES_MAX,
                 Route::Error(_) | Route::InitError => rapi::ERROR_BYTES_MAX,
@@ -574,6 +610,155 @@ impl Server {
             self.handle(i, route, &head, body)?;
         }
         Ok(())
+    }
+
+    /// Relays the streamed response posted on connection `i` as far as its
+    /// body has arrived; true once it is complete and answered.
+    fn serve_stream(&mut self, i: usize, route: &Route, head: &Head) -> io::Result<bool> {
+        let c = self.conns[i].as_mut().expect("present");
+        let mut st = match c.relay.take() {
+            Some(st) => st,
+            None => {
+                let Route::Response(id) = route else {
+                    unreachable!("only responses stream")
+                };
+                let Some(inv) = self.current.as_ref().filter(|c| &c.request_id == id) else {
+                    let (status, kind, msg) = match self.last_answered.as_deref() == Some(id) {
+                        true => (
+                            403,
+                            "InvalidStateTransition",
+                            "the invocation was already answered",
+                        ),
+                        false => (400, "InvalidRequestID", "Invalid request ID"),
+                    };
+                    // Its body is never read: the connection closes.
+                    self.answer_and_close(i, status, kind, msg);
+                    return Ok(false);
+                };
+                let content_type = head.header("content-type").map(str::to_string);
+                let prelude = !inv.raw
+                    && content_type
+                        .as_deref()
+                        .is_some_and(|t| t.eq_ignore_ascii_case(rapi::HTTP_INTEGRATION_TYPE));
+                if head.expects_continue()
+                    && write_all(
+                        c.stream.as_raw_fd(),
+                        http::CONTINUE,
+                        CLIENT_WRITE_TIMEOUT_MS,
+                    )
+                    .is_err()
+                {
+                    self.drop_conn(i);
+                    return Ok(false);
+                }
+                StreamIn {
+                    frame_id: inv.frame_id,
+                    request_id: inv.request_id.clone(),
+                    raw: inv.raw,
+                    body: http::BodyStream::new(head.body),
+                    content_type,
+                    prelude: prelude.then(Vec::new),
+                    head_sent: false,
+                }
+            }
+        };
+        let mut data = Vec::new();
+        let fed = st.body.feed(&c.buf, &mut data);
+        let used = *fed.as_ref().unwrap_or(&0);
+        c.buf.drain(..used);
+        if fed.is_err() {
+            let meta = serde_json::json!({"errorType": "Runtime.StreamError",
+                "errorMessage": "the streamed response body is malformed"});
+            self.end_stream(st, meta.to_string().as_bytes());
+            self.answer_and_close(i, 400, "InvalidRequest", "malformed streamed body");
+            return Ok(false);
+        }
+        let done = st.body.is_done();
+        if let Err(why) = self.relay_stream(&mut st, data, done) {
+            let meta = serde_json::json!({"errorType": "Runtime.MalformedResponse",
+                "errorMessage": why});
+            self.end_stream(st, meta.to_string().as_bytes());
+            self.answer_and_close(i, 400, "InvalidRequest", &why);
+            return Ok(false);
+        }
+        if !done {
+            self.conns[i].as_mut().expect("present").relay = Some(st);
+            return Ok(false);
+        }
+        let meta = rapi::stream_end_meta(&st.body.trailers, st.raw);
+        self.end_stream(st, &meta);
+        let c = self.conns[i].as_mut().expect("present");
+        c.head = None;
+        c.closing |= head.close;
+        self.reply(i, 202, br#"{"status":"OK"}"#)?;
+        self.dispatch()?;
+        Ok(true)
+    }
+
+    /// Sends the head (once known) and `data` as STREAM_CHUNKs; `done`: the
+    /// body ended. `Err` says why the stream cannot go on.
+    fn relay_stream(&self, st: &mut StreamIn, mut data: Vec<u8>, done: bool) -> Result<(), String> {
+        let io = |e: io::Error| format!("writing to the host: {e}");
+        if let Some(p) = st.prelude.as_mut() {
+            p.append(&mut data);
+            let end = p
+                .windows(rapi::PRELUDE_END.len())
+                .position(|w| w == rapi::PRELUDE_END);
+            match end {
+                Some(at) => {
+                    let meta = rapi::stream_head_meta(None, Some(&p[..at]))?;
+                    data = p.split_off(at + rapi::PRELUDE_END.len());
+                    st.prelude = None;
+                    self.send(FrameType::StreamHead, 0, st.frame_id, &meta, &[])
+                        .map_err(io)?;
+                    st.head_sent = true;
+                }
+                None if p.len() > rapi::PRELUDE_BYTES_MAX => {
+                    return Err(format!(
+                        "no end of the HTTP prelude in its first {} bytes",
+                        rapi::PRELUDE_BYTES_MAX
+                    ));
+                }
+                // A body that ended inside the prelude is sent as it is.
+                None if done => data = st.prelude.take().expect("present"),
+                None => return Ok(()),
+            }
+        }
+        if !st.head_sent {
+            let meta = rapi::stream_head_meta(st.content_type.as_deref(), None)?;
+            self.send(FrameType::StreamHead, 0, st.frame_id, &meta, &[])
+                .map_err(io)?;
+            st.head_sent = true;
+        }
+        for piece in data.chunks(protocol::STREAM_CHUNK_BYTES_MAX) {
+            self.send(FrameType::StreamChunk, 0, st.frame_id, &[], piece)
+                .map_err(io)?;
+        }
+        Ok(())
+    }
+
+    /// Ends streamed response `st` with STREAM_END `meta` (or, failed before
+    /// its head went out, an ERROR); the invocation is answered.
+    fn end_stream(&mut self, st: StreamIn, meta: &[u8]) {
+        let kind = match st.head_sent {
+            true => FrameType::StreamEnd,
+            false if meta == b"{}" => {
+                let head =
+                    rapi::stream_head_meta(st.content_type.as_deref(), None).expect("a plain head");
+                let _ = self.send(FrameType::StreamHead, 0, st.frame_id, &head, &[]);
+                FrameType::StreamEnd
+            }
+            false => FrameType::Error,
+        };
+        let _ = self.send(kind, 0, st.frame_id, meta, &[]);
+        if self
+            .current
+            .as_ref()
+            .is_some_and(|c| c.request_id == st.request_id)
+        {
+            self.current = None;
+        }
+        self.last_answered = Some(st.request_id);
     }
 
     /// A body over the limit: Lambda's 413; a response that big fails its invocation.
@@ -777,6 +962,14 @@ impl Server {
         let _ = self.reply_error(i, status, error_type, msg);
         self.drop_conn(i);
     }
+}
+
+/// Whether `head` posts a response in streaming mode.
+fn is_streaming(route: &Route, head: &Head) -> bool {
+    matches!(route, Route::Response(_))
+        && head
+            .header("lambda-runtime-function-response-mode")
+            .is_some_and(|m| m.eq_ignore_ascii_case("streaming"))
 }
 
 fn pollfd(fd: RawFd) -> libc::pollfd {

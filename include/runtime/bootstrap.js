@@ -26,6 +26,9 @@
  *     API's Invoke) the body is the event's JSON text and the answer is the
  *     result's JSON text as it is, with no function-URL translation; an ERROR
  *     then also carries the stack as `trace`, as Lambda's Node runtime reports.
+ *   - A handler wrapped in `awslambda.streamifyResponse` answers with
+ *     STREAM_HEAD, STREAM_CHUNKs as it writes and STREAM_END instead (see
+ *     "Response streaming" below).
  *
  * Requires Node >= 18, CommonJS, no dependencies.
  */
@@ -35,6 +38,7 @@ const fs = require('fs');
 const path = require('path');
 const { pathToFileURL } = require('url');
 const { performance } = require('perf_hooks');
+const { Writable } = require('stream');
 const crypto = require('crypto');
 
 // ---------------------------------------------------------------------------
@@ -52,7 +56,14 @@ const T_INIT_ERROR = 17;
 const T_RESPONSE = 18;
 const T_ERROR = 19;
 const T_LOG = 20;
+const T_STREAM_HEAD = 21;
+const T_STREAM_CHUNK = 22;
+const T_STREAM_END = 23;
 const LOG_STDERR = 1;
+// A streamed answer is cut into chunks of at most STREAM_CHUNK_MAX bytes and
+// may hold STREAM_MAX bytes in all.
+const STREAM_CHUNK_MAX = 64 << 10;
+const STREAM_MAX = 20 << 20;
 // LOG frame bodies are cut at this size; output beyond LOG_BACKLOG_MAX bytes
 // waiting in the socket's user-space buffer is dropped (and counted), since a
 // socket write never blocks the way a pipe write does.
@@ -237,7 +248,7 @@ function parseHeader(b, o) {
   fMetaLen = b.readUInt32LE(o + 8);
   fBodyLen = b.readUInt32LE(o + 12);
   if (fMetaLen > META_MAX || fBodyLen > BODY_MAX) protocolError('frame over size limits');
-  if (!((fType >= 1 && fType <= 2) || (fType >= 16 && fType <= 20))) {
+  if (!((fType >= 1 && fType <= 2) || (fType >= 16 && fType <= 23))) {
     protocolError(`unknown frame type ${fType}`);
   }
 }
@@ -870,6 +881,7 @@ class LambdaContext {
   #settled = false;
   #bound = null;
   #raw = false;
+  #stream = null; // the ResponseStream of a streaming handler's invocation
 
   constructor(frameId, requestId, deadline, raw = false) {
     this.#raw = raw;
@@ -925,6 +937,12 @@ class LambdaContext {
   _frameId() {
     return this.#frameId;
   }
+  _stream() {
+    return this.#stream;
+  }
+  _setStream(rs) {
+    this.#stream = rs;
+  }
   // Returns true once: the first caller gets to answer the invocation.
   _claim() {
     if (this.#settled) return false;
@@ -978,6 +996,10 @@ function runInvoke(id, meta, body) {
     : event.requestContext.requestId;
   const ctx = new LambdaContext(id, requestId, deadline, raw);
   current = ctx;
+  if (handlerFn[STREAMING] === true) {
+    runStreaming(ctx, event);
+    return;
+  }
 
   let ret;
   try {
@@ -1023,7 +1045,8 @@ function watchForEmptyLoop() {
 
 process.on('beforeExit', () => {
   if (current !== null && !current._isSettled()) {
-    settle(current, null, null);
+    if (current._stream() !== null) current._stream().end();
+    else settle(current, null, null);
   }
   if (drainWatch) {
     drainWatch = false;
@@ -1058,6 +1081,11 @@ function settle(ctx, err, result) {
       sendFrame(T_ERROR, id, JSON.stringify(info), null);
     }
   }
+  afterInvoke(ctx);
+}
+
+/** The invocation of `ctx` is answered: the next queued one may run. */
+function afterInvoke(ctx) {
   if (current === ctx) current = null;
   if (drainWatch) {
     drainWatch = false;
@@ -1093,6 +1121,167 @@ function logInvokeError(requestId, info, err) {
     stack: stackLines(err),
   });
   process.stderr.write(`${new Date().toISOString()}\t${requestId}\tERROR\tInvoke Error \t${line}\n`);
+}
+
+// ---------------------------------------------------------------------------
+// Response streaming, as Lambda's Node.js runtime offers it on the global
+// `awslambda`: `awslambda.streamifyResponse(handler)` marks a handler
+// `(event, responseStream, context)`; `awslambda.HttpResponseStream.from(
+// responseStream, {statusCode, headers, cookies})` sets the HTTP status and
+// headers a function URL client gets. The answer goes out as STREAM_HEAD
+// (sent before the first byte or at the end), STREAM_CHUNKs as the handler
+// writes, and STREAM_END. A write completes only once the channel has taken
+// its bytes ('drain'), and the host stops reading the channel while its
+// client is slow, so a slow client slows the handler down instead of
+// filling memory.
+
+const STREAMING = Symbol.for('hearth.streamingHandler');
+
+function streamifyResponse(handler, _options) {
+  if (typeof handler !== 'function') {
+    throw new TypeError('awslambda.streamifyResponse expects a handler function');
+  }
+  handler[STREAMING] = true;
+  return handler;
+}
+
+class ResponseStream extends Writable {
+  #ctx;
+  #status = 200;
+  #headers = null; // [[name, value], ...] from HttpResponseStream.from
+  #contentType = 'application/octet-stream';
+  #headSent = false;
+  #bytes = 0;
+
+  constructor(ctx) {
+    super({ highWaterMark: STREAM_CHUNK_MAX });
+    this.#ctx = ctx;
+    // Failures end the invocation (see _destroy); without a listener of its
+    // own, a stream's 'error' would also crash the runtime.
+    this.on('error', () => {});
+  }
+
+  /** Sets the content type of the answer, before its first byte. */
+  setContentType(type) {
+    if (!this.#headSent) this.#contentType = String(type);
+  }
+
+  _setPrelude(prelude) {
+    if (this.#headSent) throw new Error('HttpResponseStream.from after the first write');
+    const p = prelude !== null && typeof prelude === 'object' ? prelude : {};
+    if (p.statusCode !== undefined) {
+      const status = Number(p.statusCode);
+      if (!Number.isInteger(status) || status < 100 || status > 999) {
+        throw new TypeError(`invalid statusCode ${JSON.stringify(p.statusCode)}`);
+      }
+      this.#status = status;
+    }
+    const out = [];
+    const h = p.headers;
+    if (h !== null && typeof h === 'object') {
+      for (const k of Object.keys(h)) pushHeader(out, k, h[k]);
+    }
+    if (Array.isArray(p.cookies)) {
+      for (const c of p.cookies) if (c !== null && c !== undefined) out.push(['set-cookie', String(c)]);
+    }
+    this.#headers = out;
+  }
+
+  _headSent() {
+    return this.#headSent;
+  }
+
+  #sendHead() {
+    if (this.#headSent) return;
+    this.#headSent = true;
+    const headers = this.#headers === null ? [] : this.#headers;
+    if (!headers.some((kv) => kv[0] === 'content-type')) {
+      headers.unshift(['content-type', this.#contentType]);
+    }
+    const meta = JSON.stringify({ status: this.#status, headers });
+    sendFrame(T_STREAM_HEAD, this.#ctx._frameId(), meta, null);
+  }
+
+  _write(chunk, _encoding, cb) {
+    this.#sendHead();
+    this.#bytes += chunk.length;
+    if (this.#bytes > STREAM_MAX) {
+      cb(new Error(`the streamed response exceeds ${STREAM_MAX} bytes`));
+      return;
+    }
+    const id = this.#ctx._frameId();
+    let flowing = true;
+    for (let off = 0; off < chunk.length; off += STREAM_CHUNK_MAX) {
+      flowing = sendFrame(T_STREAM_CHUNK, id, null, chunk.subarray(off, off + STREAM_CHUNK_MAX));
+    }
+    if (flowing) cb();
+    else chan.once('drain', () => cb());
+  }
+
+  _final(cb) {
+    this.#sendHead();
+    finishStream(this.#ctx, null, true);
+    cb();
+  }
+
+  _destroy(err, cb) {
+    if (!this.#ctx._isSettled()) {
+      finishStream(this.#ctx, err || new Error('the response stream was destroyed'), this.#headSent);
+    }
+    cb(err);
+  }
+}
+
+class HttpResponseStream {
+  /** Gives `stream` the HTTP status, headers and cookies of a function URL answer. */
+  static from(stream, prelude) {
+    if (stream === null || typeof stream !== 'object' || typeof stream._setPrelude !== 'function') {
+      throw new TypeError('HttpResponseStream.from expects the responseStream of a streaming handler');
+    }
+    stream._setPrelude(prelude);
+    return stream;
+  }
+}
+
+globalThis.awslambda = Object.freeze({ streamifyResponse, HttpResponseStream });
+
+/** Runs a streaming handler: it answers through its ResponseStream. */
+function runStreaming(ctx, event) {
+  const rs = new ResponseStream(ctx);
+  ctx._setStream(rs);
+  let ret;
+  try {
+    ret = handlerFn(event, rs, ctx);
+  } catch (e) {
+    rs.destroy(e === undefined || e === null ? new Error(String(e)) : e);
+    return;
+  }
+  if (ret !== null && (typeof ret === 'object' || typeof ret === 'function') && typeof ret.then === 'function') {
+    // A handler whose promise resolves is done: what it did not end is ended.
+    ret.then(
+      () => {
+        if (!rs.writableEnded && !rs.destroyed) rs.end();
+      },
+      (e) => rs.destroy(e === undefined || e === null ? new Error(`promise rejected with ${e}`) : e),
+    );
+  } else {
+    watchForEmptyLoop();
+  }
+}
+
+/** Ends a streamed answer: STREAM_END, or ERROR when it failed before its head went out. */
+function finishStream(ctx, err, headSent) {
+  if (!ctx._claim()) return;
+  const id = ctx._frameId();
+  if (err !== null && err !== undefined) {
+    const info = errorInfo(err);
+    logInvokeError(ctx.awsRequestId, info, err);
+    if (ctx._isRaw()) info.trace = stackLines(err);
+    sendFrame(headSent ? T_STREAM_END : T_ERROR, id, JSON.stringify(info), null);
+  } else {
+    sendFrame(T_STREAM_END, id, null, null);
+  }
+  afterInvoke(ctx);
 }
 
 // ---------------------------------------------------------------------------

@@ -146,7 +146,9 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
             crate::control::lambda_event::event_invoke_config(plane, op, req, body),
         ),
         // Served on the request path by the engine (see `invoke_target`).
-        LambdaOp::Invoke(_) => Err(lambda_error(500, "ServiceException", "misrouted Invoke")),
+        LambdaOp::Invoke(_) | LambdaOp::InvokeStream(_) => {
+            Err(lambda_error(500, "ServiceException", "misrouted Invoke"))
+        }
     };
     result.unwrap_or_else(|a| a)
 }

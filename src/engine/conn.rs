@@ -36,11 +36,15 @@ pub enum ConnState {
     /// keeps the connection if the answer says `Connection: keep-alive`.
     /// `invoke`: the request went to this core's scheduler (which is told if
     /// the client leaves before the answer).
+    /// `chunked_ok`: the client speaks HTTP/1.1, so a streamed answer may be
+    /// chunked. `stream`: the answer is being streamed (its head is written).
     Waiting {
         head_only: bool,
         keep_alive: bool,
         announce_keep_alive: bool,
         invoke: bool,
+        chunked_ok: bool,
+        stream: Option<crate::engine::streamed::StreamOut>,
     },
 }
 
@@ -135,7 +139,7 @@ impl Worker {
                                 },
                                 // A zip travels base64-encoded inside JSON; an
                                 // Invoke's payload has the invocation limit.
-                                Some(Scope::Service) if !req.path().ends_with("/invocations") => {
+                                Some(Scope::Service) if !req.path().ends_with("invocations") => {
                                     parse::Limits {
                                         body_bytes_max: deploy_max / 3 * 4 + 64 * 1024,
                                         ..self.parse_limits
@@ -324,7 +328,12 @@ impl Worker {
                 dead: false,
                 ..
             }) if c.serial == to.serial => match c.state {
-                ConnState::Waiting { head_only, .. } => head_only,
+                // A streamed answer is ended by the scheduler, never replaced.
+                ConnState::Waiting {
+                    head_only,
+                    stream: None,
+                    ..
+                } => head_only,
                 _ => return,
             },
             _ => return,
@@ -408,6 +417,8 @@ fn waiting_on(req: &Request) -> ConnState {
         keep_alive: req.keep_alive,
         announce_keep_alive: req.keep_alive && req.version == parse::Version::Http10,
         invoke: false,
+        chunked_ok: req.version != parse::Version::Http10,
+        stream: None,
     }
 }
 

@@ -15,6 +15,7 @@ pub mod peers;
 pub mod phases;
 pub mod port;
 pub mod stream;
+pub mod streamed;
 pub mod uring;
 pub mod worker;
 

@@ -252,6 +252,10 @@ impl Worker {
             return;
         };
         if !s.dead {
+            if matches!(s.kind, Kind::Client(_)) {
+                self.stream_resume(tok);
+            }
+            let s = &mut self.streams[tok];
             s.dead = true;
             s.closing = true;
             if let Kind::Client(c) = &s.kind {
@@ -416,6 +420,7 @@ impl Worker {
             s.trim();
             if let Kind::Client(c) = &mut s.kind {
                 c.phases.flushed(self.now, &self.metrics.phases);
+                self.stream_resume(tok);
                 self.process_client(tok);
             }
         }
@@ -498,6 +503,9 @@ impl Worker {
                     self.mark(tok);
                 }
                 Action::Reply { to, reply, served } => self.answer_async(to, &reply, served),
+                Action::StreamHead { to, head } => self.stream_head(to, &head),
+                Action::StreamData { to, inst, data } => self.stream_data(to, inst, &data),
+                Action::StreamEnd { to, data, complete } => self.stream_end(to, &data, complete),
                 Action::Attach {
                     inst,
                     channel,
@@ -529,6 +537,16 @@ impl Worker {
                 }
                 Action::Start(f) => self.shared.functions.request_start(self.core, f),
                 Action::Destroy(handle) => self.shared.functions.destroy(handle),
+            }
+        }
+    }
+
+    /// Stops or resumes reading instance `inst`'s channel (see [`crate::engine::streamed`]).
+    pub fn set_channel_paused(&mut self, inst: InstId, paused: bool) {
+        if let Some(tok) = self.channel(inst) {
+            if self.streams[tok].read_paused != paused {
+                self.streams[tok].read_paused = paused;
+                self.mark(tok);
             }
         }
     }
@@ -630,6 +648,30 @@ impl Worker {
                 match self.shared.control.service_invoke(name, &req, &body) {
                     Err(reply) => reply,
                     Ok((id, invoke)) => {
+                        self.catch_up(&id);
+                        let to = self.reply_to(tok);
+                        let peer = self.peer(tok);
+                        self.mark_invoking(tok);
+                        self.fns
+                            .on_service_invoke(to, peer, &id, req, body, invoke, self.now);
+                        self.run_actions();
+                        return;
+                    }
+                }
+            }
+            Route::Lambda(LambdaOp::InvokeStream(name)) => {
+                let checked = match req.header("x-amz-invocation-type") {
+                    Some("Event") => Err(crate::control::lambda::lambda_error(
+                        400,
+                        "InvalidParameterValueException",
+                        "InvokeWithResponseStream takes RequestResponse or DryRun",
+                    )),
+                    _ => self.shared.control.service_invoke(name, &req, &body),
+                };
+                match checked {
+                    Err(reply) => reply,
+                    Ok((id, mut invoke)) => {
+                        invoke.stream = true;
                         self.catch_up(&id);
                         let to = self.reply_to(tok);
                         let peer = self.peer(tok);

@@ -158,6 +158,55 @@ pub fn write_head(
     body_len: usize,
     persistence: Persistence,
 ) {
+    write_head_framed(out, date, status, headers, Some(body_len), persistence);
+}
+
+/// Appends the head of a streamed answer, whose length is not known: with
+/// `Transfer-Encoding: chunked` when `chunked`, else the body ends when the
+/// connection closes (`persistence` must then be [`Persistence::Close`]).
+/// The body follows as [`write_chunk`]s and [`write_last_chunk`].
+pub fn write_stream_head(
+    out: &mut Vec<u8>,
+    date: &DateCache,
+    status: u16,
+    headers: &[Header],
+    chunked: bool,
+    persistence: Persistence,
+) {
+    debug_assert!(chunked || persistence == Persistence::Close);
+    write_head_framed(out, date, status, headers, None, persistence);
+    if chunked && !is_bodiless(status) {
+        // Before the blank line the head ends with.
+        out.truncate(out.len() - 2);
+        out.extend_from_slice(b"Transfer-Encoding: chunked\r\n\r\n");
+    }
+}
+
+/// Appends one chunk of a chunked body (nothing for no bytes: an empty
+/// chunk would end the body).
+pub fn write_chunk(out: &mut Vec<u8>, bytes: &[u8]) {
+    if bytes.is_empty() {
+        return;
+    }
+    out.extend_from_slice(format!("{:x}\r\n", bytes.len()).as_bytes());
+    out.extend_from_slice(bytes);
+    out.extend_from_slice(b"\r\n");
+}
+
+/// Appends the last chunk that ends a chunked body (no trailers).
+pub fn write_last_chunk(out: &mut Vec<u8>) {
+    out.extend_from_slice(b"0\r\n\r\n");
+}
+
+/// [`write_head`] with `Content-Length` only when `body_len` is known.
+fn write_head_framed(
+    out: &mut Vec<u8>,
+    date: &DateCache,
+    status: u16,
+    headers: &[Header],
+    body_len: Option<usize>,
+    persistence: Persistence,
+) {
     out.extend_from_slice(b"HTTP/1.1 ");
     let mut num = itoa_buf(status as u64);
     out.extend_from_slice(num.as_bytes());
@@ -166,7 +215,7 @@ pub fn write_head(
     out.extend_from_slice(b"\r\nServer: hearth\r\nDate: ");
     out.extend_from_slice(date.get());
     out.extend_from_slice(b"\r\n");
-    if !is_bodiless(status) {
+    if let (false, Some(body_len)) = (is_bodiless(status), body_len) {
         out.extend_from_slice(b"Content-Length: ");
         num = itoa_buf(body_len as u64);
         out.extend_from_slice(num.as_bytes());
@@ -230,6 +279,7 @@ fn itoa_buf(mut n: u64) -> Itoa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::borrow::Cow;
 
     #[test]
     fn dates_are_imf_fixdate() {
@@ -261,6 +311,25 @@ mod tests {
             assert!(text.ends_with("\r\n\r\n"), "{text}");
             assert!(!text.contains("smuggled"), "{text}");
         }
+    }
+
+    #[test]
+    fn streamed_answers_are_chunked() {
+        let date = DateCache::default();
+        let mut out = Vec::new();
+        let headers = [(Cow::Borrowed("x-a"), Cow::Borrowed("1"))];
+        write_stream_head(&mut out, &date, 200, &headers, true, Persistence::KeepAlive);
+        write_chunk(&mut out, b"hello, world");
+        write_chunk(&mut out, b"");
+        write_last_chunk(&mut out);
+        let text = String::from_utf8(out).unwrap();
+        assert!(!text.contains("Content-Length"), "{text}");
+        assert!(
+            text.ends_with(
+                "x-a: 1\r\nTransfer-Encoding: chunked\r\n\r\nc\r\nhello, world\r\n0\r\n\r\n"
+            ),
+            "{text}"
+        );
     }
 
     #[test]

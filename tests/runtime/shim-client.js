@@ -18,6 +18,9 @@ const T = {
   RESPONSE: 18,
   ERROR: 19,
   LOG: 20,
+  STREAM_HEAD: 21,
+  STREAM_CHUNK: 22,
+  STREAM_END: 23,
 };
 
 function encodeFrame(type, id, meta, body) {

@@ -319,6 +319,66 @@ test('raw (service API) invocations: the body is the event, the result goes back
   assert.equal(ok.type, T.RESPONSE);
 });
 
+test('streaming: streamifyResponse handlers answer STREAM_HEAD, chunks as written, STREAM_END', async () => {
+  const dir = tmpFixture({
+    'index.js': `
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+exports.handler = awslambda.streamifyResponse(async (event, rs, context) => {
+  const p = event.rawPath || event.mode;
+  if (p === '/meta') {
+    rs = awslambda.HttpResponseStream.from(rs, {
+      statusCode: 418, headers: { 'X-A': '1', 'Content-Length': '9' }, cookies: ['c=1'] });
+    rs.write('a');
+    rs.write(Buffer.alloc(100000, 'b'));
+    rs.end('c');
+    return;
+  }
+  if (p === '/early') throw new Error('before any byte');
+  if (p === '/late') { rs.write('x'); await sleep(10); throw new TypeError('after a byte'); }
+  if (p === '/open') { rs.setContentType('text/plain'); rs.write('left open'); return; }
+  rs.end(context.awsRequestId);
+});
+`,
+  });
+  const c = await ready(dir, 'index.handler');
+  const run = async (over, body) => {
+    const id = c.nextId++;
+    c.send(T.INVOKE, id, ShimClient.invokeMeta(over), body);
+    const frames = [];
+    for (;;) {
+      const f = await c.next((x) => x.id === id);
+      frames.push(f);
+      if (f.type === T.STREAM_END || f.type === T.ERROR || f.type === T.RESPONSE) return frames;
+    }
+  };
+  const meta = await run({ path: '/meta' });
+  assert.deepEqual(meta[0].meta, {
+    status: 418,
+    headers: [['content-type', 'application/octet-stream'], ['x-a', '1'], ['set-cookie', 'c=1']],
+  });
+  const chunks = meta.filter((f) => f.type === T.STREAM_CHUNK);
+  assert.ok(chunks.every((f) => f.body.length <= 64 * 1024), 'chunks of at most 64 KiB');
+  assert.equal(Buffer.concat(chunks.map((f) => f.body)).toString(), 'a' + 'b'.repeat(100000) + 'c');
+  assert.equal(meta.at(-1).type, T.STREAM_END);
+  assert.equal(meta.at(-1).meta, null, 'a complete stream ends without error');
+
+  const early = await run({ path: '/early' });
+  assert.deepEqual(early.map((f) => f.type), [T.ERROR], 'nothing streamed: a plain ERROR');
+  assert.equal(early[0].meta.errorMessage, 'before any byte');
+
+  const late = await run({ path: '/late' });
+  assert.deepEqual(late.map((f) => f.type), [T.STREAM_HEAD, T.STREAM_CHUNK, T.STREAM_END]);
+  assert.equal(late[2].meta.errorType, 'TypeError');
+  assert.equal(late[2].meta.errorMessage, 'after a byte');
+
+  const open = await run({ path: '/open' });
+  assert.deepEqual(open.map((f) => f.type), [T.STREAM_HEAD, T.STREAM_CHUNK, T.STREAM_END]);
+  assert.deepEqual(open[0].meta.headers, [['content-type', 'text/plain']]);
+
+  const raw = await run({ raw: true, request_id: 'raw-s' }, JSON.stringify({ mode: 'id' }));
+  assert.equal(Buffer.concat(raw.filter((f) => f.type === T.STREAM_CHUNK).map((f) => f.body)).toString(), 'raw-s');
+});
+
 test('later HELLO answers READY at once and only refreshes env', async () => {
   const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler', { env: { GREETING: 'one' } });
   const first = await c.invoke({});

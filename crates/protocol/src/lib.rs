@@ -16,6 +16,11 @@ pub const HEADER_BYTES: usize = 16;
 pub const META_BYTES_MAX: usize = 1 << 20;
 /// Largest body accepted (above Lambda's 6 MiB payload limit).
 pub const BODY_BYTES_MAX: usize = 8 << 20;
+/// Largest body of one STREAM_CHUNK frame: a runtime cuts larger writes.
+pub const STREAM_CHUNK_BYTES_MAX: usize = 64 << 10;
+/// Largest streamed answer, all chunks together (Lambda's 20 MiB soft limit
+/// for streamed responses); the host ends a stream that goes past it.
+pub const STREAM_BYTES_MAX: usize = 20 << 20;
 
 /// Frame types; numbers match `enum hearth_frame_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -35,6 +40,12 @@ pub enum FrameType {
     Error = 19,
     /// guest -> host: captured output.
     Log = 20,
+    /// guest -> host: a streamed answer to an invoke begins; metadata as RESPONSE's.
+    StreamHead = 21,
+    /// guest -> host: the next bytes of a streamed answer.
+    StreamChunk = 22,
+    /// guest -> host: a streamed answer is complete, or failed (error metadata).
+    StreamEnd = 23,
 }
 
 impl FrameType {
@@ -48,6 +59,9 @@ impl FrameType {
             18 => FrameType::Response,
             19 => FrameType::Error,
             20 => FrameType::Log,
+            21 => FrameType::StreamHead,
+            22 => FrameType::StreamChunk,
+            23 => FrameType::StreamEnd,
             _ => return None,
         })
     }
@@ -73,6 +87,7 @@ pub enum ProtocolError {
     UnknownType(u8),
     MetaTooLarge(usize),
     BodyTooLarge(usize),
+    ChunkTooLarge(usize),
 }
 
 impl fmt::Display for ProtocolError {
@@ -87,6 +102,12 @@ impl fmt::Display for ProtocolError {
             }
             ProtocolError::BodyTooLarge(n) => {
                 write!(f, "frame body is {n} bytes, limit {BODY_BYTES_MAX}")
+            }
+            ProtocolError::ChunkTooLarge(n) => {
+                write!(
+                    f,
+                    "stream chunk is {n} bytes, limit {STREAM_CHUNK_BYTES_MAX}"
+                )
             }
         }
     }
@@ -104,6 +125,7 @@ pub fn encode(
     body: &[u8],
 ) {
     debug_assert!(meta.len() <= META_BYTES_MAX && body.len() <= BODY_BYTES_MAX);
+    debug_assert!(kind != FrameType::StreamChunk || body.len() <= STREAM_CHUNK_BYTES_MAX);
     out.reserve(HEADER_BYTES + meta.len() + body.len());
     out.extend_from_slice(&MAGIC.to_le_bytes());
     out.push(kind as u8);
@@ -150,6 +172,9 @@ pub fn parse_header(buf: &[u8]) -> Result<Option<Header>, ProtocolError> {
     }
     if body_len > BODY_BYTES_MAX {
         return Err(ProtocolError::BodyTooLarge(body_len));
+    }
+    if kind == FrameType::StreamChunk && body_len > STREAM_CHUNK_BYTES_MAX {
+        return Err(ProtocolError::ChunkTooLarge(body_len));
     }
     Ok(Some(Header {
         kind,
@@ -299,6 +324,13 @@ mod tests {
         assert!(matches!(
             parse_header(b"GET / HTTP/1.1\r\n"),
             Err(ProtocolError::BadMagic(_))
+        ));
+        let mut chunk = Vec::new();
+        encode(&mut chunk, FrameType::StreamChunk, 0, 1, b"", b"");
+        chunk[12..16].copy_from_slice(&(STREAM_CHUNK_BYTES_MAX as u32 + 1).to_le_bytes());
+        assert!(matches!(
+            parse_header(&chunk),
+            Err(ProtocolError::ChunkTooLarge(_))
         ));
         wire[0..2].copy_from_slice(&MAGIC.to_le_bytes());
         wire[2] = 99;

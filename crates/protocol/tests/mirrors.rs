@@ -8,6 +8,7 @@ use std::path::Path;
 
 use hearth_protocol::{
     encode, FrameType, BODY_BYTES_MAX, HEADER_BYTES, LOG_STDERR, MAGIC, META_BYTES_MAX,
+    STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX,
 };
 
 fn read_repo_file(relative: &str) -> String {
@@ -116,6 +117,16 @@ fn c_header_agrees_with_the_crate() {
         "HEARTH_BODY_MAX"
     );
     assert_eq!(
+        define("HEARTH_STREAM_CHUNK_MAX"),
+        STREAM_CHUNK_BYTES_MAX as u64,
+        "HEARTH_STREAM_CHUNK_MAX"
+    );
+    assert_eq!(
+        define("HEARTH_STREAM_MAX"),
+        STREAM_BYTES_MAX as u64,
+        "HEARTH_STREAM_MAX"
+    );
+    assert_eq!(
         define("HEARTH_LOG_STDERR"),
         u64::from(LOG_STDERR),
         "HEARTH_LOG_STDERR"
@@ -209,6 +220,16 @@ fn node_shim_agrees_with_the_crate() {
         constant("BODY_MAX"),
         BODY_BYTES_MAX as u64,
         "BODY_MAX in the shim"
+    );
+    assert_eq!(
+        constant("STREAM_CHUNK_MAX"),
+        STREAM_CHUNK_BYTES_MAX as u64,
+        "STREAM_CHUNK_MAX in the shim"
+    );
+    assert_eq!(
+        constant("STREAM_MAX"),
+        STREAM_BYTES_MAX as u64,
+        "STREAM_MAX in the shim"
     );
     assert_eq!(
         constant("LOG_STDERR"),

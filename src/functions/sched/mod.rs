@@ -25,12 +25,14 @@
 //!
 //! The modules: [`dispatch`] (queues, dispatch, retiring), [`scale`] (when to
 //! scale out or in, and the fit estimate), [`migrate`] (hand-over between
-//! cores), [`reply`] (instance answers to HTTP replies).
+//! cores), [`reply`] (instance answers to HTTP replies), [`stream`]
+//! (streamed answers).
 
 mod dispatch;
 mod migrate;
 mod reply;
 pub mod scale;
+pub mod stream;
 #[cfg(test)]
 mod tests;
 
@@ -132,6 +134,23 @@ pub enum Action {
         to: ReplyTo,
         reply: Reply,
         served: Option<Served>,
+    },
+    /// Start a streamed answer to the client at `to`: `head`'s status and
+    /// headers, a body of unknown length to follow (its `body` is empty).
+    StreamHead { to: ReplyTo, head: Reply },
+    /// The next bytes of the streamed answer at `to`, from instance `inst`'s
+    /// channel (whose reading the owner pauses while the client is slow).
+    StreamData {
+        to: ReplyTo,
+        inst: Option<InstId>,
+        data: Vec<u8>,
+    },
+    /// The streamed answer at `to` ends with `data`; `complete` false: it
+    /// failed, and is cut off (the connection closes without the body's end).
+    StreamEnd {
+        to: ReplyTo,
+        data: Vec<u8>,
+        complete: bool,
     },
     /// Watch a new (or moved-in) instance's channel; `leftover` was read from
     /// it already and comes before anything read next.
@@ -307,6 +326,8 @@ pub struct ServiceInvoke {
     pub request_id: String,
     /// The function, set when the request is accepted (for the log tail).
     pub function: Option<Arc<Function>>,
+    /// `InvokeWithResponseStream`: answer in AWS event-stream framing.
+    pub stream: bool,
 }
 
 /// A core's share of all functions.
@@ -331,6 +352,8 @@ pub struct CorePool {
     /// Requests that came through the Lambda service API's `Invoke`: their
     /// answers take Lambda's shape ([`reply::service_reply`]).
     service: HashMap<ReplyTo, ServiceInvoke>,
+    /// Streamed answers in progress, by client.
+    streams: HashMap<ReplyTo, stream::Streaming>,
     /// What the owner is to do next.
     actions: VecDeque<Action>,
     /// Instances whose channel is being detached for a move to another core.
@@ -361,6 +384,7 @@ impl CorePool {
             cpu_busy_pct: 0,
             gone: HashSet::new(),
             service: HashMap::new(),
+            streams: HashMap::new(),
             actions: VecDeque::new(),
             migrating: HashMap::new(),
             dying: Vec::new(),
@@ -448,7 +472,7 @@ impl CorePool {
         if !self
             .actions
             .iter()
-            .any(|a| matches!(a, Action::Reply { to: t, .. } if *t == to))
+            .any(|a| matches!(a, Action::Reply { to: t, .. } | Action::StreamEnd { to: t, .. } if *t == to))
         {
             self.gone.insert(to);
         }
@@ -530,13 +554,33 @@ impl CorePool {
             .then_some(id.slot())
     }
 
-    /// Queues an answer for `to`, unless that client left.
+    /// Queues the answer that ends `to`'s request, unless that client left.
+    /// A streamed answer already under way ends as failed instead.
     fn reply(&mut self, to: ReplyTo, reply: Reply) {
         self.reply_served(to, reply, None);
     }
 
-    /// Queues an answer for `to` that an instance gave, unless that client left.
+    /// As [`CorePool::reply`], for an answer an instance gave (`served`: how,
+    /// for the phase timings).
     fn reply_served(&mut self, to: ReplyTo, reply: Reply, served: Option<Served>) {
+        if !self.streams.is_empty() && self.streams.contains_key(&to) {
+            let unsent = self.interrupt_stream(to, reply);
+            self.streams.remove(&to);
+            match unsent {
+                Some(reply) => return self.deliver(to, reply, served),
+                None => {
+                    self.service.remove(&to);
+                    self.gone.remove(&to);
+                    return;
+                }
+            }
+        }
+        self.deliver(to, reply, served);
+    }
+
+    /// Queues an answer for `to` in its shape (plain, the service API's, an
+    /// event stream), unless that client left.
+    fn deliver(&mut self, to: ReplyTo, reply: Reply, served: Option<Served>) {
         let service = match self.service.is_empty() {
             true => None,
             false => self.service.remove(&to),
@@ -544,11 +588,18 @@ impl CorePool {
         if !self.gone.is_empty() && self.gone.remove(&to) {
             return;
         }
-        let reply = match service {
-            Some(s) => reply::service_reply(reply, &s),
-            None => reply,
-        };
-        self.actions.push_back(Action::Reply { to, reply, served });
+        match service {
+            Some(s) if s.stream => {
+                let reply = reply::service_reply(reply, &s);
+                self.actions
+                    .extend(stream::events_from_reply(to, reply, &s));
+            }
+            Some(s) => {
+                let reply = reply::service_reply(reply, &s);
+                self.actions.push_back(Action::Reply { to, reply, served });
+            }
+            None => self.actions.push_back(Action::Reply { to, reply, served }),
+        }
     }
 
     /// Whether the request answered at `to` came through the service API.
@@ -601,6 +652,10 @@ impl CorePool {
         debug_assert!(
             self.service.len() <= queued + busy,
             "service invocations that are neither queued nor running"
+        );
+        debug_assert!(
+            self.streams.len() <= busy,
+            "streamed answers without a running request"
         );
     }
 }

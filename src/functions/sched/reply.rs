@@ -57,6 +57,11 @@ impl CorePool {
                 {
                     self.finished(i, h.kind, meta, body, now);
                 }
+                FrameType::StreamHead | FrameType::StreamChunk | FrameType::StreamEnd
+                    if inst.busy.as_ref().is_some_and(|b| b.rid == h.request_id) =>
+                {
+                    self.stream_frame(i, h.kind, meta, body, now);
+                }
                 other => {
                     let note = format!("unexpected {other:?} frame for request {}", h.request_id);
                     inst.function
@@ -73,12 +78,13 @@ impl CorePool {
 
     /// Instance `i` answered its request with a RESPONSE or an ERROR frame.
     fn finished(&mut self, i: usize, kind: FrameType, meta: &[u8], body: &[u8], now: Instant) {
-        let inst = &mut self.insts[i];
-        let busy = inst.busy.take().expect("answered while busy");
-        let f = inst.function.clone();
-        let took = now.saturating_duration_since(busy.started);
-        inst.busy_done += took;
-        f.metrics.observe_duration(took.as_micros() as u64);
+        let inst = &self.insts[i];
+        let busy = inst.busy.as_ref().expect("answered while busy");
+        let (to, f) = (busy.to, inst.function.clone());
+        let served = super::Served {
+            sent: busy.started,
+            cold: busy.cold,
+        };
         let reply = if kind == FrameType::Response {
             match response_reply(meta, body) {
                 Ok((reply, dropped)) => {
@@ -99,21 +105,28 @@ impl CorePool {
             }
         } else if let Some(how) = runtime_exit(meta) {
             // The runtime died under the request: a crash, not a handler error.
-            inst.busy = Some(busy);
             let why = format!("the function's runtime exited (Runtime.ExitError: {how})");
             return self.instance_failed(i, now, &why);
-        } else if self.is_service(busy.to) {
+        } else if self.is_service(to) {
             f.metrics.error(ErrorKind::Handler);
             service_error_reply(meta)
         } else {
             f.metrics.error(ErrorKind::Handler);
             handler_error_reply(meta)
         };
-        let served = super::Served {
-            sent: busy.started,
-            cold: busy.cold,
-        };
-        self.reply_served(busy.to, reply, Some(served));
+        self.reply_served(to, reply, Some(served));
+        self.request_done(i, now);
+    }
+
+    /// Instance `i` answered its request (the answer is queued): its time is
+    /// counted, and it serves the next request, or is retired.
+    pub(super) fn request_done(&mut self, i: usize, now: Instant) {
+        let inst = &mut self.insts[i];
+        let busy = inst.busy.take().expect("answered while busy");
+        let f = inst.function.clone();
+        let took = now.saturating_duration_since(busy.started);
+        inst.busy_done += took;
+        f.metrics.observe_duration(took.as_micros() as u64);
         let id = &f.spec.id;
         if self.fns.get_mut(id).is_some_and(|fs| fs.take_shrink()) {
             // Scale in: the others serve the queue.
@@ -140,14 +153,14 @@ fn handler_error_reply(meta: &[u8]) -> Reply {
 }
 
 /// `X-Amz-Function-Error`: the marker of a failed invocation in a 200 answer.
-const FUNCTION_ERROR: &str = "x-amz-function-error";
+pub(super) const FUNCTION_ERROR: &str = "x-amz-function-error";
 /// Bytes of the invocation's log returned by `X-Amz-Log-Type: Tail` (Lambda's 4 KB).
 pub const LOG_TAIL_BYTES: usize = 4096;
 
 /// A handler error answered through the service API, as Lambda answers it:
 /// 200, `X-Amz-Function-Error: Unhandled`, and the runtime's error object
 /// (`errorMessage`, `errorType`, and `trace` when the runtime gave one).
-fn service_error_reply(meta: &[u8]) -> Reply {
+pub(super) fn service_error_reply(meta: &[u8]) -> Reply {
     let m: serde_json::Value = serde_json::from_slice(meta).unwrap_or_default();
     let mut out = serde_json::json!({
         "errorMessage": m["errorMessage"],
@@ -225,7 +238,7 @@ pub(super) fn service_reply(reply: Reply, s: &super::ServiceInvoke) -> Reply {
 }
 
 /// Base64 of the last [`LOG_TAIL_BYTES`] of what invocation `request_id` logged.
-fn log_tail(f: &super::Function, request_id: &str) -> String {
+pub(super) fn log_tail(f: &super::Function, request_id: &str) -> String {
     use base64::Engine as _;
     let logs = f.logs.lock().unwrap();
     let mut text = String::new();
@@ -289,7 +302,7 @@ fn is_field_value(value: &str) -> bool {
 /// fields that are not valid RFC 9110 names and values, or that hearth owns,
 /// are left out and described in the second value (for the function's log).
 /// `Err` is the 502 for a response hearth will not send.
-fn response_reply(meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<String>), Reply> {
+pub(super) fn response_reply(meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<String>), Reply> {
     #[derive(serde::Deserialize)]
     struct Meta {
         status: u16,

@@ -66,6 +66,8 @@ struct Sim {
     replies: Vec<(ReplyTo, Reply)>,
     /// How an instance served each answer (phase timings).
     served: Vec<(ReplyTo, Option<Served>)>,
+    /// Streamed answers' pieces: where, "head"/"data"/"end", bytes, complete.
+    streamed: Vec<(ReplyTo, &'static str, Vec<u8>, bool)>,
     /// INVOKE frames sent, in order.
     sent: Vec<(InstId, Frame)>,
     attached: Vec<InstId>,
@@ -136,6 +138,7 @@ impl Sim {
             starts: Vec::new(),
             replies: Vec::new(),
             served: Vec::new(),
+            streamed: Vec::new(),
             sent: Vec::new(),
             attached: Vec::new(),
             closed: Vec::new(),
@@ -156,6 +159,14 @@ impl Sim {
                 Action::Reply { to, reply, served } => {
                     self.replies.push((to, reply));
                     self.served.push((to, served));
+                }
+                Action::StreamHead { to, head } => {
+                    self.streamed
+                        .push((to, "head", head.status.to_string().into_bytes(), true))
+                }
+                Action::StreamData { to, data, .. } => self.streamed.push((to, "data", data, true)),
+                Action::StreamEnd { to, data, complete } => {
+                    self.streamed.push((to, "end", data, complete))
                 }
                 Action::Attach { inst, .. } => self.attached.push(inst),
                 Action::Close(inst) => self.closed.push(inst),
@@ -263,6 +274,16 @@ impl Sim {
             meta.as_bytes(),
             b"out",
         );
+        let n = self.pool.on_channel_input(inst, &bytes, self.now);
+        assert_eq!(n, bytes.len(), "a whole frame is consumed");
+        self.drain();
+    }
+
+    /// `inst` sends a frame of `kind` for its running request.
+    fn frame(&mut self, inst: InstId, kind: FrameType, meta: &str, body: &[u8]) {
+        let rid = self.running(inst);
+        let mut bytes = Vec::new();
+        protocol::encode(&mut bytes, kind, 0, rid, meta.as_bytes(), body);
         let n = self.pool.on_channel_input(inst, &bytes, self.now);
         assert_eq!(n, bytes.len(), "a whole frame is consumed");
         self.drain();
@@ -852,4 +873,112 @@ fn a_queue_depth_that_drifts_from_the_queues_is_caught() {
     sim.request("a");
     sim.pool.queued += 1;
     sim.tick(0);
+}
+
+#[test]
+fn a_streamed_answer_passes_chunk_by_chunk_and_a_timeout_cuts_it_off() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let to = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.frame(
+        inst,
+        FrameType::StreamHead,
+        r#"{"status":201,"headers":[]}"#,
+        b"",
+    );
+    sim.frame(inst, FrameType::StreamChunk, "", b"one");
+    sim.frame(inst, FrameType::StreamChunk, "", b"two");
+    let kinds: Vec<&str> = sim.streamed.iter().map(|s| s.1).collect();
+    assert_eq!(kinds, ["head", "data", "data"]);
+    assert_eq!(sim.streamed[0].2, b"201");
+    assert_eq!(sim.streamed[2].2, b"two");
+    sim.advance(1001);
+    sim.tick(0);
+    let last = sim.streamed.last().unwrap();
+    assert_eq!((last.0, last.1, last.3), (to, "end", false), "cut off");
+    assert_eq!(sim.status(to), None, "no second answer after the head");
+    assert!(sim.pool.streams.is_empty());
+    assert_eq!(sim.destroyed, 1, "the instance that timed out is destroyed");
+}
+
+#[test]
+fn a_client_leaving_mid_stream_gets_nothing_more_and_the_instance_serves_on() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let left = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.frame(inst, FrameType::StreamHead, r#"{"status":200}"#, b"");
+    sim.pool.on_client_gone(left);
+    sim.frame(inst, FrameType::StreamChunk, "", b"into the void");
+    sim.frame(inst, FrameType::StreamEnd, "", b"");
+    assert_eq!(sim.streamed.len(), 1, "only the head went out");
+    assert!(sim.pool.gone.is_empty() && sim.pool.streams.is_empty());
+    let next = sim.request("a");
+    assert_eq!(
+        sim.sent.len(),
+        2,
+        "the same instance takes the next request"
+    );
+    sim.frame(inst, FrameType::StreamHead, r#"{"status":200}"#, b"");
+    sim.frame(
+        inst,
+        FrameType::StreamEnd,
+        r#"{"errorType":"Error","errorMessage":"x"}"#,
+        b"",
+    );
+    let last = sim.streamed.last().unwrap();
+    assert_eq!(
+        (last.0, last.1, last.3),
+        (next, "end", false),
+        "a failed stream"
+    );
+    assert_eq!(sim.destroyed, 0);
+}
+
+#[test]
+fn a_chunk_before_the_head_breaks_the_protocol() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let to = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.frame(inst, FrameType::StreamChunk, "", b"early");
+    assert_eq!(sim.status(to), Some(502));
+    assert!(sim.streamed.is_empty());
+}
+
+#[test]
+fn a_stream_over_its_size_limit_is_cut_off_and_the_instance_serves_on() {
+    use crate::protocol::{STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX};
+    let f = function("a", 1, 60_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let to = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.frame(inst, FrameType::StreamHead, r#"{"status":200}"#, b"");
+    let chunk = vec![b'x'; STREAM_CHUNK_BYTES_MAX];
+    for _ in 0..STREAM_BYTES_MAX / STREAM_CHUNK_BYTES_MAX + 3 {
+        sim.frame(inst, FrameType::StreamChunk, "", &chunk);
+    }
+    let sent: usize = sim
+        .streamed
+        .iter()
+        .filter(|s| s.1 == "data")
+        .map(|s| s.2.len())
+        .sum();
+    assert_eq!(sent, STREAM_BYTES_MAX, "nothing past the limit goes out");
+    let last = sim.streamed.last().unwrap();
+    assert_eq!((last.0, last.1, last.3), (to, "end", false));
+    let pieces = sim.streamed.len();
+    sim.frame(inst, FrameType::StreamEnd, "", b"");
+    assert_eq!(sim.streamed.len(), pieces, "the end was sent already");
+    sim.request("a");
+    assert_eq!(sim.sent.len(), 2, "the instance takes the next request");
 }

@@ -33,7 +33,7 @@ pub enum BackendKind {
     Process,
     /// QEMU microVMs restored from a migration snapshot.
     Qemu,
-    /// Firecracker microVMs: not in this build yet, refused at start (see `hearth doctor`).
+    /// Firecracker microVMs restored from a Full snapshot (needs KVM; see `hearth doctor`).
     Firecracker,
 }
 

@@ -4,13 +4,13 @@
 //! namespaces the process sandbox uses. The report has a section for the host
 //! and one per backend; each backend's first line is its verdict.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use crate::guest::{ext4, images, kernel};
 use crate::runtime;
-use crate::sandbox::qemu;
-use crate::util::program::{find_program, which};
+use crate::sandbox::{firecracker, qemu};
+use crate::util::program::which;
 
 /// One finding.
 pub struct Check {
@@ -192,25 +192,41 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
         checks: qemu_checks,
     };
 
-    let fc = find_tool("HEARTH_FIRECRACKER", "firecracker");
-    let fc_version = fc
-        .as_ref()
-        .map_err(Clone::clone)
-        .and_then(|p| version_line(p));
-    let jailer = find_tool("HEARTH_JAILER", "jailer");
-    // `sandbox::select` refuses `--backend firecracker`: the checks say how
-    // ready the host is for it, the verdict says it does not run.
+    let fc_version = firecracker::find_firecracker().and_then(|p| {
+        firecracker::firecracker_version(&p).map(|v| format!("{v} ({})", p.display()))
+    });
+    let jailer = firecracker::find_jailer()
+        .and_then(|p| version_line(&p).map(|v| format!("{v} ({})", p.display())));
+    let fc_kernel = firecracker::guest_kernel_report(state_dir);
+    let fc_kvm = kvm
+        .clone()
+        .map(|_| "KVM can run guests (vmx/svm, hardware or nested)".to_string())
+        .map_err(|why| format!("KVM cannot run guests here: {why}"));
+    let fc_problems: Vec<String> = [
+        fc_version.as_ref().err().cloned(),
+        fc_kvm.as_ref().err().cloned(),
+        fc_kernel.as_ref().err().cloned(),
+        agent.as_ref().err().cloned(),
+    ]
+    .into_iter()
+    .flatten()
+    .collect();
     let firecracker = Section {
         title: "firecracker backend",
-        verdict: Some(check(
-            "runs here",
-            false,
-            "not in this build: the backend is not implemented yet and `--backend firecracker` is refused",
-        )),
+        verdict: Some(if fc_problems.is_empty() {
+            check(
+                "runs here",
+                true,
+                "`--backend firecracker`; `--backend auto` picks it",
+            )
+        } else {
+            check("runs here", false, fc_problems.join("; "))
+        }),
         checks: vec![
             from_result("firecracker", fc_version),
-            from_result("jailer", jailer.map(|p| p.display().to_string())),
-            from_result("kvm guests", kvm.map(|_| "ok".into())),
+            from_result("jailer", jailer),
+            from_result("kvm guests", fc_kvm),
+            from_result("guest kernel", fc_kernel),
         ],
     };
     vec![host, process, qemu, firecracker]
@@ -363,12 +379,6 @@ fn guest_images(state_dir: &Path) -> Check {
     }
 }
 
-fn find_tool(env: &str, name: &str) -> Result<PathBuf, String> {
-    find_program(env, name).ok_or_else(|| {
-        format!("{name} not found: install a release from github.com/firecracker-microvm/firecracker (no distribution package) or set {env}")
-    })
-}
-
 fn version_line(bin: &Path) -> Result<String, String> {
     let out = Command::new(bin)
         .arg("--version")
@@ -428,7 +438,10 @@ mod tests {
             let v = s.verdict.as_ref().expect("backend verdict");
             assert!(!v.detail.is_empty(), "{}", s.title);
         }
-        // This build has no Firecracker backend (`sandbox::select` refuses it).
-        assert!(!r[3].verdict.as_ref().unwrap().ok);
+        // Firecracker runs only where KVM can run guests, and says why not.
+        let fc = r[3].verdict.as_ref().unwrap();
+        if qemu::kvm_usable().is_err() {
+            assert!(!fc.ok && fc.detail.contains("KVM"), "{}", fc.detail);
+        }
     }
 }

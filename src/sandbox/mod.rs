@@ -6,14 +6,19 @@
 //! - [`process`]: a host process jailed by namespaces + seccomp + cgroups (no
 //!   KVM needed); [`process::backend`] is its [`Backend`], with pre-initialised standbys.
 //! - [`qemu`]: microVMs restored from a migration snapshot, controlled over QMP.
+//! - [`firecracker`]: Firecracker microVMs restored from a Full snapshot, with
+//!   the agent's channel on vsock; [`vmfiles`] holds the file chores both VM
+//!   backends share.
 //!
-//! Both start the same runtime root ([`crate::runtime`]) and greet the agent
+//! All start the same runtime root ([`crate::runtime`]) and greet the agent
 //! with the same [`handshake`]; this module holds the seam between them and
 //! the scheduler: [`Backend`], [`Instance`], [`StartError`].
 
+pub mod firecracker;
 pub mod handshake;
 pub mod process;
 pub mod qemu;
+pub mod vmfiles;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;
@@ -48,6 +53,9 @@ pub enum StartError {
     /// QEMU failed: it did not start, exited, or a QMP command or the
     /// migration failed.
     Vm(qemu::VmError),
+    /// Firecracker failed: it did not start, exited, an API request failed,
+    /// or the agent's vsock port could not be reached.
+    Firecracker(firecracker::VmmError),
     /// The runtime sent no READY within `waited`.
     NotReady { waited: Duration },
     /// The instance closed its channel before READY; the last lines it printed.
@@ -96,6 +104,7 @@ impl std::fmt::Display for StartError {
             StartError::Uids(e) => write!(f, "{e}"),
             StartError::Image(e) => write!(f, "{e}"),
             StartError::Vm(e) => write!(f, "{e}"),
+            StartError::Firecracker(e) => write!(f, "{e}"),
             StartError::NotReady { waited } => {
                 write!(f, "runtime not ready after {} ms", waited.as_millis())
             }
@@ -134,6 +143,7 @@ impl std::error::Error for StartError {
             StartError::Image(e) => Some(e),
             StartError::Protocol(e) => Some(e),
             StartError::Vm(e) => Some(e),
+            StartError::Firecracker(e) => Some(e),
             StartError::WithOutput { cause, .. } | StartError::InVm { cause, .. } => Some(&**cause),
             _ => None,
         }
@@ -294,12 +304,27 @@ pub fn select(cfg: &crate::config::ServeConfig) -> std::io::Result<Box<dyn Backe
             let b = qemu::QemuBackend::new(cfg).map_err(|m| fail(format!("qemu backend: {m}")))?;
             Ok(Box::new(b))
         }
+        BackendKind::Firecracker => {
+            let b = firecracker::FirecrackerBackend::new(cfg)
+                .map_err(|m| fail(format!("firecracker backend: {m}")))?;
+            Ok(Box::new(b))
+        }
         BackendKind::Auto => {
             // MicroVMs only when they run at hardware speed; under software
             // emulation the process backend serves far faster.
             if let Err(why) = qemu::kvm_usable() {
                 eprintln!("hearth: backend auto: process (no microVMs: {why})");
                 return process();
+            }
+            // Firecracker where it is installed and starts; else QEMU.
+            if firecracker::find_firecracker().is_ok() {
+                match firecracker::FirecrackerBackend::new(cfg) {
+                    Ok(b) => {
+                        eprintln!("hearth: backend auto: firecracker");
+                        return Ok(Box::new(b));
+                    }
+                    Err(why) => eprintln!("hearth: backend auto: not firecracker ({why})"),
+                }
             }
             match qemu::QemuBackend::new(cfg) {
                 Ok(b) => {
@@ -312,10 +337,6 @@ pub fn select(cfg: &crate::config::ServeConfig) -> std::io::Result<Box<dyn Backe
                 }
             }
         }
-        BackendKind::Firecracker => Err(fail(format!(
-            "backend {:?} is not available in this build; see `hearth doctor`",
-            cfg.backend
-        ))),
     }
 }
 

@@ -54,22 +54,21 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-pub use args::Accel;
+pub use args::{guest_memory_mb, Accel, GUEST_DEVICE_WAIT_MS, TMP_MB};
 pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::handshake;
+use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
 use super::{Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest};
 use crate::spec::FunctionSpec;
 use args::VmPlan;
-use snapshot::{ignore_shared, in_vm, prefetch, read_meta, SnapshotMeta, META_FILE};
+use snapshot::{ignore_shared, in_vm, read_meta, SnapshotMeta, META_FILE};
 use vm::Vm;
 
 /// From QEMU spawn to READY of a restored instance.
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
-/// Longest Unix socket path (sun_path holds 108 bytes with the NUL).
-const SOCKET_PATH_BYTES_MAX: usize = 107;
 
 /// An instance: a restored VM and the host end of its channel.
 pub struct QemuInstance {
@@ -90,17 +89,9 @@ impl Instance for QemuInstance {
         drop(vm);
     }
     fn memory_bytes(&self) -> Option<u64> {
-        let status = fs::read_to_string(format!("/proc/{}/status", self.vm.pid())).ok()?;
-        let kb: u64 = status
-            .lines()
-            // Private memory only: pages still shared with the RAM file's
-            // page cache are not this instance's cost.
-            .find_map(|l| l.strip_prefix("RssAnon:"))?
-            .split_whitespace()
-            .next()?
-            .parse()
-            .ok()?;
-        Some(kb * 1024)
+        // Private memory only: pages still shared with the RAM file's
+        // page cache are not this instance's cost.
+        rss_anon_bytes(self.vm.pid())
     }
     // No `sched_time`: QEMU's threads also emulate devices and timers, so
     // their CPU time says little about the handler (under TCG nothing at

@@ -16,6 +16,7 @@ use super::qmp;
 use super::vm::{Vm, VmError};
 use super::Inner;
 use crate::guest::images;
+use crate::sandbox::vmfiles::{publish, write_atomic, RemoveOnDrop};
 use crate::sandbox::{handshake, InitLogs, StartError};
 use crate::spec::FunctionSpec;
 use crate::util::time::unix_time_ms;
@@ -58,17 +59,6 @@ pub struct SnapshotMeta {
     pub ready_ms: u64,
     pub snapshot_ms: u64,
     pub created_ms: u64,
-}
-
-/// Removes its files when dropped (after a successful rename they are gone already).
-struct RemoveOnDrop(Vec<PathBuf>);
-
-impl Drop for RemoveOnDrop {
-    fn drop(&mut self) {
-        for p in &self.0 {
-            let _ = fs::remove_file(p);
-        }
-    }
 }
 
 /// The `x-ignore-shared` migration capability, set on both ends: RAM that is
@@ -184,12 +174,7 @@ impl Inner {
         drop(channel);
         drop(vm);
         let publish = |tmp: &Path, name: &str| {
-            fs::File::open(tmp)
-                .and_then(|f| {
-                    f.sync_all()?;
-                    f.metadata()
-                })
-                .and_then(|m| fs::rename(tmp, dir.join(name)).map(|_| m.len()))
+            publish(tmp, dir, name)
                 .map_err(|e| StartError::io(format!("snapshot {}", tmp.display()), e))
         };
         let ram_bytes = publish(&ram_tmp, RAM_FILE)?;
@@ -306,16 +291,6 @@ impl Inner {
     }
 }
 
-/// Asks the kernel to read `path` into the page cache ahead of the first
-/// restore after a server start (restores map the guest RAM file).
-pub(super) fn prefetch(path: &Path) {
-    use std::os::fd::AsRawFd;
-    if let Ok(f) = fs::File::open(path) {
-        // SAFETY: fadvise on a descriptor we own; advice only.
-        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_WILLNEED) };
-    }
-}
-
 pub(super) fn read_meta(dir: &Path) -> Result<SnapshotMeta, String> {
     let path = dir.join(META_FILE);
     let bytes = fs::read(&path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -323,12 +298,9 @@ pub(super) fn read_meta(dir: &Path) -> Result<SnapshotMeta, String> {
 }
 
 fn write_meta(dir: &Path, meta: &SnapshotMeta) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = dir.join(format!(".{META_FILE}.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(meta).expect("meta serialises"))?;
-    f.sync_all()?;
-    fs::rename(&tmp, dir.join(META_FILE))?;
-    // Makes both renames (snapshot and meta) durable.
-    fs::File::open(dir)?.sync_all()
+    write_atomic(
+        dir,
+        META_FILE,
+        &serde_json::to_vec_pretty(meta).expect("meta serialises"),
+    )
 }

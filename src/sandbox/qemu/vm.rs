@@ -5,7 +5,6 @@
 use std::fmt;
 use std::fs;
 use std::io;
-use std::io::{Read, Seek, SeekFrom};
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -14,6 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::args::{qemu_args, VmPlan};
 use super::qmp::{Qmp, QmpError};
+use crate::sandbox::vmfiles::tail;
 use crate::util::program::find_program;
 
 /// How long a QEMU asked to `quit` gets before SIGKILL.
@@ -267,16 +267,4 @@ impl Drop for Vm {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
-}
-
-/// The last `bytes` of a file, lossily decoded.
-fn tail(path: &Path, bytes: u64) -> String {
-    let Ok(mut f) = fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(bytes)));
-    let mut buf = Vec::new();
-    let _ = f.take(bytes).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
 }

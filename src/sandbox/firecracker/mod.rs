@@ -1,0 +1,382 @@
+//! The Firecracker backend: every instance is a Firecracker microVM restored
+//! from a Full snapshot of a microVM that has already loaded the handler.
+//!
+//! It boots the same guest as the QEMU backend ([`crate::guest`]: kernel,
+//! initramfs with the agent as PID 1, runtime and code drives, read-only),
+//! except that the kernel is the ELF `vmlinux` cut out of the bzImage
+//! ([`vmlinux`]) and the agent's channel is a vsock port instead of a
+//! virtio-serial port.
+//!
+//! Deploy ([`Backend::prepare`], `snapshot`): `firecracker --api-sock` in a
+//! private directory; machine config, boot source, the two drives, the vsock
+//! device, `InstanceStart`; hearth connects to the guest's vsock port through
+//! Firecracker's Unix socket (`CONNECT`/`OK`), HELLO → READY; `PATCH /vm`
+//! Paused; `PUT /snapshot/create` Full into `<fn dir>/fc.state` and
+//! `fc.mem`; the template is killed. `<fn dir>/firecracker.json` records
+//! what the snapshot was made from.
+//!
+//! Instance ([`Backend::start`]): a fresh `firecracker` process per restore;
+//! `PUT /snapshot/load` (its first request) with the File memory backend —
+//! Firecracker maps `fc.mem` MAP_PRIVATE, so clones share its page cache and
+//! their writes are copy-on-write; the file is only ever replaced by rename —
+//! and a per-instance vsock socket (`vsock_override`), resumed at once; then
+//! a new vsock connection (the snapshot reset the old ones; the agent's
+//! listener survives) and HELLO with the clock and fresh randomness.
+//!
+//! Firecracker's working directory is the function directory: the code drive
+//! is named relative to it, so the snapshot survives the directory's rename
+//! after deploy. Everything writable per instance (API socket, vsock socket,
+//! log) lives in a private directory under `<state>/run/firecracker/`,
+//! removed with the VMM. A VMM that dies is noticed when its channel closes;
+//! its exit status and log tail are logged and the scheduler replaces it.
+//!
+//! Parts: `api` (request bodies and the API client), `vmm` (one process),
+//! `vsock` (the host end of the channel), `snapshot` (making and checking a
+//! function's snapshot), `vmlinux` (the ELF kernel).
+
+mod api;
+mod snapshot;
+mod vmlinux;
+mod vmm;
+mod vsock;
+
+use std::collections::HashMap;
+use std::fs;
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub use vmm::VmmError;
+
+use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
+use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
+use crate::config::ServeConfig;
+use crate::guest::images::{self, Guest};
+use crate::spec::FunctionSpec;
+use crate::util::program::find_program;
+use snapshot::{in_vm, read_meta, SnapshotMeta, META_FILE};
+use vmm::{Vmm, VSOCK_SOCK};
+
+/// From Firecracker spawn to READY of a restored instance.
+pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The oldest release with everything used here (`vsock_override` on load).
+pub const VERSION_MIN: (u32, u32) = (1, 16);
+
+/// `$HEARTH_FIRECRACKER`, `firecracker` on PATH, or where
+/// `tools/fetch-firecracker.sh` installs it.
+pub fn find_firecracker() -> Result<PathBuf, String> {
+    find_installed("HEARTH_FIRECRACKER", "firecracker")
+}
+
+/// `$HEARTH_JAILER`, `jailer` on PATH, or next to the fetched firecracker.
+pub fn find_jailer() -> Result<PathBuf, String> {
+    find_installed("HEARTH_JAILER", "jailer")
+}
+
+/// Where `tools/fetch-firecracker.sh` puts the binaries by default.
+pub const FETCH_DIR: &str = "/var/cache/hearth/firecracker";
+
+fn find_installed(env: &str, name: &str) -> Result<PathBuf, String> {
+    if let Some(p) = find_program(env, name) {
+        return Ok(p);
+    }
+    let dir = std::env::var_os("HEARTH_FIRECRACKER_DIR")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(FETCH_DIR));
+    let p = dir.join(name);
+    if p.is_file() {
+        return Ok(p);
+    }
+    Err(format!(
+        "{name} not found (not in {env}, PATH or {}): run tools/fetch-firecracker.sh",
+        dir.display()
+    ))
+}
+
+/// The version `firecracker --version` prints, e.g. "v1.16.1", checked
+/// against [`VERSION_MIN`].
+pub fn firecracker_version(bin: &Path) -> Result<String, String> {
+    let out = std::process::Command::new(bin)
+        .arg("--version")
+        .output()
+        .map_err(|e| format!("cannot run {}: {e}", bin.display()))?;
+    let text = String::from_utf8_lossy(&out.stdout);
+    let version = text
+        .lines()
+        .next()
+        .and_then(|l| l.strip_prefix("Firecracker "))
+        .map(|v| v.trim().to_string())
+        .filter(|_| out.status.success())
+        .ok_or_else(|| format!("{} --version printed {:?}", bin.display(), text.trim()))?;
+    match parse_version(&version) {
+        Some(v) if v >= VERSION_MIN => Ok(version),
+        Some(_) => Err(format!(
+            "firecracker {version} is too old: v{}.{} or newer is needed (tools/fetch-firecracker.sh)",
+            VERSION_MIN.0, VERSION_MIN.1
+        )),
+        None => Err(format!("cannot read firecracker version {version:?}")),
+    }
+}
+
+/// `"v1.16.1"` → `(1, 16)`.
+pub fn parse_version(v: &str) -> Option<(u32, u32)> {
+    let mut parts = v.strip_prefix('v')?.split(['.', '-']);
+    Some((parts.next()?.parse().ok()?, parts.next()?.parse().ok()?))
+}
+
+/// Whether the guest kernel can be booted by Firecracker (an ELF kernel, or
+/// a bzImage whose payload is decoded here), for `hearth doctor`.
+pub fn guest_kernel_report(state_dir: &Path) -> Result<String, String> {
+    if let Some(p) = std::env::var_os("HEARTH_VMLINUX") {
+        return Ok(format!("HEARTH_VMLINUX={}", Path::new(&p).display()));
+    }
+    let k = crate::guest::kernel::locate(state_dir).map_err(|e| e.to_string())?;
+    let image = fs::read(&k.image).map_err(|e| format!("{}: {e}", k.image.display()))?;
+    let elf = vmlinux::extract(&image).map_err(|e| format!("{}: {e}", k.image.display()))?;
+    Ok(format!(
+        "{} (ELF vmlinux of {} MiB extracted from its payload)",
+        k.image.display(),
+        elf.len() >> 20
+    ))
+}
+
+/// An instance: a restored microVM and the host end of its channel.
+pub struct FirecrackerInstance {
+    vmm: Vmm,
+    channel: Option<OwnedFd>,
+}
+
+impl Instance for FirecrackerInstance {
+    fn take_channel(&mut self) -> Option<OwnedFd> {
+        self.channel.take()
+    }
+    fn kill(&mut self) {
+        self.vmm.kill();
+    }
+    fn destroy(self: Box<Self>) {
+        let FirecrackerInstance { vmm, channel } = *self;
+        drop(channel);
+        drop(vmm);
+    }
+    fn memory_bytes(&self) -> Option<u64> {
+        rss_anon_bytes(self.vmm.pid())
+    }
+}
+
+struct Inner {
+    firecracker: PathBuf,
+    version: String,
+    guest: Guest,
+    vmlinux: PathBuf,
+    /// Parent of the VMMs' private directories.
+    run_dir: PathBuf,
+    seq: AtomicU64,
+    /// One snapshot per function, loaded or (re)built under its lock.
+    slots: Mutex<HashMap<String, Arc<Mutex<Option<SnapshotMeta>>>>>,
+    /// One template boot at a time.
+    template_lock: Mutex<()>,
+    /// Log the phases of every restore (`HEARTH_FIRECRACKER_TRACE=1`).
+    trace: bool,
+}
+
+/// See the module documentation.
+pub struct FirecrackerBackend {
+    inner: Arc<Inner>,
+}
+
+impl FirecrackerBackend {
+    /// Finds Firecracker and the kernel, checks KVM, builds the shared guest
+    /// images and the ELF kernel.
+    pub fn new(cfg: &ServeConfig) -> Result<FirecrackerBackend, SetupError> {
+        let firecracker = find_firecracker().map_err(SetupError::Host)?;
+        let version = firecracker_version(&firecracker).map_err(SetupError::Host)?;
+        super::qemu::kvm_usable()
+            .map_err(|why| SetupError::Host(format!("firecracker needs KVM: {why}")))?;
+        let guest = images::prepare_guest(&cfg.state_dir).map_err(SetupError::Guest)?;
+        let vmlinux = vmlinux::ensure(&guest.kernel.image, &images::cache_dir(&cfg.state_dir))
+            .map_err(|m| SetupError::Host(format!("guest kernel for firecracker: {m}")))?;
+        // One server per state directory: a second one would clear the first's VMM directories.
+        let mut run_dir = cfg.state_dir.join("run").join("firecracker");
+        // Socket paths must fit sun_path: "<run>/<16 hex>-<role><seq>/api.sock".
+        if run_dir.as_os_str().len() + 48 > SOCKET_PATH_BYTES_MAX {
+            run_dir = std::env::temp_dir().join(format!("hearth-fc-{}", std::process::id()));
+        }
+        // VMMs of an earlier server are gone (they die with it); so are their directories.
+        let _ = fs::remove_dir_all(&run_dir);
+        fs::create_dir_all(&run_dir).map_err(|err| SetupError::Io {
+            what: format!("create {}", run_dir.display()),
+            err,
+        })?;
+        eprintln!(
+            "hearth: firecracker {version} ({}), kernel {} as {}, run dir {}",
+            firecracker.display(),
+            guest.kernel.source,
+            vmlinux.display(),
+            run_dir.display()
+        );
+        Ok(FirecrackerBackend {
+            inner: Arc::new(Inner {
+                firecracker,
+                version,
+                guest,
+                vmlinux,
+                run_dir,
+                seq: AtomicU64::new(0),
+                slots: Mutex::new(HashMap::new()),
+                template_lock: Mutex::new(()),
+                trace: std::env::var_os("HEARTH_FIRECRACKER_TRACE").is_some_and(|v| v != "0"),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    /// A fresh private directory for a VMM and the `--id` Firecracker gets
+    /// (letters, digits and `-`, at most 64).
+    fn vm_dir(&self, id: &str, role: &str) -> (PathBuf, String) {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let name = format!("{id}-{role}{n}");
+        (self.run_dir.join(&name), name)
+    }
+
+    fn slot(&self, id: &str) -> Arc<Mutex<Option<SnapshotMeta>>> {
+        self.slots
+            .lock()
+            .unwrap()
+            .entry(id.to_string())
+            .or_default()
+            .clone()
+    }
+
+    /// Restores a microVM from the function's snapshot and makes it ready.
+    fn restore_instance(
+        &self,
+        spec: &FunctionSpec,
+        dir: &Path,
+        core: Option<usize>,
+    ) -> Result<(FirecrackerInstance, InitLogs), StartError> {
+        let meta = self.snapshot(spec, dir)?;
+        let started = Instant::now();
+        let deadline = started + RESTORE_TIMEOUT;
+        let (vm_dir, vm_id) = self.vm_dir(&spec.id, "");
+        let mut vmm = Vmm::spawn(
+            &self.firecracker,
+            &vm_dir,
+            dir,
+            &vm_id,
+            format!("instance of {}", spec.id),
+            core,
+        )?;
+        let fail = |e: VmmError, vmm: &Vmm| in_vm("restore", e, vmm);
+        let uds = vm_dir.join(VSOCK_SOCK);
+        let mut api = vmm.api(deadline).map_err(|e| fail(e, &vmm))?;
+        let load = api::snapshot_load(&dir.join(&meta.state), &dir.join(&meta.mem), &uds);
+        api.put("/snapshot/load", &load, deadline)
+            .map_err(|e| fail(VmmError::Api(e), &vmm))?;
+        drop(api);
+        let resumed_ms = started.elapsed().as_millis();
+        let channel = vsock::connect(&uds, vsock::AGENT_PORT, deadline, || {
+            vmm.check_alive()
+                .map_err(|e| std::io::Error::other(e.to_string()))
+        })
+        .map_err(|e| fail(VmmError::Vsock(e), &vmm))?;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let logs = match handshake::hello(channel.as_fd(), spec, left) {
+            Ok((_, logs)) => logs,
+            Err(e @ StartError::Init { .. }) => return Err(e),
+            Err(e) => return Err(in_vm("restore", e, &vmm)),
+        };
+        if self.trace {
+            eprintln!(
+                "hearth: firecracker: restored {} (pid {}): running after {resumed_ms} ms, ready after {} ms",
+                spec.id,
+                vmm.pid(),
+                started.elapsed().as_millis()
+            );
+        }
+        Ok((
+            FirecrackerInstance {
+                vmm,
+                channel: Some(OwnedFd::from(channel)),
+            },
+            logs,
+        ))
+    }
+}
+
+impl Backend for FirecrackerBackend {
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+
+    fn prepare(&self, spec: &FunctionSpec, dir: &Path) -> Result<InitLogs, StartError> {
+        let (meta, logs) = self.inner.make_snapshot(spec, dir)?;
+        *self.inner.slot(&spec.id).lock().unwrap() = Some(meta);
+        Ok(logs)
+    }
+
+    fn start(
+        &self,
+        spec: &FunctionSpec,
+        dir: &Path,
+        core: usize,
+    ) -> Result<(Box<dyn Instance>, InitLogs), StartError> {
+        let (inst, logs) = self.inner.restore_instance(spec, dir, Some(core))?;
+        Ok((Box::new(inst), logs))
+    }
+
+    fn restore(&self, spec: &FunctionSpec, dir: &Path) {
+        // Check (or rebuild) the snapshot off the start-up path; the first
+        // start of this function waits on the slot's lock meanwhile.
+        let (inner, spec, dir) = (self.inner.clone(), spec.clone(), dir.to_path_buf());
+        std::thread::spawn(move || match inner.snapshot(&spec, &dir) {
+            Ok(meta) => prefetch(&dir.join(&meta.mem)),
+            Err(e) => eprintln!(
+                "hearth: firecracker: function {}: no usable snapshot: {e}",
+                spec.id
+            ),
+        });
+    }
+
+    fn forget(&self, id: &str) {
+        self.inner.slots.lock().unwrap().remove(id);
+    }
+
+    fn artifacts(&self, dir: &Path) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        if let Ok(meta) = read_meta(dir) {
+            out.push(PathBuf::from(meta.code_image));
+            out.push(PathBuf::from(meta.state));
+            out.push(PathBuf::from(meta.mem));
+            out.push(PathBuf::from(META_FILE));
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions_are_compared_by_major_and_minor() {
+        assert_eq!(parse_version("v1.16.1"), Some((1, 16)));
+        assert_eq!(parse_version("v1.17.0-dev"), Some((1, 17)));
+        assert_eq!(parse_version("1.16"), None);
+        assert!(parse_version("v1.15.9").unwrap() < VERSION_MIN);
+        assert!(parse_version("v2.0.0").unwrap() >= VERSION_MIN);
+    }
+
+    /// The shared test binaries (or an installed release) report their version.
+    #[test]
+    fn an_installed_firecracker_reports_a_usable_version() {
+        let Ok(bin) = find_firecracker() else {
+            eprintln!("skipped: no firecracker installed (tools/fetch-firecracker.sh)");
+            return;
+        };
+        let v = firecracker_version(&bin).unwrap();
+        assert!(v.starts_with('v'), "{v}");
+    }
+}

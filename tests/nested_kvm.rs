@@ -57,8 +57,9 @@ fn deploy(l1: &mut L1, fixture: &str, query: &str, backend: &str) -> String {
 struct Vmm {
     /// `--backend` value and the `backend` field of deploy answers.
     backend: &'static str,
-    /// What identifies an instance's VMM process (not a template's) in its command line.
-    instance_marker: &'static str,
+    /// A shell `case` pattern matching the command line of an instance's VMM
+    /// (not a template's); `ID` stands for the function id.
+    instance_glob: &'static str,
     /// Files a function's snapshot consists of.
     snapshot_files: &'static [&'static str],
     /// A line hearth logs at start with this backend on KVM.
@@ -67,17 +68,24 @@ struct Vmm {
 
 const QEMU: Vmm = Vmm {
     backend: "qemu",
-    instance_marker: "-incoming",
+    instance_glob: "*qemu-system*/ID-[0-9]*-incoming*",
     snapshot_files: &["vm.snap", "vm.ram", "qemu.json"],
     kvm_log: "-accel kvm",
+};
+
+const FIRECRACKER: Vmm = Vmm {
+    backend: "firecracker",
+    instance_glob: "*firecracker*--id ID-[0-9]*",
+    snapshot_files: &["fc.state", "fc.mem", "firecracker.json"],
+    kvm_log: "hearth: firecracker v",
 };
 
 /// Pids of L1's instance VMMs of function `id`.
 fn instances(l1: &mut L1, vmm: &Vmm, id: &str) -> Vec<u32> {
     let out = l1.sh(&format!(
         "for p in /proc/[0-9]*; do c=$(tr '\\0' ' ' < $p/cmdline 2>/dev/null) || continue; \
-         case \"$c\" in *{}*) case \"$c\" in *{id}*) echo ${{p#/proc/}};; esac;; esac; done",
-        vmm.instance_marker
+         case \"$c\" in {}) echo ${{p#/proc/}};; esac; done",
+        vmm.instance_glob.replace("ID", id)
     ));
     out.split_whitespace()
         .filter_map(|p| p.parse().ok())
@@ -100,7 +108,7 @@ fn get(l1: &L1, path: &str) -> Response {
 /// concurrency, crashes, timeouts, delete, and a restart of hearth.
 fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
     let cycle = Instant::now();
-    l1.start_hearth(serve_args);
+    l1.start_hearth("", serve_args);
     let log = l1.serve_log();
     assert!(
         log.contains(vmm.kvm_log),
@@ -225,7 +233,7 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
 
     // Restart: the functions come back from their snapshots, not rebuilt.
     l1.stop_hearth();
-    l1.start_hearth(serve_args);
+    l1.start_hearth("", serve_args);
     let t = Instant::now();
     let r = get(l1, &format!("{base}/whoami"));
     assert_eq!(r.status, 200, "{}", r.text());
@@ -246,6 +254,28 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
     );
 }
 
+/// The QEMU backend on another machine type under KVM: a deploy and a restore.
+fn machine_check(l1: &mut L1, machine: &str) {
+    let t = Instant::now();
+    l1.start_hearth(&format!("HEARTH_QEMU_MACHINE={machine}"), "--backend qemu");
+    let log = l1.serve_log();
+    assert!(log.contains(&format!("-accel kvm -M {machine}")), "{log}");
+    let id = deploy(l1, "plain", "", "qemu");
+    let r = get(l1, &format!("/f/{id}/on-{machine}"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["event"]["rawPath"], format!("/on-{machine}"));
+    assert_eq!(instances(l1, &QEMU, &id).len(), 1);
+    l1.stop_hearth();
+    l1.sh(&format!("rm -rf {STATE}/functions"));
+    eprintln!(
+        "nested: qemu -M {machine}: deploy and restore checked in {} s",
+        t.elapsed().as_secs()
+    );
+}
+
+/// Where `tools/fetch-firecracker.sh` installs Firecracker, on the host and in L1.
+const FIRECRACKER_IN_L1: &str = "/var/cache/hearth/firecracker/firecracker";
+
 #[test]
 fn nested_kvm_host_runs_hearths_vm_backends() {
     if let Some(why) = nested::skip_reason() {
@@ -260,5 +290,19 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
         "{kvm}"
     );
     backend_cycle(&mut l1, &QEMU, "--backend qemu");
+    for machine in ["microvm", "q35"] {
+        machine_check(&mut l1, machine);
+    }
+    if l1
+        .try_sh(&format!("test -x {FIRECRACKER_IN_L1}"), nested::SH_TIMEOUT)
+        .is_some_and(|(rc, _)| rc == 0)
+    {
+        backend_cycle(&mut l1, &FIRECRACKER, "--backend firecracker");
+    } else {
+        eprintln!(
+            "nested: firecracker cycle skipped: no firecracker was installed on this host \
+             (tools/fetch-firecracker.sh --shared), so L1 has none"
+        );
+    }
     l1.shutdown();
 }

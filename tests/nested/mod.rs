@@ -291,12 +291,13 @@ impl L1 {
     }
 
     /// Starts `hearth serve` in L1 with `args` (after the listen, state and
-    /// token options) and waits until it answers `/healthz` from this host.
-    pub fn start_hearth(&mut self, args: &str) {
+    /// token options) and the environment assignments `env`, and waits until
+    /// it answers `/healthz` from this host.
+    pub fn start_hearth(&mut self, env: &str, args: &str) {
         let t = Instant::now();
         self.sh(&format!(
-            "mkdir -p {STATE}; cd /state; echo '--- hearth serve {args}' >> {SERVE_LOG}; \
-             HEARTH_AGENT=/opt/hearth/hearth-agent setsid /opt/hearth/hearth serve \
+            "mkdir -p {STATE}; cd /state; ulimit -n 65536; echo '--- {env} hearth serve {args}' >> {SERVE_LOG}; \
+             {env} HEARTH_AGENT=/opt/hearth/hearth-agent setsid /opt/hearth/hearth serve \
              --listen 0.0.0.0:{GUEST_PORT} --state-dir {STATE} --admin-token {TOKEN} {args} \
              < /dev/null >> {SERVE_LOG} 2>&1 &"
         ));
@@ -315,7 +316,7 @@ impl L1 {
             std::thread::sleep(Duration::from_millis(500));
         }
         eprintln!(
-            "nested: hearth serve {args} up in {} ms",
+            "nested: {env} hearth serve {args} up in {} ms",
             t.elapsed().as_millis()
         );
     }

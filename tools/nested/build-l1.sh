@@ -25,12 +25,18 @@ vmlinuz=$(ls "$kdir"/boot/vmlinuz-* 2>/dev/null | head -n1)
 [ -n "$vmlinuz" ] || { echo "build-l1: no kernel in $kdir: run tools/fetch-kernel.sh" >&2; exit 1; }
 rel=${vmlinuz##*/vmlinuz-}
 mods=$(readlink -f "$kdir")/lib/modules/$rel/kernel
-busybox=$(command -v busybox || true)
-case "$(file -b "$busybox" 2>/dev/null)" in *static*) ;; *) busybox=/bin/busybox ;; esac
-[ -x "$busybox" ] || { echo "build-l1: busybox not found: apt-get install busybox-static" >&2; exit 1; }
+busybox=/bin/busybox
+if [ ! -x "$busybox" ] || ldd "$busybox" >/dev/null 2>&1; then
+  echo "build-l1: no static $busybox: apt-get install busybox-static" >&2; exit 1
+fi
 # Firecracker and its jailer where tools/fetch-firecracker.sh installs them;
 # L1 gets them at the same path, where hearth looks.
 fcdir=${HEARTH_FIRECRACKER_DIR:-/var/cache/hearth/firecracker}
+if [ ! -x "$fcdir/firecracker" ] && [ -x "$here/../fetch-firecracker.sh" ]; then
+  # No network needed: the binaries next to the checkout (../shared/firecracker).
+  "$here/../fetch-firecracker.sh" --shared "$fcdir" >/dev/null 2>&1 \
+    || echo "build-l1: no Firecracker installed (tools/fetch-firecracker.sh); L1 gets none" >&2
+fi
 fc_bins=()
 for b in "$fcdir/firecracker" "$fcdir/jailer"; do [ -x "$b" ] && fc_bins+=("$b"); done
 
@@ -86,7 +92,7 @@ copy_with_libs() {
     [ -e "$r$real" ] || { mkdir -p "$r$(dirname "$real")"; cp -L "$lib" "$r$real"; }
   done
 }
-for b in /usr/bin/bash /usr/bin/ldd /usr/sbin/mkfs.ext4 /usr/sbin/e2fsck /usr/bin/node \
+for b in /usr/bin/bash /usr/bin/ldd /usr/sbin/mkfs.ext4 /usr/sbin/e2fsck /usr/sbin/debugfs /usr/bin/node \
          /usr/bin/qemu-system-x86_64; do
   copy_with_libs "$b"
 done

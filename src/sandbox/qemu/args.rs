@@ -240,6 +240,41 @@ mod tests {
     }
 
     #[test]
+    fn machine_types_keep_the_ram_backend_and_microvm_gets_a_pcie_host() {
+        let m = |machine| {
+            let plan = VmPlan {
+                accel: Accel::Kvm,
+                machine,
+                memory_mb: 256,
+                kernel: Path::new("/k"),
+                initramfs: Path::new("/i"),
+                append: "",
+                runtime_image: Path::new("/r"),
+                code_image: Path::new("/c"),
+                dir: Path::new("/d"),
+                ram: Path::new("/f/vm.ram"),
+                restore: false,
+            };
+            let a = qemu_args(&plan);
+            (a[1].clone(), a[3].clone(), a[5].clone())
+        };
+        assert_eq!(
+            m(Machine::Microvm),
+            (
+                "kvm".into(),
+                "microvm,pcie=on,memory-backend=pc.ram".into(),
+                "host".into()
+            )
+        );
+        assert_eq!(m(Machine::Q35).1, "q35,memory-backend=pc.ram");
+        assert_eq!(m(Machine::Pc).1, "pc,memory-backend=pc.ram");
+        for name in ["pc", "q35", "microvm"] {
+            assert_eq!(Machine::parse(name).unwrap().as_str(), name);
+        }
+        assert_eq!(Machine::parse("isapc"), None);
+    }
+
+    #[test]
     fn a_restore_maps_ram_privately_and_waits_for_the_stream() {
         let boot = args_text(false);
         let restore = args_text(true);

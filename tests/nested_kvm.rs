@@ -313,7 +313,9 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
     } else {
         eprintln!(
             "nested: qemu -accel kvm deploy cycle skipped (set HEARTH_NESTED_QEMU_KVM=1): \
-             its template VM was not READY within 120 s in L1 on this loaded host, not yet diagnosed"
+             its -M pc template VM was not READY within 120 s in L1 on this loaded host \
+             (the L2 kernel reaches the agent and both drives, ~150 s wall with a verbose \
+             console; faster machine types or a longer timeout are not yet tried)"
         );
     }
     l1.shutdown();

@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 need=()
-for pkg in nodejs:node e2fsprogs:mkfs.ext4 lz4:lz4 cpio:cpio qemu-system-x86:qemu-system-x86_64 wrk:wrk nginx-light:nginx linux-perf:perf; do
+for pkg in nodejs:node e2fsprogs:mkfs.ext4 lz4:lz4 cpio:cpio qemu-system-x86:qemu-system-x86_64 wrk:wrk nginx-light:nginx linux-perf:perf busybox-static:busybox; do
   command -v "${pkg#*:}" >/dev/null 2>&1 || need+=("${pkg%%:*}")
 done
 if [ ${#need[@]} -gt 0 ]; then

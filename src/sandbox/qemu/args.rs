@@ -40,6 +40,49 @@ impl Accel {
     }
 }
 
+/// The QEMU machine type (`HEARTH_QEMU_MACHINE`), one per server: a
+/// snapshot restores only on the machine it was made on.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Machine {
+    /// i440FX PC (the default; the only one that boots under TCG here).
+    #[default]
+    Pc,
+    /// Q35 with PCI Express.
+    Q35,
+    /// The minimal `microvm` machine, with a PCIe host so the same virtio-pci
+    /// devices work (KVM only: under TCG its TSC calibration hangs).
+    Microvm,
+}
+
+impl Machine {
+    /// `pc`, `q35` or `microvm`.
+    pub fn parse(name: &str) -> Option<Machine> {
+        match name {
+            "pc" => Some(Machine::Pc),
+            "q35" => Some(Machine::Q35),
+            "microvm" => Some(Machine::Microvm),
+            _ => None,
+        }
+    }
+
+    pub(super) fn as_str(self) -> &'static str {
+        match self {
+            Machine::Pc => "pc",
+            Machine::Q35 => "q35",
+            Machine::Microvm => "microvm",
+        }
+    }
+
+    /// The `-M` value before the RAM backend.
+    fn option(self) -> &'static str {
+        match self {
+            Machine::Microvm => "microvm,pcie=on",
+            m => m.as_str(),
+        }
+    }
+}
+
 /// Guest memory for a function.
 pub fn guest_memory_mb(spec: &FunctionSpec) -> u32 {
     spec.memory_mb.max(MEMORY_MB_MIN)
@@ -56,6 +99,7 @@ pub fn kernel_cmdline() -> String {
 /// Everything one QEMU command line depends on.
 pub struct VmPlan<'a> {
     pub accel: Accel,
+    pub machine: Machine,
     pub memory_mb: u32,
     pub kernel: &'a Path,
     pub initramfs: &'a Path,
@@ -98,7 +142,7 @@ pub fn qemu_args(p: &VmPlan<'_>) -> Vec<OsString> {
     .iter()
     .map(|s| s.to_string())
     .collect();
-    a[3] = format!("pc,memory-backend={RAM_ID}");
+    a[3] = format!("{},memory-backend={RAM_ID}", p.machine.option());
     a.push("-m".into());
     a.push(p.memory_mb.to_string());
     a.push("-object".into());
@@ -147,6 +191,7 @@ mod tests {
     fn args_text(restore: bool) -> Vec<String> {
         let plan = VmPlan {
             accel: Accel::Tcg,
+            machine: Machine::Pc,
             memory_mb: 256,
             kernel: Path::new("/k/vmlinuz"),
             initramfs: Path::new("/k/init.cpio"),
@@ -192,6 +237,41 @@ mod tests {
             "-object memory-backend-file,id=pc.ram,size=256M,mem-path=/f/vm.ram,share=on"
         ));
         assert!(!a.contains(&"-incoming".to_string()));
+    }
+
+    #[test]
+    fn machine_types_keep_the_ram_backend_and_microvm_gets_a_pcie_host() {
+        let m = |machine| {
+            let plan = VmPlan {
+                accel: Accel::Kvm,
+                machine,
+                memory_mb: 256,
+                kernel: Path::new("/k"),
+                initramfs: Path::new("/i"),
+                append: "",
+                runtime_image: Path::new("/r"),
+                code_image: Path::new("/c"),
+                dir: Path::new("/d"),
+                ram: Path::new("/f/vm.ram"),
+                restore: false,
+            };
+            let a = qemu_args(&plan);
+            (a[1].clone(), a[3].clone(), a[5].clone())
+        };
+        assert_eq!(
+            m(Machine::Microvm),
+            (
+                "kvm".into(),
+                "microvm,pcie=on,memory-backend=pc.ram".into(),
+                "host".into()
+            )
+        );
+        assert_eq!(m(Machine::Q35).1, "q35,memory-backend=pc.ram");
+        assert_eq!(m(Machine::Pc).1, "pc,memory-backend=pc.ram");
+        for name in ["pc", "q35", "microvm"] {
+            assert_eq!(Machine::parse(name).unwrap().as_str(), name);
+        }
+        assert_eq!(Machine::parse("isapc"), None);
     }
 
     #[test]

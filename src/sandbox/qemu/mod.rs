@@ -54,7 +54,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-pub use args::{guest_memory_mb, Accel, GUEST_DEVICE_WAIT_MS, TMP_MB};
+pub use args::{guest_memory_mb, Accel, Machine, GUEST_DEVICE_WAIT_MS, TMP_MB};
 pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::handshake;
@@ -108,6 +108,7 @@ struct Inner {
     qemu: PathBuf,
     qemu_version: String,
     accel: Accel,
+    machine: Machine,
     guest: Guest,
     /// Parent of the VMs' private directories.
     run_dir: PathBuf,
@@ -136,6 +137,7 @@ impl QemuBackend {
                 Accel::Tcg
             }
         };
+        let machine = machine_from_env(accel).map_err(SetupError::Host)?;
         let guest = images::prepare_guest(&cfg.state_dir).map_err(SetupError::Guest)?;
         // One server per state directory: a second one would clear the first's VM directories.
         let mut run_dir = cfg.state_dir.join("run").join("qemu");
@@ -150,8 +152,9 @@ impl QemuBackend {
             err,
         })?;
         eprintln!(
-            "hearth: qemu: {qemu_version}, -accel {}, kernel {} ({} modules), run dir {}",
+            "hearth: qemu: {qemu_version}, -accel {} -M {}, kernel {} ({} modules), run dir {}",
             accel.as_str(),
+            machine.as_str(),
             guest.kernel.source,
             guest.kernel.modules.len(),
             run_dir.display()
@@ -161,6 +164,7 @@ impl QemuBackend {
                 qemu,
                 qemu_version,
                 accel,
+                machine,
                 guest,
                 run_dir,
                 seq: AtomicU64::new(0),
@@ -175,6 +179,23 @@ impl QemuBackend {
     pub fn accel(&self) -> Accel {
         self.inner.accel
     }
+}
+
+/// The machine type `HEARTH_QEMU_MACHINE` names (default `pc`).
+fn machine_from_env(accel: Accel) -> Result<Machine, String> {
+    let Some(name) = std::env::var_os("HEARTH_QEMU_MACHINE") else {
+        return Ok(Machine::default());
+    };
+    let name = name.to_string_lossy();
+    let machine = Machine::parse(&name)
+        .ok_or_else(|| format!("HEARTH_QEMU_MACHINE={name}: expected pc, q35 or microvm"))?;
+    if machine == Machine::Microvm && accel == Accel::Tcg {
+        return Err(
+            "HEARTH_QEMU_MACHINE=microvm needs KVM (under software emulation it hangs in TSC calibration)"
+                .into(),
+        );
+    }
+    Ok(machine)
 }
 
 impl Inner {
@@ -210,6 +231,7 @@ impl Inner {
         let ram = dir.join(&meta.ram);
         let plan = VmPlan {
             accel: meta.accel,
+            machine: meta.machine,
             memory_mb: meta.memory_mb,
             kernel: &meta.kernel,
             initramfs: &meta.initramfs,

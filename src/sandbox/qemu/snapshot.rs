@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::args::{guest_memory_mb, kernel_cmdline, Accel, VmPlan};
+use super::args::{guest_memory_mb, kernel_cmdline, Accel, Machine, VmPlan};
 use super::qmp;
 use super::vm::{Vm, VmError};
 use super::Inner;
@@ -24,8 +24,9 @@ use crate::util::time::unix_time_ms;
 /// Boot + handler load in a template VM under software emulation (slow: ~8 s
 /// boot, Node ~37x slower than native).
 pub const TEMPLATE_READY_TIMEOUT_TCG: Duration = Duration::from_secs(90);
-/// The same with KVM.
-pub const TEMPLATE_READY_TIMEOUT_KVM: Duration = Duration::from_secs(30);
+/// The same with KVM, which may itself run nested in an emulated machine
+/// (the test host of `tests/nested_kvm.rs`), where guests run at emulation speed.
+pub const TEMPLATE_READY_TIMEOUT_KVM: Duration = Duration::from_secs(120);
 /// Writing the snapshot.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Device state, guest RAM and their description in the function's directory.
@@ -43,6 +44,9 @@ pub struct SnapshotMeta {
     pub format: u32,
     pub qemu_version: String,
     pub accel: Accel,
+    /// Absent in snapshots made before machine types could be chosen: `pc`.
+    #[serde(default)]
+    pub machine: Machine,
     pub memory_mb: u32,
     pub kernel: PathBuf,
     pub initramfs: PathBuf,
@@ -107,6 +111,7 @@ impl Inner {
         ]);
         let plan = VmPlan {
             accel: self.accel,
+            machine: self.machine,
             memory_mb,
             kernel: &self.guest.kernel.image,
             initramfs: &self.guest.initramfs,
@@ -183,6 +188,7 @@ impl Inner {
             format: META_FORMAT,
             qemu_version: self.qemu_version.clone(),
             accel: self.accel,
+            machine: self.machine,
             memory_mb,
             kernel: self.guest.kernel.image.clone(),
             initramfs: self.guest.initramfs.clone(),
@@ -226,6 +232,9 @@ impl Inner {
         }
         if meta.accel != self.accel {
             return Some(format!("made with -accel {}", meta.accel.as_str()));
+        }
+        if meta.machine != self.machine {
+            return Some(format!("made with -M {}", meta.machine.as_str()));
         }
         if meta.memory_mb != guest_memory_mb(spec) {
             return Some(format!("made with {} MiB", meta.memory_mb));

@@ -28,7 +28,7 @@ use crate::sandbox::Instance;
 /// instances, hands one over with requests of its own still queued. Each turn
 /// costs one hand-over (a detach, a message to the other core, an attach);
 /// the slack bounds how far service strays from arrival order.
-pub const HAND_OVER_SLACK: Duration = Duration::from_millis(2);
+pub const HAND_OVER_SLACK: Duration = Duration::from_millis(5);
 
 /// `t` as nanoseconds on a scale every core shares (for [`Function::starved_since`]).
 pub(super) fn stamp(t: Instant) -> u64 {

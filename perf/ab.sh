@@ -2,11 +2,13 @@
 # A/B of two hearth builds on the function benchmarks, side by side in one run.
 #
 # Usage: perf/ab.sh A_BINARY B_BINARY [--rounds N] [--duration 6s]
-#                   [--tests express-greet,express-get,trivial] [-- SERVE_FLAGS...]
+#                   [--tests express-greet,express-get,trivial]
+#                   [--deploy 'concurrency=1'] [-- SERVE_FLAGS...]
 #
 # Starts `A_BINARY serve` and `B_BINARY serve` (process backend, own state
 # dirs, the flags after `--` given to both), deploys the Express fixture and
-# perf/functions/trivial to each with the defaults, warms every target 3 s,
+# perf/functions/trivial to each with the defaults (or the settings given as a
+# query string with --deploy), warms every target 3 s,
 # then runs `wrk -t2 -c10 --latency` against A and B alternately for N rounds
 # (default 3 x 6 s). Prints every run with the function's instance count after
 # it, then medians and the B/A ratio. Both servers stay up the whole time; only
@@ -21,6 +23,7 @@ TESTS=express-greet,express-get,trivial
 WRK_THREADS=2
 WRK_CONNS=10
 SERVE_FLAGS=()
+DEPLOY_QUERY=
 
 die() { echo "ab: $*" >&2; exit 1; }
 [ $# -ge 2 ] || { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
@@ -32,6 +35,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --tests) TESTS=$2; shift 2 ;;
+    --deploy) DEPLOY_QUERY=$2; shift 2 ;;
     --) shift; SERVE_FLAGS=("$@"); break ;;
     *) die "unknown argument: $1" ;;
     esac
@@ -59,8 +63,8 @@ for side in A B; do
     HEARTH=${!bin_var}
     start_hearth "$side" "${SERVE_FLAGS[@]}"
     addr=$REPLY
-    r=$(deploy_zip "$addr" "$TMP/express.zip"); ex=${r% *}
-    r=$(deploy_zip "$addr" "$TMP/trivial.zip"); tr=${r% *}
+    r=$(deploy_zip "$addr" "$TMP/express.zip" "$DEPLOY_QUERY"); ex=${r% *}
+    r=$(deploy_zip "$addr" "$TMP/trivial.zip" "$DEPLOY_QUERY"); tr=${r% *}
     TARGETS+="express-greet $side http://$addr/f/$ex/greet $HERE/post-greet.lua
 express-get $side http://$addr/f/$ex/ -
 trivial $side http://$addr/f/$tr/ -
@@ -70,7 +74,7 @@ TARGETS=$(awk -v tests=",$TESTS," 'index(tests, "," $1 ",")' <<<"$TARGETS")
 
 echo "# A: $A_BIN"
 echo "# B: $B_BIN"
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), deploy settings: ${DEPLOY_QUERY:-defaults}, wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
 RESULTS="$TMP/results"
 # The function's instance count after each run.
 after_run() { # test side url

@@ -94,11 +94,11 @@ start_node() { # name script args...
     REPLY=$port
 }
 
-# POSTs a zip to /deploy; prints "functionId seconds".
-deploy_zip() { # addr zip
+# POSTs a zip to /deploy, with settings as a query string if given; prints "functionId seconds".
+deploy_zip() { # addr zip [settings]
     local out
     out=$(curl -sS -w '\n%{http_code} %{time_total}' -X POST -H 'content-type: application/zip' "${AUTH[@]}" \
-        --data-binary "@$2" "http://$1/deploy")
+        --data-binary "@$2" "http://$1/deploy${3:+?$3}")
     local status=${out##*$'\n'}
     [ "${status%% *}" = 200 ] || [ "${status%% *}" = 201 ] || die "deploy failed: $out"
     local id

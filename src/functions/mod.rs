@@ -48,6 +48,9 @@ pub struct Function {
     /// Cores (bit per core) with queued requests that could not get an instance
     /// slot; cores holding instances hand idle ones over.
     pub starved: std::sync::atomic::AtomicU64,
+    /// Per core, when the oldest request waiting there arrived (nanoseconds on the
+    /// scheduler's monotonic scale); meaningful while the core's bit in `starved` is set.
+    pub starved_since: [std::sync::atomic::AtomicU64; 64],
     /// Set by `DELETE`: cores stop taking requests for it.
     pub deleted: AtomicBool,
     pub logs: Mutex<logs::LogRing>,
@@ -489,6 +492,7 @@ impl Function {
             metrics: FunctionMetrics::default(),
             instances: AtomicU32::new(0),
             starved: std::sync::atomic::AtomicU64::new(0),
+            starved_since: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
             deleted: AtomicBool::new(false),
             logs: Mutex::new(logs::LogRing::default()),
             memory,

@@ -183,7 +183,7 @@ impl CorePool {
                 Ok(()) => {}
                 Err(NoSlot::Concurrency) => {
                     // At the concurrency limit: let the cores holding instances know.
-                    fs.f.starved.fetch_or(1u64 << core, Relaxed);
+                    fs.mark_starved(core, now);
                     return;
                 }
                 Err(NoSlot::Memory) => {
@@ -208,7 +208,7 @@ impl CorePool {
         let Some(fs) = self.fns.get_mut(id) else {
             return;
         };
-        fs.f.starved.fetch_or(1u64 << self.cfg.core, Relaxed);
+        fs.mark_starved(self.cfg.core, now);
         if fs.live + fs.starting > 0 || fs.f.instances.load(Relaxed) > 0 {
             return;
         }
@@ -312,7 +312,7 @@ impl CorePool {
             return;
         }
         if let Some(target) = self.hand_over_to(&id) {
-            self.migrate(i, target);
+            self.migrate(i, target, now);
             return;
         }
         let me = 1u64 << self.cfg.core;
@@ -321,8 +321,16 @@ impl CorePool {
             if !self.gone.is_empty() && self.gone.remove(&p.to) {
                 continue;
             }
-            if fs.queue.is_empty() {
-                fs.f.starved.fetch_and(!me, Relaxed);
+            match fs.queue.front() {
+                None => {
+                    fs.f.starved.fetch_and(!me, Relaxed);
+                }
+                // Still starved: its oldest waiting request is a newer one now.
+                Some(next) if fs.f.starved.load(Relaxed) & me != 0 => {
+                    let since = super::migrate::stamp(next.arrived);
+                    fs.f.starved_since[self.cfg.core].store(since, Relaxed);
+                }
+                Some(_) => {}
             }
             self.send(i, p, now);
             return;

@@ -1,17 +1,46 @@
 //! Cross-core hand-over: a core whose function is at its concurrency limit
-//! and still has requests waiting marks itself starved on the function; a
-//! core holding an idle instance of it detaches the instance's channel and
-//! hands the instance over, so instances spread evenly over the cores that
-//! want them.
+//! and still has requests waiting marks itself starved on the function, with
+//! the arrival time of its oldest waiting request; a core holding an idle
+//! instance of it detaches the instance's channel and hands the instance over,
+//! so instances spread evenly over the cores that want them.
+//!
+//! A core that holds all of a function's instances (a function limited to one
+//! concurrent execution, typically) also gives one up while it still has
+//! requests queued, once a starved core's oldest request has waited
+//! [`HAND_OVER_SLACK`] longer than its own oldest: requests are served in
+//! about their global arrival order, in turns of about the slack per core,
+//! rather than the holding core serving its own clients for as long as they
+//! keep its queue non-empty (a closed-loop load never lets it empty: measured,
+//! the other core's requests waited 100+ ms).
 
 use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
-use std::time::Instant;
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
 
 use super::{Action, CorePool, Inst, InstId};
 use crate::functions::Function;
 use crate::sandbox::Instance;
+
+/// How much longer than this core's oldest waiting request a starved core's
+/// must have waited before this core, holding all of the function's
+/// instances, hands one over with requests of its own still queued. Each turn
+/// costs one hand-over (a detach, a message to the other core, an attach);
+/// the slack bounds how far service strays from arrival order.
+pub const HAND_OVER_SLACK: Duration = Duration::from_millis(5);
+
+/// `t` as nanoseconds on a scale every core shares (for [`Function::starved_since`]).
+pub(super) fn stamp(t: Instant) -> u64 {
+    static EPOCH: OnceLock<Instant> = OnceLock::new();
+    // An hour before first use, so that times a little earlier (a test's
+    // simulated clock starts before its first stamp) still map in order.
+    let epoch = EPOCH.get_or_init(|| {
+        let now = Instant::now();
+        now.checked_sub(Duration::from_secs(3600)).unwrap_or(now)
+    });
+    t.saturating_duration_since(*epoch).as_nanos() as u64
+}
 
 /// An instance leaving this core: its function, its handle, the core it goes to.
 pub(super) type Moving = (Arc<Function>, Box<dyn Instance>, usize);
@@ -24,6 +53,21 @@ pub struct Migrated {
     leftover: Vec<u8>,
 }
 
+/// The starved core (a bit in `mask`) whose oldest request arrived first, and when.
+fn oldest_starved(f: &Function, mask: u64) -> (usize, u64) {
+    let mut best = (next_core(mask, 0), u64::MAX);
+    let mut rest = mask;
+    while rest != 0 {
+        let core = rest.trailing_zeros() as usize;
+        rest &= rest - 1;
+        let since = f.starved_since[core].load(Relaxed);
+        if since < best.1 {
+            best = (core, since);
+        }
+    }
+    best
+}
+
 /// The first core after `me` (cyclically) whose bit is set in `mask`.
 pub(super) fn next_core(mask: u64, me: usize) -> usize {
     debug_assert!(mask != 0);
@@ -34,8 +78,9 @@ pub(super) fn next_core(mask: u64, me: usize) -> usize {
 impl CorePool {
     /// The core an instance of `id` that just became free should go to: one
     /// where `id` is starved, if this core holds more than its even share of
-    /// the function's instances or has nothing queued for it. Clears that
-    /// core's starved bit (it gets this one).
+    /// the function's instances or has nothing queued for it, or holds all of
+    /// them and a starved core waited [`HAND_OVER_SLACK`] longer (the one that
+    /// waited longest). Clears that core's starved bit (it gets this one).
     pub(super) fn hand_over_to(&self, id: &str) -> Option<usize> {
         let fs = self.fns.get(id)?;
         let core = self.cfg.core;
@@ -44,21 +89,33 @@ impl CorePool {
             return None;
         }
         let share = (fs.f.spec.concurrency as usize / (1 + starved.count_ones() as usize)).max(1);
-        if !fs.queue.is_empty() && fs.live <= share {
-            return None;
-        }
-        let target = next_core(starved, core);
+        let target = match fs.queue.front() {
+            Some(head) if fs.live <= share => {
+                let holds_all = fs.live as u32 >= fs.f.instances.load(Relaxed);
+                let (target, since) = oldest_starved(&fs.f, starved);
+                let slack = HAND_OVER_SLACK.as_nanos() as u64;
+                if !holds_all || since.saturating_add(slack) >= stamp(head.arrived) {
+                    return None;
+                }
+                target
+            }
+            _ => next_core(starved, core),
+        };
         fs.f.starved.fetch_and(!(1u64 << target), Relaxed);
         Some(target)
     }
 
     /// Starts moving idle instance `i` to `target`: its channel is detached
     /// from this core's loop first (see [`CorePool::on_detached`]).
-    pub(super) fn migrate(&mut self, i: usize, target: usize) {
+    pub(super) fn migrate(&mut self, i: usize, target: usize, now: Instant) {
         let inst = self.insts.remove(i);
         if let Some(fs) = self.fns.get_mut(&inst.function.spec.id) {
             fs.idle.retain(|&k| k != i);
             fs.live -= 1;
+            if !fs.queue.is_empty() {
+                // Given away in turn: this core's requests wait for one back.
+                fs.mark_starved(self.cfg.core, now);
+            }
         }
         self.actions.push_back(Action::Detach(inst.id));
         self.migrating

@@ -313,6 +313,14 @@ impl FnState {
         *queued -= 1;
         Some(p)
     }
+
+    /// Tells the cores holding instances that `core` has requests waiting, and
+    /// since when (the oldest's arrival, or `now` with none queued).
+    fn mark_starved(&self, core: usize, now: Instant) {
+        let since = self.queue.front().map_or(now, |p| p.arrived);
+        self.f.starved_since[core].store(migrate::stamp(since), Relaxed);
+        self.f.starved.fetch_or(1u64 << core, Relaxed);
+    }
 }
 
 /// What the answer to a service API `Invoke` needs besides the function's.

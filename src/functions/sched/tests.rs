@@ -10,6 +10,7 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use super::migrate::HAND_OVER_SLACK;
 use super::scale::{self, FnView};
 use super::*;
 use crate::functions::budget::Budget;
@@ -981,4 +982,68 @@ fn a_stream_over_its_size_limit_is_cut_off_and_the_instance_serves_on() {
     assert_eq!(sim.streamed.len(), pieces, "the end was sent already");
     sim.request("a");
     assert_eq!(sim.sent.len(), 2, "the instance takes the next request");
+}
+
+#[test]
+fn a_core_holding_the_only_instance_takes_turns_with_a_starved_core() {
+    let f = function("a", 1, 10_000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core1.now = core0.now;
+    // Core 0 holds the function's one instance, with four clients waiting.
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    for _ in 0..4 {
+        core0.request("a");
+    }
+    // A client of core 1 arrives 1 ms later: it is starved.
+    core1.advance(1);
+    let waiting = core1.request("a");
+    assert_eq!(f.starved.load(Relaxed), 1 << 1);
+    // Core 0's clients keep its queue full (closed loop, 1 ms per request).
+    let mut served = 0;
+    while core0.detached.is_empty() {
+        assert!(served < 20, "core 0 never gave the instance up");
+        core0.advance(1);
+        core0.respond(inst, 200);
+        served += 1;
+        core0.request("a");
+    }
+    // Served in arrival order give or take the slack: core 0 served all its
+    // requests that arrived before core 1's plus the slack (the first five at
+    // 0 ms, one a millisecond from 1 ms to 1 ms + slack), then gave it up.
+    let slack_ms = HAND_OVER_SLACK.as_millis() as usize;
+    assert_eq!(
+        served,
+        5 + 1 + slack_ms,
+        "requests served before the hand-over"
+    );
+    assert_eq!(
+        f.starved.load(Relaxed),
+        1 << 0,
+        "core 0 still has clients waiting: it is starved now, core 1 is not"
+    );
+    core0.pool.on_detached(
+        inst,
+        std::fs::File::open("/dev/null").unwrap().into(),
+        Vec::new(),
+    );
+    core0.drain();
+    let (target, moved) = core0.handed.pop().unwrap();
+    assert_eq!(target, 1);
+    core1.now = core0.now;
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    assert_eq!(core1.sent.len(), 1, "core 1's client is served");
+    let moved_id = core1.attached[0];
+    core1.fakes.push((moved_id, core0.fakes[0].1.clone()));
+    core1.advance(1);
+    core1.respond(moved_id, 200);
+    assert_eq!(core1.status(waiting), Some(200));
+    // Nothing more waits on core 1: the instance goes straight back.
+    assert_eq!(core1.detached, vec![moved_id]);
+    assert_eq!(f.instances.load(Relaxed), 1, "one instance all along");
 }

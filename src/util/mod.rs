@@ -2,12 +2,14 @@
 //! on another module of this crate, so any layer may use them without creating an import cycle.
 //!
 //! - [`cpu`]: pinning a thread to one CPU.
+//! - [`crc`]: CRC-32 and CRC-32C checksums.
 //! - [`hex`]: lower-case hex text of bytes.
 //! - [`program`]: finding an executable (an environment override, else `PATH`).
 //! - [`random`]: random bits from the kernel.
 //! - [`time`]: wall-clock time since the Unix epoch.
 
 pub mod cpu;
+pub mod crc;
 pub mod hex;
 pub mod program;
 pub mod random;

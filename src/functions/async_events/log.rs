@@ -11,35 +11,7 @@ pub const FRAME_HEAD_BYTES: usize = 8;
 /// Largest frame payload accepted when reading (an event of 1 MiB plus its header).
 pub const FRAME_PAYLOAD_MAX: usize = 2 << 20;
 
-/// CRC-32C (Castagnoli), bitwise with a table built at compile time.
-const CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut i = 0;
-    while i < 256 {
-        let mut c = i as u32;
-        let mut k = 0;
-        while k < 8 {
-            c = if c & 1 != 0 {
-                0x82f6_3b78 ^ (c >> 1)
-            } else {
-                c >> 1
-            };
-            k += 1;
-        }
-        table[i] = c;
-        i += 1;
-    }
-    table
-};
-
-/// The CRC-32C of `bytes`.
-pub fn crc32c(bytes: &[u8]) -> u32 {
-    let mut c = !0u32;
-    for &b in bytes {
-        c = CRC_TABLE[((c ^ u32::from(b)) & 0xff) as usize] ^ (c >> 8);
-    }
-    !c
-}
+use crate::util::crc::crc32c;
 
 /// Appends one frame holding `payload` to `out`.
 pub fn frame(out: &mut Vec<u8>, payload: &[u8]) {
@@ -147,11 +119,6 @@ impl AckRecord {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn crc32c_matches_the_standard_check_value() {
-        assert_eq!(crc32c(b"123456789"), 0xe306_9283);
-    }
 
     fn event(seq: u64, body: &[u8]) -> EventRecord {
         EventRecord {

@@ -118,6 +118,11 @@ pub struct FunctionMetrics {
     /// Errors by kind: see [`ErrorKind`].
     pub errors: [AtomicU64; ErrorKind::COUNT],
     pub cold_starts: AtomicU64,
+    /// Instances removed, for any reason (idle past keep-warm, over the fit,
+    /// crashed, timed out, evicted for memory, the function deleted).
+    pub retired: AtomicU64,
+    /// Idle instances handed from one core to another.
+    pub handovers: AtomicU64,
     pub queue_depth: AtomicU64,
     pub instances: AtomicU64,
     pub duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
@@ -287,7 +292,7 @@ pub fn render_functions<'a>(
     out: &mut String,
     fns: impl Iterator<Item = (&'a str, &'a FunctionMetrics)> + Clone,
 ) {
-    let simple: [Series<FunctionMetrics>; 6] = [
+    let simple: [Series<FunctionMetrics>; 8] = [
         (
             "hearth_function_invocations_total",
             "counter",
@@ -299,6 +304,18 @@ pub fn render_functions<'a>(
             "counter",
             "Invocations that waited for a new instance.",
             |m| m.cold_starts.load(Relaxed),
+        ),
+        (
+            "hearth_function_instances_retired_total",
+            "counter",
+            "Instances removed: idle past keep-warm, over the fit, crashed, timed out or evicted.",
+            |m| m.retired.load(Relaxed),
+        ),
+        (
+            "hearth_function_instance_handovers_total",
+            "counter",
+            "Idle instances handed from one core to another.",
+            |m| m.handovers.load(Relaxed),
         ),
         (
             "hearth_function_queue_depth",

@@ -377,6 +377,7 @@ impl CorePool {
             fs.live -= 1;
         }
         inst.function.metrics.instances.fetch_sub(1, Relaxed);
+        add(&inst.function.metrics.retired, 1);
         inst.function.release();
         if inst.exiting {
             // It is exiting by itself: give the agent a moment to send its

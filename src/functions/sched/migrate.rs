@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 
 use super::{Action, CorePool, Inst, InstId};
 use crate::functions::Function;
+use crate::metrics::add;
 use crate::sandbox::Instance;
 
 /// How much longer than this core's oldest waiting request a starved core's
@@ -127,6 +128,7 @@ impl CorePool {
         let Some((function, handle, core)) = self.migrating.remove(&inst) else {
             return;
         };
+        add(&function.metrics.handovers, 1);
         let instance = Migrated {
             function,
             handle,

@@ -741,6 +741,7 @@ fn idle_instances_go_after_the_keep_warm_period() {
     sim.tick(0);
     assert_eq!((sim.live("a"), sim.closed.clone()), (0, vec![inst]));
     assert!(sim.fake(inst).destroyed);
+    assert_eq!(f.metrics.retired.load(Relaxed), 1);
 }
 
 #[test]
@@ -770,6 +771,12 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
     let (target, moved) = core0.handed.pop().unwrap();
     assert_eq!(target, 1);
     assert_eq!(f.starved.load(Relaxed), 0);
+    assert_eq!(f.metrics.handovers.load(Relaxed), 1);
+    assert_eq!(
+        f.metrics.retired.load(Relaxed),
+        0,
+        "a hand-over is not a retirement"
+    );
     core1.pool.on_migrated(moved, core1.now);
     core1.drain();
     assert_eq!(core1.attached.len(), 1);

@@ -15,14 +15,14 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use base64::Engine as _;
+use common::aws::{self, create_args};
 use common::{zip_fixture, Server};
 use sha2::{Digest, Sha256};
 
 /// Why the real clients cannot run here, if they cannot.
 fn clients_missing() -> Option<String> {
-    let aws = Command::new("aws").arg("--version").output();
-    if !aws.is_ok_and(|o| o.status.success()) {
-        return Some("the aws CLI is missing (pip install awscli)".into());
+    if let Some(why) = aws::missing() {
+        return Some(why);
     }
     let boto = Command::new("python3")
         .args(["-c", "import boto3"])
@@ -43,48 +43,15 @@ macro_rules! require_clients {
     };
 }
 
-/// Runs `aws lambda <args>` against `s`, signed with `secret`.
-fn aws(s: &Server, secret: &str, args: &[&str]) -> Output {
-    Command::new("aws")
-        .arg("lambda")
-        .args(args)
-        .args([
-            "--endpoint-url",
-            &format!("http://{}", s.addr),
-            "--output",
-            "json",
-        ])
-        .env("AWS_ACCESS_KEY_ID", "hearth")
-        .env("AWS_SECRET_ACCESS_KEY", secret)
-        .env("AWS_DEFAULT_REGION", "eu-west-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_MAX_ATTEMPTS", "1")
-        .output()
-        .expect("run aws")
-}
+/// The region the CLI signs for in these tests (it shows in ARNs).
+const REGION: &str = "eu-west-1";
 
-/// `aws lambda …` that must succeed; its JSON output.
 fn aws_ok(s: &Server, args: &[&str]) -> serde_json::Value {
-    let out = aws(s, s.token.as_deref().unwrap(), args);
-    assert!(
-        out.status.success(),
-        "aws lambda {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        s.stderr()
-    );
-    if out.stdout.is_empty() {
-        return serde_json::Value::Null;
-    }
-    serde_json::from_slice(&out.stdout).expect("aws prints JSON")
+    aws::ok(s, REGION, args)
 }
 
-/// `aws lambda …` that must fail with `error` (Lambda's exception name).
 fn aws_err(s: &Server, secret: &str, args: &[&str], error: &str) {
-    let out = aws(s, secret, args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "aws lambda {args:?} succeeded");
-    assert!(stderr.contains(error), "aws lambda {args:?}: {stderr}");
+    aws::fails(s, secret, REGION, args, error)
 }
 
 /// Runs a boto3 script with `client` bound to a Lambda client for `s`.
@@ -100,25 +67,6 @@ fn boto3(s: &Server, secret: &str, script: &str) -> Output {
         .args(["-c", &format!("{prelude}{script}")])
         .output()
         .expect("run python3")
-}
-
-/// `create-function` arguments for a Node.js function `name` from `zip`
-/// (a `fileb://` path), with `extra` flags before the code.
-fn create_args<'a>(name: &'a str, zip: &'a str, extra: &[&'a str]) -> Vec<&'a str> {
-    let mut args = vec![
-        "create-function",
-        "--function-name",
-        name,
-        "--runtime",
-        "nodejs20.x",
-        "--role",
-        "r",
-        "--handler",
-        "index.handler",
-    ];
-    args.extend_from_slice(extra);
-    args.extend(["--zip-file", zip]);
-    args
 }
 
 fn write_zip(s: &Server, name: &str) -> (String, Vec<u8>) {

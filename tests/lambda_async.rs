@@ -13,67 +13,29 @@
 
 mod common;
 
-use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
-use common::{temp_dir, zip_fixture, Server};
-
-fn aws_missing() -> bool {
-    !Command::new("aws")
-        .arg("--version")
-        .output()
-        .is_ok_and(|o| o.status.success())
-}
+use common::{aws, temp_dir, zip_fixture, Server};
 
 macro_rules! require_clients {
     () => {
         require_sandbox!();
-        if aws_missing() {
-            eprintln!("skipped: the aws CLI is missing (pip install awscli)");
+        if let Some(why) = aws::missing() {
+            eprintln!("skipped: {why}");
             return;
         }
     };
 }
 
-fn aws(s: &Server, args: &[&str]) -> Output {
-    Command::new("aws")
-        .arg("lambda")
-        .args(args)
-        .args([
-            "--endpoint-url",
-            &format!("http://{}", s.addr),
-            "--output",
-            "json",
-        ])
-        .env("AWS_ACCESS_KEY_ID", "hearth")
-        .env("AWS_SECRET_ACCESS_KEY", s.token.as_deref().unwrap())
-        .env("AWS_DEFAULT_REGION", "us-east-1")
-        .env("AWS_CONFIG_FILE", "/nonexistent")
-        .env("AWS_SHARED_CREDENTIALS_FILE", "/nonexistent")
-        .env("AWS_MAX_ATTEMPTS", "1")
-        .output()
-        .expect("run aws")
-}
+/// The region the CLI signs for in these tests (it shows in ARNs).
+const REGION: &str = "us-east-1";
 
 fn aws_ok(s: &Server, args: &[&str]) -> serde_json::Value {
-    let out = aws(s, args);
-    assert!(
-        out.status.success(),
-        "aws lambda {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        s.stderr()
-    );
-    if out.stdout.is_empty() {
-        return serde_json::Value::Null;
-    }
-    serde_json::from_slice(&out.stdout).expect("aws prints JSON")
+    aws::ok(s, REGION, args)
 }
 
 fn aws_err(s: &Server, args: &[&str], error: &str) {
-    let out = aws(s, args);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "aws lambda {args:?} succeeded");
-    assert!(stderr.contains(error), "aws lambda {args:?}: {stderr}");
+    aws::fails(s, s.token.as_deref().unwrap(), REGION, args, error)
 }
 
 /// Creates the fixture function `name` with `extra` create-function flags.
@@ -81,19 +43,7 @@ fn create(s: &Server, name: &str, extra: &[&str]) {
     let zip = s.dir.join(format!("{name}.zip"));
     std::fs::write(&zip, zip_fixture("async-events")).unwrap();
     let zip = format!("fileb://{}", zip.display());
-    let mut args = vec![
-        "create-function",
-        "--function-name",
-        name,
-        "--runtime",
-        "nodejs20.x",
-        "--role",
-        "r",
-        "--handler",
-        "index.handler",
-    ];
-    args.extend_from_slice(extra);
-    args.extend(["--zip-file", &zip]);
+    let args = aws::create_args(name, &zip, extra);
     aws_ok(s, &args);
 }
 

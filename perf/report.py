@@ -57,6 +57,8 @@ def load_runs(runs_dir):
         if which == "open":
             entry["open"] = data
             entry["open_file"] = path
+        elif which == "bare50":
+            entry["bare50"] = data["runs"][0]
         else:
             entry["rounds"].append(data["runs"][0])
             entry["files"].append(path)
@@ -103,6 +105,10 @@ def summarise(runs):
                     for r in e["open"]["runs"]
                 ]
                 row["open_file"] = e["open_file"]
+            if "bare50" in e:
+                b = e["bare50"]
+                row["open_at_bare_half"] = {"rate_rps": b["rate_rps"], "throughput_rps": b["throughput_rps"],
+                                            "p50_us": b["latency_us"]["p50"], "p99_us": b["latency_us"]["p99"]}
             rows[system] = row
         hearth = rows.get("hearth")
         for system, row in rows.items():
@@ -177,6 +183,21 @@ def results_section(summary, a, cold, qemu):
             p99 = [us(x["p99_us"]) for x in ol] + ["-"] * (3 - len(ol))
             ans = f"{ol[-1]['throughput_rps']:.0f} / {ol[-1]['rate_rps']:.0f}" if ol else "-"
             lines.append(f"| {test} | {system} | {r['throughput_rps']:.0f} | {p99[0]} | {p99[1]} | {p99[2]} | {ans} |")
+    same = []
+    for test, bare in (("express", "express"), ("trivial", "node-http")):
+        rows = summary.get(test, {})
+        h = rows.get("hearth", {}).get("open_at_bare_half")
+        b = rows.get(bare, {}).get("open_loop")
+        if not h or not b or len(b) < 2:
+            continue
+        ratio = h["p99_us"] / b[1]["p99_us"] if b[1]["p99_us"] else float("nan")
+        same.append(f"| {test} | {h['rate_rps']:.0f} | {bare} {us(b[1]['p99_us'])} "
+                    f"({b[1]['throughput_rps']:.0f} answered/s) | {us(h['p99_us'])} "
+                    f"({h['throughput_rps']:.0f} answered/s) | {ratio:.2f}× |")
+    if same:
+        lines += ["", "### Open loop at one rate: 50 % of the bare single-process server's maximum", "",
+                  "| test | rate, req/s | bare p99 | hearth p99 | hearth ÷ bare |",
+                  "|---|---:|---:|---:|---:|"] + same
     if cold:
         lines += ["", "### Cold start, deploy, memory (`perf/functions-bench.sh --rounds 1 --duration 3s"
                   " --cold-runs 7 --deploys 5`)", "",

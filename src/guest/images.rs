@@ -185,7 +185,8 @@ pub fn userland_image(state_dir: &Path) -> Result<PathBuf, ImageError> {
         return Ok(image);
     }
     fs::create_dir_all(&cache).map_err(io_at(&cache))?;
-    let tree = cache.join(format!(".userland-tree.tmp-{}", std::process::id()));
+    remove_dead_trees(&cache);
+    let tree = cache.join(format!("{USERLAND_TREE_PREFIX}{}", std::process::id()));
     let _ = fs::remove_dir_all(&tree);
     let built = userland.build(&tree).map_err(io_at(&tree)).and_then(|()| {
         ext4::make_image(&tree, &image, "hearth-userland")
@@ -205,6 +206,28 @@ pub fn userland_image(state_dir: &Path) -> Result<PathBuf, ImageError> {
         if old > 0 { format!(" ({old} older one(s) removed)") } else { String::new() }
     );
     Ok(image)
+}
+
+/// Name of the temporary tree a userland image is made from, before the builder's pid.
+const USERLAND_TREE_PREFIX: &str = ".userland-tree.tmp-";
+
+/// Removes the userland trees of builders that died before removing them.
+fn remove_dead_trees(cache: &Path) {
+    let Ok(entries) = fs::read_dir(cache) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dead = name
+            .strip_prefix(USERLAND_TREE_PREFIX)
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            });
+        if dead {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Removes files in `dir` named `<prefix>…<suffix>` other than `keep`; returns how many went.

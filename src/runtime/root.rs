@@ -876,6 +876,72 @@ mod tests {
     }
 
     #[test]
+    fn vm_userland_mirrors_host_paths_links_and_the_python_stdlib() {
+        let base = std::env::temp_dir().join(format!("hearth-vmland-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let py = base.join("bootstrap.py");
+        fs::write(&py, "# py\n").unwrap();
+        let cache = base.join("cache");
+        let u = collect_vm_userland(&cache, Path::new("/bin/sh"), &py).unwrap();
+        assert_eq!(
+            collect_vm_userland(&cache, Path::new("/bin/sh"), &py)
+                .unwrap()
+                .key,
+            u.key,
+            "same inputs, same key"
+        );
+        assert!(u.bytes > 0 && u.bytes <= VM_USERLAND_BYTES_MAX);
+        // The shell: a file (or a link chain ending in one) at its canonical path.
+        let sh = fs::canonicalize("/bin/sh").unwrap();
+        assert!(u.files.contains(&sh), "{sh:?}");
+        let libc = shared_libraries(Path::new("/bin/sh"))
+            .unwrap()
+            .into_iter()
+            .find(|l| l.ends_with("libc.so.6"))
+            .unwrap();
+        let libc_at = fs::canonicalize(libc.parent().unwrap())
+            .unwrap()
+            .join("libc.so.6");
+        assert!(u.files.contains(&libc_at), "{libc_at:?}");
+        // Top-level links are kept as the host has them (merged /usr).
+        if fs::symlink_metadata("/bin")
+            .unwrap()
+            .file_type()
+            .is_symlink()
+        {
+            assert!(u
+                .links
+                .contains(&(PathBuf::from("/bin"), fs::read_link("/bin").unwrap())));
+        }
+        if let Ok(python) = fs::canonicalize("/usr/bin/python3") {
+            assert!(u.files.contains(&python));
+            let stdlib = Path::new("/usr/lib").join(python.file_name().unwrap());
+            if stdlib.join("os.py").is_file() {
+                assert!(u.files.contains(&stdlib.join("os.py")));
+                assert!(!u
+                    .files
+                    .iter()
+                    .any(|f| f.starts_with(stdlib.join("test"))
+                        || f.starts_with(stdlib.join("idlelib"))));
+            }
+        }
+        // A different bootstrap is a different key.
+        fs::write(&py, "# py 2\n").unwrap();
+        let other = collect_vm_userland(&cache, Path::new("/bin/sh"), &py).unwrap();
+        assert_ne!(other.key, u.key);
+        // The tree holds them at the same paths, with hearth's files and mount points.
+        let root = base.join("tree");
+        other.build(&root).unwrap();
+        assert!(inside(&root, &sh).is_file());
+        assert!(root.join("hearth/bootstrap.py").is_file() && root.join("hearth/agent").is_file());
+        for d in ["var/task", "tmp", "proc", "dev", "sys"] {
+            assert!(root.join(d).is_dir(), "{d}");
+        }
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
     fn runtime_root_is_built_once_and_reused() {
         let base = std::env::temp_dir().join(format!("hearth-rootfs-test-{}", std::process::id()));
         let _ = fs::remove_dir_all(&base);

@@ -21,6 +21,12 @@
 //! migration stream instead (the first design) cost 100-300 ms per restore
 //! here, mostly in faulting in fresh host memory.
 //!
+//! Runtimes: Node.js functions boot from the guest's runtime drive; `provided`
+//! and `python3` functions from the userland drive ([`images::userland_image`],
+//! built when the first one needs it), with `hearth.api=<runtime>` on the
+//! kernel command line so the agent serves them the Lambda Runtime API. Their
+//! READY, and so the snapshot, comes once the bootstrap first polls `/next`.
+//!
 //! Channel: a virtio-serial port named `hearth.agent` whose host side is a
 //! Unix socket (QEMU 7.2 cannot migrate vhost-user-vsock). Each VM gets a
 //! private directory under `<state>/run/qemu/` (sockets, console log),

@@ -163,6 +163,8 @@ def lambda_handler(event, context):
     path = event["rawPath"]
     if path == "/boom":
         raise ValueError("boom in a vm")
+    if path == "/exit":
+        os._exit(3)
     if path == "/bin":
         return {"statusCode": 200, "headers": {"content-type": "application/octet-stream"},
                 "body": base64.b64encode(bytes(range(256))).decode(), "isBase64Encoded": True}
@@ -349,21 +351,13 @@ fn qemu_runs_provided_and_python3_functions_through_the_runtime_api() {
     let r = req("GET", &format!("/f/{py}/again"), &[], b"");
     assert_eq!(r.json()["calls"], 4, "the same warm VM: {}", r.text());
 
-    // The warm VM is killed: a fresh clone restored from the snapshot serves,
-    // initialised (its handler's module loaded) and with its own state.
-    let vms = instance_vms(&py);
-    assert_eq!(vms.len(), 1, "{vms:?}");
-    // SAFETY: kill with a pid read from /proc just now.
-    unsafe { libc::kill(vms[0], libc::SIGKILL) };
-    assert!(wait_until(Duration::from_secs(10), || !instance_vms(&py)
-        .contains(&vms[0])));
-    // An idle instance whose VM died may be handed one request before hearth
-    // has seen its channel close (502 instance_crashed); the next gets a clone.
-    let mut r = req("GET", &format!("/f/{py}/clone"), &[], b"");
-    if r.status == 502 {
-        assert!(r.text().contains("instance_crashed"), "{}", r.text());
-        r = req("GET", &format!("/f/{py}/clone"), &[], b"");
-    }
+    // The runtime exits mid-invocation: Runtime.ExitError, the VM powers off,
+    // and a fresh clone restored from the snapshot serves the next request,
+    // initialised (its module loaded in the template) and with its own state.
+    let r = req("GET", &format!("/f/{py}/exit"), &[], b"");
+    assert_eq!(r.status, 502, "{}", r.text());
+    assert!(r.text().contains("Runtime.ExitError"), "{}", r.text());
+    let r = req("GET", &format!("/f/{py}/clone"), &[], b"");
     assert_eq!(r.status, 202, "{}\n{}", r.text(), s.stderr());
     assert_eq!(r.json()["calls"], 1, "a fresh clone: {}", r.text());
     let logs = req("GET", &format!("/functions/{py}/logs"), &[], b"").text();

@@ -13,7 +13,7 @@
 //! snapshots name the exact files they were made with.
 //!
 //! Node.js functions keep their small runtime image; the userland image
-//! (a glibc userland and Python 3, ~100 MiB) is built only when the first
+//! (a glibc userland and Python 3, ~70 MiB) is built only when the first
 //! function of another runtime needs it.
 
 use std::fmt;

@@ -218,7 +218,7 @@ impl Inner {
         self.run_dir.join(format!("{id}-{role}{n}"))
     }
 
-    /// The runtime drive for `spec`'s runtime: Node.js's own small image, or
+    /// The runtime drive for `spec`'s runtime: Node.js's own image, or
     /// the userland image of the others (built on first use).
     fn runtime_image(&self, spec: &FunctionSpec) -> Result<PathBuf, StartError> {
         if spec.runtime.is_nodejs() {

@@ -14,6 +14,7 @@
 //! | `hearth.wait_ms`     | `5000`                   | how long to wait for devices and the port (<= 60000) |
 //! | `hearth.node`        | `/usr/bin/node`          | Node.js binary inside the runtime image           |
 //! | `hearth.shim`        | `/hearth/bootstrap.js`   | runtime shim inside the runtime image             |
+//! | `hearth.api`         | (none: Node.js)          | `provided` or `python3`: serve the Lambda Runtime API to that runtime instead |
 //!
 //! Values may be double-quoted. A key given twice takes its last value, as
 //! the kernel does; anything after a lone `--` belongs to init's argv and is
@@ -23,6 +24,7 @@ use std::fmt;
 use std::path::PathBuf;
 
 use crate::channel::ChannelSpec;
+use crate::rapi::Kind;
 
 /// Upper bound for `hearth.tmp_mb`.
 pub const TMP_MB_MAX: u32 = 65536;
@@ -41,6 +43,8 @@ pub struct VmConfig {
     pub wait_ms: u64,
     pub node: PathBuf,
     pub shim: PathBuf,
+    /// Not Node.js: the runtime the agent serves the Runtime API to.
+    pub api: Option<Kind>,
 }
 
 impl Default for VmConfig {
@@ -55,6 +59,7 @@ impl Default for VmConfig {
             wait_ms: 5000,
             node: PathBuf::from("/usr/bin/node"),
             shim: PathBuf::from("/hearth/bootstrap.js"),
+            api: None,
         }
     }
 }
@@ -135,6 +140,10 @@ pub fn parse(cmdline: &str) -> Result<(VmConfig, Vec<String>), CmdlineError> {
             }
             "node" => cfg.node = path(value)?,
             "shim" => cfg.shim = path(value)?,
+            "api" => {
+                cfg.api =
+                    Some(Kind::parse(value).ok_or_else(|| bad("expected provided or python3"))?)
+            }
             _ => warnings.push(format!("ignoring unknown key {key}")),
         }
     }
@@ -201,7 +210,7 @@ mod tests {
     fn every_key_is_read() {
         let line = "console=ttyS0 hearth.channel=vsock:5000 hearth.runtime=/dev/vdc hearth.code=none \
                     hearth.fstype=ext2 hearth.modules=/lib/mods hearth.tmp_mb=256 hearth.wait_ms=100 \
-                    hearth.node=/opt/node/bin/node \"hearth.shim=/opt/my shim.js\"";
+                    hearth.node=/opt/node/bin/node \"hearth.shim=/opt/my shim.js\" hearth.api=python3";
         let (cfg, warnings) = parse(line).unwrap();
         assert_eq!(
             cfg,
@@ -215,6 +224,7 @@ mod tests {
                 wait_ms: 100,
                 node: "/opt/node/bin/node".into(),
                 shim: "/opt/my shim.js".into(),
+                api: Some(Kind::Python3),
             }
         );
         assert!(warnings.is_empty());
@@ -239,6 +249,7 @@ mod tests {
             "hearth.wait_ms=600000",
             "hearth.runtime=vda",
             "hearth.fstype=",
+            "hearth.api=ruby",
         ] {
             let err = parse(bad).unwrap_err();
             assert!(bad.starts_with(&err.key), "{bad}: {err}");

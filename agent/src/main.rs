@@ -190,7 +190,7 @@ fn run_vm(ignored_args: &[String]) -> ! {
         shim: cfg.shim.clone(),
         cwd: PathBuf::from("/var/task"),
         extra_env: Vec::new(),
-        api: None,
+        api: cfg.api,
     };
     let runtime = Runtime::spawn(&spec, None)
         .unwrap_or_else(|e| stop_vm(&format!("cannot start {}: {e}", spec.describe())));

@@ -54,7 +54,7 @@ pub fn resolve(
 ) -> Result<String, (&'static str, String)> {
     if !backend.runs(runtime) {
         let msg = format!(
-            "the {} backend does not run the runtime '{runtime}' yet (the process backend does)",
+            "the {} backend does not run the runtime '{runtime}' yet (the process and qemu backends do)",
             backend.name()
         );
         return Err(("bad_setting", msg));
@@ -246,12 +246,12 @@ mod tests {
         }
     }
 
-    /// A backend that runs Node.js only (the trait's default), as QEMU does.
+    /// A backend that runs Node.js only (the trait's default), as Firecracker does.
     struct NodeOnly;
 
     impl Backend for NodeOnly {
         fn name(&self) -> &'static str {
-            "qemu"
+            "firecracker"
         }
         fn prepare(
             &self,
@@ -283,7 +283,7 @@ mod tests {
         let (kind, msg) = resolve(RuntimeKind::Python3, &NodeOnly, &code.0, None).unwrap_err();
         assert_eq!(kind, "bad_setting");
         assert!(
-            msg.contains("qemu backend does not run the runtime 'python3'"),
+            msg.contains("firecracker backend does not run the runtime 'python3'"),
             "{msg}"
         );
     }

@@ -4,12 +4,17 @@
 //! |------------|-------------------------------------------|-------------------------------------|
 //! | initramfs  | `<state>/cache/guest/initramfs-<h>.cpio`  | agent binary, kernel modules        |
 //! | runtime    | `<state>/cache/guest/runtime-<h>.ext4`    | the runtime root ([`crate::runtime`]: node, its libraries, shim, agent) |
+//! | userland   | `<state>/cache/guest/userland-<h>.ext4`   | the userland of `provided` and `python3` functions ([`crate::runtime::root::VmUserland`]) |
 //! | code       | `<fn dir>/code-<h>.ext4`                  | the function's `code/` tree         |
 //!
 //! A file is rebuilt only when no file of its name exists; builds go to a
 //! temporary name and are renamed into place, so concurrent builders race
 //! safely and a half-written image is never used. Old artifacts are kept:
 //! snapshots name the exact files they were made with.
+//!
+//! Node.js functions keep their small runtime image; the userland image
+//! (a glibc userland and Python 3, ~70 MiB) is built only when the first
+//! function of another runtime needs it.
 
 use std::fmt;
 use std::fs;
@@ -160,23 +165,96 @@ pub fn runtime_image(cache: &Path, runtime_root: &Path) -> Result<PathBuf, Image
     Ok(image)
 }
 
-/// Removes runtime images and initramfs files in `guest_cache` other than
-/// `keep`; returns how many went.
-pub fn prune(guest_cache: &Path, keep: &[&Path]) -> usize {
-    let Ok(entries) = fs::read_dir(guest_cache) else {
+/// The read-only runtime drive of `provided` and `python3` functions:
+/// `<state>/cache/guest/userland-<h>.ext4`, made from the host's userland
+/// ([`runtime::collect_vm_userland`]) unless an image of the same inputs
+/// exists. The tree it is made from is built in a temporary directory and
+/// removed afterwards; the image is written to a temporary name and renamed.
+/// Building it removes older userland images (call it only where the server
+/// holds the state directory's lock, as the VM backends do).
+pub fn userland_image(state_dir: &Path) -> Result<PathBuf, ImageError> {
+    let started = std::time::Instant::now();
+    let userland = runtime::collect_vm_userland(&state_dir.join("cache"))?;
+    let cache = cache_dir(state_dir);
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION);
+    h.update(b"userland\0");
+    h.update(userland.key.as_bytes());
+    let image = cache.join(format!("userland-{}.ext4", super::short_hex(h)));
+    if image.is_file() {
+        return Ok(image);
+    }
+    fs::create_dir_all(&cache).map_err(io_at(&cache))?;
+    remove_dead_trees(&cache);
+    let tree = cache.join(format!("{USERLAND_TREE_PREFIX}{}", std::process::id()));
+    let _ = fs::remove_dir_all(&tree);
+    let built = userland.build(&tree).map_err(io_at(&tree)).and_then(|()| {
+        ext4::make_image(&tree, &image, "hearth-userland")
+            .map(drop)
+            .map_err(ImageError::from)
+    });
+    let _ = fs::remove_dir_all(&tree);
+    built?;
+    let old = prune_matching(&cache, "userland-", ".ext4", &[&image]);
+    eprintln!(
+        "hearth: built the microVM userland image {} in {} ms: {} entries, {} MiB of files, {} MiB on disk{}",
+        image.display(),
+        started.elapsed().as_millis(),
+        userland.entries(),
+        userland.bytes >> 20,
+        fs::metadata(&image).map(|m| m.blocks() * 512).unwrap_or(0) >> 20,
+        if old > 0 { format!(" ({old} older one(s) removed)") } else { String::new() }
+    );
+    Ok(image)
+}
+
+/// Name of the temporary tree a userland image is made from, before the builder's pid.
+const USERLAND_TREE_PREFIX: &str = ".userland-tree.tmp-";
+
+/// Removes the userland trees of builders that died before removing them.
+fn remove_dead_trees(cache: &Path) {
+    let Ok(entries) = fs::read_dir(cache) else {
+        return;
+    };
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dead = name
+            .strip_prefix(USERLAND_TREE_PREFIX)
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| {
+                pid != std::process::id() && !Path::new(&format!("/proc/{pid}")).exists()
+            });
+        if dead {
+            let _ = fs::remove_dir_all(e.path());
+        }
+    }
+}
+
+/// Removes files in `dir` named `<prefix>…<suffix>` other than `keep`; returns how many went.
+fn prune_matching(dir: &Path, prefix: &str, suffix: &str, keep: &[&Path]) -> usize {
+    let Ok(entries) = fs::read_dir(dir) else {
         return 0;
     };
     let mut removed = 0;
     for e in entries.flatten() {
         let path = e.path();
         let name = e.file_name().to_string_lossy().into_owned();
-        let artifact = (name.starts_with("runtime-") && name.ends_with(".ext4"))
-            || (name.starts_with("initramfs-") && name.ends_with(".cpio"));
-        if artifact && !keep.contains(&path.as_path()) && fs::remove_file(&path).is_ok() {
+        if name.starts_with(prefix)
+            && name.ends_with(suffix)
+            && !keep.contains(&path.as_path())
+            && fs::remove_file(&path).is_ok()
+        {
             removed += 1;
         }
     }
     removed
+}
+
+/// Removes runtime images and initramfs files in `guest_cache` other than
+/// `keep`; returns how many went.
+pub fn prune(guest_cache: &Path, keep: &[&Path]) -> usize {
+    prune_matching(guest_cache, "runtime-", ".ext4", keep)
+        + prune_matching(guest_cache, "initramfs-", ".cpio", keep)
 }
 
 /// The initramfs: the agent as `/init`, the kernel's modules and their

@@ -14,7 +14,8 @@
 //! Functions of other runtimes ([`RuntimeKind`]: `provided`, `python3`) run in a
 //! userland root instead ([`ensure_userland`]): the agent, hearth's Python bootstrap
 //! ([`PYTHON_BOOTSTRAP`], `include/runtime/bootstrap.py`) and the host's `/usr`
-//! bound read-only; the agent serves them the Lambda Runtime API.
+//! bound read-only; the agent serves them the Lambda Runtime API. MicroVMs cannot bind the
+//! host's `/usr`: their image for these runtimes is copied from it ([`collect_vm_userland`]).
 
 pub mod kind;
 pub mod root;
@@ -85,6 +86,15 @@ pub fn ensure_userland(cache: &Path) -> Result<root::Userland, RuntimeError> {
     let python = write_cached(cache, "bootstrap.py", PYTHON_BOOTSTRAP)?;
     let agent = find_static_agent()?;
     root::ensure_userland(cache, &agent, &python).map_err(RuntimeError::Build)
+}
+
+/// What the microVM runtime image of the runtimes other than Node.js is made of, collected
+/// from the host ([`root::collect_vm_userland`]): writes the Python bootstrap into `cache` and
+/// finds the static agent. The guest images module builds the image from it.
+pub fn collect_vm_userland(cache: &Path) -> Result<root::VmUserland, RuntimeError> {
+    let python = write_cached(cache, "bootstrap.py", PYTHON_BOOTSTRAP)?;
+    let agent = find_static_agent()?;
+    root::collect_vm_userland(cache, &agent, &python).map_err(RuntimeError::Build)
 }
 
 /// Writes the shim to `<cache>/bootstrap.js` unless it is there already;

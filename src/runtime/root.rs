@@ -455,6 +455,292 @@ fn build_userland(
     fs::set_permissions(root, fs::Permissions::from_mode(0o755))
 }
 
+/// Programs a microVM userland carries (found in `/usr/bin` or `/bin`; missing ones are left
+/// out): a shell and the tools AWS's custom-runtime tutorial uses, curl, and Python 3.
+pub const VM_PROGRAMS: &[&str] = &[
+    "sh", "bash", "curl", "python3", "awk", "basename", "cat", "cp", "cut", "date", "dirname",
+    "env", "false", "grep", "head", "id", "ls", "mkdir", "mktemp", "mv", "printf", "rm", "sed",
+    "sleep", "sort", "tail", "tee", "test", "touch", "tr", "true", "uname", "wc", "xargs",
+];
+/// C runtime libraries a dynamically linked `bootstrap` may need beyond what [`VM_PROGRAMS`]
+/// link, looked for in the directory of the shell's `libc.so.6`.
+pub const VM_C_LIBRARIES: &[&str] = &[
+    "libc.so.6",
+    "libm.so.6",
+    "libdl.so.2",
+    "libpthread.so.0",
+    "librt.so.1",
+    "libresolv.so.2",
+    "libnss_files.so.2",
+    "libnss_dns.so.2",
+    "libutil.so.1",
+    "libanl.so.1",
+    "libgcc_s.so.1",
+    "libstdc++.so.6",
+    "libz.so.1",
+];
+/// Entries of Python's standard library left out: its tests, GUI and IDE, pip's installer,
+/// and the static library under `config-*`.
+const PYTHON_STDLIB_SKIP: &[&str] = &[
+    "test",
+    "idlelib",
+    "tkinter",
+    "turtledemo",
+    "ensurepip",
+    "site-packages",
+    "dist-packages",
+];
+/// Largest microVM userland (bytes of file contents) hearth builds an image from.
+pub const VM_USERLAND_BYTES_MAX: u64 = 512 << 20;
+/// Files of a microVM userland (programs, libraries, the standard library).
+const VM_USERLAND_FILES_MAX: usize = 50_000;
+
+/// The userland a microVM of a `provided` or `python3` function runs in, as collected from
+/// the host: a glibc userland (a shell, curl, coreutils, the C libraries) and Python 3 with
+/// its standard library, each at its host path; hearth's agent and Python bootstrap. A VM
+/// cannot bind the host's `/usr` as the process sandbox does, so these are copied
+/// ([`VmUserland::build`]) into a tree the guest image is made from.
+#[derive(Debug)]
+pub struct VmUserland {
+    /// Regular files, at the same absolute path in the tree as on the host.
+    files: Vec<PathBuf>,
+    /// Symbolic links (path in the tree, target as on the host).
+    links: Vec<(PathBuf, PathBuf)>,
+    agent: PathBuf,
+    python_bootstrap: PathBuf,
+    /// Bytes of the files' contents.
+    pub bytes: u64,
+    /// Digest of everything the tree is made from (names its image).
+    pub key: String,
+}
+
+/// Collects the microVM userland for this agent and Python bootstrap from the host (nothing
+/// is copied yet): [`VM_PROGRAMS`], the libraries they and Python's extension modules link,
+/// [`VM_C_LIBRARIES`], and the standard library of the Python `/usr/bin/python3` runs. The
+/// key covers every file's path, size, mtime and inode (as for the Node root's libraries),
+/// and the full contents of the agent and the bootstrap. Over [`VM_USERLAND_BYTES_MAX`] is an
+/// error.
+pub fn collect_vm_userland(
+    cache_dir: &Path,
+    agent: &Path,
+    python_bootstrap: &Path,
+) -> io::Result<VmUserland> {
+    let agent = fs::canonicalize(agent).map_err(|e| annotate(e, "agent binary", agent))?;
+    let python_bootstrap = fs::canonicalize(python_bootstrap)
+        .map_err(|e| annotate(e, "Python bootstrap", python_bootstrap))?;
+    let mut c = Collector::default();
+    for name in USERLAND_DIRS {
+        let host = Path::new("/").join(name);
+        if fs::symlink_metadata(&host).is_ok_and(|m| m.file_type().is_symlink()) {
+            c.links.push((host.clone(), fs::read_link(&host)?));
+        }
+    }
+    let mut elves = Vec::new();
+    for name in VM_PROGRAMS {
+        let found = ["/usr/bin", "/bin"]
+            .iter()
+            .map(|d| Path::new(d).join(name))
+            .find(|p| p.exists());
+        match found {
+            Some(p) => elves.extend(c.add(&p)?),
+            None if *name == "sh" => {
+                return Err(io::Error::other(
+                    "no /bin/sh on this host for the microVM userland",
+                ))
+            }
+            None => {}
+        }
+    }
+    // The standard library of the Python that /usr/bin/python3 is.
+    if let Ok(python) = fs::canonicalize("/usr/bin/python3") {
+        let version = python
+            .file_name()
+            .unwrap_or_default()
+            .to_string_lossy()
+            .into_owned();
+        let stdlib = Path::new("/usr/lib").join(&version);
+        if version.starts_with("python3") && stdlib.is_dir() {
+            elves.extend(c.add_tree(&stdlib)?);
+        }
+    }
+    for elf in elves {
+        for lib in shared_libraries(&elf)? {
+            c.add(&lib)?;
+        }
+    }
+    let libc_dir = shared_libraries(Path::new("/bin/sh"))?
+        .into_iter()
+        .find(|l| l.file_name().is_some_and(|n| n == "libc.so.6"))
+        .and_then(|l| l.parent().map(Path::to_path_buf));
+    if let Some(dir) = libc_dir {
+        for name in VM_C_LIBRARIES {
+            let lib = dir.join(name);
+            if lib.exists() {
+                c.add(&lib)?;
+            }
+        }
+    }
+    if c.bytes > VM_USERLAND_BYTES_MAX {
+        return Err(io::Error::other(format!(
+            "the microVM userland would hold {} MiB of files, over the {} MiB limit",
+            c.bytes >> 20,
+            VM_USERLAND_BYTES_MAX >> 20
+        )));
+    }
+    let mut h = Sha256::new();
+    h.update(LAYOUT_VERSION.as_bytes());
+    h.update(b"vm-userland\0");
+    for (role, path) in [("agent", &agent), ("python", &python_bootstrap)] {
+        h.update(role.as_bytes());
+        h.update(content_digest(cache_dir, path)?);
+    }
+    c.files.sort();
+    c.links.sort();
+    for f in &c.files {
+        let m = fs::metadata(f).map_err(|e| annotate(e, "reading", f))?;
+        h.update(f.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        for v in [m.len(), m.mtime() as u64, m.mtime_nsec() as u64, m.ino()] {
+            h.update(v.to_le_bytes());
+        }
+    }
+    for (link, target) in &c.links {
+        h.update(link.as_os_str().as_encoded_bytes());
+        h.update([0]);
+        h.update(target.as_os_str().as_encoded_bytes());
+        h.update([1]);
+    }
+    Ok(VmUserland {
+        files: c.files,
+        links: c.links,
+        agent,
+        python_bootstrap,
+        bytes: c.bytes,
+        key: hex::encode(&h.finalize()[..16]),
+    })
+}
+
+impl VmUserland {
+    /// Copies the userland into a new directory `root` (which must not exist), with hearth's
+    /// `/etc`, `/dev` entries and mount points (`/var/task`, `/tmp`, `/proc`, `/dev`, `/sys`).
+    pub fn build(&self, root: &Path) -> io::Result<()> {
+        mkdir(root)?;
+        for d in MOUNT_DIRS.iter().chain(&["etc", "hearth", "sys"]) {
+            mkdir_chain(&root.join(d))?;
+        }
+        // Shallow links first: `/bin -> usr/bin` before anything under it.
+        let mut links: Vec<_> = self.links.iter().collect();
+        links.sort_by_key(|(l, _)| l.components().count());
+        for (link, target) in links {
+            let at = inside(root, link);
+            if let Some(parent) = at.parent() {
+                mkdir_chain(parent)?;
+            }
+            std::os::unix::fs::symlink(target, &at).map_err(|e| annotate(e, "linking", &at))?;
+        }
+        for f in &self.files {
+            install(f, &inside(root, f))?;
+        }
+        install(&self.agent, &inside(root, Path::new(AGENT_PATH)))?;
+        let py = inside(root, Path::new(PYTHON_BOOTSTRAP_PATH));
+        install(&self.python_bootstrap, &py)?;
+        fs::set_permissions(&py, fs::Permissions::from_mode(0o644))?;
+        populate_etc_and_dev(root)?;
+        fs::set_permissions(root, fs::Permissions::from_mode(0o755))
+    }
+
+    /// How many files and links it holds.
+    pub fn entries(&self) -> usize {
+        self.files.len() + self.links.len()
+    }
+}
+
+/// Gathers a [`VmUserland`]'s files and links without duplicates.
+#[derive(Default)]
+struct Collector {
+    files: Vec<PathBuf>,
+    links: Vec<(PathBuf, PathBuf)>,
+    seen: std::collections::HashSet<PathBuf>,
+    bytes: u64,
+}
+
+impl Collector {
+    /// Adds the host file at `path`, under its directory's canonical path; a symbolic link is
+    /// kept as one and its target added too. Returns the regular files added that may be ELF
+    /// programs or libraries (whose libraries the caller adds).
+    fn add(&mut self, path: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut added = Vec::new();
+        let mut next = Some(path.to_path_buf());
+        // A chain of links (python3 -> python3.11, awk -> /etc/alternatives/awk -> mawk).
+        for _ in 0..16 {
+            let Some(p) = next.take() else { break };
+            let (Some(parent), Some(name)) = (p.parent(), p.file_name()) else {
+                break;
+            };
+            let dir = fs::canonicalize(parent).map_err(|e| annotate(e, "resolving", parent))?;
+            let at = dir.join(name);
+            if !self.seen.insert(at.clone()) {
+                break;
+            }
+            let m = fs::symlink_metadata(&at).map_err(|e| annotate(e, "reading", &at))?;
+            if m.file_type().is_symlink() {
+                let target = fs::read_link(&at)?;
+                next = Some(dir.join(&target));
+                self.links.push((at, target));
+            } else if m.is_file() {
+                self.push_file(at.clone(), m.len())?;
+                added.push(at);
+            }
+        }
+        Ok(added)
+    }
+
+    /// Adds a directory tree (Python's standard library) less [`PYTHON_STDLIB_SKIP`] and
+    /// `config-*`; links inside are kept as links. Returns its shared objects.
+    fn add_tree(&mut self, top: &Path) -> io::Result<Vec<PathBuf>> {
+        let mut objects = Vec::new();
+        let top = fs::canonicalize(top).map_err(|e| annotate(e, "resolving", top))?;
+        let mut todo = vec![top.clone()];
+        while let Some(dir) = todo.pop() {
+            for e in fs::read_dir(&dir).map_err(|e| annotate(e, "reading", &dir))? {
+                let e = e?;
+                let name = e.file_name().to_string_lossy().into_owned();
+                if dir == top
+                    && (PYTHON_STDLIB_SKIP.contains(&name.as_str()) || name.starts_with("config-"))
+                {
+                    continue;
+                }
+                let path = e.path();
+                let m = fs::symlink_metadata(&path)?;
+                if m.is_dir() {
+                    todo.push(path);
+                } else if m.file_type().is_symlink() {
+                    let target = fs::read_link(&path)?;
+                    self.links.push((path, target));
+                } else if m.is_file() {
+                    if name.ends_with(".so") {
+                        objects.push(path.clone());
+                    }
+                    self.seen.insert(path.clone());
+                    self.push_file(path, m.len())?;
+                }
+            }
+        }
+        Ok(objects)
+    }
+
+    fn push_file(&mut self, path: PathBuf, len: u64) -> io::Result<()> {
+        if self.files.len() >= VM_USERLAND_FILES_MAX {
+            return Err(io::Error::other(format!(
+                "the microVM userland would hold more than {VM_USERLAND_FILES_MAX} files"
+            )));
+        }
+        self.bytes += len;
+        self.files.push(path);
+        Ok(())
+    }
+}
+
 /// hearth's `/etc` files, and the device files and links of `/dev`.
 fn populate_etc_and_dev(root: &Path) -> io::Result<()> {
     for (name, text) in ETC_FILES {
@@ -586,6 +872,72 @@ mod tests {
         assert!(u.root.is_dir() && cache.join("runtime-x").is_dir());
         assert_eq!(prune_runtimes(&cache, Path::new("/none")), 1);
         assert!(u.root.is_dir());
+        let _ = fs::remove_dir_all(&base);
+    }
+
+    #[test]
+    fn vm_userland_mirrors_host_paths_links_and_the_python_stdlib() {
+        let base = std::env::temp_dir().join(format!("hearth-vmland-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        fs::create_dir_all(&base).unwrap();
+        let py = base.join("bootstrap.py");
+        fs::write(&py, "# py\n").unwrap();
+        let cache = base.join("cache");
+        let u = collect_vm_userland(&cache, Path::new("/bin/sh"), &py).unwrap();
+        assert_eq!(
+            collect_vm_userland(&cache, Path::new("/bin/sh"), &py)
+                .unwrap()
+                .key,
+            u.key,
+            "same inputs, same key"
+        );
+        assert!(u.bytes > 0 && u.bytes <= VM_USERLAND_BYTES_MAX);
+        // The shell: a file (or a link chain ending in one) at its canonical path.
+        let sh = fs::canonicalize("/bin/sh").unwrap();
+        assert!(u.files.contains(&sh), "{sh:?}");
+        let libc = shared_libraries(Path::new("/bin/sh"))
+            .unwrap()
+            .into_iter()
+            .find(|l| l.ends_with("libc.so.6"))
+            .unwrap();
+        let libc_at = fs::canonicalize(libc.parent().unwrap())
+            .unwrap()
+            .join("libc.so.6");
+        assert!(u.files.contains(&libc_at), "{libc_at:?}");
+        // Top-level links are kept as the host has them (merged /usr).
+        if fs::symlink_metadata("/bin")
+            .unwrap()
+            .file_type()
+            .is_symlink()
+        {
+            assert!(u
+                .links
+                .contains(&(PathBuf::from("/bin"), fs::read_link("/bin").unwrap())));
+        }
+        if let Ok(python) = fs::canonicalize("/usr/bin/python3") {
+            assert!(u.files.contains(&python));
+            let stdlib = Path::new("/usr/lib").join(python.file_name().unwrap());
+            if stdlib.join("os.py").is_file() {
+                assert!(u.files.contains(&stdlib.join("os.py")));
+                assert!(!u
+                    .files
+                    .iter()
+                    .any(|f| f.starts_with(stdlib.join("test"))
+                        || f.starts_with(stdlib.join("idlelib"))));
+            }
+        }
+        // A different bootstrap is a different key.
+        fs::write(&py, "# py 2\n").unwrap();
+        let other = collect_vm_userland(&cache, Path::new("/bin/sh"), &py).unwrap();
+        assert_ne!(other.key, u.key);
+        // The tree holds them at the same paths, with hearth's files and mount points.
+        let root = base.join("tree");
+        other.build(&root).unwrap();
+        assert!(inside(&root, &sh).is_file());
+        assert!(root.join("hearth/bootstrap.py").is_file() && root.join("hearth/agent").is_file());
+        for d in ["var/task", "tmp", "proc", "dev", "sys"] {
+            assert!(root.join(d).is_dir(), "{d}");
+        }
         let _ = fs::remove_dir_all(&base);
     }
 

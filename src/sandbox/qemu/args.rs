@@ -8,6 +8,7 @@ use std::path::Path;
 
 use serde::{Deserialize, Serialize};
 
+use crate::runtime::RuntimeKind;
 use crate::spec::FunctionSpec;
 
 /// Smallest guest: Node.js and the kernel need this much.
@@ -88,12 +89,19 @@ pub fn guest_memory_mb(spec: &FunctionSpec) -> u32 {
     spec.memory_mb.max(MEMORY_MB_MIN)
 }
 
-/// The guest kernel command line.
-pub fn kernel_cmdline() -> String {
-    format!(
+/// The guest kernel command line for a function of `runtime`: runtimes other
+/// than Node.js add `hearth.api=<runtime>`, so the agent serves them the
+/// Lambda Runtime API.
+pub fn kernel_cmdline(runtime: RuntimeKind) -> String {
+    let mut line = format!(
         "console=ttyS0 panic=-1 quiet hearth.runtime=/dev/vda hearth.code=/dev/vdb \
          hearth.channel=virtio-port:{AGENT_PORT} hearth.tmp_mb={TMP_MB} hearth.wait_ms={GUEST_DEVICE_WAIT_MS}"
-    )
+    );
+    if !runtime.is_nodejs() {
+        line.push_str(" hearth.api=");
+        line.push_str(runtime.name());
+    }
+    line
 }
 
 /// Everything one QEMU command line depends on.
@@ -313,7 +321,7 @@ mod tests {
 
     #[test]
     fn kernel_command_line_names_the_agents_keys() {
-        let c = kernel_cmdline();
+        let c = kernel_cmdline(RuntimeKind::Nodejs);
         for key in [
             "hearth.runtime=/dev/vda",
             "hearth.code=/dev/vdb",
@@ -321,6 +329,11 @@ mod tests {
             "panic=-1",
         ] {
             assert!(c.contains(key), "{c}");
+        }
+        assert!(!c.contains("hearth.api"), "{c}");
+        for kind in [RuntimeKind::Provided, RuntimeKind::Python3] {
+            let c = kernel_cmdline(kind);
+            assert!(c.ends_with(&format!(" hearth.api={kind}")), "{c}");
         }
     }
 }

@@ -21,6 +21,12 @@
 //! migration stream instead (the first design) cost 100-300 ms per restore
 //! here, mostly in faulting in fresh host memory.
 //!
+//! Runtimes: Node.js functions boot from the guest's runtime drive; `provided`
+//! and `python3` functions from the userland drive ([`images::userland_image`],
+//! built when the first one needs it), with `hearth.api=<runtime>` on the
+//! kernel command line so the agent serves them the Lambda Runtime API. Their
+//! READY, and so the snapshot, comes once the bootstrap first polls `/next`.
+//!
 //! Channel: a virtio-serial port named `hearth.agent` whose host side is a
 //! Unix socket (QEMU 7.2 cannot migrate vhost-user-vsock). Each VM gets a
 //! private directory under `<state>/run/qemu/` (sockets, console log),
@@ -62,6 +68,7 @@ use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
 use super::{Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest};
+use crate::runtime::RuntimeKind;
 use crate::spec::FunctionSpec;
 use args::VmPlan;
 use snapshot::{ignore_shared, in_vm, read_meta, SnapshotMeta, META_FILE};
@@ -110,6 +117,11 @@ struct Inner {
     accel: Accel,
     machine: Machine,
     guest: Guest,
+    /// The state directory (the userland image is built under its cache).
+    state_dir: PathBuf,
+    /// The runtime drive of `provided` and `python3` functions, built when
+    /// the first one needs it ([`images::userland_image`]).
+    userland_image: Mutex<Option<PathBuf>>,
     /// Parent of the VMs' private directories.
     run_dir: PathBuf,
     seq: AtomicU64,
@@ -166,6 +178,8 @@ impl QemuBackend {
                 accel,
                 machine,
                 guest,
+                state_dir: cfg.state_dir.clone(),
+                userland_image: Mutex::new(None),
                 run_dir,
                 seq: AtomicU64::new(0),
                 slots: Mutex::new(HashMap::new()),
@@ -202,6 +216,21 @@ impl Inner {
     fn vm_dir(&self, id: &str, role: &str) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         self.run_dir.join(format!("{id}-{role}{n}"))
+    }
+
+    /// The runtime drive for `spec`'s runtime: Node.js's own image, or
+    /// the userland image of the others (built on first use).
+    fn runtime_image(&self, spec: &FunctionSpec) -> Result<PathBuf, StartError> {
+        if spec.runtime.is_nodejs() {
+            return Ok(self.guest.runtime_image.clone());
+        }
+        let mut built = self.userland_image.lock().unwrap();
+        if let Some(image) = built.as_ref() {
+            return Ok(image.clone());
+        }
+        let image = images::userland_image(&self.state_dir).map_err(StartError::Image)?;
+        *built = Some(image.clone());
+        Ok(image)
     }
 
     fn slot(&self, id: &str) -> Arc<Slot> {
@@ -332,6 +361,12 @@ impl Backend for QemuBackend {
                 spec.id
             ),
         });
+    }
+
+    fn runs(&self, _runtime: RuntimeKind) -> bool {
+        // Node.js from the runtime image; `provided` and `python3` from the
+        // userland image, served the Runtime API by the agent.
+        true
     }
 
     fn forget(&self, id: &str) {

@@ -97,7 +97,8 @@ impl Inner {
     ) -> Result<(SnapshotMeta, InitLogs), StartError> {
         let _one_at_a_time = self.template_lock.lock().unwrap();
         let code_image = images::code_image(dir).map_err(StartError::Image)?;
-        let append = kernel_cmdline();
+        let runtime_image = self.runtime_image(spec)?;
+        let append = kernel_cmdline(spec.runtime);
         let memory_mb = guest_memory_mb(spec);
         let vm_dir = self.vm_dir(&spec.id, "t");
         // The template's RAM is written straight into this file; it replaces
@@ -116,7 +117,7 @@ impl Inner {
             kernel: &self.guest.kernel.image,
             initramfs: &self.guest.initramfs,
             append: &append,
-            runtime_image: &self.guest.runtime_image,
+            runtime_image: &runtime_image,
             code_image: &code_image,
             dir: &vm_dir,
             ram: &ram_tmp,
@@ -192,7 +193,7 @@ impl Inner {
             memory_mb,
             kernel: self.guest.kernel.image.clone(),
             initramfs: self.guest.initramfs.clone(),
-            runtime_image: self.guest.runtime_image.clone(),
+            runtime_image,
             code_image: code_image
                 .file_name()
                 .expect("image paths name files")
@@ -239,14 +240,17 @@ impl Inner {
         if meta.memory_mb != guest_memory_mb(spec) {
             return Some(format!("made with {} MiB", meta.memory_mb));
         }
+        if meta.append != kernel_cmdline(spec.runtime) {
+            return Some("the kernel command line changed".into());
+        }
+        let runtime_image = match self.runtime_image(spec) {
+            Ok(image) => image,
+            Err(e) => return Some(format!("no runtime image: {e}")),
+        };
         let current = [
             (&meta.kernel, &self.guest.kernel.image, "kernel"),
             (&meta.initramfs, &self.guest.initramfs, "initramfs"),
-            (
-                &meta.runtime_image,
-                &self.guest.runtime_image,
-                "runtime image",
-            ),
+            (&meta.runtime_image, &runtime_image, "runtime image"),
         ];
         for (then, now, what) in current {
             if then != now {

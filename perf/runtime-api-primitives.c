@@ -3,7 +3,8 @@
  * calling thread (so the figures do not depend on the load): a 300-byte message over
  * TCP loopback (write, then read on the other end, same thread, TCP_NODELAY; the write
  * runs the receiving side's TCP stack in its softirq), the same over a Unix stream
- * socket (hearth's frame channel), and an epoll_wait that finds nothing ready.
+ * socket (hearth's frame channel), and a poll over 6 fds and an epoll_wait that find
+ * nothing ready.
  * Context switches are measured separately with `perf bench sched pipe`.
  *
  *   gcc -O2 perf/runtime-api-primitives.c -o /tmp/rapi-primitives && /tmp/rapi-primitives
@@ -11,6 +12,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <netinet/tcp.h>
+#include <poll.h>
 #include <stdio.h>
 #include <string.h>
 #include <sys/epoll.h>
@@ -67,5 +69,10 @@ int main(void) {
     double t0 = cpu_ns();
     for (int i = 0; i < ROUNDS; i++) epoll_wait(ep, out, 8, 0);
     printf("epoll_wait, nothing ready:             %6.2f us\n", (cpu_ns() - t0) / ROUNDS / 1000);
+    struct pollfd p[6];
+    for (int i = 0; i < 6; i++) p[i] = (struct pollfd){.fd = i % 2 ? u[1] : s, .events = POLLIN};
+    t0 = cpu_ns();
+    for (int i = 0; i < ROUNDS; i++) poll(p, 6, 0);
+    printf("poll of 6 fds, nothing ready:          %6.2f us\n", (cpu_ns() - t0) / ROUNDS / 1000);
     return 0;
 }

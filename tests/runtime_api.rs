@@ -506,8 +506,8 @@ done
 /// requests, picked by the first segment of each event's path: `pipelined` (the response and the next `/next` in
 /// one write on one connection), `late` (the next `/next` 300 ms after the 202, so the
 /// agent must wait for it), `two` (the response and the next `/next` on a fresh
-/// connection, the old one closed). Any status other than 202 for a response ends it with
-/// status 3.
+/// connection, the old one closed). Its first connection sends nothing for 1.5 s. Any
+/// status other than 202 for a response ends it with status 3.
 const SOCKET_BOOTSTRAP: &str = r#"#!/usr/bin/python3
 import json, os, socket, sys, time
 host, port = os.environ["AWS_LAMBDA_RUNTIME_API"].split(":")
@@ -540,7 +540,10 @@ def accepted(f):
         print("response got", status, flush=True)
         sys.exit(3)
 
+# The first connection stays silent past the agent's deferred accept (1 s): it must
+# still be taken and served.
 sock, f = connect()
+time.sleep(1.5)
 sock.sendall(NEXT)
 while True:
     _, headers, event = answer(f)

@@ -55,6 +55,9 @@ pub fn run(kind: Kind) -> i32 {
             return 2;
         }
     };
+    // Connections are reported when their first bytes arrive, not at the
+    // handshake (after 1 s without any, they are reported anyway).
+    let _ = set_defer_accept(listener.as_raw_fd(), 1);
     let epoll = listener
         .set_nonblocking(true)
         .and_then(|()| sys::set_nonblocking(channel.as_raw_fd(), true))
@@ -255,7 +258,7 @@ impl Server {
                 self.on_conn(i)?;
             }
             if fixed[TOKEN_LISTENER as usize] {
-                self.accept();
+                self.accept()?;
             }
             if fixed[TOKEN_CHANNEL as usize] && !self.on_channel()? {
                 // The host is gone.
@@ -556,11 +559,25 @@ impl Server {
 
     // ----- HTTP ----------------------------------------------------------
 
-    fn accept(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            if stream.set_nonblocking(true).is_err() {
-                continue;
+    /// Accepts the waiting connections and serves what each already sent:
+    /// with TCP_DEFER_ACCEPT a connection is only reported once its first
+    /// request (or its end) has arrived, so one wake-up serves both.
+    fn accept(&mut self) -> io::Result<()> {
+        loop {
+            // SAFETY: accept4 with null address pointers only returns a new fd or -1.
+            let fd = unsafe {
+                libc::accept4(
+                    self.listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                )
+            };
+            if fd < 0 {
+                return Ok(());
             }
+            // SAFETY: accept4 returned a new connected socket that nothing else owns.
+            let stream = unsafe { TcpStream::from_raw_fd(fd) };
             let _ = stream.set_nodelay(true);
             let slot = self.conns.iter().position(Option::is_none);
             let i = slot.unwrap_or(self.conns.len());
@@ -583,6 +600,7 @@ impl Server {
                 Some(i) => self.conns[i] = Some(conn),
                 None => self.conns.push(Some(conn)),
             }
+            self.on_conn(i)?;
         }
     }
 
@@ -1121,6 +1139,22 @@ fn write_all(fd: RawFd, mut buf: &[u8], timeout_ms: i32) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// TCP_DEFER_ACCEPT: a listener reports a connection once data (or its end)
+/// arrives, or after about `secs`.
+fn set_defer_accept(fd: RawFd, secs: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt reads one c_int from the value we own.
+    sys::cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
 }
 
 /// SO_LINGER on with a zero timeout: `close` resets the connection.

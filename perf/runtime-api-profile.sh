@@ -2,10 +2,10 @@
 # Where one Runtime-API request's cost goes in the guest agent, per request: its CPU time
 # (/proc/<pid>/schedstat), wake-ups (voluntary context switches, /proc/<pid>/status) and
 # system calls by name (`perf record` of the raw_syscalls and sched_switch tracepoints),
-# for one agent
-# binary serving the trivial Rust `lambda_runtime` function (tests/fixtures/rust-lambda,
-# bin runtime-fn) on one hearth (`--cores 1`) under `wrk -t1 -c1`. These counts do not
-# depend on the machine's load; the CPU time does, less than throughput does.
+# for one agent binary serving the trivial Rust `lambda_runtime` function
+# (tests/fixtures/rust-lambda, bin runtime-fn) on one hearth (`--cores 1`) under
+# `wrk -t1 -c1`; also the bootstrap's CPU time. The counts depend on the machine's load
+# far less than the CPU time does, and the CPU time less than throughput does.
 #
 # Usage: perf/runtime-api-profile.sh AGENT [--duration 5s] [--syscalls] [--record FILE]
 #   --syscalls     a second wrk run under `perf record` of the syscall tracepoints

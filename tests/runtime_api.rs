@@ -501,3 +501,92 @@ done
     let r = call(&s, "GET", &format!("/f/{id}/small"), &[], b"");
     assert_eq!((r.status, r.text()), (200, "small".to_string()));
 }
+
+/// A bootstrap speaking the API over raw sockets in the three ways a client may order its
+/// requests, picked by the first segment of each event's path: `pipelined` (the response and the next `/next` in
+/// one write on one connection), `late` (the next `/next` 300 ms after the 202, so the
+/// agent must wait for it), `two` (the response and the next `/next` on a fresh
+/// connection, the old one closed). Its first connection sends nothing for 1.5 s. Any
+/// status other than 202 for a response ends it with status 3.
+const SOCKET_BOOTSTRAP: &str = r#"#!/usr/bin/python3
+import json, os, socket, sys, time
+host, port = os.environ["AWS_LAMBDA_RUNTIME_API"].split(":")
+BASE = "/2018-06-01/runtime/invocation/"
+NEXT = ("GET " + BASE + "next HTTP/1.1\r\nHost: api\r\n\r\n").encode()
+
+def connect():
+    s = socket.create_connection((host, int(port)))
+    return s, s.makefile("rb")
+
+def answer(f):
+    status = int(f.readline().split()[1])
+    headers = {}
+    while True:
+        line = f.readline()
+        if line in (b"\r\n", b""):
+            break
+        k, v = line.decode().split(":", 1)
+        headers[k.strip().lower()] = v.strip()
+    return status, headers, f.read(int(headers.get("content-length", "0")))
+
+def post(rid, doc):
+    body = json.dumps(doc).encode()
+    head = "POST %s%s/response HTTP/1.1\r\nHost: api\r\nContent-Length: %d\r\n\r\n" % (BASE, rid, len(body))
+    return head.encode() + body
+
+def accepted(f):
+    status, _, _ = answer(f)
+    if status != 202:
+        print("response got", status, flush=True)
+        sys.exit(3)
+
+# The first connection stays silent past the agent's deferred accept (1 s): it must
+# still be taken and served.
+sock, f = connect()
+time.sleep(1.5)
+sock.sendall(NEXT)
+while True:
+    _, headers, event = answer(f)
+    rid = headers["lambda-runtime-aws-request-id"]
+    path = json.loads(event)["rawPath"]
+    mode = path.split("/")[1]
+    doc = {"statusCode": 200, "body": path + " " + mode}
+    if mode == "pipelined":
+        sock.sendall(post(rid, doc) + NEXT)
+        accepted(f)
+    elif mode == "late":
+        sock.sendall(post(rid, doc))
+        accepted(f)
+        time.sleep(0.3)
+        sock.sendall(NEXT)
+    else:
+        new, nf = connect()
+        new.sendall(post(rid, doc))
+        accepted(nf)
+        sock.close()
+        sock, f = new, nf
+        sock.sendall(NEXT)
+"#;
+
+#[test]
+fn pipelined_late_and_second_connection_next_polls_are_all_served() {
+    require_sandbox!();
+    if !Path::new("/usr/bin/python3").is_file() {
+        eprintln!("skipped: the socket bootstrap needs /usr/bin/python3 on the host");
+        return;
+    }
+    let s = Server::start(&[]);
+    let code = zip(&[("bootstrap", SOCKET_BOOTSTRAP.as_bytes(), 0o755)]);
+    let id = deploy_ok(&s, &code, "runtime=provided.al2023&timeout_ms=3000");
+    for (round, mode) in ["pipelined", "late", "two"]
+        .iter()
+        .cycle()
+        .take(9)
+        .enumerate()
+    {
+        let r = call(&s, "GET", &format!("/f/{id}/{mode}/{round}"), &[], b"");
+        assert_eq!(r.status, 200, "{} / {}", r.text(), s.stderr());
+        assert_eq!(r.text(), format!("/{mode}/{round} {mode}"));
+    }
+    s.assert_healthy();
+}

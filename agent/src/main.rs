@@ -18,7 +18,7 @@
 //! * `supervise` direct mode's event loop
 //! * `output`   stdout/stderr -> LOG frames  * `reap`     signals and child exits
 //! * `runtime_api` the Lambda Runtime API mode * `rapi`  its sans-IO translations
-//! * `http`     sans-IO HTTP/1.1 for it
+//! * `http`     sans-IO HTTP/1.1 for it       * `epoll`  its event set
 //! * `buf`, `json`, `sys`, `log`: small helpers.
 
 #[macro_use]
@@ -27,6 +27,7 @@ mod buf;
 mod channel;
 mod cli;
 mod cmdline;
+mod epoll;
 mod frames;
 mod http;
 mod json;

@@ -8,6 +8,7 @@
 //! stdout/stderr become LOG frames tagged with the invocation in flight.
 //! When the bootstrap exits, so does this process, with its status.
 
+use std::cell::Cell;
 use std::collections::VecDeque;
 use std::io::{self, Read};
 use std::net::{TcpListener, TcpStream};
@@ -18,6 +19,7 @@ use std::time::Instant;
 
 use serde_json::Value;
 
+use crate::epoll::{Epoll, Ready};
 use crate::http::{self, BodyKind, Head, HttpError};
 use crate::protocol::{self, FrameDecoder, FrameType};
 use crate::rapi::{self, Function, Invocation, Kind, Route};
@@ -29,6 +31,14 @@ use crate::sys;
 const CLIENT_WRITE_TIMEOUT_MS: i32 = 10_000;
 /// LOG frame bodies are cut at this size.
 const LOG_CHUNK: usize = 64 << 10;
+
+/// Event-loop tokens of the fixed fds; connection `i` is `TOKEN_CONN + i`.
+const TOKEN_CHANNEL: u64 = 0;
+const TOKEN_LISTENER: u64 = 1;
+const TOKEN_PIDFD: u64 = 2;
+const TOKEN_STDOUT: u64 = 3;
+const TOKEN_STDERR: u64 = 4;
+const TOKEN_CONN: u64 = 16;
 
 /// Runs the mode; returns the process exit status.
 pub fn run(kind: Kind) -> i32 {
@@ -45,15 +55,28 @@ pub fn run(kind: Kind) -> i32 {
             return 2;
         }
     };
-    if let Err(e) = listener
+    // Connections are reported when their first bytes arrive, not at the
+    // handshake (after 1 s without any, they are reported anyway).
+    let _ = set_defer_accept(listener.as_raw_fd(), 1);
+    let epoll = listener
         .set_nonblocking(true)
         .and_then(|()| sys::set_nonblocking(channel.as_raw_fd(), true))
-    {
-        eprintln!("hearth runtime-api: {e}");
-        return 2;
-    }
+        .and_then(|()| Epoll::new())
+        .and_then(|ep| {
+            ep.add(channel.as_raw_fd(), TOKEN_CHANNEL)?;
+            ep.add(listener.as_raw_fd(), TOKEN_LISTENER)?;
+            Ok(ep)
+        });
+    let epoll = match epoll {
+        Ok(ep) => ep,
+        Err(e) => {
+            eprintln!("hearth runtime-api: {e}");
+            return 2;
+        }
+    };
     let mut server = Server {
         kind,
+        epoll,
         channel,
         decoder: FrameDecoder::new(),
         listener,
@@ -69,6 +92,10 @@ pub fn run(kind: Kind) -> i32 {
         parked: None,
         child: None,
         scratch: vec![0; 64 << 10].into_boxed_slice(),
+        out: Cell::new(Vec::new()),
+        rng: Cell::new(random_u64s()[0] | 1),
+        answered: None,
+        early_next: EarlyNext::default(),
     };
     match server.run() {
         Ok(code) => code,
@@ -123,13 +150,16 @@ const CONN_READ_BYTES_MAX: usize = 256 << 10;
 
 struct Child {
     pid: libc::pid_t,
-    pidfd: OwnedFd,
+    /// Registered in the event set (readable once the child exits): held, not read.
+    _pidfd: OwnedFd,
     stdout: Option<OwnedFd>,
     stderr: Option<OwnedFd>,
 }
 
 struct Server {
     kind: Kind,
+    /// Every fd below, registered once under its token.
+    epoll: Epoll,
     channel: OwnedFd,
     decoder: FrameDecoder,
     listener: TcpListener,
@@ -152,63 +182,92 @@ struct Server {
     /// Where connection reads land before they join a connection's buffer: allocated
     /// once, as zeroing a fresh 64 KiB per read cost more than the rest of a read.
     scratch: Box<[u8]>,
+    /// The encoding buffer of outgoing frames, kept between frames.
+    out: Cell<Vec<u8>>,
+    /// State of the generator of trace ids (seeded from getrandom once: they
+    /// need to be unique, not secret).
+    rng: Cell<u64>,
+    /// The connection whose request just answered an invocation (202), so
+    /// one more read of it may find the runtime's next `/next` already there.
+    answered: Option<usize>,
+    early_next: EarlyNext,
+}
+
+/// Whether to look for the runtime's next `/next` right after a 202, in the
+/// same wake-up, rather than wait for the event loop to report it. A look that
+/// finds it saves a wake-up (an `epoll_wait` that sleeps, a context switch in
+/// and out); one that does not costs a `recvfrom` failing with `EAGAIN`. How
+/// soon a runtime asks again depends on it and on where the scheduler runs
+/// it, so the choice follows recent outcomes: a find adds [`Self::HIT`] to a
+/// score, a miss takes 1; at zero the look is only tried every
+/// [`Self::PROBE_EVERY`]th answer, to notice when it would pay again.
+#[derive(Default)]
+struct EarlyNext {
+    score: u8,
+    skipped: u8,
+}
+
+impl EarlyNext {
+    const HIT: u8 = 4;
+    const SCORE_MAX: u8 = 32;
+    const PROBE_EVERY: u8 = 16;
+
+    /// Whether to look now.
+    fn try_now(&mut self) -> bool {
+        if self.score > 0 {
+            return true;
+        }
+        self.skipped += 1;
+        if self.skipped < Self::PROBE_EVERY {
+            return false;
+        }
+        self.skipped = 0;
+        true
+    }
+
+    /// The look found (`true`) or did not find the request.
+    fn record(&mut self, found: bool) {
+        self.score = match found {
+            true => (self.score + Self::HIT).min(Self::SCORE_MAX),
+            false => self.score.saturating_sub(1),
+        };
+    }
 }
 
 impl Server {
     fn run(&mut self) -> io::Result<i32> {
+        let mut ready = Ready::new();
+        let mut conns: Vec<usize> = Vec::with_capacity(crate::epoll::EVENTS_MAX);
         loop {
-            let mut fds = vec![
-                pollfd(self.channel.as_raw_fd()),
-                pollfd(self.listener.as_raw_fd()),
-            ];
-            let mut child_fds = [None; 3];
-            if let Some(c) = &self.child {
-                for (slot, fd) in [Some(&c.pidfd), c.stdout.as_ref(), c.stderr.as_ref()]
-                    .into_iter()
-                    .enumerate()
-                {
-                    if let Some(fd) = fd {
-                        child_fds[slot] = Some(fds.len());
-                        fds.push(pollfd(fd.as_raw_fd()));
-                    }
+            self.epoll.wait(&mut ready, -1)?;
+            let mut fixed = [false; TOKEN_CONN as usize];
+            conns.clear();
+            for token in ready.tokens() {
+                match token.checked_sub(TOKEN_CONN) {
+                    Some(i) => conns.push(i as usize),
+                    None => fixed[token as usize] = true,
                 }
             }
-            let conn_base = fds.len();
-            let conn_ids: Vec<usize> = (0..self.conns.len())
-                .filter(|i| self.conns[*i].is_some())
-                .collect();
-            for &i in &conn_ids {
-                let c = self.conns[i].as_ref().expect("filtered");
-                fds.push(pollfd(c.stream.as_raw_fd()));
-            }
-            sys::poll(&mut fds, -1)?;
-            let ready = |i: usize| fds[i].revents != 0;
             // Output first, so lines written before an answer are sent before it.
-            for (slot, stderr) in [(1, false), (2, true)] {
-                if let Some(i) = child_fds[slot] {
-                    if ready(i) {
-                        self.pump_output(stderr, false)?;
-                    }
+            for (token, stderr) in [(TOKEN_STDOUT, false), (TOKEN_STDERR, true)] {
+                if fixed[token as usize] {
+                    self.pump_output(stderr, false)?;
                 }
             }
-            for (n, &i) in conn_ids.iter().enumerate() {
-                if ready(conn_base + n) {
-                    self.on_conn(i)?;
-                }
+            for &i in &conns {
+                self.on_conn(i)?;
             }
-            if ready(1) {
-                self.accept();
+            if fixed[TOKEN_LISTENER as usize] {
+                self.accept()?;
             }
-            if ready(0) && !self.on_channel()? {
+            if fixed[TOKEN_CHANNEL as usize] && !self.on_channel()? {
                 // The host is gone.
                 self.kill_child();
                 return Ok(0);
             }
-            if let Some(i) = child_fds[0] {
-                if ready(i) {
-                    if let Some(code) = self.on_child_exit()? {
-                        return Ok(code);
-                    }
+            if fixed[TOKEN_PIDFD as usize] {
+                if let Some(code) = self.on_child_exit()? {
+                    return Ok(code);
                 }
             }
         }
@@ -330,9 +389,26 @@ impl Server {
         meta: &[u8],
         body: &[u8],
     ) -> io::Result<()> {
-        let mut out = Vec::new();
+        let mut out = self.out.take();
+        out.clear();
         protocol::encode(&mut out, kind, flags, id, meta, body);
-        write_all(self.channel.as_raw_fd(), &out, -1)
+        let written = write_all(self.channel.as_raw_fd(), &out, -1);
+        if out.capacity() <= LOG_CHUNK * 2 {
+            self.out.set(out);
+        }
+        written
+    }
+
+    /// A fresh X-Ray trace id (splitmix64 over the seeded state).
+    fn trace_id(&self, now_ms: u64) -> String {
+        let next = || {
+            let s = self.rng.get().wrapping_add(0x9e37_79b9_7f4a_7c15);
+            self.rng.set(s);
+            let z = (s ^ (s >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            let z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^ (z >> 31)
+        };
+        rapi::trace_id(now_ms, [next(), next()])
     }
 
     // ----- the bootstrap ------------------------------------------------
@@ -371,13 +447,18 @@ impl Server {
         let pidfd = unsafe { OwnedFd::from_raw_fd(pidfd) };
         let stdout: OwnedFd = child.stdout.take().expect("piped").into();
         let stderr: OwnedFd = child.stderr.take().expect("piped").into();
-        for fd in [&pidfd, &stdout, &stderr] {
+        for (fd, token) in [
+            (&pidfd, TOKEN_PIDFD),
+            (&stdout, TOKEN_STDOUT),
+            (&stderr, TOKEN_STDERR),
+        ] {
             sys::set_cloexec(fd.as_raw_fd(), true)?;
             sys::set_nonblocking(fd.as_raw_fd(), true)?;
+            self.epoll.add(fd.as_raw_fd(), token)?;
         }
         self.child = Some(Child {
             pid,
-            pidfd,
+            _pidfd: pidfd,
             stdout: Some(stdout),
             stderr: Some(stderr),
         });
@@ -387,16 +468,22 @@ impl Server {
     /// Turns what the bootstrap wrote into LOG frames; with `to_end`, reads
     /// until end of file (the bootstrap is gone).
     fn pump_output(&mut self, stderr: bool, to_end: bool) -> io::Result<()> {
+        let mut buf = std::mem::take(&mut self.scratch);
+        let pumped = self.pump_into(&mut buf[..LOG_CHUNK], stderr, to_end);
+        self.scratch = buf;
+        pumped
+    }
+
+    fn pump_into(&mut self, buf: &mut [u8], stderr: bool, to_end: bool) -> io::Result<()> {
         let tag = self.current.as_ref().map_or(0, |c| c.frame_id);
         let flags = if stderr { protocol::LOG_STDERR } else { 0 };
-        let mut buf = vec![0u8; LOG_CHUNK];
         loop {
             let Some(c) = &mut self.child else {
                 return Ok(());
             };
             let slot = if stderr { &mut c.stderr } else { &mut c.stdout };
             let Some(fd) = slot else { return Ok(()) };
-            match sys::read(fd.as_raw_fd(), &mut buf) {
+            match sys::read(fd.as_raw_fd(), buf) {
                 Ok(0) => {
                     *slot = None;
                     return Ok(());
@@ -472,12 +559,35 @@ impl Server {
 
     // ----- HTTP ----------------------------------------------------------
 
-    fn accept(&mut self) {
-        while let Ok((stream, _)) = self.listener.accept() {
-            if stream.set_nonblocking(true).is_err() {
+    /// Accepts the waiting connections and serves what each already sent:
+    /// with TCP_DEFER_ACCEPT a connection is only reported once its first
+    /// request (or its end) has arrived, so one wake-up serves both.
+    fn accept(&mut self) -> io::Result<()> {
+        loop {
+            // SAFETY: accept4 with null address pointers only returns a new fd or -1.
+            let fd = unsafe {
+                libc::accept4(
+                    self.listener.as_raw_fd(),
+                    std::ptr::null_mut(),
+                    std::ptr::null_mut(),
+                    libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
+                )
+            };
+            if fd < 0 {
+                return Ok(());
+            }
+            // SAFETY: accept4 returned a new connected socket that nothing else owns.
+            let stream = unsafe { TcpStream::from_raw_fd(fd) };
+            let _ = stream.set_nodelay(true);
+            let slot = self.conns.iter().position(Option::is_none);
+            let i = slot.unwrap_or(self.conns.len());
+            if self
+                .epoll
+                .add(stream.as_raw_fd(), TOKEN_CONN + i as u64)
+                .is_err()
+            {
                 continue;
             }
-            let _ = stream.set_nodelay(true);
             let conn = Conn {
                 stream,
                 buf: Vec::new(),
@@ -486,10 +596,11 @@ impl Server {
                 closing: false,
                 relay: None,
             };
-            match self.conns.iter().position(Option::is_none) {
+            match slot {
                 Some(i) => self.conns[i] = Some(conn),
                 None => self.conns.push(Some(conn)),
             }
+            self.on_conn(i)?;
         }
     }
 
@@ -507,16 +618,42 @@ impl Server {
         }
     }
 
+    /// Reads connection `i` and serves what came. When that answered an
+    /// invocation (202), the runtime's next `/next` is often already on its
+    /// way: one more read, which costs a failed `recvfrom` when it is not
+    /// there, serves it in this wake-up instead of the next.
     fn on_conn(&mut self, i: usize) -> io::Result<()> {
+        self.answered = None;
+        if self.read_conn(i).is_none() {
+            return Ok(());
+        }
+        self.serve(i)?;
+        if self.answered.take() == Some(i) && self.parked.is_none() && self.early_next.try_now() {
+            let got = self.read_conn(i);
+            self.early_next.record(got.is_some_and(|n| n > 0));
+            if got.is_some() {
+                self.serve(i)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Reads what connection `i` has into its buffer: the bytes read, `None`
+    /// if it is gone.
+    fn read_conn(&mut self, i: usize) -> Option<usize> {
         let mut read = 0;
         while read < CONN_READ_BYTES_MAX {
-            let Some(c) = self.conns[i].as_mut() else {
-                return Ok(());
-            };
+            let c = self.conns[i].as_mut()?;
             match c.stream.read(&mut self.scratch) {
                 Ok(0) => {
+                    // The runtime closed it (hyper's pool closes the spare connections
+                    // it opens when a request races a connection's return to the pool,
+                    // about one in five requests): close with a reset rather than a
+                    // FIN, which would put its orphaned end through TIME_WAIT, the
+                    // dearest part of the close.
+                    let _ = linger_zero(c.stream.as_raw_fd());
                     self.drop_conn(i);
-                    return Ok(());
+                    return None;
                 }
                 Ok(n) => {
                     c.buf.extend_from_slice(&self.scratch[..n]);
@@ -529,11 +666,11 @@ impl Server {
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(_) => {
                     self.drop_conn(i);
-                    return Ok(());
+                    return None;
                 }
             }
         }
-        self.serve(i)
+        Some(read)
     }
 
     /// Serves every complete request buffered on connection `i`.
@@ -562,10 +699,15 @@ impl Server {
                 }
             }
             let c = self.conns[i].as_mut().expect("present");
-            let head = c.head.clone().expect("set above");
+            // Taken, not cloned (a clone per request was most of the allocations of
+            // parsing it); put back while its body is still arriving.
+            let head = c.head.take().expect("set above");
             let route = rapi::route(&head.method, &head.target);
             if c.relay.is_some() || is_streaming(&route, &head) {
                 if !self.serve_stream(i, &route, &head)? {
+                    if let Some(c) = self.conns[i].as_mut() {
+                        c.head = Some(head);
+                    }
                     return Ok(());
                 }
                 continue;
@@ -578,11 +720,12 @@ impl Server {
             let body = match http::parse_body(&c.buf, head.body, max) {
                 Ok(Some((body, used))) => {
                     c.buf.drain(..used);
-                    c.head = None;
                     body
                 }
                 Ok(None) => {
-                    if head.expects_continue() && !c.continue_sent {
+                    let expects_continue = head.expects_continue();
+                    c.head = Some(head);
+                    if expects_continue && !c.continue_sent {
                         c.continue_sent = true;
                         let fd = c.stream.as_raw_fd();
                         if write_all(fd, http::CONTINUE, CLIENT_WRITE_TIMEOUT_MS).is_err() {
@@ -691,6 +834,7 @@ impl Server {
         c.head = None;
         c.closing |= head.close;
         self.reply(i, 202, br#"{"status":"OK"}"#)?;
+        self.answered = Some(i);
         self.dispatch()?;
         Ok(true)
     }
@@ -865,6 +1009,7 @@ impl Server {
                 self.current = None;
                 self.last_answered = Some(id);
                 self.reply(i, 202, br#"{"status":"OK"}"#)?;
+                self.answered = Some(i);
                 self.dispatch()
             }
             Route::InitError => {
@@ -900,14 +1045,7 @@ impl Server {
         };
         let f = self.function.as_ref().expect("ready implies HELLO");
         let now = sys::realtime_ms();
-        let inv = rapi::invocation(
-            &meta,
-            &body,
-            frame_id,
-            f,
-            now,
-            &rapi::trace_id(now, random_u64s()),
-        );
+        let inv = rapi::invocation(&meta, &body, frame_id, f, now, &self.trace_id(now));
         let mut headers: Vec<(&str, &str)> = vec![("Content-Type", "application/json")];
         headers.extend(inv.headers.iter().map(|(k, v)| (k.as_str(), v.as_str())));
         let bytes = http::response(200, &headers, &inv.event);
@@ -1003,6 +1141,41 @@ fn write_all(fd: RawFd, mut buf: &[u8], timeout_ms: i32) -> io::Result<()> {
     Ok(())
 }
 
+/// TCP_DEFER_ACCEPT: a listener reports a connection once data (or its end)
+/// arrives, or after about `secs`.
+fn set_defer_accept(fd: RawFd, secs: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt reads one c_int from the value we own.
+    sys::cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
+/// SO_LINGER on with a zero timeout: `close` resets the connection.
+fn linger_zero(fd: RawFd) -> io::Result<()> {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from the struct we own.
+    sys::cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}
+
 fn random_u64s() -> [u64; 2] {
     let mut b = [0u8; 16];
     // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
@@ -1047,6 +1220,29 @@ fn iso_time(ms: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn early_next_looks_while_it_pays_and_probes_otherwise() {
+        let mut e = EarlyNext::default();
+        // Cold: one look in PROBE_EVERY.
+        let looks = (0..32).filter(|_| e.try_now()).count();
+        assert_eq!(looks, 2);
+        // A find turns looking on; HIT misses in a row turn it off again.
+        e.record(true);
+        for _ in 0..EarlyNext::HIT {
+            assert!(e.try_now());
+            e.record(false);
+        }
+        assert!(!e.try_now());
+        // One find in four keeps it on (4 - 3 > 0 per round).
+        for _ in 0..10 {
+            e.record(true);
+            for _ in 0..3 {
+                e.record(false);
+            }
+        }
+        assert!(e.try_now());
+    }
 
     #[test]
     fn times_and_stream_names() {

@@ -590,3 +590,55 @@ fn pipelined_late_and_second_connection_next_polls_are_all_served() {
     }
     s.assert_healthy();
 }
+
+/// A bootstrap that opens 80 Runtime API connections at init, each with half a
+/// request head, counts how many the agent closed, lets the rest go, and then
+/// serves invocations over one connection, answering with that count.
+const HOARDING_BOOTSTRAP: &str = r#"#!/usr/bin/python3
+import json, os, select, socket, time, urllib.request
+api = os.environ["AWS_LAMBDA_RUNTIME_API"]
+host, port = api.split(":")
+hoard = []
+for _ in range(80):
+    s = socket.create_connection((host, int(port)))
+    s.sendall(b"GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\n")
+    hoard.append(s)
+# The ones the agent closes turn readable (end of file or reset) at once.
+closed = set()
+end = time.monotonic() + 1.5
+while time.monotonic() < end:
+    ready, _, _ = select.select([s for s in hoard if s not in closed], [], [], 0.1)
+    for s in ready:
+        try:
+            if s.recv(1) == b"":
+                closed.add(s)
+        except ConnectionResetError:
+            closed.add(s)
+closed = len(closed)
+for s in hoard:
+    s.close()
+base = "http://" + api + "/2018-06-01/runtime/invocation/"
+while True:
+    with urllib.request.urlopen(base + "next") as r:
+        rid = r.headers["Lambda-Runtime-Aws-Request-Id"]
+        r.read()
+    body = json.dumps({"statusCode": 200, "body": str(closed)}).encode()
+    urllib.request.urlopen(urllib.request.Request(base + rid + "/response", data=body, method="POST")).read()
+"#;
+
+/// The agent holds at most `CONNS_MAX` (64) Runtime API connections: the ones
+/// over it are closed at once, and the runtime is served afterwards.
+#[test]
+fn runtime_api_connections_over_the_limit_are_closed() {
+    require_sandbox!();
+    let s = Server::start(&[]);
+    let id = deploy_ok(
+        &s,
+        &zip(&[("bootstrap", HOARDING_BOOTSTRAP.as_bytes(), 0o755)]),
+        "runtime=provided&timeout_ms=10000",
+    );
+    let r = call(&s, "GET", &format!("/f/{id}/"), &[], b"");
+    assert_eq!(r.status, 200, "{} / {}", r.text(), s.stderr());
+    assert_eq!(r.text(), "16", "80 connections, 64 kept");
+    s.assert_healthy();
+}

@@ -148,6 +148,12 @@ struct StreamIn {
 /// streaming bootstrap is relayed at the pace the host takes it.
 const CONN_READ_BYTES_MAX: usize = 256 << 10;
 
+/// Runtime API connections open at once. Runtime clients use one or two (a
+/// pooled `/next` connection, sometimes a fresh one while it is returned to
+/// the pool); a connection over the limit is closed as soon as it is
+/// accepted, so a runtime cannot make the agent hold unbounded buffers.
+pub const CONNS_MAX: usize = 64;
+
 struct Child {
     pid: libc::pid_t,
     /// Registered in the event set (readable once the child exits): held, not read.
@@ -578,8 +584,12 @@ impl Server {
             }
             // SAFETY: accept4 returned a new connected socket that nothing else owns.
             let stream = unsafe { TcpStream::from_raw_fd(fd) };
-            let _ = stream.set_nodelay(true);
             let slot = self.conns.iter().position(Option::is_none);
+            if slot.is_none() && self.conns.len() >= CONNS_MAX {
+                // Over the limit: dropping `stream` closes it.
+                continue;
+            }
+            let _ = stream.set_nodelay(true);
             let i = slot.unwrap_or(self.conns.len());
             if self
                 .epoll

@@ -62,9 +62,6 @@ pub const API_SOCK: &str = "/run/api.sock";
 pub const VSOCK_SOCK: &str = "/run/v.sock";
 /// The VMM's output, next to (not inside) its root.
 pub const LOG_FILE: &str = "firecracker.log";
-/// Longest suffix Firecracker appends to the vsock path for a guest-initiated
-/// connection (`_<u32 port>`).
-const VSOCK_SUFFIX_BYTES_MAX: usize = 11;
 /// Longest jail id (the jailer's limit).
 pub const ID_BYTES_MAX: usize = 64;
 /// From the jailer's start to its exit after cloning Firecracker (it copies
@@ -180,15 +177,16 @@ pub fn parent_cgroup(state_dir: &Path) -> String {
 }
 
 /// The longest socket path hearth uses for a jail whose id is at most
-/// `id_bytes` long, under `base`.
+/// `id_bytes` long, under `base` (the API socket; the vsock socket is
+/// shorter, and hearth makes no guest-initiated vsock connections, whose
+/// socket would carry a `_<port>` suffix).
 pub fn longest_socket_path(base: &Path, id_bytes: usize) -> usize {
     base.join("firecracker")
         .join("x".repeat(id_bytes))
         .join("root")
         .as_os_str()
         .len()
-        + VSOCK_SOCK.len()
-        + VSOCK_SUFFIX_BYTES_MAX
+        + API_SOCK.len().max(VSOCK_SOCK.len())
 }
 
 /// The jail set-up shared by all VMMs of one server.
@@ -510,10 +508,10 @@ mod tests {
     }
 
     #[test]
-    fn socket_paths_count_root_run_and_the_port_suffix() {
+    fn socket_paths_count_the_jail_root_and_run() {
         let base = Path::new("/state/hearth/jail");
-        // "/state/hearth/jail/firecracker/<24>/root" + "/run/v.sock" + "_4294967295"
-        assert_eq!(longest_socket_path(base, 24), 18 + 12 + 25 + 5 + 11 + 11);
+        // "/state/hearth/jail/firecracker/<24>/root" + "/run/api.sock"
+        assert_eq!(longest_socket_path(base, 24), 18 + 12 + 25 + 5 + 13);
         let deep = PathBuf::from("/").join("d".repeat(60)).join("jail");
         assert!(longest_socket_path(&deep, ID_BYTES_MAX) > SOCKET_PATH_BYTES_MAX);
     }

@@ -69,8 +69,10 @@ use vmm::{JailedSpawn, Vmm};
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The oldest release with everything used here (`vsock_override` on load).
 pub const VERSION_MIN: (u32, u32) = (1, 16);
-/// Longest VMM id [`Inner::vm_dir`] makes: `<16 hex>-<role><u64>`.
-const VM_ID_BYTES_MAX: usize = 16 + 2 + 20;
+/// Longest VMM id [`Inner::vm_dir`] makes that a jail's socket paths are
+/// sized for: `<16 hex>-<role><n>` with n below 10^10 (longer ones fail the
+/// spawn's own path check).
+const VM_ID_BYTES_MAX: usize = 16 + 2 + 10;
 
 /// `$HEARTH_FIRECRACKER`, `firecracker` on PATH, or where
 /// `tools/fetch-firecracker.sh` installs it.

@@ -218,6 +218,12 @@ impl Vmm {
     ) -> Result<Vmm, VmmError> {
         let dir = s.jail.dir(id);
         let root = dir.join("root");
+        for p in [jail::API_SOCK, jail::VSOCK_SOCK] {
+            let p = root.join(p.trim_start_matches('/'));
+            if !socket_path_fits(&p) {
+                return Err(VmmError::PathTooLong(p));
+            }
+        }
         let _ = fs::remove_dir_all(&dir);
         let cgroup = s.jail.cgroups.as_ref().map(|c| c.dir(id));
         if let Some(cg) = &cgroup {
@@ -463,5 +469,114 @@ impl Drop for Vmm {
         if let Some(cg) = self.jailed.as_ref().and_then(|j| j.cgroup.as_ref()) {
             jail::remove_cgroup(cg, Duration::from_millis(500));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real jailer and Firecracker on this host (no guest is started, so
+    /// KVM need not run one): the VMM serves its API from inside the jail as
+    /// a non-root uid in its own PID namespace, sees only its root, and its
+    /// jail goes with it; a VMM an earlier server left behind is killed and
+    /// its jail removed by the next [`Jail::new`].
+    #[test]
+    fn a_jailed_vmm_runs_unprivileged_in_its_root_and_leaves_nothing() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: the jailer needs root");
+            return;
+        }
+        let (Ok(fc), Ok(jailer)) = (
+            super::super::find_firecracker(),
+            super::super::find_jailer(),
+        ) else {
+            eprintln!("skipped: no firecracker/jailer installed (tools/fetch-firecracker.sh)");
+            return;
+        };
+        crate::sandbox::process::set_subreaper();
+        let state = std::env::temp_dir().join(format!("hearth-fcjail-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&state);
+        fs::create_dir_all(&state).unwrap();
+        let image = state.join("code-1.ext4");
+        fs::write(&image, b"not really ext4").unwrap();
+        let jail = Jail::new(jailer.clone(), &state, 28, &[&image]).unwrap();
+        let spawn = JailedSpawn {
+            jail: &jail,
+            firecracker: &fc,
+            files: &[&image],
+            guest_memory_mb: 256,
+            vcpus: 1,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut vmm = Vmm::spawn_jailed(&spawn, "0123456789abcdef-0", "test".into(), None).unwrap();
+        let mut api = vmm.api(deadline).unwrap();
+        let r = api.call("GET", "/version", None, deadline).unwrap();
+        assert!(String::from_utf8_lossy(&r.body).contains("1."), "{r:?}");
+        let pid = vmm.pid();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let uid: u32 = field("Uid:")[0].parse().unwrap();
+        assert!((jail::UID_BASE..jail::UID_BASE + jail::UID_SPAN).contains(&uid));
+        assert_eq!(field("Gid:")[0], jail::GID.to_string());
+        assert_eq!(field("NSpid:").last().unwrap(), "1", "{status}");
+        let mut seen: Vec<String> = fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "code-1.ext4",
+                "dev",
+                "firecracker",
+                "firecracker.pid",
+                "run"
+            ]
+        );
+        assert_eq!(vmm.resource(&image), Path::new("code-1.ext4"));
+        let (inside, outside) = vmm.vsock_paths();
+        assert_eq!(inside, Path::new("/run/v.sock"));
+        assert!(outside.starts_with(jail.dir("0123456789abcdef-0").join("root")));
+        let dir = jail.dir("0123456789abcdef-0");
+        drop(api);
+        drop(vmm);
+        assert!(!dir.exists(), "the jail outlived its VMM");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+
+        // Death is noticed, and a VMM orphaned by a dead server is swept.
+        let mut vmm = Vmm::spawn_jailed(&spawn, "0123456789abcdef-1", "test".into(), None).unwrap();
+        let pid = vmm.pid();
+        // SAFETY: kill(2) on our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let t = Instant::now();
+        while vmm.check_alive().is_ok() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(matches!(vmm.check_alive(), Err(VmmError::Exited { .. })));
+        drop(vmm);
+        let vmm = Vmm::spawn_jailed(&spawn, "0123456789abcdef-2", "test".into(), None).unwrap();
+        let pid = vmm.pid();
+        let dir = jail.dir("0123456789abcdef-2");
+        std::mem::forget(vmm);
+        let again = Jail::new(jailer, &state, 28, &[&image]).unwrap();
+        assert!(!dir.exists(), "a leftover jail survived the sweep");
+        let mut raw = 0;
+        // SAFETY: waitpid on our child (it was killed by the sweep).
+        let r = unsafe { libc::waitpid(pid, &mut raw, libc::__WALL) };
+        assert_eq!(r, pid);
+        assert!(libc::WIFSIGNALED(raw), "{raw:#x}");
+        drop(again);
+        fs::remove_dir_all(&state).unwrap();
     }
 }

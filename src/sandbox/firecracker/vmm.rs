@@ -576,6 +576,9 @@ mod tests {
         let r = unsafe { libc::waitpid(pid, &mut raw, libc::__WALL) };
         assert_eq!(r, pid);
         assert!(libc::WIFSIGNALED(raw), "{raw:#x}");
+        if let Some(cg) = &again.cgroups {
+            let _ = fs::remove_dir(cg.mount.join(&cg.parent));
+        }
         drop(again);
         fs::remove_dir_all(&state).unwrap();
     }

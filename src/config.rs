@@ -117,6 +117,8 @@ pub struct ServeConfig {
     pub pin: bool,
     /// Keep one initialised standby instance per function (process backend).
     pub standby: bool,
+    /// Run Firecracker VMMs under the jailer (`sandbox::firecracker::jail`).
+    pub jailer: bool,
     /// Sum of `memory_mb` over all instances alive or starting and all standbys, MiB;
     /// a deploy beyond it → 503, a scale-out waits, then 503 (`functions::budget`).
     pub instance_memory_max_mb: u64,

@@ -197,6 +197,12 @@ struct ServeArgs {
     /// Do not keep an initialised standby instance per function (process backend).
     #[arg(long)]
     no_standby: bool,
+    /// Run every Firecracker VMM under Firecracker's jailer (--backend firecracker):
+    /// a chroot of its own under <state-dir>/jail with the kernel, images and snapshot
+    /// hard-linked in, a uid of its own (260001..268192, gid 260000), a cgroup v2 with the
+    /// function's memory and one core per vCPU, and a new PID namespace.
+    #[arg(long)]
+    jailer: bool,
     /// Memory all instances may reserve together, MiB: the sum of memory_mb over instances
     /// alive or starting and standbys (default: 75% of RAM). A deploy that does not fit gets
     /// 503 memory_budget_exhausted; a scale-out waits for room, then 503.
@@ -321,6 +327,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         queue_depth_max: a.queue_depth_max.max(1),
         pin: !a.no_pin,
         standby: !a.no_standby,
+        jailer: a.jailer,
         instance_memory_max_mb: a
             .instance_memory_max_mb
             .unwrap_or_else(hearth::functions::budget::default_instance_memory_max_mb),
@@ -329,6 +336,9 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         async_retry_base_ms: a.async_retry_base_ms.max(1),
         async_failure_webhook: a.async_failure_webhook,
     };
+    if cfg.jailer && !matches!(cfg.backend, BackendKind::Firecracker | BackendKind::Auto) {
+        return Err("--jailer runs Firecracker VMMs: it needs --backend firecracker".into());
+    }
     if let Some(url) = &cfg.async_failure_webhook {
         hearth::functions::async_events::dispatch::parse_webhook(url)?;
     }

@@ -793,6 +793,26 @@ fn a_second_server_cannot_share_a_state_dir() {
 }
 
 #[test]
+fn the_jailer_flag_needs_the_firecracker_backend() {
+    let dir = common::temp_dir("jailer-flag");
+    for backend in ["process", "qemu"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--backend", backend])
+            .args(["--jailer", "--state-dir"])
+            .arg(dir.join("state"))
+            .output()
+            .expect("run hearth");
+        assert!(!out.status.success());
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("--jailer") && err.contains("firecracker"),
+            "{err}"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn slow_handlers_fan_out_to_their_concurrency() {
     require_sandbox!();
     let s = Server::start(&["--cores", "1"]);

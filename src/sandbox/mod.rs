@@ -136,7 +136,10 @@ impl From<qemu::VmError> for StartError {
 
 impl From<firecracker::VmmError> for StartError {
     fn from(e: firecracker::VmmError) -> Self {
-        StartError::Firecracker(e)
+        match e {
+            firecracker::VmmError::Uids(u) => StartError::Uids(u),
+            e => StartError::Firecracker(e),
+        }
     }
 }
 

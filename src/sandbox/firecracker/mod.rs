@@ -30,11 +30,15 @@
 //! removed with the VMM. A VMM that dies is noticed when its channel closes;
 //! its exit status and log tail are logged and the scheduler replaces it.
 //!
+//! With `--jailer` every VMM runs under Firecracker's jailer instead: chroot,
+//! own uid, cgroup, new PID namespace ([`jail`]).
+//!
 //! Parts: `api` (request bodies and the API client), `vmm` (one process),
 //! `vsock` (the host end of the channel), `snapshot` (making and checking a
-//! function's snapshot), `vmlinux` (the ELF kernel).
+//! function's snapshot), `vmlinux` (the ELF kernel), `jail` (the jailer).
 
 mod api;
+pub mod jail;
 mod snapshot;
 mod vmlinux;
 mod vmm;
@@ -56,14 +60,19 @@ use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest};
 use crate::spec::FunctionSpec;
 use crate::util::program::find_program;
+use jail::Jail;
 use snapshot::{in_vm, read_meta, SnapshotMeta, META_FILE};
-use vmm::{Vmm, VSOCK_SOCK};
+use vmm::{JailedSpawn, Vmm};
 
 /// From Firecracker spawn to READY of a restored instance (generous: nested
 /// under software emulation on a loaded host a restore took 20 s).
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(90);
 /// The oldest release with everything used here (`vsock_override` on load).
 pub const VERSION_MIN: (u32, u32) = (1, 16);
+/// Longest VMM id [`Inner::vm_dir`] makes that a jail's socket paths are
+/// sized for: `<16 hex>-<role><n>` with n below 10^10 (longer ones fail the
+/// spawn's own path check).
+const VM_ID_BYTES_MAX: usize = 16 + 2 + 10;
 
 /// `$HEARTH_FIRECRACKER`, `firecracker` on PATH, or where
 /// `tools/fetch-firecracker.sh` installs it.
@@ -180,6 +189,8 @@ struct Inner {
     template_lock: Mutex<()>,
     /// Log the phases of every restore (`HEARTH_FIRECRACKER_TRACE=1`).
     trace: bool,
+    /// `--jailer`: every VMM runs in a jail of its own.
+    jail: Option<Jail>,
 }
 
 /// See the module documentation.
@@ -210,6 +221,22 @@ impl FirecrackerBackend {
             what: format!("create {}", run_dir.display()),
             err,
         })?;
+        let jail = if cfg.jailer {
+            let jailer = find_jailer().map_err(SetupError::Host)?;
+            // A jailed VMM is orphaned by the jailer; hearth must inherit it to reap it.
+            super::process::set_subreaper();
+            let shared = [
+                vmlinux.as_path(),
+                guest.initramfs.as_path(),
+                guest.runtime_image.as_path(),
+            ];
+            let j = Jail::new(jailer, &cfg.state_dir, VM_ID_BYTES_MAX, &shared)
+                .map_err(SetupError::Host)?;
+            eprintln!("hearth: firecracker: {}", j.describe());
+            Some(j)
+        } else {
+            None
+        };
         eprintln!(
             "hearth: firecracker {version} ({}), kernel {} as {}, run dir {}",
             firecracker.display(),
@@ -228,6 +255,7 @@ impl FirecrackerBackend {
                 slots: Mutex::new(HashMap::new()),
                 template_lock: Mutex::new(()),
                 trace: std::env::var_os("HEARTH_FIRECRACKER_TRACE").is_some_and(|v| v != "0"),
+                jail,
             }),
         })
     }
@@ -240,6 +268,33 @@ impl Inner {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let name = format!("{id}-{role}{n}");
         (self.run_dir.join(&name), name)
+    }
+
+    /// Starts a VMM for `spec` (`role` "t": its template), directly with
+    /// `cwd` as working directory, or jailed with `files` linked into its root.
+    fn spawn_vmm(
+        &self,
+        spec: &FunctionSpec,
+        role: &str,
+        cwd: &Path,
+        label: String,
+        core: Option<usize>,
+        files: &[&Path],
+    ) -> Result<Vmm, VmmError> {
+        let (vm_dir, vm_id) = self.vm_dir(&spec.id, role);
+        match &self.jail {
+            None => Vmm::spawn(&self.firecracker, &vm_dir, cwd, &vm_id, label, core),
+            Some(jail) => {
+                let s = JailedSpawn {
+                    jail,
+                    firecracker: &self.firecracker,
+                    files,
+                    guest_memory_mb: super::qemu::guest_memory_mb(spec),
+                    vcpus: 1,
+                };
+                Vmm::spawn_jailed(&s, &vm_id, label, core)
+            }
+        }
     }
 
     fn slot(&self, id: &str) -> Arc<Mutex<Option<SnapshotMeta>>> {
@@ -261,19 +316,15 @@ impl Inner {
         let meta = self.snapshot(spec, dir)?;
         let started = Instant::now();
         let deadline = started + RESTORE_TIMEOUT;
-        let (vm_dir, vm_id) = self.vm_dir(&spec.id, "");
-        let mut vmm = Vmm::spawn(
-            &self.firecracker,
-            &vm_dir,
-            dir,
-            &vm_id,
-            format!("instance of {}", spec.id),
-            core,
-        )?;
+        let (state, mem) = (dir.join(&meta.state), dir.join(&meta.mem));
+        let code = dir.join(&meta.code_image);
+        let files = [&state, &mem, &self.guest.runtime_image, &code].map(PathBuf::as_path);
+        let label = format!("instance of {}", spec.id);
+        let mut vmm = self.spawn_vmm(spec, "", dir, label, core, &files)?;
         let fail = |e: VmmError, vmm: &Vmm| in_vm("restore", e, vmm);
-        let uds = vm_dir.join(VSOCK_SOCK);
+        let (uds_vm, uds) = vmm.vsock_paths();
         let mut api = vmm.api(deadline).map_err(|e| fail(e, &vmm))?;
-        let load = api::snapshot_load(&dir.join(&meta.state), &dir.join(&meta.mem), &uds);
+        let load = api::snapshot_load(&vmm.resource(&state), &vmm.resource(&mem), &uds_vm);
         api.put("/snapshot/load", &load, deadline)
             .map_err(|e| fail(VmmError::Api(e), &vmm))?;
         drop(api);

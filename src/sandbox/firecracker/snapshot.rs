@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use serde::{Deserialize, Serialize};
 
 use super::api;
-use super::vmm::{Vmm, VmmError, VSOCK_SOCK};
+use super::vmm::{Vmm, VmmError};
 use super::vsock;
 use super::Inner;
 use crate::guest::images;
@@ -55,6 +55,9 @@ pub struct SnapshotMeta {
     pub mem: String,
     pub mem_bytes: u64,
     pub boot_args: String,
+    /// Made under the jailer: drive paths are names inside the jail's root.
+    #[serde(default)]
+    pub jailer: bool,
     /// Template boot to READY, and writing the snapshot.
     pub ready_ms: u64,
     pub snapshot_ms: u64,
@@ -103,33 +106,37 @@ impl Inner {
         // A failed template leaves no half-written files behind.
         let _cleanup = RemoveOnDrop(vec![state_tmp.clone(), mem_tmp.clone()]);
         let started = Instant::now();
-        let (vm_dir, vm_id) = self.vm_dir(&spec.id, "t");
-        let mut vmm = Vmm::spawn(
-            &self.firecracker,
-            &vm_dir,
-            dir,
-            &vm_id,
-            format!("template of {}", spec.id),
-            None,
-        )?;
+        let files = [
+            self.vmlinux.as_path(),
+            self.guest.initramfs.as_path(),
+            self.guest.runtime_image.as_path(),
+            code_image.as_path(),
+        ];
+        let label = format!("template of {}", spec.id);
+        let mut vmm = self.spawn_vmm(spec, "t", dir, label, None, &files)?;
         let fail = |e: VmmError, vmm: &Vmm| in_vm("template VM", e, vmm);
         let deadline = started + CONFIG_TIMEOUT;
         let mut api = vmm.api(deadline).map_err(|e| fail(e, &vmm))?;
-        let uds = vm_dir.join(VSOCK_SOCK);
+        let (uds_vm, uds) = vmm.vsock_paths();
+        let (kernel, initrd) = (
+            vmm.resource(&self.vmlinux),
+            vmm.resource(&self.guest.initramfs),
+        );
         let steps = [
             ("/machine-config", api::machine_config(1, memory_mb)),
             (
                 "/boot-source",
-                api::boot_source(&self.vmlinux, &self.guest.initramfs, &boot_args),
+                api::boot_source(&kernel, &initrd, &boot_args),
             ),
             // Order gives the guest names: runtime /dev/vda, code /dev/vdb.
             (
                 "/drives/runtime",
-                api::drive("runtime", &self.guest.runtime_image),
+                api::drive("runtime", &vmm.resource(&self.guest.runtime_image)),
             ),
-            // Relative: resolved in the function directory, wherever it is renamed to.
+            // Relative: resolved in the function directory (jailed: the root),
+            // wherever it is renamed to.
             ("/drives/code", api::drive("code", Path::new(&code_name))),
-            ("/vsock", api::vsock(&uds)),
+            ("/vsock", api::vsock(&uds_vm)),
             ("/actions", api::action("InstanceStart")),
         ];
         for (path, body) in &steps {
@@ -154,16 +161,14 @@ impl Inner {
         let snap_started = Instant::now();
         let deadline = snap_started + SNAPSHOT_TIMEOUT;
         let fail = |e: VmmError, vmm: &Vmm| in_vm("snapshot", e, vmm);
+        let create = api::snapshot_create(&vmm.output(&state_tmp), &vmm.output(&mem_tmp));
         api.patch("/vm", &api::vm_state("Paused"), deadline)
-            .and_then(|_| {
-                api.put(
-                    "/snapshot/create",
-                    &api::snapshot_create(&state_tmp, &mem_tmp),
-                    deadline,
-                )
-            })
+            .and_then(|_| api.put("/snapshot/create", &create, deadline))
             .map_err(|e| fail(VmmError::Api(e), &vmm))?;
         drop(api);
+        vmm.collect_output(&state_tmp)
+            .and_then(|_| vmm.collect_output(&mem_tmp))
+            .map_err(|e| fail(e, &vmm))?;
         drop(vmm);
         let publish_one = |tmp: &Path, name: &str| {
             publish(tmp, dir, name)
@@ -185,6 +190,7 @@ impl Inner {
             mem: MEM_FILE.to_string(),
             mem_bytes,
             boot_args,
+            jailer: self.jail.is_some(),
             ready_ms,
             snapshot_ms: snap_started.elapsed().as_millis() as u64,
             created_ms: unix_time_ms(),
@@ -222,6 +228,12 @@ impl Inner {
             if then != now {
                 return Some(format!("the {what} changed"));
             }
+        }
+        if meta.jailer != self.jail.is_some() {
+            return Some(format!(
+                "made {} --jailer",
+                if meta.jailer { "with" } else { "without" }
+            ));
         }
         if meta.boot_args != boot_args() {
             return Some("the kernel command line changed".into());

@@ -1,17 +1,20 @@
 //! One Firecracker process: its private directory (API socket, vsock
-//! socket, log), spawning it, reaching its API, noticing and logging its
-//! death, and stopping it. Dropping a [`Vmm`] kills and reaps the process
-//! and removes the directory.
+//! socket, log), spawning it (directly, or under the jailer: see [`super::jail`]),
+//! reaching its API, noticing and logging its death, and stopping it.
+//! Dropping a [`Vmm`] kills and reaps the process and removes the directory
+//! (and, jailed, its cgroup and uid lease).
 
 use std::fmt;
 use std::fs;
 use std::io;
-use std::os::unix::process::CommandExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 use super::api::{Api, ApiError};
+use super::jail::{self, Jail, JailerArgs};
+use crate::sandbox::process::uids::{UidLease, UidsExhausted};
 use crate::sandbox::vmfiles::{socket_path_fits, tail};
 
 /// Bytes of the VMM's log (its own lines and the guest console) quoted in errors.
@@ -39,6 +42,8 @@ pub enum VmmError {
     Api(ApiError),
     /// The agent's vsock port could not be reached.
     Vsock(io::Error),
+    /// Every jail uid is held by a live VMM.
+    Uids(UidsExhausted),
 }
 
 impl fmt::Display for VmmError {
@@ -56,6 +61,7 @@ impl fmt::Display for VmmError {
             }
             VmmError::Api(e) => write!(f, "{e}"),
             VmmError::Vsock(e) => write!(f, "agent vsock: {e}"),
+            VmmError::Uids(e) => write!(f, "{e}"),
         }
     }
 }
@@ -67,19 +73,88 @@ impl std::error::Error for VmmError {
                 Some(err)
             }
             VmmError::Api(e) => Some(e),
+            VmmError::Uids(e) => Some(e),
             _ => None,
         }
     }
 }
 
+/// The Firecracker process.
+enum Proc {
+    /// Started by hearth: its child.
+    Child(Child),
+    /// Started by the jailer in a new PID namespace; the jailer has exited and
+    /// hearth, a child subreaper, inherited it: `waitpid` reaps it.
+    Jailed {
+        pid: i32,
+        status: Option<ExitStatus>,
+    },
+}
+
+/// A jailed VMM's resources beyond its directory.
+struct Jailed {
+    /// The chroot (`<dir>/root`).
+    root: PathBuf,
+    /// Its cgroup, removed after the process.
+    cgroup: Option<PathBuf>,
+    /// Returned after the process is reaped.
+    uid: UidLease,
+}
+
 /// A running Firecracker and its private directory.
 pub struct Vmm {
-    child: Child,
+    proc: Proc,
+    /// Private directory: removed with the VMM (jailed: the whole jail).
     dir: PathBuf,
+    api_sock: PathBuf,
+    log: PathBuf,
+    jailed: Option<Jailed>,
     /// Shown in logs: the function and the instance's role.
     label: String,
     /// hearth killed it (its exit is no news), or its exit was logged.
     accounted: bool,
+}
+
+/// What a jailed VMM needs besides its id and label.
+pub struct JailedSpawn<'a> {
+    pub jail: &'a Jail,
+    pub firecracker: &'a Path,
+    /// Files hard-linked into its root (see [`Vmm::resource`]).
+    pub files: &'a [&'a Path],
+    pub guest_memory_mb: u32,
+    pub vcpus: u32,
+}
+
+fn io_at(what: String) -> impl FnOnce(io::Error) -> VmmError {
+    move |err| VmmError::Io { what, err }
+}
+
+/// The VMM's log file and a second handle on it (stdout and stderr).
+fn open_log(path: &Path) -> Result<(fs::File, fs::File), VmmError> {
+    let log = fs::File::create(path).map_err(io_at(format!("create {}", path.display())))?;
+    let log2 = log
+        .try_clone()
+        .map_err(io_at(format!("dup {}", path.display())))?;
+    Ok((log, log2))
+}
+
+/// Moves the child out of the terminal's process group and arranges for it to
+/// die with the hearth thread that started it (jailed: the jailer only; its
+/// clone is handled by [`jail::sweep`]), pinned to `core`.
+fn detach_and_pin(cmd: &mut Command, core: Option<usize>) {
+    // Out of the terminal's process group: Ctrl-C is hearth's to handle.
+    cmd.process_group(0);
+    // SAFETY: the closure runs between fork and exec and only makes
+    // async-signal-safe system calls on plain data.
+    unsafe {
+        cmd.pre_exec(move || {
+            libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
+            if let Some(core) = core {
+                let _ = crate::util::cpu::pin_thread(0, core);
+            }
+            Ok(())
+        });
+    }
 }
 
 impl Vmm {
@@ -100,15 +175,10 @@ impl Vmm {
                 return Err(VmmError::PathTooLong(p));
             }
         }
-        let io_at = |what: String| move |err| VmmError::Io { what, err };
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).map_err(io_at(format!("create {}", dir.display())))?;
         let log_path = dir.join(LOG_FILE);
-        let log =
-            fs::File::create(&log_path).map_err(io_at(format!("create {}", log_path.display())))?;
-        let log2 = log
-            .try_clone()
-            .map_err(io_at(format!("dup {}", log_path.display())))?;
+        let (log, log2) = open_log(&log_path)?;
         let mut cmd = Command::new(bin);
         cmd.arg("--api-sock")
             .arg(dir.join(API_SOCK))
@@ -116,21 +186,8 @@ impl Vmm {
             .current_dir(cwd)
             .stdin(Stdio::null())
             .stdout(log)
-            .stderr(log2)
-            // Out of the terminal's process group: Ctrl-C is hearth's to handle.
-            .process_group(0);
-        // SAFETY: the closure runs between fork and exec and only makes
-        // async-signal-safe system calls on plain data.
-        unsafe {
-            cmd.pre_exec(move || {
-                // The VMM dies with the hearth thread that started it.
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                if let Some(core) = core {
-                    let _ = crate::util::cpu::pin_thread(0, core);
-                }
-                Ok(())
-            });
-        }
+            .stderr(log2);
+        detach_and_pin(&mut cmd, core);
         let child = cmd.spawn().map_err(|err| {
             let _ = fs::remove_dir_all(dir);
             VmmError::Start {
@@ -139,32 +196,207 @@ impl Vmm {
             }
         })?;
         Ok(Vmm {
-            child,
+            proc: Proc::Child(child),
             dir: dir.to_path_buf(),
+            api_sock: dir.join(API_SOCK),
+            log: log_path,
+            jailed: None,
             label,
             accounted: false,
         })
     }
 
+    /// Starts Firecracker under the jailer as jail `id`: a fresh jail whose
+    /// root holds hard links to `files`, a uid of its own, its cgroup; waits
+    /// for the jailer to hand over (it exits after cloning Firecracker into
+    /// a new PID namespace) and takes the VMM's pid from the jail's pid file.
+    pub fn spawn_jailed(
+        s: &JailedSpawn<'_>,
+        id: &str,
+        label: String,
+        core: Option<usize>,
+    ) -> Result<Vmm, VmmError> {
+        let dir = s.jail.dir(id);
+        let root = dir.join("root");
+        for p in [jail::API_SOCK, jail::VSOCK_SOCK] {
+            let p = root.join(p.trim_start_matches('/'));
+            if !socket_path_fits(&p) {
+                return Err(VmmError::PathTooLong(p));
+            }
+        }
+        let _ = fs::remove_dir_all(&dir);
+        let cgroup = s.jail.cgroups.as_ref().map(|c| c.dir(id));
+        if let Some(cg) = &cgroup {
+            jail::remove_cgroup(cg, Duration::ZERO);
+        }
+        let uid = s.jail.lease_uid().map_err(VmmError::Uids)?;
+        // From here on, dropping the Vmm removes the jail (and the cgroup).
+        let mut vmm = Vmm {
+            proc: Proc::Jailed {
+                pid: 0,
+                status: None,
+            },
+            dir: dir.clone(),
+            api_sock: root.join(jail::API_SOCK.trim_start_matches('/')),
+            log: dir.join(jail::LOG_FILE),
+            jailed: Some(Jailed {
+                root: root.clone(),
+                cgroup,
+                uid,
+            }),
+            label,
+            accounted: true,
+        };
+        fs::create_dir_all(&root).map_err(io_at(format!("create {}", root.display())))?;
+        for f in s.files {
+            jail::link_in(&root, f).map_err(io_at(format!(
+                "link {} into {}",
+                f.display(),
+                root.display()
+            )))?;
+        }
+        let (log, log2) = open_log(&vmm.log)?;
+        let uid = vmm.jailed.as_ref().map(|j| j.uid.uid()).unwrap_or(0);
+        let args = jail::jailer_args(&JailerArgs {
+            id,
+            exec_file: s.firecracker,
+            uid,
+            gid: jail::GID,
+            base: &s.jail.base,
+            cgroups: s.jail.cgroups.as_ref(),
+            guest_memory_mb: s.guest_memory_mb,
+            vcpus: s.vcpus,
+        });
+        let mut cmd = Command::new(&s.jail.jailer);
+        cmd.args(&args)
+            .current_dir(&dir)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2);
+        detach_and_pin(&mut cmd, core);
+        let mut jailer = cmd.spawn().map_err(|err| VmmError::Start {
+            bin: s.jail.jailer.clone(),
+            err,
+        })?;
+        let deadline = Instant::now() + jail::JAILER_TIMEOUT;
+        let status = loop {
+            match jailer.try_wait() {
+                Ok(Some(status)) => break status,
+                Ok(None) if Instant::now() < deadline => {
+                    std::thread::sleep(Duration::from_millis(2))
+                }
+                _ => {
+                    let _ = jailer.kill();
+                    let _ = jailer.wait();
+                    return Err(VmmError::Io {
+                        what: format!("jailer {id}"),
+                        err: io::ErrorKind::TimedOut.into(),
+                    });
+                }
+            }
+        };
+        if !status.success() {
+            return Err(VmmError::Exited {
+                status,
+                log_tail: vmm.log_tail(),
+            });
+        }
+        let pid_file = root.join("firecracker.pid");
+        let pid: i32 = fs::read_to_string(&pid_file)
+            .map_err(io_at(format!("read {}", pid_file.display())))?
+            .trim()
+            .parse()
+            .map_err(|_| VmmError::Io {
+                what: format!("read {}", pid_file.display()),
+                err: io::ErrorKind::InvalidData.into(),
+            })?;
+        vmm.proc = Proc::Jailed { pid, status: None };
+        // Ours to reap (subreaper) — or not ours at all, then no VMM to speak to.
+        vmm.accounted = false;
+        vmm.check_alive()?;
+        Ok(vmm)
+    }
+
+    /// The path Firecracker is to be given for host file `host`: itself, or
+    /// jailed its name inside the root (where [`Vmm::spawn_jailed`] linked it).
+    pub fn resource(&self, host: &Path) -> PathBuf {
+        match &self.jailed {
+            None => host.to_path_buf(),
+            Some(_) => PathBuf::from(host.file_name().unwrap_or(host.as_os_str())),
+        }
+    }
+
+    /// The vsock socket: the path Firecracker binds, and where hearth reaches it.
+    pub fn vsock_paths(&self) -> (PathBuf, PathBuf) {
+        match &self.jailed {
+            None => (self.dir.join(VSOCK_SOCK), self.dir.join(VSOCK_SOCK)),
+            Some(j) => (
+                PathBuf::from(jail::VSOCK_SOCK),
+                j.root.join(jail::VSOCK_SOCK.trim_start_matches('/')),
+            ),
+        }
+    }
+
+    /// Where Firecracker is to write output file `tmp` (a temporary name in
+    /// the function directory): there, or jailed its name inside the root.
+    pub fn output(&self, tmp: &Path) -> PathBuf {
+        self.resource(tmp)
+    }
+
+    /// Brings output file `tmp` (see [`Vmm::output`]) to `tmp`: jailed, it is
+    /// taken out of the root ([`jail::take_out`]).
+    pub fn collect_output(&self, tmp: &Path) -> Result<(), VmmError> {
+        let Some(j) = &self.jailed else {
+            return Ok(());
+        };
+        let inside = j.root.join(self.resource(tmp));
+        jail::take_out(&inside, tmp).map_err(io_at(format!("take {} out", inside.display())))
+    }
+
     /// The process id.
     pub fn pid(&self) -> i32 {
-        self.child.id() as i32
+        match &self.proc {
+            Proc::Child(c) => c.id() as i32,
+            Proc::Jailed { pid, .. } => *pid,
+        }
+    }
+
+    /// The exit status, once the process has ended (it is then reaped).
+    fn try_status(&mut self) -> Option<ExitStatus> {
+        match &mut self.proc {
+            Proc::Child(c) => c.try_wait().ok().flatten(),
+            Proc::Jailed { pid, status } => {
+                if status.is_none() && *pid > 0 {
+                    let mut raw = 0;
+                    // SAFETY: waitpid on one pid, with a valid status pointer.
+                    let r = unsafe { libc::waitpid(*pid, &mut raw, libc::WNOHANG | libc::__WALL) };
+                    if r == *pid {
+                        *status = Some(ExitStatus::from_raw(raw));
+                    } else if r < 0 {
+                        // Not a child of ours (hearth is not its subreaper): treated
+                        // as gone, exit status 255, so that it is never signalled.
+                        *status = Some(ExitStatus::from_raw(255 << 8));
+                    }
+                }
+                *status
+            }
+        }
     }
 
     /// `Err(Exited)` once the process has ended.
     pub fn check_alive(&mut self) -> Result<(), VmmError> {
-        match self.child.try_wait() {
-            Ok(Some(status)) => Err(VmmError::Exited {
+        match self.try_status() {
+            Some(status) => Err(VmmError::Exited {
                 status,
                 log_tail: self.log_tail(),
             }),
-            _ => Ok(()),
+            None => Ok(()),
         }
     }
 
     /// Connects to the API socket, waiting for Firecracker to make it.
     pub fn api(&mut self, deadline: Instant) -> Result<Api, VmmError> {
-        let sock = self.dir.join(API_SOCK);
+        let sock = self.api_sock.clone();
         loop {
             match Api::connect(&sock) {
                 Ok(a) => return Ok(a),
@@ -184,7 +416,7 @@ impl Vmm {
 
     /// The end of the VMM's log (its messages and the guest console), for errors.
     pub fn log_tail(&self) -> String {
-        let t = tail(&self.dir.join(LOG_FILE), LOG_TAIL_BYTES);
+        let t = tail(&self.log, LOG_TAIL_BYTES);
         if t.trim().is_empty() {
             String::new()
         } else {
@@ -199,16 +431,22 @@ impl Vmm {
             return;
         }
         self.accounted = true;
-        match self.child.try_wait() {
-            Ok(Some(status)) => eprintln!(
+        match self.try_status() {
+            Some(status) => eprintln!(
                 "hearth: firecracker: VMM of {} (pid {}) died: {status}{}",
                 self.label,
-                self.child.id(),
+                self.pid(),
                 self.log_tail()
             ),
-            _ => {
-                let _ = self.child.kill();
-            }
+            None => match &mut self.proc {
+                Proc::Child(c) => {
+                    let _ = c.kill();
+                }
+                Proc::Jailed { pid, .. } => {
+                    // SAFETY: kill(2) on a child not yet reaped (its pid cannot be reused).
+                    unsafe { libc::kill(*pid, libc::SIGKILL) };
+                }
+            },
         }
     }
 }
@@ -216,7 +454,132 @@ impl Vmm {
 impl Drop for Vmm {
     fn drop(&mut self) {
         self.kill();
-        let _ = self.child.wait();
+        match &mut self.proc {
+            Proc::Child(c) => {
+                let _ = c.wait();
+            }
+            Proc::Jailed { pid, status } => {
+                if status.is_none() && *pid > 0 {
+                    // SAFETY: waitpid on one pid; a null status pointer is allowed.
+                    unsafe { libc::waitpid(*pid, std::ptr::null_mut(), libc::__WALL) };
+                }
+            }
+        }
         let _ = fs::remove_dir_all(&self.dir);
+        if let Some(cg) = self.jailed.as_ref().and_then(|j| j.cgroup.as_ref()) {
+            jail::remove_cgroup(cg, Duration::from_millis(500));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The real jailer and Firecracker on this host (no guest is started, so
+    /// KVM need not run one): the VMM serves its API from inside the jail as
+    /// a non-root uid in its own PID namespace, sees only its root, and its
+    /// jail goes with it; a VMM an earlier server left behind is killed and
+    /// its jail removed by the next [`Jail::new`].
+    #[test]
+    fn a_jailed_vmm_runs_unprivileged_in_its_root_and_leaves_nothing() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: the jailer needs root");
+            return;
+        }
+        let (Ok(fc), Ok(jailer)) = (
+            super::super::find_firecracker(),
+            super::super::find_jailer(),
+        ) else {
+            eprintln!("skipped: no firecracker/jailer installed (tools/fetch-firecracker.sh)");
+            return;
+        };
+        crate::sandbox::process::set_subreaper();
+        let state = std::env::temp_dir().join(format!("hearth-fcjail-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&state);
+        fs::create_dir_all(&state).unwrap();
+        let image = state.join("code-1.ext4");
+        fs::write(&image, b"not really ext4").unwrap();
+        let jail = Jail::new(jailer.clone(), &state, 28, &[&image]).unwrap();
+        let spawn = JailedSpawn {
+            jail: &jail,
+            firecracker: &fc,
+            files: &[&image],
+            guest_memory_mb: 256,
+            vcpus: 1,
+        };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        let mut vmm = Vmm::spawn_jailed(&spawn, "0123456789abcdef-0", "test".into(), None).unwrap();
+        let mut api = vmm.api(deadline).unwrap();
+        let r = api.call("GET", "/version", None, deadline).unwrap();
+        assert!(String::from_utf8_lossy(&r.body).contains("1."), "{r:?}");
+        let pid = vmm.pid();
+        let status = fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .split_whitespace()
+                .map(str::to_string)
+                .collect::<Vec<_>>()
+        };
+        let uid: u32 = field("Uid:")[0].parse().unwrap();
+        assert!((jail::UID_BASE..jail::UID_BASE + jail::UID_SPAN).contains(&uid));
+        assert_eq!(field("Gid:")[0], jail::GID.to_string());
+        assert_eq!(field("NSpid:").last().unwrap(), "1", "{status}");
+        let mut seen: Vec<String> = fs::read_dir(format!("/proc/{pid}/root"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        seen.sort();
+        assert_eq!(
+            seen,
+            [
+                "code-1.ext4",
+                "dev",
+                "firecracker",
+                "firecracker.pid",
+                "run"
+            ]
+        );
+        assert_eq!(vmm.resource(&image), Path::new("code-1.ext4"));
+        let (inside, outside) = vmm.vsock_paths();
+        assert_eq!(inside, Path::new("/run/v.sock"));
+        assert!(outside.starts_with(jail.dir("0123456789abcdef-0").join("root")));
+        let dir = jail.dir("0123456789abcdef-0");
+        drop(api);
+        drop(vmm);
+        assert!(!dir.exists(), "the jail outlived its VMM");
+        assert!(!Path::new(&format!("/proc/{pid}")).exists());
+
+        // Death is noticed, and a VMM orphaned by a dead server is swept.
+        let mut vmm = Vmm::spawn_jailed(&spawn, "0123456789abcdef-1", "test".into(), None).unwrap();
+        let pid = vmm.pid();
+        // SAFETY: kill(2) on our unreaped child.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
+        let t = Instant::now();
+        while vmm.check_alive().is_ok() && t.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert!(matches!(vmm.check_alive(), Err(VmmError::Exited { .. })));
+        drop(vmm);
+        let vmm = Vmm::spawn_jailed(&spawn, "0123456789abcdef-2", "test".into(), None).unwrap();
+        let pid = vmm.pid();
+        let dir = jail.dir("0123456789abcdef-2");
+        std::mem::forget(vmm);
+        let again = Jail::new(jailer, &state, 28, &[&image]).unwrap();
+        assert!(!dir.exists(), "a leftover jail survived the sweep");
+        let mut raw = 0;
+        // SAFETY: waitpid on our child (it was killed by the sweep).
+        let r = unsafe { libc::waitpid(pid, &mut raw, libc::__WALL) };
+        assert_eq!(r, pid);
+        assert!(libc::WIFSIGNALED(raw), "{raw:#x}");
+        if let Some(cg) = &again.cgroups {
+            let _ = fs::remove_dir(cg.mount.join(&cg.parent));
+        }
+        drop(again);
+        fs::remove_dir_all(&state).unwrap();
     }
 }

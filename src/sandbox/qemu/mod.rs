@@ -76,6 +76,9 @@ use vm::Vm;
 
 /// From QEMU spawn to READY of a restored instance.
 pub const RESTORE_TIMEOUT: Duration = Duration::from_secs(30);
+/// The same with KVM, which may run nested under emulation (see
+/// `snapshot::TEMPLATE_READY_TIMEOUT_KVM`); as the Firecracker backend's.
+pub const RESTORE_TIMEOUT_KVM: Duration = Duration::from_secs(90);
 
 /// An instance: a restored VM and the host end of its channel.
 pub struct QemuInstance {
@@ -251,7 +254,11 @@ impl Inner {
     ) -> Result<(QemuInstance, InitLogs), StartError> {
         let meta = self.snapshot(spec, dir)?;
         let started = Instant::now();
-        let deadline = started + RESTORE_TIMEOUT;
+        let deadline = started
+            + match self.accel {
+                Accel::Kvm => RESTORE_TIMEOUT_KVM,
+                Accel::Tcg => RESTORE_TIMEOUT,
+            };
         let vm_dir = self.vm_dir(&spec.id, "");
         let snap_path = dir.join(&meta.snapshot);
         let snap = fs::File::open(&snap_path)

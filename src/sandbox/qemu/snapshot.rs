@@ -25,8 +25,11 @@ use crate::util::time::unix_time_ms;
 /// boot, Node ~37x slower than native).
 pub const TEMPLATE_READY_TIMEOUT_TCG: Duration = Duration::from_secs(90);
 /// The same with KVM, which may itself run nested in an emulated machine
-/// (the test host of `tests/nested_kvm.rs`), where guests run at emulation speed.
-pub const TEMPLATE_READY_TIMEOUT_KVM: Duration = Duration::from_secs(120);
+/// (the test host of `tests/nested_kvm.rs`), where guests run at emulation
+/// speed and every VM exit costs about a millisecond: an L2 kernel there was
+/// 14–20 s into its boot (guest time) after 40 s, so READY can take minutes
+/// on a loaded host. As generous as the Firecracker backend's.
+pub const TEMPLATE_READY_TIMEOUT_KVM: Duration = Duration::from_secs(300);
 /// Writing the snapshot.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Device state, guest RAM and their description in the function's directory.

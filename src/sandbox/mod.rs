@@ -283,8 +283,12 @@ pub trait Backend: Send + Sync {
     }
     /// Releases everything at server shutdown.
     fn shutdown(&self) {}
-    /// Whether the backend keeps one initialised instance per function between requests
-    /// (a standby), which the server's memory budget must count.
+    /// The server's instance memory budget, given once before serving: a backend that
+    /// keeps initialised instances between requests (the process backend's standbys)
+    /// reserves their memory in it and gives it up when instances need the room.
+    fn use_memory_budget(&self, _memory: std::sync::Arc<crate::functions::budget::Budget>) {}
+    /// Whether [`Backend::prepare`] keeps the instance it made (as a standby, with its own
+    /// share of the memory budget), so a deploy need not hold one for it meanwhile.
     fn keeps_standby(&self) -> bool {
         false
     }

@@ -276,9 +276,10 @@ mod tests {
             .expect("a cached reservation is given up");
         assert_eq!(cache.lock().unwrap().len(), 1, "one was enough");
         assert_eq!(b.used(), 256);
-        let more = b.try_reserve(256).expect("the last cached one goes too");
+        let more = b.try_reserve(172).expect("the last cached one goes too");
         assert!(cache.lock().unwrap().is_empty());
-        assert!(b.try_reserve(128).is_none(), "nothing left to reclaim");
+        assert_eq!(b.used(), 300);
+        assert!(b.try_reserve(1).is_none(), "nothing left to reclaim");
         assert!(
             b.try_reserve(400).is_none(),
             "never fits: nothing is reclaimed for it"

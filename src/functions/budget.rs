@@ -6,9 +6,10 @@
 //! [`Reservation`] gives it back when dropped.
 //!
 //! - **Memory** (`--instance-memory-max-mb`, MiB): the `memory_mb` of every instance alive or
-//!   starting, and of each function's standby. A deploy reserves its first instance (kept as
-//!   the standby's share where the backend keeps one); a scale-out reserves one instance
-//!   ([`super::Function::try_reserve`]), released when the instance is retired.
+//!   starting, and of each standby the backend keeps. A deploy reserves its first instance
+//!   (where the backend keeps it as a standby, the backend's own share replaces it); a
+//!   scale-out reserves one instance ([`super::Function::try_reserve`]), released when the
+//!   instance is retired. Standbys give theirs up when it is needed (see below).
 //! - **Disk** (`--functions-disk-max-mb`, bytes): each function's unpacked code plus its
 //!   backend artifacts, reserved at deploy and released when the function is deleted.
 //!
@@ -145,6 +146,18 @@ impl Budget {
             self.max,
             self.unit
         )
+    }
+}
+
+impl crate::sandbox::MemoryBudget for Budget {
+    fn try_take(&self, mb: u64) -> bool {
+        Budget::try_take(self, mb)
+    }
+    fn give(&self, mb: u64) {
+        Budget::give(self, mb)
+    }
+    fn set_reclaim(&self, reclaim: Reclaim) {
+        Budget::set_reclaim(self, reclaim)
     }
 }
 

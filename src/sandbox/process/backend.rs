@@ -14,7 +14,7 @@
 //! period is retired, and the next start remakes it in the background. At most
 //! `--standbys-max` are kept (the least recently used goes first). Each holds
 //! its `memory_mb` of the server's memory budget, and gives it up when an
-//! instance or a deploy needs the room ([`Budget::set_reclaim`]), least
+//! instance or a deploy needs the room ([`MemoryBudget::set_reclaim`]), least
 //! recently used first.
 //!
 //! Every path that makes a sandbox (deploy, start, refill) holds a [`Busy`]
@@ -31,14 +31,15 @@ use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::uids::{UidLease, UidPool};
-use crate::functions::budget::{Budget, Reservation};
 
 use super::{Sandbox, SandboxSpec};
 use crate::config::ServeConfig;
 use crate::runtime::{self, root::Userland, RuntimeKind};
 use crate::sandbox::handshake;
 use crate::sandbox::process;
-use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, SetupError, StartError};
+use crate::sandbox::{
+    Backend, InitLogs, Instance, MemoryBudget, SchedTime, SetupError, StartError,
+};
 use crate::spec::FunctionSpec;
 use crate::util::cpu;
 
@@ -136,7 +137,7 @@ struct Inner {
     /// standby); entries go with the function.
     last_use: Mutex<HashMap<String, Instant>>,
     /// The server's instance memory budget, once the registry has given it.
-    memory: OnceLock<Arc<Budget>>,
+    memory: OnceLock<Arc<dyn MemoryBudget>>,
     /// A standby unused for this long is retired (the keep-warm period).
     standby_idle: Duration,
     /// Most standbys kept at once.
@@ -157,7 +158,19 @@ struct Inner {
 struct Standby {
     inst: ProcInstance,
     /// `None` before the registry gave the budget (never, once serving).
-    memory: Option<Reservation>,
+    memory: Option<Share>,
+}
+
+/// MiB taken from the memory budget, given back on drop.
+struct Share {
+    budget: Arc<dyn MemoryBudget>,
+    mb: u64,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.budget.give(self.mb);
+    }
 }
 
 /// Sandbox-making work in progress.
@@ -401,10 +414,16 @@ impl Inner {
         let id = spec.id.as_str();
         // Taken before the standbys lock: a reservation may reclaim standbys.
         let memory = match self.memory.get() {
-            Some(budget) => match budget.try_reserve(u64::from(spec.memory_mb)) {
-                Some(r) => Some(r),
-                None => return Box::new(inst).destroy(),
-            },
+            Some(budget) => {
+                let mb = u64::from(spec.memory_mb);
+                if !budget.try_take(mb) {
+                    return Box::new(inst).destroy();
+                }
+                Some(Share {
+                    budget: budget.clone(),
+                    mb,
+                })
+            }
             None => None,
         };
         let mut unwanted = Vec::new();
@@ -442,7 +461,7 @@ impl Inner {
                     break;
                 };
                 let standby = standbys.remove(&lru).expect("present");
-                freed += standby.memory.as_ref().map_or(0, |r| r.amount());
+                freed += standby.memory.as_ref().map_or(0, |s| s.mb);
                 evicted.push(standby);
             }
         }
@@ -556,7 +575,7 @@ impl Backend for ProcessBackend {
         self.inner.use_standby
     }
 
-    fn use_memory_budget(&self, memory: Arc<Budget>) {
+    fn use_memory_budget(&self, memory: Arc<dyn MemoryBudget>) {
         let weak = Arc::downgrade(&self.inner);
         memory.set_reclaim(Box::new(move |needed| {
             weak.upgrade().is_some_and(|inner| inner.reclaim(needed))

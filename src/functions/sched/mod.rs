@@ -283,8 +283,6 @@ struct FnState {
     /// Busy instances to retire when they finish (the core is saturated and
     /// the function has more instances here than its fit).
     shrink: usize,
-    /// When it last scaled in here for its fit (see [`scale::SCALE_IN_HOLD`]).
-    shrunk_at: Option<Instant>,
 }
 
 impl FnState {
@@ -298,7 +296,6 @@ impl FnState {
             live_since: now,
             fit: None,
             shrink: 0,
-            shrunk_at: None,
         }
     }
 

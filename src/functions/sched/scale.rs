@@ -32,8 +32,6 @@ pub struct FnView {
     pub head_wait: Duration,
     /// The estimated fit, if measured.
     pub fit: Option<usize>,
-    /// It scaled in on this core less than [`SCALE_IN_HOLD`] ago.
-    pub shrunk_recently: bool,
 }
 
 impl FnView {
@@ -53,9 +51,6 @@ impl FnView {
             live: fs.live,
             head_wait,
             fit: fs.fit,
-            shrunk_recently: fs
-                .shrunk_at
-                .is_some_and(|t| now.saturating_duration_since(t) < SCALE_IN_HOLD),
         }
     }
 }
@@ -67,9 +62,7 @@ impl FnView {
 /// instances than its fit; or it waited [`SCALE_UP_WAIT_MAX`], unless the core
 /// is saturated and the function is at its fit. On a saturated core another
 /// CPU-bound instance only adds contention (measured: ten on two busy cores
-/// serve 1.3-1.6x less than two). Within [`SCALE_IN_HOLD`] of scaling in
-/// there, being below the fit does not count: the estimate moves with
-/// contention, and acting on each move restarts instances over and over.
+/// serve 1.3-1.6x less than two).
 pub fn scale_out(f: &FnView, saturated: bool, queue_depth_max: usize) -> bool {
     let uncovered = f.queued.saturating_sub(f.starting);
     if uncovered == 0 {
@@ -79,7 +72,6 @@ pub fn scale_out(f: &FnView, saturated: bool, queue_depth_max: usize) -> bool {
     let full = uncovered >= queue_depth_max;
     let below_fit = f.fit.is_some_and(|fit| f.live + f.starting < fit);
     let at_fit = saturated && f.fit.is_some() && !below_fit;
-    let below_fit = below_fit && !f.shrunk_recently;
     nothing_running
         || full
         || (f.head_wait >= SCALE_UP_WAIT_MAX && !at_fit)
@@ -173,7 +165,6 @@ impl CorePool {
         let saturated = self.saturated();
         let mut retire = Vec::new();
         for (id, fs) in self.fns.iter_mut() {
-            let retiring = retire.len();
             if let Some(&(run, wait, busy)) = per_fn.get(id) {
                 if let Some(fit) = fit_estimate(run, wait, busy) {
                     fs.fit = Some(fit);
@@ -187,9 +178,6 @@ impl CorePool {
             while excess > 0 && !fs.idle.is_empty() {
                 retire.push(fs.idle.remove(0));
                 excess -= 1;
-            }
-            if excess > 0 || retire.len() > retiring {
-                fs.shrunk_at = Some(now);
             }
             fs.shrink = excess;
         }

@@ -621,7 +621,6 @@ fn a_long_wait_scales_out_even_on_a_saturated_core_until_the_fit() {
         live: 1,
         head_wait: SCALE_UP_WAIT_MAX,
         fit: None,
-        shrunk_recently: false,
     };
     assert!(scale::scale_out(&f, saturated, 100), "no fit known yet");
     f.fit = Some(1);
@@ -629,18 +628,6 @@ fn a_long_wait_scales_out_even_on_a_saturated_core_until_the_fit() {
     f.fit = Some(2);
     f.head_wait = SCALE_UP_WAIT;
     assert!(scale::scale_out(&f, saturated, 100), "below its fit");
-    f.shrunk_recently = true;
-    assert!(
-        !scale::scale_out(&f, saturated, 100),
-        "below its fit right after scaling in: the estimate moved, wait longer"
-    );
-    f.head_wait = SCALE_UP_WAIT_MAX;
-    assert!(
-        scale::scale_out(&f, saturated, 100),
-        "a long wait still counts"
-    );
-    f.shrunk_recently = false;
-    f.head_wait = SCALE_UP_WAIT;
     f.head_wait = Duration::ZERO;
     assert!(!scale::scale_out(&f, false, 100), "no wait yet");
     f.starting = 1;

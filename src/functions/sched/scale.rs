@@ -12,11 +12,6 @@ use crate::config::TICK;
 pub const FIT_SAMPLE_MIN: Duration = Duration::from_millis(10);
 /// Upper bound of an estimated fit (instances that keep one core busy).
 pub const FIT_MAX: usize = 1024;
-/// A function scales in on a core only this long after an instance of it last became
-/// ready there. The fit estimate moves with contention, most under CPU load from outside
-/// hearth (which also keeps the core saturated): without a hold, instances were retired and
-/// started again several times a second, each start a Node initialisation on the loaded core.
-pub const SCALE_IN_HOLD: Duration = Duration::from_secs(5);
 
 /// What the scale-out decision looks at in a function on one core.
 #[derive(Clone, Copy, Debug)]
@@ -87,12 +82,6 @@ pub fn excess_over_fit(live: usize, fit: Option<usize>, saturated: bool) -> usiz
     }
 }
 
-/// Whether a function may scale in on a core whose last instance of it became ready
-/// `since_ready` ago (see [`SCALE_IN_HOLD`]).
-pub fn scale_in_settled(since_ready: Duration) -> bool {
-    since_ready >= SCALE_IN_HOLD
-}
-
 /// The fit from one tick of a function's instances: `run_ns` and `wait_ns`
 /// their time on a CPU and waiting for one, `busy` their wall time serving
 /// requests. `busy - wait` is what a request would take without contention,
@@ -134,9 +123,8 @@ impl FnState {
 impl CorePool {
     /// Re-estimates each function's fit from its instances' scheduler time
     /// over the last tick and, on a saturated core, scales in functions that
-    /// have more instances here than their fit (none started for
-    /// [`SCALE_IN_HOLD`]): idle ones now (the longest idle first), busy ones
-    /// when they finish.
+    /// have more instances here than their fit: idle ones now (the longest
+    /// idle first), busy ones when they finish.
     pub(super) fn fit_instances(&mut self, now: Instant) {
         let mut per_fn: HashMap<String, (u64, u64, Duration)> = HashMap::new();
         for (_, inst) in self.insts.iter_mut() {
@@ -170,11 +158,7 @@ impl CorePool {
                     fs.fit = Some(fit);
                 }
             }
-            let settled = scale_in_settled(now.saturating_duration_since(fs.live_since));
-            let mut excess = match settled {
-                true => excess_over_fit(fs.live, fs.fit, saturated),
-                false => 0,
-            };
+            let mut excess = excess_over_fit(fs.live, fs.fit, saturated);
             while excess > 0 && !fs.idle.is_empty() {
                 retire.push(fs.idle.remove(0));
                 excess -= 1;

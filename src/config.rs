@@ -115,10 +115,12 @@ pub struct ServeConfig {
     pub queue_depth_max: usize,
     /// Pin worker threads to cores.
     pub pin: bool,
-    /// Keep one initialised standby instance per function (process backend).
+    /// Keep one initialised standby instance per function in use (process backend).
     pub standby: bool,
     /// Run Firecracker VMMs under the jailer (`sandbox::firecracker::jail`).
     pub jailer: bool,
+    /// Most standbys kept at once (the least recently used go first).
+    pub standbys_max: usize,
     /// Sum of `memory_mb` over all instances alive or starting and all standbys, MiB;
     /// a deploy beyond it → 503, a scale-out waits, then 503 (`functions::budget`).
     pub instance_memory_max_mb: u64,

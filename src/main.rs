@@ -203,6 +203,10 @@ struct ServeArgs {
     /// function's memory and one core per vCPU, and a new PID namespace.
     #[arg(long)]
     jailer: bool,
+    /// Most standbys kept at once (process backend): functions used most recently keep
+    /// theirs; 0 keeps none.
+    #[arg(long, default_value_t = hearth::sandbox::process::backend::STANDBYS_MAX_DEFAULT)]
+    standbys_max: usize,
     /// Memory all instances may reserve together, MiB: the sum of memory_mb over instances
     /// alive or starting and standbys (default: 75% of RAM). A deploy that does not fit gets
     /// 503 memory_budget_exhausted; a scale-out waits for room, then 503.
@@ -326,7 +330,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         keep_warm: Duration::from_millis(a.keep_warm_ms),
         queue_depth_max: a.queue_depth_max.max(1),
         pin: !a.no_pin,
-        standby: !a.no_standby,
+        standby: !a.no_standby && a.standbys_max > 0,
+        standbys_max: a.standbys_max,
         jailer: a.jailer,
         instance_memory_max_mb: a
             .instance_memory_max_mb

@@ -1,5 +1,5 @@
 //! Server-wide budgets on the process backend: the memory all instances (and
-//! standbys) may reserve, and the disk all functions may fill. Real server,
+//! the standbys, a cache that gives its share up) may reserve, and the disk all functions may fill. Real server,
 //! real zips, real sandboxes.
 //!
 //! Needs root and the static guest agent (`tools/build-agent.sh`); without
@@ -87,29 +87,77 @@ fn zip_of(source: &str, pad_bytes: usize) -> Vec<u8> {
     zip
 }
 
+/// Sandboxes alive under the server (each instance's PID 1 is the server's child).
+fn sandboxes(s: &Server) -> usize {
+    let pid = s.pid();
+    std::fs::read_dir(format!("/proc/{pid}/task"))
+        .map(|d| {
+            d.flatten()
+                .filter_map(|t| std::fs::read_to_string(t.path().join("children")).ok())
+                .map(|c| c.split_whitespace().count())
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+/// Waits up to `limit` for `sandboxes(s)` to satisfy `ok`; returns the last count.
+fn wait_sandboxes(s: &Server, limit: Duration, ok: impl Fn(usize) -> bool) -> usize {
+    let end = Instant::now() + limit;
+    loop {
+        let n = sandboxes(s);
+        if ok(n) || Instant::now() >= end {
+            return n;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 #[test]
 fn memory_budget_refuses_the_deploy_and_the_scale_out_that_do_not_fit() {
     require_sandbox!();
-    // 320 MiB: two 128 MiB standbys fit, a third instance of 128 MiB does not.
-    let s = start(&["--cores", "1", "--instance-memory-max-mb", "320"]);
+    // 256 MiB: two busy 128 MiB instances take all of it.
+    let s = start(&[
+        "--cores",
+        "1",
+        "--instance-memory-max-mb",
+        "256",
+        "--keep-warm-ms",
+        "1000",
+    ]);
     let zip = zip_fixture("plain");
-    let a = deploy_ok(&s, &zip, "memory_mb=128");
-    let b = deploy_ok(&s, &zip, "memory_mb=128");
+    let slow = zip_of(
+        "exports.handler = async () => { await new Promise(r => setTimeout(r, 3000)); return { statusCode: 200, body: 'done' }; };\n",
+        0,
+    );
+    let small = deploy_ok(&s, &zip, "memory_mb=64");
+    let busy = deploy_ok(&s, &slow, "memory_mb=128&concurrency=2");
+    let threads: Vec<_> = (0..2)
+        .map(|_| {
+            let addr = s.addr;
+            let id = busy.clone();
+            std::thread::spawn(move || {
+                common::Client::connect(addr).request("GET", &format!("/f/{id}/"), &[], b"")
+            })
+        })
+        .collect();
+    // Both instances run (the standbys gave up their memory for them).
+    let end = Instant::now() + Duration::from_secs(2);
+    while control(&s, "GET", &format!("/functions/{busy}"), &[], b"").json()["instances"] != 2 {
+        assert!(Instant::now() < end, "two instances never ran");
+        std::thread::sleep(Duration::from_millis(20));
+    }
 
+    // No standby is left to give up room: the deploy gets 503 and leaves nothing.
+    let before = functions_on_disk(&s);
     let r = deploy_zip(&s, &zip, "memory_mb=128");
     assert_eq!(r.status, 503, "{}", r.text());
     r.assert_json_error("memory_budget_exhausted");
-    assert!(r.text().contains("256 of 320 MiB"), "{}", r.text());
-    assert_eq!(functions_on_disk(&s), {
-        let mut v = vec![a.clone(), b.clone()];
-        v.sort();
-        v
-    });
+    assert!(r.text().contains("256 of 256 MiB"), "{}", r.text());
+    assert_eq!(functions_on_disk(&s), before);
 
-    // A's first instance would be the third 128 MiB (A's standby is refilled): it waits
-    // for room, then gets 503.
+    // The small function has no instance anywhere: it waits for room, then gets 503.
     let t = Instant::now();
-    let r = invoke(&s, &a);
+    let r = invoke(&s, &small);
     assert_eq!(r.status, 503, "{}", r.text());
     r.assert_json_error("memory_budget_exhausted");
     assert_eq!(r.header("retry-after"), Some("1"));
@@ -119,30 +167,71 @@ fn memory_budget_refuses_the_deploy_and_the_scale_out_that_do_not_fit() {
         t.elapsed()
     );
     s.assert_healthy();
+    for t in threads {
+        let r = t.join().unwrap();
+        assert_eq!((r.status, r.text().as_str()), (200, "done"));
+    }
 
-    // Deleting B frees its standby's share: A runs.
-    let r = control(&s, "DELETE", &format!("/functions/{b}"), &[], b"");
+    // Once the busy instances are idle past keep-warm and gone, both fit again.
+    assert_eq!(wait_sandboxes(&s, Duration::from_secs(5), |n| n == 0), 0);
+    let r = invoke(&s, &small);
     assert_eq!(r.status, 200, "{}", r.text());
-    let r = invoke(&s, &a);
+    deploy_ok(&s, &zip, "memory_mb=128");
+}
+
+#[test]
+fn standbys_are_a_cache_more_functions_than_fit_deploy_and_answer() {
+    require_sandbox!();
+    // 512 MiB: four 128 MiB standbys fit. The old rule (a standby per function, held for
+    // its life) refused the fifth deploy and then every first instance.
+    let s = start(&[
+        "--cores",
+        "1",
+        "--instance-memory-max-mb",
+        "512",
+        "--keep-warm-ms",
+        "1500",
+        "--standbys-max",
+        "3",
+    ]);
+    let zip = zip_fixture("plain");
+    let ids: Vec<String> = (0..6)
+        .map(|_| deploy_ok(&s, &zip, "memory_mb=128"))
+        .collect();
+    // At most three standbys are kept (the least recently used went).
+    assert!(sandboxes(&s) <= 3, "{} sandboxes", sandboxes(&s));
+    for id in &ids {
+        let r = invoke(&s, id);
+        assert_eq!(
+            r.status,
+            200,
+            "{id}: {} / stderr:\n{}",
+            r.text(),
+            s.stderr()
+        );
+    }
+    // Idle past keep-warm, instances and standbys alike are retired: nothing is left.
+    let left = wait_sandboxes(&s, Duration::from_secs(6), |n| n == 0);
+    assert_eq!(left, 0, "sandboxes still alive after keep-warm");
+    // The next request of an idle function is still answered (from a fresh instance),
+    // and remakes its standby in the background.
+    let r = invoke(&s, &ids[0]);
     assert_eq!(r.status, 200, "{}", r.text());
-    // A's standby and its live instance hold 256 MiB now: still no room for a new function.
-    let r = deploy_zip(&s, &zip, "memory_mb=128");
-    assert_eq!(r.status, 503, "{}", r.text());
-    r.assert_json_error("memory_budget_exhausted");
-    // A smaller one fits exactly.
-    deploy_ok(&s, &zip, "memory_mb=64");
+    assert!(wait_sandboxes(&s, Duration::from_secs(10), |n| n == 2) == 2);
+    s.assert_healthy();
 }
 
 #[test]
 fn a_scale_out_beyond_the_memory_budget_waits_for_a_running_instance() {
     require_sandbox!();
-    let s = start(&["--cores", "1", "--instance-memory-max-mb", "300"]);
+    let s = start(&["--cores", "1", "--instance-memory-max-mb", "200"]);
     let slow = zip_of(
         "exports.handler = async () => { await new Promise(r => setTimeout(r, 400)); return { statusCode: 200, body: 'done' }; };\n",
         0,
     );
     let id = deploy_ok(&s, &slow, "memory_mb=128&concurrency=5");
-    // Standby 128 + one instance 128; a second instance would need 384.
+    // One instance 128 (the standby gave its share up and cannot be remade); a second
+    // instance would need 256.
     let threads: Vec<_> = (0..3)
         .map(|_| {
             let addr = s.addr;

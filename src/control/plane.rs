@@ -457,6 +457,8 @@ fn stage(
     store::write_meta(staging, &spec)
         .map_err(|e| error(500, "io", &format!("cannot write meta.json: {e}")))?;
     sync_filesystem(staging);
+    // A backend that keeps what it makes as a standby reserves its share itself.
+    let memory = (!shared.functions.backend.keeps_standby()).then_some(memory);
     let logs = shared
         .functions
         .backend
@@ -489,11 +491,9 @@ fn stage(
         shared.functions.backend.forget(id);
         return Err(disk_exhausted(&disk.explain(on_disk)));
     };
-    let mut held = vec![disk];
-    if shared.functions.backend.keeps_standby() {
-        held.push(memory);
-    }
-    Ok((spec, logs, held))
+    // A standby took its own share of the budget (`Backend::use_memory_budget`).
+    drop(memory);
+    Ok((spec, logs, vec![disk]))
 }
 
 /// Flushes the staged files to disk before they are published (one syncfs

@@ -6,25 +6,44 @@
 //! [`Reservation`] gives it back when dropped.
 //!
 //! - **Memory** (`--instance-memory-max-mb`, MiB): the `memory_mb` of every instance alive or
-//!   starting, and of each function's standby. A deploy reserves its first instance (kept as
-//!   the standby's share where the backend keeps one); a scale-out reserves one instance
-//!   ([`super::Function::try_reserve`]), released when the instance is retired.
+//!   starting, and of each standby the backend keeps. A deploy reserves its first instance
+//!   (where the backend keeps it as a standby, the backend's own share replaces it); a
+//!   scale-out reserves one instance ([`super::Function::try_reserve`]), released when the
+//!   instance is retired. Standbys give theirs up when it is needed (see below).
 //! - **Disk** (`--functions-disk-max-mb`, bytes): each function's unpacked code plus its
 //!   backend artifacts, reserved at deploy and released when the function is deleted.
 //!
 //! Loaded functions are counted at start-up even beyond the ceiling (an operator may have
 //! lowered it); nothing new fits until enough is released.
+//!
+//! Some of what a budget holds may be given up on demand (the process backend's standbys, a
+//! cache of ready instances): its holder registers a [`Reclaim`] hook, which a reservation
+//! that does not fit calls before it refuses.
 
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+
+/// Frees at least `needed` units of a budget if it can, by dropping reservations held only
+/// as a cache; returns whether it freed anything. Called without any lock of the budget.
+pub type Reclaim = Box<dyn Fn(u64) -> bool + Send + Sync>;
 
 /// A ceiling on a quantity shared by the server, and how much of it is taken.
-#[derive(Debug)]
 pub struct Budget {
     what: &'static str,
     unit: &'static str,
     max: u64,
     used: AtomicU64,
+    reclaim: OnceLock<Reclaim>,
+}
+
+impl std::fmt::Debug for Budget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Budget")
+            .field("what", &self.what)
+            .field("max", &self.max)
+            .field("used", &self.used())
+            .finish()
+    }
 }
 
 /// An amount taken from a [`Budget`], returned on drop.
@@ -42,7 +61,14 @@ impl Budget {
             unit,
             max,
             used: AtomicU64::new(0),
+            reclaim: OnceLock::new(),
         })
+    }
+
+    /// Registers the hook that frees cached reservations when one does not fit (once; a
+    /// second hook is ignored).
+    pub fn set_reclaim(&self, reclaim: Reclaim) {
+        let _ = self.reclaim.set(reclaim);
     }
 
     /// The ceiling.
@@ -80,12 +106,25 @@ impl Budget {
     /// Takes `amount` if it fits; the caller must [`Budget::give`] it back exactly once.
     /// For counts that already have an owner (a function's instance count); others use
     /// [`Budget::try_reserve`].
+    /// When it does not fit, the [`Reclaim`] hook (if any) frees what it can first.
     pub fn try_take(&self, amount: u64) -> bool {
-        self.used
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
-                used.checked_add(amount).filter(|&n| n <= self.max)
-            })
-            .is_ok()
+        loop {
+            let taken = self
+                .used
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |used| {
+                    used.checked_add(amount).filter(|&n| n <= self.max)
+                })
+                .is_ok();
+            if taken {
+                return true;
+            }
+            let needed = self.used().saturating_add(amount).saturating_sub(self.max);
+            match self.reclaim.get() {
+                // Each round frees something, and what there is to free is finite.
+                Some(reclaim) if amount <= self.max && reclaim(needed) => continue,
+                _ => return false,
+            }
+        }
     }
 
     /// Returns what [`Budget::try_take`] took.
@@ -107,6 +146,18 @@ impl Budget {
             self.max,
             self.unit
         )
+    }
+}
+
+impl crate::sandbox::MemoryBudget for Budget {
+    fn try_take(&self, mb: u64) -> bool {
+        Budget::try_take(self, mb)
+    }
+    fn give(&self, mb: u64) {
+        Budget::give(self, mb)
+    }
+    fn set_reclaim(&self, reclaim: Reclaim) {
+        Budget::set_reclaim(self, reclaim)
     }
 }
 
@@ -217,6 +268,36 @@ mod tests {
         for t in threads {
             t.join().unwrap();
         }
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_reservation_that_does_not_fit_reclaims_cached_ones_first() {
+        let b = Budget::new("instance memory", "MiB", 300);
+        let cache: Arc<std::sync::Mutex<Vec<Reservation>>> = Default::default();
+        for _ in 0..2 {
+            let r = b.try_reserve(128).unwrap();
+            cache.lock().unwrap().push(r);
+        }
+        let c = cache.clone();
+        b.set_reclaim(Box::new(move |needed| {
+            assert!(needed > 0);
+            c.lock().unwrap().pop().is_some()
+        }));
+        let mine = b
+            .try_reserve(128)
+            .expect("a cached reservation is given up");
+        assert_eq!(cache.lock().unwrap().len(), 1, "one was enough");
+        assert_eq!(b.used(), 256);
+        let more = b.try_reserve(172).expect("the last cached one goes too");
+        assert!(cache.lock().unwrap().is_empty());
+        assert_eq!(b.used(), 300);
+        assert!(b.try_reserve(1).is_none(), "nothing left to reclaim");
+        assert!(
+            b.try_reserve(400).is_none(),
+            "never fits: nothing is reclaimed for it"
+        );
+        drop((mine, more));
         assert_eq!(b.used(), 0);
     }
 

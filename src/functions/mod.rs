@@ -56,8 +56,7 @@ pub struct Function {
     pub logs: Mutex<logs::LogRing>,
     /// The server's instance memory budget; each instance slot holds `memory_mb` of it.
     memory: Arc<Budget>,
-    /// What the function holds for as long as it exists: its standby's memory and its
-    /// disk space. Released by [`Function::release_held`] when it is deleted.
+    /// What the function holds for as long as it exists: its disk space. Released by [`Function::release_held`] when it is deleted.
     held: Mutex<Vec<Reservation>>,
 }
 
@@ -164,6 +163,7 @@ impl Registry {
         // Oldest first, so that of two under one name the newer keeps it.
         specs.sort_by_key(|(spec, _)| spec.created_ms);
         let memory = Budget::new("instance memory", "MiB", cfg.instance_memory_max_mb);
+        backend.use_memory_budget(memory.clone());
         let disk = Budget::new(
             "functions disk",
             "bytes",
@@ -174,9 +174,6 @@ impl Registry {
             let f = Function::new(spec, dir, memory.clone());
             // What exists counts, even beyond a budget lowered since.
             f.hold(disk.reserve_over(budget::disk_bytes(&f.dir)));
-            if backend.keeps_standby() {
-                f.hold(memory.reserve_over(u64::from(f.spec.memory_mb)));
-            }
             if let Some(older) = map.insert(Arc::new(f)) {
                 // The server stopped between publishing a function's
                 // replacement and removing it: finish the replacement.

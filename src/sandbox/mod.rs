@@ -261,6 +261,18 @@ impl std::ops::Add for SchedTime {
 /// Lines a runtime printed while starting, kept for the function's logs.
 pub type InitLogs = Vec<String>;
 
+/// The server's instance memory budget (MiB) as a backend sees it: what it takes for
+/// instances it keeps on its own (standbys), and a hook to give them up.
+pub trait MemoryBudget: Send + Sync {
+    /// Takes `mb` if it fits, after the reclaim hook freed what it could.
+    fn try_take(&self, mb: u64) -> bool;
+    /// Gives back what [`MemoryBudget::try_take`] took.
+    fn give(&self, mb: u64);
+    /// Registers the hook a reservation that does not fit calls first: it frees at least
+    /// the MiB it is given if it can, and says whether it freed anything.
+    fn set_reclaim(&self, reclaim: Box<dyn Fn(u64) -> bool + Send + Sync>);
+}
+
 /// A way of running instances.
 pub trait Backend: Send + Sync {
     /// Name shown in logs and `GET /functions/<id>`.
@@ -286,8 +298,12 @@ pub trait Backend: Send + Sync {
     }
     /// Releases everything at server shutdown.
     fn shutdown(&self) {}
-    /// Whether the backend keeps one initialised instance per function between requests
-    /// (a standby), which the server's memory budget must count.
+    /// The server's instance memory budget, given once before serving: a backend that
+    /// keeps initialised instances between requests (the process backend's standbys)
+    /// reserves their memory in it and gives it up when instances need the room.
+    fn use_memory_budget(&self, _memory: std::sync::Arc<dyn MemoryBudget>) {}
+    /// Whether [`Backend::prepare`] keeps the instance it made (as a standby, with its own
+    /// share of the memory budget), so a deploy need not hold one for it meanwhile.
     fn keeps_standby(&self) -> bool {
         false
     }

@@ -3,11 +3,19 @@
 //! root ([`crate::runtime`]).
 //!
 //! There is no memory snapshot on this backend, so its stand-in for one is a
-//! **standby**: a fully initialised instance (handler loaded) kept per
-//! function, created at deploy (and at server start for loaded functions).
-//! A cold start takes the standby, which answers at once, and a replacement is
-//! initialised in the background. A standby costs one idle instance's memory
-//! and no CPU.
+//! **standby**: a fully initialised instance (handler loaded) kept for a
+//! function in use, created at deploy (and at server start for loaded
+//! functions, up to the bound). A cold start takes the standby, which answers
+//! at once, and a replacement is initialised in the background. A standby
+//! costs one idle instance's memory and no CPU.
+//!
+//! Standbys are a cache, kept only for functions used recently: one whose
+//! function has not started an instance (nor been deployed) for the keep-warm
+//! period is retired, and the next start remakes it in the background. At most
+//! `--standbys-max` are kept (the least recently used goes first). Each holds
+//! its `memory_mb` of the server's memory budget, and gives it up when an
+//! instance or a deploy needs the room ([`MemoryBudget::set_reclaim`]), least
+//! recently used first.
 //!
 //! Every path that makes a sandbox (deploy, start, refill) holds a [`Busy`]
 //! token meanwhile, and sandboxes still initialising are tracked by pid. At
@@ -19,7 +27,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use super::uids::{UidLease, UidPool};
@@ -29,7 +37,9 @@ use crate::config::ServeConfig;
 use crate::runtime::{self, root::Userland, RuntimeKind};
 use crate::sandbox::handshake;
 use crate::sandbox::process;
-use crate::sandbox::{Backend, InitLogs, Instance, SchedTime, SetupError, StartError};
+use crate::sandbox::{
+    Backend, InitLogs, Instance, MemoryBudget, SchedTime, SetupError, StartError,
+};
 use crate::spec::FunctionSpec;
 use crate::util::cpu;
 
@@ -45,6 +55,9 @@ pub const CPU_MILLICORES: u32 = 1000;
 /// (see [`UidPool`]), so at most this many instances live at once.
 const HOST_UID_BASE: u32 = 200_000;
 const HOST_UID_SPAN: u32 = 60_000;
+/// Default of `--standbys-max`: standbys kept at once (about 7 MiB Pss, 45 MiB RSS each
+/// for a trivial Node function).
+pub const STANDBYS_MAX_DEFAULT: usize = 64;
 /// Longest wait at shutdown for sandboxes being made (killed first) to be cleaned up.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 /// Longest wait at start-up (in the background) for the sandboxes of a killed
@@ -119,7 +132,16 @@ struct Inner {
     uids: Arc<UidPool>,
     /// Numbers instances for their cgroup names.
     next_seq: AtomicU32,
-    standbys: Mutex<HashMap<String, ProcInstance>>,
+    standbys: Mutex<HashMap<String, Standby>>,
+    /// When each function was last deployed or started an instance (what keeps its
+    /// standby); entries go with the function.
+    last_use: Mutex<HashMap<String, Instant>>,
+    /// The server's instance memory budget, once the registry has given it.
+    memory: OnceLock<Arc<dyn MemoryBudget>>,
+    /// A standby unused for this long is retired (the keep-warm period).
+    standby_idle: Duration,
+    /// Most standbys kept at once.
+    standbys_max: usize,
     /// Functions whose standby is being made.
     refilling: Mutex<HashSet<String>>,
     /// Signalled when a refill ends (a start may be waiting for its standby).
@@ -130,6 +152,25 @@ struct Inner {
     work: Mutex<Work>,
     /// Signalled when `work.busy` drops.
     work_done: Condvar,
+}
+
+/// A function's standby and its share of the memory budget.
+struct Standby {
+    inst: ProcInstance,
+    /// `None` before the registry gave the budget (never, once serving).
+    memory: Option<Share>,
+}
+
+/// MiB taken from the memory budget, given back on drop.
+struct Share {
+    budget: Arc<dyn MemoryBudget>,
+    mb: u64,
+}
+
+impl Drop for Share {
+    fn drop(&mut self) {
+        self.budget.give(self.mb);
+    }
 }
 
 /// Sandbox-making work in progress.
@@ -193,6 +234,10 @@ impl ProcessBackend {
             ),
             next_seq: AtomicU32::new(0),
             standbys: Mutex::new(HashMap::new()),
+            last_use: Mutex::new(HashMap::new()),
+            memory: OnceLock::new(),
+            standby_idle: cfg.keep_warm,
+            standbys_max: cfg.standbys_max,
             refilling: Mutex::new(HashSet::new()),
             refilled: Condvar::new(),
             forgotten: Mutex::new(HashSet::new()),
@@ -216,6 +261,16 @@ impl ProcessBackend {
                 what: "spawn the cgroup sweeper".into(),
                 err,
             })?;
+        if use_standby {
+            let weak = Arc::downgrade(&inner);
+            std::thread::Builder::new()
+                .name("hearth-standbys".into())
+                .spawn(move || retire_idle_standbys(weak))
+                .map_err(|err| SetupError::Io {
+                    what: "spawn the standby reaper".into(),
+                    err,
+                })?;
+        }
         Ok(ProcessBackend { inner })
     }
 }
@@ -343,7 +398,7 @@ impl Inner {
         let (me, spec, dir) = (self.clone(), spec.clone(), dir.to_path_buf());
         std::thread::spawn(move || {
             if let Ok((inst, _)) = me.spawn(&spec, &dir, None) {
-                me.keep_standby(&spec.id, inst);
+                me.keep_standby(&spec, inst);
             }
             me.refilling.lock().unwrap().remove(&spec.id);
             me.refilled.notify_all();
@@ -351,20 +406,94 @@ impl Inner {
         });
     }
 
-    /// Keeps `inst` as the standby of `id` (destroys it if `id` is deleted or the
-    /// backend is shutting down); the caller holds a [`Busy`] token.
-    fn keep_standby(&self, id: &str, inst: ProcInstance) {
-        let unwanted = {
+    /// Keeps `inst` as the standby of `spec` if its memory fits in the budget (other
+    /// standbys may give theirs up) and beyond the [`Inner::standbys_max`] least recently
+    /// used; destroys it if the function is deleted or the backend is shutting down. The
+    /// caller holds a [`Busy`] token.
+    fn keep_standby(&self, spec: &FunctionSpec, inst: ProcInstance) {
+        let id = spec.id.as_str();
+        // Taken before the standbys lock: a reservation may reclaim standbys.
+        let memory = match self.memory.get() {
+            Some(budget) => {
+                let mb = u64::from(spec.memory_mb);
+                if !budget.try_take(mb) {
+                    return Box::new(inst).destroy();
+                }
+                Some(Share {
+                    budget: budget.clone(),
+                    mb,
+                })
+            }
+            None => None,
+        };
+        let mut unwanted = Vec::new();
+        {
             let mut standbys = self.standbys.lock().unwrap();
             // Checked under the standbys lock: shutdown sets `closing`, then drains.
             if self.work.lock().unwrap().closing || self.forgotten.lock().unwrap().contains(id) {
-                Some(inst)
+                unwanted.push(inst);
             } else {
-                standbys.insert(id.to_string(), inst)
+                let standby = Standby { inst, memory };
+                unwanted.extend(standbys.insert(id.to_string(), standby).map(|s| s.inst));
+                let last_use = self.last_use.lock().unwrap();
+                while standbys.len() > self.standbys_max.max(1) {
+                    let lru = least_recent(&standbys, &last_use, id).expect("more than one");
+                    unwanted.extend(standbys.remove(&lru).map(|s| s.inst));
+                }
             }
-        };
-        if let Some(inst) = unwanted {
+        }
+        for inst in unwanted {
             Box::new(inst).destroy();
+        }
+    }
+
+    /// Retires standbys, least recently used first, until they have given up at least
+    /// `needed` MiB of the memory budget (or none is left); they are destroyed on another
+    /// thread. Returns whether any was retired. The budget's reclaim hook.
+    fn reclaim(self: &Arc<Self>, needed: u64) -> bool {
+        let mut freed = 0u64;
+        let mut evicted = Vec::new();
+        {
+            let mut standbys = self.standbys.lock().unwrap();
+            let last_use = self.last_use.lock().unwrap();
+            while freed < needed {
+                let Some(lru) = least_recent(&standbys, &last_use, "") else {
+                    break;
+                };
+                let standby = standbys.remove(&lru).expect("present");
+                freed += standby.memory.as_ref().map_or(0, |s| s.mb);
+                evicted.push(standby);
+            }
+        }
+        if evicted.is_empty() {
+            return false;
+        }
+        // The reservations go now; the sandboxes (a kill and a reap) off the caller's
+        // thread, which may be an event loop.
+        let insts: Vec<ProcInstance> = evicted.into_iter().map(|s| s.inst).collect();
+        self.destroy_later(insts);
+        true
+    }
+
+    /// Destroys `insts` on a thread of their own (shutdown waits for it), or here when
+    /// shutting down already.
+    fn destroy_later(self: &Arc<Self>, insts: Vec<ProcInstance>) {
+        let Ok(busy) = self.busy() else {
+            for inst in insts {
+                Box::new(inst).destroy();
+            }
+            return;
+        };
+        let spawned = std::thread::Builder::new()
+            .name("hearth-standby-rm".into())
+            .spawn(move || {
+                for inst in insts {
+                    Box::new(inst).destroy();
+                }
+                drop(busy);
+            });
+        if let Err(e) = spawned {
+            eprintln!("hearth: cannot start a thread to destroy standbys: {e}");
         }
     }
 
@@ -373,8 +502,8 @@ impl Inner {
         let deadline = Instant::now() + STANDBY_WAIT;
         let mut refilling = self.refilling.lock().unwrap();
         loop {
-            if let Some(inst) = self.standbys.lock().unwrap().remove(id) {
-                return Some(inst);
+            if let Some(s) = self.standbys.lock().unwrap().remove(id) {
+                return Some(s.inst);
             }
             let left = deadline.saturating_duration_since(Instant::now());
             if !refilling.contains(id) || left.is_zero() {
@@ -394,7 +523,8 @@ impl Backend for ProcessBackend {
         let _busy = self.inner.busy()?;
         let (inst, logs) = self.inner.spawn(spec, dir, None)?;
         if self.inner.use_standby {
-            self.inner.keep_standby(&spec.id, inst);
+            self.inner.used(&spec.id);
+            self.inner.keep_standby(spec, inst);
         } else {
             Box::new(inst).destroy();
         }
@@ -408,6 +538,7 @@ impl Backend for ProcessBackend {
         core: usize,
     ) -> Result<(Box<dyn Instance>, InitLogs), StartError> {
         let _busy = self.inner.busy()?;
+        self.inner.used(&spec.id);
         let standby = self.inner.take_standby(&spec.id);
         let made = match standby {
             Some(inst) => {
@@ -420,23 +551,40 @@ impl Backend for ProcessBackend {
         made.map(|(i, l)| (Box::new(i) as Box<dyn Instance>, l))
     }
 
+    /// Makes standbys for loaded functions while fewer than the bound are kept or coming;
+    /// each counts as used now (and is retired after the keep-warm period if not used).
     fn restore(&self, spec: &FunctionSpec, dir: &Path) {
-        self.inner.refill(spec, dir);
+        let inner = &self.inner;
+        let kept = inner.standbys.lock().unwrap().len() + inner.refilling.lock().unwrap().len();
+        if kept < inner.standbys_max {
+            inner.used(&spec.id);
+            inner.refill(spec, dir);
+        }
     }
 
     fn forget(&self, id: &str) {
         self.inner.forgotten.lock().unwrap().insert(id.to_string());
-        if let Some(inst) = self.inner.standbys.lock().unwrap().remove(id) {
-            Box::new(inst).destroy();
+        self.inner.last_use.lock().unwrap().remove(id);
+        let standby = self.inner.standbys.lock().unwrap().remove(id);
+        if let Some(s) = standby {
+            Box::new(s.inst).destroy();
         }
-    }
-
-    fn runs(&self, _runtime: RuntimeKind) -> bool {
-        true
     }
 
     fn keeps_standby(&self) -> bool {
         self.inner.use_standby
+    }
+
+    fn use_memory_budget(&self, memory: Arc<dyn MemoryBudget>) {
+        let weak = Arc::downgrade(&self.inner);
+        memory.set_reclaim(Box::new(move |needed| {
+            weak.upgrade().is_some_and(|inner| inner.reclaim(needed))
+        }));
+        let _ = self.inner.memory.set(memory);
+    }
+
+    fn runs(&self, _runtime: RuntimeKind) -> bool {
+        true
     }
 
     fn shutdown(&self) {
@@ -469,11 +617,74 @@ impl Backend for ProcessBackend {
             .lock()
             .unwrap()
             .drain()
-            .map(|(_, v)| v)
+            .map(|(_, s)| s.inst)
             .collect();
         for inst in all {
             Box::new(inst).destroy();
         }
+    }
+}
+
+impl Inner {
+    /// Records that function `id` is in use now (deployed, or starting an instance).
+    fn used(&self, id: &str) {
+        self.last_use
+            .lock()
+            .unwrap()
+            .insert(id.to_string(), Instant::now());
+    }
+
+    /// Standbys of functions unused for the keep-warm period, taken out of the map.
+    fn idle_standbys(&self, now: Instant) -> Vec<ProcInstance> {
+        let mut standbys = self.standbys.lock().unwrap();
+        let last_use = self.last_use.lock().unwrap();
+        let idle: Vec<String> = standbys
+            .keys()
+            .filter(|id| {
+                last_use
+                    .get(*id)
+                    .is_none_or(|t| now.saturating_duration_since(*t) >= self.standby_idle)
+            })
+            .cloned()
+            .collect();
+        idle.iter()
+            .filter_map(|id| standbys.remove(id).map(|s| s.inst))
+            .collect()
+    }
+}
+
+/// The standby whose function was used least recently, other than `keep`'s.
+fn least_recent(
+    standbys: &HashMap<String, Standby>,
+    last_use: &HashMap<String, Instant>,
+    keep: &str,
+) -> Option<String> {
+    standbys
+        .keys()
+        .filter(|id| id.as_str() != keep)
+        .min_by_key(|id| last_use.get(*id).copied())
+        .cloned()
+}
+
+/// How often the standby reaper looks for idle standbys, at most.
+const STANDBY_SWEEP_MAX: Duration = Duration::from_secs(1);
+
+/// Body of the standby reaper thread: every [`STANDBY_SWEEP_MAX`] (or a quarter of the
+/// keep-warm period, if shorter) retires the standbys of functions unused for the
+/// keep-warm period; ends when the backend shuts down or is dropped.
+fn retire_idle_standbys(inner: Weak<Inner>) {
+    let period = inner.upgrade().map_or(STANDBY_SWEEP_MAX, |i| {
+        (i.standby_idle / 4).clamp(Duration::from_millis(10), STANDBY_SWEEP_MAX)
+    });
+    loop {
+        std::thread::sleep(period);
+        let Some(inner) = inner.upgrade() else { return };
+        // Holding a busy token while destroying: shutdown waits for it.
+        let Ok(busy) = inner.busy() else { return };
+        for inst in inner.idle_standbys(Instant::now()) {
+            Box::new(inst).destroy();
+        }
+        drop(busy);
     }
 }
 

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hearth::config::{self, BackendKind, HttpLimits, IoMode, ServeConfig};
+use hearth::config::{self, BackendKind, FcMemory, HttpLimits, IoMode, ServeConfig};
 
 /// hearth: a self-hosted, Lambda-compatible serverless runtime.
 ///
@@ -218,6 +218,12 @@ struct ServeArgs {
     /// Only the operator sets it: tenants cannot make hearth call URLs.
     #[arg(long)]
     async_failure_webhook: Option<String>,
+    /// How Firecracker restores get guest memory: file (Firecracker maps the snapshot's
+    /// memory file), uffd (hearth serves page faults from its own mapping and installs the
+    /// pages the function's first invocation touched before the VM resumes), uffd-lazy
+    /// (uffd without that working set).
+    #[arg(long, value_enum, default_value = "file")]
+    fc_memory: FcMemory,
 }
 
 fn main() -> ExitCode {
@@ -328,6 +334,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         async_queue_bytes_max: a.async_queue_max_mb.max(1).saturating_mul(1 << 20),
         async_retry_base_ms: a.async_retry_base_ms.max(1),
         async_failure_webhook: a.async_failure_webhook,
+        fc_memory: a.fc_memory,
     };
     if let Some(url) = &cfg.async_failure_webhook {
         hearth::functions::async_events::dispatch::parse_webhook(url)?;

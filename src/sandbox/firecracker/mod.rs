@@ -35,10 +35,13 @@
 //! function's snapshot), `vmlinux` (the ELF kernel).
 
 mod api;
+mod memory;
 mod snapshot;
+mod uffd;
 mod vmlinux;
 mod vmm;
 mod vsock;
+mod workset;
 
 use std::collections::HashMap;
 use std::fs;
@@ -52,10 +55,11 @@ pub use vmm::VmmError;
 
 use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
 use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
-use crate::config::ServeConfig;
+use crate::config::{FcMemory, ServeConfig};
 use crate::guest::images::{self, Guest};
 use crate::spec::FunctionSpec;
 use crate::util::program::find_program;
+use memory::{UffdMemory, WorkSets};
 use snapshot::{in_vm, read_meta, SnapshotMeta, META_FILE};
 use vmm::{Vmm, VSOCK_SOCK};
 
@@ -147,6 +151,8 @@ pub fn guest_kernel_report(state_dir: &Path) -> Result<String, String> {
 pub struct FirecrackerInstance {
     vmm: Vmm,
     channel: Option<OwnedFd>,
+    /// With `--fc-memory uffd`: hearth serves its memory (dropped after the VMM).
+    memory: Option<UffdMemory>,
 }
 
 impl Instance for FirecrackerInstance {
@@ -157,9 +163,19 @@ impl Instance for FirecrackerInstance {
         self.vmm.kill();
     }
     fn destroy(self: Box<Self>) {
-        let FirecrackerInstance { vmm, channel } = *self;
+        let FirecrackerInstance {
+            vmm,
+            channel,
+            memory,
+        } = *self;
         drop(channel);
         drop(vmm);
+        drop(memory);
+    }
+    fn answered(&mut self) {
+        if let Some(m) = &mut self.memory {
+            m.answered();
+        }
     }
     fn memory_bytes(&self) -> Option<u64> {
         rss_anon_bytes(self.vmm.pid())
@@ -180,6 +196,10 @@ struct Inner {
     template_lock: Mutex<()>,
     /// Log the phases of every restore (`HEARTH_FIRECRACKER_TRACE=1`).
     trace: bool,
+    /// `--fc-memory`.
+    memory: FcMemory,
+    /// Working sets of the functions (Uffd restores).
+    worksets: WorkSets,
 }
 
 /// See the module documentation.
@@ -211,11 +231,12 @@ impl FirecrackerBackend {
             err,
         })?;
         eprintln!(
-            "hearth: firecracker {version} ({}), kernel {} as {}, run dir {}",
+            "hearth: firecracker {version} ({}), kernel {} as {}, run dir {}, memory {:?}",
             firecracker.display(),
             guest.kernel.source,
             vmlinux.display(),
-            run_dir.display()
+            run_dir.display(),
+            cfg.fc_memory
         );
         Ok(FirecrackerBackend {
             inner: Arc::new(Inner {
@@ -228,6 +249,8 @@ impl FirecrackerBackend {
                 slots: Mutex::new(HashMap::new()),
                 template_lock: Mutex::new(()),
                 trace: std::env::var_os("HEARTH_FIRECRACKER_TRACE").is_some_and(|v| v != "0"),
+                memory: cfg.fc_memory,
+                worksets: WorkSets::default(),
             }),
         })
     }
@@ -273,9 +296,9 @@ impl Inner {
         let fail = |e: VmmError, vmm: &Vmm| in_vm("restore", e, vmm);
         let uds = vm_dir.join(VSOCK_SOCK);
         let mut api = vmm.api(deadline).map_err(|e| fail(e, &vmm))?;
-        let load = api::snapshot_load(&dir.join(&meta.state), &dir.join(&meta.mem), &uds);
-        api.put("/snapshot/load", &load, deadline)
-            .map_err(|e| fail(VmmError::Api(e), &vmm))?;
+        let memory = self
+            .load_snapshot(&mut api, &mut vmm, &spec.id, dir, &meta, &uds, deadline)
+            .map_err(|e| fail(e, &vmm))?;
         drop(api);
         let resumed_ms = started.elapsed().as_millis();
         let channel = vsock::connect(&uds, vsock::AGENT_PORT, deadline, || {
@@ -290,8 +313,12 @@ impl Inner {
             Err(e) => return Err(in_vm("restore", e, &vmm)),
         };
         if self.trace {
+            let faults = memory
+                .as_ref()
+                .map(|m| format!(", {} page faults served", m.faults()))
+                .unwrap_or_default();
             eprintln!(
-                "hearth: firecracker: restored {} (pid {}): running after {resumed_ms} ms, ready after {} ms",
+                "hearth: firecracker: restored {} (pid {}): running after {resumed_ms} ms, ready after {} ms{faults}",
                 spec.id,
                 vmm.pid(),
                 started.elapsed().as_millis()
@@ -301,6 +328,7 @@ impl Inner {
             FirecrackerInstance {
                 vmm,
                 channel: Some(OwnedFd::from(channel)),
+                memory,
             },
             logs,
         ))
@@ -343,6 +371,7 @@ impl Backend for FirecrackerBackend {
 
     fn forget(&self, id: &str) {
         self.inner.slots.lock().unwrap().remove(id);
+        self.inner.worksets.lock().unwrap().remove(id);
     }
 
     fn artifacts(&self, dir: &Path) -> Vec<PathBuf> {
@@ -352,6 +381,9 @@ impl Backend for FirecrackerBackend {
             out.push(PathBuf::from(meta.state));
             out.push(PathBuf::from(meta.mem));
             out.push(PathBuf::from(META_FILE));
+            if dir.join(workset::WS_FILE).is_file() {
+                out.push(PathBuf::from(workset::WS_FILE));
+            }
         }
         out
     }

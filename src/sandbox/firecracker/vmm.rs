@@ -146,6 +146,11 @@ impl Vmm {
         })
     }
 
+    /// Its private directory (sockets, log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The process id.
     pub fn pid(&self) -> i32 {
         self.child.id() as i32

@@ -184,6 +184,15 @@ pub fn receive(
     let mut buf = vec![0u8; REGIONS_BYTES_MAX];
     let (mut n, uffd) = recv_with_fd(&conn, &mut buf)?;
     let uffd = uffd.ok_or_else(|| io::Error::other("no userfaultfd in the VMM's message"))?;
+    // The fault thread drains it until EAGAIN: it must not block (Firecracker never reads it).
+    // SAFETY: fcntl on a descriptor we own.
+    let nonblocking = unsafe {
+        let flags = libc::fcntl(uffd.as_raw_fd(), libc::F_GETFL);
+        flags >= 0 && libc::fcntl(uffd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !nonblocking {
+        return Err(io::Error::last_os_error());
+    }
     // The list is one write; read on only if it came in pieces.
     let regions = loop {
         match parse_regions(&buf[..n], file_bytes) {

@@ -94,7 +94,7 @@ pub fn runs_from_pages(pages: &mut [u32]) -> Vec<Run> {
     let mut runs: Vec<Run> = Vec::new();
     for &p in pages.iter() {
         match runs.last_mut() {
-            Some(r) if r.end() >= p as u64 + 1 => {}
+            Some(r) if r.end() > p as u64 => {}
             Some(r) if r.end() == p as u64 => r.pages += 1,
             _ => runs.push(Run { first: p, pages: 1 }),
         }

@@ -58,10 +58,10 @@ fn zero_pages_are_told_apart() {
     assert!(!is_zero(&p[1..]));
 }
 
-/// A userfaultfd over `pages` fresh anonymous pages, or why none can be had.
+/// A (blocking) userfaultfd over `pages` fresh anonymous pages, or why none can be had.
 fn userfaultfd_over(pages: u64) -> Result<(OwnedFd, u64), String> {
     // SAFETY: plain syscall; the result is checked.
-    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC | libc::O_NONBLOCK) };
+    let fd = unsafe { libc::syscall(libc::SYS_userfaultfd, libc::O_CLOEXEC) };
     if fd < 0 {
         return Err(format!("userfaultfd: {}", io::Error::last_os_error()));
     }
@@ -215,10 +215,8 @@ fn guest_memory_is_served_from_the_file_with_a_prefetched_working_set() {
     // Memory the guest gives back (MADV_DONTNEED → UFFD_EVENT_REMOVE) reads as zeros.
     let at = base + 5 * PAGE_BYTES;
     // SAFETY: one page of the mapping above.
-    assert_eq!(
-        unsafe { libc::madvise(at as *mut _, PAGE_BYTES as usize, libc::MADV_DONTNEED) },
-        0
-    );
+    let rc = unsafe { libc::madvise(at as *mut _, PAGE_BYTES as usize, libc::MADV_DONTNEED) };
+    assert_eq!(rc, 0);
     // SAFETY: as above.
     let page = unsafe { std::slice::from_raw_parts(at as *const u8, PAGE_BYTES as usize) };
     assert!(is_zero(page), "a removed page is served as zeros");

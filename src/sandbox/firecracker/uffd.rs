@@ -47,6 +47,9 @@ const EVENTS_MAX: usize = 64;
 /// Most removed ranges remembered per guest (the balloon is off; this only
 /// bounds a guest that keeps returning memory).
 const REMOVED_MAX: usize = 4096;
+/// Pages copied around a lazy fault (an aligned 64 KiB block): neighbours
+/// are likely next, and one fault costs far more than copying them.
+const FAULT_AROUND_PAGES: u64 = 16;
 /// Times one fault is retried while the guest's mappings change (EAGAIN).
 const RETRIES_MAX: u32 = 1000;
 
@@ -184,15 +187,6 @@ pub fn receive(
     let mut buf = vec![0u8; REGIONS_BYTES_MAX];
     let (mut n, uffd) = recv_with_fd(&conn, &mut buf)?;
     let uffd = uffd.ok_or_else(|| io::Error::other("no userfaultfd in the VMM's message"))?;
-    // The fault thread drains it until EAGAIN: it must not block (Firecracker never reads it).
-    // SAFETY: fcntl on a descriptor we own.
-    let nonblocking = unsafe {
-        let flags = libc::fcntl(uffd.as_raw_fd(), libc::F_GETFL);
-        flags >= 0 && libc::fcntl(uffd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
-    };
-    if !nonblocking {
-        return Err(io::Error::last_os_error());
-    }
     // The list is one write; read on only if it came in pieces.
     let regions = loop {
         match parse_regions(&buf[..n], file_bytes) {
@@ -367,6 +361,28 @@ fn copy(uffd: RawFd, mut dst: u64, mut src: *const u8, mut len: u64) -> io::Resu
     Ok(Filled::Done)
 }
 
+/// One copy of `len` bytes that stops at the first page already present
+/// (or at a change of mappings); what it copied stays.
+fn copy_until_present(uffd: RawFd, dst: u64, src: *const u8, len: u64) -> io::Result<()> {
+    let mut c = UffdioCopy {
+        dst,
+        src: src as u64,
+        len,
+        mode: 0,
+        copy: 0,
+    };
+    // SAFETY: as in `copy`: a valid uffdio_copy, the source inside the file
+    // mapping, the destination inside a registered range.
+    if unsafe { libc::ioctl(uffd, UFFDIO_COPY as _, &mut c) } == 0 {
+        return Ok(());
+    }
+    let err = io::Error::last_os_error();
+    match err.raw_os_error() {
+        Some(libc::EEXIST | libc::EAGAIN | libc::ENOENT | libc::ESRCH | libc::EFAULT) => Ok(()),
+        _ => Err(err),
+    }
+}
+
 /// Maps the zero page at `dst` (one page).
 fn zeropage(uffd: RawFd, dst: u64) -> io::Result<Filled> {
     let mut z = UffdioZeropage {
@@ -471,10 +487,31 @@ impl Guest {
         } else {
             copy(fd, page, src.as_ptr(), PAGE_BYTES)?
         };
-        if filled == Filled::Done && self.recorder.is_some() {
-            served.push((offset / PAGE_BYTES) as u32);
+        if filled == Filled::Done {
+            match self.recorder {
+                Some(_) => served.push((offset / PAGE_BYTES) as u32),
+                None if self.removed.is_empty() => self.fault_around(g, page),
+                None => {}
+            }
         }
         Ok(filled)
+    }
+
+    /// After a fault at `page` (already served, its vCPU woken): the rest of
+    /// its aligned block of [`FAULT_AROUND_PAGES`], up to the first page
+    /// already present each way, so that neighbours touched next do not each
+    /// pay a fault. Not while recording: the set must hold only pages touched.
+    fn fault_around(&self, g: &Span, page: u64) {
+        let block = FAULT_AROUND_PAGES * PAGE_BYTES;
+        let start = (page & !(block - 1)).max(g.base);
+        let end = (start + block).min(g.base + g.size);
+        let fd = self.uffd.as_raw_fd();
+        for (from, to) in [(page + PAGE_BYTES, end), (start, page)] {
+            if from < to {
+                let src = self.mem.map[(g.offset + (from - g.base)) as usize..].as_ptr();
+                let _ = copy_until_present(fd, from, src, to - from);
+            }
+        }
     }
 
     /// Reads and serves every pending event. `Err` or `Ok(false)`: the VMM is gone.
@@ -653,6 +690,17 @@ pub struct Registration {
 /// Hands a received guest to the fault thread; with `record` the pages it
 /// faults in are kept until [`Registration::stop_recording`].
 pub fn register(got: Received, mem: Arc<Memory>, record: bool) -> io::Result<Registration> {
+    // The fault thread drains it until EAGAIN, and the kernel reports a
+    // blocking userfaultfd to epoll as an error (Firecracker never reads it).
+    // SAFETY: fcntl on a descriptor we own.
+    let nonblocking = unsafe {
+        let fd = got.uffd.as_raw_fd();
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        flags >= 0 && libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) == 0
+    };
+    if !nonblocking {
+        return Err(io::Error::last_os_error());
+    }
     let server = server()?;
     let id = server.next_id.fetch_add(1, Ordering::Relaxed);
     let recorder = record.then(|| Arc::new(Mutex::new(Some(Vec::new()))));

@@ -260,3 +260,64 @@ fn a_stranger_on_the_socket_is_refused() {
     assert_eq!(err.to_string(), "vmm died");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn a_lazy_fault_brings_in_the_rest_of_its_block() {
+    const PAGES: u64 = 64;
+    let (uffd, base) = match userfaultfd_over(PAGES) {
+        Ok(x) => x,
+        Err(why) => {
+            eprintln!("skipped: {why}");
+            return;
+        }
+    };
+    let dir = std::env::temp_dir().join(format!("hearth-uffd-around-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let mem_path = dir.join("fc.mem");
+    let mut f = File::create(&mem_path).unwrap();
+    for i in 0..PAGES {
+        f.write_all(&page_content(i)).unwrap();
+    }
+    drop(f);
+    let mem = Arc::new(Memory::open(&mem_path).unwrap());
+    let (vmm, conn) = UnixStream::pair().unwrap();
+    let got = Received {
+        uffd,
+        regions: vec![Span {
+            base,
+            size: PAGES * PAGE_BYTES,
+            offset: 0,
+        }],
+        conn,
+    };
+    // Page 20 was installed (a working set): the block 16..32 fills around it.
+    let one = [workset::Run {
+        first: 20,
+        pages: 1,
+    }];
+    assert_eq!(install(&got.uffd, &mem, &got.regions, &one).unwrap(), 1);
+    let reg = register(got, mem, false).unwrap();
+    let read = |i: u64| {
+        let at = (base + i * PAGE_BYTES) as *const u8;
+        // SAFETY: inside the mapping, which lives until the test ends.
+        let page = unsafe { std::slice::from_raw_parts(at, PAGE_BYTES as usize) };
+        assert!(
+            page == page_content(i).as_slice(),
+            "page {i}: {:?} vs {:?}",
+            &page[..8],
+            &page_content(i)[..8]
+        );
+    };
+    read(5);
+    assert_eq!(reg.faults(), 1);
+    (0..16).for_each(read);
+    assert_eq!(reg.faults(), 1, "the block came with the first fault");
+    // The other 48 pages (one installed): a fault per block and a few
+    // around the installed page, not one per page.
+    (16..PAGES).for_each(read);
+    assert!(reg.faults() <= 10, "{} faults", reg.faults());
+    drop(vmm);
+    drop(reg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -353,8 +353,6 @@ fn until_scaled_to_zero(l1: &mut L1, id: &str) {
 /// Keep-warm of the Uffd cycles: short, so that later calls restore again,
 /// but longer than a loaded host takes between two steps.
 const UFFD_KEEP_WARM: &str = "--keep-warm-ms 10000";
-/// Keep-warm of the restore timings: every round waits for it.
-const PERF_KEEP_WARM: &str = "--keep-warm-ms 3000";
 
 /// Firecracker with `--fc-memory uffd-lazy` (hearth serves every page on
 /// fault) and then `--fc-memory uffd` (the first invocation's working set is
@@ -367,13 +365,15 @@ fn uffd_cycle(l1: &mut L1) {
     l1.start_hearth("HEARTH_FIRECRACKER_TRACE=1", &args("uffd-lazy"));
     assert!(l1.serve_log().contains("memory UffdLazy"));
     let b = "firecracker";
-    let plain = deploy(l1, "plain", "", b);
-    let beh = deploy(l1, "behave", "timeout_ms=10000", b);
+    // Generous timeouts: a queued request waits at most timeout + 10 s, and a
+    // loaded host took 35 s for a lazily served restore.
+    let plain = deploy(l1, "plain", "timeout_ms=120000", b);
+    let beh = deploy(l1, "behave", "timeout_ms=120000", b);
     let express =
         env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/express-app/node_modules/express";
     let app = std::path::Path::new(&express)
         .is_dir()
-        .then(|| deploy(l1, "express-app", "", b));
+        .then(|| deploy(l1, "express-app", "timeout_ms=120000", b));
     uffd_checks(l1, &plain, &beh, app.as_deref(), false);
     l1.stop_hearth();
     l1.start_hearth("HEARTH_FIRECRACKER_TRACE=1", &args("uffd"));
@@ -489,8 +489,9 @@ fn uffd_checks(l1: &mut L1, plain: &str, beh: &str, app: Option<&str>, prefetch:
 
 /// `HEARTH_NESTED_PERF=<n>` (perf/nested-restore.sh): restore-to-first-response
 /// of the Express app, `n` restores per memory backend, all in this L1 boot.
-/// Each restore starts from no instance (scaled to zero); for `uffd` the first
-/// restore records the working set and is not counted.
+/// Rounds interleave the backends (hearth restarted with each; no instance
+/// is left from the one before), so a load change on the host hits all
+/// alike. The working set is recorded once first.
 fn restore_perf(l1: &mut L1, rounds: usize) {
     let express =
         env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/express-app/node_modules/express";
@@ -498,48 +499,46 @@ fn restore_perf(l1: &mut L1, rounds: usize) {
         std::path::Path::new(&express).is_dir(),
         "run `npm ci` in tests/fixtures/express-app"
     );
-    let args = |mode: &str| format!("--backend firecracker --fc-memory {mode} {PERF_KEEP_WARM}");
-    l1.start_hearth("", &args("file"));
-    let app = deploy(l1, "express-app", "", "firecracker");
+    let args = |mode: &str| format!("--backend firecracker --fc-memory {mode}");
+    l1.start_hearth("", &args("uffd"));
+    let app = deploy(l1, "express-app", "timeout_ms=120000", "firecracker");
+    assert_eq!(get(l1, &format!("/f/{app}/")).status, 200);
+    let ws = format!("{STATE}/functions/{app}/fc.ws");
+    let stored = wait_until(l1, Duration::from_secs(30), |l1| {
+        l1.try_sh(&format!("test -s {ws}"), nested::SH_TIMEOUT)
+            .is_some_and(|(rc, _)| rc == 0)
+    });
+    assert!(stored, "no working set recorded");
     l1.stop_hearth();
-    let mut table = Vec::new();
-    for mode in ["file", "uffd-lazy", "uffd"] {
-        l1.start_hearth("", &args(mode));
-        if mode == "uffd" {
-            assert_eq!(get(l1, &format!("/f/{app}/")).status, 200);
-            let ws = format!("{STATE}/functions/{app}/fc.ws");
-            let stored = wait_until(l1, Duration::from_secs(30), |l1| {
-                l1.try_sh(&format!("test -s {ws}"), nested::SH_TIMEOUT)
-                    .is_some_and(|(rc, _)| rc == 0)
-            });
-            assert!(stored, "no working set recorded");
-        }
-        let mut ms = Vec::new();
-        for _ in 0..rounds {
-            until_scaled_to_zero(l1, &app);
+    let modes = ["file", "uffd-lazy", "uffd"];
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for (i, mode) in modes.iter().enumerate() {
+            l1.start_hearth("", &args(mode));
             let t = Instant::now();
             let r = get(l1, &format!("/f/{app}/"));
-            ms.push(t.elapsed().as_secs_f64() * 1000.0);
+            ms[i].push(t.elapsed().as_secs_f64() * 1000.0);
             assert_eq!(r.status, 200, "{}", r.text());
+            l1.stop_hearth();
+            eprintln!("perf: round {round} {mode}: {:.0} ms", ms[i][round]);
         }
-        l1.stop_hearth();
-        let mut sorted = ms.clone();
-        sorted.sort_by(f64::total_cmp);
-        let median = sorted[sorted.len() / 2];
-        eprintln!(
-            "perf: {mode}: restore to first response, median {median:.0} ms of {rounds}: {}",
-            ms.iter()
-                .map(|m| format!("{m:.0}"))
-                .collect::<Vec<_>>()
-                .join(" ")
-        );
-        table.push((mode, median));
     }
-    let file = table[0].1;
-    for (mode, median) in &table {
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let file = median(&ms[0]);
+    for (mode, v) in modes.iter().zip(&ms) {
+        let list = v
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ");
         eprintln!(
-            "perf-table: | {mode} | {median:.0} ms | {:.2}x |",
-            median / file
+            "perf-table: | {mode} | {:.0} ms | {:.2}x | {list} |",
+            median(v),
+            median(v) / file
         );
     }
     l1.sh(&format!("rm -rf {STATE}/functions"));

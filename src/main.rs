@@ -218,11 +218,12 @@ struct ServeArgs {
     /// Only the operator sets it: tenants cannot make hearth call URLs.
     #[arg(long)]
     async_failure_webhook: Option<String>,
-    /// How Firecracker restores get guest memory: file (Firecracker maps the snapshot's
-    /// memory file), uffd (hearth serves page faults from its own mapping and installs the
-    /// pages the function's first invocation touched before the VM resumes), uffd-lazy
+    /// How Firecracker restores get guest memory: uffd (hearth serves page faults from its
+    /// own mapping of the snapshot's memory file and installs the pages the function's first
+    /// invocation touched before the VM resumes; the faster, see perf/RESULTS.md), file
+    /// (Firecracker maps the memory file itself; clones share its page cache), uffd-lazy
     /// (uffd without that working set).
-    #[arg(long, value_enum, default_value = "file")]
+    #[arg(long, value_enum, default_value = "uffd")]
     fc_memory: FcMemory,
 }
 

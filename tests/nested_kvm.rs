@@ -312,7 +312,11 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
         }
         // HEARTH_NESTED_ONLY=uffd: only the Uffd cycles (while working on them).
         if std::env::var("HEARTH_NESTED_ONLY").as_deref() != Ok("uffd") {
-            backend_cycle(&mut l1, &FIRECRACKER, "--backend firecracker");
+            backend_cycle(
+                &mut l1,
+                &FIRECRACKER,
+                "--backend firecracker --fc-memory file",
+            );
         }
         uffd_cycle(&mut l1);
     } else {

@@ -314,8 +314,10 @@ fn is_zero(page: &[u8]) -> bool {
 /// What one copy or zero-page ioctl did.
 #[derive(Debug, PartialEq, Eq)]
 enum Filled {
-    /// The whole range is in place (by this call, or it already was).
+    /// The whole range is in place (pages already there skipped).
     Done,
+    /// The one page asked for was already there (a repeated fault message).
+    Present,
     /// `n` bytes went in, then the guest's mappings changed (EAGAIN): retry later.
     Again(u64),
     /// The range is no longer registered or the VMM is gone.
@@ -344,6 +346,9 @@ fn copy(uffd: RawFd, mut dst: u64, mut src: *const u8, mut len: u64) -> io::Resu
         let err = io::Error::last_os_error();
         let mut step = copied;
         match err.raw_os_error() {
+            Some(libc::EEXIST) if done == 0 && copied == 0 && len == PAGE_BYTES => {
+                return Ok(Filled::Present)
+            }
             // The first page not copied is already there: go past it.
             Some(libc::EEXIST) => step += PAGE_BYTES,
             Some(libc::EAGAIN) if copied == 0 => return Ok(Filled::Again(done)),
@@ -398,7 +403,7 @@ fn zeropage(uffd: RawFd, dst: u64) -> io::Result<Filled> {
     }
     let err = io::Error::last_os_error();
     match err.raw_os_error() {
-        Some(libc::EEXIST) => Ok(Filled::Done),
+        Some(libc::EEXIST) => Ok(Filled::Present),
         Some(libc::EAGAIN) => Ok(Filled::Again(0)),
         Some(libc::ENOENT | libc::ESRCH | libc::EFAULT) => Ok(Filled::Gone),
         _ => Err(err),
@@ -423,6 +428,7 @@ pub fn install(
         let src = mem.map[c.src_offset as usize..].as_ptr();
         match copy(uffd.as_raw_fd(), c.dst, src, c.len)? {
             Filled::Done => pages += c.len / PAGE_BYTES,
+            Filled::Present => {}
             Filled::Again(n) => pages += n / PAGE_BYTES,
             Filled::Gone => break,
         }
@@ -554,6 +560,7 @@ impl Guest {
                     Filled::Done => {
                         self.faults.fetch_add(1, Ordering::Relaxed);
                     }
+                    Filled::Present => {}
                     Filled::Again(_) if tries < RETRIES_MAX => again.push((addr, tries + 1)),
                     Filled::Again(_) => {
                         return Err(io::Error::other(format!(

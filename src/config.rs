@@ -37,6 +37,19 @@ pub enum BackendKind {
     Firecracker,
 }
 
+/// How a restored Firecracker microVM gets its memory from the snapshot.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum FcMemory {
+    /// Firecracker maps the memory file privately itself (its File backend).
+    File,
+    /// hearth maps the file and serves the guest's page faults over the
+    /// userfaultfd Firecracker hands it (the Uffd backend); the pages the
+    /// function's first invocation touched are installed before the VM resumes.
+    Uffd,
+    /// The Uffd backend without the working set: every page is faulted in lazily.
+    UffdLazy,
+}
+
 /// HTTP limits of the front end.
 #[derive(Clone, Debug)]
 pub struct HttpLimits {
@@ -132,6 +145,8 @@ pub struct ServeConfig {
     pub async_retry_base_ms: u64,
     /// Where failed asynchronous events are POSTed (`http://` only), if anywhere.
     pub async_failure_webhook: Option<String>,
+    /// Memory backend of Firecracker restores.
+    pub fc_memory: FcMemory,
 }
 
 /// Online CPU count (the default for `--cores`).

@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hearth::config::{self, BackendKind, HttpLimits, IoMode, ServeConfig};
+use hearth::config::{self, BackendKind, FcMemory, HttpLimits, IoMode, ServeConfig};
 
 /// hearth: a self-hosted, Lambda-compatible serverless runtime.
 ///
@@ -228,6 +228,14 @@ struct ServeArgs {
     /// Only the operator sets it: tenants cannot make hearth call URLs.
     #[arg(long)]
     async_failure_webhook: Option<String>,
+    /// How Firecracker restores get guest memory: uffd (hearth serves page faults from its
+    /// own mapping of the snapshot's memory file and installs the pages the function's first
+    /// invocation touched before the VM resumes; the faster, see perf/RESULTS.md), file
+    /// (Firecracker maps the memory file itself; clones share its page cache), uffd-lazy
+    /// (uffd without that working set). Default: uffd; file with --jailer, which takes
+    /// only file for now.
+    #[arg(long, value_enum)]
+    fc_memory: Option<FcMemory>,
 }
 
 fn main() -> ExitCode {
@@ -340,7 +348,18 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         async_queue_bytes_max: a.async_queue_max_mb.max(1).saturating_mul(1 << 20),
         async_retry_base_ms: a.async_retry_base_ms.max(1),
         async_failure_webhook: a.async_failure_webhook,
+        fc_memory: match a.fc_memory {
+            Some(m) => m,
+            None if a.jailer => FcMemory::File,
+            None => FcMemory::Uffd,
+        },
     };
+    if cfg.jailer && cfg.fc_memory != FcMemory::File {
+        return Err(
+            "--jailer takes --fc-memory file for now: the userfaultfd socket is not yet placed in the jail"
+                .into(),
+        );
+    }
     if cfg.jailer && !matches!(cfg.backend, BackendKind::Firecracker | BackendKind::Auto) {
         return Err("--jailer runs Firecracker VMMs: it needs --backend firecracker".into());
     }

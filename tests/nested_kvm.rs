@@ -474,7 +474,23 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
         .try_sh(&format!("test -x {FIRECRACKER_IN_L1}"), nested::SH_TIMEOUT)
         .is_some_and(|(rc, _)| rc == 0)
     {
-        backend_cycle(&mut l1, &FIRECRACKER, "--backend firecracker");
+        if let Some(n) = std::env::var("HEARTH_NESTED_PERF")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            restore_perf(&mut l1, n);
+            l1.shutdown();
+            return;
+        }
+        // HEARTH_NESTED_ONLY=uffd: only the Uffd cycles (while working on them).
+        if std::env::var("HEARTH_NESTED_ONLY").as_deref() != Ok("uffd") {
+            backend_cycle(
+                &mut l1,
+                &FIRECRACKER,
+                "--backend firecracker --fc-memory file",
+            );
+        }
+        uffd_cycle(&mut l1);
         jailer_cycle(&mut l1);
     } else {
         eprintln!(
@@ -501,4 +517,206 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
         );
     }
     l1.shutdown();
+}
+
+/// Waits until function `id` has no instance left (scaled to zero after `--keep-warm-ms`).
+fn until_scaled_to_zero(l1: &mut L1, id: &str) {
+    let idle = wait_until(l1, Duration::from_secs(60), |l1| {
+        instances(l1, &FIRECRACKER, id).is_empty()
+    });
+    assert!(idle, "instances of {id} were not reaped");
+}
+
+/// Keep-warm of the Uffd cycles: short, so that later calls restore again,
+/// but longer than a loaded host takes between two steps.
+const UFFD_KEEP_WARM: &str = "--keep-warm-ms 10000";
+
+/// Firecracker with `--fc-memory uffd-lazy` (hearth serves every page on
+/// fault) and then `--fc-memory uffd` (the first invocation's working set is
+/// recorded, stored as `fc.ws` and installed before later restores resume),
+/// on the same functions: a restart of hearth restores them from their
+/// snapshots.
+fn uffd_cycle(l1: &mut L1) {
+    let t = Instant::now();
+    let args = |mode: &str| format!("--backend firecracker --fc-memory {mode} {UFFD_KEEP_WARM}");
+    l1.start_hearth("HEARTH_FIRECRACKER_TRACE=1", &args("uffd-lazy"));
+    assert!(l1.serve_log().contains("memory UffdLazy"));
+    let b = "firecracker";
+    // Generous timeouts: a queued request waits at most timeout + 10 s, and a
+    // loaded host took 35 s for a lazily served restore.
+    let plain = deploy(l1, "plain", "timeout_ms=120000", b);
+    let beh = deploy(l1, "behave", "timeout_ms=120000", b);
+    let express =
+        env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/express-app/node_modules/express";
+    let app = std::path::Path::new(&express)
+        .is_dir()
+        .then(|| deploy(l1, "express-app", "timeout_ms=120000", b));
+    uffd_checks(l1, &plain, &beh, app.as_deref(), false);
+    l1.stop_hearth();
+    l1.start_hearth("HEARTH_FIRECRACKER_TRACE=1", &args("uffd"));
+    uffd_checks(l1, &plain, &beh, app.as_deref(), true);
+    l1.stop_hearth();
+    l1.sh(&format!("rm -rf {STATE}/functions"));
+    eprintln!("nested: uffd cycles took {} s", t.elapsed().as_secs());
+}
+
+/// One mode's checks: restores answered (plain, Express), warm calls,
+/// two concurrent instances, a killed VMM replaced, and the working set.
+fn uffd_checks(l1: &mut L1, plain: &str, beh: &str, app: Option<&str>, prefetch: bool) {
+    let mode = if prefetch { "uffd" } else { "uffd-lazy" };
+    let ws = format!("{STATE}/functions/{plain}/fc.ws");
+    let t = Instant::now();
+    let r = get(l1, &format!("/f/{plain}/a?x=1"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["event"]["rawPath"], "/a");
+    let cold_ms = t.elapsed().as_millis();
+    assert_eq!(get(l1, &format!("/f/{plain}/warm")).status, 200);
+    if prefetch {
+        // The first invocation after the restore recorded the set; it is on disk.
+        let recorded = format!("function {plain}: working set recorded");
+        assert!(
+            wait_until(l1, Duration::from_secs(30), |l1| l1
+                .serve_log()
+                .contains(&recorded)),
+            "{}",
+            l1.serve_log()
+        );
+        l1.sh(&format!("test -s {ws}"));
+    } else {
+        l1.sh(&format!("test ! -e {ws}"));
+    }
+    if let Some(app) = app {
+        let t = Instant::now();
+        let r = get(l1, &format!("/f/{app}/"));
+        assert_eq!((r.status, r.text().as_str()), (200, "Hello from hearth"));
+        eprintln!(
+            "nested: {mode}: express: restore to first response {} ms",
+            t.elapsed().as_millis()
+        );
+        let r = l1.call(
+            "POST",
+            &format!("/f/{app}/greet"),
+            &[("content-type", "application/json")],
+            br#"{"name":"uffd"}"#,
+            SLOW,
+        );
+        assert_eq!(r.json()["message"], "Hello, uffd", "{}", r.text());
+    }
+    // A later restore: with prefetch, the recorded set goes in before the VM resumes.
+    until_scaled_to_zero(l1, plain);
+    let t = Instant::now();
+    let r = get(l1, &format!("/f/{plain}/again"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    eprintln!(
+        "nested: {mode}: plain handler: first restore {cold_ms} ms, a later one {} ms",
+        t.elapsed().as_millis()
+    );
+    let installed = format!("{plain}: working set of ");
+    assert_eq!(
+        l1.serve_log().contains(&installed),
+        prefetch,
+        "working set installed only with prefetch"
+    );
+
+    // Two calls at once: two instances, each served from the snapshot.
+    let base = format!("/f/{beh}");
+    assert_eq!(get(l1, &format!("{base}/whoami")).status, 200);
+    let mut clients: Vec<Client> = (0..2)
+        .map(|_| send(l1, &format!("{base}/sleep?ms=4000")))
+        .collect();
+    for c in &mut clients {
+        let r = c.response();
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let before = instances(l1, &FIRECRACKER, beh);
+    assert!(before.len() >= 2, "{before:?} for 2 concurrent calls");
+
+    // The VMM dies mid-request (→ 502): hearth frees its memory state and a
+    // fresh instance is restored. Idle ones may have been reaped already.
+    let mut slow = send(l1, &format!("{base}/sleep?ms=8000"));
+    std::thread::sleep(Duration::from_secs(2));
+    let before = instances(l1, &FIRECRACKER, beh);
+    assert!(!before.is_empty(), "the busy instance is alive");
+    l1.sh(&format!(
+        "kill -KILL {} 2>/dev/null; true",
+        before
+            .iter()
+            .map(|p| p.to_string())
+            .collect::<Vec<_>>()
+            .join(" ")
+    ));
+    let r = slow.response();
+    assert_eq!(r.status, 502, "{}", r.text());
+    let mut r = get(l1, &format!("{base}/whoami"));
+    for _ in 0..before.len() {
+        if r.status != 502 {
+            break;
+        }
+        r = get(l1, &format!("{base}/whoami"));
+    }
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["calls"], 1, "a fresh instance from the snapshot");
+    let after = instances(l1, &FIRECRACKER, beh);
+    assert!(
+        after.iter().all(|p| !before.contains(p)),
+        "{before:?} {after:?}"
+    );
+    eprintln!("nested: {mode}: checks passed");
+}
+
+/// `HEARTH_NESTED_PERF=<n>` (perf/nested-restore.sh): restore-to-first-response
+/// of the Express app, `n` restores per memory backend, all in this L1 boot.
+/// Rounds interleave the backends (hearth restarted with each; no instance
+/// is left from the one before), so a load change on the host hits all
+/// alike. The working set is recorded once first.
+fn restore_perf(l1: &mut L1, rounds: usize) {
+    let express =
+        env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/express-app/node_modules/express";
+    assert!(
+        std::path::Path::new(&express).is_dir(),
+        "run `npm ci` in tests/fixtures/express-app"
+    );
+    let args = |mode: &str| format!("--backend firecracker --fc-memory {mode}");
+    l1.start_hearth("", &args("uffd"));
+    let app = deploy(l1, "express-app", "timeout_ms=120000", "firecracker");
+    assert_eq!(get(l1, &format!("/f/{app}/")).status, 200);
+    let ws = format!("{STATE}/functions/{app}/fc.ws");
+    let stored = wait_until(l1, Duration::from_secs(30), |l1| {
+        l1.try_sh(&format!("test -s {ws}"), nested::SH_TIMEOUT)
+            .is_some_and(|(rc, _)| rc == 0)
+    });
+    assert!(stored, "no working set recorded");
+    l1.stop_hearth();
+    let modes = ["file", "uffd-lazy", "uffd"];
+    let mut ms: Vec<Vec<f64>> = vec![Vec::new(); modes.len()];
+    for round in 0..rounds {
+        for (i, mode) in modes.iter().enumerate() {
+            l1.start_hearth("", &args(mode));
+            let t = Instant::now();
+            let r = get(l1, &format!("/f/{app}/"));
+            ms[i].push(t.elapsed().as_secs_f64() * 1000.0);
+            assert_eq!(r.status, 200, "{}", r.text());
+            l1.stop_hearth();
+            eprintln!("perf: round {round} {mode}: {:.0} ms", ms[i][round]);
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut s = v.to_vec();
+        s.sort_by(f64::total_cmp);
+        s[s.len() / 2]
+    };
+    let file = median(&ms[0]);
+    for (mode, v) in modes.iter().zip(&ms) {
+        let list = v
+            .iter()
+            .map(|m| format!("{m:.0}"))
+            .collect::<Vec<_>>()
+            .join(" ");
+        eprintln!(
+            "perf-table: | {mode} | {:.0} ms | {:.2}x | {list} |",
+            median(v),
+            median(v) / file
+        );
+    }
+    l1.sh(&format!("rm -rf {STATE}/functions"));
 }

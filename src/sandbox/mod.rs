@@ -215,6 +215,9 @@ pub trait Instance: Send {
     fn repin(&mut self, _core: usize) {}
     /// Memory charged to the instance, where the backend can tell.
     fn memory_bytes(&self) -> Option<u64>;
+    /// The instance answered a request (its response is queued); called on
+    /// the owning core after every answer, so it must be cheap.
+    fn answered(&mut self) {}
     /// The memory limit was hit (the instance was OOM-killed).
     fn oom_killed(&self) -> bool {
         false

@@ -123,6 +123,7 @@ impl CorePool {
     pub(super) fn request_done(&mut self, i: usize, now: Instant) {
         let inst = &mut self.insts[i];
         let busy = inst.busy.take().expect("answered while busy");
+        inst.handle.answered();
         let f = inst.function.clone();
         let took = now.saturating_duration_since(busy.started);
         inst.busy_done += took;

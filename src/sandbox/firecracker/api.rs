@@ -66,15 +66,27 @@ pub fn snapshot_create(state: &Path, mem: &Path) -> Value {
     })
 }
 
-/// `PUT /snapshot/load`: the first request to a fresh process. Guest memory
-/// maps `mem` privately (the File backend); the vsock binds `uds` instead of
-/// the template's path; the VM runs as soon as it is loaded.
-pub fn snapshot_load(state: &Path, mem: &Path, uds: &Path) -> Value {
+/// Where a restored VM's memory comes from.
+pub enum MemBackend<'a> {
+    /// Firecracker maps this memory file privately.
+    File(&'a Path),
+    /// Firecracker sends its userfaultfd to the handler listening here.
+    Uffd(&'a Path),
+}
+
+/// `PUT /snapshot/load`: the first request to a fresh process. The vsock
+/// binds `uds` instead of the template's path; with `resume` the VM runs as
+/// soon as it is loaded.
+pub fn snapshot_load(state: &Path, mem: MemBackend<'_>, uds: &Path, resume: bool) -> Value {
+    let (kind, path) = match mem {
+        MemBackend::File(p) => ("File", p),
+        MemBackend::Uffd(p) => ("Uffd", p),
+    };
     json!({
         "snapshot_path": state.display().to_string(),
-        "mem_backend": { "backend_type": "File", "backend_path": mem.display().to_string() },
+        "mem_backend": { "backend_type": kind, "backend_path": path.display().to_string() },
         "vsock_override": { "uds_path": uds.display().to_string() },
-        "resume_vm": true,
+        "resume_vm": resume,
     })
 }
 
@@ -163,6 +175,13 @@ pub fn parse_response(buf: &[u8]) -> Result<Option<Response>, String> {
     }))
 }
 
+/// Time left until `deadline` (at least 1 ms: a zero timeout means none).
+fn left(deadline: Instant, now: Instant) -> Duration {
+    deadline
+        .saturating_duration_since(now)
+        .max(Duration::from_millis(1))
+}
+
 /// A connection to one VMM's API socket.
 pub struct Api {
     stream: UnixStream,
@@ -185,22 +204,38 @@ impl Api {
         body: Option<&Value>,
         deadline: Instant,
     ) -> Result<Response, ApiError> {
-        let what = format!("{method} {path}");
+        self.send(method, path, body, deadline)?;
+        self.answer(&format!("{method} {path}"), deadline)
+    }
+
+    /// Writes one request without waiting for its answer ([`Api::answer`]).
+    pub fn send(
+        &mut self,
+        method: &str,
+        path: &str,
+        body: Option<&Value>,
+        deadline: Instant,
+    ) -> Result<(), ApiError> {
+        let io_err = |err: io::Error| ApiError::Io {
+            what: format!("{method} {path}"),
+            err,
+        };
+        self.stream
+            .set_write_timeout(Some(left(deadline, Instant::now())))
+            .map_err(io_err)?;
+        self.stream
+            .write_all(&encode_request(method, path, body))
+            .map_err(io_err)
+    }
+
+    /// Waits until `deadline` for the answer to the request sent last
+    /// (`what` names it in errors).
+    pub fn answer(&mut self, what: &str, deadline: Instant) -> Result<Response, ApiError> {
+        let what = what.to_string();
         let io_err = |err: io::Error| ApiError::Io {
             what: what.clone(),
             err,
         };
-        let left = |now: Instant| {
-            deadline
-                .saturating_duration_since(now)
-                .max(Duration::from_millis(1))
-        };
-        self.stream
-            .set_write_timeout(Some(left(Instant::now())))
-            .map_err(io_err)?;
-        self.stream
-            .write_all(&encode_request(method, path, body))
-            .map_err(io_err)?;
         let mut buf = Vec::with_capacity(512);
         let mut chunk = [0u8; 4096];
         loop {
@@ -232,7 +267,7 @@ impl Api {
                 return Err(io_err(io::ErrorKind::TimedOut.into()));
             }
             self.stream
-                .set_read_timeout(Some(left(now)))
+                .set_read_timeout(Some(left(deadline, now)))
                 .map_err(io_err)?;
             match self.stream.read(&mut chunk) {
                 Ok(0) => return Err(io_err(io::ErrorKind::UnexpectedEof.into())),
@@ -273,8 +308,9 @@ mod tests {
     fn bodies_have_the_fields_firecracker_expects() {
         let load = snapshot_load(
             Path::new("/f/fc.state"),
-            Path::new("/f/fc.mem"),
+            MemBackend::File(Path::new("/f/fc.mem")),
             Path::new("/run/1/v.sock"),
+            true,
         );
         assert_eq!(
             load,
@@ -285,6 +321,17 @@ mod tests {
                 "resume_vm": true
             })
         );
+        let uffd = snapshot_load(
+            Path::new("s"),
+            MemBackend::Uffd(Path::new("/run/1/uffd.sock")),
+            Path::new("v"),
+            false,
+        );
+        assert_eq!(
+            uffd["mem_backend"],
+            json!({"backend_type": "Uffd", "backend_path": "/run/1/uffd.sock"})
+        );
+        assert_eq!(uffd["resume_vm"], false);
         assert_eq!(
             drive("code", Path::new("code-1.ext4")),
             json!({"drive_id": "code", "path_on_host": "code-1.ext4",

@@ -39,10 +39,13 @@
 
 mod api;
 pub mod jail;
+mod memory;
 mod snapshot;
+mod uffd;
 mod vmlinux;
 mod vmm;
 mod vsock;
+mod workset;
 
 use std::collections::HashMap;
 use std::fs;
@@ -56,11 +59,12 @@ pub use vmm::VmmError;
 
 use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
 use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
-use crate::config::ServeConfig;
+use crate::config::{FcMemory, ServeConfig};
 use crate::guest::images::{self, Guest};
 use crate::spec::FunctionSpec;
 use crate::util::program::find_program;
 use jail::Jail;
+use memory::{UffdMemory, WorkSets};
 use snapshot::{in_vm, read_meta, SnapshotMeta, META_FILE};
 use vmm::{JailedSpawn, Vmm};
 
@@ -156,6 +160,8 @@ pub fn guest_kernel_report(state_dir: &Path) -> Result<String, String> {
 pub struct FirecrackerInstance {
     vmm: Vmm,
     channel: Option<OwnedFd>,
+    /// With `--fc-memory uffd`: hearth serves its memory (dropped after the VMM).
+    memory: Option<UffdMemory>,
 }
 
 impl Instance for FirecrackerInstance {
@@ -166,9 +172,19 @@ impl Instance for FirecrackerInstance {
         self.vmm.kill();
     }
     fn destroy(self: Box<Self>) {
-        let FirecrackerInstance { vmm, channel } = *self;
+        let FirecrackerInstance {
+            vmm,
+            channel,
+            memory,
+        } = *self;
         drop(channel);
         drop(vmm);
+        drop(memory);
+    }
+    fn answered(&mut self) {
+        if let Some(m) = &mut self.memory {
+            m.answered();
+        }
     }
     fn memory_bytes(&self) -> Option<u64> {
         rss_anon_bytes(self.vmm.pid())
@@ -191,6 +207,10 @@ struct Inner {
     trace: bool,
     /// `--jailer`: every VMM runs in a jail of its own.
     jail: Option<Jail>,
+    /// `--fc-memory`.
+    memory: FcMemory,
+    /// Working sets of the functions (Uffd restores).
+    worksets: WorkSets,
 }
 
 /// See the module documentation.
@@ -238,11 +258,12 @@ impl FirecrackerBackend {
             None
         };
         eprintln!(
-            "hearth: firecracker {version} ({}), kernel {} as {}, run dir {}",
+            "hearth: firecracker {version} ({}), kernel {} as {}, run dir {}, memory {:?}",
             firecracker.display(),
             guest.kernel.source,
             vmlinux.display(),
-            run_dir.display()
+            run_dir.display(),
+            cfg.fc_memory
         );
         Ok(FirecrackerBackend {
             inner: Arc::new(Inner {
@@ -256,6 +277,8 @@ impl FirecrackerBackend {
                 template_lock: Mutex::new(()),
                 trace: std::env::var_os("HEARTH_FIRECRACKER_TRACE").is_some_and(|v| v != "0"),
                 jail,
+                memory: cfg.fc_memory,
+                worksets: WorkSets::default(),
             }),
         })
     }
@@ -324,9 +347,9 @@ impl Inner {
         let fail = |e: VmmError, vmm: &Vmm| in_vm("restore", e, vmm);
         let (uds_vm, uds) = vmm.vsock_paths();
         let mut api = vmm.api(deadline).map_err(|e| fail(e, &vmm))?;
-        let load = api::snapshot_load(&vmm.resource(&state), &vmm.resource(&mem), &uds_vm);
-        api.put("/snapshot/load", &load, deadline)
-            .map_err(|e| fail(VmmError::Api(e), &vmm))?;
+        let memory = self
+            .load_snapshot(&mut api, &mut vmm, &spec.id, dir, &meta, &uds_vm, deadline)
+            .map_err(|e| fail(e, &vmm))?;
         drop(api);
         let resumed_ms = started.elapsed().as_millis();
         let channel = vsock::connect(&uds, vsock::AGENT_PORT, deadline, || {
@@ -341,8 +364,12 @@ impl Inner {
             Err(e) => return Err(in_vm("restore", e, &vmm)),
         };
         if self.trace {
+            let faults = memory
+                .as_ref()
+                .map(|m| format!(", {} page faults served", m.faults()))
+                .unwrap_or_default();
             eprintln!(
-                "hearth: firecracker: restored {} (pid {}): running after {resumed_ms} ms, ready after {} ms",
+                "hearth: firecracker: restored {} (pid {}): running after {resumed_ms} ms, ready after {} ms{faults}",
                 spec.id,
                 vmm.pid(),
                 started.elapsed().as_millis()
@@ -352,6 +379,7 @@ impl Inner {
             FirecrackerInstance {
                 vmm,
                 channel: Some(OwnedFd::from(channel)),
+                memory,
             },
             logs,
         ))
@@ -394,6 +422,7 @@ impl Backend for FirecrackerBackend {
 
     fn forget(&self, id: &str) {
         self.inner.slots.lock().unwrap().remove(id);
+        self.inner.worksets.lock().unwrap().remove(id);
     }
 
     fn artifacts(&self, dir: &Path) -> Vec<PathBuf> {
@@ -403,6 +432,9 @@ impl Backend for FirecrackerBackend {
             out.push(PathBuf::from(meta.state));
             out.push(PathBuf::from(meta.mem));
             out.push(PathBuf::from(META_FILE));
+            if dir.join(workset::WS_FILE).is_file() {
+                out.push(PathBuf::from(workset::WS_FILE));
+            }
         }
         out
     }

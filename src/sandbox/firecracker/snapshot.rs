@@ -174,6 +174,8 @@ impl Inner {
             publish(tmp, dir, name)
                 .map_err(|e| StartError::io(format!("snapshot {}", tmp.display()), e))
         };
+        // The old snapshot's working set does not fit the new one.
+        self.drop_working_set(&spec.id, dir);
         // The memory file is replaced by rename: running clones keep mapping the old one.
         let mem_bytes = publish_one(&mem_tmp, MEM_FILE)?;
         let state_bytes = publish_one(&state_tmp, STATE_FILE)?;

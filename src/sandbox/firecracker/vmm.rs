@@ -353,6 +353,11 @@ impl Vmm {
         jail::take_out(&inside, tmp).map_err(io_at(format!("take {} out", inside.display())))
     }
 
+    /// Its private directory (sockets, log).
+    pub fn dir(&self) -> &Path {
+        &self.dir
+    }
+
     /// The process id.
     pub fn pid(&self) -> i32 {
         match &self.proc {

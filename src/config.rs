@@ -134,6 +134,8 @@ pub struct ServeConfig {
     pub jailer: bool,
     /// Most standbys kept at once (the least recently used go first).
     pub standbys_max: usize,
+    /// A function unused this long loses its standby (process backend).
+    pub standby_idle: Duration,
     /// Sum of `memory_mb` over all instances alive or starting and all standbys, MiB;
     /// a deploy beyond it → 503, a scale-out waits, then 503 (`functions::budget`).
     pub instance_memory_max_mb: u64,

@@ -207,6 +207,10 @@ struct ServeArgs {
     /// theirs; 0 keeps none.
     #[arg(long, default_value_t = hearth::sandbox::process::backend::STANDBYS_MAX_DEFAULT)]
     standbys_max: usize,
+    /// A function that has not been deployed or started an instance for this long loses
+    /// its standby (process backend); its next cold start is a full one.
+    #[arg(long, default_value_t = hearth::sandbox::process::backend::STANDBY_IDLE_DEFAULT_MS)]
+    standby_idle_ms: u64,
     /// Memory all instances may reserve together, MiB: the sum of memory_mb over instances
     /// alive or starting and standbys (default: 75% of RAM). A deploy that does not fit gets
     /// 503 memory_budget_exhausted; a scale-out waits for room, then 503.
@@ -340,6 +344,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         pin: !a.no_pin,
         standby: !a.no_standby && a.standbys_max > 0,
         standbys_max: a.standbys_max,
+        standby_idle: Duration::from_millis(a.standby_idle_ms.max(1)),
         jailer: a.jailer,
         instance_memory_max_mb: a
             .instance_memory_max_mb

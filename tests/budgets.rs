@@ -193,6 +193,8 @@ fn standbys_are_a_cache_more_functions_than_fit_deploy_and_answer() {
         "1500",
         "--standbys-max",
         "3",
+        "--standby-idle-ms",
+        "1500",
     ]);
     let zip = zip_fixture("plain");
     let ids: Vec<String> = (0..6)

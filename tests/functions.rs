@@ -843,37 +843,46 @@ fn cpu_bound_handlers_scale_in_on_a_saturated_core_io_bound_ones_do_not() {
     let cpu = deploy(&s, "behave", "concurrency=8");
     let io = deploy(&s, "behave", "concurrency=8");
     // Eight clients each: the CPU-bound ones start eight instances at once
-    // (the core was idle), the sleepers need eight to overlap.
-    let until = Instant::now() + Duration::from_secs(3);
+    // (the core was idle), the sleepers need eight to overlap. The load runs
+    // until the CPU-bound function is down to its fit (at most 8 s).
+    let instances = |id: &str| {
+        call(&s, "GET", &format!("/functions/{id}"), &[], b"").json()["instances"]
+            .as_u64()
+            .unwrap()
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
     let served = std::sync::atomic::AtomicUsize::new(0);
-    std::thread::scope(|scope| {
+    let (n_cpu, n_io, took) = std::thread::scope(|scope| {
         for n in 0..16 {
             let (id, path) = if n % 2 == 0 {
                 (&cpu, "burn?ms=3")
             } else {
                 (&io, "sleep?ms=50")
             };
-            let (s, served) = (&s, &served);
+            let (s, served, stop) = (&s, &served, &stop);
             scope.spawn(move || {
                 let mut c = s.connect();
-                while Instant::now() < until {
+                while !stop.load(Relaxed) {
                     let r = c.request("GET", &format!("/f/{id}/{path}"), &[], b"");
                     assert_eq!(r.status, 200, "{}", r.text());
                     served.fetch_add(1, Relaxed);
                 }
             });
         }
+        let start = Instant::now();
+        std::thread::sleep(Duration::from_secs(2));
+        let mut counts = (instances(&cpu), instances(&io));
+        while counts.0 > 2 && start.elapsed() < Duration::from_secs(8) {
+            std::thread::sleep(Duration::from_millis(200));
+            counts = (instances(&cpu), instances(&io));
+        }
+        stop.store(true, Relaxed);
+        (counts.0, counts.1, start.elapsed())
     });
-    let instances = |id: &str| {
-        call(&s, "GET", &format!("/functions/{id}"), &[], b"").json()["instances"]
-            .as_u64()
-            .unwrap()
-    };
     // One busy core: a CPU-bound function needs one instance to fill it, the
-    // rest were retired; the sleepers keep theirs (each mostly waits).
-    let (n_cpu, n_io) = (instances(&cpu), instances(&io));
+    // rest were retired once idle; the sleepers keep theirs (each mostly waits).
     eprintln!(
-        "served {}, instances: cpu-bound {n_cpu}, sleeping {n_io}",
+        "served {}, after {took:?} instances: cpu-bound {n_cpu}, sleeping {n_io}",
         served.load(Relaxed)
     );
     assert!(

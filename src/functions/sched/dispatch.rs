@@ -135,11 +135,15 @@ impl CorePool {
             arrived: now,
             queue_deadline: now + Duration::from_millis(f.spec.timeout_ms) + QUEUE_INIT_ALLOWANCE,
         };
-        let fs = self.fns.get_mut(id).expect("looked up above");
-        if let Some(i) = fs.idle.pop() {
-            self.send(i, pending, now);
+        let fs = &self.fns[id];
+        // A full queue takes an idle instance even beyond the fit.
+        if !fs.idle.is_empty() && (self.under_fit(id) || fs.uncovered() >= self.cfg.queue_depth_max)
+        {
+            let i = self.fns.get_mut(id).and_then(|fs| fs.idle.pop());
+            self.send(i.expect("an idle instance"), pending, now);
             return;
         }
+        let fs = self.fns.get_mut(id).expect("looked up above");
         // Requests covered by an instance being started for them are not
         // "waiting beyond the limit"; a full queue below the limit scales out.
         let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;
@@ -316,8 +320,9 @@ impl CorePool {
             return;
         }
         let me = 1u64 << self.cfg.core;
+        let may_run = self.under_fit(&id);
         let fs = self.fns.get_mut(&id).expect("checked");
-        while let Some(p) = fs.dequeue(&mut self.queued) {
+        while let Some(p) = may_run.then(|| fs.dequeue(&mut self.queued)).flatten() {
             if !self.gone.is_empty() && self.gone.remove(&p.to) {
                 continue;
             }
@@ -342,6 +347,40 @@ impl CorePool {
         }
         self.insts[i].idle_since = now;
         fs.idle.push(i);
+    }
+
+    /// Whether one more request of `id` may run on this core now (see
+    /// [`scale::under_fit`]). Counts the function's busy instances only when
+    /// the fit can hold it back.
+    pub(super) fn under_fit(&self, id: &str) -> bool {
+        let Some(fs) = self.fns.get(id) else {
+            return true;
+        };
+        let saturated = self.saturated();
+        if scale::under_fit(usize::MAX - 1, fs.fit, saturated) {
+            return true;
+        }
+        let running = self
+            .insts
+            .iter()
+            .filter(|(_, i)| i.busy.is_some() && i.function.spec.id == id)
+            .count();
+        scale::under_fit(running, fs.fit, saturated)
+    }
+
+    /// Gives queued requests of `id` to its idle instances while its fit
+    /// has room (the fit rose, or the core is no longer saturated).
+    pub(super) fn fill(&mut self, id: &str, now: Instant) {
+        while self.under_fit(id) {
+            let Some(fs) = self.fns.get_mut(id) else {
+                return;
+            };
+            if fs.queue.is_empty() {
+                return;
+            }
+            let Some(i) = fs.idle.pop() else { return };
+            self.next_for(i, now);
+        }
     }
 
     /// Adds a ready instance (started here or moved in) and gives it work.

@@ -61,10 +61,12 @@ pub use migrate::Migrated;
 /// timeout (10 s) so that a request queued behind a cold start that uses all
 /// of it still gets served.
 pub const QUEUE_INIT_ALLOWANCE: Duration = Duration::from_secs(10);
-/// A queued request that waited this long scales its function out, if the
-/// core has CPU to spare.
+/// A queued request that waited this long scales its function out while it
+/// has fewer instances than its fit, or before the fit is known, while the
+/// core has CPU to spare (see [`scale::scale_out`]).
 pub const SCALE_UP_WAIT: Duration = Duration::from_millis(2);
-/// A queued request that waited this long scales its function out regardless.
+/// A queued request that waited this long scales out a function whose fit is
+/// not known yet, whatever the core's load.
 pub const SCALE_UP_WAIT_MAX: Duration = Duration::from_millis(100);
 /// CPU use (percent of the last tick) at which a core counts as saturated.
 pub const CPU_SATURATED_PCT: u64 = 90;
@@ -280,9 +282,8 @@ struct FnState {
     /// [`scale::fit_estimate`]); `None` until measured (and always for
     /// backends without schedstat).
     fit: Option<usize>,
-    /// Busy instances to retire when they finish (the core is saturated and
-    /// the function has more instances here than its fit).
-    shrink: usize,
+    /// The last tick's raw fit sample (see [`CorePool::fit_instances`]).
+    fit_sample: Option<usize>,
 }
 
 impl FnState {
@@ -295,7 +296,7 @@ impl FnState {
             live: 0,
             live_since: now,
             fit: None,
-            shrink: 0,
+            fit_sample: None,
         }
     }
 

@@ -119,7 +119,8 @@ impl CorePool {
     }
 
     /// Instance `i` answered its request (the answer is queued): its time is
-    /// counted, and it serves the next request, or is retired.
+    /// counted, and it serves the next request (if its function's fit lets
+    /// it) or idles.
     pub(super) fn request_done(&mut self, i: usize, now: Instant) {
         let inst = &mut self.insts[i];
         let busy = inst.busy.take().expect("answered while busy");
@@ -129,12 +130,7 @@ impl CorePool {
         inst.busy_done += took;
         f.metrics.observe_duration(took.as_micros() as u64);
         let id = &f.spec.id;
-        if self.fns.get_mut(id).is_some_and(|fs| fs.take_shrink()) {
-            // Scale in: the others serve the queue.
-            self.retire(i, now);
-        } else {
-            self.after_request(i, now);
-        }
+        self.after_request(i, now);
         // The queue head may have waited long enough to scale out.
         self.grow(id, now);
     }

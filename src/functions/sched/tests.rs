@@ -619,10 +619,17 @@ fn a_long_wait_scales_out_even_on_a_saturated_core_until_the_fit() {
         queued: 1,
         starting: 0,
         live: 1,
+        idle: 0,
         head_wait: SCALE_UP_WAIT_MAX,
         fit: None,
     };
     assert!(scale::scale_out(&f, saturated, 100), "no fit known yet");
+    f.idle = 1;
+    assert!(
+        !scale::scale_out(&f, false, 100),
+        "an idle instance held back by the fit: another would be too"
+    );
+    f.idle = 0;
     f.fit = Some(1);
     assert!(!scale::scale_out(&f, saturated, 100), "at its fit");
     f.fit = Some(2);
@@ -633,6 +640,45 @@ fn a_long_wait_scales_out_even_on_a_saturated_core_until_the_fit() {
     f.starting = 1;
     f.head_wait = SCALE_UP_WAIT_MAX;
     assert!(!scale::scale_out(&f, false, 100), "covered by a start");
+}
+
+#[test]
+fn at_its_fit_a_function_does_not_scale_out_on_a_core_with_cpu_to_spare() {
+    // Its instances keep the core busy: another would only take their CPU,
+    // and its start costs an initialisation that the queue waits behind.
+    let f = FnView {
+        queued: 3,
+        starting: 0,
+        live: 2,
+        idle: 0,
+        head_wait: SCALE_UP_WAIT_MAX,
+        fit: Some(2),
+    };
+    assert!(!scale::scale_out(&f, false, 100));
+    assert!(scale::scale_out(&f, false, 3), "a full queue still does");
+}
+
+#[test]
+fn one_ticks_jump_of_the_fit_sample_does_not_raise_the_fit() {
+    let f = function("a", 3, 10_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let insts = three_cpu_bound_at(&mut sim, 95);
+    let sample = |sim: &mut Sim, run_ms: u64| {
+        for &i in &insts {
+            let mut log = sim.fake(i);
+            let st = log.sched.as_mut().unwrap();
+            st.run_ns += run_ms * 1_000_000;
+        }
+        sim.advance(100);
+        sim.tick(95);
+        sim.pool.fns["a"].fit
+    };
+    assert_eq!(sample(&mut sim, 100), Some(1));
+    assert_eq!(sample(&mut sim, 10), Some(1), "one tick of waiting");
+    assert_eq!(sample(&mut sim, 100), Some(1));
+    assert_eq!(sample(&mut sim, 10), Some(1));
+    assert_eq!(sample(&mut sim, 10), Some(10), "two ticks in a row");
+    assert_eq!(sample(&mut sim, 100), Some(1), "a fall counts at once");
 }
 
 #[test]
@@ -651,26 +697,107 @@ fn fit_is_one_for_cpu_bound_and_many_for_waiting_handlers() {
     assert_eq!(scale::excess_over_fit(5, Some(2), true), 3);
     assert_eq!(scale::excess_over_fit(5, Some(2), false), 0);
     assert_eq!(scale::excess_over_fit(5, None, true), 0);
+    assert!(scale::under_fit(1, Some(2), true));
+    assert!(!scale::under_fit(2, Some(2), true));
+    assert!(scale::under_fit(2, Some(2), false), "spare CPU: no cap");
+    assert!(scale::under_fit(9, None, true), "no fit known: no cap");
 }
 
 #[test]
-fn scale_in_happens_after_a_finished_request_and_never_below_the_fit() {
+fn a_saturated_core_runs_no_more_than_the_fit_and_retires_the_rest_once_idle() {
     let f = function("a", 3, 10_000);
     let mut cfg = config(0);
     cfg.queue_depth_max = 1;
     let mut sim = Sim::new(cfg, &[&f]);
     let insts = three_cpu_bound_at(&mut sim, 95);
+    // A full queue (here: one request) would take an idle instance anyway.
+    sim.pool.cfg.queue_depth_max = 8;
     assert!(
         sim.closed.is_empty(),
         "busy instances finish their request first"
     );
-    for (n, &i) in insts.iter().enumerate() {
+    for &i in &insts {
         sim.respond(i, 200);
-        let expect_live = if n < 2 { 2 - n } else { 1 };
-        assert_eq!(sim.live("a"), expect_live, "after {} answers", n + 1);
     }
-    assert_eq!(sim.closed, insts[..2].to_vec());
-    assert_eq!(sim.replies.len(), 3, "every request was answered");
+    assert_eq!(sim.live("a"), 3, "finished instances idle, none is retired");
+    // Fit 1 on a saturated core: one request runs, the others wait for it,
+    // although two instances idle; nothing starts.
+    let sent = sim.sent.len();
+    let waiting = [sim.request("a"), sim.request("a"), sim.request("a")];
+    assert_eq!(sim.sent.len(), sent + 1);
+    assert_eq!(sim.pool.fns["a"].queue.len(), 2);
+    let busy = sim.sent.last().unwrap().0;
+    // Its tick on the CPU all the time: the fit stays 1.
+    sim.fake(busy).sched = Some(SchedTime {
+        run_ns: 150_000_000,
+        wait_ns: 0,
+    });
+    sim.advance(50);
+    sim.tick(95);
+    assert_eq!(sim.pool.fns["a"].fit, Some(1));
+    assert!(sim.starts.is_empty());
+    for _ in 0..3 {
+        sim.respond(busy, 200);
+    }
+    assert!(waiting.iter().all(|&to| sim.status(to) == Some(200)));
+    assert_eq!(sim.sent.len(), sent + 3, "one instance served all three");
+    // The two that idled go once idle for SCALE_IN_IDLE, the longest idle first.
+    sim.advance(scale::SCALE_IN_IDLE.as_millis() as u64 - 60);
+    sim.tick(95);
+    assert_eq!(sim.live("a"), 3);
+    sim.advance(60);
+    sim.tick(95);
+    assert_eq!(sim.live("a"), 1, "down to the fit");
+    assert_eq!(sim.closed.len(), 2);
+    assert!(!sim.closed.contains(&busy));
+    assert_eq!(sim.replies.len(), 6, "every request was answered");
+}
+
+#[test]
+fn a_fit_that_moves_for_a_tick_neither_retires_nor_starts_instances() {
+    // Under contention the estimate moves between ticks; each move used to
+    // retire an instance and the next to start one (an initialisation each).
+    let f = function("a", 3, 10_000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 1;
+    let mut sim = Sim::new(cfg, &[&f]);
+    let insts = three_cpu_bound_at(&mut sim, 95);
+    // A full queue (here: one request) would take an idle instance anyway.
+    sim.pool.cfg.queue_depth_max = 8;
+    for &i in &insts {
+        sim.respond(i, 200);
+    }
+    for round in 0..20 {
+        let fit = if round % 2 == 0 { 3 } else { 1 };
+        sim.pool.fns.get_mut("a").unwrap().fit = Some(fit);
+        for _ in 0..3 {
+            sim.request("a");
+        }
+        sim.advance(50);
+        sim.tick(95);
+        for &i in &insts {
+            if sim
+                .pool
+                .insts
+                .get(i.slot())
+                .is_some_and(|x| x.busy.is_some())
+            {
+                sim.respond(i, 200);
+            }
+        }
+        while let Some(&i) = insts.iter().find(|i| {
+            sim.pool
+                .insts
+                .get(i.slot())
+                .is_some_and(|x| x.busy.is_some())
+        }) {
+            sim.respond(i, 200);
+        }
+        sim.advance(50);
+    }
+    assert!(sim.starts.is_empty(), "no instance started");
+    assert!(sim.closed.is_empty(), "no instance retired");
+    assert_eq!(sim.replies.len(), 3 + 60, "every request was answered");
 }
 
 #[test]
@@ -708,21 +835,6 @@ fn three_cpu_bound_at(sim: &mut Sim, cpu_busy_pct: u64) -> Vec<InstId> {
     sim.tick(cpu_busy_pct);
     assert_eq!(sim.pool.fns["a"].fit, Some(1));
     insts
-}
-
-#[test]
-fn idle_instances_beyond_the_fit_go_at_once_on_a_saturated_core() {
-    let f = function("a", 3, 10_000);
-    let mut cfg = config(0);
-    cfg.queue_depth_max = 1;
-    let mut sim = Sim::new(cfg, &[&f]);
-    let insts = three_cpu_bound_at(&mut sim, 50);
-    for &i in &insts {
-        sim.respond(i, 200);
-    }
-    sim.tick(95);
-    assert_eq!(sim.live("a"), 1, "down to the fit");
-    assert_eq!(sim.closed.len(), 2);
 }
 
 #[test]

@@ -149,6 +149,11 @@ impl Stream {
     pub fn out_pending(&self) -> usize {
         self.wbuf.len() + self.sending.len() - self.sent
     }
+
+    /// That output itself, in order.
+    pub fn unsent(&self) -> Vec<u8> {
+        [&self.sending[self.sent..], &self.wbuf[..]].concat()
+    }
 }
 
 #[cfg(test)]

@@ -239,7 +239,8 @@ impl Worker {
         }
         if let Kind::Channel(id) = s.kind {
             if self.channel(id) == Some(tok) {
-                self.fns.on_channel_closed(id, self.now);
+                let unsent = s.unsent();
+                self.fns.on_channel_closed(id, &unsent, self.now);
                 self.run_actions();
             }
         }

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::{
-    scale, Action, Busy, CorePool, FnState, Frame, Inst, InstId, Pending, EXIT_GRACE,
-    MEMORY_WAIT_MAX, QUEUE_INIT_ALLOWANCE,
+    scale, Action, Busy, CorePool, FnState, Frame, Inst, InstId, Pending, DEADLINE_FIELD,
+    EXIT_GRACE, MEMORY_WAIT_MAX, QUEUE_INIT_ALLOWANCE,
 };
 use crate::functions::{NoSlot, Started};
 use crate::http::parse::{Request, Version};
@@ -268,7 +268,8 @@ impl CorePool {
         let timeout_ms = inst.function.spec.timeout_ms;
         // The handler's clock starts now: queue time does not eat into it.
         let mut meta = p.meta_head;
-        meta.extend_from_slice(format!(",\"deadline_ms\":{}}}", wall_ms + timeout_ms).as_bytes());
+        meta.extend_from_slice(format!("{DEADLINE_FIELD}{}}}", wall_ms + timeout_ms).as_bytes());
+        let frame_len = crate::protocol::HEADER_BYTES + meta.len() + p.body.len();
         inst.busy = Some(Busy {
             to: p.to,
             rid: p.rid,
@@ -278,6 +279,8 @@ impl CorePool {
             // An instance fresh from its start that finds a request it
             // did not keep waiting was not what that request waited for.
             cold: std::mem::take(&mut inst.fresh) && p.arrived < now,
+            arrived: p.arrived,
+            frame_len,
         });
         let frame = Frame {
             kind: FrameType::Invoke,

@@ -77,6 +77,8 @@ pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// start one because the server's instance memory budget is taken, gets 503
 /// `memory_budget_exhausted` after waiting this long for room.
 pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
+/// How the deadline is added to an INVOKE frame's metadata at dispatch.
+const DEADLINE_FIELD: &str = ",\"deadline_ms\":";
 /// Instances one core may hold over all functions (the default of
 /// [`SchedConfig::instances_max`]).
 pub const INSTANCES_PER_CORE_MAX: usize = 256;
@@ -218,6 +220,11 @@ struct Busy {
     deadline: Instant,
     /// The instance was fresh from its start when it took the request.
     cold: bool,
+    /// When the request arrived (it goes back to the queue if the instance
+    /// never took it, see [`CorePool::undelivered`]).
+    arrived: Instant,
+    /// Length of its INVOKE frame on the channel.
+    frame_len: usize,
 }
 
 /// An instance on this core.
@@ -303,6 +310,14 @@ impl FnState {
     /// Queues a request; `queued` is the core's total.
     fn enqueue(&mut self, p: Pending, queued: &mut usize) {
         self.queue.push_back(p);
+        add(&self.f.metrics.queue_depth, 1);
+        *queued += 1;
+    }
+
+    /// Puts a request that never reached its instance back at the head of
+    /// the queue; `queued` is the core's total.
+    fn requeue(&mut self, p: Pending, queued: &mut usize) {
+        self.queue.push_front(p);
         add(&self.f.metrics.queue_depth, 1);
         *queued += 1;
     }
@@ -460,12 +475,52 @@ impl CorePool {
     }
 
     /// Event: an instance's channel closed (the instance died or exited).
-    pub fn on_channel_closed(&mut self, inst: InstId, now: Instant) {
+    /// `unsent`: what was written to the channel and never reached the
+    /// instance; a request whose whole frame is in it was never seen by the
+    /// instance and goes back to the front of the queue instead of getting 502.
+    pub fn on_channel_closed(&mut self, inst: InstId, unsent: &[u8], now: Instant) {
         if let Some(i) = self.slot_of(inst) {
             self.insts[i].exiting = true;
+            if let Some(p) = self.undelivered(i, unsent) {
+                self.insts[i].busy = None;
+                let fs = self
+                    .fns
+                    .get_mut(&self.insts[i].function.spec.id.clone())
+                    .expect("instance's function");
+                fs.requeue(p, &mut self.queued);
+            }
             self.instance_failed(i, now, "the instance exited");
         }
         self.check_invariants();
+    }
+
+    /// The request instance `i` is busy with, rebuilt from `unsent` if its
+    /// whole INVOKE frame is there (written, never taken by the instance).
+    fn undelivered(&self, i: usize, unsent: &[u8]) -> Option<Pending> {
+        let inst = &self.insts[i];
+        let busy = inst.busy.as_ref()?;
+        let start = unsent.len().checked_sub(busy.frame_len)?;
+        let mut decoder = crate::protocol::FrameDecoder::new();
+        decoder.push(&unsent[start..]);
+        let frame = decoder.next_frame().ok()??;
+        if frame.kind != FrameType::Invoke || frame.request_id != busy.rid {
+            return None;
+        }
+        // The metadata ends with the deadline added at dispatch; a new
+        // dispatch adds a new one.
+        let mut meta_head = frame.meta;
+        let at = memchr::memmem::rfind(&meta_head, DEADLINE_FIELD.as_bytes())?;
+        meta_head.truncate(at);
+        let timeout = Duration::from_millis(inst.function.spec.timeout_ms);
+        Some(Pending {
+            to: busy.to,
+            rid: busy.rid,
+            request_id: busy.request_id.clone(),
+            meta_head,
+            body: frame.body,
+            arrived: busy.arrived,
+            queue_deadline: busy.arrived + timeout + QUEUE_INIT_ALLOWANCE,
+        })
     }
 
     /// Event: an instance start asked for by [`Action::Start`] finished.

@@ -499,7 +499,18 @@ fn a_crash_answers_502_and_replaces_the_instance() {
         panic!()
     };
     let queued = sim.request("a");
-    sim.pool.on_channel_closed(inst, sim.now);
+    // Part of its INVOKE frame reached it: it may have run.
+    let (_, frame) = sim.sent.last().unwrap();
+    let mut bytes = Vec::new();
+    protocol::encode(
+        &mut bytes,
+        frame.kind,
+        0,
+        frame.request_id,
+        &frame.meta,
+        &frame.body,
+    );
+    sim.pool.on_channel_closed(inst, &bytes[1..], sim.now);
     sim.drain();
     let r = sim.reply_to(running).unwrap();
     assert_eq!(r.status, 502);
@@ -514,6 +525,57 @@ fn a_crash_answers_502_and_replaces_the_instance() {
     sim.start_all();
     assert_eq!(sim.status(queued), None, "dispatched to the replacement");
     assert_eq!(sim.sent.len(), 2);
+}
+
+#[test]
+fn a_request_an_instance_died_before_taking_goes_to_another() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let first = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(inst, 200);
+    // Idle, it died; the next request was written to its channel before its
+    // end was seen, and none of it was taken.
+    sim.advance(5);
+    let next = sim.request("a");
+    let (_, frame) = sim.sent.last().unwrap();
+    let body = frame.body.clone();
+    let mut bytes = b"earlier output".to_vec();
+    protocol::encode(
+        &mut bytes,
+        frame.kind,
+        0,
+        frame.request_id,
+        &frame.meta,
+        &frame.body,
+    );
+    sim.pool.on_channel_closed(inst, &bytes, sim.now);
+    sim.drain();
+    assert_eq!(sim.status(next), None, "no 502: it never ran");
+    assert_eq!(sim.closed, vec![inst]);
+    assert_eq!(f.metrics.queue_depth.load(Relaxed), 1, "queued again");
+    sim.advance(20);
+    let [fresh] = sim.start_all()[..] else {
+        panic!()
+    };
+    // The same request, with a deadline of its new dispatch.
+    let (to_fresh, again) = sim.sent.last().unwrap();
+    assert_eq!(*to_fresh, fresh);
+    assert_eq!(again.body, body);
+    let meta = String::from_utf8(again.meta.clone()).unwrap();
+    assert_eq!(meta.matches("deadline_ms").count(), 1, "{meta}");
+    let wall = WALL_MS_AT_START + 25 + 1000;
+    assert!(
+        meta.ends_with(&format!("\"deadline_ms\":{wall}}}")),
+        "{meta}"
+    );
+    sim.respond(fresh, 200);
+    assert_eq!(
+        (sim.status(first), sim.status(next)),
+        (Some(200), Some(200))
+    );
 }
 
 #[test]

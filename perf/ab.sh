@@ -22,37 +22,17 @@ DURATION=6s
 TESTS=express-greet,express-get,trivial
 WRK_THREADS=2
 WRK_CONNS=10
-SERVE_FLAGS=()
-DEPLOY_QUERY=
+DEPLOY=
 
 die() { echo "ab: $*" >&2; exit 1; }
-[ $# -ge 2 ] || { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-A_BIN=$(realpath "$1")
-B_BIN=$(realpath "$2")
-shift 2
-while [ $# -gt 0 ]; do
-    case "$1" in
-    --rounds) ROUNDS=$2; shift 2 ;;
-    --duration) DURATION=$2; shift 2 ;;
-    --tests) TESTS=$2; shift 2 ;;
-    --deploy) DEPLOY_QUERY=$2; shift 2 ;;
-    --) shift; SERVE_FLAGS=("$@"); break ;;
-    *) die "unknown argument: $1" ;;
-    esac
-done
-[ -x "$A_BIN" ] && [ -x "$B_BIN" ] || die "both binaries must be executable"
+# shellcheck source=functions/lib.sh
+. "$ROOT/perf/functions/lib.sh"
+USAGE_LINES=15 AB_OPTIONS="ROUNDS DURATION TESTS DEPLOY" ab_args "$@"
 [ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
 FIXTURE="$ROOT/tests/fixtures/express-app"
 HERE="$ROOT/perf/functions"
 [ -d "$FIXTURE/node_modules/express" ] || die "run tools/setup.sh first (npm ci in $FIXTURE)"
-
-# Binaries copied out of target/ do not find the agent next to them.
-AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/release/hearth-agent"
-[ -n "${HEARTH_AGENT:-}" ] || { [ -x "$AGENT" ] && export HEARTH_AGENT=$AGENT; }
-
 TMP=$(mktemp -d /tmp/hearth-ab.XXXXXX)
-# shellcheck source=functions/lib.sh
-. "$ROOT/perf/functions/lib.sh"
 
 (cd "$FIXTURE" && zip -qr "$TMP/express.zip" .)
 (cd "$HERE/trivial" && zip -qr "$TMP/trivial.zip" .)
@@ -63,8 +43,8 @@ for side in A B; do
     HEARTH=${!bin_var}
     start_hearth "$side" "${SERVE_FLAGS[@]}"
     addr=$REPLY
-    r=$(deploy_zip "$addr" "$TMP/express.zip" "$DEPLOY_QUERY"); ex=${r% *}
-    r=$(deploy_zip "$addr" "$TMP/trivial.zip" "$DEPLOY_QUERY"); tr=${r% *}
+    r=$(deploy_zip "$addr" "$TMP/express.zip" "$DEPLOY"); ex=${r% *}
+    r=$(deploy_zip "$addr" "$TMP/trivial.zip" "$DEPLOY"); tr=${r% *}
     TARGETS+="express-greet $side http://$addr/f/$ex/greet $HERE/post-greet.lua
 express-get $side http://$addr/f/$ex/ -
 trivial $side http://$addr/f/$tr/ -
@@ -74,7 +54,7 @@ TARGETS=$(awk -v tests=",$TESTS," 'index(tests, "," $1 ",")' <<<"$TARGETS")
 
 echo "# A: $A_BIN"
 echo "# B: $B_BIN"
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), deploy settings: ${DEPLOY_QUERY:-defaults}, wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), deploy settings: ${DEPLOY:-defaults}, wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
 RESULTS="$TMP/results"
 # The function's instance count after each run.
 after_run() { # test side url

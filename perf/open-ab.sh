@@ -24,30 +24,12 @@ ROUNDS=3
 DURATION=4s
 SHARE=50
 TESTS=express,trivial
-SERVE_FLAGS=()
 
 die() { echo "open-ab: $*" >&2; exit 1; }
-[ $# -ge 2 ] || { sed -n '2,20p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
-A_BIN=$(realpath "$1")
-B_BIN=$(realpath "$2")
-shift 2
-while [ $# -gt 0 ]; do
-    case "$1" in
-    --rounds) ROUNDS=$2; shift 2 ;;
-    --duration) DURATION=$2; shift 2 ;;
-    --share) SHARE=$2; shift 2 ;;
-    --tests) TESTS=$2; shift 2 ;;
-    --) shift; SERVE_FLAGS=("$@"); break ;;
-    *) die "unknown argument: $1" ;;
-    esac
-done
-[ -x "$A_BIN" ] && [ -x "$B_BIN" ] || die "both binaries must be executable"
-AGENT="${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/release/hearth-agent"
-[ -n "${HEARTH_AGENT:-}" ] || { [ -x "$AGENT" ] && export HEARTH_AGENT=$AGENT; }
-
-TMP=$(mktemp -d /tmp/hearth-open-ab.XXXXXX)
 # shellcheck source=functions/lib.sh
 . "$ROOT/perf/functions/lib.sh"
+USAGE_LINES=20 AB_OPTIONS="ROUNDS DURATION SHARE TESTS" ab_args "$@"
+TMP=$(mktemp -d /tmp/hearth-open-ab.XXXXXX)
 bench_prepare node zip curl python3
 FIXTURE="$ROOT/tests/fixtures/express-app"
 HERE="$ROOT/perf/functions"

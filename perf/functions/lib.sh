@@ -30,6 +30,37 @@ trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- helpers
 
+# Arguments of the A/B scripts: "A_BINARY B_BINARY [--option value]...
+# [-- SERVE_FLAGS...]". Sets A_BIN and B_BIN (absolute, executable),
+# SERVE_FLAGS, and for each --option the variable of that name in upper case
+# (dashes as underscores), which must be one of the names in $AB_OPTIONS.
+# With fewer than two arguments, prints the script's header comment (lines
+# 2 to $USAGE_LINES) and exits 2. Points HEARTH_AGENT at this tree's release
+# agent unless set (copied binaries do not find it next to them).
+ab_args() {
+    [ $# -ge 2 ] || { sed -n "2,${USAGE_LINES}p" "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+    A_BIN=$(realpath "$1")
+    B_BIN=$(realpath "$2")
+    shift 2
+    SERVE_FLAGS=()
+    local name
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        --) shift; SERVE_FLAGS=("$@"); break ;;
+        --*)
+            name=${1#--}; name=${name//-/_}; name=${name^^}
+            [[ " $AB_OPTIONS " == *" $name "* ]] && [ $# -ge 2 ] || die "unknown argument: $1"
+            printf -v "$name" '%s' "$2"
+            shift 2 ;;
+        *) die "unknown argument: $1" ;;
+        esac
+    done
+    [ -x "$A_BIN" ] && [ -x "$B_BIN" ] || die "both binaries must be executable"
+    local agent="${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/release/hearth-agent"
+    [ -n "${HEARTH_AGENT:-}" ] || { [ -x "$agent" ] && export HEARTH_AGENT=$agent; }
+    return 0
+}
+
 # Checks for root, the tools named and the Express fixture's node_modules;
 # builds hearth and the static agent unless BUILD=0; sets FIXTURE, HERE, HEARTH.
 bench_prepare() { # tools...

@@ -765,8 +765,9 @@ fn fit_is_one_for_cpu_bound_and_many_for_waiting_handlers() {
     assert!(scale::under_fit(9, None, true), "no fit known: no cap");
 }
 
-#[test]
-fn a_saturated_core_runs_no_more_than_the_fit_and_retires_the_rest_once_idle() {
+/// Three instances of a CPU-bound function "a" that served a request each
+/// on a saturated core, now idle, at fit 1, with room to queue 8 requests.
+fn three_idle_at_fit_one() -> (Sim, Vec<InstId>) {
     let f = function("a", 3, 10_000);
     let mut cfg = config(0);
     cfg.queue_depth_max = 1;
@@ -781,6 +782,12 @@ fn a_saturated_core_runs_no_more_than_the_fit_and_retires_the_rest_once_idle() {
     for &i in &insts {
         sim.respond(i, 200);
     }
+    (sim, insts)
+}
+
+#[test]
+fn a_saturated_core_runs_no_more_than_the_fit_and_retires_the_rest_once_idle() {
+    let (mut sim, _) = three_idle_at_fit_one();
     assert_eq!(sim.live("a"), 3, "finished instances idle, none is retired");
     // Fit 1 on a saturated core: one request runs, the others wait for it,
     // although two instances idle; nothing starts.
@@ -819,16 +826,7 @@ fn a_saturated_core_runs_no_more_than_the_fit_and_retires_the_rest_once_idle() {
 fn a_fit_that_moves_for_a_tick_neither_retires_nor_starts_instances() {
     // Under contention the estimate moves between ticks; each move used to
     // retire an instance and the next to start one (an initialisation each).
-    let f = function("a", 3, 10_000);
-    let mut cfg = config(0);
-    cfg.queue_depth_max = 1;
-    let mut sim = Sim::new(cfg, &[&f]);
-    let insts = three_cpu_bound_at(&mut sim, 95);
-    // A full queue (here: one request) would take an idle instance anyway.
-    sim.pool.cfg.queue_depth_max = 8;
-    for &i in &insts {
-        sim.respond(i, 200);
-    }
+    let (mut sim, insts) = three_idle_at_fit_one();
     for round in 0..20 {
         let fit = if round % 2 == 0 { 3 } else { 1 };
         sim.pool.fns.get_mut("a").unwrap().fit = Some(fit);

@@ -2,7 +2,7 @@
 //! runtime gets from HELLO, INVOKE -> the `/invocation/next` answer (the
 //! function-URL event, as the Node shim's `buildEvent`, or the raw body), and
 //! the runtime's posts -> RESPONSE/ERROR/INIT_ERROR metadata (as the shim's
-//! `sendResult`). `runtime_api` does the I/O.
+//! `sendResult`). Whoever serves the API does the I/O.
 
 use serde_json::{json, Map, Value};
 

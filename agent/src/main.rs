@@ -46,8 +46,8 @@ use std::time::Duration;
 
 // The wire protocol shared with hearth, as `crate::protocol` in every module.
 use hearth_protocol as protocol;
-// The Runtime API's sans-IO logic, as `crate::http` and `crate::rapi`.
-use hearth_rapi::{api as rapi, http};
+// The Runtime API's sans-IO translations, as `crate::rapi`.
+use hearth_rapi::api as rapi;
 
 use channel::{Channel, ChannelSpec};
 use cli::Command;

@@ -769,3 +769,274 @@ fn is_streaming(route: &Route, head: &Head) -> bool {
             .header("lambda-runtime-function-response-mode")
             .is_some_and(|m| m.eq_ignore_ascii_case("streaming"))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Records what the session does.
+    #[derive(Default)]
+    struct Fake {
+        frames: Vec<(FrameType, u32, String, Vec<u8>)>,
+        written: Vec<(ConnId, String)>,
+        closed: Vec<ConnId>,
+        spawned: Vec<Vec<String>>,
+        broken: Option<ConnId>,
+    }
+
+    impl Io for Fake {
+        fn frame(
+            &mut self,
+            kind: FrameType,
+            _flags: u8,
+            id: u32,
+            meta: &[u8],
+            body: &[u8],
+        ) -> io::Result<()> {
+            let meta = String::from_utf8_lossy(meta).into_owned();
+            self.frames.push((kind, id, meta, body.to_vec()));
+            Ok(())
+        }
+        fn write(&mut self, conn: ConnId, bytes: &[u8]) -> bool {
+            if self.broken == Some(conn) {
+                return false;
+            }
+            let text = String::from_utf8_lossy(bytes).into_owned();
+            self.written.push((conn, text));
+            true
+        }
+        fn close(&mut self, conn: ConnId) {
+            self.closed.push(conn);
+        }
+        fn spawn(&mut self, _kind: Kind, _f: &Function, argv: &[String]) -> io::Result<()> {
+            self.spawned.push(argv.to_vec());
+            Ok(())
+        }
+        fn realtime_ms(&self) -> u64 {
+            1_764_466_718_123
+        }
+    }
+
+    impl Fake {
+        fn kinds(&self) -> Vec<FrameType> {
+            self.frames.iter().map(|f| f.0).collect()
+        }
+        /// The status of the last answer on `conn`.
+        fn status(&self, conn: ConnId) -> u16 {
+            let (_, text) = self
+                .written
+                .iter()
+                .rev()
+                .find(|(c, _)| *c == conn)
+                .expect("an answer");
+            text[9..12].parse().expect("a status")
+        }
+    }
+
+    fn hello(s: &mut Session, io: &mut Fake) {
+        let meta = br#"{"function":"f1","handler":"app.handler","timeout_ms":3000}"#;
+        s.on_frame(io, FrameType::Hello, 0, meta, Vec::new())
+            .unwrap();
+    }
+
+    fn request(s: &mut Session, io: &mut Fake, i: ConnId, bytes: &str) -> bool {
+        s.received(i, bytes.as_bytes());
+        s.serve(io, i).unwrap()
+    }
+
+    fn invoke(s: &mut Session, io: &mut Fake, id: u32, body: &str) {
+        let meta = format!(r#"{{"raw":true,"request_id":"req-{id}"}}"#);
+        s.on_frame(
+            io,
+            FrameType::Invoke,
+            id,
+            meta.as_bytes(),
+            body.as_bytes().to_vec(),
+        )
+        .unwrap();
+    }
+
+    const NEXT: &str = "GET /2018-06-01/runtime/invocation/next HTTP/1.1\r\nHost: x\r\n\r\n";
+
+    fn post(path: &str, body: &str) -> String {
+        format!(
+            "POST /2018-06-01/runtime/{path} HTTP/1.1\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+    }
+
+    #[test]
+    fn next_is_long_polled_and_answers_relay_as_frames() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        assert_eq!(io.spawned, vec![vec!["/var/task/bootstrap".to_string()]]);
+        // An INVOKE before the first /next waits in the queue; /next makes READY.
+        invoke(&mut s, &mut io, 5, r#"{"a":1}"#);
+        let c = s.open().unwrap();
+        assert!(!request(&mut s, &mut io, c, NEXT));
+        assert_eq!(io.kinds(), vec![FrameType::Ready]);
+        let (_, event) = io.written.last().unwrap();
+        assert!(event.starts_with("HTTP/1.1 200"));
+        for h in [
+            "Lambda-Runtime-Aws-Request-Id: req-5",
+            "Lambda-Runtime-Deadline-Ms: 1764466721123",
+            "Lambda-Runtime-Invoked-Function-Arn: arn:aws:lambda:us-east-1:000000000000:function:f1",
+            "Lambda-Runtime-Trace-Id: Root=1-",
+        ] {
+            assert!(event.contains(h), "{h} in {event}");
+        }
+        assert!(event.ends_with(r#"{"a":1}"#));
+        assert_eq!(s.log_tag(), 5);
+        // A second /next while it runs is refused; the answer goes out as RESPONSE.
+        let d = s.open().unwrap();
+        request(&mut s, &mut io, d, NEXT);
+        assert_eq!(io.status(d), 403);
+        assert!(request(
+            &mut s,
+            &mut io,
+            c,
+            &post("invocation/req-5/response", "\"hi\"")
+        ));
+        assert_eq!(io.status(c), 202);
+        let (kind, id, _, body) = io.frames.last().unwrap();
+        assert_eq!(
+            (*kind, *id, body.as_slice()),
+            (FrameType::Response, 5, &b"\"hi\""[..])
+        );
+        assert_eq!(s.log_tag(), 0);
+        // A second answer is a 403, an unknown id a 400, an unknown path a 404.
+        request(&mut s, &mut io, c, &post("invocation/req-5/response", "1"));
+        assert_eq!(io.status(c), 403);
+        request(&mut s, &mut io, c, &post("invocation/nope/error", "{}"));
+        assert_eq!(io.status(c), 400);
+        request(&mut s, &mut io, c, &post("whatever", ""));
+        assert_eq!(io.status(c), 404);
+        // The next /next parks; an INVOKE then goes straight to it.
+        request(&mut s, &mut io, c, NEXT);
+        let answers = io.written.len();
+        invoke(&mut s, &mut io, 6, "2");
+        assert_eq!(io.written.len(), answers + 1);
+        request(
+            &mut s,
+            &mut io,
+            c,
+            &(post(
+                "invocation/req-6/error",
+                r#"{"errorMessage":"no","errorType":"E"}"#,
+            )),
+        );
+        let (kind, id, meta, _) = io.frames.last().unwrap();
+        assert_eq!((*kind, *id), (FrameType::Error, 6));
+        assert!(meta.contains(r#""errorType":"E""#), "{meta}");
+        assert!(io.closed.is_empty());
+    }
+
+    #[test]
+    fn oversized_responses_fail_the_invocation_with_413() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(&mut s, &mut io, c, NEXT);
+        invoke(&mut s, &mut io, 9, "1");
+        let head = format!(
+            "POST /2018-06-01/runtime/invocation/req-9/response HTTP/1.1\r\nContent-Length: {}\r\n\r\n",
+            api::RESPONSE_BYTES_MAX + 1
+        );
+        request(&mut s, &mut io, c, &head);
+        assert_eq!(io.status(c), 413);
+        assert!(io
+            .written
+            .last()
+            .unwrap()
+            .1
+            .contains("Function.ResponseSizeTooLarge"));
+        let (kind, id, meta, _) = io.frames.last().unwrap();
+        assert_eq!((*kind, *id), (FrameType::Error, 9));
+        assert!(meta.contains("Function.ResponseSizeTooLarge"));
+        assert_eq!(io.closed, vec![c]);
+        // The instance stays usable on a new connection.
+        let d = s.open().unwrap();
+        assert_eq!(d, c, "the slot is reused");
+        request(&mut s, &mut io, d, NEXT);
+        invoke(&mut s, &mut io, 10, "2");
+        assert!(io.written.last().unwrap().1.contains("req-10"));
+    }
+
+    #[test]
+    fn init_errors_and_exits_are_reported_as_lambda_does() {
+        let (mut s, mut io) = (Session::new(Kind::Python3, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(
+            &mut s,
+            &mut io,
+            c,
+            &post("init/error", r#"{"errorMessage":"bad","errorType":"Init"}"#),
+        );
+        assert_eq!(io.status(c), 202);
+        assert_eq!(io.kinds(), vec![FrameType::Log, FrameType::InitError]);
+        // Invocations after a failed init fail with its error; so does a HELLO.
+        invoke(&mut s, &mut io, 3, "1");
+        assert_eq!(io.frames.last().unwrap().0, FrameType::Error);
+        hello(&mut s, &mut io);
+        assert_eq!(io.frames.last().unwrap().0, FrameType::InitError);
+
+        // Exiting mid-invocation fails it with Runtime.ExitError.
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(&mut s, &mut io, c, NEXT);
+        invoke(&mut s, &mut io, 4, "1");
+        s.on_exit(&mut io, "Runtime exited with error: exit status 3")
+            .unwrap();
+        let (kind, id, meta, _) = io.frames.last().unwrap();
+        assert_eq!((*kind, *id), (FrameType::Error, 4));
+        assert!(meta.contains("Runtime.ExitError") && meta.contains("RequestId: req-4"));
+    }
+
+    #[test]
+    fn streamed_responses_relay_as_they_arrive() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(&mut s, &mut io, c, NEXT);
+        invoke(&mut s, &mut io, 2, "1");
+        let head = "POST /2018-06-01/runtime/invocation/req-2/response HTTP/1.1\r\n\
+            Lambda-Runtime-Function-Response-Mode: streaming\r\n\
+            Transfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n";
+        request(&mut s, &mut io, c, &format!("{head}5\r\nhello\r\n"));
+        assert_eq!(
+            io.kinds()[1..],
+            [FrameType::StreamHead, FrameType::StreamChunk]
+        );
+        assert_eq!(io.frames.last().unwrap().3, b"hello");
+        // The connection breaking mid-stream ends it with an error.
+        s.closed(&mut io, c);
+        let (kind, id, meta, _) = io.frames.last().unwrap();
+        assert_eq!((*kind, *id), (FrameType::StreamEnd, 2));
+        assert!(meta.contains("Runtime.StreamError"), "{meta}");
+    }
+
+    #[test]
+    fn connections_are_bounded_and_broken_deliveries_fail() {
+        let mut s = Session::new(Kind::Provided, 7);
+        let open: Vec<ConnId> = (0..CONNS_MAX).map_while(|_| s.open()).collect();
+        assert_eq!(open.len(), CONNS_MAX);
+        assert_eq!(s.open(), None);
+        let mut io = Fake::default();
+        s.closed(&mut io, 3);
+        assert_eq!(s.open(), Some(3));
+
+        // A /next connection that breaks as the event is written fails the invocation.
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(&mut s, &mut io, c, NEXT);
+        io.broken = Some(c);
+        invoke(&mut s, &mut io, 8, "1");
+        let (kind, id, meta, _) = io.frames.last().unwrap();
+        assert_eq!((*kind, *id), (FrameType::Error, 8));
+        assert!(meta.contains("Runtime.InvalidState"));
+        assert_eq!(io.closed, vec![c]);
+    }
+}

@@ -4,7 +4,7 @@
 # system calls by name (`perf record` of the raw_syscalls and sched_switch tracepoints),
 # for one agent binary serving the trivial Rust `lambda_runtime` function
 # (tests/fixtures/rust-lambda, bin runtime-fn) on one hearth (`--cores 1`) under
-# `wrk -t1 -c1`; also the bootstrap's CPU time. The counts depend on the machine's load
+# `wrk -t1 -c1`; also the bootstrap's and hearth's CPU time. The counts depend on the machine's load
 # far less than the CPU time does, and the CPU time less than throughput does.
 #
 # Usage: perf/runtime-api-profile.sh AGENT [--duration 5s] [--syscalls] [--record FILE]
@@ -64,21 +64,22 @@ sum() { # field-printer over every agent pid
     echo "$t"
 }
 # Time on a CPU (ns) of every thread of process $1.
-cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ t += $1 } END { print t + 0 }'; }
+cpu_ns() { cat /proc/"$1"/task/*/schedstat 2>/dev/null | awk '{ t += $1 } END { printf "%.0f\n", t }'; }
 # The runtime processes (the bootstrap) the agents started.
 PIDS_R=$(for p in $PIDS_A; do tree "$p" | tail -n +2; done | tr '\n' ' ')
 vcs() { awk '$1 == "voluntary_ctxt_switches:" { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 ivcs() { awk '$1 == "nonvoluntary_ctxt_switches:" { print $2 }' "/proc/$1/status" 2>/dev/null || echo 0; }
 echo "# agent $AGENT (pids $PIDS_A), wrk -t1 -c1 -d$DURATION, load at start $(load)"
 sum_r() { local p t=0; for p in $PIDS_R; do t=$((t + $(cpu_ns "$p"))); done; echo "$t"; }
-c0=$(sum cpu_ns); v0=$(sum vcs); i0=$(sum ivcs); r0=$(sum_r)
+c0=$(sum cpu_ns); v0=$(sum vcs); i0=$(sum ivcs); r0=$(sum_r); h0=$(cpu_ns "$S_PID")
 read -r rps p50 p99 errors _ <<<"$(run_wrk "$DURATION" "$URL")"
-c1=$(sum cpu_ns); v1=$(sum vcs); i1=$(sum ivcs); r1=$(sum_r)
+c1=$(sum cpu_ns); v1=$(sum vcs); i1=$(sum ivcs); r1=$(sum_r); h1=$(cpu_ns "$S_PID")
 n=$(awk -v r="$rps" -v s="${DURATION%s}" 'BEGIN { printf "%d", r * s }')
-awk -v n="$n" -v c="$((c1 - c0))" -v v="$((v1 - v0))" -v i="$((i1 - i0))" -v r="$rps" -v p50="$p50" -v p99="$p99" -v e="$errors" -v b="$((r1 - r0))" 'BEGIN {
+awk -v n="$n" -v c="$((c1 - c0))" -v v="$((v1 - v0))" -v i="$((i1 - i0))" -v r="$rps" -v p50="$p50" -v p99="$p99" -v e="$errors" -v b="$((r1 - r0))" -v h="$((h1 - h0))" 'BEGIN {
     printf "req/s %s  p50 %s us  p99 %s us  errors %s\n", r, p50, p99, e
     printf "per request: agent CPU %.2f us, voluntary switches %.2f, involuntary %.2f\n", c / n / 1000, v / n, i / n
-    printf "per request: runtime (bootstrap) CPU %.2f us\n", b / n / 1000 }'
+    printf "per request: runtime (bootstrap) CPU %.2f us\n", b / n / 1000
+    printf "per request: hearth CPU %.2f us (all its threads: the HTTP of wrk and the instance channel)\n", h / n / 1000 }'
 echo "load at end $(load)"
 if [ "$SYSCALLS" = 1 ]; then
     # Tracepoints, not strace: the agent runs at nearly its own pace, so the counts are

@@ -17,8 +17,8 @@
 //! * `relay`    the relaying event loop      * `frames`   sans-IO frame tracking
 //! * `supervise` direct mode's event loop
 //! * `output`   stdout/stderr -> LOG frames  * `reap`     signals and child exits
-//! * `runtime_api` the Lambda Runtime API mode * `rapi`  its sans-IO translations
-//! * `http`     sans-IO HTTP/1.1 for it       * `epoll`  its event set
+//! * `runtime_api` the Lambda Runtime API mode (its sans-IO HTTP and
+//!   translations are the `hearth-rapi` crate) * `epoll` its event set
 //! * `buf`, `json`, `sys`, `log`: small helpers.
 
 #[macro_use]
@@ -29,11 +29,9 @@ mod cli;
 mod cmdline;
 mod epoll;
 mod frames;
-mod http;
 mod json;
 mod modules;
 mod output;
-mod rapi;
 mod reap;
 mod relay;
 mod runtime;
@@ -48,6 +46,8 @@ use std::time::Duration;
 
 // The wire protocol shared with hearth, as `crate::protocol` in every module.
 use hearth_protocol as protocol;
+// The Runtime API's sans-IO translations, as `crate::rapi`.
+use hearth_rapi::api as rapi;
 
 use channel::{Channel, ChannelSpec};
 use cli::Command;

@@ -2,7 +2,7 @@
 //! runtime gets from HELLO, INVOKE -> the `/invocation/next` answer (the
 //! function-URL event, as the Node shim's `buildEvent`, or the raw body), and
 //! the runtime's posts -> RESPONSE/ERROR/INIT_ERROR metadata (as the shim's
-//! `sendResult`). `runtime_api` does the I/O.
+//! `sendResult`). Whoever serves the API does the I/O.
 
 use serde_json::{json, Map, Value};
 
@@ -691,6 +691,20 @@ pub fn error_meta(posted: &[u8], header_type: Option<&str>, with_trace: bool) ->
     serde_json::to_vec(&meta).expect("a JSON value serialises")
 }
 
+/// "2026-11-30T18:40:00.123Z".
+pub fn iso_time(ms: u64) -> String {
+    let secs = (ms / 1000) as i64;
+    let (y, m, d) = civil_from_days(secs.div_euclid(86_400));
+    let rem = secs.rem_euclid(86_400);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem / 60 % 60,
+        rem % 60,
+        ms % 1000
+    )
+}
+
 const B64: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
 
 /// Standard base64 with padding.
@@ -965,6 +979,12 @@ mod tests {
         assert!(base64_decode("aGVsbG8=x").is_none());
         assert!(base64_decode("a").is_none());
         assert!(base64_decode("a*").is_none());
+    }
+
+    #[test]
+    fn iso_times() {
+        assert_eq!(iso_time(1_764_466_718_123), "2025-11-30T01:38:38.123Z");
+        assert_eq!(iso_time(0), "1970-01-01T00:00:00.000Z");
     }
 
     #[test]

@@ -15,44 +15,12 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::qemu::{instance_vms, skip_reason, static_agent, wait_until, SLOW};
 use common::{Client, Response};
-use hearth::guest::{ext4, images, kernel};
-
-/// Longest wait for one answer: deploys boot a VM under emulation.
-const SLOW: Duration = Duration::from_secs(180);
+use hearth::guest::{ext4, images};
 
 fn root() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn static_agent() -> PathBuf {
-    root().join("target/x86_64-unknown-linux-gnu/release/hearth-agent")
-}
-
-/// Why these tests cannot run here, if they cannot.
-fn skip_reason() -> Option<String> {
-    if let Err(e) = hearth::sandbox::qemu::find_qemu() {
-        return Some(e);
-    }
-    let scratch = common::temp_dir("qemu-kernel-probe");
-    let k = kernel::locate(&scratch);
-    let _ = fs::remove_dir_all(&scratch);
-    if let Err(e) = k {
-        return Some(e.to_string());
-    }
-    if !static_agent().is_file() {
-        return Some(format!(
-            "{} is missing: run tools/build-agent.sh",
-            static_agent().display()
-        ));
-    }
-    if let Err(e) = hearth::runtime::find_node() {
-        return Some(e.to_string());
-    }
-    if ext4::mkfs_path().is_none() {
-        return Some("mkfs.ext4 is missing: install e2fsprogs".into());
-    }
-    None
 }
 
 macro_rules! require_qemu {
@@ -185,38 +153,6 @@ impl Drop for Hearth {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
-}
-
-/// Pids of the QEMU processes running instances of function `id` (templates excluded).
-fn instance_vms(id: &str) -> Vec<i32> {
-    let mut pids = Vec::new();
-    for e in fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
-            continue;
-        };
-        let Ok(cmd) = fs::read(e.path().join("cmdline")) else {
-            continue;
-        };
-        let cmd = String::from_utf8_lossy(&cmd);
-        if cmd.contains("qemu-system")
-            && cmd.contains("-incoming")
-            && cmd.contains(&format!("/{id}-"))
-        {
-            pids.push(pid);
-        }
-    }
-    pids
-}
-
-fn wait_until(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let deadline = Instant::now() + limit;
-    while Instant::now() < deadline {
-        if f() {
-            return true;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    f()
 }
 
 #[test]

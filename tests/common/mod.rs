@@ -7,6 +7,7 @@
 #![allow(dead_code)]
 
 pub mod aws;
+pub mod qemu;
 
 use std::fs;
 use std::io::{BufRead, BufReader, ErrorKind, Read, Write};

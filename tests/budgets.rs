@@ -9,61 +9,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{temp_dir, zip_fixture, Response, Server};
-
-/// The admin token every server here runs with (given explicitly, so the tests hold with or
-/// without a generated default).
-const TOKEN: &str = "budget-and-sandbox-tests";
-
-/// Starts a server with [`TOKEN`] and `args`.
-fn start(args: &[&str]) -> Server {
-    let mut all = vec!["--admin-token", TOKEN];
-    all.extend_from_slice(args);
-    Server::start(&all)
-}
-
-/// Every control-plane request goes through here, with the admin token.
-fn control(
-    s: &Server,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    s.control(method, path, headers, body)
-}
-
-fn deploy_zip(s: &Server, zip: &[u8], query: &str) -> Response {
-    control(
-        s,
-        "POST",
-        &format!("/deploy?{query}"),
-        &[("content-type", "application/zip")],
-        zip,
-    )
-}
-
-fn deploy_ok(s: &Server, zip: &[u8], query: &str) -> String {
-    let r = deploy_zip(s, zip, query);
-    assert_eq!(r.status, 201, "{} / stderr:\n{}", r.text(), s.stderr());
-    r.json()["functionId"].as_str().unwrap().to_string()
-}
+use common::{
+    control, deploy_ok, deploy_zip, functions_on_disk, start_with_fixed_token as start, temp_dir,
+    zip_fixture, Response, Server,
+};
 
 fn invoke(s: &Server, id: &str) -> Response {
     s.connect().request("GET", &format!("/f/{id}/"), &[], b"")
-}
-
-/// Everything under the state's `functions/` directory (published, staging, trash).
-fn functions_on_disk(s: &Server) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(s.dir.join("state/functions"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
 }
 
 /// A zip of an `index.js` with `source` and, if `pad_bytes` > 0, a file of that many

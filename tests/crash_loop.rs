@@ -22,7 +22,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::{temp_dir, zip_fixture};
+use common::{dir_entries, temp_dir, zip_fixture};
 use supervise::{control, invoke, leftovers_of, listed, mounts_under, request, Hearth};
 
 const ROUNDS: usize = 50;
@@ -150,19 +150,6 @@ fn operate(addr: SocketAddr, zip: &[u8], model: &Mutex<Model>, rng: &mut Rng) {
     }
 }
 
-/// Entries of `<state>/functions`.
-fn on_disk(state: &Path) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(state.join("functions"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
-
 /// Checks a freshly restarted server against what the client was told, then
 /// settles the uncertain outcomes (unanswered deploys and deletes).
 /// Returns how long after its spawn the server answered `/healthz`.
@@ -178,7 +165,7 @@ fn check_restart(round: usize, h: &Hearth, state: &Path, model: &mut Model) -> D
         h.start_time,
         h.stderr()
     );
-    let disk = on_disk(state);
+    let disk = dir_entries(&state.join("functions"));
     let list = listed(addr);
     assert_eq!(
         disk, list,
@@ -342,7 +329,7 @@ fn fifty_kill_9_restarts_lose_nothing_acknowledged_and_leak_nothing() {
     let mut temps = Vec::new();
     temporary_files(&state, &mut temps);
     assert!(temps.is_empty(), "temporary files left: {temps:?}");
-    let disk: BTreeSet<String> = on_disk(&state).into_iter().collect();
+    let disk: BTreeSet<String> = dir_entries(&state.join("functions")).into_iter().collect();
     assert_eq!(
         disk, m.live,
         "function directories vs the functions that live"

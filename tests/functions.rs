@@ -11,63 +11,10 @@ use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
-use common::{fixture, zip_fixture, Client, Response, Server};
-
-/// One request with the server's admin token (unless `headers` carries one).
-fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    s.control(method, path, headers, body)
-}
-
-/// One request without credentials.
-fn call_anon(
-    s: &Server,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    s.connect().request(method, path, headers, body)
-}
-
-fn deploy_raw(s: &Server, zip: &[u8], query: &str) -> Response {
-    let path = if query.is_empty() {
-        "/deploy".to_string()
-    } else {
-        format!("/deploy?{query}")
-    };
-    call(
-        s,
-        "POST",
-        &path,
-        &[("content-type", "application/zip")],
-        zip,
-    )
-}
-
-/// Deploys a fixture and returns its id (panics unless 201).
-fn deploy(s: &Server, name: &str, query: &str) -> String {
-    let r = deploy_raw(s, &zip_fixture(name), query);
-    assert_eq!(
-        r.status,
-        201,
-        "deploy {name}: {} / stderr:\n{}",
-        r.text(),
-        s.stderr()
-    );
-    r.json()["functionId"].as_str().unwrap().to_string()
-}
-
-fn functions_on_disk(s: &Server) -> Vec<String> {
-    let mut v: Vec<String> = std::fs::read_dir(s.dir.join("state/functions"))
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .collect()
-        })
-        .unwrap_or_default();
-    v.sort();
-    v
-}
+use common::{
+    anon as call_anon, control as call, deploy_fixture as deploy, deploy_zip, fixture,
+    functions_on_disk, zip_fixture, Client, Server,
+};
 
 #[test]
 fn plain_handler_gets_a_function_url_event() {
@@ -255,7 +202,7 @@ fn esm_callback_and_binary_handlers_work() {
 fn bad_deploys_are_refused_and_leave_nothing_behind() {
     require_sandbox!();
     let s = Server::start(&[]);
-    let r = deploy_raw(&s, b"this is not a zip", "");
+    let r = deploy_zip(&s, b"this is not a zip", "");
     assert_eq!(r.status, 400);
     r.assert_json_error("not_a_zip");
     // Zip slip.
@@ -264,13 +211,13 @@ fn bad_deploys_are_refused_and_leave_nothing_behind() {
         .unwrap();
     std::io::Write::write_all(&mut w, b"x").unwrap();
     let evil = w.finish().unwrap().into_inner();
-    let r = deploy_raw(&s, &evil, "");
+    let r = deploy_zip(&s, &evil, "");
     assert_eq!(r.status, 400);
     r.assert_json_error("unsafe_path");
-    let r = deploy_raw(&s, &zip_fixture("plain"), "handler=missing.handler");
+    let r = deploy_zip(&s, &zip_fixture("plain"), "handler=missing.handler");
     assert_eq!(r.status, 400);
     r.assert_json_error("bad_handler");
-    let r = deploy_raw(&s, &zip_fixture("plain"), "memory_mb=1");
+    let r = deploy_zip(&s, &zip_fixture("plain"), "memory_mb=1");
     assert_eq!(r.status, 400);
     r.assert_json_error("bad_setting");
     let r = call(
@@ -282,7 +229,7 @@ fn bad_deploys_are_refused_and_leave_nothing_behind() {
     );
     assert_eq!(r.status, 415);
     for name in ["init-error", "no-export"] {
-        let r = deploy_raw(&s, &zip_fixture(name), "");
+        let r = deploy_zip(&s, &zip_fixture(name), "");
         assert_eq!(r.status, 422, "{name}: {}", r.text());
         let v = r.json();
         assert_eq!(v["code"], "init_error");

@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{zip_fixture, Response, Server};
+use common::{control, deploy_fixture as deploy, deploy_zip, zip_fixture, Response, Server};
 
 /// Growth of the server's memory a flood may cause (the log ring is 1 MiB;
 /// the rest is a channel's read buffer for one 8 MiB frame and allocator slack).
@@ -19,50 +19,10 @@ const RSS_GROWTH_KIB_MAX: u64 = 64 * 1024;
 /// Slowest answer a bystander may see while a function floods its log.
 const BYSTANDER_LATENCY_MAX: Duration = Duration::from_millis(200);
 
-/// Every control-plane request of this file goes through here (one place to
-/// add credentials).
-fn control(
-    s: &Server,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    s.control(method, path, headers, body)
-}
-
 /// An invocation of function `id` at `path`.
 fn invoke(s: &Server, id: &str, path: &str) -> Response {
     s.connect()
         .request("GET", &format!("/f/{id}{path}"), &[], b"")
-}
-
-fn deploy_raw(s: &Server, fixture: &str, query: &str) -> Response {
-    let path = if query.is_empty() {
-        "/deploy".to_string()
-    } else {
-        format!("/deploy?{query}")
-    };
-    control(
-        s,
-        "POST",
-        &path,
-        &[("content-type", "application/zip")],
-        &zip_fixture(fixture),
-    )
-}
-
-/// Deploys a fixture and returns its id (panics unless 201).
-fn deploy(s: &Server, fixture: &str, query: &str) -> String {
-    let r = deploy_raw(s, fixture, query);
-    assert_eq!(
-        r.status,
-        201,
-        "deploy {fixture}: {} / stderr:\n{}",
-        r.text(),
-        s.stderr()
-    );
-    r.json()["functionId"].as_str().unwrap().to_string()
 }
 
 /// The function's kept log lines.
@@ -281,7 +241,7 @@ fn deploy_init_flood(via: &str, then: &str) -> (Server, Response, u64) {
     deploy(&s, "plain", "");
     let hwm_before = status_kib(s.pid(), "VmHWM");
     let env = format!("%7B%22FLOOD_VIA%22%3A%22{via}%22%2C%22FLOOD_THEN%22%3A%22{then}%22%7D");
-    let r = deploy_raw(&s, "init-flood", &format!("env={env}"));
+    let r = deploy_zip(&s, &zip_fixture("init-flood"), &format!("env={env}"));
     let hwm_after = status_kib(s.pid(), "VmHWM");
     eprintln!(
         "init flood via {via}, then {then}: {} / server VmHWM {hwm_before} -> {hwm_after} KiB",

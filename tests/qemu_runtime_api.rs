@@ -12,13 +12,12 @@
 mod common;
 
 use std::fs;
-use std::io::Write;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use common::qemu::{self, instance_vms, static_agent, wait_until, SLOW};
-use common::{Client, Response, Server};
+use common::{header_values, zip, Client, Response, Server};
 use hearth::guest::ext4;
 
 /// Why these tests cannot run here, if they cannot.
@@ -32,17 +31,6 @@ fn skip_reason() -> Option<String> {
         }
     }
     None
-}
-
-/// Files for a zip: name, contents, unix mode.
-fn zip(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, data, mode) in files {
-        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
-        w.start_file(*name, opts).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap().into_inner()
 }
 
 fn call(
@@ -59,14 +47,6 @@ fn call(
     let mut h = headers.to_vec();
     h.push(("authorization", &auth));
     c.request(method, path, &h, body)
-}
-
-fn header_values<'a>(r: &'a Response, name: &str) -> Vec<&'a str> {
-    r.headers
-        .iter()
-        .filter(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .collect()
 }
 
 /// AWS's custom-runtime tutorial bootstrap (sh, curl, grep, tr, cut, sed, mktemp), probing

@@ -8,57 +8,10 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::{Response, Server};
-
-/// Files for a zip: name, contents, unix mode.
-type Files<'a> = &'a [(&'a str, &'a [u8], u32)];
-
-fn zip(files: Files<'_>) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, data, mode) in files {
-        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
-        w.start_file(*name, opts).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap().into_inner()
-}
-
-fn deploy_zip(s: &Server, zip: &[u8], query: &str) -> Response {
-    s.control(
-        "POST",
-        &format!("/deploy?{query}"),
-        &[("content-type", "application/zip")],
-        zip,
-    )
-}
-
-fn deploy_ok(s: &Server, zip: &[u8], query: &str) -> String {
-    let r = deploy_zip(s, zip, query);
-    assert_eq!(
-        r.status,
-        201,
-        "deploy {query}: {} / stderr:\n{}",
-        r.text(),
-        s.stderr()
-    );
-    r.json()["functionId"].as_str().unwrap().to_string()
-}
-
-fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    s.connect().request(method, path, headers, body)
-}
-
-fn header_values<'a>(r: &'a Response, name: &str) -> Vec<&'a str> {
-    r.headers
-        .iter()
-        .filter(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .collect()
-}
+use common::{anon as call, deploy_ok, deploy_zip, header_values, zip, Server};
 
 /// The function's log, once it contains `needle` (panics after a few seconds).
 fn wait_log(s: &Server, id: &str, needle: &str) -> String {

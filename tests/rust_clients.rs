@@ -7,13 +7,12 @@
 
 mod common;
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use common::{Response, Server};
+use common::{anon as call, deploy_ok, header_values, zip, Server};
 
 /// Where the fixture's static binaries land.
 fn fixture_bin_dir() -> PathBuf {
@@ -58,11 +57,7 @@ fn build_fixture() -> Result<PathBuf, String> {
 /// A zip holding `binary` as the executable `bootstrap`, as `cargo lambda` packages one.
 fn bootstrap_zip(binary: &Path) -> Vec<u8> {
     let data = std::fs::read(binary).unwrap_or_else(|e| panic!("{}: {e}", binary.display()));
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
-    w.start_file("bootstrap", opts).unwrap();
-    w.write_all(&data).unwrap();
-    w.finish().unwrap().into_inner()
+    zip(&[("bootstrap", &data, 0o755)])
 }
 
 /// Builds the fixture, starts a server and deploys `binary` as a `provided` function:
@@ -80,27 +75,12 @@ fn deploy(binary: &str, query: &str) -> Option<(Server, String)> {
         }
     };
     let s = Server::start(&[]);
-    let r = s.control(
-        "POST",
-        &format!("/deploy?runtime=provided.al2023&{query}"),
-        &[("content-type", "application/zip")],
+    let id = deploy_ok(
+        &s,
         &bootstrap_zip(&dir.join(binary)),
+        &format!("runtime=provided.al2023&{query}"),
     );
-    assert_eq!(r.status, 201, "{} / {}", r.text(), s.stderr());
-    let id = r.json()["functionId"].as_str().unwrap().to_string();
     Some((s, id))
-}
-
-fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    s.connect().request(method, path, headers, body)
-}
-
-fn header_values<'a>(r: &'a Response, name: &str) -> Vec<&'a str> {
-    r.headers
-        .iter()
-        .filter(|(k, _)| k == name)
-        .map(|(_, v)| v.as_str())
-        .collect()
 }
 
 /// The function's log lines (JSON), once one contains `needle` (panics after a few seconds).

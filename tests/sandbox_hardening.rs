@@ -12,41 +12,10 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use common::{temp_dir, Response, Server};
-
-/// The admin token every server here runs with (given explicitly, so the tests hold with or
-/// without a generated default).
-const TOKEN: &str = "budget-and-sandbox-tests";
-
-/// Starts a server with [`TOKEN`] and `args`.
-fn start(args: &[&str]) -> Server {
-    let mut all = vec!["--admin-token", TOKEN];
-    all.extend_from_slice(args);
-    Server::start(&all)
-}
-
-/// Every control-plane request goes through here, with the admin token.
-fn control(
-    s: &Server,
-    method: &str,
-    path: &str,
-    headers: &[(&str, &str)],
-    body: &[u8],
-) -> Response {
-    s.control(method, path, headers, body)
-}
+use common::{deploy_ok, start_with_fixed_token as start, temp_dir, Server};
 
 fn deploy_dir(s: &Server, dir: &Path, query: &str) -> String {
-    let zip = hearth::cli::zip_dir(dir).expect("zip").0;
-    let r = control(
-        s,
-        "POST",
-        &format!("/deploy?{query}"),
-        &[("content-type", "application/zip")],
-        &zip,
-    );
-    assert_eq!(r.status, 201, "{} / stderr:\n{}", r.text(), s.stderr());
-    r.json()["functionId"].as_str().unwrap().to_string()
+    deploy_ok(s, &hearth::cli::zip_dir(dir).expect("zip").0, query)
 }
 
 fn mode(p: &Path) -> u32 {

@@ -571,6 +571,106 @@ pub fn zip_fixture(name: &str) -> Vec<u8> {
     hearth::cli::zip_dir(&fixture(name)).expect("zip fixture").0
 }
 
+/// A zip of `files`, each given as name, contents and unix mode.
+pub fn zip(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data, mode) in files {
+        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+        w.start_file(*name, opts).unwrap();
+        w.write_all(data).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// One control-plane request with the server's admin token (unless `headers` carries one).
+pub fn control(
+    s: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    s.control(method, path, headers, body)
+}
+
+/// One request on a fresh connection, without credentials.
+pub fn anon(
+    s: &Server,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+    body: &[u8],
+) -> Response {
+    s.connect().request(method, path, headers, body)
+}
+
+/// `POST /deploy` of `zip` with the admin token; `query` (may be empty) carries the settings.
+pub fn deploy_zip(s: &Server, zip: &[u8], query: &str) -> Response {
+    let path = if query.is_empty() {
+        "/deploy".to_string()
+    } else {
+        format!("/deploy?{query}")
+    };
+    s.control("POST", &path, &[("content-type", "application/zip")], zip)
+}
+
+/// Deploys `zip` with the settings in `query` and returns the function's id (panics unless 201).
+pub fn deploy_ok(s: &Server, zip: &[u8], query: &str) -> String {
+    let r = deploy_zip(s, zip, query);
+    assert_eq!(
+        r.status,
+        201,
+        "deploy {query}: {} / stderr:\n{}",
+        r.text(),
+        s.stderr()
+    );
+    r.json()["functionId"].as_str().unwrap().to_string()
+}
+
+/// Deploys the fixture directory `name` with the settings in `query` and returns its id
+/// (panics unless 201).
+pub fn deploy_fixture(s: &Server, name: &str, query: &str) -> String {
+    deploy_ok(s, &zip_fixture(name), query)
+}
+
+/// Every value of header `name` in `r`, in order.
+pub fn header_values<'a>(r: &'a Response, name: &str) -> Vec<&'a str> {
+    r.headers
+        .iter()
+        .filter(|(k, _)| k == name)
+        .map(|(_, v)| v.as_str())
+        .collect()
+}
+
+/// The names in directory `dir`, sorted (none if it cannot be read).
+pub fn dir_entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = fs::read_dir(dir)
+        .map(|d| {
+            d.flatten()
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Everything under the server's `state/functions` directory (published, staging, trash).
+pub fn functions_on_disk(s: &Server) -> Vec<String> {
+    dir_entries(&s.dir.join("state/functions"))
+}
+
+/// The admin token [`start_with_fixed_token`] gives its servers.
+pub const FIXED_TOKEN: &str = "budget-and-sandbox-tests";
+
+/// Starts a server with `args` and the admin token [`FIXED_TOKEN`], given explicitly so a
+/// test holds with or without a generated default.
+pub fn start_with_fixed_token(args: &[&str]) -> Server {
+    let mut all = vec!["--admin-token", FIXED_TOKEN];
+    all.extend_from_slice(args);
+    Server::start(&all)
+}
+
 impl Client {
     /// Sends one request with a Content-Length body and reads its response.
     pub fn request(
@@ -599,7 +699,15 @@ impl Client {
 #[macro_export]
 macro_rules! require_sandbox {
     () => {
-        if let Some(why) = $crate::common::sandbox_skip_reason() {
+        skip_if!($crate::common::sandbox_skip_reason());
+    };
+}
+
+/// Returns from the calling test, saying why, when `$reason` (an `Option<String>`) is `Some`.
+#[macro_export]
+macro_rules! skip_if {
+    ($reason:expr) => {
+        if let Some(why) = $reason {
             eprintln!("skipped: {why}");
             return;
         }

@@ -228,10 +228,7 @@ fn temporary_files(dir: &Path, out: &mut Vec<String>) {
 
 #[test]
 fn fifty_kill_9_restarts_lose_nothing_acknowledged_and_leak_nothing() {
-    if let Some(why) = supervise::skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
+    require_sandbox!();
     let seed = std::env::var("CRASH_LOOP_SEED")
         .ok()
         .and_then(|s| s.parse().ok())

@@ -36,10 +36,7 @@ fn clients_missing() -> Option<String> {
 macro_rules! require_clients {
     () => {
         require_sandbox!();
-        if let Some(why) = clients_missing() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        skip_if!(clients_missing());
     };
 }
 

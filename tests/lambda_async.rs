@@ -20,10 +20,7 @@ use common::{aws, temp_dir, zip_fixture, Server};
 macro_rules! require_clients {
     () => {
         require_sandbox!();
-        if let Some(why) = aws::missing() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        skip_if!(aws::missing());
     };
 }
 

@@ -25,10 +25,7 @@ fn root() -> &'static Path {
 
 macro_rules! require_qemu {
     () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
+        skip_if!(skip_reason());
     };
 }
 

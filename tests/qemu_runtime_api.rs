@@ -110,10 +110,7 @@ def lambda_handler(event, context):
 
 #[test]
 fn qemu_runs_provided_and_python3_functions_through_the_runtime_api() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
+    skip_if!(skip_reason());
     let dir = common::temp_dir("qemu-rapi");
     let state = dir.join("state");
     let state_arg = state.display().to_string();

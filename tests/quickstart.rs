@@ -123,10 +123,7 @@ fn sh(cwd: &Path, server: &str, line: &str) -> String {
 
 #[test]
 fn the_readme_quick_start_works_as_written() {
-    if let Some(why) = skip_reason() {
-        eprintln!("skipped: {why}");
-        return;
-    }
+    skip_if!(skip_reason());
     let dir = fresh_checkout();
     // `bash tools/run.sh` itself would first run tools/setup.sh, i.e. a release
     // build (minutes, and it would wait for the build lock cargo holds while

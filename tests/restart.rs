@@ -11,16 +11,7 @@ mod supervise;
 use std::time::{Duration, Instant};
 
 use common::{temp_dir, zip_fixture};
-use supervise::{deploy, invoke, leftovers_of, request, skip_reason, until, Hearth};
-
-macro_rules! require_sandbox {
-    () => {
-        if let Some(why) = skip_reason() {
-            eprintln!("skipped: {why}");
-            return;
-        }
-    };
-}
+use supervise::{deploy, invoke, leftovers_of, request, until, Hearth};
 
 /// How soon a restarted server must serve its functions (on a quiet machine;
 /// see `serve_budget`).

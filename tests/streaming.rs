@@ -228,10 +228,7 @@ fn boto3_missing() -> Option<String> {
 #[test]
 fn boto3_reads_invoke_with_response_stream() {
     require_sandbox!();
-    if let Some(why) = boto3_missing() {
-        eprintln!("skipped: {why}");
-        return;
-    }
+    skip_if!(boto3_missing());
     let s = Server::start(&[]);
     deploy_streaming(&s, "evstream");
     let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));

@@ -699,7 +699,7 @@ impl Client {
 #[macro_export]
 macro_rules! require_sandbox {
     () => {
-        skip_if!($crate::common::sandbox_skip_reason());
+        $crate::skip_if!($crate::common::sandbox_skip_reason());
     };
 }
 

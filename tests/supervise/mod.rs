@@ -21,21 +21,6 @@ fn agent() -> PathBuf {
         .join("target/x86_64-unknown-linux-gnu/release/hearth-agent")
 }
 
-/// Why sandboxed functions cannot run here, if they cannot.
-pub fn skip_reason() -> Option<String> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
-        return Some("the process sandbox needs root".into());
-    }
-    if !agent().is_file() {
-        return Some(format!(
-            "{} is missing: run tools/build-agent.sh",
-            agent().display()
-        ));
-    }
-    None
-}
-
 /// One `hearth serve` process.
 /// The admin token every server of these tests runs with.
 pub const ADMIN_TOKEN: &str = "supervise-admin-token";

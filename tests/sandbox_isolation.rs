@@ -406,6 +406,42 @@ setInterval(() => {{}}, 1e6);
     sb.destroy();
 }
 
+/// Spawns a sandbox whose PID 1 is a copy of this test binary (in `code_dir(tag)`) running
+/// only the test `helper`, with `PROBE_ENV` = `probe` and the spec adjusted by `configure`;
+/// returns the sandbox, its code directory and the JSON the helper reported on fd 3.
+fn run_probe(
+    tag: &str,
+    helper: &str,
+    probe: &str,
+    configure: impl FnOnce(&mut SandboxSpec),
+) -> (Sandbox, PathBuf, Value) {
+    let code = code_dir(tag);
+    let exe = code.join("probe");
+    fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    fs::set_permissions(&exe, fs::Permissions::from_mode(0o755)).unwrap();
+    let argv = [
+        "/var/task/probe",
+        "--exact",
+        helper,
+        "--test-threads=1",
+        "-q",
+    ];
+    let mut spec = spec_for(&code, argv.map(String::from).to_vec());
+    spec.env.push((PROBE_ENV.into(), probe.into()));
+    configure(&mut spec);
+    let sb = spawn(Path::new(HEARTH), &spec).unwrap();
+    let text = read_message(&sb.channel, Duration::from_secs(20));
+    let r: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    (sb, code, r)
+}
+
+/// What a probe helper found, as one JSON line on the channel (fd 3).
+fn report(r: serde_json::Map<String, Value>) {
+    let msg = format!("{}\n", Value::Object(r));
+    // SAFETY: writes a valid buffer to the channel.
+    unsafe { libc::write(3, msg.as_ptr().cast(), msg.len()) };
+}
+
 /// The seccomp probe: runs only inside a sandbox (`PROBE_ENV` set), where this test binary is
 /// PID 1. It tries denied and allowed system calls and reports errno values on fd 3.
 #[test]
@@ -521,9 +557,7 @@ fn seccomp_probe_helper() {
                 .unwrap_or_default(),
         );
     }
-    let msg = format!("{}\n", Value::Object(r));
-    // SAFETY: writes a valid buffer to the channel.
-    unsafe { libc::write(3, msg.as_ptr().cast(), msg.len()) };
+    report(r);
 }
 
 #[test]
@@ -531,26 +565,7 @@ fn seccomp_filter_denies_dangerous_syscalls_live() {
     if !can_run() {
         return;
     }
-    let code = code_dir("probe");
-    let probe = code.join("probe");
-    fs::copy(std::env::current_exe().unwrap(), &probe).unwrap();
-    fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).unwrap();
-    let mut spec = spec_for(
-        &code,
-        [
-            "/var/task/probe",
-            "--exact",
-            "seccomp_probe_helper",
-            "--test-threads=1",
-            "-q",
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
-    spec.env.push((PROBE_ENV.into(), "1".into()));
-    let mut sb = spawn(Path::new(HEARTH), &spec).unwrap();
-    let text = read_message(&sb.channel, Duration::from_secs(20));
-    let r: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    let (mut sb, code, r) = run_probe("probe", "seccomp_probe_helper", "1", |_| {});
     let status = wait_exit(&mut sb, Duration::from_secs(20));
     assert!(
         libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 0,
@@ -1009,9 +1024,7 @@ fn escape_probe_helper() {
         }
     }
     r.insert("cpus_after".into(), cpus().into());
-    let msg = format!("{}\n", Value::Object(r));
-    // SAFETY: writes a valid buffer to the channel.
-    unsafe { libc::write(3, msg.as_ptr().cast(), msg.len()) };
+    report(r);
 }
 
 #[test]
@@ -1019,27 +1032,9 @@ fn instances_cannot_leave_their_core_or_open_vsock_sockets() {
     if !can_run() {
         return;
     }
-    let code = code_dir("escape");
-    let probe = code.join("probe");
-    fs::copy(std::env::current_exe().unwrap(), &probe).unwrap();
-    fs::set_permissions(&probe, fs::Permissions::from_mode(0o755)).unwrap();
-    let mut spec = spec_for(
-        &code,
-        [
-            "/var/task/probe",
-            "--exact",
-            "escape_probe_helper",
-            "--test-threads=1",
-            "-q",
-        ]
-        .map(String::from)
-        .to_vec(),
-    );
-    spec.env.push((PROBE_ENV.into(), "escape".into()));
-    spec.cpu_core = Some(0);
-    let mut sb = spawn(Path::new(HEARTH), &spec).unwrap();
-    let text = read_message(&sb.channel, Duration::from_secs(20));
-    let r: Value = serde_json::from_str(text.trim()).unwrap_or_else(|e| panic!("{text:?}: {e}"));
+    let (mut sb, code, r) = run_probe("escape", "escape_probe_helper", "escape", |spec| {
+        spec.cpu_core = Some(0)
+    });
     wait_exit(&mut sb, Duration::from_secs(20));
     assert_eq!(r["cpus_before"], "0", "{r}");
     assert_eq!(r["setaffinity"], "EPERM", "{r}");

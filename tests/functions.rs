@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use common::{
     anon as call_anon, control as call, deploy_fixture as deploy, deploy_zip, fixture,
-    functions_on_disk, zip_fixture, Client, Server,
+    functions_on_disk, header_values, zip_fixture, Client, Server,
 };
 
 #[test]
@@ -94,19 +94,9 @@ fn plain_handler_gets_a_function_url_event() {
     let r = call(&s, "GET", &format!("/f/{id}/headers"), &[], b"");
     assert_eq!(r.status, 201);
     assert_eq!(r.header("x-single"), Some("one"));
-    let multi: Vec<_> = r
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "x-multi")
-        .map(|(_, v)| v.as_str())
-        .collect();
+    let multi = header_values(&r, "x-multi");
     assert_eq!(multi, ["a", "b"]);
-    let cookies: Vec<_> = r
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "set-cookie")
-        .map(|(_, v)| v.as_str())
-        .collect();
+    let cookies = header_values(&r, "set-cookie");
     assert_eq!(cookies, ["a=1; Path=/", "b=2"]);
     assert_eq!(r.body, b"made", "the handler's Content-Length must not win");
     // A handler error is a 502 with the runtime's error.
@@ -147,12 +137,7 @@ fn express_app_with_serverless_http_works_unchanged() {
         b"",
     );
     assert_eq!(r.json()["cookie"], "k=v");
-    let set: Vec<_> = r
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "set-cookie")
-        .map(|(_, v)| v.clone())
-        .collect();
+    let set = header_values(&r, "set-cookie");
     assert_eq!(set.len(), 2, "{set:?}");
     let r = call(&s, "GET", &format!("/f/{id}/redirect"), &[], b"");
     assert_eq!((r.status, r.header("location")), (302, Some("/")));

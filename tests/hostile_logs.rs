@@ -25,6 +25,19 @@ fn invoke(s: &Server, id: &str, path: &str) -> Response {
         .request("GET", &format!("/f/{id}{path}"), &[], b"")
 }
 
+/// The flood `via` grew the server's memory (KiB) by less than [`RSS_GROWTH_KIB_MAX`] and
+/// kept a bystander's slowest answer under [`BYSTANDER_LATENCY_MAX`].
+fn assert_bounded(via: &str, rss_before: u64, rss_after: u64, worst: Duration) {
+    assert!(
+        rss_after.saturating_sub(rss_before) < RSS_GROWTH_KIB_MAX,
+        "{via}: server grew from {rss_before} to {rss_after} KiB"
+    );
+    assert!(
+        worst < BYSTANDER_LATENCY_MAX,
+        "{via}: a bystander waited {worst:?}"
+    );
+}
+
 /// The function's kept log lines.
 fn logs(s: &Server, id: &str) -> serde_json::Value {
     let r = control(s, "GET", &format!("/functions/{id}/logs"), &[], b"");
@@ -147,14 +160,7 @@ fn one_flood_is_bounded(via: &str) {
     eprintln!(
         "{via}: server VmRSS {rss_before} -> {rss_after} KiB; bystander worst {worst:?} over {n} requests"
     );
-    assert!(
-        rss_after.saturating_sub(rss_before) < RSS_GROWTH_KIB_MAX,
-        "{via}: server grew from {rss_before} to {rss_after} KiB"
-    );
-    assert!(
-        worst < BYSTANDER_LATENCY_MAX,
-        "{via}: a bystander waited {worst:?}"
-    );
+    assert_bounded(via, rss_before, rss_after, worst);
     // The host notes what it left out, within a second even if the
     // function falls silent.
     let l = wait_for_line(&s, &flood, DROP_NOTE);
@@ -200,14 +206,7 @@ fn repeated_flood_is_bounded(via: &str) {
     eprintln!(
         "{via} every 100 ms: server VmRSS {rss_before} -> {rss_after} KiB; bystander worst {worst:?} over {n} requests"
     );
-    assert!(
-        rss_after.saturating_sub(rss_before) < RSS_GROWTH_KIB_MAX,
-        "{via}: server grew from {rss_before} to {rss_after} KiB"
-    );
-    assert!(
-        worst < BYSTANDER_LATENCY_MAX,
-        "{via}: a bystander waited {worst:?}"
-    );
+    assert_bounded(via, rss_before, rss_after, worst);
     // The instance's intake was limited, and the log says so.
     assert!(dropped_lines(&s, &flood) > 0);
     let l = wait_for_line(&s, &flood, DROP_NOTE);

@@ -16,7 +16,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use common::qemu::{instance_vms, skip_reason, static_agent, wait_until, SLOW};
-use common::{Client, Response};
+use common::{header_values, Client, Response};
 use hearth::guest::{ext4, images};
 
 fn root() -> &'static Path {
@@ -275,12 +275,7 @@ fn qemu_functions_deploy_invoke_and_survive_a_restart() {
     assert_eq!(v["cwd"], "/var/task");
     let r = s.get(&format!("/f/{id}/headers"));
     assert_eq!(r.status, 201);
-    let cookies: Vec<_> = r
-        .headers
-        .iter()
-        .filter(|(k, _)| k == "set-cookie")
-        .map(|(_, v)| v.as_str())
-        .collect();
+    let cookies = header_values(&r, "set-cookie");
     assert_eq!(cookies, ["a=1; Path=/", "b=2"]);
     let r = s.get(&format!("/f/{id}/error"));
     assert_eq!(r.status, 502);

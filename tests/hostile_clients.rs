@@ -10,24 +10,13 @@ use std::net::TcpStream;
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
-use common::{metric_sum, parse_responses, rss_kib, zip_fixture, Client, Response, Server};
-
-/// One request with the server's admin token.
-fn call(s: &Server, method: &str, path: &str, headers: &[(&str, &str)], body: &[u8]) -> Response {
-    s.control(method, path, headers, body)
-}
+use common::{
+    control as call, deploy_fixture, metric_sum, parse_responses, rss_kib, Client, Server,
+};
 
 /// Deploys the `hostile` fixture; returns its id.
 fn deploy_hostile(s: &Server, query: &str) -> String {
-    let r = call(
-        s,
-        "POST",
-        &format!("/deploy?handler=index.handler&{query}"),
-        &[("content-type", "application/zip")],
-        &zip_fixture("hostile"),
-    );
-    assert_eq!(r.status, 201, "{} / {}", r.text(), s.stderr());
-    r.json()["functionId"].as_str().unwrap().to_string()
+    deploy_fixture(s, "hostile", &format!("handler=index.handler&{query}"))
 }
 
 /// A connection whose receive buffer is tiny, so the server's answers back up.

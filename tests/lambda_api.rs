@@ -626,15 +626,10 @@ fn the_runtime_field_chooses_the_runtime() {
         eprintln!("skipped: the python3 runtime needs /usr/bin/python3 on the host");
         return;
     }
-    use std::io::Write as _;
     let s = Server::start(&[]);
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    w.start_file("app.py", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    w.write_all(b"import sys\ndef handler(event, context):\n    return {'statusCode': 200, 'body': 'python %d' % sys.version_info[0]}\n")
-        .unwrap();
+    let py: &[u8] = b"import sys\ndef handler(event, context):\n    return {'statusCode': 200, 'body': 'python %d' % sys.version_info[0]}\n";
     let path = s.dir.join("py.zip");
-    std::fs::write(&path, w.finish().unwrap().into_inner()).unwrap();
+    std::fs::write(&path, common::zip(&[("app.py", py, 0o644)])).unwrap();
     let zip_arg = format!("fileb://{}", path.display());
     let create = |name: &str, runtime: &str| {
         vec![

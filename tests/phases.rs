@@ -12,18 +12,11 @@ mod common;
 use std::collections::HashMap;
 use std::process::Command;
 
-use common::{metric_sum, zip_fixture, Response, Server};
+use common::{deploy_fixture, metric_sum, Response, Server};
 
 /// Deploys the `behave` fixture and returns its id.
 fn deploy_behave(s: &Server) -> String {
-    let r = s.control(
-        "POST",
-        "/deploy?handler=index.handler",
-        &[("content-type", "application/zip")],
-        &zip_fixture("behave"),
-    );
-    assert_eq!(r.status, 201, "deploy: {} / {}", r.text(), s.stderr());
-    r.json()["functionId"].as_str().unwrap().to_string()
+    deploy_fixture(s, "behave", "handler=index.handler")
 }
 
 /// The `Server-Timing` entries of `r`, ms by name, in order.

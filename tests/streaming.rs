@@ -17,18 +17,11 @@ use std::net::TcpStream;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::{zip_fixture, Server};
+use common::{deploy_fixture, deploy_ok, zip, Server};
 
 /// Deploys the `streaming` fixture (named `name`) and returns its id.
 fn deploy_streaming(s: &Server, name: &str) -> String {
-    let r = s.control(
-        "POST",
-        &format!("/deploy?name={name}&concurrency=2"),
-        &[("content-type", "application/zip")],
-        &zip_fixture("streaming"),
-    );
-    assert_eq!(r.status, 201, "deploy: {} / {}", r.text(), s.stderr());
-    r.json()["functionId"].as_str().unwrap().to_string()
+    deploy_fixture(s, "streaming", &format!("name={name}&concurrency=2"))
 }
 
 /// A raw HTTP/1.1 client reading a chunked answer piece by piece.
@@ -231,19 +224,12 @@ fn boto3_reads_invoke_with_response_stream() {
     skip_if!(boto3_missing());
     let s = Server::start(&[]);
     deploy_streaming(&s, "evstream");
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    w.start_file("index.js", zip::write::SimpleFileOptions::default())
-        .unwrap();
-    w.write_all(b"exports.handler = async (event) => ({ got: event });")
-        .unwrap();
-    let plain_zip = w.finish().unwrap().into_inner();
-    let r = s.control(
-        "POST",
-        "/deploy?name=plainfn&handler=index.handler",
-        &[("content-type", "application/zip")],
-        &plain_zip,
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    let plain_zip = zip(&[(
+        "index.js",
+        b"exports.handler = async (event) => ({ got: event });",
+        0o644,
+    )]);
+    deploy_ok(&s, &plain_zip, "name=plainfn&handler=index.handler");
     let script = format!(
         r#"
 import boto3, json, time
@@ -340,23 +326,16 @@ print(json.dumps(out))
 
 /// A zip of `bootstrap` (mode 0755) holding `script`.
 fn bootstrap_zip(script: &str) -> Vec<u8> {
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    let opts = zip::write::SimpleFileOptions::default().unix_permissions(0o755);
-    w.start_file("bootstrap", opts).unwrap();
-    w.write_all(script.as_bytes()).unwrap();
-    w.finish().unwrap().into_inner()
+    zip(&[("bootstrap", script.as_bytes(), 0o755)])
 }
 
 /// Deploys a `provided` function from `script` under `name`; returns its id.
 fn deploy_bootstrap(s: &Server, name: &str, script: &str) -> String {
-    let r = s.control(
-        "POST",
-        &format!("/deploy?name={name}&runtime=provided.al2023&handler=function.handler"),
-        &[("content-type", "application/zip")],
+    deploy_ok(
+        s,
         &bootstrap_zip(script),
-    );
-    assert_eq!(r.status, 201, "deploy: {} / {}", r.text(), s.stderr());
-    r.json()["functionId"].as_str().unwrap().to_string()
+        &format!("name={name}&runtime=provided.al2023&handler=function.handler"),
+    )
 }
 
 /// A custom runtime in the style of AWS's tutorial that streams its answer

@@ -380,13 +380,7 @@ fn failed_events_are_posted_to_the_operators_webhook() {
     let hook = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let url = format!("http://{}/hook", hook.local_addr().unwrap());
     let s = Server::start(&["--async-failure-webhook", &url]);
-    let r = s.control(
-        "POST",
-        "/deploy?name=hooked",
-        &[("content-type", "application/zip")],
-        &zip_fixture("async-events"),
-    );
-    assert_eq!(r.status, 201, "{}", r.text());
+    common::deploy_fixture(&s, "async-events", "name=hooked");
     let r = s.control(
         "PUT",
         "/2019-09-25/functions/hooked/event-invoke-config",

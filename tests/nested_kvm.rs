@@ -31,13 +31,16 @@ fn wait_until(l1: &mut L1, limit: Duration, mut f: impl FnMut(&mut L1) -> bool) 
 }
 
 fn deploy(l1: &mut L1, fixture: &str, query: &str, backend: &str) -> String {
-    let zip = common::zip_fixture(fixture);
+    deploy_zip(l1, &common::zip_fixture(fixture), fixture, query, backend)
+}
+
+fn deploy_zip(l1: &mut L1, zip: &[u8], fixture: &str, query: &str, backend: &str) -> String {
     let t = Instant::now();
     let r = l1.call(
         "POST",
         &format!("/deploy?{query}"),
         &[("content-type", "application/zip")],
-        &zip,
+        zip,
         SLOW,
     );
     if r.status != 201 {
@@ -172,6 +175,9 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
         None
     };
 
+    // `provided` and `python3` (Firecracker: QEMU's are covered by tests/qemu_runtime_api.rs).
+    let others = (b == "firecracker").then(|| runtime_api_functions(l1, vmm));
+
     // Concurrency: three slow calls at once are served by more than one instance.
     let beh = deploy(l1, "behave", "timeout_ms=8000", b);
     let base = format!("/f/{beh}");
@@ -253,6 +259,14 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
     if let Some(app) = app {
         assert_eq!(get(l1, &format!("/f/{app}/")).status, 200);
     }
+    for (id, answer) in others.iter().flatten() {
+        let r = get(l1, &format!("/f/{id}/again"));
+        assert_eq!(
+            (r.status, r.text()),
+            (200, answer.replace("PATH", "/again")),
+            "a clone restored from the snapshot after the restart"
+        );
+    }
     let log = l1.serve_log();
     assert!(!log.contains("rebuilding"), "{log}");
     l1.stop_hearth();
@@ -261,6 +275,90 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
         "nested: {b} cycle ({serve_args}) took {} s",
         cycle.elapsed().as_secs()
     );
+}
+
+/// A `provided` function: a Python script as its `bootstrap`, speaking the
+/// Runtime API itself (the userland drive has Python but no curl in L1).
+const PROVIDED_BOOTSTRAP: &str = r#"#!/usr/bin/python3
+import http.client, json, os
+api = os.environ["AWS_LAMBDA_RUNTIME_API"]
+calls = 0
+while True:
+    c = http.client.HTTPConnection(api)
+    c.request("GET", "/2018-06-01/runtime/invocation/next")
+    r = c.getresponse()
+    event = json.loads(r.read())
+    rid = r.getheader("Lambda-Runtime-Aws-Request-Id")
+    calls += 1
+    out = {"statusCode": 200, "body": "provided %s calls=%d" % (event["rawPath"], calls)}
+    c.request("POST", "/2018-06-01/runtime/invocation/%s/response" % rid, json.dumps(out))
+    c.getresponse().read()
+    c.close()
+"#;
+
+/// A `python3` function run by hearth's bootstrap.
+const PYTHON_APP: &str = r#"
+CALLS = 0
+def handler(event, context):
+    global CALLS
+    CALLS += 1
+    return {"statusCode": 200, "body": "python3 %s calls=%d" % (event["rawPath"], CALLS)}
+"#;
+
+fn zip(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
+    for (name, data, mode) in files {
+        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
+        w.start_file(*name, opts).unwrap();
+        w.write_all(data).unwrap();
+    }
+    w.finish().unwrap().into_inner()
+}
+
+/// Deploys a `provided` and a `python3` function (their snapshot taken once
+/// the runtime polls `/next`, on the userland drive built in L1), invokes
+/// each through its function URL twice (a clone restored from the snapshot,
+/// then warm) and returns their ids with the answer a fresh clone gives to a
+/// path (`PATH` in it).
+fn runtime_api_functions(l1: &mut L1, vmm: &Vmm) -> Vec<(String, String)> {
+    let b = vmm.backend;
+    let provided = deploy_zip(
+        l1,
+        &zip(&[("bootstrap", PROVIDED_BOOTSTRAP.as_bytes(), 0o755)]),
+        "provided bootstrap",
+        "runtime=provided.al2023&timeout_ms=60000",
+        b,
+    );
+    l1.sh(&format!(
+        "grep -q hearth.api=provided {STATE}/functions/{provided}/firecracker.json; \
+         grep -q userland- {STATE}/functions/{provided}/firecracker.json; \
+         ls {STATE}/cache/guest/userland-*.ext4"
+    ));
+    let python = deploy_zip(
+        l1,
+        &zip(&[("app.py", PYTHON_APP.as_bytes(), 0o644)]),
+        "python3 app",
+        "runtime=python3.12&handler=app.handler&timeout_ms=60000",
+        b,
+    );
+    let mut out = Vec::new();
+    for (id, kind) in [(provided, "provided"), (python, "python3")] {
+        let t = Instant::now();
+        let r = get(l1, &format!("/f/{id}/first"));
+        assert_eq!(r.status, 200, "{kind}: {}", r.text());
+        assert_eq!(r.text(), format!("{kind} /first calls=1"));
+        assert_eq!(instances(l1, vmm, &id).len(), 1, "{kind}: restored");
+        let cold_ms = t.elapsed().as_millis();
+        let r = get(l1, &format!("/f/{id}/second"));
+        assert_eq!(
+            (r.status, r.text()),
+            (200, format!("{kind} /second calls=2"))
+        );
+        eprintln!("nested: {b}: {kind}: cold start by restore {cold_ms} ms");
+        out.push((id, format!("{kind} PATH calls=1")));
+    }
+    out
 }
 
 /// `--backend firecracker --jailer`: deploy and restore in jails (hard-linked

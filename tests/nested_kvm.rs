@@ -368,9 +368,12 @@ fn runtime_api_functions(l1: &mut L1, vmm: &Vmm) -> Vec<(String, String)> {
 fn jailer_cycle(l1: &mut L1) {
     let cycle = Instant::now();
     let args = "--backend firecracker --jailer";
-    l1.start_hearth("", args);
+    let trace = "HEARTH_FIRECRACKER_TRACE=1";
+    l1.start_hearth(trace, args);
     let log = l1.serve_log();
     assert!(log.contains("firecracker: jailer "), "{log}");
+    // Uffd is the default under the jailer too: its socket is bound inside each jail.
+    assert!(log.lines().any(|l| l.ends_with("memory Uffd")), "{log}");
     let jails = format!("{STATE}/jail/firecracker");
     // Generous: a cold start by restore took 16 s in L1 on a loaded host.
     let id = deploy(l1, "behave", "timeout_ms=45000", "firecracker");
@@ -434,6 +437,20 @@ fn jailer_cycle(l1: &mut L1) {
     assert!(cgroup.contains("/hearth-fc-"), "{cgroup}");
     let max = l1.sh(&format!("cat /sys/fs/cgroup{}/memory.max", cgroup.trim()));
     assert_eq!(max.trim(), ((256u64 + 128) << 20).to_string(), "memory.max");
+    // Its memory came over the userfaultfd socket in its root, which is gone
+    // once used; the first invocation's working set is recorded.
+    let log = l1.serve_log();
+    assert!(log.contains(" page faults served"), "{log}");
+    l1.sh(&format!("test ! -e {jail}/root/run/uf.sock"));
+    let recorded = format!("function {id}: working set recorded");
+    assert!(
+        wait_until(l1, Duration::from_secs(30), |l1| l1
+            .serve_log()
+            .contains(&recorded)),
+        "{}",
+        l1.serve_log()
+    );
+    l1.sh(&format!("test -s {dir}/fc.ws"));
 
     // A killed VMM: a fresh instance serves, the old jail and cgroup are gone.
     l1.sh(&format!("kill -KILL {pid}"));
@@ -443,6 +460,9 @@ fn jailer_cycle(l1: &mut L1) {
     }
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(r.json()["calls"], 1, "a fresh instance from the snapshot");
+    // Restored jailed with the working set installed before it resumed.
+    let installed = format!("{id}: working set of ");
+    assert!(l1.serve_log().contains(&installed), "{}", l1.serve_log());
     let gone = format!(
         "test ! -e {jail} && test ! -e /sys/fs/cgroup{}",
         cgroup.trim()
@@ -464,7 +484,7 @@ fn jailer_cycle(l1: &mut L1) {
     let orphans = instances(l1, &FIRECRACKER, &id);
     assert_eq!(orphans.len(), 1, "{orphans:?}");
     l1.sh("kill -KILL $(pidof hearth); sleep 0.5");
-    l1.start_hearth("", args);
+    l1.start_hearth(trace, args);
     let left = l1.sh(&format!(
         "grep -s '^State' /proc/{}/status | grep -v zombie || true; ls {jails}",
         orphans[0]

@@ -108,8 +108,10 @@ fn get(l1: &L1, path: &str) -> Response {
 }
 
 /// Everything one backend must do on a KVM host: deploys, restores,
-/// concurrency, crashes, timeouts, delete, and a restart of hearth.
-fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
+/// concurrency, crashes, timeouts, delete, and a restart of hearth. Returns
+/// the Express app's id, deployed and left in place for the next cycle (its
+/// other functions are removed), if the fixture's modules are installed.
+fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) -> Option<String> {
     let cycle = Instant::now();
     l1.start_hearth("", serve_args);
     let log = l1.serve_log();
@@ -153,7 +155,8 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
     let express =
         env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/express-app/node_modules/express";
     let app = if std::path::Path::new(&express).is_dir() {
-        let app = deploy(l1, "express-app", "", b);
+        // The Uffd cycles restore it too: their timeout.
+        let app = deploy(l1, "express-app", "timeout_ms=120000", b);
         let t = Instant::now();
         let r = get(l1, &format!("/f/{app}/"));
         assert_eq!((r.status, r.text().as_str()), (200, "Hello from hearth"));
@@ -256,7 +259,7 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
         "nested: {b}: first call after restart {} ms",
         t.elapsed().as_millis()
     );
-    if let Some(app) = app {
+    if let Some(app) = &app {
         assert_eq!(get(l1, &format!("/f/{app}/")).status, 200);
     }
     for (id, answer) in others.iter().flatten() {
@@ -270,11 +273,15 @@ fn backend_cycle(l1: &mut L1, vmm: &Vmm, serve_args: &str) {
     let log = l1.serve_log();
     assert!(!log.contains("rebuilding"), "{log}");
     l1.stop_hearth();
-    l1.sh(&format!("rm -rf {STATE}/functions"));
+    let keep = app.as_deref().unwrap_or("-");
+    l1.sh(&format!(
+        "find {STATE}/functions -mindepth 1 -maxdepth 1 ! -name {keep} -exec rm -rf {{}} +"
+    ));
     eprintln!(
         "nested: {b} cycle ({serve_args}) took {} s",
         cycle.elapsed().as_secs()
     );
+    app
 }
 
 /// A `provided` function: a Python script as its `bootstrap`, speaking the
@@ -601,14 +608,16 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
             return;
         }
         // HEARTH_NESTED_ONLY=uffd: only the Uffd cycles (while working on them).
-        if std::env::var("HEARTH_NESTED_ONLY").as_deref() != Ok("uffd") {
+        let app = if std::env::var("HEARTH_NESTED_ONLY").as_deref() != Ok("uffd") {
             backend_cycle(
                 &mut l1,
                 &FIRECRACKER,
                 "--backend firecracker --fc-memory file",
-            );
-        }
-        uffd_cycle(&mut l1);
+            )
+        } else {
+            None
+        };
+        uffd_cycle(&mut l1, app);
         jailer_cycle(&mut l1);
     } else {
         eprintln!(
@@ -626,6 +635,7 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
     machine_check(&mut l1, "microvm");
     if std::env::var_os("HEARTH_NESTED_QEMU_KVM").is_some() {
         backend_cycle(&mut l1, &QEMU, "--backend qemu");
+        l1.sh(&format!("rm -rf {STATE}/functions"));
         machine_check(&mut l1, "pc");
         machine_check(&mut l1, "q35");
     } else {
@@ -653,8 +663,8 @@ const UFFD_KEEP_WARM: &str = "--keep-warm-ms 10000";
 /// fault) and then `--fc-memory uffd` (the first invocation's working set is
 /// recorded, stored as `fc.ws` and installed before later restores resume),
 /// on the same functions: a restart of hearth restores them from their
-/// snapshots.
-fn uffd_cycle(l1: &mut L1) {
+/// snapshots. `app`: the Express app the File cycle left deployed.
+fn uffd_cycle(l1: &mut L1, app: Option<String>) {
     let t = Instant::now();
     let args = |mode: &str| format!("--backend firecracker --fc-memory {mode} {UFFD_KEEP_WARM}");
     l1.start_hearth("HEARTH_FIRECRACKER_TRACE=1", &args("uffd-lazy"));
@@ -666,9 +676,11 @@ fn uffd_cycle(l1: &mut L1) {
     let beh = deploy(l1, "behave", "timeout_ms=120000", b);
     let express =
         env!("CARGO_MANIFEST_DIR").to_string() + "/tests/fixtures/express-app/node_modules/express";
-    let app = std::path::Path::new(&express)
-        .is_dir()
-        .then(|| deploy(l1, "express-app", "timeout_ms=120000", b));
+    let app = app.or_else(|| {
+        std::path::Path::new(&express)
+            .is_dir()
+            .then(|| deploy(l1, "express-app", "timeout_ms=120000", b))
+    });
     uffd_checks(l1, &plain, &beh, app.as_deref(), false);
     l1.stop_hearth();
     l1.start_hearth("HEARTH_FIRECRACKER_TRACE=1", &args("uffd"));

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
-# Restore-to-first-response of the Express app, Firecracker in the nested KVM
-# host (tests/nested_kvm.rs boots L1 under QEMU/TCG once): the File memory
-# backend, Uffd served lazily, and Uffd with the working set installed before
-# resume: ROUNDS restores each, interleaved (hearth restarted with each backend,
-# so every restore starts from no instance).
+# Restore-to-first-response of the Express app in the nested KVM host
+# (tests/nested_kvm.rs boots L1 under QEMU/TCG once): Firecracker with the File
+# memory backend, Uffd served lazily, and Uffd with the working set installed
+# before resume, and the QEMU backend (-accel kvm -M microvm) on the same L1:
+# ROUNDS restores each, interleaved (hearth restarted with each backend, so
+# every restore starts from no instance).
 # Absolute figures are emulation-bound (L1 and L2 run under TCG); compare ratios.
 #
 # Usage: perf/nested-restore.sh [ROUNDS]     (default 7)
@@ -18,6 +19,6 @@ HEARTH_NESTED_PERF=$rounds cargo test --release --test nested_kvm -- --nocapture
   tail -n 60 "$log"; exit 1; }
 echo "load after: $(cut -d' ' -f1-3 /proc/loadavg)"
 grep -E '^perf: ' "$log"
-echo '| memory backend | median restore to first response | vs file | each restore (ms) |'
+echo '| backend | median restore to first response | vs file | each restore (ms) |'
 echo '|---|---|---|---|'
 grep -E '^perf-table: ' "$log" | sed 's/^perf-table: //'

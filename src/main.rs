@@ -236,8 +236,8 @@ struct ServeArgs {
     /// own mapping of the snapshot's memory file and installs the pages the function's first
     /// invocation touched before the VM resumes; the faster, see perf/RESULTS.md), file
     /// (Firecracker maps the memory file itself; clones share its page cache), uffd-lazy
-    /// (uffd without that working set). Default: uffd; file with --jailer, which takes
-    /// only file for now.
+    /// (uffd without that working set). Default: uffd (with --jailer too: the userfaultfd
+    /// socket is bound inside each jail).
     #[arg(long, value_enum)]
     fc_memory: Option<FcMemory>,
 }
@@ -353,18 +353,8 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         async_queue_bytes_max: a.async_queue_max_mb.max(1).saturating_mul(1 << 20),
         async_retry_base_ms: a.async_retry_base_ms.max(1),
         async_failure_webhook: a.async_failure_webhook,
-        fc_memory: match a.fc_memory {
-            Some(m) => m,
-            None if a.jailer => FcMemory::File,
-            None => FcMemory::Uffd,
-        },
+        fc_memory: a.fc_memory.unwrap_or(FcMemory::Uffd),
     };
-    if cfg.jailer && cfg.fc_memory != FcMemory::File {
-        return Err(
-            "--jailer takes --fc-memory file for now: the userfaultfd socket is not yet placed in the jail"
-                .into(),
-        );
-    }
     if cfg.jailer && !matches!(cfg.backend, BackendKind::Firecracker | BackendKind::Auto) {
         return Err("--jailer runs Firecracker VMMs: it needs --backend firecracker".into());
     }

@@ -21,13 +21,14 @@ use std::fs;
 use std::io::{self, Read};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Mutex;
 
 use sha2::{Digest, Sha256};
 
 use super::ext4::{self, Ext4Error};
 use super::initramfs::CpioWriter;
 use super::kernel::{self, Kernel, KernelError};
-use crate::runtime::{self, RuntimeError};
+use crate::runtime::{self, RuntimeError, RuntimeKind};
 
 /// Bumped whenever what goes into the artifacts changes.
 const LAYOUT_VERSION: &str = "hearth-guest-v2";
@@ -206,6 +207,42 @@ pub fn userland_image(state_dir: &Path) -> Result<PathBuf, ImageError> {
         if old > 0 { format!(" ({old} older one(s) removed)") } else { String::new() }
     );
     Ok(image)
+}
+
+/// The runtime drive of each runtime, for the VM backends (QEMU and
+/// Firecracker alike): Node.js functions boot the server's runtime image,
+/// `provided` and `python3` functions the userland image, built when the
+/// first of them needs it ([`userland_image`]) and reused afterwards.
+pub struct RuntimeDrives {
+    state_dir: PathBuf,
+    node: PathBuf,
+    userland: Mutex<Option<PathBuf>>,
+}
+
+impl RuntimeDrives {
+    /// Drives for a server on `state_dir` whose Node.js image is `guest`'s.
+    pub fn new(state_dir: &Path, guest: &Guest) -> RuntimeDrives {
+        RuntimeDrives {
+            state_dir: state_dir.to_path_buf(),
+            node: guest.runtime_image.clone(),
+            userland: Mutex::new(None),
+        }
+    }
+
+    /// The image a function of `runtime` boots as its runtime drive.
+    pub fn for_runtime(&self, runtime: RuntimeKind) -> Result<PathBuf, ImageError> {
+        if runtime.is_nodejs() {
+            return Ok(self.node.clone());
+        }
+        // Held while building: a second function waits for the same image.
+        let mut built = self.userland.lock().unwrap();
+        if let Some(image) = built.as_ref() {
+            return Ok(image.clone());
+        }
+        let image = userland_image(&self.state_dir)?;
+        *built = Some(image.clone());
+        Ok(image)
+    }
 }
 
 /// Name of the temporary tree a userland image is made from, before the builder's pid.

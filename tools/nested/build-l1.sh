@@ -11,7 +11,7 @@
 # Writes:
 #   OUT/vmlinuz      L1's kernel (Debian's cloud kernel, tools/fetch-kernel.sh)
 #   OUT/initrd.cpio  busybox and the modules that find the root disk and /dev/kvm
-#   OUT/root.ext4    L1's root: busybox, bash, e2fsprogs, Node.js, QEMU and its
+#   OUT/root.ext4    L1's root: busybox, bash, e2fsprogs, Node.js, Python 3, QEMU and its
 #                    firmware, hearth, the agent, the guest kernel tree and,
 #                    Firecracker when tools/fetch-firecracker.sh installed it; run with QEMU's snapshot=on so
 #                    L1's writes never reach the file
@@ -40,9 +40,12 @@ fi
 fc_bins=()
 for b in "$fcdir/firecracker" "$fcdir/jailer"; do [ -x "$b" ] && fc_bins+=("$b"); done
 
+py=$(readlink -f /usr/bin/python3 2>/dev/null || true)
+[ -x "$py" ] || { py=; echo "build-l1: no /usr/bin/python3: L1 runs no python3 functions" >&2; }
+
 # Inputs that decide the output; anything else changing needs a manual `rm -r OUT`.
 inputs=("$0" "$here/l1-init" "$hearth" "$agent" "$vmlinuz" "$busybox" /usr/bin/node
-        /usr/bin/qemu-system-x86_64 "${fc_bins[@]}")
+        /usr/bin/qemu-system-x86_64 "${fc_bins[@]}" ${py:+"$py"})
 stamp=$(stat -L -c '%n %s %Y' "${inputs[@]}" | sha256sum | cut -c1-16)
 if [ -f "$out/stamp" ] && [ "$(cat "$out/stamp")" = "$stamp" ] && [ -f "$out/root.ext4" ]; then
   exit 0
@@ -97,6 +100,18 @@ for b in /usr/bin/bash /usr/bin/ldd /usr/sbin/mkfs.ext4 /usr/sbin/e2fsck /usr/sb
   copy_with_libs "$b"
 done
 for b in "${fc_bins[@]}"; do copy_with_libs "$b" "/var/cache/hearth/firecracker/${b##*/}"; done
+# Python 3 (the interpreter under its versioned name, its standard library and
+# what its extension modules link), which hearth copies into the userland
+# drive of `provided` and `python3` functions.
+if [ -n "$py" ]; then
+  copy_with_libs "$py"
+  ln -sf "${py##*/}" "$r/usr/bin/python3"
+  std=/usr/lib/${py##*/}
+  cp -a "$std" "$r$std"
+  rm -rf "$r$std"/{test,idlelib,tkinter,turtledemo,ensurepip}
+  [ -d "/etc/${py##*/}" ] && cp -a "/etc/${py##*/}" "$r/etc/"
+  for so in "$r$std"/lib-dynload/*.so; do copy_with_libs "${so#"$r"}"; done
+fi
 cp "$busybox" "$r/usr/bin/busybox"
 mkdir -p "$r/opt/bb"
 for a in $("$busybox" --list); do ln -s /usr/bin/busybox "$r/opt/bb/$a"; done

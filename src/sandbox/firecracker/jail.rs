@@ -60,6 +60,9 @@ const CPU_PERIOD_US: u64 = 100_000;
 /// The API and vsock sockets as the jailed Firecracker sees them.
 pub const API_SOCK: &str = "/run/api.sock";
 pub const VSOCK_SOCK: &str = "/run/v.sock";
+/// The socket hearth listens on for a jailed Firecracker's userfaultfd
+/// (`--fc-memory uffd`): bound by hearth inside the root, owned by the VMM's uid.
+pub const UFFD_SOCK: &str = "/run/uf.sock";
 /// The VMM's output, next to (not inside) its root.
 pub const LOG_FILE: &str = "firecracker.log";
 /// Longest jail id (the jailer's limit).
@@ -186,7 +189,7 @@ pub fn longest_socket_path(base: &Path, id_bytes: usize) -> usize {
         .join("root")
         .as_os_str()
         .len()
-        + API_SOCK.len().max(VSOCK_SOCK.len())
+        + API_SOCK.len().max(VSOCK_SOCK.len()).max(UFFD_SOCK.len())
 }
 
 /// The jail set-up shared by all VMMs of one server.

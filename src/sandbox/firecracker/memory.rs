@@ -5,14 +5,13 @@
 //! and installing it on later restores before the VM resumes.
 
 use std::collections::HashMap;
-use std::os::unix::net::UnixListener;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use super::api::{self, Api, MemBackend};
 use super::snapshot::SnapshotMeta;
-use super::uffd::{self, Memory, Registration, UFFD_SOCK};
+use super::uffd::{self, Memory, Registration};
 use super::vmm::{Vmm, VmmError};
 use super::workset::{self, WorkSet, WS_FILE};
 use super::Inner;
@@ -138,7 +137,7 @@ impl Inner {
         deadline: Instant,
     ) -> Result<Option<UffdMemory>, VmmError> {
         let mem_path = dir.join(&meta.mem);
-        // Jailed, Firecracker is given names inside its root (`--jailer` takes File).
+        // Jailed, Firecracker is given names inside its root.
         let state = vmm.resource(&dir.join(&meta.state));
         if self.memory == FcMemory::File {
             let mem = vmm.resource(&mem_path);
@@ -151,9 +150,11 @@ impl Inner {
             what: what.to_string(),
             err,
         };
-        let sock = vmm.dir().join(UFFD_SOCK);
-        let listener = UnixListener::bind(&sock).map_err(|e| io("bind uffd socket", e))?;
-        let load = api::snapshot_load(&state, MemBackend::Uffd(&sock), uds, false);
+        let (sock_vm, sock) = vmm.uffd_paths();
+        let listener = vmm
+            .bind_uffd_socket()
+            .map_err(|e| io("bind uffd socket", e))?;
+        let load = api::snapshot_load(&state, MemBackend::Uffd(&sock_vm), uds, false);
         api.send("PUT", "/snapshot/load", Some(&load), deadline)
             .map_err(VmmError::Api)?;
         let memory = Arc::new(Memory::open(&mem_path).map_err(|e| io("map memory file", e))?);

@@ -30,6 +30,13 @@
 //! removed with the VMM. A VMM that dies is noticed when its channel closes;
 //! its exit status and log tail are logged and the scheduler replaces it.
 //!
+//! Runtimes: as on the QEMU backend, Node.js functions boot the runtime
+//! drive and `provided` and `python3` functions the userland drive
+//! ([`images::RuntimeDrives`]) with `hearth.api=<runtime>` on the kernel
+//! command line ([`crate::guest::runtime_api_arg`]); the agent's READY, and
+//! so the snapshot, comes once their bootstrap first polls `/next`, and a
+//! restored clone continues from that poll.
+//!
 //! With `--jailer` every VMM runs under Firecracker's jailer instead: chroot,
 //! own uid, cgroup, new PID namespace ([`jail`]).
 //!
@@ -60,7 +67,8 @@ pub use vmm::VmmError;
 use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
 use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::{FcMemory, ServeConfig};
-use crate::guest::images::{self, Guest};
+use crate::guest::images::{self, Guest, RuntimeDrives};
+use crate::runtime::RuntimeKind;
 use crate::spec::FunctionSpec;
 use crate::util::program::find_program;
 use jail::Jail;
@@ -195,6 +203,8 @@ struct Inner {
     firecracker: PathBuf,
     version: String,
     guest: Guest,
+    /// The runtime drive of each runtime (the userland image built on first use).
+    drives: RuntimeDrives,
     vmlinux: PathBuf,
     /// Parent of the VMMs' private directories.
     run_dir: PathBuf,
@@ -269,6 +279,7 @@ impl FirecrackerBackend {
             inner: Arc::new(Inner {
                 firecracker,
                 version,
+                drives: RuntimeDrives::new(&cfg.state_dir, &guest),
                 guest,
                 vmlinux,
                 run_dir,
@@ -341,7 +352,7 @@ impl Inner {
         let deadline = started + RESTORE_TIMEOUT;
         let (state, mem) = (dir.join(&meta.state), dir.join(&meta.mem));
         let code = dir.join(&meta.code_image);
-        let files = [&state, &mem, &self.guest.runtime_image, &code].map(PathBuf::as_path);
+        let files = [&state, &mem, &meta.runtime_image, &code].map(PathBuf::as_path);
         let label = format!("instance of {}", spec.id);
         let mut vmm = self.spawn_vmm(spec, "", dir, label, core, &files)?;
         let fail = |e: VmmError, vmm: &Vmm| in_vm("restore", e, vmm);
@@ -418,6 +429,12 @@ impl Backend for FirecrackerBackend {
                 spec.id
             ),
         });
+    }
+
+    fn runs(&self, _runtime: RuntimeKind) -> bool {
+        // Node.js from the runtime image; `provided` and `python3` from the
+        // userland image, served the Runtime API by the agent.
+        true
     }
 
     fn forget(&self, id: &str) {

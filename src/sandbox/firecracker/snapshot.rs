@@ -16,6 +16,7 @@ use super::vmm::{Vmm, VmmError};
 use super::vsock;
 use super::Inner;
 use crate::guest::images;
+use crate::runtime::RuntimeKind;
 use crate::sandbox::qemu::{guest_memory_mb, GUEST_DEVICE_WAIT_MS, TMP_MB};
 use crate::sandbox::vmfiles::{publish, write_atomic, RemoveOnDrop};
 use crate::sandbox::{handshake, InitLogs, StartError};
@@ -64,14 +65,21 @@ pub struct SnapshotMeta {
     pub created_ms: u64,
 }
 
-/// The guest kernel command line: the agent listens on vsock.
-pub fn boot_args() -> String {
-    format!(
+/// The guest kernel command line for a function of `runtime`: the agent
+/// listens on vsock, and serves the Lambda Runtime API to runtimes other
+/// than Node.js ([`crate::guest::runtime_api_arg`]).
+pub fn boot_args(runtime: RuntimeKind) -> String {
+    let mut line = format!(
         "console=ttyS0 reboot=k panic=1 quiet i8042.noaux i8042.nomux i8042.dumbkbd \
          hearth.runtime=/dev/vda hearth.code=/dev/vdb hearth.channel=vsock:{} \
          hearth.tmp_mb={TMP_MB} hearth.wait_ms={GUEST_DEVICE_WAIT_MS}",
         vsock::AGENT_PORT
-    )
+    );
+    if let Some(api) = crate::guest::runtime_api_arg(runtime) {
+        line.push(' ');
+        line.push_str(&api);
+    }
+    line
 }
 
 /// `cause`, with the phase of the VM's life it happened in and the end of
@@ -100,7 +108,11 @@ impl Inner {
             .to_string_lossy()
             .into_owned();
         let memory_mb = guest_memory_mb(spec);
-        let boot_args = boot_args();
+        let boot_args = boot_args(spec.runtime);
+        let runtime_image = self
+            .drives
+            .for_runtime(spec.runtime)
+            .map_err(StartError::Image)?;
         let state_tmp = dir.join(format!(".{STATE_FILE}.tmp"));
         let mem_tmp = dir.join(format!(".{MEM_FILE}.tmp"));
         // A failed template leaves no half-written files behind.
@@ -109,7 +121,7 @@ impl Inner {
         let files = [
             self.vmlinux.as_path(),
             self.guest.initramfs.as_path(),
-            self.guest.runtime_image.as_path(),
+            runtime_image.as_path(),
             code_image.as_path(),
         ];
         let label = format!("template of {}", spec.id);
@@ -131,7 +143,7 @@ impl Inner {
             // Order gives the guest names: runtime /dev/vda, code /dev/vdb.
             (
                 "/drives/runtime",
-                api::drive("runtime", &vmm.resource(&self.guest.runtime_image)),
+                api::drive("runtime", &vmm.resource(&runtime_image)),
             ),
             // Relative: resolved in the function directory (jailed: the root),
             // wherever it is renamed to.
@@ -185,7 +197,7 @@ impl Inner {
             memory_mb,
             vmlinux: self.vmlinux.clone(),
             initramfs: self.guest.initramfs.clone(),
-            runtime_image: self.guest.runtime_image.clone(),
+            runtime_image,
             code_image: code_name,
             state: STATE_FILE.to_string(),
             state_bytes,
@@ -217,14 +229,14 @@ impl Inner {
         if meta.memory_mb != guest_memory_mb(spec) {
             return Some(format!("made with {} MiB", meta.memory_mb));
         }
+        let runtime_image = match self.drives.for_runtime(spec.runtime) {
+            Ok(image) => image,
+            Err(e) => return Some(format!("no runtime image: {e}")),
+        };
         let current = [
             (&meta.vmlinux, &self.vmlinux, "kernel"),
             (&meta.initramfs, &self.guest.initramfs, "initramfs"),
-            (
-                &meta.runtime_image,
-                &self.guest.runtime_image,
-                "runtime image",
-            ),
+            (&meta.runtime_image, &runtime_image, "runtime image"),
         ];
         for (then, now, what) in current {
             if then != now {
@@ -237,7 +249,7 @@ impl Inner {
                 if meta.jailer { "with" } else { "without" }
             ));
         }
-        if meta.boot_args != boot_args() {
+        if meta.boot_args != boot_args(spec.runtime) {
             return Some("the kernel command line changed".into());
         }
         if !dir.join(&meta.code_image).is_file() {
@@ -297,7 +309,8 @@ mod tests {
 
     #[test]
     fn the_guest_command_line_names_the_vsock_channel_and_drives() {
-        let a = boot_args();
+        let a = boot_args(RuntimeKind::Nodejs);
+        assert!(!a.contains("hearth.api"), "{a}");
         for key in [
             "hearth.channel=vsock:5000",
             "hearth.runtime=/dev/vda",
@@ -308,5 +321,10 @@ mod tests {
         }
         // Firecracker adds pci=off itself; ACPI stays on (devices bind through it).
         assert!(!a.contains("acpi=off") && !a.contains("pci=off"), "{a}");
+        for kind in [RuntimeKind::Provided, RuntimeKind::Python3] {
+            let b = boot_args(kind);
+            assert!(b.starts_with(&a), "{b}");
+            assert!(b.ends_with(&format!(" hearth.api={kind}")), "{b}");
+        }
     }
 }

@@ -7,6 +7,8 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixListener;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
@@ -14,6 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::api::{Api, ApiError};
 use super::jail::{self, Jail, JailerArgs};
+use super::uffd::UFFD_SOCK;
 use crate::sandbox::process::uids::{UidLease, UidsExhausted};
 use crate::sandbox::vmfiles::{socket_path_fits, tail};
 
@@ -218,7 +221,7 @@ impl Vmm {
     ) -> Result<Vmm, VmmError> {
         let dir = s.jail.dir(id);
         let root = dir.join("root");
-        for p in [jail::API_SOCK, jail::VSOCK_SOCK] {
+        for p in [jail::API_SOCK, jail::VSOCK_SOCK, jail::UFFD_SOCK] {
             let p = root.join(p.trim_start_matches('/'));
             if !socket_path_fits(&p) {
                 return Err(VmmError::PathTooLong(p));
@@ -337,6 +340,35 @@ impl Vmm {
         }
     }
 
+    /// The userfaultfd socket (Uffd restores): the path Firecracker is given,
+    /// and where hearth binds it, inside the root when jailed.
+    pub fn uffd_paths(&self) -> (PathBuf, PathBuf) {
+        match &self.jailed {
+            None => (self.dir.join(UFFD_SOCK), self.dir.join(UFFD_SOCK)),
+            Some(j) => (
+                PathBuf::from(jail::UFFD_SOCK),
+                j.root.join(jail::UFFD_SOCK.trim_start_matches('/')),
+            ),
+        }
+    }
+
+    /// Binds the userfaultfd socket hearth waits on ([`Vmm::uffd_paths`]);
+    /// jailed, it is handed to the VMM's uid (mode 0600), the only one that
+    /// may connect. It goes with the VMM's directory (jailed: the whole jail).
+    pub fn bind_uffd_socket(&self) -> io::Result<UnixListener> {
+        let (_, host) = self.uffd_paths();
+        if let Some(dir) = host.parent() {
+            fs::create_dir_all(dir)?;
+        }
+        let _ = fs::remove_file(&host);
+        let listener = UnixListener::bind(&host)?;
+        if let Some(j) = &self.jailed {
+            std::os::unix::fs::chown(&host, Some(j.uid.uid()), Some(jail::GID))?;
+            fs::set_permissions(&host, fs::Permissions::from_mode(0o600))?;
+        }
+        Ok(listener)
+    }
+
     /// Where Firecracker is to write output file `tmp` (a temporary name in
     /// the function directory): there, or jailed its name inside the root.
     pub fn output(&self, tmp: &Path) -> PathBuf {
@@ -351,11 +383,6 @@ impl Vmm {
         };
         let inside = j.root.join(self.resource(tmp));
         jail::take_out(&inside, tmp).map_err(io_at(format!("take {} out", inside.display())))
-    }
-
-    /// Its private directory (sockets, log).
-    pub fn dir(&self) -> &Path {
-        &self.dir
     }
 
     /// The process id.

@@ -97,9 +97,9 @@ pub fn kernel_cmdline(runtime: RuntimeKind) -> String {
         "console=ttyS0 panic=-1 quiet hearth.runtime=/dev/vda hearth.code=/dev/vdb \
          hearth.channel=virtio-port:{AGENT_PORT} hearth.tmp_mb={TMP_MB} hearth.wait_ms={GUEST_DEVICE_WAIT_MS}"
     );
-    if !runtime.is_nodejs() {
-        line.push_str(" hearth.api=");
-        line.push_str(runtime.name());
+    if let Some(api) = crate::guest::runtime_api_arg(runtime) {
+        line.push(' ');
+        line.push_str(&api);
     }
     line
 }

@@ -67,7 +67,7 @@ use super::handshake;
 use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
 use super::{Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
-use crate::guest::images::{self, Guest};
+use crate::guest::images::{self, Guest, RuntimeDrives};
 use crate::runtime::RuntimeKind;
 use crate::spec::FunctionSpec;
 use args::VmPlan;
@@ -120,11 +120,8 @@ struct Inner {
     accel: Accel,
     machine: Machine,
     guest: Guest,
-    /// The state directory (the userland image is built under its cache).
-    state_dir: PathBuf,
-    /// The runtime drive of `provided` and `python3` functions, built when
-    /// the first one needs it ([`images::userland_image`]).
-    userland_image: Mutex<Option<PathBuf>>,
+    /// The runtime drive of each runtime (the userland image built on first use).
+    drives: RuntimeDrives,
     /// Parent of the VMs' private directories.
     run_dir: PathBuf,
     seq: AtomicU64,
@@ -180,9 +177,8 @@ impl QemuBackend {
                 qemu_version,
                 accel,
                 machine,
+                drives: RuntimeDrives::new(&cfg.state_dir, &guest),
                 guest,
-                state_dir: cfg.state_dir.clone(),
-                userland_image: Mutex::new(None),
                 run_dir,
                 seq: AtomicU64::new(0),
                 slots: Mutex::new(HashMap::new()),
@@ -224,16 +220,9 @@ impl Inner {
     /// The runtime drive for `spec`'s runtime: Node.js's own image, or
     /// the userland image of the others (built on first use).
     fn runtime_image(&self, spec: &FunctionSpec) -> Result<PathBuf, StartError> {
-        if spec.runtime.is_nodejs() {
-            return Ok(self.guest.runtime_image.clone());
-        }
-        let mut built = self.userland_image.lock().unwrap();
-        if let Some(image) = built.as_ref() {
-            return Ok(image.clone());
-        }
-        let image = images::userland_image(&self.state_dir).map_err(StartError::Image)?;
-        *built = Some(image.clone());
-        Ok(image)
+        self.drives
+            .for_runtime(spec.runtime)
+            .map_err(StartError::Image)
     }
 
     fn slot(&self, id: &str) -> Arc<Slot> {

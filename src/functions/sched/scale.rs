@@ -140,8 +140,8 @@ pub fn fit_estimate(run_ns: u64, wait_ns: u64, busy: Duration) -> Option<usize> 
 impl CorePool {
     /// Re-estimates each function's fit from its instances' scheduler time
     /// over the last tick and, on a saturated core, scales in functions that
-    /// have more instances here than their fit: the longest idle first, once
-    /// idle for [`SCALE_IN_IDLE`] (busy ones are left to finish; the fit
+    /// run here with more instances than their fit: the longest idle first,
+    /// once idle for [`SCALE_IN_IDLE`] (busy ones are left to finish; the fit
     /// keeps them from taking more work). Then, where the fit has room again,
     /// idle instances take queued requests.
     pub(super) fn fit_instances(&mut self, now: Instant) {
@@ -182,7 +182,10 @@ impl CorePool {
                     fs.fit_sample = Some(sample);
                 }
             }
-            let excess = excess_over_fit(fs.live, fs.fit, saturated);
+            // Only a function running here contends; an idle one's instances
+            // wait for keep-warm.
+            let running = fs.live > fs.idle.len();
+            let excess = excess_over_fit(fs.live, fs.fit, saturated && running);
             let idle_long = |&i: &usize| {
                 now.saturating_duration_since(self.insts[i].idle_since) >= SCALE_IN_IDLE
             };

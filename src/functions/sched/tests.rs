@@ -810,16 +810,33 @@ fn a_saturated_core_runs_no_more_than_the_fit_and_retires_the_rest_once_idle() {
     }
     assert!(waiting.iter().all(|&to| sim.status(to) == Some(200)));
     assert_eq!(sim.sent.len(), sent + 3, "one instance served all three");
-    // The two that idled go once idle for SCALE_IN_IDLE, the longest idle first.
-    sim.advance(scale::SCALE_IN_IDLE.as_millis() as u64 - 60);
-    sim.tick(95);
+    // Running again, the function's two that idled go once idle for
+    // SCALE_IN_IDLE, the longest idle first.
+    sim.request("a");
+    assert_eq!(sim.sent.last().unwrap().0, busy);
+    // On the CPU all the time it is busy: the fit stays 1.
+    let on_cpu = |sim: &mut Sim, ms: u64| {
+        sim.fake(busy).sched.as_mut().unwrap().run_ns += ms * 1_000_000;
+        sim.advance(ms);
+        sim.tick(95);
+    };
+    on_cpu(&mut sim, scale::SCALE_IN_IDLE.as_millis() as u64 - 60);
     assert_eq!(sim.live("a"), 3);
-    sim.advance(60);
-    sim.tick(95);
+    on_cpu(&mut sim, 60);
     assert_eq!(sim.live("a"), 1, "down to the fit");
     assert_eq!(sim.closed.len(), 2);
     assert!(!sim.closed.contains(&busy));
-    assert_eq!(sim.replies.len(), 6, "every request was answered");
+    sim.respond(busy, 200);
+    assert_eq!(sim.replies.len(), 7, "every request was answered");
+}
+
+#[test]
+fn an_idle_function_keeps_its_instances_on_a_core_saturated_by_others() {
+    let (mut sim, _) = three_idle_at_fit_one();
+    sim.advance(scale::SCALE_IN_IDLE.as_millis() as u64 * 3);
+    sim.tick(95);
+    assert_eq!(sim.live("a"), 3, "idle instances contend with nothing");
+    assert!(sim.closed.is_empty());
 }
 
 #[test]

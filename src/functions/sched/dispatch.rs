@@ -353,22 +353,21 @@ impl CorePool {
     }
 
     /// Whether one more request of `id` may run on this core now (see
-    /// [`scale::under_fit`]). Counts the function's busy instances only when
-    /// the fit can hold it back.
+    /// [`scale::run_cap`]). Counts the function's busy instances only when
+    /// there is a cap.
     pub(super) fn under_fit(&self, id: &str) -> bool {
         let Some(fs) = self.fns.get(id) else {
             return true;
         };
-        let saturated = self.saturated();
-        if scale::under_fit(usize::MAX - 1, fs.fit, saturated) {
+        let Some(cap) = scale::run_cap(fs.fit, self.saturated()) else {
             return true;
-        }
+        };
         let running = self
             .insts
             .iter()
             .filter(|(_, i)| i.busy.is_some() && i.function.spec.id == id)
             .count();
-        scale::under_fit(running, fs.fit, saturated)
+        running < cap
     }
 
     /// Gives queued requests of `id` to its idle instances while its fit

@@ -482,12 +482,11 @@ impl CorePool {
         if let Some(i) = self.slot_of(inst) {
             self.insts[i].exiting = true;
             if let Some(p) = self.undelivered(i, unsent) {
-                self.insts[i].busy = None;
-                let fs = self
-                    .fns
-                    .get_mut(&self.insts[i].function.spec.id.clone())
-                    .expect("instance's function");
-                fs.requeue(p, &mut self.queued);
+                let inst = &mut self.insts[i];
+                inst.busy = None;
+                let fs = self.fns.get_mut(&inst.function.spec.id);
+                fs.expect("instance's function")
+                    .requeue(p, &mut self.queued);
             }
             self.instance_failed(i, now, "the instance exited");
         }

@@ -3,7 +3,7 @@
 //! instances of a function keep one core busy.
 //!
 //! On a saturated core the fit is a cap on how many of a function's requests
-//! run at once there ([`under_fit`]); instances beyond it stay idle and go
+//! run at once there ([`run_cap`]); instances beyond it stay idle and go
 //! once they have been idle for [`SCALE_IN_IDLE`]. The estimate moves from
 //! tick to tick under contention; as a cap that costs nothing, where retiring
 //! and restarting instances after each move cost an initialisation each
@@ -67,7 +67,7 @@ impl FnView {
 
 /// Whether to start one more instance for the queued requests not covered by
 /// one starting. Never while an instance idles: requests queue beside one only
-/// when the fit holds them back ([`under_fit`]), and another instance would
+/// when the fit holds them back ([`run_cap`]), and another instance would
 /// be held back too. Otherwise scale out when nothing runs yet, or the queue
 /// is full (`queue_depth_max`), or the first request waited:
 /// - with the fit known, [`SCALE_UP_WAIT`] while the function has fewer
@@ -93,16 +93,13 @@ pub fn scale_out(f: &FnView, saturated: bool, queue_depth_max: usize) -> bool {
     }
 }
 
-/// Whether a function with `running` requests in progress on this core may
-/// start one more there: always on an unsaturated core or before its fit is
-/// known; on a saturated core while fewer than its fit (at least one) run,
-/// since more CPU-bound work at once only adds contention (measured: ten
-/// instances on two busy cores serve 1.3-1.6x less than two).
-pub fn under_fit(running: usize, fit: Option<usize>, saturated: bool) -> bool {
-    match fit {
-        Some(fit) if saturated => running < fit.max(1),
-        _ => true,
-    }
+/// How many of a function's requests may run at once on this core: no cap on
+/// an unsaturated core or before its fit is known; on a saturated core its
+/// fit (at least one), since more CPU-bound work at once only adds
+/// contention (measured: ten instances on two busy cores serve 1.3-1.6x less
+/// than two).
+pub fn run_cap(fit: Option<usize>, saturated: bool) -> Option<usize> {
+    fit.filter(|_| saturated).map(|fit| fit.max(1))
 }
 
 /// Instances beyond the fit to scale in: only on a saturated core, where

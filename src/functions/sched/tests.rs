@@ -759,10 +759,10 @@ fn fit_is_one_for_cpu_bound_and_many_for_waiting_handlers() {
     assert_eq!(scale::excess_over_fit(5, Some(2), true), 3);
     assert_eq!(scale::excess_over_fit(5, Some(2), false), 0);
     assert_eq!(scale::excess_over_fit(5, None, true), 0);
-    assert!(scale::under_fit(1, Some(2), true));
-    assert!(!scale::under_fit(2, Some(2), true));
-    assert!(scale::under_fit(2, Some(2), false), "spare CPU: no cap");
-    assert!(scale::under_fit(9, None, true), "no fit known: no cap");
+    assert_eq!(scale::run_cap(Some(2), true), Some(2));
+    assert_eq!(scale::run_cap(Some(0), true), Some(1), "at least one");
+    assert_eq!(scale::run_cap(Some(2), false), None, "spare CPU: no cap");
+    assert_eq!(scale::run_cap(None, true), None, "no fit known: no cap");
 }
 
 /// Three instances of a CPU-bound function "a" that served a request each

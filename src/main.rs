@@ -234,10 +234,10 @@ struct ServeArgs {
     async_failure_webhook: Option<String>,
     /// How Firecracker restores get guest memory: uffd (hearth serves page faults from its
     /// own mapping of the snapshot's memory file and installs the pages the function's first
-    /// invocation touched before the VM resumes; the faster, see perf/RESULTS.md), file
-    /// (Firecracker maps the memory file itself; clones share its page cache), uffd-lazy
-    /// (uffd without that working set). Default: uffd (with --jailer too: the userfaultfd
-    /// socket is bound inside each jail).
+    /// invocation touched before the VM resumes; works with --jailer too: the userfaultfd
+    /// socket is bound inside each jail), file (Firecracker maps the memory file itself;
+    /// clones share its page cache), uffd-lazy (uffd without that working set). Default:
+    /// file, the faster when measured quietly (perf/RESULTS.md).
     #[arg(long, value_enum)]
     fc_memory: Option<FcMemory>,
 }
@@ -353,7 +353,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         async_queue_bytes_max: a.async_queue_max_mb.max(1).saturating_mul(1 << 20),
         async_retry_base_ms: a.async_retry_base_ms.max(1),
         async_failure_webhook: a.async_failure_webhook,
-        fc_memory: a.fc_memory.unwrap_or(FcMemory::Uffd),
+        fc_memory: a.fc_memory.unwrap_or(FcMemory::File),
     };
     if cfg.jailer && !matches!(cfg.backend, BackendKind::Firecracker | BackendKind::Auto) {
         return Err("--jailer runs Firecracker VMMs: it needs --backend firecracker".into());

@@ -374,12 +374,12 @@ fn runtime_api_functions(l1: &mut L1, vmm: &Vmm) -> Vec<(String, String)> {
 /// killed server swept at the next start, delete.
 fn jailer_cycle(l1: &mut L1) {
     let cycle = Instant::now();
-    let args = "--backend firecracker --jailer";
+    let args = "--backend firecracker --jailer --fc-memory uffd";
     let trace = "HEARTH_FIRECRACKER_TRACE=1";
     l1.start_hearth(trace, args);
     let log = l1.serve_log();
     assert!(log.contains("firecracker: jailer "), "{log}");
-    // Uffd is the default under the jailer too: its socket is bound inside each jail.
+    // Uffd under the jailer: its socket is bound inside each jail.
     assert!(log.lines().any(|l| l.ends_with("memory Uffd")), "{log}");
     let jails = format!("{STATE}/jail/firecracker");
     // Generous: a cold start by restore took 16 s in L1 on a loaded host.

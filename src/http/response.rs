@@ -83,7 +83,7 @@ pub fn http_date(secs: u64) -> [u8; 29] {
     ];
     let days = secs / 86_400;
     let rem = secs % 86_400;
-    let (y, m, d) = civil_from_days(days as i64);
+    let (y, m, d) = crate::util::time::civil_from_days(days as i64);
     let mut out = [0u8; 29];
     let s = format!(
         "{}, {:02} {} {:04} {:02}:{:02}:{:02} GMT",
@@ -97,20 +97,6 @@ pub fn http_date(secs: u64) -> [u8; 29] {
     );
     out.copy_from_slice(&s.as_bytes()[..29]);
     out
-}
-
-/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
-pub fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
 }
 
 /// What a response says about the connection after it.

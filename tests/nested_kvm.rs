@@ -312,17 +312,6 @@ def handler(event, context):
     return {"statusCode": 200, "body": "python3 %s calls=%d" % (event["rawPath"], CALLS)}
 "#;
 
-fn zip(files: &[(&str, &[u8], u32)]) -> Vec<u8> {
-    use std::io::Write;
-    let mut w = zip::ZipWriter::new(std::io::Cursor::new(Vec::new()));
-    for (name, data, mode) in files {
-        let opts = zip::write::SimpleFileOptions::default().unix_permissions(*mode);
-        w.start_file(*name, opts).unwrap();
-        w.write_all(data).unwrap();
-    }
-    w.finish().unwrap().into_inner()
-}
-
 /// Deploys a `provided` and a `python3` function (their snapshot taken once
 /// the runtime polls `/next`, on the userland drive built in L1), invokes
 /// each through its function URL twice (a clone restored from the snapshot,
@@ -332,7 +321,7 @@ fn runtime_api_functions(l1: &mut L1, vmm: &Vmm) -> Vec<(String, String)> {
     let b = vmm.backend;
     let provided = deploy_zip(
         l1,
-        &zip(&[("bootstrap", PROVIDED_BOOTSTRAP.as_bytes(), 0o755)]),
+        &common::zip(&[("bootstrap", PROVIDED_BOOTSTRAP.as_bytes(), 0o755)]),
         "provided bootstrap",
         "runtime=provided.al2023&timeout_ms=60000",
         b,
@@ -344,7 +333,7 @@ fn runtime_api_functions(l1: &mut L1, vmm: &Vmm) -> Vec<(String, String)> {
     ));
     let python = deploy_zip(
         l1,
-        &zip(&[("app.py", PYTHON_APP.as_bytes(), 0o644)]),
+        &common::zip(&[("app.py", PYTHON_APP.as_bytes(), 0o644)]),
         "python3 app",
         "runtime=python3.12&handler=app.handler&timeout_ms=60000",
         b,

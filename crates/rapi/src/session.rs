@@ -289,17 +289,8 @@ impl Session {
             return self.fail_init(io, "Runtime.ExitError", message);
         }
         if let Some(inv) = self.current.take() {
-            let meta = json!({
-                "errorType": "Runtime.ExitError",
-                "errorMessage": format!("RequestId: {} Error: {message}", inv.request_id),
-            });
-            io.frame(
-                FrameType::Error,
-                0,
-                inv.frame_id,
-                meta.to_string().as_bytes(),
-                &[],
-            )?;
+            let message = format!("RequestId: {} Error: {message}", inv.request_id);
+            error_frame(io, inv.frame_id, "Runtime.ExitError", &message)?;
         }
         Ok(())
     }
@@ -519,17 +510,10 @@ impl Session {
         if let Route::Response(id) = route {
             if self.current.as_ref().is_some_and(|c| &c.request_id == id) {
                 let inv = self.current.take().expect("checked");
-                let meta = json!({
-                    "errorType": "Function.ResponseSizeTooLarge",
-                    "errorMessage": format!("Response payload size exceeded maximum allowed payload size ({limit} bytes)."),
-                });
-                io.frame(
-                    FrameType::Error,
-                    0,
-                    inv.frame_id,
-                    meta.to_string().as_bytes(),
-                    &[],
-                )?;
+                let message = format!(
+                    "Response payload size exceeded maximum allowed payload size ({limit} bytes)."
+                );
+                error_frame(io, inv.frame_id, "Function.ResponseSizeTooLarge", &message)?;
                 self.last_answered = Some(inv.request_id);
             }
             self.answer_and_close(io, i, 413, "Function.ResponseSizeTooLarge", &msg);
@@ -666,15 +650,8 @@ impl Session {
         if !io.write(i, &bytes) {
             // The runtime will not see this invocation: fail it now.
             let inv = self.current.take().expect("set above");
-            let meta = json!({"errorType": "Runtime.InvalidState",
-                "errorMessage": "the runtime's /next connection broke before the event was delivered"});
-            io.frame(
-                FrameType::Error,
-                0,
-                inv.frame_id,
-                meta.to_string().as_bytes(),
-                &[],
-            )?;
+            let message = "the runtime's /next connection broke before the event was delivered";
+            error_frame(io, inv.frame_id, "Runtime.InvalidState", message)?;
             self.closed(io, i);
             return Ok(());
         }
@@ -768,6 +745,18 @@ fn is_streaming(route: &Route, head: &Head) -> bool {
         && head
             .header("lambda-runtime-function-response-mode")
             .is_some_and(|m| m.eq_ignore_ascii_case("streaming"))
+}
+
+/// Fails invocation `frame_id` with an ERROR frame of Lambda's shape.
+fn error_frame(io: &mut impl Io, frame_id: u32, error_type: &str, message: &str) -> io::Result<()> {
+    let meta = json!({"errorType": error_type, "errorMessage": message});
+    io.frame(
+        FrameType::Error,
+        0,
+        frame_id,
+        meta.to_string().as_bytes(),
+        &[],
+    )
 }
 
 #[cfg(test)]

@@ -40,8 +40,13 @@ pub enum BackendKind {
 /// How a restored Firecracker microVM gets its memory from the snapshot.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum FcMemory {
-    /// Firecracker maps the memory file privately itself (its File backend).
+    /// Firecracker maps the memory file privately itself (its File backend);
+    /// before each restore hearth asks the kernel to read the function's
+    /// working set into the page cache (the set is recorded by one Uffd
+    /// restore after each new snapshot).
     File,
+    /// The File backend without the working set: pages are read on fault.
+    FileLazy,
     /// hearth maps the file and serves the guest's page faults over the
     /// userfaultfd Firecracker hands it (the Uffd backend); the pages the
     /// function's first invocation touched are installed before the VM resumes.

@@ -232,12 +232,14 @@ struct ServeArgs {
     /// Only the operator sets it: tenants cannot make hearth call URLs.
     #[arg(long)]
     async_failure_webhook: Option<String>,
-    /// How Firecracker restores get guest memory: uffd (hearth serves page faults from its
-    /// own mapping of the snapshot's memory file and installs the pages the function's first
-    /// invocation touched before the VM resumes; works with --jailer too: the userfaultfd
-    /// socket is bound inside each jail), file (Firecracker maps the memory file itself;
-    /// clones share its page cache), uffd-lazy (uffd without that working set). Default:
-    /// file, the faster when measured quietly (perf/RESULTS.md).
+    /// How Firecracker restores get guest memory. file: Firecracker maps the snapshot's
+    /// memory file itself (clones share its page cache), and hearth reads the function's
+    /// working set (the pages its first invocation after a restore touched, recorded by one
+    /// restore through uffd) into the page cache while the VMM loads. uffd: hearth serves
+    /// page faults from its own mapping of the memory file and installs the working set
+    /// before the VM resumes (with --jailer too: the userfaultfd socket is bound inside each
+    /// jail). file-lazy and uffd-lazy: the same without a working set. Default: file, the
+    /// fastest measured (perf/RESULTS.md).
     #[arg(long, value_enum)]
     fc_memory: Option<FcMemory>,
 }

@@ -1,5 +1,6 @@
 //! Writing HTTP/1.1 responses ([`Reply`]) into a connection's output buffer.
 
+use crate::util::decimal::decimal;
 use crate::util::time::since_unix_epoch;
 
 pub use super::reply::json_error;
@@ -194,7 +195,7 @@ fn write_head_framed(
     persistence: Persistence,
 ) {
     out.extend_from_slice(b"HTTP/1.1 ");
-    let mut num = itoa_buf(status as u64);
+    let mut num = decimal(status as u64);
     out.extend_from_slice(num.as_bytes());
     out.push(b' ');
     out.extend_from_slice(reason(status).as_bytes());
@@ -203,7 +204,7 @@ fn write_head_framed(
     out.extend_from_slice(b"\r\n");
     if let (false, Some(body_len)) = (is_bodiless(status), body_len) {
         out.extend_from_slice(b"Content-Length: ");
-        num = itoa_buf(body_len as u64);
+        num = decimal(body_len as u64);
         out.extend_from_slice(num.as_bytes());
         out.extend_from_slice(b"\r\n");
     }
@@ -235,31 +236,6 @@ pub fn push_header(out: &mut Vec<u8>, name: &str, value: &[u8]) {
             .map(|&b| if b == b'\r' || b == b'\n' { b' ' } else { b }),
     );
     out.extend_from_slice(b"\r\n");
-}
-
-struct Itoa {
-    buf: [u8; 20],
-    start: usize,
-}
-
-impl Itoa {
-    fn as_bytes(&self) -> &[u8] {
-        &self.buf[self.start..]
-    }
-}
-
-fn itoa_buf(mut n: u64) -> Itoa {
-    let mut buf = [0u8; 20];
-    let mut i = 20;
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (n % 10) as u8;
-        n /= 10;
-        if n == 0 {
-            break;
-        }
-    }
-    Itoa { buf, start: i }
 }
 
 #[cfg(test)]

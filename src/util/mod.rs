@@ -3,6 +3,7 @@
 //!
 //! - [`cpu`]: pinning a thread to one CPU.
 //! - [`crc`]: CRC-32 and CRC-32C checksums.
+//! - [`decimal`]: integers as decimal digits without `format!`.
 //! - [`hex`]: lower-case hex text of bytes.
 //! - [`program`]: finding an executable (an environment override, else `PATH`).
 //! - [`random`]: random bits from the kernel.
@@ -10,6 +11,7 @@
 
 pub mod cpu;
 pub mod crc;
+pub mod decimal;
 pub mod hex;
 pub mod program;
 pub mod random;

@@ -16,6 +16,7 @@ use crate::http::parse::{Request, Version};
 use crate::http::reply::{Reply, ReplyTo};
 use crate::metrics::{add, ErrorKind};
 use crate::protocol::FrameType;
+use crate::util::decimal::decimal;
 
 /// The metadata of an INVOKE frame (see `include/hearth_protocol.h`), minus
 /// `deadline_ms`, which is appended when the request is dispatched.
@@ -46,14 +47,27 @@ impl CorePool {
         self.rng = x;
         let a = x.wrapping_mul(0x2545_f491_4f6c_dd1d);
         let b = a.rotate_left(29) ^ x;
-        format!(
-            "{:08x}-{:04x}-4{:03x}-{:04x}-{:012x}",
-            (a >> 32) as u32,
-            (a >> 16) as u16,
-            (a & 0xfff) as u16,
-            ((b >> 48) as u16 & 0x3fff) | 0x8000,
-            b & 0xffff_ffff_ffff
-        )
+        // Version 4, variant 10xx, written digit by digit: `format!` cost
+        // ~10 % of hearth's own instructions per request (perf/callgrind-request.sh).
+        let fields = [
+            (a >> 32, 8),
+            ((a >> 16) & 0xffff, 4),
+            (0x4000 | (a & 0xfff), 4),
+            (((b >> 48) & 0x3fff) | 0x8000, 4),
+            (b & 0xffff_ffff_ffff, 12),
+        ];
+        let mut text = String::with_capacity(36);
+        for (i, (value, digits)) in fields.into_iter().enumerate() {
+            if i > 0 {
+                text.push('-');
+            }
+            for k in (0..digits).rev() {
+                text.push(char::from(
+                    b"0123456789abcdef"[(value >> (4 * k)) as usize & 0xf],
+                ));
+            }
+        }
+        text
     }
 
     /// Handles one invocation request from a function URL.
@@ -268,7 +282,9 @@ impl CorePool {
         let timeout_ms = inst.function.spec.timeout_ms;
         // The handler's clock starts now: queue time does not eat into it.
         let mut meta = p.meta_head;
-        meta.extend_from_slice(format!("{DEADLINE_FIELD}{}}}", wall_ms + timeout_ms).as_bytes());
+        meta.extend_from_slice(DEADLINE_FIELD.as_bytes());
+        meta.extend_from_slice(decimal(wall_ms + timeout_ms).as_bytes());
+        meta.push(b'}');
         let frame_len = crate::protocol::HEADER_BYTES + meta.len() + p.body.len();
         inst.busy = Some(Busy {
             to: p.to,

@@ -224,7 +224,11 @@ impl ProcessBackend {
             );
         }
         // The running binary itself, even if its file was replaced since (upgrades, rebuilds).
-        let hearth_exe = PathBuf::from("/proc/self/exe");
+        // HEARTH_LAUNCHER_EXE names it instead, for runs under tools that cannot exec
+        // /proc/self/exe (valgrind: see perf/profile/).
+        let hearth_exe = std::env::var_os("HEARTH_LAUNCHER_EXE")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| PathBuf::from("/proc/self/exe"));
         process::set_subreaper();
         let inner = Arc::new(Inner {
             hearth_exe,

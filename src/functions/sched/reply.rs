@@ -327,8 +327,8 @@ pub(super) fn response_reply(meta: &[u8], body: &[u8]) -> Result<(Reply, Vec<Str
                         dropped.push(format!("invalid header field {:?}", k));
                         return false;
                     }
-                    let k = k.to_ascii_lowercase();
-                    if RESERVED_HEADERS.contains(&k.as_str()) {
+                    if RESERVED_HEADERS.iter().any(|r| r.eq_ignore_ascii_case(k)) {
+                        let k = k.to_ascii_lowercase();
                         dropped.push(format!("header {k:?} (set by hearth)"));
                         return false;
                     }

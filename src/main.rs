@@ -203,6 +203,11 @@ struct ServeArgs {
     /// function's memory and one core per vCPU, and a new PID namespace.
     #[arg(long)]
     jailer: bool,
+    /// Process backend, runtimes other than Node.js: serve the Lambda Runtime API through
+    /// a relay process in each sandbox (the agent's --runtime-api mode) instead of on the
+    /// worker cores themselves. For comparison; the microVM backends always relay.
+    #[arg(long)]
+    runtime_api_relay: bool,
     /// Most standbys kept at once (process backend): functions used most recently keep
     /// theirs; 0 keeps none.
     #[arg(long, default_value_t = hearth::sandbox::process::backend::STANDBYS_MAX_DEFAULT)]
@@ -346,6 +351,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         standbys_max: a.standbys_max,
         standby_idle: Duration::from_millis(a.standby_idle_ms.max(1)),
         jailer: a.jailer,
+        runtime_api_relay: a.runtime_api_relay,
         instance_memory_max_mb: a
             .instance_memory_max_mb
             .unwrap_or_else(hearth::functions::budget::default_instance_memory_max_mb),

@@ -14,6 +14,7 @@ pub mod epoll;
 pub mod peers;
 pub mod phases;
 pub mod port;
+pub mod rapi;
 pub mod stream;
 pub mod streamed;
 pub mod uring;

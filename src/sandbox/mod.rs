@@ -18,6 +18,7 @@ pub mod firecracker;
 pub mod handshake;
 pub mod process;
 pub mod qemu;
+pub mod runtime_api;
 pub mod vmfiles;
 
 use std::os::fd::OwnedFd;
@@ -196,10 +197,22 @@ impl std::error::Error for SetupError {
     }
 }
 
+/// How the owning core talks to an instance.
+pub enum Endpoint {
+    /// Frames on the channel to the guest (the Node shim, or the agent's relay).
+    Channel(OwnedFd),
+    /// The Runtime API, served by the core itself ([`runtime_api`]).
+    RuntimeApi(Box<runtime_api::Served>),
+}
+
 /// A running, initialised instance of one function.
 pub trait Instance: Send {
     /// The host end of the channel to the guest (taken once, by the owning core).
     fn take_channel(&mut self) -> Option<OwnedFd>;
+    /// What the owning core serves the instance through (taken once).
+    fn take_endpoint(&mut self) -> Option<Endpoint> {
+        self.take_channel().map(Endpoint::Channel)
+    }
     /// A second socket carrying only LOG frames (the process backend's agent
     /// in direct mode), taken once by the log collector; `None` when logs
     /// travel on the channel.

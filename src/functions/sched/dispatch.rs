@@ -497,7 +497,7 @@ impl CorePool {
                 return;
             }
         };
-        let channel = match handle.take_channel() {
+        let channel = match handle.take_endpoint() {
             Some(c) if self.fns.contains_key(&id) => c,
             _ => {
                 f.release();

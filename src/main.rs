@@ -129,7 +129,7 @@ struct ServeArgs {
     #[arg(long, default_value = "./state")]
     state_dir: PathBuf,
     /// Socket I/O: io_uring, epoll, or auto (io_uring when it can be set up).
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, env = "HEARTH_IO", default_value = "auto")]
     io: IoMode,
     /// Sandbox backend for instances (auto: the best this host can run; see `hearth doctor`).
     #[arg(long, value_enum, default_value = "auto")]

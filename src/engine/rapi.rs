@@ -169,7 +169,8 @@ impl Worker {
     fn rapi_flush(&mut self, inst: InstId) {
         let now = self.now;
         let Some(r) = self.rapi(inst) else { return };
-        if r.frames.is_empty() {
+        // A moving instance's frames go with it to its next core.
+        if r.frames.is_empty() || r.detach.is_some() {
             return;
         }
         let frames = std::mem::take(&mut r.frames);
@@ -235,6 +236,16 @@ impl Worker {
         if !channel_leftover.is_empty() {
             self.rapi_agent_input(inst, &channel_leftover);
         }
+        // Requests read on the last core and not yet served (a `/next` that
+        // arrived while the instance was leaving it).
+        let open: Vec<ConnId> = self.rapi(inst).map_or(Vec::new(), |r| {
+            (0..r.conns.len()).filter(|&i| r.conns[i].is_some()).collect()
+        });
+        for i in open {
+            if let Some(Err(e)) = self.with_session(inst, |s, io| s.serve(io, i)) {
+                eprintln!("hearth: worker {}: runtime api: {e}", self.core);
+            }
+        }
         self.rapi_flush(inst);
     }
 
@@ -256,10 +267,19 @@ impl Worker {
             return;
         };
         let inst = *inst;
-        let Some(i) = self.rapi(inst).and_then(|r| r.session.open()) else {
-            // Over the limit, or the instance is gone: dropping closes it.
+        let Some(r) = self.rapi(inst) else { return };
+        let Some(i) = r.session.open() else {
+            // Over the limit: dropping closes it.
             return;
         };
+        if let Some(parts) = r.detach.as_mut() {
+            // Accepted as the listener was leaving the loop: it goes along.
+            if parts.conns.len() <= i {
+                parts.conns.resize_with(i + 1, || None);
+            }
+            parts.conns[i] = Some(fd);
+            return;
+        }
         crate::engine::set_nodelay(std::os::fd::AsRawFd::as_raw_fd(&fd));
         let tok = self.add_stream(fd, inst, Role::Conn(i));
         let r = self.rapi(inst).expect("checked above");

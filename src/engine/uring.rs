@@ -299,7 +299,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                         if res >= 0 {
                             // SAFETY: the kernel handed us a new descriptor.
                             let fd = unsafe { OwnedFd::from_raw_fd(res) };
-                            if !s.dead && !s.detaching {
+                            if !s.dead {
                                 w.rapi_accepted(tok, fd);
                             }
                         }

@@ -704,7 +704,11 @@ fn an_instance_moves_between_cores_with_its_runtime_api() {
         let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
         if joined.iter().any(Result::is_err) {
             let logs = s.control("GET", &format!("/functions/{id}/logs"), &[], b"");
-            panic!("a client failed; stderr:\n{}\nlogs: {}", s.stderr(), logs.text());
+            panic!(
+                "a client failed; stderr:\n{}\nlogs: {}",
+                s.stderr(),
+                logs.text()
+            );
         }
         joined.into_iter().flat_map(Result::unwrap).collect()
     });

@@ -76,7 +76,11 @@ pub fn start(channel: RawFd, kind: Kind, spec: &RuntimeSpec) -> io::Result<Start
     unsafe {
         cmd.pre_exec(|| {
             // Nothing the agent holds (the channel above all) leaks into the runtime.
-            libc::close_range(3, libc::c_uint::MAX, libc::CLOSE_RANGE_CLOEXEC as libc::c_int);
+            libc::close_range(
+                3,
+                libc::c_uint::MAX,
+                libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
+            );
             Ok(())
         });
     }
@@ -145,7 +149,11 @@ fn read_hello(channel: RawFd) -> io::Result<Function> {
                 return Err(io::Error::other("HELLO over 1 MiB"))
             }
             Ok(_) => {}
-            Err(e) if matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted) => {}
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    io::ErrorKind::WouldBlock | io::ErrorKind::Interrupted
+                ) => {}
             Err(e) => return Err(e),
         }
     }

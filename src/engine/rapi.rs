@@ -222,7 +222,8 @@ impl Worker {
             r.output[k] = o.map(|fd| self.add_stream(fd, inst, Role::Output(k)));
         }
         for (i, c) in conns.into_iter().enumerate() {
-            r.conns.push(c.map(|fd| self.add_stream(fd, inst, Role::Conn(i))));
+            r.conns
+                .push(c.map(|fd| self.add_stream(fd, inst, Role::Conn(i))));
         }
         for (i, bytes) in conn_unsent {
             if let Some(&Some(tok)) = r.conns.get(i) {
@@ -239,7 +240,9 @@ impl Worker {
         // Requests read on the last core and not yet served (a `/next` that
         // arrived while the instance was leaving it).
         let open: Vec<ConnId> = self.rapi(inst).map_or(Vec::new(), |r| {
-            (0..r.conns.len()).filter(|&i| r.conns[i].is_some()).collect()
+            (0..r.conns.len())
+                .filter(|&i| r.conns[i].is_some())
+                .collect()
         });
         for i in open {
             if let Some(Err(e)) = self.with_session(inst, |s, io| s.serve(io, i)) {
@@ -299,7 +302,11 @@ impl Worker {
         };
         match role {
             Role::Conn(i) => {
-                if self.rapi(inst).and_then(|r| r.conns.get(i).copied().flatten()) != Some(tok) {
+                if self
+                    .rapi(inst)
+                    .and_then(|r| r.conns.get(i).copied().flatten())
+                    != Some(tok)
+                {
                     return;
                 }
                 let served = self.with_session(inst, |s, io| {

@@ -157,10 +157,14 @@ impl Driver {
         if !s.recv_inflight && !s.read_paused && is_listener(&s.kind) {
             // An instance's Runtime API listener: one accept at a time, its
             // completion handled as this stream's "recv".
-            let e = opcode::Accept::new(types::Fd(s.raw()), std::ptr::null_mut(), std::ptr::null_mut())
-                .flags(libc::SOCK_CLOEXEC)
-                .build()
-                .user_data(ud(tok as u64, OP_RECV));
+            let e = opcode::Accept::new(
+                types::Fd(s.raw()),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ud(tok as u64, OP_RECV));
             s.recv_inflight = true;
             self.push(e);
             return;

@@ -22,8 +22,8 @@ use crate::http::reply::{Reply, ReplyTo};
 use crate::http::response::{self, DateCache, Persistence};
 use crate::metrics::{add, CoreMetrics};
 use crate::protocol;
-use crate::sandbox::Endpoint;
 use crate::routes::{self, LambdaOp, Route};
+use crate::sandbox::Endpoint;
 
 /// How long a closing client may keep sending before it is cut off.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);

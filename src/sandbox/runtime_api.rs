@@ -19,8 +19,8 @@ use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 use std::time::{Duration, Instant};
 
-use hearth_rapi::session::{ConnId, Io, Session};
 use hearth_rapi::api::{Function, Kind};
+use hearth_rapi::session::{ConnId, Io, Session};
 
 use crate::protocol::{self, FrameDecoder, FrameType};
 use crate::sandbox::handshake::{self, OutputTail};
@@ -82,7 +82,10 @@ pub fn receive_fds(channel: BorrowedFd<'_>, timeout: Duration) -> Result<[OwnedF
     // SAFETY: `msg` points at live buffers; CLOEXEC on every received fd.
     let n = unsafe { libc::recvmsg(fd, &mut msg, libc::MSG_CMSG_CLOEXEC) };
     if n < 0 {
-        return Err(StartError::io("receive runtime api fds", io::Error::last_os_error()));
+        return Err(StartError::io(
+            "receive runtime api fds",
+            io::Error::last_os_error(),
+        ));
     }
     if n == 0 {
         return Err(StartError::Exited { output: Vec::new() });
@@ -119,8 +122,7 @@ pub fn receive_fds(channel: BorrowedFd<'_>, timeout: Duration) -> Result<[OwnedF
         }
     }
     for f in [&listener, &out, &err] {
-        set_nonblocking(f.as_raw_fd())
-            .map_err(|e| StartError::io("runtime api fds", e))?;
+        set_nonblocking(f.as_raw_fd()).map_err(|e| StartError::io("runtime api fds", e))?;
     }
     Ok([listener, out, err])
 }
@@ -374,7 +376,14 @@ struct StartIo<'a> {
 }
 
 impl Io for StartIo<'_> {
-    fn frame(&mut self, kind: FrameType, flags: u8, id: u32, meta: &[u8], body: &[u8]) -> io::Result<()> {
+    fn frame(
+        &mut self,
+        kind: FrameType,
+        flags: u8,
+        id: u32,
+        meta: &[u8],
+        body: &[u8],
+    ) -> io::Result<()> {
         protocol::encode(self.frames, kind, flags, id, meta, body);
         Ok(())
     }

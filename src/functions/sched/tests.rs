@@ -951,7 +951,11 @@ fn a_core_starved_while_the_instance_sits_idle_gets_it_at_the_next_tick() {
     assert_eq!(f.starved.load(Relaxed), 1 << 1);
     core0.advance(100);
     core0.tick(0);
-    assert_eq!(core0.detached, vec![inst], "the idle instance leaves at the tick");
+    assert_eq!(
+        core0.detached,
+        vec![inst],
+        "the idle instance leaves at the tick"
+    );
     assert_eq!(f.starved.load(Relaxed), 0);
 }
 

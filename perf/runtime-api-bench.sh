@@ -122,7 +122,7 @@ cpu_ns() { # function-id pattern
 }
 # Time on a CPU (ns) of all of hearth's threads.
 hearth_ns() {
-    cat /proc/"$H_PID"/task/*/schedstat 2>/dev/null | awk '{ t += $1 } END { printf "%d", t }'
+    cat /proc/"$H_PID"/task/*/schedstat 2>/dev/null | awk '{ t += $1 } END { printf "%.0f", t }'
 }
 CPU="$TMP/cpu"
 : >"$CPU"

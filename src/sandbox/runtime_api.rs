@@ -98,7 +98,8 @@ pub fn receive_fds(channel: BorrowedFd<'_>, timeout: Duration) -> Result<[OwnedF
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
                 let data = libc::CMSG_DATA(c) as *const RawFd;
-                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
+                let count = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize)
+                    / std::mem::size_of::<RawFd>();
                 for k in 0..count {
                     got.push(OwnedFd::from_raw_fd(std::ptr::read_unaligned(data.add(k))));
                 }
@@ -510,4 +511,65 @@ fn set_nonblocking(fd: RawFd) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixStream;
+
+    /// Sends one byte with `fds` attached, as the agent does.
+    fn send_fds(to: &UnixStream, fds: &[RawFd]) {
+        let payload = [0u8; 1];
+        let mut iov = libc::iovec {
+            iov_base: payload.as_ptr() as *mut libc::c_void,
+            iov_len: 1,
+        };
+        let bytes = std::mem::size_of_val(fds);
+        let mut control = [0u64; 16];
+        // SAFETY: zeroed msghdr is empty; the control buffer has room for a
+        // header and three fds; CMSG_* compute pointers into it.
+        unsafe {
+            let mut msg: libc::msghdr = std::mem::zeroed();
+            msg.msg_iov = &mut iov;
+            msg.msg_iovlen = 1;
+            msg.msg_control = control.as_mut_ptr().cast();
+            msg.msg_controllen = libc::CMSG_SPACE(bytes as u32) as _;
+            let c = libc::CMSG_FIRSTHDR(&msg);
+            (*c).cmsg_level = libc::SOL_SOCKET;
+            (*c).cmsg_type = libc::SCM_RIGHTS;
+            (*c).cmsg_len = libc::CMSG_LEN(bytes as u32) as _;
+            std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c).cast(), fds.len());
+            assert_eq!(libc::sendmsg(to.as_raw_fd(), &msg, 0), 1);
+        }
+    }
+
+    #[test]
+    fn the_agents_descriptors_are_checked() {
+        let wait = Duration::from_secs(1);
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let (out, _o) = UnixStream::pair().unwrap();
+        let (err, _e) = UnixStream::pair().unwrap();
+        let (host, agent) = UnixStream::pair().unwrap();
+        send_fds(
+            &agent,
+            &[listener.as_raw_fd(), out.as_raw_fd(), err.as_raw_fd()],
+        );
+        assert!(receive_fds(host.as_fd(), wait).is_ok());
+        // A connected socket where the listener belongs, or too few descriptors: refused.
+        send_fds(&agent, &[out.as_raw_fd(), out.as_raw_fd(), err.as_raw_fd()]);
+        let e = receive_fds(host.as_fd(), wait).err().unwrap();
+        assert!(e.to_string().contains("not a listening TCP socket"), "{e}");
+        send_fds(&agent, &[listener.as_raw_fd()]);
+        let e = receive_fds(host.as_fd(), wait).err().unwrap();
+        assert!(
+            e.to_string().contains("expected 3 descriptors, got 1"),
+            "{e}"
+        );
+        // A frame instead of the descriptors (an agent without the mode).
+        std::io::Write::write_all(&mut &agent, b"HRTH").unwrap();
+        let e = receive_fds(host.as_fd(), wait).err().unwrap();
+        assert!(e.to_string().contains("got 0"), "{e}");
+    }
 }

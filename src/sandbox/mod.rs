@@ -12,7 +12,9 @@
 //!
 //! All start the same runtime root ([`crate::runtime`]) and greet the agent
 //! with the same [`handshake`]; this module holds the seam between them and
-//! the scheduler: [`Backend`], [`Instance`], [`StartError`].
+//! the scheduler: [`Backend`], [`Instance`], [`Endpoint`], [`StartError`].
+//! [`runtime_api`]: on the process backend, runtimes other than Node.js get
+//! the Lambda Runtime API from hearth's cores instead of a relay process.
 
 pub mod firecracker;
 pub mod handshake;

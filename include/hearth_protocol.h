@@ -76,6 +76,9 @@ enum hearth_frame_type {
     HEARTH_STREAM_END = 23,   /* meta: {} (complete) or {"errorType","errorMessage"}
                                  (the handler failed mid-stream). An ERROR frame
                                  instead also ends the stream as failed. */
+    HEARTH_EXIT = 24,         /* Runtime API served by hearth (process backend): the
+                                 agent says its runtime exited; body: Lambda's words
+                                 for the status ("Runtime exited with error: ..."). */
 };
 
 #define HEARTH_LOG_STDERR 0x01u

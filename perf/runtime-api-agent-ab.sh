@@ -51,7 +51,8 @@ agent_ns() {
 declare -A ADDR PID
 for side in A B; do
     agent=AGENT_$side
-    HEARTH_AGENT=${!agent} start_hearth "$side" --cores 1
+    # The relay process is what is measured: hearth serves the API itself by default.
+    HEARTH_AGENT=${!agent} start_hearth "$side" --cores 1 --runtime-api-relay
     ADDR[$side]=$REPLY
     PID[$side]=$(eval echo "\$${side}_PID")
     out=$(curl -sS -X POST -H 'content-type: application/zip' "${AUTH[@]}" --data-binary "@$TMP/rust.zip" \

@@ -41,7 +41,8 @@ mkdir -p "$TMP/rust"
 cp "$RUST_FN" "$TMP/rust/bootstrap"
 (cd "$TMP/rust" && zip -q "$TMP/rust.zip" bootstrap)
 
-HEARTH_AGENT=$AGENT start_hearth S --cores 1 --keep-warm-ms 600000
+# The relay process is what is profiled: hearth serves the API itself by default.
+HEARTH_AGENT=$AGENT start_hearth S --cores 1 --keep-warm-ms 600000 --runtime-api-relay
 ADDR=$REPLY
 out=$(curl -sS -X POST -H 'content-type: application/zip' "${AUTH[@]}" --data-binary "@$TMP/rust.zip" \
     "http://$ADDR/deploy?runtime=provided")

@@ -137,6 +137,9 @@ pub struct ServeConfig {
     pub standby: bool,
     /// Run Firecracker VMMs under the jailer (`sandbox::firecracker::jail`).
     pub jailer: bool,
+    /// Process backend: the Runtime API through the agent's relay process rather than
+    /// served by the worker cores (`sandbox::runtime_api`).
+    pub runtime_api_relay: bool,
     /// Most standbys kept at once (the least recently used go first).
     pub standbys_max: usize,
     /// A function unused this long loses its standby (process backend).

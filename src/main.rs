@@ -129,7 +129,7 @@ struct ServeArgs {
     #[arg(long, default_value = "./state")]
     state_dir: PathBuf,
     /// Socket I/O: io_uring, epoll, or auto (io_uring when it can be set up).
-    #[arg(long, value_enum, default_value = "auto")]
+    #[arg(long, value_enum, env = "HEARTH_IO", default_value = "auto")]
     io: IoMode,
     /// Sandbox backend for instances (auto: the best this host can run; see `hearth doctor`).
     #[arg(long, value_enum, default_value = "auto")]
@@ -203,6 +203,11 @@ struct ServeArgs {
     /// function's memory and one core per vCPU, and a new PID namespace.
     #[arg(long)]
     jailer: bool,
+    /// Process backend, runtimes other than Node.js: serve the Lambda Runtime API through
+    /// a relay process in each sandbox (the agent's --runtime-api mode) instead of on the
+    /// worker cores themselves. For comparison; the microVM backends always relay.
+    #[arg(long)]
+    runtime_api_relay: bool,
     /// Most standbys kept at once (process backend): functions used most recently keep
     /// theirs; 0 keeps none.
     #[arg(long, default_value_t = hearth::sandbox::process::backend::STANDBYS_MAX_DEFAULT)]
@@ -348,6 +353,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         standbys_max: a.standbys_max,
         standby_idle: Duration::from_millis(a.standby_idle_ms.max(1)),
         jailer: a.jailer,
+        runtime_api_relay: a.runtime_api_relay,
         instance_memory_max_mb: a
             .instance_memory_max_mb
             .unwrap_or_else(hearth::functions::budget::default_instance_memory_max_mb),

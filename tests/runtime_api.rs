@@ -595,3 +595,131 @@ fn runtime_api_connections_over_the_limit_are_closed() {
     assert_eq!(r.text(), "16", "80 connections, 64 kept");
     s.assert_healthy();
 }
+
+/// Command lines of every process below `root` (its descendants, by parent pid).
+fn descendants(root: u32) -> Vec<(u32, u32, String)> {
+    let mut all = Vec::new();
+    for entry in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+        // The parent pid is the second field after the command's closing parenthesis.
+        let Some(ppid) = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        let cmd = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+        all.push((pid, ppid, cmd));
+    }
+    let mut mine = vec![root];
+    let mut out = Vec::new();
+    while let Some(p) = mine.pop() {
+        for (pid, ppid, cmd) in &all {
+            if *ppid == p {
+                mine.push(*pid);
+                out.push((*pid, *ppid, cmd.clone()));
+            }
+        }
+    }
+    out
+}
+
+/// On the process backend hearth's cores serve the Runtime API: the sandbox holds the
+/// agent (PID 1) and the bootstrap as its child, and no `--runtime-api` relay process.
+/// With `--runtime-api-relay` the relay is there (so the check can see one).
+#[test]
+fn the_runtime_api_is_served_by_hearth_without_a_relay_process() {
+    require_sandbox!();
+    for relay in [false, true] {
+        let s = Server::start(if relay { &["--runtime-api-relay"] } else { &[] });
+        let id = deploy_ok(
+            &s,
+            &zip(&[("bootstrap", SHELL_BOOTSTRAP.as_bytes(), 0o755)]),
+            "runtime=provided.al2023&timeout_ms=5000",
+        );
+        let r = call(&s, "GET", &format!("/f/{id}/x"), &[], b"");
+        assert_eq!(r.status, 201, "{} / {}", r.text(), s.stderr());
+        let procs = descendants(s.pid());
+        let relays: Vec<_> = procs
+            .iter()
+            .filter(|(_, _, c)| c.contains("--runtime-api"))
+            .collect();
+        let bootstrap = procs
+            .iter()
+            .find(|(_, _, c)| c.contains("/var/task/bootstrap"))
+            .unwrap_or_else(|| panic!("no bootstrap in {procs:#?}"));
+        let parent = procs.iter().find(|(p, _, _)| *p == bootstrap.1).unwrap();
+        if relay {
+            // One per sandbox: the instance's and its standby's.
+            assert!(!relays.is_empty(), "{procs:#?}");
+            assert!(parent.2.contains("--runtime-api"), "{procs:#?}");
+        } else {
+            assert!(relays.is_empty(), "a relay process: {procs:#?}");
+            assert!(
+                parent.2.contains("--host-serves-api"),
+                "the bootstrap's parent is the agent: {procs:#?}"
+            );
+        }
+        s.assert_healthy();
+    }
+}
+
+/// A function limited to one instance on a two-core server: clients on both cores keep
+/// the instance moving between them (hand-over), with its Runtime API connections,
+/// parked `/next` and session, and every request is answered by the same runtime.
+#[test]
+fn an_instance_moves_between_cores_with_its_runtime_api() {
+    require_sandbox!();
+    if !Path::new("/usr/bin/python3").is_file() {
+        eprintln!("skipped: the python3 runtime needs /usr/bin/python3 on the host");
+        return;
+    }
+    let s = Server::start(&["--cores", "2"]);
+    let app = "import os\ndef handler(event, context):\n    return {'statusCode': 200, 'body': str(os.getpid())}\n";
+    let id = deploy_ok(
+        &s,
+        &zip(&[("app.py", app.as_bytes(), 0o644)]),
+        "runtime=python3&handler=app.handler&concurrency=1&timeout_ms=5000",
+    );
+    let pids: Vec<String> = std::thread::scope(|scope| {
+        let workers: Vec<_> = (0..6)
+            .map(|t| {
+                let (s, id) = (&s, &id);
+                scope.spawn(move || {
+                    (0..25)
+                        .map(|k| {
+                            let r = call(s, "GET", &format!("/f/{id}/{t}/{k}"), &[], b"");
+                            assert_eq!(r.status, 200, "{} / {}", r.text(), s.stderr());
+                            r.text()
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        let joined: Vec<_> = workers.into_iter().map(|w| w.join()).collect();
+        if joined.iter().any(Result::is_err) {
+            let logs = s.control("GET", &format!("/functions/{id}/logs"), &[], b"");
+            panic!(
+                "a client failed; stderr:\n{}\nlogs: {}",
+                s.stderr(),
+                logs.text()
+            );
+        }
+        joined.into_iter().flat_map(Result::unwrap).collect()
+    });
+    assert_eq!(pids.len(), 150);
+    assert!(pids.iter().all(|p| *p == pids[0]), "one runtime: {pids:?}");
+    let metrics = s.control("GET", "/metrics", &[], b"").text();
+    let handovers: u64 = metrics
+        .lines()
+        .filter(|l| l.starts_with("hearth_function_instance_handovers_total"))
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+        .sum();
+    assert!(handovers > 0, "no hand-over happened:\n{metrics}");
+    s.assert_healthy();
+}

@@ -36,6 +36,11 @@ OPTIONS
                        `python3`; the agent runs itself with --runtime-api
                        as the runtime on fd 3, which serves the Lambda
                        Runtime API on 127.0.0.1:9001 to that program
+  --host-serves-api    with --runtime and --log-fd: hearth serves the
+                       Runtime API itself; the agent binds 127.0.0.1:9001,
+                       passes the listener and the program's stdout/stderr
+                       sockets to the host, starts the program on HELLO and
+                       reports its exit in an EXIT frame
   -h, --help           this text
   -V, --version        version
 
@@ -108,6 +113,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
         cwd: PathBuf::from("/var/task"),
         extra_env: Vec::new(),
         api: None,
+        host_serves: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -148,6 +154,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
                         .ok_or_else(|| format!("--runtime {v:?}: expected provided or python3"))?,
                 );
             }
+            "--host-serves-api" if inline.is_none() => runtime.host_serves = true,
             "--env" => {
                 let v = value()?;
                 match v.split_once('=') {
@@ -161,6 +168,9 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
         }
     }
     let channel_fd = channel_fd.expect("checked above");
+    if runtime.host_serves && (runtime.api.is_none() || log_fd.is_none()) {
+        return Err("--host-serves-api needs --runtime and --log-fd".to_string());
+    }
     if log_fd == Some(channel_fd) {
         return Err(format!(
             "--log-fd {channel_fd} is the channel; it needs its own socket"

@@ -29,6 +29,7 @@ mod cli;
 mod cmdline;
 mod epoll;
 mod frames;
+mod host_api;
 mod json;
 mod modules;
 mod output;
@@ -148,11 +149,37 @@ fn supervise(
             OwnedFd::from_raw_fd(log_fd),
         )
     };
+    if let (Some(kind), true) = (spec.api, spec.host_serves) {
+        return serve_by_host(channel, log, signals, kind, spec);
+    }
     let runtime = spawn_runtime(spec, Some(channel))?;
     match Supervisor::new(log, signals, runtime) {
         Ok(s) => Ok(s.run()),
         Err(e) => Err(fail(&format!("log socket: {e}"))),
     }
+}
+
+/// Host-served Runtime API: the agent keeps the channel, starts the bootstrap
+/// on HELLO and reports its exit there (see `host_api`).
+fn serve_by_host(
+    channel: OwnedFd,
+    log: OwnedFd,
+    signals: Signals,
+    kind: rapi::Kind,
+    spec: &RuntimeSpec,
+) -> Result<Outcome, i32> {
+    use std::os::fd::AsRawFd;
+    let _ = sys::set_cloexec(channel.as_raw_fd(), true);
+    let started = host_api::start(channel.as_raw_fd(), kind, spec)
+        .map_err(|e| fail(&format!("runtime api: {e}")))?;
+    let outcome = match Supervisor::without_output(log, signals, started.handle) {
+        Ok(s) => s.run(),
+        Err(e) => return Err(fail(&format!("log socket: {e}"))),
+    };
+    if let Outcome::RuntimeExited { exit, .. } = &outcome {
+        host_api::report_exit(channel.as_raw_fd(), &exit.lambda_message());
+    }
+    Ok(outcome)
 }
 
 fn spawn_runtime(spec: &RuntimeSpec, direct: Option<OwnedFd>) -> Result<Runtime, i32> {
@@ -192,6 +219,7 @@ fn run_vm(ignored_args: &[String]) -> ! {
         cwd: PathBuf::from("/var/task"),
         extra_env: Vec::new(),
         api: cfg.api,
+        host_serves: false,
     };
     let runtime = Runtime::spawn(&spec, None)
         .unwrap_or_else(|e| stop_vm(&format!("cannot start {}: {e}", spec.describe())));

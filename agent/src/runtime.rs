@@ -28,6 +28,8 @@ pub struct RuntimeSpec {
     pub extra_env: Vec<(String, String)>,
     /// Not Node.js: the agent itself serves the Runtime API to this runtime.
     pub api: Option<Kind>,
+    /// With `api`: hearth serves the Runtime API itself (see `host_api`).
+    pub host_serves: bool,
 }
 
 impl RuntimeSpec {
@@ -44,7 +46,7 @@ impl RuntimeSpec {
 const RUNTIME_API_EXE: &str = "/proc/self/exe";
 
 /// The environment every runtime starts with; `--env` adds to or overrides it.
-const BASE_ENV: [(&str, &str); 5] = [
+pub const BASE_ENV: [(&str, &str); 5] = [
     ("PATH", "/usr/bin:/bin"),
     ("HOME", "/tmp"),
     ("LANG", "C.UTF-8"),

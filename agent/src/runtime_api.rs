@@ -571,7 +571,7 @@ fn linger_zero(fd: RawFd) -> io::Result<()> {
     .map(drop)
 }
 
-fn random_u64s() -> [u64; 2] {
+pub fn random_u64s() -> [u64; 2] {
     let mut b = [0u8; 16];
     // SAFETY: getrandom writes at most `b.len()` bytes into `b`.
     let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), b.len(), libc::GRND_NONBLOCK) };
@@ -586,7 +586,7 @@ fn random_u64s() -> [u64; 2] {
 }
 
 /// `2026/11/30/[$LATEST]<32 hex>`, as Lambda names log streams.
-fn log_stream_name(now_ms: u64, r: [u64; 2]) -> String {
+pub fn log_stream_name(now_ms: u64, r: [u64; 2]) -> String {
     let date = rapi::iso_time(now_ms);
     format!(
         "{}/{}/{}/[$LATEST]{:016x}{:016x}",

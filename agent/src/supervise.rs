@@ -20,10 +20,10 @@ use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
 
 use crate::buf::ByteQueue;
-use crate::output::{Capture, LogQueue};
+use crate::output::{Capture, LineSplitter, LogQueue};
 use crate::reap::{self, Life, RuntimeExit, Signals};
 use crate::relay::{Outcome, FINAL_FLUSH, READ_BYTES, SHUTDOWN_GRACE, TO_HOST_BYTES_SOFT_MAX};
-use crate::runtime::Runtime;
+use crate::runtime::{Runtime, RuntimeHandle};
 use crate::sys;
 
 /// The supervisor's state; see the module docs.
@@ -46,6 +46,29 @@ impl Supervisor {
             signals,
             life: Life::new(runtime.handle),
             captures: Capture::pair(runtime.stdout, runtime.stderr),
+            logs: LogQueue::new(),
+            to_host: ByteQueue::new(),
+            scratch: vec![0; READ_BYTES],
+        })
+    }
+
+    /// Supervises a runtime whose output goes to the host another way (the
+    /// host-served Runtime API's sockets): only its life and the log socket.
+    pub fn without_output(
+        log: OwnedFd,
+        signals: Signals,
+        runtime: RuntimeHandle,
+    ) -> io::Result<Supervisor> {
+        sys::set_nonblocking(log.as_raw_fd(), true)?;
+        let none = |flags| Capture {
+            fd: None,
+            lines: LineSplitter::new(flags),
+        };
+        Ok(Supervisor {
+            log,
+            signals,
+            life: Life::new(runtime),
+            captures: [none(0), none(crate::protocol::LOG_STDERR)],
             logs: LogQueue::new(),
             to_host: ByteQueue::new(),
             scratch: vec![0; READ_BYTES],

@@ -59,6 +59,8 @@ const T_LOG = 20;
 const T_STREAM_HEAD = 21;
 const T_STREAM_CHUNK = 22;
 const T_STREAM_END = 23;
+// The agent's own report when hearth serves the Runtime API; the shim never sees it.
+const T_EXIT = 24;
 const LOG_STDERR = 1;
 // A streamed answer is cut into chunks of at most STREAM_CHUNK_MAX bytes and
 // may hold STREAM_MAX bytes in all.

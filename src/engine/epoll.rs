@@ -10,6 +10,8 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 
 use crate::config::TICK;
+use crate::engine::rapi::Role;
+use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
 use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
 
@@ -53,6 +55,14 @@ impl Driver {
                 return;
             }
             s.readable_pending = false;
+            if matches!(s.kind, Kind::Rapi(_, Role::Listener)) {
+                // An instance's Runtime API listener: readable means connections.
+                let lfd = s.raw();
+                while let Some(fd) = crate::sandbox::runtime_api::accept(lfd) {
+                    w.rapi_accepted(tok, fd);
+                }
+                return;
+            }
             // SAFETY: reading into our own buffer of READ_CHUNK bytes.
             let n = unsafe {
                 libc::read(

@@ -2,7 +2,9 @@
 //!
 //! `hearth serve` starts one worker thread per core. Each worker is pinned to
 //! its CPU and owns an `SO_REUSEPORT` listener, a slab of streams (client
-//! connections and instance channels) and its share of function instances.
+//! connections, instance channels and, for instances whose Lambda Runtime API
+//! it serves ([`rapi`]), their listeners and runtime connections) and its
+//! share of function instances.
 //! The kernel spreads connections over the listeners; from then on a request
 //! never leaves the core that accepted it. Workers run on io_uring
 //! ([`uring`]) or, where it cannot be set up, on epoll through mio ([`epoll`]);
@@ -14,6 +16,7 @@ pub mod epoll;
 pub mod peers;
 pub mod phases;
 pub mod port;
+pub mod rapi;
 pub mod stream;
 pub mod streamed;
 pub mod uring;

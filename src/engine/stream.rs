@@ -21,6 +21,8 @@ pub enum Kind {
     Client(Conn),
     /// The channel to an instance's guest agent.
     Channel(InstId),
+    /// One of the streams of an instance whose Runtime API this core serves.
+    Rapi(InstId, crate::engine::rapi::Role),
 }
 
 /// A socket plus its buffers.

@@ -208,6 +208,6 @@ fn stream_out(kind: &mut Kind) -> Option<&mut StreamOut> {
             ConnState::Waiting { stream, .. } => stream.as_mut(),
             _ => None,
         },
-        Kind::Channel(_) => None,
+        Kind::Channel(_) | Kind::Rapi(..) => None,
     }
 }

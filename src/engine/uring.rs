@@ -9,6 +9,7 @@ use std::time::Instant;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::config::TICK;
+use crate::engine::rapi::Role;
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
 use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
@@ -153,10 +154,25 @@ impl Driver {
             self.push(e);
         }
         let s = &mut w.streams[tok];
+        if !s.recv_inflight && !s.read_paused && is_listener(&s.kind) {
+            // An instance's Runtime API listener: one accept at a time, its
+            // completion handled as this stream's "recv".
+            let e = opcode::Accept::new(
+                types::Fd(s.raw()),
+                std::ptr::null_mut(),
+                std::ptr::null_mut(),
+            )
+            .flags(libc::SOCK_CLOEXEC)
+            .build()
+            .user_data(ud(tok as u64, OP_RECV));
+            s.recv_inflight = true;
+            self.push(e);
+            return;
+        }
         if !s.recv_inflight && !s.read_paused {
             let want = match s.kind {
                 Kind::Client(_) => CLIENT_RECV_BYTES,
-                Kind::Channel(_) => CHANNEL_RECV_BYTES,
+                Kind::Channel(_) | Kind::Rapi(..) => CHANNEL_RECV_BYTES,
             };
             if s.recv_buf.capacity() < want {
                 s.recv_buf = Vec::with_capacity(want);
@@ -209,6 +225,11 @@ impl Driver {
             self.service(w, tok);
         }
     }
+}
+
+/// Whether a stream is an instance's Runtime API listener (accepted, not read).
+fn is_listener(kind: &Kind) -> bool {
+    matches!(kind, Kind::Rapi(_, Role::Listener))
 }
 
 /// Runs `w` on io_uring until it has drained after a shutdown.
@@ -278,7 +299,16 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                         continue;
                     };
                     s.recv_inflight = false;
-                    if s.dead || (s.detaching && res <= 0) {
+                    if is_listener(&s.kind) {
+                        if res >= 0 {
+                            // SAFETY: the kernel handed us a new descriptor.
+                            let fd = unsafe { OwnedFd::from_raw_fd(res) };
+                            if !s.dead {
+                                w.rapi_accepted(tok, fd);
+                            }
+                        }
+                        w.mark(tok);
+                    } else if s.dead || (s.detaching && res <= 0) {
                         w.mark(tok);
                     } else if res > 0 {
                         let mut buf = std::mem::take(&mut s.recv_buf);

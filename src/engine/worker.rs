@@ -23,6 +23,7 @@ use crate::http::response::{self, DateCache, Persistence};
 use crate::metrics::{add, CoreMetrics};
 use crate::protocol;
 use crate::routes::{self, LambdaOp, Route};
+use crate::sandbox::Endpoint;
 
 /// How long a closing client may keep sending before it is cut off.
 const LINGER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -61,11 +62,13 @@ pub struct Worker {
     pub fns: CorePool,
     /// The stream of each instance channel, by [`InstId::slot`].
     channels: Vec<Option<(InstId, Token)>>,
+    /// Instances whose Runtime API this core serves, by [`InstId::slot`].
+    pub(crate) rapis: Vec<Option<crate::engine::rapi::Rapi>>,
     cpu: CpuMeter,
     /// Set once shutdown started: no new accepts, no keep-alive.
     pub draining: bool,
     drain_deadline: Option<Instant>,
-    dirty: Vec<Token>,
+    pub(crate) dirty: Vec<Token>,
     next_serial: u64,
     clients: usize,
     /// Answer bytes queued on this core's connections and not yet sent.
@@ -105,6 +108,7 @@ impl Worker {
                 crate::util::time::unix_time_ms(),
             ),
             channels: Vec::new(),
+            rapis: Vec::new(),
             cpu: CpuMeter::default(),
             shared,
             metrics,
@@ -200,6 +204,7 @@ impl Worker {
                 let n = self.fns.on_channel_input(id, s.input(), self.now);
                 s.consume(n);
             }
+            Kind::Rapi(inst, role) => self.rapi_data(tok, inst, role),
         }
         self.run_actions();
     }
@@ -214,7 +219,7 @@ impl Worker {
         };
         let answered = match &s.kind {
             Kind::Client(c) => !matches!(c.state, ConnState::Waiting { .. }),
-            Kind::Channel(_) => false,
+            Kind::Channel(_) | Kind::Rapi(..) => false,
         };
         if answered && !s.dead && s.linger_until.is_none() && s.out_pending() > 0 {
             s.peer_closed = true;
@@ -235,6 +240,11 @@ impl Worker {
         if s.detaching {
             // Moving to another core, which will see the end of file itself.
             self.mark(tok);
+            return;
+        }
+        if let Kind::Rapi(inst, role) = s.kind {
+            self.rapi_closed(tok, inst, role);
+            self.run_actions();
             return;
         }
         if let Kind::Channel(id) = s.kind {
@@ -301,7 +311,7 @@ impl Worker {
                 s.rpos = 0;
             }
             (Kind::Client(_), Some(_)) => {}
-            (Kind::Channel(_), _) => self.close_stream(tok),
+            (Kind::Channel(_) | Kind::Rapi(..), _) => self.close_stream(tok),
         }
     }
 
@@ -340,10 +350,17 @@ impl Worker {
     pub fn detached(&mut self, tok: Token) {
         let s = self.streams.remove(tok);
         self.release_out(s.out_counted);
-        let leftover = s.rbuf[s.rpos..].to_vec();
-        if let Kind::Channel(id) = s.kind {
-            self.fns.on_detached(id, s.fd, leftover);
-            self.run_actions();
+        match s.kind {
+            Kind::Channel(id) => {
+                let leftover = s.rbuf[s.rpos..].to_vec();
+                self.fns.on_detached(id, Endpoint::Channel(s.fd), leftover);
+                self.run_actions();
+            }
+            Kind::Rapi(inst, role) => {
+                self.rapi_detached(s, inst, role);
+                self.run_actions();
+            }
+            Kind::Client(_) => {}
         }
     }
 
@@ -496,6 +513,7 @@ impl Worker {
             match action {
                 Action::Send { inst, frame } => {
                     let Some(tok) = self.channel(inst) else {
+                        self.rapi_send(inst, frame);
                         continue;
                     };
                     let f = &frame;
@@ -509,7 +527,12 @@ impl Worker {
                 Action::StreamEnd { to, data, complete } => self.stream_end(to, &data, complete),
                 Action::Attach {
                     inst,
-                    channel,
+                    channel: Endpoint::RuntimeApi(served),
+                    ..
+                } => self.attach_rapi(inst, *served),
+                Action::Attach {
+                    inst,
+                    channel: Endpoint::Channel(channel),
                     leftover,
                 } => {
                     set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&channel));
@@ -522,17 +545,17 @@ impl Worker {
                     self.channels[inst.slot()] = Some((inst, tok));
                     self.mark(tok);
                 }
-                Action::Close(inst) => {
-                    if let Some(tok) = self.take_channel(inst) {
-                        self.close_stream(tok);
-                    }
-                }
-                Action::Detach(inst) => {
-                    if let Some(tok) = self.take_channel(inst) {
+                Action::Close(inst) => match self.take_channel(inst) {
+                    Some(tok) => self.close_stream(tok),
+                    None => self.rapi_close(inst),
+                },
+                Action::Detach(inst) => match self.take_channel(inst) {
+                    Some(tok) => {
                         self.streams[tok].detaching = true;
                         self.mark(tok);
                     }
-                }
+                    None => self.rapi_detach(inst),
+                },
                 Action::HandOver { core, instance } => {
                     self.shared.send(core, Msg::InstanceMigrated(instance))
                 }
@@ -544,6 +567,10 @@ impl Worker {
 
     /// Stops or resumes reading instance `inst`'s channel (see [`crate::engine::streamed`]).
     pub fn set_channel_paused(&mut self, inst: InstId, paused: bool) {
+        if self.is_rapi(inst) {
+            self.rapi_pause(inst, paused);
+            return;
+        }
         if let Some(tok) = self.channel(inst) {
             if self.streams[tok].read_paused != paused {
                 self.streams[tok].read_paused = paused;
@@ -572,6 +599,7 @@ impl Worker {
         for (_, tok) in self.channels.drain(..).flatten() {
             let _ = self.streams.try_remove(tok);
         }
+        self.drop_rapis();
         self.fns.shutdown();
     }
 
@@ -703,14 +731,14 @@ impl Worker {
                 token: tok,
                 serial: c.serial,
             },
-            Kind::Channel(_) => unreachable!("requests only come from clients"),
+            Kind::Channel(_) | Kind::Rapi(..) => unreachable!("requests only come from clients"),
         }
     }
 
     fn peer(&self, tok: Token) -> IpAddr {
         match &self.streams[tok].kind {
             Kind::Client(c) => c.peer,
-            Kind::Channel(_) => unreachable!("requests only come from clients"),
+            Kind::Channel(_) | Kind::Rapi(..) => unreachable!("requests only come from clients"),
         }
     }
 }

@@ -64,6 +64,15 @@ impl RuntimeKind {
         }
     }
 
+    /// The Runtime API session kind serving this runtime; `None` for Node.js.
+    pub fn api_kind(self) -> Option<hearth_rapi::api::Kind> {
+        match self {
+            RuntimeKind::Nodejs => None,
+            RuntimeKind::Provided => Some(hearth_rapi::api::Kind::Provided),
+            RuntimeKind::Python3 => Some(hearth_rapi::api::Kind::Python3),
+        }
+    }
+
     /// Whether this is the default, Node.js (not written to `meta.json`).
     pub fn is_nodejs(&self) -> bool {
         *self == RuntimeKind::Nodejs

@@ -12,12 +12,15 @@
 //!
 //! All start the same runtime root ([`crate::runtime`]) and greet the agent
 //! with the same [`handshake`]; this module holds the seam between them and
-//! the scheduler: [`Backend`], [`Instance`], [`StartError`].
+//! the scheduler: [`Backend`], [`Instance`], [`Endpoint`], [`StartError`].
+//! [`runtime_api`]: on the process backend, runtimes other than Node.js get
+//! the Lambda Runtime API from hearth's cores instead of a relay process.
 
 pub mod firecracker;
 pub mod handshake;
 pub mod process;
 pub mod qemu;
+pub mod runtime_api;
 pub mod vmfiles;
 
 use std::os::fd::OwnedFd;
@@ -196,10 +199,22 @@ impl std::error::Error for SetupError {
     }
 }
 
+/// How the owning core talks to an instance.
+pub enum Endpoint {
+    /// Frames on the channel to the guest (the Node shim, or the agent's relay).
+    Channel(OwnedFd),
+    /// The Runtime API, served by the core itself ([`runtime_api`]).
+    RuntimeApi(Box<runtime_api::Served>),
+}
+
 /// A running, initialised instance of one function.
 pub trait Instance: Send {
     /// The host end of the channel to the guest (taken once, by the owning core).
     fn take_channel(&mut self) -> Option<OwnedFd>;
+    /// What the owning core serves the instance through (taken once).
+    fn take_endpoint(&mut self) -> Option<Endpoint> {
+        self.take_channel().map(Endpoint::Channel)
+    }
     /// A second socket carrying only LOG frames (the process backend's agent
     /// in direct mode), taken once by the log collector; `None` when logs
     /// travel on the channel.

@@ -46,6 +46,9 @@ pub enum FrameType {
     StreamChunk = 22,
     /// guest -> host: a streamed answer is complete, or failed (error metadata).
     StreamEnd = 23,
+    /// guest -> host, when hearth serves the Runtime API itself: the runtime
+    /// exited; the body is Lambda's words for its status.
+    Exit = 24,
 }
 
 impl FrameType {
@@ -62,6 +65,7 @@ impl FrameType {
             21 => FrameType::StreamHead,
             22 => FrameType::StreamChunk,
             23 => FrameType::StreamEnd,
+            24 => FrameType::Exit,
             _ => return None,
         })
     }

@@ -513,7 +513,7 @@ impl CorePool {
                 return;
             }
         };
-        let channel = match handle.take_channel() {
+        let channel = match handle.take_endpoint() {
             Some(c) if self.fns.contains_key(&id) => c,
             _ => {
                 f.release();
@@ -559,6 +559,7 @@ impl CorePool {
             self.actions.push_back(Action::Destroy(handle));
         }
         self.fit_instances(now);
+        self.hand_over_idle(now);
         let waiting: Vec<String> = self
             .fns
             .iter()
@@ -577,6 +578,29 @@ impl CorePool {
             .collect();
         for i in cold {
             self.retire(i, now);
+        }
+    }
+
+    /// Gives idle instances to cores starved of them. A core that became
+    /// starved while this core's instances sat idle is otherwise never
+    /// noticed (hand-overs are decided when a request finishes here); with
+    /// this it waits at most a tick.
+    fn hand_over_idle(&mut self, now: Instant) {
+        let me = 1u64 << self.cfg.core;
+        let ids: Vec<String> = self
+            .fns
+            .iter()
+            .filter(|(_, fs)| !fs.idle.is_empty() && fs.f.starved.load(Relaxed) & !me != 0)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            while self.fns.get(&id).is_some_and(|fs| !fs.idle.is_empty()) {
+                let Some(target) = self.hand_over_to(&id) else {
+                    break;
+                };
+                let i = self.fns.get_mut(&id).and_then(|fs| fs.idle.pop());
+                self.migrate(i.expect("checked non-empty"), target, now);
+            }
         }
     }
 

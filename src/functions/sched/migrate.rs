@@ -13,7 +13,6 @@
 //! keep its queue non-empty (a closed-loop load never lets it empty: measured,
 //! the other core's requests waited 100+ ms).
 
-use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::sync::OnceLock;
@@ -22,7 +21,7 @@ use std::time::{Duration, Instant};
 use super::{Action, CorePool, Inst, InstId};
 use crate::functions::Function;
 use crate::metrics::add;
-use crate::sandbox::Instance;
+use crate::sandbox::{Endpoint, Instance};
 
 /// How much longer than this core's oldest waiting request a starved core's
 /// must have waited before this core, holding all of the function's
@@ -50,7 +49,7 @@ pub(super) type Moving = (Arc<Function>, Box<dyn Instance>, usize);
 pub struct Migrated {
     function: Arc<Function>,
     handle: Box<dyn Instance>,
-    channel: OwnedFd,
+    channel: Endpoint,
     leftover: Vec<u8>,
 }
 
@@ -124,7 +123,7 @@ impl CorePool {
     }
 
     /// A migrating instance's channel is free: send the instance to its new core.
-    pub(super) fn detached(&mut self, inst: InstId, channel: OwnedFd, leftover: Vec<u8>) {
+    pub(super) fn detached(&mut self, inst: InstId, channel: Endpoint, leftover: Vec<u8>) {
         let Some((function, handle, core)) = self.migrating.remove(&inst) else {
             return;
         };

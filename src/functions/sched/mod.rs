@@ -38,7 +38,6 @@ mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
-use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -53,7 +52,7 @@ use crate::http::parse::Request;
 use crate::http::reply::{Reply, ReplyTo};
 use crate::metrics::add;
 use crate::protocol::FrameType;
-use crate::sandbox::{Instance, SchedTime};
+use crate::sandbox::{Endpoint, Instance, SchedTime};
 pub use migrate::Migrated;
 
 /// Extra time a queued request may wait for an instance to start, beyond the
@@ -161,7 +160,7 @@ pub enum Action {
     /// it already and comes before anything read next.
     Attach {
         inst: InstId,
-        channel: OwnedFd,
+        channel: Endpoint,
         leftover: Vec<u8>,
     },
     /// Close an instance's channel: the instance is gone.
@@ -563,7 +562,7 @@ impl CorePool {
     }
 
     /// Event: a channel detached on [`Action::Detach`] is free to move.
-    pub fn on_detached(&mut self, inst: InstId, channel: OwnedFd, leftover: Vec<u8>) {
+    pub fn on_detached(&mut self, inst: InstId, channel: Endpoint, leftover: Vec<u8>) {
         self.detached(inst, channel, leftover);
         self.check_invariants();
     }

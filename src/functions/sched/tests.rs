@@ -934,6 +934,32 @@ fn idle_instances_go_after_the_keep_warm_period() {
 }
 
 #[test]
+fn a_core_starved_while_the_instance_sits_idle_gets_it_at_the_next_tick() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    // The instance finishes with nothing starved yet: it stays, idle.
+    core0.respond(inst, 200);
+    assert!(core0.detached.is_empty());
+    // Only then does core 1 get a request: nothing finishes on core 0 to notice.
+    core1.request("a");
+    assert_eq!(f.starved.load(Relaxed), 1 << 1);
+    core0.advance(100);
+    core0.tick(0);
+    assert_eq!(
+        core0.detached,
+        vec![inst],
+        "the idle instance leaves at the tick"
+    );
+    assert_eq!(f.starved.load(Relaxed), 0);
+}
+
+#[test]
 fn a_starved_core_gets_an_idle_instance_handed_over() {
     let f = function("a", 1, 1000);
     let mut core0 = Sim::new(config(0), &[&f]);
@@ -953,7 +979,7 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
     assert_eq!(core0.live("a"), 0);
     core0.pool.on_detached(
         inst,
-        std::fs::File::open("/dev/null").unwrap().into(),
+        crate::sandbox::Endpoint::Channel(std::fs::File::open("/dev/null").unwrap().into()),
         Vec::new(),
     );
     core0.drain();
@@ -1230,7 +1256,7 @@ fn a_core_holding_the_only_instance_takes_turns_with_a_starved_core() {
     );
     core0.pool.on_detached(
         inst,
-        std::fs::File::open("/dev/null").unwrap().into(),
+        crate::sandbox::Endpoint::Channel(std::fs::File::open("/dev/null").unwrap().into()),
         Vec::new(),
     );
     core0.drain();

@@ -37,8 +37,9 @@ use crate::config::ServeConfig;
 use crate::runtime::{self, root::Userland, RuntimeKind};
 use crate::sandbox::handshake;
 use crate::sandbox::process;
+use crate::sandbox::runtime_api;
 use crate::sandbox::{
-    Backend, InitLogs, Instance, MemoryBudget, SchedTime, SetupError, StartError,
+    Backend, Endpoint, InitLogs, Instance, MemoryBudget, SchedTime, SetupError, StartError,
 };
 use crate::spec::FunctionSpec;
 use crate::util::cpu;
@@ -82,11 +83,19 @@ pub struct ProcInstance {
     runtime_pid: Option<i32>,
     /// The agent's log socket (raw runtime output), until taken.
     logs: Option<OwnedFd>,
+    /// The Runtime API hearth serves this instance (instead of `channel`), until taken.
+    served: Option<Box<runtime_api::Served>>,
 }
 
 impl Instance for ProcInstance {
     fn take_channel(&mut self) -> Option<OwnedFd> {
         self.channel.take()
+    }
+    fn take_endpoint(&mut self) -> Option<Endpoint> {
+        match self.served.take() {
+            Some(served) => Some(Endpoint::RuntimeApi(served)),
+            None => self.channel.take().map(Endpoint::Channel),
+        }
     }
     fn take_log_channel(&mut self) -> Option<OwnedFd> {
         self.logs.take()
@@ -153,6 +162,9 @@ struct Inner {
     refilled: Condvar,
     forgotten: Mutex<HashSet<String>>,
     use_standby: bool,
+    /// Runtimes other than Node.js get the Runtime API from the agent's relay
+    /// process, not from the worker cores (`--runtime-api-relay`).
+    relay_runtime_api: bool,
     /// Work in progress that may make sandboxes; see [`Busy`].
     work: Mutex<Work>,
     /// Signalled when `work.busy` drops.
@@ -251,6 +263,7 @@ impl ProcessBackend {
             refilled: Condvar::new(),
             forgotten: Mutex::new(HashSet::new()),
             use_standby,
+            relay_runtime_api: cfg.runtime_api_relay,
             work: Mutex::new(Work::default()),
             work_done: Condvar::new(),
         });
@@ -327,6 +340,9 @@ impl Inner {
             (self.runtime_root.clone(), Vec::new())
         } else {
             argv.extend(["--runtime".to_string(), spec.runtime.name().to_string()]);
+            if !self.relay_runtime_api {
+                argv.push("--host-serves-api".to_string());
+            }
             (self.userland.root.clone(), self.userland.binds.clone())
         };
         let sspec = SandboxSpec {
@@ -349,22 +365,32 @@ impl Inner {
             sandbox.destroy();
             return Err(StartError::ShuttingDown);
         };
-        let result = handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT);
+        let result = match spec.runtime.api_kind() {
+            Some(kind) if !self.relay_runtime_api => serve_start(&sandbox, kind, spec),
+            _ => handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT)
+                .map(|(_, logs)| (None, logs)),
+        };
         // Before anything reaps PID 1: shutdown must not signal a reused pid.
         self.work.lock().unwrap().initialising.remove(&ticket);
         match result {
-            Ok((_init_ms, logs)) => {
-                let channel = sandbox
-                    .channel
-                    .try_clone()
-                    .map_err(|e| StartError::io("dup channel", e))?;
+            Ok((served, logs)) => {
+                let channel = match served {
+                    Some(_) => None,
+                    None => Some(
+                        sandbox
+                            .channel
+                            .try_clone()
+                            .map_err(|e| StartError::io("dup channel", e))?,
+                    ),
+                };
                 Ok((
                     ProcInstance {
                         sandbox,
                         uid,
-                        channel: Some(channel),
+                        channel,
                         runtime_pid: None,
                         logs: log_socket,
+                        served,
                     },
                     logs,
                 ))
@@ -699,6 +725,24 @@ fn retire_idle_standbys(inner: Weak<Inner>) {
 
 /// Returns a destroyed sandbox's uid to the pool, unless the sandbox could not be reaped:
 /// its processes may still run as that uid, so it is never handed to another instance.
+/// The start of a Runtime API instance served by hearth: the agent's fds,
+/// then HELLO and the runtime's first requests up to its first `/next`.
+fn serve_start(
+    sandbox: &Sandbox,
+    kind: hearth_rapi::api::Kind,
+    spec: &FunctionSpec,
+) -> Result<(Option<Box<runtime_api::Served>>, InitLogs), StartError> {
+    let started = Instant::now();
+    let fds = runtime_api::receive_fds(sandbox.channel.as_fd(), INIT_TIMEOUT)?;
+    let channel = sandbox
+        .channel
+        .try_clone()
+        .map_err(|e| StartError::io("dup channel", e))?;
+    let left = INIT_TIMEOUT.saturating_sub(started.elapsed());
+    let (served, _init_ms, logs) = runtime_api::start(channel, fds, kind, spec, left)?;
+    Ok((Some(Box::new(served)), logs))
+}
+
 fn retire_uid(reaped: bool, uid: UidLease) {
     if !reaped {
         eprintln!(

@@ -1,0 +1,527 @@
+//! The Runtime API on the worker's own loop (process backend, runtimes other
+//! than Node.js; see `sandbox::runtime_api`). An instance served this way has
+//! no frame channel to the core: its streams are the listener on
+//! 127.0.0.1:9001 of its sandbox, the runtime's connections, its stdout and
+//! stderr, and the agent's channel (which only reports the runtime's exit).
+//! A [`Session`] decides every answer; the frames it produces go to the
+//! scheduler exactly as frames read from a channel would, and the scheduler's
+//! INVOKE frames go to the session instead of a channel. So the request path
+//! is: client → scheduler → session → the runtime's parked `/next`, and
+//! `/response` → session → scheduler → client, all in one thread.
+//!
+//! Limits: [`hearth_rapi::session::CONNS_MAX`] connections per instance (more
+//! are closed when accepted); request heads and bodies as the session bounds
+//! them (`hearth_rapi::http`; responses over 6 MiB → 413); LOG frames of at
+//! most [`runtime_api::LOG_CHUNK_BYTES`], rate-limited by the scheduler's log intake.
+
+use std::io;
+use std::os::fd::OwnedFd;
+
+use hearth_rapi::session::{ConnId, Io, Session};
+use slab::Slab;
+
+use crate::engine::stream::{Kind, Stream};
+use crate::engine::worker::{set_nonblocking, Token, Worker};
+use crate::functions::sched::{Frame, InstId};
+use crate::protocol::{self, FrameDecoder, FrameType};
+use crate::sandbox::runtime_api::{self, Served};
+use crate::sandbox::Endpoint;
+
+/// What one of an instance's Runtime API streams is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    /// 127.0.0.1:9001 in the sandbox: readiness means connections to accept.
+    Listener,
+    /// A runtime's connection, by the session's id.
+    Conn(ConnId),
+    /// The runtime's stdout (0) or stderr (1).
+    Output(usize),
+    /// The agent's channel: EXIT, then end of file.
+    Agent,
+}
+
+/// One instance's Runtime API on this core.
+pub struct Rapi {
+    inst: InstId,
+    session: Session,
+    listener: Option<Token>,
+    agent: Option<Token>,
+    conns: Vec<Option<Token>>,
+    output: [Option<Token>; 2],
+    /// Frames for the scheduler, encoded, not yet taken.
+    frames: Vec<u8>,
+    decoder: FrameDecoder,
+    /// The agent reported the runtime's exit.
+    exited: bool,
+    /// A detach in progress: what has come back from the driver so far.
+    detach: Option<Parts>,
+}
+
+/// The fds of a detaching instance, collected as each stream leaves the loop.
+#[derive(Default)]
+struct Parts {
+    listener: Option<OwnedFd>,
+    channel: Option<OwnedFd>,
+    conns: Vec<Option<OwnedFd>>,
+    output: [Option<OwnedFd>; 2],
+    channel_leftover: Vec<u8>,
+    conn_unsent: Vec<(ConnId, Vec<u8>)>,
+    /// Streams still to come back.
+    waiting: usize,
+}
+
+/// The session's outputs on the loop: writes are queued on the connection's
+/// stream (the driver sends them), frames collect for the scheduler.
+struct CoreIo<'a> {
+    streams: &'a mut Slab<Stream>,
+    dirty: &'a mut Vec<Token>,
+    conns: &'a mut Vec<Option<Token>>,
+    frames: &'a mut Vec<u8>,
+}
+
+impl Io for CoreIo<'_> {
+    fn frame(
+        &mut self,
+        kind: FrameType,
+        flags: u8,
+        id: u32,
+        meta: &[u8],
+        body: &[u8],
+    ) -> io::Result<()> {
+        protocol::encode(self.frames, kind, flags, id, meta, body);
+        Ok(())
+    }
+
+    fn write(&mut self, conn: ConnId, bytes: &[u8]) -> bool {
+        let Some(&Some(tok)) = self.conns.get(conn) else {
+            return false;
+        };
+        match self.streams.get_mut(tok) {
+            Some(s) if !s.dead => {
+                s.wbuf.extend_from_slice(bytes);
+                self.dirty.push(tok);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Closed once what was queued on it is written.
+    fn close(&mut self, conn: ConnId) {
+        let Some(slot) = self.conns.get_mut(conn) else {
+            return;
+        };
+        if let Some(tok) = slot.take() {
+            if let Some(s) = self.streams.get_mut(tok) {
+                s.closing = true;
+                self.dirty.push(tok);
+            }
+        }
+    }
+
+    fn spawn(
+        &mut self,
+        _kind: hearth_rapi::api::Kind,
+        _f: &hearth_rapi::api::Function,
+        _argv: &[String],
+    ) -> io::Result<()> {
+        Err(io::Error::other("the runtime is started by the agent"))
+    }
+
+    fn realtime_ms(&self) -> u64 {
+        crate::util::time::unix_time_ms()
+    }
+}
+
+impl Worker {
+    /// Runs `f` on instance `inst`'s session with the loop as its [`Io`].
+    fn with_session<T>(
+        &mut self,
+        inst: InstId,
+        f: impl FnOnce(&mut Session, &mut CoreIo<'_>) -> T,
+    ) -> Option<T> {
+        let r = self.rapis.get_mut(inst.slot())?.as_mut()?;
+        if r.inst != inst {
+            return None;
+        }
+        let mut io = CoreIo {
+            streams: &mut self.streams,
+            dirty: &mut self.dirty,
+            conns: &mut r.conns,
+            frames: &mut r.frames,
+        };
+        Some(f(&mut r.session, &mut io))
+    }
+
+    fn rapi(&mut self, inst: InstId) -> Option<&mut Rapi> {
+        self.rapis
+            .get_mut(inst.slot())?
+            .as_mut()
+            .filter(|r| r.inst == inst)
+    }
+
+    /// Whether instance `inst` is served here through a Runtime API session.
+    pub fn is_rapi(&self, inst: InstId) -> bool {
+        matches!(self.rapis.get(inst.slot()), Some(Some(r)) if r.inst == inst)
+    }
+
+    /// Hands the session's frames to the scheduler.
+    fn rapi_flush(&mut self, inst: InstId) {
+        let now = self.now;
+        let Some(r) = self.rapi(inst) else { return };
+        // A moving instance's frames go with it to its next core.
+        if r.frames.is_empty() || r.detach.is_some() {
+            return;
+        }
+        let frames = std::mem::take(&mut r.frames);
+        // The scheduler takes every whole frame while it knows the instance.
+        let _ = self.fns.on_channel_input(inst, &frames, now);
+        if let Some(r) = self.rapi(inst) {
+            if r.frames.is_empty() {
+                let mut frames = frames;
+                frames.clear();
+                r.frames = frames;
+            }
+        }
+    }
+
+    fn add_stream(&mut self, fd: OwnedFd, inst: InstId, role: Role) -> Token {
+        set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let tok = self.streams.insert(Stream::new(fd, Kind::Rapi(inst, role)));
+        self.mark(tok);
+        tok
+    }
+
+    /// Takes an instance served by its Runtime API onto this core.
+    pub fn attach_rapi(&mut self, inst: InstId, served: Served) {
+        let Served {
+            session,
+            channel,
+            listener,
+            conns,
+            output,
+            frames,
+            channel_leftover,
+            conn_unsent,
+        } = served;
+        let mut r = Rapi {
+            inst,
+            session,
+            listener: None,
+            agent: None,
+            conns: Vec::with_capacity(conns.len()),
+            output: [None, None],
+            frames,
+            decoder: FrameDecoder::new(),
+            exited: false,
+            detach: None,
+        };
+        r.listener = Some(self.add_stream(listener, inst, Role::Listener));
+        r.agent = Some(self.add_stream(channel, inst, Role::Agent));
+        for (k, o) in output.into_iter().enumerate() {
+            r.output[k] = o.map(|fd| self.add_stream(fd, inst, Role::Output(k)));
+        }
+        for (i, c) in conns.into_iter().enumerate() {
+            r.conns
+                .push(c.map(|fd| self.add_stream(fd, inst, Role::Conn(i))));
+        }
+        for (i, bytes) in conn_unsent {
+            if let Some(&Some(tok)) = r.conns.get(i) {
+                self.streams[tok].wbuf = bytes;
+            }
+        }
+        if self.rapis.len() <= inst.slot() {
+            self.rapis.resize_with(inst.slot() + 1, || None);
+        }
+        self.rapis[inst.slot()] = Some(r);
+        if !channel_leftover.is_empty() {
+            self.rapi_agent_input(inst, &channel_leftover);
+        }
+        // Requests read on the last core and not yet served (a `/next` that
+        // arrived while the instance was leaving it).
+        let open: Vec<ConnId> = self.rapi(inst).map_or(Vec::new(), |r| {
+            (0..r.conns.len())
+                .filter(|&i| r.conns[i].is_some())
+                .collect()
+        });
+        for i in open {
+            if let Some(Err(e)) = self.with_session(inst, |s, io| s.serve(io, i)) {
+                eprintln!("hearth: worker {}: runtime api: {e}", self.core);
+            }
+        }
+        self.rapi_flush(inst);
+    }
+
+    /// The scheduler sends instance `inst` a frame (an INVOKE).
+    pub fn rapi_send(&mut self, inst: InstId, frame: Frame) {
+        let done = self.with_session(inst, |s, io| {
+            s.on_frame(io, frame.kind, frame.request_id, &frame.meta, frame.body)
+        });
+        if let Some(Err(e)) = done {
+            eprintln!("hearth: worker {}: runtime api: {e}", self.core);
+        }
+        self.rapi_flush(inst);
+    }
+
+    /// A connection came in on instance `inst`'s listener (the driver accepted it).
+    pub fn rapi_accepted(&mut self, listener: Token, fd: OwnedFd) {
+        let Some(Kind::Rapi(inst, Role::Listener)) = self.streams.get(listener).map(|s| &s.kind)
+        else {
+            return;
+        };
+        let inst = *inst;
+        let Some(r) = self.rapi(inst) else { return };
+        let Some(i) = r.session.open() else {
+            // Over the limit: dropping closes it.
+            return;
+        };
+        if let Some(parts) = r.detach.as_mut() {
+            // Accepted as the listener was leaving the loop: it goes along.
+            if parts.conns.len() <= i {
+                parts.conns.resize_with(i + 1, || None);
+            }
+            parts.conns[i] = Some(fd);
+            return;
+        }
+        crate::engine::set_nodelay(std::os::fd::AsRawFd::as_raw_fd(&fd));
+        let tok = self.add_stream(fd, inst, Role::Conn(i));
+        let r = self.rapi(inst).expect("checked above");
+        if r.conns.len() <= i {
+            r.conns.resize(i + 1, None);
+        }
+        r.conns[i] = Some(tok);
+    }
+
+    /// Bytes arrived on one of instance `inst`'s streams.
+    pub fn rapi_data(&mut self, tok: Token, inst: InstId, role: Role) {
+        let input = {
+            let s = &mut self.streams[tok];
+            let v = s.input().to_vec();
+            s.consume(v.len());
+            v
+        };
+        match role {
+            Role::Conn(i) => {
+                if self
+                    .rapi(inst)
+                    .and_then(|r| r.conns.get(i).copied().flatten())
+                    != Some(tok)
+                {
+                    return;
+                }
+                let served = self.with_session(inst, |s, io| {
+                    s.received(i, &input);
+                    s.serve(io, i)
+                });
+                if let Some(Err(e)) = served {
+                    eprintln!("hearth: worker {}: runtime api: {e}", self.core);
+                }
+            }
+            Role::Output(k) => {
+                let Some(r) = self.rapi(inst) else { return };
+                let flags = if k == 1 { protocol::LOG_STDERR } else { 0 };
+                let tag = r.session.log_tag();
+                for chunk in input.chunks(runtime_api::LOG_CHUNK_BYTES) {
+                    protocol::encode(&mut r.frames, FrameType::Log, flags, tag, &[], chunk);
+                }
+            }
+            Role::Agent => self.rapi_agent_input(inst, &input),
+            Role::Listener => {}
+        }
+        self.rapi_flush(inst);
+    }
+
+    /// Frames from the agent: only EXIT (the runtime is gone) means anything.
+    fn rapi_agent_input(&mut self, inst: InstId, bytes: &[u8]) {
+        let Some(r) = self.rapi(inst) else { return };
+        r.decoder.push(bytes);
+        let mut exits = Vec::new();
+        while let Ok(Some(f)) = r.decoder.next_frame() {
+            if f.kind == FrameType::Exit {
+                exits.push(String::from_utf8_lossy(&f.body).into_owned());
+            }
+        }
+        for message in exits {
+            self.rapi_exit(inst, &message);
+        }
+    }
+
+    fn rapi_exit(&mut self, inst: InstId, message: &str) {
+        match self.rapi(inst) {
+            Some(r) if !r.exited => r.exited = true,
+            _ => return,
+        }
+        let _ = self.with_session(inst, |s, io| s.on_exit(io, message));
+        self.rapi_flush(inst);
+    }
+
+    /// One of instance `inst`'s streams ended (end of file or an error).
+    pub fn rapi_closed(&mut self, tok: Token, inst: InstId, role: Role) {
+        match role {
+            Role::Conn(i) => {
+                let mine = self
+                    .rapi(inst)
+                    .and_then(|r| r.conns.get(i).copied().flatten())
+                    == Some(tok);
+                if mine {
+                    // A reset, not a FIN: the runtime's side closed first
+                    // and would otherwise sit in TIME_WAIT.
+                    linger_zero(self.streams[tok].raw());
+                    let _ = self.with_session(inst, |s, io| s.closed(io, i));
+                }
+            }
+            Role::Output(k) => {
+                if let Some(r) = self.rapi(inst) {
+                    if r.output[k] == Some(tok) {
+                        r.output[k] = None;
+                    }
+                }
+            }
+            Role::Agent => {
+                if self.rapi(inst).is_some_and(|r| r.agent == Some(tok)) {
+                    self.rapi_exit(inst, "Runtime exited without providing a reason");
+                    self.rapi_flush(inst);
+                    let now = self.now;
+                    self.fns.on_channel_closed(inst, &[], now);
+                }
+            }
+            Role::Listener => {}
+        }
+        self.close_stream(tok);
+        self.rapi_flush(inst);
+    }
+
+    /// Every stream of instance `inst`, mapped ones only.
+    fn rapi_streams(r: &Rapi) -> Vec<Token> {
+        r.listener
+            .iter()
+            .chain(r.agent.iter())
+            .chain(r.output.iter().flatten())
+            .chain(r.conns.iter().flatten())
+            .copied()
+            .collect()
+    }
+
+    /// The instance is gone: closes all its streams.
+    pub fn rapi_close(&mut self, inst: InstId) {
+        let Some(r) = self.rapi(inst) else { return };
+        let streams = Self::rapi_streams(r);
+        self.rapis[inst.slot()] = None;
+        for tok in streams {
+            self.close_stream(tok);
+        }
+    }
+
+    /// Stops or resumes reading the runtime's connections (streamed answers
+    /// to a slow client).
+    pub fn rapi_pause(&mut self, inst: InstId, paused: bool) {
+        let Some(r) = self.rapi(inst) else { return };
+        let conns: Vec<Token> = r.conns.iter().flatten().copied().collect();
+        for tok in conns {
+            if self.streams[tok].read_paused != paused {
+                self.streams[tok].read_paused = paused;
+                self.mark(tok);
+            }
+        }
+    }
+
+    /// Starts moving instance `inst` to another core: its streams leave the
+    /// loop one by one ([`Worker::rapi_detached`]).
+    pub fn rapi_detach(&mut self, inst: InstId) {
+        let Some(r) = self.rapi(inst) else { return };
+        let streams = Self::rapi_streams(r);
+        r.detach = Some(Parts {
+            waiting: streams.len(),
+            ..Parts::default()
+        });
+        for tok in streams {
+            self.streams[tok].detaching = true;
+            self.mark(tok);
+        }
+    }
+
+    /// A detaching stream of instance `inst` left the loop; the last one sends
+    /// the instance on its way.
+    pub fn rapi_detached(&mut self, s: Stream, inst: InstId, role: Role) {
+        let Some(r) = self.rapi(inst) else { return };
+        let Some(parts) = r.detach.as_mut() else {
+            return;
+        };
+        let leftover = s.rbuf[s.rpos..].to_vec();
+        let unsent = s.unsent();
+        match role {
+            Role::Listener => parts.listener = Some(s.fd),
+            Role::Agent => {
+                parts.channel = Some(s.fd);
+                parts.channel_leftover = leftover;
+            }
+            Role::Output(k) => {
+                parts.output[k] = Some(s.fd);
+                let flags = if k == 1 { protocol::LOG_STDERR } else { 0 };
+                for chunk in leftover.chunks(runtime_api::LOG_CHUNK_BYTES) {
+                    protocol::encode(&mut r.frames, FrameType::Log, flags, 0, &[], chunk);
+                }
+            }
+            Role::Conn(i) => {
+                if parts.conns.len() <= i {
+                    parts.conns.resize_with(i + 1, || None);
+                }
+                parts.conns[i] = Some(s.fd);
+                if !unsent.is_empty() {
+                    parts.conn_unsent.push((i, unsent));
+                }
+                if !leftover.is_empty() {
+                    r.session.received(i, &leftover);
+                }
+            }
+        }
+        parts.waiting -= 1;
+        if parts.waiting > 0 {
+            return;
+        }
+        let r = self.rapis[inst.slot()].take().expect("checked above");
+        let p = r.detach.expect("checked above");
+        let (Some(listener), Some(channel)) = (p.listener, p.channel) else {
+            return;
+        };
+        let served = Served {
+            session: r.session,
+            channel,
+            listener,
+            conns: p.conns,
+            output: p.output,
+            frames: r.frames,
+            channel_leftover: p.channel_leftover,
+            conn_unsent: p.conn_unsent,
+        };
+        self.fns
+            .on_detached(inst, Endpoint::RuntimeApi(Box::new(served)), Vec::new());
+    }
+
+    /// Forgets every Runtime API stream at server exit.
+    pub fn drop_rapis(&mut self) {
+        for r in std::mem::take(&mut self.rapis).into_iter().flatten() {
+            for tok in Self::rapi_streams(&r) {
+                let _ = self.streams.try_remove(tok);
+            }
+        }
+    }
+}
+
+/// SO_LINGER on with a zero timeout: `close` resets the connection.
+fn linger_zero(fd: std::os::fd::RawFd) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from the struct we own.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&l as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+}

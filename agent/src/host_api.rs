@@ -41,7 +41,7 @@ pub struct Started {
 pub fn start(channel: RawFd, kind: Kind, spec: &RuntimeSpec) -> io::Result<Started> {
     let listener = TcpListener::bind(rapi::LISTEN_ADDR)
         .map_err(|e| io::Error::other(format!("cannot listen on {}: {e}", rapi::LISTEN_ADDR)))?;
-    set_defer_accept(listener.as_raw_fd(), 1)?;
+    sys::set_defer_accept(listener.as_raw_fd(), 1)?;
     let (out_host, out_guest) = sys::stream_socketpair()?;
     let (err_host, err_guest) = sys::stream_socketpair()?;
     send_fds(
@@ -206,20 +206,4 @@ fn send_fds(channel: RawFd, fds: &[RawFd]) -> io::Result<()> {
             _ => return Err(e),
         }
     }
-}
-
-/// TCP_DEFER_ACCEPT: a connection is reported once its first bytes (or its
-/// end) arrive, so one wake-up of hearth accepts it and reads its request.
-fn set_defer_accept(fd: RawFd, secs: libc::c_int) -> io::Result<()> {
-    // SAFETY: setsockopt reads one c_int from the value we own.
-    sys::cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&secs as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
 }

@@ -55,7 +55,7 @@ pub fn run(kind: Kind) -> i32 {
     };
     // Connections are reported when their first bytes arrive, not at the
     // handshake (after 1 s without any, they are reported anyway).
-    let _ = set_defer_accept(listener.as_raw_fd(), 1);
+    let _ = sys::set_defer_accept(listener.as_raw_fd(), 1);
     let epoll = listener
         .set_nonblocking(true)
         .and_then(|()| sys::set_nonblocking(channel.as_raw_fd(), true))
@@ -534,22 +534,6 @@ fn write_all(fd: RawFd, mut buf: &[u8], timeout_ms: i32) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// TCP_DEFER_ACCEPT: a listener reports a connection once data (or its end)
-/// arrives, or after about `secs`.
-fn set_defer_accept(fd: RawFd, secs: libc::c_int) -> io::Result<()> {
-    // SAFETY: setsockopt reads one c_int from the value we own.
-    sys::cvt(unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_DEFER_ACCEPT,
-            (&secs as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    })
-    .map(drop)
 }
 
 /// SO_LINGER on with a zero timeout: `close` resets the connection.

@@ -139,3 +139,20 @@ pub fn set_realtime_ms(ms: u64) -> io::Result<()> {
     // SAFETY: clock_settime reads the struct we own.
     cvt(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) }).map(drop)
 }
+
+/// TCP_DEFER_ACCEPT: a listener reports a connection once its first bytes
+/// (or its end) arrive, or after about `secs`, so one wake-up of whoever
+/// serves it accepts the connection and reads its request.
+pub fn set_defer_accept(fd: RawFd, secs: libc::c_int) -> io::Result<()> {
+    // SAFETY: setsockopt reads one c_int from the value we own.
+    cvt(unsafe {
+        libc::setsockopt(
+            fd,
+            libc::IPPROTO_TCP,
+            libc::TCP_DEFER_ACCEPT,
+            (&secs as *const libc::c_int).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    })
+    .map(drop)
+}

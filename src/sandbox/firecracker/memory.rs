@@ -28,6 +28,10 @@ pub(super) enum WsSlot {
     Recording,
     /// Installed by every Uffd restore of the snapshot it was recorded on.
     Ready(Arc<WorkSet>),
+    /// `--fc-memory file`: the restore that was to record it through Uffd
+    /// failed (e.g. a host where the VMM may not create a userfaultfd); this
+    /// function's File restores go on without a set until hearth restarts.
+    Unrecordable,
 }
 
 /// Working sets by function id.
@@ -193,10 +197,6 @@ impl Inner {
         // Jailed, Firecracker is given names inside its root.
         let state = vmm.resource(&dir.join(&meta.state));
         let plan = self.plan(id, dir, meta);
-        let io = |what: &str, err: std::io::Error| VmmError::Io {
-            what: what.to_string(),
-            err,
-        };
         // The File backends load from the file; the one restore that records
         // the working set for them goes through Uffd like the Uffd backends.
         let file = matches!(self.memory, FcMemory::File | FcMemory::FileLazy);
@@ -220,14 +220,50 @@ impl Inner {
                 .map_err(VmmError::Api)?;
             return Ok(None);
         }
+        let recording = matches!(plan, Plan::Record(_));
+        let loaded = self.load_uffd(api, vmm, id, &state, &mem_path, uds, plan, deadline);
+        if file && recording {
+            if let Err(e) = &loaded {
+                eprintln!(
+                    "hearth: firecracker: function {id}: its working set could not be recorded \
+                     through Uffd ({e}); its File restores go on without one"
+                );
+                self.worksets
+                    .lock()
+                    .unwrap()
+                    .insert(id.to_string(), WsSlot::Unrecordable);
+            }
+        }
+        loaded
+    }
+
+    /// The Uffd part of [`Inner::load_snapshot`]: hearth receives the
+    /// guest's memory, installs or records the working set as `plan` says,
+    /// and resumes the VM.
+    #[allow(clippy::too_many_arguments)]
+    fn load_uffd(
+        &self,
+        api: &mut Api,
+        vmm: &mut Vmm,
+        id: &str,
+        state: &Path,
+        mem_path: &Path,
+        uds: &Path,
+        plan: Plan,
+        deadline: Instant,
+    ) -> Result<Option<UffdMemory>, VmmError> {
+        let io = |what: &str, err: std::io::Error| VmmError::Io {
+            what: what.to_string(),
+            err,
+        };
         let (sock_vm, sock) = vmm.uffd_paths();
         let listener = vmm
             .bind_uffd_socket()
             .map_err(|e| io("bind uffd socket", e))?;
-        let load = api::snapshot_load(&state, MemBackend::Uffd(&sock_vm), uds, false);
+        let load = api::snapshot_load(state, MemBackend::Uffd(&sock_vm), uds, false);
         api.send("PUT", "/snapshot/load", Some(&load), deadline)
             .map_err(VmmError::Api)?;
-        let memory = Arc::new(Memory::open(&mem_path).map_err(|e| io("map memory file", e))?);
+        let memory = Arc::new(Memory::open(mem_path).map_err(|e| io("map memory file", e))?);
         let got = uffd::receive(&listener, vmm.pid(), memory.len(), deadline, || {
             vmm.check_alive()
                 .map_err(|e| std::io::Error::other(e.to_string()))
@@ -278,7 +314,7 @@ impl Inner {
             {
                 Plan::Install(ws.clone())
             }
-            WsSlot::Recording => Plan::Lazy,
+            WsSlot::Recording | WsSlot::Unrecordable => Plan::Lazy,
             _ => {
                 *slot = WsSlot::Recording;
                 Plan::Record(Recorder {

@@ -74,19 +74,11 @@ pub fn hello(
                     return Ok((init_ms, logs.into_lines()));
                 }
                 FrameType::InitError => {
-                    let meta: serde_json::Value =
-                        serde_json::from_slice(&f.meta).unwrap_or_default();
-                    return Err(StartError::Init {
-                        error_type: meta["errorType"]
-                            .as_str()
-                            .unwrap_or("Runtime.InitError")
-                            .to_string(),
-                        message: meta["errorMessage"]
-                            .as_str()
-                            .unwrap_or("the handler failed to load")
-                            .to_string(),
-                        logs: logs.into_lines(),
-                    });
+                    return Err(init_error(
+                        &f.meta,
+                        "the handler failed to load",
+                        logs.into_lines(),
+                    ));
                 }
                 FrameType::Log => logs.push(&f.body),
                 other => return Err(StartError::Unexpected(other)),
@@ -130,6 +122,20 @@ pub fn hello(
 pub const DRAIN_LINES_MAX: usize = 20;
 /// Longest line of [`drain_logs`] kept; longer ones are cut.
 pub const DRAIN_LINE_BYTES_MAX: usize = 500;
+
+/// The deploy error an INIT_ERROR frame reports: its `errorType` and
+/// `errorMessage` (`message` when it has none) and the runtime's output.
+pub(crate) fn init_error(meta: &[u8], message: &str, logs: InitLogs) -> StartError {
+    let meta: serde_json::Value = serde_json::from_slice(meta).unwrap_or_default();
+    StartError::Init {
+        error_type: meta["errorType"]
+            .as_str()
+            .unwrap_or("Runtime.InitError")
+            .to_string(),
+        message: meta["errorMessage"].as_str().unwrap_or(message).to_string(),
+        logs,
+    }
+}
 
 /// The last output lines waiting on an agent's log socket (direct mode), read
 /// for up to `wait` (at most [`DRAIN_LINES_MAX`], each cut at

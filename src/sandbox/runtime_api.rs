@@ -217,20 +217,12 @@ impl Starting<'_> {
                     return Ok(Some(init_ms));
                 }
                 FrameType::InitError => {
-                    let meta: serde_json::Value =
-                        serde_json::from_slice(&f.meta).unwrap_or_default();
                     let logs = std::mem::replace(&mut self.logs, OutputTail::new(1, 1, 1));
-                    return Err(StartError::Init {
-                        error_type: meta["errorType"]
-                            .as_str()
-                            .unwrap_or("Runtime.InitError")
-                            .to_string(),
-                        message: meta["errorMessage"]
-                            .as_str()
-                            .unwrap_or("the runtime failed to start")
-                            .to_string(),
-                        logs: logs.into_lines(),
-                    });
+                    return Err(handshake::init_error(
+                        &f.meta,
+                        "the runtime failed to start",
+                        logs.into_lines(),
+                    ));
                 }
                 FrameType::Log => self.logs.push(&f.body),
                 other => return Err(StartError::Unexpected(other)),

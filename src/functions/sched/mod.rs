@@ -68,6 +68,9 @@ pub const SCALE_UP_WAIT: Duration = Duration::from_millis(2);
 /// A queued request that waited this long scales out a function whose fit is
 /// not known yet, whatever the core's load.
 pub const SCALE_UP_WAIT_MAX: Duration = Duration::from_millis(100);
+/// Bound of the fits remembered per function (a tick each, over
+/// [`scale::FIT_BAND`]; more only if ticks come faster than [`TICK`]).
+const FIT_BAND_TICKS: usize = 64;
 /// CPU use (percent of the last tick) at which a core counts as saturated.
 pub const CPU_SATURATED_PCT: u64 = 90;
 /// Time an instance whose channel closed gets to exit by itself (the agent
@@ -291,6 +294,9 @@ struct FnState {
     fit: Option<usize>,
     /// The last tick's raw fit sample (see [`CorePool::fit_instances`]).
     fit_sample: Option<usize>,
+    /// The fit after each tick that measured it, over the last
+    /// [`scale::FIT_BAND`], oldest first (at most [`FIT_BAND_TICKS`]).
+    fit_recent: VecDeque<(Instant, usize)>,
 }
 
 impl FnState {
@@ -304,7 +310,32 @@ impl FnState {
             live_since: now,
             fit: None,
             fit_sample: None,
+            fit_recent: VecDeque::new(),
         }
+    }
+
+    /// Records the fit measured at the tick at `now`, forgetting those older
+    /// than [`scale::FIT_BAND`].
+    fn note_fit(&mut self, fit: usize, now: Instant) {
+        while self.fit_recent.front().is_some_and(|&(at, _)| {
+            now.saturating_duration_since(at) >= scale::FIT_BAND
+        }) || self.fit_recent.len() >= FIT_BAND_TICKS
+        {
+            self.fit_recent.pop_front();
+        }
+        self.fit_recent.push_back((now, fit));
+    }
+
+    /// The lowest fit of the last [`scale::FIT_BAND`], or the last one known:
+    /// the function scales out only below it.
+    fn fit_low(&self) -> Option<usize> {
+        self.fit_recent.iter().map(|&(_, f)| f).min().or(self.fit)
+    }
+
+    /// The highest fit of the last [`scale::FIT_BAND`], or the last one known:
+    /// the function scales in only above it.
+    fn fit_high(&self) -> Option<usize> {
+        self.fit_recent.iter().map(|&(_, f)| f).max().or(self.fit)
     }
 
     /// Queues a request; `queued` is the core's total.

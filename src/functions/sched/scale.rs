@@ -39,8 +39,8 @@ pub struct FnView {
     /// How long the first queued request has waited for load (not for a
     /// start): zero while an instance is starting.
     pub head_wait: Duration,
-    /// The estimated fit, if measured.
-    pub fit: Option<usize>,
+    /// The lowest fit estimated over the last [`FIT_BAND`], if measured.
+    pub fit_low: Option<usize>,
 }
 
 impl FnView {
@@ -60,10 +60,19 @@ impl FnView {
             live: fs.live,
             idle: fs.idle.len(),
             head_wait,
-            fit: fs.fit,
+            fit_low: fs.fit_low(),
         }
     }
 }
+
+/// How far back the lowest fit is taken for scaling out. Under contention the
+/// estimate of a quick handler moves from tick to tick (measured: 2 to 5 for
+/// the trivial handler at 80 % of two cores): instances beyond a dip were
+/// retired and started again at the next rise, an initialisation each (a
+/// Node start takes 100+ ms of the core's CPU; the open-loop p99 went from
+/// ~2 ms to 200-600 ms in the runs with starts). With the lowest fit of a
+/// few seconds the instance count settles instead.
+pub const FIT_BAND: Duration = Duration::from_secs(3);
 
 /// Whether to start one more instance for the queued requests not covered by
 /// one starting. Never while an instance idles: requests queue beside one only
@@ -71,7 +80,8 @@ impl FnView {
 /// be held back too. Otherwise scale out when nothing runs yet, or the queue
 /// is full (`queue_depth_max`), or the first request waited:
 /// - with the fit known, [`SCALE_UP_WAIT`] while the function has fewer
-///   instances than its fit, whatever the core's load: at its fit the
+///   instances than its lowest fit of the last [`FIT_BAND`], whatever the
+///   core's load: at its fit the
 ///   instances keep the core busy, and another would only take CPU from them
 ///   (on a loaded core a start also costs an initialisation that the requests
 ///   wait behind; measured with open load near the core's capacity, starting
@@ -87,7 +97,7 @@ pub fn scale_out(f: &FnView, saturated: bool, queue_depth_max: usize) -> bool {
     if f.live + f.starting == 0 || uncovered >= queue_depth_max {
         return true;
     }
-    match f.fit {
+    match f.fit_low {
         Some(fit) => f.live + f.starting < fit && f.head_wait >= SCALE_UP_WAIT,
         None => f.head_wait >= SCALE_UP_WAIT_MAX || (f.head_wait >= SCALE_UP_WAIT && !saturated),
     }
@@ -175,14 +185,16 @@ impl CorePool {
                     // tick's sample jumps (measured: 1 -> 24..78) when the
                     // instances waited on the host for that tick.
                     let rise_seen = fs.fit_sample.unwrap_or(sample);
-                    fs.fit = Some(sample.min(rise_seen.max(fs.fit.unwrap_or(sample))));
+                    let fit = sample.min(rise_seen.max(fs.fit.unwrap_or(sample)));
+                    fs.fit = Some(fit);
                     fs.fit_sample = Some(sample);
+                    fs.note_fit(fit, now);
                 }
             }
             // Only a function running here contends; an idle one's instances
             // wait for keep-warm.
             let running = fs.live > fs.idle.len();
-            let excess = excess_over_fit(fs.live, fs.fit, saturated && running);
+            let excess = excess_over_fit(fs.live, fs.fit_high(), saturated && running);
             let idle_long = |&i: &usize| {
                 now.saturating_duration_since(self.insts[i].idle_since) >= SCALE_IN_IDLE
             };

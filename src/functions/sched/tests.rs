@@ -683,7 +683,7 @@ fn a_long_wait_scales_out_even_on_a_saturated_core_until_the_fit() {
         live: 1,
         idle: 0,
         head_wait: SCALE_UP_WAIT_MAX,
-        fit: None,
+        fit_low: None,
     };
     assert!(scale::scale_out(&f, saturated, 100), "no fit known yet");
     f.idle = 1;
@@ -692,9 +692,9 @@ fn a_long_wait_scales_out_even_on_a_saturated_core_until_the_fit() {
         "an idle instance held back by the fit: another would be too"
     );
     f.idle = 0;
-    f.fit = Some(1);
+    f.fit_low = Some(1);
     assert!(!scale::scale_out(&f, saturated, 100), "at its fit");
-    f.fit = Some(2);
+    f.fit_low = Some(2);
     f.head_wait = SCALE_UP_WAIT;
     assert!(scale::scale_out(&f, saturated, 100), "below its fit");
     f.head_wait = Duration::ZERO;
@@ -714,7 +714,7 @@ fn at_its_fit_a_function_does_not_scale_out_on_a_core_with_cpu_to_spare() {
         live: 2,
         idle: 0,
         head_wait: SCALE_UP_WAIT_MAX,
-        fit: Some(2),
+        fit_low: Some(2),
     };
     assert!(!scale::scale_out(&f, false, 100));
     assert!(scale::scale_out(&f, false, 3), "a full queue still does");
@@ -875,6 +875,63 @@ fn a_fit_that_moves_for_a_tick_neither_retires_nor_starts_instances() {
     assert!(sim.starts.is_empty(), "no instance started");
     assert!(sim.closed.is_empty(), "no instance retired");
     assert_eq!(sim.replies.len(), 3 + 60, "every request was answered");
+}
+
+#[test]
+fn a_fit_that_swings_for_seconds_neither_retires_nor_starts_instances() {
+    // Measured under contention (the trivial handler at 80 % of two cores):
+    // the estimate moved between 2 and 5 over seconds. Each dip retired the
+    // instances the cap had left idle for SCALE_IN_IDLE, and the next rise
+    // started them again: an initialisation each, on a busy core.
+    let f = function("a", 3, 10_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    for _ in 0..3 {
+        sim.request("a");
+    }
+    // Three instances, started while the core had CPU to spare.
+    let mut insts = sim.start_all();
+    while insts.len() < 3 {
+        sim.advance(3);
+        sim.request("a");
+        insts.extend(sim.start_all());
+    }
+    for &i in &insts {
+        sim.fake(i).sched = Some(SchedTime::default());
+    }
+    let busy = |sim: &Sim, i: InstId| {
+        sim.pool
+            .insts
+            .get(i.slot())
+            .is_some_and(|x| x.busy.is_some())
+    };
+    // One tick of a saturated core on which the instances the cap lets run
+    // are busy throughout, each using a `fit`th of the tick's CPU.
+    let tick = |sim: &mut Sim, fit: u64| {
+        for &i in &insts {
+            if busy(sim, i) {
+                sim.fake(i).sched.as_mut().unwrap().run_ns += 100_000_000 / fit;
+            }
+        }
+        sim.advance(100);
+        sim.tick(95);
+        for &i in &insts {
+            if busy(sim, i) {
+                sim.respond(i, 200);
+            }
+        }
+        while sim.pool.fns["a"].queue.len() < 3 {
+            sim.request("a");
+        }
+    };
+    for (fit, ticks) in [(3, 20), (1, 15), (3, 20), (1, 15), (3, 20)] {
+        for _ in 0..ticks {
+            tick(&mut sim, fit);
+        }
+        assert_eq!(sim.pool.fns["a"].fit, Some(fit as usize));
+    }
+    assert!(sim.closed.is_empty(), "no instance retired");
+    assert!(sim.starts.is_empty(), "no instance started");
+    assert_eq!(sim.live("a"), 3);
 }
 
 #[test]

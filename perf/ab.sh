@@ -13,7 +13,8 @@
 # (default 3 x 6 s). Prints every run with the function's instance count after
 # it, then medians and the B/A ratio. Both servers stay up the whole time; only
 # one is under load at once. Both use HEARTH_AGENT, by default the release
-# agent of this tree (tools/build-agent.sh release). Needs root, wrk, node, zip, curl.
+# agent of this tree (tools/build-agent.sh release); HEARTH_AGENT_A and
+# HEARTH_AGENT_B, when set, give each side its own (to compare agents). Needs root, wrk, node, zip, curl.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -27,7 +28,7 @@ DEPLOY=
 die() { echo "ab: $*" >&2; exit 1; }
 # shellcheck source=functions/lib.sh
 . "$ROOT/perf/functions/lib.sh"
-USAGE_LINES=15 AB_OPTIONS="ROUNDS DURATION TESTS DEPLOY" ab_args "$@"
+USAGE_LINES=17 AB_OPTIONS="ROUNDS DURATION TESTS DEPLOY" ab_args "$@"
 [ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
 FIXTURE="$ROOT/tests/fixtures/express-app"
 HERE="$ROOT/perf/functions"

@@ -16,7 +16,9 @@
 # Per run: answered req/s, p50, p99, p99.9 (coordinated-omission corrected),
 # and for hearth the instance starts and retirements during the run (from
 # /metrics). Prints every run, then medians and ratios to bare. The load
-# generator is B's `hearth bench`. Needs root, node, zip, curl.
+# generator is B's `hearth bench`. HEARTH_AGENT_A / HEARTH_AGENT_B give each
+# side its own guest agent (default: HEARTH_AGENT, this tree's release agent).
+# Needs root, node, zip, curl.
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,7 +30,7 @@ TESTS=express,trivial
 die() { echo "open-ab: $*" >&2; exit 1; }
 # shellcheck source=functions/lib.sh
 . "$ROOT/perf/functions/lib.sh"
-USAGE_LINES=20 AB_OPTIONS="ROUNDS DURATION SHARE TESTS" ab_args "$@"
+USAGE_LINES=21 AB_OPTIONS="ROUNDS DURATION SHARE TESTS" ab_args "$@"
 TMP=$(mktemp -d /tmp/hearth-open-ab.XXXXXX)
 bench_prepare node zip curl python3
 FIXTURE="$ROOT/tests/fixtures/express-app"

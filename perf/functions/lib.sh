@@ -84,13 +84,16 @@ bench_prepare() { # tools...
 BENCH_TOKEN=perf-bench-admin-token
 AUTH=(-H "authorization: Bearer $BENCH_TOKEN")
 
-# Starts `hearth serve` with extra flags; sets REPLY to its address.
+# Starts `$HEARTH serve` with extra flags and its own state dir; sets REPLY to
+# its address. HEARTH_AGENT_<name> (e.g. HEARTH_AGENT_B), when set, is its
+# guest agent instead of HEARTH_AGENT.
 start_hearth() { # name flags...
     local name=$1 dir="$TMP/$1" addr= pid
     shift
     mkdir -p "$dir"
     : >"$dir/stdout"
-    "$HEARTH" serve --listen 127.0.0.1:0 --state-dir "$dir/state" \
+    local agent_var="HEARTH_AGENT_$name"
+    HEARTH_AGENT=${!agent_var:-${HEARTH_AGENT:-}} "$HEARTH" serve --listen 127.0.0.1:0 --state-dir "$dir/state" \
         --connections-per-core-max 4096 --admin-token "$BENCH_TOKEN" "$@" >"$dir/stdout" 2>"$dir/stderr" &
     pid=$!
     PIDS+=("$pid")

@@ -6,6 +6,7 @@
 //   node perf/shim-bench.js [seconds-per-run=3] [instances=1]
 //   SHIM_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' node perf/shim-bench.js
 //   SHIM_APP=express node perf/shim-bench.js   # the Express fixture, POST /greet
+//   SHIM_BOOTSTRAP=/tmp/old-bootstrap.js node perf/shim-bench.js   # another shim
 //
 // Prints round trips per second, latency, and the shim process's CPU time
 // per round trip (user + system, from /proc/<pid>/stat).
@@ -148,7 +149,7 @@ async function run(name, clients, depth) {
 (async () => {
   const clients = [];
   for (let i = 0; i < INSTANCES; i++) {
-    const c = new ShimClient({ execArgv: EXEC_ARGV });
+    const c = new ShimClient({ execArgv: EXEC_ARGV, bootstrap: process.env.SHIM_BOOTSTRAP });
     const f = await c.hello(dir, HANDLER);
     if (f.type !== T.READY) throw new Error(`init failed: ${f.metaText}`);
     clients.push(c);

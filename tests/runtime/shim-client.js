@@ -38,7 +38,7 @@ function encodeFrame(type, id, meta, body) {
 
 class ShimClient {
   constructor(opts = {}) {
-    this.child = spawn(process.execPath, [...(opts.execArgv || []), BOOTSTRAP], {
+    this.child = spawn(process.execPath, [...(opts.execArgv || []), opts.bootstrap || BOOTSTRAP], {
       stdio: ['ignore', 'pipe', 'pipe', 'pipe'],
       env: opts.env || process.env,
     });

@@ -883,3 +883,77 @@ fn a_second_server_cannot_share_a_port() {
     assert!(err.contains("already in use"), "{err}");
     s.assert_healthy();
 }
+
+/// The cpu cgroup directories of server `pid`'s sandboxes of function `id`,
+/// oldest first, with the file that holds their CPU weight (`cpu.shares` on
+/// cgroup v1, `cpu.weight` on v2) and its default value; `None` without a
+/// cpu controller.
+fn cpu_groups(pid: u32, id: &str) -> Option<(Vec<std::path::PathBuf>, &'static str, u64)> {
+    let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let (base, file, default) = match own.lines().find_map(|l| {
+        let mut f = l.splitn(3, ':');
+        let (_, ctl, path) = (f.next()?, f.next()?, f.next()?);
+        ctl.split(',').any(|c| c == "cpu").then(|| path.to_string())
+    }) {
+        Some(path) => (
+            Path::new("/sys/fs/cgroup/cpu")
+                .join(path.trim_start_matches('/'))
+                .join("hearth"),
+            "cpu.shares",
+            1024,
+        ),
+        None => (Path::new("/sys/fs/cgroup/hearth").to_path_buf(), "cpu.weight", 100),
+    };
+    let prefix = format!("{id}-{pid}-");
+    let mut dirs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&base)
+        .ok()?
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let n = name.strip_prefix(&prefix)?.parse().ok()?;
+            e.path().join(file).exists().then(|| (n, e.path()))
+        })
+        .collect();
+    dirs.sort();
+    Some((dirs.into_iter().map(|(_, d)| d).collect(), file, default))
+}
+
+#[test]
+fn standbys_initialise_at_a_background_cpu_weight_until_taken() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "1"]);
+    let id = deploy(&s, "behave", "concurrency=2");
+    // The first request takes the deploy's standby; a refill makes the next.
+    assert_eq!(call_anon(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
+    let weight = |dir: &Path, file: &str| -> u64 {
+        std::fs::read_to_string(dir.join(file)).unwrap().trim().parse().unwrap()
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let (dirs, file, default) = loop {
+        let Some(found) = cpu_groups(s.pid(), &id) else {
+            eprintln!("skipped: no cpu cgroup controller for the sandboxes");
+            return;
+        };
+        if found.0.len() >= 2 {
+            break found;
+        }
+        assert!(Instant::now() < deadline, "no refill: {:?}", found.0);
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let (serving, standby) = (&dirs[0], &dirs[1]);
+    assert_eq!(weight(serving, file), default, "{}", serving.display());
+    assert_eq!(weight(standby, file), default / 16, "{}", standby.display());
+    // Two requests at once: the second scales out and takes the standby,
+    // which serves at the default weight from then on.
+    let mut clients: Vec<Client> = (0..2).map(|_| s.connect()).collect();
+    for c in clients.iter_mut() {
+        c.write(format!("GET /f/{id}/sleep?ms=500 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    }
+    for c in clients.iter_mut() {
+        assert_eq!(c.response().status, 200);
+    }
+    let v = call(&s, "GET", &format!("/functions/{id}"), &[], b"").json();
+    assert_eq!(v["instances"], 2, "{v}");
+    assert_eq!(weight(standby, file), default, "{}", standby.display());
+    s.assert_healthy();
+}

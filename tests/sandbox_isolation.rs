@@ -91,6 +91,7 @@ fn spec_for(code: &Path, argv: Vec<String>) -> SandboxSpec {
         pids_max: 64,
         cpu_millicores: 0,
         cpu_core: None,
+        cpu_background: false,
         host_uid,
         name,
         argv,

@@ -23,6 +23,7 @@
 //! waits (up to [`SHUTDOWN_WAIT`]) for the tokens to come back, so no sandbox
 //! or cgroup outlives the server, even one a refill was making at that moment.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet};
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
@@ -32,7 +33,7 @@ use std::time::{Duration, Instant};
 
 use super::uids::{UidLease, UidPool};
 
-use super::{Sandbox, SandboxSpec};
+use super::{Group, Sandbox, SandboxSpec};
 use crate::config::ServeConfig;
 use crate::runtime::{self, root::Userland, RuntimeKind};
 use crate::sandbox::handshake;
@@ -156,8 +157,8 @@ struct Inner {
     standby_idle: Duration,
     /// Most standbys kept at once.
     standbys_max: usize,
-    /// Functions whose standby is being made.
-    refilling: Mutex<HashSet<String>>,
+    /// Functions whose standby is being made, and how far.
+    refilling: Mutex<HashMap<String, Refill>>,
     /// Signalled when a refill ends (a start may be waiting for its standby).
     refilled: Condvar,
     forgotten: Mutex<HashSet<String>>,
@@ -259,7 +260,7 @@ impl ProcessBackend {
             memory: OnceLock::new(),
             standby_idle: cfg.standby_idle,
             standbys_max: cfg.standbys_max,
-            refilling: Mutex::new(HashSet::new()),
+            refilling: Mutex::new(HashMap::new()),
             refilled: Condvar::new(),
             forgotten: Mutex::new(HashSet::new()),
             use_standby,
@@ -326,7 +327,7 @@ impl Inner {
         &self,
         spec: &FunctionSpec,
         dir: &Path,
-        core: Option<usize>,
+        place: Placement,
     ) -> Result<(ProcInstance, InitLogs), StartError> {
         let n = self.next_seq.fetch_add(1, Ordering::Relaxed);
         let uid = self.uids.lease().map_err(StartError::Uids)?;
@@ -352,7 +353,11 @@ impl Inner {
             memory_bytes: u64::from(spec.memory_mb) << 20,
             pids_max: PIDS_MAX,
             cpu_millicores: CPU_MILLICORES,
-            cpu_core: core,
+            cpu_core: match place {
+                Placement::Core(core) => Some(core),
+                Placement::Deploy | Placement::Standby => None,
+            },
+            cpu_background: matches!(place, Placement::Standby),
             host_uid: uid.uid(),
             name: process::cgroup::server_group_name(&spec.id, std::process::id(), n),
             argv,
@@ -360,6 +365,14 @@ impl Inner {
             binds,
         };
         let mut sandbox = process::spawn(&self.hearth_exe, &sspec).map_err(StartError::Jail)?;
+        if let (Placement::Standby, Some(group)) = (place, sandbox.group()) {
+            if let Some(refill) = self.refilling.lock().unwrap().get_mut(&spec.id) {
+                refill.group = Some(group.clone());
+                if refill.wanted {
+                    refill.promote(&spec.id);
+                }
+            }
+        }
         let log_socket = sandbox.logs.take();
         let Some(ticket) = self.track(sandbox.pid) else {
             sandbox.destroy();
@@ -427,12 +440,13 @@ impl Inner {
         }
         // Taken before the thread exists, so shutdown waits for the thread.
         let Ok(busy) = self.busy() else { return };
-        if !self.refilling.lock().unwrap().insert(spec.id.clone()) {
-            return;
-        }
+        match self.refilling.lock().unwrap().entry(spec.id.clone()) {
+            Entry::Occupied(_) => return,
+            Entry::Vacant(v) => v.insert(Refill::default()),
+        };
         let (me, spec, dir) = (self.clone(), spec.clone(), dir.to_path_buf());
         std::thread::spawn(move || {
-            if let Ok((inst, _)) = me.spawn(&spec, &dir, None) {
+            if let Ok((inst, _)) = me.spawn(&spec, &dir, Placement::Standby) {
                 me.keep_standby(&spec, inst);
             }
             me.refilling.lock().unwrap().remove(&spec.id);
@@ -541,9 +555,10 @@ impl Inner {
                 return Some(s.inst);
             }
             let left = deadline.saturating_duration_since(Instant::now());
-            if !refilling.contains(id) || left.is_zero() {
-                return None;
-            }
+            let refill = refilling.get_mut(id).filter(|_| !left.is_zero())?;
+            // A start waits for it: it initialises at the default weight now.
+            refill.wanted = true;
+            refill.promote(id);
             refilling = self.refilled.wait_timeout(refilling, left).unwrap().0;
         }
     }
@@ -556,7 +571,7 @@ impl Backend for ProcessBackend {
 
     fn prepare(&self, spec: &FunctionSpec, dir: &Path) -> Result<InitLogs, StartError> {
         let _busy = self.inner.busy()?;
-        let (inst, logs) = self.inner.spawn(spec, dir, None)?;
+        let (inst, logs) = self.inner.spawn(spec, dir, Placement::Deploy)?;
         if self.inner.use_standby {
             self.inner.used(&spec.id);
             self.inner.keep_standby(spec, inst);
@@ -578,9 +593,12 @@ impl Backend for ProcessBackend {
         let made = match standby {
             Some(inst) => {
                 pin_tree(inst.sandbox.pid, core);
+                if let Err(e) = inst.sandbox.to_foreground() {
+                    eprintln!("hearth: a standby of {} keeps its background cpu weight: {e}", spec.id);
+                }
                 Ok((inst, Vec::new()))
             }
-            None => self.inner.spawn(spec, dir, Some(core)),
+            None => self.inner.spawn(spec, dir, Placement::Core(core)),
         };
         self.inner.refill(spec, dir);
         made.map(|(i, l)| (Box::new(i) as Box<dyn Instance>, l))
@@ -754,6 +772,41 @@ fn retire_uid(reaped: bool, uid: UidLease) {
 }
 
 /// Pins every thread of `pid` and its descendants to `core`.
+/// A standby being made in the background.
+#[derive(Default)]
+struct Refill {
+    /// Its cgroup, once the sandbox exists.
+    group: Option<Group>,
+    /// A start waits for it.
+    wanted: bool,
+}
+
+impl Refill {
+    /// A start waits for this standby: it initialises at the default CPU
+    /// weight from now on (once its cgroup exists).
+    fn promote(&mut self, id: &str) {
+        if let Some(g) = self.group.take() {
+            if let Err(e) = g.to_foreground() {
+                eprintln!("hearth: the standby of {id} keeps its background cpu weight: {e}");
+            }
+        }
+    }
+}
+
+/// Where a new sandbox initialises, and at which CPU weight.
+#[derive(Clone, Copy, Debug)]
+enum Placement {
+    /// A deploy's first instance: on any CPU (the deploy waits for it).
+    Deploy,
+    /// A standby made in the background: on any CPU, at the background CPU
+    /// weight ([`process::cgroup::BACKGROUND_CPU_SHARES`]) so that its
+    /// initialisation does not take CPU from requests being served; the
+    /// start that takes it gives it the default weight.
+    Standby,
+    /// An instance a core asked for: pinned to that core's CPU.
+    Core(usize),
+}
+
 fn pin_tree(pid: i32, core: usize) {
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {

@@ -278,6 +278,7 @@ fn launch() -> Result<(), String> {
         memory_bytes: spec.memory_bytes,
         pids_max: spec.pids_max,
         cpu_millicores: spec.cpu_millicores,
+        cpu_background: spec.cpu_background,
     };
     let (group, warnings) = cgroup::create(&spec.name, limits);
     for w in warnings {

@@ -70,6 +70,10 @@ pub struct SandboxSpec {
     pub cpu_millicores: u32,
     /// Pin the sandbox to this CPU.
     pub cpu_core: Option<usize>,
+    /// Start with the background CPU weight (a standby made while the cores
+    /// serve; [`Sandbox::to_foreground`] ends it).
+    #[serde(default)]
+    pub cpu_background: bool,
     /// Host uid and gid that uid/gid 0 inside maps to; the only ids mapped. Never 0.
     pub host_uid: u32,
     /// Unique instance name: the cgroup directory name (the hostname inside is always
@@ -516,6 +520,20 @@ impl Sandbox {
         self.group.as_ref()?.memory_bytes()
     }
 
+    /// Its cgroups, if it has any.
+    pub fn group(&self) -> Option<&Group> {
+        self.group.as_ref()
+    }
+
+    /// Ends the background CPU weight it started with, if any
+    /// ([`SandboxSpec::cpu_background`]).
+    pub fn to_foreground(&self) -> io::Result<()> {
+        match &self.group {
+            Some(g) => g.to_foreground(),
+            None => Ok(()),
+        }
+    }
+
     /// Whether the kernel OOM killer fired inside the sandbox's memory cgroup.
     pub fn oom_killed(&self) -> bool {
         self.group.as_ref().is_some_and(Group::oom_killed)
@@ -568,6 +586,7 @@ mod tests {
             pids_max: 16,
             cpu_millicores: 0,
             cpu_core: None,
+        cpu_background: false,
             host_uid: 100_000,
             name: "fn-1.a_b".into(),
             argv: vec!["/usr/bin/node".into()],

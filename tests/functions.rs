@@ -902,7 +902,11 @@ fn cpu_groups(pid: u32, id: &str) -> Option<(Vec<std::path::PathBuf>, &'static s
             "cpu.shares",
             1024,
         ),
-        None => (Path::new("/sys/fs/cgroup/hearth").to_path_buf(), "cpu.weight", 100),
+        None => (
+            Path::new("/sys/fs/cgroup/hearth").to_path_buf(),
+            "cpu.weight",
+            100,
+        ),
     };
     let prefix = format!("{id}-{pid}-");
     let mut dirs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&base)
@@ -924,9 +928,16 @@ fn standbys_initialise_at_a_background_cpu_weight_until_taken() {
     let s = Server::start(&["--cores", "1"]);
     let id = deploy(&s, "behave", "concurrency=2");
     // The first request takes the deploy's standby; a refill makes the next.
-    assert_eq!(call_anon(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
+    assert_eq!(
+        call_anon(&s, "GET", &format!("/f/{id}/"), &[], b"").status,
+        200
+    );
     let weight = |dir: &Path, file: &str| -> u64 {
-        std::fs::read_to_string(dir.join(file)).unwrap().trim().parse().unwrap()
+        std::fs::read_to_string(dir.join(file))
+            .unwrap()
+            .trim()
+            .parse()
+            .unwrap()
     };
     let deadline = Instant::now() + Duration::from_secs(20);
     let (dirs, file, default) = loop {

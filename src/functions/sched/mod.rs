@@ -317,23 +317,26 @@ impl FnState {
     /// Records the fit measured at the tick at `now`, forgetting those older
     /// than [`scale::FIT_BAND`].
     fn note_fit(&mut self, fit: usize, now: Instant) {
-        while self.fit_recent.front().is_some_and(|&(at, _)| {
-            now.saturating_duration_since(at) >= scale::FIT_BAND
-        }) || self.fit_recent.len() >= FIT_BAND_TICKS
+        while self
+            .fit_recent
+            .front()
+            .is_some_and(|&(at, _)| now.saturating_duration_since(at) >= scale::FIT_BAND)
+            || self.fit_recent.len() >= FIT_BAND_TICKS
         {
             self.fit_recent.pop_front();
         }
         self.fit_recent.push_back((now, fit));
     }
 
-    /// The lowest fit of the last [`scale::FIT_BAND`], or the last one known:
-    /// the function scales out only below it.
+    /// The lowest fit of the last [`scale::FIT_BAND`] in which it was measured
+    /// (a function that stopped running keeps the band it had): the function
+    /// scales out only below it.
     fn fit_low(&self) -> Option<usize> {
         self.fit_recent.iter().map(|&(_, f)| f).min().or(self.fit)
     }
 
-    /// The highest fit of the last [`scale::FIT_BAND`], or the last one known:
-    /// the function scales in only above it.
+    /// The highest fit of the last [`scale::FIT_BAND`] in which it was
+    /// measured: the function scales in only above it.
     fn fit_high(&self) -> Option<usize> {
         self.fit_recent.iter().map(|&(_, f)| f).max().or(self.fit)
     }

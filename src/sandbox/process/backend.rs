@@ -594,7 +594,10 @@ impl Backend for ProcessBackend {
             Some(inst) => {
                 pin_tree(inst.sandbox.pid, core);
                 if let Err(e) = inst.sandbox.to_foreground() {
-                    eprintln!("hearth: a standby of {} keeps its background cpu weight: {e}", spec.id);
+                    eprintln!(
+                        "hearth: a standby of {} keeps its background cpu weight: {e}",
+                        spec.id
+                    );
                 }
                 Ok((inst, Vec::new()))
             }

@@ -586,7 +586,7 @@ mod tests {
             pids_max: 16,
             cpu_millicores: 0,
             cpu_core: None,
-        cpu_background: false,
+            cpu_background: false,
             host_uid: 100_000,
             name: "fn-1.a_b".into(),
             argv: vec!["/usr/bin/node".into()],

@@ -908,6 +908,9 @@ fn cpu_groups(pid: u32, id: &str) -> Option<(Vec<std::path::PathBuf>, &'static s
             100,
         ),
     };
+    if !base.join(file).exists() {
+        return None;
+    }
     let prefix = format!("{id}-{pid}-");
     let mut dirs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&base)
         .ok()?

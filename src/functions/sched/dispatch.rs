@@ -181,7 +181,7 @@ impl CorePool {
             if fs.f.deleted.load(Relaxed) {
                 return;
             }
-            let view = scale::FnView::of(fs, now);
+            let view = scale::FnView::of(fs, now, self.cpu_busy_pct);
             if !scale::scale_out(&view, self.saturated(), self.cfg.queue_depth_max) {
                 return;
             }

@@ -329,8 +329,8 @@ impl FnState {
     }
 
     /// The lowest fit of the last [`scale::FIT_BAND`] in which it was measured
-    /// (a function that stopped running keeps the band it had): the function
-    /// scales out only below it.
+    /// (a function that stopped running keeps the band it had): on a busy
+    /// core the function scales out only below it.
     fn fit_low(&self) -> Option<usize> {
         self.fit_recent.iter().map(|&(_, f)| f).min().or(self.fit)
     }

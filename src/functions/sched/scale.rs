@@ -39,13 +39,15 @@ pub struct FnView {
     /// How long the first queued request has waited for load (not for a
     /// start): zero while an instance is starting.
     pub head_wait: Duration,
-    /// The lowest fit estimated over the last [`FIT_BAND`], if measured.
-    pub fit_low: Option<usize>,
+    /// The fit scale-out goes by, if measured: on a core at least
+    /// [`FIT_BAND_BUSY_PCT`] busy the lowest of the last [`FIT_BAND`], else
+    /// the latest.
+    pub fit: Option<usize>,
 }
 
 impl FnView {
-    /// The view of `fs` at `now`.
-    pub(super) fn of(fs: &FnState, now: Instant) -> FnView {
+    /// The view of `fs` at `now`, on a core `cpu_busy_pct` busy last tick.
+    pub(super) fn of(fs: &FnState, now: Instant, cpu_busy_pct: u64) -> FnView {
         let head_wait = match fs.queue.front() {
             // Waits while an instance is starting say nothing about load, nor
             // do waits from before an instance last became ready.
@@ -60,7 +62,11 @@ impl FnView {
             live: fs.live,
             idle: fs.idle.len(),
             head_wait,
-            fit_low: fs.fit_low(),
+            fit: if cpu_busy_pct >= FIT_BAND_BUSY_PCT {
+                fs.fit_low()
+            } else {
+                fs.fit
+            },
         }
     }
 }
@@ -73,6 +79,12 @@ impl FnView {
 /// ~2 ms to 200-600 ms in the runs with starts). With the lowest fit of a
 /// few seconds the instance count settles instead.
 pub const FIT_BAND: Duration = Duration::from_secs(3);
+/// CPU use of a core (percent of the last tick) from which scale-out goes by
+/// the lowest fit of the [`FIT_BAND`]. Below it a start costs little (the
+/// core has CPU to spare) and the latest fit counts, so one low sample (a
+/// CPU-heavy request of a handler that mostly waits) does not hold the
+/// function back for seconds. The starts traced under churn came at 71-100 %.
+pub const FIT_BAND_BUSY_PCT: u64 = 50;
 
 /// Whether to start one more instance for the queued requests not covered by
 /// one starting. Never while an instance idles: requests queue beside one only
@@ -80,8 +92,8 @@ pub const FIT_BAND: Duration = Duration::from_secs(3);
 /// be held back too. Otherwise scale out when nothing runs yet, or the queue
 /// is full (`queue_depth_max`), or the first request waited:
 /// - with the fit known, [`SCALE_UP_WAIT`] while the function has fewer
-///   instances than its lowest fit of the last [`FIT_BAND`], whatever the
-///   core's load: at its fit the
+///   instances than its fit (on a busy core the lowest of the last
+///   [`FIT_BAND`], see [`FnView::fit`]), whatever the core's load: at its fit the
 ///   instances keep the core busy, and another would only take CPU from them
 ///   (on a loaded core a start also costs an initialisation that the requests
 ///   wait behind; measured with open load near the core's capacity, starting
@@ -97,7 +109,7 @@ pub fn scale_out(f: &FnView, saturated: bool, queue_depth_max: usize) -> bool {
     if f.live + f.starting == 0 || uncovered >= queue_depth_max {
         return true;
     }
-    match f.fit_low {
+    match f.fit {
         Some(fit) => f.live + f.starting < fit && f.head_wait >= SCALE_UP_WAIT,
         None => f.head_wait >= SCALE_UP_WAIT_MAX || (f.head_wait >= SCALE_UP_WAIT && !saturated),
     }

@@ -611,7 +611,9 @@ impl Backend for ProcessBackend {
     /// each counts as used now (and is retired after the keep-warm period if not used).
     fn restore(&self, spec: &FunctionSpec, dir: &Path) {
         let inner = &self.inner;
-        let kept = inner.standbys.lock().unwrap().len() + inner.refilling.lock().unwrap().len();
+        // One lock at a time (`take_standby` nests them the other way round).
+        let standbys = inner.standbys.lock().unwrap().len();
+        let kept = standbys + inner.refilling.lock().unwrap().len();
         if kept < inner.standbys_max {
             inner.used(&spec.id);
             inner.refill(spec, dir);
@@ -774,7 +776,6 @@ fn retire_uid(reaped: bool, uid: UidLease) {
     }
 }
 
-/// Pins every thread of `pid` and its descendants to `core`.
 /// A standby being made in the background.
 #[derive(Default)]
 struct Refill {
@@ -810,6 +811,7 @@ enum Placement {
     Core(usize),
 }
 
+/// Pins every thread of `pid` and its descendants to `core`.
 fn pin_tree(pid: i32, core: usize) {
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {

@@ -46,8 +46,10 @@ pub struct Limits {
 /// The CPU weight of a sandbox doing background work (a standby initialising
 /// while the cores serve requests), against the default of its siblings: a
 /// sixteenth (cgroup v1 `cpu.shares` 64 of 1024, v2 `cpu.weight` 6 of 100).
-/// Not zero: on a saturated core it still gets a few percent, so an
-/// initialisation ends within its time limit. Measured with Express requests
+/// Not zero: on a core saturated by k instances it still gets 1/(16k + 1) of
+/// it. A heavy initialisation may then outlast its time limit; that refill
+/// fails quietly and the function's next start makes its own instance at the
+/// default weight. Measured with Express requests
 /// at 6,400/s on two cores and four Node initialisations of the app in the
 /// middle of a 6 s run: p99.9 29-31 ms at the default weight, 13-16 ms at
 /// this one (15 ms with none).
@@ -346,7 +348,7 @@ fn create_v1(
         let r = match controller {
             "memory" => configure_v1_memory(&dir, limits.memory_bytes),
             "pids" => write_file(&dir, "pids.max", &limits.pids_max.to_string()),
-            _ => configure_v1_cpu(&dir, limits.cpu_millicores, limits.cpu_background),
+            _ => configure_v1_cpu(&dir, limits.cpu_millicores),
         };
         if let Err(e) = r {
             warnings.push(format!("{controller} limit not applied: {e}"));
@@ -354,6 +356,13 @@ fn create_v1(
                 let _ = fs::remove_dir(&dir);
             }
             continue;
+        }
+        if controller == "cpu" && limits.cpu_background {
+            // Best effort, as on v2: the quota above is what must hold.
+            let shares = BACKGROUND_CPU_SHARES.to_string();
+            if let Err(e) = write_file(&dir, "cpu.shares", &shares) {
+                warnings.push(format!("background cpu weight not applied: {e}"));
+            }
         }
         match controller {
             "memory" => g.memory = Some(dir),
@@ -378,10 +387,7 @@ fn configure_v1_memory(dir: &Path, bytes: u64) -> io::Result<()> {
     Ok(())
 }
 
-fn configure_v1_cpu(dir: &Path, millicores: u32, background: bool) -> io::Result<()> {
-    if background {
-        write_file(dir, "cpu.shares", &BACKGROUND_CPU_SHARES.to_string())?;
-    }
+fn configure_v1_cpu(dir: &Path, millicores: u32) -> io::Result<()> {
     if millicores == 0 {
         return Ok(());
     }

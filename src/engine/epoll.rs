@@ -13,7 +13,8 @@ use crate::config::TICK;
 use crate::engine::rapi::Role;
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
-use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
+use crate::engine::{peer_of, AcceptBackoff};
+use crate::util::sock::set_nodelay;
 
 const LISTENER: MioToken = MioToken(usize::MAX - 1);
 const WAKER: MioToken = MioToken(usize::MAX - 2);

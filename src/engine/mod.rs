@@ -249,21 +249,6 @@ impl AcceptBackoff {
     }
 }
 
-/// Sets TCP_NODELAY: responses are written whole, Nagle would only delay them.
-pub fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt with a valid int option.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            &one as *const _ as *const libc::c_void,
-            4,
-        )
-    };
-}
-
 fn pin_to(core: usize) {
     if let Err(e) = cpu::pin_thread(0, core % libc::CPU_SETSIZE as usize) {
         eprintln!("hearth: worker {core}: could not pin to cpu {core}: {e}");

@@ -283,7 +283,7 @@ impl Worker {
             parts.conns[i] = Some(fd);
             return;
         }
-        crate::engine::set_nodelay(std::os::fd::AsRawFd::as_raw_fd(&fd));
+        crate::util::sock::set_nodelay(std::os::fd::AsRawFd::as_raw_fd(&fd));
         let tok = self.add_stream(fd, inst, Role::Conn(i));
         let r = self.rapi(inst).expect("checked above");
         if r.conns.len() <= i {

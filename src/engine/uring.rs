@@ -12,7 +12,8 @@ use crate::config::TICK;
 use crate::engine::rapi::Role;
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
-use crate::engine::{peer_of, set_nodelay, AcceptBackoff};
+use crate::engine::{peer_of, AcceptBackoff};
+use crate::util::sock::set_nodelay;
 
 const RING_ENTRIES: u32 = 4096;
 /// Bytes one recv may return on a client connection.

@@ -468,7 +468,7 @@ pub fn accept(listener: RawFd) -> Option<OwnedFd> {
             )
         };
         if fd >= 0 {
-            set_nodelay(fd);
+            crate::util::sock::set_nodelay(fd);
             // SAFETY: a new descriptor from accept4, owned by nobody else.
             return Some(unsafe { OwnedFd::from_raw_fd(fd) });
         }
@@ -476,21 +476,6 @@ pub fn accept(listener: RawFd) -> Option<OwnedFd> {
             return None;
         }
     }
-}
-
-/// TCP_NODELAY: answers are written whole, Nagle would only delay them.
-fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads one c_int from the value we own.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
 }
 
 fn sockopt(fd: &OwnedFd, name: libc::c_int) -> Option<libc::c_int> {

@@ -7,6 +7,7 @@
 //! - [`hex`]: lower-case hex text of bytes.
 //! - [`program`]: finding an executable (an environment override, else `PATH`).
 //! - [`random`]: random bits from the kernel.
+//! - [`sock`]: socket options of accepted connections.
 //! - [`time`]: wall-clock time since the Unix epoch.
 
 pub mod cpu;
@@ -15,4 +16,5 @@ pub mod decimal;
 pub mod hex;
 pub mod program;
 pub mod random;
+pub mod sock;
 pub mod time;

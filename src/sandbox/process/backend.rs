@@ -593,7 +593,7 @@ impl Backend for ProcessBackend {
         let made = match standby {
             Some(inst) => {
                 pin_tree(inst.sandbox.pid, core);
-                if let Err(e) = inst.sandbox.to_foreground() {
+                if let Some(Err(e)) = inst.sandbox.group().map(Group::to_foreground) {
                     eprintln!(
                         "hearth: a standby of {} keeps its background cpu weight: {e}",
                         spec.id

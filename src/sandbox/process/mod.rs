@@ -71,7 +71,7 @@ pub struct SandboxSpec {
     /// Pin the sandbox to this CPU.
     pub cpu_core: Option<usize>,
     /// Start with the background CPU weight (a standby made while the cores
-    /// serve; [`Sandbox::to_foreground`] ends it).
+    /// serve; [`Group::to_foreground`] ends it).
     #[serde(default)]
     pub cpu_background: bool,
     /// Host uid and gid that uid/gid 0 inside maps to; the only ids mapped. Never 0.
@@ -523,15 +523,6 @@ impl Sandbox {
     /// Its cgroups, if it has any.
     pub fn group(&self) -> Option<&Group> {
         self.group.as_ref()
-    }
-
-    /// Ends the background CPU weight it started with, if any
-    /// ([`SandboxSpec::cpu_background`]).
-    pub fn to_foreground(&self) -> io::Result<()> {
-        match &self.group {
-            Some(g) => g.to_foreground(),
-            None => Ok(()),
-        }
     }
 
     /// Whether the kernel OOM killer fired inside the sandbox's memory cgroup.

@@ -131,6 +131,9 @@ pub struct ServeConfig {
     pub keep_warm: Duration,
     /// Requests waiting per function (per core) beyond its concurrency; more → 429.
     pub queue_depth_max: usize,
+    /// Move a client connection to the core holding its function's instance when
+    /// the function cannot have one on every core (`engine::relocate`).
+    pub connection_moves: bool,
     /// Pin worker threads to cores.
     pub pin: bool,
     /// Keep one initialised standby instance per function in use (process backend).

@@ -194,6 +194,11 @@ struct ServeArgs {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     no_pin: bool,
+    /// Do not move a client connection to the core holding its function's instance
+    /// when the function is limited to fewer instances than there are cores (the
+    /// instance is handed between the cores in turns instead).
+    #[arg(long)]
+    no_connection_moves: bool,
     /// Do not keep an initialised standby instance per function (process backend).
     #[arg(long)]
     no_standby: bool,
@@ -348,6 +353,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         aws_secret_access_key: a.aws_secret_access_key.filter(|t| !t.is_empty()),
         keep_warm: Duration::from_millis(a.keep_warm_ms),
         queue_depth_max: a.queue_depth_max.max(1),
+        connection_moves: !a.no_connection_moves,
         pin: !a.no_pin,
         standby: !a.no_standby && a.standbys_max > 0,
         standbys_max: a.standbys_max,

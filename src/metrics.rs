@@ -123,6 +123,8 @@ pub struct FunctionMetrics {
     pub retired: AtomicU64,
     /// Idle instances handed from one core to another.
     pub handovers: AtomicU64,
+    /// Client connections moved to the core holding the function's instance.
+    pub connections_moved: AtomicU64,
     pub queue_depth: AtomicU64,
     pub instances: AtomicU64,
     pub duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
@@ -292,7 +294,7 @@ pub fn render_functions<'a>(
     out: &mut String,
     fns: impl Iterator<Item = (&'a str, &'a FunctionMetrics)> + Clone,
 ) {
-    let simple: [Series<FunctionMetrics>; 8] = [
+    let simple: [Series<FunctionMetrics>; 9] = [
         (
             "hearth_function_invocations_total",
             "counter",
@@ -316,6 +318,12 @@ pub fn render_functions<'a>(
             "counter",
             "Idle instances handed from one core to another.",
             |m| m.handovers.load(Relaxed),
+        ),
+        (
+            "hearth_function_connections_moved_total",
+            "counter",
+            "Client connections moved to the core holding the function's instances (functions limited to fewer instances than cores).",
+            |m| m.connections_moved.load(Relaxed),
         ),
         (
             "hearth_function_queue_depth",

@@ -768,6 +768,68 @@ fn slow_handlers_fan_out_to_their_concurrency() {
     assert_eq!(v["instances"], 4, "{v}");
 }
 
+/// A function limited to one instance on a two-core server, with keep-alive clients on
+/// both cores: the connections accepted by the core without the instance move to the
+/// one holding it, and the instance stays put. (Before, the instance was handed back
+/// and forth between the cores every few milliseconds for as long as both had
+/// clients: 20 and more hand-overs here.) Both I/O drivers move connections.
+#[test]
+fn connections_follow_a_single_instance_to_its_core() {
+    connections_follow_a_single_instance(&["--io", "uring"]);
+    connections_follow_a_single_instance(&["--io", "epoll"]);
+}
+
+fn connections_follow_a_single_instance(io: &[&str]) {
+    require_sandbox!();
+    const CONNS: usize = 16;
+    const EACH: usize = 25;
+    let s = Server::start(&[&["--cores", "2"], io].concat());
+    let id = deploy(&s, "behave", "concurrency=1");
+    let whoami = format!("GET /f/{id}/whoami HTTP/1.1\r\nHost: t\r\n\r\n");
+    // 16 connections: the kernel spreads them over both cores' listeners (all on
+    // one core: a chance of 2 in 65,536).
+    let mut clients: Vec<Client> = (0..CONNS).map(|_| s.connect()).collect();
+    std::thread::scope(|scope| {
+        for c in clients.iter_mut() {
+            let whoami = &whoami;
+            scope.spawn(move || {
+                for _ in 0..EACH {
+                    c.write(whoami.as_bytes());
+                    let r = c.response();
+                    assert_eq!(r.status, 200, "{}", r.text());
+                }
+            });
+        }
+    });
+    let m = call(&s, "GET", "/metrics", &[], b"").text();
+    let label = format!("function=\"{id}\"");
+    let moved = common::metric_sum(&m, "hearth_function_connections_moved_total", &label);
+    let handovers = common::metric_sum(&m, "hearth_function_instance_handovers_total", &label);
+    eprintln!("{moved} connection moves, {handovers} hand-overs");
+    assert!(moved >= 1, "no connection moved");
+    // A request that cannot move (its connection still writing an answer, say) waits
+    // for a hand-over, and connections may follow the instance back: a few of each.
+    assert!(handovers <= 4, "{handovers} hand-overs");
+    assert!(moved <= 4 * CONNS as u64, "{moved} connection moves");
+    // Pipelined requests travel with a moving connection and are answered in order.
+    let mut last = 0;
+    for _ in 0..4 {
+        let mut c = s.connect();
+        c.write(whoami.repeat(3).as_bytes());
+        for _ in 0..3 {
+            let calls = c.response().json()["calls"].as_u64().unwrap();
+            assert!(calls > last, "answers out of order: {calls} after {last}");
+            last = calls;
+        }
+    }
+    // One instance served everything, over the same (moved) connections.
+    let c = &mut clients[0];
+    c.write(whoami.as_bytes());
+    let calls = c.response().json()["calls"].as_u64().unwrap();
+    assert_eq!(calls as usize, CONNS * EACH + 13, "one instance served all");
+    s.assert_healthy();
+}
+
 #[test]
 fn cpu_bound_handlers_scale_in_on_a_saturated_core_io_bound_ones_do_not() {
     require_sandbox!();

@@ -57,6 +57,9 @@ pub struct Conn {
     pub deadline: Instant,
     /// The current request's phase timings.
     pub phases: Track,
+    /// The request that takes this connection to another core (see
+    /// [`crate::engine::relocate`]).
+    pub moving: Option<Box<crate::engine::relocate::Moving>>,
 }
 
 impl Worker {
@@ -411,7 +414,7 @@ fn body_deadline(
 }
 
 /// The state of a connection whose request `req` was handed off.
-fn waiting_on(req: &Request) -> ConnState {
+pub(crate) fn waiting_on(req: &Request) -> ConnState {
     ConnState::Waiting {
         head_only: req.method == "HEAD",
         keep_alive: req.keep_alive,

@@ -17,6 +17,7 @@ pub mod peers;
 pub mod phases;
 pub mod port;
 pub mod rapi;
+pub mod relocate;
 pub mod stream;
 pub mod streamed;
 pub mod uring;

@@ -169,6 +169,7 @@ mod tests {
             state: crate::engine::conn::ConnState::Idle,
             deadline: std::time::Instant::now(),
             phases: crate::engine::phases::Track::new(std::time::Instant::now()),
+            moving: None,
         }
     }
 

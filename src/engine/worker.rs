@@ -45,6 +45,9 @@ pub enum Msg {
     InstanceStarted(crate::functions::Started),
     /// Another core hands over an idle instance (its function is starved here).
     InstanceMigrated(crate::functions::sched::Migrated),
+    /// Another core sends a client connection with a request for a function
+    /// whose instance this core holds (see [`crate::engine::relocate`]).
+    ConnectionMoved(Box<crate::engine::relocate::MovedConn>),
     /// Shut down gracefully.
     Shutdown,
 }
@@ -92,6 +95,7 @@ impl Worker {
         let out_budget = (h.out_bytes_total_max / shared.cfg.cores.max(1)).max(h.out_bytes_max);
         let sched = SchedConfig {
             core,
+            cores: shared.cfg.cores,
             queue_depth_max: shared.cfg.queue_depth_max,
             keep_warm: shared.cfg.keep_warm,
             instances_max: INSTANCES_PER_CORE_MAX,
@@ -156,23 +160,42 @@ impl Worker {
             );
             return None;
         }
-        let serial = self.next_serial;
-        self.next_serial += 1;
         let conn = Conn {
-            serial,
+            serial: self.next_serial(),
             peer,
             state: ConnState::Idle,
             deadline: self.now + self.shared.cfg.http.keepalive_timeout,
             phases: crate::engine::phases::Track::new(self.now),
+            moving: None,
         };
         let tok = self.streams.insert(Stream::new(fd, Kind::Client(conn)));
-        self.clients += 1;
+        self.client_joined();
         add(&self.metrics.accepted_connections, 1);
+        self.mark(tok);
+        Some(tok)
+    }
+
+    /// A fresh serial for a client connection (its replies carry it).
+    pub(crate) fn next_serial(&mut self) -> u64 {
+        let serial = self.next_serial;
+        self.next_serial += 1;
+        serial
+    }
+
+    /// Counts a client connection that arrived on this core.
+    pub(crate) fn client_joined(&mut self) {
+        self.clients += 1;
         self.metrics
             .open_connections
             .store(self.clients as u64, Ordering::Relaxed);
-        self.mark(tok);
-        Some(tok)
+    }
+
+    /// Counts a client connection that closed or moved away.
+    pub(crate) fn client_left(&mut self) {
+        self.clients -= 1;
+        self.metrics
+            .open_connections
+            .store(self.clients as u64, Ordering::Relaxed);
     }
 
     /// Bytes arrived on `tok`.
@@ -277,10 +300,7 @@ impl Worker {
                     });
                 }
                 self.shared.peers.close(c.peer);
-                self.clients -= 1;
-                self.metrics
-                    .open_connections
-                    .store(self.clients as u64, Ordering::Relaxed);
+                self.client_left();
             }
             self.mark(tok);
         }
@@ -350,6 +370,9 @@ impl Worker {
     pub fn detached(&mut self, tok: Token) {
         let s = self.streams.remove(tok);
         self.release_out(s.out_counted);
+        if matches!(s.kind, Kind::Client(_)) {
+            return self.client_detached(s);
+        }
         match s.kind {
             Kind::Channel(id) => {
                 let leftover = s.rbuf[s.rpos..].to_vec();
@@ -360,7 +383,7 @@ impl Worker {
                 self.rapi_detached(s, inst, role);
                 self.run_actions();
             }
-            Kind::Client(_) => {}
+            Kind::Client(_) => unreachable!("handled above"),
         }
     }
 
@@ -481,6 +504,7 @@ impl Worker {
                     .on_functions_changed(self.shared.functions.all(), self.now),
                 Msg::InstanceStarted(started) => self.fns.on_started(started, self.now),
                 Msg::InstanceMigrated(m) => self.fns.on_migrated(m, self.now),
+                Msg::ConnectionMoved(m) => self.moved_in(*m),
                 Msg::Shutdown => self.start_drain(),
             }
             self.run_actions();
@@ -654,13 +678,14 @@ impl Worker {
                 };
                 self.catch_up(&id);
                 let path = path.to_string();
-                let to = self.reply_to(tok);
-                let peer = self.peer(tok);
-                self.mark_invoking(tok);
-                self.fns
-                    .on_request(to, peer, &id, &path, req, body, self.now);
-                self.run_actions();
-                return;
+                let home = match self.shared.cfg.connection_moves {
+                    true => self.fns.home_core(&id),
+                    false => None,
+                };
+                if let Some(core) = home.filter(|&core| self.can_move(tok, core)) {
+                    return self.move_connection(tok, core, id, path, req, body);
+                }
+                return self.invoke_here(tok, id, path, req, body);
             }
             Route::Lambda(LambdaOp::Invoke(name))
                 if req.header("x-amz-invocation-type") == Some("Event") =>
@@ -723,6 +748,25 @@ impl Worker {
             }
         };
         self.answer(tok, &local, head_only);
+    }
+
+    /// Hands the function URL request from the connection at `tok` to this
+    /// core's scheduler.
+    pub(crate) fn invoke_here(
+        &mut self,
+        tok: Token,
+        id: String,
+        path: String,
+        req: Request,
+        body: Vec<u8>,
+    ) {
+        self.catch_up(&id);
+        let to = self.reply_to(tok);
+        let peer = self.peer(tok);
+        self.mark_invoking(tok);
+        self.fns
+            .on_request(to, peer, &id, &path, req, body, self.now);
+        self.run_actions();
     }
 
     fn reply_to(&self, tok: Token) -> ReplyTo {

@@ -51,6 +51,10 @@ pub struct Function {
     /// Per core, when the oldest request waiting there arrived (nanoseconds on the
     /// scheduler's monotonic scale); meaningful while the core's bit in `starved` is set.
     pub starved_since: [std::sync::atomic::AtomicU64; 64],
+    /// Cores (bit per core) that hold an instance of it, are starting one, or
+    /// have one handed to them: where a client connection goes when its own
+    /// core cannot get one (see `CorePool::home_core`).
+    pub homes: std::sync::atomic::AtomicU64,
     /// Set by `DELETE`: cores stop taking requests for it.
     pub deleted: AtomicBool,
     pub logs: Mutex<logs::LogRing>,
@@ -490,6 +494,7 @@ impl Function {
             instances: AtomicU32::new(0),
             starved: std::sync::atomic::AtomicU64::new(0),
             starved_since: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
+            homes: std::sync::atomic::AtomicU64::new(0),
             deleted: AtomicBool::new(false),
             logs: Mutex::new(logs::LogRing::default()),
             memory,

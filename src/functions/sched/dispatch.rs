@@ -214,6 +214,7 @@ impl CorePool {
                 }
             }
             fs.starting += 1;
+            fs.sync_home(core);
             add(&fs.f.metrics.cold_starts, 1);
             self.actions.push_back(Action::Start(fs.f.clone()));
         }
@@ -408,6 +409,7 @@ impl CorePool {
             .get_mut(&inst.function.spec.id)
             .expect("adopted for a known function");
         fs.live += 1;
+        fs.sync_home(self.cfg.core);
         fs.live_since = now;
         self.insts.insert(inst)
     }
@@ -432,6 +434,7 @@ impl CorePool {
         if let Some(fs) = self.fns.get_mut(id) {
             fs.idle.retain(|&k| k != i);
             fs.live -= 1;
+            fs.sync_home(self.cfg.core);
         }
         inst.function.metrics.instances.fetch_sub(1, Relaxed);
         add(&inst.function.metrics.retired, 1);
@@ -487,6 +490,7 @@ impl CorePool {
         let id = f.spec.id.clone();
         if let Some(fs) = self.fns.get_mut(&id) {
             fs.starting = fs.starting.saturating_sub(1);
+            fs.sync_home(self.cfg.core);
         }
         let mut handle = match started.result {
             Ok(h) => h,

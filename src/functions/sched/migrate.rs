@@ -112,6 +112,9 @@ impl CorePool {
         if let Some(fs) = self.fns.get_mut(&inst.function.spec.id) {
             fs.idle.retain(|&k| k != i);
             fs.live -= 1;
+            fs.sync_home(self.cfg.core);
+            // Its connections may go there while it is on its way.
+            fs.f.homes.fetch_or(1u64 << target, Relaxed);
             if !fs.queue.is_empty() {
                 // Given away in turn: this core's requests wait for one back.
                 fs.mark_starved(self.cfg.core, now);
@@ -147,6 +150,12 @@ impl CorePool {
         } = m;
         let id = f.spec.id.clone();
         if !self.fns.contains_key(&id) || f.deleted.load(Relaxed) {
+            match self.fns.get(&id) {
+                Some(fs) => fs.sync_home(self.cfg.core),
+                None => {
+                    f.homes.fetch_and(!(1u64 << self.cfg.core), Relaxed);
+                }
+            }
             handle.kill();
             f.metrics.instances.fetch_sub(1, Relaxed);
             f.release();

@@ -90,6 +90,9 @@ pub const INSTANCES_PER_CORE_MAX: usize = 256;
 pub struct SchedConfig {
     /// The core it runs on (its bit in [`Function::starved`]).
     pub core: usize,
+    /// How many cores serve (a function limited to fewer instances cannot
+    /// have one on each: see [`CorePool::home_core`]).
+    pub cores: usize,
     /// Requests a function may queue beyond those covered by starting instances
     /// once it is at its concurrency limit (`--queue-depth-max`).
     pub queue_depth_max: usize,
@@ -364,6 +367,18 @@ impl FnState {
         Some(p)
     }
 
+    /// Keeps `core`'s bit in [`Function::homes`] set while it holds or starts
+    /// an instance of this function; clears it once it has neither. (Another
+    /// core sets the bit of a core it hands an instance to.)
+    fn sync_home(&self, core: usize) {
+        let bit = 1u64 << core;
+        if self.live + self.starting > 0 {
+            self.f.homes.fetch_or(bit, Relaxed);
+        } else {
+            self.f.homes.fetch_and(!bit, Relaxed);
+        }
+    }
+
     /// Tells the cores holding instances that `core` has requests waiting, and
     /// since when (the oldest's arrival, or `now` with none queued).
     fn mark_starved(&self, core: usize, now: Instant) {
@@ -459,6 +474,38 @@ impl CorePool {
     /// the view when a function was published after the last refresh).
     pub fn knows(&self, id: &str) -> bool {
         self.fns.contains_key(id)
+    }
+
+    /// The core a client connection whose request for `id` arrived here
+    /// should move to, if any: when the function is limited to fewer
+    /// instances than there are cores, all of them run (or start) elsewhere
+    /// and none can start here, the request would wait for an instance to be
+    /// handed over (up to [`migrate::HAND_OVER_SLACK`] plus the other core's
+    /// turn, each hand-over a detach and a re-pin, and the instance would
+    /// leave that core's own queue behind, to come back for it). Moving the
+    /// connection instead puts this and its later requests on a core that
+    /// holds, starts or is being handed an instance, where they queue in
+    /// arrival order with that core's own: the first of those after this one
+    /// (cyclically).
+    pub fn home_core(&self, id: &str) -> Option<usize> {
+        let fs = self.fns.get(id)?;
+        let f = &fs.f;
+        if fs.live + fs.starting > 0
+            || f.spec.concurrency as usize >= self.cfg.cores
+            || f.deleted.load(Relaxed)
+            || f.instances.load(Relaxed) < f.spec.concurrency
+        {
+            return None;
+        }
+        let homes = f.homes.load(Relaxed) & !(1u64 << self.cfg.core);
+        (homes != 0).then(|| migrate::next_core(homes, self.cfg.core))
+    }
+
+    /// Counts a connection sent to another core for function `id` (see [`CorePool::home_core`]).
+    pub fn connection_moved(&self, id: &str) {
+        if let Some(fs) = self.fns.get(id) {
+            add(&fs.f.metrics.connections_moved, 1);
+        }
     }
 
     /// The next thing to do, in the order decided.
@@ -737,6 +784,11 @@ impl CorePool {
         for (id, fs) in &self.fns {
             let n = live.remove(id.as_str()).unwrap_or(0);
             debug_assert_eq!(fs.live, n, "live count of {id} is not its instances");
+            debug_assert!(
+                fs.live + fs.starting == 0
+                    || fs.f.homes.load(Relaxed) & (1u64 << self.cfg.core) != 0,
+                "{id} has instances here without its home bit"
+            );
             queued += fs.queue.len();
             for &i in &fs.idle {
                 let inst = &self.insts[i];

@@ -89,6 +89,7 @@ const WALL_MS_AT_START: u64 = 1_800_000_000_000;
 fn config(core: usize) -> SchedConfig {
     SchedConfig {
         core,
+        cores: 2,
         queue_depth_max: 100,
         keep_warm: Duration::from_secs(60),
         instances_max: INSTANCES_PER_CORE_MAX,
@@ -1107,6 +1108,62 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
     core1.respond(moved_id, 200);
     assert_eq!(core1.status(waiting), Some(200));
     assert_eq!(f.instances.load(Relaxed), 1, "one instance all along");
+}
+
+#[test]
+fn a_connection_is_sent_to_the_core_holding_an_instance_it_cannot_have() {
+    let one = function("one", 1, 1000);
+    let two = function("two", 2, 1000);
+    let mut core0 = Sim::new(config(0), &[&one, &two]);
+    let mut core1 = Sim::new(config(1), &[&one, &two]);
+    (core0.alone, core1.alone) = (false, false);
+    // Nothing runs anywhere yet: core 1 may start its own.
+    assert_eq!(core1.pool.home_core("one"), None);
+    core0.request("one");
+    assert_eq!(
+        core1.pool.home_core("one"),
+        Some(0),
+        "an instance starting on core 0 is a home already"
+    );
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    assert_eq!(one.homes.load(Relaxed), 1 << 0);
+    assert_eq!(core1.pool.home_core("one"), Some(0));
+    assert_eq!(core0.pool.home_core("one"), None, "core 0 holds it");
+    // A function allowed an instance per core spreads its instances instead.
+    core0.request("two");
+    core0.start_all();
+    assert_eq!(core1.pool.home_core("two"), None);
+
+    // A request that could not move (queued on core 1) has the instance
+    // handed over: on its way, core 1 is its home, and core 0's next
+    // connection goes there.
+    core1.request("one");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    assert_eq!(one.homes.load(Relaxed), 1 << 1);
+    assert_eq!(core0.pool.home_core("one"), Some(1));
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    let arrived = core1.attached[0];
+    core1.fakes.push((arrived, core0.fakes[0].1.clone()));
+    assert_eq!(one.homes.load(Relaxed), 1 << 1);
+
+    // Once the instance is gone (idle past keep-warm), nobody is its home.
+    core1.respond(arrived, 200);
+    core1.advance(61_000);
+    core1.tick(0);
+    assert_eq!(one.homes.load(Relaxed), 0);
+    assert_eq!(core0.pool.home_core("one"), None);
 }
 
 #[test]

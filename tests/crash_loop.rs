@@ -319,7 +319,7 @@ fn fifty_kill_9_restarts_lose_nothing_acknowledged_and_leak_nothing() {
             "server {pid} left cgroups {groups:?} and processes {procs:?}"
         );
     }
-    let launchers = supervise::hearth_processes();
+    let launchers = supervise::orphaned_hearth_processes();
     assert!(launchers.is_empty(), "hearth processes left: {launchers:?}");
     let mounts = mounts_under(&dir);
     assert!(mounts.is_empty(), "mounts left: {mounts:?}");

@@ -338,16 +338,28 @@ pub fn processes_of(pid: u32) -> Vec<(u32, String)> {
     out
 }
 
-/// Processes (pid, command) running this build's hearth binary: servers and
-/// sandbox launchers (`hearth __sandbox`).
-pub fn hearth_processes() -> Vec<(u32, String)> {
+/// Orphaned processes (pid, command) running this build's hearth binary: a
+/// server's sandbox launchers (`hearth __sandbox`) left behind when it died
+/// are re-parented to init (or to this test, should it be a subreaper).
+/// Servers and launchers of other tests running beside this one have a live
+/// parent (their test, their server), so they are not counted.
+pub fn orphaned_hearth_processes() -> Vec<(u32, String)> {
     let me = Path::new(env!("CARGO_BIN_EXE_hearth"));
     let mut out = Vec::new();
     for e in std::fs::read_dir("/proc").unwrap().flatten() {
         let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
-        if std::fs::read_link(e.path().join("exe")).is_ok_and(|x| x == me) {
+        if !std::fs::read_link(e.path().join("exe")).is_ok_and(|x| x == me) {
+            continue;
+        }
+        // The parent pid is the second field after the command, which is in parentheses.
+        let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+        let ppid = stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok());
+        if ppid == Some(1) || ppid == Some(std::process::id()) {
             let cmd = std::fs::read(e.path().join("cmdline")).unwrap_or_default();
             out.push((p, String::from_utf8_lossy(&cmd).replace('\0', " ")));
         }

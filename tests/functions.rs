@@ -830,6 +830,59 @@ fn connections_follow_a_single_instance(io: &[&str]) {
     s.assert_healthy();
 }
 
+/// Connections move to a core only while it holds under ¾ of its connection limit
+/// (counting those on their way), so it keeps room for its own accepts: with a limit
+/// of 12 (room for 9) and 10 clients of a concurrency-1 function, no core ends up with
+/// more than 9 connections unless the kernel gave it more itself. (Before, every one
+/// of the 10 moved to the instance's core, checked against the limit itself on a count
+/// that lagged behind the moves.)
+#[test]
+fn connections_move_only_while_the_target_core_has_room() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "2", "--connections-per-core-max", "12"]);
+    let id = deploy(&s, "behave", "concurrency=1");
+    assert_eq!(call(&s, "GET", &format!("/f/{id}/"), &[], b"").status, 200);
+    // Metrics are read over one kept connection, so reading them adds none.
+    let mut scraper = s.connect();
+    let scrape_open = |c: &mut Client| -> [u64; 2] {
+        c.write(format!("GET /metrics HTTP/1.1\r\nHost: t\r\n{}\r\n", s.auth_line()).as_bytes());
+        let m = c.response().text();
+        [0, 1].map(|k| common::metric_sum(&m, "hearth_open_connections", &format!("core=\"{k}\"")))
+    };
+    let mut clients: Vec<Client> = (0..10).map(|_| s.connect()).collect();
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let accepted = loop {
+        let open = scrape_open(&mut scraper);
+        if open[0] + open[1] == 11 || Instant::now() > deadline {
+            break open;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(accepted[0] + accepted[1], 11, "{accepted:?}");
+    let req = format!("GET /f/{id}/ HTTP/1.1\r\nHost: t\r\n\r\n");
+    for _ in 0..3 {
+        for c in clients.iter_mut() {
+            c.write(req.as_bytes());
+        }
+        for c in clients.iter_mut() {
+            assert_eq!(c.response().status, 200);
+        }
+    }
+    let open = scrape_open(&mut scraper);
+    assert_eq!(open[0] + open[1], 11, "{open:?}");
+    for k in 0..2 {
+        assert!(
+            open[k] <= accepted[k].max(9),
+            "core {k} holds {} connections (accepted {}, room 9)",
+            open[k],
+            accepted[k]
+        );
+    }
+    let m = call(&s, "GET", "/metrics", &[], b"").text();
+    let label = format!("function=\"{id}\"");
+    assert!(common::metric_sum(&m, "hearth_function_connections_moved_total", &label) >= 1);
+}
+
 #[test]
 fn cpu_bound_handlers_scale_in_on_a_saturated_core_io_bound_ones_do_not() {
     require_sandbox!();

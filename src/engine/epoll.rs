@@ -48,7 +48,9 @@ impl Driver {
             let Some(s) = w.streams.get_mut(tok) else {
                 return;
             };
-            if s.dead {
+            // A stream moving to another core is read there (nothing bounds
+            // what would pile up here meanwhile).
+            if s.dead || s.detaching {
                 return;
             }
             if s.read_paused {

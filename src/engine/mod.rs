@@ -49,12 +49,21 @@ pub struct Shared {
     /// Each core's message queue (also held by the control plane's callbacks).
     pub inboxes: Arc<Inboxes>,
     pub shutdown: AtomicBool,
+    /// Per core, client connections on their way to it from other cores
+    /// (reserved against its connection limit until they arrive).
+    pub incoming: Vec<std::sync::atomic::AtomicU64>,
 }
 
 impl Shared {
     /// Queues `msg` for `core` and wakes its loop.
     pub fn send(&self, core: usize, msg: Msg) {
         self.inboxes.send(core, msg);
+    }
+
+    /// Queues `msg` for `core` and wakes its loop; gives it back when that
+    /// core's loop has ended.
+    pub fn try_send(&self, core: usize, msg: Msg) -> Result<(), Msg> {
+        self.inboxes.try_send(core, msg)
     }
 
     /// Sends a message built by `make` to every core.
@@ -74,9 +83,15 @@ pub struct Inboxes {
 impl Inboxes {
     /// Queues `msg` for `core` and wakes its loop.
     pub fn send(&self, core: usize, msg: Msg) {
-        if self.senders[core].send(msg).is_ok() {
-            wake(self.wakers[core].as_raw_fd());
-        }
+        let _ = self.try_send(core, msg);
+    }
+
+    /// Queues `msg` for `core` and wakes its loop; gives it back when that
+    /// core's loop has ended.
+    pub fn try_send(&self, core: usize, msg: Msg) -> Result<(), Msg> {
+        self.senders[core].send(msg).map_err(|e| e.0)?;
+        wake(self.wakers[core].as_raw_fd());
+        Ok(())
     }
 
     /// Sends a message built by `make` to every core.
@@ -376,6 +391,9 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
         peers: peers::PeerTable::new(cfg.http.connections_per_ip_max),
         inboxes,
         shutdown: AtomicBool::new(false),
+        incoming: (0..cores)
+            .map(|_| std::sync::atomic::AtomicU64::new(0))
+            .collect(),
         cfg,
     });
     crate::functions::Registry::start_threads(

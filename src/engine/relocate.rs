@@ -14,19 +14,27 @@
 //! the connection changed hands between two requests.
 //!
 //! A connection moves only between whole answers (nothing of an earlier
-//! answer left to write), only to a core below its connection limit, and a
-//! moved request is never moved again: a client that alternates between two
-//! functions held on different cores moves at most once per request.
+//! answer left to write), never while the server shuts down, only to a core
+//! holding (with what is on its way there) under [`MOVE_ROOM`] of its
+//! connection limit, and a moved request is never moved again: a client that
+//! alternates between two functions held on different cores moves at most
+//! once per request. Should the target's loop have ended, the connection is
+//! served where it is.
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
 use crate::engine::conn::{waiting_on, Conn};
 use crate::engine::phases::Track;
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::worker::{set_nonblocking, Msg, Token, Worker};
 use crate::http::parse::Request;
+
+/// The share of its connection limit (numerator, denominator) below which a
+/// core takes connections moved from other cores: the rest stays for the
+/// connections it accepts itself.
+pub const MOVE_ROOM: (u64, u64) = (3, 4);
 
 /// A request that is to be served on another core, with its connection.
 pub struct Moving {
@@ -48,20 +56,42 @@ pub struct MovedConn {
 }
 
 impl Worker {
-    /// Whether the connection at `tok` can move to `core` now: not while an
-    /// earlier answer is still being written, nor while this core shuts down,
-    /// nor to a core at its connection limit.
+    /// Whether the connection at `tok` can move to `core` now, and if so
+    /// reserves its place there: not while an earlier answer is still being
+    /// written, nor while the server shuts down, and only while `core` holds
+    /// (with the connections on their way to it) under [`MOVE_ROOM`] of its
+    /// connection limit, so that it keeps room to accept its own.
     pub(crate) fn can_move(&self, tok: Token, core: usize) -> bool {
-        let full = self.shared.core_metrics[core]
-            .open_connections
-            .load(Relaxed)
-            >= self.shared.cfg.http.connections_per_core_max as u64;
         let s = &self.streams[tok];
         let busy = s.out_pending() > 0 || s.send_inflight || s.closing || s.dead;
-        !full && !busy && !self.draining && matches!(s.kind, Kind::Client(_))
+        if busy
+            || self.draining
+            || self.shared.shutdown.load(Relaxed)
+            || !matches!(s.kind, Kind::Client(_))
+        {
+            return false;
+        }
+        let max = self.shared.cfg.http.connections_per_core_max as u64;
+        let room = (max * MOVE_ROOM.0 / MOVE_ROOM.1).max(1);
+        let incoming = &self.shared.incoming[core];
+        loop {
+            // The target counts an arrival as open before it ends the
+            // reservation (Release); reading the reservations first (Acquire)
+            // never misses both.
+            let n = incoming.load(Acquire);
+            let open = self.shared.core_metrics[core]
+                .open_connections
+                .load(Relaxed);
+            if open + n >= room {
+                return false;
+            }
+            if incoming.compare_exchange(n, n + 1, AcqRel, Acquire).is_ok() {
+                return true;
+            }
+        }
     }
 
-    /// Moves the connection at `tok` (see [`Worker::can_move`]), whose
+    /// Moves the connection at `tok` (once [`Worker::can_move`] said yes), whose
     /// request `req` for function `id` (at `path` within it) is complete and
     /// not yet dispatched, to `core`, where the request is served.
     pub(crate) fn move_connection(
@@ -90,13 +120,15 @@ impl Worker {
         self.mark(tok);
     }
 
-    /// A moving connection left this core's loop: send it on.
+    /// A moving connection left this core's loop: send it on (or, should
+    /// that core's loop have ended, serve it here after all).
     pub(crate) fn client_detached(&mut self, s: Stream) {
         let Kind::Client(conn) = s.kind else {
             unreachable!("only client streams reach client_detached")
         };
         self.client_left();
         let Some(moving) = conn.moving else {
+            self.shared.peers.close(conn.peer);
             return;
         };
         let moved = MovedConn {
@@ -107,12 +139,24 @@ impl Worker {
             moving: *moving,
         };
         let core = moved.moving.core;
-        self.shared
-            .send(core, Msg::ConnectionMoved(Box::new(moved)));
+        if let Err(Msg::ConnectionMoved(back)) = self
+            .shared
+            .try_send(core, Msg::ConnectionMoved(Box::new(moved)))
+        {
+            self.shared.incoming[core].fetch_sub(1, Relaxed);
+            self.adopt_moved(*back);
+        }
     }
 
     /// A connection moved here from another core: serve its request.
     pub(crate) fn moved_in(&mut self, m: MovedConn) {
+        self.adopt_moved(m);
+        // Only now that the open count includes it does its reservation end.
+        self.shared.incoming[self.core].fetch_sub(1, Release);
+    }
+
+    /// Takes connection `m` on and serves its request here.
+    fn adopt_moved(&mut self, m: MovedConn) {
         set_nonblocking(m.fd.as_raw_fd());
         let Moving {
             id,

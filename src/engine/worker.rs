@@ -95,7 +95,7 @@ impl Worker {
         let out_budget = (h.out_bytes_total_max / shared.cfg.cores.max(1)).max(h.out_bytes_max);
         let sched = SchedConfig {
             core,
-            cores: shared.cfg.cores,
+            cores: shared.core_metrics.len(),
             queue_depth_max: shared.cfg.queue_depth_max,
             keep_warm: shared.cfg.keep_warm,
             instances_max: INSTANCES_PER_CORE_MAX,

@@ -807,9 +807,9 @@ fn connections_follow_a_single_instance(io: &[&str]) {
     let handovers = common::metric_sum(&m, "hearth_function_instance_handovers_total", &label);
     eprintln!("{moved} connection moves, {handovers} hand-overs");
     assert!(moved >= 1, "no connection moved");
-    // A request that cannot move (its connection still writing an answer, say) waits
-    // for a hand-over, and connections may follow the instance back: a few of each.
-    assert!(handovers <= 4, "{handovers} hand-overs");
+    // The first requests may queue on both cores before the instance is anybody's
+    // (a hand-over or two, the queue behind going after it): a few of each.
+    assert!(handovers <= 8, "{handovers} hand-overs");
     assert!(moved <= 4 * CONNS as u64, "{moved} connection moves");
     // Pipelined requests travel with a moving connection and are answered in order.
     let mut last = 0;

@@ -664,3 +664,50 @@ fn the_runtime_field_chooses_the_runtime() {
         "InvalidParameterValueException",
     );
 }
+
+/// boto3 invoking a function with reserved concurrency 1 on a two-core server from
+/// eight threads (its connection pool keeps them open): the connections the other core
+/// accepted move to the instance's core, the instance is not handed back and forth, and
+/// one instance answers every invoke.
+#[test]
+fn service_api_invokes_follow_a_single_instance_to_its_core() {
+    require_clients!();
+    let s = Server::start(&["--cores", "2"]);
+    let token = s.token.clone().unwrap();
+    let (behave, _) = write_zip(&s, "behave");
+    aws_ok(&s, &create_args("one", &behave, &[]));
+    let out = boto3(
+        &s,
+        &token,
+        r#"
+from concurrent.futures import ThreadPoolExecutor
+client.put_function_concurrency(FunctionName='one', ReservedConcurrentExecutions=1)
+def inv(_):
+    r = client.invoke(FunctionName='one', Payload=b'{"rawPath":"/whoami"}')
+    assert r['StatusCode'] == 200 and 'FunctionError' not in r, r
+    return json.loads(json.loads(r['Payload'].read())['body'])['calls']
+with ThreadPoolExecutor(8) as pool:
+    calls = list(pool.map(inv, range(200)))
+print(json.dumps({'calls': sorted(calls)}))
+"#,
+    );
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let calls: Vec<u64> = serde_json::from_value(v["calls"].clone()).unwrap();
+    assert_eq!(
+        calls,
+        (1..=200).collect::<Vec<u64>>(),
+        "one instance served all"
+    );
+    let m = common::control(&s, "GET", "/metrics", &[], b"").text();
+    let moved = common::metric_sum(&m, "hearth_function_connections_moved_total", "");
+    let handovers = common::metric_sum(&m, "hearth_function_instance_handovers_total", "");
+    eprintln!("{moved} connection moves, {handovers} hand-overs");
+    assert!(moved >= 1, "no connection moved");
+    assert!(handovers <= 4, "{handovers} hand-overs");
+    s.assert_healthy();
+}

@@ -25,10 +25,11 @@ use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed, Release};
 
-use crate::engine::conn::{waiting_on, Conn};
+use crate::engine::conn::{Conn, ConnState, ReplyTo};
 use crate::engine::phases::Track;
 use crate::engine::stream::{Kind, Stream};
-use crate::engine::worker::{set_nonblocking, Msg, Token, Worker};
+use crate::engine::worker::{set_nonblocking, Invocation, Msg, Token, Worker};
+use crate::functions::sched::Queued;
 use crate::http::parse::Request;
 
 /// The share of its connection limit (numerator, denominator) below which a
@@ -39,10 +40,21 @@ pub const MOVE_ROOM: (u64, u64) = (3, 4);
 /// A request that is to be served on another core, with its connection.
 pub struct Moving {
     core: usize,
-    id: String,
-    path: String,
-    req: Request,
-    body: Vec<u8>,
+    cargo: Cargo,
+}
+
+/// What a moving connection carries.
+enum Cargo {
+    /// A request not yet dispatched: it invokes function `id`.
+    Request {
+        id: String,
+        what: Invocation,
+        req: Request,
+        body: Vec<u8>,
+    },
+    /// A request queued in this core's scheduler, which follows the instance
+    /// it waits for ([`crate::functions::sched::Action::Relocate`]).
+    Queued(Queued),
 }
 
 /// A connection on its way to another core, with the request it carries.
@@ -50,6 +62,8 @@ pub struct MovedConn {
     fd: OwnedFd,
     peer: IpAddr,
     phases: Track,
+    /// The connection's state (waiting for its answer).
+    state: ConnState,
     /// Bytes read after the request (pipelined ones), parsed on arrival.
     leftover: Vec<u8>,
     moving: Moving,
@@ -92,14 +106,14 @@ impl Worker {
     }
 
     /// Moves the connection at `tok` (once [`Worker::can_move`] said yes), whose
-    /// request `req` for function `id` (at `path` within it) is complete and
-    /// not yet dispatched, to `core`, where the request is served.
+    /// request `req` invoking function `id` is complete and not yet
+    /// dispatched, to `core`, where the request is served.
     pub(crate) fn move_connection(
         &mut self,
         tok: Token,
         core: usize,
         id: String,
-        path: String,
+        what: Invocation,
         req: Request,
         body: Vec<u8>,
     ) {
@@ -110,14 +124,44 @@ impl Worker {
         };
         conn.moving = Some(Box::new(Moving {
             core,
-            id,
-            path,
-            req,
-            body,
+            cargo: Cargo::Request {
+                id,
+                what,
+                req,
+                body,
+            },
         }));
         // The driver stops its I/O on the socket and then calls `detached`.
         s.detaching = true;
         self.mark(tok);
+    }
+
+    /// Moves the connection waiting for `queued` to `core`, where the
+    /// instance it waits for went; gives the request back to the scheduler
+    /// when the connection cannot move (see [`Worker::can_move`]).
+    pub(crate) fn relocate(&mut self, core: usize, queued: Queued) {
+        let to = queued.to();
+        let waiting = match self.streams.get(to.token).map(|s| &s.kind) {
+            Some(Kind::Client(c)) => c.serial == to.serial && c.moving.is_none(),
+            _ => false,
+        };
+        if !waiting {
+            // The client left; the scheduler was told and has forgotten it.
+            return;
+        }
+        if !self.can_move(to.token, core) {
+            return self.fns.relocate_failed(queued, self.now);
+        }
+        let s = &mut self.streams[to.token];
+        let Kind::Client(conn) = &mut s.kind else {
+            unreachable!("checked above")
+        };
+        conn.moving = Some(Box::new(Moving {
+            core,
+            cargo: Cargo::Queued(queued),
+        }));
+        s.detaching = true;
+        self.mark(to.token);
     }
 
     /// A moving connection left this core's loop: send it on (or, should
@@ -135,6 +179,7 @@ impl Worker {
             fd: s.fd,
             peer: conn.peer,
             phases: conn.phases,
+            state: conn.state,
             leftover: s.rbuf[s.rpos..].to_vec(),
             moving: *moving,
         };
@@ -158,18 +203,11 @@ impl Worker {
     /// Takes connection `m` on and serves its request here.
     fn adopt_moved(&mut self, m: MovedConn) {
         set_nonblocking(m.fd.as_raw_fd());
-        let Moving {
-            id,
-            path,
-            req,
-            body,
-            ..
-        } = m.moving;
         let serial = self.next_serial();
         let conn = Conn {
             serial,
             peer: m.peer,
-            state: waiting_on(&req),
+            state: m.state,
             deadline: self.now + self.shared.cfg.http.keepalive_timeout,
             phases: m.phases,
             moving: None,
@@ -179,6 +217,18 @@ impl Worker {
         let tok = self.streams.insert(stream);
         self.client_joined();
         self.mark(tok);
-        self.invoke_here(tok, id, path, req, body);
+        match m.moving.cargo {
+            Cargo::Request {
+                id,
+                what,
+                req,
+                body,
+            } => self.invoke_here(tok, id, what, req, body),
+            Cargo::Queued(queued) => {
+                let to = ReplyTo { token: tok, serial };
+                self.fns.on_relocated(to, queued, self.now);
+                self.run_actions();
+            }
+        }
     }
 }

@@ -52,6 +52,14 @@ pub enum Msg {
     Shutdown,
 }
 
+/// What kind of invocation a request is, with what that kind needs.
+pub enum Invocation {
+    /// Through the function's URL, at `path` within it.
+    Url { path: String },
+    /// Through the Lambda service API (`Invoke`, `InvokeWithResponseStream`).
+    Service(crate::functions::sched::ServiceInvoke),
+}
+
 /// One core's event-loop state.
 pub struct Worker {
     pub core: usize,
@@ -96,6 +104,7 @@ impl Worker {
         let sched = SchedConfig {
             core,
             cores: shared.core_metrics.len(),
+            moves: shared.cfg.connection_moves,
             queue_depth_max: shared.cfg.queue_depth_max,
             keep_warm: shared.cfg.keep_warm,
             instances_max: INSTANCES_PER_CORE_MAX,
@@ -532,7 +541,7 @@ impl Worker {
     }
 
     /// Carries out what the scheduler decided, in order.
-    fn run_actions(&mut self) {
+    pub(crate) fn run_actions(&mut self) {
         while let Some(action) = self.fns.poll_action() {
             match action {
                 Action::Send { inst, frame } => {
@@ -583,6 +592,7 @@ impl Worker {
                 Action::HandOver { core, instance } => {
                     self.shared.send(core, Msg::InstanceMigrated(instance))
                 }
+                Action::Relocate { core, queued } => self.relocate(core, queued),
                 Action::Start(f) => self.shared.functions.request_start(self.core, f),
                 Action::Destroy(handle) => self.shared.functions.destroy(handle),
             }
@@ -676,16 +686,8 @@ impl Worker {
                         .id_of(id)
                         .unwrap_or_else(|| id.to_string()),
                 };
-                self.catch_up(&id);
                 let path = path.to_string();
-                let home = match self.shared.cfg.connection_moves {
-                    true => self.fns.home_core(&id),
-                    false => None,
-                };
-                if let Some(core) = home.filter(|&core| self.can_move(tok, core)) {
-                    return self.move_connection(tok, core, id, path, req, body);
-                }
-                return self.invoke_here(tok, id, path, req, body);
+                return self.invoke(tok, id, Invocation::Url { path }, req, body);
             }
             Route::Lambda(LambdaOp::Invoke(name))
                 if req.header("x-amz-invocation-type") == Some("Event") =>
@@ -702,14 +704,7 @@ impl Worker {
                 match self.shared.control.service_invoke(name, &req, &body) {
                     Err(reply) => reply,
                     Ok((id, invoke)) => {
-                        self.catch_up(&id);
-                        let to = self.reply_to(tok);
-                        let peer = self.peer(tok);
-                        self.mark_invoking(tok);
-                        self.fns
-                            .on_service_invoke(to, peer, &id, req, body, invoke, self.now);
-                        self.run_actions();
-                        return;
+                        return self.invoke(tok, id, Invocation::Service(invoke), req, body);
                     }
                 }
             }
@@ -726,14 +721,7 @@ impl Worker {
                     Err(reply) => reply,
                     Ok((id, mut invoke)) => {
                         invoke.stream = true;
-                        self.catch_up(&id);
-                        let to = self.reply_to(tok);
-                        let peer = self.peer(tok);
-                        self.mark_invoking(tok);
-                        self.fns
-                            .on_service_invoke(to, peer, &id, req, body, invoke, self.now);
-                        self.run_actions();
-                        return;
+                        return self.invoke(tok, id, Invocation::Service(invoke), req, body);
                     }
                 }
             }
@@ -750,13 +738,28 @@ impl Worker {
         self.answer(tok, &local, head_only);
     }
 
-    /// Hands the function URL request from the connection at `tok` to this
-    /// core's scheduler.
+    /// Hands the invocation `req` of function `id` from the connection at
+    /// `tok` to this core's scheduler, or first moves the connection to a core
+    /// holding the function's instance (see [`crate::engine::relocate`]).
+    fn invoke(&mut self, tok: Token, id: String, what: Invocation, req: Request, body: Vec<u8>) {
+        self.catch_up(&id);
+        let home = match self.shared.cfg.connection_moves {
+            true => self.fns.home_core(&id),
+            false => None,
+        };
+        if let Some(core) = home.filter(|&core| self.can_move(tok, core)) {
+            return self.move_connection(tok, core, id, what, req, body);
+        }
+        self.invoke_here(tok, id, what, req, body);
+    }
+
+    /// Hands the invocation `req` of function `id` from the connection at
+    /// `tok` to this core's scheduler.
     pub(crate) fn invoke_here(
         &mut self,
         tok: Token,
         id: String,
-        path: String,
+        what: Invocation,
         req: Request,
         body: Vec<u8>,
     ) {
@@ -764,8 +767,14 @@ impl Worker {
         let to = self.reply_to(tok);
         let peer = self.peer(tok);
         self.mark_invoking(tok);
-        self.fns
-            .on_request(to, peer, &id, &path, req, body, self.now);
+        match what {
+            Invocation::Url { path } => self
+                .fns
+                .on_request(to, peer, &id, &path, req, body, self.now),
+            Invocation::Service(invoke) => self
+                .fns
+                .on_service_invoke(to, peer, &id, req, body, invoke, self.now),
+        }
         self.run_actions();
     }
 

@@ -153,9 +153,7 @@ impl CorePool {
         // A full queue takes an idle instance even beyond the fit.
         if !fs.idle.is_empty() && (self.under_fit(id) || fs.uncovered() >= self.cfg.queue_depth_max)
         {
-            let i = self.fns.get_mut(id).and_then(|fs| fs.idle.pop());
-            self.send(i.expect("an idle instance"), pending, now);
-            return;
+            return self.dispatch_idle(id, pending, now);
         }
         let fs = self.fns.get_mut(id).expect("looked up above");
         // Requests covered by an instance being started for them are not
@@ -169,6 +167,23 @@ impl CorePool {
                 Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1");
             return self.reply(to, r);
         }
+        fs.enqueue(pending, &mut self.queued);
+        self.grow(id, now);
+    }
+
+    /// Gives `pending` to an idle instance of `id` (there is one).
+    fn dispatch_idle(&mut self, id: &str, pending: Pending, now: Instant) {
+        let i = self.fns.get_mut(id).and_then(|fs| fs.idle.pop());
+        self.send(i.expect("an idle instance"), pending, now);
+    }
+
+    /// Serves a request of `id` accepted on another core (see
+    /// [`CorePool::on_relocated`]): at once by an idle instance, else queued.
+    pub(super) fn place(&mut self, id: &str, pending: Pending, now: Instant) {
+        if !self.fns[id].idle.is_empty() {
+            return self.dispatch_idle(id, pending, now);
+        }
+        let fs = self.fns.get_mut(id).expect("placed for a known function");
         fs.enqueue(pending, &mut self.queued);
         self.grow(id, now);
     }
@@ -200,8 +215,13 @@ impl CorePool {
             match fs.f.try_reserve() {
                 Ok(()) => {}
                 Err(NoSlot::Concurrency) => {
-                    // At the concurrency limit: let the cores holding instances know.
-                    fs.mark_starved(core, now);
+                    // At the concurrency limit: let the cores holding instances
+                    // know, unless one is on its way here already.
+                    let arriving = fs.live + fs.starting == 0
+                        && fs.f.homes.load(Relaxed) & (1u64 << core) != 0;
+                    if !arriving {
+                        fs.mark_starved(core, now);
+                    }
                     return;
                 }
                 Err(NoSlot::Memory) => {

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{Action, CorePool, Inst, InstId};
+use super::{Action, CorePool, Inst, InstId, Queued};
 use crate::functions::Function;
 use crate::metrics::add;
 use crate::sandbox::{Endpoint, Instance};
@@ -115,14 +115,49 @@ impl CorePool {
             fs.sync_home(self.cfg.core);
             // Its connections may go there while it is on its way.
             fs.f.homes.fetch_or(1u64 << target, Relaxed);
-            if !fs.queue.is_empty() {
-                // Given away in turn: this core's requests wait for one back.
-                fs.mark_starved(self.cfg.core, now);
-            }
         }
+        self.leave_queue_behind(&inst.function.spec.id, target, now);
         self.actions.push_back(Action::Detach(inst.id));
         self.migrating
             .insert(inst.id, (inst.function, inst.handle, target));
+    }
+
+    /// The instance of `id` leaving for `target` leaves this core's queue of
+    /// it behind. With none left here, the queued requests go after it with
+    /// their connections (so the instance need not come back for them, and a
+    /// function with one instance settles on one core instead of shuttling
+    /// between cores whose clients all keep a request queued); otherwise, or
+    /// with connection moves off, this core waits for one back.
+    fn leave_queue_behind(&mut self, id: &str, target: usize, now: Instant) {
+        let Some(fs) = self.fns.get_mut(id) else {
+            return;
+        };
+        if fs.queue.is_empty() {
+            return;
+        }
+        if !self.cfg.moves || fs.live + fs.starting > 0 {
+            // Given away in turn: this core's requests wait for one back.
+            fs.mark_starved(self.cfg.core, now);
+            return;
+        }
+        while let Some(pending) = fs.dequeue(&mut self.queued) {
+            if !self.gone.is_empty() && self.gone.remove(&pending.to) {
+                continue;
+            }
+            let service = match self.service.is_empty() {
+                true => None,
+                false => self.service.remove(&pending.to),
+            };
+            let queued = Queued {
+                function: id.to_string(),
+                pending,
+                service,
+            };
+            self.actions.push_back(Action::Relocate {
+                core: target,
+                queued,
+            });
+        }
     }
 
     /// A migrating instance's channel is free: send the instance to its new core.

@@ -93,6 +93,10 @@ pub struct SchedConfig {
     /// How many cores serve (a function limited to fewer instances cannot
     /// have one on each: see [`CorePool::home_core`]).
     pub cores: usize,
+    /// Client connections may move between cores (`--no-connection-moves`
+    /// off): requests left queued behind an instance handed to another core
+    /// go after it ([`Action::Relocate`]) instead of waiting for it to return.
+    pub moves: bool,
     /// Requests a function may queue beyond those covered by starting instances
     /// once it is at its concurrency limit (`--queue-depth-max`).
     pub queue_depth_max: usize,
@@ -176,6 +180,10 @@ pub enum Action {
     Detach(InstId),
     /// Give a detached instance to another core.
     HandOver { core: usize, instance: Migrated },
+    /// Move the connection waiting for `queued` to `core` (where the instance
+    /// it waits for went), to be queued there ([`CorePool::on_relocated`]);
+    /// if it cannot move, give the request back ([`CorePool::relocate_failed`]).
+    Relocate { core: usize, queued: Queued },
     /// Start an instance of the function for this core, off the event loop;
     /// the outcome comes back as [`CorePool::on_started`].
     Start(Arc<Function>),
@@ -215,6 +223,21 @@ struct Pending {
     arrived: Instant,
     /// Latest dispatch time: the function timeout plus the init allowance.
     queue_deadline: Instant,
+}
+
+/// A queued request on its way to another core with its client's connection.
+pub struct Queued {
+    function: String,
+    pending: Pending,
+    /// How its answer is shaped, for a request of the Lambda service API.
+    service: Option<ServiceInvoke>,
+}
+
+impl Queued {
+    /// The client waiting for it (on the core it leaves).
+    pub fn to(&self) -> ReplyTo {
+        self.pending.to
+    }
 }
 
 /// The request an instance is serving.
@@ -499,6 +522,60 @@ impl CorePool {
         }
         let homes = f.homes.load(Relaxed) & !(1u64 << self.cfg.core);
         (homes != 0).then(|| migrate::next_core(homes, self.cfg.core))
+    }
+
+    /// Event: a connection moved here with `queued`, a request queued on
+    /// another core; its answer now goes to `to`.
+    pub fn on_relocated(&mut self, to: ReplyTo, queued: Queued, now: Instant) {
+        let Queued {
+            function,
+            mut pending,
+            service,
+        } = queued;
+        pending.to = to;
+        if let Some(s) = service {
+            self.service.insert(to, s);
+        }
+        match self.fns.get(&function) {
+            Some(fs) if !fs.f.deleted.load(Relaxed) => {
+                add(&fs.f.metrics.connections_moved, 1);
+                self.place(&function, pending, now);
+            }
+            _ => {
+                let message = format!("no function with id {function}");
+                self.reply(to, Reply::error(404, "function_not_found", &message));
+            }
+        }
+        self.check_invariants();
+    }
+
+    /// Event: the connection waiting for `queued` could not move; the request
+    /// goes back to the head of its queue here, and this core waits for an
+    /// instance to be handed over, as it would have without moves.
+    pub fn relocate_failed(&mut self, queued: Queued, now: Instant) {
+        let Queued {
+            function,
+            pending,
+            service,
+        } = queued;
+        if let Some(s) = service {
+            self.service.insert(pending.to, s);
+        }
+        match self.fns.get_mut(&function) {
+            Some(fs) => {
+                fs.requeue(pending, &mut self.queued);
+                fs.mark_starved(self.cfg.core, now);
+                self.grow(&function, now);
+            }
+            None => {
+                let message = format!("no function with id {function}");
+                self.reply(
+                    pending.to,
+                    Reply::error(404, "function_not_found", &message),
+                );
+            }
+        }
+        self.check_invariants();
     }
 
     /// Counts a connection sent to another core for function `id` (see [`CorePool::home_core`]).

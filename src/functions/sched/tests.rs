@@ -75,6 +75,8 @@ struct Sim {
     closed: Vec<InstId>,
     detached: Vec<InstId>,
     handed: Vec<(usize, Migrated)>,
+    /// Queued requests sent after an instance, with the core they go to.
+    relocated: Vec<(usize, Queued)>,
     destroyed: usize,
     /// Every fake instance this core started, by id.
     fakes: Vec<(InstId, Arc<Mutex<FakeLog>>)>,
@@ -90,6 +92,7 @@ fn config(core: usize) -> SchedConfig {
     SchedConfig {
         core,
         cores: 2,
+        moves: false,
         queue_depth_max: 100,
         keep_warm: Duration::from_secs(60),
         instances_max: INSTANCES_PER_CORE_MAX,
@@ -146,6 +149,7 @@ impl Sim {
             closed: Vec::new(),
             detached: Vec::new(),
             handed: Vec::new(),
+            relocated: Vec::new(),
             destroyed: 0,
             fakes: Vec::new(),
             functions,
@@ -174,6 +178,7 @@ impl Sim {
                 Action::Close(inst) => self.closed.push(inst),
                 Action::Detach(inst) => self.detached.push(inst),
                 Action::HandOver { core, instance } => self.handed.push((core, instance)),
+                Action::Relocate { core, queued } => self.relocated.push((core, queued)),
                 Action::Start(f) => self.starts.push(f),
                 Action::Destroy(handle) => {
                     handle.destroy();
@@ -1368,6 +1373,81 @@ fn a_stream_over_its_size_limit_is_cut_off_and_the_instance_serves_on() {
     assert_eq!(sim.streamed.len(), pieces, "the end was sent already");
     sim.request("a");
     assert_eq!(sim.sent.len(), 2, "the instance takes the next request");
+}
+
+#[test]
+fn with_moves_a_queue_left_behind_goes_after_its_instance() {
+    let f = function("a", 1, 10_000);
+    let moves = SchedConfig {
+        moves: true,
+        ..config(0)
+    };
+    let mut core0 = Sim::new(moves, &[&f]);
+    let mut core1 = Sim::new(
+        SchedConfig {
+            moves: true,
+            ..config(1)
+        },
+        &[&f],
+    );
+    (core0.alone, core1.alone) = (false, false);
+    core1.now = core0.now;
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    // A request of core 1 that could not move (say its connection was still
+    // writing an answer) waits there; core 0's turn ends once it waited the
+    // slack longer than core 0's oldest.
+    let waiting = core1.request("a");
+    core0.advance(HAND_OVER_SLACK.as_millis() as u64 + 1);
+    let behind: Vec<ReplyTo> = (0..3).map(|_| core0.request("a")).collect();
+    core0.respond(inst, 200);
+    assert_eq!(
+        core0.detached,
+        vec![inst],
+        "handed over with requests queued"
+    );
+    // Those go after it instead of waiting for it to come back.
+    let to: Vec<ReplyTo> = core0.relocated.iter().map(|(_, q)| q.to()).collect();
+    assert_eq!(to, behind, "the queued requests, in order");
+    assert!(core0.relocated.iter().all(|(core, _)| *core == 1));
+    assert_eq!(f.starved.load(Relaxed), 0, "core 0 wants nothing back");
+    assert_eq!(core0.pool.queued, 0);
+    // On core 1 they queue behind its own request, for the arriving instance.
+    for (_, q) in std::mem::take(&mut core0.relocated) {
+        let to = ReplyTo {
+            token: 1000 + core1.next_serial as usize,
+            serial: 1000 + core1.next_serial,
+        };
+        core1.next_serial += 1;
+        core1.pool.on_relocated(to, q, core1.now);
+        core1.drain();
+    }
+    assert_eq!(core1.pool.queued, 4, "its own and the three");
+    assert_eq!(
+        f.starved.load(Relaxed),
+        0,
+        "an instance is on its way to core 1"
+    );
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    let arrived = core1.attached[0];
+    core1.fakes.push((arrived, core0.fakes[0].1.clone()));
+    for _ in 0..4 {
+        core1.respond(arrived, 200);
+    }
+    assert_eq!(core1.status(waiting), Some(200), "its own request first");
+    assert_eq!(core1.replies.len(), 4);
+    assert!(core1.detached.is_empty(), "nothing calls the instance back");
 }
 
 #[test]

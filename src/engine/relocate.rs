@@ -14,12 +14,14 @@
 //! the connection changed hands between two requests.
 //!
 //! A connection moves only between whole answers (nothing of an earlier
-//! answer left to write), never while the server shuts down, only to a core
-//! holding (with what is on its way there) under [`MOVE_ROOM`] of its
-//! connection limit, and a moved request is never moved again: a client that
-//! alternates between two functions held on different cores moves at most
-//! once per request. Should the target's loop have ended, the connection is
-//! served where it is.
+//! answer left to write), never while the server shuts down, and only to a
+//! core holding (with what is on its way there) under [`MOVE_ROOM`] of its
+//! connection limit. A request that moved before it was dispatched is not
+//! moved again at dispatch (a client that alternates between two functions
+//! held on different cores moves at most once per request); a queued one
+//! follows an instance handed to another core (the scheduler's
+//! `Action::Relocate`) at most `RELOCATIONS_MAX` times. Should the target's
+//! loop have ended, the connection is served where it is.
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};
@@ -152,6 +154,7 @@ impl Worker {
         if !self.can_move(to.token, core) {
             return self.fns.relocate_failed(queued, self.now);
         }
+        self.fns.connection_moved(queued.function());
         let s = &mut self.streams[to.token];
         let Kind::Client(conn) = &mut s.kind else {
             unreachable!("checked above")

@@ -148,6 +148,7 @@ impl CorePool {
             body,
             arrived: now,
             queue_deadline: now + Duration::from_millis(f.spec.timeout_ms) + QUEUE_INIT_ALLOWANCE,
+            relocations: 0,
         };
         let fs = &self.fns[id];
         // A full queue takes an idle instance even beyond the fit.
@@ -178,13 +179,14 @@ impl CorePool {
     }
 
     /// Serves a request of `id` accepted on another core (see
-    /// [`CorePool::on_relocated`]): at once by an idle instance, else queued.
+    /// [`CorePool::on_relocated`]): at once by an idle instance, else queued
+    /// in its place by arrival.
     pub(super) fn place(&mut self, id: &str, pending: Pending, now: Instant) {
         if !self.fns[id].idle.is_empty() {
             return self.dispatch_idle(id, pending, now);
         }
         let fs = self.fns.get_mut(id).expect("placed for a known function");
-        fs.enqueue(pending, &mut self.queued);
+        fs.insert_by_arrival(pending, &mut self.queued);
         self.grow(id, now);
     }
 

@@ -18,7 +18,9 @@ use std::sync::Arc;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
 
-use super::{Action, CorePool, Inst, InstId, Queued};
+use std::collections::VecDeque;
+
+use super::{Action, CorePool, Inst, InstId, Queued, RELOCATIONS_MAX};
 use crate::functions::Function;
 use crate::metrics::add;
 use crate::sandbox::{Endpoint, Instance};
@@ -85,7 +87,8 @@ impl CorePool {
         let fs = self.fns.get(id)?;
         let core = self.cfg.core;
         let starved = fs.f.starved.load(Relaxed) & !(1u64 << core);
-        if starved == 0 {
+        // A deleted function's instances serve out the queue here and go.
+        if starved == 0 || fs.f.deleted.load(Relaxed) {
             return None;
         }
         let share = (fs.f.spec.concurrency as usize / (1 + starved.count_ones() as usize)).max(1);
@@ -129,34 +132,49 @@ impl CorePool {
     /// between cores whose clients all keep a request queued); otherwise, or
     /// with connection moves off, this core waits for one back.
     fn leave_queue_behind(&mut self, id: &str, target: usize, now: Instant) {
+        let core = self.cfg.core;
         let Some(fs) = self.fns.get_mut(id) else {
             return;
         };
         if fs.queue.is_empty() {
             return;
         }
-        if !self.cfg.moves || fs.live + fs.starting > 0 {
-            // Given away in turn: this core's requests wait for one back.
-            fs.mark_starved(self.cfg.core, now);
-            return;
-        }
-        while let Some(pending) = fs.dequeue(&mut self.queued) {
-            if !self.gone.is_empty() && self.gone.remove(&pending.to) {
-                continue;
+        if self.cfg.moves && fs.live + fs.starting == 0 {
+            let mut stay = VecDeque::new();
+            while let Some(mut pending) = fs.dequeue(&mut self.queued) {
+                if !self.gone.is_empty() && self.gone.remove(&pending.to) {
+                    continue;
+                }
+                if pending.relocations >= RELOCATIONS_MAX {
+                    stay.push_back(pending);
+                    continue;
+                }
+                pending.relocations += 1;
+                let service = match self.service.is_empty() {
+                    true => None,
+                    false => self.service.remove(&pending.to),
+                };
+                let queued = Queued {
+                    function: id.to_string(),
+                    pending,
+                    service,
+                };
+                self.actions.push_back(Action::Relocate {
+                    core: target,
+                    queued,
+                });
             }
-            let service = match self.service.is_empty() {
-                true => None,
-                false => self.service.remove(&pending.to),
-            };
-            let queued = Queued {
-                function: id.to_string(),
-                pending,
-                service,
-            };
-            self.actions.push_back(Action::Relocate {
-                core: target,
-                queued,
-            });
+            for pending in stay {
+                fs.enqueue(pending, &mut self.queued);
+            }
+        }
+        if fs.queue.is_empty() {
+            // Whatever this core waited for went after the instance: it must
+            // not call the instance back.
+            fs.f.starved.fetch_and(!(1u64 << core), Relaxed);
+        } else {
+            // Given away in turn: this core's requests wait for one back.
+            fs.mark_starved(core, now);
         }
     }
 

@@ -82,6 +82,10 @@ pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
 /// How the deadline is added to an INVOKE frame's metadata at dispatch.
 const DEADLINE_FIELD: &str = ",\"deadline_ms\":";
+/// Times a queued request goes after an instance handed to another core;
+/// after that it waits where it is for one to come back (so a request cannot
+/// bounce between cores for as long as instances do).
+pub const RELOCATIONS_MAX: u8 = 2;
 /// Instances one core may hold over all functions (the default of
 /// [`SchedConfig::instances_max`]).
 pub const INSTANCES_PER_CORE_MAX: usize = 256;
@@ -223,6 +227,9 @@ struct Pending {
     arrived: Instant,
     /// Latest dispatch time: the function timeout plus the init allowance.
     queue_deadline: Instant,
+    /// Times it went after an instance to another core (see
+    /// [`RELOCATIONS_MAX`]).
+    relocations: u8,
 }
 
 /// A queued request on its way to another core with its client's connection.
@@ -237,6 +244,11 @@ impl Queued {
     /// The client waiting for it (on the core it leaves).
     pub fn to(&self) -> ReplyTo {
         self.pending.to
+    }
+
+    /// The id of the function it invokes.
+    pub fn function(&self) -> &str {
+        &self.function
     }
 }
 
@@ -378,6 +390,17 @@ impl FnState {
     /// the queue; `queued` is the core's total.
     fn requeue(&mut self, p: Pending, queued: &mut usize) {
         self.queue.push_front(p);
+        add(&self.f.metrics.queue_depth, 1);
+        *queued += 1;
+    }
+
+    /// Queues a request that arrived earlier, maybe on another core, in its
+    /// place by arrival (the queue stays oldest first, so the deadlines that
+    /// `expire_queues` checks at the head stay in order); `queued` is the
+    /// core's total.
+    fn insert_by_arrival(&mut self, p: Pending, queued: &mut usize) {
+        let at = self.queue.partition_point(|q| q.arrived <= p.arrived);
+        self.queue.insert(at, p);
         add(&self.f.metrics.queue_depth, 1);
         *queued += 1;
     }
@@ -525,7 +548,8 @@ impl CorePool {
     }
 
     /// Event: a connection moved here with `queued`, a request queued on
-    /// another core; its answer now goes to `to`.
+    /// another core; its answer now goes to `to`. It takes its place in the
+    /// queue by arrival.
     pub fn on_relocated(&mut self, to: ReplyTo, queued: Queued, now: Instant) {
         let Queued {
             function,
@@ -536,21 +560,20 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(to, s);
         }
-        match self.fns.get(&function) {
-            Some(fs) if !fs.f.deleted.load(Relaxed) => {
-                add(&fs.f.metrics.connections_moved, 1);
-                self.place(&function, pending, now);
-            }
-            _ => {
-                let message = format!("no function with id {function}");
-                self.reply(to, Reply::error(404, "function_not_found", &message));
-            }
+        if let Some(r) = self.refused(&function) {
+            self.reply(to, r);
+        } else if pending.queue_deadline <= now {
+            let waited = now.duration_since(pending.arrived).as_millis();
+            let message = format!("no instance became free within {waited} ms");
+            self.reply(to, Reply::error(504, "function_timeout", &message));
+        } else {
+            self.place(&function, pending, now);
         }
         self.check_invariants();
     }
 
     /// Event: the connection waiting for `queued` could not move; the request
-    /// goes back to the head of its queue here, and this core waits for an
+    /// goes back into its queue here, by arrival, and this core waits for an
     /// instance to be handed over, as it would have without moves.
     pub fn relocate_failed(&mut self, queued: Queued, now: Instant) {
         let Queued {
@@ -561,21 +584,25 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(pending.to, s);
         }
-        match self.fns.get_mut(&function) {
-            Some(fs) => {
-                fs.requeue(pending, &mut self.queued);
-                fs.mark_starved(self.cfg.core, now);
-                self.grow(&function, now);
-            }
-            None => {
-                let message = format!("no function with id {function}");
-                self.reply(
-                    pending.to,
-                    Reply::error(404, "function_not_found", &message),
-                );
-            }
+        if let Some(r) = self.refused(&function) {
+            self.reply(pending.to, r);
+        } else {
+            let fs = self.fns.get_mut(&function).expect("refused() checked it");
+            fs.insert_by_arrival(pending, &mut self.queued);
+            fs.mark_starved(self.cfg.core, now);
+            self.grow(&function, now);
         }
         self.check_invariants();
+    }
+
+    /// The 404 a request for function `id` gets here, if it is unknown or deleted.
+    fn refused(&self, id: &str) -> Option<Reply> {
+        let message = match self.fns.get(id) {
+            None => format!("no function with id {id}"),
+            Some(fs) if fs.f.deleted.load(Relaxed) => format!("function {id} was deleted"),
+            Some(_) => return None,
+        };
+        Some(Reply::error(404, "function_not_found", &message))
     }
 
     /// Counts a connection sent to another core for function `id` (see [`CorePool::home_core`]).
@@ -681,6 +708,7 @@ impl CorePool {
             body: frame.body,
             arrived: busy.arrived,
             queue_deadline: busy.arrived + timeout + QUEUE_INIT_ALLOWANCE,
+            relocations: 0,
         })
     }
 

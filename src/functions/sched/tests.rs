@@ -1402,6 +1402,10 @@ fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     let waiting = core1.request("a");
     core0.advance(HAND_OVER_SLACK.as_millis() as u64 + 1);
     let behind: Vec<ReplyTo> = (0..3).map(|_| core0.request("a")).collect();
+    // Core 0's own requests waited long enough to want an instance too.
+    core0.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    core0.tick(0);
+    assert_eq!(f.starved.load(Relaxed), 0b11, "both cores wait");
     core0.respond(inst, 200);
     assert_eq!(
         core0.detached,
@@ -1414,6 +1418,36 @@ fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     assert!(core0.relocated.iter().all(|(core, _)| *core == 1));
     assert_eq!(f.starved.load(Relaxed), 0, "core 0 wants nothing back");
     assert_eq!(core0.pool.queued, 0);
+    // Had they not been able to move, they would be back in arrival order,
+    // and core 0 would wait for the instance again.
+    let mut failed = Sim::new(config(0), &[&f]);
+    failed.alone = false;
+    failed.now = core0.now;
+    let newest = failed.request("a");
+    for (_, q) in &core0.relocated {
+        let q = Queued {
+            function: q.function.clone(),
+            pending: Pending {
+                to: q.pending.to,
+                rid: q.pending.rid,
+                request_id: q.pending.request_id.clone(),
+                meta_head: q.pending.meta_head.clone(),
+                body: q.pending.body.clone(),
+                arrived: q.pending.arrived,
+                queue_deadline: q.pending.queue_deadline,
+                relocations: q.pending.relocations,
+            },
+            service: None,
+        };
+        failed.pool.relocate_failed(q, failed.now);
+        failed.drain();
+    }
+    let order: Vec<ReplyTo> = failed.pool.fns["a"].queue.iter().map(|p| p.to).collect();
+    let mut expected = behind.clone();
+    expected.push(newest);
+    assert_eq!(order, expected, "oldest first");
+    assert_eq!(f.starved.load(Relaxed), 1 << 0);
+    f.starved.store(0, Relaxed);
     // On core 1 they queue behind its own request, for the arriving instance.
     for (_, q) in std::mem::take(&mut core0.relocated) {
         let to = ReplyTo {

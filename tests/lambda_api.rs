@@ -66,6 +66,17 @@ fn boto3(s: &Server, secret: &str, script: &str) -> Output {
         .expect("run python3")
 }
 
+/// Runs a boto3 script that prints one JSON value; returns it (fails on a failed run).
+fn boto3_json(s: &Server, secret: &str, script: &str) -> serde_json::Value {
+    let out = boto3(s, secret, script);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn write_zip(s: &Server, name: &str) -> (String, Vec<u8>) {
     let zip = zip_fixture(name);
     let path = s.dir.join(format!("{name}.zip"));
@@ -270,19 +281,13 @@ fn signatures_are_checked_and_boto3_pages_the_list() {
     for name in ["a-fn", "b-fn", "c-fn"] {
         aws_ok(&s, &create_args(name, &plain, &[]));
     }
-    let out = boto3(
+    let pages = boto3_json(
         &s,
         &token,
         "page = client.list_functions(MaxItems=2)\n\
          rest = client.list_functions(Marker=page['NextMarker'], MaxItems=2)\n\
          print(json.dumps([[f['FunctionName'] for f in p['Functions']] for p in (page, rest)] + [('NextMarker' in rest)]))",
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let pages: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(
         pages,
         serde_json::json!([["a-fn", "b-fn"], ["c-fn"], false])
@@ -532,7 +537,7 @@ fn invoke_through_the_service_api_answers_as_lambda_does() {
     let inner: serde_json::Value = serde_json::from_str(result["body"].as_str().unwrap()).unwrap();
     assert_eq!(inner["calls"], 1, "{result}");
 
-    let out = boto3(
+    let v = boto3_json(
         &s,
         &token,
         r#"
@@ -559,12 +564,6 @@ except client.exceptions.InvalidRequestContentException as e:
 print(json.dumps(out))
 "#,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v["log"]["status"], 200, "{v}");
     let log = v["log"]["log"].as_str().unwrap();
     assert!(
@@ -676,7 +675,7 @@ fn service_api_invokes_follow_a_single_instance_to_its_core() {
     let token = s.token.clone().unwrap();
     let (behave, _) = write_zip(&s, "behave");
     aws_ok(&s, &create_args("one", &behave, &[]));
-    let out = boto3(
+    let v = boto3_json(
         &s,
         &token,
         r#"
@@ -691,12 +690,6 @@ with ThreadPoolExecutor(8) as pool:
 print(json.dumps({'calls': sorted(calls)}))
 "#,
     );
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     let calls: Vec<u64> = serde_json::from_value(v["calls"].clone()).unwrap();
     assert_eq!(
         calls,

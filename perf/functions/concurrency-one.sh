@@ -21,18 +21,10 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 ROUNDS=3
 DURATION=6s
 BUILD=1
-while [ $# -gt 0 ]; do
-    case "$1" in
-    --rounds) ROUNDS=$2; shift 2 ;;
-    --duration) DURATION=$2; shift 2 ;;
-    --no-build) BUILD=0; shift ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
-    esac
-done
-die() { echo "concurrency-one: $*" >&2; exit 1; }
 # shellcheck source=lib.sh
 . "$ROOT/perf/functions/lib.sh"
+USAGE_LINES=17 round_args "$@"
+die() { echo "concurrency-one: $*" >&2; exit 1; }
 bench_prepare wrk node zip curl
 agent="${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/release/hearth-agent"
 [ -n "${HEARTH_AGENT:-}" ] || { [ -x "$agent" ] && export HEARTH_AGENT=$agent; }

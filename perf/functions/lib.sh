@@ -1,5 +1,5 @@
 # Shared by the function benchmarks (perf/functions-bench.sh, perf/ab.sh,
-# perf/functions/one-core.sh): checks and build, starting and stopping
+# perf/functions/one-core.sh, perf/functions/concurrency-one.sh): checks and build, starting and stopping
 # servers, deploying, running wrk, medians. Expects ROOT (the repository), a
 # `die` function, and before servers start HEARTH (the binary), TMP (a
 # scratch dir) and WRK_THREADS / WRK_CONNS; defines PIDS and an EXIT trap
@@ -29,6 +29,21 @@ trap cleanup EXIT
 trap 'exit 130' INT TERM
 
 # ---------------------------------------------------------------- helpers
+
+# Options of the round-based benchmarks: --rounds N, --duration D, --no-build
+# (into ROUNDS, DURATION, BUILD; the caller sets the defaults) and --help
+# (prints the script's header comment, lines 2 to $USAGE_LINES).
+round_args() {
+    while [ $# -gt 0 ]; do
+        case "$1" in
+        --rounds) ROUNDS=$2; shift 2 ;;
+        --duration) DURATION=$2; shift 2 ;;
+        --no-build) BUILD=0; shift ;;
+        -h | --help) sed -n "2,${USAGE_LINES}p" "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+        *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
+        esac
+    done
+}
 
 # Arguments of the A/B scripts: "A_BINARY B_BINARY [--option value]...
 # [-- SERVE_FLAGS...]". Sets A_BIN and B_BIN (absolute, executable),

@@ -21,19 +21,11 @@ ROOT=$(cd "$(dirname "$0")/../.." && pwd)
 ROUNDS=3
 DURATION=10s
 BUILD=1
-while [ $# -gt 0 ]; do
-    case "$1" in
-    --rounds) ROUNDS=$2; shift 2 ;;
-    --duration) DURATION=$2; shift 2 ;;
-    --no-build) BUILD=0; shift ;;
-    -h | --help) sed -n '2,17p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
-    *) echo "unknown argument: $1 (see --help)" >&2; exit 2 ;;
-    esac
-done
-die() { echo "one-core: $*" >&2; exit 1; }
-[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (one for the servers, one for wrk)"
 # shellcheck source=lib.sh
 . "$ROOT/perf/functions/lib.sh"
+USAGE_LINES=17 round_args "$@"
+die() { echo "one-core: $*" >&2; exit 1; }
+[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (one for the servers, one for wrk)"
 bench_prepare wrk node zip curl taskset
 WRK_THREADS=1
 WRK_CONNS=10

@@ -314,6 +314,27 @@ impl Sim {
         self.reply_to(to).map(|r| r.status)
     }
 
+    /// Finishes handing `inst`, detached here, over to `to`: its channel
+    /// comes back, the instance goes, `to` adopts it. Returns the core it was
+    /// sent to and its id there.
+    fn hand_over(&mut self, inst: InstId, to: &mut Sim) -> (usize, InstId) {
+        let null = std::fs::File::open("/dev/null").unwrap();
+        self.pool.on_detached(
+            inst,
+            crate::sandbox::Endpoint::Channel(null.into()),
+            Vec::new(),
+        );
+        self.drain();
+        let (target, moved) = self.handed.pop().expect("an instance handed over");
+        let attached = to.attached.len();
+        to.pool.on_migrated(moved, to.now);
+        to.drain();
+        let arrived = to.attached[attached];
+        let (_, log) = self.fakes.iter().find(|(i, _)| *i == inst).unwrap();
+        to.fakes.push((arrived, log.clone()));
+        (target, arrived)
+    }
+
     fn live(&self, id: &str) -> usize {
         self.pool.fns.get(id).map_or(0, |fs| fs.live)
     }
@@ -1149,18 +1170,7 @@ fn a_connection_is_sent_to_the_core_holding_an_instance_it_cannot_have() {
     assert_eq!(core0.detached, vec![inst]);
     assert_eq!(one.homes.load(Relaxed), 1 << 1);
     assert_eq!(core0.pool.home_core("one"), Some(1));
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (_, moved) = core0.handed.pop().unwrap();
-    core1.pool.on_migrated(moved, core1.now);
-    core1.drain();
-    let arrived = core1.attached[0];
-    core1.fakes.push((arrived, core0.fakes[0].1.clone()));
+    let (_, arrived) = core0.hand_over(inst, &mut core1);
     assert_eq!(one.homes.load(Relaxed), 1 << 1);
 
     // Once the instance is gone (idle past keep-warm), nobody is its home.
@@ -1464,18 +1474,7 @@ fn with_moves_a_queue_left_behind_goes_after_its_instance() {
         0,
         "an instance is on its way to core 1"
     );
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (_, moved) = core0.handed.pop().unwrap();
-    core1.pool.on_migrated(moved, core1.now);
-    core1.drain();
-    let arrived = core1.attached[0];
-    core1.fakes.push((arrived, core0.fakes[0].1.clone()));
+    let (_, arrived) = core0.hand_over(inst, &mut core1);
     for _ in 0..4 {
         core1.respond(arrived, 200);
     }
@@ -1526,20 +1525,10 @@ fn a_core_holding_the_only_instance_takes_turns_with_a_starved_core() {
         1 << 0,
         "core 0 still has clients waiting: it is starved now, core 1 is not"
     );
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(std::fs::File::open("/dev/null").unwrap().into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (target, moved) = core0.handed.pop().unwrap();
-    assert_eq!(target, 1);
     core1.now = core0.now;
-    core1.pool.on_migrated(moved, core1.now);
-    core1.drain();
+    let (target, moved_id) = core0.hand_over(inst, &mut core1);
+    assert_eq!(target, 1);
     assert_eq!(core1.sent.len(), 1, "core 1's client is served");
-    let moved_id = core1.attached[0];
-    core1.fakes.push((moved_id, core0.fakes[0].1.clone()));
     core1.advance(1);
     core1.respond(moved_id, 200);
     assert_eq!(core1.status(waiting), Some(200));

@@ -772,7 +772,9 @@ fn slow_handlers_fan_out_to_their_concurrency() {
 /// both cores: the connections accepted by the core without the instance move to the
 /// one holding it, and the instance stays put. (Before, the instance was handed back
 /// and forth between the cores every few milliseconds for as long as both had
-/// clients: 20 and more hand-overs here.) Both I/O drivers move connections.
+/// clients: 20 and more hand-overs here; and before connections took the unwritten
+/// rest of earlier answers along, those with one still to write could not move:
+/// dozens.) Both I/O drivers move connections.
 #[test]
 fn connections_follow_a_single_instance_to_its_core() {
     connections_follow_a_single_instance(&["--io", "uring"]);
@@ -788,15 +790,26 @@ fn connections_follow_a_single_instance(io: &[&str]) {
     let whoami = format!("GET /f/{id}/whoami HTTP/1.1\r\nHost: t\r\n\r\n");
     // 16 connections: the kernel spreads them over both cores' listeners (all on
     // one core: a chance of 2 in 65,536).
+    // Half the clients pipeline each invocation behind a request the core
+    // answers itself, so the connection has an answer still to write when
+    // the invocation is read: it takes that answer along.
+    let healthz = "GET /healthz HTTP/1.1\r\nHost: t\r\n\r\n";
     let mut clients: Vec<Client> = (0..CONNS).map(|_| s.connect()).collect();
     std::thread::scope(|scope| {
-        for c in clients.iter_mut() {
+        for (k, c) in clients.iter_mut().enumerate() {
             let whoami = &whoami;
             scope.spawn(move || {
                 for _ in 0..EACH {
-                    c.write(whoami.as_bytes());
+                    if k % 2 == 0 {
+                        c.write(format!("{healthz}{whoami}").as_bytes());
+                        let r = c.response();
+                        assert_eq!((r.status, r.text()), (200, "ok".to_string()));
+                    } else {
+                        c.write(whoami.as_bytes());
+                    }
                     let r = c.response();
                     assert_eq!(r.status, 200, "{}", r.text());
+                    assert!(r.text().contains("calls"), "{}", r.text());
                 }
             });
         }
@@ -810,7 +823,7 @@ fn connections_follow_a_single_instance(io: &[&str]) {
     // The first requests may queue on both cores before the instance is anybody's
     // (a hand-over or two, the queue behind going after it): a few of each.
     assert!(handovers <= 8, "{handovers} hand-overs");
-    assert!(moved <= 4 * CONNS as u64, "{moved} connection moves");
+    assert!(moved <= 2 * CONNS as u64, "{moved} connection moves");
     // Pipelined requests travel with a moving connection and are answered in order.
     let mut last = 0;
     for _ in 0..4 {

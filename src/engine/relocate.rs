@@ -8,14 +8,15 @@
 //! milliseconds. Instead, the connection of such a request moves, before the
 //! request is dispatched, to a core that holds an instance
 //! ([`crate::functions::CorePool::home_core`]): its socket, the parsed
-//! request and any pipelined bytes travel in one message, and the target
-//! core serves the request and the connection's later ones like its own.
+//! request, any pipelined bytes and what is left to write of its earlier
+//! answers travel in one message, and the target core writes those and
+//! serves the request and the connection's later ones like its own.
 //! The request is served entirely on one core, as every request is; only
 //! the connection changed hands between two requests.
 //!
-//! A connection moves only between whole answers (nothing of an earlier
-//! answer left to write), never while the server shuts down, and only to a
-//! core holding (with what is on its way there) under [`MOVE_ROOM`] of its
+//! A connection takes the unwritten rest of its earlier answers along (up to
+//! [`CARRY_MAX`]; with more it stays), never moves while the server shuts
+//! down, and only to a core holding (with what is on its way there) under [`MOVE_ROOM`] of its
 //! connection limit. A request that moved before it was dispatched is not
 //! moved again at dispatch (a client that alternates between two functions
 //! held on different cores moves at most once per request); a queued one
@@ -38,6 +39,10 @@ use crate::http::parse::Request;
 /// core takes connections moved from other cores: the rest stays for the
 /// connections it accepts itself.
 pub const MOVE_ROOM: (u64, u64) = (3, 4);
+
+/// Bytes of earlier answers not yet written that a moving connection takes
+/// along (they go out first on the new core); with more waiting, it stays.
+pub const CARRY_MAX: usize = 64 * 1024;
 
 /// A request that is to be served on another core, with its connection.
 pub struct Moving {
@@ -66,6 +71,8 @@ pub struct MovedConn {
     phases: Track,
     /// The connection's state (waiting for its answer).
     state: ConnState,
+    /// Earlier answers not yet written, to go out first.
+    unsent: Vec<u8>,
     /// Bytes read after the request (pipelined ones), parsed on arrival.
     leftover: Vec<u8>,
     moving: Moving,
@@ -73,13 +80,14 @@ pub struct MovedConn {
 
 impl Worker {
     /// Whether the connection at `tok` can move to `core` now, and if so
-    /// reserves its place there: not while an earlier answer is still being
-    /// written, nor while the server shuts down, and only while `core` holds
+    /// reserves its place there: not with more than [`CARRY_MAX`] bytes of
+    /// earlier answers still to write, nor while the server shuts down, nor
+    /// once it is closing, and only while `core` holds
     /// (with the connections on their way to it) under [`MOVE_ROOM`] of its
     /// connection limit, so that it keeps room to accept its own.
     pub(crate) fn can_move(&self, tok: Token, core: usize) -> bool {
         let s = &self.streams[tok];
-        let busy = s.out_pending() > 0 || s.send_inflight || s.closing || s.dead;
+        let busy = s.out_pending() > CARRY_MAX || s.closing || s.dead;
         if busy
             || self.draining
             || self.shared.shutdown.load(Relaxed)
@@ -170,6 +178,7 @@ impl Worker {
     /// A moving connection left this core's loop: send it on (or, should
     /// that core's loop have ended, serve it here after all).
     pub(crate) fn client_detached(&mut self, s: Stream) {
+        let unsent = s.unsent();
         let Kind::Client(conn) = s.kind else {
             unreachable!("only client streams reach client_detached")
         };
@@ -183,6 +192,7 @@ impl Worker {
             peer: conn.peer,
             phases: conn.phases,
             state: conn.state,
+            unsent,
             leftover: s.rbuf[s.rpos..].to_vec(),
             moving: *moving,
         };
@@ -217,6 +227,12 @@ impl Worker {
         };
         let mut stream = Stream::new(m.fd, Kind::Client(conn));
         stream.push_input(&m.leftover);
+        if !m.unsent.is_empty() {
+            stream.out_counted = m.unsent.len();
+            stream.out_progress = Some(self.now);
+            self.out_queued += m.unsent.len();
+            stream.wbuf = m.unsent;
+        }
         let tok = self.streams.insert(stream);
         self.client_joined();
         self.mark(tok);

@@ -26,6 +26,7 @@ use crate::functions::sched::{Frame, InstId};
 use crate::protocol::{self, FrameDecoder, FrameType};
 use crate::sandbox::runtime_api::{self, Served};
 use crate::sandbox::Endpoint;
+use crate::util::sock::set_linger_zero;
 
 /// What one of an instance's Runtime API streams is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -366,7 +367,7 @@ impl Worker {
                 if mine {
                     // A reset, not a FIN: the runtime's side closed first
                     // and would otherwise sit in TIME_WAIT.
-                    linger_zero(self.streams[tok].raw());
+                    set_linger_zero(self.streams[tok].raw());
                     let _ = self.with_session(inst, |s, io| s.closed(io, i));
                 }
             }
@@ -506,22 +507,4 @@ impl Worker {
             }
         }
     }
-}
-
-/// SO_LINGER on with a zero timeout: `close` resets the connection.
-fn linger_zero(fd: std::os::fd::RawFd) {
-    let l = libc::linger {
-        l_onoff: 1,
-        l_linger: 0,
-    };
-    // SAFETY: setsockopt reads `size_of::<linger>()` bytes from the struct we own.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_LINGER,
-            (&l as *const libc::linger).cast(),
-            std::mem::size_of::<libc::linger>() as libc::socklen_t,
-        )
-    };
 }

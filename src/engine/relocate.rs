@@ -242,7 +242,10 @@ impl Worker {
                 what,
                 req,
                 body,
-            } => self.invoke_here(tok, id, what, req, body),
+            } => {
+                self.catch_up(&id);
+                self.invoke_here(tok, id, what, req, body)
+            }
             Cargo::Queued(queued) => {
                 let to = ReplyTo { token: tok, serial };
                 self.fns.on_relocated(to, queued, self.now);

@@ -640,7 +640,7 @@ impl Worker {
     /// Refreshes this core's view of the functions if `id` was published
     /// after it last looked (a deploy, or a function replacing another under
     /// its name), so that the request is not answered 404.
-    fn catch_up(&mut self, id: &str) {
+    pub(crate) fn catch_up(&mut self, id: &str) {
         if !self.fns.knows(id) && self.shared.functions.get(id).is_some() {
             let all = self.shared.functions.all();
             self.fns.on_functions_changed(all, self.now);
@@ -754,7 +754,7 @@ impl Worker {
     }
 
     /// Hands the invocation `req` of function `id` from the connection at
-    /// `tok` to this core's scheduler.
+    /// `tok` to this core's scheduler (whose view has caught up with `id`).
     pub(crate) fn invoke_here(
         &mut self,
         tok: Token,
@@ -763,7 +763,6 @@ impl Worker {
         req: Request,
         body: Vec<u8>,
     ) {
-        self.catch_up(&id);
         let to = self.reply_to(tok);
         let peer = self.peer(tok);
         self.mark_invoking(tok);

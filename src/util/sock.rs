@@ -1,19 +1,38 @@
-//! Socket options set on accepted TCP connections.
+//! Socket options set on TCP connections.
 
 use std::os::fd::RawFd;
+
+/// Sets socket option `name` at `level` to `value`; best effort (the result is ignored).
+fn set<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, value: &T) {
+    // SAFETY: setsockopt reads `size_of::<T>()` bytes from a value we own.
+    unsafe {
+        libc::setsockopt(
+            fd,
+            level,
+            name,
+            (value as *const T).cast(),
+            std::mem::size_of::<T>() as libc::socklen_t,
+        )
+    };
+}
 
 /// Sets TCP_NODELAY on `fd`: answers are written whole, Nagle would only
 /// delay them. Best effort (a failure leaves Nagle on, nothing breaks).
 pub fn set_nodelay(fd: RawFd) {
-    let one: libc::c_int = 1;
-    // SAFETY: setsockopt reads one c_int from the value we own.
-    unsafe {
-        libc::setsockopt(
-            fd,
-            libc::IPPROTO_TCP,
-            libc::TCP_NODELAY,
-            (&one as *const libc::c_int).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
+    set(
+        fd,
+        libc::IPPROTO_TCP,
+        libc::TCP_NODELAY,
+        &(1 as libc::c_int),
+    );
+}
+
+/// SO_LINGER on with a zero timeout: `close` resets the connection instead
+/// of a graceful end. Best effort.
+pub fn set_linger_zero(fd: RawFd) {
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
     };
+    set(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l);
 }

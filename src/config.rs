@@ -132,7 +132,8 @@ pub struct ServeConfig {
     /// Requests waiting per function (per core) beyond its concurrency; more → 429.
     pub queue_depth_max: usize,
     /// Move a client connection to the core holding its function's instance when
-    /// the function cannot have one on every core (`engine::relocate`).
+    /// the function cannot have one on every core (`engine::relocate`), or with a
+    /// request spilled to another core's idle instance (`functions::sched::spill`).
     pub connection_moves: bool,
     /// Pin worker threads to cores.
     pub pin: bool,

@@ -194,9 +194,11 @@ struct ServeArgs {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Do not move a client connection to the core holding its function's instance
-    /// when the function is limited to fewer instances than there are cores (the
-    /// instance is handed between the cores in turns instead).
+    /// Do not move client connections between cores: neither to the core holding
+    /// its function's instance when the function is limited to fewer instances than
+    /// there are cores (the instance is handed between the cores in turns instead),
+    /// nor with a request that would queue behind a busy instance while another
+    /// core's instance is idle (it waits where it is).
     #[arg(long)]
     no_connection_moves: bool,
     /// Do not keep an initialised standby instance per function (process backend).

@@ -125,6 +125,8 @@ pub struct FunctionMetrics {
     pub handovers: AtomicU64,
     /// Client connections moved to the core holding the function's instance.
     pub connections_moved: AtomicU64,
+    /// Queued requests sent to another core's idle instance (see `sched::spill`).
+    pub requests_spilled: AtomicU64,
     pub queue_depth: AtomicU64,
     pub instances: AtomicU64,
     pub duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
@@ -294,7 +296,7 @@ pub fn render_functions<'a>(
     out: &mut String,
     fns: impl Iterator<Item = (&'a str, &'a FunctionMetrics)> + Clone,
 ) {
-    let simple: [Series<FunctionMetrics>; 9] = [
+    let simple: [Series<FunctionMetrics>; 10] = [
         (
             "hearth_function_invocations_total",
             "counter",
@@ -322,8 +324,14 @@ pub fn render_functions<'a>(
         (
             "hearth_function_connections_moved_total",
             "counter",
-            "Client connections moved to the core holding the function's instances (functions limited to fewer instances than cores).",
+            "Client connections moved to another core: to where the function's instances are (functions limited to fewer instances than cores), or with a spilled request.",
             |m| m.connections_moved.load(Relaxed),
+        ),
+        (
+            "hearth_function_requests_spilled_total",
+            "counter",
+            "Queued requests sent, with their connections, to an idle instance on another core.",
+            |m| m.requests_spilled.load(Relaxed),
         ),
         (
             "hearth_function_queue_depth",

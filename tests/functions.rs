@@ -843,6 +843,74 @@ fn connections_follow_a_single_instance(io: &[&str]) {
     s.assert_healthy();
 }
 
+/// A request that would queue behind its core's busy instance while the other core's
+/// instance is idle goes there with its connection (`sched::spill`). Here one instance
+/// of a concurrency-2 function sleeps 3 s while quick requests arrive, one at a time,
+/// each on a new connection (the kernel spreads them over both cores): those accepted
+/// on the sleeping instance's core spill to the idle one. (Before, each such request
+/// marked its core starved and the other core handed its idle instance over, at its
+/// next tick; the next request accepted on the other core then called it back: a
+/// hand-over for every change of core, about half the requests.)
+#[test]
+fn a_request_behind_a_busy_instance_spills_to_an_idle_one_on_the_other_core() {
+    require_sandbox!();
+    const QUICK: usize = 24;
+    let s = Server::start(&["--cores", "2"]);
+    let id = deploy(&s, "behave", "concurrency=2");
+    let whoami = format!("GET /f/{id}/whoami HTTP/1.1\r\nHost: t\r\n\r\n");
+    // Two instances, each warm.
+    std::thread::scope(|scope| {
+        for _ in 0..2 {
+            scope.spawn(|| {
+                let r = call_anon(&s, "GET", &format!("/f/{id}/sleep?ms=300"), &[], b"");
+                assert_eq!(r.status, 200, "{}", r.text());
+            });
+        }
+    });
+    let label = format!("function=\"{id}\"");
+    let counters = || {
+        let m = call(&s, "GET", "/metrics", &[], b"").text();
+        let get = |name| common::metric_sum(&m, name, &label);
+        (
+            get("hearth_function_requests_spilled_total"),
+            get("hearth_function_instance_handovers_total"),
+            get("hearth_function_cold_starts_total"),
+        )
+    };
+    let mut slow = s.connect();
+    slow.write(format!("GET /f/{id}/sleep?ms=3000 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    std::thread::sleep(Duration::from_millis(200));
+    let (spilled0, handovers0, starts0) = counters();
+    let started = Instant::now();
+    let mut slowest = Duration::ZERO;
+    for _ in 0..QUICK {
+        let t = Instant::now();
+        let mut c = s.connect();
+        c.write(whoami.as_bytes());
+        let r = c.response();
+        assert_eq!(r.status, 200, "{}", r.text());
+        slowest = slowest.max(t.elapsed());
+    }
+    let (spilled, handovers, starts) = counters();
+    let (spilled, handovers) = (spilled - spilled0, handovers - handovers0);
+    eprintln!(
+        "{spilled} of {QUICK} quick requests spilled, {handovers} hand-overs, slowest {slowest:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_millis(2500),
+        "the quick ones waited for the slow one"
+    );
+    // All 24 on the other core: a chance of 2 in 16 million.
+    assert!(spilled >= 1, "no request spilled");
+    // Both instances stay where they are; at most one moves if the warm-up left
+    // both on one core.
+    assert!(handovers <= 1, "{handovers} hand-overs");
+    assert_eq!(starts, starts0, "no third instance (the limit is two)");
+    let r = slow.response();
+    assert_eq!(r.status, 200, "{}", r.text());
+    s.assert_healthy();
+}
+
 /// Connections move to a core only while it holds under ¾ of its connection limit
 /// (counting those on their way), so it keeps room for its own accepts: with a limit
 /// of 12 (room for 9) and 10 clients of a concurrency-1 function, no core ends up with

@@ -48,6 +48,9 @@ pub enum Msg {
     /// Another core sends a client connection with a request for a function
     /// whose instance this core holds (see [`crate::engine::relocate`]).
     ConnectionMoved(Box<crate::engine::relocate::MovedConn>),
+    /// Core `from` has an idle instance of `function` and nothing queued for
+    /// it: send it a request queued here (see `functions::sched::spill`).
+    Pull { function: String, from: usize },
     /// Shut down gracefully.
     Shutdown,
 }
@@ -514,6 +517,7 @@ impl Worker {
                 Msg::InstanceStarted(started) => self.fns.on_started(started, self.now),
                 Msg::InstanceMigrated(m) => self.fns.on_migrated(m, self.now),
                 Msg::ConnectionMoved(m) => self.moved_in(*m),
+                Msg::Pull { function, from } => self.fns.on_pull(&function, from),
                 Msg::Shutdown => self.start_drain(),
             }
             self.run_actions();
@@ -593,6 +597,10 @@ impl Worker {
                     self.shared.send(core, Msg::InstanceMigrated(instance))
                 }
                 Action::Relocate { core, queued } => self.relocate(core, queued),
+                Action::Pull { core, function } => {
+                    let from = self.core;
+                    self.shared.send(core, Msg::Pull { function, from })
+                }
                 Action::Start(f) => self.shared.functions.request_start(self.core, f),
                 Action::Destroy(handle) => self.shared.functions.destroy(handle),
             }

@@ -55,6 +55,15 @@ pub struct Function {
     /// have one handed to them: where a client connection goes when its own
     /// core cannot get one (see `CorePool::home_core`).
     pub homes: std::sync::atomic::AtomicU64,
+    /// Cores (bit per core) holding an idle instance of it, ready for a
+    /// request: where a request that would wait elsewhere may spill to (see
+    /// `sched::spill`). Another core clears a bit when it sends a request
+    /// there; the core itself sets and clears its own as instances park and
+    /// leave.
+    pub idle_on: std::sync::atomic::AtomicU64,
+    /// Cores (bit per core) with requests of it queued: a core whose instance
+    /// parks idle asks one of them for its oldest (see `sched::spill`).
+    pub backlog: std::sync::atomic::AtomicU64,
     /// Set by `DELETE`: cores stop taking requests for it.
     pub deleted: AtomicBool,
     pub logs: Mutex<logs::LogRing>,
@@ -495,6 +504,8 @@ impl Function {
             starved: std::sync::atomic::AtomicU64::new(0),
             starved_since: std::array::from_fn(|_| std::sync::atomic::AtomicU64::new(0)),
             homes: std::sync::atomic::AtomicU64::new(0),
+            idle_on: std::sync::atomic::AtomicU64::new(0),
+            backlog: std::sync::atomic::AtomicU64::new(0),
             deleted: AtomicBool::new(false),
             logs: Mutex::new(logs::LogRing::default()),
             memory,

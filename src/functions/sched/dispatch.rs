@@ -169,20 +169,21 @@ impl CorePool {
             return self.reply(to, r);
         }
         fs.enqueue(pending, &mut self.queued);
+        self.spill(id);
         self.grow(id, now);
     }
 
     /// Gives `pending` to an idle instance of `id` (there is one).
     fn dispatch_idle(&mut self, id: &str, pending: Pending, now: Instant) {
-        let i = self.fns.get_mut(id).and_then(|fs| fs.idle.pop());
+        let i = self.fns.get_mut(id).and_then(|fs| fs.unpark());
         self.send(i.expect("an idle instance"), pending, now);
     }
 
     /// Serves a request of `id` accepted on another core (see
-    /// [`CorePool::on_relocated`]): at once by an idle instance, else queued
-    /// in its place by arrival.
+    /// [`CorePool::on_relocated`]): at once by an idle instance while the
+    /// fit allows, else queued in its place by arrival.
     pub(super) fn place(&mut self, id: &str, pending: Pending, now: Instant) {
-        if !self.fns[id].idle.is_empty() {
+        if !self.fns[id].idle.is_empty() && self.under_fit(id) {
             return self.dispatch_idle(id, pending, now);
         }
         let fs = self.fns.get_mut(id).expect("placed for a known function");
@@ -327,10 +328,18 @@ impl CorePool {
             meta,
             body: p.body,
         };
+        let id = inst.function.spec.id.clone();
         self.actions.push_back(Action::Send {
             inst: inst.id,
             frame,
         });
+        // Its other idle instances, if any, may have reached the fit.
+        if self.fns.get(&id).is_some_and(|fs| !fs.idle.is_empty()) {
+            let open = self.under_fit(&id);
+            let fs = self.fns.get_mut(&id).expect("checked");
+            fs.open = open;
+            fs.sync_idle();
+        }
     }
 
     /// Instance `i` finished a request. Round robin between functions waiting
@@ -388,7 +397,11 @@ impl CorePool {
             return;
         }
         self.insts[i].idle_since = now;
-        fs.idle.push(i);
+        fs.open = may_run;
+        fs.park(i);
+        if fs.queue.is_empty() {
+            self.pull(&id);
+        }
     }
 
     /// Whether one more request of `id` may run on this core now (see
@@ -419,7 +432,7 @@ impl CorePool {
             if fs.queue.is_empty() {
                 return;
             }
-            let Some(i) = fs.idle.pop() else { return };
+            let Some(i) = fs.unpark() else { return };
             self.next_for(i, now);
         }
     }
@@ -454,7 +467,7 @@ impl CorePool {
         self.actions.push_back(Action::Close(inst.id));
         let id = &inst.function.spec.id;
         if let Some(fs) = self.fns.get_mut(id) {
-            fs.idle.retain(|&k| k != i);
+            fs.unpark_slot(i);
             fs.live -= 1;
             fs.sync_home(self.cfg.core);
         }
@@ -624,7 +637,7 @@ impl CorePool {
                 let Some(target) = self.hand_over_to(&id) else {
                     break;
                 };
-                let i = self.fns.get_mut(&id).and_then(|fs| fs.idle.pop());
+                let i = self.fns.get_mut(&id).and_then(|fs| fs.unpark());
                 self.migrate(i.expect("checked non-empty"), target, now);
             }
         }

@@ -113,7 +113,7 @@ impl CorePool {
     pub(super) fn migrate(&mut self, i: usize, target: usize, now: Instant) {
         let inst = self.insts.remove(i);
         if let Some(fs) = self.fns.get_mut(&inst.function.spec.id) {
-            fs.idle.retain(|&k| k != i);
+            fs.unpark_slot(i);
             fs.live -= 1;
             fs.sync_home(self.cfg.core);
             // Its connections may go there while it is on its way.

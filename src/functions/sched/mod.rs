@@ -32,12 +32,14 @@ mod dispatch;
 mod migrate;
 mod reply;
 pub mod scale;
+mod spill;
 pub mod stream;
 #[cfg(test)]
 mod tests;
 
 use std::collections::{HashMap, VecDeque};
 use std::net::IpAddr;
+use std::sync::atomic::AtomicU64;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -82,9 +84,10 @@ pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
 /// How the deadline is added to an INVOKE frame's metadata at dispatch.
 const DEADLINE_FIELD: &str = ",\"deadline_ms\":";
-/// Times a queued request goes after an instance handed to another core;
-/// after that it waits where it is for one to come back (so a request cannot
-/// bounce between cores for as long as instances do).
+/// Times a queued request goes to another core, after an instance handed
+/// there or spilled to an idle one (see [`spill`]); after that it waits where
+/// it is (so a request cannot bounce between cores for as long as instances
+/// do).
 pub const RELOCATIONS_MAX: u8 = 2;
 /// Instances one core may hold over all functions (the default of
 /// [`SchedConfig::instances_max`]).
@@ -99,7 +102,8 @@ pub struct SchedConfig {
     pub cores: usize,
     /// Client connections may move between cores (`--no-connection-moves`
     /// off): requests left queued behind an instance handed to another core
-    /// go after it ([`Action::Relocate`]) instead of waiting for it to return.
+    /// go after it ([`Action::Relocate`]) instead of waiting for it to return,
+    /// and requests spill to other cores' idle instances ([`spill`]).
     pub moves: bool,
     /// Requests a function may queue beyond those covered by starting instances
     /// once it is at its concurrency limit (`--queue-depth-max`).
@@ -184,6 +188,9 @@ pub enum Action {
     Detach(InstId),
     /// Give a detached instance to another core.
     HandOver { core: usize, instance: Migrated },
+    /// Ask `core`, which has requests of `function` queued, for its oldest:
+    /// an instance of it is idle here ([`CorePool::on_pull`] there).
+    Pull { core: usize, function: String },
     /// Move the connection waiting for `queued` to `core` (where the instance
     /// it waits for went), to be queued there ([`CorePool::on_relocated`]);
     /// if it cannot move, give the request back ([`CorePool::relocate_failed`]).
@@ -317,7 +324,15 @@ impl Inst {
 /// A function's state on this core.
 struct FnState {
     f: Arc<Function>,
+    /// This core (its bit in the function's `idle_on` and `backlog`).
+    core: usize,
+    /// Idle instances; changed only through [`FnState::park`] and the
+    /// `unpark` methods, which keep `idle_on` in step.
     idle: Vec<usize>,
+    /// One more request of it may run here now ([`CorePool::under_fit`], as
+    /// of the last dispatch, park or tick): its idle instances take requests
+    /// spilled from other cores (see [`spill`]).
+    open: bool,
     queue: VecDeque<Pending>,
     /// Instances being started for this core.
     starting: usize,
@@ -338,10 +353,12 @@ struct FnState {
 }
 
 impl FnState {
-    fn new(f: Arc<Function>, now: Instant) -> FnState {
+    fn new(f: Arc<Function>, core: usize, now: Instant) -> FnState {
         FnState {
             f,
+            core,
             idle: Vec::new(),
+            open: true,
             queue: VecDeque::new(),
             starting: 0,
             live: 0,
@@ -384,6 +401,7 @@ impl FnState {
         self.queue.push_back(p);
         add(&self.f.metrics.queue_depth, 1);
         *queued += 1;
+        self.sync_backlog();
     }
 
     /// Puts a request that never reached its instance back at the head of
@@ -392,6 +410,7 @@ impl FnState {
         self.queue.push_front(p);
         add(&self.f.metrics.queue_depth, 1);
         *queued += 1;
+        self.sync_backlog();
     }
 
     /// Queues a request that arrived earlier, maybe on another core, in its
@@ -403,14 +422,63 @@ impl FnState {
         self.queue.insert(at, p);
         add(&self.f.metrics.queue_depth, 1);
         *queued += 1;
+        self.sync_backlog();
+    }
+
+    /// Takes the queued request at `at` (the head is 0); `queued` is the core's total.
+    fn take_at(&mut self, at: usize, queued: &mut usize) -> Pending {
+        let p = self.queue.remove(at).expect("a queued request at `at`");
+        self.f.metrics.queue_depth.fetch_sub(1, Relaxed);
+        *queued -= 1;
+        self.sync_backlog();
+        p
     }
 
     /// Takes the oldest queued request; `queued` is the core's total.
     fn dequeue(&mut self, queued: &mut usize) -> Option<Pending> {
-        let p = self.queue.pop_front()?;
-        self.f.metrics.queue_depth.fetch_sub(1, Relaxed);
-        *queued -= 1;
-        Some(p)
+        (!self.queue.is_empty()).then(|| self.take_at(0, queued))
+    }
+
+    /// Keeps this core's bit in [`Function::backlog`] set while requests queue here.
+    fn sync_backlog(&self) {
+        set_bit(&self.f.backlog, self.core, !self.queue.is_empty());
+    }
+
+    /// Lists instance `i` as idle.
+    fn park(&mut self, i: usize) {
+        self.idle.push(i);
+        self.sync_idle();
+    }
+
+    /// Takes the most recently parked idle instance.
+    fn unpark(&mut self) -> Option<usize> {
+        let i = self.idle.pop();
+        self.sync_idle();
+        i
+    }
+
+    /// Removes instance `i` from the idle list, if it is there.
+    fn unpark_slot(&mut self, i: usize) {
+        self.idle.retain(|&k| k != i);
+        self.sync_idle();
+    }
+
+    /// Takes the `n` longest idle instances.
+    fn unpark_oldest(&mut self, n: usize) -> Vec<usize> {
+        let taken = self.idle.drain(..n).collect();
+        self.sync_idle();
+        taken
+    }
+
+    /// Sets this core's bit in [`Function::idle_on`] when it has an idle
+    /// instance that may take a request, clears it otherwise. (A core that sends a
+    /// request here clears it too, ahead of the request's arrival.)
+    fn sync_idle(&self) {
+        set_bit(
+            &self.f.idle_on,
+            self.core,
+            self.open && !self.idle.is_empty(),
+        );
     }
 
     /// Keeps `core`'s bit in [`Function::homes`] set while it holds or starts
@@ -431,6 +499,18 @@ impl FnState {
         let since = self.queue.front().map_or(now, |p| p.arrived);
         self.f.starved_since[core].store(migrate::stamp(since), Relaxed);
         self.f.starved.fetch_or(1u64 << core, Relaxed);
+    }
+}
+
+/// Sets or clears `core`'s bit in `bits`, writing only when it changes (the
+/// word is shared by all cores; most calls find it as it should be).
+fn set_bit(bits: &AtomicU64, core: usize, on: bool) {
+    let bit = 1u64 << core;
+    if (bits.load(Relaxed) & bit != 0) != on {
+        match on {
+            true => bits.fetch_or(bit, Relaxed),
+            false => bits.fetch_and(!bit, Relaxed),
+        };
     }
 }
 
@@ -589,7 +669,11 @@ impl CorePool {
         } else {
             let fs = self.fns.get_mut(&function).expect("refused() checked it");
             fs.insert_by_arrival(pending, &mut self.queued);
-            fs.mark_starved(self.cfg.core, now);
+            // Starved only at the limit: a request that spilled from beside
+            // an instance of its own waits for that one.
+            if fs.f.instances.load(Relaxed) >= fs.f.spec.concurrency {
+                fs.mark_starved(self.cfg.core, now);
+            }
             self.grow(&function, now);
         }
         self.check_invariants();
@@ -738,6 +822,7 @@ impl CorePool {
         self.clock = (tick.now, tick.wall_ms);
         self.cpu_busy_pct = tick.cpu_busy_pct;
         self.tick(tick.now);
+        self.reopen();
         self.check_invariants();
     }
 
@@ -760,7 +845,7 @@ impl CorePool {
         for f in &current {
             self.fns
                 .entry(f.spec.id.clone())
-                .or_insert_with(|| FnState::new(f.clone(), now));
+                .or_insert_with(|| FnState::new(f.clone(), self.cfg.core, now));
         }
         let gone: Vec<String> = self
             .fns
@@ -773,7 +858,7 @@ impl CorePool {
             let idle: Vec<usize> = self
                 .fns
                 .get_mut(&id)
-                .map(|fs| fs.idle.drain(..).collect())
+                .map(|fs| fs.unpark_oldest(fs.idle.len()))
                 .unwrap_or_default();
             for i in idle {
                 self.retire(i, now);

@@ -216,7 +216,7 @@ impl CorePool {
                 .take(excess)
                 .take_while(|i| idle_long(i))
                 .count();
-            retire.extend(fs.idle.drain(..n));
+            retire.extend(fs.unpark_oldest(n));
         }
         for i in retire {
             self.retire(i, now);

@@ -75,8 +75,10 @@ struct Sim {
     closed: Vec<InstId>,
     detached: Vec<InstId>,
     handed: Vec<(usize, Migrated)>,
-    /// Queued requests sent after an instance, with the core they go to.
+    /// Queued requests sent after an instance or spilled, with the core they go to.
     relocated: Vec<(usize, Queued)>,
+    /// Cores asked for a queued request of a function (`Action::Pull`).
+    pulled: Vec<(usize, String)>,
     destroyed: usize,
     /// Every fake instance this core started, by id.
     fakes: Vec<(InstId, Arc<Mutex<FakeLog>>)>,
@@ -150,6 +152,7 @@ impl Sim {
             detached: Vec::new(),
             handed: Vec::new(),
             relocated: Vec::new(),
+            pulled: Vec::new(),
             destroyed: 0,
             fakes: Vec::new(),
             functions,
@@ -179,6 +182,7 @@ impl Sim {
                 Action::Detach(inst) => self.detached.push(inst),
                 Action::HandOver { core, instance } => self.handed.push((core, instance)),
                 Action::Relocate { core, queued } => self.relocated.push((core, queued)),
+                Action::Pull { core, function } => self.pulled.push((core, function)),
                 Action::Start(f) => self.starts.push(f),
                 Action::Destroy(handle) => {
                     handle.destroy();
@@ -333,6 +337,23 @@ impl Sim {
         let (_, log) = self.fakes.iter().find(|(i, _)| *i == inst).unwrap();
         to.fakes.push((arrived, log.clone()));
         (target, arrived)
+    }
+
+    /// Delivers the queued requests relocated from here to `to` (their
+    /// connections moved); returns where their answers go there.
+    fn deliver(&mut self, to: &mut Sim) -> Vec<ReplyTo> {
+        let mut arrived = Vec::new();
+        for (_, q) in std::mem::take(&mut self.relocated) {
+            let at = ReplyTo {
+                token: 1000 + to.next_serial as usize,
+                serial: 1000 + to.next_serial,
+            };
+            to.next_serial += 1;
+            to.pool.on_relocated(at, q, to.now);
+            to.drain();
+            arrived.push(at);
+        }
+        arrived
     }
 
     fn live(&self, id: &str) -> usize {
@@ -1459,15 +1480,7 @@ fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     assert_eq!(f.starved.load(Relaxed), 1 << 0);
     f.starved.store(0, Relaxed);
     // On core 1 they queue behind its own request, for the arriving instance.
-    for (_, q) in std::mem::take(&mut core0.relocated) {
-        let to = ReplyTo {
-            token: 1000 + core1.next_serial as usize,
-            serial: 1000 + core1.next_serial,
-        };
-        core1.next_serial += 1;
-        core1.pool.on_relocated(to, q, core1.now);
-        core1.drain();
-    }
+    core0.deliver(&mut core1);
     assert_eq!(core1.pool.queued, 4, "its own and the three");
     assert_eq!(
         f.starved.load(Relaxed),
@@ -1535,4 +1548,160 @@ fn a_core_holding_the_only_instance_takes_turns_with_a_starved_core() {
     // Nothing more waits on core 1: the instance goes straight back.
     assert_eq!(core1.detached, vec![moved_id]);
     assert_eq!(f.instances.load(Relaxed), 1, "one instance all along");
+}
+
+/// Two cores with connection moves on, on one clock.
+fn two_cores_with_moves(f: &Arc<Function>) -> (Sim, Sim) {
+    let on = |core| SchedConfig {
+        moves: true,
+        ..config(core)
+    };
+    let core0 = Sim::new(on(0), &[f]);
+    let mut core1 = Sim::new(on(1), &[f]);
+    core1.now = core0.now;
+    let (mut core0, mut core1) = (core0, core1);
+    (core0.alone, core1.alone) = (false, false);
+    (core0, core1)
+}
+
+#[test]
+fn a_request_that_would_wait_spills_to_an_idle_instance_on_another_core() {
+    let f = function("a", 4, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core0.request("a");
+    let [busy] = core0.start_all()[..] else {
+        panic!()
+    };
+    let first = core1.request("a");
+    let [idle] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(idle, 200);
+    assert_eq!(core1.status(first), Some(200));
+    assert_eq!(f.idle_on.load(Relaxed), 1 << 1, "core 1 has one idle");
+    assert!(
+        core1.pulled.is_empty(),
+        "nothing queued anywhere to ask for"
+    );
+
+    // Core 0's instance is busy: its next request goes to core 1's idle one
+    // instead of waiting (or starting a third instance).
+    let second = core0.request("a");
+    assert_eq!(core0.relocated.len(), 1);
+    assert_eq!(core0.relocated[0].0, 1);
+    assert_eq!(core0.relocated[0].1.to(), second);
+    assert_eq!(core0.pool.queued, 0);
+    assert!(core0.starts.is_empty(), "no start for a spilled request");
+    assert_eq!(f.idle_on.load(Relaxed), 0, "one request per idle instance");
+    assert_eq!(f.metrics.requests_spilled.load(Relaxed), 1);
+    // With core 1's instance promised, the next one waits on core 0.
+    let third = core0.request("a");
+    assert_eq!(core0.relocated.len(), 1);
+    assert_eq!(core0.pool.queued, 1);
+    let [moved] = core0.deliver(&mut core1)[..] else {
+        panic!()
+    };
+    assert_eq!(core1.sent.len(), 2, "served at once on core 1");
+    core1.respond(idle, 200);
+    assert_eq!(core1.status(moved), Some(200));
+
+    // Core 1's instance parks with nothing queued there while core 0 has a
+    // backlog: it asks core 0, which sends its oldest.
+    assert_eq!(f.backlog.load(Relaxed), 1 << 0);
+    assert_eq!(core1.pulled, vec![(0, "a".to_string())]);
+    core0.pool.on_pull("a", 1);
+    core0.drain();
+    assert_eq!(core0.relocated.len(), 1);
+    assert_eq!(core0.relocated[0].1.to(), third);
+    assert_eq!(f.backlog.load(Relaxed), 0);
+    let [moved] = core0.deliver(&mut core1)[..] else {
+        panic!()
+    };
+    core1.respond(idle, 200);
+    assert_eq!(core1.status(moved), Some(200));
+    // A pull that finds nothing queued (or the idle instance taken) does nothing.
+    core0.pool.on_pull("a", 1);
+    core0.drain();
+    assert!(core0.relocated.is_empty());
+    core0.respond(busy, 200);
+    assert_eq!(
+        f.instances.load(Relaxed),
+        2,
+        "two instances served all four"
+    );
+}
+
+#[test]
+fn requests_spill_at_most_relocations_max_times_and_not_with_moves_off() {
+    let f = function("a", 4, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core0.request("a");
+    core0.start_all();
+    core1.request("a");
+    let [inst1] = core1.start_all()[..] else {
+        panic!()
+    };
+    // Core 1's instance is busy too: a request queued on core 0 stays.
+    let waiting = core0.request("a");
+    assert!(core0.relocated.is_empty());
+    assert_eq!(core0.pool.queued, 1);
+    // It went back and forth before: it may move no more.
+    core0.pool.fns.get_mut("a").unwrap().queue[0].relocations = RELOCATIONS_MAX;
+    core1.respond(inst1, 200);
+    assert_eq!(core1.pulled, vec![(0, "a".to_string())]);
+    core0.pool.on_pull("a", 1);
+    core0.drain();
+    assert!(core0.relocated.is_empty(), "moved often enough");
+    assert_eq!(core0.pool.queued, 1);
+    assert!(core0.status(waiting).is_none());
+
+    // With moves off, an idle instance elsewhere is not a reason to move.
+    let g = function("b", 4, 10_000);
+    let mut off0 = Sim::new(config(0), &[&g]);
+    let mut off1 = Sim::new(config(1), &[&g]);
+    (off0.alone, off1.alone) = (false, false);
+    off0.request("b");
+    off0.start_all();
+    off1.request("b");
+    let [idle] = off1.start_all()[..] else {
+        panic!()
+    };
+    off1.respond(idle, 200);
+    off0.request("b");
+    assert!(off0.relocated.is_empty());
+    assert_eq!(off0.pool.queued, 1);
+    assert!(off1.pulled.is_empty());
+}
+
+#[test]
+fn an_instance_held_back_by_the_fit_on_a_saturated_core_takes_no_spilled_requests() {
+    let f = function("a", 4, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core1.request("a");
+    let [a] = core1.start_all()[..] else { panic!() };
+    core1.request("a");
+    core1.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    core1.tick(0);
+    let [b] = core1.start_all()[..] else { panic!() };
+    core1.respond(a, 200);
+    core1.respond(b, 200);
+    assert_eq!(f.idle_on.load(Relaxed), 1 << 1);
+    // Core 1 is saturated with a fit of one: one of its two instances may run.
+    core1.pool.fns.get_mut("a").unwrap().fit = Some(1);
+    core1.tick(100);
+    core1.request("a");
+    assert_eq!(core1.sent.len(), 3);
+    assert_eq!(
+        f.idle_on.load(Relaxed),
+        0,
+        "the other is idle but may not run"
+    );
+    // So core 0's waiting request stays with core 0.
+    core0.request("a");
+    core0.start_all();
+    core0.request("a");
+    assert!(core0.relocated.is_empty());
+    // Below saturation the fit caps nothing: the idle one is offered again.
+    core1.tick(10);
+    assert_eq!(f.idle_on.load(Relaxed), 1 << 1);
 }

@@ -1,0 +1,124 @@
+//! Spilling: a request that has to wait on its core while another core holds
+//! an idle instance of its function moves there with its connection.
+//!
+//! Each core serves the connections it accepted with its own instances. With
+//! a function settled at one or two instances per core, a request arriving
+//! while its core's instances are busy waits behind them, even when another
+//! core's instance sits idle: two cores behave like two separate
+//! single-server queues, and a pause of one instance (a major garbage
+//! collection, a slow request) holds every request its core queues
+//! meanwhile. Spilling makes them one queue served by all instances, without
+//! sending a request to an instance that is not free:
+//!
+//! - a core queueing a request of a function that another core advertises
+//!   an idle instance of (`Function::idle_on`) sends it there (the oldest
+//!   first: the queue's head goes, the new request takes its place);
+//! - a core whose instance parks idle with nothing queued asks a core with a
+//!   backlog of the function (`Function::backlog`) for its oldest request
+//!   ([`Action::Pull`]). That wakes a core whose instance is paused and whose
+//!   loop would otherwise sleep with its queue.
+//!
+//! The request travels as a queued one does behind a handed-over instance
+//! ([`Action::Relocate`]): with its connection, at most
+//! [`super::RELOCATIONS_MAX`] times, to be placed by arrival; one that
+//! cannot move stays queued here. The sender clears the target's idle bit
+//! (one request per idle instance on its way), the target sets it again when
+//! an instance of it parks. Off with `--no-connection-moves`.
+
+use super::migrate::next_core;
+use super::{Action, CorePool, Queued, RELOCATIONS_MAX};
+use crate::metrics::add;
+use std::sync::atomic::Ordering::Relaxed;
+
+impl CorePool {
+    /// A request of `id` was queued here: while another core has an idle
+    /// instance of it, send it our oldest waiting request.
+    pub(super) fn spill(&mut self, id: &str) {
+        let me = 1u64 << self.cfg.core;
+        let Some(fs) = self.fns.get(id) else { return };
+        let free = fs.f.idle_on.load(Relaxed) & !me;
+        if !self.cfg.moves || free == 0 || fs.f.deleted.load(Relaxed) {
+            return;
+        }
+        self.spill_to(id, next_core(free, self.cfg.core));
+    }
+
+    /// Event: core `from` has an idle instance of `id` and nothing queued
+    /// for it (see [`CorePool::pull`]): send it our oldest waiting request.
+    pub fn on_pull(&mut self, id: &str, from: usize) {
+        let Some(fs) = self.fns.get(id) else { return };
+        // Taken meanwhile (by a request of its own or one spilled from elsewhere).
+        if fs.f.idle_on.load(Relaxed) & (1u64 << from) == 0 || fs.f.deleted.load(Relaxed) {
+            return;
+        }
+        self.spill_to(id, from);
+        self.check_invariants();
+    }
+
+    /// Instance `i` of `id` parked idle with nothing queued here: asks a core
+    /// with a backlog of `id` for a request.
+    pub(super) fn pull(&mut self, id: &str) {
+        let me = 1u64 << self.cfg.core;
+        let Some(fs) = self.fns.get(id) else { return };
+        let waiting = fs.f.backlog.load(Relaxed) & !me;
+        if !self.cfg.moves || waiting == 0 || fs.f.deleted.load(Relaxed) {
+            return;
+        }
+        let core = next_core(waiting, self.cfg.core);
+        self.actions.push_back(Action::Pull {
+            core,
+            function: id.to_string(),
+        });
+    }
+
+    /// Re-evaluates, after a tick changed the core's saturation and the
+    /// fits, which functions' idle instances may take spilled requests.
+    pub(super) fn reopen(&mut self) {
+        let ids: Vec<String> = self
+            .fns
+            .iter()
+            .filter(|(_, fs)| !fs.idle.is_empty())
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in ids {
+            let open = self.under_fit(&id);
+            let fs = self.fns.get_mut(&id).expect("listed above");
+            fs.open = open;
+            fs.sync_idle();
+        }
+    }
+
+    /// Sends the oldest queued request of `id` that may still move to
+    /// `target`, whose idle instance it is for.
+    fn spill_to(&mut self, id: &str, target: usize) {
+        let fs = self.fns.get_mut(id).expect("checked by the callers");
+        while let Some(at) = fs
+            .queue
+            .iter()
+            .position(|p| p.relocations < RELOCATIONS_MAX)
+        {
+            let mut pending = fs.take_at(at, &mut self.queued);
+            if !self.gone.is_empty() && self.gone.remove(&pending.to) {
+                // Its client left; nothing to send.
+                continue;
+            }
+            fs.f.idle_on.fetch_and(!(1u64 << target), Relaxed);
+            add(&fs.f.metrics.requests_spilled, 1);
+            pending.relocations += 1;
+            let service = match self.service.is_empty() {
+                true => None,
+                false => self.service.remove(&pending.to),
+            };
+            let queued = Queued {
+                function: id.to_string(),
+                pending,
+                service,
+            };
+            self.actions.push_back(Action::Relocate {
+                core: target,
+                queued,
+            });
+            return;
+        }
+    }
+}

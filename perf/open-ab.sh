@@ -5,14 +5,18 @@
 # each hearth starts and retires while it holds that rate.
 #
 # Usage: perf/open-ab.sh A_BINARY B_BINARY [--rounds N] [--duration 4s]
-#                        [--share 50] [--tests express,trivial] [-- SERVE_FLAGS...]
+#                        [--share 50] [--tests express,trivial] [--conns 10]
+#                        [-- SERVE_FLAGS...]
 #
 # Starts both builds (process backend, own state dirs) and the bare servers
 # (perf/functions/bare-express.js with the Express fixture, bare-http.js),
 # deploys the Express fixture and perf/functions/trivial to each hearth, finds
 # the bare server's closed-loop maximum (`hearth bench -c 10`, 3 runs, median),
-# then for N rounds runs `hearth bench -c 10 --rate <share of it>` against
+# then for N rounds runs `hearth bench -c <conns> --rate <share of it>` against
 # bare, A and B in turn (order reversed on even rounds; 1 s warm-up each).
+# With few connections the generator itself queues once answers slow down (a
+# connection sends its next request only after the last answer): more
+# connections (--conns 64) show the servers' own queueing.
 # Per run: answered req/s, p50, p99, p99.9 (coordinated-omission corrected),
 # and for hearth the instance starts and retirements during the run (from
 # /metrics). Prints every run, then medians and ratios to bare. The load
@@ -26,11 +30,12 @@ ROUNDS=3
 DURATION=4s
 SHARE=50
 TESTS=express,trivial
+CONNS=10
 
 die() { echo "open-ab: $*" >&2; exit 1; }
 # shellcheck source=functions/lib.sh
 . "$ROOT/perf/functions/lib.sh"
-USAGE_LINES=21 AB_OPTIONS="ROUNDS DURATION SHARE TESTS" ab_args "$@"
+USAGE_LINES=25 AB_OPTIONS="ROUNDS DURATION SHARE TESTS CONNS" ab_args "$@"
 TMP=$(mktemp -d /tmp/hearth-open-ab.XXXXXX)
 bench_prepare node zip curl python3
 FIXTURE="$ROOT/tests/fixtures/express-app"
@@ -61,11 +66,11 @@ HEARTH=$B_BIN
 TARGETS=$(awk -v tests=",$TESTS," 'NF && index(tests, "," $1 ",")' <<<"$TARGETS")
 
 # One bench run: prints "req/s p50_us p99_us p999_us".
-bench() { # test url extra...
-    local test=$1 url=$2 req=()
-    shift 2
+bench() { # test url conns extra...
+    local test=$1 url=$2 conns=$3 req=()
+    shift 3
     [ "$test" = express ] && req=(-X POST -H 'content-type: application/json' -d '{"name":"John Doe"}')
-    "$HEARTH" bench "$url" -c 10 --json "${req[@]}" "$@" </dev/null | python3 -c '
+    "$HEARTH" bench "$url" -c "$conns" --json "${req[@]}" "$@" </dev/null | python3 -c '
 import json, sys
 r = json.load(sys.stdin)["runs"][0]
 l = r["latency_us"]
@@ -79,12 +84,12 @@ counter() { # url name
 
 echo "# A: $A_BIN"
 echo "# B: $B_BIN"
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $SHARE % of the bare server's maximum, -c 10, $DURATION runs after 1 s warm-up, $ROUNDS rounds, load $(load)"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), $SHARE % of the bare server's maximum (closed loop, -c 10), open loop -c $CONNS, $DURATION runs after 1 s warm-up, $ROUNDS rounds, load $(load)"
 declare -A RATE
 for test in $(awk '{ print $1 }' <<<"$TARGETS" | sort -u); do
     url=$(awk -v t="$test" '$1 == t && $2 == "bare" { print $3 }' <<<"$TARGETS")
-    while read -r _ system u; do bench "$test" "$u" --duration 2s >/dev/null; done < <(awk -v t="$test" '$1 == t' <<<"$TARGETS")
-    max=$(for _ in 1 2 3; do bench "$test" "$url" --duration 3s | awk '{ print $1 }'; done | median)
+    while read -r _ system u; do bench "$test" "$u" 10 --duration 2s >/dev/null; done < <(awk -v t="$test" '$1 == t' <<<"$TARGETS")
+    max=$(for _ in 1 2 3; do bench "$test" "$url" 10 --duration 3s | awk '{ print $1 }'; done | median)
     RATE[$test]=$(awk -v m="$max" -v s="$SHARE" 'BEGIN { printf "%d", m * s / 100 + 1 }')
     echo "# $test: bare maximum $max req/s (closed loop, median of 3); open loop at ${RATE[$test]} req/s"
 done
@@ -101,7 +106,7 @@ for round in $(seq 1 "$ROUNDS"); do
             s0=$(counter "$url" hearth_function_cold_starts_total)
             r0=$(counter "$url" hearth_function_instances_retired_total)
         fi
-        read -r rps p50 p99 p999 <<<"$(bench "$test" "$url" --rate "${RATE[$test]}" --duration "$DURATION" --warmup 1s)"
+        read -r rps p50 p99 p999 <<<"$(bench "$test" "$url" "$CONNS" --rate "${RATE[$test]}" --duration "$DURATION" --warmup 1s)"
         starts=- retired=-
         if [ "$system" != bare ]; then
             starts=$(($(counter "$url" hearth_function_cold_starts_total) - s0))

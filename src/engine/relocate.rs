@@ -20,9 +20,10 @@
 //! connection limit. A request that moved before it was dispatched is not
 //! moved again at dispatch (a client that alternates between two functions
 //! held on different cores moves at most once per request); a queued one
-//! follows an instance handed to another core (the scheduler's
-//! `Action::Relocate`) at most `RELOCATIONS_MAX` times. Should the target's
-//! loop have ended, the connection is served where it is.
+//! moves (the scheduler's `Action::Relocate`: after an instance handed to
+//! another core, or spilled to an idle instance there, see
+//! `functions::sched::spill`) at most `RELOCATIONS_MAX` times. Should the
+//! target's loop have ended, the connection is served where it is.
 
 use std::net::IpAddr;
 use std::os::fd::{AsRawFd, OwnedFd};

@@ -188,6 +188,8 @@ impl CorePool {
         }
         let fs = self.fns.get_mut(id).expect("placed for a known function");
         fs.insert_by_arrival(pending, &mut self.queued);
+        // The idle instance it came for was taken meanwhile: another may be free.
+        self.spill(id);
         self.grow(id, now);
     }
 
@@ -328,15 +330,15 @@ impl CorePool {
             meta,
             body: p.body,
         };
-        let id = inst.function.spec.id.clone();
         self.actions.push_back(Action::Send {
             inst: inst.id,
             frame,
         });
         // Its other idle instances, if any, may have reached the fit.
-        if self.fns.get(&id).is_some_and(|fs| !fs.idle.is_empty()) {
-            let open = self.under_fit(&id);
-            let fs = self.fns.get_mut(&id).expect("checked");
+        let id = &self.insts[i].function.spec.id;
+        if self.fns.get(id).is_some_and(|fs| !fs.idle.is_empty()) {
+            let open = self.under_fit(id);
+            let fs = self.fns.get_mut(id).expect("checked");
             fs.open = open;
             fs.sync_idle();
         }
@@ -399,7 +401,7 @@ impl CorePool {
         self.insts[i].idle_since = now;
         fs.open = may_run;
         fs.park(i);
-        if fs.queue.is_empty() {
+        if may_run && fs.queue.is_empty() {
             self.pull(&id);
         }
     }

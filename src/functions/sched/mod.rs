@@ -658,9 +658,11 @@ impl CorePool {
     pub fn relocate_failed(&mut self, queued: Queued, now: Instant) {
         let Queued {
             function,
-            pending,
+            mut pending,
             service,
         } = queued;
+        // It did not move: the move does not count.
+        pending.relocations = pending.relocations.saturating_sub(1);
         if let Some(s) = service {
             self.service.insert(pending.to, s);
         }
@@ -980,6 +982,18 @@ impl CorePool {
                 "{id} has instances here without its home bit"
             );
             queued += fs.queue.len();
+            let bit = 1u64 << self.cfg.core;
+            debug_assert_eq!(
+                fs.f.backlog.load(Relaxed) & bit != 0,
+                !fs.queue.is_empty(),
+                "{id}: backlog bit out of step with the queue"
+            );
+            // Other cores clear the idle bit (a request on its way); only
+            // this core sets it.
+            debug_assert!(
+                fs.f.idle_on.load(Relaxed) & bit == 0 || (fs.open && !fs.idle.is_empty()),
+                "{id}: idle bit set without an idle instance that may run"
+            );
             for &i in &fs.idle {
                 let inst = &self.insts[i];
                 debug_assert!(inst.busy.is_none(), "busy instance listed idle");

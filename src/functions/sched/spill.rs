@@ -18,12 +18,18 @@
 //!   ([`Action::Pull`]). That wakes a core whose instance is paused and whose
 //!   loop would otherwise sleep with its queue.
 //!
+//! Each tick re-checks both (a bit restored, a queue left behind an instance
+//! that stayed paused).
+//!
 //! The request travels as a queued one does behind a handed-over instance
 //! ([`Action::Relocate`]): with its connection, at most
 //! [`super::RELOCATIONS_MAX`] times, to be placed by arrival; one that
-//! cannot move stays queued here. The sender clears the target's idle bit
-//! (one request per idle instance on its way), the target sets it again when
-//! an instance of it parks. Off with `--no-connection-moves`.
+//! cannot move stays queued here, its move not counted. The sender clears
+//! the target's idle bit (so that, as a rule, each idle instance is sent one
+//! request); the target sets it again when an instance of it parks, and at
+//! each tick. A request that arrives to find the instance taken (by the
+//! target's own request, a hand-over, a retirement) queues there by arrival
+//! and may spill on while its moves last. Off with `--no-connection-moves`.
 
 use super::migrate::next_core;
 use super::{Action, CorePool, Queued, RELOCATIONS_MAX};
@@ -71,13 +77,17 @@ impl CorePool {
         });
     }
 
-    /// Re-evaluates, after a tick changed the core's saturation and the
-    /// fits, which functions' idle instances may take spilled requests.
+    /// After a tick changed the core's saturation and the fits: re-evaluates
+    /// which functions' idle instances may take spilled requests (restoring
+    /// bits another core cleared for a request that then could not move),
+    /// asks for work for those with nothing queued here, and offers queued
+    /// requests to idle instances elsewhere (an arrival or a park is what
+    /// triggers both otherwise).
     pub(super) fn reopen(&mut self) {
         let ids: Vec<String> = self
             .fns
             .iter()
-            .filter(|(_, fs)| !fs.idle.is_empty())
+            .filter(|(_, fs)| !fs.idle.is_empty() || !fs.queue.is_empty())
             .map(|(id, _)| id.clone())
             .collect();
         for id in ids {
@@ -85,6 +95,11 @@ impl CorePool {
             let fs = self.fns.get_mut(&id).expect("listed above");
             fs.open = open;
             fs.sync_idle();
+            match (fs.queue.is_empty(), open && !fs.idle.is_empty()) {
+                (true, true) => self.pull(&id),
+                (false, _) => self.spill(&id),
+                (true, false) => {}
+            }
         }
     }
 
@@ -103,6 +118,10 @@ impl CorePool {
                 continue;
             }
             fs.f.idle_on.fetch_and(!(1u64 << target), Relaxed);
+            if fs.queue.is_empty() {
+                // Nothing left waiting here: no instance should come for it.
+                fs.f.starved.fetch_and(!(1u64 << self.cfg.core), Relaxed);
+            }
             add(&fs.f.metrics.requests_spilled, 1);
             pending.relocations += 1;
             let service = match self.service.is_empty() {

@@ -1451,7 +1451,8 @@ fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     assert_eq!(core0.pool.queued, 0);
     // Had they not been able to move, they would be back in arrival order,
     // and core 0 would wait for the instance again.
-    let mut failed = Sim::new(config(0), &[&f]);
+    // (A core of its own: two pools of one core would share its bits.)
+    let mut failed = Sim::new(config(2), &[&f]);
     failed.alone = false;
     failed.now = core0.now;
     let newest = failed.request("a");
@@ -1477,7 +1478,7 @@ fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     let mut expected = behind.clone();
     expected.push(newest);
     assert_eq!(order, expected, "oldest first");
-    assert_eq!(f.starved.load(Relaxed), 1 << 0);
+    assert_eq!(f.starved.load(Relaxed), 1 << 2);
     f.starved.store(0, Relaxed);
     // On core 1 they queue behind its own request, for the arriving instance.
     core0.deliver(&mut core1);
@@ -1704,4 +1705,70 @@ fn an_instance_held_back_by_the_fit_on_a_saturated_core_takes_no_spilled_request
     // Below saturation the fit caps nothing: the idle one is offered again.
     core1.tick(10);
     assert_eq!(f.idle_on.load(Relaxed), 1 << 1);
+}
+
+#[test]
+fn a_spilled_request_that_finds_the_instance_taken_queues_there_and_a_failed_move_does_not_count() {
+    let f = function("a", 4, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core0.request("a");
+    let [busy] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    let [idle] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(idle, 200);
+    let spilled = core0.request("a");
+    assert_eq!(core0.relocated.len(), 1);
+    // Before it arrives, a request of core 1's own takes the idle instance.
+    let local = core1.request("a");
+    assert_eq!(core1.sent.len(), 2);
+    let [moved] = core0.deliver(&mut core1)[..] else {
+        panic!()
+    };
+    // Nowhere idle to spill on to: it waits on core 1, nobody marked starved,
+    // nothing started (it waited under SCALE_UP_WAIT).
+    assert_eq!(core1.pool.queued, 1);
+    assert!(core1.relocated.is_empty());
+    assert_eq!(f.starved.load(Relaxed), 0);
+    assert!(core1.starts.is_empty());
+    assert_eq!(f.backlog.load(Relaxed), 1 << 1);
+    // Core 0's instance finishes first: it asks core 1, whose request may move once more.
+    core0.respond(busy, 200);
+    assert_eq!(core0.pulled, vec![(1, "a".to_string())]);
+    core1.pool.on_pull("a", 0);
+    core1.drain();
+    let [(0, ref q)] = core1.relocated[..] else {
+        panic!(
+            "{:?}",
+            core1.relocated.iter().map(|(c, _)| c).collect::<Vec<_>>()
+        )
+    };
+    assert_eq!(q.to(), moved);
+    assert_eq!(q.pending.relocations, RELOCATIONS_MAX);
+    // That move fails (say the connection was closing): back in core 1's
+    // queue, the failed move not counted, no core starved (it has an instance).
+    let (_, q) = core1.relocated.pop().unwrap();
+    core1.pool.relocate_failed(q, core1.now);
+    core1.drain();
+    assert_eq!(
+        core1.pool.fns["a"].queue[0].relocations,
+        RELOCATIONS_MAX - 1
+    );
+    assert_eq!(f.starved.load(Relaxed), 0);
+    core1.respond(idle, 200);
+    assert_eq!(core1.status(local), Some(200));
+    core1.respond(idle, 200);
+    assert_eq!(core1.status(moved), Some(200), "served where it waited");
+    assert!(
+        core0.status(spilled).is_none(),
+        "answered on core 1, not here"
+    );
+    // Core 0's idle bit, cleared for the request that did not come, is
+    // restored at the next tick.
+    assert_eq!(f.idle_on.load(Relaxed) & 1, 0);
+    core0.tick(0);
+    assert_eq!(f.idle_on.load(Relaxed) & 1, 1);
 }

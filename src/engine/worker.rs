@@ -517,7 +517,7 @@ impl Worker {
                 Msg::InstanceStarted(started) => self.fns.on_started(started, self.now),
                 Msg::InstanceMigrated(m) => self.fns.on_migrated(m, self.now),
                 Msg::ConnectionMoved(m) => self.moved_in(*m),
-                Msg::Pull { function, from } => self.fns.on_pull(&function, from),
+                Msg::Pull { function, from } => self.fns.on_pull(&function, from, self.now),
                 Msg::Shutdown => self.start_drain(),
             }
             self.run_actions();

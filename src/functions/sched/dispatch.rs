@@ -169,7 +169,7 @@ impl CorePool {
             return self.reply(to, r);
         }
         fs.enqueue(pending, &mut self.queued);
-        self.spill(id);
+        self.spill(id, now);
         self.grow(id, now);
     }
 
@@ -189,7 +189,7 @@ impl CorePool {
         let fs = self.fns.get_mut(id).expect("placed for a known function");
         fs.insert_by_arrival(pending, &mut self.queued);
         // The idle instance it came for was taken meanwhile: another may be free.
-        self.spill(id);
+        self.spill(id, now);
         self.grow(id, now);
     }
 

@@ -824,7 +824,7 @@ impl CorePool {
         self.clock = (tick.now, tick.wall_ms);
         self.cpu_busy_pct = tick.cpu_busy_pct;
         self.tick(tick.now);
-        self.reopen();
+        self.reopen(tick.now);
         self.check_invariants();
     }
 

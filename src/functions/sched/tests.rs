@@ -1585,19 +1585,23 @@ fn a_request_that_would_wait_spills_to_an_idle_instance_on_another_core() {
         "nothing queued anywhere to ask for"
     );
 
-    // Core 0's instance is busy: its next request goes to core 1's idle one
-    // instead of waiting (or starting a third instance).
+    // Core 0's instance has just taken its request: the next one waits for it
+    // (it is likely to be done before a move would be).
+    let early = core0.request("a");
+    assert!(core0.relocated.is_empty());
+    assert_eq!(core0.pool.queued, 1);
+    // Once it has been busy SPILL_AFTER, the queue is stuck: the next arrival
+    // sends the oldest to core 1's idle instance instead of waiting longer
+    // (or starting a third instance).
+    core0.advance(1);
     let second = core0.request("a");
     assert_eq!(core0.relocated.len(), 1);
     assert_eq!(core0.relocated[0].0, 1);
-    assert_eq!(core0.relocated[0].1.to(), second);
-    assert_eq!(core0.pool.queued, 0);
+    assert_eq!(core0.relocated[0].1.to(), early);
     assert!(core0.starts.is_empty(), "no start for a spilled request");
     assert_eq!(f.idle_on.load(Relaxed), 0, "one request per idle instance");
     assert_eq!(f.metrics.requests_spilled.load(Relaxed), 1);
-    // With core 1's instance promised, the next one waits on core 0.
-    let third = core0.request("a");
-    assert_eq!(core0.relocated.len(), 1);
+    // With core 1's instance promised, the newer one waits on core 0.
     assert_eq!(core0.pool.queued, 1);
     let [moved] = core0.deliver(&mut core1)[..] else {
         panic!()
@@ -1610,18 +1614,18 @@ fn a_request_that_would_wait_spills_to_an_idle_instance_on_another_core() {
     // backlog: it asks core 0, which sends its oldest.
     assert_eq!(f.backlog.load(Relaxed), 1 << 0);
     assert_eq!(core1.pulled, vec![(0, "a".to_string())]);
-    core0.pool.on_pull("a", 1);
+    core0.pool.on_pull("a", 1, core0.now);
     core0.drain();
     assert_eq!(core0.relocated.len(), 1);
-    assert_eq!(core0.relocated[0].1.to(), third);
+    assert_eq!(core0.relocated[0].1.to(), second);
     assert_eq!(f.backlog.load(Relaxed), 0);
     let [moved] = core0.deliver(&mut core1)[..] else {
         panic!()
     };
     core1.respond(idle, 200);
     assert_eq!(core1.status(moved), Some(200));
-    // A pull that finds nothing queued (or the idle instance taken) does nothing.
-    core0.pool.on_pull("a", 1);
+    // A pull that finds nothing queued does nothing.
+    core0.pool.on_pull("a", 1, core0.now);
     core0.drain();
     assert!(core0.relocated.is_empty());
     core0.respond(busy, 200);
@@ -1650,7 +1654,8 @@ fn requests_spill_at_most_relocations_max_times_and_not_with_moves_off() {
     core0.pool.fns.get_mut("a").unwrap().queue[0].relocations = RELOCATIONS_MAX;
     core1.respond(inst1, 200);
     assert_eq!(core1.pulled, vec![(0, "a".to_string())]);
-    core0.pool.on_pull("a", 1);
+    core0.advance(1);
+    core0.pool.on_pull("a", 1, core0.now);
     core0.drain();
     assert!(core0.relocated.is_empty(), "moved often enough");
     assert_eq!(core0.pool.queued, 1);
@@ -1668,6 +1673,7 @@ fn requests_spill_at_most_relocations_max_times_and_not_with_moves_off() {
         panic!()
     };
     off1.respond(idle, 200);
+    off0.advance(1);
     off0.request("b");
     assert!(off0.relocated.is_empty());
     assert_eq!(off0.pool.queued, 1);
@@ -1700,6 +1706,7 @@ fn an_instance_held_back_by_the_fit_on_a_saturated_core_takes_no_spilled_request
     // So core 0's waiting request stays with core 0.
     core0.request("a");
     core0.start_all();
+    core0.advance(1);
     core0.request("a");
     assert!(core0.relocated.is_empty());
     // Below saturation the fit caps nothing: the idle one is offered again.
@@ -1720,6 +1727,7 @@ fn a_spilled_request_that_finds_the_instance_taken_queues_there_and_a_failed_mov
         panic!()
     };
     core1.respond(idle, 200);
+    core0.advance(1);
     let spilled = core0.request("a");
     assert_eq!(core0.relocated.len(), 1);
     // Before it arrives, a request of core 1's own takes the idle instance.
@@ -1738,7 +1746,8 @@ fn a_spilled_request_that_finds_the_instance_taken_queues_there_and_a_failed_mov
     // Core 0's instance finishes first: it asks core 1, whose request may move once more.
     core0.respond(busy, 200);
     assert_eq!(core0.pulled, vec![(1, "a".to_string())]);
-    core1.pool.on_pull("a", 0);
+    core1.advance(1);
+    core1.pool.on_pull("a", 0, core1.now);
     core1.drain();
     let [(0, ref q)] = core1.relocated[..] else {
         panic!(

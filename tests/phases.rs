@@ -58,7 +58,10 @@ fn server_timing_comes_when_asked_and_the_metrics_move() {
         let warm = timed_get(&s, &format!("/f/{id}/sleep?ms=30"));
         assert_eq!(warm.status, 200);
         let t: HashMap<String, f64> = server_timing(&warm).into_iter().collect();
-        assert!(t["instance"] >= 30.0, "{t:?}");
+        // Node's timers count in whole milliseconds of its event loop's clock
+        // (truncated): 30 ms asked can end up to 1 ms sooner on hearth's clock
+        // (29.6 seen in CI).
+        assert!(t["instance"] >= 29.0, "{t:?}");
         let sum = t["parse"] + t["queue"] + t["acquire"] + t["instance"];
         assert!(sum <= t["total"] + 1e-9, "phases {sum} > total: {t:?}");
         assert!(t["total"] < 15_000.0, "{t:?}");

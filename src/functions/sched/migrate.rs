@@ -20,8 +20,11 @@ use std::time::{Duration, Instant};
 
 use std::collections::VecDeque;
 
-use super::{Action, CorePool, Inst, InstId, Queued, RELOCATIONS_MAX};
+use rustc_hash::FxHashMap;
+
+use super::{Action, CorePool, Inst, InstId, Pending, Queued, ServiceInvoke, RELOCATIONS_MAX};
 use crate::functions::Function;
+use crate::http::reply::ReplyTo;
 use crate::metrics::add;
 use crate::sandbox::{Endpoint, Instance};
 
@@ -75,6 +78,31 @@ pub(super) fn next_core(mask: u64, me: usize) -> usize {
     debug_assert!(mask != 0);
     let rotated = mask.rotate_right((me as u32 + 1) % 64);
     (rotated.trailing_zeros() as usize + me + 1) % 64
+}
+
+/// The move of queued request `pending` of function `id` to core `target`
+/// with its connection (counted against [`RELOCATIONS_MAX`]); a service API
+/// invocation takes its answer's shape along from `service`.
+pub(super) fn relocate(
+    service: &mut FxHashMap<ReplyTo, ServiceInvoke>,
+    id: &str,
+    mut pending: Pending,
+    target: usize,
+) -> Action {
+    pending.relocations += 1;
+    let service = match service.is_empty() {
+        true => None,
+        false => service.remove(&pending.to),
+    };
+    let queued = Queued {
+        function: id.to_string(),
+        pending,
+        service,
+    };
+    Action::Relocate {
+        core: target,
+        queued,
+    }
 }
 
 impl CorePool {
@@ -141,7 +169,7 @@ impl CorePool {
         }
         if self.cfg.moves && fs.live + fs.starting == 0 {
             let mut stay = VecDeque::new();
-            while let Some(mut pending) = fs.dequeue(&mut self.queued) {
+            while let Some(pending) = fs.dequeue(&mut self.queued) {
                 if !self.gone.is_empty() && self.gone.remove(&pending.to) {
                     continue;
                 }
@@ -149,20 +177,8 @@ impl CorePool {
                     stay.push_back(pending);
                     continue;
                 }
-                pending.relocations += 1;
-                let service = match self.service.is_empty() {
-                    true => None,
-                    false => self.service.remove(&pending.to),
-                };
-                let queued = Queued {
-                    function: id.to_string(),
-                    pending,
-                    service,
-                };
-                self.actions.push_back(Action::Relocate {
-                    core: target,
-                    queued,
-                });
+                let go = relocate(&mut self.service, id, pending, target);
+                self.actions.push_back(go);
             }
             for pending in stay {
                 fs.enqueue(pending, &mut self.queued);

@@ -36,8 +36,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::migrate::next_core;
-use super::{Action, CorePool, Queued, RELOCATIONS_MAX};
+use super::migrate::{next_core, relocate};
+use super::{Action, CorePool, RELOCATIONS_MAX};
 use crate::metrics::add;
 
 /// How long this core's queue of a function must be stuck before a request
@@ -158,7 +158,7 @@ impl CorePool {
             .iter()
             .position(|p| p.relocations < RELOCATIONS_MAX)
         {
-            let mut pending = fs.take_at(at, &mut self.queued);
+            let pending = fs.take_at(at, &mut self.queued);
             if !self.gone.is_empty() && self.gone.remove(&pending.to) {
                 // Its client left; nothing to send.
                 continue;
@@ -169,20 +169,8 @@ impl CorePool {
                 fs.f.starved.fetch_and(!(1u64 << self.cfg.core), Relaxed);
             }
             add(&fs.f.metrics.requests_spilled, 1);
-            pending.relocations += 1;
-            let service = match self.service.is_empty() {
-                true => None,
-                false => self.service.remove(&pending.to),
-            };
-            let queued = Queued {
-                function: id.to_string(),
-                pending,
-                service,
-            };
-            self.actions.push_back(Action::Relocate {
-                core: target,
-                queued,
-            });
+            let go = relocate(&mut self.service, id, pending, target);
+            self.actions.push_back(go);
             return;
         }
     }

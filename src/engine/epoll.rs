@@ -9,7 +9,6 @@ use std::time::Instant;
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 
-use crate::config::TICK;
 use crate::engine::rapi::Role;
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
@@ -220,7 +219,10 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                 continue;
             }
         }
-        match d.poll.poll(&mut events, Some(TICK)) {
+        match d
+            .poll
+            .poll(&mut events, Some(w.sleep_for(last_tick, Instant::now())))
+        {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),
@@ -248,10 +250,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
         if accept_ready && listener.is_some() && backoff.allows(w.now) {
             accept_ready = accept_all(w, lfd, &mut backoff);
         }
-        if w.now.duration_since(last_tick) >= TICK {
-            last_tick = w.now;
-            w.on_tick();
-        }
+        w.timers(&mut last_tick);
     }
 }
 

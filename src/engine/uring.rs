@@ -8,7 +8,6 @@ use std::time::Instant;
 
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
-use crate::config::TICK;
 use crate::engine::rapi::Role;
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
@@ -247,7 +246,6 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
     d.arm_wake();
     let mut dirty = Vec::with_capacity(256);
     let mut last_tick = Instant::now();
-    let ts = types::Timespec::from(TICK);
     loop {
         w.take_dirty(&mut dirty);
         while !dirty.is_empty() {
@@ -269,6 +267,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
         if w.finished() {
             return Ok(());
         }
+        let ts = types::Timespec::from(w.sleep_for(last_tick, Instant::now()));
         let args = types::SubmitArgs::new().timespec(&ts);
         match d.ring.submitter().submit_with_args(1, &args) {
             Ok(_) => {}
@@ -358,10 +357,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                 _ => {}
             }
         }
-        if w.now.duration_since(last_tick) >= TICK {
-            last_tick = w.now;
-            w.on_tick();
-        }
+        w.timers(&mut last_tick);
         if !d.accept_armed && w.can_accept() && d.accept_backoff.allows(w.now) {
             d.arm_accept();
         }

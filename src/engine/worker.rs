@@ -7,10 +7,11 @@ use std::os::fd::OwnedFd;
 use std::sync::atomic::Ordering;
 use std::sync::mpsc::Receiver;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use slab::Slab;
 
+use crate::config::TICK;
 use crate::engine::conn::{Conn, ConnState};
 use crate::engine::cpu_meter::CpuMeter;
 use crate::engine::stream::{Kind, Stream};
@@ -476,6 +477,30 @@ impl Worker {
                 self.stream_resume(tok);
                 self.process_client(tok);
             }
+        }
+    }
+
+    /// How long the loop may sleep from `now`: until the next tick
+    /// ([`TICK`] after `last_tick`) or the scheduler's next look at a queue
+    /// (`CorePool::spill_due`), whichever comes first.
+    pub fn sleep_for(&self, last_tick: Instant, now: Instant) -> Duration {
+        let tick = (last_tick + TICK).saturating_duration_since(now);
+        match self.fns.spill_due() {
+            Some(t) => tick.min(t.saturating_duration_since(now)),
+            None => tick,
+        }
+    }
+
+    /// After a wake-up: the scheduler's look at a queue, if due, and the
+    /// tick, if [`TICK`] passed since `last_tick`.
+    pub fn timers(&mut self, last_tick: &mut Instant) {
+        if self.fns.spill_due().is_some_and(|t| t <= self.now) {
+            self.fns.on_spill_check(self.now);
+            self.run_actions();
+        }
+        if self.now.duration_since(*last_tick) >= TICK {
+            *last_tick = self.now;
+            self.on_tick();
         }
     }
 

@@ -552,6 +552,11 @@ pub struct CorePool {
     cpu_busy_pct: u64,
     /// Clients that left while their request was queued or running here.
     gone: FxHashSet<ReplyTo>,
+    /// When a queue here that another core could take requests from will be
+    /// stuck ([`spill::SPILL_AFTER`]), and the functions to look at then
+    /// (see [`CorePool::on_spill_check`]).
+    spill_check: Option<Instant>,
+    spill_ids: Vec<String>,
     /// Requests that came through the Lambda service API's `Invoke`: their
     /// answers take Lambda's shape ([`reply::service_reply`]).
     service: FxHashMap<ReplyTo, ServiceInvoke>,
@@ -586,6 +591,8 @@ impl CorePool {
             clock: (now, wall_ms),
             cpu_busy_pct: 0,
             gone: FxHashSet::default(),
+            spill_check: None,
+            spill_ids: Vec::new(),
             service: FxHashMap::default(),
             streams: FxHashMap::default(),
             actions: VecDeque::new(),

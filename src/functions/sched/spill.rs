@@ -13,7 +13,9 @@
 //! - a core queueing a request of a function that another core advertises
 //!   an idle instance of (`Function::idle_on`) sends it there once its queue
 //!   is stuck ([`SPILL_AFTER`]: the oldest waited that long, or every
-//!   instance of it here has been busy that long), the oldest first;
+//!   instance of it here has been busy that long, or none is here), the
+//!   oldest first; a queue not stuck yet is looked at again when it would
+//!   be (the loop wakes for it: [`CorePool::spill_due`]);
 //! - a core whose instance parks idle with nothing queued asks a core with a
 //!   backlog of the function (`Function::backlog`) for its oldest request
 //!   ([`Action::Pull`]). That wakes a core whose instance is paused and whose
@@ -58,32 +60,68 @@ impl CorePool {
         let me = 1u64 << self.cfg.core;
         let Some(fs) = self.fns.get(id) else { return };
         let free = fs.f.idle_on.load(Relaxed) & !me;
-        if !self.cfg.moves || free == 0 || fs.f.deleted.load(Relaxed) || !self.stuck(id, now) {
+        if !self.cfg.moves || free == 0 || fs.f.deleted.load(Relaxed) {
             return;
+        }
+        if !self.stuck(id, now) {
+            return self.recheck(id);
         }
         self.spill_to(id, next_core(free, self.cfg.core));
     }
 
+    /// Looks at the queue of `id` again once its oldest request will have
+    /// waited [`SPILL_AFTER`] (the loop wakes for it: [`CorePool::spill_due`]).
+    fn recheck(&mut self, id: &str) {
+        let Some(head) = self.fns.get(id).and_then(|fs| fs.queue.front()) else {
+            return;
+        };
+        let at = head.arrived + SPILL_AFTER;
+        self.spill_check = Some(self.spill_check.map_or(at, |t| t.min(at)));
+        if !self.spill_ids.iter().any(|k| k == id) {
+            self.spill_ids.push(id.to_string());
+        }
+    }
+
+    /// When the loop should wake to look at a queue again (see [`CorePool::on_spill_check`]).
+    pub fn spill_due(&self) -> Option<Instant> {
+        self.spill_check
+    }
+
+    /// Event: a queue that another core's idle instance could serve has been
+    /// waiting [`SPILL_AFTER`] (its first look found it not yet stuck, and
+    /// nothing else happened here since): offer it again.
+    pub fn on_spill_check(&mut self, now: Instant) {
+        self.spill_check = None;
+        for id in std::mem::take(&mut self.spill_ids) {
+            if self.fns.get(&id).is_some_and(|fs| !fs.queue.is_empty()) {
+                self.spill(&id, now);
+            }
+        }
+        self.check_invariants();
+    }
+
     /// Event: core `from` has an idle instance of `id` and nothing queued
     /// for it (see [`CorePool::pull`]): send it our oldest waiting request,
-    /// if the queue here is stuck (else it moves on by itself; the next
-    /// arrival here, pull or tick looks again).
+    /// if the queue here is stuck (else the loop looks again once it would
+    /// be: [`CorePool::spill_due`]).
     pub fn on_pull(&mut self, id: &str, from: usize, now: Instant) {
         let Some(fs) = self.fns.get(id) else { return };
         // Taken meanwhile (by a request of its own or one spilled from elsewhere).
-        if fs.f.idle_on.load(Relaxed) & (1u64 << from) == 0
-            || fs.f.deleted.load(Relaxed)
-            || !self.stuck(id, now)
-        {
+        if fs.f.idle_on.load(Relaxed) & (1u64 << from) == 0 || fs.f.deleted.load(Relaxed) {
             return;
         }
-        self.spill_to(id, from);
+        if !self.stuck(id, now) {
+            self.recheck(id);
+        } else {
+            self.spill_to(id, from);
+        }
         self.check_invariants();
     }
 
     /// Whether the queue of `id` here has been stuck for [`SPILL_AFTER`]:
     /// its oldest request waited that long, or every instance of it here
-    /// has been busy that long (none is about to take the next).
+    /// has been busy that long (none is about to take the next), or there
+    /// is none here to take it (all elsewhere, or starting).
     fn stuck(&self, id: &str, now: Instant) -> bool {
         let fs = &self.fns[id];
         let Some(head) = fs.queue.front() else {
@@ -104,7 +142,7 @@ impl CorePool {
                 busy = true;
             }
         }
-        busy
+        busy || fs.live == 0
     }
 
     /// Instance `i` of `id` parked idle with nothing queued here: asks a core

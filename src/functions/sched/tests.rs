@@ -1781,3 +1781,54 @@ fn a_spilled_request_that_finds_the_instance_taken_queues_there_and_a_failed_mov
     core0.tick(0);
     assert_eq!(f.idle_on.load(Relaxed) & 1, 1);
 }
+
+#[test]
+fn a_queue_not_stuck_yet_is_looked_at_again_when_it_would_be() {
+    let f = function("a", 4, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core0.request("a");
+    core0.start_all();
+    core1.request("a");
+    let [idle] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(idle, 200);
+    // Core 0's instance has just taken its request: a new one waits, and the
+    // loop is asked to wake when it will have waited SPILL_AFTER.
+    let waiting = core0.request("a");
+    assert!(core0.relocated.is_empty());
+    assert_eq!(core0.pool.spill_due(), Some(core0.now + spill::SPILL_AFTER));
+    // Nothing else happens on core 0 (no arrival, no pull): the wake-up sends it.
+    core0.advance(1);
+    core0.pool.on_spill_check(core0.now);
+    core0.drain();
+    assert_eq!(core0.pool.spill_due(), None);
+    let [(1, ref q)] = core0.relocated[..] else {
+        panic!("not spilled to core 1")
+    };
+    assert_eq!(q.to(), waiting);
+}
+
+#[test]
+fn a_request_on_a_core_without_an_instance_spills_to_an_idle_one_at_once() {
+    // Two instances allowed, both on core 1 and idle: a request accepted on
+    // core 0 goes there instead of starting an instance (or, at the limit,
+    // calling one over).
+    let f = function("a", 2, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core1.request("a");
+    let [a] = core1.start_all()[..] else { panic!() };
+    core1.request("a");
+    core1.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    core1.tick(0);
+    let [b] = core1.start_all()[..] else { panic!() };
+    core1.respond(a, 200);
+    core1.respond(b, 200);
+    let to = core0.request("a");
+    assert!(core0.starts.is_empty(), "no start");
+    assert_eq!(f.starved.load(Relaxed), 0, "nobody starved");
+    let [(1, ref q)] = core0.relocated[..] else {
+        panic!("not spilled to core 1")
+    };
+    assert_eq!(q.to(), to);
+}

@@ -339,6 +339,24 @@ impl Sim {
         (target, arrived)
     }
 
+    /// Starts two instances of `id` here (the second for a request that
+    /// waited past `SCALE_UP_WAIT`) and leaves both idle.
+    fn two_idle(&mut self, id: &str) -> [InstId; 2] {
+        self.request(id);
+        let [a] = self.start_all()[..] else {
+            panic!("no first instance")
+        };
+        self.request(id);
+        self.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+        self.tick(0);
+        let [b] = self.start_all()[..] else {
+            panic!("no second instance")
+        };
+        self.respond(a, 200);
+        self.respond(b, 200);
+        [a, b]
+    }
+
     /// Delivers the queued requests relocated from here to `to` (their
     /// connections moved); returns where their answers go there.
     fn deliver(&mut self, to: &mut Sim) -> Vec<ReplyTo> {
@@ -1684,14 +1702,7 @@ fn requests_spill_at_most_relocations_max_times_and_not_with_moves_off() {
 fn an_instance_held_back_by_the_fit_on_a_saturated_core_takes_no_spilled_requests() {
     let f = function("a", 4, 10_000);
     let (mut core0, mut core1) = two_cores_with_moves(&f);
-    core1.request("a");
-    let [a] = core1.start_all()[..] else { panic!() };
-    core1.request("a");
-    core1.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
-    core1.tick(0);
-    let [b] = core1.start_all()[..] else { panic!() };
-    core1.respond(a, 200);
-    core1.respond(b, 200);
+    core1.two_idle("a");
     assert_eq!(f.idle_on.load(Relaxed), 1 << 1);
     // Core 1 is saturated with a fit of one: one of its two instances may run.
     core1.pool.fns.get_mut("a").unwrap().fit = Some(1);
@@ -1816,14 +1827,7 @@ fn a_request_on_a_core_without_an_instance_spills_to_an_idle_one_at_once() {
     // calling one over).
     let f = function("a", 2, 10_000);
     let (mut core0, mut core1) = two_cores_with_moves(&f);
-    core1.request("a");
-    let [a] = core1.start_all()[..] else { panic!() };
-    core1.request("a");
-    core1.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
-    core1.tick(0);
-    let [b] = core1.start_all()[..] else { panic!() };
-    core1.respond(a, 200);
-    core1.respond(b, 200);
+    core1.two_idle("a");
     let to = core0.request("a");
     assert!(core0.starts.is_empty(), "no start");
     assert_eq!(f.starved.load(Relaxed), 0, "nobody starved");

@@ -401,7 +401,8 @@ impl CorePool {
         self.insts[i].idle_since = now;
         fs.open = may_run;
         fs.park(i);
-        if may_run && fs.queue.is_empty() {
+        // (The bits first: no lookup on the usual path, where nothing waits elsewhere.)
+        if may_run && fs.queue.is_empty() && fs.f.backlog.load(Relaxed) & !me != 0 {
             self.pull(&id);
         }
     }

@@ -485,12 +485,7 @@ impl FnState {
     /// an instance of this function; clears it once it has neither. (Another
     /// core sets the bit of a core it hands an instance to.)
     fn sync_home(&self, core: usize) {
-        let bit = 1u64 << core;
-        if self.live + self.starting > 0 {
-            self.f.homes.fetch_or(bit, Relaxed);
-        } else {
-            self.f.homes.fetch_and(!bit, Relaxed);
-        }
+        set_bit(&self.f.homes, core, self.live + self.starting > 0);
     }
 
     /// Tells the cores holding instances that `core` has requests waiting, and

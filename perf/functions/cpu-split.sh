@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Where a hearth function's CPU time goes: runs wrk against one function and
 # reports CPU microseconds per request for hearth (server threads), the guest
-# agents and the node runtimes, from /proc/<pid>/stat before and after; with
+# agents and the node runtimes, from /proc/<pid>/stat before and after, and
+# their context switches per request (voluntary: went to sleep; forced:
+# preempted) from /proc/<pid>/task/*/status; with
 # --perf also records `perf record -a -g -e cpu-clock` during the run and
 # prints the top symbols per component (only this server's processes).
 #
@@ -77,8 +79,19 @@ ticks() {
         awk -v c="$comm" '{ sub(/^.*\) /, ""); print c, $12, $13 }' "/proc/$p/stat" 2>/dev/null || true
     done | awk '{ u[$1] += $2; s[$1] += $3 } END { for (c in u) print c, u[c], s[c] }'
 }
+# "component voluntary involuntary" context switches, all threads.
+switches() {
+    local p comm
+    for p in $(tree "$HPID"); do
+        comm=$(cat "/proc/$p/comm" 2>/dev/null) || continue
+        case "$comm" in hearth*) comm=hearth ;; agent) ;; node) ;; *) comm=other ;; esac
+        cat /proc/"$p"/task/*/status 2>/dev/null |
+            awk -v c="$comm" '/^voluntary_ctxt_switches/ { v += $2 } /^nonvoluntary_ctxt_switches/ { n += $2 } END { print c, v + 0, n + 0 }'
+    done | awk '{ v[$1] += $2; n[$1] += $3 } END { for (c in v) print c, v[c], n[c] }'
+}
 PIDLIST=$(tree "$HPID" | paste -sd,)
 ticks >"$TMP/before"
+switches >"$TMP/sw-before"
 if [ "$PERF" = 1 ]; then
     perf record -q -a -g -e cpu-clock -o "$TMP/perf.data" -- sleep "${DURATION%s}" >/dev/null 2>&1 &
     PERF_PID=$!
@@ -86,6 +99,7 @@ fi
 OUT=$(wrk -t2 -c10 -d"$DURATION" --latency "${SCRIPT[@]}" "$URL")
 [ "$PERF" = 1 ] && wait "$PERF_PID"
 ticks >"$TMP/after"
+switches >"$TMP/sw-after"
 REQS=$(awk '/requests in/ { print $1 }' <<<"$OUT")
 HZ=$(getconf CLK_TCK)
 echo "# $URL_PATH on $(basename "$FIXTURE"), concurrency $CONCURRENCY, wrk -t2 -c10 -d$DURATION; load $(cut -d' ' -f1-3 /proc/loadavg)"
@@ -96,6 +110,9 @@ join -a1 -e 0 -o 0,1.2,1.3,2.2,2.3 <(sort "$TMP/after") <(sort "$TMP/before") |
         { u = ($2 - $4) / hz * 1e6 / n; s = ($3 - $5) / hz * 1e6 / n; tu += u; ts += s
           printf "%-8s %10.1f %10.1f %10.1f\n", $1, u, s, u + s }
         END { printf "%-8s %10.1f %10.1f %10.1f\n", "total", tu, ts, tu + ts }'
+join -a1 -e 0 -o 0,1.2,1.3,2.2,2.3 <(sort "$TMP/sw-after") <(sort "$TMP/sw-before") |
+    awk -v n="$REQS" 'BEGIN { printf "%-8s %10s %10s  (context switches per request: sleeps, preemptions)\n", "", "voluntary", "forced" }
+        { printf "%-8s %10.2f %10.2f\n", $1, ($2 - $4) / n, ($3 - $5) / n }'
 if [ "$PERF" = 1 ]; then
     echo
     echo "## perf: share of all samples on the machine, this server's processes only"

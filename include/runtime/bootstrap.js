@@ -979,7 +979,9 @@ function onInvoke(id, meta, body) {
     sendFrame(T_ERROR, id, initErrorMeta, null);
     return;
   }
-  if (state !== S_READY || current !== null) {
+  // Behind the running invocation and any still queued (the queue drains in
+  // a later turn of the loop: an INVOKE read before that must not jump it).
+  if (state !== S_READY || current !== null || queue.length !== 0) {
     // Bodies that are views of a socket chunk must outlive this callback.
     queue.push({ id, meta, body: Buffer.from(body) });
     return;

@@ -419,6 +419,28 @@ test('invokes pipelined or sent before READY are answered in order', async () =>
   );
 });
 
+test('invokes read in several chunks at once are answered in order', async () => {
+  // 40 INVOKEs in one write, more than one socket read holds: the first read's
+  // invocation ends while the rest are queued, and an INVOKE from the next
+  // read must queue behind them, not run ahead.
+  const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler');
+  const body = Buffer.alloc(4096, 0x61);
+  const ids = [];
+  const frames = [];
+  for (let i = 0; i < 40; i++) {
+    const id = 5000 + i;
+    ids.push(id);
+    frames.push(encodeFrame(T.INVOKE, id, ShimClient.invokeMeta({ method: 'POST', path: `/o${i}` }), body));
+  }
+  const answers = ids.map((id) => c.next((f) => f.id === id && f.type === T.RESPONSE));
+  c.writeRaw(Buffer.concat(frames));
+  await Promise.all(answers);
+  assert.deepEqual(
+    c.order.filter((f) => f.type === T.RESPONSE && ids.includes(f.id)).map((f) => f.id),
+    ids,
+  );
+});
+
 test('frames split at every byte and large bodies', async () => {
   const c = await ready(path.join(FIXTURES, 'binary'), 'index.handler');
   const body = Buffer.alloc(3 << 20);
@@ -440,6 +462,45 @@ test('frames split at every byte and large bodies', async () => {
   const r = await want;
   assert.equal(r.type, T.RESPONSE);
   assert.ok(r.body.equals(body));
+});
+
+test('frames keep their order and bytes while the host is not reading', async () => {
+  // The first answers (384 kB each) are larger than the socket's buffer: the
+  // shim writes what the socket takes at once and queues the rest on the
+  // stream, and every later frame (LOG and RESPONSE, also those made while
+  // the queue drains) must wait behind it.
+  const dir = tmpFixture({
+    'index.js':
+      'exports.handler = async (event) => {\n' +
+      "  console.log('answering ' + event.rawPath);\n" +
+      "  return { statusCode: 200, body: event.rawPath.repeat(event.rawPath.startsWith('/big') ? 1 << 16 : 4) };\n" +
+      '};\n',
+  });
+  const c = await ready(dir, 'index.handler');
+  c.sock.pause();
+  const paths = ['/big-a', '/big-b', '/big-c'];
+  const answers = paths.map((p) => c.invoke({ path: p }));
+  await new Promise((r) => setTimeout(r, 300));
+  // Small answers produced while the big ones are still draining.
+  c.sock.resume();
+  for (let i = 0; i < 20; i++) {
+    paths.push(`/${i}`);
+    answers.push(c.invoke({ path: `/${i}` }));
+    await new Promise((r) => setImmediate(r));
+  }
+  const got = await Promise.all(answers);
+  got.forEach((r, i) => {
+    assert.equal(r.type, T.RESPONSE);
+    const want = paths[i].repeat(paths[i].startsWith('/big') ? 1 << 16 : 4);
+    assert.ok(r.body.equals(Buffer.from(want)), `body of ${paths[i]}`);
+  });
+  // Per invocation: its LOG, then its RESPONSE, invocations in order.
+  const ids = got.map((r) => r.id);
+  const seq = c.order.filter((f) => ids.includes(f.id)).map((f) => `${f.type}:${f.id}`);
+  assert.deepEqual(
+    seq,
+    ids.flatMap((id) => [`${T.LOG}:${id}`, `${T.RESPONSE}:${id}`]),
+  );
 });
 
 test('esm: .mjs handler with top-level await', async () => {

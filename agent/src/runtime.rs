@@ -47,26 +47,27 @@ impl RuntimeSpec {
     }
 }
 
-/// V8 flags every Node.js runtime starts with, each measured with the Express
-/// app pinned to one CPU (`SHIM_APP=express taskset -c 1 perf/shim-bench.js`;
-/// perf/RESULTS.md has the runs).
+/// V8 flags every Node.js runtime starts with (perf/RESULTS.md has the runs).
 ///
 /// `--single-threaded-gc`: an instance runs on one CPU (hearth pins it to the
 /// core that owns it; a microVM has one vCPU), where V8's parallel and
 /// concurrent collector threads cannot run beside the main thread, only take
-/// turns with it and with hearth's worker: 7.0k -> 8.4k round trips/s, 126 ->
-/// 104 us of CPU each, p99 1.6-1.8 -> 0.6 ms.
+/// turns with it and with hearth's worker. The Express app through the shim,
+/// pinned (`SHIM_APP=express taskset -c 1 node perf/shim-bench.js`): 7.0k ->
+/// 8.4k round trips/s, 126 -> 104 us of CPU each, p99 1.6-1.8 -> 0.6 ms.
 ///
 /// `--no-allocation-site-pretenuring`: V8 allocates straight into the old
 /// generation from an allocation site whose objects mostly survived earlier
-/// scavenges. Express's per-request objects survive far more than a request
-/// should (on Node 20 each property added after its `Object.setPrototypeOf`
-/// makes a fresh hidden class, so ~5 kB a request lives until the next full
-/// collection), V8 pretenured two sites, and scavenges then took 9 ms and
-/// promoted 4 MB every ~300 requests; without it 5 ms and 3 MB. CPU per round
-/// trip 111-118 -> 95-102 us, p99 0.7-0.9 -> 0.5 ms; the trivial handler is
-/// unchanged, and a handler that keeps every object it makes (a 200k-entry
-/// cache) pays 0.1 us more per call.
+/// scavenges. Express's per-request objects survive scavenges far more than a
+/// request's objects should (on Node 20 every property added after its
+/// `Object.setPrototypeOf` makes a new hidden class; about 5 kB a request was
+/// promoted whatever the young generation's size), and V8 pretenured two of
+/// their allocation sites. The Express app alone in-process
+/// (`perf/functions/handler-loop.js`): each scavenge paused 8.8 -> 5.0 ms and
+/// promoted 4.1 -> 3.0 MB, 80 -> 65 us per call; through the shim (as above):
+/// 111-118 -> 95-102 us of CPU per round trip, p99 0.7-0.9 -> 0.5 ms. The
+/// trivial handler is unchanged; a handler that keeps every object it makes (a
+/// 200k-entry cache) pays 0.6 -> 0.7 us per call.
 pub const NODE_FLAGS: [&str; 2] = ["--single-threaded-gc", "--no-allocation-site-pretenuring"];
 
 /// How the agent runs itself in runtime-API mode.

@@ -133,7 +133,10 @@ function writeFrame(frame) {
       while (off < frame.length) off += fs.writeSync(3, frame, off);
       return true;
     } catch (e) {
-      if (e.code !== 'EAGAIN') return false; // the channel is broken; its error handler acts
+      if (e.code !== 'EAGAIN') {
+        chan.destroy(e); // the channel is broken: its 'error' handler ends the runtime
+        return false;
+      }
     }
   }
   return chan.write(off === 0 ? frame : frame.subarray(off));

@@ -79,7 +79,10 @@ ticks() {
         awk -v c="$comm" '{ sub(/^.*\) /, ""); print c, $12, $13 }' "/proc/$p/stat" 2>/dev/null || true
     done | awk '{ u[$1] += $2; s[$1] += $3 } END { for (c in u) print c, u[c], s[c] }'
 }
-# "component voluntary involuntary" context switches, all threads.
+# "component voluntary involuntary" context switches of the threads alive at
+# the time: a thread that exits during the run takes its count along, so a
+# component whose processes come and go (instance starts) can read low or
+# even negative.
 switches() {
     local p comm
     for p in $(tree "$HPID"); do

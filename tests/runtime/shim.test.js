@@ -432,9 +432,9 @@ test('invokes read in several chunks at once are answered in order', async () =>
     ids.push(id);
     frames.push(encodeFrame(T.INVOKE, id, ShimClient.invokeMeta({ method: 'POST', path: `/o${i}` }), body));
   }
-  const answers = ids.map((id) => c.next((f) => f.id === id && f.type === T.RESPONSE));
+  const answers = ids.map((id) => c.next((f) => f.id === id && (f.type === T.RESPONSE || f.type === T.ERROR)));
   c.writeRaw(Buffer.concat(frames));
-  await Promise.all(answers);
+  for (const a of await Promise.all(answers)) assert.equal(a.type, T.RESPONSE, a.metaText);
   assert.deepEqual(
     c.order.filter((f) => f.type === T.RESPONSE && ids.includes(f.id)).map((f) => f.id),
     ids,

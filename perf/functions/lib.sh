@@ -71,13 +71,21 @@ ab_args() {
         esac
     done
     [ -x "$A_BIN" ] && [ -x "$B_BIN" ] || die "both binaries must be executable"
+    use_tree_agent
+}
+
+# Exports HEARTH_AGENT as this tree's static release agent unless one was
+# chosen (older hearth builds, run by the A/B scripts, read an empty
+# HEARTH_AGENT as a path).
+use_tree_agent() {
     local agent="${CARGO_TARGET_DIR:-$ROOT/target}/x86_64-unknown-linux-gnu/release/hearth-agent"
     [ -n "${HEARTH_AGENT:-}" ] || { [ -x "$agent" ] && export HEARTH_AGENT=$agent; }
     return 0
 }
 
 # Checks for root, the tools named and the Express fixture's node_modules;
-# builds hearth and the static agent unless BUILD=0; sets FIXTURE, HERE, HEARTH.
+# builds hearth and the static agent unless BUILD=0; sets FIXTURE, HERE, HEARTH
+# and (unless set) HEARTH_AGENT.
 bench_prepare() { # tools...
     local tool
     [ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
@@ -92,6 +100,7 @@ bench_prepare() { # tools...
     fi
     HEARTH="${CARGO_TARGET_DIR:-$ROOT/target}/release/hearth"
     [ -x "$HEARTH" ] || die "$HEARTH is not built"
+    use_tree_agent
 }
 
 # The admin token every server started here runs with (older builds accept the

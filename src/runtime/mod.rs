@@ -133,14 +133,15 @@ pub fn find_node() -> Result<PathBuf, RuntimeError> {
 
 /// The guest agent, which must run without shared libraries in a VM's
 /// initramfs: a statically linked build (`tools/build-agent.sh`).
-/// `$HEARTH_AGENT` if set, else the first static one of: the static build in
-/// the cargo target directory above the hearth binary, the agent next to it
-/// (a plain `cargo build` also leaves a dynamic `hearth-agent` there).
+/// `$HEARTH_AGENT` if set (and not empty), else the first static one of: the
+/// static build in the cargo target directory above the hearth binary, the
+/// agent next to it (a plain `cargo build` also leaves a dynamic
+/// `hearth-agent` there).
 pub fn find_static_agent() -> Result<PathBuf, RuntimeError> {
     // An explicit choice is taken as given (the process backend can run a
     // dynamic agent whose libraries are in its root; microVMs cannot).
-    if let Ok(p) = std::env::var("HEARTH_AGENT") {
-        return Ok(PathBuf::from(p));
+    if let Some(p) = agent_override(std::env::var_os("HEARTH_AGENT")) {
+        return Ok(p);
     }
     let exe = std::env::current_exe().map_err(|e| RuntimeError::Missing(e.to_string()))?;
     let dir = exe.parent().unwrap_or(Path::new("/")).to_path_buf();
@@ -175,6 +176,12 @@ pub fn find_static_agent() -> Result<PathBuf, RuntimeError> {
     }))
 }
 
+/// `HEARTH_AGENT`'s value as a path; an empty value counts as unset (`VAR=
+/// cmd`, or a script passing on a variable nobody set, means no choice).
+fn agent_override(value: Option<std::ffi::OsString>) -> Option<PathBuf> {
+    value.filter(|v| !v.is_empty()).map(PathBuf::from)
+}
+
 /// True when the ELF file at `path` has no program interpreter (PT_INTERP).
 pub fn is_static_elf(path: &Path) -> io::Result<bool> {
     let mut f = fs::File::open(path)?;
@@ -207,6 +214,16 @@ pub fn is_static_elf(path: &Path) -> io::Result<bool> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_empty_hearth_agent_is_no_choice() {
+        assert_eq!(agent_override(None), None);
+        assert_eq!(agent_override(Some("".into())), None);
+        assert_eq!(
+            agent_override(Some("/opt/hearth-agent".into())),
+            Some(PathBuf::from("/opt/hearth-agent"))
+        );
+    }
 
     #[test]
     fn static_and_dynamic_executables_are_told_apart() {

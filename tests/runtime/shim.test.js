@@ -419,22 +419,30 @@ test('invokes pipelined or sent before READY are answered in order', async () =>
   );
 });
 
-test('invokes read in several chunks at once are answered in order', async () => {
+test('invokes read in several chunks at once are answered in order, each with its body', async () => {
   // 40 INVOKEs in one write, more than one socket read holds: the first read's
   // invocation ends while the rest are queued, and an INVOKE from the next
   // read must queue behind them, not run ahead.
+  // Each body is its own letter: a queued body that still pointed into the
+  // reused read buffer would come back as a later read's bytes.
   const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler');
-  const body = Buffer.alloc(4096, 0x61);
   const ids = [];
+  const bodies = [];
   const frames = [];
   for (let i = 0; i < 40; i++) {
     const id = 5000 + i;
     ids.push(id);
-    frames.push(encodeFrame(T.INVOKE, id, ShimClient.invokeMeta({ method: 'POST', path: `/o${i}` }), body));
+    bodies.push(String.fromCharCode(0x41 + (i % 26)).repeat(4096));
+    const meta = ShimClient.invokeMeta({ method: 'POST', path: `/o${i}`, headers: [['content-type', 'text/plain']] });
+    frames.push(encodeFrame(T.INVOKE, id, meta, Buffer.from(bodies[i])));
   }
   const answers = ids.map((id) => c.next((f) => f.id === id && (f.type === T.RESPONSE || f.type === T.ERROR)));
   c.writeRaw(Buffer.concat(frames));
-  for (const a of await Promise.all(answers)) assert.equal(a.type, T.RESPONSE, a.metaText);
+  const got = await Promise.all(answers);
+  got.forEach((a, i) => {
+    assert.equal(a.type, T.RESPONSE, a.metaText);
+    assert.equal(JSON.parse(a.body.toString()).body, bodies[i], `body of invocation ${i}`);
+  });
   assert.deepEqual(
     c.order.filter((f) => f.type === T.RESPONSE && ids.includes(f.id)).map((f) => f.id),
     ids,

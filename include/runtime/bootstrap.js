@@ -93,7 +93,13 @@ try {
     fd: 3,
     readable: true,
     writable: true,
-    onread: { buffer: Buffer.allocUnsafe(READ_BUF_LEN), callback: (n, buf) => onChunk(buf.subarray(0, n)) },
+    onread: {
+      buffer: Buffer.allocUnsafe(READ_BUF_LEN),
+      // Returns nothing: a callback returning false would stop the reads.
+      callback: (n, buf) => {
+        onChunk(buf.subarray(0, n));
+      },
+    },
   });
 } catch (e) {
   rawStderr(`hearth runtime: fd 3 is not a usable socket (${e && e.message})\n`);

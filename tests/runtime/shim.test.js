@@ -424,7 +424,8 @@ test('invokes read in several chunks at once are answered in order, each with it
   // invocation ends while the rest are queued, and an INVOKE from the next
   // read must queue behind them, not run ahead.
   // Each body is its own letter: a queued body that still pointed into the
-  // reused read buffer would come back as a later read's bytes.
+  // reused read buffer would come back as a later read's bytes. 40 x 4 kB is
+  // well over two reads of the shim's READ_BUF_LEN (64 KiB).
   const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler');
   const ids = [];
   const bodies = [];

@@ -134,11 +134,19 @@ start_hearth() { # name flags...
 
 # Starts a bare Node server that prints "listening <port>"; sets REPLY to its port.
 start_node() { # name script args...
+    local name=$1
+    shift
+    start_server "$name" node "$@"
+}
+
+# Starts a server command that prints "listening <port>", under NODE_WRAP;
+# sets REPLY to its port and <name>_PID to its pid.
+start_server() { # name command args...
     local name=$1 out="$TMP/$1.out" port= pid
     shift
     : >"$out"
     # shellcheck disable=SC2086 # NODE_WRAP: an optional command prefix, e.g. "taskset -c 0"
-    env -i PATH="$PATH" ${NODE_WRAP:-} node "$@" >"$out" 2>"$TMP/$name.err" &
+    env -i PATH="$PATH" ${NODE_WRAP:-} "$@" >"$out" 2>"$TMP/$name.err" &
     pid=$!
     PIDS+=("$pid")
     for _ in $(seq 1 100); do
@@ -212,7 +220,8 @@ tree() { # pid
 
 # Warms every target up (3 s, discarded), then runs `rounds` alternating
 # rounds of wrk over them. `targets`: one "test server url lua|-" per line.
-# Prints each run (with the output of `after_run test server url`, if the
+# Calls `before_run test server url` before each run if the caller defines it;
+# prints each run (with the output of `after_run test server url req/s`, if the
 # caller defines it, as a last column) and appends "test server req/s p50_us
 # p99_us errors" to $RESULTS.
 run_rounds() { # targets rounds duration
@@ -231,9 +240,10 @@ run_rounds() { # targets rounds duration
         [ $((round % 2)) = 0 ] && order=$(tac <<<"$targets")
         while read -r test server url lua; do
             [ "$lua" = - ] && lua=
+            if declare -F before_run >/dev/null; then before_run "$test" "$server" "$url"; fi
             read -r rps p50 p99 errors detail <<<"$(run_wrk "$duration" "$url" "$lua")"
             extra=
-            if declare -F after_run >/dev/null; then extra=$(after_run "$test" "$server" "$url"); fi
+            if declare -F after_run >/dev/null; then extra=$(after_run "$test" "$server" "$url" "$rps"); fi
             [ "$detail" = - ] || extra="$extra ($detail)"
             printf '%-14s %-7s %5s %10s %9s %9s %7s  %-16s %s\n' "$test" "$server" "$round" "$rps" "$p50" "$p99" \
                 "$errors" "$(load)" "$extra"

@@ -1,0 +1,315 @@
+/*
+ * The floor under any design that runs each function instance in its own
+ * process: a proxy that does nothing but the unavoidable. It accepts HTTP
+ * clients, hands each request (as a fixed 64-byte message, nothing parsed) to
+ * an idle Node process over a Unix stream socket, one request per process at a
+ * time, and writes a fixed HTTP answer to the client when the process answers.
+ * No HTTP parsing beyond "a read arrived", no event JSON, no scheduler, no
+ * limits: what it costs per request is the sockets, the wakeups and the context
+ * switches between the proxy and Node, plus Node's own loop turn. hearth cannot
+ * do better than this on the same cores; perf/functions/floor.sh compares the
+ * two with bare Node.
+ *
+ *   gcc -O2 perf/functions/floor-proxy.c -o /tmp/floor-proxy
+ *   /tmp/floor-proxy INSTANCES node perf/functions/floor-instance.js [app handler]
+ *
+ * Listens on 127.0.0.1 at a free port and prints "listening <port>"; starts
+ * INSTANCES copies of COMMAND (searched in PATH) with its end of a socket pair
+ * as their fd 3. Requests that find every instance
+ * busy wait in a FIFO. Assumes each client read holds exactly one request (wrk
+ * without pipelining); a client that sends more is answered once per read. A
+ * client that hangs up with a request in flight is closed once it is answered.
+ *
+ * With FLOOR_HANDLER set (e.g. "app.handler"), the instances are hearth's own
+ * runtime shim (include/runtime/bootstrap.js) spoken to in hearth's frames
+ * (include/hearth_protocol.h): each gets a HELLO for that handler in
+ * FLOOR_TASK_ROOT and must answer READY; each request goes over as an INVOKE
+ * with the fixed metadata FLOOR_META and body FLOOR_BODY (what hearth would
+ * send for the benchmark's request), and the instance's RESPONSE or ERROR
+ * frame, LOG frames skipped, ends it. That is the floor plus the shim.
+ */
+#define _GNU_SOURCE
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netinet/in.h>
+#include <netinet/tcp.h>
+#include <signal.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/epoll.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#define MAX_FDS 65536
+#define MAX_INSTANCES 64
+#define FRAME_HEADER 16
+#define FRAME_MAX (1 << 20) /* largest answer frame taken (the benchmark's are tiny) */
+#define T_HELLO 1
+#define T_INVOKE 2
+#define T_READY 16
+#define T_RESPONSE 18
+#define T_ERROR 19
+#define T_LOG 20
+
+static const char ANSWER[] =
+    "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello";
+
+static int epfd;
+static int inst_fd[MAX_INSTANCES];
+static int inst_client[MAX_INSTANCES]; /* client fd being served, or -1 */
+static int n_inst;
+static int waiting[MAX_FDS]; /* FIFO of client fds */
+static int wait_head, wait_len;
+static int fd_instance[MAX_FDS]; /* fd -> instance index + 1 (0: a client) */
+static char in_service[MAX_FDS];   /* a client's request is queued or being served */
+static char gone[MAX_FDS];         /* ...and the client hung up: close once answered */
+/* Frames mode: the INVOKE frame sent for every request, and what each
+ * instance has sent of its current answer. */
+static char *invoke;
+static size_t invoke_len;
+static char *inst_buf[MAX_INSTANCES];
+static size_t inst_fill[MAX_INSTANCES];
+
+static void die(const char *what) {
+    perror(what);
+    exit(1);
+}
+
+static void watch(int fd) {
+    struct epoll_event ev = {.events = EPOLLIN, .data.fd = fd};
+    if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
+}
+
+/* Answers a served client, or closes it if it hung up meanwhile. */
+static void answer(int client) {
+    in_service[client] = 0;
+    if (gone[client]) {
+        gone[client] = 0;
+        close(client);
+    } else if (write(client, ANSWER, sizeof ANSWER - 1) < 0 && errno != EPIPE && errno != ECONNRESET) {
+        die("write to client");
+    }
+}
+
+static void hand_over(int i, int client) {
+    char msg[64];
+    inst_client[i] = client;
+    if (invoke != NULL) {
+        if (write(inst_fd[i], invoke, invoke_len) != (ssize_t)invoke_len) die("write to instance");
+        return;
+    }
+    memset(msg, 'r', sizeof msg);
+    if (write(inst_fd[i], msg, sizeof msg) != sizeof msg) die("write to instance");
+}
+
+static uint32_t le32(const unsigned char *p) {
+    return p[0] | p[1] << 8 | p[2] << 16 | (uint32_t)p[3] << 24;
+}
+
+/* A frame of `type` with `meta` and `body` (either may be NULL), malloc'ed. */
+static char *frame(int type, const char *meta, const char *body, size_t *len) {
+    size_t ml = meta ? strlen(meta) : 0, bl = body ? strlen(body) : 0;
+    unsigned char *f = malloc(FRAME_HEADER + ml + bl);
+    if (f == NULL) die("malloc");
+    uint32_t words[3] = {1, (uint32_t)ml, (uint32_t)bl}; /* id, meta length, body length */
+    f[0] = 0x54; /* magic 0x4854, little-endian */
+    f[1] = 0x48;
+    f[2] = type;
+    f[3] = 0;
+    for (int w = 0; w < 3; w++)
+        for (int b = 0; b < 4; b++) f[4 + 4 * w + b] = words[w] >> (8 * b);
+    memcpy(f + FRAME_HEADER, meta, ml);
+    memcpy(f + FRAME_HEADER + ml, body, bl);
+    *len = FRAME_HEADER + ml + bl;
+    return (char *)f;
+}
+
+/* Drops the first complete frame instance `i` sent and returns its type; 0
+ * while the first frame is still incomplete. */
+static int next_frame(int i) {
+    unsigned char *b = (unsigned char *)inst_buf[i];
+    if (inst_fill[i] < FRAME_HEADER) return 0;
+    size_t len = FRAME_HEADER + (size_t)le32(b + 8) + le32(b + 12);
+    if (len > FRAME_MAX) {
+        fprintf(stderr, "floor-proxy: an instance sent a frame of %zu bytes\n", len);
+        exit(1);
+    }
+    if (inst_fill[i] < len) return 0;
+    int type = b[2];
+    memmove(b, b + len, inst_fill[i] - len);
+    inst_fill[i] -= len;
+    return type;
+}
+
+/* Whether instance `i` has now sent its whole answer (LOG frames skipped). */
+static int answer_frame_done(int i) {
+    int type;
+    while ((type = next_frame(i)) > 0)
+        if (type == T_RESPONSE || type == T_ERROR) return 1;
+    return 0;
+}
+
+/* Sends HELLO to every instance and waits for each READY. */
+static void hello_all(const char *handler, const char *task_root) {
+    char meta[4096];
+    snprintf(meta, sizeof meta,
+             "{\"function\":\"floor\",\"handler\":\"%s\",\"task_root\":\"%s\","
+             "\"memory_mb\":128,\"timeout_ms\":30000,\"env\":{}}",
+             handler, task_root);
+    size_t len;
+    char *hello = frame(T_HELLO, meta, NULL, &len);
+    for (int i = 0; i < n_inst; i++) {
+        if (write(inst_fd[i], hello, len) != (ssize_t)len) die("HELLO");
+        inst_buf[i] = malloc(FRAME_MAX);
+        if (inst_buf[i] == NULL) die("malloc");
+        for (;;) {
+            ssize_t n = read(inst_fd[i], inst_buf[i] + inst_fill[i], FRAME_MAX - inst_fill[i]);
+            if (n <= 0) die("waiting for READY");
+            inst_fill[i] += n;
+            int type;
+            while ((type = next_frame(i)) > 0) {
+                if (type == T_READY) goto ready;
+                if (type != T_LOG) {
+                    fprintf(stderr, "floor-proxy: the runtime answered HELLO with frame type %d\n", type);
+                    exit(1);
+                }
+            }
+        }
+    ready:;
+    }
+    free(hello);
+}
+
+static void on_client(int fd) {
+    char buf[4096];
+    ssize_t n = read(fd, buf, sizeof buf);
+    if (n <= 0) {
+        if (n < 0 && errno == EAGAIN) return;
+        if (in_service[fd]) { /* wrk hangs up with requests in flight at the end of a run */
+            gone[fd] = 1;
+            epoll_ctl(epfd, EPOLL_CTL_DEL, fd, NULL);
+        } else {
+            close(fd);
+        }
+        return;
+    }
+    in_service[fd] = 1;
+    for (int i = 0; i < n_inst; i++) {
+        if (inst_client[i] < 0) {
+            hand_over(i, fd);
+            return;
+        }
+    }
+    if (wait_len == MAX_FDS) die("queue full");
+    waiting[(wait_head + wait_len++) % MAX_FDS] = fd;
+}
+
+static void on_instance(int i) {
+    char buf[256];
+    if (invoke != NULL) {
+        ssize_t n = read(inst_fd[i], inst_buf[i] + inst_fill[i], FRAME_MAX - inst_fill[i]);
+        if (n <= 0) die("instance went away");
+        inst_fill[i] += n;
+        if (!answer_frame_done(i)) return;
+    } else if (read(inst_fd[i], buf, sizeof buf) <= 0) {
+        die("instance went away");
+    }
+    answer(inst_client[i]);
+    inst_client[i] = -1;
+    while (wait_len != 0) {
+        int next = waiting[wait_head];
+        wait_head = (wait_head + 1) % MAX_FDS;
+        wait_len--;
+        if (gone[next]) {
+            answer(next); /* closes it */
+            continue;
+        }
+        hand_over(i, next);
+        break;
+    }
+}
+
+int main(int argc, char **argv) {
+    if (argc < 3) {
+        fprintf(stderr, "usage: %s INSTANCES COMMAND [ARGS...]\n", argv[0]);
+        return 2;
+    }
+    n_inst = atoi(argv[1]);
+    if (n_inst < 1 || n_inst > MAX_INSTANCES) {
+        fprintf(stderr, "INSTANCES must be 1..%d\n", MAX_INSTANCES);
+        return 2;
+    }
+    signal(SIGPIPE, SIG_IGN);
+    epfd = epoll_create1(0);
+    if (epfd < 0) die("epoll_create1");
+
+    for (int i = 0; i < n_inst; i++) {
+        int sv[2];
+        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
+        pid_t pid = fork();
+        if (pid < 0) die("fork");
+        if (pid == 0) {
+            if (dup2(sv[1], 3) < 0) die("dup2");
+            execvp(argv[2], argv + 2);
+            die("exec");
+        }
+        close(sv[1]);
+        inst_fd[i] = sv[0];
+        inst_client[i] = -1;
+        fd_instance[sv[0]] = i + 1;
+        watch(sv[0]);
+    }
+
+    const char *handler = getenv("FLOOR_HANDLER");
+    if (handler != NULL) {
+        const char *root = getenv("FLOOR_TASK_ROOT"), *meta = getenv("FLOOR_META");
+        if (root == NULL || meta == NULL) {
+            fprintf(stderr, "FLOOR_HANDLER needs FLOOR_TASK_ROOT and FLOOR_META\n");
+            return 2;
+        }
+        hello_all(handler, root);
+        invoke = frame(T_INVOKE, meta, getenv("FLOOR_BODY"), &invoke_len);
+    }
+
+    int lfd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (lfd < 0) die("socket");
+    int one = 1;
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
+    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
+    if (listen(lfd, 1024) < 0) die("listen");
+    socklen_t alen = sizeof addr;
+    getsockname(lfd, (struct sockaddr *)&addr, &alen);
+    printf("listening %d\n", ntohs(addr.sin_port));
+    fflush(stdout);
+    watch(lfd);
+
+    struct epoll_event evs[256];
+    for (;;) {
+        int n = epoll_wait(epfd, evs, 256, -1);
+        if (n < 0) {
+            if (errno == EINTR) continue;
+            die("epoll_wait");
+        }
+        for (int k = 0; k < n; k++) {
+            int fd = evs[k].data.fd;
+            if (fd == lfd) {
+                int c = accept4(lfd, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+                if (c < 0) continue;
+                if (c >= MAX_FDS) {
+                    close(c);
+                    continue;
+                }
+                setsockopt(c, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+                watch(c);
+            } else if (fd_instance[fd] != 0) {
+                on_instance(fd_instance[fd] - 1);
+            } else {
+                on_client(fd);
+            }
+        }
+    }
+}

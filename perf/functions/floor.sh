@@ -1,0 +1,136 @@
+#!/usr/bin/env bash
+# The floor under hearth's per-core figures: what any server that runs each
+# instance in a process of its own pays per request, whatever its code.
+# Four servers, each confined to CPU 0 with wrk -t1 -c10 on CPU 1 (as in
+# one-core.sh), in alternating rounds, for the trivial handler and the
+# Express fixture's POST /greet:
+#   hearth  `serve --cores 1`, both functions deployed with concurrency N
+#           (at most N instances);
+#   floor   perf/functions/floor-proxy.c with N Node processes running
+#           floor-instance.js: sockets, wakeups and context switches, and for
+#           Express the handler called with a ready-made event; no HTTP
+#           parsing, no frames, no scheduler. Node gets hearth's flags;
+#   shim    the same proxy driving hearth's runtime shim (bootstrap.js) in
+#           hearth's frames, a fixed INVOKE of the benchmark's request: the
+#           floor plus the shim's event building and answer frames;
+#   bare    bare-http.js / bare-express.js, one Node process serving HTTP.
+# Prints req/s, p50, p99 and the CPU microseconds per request of the server's
+# own process(es) (hearth's threads and agents, the floor's proxy) and of its
+# Node processes (from /proc/<pid>/stat; tick-sampled, so the user/system
+# split is rough but the sum holds), medians over the rounds. hearth ÷ bare is
+# the ratio one-core.sh reports; floor ÷ bare bounds what a
+# process-per-instance design can reach on this machine; shim − floor is the
+# runtime shim's cost and hearth − shim the host's (HTTP, scheduler, sandbox).
+#
+# Usage: perf/functions/floor.sh [--rounds N] [--duration 10s] [--no-build]
+#        INSTANCES=N (default 1: the fastest setting of both on one core)
+# Needs root, gcc, wrk, node, zip, curl and taskset, and 2 CPUs.
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "$0")/../.." && pwd)
+ROUNDS=3
+DURATION=10s
+BUILD=1
+# shellcheck source=lib.sh
+. "$ROOT/perf/functions/lib.sh"
+USAGE_LINES=27 round_args "$@"
+die() { echo "floor: $*" >&2; exit 1; }
+[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (one for the servers, one for wrk)"
+bench_prepare wrk node zip curl taskset gcc
+WRK_THREADS=1
+WRK_CONNS=10
+INSTANCES=${INSTANCES:-1}
+# What hearth's agent starts Node with (NODE_FLAGS in agent/src/runtime.rs).
+NODE_FLAGS=(--single-threaded-gc --no-allocation-site-pretenuring)
+TMP=$(mktemp -d /tmp/hearth-floor.XXXXXX)
+
+gcc -O2 -o "$TMP/floor-proxy" "$HERE/floor-proxy.c"
+(cd "$HERE/trivial" && zip -qr "$TMP/trivial.zip" .)
+(cd "$FIXTURE" && zip -qr "$TMP/express.zip" .)
+start_hearth H --cores 1
+H=$REPLY
+r=$(deploy_zip "$H" "$TMP/trivial.zip" "concurrency=$INSTANCES"); TR=${r% *}
+r=$(deploy_zip "$H" "$TMP/express.zip" "concurrency=$INSTANCES"); EX=${r% *}
+NODE_WRAP="taskset -c 0"
+start_server FT "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js"
+FT=$REPLY
+start_server FE "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js" "$FIXTURE" app.handler
+FE=$REPLY
+# What hearth's INVOKE metadata looks like for the two requests (fixed ids
+# and times: the shim only copies them into the event).
+invoke_meta() { # method path headers
+    printf '{"method":"%s","path":"%s","query":"","headers":%s,"source_ip":"127.0.0.1","protocol":"HTTP/1.1",%s}' \
+        "$1" "$2" "$3" '"request_id":"0c6b5a9e-3f1d-4c2a-9b7e-2d4f6a8c0e11","time_ms":1764547200000,"domain":"127.0.0.1:8080","deadline_ms":4102444800000'
+}
+GREET='{ "name": "John Doe" }'
+# (start_server clears the environment: the proxy's settings go through env.)
+start_server ST env FLOOR_HANDLER=index.handler FLOOR_TASK_ROOT="$HERE/trivial" \
+    FLOOR_META="$(invoke_meta GET / '[["host","127.0.0.1:8080"]]')" \
+    "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$ROOT/include/runtime/bootstrap.js"
+ST=$REPLY
+start_server SE env FLOOR_HANDLER=app.handler FLOOR_TASK_ROOT="$FIXTURE" FLOOR_BODY="$GREET" \
+    FLOOR_META="$(invoke_meta POST /greet '[["host","127.0.0.1:8080"],["content-type","application/json"],["content-length","'${#GREET}'"]]')" \
+    "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$ROOT/include/runtime/bootstrap.js"
+SE=$REPLY
+start_node BH "$HERE/bare-http.js"
+BH=$REPLY
+start_node BE "$HERE/bare-express.js" "$FIXTURE"
+BE=$REPLY
+LUA="$HERE/post-greet.lua"
+TARGETS="express-greet hearth http://$H/f/$EX/greet $LUA
+express-greet floor http://127.0.0.1:$FE/greet $LUA
+express-greet shim http://127.0.0.1:$SE/greet $LUA
+express-greet bare http://127.0.0.1:$BE/greet $LUA
+trivial hearth http://$H/f/$TR/ -
+trivial floor http://127.0.0.1:$FT/ -
+trivial shim http://127.0.0.1:$ST/ -
+trivial bare http://127.0.0.1:$BH/ -"
+wrk() { command taskset -c 1 wrk "$@"; }
+
+# "server_ticks node_ticks" (user + system) of a process tree, its Node
+# processes apart from the rest.
+ticks() { # root pid
+    local p
+    for p in $(tree "$1"); do
+        awk -v c="$(cat "/proc/$p/comm" 2>/dev/null)" '{ sub(/^.*\) /, ""); print (c == "node" ? "node" : "server"), $12 + $13 }' \
+            "/proc/$p/stat" 2>/dev/null || true
+    done | awk '{ t[$1] += $2 } END { print t["server"] + 0, t["node"] + 0 }'
+}
+pid_of() { # test server
+    case "$2" in
+    hearth) echo "$H_PID" ;;
+    floor) [ "$1" = trivial ] && echo "$FT_PID" || echo "$FE_PID" ;;
+    shim) [ "$1" = trivial ] && echo "$ST_PID" || echo "$SE_PID" ;;
+    bare) [ "$1" = trivial ] && echo "$BH_PID" || echo "$BE_PID" ;;
+    esac
+}
+before_run() { # test server url
+    ticks "$(pid_of "$1" "$2")" >"$TMP/ticks"
+}
+# Appends "test server server_us node_us" (CPU per request of the run that
+# just ended) to $TMP/cpu and prints them.
+after_run() { # test server url req/s
+    awk -v t="$1" -v s="$2" -v a="$(ticks "$(pid_of "$1" "$2")")" -v hz="$HZ" -v secs="${DURATION%s}" -v rps="$4" '{
+        split(a, n, " "); r = rps * secs
+        printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
+        "$TMP/ticks" | tee -a "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }'
+}
+HZ=$(getconf CLK_TCK)
+
+echo "# floor: $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t1 -c10 -d$DURATION on CPU 1, servers on CPU 0," \
+    "$INSTANCES instance(s) each, load $(load)"
+RESULTS="$TMP/results"
+: >"$TMP/cpu"
+run_rounds "$TARGETS" "$ROUNDS" "$DURATION"
+echo
+echo "| test | server | req/s | ÷ bare | ÷ floor | p50 µs | p99 µs | server CPU µs/req | Node CPU µs/req |"
+echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
+for test in express-greet trivial; do
+    for server in hearth shim floor bare; do
+        awk -v t="$test" -v s="$server" -v r="$(pick "$test" "$server" 3)" -v b="$(pick "$test" bare 3)" \
+            -v f="$(pick "$test" floor 3)" -v p5="$(pick "$test" "$server" 4)" -v p9="$(pick "$test" "$server" 5)" \
+            -v sc="$(awk -v t="$test" -v s="$server" '$1 == t && $2 == s { print $3 }' "$TMP/cpu" | median)" \
+            -v nc="$(awk -v t="$test" -v s="$server" '$1 == t && $2 == s { print $4 }' "$TMP/cpu" | median)" 'BEGIN {
+            printf "| %s | %s | %.0f | %.2f× | %.2f× | %.0f | %.0f | %.1f | %.1f |\n", t, s, r, r / b, r / f, p5, p9, sc, nc }'
+    done
+done

@@ -15,7 +15,9 @@
  *
  * Listens on 127.0.0.1 at a free port and prints "listening <port>"; starts
  * INSTANCES copies of COMMAND (searched in PATH) with its end of a socket pair
- * as their fd 3. Requests that find every instance
+ * as their fd 3. FLOOR_PORT=P listens on port P instead, with SO_REUSEPORT:
+ * one proxy per core on one port, each with its own instances, is the floor
+ * of a thread-per-core server. Requests that find every instance
  * busy wait in a FIFO. Assumes each client read holds exactly one request (wrk
  * without pipelining); a client that sends more is answered once per read. A
  * client that hangs up with a request in flight is closed once it is answered.
@@ -278,7 +280,11 @@ int main(int argc, char **argv) {
     if (lfd < 0) die("socket");
     int one = 1;
     setsockopt(lfd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof one);
-    struct sockaddr_in addr = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    setsockopt(lfd, SOL_SOCKET, SO_REUSEPORT, &one, sizeof one);
+    const char *port = getenv("FLOOR_PORT");
+    struct sockaddr_in addr = {.sin_family = AF_INET,
+                               .sin_port = htons(port ? atoi(port) : 0),
+                               .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
     if (bind(lfd, (struct sockaddr *)&addr, sizeof addr) < 0) die("bind");
     if (listen(lfd, 1024) < 0) die("listen");
     socklen_t alen = sizeof addr;

@@ -22,8 +22,14 @@
 # process-per-instance design can reach on this machine; shim − floor is the
 # runtime shim's cost and hearth − shim the host's (HTTP, scheduler, sandbox).
 #
+# With CORES=2, everything gets both CPUs and wrk -t2 -c10 shares them (as in
+# perf/run-all): hearth on all cores with concurrency 2N, one floor (or shim)
+# proxy pinned to each CPU with N instances of its own on one port
+# (SO_REUSEPORT), and Node `cluster` (cluster.js) beside the bare process.
+#
 # Usage: perf/functions/floor.sh [--rounds N] [--duration 10s] [--no-build]
-#        INSTANCES=N (default 1: the fastest setting of both on one core)
+#        INSTANCES=N (per core; default 1: the fastest setting on one core)
+#        CORES=1|2 (default 1)
 # Needs root, gcc, wrk, node, zip, curl and taskset, and 2 CPUs.
 set -euo pipefail
 
@@ -33,11 +39,13 @@ DURATION=10s
 BUILD=1
 # shellcheck source=lib.sh
 . "$ROOT/perf/functions/lib.sh"
-USAGE_LINES=27 round_args "$@"
+USAGE_LINES=34 round_args "$@"
 die() { echo "floor: $*" >&2; exit 1; }
-[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs (one for the servers, one for wrk)"
+[ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs"
+CORES=${CORES:-1}
+[ "$CORES" = 1 ] || [ "$CORES" = 2 ] || die "CORES must be 1 or 2"
 bench_prepare wrk node zip curl taskset gcc
-WRK_THREADS=1
+WRK_THREADS=$CORES
 WRK_CONNS=10
 INSTANCES=${INSTANCES:-1}
 # What hearth's agent starts Node with (NODE_FLAGS in agent/src/runtime.rs).
@@ -47,14 +55,32 @@ TMP=$(mktemp -d /tmp/hearth-floor.XXXXXX)
 gcc -O2 -o "$TMP/floor-proxy" "$HERE/floor-proxy.c"
 (cd "$HERE/trivial" && zip -qr "$TMP/trivial.zip" .)
 (cd "$FIXTURE" && zip -qr "$TMP/express.zip" .)
-start_hearth H --cores 1
+if [ "$CORES" = 1 ]; then
+    start_hearth H --cores 1
+    NODE_WRAP="taskset -c 0"
+    wrk() { command taskset -c 1 wrk "$@"; }
+else
+    start_hearth H
+fi
 H=$REPLY
-r=$(deploy_zip "$H" "$TMP/trivial.zip" "concurrency=$INSTANCES"); TR=${r% *}
-r=$(deploy_zip "$H" "$TMP/express.zip" "concurrency=$INSTANCES"); EX=${r% *}
-NODE_WRAP="taskset -c 0"
-start_server FT "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js"
+r=$(deploy_zip "$H" "$TMP/trivial.zip" "concurrency=$((INSTANCES * CORES))"); TR=${r% *}
+r=$(deploy_zip "$H" "$TMP/express.zip" "concurrency=$((INSTANCES * CORES))"); EX=${r% *}
+# Starts one proxy per core, each pinned to its CPU, on one port; sets REPLY
+# to the port and <name>_PIDS to their pids.
+start_floor() { # name command args...
+    local name=$1 port= core pids=()
+    shift
+    for core in $(seq 0 $((CORES - 1))); do
+        NODE_WRAP="taskset -c $core" start_server "${name}_$core" env ${port:+FLOOR_PORT=$port} "$@"
+        port=$REPLY
+        pids+=("$(eval echo "\$${name}_${core}_PID")")
+    done
+    eval "${name}_PIDS='${pids[*]}'"
+    REPLY=$port
+}
+start_floor FT "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js"
 FT=$REPLY
-start_server FE "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js" "$FIXTURE" app.handler
+start_floor FE "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js" "$FIXTURE" app.handler
 FE=$REPLY
 # What hearth's INVOKE metadata looks like for the two requests (fixed ids
 # and times: the shim only copies them into the event).
@@ -64,11 +90,11 @@ invoke_meta() { # method path headers
 }
 GREET='{ "name": "John Doe" }'
 # (start_server clears the environment: the proxy's settings go through env.)
-start_server ST env FLOOR_HANDLER=index.handler FLOOR_TASK_ROOT="$HERE/trivial" \
+start_floor ST FLOOR_HANDLER=index.handler FLOOR_TASK_ROOT="$HERE/trivial" \
     FLOOR_META="$(invoke_meta GET / '[["host","127.0.0.1:8080"]]')" \
     "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$ROOT/include/runtime/bootstrap.js"
 ST=$REPLY
-start_server SE env FLOOR_HANDLER=app.handler FLOOR_TASK_ROOT="$FIXTURE" FLOOR_BODY="$GREET" \
+start_floor SE FLOOR_HANDLER=app.handler FLOOR_TASK_ROOT="$FIXTURE" FLOOR_BODY="$GREET" \
     FLOOR_META="$(invoke_meta POST /greet '[["host","127.0.0.1:8080"],["content-type","application/json"],["content-length","'${#GREET}'"]]')" \
     "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$ROOT/include/runtime/bootstrap.js"
 SE=$REPLY
@@ -78,47 +104,67 @@ start_node BE "$HERE/bare-express.js" "$FIXTURE"
 BE=$REPLY
 LUA="$HERE/post-greet.lua"
 TARGETS="express-greet hearth http://$H/f/$EX/greet $LUA
-express-greet floor http://127.0.0.1:$FE/greet $LUA
 express-greet shim http://127.0.0.1:$SE/greet $LUA
-express-greet bare http://127.0.0.1:$BE/greet $LUA
-trivial hearth http://$H/f/$TR/ -
-trivial floor http://127.0.0.1:$FT/ -
+express-greet floor http://127.0.0.1:$FE/greet $LUA
+express-greet bare http://127.0.0.1:$BE/greet $LUA"
+TRIVIAL="trivial hearth http://$H/f/$TR/ -
 trivial shim http://127.0.0.1:$ST/ -
+trivial floor http://127.0.0.1:$FT/ -
 trivial bare http://127.0.0.1:$BH/ -"
-wrk() { command taskset -c 1 wrk "$@"; }
+SERVERS="hearth shim floor bare"
+if [ "$CORES" = 2 ]; then
+    start_node CH "$HERE/cluster.js" "$HERE/bare-http.js"
+    CH=$REPLY
+    start_node CE "$HERE/cluster.js" "$HERE/bare-express.js" "$FIXTURE"
+    CE=$REPLY
+    TARGETS+=$'\n'"express-greet cluster http://127.0.0.1:$CE/greet $LUA"
+    TRIVIAL+=$'\n'"trivial cluster http://127.0.0.1:$CH/ -"
+    SERVERS+=" cluster"
+fi
+TARGETS+=$'\n'$TRIVIAL
 
-# "server_ticks node_ticks" (user + system) of a process tree, its Node
+# "server_ticks node_ticks" (user + system) of process trees, their Node
 # processes apart from the rest.
-ticks() { # root pid
+ticks() { # root pid...
     local p
-    for p in $(tree "$1"); do
+    for p in $(for r in "$@"; do tree "$r"; done); do
         awk -v c="$(cat "/proc/$p/comm" 2>/dev/null)" '{ sub(/^.*\) /, ""); print (c == "node" ? "node" : "server"), $12 + $13 }' \
             "/proc/$p/stat" 2>/dev/null || true
     done | awk '{ t[$1] += $2 } END { print t["server"] + 0, t["node"] + 0 }'
 }
-pid_of() { # test server
+pids_of() { # test server
+    local t=E
+    [ "$1" = trivial ] && t=T
     case "$2" in
     hearth) echo "$H_PID" ;;
-    floor) [ "$1" = trivial ] && echo "$FT_PID" || echo "$FE_PID" ;;
-    shim) [ "$1" = trivial ] && echo "$ST_PID" || echo "$SE_PID" ;;
-    bare) [ "$1" = trivial ] && echo "$BH_PID" || echo "$BE_PID" ;;
+    floor) eval echo "\$F${t}_PIDS" ;;
+    shim) eval echo "\$S${t}_PIDS" ;;
+    bare) [ $t = T ] && echo "$BH_PID" || echo "$BE_PID" ;;
+    cluster) [ $t = T ] && echo "$CH_PID" || echo "$CE_PID" ;;
     esac
 }
 before_run() { # test server url
-    ticks "$(pid_of "$1" "$2")" >"$TMP/ticks"
+    # shellcheck disable=SC2046 # a list of pids
+    ticks $(pids_of "$1" "$2") >"$TMP/ticks"
 }
 # Appends "test server server_us node_us" (CPU per request of the run that
 # just ended) to $TMP/cpu and prints them.
 after_run() { # test server url req/s
-    awk -v t="$1" -v s="$2" -v a="$(ticks "$(pid_of "$1" "$2")")" -v hz="$HZ" -v secs="${DURATION%s}" -v rps="$4" '{
+    # shellcheck disable=SC2046 # a list of pids
+    awk -v t="$1" -v s="$2" -v a="$(ticks $(pids_of "$1" "$2"))" -v hz="$HZ" -v secs="${DURATION%s}" -v rps="$4" '{
         split(a, n, " "); r = rps * secs
         printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
         "$TMP/ticks" | tee -a "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }'
 }
 HZ=$(getconf CLK_TCK)
 
-echo "# floor: $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t1 -c10 -d$DURATION on CPU 1, servers on CPU 0," \
-    "$INSTANCES instance(s) each, load $(load)"
+if [ "$CORES" = 1 ]; then
+    echo "# floor: $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t1 -c10 -d$DURATION on CPU 1, servers on CPU 0," \
+        "$INSTANCES instance(s) each, load $(load)"
+else
+    echo "# floor on 2 cores: $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t2 -c10 -d$DURATION, servers and wrk on both CPUs," \
+        "$INSTANCES instance(s) per core, load $(load)"
+fi
 RESULTS="$TMP/results"
 : >"$TMP/cpu"
 run_rounds "$TARGETS" "$ROUNDS" "$DURATION"
@@ -126,7 +172,7 @@ echo
 echo "| test | server | req/s | ÷ bare | ÷ floor | p50 µs | p99 µs | server CPU µs/req | Node CPU µs/req |"
 echo "|---|---|---:|---:|---:|---:|---:|---:|---:|"
 for test in express-greet trivial; do
-    for server in hearth shim floor bare; do
+    for server in $SERVERS; do
         awk -v t="$test" -v s="$server" -v r="$(pick "$test" "$server" 3)" -v b="$(pick "$test" bare 3)" \
             -v f="$(pick "$test" floor 3)" -v p5="$(pick "$test" "$server" 4)" -v p9="$(pick "$test" "$server" 5)" \
             -v sc="$(awk -v t="$test" -v s="$server" '$1 == t && $2 == s { print $3 }' "$TMP/cpu" | median)" \

@@ -1,17 +1,19 @@
 /*
- * The floor under any design that runs each function instance in its own
- * process: a proxy that does nothing but the unavoidable. It accepts HTTP
- * clients, hands each request (as a fixed 64-byte message, nothing parsed) to
- * an idle Node process over a Unix stream socket, one request per process at a
- * time, and writes a fixed HTTP answer to the client when the process answers.
- * No HTTP parsing beyond "a read arrived", no event JSON, no scheduler, no
- * limits: what it costs per request is the sockets, the wakeups and the context
- * switches between the proxy and Node, plus Node's own loop turn. hearth cannot
- * do better than this on the same cores; perf/functions/floor.sh compares the
- * two with bare Node.
+ * A reference floor for servers that run each function instance in a process
+ * of its own: the simplest such proxy, doing little beyond the unavoidable. It
+ * accepts HTTP clients, hands each request (as a fixed 64-byte message, nothing
+ * parsed) to an idle Node process over a Unix stream socket, one request per
+ * process at a time, and writes a fixed HTTP answer when the process answers
+ * (500 when it reports a failure). No HTTP parsing beyond "a read arrived", no
+ * event JSON, no scheduler, no limits: what it costs per request is the
+ * sockets, the wakeups and the context switches between the proxy and Node,
+ * plus Node's own work. It is one design of that shape (level-triggered epoll,
+ * a plain read and write per step), not a proven lower bound: batching or
+ * shared memory could go below it. perf/functions/floor.sh runs it beside
+ * hearth and bare Node.
  *
  *   gcc -O2 perf/functions/floor-proxy.c -o /tmp/floor-proxy
- *   /tmp/floor-proxy INSTANCES node perf/functions/floor-instance.js [app handler]
+ *   /tmp/floor-proxy INSTANCES node perf/functions/floor-instance.js [DIR FILE.EXPORT ...]
  *
  * Listens on 127.0.0.1 at a free port and prints "listening <port>"; starts
  * INSTANCES copies of COMMAND (searched in PATH) with its end of a socket pair
@@ -20,14 +22,17 @@
  * of a thread-per-core server. Requests that find every instance
  * busy wait in a FIFO. Assumes each client read holds exactly one request (wrk
  * without pipelining); a client that sends more is answered once per read. A
- * client that hangs up with a request in flight is closed once it is answered.
+ * client that hangs up with requests in flight is closed, unanswered, once the
+ * last of them is done. Answers are a few dozen bytes, written with one write.
  *
  * With FLOOR_HANDLER set (e.g. "app.handler"), the instances are hearth's own
  * runtime shim (include/runtime/bootstrap.js) spoken to in hearth's frames
  * (include/hearth_protocol.h): each gets a HELLO for that handler in
  * FLOOR_TASK_ROOT and must answer READY; each request goes over as an INVOKE
  * with the fixed metadata FLOOR_META and body FLOOR_BODY (what hearth would
- * send for the benchmark's request), and the instance's RESPONSE or ERROR
+ * send for the benchmark's request; FLOOR_HANDLER and FLOOR_TASK_ROOT go into
+ * the HELLO's JSON as they are, so they must not hold quotes or backslashes),
+ * and the instance's RESPONSE (200 unless its status is not 200) or ERROR (500)
  * frame, LOG frames skipped, ends it. That is the floor plus the shim.
  */
 #define _GNU_SOURCE
@@ -58,6 +63,9 @@
 
 static const char ANSWER[] =
     "HTTP/1.1 200 OK\r\ncontent-type: text/plain\r\ncontent-length: 5\r\n\r\nhello";
+/* When the instance reports a failure: wrk counts it as an error. */
+static const char FAILED[] =
+    "HTTP/1.1 500 Internal Server Error\r\ncontent-type: text/plain\r\ncontent-length: 6\r\n\r\nfailed";
 
 static int epfd;
 static int inst_fd[MAX_INSTANCES];
@@ -66,8 +74,8 @@ static int n_inst;
 static int waiting[MAX_FDS]; /* FIFO of client fds */
 static int wait_head, wait_len;
 static int fd_instance[MAX_FDS]; /* fd -> instance index + 1 (0: a client) */
-static char in_service[MAX_FDS];   /* a client's request is queued or being served */
-static char gone[MAX_FDS];         /* ...and the client hung up: close once answered */
+static unsigned short in_service[MAX_FDS]; /* a client's requests queued or being served */
+static char gone[MAX_FDS]; /* ...and the client hung up: close once they are done */
 /* Frames mode: the INVOKE frame sent for every request, and what each
  * instance has sent of its current answer. */
 static char *invoke;
@@ -85,15 +93,20 @@ static void watch(int fd) {
     if (epoll_ctl(epfd, EPOLL_CTL_ADD, fd, &ev) < 0) die("epoll_ctl");
 }
 
-/* Answers a served client, or closes it if it hung up meanwhile. */
-static void answer(int client) {
-    in_service[client] = 0;
+/* Answers one request of a client (`ok`: with 200, else 500); a client that
+ * hung up gets nothing and is closed when its last request is done. */
+static void answer(int client, int ok) {
+    in_service[client]--;
     if (gone[client]) {
-        gone[client] = 0;
-        close(client);
-    } else if (write(client, ANSWER, sizeof ANSWER - 1) < 0 && errno != EPIPE && errno != ECONNRESET) {
-        die("write to client");
+        if (in_service[client] == 0) {
+            gone[client] = 0;
+            close(client);
+        }
+        return;
     }
+    const char *text = ok ? ANSWER : FAILED;
+    size_t len = ok ? sizeof ANSWER - 1 : sizeof FAILED - 1;
+    if (write(client, text, len) < 0 && errno != EPIPE && errno != ECONNRESET) die("write to client");
 }
 
 static void hand_over(int i, int client) {
@@ -116,24 +129,29 @@ static char *frame(int type, const char *meta, const char *body, size_t *len) {
     size_t ml = meta ? strlen(meta) : 0, bl = body ? strlen(body) : 0;
     unsigned char *f = malloc(FRAME_HEADER + ml + bl);
     if (f == NULL) die("malloc");
-    uint32_t words[3] = {1, (uint32_t)ml, (uint32_t)bl}; /* id, meta length, body length */
+    uint32_t words[3] = {1, (uint32_t)ml, (uint32_t)bl}; /* id (any), meta length, body length */
     f[0] = 0x54; /* magic 0x4854, little-endian */
     f[1] = 0x48;
     f[2] = type;
     f[3] = 0;
     for (int w = 0; w < 3; w++)
         for (int b = 0; b < 4; b++) f[4 + 4 * w + b] = words[w] >> (8 * b);
-    memcpy(f + FRAME_HEADER, meta, ml);
-    memcpy(f + FRAME_HEADER + ml, body, bl);
+    if (ml != 0) memcpy(f + FRAME_HEADER, meta, ml);
+    if (bl != 0) memcpy(f + FRAME_HEADER + ml, body, bl);
     *len = FRAME_HEADER + ml + bl;
     return (char *)f;
 }
 
 /* Drops the first complete frame instance `i` sent and returns its type; 0
- * while the first frame is still incomplete. */
-static int next_frame(int i) {
+ * while the first frame is still incomplete. `*ok` says whether it was a
+ * RESPONSE with status 200. */
+static int next_frame(int i, int *ok) {
     unsigned char *b = (unsigned char *)inst_buf[i];
     if (inst_fill[i] < FRAME_HEADER) return 0;
+    if (b[0] != 0x54 || b[1] != 0x48) {
+        fprintf(stderr, "floor-proxy: an instance sent a frame without the magic\n");
+        exit(1);
+    }
     size_t len = FRAME_HEADER + (size_t)le32(b + 8) + le32(b + 12);
     if (len > FRAME_MAX) {
         fprintf(stderr, "floor-proxy: an instance sent a frame of %zu bytes\n", len);
@@ -141,15 +159,19 @@ static int next_frame(int i) {
     }
     if (inst_fill[i] < len) return 0;
     int type = b[2];
+    static const char STATUS_200[] = "\"status\":200,";
+    *ok = type == T_RESPONSE &&
+          memmem(b + FRAME_HEADER, le32(b + 8), STATUS_200, sizeof STATUS_200 - 1) != NULL;
     memmove(b, b + len, inst_fill[i] - len);
     inst_fill[i] -= len;
     return type;
 }
 
-/* Whether instance `i` has now sent its whole answer (LOG frames skipped). */
-static int answer_frame_done(int i) {
+/* Whether instance `i` has now sent its whole answer (LOG frames skipped),
+ * and in `*ok` whether it succeeded. */
+static int answer_frame_done(int i, int *ok) {
     int type;
-    while ((type = next_frame(i)) > 0)
+    while ((type = next_frame(i, ok)) > 0)
         if (type == T_RESPONSE || type == T_ERROR) return 1;
     return 0;
 }
@@ -171,8 +193,8 @@ static void hello_all(const char *handler, const char *task_root) {
             ssize_t n = read(inst_fd[i], inst_buf[i] + inst_fill[i], FRAME_MAX - inst_fill[i]);
             if (n <= 0) die("waiting for READY");
             inst_fill[i] += n;
-            int type;
-            while ((type = next_frame(i)) > 0) {
+            int type, ok;
+            while ((type = next_frame(i, &ok)) > 0) {
                 if (type == T_READY) goto ready;
                 if (type != T_LOG) {
                     fprintf(stderr, "floor-proxy: the runtime answered HELLO with frame type %d\n", type);
@@ -198,7 +220,7 @@ static void on_client(int fd) {
         }
         return;
     }
-    in_service[fd] = 1;
+    in_service[fd]++;
     for (int i = 0; i < n_inst; i++) {
         if (inst_client[i] < 0) {
             hand_over(i, fd);
@@ -211,22 +233,24 @@ static void on_client(int fd) {
 
 static void on_instance(int i) {
     char buf[256];
+    int ok;
     if (invoke != NULL) {
         ssize_t n = read(inst_fd[i], inst_buf[i] + inst_fill[i], FRAME_MAX - inst_fill[i]);
         if (n <= 0) die("instance went away");
         inst_fill[i] += n;
-        if (!answer_frame_done(i)) return;
-    } else if (read(inst_fd[i], buf, sizeof buf) <= 0) {
-        die("instance went away");
+        if (!answer_frame_done(i, &ok)) return;
+    } else {
+        if (read(inst_fd[i], buf, sizeof buf) <= 0) die("instance went away");
+        ok = buf[0] != 'e'; /* floor-instance.js answers 'e's when the handler failed */
     }
-    answer(inst_client[i]);
+    answer(inst_client[i], ok);
     inst_client[i] = -1;
     while (wait_len != 0) {
         int next = waiting[wait_head];
         wait_head = (wait_head + 1) % MAX_FDS;
         wait_len--;
         if (gone[next]) {
-            answer(next); /* closes it */
+            answer(next, 0); /* nothing is written to it */
             continue;
         }
         hand_over(i, next);

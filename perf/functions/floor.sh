@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
-# The floor under hearth's per-core figures: what any server that runs each
-# instance in a process of its own pays per request, whatever its code.
-# Four servers, each confined to CPU 0 with wrk -t1 -c10 on CPU 1 (as in
-# one-core.sh), in alternating rounds, for the trivial handler and the
+# A reference floor under hearth's per-core figures: what a server that runs
+# each instance in a process of its own pays per request when it does little
+# else. Four servers, each confined to CPU 0 with wrk -t1 -c10 on CPU 1 (as in
+# one-core.sh), in alternating rounds, for the trivial handler (GET /) and the
 # Express fixture's POST /greet:
 #   hearth  `serve --cores 1`, both functions deployed with concurrency N
 #           (at most N instances);
 #   floor   perf/functions/floor-proxy.c with N Node processes running
-#           floor-instance.js: sockets, wakeups and context switches, and for
-#           Express the handler called with a ready-made event; no HTTP
-#           parsing, no frames, no scheduler. Node gets hearth's flags;
+#           floor-instance.js: sockets, wakeups and context switches, and the
+#           handler called with an event built in JavaScript per request; no
+#           HTTP parsing, no frames, no scheduler. Node gets hearth's flags
+#           (bare Node, as users run it, gets none);
 #   shim    the same proxy driving hearth's runtime shim (bootstrap.js) in
 #           hearth's frames, a fixed INVOKE of the benchmark's request: the
 #           floor plus the shim's event building and answer frames;
@@ -18,16 +19,22 @@
 # own process(es) (hearth's threads and agents, the floor's proxy) and of its
 # Node processes (from /proc/<pid>/stat; tick-sampled, so the user/system
 # split is rough but the sum holds), medians over the rounds. hearth ÷ bare is
-# the ratio one-core.sh reports; floor ÷ bare bounds what a
-# process-per-instance design can reach on this machine; shim − floor is the
-# runtime shim's cost and hearth − shim the host's (HTTP, scheduler, sandbox).
+# what one-core.sh reports, but with N instances (one-core.sh deploys with the
+# defaults: 3-6 instances on one core for the trivial handler); floor ÷ bare is
+# where the simplest process-per-instance server stands here (one design, not
+# a proven bound); shim − floor is the runtime shim's cost and hearth − shim
+# the host's (HTTP, scheduler, sandbox). The proxies answer 500 when the
+# handler fails, so a broken setup shows in the errors column.
 #
 # With CORES=2, everything gets both CPUs and wrk -t2 -c10 shares them (as in
 # perf/run-all): hearth on all cores with concurrency 2N, one floor (or shim)
 # proxy pinned to each CPU with N instances of its own on one port
-# (SO_REUSEPORT), and Node `cluster` (cluster.js) beside the bare process.
+# (SO_REUSEPORT, as hearth's workers; the kernel may split the 10 connections
+# unevenly, as it does for hearth), and Node `cluster` (cluster.js) beside the
+# bare process; wrk, bare and cluster are not pinned.
 #
 # Usage: perf/functions/floor.sh [--rounds N] [--duration 10s] [--no-build]
+#        (--duration in whole seconds)
 #        INSTANCES=N (per core; default 1: the fastest setting on one core)
 #        CORES=1|2 (default 1)
 # Needs root, gcc, wrk, node, zip, curl and taskset, and 2 CPUs.
@@ -39,11 +46,12 @@ DURATION=10s
 BUILD=1
 # shellcheck source=lib.sh
 . "$ROOT/perf/functions/lib.sh"
-USAGE_LINES=34 round_args "$@"
+USAGE_LINES=40 round_args "$@"
 die() { echo "floor: $*" >&2; exit 1; }
 [ "$(nproc)" -ge 2 ] || die "needs at least 2 CPUs"
 CORES=${CORES:-1}
 [ "$CORES" = 1 ] || [ "$CORES" = 2 ] || die "CORES must be 1 or 2"
+[[ "$DURATION" =~ ^[0-9]+s$ ]] || die "--duration takes whole seconds, e.g. 10s"
 bench_prepare wrk node zip curl taskset gcc
 WRK_THREADS=$CORES
 WRK_CONNS=10
@@ -78,7 +86,7 @@ start_floor() { # name command args...
     eval "${name}_PIDS='${pids[*]}'"
     REPLY=$port
 }
-start_floor FT "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js"
+start_floor FT "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js" "$HERE/trivial" index.handler GET /
 FT=$REPLY
 start_floor FE "$TMP/floor-proxy" "$INSTANCES" node "${NODE_FLAGS[@]}" "$HERE/floor-instance.js" "$FIXTURE" app.handler
 FE=$REPLY
@@ -153,6 +161,7 @@ after_run() { # test server url req/s
     # shellcheck disable=SC2046 # a list of pids
     awk -v t="$1" -v s="$2" -v a="$(ticks $(pids_of "$1" "$2"))" -v hz="$HZ" -v secs="${DURATION%s}" -v rps="$4" '{
         split(a, n, " "); r = rps * secs
+        if (r == 0) { printf "%s %s nan nan\n", t, s; exit }
         printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
         "$TMP/ticks" | tee -a "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }'
 }

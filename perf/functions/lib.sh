@@ -1,5 +1,6 @@
 # Shared by the function benchmarks (perf/functions-bench.sh, perf/ab.sh,
-# perf/functions/one-core.sh, perf/functions/concurrency-one.sh): checks and build, starting and stopping
+# perf/functions/one-core.sh, perf/functions/concurrency-one.sh,
+# perf/functions/floor.sh and others): checks and build, starting and stopping
 # servers, deploying, running wrk, medians. Expects ROOT (the repository), a
 # `die` function, and before servers start HEARTH (the binary), TMP (a
 # scratch dir) and WRK_THREADS / WRK_CONNS; defines PIDS and an EXIT trap

@@ -969,9 +969,17 @@ fn connections_move_only_while_the_target_core_has_room() {
             accepted[k]
         );
     }
+    // Something moved, unless the kernel itself gave 9 or more to one core: then
+    // that core may have no room, or the other no client to move (a chance of 67
+    // in 2,048 with 11 connections; CI met one such run with nothing moved).
     let m = call(&s, "GET", "/metrics", &[], b"").text();
     let label = format!("function=\"{id}\"");
-    assert!(common::metric_sum(&m, "hearth_function_connections_moved_total", &label) >= 1);
+    let moved = common::metric_sum(&m, "hearth_function_connections_moved_total", &label);
+    eprintln!("accepted {accepted:?}, open {open:?}, {moved} moved");
+    assert!(
+        moved >= 1 || accepted.iter().any(|&a| a >= 9),
+        "no connection moved though both cores had room: accepted {accepted:?}"
+    );
 }
 
 #[test]

@@ -280,6 +280,23 @@ test('plain: headers, multiValueHeaders and cookies translation', async () => {
   assert.equal(r.body.toString(), 'made');
 });
 
+test('plain: response headers of any text keep JSON.stringify\'s exact encoding', async () => {
+  // The shim writes the RESPONSE metadata itself (not through JSON.stringify):
+  // quotes, backslashes, control characters, DEL, non-ASCII, astral and lone
+  // surrogates must come out byte for byte as JSON.stringify writes them.
+  const values = ['plain', '', 'q"uote', 'back\\slash', 'tab\tnl\ncr\r', '\u0001\u001f', 'del\u007f',
+    'caf\u00e9', '\u2028\u2029', '\ud83d\ude00', 'lone\ud800', 'lone\udc00end', '</script>'];
+  const dir = tmpFixture({
+    'index.js': `const v = ${JSON.stringify(values)};
+exports.handler = async () => ({ statusCode: 203, headers: Object.fromEntries(v.map((x, i) => ['X-H' + i + (i === 3 ? '"\\\\' : ''), x])), body: '' });`,
+  });
+  const c = await ready(dir, 'index.handler');
+  const r = await c.invoke({ path: '/' });
+  assert.equal(r.type, T.RESPONSE, r.metaText);
+  const headers = values.map((x, i) => ['x-h' + i + (i === 3 ? '"\\' : ''), x]);
+  assert.equal(r.metaText, JSON.stringify({ status: 203, headers }));
+});
+
 test('plain: a throwing handler answers ERROR and the instance stays warm', async () => {
   const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler');
   const a = await c.invoke({ path: '/' });

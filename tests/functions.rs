@@ -969,9 +969,11 @@ fn connections_move_only_while_the_target_core_has_room() {
             accepted[k]
         );
     }
-    // Something moved, unless the kernel itself gave 9 or more to one core: then
-    // that core may have no room, or the other no client to move (a chance of 67
-    // in 2,048 with 11 connections; CI met one such run with nothing moved).
+    // Something moved, unless the kernel itself gave 9 or more of the 11 to one
+    // core (67 runs in 1,024): then the instance's core may refuse moves for want
+    // of room and the instance be handed over instead, and with all ten clients on
+    // one core nothing needs to move. CI met a run with nothing moved (its counts
+    // were not printed; now they are).
     let m = call(&s, "GET", "/metrics", &[], b"").text();
     let label = format!("function=\"{id}\"");
     let moved = common::metric_sum(&m, "hearth_function_connections_moved_total", &label);

@@ -51,12 +51,13 @@ fn aws_err(s: &Server, secret: &str, args: &[&str], error: &str) {
     aws::fails(s, secret, REGION, args, error)
 }
 
-/// Runs a boto3 script with `client` bound to a Lambda client for `s`.
+/// Runs a boto3 script with `client` bound to a Lambda client for `s` (and `secret` to its key).
 fn boto3(s: &Server, secret: &str, script: &str) -> Output {
     let prelude = format!(
         "import boto3, json, sys\nfrom botocore.config import Config\n\
+         secret = {secret:?}\n\
          client = boto3.client('lambda', endpoint_url='http://{}', region_name='us-east-1', \
-         aws_access_key_id='hearth', aws_secret_access_key={secret:?}, \
+         aws_access_key_id='hearth', aws_secret_access_key=secret, \
          config=Config(retries={{'max_attempts': 1}}))\n",
         s.addr
     );
@@ -667,8 +668,8 @@ fn the_runtime_field_chooses_the_runtime() {
 /// boto3 invoking a function with reserved concurrency 1 on a two-core server from
 /// sixteen threads (its connection pool keeps them open): the connections the other core
 /// accepted move to the instance's core, the instance is not handed back and forth, and
-/// one instance answers every invoke. (With eight, all could land on one core: a chance
-/// of 1 in 128 that nothing has to move.)
+/// one instance answers every invoke. (All connections on one core leave nothing to
+/// move: 1 in 128 runs with eight, 1 in 32,768 with sixteen.)
 #[test]
 fn service_api_invokes_follow_a_single_instance_to_its_core() {
     require_clients!();
@@ -682,7 +683,7 @@ fn service_api_invokes_follow_a_single_instance_to_its_core() {
         r#"
 from concurrent.futures import ThreadPoolExecutor
 client = boto3.client('lambda', endpoint_url=client.meta.endpoint_url, region_name='us-east-1',
-    aws_access_key_id='hearth', aws_secret_access_key=client._request_signer._credentials.secret_key,
+    aws_access_key_id='hearth', aws_secret_access_key=secret,
     config=Config(retries={'max_attempts': 1}, max_pool_connections=16))
 client.put_function_concurrency(FunctionName='one', ReservedConcurrentExecutions=1)
 def inv(_):

@@ -1411,8 +1411,8 @@ function responseMeta(status, headers) {
   return s + ']}';
 }
 
-// Anything JSON must escape, and everything outside ASCII (left to
-// JSON.stringify, which also escapes lone surrogates).
+// Anything JSON must escape, and DEL and above (left to JSON.stringify,
+// which also escapes lone surrogates).
 const JSON_SPECIAL = /["\\\u0000-\u001f\u007f-\uffff]/;
 /** A string as a JSON string literal, identical to JSON.stringify's. */
 function jsonString(s) {

@@ -49,11 +49,15 @@ enum hearth_frame_type {
                               First frame after every (re)connect:
                               the agent sets the wall clock from time_ms; a runtime
                               that has not loaded the handler yet loads it now. */
-    HEARTH_INVOKE = 2,     /* meta: {"method","path","query","headers":[[k,v],...],
-                              "source_ip","protocol","request_id","time_ms",
-                              "domain","deadline_ms"}; header names lower-case,
-                              repeats as separate pairs; path is what follows
-                              /f/<id>; deadline_ms is unix ms; body: raw bytes. */
+    HEARTH_INVOKE = 2,     /* meta: [method, path, query, [[k,v],...], source_ip,
+                              protocol, request_id, time_ms, domain, raw, deadline_ms]:
+                              a JSON array in this order (cheaper to parse than an
+                              object; runtimes also accept an object with these
+                              names, "raw" then true/false); header names
+                              lower-case, repeats as separate pairs; path is what
+                              follows /f/<id>; time_ms and deadline_ms are unix ms;
+                              raw 1: the body is the event itself (the service
+                              API's Invoke), 0: an HTTP request; body: raw bytes. */
     /* guest -> host */
     HEARTH_READY = 16,     /* meta: {"init_ms":<number>,"runtime":"node v20..."} */
     HEARTH_INIT_ERROR = 17,/* meta: {"errorType","errorMessage","stack"?} */

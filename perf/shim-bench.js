@@ -41,30 +41,33 @@ if (!EXPRESS) {
 }
 const BODY = EXPRESS ? Buffer.from('{ "name": "John Doe" }') : Buffer.alloc(0);
 
-// A typical small request as the host would frame it (wrk's headers).
+// A typical small request as the host would frame it (wrk's headers), in the
+// INVOKE metadata's positional form.
 const META = Buffer.from(
-  JSON.stringify({
-    method: EXPRESS ? 'POST' : 'GET',
-    path: EXPRESS ? '/greet' : '/hello',
-    query: EXPRESS ? '' : 'a=1',
-    headers: EXPRESS
-      ? [
-          ['host', '127.0.0.1:8080'],
-          ['content-type', 'application/json'],
-          ['content-length', String(BODY.length)],
-        ]
-      : [
-          ['host', 'localhost:3000'],
-          ['user-agent', 'bench/1.0'],
-          ['accept', '*/*'],
-        ],
-    source_ip: '127.0.0.1',
-    protocol: 'HTTP/1.1',
-    request_id: 'bench-request-0000000000000000',
-    time_ms: Date.now(),
-    deadline_ms: Date.now() + 3600000,
-    domain: 'localhost:3000',
-  }),
+  JSON.stringify(
+    ShimClient.invokeMeta({
+      method: EXPRESS ? 'POST' : 'GET',
+      path: EXPRESS ? '/greet' : '/hello',
+      query: EXPRESS ? '' : 'a=1',
+      headers: EXPRESS
+        ? [
+            ['host', '127.0.0.1:8080'],
+            ['content-type', 'application/json'],
+            ['content-length', String(BODY.length)],
+          ]
+        : [
+            ['host', 'localhost:3000'],
+            ['user-agent', 'bench/1.0'],
+            ['accept', '*/*'],
+          ],
+      source_ip: '127.0.0.1',
+      protocol: 'HTTP/1.1',
+      request_id: 'bench-request-0000000000000000',
+      time_ms: Date.now(),
+      deadline_ms: Date.now() + 3600000,
+      domain: 'localhost:3000',
+    }),
+  ),
 );
 
 function invokeFrame(id) {

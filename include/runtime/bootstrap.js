@@ -345,6 +345,7 @@ function dispatch(type, id, buf, off, metaLen, bodyLen) {
   }
   if (meta === null || typeof meta !== 'object') meta = EMPTY_META;
   if (type === T_INVOKE) {
+    if (Array.isArray(meta)) meta = namedInvokeMeta(meta);
     const body = buf.subarray(off + metaLen, off + metaLen + bodyLen);
     if (badMeta !== null) {
       sendError(id, 'Runtime.InvalidFrame', `invoke metadata is not valid JSON: ${badMeta.message}`);
@@ -361,6 +362,27 @@ function dispatch(type, id, buf, off, metaLen, bodyLen) {
 }
 
 const EMPTY_META = Object.freeze({});
+
+/**
+ * The INVOKE metadata as hearth sends it, a JSON array in a fixed order (an
+ * array parses ~40 % faster than an object with these keys), as the object
+ * with named fields the rest of the shim reads. The named form is accepted too.
+ */
+function namedInvokeMeta(a) {
+  return {
+    method: a[0],
+    path: a[1],
+    query: a[2],
+    headers: a[3],
+    source_ip: a[4],
+    protocol: a[5],
+    request_id: a[6],
+    time_ms: a[7],
+    domain: a[8],
+    raw: a[9] === 1 || a[9] === true,
+    deadline_ms: a[10],
+  };
+}
 
 // ---------------------------------------------------------------------------
 // Function configuration (filled in by the first HELLO).

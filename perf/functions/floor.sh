@@ -93,8 +93,8 @@ FE=$REPLY
 # What hearth's INVOKE metadata looks like for the two requests (fixed ids
 # and times: the shim only copies them into the event).
 invoke_meta() { # method path headers
-    printf '{"method":"%s","path":"%s","query":"","headers":%s,"source_ip":"127.0.0.1","protocol":"HTTP/1.1",%s}' \
-        "$1" "$2" "$3" '"request_id":"0c6b5a9e-3f1d-4c2a-9b7e-2d4f6a8c0e11","time_ms":1764547200000,"domain":"127.0.0.1:8080","deadline_ms":4102444800000'
+    printf '["%s","%s","",%s,"127.0.0.1","HTTP/1.1",%s]' \
+        "$1" "$2" "$3" '"0c6b5a9e-3f1d-4c2a-9b7e-2d4f6a8c0e11",1764547200000,"127.0.0.1:8080",0,4102444800000'
 }
 GREET='{ "name": "John Doe" }'
 # (start_server clears the environment: the proxy's settings go through env.)

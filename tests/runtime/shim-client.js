@@ -144,8 +144,18 @@ class ShimClient {
     return this.next((f) => f.type === T.READY || f.type === T.INIT_ERROR);
   }
 
-  /** Invoke meta with defaults; `over` replaces fields. */
+  /**
+   * Invoke meta as hearth sends it: the positional form of
+   * `namedInvokeMeta(over)` (include/hearth_protocol.h).
+   */
   static invokeMeta(over = {}) {
+    const m = ShimClient.namedInvokeMeta(over);
+    return [m.method, m.path, m.query, m.headers, m.source_ip, m.protocol, m.request_id,
+      m.time_ms, m.domain, m.raw === true ? 1 : 0, m.deadline_ms];
+  }
+
+  /** Invoke meta with named fields and defaults; `over` replaces fields. */
+  static namedInvokeMeta(over = {}) {
     const now = Date.now();
     return Object.assign(
       {

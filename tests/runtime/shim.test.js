@@ -182,6 +182,28 @@ test('plain: full event, context and environment', async () => {
   assert.equal(out.cwd, root);
 });
 
+test('plain: INVOKE metadata with named fields gives the same event as the positional form', async () => {
+  const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler');
+  const over = { method: 'PUT', path: '/echo', query: 'a=1', protocol: 'HTTP/1.0', domain: 'x.example:81',
+    request_id: 'req-same', time_ms: 1764466718000, deadline_ms: Date.now() + 30000,
+    headers: [['host', 'x.example:81'], ['content-type', 'text/plain']] };
+  const events = [];
+  for (const meta of [ShimClient.invokeMeta(over), ShimClient.namedInvokeMeta(over)]) {
+    const id = 900 + events.length;
+    c.send(T.INVOKE, id, meta, Buffer.from('hi'));
+    const r = await c.next((f) => f.id === id && (f.type === T.RESPONSE || f.type === T.ERROR));
+    assert.equal(r.type, T.RESPONSE, r.metaText);
+    events.push(JSON.parse(r.body.toString()).event);
+  }
+  assert.ok(Array.isArray(ShimClient.invokeMeta(over)));
+  assert.deepEqual(events[0], events[1]);
+  const ctx = events[0].requestContext;
+  assert.deepEqual([ctx.http.method, ctx.http.protocol, ctx.domainName, ctx.requestId, ctx.timeEpoch],
+    ['PUT', 'HTTP/1.0', 'x.example:81', 'req-same', 1764466718000]);
+  assert.equal(events[0].rawQueryString, 'a=1');
+  assert.equal(events[0].body, 'hi');
+});
+
 test('plain: request without query, cookies or body omits those fields', async () => {
   const c = await ready(path.join(FIXTURES, 'plain'), 'index.handler', { function: FID });
   const r = await c.invoke({ path: '/', headers: [['host', 'example.test']], domain: 'abc.lambda-url.local' });

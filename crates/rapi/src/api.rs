@@ -237,6 +237,37 @@ pub struct Invocation {
     pub event: Vec<u8>,
 }
 
+/// The field names of the INVOKE metadata's positional form, in order (see
+/// `include/hearth_protocol.h`).
+const INVOKE_FIELDS: [&str; 11] = [
+    "method",
+    "path",
+    "query",
+    "headers",
+    "source_ip",
+    "protocol",
+    "request_id",
+    "time_ms",
+    "domain",
+    "raw",
+    "deadline_ms",
+];
+
+/// The INVOKE metadata's positional form (a JSON array, what hearth sends) as the
+/// object with named fields the translation reads; None if it already is one.
+fn named_meta(meta: &Value) -> Option<Value> {
+    let fields = meta.as_array()?;
+    let mut named = Map::new();
+    for (name, value) in INVOKE_FIELDS.iter().zip(fields) {
+        let value = match (*name, value) {
+            ("raw", v) => Value::Bool(v.as_u64() == Some(1) || v == &Value::Bool(true)),
+            (_, v) => v.clone(),
+        };
+        named.insert((*name).to_string(), value);
+    }
+    Some(Value::Object(named))
+}
+
 /// Translates an INVOKE frame. `trace` is a fresh X-Ray trace id.
 pub fn invocation(
     meta: &Value,
@@ -246,6 +277,8 @@ pub fn invocation(
     now_ms: u64,
     trace: &str,
 ) -> Invocation {
+    let named = named_meta(meta);
+    let meta = named.as_ref().unwrap_or(meta);
     let raw = meta.get("raw") == Some(&Value::Bool(true));
     let request_id = match meta.get("request_id") {
         Some(Value::String(s)) if valid_id(s) => s.clone(),
@@ -826,6 +859,42 @@ mod tests {
         assert_eq!(get("PATH"), Some("/usr/local/bin:/usr/bin:/bin:/opt/bin"));
         assert_eq!(get("AWS_EXECUTION_ENV"), Some("AWS_Lambda_python3"));
         assert_eq!(env.iter().filter(|(k, _)| k == "PATH").count(), 1);
+    }
+
+    #[test]
+    fn positional_invoke_metadata_reads_as_the_named_form() {
+        let f = Function::from_hello(&hello());
+        let headers = json!([["host", "h:1"], ["content-type", "text/plain"]]);
+        let named = json!({"method": "POST", "path": "/p", "query": "a=1", "headers": headers,
+            "source_ip": "10.0.0.1", "protocol": "HTTP/1.0", "request_id": "req-2",
+            "time_ms": 1764466718000u64, "domain": "d.example", "deadline_ms": 1764466721000u64});
+        let positional = json!([
+            "POST",
+            "/p",
+            "a=1",
+            headers,
+            "10.0.0.1",
+            "HTTP/1.0",
+            "req-2",
+            1764466718000u64,
+            "d.example",
+            0,
+            1764466721000u64
+        ]);
+        let a = invocation(&named, b"x", 7, &f, 1, "T");
+        let b = invocation(&positional, b"x", 7, &f, 1, "T");
+        assert_eq!((a.event, a.headers), (b.event, b.headers));
+        let ev: Value =
+            serde_json::from_slice(&invocation(&positional, b"x", 7, &f, 1, "T").event).unwrap();
+        assert_eq!(ev["requestContext"]["http"]["protocol"], "HTTP/1.0");
+        assert_eq!(ev["requestContext"]["domainName"], "d.example");
+        // raw 1: the body is the event, as with "raw": true.
+        let mut raw = positional.clone();
+        raw[9] = json!(1);
+        assert_eq!(
+            invocation(&raw, b"{\"k\":1}", 7, &f, 1, "T").event,
+            b"{\"k\":1}"
+        );
     }
 
     #[test]

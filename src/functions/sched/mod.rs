@@ -82,8 +82,8 @@ pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// start one because the server's instance memory budget is taken, gets 503
 /// `memory_budget_exhausted` after waiting this long for room.
 pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
-/// How the deadline is added to an INVOKE frame's metadata at dispatch.
-const DEADLINE_FIELD: &str = ",\"deadline_ms\":";
+/// What precedes the deadline, the INVOKE metadata's last element, added at dispatch.
+const DEADLINE_FIELD: &str = ",";
 /// Times a queued request goes to another core, after an instance handed
 /// there or spilled to an idle one (see [`spill`]); after that it waits where
 /// it is (so a request cannot bounce between cores for as long as instances
@@ -228,7 +228,7 @@ struct Pending {
     to: ReplyTo,
     rid: u32,
     request_id: String,
-    /// The INVOKE metadata without its closing brace; the deadline is added at dispatch.
+    /// The INVOKE metadata without its closing bracket; the deadline is added at dispatch.
     meta_head: Vec<u8>,
     body: Vec<u8>,
     arrived: Instant,

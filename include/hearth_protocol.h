@@ -19,7 +19,8 @@
  * Frame layout (all integers little-endian):
  *
  *   struct hearth_frame_header   16 bytes
- *   meta                         meta_len bytes, UTF-8 JSON object (may be 0)
+ *   meta                         meta_len bytes, UTF-8 JSON (an object; INVOKE: an
+ *                                array, see below; meta_len may be 0)
  *   body                         body_len bytes, raw; never base64 on the wire
  *
  * A receiver that sees an unknown type, a bad magic or a length over the

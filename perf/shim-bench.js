@@ -7,6 +7,7 @@
 //   SHIM_NODE_ARGS='--cpu-prof --cpu-prof-dir=/tmp/prof' node perf/shim-bench.js
 //   SHIM_APP=express node perf/shim-bench.js   # the Express fixture, POST /greet
 //   SHIM_BOOTSTRAP=/tmp/old-bootstrap.js node perf/shim-bench.js   # another shim
+//   SHIM_META=object ...   # INVOKE metadata as an object (shims before the positional form)
 //
 // Prints round trips per second, latency, and the shim process's CPU time
 // per round trip (user + system, from /proc/<pid>/stat).
@@ -42,10 +43,13 @@ if (!EXPRESS) {
 const BODY = EXPRESS ? Buffer.from('{ "name": "John Doe" }') : Buffer.alloc(0);
 
 // A typical small request as the host would frame it (wrk's headers), in the
-// INVOKE metadata's positional form.
+// INVOKE metadata's positional form (SHIM_META=object: the named form, which
+// shims older than the positional form need: they would read the array as an
+// empty request and still answer).
+const metaOf = process.env.SHIM_META === 'object' ? ShimClient.namedInvokeMeta : ShimClient.invokeMeta;
 const META = Buffer.from(
   JSON.stringify(
-    ShimClient.invokeMeta({
+    metaOf({
       method: EXPRESS ? 'POST' : 'GET',
       path: EXPRESS ? '/greet' : '/hello',
       query: EXPRESS ? '' : 'a=1',

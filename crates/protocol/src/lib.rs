@@ -21,6 +21,21 @@ pub const STREAM_CHUNK_BYTES_MAX: usize = 64 << 10;
 /// Largest streamed answer, all chunks together (Lambda's 20 MiB soft limit
 /// for streamed responses); the host ends a stream that goes past it.
 pub const STREAM_BYTES_MAX: usize = 20 << 20;
+/// The INVOKE metadata's fields, in the order of its positional form (a JSON
+/// array; see `include/hearth_protocol.h`). `raw` is 1 or 0 there.
+pub const INVOKE_META_FIELDS: [&str; 11] = [
+    "method",
+    "path",
+    "query",
+    "headers",
+    "source_ip",
+    "protocol",
+    "request_id",
+    "time_ms",
+    "domain",
+    "raw",
+    "deadline_ms",
+];
 
 /// Frame types; numbers match `enum hearth_frame_type`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]

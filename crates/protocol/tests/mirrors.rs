@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use hearth_protocol::{
-    encode, FrameType, BODY_BYTES_MAX, HEADER_BYTES, LOG_STDERR, MAGIC, META_BYTES_MAX,
-    STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX,
+    encode, FrameType, BODY_BYTES_MAX, HEADER_BYTES, INVOKE_META_FIELDS, LOG_STDERR, MAGIC,
+    META_BYTES_MAX, STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX,
 };
 
 fn read_repo_file(relative: &str) -> String {
@@ -242,4 +242,41 @@ fn node_shim_agrees_with_the_crate() {
         .filter_map(|name| Some((name.strip_prefix("T_")?.to_string(), constant(name))))
         .collect();
     assert_eq!(js_types, crate_frame_types(), "T_* in the shim");
+}
+
+/// The shim reads the INVOKE metadata's positional form by index (`namedInvokeMeta`):
+/// each field's index there is its place in [`INVOKE_META_FIELDS`], and the C header
+/// lists them in that order.
+#[test]
+fn shim_and_header_read_the_invoke_metadata_in_the_crates_order() {
+    let shim = read_repo_file("include/runtime/bootstrap.js");
+    let body = shim
+        .split("function namedInvokeMeta(a) {")
+        .nth(1)
+        .expect("namedInvokeMeta in the shim");
+    let body = &body[..body.find("\n}").expect("end of namedInvokeMeta")];
+    let mut seen = Vec::new();
+    for line in body.lines() {
+        let Some((name, rest)) = line.trim().split_once(": a[") else {
+            continue;
+        };
+        let index: usize = rest[..rest.find(']').unwrap()].parse().unwrap();
+        assert_eq!(INVOKE_META_FIELDS.get(index), Some(&name), "{line}");
+        seen.push(index);
+    }
+    seen.sort_unstable();
+    assert_eq!(seen, (0..INVOKE_META_FIELDS.len()).collect::<Vec<_>>());
+    let header = read_repo_file("include/hearth_protocol.h");
+    let doc = header
+        .split("HEARTH_INVOKE = 2,")
+        .nth(1)
+        .expect("INVOKE in the header");
+    let doc = &doc[doc.find('[').unwrap()..doc.find("]:").unwrap()];
+    let listed: Vec<String> = doc
+        .replace("[[k,v],...]", "headers")
+        .trim_start_matches('[')
+        .split(',')
+        .map(|f| f.trim().to_string())
+        .collect();
+    assert_eq!(listed, INVOKE_META_FIELDS);
 }

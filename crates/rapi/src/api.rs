@@ -237,28 +237,12 @@ pub struct Invocation {
     pub event: Vec<u8>,
 }
 
-/// The field names of the INVOKE metadata's positional form, in order (see
-/// `include/hearth_protocol.h`).
-const INVOKE_FIELDS: [&str; 11] = [
-    "method",
-    "path",
-    "query",
-    "headers",
-    "source_ip",
-    "protocol",
-    "request_id",
-    "time_ms",
-    "domain",
-    "raw",
-    "deadline_ms",
-];
-
 /// The INVOKE metadata's positional form (a JSON array, what hearth sends) as the
-/// object with named fields the translation reads; None if it already is one.
+/// object with named fields the translation reads; None if it is not an array.
 fn named_meta(meta: &Value) -> Option<Value> {
     let fields = meta.as_array()?;
     let mut named = Map::new();
-    for (name, value) in INVOKE_FIELDS.iter().zip(fields) {
+    for (name, value) in hearth_protocol::INVOKE_META_FIELDS.iter().zip(fields) {
         let value = match (*name, value) {
             ("raw", v) => Value::Bool(v.as_u64() == Some(1) || v == &Value::Bool(true)),
             (_, v) => v.clone(),

@@ -8,8 +8,8 @@ use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
 
 use super::{
-    scale, Action, Busy, CorePool, FnState, Frame, Inst, InstId, Pending, DEADLINE_FIELD,
-    EXIT_GRACE, MEMORY_WAIT_MAX, QUEUE_INIT_ALLOWANCE,
+    scale, Action, Busy, CorePool, FnState, Frame, Inst, InstId, Pending, DEADLINE_SEP, EXIT_GRACE,
+    MEMORY_WAIT_MAX, QUEUE_INIT_ALLOWANCE,
 };
 use crate::functions::{NoSlot, Started};
 use crate::http::parse::{Request, Version};
@@ -318,7 +318,7 @@ impl CorePool {
         let timeout_ms = inst.function.spec.timeout_ms;
         // The handler's clock starts now: queue time does not eat into it.
         let mut meta = p.meta_head;
-        meta.extend_from_slice(DEADLINE_FIELD.as_bytes());
+        meta.extend_from_slice(DEADLINE_SEP.as_bytes());
         meta.extend_from_slice(decimal(wall_ms + timeout_ms).as_bytes());
         meta.push(b']');
         let frame_len = crate::protocol::HEADER_BYTES + meta.len() + p.body.len();

@@ -83,7 +83,7 @@ pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// `memory_budget_exhausted` after waiting this long for room.
 pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
 /// What precedes the deadline, the INVOKE metadata's last element, added at dispatch.
-const DEADLINE_FIELD: &str = ",";
+const DEADLINE_SEP: &str = ",";
 /// Times a queued request goes to another core, after an instance handed
 /// there or spilled to an idle one (see [`spill`]); after that it waits where
 /// it is (so a request cannot bounce between cores for as long as instances
@@ -785,7 +785,7 @@ impl CorePool {
         // The metadata ends with the deadline added at dispatch; a new
         // dispatch adds a new one.
         let mut meta_head = frame.meta;
-        let at = memchr::memmem::rfind(&meta_head, DEADLINE_FIELD.as_bytes())?;
+        let at = memchr::memmem::rfind(&meta_head, DEADLINE_SEP.as_bytes())?;
         meta_head.truncate(at);
         let timeout = Duration::from_millis(inst.function.spec.timeout_ms);
         Some(Pending {

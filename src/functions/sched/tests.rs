@@ -1832,3 +1832,56 @@ fn a_request_on_a_core_without_an_instance_spills_to_an_idle_one_at_once() {
     };
     assert_eq!(q.to(), to);
 }
+
+/// The INVOKE metadata hearth writes reads back field by field through the Runtime
+/// API crate's reader, whose field order the Node shim mirrors (a swapped pair of
+/// fields in either would fail here, not only in end-to-end tests).
+#[test]
+fn invoke_metadata_reads_back_through_the_runtime_api_reader() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let limits = parse::Limits {
+        head_bytes_max: 8192,
+        headers_max: 100,
+        body_bytes_max: 1 << 20,
+    };
+    let head = b"PUT /f/a/p?q=1 HTTP/1.0\r\nHost: h.example:81\r\nUser-Agent: ua\r\n\r\n";
+    let req = parse::parse_head(head, &limits).unwrap().unwrap().0;
+    let to = ReplyTo {
+        token: 1,
+        serial: 1,
+    };
+    let peer = IpAddr::from([10, 0, 0, 7]);
+    let now = sim.now;
+    sim.pool
+        .on_request(to, peer, "a", "/p", req, b"body".to_vec(), now);
+    sim.drain();
+    sim.start_all();
+    let frame = &sim.sent.last().expect("dispatched").1;
+    let meta: serde_json::Value = serde_json::from_slice(&frame.meta).unwrap();
+    let hello = serde_json::json!({"function": "a", "timeout_ms": 1000});
+    let rf = hearth_rapi::api::Function::from_hello(&hello);
+    let inv = hearth_rapi::api::invocation(&meta, b"body", frame.request_id, &rf, 1, "T");
+    let ev: serde_json::Value = serde_json::from_slice(&inv.event).unwrap();
+    let ctx = &ev["requestContext"];
+    assert_eq!(ctx["http"]["method"], "PUT", "{meta}");
+    assert_eq!(ev["rawPath"], "/p", "{meta}");
+    assert_eq!(ev["rawQueryString"], "q=1", "{meta}");
+    assert_eq!(ev["headers"]["user-agent"], "ua", "{meta}");
+    assert_eq!(ctx["http"]["sourceIp"], "10.0.0.7", "{meta}");
+    assert_eq!(ctx["http"]["protocol"], "HTTP/1.0", "{meta}");
+    assert_eq!(ctx["domainName"], "h.example:81", "{meta}");
+    assert_eq!(ctx["timeEpoch"], WALL_MS_AT_START, "{meta}");
+    // No text content-type: the body goes base64-encoded.
+    assert_eq!(ev["body"], "Ym9keQ==", "{meta}");
+    let request_id = ctx["requestId"].as_str().unwrap();
+    assert_eq!(request_id.len(), 36, "a UUID: {meta}");
+    assert_eq!(inv.request_id, request_id);
+    let deadline = (WALL_MS_AT_START + 1000).to_string();
+    assert!(
+        inv.headers
+            .contains(&("Lambda-Runtime-Deadline-Ms".into(), deadline)),
+        "{:?}",
+        inv.headers
+    );
+}

@@ -124,12 +124,15 @@ fn function(id: &str, concurrency: u32, timeout_ms: u64) -> Arc<Function> {
 }
 
 fn request() -> Request {
+    parse_request(b"GET /f/x/ HTTP/1.1\r\nHost: example\r\n\r\n")
+}
+
+fn parse_request(head: &[u8]) -> Request {
     let limits = parse::Limits {
         head_bytes_max: 8192,
         headers_max: 100,
         body_bytes_max: 1 << 20,
     };
-    let head = b"GET /f/x/ HTTP/1.1\r\nHost: example\r\n\r\n";
     parse::parse_head(head, &limits).unwrap().unwrap().0
 }
 
@@ -208,14 +211,26 @@ impl Sim {
 
     /// A client asks function `id`; returns where its answer goes.
     fn request(&mut self, id: &str) -> ReplyTo {
+        let peer = IpAddr::from([127, 0, 0, 1]);
+        self.request_from(peer, id, "/", request(), b"in")
+    }
+
+    /// Client `peer` sends `req` for `path` of function `id` with `body`.
+    fn request_from(
+        &mut self,
+        peer: IpAddr,
+        id: &str,
+        path: &str,
+        req: Request,
+        body: &[u8],
+    ) -> ReplyTo {
         let to = ReplyTo {
             token: self.next_serial as usize,
             serial: self.next_serial,
         };
         self.next_serial += 1;
-        let peer = IpAddr::from([127, 0, 0, 1]);
         self.pool
-            .on_request(to, peer, id, "/", request(), b"in".to_vec(), self.now);
+            .on_request(to, peer, id, path, req, body.to_vec(), self.now);
         self.drain();
         to
     }
@@ -1840,22 +1855,9 @@ fn a_request_on_a_core_without_an_instance_spills_to_an_idle_one_at_once() {
 fn invoke_metadata_reads_back_through_the_runtime_api_reader() {
     let f = function("a", 1, 1000);
     let mut sim = Sim::new(config(0), &[&f]);
-    let limits = parse::Limits {
-        head_bytes_max: 8192,
-        headers_max: 100,
-        body_bytes_max: 1 << 20,
-    };
     let head = b"PUT /f/a/p?q=1 HTTP/1.0\r\nHost: h.example:81\r\nUser-Agent: ua\r\n\r\n";
-    let req = parse::parse_head(head, &limits).unwrap().unwrap().0;
-    let to = ReplyTo {
-        token: 1,
-        serial: 1,
-    };
     let peer = IpAddr::from([10, 0, 0, 7]);
-    let now = sim.now;
-    sim.pool
-        .on_request(to, peer, "a", "/p", req, b"body".to_vec(), now);
-    sim.drain();
+    sim.request_from(peer, "a", "/p", parse_request(head), b"body");
     sim.start_all();
     let frame = &sim.sent.last().expect("dispatched").1;
     let meta: serde_json::Value = serde_json::from_slice(&frame.meta).unwrap();

@@ -1,5 +1,5 @@
 /*
- * hearth host <-> guest wire protocol, version 1.
+ * hearth host <-> guest wire protocol, version 2 (HEARTH_PROTO_VERSION).
  *
  * One persistent byte stream per instance carries every frame in both
  * directions. The stream is a socketpair end (process backend), a
@@ -32,7 +32,7 @@
 #include <stdint.h>
 
 #define HEARTH_PROTO_MAGIC 0x4854u /* "HT" */
-#define HEARTH_PROTO_VERSION 1u
+#define HEARTH_PROTO_VERSION 2u /* 2: INVOKE metadata positional */
 
 /* Limits: a frame larger than this is a protocol error. */
 #define HEARTH_META_MAX (1u << 20)         /* 1 MiB of JSON metadata        */

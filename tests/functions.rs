@@ -724,6 +724,68 @@ fn a_second_server_cannot_share_a_state_dir() {
     s.assert_healthy();
 }
 
+/// An agent built before the wire protocol changed (a static binary of its own,
+/// easily left stale) would misread every request; the server refuses it at
+/// start-up and says how to fix it. The stand-in prints what such an agent's
+/// `--version` printed.
+#[test]
+fn a_guest_agent_of_another_protocol_is_refused_at_start() {
+    let dir = common::temp_dir("stale-agent");
+    for (name, line, says) in [
+        ("old", "hearth-agent 0.1.0", "reports no wire protocol"),
+        (
+            "other",
+            "hearth-agent 0.1.0 (protocol 1)",
+            "speaks wire protocol 1",
+        ),
+    ] {
+        let agent = dir.join(name);
+        std::fs::write(&agent, format!("#!/bin/sh\necho '{line}'\n")).unwrap();
+        std::fs::set_permissions(&agent, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+            .unwrap();
+        let state = dir.join(format!("state-{name}"));
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_hearth"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--state-dir"])
+            .arg(&state)
+            .env("HEARTH_AGENT", &agent)
+            .env("HEARTH_NODE", "/usr/bin/true")
+            .stdin(std::process::Stdio::null())
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run hearth");
+        // A server that accepted the agent would serve until stopped.
+        let started = Instant::now();
+        while child.try_wait().unwrap().is_none() {
+            if started.elapsed() > Duration::from_secs(20) {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("{name}: the server started with an agent of another protocol");
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{name}: {err}");
+        assert!(
+            err.contains(says) && err.contains("tools/build-agent.sh"),
+            "{name}: {err}"
+        );
+        let roots = std::fs::read_dir(state.join("cache"))
+            .map(|d| {
+                d.flatten()
+                    .filter(|e| e.file_name() != "bootstrap.js")
+                    .count()
+            })
+            .unwrap_or(0);
+        assert_eq!(
+            roots, 0,
+            "{name}: a runtime root was built with the refused agent"
+        );
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 #[test]
 fn the_jailer_flag_needs_the_firecracker_backend() {
     let dir = common::temp_dir("jailer-flag");

@@ -42,7 +42,8 @@ OPTIONS
                        sockets to the host, starts the program on HELLO and
                        reports its exit in an EXIT frame
   -h, --help           this text
-  -V, --version        version
+  -V, --version        version and wire protocol version, which hearth
+                       checks against its own before using this agent
 
 The runtime gets the frame socket as fd 3, /dev/null as stdin, and pipes as
 stdout/stderr; the agent turns their lines into LOG frames (tagged with the

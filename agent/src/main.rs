@@ -62,7 +62,12 @@ fn main() {
     let is_pid1 = std::process::id() == 1;
     match cli::parse(&args, is_pid1) {
         Ok(Command::Help) => print!("{}", cli::USAGE),
-        Ok(Command::Version) => println!("hearth-agent {}", env!("CARGO_PKG_VERSION")),
+        // hearth reads the protocol number from this line (`runtime::check_agent`).
+        Ok(Command::Version) => println!(
+            "hearth-agent {} (protocol {})",
+            env!("CARGO_PKG_VERSION"),
+            protocol::VERSION
+        ),
         Ok(Command::Process {
             channel_fd,
             log_fd,

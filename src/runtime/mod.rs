@@ -136,8 +136,15 @@ pub fn find_node() -> Result<PathBuf, RuntimeError> {
 /// `$HEARTH_AGENT` if set (and not empty), else the first static one of: the
 /// static build in the cargo target directory above the hearth binary, the
 /// agent next to it (a plain `cargo build` also leaves a dynamic
-/// `hearth-agent` there).
+/// `hearth-agent` there). Either way it must speak this build's wire protocol
+/// ([`check_agent`]).
 pub fn find_static_agent() -> Result<PathBuf, RuntimeError> {
+    let agent = locate_agent()?;
+    check_agent(&agent)?;
+    Ok(agent)
+}
+
+fn locate_agent() -> Result<PathBuf, RuntimeError> {
     // An explicit choice is taken as given (the process backend can run a
     // dynamic agent whose libraries are in its root; microVMs cannot).
     if let Some(p) = agent_override(std::env::var_os("HEARTH_AGENT")) {
@@ -174,6 +181,51 @@ pub fn find_static_agent() -> Result<PathBuf, RuntimeError> {
             dynamic.join(", ")
         )
     }))
+}
+
+/// Refuses an agent that speaks another wire protocol than this build, read
+/// from its `--version` line. The agent is built apart from hearth (a static
+/// binary), so a stale one is easy to end up with after an update, and would
+/// misread frames silently (one from before protocol 2 reads every request as
+/// empty); this turns that into an error at start-up that says what to do.
+pub fn check_agent(agent: &Path) -> Result<(), RuntimeError> {
+    let out = std::process::Command::new(agent)
+        .arg("--version")
+        .stdin(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .output()
+        .map_err(|e| {
+            RuntimeError::Missing(format!(
+                "cannot run the guest agent {} --version: {e}",
+                agent.display()
+            ))
+        })?;
+    let line = String::from_utf8_lossy(&out.stdout);
+    let line = line.lines().next().unwrap_or("").trim();
+    let ours = hearth_protocol::VERSION;
+    let rebuild =
+        "rebuild it with tools/build-agent.sh, or set HEARTH_AGENT to an agent of this build";
+    let why = match agent_protocol(line) {
+        _ if !out.status.success() => format!("`--version` failed ({})", out.status),
+        Some(v) if v == ours => return Ok(()),
+        Some(v) => format!("speaks wire protocol {v}, this hearth {ours}"),
+        None => format!(
+            "reports no wire protocol ({line:?}), so it predates protocol {ours} that this \
+             hearth speaks"
+        ),
+    };
+    Err(RuntimeError::Missing(format!(
+        "the guest agent {} {why}: {rebuild}",
+        agent.display()
+    )))
+}
+
+/// The protocol number in an agent's `--version` line, `hearth-agent <version>
+/// (protocol <N>)`.
+fn agent_protocol(line: &str) -> Option<u16> {
+    let rest = line.strip_prefix("hearth-agent ")?;
+    let number = rest.split_once("(protocol ")?.1.strip_suffix(')')?;
+    number.parse().ok()
 }
 
 /// `HEARTH_AGENT`'s value as a path; an empty value counts as unset (`VAR=
@@ -223,6 +275,73 @@ mod tests {
             agent_override(Some("/opt/hearth-agent".into())),
             Some(PathBuf::from("/opt/hearth-agent"))
         );
+    }
+
+    #[test]
+    fn the_agent_protocol_is_read_from_its_version_line() {
+        assert_eq!(agent_protocol("hearth-agent 0.1.0 (protocol 2)"), Some(2));
+        assert_eq!(agent_protocol("hearth-agent x (protocol 17)"), Some(17));
+        for line in [
+            "hearth-agent 0.1.0",
+            "",
+            "true (GNU coreutils) 9.1",
+            "hearth-agent 0.1.0 (protocol two)",
+            "hearth-agent 0.1.0 (protocol 2",
+        ] {
+            assert_eq!(agent_protocol(line), None, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn agents_of_another_protocol_are_refused() {
+        let dir = std::env::temp_dir().join(format!("hearth-agent-check-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(&dir).unwrap();
+        let script = |name: &str, body: &str| {
+            let p = dir.join(name);
+            fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
+            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            p
+        };
+        let ours = hearth_protocol::VERSION;
+        let current = script(
+            "current",
+            &format!("echo 'hearth-agent 9 (protocol {ours})'"),
+        );
+        check_agent(&current).unwrap();
+        let err = |p: &Path| check_agent(p).unwrap_err().to_string();
+        let old = err(&script("old", "echo 'hearth-agent 0.1.0'"));
+        assert!(
+            old.contains("reports no wire protocol") && old.contains("build-agent"),
+            "{old}"
+        );
+        let other = err(&script("other", "echo 'hearth-agent 9 (protocol 1)'"));
+        assert!(
+            other.contains(&format!("speaks wire protocol 1, this hearth {ours}")),
+            "{other}"
+        );
+        let failed = err(&script(
+            "failed",
+            &format!("echo 'hearth-agent 9 (protocol {ours})'; exit 3"),
+        ));
+        assert!(failed.contains("exit status: 3"), "{failed}");
+        let missing = err(&dir.join("absent"));
+        assert!(missing.contains("cannot run"), "{missing}");
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn the_built_agent_speaks_this_protocol() {
+        let agent = Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("target/x86_64-unknown-linux-gnu/release/hearth-agent");
+        if !agent.is_file() {
+            eprintln!(
+                "skipped: no static agent at {} (tools/build-agent.sh)",
+                agent.display()
+            );
+            return;
+        }
+        check_agent(&agent).unwrap();
     }
 
     #[test]

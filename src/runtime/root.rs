@@ -237,10 +237,13 @@ fn shared_libraries(binary: &Path) -> io::Result<Vec<PathBuf>> {
         })?;
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
-        if text.contains("not a dynamic executable") || text.contains("statically linked") {
+        // glibc's ldd says this on stderr (a static binary that is not PIE, a script).
+        let err = String::from_utf8_lossy(&out.stderr);
+        let no_libraries =
+            |t: &str| t.contains("not a dynamic executable") || t.contains("statically linked");
+        if no_libraries(&text) || no_libraries(&err) {
             return Ok(Vec::new());
         }
-        let err = String::from_utf8_lossy(&out.stderr);
         return Err(io::Error::other(format!(
             "ldd {} failed: {}{}",
             binary.display(),

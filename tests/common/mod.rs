@@ -32,6 +32,33 @@ fn static_agent() -> PathBuf {
         .join("target/x86_64-unknown-linux-gnu/release/hearth-agent")
 }
 
+/// A stand-in for the agent when the static one is not built, for servers whose
+/// tests run no function: it only answers `--version` with this build's
+/// protocol, which hearth checks at start-up.
+fn placeholder_agent() -> PathBuf {
+    let path = Path::new(env!("CARGO_TARGET_TMPDIR")).join("placeholder-agent");
+    let script = format!(
+        "#!/bin/sh\necho 'hearth-agent placeholder (protocol {})'\n",
+        hearth::protocol::VERSION
+    );
+    if fs::read(&path).is_ok_and(|b| b == script.as_bytes()) {
+        return path;
+    }
+    // Written under a name of its own and renamed into place: tests run in
+    // parallel, and a file still open for writing cannot be run (ETXTBSY).
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let tmp = path.with_extension(format!(
+        "tmp-{}-{}",
+        std::process::id(),
+        SEQ.fetch_add(1, Ordering::Relaxed)
+    ));
+    fs::write(&tmp, script).expect("write the placeholder agent");
+    fs::set_permissions(&tmp, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod the placeholder agent");
+    fs::rename(&tmp, &path).expect("place the placeholder agent");
+    path
+}
+
 /// A fresh, empty directory under cargo's per-target scratch space.
 pub fn temp_dir(label: &str) -> PathBuf {
     static SEQ: AtomicU64 = AtomicU64::new(0);
@@ -86,7 +113,7 @@ impl Server {
         let agent = if agent.is_file() {
             agent
         } else {
-            PathBuf::from("/usr/bin/true")
+            placeholder_agent()
         };
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_hearth"));
         cmd.arg("serve").arg("--listen").arg("127.0.0.1:0");

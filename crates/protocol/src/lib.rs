@@ -10,6 +10,13 @@ use std::fmt;
 
 /// `"HT"`, little-endian, at the start of every frame.
 pub const MAGIC: u16 = 0x4854;
+/// The protocol's version. hearth and its guest agent are separate binaries
+/// (the agent is a static build of its own) and must speak the same version:
+/// the agent prints it in `--version` (`hearth-agent <crate version> (protocol
+/// N)`) and hearth refuses an agent that prints another or none. Raised on
+/// every change a peer of the previous version would misread: 2 made the
+/// INVOKE metadata a positional array.
+pub const VERSION: u16 = 2;
 /// Bytes in a frame header.
 pub const HEADER_BYTES: usize = 16;
 /// Largest JSON metadata block accepted.

@@ -8,7 +8,7 @@ use std::path::Path;
 
 use hearth_protocol::{
     encode, FrameType, BODY_BYTES_MAX, HEADER_BYTES, INVOKE_META_FIELDS, LOG_STDERR, MAGIC,
-    META_BYTES_MAX, STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX,
+    META_BYTES_MAX, STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX, VERSION,
 };
 
 fn read_repo_file(relative: &str) -> String {
@@ -105,6 +105,11 @@ fn c_header_agrees_with_the_crate() {
         define("HEARTH_PROTO_MAGIC"),
         u64::from(MAGIC),
         "HEARTH_PROTO_MAGIC"
+    );
+    assert_eq!(
+        define("HEARTH_PROTO_VERSION"),
+        u64::from(VERSION),
+        "HEARTH_PROTO_VERSION"
     );
     assert_eq!(
         define("HEARTH_META_MAX"),

@@ -3,7 +3,7 @@
 #
 # Usage: perf/ab.sh A_BINARY B_BINARY [--rounds N] [--duration 6s]
 #                   [--tests express-greet,express-get,trivial]
-#                   [--deploy 'concurrency=1'] [-- SERVE_FLAGS...]
+#                   [--deploy 'concurrency=1'] [--cores 1] [-- SERVE_FLAGS...]
 #
 # Starts `A_BINARY serve` and `B_BINARY serve` (process backend, own state
 # dirs, the flags after `--` given to both), deploys the Express fixture and
@@ -11,10 +11,16 @@
 # query string with --deploy), warms every target 3 s,
 # then runs `wrk -t2 -c10 --latency` against A and B alternately for N rounds
 # (default 3 x 6 s). Prints every run with the function's instance count after
-# it, then medians and the B/A ratio. Both servers stay up the whole time; only
+# it and the CPU each server's process tree used per request (hearth's
+# threads and agents + its Node processes, from /proc; an instance that ends
+# during a run takes its ticks with it, so scale-in can make the Node figure
+# low, even negative: read the medians), then medians and the B/A ratio. Both servers stay up the whole time; only
 # one is under load at once. Both use HEARTH_AGENT, by default the release
 # agent of this tree (tools/build-agent.sh release); HEARTH_AGENT_A and
-# HEARTH_AGENT_B, when set, give each side its own (to compare agents). Needs root, wrk, node, zip, curl.
+# HEARTH_AGENT_B, when set, give each side its own (to compare agents).
+# --cores 1: per core, as perf/functions/one-core.sh: both servers run with
+# `--cores 1` (CPU 0) and wrk -t1 on CPU 1. Needs root, wrk, node, zip, curl
+# (and taskset for --cores 1).
 set -euo pipefail
 
 ROOT=$(cd "$(dirname "$0")/.." && pwd)
@@ -24,11 +30,20 @@ TESTS=express-greet,express-get,trivial
 WRK_THREADS=2
 WRK_CONNS=10
 DEPLOY=
+CORES=all
 
 die() { echo "ab: $*" >&2; exit 1; }
 # shellcheck source=functions/lib.sh
 . "$ROOT/perf/functions/lib.sh"
-USAGE_LINES=17 AB_OPTIONS="ROUNDS DURATION TESTS DEPLOY" ab_args "$@"
+USAGE_LINES=24 AB_OPTIONS="ROUNDS DURATION TESTS DEPLOY CORES" ab_args "$@"
+case "$CORES" in
+all) ;;
+1)
+    SERVE_FLAGS+=(--cores 1)
+    WRK_THREADS=1
+    wrk() { command taskset -c 1 wrk "$@"; } ;;
+*) die "--cores takes 1 (or leave it out: all cores)" ;;
+esac
 [ "$(id -u)" = 0 ] || die "run as root (the process backend needs it)"
 FIXTURE="$ROOT/tests/fixtures/express-app"
 HERE="$ROOT/perf/functions"
@@ -55,22 +70,38 @@ TARGETS=$(awk -v tests=",$TESTS," 'index(tests, "," $1 ",")' <<<"$TARGETS")
 
 echo "# A: $A_BIN"
 echo "# B: $B_BIN"
-echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), deploy settings: ${DEPLOY:-defaults}, wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
+echo "# $(date -u '+%Y-%m-%d %H:%M UTC'), deploy settings: ${DEPLOY:-defaults}, cores: $CORES, wrk -t$WRK_THREADS -c$WRK_CONNS -d$DURATION, $ROUNDS rounds, load $(load)"
 RESULTS="$TMP/results"
-# The function's instance count after each run.
-after_run() { # test side url
+before_run() { # test side url
+    ticks "$(eval echo "\$${2}_PID")" >"$TMP/ticks"
+}
+# The function's instance count after each run, and the CPU per request of
+# the side's process tree (hearth + agents, Node) during it; the CPU figures
+# also go to $TMP/cpu as "test side server_us node_us".
+after_run() { # test side url req/s
     local rest=${3#http://} addr id
     addr=${rest%%/*}
     id=${rest#*/f/}
-    echo "instances=$(instances "$addr" "${id%%/*}")"
+    awk -v t="$1" -v s="$2" -v a="$(ticks "$(eval echo "\$${2}_PID")")" -v hz="$HZ" \
+        -v secs="${DURATION%s}" -v rps="$4" '{
+        split(a, n, " "); r = rps * secs
+        if (r == 0) { printf "%s %s nan nan\n", t, s; exit }
+        printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
+        "$TMP/ticks" >>"$TMP/cpu"
+    echo "instances=$(instances "$addr" "${id%%/*}") $(tail -n1 "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }')"
 }
 run_rounds "$TARGETS" "$ROUNDS" "$DURATION"
+cpu() { awk -v t="$1" -v s="$2" -v f="$3" '$1 == t && $2 == s { print $f }' "$TMP/cpu" | median; }
 echo
-echo "| test | A req/s | B req/s | B/A | A p50 µs | B p50 µs | A p99 µs | B p99 µs |"
-echo "|---|---:|---:|---:|---:|---:|---:|---:|"
+echo "| test | A req/s | B req/s | B/A | A p50 µs | B p50 µs | A p99 µs | B p99 µs | A CPU µs/req | B CPU µs/req |"
+echo "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
 for test in $(awk '!seen[$1]++ { print $1 }' <<<"$TARGETS"); do
     awk -v t="$test" -v ar="$(pick "$test" A 3)" -v br="$(pick "$test" B 3)" \
         -v a5="$(pick "$test" A 4)" -v b5="$(pick "$test" B 4)" \
-        -v a9="$(pick "$test" A 5)" -v b9="$(pick "$test" B 5)" 'BEGIN {
-        printf "| %s | %.0f | %.0f | %.2f× | %.0f | %.0f | %.0f | %.0f |\n", t, ar, br, br / ar, a5, b5, a9, b9 }'
+        -v a9="$(pick "$test" A 5)" -v b9="$(pick "$test" B 5)" \
+        -v as="$(cpu "$test" A 3)" -v an="$(cpu "$test" A 4)" \
+        -v bs="$(cpu "$test" B 3)" -v bn="$(cpu "$test" B 4)" 'BEGIN {
+        printf "| %s | %.0f | %.0f | %.2f× | %.0f | %.0f | %.0f | %.0f | %.1f + %.1f | %.1f + %.1f |\n",
+            t, ar, br, br / ar, a5, b5, a9, b9, as, an, bs, bn }'
 done
+echo "(CPU: medians of hearth's threads and agents + its Node processes, per request)"

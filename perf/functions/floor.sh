@@ -131,15 +131,6 @@ if [ "$CORES" = 2 ]; then
 fi
 TARGETS+=$'\n'$TRIVIAL
 
-# "server_ticks node_ticks" (user + system) of process trees, their Node
-# processes apart from the rest.
-ticks() { # root pid...
-    local p
-    for p in $(for r in "$@"; do tree "$r"; done); do
-        awk -v c="$(cat "/proc/$p/comm" 2>/dev/null)" '{ sub(/^.*\) /, ""); print (c == "node" ? "node" : "server"), $12 + $13 }' \
-            "/proc/$p/stat" 2>/dev/null || true
-    done | awk '{ t[$1] += $2 } END { print t["server"] + 0, t["node"] + 0 }'
-}
 pids_of() { # test server
     local t=E
     [ "$1" = trivial ] && t=T
@@ -165,7 +156,6 @@ after_run() { # test server url req/s
         printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
         "$TMP/ticks" | tee -a "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }'
 }
-HZ=$(getconf CLK_TCK)
 
 if [ "$CORES" = 1 ]; then
     echo "# floor: $(date -u '+%Y-%m-%d %H:%M UTC'), wrk -t1 -c10 -d$DURATION on CPU 1, servers on CPU 0," \

@@ -218,6 +218,16 @@ tree() { # pid
     for c in $(cat /proc/"$p"/task/*/children 2>/dev/null); do tree "$c"; done
 }
 
+# "server_ticks node_ticks" (user + system) of process trees, their Node
+# processes apart from the rest.
+ticks() { # root pid...
+    local p
+    for p in $(for r in "$@"; do tree "$r"; done); do
+        awk -v c="$(cat "/proc/$p/comm" 2>/dev/null)" '{ sub(/^.*\) /, ""); print (c == "node" ? "node" : "server"), $12 + $13 }' \
+            "/proc/$p/stat" 2>/dev/null || true
+    done | awk '{ t[$1] += $2 } END { print t["server"] + 0, t["node"] + 0 }'
+}
+HZ=$(getconf CLK_TCK)
 
 # Warms every target up (3 s, discarded), then runs `rounds` alternating
 # rounds of wrk over them. `targets`: one "test server url lua|-" per line.

@@ -35,7 +35,7 @@ CORES=all
 die() { echo "ab: $*" >&2; exit 1; }
 # shellcheck source=functions/lib.sh
 . "$ROOT/perf/functions/lib.sh"
-USAGE_LINES=24 AB_OPTIONS="ROUNDS DURATION TESTS DEPLOY CORES" ab_args "$@"
+USAGE_LINES=23 AB_OPTIONS="ROUNDS DURATION TESTS DEPLOY CORES" ab_args "$@"
 case "$CORES" in
 all) ;;
 1)

@@ -71,7 +71,11 @@ pub fn report(state_dir: &Path) -> Vec<Section> {
             from_result(
                 "guest agent",
                 agent.clone().map(|p| match runtime::is_static_elf(&p) {
-                    Ok(true) => format!("{} (static)", p.display()),
+                    Ok(true) => format!(
+                        "{} (static, wire protocol {})",
+                        p.display(),
+                        crate::protocol::VERSION
+                    ),
                     _ => format!("{} (dynamically linked: fine for the process backend; microVMs need a static build: tools/build-agent.sh)", p.display()),
                 }),
             ),

@@ -596,6 +596,136 @@ fn runtime_api_connections_over_the_limit_are_closed() {
     s.assert_healthy();
 }
 
+/// A runtime that, after answering its first invocation, writes without reading:
+/// first into a parked `/next` (nothing more is expected on it), then requests
+/// pipelined behind each other whose answers it never reads; it logs "floods
+/// done" after them, and its next invocation's answer says how each ended (how
+/// much it could send: the kernel's socket buffers take several MiB of it).
+const FLOODING_BOOTSTRAP: &str = r#"#!/usr/bin/python3
+import os, socket
+host, port = os.environ["AWS_LAMBDA_RUNTIME_API"].split(":")
+PATH = "/2018-06-01/runtime/invocation/"
+
+def connect():
+    s = socket.create_connection((host, int(port)))
+    s.settimeout(3)
+    return s
+
+def answer(s):
+    # One answer: its head, then Content-Length bytes of body.
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += s.recv(65536)
+    head, rest = data.split(b"\r\n\r\n", 1)
+    fields = dict(l.split(b": ", 1) for l in head.split(b"\r\n")[1:])
+    n = int(fields[b"Content-Length"])
+    while len(rest) < n:
+        rest += s.recv(65536)
+    return fields, rest
+
+def next_event(s):
+    s.settimeout(None)
+    s.sendall(("GET " + PATH + "next HTTP/1.1\r\nHost: x\r\n\r\n").encode())
+    fields, body = answer(s)
+    if b"Lambda-Runtime-Aws-Request-Id" not in fields:
+        raise SystemExit("no event: %r %r" % (fields, body))
+    rid = fields[b"Lambda-Runtime-Aws-Request-Id"].decode()
+    s.settimeout(3)
+    return rid
+
+def respond(rid, text):
+    s = connect()
+    body = ('{"statusCode":200,"body":"%s"}' % text).encode()
+    s.sendall(("POST %s%s/response HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\n"
+               % (PATH, rid, len(body))).encode() + body)
+    answer(s)
+    s.close()
+
+def flood(s, piece, limit):
+    sent = 0
+    try:
+        while sent < limit:
+            s.sendall(piece)
+            sent += len(piece)
+        return "all %d" % sent
+    except socket.timeout:
+        return "held %d" % sent
+    except OSError:
+        return "refused %d" % sent
+
+a = connect()
+respond(next_event(a), "first")
+a.sendall(("GET " + PATH + "next HTTP/1.1\r\nHost: x\r\n\r\n").encode())
+parked = flood(a, b"\0" * 65536, 256 << 20)
+b = connect()
+pipelined = flood(b, b"GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n" * 2000, 32 << 20)
+print("floods done", flush=True)
+while True:
+    respond(next_event(connect()), parked + " / " + pipelined)
+"#;
+
+/// hearth serves the Runtime API in its own process, so a runtime that writes
+/// without reading must not grow hearth's memory: a parked `/next` takes
+/// little before a 413 closes it, and pipelined requests are read only as fast
+/// as their answers are (the runtime's writes then block).
+#[test]
+fn a_runtime_that_writes_without_reading_holds_little_of_hearths_memory() {
+    require_sandbox!();
+    let s = Server::start(&[]);
+    let id = deploy_ok(
+        &s,
+        &zip(&[("bootstrap", FLOODING_BOOTSTRAP.as_bytes(), 0o755)]),
+        "runtime=provided&timeout_ms=30000",
+    );
+    let r = call(&s, "GET", &format!("/f/{id}/"), &[], b"");
+    let logs = || {
+        s.control("GET", &format!("/functions/{id}/logs"), &[], b"")
+            .text()
+    };
+    assert_eq!((r.status, r.text()), (200, "first".into()), "{}", logs());
+    let before = common::rss_kib(s.pid());
+    let pid = s.pid();
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = {
+        let (peak, done) = (peak.clone(), done.clone());
+        std::thread::spawn(move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(common::rss_kib(pid), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        })
+    };
+    // An invocation sent now would go to the parked /next being flooded.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !logs().contains("floods done") {
+        assert!(
+            Instant::now() < deadline,
+            "the floods did not end: {}",
+            logs()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().unwrap();
+    let r = call(&s, "GET", &format!("/f/{id}/"), &[], b"");
+    let grew_mib = peak
+        .load(std::sync::atomic::Ordering::Relaxed)
+        .saturating_sub(before)
+        >> 10;
+    let text = r.text();
+    assert_eq!(r.status, 200, "{text} / {}", logs());
+    let (parked, pipelined) = text.split_once(" / ").expect("two outcomes");
+    let sent = |outcome: &str| outcome.rsplit(' ').next().unwrap().parse::<u64>().unwrap();
+    assert!(
+        parked.starts_with("refused") && sent(parked) < 64 << 20,
+        "{text}"
+    );
+    assert!(pipelined.starts_with("held"), "{text}");
+    assert!(grew_mib < 48, "hearth grew by {grew_mib} MiB ({text})");
+    s.assert_healthy();
+}
+
 /// Command lines of every process below `root` (its descendants, by parent pid).
 fn descendants(root: u32) -> Vec<(u32, u32, String)> {
     let mut all = Vec::new();

@@ -54,6 +54,9 @@ pub struct Rapi {
     decoder: FrameDecoder,
     /// The agent reported the runtime's exit.
     exited: bool,
+    /// Reads of the runtime's connections are stopped while a streamed
+    /// answer waits for a slow client ([`Worker::rapi_pause`]).
+    stream_paused: bool,
     /// A detach in progress: what has come back from the driver so far.
     detach: Option<Parts>,
 }
@@ -91,6 +94,13 @@ impl Io for CoreIo<'_> {
     ) -> io::Result<()> {
         protocol::encode(self.frames, kind, flags, id, meta, body);
         Ok(())
+    }
+
+    fn backlog(&self, conn: ConnId) -> usize {
+        match self.conns.get(conn) {
+            Some(&Some(tok)) => self.streams.get(tok).map_or(0, Stream::out_pending),
+            _ => 0,
+        }
     }
 
     fn write(&mut self, conn: ConnId, bytes: &[u8]) -> bool {
@@ -215,6 +225,7 @@ impl Worker {
             frames,
             decoder: FrameDecoder::new(),
             exited: false,
+            stream_paused: false,
             detach: None,
         };
         r.listener = Some(self.add_stream(listener, inst, Role::Listener));
@@ -317,6 +328,7 @@ impl Worker {
                 if let Some(Err(e)) = served {
                     eprintln!("hearth: worker {}: runtime api: {e}", self.core);
                 }
+                self.rapi_pace(inst, tok);
             }
             Role::Output(k) => {
                 let Some(r) = self.rapi(inst) else { return };
@@ -417,13 +429,48 @@ impl Worker {
     /// to a slow client).
     pub fn rapi_pause(&mut self, inst: InstId, paused: bool) {
         let Some(r) = self.rapi(inst) else { return };
+        r.stream_paused = paused;
         let conns: Vec<Token> = r.conns.iter().flatten().copied().collect();
         for tok in conns {
-            if self.streams[tok].read_paused != paused {
-                self.streams[tok].read_paused = paused;
-                self.mark(tok);
-            }
+            self.rapi_pace(inst, tok);
         }
+    }
+
+    /// Reads connection `tok` of instance `inst` unless a streamed answer
+    /// holds them all, or answers to it wait unsent past the session's
+    /// [`hearth_rapi::session::BACKLOG_BYTES_MAX`] (a runtime that sends
+    /// requests without reading the answers is then held back by its own
+    /// socket, not buffered).
+    fn rapi_pace(&mut self, inst: InstId, tok: Token) {
+        let Some(held) = self.rapi(inst).map(|r| r.stream_paused) else {
+            return;
+        };
+        let Some(s) = self.streams.get_mut(tok) else {
+            return;
+        };
+        let pause = held || s.out_pending() > hearth_rapi::session::BACKLOG_BYTES_MAX;
+        if s.read_paused != pause {
+            s.read_paused = pause;
+            self.mark(tok);
+        }
+    }
+
+    /// Everything queued on runtime connection `tok` was written: requests
+    /// the session left unserved for its backlog are served, and it is read again.
+    pub fn rapi_flushed(&mut self, tok: Token, inst: InstId, i: ConnId) {
+        if self
+            .rapi(inst)
+            .and_then(|r| r.conns.get(i).copied().flatten())
+            != Some(tok)
+        {
+            return;
+        }
+        if let Some(Err(e)) = self.with_session(inst, |s, io| s.serve(io, i)) {
+            eprintln!("hearth: worker {}: runtime api: {e}", self.core);
+        }
+        self.rapi_pace(inst, tok);
+        self.rapi_flush(inst);
+        self.run_actions();
     }
 
     /// Starts moving instance `inst` to another core: its streams leave the

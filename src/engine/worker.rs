@@ -472,10 +472,16 @@ impl Worker {
     pub fn on_flushed(&mut self, tok: Token) {
         if let Some(s) = self.streams.get_mut(tok) {
             s.trim();
-            if let Kind::Client(c) = &mut s.kind {
-                c.phases.flushed(self.now, &self.metrics.phases);
-                self.stream_resume(tok);
-                self.process_client(tok);
+            match &mut s.kind {
+                Kind::Client(c) => {
+                    c.phases.flushed(self.now, &self.metrics.phases);
+                    self.stream_resume(tok);
+                    self.process_client(tok);
+                }
+                &mut Kind::Rapi(inst, crate::engine::rapi::Role::Conn(i)) => {
+                    self.rapi_flushed(tok, inst, i)
+                }
+                Kind::Channel(_) | Kind::Rapi(..) => {}
             }
         }
     }

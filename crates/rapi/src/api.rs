@@ -14,6 +14,8 @@ pub const RESPONSE_BYTES_MAX: usize = 6 << 20;
 pub const ERROR_BYTES_MAX: usize = 1 << 20;
 /// Longest error message passed on to the host (keeps metadata small).
 const ERROR_MESSAGE_MAX: usize = 64 << 10;
+/// Longest `errorType` passed on; longer ones are cut (a type is a short name).
+const ERROR_TYPE_MAX: usize = 1 << 10;
 /// Region and account used for ARNs when the function's env sets none.
 const DEFAULT_REGION: &str = "us-east-1";
 const ACCOUNT_ID: &str = "000000000000";
@@ -685,27 +687,42 @@ pub fn error_meta(posted: &[u8], header_type: Option<&str>, with_trace: bool) ->
             .filter(|v| !v.is_null())
             .map(text_of)
     };
-    let error_type = field("errorType")
+    let mut error_type = field("errorType")
         .or_else(|| header_type.map(str::to_string))
         .unwrap_or_else(|| "Unhandled".into());
+    truncate_at_char(&mut error_type, ERROR_TYPE_MAX);
     let mut message = match &doc {
         Some(_) => field("errorMessage").unwrap_or_default(),
         None => String::from_utf8_lossy(posted).into_owned(),
     };
-    if message.len() > ERROR_MESSAGE_MAX {
-        let mut cut = ERROR_MESSAGE_MAX;
-        while !message.is_char_boundary(cut) {
-            cut -= 1;
-        }
-        message.truncate(cut);
-    }
+    truncate_at_char(&mut message, ERROR_MESSAGE_MAX);
     let mut meta = json!({"errorType": error_type, "errorMessage": message});
     if with_trace {
         if let Some(Value::Array(trace)) = doc.as_ref().and_then(|d| d.get("stackTrace")) {
             meta["trace"] = Value::Array(trace.iter().take(100).cloned().collect());
         }
     }
+    let bytes = serde_json::to_vec(&meta).expect("a JSON value serialises");
+    if bytes.len() <= hearth_protocol::META_BYTES_MAX {
+        return bytes;
+    }
+    // Only the trace can take it over the frame limit (the type and message are
+    // cut above, and escaping at most sextuples them): it goes.
+    if let Some(m) = meta.as_object_mut() {
+        m.remove("trace");
+    }
     serde_json::to_vec(&meta).expect("a JSON value serialises")
+}
+
+/// Cuts `s` to at most `max` bytes, at a character boundary.
+fn truncate_at_char(s: &mut String, max: usize) {
+    if s.len() > max {
+        let mut cut = max;
+        while !s.is_char_boundary(cut) {
+            cut -= 1;
+        }
+        s.truncate(cut);
+    }
 }
 
 /// "2026-11-30T18:40:00.123Z".
@@ -987,6 +1004,38 @@ mod tests {
         .is_err());
         let (_, body) = translate_response(br#"{"statusCode": 200}"#, true).unwrap();
         assert_eq!(body, br#"{"statusCode": 200}"#);
+    }
+
+    #[test]
+    fn error_metadata_stays_within_the_frame_limit() {
+        // A long type is cut; a stack trace that would take the metadata over
+        // the frame limit is dropped (the host would refuse the frame).
+        let long_type = format!(r#"{{"errorType":"{}"}}"#, "T".repeat(ERROR_BYTES_MAX - 20));
+        let meta = error_meta(long_type.as_bytes(), None, true);
+        let m: Value = serde_json::from_slice(&meta).unwrap();
+        assert_eq!(m["errorType"].as_str().unwrap().len(), ERROR_TYPE_MAX);
+        // A document just under the posting limit, nearly all trace, and a long
+        // type from the header: together just over the frame limit.
+        let frame_len = (ERROR_BYTES_MAX - 100) / 100 - 3;
+        let frame = format!("\"{}\"", "f".repeat(frame_len));
+        let doc = format!(
+            r#"{{"errorMessage":"m","stackTrace":[{}]}}"#,
+            vec![frame; 100].join(",")
+        );
+        assert!(doc.len() < ERROR_BYTES_MAX);
+        let header_type = "T".repeat(5000);
+        let cut_type = &header_type[..ERROR_TYPE_MAX];
+        let with_trace = json!({"errorType": cut_type, "errorMessage": "m",
+            "trace": serde_json::from_str::<Value>(&doc).unwrap()["stackTrace"]});
+        assert!(with_trace.to_string().len() > hearth_protocol::META_BYTES_MAX);
+        let meta = error_meta(doc.as_bytes(), Some(&header_type), true);
+        assert!(
+            meta.len() <= hearth_protocol::META_BYTES_MAX,
+            "{}",
+            meta.len()
+        );
+        let m: Value = serde_json::from_slice(&meta).unwrap();
+        assert_eq!(m, json!({"errorType": cut_type, "errorMessage": "m"}));
     }
 
     #[test]

@@ -144,81 +144,33 @@ pub fn parse_head(buf: &[u8]) -> Result<Option<Head>, HttpError> {
     Ok(Some(head))
 }
 
-/// Decodes a body that starts at `buf[0]`. `Ok(None)` until complete; then
-/// the body and how many bytes of `buf` it took. Bodies over `max` bytes
-/// fail as soon as that is known.
-pub fn parse_body(
-    buf: &[u8],
-    kind: BodyKind,
-    max: usize,
-) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
-    match kind {
-        BodyKind::Length(n) if n > max => Err(HttpError::BodyTooLarge),
-        BodyKind::Length(n) if buf.len() < n => Ok(None),
-        BodyKind::Length(n) => Ok(Some((buf[..n].to_vec(), n))),
-        BodyKind::Chunked => parse_chunked(buf, max),
+/// Where the blank line ending a request head is in `buf`, searching from
+/// `*scanned` (what earlier calls looked at already) on; `None` while it has
+/// not arrived, with `*scanned` moved on. A head that arrives a byte at a time
+/// is so searched once, not once per byte.
+pub fn head_end(buf: &[u8], scanned: &mut usize) -> Option<usize> {
+    let from = (*scanned).min(buf.len()).saturating_sub(3);
+    match find(&buf[from..], b"\r\n\r\n") {
+        Some(at) => Some(from + at),
+        None => {
+            *scanned = buf.len();
+            None
+        }
     }
 }
 
-fn parse_chunked(buf: &[u8], max: usize) -> Result<Option<(Vec<u8>, usize)>, HttpError> {
-    let mut body = Vec::new();
-    let mut at = 0;
-    loop {
-        let Some(eol) = find(&buf[at..], b"\r\n") else {
-            return if buf.len() - at > 1024 {
-                Err(HttpError::Bad("malformed chunk size"))
-            } else {
-                Ok(None)
-            };
-        };
-        let line = std::str::from_utf8(&buf[at..at + eol])
-            .map_err(|_| HttpError::Bad("malformed chunk size"))?;
-        let size_text = line.split(';').next().unwrap_or("").trim();
-        if size_text.is_empty() || size_text.len() > 15 {
-            return Err(HttpError::Bad("malformed chunk size"));
-        }
-        let size = usize::from_str_radix(size_text, 16)
-            .map_err(|_| HttpError::Bad("malformed chunk size"))?;
-        at += eol + 2;
-        if size == 0 {
-            // Trailers (ignored) up to an empty line.
-            loop {
-                let Some(eol) = find(&buf[at..], b"\r\n") else {
-                    return if buf.len() - at > HEAD_BYTES_MAX {
-                        Err(HttpError::HeadTooLarge)
-                    } else {
-                        Ok(None)
-                    };
-                };
-                at += eol + 2;
-                if eol == 0 {
-                    return Ok(Some((body, at)));
-                }
-            }
-        }
-        if body.len() + size > max {
-            return Err(HttpError::BodyTooLarge);
-        }
-        if buf.len() < at + size + 2 {
-            return Ok(None);
-        }
-        body.extend_from_slice(&buf[at..at + size]);
-        at += size;
-        if &buf[at..at + 2] != b"\r\n" {
-            return Err(HttpError::Bad("chunk not followed by CRLF"));
-        }
-        at += 2;
-    }
-}
-
-/// Decodes a request body as it arrives, for a body relayed before it ends
-/// (the Runtime API's streamed responses); sans-IO like [`parse_body`].
+/// Decodes a request body as it arrives, in whatever pieces it comes, taking
+/// the bytes it decodes from the caller's buffer (sans-IO): a body is read
+/// once however it is split, and what it holds is the decoded body alone.
 #[derive(Debug)]
 pub struct BodyStream {
     state: BodyState,
     /// The trailer fields of a chunked body, names lower-cased.
     pub trailers: Vec<(String, String)>,
     trailer_bytes: usize,
+    /// Largest decoded body; more is [`HttpError::BodyTooLarge`].
+    limit: usize,
+    decoded: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -237,8 +189,15 @@ enum BodyState {
 }
 
 impl BodyStream {
-    /// A decoder for a body framed as `kind`.
+    /// A decoder for a body framed as `kind`, of any size (the caller bounds it).
     pub fn new(kind: BodyKind) -> BodyStream {
+        BodyStream::with_limit(kind, usize::MAX)
+    }
+
+    /// A decoder for a body framed as `kind` that fails once the body is known
+    /// to exceed `limit` bytes: a Content-Length over it at the first feed, a
+    /// chunk that would take it over at its size line.
+    pub fn with_limit(kind: BodyKind, limit: usize) -> BodyStream {
         BodyStream {
             state: match kind {
                 BodyKind::Length(0) => BodyState::Done,
@@ -247,6 +206,8 @@ impl BodyStream {
             },
             trailers: Vec::new(),
             trailer_bytes: 0,
+            limit,
+            decoded: 0,
         }
     }
 
@@ -263,6 +224,7 @@ impl BodyStream {
             let rest = &buf[at..];
             match self.state {
                 BodyState::Done => return Ok(at),
+                BodyState::Length(n) if n > self.limit => return Err(HttpError::BodyTooLarge),
                 BodyState::Length(n) | BodyState::Data(n) => {
                     let take = n.min(rest.len());
                     if take == 0 {
@@ -302,6 +264,11 @@ impl BodyStream {
                     }
                     let size = usize::from_str_radix(text, 16)
                         .map_err(|_| HttpError::Bad("malformed chunk size"))?;
+                    // At most 15 hex digits: the sum cannot overflow.
+                    self.decoded += size;
+                    if self.decoded > self.limit {
+                        return Err(HttpError::BodyTooLarge);
+                    }
                     at += eol + 2;
                     self.state = match size {
                         0 => BodyState::Trailers,
@@ -388,18 +355,33 @@ mod tests {
         assert_eq!(head.header("x-a"), Some("b"));
         assert_eq!(head.body, BodyKind::Length(5));
         assert!(!head.close);
-        let (body, used) = parse_body(&req[head.len..], head.body, 100)
-            .unwrap()
-            .unwrap();
-        assert_eq!((body.as_slice(), used), (&b"hello"[..], 5));
+        let mut d = BodyStream::with_limit(head.body, 100);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(&req[head.len..head.len + 3], &mut out), Ok(3));
+        assert!(!d.is_done());
+        assert_eq!(d.feed(&req[head.len + 3..], &mut out), Ok(2));
+        assert!(d.is_done());
+        assert_eq!(out, b"hello");
+        let mut small = BodyStream::with_limit(head.body, 4);
         assert_eq!(
-            parse_body(&req[head.len..head.len + 3], head.body, 100).unwrap(),
-            None
-        );
-        assert_eq!(
-            parse_body(&req[head.len..], head.body, 4),
+            small.feed(&req[head.len..], &mut Vec::new()),
             Err(HttpError::BodyTooLarge)
         );
+    }
+
+    #[test]
+    fn the_end_of_a_head_is_searched_for_once() {
+        let req = b"GET /x HTTP/1.1\r\nHost: y\r\n\r\nNEXT";
+        let mut scanned = 0;
+        for n in 0..req.len() - 4 {
+            assert_eq!(head_end(&req[..n], &mut scanned), None, "{n}");
+            assert_eq!(scanned, n);
+        }
+        assert_eq!(head_end(req, &mut scanned), Some(req.len() - 8));
+        // Cut inside the blank line: found once the rest of it arrives.
+        let mut scanned = 0;
+        assert_eq!(head_end(&req[..req.len() - 6], &mut scanned), None);
+        assert_eq!(head_end(req, &mut scanned), Some(req.len() - 8));
     }
 
     #[test]
@@ -419,22 +401,28 @@ mod tests {
     #[test]
     fn chunked_bodies_decode_and_respect_the_limit() {
         let b = b"5;ext=1\r\nhello\r\n6\r\n world\r\n0\r\nTrailer: x\r\n\r\nNEXT";
-        let (body, used) = parse_body(b, BodyKind::Chunked, 100).unwrap().unwrap();
-        assert_eq!(body, b"hello world");
+        let mut d = BodyStream::with_limit(BodyKind::Chunked, 11);
+        let mut out = Vec::new();
+        let used = d.feed(b, &mut out).unwrap();
+        assert!(d.is_done());
+        assert_eq!(out, b"hello world");
         assert_eq!(&b[used..], b"NEXT");
-        for cut in 0..b.len() - 4 {
-            assert_eq!(
-                parse_body(&b[..cut], BodyKind::Chunked, 100).unwrap(),
-                None,
-                "{cut}"
-            );
-        }
+        let mut d = BodyStream::with_limit(BodyKind::Chunked, 8);
+        let mut out = Vec::new();
+        assert_eq!(d.feed(b, &mut out), Err(HttpError::BodyTooLarge));
         assert_eq!(
-            parse_body(b, BodyKind::Chunked, 8),
-            Err(HttpError::BodyTooLarge)
+            out, b"hello",
+            "the chunk over the limit is refused at its size line"
         );
-        assert!(parse_body(b"zz\r\n", BodyKind::Chunked, 8).is_err());
-        assert!(parse_body(b"2\r\nabXY", BodyKind::Chunked, 8).is_err());
+        let mut d = BodyStream::with_limit(BodyKind::Chunked, 8);
+        assert!(d.feed(b"zz\r\n", &mut Vec::new()).is_err());
+        let mut d = BodyStream::with_limit(BodyKind::Chunked, 8);
+        assert!(d.feed(b"2\r\nabXY", &mut Vec::new()).is_err());
+        // Endless trailers stop at the head limit.
+        let mut d = BodyStream::with_limit(BodyKind::Chunked, 8);
+        let mut wire = b"0\r\n".to_vec();
+        wire.extend(b"x:y\r\n".repeat(HEAD_BYTES_MAX / 5 + 1));
+        assert_eq!(d.feed(&wire, &mut Vec::new()), Err(HttpError::HeadTooLarge));
     }
 
     #[test]

@@ -22,6 +22,25 @@ use crate::http::{self, BodyKind, Head, HttpError};
 /// accepted, so a runtime cannot make its server hold unbounded buffers.
 pub const CONNS_MAX: usize = 64;
 
+/// Bytes a connection may have sent that are not yet read as a request: a
+/// head arriving, or requests sent ahead of the answers to earlier ones. A
+/// request's body is decoded as it arrives and does not count; a runtime that
+/// sends more than this ahead (into a parked `/next`, or pipelined requests
+/// while it reads no answers) gets a 413 and the connection closes.
+pub const UNREAD_BYTES_MAX: usize = 512 << 10;
+
+/// Decoded request bodies all of an instance's connections may hold at once
+/// while they arrive: one response and one error at their limits. A runtime
+/// posts one answer at a time; one that posts on many connections at once
+/// gets a 413 on the connection that would go over.
+pub const BODY_BYTES_IN_FLIGHT_MAX: usize = api::RESPONSE_BYTES_MAX + api::ERROR_BYTES_MAX;
+
+/// Answers queued for a connection and not yet written ([`Io::backlog`]) over
+/// which no more of its requests are served until they are: a runtime that
+/// pipelines requests and never reads the answers holds this much of its
+/// server's memory, plus one answer.
+pub const BACKLOG_BYTES_MAX: usize = 64 << 10;
+
 /// A connection, by the slot [`Session::open`] gave it.
 pub type ConnId = usize;
 
@@ -39,6 +58,13 @@ pub trait Io {
     /// Writes all of `bytes` to connection `conn`; false if it broke (the
     /// session then forgets it and calls [`Io::close`]).
     fn write(&mut self, conn: ConnId, bytes: &[u8]) -> bool;
+    /// Bytes written to `conn` and not yet sent. Over [`BACKLOG_BYTES_MAX`]
+    /// the session serves no more of that connection's requests; the caller
+    /// stops reading it and calls [`Session::serve`] again once it drained.
+    /// A caller that writes synchronously has none.
+    fn backlog(&self, _conn: ConnId) -> usize {
+        0
+    }
     /// The session forgot connection `conn`: close it.
     fn close(&mut self, conn: ConnId);
     /// Starts the bootstrap of `f`, a runtime of `kind` (`argv` is its command line).
@@ -60,9 +86,15 @@ enum State {
 
 #[derive(Default)]
 struct Conn {
+    /// Bytes received; those before `pos` are read (dropped at the next receive).
     buf: Vec<u8>,
+    pos: usize,
+    /// How much of the unread bytes the search for a head's end has seen.
+    scanned: usize,
     /// The head of a request whose body is still arriving.
     head: Option<Head>,
+    /// That body, decoded so far (not for streamed responses, which are relayed).
+    body: Option<(http::BodyStream, Vec<u8>)>,
     continue_sent: bool,
     /// The connection is to close once its current answer is written.
     closing: bool,
@@ -157,6 +189,10 @@ impl Session {
     /// Bytes read from connection `i`; [`Session::serve`] acts on them.
     pub fn received(&mut self, i: ConnId, bytes: &[u8]) {
         if let Some(c) = self.conns.get_mut(i).and_then(Option::as_mut) {
+            // Requests are read by moving `pos`; what they took goes once per
+            // receive, not once per request.
+            c.buf.drain(..c.pos);
+            c.pos = 0;
             c.buf.extend_from_slice(bytes);
         }
     }
@@ -304,18 +340,39 @@ impl Session {
     pub fn serve(&mut self, io: &mut impl Io, i: ConnId) -> io::Result<bool> {
         self.answered = None;
         self.serve_buffered(io, i)?;
+        let unread = self
+            .conns
+            .get(i)
+            .and_then(Option::as_ref)
+            .map_or(0, |c| c.buf.len() - c.pos);
+        if unread > UNREAD_BYTES_MAX {
+            let msg = format!("more than {UNREAD_BYTES_MAX} bytes sent ahead of the answers");
+            self.answer_and_close(io, i, 413, "RequestEntityTooLarge", &msg);
+        }
         Ok(self.answered.take() == Some(i) && self.parked.is_none())
     }
 
     fn serve_buffered(&mut self, io: &mut impl Io, i: ConnId) -> io::Result<()> {
         while self.parked != Some(i) {
+            if io.backlog(i) > BACKLOG_BYTES_MAX {
+                return Ok(());
+            }
             let Some(c) = self.conns[i].as_mut() else {
                 return Ok(());
             };
             if c.head.is_none() {
-                match http::parse_head(&c.buf) {
+                let unread = &c.buf[c.pos..];
+                let parsed = if http::head_end(unread, &mut c.scanned).is_some() {
+                    http::parse_head(unread)
+                } else if unread.len() > http::HEAD_BYTES_MAX {
+                    Err(HttpError::HeadTooLarge)
+                } else {
+                    Ok(None)
+                };
+                match parsed {
                     Ok(Some(h)) => {
-                        c.buf.drain(..h.len);
+                        c.pos += h.len;
+                        c.scanned = 0;
                         c.continue_sent = false;
                         c.head = Some(h);
                     }
@@ -349,41 +406,63 @@ impl Session {
                 Route::Response(_) => api::RESPONSE_BYTES_MAX,
                 _ => api::ERROR_BYTES_MAX,
             };
-            let body = match http::parse_body(&c.buf, head.body, max) {
-                Ok(Some((body, used))) => {
-                    c.buf.drain(..used);
-                    body
-                }
-                Ok(None) => {
-                    let expects_continue = head.expects_continue();
-                    c.head = Some(head);
-                    if expects_continue && !c.continue_sent {
-                        c.continue_sent = true;
-                        if !io.write(i, http::CONTINUE) {
-                            self.closed(io, i);
-                        }
-                    }
-                    return Ok(());
-                }
+            let (decoder, body) = c
+                .body
+                .get_or_insert_with(|| (http::BodyStream::with_limit(head.body, max), Vec::new()));
+            let fed = decoder.feed(&c.buf[c.pos..], body);
+            match fed {
+                Ok(used) => c.pos += used,
                 Err(HttpError::BodyTooLarge) => {
                     self.too_large(io, i, &route, &head)?;
                     return Ok(());
                 }
                 Err(e) => {
-                    let msg = match e {
-                        HttpError::Bad(why) => why,
-                        _ => "malformed body",
+                    let (status, msg) = match e {
+                        HttpError::HeadTooLarge => (431, "trailer fields too large"),
+                        HttpError::Bad(why) => (400, why),
+                        HttpError::BodyTooLarge => unreachable!("matched above"),
                     };
-                    self.answer_and_close(io, i, 400, "InvalidRequest", msg);
+                    self.answer_and_close(io, i, status, "InvalidRequest", msg);
                     return Ok(());
                 }
-            };
+            }
+            if !decoder.is_done() {
+                let expects_continue = head.expects_continue();
+                c.head = Some(head);
+                if self.bodies_in_flight() > BODY_BYTES_IN_FLIGHT_MAX {
+                    let msg = format!(
+                        "request bodies on this instance's connections exceed \
+                         {BODY_BYTES_IN_FLIGHT_MAX} bytes"
+                    );
+                    self.answer_and_close(io, i, 413, "RequestEntityTooLarge", &msg);
+                    return Ok(());
+                }
+                let c = self.conns[i].as_mut().expect("present");
+                if expects_continue && !c.continue_sent {
+                    c.continue_sent = true;
+                    if !io.write(i, http::CONTINUE) {
+                        self.closed(io, i);
+                    }
+                }
+                return Ok(());
+            }
+            let (_, body) = c.body.take().expect("set above");
             if head.close {
                 self.conns[i].as_mut().expect("present").closing = true;
             }
             self.handle(io, i, route, &head, body)?;
         }
         Ok(())
+    }
+
+    /// Bytes of request bodies decoded and waiting for their ends, all connections.
+    fn bodies_in_flight(&self) -> usize {
+        self.conns
+            .iter()
+            .flatten()
+            .filter_map(|c| c.body.as_ref())
+            .map(|(_, b)| b.len())
+            .sum()
     }
 
     /// Relays the streamed response posted on connection `i` as far as its
@@ -438,9 +517,8 @@ impl Session {
         };
         let c = self.conns[i].as_mut().expect("present");
         let mut data = Vec::new();
-        let fed = st.body.feed(&c.buf, &mut data);
-        let used = *fed.as_ref().unwrap_or(&0);
-        c.buf.drain(..used);
+        let fed = st.body.feed(&c.buf[c.pos..], &mut data);
+        c.pos += *fed.as_ref().unwrap_or(&0);
         if fed.is_err() {
             let meta = json!({"errorType": "Runtime.StreamError",
                 "errorMessage": "the streamed response body is malformed"});
@@ -655,6 +733,11 @@ impl Session {
             self.closed(io, i);
             return Ok(());
         }
+        if self.conns[i].as_ref().is_some_and(|c| c.closing) {
+            // `/next` sent with `Connection: close`: closed once the event is written.
+            self.closed(io, i);
+            return Ok(());
+        }
         // Requests pipelined behind /next are served now.
         self.serve_buffered(io, i)
     }
@@ -702,10 +785,14 @@ fn relay_stream(
 ) -> Result<(), String> {
     let host = |e: io::Error| format!("writing to the host: {e}");
     if let Some(p) = st.prelude.as_mut() {
+        // Searched from where the previous piece ended, so a prelude sent a
+        // byte at a time is not searched once per byte.
+        let from = p.len().saturating_sub(api::PRELUDE_END.len() - 1);
         p.append(&mut data);
-        let end = p
+        let end = p[from..]
             .windows(api::PRELUDE_END.len())
-            .position(|w| w == api::PRELUDE_END);
+            .position(|w| w == api::PRELUDE_END)
+            .map(|at| from + at);
         match end {
             Some(at) => {
                 let meta = api::stream_head_meta(None, Some(&p[..at]))?;
@@ -771,6 +858,9 @@ mod tests {
         closed: Vec<ConnId>,
         spawned: Vec<Vec<String>>,
         broken: Option<ConnId>,
+        /// Bytes written and not yet "sent", when a test models a slow reader.
+        unsent: usize,
+        count_unsent: bool,
     }
 
     impl Io for Fake {
@@ -792,7 +882,13 @@ mod tests {
             }
             let text = String::from_utf8_lossy(bytes).into_owned();
             self.written.push((conn, text));
+            if self.count_unsent {
+                self.unsent += bytes.len();
+            }
             true
+        }
+        fn backlog(&self, _conn: ConnId) -> usize {
+            self.unsent
         }
         fn close(&mut self, conn: ConnId) {
             self.closed.push(conn);
@@ -1026,6 +1122,152 @@ mod tests {
         let (kind, id, meta, _) = io.frames.last().unwrap();
         assert_eq!((*kind, *id), (FrameType::Error, 8));
         assert!(meta.contains("Runtime.InvalidState"));
+        assert_eq!(io.closed, vec![c]);
+    }
+
+    #[test]
+    fn bytes_sent_into_a_parked_next_are_bounded() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(&mut s, &mut io, c, NEXT);
+        // Parked: nothing more is read from it, so what follows only piles up.
+        let junk = vec![0u8; 64 << 10];
+        let mut sent = 0;
+        while !io.closed.contains(&c) {
+            s.received(c, &junk);
+            s.serve(&mut io, c).unwrap();
+            sent += junk.len();
+            assert!(
+                sent <= UNREAD_BYTES_MAX + junk.len(),
+                "still open after {sent} bytes"
+            );
+        }
+        assert_eq!(io.status(c), 413);
+        // The instance goes on: a new /next parks and gets the next invocation.
+        let d = s.open().unwrap();
+        request(&mut s, &mut io, d, NEXT);
+        invoke(&mut s, &mut io, 3, "{}");
+        assert!(io.written.last().unwrap().1.contains("req-3"));
+    }
+
+    #[test]
+    fn requests_wait_while_their_answers_are_unsent() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        io.count_unsent = true;
+        let c = s.open().unwrap();
+        let one = "GET /nowhere HTTP/1.1\r\nHost: x\r\n\r\n";
+        let n = 5_000;
+        // Sent in pieces that cut requests anywhere, never reading an answer.
+        let wire = one.repeat(n).into_bytes();
+        for piece in wire.chunks(7_001) {
+            s.received(c, piece);
+            s.serve(&mut io, c).unwrap();
+            assert!(io.unsent <= BACKLOG_BYTES_MAX + 256, "{} unsent", io.unsent);
+        }
+        assert!(
+            io.written.len() < n,
+            "every request was answered into a full backlog"
+        );
+        assert!(
+            !io.closed.contains(&c),
+            "the requests are held, not refused"
+        );
+        // The runtime reads: the rest is served, each request once, in order.
+        while io.written.len() < n {
+            let before = io.written.len();
+            io.unsent = 0;
+            s.serve(&mut io, c).unwrap();
+            assert!(io.written.len() > before, "stuck at {before}");
+        }
+        assert_eq!(io.written.len(), n);
+        assert!(io
+            .written
+            .iter()
+            .all(|(_, a)| a.starts_with("HTTP/1.1 404")));
+    }
+
+    #[test]
+    fn posted_bodies_are_decoded_once_however_they_arrive() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(&mut s, &mut io, c, NEXT);
+        invoke(&mut s, &mut io, 4, "{}");
+        // A chunked response in one-byte chunks, delivered a byte at a time.
+        let body = "\"a chunked answer\"";
+        let mut wire = String::from(
+            "POST /2018-06-01/runtime/invocation/req-4/response HTTP/1.1\r\n\
+             Transfer-Encoding: chunked\r\n\r\n",
+        );
+        for ch in body.chars() {
+            wire.push_str(&format!("1\r\n{ch}\r\n"));
+        }
+        wire.push_str("0\r\nX-Trailer: t\r\n\r\n");
+        for b in wire.as_bytes() {
+            s.received(c, std::slice::from_ref(b));
+            s.serve(&mut io, c).unwrap();
+        }
+        assert_eq!(io.status(c), 202);
+        let (kind, id, _, got) = io.frames.last().unwrap();
+        assert_eq!(
+            (*kind, *id, got.as_slice()),
+            (FrameType::Response, 4, body.as_bytes())
+        );
+    }
+
+    #[test]
+    fn endless_trailers_and_bodies_on_every_connection_are_refused() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        let c = s.open().unwrap();
+        request(&mut s, &mut io, c, NEXT);
+        invoke(&mut s, &mut io, 4, "{}");
+        let head = "POST /2018-06-01/runtime/invocation/req-4/response HTTP/1.1\r\n\
+                    Transfer-Encoding: chunked\r\n\r\n0\r\n";
+        request(&mut s, &mut io, c, head);
+        let trailer = "x:y\r\n".repeat(1000);
+        while !io.closed.contains(&c) {
+            request(&mut s, &mut io, c, &trailer);
+        }
+        assert_eq!(io.status(c), 431);
+        // Bodies arriving on many connections at once: the one that would take
+        // them over the instance's budget is refused, the others go on.
+        let big = api::RESPONSE_BYTES_MAX;
+        let head = format!(
+            "POST /2018-06-01/runtime/invocation/req-4/response HTTP/1.1\r\nContent-Length: {big}\r\n\r\n"
+        );
+        let part = vec![b'x'; 1 << 20];
+        let conns: Vec<ConnId> = (0..3).map(|_| s.open().unwrap()).collect();
+        for &k in &conns {
+            request(&mut s, &mut io, k, &head);
+        }
+        let mut refused = Vec::new();
+        for _ in 0..5 {
+            for &k in &conns {
+                if !io.closed.contains(&k) {
+                    s.received(k, &part);
+                    s.serve(&mut io, k).unwrap();
+                    if io.closed.contains(&k) {
+                        refused.push(k);
+                    }
+                }
+            }
+        }
+        assert_eq!(refused.len(), 1, "{refused:?}");
+        assert_eq!(io.status(refused[0]), 413);
+    }
+
+    #[test]
+    fn a_next_that_asks_to_close_is_closed_after_its_event() {
+        let (mut s, mut io) = (Session::new(Kind::Provided, 7), Fake::default());
+        hello(&mut s, &mut io);
+        invoke(&mut s, &mut io, 9, "{}");
+        let c = s.open().unwrap();
+        let next = NEXT.replace("Host: x", "Host: x\r\nConnection: close");
+        request(&mut s, &mut io, c, &next);
+        assert!(io.written.last().unwrap().1.contains("req-9"));
         assert_eq!(io.closed, vec![c]);
     }
 }

@@ -709,3 +709,32 @@ print(json.dumps({'calls': sorted(calls)}))
     assert!(handovers <= 4, "{handovers} hand-overs");
     s.assert_healthy();
 }
+
+#[test]
+fn a_double_encoded_qualifier_does_not_reach_a_published_version() {
+    let s = Server::start(&[]);
+    common::deploy_fixture(&s, "plain", "name=rv");
+    let r = s.control("POST", "/2015-03-31/functions/rv/versions", &[], b"{}");
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["Version"], "1");
+
+    // `%253A` decodes once to `%3A`, which names no function; decoding it a
+    // second time would turn it into `:` and edit the published version.
+    let r = s.control(
+        "PUT",
+        "/2015-03-31/functions/rv%253A1/configuration",
+        &[],
+        br#"{"Timeout":7,"Description":"mutated"}"#,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = s.control(
+        "GET",
+        "/2015-03-31/functions/rv%3A1/configuration",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(r.json()["Timeout"], 7, "{}", r.text());
+    assert_ne!(r.json()["Description"], "mutated", "{}", r.text());
+    s.assert_healthy();
+}

@@ -29,6 +29,9 @@ const RATIO_FLOOR_BYTES: u64 = 1024;
 const NAME_BYTES_MAX: usize = 2048;
 /// Longest single path component; Linux refuses longer ones anyway (NAME_MAX).
 const COMPONENT_BYTES_MAX: usize = 255;
+/// Most path components in an entry name. Each level is a directory to create (and a prefix
+/// to look up while checking), and no real package nests anywhere near this deep.
+const DEPTH_MAX: usize = 64;
 /// Longest symlink target (PATH_MAX minus the terminating NUL).
 const SYMLINK_TARGET_BYTES_MAX: u64 = 4095;
 /// Size of the buffer entries are inflated through.
@@ -311,6 +314,23 @@ fn check<'z>(
     }
 
     check_layout(&entries)?;
+    // Directories implied by deep names are created too, so they count as entries: a small
+    // zip of `d1/a/a/…/f` names would otherwise make tens of thousands of them.
+    let files_and_links = entries
+        .iter()
+        .filter(|e| !matches!(e.kind, Kind::Dir))
+        .count();
+    let dirs = directories(&entries, limits.entries_max.saturating_sub(files_and_links));
+    if files_and_links + dirs.len() > limits.entries_max {
+        return Err(ArchiveError::too_big(
+            "too_many_entries",
+            format!(
+                "the archive has more than {} entries counting the directories its paths imply",
+                limits.entries_max
+            ),
+        ));
+    }
+    drop(dirs);
     for entry in &mut entries {
         if let Kind::Symlink { target } = &mut entry.kind {
             *target =
@@ -643,6 +663,16 @@ fn normalize_name(name: &str, has_nul: bool) -> Result<(String, bool), ArchiveEr
             ok => parts.push(ok),
         }
     }
+    if parts.len() > DEPTH_MAX {
+        return Err(ArchiveError::bad(
+            "too_deep",
+            format!(
+                "entry '{}' is {} directories deep, over the limit of {DEPTH_MAX}",
+                name.escape_debug(),
+                parts.len()
+            ),
+        ));
+    }
     let path = parts.join("/");
     if path.len() > NAME_BYTES_MAX {
         return Err(unsafe_path(&format!(
@@ -837,6 +867,25 @@ fn random_hex() -> String {
     hex::encode(&bytes)
 }
 
+/// Every directory, listed or implied by a deeper name; sorted, so parents come before
+/// children. Stops growing once it holds more than `stop_after`, for a caller that only
+/// needs to know the count is over a limit.
+fn directories(entries: &[Entry], stop_after: usize) -> BTreeSet<&str> {
+    let mut dirs: BTreeSet<&str> = BTreeSet::new();
+    for entry in entries {
+        if matches!(entry.kind, Kind::Dir) {
+            dirs.insert(&entry.path);
+        }
+        for (at, _) in entry.path.match_indices('/') {
+            dirs.insert(&entry.path[..at]);
+        }
+        if dirs.len() > stop_after {
+            break;
+        }
+    }
+    dirs
+}
+
 fn write_tree(
     archive: &mut Archive<'_>,
     entries: &[Entry],
@@ -845,19 +894,7 @@ fn write_tree(
 ) -> Result<Extracted, ArchiveError> {
     let mut extracted = Extracted::default();
 
-    // Every directory, listed or implied; sorted order creates parents before children.
-    let mut dirs: BTreeSet<&str> = BTreeSet::new();
-    for entry in entries {
-        if matches!(entry.kind, Kind::Dir) {
-            dirs.insert(&entry.path);
-        }
-        dirs.extend(
-            entry
-                .path
-                .match_indices('/')
-                .map(|(at, _)| &entry.path[..at]),
-        );
-    }
+    let dirs = directories(entries, usize::MAX);
     for dir in &dirs {
         let path = root.join(dir);
         fs::DirBuilder::new()
@@ -1430,6 +1467,45 @@ mod tests {
         let at = zip.len() - 22 - 12;
         zip[at..at + 8].copy_from_slice(&7u64.to_le_bytes());
         expect_err(&zip, &ArchiveLimits::default(), 400, "not_a_zip");
+    }
+
+    #[test]
+    fn implied_directories_count_as_entries() {
+        // Three files, and seven directories that no entry lists.
+        let zip = build(&[
+            Item::File("app.js", b"1", 0o644),
+            Item::File("a/b/c/d.js", b"2", 0o644),
+            Item::File("x/y/z/w/v.js", b"3", 0o644),
+        ]);
+        let limits = ArchiveLimits {
+            entries_max: 9,
+            ..ArchiveLimits::default()
+        };
+        let err = expect_err(&zip, &limits, 413, "too_many_entries");
+        assert!(err.message.contains("imply"), "{err}");
+        let scratch = Scratch::new("implied");
+        let limits = ArchiveLimits {
+            entries_max: 10,
+            ..ArchiveLimits::default()
+        };
+        let extracted = extract_zip(&zip, &scratch.dest(), &limits).unwrap();
+        assert_eq!((extracted.files, extracted.dirs), (3, 7));
+    }
+
+    #[test]
+    fn names_deeper_than_the_limit_are_refused() {
+        let deepest = format!("{}f.js", "a/".repeat(DEPTH_MAX - 1));
+        let scratch = Scratch::new("deepest");
+        extract_zip(
+            &build(&[Item::File(&deepest, b"1", 0o644)]),
+            &scratch.dest(),
+            &ArchiveLimits::default(),
+        )
+        .unwrap();
+        let too_deep = format!("a/{deepest}");
+        let zip = build(&[Item::File(&too_deep, b"1", 0o644)]);
+        let err = expect_err(&zip, &ArchiveLimits::default(), 400, "too_deep");
+        assert!(err.message.contains("65 directories deep"), "{err}");
     }
 
     #[test]

@@ -738,3 +738,48 @@ fn a_double_encoded_qualifier_does_not_reach_a_published_version() {
     assert_ne!(r.json()["Description"], "mutated", "{}", r.text());
     s.assert_healthy();
 }
+
+#[test]
+fn the_control_plane_does_not_delete_through_an_alias_or_under_one() {
+    let s = Server::start(&[]);
+    common::deploy_fixture(&s, "plain", "name=al");
+    let r = s.control("POST", "/2015-03-31/functions/al/versions", &[], b"{}");
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.control(
+        "POST",
+        "/2015-03-31/functions/al/aliases",
+        &[],
+        br#"{"Name":"live","FunctionVersion":"1"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // Resolving the alias would delete version 1 and leave `live` dangling.
+    let r = s.control("DELETE", "/functions/al:live", &[], b"");
+    assert_eq!(r.status, 400, "{}", r.text());
+    r.assert_json_error("is_alias");
+    let r = s.control("DELETE", "/functions/al:1", &[], b"");
+    assert_eq!(r.status, 409, "{}", r.text());
+    r.assert_json_error("version_in_use");
+    let r = s.control(
+        "GET",
+        "/2015-03-31/functions/al%3Alive/configuration",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["Version"], "1", "{}", r.text());
+
+    // Once no alias routes to it, the version can go.
+    let r = s.control("DELETE", "/2015-03-31/functions/al/aliases/live", &[], b"");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = s.control("DELETE", "/functions/al:1", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.control(
+        "GET",
+        "/2015-03-31/functions/al%3A1/configuration",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    s.assert_healthy();
+}

@@ -783,3 +783,36 @@ fn the_control_plane_does_not_delete_through_an_alias_or_under_one() {
     assert_eq!(r.status, 404, "{}", r.text());
     s.assert_healthy();
 }
+
+#[test]
+fn a_signed_request_cannot_be_replayed_with_another_body() {
+    require_clients!();
+    let s = Server::start(&[]);
+    let token = s.token.clone().unwrap();
+    common::deploy_fixture(&s, "plain", "name=sig");
+    // botocore signs a request for one body; it is then sent with another,
+    // with and without an X-Amz-Content-Sha256 header claiming the first.
+    let statuses = boto3_json(
+        &s,
+        &token,
+        "import hashlib, urllib.request\n\
+         from botocore.auth import SigV4Auth\n\
+         from botocore.awsrequest import AWSRequest\n\
+         from botocore.credentials import Credentials\n\
+         url = client.meta.endpoint_url + '/2015-03-31/functions/sig/configuration'\n\
+         signed = b'{\"Timeout\":3}'\n\
+         req = AWSRequest(method='PUT', url=url, data=signed, headers={'Content-Type': 'application/json'})\n\
+         SigV4Auth(Credentials('hearth', secret), 'lambda', 'us-east-1').add_auth(req)\n\
+         def send(body, extra):\n\
+         \x20   h = dict(req.headers.items()); h.update(extra)\n\
+         \x20   try: return urllib.request.urlopen(urllib.request.Request(url, data=body, method='PUT', headers=h)).status\n\
+         \x20   except urllib.error.HTTPError as e: return e.code\n\
+         evil = b'{\"Timeout\":9}'\n\
+         claim = {'X-Amz-Content-Sha256': hashlib.sha256(signed).hexdigest()}\n\
+         print(json.dumps([send(evil, claim), send(evil, {}), send(signed, claim), send(signed, {})]))\n",
+    );
+    assert_eq!(statuses, serde_json::json!([403, 403, 200, 200]));
+    let r = s.control("GET", "/2015-03-31/functions/sig/configuration", &[], b"");
+    assert_eq!(r.json()["Timeout"], 3, "{}", r.text());
+    s.assert_healthy();
+}

@@ -709,3 +709,110 @@ print(json.dumps({'calls': sorted(calls)}))
     assert!(handovers <= 4, "{handovers} hand-overs");
     s.assert_healthy();
 }
+
+#[test]
+fn a_double_encoded_qualifier_does_not_reach_a_published_version() {
+    let s = Server::start(&[]);
+    common::deploy_fixture(&s, "plain", "name=rv");
+    let r = s.control("POST", "/2015-03-31/functions/rv/versions", &[], b"{}");
+    assert_eq!(r.status, 201, "{}", r.text());
+    assert_eq!(r.json()["Version"], "1");
+
+    // `%253A` decodes once to `%3A`, which names no function; decoding it a
+    // second time would turn it into `:` and edit the published version.
+    let r = s.control(
+        "PUT",
+        "/2015-03-31/functions/rv%253A1/configuration",
+        &[],
+        br#"{"Timeout":7,"Description":"mutated"}"#,
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    let r = s.control(
+        "GET",
+        "/2015-03-31/functions/rv%3A1/configuration",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_ne!(r.json()["Timeout"], 7, "{}", r.text());
+    assert_ne!(r.json()["Description"], "mutated", "{}", r.text());
+    s.assert_healthy();
+}
+
+#[test]
+fn the_control_plane_does_not_delete_through_an_alias_or_under_one() {
+    let s = Server::start(&[]);
+    common::deploy_fixture(&s, "plain", "name=al");
+    let r = s.control("POST", "/2015-03-31/functions/al/versions", &[], b"{}");
+    assert_eq!(r.status, 201, "{}", r.text());
+    let r = s.control(
+        "POST",
+        "/2015-03-31/functions/al/aliases",
+        &[],
+        br#"{"Name":"live","FunctionVersion":"1"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+
+    // Resolving the alias would delete version 1 and leave `live` dangling.
+    let r = s.control("DELETE", "/functions/al:live", &[], b"");
+    assert_eq!(r.status, 400, "{}", r.text());
+    r.assert_json_error("is_alias");
+    let r = s.control("DELETE", "/functions/al:1", &[], b"");
+    assert_eq!(r.status, 409, "{}", r.text());
+    r.assert_json_error("version_in_use");
+    let r = s.control(
+        "GET",
+        "/2015-03-31/functions/al%3Alive/configuration",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["Version"], "1", "{}", r.text());
+
+    // Once no alias routes to it, the version can go.
+    let r = s.control("DELETE", "/2015-03-31/functions/al/aliases/live", &[], b"");
+    assert_eq!(r.status, 204, "{}", r.text());
+    let r = s.control("DELETE", "/functions/al:1", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = s.control(
+        "GET",
+        "/2015-03-31/functions/al%3A1/configuration",
+        &[],
+        b"",
+    );
+    assert_eq!(r.status, 404, "{}", r.text());
+    s.assert_healthy();
+}
+
+#[test]
+fn a_signed_request_cannot_be_replayed_with_another_body() {
+    require_clients!();
+    let s = Server::start(&[]);
+    let token = s.token.clone().unwrap();
+    common::deploy_fixture(&s, "plain", "name=sig");
+    // botocore signs a request for one body; it is then sent with another,
+    // with and without an X-Amz-Content-Sha256 header claiming the first.
+    let statuses = boto3_json(
+        &s,
+        &token,
+        "import hashlib, urllib.request\n\
+         from botocore.auth import SigV4Auth\n\
+         from botocore.awsrequest import AWSRequest\n\
+         from botocore.credentials import Credentials\n\
+         url = client.meta.endpoint_url + '/2015-03-31/functions/sig/configuration'\n\
+         signed = b'{\"Timeout\":3}'\n\
+         req = AWSRequest(method='PUT', url=url, data=signed, headers={'Content-Type': 'application/json'})\n\
+         SigV4Auth(Credentials('hearth', secret), 'lambda', 'us-east-1').add_auth(req)\n\
+         def send(body, extra):\n\
+         \x20   h = dict(req.headers.items()); h.update(extra)\n\
+         \x20   try: return urllib.request.urlopen(urllib.request.Request(url, data=body, method='PUT', headers=h)).status\n\
+         \x20   except urllib.error.HTTPError as e: return e.code\n\
+         evil = b'{\"Timeout\":9}'\n\
+         claim = {'X-Amz-Content-Sha256': hashlib.sha256(signed).hexdigest()}\n\
+         print(json.dumps([send(evil, claim), send(evil, {}), send(signed, claim), send(signed, {})]))\n",
+    );
+    assert_eq!(statuses, serde_json::json!([403, 403, 200, 200]));
+    let r = s.control("GET", "/2015-03-31/functions/sig/configuration", &[], b"");
+    assert_eq!(r.json()["Timeout"], 3, "{}", r.text());
+    s.assert_healthy();
+}

@@ -29,6 +29,9 @@ const RATIO_FLOOR_BYTES: u64 = 1024;
 const NAME_BYTES_MAX: usize = 2048;
 /// Longest single path component; Linux refuses longer ones anyway (NAME_MAX).
 const COMPONENT_BYTES_MAX: usize = 255;
+/// Most path components in an entry name. Each level is a directory to create (and a prefix
+/// to look up while checking), and no real package nests anywhere near this deep.
+const DEPTH_MAX: usize = 64;
 /// Longest symlink target (PATH_MAX minus the terminating NUL).
 const SYMLINK_TARGET_BYTES_MAX: u64 = 4095;
 /// Size of the buffer entries are inflated through.
@@ -265,10 +268,9 @@ fn check<'z>(
         ));
     }
     // Fail fast, before the zip reader allocates metadata for every declared entry.
-    if let Some(declared) = declared_entry_count(zip) {
-        if declared > limits.entries_max as u64 {
-            return Err(too_many_entries(declared, limits));
-        }
+    let declared = declared_entry_count(zip)?;
+    if declared > limits.entries_max as u64 {
+        return Err(too_many_entries(declared, limits));
     }
     let mut archive = ZipArchive::new(Cursor::new(zip))
         .map_err(|e| ArchiveError::bad("not_a_zip", format!("not a readable zip archive: {e}")))?;
@@ -312,6 +314,23 @@ fn check<'z>(
     }
 
     check_layout(&entries)?;
+    // Directories implied by deep names are created too, so they count as entries: a small
+    // zip of `d1/a/a/…/f` names would otherwise make tens of thousands of them.
+    let files_and_links = entries
+        .iter()
+        .filter(|e| !matches!(e.kind, Kind::Dir))
+        .count();
+    let dirs = directories(&entries, limits.entries_max.saturating_sub(files_and_links));
+    if files_and_links + dirs.len() > limits.entries_max {
+        return Err(ArchiveError::too_big(
+            "too_many_entries",
+            format!(
+                "the archive has more than {} entries counting the directories its paths imply",
+                limits.entries_max
+            ),
+        ));
+    }
+    drop(dirs);
     for entry in &mut entries {
         if let Kind::Symlink { target } = &mut entry.kind {
             *target =
@@ -350,30 +369,63 @@ fn ratio_bound(compressed_bytes: u64, limits: &ArchiveLimits) -> u64 {
 
 /// Entry count from the end-of-central-directory record nearest the end (zip64 if present).
 ///
-/// Only a fast path: `None` when the record is not where a well-formed archive keeps it, in
-/// which case the zip reader's own parse and the count check after it decide.
-fn declared_entry_count(zip: &[u8]) -> Option<u64> {
+/// Checked before the zip reader parses the central directory, which allocates for every record
+/// it lists. The record must be whole and its comment must fit in the file: a stray or truncated
+/// signature after the real record (`PK\x05\x06` and two bytes) is skipped as the zip reader
+/// skips it, so it cannot hide the real count. An archive with no such record in its last
+/// 64 KiB + 22 bytes, or a zip64 locator that points at no zip64 record, is refused rather than
+/// handed to the reader unchecked.
+fn declared_entry_count(zip: &[u8]) -> Result<u64, ArchiveError> {
     const EOCD: &[u8] = b"PK\x05\x06";
     const LOCATOR64: &[u8] = b"PK\x06\x07";
     const EOCD64: &[u8] = b"PK\x06\x06";
+    const EOCD_BYTES: usize = 22;
     // The record is 22 bytes plus a comment of at most 64 KiB.
-    let search_from = zip.len().saturating_sub(22 + 0xFFFF);
-    let eocd = search_from + zip[search_from..].windows(4).rposition(|w| w == EOCD)?;
-    let record = zip.get(eocd..eocd + 22)?;
+    let search_from = zip.len().saturating_sub(EOCD_BYTES + 0xFFFF);
+    let tail = &zip[search_from..];
+    let well_formed = |at: &usize| {
+        let Some(record) = tail.get(*at..*at + EOCD_BYTES) else {
+            return false;
+        };
+        let comment_bytes = usize::from(u16::from_le_bytes([record[20], record[21]]));
+        at + EOCD_BYTES + comment_bytes <= tail.len()
+    };
+    let eocd = search_from
+        + (0..tail.len().saturating_sub(3))
+            .rev()
+            .filter(|&at| &tail[at..at + 4] == EOCD)
+            .find(well_formed)
+            .ok_or_else(|| {
+                ArchiveError::bad(
+                    "not_a_zip",
+                    "not a readable zip archive: no end of central directory record in the last 64 KiB".into(),
+                )
+            })?;
+    let record = &zip[eocd..eocd + EOCD_BYTES];
     let count32 = u64::from(u16::from_le_bytes([record[10], record[11]]));
     if count32 != 0xFFFF {
-        return Some(count32);
+        return Ok(count32);
     }
-    let locator = zip.get(eocd.checked_sub(20)?..eocd)?;
+    let Some(locator) = eocd.checked_sub(20).map(|at| &zip[at..eocd]) else {
+        return Ok(count32);
+    };
     if &locator[..4] != LOCATOR64 {
-        return Some(count32);
+        return Ok(count32);
     }
-    let eocd64_at = usize::try_from(u64::from_le_bytes(locator[8..16].try_into().ok()?)).ok()?;
-    let eocd64 = zip.get(eocd64_at..eocd64_at.checked_add(56)?)?;
-    if &eocd64[..4] != EOCD64 {
-        return Some(count32);
-    }
-    Some(u64::from_le_bytes(eocd64[32..40].try_into().ok()?))
+    let bad_zip64 = || {
+        ArchiveError::bad(
+            "not_a_zip",
+            "not a readable zip archive: the zip64 locator does not point at a zip64 end of central directory record".into(),
+        )
+    };
+    let eocd64_at = usize::try_from(u64::from_le_bytes(locator[8..16].try_into().unwrap()))
+        .map_err(|_| bad_zip64())?;
+    let eocd64 = eocd64_at
+        .checked_add(56)
+        .and_then(|end| zip.get(eocd64_at..end))
+        .filter(|record| &record[..4] == EOCD64)
+        .ok_or_else(bad_zip64)?;
+    Ok(u64::from_le_bytes(eocd64[32..40].try_into().unwrap()))
 }
 
 fn list_entry(archive: &mut Archive<'_>, index: usize) -> Result<Listing, ArchiveError> {
@@ -611,6 +663,16 @@ fn normalize_name(name: &str, has_nul: bool) -> Result<(String, bool), ArchiveEr
             ok => parts.push(ok),
         }
     }
+    if parts.len() > DEPTH_MAX {
+        return Err(ArchiveError::bad(
+            "too_deep",
+            format!(
+                "entry '{}' is {} directories deep, over the limit of {DEPTH_MAX}",
+                name.escape_debug(),
+                parts.len()
+            ),
+        ));
+    }
     let path = parts.join("/");
     if path.len() > NAME_BYTES_MAX {
         return Err(unsafe_path(&format!(
@@ -805,6 +867,25 @@ fn random_hex() -> String {
     hex::encode(&bytes)
 }
 
+/// Every directory, listed or implied by a deeper name; sorted, so parents come before
+/// children. Stops growing once it holds more than `stop_after`, for a caller that only
+/// needs to know the count is over a limit.
+fn directories(entries: &[Entry], stop_after: usize) -> BTreeSet<&str> {
+    let mut dirs: BTreeSet<&str> = BTreeSet::new();
+    for entry in entries {
+        if matches!(entry.kind, Kind::Dir) {
+            dirs.insert(&entry.path);
+        }
+        for (at, _) in entry.path.match_indices('/') {
+            dirs.insert(&entry.path[..at]);
+        }
+        if dirs.len() > stop_after {
+            break;
+        }
+    }
+    dirs
+}
+
 fn write_tree(
     archive: &mut Archive<'_>,
     entries: &[Entry],
@@ -813,19 +894,7 @@ fn write_tree(
 ) -> Result<Extracted, ArchiveError> {
     let mut extracted = Extracted::default();
 
-    // Every directory, listed or implied; sorted order creates parents before children.
-    let mut dirs: BTreeSet<&str> = BTreeSet::new();
-    for entry in entries {
-        if matches!(entry.kind, Kind::Dir) {
-            dirs.insert(&entry.path);
-        }
-        dirs.extend(
-            entry
-                .path
-                .match_indices('/')
-                .map(|(at, _)| &entry.path[..at]),
-        );
-    }
+    let dirs = directories(entries, usize::MAX);
     for dir in &dirs {
         let path = root.join(dir);
         fs::DirBuilder::new()
@@ -1341,6 +1410,102 @@ mod tests {
             ..ArchiveLimits::default()
         };
         extract_zip(&zip, &scratch.dest(), &limits).unwrap();
+    }
+
+    /// A zip64 archive of one empty local entry and `records` central records for it that
+    /// declares `declared` entries, followed by `trailer`.
+    fn zip64_with_records(records: u64, declared: u64, trailer: &[u8]) -> Vec<u8> {
+        let mut zip = b"PK\x03\x04\x14".to_vec();
+        zip.resize(30, 0);
+        let directory_start = zip.len() as u64;
+        let mut record = b"PK\x01\x02\x1e\x03\x14".to_vec();
+        record.resize(38, 0);
+        record.extend_from_slice(&(0o100644u32 << 16).to_le_bytes());
+        record.extend_from_slice(&0u32.to_le_bytes());
+        for _ in 0..records {
+            zip.extend_from_slice(&record);
+        }
+        let directory_bytes = zip.len() as u64 - directory_start;
+        let eocd64_at = zip.len() as u64;
+        zip.extend_from_slice(b"PK\x06\x06");
+        zip.extend_from_slice(&44u64.to_le_bytes());
+        zip.extend_from_slice(&[0x1e, 0x03, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        for field in [declared, declared, directory_bytes, directory_start] {
+            zip.extend_from_slice(&field.to_le_bytes());
+        }
+        zip.extend_from_slice(b"PK\x06\x07\0\0\0\0");
+        zip.extend_from_slice(&eocd64_at.to_le_bytes());
+        zip.extend_from_slice(&1u32.to_le_bytes());
+        zip.extend_from_slice(b"PK\x05\x06");
+        zip.extend_from_slice(&[0xff; 16]);
+        zip.extend_from_slice(&[0, 0]);
+        zip.extend_from_slice(trailer);
+        zip
+    }
+
+    #[test]
+    fn a_stray_end_record_signature_does_not_hide_the_entry_count() {
+        // The shape of a real attack: many genuine central records and the signature of an end
+        // record (without its body) appended, which the zip reader skips.
+        let zip = zip64_with_records(40, 40, b"PK\x05\x06\0\0");
+        assert_eq!(declared_entry_count(&zip).unwrap(), 40);
+        // A count declared over the limit is refused from the end record alone: the zip reader
+        // (which would find this directory inconsistent) never gets to allocate for it.
+        let zip = zip64_with_records(2, 5_000_000, b"PK\x05\x06\0\0");
+        let err = expect_err(&zip, &ArchiveLimits::default(), 413, "too_many_entries");
+        assert!(err.message.contains("5000000 entries"), "{err}");
+    }
+
+    #[test]
+    fn an_archive_without_a_whole_end_record_is_refused() {
+        let mut zip = build(&[Item::File("app.js", b"1", 0o644)]);
+        zip.truncate(zip.len() - 4);
+        let err = expect_err(&zip, &ArchiveLimits::default(), 400, "not_a_zip");
+        assert!(err.message.contains("end of central directory"), "{err}");
+        // A zip64 locator that points at nothing is refused too.
+        let mut zip = zip64_with_records(1, 1, b"");
+        let at = zip.len() - 22 - 12;
+        zip[at..at + 8].copy_from_slice(&7u64.to_le_bytes());
+        expect_err(&zip, &ArchiveLimits::default(), 400, "not_a_zip");
+    }
+
+    #[test]
+    fn implied_directories_count_as_entries() {
+        // Three files, and seven directories that no entry lists.
+        let zip = build(&[
+            Item::File("app.js", b"1", 0o644),
+            Item::File("a/b/c/d.js", b"2", 0o644),
+            Item::File("x/y/z/w/v.js", b"3", 0o644),
+        ]);
+        let limits = ArchiveLimits {
+            entries_max: 9,
+            ..ArchiveLimits::default()
+        };
+        let err = expect_err(&zip, &limits, 413, "too_many_entries");
+        assert!(err.message.contains("imply"), "{err}");
+        let scratch = Scratch::new("implied");
+        let limits = ArchiveLimits {
+            entries_max: 10,
+            ..ArchiveLimits::default()
+        };
+        let extracted = extract_zip(&zip, &scratch.dest(), &limits).unwrap();
+        assert_eq!((extracted.files, extracted.dirs), (3, 7));
+    }
+
+    #[test]
+    fn names_deeper_than_the_limit_are_refused() {
+        let deepest = format!("{}f.js", "a/".repeat(DEPTH_MAX - 1));
+        let scratch = Scratch::new("deepest");
+        extract_zip(
+            &build(&[Item::File(&deepest, b"1", 0o644)]),
+            &scratch.dest(),
+            &ArchiveLimits::default(),
+        )
+        .unwrap();
+        let too_deep = format!("a/{deepest}");
+        let zip = build(&[Item::File(&too_deep, b"1", 0o644)]);
+        let err = expect_err(&zip, &ArchiveLimits::default(), 400, "too_deep");
+        assert!(err.message.contains("65 directories deep"), "{err}");
     }
 
     #[test]

@@ -399,7 +399,9 @@ impl Cx<'_> {
                 "this operation takes the unqualified function name, not {raw:?}"
             )));
         }
-        self.with_q(&name, &None, op)
+        // The name is decoded already: parsing it again would decode it a
+        // second time, and `rv%253A1` would reach the published version 1.
+        self.with_parts(&name, None, op)
     }
 
     /// Runs `op` on the function `raw` names, qualified in the name (an ARN's
@@ -411,12 +413,23 @@ impl Cx<'_> {
         op: impl FnOnce(std::sync::Arc<Function>) -> Result<Answer, Answer>,
     ) -> Result<Answer, Answer> {
         let (name, qualifier) = function_name(raw)?;
-        let key = match qualifier.as_ref().or(query.as_ref()) {
+        self.with_parts(&name, qualifier.as_ref().or(query.as_ref()), op)
+    }
+
+    /// Runs `op` on the function `name` (already decoded and split from any
+    /// qualifier) at `qualifier`, or answers 404.
+    fn with_parts(
+        &self,
+        name: &str,
+        qualifier: Option<&String>,
+        op: impl FnOnce(std::sync::Arc<Function>) -> Result<Answer, Answer>,
+    ) -> Result<Answer, Answer> {
+        let key = match qualifier {
             Some(q) => format!("{name}:{q}"),
-            None => name.clone(),
+            None => name.to_string(),
         };
         match self.plane.functions.get(&key) {
-            Some(f) if f.spec.name.is_some() || crate::functions::valid_id(&name) => op(f),
+            Some(f) if f.spec.name.is_some() || crate::functions::valid_id(name) => op(f),
             _ => Err(lambda_error(
                 404,
                 "ResourceNotFoundException",

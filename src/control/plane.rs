@@ -508,11 +508,50 @@ fn sync_filesystem(dir: &Path) {
 /// Deletes a function. As Lambda's `DeleteFunction` without a qualifier,
 /// deleting a name's current function also deletes its published versions,
 /// its aliases and its queued asynchronous events.
+///
+/// As on the service API, an alias is not a thing to delete here (resolving
+/// it would delete whichever version a weighted draw picked), and a version an
+/// alias routes to stays until the alias is changed: either would leave the
+/// alias pointing at nothing.
 fn delete(shared: &Plane, id: &str) -> Answer {
-    let Some(f) = shared.functions.remove(id) else {
+    let functions = &shared.functions;
+    if let Some((_, qualifier)) = id.split_once(':') {
+        if qualifier != "$LATEST" && !qualifier.bytes().all(|b| b.is_ascii_digit()) {
+            return error(
+                400,
+                "is_alias",
+                &format!("{id:?} names an alias: delete the alias itself, or give a version"),
+            );
+        }
+    }
+    let Some(target) = functions.get(id) else {
         return not_found(id);
     };
-    let functions = &shared.functions;
+    if let (Some(name), Some(version)) = (&target.spec.name, target.spec.service.version) {
+        let version = version.to_string();
+        let users: Vec<String> = functions
+            .aliases(name)
+            .into_iter()
+            .filter(|(_, a)| {
+                a.version == version || a.extra.as_ref().is_some_and(|(e, _)| *e == version)
+            })
+            .map(|(alias, _)| alias)
+            .collect();
+        if !users.is_empty() {
+            return error(
+                409,
+                "version_in_use",
+                &format!(
+                    "version {version} of {name} is used by alias(es) {}",
+                    users.join(", ")
+                ),
+            );
+        }
+    }
+    // By id from here: the key was resolved once, above.
+    let Some(f) = functions.remove(&target.spec.id) else {
+        return not_found(id);
+    };
     let mut gone = vec![f.clone()];
     if let (Some(name), None) = (&f.spec.name, f.spec.service.version) {
         if let Err(e) = functions.edit_aliases(name, |_, aliases| {

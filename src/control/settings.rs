@@ -5,6 +5,7 @@
 //! Anything else, or a key given twice, is refused rather than ignored, so a typo never deploys
 //! with a silently different setting.
 
+use std::collections::HashSet;
 use std::fmt;
 
 use serde::de::{Deserializer, MapAccess, Visitor};
@@ -142,8 +143,18 @@ fn parse_env(json: &str) -> Result<Vec<(String, String)>, String> {
     let EnvPairs(pairs) = serde_json::from_str(json).map_err(|e| {
         format!("env must be a JSON object of string values, like {{\"NAME\":\"value\"}}: {e}")
     })?;
+    // The size limit is checked as the pairs are read, so a huge env is
+    // refused after at most ENV_BYTES_MAX bytes of pairs, whatever it holds
+    // further on; the set keeps the duplicate check linear.
     let mut total_bytes = 0;
-    for (index, (name, value)) in pairs.iter().enumerate() {
+    let mut seen: HashSet<&str> = HashSet::new();
+    for (name, value) in &pairs {
+        total_bytes += name.len() + value.len();
+        if total_bytes > ENV_BYTES_MAX {
+            return Err(format!(
+                "env is at least {total_bytes} bytes (names plus values), over the limit of {ENV_BYTES_MAX}"
+            ));
+        }
         if !is_env_name(name) {
             return Err(format!(
                 "env name '{}' is not valid: use letters, digits and '_', not starting with a digit",
@@ -153,18 +164,12 @@ fn parse_env(json: &str) -> Result<Vec<(String, String)>, String> {
         if name.starts_with(RESERVED_ENV_PREFIX) {
             return Err(format!("env name '{name}' is reserved: names starting with {RESERVED_ENV_PREFIX} are set by hearth"));
         }
-        if pairs[..index].iter().any(|(earlier, _)| earlier == name) {
+        if !seen.insert(name) {
             return Err(format!("env name '{name}' is given more than once"));
         }
         if value.contains('\0') {
             return Err(format!("env value of '{name}' contains a NUL character"));
         }
-        total_bytes += name.len() + value.len();
-    }
-    if total_bytes > ENV_BYTES_MAX {
-        return Err(format!(
-            "env is {total_bytes} bytes (names plus values), over the limit of {ENV_BYTES_MAX}"
-        ));
     }
     Ok(pairs)
 }
@@ -419,6 +424,24 @@ mod tests {
         assert!(parse_settings(&pairs(&[("env", &over)]))
             .unwrap_err()
             .contains("4097 bytes"));
+    }
+
+    #[test]
+    fn a_large_env_is_refused_at_the_size_limit_before_later_pairs_are_checked() {
+        // 5000 distinct names, then one that is invalid and one repeated: the
+        // check must stop at the size limit and never look that far.
+        let mut env: Vec<String> = (0..5000).map(|i| format!(r#""A{i}":"""#)).collect();
+        env.push(r#""1bad":"""#.into());
+        env.push(r#""A0":"""#.into());
+        let env = format!("{{{}}}", env.join(","));
+        let err = parse_settings(&pairs(&[("env", &env)])).unwrap_err();
+        assert!(err.contains("over the limit of 4096"), "{err}");
+    }
+
+    #[test]
+    fn duplicate_env_names_are_refused() {
+        let err = parse_settings(&pairs(&[("env", r#"{"A":"1","B":"2","A":"3"}"#)])).unwrap_err();
+        assert!(err.contains("'A' is given more than once"), "{err}");
     }
 
     #[test]

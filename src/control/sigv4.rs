@@ -187,11 +187,27 @@ fn canonical_request(req: &Request, body: &[u8], signed: &str) -> Result<String,
     out.push('\n');
     out.push_str(signed);
     out.push('\n');
-    match req.header("x-amz-content-sha256") {
-        Some(h) => out.push_str(h),
-        None => out.push_str(&hex(&Sha256::digest(body))),
-    }
+    out.push_str(&payload_hash(req, body)?);
     Ok(out)
+}
+
+/// The body's SHA-256 for the canonical request, always computed from the
+/// body received.
+///
+/// `X-Amz-Content-Sha256` is only the client's claim: taking it as it is would
+/// let a captured request be replayed with another body under the same
+/// signature. So when it is sent it must match, and `UNSIGNED-PAYLOAD` (or a
+/// streaming form) is refused, since every service API body is read whole.
+fn payload_hash(req: &Request, body: &[u8]) -> Result<String, Refused> {
+    let actual = hex(&Sha256::digest(body));
+    match req.header("x-amz-content-sha256") {
+        Some(claimed) if !claimed.trim().eq_ignore_ascii_case(&actual) => Err(Refused(format!(
+            "X-Amz-Content-Sha256 {:?} is not the SHA-256 of the body received; \
+             the signature must cover the body",
+            claimed.trim()
+        ))),
+        _ => Ok(actual),
+    }
 }
 
 /// Percent-encodes all but the unreserved characters (and `/` in a path).
@@ -322,6 +338,39 @@ mod tests {
             .unwrap()
             .replace("my-fn%3Aprod", "my-fn%3Aprot");
         assert!(check(moved.as_bytes(), body, SECRET, now).is_err());
+    }
+
+    /// The botocore request with an `X-Amz-Content-Sha256` header added, as
+    /// an attacker replaying it would add one.
+    fn with_content_sha256(value: &str) -> Vec<u8> {
+        String::from_utf8(botocore_request(GOOD))
+            .unwrap()
+            .replace(
+                "Content-Length: 7\r\n",
+                &format!("X-Amz-Content-Sha256: {value}\r\nContent-Length: 7\r\n"),
+            )
+            .into_bytes()
+    }
+
+    #[test]
+    fn a_claimed_body_hash_must_match_the_body() {
+        let now = at("20261130T180000Z");
+        let signed_body = br#"{"a":1}"#;
+        let claimed = hex(&Sha256::digest(signed_body));
+        // The header alone does not change the signature when it is true.
+        assert_eq!(
+            check(&with_content_sha256(&claimed), signed_body, SECRET, now),
+            Ok(())
+        );
+        // Claiming the signed body's hash does not let another body through.
+        let err = check(&with_content_sha256(&claimed), br#"{"a":2}"#, SECRET, now).unwrap_err();
+        assert!(err.0.contains("X-Amz-Content-Sha256"), "{err:?}");
+        for value in ["UNSIGNED-PAYLOAD", "STREAMING-AWS4-HMAC-SHA256-PAYLOAD", ""] {
+            assert!(
+                check(&with_content_sha256(value), signed_body, SECRET, now).is_err(),
+                "{value:?}"
+            );
+        }
     }
 
     #[test]

@@ -704,14 +704,7 @@ impl Cx<'_> {
                 let v = functions
                     .get(&format!("{name}:{q}"))
                     .ok_or_else(not_found)?;
-                let users: Vec<String> = functions
-                    .aliases(&name)
-                    .into_iter()
-                    .filter(|(_, a)| {
-                        a.version == q || a.extra.as_ref().is_some_and(|(e, _)| *e == q)
-                    })
-                    .map(|(n, _)| n)
-                    .collect();
+                let users = functions.aliases_using(&name, &q);
                 if !users.is_empty() {
                     return Err(lambda_error(
                         409,

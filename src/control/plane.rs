@@ -529,14 +529,7 @@ fn delete(shared: &Plane, id: &str) -> Answer {
     };
     if let (Some(name), Some(version)) = (&target.spec.name, target.spec.service.version) {
         let version = version.to_string();
-        let users: Vec<String> = functions
-            .aliases(name)
-            .into_iter()
-            .filter(|(_, a)| {
-                a.version == version || a.extra.as_ref().is_some_and(|(e, _)| *e == version)
-            })
-            .map(|(alias, _)| alias)
-            .collect();
+        let users = functions.aliases_using(name, &version);
         if !users.is_empty() {
             return error(
                 409,

@@ -458,12 +458,12 @@ impl Worker {
     /// Everything queued on runtime connection `tok` was written: requests
     /// the session left unserved for its backlog are served, and it is read again.
     pub fn rapi_flushed(&mut self, tok: Token, inst: InstId, i: ConnId) {
-        if self
-            .rapi(inst)
-            .and_then(|r| r.conns.get(i).copied().flatten())
-            != Some(tok)
-        {
-            return;
+        // While the instance moves, its streams leave this loop one by one and
+        // the session must not act on tokens already gone (the next core
+        // serves every connection when it attaches them).
+        match self.rapi(inst) {
+            Some(r) if r.detach.is_none() && r.conns.get(i).copied().flatten() == Some(tok) => {}
+            _ => return,
         }
         if let Some(Err(e)) = self.with_session(inst, |s, io| s.serve(io, i)) {
             eprintln!("hearth: worker {}: runtime api: {e}", self.core);

@@ -379,6 +379,18 @@ impl Registry {
         self.map.read().unwrap().aliases(name)
     }
 
+    /// The aliases of `name` that route to `version` (as their version or as
+    /// the extra one of a weighted split): a version they use is not deleted.
+    pub fn aliases_using(&self, name: &str, version: &str) -> Vec<String> {
+        self.aliases(name)
+            .into_iter()
+            .filter(|(_, a)| {
+                a.version == version || a.extra.as_ref().is_some_and(|(e, _)| e == version)
+            })
+            .map(|(alias, _)| alias)
+            .collect()
+    }
+
     /// Changes the aliases of `name` with `edit`, which sees the index (to
     /// check versions exist) and decides; they are stored before the change
     /// is visible. `edit` returning `Err` changes nothing; the outer error is

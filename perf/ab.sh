@@ -82,13 +82,7 @@ after_run() { # test side url req/s
     local rest=${3#http://} addr id
     addr=${rest%%/*}
     id=${rest#*/f/}
-    awk -v t="$1" -v s="$2" -v a="$(ticks "$(eval echo "\$${2}_PID")")" -v hz="$HZ" \
-        -v secs="${DURATION%s}" -v rps="$4" '{
-        split(a, n, " "); r = rps * secs
-        if (r == 0) { printf "%s %s nan nan\n", t, s; exit }
-        printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
-        "$TMP/ticks" >>"$TMP/cpu"
-    echo "instances=$(instances "$addr" "${id%%/*}") $(tail -n1 "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }')"
+    echo "instances=$(instances "$addr" "${id%%/*}") $(cpu_per_request "$1" "$2" "$4" "$(eval echo "\$${2}_PID")")"
 }
 run_rounds "$TARGETS" "$ROUNDS" "$DURATION"
 cpu() { awk -v t="$1" -v s="$2" -v f="$3" '$1 == t && $2 == s { print $f }' "$TMP/cpu" | median; }

@@ -146,15 +146,9 @@ before_run() { # test server url
     # shellcheck disable=SC2046 # a list of pids
     ticks $(pids_of "$1" "$2") >"$TMP/ticks"
 }
-# Appends "test server server_us node_us" (CPU per request of the run that
-# just ended) to $TMP/cpu and prints them.
 after_run() { # test server url req/s
     # shellcheck disable=SC2046 # a list of pids
-    awk -v t="$1" -v s="$2" -v a="$(ticks $(pids_of "$1" "$2"))" -v hz="$HZ" -v secs="${DURATION%s}" -v rps="$4" '{
-        split(a, n, " "); r = rps * secs
-        if (r == 0) { printf "%s %s nan nan\n", t, s; exit }
-        printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
-        "$TMP/ticks" | tee -a "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }'
+    cpu_per_request "$1" "$2" "$4" $(pids_of "$1" "$2")
 }
 
 if [ "$CORES" = 1 ]; then

@@ -229,6 +229,20 @@ ticks() { # root pid...
 }
 HZ=$(getconf CLK_TCK)
 
+# The run that just ended, given its req/s and the trees measured: appends
+# "test server server_us node_us" (CPU per request, from $TMP/ticks taken by
+# `ticks` before the run) to $TMP/cpu and prints "cpu_us=<server>+<node>".
+# Uses DURATION (whole seconds).
+cpu_per_request() { # test server req/s root_pid...
+    local t=$1 s=$2 rps=$3
+    shift 3
+    awk -v t="$t" -v s="$s" -v a="$(ticks "$@")" -v hz="$HZ" -v secs="${DURATION%s}" -v rps="$rps" '{
+        split(a, n, " "); r = rps * secs
+        if (r == 0) { printf "%s %s nan nan\n", t, s; exit }
+        printf "%s %s %.1f %.1f\n", t, s, (n[1] - $1) / hz * 1e6 / r, (n[2] - $2) / hz * 1e6 / r }' \
+        "$TMP/ticks" | tee -a "$TMP/cpu" | awk '{ printf "cpu_us=%s+%s", $3, $4 }'
+}
+
 # Warms every target up (3 s, discarded), then runs `rounds` alternating
 # rounds of wrk over them. `targets`: one "test server url lua|-" per line.
 # Calls `before_run test server url` before each run if the caller defines it;

@@ -78,6 +78,12 @@ pub struct HttpLimits {
     /// Bytes of responses buffered on all connections of the server before no
     /// connection gets another request parsed; each core holds an equal share.
     pub out_bytes_total_max: usize,
+    /// Bytes of request bodies held on all connections of the server for
+    /// requests not yet answered whose client the head did not prove (function
+    /// URLs, SigV4 service requests before their signature is checked); each
+    /// core holds an equal share. A body that does not fit is refused with 503
+    /// before it is read (see `engine::conn`).
+    pub in_bytes_total_max: usize,
     /// Total time to receive a request body, however fast it trickles in.
     pub body_timeout_max: Duration,
     /// Slowest average body rate accepted, bytes per second: a body must arrive by
@@ -100,6 +106,7 @@ impl Default for HttpLimits {
             keepalive_timeout: Duration::from_secs(60),
             out_bytes_max: 8 * 1024 * 1024,
             out_bytes_total_max: 1024 * 1024 * 1024,
+            in_bytes_total_max: 1024 * 1024 * 1024,
             body_timeout_max: Duration::from_secs(300),
             body_rate_min: 1024,
             connections_per_ip_max: 1024,

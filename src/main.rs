@@ -182,6 +182,11 @@ struct ServeArgs {
     /// before no connection gets another request parsed.
     #[arg(long, default_value_t = 1 << 30)]
     out_bytes_total_max: usize,
+    /// Request body bytes held over the whole server for clients the request head
+    /// did not authenticate (function URLs, SigV4 requests before their signature
+    /// is checked), until answered; a body that does not fit gets 503 unread.
+    #[arg(long, default_value_t = 1 << 30)]
+    in_bytes_total_max: usize,
     /// Grace period for in-flight requests at SIGINT/SIGTERM, ms.
     #[arg(long, default_value_t = 10_000)]
     shutdown_grace_ms: u64,
@@ -346,6 +351,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             body_timeout_max: Duration::from_millis(a.body_timeout_ms),
             connections_per_ip_max: a.connections_per_ip_max.max(1),
             out_bytes_total_max: a.out_bytes_total_max,
+            in_bytes_total_max: a.in_bytes_total_max,
             ..HttpLimits::default()
         },
         shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),

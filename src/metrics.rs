@@ -21,10 +21,14 @@ pub struct CoreMetrics {
     pub bytes_out: AtomicU64,
     /// Answer bytes queued and not yet written (gauge).
     pub out_queued: AtomicU64,
+    /// Request body bytes charged to the core's input budget (gauge).
+    pub in_held: AtomicU64,
     /// Times a connection's next request waited for the core's output budget.
     pub budget_waits: AtomicU64,
     /// Connections refused over the per-address limit.
     pub shed_per_ip: AtomicU64,
+    /// Requests refused because their body did not fit the input budget.
+    pub shed_input: AtomicU64,
     /// Connections closed because their unread answers stalled over the budget.
     pub out_evicted: AtomicU64,
     /// Time requests spent in each phase inside hearth.
@@ -179,7 +183,7 @@ type Series<M> = (&'static str, &'static str, &'static str, fn(&M) -> u64);
 
 /// Renders the front-end series of all cores.
 pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
-    let series: [Series<CoreMetrics>; 10] = [
+    let series: [Series<CoreMetrics>; 12] = [
         (
             "hearth_open_connections",
             "gauge",
@@ -223,6 +227,12 @@ pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
             |m| m.out_queued.load(Relaxed),
         ),
         (
+            "hearth_in_held_bytes",
+            "gauge",
+            "Request body bytes of unauthenticated clients held until answered (the input budget).",
+            |m| m.in_held.load(Relaxed),
+        ),
+        (
             "hearth_out_budget_waits_total",
             "counter",
             "Requests left unparsed while the core's output budget was exhausted.",
@@ -233,6 +243,12 @@ pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
             "counter",
             "Connections refused over the per-address limit.",
             |m| m.shed_per_ip.load(Relaxed),
+        ),
+        (
+            "hearth_shed_input_total",
+            "counter",
+            "Requests refused because their body did not fit the core's input budget.",
+            |m| m.shed_input.load(Relaxed),
         ),
         (
             "hearth_out_evicted_total",

@@ -1012,7 +1012,9 @@ fn connections_move_only_while_the_target_core_has_room() {
         std::thread::sleep(Duration::from_millis(20));
     };
     assert_eq!(accepted[0] + accepted[1], 11, "{accepted:?}");
-    let req = format!("GET /f/{id}/ HTTP/1.1\r\nHost: t\r\n\r\n");
+    // Each request carries a body, charged to the input budget of the core
+    // that read it; a moved connection takes its charge along.
+    let req = format!("POST /f/{id}/ HTTP/1.1\r\nHost: t\r\nContent-Length: 5\r\n\r\nhello");
     for _ in 0..3 {
         for c in clients.iter_mut() {
             c.write(req.as_bytes());
@@ -1044,6 +1046,17 @@ fn connections_move_only_while_the_target_core_has_room() {
         moved >= 1 || accepted.iter().any(|&a| a >= 9),
         "no connection moved though both cores had room: accepted {accepted:?}"
     );
+    // All answered: every charge was given back, on whichever core it moved to
+    // (the gauge is refreshed each 100 ms tick).
+    let held = || {
+        let m = call(&s, "GET", "/metrics", &[], b"").text();
+        common::metric_sum(&m, "hearth_in_held_bytes", "core=")
+    };
+    let deadline = Instant::now() + Duration::from_secs(3);
+    while held() != 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(held(), 0, "input budget charges were not all returned");
 }
 
 #[test]

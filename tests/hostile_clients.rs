@@ -408,3 +408,146 @@ fn one_address_cannot_take_every_connection() {
         parse_responses(&raw).first().map(|r| r.status) == Some(200)
     }));
 }
+
+/// `X-Amz-Date` and credential-scope day for a SigV4 request made now.
+fn amz_now() -> (String, String) {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let (y, m, d) = hearth::util::time::civil_from_days((secs / 86_400) as i64);
+    let t = secs % 86_400;
+    let day = format!("{y:04}{m:02}{d:02}");
+    let stamp = format!("{day}T{:02}{:02}{:02}Z", t / 3600, t / 60 % 60, t % 60);
+    (stamp, day)
+}
+
+/// The head of an anonymous service API request that looks signed: the
+/// published access key id, a date `stamp`, a made-up signature.
+fn forged_service_head(path: &str, stamp: &str, day: &str, extra: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: t\r\nX-Amz-Date: {stamp}\r\n\
+         Authorization: AWS4-HMAC-SHA256 Credential=hearth/{day}/us-east-1/lambda/aws4_request, \
+         SignedHeaders=host;x-amz-date, Signature={}\r\n{extra}\r\n",
+        "0".repeat(64)
+    )
+}
+
+/// Sends `head` alone and returns the answer, asserting that it came without
+/// `100 Continue` and that the connection closed.
+fn refused_with(s: &Server, head: &str) -> (common::Response, String) {
+    let mut c = s.connect();
+    c.write(head.as_bytes());
+    let (raw, closed) = c.read_to_close(Duration::from_secs(5));
+    let text = String::from_utf8_lossy(&raw).into_owned();
+    assert!(closed, "the connection stayed open: {text}");
+    assert!(!text.contains("100 Continue"), "{text}");
+    let r = parse_responses(&raw)
+        .into_iter()
+        .next()
+        .unwrap_or_else(|| panic!("no answer: {text:?}"));
+    (r, text)
+}
+
+#[test]
+fn bodies_of_unproven_clients_share_a_bounded_input_budget() {
+    // One core, 16 MB for the bodies of clients the head does not prove.
+    let s = Server::start(&["--cores", "1", "--in-bytes-total-max", "16000000"]);
+    let post = |len: usize, extra: &str| {
+        format!("POST /f/nobody HTTP/1.1\r\nHost: t\r\n{extra}Content-Length: {len}\r\n\r\n")
+    };
+    // Two function URL bodies of 6 MB are on their way: 12 MB reserved.
+    let held: Vec<Client> = (0..2)
+        .map(|_| {
+            let mut c = s.connect();
+            c.write(post(6_000_000, "").as_bytes());
+            c.write(&vec![b'x'; 1 << 20]);
+            c
+        })
+        .collect();
+    std::thread::sleep(Duration::from_millis(200));
+    // A third is refused on its head: no `100 Continue`, nothing read, 503.
+    let (r, text) = refused_with(&s, &post(6_000_000, "Expect: 100-continue\r\n"));
+    assert_eq!(r.status, 503, "{text}");
+    r.assert_json_error("too_many_request_bodies");
+    assert_eq!(r.header("retry-after"), Some("1"));
+    // So is an anonymous service API request that looks signed (the access
+    // key id is public; the signature can only be checked with the body).
+    let (stamp, day) = amz_now();
+    let (r, text) = refused_with(
+        &s,
+        &forged_service_head(
+            "/2015-03-31/functions",
+            &stamp,
+            &day,
+            "Expect: 100-continue\r\nContent-Length: 20000000\r\n",
+        ),
+    );
+    assert_eq!(r.status, 503, "{text}");
+    assert!(text.contains("ServiceException"), "{text}");
+    // A chunked body is charged as it arrives, and refused once over.
+    let mut chunked = s.connect();
+    chunked.write(
+        post(0, "Transfer-Encoding: chunked\r\n")
+            .replace("Content-Length: 0\r\n", "")
+            .as_bytes(),
+    );
+    let chunk = vec![b'y'; 5_000_000];
+    let mut framed = format!("{:x}\r\n", chunk.len()).into_bytes();
+    framed.extend_from_slice(&chunk);
+    let _ = chunked.try_write(&framed);
+    let (raw, closed) = chunked.read_to_close(Duration::from_secs(5));
+    let r = parse_responses(&raw);
+    assert_eq!(
+        r.first().map(|r| r.status),
+        Some(503),
+        "{:?}",
+        String::from_utf8_lossy(&raw)
+    );
+    assert!(closed);
+    // Requests without a body, and the admin's (proven on the head), are not
+    // charged: a 5 MB deploy that is no zip is read and judged (400).
+    s.assert_healthy();
+    let junk = vec![b'z'; 5_000_000];
+    let deploy = common::control(
+        &s,
+        "POST",
+        "/deploy?handler=index.handler",
+        &[("content-type", "application/zip")],
+        &junk,
+    );
+    assert_eq!(deploy.status, 400, "{}", deploy.text());
+    // Once the held bodies are gone the budget is whole again.
+    drop(held);
+    assert!(eventually(Duration::from_secs(5), || {
+        let mut c = s.connect();
+        c.write(post(6_000_000, "Connection: close\r\n").as_bytes());
+        let _ = c.try_write(&vec![b'x'; 6_000_000]);
+        let (raw, _) = c.read_to_close(Duration::from_secs(5));
+        parse_responses(&raw).first().map(|r| r.status) == Some(404)
+    }));
+    let m = metrics(&s);
+    assert!(metric_sum(&m, "hearth_shed_input_total", "") >= 3, "{m}");
+    // Every charge was given back (the gauge is refreshed each 100 ms tick).
+    assert!(eventually(Duration::from_secs(3), || {
+        metric_sum(&metrics(&s), "hearth_in_held_bytes", "") == 0
+    }));
+}
+
+#[test]
+fn a_stale_service_request_is_refused_before_its_body() {
+    let s = Server::start(&[]);
+    // A captured request replayed a day later: 403 on the head, body unread.
+    let (r, text) = refused_with(
+        &s,
+        &forged_service_head(
+            "/2015-03-31/functions/f/invocations",
+            "20200101T000000Z",
+            "20200101",
+            "Expect: 100-continue\r\nContent-Length: 5000000\r\n",
+        ),
+    );
+    assert_eq!(r.status, 403, "{text}");
+    assert!(text.contains("Signature expired"), "{text}");
+    s.assert_healthy();
+}

@@ -37,6 +37,17 @@ pub enum Scope {
     Service,
 }
 
+/// How far a request that passed the head check is known to be allowed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Admitted {
+    /// The head proved it (a token, or an open loopback control plane).
+    Proven,
+    /// A SigV4 request: its signature covers the body, so it is checked once
+    /// the body is in. Until then the client may be anyone, and its body is
+    /// charged to the core's input budget ([`crate::engine::conn`]).
+    Pending,
+}
+
 /// Why a request was refused: the HTTP status, a machine code and a message.
 #[derive(Debug, PartialEq, Eq)]
 pub struct Denial {
@@ -58,14 +69,16 @@ pub struct Guard {
 
 impl Guard {
     /// Checks `req` against the rules for `scope`.
-    pub fn check(&self, scope: Scope, req: &Request) -> Result<(), Denial> {
+    pub fn check(&self, scope: Scope, req: &Request) -> Result<Admitted, Denial> {
         check_origin(req)?;
         let Some(admin) = &self.admin_token else {
-            return check_loopback_host(req);
+            return check_loopback_host(req).map(|()| Admitted::Proven);
         };
         let given = bearer(req);
         if scope == Scope::Service && !constant_time_eq(given.as_bytes(), admin.as_bytes()) {
-            return self.check_signed(req);
+            return self
+                .check_signed(req, std::time::SystemTime::now())
+                .map(|()| Admitted::Pending);
         }
         let ok = constant_time_eq(given.as_bytes(), admin.as_bytes())
             || (scope == Scope::Metrics
@@ -74,7 +87,7 @@ impl Guard {
                     .as_ref()
                     .is_some_and(|m| constant_time_eq(given.as_bytes(), m.as_bytes())));
         if ok {
-            Ok(())
+            Ok(Admitted::Proven)
         } else {
             Err(Denial {
                 status: 401,
@@ -95,9 +108,10 @@ impl Guard {
 
 impl Guard {
     /// The head check of a service API request: a SigV4 `Authorization` made
-    /// with the server's access key id, dated within the clock-skew window.
+    /// with the server's access key id, dated within the clock-skew window
+    /// (so a stale or undated request is refused before its body is read).
     /// The signature itself covers the body, so it is verified later.
-    fn check_signed(&self, req: &Request) -> Result<(), Denial> {
+    fn check_signed(&self, req: &Request, now: std::time::SystemTime) -> Result<(), Denial> {
         let refuse = |message: String| Denial {
             status: 403,
             code: "UnrecognizedClientException",
@@ -117,7 +131,13 @@ impl Guard {
                     .into(),
             ));
         }
-        Ok(())
+        crate::control::sigv4::check_date(req, &auth, now)
+            .map(|_| ())
+            .map_err(|r| Denial {
+                status: 403,
+                code: "InvalidSignatureException",
+                message: r.0,
+            })
     }
 }
 
@@ -403,12 +423,17 @@ mod tests {
     #[test]
     fn service_requests_need_a_signature_with_our_key_id_or_the_admin_token() {
         let g = guard(Some("admin-secret-token"));
+        // Signed now: admitted on the head, the signature still to check.
+        let (day, stamp) = amz_now();
         let signed = |key: &str| {
             format!(
-                "Host: 127.0.0.1\r\nAuthorization: AWS4-HMAC-SHA256 Credential={key}/20261130/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=00\r\n"
+                "Host: 127.0.0.1\r\nX-Amz-Date: {stamp}\r\nAuthorization: AWS4-HMAC-SHA256 Credential={key}/{day}/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=00\r\n"
             )
         };
-        assert_eq!(g.check(Scope::Service, &req(&signed("hearth"))), Ok(()));
+        assert_eq!(
+            g.check(Scope::Service, &req(&signed("hearth"))),
+            Ok(Admitted::Pending)
+        );
         let other = g
             .check(Scope::Service, &req(&signed("AKIDOTHER")))
             .unwrap_err();
@@ -421,7 +446,7 @@ mod tests {
             .unwrap_err();
         assert_eq!(none.status, 403);
         let bearer = "Host: 127.0.0.1\r\nAuthorization: Bearer admin-secret-token\r\n";
-        assert_eq!(g.check(Scope::Service, &req(bearer)), Ok(()));
+        assert_eq!(g.check(Scope::Service, &req(bearer)), Ok(Admitted::Proven));
         // A foreign origin is refused whatever it carries.
         let foreign = format!("{}Origin: http://evil.example\r\n", signed("hearth"));
         assert_eq!(
@@ -432,7 +457,7 @@ mod tests {
         let open = guard(None);
         assert_eq!(
             open.check(Scope::Service, &req("Host: 127.0.0.1:3000\r\n")),
-            Ok(())
+            Ok(Admitted::Proven)
         );
         assert_eq!(
             open.check(Scope::Service, &req("Host: evil.example\r\n"))
@@ -440,5 +465,49 @@ mod tests {
                 .code,
             "forbidden_host"
         );
+    }
+
+    /// Today's SigV4 scope date and request stamp, from the system clock.
+    fn amz_now() -> (String, String) {
+        let secs = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let (y, m, d) = crate::util::time::civil_from_days((secs / 86_400) as i64);
+        let t = secs % 86_400;
+        let day = format!("{y:04}{m:02}{d:02}");
+        let stamp = format!("{day}T{:02}{:02}{:02}Z", t / 3600, t / 60 % 60, t % 60);
+        (day, stamp)
+    }
+
+    #[test]
+    fn a_service_request_dated_outside_the_window_is_refused_on_its_head() {
+        let g = guard(Some("admin-secret-token"));
+        let head = |stamp: &str| {
+            req(&format!(
+                "Host: 127.0.0.1\r\nX-Amz-Date: {stamp}\r\nAuthorization: AWS4-HMAC-SHA256 Credential=hearth/20261130/us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=00\r\n"
+            ))
+        };
+        let at = |h: u64, m: u64| {
+            std::time::UNIX_EPOCH
+                + std::time::Duration::from_secs(1_795_996_800 + h * 3600 + m * 60)
+        };
+        // 2026-11-30T12:00:00Z, checked at 12:14 and 12:16.
+        let r = head("20261130T120000Z");
+        assert_eq!(g.check_signed(&r, at(12, 14)), Ok(()));
+        let late = g.check_signed(&r, at(12, 16)).unwrap_err();
+        assert_eq!((late.status, late.code), (403, "InvalidSignatureException"));
+        assert!(
+            late.message.contains("Signature expired"),
+            "{}",
+            late.message
+        );
+        // No date, a malformed one, or one on another day than the scope names.
+        let undated = req("Host: 127.0.0.1\r\nAuthorization: AWS4-HMAC-SHA256 Credential=hearth/20261130/us-east-1/lambda/aws4_request, SignedHeaders=host, Signature=00\r\n");
+        assert_eq!(g.check_signed(&undated, at(12, 0)).unwrap_err().status, 403);
+        assert!(g.check_signed(&head("yesterday"), at(12, 0)).is_err());
+        assert!(g
+            .check_signed(&head("20261201T000100Z"), at(23, 59))
+            .is_err());
     }
 }

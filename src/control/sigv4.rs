@@ -81,6 +81,31 @@ pub fn parse_authorization(value: &str) -> Result<Authorization<'_>, Refused> {
     })
 }
 
+/// Checks that `req` carries an `X-Amz-Date` within [`CLOCK_SKEW_MAX`] of
+/// `now`, on the day its credential scope names; returns the stamp.
+pub fn check_date<'r>(
+    req: &'r Request,
+    auth: &Authorization<'_>,
+    now: SystemTime,
+) -> Result<&'r str, Refused> {
+    let stamp = req
+        .header("x-amz-date")
+        .ok_or_else(|| Refused("the request has no X-Amz-Date header".into()))?;
+    let when = parse_amz_date(stamp)
+        .ok_or_else(|| Refused(format!("X-Amz-Date {stamp:?} is not yyyymmddThhmmssZ")))?;
+    let skew = now
+        .duration_since(when)
+        .or_else(|_| when.duration_since(now))
+        .unwrap_or_default();
+    if skew > CLOCK_SKEW_MAX || !stamp.starts_with(auth.date) {
+        return Err(Refused(format!(
+            "Signature expired or not yet valid: X-Amz-Date {stamp} is more than {} minutes from the server's clock",
+            CLOCK_SKEW_MAX.as_secs() / 60
+        )));
+    }
+    Ok(stamp)
+}
+
 /// Checks `req`'s signature over `body` against the key pair, at `now`.
 pub fn verify(
     req: &Request,
@@ -98,21 +123,7 @@ pub fn verify(
             "The security token included in the request is invalid (unknown access key id)".into(),
         ));
     }
-    let stamp = req
-        .header("x-amz-date")
-        .ok_or_else(|| Refused("the request has no X-Amz-Date header".into()))?;
-    let when = parse_amz_date(stamp)
-        .ok_or_else(|| Refused(format!("X-Amz-Date {stamp:?} is not yyyymmddThhmmssZ")))?;
-    let skew = now
-        .duration_since(when)
-        .or_else(|_| when.duration_since(now))
-        .unwrap_or_default();
-    if skew > CLOCK_SKEW_MAX || !stamp.starts_with(auth.date) {
-        return Err(Refused(format!(
-            "Signature expired or not yet valid: X-Amz-Date {stamp} is more than {} minutes from the server's clock",
-            CLOCK_SKEW_MAX.as_secs() / 60
-        )));
-    }
+    let stamp = check_date(req, &auth, now)?;
     if !auth.signed_headers.split(';').any(|h| h == "host") {
         return Err(Refused("the signature must cover the Host header".into()));
     }

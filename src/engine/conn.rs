@@ -4,7 +4,7 @@
 //! function or the control plane, later pipelined requests stay unparsed in the
 //! read buffer, which keeps responses in request order without reordering.
 
-use crate::control::auth::Scope;
+use crate::control::auth::{Admitted, Scope};
 use std::net::IpAddr;
 use std::time::Instant;
 
@@ -24,12 +24,14 @@ pub enum ConnState {
     Idle,
     /// Part of a head has arrived.
     Head,
-    /// Reading a body that started arriving at `started`.
+    /// Reading a body that started arriving at `started`; `charged`: it
+    /// counts against the core's input budget ([`Conn::in_charge`]).
     Body {
         req: Box<Request>,
         decoder: BodyDecoder,
         body: Vec<u8>,
         started: Instant,
+        charged: bool,
     },
     /// A request was handed off; its answer has not been written yet.
     /// `announce_keep_alive`: an HTTP/1.0 client asked for keep-alive and only
@@ -60,6 +62,10 @@ pub struct Conn {
     /// The request that takes this connection to another core (see
     /// [`crate::engine::relocate`]).
     pub moving: Option<Box<crate::engine::relocate::Moving>>,
+    /// Bytes of the current request's body charged to the core's input budget
+    /// ([`Worker::in_held`]) until it is answered or the connection goes: its
+    /// `Content-Length`, reserved on the head, or a chunked body's bytes so far.
+    pub in_charge: usize,
 }
 
 impl Worker {
@@ -128,12 +134,16 @@ impl Worker {
                             // Authorised on the head: a refused client never gets
                             // `100 Continue` nor has its body buffered.
                             let scope = guarded_scope(&req);
-                            if let Some(scope) = scope {
-                                if let Err(d) = self.shared.guard.check(scope, &req) {
-                                    conn.state = waiting_on(&req);
-                                    return self.deny(tok, &req, d);
-                                }
-                            }
+                            let admitted = match scope {
+                                Some(scope) => match self.shared.guard.check(scope, &req) {
+                                    Ok(a) => a,
+                                    Err(d) => {
+                                        conn.state = waiting_on(&req);
+                                        return self.deny(tok, &req, d);
+                                    }
+                                },
+                                None => Admitted::Pending,
+                            };
                             let deploy_max = self.shared.cfg.http.deploy_body_bytes_max;
                             let limits = match scope {
                                 Some(Scope::Control) if req.path() == "/deploy" => parse::Limits {
@@ -161,6 +171,21 @@ impl Worker {
                                 Ok(d) => d,
                                 Err(e) => return self.reject(tok, e),
                             };
+                            // The body of a client the head did not prove is charged
+                            // to the core's input budget before a byte of it is read.
+                            let charged = admitted == Admitted::Pending;
+                            if charged {
+                                let want = match req.body {
+                                    BodyFraming::Length(n) => n as usize,
+                                    _ => 0,
+                                };
+                                if !fits_input(self.in_held, self.in_budget, want) {
+                                    conn.state = waiting_on(&req);
+                                    return self.refuse_body(tok, &req);
+                                }
+                                conn.in_charge = want;
+                                self.in_held += want;
+                            }
                             if req.expect_continue {
                                 stream
                                     .wbuf
@@ -181,6 +206,7 @@ impl Worker {
                                 decoder,
                                 body: Vec::with_capacity(cap),
                                 started: self.now,
+                                charged,
                             };
                             conn.deadline = self.now + self.shared.cfg.http.head_timeout;
                         }
@@ -190,6 +216,7 @@ impl Worker {
                     decoder,
                     body,
                     started,
+                    charged,
                     ..
                 } => {
                     let input = &stream.rbuf[stream.rpos..];
@@ -202,6 +229,22 @@ impl Worker {
                         Err(e) => return self.reject(tok, e),
                     };
                     consume(&mut stream.rbuf, &mut stream.rpos, n);
+                    // A chunked body is charged as it grows (one framed by
+                    // Content-Length was charged in full on its head).
+                    if *charged && body.len() > conn.in_charge {
+                        let more = body.len() - conn.in_charge;
+                        if !fits_input(self.in_held, self.in_budget, more) {
+                            let ConnState::Body { req, .. } =
+                                std::mem::replace(&mut conn.state, ConnState::Idle)
+                            else {
+                                unreachable!()
+                            };
+                            conn.state = waiting_on(&req);
+                            return self.refuse_body(tok, &req);
+                        }
+                        conn.in_charge += more;
+                        self.in_held += more;
+                    }
                     conn.deadline =
                         body_deadline(&self.shared.cfg.http, *started, body.len(), self.now);
                     if !done {
@@ -256,6 +299,22 @@ impl Worker {
             r = r.with_header("www-authenticate", "Bearer");
         }
         r.close = req.body != BodyFraming::None;
+        self.answer(tok, &r, req.method == "HEAD");
+    }
+
+    /// Refuses a request whose body does not fit the core's input budget (503,
+    /// retry in a second); the rest of the body is not read, so the connection
+    /// closes after the answer.
+    fn refuse_body(&mut self, tok: Token, req: &Request) {
+        add(&self.metrics.shed_input, 1);
+        let message = "the server holds too many request bodies at the moment; retry later";
+        let r = match guarded_scope(req) {
+            Some(Scope::Service) => {
+                crate::control::lambda::lambda_error(503, "ServiceException", message)
+            }
+            _ => Reply::error(503, "too_many_request_bodies", message),
+        };
+        let r = r.with_header("retry-after", "1").closing();
         self.answer(tok, &r, req.method == "HEAD");
     }
 
@@ -314,6 +373,9 @@ impl Worker {
         self.out_queued += written;
         add(&self.metrics.bytes_out, written as u64);
         self.metrics.count_status(r.status);
+        self.in_held = self
+            .in_held
+            .saturating_sub(std::mem::take(&mut conn.in_charge));
         conn.state = ConnState::Idle;
         conn.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
         if !keep_alive {
@@ -392,6 +454,13 @@ fn guarded_scope(req: &Request) -> Option<Scope> {
         Route::Metrics => Some(Scope::Metrics),
         _ => None,
     }
+}
+
+/// Whether `want` more body bytes fit a core that holds `held` of its
+/// `budget`. A body larger than the whole budget still gets in when the core
+/// holds no other, so a small budget slows large uploads without barring them.
+fn fits_input(held: usize, budget: usize, want: usize) -> bool {
+    held == 0 || held.saturating_add(want) <= budget
 }
 
 /// When a body that started at `started` and has `received` bytes so far must

@@ -76,6 +76,9 @@ pub struct MovedConn {
     unsent: Vec<u8>,
     /// Bytes read after the request (pipelined ones), parsed on arrival.
     leftover: Vec<u8>,
+    /// The request's body charge ([`Conn::in_charge`]), taken over by the
+    /// new core whatever its budget holds (the body is already in).
+    in_charge: usize,
     moving: Moving,
 }
 
@@ -184,6 +187,7 @@ impl Worker {
             unreachable!("only client streams reach client_detached")
         };
         self.client_left();
+        self.in_held = self.in_held.saturating_sub(conn.in_charge);
         let Some(moving) = conn.moving else {
             self.shared.peers.close(conn.peer);
             return;
@@ -195,6 +199,7 @@ impl Worker {
             state: conn.state,
             unsent,
             leftover: s.rbuf[s.rpos..].to_vec(),
+            in_charge: conn.in_charge,
             moving: *moving,
         };
         let core = moved.moving.core;
@@ -225,7 +230,9 @@ impl Worker {
             deadline: self.now + self.shared.cfg.http.keepalive_timeout,
             phases: m.phases,
             moving: None,
+            in_charge: m.in_charge,
         };
+        self.in_held += m.in_charge;
         let mut stream = Stream::new(m.fd, Kind::Client(conn));
         stream.push_input(&m.leftover);
         if !m.unsent.is_empty() {

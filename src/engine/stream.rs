@@ -170,6 +170,7 @@ mod tests {
             deadline: std::time::Instant::now(),
             phases: crate::engine::phases::Track::new(std::time::Instant::now()),
             moving: None,
+            in_charge: 0,
         }
     }
 

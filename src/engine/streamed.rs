@@ -162,6 +162,9 @@ impl Worker {
         }
         let keep = complete && out.keep_alive;
         let paused = out.paused.take();
+        self.in_held = self
+            .in_held
+            .saturating_sub(std::mem::take(&mut c.in_charge));
         c.state = ConnState::Idle;
         c.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
         if !keep {

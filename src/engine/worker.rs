@@ -92,6 +92,10 @@ pub struct Worker {
     pub out_budget: usize,
     /// Connections with input waiting until `out_queued` falls within the budget.
     pub budget_paused: Vec<Token>,
+    /// Body bytes charged to this core's connections ([`Conn::in_charge`]).
+    pub in_held: usize,
+    /// This core's share of `HttpLimits::in_bytes_total_max`.
+    pub in_budget: usize,
 }
 
 impl Worker {
@@ -105,6 +109,7 @@ impl Worker {
         };
         let metrics = shared.core_metrics[core].clone();
         let out_budget = (h.out_bytes_total_max / shared.cfg.cores.max(1)).max(h.out_bytes_max);
+        let in_budget = h.in_bytes_total_max / shared.cfg.cores.max(1);
         let sched = SchedConfig {
             core,
             cores: shared.core_metrics.len(),
@@ -142,6 +147,8 @@ impl Worker {
             out_queued: 0,
             out_budget,
             budget_paused: Vec::new(),
+            in_held: 0,
+            in_budget,
         }
     }
 
@@ -180,6 +187,7 @@ impl Worker {
             deadline: self.now + self.shared.cfg.http.keepalive_timeout,
             phases: crate::engine::phases::Track::new(self.now),
             moving: None,
+            in_charge: 0,
         };
         let tok = self.streams.insert(Stream::new(fd, Kind::Client(conn)));
         self.client_joined();
@@ -305,7 +313,10 @@ impl Worker {
             let s = &mut self.streams[tok];
             s.dead = true;
             s.closing = true;
-            if let Kind::Client(c) = &s.kind {
+            if let Kind::Client(c) = &mut s.kind {
+                self.in_held = self
+                    .in_held
+                    .saturating_sub(std::mem::take(&mut c.in_charge));
                 if let ConnState::Waiting { invoke: true, .. } = c.state {
                     self.fns.on_client_gone(ReplyTo {
                         token: tok,
@@ -517,6 +528,9 @@ impl Worker {
         self.metrics
             .out_queued
             .store(self.out_queued as u64, Ordering::Relaxed);
+        self.metrics
+            .in_held
+            .store(self.in_held as u64, Ordering::Relaxed);
         self.expire_clients();
         let now = self.now;
         let lingered: Vec<Token> = self

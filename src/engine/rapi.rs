@@ -461,9 +461,15 @@ impl Worker {
         // While the instance moves, its streams leave this loop one by one and
         // the session must not act on tokens already gone (the next core
         // serves every connection when it attaches them).
-        match self.rapi(inst) {
-            Some(r) if r.detach.is_none() && r.conns.get(i).copied().flatten() == Some(tok) => {}
+        let unread = match self.rapi(inst) {
+            Some(r) if r.detach.is_none() && r.conns.get(i).copied().flatten() == Some(tok) => {
+                r.session.has_unread(i)
+            }
             _ => return,
+        };
+        if !unread {
+            // Most sends end here: nothing was held back, reading goes on.
+            return self.rapi_pace(inst, tok);
         }
         if let Some(Err(e)) = self.with_session(inst, |s, io| s.serve(io, i)) {
             eprintln!("hearth: worker {}: runtime api: {e}", self.core);

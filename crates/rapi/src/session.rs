@@ -197,6 +197,16 @@ impl Session {
         }
     }
 
+    /// Whether connection `i` holds bytes not yet served (requests left for
+    /// [`BACKLOG_BYTES_MAX`], or a request still arriving): only then can a
+    /// flushed backlog give [`Session::serve`] something to do.
+    pub fn has_unread(&self, i: ConnId) -> bool {
+        self.conns
+            .get(i)
+            .and_then(Option::as_ref)
+            .is_some_and(|c| c.buf.len() > c.pos)
+    }
+
     /// Connection `i` ended or broke: forgets it (a streamed response it was
     /// relaying fails its invocation) and closes it.
     pub fn closed(&mut self, io: &mut impl Io, i: ConnId) {
@@ -1174,14 +1184,17 @@ mod tests {
             !io.closed.contains(&c),
             "the requests are held, not refused"
         );
-        // The runtime reads: the rest is served, each request once.
+        // The runtime reads: the rest is served, each request once (the
+        // engine serves again after a flush only while something is unread).
         while io.written.len() < n {
+            assert!(s.has_unread(c), "requests held but none unread");
             let before = io.written.len();
             io.unsent = 0;
             s.serve(&mut io, c).unwrap();
             assert!(io.written.len() > before, "stuck at {before}");
         }
         assert_eq!(io.written.len(), n);
+        assert!(!s.has_unread(c), "all served, yet something unread");
         assert!(io
             .written
             .iter()

@@ -509,5 +509,8 @@ mod tests {
         assert!(g
             .check_signed(&head("20261201T000100Z"), at(23, 59))
             .is_err());
+        // An empty scope date matches no day.
+        let no_day = req("Host: 127.0.0.1\r\nX-Amz-Date: 20261130T120000Z\r\nAuthorization: AWS4-HMAC-SHA256 Credential=hearth//us-east-1/lambda/aws4_request, SignedHeaders=host;x-amz-date, Signature=00\r\n");
+        assert!(g.check_signed(&no_day, at(12, 0)).is_err());
     }
 }

@@ -144,21 +144,9 @@ impl Worker {
                                 },
                                 None => Admitted::Pending,
                             };
-                            let deploy_max = self.shared.cfg.http.deploy_body_bytes_max;
-                            let limits = match scope {
-                                Some(Scope::Control) if req.path() == "/deploy" => parse::Limits {
-                                    body_bytes_max: deploy_max,
-                                    ..self.parse_limits
-                                },
-                                // A zip travels base64-encoded inside JSON; an
-                                // Invoke's payload has the invocation limit.
-                                Some(Scope::Service) if !req.path().ends_with("invocations") => {
-                                    parse::Limits {
-                                        body_bytes_max: deploy_max / 3 * 4 + 64 * 1024,
-                                        ..self.parse_limits
-                                    }
-                                }
-                                _ => self.parse_limits,
+                            let limits = parse::Limits {
+                                body_bytes_max: body_limit(&self.shared.cfg.http, &req, scope),
+                                ..self.parse_limits
                             };
                             if req.body == BodyFraming::None {
                                 conn.state = waiting_on(&req);
@@ -171,20 +159,24 @@ impl Worker {
                                 Ok(d) => d,
                                 Err(e) => return self.reject(tok, e),
                             };
-                            // The body of a client the head did not prove is charged
-                            // to the core's input budget before a byte of it is read.
+                            // The body of a client the head did not prove counts
+                            // against the core's input budget as it is allocated; one
+                            // whose length already shows it cannot fit is refused
+                            // before a byte of it is read. Nothing is reserved on the
+                            // head, so heads alone hold no budget.
                             let charged = admitted == Admitted::Pending;
+                            let length = match req.body {
+                                BodyFraming::Length(n) => n as usize,
+                                _ => 0,
+                            };
+                            if charged && !fits_input(self.in_held, self.in_budget, length) {
+                                conn.state = waiting_on(&req);
+                                return self.refuse_body(tok, &req);
+                            }
+                            let body = Vec::with_capacity(length.min(BODY_FIRST_ALLOC));
                             if charged {
-                                let want = match req.body {
-                                    BodyFraming::Length(n) => n as usize,
-                                    _ => 0,
-                                };
-                                if !fits_input(self.in_held, self.in_budget, want) {
-                                    conn.state = waiting_on(&req);
-                                    return self.refuse_body(tok, &req);
-                                }
-                                conn.in_charge = want;
-                                self.in_held += want;
+                                conn.in_charge = body.capacity();
+                                self.in_held += conn.in_charge;
                             }
                             if req.expect_continue {
                                 stream
@@ -197,14 +189,10 @@ impl Worker {
                             else {
                                 return;
                             };
-                            let cap = match req.body {
-                                BodyFraming::Length(n) => n.min(1 << 20) as usize,
-                                _ => 0,
-                            };
                             conn.state = ConnState::Body {
                                 req: Box::new(req),
                                 decoder,
-                                body: Vec::with_capacity(cap),
+                                body,
                                 started: self.now,
                                 charged,
                             };
@@ -213,27 +201,36 @@ impl Worker {
                     }
                 }
                 ConnState::Body {
+                    req,
                     decoder,
                     body,
                     started,
                     charged,
-                    ..
                 } => {
                     let input = &stream.rbuf[stream.rpos..];
                     // A `Content-Length: 0` body is complete before any byte arrives.
                     if input.is_empty() && !decoder.is_done() {
                         return;
                     }
+                    // A body of known length grows by doubling but never past its
+                    // length, so what is allocated stays within 2x of what arrived
+                    // and ends at exactly the length.
+                    if let BodyFraming::Length(n) = req.body {
+                        let rest = (n as usize).saturating_sub(body.len());
+                        let incoming = input.len().min(rest);
+                        if incoming > body.capacity() - body.len() {
+                            body.reserve_exact(body.capacity().max(incoming).min(rest));
+                        }
+                    }
                     let (n, done) = match decoder.feed(input, body) {
                         Ok(r) => r,
                         Err(e) => return self.reject(tok, e),
                     };
                     consume(&mut stream.rbuf, &mut stream.rpos, n);
-                    // A chunked body is charged as it grows (one framed by
-                    // Content-Length was charged in full on its head).
-                    if *charged && body.len() > conn.in_charge {
-                        let more = body.len() - conn.in_charge;
-                        if !fits_input(self.in_held, self.in_budget, more) {
+                    // The charge follows the allocation.
+                    if *charged && body.capacity() > conn.in_charge {
+                        let others = self.in_held - conn.in_charge;
+                        if !fits_input(others, self.in_budget, body.capacity()) {
                             let ConnState::Body { req, .. } =
                                 std::mem::replace(&mut conn.state, ConnState::Idle)
                             else {
@@ -242,8 +239,8 @@ impl Worker {
                             conn.state = waiting_on(&req);
                             return self.refuse_body(tok, &req);
                         }
-                        conn.in_charge += more;
-                        self.in_held += more;
+                        self.in_held = others + body.capacity();
+                        conn.in_charge = body.capacity();
                     }
                     conn.deadline =
                         body_deadline(&self.shared.cfg.http, *started, body.len(), self.now);
@@ -456,12 +453,42 @@ fn guarded_scope(req: &Request) -> Option<Scope> {
     }
 }
 
-/// Whether `want` more body bytes fit a core that holds `held` of its
-/// `budget`. A body larger than the whole budget still gets in when the core
-/// holds no other, so a small budget slows large uploads without barring them.
-fn fits_input(held: usize, budget: usize, want: usize) -> bool {
-    held == 0 || held.saturating_add(want) <= budget
+/// The largest body `req` may carry: a deploy's zip on `/deploy`; through the
+/// service API a zip base64-encoded in JSON for CreateFunction and
+/// UpdateFunctionCode, an invocation's payload for Invoke, and
+/// [`SERVICE_SMALL_BODY_MAX`] for the rest; the invocation limit otherwise.
+fn body_limit(http: &crate::config::HttpLimits, req: &Request, scope: Option<Scope>) -> u64 {
+    use crate::routes::{LambdaOp, Route};
+    match scope {
+        Some(Scope::Control) if req.path() == "/deploy" => http.deploy_body_bytes_max,
+        Some(Scope::Service) => match crate::routes::route(&req.method, req.path()) {
+            Route::Lambda(LambdaOp::Create | LambdaOp::UpdateCode(_)) => {
+                http.deploy_body_bytes_max / 3 * 4 + 64 * 1024
+            }
+            Route::Lambda(LambdaOp::Invoke(_) | LambdaOp::InvokeStream(_)) => http.body_bytes_max,
+            _ => SERVICE_SMALL_BODY_MAX,
+        },
+        _ => http.body_bytes_max,
+    }
 }
+
+/// Whether a body of `total` bytes fits a core whose other connections hold
+/// `others` of its `budget`. An empty body always does; one larger than the
+/// whole budget still gets in when the core holds no other, so a small budget
+/// slows large uploads without barring them.
+fn fits_input(others: usize, budget: usize, total: usize) -> bool {
+    total == 0 || others == 0 || others.saturating_add(total) <= budget
+}
+
+/// The first allocation for a body; it grows as bytes arrive (see the
+/// `ConnState::Body` arm of [`Worker::process_client`]), so a head that
+/// announces a large body and sends nothing costs little.
+const BODY_FIRST_ALLOC: usize = 64 * 1024;
+
+/// Bodies of the Lambda service API's operations other than those that carry
+/// code or an invocation's payload (aliases, versions, configuration, event
+/// settings: small JSON documents).
+pub const SERVICE_SMALL_BODY_MAX: u64 = 1024 * 1024;
 
 /// When a body that started at `started` and has `received` bytes so far must
 /// be complete: no read may be more than `head_timeout` after the previous one,
@@ -521,6 +548,18 @@ fn consume(rbuf: &mut Vec<u8>, rpos: &mut usize, n: usize) {
 mod tests {
     use super::*;
     use std::time::Duration;
+
+    #[test]
+    fn a_body_fits_the_input_budget_beside_the_others() {
+        let mib = 1 << 20;
+        assert!(fits_input(10 * mib, 16 * mib, 6 * mib));
+        assert!(!fits_input(11 * mib, 16 * mib, 6 * mib));
+        // Empty bodies always fit, even over the budget.
+        assert!(fits_input(20 * mib, 16 * mib, 0));
+        // Alone, any body fits (its own charge is not among the others).
+        assert!(fits_input(0, 16 * mib, 60 * mib));
+        assert!(!fits_input(1, 16 * mib, 60 * mib));
+    }
 
     #[test]
     fn a_trickling_body_runs_out_of_time() {

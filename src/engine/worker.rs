@@ -441,8 +441,11 @@ impl Worker {
             .streams
             .iter()
             .filter(|(_, s)| {
+                // A connection on its way to another core is not this core's
+                // to close (closing it here would count it gone twice).
                 matches!(s.kind, Kind::Client(_))
                     && !s.dead
+                    && !s.detaching
                     && s.out_counted > 0
                     && s.out_progress
                         .is_some_and(|t| now.duration_since(t) >= OUT_STALL)

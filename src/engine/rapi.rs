@@ -229,7 +229,8 @@ impl Worker {
             detach: None,
         };
         r.listener = Some(self.add_stream(listener, inst, Role::Listener));
-        r.agent = Some(self.add_stream(channel, inst, Role::Agent));
+        let agent = self.add_stream(channel, inst, Role::Agent);
+        r.agent = Some(agent);
         for (k, o) in output.into_iter().enumerate() {
             r.output[k] = o.map(|fd| self.add_stream(fd, inst, Role::Output(k)));
         }
@@ -247,7 +248,7 @@ impl Worker {
         }
         self.rapis[inst.slot()] = Some(r);
         if !channel_leftover.is_empty() {
-            self.rapi_agent_input(inst, &channel_leftover);
+            self.rapi_agent_input(agent, inst, &channel_leftover);
         }
         // Requests read on the last core and not yet served (a `/next` that
         // arrived while the instance was leaving it).
@@ -338,24 +339,30 @@ impl Worker {
                     protocol::encode(&mut r.frames, FrameType::Log, flags, tag, &[], chunk);
                 }
             }
-            Role::Agent => self.rapi_agent_input(inst, &input),
+            Role::Agent => self.rapi_agent_input(tok, inst, &input),
             Role::Listener => {}
         }
         self.rapi_flush(inst);
     }
 
-    /// Frames from the agent: only EXIT (the runtime is gone) means anything.
-    fn rapi_agent_input(&mut self, inst: InstId, bytes: &[u8]) {
+    /// Frames from the agent: it sends EXIT (the runtime is gone) and nothing
+    /// else. Anything else breaks the protocol: the agent is no longer the one
+    /// hearth started (function code that took it over), so its channel is
+    /// treated as closed and the instance fails.
+    fn rapi_agent_input(&mut self, tok: Token, inst: InstId, bytes: &[u8]) {
         let Some(r) = self.rapi(inst) else { return };
         r.decoder.push(bytes);
-        let mut exits = Vec::new();
-        while let Ok(Some(f)) = r.decoder.next_frame() {
-            if f.kind == FrameType::Exit {
-                exits.push(String::from_utf8_lossy(&f.body).into_owned());
-            }
-        }
+        let (exits, broken) = agent_frames(&mut r.decoder);
         for message in exits {
             self.rapi_exit(inst, &message);
+        }
+        if let Some(why) = broken {
+            eprintln!(
+                "hearth: worker {}: instance {inst:?} broke the protocol on its agent channel: {why}",
+                self.core
+            );
+            self.rapi_closed(tok, inst, Role::Agent);
+            self.close_stream(tok);
         }
     }
 
@@ -559,5 +566,67 @@ impl Worker {
                 let _ = self.streams.try_remove(tok);
             }
         }
+    }
+}
+
+/// Most bytes an agent channel may hold that do not make a whole frame: an
+/// EXIT's message is a line of text.
+const AGENT_PENDING_MAX: usize = 64 * 1024;
+
+/// Takes the whole frames `decoder` holds from an agent channel: the EXIT
+/// messages, and why the channel broke the protocol, if it did (a bad frame, a
+/// frame other than EXIT, or more than [`AGENT_PENDING_MAX`] bytes pending).
+fn agent_frames(decoder: &mut FrameDecoder) -> (Vec<String>, Option<String>) {
+    let mut exits = Vec::new();
+    loop {
+        match decoder.next_frame() {
+            Ok(Some(f)) if f.kind == FrameType::Exit => {
+                exits.push(String::from_utf8_lossy(&f.body).into_owned());
+            }
+            Ok(Some(f)) => return (exits, Some(format!("a {:?} frame", f.kind))),
+            Err(e) => return (exits, Some(e.to_string())),
+            Ok(None) if decoder.pending() > AGENT_PENDING_MAX => {
+                let n = decoder.pending();
+                return (exits, Some(format!("{n} bytes without a whole frame")));
+            }
+            Ok(None) => return (exits, None),
+        }
+    }
+}
+
+#[cfg(test)]
+mod agent_tests {
+    use super::*;
+
+    #[test]
+    fn an_agent_channel_carries_exits_only() {
+        let mut d = FrameDecoder::new();
+        let mut wire = Vec::new();
+        protocol::encode(&mut wire, FrameType::Exit, 0, 0, &[], b"exit status 1");
+        d.push(&wire);
+        assert_eq!(agent_frames(&mut d), (vec!["exit status 1".into()], None));
+        // Any other frame, or bytes that are no frame, break the protocol.
+        let mut d = FrameDecoder::new();
+        let mut wire = Vec::new();
+        protocol::encode(&mut wire, FrameType::Log, 0, 0, &[], b"x");
+        d.push(&wire);
+        assert!(agent_frames(&mut d).1.is_some());
+        let mut d = FrameDecoder::new();
+        d.push(&[0xAB; 64]);
+        assert!(agent_frames(&mut d).1.is_some());
+        // A frame that would be whole only after megabytes is not waited for.
+        let mut d = FrameDecoder::new();
+        let mut wire = Vec::new();
+        protocol::encode(&mut wire, FrameType::Exit, 0, 0, &[], &vec![b'x'; 1 << 20]);
+        d.push(&wire[..AGENT_PENDING_MAX + 100]);
+        assert!(agent_frames(&mut d).1.is_some());
+        // A frame split across reads waits for its rest.
+        let mut d = FrameDecoder::new();
+        let mut wire = Vec::new();
+        protocol::encode(&mut wire, FrameType::Exit, 0, 0, &[], b"gone");
+        d.push(&wire[..5]);
+        assert_eq!(agent_frames(&mut d), (vec![], None));
+        d.push(&wire[5..]);
+        assert_eq!(agent_frames(&mut d), (vec!["gone".into()], None));
     }
 }

@@ -136,11 +136,11 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
         }),
         LambdaOp::PublishVersion(n) => cx.changing(n, |f, held| cx.publish_version(&f, held)),
         LambdaOp::ListVersions(n) => cx.with(n, |f| Ok(cx.list_versions(&f))),
-        LambdaOp::CreateAlias(n) => cx.changing(n, |f, _| cx.create_alias(&f, body)),
+        LambdaOp::CreateAlias(n) => cx.changing(n, |f, held| cx.create_alias(&f, body, held)),
         LambdaOp::ListAliases(n) => cx.with(n, |f| Ok(cx.list_aliases(&f))),
         LambdaOp::GetAlias(n, a) => cx.with(n, |f| cx.get_alias(&f, a)),
-        LambdaOp::UpdateAlias(n, a) => cx.changing(n, |f, _| cx.update_alias(&f, a, body)),
-        LambdaOp::DeleteAlias(n, a) => cx.changing(n, |f, _| cx.delete_alias(&f, a)),
+        LambdaOp::UpdateAlias(n, a) => cx.changing(n, |f, held| cx.update_alias(&f, a, body, held)),
+        LambdaOp::DeleteAlias(n, a) => cx.changing(n, |_, held| cx.delete_alias(a, held)),
         op @ (LambdaOp::PutEventInvokeConfig(_)
         | LambdaOp::UpdateEventInvokeConfig(_)
         | LambdaOp::GetEventInvokeConfig(_)
@@ -774,18 +774,19 @@ impl Cx<'_> {
             }
             None => {
                 functions
-                    .edit_aliases(&name, |_, aliases| {
+                    .edit_aliases(&held, |_, aliases| {
                         aliases.clear();
                         Ok::<_, Answer>(())
                     })
                     .map_err(stored)??;
+                // The function's own name (`name` may be its id).
                 let mut gone: Vec<_> = functions
-                    .versions(&name)
+                    .versions(held.name())
                     .iter()
                     .filter_map(|v| functions.remove(&v.spec.id, &held))
                     .collect();
                 gone.extend(functions.remove(&latest.spec.id, &held));
-                functions.async_events.forget(&name);
+                functions.async_events.forget(held.name());
                 gone
             }
         };
@@ -901,7 +902,12 @@ impl Cx<'_> {
         Ok(())
     }
 
-    fn create_alias(&self, f: &Function, body: &[u8]) -> Result<Answer, Answer> {
+    fn create_alias(
+        &self,
+        f: &Function,
+        body: &[u8],
+        held: &NameLock<'_>,
+    ) -> Result<Answer, Answer> {
         Self::replaceable(f)?;
         let name = f.spec.name.clone().expect("checked");
         let input: AliasInput = parse(body)?;
@@ -916,7 +922,7 @@ impl Cx<'_> {
         let a = self
             .plane
             .functions
-            .edit_aliases(&name, |index, aliases| {
+            .edit_aliases(held, |index, aliases| {
                 if aliases.contains_key(&alias) {
                     return Err(lambda_error(
                         409,
@@ -967,14 +973,20 @@ impl Cx<'_> {
         Ok(ok(200, self.alias_json(&name, alias, a)))
     }
 
-    fn update_alias(&self, f: &Function, alias: &str, body: &[u8]) -> Result<Answer, Answer> {
+    fn update_alias(
+        &self,
+        f: &Function,
+        alias: &str,
+        body: &[u8],
+        held: &NameLock<'_>,
+    ) -> Result<Answer, Answer> {
         Self::replaceable(f)?;
         let name = f.spec.name.clone().expect("checked");
         let input: AliasInput = parse(body)?;
         let a = self
             .plane
             .functions
-            .edit_aliases(&name, |index, aliases| {
+            .edit_aliases(held, |index, aliases| {
                 let mut a = aliases.get(alias).cloned().ok_or_else(|| {
                     lambda_error(
                         404,
@@ -990,11 +1002,10 @@ impl Cx<'_> {
         Ok(ok(200, self.alias_json(&name, alias, &a)))
     }
 
-    fn delete_alias(&self, f: &Function, alias: &str) -> Result<Answer, Answer> {
-        let name = f.spec.name.clone().unwrap_or_default();
+    fn delete_alias(&self, alias: &str, held: &NameLock<'_>) -> Result<Answer, Answer> {
         self.plane
             .functions
-            .edit_aliases(&name, |_, aliases| {
+            .edit_aliases(held, |_, aliases| {
                 aliases.remove(alias);
                 Ok::<_, Answer>(())
             })

@@ -569,7 +569,7 @@ fn delete(shared: &Plane, id: &str) -> Answer {
     };
     let mut gone = vec![f.clone()];
     if let (Some(name), None) = (&f.spec.name, f.spec.service.version) {
-        if let Err(e) = functions.edit_aliases(name, |_, aliases| {
+        if let Err(e) = functions.edit_aliases(&held, |_, aliases| {
             aliases.clear();
             Ok::<_, ()>(())
         }) {

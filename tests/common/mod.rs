@@ -787,6 +787,16 @@ pub fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
         .sum()
 }
 
+/// Peak resident memory of process `pid` so far (VmHWM), KiB (0 if unreadable).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
 /// Waits up to `limit` for a thread of process `pid` to sleep in the kernel
 /// function `wchan` (e.g. `wait_for_partner`: opening a FIFO nobody reads).
 pub fn wait_for_wchan(pid: u32, wchan: &str, limit: Duration) -> bool {

@@ -231,6 +231,81 @@ fn bad_deploys_are_refused_and_leave_nothing_behind() {
     s.assert_healthy();
 }
 
+/// `zip` followed by an end of central directory record declaring one entry in
+/// a directory that cannot be where it says (at the record itself). The zip
+/// reader passes over such a record to the one before it.
+fn with_a_broken_last_end_record(mut zip: Vec<u8>) -> Vec<u8> {
+    let at = zip.len() as u32;
+    zip.extend_from_slice(b"PK\x05\x06\0\0\0\0\x01\0\x01\0");
+    zip.extend_from_slice(&46u32.to_le_bytes());
+    zip.extend_from_slice(&at.to_le_bytes());
+    zip.extend_from_slice(&[0, 0]);
+    zip
+}
+
+/// A zip64 archive of one empty file and `records` central records (names
+/// `0000`, `0001`, … as little-endian numbers) all pointing at it.
+fn zip64_with_records(records: u32) -> Vec<u8> {
+    let mut zip = b"PK\x03\x04\x14".to_vec();
+    zip.resize(26, 0);
+    zip.extend_from_slice(&[1, 0, 0, 0]);
+    zip.push(b'a');
+    let directory_at = zip.len() as u64;
+    for i in 0..records {
+        zip.extend_from_slice(b"PK\x01\x02\x1e\x03\x14");
+        zip.resize(zip.len() + 21, 0);
+        zip.extend_from_slice(&[4, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+        zip.extend_from_slice(&(0o100644u32 << 16).to_le_bytes());
+        zip.extend_from_slice(&0u32.to_le_bytes());
+        zip.extend_from_slice(&i.to_le_bytes());
+    }
+    let directory_bytes = zip.len() as u64 - directory_at;
+    let eocd64_at = zip.len() as u64;
+    zip.extend_from_slice(b"PK\x06\x06");
+    zip.extend_from_slice(&44u64.to_le_bytes());
+    zip.extend_from_slice(&[0x1e, 0x03, 45, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    for field in [
+        u64::from(records),
+        u64::from(records),
+        directory_bytes,
+        directory_at,
+    ] {
+        zip.extend_from_slice(&field.to_le_bytes());
+    }
+    zip.extend_from_slice(b"PK\x06\x07\0\0\0\0");
+    zip.extend_from_slice(&eocd64_at.to_le_bytes());
+    zip.extend_from_slice(&1u32.to_le_bytes());
+    zip.extend_from_slice(b"PK\x05\x06");
+    zip.extend_from_slice(&[0xff; 16]);
+    zip.extend_from_slice(&[0, 0]);
+    zip
+}
+
+#[test]
+fn an_archive_read_through_an_earlier_end_record_is_refused() {
+    let s = Server::start(&[]);
+    // Other tools read the last record, find no directory there and give up;
+    // the zip reader took the record before it and deployed the code.
+    let r = deploy_zip(&s, &with_a_broken_last_end_record(zip_fixture("plain")), "");
+    assert_eq!(r.status, 400, "{}", r.text());
+    r.assert_json_error("not_a_zip");
+    // The last record declares one entry, the one before 400,000: refused
+    // before the zip reader holds a record of each (hundreds of MiB).
+    let before = common::peak_rss_kib(s.pid());
+    let zip = with_a_broken_last_end_record(zip64_with_records(400_000));
+    let r = deploy_zip(&s, &zip, "");
+    assert_eq!(r.status, 413, "{}", r.text());
+    r.assert_json_error("too_many_entries");
+    let grown_mib = common::peak_rss_kib(s.pid()).saturating_sub(before) / 1024;
+    eprintln!(
+        "peak memory grew {grown_mib} MiB for a {} MiB archive",
+        zip.len() >> 20
+    );
+    assert!(grown_mib < 100, "peak memory grew {grown_mib} MiB");
+    assert!(functions_on_disk(&s).is_empty());
+    s.assert_healthy();
+}
+
 #[test]
 fn concurrency_limit_queues_then_throttles_with_429() {
     require_sandbox!();

@@ -816,3 +816,140 @@ fn a_signed_request_cannot_be_replayed_with_another_body() {
     assert_eq!(r.json()["Timeout"], 3, "{}", r.text());
     s.assert_healthy();
 }
+
+#[test]
+fn invocations_by_name_do_not_wait_for_an_alias_being_stored() {
+    require_sandbox!();
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::OpenOptionsExt;
+    let s = Server::start(&[]);
+    common::deploy_fixture(&s, "plain", "name=stall");
+    let r = s.control(
+        "POST",
+        "/2015-03-31/functions/stall/aliases",
+        &[],
+        br#"{"Name":"live","FunctionVersion":"$LATEST"}"#,
+    );
+    assert_eq!(r.status, 201, "{}", r.text());
+    // The next store of stall's aliases opens its temporary file, here a FIFO,
+    // and waits there until something reads it: a disk that takes its time.
+    let tmp = s.dir.join("state/aliases/.stall.json.tmp");
+    let path = std::ffi::CString::new(tmp.as_os_str().as_bytes()).unwrap();
+    // SAFETY: mkfifo with a NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(path.as_ptr(), 0o600) }, 0);
+    let s = &s;
+    std::thread::scope(|scope| {
+        let edit = scope.spawn(|| {
+            s.control(
+                "PUT",
+                "/2015-03-31/functions/stall/aliases/live",
+                &[],
+                br#"{"Description":"stuck"}"#,
+            )
+        });
+        assert!(
+            common::wait_for_wchan(s.pid(), "wait_for_partner", Duration::from_secs(5)),
+            "the alias store never reached its temporary file"
+        );
+        let (tx, rx) = std::sync::mpsc::channel();
+        scope.spawn(move || {
+            let _ = tx.send(s.get("/f/stall/x").status);
+        });
+        let by_name = rx.recv_timeout(Duration::from_secs(3));
+        // The store goes on: it writes into the FIFO, cannot fsync it, and
+        // changes nothing.
+        let reader = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NONBLOCK)
+            .open(&tmp)
+            .unwrap();
+        let edit = edit.join().unwrap();
+        drop(reader);
+        assert_eq!(
+            by_name,
+            Ok(200),
+            "an invocation by name waited for the alias store"
+        );
+        assert_eq!(edit.status, 500, "{}", edit.text());
+    });
+    let r = s.control("GET", "/2015-03-31/functions/stall/aliases/live", &[], b"");
+    assert_eq!(r.json()["Description"], "", "{}", r.text());
+    assert_eq!(s.get("/f/stall:live/x").status, 200);
+    s.assert_healthy();
+}
+
+/// A zip of one Node.js handler (`index.handler`) whose module takes `ms` to
+/// initialise, so a deploy of it (or of a copy) is under way that long.
+fn slow_init_zip(ms: u32) -> Vec<u8> {
+    let code = format!(
+        "Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0, {ms});\n\
+         exports.handler = async () => ({{ statusCode: 200, body: 'ok' }});\n"
+    );
+    common::zip(&[("index.js", code.as_bytes(), 0o644)])
+}
+
+#[test]
+fn a_delete_during_a_publish_or_a_code_update_leaves_nothing_behind() {
+    require_sandbox!();
+    let s = Server::start(&[]);
+    let zip = slow_init_zip(1500);
+    let code = serde_json::json!({
+        "ZipFile": base64::engine::general_purpose::STANDARD.encode(&zip)
+    })
+    .to_string();
+    // The change, and the delete that comes while it initialises the new
+    // function: the service API's and the control plane's.
+    let rounds = [
+        (
+            "POST",
+            "/2015-03-31/functions/race/versions",
+            "{}",
+            "/2015-03-31/functions/race",
+        ),
+        (
+            "PUT",
+            "/2015-03-31/functions/race/code",
+            code.as_str(),
+            "/functions/race",
+        ),
+    ];
+    let s = &s;
+    for (method, path, body, delete) in rounds {
+        common::deploy_ok(s, &zip, "name=race");
+        std::thread::scope(|scope| {
+            let change = scope.spawn(|| s.control(method, path, &[], body.as_bytes()));
+            std::thread::sleep(Duration::from_millis(500));
+            let r = s.control("DELETE", delete, &[], b"");
+            assert!(matches!(r.status, 200 | 204), "{delete}: {}", r.text());
+            // Done before the delete (and deleted with the rest), or after it
+            // (with nothing left to change).
+            let r = change.join().unwrap();
+            assert!(
+                matches!(r.status, 200 | 201 | 404),
+                "{method} {path}: {} {}",
+                r.status,
+                r.text()
+            );
+        });
+        for key in ["race", "race%3A1"] {
+            let r = s.control(
+                "GET",
+                &format!("/2015-03-31/functions/{key}/configuration"),
+                &[],
+                b"",
+            );
+            assert_eq!(r.status, 404, "{key} after {method} {path}: {}", r.text());
+        }
+        // A function the change replaced is removed in the background.
+        let deadline = std::time::Instant::now() + Duration::from_secs(20);
+        while !common::functions_on_disk(s).is_empty() && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(
+            common::functions_on_disk(s),
+            Vec::<String>::new(),
+            "left on disk after {method} {path}"
+        );
+    }
+    s.assert_healthy();
+}

@@ -268,14 +268,28 @@ fn check<'z>(
         ));
     }
     // Fail fast, before the zip reader allocates metadata for every declared entry.
-    let declared = declared_entry_count(zip)?;
-    if declared > limits.entries_max as u64 {
-        return Err(too_many_entries(declared, limits));
+    let last = last_end_record(zip)?;
+    if last.entries > limits.entries_max as u64 {
+        return Err(too_many_entries(last.entries, limits));
     }
+    check_end_records(zip, limits)?;
     let mut archive = ZipArchive::new(Cursor::new(zip))
         .map_err(|e| ArchiveError::bad("not_a_zip", format!("not a readable zip archive: {e}")))?;
     if archive.len() > limits.entries_max {
         return Err(too_many_entries(archive.len() as u64, limits));
+    }
+    // The reader passes over a last record whose directory it cannot read to the one before it;
+    // other tools read the last one (and fail, or list other entries). Only the directory that
+    // record names, right before it, is accepted.
+    let directory_start = archive.central_directory_start();
+    if directory_start.checked_add(last.directory_bytes) != Some(last.at) {
+        return Err(ArchiveError::bad(
+            "not_a_zip",
+            format!(
+                "not a readable zip archive: the last end of central directory record names a directory of {} bytes ending at offset {}, but the zip reader read one at offset {directory_start}",
+                last.directory_bytes, last.at
+            ),
+        ));
     }
 
     let mut listings = Vec::with_capacity(archive.len());
@@ -367,15 +381,27 @@ fn ratio_bound(compressed_bytes: u64, limits: &ArchiveLimits) -> u64 {
         .saturating_mul(compressed_bytes.max(RATIO_FLOOR_BYTES))
 }
 
-/// Entry count from the end-of-central-directory record nearest the end (zip64 if present).
+/// The end of central directory record nearest the end of an archive (see [`last_end_record`]).
+#[derive(Debug)]
+struct EndRecord {
+    /// Entries it declares (its zip64 record's count when it has one).
+    entries: u64,
+    /// Where the central directory it names ends: at its zip64 record when it has one, else at
+    /// the record itself.
+    at: u64,
+    /// Size of the central directory it names.
+    directory_bytes: u64,
+}
+
+/// The end-of-central-directory record nearest the end (zip64 if present).
 ///
-/// Checked before the zip reader parses the central directory, which allocates for every record
-/// it lists. The record must be whole and its comment must fit in the file: a stray or truncated
-/// signature after the real record (`PK\x05\x06` and two bytes) is skipped as the zip reader
-/// skips it, so it cannot hide the real count. An archive with no such record in its last
-/// 64 KiB + 22 bytes, or a zip64 locator that points at no zip64 record, is refused rather than
-/// handed to the reader unchecked.
-fn declared_entry_count(zip: &[u8]) -> Result<u64, ArchiveError> {
+/// Its count is checked before the zip reader parses the central directory, which allocates for
+/// every record it lists. The record must be whole and its comment must fit in the file: a stray
+/// or truncated signature after the real record (`PK\x05\x06` and two bytes) is skipped as the
+/// zip reader skips it, so it cannot hide the real count. An archive with no such record in its
+/// last 64 KiB + 22 bytes, or a zip64 locator that points at no zip64 record, is refused rather
+/// than handed to the reader unchecked.
+fn last_end_record(zip: &[u8]) -> Result<EndRecord, ArchiveError> {
     const EOCD: &[u8] = b"PK\x05\x06";
     const LOCATOR64: &[u8] = b"PK\x06\x07";
     const EOCD64: &[u8] = b"PK\x06\x06";
@@ -403,14 +429,21 @@ fn declared_entry_count(zip: &[u8]) -> Result<u64, ArchiveError> {
             })?;
     let record = &zip[eocd..eocd + EOCD_BYTES];
     let count32 = u64::from(u16::from_le_bytes([record[10], record[11]]));
-    if count32 != 0xFFFF {
-        return Ok(count32);
+    let offset32 = u32::from_le_bytes(record[16..20].try_into().unwrap());
+    let zip32 = EndRecord {
+        entries: count32,
+        at: eocd as u64,
+        directory_bytes: u64::from(u32::from_le_bytes(record[12..16].try_into().unwrap())),
+    };
+    // As the zip reader decides which records to read.
+    if count32 != 0xFFFF && offset32 != u32::MAX {
+        return Ok(zip32);
     }
     let Some(locator) = eocd.checked_sub(20).map(|at| &zip[at..eocd]) else {
-        return Ok(count32);
+        return Ok(zip32);
     };
     if &locator[..4] != LOCATOR64 {
-        return Ok(count32);
+        return Ok(zip32);
     }
     let bad_zip64 = || {
         ArchiveError::bad(
@@ -425,7 +458,56 @@ fn declared_entry_count(zip: &[u8]) -> Result<u64, ArchiveError> {
         .and_then(|end| zip.get(eocd64_at..end))
         .filter(|record| &record[..4] == EOCD64)
         .ok_or_else(bad_zip64)?;
-    Ok(u64::from_le_bytes(eocd64[32..40].try_into().unwrap()))
+    Ok(EndRecord {
+        entries: u64::from_le_bytes(eocd64[32..40].try_into().unwrap()),
+        at: eocd64_at as u64,
+        directory_bytes: u64::from_le_bytes(eocd64[40..48].try_into().unwrap()),
+    })
+}
+
+/// Holds every end of central directory record in the archive to the entry limit, not only the
+/// last one.
+///
+/// When the zip reader cannot use the last record (its directory is not where it says, a central
+/// record in it does not parse, its zip64 record is not found), it goes on to the record before
+/// it, anywhere in the file, and parses as many central records as that one declares before
+/// hearth sees any: a few bytes appended to an archive of a million central records would
+/// otherwise cost hundreds of MiB and seconds of CPU. Each count is read where the reader reads
+/// it: a zip32 record's entries on this disk (and in total), unless the record may be zip64 and a
+/// zip64 locator precedes it (then the reader counts with a zip64 record, and every zip64 record
+/// is checked). A stored archive inside the code counts too, when it lists more than the limit.
+fn check_end_records(zip: &[u8], limits: &ArchiveLimits) -> Result<(), ArchiveError> {
+    let max = limits.entries_max as u64;
+    let over = |at: usize, count: u64| {
+        if count <= max {
+            return Ok(());
+        }
+        Err(ArchiveError::too_big(
+            "too_many_entries",
+            format!(
+                "the end of central directory record at offset {at} declares {count} entries, over the limit of {max} (the zip reader reads an earlier record's directory when it cannot read the last one's)"
+            ),
+        ))
+    };
+    let u16_at = |at: usize| u64::from(u16::from_le_bytes([zip[at], zip[at + 1]]));
+    let u64_at = |at: usize| u64::from_le_bytes(zip[at..at + 8].try_into().unwrap());
+    for at in memchr::memmem::find_iter(zip, b"PK\x05\x06") {
+        // The reader skips a record that is not whole, comment included.
+        if at + 22 > zip.len() || at + 22 + u16_at(at + 20) as usize > zip.len() {
+            continue;
+        }
+        let may_be_zip64 = u16_at(at + 10) == 0xFFFF || zip[at + 16..at + 20] == [0xFF; 4];
+        if may_be_zip64 && at >= 20 && &zip[at - 20..at - 16] == b"PK\x06\x07" {
+            continue;
+        }
+        over(at, u16_at(at + 8).max(u16_at(at + 10)))?;
+    }
+    for at in memchr::memmem::find_iter(zip, b"PK\x06\x06") {
+        if at + 56 <= zip.len() {
+            over(at, u64_at(at + 24).max(u64_at(at + 32)))?;
+        }
+    }
+    Ok(())
 }
 
 fn list_entry(archive: &mut Archive<'_>, index: usize) -> Result<Listing, ArchiveError> {
@@ -1448,12 +1530,81 @@ mod tests {
         // The shape of a real attack: many genuine central records and the signature of an end
         // record (without its body) appended, which the zip reader skips.
         let zip = zip64_with_records(40, 40, b"PK\x05\x06\0\0");
-        assert_eq!(declared_entry_count(&zip).unwrap(), 40);
+        assert_eq!(last_end_record(&zip).unwrap().entries, 40);
         // A count declared over the limit is refused from the end record alone: the zip reader
         // (which would find this directory inconsistent) never gets to allocate for it.
         let zip = zip64_with_records(2, 5_000_000, b"PK\x05\x06\0\0");
         let err = expect_err(&zip, &ArchiveLimits::default(), 413, "too_many_entries");
         assert!(err.message.contains("5000000 entries"), "{err}");
+    }
+
+    /// `zip` followed by an end of central directory record declaring one entry in a directory
+    /// that cannot be where it says (at the record itself): the zip reader passes over it.
+    fn with_a_broken_last_end_record(mut zip: Vec<u8>) -> Vec<u8> {
+        let at = zip.len() as u32;
+        zip.extend_from_slice(b"PK\x05\x06\0\0\0\0\x01\0\x01\0");
+        zip.extend_from_slice(&46u32.to_le_bytes());
+        zip.extend_from_slice(&at.to_le_bytes());
+        zip.extend_from_slice(&[0, 0]);
+        zip
+    }
+
+    #[test]
+    fn the_directory_of_an_earlier_end_record_is_refused() {
+        // Other tools read the last record and find no directory; the zip reader reads the one
+        // before it, and would unpack its entry.
+        let zip = with_a_broken_last_end_record(build(&[Item::File("app.js", b"1", 0o644)]));
+        assert!(ZipArchive::new(Cursor::new(&zip[..])).is_ok_and(|a| a.len() == 1));
+        let err = expect_err(&zip, &ArchiveLimits::default(), 400, "not_a_zip");
+        assert!(err.message.contains("the zip reader read one"), "{err}");
+        // An earlier record declaring more than the limit is refused before the reader parses
+        // its directory.
+        let zip = with_a_broken_last_end_record(zip64_with_records(40, 40, b""));
+        let limits = ArchiveLimits {
+            entries_max: 3,
+            ..ArchiveLimits::default()
+        };
+        assert_eq!(last_end_record(&zip).unwrap().entries, 1);
+        let err = expect_err(&zip, &limits, 413, "too_many_entries");
+        assert!(err.message.contains("declares 40 entries"), "{err}");
+    }
+
+    #[test]
+    fn a_zip32_count_is_read_where_the_zip_reader_reads_it() {
+        // The reader parses as many records as the entries on this disk; the total is 1 here.
+        let mut zip = build(&[
+            Item::File("a", b"1", 0o644),
+            Item::File("b", b"2", 0o644),
+            Item::File("c", b"3", 0o644),
+            Item::File("d", b"4", 0o644),
+        ]);
+        let eocd = zip.len() - 22;
+        zip[eocd + 10..eocd + 12].copy_from_slice(&1u16.to_le_bytes());
+        let limits = ArchiveLimits {
+            entries_max: 3,
+            ..ArchiveLimits::default()
+        };
+        let err = expect_err(&zip, &limits, 413, "too_many_entries");
+        assert!(err.message.contains("declares 4 entries"), "{err}");
+    }
+
+    #[test]
+    fn a_stored_archive_inside_is_only_content() {
+        let inner = build(&[Item::File("x.js", b"1", 0o644), Item::Dir("d/")]);
+        let mut writer = ZipWriter::new(Cursor::new(Vec::new()));
+        let stored = SimpleFileOptions::default().compression_method(CompressionMethod::Stored);
+        writer.start_file("vendor/inner.zip", stored).unwrap();
+        writer.write_all(&inner).unwrap();
+        writer.start_file("app.js", stored).unwrap();
+        writer.write_all(b"exports.handler = 1;\n").unwrap();
+        let zip = writer.finish().unwrap().into_inner();
+        let scratch = Scratch::new("inner");
+        let got = extract_zip(&zip, &scratch.dest(), &ArchiveLimits::default()).unwrap();
+        assert_eq!(got.files, 2);
+        assert_eq!(
+            fs::read(scratch.dest().join("vendor/inner.zip")).unwrap(),
+            inner
+        );
     }
 
     #[test]

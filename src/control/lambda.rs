@@ -26,7 +26,7 @@ use crate::control::plane::{self, Answer, Code, Plane};
 use crate::control::settings::{self, DeploySettings};
 use crate::control::sigv4;
 use crate::functions::names::{Alias, Index, ALIASES_PER_FUNCTION_MAX, VERSIONS_PER_FUNCTION_MAX};
-use crate::functions::{Function, ServiceInvoke};
+use crate::functions::{Function, NameLock, ServiceInvoke};
 use crate::http::parse::Request;
 use crate::http::reply::Reply;
 use crate::routes::LambdaOp;
@@ -122,23 +122,25 @@ pub(super) fn handle(plane: &Plane, op: LambdaOp<'_>, req: &Request, body: &[u8]
         LambdaOp::List => cx.list(req.query()),
         LambdaOp::Get(n) => cx.with_q(n, &q, |f| Ok(ok(200, cx.get(&f)))),
         LambdaOp::GetConfiguration(n) => cx.with_q(n, &q, |f| Ok(ok(200, cx.configuration(&f)))),
-        LambdaOp::UpdateCode(n) => cx.with(n, |f| cx.update_code(&f, body)),
-        LambdaOp::UpdateConfiguration(n) => cx.with(n, |f| cx.update_configuration(&f, body)),
+        LambdaOp::UpdateCode(n) => cx.changing(n, |f, held| cx.update_code(&f, body, held)),
+        LambdaOp::UpdateConfiguration(n) => {
+            cx.changing(n, |f, held| cx.update_configuration(&f, body, held))
+        }
         LambdaOp::Delete(n) => cx.delete(n, &q),
-        LambdaOp::PutConcurrency(n) => cx.with(n, |f| cx.put_concurrency(&f, body)),
+        LambdaOp::PutConcurrency(n) => cx.changing(n, |f, held| cx.put_concurrency(&f, body, held)),
         LambdaOp::GetConcurrency(n) => cx.with(n, |f| {
             Ok(ok(
                 200,
                 json!({ "ReservedConcurrentExecutions": f.spec.concurrency }),
             ))
         }),
-        LambdaOp::PublishVersion(n) => cx.with(n, |f| cx.publish_version(&f)),
+        LambdaOp::PublishVersion(n) => cx.changing(n, |f, held| cx.publish_version(&f, held)),
         LambdaOp::ListVersions(n) => cx.with(n, |f| Ok(cx.list_versions(&f))),
-        LambdaOp::CreateAlias(n) => cx.with(n, |f| cx.create_alias(&f, body)),
+        LambdaOp::CreateAlias(n) => cx.changing(n, |f, held| cx.create_alias(&f, body, held)),
         LambdaOp::ListAliases(n) => cx.with(n, |f| Ok(cx.list_aliases(&f))),
         LambdaOp::GetAlias(n, a) => cx.with(n, |f| cx.get_alias(&f, a)),
-        LambdaOp::UpdateAlias(n, a) => cx.with(n, |f| cx.update_alias(&f, a, body)),
-        LambdaOp::DeleteAlias(n, a) => cx.with(n, |f| cx.delete_alias(&f, a)),
+        LambdaOp::UpdateAlias(n, a) => cx.changing(n, |f, held| cx.update_alias(&f, a, body, held)),
+        LambdaOp::DeleteAlias(n, a) => cx.changing(n, |_, held| cx.delete_alias(a, held)),
         op @ (LambdaOp::PutEventInvokeConfig(_)
         | LambdaOp::UpdateEventInvokeConfig(_)
         | LambdaOp::GetEventInvokeConfig(_)
@@ -387,21 +389,52 @@ impl Cx<'_> {
         )
     }
 
-    /// Runs `op` on the `$LATEST` of the function `raw` names, or answers 404.
-    fn with(
-        &self,
-        raw: &str,
-        op: impl FnOnce(std::sync::Arc<Function>) -> Result<Answer, Answer>,
-    ) -> Result<Answer, Answer> {
+    /// The function name `raw` gives, for an operation on its `$LATEST`.
+    fn unqualified(raw: &str) -> Result<String, Answer> {
         let (name, qualifier) = function_name(raw)?;
         if qualifier.as_deref().is_some_and(|q| q != "$LATEST") {
             return Err(invalid(&format!(
                 "this operation takes the unqualified function name, not {raw:?}"
             )));
         }
+        Ok(name)
+    }
+
+    /// Runs `op` on the `$LATEST` of the function `raw` names, or answers 404.
+    fn with(
+        &self,
+        raw: &str,
+        op: impl FnOnce(std::sync::Arc<Function>) -> Result<Answer, Answer>,
+    ) -> Result<Answer, Answer> {
         // The name is decoded already: parsing it again would decode it a
         // second time, and `rv%253A1` would reach the published version 1.
-        self.with_parts(&name, None, op)
+        self.with_parts(&Self::unqualified(raw)?, None, op)
+    }
+
+    /// Like [`Cx::with`], for an operation that changes the function or what
+    /// hangs off its name: `op` runs holding the name (see
+    /// [`crate::functions::Registry::get_locked`]), on the function as the
+    /// changes before it left it.
+    fn changing(
+        &self,
+        raw: &str,
+        op: impl FnOnce(std::sync::Arc<Function>, &NameLock<'_>) -> Result<Answer, Answer>,
+    ) -> Result<Answer, Answer> {
+        let name = Self::unqualified(raw)?;
+        match self.plane.functions.get_locked(&name) {
+            Some((f, held)) if f.spec.name.is_some() || crate::functions::valid_id(&name) => {
+                op(f, &held)
+            }
+            _ => Err(self.not_found(&name)),
+        }
+    }
+
+    fn not_found(&self, key: &str) -> Answer {
+        lambda_error(
+            404,
+            "ResourceNotFoundException",
+            &format!("Function not found: {}", self.arn(key)),
+        )
     }
 
     /// Runs `op` on the function `raw` names, qualified in the name (an ARN's
@@ -430,11 +463,7 @@ impl Cx<'_> {
         };
         match self.plane.functions.get(&key) {
             Some(f) if f.spec.name.is_some() || crate::functions::valid_id(name) => op(f),
-            _ => Err(lambda_error(
-                404,
-                "ResourceNotFoundException",
-                &format!("Function not found: {}", self.arn(&key)),
-            )),
+            _ => Err(self.not_found(&key)),
         }
     }
 
@@ -481,15 +510,17 @@ impl Cx<'_> {
         })
     }
 
-    /// Deploys under `name` and answers with the new configuration.
+    /// Deploys under the name `held` holds and answers with the new configuration.
     fn deploy(
         &self,
         code: Code<'_>,
         settings: DeploySettings,
         service: ServiceMeta,
         status: u16,
+        held: &NameLock<'_>,
     ) -> Result<Answer, Answer> {
-        let f = plane::create(self.plane, code, settings, service).map_err(as_lambda)?;
+        let f =
+            plane::create(self.plane, code, settings, service, Some(held)).map_err(as_lambda)?;
         Ok(ok(status, self.configuration(&f)))
     }
 
@@ -506,6 +537,7 @@ impl Cx<'_> {
         if input.package_type.as_deref().is_some_and(|p| p != "Zip") {
             return Err(invalid("hearth runs Zip packages only"));
         }
+        let held = self.plane.functions.lock_name(&name);
         if self.plane.functions.id_of(&name).is_some() {
             return Err(lambda_error(
                 409,
@@ -530,7 +562,7 @@ impl Cx<'_> {
             code_sha256: Some(code_sha256(&zip)),
             version: None,
         };
-        self.deploy(Code::Zip(&zip), settings, service, 201)
+        self.deploy(Code::Zip(&zip), settings, service, 201, &held)
     }
 
     fn list(&self, query: &str) -> Result<Answer, Answer> {
@@ -603,7 +635,12 @@ impl Cx<'_> {
         Ok(())
     }
 
-    fn update_code(&self, f: &Function, body: &[u8]) -> Result<Answer, Answer> {
+    fn update_code(
+        &self,
+        f: &Function,
+        body: &[u8],
+        held: &NameLock<'_>,
+    ) -> Result<Answer, Answer> {
         #[derive(Deserialize, Default)]
         #[serde(rename_all = "PascalCase", default)]
         struct Input {
@@ -614,10 +651,15 @@ impl Cx<'_> {
         let zip = decode_zip(input.zip_file.as_deref())?;
         let mut service = f.spec.service.clone();
         service.code_sha256 = Some(code_sha256(&zip));
-        self.deploy(Code::Zip(&zip), Self::settings_of(f), service, 200)
+        self.deploy(Code::Zip(&zip), Self::settings_of(f), service, 200, held)
     }
 
-    fn update_configuration(&self, f: &Function, body: &[u8]) -> Result<Answer, Answer> {
+    fn update_configuration(
+        &self,
+        f: &Function,
+        body: &[u8],
+        held: &NameLock<'_>,
+    ) -> Result<Answer, Answer> {
         Self::replaceable(f)?;
         let input: FunctionInput = parse(body)?;
         let mut settings = Self::settings_of(f);
@@ -643,10 +685,15 @@ impl Cx<'_> {
         if input.description.is_some() {
             service.description = input.description;
         }
-        self.deploy(Code::Copy(&f.code_dir()), settings, service, 200)
+        self.deploy(Code::Copy(&f.code_dir()), settings, service, 200, held)
     }
 
-    fn put_concurrency(&self, f: &Function, body: &[u8]) -> Result<Answer, Answer> {
+    fn put_concurrency(
+        &self,
+        f: &Function,
+        body: &[u8],
+        held: &NameLock<'_>,
+    ) -> Result<Answer, Answer> {
         #[derive(Deserialize)]
         #[serde(rename_all = "PascalCase")]
         struct Input {
@@ -665,19 +712,26 @@ impl Cx<'_> {
             Code::Copy(&f.code_dir()),
             settings,
             f.spec.service.clone(),
+            Some(held),
         )
         .map_err(as_lambda)?;
         Ok(ok(200, json!({ "ReservedConcurrentExecutions": n })))
     }
 
-    /// Unpublishes and retires `f` (on this thread: its in-flight requests finish).
-    fn remove(&self, f: &Function) -> Result<(), Answer> {
-        let Some(f) = self.plane.functions.remove(&f.spec.id) else {
-            return Ok(()); // removed meanwhile
-        };
+    /// Retires unpublished functions on this thread (their in-flight
+    /// requests finish), after telling the cores they are gone.
+    fn retire(&self, gone: &[std::sync::Arc<Function>]) -> Result<(), Answer> {
+        if gone.is_empty() {
+            return Ok(());
+        }
         (self.plane.changed)();
-        plane::retire(&self.plane.functions, &f)
-            .map_err(|m| lambda_error(500, "ServiceException", &m))
+        let mut first_error = Ok(());
+        for f in gone {
+            if let Err(m) = plane::retire(&self.plane.functions, f) {
+                first_error = first_error.and(Err(lambda_error(500, "ServiceException", &m)));
+            }
+        }
+        first_error
     }
 
     /// `DeleteFunction`: without a qualifier the function, its versions and
@@ -692,14 +746,13 @@ impl Cx<'_> {
                 &format!("Function not found: {}", self.arn(&name)),
             )
         };
-        let latest = self
-            .plane
-            .functions
-            .get(&name)
-            .filter(|f| f.spec.name.is_some())
-            .ok_or_else(not_found)?;
         let functions = &self.plane.functions;
-        match qualifier {
+        // Held while the functions are unpublished, not while they drain.
+        let (latest, held) = functions
+            .get_locked(&name)
+            .filter(|(f, _)| f.spec.name.is_some())
+            .ok_or_else(not_found)?;
+        let gone: Vec<_> = match qualifier {
             Some(q) if q.bytes().all(|b| b.is_ascii_digit()) => {
                 let v = functions
                     .get(&format!("{name}:{q}"))
@@ -712,7 +765,7 @@ impl Cx<'_> {
                         &format!("version {q} is used by alias(es) {}", users.join(", ")),
                     ));
                 }
-                self.remove(&v)?;
+                functions.remove(&v.spec.id, &held).into_iter().collect()
             }
             Some(q) => {
                 return Err(invalid(&format!(
@@ -721,22 +774,28 @@ impl Cx<'_> {
             }
             None => {
                 functions
-                    .edit_aliases(&name, |_, aliases| {
+                    .edit_aliases(&held, |_, aliases| {
                         aliases.clear();
                         Ok::<_, Answer>(())
                     })
                     .map_err(stored)??;
-                for v in functions.versions(&name) {
-                    self.remove(&v)?;
-                }
-                self.remove(&latest)?;
-                functions.async_events.forget(&name);
+                // The function's own name (`name` may be its id).
+                let mut gone: Vec<_> = functions
+                    .versions(held.name())
+                    .iter()
+                    .filter_map(|v| functions.remove(&v.spec.id, &held))
+                    .collect();
+                gone.extend(functions.remove(&latest.spec.id, &held));
+                functions.async_events.forget(held.name());
+                gone
             }
-        }
+        };
+        drop(held);
+        self.retire(&gone)?;
         Ok(no_content())
     }
 
-    fn publish_version(&self, f: &Function) -> Result<Answer, Answer> {
+    fn publish_version(&self, f: &Function, held: &NameLock<'_>) -> Result<Answer, Answer> {
         Self::replaceable(f)?;
         let name = f.spec.name.clone().expect("checked by replaceable");
         let next = self
@@ -761,6 +820,7 @@ impl Cx<'_> {
             Self::settings_of(f),
             service,
             201,
+            held,
         )
     }
 
@@ -842,7 +902,12 @@ impl Cx<'_> {
         Ok(())
     }
 
-    fn create_alias(&self, f: &Function, body: &[u8]) -> Result<Answer, Answer> {
+    fn create_alias(
+        &self,
+        f: &Function,
+        body: &[u8],
+        held: &NameLock<'_>,
+    ) -> Result<Answer, Answer> {
         Self::replaceable(f)?;
         let name = f.spec.name.clone().expect("checked");
         let input: AliasInput = parse(body)?;
@@ -857,7 +922,7 @@ impl Cx<'_> {
         let a = self
             .plane
             .functions
-            .edit_aliases(&name, |index, aliases| {
+            .edit_aliases(held, |index, aliases| {
                 if aliases.contains_key(&alias) {
                     return Err(lambda_error(
                         409,
@@ -908,14 +973,20 @@ impl Cx<'_> {
         Ok(ok(200, self.alias_json(&name, alias, a)))
     }
 
-    fn update_alias(&self, f: &Function, alias: &str, body: &[u8]) -> Result<Answer, Answer> {
+    fn update_alias(
+        &self,
+        f: &Function,
+        alias: &str,
+        body: &[u8],
+        held: &NameLock<'_>,
+    ) -> Result<Answer, Answer> {
         Self::replaceable(f)?;
         let name = f.spec.name.clone().expect("checked");
         let input: AliasInput = parse(body)?;
         let a = self
             .plane
             .functions
-            .edit_aliases(&name, |index, aliases| {
+            .edit_aliases(held, |index, aliases| {
                 let mut a = aliases.get(alias).cloned().ok_or_else(|| {
                     lambda_error(
                         404,
@@ -931,11 +1002,10 @@ impl Cx<'_> {
         Ok(ok(200, self.alias_json(&name, alias, &a)))
     }
 
-    fn delete_alias(&self, f: &Function, alias: &str) -> Result<Answer, Answer> {
-        let name = f.spec.name.clone().unwrap_or_default();
+    fn delete_alias(&self, alias: &str, held: &NameLock<'_>) -> Result<Answer, Answer> {
         self.plane
             .functions
-            .edit_aliases(&name, |_, aliases| {
+            .edit_aliases(held, |_, aliases| {
                 aliases.remove(alias);
                 Ok::<_, Answer>(())
             })

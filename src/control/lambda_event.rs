@@ -41,6 +41,13 @@ fn target(
     raw: &str,
     req: &Request,
 ) -> Result<(std::sync::Arc<Function>, String), Answer> {
+    let (key, qualifier) = target_key(raw, req)?;
+    let f = plane.functions.get(&key).ok_or_else(|| not_found(&key))?;
+    Ok((f, qualifier))
+}
+
+/// The key of the function `raw` (and `?Qualifier=`) names, and the qualifier as given.
+fn target_key(raw: &str, req: &Request) -> Result<(String, String), Answer> {
     let (name, qualifier) = function_name(raw)?;
     let qualifier = qualifier
         .or_else(|| query_qualifier(req.query()))
@@ -51,8 +58,7 @@ fn target(
     } else {
         format!("{name}:{qualifier}")
     };
-    let f = plane.functions.get(&key).ok_or_else(|| not_found(&key))?;
-    Ok((f, qualifier))
+    Ok((key, qualifier))
 }
 
 /// Accepts an `Event` invocation: checks it, hands it to the committer, and
@@ -147,7 +153,17 @@ pub(super) fn event_invoke_config(
         _ => return lambda_error(500, "ServiceException", "misrouted event invoke config"),
     };
     let run = || -> Result<Answer, Answer> {
-        let (f, qualifier) = target(plane, raw, req)?;
+        // A change holds the function's name (see `Registry::get_locked`): a
+        // delete under way does not leave its queue behind, created again.
+        let (key, qualifier) = target_key(raw, req)?;
+        let (f, _held) = match kind {
+            'g' => (plane.functions.get(&key), None),
+            _ => match plane.functions.get_locked(&key) {
+                Some((f, held)) => (Some(f), Some(held)),
+                None => (None, None),
+            },
+        };
+        let f = f.ok_or_else(|| not_found(&key))?;
         let region = req
             .header("authorization")
             .and_then(|h| sigv4::parse_authorization(h).ok())

@@ -22,7 +22,7 @@ use crate::control::lambda::{self, ServiceAuth};
 use crate::control::settings::DeploySettings;
 use crate::control::{handler, multipart, settings};
 use crate::functions::budget::{self, Reservation};
-use crate::functions::{self, store, Function, Registry, FUNCTIONS_MAX};
+use crate::functions::{self, store, Function, NameLock, Registry, FUNCTIONS_MAX};
 use crate::http::parse::Request;
 use crate::http::reply::{json_error, Reply};
 use crate::routes::{self, Route};
@@ -270,7 +270,18 @@ fn deploy(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
         Ok(s) => s,
         Err(m) => return error(400, "bad_setting", &m),
     };
-    let f = match create(shared, Code::Zip(code), settings, ServiceMeta::default()) {
+    // A name's deploy replaces its function: one change of the name at a time.
+    let held = settings
+        .name
+        .as_deref()
+        .map(|n| shared.functions.lock_name(n));
+    let f = match create(
+        shared,
+        Code::Zip(code),
+        settings,
+        ServiceMeta::default(),
+        held.as_ref(),
+    ) {
         Ok(f) => f,
         Err(a) => return a,
     };
@@ -306,12 +317,22 @@ pub(super) enum Code<'a> {
 /// name is replaced without downtime: requests by name move to the new one
 /// once it is ready, the old one finishes what it has (in the background) and
 /// is removed. On error nothing of the new function is left on disk.
+///
+/// A named function is created holding its name (`held`, see
+/// [`Registry::lock_name`]), from the resolution of what it replaces or copies
+/// to its publication.
 pub(super) fn create(
     shared: &Plane,
     code: Code<'_>,
     settings: DeploySettings,
     service: ServiceMeta,
+    held: Option<&NameLock<'_>>,
 ) -> Result<Arc<Function>, Answer> {
+    debug_assert_eq!(
+        held.map(NameLock::name),
+        settings.name.as_deref(),
+        "a named function is created holding its name"
+    );
     let started = Instant::now();
     let replaces = service.version.is_none()
         && settings
@@ -524,7 +545,8 @@ fn delete(shared: &Plane, id: &str) -> Answer {
             );
         }
     }
-    let Some(target) = functions.get(id) else {
+    // Held while the function and its versions are unpublished, not while they drain.
+    let Some((target, held)) = functions.get_locked(id) else {
         return not_found(id);
     };
     if let (Some(name), Some(version)) = (&target.spec.name, target.spec.service.version) {
@@ -542,12 +564,12 @@ fn delete(shared: &Plane, id: &str) -> Answer {
         }
     }
     // By id from here: the key was resolved once, above.
-    let Some(f) = functions.remove(&target.spec.id) else {
+    let Some(f) = functions.remove(&target.spec.id, &held) else {
         return not_found(id);
     };
     let mut gone = vec![f.clone()];
     if let (Some(name), None) = (&f.spec.name, f.spec.service.version) {
-        if let Err(e) = functions.edit_aliases(name, |_, aliases| {
+        if let Err(e) = functions.edit_aliases(&held, |_, aliases| {
             aliases.clear();
             Ok::<_, ()>(())
         }) {
@@ -557,12 +579,13 @@ fn delete(shared: &Plane, id: &str) -> Answer {
             functions
                 .versions(name)
                 .iter()
-                .filter_map(|v| functions.remove(&v.spec.id)),
+                .filter_map(|v| functions.remove(&v.spec.id, &held)),
         );
         functions.async_events.forget(name);
     } else if f.spec.name.is_none() {
         functions.async_events.forget(&f.spec.id);
     }
+    drop(held);
     (shared.changed)();
     for g in &gone {
         if let Err(m) = retire(functions, g) {

@@ -2,10 +2,12 @@
 //! how each core runs them ([`sched::CorePool`], a sans-IO scheduler the
 //! engine's workers drive).
 //!
-//! The registry is control-plane state behind a lock; cores never touch it on
-//! the request path. Each core keeps its own view (refreshed by a message when
-//! functions change) and its own instances; only a function's instance count
-//! is shared (an atomic), so its concurrency limit holds across cores.
+//! The registry is control-plane state behind a lock. On the request path the
+//! cores only read it, to resolve a function's name to its id, so whoever
+//! writes it holds the lock for in-memory work only, never across the disk.
+//! Each core keeps its own view (refreshed by a message when functions change)
+//! and its own instances; only a function's instance count is shared (an
+//! atomic), so its concurrency limit holds across cores.
 
 pub mod async_events;
 pub mod budget;
@@ -14,7 +16,7 @@ pub mod names;
 pub mod sched;
 pub mod store;
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::mpsc::{channel, Receiver, Sender};
@@ -126,6 +128,26 @@ impl Function {
     }
 }
 
+/// A name held by [`Registry::lock_name`], released on drop.
+pub struct NameLock<'a> {
+    registry: &'a Registry,
+    name: String,
+}
+
+impl NameLock<'_> {
+    /// The name held.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+}
+
+impl Drop for NameLock<'_> {
+    fn drop(&mut self) {
+        self.registry.busy_names.lock().unwrap().remove(&self.name);
+        self.registry.name_freed.notify_all();
+    }
+}
+
 /// The outcome of starting an instance, sent to the core that asked.
 pub struct Started {
     pub function: Arc<Function>,
@@ -161,6 +183,11 @@ pub struct Registry {
     pending: Mutex<usize>,
     /// Signalled when `pending` drops to zero.
     settled: Condvar,
+    /// Names (an unnamed function: its id) whose functions a control request
+    /// is changing; see [`Registry::lock_name`].
+    busy_names: Mutex<HashSet<String>>,
+    /// Signalled when a name leaves `busy_names`.
+    name_freed: Condvar,
     /// `<state>/hearth.lock`, held while the server runs.
     _lock: std::fs::File,
 }
@@ -247,6 +274,8 @@ impl Registry {
             logs: logs::LogCollector::start()?,
             pending: Mutex::new(0),
             settled: Condvar::new(),
+            busy_names: Mutex::new(HashSet::new()),
+            name_freed: Condvar::new(),
             _lock: lock,
         })
     }
@@ -391,23 +420,72 @@ impl Registry {
             .collect()
     }
 
-    /// Changes the aliases of `name` with `edit`, which sees the index (to
-    /// check versions exist) and decides; they are stored before the change
-    /// is visible. `edit` returning `Err` changes nothing; the outer error is
-    /// a failure to store them (nothing changed either).
+    /// Waits until no other control request changes the functions of `name`
+    /// (for an unnamed function: its id), then holds the name until the guard
+    /// drops. A request that changes a function resolves it, stages the change
+    /// and publishes or unpublishes it all under its name's guard, so that
+    /// deploys, code and configuration updates, publishing versions, deletes
+    /// and alias edits of one name happen one after another, each on what the
+    /// one before left (a delete is never undone by an update that began
+    /// before it, a version is never published from removed files).
+    /// Invocations never take it; a request holds one name at most.
+    pub fn lock_name(&self, name: &str) -> NameLock<'_> {
+        let mut busy = self.busy_names.lock().unwrap();
+        while busy.contains(name) {
+            busy = self.name_freed.wait(busy).unwrap();
+        }
+        busy.insert(name.to_string());
+        NameLock {
+            registry: self,
+            name: name.to_string(),
+        }
+    }
+
+    /// What [`Registry::lock_name`] holds for `f`: its name, or its id when it has none.
+    pub fn lock_key(f: &Function) -> &str {
+        f.spec.name.as_deref().unwrap_or(&f.spec.id)
+    }
+
+    /// The function `key` names (see [`Registry::get`]) with its name held:
+    /// resolved again once the name is held, so it is what the changes before
+    /// left under `key`. `None`: nothing is there (any more).
+    pub fn get_locked(&self, key: &str) -> Option<(Arc<Function>, NameLock<'_>)> {
+        loop {
+            let held = Self::lock_key(&*self.get(key)?).to_string();
+            let lock = self.lock_name(&held);
+            let f = self.get(key)?;
+            if Self::lock_key(&f) == held {
+                return Some((f, lock));
+            }
+        }
+    }
+
+    /// Changes the aliases of the name `held` holds with `edit`, which sees
+    /// the index (to check versions exist) and decides; they are stored before
+    /// the change is visible. `edit` returning `Err` changes nothing; the outer
+    /// error is a failure to store them (nothing changed either).
+    ///
+    /// The index is only read while `edit` decides and written once the file
+    /// is stored: the cores read it for every invocation by name, and storing
+    /// takes two fsyncs (milliseconds, or as long as the disk stalls). What
+    /// `edit` saw stays true meanwhile, because the aliases and the versions
+    /// of a name change only under its name's guard.
     pub fn edit_aliases<T, E>(
         &self,
-        name: &str,
+        held: &NameLock<'_>,
         edit: impl FnOnce(&Index, &mut BTreeMap<String, names::Alias>) -> Result<T, E>,
     ) -> std::io::Result<Result<T, E>> {
-        let mut map = self.map.write().unwrap();
-        let mut aliases = map.aliases(name);
-        let out = match edit(&map, &mut aliases) {
-            Ok(out) => out,
-            Err(e) => return Ok(Err(e)),
+        let name = held.name();
+        let (aliases, out) = {
+            let map = self.map.read().unwrap();
+            let mut aliases = map.aliases(name);
+            match edit(&map, &mut aliases) {
+                Ok(out) => (aliases, out),
+                Err(e) => return Ok(Err(e)),
+            }
         };
         names::store_aliases(&self.aliases_dir, name, &aliases)?;
-        map.set_aliases(name, aliases);
+        self.map.write().unwrap().set_aliases(name, aliases);
         Ok(Ok(out))
     }
 
@@ -437,11 +515,17 @@ impl Registry {
         Some(old)
     }
 
-    /// Unpublishes a function (by id or qualified name); returns it.
-    pub fn remove(&self, key: &str) -> Option<Arc<Function>> {
+    /// Unpublishes a function (by id or qualified name) whose name `held`
+    /// holds; returns it.
+    pub fn remove(&self, key: &str, held: &NameLock<'_>) -> Option<Arc<Function>> {
         let mut map = self.map.write().unwrap();
         let id = map.resolve(key)?;
         let f = map.remove_id(&id)?;
+        debug_assert_eq!(
+            Self::lock_key(&f),
+            held.name(),
+            "removed without its name held"
+        );
         f.deleted.store(true, Ordering::Release);
         Some(f)
     }

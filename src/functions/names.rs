@@ -176,13 +176,16 @@ pub fn load_aliases(dir: &Path) -> io::Result<HashMap<String, BTreeMap<String, A
     Ok(out)
 }
 
-/// Stores the aliases of `name` atomically (none: the file goes).
+/// Stores the aliases of `name` atomically and durably (none: the file goes;
+/// a deleted function's aliases must not come back after a crash, routing to
+/// the versions of a new function of that name).
 pub fn store_aliases(dir: &Path, name: &str, aliases: &BTreeMap<String, Alias>) -> io::Result<()> {
     let path = dir.join(format!("{name}.json"));
     if aliases.is_empty() {
         return match fs::remove_file(&path) {
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(()),
+            Ok(()) => fs::File::open(dir)?.sync_all(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
         };
     }
     fs::create_dir_all(dir)?;

@@ -786,3 +786,32 @@ pub fn metric_sum(text: &str, name: &str, label: &str) -> u64 {
         })
         .sum()
 }
+
+/// Peak resident memory of process `pid` so far (VmHWM), KiB (0 if unreadable).
+pub fn peak_rss_kib(pid: u32) -> u64 {
+    fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// Waits up to `limit` for a thread of process `pid` to sleep in the kernel
+/// function `wchan` (e.g. `wait_for_partner`: opening a FIFO nobody reads).
+pub fn wait_for_wchan(pid: u32, wchan: &str, limit: Duration) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        let tasks = fs::read_dir(format!("/proc/{pid}/task"))
+            .into_iter()
+            .flatten();
+        if tasks
+            .flatten()
+            .any(|t| fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.trim() == wchan))
+        {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    false
+}

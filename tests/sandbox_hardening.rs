@@ -122,6 +122,7 @@ const ESCAPE_C: &str = r#"
 #include <stdio.h>
 #include <string.h>
 #include <sys/socket.h>
+#include <unistd.h>
 
 static void cpus(char *out, size_t n) {
     FILE *f = fopen("/proc/self/status", "r");
@@ -149,8 +150,11 @@ int main(void) {
     int vs = socket(40 /* AF_VSOCK */, SOCK_STREAM, 0) >= 0 ? 0 : errno;
     int pk = socket(AF_PACKET, SOCK_RAW, 0) >= 0 ? 0 : errno;
     int in = socket(AF_INET, SOCK_STREAM, 0) >= 0 ? 0 : errno;
-    printf("{\"setaffinity\":%d,\"before\":\"%s\",\"after\":\"%s\",\"vsock\":%d,\"packet\":%d,\"inet\":%d}\n",
-           aff, before, after, vs, pk, in);
+    /* memfd_secret (447), and a number newer than any the filter knows. */
+    int secret = syscall(447, 0) >= 0 ? 0 : errno;
+    int newer = syscall(600, 0) >= 0 ? 0 : errno;
+    printf("{\"setaffinity\":%d,\"before\":\"%s\",\"after\":\"%s\",\"vsock\":%d,\"packet\":%d,\"inet\":%d,\"memfd_secret\":%d,\"newer\":%d}\n",
+           aff, before, after, vs, pk, in, secret, newer);
     return 0;
 }
 "#;
@@ -160,6 +164,7 @@ const { execFileSync } = require('child_process');
 const fs = require('fs');
 const os = require('os');
 const size = f => { try { return fs.readFileSync(f).length; } catch (e) { return e.code; } };
+const tryTo = f => { try { f(); return 0; } catch (e) { return e.code; } };
 exports.handler = async () => {
   const probe = JSON.parse(execFileSync('/var/task/escape', { encoding: 'utf8' }));
   return {
@@ -173,13 +178,17 @@ exports.handler = async () => {
       config: size('/proc/config.gz'),
       keys: size('/proc/keys'),
       timer_list: size('/proc/timer_list'),
+      // The agent (PID 1) runs as the same uid: its memory must stay out of reach.
+      agent_mem: tryTo(() => fs.closeSync(fs.openSync('/proc/1/mem', 'r+'))),
+      // So must the sysctls of the sandbox's own namespaces.
+      tcp_rmem: tryTo(() => fs.writeFileSync('/proc/sys/net/ipv4/tcp_rmem', '4096 131072 67108864')),
     }),
   };
 };
 "#;
 
 #[test]
-fn a_function_cannot_leave_its_core_open_vsock_or_read_host_proc() {
+fn a_function_cannot_leave_its_core_open_vsock_or_read_host_proc_or_reach_its_agent() {
     require_sandbox!();
     let dir = temp_dir("escape-fn");
     fs::write(dir.join("escape.c"), ESCAPE_C).unwrap();
@@ -222,6 +231,13 @@ fn a_function_cannot_leave_its_core_open_vsock_or_read_host_proc() {
     assert_eq!(p["packet"], libc::EAFNOSUPPORT, "{v}");
     assert_eq!(p["inet"], 0, "{v}");
     assert_eq!(v["hostname"], "localhost", "{v}");
+    assert_eq!(p["memfd_secret"], libc::EPERM, "{v}");
+    assert_eq!(p["newer"], libc::ENOSYS, "{v}");
+    assert_eq!(
+        v["agent_mem"], "EACCES",
+        "the agent's memory is writable: {v}"
+    );
+    assert_eq!(v["tcp_rmem"], "EROFS", "/proc/sys is writable: {v}");
     for f in ["kallsyms", "cmdline", "config", "keys", "timer_list"] {
         let host = match f {
             "config" => "/proc/config.gz".to_string(),

@@ -403,6 +403,12 @@ setInterval(() => {{}}, 1e6);
         if max.exists() {
             assert_eq!(fs::read_to_string(max).unwrap().trim(), "50000 100000");
         }
+        // cgroup v1 charges socket buffers only under a TCP limit (v2 always does).
+        let tcp = d.join("memory.kmem.tcp.limit_in_bytes");
+        if tcp.exists() {
+            let limit = fs::read_to_string(tcp).unwrap();
+            assert_eq!(limit.trim(), spec.memory_bytes.to_string(), "kmem.tcp");
+        }
     }
     sb.destroy();
 }

@@ -86,6 +86,12 @@ fn main() {
 /// runtime dies or the host leaves.
 fn run_process(channel_fd: i32, log_fd: Option<i32>, spec: &RuntimeSpec) -> i32 {
     ensure_stdio();
+    // The runtime runs as the same uid: were the agent dumpable, function code
+    // could open /proc/1/mem and rewrite it (seccomp stops ptrace, not /proc),
+    // then speak for it on the channel. The runtime's exec makes it dumpable
+    // again, as a process of its own.
+    // SAFETY: prctl with integer arguments.
+    unsafe { libc::prctl(libc::PR_SET_DUMPABLE, 0, 0, 0, 0) };
     if std::process::id() != 1 {
         // Outside a PID namespace (tests, debugging) still adopt the
         // runtime's orphans, as PID 1 would.

@@ -382,6 +382,12 @@ fn configure_v1_memory(dir: &Path, bytes: u64) -> io::Result<()> {
     if dir.join("memory.memsw.limit_in_bytes").exists() {
         write_file(dir, "memory.memsw.limit_in_bytes", &bytes.to_string())?;
     }
+    // v1 charges TCP socket buffers to a cgroup only once this limit is set
+    // (v2 always does): without it an instance's sockets could take host memory
+    // up to the host-wide `tcp_mem` ceiling, outside its limit.
+    if dir.join("memory.kmem.tcp.limit_in_bytes").exists() {
+        write_file(dir, "memory.kmem.tcp.limit_in_bytes", &bytes.to_string())?;
+    }
     // Best effort: some kernels refuse per-cgroup swappiness below a hierarchy.
     let _ = write_file(dir, "memory.swappiness", "0");
     Ok(())

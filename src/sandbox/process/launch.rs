@@ -180,6 +180,9 @@ struct Prepared {
     tmp: CString,
     tmp_options: CString,
     proc_: CString,
+    /// `/proc/sys` under the root: made read-only (a sandbox's root may not tune
+    /// even its own namespaces' sysctls, such as its sockets' buffer sizes).
+    proc_sys: CString,
     /// `(target, is_dir)` for every masked `/proc` path, under the root.
     proc_masks: Vec<(CString, bool)>,
     devices: Vec<(CString, CString)>,
@@ -229,6 +232,7 @@ fn prepare(spec: &SandboxSpec, has_pids_cgroup: bool) -> Result<Prepared, String
             "tmpfs options",
         )?,
         proc_: cpath(&root.join("proc"))?,
+        proc_sys: cpath(&root.join("proc/sys"))?,
         proc_masks: PROC_MASKED_FILES
             .iter()
             .map(|f| (f, false))
@@ -605,6 +609,7 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
         None,
     )?;
     mask_proc(&p.proc_masks)?;
+    bind_read_only(&p.proc_sys, &p.proc_sys)?;
     for (host, target) in &p.devices {
         mount(Some(host), target, None, libc::MS_BIND, None)?;
     }

@@ -6,7 +6,8 @@
 //! `clone` is inspected: any `CLONE_NEW*` flag is denied. `clone3` and `io_uring_*` answer
 //! `ENOSYS` instead, because libc (clone3 → clone) and libuv (io_uring → thread pool) fall back
 //! on `ENOSYS`, and a BPF filter cannot look into `clone3`'s argument struct. A call made for a
-//! foreign architecture kills the process; x32 system calls are denied.
+//! foreign architecture kills the process; x32 system calls are denied, and system calls
+//! newer than [`SYSCALL_NR_KNOWN_MAX`] answer `ENOSYS`.
 //!
 //! Two calls are inspected by argument: `socket` may only open the address families a function
 //! needs ([`SOCKET_FAMILIES_ALLOWED`]: Unix, IPv4, IPv6, netlink, all confined by the network
@@ -120,6 +121,13 @@ pub fn denied_syscalls() -> Vec<(&'static str, i64)> {
         ("kcmp", libc::SYS_kcmp),
         ("vhangup", libc::SYS_vhangup),
         ("syslog", libc::SYS_syslog),
+        ("quotactl_fd", libc::SYS_quotactl_fd),
+        // Secret memory is taken out of the kernel's direct map, which slows the whole host.
+        ("memfd_secret", libc::SYS_memfd_secret),
+        // Newer than the libc crate's tables; the same numbers on x86_64 and aarch64.
+        ("statmount", 457),
+        ("listmount", 458),
+        ("open_tree_attr", 467),
         // hearth pins each instance to its core; widening the mask would let a function run
         // beside other cores' event loops.
         ("sched_setaffinity", libc::SYS_sched_setaffinity),
@@ -129,9 +137,15 @@ pub fn denied_syscalls() -> Vec<(&'static str, i64)> {
         ("iopl", libc::SYS_iopl),
         ("ioperm", libc::SYS_ioperm),
         ("uselib", libc::SYS_uselib),
+        ("modify_ldt", libc::SYS_modify_ldt),
     ]);
     v
 }
+
+/// The highest system call number the filter was written against: every
+/// later one (added by kernels newer than this list) answers `ENOSYS`, as on
+/// a kernel that does not have it, until it has been looked at.
+pub const SYSCALL_NR_KNOWN_MAX: u32 = 467;
 
 /// System calls answered with `ENOSYS` so that callers take their fallback path.
 pub fn enosys_syscalls() -> Vec<(&'static str, i64)> {
@@ -275,6 +289,7 @@ pub fn build_filter() -> Result<Vec<SockFilter>, String> {
     a.load(DATA_NR);
     #[cfg(target_arch = "x86_64")]
     a.jge(X32_SYSCALL_BIT, Jump::To(eperm), Jump::Next);
+    a.jge(SYSCALL_NR_KNOWN_MAX + 1, Jump::To(enosys), Jump::Next);
     for (_, n) in denied_syscalls() {
         a.jeq(nr(n), Jump::To(eperm), Jump::Next);
     }
@@ -423,6 +438,17 @@ mod tests {
         for (name, n) in enosys_syscalls() {
             assert_eq!(run(&f, &Data::call(n, 0)), enosys(), "{name}");
         }
+    }
+
+    #[test]
+    fn system_calls_newer_than_the_list_get_enosys() {
+        let f = build_filter().unwrap();
+        for n in [SYSCALL_NR_KNOWN_MAX + 1, 500, 1023] {
+            assert_eq!(run(&f, &Data::call(i64::from(n), 0)), enosys(), "{n}");
+        }
+        // The newest known ones are judged one by one (mseal is harmless).
+        assert_eq!(run(&f, &Data::call(libc::SYS_mseal, 0)), SECCOMP_RET_ALLOW);
+        assert_eq!(run(&f, &Data::call(467, 0)), eperm());
     }
 
     #[test]

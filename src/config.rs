@@ -81,8 +81,10 @@ pub struct HttpLimits {
     /// Bytes of request bodies held on all connections of the server for
     /// requests not yet answered whose client the head did not prove (function
     /// URLs, SigV4 service requests before their signature is checked); each
-    /// core holds an equal share. A body that does not fit is refused with 503
-    /// before it is read (see `engine::conn`).
+    /// core holds an equal share (with many cores, raise it: a share below a
+    /// service API upload takes one only while the core holds no other). A
+    /// body whose length cannot fit is refused with 503 before it is read, one
+    /// that outgrows the room while arriving, mid-body (see `engine::conn`).
     pub in_bytes_total_max: usize,
     /// Total time to receive a request body, however fast it trickles in.
     pub body_timeout_max: Duration,

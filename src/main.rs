@@ -184,7 +184,10 @@ struct ServeArgs {
     out_bytes_total_max: usize,
     /// Request body bytes held over the whole server for clients the request head
     /// did not authenticate (function URLs, SigV4 requests before their signature
-    /// is checked), until answered; a body that does not fit gets 503 unread.
+    /// is checked), until answered; a body that cannot fit gets 503 (unread when
+    /// its Content-Length shows it). Each core holds an equal share; with many
+    /// cores raise it (a share below a 67 MiB service API upload takes one only
+    /// while the core holds no other body).
     #[arg(long, default_value_t = 1 << 30)]
     in_bytes_total_max: usize,
     /// Grace period for in-flight requests at SIGINT/SIGTERM, ms.

@@ -452,7 +452,15 @@ fn refused_with(s: &Server, head: &str) -> (common::Response, String) {
 #[test]
 fn bodies_of_unproven_clients_share_a_bounded_input_budget() {
     // One core, 16 MB for the bodies of clients the head does not prove.
-    let s = Server::start(&["--cores", "1", "--in-bytes-total-max", "16000000"]);
+    // (A long head timeout: the held bodies must not be cut off on a slow run.)
+    let s = Server::start(&[
+        "--cores",
+        "1",
+        "--in-bytes-total-max",
+        "16000000",
+        "--head-timeout-ms",
+        "60000",
+    ]);
     let post = |len: usize, extra: &str| {
         format!("POST /f/nobody HTTP/1.1\r\nHost: t\r\n{extra}Content-Length: {len}\r\n\r\n")
     };
@@ -467,7 +475,7 @@ fn bodies_of_unproven_clients_share_a_bounded_input_budget() {
             c
         })
         .collect();
-    assert!(eventually(Duration::from_secs(3), || held_bytes() == 12_000_000));
+    assert!(eventually(Duration::from_secs(10), || held_bytes() == 12_000_000));
     // A third that cannot fit is refused on its head: no `100 Continue`,
     // nothing read, 503.
     let (r, text) = refused_with(&s, &post(6_000_000, "Expect: 100-continue\r\n"));
@@ -521,7 +529,13 @@ fn bodies_of_unproven_clients_share_a_bounded_input_budget() {
             c
         })
         .collect();
-    std::thread::sleep(Duration::from_millis(300));
+    // Each holds its first 64 KiB buffer, no more.
+    let expect = 12_000_000 + 30 * 65_536;
+    assert!(
+        eventually(Duration::from_secs(5), || held_bytes() == expect),
+        "held {} bytes, not {expect}",
+        held_bytes()
+    );
     assert_eq!(shed(), shed_before, "heads without bodies were refused");
     let r = s.connect().request("POST", "/f/nobody", &[], b"hello");
     assert_eq!(r.status, 404, "{}", r.text());

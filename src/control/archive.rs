@@ -490,7 +490,22 @@ fn check_end_records(zip: &[u8], limits: &ArchiveLimits) -> Result<(), ArchiveEr
         ))
     };
     let u16_at = |at: usize| u64::from(u16::from_le_bytes([zip[at], zip[at + 1]]));
+    let u32_at = |at: usize| u64::from(u32::from_le_bytes(zip[at..at + 4].try_into().unwrap()));
     let u64_at = |at: usize| u64::from_le_bytes(zip[at..at + 8].try_into().unwrap());
+    // Compressed data is close to random, so the signatures turn up in it now and then (about
+    // once per 4 GiB each). Only a record that names a central directory is one the reader
+    // could read: a central header signature where its offset points, or right before it
+    // (where the reader also looks, for archives with bytes prepended). A stray signature
+    // passes this by chance about once in 2^31.
+    let names_directory = |at: usize, size: u64, offset: u64| {
+        let header_at = |start: u64| {
+            usize::try_from(start)
+                .ok()
+                .and_then(|s| zip.get(s..s.checked_add(4)?))
+                .is_some_and(|sig| sig == b"PK\x01\x02")
+        };
+        header_at(offset) || (at as u64).checked_sub(size).is_some_and(header_at)
+    };
     for at in memchr::memmem::find_iter(zip, b"PK\x05\x06") {
         // The reader skips a record that is not whole, comment included.
         if at + 22 > zip.len() || at + 22 + u16_at(at + 20) as usize > zip.len() {
@@ -500,10 +515,12 @@ fn check_end_records(zip: &[u8], limits: &ArchiveLimits) -> Result<(), ArchiveEr
         if may_be_zip64 && at >= 20 && &zip[at - 20..at - 16] == b"PK\x06\x07" {
             continue;
         }
-        over(at, u16_at(at + 8).max(u16_at(at + 10)))?;
+        if names_directory(at, u32_at(at + 12), u32_at(at + 16)) {
+            over(at, u16_at(at + 8).max(u16_at(at + 10)))?;
+        }
     }
     for at in memchr::memmem::find_iter(zip, b"PK\x06\x06") {
-        if at + 56 <= zip.len() {
+        if at + 56 <= zip.len() && names_directory(at, u64_at(at + 40), u64_at(at + 48)) {
             over(at, u64_at(at + 24).max(u64_at(at + 32)))?;
         }
     }
@@ -1567,6 +1584,25 @@ mod tests {
         assert_eq!(last_end_record(&zip).unwrap().entries, 1);
         let err = expect_err(&zip, &limits, 413, "too_many_entries");
         assert!(err.message.contains("declares 40 entries"), "{err}");
+    }
+
+    #[test]
+    fn end_record_signatures_in_file_data_are_only_content() {
+        // Compressed data holds the signatures by chance now and then; with counts over the
+        // limit and no directory where they point, they are not records anyone reads.
+        let mut stray = b"PK\x05\x06\0\0\0\0\xff\x7f\xff\x7f".to_vec();
+        stray.extend_from_slice(&[0x11; 8]);
+        stray.extend_from_slice(&[0, 0]);
+        stray.extend_from_slice(b"PK\x06\x06");
+        stray.extend_from_slice(&[0x7f; 52]);
+        let mut writer = ZipWriter::new(Cursor::new(Vec::new()));
+        let stored = SimpleFileOptions::default().compression_method(CompressionMethod::Stored);
+        writer.start_file("data.bin", stored).unwrap();
+        writer.write_all(&stray).unwrap();
+        let zip = writer.finish().unwrap().into_inner();
+        let scratch = Scratch::new("stray");
+        let got = extract_zip(&zip, &scratch.dest(), &ArchiveLimits::default()).unwrap();
+        assert_eq!(got.files, 1);
     }
 
     #[test]

@@ -42,9 +42,10 @@ pub enum Scope {
 pub enum Admitted {
     /// The head proved it (a token, or an open loopback control plane).
     Proven,
-    /// A SigV4 request: its signature covers the body, so it is checked once
-    /// the body is in. Until then the client may be anyone, and its body is
-    /// charged to the core's input budget ([`crate::engine::conn`]).
+    /// A SigV4 request (its signature covers the body, so it is checked once
+    /// the body is in), or a public route (function URLs): the client may be
+    /// anyone, and its body is charged to the core's input budget
+    /// ([`crate::engine::conn`]).
     Pending,
 }
 

@@ -63,8 +63,8 @@ pub struct Conn {
     /// [`crate::engine::relocate`]).
     pub moving: Option<Box<crate::engine::relocate::Moving>>,
     /// Bytes of the current request's body charged to the core's input budget
-    /// ([`Worker::in_held`]) until it is answered or the connection goes: its
-    /// `Content-Length`, reserved on the head, or a chunked body's bytes so far.
+    /// ([`Worker::in_held`]) until it is answered or the connection goes: the
+    /// memory allocated for it so far (see [`BODY_FIRST_ALLOC`]).
     pub in_charge: usize,
 }
 

@@ -799,16 +799,15 @@ pub fn peak_rss_kib(pid: u32) -> u64 {
 
 /// Waits up to `limit` for a thread of process `pid` to sleep in the kernel
 /// function `wchan` (e.g. `wait_for_partner`: opening a FIFO nobody reads).
-pub fn wait_for_wchan(pid: u32, wchan: &str, limit: Duration) -> bool {
+pub fn wait_for_wchan(pid: u32, wchans: &[&str], limit: Duration) -> bool {
     let deadline = Instant::now() + limit;
     while Instant::now() < deadline {
         let tasks = fs::read_dir(format!("/proc/{pid}/task"))
             .into_iter()
             .flatten();
-        if tasks
-            .flatten()
-            .any(|t| fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| w.trim() == wchan))
-        {
+        if tasks.flatten().any(|t| {
+            fs::read_to_string(t.path().join("wchan")).is_ok_and(|w| wchans.contains(&w.trim()))
+        }) {
             return true;
         }
         std::thread::sleep(Duration::from_millis(10));

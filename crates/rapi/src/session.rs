@@ -198,8 +198,8 @@ impl Session {
     }
 
     /// Whether connection `i` holds bytes not yet served (requests left for
-    /// [`BACKLOG_BYTES_MAX`], or a request still arriving): only then can a
-    /// flushed backlog give [`Session::serve`] something to do.
+    /// [`BACKLOG_BYTES_MAX`]): only then can a flushed backlog give
+    /// [`Session::serve`] something to do.
     pub fn has_unread(&self, i: ConnId) -> bool {
         self.conns
             .get(i)

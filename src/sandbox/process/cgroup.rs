@@ -357,6 +357,16 @@ fn create_v1(
             }
             continue;
         }
+        // v1 charges TCP socket buffers to a cgroup only once this limit is set
+        // (v2 always does): without it an instance's sockets could take host
+        // memory up to the host-wide `tcp_mem` ceiling, outside its limit. Best
+        // effort: the memory limit above is what must hold.
+        let tcp = "memory.kmem.tcp.limit_in_bytes";
+        if controller == "memory" && dir.join(tcp).exists() {
+            if let Err(e) = write_file(&dir, tcp, &limits.memory_bytes.to_string()) {
+                warnings.push(format!("socket buffer limit not applied: {e}"));
+            }
+        }
         if controller == "cpu" && limits.cpu_background {
             // Best effort, as on v2: the quota above is what must hold.
             let shares = BACKGROUND_CPU_SHARES.to_string();
@@ -381,12 +391,6 @@ fn configure_v1_memory(dir: &Path, bytes: u64) -> io::Result<()> {
     // Without a memsw limit a sandbox could keep allocating by pushing pages to swap.
     if dir.join("memory.memsw.limit_in_bytes").exists() {
         write_file(dir, "memory.memsw.limit_in_bytes", &bytes.to_string())?;
-    }
-    // v1 charges TCP socket buffers to a cgroup only once this limit is set
-    // (v2 always does): without it an instance's sockets could take host memory
-    // up to the host-wide `tcp_mem` ceiling, outside its limit.
-    if dir.join("memory.kmem.tcp.limit_in_bytes").exists() {
-        write_file(dir, "memory.kmem.tcp.limit_in_bytes", &bytes.to_string())?;
     }
     // Best effort: some kernels refuse per-cgroup swappiness below a hierarchy.
     let _ = write_file(dir, "memory.swappiness", "0");

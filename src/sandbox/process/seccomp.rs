@@ -124,9 +124,7 @@ pub fn denied_syscalls() -> Vec<(&'static str, i64)> {
         ("quotactl_fd", libc::SYS_quotactl_fd),
         // Secret memory is taken out of the kernel's direct map, which slows the whole host.
         ("memfd_secret", libc::SYS_memfd_secret),
-        // Newer than the libc crate's tables; the same numbers on x86_64 and aarch64.
-        ("statmount", 457),
-        ("listmount", 458),
+        // Newer than the libc crate's tables; the same number on x86_64 and aarch64.
         ("open_tree_attr", 467),
         // hearth pins each instance to its core; widening the mask would let a function run
         // beside other cores' event loops.
@@ -154,6 +152,10 @@ pub fn enosys_syscalls() -> Vec<(&'static str, i64)> {
         ("io_uring_setup", libc::SYS_io_uring_setup),
         ("io_uring_enter", libc::SYS_io_uring_enter),
         ("io_uring_register", libc::SYS_io_uring_register),
+        // libmount falls back to /proc/self/mountinfo (which shows the same) on ENOSYS.
+        // Newer than the libc crate's tables; the same numbers on x86_64 and aarch64.
+        ("statmount", 457),
+        ("listmount", 458),
     ]
 }
 

@@ -421,7 +421,7 @@ impl Cx<'_> {
         op: impl FnOnce(std::sync::Arc<Function>, &NameLock<'_>) -> Result<Answer, Answer>,
     ) -> Result<Answer, Answer> {
         let name = Self::unqualified(raw)?;
-        match self.plane.functions.get_locked(&name) {
+        match self.plane.functions.get_locked(&name).map_err(name_busy)? {
             Some((f, held)) if f.spec.name.is_some() || crate::functions::valid_id(&name) => {
                 op(f, &held)
             }
@@ -537,7 +537,7 @@ impl Cx<'_> {
         if input.package_type.as_deref().is_some_and(|p| p != "Zip") {
             return Err(invalid("hearth runs Zip packages only"));
         }
-        let held = self.plane.functions.lock_name(&name);
+        let held = self.plane.functions.lock_name(&name).map_err(name_busy)?;
         if self.plane.functions.id_of(&name).is_some() {
             return Err(lambda_error(
                 409,
@@ -750,6 +750,7 @@ impl Cx<'_> {
         // Held while the functions are unpublished, not while they drain.
         let (latest, held) = functions
             .get_locked(&name)
+            .map_err(name_busy)?
             .filter(|(f, _)| f.spec.name.is_some())
             .ok_or_else(not_found)?;
         let gone: Vec<_> = match qualifier {
@@ -1051,6 +1052,11 @@ fn last_modified(ms: u64) -> String {
         rem % 60,
         ms % 1000
     )
+}
+
+/// Lambda's answer while another change of the function is in progress.
+fn name_busy(e: crate::functions::NameBusy) -> Answer {
+    lambda_error(409, "ResourceConflictException", &e.to_string())
 }
 
 #[cfg(test)]

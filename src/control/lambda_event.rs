@@ -159,8 +159,15 @@ pub(super) fn event_invoke_config(
         let (f, _held) = match kind {
             'g' => (plane.functions.get(&key), None),
             _ => match plane.functions.get_locked(&key) {
-                Some((f, held)) => (Some(f), Some(held)),
-                None => (None, None),
+                Ok(Some((f, held))) => (Some(f), Some(held)),
+                Ok(None) => (None, None),
+                Err(e) => {
+                    return Err(lambda_error(
+                        409,
+                        "ResourceConflictException",
+                        &e.to_string(),
+                    ))
+                }
             },
         };
         let f = f.ok_or_else(|| not_found(&key))?;

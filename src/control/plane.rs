@@ -271,10 +271,15 @@ fn deploy(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
         Err(m) => return error(400, "bad_setting", &m),
     };
     // A name's deploy replaces its function: one change of the name at a time.
-    let held = settings
+    let held = match settings
         .name
         .as_deref()
-        .map(|n| shared.functions.lock_name(n));
+        .map(|n| shared.functions.lock_name(n))
+    {
+        Some(Err(e)) => return error(409, "name_busy", &e.to_string()),
+        Some(Ok(held)) => Some(held),
+        None => None,
+    };
     let f = match create(
         shared,
         Code::Zip(code),
@@ -546,8 +551,10 @@ fn delete(shared: &Plane, id: &str) -> Answer {
         }
     }
     // Held while the function and its versions are unpublished, not while they drain.
-    let Some((target, held)) = functions.get_locked(id) else {
-        return not_found(id);
+    let (target, held) = match functions.get_locked(id) {
+        Ok(Some(found)) => found,
+        Ok(None) => return not_found(id),
+        Err(e) => return error(409, "name_busy", &e.to_string()),
     };
     if let (Some(name), Some(version)) = (&target.spec.name, target.spec.service.version) {
         let version = version.to_string();

@@ -141,10 +141,59 @@ impl NameLock<'_> {
     }
 }
 
+/// How long a control request waits for another change of the same function
+/// name to finish before it is refused (409).
+pub const NAME_WAIT_MAX: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// The function names some control request is changing (see
+/// [`Registry::lock_name`]).
+#[derive(Default)]
+struct BusyNames {
+    names: Mutex<HashSet<String>>,
+    /// Signalled when a name is released.
+    freed: Condvar,
+}
+
+impl BusyNames {
+    /// Marks `name` busy once no one else has it, waiting at most `wait`.
+    fn acquire(&self, name: &str, wait: std::time::Duration) -> Result<(), NameBusy> {
+        let deadline = std::time::Instant::now() + wait;
+        let mut names = self.names.lock().unwrap();
+        while names.contains(name) {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                return Err(NameBusy(name.to_string()));
+            }
+            names = self.freed.wait_timeout(names, left).unwrap().0;
+        }
+        names.insert(name.to_string());
+        Ok(())
+    }
+
+    fn release(&self, name: &str) {
+        self.names.lock().unwrap().remove(name);
+        self.freed.notify_all();
+    }
+}
+
+/// Another change of this function name held it for [`NAME_WAIT_MAX`].
+#[derive(Debug)]
+pub struct NameBusy(pub String);
+
+impl std::fmt::Display for NameBusy {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "another change of function {} has been in progress for over {} s; retry later",
+            self.0,
+            NAME_WAIT_MAX.as_secs()
+        )
+    }
+}
+
 impl Drop for NameLock<'_> {
     fn drop(&mut self) {
-        self.registry.busy_names.lock().unwrap().remove(&self.name);
-        self.registry.name_freed.notify_all();
+        self.registry.busy_names.release(&self.name);
     }
 }
 
@@ -185,9 +234,7 @@ pub struct Registry {
     settled: Condvar,
     /// Names (an unnamed function: its id) whose functions a control request
     /// is changing; see [`Registry::lock_name`].
-    busy_names: Mutex<HashSet<String>>,
-    /// Signalled when a name leaves `busy_names`.
-    name_freed: Condvar,
+    busy_names: BusyNames,
     /// `<state>/hearth.lock`, held while the server runs.
     _lock: std::fs::File,
 }
@@ -274,8 +321,7 @@ impl Registry {
             logs: logs::LogCollector::start()?,
             pending: Mutex::new(0),
             settled: Condvar::new(),
-            busy_names: Mutex::new(HashSet::new()),
-            name_freed: Condvar::new(),
+            busy_names: BusyNames::default(),
             _lock: lock,
         })
     }
@@ -429,16 +475,17 @@ impl Registry {
     /// one before left (a delete is never undone by an update that began
     /// before it, a version is never published from removed files).
     /// Invocations never take it; a request holds one name at most.
-    pub fn lock_name(&self, name: &str) -> NameLock<'_> {
-        let mut busy = self.busy_names.lock().unwrap();
-        while busy.contains(name) {
-            busy = self.name_freed.wait(busy).unwrap();
-        }
-        busy.insert(name.to_string());
-        NameLock {
+    ///
+    /// The wait is bounded by [`NAME_WAIT_MAX`] (then [`NameBusy`], a 409 to
+    /// the client, who retries as it would with Lambda's "an update is in
+    /// progress"): requests waiting on a slow change of one name cannot pile
+    /// up on the control plane's threads.
+    pub fn lock_name(&self, name: &str) -> Result<NameLock<'_>, NameBusy> {
+        self.busy_names.acquire(name, NAME_WAIT_MAX)?;
+        Ok(NameLock {
             registry: self,
             name: name.to_string(),
-        }
+        })
     }
 
     /// What [`Registry::lock_name`] holds for `f`: its name, or its id when it has none.
@@ -449,13 +496,18 @@ impl Registry {
     /// The function `key` names (see [`Registry::get`]) with its name held:
     /// resolved again once the name is held, so it is what the changes before
     /// left under `key`. `None`: nothing is there (any more).
-    pub fn get_locked(&self, key: &str) -> Option<(Arc<Function>, NameLock<'_>)> {
+    pub fn get_locked(&self, key: &str) -> Result<Option<(Arc<Function>, NameLock<'_>)>, NameBusy> {
         loop {
-            let held = Self::lock_key(&*self.get(key)?).to_string();
-            let lock = self.lock_name(&held);
-            let f = self.get(key)?;
+            let Some(f) = self.get(key) else {
+                return Ok(None);
+            };
+            let held = Self::lock_key(&f).to_string();
+            let lock = self.lock_name(&held)?;
+            let Some(f) = self.get(key) else {
+                return Ok(None);
+            };
             if Self::lock_key(&f) == held {
-                return Some((f, lock));
+                return Ok(Some((f, lock)));
             }
         }
     }
@@ -621,4 +673,28 @@ pub fn valid_id(id: &str) -> bool {
 /// A new random function id.
 pub fn new_id() -> String {
     format!("{:016x}", crate::util::random::random_u64())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_busy_name_is_waited_for_a_bounded_time() {
+        let names = BusyNames::default();
+        names.acquire("f", Duration::ZERO).unwrap();
+        // Another name is free; the same one is not, until released.
+        names.acquire("g", Duration::ZERO).unwrap();
+        let t = Instant::now();
+        assert!(names.acquire("f", Duration::from_millis(50)).is_err());
+        assert!(t.elapsed() >= Duration::from_millis(50));
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                std::thread::sleep(Duration::from_millis(30));
+                names.release("f");
+            });
+            names.acquire("f", Duration::from_secs(10)).unwrap();
+        });
+    }
 }

@@ -411,14 +411,8 @@ fn one_address_cannot_take_every_connection() {
 
 /// `X-Amz-Date` and credential-scope day for a SigV4 request made now.
 fn amz_now() -> (String, String) {
-    let secs = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs();
-    let (y, m, d) = hearth::util::time::civil_from_days((secs / 86_400) as i64);
-    let t = secs % 86_400;
-    let day = format!("{y:04}{m:02}{d:02}");
-    let stamp = format!("{day}T{:02}{:02}{:02}Z", t / 3600, t / 60 % 60, t % 60);
+    let stamp = hearth::control::sigv4::format_amz_date(std::time::SystemTime::now());
+    let day = stamp[..8].to_string();
     (stamp, day)
 }
 

@@ -470,15 +470,8 @@ mod tests {
 
     /// Today's SigV4 scope date and request stamp, from the system clock.
     fn amz_now() -> (String, String) {
-        let secs = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap()
-            .as_secs();
-        let (y, m, d) = crate::util::time::civil_from_days((secs / 86_400) as i64);
-        let t = secs % 86_400;
-        let day = format!("{y:04}{m:02}{d:02}");
-        let stamp = format!("{day}T{:02}{:02}{:02}Z", t / 3600, t / 60 % 60, t % 60);
-        (day, stamp)
+        let stamp = crate::control::sigv4::format_amz_date(std::time::SystemTime::now());
+        (stamp[..8].to_string(), stamp)
     }
 
     #[test]

@@ -253,6 +253,20 @@ pub fn percent_decode(s: &str) -> Vec<u8> {
     out
 }
 
+/// A time as `yyyymmddThhmmssZ` (an `X-Amz-Date`; its first 8 characters are the
+/// credential scope's date). Times before 1970 read as 1970.
+pub fn format_amz_date(t: SystemTime) -> String {
+    let secs = t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs();
+    let (y, m, d) = crate::util::time::civil_from_days((secs / 86_400) as i64);
+    let s = secs % 86_400;
+    format!(
+        "{y:04}{m:02}{d:02}T{:02}{:02}{:02}Z",
+        s / 3600,
+        s / 60 % 60,
+        s % 60
+    )
+}
+
 /// `yyyymmddThhmmssZ` as a time.
 fn parse_amz_date(s: &str) -> Option<SystemTime> {
     let b = s.as_bytes();
@@ -429,6 +443,9 @@ mod tests {
             "20261130T180000",
         ] {
             assert!(parse_amz_date(bad).is_none(), "{bad}");
+        }
+        for stamp in ["19700101T000000Z", "20261130T180000Z", "20240229T235959Z"] {
+            assert_eq!(format_amz_date(at(stamp)), stamp);
         }
     }
 }

@@ -229,7 +229,7 @@ impl Worker {
                     consume(&mut stream.rbuf, &mut stream.rpos, n);
                     // The charge follows the allocation.
                     if *charged && body.capacity() > conn.in_charge {
-                        let others = self.in_held - conn.in_charge;
+                        let others = self.in_held.saturating_sub(conn.in_charge);
                         if !fits_input(others, self.in_budget, body.capacity()) {
                             let ConnState::Body { req, .. } =
                                 std::mem::replace(&mut conn.state, ConnState::Idle)

@@ -350,6 +350,10 @@ impl Worker {
     /// hearth started (function code that took it over), so its channel is
     /// treated as closed and the instance fails.
     fn rapi_agent_input(&mut self, tok: Token, inst: InstId, bytes: &[u8]) {
+        // Reads already under way when a broken channel was closed.
+        if self.streams.get(tok).is_none_or(|s| s.dead) {
+            return;
+        }
         let Some(r) = self.rapi(inst) else { return };
         r.decoder.push(bytes);
         let (exits, broken) = agent_frames(&mut r.decoder);

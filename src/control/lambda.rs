@@ -1055,7 +1055,7 @@ fn last_modified(ms: u64) -> String {
 }
 
 /// Lambda's answer while another change of the function is in progress.
-fn name_busy(e: crate::functions::NameBusy) -> Answer {
+pub(crate) fn name_busy(e: crate::functions::NameBusy) -> Answer {
     lambda_error(409, "ResourceConflictException", &e.to_string())
 }
 

@@ -161,13 +161,7 @@ pub(super) fn event_invoke_config(
             _ => match plane.functions.get_locked(&key) {
                 Ok(Some((f, held))) => (Some(f), Some(held)),
                 Ok(None) => (None, None),
-                Err(e) => {
-                    return Err(lambda_error(
-                        409,
-                        "ResourceConflictException",
-                        &e.to_string(),
-                    ))
-                }
+                Err(e) => return Err(lambda::name_busy(e)),
             },
         };
         let f = f.ok_or_else(|| not_found(&key))?;

@@ -86,6 +86,10 @@ pub struct HttpLimits {
     /// body whose length cannot fit is refused with 503 before it is read, one
     /// that outgrows the room while arriving, mid-body (see `engine::conn`).
     pub in_bytes_total_max: usize,
+    /// Bytes of those bodies one client address (an IPv6 client's /64) may hold
+    /// across all cores; a body that would take it over gets the same 503
+    /// (a lone body of any size is let in, as for a core's share).
+    pub in_bytes_per_ip_max: usize,
     /// Total time to receive a request body, however fast it trickles in.
     pub body_timeout_max: Duration,
     /// Slowest average body rate accepted, bytes per second: a body must arrive by
@@ -109,6 +113,7 @@ impl Default for HttpLimits {
             out_bytes_max: 8 * 1024 * 1024,
             out_bytes_total_max: 1024 * 1024 * 1024,
             in_bytes_total_max: 1024 * 1024 * 1024,
+            in_bytes_per_ip_max: 128 * 1024 * 1024,
             body_timeout_max: Duration::from_secs(300),
             body_rate_min: 1024,
             connections_per_ip_max: 1024,

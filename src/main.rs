@@ -190,6 +190,11 @@ struct ServeArgs {
     /// while the core holds no other body).
     #[arg(long, default_value_t = 1 << 30)]
     in_bytes_total_max: usize,
+    /// Of those request body bytes, what one client address (an IPv6 client's
+    /// /64) may hold across all cores; more gets the same 503. A lone body of
+    /// any size is let in.
+    #[arg(long, default_value_t = 128 << 20)]
+    in_bytes_per_ip_max: usize,
     /// Grace period for in-flight requests at SIGINT/SIGTERM, ms.
     #[arg(long, default_value_t = 10_000)]
     shutdown_grace_ms: u64,
@@ -355,6 +360,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             connections_per_ip_max: a.connections_per_ip_max.max(1),
             out_bytes_total_max: a.out_bytes_total_max,
             in_bytes_total_max: a.in_bytes_total_max,
+            in_bytes_per_ip_max: a.in_bytes_per_ip_max,
             ..HttpLimits::default()
         },
         shutdown_grace: Duration::from_millis(a.shutdown_grace_ms),

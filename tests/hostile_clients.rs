@@ -6,7 +6,7 @@
 mod common;
 
 use std::io::{Read, Write};
-use std::net::TcpStream;
+use std::net::{Ipv4Addr, TcpStream};
 use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
@@ -575,6 +575,63 @@ fn bodies_of_unproven_clients_share_a_bounded_input_budget() {
     assert!(metric_sum(&m, "hearth_shed_input_total", "") >= 3, "{m}");
     // Every charge was given back (the gauge is refreshed each 100 ms tick).
     assert!(eventually(Duration::from_secs(3), || held_bytes() == 0));
+}
+
+#[test]
+fn one_client_address_holds_at_most_its_share_of_the_input_budget() {
+    // Two cores with room for many bodies, but 10 MB per client address
+    // across both: what one client holds cannot shut the others out.
+    let s = Server::start(&[
+        "--cores",
+        "2",
+        "--in-bytes-total-max",
+        "64000000",
+        "--in-bytes-per-ip-max",
+        "10000000",
+        "--head-timeout-ms",
+        "60000",
+    ]);
+    let head = "POST /f/nobody HTTP/1.1\r\nHost: t\r\nExpect: 100-continue\r\nContent-Length: 6000000\r\n\r\n";
+    let held_bytes = || metric_sum(&metrics(&s), "hearth_in_held_bytes", "");
+    let from = |last: u8| common::Client::connect_from(s.addr, Ipv4Addr::new(127, 0, 0, last));
+    // Waits for `100 Continue`: the body was let in.
+    let continued = |c: &mut common::Client| {
+        let mut got = [0u8; 25];
+        c.stream.read_exact(&mut got).is_ok() && got.starts_with(b"HTTP/1.1 100 Continue")
+    };
+    // Client .1 holds a 6 MB body, 5 MB of it sent.
+    let mut first = from(1);
+    first.write(head.as_bytes());
+    assert!(continued(&mut first));
+    first.write(&vec![b'x'; 5_000_000]);
+    assert!(eventually(Duration::from_secs(10), || held_bytes() == 6_000_000));
+    // Its second body would take it past its share (whichever core takes it).
+    for _ in 0..4 {
+        let mut again = from(1);
+        again.write(head.as_bytes());
+        let (raw, closed) = again.read_to_close(Duration::from_secs(5));
+        let text = String::from_utf8_lossy(&raw);
+        assert!(closed && !text.contains("100 Continue"), "{text}");
+        let r = parse_responses(&raw).into_iter().next().expect("an answer");
+        assert_eq!(r.status, 503, "{text}");
+        r.assert_json_error("too_many_request_bodies");
+    }
+    // Another client is let in meanwhile.
+    let mut other = from(2);
+    other.write(head.as_bytes());
+    assert!(continued(&mut other), "a second client was refused");
+    other.write(&vec![b'y'; 6_000_000]);
+    assert_eq!(other.response().status, 404);
+    // Once client .1's body is gone, its share is whole again.
+    drop(first);
+    assert!(eventually(Duration::from_secs(3), || held_bytes() == 0));
+    let mut again = from(1);
+    again.write(head.as_bytes());
+    assert!(continued(&mut again), "the share was not given back");
+    again.write(&vec![b'z'; 6_000_000]);
+    assert_eq!(again.response().status, 404);
+    assert!(eventually(Duration::from_secs(3), || held_bytes() == 0));
+    s.assert_healthy();
 }
 
 #[test]

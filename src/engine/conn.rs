@@ -8,6 +8,7 @@ use crate::control::auth::{Admitted, Scope};
 use std::net::IpAddr;
 use std::time::Instant;
 
+use crate::engine::peers::PeerTable;
 use crate::engine::phases::Track;
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::worker::{Token, Worker};
@@ -169,12 +170,20 @@ impl Worker {
                                 BodyFraming::Length(n) => n as usize,
                                 _ => 0,
                             };
-                            if charged && !fits_input(self.in_held, self.in_budget, length) {
+                            if charged
+                                && !(fits_input(self.in_held, self.in_budget, length)
+                                    && self.shared.peers.charge_input(conn.peer, 0, length))
+                            {
                                 conn.state = waiting_on(&req);
                                 return self.refuse_body(tok, &req);
                             }
+                            // The address was charged the whole length to see that it
+                            // fits; from here both charges follow the allocation.
                             let body = Vec::with_capacity(length.min(BODY_FIRST_ALLOC));
                             if charged {
+                                self.shared
+                                    .peers
+                                    .charge_input(conn.peer, length, body.capacity());
                                 conn.in_charge = body.capacity();
                                 self.in_held += conn.in_charge;
                             }
@@ -230,7 +239,13 @@ impl Worker {
                     // The charge follows the allocation.
                     if *charged && body.capacity() > conn.in_charge {
                         let others = self.in_held.saturating_sub(conn.in_charge);
-                        if !fits_input(others, self.in_budget, body.capacity()) {
+                        if !(fits_input(others, self.in_budget, body.capacity())
+                            && self.shared.peers.charge_input(
+                                conn.peer,
+                                conn.in_charge,
+                                body.capacity(),
+                            ))
+                        {
                             let ConnState::Body { req, .. } =
                                 std::mem::replace(&mut conn.state, ConnState::Idle)
                             else {
@@ -370,9 +385,7 @@ impl Worker {
         self.out_queued += written;
         add(&self.metrics.bytes_out, written as u64);
         self.metrics.count_status(r.status);
-        self.in_held = self
-            .in_held
-            .saturating_sub(std::mem::take(&mut conn.in_charge));
+        release_input(&mut self.in_held, &self.shared.peers, conn);
         conn.state = ConnState::Idle;
         conn.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
         if !keep_alive {
@@ -478,6 +491,14 @@ fn body_limit(http: &crate::config::HttpLimits, req: &Request, scope: Option<Sco
 /// slows large uploads without barring them.
 fn fits_input(others: usize, budget: usize, total: usize) -> bool {
     total == 0 || others == 0 || others.saturating_add(total) <= budget
+}
+
+/// Gives back the input budget a connection's body holds, on the core
+/// (`in_held`) and for its address.
+pub(crate) fn release_input(in_held: &mut usize, peers: &PeerTable, conn: &mut Conn) {
+    let n = std::mem::take(&mut conn.in_charge);
+    *in_held = in_held.saturating_sub(n);
+    peers.release_input(conn.peer, n);
 }
 
 /// The first allocation for a body; it grows as bytes arrive (see the

@@ -388,7 +388,10 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
             metrics_token: cfg.metrics_token.clone(),
             access_key_id: cfg.aws_access_key_id.clone(),
         },
-        peers: peers::PeerTable::new(cfg.http.connections_per_ip_max),
+        peers: peers::PeerTable::new(
+            cfg.http.connections_per_ip_max,
+            cfg.http.in_bytes_per_ip_max,
+        ),
         inboxes,
         shutdown: AtomicBool::new(false),
         incoming: (0..cores)

@@ -187,8 +187,11 @@ impl Worker {
             unreachable!("only client streams reach client_detached")
         };
         self.client_left();
+        // The charge on the core travels with the connection; its address's
+        // charge (server-wide) stays as it is.
         self.in_held = self.in_held.saturating_sub(conn.in_charge);
         let Some(moving) = conn.moving else {
+            self.shared.peers.release_input(conn.peer, conn.in_charge);
             self.shared.peers.close(conn.peer);
             return;
         };

@@ -162,9 +162,7 @@ impl Worker {
         }
         let keep = complete && out.keep_alive;
         let paused = out.paused.take();
-        self.in_held = self
-            .in_held
-            .saturating_sub(std::mem::take(&mut c.in_charge));
+        crate::engine::conn::release_input(&mut self.in_held, &self.shared.peers, c);
         c.state = ConnState::Idle;
         c.deadline = self.now + self.shared.cfg.http.keepalive_timeout;
         if !keep {

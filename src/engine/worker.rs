@@ -314,9 +314,7 @@ impl Worker {
             s.dead = true;
             s.closing = true;
             if let Kind::Client(c) = &mut s.kind {
-                self.in_held = self
-                    .in_held
-                    .saturating_sub(std::mem::take(&mut c.in_charge));
+                crate::engine::conn::release_input(&mut self.in_held, &self.shared.peers, c);
                 if let ConnState::Waiting { invoke: true, .. } = c.state {
                     self.fns.on_client_gone(ReplyTo {
                         token: tok,

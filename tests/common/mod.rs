@@ -378,6 +378,49 @@ impl Client {
         }
     }
 
+    /// Connects to the IPv4 `addr` from the loopback address `source` (any
+    /// 127.x.y.z works on Linux), to look like another client to per-address limits.
+    pub fn connect_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> Client {
+        use std::os::fd::FromRawFd;
+        let SocketAddr::V4(to) = addr else {
+            panic!("connect_from needs an IPv4 server address, not {addr}")
+        };
+        let sin = |a: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from(a).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+        // SAFETY: plain socket calls on a descriptor this function owns; the
+        // addresses are valid `sockaddr_in`s for the length given.
+        let stream = unsafe {
+            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
+            let stream = TcpStream::from_raw_fd(fd);
+            let from = sin(source, 0);
+            let r = libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len);
+            assert_eq!(r, 0, "bind {source}: {}", std::io::Error::last_os_error());
+            let dest = sin(*to.ip(), to.port());
+            let r = libc::connect(fd, (&dest as *const libc::sockaddr_in).cast(), len);
+            assert_eq!(
+                r,
+                0,
+                "connect {addr} from {source}: {}",
+                std::io::Error::last_os_error()
+            );
+            stream
+        };
+        stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
+        stream.set_nodelay(true).unwrap();
+        Client {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
     /// Writes all of `bytes`.
     pub fn write(&mut self, bytes: &[u8]) {
         self.stream

@@ -474,6 +474,8 @@ impl CorePool {
     /// Removes an instance and has it destroyed off-loop; frees its concurrency slot.
     pub(super) fn retire(&mut self, i: usize, now: Instant) {
         let mut inst = self.insts.remove(i);
+        // Its streamed answer was ended by whoever retires it busy.
+        debug_assert!(!self.streams.contains_key(&inst.id));
         if !inst.exiting {
             inst.handle.kill();
         }
@@ -526,7 +528,8 @@ impl CorePool {
             } else {
                 why.to_string()
             };
-            self.reply(busy.to, Reply::error(502, "instance_crashed", &msg));
+            let (id, reply) = (inst.id, Reply::error(502, "instance_crashed", &msg));
+            self.answer_running(id, busy.to, reply, None);
         }
         self.retire(i, now);
         self.grow(&f.spec.id, now);
@@ -674,7 +677,8 @@ impl CorePool {
             "the function did not answer within {} ms",
             f.spec.timeout_ms
         );
-        self.reply(busy.to, Reply::error(504, "function_timeout", &message));
+        let reply = Reply::error(504, "function_timeout", &message);
+        self.answer_running(self.insts[i].id, busy.to, reply, None);
         self.retire(i, now);
         self.grow(&f.spec.id, now);
     }

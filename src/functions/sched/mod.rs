@@ -555,8 +555,8 @@ pub struct CorePool {
     /// Requests that came through the Lambda service API's `Invoke`: their
     /// answers take Lambda's shape ([`reply::service_reply`]).
     service: FxHashMap<ReplyTo, ServiceInvoke>,
-    /// Streamed answers in progress, by client.
-    streams: FxHashMap<ReplyTo, stream::Streaming>,
+    /// Streamed answers in progress, by the instance that streams.
+    streams: FxHashMap<InstId, stream::Streaming>,
     /// What the owner is to do next.
     actions: VecDeque<Action>,
     /// Instances whose channel is being detached for a move to another core.
@@ -896,26 +896,28 @@ impl CorePool {
             .then_some(id.slot())
     }
 
-    /// Queues the answer that ends `to`'s request, unless that client left.
-    /// A streamed answer already under way ends as failed instead.
+    /// Queues the answer that ends `to`'s request, unless that client left:
+    /// a request no instance runs (see [`CorePool::answer_running`]).
     fn reply(&mut self, to: ReplyTo, reply: Reply) {
-        self.reply_served(to, reply, None);
+        self.deliver(to, reply, None);
     }
 
-    /// As [`CorePool::reply`], for an answer an instance gave (`served`: how,
-    /// for the phase timings).
-    fn reply_served(&mut self, to: ReplyTo, reply: Reply, served: Option<Served>) {
-        if !self.streams.is_empty() && self.streams.contains_key(&to) {
-            let unsent = self.interrupt_stream(to, reply);
-            self.streams.remove(&to);
-            match unsent {
-                Some(reply) => return self.deliver(to, reply, served),
-                None => {
-                    self.service.remove(&to);
-                    self.gone.remove(&to);
-                    return;
-                }
+    /// Queues the answer to `to`, the request instance `inst` runs (`served`:
+    /// how an instance gave it, for the phase timings). A streamed answer
+    /// already under way ends as failed instead.
+    fn answer_running(&mut self, inst: InstId, to: ReplyTo, reply: Reply, served: Option<Served>) {
+        if !self.streams.is_empty() && self.streams.contains_key(&inst) {
+            let unsent = self.interrupt_stream(inst, to, reply);
+            let st = self.streams.remove(&inst).expect("looked up above");
+            if let Some(reply) = unsent {
+                return self.deliver(to, reply, served);
             }
+            // A client that left had its stream dropped and gets nothing.
+            if st.client_left() {
+                self.service.remove(&to);
+                self.gone.remove(&to);
+            }
+            return;
         }
         self.deliver(to, reply, served);
     }

@@ -114,7 +114,7 @@ impl CorePool {
             f.metrics.error(ErrorKind::Handler);
             handler_error_reply(meta)
         };
-        self.reply_served(to, reply, Some(served));
+        self.answer_running(self.insts[i].id, to, reply, Some(served));
         self.request_done(i, now);
     }
 

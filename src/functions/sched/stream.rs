@@ -12,7 +12,7 @@
 use std::borrow::Cow;
 use std::time::Instant;
 
-use super::{Action, CorePool, ServiceInvoke};
+use super::{Action, CorePool, InstId, ServiceInvoke};
 use crate::http::eventstream;
 use crate::http::reply::{Reply, ReplyTo};
 use crate::metrics::ErrorKind;
@@ -30,16 +30,29 @@ pub(super) enum Mode {
     Events,
     /// Chunks are collected into one answer.
     Buffer(Reply),
-    /// The client was answered already (refused head, over the limit, left):
-    /// the rest of the stream is read and dropped.
-    Discard,
+    /// The rest of the stream is read and dropped. `answered`: the client got
+    /// its answer already (a refused head, over the limit, a failure), so the
+    /// entries under its `ReplyTo` are gone and may already be its next
+    /// request's; otherwise the client left, and its entries are cleared when
+    /// the stream ends.
+    Discard { answered: bool },
 }
 
-/// A streamed answer in progress.
+/// A streamed answer in progress, kept per instance (in `CorePool::streams`):
+/// an instance streams the answer to the one request it runs, while a
+/// connection's `ReplyTo` is reused by its next request.
 pub(super) struct Streaming {
     mode: Mode,
     /// Body bytes streamed so far.
     bytes: usize,
+}
+
+impl Streaming {
+    /// The stream is being dropped because its client left (see
+    /// [`Mode::Discard`]).
+    pub(super) fn client_left(&self) -> bool {
+        matches!(self.mode, Mode::Discard { answered: false })
+    }
 }
 
 impl CorePool {
@@ -57,7 +70,7 @@ impl CorePool {
             .as_ref()
             .expect("stream frames while busy");
         let to = busy.to;
-        let started = self.streams.contains_key(&to);
+        let started = self.streams.contains_key(&self.insts[i].id);
         match kind {
             FrameType::StreamHead if !started => self.stream_head(i, to, meta),
             FrameType::StreamChunk if started => self.stream_chunk(i, to, body),
@@ -100,9 +113,9 @@ impl CorePool {
             (Some(bad), _) => {
                 f.metrics.error(ErrorKind::Handler);
                 self.reply(to, bad);
-                Mode::Discard
+                Mode::Discard { answered: true }
             }
-            _ if self.gone.contains(&to) => Mode::Discard,
+            _ if self.gone.contains(&to) => Mode::Discard { answered: false },
             (None, None) => {
                 self.actions.push_back(Action::StreamHead { to, head });
                 Mode::Http
@@ -119,22 +132,24 @@ impl CorePool {
                 ..head
             }),
         };
-        self.streams.insert(to, Streaming { mode, bytes: 0 });
+        let id = self.insts[i].id;
+        self.streams.insert(id, Streaming { mode, bytes: 0 });
     }
 
     fn stream_chunk(&mut self, i: usize, to: ReplyTo, body: &[u8]) {
         let inst = self.insts[i].id;
-        let gone = self.gone.contains(&to);
-        let st = self.streams.get_mut(&to).expect("stream started");
+        let st = self.streams.get_mut(&inst).expect("stream started");
         st.bytes += body.len();
         let over = match &st.mode {
             Mode::Buffer(_) => st.bytes > BUFFERED_BYTES_MAX,
             _ => st.bytes > STREAM_BYTES_MAX,
         };
-        if gone {
-            st.mode = Mode::Discard;
+        // A client that left gets nothing more (the answer of an earlier
+        // request on its connection can no longer be under way here).
+        if !matches!(st.mode, Mode::Discard { .. }) && self.gone.contains(&to) {
+            st.mode = Mode::Discard { answered: false };
         }
-        if over && !matches!(st.mode, Mode::Discard) {
+        if over && !matches!(st.mode, Mode::Discard { .. }) {
             let limit = match st.mode {
                 Mode::Buffer(_) => BUFFERED_BYTES_MAX,
                 _ => STREAM_BYTES_MAX,
@@ -150,7 +165,7 @@ impl CorePool {
                 false => Reply::error(502, "response_too_large", &message),
             };
             // The rest of the stream is dropped; a collected answer goes now.
-            if let Some(reply) = self.interrupt_stream(to, reply) {
+            if let Some(reply) = self.interrupt_stream(inst, to, reply) {
                 self.deliver(to, reply, None);
             }
             return;
@@ -167,20 +182,24 @@ impl CorePool {
                 data: eventstream::payload_chunk(body),
             }),
             Mode::Buffer(reply) => reply.body.extend_from_slice(body),
-            Mode::Discard => {}
+            Mode::Discard { .. } => {}
         }
     }
 
     fn stream_end(&mut self, i: usize, to: ReplyTo, meta: &[u8], now: Instant) {
         let failed = serde_json::from_slice::<serde_json::Value>(meta)
             .is_ok_and(|m| m.get("errorType").is_some());
-        let st = self.streams.remove(&to).expect("stream started");
+        let st = self
+            .streams
+            .remove(&self.insts[i].id)
+            .expect("stream started");
         let f = self.insts[i].function.clone();
         if failed {
             f.metrics.error(ErrorKind::Handler);
         }
         match st.mode {
-            Mode::Discard => {
+            Mode::Discard { answered: true } => {}
+            Mode::Discard { answered: false } => {
                 self.service.remove(&to);
                 self.gone.remove(&to);
             }
@@ -225,22 +244,32 @@ impl CorePool {
             .push_back(Action::StreamEnd { to, data, complete });
     }
 
-    /// An answer decided for `to` while its stream is open (a timeout, a
-    /// crash, an ERROR frame, the size limit): the stream ends as failed —
-    /// cut off for a function URL client, an `InvokeComplete` with the error
-    /// for an event stream — and the rest is dropped. Returns the answer when
-    /// nothing was sent yet (a collected answer), for the caller to send.
-    pub(super) fn interrupt_stream(&mut self, to: ReplyTo, reply: Reply) -> Option<Reply> {
-        let st = self.streams.get_mut(&to)?;
-        match std::mem::replace(&mut st.mode, Mode::Discard) {
+    /// An answer decided for `to`, the request instance `inst` streams (a
+    /// timeout, a crash, an ERROR frame, the size limit): the stream ends as
+    /// failed — cut off for a function URL client, an `InvokeComplete` with
+    /// the error for an event stream — and the rest is dropped. Returns the
+    /// answer when nothing was sent yet (a collected answer), for the caller
+    /// to send.
+    pub(super) fn interrupt_stream(
+        &mut self,
+        inst: InstId,
+        to: ReplyTo,
+        reply: Reply,
+    ) -> Option<Reply> {
+        let st = self.streams.get_mut(&inst)?;
+        let answered = Mode::Discard { answered: true };
+        match std::mem::replace(&mut st.mode, answered) {
             Mode::Buffer(_) => Some(reply),
-            Mode::Discard => None,
+            Mode::Discard { answered } => {
+                st.mode = Mode::Discard { answered };
+                None
+            }
             Mode::Http => {
                 self.end_stream(to, Vec::new(), false);
                 None
             }
             Mode::Events => {
-                let s = self.service.get(&to).cloned().unwrap_or_default();
+                let s = self.service.remove(&to).unwrap_or_default();
                 let out = super::reply::service_reply(reply, &s);
                 let v: serde_json::Value = serde_json::from_slice(&out.body).unwrap_or_default();
                 let code = v["errorType"]

@@ -1435,6 +1435,60 @@ fn a_stream_over_its_size_limit_is_cut_off_and_the_instance_serves_on() {
     assert_eq!(sim.sent.len(), 2, "the instance takes the next request");
 }
 
+/// A connection answered while its instance still streams (a refused head),
+/// then carrying its next request to another function's instance.
+fn answered_early_then_next_request() -> (Sim, ReplyTo, InstId, InstId) {
+    let (a, b) = (function("a", 4, 60_000), function("b", 4, 120_000));
+    let mut sim = Sim::new(config(0), &[&a, &b]);
+    let to = sim.request("a");
+    let [ia] = sim.start_all()[..] else { panic!() };
+    sim.frame(ia, FrameType::StreamHead, r#"{"status":700}"#, b"");
+    assert_eq!(sim.status(to), Some(502), "a refused head");
+    // The client reads its 502 and sends the next request on the connection.
+    sim.replies.clear();
+    let peer = IpAddr::from([127, 0, 0, 1]);
+    sim.pool
+        .on_request(to, peer, "b", "/", request(), b"in".to_vec(), sim.now);
+    sim.drain();
+    let [ib] = sim.start_all()[..] else { panic!() };
+    (sim, to, ia, ib)
+}
+
+#[test]
+fn a_stream_still_running_after_its_answer_leaves_the_connections_next_request_alone() {
+    let (mut sim, to, ia, ib) = answered_early_then_next_request();
+    // The first instance streams on into nothing; the second answers.
+    sim.frame(ia, FrameType::StreamChunk, "", b"late");
+    sim.respond(ib, 200);
+    assert_eq!(sim.replies.len(), 1, "one answer: {:?}", sim.replies);
+    assert_eq!(sim.status(to), Some(200), "the next request's own answer");
+    sim.frame(ia, FrameType::StreamChunk, "", b"later");
+    sim.frame(ia, FrameType::StreamEnd, "", b"");
+    assert_eq!(sim.replies.len(), 1, "nothing more for that connection");
+    assert!(sim.streamed.is_empty());
+    assert!(!sim.fake(ia).killed && !sim.fake(ib).killed);
+    assert!(sim.pool.streams.is_empty());
+}
+
+#[test]
+fn a_stream_still_running_after_its_answer_cannot_break_the_next_requests_stream() {
+    let (mut sim, to, ia, ib) = answered_early_then_next_request();
+    sim.frame(ib, FrameType::StreamHead, r#"{"status":200}"#, b"");
+    sim.frame(ib, FrameType::StreamChunk, "", b"mine");
+    assert!(!sim.fake(ib).killed, "the next request's instance is sound");
+    // The first instance's time runs out: its 504 goes nowhere.
+    sim.advance(60_001);
+    sim.tick(0);
+    assert!(sim.replies.is_empty(), "{:?}", sim.replies);
+    assert!(sim.fake(ia).killed);
+    sim.frame(ib, FrameType::StreamEnd, "", b"");
+    let kinds: Vec<_> = sim.streamed.iter().map(|s| (s.0, s.1, s.3)).collect();
+    assert_eq!(
+        kinds,
+        [(to, "head", true), (to, "data", true), (to, "end", true)]
+    );
+}
+
 #[test]
 fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     let f = function("a", 1, 10_000);

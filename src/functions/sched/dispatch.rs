@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use super::{
     scale, Action, Busy, CorePool, FnState, Frame, Inst, InstId, Pending, DEADLINE_SEP, EXIT_GRACE,
-    MEMORY_WAIT_MAX, QUEUE_INIT_ALLOWANCE,
+    MEMORY_WAIT_MAX, QUEUE_HARD_FACTOR, QUEUE_INIT_ALLOWANCE,
 };
 use crate::functions::{NoSlot, Started};
 use crate::http::parse::{Request, Version};
@@ -168,12 +168,19 @@ impl CorePool {
         }
         let fs = self.fns.get_mut(id).expect("looked up above");
         // Requests covered by an instance being started for them are not
-        // "waiting beyond the limit"; a full queue below the limit scales out.
+        // "waiting beyond the limit"; a full queue below the limit scales out,
+        // but when no instance can start (the core holds its most, memory is
+        // spent) it may grow only to `QUEUE_HARD_FACTOR` times the bound.
         let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;
-        if fs.uncovered() >= self.cfg.queue_depth_max && at_limit {
+        let uncovered = fs.uncovered();
+        if uncovered >= self.cfg.queue_depth_max
+            && (at_limit || uncovered >= self.cfg.queue_depth_max * QUEUE_HARD_FACTOR)
+        {
             f.metrics.error(ErrorKind::Throttled);
-            let message =
-                format!("function {id} is at its concurrency limit and its queue is full");
+            let message = match at_limit {
+                true => format!("function {id} is at its concurrency limit and its queue is full"),
+                false => format!("function {id} has no instance free and its queue is full"),
+            };
             let r =
                 Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1");
             return self.reply(to, r);
@@ -215,7 +222,11 @@ impl CorePool {
             if !scale::scale_out(&view, self.saturated(), self.cfg.queue_depth_max) {
                 return;
             }
-            if self.insts.len() + self.starting_total() >= self.cfg.instances_max {
+            // A function at its concurrency limit could not use a slot freed
+            // for it (an idle instance of another function would be retired
+            // for nothing); it only lets the other cores know, below.
+            let at_limit = fs.f.instances.load(Relaxed) >= fs.f.spec.concurrency;
+            if !at_limit && self.insts.len() + self.starting_total() >= self.cfg.instances_max {
                 if !self.slot_waiters.iter().any(|w| w == id) {
                     self.slot_waiters.push_back(id.to_string());
                 }
@@ -386,7 +397,7 @@ impl CorePool {
         let may_run = self.under_fit(&id);
         let fs = self.fns.get_mut(&id).expect("checked");
         while let Some(p) = may_run.then(|| fs.dequeue(&mut self.queued)).flatten() {
-            if !self.gone.is_empty() && self.gone.remove(&p.to) {
+            if super::forget_if_left(&mut self.gone, &mut self.service, &p.to) {
                 continue;
             }
             match fs.queue.front() {

@@ -170,7 +170,7 @@ impl CorePool {
         if self.cfg.moves && fs.live + fs.starting == 0 {
             let mut stay = VecDeque::new();
             while let Some(pending) = fs.dequeue(&mut self.queued) {
-                if !self.gone.is_empty() && self.gone.remove(&pending.to) {
+                if super::forget_if_left(&mut self.gone, &mut self.service, &pending.to) {
                     continue;
                 }
                 if pending.relocations >= RELOCATIONS_MAX {

@@ -82,6 +82,11 @@ pub const EXIT_GRACE: Duration = Duration::from_millis(300);
 /// start one because the server's instance memory budget is taken, gets 503
 /// `memory_budget_exhausted` after waiting this long for room.
 pub const MEMORY_WAIT_MAX: Duration = Duration::from_secs(1);
+/// A function below its concurrency limit queues past `queue_depth_max` (its
+/// full queue scales it out), but to no more than this many times it: when no
+/// instance can start for it (the core holds its most instances, memory is
+/// spent) the rest get 429 as at the limit.
+pub const QUEUE_HARD_FACTOR: usize = 4;
 /// What precedes the deadline, the INVOKE metadata's last element, added at dispatch.
 const DEADLINE_SEP: &str = ",";
 /// Times a queued request goes to another core, after an instance handed
@@ -221,6 +226,21 @@ pub struct Tick {
     pub wall_ms: u64,
     /// This core's CPU use over the last tick, percent.
     pub cpu_busy_pct: u64,
+}
+
+/// Whether the client at `to` left while its request waited (see
+/// [`CorePool::on_client_gone`]); if so, it is forgotten with the shape its
+/// answer would have had.
+fn forget_if_left(
+    gone: &mut FxHashSet<ReplyTo>,
+    service: &mut FxHashMap<ReplyTo, ServiceInvoke>,
+    to: &ReplyTo,
+) -> bool {
+    if gone.is_empty() || !gone.remove(to) {
+        return false;
+    }
+    service.remove(to);
+    true
 }
 
 /// A request waiting for an instance.

@@ -197,7 +197,7 @@ impl CorePool {
             .position(|p| p.relocations < RELOCATIONS_MAX)
         {
             let pending = fs.take_at(at, &mut self.queued);
-            if !self.gone.is_empty() && self.gone.remove(&pending.to) {
+            if super::forget_if_left(&mut self.gone, &mut self.service, &pending.to) {
                 // Its client left; nothing to send.
                 continue;
             }

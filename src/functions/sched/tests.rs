@@ -1490,6 +1490,74 @@ fn a_stream_still_running_after_its_answer_cannot_break_the_next_requests_stream
 }
 
 #[test]
+fn a_queued_service_invocation_whose_client_left_leaves_nothing_behind() {
+    let f = function("a", 1, 60_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let to = ReplyTo {
+        token: 999,
+        serial: 999,
+    };
+    let peer = IpAddr::from([127, 0, 0, 1]);
+    let invoke = ServiceInvoke::default();
+    sim.pool
+        .on_service_invoke(to, peer, "a", request(), b"{}".to_vec(), invoke, sim.now);
+    sim.drain();
+    sim.pool.on_client_gone(to);
+    sim.respond(inst, 200);
+    assert_eq!(sim.pool.queued, 0);
+    assert!(sim.pool.service.is_empty(), "its answer's shape is kept");
+    assert!(sim.pool.gone.is_empty());
+}
+
+#[test]
+fn a_queue_that_cannot_scale_out_is_bounded_below_the_concurrency_limit() {
+    let f = function("a", 100, 60_000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 2;
+    cfg.instances_max = 1;
+    let mut sim = Sim::new(cfg, &[&f]);
+    sim.request("a");
+    sim.start_all();
+    // The core holds its one instance, busy: nothing can start for the rest.
+    let queued: Vec<ReplyTo> = (0..50).map(|_| sim.request("a")).collect();
+    let refused = queued
+        .iter()
+        .filter(|&&t| sim.status(t) == Some(429))
+        .count();
+    assert_eq!(sim.pool.fns["a"].queue.len(), 2 * QUEUE_HARD_FACTOR);
+    assert_eq!(refused, 50 - 2 * QUEUE_HARD_FACTOR);
+}
+
+#[test]
+fn a_function_at_its_limit_does_not_take_a_slot_from_another_functions_instance() {
+    let (x, w) = (function("x", 10, 60_000), function("w", 1, 60_000));
+    let mut cfg = config(0);
+    cfg.instances_max = 2;
+    let mut sim = Sim::new(cfg, &[&x, &w]);
+    // w runs its one allowed instance; x has the other slot.
+    sim.request("w");
+    sim.start_all();
+    sim.request("x");
+    let [ix] = sim.start_all()[..] else { panic!() };
+    // Both queue more; the core is full.
+    sim.request("x");
+    sim.request("w");
+    sim.advance(150);
+    sim.tick(0);
+    // x's instance is done: it serves x's next request, not retired for w.
+    sim.respond(ix, 200);
+    assert!(
+        !sim.fake(ix).killed,
+        "retired for a function that cannot use its slot"
+    );
+    assert!(sim.starts.is_empty());
+}
+
+#[test]
 fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     let f = function("a", 1, 10_000);
     let moves = SchedConfig {

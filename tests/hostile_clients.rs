@@ -7,7 +7,6 @@ mod common;
 
 use std::io::{Read, Write};
 use std::net::{Ipv4Addr, TcpStream};
-use std::os::fd::FromRawFd;
 use std::time::{Duration, Instant};
 
 use common::{
@@ -21,38 +20,7 @@ fn deploy_hostile(s: &Server, query: &str) -> String {
 
 /// A connection whose receive buffer is tiny, so the server's answers back up.
 fn connect_small_window(s: &Server) -> TcpStream {
-    // SAFETY: plain socket calls on a descriptor we own; results checked.
-    unsafe {
-        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        assert!(fd >= 0);
-        let size: libc::c_int = 4096;
-        libc::setsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_RCVBUF,
-            &size as *const _ as *const libc::c_void,
-            4,
-        );
-        let stream = TcpStream::from_raw_fd(fd);
-        let std::net::SocketAddr::V4(a) = s.addr else {
-            panic!("ipv4 only")
-        };
-        let sin = libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: a.port().to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from_ne_bytes(a.ip().octets()),
-            },
-            sin_zero: [0; 8],
-        };
-        let rc = libc::connect(
-            fd,
-            &sin as *const _ as *const libc::sockaddr,
-            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
-        );
-        assert_eq!(rc, 0, "connect: {}", std::io::Error::last_os_error());
-        stream
-    }
+    common::connect_v4(s.addr, None, Some(4096))
 }
 
 fn metrics(s: &Server) -> String {
@@ -69,6 +37,50 @@ fn eventually(limit: Duration, mut cond: impl FnMut() -> bool) -> bool {
         std::thread::sleep(Duration::from_millis(50));
     }
     cond()
+}
+
+#[test]
+fn a_slow_download_outlives_the_keep_alive_timeout() {
+    require_sandbox!();
+    // A 6 MB answer read at ~3 MB/s takes ~2 s: four keep-alive timeouts.
+    let s = Server::start(&["--cores", "1", "--keepalive-timeout-ms", "500"]);
+    let id = deploy_hostile(&s, "");
+    let mut c = common::connect_v4(s.addr, None, Some(64 * 1024));
+    c.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(c, "GET /f/{id}/big HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    let started = Instant::now();
+    let mut got = Vec::new();
+    let mut chunk = [0u8; 64 * 1024];
+    loop {
+        match c.read(&mut chunk) {
+            Ok(0) | Err(_) => break,
+            Ok(n) => got.extend_from_slice(&chunk[..n]),
+        }
+        let head_end = got.windows(4).position(|w| w == b"\r\n\r\n");
+        if head_end.is_some_and(|h| got.len() >= h + 4 + 6_000_000) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let took = started.elapsed();
+    assert!(got.len() > 6_000_000, "{} bytes in {took:?}", got.len());
+    let r = parse_responses(&got);
+    assert_eq!(r.len(), 1, "{} bytes in {took:?}", got.len());
+    assert_eq!(r[0].body.len(), 6_000_000, "cut off after {took:?}");
+    assert!(
+        took > Duration::from_secs(1),
+        "not slow enough to test: {took:?}"
+    );
+    // A client that stops reading is still closed after the timeout.
+    write!(c, "GET /f/{id}/big HTTP/1.1\r\nHost: t\r\n\r\n").unwrap();
+    std::thread::sleep(Duration::from_millis(2000));
+    let mut rest = Vec::new();
+    let _ = c.read_to_end(&mut rest);
+    assert!(
+        rest.len() < 6_000_000,
+        "a stalled reader got all {} bytes",
+        rest.len()
+    );
 }
 
 #[test]

@@ -67,6 +67,9 @@ pub struct Conn {
     /// ([`Worker::in_held`]) until it is answered or the connection goes: the
     /// memory allocated for it so far (see [`BODY_FIRST_ALLOC`]).
     pub in_charge: usize,
+    /// The kernel's unacknowledged bytes when the keep-alive deadline last
+    /// passed with an answer still going out (see [`Worker::expire_clients`]).
+    pub unacked_seen: usize,
 }
 
 impl Worker {
@@ -420,7 +423,8 @@ impl Worker {
     /// Closes connections whose deadline passed: 408 where a request was partly read.
     pub fn expire_clients(&mut self) {
         let now = self.now;
-        let expired: Vec<(Token, bool)> = self
+        let keepalive = self.shared.cfg.http.keepalive_timeout;
+        let due: Vec<(Token, bool)> = self
             .streams
             .iter()
             .filter_map(|(t, s)| match &s.kind {
@@ -432,6 +436,31 @@ impl Worker {
                 _ => None,
             })
             .collect();
+        // An answer still being written is no idle connection: it stays while
+        // the client takes some of it within each keep-alive timeout (as
+        // nginx's `send_timeout`), whether the rest waits here or in the
+        // kernel (closing a socket whose peer reads slowly would lose what
+        // the kernel still holds); a client that stops reading is closed then,
+        // or sooner by the output budget (`Worker::evict_stalled`).
+        let mut expired = Vec::with_capacity(due.len());
+        for (tok, partial) in due {
+            let s = &mut self.streams[tok];
+            if !partial {
+                let moving_here =
+                    s.out_pending() > 0 && s.out_progress.is_some_and(|p| p + keepalive > now);
+                let queued = crate::util::sock::unacked_bytes(s.raw());
+                let Kind::Client(c) = &mut s.kind else {
+                    unreachable!("filtered above")
+                };
+                let moving_there = queued > 0 && queued != c.unacked_seen;
+                c.unacked_seen = queued;
+                if moving_here || moving_there {
+                    c.deadline = now + keepalive;
+                    continue;
+                }
+            }
+            expired.push((tok, partial));
+        }
         for (tok, partial) in expired {
             if partial {
                 let r = Reply::error(

@@ -234,6 +234,7 @@ impl Worker {
             phases: m.phases,
             moving: None,
             in_charge: m.in_charge,
+            unacked_seen: 0,
         };
         self.in_held += m.in_charge;
         let mut stream = Stream::new(m.fd, Kind::Client(conn));

@@ -171,6 +171,7 @@ mod tests {
             phases: crate::engine::phases::Track::new(std::time::Instant::now()),
             moving: None,
             in_charge: 0,
+            unacked_seen: 0,
         }
     }
 

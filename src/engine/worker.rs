@@ -188,6 +188,7 @@ impl Worker {
             phases: crate::engine::phases::Track::new(self.now),
             moving: None,
             in_charge: 0,
+            unacked_seen: 0,
         };
         let tok = self.streams.insert(Stream::new(fd, Kind::Client(conn)));
         self.client_joined();

@@ -356,6 +356,13 @@ fn require_crlf_line_ends(
 
 /// Checks the target's form and reduces absolute-form to origin-form.
 fn normalise_target(method: &str, target: &str) -> Result<String, Error> {
+    // A fragment is the client's own business (RFC 9112 3.2): one sent anyway
+    // would reach the function as part of the path or query.
+    if target.contains('#') {
+        return Err(Error::BadRequest(
+            "a request target cannot hold a fragment (#)",
+        ));
+    }
     if target.starts_with('/') {
         return Ok(target.to_owned());
     }
@@ -1151,6 +1158,14 @@ mod tests {
             b"GET http:///path HTTP/1.1\r\n\r\n",
             "absolute-form target without a host",
         );
+    }
+
+    #[test]
+    fn a_fragment_in_the_target_is_rejected() {
+        const MSG: &str = "a request target cannot hold a fragment (#)";
+        assert_bad_request(b"GET /f/x/p?q=1#frag HTTP/1.1\r\n\r\n", MSG);
+        assert_bad_request(b"GET /f/x/p#frag?q=1 HTTP/1.1\r\n\r\n", MSG);
+        assert_bad_request(b"GET http://host/p#f HTTP/1.1\r\n\r\n", MSG);
     }
 
     #[test]

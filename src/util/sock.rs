@@ -36,3 +36,15 @@ pub fn set_linger_zero(fd: RawFd) {
     };
     set(fd, libc::SOL_SOCKET, libc::SO_LINGER, &l);
 }
+
+/// Bytes written to the socket that the peer has not acknowledged yet (the
+/// kernel's send queue, `SIOCOUTQ`); 0 when it cannot be read.
+pub fn unacked_bytes(fd: RawFd) -> usize {
+    let mut n: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the pointer given.
+    let rc = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut n as *mut libc::c_int) };
+    match rc {
+        0 => usize::try_from(n).unwrap_or(0),
+        _ => 0,
+    }
+}

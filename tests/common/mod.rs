@@ -360,6 +360,58 @@ impl Response {
     }
 }
 
+/// A TCP connection to the IPv4 `addr`, made with plain socket calls so that
+/// it can come from a chosen loopback `source` address (any 127.x.y.z works on
+/// Linux) and have a small receive buffer (`rcvbuf`, set before connecting so
+/// the window stays small).
+pub fn connect_v4(
+    addr: SocketAddr,
+    source: Option<std::net::Ipv4Addr>,
+    rcvbuf: Option<i32>,
+) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    let SocketAddr::V4(to) = addr else {
+        panic!("connect_v4 needs an IPv4 server address, not {addr}")
+    };
+    let sin = |a: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
+        sin_family: libc::AF_INET as libc::sa_family_t,
+        sin_port: port.to_be(),
+        sin_addr: libc::in_addr {
+            s_addr: u32::from(a).to_be(),
+        },
+        sin_zero: [0; 8],
+    };
+    let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
+    let fail = |what: &str| panic!("{what} ({addr}): {}", std::io::Error::last_os_error());
+    // SAFETY: plain socket calls on a descriptor this function owns (the
+    // TcpStream closes it on every path); each address is a valid
+    // `sockaddr_in` for the length given.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            fail("socket");
+        }
+        let stream = TcpStream::from_raw_fd(fd);
+        if let Some(size) = rcvbuf {
+            let p = (&size as *const i32).cast();
+            if libc::setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, p, 4) != 0 {
+                fail("SO_RCVBUF");
+            }
+        }
+        if let Some(source) = source {
+            let from = sin(source, 0);
+            if libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len) != 0 {
+                fail("bind");
+            }
+        }
+        let dest = sin(*to.ip(), to.port());
+        if libc::connect(fd, (&dest as *const libc::sockaddr_in).cast(), len) != 0 {
+            fail("connect");
+        }
+        stream
+    }
+}
+
 /// One client connection, with a buffer for bytes read past the last response.
 pub struct Client {
     pub stream: TcpStream,
@@ -381,38 +433,7 @@ impl Client {
     /// Connects to the IPv4 `addr` from the loopback address `source` (any
     /// 127.x.y.z works on Linux), to look like another client to per-address limits.
     pub fn connect_from(addr: SocketAddr, source: std::net::Ipv4Addr) -> Client {
-        use std::os::fd::FromRawFd;
-        let SocketAddr::V4(to) = addr else {
-            panic!("connect_from needs an IPv4 server address, not {addr}")
-        };
-        let sin = |a: std::net::Ipv4Addr, port: u16| libc::sockaddr_in {
-            sin_family: libc::AF_INET as libc::sa_family_t,
-            sin_port: port.to_be(),
-            sin_addr: libc::in_addr {
-                s_addr: u32::from(a).to_be(),
-            },
-            sin_zero: [0; 8],
-        };
-        let len = std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t;
-        // SAFETY: plain socket calls on a descriptor this function owns; the
-        // addresses are valid `sockaddr_in`s for the length given.
-        let stream = unsafe {
-            let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-            assert!(fd >= 0, "socket: {}", std::io::Error::last_os_error());
-            let stream = TcpStream::from_raw_fd(fd);
-            let from = sin(source, 0);
-            let r = libc::bind(fd, (&from as *const libc::sockaddr_in).cast(), len);
-            assert_eq!(r, 0, "bind {source}: {}", std::io::Error::last_os_error());
-            let dest = sin(*to.ip(), to.port());
-            let r = libc::connect(fd, (&dest as *const libc::sockaddr_in).cast(), len);
-            assert_eq!(
-                r,
-                0,
-                "connect {addr} from {source}: {}",
-                std::io::Error::last_os_error()
-            );
-            stream
-        };
+        let stream = connect_v4(addr, Some(source), None);
         stream.set_read_timeout(Some(READ_TIMEOUT)).unwrap();
         stream.set_nodelay(true).unwrap();
         Client {

@@ -268,7 +268,7 @@ fn runtime_exit(meta: &[u8]) -> Option<String> {
 /// Headers hearth owns on the wire: framing and connection management are
 /// decided by hearth, never by a handler (RFC 9110 §7.6.1 hop-by-hop fields
 /// among them, so no handler can switch a proxy in front into a tunnel).
-const RESERVED_HEADERS: [&str; 9] = [
+const RESERVED_HEADERS: [&str; 10] = [
     "content-length",
     "transfer-encoding",
     "connection",
@@ -278,6 +278,7 @@ const RESERVED_HEADERS: [&str; 9] = [
     "trailer",
     "upgrade",
     "date",
+    "server",
 ];
 
 /// An RFC 9110 field name: a non-empty token.

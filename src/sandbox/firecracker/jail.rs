@@ -11,7 +11,8 @@
 //! filesystem ([`Jail::new`] checks). Inside, Firecracker is given paths
 //! relative to its root (a file's name); hearth reaches the API socket and
 //! the vsock socket at `<root>/run/…` from outside. The VMM's log is the
-//! jailer's stdout/stderr, written to `<base>/firecracker/<id>/firecracker.log`,
+//! jailer's stdout/stderr, a pipe hearth drains into the capped
+//! `<base>/firecracker/<id>/firecracker.log` ([`crate::sandbox::vmlog`]),
 //! outside the root.
 //!
 //! Identity: each VMM gets a uid of its own leased from [`UID_BASE`]..

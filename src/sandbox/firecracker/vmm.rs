@@ -18,7 +18,8 @@ use super::api::{Api, ApiError};
 use super::jail::{self, Jail, JailerArgs};
 use super::uffd::UFFD_SOCK;
 use crate::sandbox::process::uids::{UidLease, UidsExhausted};
-use crate::sandbox::vmfiles::{socket_path_fits, tail};
+use crate::sandbox::vmfiles::socket_path_fits;
+use crate::sandbox::vmlog::{self, VmLog};
 
 /// Bytes of the VMM's log (its own lines and the guest console) quoted in errors.
 const LOG_TAIL_BYTES: u64 = 2048;
@@ -110,7 +111,8 @@ pub struct Vmm {
     /// Private directory: removed with the VMM (jailed: the whole jail).
     dir: PathBuf,
     api_sock: PathBuf,
-    log: PathBuf,
+    /// Its stdout/stderr, which carry the guest's serial console: capped.
+    log: VmLog,
     jailed: Option<Jailed>,
     /// Shown in logs: the function and the instance's role.
     label: String,
@@ -132,13 +134,12 @@ fn io_at(what: String) -> impl FnOnce(io::Error) -> VmmError {
     move |err| VmmError::Io { what, err }
 }
 
-/// The VMM's log file and a second handle on it (stdout and stderr).
-fn open_log(path: &Path) -> Result<(fs::File, fs::File), VmmError> {
-    let log = fs::File::create(path).map_err(io_at(format!("create {}", path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(io_at(format!("dup {}", path.display())))?;
-    Ok((log, log2))
+/// The VMM's capped log ([`vmlog`]) and its pipe for stdout and stderr.
+fn open_log(path: &Path) -> Result<(VmLog, Stdio, Stdio), VmmError> {
+    let what = || format!("create {}", path.display());
+    let (log, pipe) = vmlog::open(path).map_err(io_at(what()))?;
+    let pipe2 = pipe.try_clone().map_err(io_at(what()))?;
+    Ok((log, Stdio::from(pipe), Stdio::from(pipe2)))
 }
 
 /// Moves the child out of the terminal's process group and arranges for it to
@@ -180,16 +181,15 @@ impl Vmm {
         }
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).map_err(io_at(format!("create {}", dir.display())))?;
-        let log_path = dir.join(LOG_FILE);
-        let (log, log2) = open_log(&log_path)?;
+        let (log, out, err) = open_log(&dir.join(LOG_FILE))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--api-sock")
             .arg(dir.join(API_SOCK))
             .args(["--id", id, "--level", "Warning"])
             .current_dir(cwd)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .stdout(out)
+            .stderr(err);
         detach_and_pin(&mut cmd, core);
         let child = cmd.spawn().map_err(|err| {
             let _ = fs::remove_dir_all(dir);
@@ -202,7 +202,7 @@ impl Vmm {
             proc: Proc::Child(child),
             dir: dir.to_path_buf(),
             api_sock: dir.join(API_SOCK),
-            log: log_path,
+            log,
             jailed: None,
             label,
             accounted: false,
@@ -233,6 +233,14 @@ impl Vmm {
             jail::remove_cgroup(cg, Duration::ZERO);
         }
         let uid = s.jail.lease_uid().map_err(VmmError::Uids)?;
+        fs::create_dir_all(&root).map_err(io_at(format!("create {}", root.display())))?;
+        let (log, out, err) = match open_log(&dir.join(jail::LOG_FILE)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         // From here on, dropping the Vmm removes the jail (and the cgroup).
         let mut vmm = Vmm {
             proc: Proc::Jailed {
@@ -241,7 +249,7 @@ impl Vmm {
             },
             dir: dir.clone(),
             api_sock: root.join(jail::API_SOCK.trim_start_matches('/')),
-            log: dir.join(jail::LOG_FILE),
+            log,
             jailed: Some(Jailed {
                 root: root.clone(),
                 cgroup,
@@ -250,7 +258,6 @@ impl Vmm {
             label,
             accounted: true,
         };
-        fs::create_dir_all(&root).map_err(io_at(format!("create {}", root.display())))?;
         for f in s.files {
             jail::link_in(&root, f).map_err(io_at(format!(
                 "link {} into {}",
@@ -258,7 +265,6 @@ impl Vmm {
                 root.display()
             )))?;
         }
-        let (log, log2) = open_log(&vmm.log)?;
         let uid = vmm.jailed.as_ref().map(|j| j.uid.uid()).unwrap_or(0);
         let args = jail::jailer_args(&JailerArgs {
             id,
@@ -274,8 +280,8 @@ impl Vmm {
         cmd.args(&args)
             .current_dir(&dir)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .stdout(out)
+            .stderr(err);
         detach_and_pin(&mut cmd, core);
         let mut jailer = cmd.spawn().map_err(|err| VmmError::Start {
             bin: s.jail.jailer.clone(),
@@ -448,7 +454,7 @@ impl Vmm {
 
     /// The end of the VMM's log (its messages and the guest console), for errors.
     pub fn log_tail(&self) -> String {
-        let t = tail(&self.log, LOG_TAIL_BYTES);
+        let t = self.log.tail(LOG_TAIL_BYTES);
         if t.trim().is_empty() {
             String::new()
         } else {

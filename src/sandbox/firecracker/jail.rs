@@ -32,9 +32,11 @@
 //! and removes the old jails and cgroups. A VMM's jail and cgroup go when it
 //! is dropped ([`super::vmm::Vmm`]).
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -73,6 +75,9 @@ pub const ID_BYTES_MAX: usize = 64;
 pub const JAILER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for leftover VMMs to die at start-up.
 const SWEEP_WAIT: Duration = Duration::from_secs(5);
+/// How long a VMM's processes get to die when it goes, before its uid is
+/// written off (never leased again) for something of it may still run.
+pub const KILL_WAIT: Duration = Duration::from_secs(2);
 /// Controllers whose limits are set, if the hierarchy has them.
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
@@ -361,6 +366,168 @@ pub fn remove_cgroup(dir: &Path, wait: Duration) {
             }
             _ => return,
         }
+    }
+}
+
+/// The processes of one VMM: the members of its cgroup and, with `uid`, the
+/// processes running as its uid (a VMM's uid is its own) or carrying its
+/// jail id (`--id <id>`: the jailer, and its clone before it drops to the uid).
+#[derive(Clone, Copy)]
+pub struct Members<'a> {
+    pub cgroup: Option<&'a Path>,
+    pub uid: Option<(u32, &'a str)>,
+}
+
+impl Members<'_> {
+    /// The live processes, and zombies (to reap if they are hearth's).
+    fn find(&self) -> (Vec<i32>, Vec<i32>) {
+        let (mut live, mut zombies) = (Vec::new(), Vec::new());
+        if let Some(cg) = self.cgroup {
+            let procs = fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+            live.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Some((uid, id)) = self.uid {
+            for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let Some((uids, state)) = proc_uid_state(pid) else {
+                    continue;
+                };
+                if !uids.contains(&uid) && !is_jailed_vmm(pid, id) {
+                    continue;
+                }
+                if state == 'Z' {
+                    zombies.push(pid);
+                } else if !live.contains(&pid) {
+                    live.push(pid);
+                }
+            }
+        }
+        live.retain(|&p| p > 1);
+        (live, zombies)
+    }
+
+    /// Whether `pid` is (still) one of them: checked after pinning it.
+    fn has(&self, pid: i32) -> bool {
+        let in_cgroup = self.cgroup.is_some_and(|cg| {
+            let (Some(id), Some(parent)) = (cg.file_name(), cg.parent().and_then(Path::file_name))
+            else {
+                return false;
+            };
+            let suffix = format!("/{}/{}", parent.to_string_lossy(), id.to_string_lossy());
+            fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+                c.lines()
+                    .any(|l| l.starts_with("0::") && l.ends_with(&suffix))
+            })
+        });
+        in_cgroup
+            || self.uid.is_some_and(|(uid, id)| {
+                proc_uid_state(pid).is_some_and(|(u, _)| u.contains(&uid)) || is_jailed_vmm(pid, id)
+            })
+    }
+}
+
+/// A process's uids (real, effective, saved, filesystem) and state letter.
+fn proc_uid_state(pid: i32) -> Option<(Vec<u32>, char)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::trim)
+    };
+    let uids = field("Uid:")?
+        .split_whitespace()
+        .filter_map(|u| u.parse().ok())
+        .collect();
+    let state = field("State:")?.chars().next()?;
+    Some((uids, state))
+}
+
+/// A pidfd on `pid`, if it is still one of `members` once pinned (so a pid
+/// reused meanwhile is never signalled).
+fn pin(pid: i32, members: Members<'_>) -> Option<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned to us by pidfd_open.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    members.has(pid).then_some(fd)
+}
+
+/// Reaps the pinned process if it is hearth's child and has ended; true once
+/// it has ended (reaped here, or not hearth's to reap).
+fn ended(fd: &OwnedFd) -> bool {
+    // SAFETY: zeroed siginfo is a valid out-parameter for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on a pidfd we own, with a valid siginfo pointer.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            fd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::__WALL,
+        )
+    };
+    if r == 0 {
+        // SAFETY: waitid filled `info` (si_pid 0: still running).
+        return unsafe { info.si_pid() } != 0;
+    }
+    if io::Error::last_os_error().raw_os_error() != Some(libc::ECHILD) {
+        return true;
+    }
+    // Not hearth's child: a pidfd turns readable when its process ends.
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, no wait.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
+/// SIGKILLs every process of a VMM ([`Members`]; a cgroup also through
+/// `cgroup.kill`) and reaps those that are hearth's children (it is their
+/// subreaper). True once none is left; false if one still is after `wait`.
+pub fn kill_members(members: Members<'_>, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut pinned: HashMap<i32, OwnedFd> = HashMap::new();
+    loop {
+        let (live, zombies) = members.find();
+        for pid in live.iter().chain(&zombies) {
+            if !pinned.contains_key(pid) {
+                if let Some(fd) = pin(*pid, members) {
+                    pinned.insert(*pid, fd);
+                }
+            }
+        }
+        if let Some(cg) = members.cgroup {
+            // Also those forked since the list was read (cgroup v2, Linux 5.14+).
+            let _ = fs::write(cg.join("cgroup.kill"), "1");
+        }
+        for fd in pinned.values() {
+            // SAFETY: signals the process the pidfd refers to.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<u8>(),
+                    0,
+                )
+            };
+        }
+        pinned.retain(|_, fd| !ended(fd));
+        if live.is_empty() && pinned.is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 

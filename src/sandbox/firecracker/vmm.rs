@@ -503,9 +503,35 @@ impl Drop for Vmm {
                 }
             }
         }
+        let pid = self.pid();
+        let id = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let Some(j) = self.jailed.take() else {
+            let _ = fs::remove_dir_all(&self.dir);
+            return;
+        };
+        // Whatever else runs in the jail: the VMM when the jailer failed after
+        // cloning it (its pid unknown), anything the VMM started. Without a
+        // cgroup, or without the VMM's pid, found by its uid and jail id too.
+        let id = id.unwrap_or_default();
+        let members = jail::Members {
+            cgroup: j.cgroup.as_deref(),
+            uid: (j.cgroup.is_none() || pid <= 0).then(|| (j.uid.uid(), id.as_str())),
+        };
+        let gone = jail::kill_members(members, jail::KILL_WAIT);
         let _ = fs::remove_dir_all(&self.dir);
-        if let Some(cg) = self.jailed.as_ref().and_then(|j| j.cgroup.as_ref()) {
+        if let Some(cg) = &j.cgroup {
             jail::remove_cgroup(cg, Duration::from_millis(500));
+        }
+        if !gone {
+            eprintln!(
+                "hearth: firecracker: a process of the VMM of {} outlived SIGKILL; uid {} is not leased again",
+                self.label,
+                j.uid.uid()
+            );
+            std::mem::forget(j.uid);
         }
     }
 }
@@ -513,6 +539,82 @@ impl Drop for Vmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A jailer that clones its "VMM" and then fails (times out or exits
+    /// non-zero) leaves nothing running: the stand-ins it starts — one in
+    /// the VMM's cgroup as root, one outside it as the VMM's uid, one outside
+    /// it as root with the jail id (a clone before it drops to the uid) — are
+    /// killed and reaped, and the cgroup removed. Before, only the jailer was.
+    #[test]
+    fn a_jailer_failing_after_the_clone_leaves_no_process_behind() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (cgroups, setpriv)");
+            return;
+        }
+        let mounts = fs::read_to_string("/proc/mounts").unwrap();
+        let Some(mount) = jail::cgroup2_mount(&mounts) else {
+            eprintln!("skipped: no cgroup v2 hierarchy");
+            return;
+        };
+        crate::sandbox::process::set_subreaper();
+        let state = std::env::temp_dir().join(format!("hearth-fcfail-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&state);
+        fs::create_dir_all(&state).unwrap();
+        let out = state.join("out");
+        fs::create_dir_all(&out).unwrap();
+        let script = state.join("jailer.sh");
+        fs::write(
+            &script,
+            format!(
+                r#"#!/bin/sh
+while [ $# -gt 0 ]; do
+  case "$1" in --id) id=$2; shift;; --uid) uid=$2; shift;; --parent-cgroup) parent=$2; shift;; esac
+  shift
+done
+cg="{m}/$parent/$id"
+mkdir -p "$cg" && echo $$ > "$cg/cgroup.procs"
+sleep 600 & echo $! > "{o}/in-cgroup"
+echo $$ > "{m}/$parent/cgroup.procs"
+setpriv --reuid=$uid --regid={gid} --clear-groups sleep 600 & echo $! > "{o}/as-uid"
+while [ "$(stat -c %u /proc/$!)" != "$uid" ]; do :; done
+/usr/bin/python3 -c 'import time; time.sleep(600)' --id "$id" & echo $! > "{o}/clone-as-root"
+exit 1
+"#,
+                m = mount.display(),
+                o = out.display(),
+                gid = jail::GID,
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let jail = Jail::new(script, &state, 28, &[]).unwrap();
+        let spawn = JailedSpawn {
+            jail: &jail,
+            firecracker: Path::new("/bin/false"),
+            files: &[],
+            guest_memory_mb: 256,
+            vcpus: 1,
+        };
+        let id = "0123456789abcdef-0";
+        let err = Vmm::spawn_jailed(&spawn, id, "test".into(), None)
+            .err()
+            .expect("the jailer failed");
+        assert!(matches!(err, VmmError::Exited { .. }), "{err}");
+        for name in ["in-cgroup", "as-uid", "clone-as-root"] {
+            let pid = fs::read_to_string(out.join(name)).unwrap();
+            let pid = pid.trim();
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "the {name} stand-in (pid {pid}) outlived the failed jailer"
+            );
+        }
+        let cg = jail.cgroups.as_ref().unwrap();
+        assert!(!cg.dir(id).exists(), "the VMM's cgroup is left");
+        let _ = fs::remove_dir(cg.mount.join(&cg.parent));
+        drop(jail);
+        fs::remove_dir_all(&state).unwrap();
+    }
 
     /// The real jailer and Firecracker on this host (no guest is started, so
     /// KVM need not run one): the VMM serves its API from inside the jail as

@@ -22,11 +22,23 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Fsyncs `tmp` and renames it to `dir/name`; returns its length.
+/// Fsyncs `tmp` and renames it to `dir/name`; returns its length. `tmp`
+/// must be a plain file (a symbolic link is not followed, nor published).
 pub fn publish(tmp: &Path, dir: &Path, name: &str) -> io::Result<u64> {
-    let f = fs::File::open(tmp)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(tmp)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a plain file", tmp.display()),
+        ));
+    }
     f.sync_all()?;
-    let len = f.metadata()?.len();
+    let len = m.len();
     fs::rename(tmp, dir.join(name))?;
     Ok(len)
 }
@@ -94,7 +106,7 @@ mod tests {
     }
 
     #[test]
-    fn atomic_writes_leave_no_temp_file_and_tails_are_bounded() {
+    fn atomic_writes_leave_no_temp_file_and_publish_takes_only_plain_files() {
         let dir = std::env::temp_dir().join(format!("hearth-vmfiles-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
@@ -106,6 +118,10 @@ mod tests {
         fs::write(dir.join("t"), b"x").unwrap();
         assert_eq!(publish(&dir.join("t"), &dir, "p").unwrap(), 1);
         assert!(dir.join("p").is_file() && !dir.join("t").exists());
+        // A link (say to a host file) is neither followed nor published.
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("l")).unwrap();
+        assert!(publish(&dir.join("l"), &dir, "q").is_err());
+        assert!(!dir.join("q").exists());
         {
             let _r = RemoveOnDrop(vec![dir.join("p")]);
         }

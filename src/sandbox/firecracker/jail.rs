@@ -37,7 +37,7 @@ use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -316,12 +316,14 @@ pub fn link_in(root: &Path, src: &Path) -> io::Result<PathBuf> {
     let name = PathBuf::from(src.file_name().ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, "a path without a file name")
     })?);
-    let m = fs::metadata(src)?;
+    // On the opened file, never through a link: the inode is shared with
+    // jails whose VMMs may not be trusted.
+    let (f, m) = open_plain(src)?;
     if m.gid() != GID || m.uid() != 0 {
-        std::os::unix::fs::chown(src, Some(0), Some(GID))?;
+        std::os::unix::fs::fchown(&f, Some(0), Some(GID))?;
     }
     if m.mode() & 0o7777 != 0o640 {
-        fs::set_permissions(src, fs::Permissions::from_mode(0o640))?;
+        f.set_permissions(fs::Permissions::from_mode(0o640))?;
     }
     fs::hard_link(src, root.join(&name)).map_err(|e| {
         if e.raw_os_error() == Some(libc::EXDEV) {
@@ -340,20 +342,58 @@ pub fn link_in(root: &Path, src: &Path) -> io::Result<PathBuf> {
     Ok(name)
 }
 
+/// Opens `path` for reading without following a symbolic link or blocking
+/// on a FIFO, and checks that it is a plain file.
+pub fn open_plain(path: &Path) -> io::Result<(fs::File, fs::Metadata)> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a plain file", path.display()),
+        ));
+    }
+    Ok((f, m))
+}
+
 /// Takes a file the jailed VMM wrote out of its root: it must be a plain
 /// file with one link (not a link the VMM made to something else); it becomes
 /// root's, group [`GID`], mode 0640, and is renamed to `to` (same filesystem).
+/// Everything is checked and changed on the opened file, and `to` must be
+/// that file after the rename: the VMM may swap the name meanwhile.
 pub fn take_out(from: &Path, to: &Path) -> io::Result<()> {
-    let m = fs::symlink_metadata(from)?;
-    if !m.file_type().is_file() || m.nlink() != 1 {
-        return Err(io::Error::new(
+    let not_own = |what: &str| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is not a plain file of its own", from.display()),
-        ));
+            format!("{} {what}", from.display()),
+        )
+    };
+    let (f, m) = open_plain(from)?;
+    if m.nlink() != 1 {
+        return Err(not_own("is not a plain file of its own"));
     }
-    std::os::unix::fs::lchown(from, Some(0), Some(GID))?;
-    fs::set_permissions(from, fs::Permissions::from_mode(0o640))?;
-    fs::rename(from, to)
+    std::os::unix::fs::fchown(&f, Some(0), Some(GID))?;
+    f.set_permissions(fs::Permissions::from_mode(0o640))?;
+    fs::rename(from, to)?;
+    let moved = fs::symlink_metadata(to)?;
+    if moved.dev() != m.dev() || moved.ino() != m.ino() || f.metadata()?.nlink() != 1 {
+        let _ = fs::remove_file(to);
+        return Err(not_own("was replaced or linked while being taken out"));
+    }
+    Ok(())
+}
+
+/// The pid in a jail's `firecracker.pid`, a file the VMM's uid may replace:
+/// not followed if a link, not waited on if a FIFO, at most 32 bytes read.
+pub fn read_pid_file(path: &Path) -> Option<i32> {
+    use std::io::Read;
+    let (f, _) = open_plain(path).ok()?;
+    let mut text = String::new();
+    f.take(32).read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
 }
 
 /// Removes cgroup `dir` once its processes are gone, waiting up to `wait`.
@@ -555,11 +595,7 @@ pub fn sweep(base: &Path, cgroups: Option<&Cgroups>) {
     if let Ok(entries) = fs::read_dir(&jails) {
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
-            let pid_file = e.path().join("root/firecracker.pid");
-            let Some(pid) = fs::read_to_string(pid_file)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            else {
+            let Some(pid) = read_pid_file(&e.path().join("root/firecracker.pid")) else {
                 continue;
             };
             if pid > 1 && is_jailed_vmm(pid, &id) {
@@ -719,6 +755,64 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", &out).unwrap();
         assert!(take_out(&out, &dir.join("x")).is_err());
         assert!(!dir.join("x").exists());
+        // A FIFO is refused without waiting for a writer.
+        fs::remove_file(&out).unwrap();
+        mkfifo(&out);
+        assert!(take_out(&out, &dir.join("x")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// Files a VMM's uid can replace are opened, never followed: a link in
+    /// place of a file linked in, or of the pid file, is refused, and a FIFO
+    /// pid file does not hang the sweep (before, both were followed/read).
+    #[test]
+    fn links_and_fifos_in_place_of_jail_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("hearth-jailf-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        fs::create_dir_all(&root).unwrap();
+        let victim = dir.join("host-file");
+        fs::write(&victim, b"secret").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.join("fc.mem");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(link_in(&root, &link).is_err());
+        let m = fs::metadata(&victim).unwrap();
+        assert_eq!(
+            (m.gid(), m.mode() & 0o7777),
+            (0, 0o600),
+            "the target was changed"
+        );
+        assert!(!root.join("fc.mem").exists());
+
+        let pid_file = root.join("firecracker.pid");
+        fs::write(&pid_file, b"4242\n").unwrap();
+        assert_eq!(read_pid_file(&pid_file), Some(4242));
+        fs::remove_file(&pid_file).unwrap();
+        mkfifo(&pid_file);
+        let t = Instant::now();
+        assert_eq!(read_pid_file(&pid_file), None);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        fs::remove_file(&pid_file).unwrap();
+        fs::write(dir.join("pid"), b"77").unwrap();
+        std::os::unix::fs::symlink(dir.join("pid"), &pid_file).unwrap();
+        assert_eq!(read_pid_file(&pid_file), None);
+        fs::remove_file(&pid_file).unwrap();
+        fs::write(&pid_file, "1".repeat(1 << 20)).unwrap();
+        assert_eq!(read_pid_file(&pid_file), None);
+        // The sweep reads that FIFO too, and returns.
+        fs::remove_file(&pid_file).unwrap();
+        let jails = dir.join("base");
+        fs::create_dir_all(jails.join("firecracker/abc/root")).unwrap();
+        mkfifo(&jails.join("firecracker/abc/root/firecracker.pid"));
+        sweep(&jails, None);
+        assert!(!jails.join("firecracker").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

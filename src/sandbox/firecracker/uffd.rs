@@ -24,7 +24,6 @@
 //! bounded by the number of instances.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -287,9 +286,9 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Maps `path` read-only.
+    /// Maps `path` read-only: a plain file, not reached through a link.
     pub fn open(path: &Path) -> io::Result<Memory> {
-        let file = File::open(path)?;
+        let (file, _) = super::jail::open_plain(path)?;
         // SAFETY: the memory file is never written in place: a new snapshot
         // replaces it by rename, and this mapping keeps the old inode.
         let map = unsafe { Mmap::map(&file)? };

@@ -311,14 +311,10 @@ impl Vmm {
             });
         }
         let pid_file = root.join("firecracker.pid");
-        let pid: i32 = fs::read_to_string(&pid_file)
-            .map_err(io_at(format!("read {}", pid_file.display())))?
-            .trim()
-            .parse()
-            .map_err(|_| VmmError::Io {
-                what: format!("read {}", pid_file.display()),
-                err: io::ErrorKind::InvalidData.into(),
-            })?;
+        let pid = jail::read_pid_file(&pid_file).ok_or_else(|| VmmError::Io {
+            what: format!("read {}", pid_file.display()),
+            err: io::ErrorKind::InvalidData.into(),
+        })?;
         vmm.proc = Proc::Jailed { pid, status: None };
         // Ours to reap (subreaper) — or not ours at all, then no VMM to speak to.
         vmm.accounted = false;

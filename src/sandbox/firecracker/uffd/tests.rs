@@ -4,6 +4,7 @@
 //! the mapping while the fault thread serves it from a memory file.
 
 use super::*;
+use std::fs::File;
 use std::io::Write;
 use std::os::unix::net::UnixStream;
 
@@ -333,5 +334,19 @@ fn a_lazy_fault_brings_in_the_rest_of_its_block() {
     assert!(reg.faults() <= 10, "{} faults", reg.faults());
     drop(vmm);
     drop(reg);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The memory file is mapped only if it is a plain file reached without a
+/// link (hearth must not map a host file a VMM linked in its place).
+#[test]
+fn a_memory_file_behind_a_link_is_not_mapped() {
+    let dir = std::env::temp_dir().join(format!("hearth-uffd-link-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join("real"), vec![1u8; 4096]).unwrap();
+    assert_eq!(Memory::open(&dir.join("real")).unwrap().len(), 4096);
+    std::os::unix::fs::symlink(dir.join("real"), dir.join("fc.mem")).unwrap();
+    assert!(Memory::open(&dir.join("fc.mem")).is_err());
     std::fs::remove_dir_all(&dir).unwrap();
 }

@@ -501,3 +501,65 @@ fn qemu_clones_do_not_share_random_state() {
     s.stop();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A guest writing to its serial console without end fills at most the
+/// capped log (`console.log`: head, a note of what was dropped, the latest
+/// output), not the state directory's filesystem; before, every byte went to
+/// the file.
+#[test]
+fn a_guest_flooding_its_console_leaves_a_capped_log() {
+    require_qemu!();
+    let dir = common::temp_dir("qemu-console");
+    let s = Hearth::start(
+        &dir.join("state"),
+        &dir.join("serve.log"),
+        &["--cores", "1"],
+    );
+    let id = s.deploy("behave", "timeout_ms=120000");
+    let kb = 2048;
+    let r = s.get(&format!("/f/{id}/console?kb={kb}"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), s.stderr());
+    eprintln!("{kb} KiB to the console: {}", r.text());
+    let stderr = s.stderr();
+    let run_dir = stderr
+        .lines()
+        .find_map(|l| {
+            l.split_once(", run dir ")
+                .map(|(_, d)| PathBuf::from(d.trim()))
+        })
+        .unwrap_or_else(|| panic!("no run dir in:\n{stderr}"));
+    // The drain thread may still be moving the last bytes.
+    std::thread::sleep(Duration::from_millis(500));
+    let logs: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(&run_dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.to_string_lossy().contains(&format!("/{id}-")))
+        .filter_map(|p| Some((p.join("console.log"), fs::read(p.join("console.log")).ok()?)))
+        .collect();
+    for (path, text) in &logs {
+        assert!(
+            text.len() as u64 <= hearth::sandbox::vmlog::FILE_BYTES_MAX,
+            "{} bytes in {}",
+            text.len(),
+            path.display()
+        );
+    }
+    let flooded: Vec<String> = logs
+        .iter()
+        .map(|(_, t)| String::from_utf8_lossy(t).into_owned())
+        .filter(|t| t.contains("bytes of output dropped]"))
+        .collect();
+    assert_eq!(
+        flooded.len(),
+        1,
+        "{:?}",
+        logs.iter().map(|l| (&l.0, l.1.len())).collect::<Vec<_>>()
+    );
+    assert!(
+        flooded[0].trim_end().ends_with("xxxx"),
+        "the latest output is kept"
+    );
+    s.stop();
+    let _ = fs::remove_dir_all(&dir);
+}

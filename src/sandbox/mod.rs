@@ -8,7 +8,7 @@
 //! - [`qemu`]: microVMs restored from a migration snapshot, controlled over QMP.
 //! - [`firecracker`]: Firecracker microVMs restored from a Full snapshot, with
 //!   the agent's channel on vsock; [`vmfiles`] holds the file chores both VM
-//!   backends share.
+//!   backends share, [`vmlog`] their capped logs (VMM output, guest console).
 //!
 //! All start the same runtime root ([`crate::runtime`]) and greet the agent
 //! with the same [`handshake`]; this module holds the seam between them and
@@ -22,6 +22,7 @@ pub mod process;
 pub mod qemu;
 pub mod runtime_api;
 pub mod vmfiles;
+pub mod vmlog;
 
 use std::os::fd::OwnedFd;
 use std::path::PathBuf;

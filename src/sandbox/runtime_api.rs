@@ -27,8 +27,12 @@ use crate::sandbox::handshake::{self, OutputTail};
 use crate::sandbox::{InitLogs, StartError};
 use crate::spec::FunctionSpec;
 
-/// Longest a write to a Runtime API connection may stall during start-up.
+/// Longest a write to a Runtime API connection may stall during start-up
+/// (and never past the start-up deadline).
 const START_WRITE_TIMEOUT_MS: i32 = 10_000;
+/// Connections accepted per turn of the start-up loop (a runtime connecting
+/// without pause cannot keep one turn going).
+const ACCEPTS_PER_TURN: usize = 64;
 /// Bytes read from one fd per turn of the start-up loop.
 const READ_BYTES: usize = 64 << 10;
 /// LOG frame bodies are cut at this size (as the relay's).
@@ -141,10 +145,12 @@ pub fn start(
 ) -> Result<(Served, f64, InitLogs), StartError> {
     let [listener, out, err] = fds;
     set_nonblocking(channel.as_raw_fd()).map_err(|e| StartError::io("channel", e))?;
+    // Every wait below ends by this deadline, within a turn too.
+    let deadline = Instant::now() + timeout;
     let hello_meta = handshake::hello_meta(spec);
     let mut hello = Vec::new();
     protocol::encode(&mut hello, FrameType::Hello, 0, 0, &hello_meta, &[]);
-    write_all(channel.as_raw_fd(), &hello, START_WRITE_TIMEOUT_MS)
+    write_all(channel.as_raw_fd(), &hello, deadline)
         .map_err(|e| StartError::io("send hello", e))?;
     let mut served = Served {
         session: Session::new(kind, crate::util::random::random_u64()),
@@ -165,9 +171,9 @@ pub fn start(
         ),
         decoder: FrameDecoder::new(),
         buf: vec![0; READ_BYTES],
+        deadline,
     };
     run.on_hello(&hello_meta)?;
-    let deadline = Instant::now() + timeout;
     loop {
         if let Some(done) = run.outcome()? {
             let logs = run.logs.into_lines();
@@ -187,6 +193,8 @@ struct Starting<'a> {
     logs: OutputTail,
     decoder: FrameDecoder,
     buf: Vec<u8>,
+    /// The end of start-up: no wait goes past it.
+    deadline: Instant,
 }
 
 impl Starting<'_> {
@@ -195,6 +203,7 @@ impl Starting<'_> {
         let mut io = StartIo {
             conns: &mut s.conns,
             frames: &mut s.frames,
+            until: self.deadline,
         };
         s.session
             .on_frame(&mut io, FrameType::Hello, 0, meta, Vec::new())
@@ -291,6 +300,7 @@ impl Starting<'_> {
         let mut io = StartIo {
             conns: &mut s.conns,
             frames: &mut s.frames,
+            until: self.deadline,
         };
         match got {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
@@ -306,7 +316,13 @@ impl Starting<'_> {
     }
 
     fn accept(&mut self) -> Result<(), StartError> {
-        while let Some(fd) = accept(self.served.listener.as_raw_fd()) {
+        for _ in 0..ACCEPTS_PER_TURN {
+            if Instant::now() >= self.deadline {
+                break;
+            }
+            let Some(fd) = accept(self.served.listener.as_raw_fd()) else {
+                break;
+            };
             let s = &mut *self.served;
             let Some(i) = s.session.open() else {
                 continue; // over the limit: dropping closes it
@@ -329,6 +345,7 @@ impl Starting<'_> {
         let mut io = StartIo {
             conns: &mut s.conns,
             frames: &mut s.frames,
+            until: self.deadline,
         };
         match got {
             Ok(0) => {
@@ -362,10 +379,11 @@ impl Starting<'_> {
 }
 
 /// The session's outputs during start-up: frames are collected, connection
-/// writes block (within [`START_WRITE_TIMEOUT_MS`]).
+/// writes block (within [`START_WRITE_TIMEOUT_MS`] and until `until`).
 struct StartIo<'a> {
     conns: &'a mut Vec<Option<OwnedFd>>,
     frames: &'a mut Vec<u8>,
+    until: Instant,
 }
 
 impl Io for StartIo<'_> {
@@ -383,7 +401,7 @@ impl Io for StartIo<'_> {
 
     fn write(&mut self, conn: ConnId, bytes: &[u8]) -> bool {
         match self.conns.get(conn).and_then(Option::as_ref) {
-            Some(fd) => write_all(fd.as_raw_fd(), bytes, START_WRITE_TIMEOUT_MS).is_ok(),
+            Some(fd) => write_all(fd.as_raw_fd(), bytes, self.until).is_ok(),
             None => false,
         }
     }
@@ -426,8 +444,9 @@ fn read(fd: RawFd, buf: &mut [u8]) -> io::Result<usize> {
     }
 }
 
-/// Writes all of `buf` to a non-blocking fd, waiting for room up to `timeout_ms` each time.
-fn write_all(fd: RawFd, mut buf: &[u8], timeout_ms: i32) -> io::Result<()> {
+/// Writes all of `buf` to a non-blocking fd, waiting for room up to
+/// [`START_WRITE_TIMEOUT_MS`] each time and never past `until`.
+fn write_all(fd: RawFd, mut buf: &[u8], until: Instant) -> io::Result<()> {
     while !buf.is_empty() {
         // SAFETY: writing from a buffer we own; MSG_NOSIGNAL avoids SIGPIPE.
         let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), libc::MSG_NOSIGNAL) };
@@ -439,13 +458,15 @@ fn write_all(fd: RawFd, mut buf: &[u8], timeout_ms: i32) -> io::Result<()> {
         match e.kind() {
             io::ErrorKind::Interrupted => {}
             io::ErrorKind::WouldBlock => {
+                let left = until.saturating_duration_since(Instant::now());
+                let ms = left.as_millis().min(START_WRITE_TIMEOUT_MS as u128) as i32;
                 let mut p = libc::pollfd {
                     fd,
                     events: libc::POLLOUT,
                     revents: 0,
                 };
                 // SAFETY: poll on one valid descriptor.
-                if unsafe { libc::poll(&mut p, 1, timeout_ms) } == 0 {
+                if ms == 0 || unsafe { libc::poll(&mut p, 1, ms) } == 0 {
                     return Err(io::Error::new(io::ErrorKind::TimedOut, "write stalled"));
                 }
             }
@@ -563,5 +584,50 @@ mod tests {
         std::io::Write::write_all(&mut &agent, b"HRTH").unwrap();
         let e = receive_fds(host.as_fd(), wait).err().unwrap();
         assert!(e.to_string().contains("got 0"), "{e}");
+    }
+
+    /// A runtime that sends requests without end and never reads the answers
+    /// cannot hold the starting thread past the start-up deadline: the
+    /// answers' writes end with it (before, each write waited up to 10 s).
+    #[test]
+    fn a_runtime_that_never_reads_its_answers_fails_at_the_deadline() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (out, _o) = UnixStream::pair().unwrap();
+        let (err, _e) = UnixStream::pair().unwrap();
+        let (host, _agent) = UnixStream::pair().unwrap();
+        let runtime = std::thread::spawn(move || {
+            let mut c = std::net::TcpStream::connect(addr).unwrap();
+            c.set_write_timeout(Some(Duration::from_secs(30))).unwrap();
+            let requests = b"GET /nope HTTP/1.1\r\nHost: x\r\n\r\n".repeat(256);
+            while std::io::Write::write_all(&mut c, &requests).is_ok() {}
+        });
+        let spec = FunctionSpec {
+            id: "0123456789abcdef".into(),
+            handler: "bootstrap".into(),
+            memory_mb: 128,
+            timeout_ms: 3000,
+            concurrency: 1,
+            env: Vec::new(),
+            created_ms: 0,
+            code_bytes: 0,
+            backend: "process".into(),
+            name: None,
+            service: Default::default(),
+            runtime: Default::default(),
+        };
+        let fds = [listener.into(), out.into(), err.into()];
+        let timeout = Duration::from_secs(1);
+        let t = Instant::now();
+        let r = start(host.into(), fds, Kind::Provided, &spec, timeout);
+        let took = t.elapsed();
+        assert!(
+            matches!(r, Err(StartError::NotReady { .. })),
+            "{:?}",
+            r.err()
+        );
+        assert!(took < Duration::from_secs(3), "start took {took:?}");
+        runtime.join().unwrap();
     }
 }

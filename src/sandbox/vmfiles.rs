@@ -1,11 +1,10 @@
 //! File chores shared by the microVM backends (QEMU and Firecracker):
 //! publishing snapshot files (fsync, rename, fsync the directory), removing
-//! half-written ones, warming the page cache for restores, quoting the end of
-//! a VMM's log, a Unix socket path's length check, and the private memory of
-//! a VMM process.
+//! half-written ones, warming the page cache for restores, a Unix socket
+//! path's length check, and the private memory of a VMM process.
 
 use std::fs;
-use std::io::{self, Read, Seek, SeekFrom, Write};
+use std::io::{self, Write};
 use std::path::{Path, PathBuf};
 
 /// Longest Unix socket path (sun_path holds 108 bytes with the NUL).
@@ -22,11 +21,23 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Fsyncs `tmp` and renames it to `dir/name`; returns its length.
+/// Fsyncs `tmp` and renames it to `dir/name`; returns its length. `tmp`
+/// must be a plain file (a symbolic link is not followed, nor published).
 pub fn publish(tmp: &Path, dir: &Path, name: &str) -> io::Result<u64> {
-    let f = fs::File::open(tmp)?;
+    use std::os::unix::fs::OpenOptionsExt;
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(tmp)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a plain file", tmp.display()),
+        ));
+    }
     f.sync_all()?;
-    let len = f.metadata()?.len();
+    let len = m.len();
     fs::rename(tmp, dir.join(name))?;
     Ok(len)
 }
@@ -52,16 +63,35 @@ pub fn prefetch(path: &Path) {
     }
 }
 
-/// The last `bytes` of a file, lossily decoded.
-pub fn tail(path: &Path, bytes: u64) -> String {
-    let Ok(mut f) = fs::File::open(path) else {
-        return String::new();
-    };
-    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
-    let _ = f.seek(SeekFrom::Start(len.saturating_sub(bytes)));
-    let mut buf = Vec::new();
-    let _ = f.take(bytes).read_to_end(&mut buf);
-    String::from_utf8_lossy(&buf).into_owned()
+/// Extra bytes a VM directory adds to its backend's run directory in socket
+/// paths ("/<16 hex>-<role><seq>/agent.sock" and the like).
+pub const RUN_DIR_SOCKET_SUFFIX_BYTES: usize = 48;
+
+/// The run directory of a VM backend (VM directories: sockets, logs), empty
+/// and private (mode 0700): `preferred` (in the state directory; an earlier
+/// server's leftovers there are removed), or, if socket paths under it would
+/// not fit `sun_path`, a fresh `<tmp>/hearth-<name>-XXXXXX` made by
+/// `mkdtemp(3)`: never a directory another local user could have made first.
+pub fn private_run_dir(preferred: &Path, name: &str) -> io::Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    if preferred.as_os_str().len() + RUN_DIR_SOCKET_SUFFIX_BYTES <= SOCKET_PATH_BYTES_MAX {
+        let _ = fs::remove_dir_all(preferred);
+        fs::create_dir_all(preferred)?;
+        fs::set_permissions(preferred, fs::Permissions::from_mode(0o700))?;
+        return Ok(preferred.to_path_buf());
+    }
+    let template = std::env::temp_dir().join(format!("hearth-{name}-XXXXXX"));
+    let mut bytes = template.into_os_string().into_encoded_bytes();
+    bytes.push(0);
+    // SAFETY: mkdtemp rewrites the NUL-terminated template in place.
+    if unsafe { libc::mkdtemp(bytes.as_mut_ptr().cast()) }.is_null() {
+        return Err(io::Error::last_os_error());
+    }
+    bytes.pop();
+    // SAFETY: mkdtemp only replaced ASCII X's with ASCII characters.
+    Ok(PathBuf::from(unsafe {
+        std::ffi::OsString::from_encoded_bytes_unchecked(bytes)
+    }))
 }
 
 /// Whether `path` fits a Unix socket address.
@@ -93,19 +123,57 @@ mod tests {
         assert!(!socket_path_fits(Path::new(&"a".repeat(108))));
     }
 
+    /// A state directory too deep for socket paths gets a fresh private run
+    /// directory in /tmp each time (never a name another user could take
+    /// first); a short one gets its own, emptied and private.
     #[test]
-    fn atomic_writes_leave_no_temp_file_and_tails_are_bounded() {
+    fn run_dirs_are_private_and_fresh() {
+        use std::os::unix::fs::{MetadataExt, PermissionsExt};
+        let base = std::env::temp_dir().join(format!("hearth-rundir-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&base);
+        let short = base.join("run");
+        fs::create_dir_all(&short).unwrap();
+        fs::write(short.join("stale.log"), b"x").unwrap();
+        assert_eq!(private_run_dir(&short, "t").unwrap(), short);
+        assert_eq!(fs::read_dir(&short).unwrap().count(), 0);
+        let deep = base.join("d".repeat(100));
+        let (a, b) = (
+            private_run_dir(&deep, "t").unwrap(),
+            private_run_dir(&deep, "t").unwrap(),
+        );
+        assert_ne!(a, b);
+        for d in [&short, &a, &b] {
+            let m = fs::symlink_metadata(d).unwrap();
+            assert!(m.is_dir());
+            assert_eq!(m.permissions().mode() & 0o777, 0o700, "{}", d.display());
+            // SAFETY: geteuid has no preconditions.
+            assert_eq!(m.uid(), unsafe { libc::geteuid() });
+        }
+        assert!(a.starts_with(std::env::temp_dir()));
+        assert!(a.to_string_lossy().contains("/hearth-t-"));
+        assert!(socket_path_fits(
+            &a.join("x".repeat(RUN_DIR_SOCKET_SUFFIX_BYTES))
+        ));
+        fs::remove_dir(&a).unwrap();
+        fs::remove_dir(&b).unwrap();
+        fs::remove_dir_all(&base).unwrap();
+    }
+
+    #[test]
+    fn atomic_writes_leave_no_temp_file_and_publish_takes_only_plain_files() {
         let dir = std::env::temp_dir().join(format!("hearth-vmfiles-{}", std::process::id()));
         let _ = fs::remove_dir_all(&dir);
         fs::create_dir_all(&dir).unwrap();
         write_atomic(&dir, "m.json", b"0123456789").unwrap();
         assert_eq!(fs::read(dir.join("m.json")).unwrap(), b"0123456789");
         assert!(!dir.join(".m.json.tmp").exists());
-        assert_eq!(tail(&dir.join("m.json"), 3), "789");
-        assert_eq!(tail(&dir.join("none"), 3), "");
         fs::write(dir.join("t"), b"x").unwrap();
         assert_eq!(publish(&dir.join("t"), &dir, "p").unwrap(), 1);
         assert!(dir.join("p").is_file() && !dir.join("t").exists());
+        // A link (say to a host file) is neither followed nor published.
+        std::os::unix::fs::symlink("/etc/hostname", dir.join("l")).unwrap();
+        assert!(publish(&dir.join("l"), &dir, "q").is_err());
+        assert!(!dir.join("q").exists());
         {
             let _r = RemoveOnDrop(vec![dir.join("p")]);
         }

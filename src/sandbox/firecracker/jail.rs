@@ -11,7 +11,8 @@
 //! filesystem ([`Jail::new`] checks). Inside, Firecracker is given paths
 //! relative to its root (a file's name); hearth reaches the API socket and
 //! the vsock socket at `<root>/run/…` from outside. The VMM's log is the
-//! jailer's stdout/stderr, written to `<base>/firecracker/<id>/firecracker.log`,
+//! jailer's stdout/stderr, a pipe hearth drains into the capped
+//! `<base>/firecracker/<id>/firecracker.log` ([`crate::sandbox::vmlog`]),
 //! outside the root.
 //!
 //! Identity: each VMM gets a uid of its own leased from [`UID_BASE`]..
@@ -31,10 +32,12 @@
 //! and removes the old jails and cgroups. A VMM's jail and cgroup go when it
 //! is dropped ([`super::vmm::Vmm`]).
 
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -72,6 +75,9 @@ pub const ID_BYTES_MAX: usize = 64;
 pub const JAILER_TIMEOUT: Duration = Duration::from_secs(30);
 /// How long to wait for leftover VMMs to die at start-up.
 const SWEEP_WAIT: Duration = Duration::from_secs(5);
+/// How long a VMM's processes get to die when it goes, before its uid is
+/// written off (never leased again) for something of it may still run.
+pub const KILL_WAIT: Duration = Duration::from_secs(2);
 /// Controllers whose limits are set, if the hierarchy has them.
 const CONTROLLERS: [&str; 3] = ["memory", "cpu", "pids"];
 
@@ -310,12 +316,14 @@ pub fn link_in(root: &Path, src: &Path) -> io::Result<PathBuf> {
     let name = PathBuf::from(src.file_name().ok_or_else(|| {
         io::Error::new(io::ErrorKind::InvalidInput, "a path without a file name")
     })?);
-    let m = fs::metadata(src)?;
+    // On the opened file, never through a link: the inode is shared with
+    // jails whose VMMs may not be trusted.
+    let (f, m) = open_plain(src)?;
     if m.gid() != GID || m.uid() != 0 {
-        std::os::unix::fs::chown(src, Some(0), Some(GID))?;
+        std::os::unix::fs::fchown(&f, Some(0), Some(GID))?;
     }
     if m.mode() & 0o7777 != 0o640 {
-        fs::set_permissions(src, fs::Permissions::from_mode(0o640))?;
+        f.set_permissions(fs::Permissions::from_mode(0o640))?;
     }
     fs::hard_link(src, root.join(&name)).map_err(|e| {
         if e.raw_os_error() == Some(libc::EXDEV) {
@@ -334,20 +342,58 @@ pub fn link_in(root: &Path, src: &Path) -> io::Result<PathBuf> {
     Ok(name)
 }
 
+/// Opens `path` for reading without following a symbolic link or blocking
+/// on a FIFO, and checks that it is a plain file.
+pub fn open_plain(path: &Path) -> io::Result<(fs::File, fs::Metadata)> {
+    let f = fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
+        .open(path)?;
+    let m = f.metadata()?;
+    if !m.file_type().is_file() {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("{} is not a plain file", path.display()),
+        ));
+    }
+    Ok((f, m))
+}
+
 /// Takes a file the jailed VMM wrote out of its root: it must be a plain
 /// file with one link (not a link the VMM made to something else); it becomes
 /// root's, group [`GID`], mode 0640, and is renamed to `to` (same filesystem).
+/// Everything is checked and changed on the opened file, and `to` must be
+/// that file after the rename: the VMM may swap the name meanwhile.
 pub fn take_out(from: &Path, to: &Path) -> io::Result<()> {
-    let m = fs::symlink_metadata(from)?;
-    if !m.file_type().is_file() || m.nlink() != 1 {
-        return Err(io::Error::new(
+    let not_own = |what: &str| {
+        io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is not a plain file of its own", from.display()),
-        ));
+            format!("{} {what}", from.display()),
+        )
+    };
+    let (f, m) = open_plain(from)?;
+    if m.nlink() != 1 {
+        return Err(not_own("is not a plain file of its own"));
     }
-    std::os::unix::fs::lchown(from, Some(0), Some(GID))?;
-    fs::set_permissions(from, fs::Permissions::from_mode(0o640))?;
-    fs::rename(from, to)
+    std::os::unix::fs::fchown(&f, Some(0), Some(GID))?;
+    f.set_permissions(fs::Permissions::from_mode(0o640))?;
+    fs::rename(from, to)?;
+    let moved = fs::symlink_metadata(to)?;
+    if moved.dev() != m.dev() || moved.ino() != m.ino() || f.metadata()?.nlink() != 1 {
+        let _ = fs::remove_file(to);
+        return Err(not_own("was replaced or linked while being taken out"));
+    }
+    Ok(())
+}
+
+/// The pid in a jail's `firecracker.pid`, a file the VMM's uid may replace:
+/// not followed if a link, not waited on if a FIFO, at most 32 bytes read.
+pub fn read_pid_file(path: &Path) -> Option<i32> {
+    use std::io::Read;
+    let (f, _) = open_plain(path).ok()?;
+    let mut text = String::new();
+    f.take(32).read_to_string(&mut text).ok()?;
+    text.trim().parse().ok()
 }
 
 /// Removes cgroup `dir` once its processes are gone, waiting up to `wait`.
@@ -360,6 +406,168 @@ pub fn remove_cgroup(dir: &Path, wait: Duration) {
             }
             _ => return,
         }
+    }
+}
+
+/// The processes of one VMM: the members of its cgroup and, with `uid`, the
+/// processes running as its uid (a VMM's uid is its own) or carrying its
+/// jail id (`--id <id>`: the jailer, and its clone before it drops to the uid).
+#[derive(Clone, Copy)]
+pub struct Members<'a> {
+    pub cgroup: Option<&'a Path>,
+    pub uid: Option<(u32, &'a str)>,
+}
+
+impl Members<'_> {
+    /// The live processes, and zombies (to reap if they are hearth's).
+    fn find(&self) -> (Vec<i32>, Vec<i32>) {
+        let (mut live, mut zombies) = (Vec::new(), Vec::new());
+        if let Some(cg) = self.cgroup {
+            let procs = fs::read_to_string(cg.join("cgroup.procs")).unwrap_or_default();
+            live.extend(procs.lines().filter_map(|l| l.trim().parse::<i32>().ok()));
+        }
+        if let Some((uid, id)) = self.uid {
+            for e in fs::read_dir("/proc").into_iter().flatten().flatten() {
+                let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else {
+                    continue;
+                };
+                let Some((uids, state)) = proc_uid_state(pid) else {
+                    continue;
+                };
+                if !uids.contains(&uid) && !is_jailed_vmm(pid, id) {
+                    continue;
+                }
+                if state == 'Z' {
+                    zombies.push(pid);
+                } else if !live.contains(&pid) {
+                    live.push(pid);
+                }
+            }
+        }
+        live.retain(|&p| p > 1);
+        (live, zombies)
+    }
+
+    /// Whether `pid` is (still) one of them: checked after pinning it.
+    fn has(&self, pid: i32) -> bool {
+        let in_cgroup = self.cgroup.is_some_and(|cg| {
+            let (Some(id), Some(parent)) = (cg.file_name(), cg.parent().and_then(Path::file_name))
+            else {
+                return false;
+            };
+            let suffix = format!("/{}/{}", parent.to_string_lossy(), id.to_string_lossy());
+            fs::read_to_string(format!("/proc/{pid}/cgroup")).is_ok_and(|c| {
+                c.lines()
+                    .any(|l| l.starts_with("0::") && l.ends_with(&suffix))
+            })
+        });
+        in_cgroup
+            || self.uid.is_some_and(|(uid, id)| {
+                proc_uid_state(pid).is_some_and(|(u, _)| u.contains(&uid)) || is_jailed_vmm(pid, id)
+            })
+    }
+}
+
+/// A process's uids (real, effective, saved, filesystem) and state letter.
+fn proc_uid_state(pid: i32) -> Option<(Vec<u32>, char)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(str::trim)
+    };
+    let uids = field("Uid:")?
+        .split_whitespace()
+        .filter_map(|u| u.parse().ok())
+        .collect();
+    let state = field("State:")?.chars().next()?;
+    Some((uids, state))
+}
+
+/// A pidfd on `pid`, if it is still one of `members` once pinned (so a pid
+/// reused meanwhile is never signalled).
+fn pin(pid: i32, members: Members<'_>) -> Option<OwnedFd> {
+    // SAFETY: plain syscall; a non-negative result is a descriptor we own.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return None;
+    }
+    // SAFETY: `fd` was just returned to us by pidfd_open.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    members.has(pid).then_some(fd)
+}
+
+/// Reaps the pinned process if it is hearth's child and has ended; true once
+/// it has ended (reaped here, or not hearth's to reap).
+fn ended(fd: &OwnedFd) -> bool {
+    // SAFETY: zeroed siginfo is a valid out-parameter for waitid.
+    let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
+    // SAFETY: waitid on a pidfd we own, with a valid siginfo pointer.
+    let r = unsafe {
+        libc::waitid(
+            libc::P_PIDFD,
+            fd.as_raw_fd() as libc::id_t,
+            &mut info,
+            libc::WEXITED | libc::WNOHANG | libc::__WALL,
+        )
+    };
+    if r == 0 {
+        // SAFETY: waitid filled `info` (si_pid 0: still running).
+        return unsafe { info.si_pid() } != 0;
+    }
+    if io::Error::last_os_error().raw_os_error() != Some(libc::ECHILD) {
+        return true;
+    }
+    // Not hearth's child: a pidfd turns readable when its process ends.
+    let mut p = libc::pollfd {
+        fd: fd.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: poll on one valid pollfd, no wait.
+    unsafe { libc::poll(&mut p, 1, 0) == 1 }
+}
+
+/// SIGKILLs every process of a VMM ([`Members`]; a cgroup also through
+/// `cgroup.kill`) and reaps those that are hearth's children (it is their
+/// subreaper). True once none is left; false if one still is after `wait`.
+pub fn kill_members(members: Members<'_>, wait: Duration) -> bool {
+    let deadline = Instant::now() + wait;
+    let mut pinned: HashMap<i32, OwnedFd> = HashMap::new();
+    loop {
+        let (live, zombies) = members.find();
+        for pid in live.iter().chain(&zombies) {
+            if !pinned.contains_key(pid) {
+                if let Some(fd) = pin(*pid, members) {
+                    pinned.insert(*pid, fd);
+                }
+            }
+        }
+        if let Some(cg) = members.cgroup {
+            // Also those forked since the list was read (cgroup v2, Linux 5.14+).
+            let _ = fs::write(cg.join("cgroup.kill"), "1");
+        }
+        for fd in pinned.values() {
+            // SAFETY: signals the process the pidfd refers to.
+            unsafe {
+                libc::syscall(
+                    libc::SYS_pidfd_send_signal,
+                    fd.as_raw_fd(),
+                    libc::SIGKILL,
+                    std::ptr::null::<u8>(),
+                    0,
+                )
+            };
+        }
+        pinned.retain(|_, fd| !ended(fd));
+        if live.is_empty() && pinned.is_empty() {
+            return true;
+        }
+        if Instant::now() >= deadline {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
     }
 }
 
@@ -387,11 +595,7 @@ pub fn sweep(base: &Path, cgroups: Option<&Cgroups>) {
     if let Ok(entries) = fs::read_dir(&jails) {
         for e in entries.flatten() {
             let id = e.file_name().to_string_lossy().into_owned();
-            let pid_file = e.path().join("root/firecracker.pid");
-            let Some(pid) = fs::read_to_string(pid_file)
-                .ok()
-                .and_then(|s| s.trim().parse::<i32>().ok())
-            else {
+            let Some(pid) = read_pid_file(&e.path().join("root/firecracker.pid")) else {
                 continue;
             };
             if pid > 1 && is_jailed_vmm(pid, &id) {
@@ -551,6 +755,64 @@ mod tests {
         std::os::unix::fs::symlink("/etc/passwd", &out).unwrap();
         assert!(take_out(&out, &dir.join("x")).is_err());
         assert!(!dir.join("x").exists());
+        // A FIFO is refused without waiting for a writer.
+        fs::remove_file(&out).unwrap();
+        mkfifo(&out);
+        assert!(take_out(&out, &dir.join("x")).is_err());
+        fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn mkfifo(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+        // SAFETY: mkfifo with a NUL-terminated path.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    }
+
+    /// Files a VMM's uid can replace are opened, never followed: a link in
+    /// place of a file linked in, or of the pid file, is refused, and a FIFO
+    /// pid file does not hang the sweep (before, both were followed/read).
+    #[test]
+    fn links_and_fifos_in_place_of_jail_files_are_refused() {
+        let dir = std::env::temp_dir().join(format!("hearth-jailf-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        let root = dir.join("root");
+        fs::create_dir_all(&root).unwrap();
+        let victim = dir.join("host-file");
+        fs::write(&victim, b"secret").unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o600)).unwrap();
+        let link = dir.join("fc.mem");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        assert!(link_in(&root, &link).is_err());
+        let m = fs::metadata(&victim).unwrap();
+        assert_eq!(
+            (m.gid(), m.mode() & 0o7777),
+            (0, 0o600),
+            "the target was changed"
+        );
+        assert!(!root.join("fc.mem").exists());
+
+        let pid_file = root.join("firecracker.pid");
+        fs::write(&pid_file, b"4242\n").unwrap();
+        assert_eq!(read_pid_file(&pid_file), Some(4242));
+        fs::remove_file(&pid_file).unwrap();
+        mkfifo(&pid_file);
+        let t = Instant::now();
+        assert_eq!(read_pid_file(&pid_file), None);
+        assert!(t.elapsed() < Duration::from_secs(1));
+        fs::remove_file(&pid_file).unwrap();
+        fs::write(dir.join("pid"), b"77").unwrap();
+        std::os::unix::fs::symlink(dir.join("pid"), &pid_file).unwrap();
+        assert_eq!(read_pid_file(&pid_file), None);
+        fs::remove_file(&pid_file).unwrap();
+        fs::write(&pid_file, "1".repeat(1 << 20)).unwrap();
+        assert_eq!(read_pid_file(&pid_file), None);
+        // The sweep reads that FIFO too, and returns.
+        fs::remove_file(&pid_file).unwrap();
+        let jails = dir.join("base");
+        fs::create_dir_all(jails.join("firecracker/abc/root")).unwrap();
+        mkfifo(&jails.join("firecracker/abc/root/firecracker.pid"));
+        sweep(&jails, None);
+        assert!(!jails.join("firecracker").exists());
         fs::remove_dir_all(&dir).unwrap();
     }
 }

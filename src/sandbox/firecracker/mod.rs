@@ -64,7 +64,7 @@ use std::time::{Duration, Instant};
 
 pub use vmm::VmmError;
 
-use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
+use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
 use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::{FcMemory, ServeConfig};
 use crate::guest::images::{self, Guest, RuntimeDrives};
@@ -240,15 +240,11 @@ impl FirecrackerBackend {
         let vmlinux = vmlinux::ensure(&guest.kernel.image, &images::cache_dir(&cfg.state_dir))
             .map_err(|m| SetupError::Host(format!("guest kernel for firecracker: {m}")))?;
         // One server per state directory: a second one would clear the first's VMM directories.
-        let mut run_dir = cfg.state_dir.join("run").join("firecracker");
-        // Socket paths must fit sun_path: "<run>/<16 hex>-<role><seq>/api.sock".
-        if run_dir.as_os_str().len() + 48 > SOCKET_PATH_BYTES_MAX {
-            run_dir = std::env::temp_dir().join(format!("hearth-fc-{}", std::process::id()));
-        }
-        // VMMs of an earlier server are gone (they die with it); so are their directories.
-        let _ = fs::remove_dir_all(&run_dir);
-        fs::create_dir_all(&run_dir).map_err(|err| SetupError::Io {
-            what: format!("create {}", run_dir.display()),
+        // VMs of an earlier server are gone (they die with it); so are their
+        // directories. Socket paths must fit sun_path, else the dir is in /tmp.
+        let preferred = cfg.state_dir.join("run").join("firecracker");
+        let run_dir = private_run_dir(&preferred, "fc").map_err(|err| SetupError::Io {
+            what: format!("create the run directory for {}", preferred.display()),
             err,
         })?;
         let jail = if cfg.jailer {

@@ -24,7 +24,6 @@
 //! bounded by the number of instances.
 
 use std::collections::HashMap;
-use std::fs::File;
 use std::io::{self, Read};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
@@ -236,7 +235,7 @@ fn peer_pid(conn: &UnixStream) -> io::Result<i32> {
     Ok(cred.pid)
 }
 
-/// One `recvmsg` into `buf`, with at most one passed descriptor.
+/// One `recvmsg` into `buf`, keeping at most one passed descriptor.
 fn recv_with_fd(conn: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<OwnedFd>)> {
     // Room for one control message holding one int, aligned as cmsghdr wants.
     let mut control = [0u64; 8];
@@ -267,11 +266,15 @@ fn recv_with_fd(conn: &UnixStream, buf: &mut [u8]) -> io::Result<(usize, Option<
         let mut c = libc::CMSG_FIRSTHDR(&msg);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                let raw: RawFd = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
-                // The descriptor is ours now; a second one would be a protocol error.
-                let owned = OwnedFd::from_raw_fd(raw);
-                if fd.is_none() {
-                    fd = Some(owned);
+                // One message may carry several descriptors: all are ours now,
+                // the first is kept and any other closed (a protocol error).
+                let data = (*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize;
+                let first: *const RawFd = libc::CMSG_DATA(c).cast();
+                for i in 0..data / std::mem::size_of::<RawFd>() {
+                    let owned = OwnedFd::from_raw_fd(std::ptr::read_unaligned(first.add(i)));
+                    if fd.is_none() {
+                        fd = Some(owned);
+                    }
                 }
             }
             c = libc::CMSG_NXTHDR(&msg, c);
@@ -287,9 +290,9 @@ pub struct Memory {
 }
 
 impl Memory {
-    /// Maps `path` read-only.
+    /// Maps `path` read-only: a plain file, not reached through a link.
     pub fn open(path: &Path) -> io::Result<Memory> {
-        let file = File::open(path)?;
+        let (file, _) = super::jail::open_plain(path)?;
         // SAFETY: the memory file is never written in place: a new snapshot
         // replaces it by rename, and this mapping keeps the old inode.
         let map = unsafe { Mmap::map(&file)? };

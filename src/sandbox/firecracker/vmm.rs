@@ -18,7 +18,8 @@ use super::api::{Api, ApiError};
 use super::jail::{self, Jail, JailerArgs};
 use super::uffd::UFFD_SOCK;
 use crate::sandbox::process::uids::{UidLease, UidsExhausted};
-use crate::sandbox::vmfiles::{socket_path_fits, tail};
+use crate::sandbox::vmfiles::socket_path_fits;
+use crate::sandbox::vmlog::{self, VmLog};
 
 /// Bytes of the VMM's log (its own lines and the guest console) quoted in errors.
 const LOG_TAIL_BYTES: u64 = 2048;
@@ -110,7 +111,8 @@ pub struct Vmm {
     /// Private directory: removed with the VMM (jailed: the whole jail).
     dir: PathBuf,
     api_sock: PathBuf,
-    log: PathBuf,
+    /// Its stdout/stderr, which carry the guest's serial console: capped.
+    log: VmLog,
     jailed: Option<Jailed>,
     /// Shown in logs: the function and the instance's role.
     label: String,
@@ -132,13 +134,12 @@ fn io_at(what: String) -> impl FnOnce(io::Error) -> VmmError {
     move |err| VmmError::Io { what, err }
 }
 
-/// The VMM's log file and a second handle on it (stdout and stderr).
-fn open_log(path: &Path) -> Result<(fs::File, fs::File), VmmError> {
-    let log = fs::File::create(path).map_err(io_at(format!("create {}", path.display())))?;
-    let log2 = log
-        .try_clone()
-        .map_err(io_at(format!("dup {}", path.display())))?;
-    Ok((log, log2))
+/// The VMM's capped log ([`vmlog`]) and its pipe for stdout and stderr.
+fn open_log(path: &Path) -> Result<(VmLog, Stdio, Stdio), VmmError> {
+    let what = || format!("create {}", path.display());
+    let (log, pipe) = vmlog::open(path).map_err(io_at(what()))?;
+    let pipe2 = pipe.try_clone().map_err(io_at(what()))?;
+    Ok((log, Stdio::from(pipe), Stdio::from(pipe2)))
 }
 
 /// Moves the child out of the terminal's process group and arranges for it to
@@ -180,16 +181,15 @@ impl Vmm {
         }
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir).map_err(io_at(format!("create {}", dir.display())))?;
-        let log_path = dir.join(LOG_FILE);
-        let (log, log2) = open_log(&log_path)?;
+        let (log, out, err) = open_log(&dir.join(LOG_FILE))?;
         let mut cmd = Command::new(bin);
         cmd.arg("--api-sock")
             .arg(dir.join(API_SOCK))
             .args(["--id", id, "--level", "Warning"])
             .current_dir(cwd)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .stdout(out)
+            .stderr(err);
         detach_and_pin(&mut cmd, core);
         let child = cmd.spawn().map_err(|err| {
             let _ = fs::remove_dir_all(dir);
@@ -202,7 +202,7 @@ impl Vmm {
             proc: Proc::Child(child),
             dir: dir.to_path_buf(),
             api_sock: dir.join(API_SOCK),
-            log: log_path,
+            log,
             jailed: None,
             label,
             accounted: false,
@@ -233,6 +233,14 @@ impl Vmm {
             jail::remove_cgroup(cg, Duration::ZERO);
         }
         let uid = s.jail.lease_uid().map_err(VmmError::Uids)?;
+        fs::create_dir_all(&root).map_err(io_at(format!("create {}", root.display())))?;
+        let (log, out, err) = match open_log(&dir.join(jail::LOG_FILE)) {
+            Ok(l) => l,
+            Err(e) => {
+                let _ = fs::remove_dir_all(&dir);
+                return Err(e);
+            }
+        };
         // From here on, dropping the Vmm removes the jail (and the cgroup).
         let mut vmm = Vmm {
             proc: Proc::Jailed {
@@ -241,7 +249,7 @@ impl Vmm {
             },
             dir: dir.clone(),
             api_sock: root.join(jail::API_SOCK.trim_start_matches('/')),
-            log: dir.join(jail::LOG_FILE),
+            log,
             jailed: Some(Jailed {
                 root: root.clone(),
                 cgroup,
@@ -250,7 +258,6 @@ impl Vmm {
             label,
             accounted: true,
         };
-        fs::create_dir_all(&root).map_err(io_at(format!("create {}", root.display())))?;
         for f in s.files {
             jail::link_in(&root, f).map_err(io_at(format!(
                 "link {} into {}",
@@ -258,7 +265,6 @@ impl Vmm {
                 root.display()
             )))?;
         }
-        let (log, log2) = open_log(&vmm.log)?;
         let uid = vmm.jailed.as_ref().map(|j| j.uid.uid()).unwrap_or(0);
         let args = jail::jailer_args(&JailerArgs {
             id,
@@ -274,8 +280,8 @@ impl Vmm {
         cmd.args(&args)
             .current_dir(&dir)
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2);
+            .stdout(out)
+            .stderr(err);
         detach_and_pin(&mut cmd, core);
         let mut jailer = cmd.spawn().map_err(|err| VmmError::Start {
             bin: s.jail.jailer.clone(),
@@ -305,14 +311,10 @@ impl Vmm {
             });
         }
         let pid_file = root.join("firecracker.pid");
-        let pid: i32 = fs::read_to_string(&pid_file)
-            .map_err(io_at(format!("read {}", pid_file.display())))?
-            .trim()
-            .parse()
-            .map_err(|_| VmmError::Io {
-                what: format!("read {}", pid_file.display()),
-                err: io::ErrorKind::InvalidData.into(),
-            })?;
+        let pid = jail::read_pid_file(&pid_file).ok_or_else(|| VmmError::Io {
+            what: format!("read {}", pid_file.display()),
+            err: io::ErrorKind::InvalidData.into(),
+        })?;
         vmm.proc = Proc::Jailed { pid, status: None };
         // Ours to reap (subreaper) — or not ours at all, then no VMM to speak to.
         vmm.accounted = false;
@@ -448,7 +450,7 @@ impl Vmm {
 
     /// The end of the VMM's log (its messages and the guest console), for errors.
     pub fn log_tail(&self) -> String {
-        let t = tail(&self.log, LOG_TAIL_BYTES);
+        let t = self.log.tail(LOG_TAIL_BYTES);
         if t.trim().is_empty() {
             String::new()
         } else {
@@ -497,9 +499,35 @@ impl Drop for Vmm {
                 }
             }
         }
+        let pid = self.pid();
+        let id = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned());
+        let Some(j) = self.jailed.take() else {
+            let _ = fs::remove_dir_all(&self.dir);
+            return;
+        };
+        // Whatever else runs in the jail: the VMM when the jailer failed after
+        // cloning it (its pid unknown), anything the VMM started. Without a
+        // cgroup, or without the VMM's pid, found by its uid and jail id too.
+        let id = id.unwrap_or_default();
+        let members = jail::Members {
+            cgroup: j.cgroup.as_deref(),
+            uid: (j.cgroup.is_none() || pid <= 0).then(|| (j.uid.uid(), id.as_str())),
+        };
+        let gone = jail::kill_members(members, jail::KILL_WAIT);
         let _ = fs::remove_dir_all(&self.dir);
-        if let Some(cg) = self.jailed.as_ref().and_then(|j| j.cgroup.as_ref()) {
+        if let Some(cg) = &j.cgroup {
             jail::remove_cgroup(cg, Duration::from_millis(500));
+        }
+        if !gone {
+            eprintln!(
+                "hearth: firecracker: a process of the VMM of {} outlived SIGKILL; uid {} is not leased again",
+                self.label,
+                j.uid.uid()
+            );
+            std::mem::forget(j.uid);
         }
     }
 }
@@ -507,6 +535,82 @@ impl Drop for Vmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A jailer that clones its "VMM" and then fails (times out or exits
+    /// non-zero) leaves nothing running: the stand-ins it starts — one in
+    /// the VMM's cgroup as root, one outside it as the VMM's uid, one outside
+    /// it as root with the jail id (a clone before it drops to the uid) — are
+    /// killed and reaped, and the cgroup removed. Before, only the jailer was.
+    #[test]
+    fn a_jailer_failing_after_the_clone_leaves_no_process_behind() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: needs root (cgroups, setpriv)");
+            return;
+        }
+        let mounts = fs::read_to_string("/proc/mounts").unwrap();
+        let Some(mount) = jail::cgroup2_mount(&mounts) else {
+            eprintln!("skipped: no cgroup v2 hierarchy");
+            return;
+        };
+        crate::sandbox::process::set_subreaper();
+        let state = std::env::temp_dir().join(format!("hearth-fcfail-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&state);
+        fs::create_dir_all(&state).unwrap();
+        let out = state.join("out");
+        fs::create_dir_all(&out).unwrap();
+        let script = state.join("jailer.sh");
+        fs::write(
+            &script,
+            format!(
+                r#"#!/bin/sh
+while [ $# -gt 0 ]; do
+  case "$1" in --id) id=$2; shift;; --uid) uid=$2; shift;; --parent-cgroup) parent=$2; shift;; esac
+  shift
+done
+cg="{m}/$parent/$id"
+mkdir -p "$cg" && echo $$ > "$cg/cgroup.procs"
+sleep 600 & echo $! > "{o}/in-cgroup"
+echo $$ > "{m}/$parent/cgroup.procs"
+setpriv --reuid=$uid --regid={gid} --clear-groups sleep 600 & echo $! > "{o}/as-uid"
+while [ "$(stat -c %u /proc/$!)" != "$uid" ]; do :; done
+/usr/bin/python3 -c 'import time; time.sleep(600)' --id "$id" & echo $! > "{o}/clone-as-root"
+exit 1
+"#,
+                m = mount.display(),
+                o = out.display(),
+                gid = jail::GID,
+            ),
+        )
+        .unwrap();
+        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        let jail = Jail::new(script, &state, 28, &[]).unwrap();
+        let spawn = JailedSpawn {
+            jail: &jail,
+            firecracker: Path::new("/bin/false"),
+            files: &[],
+            guest_memory_mb: 256,
+            vcpus: 1,
+        };
+        let id = "0123456789abcdef-0";
+        let err = Vmm::spawn_jailed(&spawn, id, "test".into(), None)
+            .err()
+            .expect("the jailer failed");
+        assert!(matches!(err, VmmError::Exited { .. }), "{err}");
+        for name in ["in-cgroup", "as-uid", "clone-as-root"] {
+            let pid = fs::read_to_string(out.join(name)).unwrap();
+            let pid = pid.trim();
+            assert!(
+                !Path::new(&format!("/proc/{pid}")).exists(),
+                "the {name} stand-in (pid {pid}) outlived the failed jailer"
+            );
+        }
+        let cg = jail.cgroups.as_ref().unwrap();
+        assert!(!cg.dir(id).exists(), "the VMM's cgroup is left");
+        let _ = fs::remove_dir(cg.mount.join(&cg.parent));
+        drop(jail);
+        fs::remove_dir_all(&state).unwrap();
+    }
 
     /// The real jailer and Firecracker on this host (no guest is started, so
     /// KVM need not run one): the VMM serves its API from inside the jail as

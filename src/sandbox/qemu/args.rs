@@ -123,8 +123,9 @@ pub struct VmPlan<'a> {
     pub restore: bool,
 }
 
-/// The QEMU arguments for `plan` (sans-IO: tests check them as data).
-pub fn qemu_args(p: &VmPlan<'_>) -> Vec<OsString> {
+/// The QEMU arguments for `plan`, the guest's serial console written to
+/// `console` (sans-IO: tests check them as data).
+pub fn qemu_args(p: &VmPlan<'_>, console: &Path) -> Vec<OsString> {
     let path = |x: &Path| x.display().to_string();
     // QEMU's option parser reads ",," as a literal comma.
     let opt_path = |x: &Path| path(x).replace(',', ",,");
@@ -183,7 +184,7 @@ pub fn qemu_args(p: &VmPlan<'_>) -> Vec<OsString> {
     a.push("-qmp".into());
     a.push(format!("unix:{},server=on,wait=off", sock("qmp.sock")));
     a.push("-serial".into());
-    a.push(format!("file:{}", sock("console.log")));
+    a.push(format!("file:{}", opt_path(console)));
     if p.restore {
         // The migration capability must be set before the stream is read,
         // so the stream is started over QMP.
@@ -210,7 +211,7 @@ mod tests {
             ram: Path::new("/f/vm.ram"),
             restore,
         };
-        qemu_args(&plan)
+        qemu_args(&plan, Path::new("/proc/self/fd/9"))
             .into_iter()
             .map(|s| s.to_string_lossy().into_owned())
             .collect()
@@ -241,6 +242,8 @@ mod tests {
         assert!(joined.contains("socket,id=agent,path=/run/vm 1/agent.sock,server=on,wait=off"));
         assert!(joined.contains("virtserialport,chardev=agent,name=hearth.agent"));
         assert!(joined.contains("-qmp unix:/run/vm 1/qmp.sock,server=on,wait=off"));
+        // The console goes to hearth's capped log pipe, not a file of its own.
+        assert!(joined.contains("-serial file:/proc/self/fd/9"), "{joined}");
         assert!(joined.contains(
             "-object memory-backend-file,id=pc.ram,size=256M,mem-path=/f/vm.ram,share=on"
         ));
@@ -263,7 +266,7 @@ mod tests {
                 ram: Path::new("/f/vm.ram"),
                 restore: false,
             };
-            let a = qemu_args(&plan);
+            let a = qemu_args(&plan, Path::new("/c.log"));
             (a[1].clone(), a[3].clone(), a[5].clone())
         };
         assert_eq!(

@@ -64,7 +64,7 @@ pub use args::{guest_memory_mb, Accel, Machine, GUEST_DEVICE_WAIT_MS, TMP_MB};
 pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::handshake;
-use super::vmfiles::{prefetch, rss_anon_bytes, SOCKET_PATH_BYTES_MAX};
+use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
 use super::{Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest, RuntimeDrives};
@@ -152,15 +152,11 @@ impl QemuBackend {
         let machine = machine_from_env(accel).map_err(SetupError::Host)?;
         let guest = images::prepare_guest(&cfg.state_dir).map_err(SetupError::Guest)?;
         // One server per state directory: a second one would clear the first's VM directories.
-        let mut run_dir = cfg.state_dir.join("run").join("qemu");
-        // Socket paths must fit sun_path: "<run>/<16 hex>-<seq>/agent.sock".
-        if run_dir.as_os_str().len() + 48 > SOCKET_PATH_BYTES_MAX {
-            run_dir = std::env::temp_dir().join(format!("hearth-qemu-{}", std::process::id()));
-        }
-        // VMs of an earlier server are gone (they die with it); so are their directories.
-        let _ = fs::remove_dir_all(&run_dir);
-        fs::create_dir_all(&run_dir).map_err(|err| SetupError::Io {
-            what: format!("create {}", run_dir.display()),
+        // VMs of an earlier server are gone (they die with it); so are their
+        // directories. Socket paths must fit sun_path, else the dir is in /tmp.
+        let preferred = cfg.state_dir.join("run").join("qemu");
+        let run_dir = private_run_dir(&preferred, "qemu").map_err(|err| SetupError::Io {
+            what: format!("create the run directory for {}", preferred.display()),
             err,
         })?;
         eprintln!(

@@ -5,6 +5,7 @@
 use std::fmt;
 use std::fs;
 use std::io;
+use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -13,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::args::{qemu_args, VmPlan};
 use super::qmp::{Qmp, QmpError};
-use crate::sandbox::vmfiles::tail;
+use crate::sandbox::vmlog::{self, VmLog};
 use crate::util::program::find_program;
 
 /// How long a QEMU asked to `quit` gets before SIGKILL.
@@ -127,6 +128,9 @@ pub fn qemu_version(qemu: &Path) -> Result<String, String> {
 pub(super) struct Vm {
     child: Child,
     dir: PathBuf,
+    /// QEMU's own output (`qemu.log`) and the guest's serial console
+    /// (`console.log`), both capped ([`vmlog`]).
+    logs: [(VmLog, &'static str); 2],
 }
 
 impl Vm {
@@ -144,21 +148,28 @@ impl Vm {
             what: format!("create {}", dir.display()),
             err,
         })?;
-        let log_what = || format!("create {}/qemu.log", dir.display());
-        let log = fs::File::create(dir.join("qemu.log")).map_err(|err| VmError::Io {
-            what: log_what(),
+        let open_log = |name: &str| {
+            let path = dir.join(name);
+            vmlog::open(&path).map_err(|err| VmError::Io {
+                what: format!("create {}", path.display()),
+                err,
+            })
+        };
+        let (qemu_log, out) = open_log("qemu.log")?;
+        let (console_log, console) = open_log("console.log")?;
+        let err = out.try_clone().map_err(|err| VmError::Io {
+            what: "dup the qemu.log pipe".into(),
             err,
         })?;
-        let log2 = log.try_clone().map_err(|err| VmError::Io {
-            what: log_what(),
-            err,
-        })?;
-        let inherit_fd = inherit.map(std::os::fd::AsRawFd::as_raw_fd);
+        // QEMU opens the console pipe by this name (the descriptor is kept across exec).
+        let console_fd = console.as_raw_fd();
+        let console_path = PathBuf::from(format!("/proc/self/fd/{console_fd}"));
+        let inherit_fd = inherit.map(AsRawFd::as_raw_fd);
         let mut cmd = Command::new(qemu);
-        cmd.args(qemu_args(plan))
+        cmd.args(qemu_args(plan, &console_path))
             .stdin(Stdio::null())
-            .stdout(log)
-            .stderr(log2)
+            .stdout(out)
+            .stderr(err)
             // Out of the terminal's process group: Ctrl-C is hearth's to handle.
             .process_group(0);
         // SAFETY: the closure runs between fork and exec and only makes
@@ -168,8 +179,8 @@ impl Vm {
                 // The VM dies with the hearth thread that started it (the
                 // starter threads live as long as the server).
                 libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL, 0, 0, 0);
-                if let Some(fd) = inherit_fd {
-                    // Opened close-on-exec (no other child inherits it); this one keeps it.
+                // Opened close-on-exec (no other child inherits them); this one keeps them.
+                for fd in inherit_fd.into_iter().chain([console_fd]) {
                     if libc::fcntl(fd, libc::F_SETFD, 0) < 0 {
                         return Err(std::io::Error::last_os_error());
                     }
@@ -180,14 +191,22 @@ impl Vm {
                 Ok(())
             });
         }
-        let child = cmd.spawn().map_err(|err| {
+        let spawned = cmd.spawn();
+        // Only QEMU holds the write ends now: its exit ends the pipes.
+        drop(cmd);
+        drop(console);
+        let child = spawned.map_err(|err| {
             let _ = fs::remove_dir_all(&dir);
             VmError::Start {
                 qemu: qemu.to_path_buf(),
                 err,
             }
         })?;
-        Ok(Vm { child, dir })
+        Ok(Vm {
+            child,
+            dir,
+            logs: [(qemu_log, "qemu"), (console_log, "console")],
+        })
     }
 
     pub(super) fn pid(&self) -> i32 {
@@ -231,8 +250,8 @@ impl Vm {
     /// The end of QEMU's own output and of the guest console, for errors.
     pub(super) fn log_tail(&self) -> String {
         let mut out = String::new();
-        for (name, what) in [("qemu.log", "qemu"), ("console.log", "console")] {
-            let t = tail(&self.dir.join(name), LOG_TAIL_BYTES);
+        for (log, what) in &self.logs {
+            let t = log.tail(LOG_TAIL_BYTES);
             if !t.trim().is_empty() {
                 out.push_str(&format!("\n--- {what}:\n{}", t.trim_end()));
             }

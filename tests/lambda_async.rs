@@ -433,3 +433,34 @@ fn failed_events_are_posted_to_the_operators_webhook() {
         .unwrap()
         .contains("boom [7]"));
 }
+
+#[test]
+fn reading_or_deleting_event_settings_makes_no_queue() {
+    require_sandbox!();
+    let s = Server::start(&[]);
+    common::deploy_fixture(&s, "async-events", "name=quiet");
+    let path = "/2019-09-25/functions/quiet/event-invoke-config";
+    for method in ["GET", "DELETE"] {
+        let r = s.control(method, path, &[], b"");
+        assert_eq!(
+            (r.status, r.header("x-amzn-errortype")),
+            (404, Some("ResourceNotFoundException")),
+            "{method}: {}",
+            r.text()
+        );
+    }
+    // A Get racing DeleteFunction would otherwise leave the deleted
+    // function's queue behind, made again.
+    let queue = s.dir.join("state/async/quiet");
+    assert!(!queue.exists(), "{} was made", queue.display());
+    // Setting one makes it.
+    let r = s.control(
+        "PUT",
+        path,
+        &[("content-type", "application/json")],
+        br#"{"MaximumRetryAttempts": 0}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(queue.join("config.json").is_file());
+    assert_eq!(s.control("GET", path, &[], b"").status, 200);
+}

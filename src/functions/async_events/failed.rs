@@ -34,6 +34,17 @@ impl FailedStore {
         FailedStore::open_bounded(dir, FAILED_KEPT_MAX, FAILED_BYTES_MAX)
     }
 
+    /// The store of a new queue in `dir` (not made yet): empty, nothing read.
+    pub fn new(dir: &Path) -> FailedStore {
+        FailedStore {
+            path: dir.join("failed.log"),
+            records: 0,
+            bytes: 0,
+            kept_max: FAILED_KEPT_MAX,
+            bytes_max: FAILED_BYTES_MAX,
+        }
+    }
+
     /// [`FailedStore::open`] with other bounds.
     fn open_bounded(dir: &Path, kept_max: usize, bytes_max: u64) -> io::Result<FailedStore> {
         let path = dir.join("failed.log");

@@ -72,6 +72,8 @@ struct State {
     /// `take` with nothing due costs one look at the top, not a pass over all.
     delayed: BinaryHeap<Reverse<Delayed>>,
     inflight: usize,
+    /// The directory exists, durably (a new queue makes it with its first segment).
+    dir_made: bool,
 }
 
 /// A [`Pending`] in the delayed heap, ordered by when it is due (then by seq).
@@ -158,16 +160,42 @@ fn open_append(path: &Path) -> io::Result<File> {
         .open(path)
 }
 
+/// Makes `dir`, durably: its name must be on disk before events in it are acknowledged.
+fn make_dir(dir: &Path) -> io::Result<()> {
+    fs::create_dir_all(dir)?;
+    for d in dir.ancestors().skip(1).take(2) {
+        File::open(d)?.sync_all()?;
+    }
+    Ok(())
+}
+
 impl Queue {
+    /// A new, empty queue for `dir`, which does not exist yet: it is made
+    /// with the first segment, so making the queue touches no disk.
+    pub fn new(key: &str, dir: PathBuf) -> Queue {
+        Queue {
+            key: key.to_string(),
+            dir,
+            state: Mutex::new(State {
+                segments: BTreeMap::new(),
+                next_segment: 1,
+                next_seq: 1,
+                bytes: 0,
+                ready: VecDeque::new(),
+                delayed: BinaryHeap::new(),
+                inflight: 0,
+                dir_made: false,
+            }),
+            removed: AtomicBool::new(false),
+            metrics: QueueMetrics::default(),
+        }
+    }
+
     /// Opens (creating) the queue in `dir`, recovering what a previous run left:
     /// torn tails are cut, acked events dropped, fully acked old segments deleted.
     pub fn open(key: &str, dir: PathBuf) -> io::Result<Queue> {
         if !dir.is_dir() {
-            fs::create_dir_all(&dir)?;
-            // Its name must be durable before events in it are acknowledged.
-            for d in dir.ancestors().skip(1).take(2) {
-                File::open(d)?.sync_all()?;
-            }
+            make_dir(&dir)?;
         }
         let mut numbers = Vec::new();
         for entry in fs::read_dir(&dir)? {
@@ -199,6 +227,7 @@ impl Queue {
             ready: VecDeque::new(),
             delayed: BinaryHeap::new(),
             inflight: 0,
+            dir_made: true,
         };
         let last = numbers.last().copied();
         for n in numbers {
@@ -391,6 +420,10 @@ impl Queue {
             if seg.bytes == 0 || seg.bytes + frame_bytes <= SEGMENT_BYTES_MAX {
                 return Ok(n);
             }
+        }
+        if !st.dir_made {
+            make_dir(&self.dir)?;
+            st.dir_made = true;
         }
         let n = st.next_segment;
         let log = open_append(&segment_path(&self.dir, n, "log"))?;

@@ -464,3 +464,45 @@ fn reading_or_deleting_event_settings_makes_no_queue() {
     assert!(queue.join("config.json").is_file());
     assert_eq!(s.control("GET", path, &[], b"").status, 200);
 }
+
+#[test]
+fn an_event_for_a_version_id_runs_that_version() {
+    require_clients!();
+    let s = Server::start(&[]);
+    create(&s, "ver", &[]);
+    let v1 = aws_ok(&s, &["publish-version", "--function-name", "ver"]);
+    let v1_id = v1["RevisionId"].as_str().unwrap().to_string();
+    // By the version's id, as a RequestResponse invoke may name it.
+    assert_eq!(event(&s, &v1_id, r#"{"n": 9}"#).0, 202);
+    wait_for(Duration::from_secs(30), "the event to run on version 1", || {
+        logs(&s, &v1_id).contains("event-done [9]")
+    });
+    assert!(
+        !logs(&s, "ver").contains("event-start [9]"),
+        "the event ran on $LATEST"
+    );
+    // Its settings are the version's too.
+    let r = s.control(
+        "PUT",
+        &format!("/2019-09-25/functions/{v1_id}/event-invoke-config"),
+        &[("content-type", "application/json")],
+        br#"{"MaximumRetryAttempts": 0}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = aws_ok(
+        &s,
+        &[
+            "get-function-event-invoke-config",
+            "--function-name",
+            "ver",
+            "--qualifier",
+            "1",
+        ],
+    );
+    assert_eq!(got["MaximumRetryAttempts"], 0, "{got}");
+    aws_err(
+        &s,
+        &["get-function-event-invoke-config", "--function-name", "ver"],
+        "ResourceNotFoundException",
+    );
+}

@@ -44,7 +44,18 @@ fn target(
 ) -> Result<(std::sync::Arc<Function>, String, String), Answer> {
     let (key, qualifier) = target_key(raw, req)?;
     let f = plane.functions.get(&key).ok_or_else(|| not_found(&key))?;
+    let qualifier = qualifier_of(&f, qualifier);
     Ok((f, key, qualifier))
+}
+
+/// The qualifier an event for `f`, named with `qualifier`, runs and is
+/// configured with: a published version named by its id alone is that
+/// version (its number), not `$LATEST`.
+fn qualifier_of(f: &Function, qualifier: String) -> String {
+    match f.spec.service.version {
+        Some(v) if qualifier.is_empty() => v.to_string(),
+        _ => qualifier,
+    }
 }
 
 /// The key of the function `raw` (and `?Qualifier=`) names, and the qualifier as given.
@@ -181,6 +192,7 @@ pub(super) fn event_invoke_config(
             },
         };
         let f = f.ok_or_else(|| not_found(&key))?;
+        let qualifier = qualifier_of(&f, qualifier);
         let region = req
             .header("authorization")
             .and_then(|h| sigv4::parse_authorization(h).ok())

@@ -51,6 +51,8 @@ pub struct Pending {
     pub attempts: u32,
     /// Not to run before this time, ms since the epoch (retry backoff).
     pub not_before_ms: u64,
+    /// Runs put off without using an attempt (throttled, service errors), for their backoff.
+    pub deferrals: u32,
 }
 
 struct Segment {
@@ -263,6 +265,7 @@ impl Queue {
                     accepted_ms: e.accepted_ms,
                     attempts: 0,
                     not_before_ms: 0,
+                    deferrals: 0,
                 });
             }
             if live == 0 && Some(n) != last {
@@ -369,6 +372,7 @@ impl Queue {
                     accepted_ms: now_ms,
                     attempts: 0,
                     not_before_ms: 0,
+                    deferrals: 0,
                 });
                 out.push(Ok(()));
             }

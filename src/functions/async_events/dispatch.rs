@@ -89,8 +89,6 @@ pub type Concurrency = Box<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 
 struct Job {
     events: Arc<FunctionEvents>,
-    /// The function's share of instances for events when the job was made.
-    share: usize,
     pending: Pending,
     record: EventRecord,
 }
@@ -146,6 +144,10 @@ impl AsyncEvents {
 
     /// Hands due events to the invokers, one per function per round (so
     /// functions share the invokers fairly), within each function's share.
+    /// Every invoker comes back here once its event is done, and each round
+    /// starts after the function served last: a function with a deep
+    /// backlog gets a free invoker only in its turn among those with events
+    /// ready, never all of them for as long as its backlog lasts.
     fn dispatcher(
         &self,
         jobs: &std::sync::mpsc::Sender<Job>,
@@ -153,31 +155,39 @@ impl AsyncEvents {
         concurrency: &Concurrency,
     ) {
         let waker = self.wake.get().expect("set before the thread starts");
+        // The key of the function served last.
+        let mut last = String::new();
         loop {
             let now = unix_time_ms();
             let queues = self.all();
-            let shares: Vec<usize> = queues
-                .iter()
-                .map(|q| concurrency(&q.queue.key).map_or(1, |c| (c as usize / 2).max(1)))
-                .collect();
+            let mut shares: Vec<Option<usize>> = vec![None; queues.len()];
             let mut progress = true;
             while progress && running.load(Ordering::Acquire) < INVOKERS {
                 progress = false;
-                for (q, &share) in queues.iter().zip(&shares) {
+                // Sorted by key: the round starts after `last`, wrapping.
+                let start = queues.partition_point(|q| q.queue.key <= last);
+                for i in (start..queues.len()).chain(0..start) {
                     if running.load(Ordering::Acquire) >= INVOKERS {
                         break;
                     }
+                    let q = &queues[i];
+                    if !q.queue.has_due(now) {
+                        continue;
+                    }
+                    let share = *shares[i].get_or_insert_with(|| {
+                        concurrency(&q.queue.key).map_or(1, |c| (c as usize / 2).max(1))
+                    });
                     if let Some((pending, record)) = q.queue.take(now, share) {
                         running.fetch_add(1, Ordering::AcqRel);
                         let job = Job {
                             events: q.clone(),
-                            share,
                             pending,
                             record,
                         };
                         if jobs.send(job).is_err() {
                             return;
                         }
+                        last.clone_from(&q.queue.key);
                         progress = true;
                     }
                 }
@@ -206,22 +216,9 @@ impl AsyncEvents {
                 Ok(j) => j,
                 Err(_) => return,
             };
-            // Once done, the invoker goes on with the same function's next
-            // event itself (within its share): no hop through the dispatcher.
-            let mut next = Some(job);
-            while let Some(job) = next.take() {
-                let (events, share) = (job.events.clone(), job.share);
-                self.run(job, target, &mut conn, webhook);
-                next = events
-                    .queue
-                    .take(unix_time_ms(), share)
-                    .map(|(pending, record)| Job {
-                        events,
-                        share,
-                        pending,
-                        record,
-                    });
-            }
+            // Done, the invoker goes back to the dispatcher, which gives it
+            // to whichever function's turn it is.
+            self.run(job, target, &mut conn, webhook);
             running.fetch_sub(1, Ordering::AcqRel);
             self.wake_dispatcher();
         }
@@ -748,6 +745,39 @@ mod tests {
         assert_eq!(m.failed.load(Ordering::Relaxed), 0, "given up on a service error");
         assert_eq!(m.succeeded.load(Ordering::Relaxed), 1);
         assert_eq!(seen.lock().unwrap().len(), 4);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_deep_backlog_of_slow_events_does_not_hold_every_invoker() {
+        const SLOW: Duration = Duration::from_millis(250);
+        let (addr, seen) = fake_service(|f, _| match f {
+            "hog" => (200, false, SLOW),
+            _ => (200, false, Duration::ZERO),
+        });
+        // The hog's share (half its limit) is more than all the invokers.
+        let (d, ev) = dispatching(addr, |f| Some(if f == "hog" { 1000 } else { 10 }));
+        let backlog = 10 * INVOKERS;
+        let started = std::time::Instant::now();
+        let hog = send(&ev, "hog", backlog);
+        let count = |f: &str| seen.lock().unwrap().iter().filter(|(g, _)| g == f).count();
+        wait_for(Duration::from_secs(10), "the hog to take every invoker", || {
+            count("hog") >= INVOKERS
+        });
+        let sent = std::time::Instant::now();
+        send(&ev, "quick", 1);
+        wait_for(Duration::from_secs(10), "the quick event to run", || count("quick") == 1);
+        let waited = seen.lock().unwrap().iter().find(|(f, _)| f == "quick").unwrap().1 - sent;
+        // Its turn comes with the first invoker free, within one slow run;
+        // the hog's backlog would take 9 more.
+        assert!(waited < 3 * SLOW, "the quick event waited {waited:?}");
+        // And the hog keeps every invoker busy otherwise: its backlog takes
+        // about 10 slow runs' time.
+        wait_for(Duration::from_secs(20), "the hog's backlog to drain", || {
+            hog.queue.depth() == 0
+        });
+        let drained = started.elapsed();
+        assert!(drained < 16 * SLOW, "{backlog} events of 250 ms took {drained:?}");
         let _ = std::fs::remove_dir_all(&d);
     }
 

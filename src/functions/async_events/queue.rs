@@ -507,10 +507,14 @@ impl Queue {
         st.delayed.peek().map(|Reverse(d)| d.0.not_before_ms)
     }
 
-    /// True when events wait that could run now (below `share`).
-    pub fn has_ready(&self, share: usize) -> bool {
+    /// True when events wait that are due at `now_ms`.
+    pub fn has_due(&self, now_ms: u64) -> bool {
         let st = self.state.lock().unwrap();
-        st.inflight < share && !st.ready.is_empty()
+        !st.ready.is_empty()
+            || st
+                .delayed
+                .peek()
+                .is_some_and(|Reverse(d)| d.0.not_before_ms <= now_ms)
     }
 
     /// A taken event is done with: acked (it ran, or was given up and kept).

@@ -59,9 +59,22 @@ pub struct FunctionEvents {
 }
 
 impl FunctionEvents {
-    /// Opens the queue a previous run left in `dir`.
+    /// Opens the queue a previous run left in `dir`. Settings that cannot be
+    /// parsed are set aside (`config.json.unreadable`) for the defaults.
     fn open(key: &str, dir: PathBuf) -> io::Result<FunctionEvents> {
-        let configs = config::load(&dir)?;
+        let configs = match config::load(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let aside = dir.join("config.json.unreadable");
+                std::fs::rename(dir.join("config.json"), &aside)?;
+                eprintln!(
+                    "hearth: the async settings of {key} cannot be read ({e}); \
+                     using the defaults, the file is kept as {}",
+                    aside.display()
+                );
+                Configs::new()
+            }
+            loaded => loaded?,
+        };
         let queue = Queue::open(key, dir)?;
         let failed = FailedStore::open(&queue.dir)?;
         Ok(FunctionEvents {
@@ -165,9 +178,33 @@ fn valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Moves the queue of `key` under `dir`, which cannot be opened (`e`), out
+/// of the way, so that the server starts and the function gets a new queue.
+fn set_aside(dir: &Path, key: &str, e: &io::Error) {
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(".unreadable");
+    let aside = PathBuf::from(aside).join(format!("{key}-{}", crate::util::time::unix_time_ms()));
+    let moved = std::fs::create_dir_all(aside.parent().expect("joined"))
+        .and_then(|()| std::fs::rename(dir.join(key), &aside));
+    match moved {
+        Ok(()) => eprintln!(
+            "hearth: the async queue of {key} cannot be opened ({e}); its events will not run: \
+             it is moved to {}",
+            aside.display()
+        ),
+        Err(m) => eprintln!(
+            "hearth: the async queue of {key} cannot be opened ({e}) nor moved aside ({m}); \
+             its function takes no asynchronous events until it is repaired and the server restarted"
+        ),
+    }
+}
+
 impl AsyncEvents {
     /// Opens every queue under `dir` (recovering them) whose function `exists`;
     /// the others' directories are removed (their functions were deleted).
+    /// A queue that cannot be opened does not stop the server: it is logged
+    /// and moved aside to `<dir>.unreadable/<key>-<ms>` (its events are not
+    /// run), and its function starts with an empty queue.
     pub fn open(
         dir: &Path,
         limits: AsyncLimits,
@@ -176,17 +213,25 @@ impl AsyncEvents {
         std::fs::create_dir_all(dir)?;
         let mut queues = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    eprintln!("hearth: cannot list {}: {e}", dir.display());
+                    continue;
+                }
+            };
             let key = entry.file_name().to_string_lossy().into_owned();
             if !valid_key(&key) || !exists(&key) {
                 eprintln!("hearth: removing the async queue of {key:?} (no such function)");
                 let _ = std::fs::remove_dir_all(entry.path());
                 continue;
             }
-            queues.insert(
-                key.clone(),
-                Arc::new(FunctionEvents::open(&key, entry.path())?),
-            );
+            match FunctionEvents::open(&key, entry.path()) {
+                Ok(q) => {
+                    queues.insert(key, Arc::new(q));
+                }
+                Err(e) => set_aside(dir, &key, &e),
+            }
         }
         let (submit_tx, submit_rx) = sync_channel(ACCEPT_PENDING_MAX);
         Ok(AsyncEvents {
@@ -414,10 +459,7 @@ mod tests {
     }
 
     /// Submits `{}` for `events`; the receiver hears whether it was stored.
-    fn submit(
-        ev: &AsyncEvents,
-        events: Arc<FunctionEvents>,
-    ) -> Receiver<Result<(), AppendError>> {
+    fn submit(ev: &AsyncEvents, events: Arc<FunctionEvents>) -> Receiver<Result<(), AppendError>> {
         let (tx, rx) = channel();
         let done = Box::new(move |r| tx.send(r).unwrap());
         assert!(ev
@@ -449,6 +491,44 @@ mod tests {
         assert!(stored_new.recv().unwrap().is_ok());
         assert_eq!(new.queue.depth(), 1, "only the new function's own event");
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_unreadable_queue_is_set_aside_and_the_others_open() {
+        let (d, ev) = open("unreadable");
+        drop(ev);
+        // Settings that do not parse: the defaults, the events kept.
+        std::fs::create_dir_all(d.join("bad-config")).unwrap();
+        std::fs::write(d.join("bad-config/config.json"), "not json").unwrap();
+        // A segment that cannot be read (a directory in its place).
+        std::fs::create_dir_all(d.join("bad-segment/seg-0000000000000001.log")).unwrap();
+        let ok = Queue::open("ok", d.join("ok")).unwrap();
+        assert!(ok.append(&[("", "r", b"{}")], 1, u64::MAX)[0].is_ok());
+        drop(ok);
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let ev = AsyncEvents::open(&d, limits, |_| true).expect("the server starts");
+        assert_eq!(ev.get("ok").unwrap().queue.depth(), 1);
+        let bad = ev.get("bad-config").expect("opened with the defaults");
+        assert_eq!(bad.config(""), None);
+        assert!(d.join("bad-config/config.json.unreadable").is_file());
+        assert!(ev.get("bad-segment").is_none());
+        assert!(!d.join("bad-segment").exists());
+        let mut aside = d.as_os_str().to_owned();
+        aside.push(".unreadable");
+        let aside = PathBuf::from(aside);
+        let kept = std::fs::read_dir(&aside).unwrap().count();
+        assert_eq!(kept, 1, "set aside, not deleted");
+        // Its function takes events again, in a new queue.
+        let q = ev.queue_for("bad-segment", || true).unwrap().unwrap();
+        let stored = submit(&ev, q);
+        commit_waiting(&ev);
+        assert!(stored.recv().unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&aside);
     }
 
     #[test]

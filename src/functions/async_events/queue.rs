@@ -427,6 +427,16 @@ impl Queue {
         }
         if !st.dir_made {
             make_dir(&self.dir)?;
+            // A queue that could not be opened at start and stayed in place
+            // (see `AsyncEvents::open`) is not written over.
+            for entry in fs::read_dir(&self.dir)? {
+                if entry?.file_name().to_string_lossy().starts_with("seg-") {
+                    return Err(io::Error::other(format!(
+                        "{} holds a queue that could not be opened",
+                        self.dir.display()
+                    )));
+                }
+            }
             st.dir_made = true;
         }
         let n = st.next_segment;

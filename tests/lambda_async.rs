@@ -474,9 +474,11 @@ fn an_event_for_a_version_id_runs_that_version() {
     let v1_id = v1["RevisionId"].as_str().unwrap().to_string();
     // By the version's id, as a RequestResponse invoke may name it.
     assert_eq!(event(&s, &v1_id, r#"{"n": 9}"#).0, 202);
-    wait_for(Duration::from_secs(30), "the event to run on version 1", || {
-        logs(&s, &v1_id).contains("event-done [9]")
-    });
+    wait_for(
+        Duration::from_secs(30),
+        "the event to run on version 1",
+        || logs(&s, &v1_id).contains("event-done [9]"),
+    );
     assert!(
         !logs(&s, "ver").contains("event-start [9]"),
         "the event ran on $LATEST"

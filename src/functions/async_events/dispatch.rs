@@ -706,7 +706,13 @@ mod tests {
         let events = ev.queue_for(key, || true).unwrap().unwrap();
         for _ in 0..n {
             let done = Box::new(|r: Result<(), _>| assert!(r.is_ok()));
-            let sent = ev.submit(events.clone(), String::new(), "r".into(), b"{}".to_vec(), done);
+            let sent = ev.submit(
+                events.clone(),
+                String::new(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+            );
             assert!(sent.is_ok());
         }
         events
@@ -715,7 +721,10 @@ mod tests {
     fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + limit;
         while !ok() {
-            assert!(std::time::Instant::now() < deadline, "timed out waiting for {what}");
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
             std::thread::sleep(Duration::from_millis(5));
         }
     }
@@ -742,7 +751,11 @@ mod tests {
         wait_for(Duration::from_secs(20), "the event to be settled", || {
             m.succeeded.load(Ordering::Relaxed) + m.failed.load(Ordering::Relaxed) > 0
         });
-        assert_eq!(m.failed.load(Ordering::Relaxed), 0, "given up on a service error");
+        assert_eq!(
+            m.failed.load(Ordering::Relaxed),
+            0,
+            "given up on a service error"
+        );
         assert_eq!(m.succeeded.load(Ordering::Relaxed), 1);
         assert_eq!(seen.lock().unwrap().len(), 4);
         let _ = std::fs::remove_dir_all(&d);
@@ -761,23 +774,39 @@ mod tests {
         let started = std::time::Instant::now();
         let hog = send(&ev, "hog", backlog);
         let count = |f: &str| seen.lock().unwrap().iter().filter(|(g, _)| g == f).count();
-        wait_for(Duration::from_secs(10), "the hog to take every invoker", || {
-            count("hog") >= INVOKERS
-        });
+        wait_for(
+            Duration::from_secs(10),
+            "the hog to take every invoker",
+            || count("hog") >= INVOKERS,
+        );
         let sent = std::time::Instant::now();
         send(&ev, "quick", 1);
-        wait_for(Duration::from_secs(10), "the quick event to run", || count("quick") == 1);
-        let waited = seen.lock().unwrap().iter().find(|(f, _)| f == "quick").unwrap().1 - sent;
+        wait_for(Duration::from_secs(10), "the quick event to run", || {
+            count("quick") == 1
+        });
+        let waited = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(f, _)| f == "quick")
+            .unwrap()
+            .1
+            - sent;
         // Its turn comes with the first invoker free, within one slow run;
         // the hog's backlog would take 9 more.
         assert!(waited < 3 * SLOW, "the quick event waited {waited:?}");
         // And the hog keeps every invoker busy otherwise: its backlog takes
         // about 10 slow runs' time.
-        wait_for(Duration::from_secs(20), "the hog's backlog to drain", || {
-            hog.queue.depth() == 0
-        });
+        wait_for(
+            Duration::from_secs(20),
+            "the hog's backlog to drain",
+            || hog.queue.depth() == 0,
+        );
         let drained = started.elapsed();
-        assert!(drained < 16 * SLOW, "{backlog} events of 250 ms took {drained:?}");
+        assert!(
+            drained < 16 * SLOW,
+            "{backlog} events of 250 ms took {drained:?}"
+        );
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -424,7 +424,10 @@ mod tests {
         assert_eq!(json(&timeout)["errorType"], "Sandbox.Timedout");
         // Expired in the queue, never run: no function error, a throttle.
         let expired = service_reply(Reply::error(504, "queue_timeout", "no instance"), &s);
-        assert_eq!((expired.status, header(&expired, FUNCTION_ERROR)), (429, None));
+        assert_eq!(
+            (expired.status, header(&expired, FUNCTION_ERROR)),
+            (429, None)
+        );
         assert_eq!(json(&expired)["code"], "TooManyRequestsException");
         let crash = service_reply(Reply::error(502, "instance_crashed", "gone"), &s);
         assert_eq!(json(&crash)["errorType"], "Runtime.ExitError");

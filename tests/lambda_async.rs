@@ -433,3 +433,78 @@ fn failed_events_are_posted_to_the_operators_webhook() {
         .unwrap()
         .contains("boom [7]"));
 }
+
+#[test]
+fn reading_or_deleting_event_settings_makes_no_queue() {
+    require_sandbox!();
+    let s = Server::start(&[]);
+    common::deploy_fixture(&s, "async-events", "name=quiet");
+    let path = "/2019-09-25/functions/quiet/event-invoke-config";
+    for method in ["GET", "DELETE"] {
+        let r = s.control(method, path, &[], b"");
+        assert_eq!(
+            (r.status, r.header("x-amzn-errortype")),
+            (404, Some("ResourceNotFoundException")),
+            "{method}: {}",
+            r.text()
+        );
+    }
+    // A Get racing DeleteFunction would otherwise leave the deleted
+    // function's queue behind, made again.
+    let queue = s.dir.join("state/async/quiet");
+    assert!(!queue.exists(), "{} was made", queue.display());
+    // Setting one makes it.
+    let r = s.control(
+        "PUT",
+        path,
+        &[("content-type", "application/json")],
+        br#"{"MaximumRetryAttempts": 0}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(queue.join("config.json").is_file());
+    assert_eq!(s.control("GET", path, &[], b"").status, 200);
+}
+
+#[test]
+fn an_event_for_a_version_id_runs_that_version() {
+    require_clients!();
+    let s = Server::start(&[]);
+    create(&s, "ver", &[]);
+    let v1 = aws_ok(&s, &["publish-version", "--function-name", "ver"]);
+    let v1_id = v1["RevisionId"].as_str().unwrap().to_string();
+    // By the version's id, as a RequestResponse invoke may name it.
+    assert_eq!(event(&s, &v1_id, r#"{"n": 9}"#).0, 202);
+    wait_for(
+        Duration::from_secs(30),
+        "the event to run on version 1",
+        || logs(&s, &v1_id).contains("event-done [9]"),
+    );
+    assert!(
+        !logs(&s, "ver").contains("event-start [9]"),
+        "the event ran on $LATEST"
+    );
+    // Its settings are the version's too.
+    let r = s.control(
+        "PUT",
+        &format!("/2019-09-25/functions/{v1_id}/event-invoke-config"),
+        &[("content-type", "application/json")],
+        br#"{"MaximumRetryAttempts": 0}"#,
+    );
+    assert_eq!(r.status, 200, "{}", r.text());
+    let got = aws_ok(
+        &s,
+        &[
+            "get-function-event-invoke-config",
+            "--function-name",
+            "ver",
+            "--qualifier",
+            "1",
+        ],
+    );
+    assert_eq!(got["MaximumRetryAttempts"], 0, "{got}");
+    aws_err(
+        &s,
+        &["get-function-event-invoke-config", "--function-name", "ver"],
+        "ResourceNotFoundException",
+    );
+}

@@ -35,15 +35,27 @@ fn not_found(what: &str) -> Answer {
     )
 }
 
-/// The function `raw` (and `?Qualifier=`) names, with the qualifier as given.
+/// The function `raw` (and `?Qualifier=`) names, the key it was found by,
+/// and the qualifier as given.
 fn target(
     plane: &Plane,
     raw: &str,
     req: &Request,
-) -> Result<(std::sync::Arc<Function>, String), Answer> {
+) -> Result<(std::sync::Arc<Function>, String, String), Answer> {
     let (key, qualifier) = target_key(raw, req)?;
     let f = plane.functions.get(&key).ok_or_else(|| not_found(&key))?;
-    Ok((f, qualifier))
+    let qualifier = qualifier_of(&f, qualifier);
+    Ok((f, key, qualifier))
+}
+
+/// The qualifier an event for `f`, named with `qualifier`, runs and is
+/// configured with: a published version named by its id alone is that
+/// version (its number), not `$LATEST`.
+fn qualifier_of(f: &Function, qualifier: String) -> String {
+    match f.spec.service.version {
+        Some(v) if qualifier.is_empty() => v.to_string(),
+        _ => qualifier,
+    }
 }
 
 /// The key of the function `raw` (and `?Qualifier=`) names, and the qualifier as given.
@@ -71,7 +83,7 @@ pub(super) fn accept(
     done: Done,
 ) -> Result<(), Answer> {
     plane.service_auth.check(req, &body)?;
-    let (f, qualifier) = target(plane, raw, req)?;
+    let (f, found_by, qualifier) = target(plane, raw, req)?;
     if body.len() > EVENT_BYTES_MAX {
         return Err(lambda_error(
             413,
@@ -91,6 +103,21 @@ pub(super) fn accept(
     }
     let request_id = uuid();
     let key = Registry::async_key(&f).to_string();
+    // Its function's queue, while the function is still there: an event
+    // accepted as its function is deleted is refused by the committer (or
+    // here), never stored for a function created anew under the name.
+    let still_there = || {
+        plane
+            .functions
+            .get(&found_by)
+            .is_some_and(|g| Registry::async_key(&g) == key)
+    };
+    let events = plane
+        .functions
+        .async_events
+        .queue_for(&key, still_there)
+        .map_err(|e| lambda_error(500, "ServiceException", &e.to_string()))?
+        .ok_or_else(|| not_found(&found_by))?;
     let rid = request_id.clone();
     let key_name = key.clone();
     let answered = Box::new(move |stored: Result<(), AppendError>| {
@@ -114,7 +141,7 @@ pub(super) fn accept(
     plane
         .functions
         .async_events
-        .submit(key, qualifier, request_id, body, answered)
+        .submit(events, qualifier, request_id, body, answered)
         .map_err(|_| too_many("too many asynchronous events are waiting to be stored; retry later"))
 }
 
@@ -165,6 +192,7 @@ pub(super) fn event_invoke_config(
             },
         };
         let f = f.ok_or_else(|| not_found(&key))?;
+        let qualifier = qualifier_of(&f, qualifier);
         let region = req
             .header("authorization")
             .and_then(|h| sigv4::parse_authorization(h).ok())
@@ -175,11 +203,6 @@ pub(super) fn event_invoke_config(
             "" => format!("arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{key}"),
             q => format!("arn:aws:lambda:{region}:{ACCOUNT_ID}:function:{key}:{q}"),
         };
-        let events = plane
-            .functions
-            .async_events
-            .get_or_open(&key)
-            .map_err(stored)?;
         let missing = || {
             lambda_error(
                 404,
@@ -202,15 +225,28 @@ pub(super) fn event_invoke_config(
                 .into_bytes(),
             )
         };
+        // Reading or deleting settings makes no queue: one that does not
+        // exist has none (nor do its events).
+        let async_events = &plane.functions.async_events;
         match kind {
-            'g' => events.config(&qualifier).map(out).ok_or_else(missing),
+            'g' => async_events
+                .get(&key)
+                .and_then(|events| events.config(&qualifier))
+                .map(out)
+                .ok_or_else(missing),
             'd' => {
+                let events = async_events.get(&key).ok_or_else(missing)?;
                 events.config(&qualifier).ok_or_else(missing)?;
                 events.edit_config(&qualifier, |_| None).map_err(stored)?;
                 Ok(lambda::no_content())
             }
             _ => {
                 let input = config_input(body)?;
+                // The name is held: the function cannot be deleted meanwhile.
+                let events = async_events
+                    .queue_for(&key, || true)
+                    .map_err(stored)?
+                    .ok_or_else(missing)?;
                 let now = crate::util::time::unix_time_ms();
                 let c = events
                     .edit_config(&qualifier, |old| {

@@ -11,8 +11,11 @@
 //!
 //! Async work yields to synchronous traffic: at most half of a function's
 //! concurrency limit (at least one) runs its events at once, so requests
-//! always find the other half; throttled events (429) wait and retry without
-//! using up their attempts.
+//! always find the other half. As on Lambda, only function errors (the
+//! handler failed, timed out or crashed while running) use attempts:
+//! throttled events (429) and the service's own errors (a 5xx without
+//! `X-Amz-Function-Error`: no memory for an instance, a start that failed)
+//! wait, with a backoff, and are tried again until they are too old.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -32,8 +35,12 @@ use crate::util::time::unix_time_ms;
 
 /// Threads running events, and so the most events running at once server-wide.
 pub const INVOKERS: usize = 32;
-/// Delay before a throttled (429) event is tried again, ms.
+/// Delay before a throttled (429) event or one the service failed (5xx) is
+/// tried again, ms; it doubles with each such try of the event, up to
+/// [`DEFERRED_RETRY_MAX_MS`].
 pub const THROTTLED_RETRY_MS: u64 = 200;
+/// Longest delay before a throttled event or one the service failed is tried again, ms.
+pub const DEFERRED_RETRY_MAX_MS: u64 = 5_000;
 /// Delay before trying again when the server could not be reached, ms.
 pub const UNREACHABLE_RETRY_MS: u64 = 1000;
 /// Longest wait for an invocation's answer: the longest function timeout and a margin.
@@ -82,8 +89,6 @@ pub type Concurrency = Box<dyn Fn(&str) -> Option<u32> + Send + Sync>;
 
 struct Job {
     events: Arc<FunctionEvents>,
-    /// The function's share of instances for events when the job was made.
-    share: usize,
     pending: Pending,
     record: EventRecord,
 }
@@ -98,6 +103,9 @@ enum Outcome {
     Refused(Value),
     /// 429: try again later, without using an attempt.
     Throttled,
+    /// The service failed (a 5xx that is no function error): try again
+    /// later, without using an attempt.
+    ServiceFailed(Value),
     /// The function is gone.
     Gone,
     /// The server could not be reached.
@@ -136,6 +144,10 @@ impl AsyncEvents {
 
     /// Hands due events to the invokers, one per function per round (so
     /// functions share the invokers fairly), within each function's share.
+    /// Every invoker comes back here once its event is done, and each round
+    /// starts after the function served last: a function with a deep
+    /// backlog gets a free invoker only in its turn among those with events
+    /// ready, never all of them for as long as its backlog lasts.
     fn dispatcher(
         &self,
         jobs: &std::sync::mpsc::Sender<Job>,
@@ -143,31 +155,39 @@ impl AsyncEvents {
         concurrency: &Concurrency,
     ) {
         let waker = self.wake.get().expect("set before the thread starts");
+        // The key of the function served last.
+        let mut last = String::new();
         loop {
             let now = unix_time_ms();
             let queues = self.all();
-            let shares: Vec<usize> = queues
-                .iter()
-                .map(|q| concurrency(&q.queue.key).map_or(1, |c| (c as usize / 2).max(1)))
-                .collect();
+            let mut shares: Vec<Option<usize>> = vec![None; queues.len()];
             let mut progress = true;
             while progress && running.load(Ordering::Acquire) < INVOKERS {
                 progress = false;
-                for (q, &share) in queues.iter().zip(&shares) {
+                // Sorted by key: the round starts after `last`, wrapping.
+                let start = queues.partition_point(|q| q.queue.key <= last);
+                for i in (start..queues.len()).chain(0..start) {
                     if running.load(Ordering::Acquire) >= INVOKERS {
                         break;
                     }
+                    let q = &queues[i];
+                    if !q.queue.has_due(now) {
+                        continue;
+                    }
+                    let share = *shares[i].get_or_insert_with(|| {
+                        concurrency(&q.queue.key).map_or(1, |c| (c as usize / 2).max(1))
+                    });
                     if let Some((pending, record)) = q.queue.take(now, share) {
                         running.fetch_add(1, Ordering::AcqRel);
                         let job = Job {
                             events: q.clone(),
-                            share,
                             pending,
                             record,
                         };
                         if jobs.send(job).is_err() {
                             return;
                         }
+                        last.clone_from(&q.queue.key);
                         progress = true;
                     }
                 }
@@ -196,22 +216,9 @@ impl AsyncEvents {
                 Ok(j) => j,
                 Err(_) => return,
             };
-            // Once done, the invoker goes on with the same function's next
-            // event itself (within its share): no hop through the dispatcher.
-            let mut next = Some(job);
-            while let Some(job) = next.take() {
-                let (events, share) = (job.events.clone(), job.share);
-                self.run(job, target, &mut conn, webhook);
-                next = events
-                    .queue
-                    .take(unix_time_ms(), share)
-                    .map(|(pending, record)| Job {
-                        events,
-                        share,
-                        pending,
-                        record,
-                    });
-            }
+            // Done, the invoker goes back to the dispatcher, which gives it
+            // to whichever function's turn it is.
+            self.run(job, target, &mut conn, webhook);
             running.fetch_sub(1, Ordering::AcqRel);
             self.wake_dispatcher();
         }
@@ -258,14 +265,22 @@ impl AsyncEvents {
                 );
                 events.queue.finish_ack(&pending);
             }
-            Outcome::Throttled | Outcome::Unreachable(_) => {
-                if let Outcome::Unreachable(why) = &outcome {
-                    eprintln!("hearth: async dispatch cannot reach the server: {why}");
+            Outcome::Throttled | Outcome::ServiceFailed(_) | Outcome::Unreachable(_) => {
+                match &outcome {
+                    Outcome::Unreachable(why) => {
+                        eprintln!("hearth: async dispatch cannot reach the server: {why}")
+                    }
+                    Outcome::ServiceFailed(error) if pending.deferrals == 0 => eprintln!(
+                        "hearth: async event {} of {}: the service failed ({error}); trying again",
+                        record.request_id, events.queue.key
+                    ),
+                    _ => {}
                 }
                 let wait = match outcome {
-                    Outcome::Throttled => THROTTLED_RETRY_MS,
-                    _ => UNREACHABLE_RETRY_MS,
+                    Outcome::Unreachable(_) => UNREACHABLE_RETRY_MS,
+                    _ => deferred_retry_ms(pending.deferrals),
                 };
+                pending.deferrals = pending.deferrals.saturating_add(1);
                 pending.not_before_ms = now + wait;
                 events.queue.finish_later(pending);
             }
@@ -345,6 +360,13 @@ impl AsyncEvents {
     }
 }
 
+/// The delay before a run put off `deferrals` times already is tried again.
+fn deferred_retry_ms(deferrals: u32) -> u64 {
+    THROTTLED_RETRY_MS
+        .saturating_mul(1 << deferrals.min(16))
+        .min(DEFERRED_RETRY_MAX_MS)
+}
+
 fn too_old(p: &Pending, cfg: &EventConfig, at_ms: u64) -> bool {
     at_ms.saturating_sub(p.accepted_ms) > cfg.event_age_s_max * 1000
 }
@@ -410,12 +432,13 @@ fn classify(status: u16, function_error: bool, body: &[u8]) -> Outcome {
     let payload =
         || serde_json::from_slice(body).unwrap_or_else(|_| json!(String::from_utf8_lossy(body)));
     match status {
-        200 if !function_error => Outcome::Succeeded,
-        200 => Outcome::Failed(payload()),
+        // The handler failed, timed out or crashed while it ran.
+        _ if function_error => Outcome::Failed(payload()),
+        200 => Outcome::Succeeded,
         429 => Outcome::Throttled,
         404 => Outcome::Gone,
         400..=499 => Outcome::Refused(payload()),
-        _ => Outcome::Failed(json!({ "status": status, "body": payload() })),
+        _ => Outcome::ServiceFailed(json!({ "status": status, "body": payload() })),
     }
 }
 
@@ -565,7 +588,226 @@ mod tests {
         assert!(matches!(classify(429, false, b""), Outcome::Throttled));
         assert!(matches!(classify(404, false, b""), Outcome::Gone));
         assert!(matches!(classify(400, false, b"x"), Outcome::Refused(_)));
-        assert!(matches!(classify(503, false, b""), Outcome::Failed(_)));
+        // Hearth's own errors (no memory for an instance, a start that
+        // failed) use no attempt; a function error does, whatever the status.
+        assert!(matches!(
+            classify(503, false, b""),
+            Outcome::ServiceFailed(_)
+        ));
+        assert!(matches!(
+            classify(500, false, b""),
+            Outcome::ServiceFailed(_)
+        ));
+        assert!(matches!(classify(502, true, b"{}"), Outcome::Failed(_)));
+    }
+
+    #[test]
+    fn deferred_runs_back_off_to_a_bound() {
+        assert_eq!(deferred_retry_ms(0), THROTTLED_RETRY_MS);
+        assert_eq!(deferred_retry_ms(1), 2 * THROTTLED_RETRY_MS);
+        assert_eq!(deferred_retry_ms(40), DEFERRED_RETRY_MAX_MS);
+    }
+
+    /// When the stand-in service saw each invocation, by function.
+    type Seen = Arc<Mutex<Vec<(String, std::time::Instant)>>>;
+
+    /// A stand-in for the service API's `Invoke` on loopback: answers the
+    /// `n`th invocation of a function with `answer(function, n)` (status,
+    /// whether it is a function error, how long it takes).
+    fn fake_service(
+        answer: impl Fn(&str, usize) -> (u16, bool, Duration) + Send + Sync + 'static,
+    ) -> (SocketAddr, Seen) {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let seen: Seen = Arc::default();
+        let (answer, log) = (Arc::new(answer), seen.clone());
+        std::thread::spawn(move || {
+            for conn in listener.incoming() {
+                let (answer, log) = (answer.clone(), log.clone());
+                std::thread::spawn(move || serve(conn.unwrap(), &*answer, &log));
+            }
+        });
+        (addr, seen)
+    }
+
+    fn serve(mut s: TcpStream, answer: &dyn Fn(&str, usize) -> (u16, bool, Duration), seen: &Seen) {
+        let mut buf = Vec::new();
+        let mut chunk = [0u8; 4096];
+        loop {
+            let mut headers = [httparse::EMPTY_HEADER; 32];
+            let mut req = httparse::Request::new(&mut headers);
+            let Ok(httparse::Status::Complete(head)) = req.parse(&buf) else {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+                continue;
+            };
+            let length: usize = req
+                .headers
+                .iter()
+                .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+                .and_then(|h| std::str::from_utf8(h.value).ok()?.parse().ok())
+                .unwrap();
+            let name = req.path.unwrap().split('/').nth(3).unwrap().to_string();
+            while buf.len() < head + length {
+                match s.read(&mut chunk) {
+                    Ok(0) | Err(_) => return,
+                    Ok(n) => buf.extend_from_slice(&chunk[..n]),
+                }
+            }
+            buf.drain(..head + length);
+            let n = {
+                let mut seen = seen.lock().unwrap();
+                seen.push((name.clone(), std::time::Instant::now()));
+                seen.iter().filter(|(f, _)| *f == name).count() - 1
+            };
+            let (status, function_error, delay) = answer(&name, n);
+            std::thread::sleep(delay);
+            let marker = if function_error {
+                "X-Amz-Function-Error: Unhandled\r\n"
+            } else {
+                ""
+            };
+            let reply = format!("HTTP/1.1 {status} X\r\n{marker}Content-Length: 2\r\n\r\n{{}}");
+            if s.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+        }
+    }
+
+    /// A dispatcher running events against `addr`, every function with
+    /// concurrency limit `concurrency(key)`.
+    fn dispatching(
+        addr: SocketAddr,
+        concurrency: fn(&str) -> Option<u32>,
+    ) -> (std::path::PathBuf, Arc<AsyncEvents>) {
+        let d = std::env::temp_dir().join(format!(
+            "hearth-dispatch-{}-{:x}",
+            std::process::id(),
+            crate::util::random::random_u64()
+        ));
+        let limits = super::super::AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            retry_base_ms: 50,
+            failure_webhook: None,
+        };
+        let ev = Arc::new(AsyncEvents::open(&d, limits, |_| true).unwrap());
+        ev.start_committer();
+        let target = Target {
+            addr,
+            authorization: None,
+        };
+        ev.start_dispatch(target, Box::new(concurrency));
+        (d, ev)
+    }
+
+    fn send(ev: &AsyncEvents, key: &str, n: usize) -> Arc<FunctionEvents> {
+        let events = ev.queue_for(key, || true).unwrap().unwrap();
+        for _ in 0..n {
+            let done = Box::new(|r: Result<(), _>| assert!(r.is_ok()));
+            let sent = ev.submit(
+                events.clone(),
+                String::new(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+            );
+            assert!(sent.is_ok());
+        }
+        events
+    }
+
+    fn wait_for(limit: Duration, what: &str, mut ok: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + limit;
+        while !ok() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "timed out waiting for {what}"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    #[test]
+    fn service_errors_are_tried_again_without_using_attempts() {
+        // Three 503s (no memory for an instance, say), then the run succeeds.
+        let (addr, seen) = fake_service(|_, n| match n {
+            0..=2 => (503, false, Duration::ZERO),
+            _ => (200, false, Duration::ZERO),
+        });
+        let (d, ev) = dispatching(addr, |_| Some(2));
+        let events = ev.queue_for("f", || true).unwrap().unwrap();
+        events
+            .edit_config("", |_| {
+                Some(EventConfig {
+                    retries_max: 0,
+                    ..EventConfig::default()
+                })
+            })
+            .unwrap();
+        send(&ev, "f", 1);
+        let m = &events.queue.metrics;
+        wait_for(Duration::from_secs(20), "the event to be settled", || {
+            m.succeeded.load(Ordering::Relaxed) + m.failed.load(Ordering::Relaxed) > 0
+        });
+        assert_eq!(
+            m.failed.load(Ordering::Relaxed),
+            0,
+            "given up on a service error"
+        );
+        assert_eq!(m.succeeded.load(Ordering::Relaxed), 1);
+        assert_eq!(seen.lock().unwrap().len(), 4);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_deep_backlog_of_slow_events_does_not_hold_every_invoker() {
+        const SLOW: Duration = Duration::from_millis(250);
+        let (addr, seen) = fake_service(|f, _| match f {
+            "hog" => (200, false, SLOW),
+            _ => (200, false, Duration::ZERO),
+        });
+        // The hog's share (half its limit) is more than all the invokers.
+        let (d, ev) = dispatching(addr, |f| Some(if f == "hog" { 1000 } else { 10 }));
+        let backlog = 10 * INVOKERS;
+        let started = std::time::Instant::now();
+        let hog = send(&ev, "hog", backlog);
+        let count = |f: &str| seen.lock().unwrap().iter().filter(|(g, _)| g == f).count();
+        wait_for(
+            Duration::from_secs(10),
+            "the hog to take every invoker",
+            || count("hog") >= INVOKERS,
+        );
+        let sent = std::time::Instant::now();
+        send(&ev, "quick", 1);
+        wait_for(Duration::from_secs(10), "the quick event to run", || {
+            count("quick") == 1
+        });
+        let waited = seen
+            .lock()
+            .unwrap()
+            .iter()
+            .find(|(f, _)| f == "quick")
+            .unwrap()
+            .1
+            - sent;
+        // Its turn comes with the first invoker free, within one slow run;
+        // the hog's backlog would take 9 more.
+        assert!(waited < 3 * SLOW, "the quick event waited {waited:?}");
+        // And the hog keeps every invoker busy otherwise: its backlog takes
+        // about 10 slow runs' time.
+        wait_for(
+            Duration::from_secs(20),
+            "the hog's backlog to drain",
+            || hog.queue.depth() == 0,
+        );
+        let drained = started.elapsed();
+        assert!(
+            drained < 16 * SLOW,
+            "{backlog} events of 250 ms took {drained:?}"
+        );
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -34,6 +34,17 @@ impl FailedStore {
         FailedStore::open_bounded(dir, FAILED_KEPT_MAX, FAILED_BYTES_MAX)
     }
 
+    /// The store of a new queue in `dir` (not made yet): empty, nothing read.
+    pub fn new(dir: &Path) -> FailedStore {
+        FailedStore {
+            path: dir.join("failed.log"),
+            records: 0,
+            bytes: 0,
+            kept_max: FAILED_KEPT_MAX,
+            bytes_max: FAILED_BYTES_MAX,
+        }
+    }
+
     /// [`FailedStore::open`] with other bounds.
     fn open_bounded(dir: &Path, kept_max: usize, bytes_max: u64) -> io::Result<FailedStore> {
         let path = dir.join("failed.log");
@@ -78,15 +89,17 @@ impl FailedStore {
         Ok(())
     }
 
-    /// The records kept, oldest first.
+    /// The newest records kept (at most [`FAILED_KEPT_MAX`]: the file may
+    /// hold up to twice as many until it is compacted), oldest first.
     pub fn list(&self) -> io::Result<Vec<Value>> {
         let all = match fs::read(&self.path) {
             Ok(b) => b,
             Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
             Err(e) => return Err(e),
         };
-        Ok(log::frames(&all)
-            .0
+        let frames = log::frames(&all).0;
+        let newest = &frames[frames.len().saturating_sub(self.kept_max)..];
+        Ok(newest
             .iter()
             .filter_map(|(_, p)| serde_json::from_slice(p).ok())
             .collect())
@@ -140,6 +153,22 @@ mod tests {
         assert_eq!(kept.len(), 10);
         assert_eq!(kept.last().unwrap()["n"], 20);
         assert_eq!(FailedStore::open(&d).unwrap().records, 10);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn the_listing_holds_the_newest_records_before_a_compaction_too() {
+        let d = std::env::temp_dir().join(format!("hearth-failed-list-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let mut s = FailedStore::open_bounded(&d, 10, 1 << 20).unwrap();
+        for i in 0..15 {
+            s.push(&serde_json::json!({ "n": i })).unwrap();
+        }
+        assert_eq!(s.records, 15, "not compacted yet");
+        let kept = s.list().unwrap();
+        assert_eq!(kept.len(), 10);
+        assert_eq!((&kept[0]["n"], &kept[9]["n"]), (&5.into(), &14.into()));
         let _ = fs::remove_dir_all(&d);
     }
 }

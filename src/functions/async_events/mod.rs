@@ -59,8 +59,22 @@ pub struct FunctionEvents {
 }
 
 impl FunctionEvents {
+    /// Opens the queue a previous run left in `dir`. Settings that cannot be
+    /// parsed are set aside (`config.json.unreadable`) for the defaults.
     fn open(key: &str, dir: PathBuf) -> io::Result<FunctionEvents> {
-        let configs = config::load(&dir)?;
+        let configs = match config::load(&dir) {
+            Err(e) if e.kind() == io::ErrorKind::InvalidData => {
+                let aside = dir.join("config.json.unreadable");
+                std::fs::rename(dir.join("config.json"), &aside)?;
+                eprintln!(
+                    "hearth: the async settings of {key} cannot be read ({e}); \
+                     using the defaults, the file is kept as {}",
+                    aside.display()
+                );
+                Configs::new()
+            }
+            loaded => loaded?,
+        };
         let queue = Queue::open(key, dir)?;
         let failed = FailedStore::open(&queue.dir)?;
         Ok(FunctionEvents {
@@ -68,6 +82,16 @@ impl FunctionEvents {
             configs: Mutex::new(configs),
             failed: Mutex::new(failed),
         })
+    }
+
+    /// A new, empty queue for `dir`, which does not exist: nothing is read or
+    /// written until its first event or setting is stored.
+    fn new(key: &str, dir: PathBuf) -> FunctionEvents {
+        FunctionEvents {
+            failed: Mutex::new(FailedStore::new(&dir)),
+            queue: Queue::new(key, dir),
+            configs: Mutex::new(Configs::new()),
+        }
     }
 
     /// The settings of `qualifier` ("" or `$LATEST`: the unqualified function), if set.
@@ -121,7 +145,8 @@ pub struct Backlogged;
 
 /// An event on its way to the committer.
 struct Submit {
-    key: String,
+    /// The queue it was accepted for (see [`AsyncEvents::queue_for`]).
+    events: Arc<FunctionEvents>,
     qualifier: String,
     request_id: String,
     body: Vec<u8>,
@@ -134,7 +159,10 @@ pub struct AsyncEvents {
     dir: PathBuf,
     /// The settings it runs with.
     pub limits: AsyncLimits,
-    queues: Mutex<HashMap<String, Arc<FunctionEvents>>>,
+    /// By key. An entry exists from a function's first event or setting
+    /// until its delete; a deleted function's queue is never found again
+    /// (a function created anew under its name gets a new one).
+    queues: Mutex<BTreeMap<String, Arc<FunctionEvents>>>,
     submit_tx: SyncSender<Submit>,
     submit_rx: Mutex<Option<Receiver<Submit>>>,
     /// Wakes the dispatcher (new events, a run finished).
@@ -150,28 +178,60 @@ fn valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Moves the queue of `key` under `dir`, which cannot be opened (`e`), out
+/// of the way, so that the server starts and the function gets a new queue.
+fn set_aside(dir: &Path, key: &str, e: &io::Error) {
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(".unreadable");
+    let aside = PathBuf::from(aside).join(format!("{key}-{}", crate::util::time::unix_time_ms()));
+    let moved = std::fs::create_dir_all(aside.parent().expect("joined"))
+        .and_then(|()| std::fs::rename(dir.join(key), &aside));
+    match moved {
+        Ok(()) => eprintln!(
+            "hearth: the async queue of {key} cannot be opened ({e}); its events will not run: \
+             it is moved to {}",
+            aside.display()
+        ),
+        Err(m) => eprintln!(
+            "hearth: the async queue of {key} cannot be opened ({e}) nor moved aside ({m}); \
+             its function takes no asynchronous events until it is repaired and the server restarted"
+        ),
+    }
+}
+
 impl AsyncEvents {
     /// Opens every queue under `dir` (recovering them) whose function `exists`;
     /// the others' directories are removed (their functions were deleted).
+    /// A queue that cannot be opened does not stop the server: it is logged
+    /// and moved aside to `<dir>.unreadable/<key>-<ms>` (its events are not
+    /// run), and its function starts with an empty queue.
     pub fn open(
         dir: &Path,
         limits: AsyncLimits,
         exists: impl Fn(&str) -> bool,
     ) -> io::Result<AsyncEvents> {
         std::fs::create_dir_all(dir)?;
-        let mut queues = HashMap::new();
+        let mut queues = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
-            let entry = entry?;
+            let entry = match entry {
+                Ok(entry) => entry,
+                Err(e) => {
+                    eprintln!("hearth: cannot list {}: {e}", dir.display());
+                    continue;
+                }
+            };
             let key = entry.file_name().to_string_lossy().into_owned();
             if !valid_key(&key) || !exists(&key) {
                 eprintln!("hearth: removing the async queue of {key:?} (no such function)");
                 let _ = std::fs::remove_dir_all(entry.path());
                 continue;
             }
-            queues.insert(
-                key.clone(),
-                Arc::new(FunctionEvents::open(&key, entry.path())?),
-            );
+            match FunctionEvents::open(&key, entry.path()) {
+                Ok(q) => {
+                    queues.insert(key, Arc::new(q));
+                }
+                Err(e) => set_aside(dir, &key, &e),
+            }
         }
         let (submit_tx, submit_rx) = sync_channel(ACCEPT_PENDING_MAX);
         Ok(AsyncEvents {
@@ -184,8 +244,18 @@ impl AsyncEvents {
         })
     }
 
-    /// The queue of `key`, opened (created) if needed.
-    pub fn get_or_open(&self, key: &str) -> io::Result<Arc<FunctionEvents>> {
+    /// The queue of `key`, made (in memory only: see [`FunctionEvents::new`])
+    /// if there is none, provided `exists` says its function is still there.
+    /// `None`: it is not. `exists` is asked under the lock [`AsyncEvents::forget`]
+    /// takes, and a delete unpublishes a function before it forgets its
+    /// queue: so a queue handed out here either is forgotten by that delete
+    /// (its events are refused, [`AppendError::Removed`]) or belongs to a
+    /// function that exists now, never to one deleted meanwhile.
+    pub fn queue_for(
+        &self,
+        key: &str,
+        exists: impl FnOnce() -> bool,
+    ) -> io::Result<Option<Arc<FunctionEvents>>> {
         if !valid_key(key) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
@@ -193,12 +263,13 @@ impl AsyncEvents {
             ));
         }
         let mut queues = self.queues.lock().unwrap();
-        if let Some(q) = queues.get(key) {
-            return Ok(q.clone());
+        if !exists() {
+            return Ok(None);
         }
-        let q = Arc::new(FunctionEvents::open(key, self.dir.join(key))?);
-        queues.insert(key.to_string(), q.clone());
-        Ok(q)
+        let q = queues
+            .entry(key.to_string())
+            .or_insert_with(|| Arc::new(FunctionEvents::new(key, self.dir.join(key))));
+        Ok(Some(q.clone()))
     }
 
     /// The queue of `key` if it has one.
@@ -208,9 +279,7 @@ impl AsyncEvents {
 
     /// Every queue, by key.
     pub fn all(&self) -> Vec<Arc<FunctionEvents>> {
-        let queues = self.queues.lock().unwrap();
-        let sorted: BTreeMap<&String, &Arc<FunctionEvents>> = queues.iter().collect();
-        sorted.into_values().cloned().collect()
+        self.queues.lock().unwrap().values().cloned().collect()
     }
 
     /// Drops the queue of `key` with its events and settings (its function was deleted).
@@ -226,19 +295,20 @@ impl AsyncEvents {
         }
     }
 
-    /// Hands an event to the committer; `done` hears whether it was stored.
-    /// Never blocks: with [`ACCEPT_PENDING_MAX`] events waiting already, the
-    /// event is refused at once ([`Backlogged`], and `done` is dropped).
+    /// Hands an event for `events` (from [`AsyncEvents::queue_for`]) to the
+    /// committer; `done` hears whether it was stored. Never blocks: with
+    /// [`ACCEPT_PENDING_MAX`] events waiting already, the event is refused at
+    /// once ([`Backlogged`], and `done` is dropped).
     pub fn submit(
         &self,
-        key: String,
+        events: Arc<FunctionEvents>,
         qualifier: String,
         request_id: String,
         body: Vec<u8>,
         done: Accepted,
     ) -> Result<(), Backlogged> {
         let s = Submit {
-            key,
+            events,
             qualifier,
             request_id,
             body,
@@ -276,27 +346,23 @@ impl AsyncEvents {
             .expect("spawn the async committer");
     }
 
-    /// Writes a batch, one append (and fsync) per function, and answers each event.
+    /// Writes a batch, one append (and fsync) per queue, and answers each
+    /// event. An event whose queue was forgotten meanwhile (its function was
+    /// deleted) is refused by the queue, not written anywhere else.
     fn commit(&self, batch: Vec<Submit>) {
-        let mut by_key: BTreeMap<String, Vec<Submit>> = BTreeMap::new();
+        // By queue, not key: two queues of one key (a deleted function's and
+        // its successor's) are two.
+        let mut by_queue: HashMap<*const FunctionEvents, (Arc<FunctionEvents>, Vec<Submit>)> =
+            HashMap::new();
         for s in batch {
-            by_key.entry(s.key.clone()).or_default().push(s);
+            by_queue
+                .entry(Arc::as_ptr(&s.events))
+                .or_insert_with(|| (s.events.clone(), Vec::new()))
+                .1
+                .push(s);
         }
         let now_ms = crate::util::time::unix_time_ms();
-        for (key, events) in by_key {
-            let q = match self.get_or_open(&key) {
-                Ok(q) => q,
-                Err(e) => {
-                    eprintln!("hearth: cannot open the async queue of {key}: {e}");
-                    for s in events {
-                        (s.done)(Err(AppendError::Io(io::Error::new(
-                            e.kind(),
-                            e.to_string(),
-                        ))));
-                    }
-                    continue;
-                }
-            };
+        for (q, events) in by_queue.into_values() {
             let items: Vec<(&str, &str, &[u8])> = events
                 .iter()
                 .map(|s| {
@@ -369,5 +435,115 @@ impl AsyncEvents {
                 );
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::mpsc::channel;
+
+    fn open(label: &str) -> (PathBuf, AsyncEvents) {
+        let d = std::env::temp_dir().join(format!(
+            "hearth-async-{label}-{}-{:x}",
+            std::process::id(),
+            crate::util::random::random_u64()
+        ));
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let events = AsyncEvents::open(&d, limits, |_| true).unwrap();
+        (d, events)
+    }
+
+    /// Submits `{}` for `events`; the receiver hears whether it was stored.
+    fn submit(ev: &AsyncEvents, events: Arc<FunctionEvents>) -> Receiver<Result<(), AppendError>> {
+        let (tx, rx) = channel();
+        let done = Box::new(move |r| tx.send(r).unwrap());
+        assert!(ev
+            .submit(events, String::new(), "rid".into(), b"{}".to_vec(), done)
+            .is_ok());
+        rx
+    }
+
+    /// Runs the committer's work on every event submitted so far.
+    fn commit_waiting(ev: &AsyncEvents) {
+        let rx = ev.submit_rx.lock().unwrap();
+        let batch: Vec<Submit> = rx.as_ref().unwrap().try_iter().collect();
+        ev.commit(batch);
+    }
+
+    #[test]
+    fn an_event_accepted_as_its_function_is_deleted_is_not_stored_for_its_successor() {
+        let (d, ev) = open("deleted");
+        // Accepted (the function exists), not yet written by the committer...
+        let old = ev.queue_for("f", || true).unwrap().unwrap();
+        let stored = submit(&ev, old);
+        // ...when DeleteFunction forgets the queue, and a function is created
+        // under the name again and gets an event of its own.
+        ev.forget("f");
+        let new = ev.queue_for("f", || true).unwrap().unwrap();
+        let stored_new = submit(&ev, new.clone());
+        commit_waiting(&ev);
+        assert!(matches!(stored.recv().unwrap(), Err(AppendError::Removed)));
+        assert!(stored_new.recv().unwrap().is_ok());
+        assert_eq!(new.queue.depth(), 1, "only the new function's own event");
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_unreadable_queue_is_set_aside_and_the_others_open() {
+        let (d, ev) = open("unreadable");
+        drop(ev);
+        // Settings that do not parse: the defaults, the events kept.
+        std::fs::create_dir_all(d.join("bad-config")).unwrap();
+        std::fs::write(d.join("bad-config/config.json"), "not json").unwrap();
+        // A segment that cannot be read (a directory in its place).
+        std::fs::create_dir_all(d.join("bad-segment/seg-0000000000000001.log")).unwrap();
+        let ok = Queue::open("ok", d.join("ok")).unwrap();
+        assert!(ok.append(&[("", "r", b"{}")], 1, u64::MAX)[0].is_ok());
+        drop(ok);
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let ev = AsyncEvents::open(&d, limits, |_| true).expect("the server starts");
+        assert_eq!(ev.get("ok").unwrap().queue.depth(), 1);
+        let bad = ev.get("bad-config").expect("opened with the defaults");
+        assert_eq!(bad.config(""), None);
+        assert!(d.join("bad-config/config.json.unreadable").is_file());
+        assert!(ev.get("bad-segment").is_none());
+        assert!(!d.join("bad-segment").exists());
+        let mut aside = d.as_os_str().to_owned();
+        aside.push(".unreadable");
+        let aside = PathBuf::from(aside);
+        let kept = std::fs::read_dir(&aside).unwrap().count();
+        assert_eq!(kept, 1, "set aside, not deleted");
+        // Its function takes events again, in a new queue.
+        let q = ev.queue_for("bad-segment", || true).unwrap().unwrap();
+        let stored = submit(&ev, q);
+        commit_waiting(&ev);
+        assert!(stored.recv().unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&aside);
+    }
+
+    #[test]
+    fn no_queue_is_made_for_a_function_that_is_gone_nor_by_looking() {
+        let (d, ev) = open("gone");
+        assert!(ev.queue_for("f", || false).unwrap().is_none());
+        assert!(ev.get("f").is_none());
+        assert!(ev.all().is_empty());
+        // A queue made for an event touches the disk with that event only.
+        let q = ev.queue_for("g", || true).unwrap().unwrap();
+        assert!(!d.join("g").exists());
+        let stored = submit(&ev, q);
+        commit_waiting(&ev);
+        assert!(stored.recv().unwrap().is_ok());
+        assert!(d.join("g").is_dir());
+        let _ = std::fs::remove_dir_all(&d);
     }
 }

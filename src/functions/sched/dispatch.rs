@@ -706,7 +706,7 @@ impl CorePool {
         }
         for (to, waited) in expired {
             let message = format!("no instance became free within {waited} ms");
-            self.reply(to, Reply::error(504, "function_timeout", &message));
+            self.reply(to, Reply::error(504, "queue_timeout", &message));
         }
     }
 }

@@ -667,7 +667,7 @@ impl CorePool {
         } else if pending.queue_deadline <= now {
             let waited = now.duration_since(pending.arrived).as_millis();
             let message = format!("no instance became free within {waited} ms");
-            self.reply(to, Reply::error(504, "function_timeout", &message));
+            self.reply(to, Reply::error(504, "queue_timeout", &message));
         } else {
             self.place(&function, pending, now);
         }

@@ -186,7 +186,9 @@ fn service_error(status: u16, kind: &'static str, message: &str) -> Reply {
 /// handler's result or error passes with `X-Amz-Executed-Version`, the
 /// request id and, when asked, the log tail; hearth's own errors become
 /// Lambda's (a timeout or crash is a function error in a 200, as Lambda
-/// reports them; a full queue is `TooManyRequestsException`).
+/// reports them; a full queue, or a request that waited in it for an
+/// instance until its deadline without running, is `TooManyRequestsException`,
+/// as Lambda answers when it has no capacity: the handler did not fail).
 pub(super) fn service_reply(reply: Reply, s: &super::ServiceInvoke) -> Reply {
     use std::borrow::Cow;
     let handler_answered =
@@ -207,8 +209,10 @@ pub(super) fn service_reply(reply: Reply, s: &super::ServiceInvoke) -> Reply {
                     "errorMessage": format!("RequestId: {} Error: {message}", s.request_id),
                 }))
             }
-            (429, _) => service_error(429, "TooManyRequestsException", message)
-                .with_header("retry-after", "1"),
+            (429, _) | (_, "queue_timeout") => {
+                service_error(429, "TooManyRequestsException", message)
+                    .with_header("retry-after", "1")
+            }
             (404, _) => service_error(404, "ResourceNotFoundException", message),
             (413, _) => service_error(413, "RequestTooLargeException", message),
             (503, _) => service_error(503, "ServiceException", message),
@@ -419,6 +423,13 @@ mod tests {
             Some("Unhandled")
         );
         assert_eq!(json(&timeout)["errorType"], "Sandbox.Timedout");
+        // Expired in the queue, never run: no function error, a throttle.
+        let expired = service_reply(Reply::error(504, "queue_timeout", "no instance"), &s);
+        assert_eq!(
+            (expired.status, header(&expired, FUNCTION_ERROR)),
+            (429, None)
+        );
+        assert_eq!(json(&expired)["code"], "TooManyRequestsException");
         let crash = service_reply(Reply::error(502, "instance_crashed", "gone"), &s);
         assert_eq!(json(&crash)["errorType"], "Runtime.ExitError");
 

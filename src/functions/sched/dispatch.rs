@@ -546,7 +546,8 @@ impl CorePool {
         self.grow(&f.spec.id, now);
     }
 
-    /// A start finished: adopt the instance, or answer a waiting request with 503.
+    /// A start finished: adopt the instance, or answer a waiting request
+    /// ([`start_failed_reply`]).
     pub(super) fn started(&mut self, started: Started, now: Instant) {
         let f = started.function;
         let id = f.spec.id.clone();
@@ -573,8 +574,7 @@ impl CorePool {
                     .get_mut(&id)
                     .and_then(|fs| fs.dequeue(&mut self.queued));
                 if let Some(p) = waiting {
-                    let message = format!("could not start an instance: {e}");
-                    self.reply(p.to, Reply::error(503, "instance_start_failed", &message));
+                    self.reply(p.to, start_failed_reply(&e));
                 }
                 return;
             }
@@ -715,5 +715,26 @@ impl FnState {
     /// Requests queued beyond those an instance is starting for.
     pub(super) fn uncovered(&self) -> usize {
         self.queue.len().saturating_sub(self.starting)
+    }
+}
+
+/// The answer to the request a failed start was for: the function's own code
+/// failing to load is its error (502 `init_error`, `<errorType>: <message>`;
+/// a function error in the service API's shape, using an attempt of an
+/// asynchronous event, as on Lambda); anything else is the server's (503
+/// `instance_start_failed`, which an asynchronous event retries without using
+/// an attempt).
+fn start_failed_reply(e: &crate::sandbox::StartError) -> Reply {
+    match e {
+        crate::sandbox::StartError::Init {
+            error_type,
+            message,
+            ..
+        } => Reply::error(502, "init_error", &format!("{error_type}: {message}")),
+        _ => Reply::error(
+            503,
+            "instance_start_failed",
+            &format!("could not start an instance: {e}"),
+        ),
     }
 }

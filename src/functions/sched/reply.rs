@@ -203,6 +203,15 @@ pub(super) fn service_reply(reply: Reply, s: &super::ServiceInvoke) -> Reply {
                 "errorType": "Sandbox.Timedout",
                 "errorMessage": format!("RequestId: {} Error: {message}", s.request_id),
             })),
+            (_, "init_error") => {
+                let (error_type, message) = message
+                    .split_once(": ")
+                    .unwrap_or(("Runtime.InitError", message));
+                function_error(serde_json::json!({
+                    "errorType": error_type,
+                    "errorMessage": format!("RequestId: {} Error: {message}", s.request_id),
+                }))
+            }
             (_, "instance_crashed") | (_, "bad_function_response") => {
                 function_error(serde_json::json!({
                     "errorType": "Runtime.ExitError",
@@ -430,6 +439,14 @@ mod tests {
             (429, None)
         );
         assert_eq!(json(&expired)["code"], "TooManyRequestsException");
+        // The function's code failed to load: its error, not the service's.
+        let init = Reply::error(502, "init_error", "Runtime.ImportModuleError: no index");
+        let init = service_reply(init, &s);
+        assert_eq!(
+            (init.status, header(&init, FUNCTION_ERROR)),
+            (200, Some("Unhandled".to_string()))
+        );
+        assert_eq!(json(&init)["errorType"], "Runtime.ImportModuleError");
         let crash = service_reply(Reply::error(502, "instance_crashed", "gone"), &s);
         assert_eq!(json(&crash)["errorType"], "Runtime.ExitError");
 

@@ -710,6 +710,28 @@ fn a_failed_start_answers_one_queued_request_503() {
 }
 
 #[test]
+fn a_start_whose_code_fails_to_load_answers_with_the_functions_error() {
+    let f = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let to = sim.request("a");
+    let result = Err(StartError::Init {
+        error_type: "Runtime.ImportModuleError".into(),
+        message: "Cannot find module 'index'".into(),
+        logs: Default::default(),
+    });
+    let function = sim.starts.remove(0);
+    sim.pool.on_started(Started { function, result }, sim.now);
+    sim.drain();
+    assert_eq!(sim.status(to), Some(502));
+    let body = String::from_utf8_lossy(&sim.reply_to(to).unwrap().body).into_owned();
+    assert!(body.contains("init_error"), "{body}");
+    assert!(
+        body.contains("Runtime.ImportModuleError: Cannot find module"),
+        "{body}"
+    );
+}
+
+#[test]
 fn a_client_that_left_is_neither_dispatched_nor_answered() {
     let f = function("a", 1, 1000);
     let mut sim = Sim::new(config(0), &[&f]);

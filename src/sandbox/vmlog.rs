@@ -207,20 +207,14 @@ impl Drop for VmLog {
 
 /// The drain thread's table and epoll set.
 struct Drain {
-    epoll: OwnedFd,
+    epoll: crate::util::sys::Epoll,
     sinks: Mutex<HashMap<u64, Arc<Mutex<Sink>>>>,
     next_id: AtomicU64,
 }
 
 impl Drain {
     fn start() -> io::Result<&'static Drain> {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let epoll = crate::util::sys::Epoll::new()?;
         let drain: &'static Drain = Box::leak(Box::new(Drain {
             epoll,
             sinks: Mutex::new(HashMap::new()),
@@ -233,35 +227,15 @@ impl Drain {
     }
 
     fn ctl(&self, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: libc::EPOLLIN as u32,
-            u64: token,
-        };
-        // SAFETY: valid epoll and target descriptors, a valid event.
-        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.epoll.ctl(op, fd, libc::EPOLLIN, token)
     }
 
     fn run(&self) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
         let mut buf = vec![0; READ_BYTES];
         loop {
-            // SAFETY: the buffer holds EVENTS_MAX events.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    EVENTS_MAX as i32,
-                    -1,
-                )
-            };
-            if n < 0 {
-                continue; // EINTR
-            }
-            for ev in &events[..n as usize] {
+            let n = self.epoll.wait(&mut events);
+            for ev in &events[..n] {
                 let id = ev.u64;
                 let Some(sink) = self.sinks.lock().unwrap().get(&id).cloned() else {
                     continue;

@@ -8,6 +8,7 @@
 //! - [`program`]: finding an executable (an environment override, else `PATH`).
 //! - [`random`]: random bits from the kernel.
 //! - [`sock`]: socket options of accepted connections.
+//! - [`sys`]: pidfds and an epoll set, as checked calls.
 //! - [`time`]: wall-clock time since the Unix epoch.
 
 pub mod cpu;
@@ -17,4 +18,5 @@ pub mod hex;
 pub mod program;
 pub mod random;
 pub mod sock;
+pub mod sys;
 pub mod time;

@@ -36,7 +36,7 @@ use std::collections::HashMap;
 use std::ffi::OsString;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
@@ -488,13 +488,7 @@ fn proc_uid_state(pid: i32) -> Option<(Vec<u32>, char)> {
 /// A pidfd on `pid`, if it is still one of `members` once pinned (so a pid
 /// reused meanwhile is never signalled).
 fn pin(pid: i32, members: Members<'_>) -> Option<OwnedFd> {
-    // SAFETY: plain syscall; a non-negative result is a descriptor we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    if fd < 0 {
-        return None;
-    }
-    // SAFETY: `fd` was just returned to us by pidfd_open.
-    let fd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    let fd = crate::util::sys::pidfd_open(pid)?;
     members.has(pid).then_some(fd)
 }
 
@@ -549,16 +543,7 @@ pub fn kill_members(members: Members<'_>, wait: Duration) -> bool {
             let _ = fs::write(cg.join("cgroup.kill"), "1");
         }
         for fd in pinned.values() {
-            // SAFETY: signals the process the pidfd refers to.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<u8>(),
-                    0,
-                )
-            };
+            crate::util::sys::pidfd_kill(fd);
         }
         pinned.retain(|_, fd| !ended(fd));
         if live.is_empty() && pinned.is_empty() {

@@ -615,7 +615,7 @@ impl Guest {
 
 /// The shared fault thread's table and epoll set.
 struct FaultServer {
-    epoll: OwnedFd,
+    epoll: crate::util::sys::Epoll,
     guests: Mutex<HashMap<u64, Guest>>,
     next_id: AtomicU64,
 }
@@ -627,13 +627,7 @@ fn token(id: u64, conn: bool) -> u64 {
 
 impl FaultServer {
     fn start() -> io::Result<&'static FaultServer> {
-        // SAFETY: plain syscall; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        if fd < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: `fd` was just created and is owned by nothing else.
-        let epoll = unsafe { OwnedFd::from_raw_fd(fd) };
+        let epoll = crate::util::sys::Epoll::new()?;
         let server: &'static FaultServer = Box::leak(Box::new(FaultServer {
             epoll,
             guests: Mutex::new(HashMap::new()),
@@ -646,34 +640,15 @@ impl FaultServer {
     }
 
     fn ctl(&self, op: i32, fd: RawFd, token: u64) -> io::Result<()> {
-        let mut ev = libc::epoll_event {
-            events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
-            u64: token,
-        };
-        // SAFETY: valid epoll and target descriptors, a valid event.
-        let rc = unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut ev) };
-        if rc != 0 {
-            return Err(io::Error::last_os_error());
-        }
-        Ok(())
+        self.epoll
+            .ctl(op, fd, libc::EPOLLIN | libc::EPOLLRDHUP, token)
     }
 
     fn run(&self) {
         let mut events = [libc::epoll_event { events: 0, u64: 0 }; EVENTS_MAX];
         loop {
-            // SAFETY: the buffer holds EVENTS_MAX events.
-            let n = unsafe {
-                libc::epoll_wait(
-                    self.epoll.as_raw_fd(),
-                    events.as_mut_ptr(),
-                    EVENTS_MAX as i32,
-                    -1,
-                )
-            };
-            if n < 0 {
-                continue; // EINTR
-            }
-            for ev in &events[..n as usize] {
+            let n = self.epoll.wait(&mut events);
+            for ev in &events[..n] {
                 let (tok, flags) = (ev.u64, ev.events);
                 let id = tok / 2;
                 let mut guests = self.guests.lock().unwrap();

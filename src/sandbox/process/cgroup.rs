@@ -10,7 +10,6 @@
 
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -630,26 +629,13 @@ fn kill_orphans(dir: &Path, name: &str) -> Members {
     }
     let suffix = format!("/hearth/{name}");
     for pid in pids {
-        // SAFETY: plain syscall; a non-negative result is a descriptor we own.
-        let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-        if fd < 0 {
+        let Some(fd) = crate::util::sys::pidfd_open(pid) else {
             continue;
-        }
-        // SAFETY: `fd` was just returned to us by pidfd_open.
-        let fd = unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) };
+        };
         let member = fs::read_to_string(format!("/proc/{pid}/cgroup"))
             .is_ok_and(|c| c.lines().any(|l| l.ends_with(&suffix)));
         if member {
-            // SAFETY: signals the process the pidfd refers to.
-            unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<u8>(),
-                    0,
-                )
-            };
+            crate::util::sys::pidfd_kill(&fd);
         }
     }
     Members::Killed

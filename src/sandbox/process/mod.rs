@@ -250,13 +250,6 @@ fn socketpair(what: &'static str) -> Result<(OwnedFd, OwnedFd), SandboxError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
 }
 
-fn pidfd_open(pid: i32) -> Option<OwnedFd> {
-    // SAFETY: plain syscall; on success it returns a new descriptor that we own.
-    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
-    // SAFETY: a non-negative result is a new descriptor nobody else owns.
-    (fd >= 0).then(|| unsafe { OwnedFd::from_raw_fd(fd as i32) })
-}
-
 /// Starts `spec.argv` in a new sandbox. `hearth_exe` is the hearth binary (it runs as the
 /// launcher). Blocks until the command has been exec'd (or setup failed).
 pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
@@ -319,7 +312,7 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
         Line::Pid(p) => {
             // The launcher has not exited yet, so `p` is still its child: this cannot be
             // another process that reused the pid.
-            pidfd = pidfd_open(p);
+            pidfd = crate::util::sys::pidfd_open(p);
             pid = Some(p);
         }
         Line::Ok | Line::Error(_) => {}
@@ -448,16 +441,7 @@ impl Sandbox {
             return;
         }
         match &self.pidfd {
-            // SAFETY: signals the process the pidfd refers to.
-            Some(fd) => unsafe {
-                libc::syscall(
-                    libc::SYS_pidfd_send_signal,
-                    fd.as_raw_fd(),
-                    libc::SIGKILL,
-                    std::ptr::null::<u8>(),
-                    0,
-                );
-            },
+            Some(fd) => crate::util::sys::pidfd_kill(fd),
             // SAFETY: PID 1 is our unreaped child (we are its subreaper), so the pid is still its.
             None => unsafe {
                 libc::kill(self.pid, libc::SIGKILL);

@@ -21,21 +21,28 @@ impl Drop for RemoveOnDrop {
     }
 }
 
-/// Fsyncs `tmp` and renames it to `dir/name`; returns its length. `tmp`
-/// must be a plain file (a symbolic link is not followed, nor published).
-pub fn publish(tmp: &Path, dir: &Path, name: &str) -> io::Result<u64> {
+/// Opens `path` for reading without following a symbolic link or blocking
+/// on a FIFO, and checks that it is a plain file.
+pub fn open_plain(path: &Path) -> io::Result<(fs::File, fs::Metadata)> {
     use std::os::unix::fs::OpenOptionsExt;
     let f = fs::OpenOptions::new()
         .read(true)
         .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(tmp)?;
+        .open(path)?;
     let m = f.metadata()?;
     if !m.file_type().is_file() {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("{} is not a plain file", tmp.display()),
+            format!("{} is not a plain file", path.display()),
         ));
     }
+    Ok((f, m))
+}
+
+/// Fsyncs `tmp` and renames it to `dir/name`; returns its length. `tmp`
+/// must be a plain file (a symbolic link is not followed, nor published).
+pub fn publish(tmp: &Path, dir: &Path, name: &str) -> io::Result<u64> {
+    let (f, m) = open_plain(tmp)?;
     f.sync_all()?;
     let len = m.len();
     fs::rename(tmp, dir.join(name))?;

@@ -37,13 +37,13 @@ use std::ffi::OsString;
 use std::fs;
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::sandbox::process::uids::{UidLease, UidPool, UidsExhausted};
-use crate::sandbox::vmfiles::SOCKET_PATH_BYTES_MAX;
+use crate::sandbox::vmfiles::{open_plain, SOCKET_PATH_BYTES_MAX};
 
 /// The jail base directory's name inside the state directory.
 pub const JAIL_DIR: &str = "jail";
@@ -340,23 +340,6 @@ pub fn link_in(root: &Path, src: &Path) -> io::Result<PathBuf> {
         }
     })?;
     Ok(name)
-}
-
-/// Opens `path` for reading without following a symbolic link or blocking
-/// on a FIFO, and checks that it is a plain file.
-pub fn open_plain(path: &Path) -> io::Result<(fs::File, fs::Metadata)> {
-    let f = fs::OpenOptions::new()
-        .read(true)
-        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
-        .open(path)?;
-    let m = f.metadata()?;
-    if !m.file_type().is_file() {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("{} is not a plain file", path.display()),
-        ));
-    }
-    Ok((f, m))
 }
 
 /// Takes a file the jailed VMM wrote out of its root: it must be a plain

@@ -292,7 +292,7 @@ pub struct Memory {
 impl Memory {
     /// Maps `path` read-only: a plain file, not reached through a link.
     pub fn open(path: &Path) -> io::Result<Memory> {
-        let (file, _) = super::jail::open_plain(path)?;
+        let (file, _) = crate::sandbox::vmfiles::open_plain(path)?;
         // SAFETY: the memory file is never written in place: a new snapshot
         // replaces it by rename, and this mapping keeps the old inode.
         let map = unsafe { Mmap::map(&file)? };

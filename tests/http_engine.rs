@@ -420,10 +420,18 @@ fn malformed_heads_are_400_and_close(io: &str) {
         b"GET /healthz http/1.1\r\nHost: t\r\n\r\n",
         b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n",
         b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n\r\n",
+        // RFC 9112 3.2: HTTP/1.1 needs exactly one Host, and it must be a host.
+        b"GET /healthz HTTP/1.1\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+        b"GET /healthz HTTP/1.0\r\nHost: a\r\nhost: a\r\n\r\n",
+        b"GET /healthz HTTP/1.1\r\nHost: a/b@c\r\n\r\n",
     ];
     for case in cases {
         assert_rejected(&s, case, 400, "bad_request");
     }
+    // HTTP/1.0 may leave Host out.
+    let r = parse_responses(&s.send(b"GET /healthz HTTP/1.0\r\n\r\n"));
+    assert_eq!((r[0].status, r[0].body.as_slice()), (200, &b"ok"[..]));
 }
 
 fn unsupported_versions_are_505(io: &str) {

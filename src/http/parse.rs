@@ -10,7 +10,10 @@
 //! - every line ends in CRLF; a bare LF is a 400;
 //! - a header line without a colon, or a continuation line (obs-fold), is a 400;
 //! - the target is origin-form (`/path?query`), absolute-form (`http(s)://authority/path`,
-//!   reduced to its path and query; the authority is discarded) or `*` (OPTIONS only);
+//!   reduced to its path and query; the authority, without any userinfo, replaces the
+//!   `Host` value as RFC 9112 section 3.2.2 asks) or `*` (OPTIONS only);
+//! - `Host` (RFC 9112 section 3.2): an HTTP/1.1 request without one, any request with more
+//!   than one, or one whose value is not a host and optional port is a 400;
 //! - version: `HTTP/1.0` and `HTTP/1.1` are served. Any other well-formed `HTTP/<d>.<d>`
 //!   (`HTTP/0.9`, `HTTP/1.2`, `HTTP/2.0`, `HTTP/3.0`, ...) is a 505, except the exact HTTP/2
 //!   connection preface line `PRI * HTTP/2.0`, which is a 400: the client is not speaking
@@ -21,8 +24,8 @@
 //!
 //! Limits ([`Limits`]) bound every scan: the head parser never looks past `head_bytes_max`
 //! bytes; a chunked body bounds its total size, its extensions and its trailer section.
-//! Not enforced here (the caller's decision): a missing or repeated `Host` header, and
-//! `Expect` values other than `100-continue`, which are simply not flagged.
+//! Not enforced here (the caller's decision): `Expect` values other than `100-continue`,
+//! which are simply not flagged.
 
 use std::fmt;
 use std::mem::MaybeUninit;
@@ -221,9 +224,10 @@ fn build_request(
     } else {
         Version::Http10
     };
-    let target = normalise_target(method, raw_target)?;
+    let (target, authority) = normalise_target(method, raw_target)?;
 
     let mut headers = Vec::with_capacity(raw.headers.len());
+    let mut host: Option<usize> = None;
     let mut content_length: Option<u64> = None;
     let mut transfer_encodings = 0usize;
     let mut chunked = false;
@@ -258,12 +262,31 @@ fn build_request(
                 expect_continue |= value.eq_ignore_ascii_case(b"100-continue");
             }
             15 if name.eq_ignore_ascii_case("x-hearth-timing") => timing = value == b"1",
+            4 if name.eq_ignore_ascii_case("host") => {
+                if host.is_some() {
+                    return Err(Error::BadRequest("more than one Host header"));
+                }
+                if !is_host_value(value) {
+                    return Err(Error::BadRequest("Host is not a host name and port"));
+                }
+                host = Some(headers.len());
+            }
             _ => {}
         }
         headers.push((
             name.to_ascii_lowercase(),
             String::from_utf8_lossy(value).into_owned(),
         ));
+    }
+
+    match (host, authority) {
+        (None, _) if version == Version::Http11 => {
+            return Err(Error::BadRequest("an HTTP/1.1 request needs a Host header"));
+        }
+        // An absolute-form target names the host; the header is ignored (RFC 9112 3.2.2).
+        (Some(at), Some(authority)) => headers[at].1 = authority.to_owned(),
+        (None, Some(authority)) => headers.push(("host".to_owned(), authority.to_owned())),
+        _ => {}
     }
 
     let body = if transfer_encodings > 0 {
@@ -354,8 +377,9 @@ fn require_crlf_line_ends(
     Ok(())
 }
 
-/// Checks the target's form and reduces absolute-form to origin-form.
-fn normalise_target(method: &str, target: &str) -> Result<String, Error> {
+/// Checks the target's form and reduces absolute-form to origin-form; for absolute-form,
+/// also returns the URI's authority without its userinfo (the request's host).
+fn normalise_target<'t>(method: &str, target: &'t str) -> Result<(String, Option<&'t str>), Error> {
     // A fragment is the client's own business (RFC 9112 3.2): one sent anyway
     // would reach the function as part of the path or query.
     if target.contains('#') {
@@ -364,11 +388,11 @@ fn normalise_target(method: &str, target: &str) -> Result<String, Error> {
         ));
     }
     if target.starts_with('/') {
-        return Ok(target.to_owned());
+        return Ok((target.to_owned(), None));
     }
     if target == "*" {
         return if method == "OPTIONS" {
-            Ok(target.to_owned())
+            Ok((target.to_owned(), None))
         } else {
             Err(Error::BadRequest(
                 "target \"*\" is only allowed with OPTIONS",
@@ -383,16 +407,31 @@ fn normalise_target(method: &str, target: &str) -> Result<String, Error> {
         ));
     };
     let authority_len = rest.find(['/', '?']).unwrap_or(rest.len());
-    if authority_len == 0 {
+    let authority = &rest[..authority_len];
+    let host = authority
+        .rsplit_once('@')
+        .map_or(authority, |(_, host)| host);
+    if host.is_empty() || !is_host_value(host.as_bytes()) {
         return Err(Error::BadRequest("absolute-form target without a host"));
     }
     let path_and_query = &rest[authority_len..];
-    Ok(if path_and_query.starts_with('/') {
+    let origin_form = if path_and_query.starts_with('/') {
         path_and_query.to_owned()
     } else {
         // "http://host" or "http://host?q": the path is empty, which means "/".
         format!("/{path_and_query}")
-    })
+    };
+    Ok((origin_form, Some(host)))
+}
+
+/// Whether `value` can be a `Host` field value: the URI's host (a name, an IPv4 address
+/// or a bracketed IP literal) and an optional port, so bytes from RFC 3986's unreserved,
+/// sub-delims, `%`, `:`, `[` and `]`; empty is allowed (RFC 9112 3.2, a target without an
+/// authority).
+fn is_host_value(value: &[u8]) -> bool {
+    value
+        .iter()
+        .all(|&b| b.is_ascii_alphanumeric() || b"-._~%!$&'()*+,;=:[]".contains(&b))
 }
 
 fn strip_prefix_ignore_ascii_case<'a>(s: &'a str, prefix: &str) -> Option<&'a str> {
@@ -904,23 +943,23 @@ mod tests {
 
     #[test]
     fn query_is_empty_without_question_mark() {
-        let (req, _) = head(b"GET /a/b HTTP/1.1\r\n\r\n");
+        let (req, _) = head(b"GET /a/b HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!(req.path(), "/a/b");
         assert_eq!(req.query(), "");
-        let (req, _) = head(b"GET /a? HTTP/1.1\r\n\r\n");
+        let (req, _) = head(b"GET /a? HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!((req.path(), req.query()), ("/a", ""));
     }
 
     #[test]
     fn header_returns_first_of_repeated_fields() {
-        let (req, _) = head(b"GET / HTTP/1.1\r\nX-A: 1\r\nx-a: 2\r\n\r\n");
+        let (req, _) = head(b"GET / HTTP/1.1\r\nHost: h\r\nX-A: 1\r\nx-a: 2\r\n\r\n");
         assert_eq!(req.header("x-a"), Some("1"));
-        assert_eq!(req.headers.len(), 2);
+        assert_eq!(req.headers.len(), 3);
     }
 
     #[test]
     fn head_length_excludes_following_bytes() {
-        let raw = b"POST / HTTP/1.1\r\nContent-Length: 3\r\n\r\nabcGET";
+        let raw = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabcGET";
         let (req, n) = head(raw);
         assert_eq!(&raw[n..], b"abcGET");
         assert_eq!(req.body, BodyFraming::Length(3));
@@ -941,7 +980,7 @@ mod tests {
 
     #[test]
     fn leading_empty_lines_are_skipped_and_counted() {
-        let raw = b"\r\n\r\nGET / HTTP/1.1\r\n\r\n";
+        let raw = b"\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n\r\n";
         let (req, n) = head(raw);
         assert_eq!(n, raw.len());
         assert_eq!(req.target, "/");
@@ -950,11 +989,12 @@ mod tests {
     #[test]
     fn header_names_are_lowercased_and_values_trimmed() {
         let (req, _) = head(
-            b"GET / HTTP/1.1\r\nX-Mixed-CASE: \t inner  space \t \r\nEmpty:\r\nE2:   \r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-Mixed-CASE: \t inner  space \t \r\nEmpty:\r\nE2:   \r\n\r\n",
         );
         assert_eq!(
             req.headers,
             [
+                ("host".into(), "h".into()),
                 ("x-mixed-case".into(), "inner  space".into()),
                 ("empty".into(), "".into()),
                 ("e2".into(), "".into())
@@ -964,30 +1004,30 @@ mod tests {
 
     #[test]
     fn non_utf8_header_values_are_converted_lossily() {
-        let (req, _) = head(b"GET / HTTP/1.1\r\nX-Bin: a\xffb\xc3\xa9\r\n\r\n");
+        let (req, _) = head(b"GET / HTTP/1.1\r\nHost: h\r\nX-Bin: a\xffb\xc3\xa9\r\n\r\n");
         assert_eq!(req.header("x-bin"), Some("a\u{fffd}b\u{e9}"));
     }
 
     #[test]
     fn http11_keeps_alive_unless_connection_close() {
-        assert!(head(b"GET / HTTP/1.1\r\n\r\n").0.keep_alive);
+        assert!(head(b"GET / HTTP/1.1\r\nHost: h\r\n\r\n").0.keep_alive);
         assert!(
-            !head(b"GET / HTTP/1.1\r\nConnection: close\r\n\r\n")
+            !head(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
                 .0
                 .keep_alive
         );
         assert!(
-            !head(b"GET / HTTP/1.1\r\nConnection: Keep-Alive, CLOSE\r\n\r\n")
+            !head(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: Keep-Alive, CLOSE\r\n\r\n")
                 .0
                 .keep_alive
         );
         assert!(
-            !head(b"GET / HTTP/1.1\r\nConnection: upgrade\r\nConnection: close\r\n\r\n")
+            !head(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: upgrade\r\nConnection: close\r\n\r\n")
                 .0
                 .keep_alive
         );
         assert!(
-            head(b"GET / HTTP/1.1\r\nConnection: closed\r\n\r\n")
+            head(b"GET / HTTP/1.1\r\nHost: h\r\nConnection: closed\r\n\r\n")
                 .0
                 .keep_alive
         );
@@ -1018,7 +1058,7 @@ mod tests {
     #[test]
     fn expect_continue_is_flagged_only_on_http11() {
         assert!(
-            head(b"PUT / HTTP/1.1\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")
+            head(b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: 100-Continue\r\nContent-Length: 1\r\n\r\n")
                 .0
                 .expect_continue
         );
@@ -1028,7 +1068,7 @@ mod tests {
                 .expect_continue
         );
         assert!(
-            !head(b"PUT / HTTP/1.1\r\nExpect: something-else\r\n\r\n")
+            !head(b"PUT / HTTP/1.1\r\nHost: h\r\nExpect: something-else\r\n\r\n")
                 .0
                 .expect_continue
         );
@@ -1043,8 +1083,8 @@ mod tests {
         assert_bad_request(b"GET / HTTP/1.1\r\nHost:\n\r\n", BARE_LF);
         assert_bad_request(b"GET / HTTP/1.1\r\nHost: a\r\n\n", BARE_LF);
         assert_bad_request(b"GET / HTTP/1.1\n\n", BARE_LF);
-        assert_bad_request(b"\nGET / HTTP/1.1\r\n\r\n", BARE_LF);
-        assert_bad_request(b"\r\n\nGET / HTTP/1.1\r\n\r\n", BARE_LF);
+        assert_bad_request(b"\nGET / HTTP/1.1\r\nHost: h\r\n\r\n", BARE_LF);
+        assert_bad_request(b"\r\n\nGET / HTTP/1.1\r\nHost: h\r\n\r\n", BARE_LF);
         // A bare LF in a line httparse rejects for another reason is named first.
         assert_bad_request(b"GET / HTTP/1.1\nbad line\r\n\r\n", BARE_LF);
     }
@@ -1073,11 +1113,11 @@ mod tests {
     #[test]
     fn obs_fold_continuation_line_is_rejected() {
         assert_bad_request(
-            b"GET / HTTP/1.1\r\nX-A: one\r\n  two\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-A: one\r\n  two\r\n\r\n",
             "obsolete line folding in header",
         );
         assert_bad_request(
-            b"GET / HTTP/1.1\r\nX-A: one\r\n\ttwo\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-A: one\r\n\ttwo\r\n\r\n",
             "obsolete line folding in header",
         );
     }
@@ -1088,36 +1128,45 @@ mod tests {
             b"GET / HTTP/1.1\r\nHost : a\r\n\r\n",
             "invalid character in header name",
         );
-        assert_bad_request(b"GET / HTTP/1.1\r\n: a\r\n\r\n", "empty header name");
         assert_bad_request(
-            b"GET / HTTP/1.1\r\nX-A: a\x00b\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\n: a\r\n\r\n",
+            "empty header name",
+        );
+        assert_bad_request(
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x00b\r\n\r\n",
             "invalid character in header value",
         );
         assert_bad_request(
-            b"GET / HTTP/1.1\r\nX-A: a\x7fb\r\n\r\n",
+            b"GET / HTTP/1.1\r\nHost: h\r\nX-A: a\x7fb\r\n\r\n",
             "invalid character in header value",
         );
     }
 
     #[test]
     fn invalid_method_token_is_rejected() {
-        assert_bad_request(b"G(T / HTTP/1.1\r\n\r\n", "invalid method token");
-        assert_bad_request(b"GE\"T / HTTP/1.1\r\n\r\n", "invalid method token");
+        assert_bad_request(b"G(T / HTTP/1.1\r\nHost: h\r\n\r\n", "invalid method token");
         assert_bad_request(
-            b" GET / HTTP/1.1\r\n\r\n",
+            b"GE\"T / HTTP/1.1\r\nHost: h\r\n\r\n",
+            "invalid method token",
+        );
+        assert_bad_request(
+            b" GET / HTTP/1.1\r\nHost: h\r\n\r\n",
             "request line is not METHOD SP target SP version",
         );
         // The fault is visible before the line ends: no need to wait for the rest.
         assert_eq!(head_err(b"G(T /").status(), 400);
         // Custom token methods are fine and kept as sent.
-        assert_eq!(head(b"m-SEARCH! / HTTP/1.1\r\n\r\n").0.method, "m-SEARCH!");
+        assert_eq!(
+            head(b"m-SEARCH! / HTTP/1.1\r\nHost: h\r\n\r\n").0.method,
+            "m-SEARCH!"
+        );
     }
 
     #[test]
     fn request_line_with_wrong_spacing_is_rejected() {
         for raw in [
-            &b"GET  / HTTP/1.1\r\n\r\n"[..],
-            b"GET /  HTTP/1.1\r\n\r\n",
+            &b"GET  / HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+            b"GET /  HTTP/1.1\r\nHost: h\r\n\r\n",
             b"GET / HTTP/1.1 \r\n\r\n",
             b"GET /\r\n\r\n",
             b"GET\r\n\r\n",
@@ -1134,49 +1183,110 @@ mod tests {
     #[test]
     fn origin_form_target_is_kept_as_sent() {
         assert_eq!(
-            head(b"GET //double/%20x?q=%2F HTTP/1.1\r\n\r\n").0.target,
+            head(b"GET //double/%20x?q=%2F HTTP/1.1\r\nHost: h\r\n\r\n")
+                .0
+                .target,
             "//double/%20x?q=%2F"
         );
     }
 
     #[test]
     fn absolute_form_target_is_reduced_to_path_and_query() {
-        let cases: [(&[u8], &str); 5] = [
+        let cases: [(&[u8], &str, &str); 5] = [
             (
-                b"GET http://example.com/a/b?c=d HTTP/1.1\r\n\r\n",
+                b"GET http://example.com/a/b?c=d HTTP/1.1\r\nHost: h\r\n\r\n",
                 "/a/b?c=d",
+                "example.com",
             ),
-            (b"GET HTTPS://example.com:8443/x HTTP/1.1\r\n\r\n", "/x"),
-            (b"GET http://example.com HTTP/1.1\r\n\r\n", "/"),
-            (b"GET http://example.com?q=1 HTTP/1.1\r\n\r\n", "/?q=1"),
-            (b"GET http://user@host/ HTTP/1.1\r\n\r\n", "/"),
+            (
+                b"GET HTTPS://example.com:8443/x HTTP/1.1\r\nHost: h\r\n\r\n",
+                "/x",
+                "example.com:8443",
+            ),
+            (
+                b"GET http://example.com HTTP/1.1\r\nHost: h\r\n\r\n",
+                "/",
+                "example.com",
+            ),
+            (
+                b"GET http://example.com?q=1 HTTP/1.1\r\nHost: h\r\n\r\n",
+                "/?q=1",
+                "example.com",
+            ),
+            (
+                b"GET http://user@host/ HTTP/1.1\r\nHost: h\r\n\r\n",
+                "/",
+                "host",
+            ),
         ];
-        for (raw, target) in cases {
-            assert_eq!(head(raw).0.target, target);
+        for (raw, target, host) in cases {
+            let (req, _) = head(raw);
+            // The URI's authority (without userinfo) is the host, not the Host field.
+            assert_eq!(
+                (req.target.as_str(), req.header("host")),
+                (target, Some(host))
+            );
+            assert_eq!(req.headers.iter().filter(|(n, _)| n == "host").count(), 1);
         }
+        // HTTP/1.0 may leave Host out; the URI still names the host.
+        let (req, _) = head(b"GET http://[::1]:80/p HTTP/1.0\r\n\r\n");
+        assert_eq!(req.header("host"), Some("[::1]:80"));
         assert_bad_request(
-            b"GET http:///path HTTP/1.1\r\n\r\n",
+            b"GET http:///path HTTP/1.1\r\nHost: h\r\n\r\n",
+            "absolute-form target without a host",
+        );
+        assert_bad_request(
+            b"GET http://user@/path HTTP/1.1\r\nHost: h\r\n\r\n",
             "absolute-form target without a host",
         );
     }
 
     #[test]
+    fn host_is_required_once_on_http11_and_must_be_a_host() {
+        const MISSING: &str = "an HTTP/1.1 request needs a Host header";
+        const TWICE: &str = "more than one Host header";
+        const INVALID: &str = "Host is not a host name and port";
+        assert_bad_request(b"GET / HTTP/1.1\r\n\r\n", MISSING);
+        assert_bad_request(b"GET http://a/ HTTP/1.1\r\n\r\n", MISSING);
+        assert_bad_request(b"GET / HTTP/1.1\r\nHost: a\r\nhost: b\r\n\r\n", TWICE);
+        assert_bad_request(b"GET / HTTP/1.1\r\nHost: a\r\nHOST: a\r\n\r\n", TWICE);
+        assert_bad_request(b"GET / HTTP/1.0\r\nHost: a\r\nHost: a\r\n\r\n", TWICE);
+        for bad in ["a b", "a/b", "u@a", "a\\b", "\"a\"", "a?b", "a#b", "\u{e9}"] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {bad}\r\n\r\n");
+            assert_bad_request(raw.as_bytes(), INVALID);
+        }
+        for good in [
+            "",
+            "a",
+            "example.com:8080",
+            "127.0.0.1",
+            "[::1]:3000",
+            "x_y-z.~%41",
+        ] {
+            let raw = format!("GET / HTTP/1.1\r\nHost: {good}\r\n\r\n");
+            assert_eq!(head(raw.as_bytes()).0.header("host"), Some(good));
+        }
+        // HTTP/1.0 predates Host.
+        assert_eq!(head(b"GET / HTTP/1.0\r\n\r\n").0.header("host"), None);
+    }
+
+    #[test]
     fn a_fragment_in_the_target_is_rejected() {
         const MSG: &str = "a request target cannot hold a fragment (#)";
-        assert_bad_request(b"GET /f/x/p?q=1#frag HTTP/1.1\r\n\r\n", MSG);
-        assert_bad_request(b"GET /f/x/p#frag?q=1 HTTP/1.1\r\n\r\n", MSG);
-        assert_bad_request(b"GET http://host/p#f HTTP/1.1\r\n\r\n", MSG);
+        assert_bad_request(b"GET /f/x/p?q=1#frag HTTP/1.1\r\nHost: h\r\n\r\n", MSG);
+        assert_bad_request(b"GET /f/x/p#frag?q=1 HTTP/1.1\r\nHost: h\r\n\r\n", MSG);
+        assert_bad_request(b"GET http://host/p#f HTTP/1.1\r\nHost: h\r\n\r\n", MSG);
     }
 
     #[test]
     fn asterisk_target_is_only_for_options() {
-        let (req, _) = head(b"OPTIONS * HTTP/1.1\r\n\r\n");
+        let (req, _) = head(b"OPTIONS * HTTP/1.1\r\nHost: h\r\n\r\n");
         assert_eq!(
             (req.target.as_str(), req.path(), req.query()),
             ("*", "*", "")
         );
         assert_bad_request(
-            b"GET * HTTP/1.1\r\n\r\n",
+            b"GET * HTTP/1.1\r\nHost: h\r\n\r\n",
             "target \"*\" is only allowed with OPTIONS",
         );
     }
@@ -1184,21 +1294,21 @@ mod tests {
     #[test]
     fn other_target_forms_are_rejected() {
         const MSG: &str = "target must be an absolute path, an absolute http(s) URI, or \"*\"";
-        assert_bad_request(b"CONNECT example.com:443 HTTP/1.1\r\n\r\n", MSG);
-        assert_bad_request(b"GET relative/path HTTP/1.1\r\n\r\n", MSG);
-        assert_bad_request(b"GET ftp://host/x HTTP/1.1\r\n\r\n", MSG);
-        assert_bad_request(b"GET ** HTTP/1.1\r\n\r\n", MSG);
+        assert_bad_request(b"CONNECT example.com:443 HTTP/1.1\r\nHost: h\r\n\r\n", MSG);
+        assert_bad_request(b"GET relative/path HTTP/1.1\r\nHost: h\r\n\r\n", MSG);
+        assert_bad_request(b"GET ftp://host/x HTTP/1.1\r\nHost: h\r\n\r\n", MSG);
+        assert_bad_request(b"GET ** HTTP/1.1\r\nHost: h\r\n\r\n", MSG);
     }
 
     #[test]
     fn control_characters_and_spaces_in_target_are_rejected() {
         for raw in [
-            &b"GET /a\x01b HTTP/1.1\r\n\r\n"[..],
-            b"GET /a\x7fb HTTP/1.1\r\n\r\n",
-            b"GET /a\tb HTTP/1.1\r\n\r\n",
-            b"GET /a\x00 HTTP/1.1\r\n\r\n",
-            b"GET /a b HTTP/1.1\r\n\r\n",
-            b"GET /a\rb HTTP/1.1\r\n\r\n",
+            &b"GET /a\x01b HTTP/1.1\r\nHost: h\r\n\r\n"[..],
+            b"GET /a\x7fb HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /a\tb HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /a\x00 HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /a b HTTP/1.1\r\nHost: h\r\n\r\n",
+            b"GET /a\rb HTTP/1.1\r\nHost: h\r\n\r\n",
         ] {
             assert_eq!(
                 head_err(raw).status(),
@@ -1208,13 +1318,18 @@ mod tests {
             );
         }
         assert_bad_request(
-            b"GET /a\x01b HTTP/1.1\r\n\r\n",
+            b"GET /a\x01b HTTP/1.1\r\nHost: h\r\n\r\n",
             "control character in target",
         );
-        assert_bad_request(b"GET /a\xffb HTTP/1.1\r\n\r\n", "target is not valid UTF-8");
+        assert_bad_request(
+            b"GET /a\xffb HTTP/1.1\r\nHost: h\r\n\r\n",
+            "target is not valid UTF-8",
+        );
         // UTF-8 paths pass through.
         assert_eq!(
-            head("GET /caf\u{e9} HTTP/1.1\r\n\r\n".as_bytes()).0.target,
+            head("GET /caf\u{e9} HTTP/1.1\r\nHost: h\r\n\r\n".as_bytes())
+                .0
+                .target,
             "/caf\u{e9}"
         );
     }
@@ -1283,7 +1398,7 @@ mod tests {
             head_bytes_max: 40,
             ..limits()
         };
-        let mut raw = b"GET / HTTP/1.1\r\nX-Pad: ".to_vec();
+        let mut raw = b"GET / HTTP/1.1\r\nHost: h\r\nX-Pad: ".to_vec();
         raw.resize(40 - 4, b'p');
         raw.extend_from_slice(b"\r\n\r\n");
         assert_eq!(raw.len(), 40);
@@ -1298,7 +1413,7 @@ mod tests {
             head_bytes_max: 64,
             ..limits()
         };
-        let mut raw = b"GET / HTTP/1.1\r\nX-Pad: ".to_vec();
+        let mut raw = b"GET / HTTP/1.1\r\nHost: h\r\nX-Pad: ".to_vec();
         raw.resize(63, b'p');
         assert_eq!(parse_head(&raw, &small), Ok(None));
         raw.push(b'p');
@@ -1312,9 +1427,13 @@ mod tests {
         assert_eq!(head_err_with(&line, &small), Error::HeadTooLarge);
     }
 
+    /// A head with `count` header fields: `Host` and `count - 1` others (none: HTTP/1.0).
     fn with_headers(count: usize) -> Vec<u8> {
-        let mut raw = b"GET / HTTP/1.1\r\n".to_vec();
-        for i in 0..count {
+        if count == 0 {
+            return b"GET / HTTP/1.0\r\n\r\n".to_vec();
+        }
+        let mut raw = b"GET / HTTP/1.1\r\nHost: h\r\n".to_vec();
+        for i in 1..count {
             raw.extend_from_slice(format!("X-H{i}: v\r\n").as_bytes());
         }
         raw.extend_from_slice(b"\r\n");
@@ -1371,30 +1490,36 @@ mod tests {
     #[test]
     fn content_length_sets_length_framing() {
         assert_eq!(
-            head(b"POST / HTTP/1.1\r\nContent-Length: 42\r\n\r\n")
+            head(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 42\r\n\r\n")
                 .0
                 .body,
             BodyFraming::Length(42)
         );
         assert_eq!(
-            head(b"POST / HTTP/1.1\r\ncontent-length:0\r\n\r\n").0.body,
+            head(b"POST / HTTP/1.1\r\nHost: h\r\ncontent-length:0\r\n\r\n")
+                .0
+                .body,
             BodyFraming::Length(0)
         );
         assert_eq!(
-            head(b"POST / HTTP/1.1\r\nContent-Length: 007\r\n\r\n")
+            head(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 007\r\n\r\n")
                 .0
                 .body,
             BodyFraming::Length(7)
         );
-        let max = format!("POST / HTTP/1.1\r\nContent-Length: {}\r\n\r\n", u64::MAX);
+        let max = format!(
+            "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: {}\r\n\r\n",
+            u64::MAX
+        );
         assert_eq!(head(max.as_bytes()).0.body, BodyFraming::Length(u64::MAX));
     }
 
     #[test]
     fn identical_content_lengths_are_accepted() {
-        let (req, _) = head(b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
+        let (req, _) =
+            head(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5\r\n\r\n");
         assert_eq!(req.body, BodyFraming::Length(5));
-        let (req, _) = head(b"POST / HTTP/1.1\r\nContent-Length: 5 , 5,5\r\n\r\n");
+        let (req, _) = head(b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5 , 5,5\r\n\r\n");
         assert_eq!(req.body, BodyFraming::Length(5));
     }
 
@@ -1402,12 +1527,15 @@ mod tests {
     fn differing_content_lengths_are_rejected() {
         const MSG: &str = "conflicting Content-Length values";
         assert_bad_request(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 6\r\n\r\n",
             MSG,
         );
-        assert_bad_request(b"POST / HTTP/1.1\r\nContent-Length: 5, 6\r\n\r\n", MSG);
         assert_bad_request(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nContent-Length: 5, 6\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5, 6\r\n\r\n",
+            MSG,
+        );
+        assert_bad_request(
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nContent-Length: 5, 6\r\n\r\n",
             MSG,
         );
     }
@@ -1427,19 +1555,19 @@ mod tests {
             "١",
             "18446744073709551616",
         ] {
-            let raw = format!("POST / HTTP/1.1\r\nContent-Length: {value}\r\n\r\n");
+            let raw = format!("POST / HTTP/1.1\r\nHost: h\r\nContent-Length: {value}\r\n\r\n");
             assert_eq!(head_err(raw.as_bytes()).status(), 400, "{value:?}");
         }
         assert_bad_request(
-            b"POST / HTTP/1.1\r\nContent-Length: 99999999999999999999\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999\r\n\r\n",
             "Content-Length overflows 64 bits",
         );
         assert_bad_request(
-            b"POST / HTTP/1.1\r\nContent-Length: -1\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: -1\r\n\r\n",
             "Content-Length is not a decimal number",
         );
         assert_bad_request(
-            b"POST / HTTP/1.1\r\nContent-Length:\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length:\r\n\r\n",
             "empty Content-Length",
         );
     }
@@ -1448,11 +1576,11 @@ mod tests {
     fn content_length_with_transfer_encoding_is_rejected() {
         const MSG: &str = "both Content-Length and Transfer-Encoding";
         assert_bad_request(
-            b"POST / HTTP/1.1\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n",
             MSG,
         );
         assert_bad_request(
-            b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
+            b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nContent-Length: 5\r\n\r\n",
             MSG,
         );
     }
@@ -1460,7 +1588,7 @@ mod tests {
     #[test]
     fn transfer_encoding_chunked_is_case_insensitive_with_ows() {
         for value in ["chunked", "Chunked", "CHUNKED", "  chunked\t"] {
-            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding:{value}\r\n\r\n");
+            let raw = format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding:{value}\r\n\r\n");
             assert_eq!(
                 head(raw.as_bytes()).0.body,
                 BodyFraming::Chunked,
@@ -1480,7 +1608,7 @@ mod tests {
             "chunk",
             "",
         ] {
-            let raw = format!("POST / HTTP/1.1\r\nTransfer-Encoding: {value}\r\n\r\n");
+            let raw = format!("POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: {value}\r\n\r\n");
             assert_eq!(
                 head_err(raw.as_bytes()),
                 Error::UnsupportedTransferEncoding,
@@ -1488,7 +1616,7 @@ mod tests {
             );
         }
         assert_eq!(
-            head_err(b"POST / HTTP/1.1\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
+            head_err(b"POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n"),
             Error::UnsupportedTransferEncoding
         );
     }
@@ -1545,7 +1673,10 @@ mod tests {
             let mut decoder = BodyDecoder::new(framing, &limits()).unwrap();
             assert!(decoder.is_done());
             let mut out = Vec::new();
-            assert_eq!(decoder.feed(b"GET / HTTP/1.1\r\n", &mut out), Ok((0, true)));
+            assert_eq!(
+                decoder.feed(b"GET / HTTP/1.1\r\nHost: h\r\n", &mut out),
+                Ok((0, true))
+            );
             assert!(out.is_empty());
         }
     }
@@ -1582,10 +1713,10 @@ mod tests {
     #[test]
     fn chunked_body_is_decoded_and_bytes_after_it_are_left() {
         let input =
-            b"4\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\n\r\nGET / HTTP/1.1\r\n";
+            b"4\r\nWiki\r\n5\r\npedia\r\nE\r\n in\r\n\r\nchunks.\r\n0\r\n\r\nGET / HTTP/1.1\r\nHost: h\r\n";
         let (body, consumed) = decode(BodyFraming::Chunked, input).unwrap();
         assert_eq!(body, b"Wikipedia in\r\n\r\nchunks.");
-        assert_eq!(&input[consumed..], b"GET / HTTP/1.1\r\n");
+        assert_eq!(&input[consumed..], b"GET / HTTP/1.1\r\nHost: h\r\n");
     }
 
     #[test]
@@ -1906,7 +2037,7 @@ mod tests {
             let mut w = Vec::new();
             let version = if self.http10 { "HTTP/1.0" } else { "HTTP/1.1" };
             w.extend_from_slice(
-                format!("{} {} {version}\r\n", self.method, self.target).as_bytes(),
+                format!("{} {} {version}\r\nHost: h\r\n", self.method, self.target).as_bytes(),
             );
             for (name, value, before, after) in &self.headers {
                 w.extend_from_slice(format!("{name}:{before}{value}{after}\r\n").as_bytes());
@@ -1964,10 +2095,13 @@ mod tests {
                     Version::Http11
                 }
             );
-            let mut headers: Vec<(String, String)> = self
-                .headers
-                .iter()
-                .map(|(name, value, _, _)| (name.to_ascii_lowercase(), value.clone()))
+            let mut headers: Vec<(String, String)> = [("host".to_owned(), "h".to_owned())]
+                .into_iter()
+                .chain(
+                    self.headers
+                        .iter()
+                        .map(|(name, value, _, _)| (name.to_ascii_lowercase(), value.clone())),
+                )
                 .collect();
             if let Some(connection) = self.connection {
                 headers.push(("connection".into(), connection.into()));

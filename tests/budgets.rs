@@ -229,3 +229,64 @@ fn disk_budget_refuses_a_bigger_zip_with_507_and_leaves_nothing() {
     assert_eq!(r.status, 200, "{}", r.text());
     deploy_ok(&s, &small, "");
 }
+
+/// A function whose handler loads at once until `hang_after_ms` (ms since the
+/// epoch) and whose every later init hangs (without CPU) until the backend's
+/// init deadline; a request takes 20 s.
+fn hanging_init_source(hang_after_ms: u128) -> String {
+    format!(
+        "'use strict';\n\
+         if (Date.now() > {hang_after_ms}) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);\n\
+         exports.handler = async () => {{\n\
+           await new Promise((r) => setTimeout(r, 20000));\n\
+           return {{ statusCode: 200, body: 'slow' }};\n\
+         }};\n"
+    )
+}
+
+/// Starts occupy starter threads for as long as a guest's init takes, so one
+/// function's hanging inits must not hold the threads another function's
+/// cold start needs: a function holds at most its share of them, and more
+/// threads are made for other functions meanwhile.
+#[test]
+fn a_function_whose_inits_hang_does_not_hold_up_another_functions_first_request() {
+    require_sandbox!();
+    let s = start(&["--cores", "1"]);
+    let epoch_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    // Its deploy loads (and leaves a standby); every init after that hangs.
+    let hang_after = epoch_ms() + 5000;
+    let hanging = zip_of(&hanging_init_source(hang_after), 0);
+    let hanging = deploy_ok(&s, &hanging, "memory_mb=128&concurrency=8&timeout_ms=30000");
+    assert!(
+        epoch_ms() < hang_after,
+        "the deploy took too long for this test"
+    );
+    let plain = deploy_ok(&s, &zip_fixture("plain"), "memory_mb=128");
+    std::thread::sleep(Duration::from_millis(
+        (hang_after - epoch_ms()) as u64 + 200,
+    ));
+    // Eight slow requests at once: each needs an instance, the first takes the
+    // standby and every other start hangs in its init.
+    let mut waiting = Vec::new();
+    for _ in 0..8 {
+        let mut c = s.connect();
+        c.write(format!("GET /f/{hanging}/ HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+        waiting.push(c);
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    let r = invoke(&s, &plain);
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "{} / stderr:\n{}", r.text(), s.stderr());
+    assert!(
+        took < Duration::from_secs(4),
+        "the other function's first request took {took:?}"
+    );
+    drop(waiting);
+    s.assert_healthy();
+}

@@ -76,6 +76,40 @@ impl CorePool {
         pos
     }
 
+    /// Retires instance `i` if, idle (no request of it in flight), it has
+    /// begun a frame other than a LOG frame of at most
+    /// [`protocol::IDLE_FRAME_BYTES_MAX`]; `rest` is its input after the
+    /// whole frames. Nothing else is owed by an idle instance, and what it
+    /// sends is charged to no request: unchecked, a partial frame of up to
+    /// 9 MiB per instance would sit in hearth's memory.
+    pub(super) fn unsolicited(&mut self, i: usize, rest: &[u8], now: Instant) {
+        let inst = &self.insts[i];
+        if inst.busy.is_some() || rest.is_empty() {
+            return;
+        }
+        let what = match protocol::parse_header(rest) {
+            Ok(Some(h))
+                if h.kind == FrameType::Log && h.frame_len() <= protocol::IDLE_FRAME_BYTES_MAX =>
+            {
+                return
+            }
+            Ok(Some(h)) => format!("a {:?} frame of {} bytes", h.kind, h.frame_len()),
+            // Less than a header, or bad bytes `frames` has already failed it for.
+            Ok(None) | Err(_) => return,
+        };
+        let note = format!(
+            "instance retired: it sent {what} while no request of it was running (hearth reads at most a {}-byte LOG frame from an idle instance)",
+            protocol::IDLE_FRAME_BYTES_MAX
+        );
+        eprintln!("hearth: function {}: {note}", inst.function.spec.id);
+        inst.function
+            .logs
+            .lock()
+            .unwrap()
+            .push("host", true, note.as_bytes());
+        self.instance_failed(i, now, "the instance broke the protocol");
+    }
+
     /// Instance `i` answered its request with a RESPONSE or an ERROR frame.
     fn finished(&mut self, i: usize, kind: FrameType, meta: &[u8], body: &[u8], now: Instant) {
         let inst = &self.insts[i];

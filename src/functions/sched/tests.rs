@@ -699,6 +699,75 @@ fn a_runtime_exit_is_a_crash_and_a_handler_error_is_not() {
     assert_eq!(sim.closed, vec![inst]);
 }
 
+/// Bytes of a frame of `kind` with a `body_len`-byte body for request 0,
+/// cut after the header and `sent` bytes of the body.
+fn frame_start(kind: FrameType, body_len: usize, sent: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    protocol::encode(&mut bytes, kind, 0, 0, b"", &vec![b'\n'; body_len]);
+    bytes.truncate(protocol::HEADER_BYTES + sent);
+    bytes
+}
+
+#[test]
+fn an_idle_instance_may_log_a_little_and_is_retired_for_anything_more() {
+    let f = function("a", 4, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let first = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(inst, 200);
+    assert!(sim.reply_to(first).is_some());
+    // Output of a timer: a LOG frame up to 64 KiB, whole or in pieces.
+    let log = frame_start(FrameType::Log, 64 << 10, 64 << 10);
+    assert_eq!(sim.pool.on_channel_input(inst, &log, sim.now), log.len());
+    assert_eq!(sim.pool.on_channel_input(inst, &log[..100], sim.now), 0);
+    sim.drain();
+    assert!(sim.closed.is_empty(), "the instance lives on");
+    // A bigger frame is unsolicited: retired at its header, before its body.
+    let big = frame_start(FrameType::Log, 8 << 20, 1000);
+    assert_eq!(sim.pool.on_channel_input(inst, &big, sim.now), 0);
+    sim.drain();
+    assert_eq!(sim.closed, vec![inst]);
+    let note = f
+        .logs
+        .lock()
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .message
+        .to_string();
+    assert!(
+        note.starts_with("instance retired: it sent a Log frame of 8388624 bytes"),
+        "{note}"
+    );
+    // Anything but LOG, however small, too; a busy instance's big frame is its answer's.
+    let second = sim.request("a");
+    let [other] = sim.start_all()[..] else {
+        panic!()
+    };
+    let big = frame_start(FrameType::Log, 8 << 20, 1000);
+    assert_eq!(sim.pool.on_channel_input(other, &big, sim.now), 0);
+    sim.drain();
+    assert_eq!(
+        sim.closed,
+        vec![inst],
+        "a busy instance sends what it likes"
+    );
+    let mut rest = frame_start(FrameType::Log, 8 << 20, 8 << 20);
+    rest.drain(..big.len());
+    let mut all = big.clone();
+    all.extend_from_slice(&rest);
+    assert_eq!(sim.pool.on_channel_input(other, &all, sim.now), all.len());
+    sim.respond(other, 200);
+    assert!(sim.reply_to(second).is_some());
+    let response = frame_start(FrameType::Response, 10, 5);
+    sim.pool.on_channel_input(other, &response, sim.now);
+    sim.drain();
+    assert_eq!(sim.closed, vec![inst, other]);
+}
+
 #[test]
 fn a_failed_start_answers_one_queued_request_503() {
     let f = function("a", 1, 1000);

@@ -121,6 +121,11 @@ impl CorePool {
         };
         let reply = if kind == FrameType::Response {
             match response_reply(meta, body) {
+                // Lambda's `Invoke` answers the function's payload with 200,
+                // whatever the function put in its frame: a status of its own
+                // (429, 404) must not pass for the service's throttle or
+                // not-found, which callers retry or drop the event on.
+                Ok((reply, _)) if self.is_service(to) => service_payload(reply),
                 Ok((reply, dropped)) => {
                     if !dropped.is_empty() {
                         let note =
@@ -181,6 +186,13 @@ fn handler_error_reply(meta: &[u8]) -> Reply {
     }))
     .expect("json");
     Reply::new(502, "application/json", body)
+}
+
+/// The answer to a service API `Invoke` that a function's RESPONSE gives: its
+/// body as the payload, with 200 and none of its headers (only hearth's
+/// errors have other statuses, see [`service_reply`]).
+fn service_payload(reply: Reply) -> Reply {
+    Reply::new(200, "application/json", reply.body)
 }
 
 /// `X-Amz-Function-Error`: the marker of a failed invocation in a 200 answer.

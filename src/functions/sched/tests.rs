@@ -1605,6 +1605,34 @@ fn a_queued_service_invocation_whose_client_left_leaves_nothing_behind() {
 }
 
 #[test]
+fn a_service_invocation_answered_429_or_404_by_the_function_is_its_payload() {
+    let f = function("a", 1, 60_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let peer = IpAddr::from([127, 0, 0, 1]);
+    for (serial, status) in [(1, 429), (2, 404)] {
+        let to = ReplyTo { token: 999, serial };
+        let invoke = ServiceInvoke::default();
+        sim.pool
+            .on_service_invoke(to, peer, "a", request(), b"{}".to_vec(), invoke, sim.now);
+        sim.drain();
+        let inst = match sim.start_all()[..] {
+            [inst] => inst,
+            _ => sim.sent.last().unwrap().0,
+        };
+        sim.respond(inst, status);
+        let r = sim.reply_to(to).unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"out"[..]), "{status}");
+        assert!(
+            !r.headers
+                .iter()
+                .any(|(k, _)| k == "x-by" || k == "x-amzn-errortype"),
+            "{status}: {:?}",
+            r.headers
+        );
+    }
+}
+
+#[test]
 fn a_queue_that_cannot_scale_out_is_bounded_below_the_concurrency_limit() {
     let f = function("a", 100, 60_000);
     let mut cfg = config(0);

@@ -244,12 +244,13 @@ fn hanging_init_source(hang_after_ms: u128) -> String {
     )
 }
 
-/// Starts occupy starter threads for as long as a guest's init takes, so one
-/// function's hanging inits must not hold the threads another function's
-/// cold start needs: a function holds at most its share of them, and more
-/// threads are made for other functions meanwhile.
+/// Starts occupy starter threads for as long as a guest's init takes, so
+/// hanging inits must not hold the threads another function's cold start
+/// needs: a function holds at most its share of them, and more threads are
+/// made for other functions meanwhile. (A core starts one instance of a
+/// function at a time, so five functions hang five starts at once here.)
 #[test]
-fn a_function_whose_inits_hang_does_not_hold_up_another_functions_first_request() {
+fn functions_whose_inits_hang_do_not_hold_up_another_functions_first_request() {
     require_sandbox!();
     let s = start(&["--cores", "1"]);
     let epoch_ms = || {
@@ -258,25 +259,30 @@ fn a_function_whose_inits_hang_does_not_hold_up_another_functions_first_request(
             .unwrap()
             .as_millis()
     };
-    // Its deploy loads (and leaves a standby); every init after that hangs.
-    let hang_after = epoch_ms() + 5000;
-    let hanging = zip_of(&hanging_init_source(hang_after), 0);
-    let hanging = deploy_ok(&s, &hanging, "memory_mb=128&concurrency=8&timeout_ms=30000");
+    // Their deploys load (and leave standbys); every init after that hangs.
+    let hang_after = epoch_ms() + 10_000;
+    let zip = zip_of(&hanging_init_source(hang_after), 0);
+    let hanging: Vec<String> = (0..5)
+        .map(|_| deploy_ok(&s, &zip, "memory_mb=128&concurrency=2&timeout_ms=30000"))
+        .collect();
+    let plain = deploy_ok(&s, &zip_fixture("plain"), "memory_mb=128");
     assert!(
         epoch_ms() < hang_after,
-        "the deploy took too long for this test"
+        "the deploys took too long for this test"
     );
-    let plain = deploy_ok(&s, &zip_fixture("plain"), "memory_mb=128");
     std::thread::sleep(Duration::from_millis(
         (hang_after - epoch_ms()) as u64 + 200,
     ));
-    // Eight slow requests at once: each needs an instance, the first takes the
-    // standby and every other start hangs in its init.
+    // Two slow requests each: the first takes the standby, the second needs
+    // a start, which waits for the standby being remade (its init hangs),
+    // then makes an instance of its own (whose init hangs too).
     let mut waiting = Vec::new();
-    for _ in 0..8 {
-        let mut c = s.connect();
-        c.write(format!("GET /f/{hanging}/ HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
-        waiting.push(c);
+    for id in &hanging {
+        for _ in 0..2 {
+            let mut c = s.connect();
+            c.write(format!("GET /f/{id}/ HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            waiting.push(c);
+        }
     }
     std::thread::sleep(Duration::from_millis(1500));
     let t = Instant::now();

@@ -172,3 +172,92 @@ impl Starts {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::functions::budget::Budget;
+    use crate::spec::FunctionSpec;
+    use std::path::PathBuf;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    fn function(id: &str) -> Arc<Function> {
+        let spec = FunctionSpec {
+            id: id.to_string(),
+            handler: "index.handler".into(),
+            memory_mb: 128,
+            timeout_ms: 1000,
+            concurrency: 10,
+            env: Vec::new(),
+            created_ms: 0,
+            code_bytes: 0,
+            backend: "process".into(),
+            name: None,
+            service: Default::default(),
+            runtime: Default::default(),
+        };
+        let memory = Budget::new("instance memory", "MiB", 1 << 20);
+        Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
+    }
+
+    #[test]
+    fn a_function_runs_at_most_its_share_and_others_pass_its_waiting_starts() {
+        let mut q = Queue::default();
+        let (hung, other) = (function("hung"), function("other"));
+        for _ in 0..5 {
+            q.waiting.push_back(StartJob {
+                core: 0,
+                function: hung.clone(),
+            });
+        }
+        q.waiting.push_back(StartJob {
+            core: 0,
+            function: other.clone(),
+        });
+        let id = |j: StartJob| j.function.spec.id.clone();
+        let taken: Vec<String> = std::iter::from_fn(|| q.take()).map(id).collect();
+        assert_eq!(taken, ["hung", "hung", "other"]);
+        assert!(!q.any_runnable());
+        q.finished("hung");
+        assert_eq!(q.take().map(id).as_deref(), Some("hung"));
+        assert_eq!(q.waiting.len(), 2);
+    }
+
+    #[test]
+    fn starts_that_never_end_do_not_keep_other_functions_waiting() {
+        let starts = Starts::new();
+        let (ran, seen) = mpsc::channel::<String>();
+        let ran = Mutex::new(ran);
+        starts.start_threads(Box::new(move |job: StartJob| {
+            let id = job.function.spec.id.clone();
+            ran.lock().unwrap().send(id.clone()).unwrap();
+            if id.starts_with("hung") {
+                // Until the test ends.
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }));
+        // More hanging starts than kept threads, from several functions.
+        for n in 0..STARTER_THREADS + 2 {
+            let f = function(&format!("hung{}", n % 3));
+            starts.push(StartJob {
+                core: 0,
+                function: f,
+            });
+        }
+        starts.push(StartJob {
+            core: 0,
+            function: function("other"),
+        });
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            let id = seen
+                .recv_timeout(left)
+                .expect("the other function's start ran");
+            if id == "other" {
+                break;
+            }
+        }
+    }
+}

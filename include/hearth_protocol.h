@@ -39,6 +39,10 @@
 #define HEARTH_BODY_MAX (8u << 20)         /* 8 MiB of body (> 6 MiB payload) */
 #define HEARTH_STREAM_CHUNK_MAX (64u << 10) /* body of one STREAM_CHUNK       */
 #define HEARTH_STREAM_MAX (20u << 20)      /* all chunks of one streamed answer */
+/* An idle instance (no INVOKE of it unanswered) may send only LOG frames of
+   at most this size (output from a timer; cut bodies at 64 KiB). The host
+   retires an idle instance at the header of any other or bigger frame. */
+#define HEARTH_IDLE_FRAME_MAX 66576u       /* 16-byte header + 65 KiB */
 
 enum hearth_frame_type {
     /* host -> guest */

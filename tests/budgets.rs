@@ -229,3 +229,70 @@ fn disk_budget_refuses_a_bigger_zip_with_507_and_leaves_nothing() {
     assert_eq!(r.status, 200, "{}", r.text());
     deploy_ok(&s, &small, "");
 }
+
+/// A function whose handler loads at once until `hang_after_ms` (ms since the
+/// epoch) and whose every later init hangs (without CPU) until the backend's
+/// init deadline; a request takes 20 s.
+fn hanging_init_source(hang_after_ms: u128) -> String {
+    format!(
+        "'use strict';\n\
+         if (Date.now() > {hang_after_ms}) Atomics.wait(new Int32Array(new SharedArrayBuffer(4)), 0, 0);\n\
+         exports.handler = async () => {{\n\
+           await new Promise((r) => setTimeout(r, 20000));\n\
+           return {{ statusCode: 200, body: 'slow' }};\n\
+         }};\n"
+    )
+}
+
+/// Starts occupy starter threads for as long as a guest's init takes, so
+/// hanging inits must not hold the threads another function's cold start
+/// needs: a function holds at most its share of them, and more threads are
+/// made for other functions meanwhile. (A core starts one instance of a
+/// function at a time, so five functions hang five starts at once here.)
+#[test]
+fn functions_whose_inits_hang_do_not_hold_up_another_functions_first_request() {
+    require_sandbox!();
+    let s = start(&["--cores", "1"]);
+    let epoch_ms = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_millis()
+    };
+    // Their deploys load (and leave standbys); every init after that hangs.
+    let hang_after = epoch_ms() + 10_000;
+    let zip = zip_of(&hanging_init_source(hang_after), 0);
+    let hanging: Vec<String> = (0..5)
+        .map(|_| deploy_ok(&s, &zip, "memory_mb=128&concurrency=2&timeout_ms=30000"))
+        .collect();
+    let plain = deploy_ok(&s, &zip_fixture("plain"), "memory_mb=128");
+    assert!(
+        epoch_ms() < hang_after,
+        "the deploys took too long for this test"
+    );
+    std::thread::sleep(Duration::from_millis(
+        (hang_after - epoch_ms()) as u64 + 200,
+    ));
+    // Two slow requests each: the first takes the standby, the second needs
+    // a start, which waits for the standby being remade (its init hangs),
+    // then makes an instance of its own (whose init hangs too).
+    let mut waiting = Vec::new();
+    for id in &hanging {
+        for _ in 0..2 {
+            let mut c = s.connect();
+            c.write(format!("GET /f/{id}/ HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            waiting.push(c);
+        }
+    }
+    std::thread::sleep(Duration::from_millis(1500));
+    let t = Instant::now();
+    let r = invoke(&s, &plain);
+    let took = t.elapsed();
+    assert_eq!(r.status, 200, "{} / stderr:\n{}", r.text(), s.stderr());
+    assert!(
+        took < Duration::from_secs(4),
+        "the other function's first request took {took:?}"
+    );
+    drop(waiting);
+    s.assert_healthy();
+}

@@ -214,10 +214,49 @@ fn repeated_flood_is_bounded(via: &str) {
     s.assert_healthy();
 }
 
+/// The start of the host's note when it retires an idle instance that wrote
+/// something other than a small LOG frame to its channel.
+const RETIRED_NOTE: &str =
+    "instance retired: it sent a Log frame of 8388624 bytes while no request of it was running";
+
+/// The instance of the flooding function writes to its channel from a timer
+/// after answering (`path`): the host reads no more than a small frame from an
+/// idle instance, retires it with a note in the function's log, and the
+/// next request gets a new instance; memory and a bystander stay unaffected.
+fn idle_writer_is_retired(path: &str) {
+    let (s, flood, plain) = flood_setup();
+    let rss_before = status_kib(s.pid(), "VmRSS");
+    let bystander = Bystander::start(&s, &plain);
+    let r = invoke(&s, &flood, path);
+    assert_eq!(r.status, 200, "{}", r.text());
+    wait_for_line(&s, &flood, RETIRED_NOTE);
+    let (worst, n) = bystander.finish();
+    let rss_after = status_kib(s.pid(), "VmRSS");
+    eprintln!(
+        "{path}: server VmRSS {rss_before} -> {rss_after} KiB; bystander worst {worst:?} over {n} requests"
+    );
+    assert_bounded(path, rss_before, rss_after, worst);
+    let stderr = s.stderr();
+    assert!(
+        stderr.contains(RETIRED_NOTE),
+        "no note on stderr:\n{stderr}"
+    );
+    // The function is served again, by a new instance.
+    assert_eq!(invoke(&s, &flood, "/after").status, 200);
+    wait_for_line(&s, &flood, "hello /after");
+    s.assert_healthy();
+}
+
 #[test]
-fn raw_log_frames_from_a_timer_are_bounded() {
+fn an_idle_instance_that_starts_an_unsolicited_frame_is_retired() {
     require_sandbox!();
-    repeated_flood_is_bounded("frame");
+    idle_writer_is_retired("/later?via=partial&ms=100&mb=8");
+}
+
+#[test]
+fn raw_log_frames_from_a_timer_retire_the_idle_instance() {
+    require_sandbox!();
+    idle_writer_is_retired("/timer?via=frame&ms=100&mb=8");
 }
 
 #[test]

@@ -508,3 +508,46 @@ fn an_event_for_a_version_id_runs_that_version() {
         "ResourceNotFoundException",
     );
 }
+
+/// A function that answers 429 or 404 itself (a RESPONSE frame of its own,
+/// past the runtime, with a header claiming a throttle) gives an answer like
+/// any other: `Invoke` returns its payload with 200, as Lambda does, and an
+/// event of it runs once and succeeds, neither retried as throttled nor
+/// dropped as if the function were gone.
+#[test]
+fn a_functions_own_429_or_404_is_its_answer_not_a_throttle_or_not_found() {
+    require_sandbox!();
+    let s = Server::start(&["--async-retry-base-ms", "100"]);
+    let id = common::deploy_fixture(&s, "own-status", "");
+    let invocations = format!("/2015-03-31/functions/{id}/invocations");
+    for status in [429, 404] {
+        let payload = format!("{{\"status\":{status},\"n\":0}}");
+        let json = [("content-type", "application/json")];
+        let r = s.control("POST", &invocations, &json, payload.as_bytes());
+        assert_eq!(r.status, 200, "{status}: {}", r.text());
+        assert_eq!(r.text(), format!("own {status}"));
+        assert_eq!(r.header("x-amzn-errortype"), None, "{status}");
+        assert_eq!(r.header("x-amz-function-error"), None, "{status}");
+        // Its instance exits after answering: let it go before the next request.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let attempts = |n: u32| {
+        logs(&s, &id)
+            .matches(&format!("own-status attempt [{n}]"))
+            .count()
+    };
+    for (n, status) in [(1, 429), (2, 404)] {
+        let (code, _) = event(&s, &id, &format!("{{\"status\":{status},\"n\":{n}}}"));
+        assert_eq!(code, 202);
+        wait_for(Duration::from_secs(20), "the event to run", || {
+            attempts(n) > 0
+        });
+        // A throttled event would be tried again after 200, 400, 800 ms...
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert_eq!((attempts(1), attempts(2)), (1, 1), "{}", logs(&s, &id));
+    let failed = s.control("GET", &format!("/functions/{id}/async/failed"), &[], b"");
+    assert!(!failed.text().contains("own-status"), "{}", failed.text());
+    let stderr = s.stderr();
+    assert!(!stderr.contains("the function is gone"), "{stderr}");
+}

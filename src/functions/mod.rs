@@ -14,6 +14,7 @@ pub mod budget;
 pub mod logs;
 pub mod names;
 pub mod sched;
+pub mod starts;
 pub mod store;
 
 use std::collections::{BTreeMap, HashSet};
@@ -29,13 +30,12 @@ use crate::sandbox::{Backend, Instance, StartError};
 use crate::spec::FunctionSpec;
 use budget::{Budget, Reservation};
 use names::Index;
+use starts::StartJob;
 
 pub use sched::{CorePool, ServiceInvoke};
 
 /// Most functions one server holds (bounds metrics cardinality and memory).
 pub const FUNCTIONS_MAX: usize = 1000;
-/// Threads that start instances (sandbox spawn + runtime init) off the event loops.
-pub const STARTER_THREADS: usize = 4;
 /// Longest wait at shutdown for instance starts and destructions under way.
 pub const SHUTDOWN_WAIT: Duration = Duration::from_secs(5);
 
@@ -203,11 +203,6 @@ pub struct Started {
     pub result: Result<Box<dyn Instance>, StartError>,
 }
 
-struct StartJob {
-    core: usize,
-    function: Arc<Function>,
-}
-
 /// All deployed functions, the backend that runs them, and the threads that
 /// start and destroy instances.
 pub struct Registry {
@@ -222,8 +217,8 @@ pub struct Registry {
     pub disk: Arc<Budget>,
     /// Asynchronous invocations: a durable queue per function (by name, or id).
     pub async_events: Arc<async_events::AsyncEvents>,
-    jobs: Mutex<Option<Receiver<StartJob>>>,
-    job_tx: Sender<StartJob>,
+    /// Instance starts waiting or running (see [`starts`]).
+    starts: Arc<starts::Starts>,
     reap_tx: Mutex<Sender<Box<dyn Instance>>>,
     reap_rx: Mutex<Option<Receiver<Box<dyn Instance>>>>,
     /// Reads instances' separate log sockets.
@@ -304,7 +299,6 @@ impl Registry {
             |key| map.resolve(key).is_some(),
         )?);
         async_events.start_committer();
-        let (job_tx, jobs) = channel();
         let (reap_tx, reap_rx) = channel();
         Ok(Registry {
             functions_dir,
@@ -314,8 +308,7 @@ impl Registry {
             memory,
             disk,
             async_events,
-            jobs: Mutex::new(Some(jobs)),
-            job_tx,
+            starts: starts::Starts::new(),
             reap_tx: Mutex::new(reap_tx),
             reap_rx: Mutex::new(Some(reap_rx)),
             logs: logs::LogCollector::start()?,
@@ -339,48 +332,33 @@ impl Registry {
         for f in reg.all() {
             reg.backend.restore(&f.spec, &f.dir);
         }
-        let jobs = Arc::new(Mutex::new(
-            reg.jobs
-                .lock()
-                .unwrap()
-                .take()
-                .expect("threads started once"),
-        ));
-        for i in 0..STARTER_THREADS {
-            let (jobs, owner) = (jobs.clone(), owner.clone());
-            std::thread::Builder::new()
-                .name(format!("hearth-start{i}"))
-                .spawn(move || loop {
-                    let job = match jobs.lock().unwrap().recv() {
-                        Ok(j) => j,
-                        Err(_) => return,
-                    };
-                    let reg = registry(&owner);
-                    let f = job.function;
-                    let result = if f.deleted.load(Ordering::Acquire) {
-                        Err(StartError::Deleted)
-                    } else {
-                        reg.backend
-                            .start(&f.spec, &f.dir, job.core)
-                            .map(|(mut inst, init_logs)| {
-                                f.logs.lock().unwrap().extend_init(&init_logs);
-                                if let Some(socket) = inst.take_log_channel() {
-                                    reg.logs.add(socket, f.clone());
-                                }
-                                inst
-                            })
-                    };
-                    // To a core that has stopped, the instance is dropped (and
-                    // destroyed) right here, before the job counts as done.
-                    let started = Started {
-                        function: f,
-                        result,
-                    };
-                    deliver(&owner, job.core, started);
-                    reg.settle();
-                })
-                .expect("spawn starter thread");
-        }
+        let run_owner = owner.clone();
+        reg.starts.start_threads(Box::new(move |job: StartJob| {
+            let owner = &run_owner;
+            let reg = registry(owner);
+            let f = job.function;
+            let result = if f.deleted.load(Ordering::Acquire) {
+                Err(StartError::Deleted)
+            } else {
+                reg.backend
+                    .start(&f.spec, &f.dir, job.core)
+                    .map(|(mut inst, init_logs)| {
+                        f.logs.lock().unwrap().extend_init(&init_logs);
+                        if let Some(socket) = inst.take_log_channel() {
+                            reg.logs.add(socket, f.clone());
+                        }
+                        inst
+                    })
+            };
+            // To a core that has stopped, the instance is dropped (and
+            // destroyed) right here, before the job counts as done.
+            let started = Started {
+                function: f,
+                result,
+            };
+            deliver(owner, job.core, started);
+            reg.settle();
+        }));
         let rx = reg
             .reap_rx
             .lock()
@@ -402,9 +380,7 @@ impl Registry {
     /// Asks a starter thread for a new instance of `f` for `core`.
     pub fn request_start(&self, core: usize, function: Arc<Function>) {
         *self.pending.lock().unwrap() += 1;
-        if self.job_tx.send(StartJob { core, function }).is_err() {
-            self.settle();
-        }
+        self.starts.push(StartJob { core, function });
     }
 
     /// Hands an instance to the reaper thread for destruction.

@@ -16,6 +16,7 @@
 //! [`runtime_api`]: on the process backend, runtimes other than Node.js get
 //! the Lambda Runtime API from hearth's cores instead of a relay process.
 
+pub mod boot_gate;
 pub mod firecracker;
 pub mod handshake;
 pub mod process;

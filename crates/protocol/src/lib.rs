@@ -23,6 +23,11 @@ pub const HEADER_BYTES: usize = 16;
 pub const META_BYTES_MAX: usize = 1 << 20;
 /// Largest body accepted (above Lambda's 6 MiB payload limit).
 pub const BODY_BYTES_MAX: usize = 8 << 20;
+/// Largest frame an idle instance (no INVOKE of it outstanding) may send: a LOG
+/// frame of output written outside any request, which runtimes and the agent
+/// cut at 64 KiB of body. Anything else from an idle instance is unsolicited,
+/// and the host retires the instance without reading further.
+pub const IDLE_FRAME_BYTES_MAX: usize = HEADER_BYTES + (65 << 10);
 /// Largest body of one STREAM_CHUNK frame: a runtime cuts larger writes.
 pub const STREAM_CHUNK_BYTES_MAX: usize = 64 << 10;
 /// Largest streamed answer, all chunks together (Lambda's 20 MiB soft limit

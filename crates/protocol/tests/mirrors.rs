@@ -7,8 +7,8 @@ use std::collections::BTreeMap;
 use std::path::Path;
 
 use hearth_protocol::{
-    encode, FrameType, BODY_BYTES_MAX, HEADER_BYTES, INVOKE_META_FIELDS, LOG_STDERR, MAGIC,
-    META_BYTES_MAX, STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX, VERSION,
+    encode, FrameType, BODY_BYTES_MAX, HEADER_BYTES, IDLE_FRAME_BYTES_MAX, INVOKE_META_FIELDS,
+    LOG_STDERR, MAGIC, META_BYTES_MAX, STREAM_BYTES_MAX, STREAM_CHUNK_BYTES_MAX, VERSION,
 };
 
 fn read_repo_file(relative: &str) -> String {
@@ -130,6 +130,11 @@ fn c_header_agrees_with_the_crate() {
         define("HEARTH_STREAM_MAX"),
         STREAM_BYTES_MAX as u64,
         "HEARTH_STREAM_MAX"
+    );
+    assert_eq!(
+        define("HEARTH_IDLE_FRAME_MAX"),
+        IDLE_FRAME_BYTES_MAX as u64,
+        "HEARTH_IDLE_FRAME_MAX"
     );
     assert_eq!(
         define("HEARTH_LOG_STDERR"),

@@ -767,6 +767,9 @@ impl CorePool {
             Some(i) => self.frames(i, input, now),
             None => 0,
         };
+        if let Some(i) = self.slot_of(inst) {
+            self.unsolicited(i, &input[n..], now);
+        }
         self.check_invariants();
         n
     }

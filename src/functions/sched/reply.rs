@@ -76,6 +76,40 @@ impl CorePool {
         pos
     }
 
+    /// Retires instance `i` if, idle (no request of it in flight), it has
+    /// begun a frame other than a LOG frame of at most
+    /// [`protocol::IDLE_FRAME_BYTES_MAX`]; `rest` is its input after the
+    /// whole frames. Nothing else is owed by an idle instance, and what it
+    /// sends is charged to no request: unchecked, a partial frame of up to
+    /// 9 MiB per instance would sit in hearth's memory.
+    pub(super) fn unsolicited(&mut self, i: usize, rest: &[u8], now: Instant) {
+        let inst = &self.insts[i];
+        if inst.busy.is_some() || rest.is_empty() {
+            return;
+        }
+        let what = match protocol::parse_header(rest) {
+            Ok(Some(h))
+                if h.kind == FrameType::Log && h.frame_len() <= protocol::IDLE_FRAME_BYTES_MAX =>
+            {
+                return
+            }
+            Ok(Some(h)) => format!("a {:?} frame of {} bytes", h.kind, h.frame_len()),
+            // Less than a header, or bad bytes `frames` has already failed it for.
+            Ok(None) | Err(_) => return,
+        };
+        let note = format!(
+            "instance retired: it sent {what} while no request of it was running (hearth reads at most a {}-byte LOG frame from an idle instance)",
+            protocol::IDLE_FRAME_BYTES_MAX
+        );
+        eprintln!("hearth: function {}: {note}", inst.function.spec.id);
+        inst.function
+            .logs
+            .lock()
+            .unwrap()
+            .push("host", true, note.as_bytes());
+        self.instance_failed(i, now, "the instance broke the protocol");
+    }
+
     /// Instance `i` answered its request with a RESPONSE or an ERROR frame.
     fn finished(&mut self, i: usize, kind: FrameType, meta: &[u8], body: &[u8], now: Instant) {
         let inst = &self.insts[i];
@@ -87,6 +121,11 @@ impl CorePool {
         };
         let reply = if kind == FrameType::Response {
             match response_reply(meta, body) {
+                // Lambda's `Invoke` answers the function's payload with 200,
+                // whatever the function put in its frame: a status of its own
+                // (429, 404) must not pass for the service's throttle or
+                // not-found, which callers retry or drop the event on.
+                Ok((reply, _)) if self.is_service(to) => service_payload(reply),
                 Ok((reply, dropped)) => {
                     if !dropped.is_empty() {
                         let note =
@@ -147,6 +186,13 @@ fn handler_error_reply(meta: &[u8]) -> Reply {
     }))
     .expect("json");
     Reply::new(502, "application/json", body)
+}
+
+/// The answer to a service API `Invoke` that a function's RESPONSE gives: its
+/// body as the payload, with 200 and none of its headers (only hearth's
+/// errors have other statuses, see [`service_reply`]).
+fn service_payload(reply: Reply) -> Reply {
+    Reply::new(200, "application/json", reply.body)
 }
 
 /// `X-Amz-Function-Error`: the marker of a failed invocation in a 200 answer.

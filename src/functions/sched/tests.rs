@@ -699,6 +699,75 @@ fn a_runtime_exit_is_a_crash_and_a_handler_error_is_not() {
     assert_eq!(sim.closed, vec![inst]);
 }
 
+/// Bytes of a frame of `kind` with a `body_len`-byte body for request 0,
+/// cut after the header and `sent` bytes of the body.
+fn frame_start(kind: FrameType, body_len: usize, sent: usize) -> Vec<u8> {
+    let mut bytes = Vec::new();
+    protocol::encode(&mut bytes, kind, 0, 0, b"", &vec![b'\n'; body_len]);
+    bytes.truncate(protocol::HEADER_BYTES + sent);
+    bytes
+}
+
+#[test]
+fn an_idle_instance_may_log_a_little_and_is_retired_for_anything_more() {
+    let f = function("a", 4, 1000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let first = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(inst, 200);
+    assert!(sim.reply_to(first).is_some());
+    // Output of a timer: a LOG frame up to 64 KiB, whole or in pieces.
+    let log = frame_start(FrameType::Log, 64 << 10, 64 << 10);
+    assert_eq!(sim.pool.on_channel_input(inst, &log, sim.now), log.len());
+    assert_eq!(sim.pool.on_channel_input(inst, &log[..100], sim.now), 0);
+    sim.drain();
+    assert!(sim.closed.is_empty(), "the instance lives on");
+    // A bigger frame is unsolicited: retired at its header, before its body.
+    let big = frame_start(FrameType::Log, 8 << 20, 1000);
+    assert_eq!(sim.pool.on_channel_input(inst, &big, sim.now), 0);
+    sim.drain();
+    assert_eq!(sim.closed, vec![inst]);
+    let note = f
+        .logs
+        .lock()
+        .unwrap()
+        .lines()
+        .last()
+        .unwrap()
+        .message
+        .to_string();
+    assert!(
+        note.starts_with("instance retired: it sent a Log frame of 8388624 bytes"),
+        "{note}"
+    );
+    // Anything but LOG, however small, too; a busy instance's big frame is its answer's.
+    let second = sim.request("a");
+    let [other] = sim.start_all()[..] else {
+        panic!()
+    };
+    let big = frame_start(FrameType::Log, 8 << 20, 1000);
+    assert_eq!(sim.pool.on_channel_input(other, &big, sim.now), 0);
+    sim.drain();
+    assert_eq!(
+        sim.closed,
+        vec![inst],
+        "a busy instance sends what it likes"
+    );
+    let mut rest = frame_start(FrameType::Log, 8 << 20, 8 << 20);
+    rest.drain(..big.len());
+    let mut all = big.clone();
+    all.extend_from_slice(&rest);
+    assert_eq!(sim.pool.on_channel_input(other, &all, sim.now), all.len());
+    sim.respond(other, 200);
+    assert!(sim.reply_to(second).is_some());
+    let response = frame_start(FrameType::Response, 10, 5);
+    sim.pool.on_channel_input(other, &response, sim.now);
+    sim.drain();
+    assert_eq!(sim.closed, vec![inst, other]);
+}
+
 #[test]
 fn a_failed_start_answers_one_queued_request_503() {
     let f = function("a", 1, 1000);
@@ -1533,6 +1602,34 @@ fn a_queued_service_invocation_whose_client_left_leaves_nothing_behind() {
     assert_eq!(sim.pool.queued, 0);
     assert!(sim.pool.service.is_empty(), "its answer's shape is kept");
     assert!(sim.pool.gone.is_empty());
+}
+
+#[test]
+fn a_service_invocation_answered_429_or_404_by_the_function_is_its_payload() {
+    let f = function("a", 1, 60_000);
+    let mut sim = Sim::new(config(0), &[&f]);
+    let peer = IpAddr::from([127, 0, 0, 1]);
+    for (serial, status) in [(1, 429), (2, 404)] {
+        let to = ReplyTo { token: 999, serial };
+        let invoke = ServiceInvoke::default();
+        sim.pool
+            .on_service_invoke(to, peer, "a", request(), b"{}".to_vec(), invoke, sim.now);
+        sim.drain();
+        let inst = match sim.start_all()[..] {
+            [inst] => inst,
+            _ => sim.sent.last().unwrap().0,
+        };
+        sim.respond(inst, status);
+        let r = sim.reply_to(to).unwrap();
+        assert_eq!((r.status, &r.body[..]), (200, &b"out"[..]), "{status}");
+        assert!(
+            !r.headers
+                .iter()
+                .any(|(k, _)| k == "x-by" || k == "x-amzn-errortype"),
+            "{status}: {:?}",
+            r.headers
+        );
+    }
 }
 
 #[test]

@@ -64,6 +64,7 @@ use std::time::{Duration, Instant};
 
 pub use vmm::VmmError;
 
+use super::boot_gate::BootGate;
 use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
 use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::{FcMemory, ServeConfig};
@@ -211,8 +212,8 @@ struct Inner {
     seq: AtomicU64,
     /// One snapshot per function, loaded or (re)built under its lock.
     slots: Mutex<HashMap<String, Arc<Mutex<Option<SnapshotMeta>>>>>,
-    /// One template boot at a time.
-    template_lock: Mutex<()>,
+    /// One template boots at a time (see [`BootGate`]).
+    template_gate: BootGate,
     /// Log the phases of every restore (`HEARTH_FIRECRACKER_TRACE=1`).
     trace: bool,
     /// `--jailer`: every VMM runs in a jail of its own.
@@ -281,7 +282,7 @@ impl FirecrackerBackend {
                 run_dir,
                 seq: AtomicU64::new(0),
                 slots: Mutex::new(HashMap::new()),
-                template_lock: Mutex::new(()),
+                template_gate: BootGate::new(snapshot::TEMPLATE_BOOT_HOLD),
                 trace: std::env::var_os("HEARTH_FIRECRACKER_TRACE").is_some_and(|v| v != "0"),
                 jail,
                 memory: cfg.fc_memory,

@@ -26,6 +26,10 @@ use crate::util::time::unix_time_ms;
 /// Boot + handler load in a template VM (generous: nested under software
 /// emulation Node runs ~37x slower than native; a loaded host took 100 s).
 pub const TEMPLATE_READY_TIMEOUT: Duration = Duration::from_secs(300);
+/// Longest a template holds the boot gate ([`crate::sandbox::boot_gate`])
+/// if its agent has not taken the connection by then (a slow nested host):
+/// the next function's template boots beside it.
+pub const TEMPLATE_BOOT_HOLD: Duration = Duration::from_secs(30);
 /// Pausing and writing the snapshot.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Each configuration request before the boot.
@@ -100,7 +104,10 @@ impl Inner {
         spec: &FunctionSpec,
         dir: &Path,
     ) -> Result<(SnapshotMeta, InitLogs), StartError> {
-        let _one_at_a_time = self.template_lock.lock().unwrap();
+        // Held for the boot only (kernel and agent: hearth's code, done when
+        // the agent takes the connection); the handler's init, which the
+        // function controls, runs without it.
+        let booting = self.template_gate.enter();
         let code_image = images::code_image(dir).map_err(StartError::Image)?;
         let code_name = code_image
             .file_name()
@@ -161,6 +168,7 @@ impl Inner {
                 .map_err(|e| std::io::Error::other(e.to_string()))
         })
         .map_err(|e| fail(VmmError::Vsock(e), &vmm))?;
+        drop(booting);
         let left = ready_deadline.saturating_duration_since(Instant::now());
         let logs = match handshake::hello(channel.as_fd(), spec, left) {
             Ok((_init_ms, logs)) => logs,

@@ -63,6 +63,7 @@ use serde_json::json;
 pub use args::{guest_memory_mb, Accel, Machine, GUEST_DEVICE_WAIT_MS, TMP_MB};
 pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
+use super::boot_gate::BootGate;
 use super::handshake;
 use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
 use super::{Backend, InitLogs, Instance, SetupError, StartError};
@@ -126,8 +127,8 @@ struct Inner {
     run_dir: PathBuf,
     seq: AtomicU64,
     slots: Mutex<HashMap<String, Arc<Slot>>>,
-    /// One template boot at a time: each is CPU-heavy under emulation.
-    template_lock: Mutex<()>,
+    /// One template boots at a time (see [`BootGate`]).
+    template_gate: BootGate,
     /// Log the phases of every restore (`HEARTH_QEMU_TRACE=1`).
     trace: bool,
 }
@@ -178,7 +179,7 @@ impl QemuBackend {
                 run_dir,
                 seq: AtomicU64::new(0),
                 slots: Mutex::new(HashMap::new()),
-                template_lock: Mutex::new(()),
+                template_gate: BootGate::new(snapshot::TEMPLATE_BOOT_HOLD),
                 trace: std::env::var_os("HEARTH_QEMU_TRACE").is_some_and(|v| v != "0"),
             }),
         })

@@ -30,6 +30,10 @@ pub const TEMPLATE_READY_TIMEOUT_TCG: Duration = Duration::from_secs(90);
 /// 14–20 s into its boot (guest time) after 40 s, so READY can take minutes
 /// on a loaded host. As generous as the Firecracker backend's.
 pub const TEMPLATE_READY_TIMEOUT_KVM: Duration = Duration::from_secs(300);
+/// Longest a template holds the boot gate ([`crate::sandbox::boot_gate`]) and
+/// so delays the next function's template: about twice a boot under
+/// emulation (4–7 s measured), whether or not its handler is done loading.
+pub const TEMPLATE_BOOT_HOLD: Duration = Duration::from_secs(15);
 /// Writing the snapshot.
 pub const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(120);
 /// Device state, guest RAM and their description in the function's directory.
@@ -98,7 +102,10 @@ impl Inner {
         spec: &FunctionSpec,
         dir: &Path,
     ) -> Result<(SnapshotMeta, InitLogs), StartError> {
-        let _one_at_a_time = self.template_lock.lock().unwrap();
+        // The channel's socket exists before the guest runs, so the end of
+        // the boot is not seen here: the pass goes back at READY, or lapses
+        // after about a boot's time if the handler's init takes longer.
+        let booting = self.template_gate.enter();
         let code_image = images::code_image(dir).map_err(StartError::Image)?;
         let runtime_image = self.runtime_image(spec)?;
         let append = kernel_cmdline(spec.runtime);
@@ -138,6 +145,7 @@ impl Inner {
             Err(e @ StartError::Init { .. }) => return Err(e),
             Err(e) => return Err(in_vm("template VM", e, &vm)),
         };
+        drop(booting);
         let ready_ms = started.elapsed().as_millis() as u64;
 
         let snap_started = Instant::now();

@@ -142,7 +142,9 @@ pub(super) fn accept(
         .functions
         .async_events
         .submit(events, qualifier, request_id, body, answered)
-        .map_err(|_| too_many("too many asynchronous events are waiting to be stored; retry later"))
+        .map_err(|_| too_many(
+            "too many asynchronous events (or bytes of them) are waiting to be stored; retry later",
+        ))
 }
 
 fn too_many(message: &str) -> Answer {

@@ -32,10 +32,17 @@ use config::{Configs, EventConfig};
 use failed::FailedStore;
 use queue::{AppendError, Queue};
 
+use crate::functions::budget::{Budget, Reservation};
+
 /// Largest event payload, bytes (as Lambda allows for asynchronous invocations).
 pub const EVENT_BYTES_MAX: usize = 1 << 20;
 /// Events accepted by the cores and not yet written; more → 429 at once.
 pub const ACCEPT_PENDING_MAX: usize = 16_384;
+/// Payload bytes of the events accepted and not yet written, held in memory
+/// until the committer has stored them; more → 429 at once. Without it the
+/// count alone would let [`ACCEPT_PENDING_MAX`] events of [`EVENT_BYTES_MAX`]
+/// hold 16 GiB.
+pub const ACCEPT_PENDING_BYTES_MAX: u64 = 64 << 20;
 /// Events the committer writes in one batch (one fsync per segment).
 pub const COMMIT_BATCH_MAX: usize = 4096;
 
@@ -139,7 +146,8 @@ fn config_key(qualifier: &str) -> &str {
 /// What the engine hears back once an event is stored (or refused).
 pub type Accepted = Box<dyn FnOnce(Result<(), AppendError>) + Send>;
 
-/// The committer has [`ACCEPT_PENDING_MAX`] events waiting already.
+/// The committer has [`ACCEPT_PENDING_MAX`] events or
+/// [`ACCEPT_PENDING_BYTES_MAX`] bytes of payloads waiting already.
 #[derive(Debug)]
 pub struct Backlogged;
 
@@ -151,6 +159,9 @@ struct Submit {
     request_id: String,
     body: Vec<u8>,
     done: Accepted,
+    /// The body's share of [`ACCEPT_PENDING_BYTES_MAX`], returned once the
+    /// committer is done with the event (or it was refused).
+    _held: Reservation,
 }
 
 /// Every function's queue, the committer, and the dispatcher once started.
@@ -165,6 +176,8 @@ pub struct AsyncEvents {
     queues: Mutex<BTreeMap<String, Arc<FunctionEvents>>>,
     submit_tx: SyncSender<Submit>,
     submit_rx: Mutex<Option<Receiver<Submit>>>,
+    /// Payload bytes in the committer's channel ([`ACCEPT_PENDING_BYTES_MAX`]).
+    pending_bytes: Arc<Budget>,
     /// Wakes the dispatcher (new events, a run finished).
     wake: OnceLock<dispatch::Waker>,
 }
@@ -240,6 +253,7 @@ impl AsyncEvents {
             queues: Mutex::new(queues),
             submit_tx,
             submit_rx: Mutex::new(Some(submit_rx)),
+            pending_bytes: Budget::new("async accept backlog", "bytes", ACCEPT_PENDING_BYTES_MAX),
             wake: OnceLock::new(),
         })
     }
@@ -297,8 +311,9 @@ impl AsyncEvents {
 
     /// Hands an event for `events` (from [`AsyncEvents::queue_for`]) to the
     /// committer; `done` hears whether it was stored. Never blocks: with
-    /// [`ACCEPT_PENDING_MAX`] events waiting already, the event is refused at
-    /// once ([`Backlogged`], and `done` is dropped).
+    /// [`ACCEPT_PENDING_MAX`] events or [`ACCEPT_PENDING_BYTES_MAX`] bytes of
+    /// payloads waiting already, the event is refused at once ([`Backlogged`],
+    /// and `done` is dropped).
     pub fn submit(
         &self,
         events: Arc<FunctionEvents>,
@@ -307,12 +322,17 @@ impl AsyncEvents {
         body: Vec<u8>,
         done: Accepted,
     ) -> Result<(), Backlogged> {
+        let held = self
+            .pending_bytes
+            .try_reserve(body.len() as u64)
+            .ok_or(Backlogged)?;
         let s = Submit {
             events,
             qualifier,
             request_id,
             body,
             done,
+            _held: held,
         };
         match self.submit_tx.try_send(s) {
             Ok(()) => Ok(()),
@@ -473,6 +493,36 @@ mod tests {
         let rx = ev.submit_rx.lock().unwrap();
         let batch: Vec<Submit> = rx.as_ref().unwrap().try_iter().collect();
         ev.commit(batch);
+    }
+
+    #[test]
+    fn the_accept_backlog_is_bounded_in_bytes_not_only_in_events() {
+        let (d, ev) = open("backlog-bytes");
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let body = vec![b'1'; EVENT_BYTES_MAX];
+        let fits = (ACCEPT_PENDING_BYTES_MAX / EVENT_BYTES_MAX as u64) as usize;
+        assert!(fits < ACCEPT_PENDING_MAX, "the byte bound comes first");
+        let mut answers = Vec::new();
+        for _ in 0..fits {
+            let (tx, rx) = channel();
+            let done = Box::new(move |r| tx.send(r).unwrap());
+            let sent = ev.submit(q.clone(), String::new(), "r".into(), body.clone(), done);
+            assert!(sent.is_ok());
+            answers.push(rx);
+        }
+        let refused = ev.submit(q.clone(), String::new(), "r".into(), body.clone(), Box::new(|_| {}));
+        assert!(matches!(refused, Err(Backlogged)), "{fits} MiB are waiting already");
+        // Small events still fit, up to the bound in bytes.
+        assert!(ev
+            .submit(q.clone(), String::new(), "r".into(), Vec::new(), Box::new(|_| {}))
+            .is_ok());
+        // Once the committer has stored them, their bytes are free again.
+        commit_waiting(&ev);
+        assert!(answers.iter().all(|rx| rx.recv().unwrap().is_ok()));
+        let rx = submit(&ev, q);
+        commit_waiting(&ev);
+        assert!(rx.recv().unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]

@@ -130,6 +130,10 @@ pub(super) fn accept(
             Err(AppendError::Full { bytes_max }) => too_many(&format!(
                 "the function's queue of asynchronous events holds its limit of {bytes_max} bytes; retry later"
             )),
+            Err(AppendError::DiskFull { bytes_max }) => too_many(&format!(
+                "the server's disk for asynchronous events (all functions' queues and failed events) \
+                 holds its limit of {bytes_max} bytes; retry later"
+            )),
             Err(AppendError::Removed) => not_found(&key_name),
             Err(AppendError::Io(e)) => lambda_error(
                 500,
@@ -142,9 +146,11 @@ pub(super) fn accept(
         .functions
         .async_events
         .submit(events, qualifier, request_id, body, answered)
-        .map_err(|_| too_many(
+        .map_err(|_| {
+            too_many(
             "too many asynchronous events (or bytes of them) are waiting to be stored; retry later",
-        ))
+        )
+        })
 }
 
 fn too_many(message: &str) -> Answer {

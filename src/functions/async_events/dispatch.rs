@@ -689,6 +689,7 @@ mod tests {
         ));
         let limits = super::super::AsyncLimits {
             queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
             retry_base_ms: 50,
             failure_webhook: None,
         };

@@ -45,12 +45,18 @@ pub const ACCEPT_PENDING_MAX: usize = 16_384;
 pub const ACCEPT_PENDING_BYTES_MAX: u64 = 64 << 20;
 /// Events the committer writes in one batch (one fsync per segment).
 pub const COMMIT_BATCH_MAX: usize = 4096;
+/// Default of `--async-disk-max-mb`: disk all queues and failure stores may
+/// use together, MiB.
+pub const ASYNC_DISK_MAX_MB_DEFAULT: u64 = 4096;
 
 /// The server's settings for asynchronous invocations.
 #[derive(Clone, Debug)]
 pub struct AsyncLimits {
     /// Bytes of queued events per function (`--async-queue-max-mb`); more → 429.
     pub queue_bytes_max: u64,
+    /// Bytes of all functions' queues and failed events together
+    /// (`--async-disk-max-mb`); an event beyond it → 429, a failure beyond it is not kept.
+    pub disk_bytes_max: u64,
     /// The first retry's delay; each further retry doubles it (`--async-retry-base-ms`).
     pub retry_base_ms: u64,
     /// Where failed events are POSTed (`--async-failure-webhook`), set by the operator only.
@@ -68,7 +74,7 @@ pub struct FunctionEvents {
 impl FunctionEvents {
     /// Opens the queue a previous run left in `dir`. Settings that cannot be
     /// parsed are set aside (`config.json.unreadable`) for the defaults.
-    fn open(key: &str, dir: PathBuf) -> io::Result<FunctionEvents> {
+    fn open(key: &str, dir: PathBuf, disk: &Arc<Budget>) -> io::Result<FunctionEvents> {
         let configs = match config::load(&dir) {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let aside = dir.join("config.json.unreadable");
@@ -82,8 +88,8 @@ impl FunctionEvents {
             }
             loaded => loaded?,
         };
-        let queue = Queue::open(key, dir)?;
-        let failed = FailedStore::open(&queue.dir)?;
+        let queue = Queue::open(key, dir, disk.clone())?;
+        let failed = FailedStore::open(&queue.dir, disk.clone())?;
         Ok(FunctionEvents {
             queue,
             configs: Mutex::new(configs),
@@ -93,10 +99,10 @@ impl FunctionEvents {
 
     /// A new, empty queue for `dir`, which does not exist: nothing is read or
     /// written until its first event or setting is stored.
-    fn new(key: &str, dir: PathBuf) -> FunctionEvents {
+    fn new(key: &str, dir: PathBuf, disk: &Arc<Budget>) -> FunctionEvents {
         FunctionEvents {
-            failed: Mutex::new(FailedStore::new(&dir)),
-            queue: Queue::new(key, dir),
+            failed: Mutex::new(FailedStore::new(&dir, disk.clone())),
+            queue: Queue::new(key, dir, disk.clone()),
             configs: Mutex::new(Configs::new()),
         }
     }
@@ -132,6 +138,13 @@ impl FunctionEvents {
     /// The events given up and kept, oldest first.
     pub fn failed(&self) -> io::Result<Vec<serde_json::Value>> {
         self.failed.lock().unwrap().list()
+    }
+
+    /// Drops its events, settings and failures with their directory (its function was deleted).
+    fn remove(&self) {
+        // The failure store first: no failure is kept in the directory once it is gone.
+        self.failed.lock().unwrap().removed();
+        self.queue.remove();
     }
 }
 
@@ -178,6 +191,8 @@ pub struct AsyncEvents {
     submit_rx: Mutex<Option<Receiver<Submit>>>,
     /// Payload bytes in the committer's channel ([`ACCEPT_PENDING_BYTES_MAX`]).
     pending_bytes: Arc<Budget>,
+    /// Bytes of every queue's segments and every failure store (`--async-disk-max-mb`).
+    disk: Arc<Budget>,
     /// Wakes the dispatcher (new events, a run finished).
     wake: OnceLock<dispatch::Waker>,
 }
@@ -224,6 +239,7 @@ impl AsyncEvents {
         exists: impl Fn(&str) -> bool,
     ) -> io::Result<AsyncEvents> {
         std::fs::create_dir_all(dir)?;
+        let disk = Budget::new("asynchronous event disk", "bytes", limits.disk_bytes_max);
         let mut queues = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = match entry {
@@ -239,12 +255,20 @@ impl AsyncEvents {
                 let _ = std::fs::remove_dir_all(entry.path());
                 continue;
             }
-            match FunctionEvents::open(&key, entry.path()) {
+            match FunctionEvents::open(&key, entry.path(), &disk) {
                 Ok(q) => {
                     queues.insert(key, Arc::new(q));
                 }
                 Err(e) => set_aside(dir, &key, &e),
             }
+        }
+        if disk.used() > disk.max() {
+            eprintln!(
+                "hearth: warning: the async queues and failed events take {} bytes, over \
+                 --async-disk-max-mb ({} bytes); no event is accepted until they drain",
+                disk.used(),
+                disk.max()
+            );
         }
         let (submit_tx, submit_rx) = sync_channel(ACCEPT_PENDING_MAX);
         Ok(AsyncEvents {
@@ -254,6 +278,7 @@ impl AsyncEvents {
             submit_tx,
             submit_rx: Mutex::new(Some(submit_rx)),
             pending_bytes: Budget::new("async accept backlog", "bytes", ACCEPT_PENDING_BYTES_MAX),
+            disk,
             wake: OnceLock::new(),
         })
     }
@@ -282,7 +307,7 @@ impl AsyncEvents {
         }
         let q = queues
             .entry(key.to_string())
-            .or_insert_with(|| Arc::new(FunctionEvents::new(key, self.dir.join(key))));
+            .or_insert_with(|| Arc::new(FunctionEvents::new(key, self.dir.join(key), &self.disk)));
         Ok(Some(q.clone()))
     }
 
@@ -300,7 +325,7 @@ impl AsyncEvents {
     pub fn forget(&self, key: &str) {
         let q = self.queues.lock().unwrap().remove(key);
         match q {
-            Some(q) => q.queue.remove(),
+            Some(q) => q.remove(),
             None => {
                 if valid_key(key) {
                     let _ = std::fs::remove_dir_all(self.dir.join(key));
@@ -464,6 +489,11 @@ mod tests {
     use std::sync::mpsc::channel;
 
     fn open(label: &str) -> (PathBuf, AsyncEvents) {
+        open_with_disk(label, u64::MAX)
+    }
+
+    /// [`open`] with a server-wide disk cap of `disk_bytes_max`.
+    fn open_with_disk(label: &str, disk_bytes_max: u64) -> (PathBuf, AsyncEvents) {
         let d = std::env::temp_dir().join(format!(
             "hearth-async-{label}-{}-{:x}",
             std::process::id(),
@@ -471,6 +501,7 @@ mod tests {
         ));
         let limits = AsyncLimits {
             queue_bytes_max: u64::MAX,
+            disk_bytes_max,
             retry_base_ms: 100,
             failure_webhook: None,
         };
@@ -480,12 +511,90 @@ mod tests {
 
     /// Submits `{}` for `events`; the receiver hears whether it was stored.
     fn submit(ev: &AsyncEvents, events: Arc<FunctionEvents>) -> Receiver<Result<(), AppendError>> {
+        submit_body(ev, events, b"{}".to_vec())
+    }
+
+    /// Submits `body` for `events`; the receiver hears whether it was stored.
+    fn submit_body(
+        ev: &AsyncEvents,
+        events: Arc<FunctionEvents>,
+        body: Vec<u8>,
+    ) -> Receiver<Result<(), AppendError>> {
         let (tx, rx) = channel();
         let done = Box::new(move |r| tx.send(r).unwrap());
         assert!(ev
-            .submit(events, String::new(), "rid".into(), b"{}".to_vec(), done)
+            .submit(events, String::new(), "rid".into(), body, done)
             .is_ok());
         rx
+    }
+
+    /// Bytes of the files under `dir` (none: 0).
+    fn bytes_under(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries.map(|e| e.unwrap().metadata().unwrap().len()).sum()
+        })
+    }
+
+    #[test]
+    fn the_server_wide_disk_cap_refuses_events_of_every_function_and_writes_nothing() {
+        const BODY: usize = 60 << 10;
+        let (d, ev) = open_with_disk("disk-cap", 256 << 10);
+        let a = ev.queue_for("a", || true).unwrap().unwrap();
+        // Four events of 60 KiB fit in 256 KiB, the fifth does not.
+        let stored: Vec<_> = (0..5)
+            .map(|_| submit_body(&ev, a.clone(), vec![b'1'; BODY]))
+            .collect();
+        commit_waiting(&ev);
+        let stored: Vec<_> = stored.iter().map(|rx| rx.recv().unwrap()).collect();
+        assert!(stored[..4].iter().all(Result::is_ok), "{stored:?}");
+        assert!(
+            matches!(stored[4], Err(AppendError::DiskFull { bytes_max: 262_144 })),
+            "{stored:?}"
+        );
+        let a_bytes = bytes_under(&d.join("a"));
+        // Another function's event is refused too, and nothing of it is written.
+        let b = ev.queue_for("b", || true).unwrap().unwrap();
+        let refused = submit_body(&ev, b.clone(), vec![b'1'; BODY]);
+        commit_waiting(&ev);
+        assert!(matches!(
+            refused.recv().unwrap(),
+            Err(AppendError::DiskFull { .. })
+        ));
+        assert!(!d.join("b").exists(), "b's queue was made");
+        assert_eq!(
+            bytes_under(&d.join("a")),
+            a_bytes,
+            "a refused event was written"
+        );
+        // Once a's events are done with, their segment goes and its room is free.
+        while let Some((p, _)) = a.queue.take(0, usize::MAX) {
+            a.queue.finish_ack(&p);
+        }
+        assert_eq!(a.queue.bytes(), 0);
+        let stored = submit_body(&ev, b, vec![b'1'; BODY]);
+        commit_waiting(&ev);
+        assert!(stored.recv().unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_deleted_functions_disk_is_free_again() {
+        const BODY: usize = 60 << 10;
+        let (d, ev) = open_with_disk("disk-forget", 256 << 10);
+        let a = ev.queue_for("a", || true).unwrap().unwrap();
+        let stored: Vec<_> = (0..4)
+            .map(|_| submit_body(&ev, a.clone(), vec![b'1'; BODY]))
+            .collect();
+        commit_waiting(&ev);
+        assert!(stored.iter().all(|rx| rx.recv().unwrap().is_ok()));
+        ev.forget("a");
+        let b = ev.queue_for("b", || true).unwrap().unwrap();
+        let stored: Vec<_> = (0..4)
+            .map(|_| submit_body(&ev, b.clone(), vec![b'1'; BODY]))
+            .collect();
+        commit_waiting(&ev);
+        assert!(stored.iter().all(|rx| rx.recv().unwrap().is_ok()));
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// Runs the committer's work on every event submitted so far.
@@ -510,11 +619,26 @@ mod tests {
             assert!(sent.is_ok());
             answers.push(rx);
         }
-        let refused = ev.submit(q.clone(), String::new(), "r".into(), body.clone(), Box::new(|_| {}));
-        assert!(matches!(refused, Err(Backlogged)), "{fits} MiB are waiting already");
+        let refused = ev.submit(
+            q.clone(),
+            String::new(),
+            "r".into(),
+            body.clone(),
+            Box::new(|_| {}),
+        );
+        assert!(
+            matches!(refused, Err(Backlogged)),
+            "{fits} MiB are waiting already"
+        );
         // Small events still fit, up to the bound in bytes.
         assert!(ev
-            .submit(q.clone(), String::new(), "r".into(), Vec::new(), Box::new(|_| {}))
+            .submit(
+                q.clone(),
+                String::new(),
+                "r".into(),
+                Vec::new(),
+                Box::new(|_| {})
+            )
             .is_ok());
         // Once the committer has stored them, their bytes are free again.
         commit_waiting(&ev);
@@ -552,11 +676,13 @@ mod tests {
         std::fs::write(d.join("bad-config/config.json"), "not json").unwrap();
         // A segment that cannot be read (a directory in its place).
         std::fs::create_dir_all(d.join("bad-segment/seg-0000000000000001.log")).unwrap();
-        let ok = Queue::open("ok", d.join("ok")).unwrap();
+        let disk = Budget::new("async event disk", "bytes", u64::MAX);
+        let ok = Queue::open("ok", d.join("ok"), disk).unwrap();
         assert!(ok.append(&[("", "r", b"{}")], 1, u64::MAX)[0].is_ok());
         drop(ok);
         let limits = AsyncLimits {
             queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
             retry_base_ms: 100,
             failure_webhook: None,
         };

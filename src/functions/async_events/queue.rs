@@ -4,7 +4,12 @@
 //!
 //! An event is acked once it ran or was given up (and kept as failed); a
 //! segment whose events are all acked is deleted, unless it is the one being
-//! appended to. Appends are fsynced before the client hears 202; acks are
+//! appended to and smaller than [`SEGMENT_IDLE_KEPT_BYTES`].
+//!
+//! Each event is charged its frame and room for its ack record, against the
+//! queue's own cap and the server-wide [`Budget`] of every queue and failure
+//! store (`--async-disk-max-mb`), before anything of it is written; the charge
+//! is returned when its segment is deleted. Appends are fsynced before the client hears 202; acks are
 //! not (a lost ack only runs an event again: delivery is at least once).
 
 use std::cmp::Reverse;
@@ -17,10 +22,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::log::{self, AckRecord, EventRecord, FRAME_HEAD_BYTES};
+use crate::functions::budget::Budget;
 
 /// A segment is closed to appends past this size (it is deleted once all its
 /// events are acked).
 pub const SEGMENT_BYTES_MAX: u64 = 4 << 20;
+/// A segment whose events are all acked is deleted even while it is the one
+/// appended to once it is this large, so a drained queue holds no more: a
+/// smaller one stays, sparing a queue that drains event by event a new file
+/// (and a directory fsync) per event.
+pub const SEGMENT_IDLE_KEPT_BYTES: u64 = 64 << 10;
+/// Bytes charged per event beyond its frame: its ack record in the ack file.
+pub const ACK_ROOM_BYTES: u64 = (FRAME_HEAD_BYTES + 8) as u64;
 
 /// Counters and gauges of one queue (`/metrics`).
 #[derive(Default)]
@@ -58,7 +71,10 @@ pub struct Pending {
 struct Segment {
     log: Arc<File>,
     ack: Option<File>,
+    /// Length of its log file.
     bytes: u64,
+    /// What it is charged: its log and room for its events' acks.
+    charged: u64,
     /// Events of this segment not acked.
     live: usize,
 }
@@ -67,7 +83,7 @@ struct State {
     segments: BTreeMap<u64, Segment>,
     next_segment: u64,
     next_seq: u64,
-    /// Bytes of all segment logs.
+    /// Bytes charged for all segments (see [`Segment::charged`]).
     bytes: u64,
     ready: VecDeque<Pending>,
     /// Events waiting for their `not_before_ms`, the earliest due on top: a
@@ -113,6 +129,9 @@ impl Ord for Delayed {
 pub enum AppendError {
     /// The queue holds its cap of bytes already.
     Full { bytes_max: u64 },
+    /// The queues and failure stores of all functions hold the server's cap
+    /// (`--async-disk-max-mb`) already.
+    DiskFull { bytes_max: u64 },
     /// The queue was removed with its function.
     Removed,
     /// Writing or syncing failed.
@@ -127,6 +146,8 @@ pub struct Queue {
     pub dir: PathBuf,
     state: Mutex<State>,
     removed: AtomicBool,
+    /// The server-wide disk budget its segments are charged to.
+    disk: Arc<Budget>,
     /// Its counters.
     pub metrics: QueueMetrics,
 }
@@ -174,7 +195,7 @@ fn make_dir(dir: &Path) -> io::Result<()> {
 impl Queue {
     /// A new, empty queue for `dir`, which does not exist yet: it is made
     /// with the first segment, so making the queue touches no disk.
-    pub fn new(key: &str, dir: PathBuf) -> Queue {
+    pub fn new(key: &str, dir: PathBuf, disk: Arc<Budget>) -> Queue {
         Queue {
             key: key.to_string(),
             dir,
@@ -189,13 +210,15 @@ impl Queue {
                 dir_made: false,
             }),
             removed: AtomicBool::new(false),
+            disk,
             metrics: QueueMetrics::default(),
         }
     }
 
     /// Opens (creating) the queue in `dir`, recovering what a previous run left:
     /// torn tails are cut, acked events dropped, fully acked old segments deleted.
-    pub fn open(key: &str, dir: PathBuf) -> io::Result<Queue> {
+    /// What it keeps is charged to `disk` even beyond its ceiling.
+    pub fn open(key: &str, dir: PathBuf, disk: Arc<Budget>) -> io::Result<Queue> {
         if !dir.is_dir() {
             make_dir(&dir)?;
         }
@@ -248,7 +271,9 @@ impl Queue {
                 Default::default()
             };
             let mut live = 0;
-            for (offset, payload) in log::frames(&bytes).0 {
+            let frames = log::frames(&bytes).0;
+            let charged = bytes.len() as u64 + frames.len() as u64 * ACK_ROOM_BYTES;
+            for (offset, payload) in frames {
                 let Some(e) = EventRecord::decode(payload) else {
                     continue;
                 };
@@ -268,7 +293,7 @@ impl Queue {
                     deferrals: 0,
                 });
             }
-            if live == 0 && Some(n) != last {
+            if live == 0 && (Some(n) != last || bytes.len() as u64 >= SEGMENT_IDLE_KEPT_BYTES) {
                 fs::remove_file(&log_path)?;
                 let _ = fs::remove_file(&ack_path);
                 continue;
@@ -278,13 +303,14 @@ impl Queue {
             } else {
                 None
             };
-            st.bytes += bytes.len() as u64;
+            st.bytes += charged;
             st.segments.insert(
                 n,
                 Segment {
                     log: Arc::new(open_append(&log_path)?),
                     ack,
                     bytes: bytes.len() as u64,
+                    charged,
                     live,
                 },
             );
@@ -299,18 +325,21 @@ impl Queue {
         metrics
             .depth
             .store(st.ready.len() as u64, Ordering::Relaxed);
+        disk.take_over(st.bytes);
         Ok(Queue {
             key: key.to_string(),
             dir,
             state: Mutex::new(st),
             removed: AtomicBool::new(false),
+            disk,
             metrics,
         })
     }
 
     /// Appends `events` (qualifier, request id, body) and makes them durable
     /// (one fsync per segment written) before they can run. Each event gets
-    /// its own outcome: those beyond `bytes_max` are refused.
+    /// its own outcome: those beyond `bytes_max` (this queue) or the server's
+    /// disk budget are refused, and nothing of them is written.
     pub fn append(
         &self,
         events: &[(&str, &str, &[u8])],
@@ -325,8 +354,8 @@ impl Queue {
             if self.removed.load(Ordering::Acquire) {
                 return events.iter().map(|_| Err(AppendError::Removed)).collect();
             }
-            // (segment, its length before, buffer, events in it)
-            let mut buffers: Vec<(u64, u64, Vec<u8>, usize)> = Vec::new();
+            // (segment, its length before, buffer, events in it, bytes charged for them)
+            let mut buffers: Vec<(u64, u64, Vec<u8>, usize, u64)> = Vec::new();
             let mut payload = Vec::new();
             for &(qualifier, request_id, body) in events {
                 payload.clear();
@@ -340,29 +369,38 @@ impl Queue {
                 }
                 .encode(&mut payload);
                 let frame_bytes = (FRAME_HEAD_BYTES + payload.len()) as u64;
-                if st.bytes + frame_bytes > bytes_max {
+                let charge = frame_bytes + ACK_ROOM_BYTES;
+                if st.bytes + charge > bytes_max {
                     out.push(Err(AppendError::Full { bytes_max }));
+                    continue;
+                }
+                if !self.disk.try_take(charge) {
+                    let bytes_max = self.disk.max();
+                    out.push(Err(AppendError::DiskFull { bytes_max }));
                     continue;
                 }
                 let segment = match self.writable_segment(&mut st, frame_bytes) {
                     Ok(n) => n,
                     Err(e) => {
+                        self.disk.give(charge);
                         out.push(Err(AppendError::Io(e)));
                         continue;
                     }
                 };
                 if buffers.last().is_none_or(|b| b.0 != segment) {
                     let len = st.segments[&segment].bytes;
-                    buffers.push((segment, len, Vec::new(), 0));
+                    buffers.push((segment, len, Vec::new(), 0, 0));
                 }
                 let last = buffers.last_mut().expect("pushed");
                 last.3 += 1;
+                last.4 += charge;
                 let offset = st.segments[&segment].bytes;
                 log::frame(&mut last.2, &payload);
                 let seg = st.segments.get_mut(&segment).expect("segment");
                 seg.bytes += frame_bytes;
+                seg.charged += charge;
                 seg.live += 1;
-                st.bytes += frame_bytes;
+                st.bytes += charge;
                 st.next_seq += 1;
                 written.push(Pending {
                     seq,
@@ -376,17 +414,18 @@ impl Queue {
                 });
                 out.push(Ok(()));
             }
-            for (segment, _, buf, _) in &buffers {
+            for (segment, _, buf, _, _) in &buffers {
                 let seg = &st.segments[segment];
                 if let Err(e) = (&*seg.log).write_all(buf) {
                     // Nothing of this batch may stay half-written before later appends.
-                    for (segment, before, _, count) in &buffers {
+                    for (segment, before, _, count, charged) in &buffers {
                         let seg = st.segments.get_mut(segment).expect("segment");
                         let _ = seg.log.set_len(*before);
-                        let added = seg.bytes - before;
                         seg.bytes = *before;
+                        seg.charged -= charged;
                         seg.live -= count;
-                        st.bytes -= added;
+                        st.bytes -= charged;
+                        self.disk.give(*charged);
                     }
                     return self.fail_batch(events.len(), e);
                 }
@@ -451,6 +490,7 @@ impl Queue {
                 log: Arc::new(log),
                 ack: None,
                 bytes: 0,
+                charged: 0,
                 live: 0,
             },
         );
@@ -463,7 +503,8 @@ impl Queue {
 
     fn delete_segment(&self, st: &mut State, n: u64) {
         if let Some(seg) = st.segments.remove(&n) {
-            st.bytes -= seg.bytes;
+            st.bytes -= seg.charged;
+            self.disk.give(seg.charged);
             // The log first: an ack file alone is removed at recovery.
             let _ = fs::remove_file(segment_path(&self.dir, n, "log"));
             let _ = fs::remove_file(segment_path(&self.dir, n, "ack"));
@@ -570,7 +611,7 @@ impl Queue {
             }
         }
         seg.live -= 1;
-        if seg.live == 0 && Some(p.segment) != last {
+        if seg.live == 0 && (Some(p.segment) != last || seg.bytes >= SEGMENT_IDLE_KEPT_BYTES) {
             self.delete_segment(st, p.segment);
         }
     }
@@ -580,7 +621,7 @@ impl Queue {
         self.metrics.depth.store(depth as u64, Ordering::Relaxed);
     }
 
-    /// Bytes of its segment files.
+    /// Bytes charged for its segments (their logs and room for their acks).
     pub fn bytes(&self) -> u64 {
         self.state.lock().unwrap().bytes
     }
@@ -598,7 +639,7 @@ impl Queue {
         st.ready.clear();
         st.delayed.clear();
         st.segments.clear();
-        st.bytes = 0;
+        self.disk.give(std::mem::take(&mut st.bytes));
         self.publish_depth(&st);
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -609,9 +650,23 @@ impl Queue {
     }
 }
 
+impl Drop for Queue {
+    /// Its segments stay on disk (they are recovered at the next start) but
+    /// are no longer this server's to charge.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.disk.give(std::mem::take(&mut st.bytes));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A disk budget no test reaches.
+    fn unbounded() -> Arc<Budget> {
+        Budget::new("async event disk", "bytes", u64::MAX)
+    }
 
     fn dir(label: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -632,7 +687,7 @@ mod tests {
     #[test]
     fn unacked_events_come_back_after_a_reopen_and_acked_ones_do_not() {
         let d = dir("reopen");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         push(&q, 5);
         let (p1, r1) = q.take(0, 10).unwrap();
         assert_eq!(r1.body, b"{\"n\":1}");
@@ -641,7 +696,7 @@ mod tests {
         q.finish_ack(&p2);
         let _running = q.take(0, 10).unwrap(); // taken, never acked: runs again
         drop(q);
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         let mut seqs = Vec::new();
         while let Some((p, _)) = q.take(0, 10) {
             seqs.push(p.seq);
@@ -661,7 +716,7 @@ mod tests {
     #[test]
     fn delayed_events_come_due_in_order_behind_the_ready_ones() {
         let d = dir("due");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         push(&q, 4);
         // seq 1..=4 due at 40, 30, 20, 10.
         delay_all(&q, |seq| 50 - 10 * seq);
@@ -694,7 +749,7 @@ mod tests {
         const TAKES: usize = 1000;
         let idle_takes = |n: usize| {
             let d = dir("idle");
-            let q = Queue::open("f", d.clone()).unwrap();
+            let q = Queue::open("f", d.clone(), unbounded()).unwrap();
             push(&q, n);
             delay_all(&q, |_| 1 << 50);
             let fastest = (0..5)
@@ -723,7 +778,7 @@ mod tests {
     #[test]
     fn a_torn_append_is_cut_and_later_appends_survive() {
         let d = dir("torn");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         push(&q, 2);
         drop(q);
         let log = segment_path(&d, 1, "log");
@@ -731,11 +786,11 @@ mod tests {
         // Half a frame, as a crash in the middle of a write leaves it.
         let mut f = OpenOptions::new().append(true).open(&log).unwrap();
         f.write_all(&[7, 0, 0, 0, 1, 2]).unwrap();
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         assert_eq!(fs::metadata(&log).unwrap().len(), len);
         push(&q, 1);
         drop(q);
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         assert_eq!(q.depth(), 3);
         let _ = fs::remove_dir_all(&d);
     }
@@ -743,7 +798,7 @@ mod tests {
     #[test]
     fn the_byte_cap_refuses_appends_and_done_segments_are_deleted() {
         let d = dir("cap");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         let body = vec![b'x'; 1 << 20];
         let one: Vec<(&str, &str, &[u8])> = vec![("", "r", &body)];
         for _ in 0..6 {

@@ -508,3 +508,100 @@ fn an_event_for_a_version_id_runs_that_version() {
         "ResourceNotFoundException",
     );
 }
+
+/// How many events the function `name` has queued (waiting, delayed or running).
+fn queued(s: &Server, name: &str) -> u64 {
+    let r = s.get(&format!("/functions/{name}/async/failed"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    v["queued"].as_u64().unwrap()
+}
+
+#[test]
+fn deleting_a_version_or_alias_drops_its_settings_and_queued_events() {
+    require_clients!();
+    // A failed run waits ten minutes for its retry: the events stay queued.
+    let s = Server::start(&["--async-retry-base-ms", "600000"]);
+    create(&s, "drop", &[]);
+    let v1 = aws_ok(&s, &["publish-version", "--function-name", "drop"]);
+    let v1_id = v1["RevisionId"].as_str().unwrap().to_string();
+    let alias = |verb: &str| {
+        aws_ok(
+            &s,
+            &[
+                verb,
+                "--function-name",
+                "drop",
+                "--name",
+                "live",
+                "--function-version",
+                "1",
+            ],
+        )
+    };
+    alias("create-alias");
+    let config = |qualifier: &str| {
+        [
+            "get-function-event-invoke-config",
+            "--function-name",
+            "drop",
+            "--qualifier",
+            qualifier,
+        ]
+        .map(str::to_string)
+    };
+    for qualifier in ["1", "live"] {
+        aws_ok(
+            &s,
+            &[
+                "put-function-event-invoke-config",
+                "--function-name",
+                "drop",
+                "--qualifier",
+                qualifier,
+                "--maximum-retry-attempts",
+                "2",
+            ],
+        );
+    }
+    assert_eq!(event(&s, "drop:1", r#"{"n": 1, "fail": true}"#).0, 202);
+    assert_eq!(event(&s, "drop:live", r#"{"n": 2, "fail": true}"#).0, 202);
+    wait_for(Duration::from_secs(30), "both events to fail once", || {
+        let log = logs(&s, &v1_id);
+        log.contains("event-start [1]") && log.contains("event-start [2]")
+    });
+    assert_eq!(queued(&s, "drop"), 2, "both wait for their retry");
+
+    // The alias goes with its settings and its event.
+    aws_ok(
+        &s,
+        &["delete-alias", "--function-name", "drop", "--name", "live"],
+    );
+    assert_eq!(queued(&s, "drop"), 1, "the alias's event stayed queued");
+    alias("create-alias");
+    let args = config("live");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    aws_err(&s, &args, "ResourceNotFoundException");
+
+    // So does the version: one published anew under its number inherits nothing.
+    aws_ok(
+        &s,
+        &["delete-alias", "--function-name", "drop", "--name", "live"],
+    );
+    aws_ok(
+        &s,
+        &[
+            "delete-function",
+            "--function-name",
+            "drop",
+            "--qualifier",
+            "1",
+        ],
+    );
+    assert_eq!(queued(&s, "drop"), 0, "the version's event stayed queued");
+    let again = aws_ok(&s, &["publish-version", "--function-name", "drop"]);
+    assert_eq!(again["Version"], "1", "{again}");
+    let args = config("1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    aws_err(&s, &args, "ResourceNotFoundException");
+}

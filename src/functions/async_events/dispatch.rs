@@ -238,6 +238,10 @@ impl AsyncEvents {
             record,
             ..
         } = job;
+        if !events.queue.is_running(pending.seq) {
+            // Dropped with its version or alias while it waited for this invoker.
+            return;
+        }
         let cfg = events.config(&record.qualifier).unwrap_or_default();
         let now = unix_time_ms();
         if too_old(&pending, &cfg, now) {
@@ -713,6 +717,7 @@ mod tests {
                 "r".into(),
                 b"{}".to_vec(),
                 done,
+                Box::new(|| true),
             );
             assert!(sent.is_ok());
         }

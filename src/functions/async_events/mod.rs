@@ -159,6 +159,10 @@ fn config_key(qualifier: &str) -> &str {
 /// What the engine hears back once an event is stored (or refused).
 pub type Accepted = Box<dyn FnOnce(Result<(), AppendError>) + Send>;
 
+/// Whether the version or alias an event names is still there (asked by the
+/// committer as it stores the event; see [`Queue::append_checked`]).
+pub type StillThere = Box<dyn Fn() -> bool + Send>;
+
 /// The committer has [`ACCEPT_PENDING_MAX`] events or
 /// [`ACCEPT_PENDING_BYTES_MAX`] bytes of payloads waiting already.
 #[derive(Debug)]
@@ -172,6 +176,7 @@ struct Submit {
     request_id: String,
     body: Vec<u8>,
     done: Accepted,
+    still_there: StillThere,
     /// The body's share of [`ACCEPT_PENDING_BYTES_MAX`], returned once the
     /// committer is done with the event (or it was refused).
     _held: Reservation,
@@ -321,6 +326,25 @@ impl AsyncEvents {
         self.queues.lock().unwrap().values().cloned().collect()
     }
 
+    /// Drops the settings and events of `qualifier` of the function `key`
+    /// (the version or alias was deleted), so that one published or made
+    /// anew under the same number or name starts with none; makes no queue.
+    pub fn drop_qualifier(&self, key: &str, qualifier: &str) -> io::Result<()> {
+        let Some(events) = self.get(key) else {
+            return Ok(());
+        };
+        let dropped = events.queue.drop_qualifier(qualifier);
+        if dropped > 0 {
+            eprintln!(
+                "hearth: async queue {key}: {dropped} event(s) of {qualifier} dropped with it"
+            );
+        }
+        if events.config(qualifier).is_some() {
+            events.edit_config(qualifier, |_| None)?;
+        }
+        Ok(())
+    }
+
     /// Drops the queue of `key` with its events and settings (its function was deleted).
     pub fn forget(&self, key: &str) {
         let q = self.queues.lock().unwrap().remove(key);
@@ -335,7 +359,8 @@ impl AsyncEvents {
     }
 
     /// Hands an event for `events` (from [`AsyncEvents::queue_for`]) to the
-    /// committer; `done` hears whether it was stored. Never blocks: with
+    /// committer; `done` hears whether it was stored (not when `still_there`
+    /// says its version or alias is gone as it is stored: [`AppendError::Removed`]). Never blocks: with
     /// [`ACCEPT_PENDING_MAX`] events or [`ACCEPT_PENDING_BYTES_MAX`] bytes of
     /// payloads waiting already, the event is refused at once ([`Backlogged`],
     /// and `done` is dropped).
@@ -346,6 +371,7 @@ impl AsyncEvents {
         request_id: String,
         body: Vec<u8>,
         done: Accepted,
+        still_there: StillThere,
     ) -> Result<(), Backlogged> {
         let held = self
             .pending_bytes
@@ -357,6 +383,7 @@ impl AsyncEvents {
             request_id,
             body,
             done,
+            still_there,
             _held: held,
         };
         match self.submit_tx.try_send(s) {
@@ -418,7 +445,11 @@ impl AsyncEvents {
                     )
                 })
                 .collect();
-            let results = q.queue.append(&items, now_ms, self.limits.queue_bytes_max);
+            let results =
+                q.queue
+                    .append_checked(&items, now_ms, self.limits.queue_bytes_max, |i| {
+                        (events[i].still_there)()
+                    });
             drop(items);
             for (s, r) in events.into_iter().zip(results) {
                 (s.done)(r);
@@ -509,6 +540,11 @@ mod tests {
         (d, events)
     }
 
+    /// A version or alias that is always there.
+    fn there() -> StillThere {
+        Box::new(|| true)
+    }
+
     /// Submits `{}` for `events`; the receiver hears whether it was stored.
     fn submit(ev: &AsyncEvents, events: Arc<FunctionEvents>) -> Receiver<Result<(), AppendError>> {
         submit_body(ev, events, b"{}".to_vec())
@@ -523,7 +559,7 @@ mod tests {
         let (tx, rx) = channel();
         let done = Box::new(move |r| tx.send(r).unwrap());
         assert!(ev
-            .submit(events, String::new(), "rid".into(), body, done)
+            .submit(events, String::new(), "rid".into(), body, done, there())
             .is_ok());
         rx
     }
@@ -615,7 +651,14 @@ mod tests {
         for _ in 0..fits {
             let (tx, rx) = channel();
             let done = Box::new(move |r| tx.send(r).unwrap());
-            let sent = ev.submit(q.clone(), String::new(), "r".into(), body.clone(), done);
+            let sent = ev.submit(
+                q.clone(),
+                String::new(),
+                "r".into(),
+                body.clone(),
+                done,
+                there(),
+            );
             assert!(sent.is_ok());
             answers.push(rx);
         }
@@ -625,6 +668,7 @@ mod tests {
             "r".into(),
             body.clone(),
             Box::new(|_| {}),
+            there(),
         );
         assert!(
             matches!(refused, Err(Backlogged)),
@@ -637,7 +681,8 @@ mod tests {
                 String::new(),
                 "r".into(),
                 Vec::new(),
-                Box::new(|_| {})
+                Box::new(|_| {}),
+                there(),
             )
             .is_ok());
         // Once the committer has stored them, their bytes are free again.
@@ -646,6 +691,78 @@ mod tests {
         let rx = submit(&ev, q);
         commit_waiting(&ev);
         assert!(rx.recv().unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_deleted_versions_settings_and_events_go_with_it() {
+        let (d, ev) = open("drop-version");
+        // Dropping a qualifier of a function without a queue makes none.
+        ev.drop_qualifier("f", "1").unwrap();
+        assert!(ev.get("f").is_none() && !d.join("f").exists());
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let setting = |retries_max| {
+            Some(EventConfig {
+                retries_max,
+                ..EventConfig::default()
+            })
+        };
+        q.edit_config("1", |_| setting(0)).unwrap();
+        q.edit_config("", |_| setting(1)).unwrap();
+        let (tx, rx) = channel();
+        for qualifier in ["1", "1", ""] {
+            let tx = tx.clone();
+            let done = Box::new(move |r| tx.send(r).unwrap());
+            let sent = ev.submit(
+                q.clone(),
+                qualifier.into(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+                there(),
+            );
+            assert!(sent.is_ok());
+        }
+        commit_waiting(&ev);
+        assert!(rx.try_iter().all(|r| r.is_ok()));
+        ev.drop_qualifier("f", "1").unwrap();
+        assert_eq!(q.config("1"), None);
+        assert_eq!(q.config(""), setting(1));
+        assert_eq!(q.queue.depth(), 1, "only the unqualified event is left");
+        // Settings dropped durably: a restart does not bring them back.
+        drop((q, ev));
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let ev = AsyncEvents::open(&d, limits, |_| true).unwrap();
+        let q = ev.get("f").unwrap();
+        assert_eq!((q.config("1"), q.queue.depth()), (None, 1));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_event_whose_version_is_deleted_before_it_is_stored_is_refused() {
+        let (d, ev) = open("drop-before-stored");
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let (tx, rx) = channel();
+        let done = Box::new(move |r| tx.send(r).unwrap());
+        let gone = Box::new(|| false);
+        assert!(ev
+            .submit(
+                q.clone(),
+                "1".into(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+                gone
+            )
+            .is_ok());
+        commit_waiting(&ev);
+        assert!(matches!(rx.recv().unwrap(), Err(AppendError::Removed)));
+        assert_eq!(q.queue.depth(), 0);
         let _ = std::fs::remove_dir_all(&d);
     }
 

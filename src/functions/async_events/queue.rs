@@ -9,11 +9,16 @@
 //! Each event is charged its frame and room for its ack record, against the
 //! queue's own cap and the server-wide [`Budget`] of every queue and failure
 //! store (`--async-disk-max-mb`), before anything of it is written; the charge
-//! is returned when its segment is deleted. Appends are fsynced before the client hears 202; acks are
+//! is returned when its segment is deleted.
+//!
+//! Deleting a version or alias drops its events ([`Queue::drop_qualifier`]):
+//! those waiting, those being stored and those running are acked at once, so
+//! none of them runs on a version published anew under the same number (or
+//! an alias made again under the name). Appends are fsynced before the client hears 202; acks are
 //! not (a lost ack only runs an event again: delivery is at least once).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -54,6 +59,8 @@ pub struct QueueMetrics {
 #[derive(Clone, Debug)]
 pub struct Pending {
     pub seq: u64,
+    /// The version or alias it invokes ("" for the unqualified function).
+    pub qualifier: Arc<str>,
     /// Its segment and the offset of its frame there.
     segment: u64,
     offset: u64,
@@ -89,7 +96,14 @@ struct State {
     /// Events waiting for their `not_before_ms`, the earliest due on top: a
     /// `take` with nothing due costs one look at the top, not a pass over all.
     delayed: BinaryHeap<Reverse<Delayed>>,
-    inflight: usize,
+    /// Events taken and not yet finished, by seq.
+    running: HashMap<u64, Pending>,
+    /// Events written by an append that is syncing them (the lock is not
+    /// held meanwhile), not yet ready.
+    storing: Vec<Pending>,
+    /// Those of `storing` a [`Queue::drop_qualifier`] acked: their append
+    /// does not make them ready.
+    dropped_while_storing: Vec<u64>,
     /// The directory exists, durably (a new queue makes it with its first segment).
     dir_made: bool,
 }
@@ -206,7 +220,9 @@ impl Queue {
                 bytes: 0,
                 ready: VecDeque::new(),
                 delayed: BinaryHeap::new(),
-                inflight: 0,
+                running: HashMap::new(),
+                storing: Vec::new(),
+                dropped_while_storing: Vec::new(),
                 dir_made: false,
             }),
             removed: AtomicBool::new(false),
@@ -251,10 +267,13 @@ impl Queue {
             bytes: 0,
             ready: VecDeque::new(),
             delayed: BinaryHeap::new(),
-            inflight: 0,
+            running: HashMap::new(),
+            storing: Vec::new(),
+            dropped_while_storing: Vec::new(),
             dir_made: true,
         };
         let last = numbers.last().copied();
+        let mut qualifiers: HashMap<String, Arc<str>> = HashMap::new();
         for n in numbers {
             let log_path = segment_path(&dir, n, "log");
             let ack_path = segment_path(&dir, n, "ack");
@@ -282,8 +301,13 @@ impl Queue {
                     continue;
                 }
                 live += 1;
+                let qualifier = qualifiers
+                    .entry(e.qualifier)
+                    .or_insert_with_key(|q| Arc::from(q.as_str()))
+                    .clone();
                 st.ready.push_back(Pending {
                     seq: e.seq,
+                    qualifier,
                     segment: n,
                     offset: offset as u64,
                     payload_bytes: payload.len() as u32,
@@ -346,6 +370,20 @@ impl Queue {
         now_ms: u64,
         bytes_max: u64,
     ) -> Vec<Result<(), AppendError>> {
+        self.append_checked(events, now_ms, bytes_max, |_| true)
+    }
+
+    /// [`Queue::append`], refusing ([`AppendError::Removed`]) each event `i`
+    /// whose target is gone: `still_there(i)` is asked under the lock
+    /// [`Queue::drop_qualifier`] takes, so an event is either refused or
+    /// stored before its version or alias is dropped (and dropped with it).
+    pub fn append_checked(
+        &self,
+        events: &[(&str, &str, &[u8])],
+        now_ms: u64,
+        bytes_max: u64,
+        still_there: impl Fn(usize) -> bool,
+    ) -> Vec<Result<(), AppendError>> {
         let mut out: Vec<Result<(), AppendError>> = Vec::with_capacity(events.len());
         let mut written: Vec<Pending> = Vec::new();
         let mut to_sync: Vec<Arc<File>> = Vec::new();
@@ -357,7 +395,12 @@ impl Queue {
             // (segment, its length before, buffer, events in it, bytes charged for them)
             let mut buffers: Vec<(u64, u64, Vec<u8>, usize, u64)> = Vec::new();
             let mut payload = Vec::new();
-            for &(qualifier, request_id, body) in events {
+            let mut qualifier_arc: Option<Arc<str>> = None;
+            for (i, &(qualifier, request_id, body)) in events.iter().enumerate() {
+                if !still_there(i) {
+                    out.push(Err(AppendError::Removed));
+                    continue;
+                }
                 payload.clear();
                 let seq = st.next_seq;
                 EventRecord {
@@ -402,8 +445,12 @@ impl Queue {
                 seg.live += 1;
                 st.bytes += charge;
                 st.next_seq += 1;
+                if qualifier_arc.as_deref() != Some(qualifier) {
+                    qualifier_arc = Some(Arc::from(qualifier));
+                }
                 written.push(Pending {
                     seq,
+                    qualifier: qualifier_arc.clone().expect("set"),
                     segment,
                     offset,
                     payload_bytes: payload.len() as u32,
@@ -431,17 +478,30 @@ impl Queue {
                 }
                 to_sync.push(seg.log.clone());
             }
+            st.storing.extend(written.iter().cloned());
         }
-        for f in &to_sync {
-            if let Err(e) = f.sync_data() {
-                return self.fail_batch(events.len(), e);
-            }
-        }
+        let synced = to_sync.iter().try_for_each(|f| f.sync_data());
         let mut st = self.state.lock().unwrap();
+        let mine: BTreeSet<u64> = written.iter().map(|p| p.seq).collect();
+        st.storing.retain(|p| !mine.contains(&p.seq));
+        // Those a drop took meanwhile are acked already.
+        let mut taken = BTreeSet::new();
+        st.dropped_while_storing.retain(|seq| {
+            let is_mine = mine.contains(seq);
+            if is_mine {
+                taken.insert(*seq);
+            }
+            !is_mine
+        });
+        if let Err(e) = synced {
+            drop(st);
+            return self.fail_batch(events.len(), e);
+        }
         self.metrics
             .accepted
             .fetch_add(written.len() as u64, Ordering::Relaxed);
-        st.ready.extend(written);
+        st.ready
+            .extend(written.into_iter().filter(|p| !taken.contains(&p.seq)));
         self.publish_depth(&st);
         out
     }
@@ -515,7 +575,7 @@ impl Queue {
     /// reads it from its segment. The caller must [`Queue::finish`] it.
     pub fn take(&self, now_ms: u64, share: usize) -> Option<(Pending, EventRecord)> {
         let mut st = self.state.lock().unwrap();
-        if st.inflight >= share || self.removed.load(Ordering::Acquire) {
+        if st.running.len() >= share || self.removed.load(Ordering::Acquire) {
             return None;
         }
         // Due events join the ready ones (behind them), earliest due first.
@@ -538,7 +598,7 @@ impl Queue {
                 .and_then(|payload| EventRecord::decode(&payload));
             match record {
                 Some(r) => {
-                    st.inflight += 1;
+                    st.running.insert(p.seq, p.clone());
                     return Some((p, r));
                 }
                 None => {
@@ -568,22 +628,79 @@ impl Queue {
                 .is_some_and(|Reverse(d)| d.0.not_before_ms <= now_ms)
     }
 
-    /// A taken event is done with: acked (it ran, or was given up and kept).
+    /// A taken event is done with: acked (it ran, or was given up and kept),
+    /// unless a drop acked it already.
     pub fn finish_ack(&self, p: &Pending) {
         let mut st = self.state.lock().unwrap();
-        st.inflight -= 1;
-        self.ack_locked(&mut st, p);
+        if st.running.remove(&p.seq).is_some() {
+            self.ack_locked(&mut st, p);
+        }
         self.publish_depth(&st);
     }
 
-    /// A taken event goes back to wait until `p.not_before_ms`.
+    /// A taken event goes back to wait until `p.not_before_ms`, unless a drop
+    /// acked it meanwhile.
     pub fn finish_later(&self, p: Pending) {
         let mut st = self.state.lock().unwrap();
-        st.inflight -= 1;
-        if !self.removed.load(Ordering::Acquire) {
+        if st.running.remove(&p.seq).is_some() && !self.removed.load(Ordering::Acquire) {
             st.delayed.push(Reverse(Delayed(p)));
         }
         self.publish_depth(&st);
+    }
+
+    /// True while the event `seq` is taken and not dropped: its run may start.
+    pub fn is_running(&self, seq: u64) -> bool {
+        self.state.lock().unwrap().running.contains_key(&seq)
+    }
+
+    /// Drops every event of `qualifier` (its version or alias was deleted):
+    /// those waiting, running or being stored are acked, durably, and none
+    /// of them runs again (a run under way finishes; its outcome is not
+    /// acted on). Returns how many were dropped.
+    pub fn drop_qualifier(&self, qualifier: &str) -> usize {
+        let mut st = self.state.lock().unwrap();
+        if self.removed.load(Ordering::Acquire) {
+            return 0;
+        }
+        let of = |p: &Pending| &*p.qualifier == qualifier;
+        let mut gone: Vec<Pending> = Vec::new();
+        let ready = std::mem::take(&mut st.ready);
+        let (out, keep): (VecDeque<_>, VecDeque<_>) = ready.into_iter().partition(of);
+        st.ready = keep;
+        gone.extend(out);
+        let delayed = std::mem::take(&mut st.delayed).into_vec();
+        let (out, keep): (Vec<_>, Vec<_>) = delayed.into_iter().partition(|d| of(&d.0 .0));
+        st.delayed = keep.into();
+        gone.extend(out.into_iter().map(|d| d.0 .0));
+        let running: Vec<u64> = st
+            .running
+            .values()
+            .filter(|p| of(p))
+            .map(|p| p.seq)
+            .collect();
+        for seq in running {
+            gone.extend(st.running.remove(&seq));
+        }
+        let storing: Vec<Pending> = st.storing.iter().filter(|p| of(p)).cloned().collect();
+        st.dropped_while_storing
+            .extend(storing.iter().map(|p| p.seq));
+        gone.extend(storing);
+        for p in &gone {
+            self.ack_locked(&mut st, p);
+        }
+        // Durably: after a crash none of them runs on a version published anew.
+        for seg in st.segments.values() {
+            if let Some(f) = &seg.ack {
+                if let Err(e) = f.sync_data() {
+                    eprintln!("hearth: async queue {}: cannot sync acks: {e}", self.key);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            let _ = File::open(&self.dir).and_then(|d| d.sync_all());
+        }
+        self.publish_depth(&st);
+        gone.len()
     }
 
     fn ack_locked(&self, st: &mut State, p: &Pending) {
@@ -617,7 +734,7 @@ impl Queue {
     }
 
     fn publish_depth(&self, st: &State) {
-        let depth = st.ready.len() + st.delayed.len() + st.inflight;
+        let depth = st.ready.len() + st.delayed.len() + st.running.len();
         self.metrics.depth.store(depth as u64, Ordering::Relaxed);
     }
 
@@ -638,6 +755,7 @@ impl Queue {
         self.removed.store(true, Ordering::Release);
         st.ready.clear();
         st.delayed.clear();
+        st.running.clear();
         st.segments.clear();
         self.disk.give(std::mem::take(&mut st.bytes));
         self.publish_depth(&st);
@@ -711,6 +829,54 @@ mod tests {
             p.not_before_ms = not_before_ms(p.seq);
             q.finish_later(p);
         }
+    }
+
+    #[test]
+    fn dropping_a_qualifier_acks_its_waiting_and_running_events_for_good() {
+        let d = dir("drop");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        let events: Vec<(&str, &str, &[u8])> = vec![
+            ("1", "running", b"{}"),
+            ("1", "delayed", b"{}"),
+            ("live", "other", b"{}"),
+            ("1", "ready", b"{}"),
+            ("", "latest", b"{}"),
+        ];
+        assert!(q.append(&events, 1, u64::MAX).iter().all(Result::is_ok));
+        let (running, _) = q.take(0, usize::MAX).unwrap();
+        let (mut delayed, _) = q.take(0, usize::MAX).unwrap();
+        delayed.not_before_ms = 1 << 50;
+        q.finish_later(delayed);
+        assert_eq!(q.drop_qualifier("1"), 3);
+        assert_eq!(q.depth(), 2);
+        assert!(!q.is_running(running.seq), "its run must not start");
+        // The run under way ends; it is not queued again.
+        q.finish_later(running.clone());
+        q.finish_ack(&running);
+        assert_eq!(q.depth(), 2);
+        let left = |q: &Queue| -> Vec<String> {
+            std::iter::from_fn(|| q.take(u64::MAX, usize::MAX))
+                .map(|(_, r)| r.request_id)
+                .collect()
+        };
+        assert_eq!(left(&q), ["other", "latest"]);
+        drop(q);
+        // Nor after a restart.
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        assert_eq!(left(&q), ["other", "latest"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_event_whose_target_is_gone_as_it_is_stored_is_refused() {
+        let d = dir("gone");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        let events: Vec<(&str, &str, &[u8])> = vec![("1", "a", b"{}"), ("2", "b", b"{}")];
+        let out = q.append_checked(&events, 1, u64::MAX, |i| i == 1);
+        assert!(matches!(out[0], Err(AppendError::Removed)));
+        assert!(out[1].is_ok());
+        assert_eq!(q.depth(), 1);
+        let _ = fs::remove_dir_all(&d);
     }
 
     #[test]

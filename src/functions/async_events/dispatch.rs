@@ -317,7 +317,7 @@ impl AsyncEvents {
                     );
                 }
                 m.retried.fetch_add(1, Ordering::Relaxed);
-                events.queue.finish_later(pending);
+                events.queue.finish_retry(pending);
             }
         }
     }

@@ -11,6 +11,13 @@
 //! store (`--async-disk-max-mb`), before anything of it is written; the charge
 //! is returned when its segment is deleted.
 //!
+//! A failed run to be retried appends a [`RetryRecord`] (attempts, when due)
+//! to the ack file, so a restart keeps the count and the backoff (at most
+//! [`RETRIES_MAX`] per event, room charged with the event). Runs put off
+//! without using an attempt (throttled, service errors) are not recorded:
+//! one event may be put off thousands of times, and forgetting it only
+//! restarts its short backoff; its age is kept in its event record.
+//!
 //! Deleting a version or alias drops its events ([`Queue::drop_qualifier`]):
 //! those waiting, those being stored and those running are acked at once, so
 //! none of them runs on a version published anew under the same number (or
@@ -26,7 +33,8 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::log::{self, AckRecord, EventRecord, FRAME_HEAD_BYTES};
+use super::config::RETRIES_MAX;
+use super::log::{self, AckRecord, EventRecord, RetryRecord, FRAME_HEAD_BYTES};
 use crate::functions::budget::Budget;
 
 /// A segment is closed to appends past this size (it is deleted once all its
@@ -37,8 +45,10 @@ pub const SEGMENT_BYTES_MAX: u64 = 4 << 20;
 /// smaller one stays, sparing a queue that drains event by event a new file
 /// (and a directory fsync) per event.
 pub const SEGMENT_IDLE_KEPT_BYTES: u64 = 64 << 10;
-/// Bytes charged per event beyond its frame: its ack record in the ack file.
-pub const ACK_ROOM_BYTES: u64 = (FRAME_HEAD_BYTES + 8) as u64;
+/// Bytes charged per event beyond its frame: its ack record and up to
+/// [`RETRIES_MAX`] retry records in the ack file.
+pub const ACK_ROOM_BYTES: u64 =
+    (FRAME_HEAD_BYTES + 8 + RETRIES_MAX as usize * (FRAME_HEAD_BYTES + RetryRecord::BYTES)) as u64;
 
 /// Counters and gauges of one queue (`/metrics`).
 #[derive(Default)]
@@ -278,17 +288,18 @@ impl Queue {
             let log_path = segment_path(&dir, n, "log");
             let ack_path = segment_path(&dir, n, "ack");
             let bytes = read_trimmed(&log_path)?;
-            let acked: std::collections::HashSet<u64> = if ack_path.exists() {
+            let mut acked = std::collections::HashSet::new();
+            let mut retries: HashMap<u64, RetryRecord> = HashMap::new();
+            if ack_path.exists() {
                 let acks = read_trimmed(&ack_path)?;
-                log::frames(&acks)
-                    .0
-                    .iter()
-                    .filter_map(|(_, p)| AckRecord::decode(p))
-                    .map(|a| a.seq)
-                    .collect()
-            } else {
-                Default::default()
-            };
+                for (_, p) in log::frames(&acks).0 {
+                    if let Some(a) = AckRecord::decode(p) {
+                        acked.insert(a.seq);
+                    } else if let Some(r) = RetryRecord::decode(p) {
+                        retries.insert(r.seq, r);
+                    }
+                }
+            }
             let mut live = 0;
             let frames = log::frames(&bytes).0;
             let charged = bytes.len() as u64 + frames.len() as u64 * ACK_ROOM_BYTES;
@@ -305,17 +316,22 @@ impl Queue {
                     .entry(e.qualifier)
                     .or_insert_with_key(|q| Arc::from(q.as_str()))
                     .clone();
-                st.ready.push_back(Pending {
+                let retry = retries.get(&e.seq);
+                let p = Pending {
                     seq: e.seq,
                     qualifier,
                     segment: n,
                     offset: offset as u64,
                     payload_bytes: payload.len() as u32,
                     accepted_ms: e.accepted_ms,
-                    attempts: 0,
-                    not_before_ms: 0,
+                    attempts: retry.map_or(0, |r| r.attempts),
+                    not_before_ms: retry.map_or(0, |r| r.not_before_ms),
                     deferrals: 0,
-                });
+                };
+                match retry {
+                    Some(_) => st.delayed.push(Reverse(Delayed(p))),
+                    None => st.ready.push_back(p),
+                }
             }
             if live == 0 && (Some(n) != last || bytes.len() as u64 >= SEGMENT_IDLE_KEPT_BYTES) {
                 fs::remove_file(&log_path)?;
@@ -339,16 +355,16 @@ impl Queue {
                 },
             );
         }
-        if !st.ready.is_empty() {
+        let recovered = st.ready.len() + st.delayed.len();
+        if recovered > 0 {
             eprintln!(
-                "hearth: async queue {key}: {} event(s) to run from before the restart",
-                st.ready.len()
+                "hearth: async queue {key}: {recovered} event(s) to run from before the restart \
+                 ({} waiting for a retry)",
+                st.delayed.len()
             );
         }
         let metrics = QueueMetrics::default();
-        metrics
-            .depth
-            .store(st.ready.len() as u64, Ordering::Relaxed);
+        metrics.depth.store(recovered as u64, Ordering::Relaxed);
         disk.take_over(st.bytes);
         Ok(Queue {
             key: key.to_string(),
@@ -648,6 +664,28 @@ impl Queue {
         self.publish_depth(&st);
     }
 
+    /// A taken event whose run failed goes back to wait until
+    /// `p.not_before_ms`, and its attempts and due time are recorded for a
+    /// restart (unless a drop acked it meanwhile).
+    pub fn finish_retry(&self, p: Pending) {
+        let mut st = self.state.lock().unwrap();
+        if st.running.remove(&p.seq).is_none() || self.removed.load(Ordering::Acquire) {
+            return;
+        }
+        // Only RETRIES_MAX records were charged for; settings edited on disk
+        // beyond it may retry more, unrecorded.
+        if p.attempts <= RETRIES_MAX {
+            let record = RetryRecord {
+                seq: p.seq,
+                attempts: p.attempts,
+                not_before_ms: p.not_before_ms,
+            };
+            self.write_ack_file(&mut st, p.segment, &record.encode());
+        }
+        st.delayed.push(Reverse(Delayed(p)));
+        self.publish_depth(&st);
+    }
+
     /// True while the event `seq` is taken and not dropped: its run may start.
     pub fn is_running(&self, seq: u64) -> bool {
         self.state.lock().unwrap().running.contains_key(&seq)
@@ -708,13 +746,27 @@ impl Queue {
             return;
         }
         let last = st.segments.keys().next_back().copied();
-        let Some(seg) = st.segments.get_mut(&p.segment) else {
+        if !st.segments.contains_key(&p.segment) {
+            return;
+        }
+        self.write_ack_file(st, p.segment, &AckRecord { seq: p.seq }.encode());
+        let seg = st.segments.get_mut(&p.segment).expect("checked");
+        seg.live -= 1;
+        if seg.live == 0 && (Some(p.segment) != last || seg.bytes >= SEGMENT_IDLE_KEPT_BYTES) {
+            self.delete_segment(st, p.segment);
+        }
+    }
+
+    /// Appends one record to the ack file of `segment` (not synced: a lost
+    /// record only runs an event again, or sooner).
+    fn write_ack_file(&self, st: &mut State, segment: u64, payload: &[u8]) {
+        let Some(seg) = st.segments.get_mut(&segment) else {
             return;
         };
-        let mut buf = Vec::with_capacity(16);
-        log::frame(&mut buf, &AckRecord { seq: p.seq }.encode());
+        let mut buf = Vec::with_capacity(FRAME_HEAD_BYTES + payload.len());
+        log::frame(&mut buf, payload);
         if seg.ack.is_none() {
-            match open_append(&segment_path(&self.dir, p.segment, "ack")) {
+            match open_append(&segment_path(&self.dir, segment, "ack")) {
                 Ok(f) => seg.ack = Some(f),
                 Err(e) => eprintln!(
                     "hearth: async queue {}: cannot open an ack file: {e}",
@@ -724,12 +776,11 @@ impl Queue {
         }
         if let Some(f) = &mut seg.ack {
             if let Err(e) = f.write_all(&buf) {
-                eprintln!("hearth: async queue {}: cannot write an ack: {e}", self.key);
+                eprintln!(
+                    "hearth: async queue {}: cannot write to an ack file: {e}",
+                    self.key
+                );
             }
-        }
-        seg.live -= 1;
-        if seg.live == 0 && (Some(p.segment) != last || seg.bytes >= SEGMENT_IDLE_KEPT_BYTES) {
-            self.delete_segment(st, p.segment);
         }
     }
 
@@ -864,6 +915,32 @@ mod tests {
         // Nor after a restart.
         let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         assert_eq!(left(&q), ["other", "latest"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_retry_keeps_its_attempts_and_its_wait_across_a_restart() {
+        let d = dir("retry");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 2);
+        let (mut failed, _) = q.take(0, usize::MAX).unwrap();
+        failed.attempts = 1;
+        failed.not_before_ms = 1 << 50;
+        q.finish_retry(failed.clone());
+        // Put off without using an attempt: not recorded.
+        let (mut throttled, _) = q.take(0, usize::MAX).unwrap();
+        throttled.deferrals = 3;
+        throttled.not_before_ms = 1 << 51;
+        q.finish_later(throttled.clone());
+        drop(q);
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        assert_eq!(q.depth(), 2);
+        let (p, _) = q.take(1000, usize::MAX).unwrap();
+        assert_eq!((p.seq, p.attempts, p.deferrals), (throttled.seq, 0, 0));
+        assert!(q.take(1000, usize::MAX).is_none(), "the retry ran early");
+        assert_eq!(q.next_due_ms(), Some(1 << 50));
+        let (p, _) = q.take(1 << 50, usize::MAX).unwrap();
+        assert_eq!((p.seq, p.attempts), (failed.seq, 1));
         let _ = fs::remove_dir_all(&d);
     }
 

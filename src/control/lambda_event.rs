@@ -143,6 +143,9 @@ pub(super) fn accept(
                 "the server's disk for asynchronous events (all functions' queues and failed events) \
                  holds its limit of {bytes_max} bytes; retry later"
             )),
+            Err(AppendError::TooManyQueued { events_max }) => too_many(&format!(
+                "the server holds its limit of {events_max} queued asynchronous events; retry later"
+            )),
             Err(AppendError::Removed) => not_found(&key_name),
             Err(AppendError::Io(e)) => lambda_error(
                 500,

@@ -332,6 +332,10 @@ impl AsyncEvents {
         error: Value,
         webhook: Option<&SyncSender<Value>>,
     ) {
+        if !events.queue.is_running(pending.seq) {
+            // Dropped with its version or alias while it ran: no failure to keep.
+            return;
+        }
         let payload = match std::str::from_utf8(&record.body) {
             Ok(s) => json!(s),
             Err(_) => {

@@ -30,7 +30,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use config::{Configs, EventConfig};
 use failed::FailedStore;
-use queue::{AppendError, Queue};
+use queue::{AppendError, Charges, Queue, QUEUED_EVENTS_MAX};
 
 use crate::functions::budget::{Budget, Reservation};
 
@@ -74,7 +74,7 @@ pub struct FunctionEvents {
 impl FunctionEvents {
     /// Opens the queue a previous run left in `dir`. Settings that cannot be
     /// parsed are set aside (`config.json.unreadable`) for the defaults.
-    fn open(key: &str, dir: PathBuf, disk: &Arc<Budget>) -> io::Result<FunctionEvents> {
+    fn open(key: &str, dir: PathBuf, charges: &Charges) -> io::Result<FunctionEvents> {
         let configs = match config::load(&dir) {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let aside = dir.join("config.json.unreadable");
@@ -88,8 +88,8 @@ impl FunctionEvents {
             }
             loaded => loaded?,
         };
-        let queue = Queue::open(key, dir, disk.clone())?;
-        let failed = FailedStore::open(&queue.dir, disk.clone())?;
+        let queue = Queue::open(key, dir, charges.clone())?;
+        let failed = FailedStore::open(&queue.dir, charges.disk.clone())?;
         Ok(FunctionEvents {
             queue,
             configs: Mutex::new(configs),
@@ -99,10 +99,10 @@ impl FunctionEvents {
 
     /// A new, empty queue for `dir`, which does not exist: nothing is read or
     /// written until its first event or setting is stored.
-    fn new(key: &str, dir: PathBuf, disk: &Arc<Budget>) -> FunctionEvents {
+    fn new(key: &str, dir: PathBuf, charges: &Charges) -> FunctionEvents {
         FunctionEvents {
-            failed: Mutex::new(FailedStore::new(&dir, disk.clone())),
-            queue: Queue::new(key, dir, disk.clone()),
+            failed: Mutex::new(FailedStore::new(&dir, charges.disk.clone())),
+            queue: Queue::new(key, dir, charges.clone()),
             configs: Mutex::new(Configs::new()),
         }
     }
@@ -196,8 +196,9 @@ pub struct AsyncEvents {
     submit_rx: Mutex<Option<Receiver<Submit>>>,
     /// Payload bytes in the committer's channel ([`ACCEPT_PENDING_BYTES_MAX`]).
     pending_bytes: Arc<Budget>,
-    /// Bytes of every queue's segments and every failure store (`--async-disk-max-mb`).
-    disk: Arc<Budget>,
+    /// Bytes of every queue's segments and every failure store
+    /// (`--async-disk-max-mb`), and events of every queue not yet acked.
+    charges: Charges,
     /// Wakes the dispatcher (new events, a run finished).
     wake: OnceLock<dispatch::Waker>,
 }
@@ -244,7 +245,11 @@ impl AsyncEvents {
         exists: impl Fn(&str) -> bool,
     ) -> io::Result<AsyncEvents> {
         std::fs::create_dir_all(dir)?;
-        let disk = Budget::new("asynchronous event disk", "bytes", limits.disk_bytes_max);
+        let charges = Charges {
+            disk: Budget::new("asynchronous event disk", "bytes", limits.disk_bytes_max),
+            events: Budget::new("queued asynchronous events", "events", QUEUED_EVENTS_MAX),
+        };
+        let disk = &charges.disk;
         let mut queues = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = match entry {
@@ -260,7 +265,7 @@ impl AsyncEvents {
                 let _ = std::fs::remove_dir_all(entry.path());
                 continue;
             }
-            match FunctionEvents::open(&key, entry.path(), &disk) {
+            match FunctionEvents::open(&key, entry.path(), &charges) {
                 Ok(q) => {
                     queues.insert(key, Arc::new(q));
                 }
@@ -283,7 +288,7 @@ impl AsyncEvents {
             submit_tx,
             submit_rx: Mutex::new(Some(submit_rx)),
             pending_bytes: Budget::new("async accept backlog", "bytes", ACCEPT_PENDING_BYTES_MAX),
-            disk,
+            charges,
             wake: OnceLock::new(),
         })
     }
@@ -310,9 +315,9 @@ impl AsyncEvents {
         if !exists() {
             return Ok(None);
         }
-        let q = queues
-            .entry(key.to_string())
-            .or_insert_with(|| Arc::new(FunctionEvents::new(key, self.dir.join(key), &self.disk)));
+        let q = queues.entry(key.to_string()).or_insert_with(|| {
+            Arc::new(FunctionEvents::new(key, self.dir.join(key), &self.charges))
+        });
         Ok(Some(q.clone()))
     }
 
@@ -793,8 +798,11 @@ mod tests {
         std::fs::write(d.join("bad-config/config.json"), "not json").unwrap();
         // A segment that cannot be read (a directory in its place).
         std::fs::create_dir_all(d.join("bad-segment/seg-0000000000000001.log")).unwrap();
-        let disk = Budget::new("async event disk", "bytes", u64::MAX);
-        let ok = Queue::open("ok", d.join("ok"), disk).unwrap();
+        let charges = Charges {
+            disk: Budget::new("async event disk", "bytes", u64::MAX),
+            events: Budget::new("queued async events", "events", u64::MAX),
+        };
+        let ok = Queue::open("ok", d.join("ok"), charges).unwrap();
         assert!(ok.append(&[("", "r", b"{}")], 1, u64::MAX)[0].is_ok());
         drop(ok);
         let limits = AsyncLimits {

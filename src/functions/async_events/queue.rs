@@ -4,12 +4,17 @@
 //!
 //! An event is acked once it ran or was given up (and kept as failed); a
 //! segment whose events are all acked is deleted, unless it is the one being
-//! appended to and smaller than [`SEGMENT_IDLE_KEPT_BYTES`].
+//! appended to and smaller than [`SEGMENT_IDLE_KEPT_BYTES`]. Appends are
+//! fsynced before the client hears 202; acks are not (a lost ack only runs an
+//! event again: delivery is at least once).
 //!
-//! Each event is charged its frame and room for its ack record, against the
+//! Each event is charged its frame and room for its ack and retry records, against the
 //! queue's own cap and the server-wide [`Budget`] of every queue and failure
 //! store (`--async-disk-max-mb`), before anything of it is written; the charge
-//! is returned when its segment is deleted.
+//! is returned when its segment is deleted. Each event not yet acked also
+//! counts against the server-wide [`QUEUED_EVENTS_MAX`]: its position is held
+//! in memory, and with tiny events the disk cap alone would allow tens of
+//! millions of them.
 //!
 //! A failed run to be retried appends a [`RetryRecord`] (attempts, when due)
 //! to the ack file, so a restart keeps the count and the backoff (at most
@@ -21,8 +26,7 @@
 //! Deleting a version or alias drops its events ([`Queue::drop_qualifier`]):
 //! those waiting, those being stored and those running are acked at once, so
 //! none of them runs on a version published anew under the same number (or
-//! an alias made again under the name). Appends are fsynced before the client hears 202; acks are
-//! not (a lost ack only runs an event again: delivery is at least once).
+//! an alias made again under the name).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -49,6 +53,21 @@ pub const SEGMENT_IDLE_KEPT_BYTES: u64 = 64 << 10;
 /// [`RETRIES_MAX`] retry records in the ack file.
 pub const ACK_ROOM_BYTES: u64 =
     (FRAME_HEAD_BYTES + 8 + RETRIES_MAX as usize * (FRAME_HEAD_BYTES + RetryRecord::BYTES)) as u64;
+
+/// Events not yet acked, all queues together: each is a [`Pending`] in memory
+/// (about 100 bytes), so this bounds that memory (to about 100 MiB) where
+/// the disk cap would not for small events.
+pub const QUEUED_EVENTS_MAX: u64 = 1 << 20;
+
+/// The server-wide budgets every queue is charged to.
+#[derive(Clone, Debug)]
+pub struct Charges {
+    /// Bytes of segment files and room for their acks (`--async-disk-max-mb`),
+    /// shared with the failure stores.
+    pub disk: Arc<Budget>,
+    /// Events not yet acked ([`QUEUED_EVENTS_MAX`]).
+    pub events: Arc<Budget>,
+}
 
 /// Counters and gauges of one queue (`/metrics`).
 #[derive(Default)]
@@ -156,6 +175,8 @@ pub enum AppendError {
     /// The queues and failure stores of all functions hold the server's cap
     /// (`--async-disk-max-mb`) already.
     DiskFull { bytes_max: u64 },
+    /// All queues together hold [`QUEUED_EVENTS_MAX`] events already.
+    TooManyQueued { events_max: u64 },
     /// The queue was removed with its function.
     Removed,
     /// Writing or syncing failed.
@@ -172,8 +193,15 @@ pub struct Queue {
     removed: AtomicBool,
     /// The server-wide disk budget its segments are charged to.
     disk: Arc<Budget>,
+    /// The server-wide count its events not yet acked are charged to.
+    events: Arc<Budget>,
     /// Its counters.
     pub metrics: QueueMetrics,
+}
+
+/// Events of `st` not acked.
+fn live_events(st: &State) -> u64 {
+    st.segments.values().map(|s| s.live as u64).sum()
 }
 
 fn segment_path(dir: &Path, n: u64, ext: &str) -> PathBuf {
@@ -219,7 +247,7 @@ fn make_dir(dir: &Path) -> io::Result<()> {
 impl Queue {
     /// A new, empty queue for `dir`, which does not exist yet: it is made
     /// with the first segment, so making the queue touches no disk.
-    pub fn new(key: &str, dir: PathBuf, disk: Arc<Budget>) -> Queue {
+    pub fn new(key: &str, dir: PathBuf, charges: Charges) -> Queue {
         Queue {
             key: key.to_string(),
             dir,
@@ -236,15 +264,16 @@ impl Queue {
                 dir_made: false,
             }),
             removed: AtomicBool::new(false),
-            disk,
+            disk: charges.disk,
+            events: charges.events,
             metrics: QueueMetrics::default(),
         }
     }
 
     /// Opens (creating) the queue in `dir`, recovering what a previous run left:
     /// torn tails are cut, acked events dropped, fully acked old segments deleted.
-    /// What it keeps is charged to `disk` even beyond its ceiling.
-    pub fn open(key: &str, dir: PathBuf, disk: Arc<Budget>) -> io::Result<Queue> {
+    /// What it keeps is charged to `charges` even beyond their ceilings.
+    pub fn open(key: &str, dir: PathBuf, charges: Charges) -> io::Result<Queue> {
         if !dir.is_dir() {
             make_dir(&dir)?;
         }
@@ -365,13 +394,15 @@ impl Queue {
         }
         let metrics = QueueMetrics::default();
         metrics.depth.store(recovered as u64, Ordering::Relaxed);
-        disk.take_over(st.bytes);
+        charges.disk.take_over(st.bytes);
+        charges.events.take_over(live_events(&st));
         Ok(Queue {
             key: key.to_string(),
             dir,
             state: Mutex::new(st),
             removed: AtomicBool::new(false),
-            disk,
+            disk: charges.disk,
+            events: charges.events,
             metrics,
         })
     }
@@ -438,10 +469,17 @@ impl Queue {
                     out.push(Err(AppendError::DiskFull { bytes_max }));
                     continue;
                 }
+                if !self.events.try_take(1) {
+                    self.disk.give(charge);
+                    let events_max = self.events.max();
+                    out.push(Err(AppendError::TooManyQueued { events_max }));
+                    continue;
+                }
                 let segment = match self.writable_segment(&mut st, frame_bytes) {
                     Ok(n) => n,
                     Err(e) => {
                         self.disk.give(charge);
+                        self.events.give(1);
                         out.push(Err(AppendError::Io(e)));
                         continue;
                     }
@@ -489,6 +527,7 @@ impl Queue {
                         seg.live -= count;
                         st.bytes -= charged;
                         self.disk.give(*charged);
+                        self.events.give(*count as u64);
                     }
                     return self.fail_batch(events.len(), e);
                 }
@@ -752,6 +791,7 @@ impl Queue {
         self.write_ack_file(st, p.segment, &AckRecord { seq: p.seq }.encode());
         let seg = st.segments.get_mut(&p.segment).expect("checked");
         seg.live -= 1;
+        self.events.give(1);
         if seg.live == 0 && (Some(p.segment) != last || seg.bytes >= SEGMENT_IDLE_KEPT_BYTES) {
             self.delete_segment(st, p.segment);
         }
@@ -807,6 +847,7 @@ impl Queue {
         st.ready.clear();
         st.delayed.clear();
         st.running.clear();
+        self.events.give(live_events(&st));
         st.segments.clear();
         self.disk.give(std::mem::take(&mut st.bytes));
         self.publish_depth(&st);
@@ -824,6 +865,8 @@ impl Drop for Queue {
     /// are no longer this server's to charge.
     fn drop(&mut self) {
         let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.events.give(live_events(st));
+        st.segments.clear();
         self.disk.give(std::mem::take(&mut st.bytes));
     }
 }
@@ -832,9 +875,12 @@ impl Drop for Queue {
 mod tests {
     use super::*;
 
-    /// A disk budget no test reaches.
-    fn unbounded() -> Arc<Budget> {
-        Budget::new("async event disk", "bytes", u64::MAX)
+    /// Budgets no test reaches.
+    fn unbounded() -> Charges {
+        Charges {
+            disk: Budget::new("async event disk", "bytes", u64::MAX),
+            events: Budget::new("queued async events", "events", u64::MAX),
+        }
     }
 
     fn dir(label: &str) -> PathBuf {
@@ -916,6 +962,37 @@ mod tests {
         let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         assert_eq!(left(&q), ["other", "latest"]);
         let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn events_not_yet_acked_are_bounded_in_number_across_queues() {
+        let (da, db) = (dir("count-a"), dir("count-b"));
+        let charges = Charges {
+            events: Budget::new("queued async events", "events", 3),
+            ..unbounded()
+        };
+        let a = Queue::open("a", da.clone(), charges.clone()).unwrap();
+        let b = Queue::open("b", db.clone(), charges.clone()).unwrap();
+        push(&a, 2);
+        let one: Vec<(&str, &str, &[u8])> = vec![("", "r", b"{}")];
+        assert!(b.append(&one, 1, u64::MAX)[0].is_ok());
+        assert!(matches!(
+            b.append(&one, 1, u64::MAX)[0],
+            Err(AppendError::TooManyQueued { events_max: 3 })
+        ));
+        // An event done with makes room.
+        let (p, _) = a.take(0, usize::MAX).unwrap();
+        a.finish_ack(&p);
+        assert!(b.append(&one, 1, u64::MAX)[0].is_ok());
+        // A removed queue's events, and a closed one's, no longer count.
+        b.remove();
+        assert_eq!(charges.events.used(), 1);
+        drop(a);
+        assert_eq!(charges.events.used(), 0);
+        // Reopened, what was not acked counts again.
+        let a = Queue::open("a", da.clone(), charges.clone()).unwrap();
+        assert_eq!((a.depth(), charges.events.used()), (1, 1));
+        let _ = fs::remove_dir_all(&da);
     }
 
     #[test]

@@ -605,3 +605,54 @@ fn deleting_a_version_or_alias_drops_its_settings_and_queued_events() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     aws_err(&s, &args, "ResourceNotFoundException");
 }
+
+#[test]
+fn the_server_wide_async_disk_cap_refuses_events_with_429() {
+    require_sandbox!();
+    // 1 MiB for every function's queued events; failed runs wait ten
+    // minutes for their retry, so what is stored stays.
+    let s = Server::start(&[
+        "--async-disk-max-mb",
+        "1",
+        "--async-retry-base-ms",
+        "600000",
+    ]);
+    common::deploy_fixture(&s, "async-events", "name=full");
+    common::deploy_fixture(&s, "async-events", "name=other");
+    let pad = "x".repeat(300 << 10);
+    let send = |name: &str, n: u32| {
+        s.control(
+            "POST",
+            &format!("/2015-03-31/functions/{name}/invocations"),
+            &[
+                ("x-amz-invocation-type", "Event"),
+                ("content-type", "application/json"),
+            ],
+            format!(r#"{{"n": {n}, "fail": true, "pad": "{pad}"}}"#).as_bytes(),
+        )
+    };
+    for n in 0..3 {
+        let r = send("full", n);
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let refused = |r: common::Response| {
+        assert_eq!(
+            (r.status, r.header("x-amzn-errortype")),
+            (429, Some("TooManyRequestsException")),
+            "{}",
+            r.text()
+        );
+        assert!(r.text().contains("the server's disk"), "{}", r.text());
+    };
+    refused(send("full", 3));
+    // The cap is the server's: another function's event is refused as well,
+    // and nothing of it is written.
+    refused(send("other", 4));
+    let other = s.dir.join("state/async/other");
+    assert!(!other.exists(), "{} was made", other.display());
+    let used: u64 = std::fs::read_dir(s.dir.join("state/async/full"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(used <= 1 << 20, "{used} bytes stored");
+}

@@ -140,6 +140,33 @@ impl FunctionEvents {
         self.failed.lock().unwrap().list()
     }
 
+    /// Drops the settings and events of the versions and aliases that are gone
+    /// (`exists` says which `<key>:<qualifier>` are not): a server stopped
+    /// between deleting one and dropping them left them behind.
+    fn drop_gone_qualifiers(&self, exists: impl Fn(&str) -> bool) -> io::Result<()> {
+        let configured: Vec<String> = self.configs.lock().unwrap().keys().cloned().collect();
+        let queued = self.queue.qualifiers();
+        let named = configured
+            .iter()
+            .map(String::as_str)
+            .chain(queued.iter().map(|q| &**q));
+        let gone: std::collections::BTreeSet<&str> = named
+            .filter(|q| !q.is_empty() && *q != "$LATEST")
+            .filter(|q| !exists(&format!("{}:{q}", self.queue.key)))
+            .collect();
+        for qualifier in gone {
+            let dropped = self.queue.drop_qualifier(qualifier);
+            eprintln!(
+                "hearth: async queue {}: {qualifier} is gone; its settings and {dropped} event(s) dropped",
+                self.queue.key
+            );
+            if self.config(qualifier).is_some() {
+                self.edit_config(qualifier, |_| None)?;
+            }
+        }
+        Ok(())
+    }
+
     /// Drops its events, settings and failures with their directory (its function was deleted).
     fn remove(&self) {
         // The failure store first: no failure is kept in the directory once it is gone.
@@ -235,7 +262,9 @@ fn set_aside(dir: &Path, key: &str, e: &io::Error) {
 
 impl AsyncEvents {
     /// Opens every queue under `dir` (recovering them) whose function `exists`;
-    /// the others' directories are removed (their functions were deleted).
+    /// the others' directories are removed (their functions were deleted), and
+    /// so are the settings and events of versions and aliases that do not
+    /// (`exists("<key>:<qualifier>")`).
     /// A queue that cannot be opened does not stop the server: it is logged
     /// and moved aside to `<dir>.unreadable/<key>-<ms>` (its events are not
     /// run), and its function starts with an empty queue.
@@ -265,7 +294,9 @@ impl AsyncEvents {
                 let _ = std::fs::remove_dir_all(entry.path());
                 continue;
             }
-            match FunctionEvents::open(&key, entry.path(), &charges) {
+            let opened = FunctionEvents::open(&key, entry.path(), &charges)
+                .and_then(|q| q.drop_gone_qualifiers(&exists).map(|()| q));
+            match opened {
                 Ok(q) => {
                     queues.insert(key, Arc::new(q));
                 }
@@ -745,6 +776,49 @@ mod tests {
         let ev = AsyncEvents::open(&d, limits, |_| true).unwrap();
         let q = ev.get("f").unwrap();
         assert_eq!((q.config("1"), q.queue.depth()), (None, 1));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_restart_drops_what_a_deleted_version_or_alias_left_behind() {
+        let (d, ev) = open("drop-at-start");
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let setting = Some(EventConfig::default());
+        for qualifier in ["", "1", "2", "live"] {
+            q.edit_config(qualifier, |_| setting).unwrap();
+        }
+        let (tx, rx) = channel();
+        for qualifier in ["", "1", "2", "old"] {
+            let tx = tx.clone();
+            let done = Box::new(move |r| tx.send(r).unwrap());
+            let sent = ev.submit(
+                q.clone(),
+                qualifier.into(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+                there(),
+            );
+            assert!(sent.is_ok());
+        }
+        commit_waiting(&ev);
+        assert!(rx.try_iter().all(|r| r.is_ok()));
+        drop((q, ev));
+        // Stopped before it dropped what version 1 and aliases live and old
+        // had: they are gone at the restart.
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let ev = AsyncEvents::open(&d, limits, |key| ["f", "f:2"].contains(&key)).unwrap();
+        let q = ev.get("f").unwrap();
+        let configured: Vec<Option<EventConfig>> =
+            ["", "1", "2", "live"].map(|x| q.config(x)).to_vec();
+        assert_eq!(configured, [setting, None, setting, None]);
+        let queued: Vec<String> = q.queue.qualifiers().iter().map(|x| x.to_string()).collect();
+        assert_eq!(queued, ["", "2"]);
         let _ = std::fs::remove_dir_all(&d);
     }
 

@@ -725,6 +725,19 @@ impl Queue {
         self.publish_depth(&st);
     }
 
+    /// The qualifiers its events not yet acked name ("" for the unqualified function).
+    pub fn qualifiers(&self) -> BTreeSet<Arc<str>> {
+        let st = self.state.lock().unwrap();
+        let delayed = st.delayed.iter().map(|Reverse(d)| &d.0);
+        st.ready
+            .iter()
+            .chain(delayed)
+            .chain(st.running.values())
+            .chain(&st.storing)
+            .map(|p| p.qualifier.clone())
+            .collect()
+    }
+
     /// True while the event `seq` is taken and not dropped: its run may start.
     pub fn is_running(&self, seq: u64) -> bool {
         self.state.lock().unwrap().running.contains_key(&seq)

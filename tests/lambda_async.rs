@@ -656,3 +656,44 @@ fn the_server_wide_async_disk_cap_refuses_events_with_429() {
         .sum();
     assert!(used <= 1 << 20, "{used} bytes stored");
 }
+
+#[test]
+fn a_failed_events_retry_waits_its_turn_across_a_kill_9() {
+    require_clients!();
+    let dir = temp_dir("async-retry-kill9");
+    let state = dir.join("state");
+    let args = [
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--admin-token",
+        "async-test-token",
+        "--async-retry-base-ms",
+        "600000",
+    ];
+    let mut s = Server::start(&args);
+    create(&s, "again", &[]);
+    assert_eq!(event(&s, "again", r#"{"n": 5, "fail": true}"#).0, 202);
+    wait_for(Duration::from_secs(30), "the first run to fail", || {
+        common::metric_sum(
+            &s.get("/metrics").text(),
+            "hearth_async_events_retried_total",
+            "function=\"again\"",
+        ) == 1
+    });
+    // The retry record is written right after the count.
+    std::thread::sleep(Duration::from_millis(200));
+    s.signal(libc::SIGKILL);
+    s.wait_exit(Duration::from_secs(10));
+
+    // Its retry is ten minutes away: the restart does not run it early.
+    let s = Server::start(&args);
+    assert_eq!(queued(&s, "again"), 1);
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        !logs(&s, "again").contains("event-start [5]"),
+        "the retry ran at the restart"
+    );
+    assert_eq!(queued(&s, "again"), 1);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

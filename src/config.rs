@@ -169,6 +169,8 @@ pub struct ServeConfig {
     pub functions_disk_max_mb: u64,
     /// Bytes of queued asynchronous events per function; more → 429.
     pub async_queue_bytes_max: u64,
+    /// Bytes of all asynchronous queues and failed events together; an event beyond it → 429.
+    pub async_disk_bytes_max: u64,
     /// Delay before the first retry of a failed asynchronous event, ms (doubling after).
     pub async_retry_base_ms: u64,
     /// Where failed asynchronous events are POSTed (`http://` only), if anywhere.

@@ -249,6 +249,12 @@ struct ServeArgs {
     /// an event beyond it gets 429 TooManyRequestsException.
     #[arg(long, default_value_t = 64)]
     async_queue_max_mb: u64,
+    /// Disk all functions' asynchronous queues and kept failed events may use together,
+    /// MiB; an event beyond it gets 429 TooManyRequestsException (nothing of it written),
+    /// and an event given up beyond it is not kept (it is logged, and still sent to
+    /// --async-failure-webhook).
+    #[arg(long, default_value_t = hearth::functions::async_events::ASYNC_DISK_MAX_MB_DEFAULT)]
+    async_disk_max_mb: u64,
     /// Delay before the first retry of a failed asynchronous event, ms; the second waits
     /// twice as long (Lambda: 1 and 2 minutes).
     #[arg(long, default_value_t = 60_000)]
@@ -382,6 +388,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
             .unwrap_or_else(hearth::functions::budget::default_instance_memory_max_mb),
         functions_disk_max_mb: a.functions_disk_max_mb,
         async_queue_bytes_max: a.async_queue_max_mb.max(1).saturating_mul(1 << 20),
+        async_disk_bytes_max: a.async_disk_max_mb.max(1).saturating_mul(1 << 20),
         async_retry_base_ms: a.async_retry_base_ms.max(1),
         async_failure_webhook: a.async_failure_webhook,
         fc_memory: a.fc_memory.unwrap_or(FcMemory::File),

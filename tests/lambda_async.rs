@@ -551,3 +551,201 @@ fn a_functions_own_429_or_404_is_its_answer_not_a_throttle_or_not_found() {
     let stderr = s.stderr();
     assert!(!stderr.contains("the function is gone"), "{stderr}");
 }
+
+/// How many events the function `name` has queued (waiting, delayed or running).
+fn queued(s: &Server, name: &str) -> u64 {
+    let r = s.get(&format!("/functions/{name}/async/failed"));
+    assert_eq!(r.status, 200, "{}", r.text());
+    let v: serde_json::Value = serde_json::from_str(&r.text()).unwrap();
+    v["queued"].as_u64().unwrap()
+}
+
+#[test]
+fn deleting_a_version_or_alias_drops_its_settings_and_queued_events() {
+    require_clients!();
+    // A failed run waits ten minutes for its retry: the events stay queued.
+    let s = Server::start(&["--async-retry-base-ms", "600000"]);
+    create(&s, "drop", &[]);
+    let v1 = aws_ok(&s, &["publish-version", "--function-name", "drop"]);
+    let v1_id = v1["RevisionId"].as_str().unwrap().to_string();
+    let alias = |verb: &str| {
+        aws_ok(
+            &s,
+            &[
+                verb,
+                "--function-name",
+                "drop",
+                "--name",
+                "live",
+                "--function-version",
+                "1",
+            ],
+        )
+    };
+    alias("create-alias");
+    let config = |qualifier: &str| {
+        [
+            "get-function-event-invoke-config",
+            "--function-name",
+            "drop",
+            "--qualifier",
+            qualifier,
+        ]
+        .map(str::to_string)
+    };
+    for qualifier in ["1", "live"] {
+        aws_ok(
+            &s,
+            &[
+                "put-function-event-invoke-config",
+                "--function-name",
+                "drop",
+                "--qualifier",
+                qualifier,
+                "--maximum-retry-attempts",
+                "2",
+            ],
+        );
+    }
+    assert_eq!(event(&s, "drop:1", r#"{"n": 1, "fail": true}"#).0, 202);
+    assert_eq!(event(&s, "drop:live", r#"{"n": 2, "fail": true}"#).0, 202);
+    wait_for(Duration::from_secs(30), "both events to fail once", || {
+        let log = logs(&s, &v1_id);
+        log.contains("event-start [1]") && log.contains("event-start [2]")
+    });
+    assert_eq!(queued(&s, "drop"), 2, "both wait for their retry");
+
+    // The alias goes with its settings and its event.
+    aws_ok(
+        &s,
+        &["delete-alias", "--function-name", "drop", "--name", "live"],
+    );
+    assert_eq!(queued(&s, "drop"), 1, "the alias's event stayed queued");
+    alias("create-alias");
+    let args = config("live");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    aws_err(&s, &args, "ResourceNotFoundException");
+
+    // So does the version: one published anew under its number inherits nothing.
+    aws_ok(
+        &s,
+        &["delete-alias", "--function-name", "drop", "--name", "live"],
+    );
+    aws_ok(
+        &s,
+        &[
+            "delete-function",
+            "--function-name",
+            "drop",
+            "--qualifier",
+            "1",
+        ],
+    );
+    assert_eq!(queued(&s, "drop"), 0, "the version's event stayed queued");
+    let again = aws_ok(&s, &["publish-version", "--function-name", "drop"]);
+    assert_eq!(again["Version"], "1", "{again}");
+    let args = config("1");
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    aws_err(&s, &args, "ResourceNotFoundException");
+
+    // The control plane's delete of a version does the same.
+    assert_eq!(event(&s, "drop:1", r#"{"n": 3, "fail": true}"#).0, 202);
+    wait_for(Duration::from_secs(30), "the event to fail once", || {
+        queued(&s, "drop") == 1 && logs(&s, "drop:1").contains("event-start [3]")
+    });
+    let r = s.control("DELETE", "/functions/drop:1", &[], b"");
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(queued(&s, "drop"), 0, "the version's event stayed queued");
+}
+
+#[test]
+fn the_server_wide_async_disk_cap_refuses_events_with_429() {
+    require_sandbox!();
+    // 1 MiB for every function's queued events; failed runs wait ten
+    // minutes for their retry, so what is stored stays.
+    let s = Server::start(&[
+        "--async-disk-max-mb",
+        "1",
+        "--async-retry-base-ms",
+        "600000",
+    ]);
+    common::deploy_fixture(&s, "async-events", "name=full");
+    common::deploy_fixture(&s, "async-events", "name=other");
+    let pad = "x".repeat(300 << 10);
+    let send = |name: &str, n: u32| {
+        s.control(
+            "POST",
+            &format!("/2015-03-31/functions/{name}/invocations"),
+            &[
+                ("x-amz-invocation-type", "Event"),
+                ("content-type", "application/json"),
+            ],
+            format!(r#"{{"n": {n}, "fail": true, "pad": "{pad}"}}"#).as_bytes(),
+        )
+    };
+    for n in 0..3 {
+        let r = send("full", n);
+        assert_eq!(r.status, 202, "{}", r.text());
+    }
+    let refused = |r: common::Response| {
+        assert_eq!(
+            (r.status, r.header("x-amzn-errortype")),
+            (429, Some("TooManyRequestsException")),
+            "{}",
+            r.text()
+        );
+        assert!(r.text().contains("the server's disk"), "{}", r.text());
+    };
+    refused(send("full", 3));
+    // The cap is the server's: another function's event is refused as well,
+    // and nothing of it is written.
+    refused(send("other", 4));
+    let other = s.dir.join("state/async/other");
+    assert!(!other.exists(), "{} was made", other.display());
+    let used: u64 = std::fs::read_dir(s.dir.join("state/async/full"))
+        .unwrap()
+        .map(|e| e.unwrap().metadata().unwrap().len())
+        .sum();
+    assert!(used <= 1 << 20, "{used} bytes stored");
+}
+
+#[test]
+fn a_failed_events_retry_waits_its_turn_across_a_kill_9() {
+    require_clients!();
+    let dir = temp_dir("async-retry-kill9");
+    let state = dir.join("state");
+    let args = [
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--admin-token",
+        "async-test-token",
+        "--async-retry-base-ms",
+        "600000",
+    ];
+    let mut s = Server::start(&args);
+    create(&s, "again", &[]);
+    assert_eq!(event(&s, "again", r#"{"n": 5, "fail": true}"#).0, 202);
+    wait_for(Duration::from_secs(30), "the first run to fail", || {
+        common::metric_sum(
+            &s.get("/metrics").text(),
+            "hearth_async_events_retried_total",
+            "function=\"again\"",
+        ) == 1
+    });
+    // The retry record is written right after the count.
+    std::thread::sleep(Duration::from_millis(200));
+    s.signal(libc::SIGKILL);
+    s.wait_exit(Duration::from_secs(10));
+
+    // Its retry is ten minutes away: the restart does not run it early.
+    let s = Server::start(&args);
+    assert_eq!(queued(&s, "again"), 1);
+    std::thread::sleep(Duration::from_secs(8));
+    assert!(
+        !logs(&s, "again").contains("event-start [5]"),
+        "the retry ran at the restart"
+    );
+    assert_eq!(queued(&s, "again"), 1);
+    drop(s);
+    let _ = std::fs::remove_dir_all(&dir);
+}

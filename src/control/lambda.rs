@@ -26,7 +26,7 @@ use crate::control::plane::{self, Answer, Code, Plane};
 use crate::control::settings::{self, DeploySettings};
 use crate::control::sigv4;
 use crate::functions::names::{Alias, Index, ALIASES_PER_FUNCTION_MAX, VERSIONS_PER_FUNCTION_MAX};
-use crate::functions::{Function, NameLock, ServiceInvoke};
+use crate::functions::{Function, NameLock, Registry, ServiceInvoke};
 use crate::http::parse::Request;
 use crate::http::reply::Reply;
 use crate::routes::LambdaOp;
@@ -766,7 +766,16 @@ impl Cx<'_> {
                         &format!("version {q} is used by alias(es) {}", users.join(", ")),
                     ));
                 }
-                functions.remove(&v.spec.id, &held).into_iter().collect()
+                let gone: Vec<_> = functions.remove(&v.spec.id, &held).into_iter().collect();
+                // Its events and settings go with it: a version published
+                // anew under the number must not inherit them.
+                if let Err(e) = functions
+                    .async_events
+                    .drop_qualifier(Registry::async_key(&v), &q)
+                {
+                    eprintln!("hearth: cannot drop the async settings of {name}:{q}: {e}");
+                }
+                gone
             }
             Some(q) => {
                 return Err(invalid(&format!(
@@ -1004,13 +1013,25 @@ impl Cx<'_> {
     }
 
     fn delete_alias(&self, alias: &str, held: &NameLock<'_>) -> Result<Answer, Answer> {
-        self.plane
-            .functions
+        let functions = &self.plane.functions;
+        functions
             .edit_aliases(held, |_, aliases| {
                 aliases.remove(alias);
                 Ok::<_, Answer>(())
             })
             .map_err(stored)??;
+        // Its events and settings go with it: an alias made anew under the
+        // name must not inherit them.
+        functions
+            .async_events
+            .drop_qualifier(held.name(), alias)
+            .map_err(|e| {
+                lambda_error(
+                    500,
+                    "ServiceException",
+                    &format!("the alias is deleted, but not its async settings: {e}"),
+                )
+            })?;
         Ok(no_content())
     }
 }

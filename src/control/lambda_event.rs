@@ -118,6 +118,15 @@ pub(super) fn accept(
         .queue_for(&key, still_there)
         .map_err(|e| lambda_error(500, "ServiceException", &e.to_string()))?
         .ok_or_else(|| not_found(&found_by))?;
+    // Asked again as the event is stored: an event accepted as its version
+    // or alias is deleted is dropped with it or refused, never stored for one
+    // published or made anew under the number or name.
+    let (functions, stored_key) = (plane.functions.clone(), key.clone());
+    let still_there = Box::new(move || {
+        functions
+            .get(&found_by)
+            .is_some_and(|g| Registry::async_key(&g) == stored_key)
+    });
     let rid = request_id.clone();
     let key_name = key.clone();
     let answered = Box::new(move |stored: Result<(), AppendError>| {
@@ -130,6 +139,13 @@ pub(super) fn accept(
             Err(AppendError::Full { bytes_max }) => too_many(&format!(
                 "the function's queue of asynchronous events holds its limit of {bytes_max} bytes; retry later"
             )),
+            Err(AppendError::DiskFull { bytes_max }) => too_many(&format!(
+                "the server's disk for asynchronous events (all functions' queues and failed events) \
+                 holds its limit of {bytes_max} bytes; retry later"
+            )),
+            Err(AppendError::TooManyQueued { events_max }) => too_many(&format!(
+                "the server holds its limit of {events_max} queued asynchronous events; retry later"
+            )),
             Err(AppendError::Removed) => not_found(&key_name),
             Err(AppendError::Io(e)) => lambda_error(
                 500,
@@ -141,8 +157,12 @@ pub(super) fn accept(
     plane
         .functions
         .async_events
-        .submit(events, qualifier, request_id, body, answered)
-        .map_err(|_| too_many("too many asynchronous events are waiting to be stored; retry later"))
+        .submit(events, qualifier, request_id, body, answered, still_there)
+        .map_err(|_| {
+            too_many(
+            "too many asynchronous events (or bytes of them) are waiting to be stored; retry later",
+        )
+        })
 }
 
 fn too_many(message: &str) -> Answer {

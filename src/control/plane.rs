@@ -591,6 +591,15 @@ fn delete(shared: &Plane, id: &str) -> Answer {
         functions.async_events.forget(name);
     } else if f.spec.name.is_none() {
         functions.async_events.forget(&f.spec.id);
+    } else if let (Some(name), Some(version)) = (&f.spec.name, f.spec.service.version) {
+        // A version's events and settings go with it: one published anew
+        // under the number must not inherit them.
+        if let Err(e) = functions
+            .async_events
+            .drop_qualifier(name, &version.to_string())
+        {
+            eprintln!("hearth: cannot drop the async settings of {name}:{version}: {e}");
+        }
     }
     drop(held);
     (shared.changed)();

@@ -96,7 +96,7 @@ impl Budget {
 
     /// Takes `amount` even beyond the ceiling (for what already exists at start-up).
     pub fn reserve_over(self: &Arc<Self>, amount: u64) -> Reservation {
-        self.used.fetch_add(amount, Ordering::AcqRel);
+        self.take_over(amount);
         Reservation {
             budget: self.clone(),
             amount,
@@ -125,6 +125,11 @@ impl Budget {
                 _ => return false,
             }
         }
+    }
+
+    /// [`Budget::try_take`] even beyond the ceiling (for what already exists at start-up).
+    pub fn take_over(&self, amount: u64) {
+        self.used.fetch_add(amount, Ordering::AcqRel);
     }
 
     /// Returns what [`Budget::try_take`] took.

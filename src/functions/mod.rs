@@ -293,6 +293,7 @@ impl Registry {
             &cfg.state_dir.join("async"),
             async_events::AsyncLimits {
                 queue_bytes_max: cfg.async_queue_bytes_max,
+                disk_bytes_max: cfg.async_disk_bytes_max,
                 retry_base_ms: cfg.async_retry_base_ms,
                 failure_webhook: cfg.async_failure_webhook.clone(),
             },

@@ -31,6 +31,7 @@ use super::config::EventConfig;
 use super::log::EventRecord;
 use super::queue::Pending;
 use super::{AsyncEvents, FunctionEvents};
+use crate::functions::budget::{Budget, Reservation};
 use crate::util::time::unix_time_ms;
 
 /// Threads running events, and so the most events running at once server-wide.
@@ -49,6 +50,9 @@ pub const ANSWER_WAIT: Duration = Duration::from_secs(900 + 30);
 pub const ANSWER_BYTES_MAX: usize = 7 << 20;
 /// Failed events waiting to be POSTed to the webhook; more are not sent.
 pub const WEBHOOK_PENDING_MAX: usize = 1000;
+/// Bytes of the failed events waiting to be POSTed (each holds its payload,
+/// up to 1 MiB, and its error, up to an answer's size); more are not sent.
+pub const WEBHOOK_PENDING_BYTES_MAX: u64 = 16 << 20;
 /// Connect, write and read timeout of a webhook POST.
 pub const WEBHOOK_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -208,7 +212,7 @@ impl AsyncEvents {
         jobs: &Mutex<Receiver<Job>>,
         target: &Target,
         running: &AtomicUsize,
-        webhook: Option<&SyncSender<Value>>,
+        webhook: Option<&Webhook>,
     ) {
         let mut conn: Option<TcpStream> = None;
         loop {
@@ -230,7 +234,7 @@ impl AsyncEvents {
         job: Job,
         target: &Target,
         conn: &mut Option<TcpStream>,
-        webhook: Option<&SyncSender<Value>>,
+        webhook: Option<&Webhook>,
     ) {
         let Job {
             events,
@@ -238,6 +242,10 @@ impl AsyncEvents {
             record,
             ..
         } = job;
+        if !events.queue.is_running(pending.seq) {
+            // Dropped with its version or alias while it waited for this invoker.
+            return;
+        }
         let cfg = events.config(&record.qualifier).unwrap_or_default();
         let now = unix_time_ms();
         if too_old(&pending, &cfg, now) {
@@ -313,7 +321,7 @@ impl AsyncEvents {
                     );
                 }
                 m.retried.fetch_add(1, Ordering::Relaxed);
-                events.queue.finish_later(pending);
+                events.queue.finish_retry(pending);
             }
         }
     }
@@ -326,8 +334,12 @@ impl AsyncEvents {
         record: &EventRecord,
         condition: &str,
         error: Value,
-        webhook: Option<&SyncSender<Value>>,
+        webhook: Option<&Webhook>,
     ) {
+        if !events.queue.is_running(pending.seq) {
+            // Dropped with its version or alias while it ran: no failure to keep.
+            return;
+        }
         let payload = match std::str::from_utf8(&record.body) {
             Ok(s) => json!(s),
             Err(_) => {
@@ -355,7 +367,7 @@ impl AsyncEvents {
         events.queue.finish_ack(pending);
         if let Some(w) = webhook {
             // A full webhook backlog drops the notification, never the record.
-            let _ = w.try_send(failure);
+            w.send(&failure);
         }
     }
 }
@@ -527,26 +539,48 @@ pub fn parse_webhook(url: &str) -> Result<(String, String), String> {
     Ok((host, path.to_string()))
 }
 
+/// The way to the thread that POSTs failed events: at most
+/// [`WEBHOOK_PENDING_MAX`] events and [`WEBHOOK_PENDING_BYTES_MAX`] bytes wait.
+#[derive(Clone)]
+pub struct Webhook {
+    tx: SyncSender<(Vec<u8>, Reservation)>,
+    waiting_bytes: Arc<Budget>,
+}
+
+impl Webhook {
+    /// Queues `failure` to be POSTed, unless the backlog is full (then it is not sent).
+    fn send(&self, failure: &Value) -> bool {
+        let body = serde_json::to_vec(failure).expect("json");
+        let Some(held) = self.waiting_bytes.try_reserve(body.len() as u64) else {
+            return false;
+        };
+        self.tx.try_send((body, held)).is_ok()
+    }
+}
+
 /// Starts the thread that POSTs failed events to `url` (one attempt each).
-fn start_webhook(url: String) -> SyncSender<Value> {
-    let (tx, rx) = std::sync::mpsc::sync_channel::<Value>(WEBHOOK_PENDING_MAX);
+fn start_webhook(url: String) -> Webhook {
+    let (tx, rx) = std::sync::mpsc::sync_channel::<(Vec<u8>, Reservation)>(WEBHOOK_PENDING_MAX);
     std::thread::Builder::new()
         .name("hearth-async-webhook".into())
         .spawn(move || {
             let Ok((host, path)) = parse_webhook(&url) else {
                 return;
             };
-            while let Ok(failure) = rx.recv() {
+            while let Ok((failure, _held)) = rx.recv() {
                 if let Err(e) = post(&host, &path, &failure) {
                     eprintln!("hearth: the failure webhook {url} failed: {e}");
                 }
             }
         })
         .expect("spawn the webhook thread");
-    tx
+    Webhook {
+        tx,
+        waiting_bytes: Budget::new("webhook backlog", "bytes", WEBHOOK_PENDING_BYTES_MAX),
+    }
 }
 
-fn post(host: &str, path: &str, v: &Value) -> io::Result<()> {
+fn post(host: &str, path: &str, body: &[u8]) -> io::Result<()> {
     use std::net::ToSocketAddrs;
     let addr = host
         .to_socket_addrs()?
@@ -555,14 +589,13 @@ fn post(host: &str, path: &str, v: &Value) -> io::Result<()> {
     let mut s = TcpStream::connect_timeout(&addr, WEBHOOK_TIMEOUT)?;
     s.set_read_timeout(Some(WEBHOOK_TIMEOUT))?;
     s.set_write_timeout(Some(WEBHOOK_TIMEOUT))?;
-    let body = serde_json::to_vec(v).expect("json");
     write!(
         s,
         "POST {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: application/json\r\n\
          Content-Length: {}\r\nConnection: close\r\n\r\n",
         body.len()
     )?;
-    s.write_all(&body)?;
+    s.write_all(body)?;
     let mut status = [0u8; 12];
     s.read_exact(&mut status)?;
     match std::str::from_utf8(&status[9..12])
@@ -689,6 +722,7 @@ mod tests {
         ));
         let limits = super::super::AsyncLimits {
             queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
             retry_base_ms: 50,
             failure_webhook: None,
         };
@@ -712,6 +746,7 @@ mod tests {
                 "r".into(),
                 b"{}".to_vec(),
                 done,
+                Box::new(|| true),
             );
             assert!(sent.is_ok());
         }
@@ -808,6 +843,25 @@ mod tests {
             "{backlog} events of 250 ms took {drained:?}"
         );
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn failures_waiting_for_the_webhook_are_bounded_in_bytes() {
+        // Nothing takes them: the POSTing thread is not started.
+        let (tx, rx) = std::sync::mpsc::sync_channel(WEBHOOK_PENDING_MAX);
+        let hook = Webhook {
+            tx,
+            waiting_bytes: Budget::new("webhook backlog", "bytes", WEBHOOK_PENDING_BYTES_MAX),
+        };
+        let big = json!({ "payload": "x".repeat(1 << 20) });
+        let fits = (WEBHOOK_PENDING_BYTES_MAX >> 20) as usize;
+        assert!(fits < WEBHOOK_PENDING_MAX, "the byte bound comes first");
+        let sent = (0..fits + 1).filter(|_| hook.send(&big)).count();
+        assert!(sent < fits, "{sent} failures of 1 MiB wait");
+        assert!(hook.send(&json!({})), "a small one still fits");
+        // Sent, they free their room.
+        assert_eq!(rx.try_iter().count(), sent + 1);
+        assert!(hook.send(&big));
     }
 
     #[test]

@@ -4,15 +4,19 @@
 //!
 //! Bounded: past [`FAILED_KEPT_MAX`] × 2 records or [`FAILED_BYTES_MAX`]
 //! bytes the file is rewritten (temporary file, fsync, rename) with the
-//! newest records that fit in half of both.
+//! newest records that fit in half of both. Its bytes are charged to the
+//! server-wide disk budget of asynchronous events (`--async-disk-max-mb`),
+//! shared with the queues: a record that does not fit is not kept.
 
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use serde_json::Value;
 
 use super::log;
+use crate::functions::budget::Budget;
 
 /// Failed events kept per function (past twice as many, the oldest are dropped).
 pub const FAILED_KEPT_MAX: usize = 1000;
@@ -26,27 +30,40 @@ pub struct FailedStore {
     bytes: u64,
     kept_max: usize,
     bytes_max: u64,
+    /// The server-wide budget its `bytes` are charged to.
+    disk: Arc<Budget>,
+    /// Its queue was removed with its function: nothing more is written (a
+    /// function made anew under the name has a store of its own at this path).
+    gone: bool,
 }
 
 impl FailedStore {
-    /// Opens the store in `dir`, cutting a torn tail.
-    pub fn open(dir: &Path) -> io::Result<FailedStore> {
-        FailedStore::open_bounded(dir, FAILED_KEPT_MAX, FAILED_BYTES_MAX)
+    /// Opens the store in `dir`, cutting a torn tail; what it holds is
+    /// charged to `disk` even beyond its ceiling.
+    pub fn open(dir: &Path, disk: Arc<Budget>) -> io::Result<FailedStore> {
+        FailedStore::open_bounded(dir, FAILED_KEPT_MAX, FAILED_BYTES_MAX, disk)
     }
 
     /// The store of a new queue in `dir` (not made yet): empty, nothing read.
-    pub fn new(dir: &Path) -> FailedStore {
+    pub fn new(dir: &Path, disk: Arc<Budget>) -> FailedStore {
         FailedStore {
             path: dir.join("failed.log"),
             records: 0,
             bytes: 0,
             kept_max: FAILED_KEPT_MAX,
             bytes_max: FAILED_BYTES_MAX,
+            disk,
+            gone: false,
         }
     }
 
     /// [`FailedStore::open`] with other bounds.
-    fn open_bounded(dir: &Path, kept_max: usize, bytes_max: u64) -> io::Result<FailedStore> {
+    fn open_bounded(
+        dir: &Path,
+        kept_max: usize,
+        bytes_max: u64,
+        disk: Arc<Budget>,
+    ) -> io::Result<FailedStore> {
         let path = dir.join("failed.log");
         let (records, bytes) = match fs::read(&path) {
             Ok(all) => {
@@ -62,25 +79,53 @@ impl FailedStore {
             Err(e) if e.kind() == io::ErrorKind::NotFound => (0, 0),
             Err(e) => return Err(e),
         };
+        disk.take_over(bytes);
         Ok(FailedStore {
             path,
             records,
             bytes,
             kept_max,
             bytes_max,
+            disk,
+            gone: false,
         })
     }
 
-    /// Appends `record` durably (before its event is acked).
+    /// Appends `record` durably (before its event is acked). A record the
+    /// server's disk budget has no room for is refused, nothing of it written.
     pub fn push(&mut self, record: &Value) -> io::Result<()> {
+        if self.gone {
+            return Err(io::Error::new(
+                io::ErrorKind::NotFound,
+                "its function was deleted",
+            ));
+        }
         let mut buf = Vec::new();
         log::frame(&mut buf, &serde_json::to_vec(record).expect("json"));
-        let mut f = OpenOptions::new()
+        let charge = buf.len() as u64;
+        if !self.disk.try_take(charge) {
+            return Err(io::Error::new(
+                io::ErrorKind::StorageFull,
+                self.disk.explain(charge),
+            ));
+        }
+        let len_before = self.bytes;
+        let written = OpenOptions::new()
             .create(true)
             .append(true)
-            .open(&self.path)?;
-        f.write_all(&buf)?;
-        f.sync_data()?;
+            .open(&self.path)
+            .and_then(|mut f| {
+                f.write_all(&buf)
+                    .and_then(|()| f.sync_data())
+                    .inspect_err(|_| {
+                        // Nothing half-written stays for the next record to follow.
+                        let _ = f.set_len(len_before);
+                    })
+            });
+        if let Err(e) = written {
+            self.disk.give(charge);
+            return Err(e);
+        }
         self.records += 1;
         self.bytes += buf.len() as u64;
         if self.records > 2 * self.kept_max || self.bytes > self.bytes_max {
@@ -131,8 +176,23 @@ impl FailedStore {
             File::open(dir)?.sync_all()?;
         }
         self.records = keep;
+        self.disk.give(self.bytes - bytes);
         self.bytes = bytes;
         Ok(())
+    }
+
+    /// Its file is gone with its queue's directory: nothing is charged for it.
+    pub fn removed(&mut self) {
+        self.disk.give(std::mem::take(&mut self.bytes));
+        self.records = 0;
+        self.gone = true;
+    }
+}
+
+impl Drop for FailedStore {
+    /// Its file stays on disk but is no longer this server's to charge.
+    fn drop(&mut self) {
+        self.disk.give(std::mem::take(&mut self.bytes));
     }
 }
 
@@ -140,19 +200,46 @@ impl FailedStore {
 mod tests {
     use super::*;
 
+    fn unbounded() -> Arc<Budget> {
+        Budget::new("async event disk", "bytes", u64::MAX)
+    }
+
     #[test]
     fn the_store_keeps_the_newest_records_within_its_bound() {
         let d = std::env::temp_dir().join(format!("hearth-failed-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
-        let mut s = FailedStore::open_bounded(&d, 10, 1 << 20).unwrap();
+        let mut s = FailedStore::open_bounded(&d, 10, 1 << 20, unbounded()).unwrap();
         for i in 0..21 {
             s.push(&serde_json::json!({ "n": i })).unwrap();
         }
         let kept = s.list().unwrap();
         assert_eq!(kept.len(), 10);
         assert_eq!(kept.last().unwrap()["n"], 20);
-        assert_eq!(FailedStore::open(&d).unwrap().records, 10);
+        assert_eq!(FailedStore::open(&d, unbounded()).unwrap().records, 10);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_failure_beyond_the_server_disk_cap_is_not_kept_nor_half_written() {
+        let d = std::env::temp_dir().join(format!("hearth-failed-cap-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let disk = Budget::new("async event disk", "bytes", 4096);
+        let mut s = FailedStore::open(&d, disk.clone()).unwrap();
+        let record = serde_json::json!({ "payload": "x".repeat(1500) });
+        s.push(&record).unwrap();
+        s.push(&record).unwrap();
+        let len = fs::metadata(d.join("failed.log")).unwrap().len();
+        let e = s.push(&record).unwrap_err();
+        assert_eq!(e.kind(), io::ErrorKind::StorageFull, "{e}");
+        assert_eq!(fs::metadata(d.join("failed.log")).unwrap().len(), len);
+        assert_eq!(disk.used(), len);
+        drop(s);
+        assert_eq!(disk.used(), 0, "a dropped store still charged");
+        // Reopened, what it holds is charged again.
+        let s = FailedStore::open(&d, disk.clone()).unwrap();
+        assert_eq!((s.records, disk.used()), (2, len));
         let _ = fs::remove_dir_all(&d);
     }
 
@@ -161,7 +248,7 @@ mod tests {
         let d = std::env::temp_dir().join(format!("hearth-failed-list-{}", std::process::id()));
         let _ = fs::remove_dir_all(&d);
         fs::create_dir_all(&d).unwrap();
-        let mut s = FailedStore::open_bounded(&d, 10, 1 << 20).unwrap();
+        let mut s = FailedStore::open_bounded(&d, 10, 1 << 20, unbounded()).unwrap();
         for i in 0..15 {
             s.push(&serde_json::json!({ "n": i })).unwrap();
         }

@@ -4,7 +4,8 @@
 //!
 //! A frame is `[u32 payload length][u32 CRC-32C of the payload][payload]`,
 //! little-endian. Segments (`seg-<n>.log`) hold [`EventRecord`]s, their ack
-//! files (`seg-<n>.ack`) [`AckRecord`]s, the failure store JSON documents.
+//! files (`seg-<n>.ack`) [`AckRecord`]s and [`RetryRecord`]s (told apart by
+//! their length), the failure store JSON documents.
 
 /// Bytes before a frame's payload.
 pub const FRAME_HEAD_BYTES: usize = 8;
@@ -116,6 +117,43 @@ impl AckRecord {
     }
 }
 
+/// A failed run of an event, to be retried: its attempts so far and when it
+/// may run again, so that a restart neither runs it early nor gives it more
+/// attempts than its settings allow. The last one of an event counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct RetryRecord {
+    /// The event's [`EventRecord::seq`].
+    pub seq: u64,
+    /// Failed runs so far.
+    pub attempts: u32,
+    /// Not to run before this time, ms since the epoch.
+    pub not_before_ms: u64,
+}
+
+impl RetryRecord {
+    /// Bytes of its frame payload (an [`AckRecord`]'s are 8).
+    pub const BYTES: usize = 20;
+
+    /// The payload of its frame.
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..8].copy_from_slice(&self.seq.to_le_bytes());
+        out[8..12].copy_from_slice(&self.attempts.to_le_bytes());
+        out[12..].copy_from_slice(&self.not_before_ms.to_le_bytes());
+        out
+    }
+
+    /// Reads a frame payload written by [`RetryRecord::encode`].
+    pub fn decode(p: &[u8]) -> Option<RetryRecord> {
+        let p: &[u8; Self::BYTES] = p.try_into().ok()?;
+        Some(RetryRecord {
+            seq: u64::from_le_bytes(p[..8].try_into().ok()?),
+            attempts: u32::from_le_bytes(p[8..12].try_into().ok()?),
+            not_before_ms: u64::from_le_bytes(p[12..].try_into().ok()?),
+        })
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -152,6 +190,23 @@ mod tests {
             .map(|(_, p)| EventRecord::decode(p).unwrap())
             .collect();
         assert_eq!(back, all);
+    }
+
+    #[test]
+    fn acks_and_retries_are_told_apart_in_an_ack_file() {
+        let retry = RetryRecord {
+            seq: 7,
+            attempts: 2,
+            not_before_ms: 1_700_000_060_000,
+        };
+        let mut file = Vec::new();
+        frame(&mut file, &retry.encode());
+        frame(&mut file, &AckRecord { seq: 7 }.encode());
+        let found = frames(&file).0;
+        assert_eq!(RetryRecord::decode(found[0].1), Some(retry));
+        assert_eq!(AckRecord::decode(found[0].1), None);
+        assert_eq!(AckRecord::decode(found[1].1), Some(AckRecord { seq: 7 }));
+        assert_eq!(RetryRecord::decode(found[1].1), None);
     }
 
     #[test]

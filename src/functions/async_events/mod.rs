@@ -30,20 +30,33 @@ use std::sync::{Arc, Mutex, OnceLock};
 
 use config::{Configs, EventConfig};
 use failed::FailedStore;
-use queue::{AppendError, Queue};
+use queue::{AppendError, Charges, Queue, QUEUED_EVENTS_MAX};
+
+use crate::functions::budget::{Budget, Reservation};
 
 /// Largest event payload, bytes (as Lambda allows for asynchronous invocations).
 pub const EVENT_BYTES_MAX: usize = 1 << 20;
 /// Events accepted by the cores and not yet written; more → 429 at once.
 pub const ACCEPT_PENDING_MAX: usize = 16_384;
+/// Payload bytes of the events accepted and not yet written, held in memory
+/// until the committer has stored them; more → 429 at once. Without it the
+/// count alone would let [`ACCEPT_PENDING_MAX`] events of [`EVENT_BYTES_MAX`]
+/// hold 16 GiB.
+pub const ACCEPT_PENDING_BYTES_MAX: u64 = 64 << 20;
 /// Events the committer writes in one batch (one fsync per segment).
 pub const COMMIT_BATCH_MAX: usize = 4096;
+/// Default of `--async-disk-max-mb`: disk all queues and failure stores may
+/// use together, MiB.
+pub const ASYNC_DISK_MAX_MB_DEFAULT: u64 = 4096;
 
 /// The server's settings for asynchronous invocations.
 #[derive(Clone, Debug)]
 pub struct AsyncLimits {
     /// Bytes of queued events per function (`--async-queue-max-mb`); more → 429.
     pub queue_bytes_max: u64,
+    /// Bytes of all functions' queues and failed events together
+    /// (`--async-disk-max-mb`); an event beyond it → 429, a failure beyond it is not kept.
+    pub disk_bytes_max: u64,
     /// The first retry's delay; each further retry doubles it (`--async-retry-base-ms`).
     pub retry_base_ms: u64,
     /// Where failed events are POSTed (`--async-failure-webhook`), set by the operator only.
@@ -61,7 +74,7 @@ pub struct FunctionEvents {
 impl FunctionEvents {
     /// Opens the queue a previous run left in `dir`. Settings that cannot be
     /// parsed are set aside (`config.json.unreadable`) for the defaults.
-    fn open(key: &str, dir: PathBuf) -> io::Result<FunctionEvents> {
+    fn open(key: &str, dir: PathBuf, charges: &Charges) -> io::Result<FunctionEvents> {
         let configs = match config::load(&dir) {
             Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                 let aside = dir.join("config.json.unreadable");
@@ -75,8 +88,8 @@ impl FunctionEvents {
             }
             loaded => loaded?,
         };
-        let queue = Queue::open(key, dir)?;
-        let failed = FailedStore::open(&queue.dir)?;
+        let queue = Queue::open(key, dir, charges.clone())?;
+        let failed = FailedStore::open(&queue.dir, charges.disk.clone())?;
         Ok(FunctionEvents {
             queue,
             configs: Mutex::new(configs),
@@ -86,10 +99,10 @@ impl FunctionEvents {
 
     /// A new, empty queue for `dir`, which does not exist: nothing is read or
     /// written until its first event or setting is stored.
-    fn new(key: &str, dir: PathBuf) -> FunctionEvents {
+    fn new(key: &str, dir: PathBuf, charges: &Charges) -> FunctionEvents {
         FunctionEvents {
-            failed: Mutex::new(FailedStore::new(&dir)),
-            queue: Queue::new(key, dir),
+            failed: Mutex::new(FailedStore::new(&dir, charges.disk.clone())),
+            queue: Queue::new(key, dir, charges.clone()),
             configs: Mutex::new(Configs::new()),
         }
     }
@@ -126,6 +139,40 @@ impl FunctionEvents {
     pub fn failed(&self) -> io::Result<Vec<serde_json::Value>> {
         self.failed.lock().unwrap().list()
     }
+
+    /// Drops the settings and events of the versions and aliases that are gone
+    /// (`exists` says which `<key>:<qualifier>` are not): a server stopped
+    /// between deleting one and dropping them left them behind.
+    fn drop_gone_qualifiers(&self, exists: impl Fn(&str) -> bool) -> io::Result<()> {
+        let configured: Vec<String> = self.configs.lock().unwrap().keys().cloned().collect();
+        let queued = self.queue.qualifiers();
+        let named = configured
+            .iter()
+            .map(String::as_str)
+            .chain(queued.iter().map(|q| &**q));
+        let gone: std::collections::BTreeSet<&str> = named
+            .filter(|q| !q.is_empty() && *q != "$LATEST")
+            .filter(|q| !exists(&format!("{}:{q}", self.queue.key)))
+            .collect();
+        for qualifier in gone {
+            let dropped = self.queue.drop_qualifier(qualifier);
+            eprintln!(
+                "hearth: async queue {}: {qualifier} is gone; its settings and {dropped} event(s) dropped",
+                self.queue.key
+            );
+            if self.config(qualifier).is_some() {
+                self.edit_config(qualifier, |_| None)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Drops its events, settings and failures with their directory (its function was deleted).
+    fn remove(&self) {
+        // The failure store first: no failure is kept in the directory once it is gone.
+        self.failed.lock().unwrap().removed();
+        self.queue.remove();
+    }
 }
 
 fn config_key(qualifier: &str) -> &str {
@@ -139,7 +186,12 @@ fn config_key(qualifier: &str) -> &str {
 /// What the engine hears back once an event is stored (or refused).
 pub type Accepted = Box<dyn FnOnce(Result<(), AppendError>) + Send>;
 
-/// The committer has [`ACCEPT_PENDING_MAX`] events waiting already.
+/// Whether the version or alias an event names is still there (asked by the
+/// committer as it stores the event; see [`Queue::append_checked`]).
+pub type StillThere = Box<dyn Fn() -> bool + Send>;
+
+/// The committer has [`ACCEPT_PENDING_MAX`] events or
+/// [`ACCEPT_PENDING_BYTES_MAX`] bytes of payloads waiting already.
 #[derive(Debug)]
 pub struct Backlogged;
 
@@ -151,6 +203,10 @@ struct Submit {
     request_id: String,
     body: Vec<u8>,
     done: Accepted,
+    still_there: StillThere,
+    /// The body's share of [`ACCEPT_PENDING_BYTES_MAX`], returned once the
+    /// committer is done with the event (or it was refused).
+    _held: Reservation,
 }
 
 /// Every function's queue, the committer, and the dispatcher once started.
@@ -165,6 +221,11 @@ pub struct AsyncEvents {
     queues: Mutex<BTreeMap<String, Arc<FunctionEvents>>>,
     submit_tx: SyncSender<Submit>,
     submit_rx: Mutex<Option<Receiver<Submit>>>,
+    /// Payload bytes in the committer's channel ([`ACCEPT_PENDING_BYTES_MAX`]).
+    pending_bytes: Arc<Budget>,
+    /// Bytes of every queue's segments and every failure store
+    /// (`--async-disk-max-mb`), and events of every queue not yet acked.
+    charges: Charges,
     /// Wakes the dispatcher (new events, a run finished).
     wake: OnceLock<dispatch::Waker>,
 }
@@ -201,7 +262,9 @@ fn set_aside(dir: &Path, key: &str, e: &io::Error) {
 
 impl AsyncEvents {
     /// Opens every queue under `dir` (recovering them) whose function `exists`;
-    /// the others' directories are removed (their functions were deleted).
+    /// the others' directories are removed (their functions were deleted), and
+    /// so are the settings and events of versions and aliases that do not
+    /// (`exists("<key>:<qualifier>")`).
     /// A queue that cannot be opened does not stop the server: it is logged
     /// and moved aside to `<dir>.unreadable/<key>-<ms>` (its events are not
     /// run), and its function starts with an empty queue.
@@ -211,6 +274,11 @@ impl AsyncEvents {
         exists: impl Fn(&str) -> bool,
     ) -> io::Result<AsyncEvents> {
         std::fs::create_dir_all(dir)?;
+        let charges = Charges {
+            disk: Budget::new("asynchronous event disk", "bytes", limits.disk_bytes_max),
+            events: Budget::new("queued asynchronous events", "events", QUEUED_EVENTS_MAX),
+        };
+        let disk = &charges.disk;
         let mut queues = BTreeMap::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = match entry {
@@ -226,12 +294,22 @@ impl AsyncEvents {
                 let _ = std::fs::remove_dir_all(entry.path());
                 continue;
             }
-            match FunctionEvents::open(&key, entry.path()) {
+            let opened = FunctionEvents::open(&key, entry.path(), &charges)
+                .and_then(|q| q.drop_gone_qualifiers(&exists).map(|()| q));
+            match opened {
                 Ok(q) => {
                     queues.insert(key, Arc::new(q));
                 }
                 Err(e) => set_aside(dir, &key, &e),
             }
+        }
+        if disk.used() > disk.max() {
+            eprintln!(
+                "hearth: warning: the async queues and failed events take {} bytes, over \
+                 --async-disk-max-mb ({} bytes); no event is accepted until they drain",
+                disk.used(),
+                disk.max()
+            );
         }
         let (submit_tx, submit_rx) = sync_channel(ACCEPT_PENDING_MAX);
         Ok(AsyncEvents {
@@ -240,6 +318,8 @@ impl AsyncEvents {
             queues: Mutex::new(queues),
             submit_tx,
             submit_rx: Mutex::new(Some(submit_rx)),
+            pending_bytes: Budget::new("async accept backlog", "bytes", ACCEPT_PENDING_BYTES_MAX),
+            charges,
             wake: OnceLock::new(),
         })
     }
@@ -266,9 +346,9 @@ impl AsyncEvents {
         if !exists() {
             return Ok(None);
         }
-        let q = queues
-            .entry(key.to_string())
-            .or_insert_with(|| Arc::new(FunctionEvents::new(key, self.dir.join(key))));
+        let q = queues.entry(key.to_string()).or_insert_with(|| {
+            Arc::new(FunctionEvents::new(key, self.dir.join(key), &self.charges))
+        });
         Ok(Some(q.clone()))
     }
 
@@ -282,11 +362,30 @@ impl AsyncEvents {
         self.queues.lock().unwrap().values().cloned().collect()
     }
 
+    /// Drops the settings and events of `qualifier` of the function `key`
+    /// (the version or alias was deleted), so that one published or made
+    /// anew under the same number or name starts with none; makes no queue.
+    pub fn drop_qualifier(&self, key: &str, qualifier: &str) -> io::Result<()> {
+        let Some(events) = self.get(key) else {
+            return Ok(());
+        };
+        let dropped = events.queue.drop_qualifier(qualifier);
+        if dropped > 0 {
+            eprintln!(
+                "hearth: async queue {key}: {dropped} event(s) of {qualifier} dropped with it"
+            );
+        }
+        if events.config(qualifier).is_some() {
+            events.edit_config(qualifier, |_| None)?;
+        }
+        Ok(())
+    }
+
     /// Drops the queue of `key` with its events and settings (its function was deleted).
     pub fn forget(&self, key: &str) {
         let q = self.queues.lock().unwrap().remove(key);
         match q {
-            Some(q) => q.queue.remove(),
+            Some(q) => q.remove(),
             None => {
                 if valid_key(key) {
                     let _ = std::fs::remove_dir_all(self.dir.join(key));
@@ -296,9 +395,11 @@ impl AsyncEvents {
     }
 
     /// Hands an event for `events` (from [`AsyncEvents::queue_for`]) to the
-    /// committer; `done` hears whether it was stored. Never blocks: with
-    /// [`ACCEPT_PENDING_MAX`] events waiting already, the event is refused at
-    /// once ([`Backlogged`], and `done` is dropped).
+    /// committer; `done` hears whether it was stored (not when `still_there`
+    /// says its version or alias is gone as it is stored: [`AppendError::Removed`]). Never blocks: with
+    /// [`ACCEPT_PENDING_MAX`] events or [`ACCEPT_PENDING_BYTES_MAX`] bytes of
+    /// payloads waiting already, the event is refused at once ([`Backlogged`],
+    /// and `done` is dropped).
     pub fn submit(
         &self,
         events: Arc<FunctionEvents>,
@@ -306,13 +407,20 @@ impl AsyncEvents {
         request_id: String,
         body: Vec<u8>,
         done: Accepted,
+        still_there: StillThere,
     ) -> Result<(), Backlogged> {
+        let held = self
+            .pending_bytes
+            .try_reserve(body.len() as u64)
+            .ok_or(Backlogged)?;
         let s = Submit {
             events,
             qualifier,
             request_id,
             body,
             done,
+            still_there,
+            _held: held,
         };
         match self.submit_tx.try_send(s) {
             Ok(()) => Ok(()),
@@ -373,7 +481,11 @@ impl AsyncEvents {
                     )
                 })
                 .collect();
-            let results = q.queue.append(&items, now_ms, self.limits.queue_bytes_max);
+            let results =
+                q.queue
+                    .append_checked(&items, now_ms, self.limits.queue_bytes_max, |i| {
+                        (events[i].still_there)()
+                    });
             drop(items);
             for (s, r) in events.into_iter().zip(results) {
                 (s.done)(r);
@@ -444,6 +556,11 @@ mod tests {
     use std::sync::mpsc::channel;
 
     fn open(label: &str) -> (PathBuf, AsyncEvents) {
+        open_with_disk(label, u64::MAX)
+    }
+
+    /// [`open`] with a server-wide disk cap of `disk_bytes_max`.
+    fn open_with_disk(label: &str, disk_bytes_max: u64) -> (PathBuf, AsyncEvents) {
         let d = std::env::temp_dir().join(format!(
             "hearth-async-{label}-{}-{:x}",
             std::process::id(),
@@ -451,6 +568,7 @@ mod tests {
         ));
         let limits = AsyncLimits {
             queue_bytes_max: u64::MAX,
+            disk_bytes_max,
             retry_base_ms: 100,
             failure_webhook: None,
         };
@@ -458,14 +576,97 @@ mod tests {
         (d, events)
     }
 
+    /// A version or alias that is always there.
+    fn there() -> StillThere {
+        Box::new(|| true)
+    }
+
     /// Submits `{}` for `events`; the receiver hears whether it was stored.
     fn submit(ev: &AsyncEvents, events: Arc<FunctionEvents>) -> Receiver<Result<(), AppendError>> {
+        submit_body(ev, events, b"{}".to_vec())
+    }
+
+    /// Submits `body` for `events`; the receiver hears whether it was stored.
+    fn submit_body(
+        ev: &AsyncEvents,
+        events: Arc<FunctionEvents>,
+        body: Vec<u8>,
+    ) -> Receiver<Result<(), AppendError>> {
         let (tx, rx) = channel();
         let done = Box::new(move |r| tx.send(r).unwrap());
         assert!(ev
-            .submit(events, String::new(), "rid".into(), b"{}".to_vec(), done)
+            .submit(events, String::new(), "rid".into(), body, done, there())
             .is_ok());
         rx
+    }
+
+    /// Bytes of the files under `dir` (none: 0).
+    fn bytes_under(dir: &Path) -> u64 {
+        std::fs::read_dir(dir).map_or(0, |entries| {
+            entries.map(|e| e.unwrap().metadata().unwrap().len()).sum()
+        })
+    }
+
+    #[test]
+    fn the_server_wide_disk_cap_refuses_events_of_every_function_and_writes_nothing() {
+        const BODY: usize = 60 << 10;
+        let (d, ev) = open_with_disk("disk-cap", 256 << 10);
+        let a = ev.queue_for("a", || true).unwrap().unwrap();
+        // Four events of 60 KiB fit in 256 KiB, the fifth does not.
+        let stored: Vec<_> = (0..5)
+            .map(|_| submit_body(&ev, a.clone(), vec![b'1'; BODY]))
+            .collect();
+        commit_waiting(&ev);
+        let stored: Vec<_> = stored.iter().map(|rx| rx.recv().unwrap()).collect();
+        assert!(stored[..4].iter().all(Result::is_ok), "{stored:?}");
+        assert!(
+            matches!(stored[4], Err(AppendError::DiskFull { bytes_max: 262_144 })),
+            "{stored:?}"
+        );
+        let a_bytes = bytes_under(&d.join("a"));
+        // Another function's event is refused too, and nothing of it is written.
+        let b = ev.queue_for("b", || true).unwrap().unwrap();
+        let refused = submit_body(&ev, b.clone(), vec![b'1'; BODY]);
+        commit_waiting(&ev);
+        assert!(matches!(
+            refused.recv().unwrap(),
+            Err(AppendError::DiskFull { .. })
+        ));
+        assert!(!d.join("b").exists(), "b's queue was made");
+        assert_eq!(
+            bytes_under(&d.join("a")),
+            a_bytes,
+            "a refused event was written"
+        );
+        // Once a's events are done with, their segment goes and its room is free.
+        while let Some((p, _)) = a.queue.take(0, usize::MAX) {
+            a.queue.finish_ack(&p);
+        }
+        assert_eq!(a.queue.bytes(), 0);
+        let stored = submit_body(&ev, b, vec![b'1'; BODY]);
+        commit_waiting(&ev);
+        assert!(stored.recv().unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_deleted_functions_disk_is_free_again() {
+        const BODY: usize = 60 << 10;
+        let (d, ev) = open_with_disk("disk-forget", 256 << 10);
+        let a = ev.queue_for("a", || true).unwrap().unwrap();
+        let stored: Vec<_> = (0..4)
+            .map(|_| submit_body(&ev, a.clone(), vec![b'1'; BODY]))
+            .collect();
+        commit_waiting(&ev);
+        assert!(stored.iter().all(|rx| rx.recv().unwrap().is_ok()));
+        ev.forget("a");
+        let b = ev.queue_for("b", || true).unwrap().unwrap();
+        let stored: Vec<_> = (0..4)
+            .map(|_| submit_body(&ev, b.clone(), vec![b'1'; BODY]))
+            .collect();
+        commit_waiting(&ev);
+        assert!(stored.iter().all(|rx| rx.recv().unwrap().is_ok()));
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     /// Runs the committer's work on every event submitted so far.
@@ -473,6 +674,175 @@ mod tests {
         let rx = ev.submit_rx.lock().unwrap();
         let batch: Vec<Submit> = rx.as_ref().unwrap().try_iter().collect();
         ev.commit(batch);
+    }
+
+    #[test]
+    fn the_accept_backlog_is_bounded_in_bytes_not_only_in_events() {
+        let (d, ev) = open("backlog-bytes");
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let body = vec![b'1'; EVENT_BYTES_MAX];
+        let fits = (ACCEPT_PENDING_BYTES_MAX / EVENT_BYTES_MAX as u64) as usize;
+        assert!(fits < ACCEPT_PENDING_MAX, "the byte bound comes first");
+        let mut answers = Vec::new();
+        for _ in 0..fits {
+            let (tx, rx) = channel();
+            let done = Box::new(move |r| tx.send(r).unwrap());
+            let sent = ev.submit(
+                q.clone(),
+                String::new(),
+                "r".into(),
+                body.clone(),
+                done,
+                there(),
+            );
+            assert!(sent.is_ok());
+            answers.push(rx);
+        }
+        let refused = ev.submit(
+            q.clone(),
+            String::new(),
+            "r".into(),
+            body.clone(),
+            Box::new(|_| {}),
+            there(),
+        );
+        assert!(
+            matches!(refused, Err(Backlogged)),
+            "{fits} MiB are waiting already"
+        );
+        // Small events still fit, up to the bound in bytes.
+        assert!(ev
+            .submit(
+                q.clone(),
+                String::new(),
+                "r".into(),
+                Vec::new(),
+                Box::new(|_| {}),
+                there(),
+            )
+            .is_ok());
+        // Once the committer has stored them, their bytes are free again.
+        commit_waiting(&ev);
+        assert!(answers.iter().all(|rx| rx.recv().unwrap().is_ok()));
+        let rx = submit(&ev, q);
+        commit_waiting(&ev);
+        assert!(rx.recv().unwrap().is_ok());
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_deleted_versions_settings_and_events_go_with_it() {
+        let (d, ev) = open("drop-version");
+        // Dropping a qualifier of a function without a queue makes none.
+        ev.drop_qualifier("f", "1").unwrap();
+        assert!(ev.get("f").is_none() && !d.join("f").exists());
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let setting = |retries_max| {
+            Some(EventConfig {
+                retries_max,
+                ..EventConfig::default()
+            })
+        };
+        q.edit_config("1", |_| setting(0)).unwrap();
+        q.edit_config("", |_| setting(1)).unwrap();
+        let (tx, rx) = channel();
+        for qualifier in ["1", "1", ""] {
+            let tx = tx.clone();
+            let done = Box::new(move |r| tx.send(r).unwrap());
+            let sent = ev.submit(
+                q.clone(),
+                qualifier.into(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+                there(),
+            );
+            assert!(sent.is_ok());
+        }
+        commit_waiting(&ev);
+        assert!(rx.try_iter().all(|r| r.is_ok()));
+        ev.drop_qualifier("f", "1").unwrap();
+        assert_eq!(q.config("1"), None);
+        assert_eq!(q.config(""), setting(1));
+        assert_eq!(q.queue.depth(), 1, "only the unqualified event is left");
+        // Settings dropped durably: a restart does not bring them back.
+        drop((q, ev));
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let ev = AsyncEvents::open(&d, limits, |_| true).unwrap();
+        let q = ev.get("f").unwrap();
+        assert_eq!((q.config("1"), q.queue.depth()), (None, 1));
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_restart_drops_what_a_deleted_version_or_alias_left_behind() {
+        let (d, ev) = open("drop-at-start");
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let setting = Some(EventConfig::default());
+        for qualifier in ["", "1", "2", "live"] {
+            q.edit_config(qualifier, |_| setting).unwrap();
+        }
+        let (tx, rx) = channel();
+        for qualifier in ["", "1", "2", "old"] {
+            let tx = tx.clone();
+            let done = Box::new(move |r| tx.send(r).unwrap());
+            let sent = ev.submit(
+                q.clone(),
+                qualifier.into(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+                there(),
+            );
+            assert!(sent.is_ok());
+        }
+        commit_waiting(&ev);
+        assert!(rx.try_iter().all(|r| r.is_ok()));
+        drop((q, ev));
+        // Stopped before it dropped what version 1 and aliases live and old
+        // had: they are gone at the restart.
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let ev = AsyncEvents::open(&d, limits, |key| ["f", "f:2"].contains(&key)).unwrap();
+        let q = ev.get("f").unwrap();
+        let configured: Vec<Option<EventConfig>> =
+            ["", "1", "2", "live"].map(|x| q.config(x)).to_vec();
+        assert_eq!(configured, [setting, None, setting, None]);
+        let queued: Vec<String> = q.queue.qualifiers().iter().map(|x| x.to_string()).collect();
+        assert_eq!(queued, ["", "2"]);
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_event_whose_version_is_deleted_before_it_is_stored_is_refused() {
+        let (d, ev) = open("drop-before-stored");
+        let q = ev.queue_for("f", || true).unwrap().unwrap();
+        let (tx, rx) = channel();
+        let done = Box::new(move |r| tx.send(r).unwrap());
+        let gone = Box::new(|| false);
+        assert!(ev
+            .submit(
+                q.clone(),
+                "1".into(),
+                "r".into(),
+                b"{}".to_vec(),
+                done,
+                gone
+            )
+            .is_ok());
+        commit_waiting(&ev);
+        assert!(matches!(rx.recv().unwrap(), Err(AppendError::Removed)));
+        assert_eq!(q.queue.depth(), 0);
+        let _ = std::fs::remove_dir_all(&d);
     }
 
     #[test]
@@ -502,11 +872,16 @@ mod tests {
         std::fs::write(d.join("bad-config/config.json"), "not json").unwrap();
         // A segment that cannot be read (a directory in its place).
         std::fs::create_dir_all(d.join("bad-segment/seg-0000000000000001.log")).unwrap();
-        let ok = Queue::open("ok", d.join("ok")).unwrap();
+        let charges = Charges {
+            disk: Budget::new("async event disk", "bytes", u64::MAX),
+            events: Budget::new("queued async events", "events", u64::MAX),
+        };
+        let ok = Queue::open("ok", d.join("ok"), charges).unwrap();
         assert!(ok.append(&[("", "r", b"{}")], 1, u64::MAX)[0].is_ok());
         drop(ok);
         let limits = AsyncLimits {
             queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
             retry_base_ms: 100,
             failure_webhook: None,
         };

@@ -4,11 +4,32 @@
 //!
 //! An event is acked once it ran or was given up (and kept as failed); a
 //! segment whose events are all acked is deleted, unless it is the one being
-//! appended to. Appends are fsynced before the client hears 202; acks are
-//! not (a lost ack only runs an event again: delivery is at least once).
+//! appended to and smaller than [`SEGMENT_IDLE_KEPT_BYTES`]. Appends are
+//! fsynced before the client hears 202; acks are not (a lost ack only runs an
+//! event again: delivery is at least once).
+//!
+//! Each event is charged its frame and room for its ack and retry records, against the
+//! queue's own cap and the server-wide [`Budget`] of every queue and failure
+//! store (`--async-disk-max-mb`), before anything of it is written; the charge
+//! is returned when its segment is deleted. Each event not yet acked also
+//! counts against the server-wide [`QUEUED_EVENTS_MAX`]: its position is held
+//! in memory, and with tiny events the disk cap alone would allow tens of
+//! millions of them.
+//!
+//! A failed run to be retried appends a [`RetryRecord`] (attempts, when due)
+//! to the ack file, so a restart keeps the count and the backoff (at most
+//! [`RETRIES_MAX`] per event, room charged with the event). Runs put off
+//! without using an attempt (throttled, service errors) are not recorded:
+//! one event may be put off thousands of times, and forgetting it only
+//! restarts its short backoff; its age is kept in its event record.
+//!
+//! Deleting a version or alias drops its events ([`Queue::drop_qualifier`]):
+//! those waiting, those being stored and those running are acked at once, so
+//! none of them runs on a version published anew under the same number (or
+//! an alias made again under the name).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BinaryHeap, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
 use std::os::unix::fs::FileExt;
@@ -16,11 +37,37 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
-use super::log::{self, AckRecord, EventRecord, FRAME_HEAD_BYTES};
+use super::config::RETRIES_MAX;
+use super::log::{self, AckRecord, EventRecord, RetryRecord, FRAME_HEAD_BYTES};
+use crate::functions::budget::Budget;
 
 /// A segment is closed to appends past this size (it is deleted once all its
 /// events are acked).
 pub const SEGMENT_BYTES_MAX: u64 = 4 << 20;
+/// A segment whose events are all acked is deleted even while it is the one
+/// appended to once it is this large, so a drained queue holds no more: a
+/// smaller one stays, sparing a queue that drains event by event a new file
+/// (and a directory fsync) per event.
+pub const SEGMENT_IDLE_KEPT_BYTES: u64 = 64 << 10;
+/// Bytes charged per event beyond its frame: its ack record and up to
+/// [`RETRIES_MAX`] retry records in the ack file.
+pub const ACK_ROOM_BYTES: u64 =
+    (FRAME_HEAD_BYTES + 8 + RETRIES_MAX as usize * (FRAME_HEAD_BYTES + RetryRecord::BYTES)) as u64;
+
+/// Events not yet acked, all queues together: each is a [`Pending`] in memory
+/// (about 100 bytes), so this bounds that memory (to about 100 MiB) where
+/// the disk cap would not for small events.
+pub const QUEUED_EVENTS_MAX: u64 = 1 << 20;
+
+/// The server-wide budgets every queue is charged to.
+#[derive(Clone, Debug)]
+pub struct Charges {
+    /// Bytes of segment files and room for their acks (`--async-disk-max-mb`),
+    /// shared with the failure stores.
+    pub disk: Arc<Budget>,
+    /// Events not yet acked ([`QUEUED_EVENTS_MAX`]).
+    pub events: Arc<Budget>,
+}
 
 /// Counters and gauges of one queue (`/metrics`).
 #[derive(Default)]
@@ -41,6 +88,8 @@ pub struct QueueMetrics {
 #[derive(Clone, Debug)]
 pub struct Pending {
     pub seq: u64,
+    /// The version or alias it invokes ("" for the unqualified function).
+    pub qualifier: Arc<str>,
     /// Its segment and the offset of its frame there.
     segment: u64,
     offset: u64,
@@ -58,7 +107,10 @@ pub struct Pending {
 struct Segment {
     log: Arc<File>,
     ack: Option<File>,
+    /// Length of its log file.
     bytes: u64,
+    /// What it is charged: its log and room for its events' acks.
+    charged: u64,
     /// Events of this segment not acked.
     live: usize,
 }
@@ -67,13 +119,20 @@ struct State {
     segments: BTreeMap<u64, Segment>,
     next_segment: u64,
     next_seq: u64,
-    /// Bytes of all segment logs.
+    /// Bytes charged for all segments (see [`Segment::charged`]).
     bytes: u64,
     ready: VecDeque<Pending>,
     /// Events waiting for their `not_before_ms`, the earliest due on top: a
     /// `take` with nothing due costs one look at the top, not a pass over all.
     delayed: BinaryHeap<Reverse<Delayed>>,
-    inflight: usize,
+    /// Events taken and not yet finished, by seq.
+    running: HashMap<u64, Pending>,
+    /// Events written by an append that is syncing them (the lock is not
+    /// held meanwhile), not yet ready.
+    storing: Vec<Pending>,
+    /// Those of `storing` a [`Queue::drop_qualifier`] acked: their append
+    /// does not make them ready.
+    dropped_while_storing: Vec<u64>,
     /// The directory exists, durably (a new queue makes it with its first segment).
     dir_made: bool,
 }
@@ -113,6 +172,11 @@ impl Ord for Delayed {
 pub enum AppendError {
     /// The queue holds its cap of bytes already.
     Full { bytes_max: u64 },
+    /// The queues and failure stores of all functions hold the server's cap
+    /// (`--async-disk-max-mb`) already.
+    DiskFull { bytes_max: u64 },
+    /// All queues together hold [`QUEUED_EVENTS_MAX`] events already.
+    TooManyQueued { events_max: u64 },
     /// The queue was removed with its function.
     Removed,
     /// Writing or syncing failed.
@@ -127,8 +191,17 @@ pub struct Queue {
     pub dir: PathBuf,
     state: Mutex<State>,
     removed: AtomicBool,
+    /// The server-wide disk budget its segments are charged to.
+    disk: Arc<Budget>,
+    /// The server-wide count its events not yet acked are charged to.
+    events: Arc<Budget>,
     /// Its counters.
     pub metrics: QueueMetrics,
+}
+
+/// Events of `st` not acked.
+fn live_events(st: &State) -> u64 {
+    st.segments.values().map(|s| s.live as u64).sum()
 }
 
 fn segment_path(dir: &Path, n: u64, ext: &str) -> PathBuf {
@@ -174,7 +247,7 @@ fn make_dir(dir: &Path) -> io::Result<()> {
 impl Queue {
     /// A new, empty queue for `dir`, which does not exist yet: it is made
     /// with the first segment, so making the queue touches no disk.
-    pub fn new(key: &str, dir: PathBuf) -> Queue {
+    pub fn new(key: &str, dir: PathBuf, charges: Charges) -> Queue {
         Queue {
             key: key.to_string(),
             dir,
@@ -185,17 +258,22 @@ impl Queue {
                 bytes: 0,
                 ready: VecDeque::new(),
                 delayed: BinaryHeap::new(),
-                inflight: 0,
+                running: HashMap::new(),
+                storing: Vec::new(),
+                dropped_while_storing: Vec::new(),
                 dir_made: false,
             }),
             removed: AtomicBool::new(false),
+            disk: charges.disk,
+            events: charges.events,
             metrics: QueueMetrics::default(),
         }
     }
 
     /// Opens (creating) the queue in `dir`, recovering what a previous run left:
     /// torn tails are cut, acked events dropped, fully acked old segments deleted.
-    pub fn open(key: &str, dir: PathBuf) -> io::Result<Queue> {
+    /// What it keeps is charged to `charges` even beyond their ceilings.
+    pub fn open(key: &str, dir: PathBuf, charges: Charges) -> io::Result<Queue> {
         if !dir.is_dir() {
             make_dir(&dir)?;
         }
@@ -228,27 +306,33 @@ impl Queue {
             bytes: 0,
             ready: VecDeque::new(),
             delayed: BinaryHeap::new(),
-            inflight: 0,
+            running: HashMap::new(),
+            storing: Vec::new(),
+            dropped_while_storing: Vec::new(),
             dir_made: true,
         };
         let last = numbers.last().copied();
+        let mut qualifiers: HashMap<String, Arc<str>> = HashMap::new();
         for n in numbers {
             let log_path = segment_path(&dir, n, "log");
             let ack_path = segment_path(&dir, n, "ack");
             let bytes = read_trimmed(&log_path)?;
-            let acked: std::collections::HashSet<u64> = if ack_path.exists() {
+            let mut acked = std::collections::HashSet::new();
+            let mut retries: HashMap<u64, RetryRecord> = HashMap::new();
+            if ack_path.exists() {
                 let acks = read_trimmed(&ack_path)?;
-                log::frames(&acks)
-                    .0
-                    .iter()
-                    .filter_map(|(_, p)| AckRecord::decode(p))
-                    .map(|a| a.seq)
-                    .collect()
-            } else {
-                Default::default()
-            };
+                for (_, p) in log::frames(&acks).0 {
+                    if let Some(a) = AckRecord::decode(p) {
+                        acked.insert(a.seq);
+                    } else if let Some(r) = RetryRecord::decode(p) {
+                        retries.insert(r.seq, r);
+                    }
+                }
+            }
             let mut live = 0;
-            for (offset, payload) in log::frames(&bytes).0 {
+            let frames = log::frames(&bytes).0;
+            let charged = bytes.len() as u64 + frames.len() as u64 * ACK_ROOM_BYTES;
+            for (offset, payload) in frames {
                 let Some(e) = EventRecord::decode(payload) else {
                     continue;
                 };
@@ -257,18 +341,28 @@ impl Queue {
                     continue;
                 }
                 live += 1;
-                st.ready.push_back(Pending {
+                let qualifier = qualifiers
+                    .entry(e.qualifier)
+                    .or_insert_with_key(|q| Arc::from(q.as_str()))
+                    .clone();
+                let retry = retries.get(&e.seq);
+                let p = Pending {
                     seq: e.seq,
+                    qualifier,
                     segment: n,
                     offset: offset as u64,
                     payload_bytes: payload.len() as u32,
                     accepted_ms: e.accepted_ms,
-                    attempts: 0,
-                    not_before_ms: 0,
+                    attempts: retry.map_or(0, |r| r.attempts),
+                    not_before_ms: retry.map_or(0, |r| r.not_before_ms),
                     deferrals: 0,
-                });
+                };
+                match retry {
+                    Some(_) => st.delayed.push(Reverse(Delayed(p))),
+                    None => st.ready.push_back(p),
+                }
             }
-            if live == 0 && Some(n) != last {
+            if live == 0 && (Some(n) != last || bytes.len() as u64 >= SEGMENT_IDLE_KEPT_BYTES) {
                 fs::remove_file(&log_path)?;
                 let _ = fs::remove_file(&ack_path);
                 continue;
@@ -278,44 +372,64 @@ impl Queue {
             } else {
                 None
             };
-            st.bytes += bytes.len() as u64;
+            st.bytes += charged;
             st.segments.insert(
                 n,
                 Segment {
                     log: Arc::new(open_append(&log_path)?),
                     ack,
                     bytes: bytes.len() as u64,
+                    charged,
                     live,
                 },
             );
         }
-        if !st.ready.is_empty() {
+        let recovered = st.ready.len() + st.delayed.len();
+        if recovered > 0 {
             eprintln!(
-                "hearth: async queue {key}: {} event(s) to run from before the restart",
-                st.ready.len()
+                "hearth: async queue {key}: {recovered} event(s) to run from before the restart \
+                 ({} waiting for a retry)",
+                st.delayed.len()
             );
         }
         let metrics = QueueMetrics::default();
-        metrics
-            .depth
-            .store(st.ready.len() as u64, Ordering::Relaxed);
+        metrics.depth.store(recovered as u64, Ordering::Relaxed);
+        charges.disk.take_over(st.bytes);
+        charges.events.take_over(live_events(&st));
         Ok(Queue {
             key: key.to_string(),
             dir,
             state: Mutex::new(st),
             removed: AtomicBool::new(false),
+            disk: charges.disk,
+            events: charges.events,
             metrics,
         })
     }
 
     /// Appends `events` (qualifier, request id, body) and makes them durable
     /// (one fsync per segment written) before they can run. Each event gets
-    /// its own outcome: those beyond `bytes_max` are refused.
+    /// its own outcome: those beyond `bytes_max` (this queue) or the server's
+    /// disk budget are refused, and nothing of them is written.
     pub fn append(
         &self,
         events: &[(&str, &str, &[u8])],
         now_ms: u64,
         bytes_max: u64,
+    ) -> Vec<Result<(), AppendError>> {
+        self.append_checked(events, now_ms, bytes_max, |_| true)
+    }
+
+    /// [`Queue::append`], refusing ([`AppendError::Removed`]) each event `i`
+    /// whose target is gone: `still_there(i)` is asked under the lock
+    /// [`Queue::drop_qualifier`] takes, so an event is either refused or
+    /// stored before its version or alias is dropped (and dropped with it).
+    pub fn append_checked(
+        &self,
+        events: &[(&str, &str, &[u8])],
+        now_ms: u64,
+        bytes_max: u64,
+        still_there: impl Fn(usize) -> bool,
     ) -> Vec<Result<(), AppendError>> {
         let mut out: Vec<Result<(), AppendError>> = Vec::with_capacity(events.len());
         let mut written: Vec<Pending> = Vec::new();
@@ -325,10 +439,15 @@ impl Queue {
             if self.removed.load(Ordering::Acquire) {
                 return events.iter().map(|_| Err(AppendError::Removed)).collect();
             }
-            // (segment, its length before, buffer, events in it)
-            let mut buffers: Vec<(u64, u64, Vec<u8>, usize)> = Vec::new();
+            // (segment, its length before, buffer, events in it, bytes charged for them)
+            let mut buffers: Vec<(u64, u64, Vec<u8>, usize, u64)> = Vec::new();
             let mut payload = Vec::new();
-            for &(qualifier, request_id, body) in events {
+            let mut qualifier_arc: Option<Arc<str>> = None;
+            for (i, &(qualifier, request_id, body)) in events.iter().enumerate() {
+                if !still_there(i) {
+                    out.push(Err(AppendError::Removed));
+                    continue;
+                }
                 payload.clear();
                 let seq = st.next_seq;
                 EventRecord {
@@ -340,32 +459,52 @@ impl Queue {
                 }
                 .encode(&mut payload);
                 let frame_bytes = (FRAME_HEAD_BYTES + payload.len()) as u64;
-                if st.bytes + frame_bytes > bytes_max {
+                let charge = frame_bytes + ACK_ROOM_BYTES;
+                if st.bytes + charge > bytes_max {
                     out.push(Err(AppendError::Full { bytes_max }));
+                    continue;
+                }
+                if !self.disk.try_take(charge) {
+                    let bytes_max = self.disk.max();
+                    out.push(Err(AppendError::DiskFull { bytes_max }));
+                    continue;
+                }
+                if !self.events.try_take(1) {
+                    self.disk.give(charge);
+                    let events_max = self.events.max();
+                    out.push(Err(AppendError::TooManyQueued { events_max }));
                     continue;
                 }
                 let segment = match self.writable_segment(&mut st, frame_bytes) {
                     Ok(n) => n,
                     Err(e) => {
+                        self.disk.give(charge);
+                        self.events.give(1);
                         out.push(Err(AppendError::Io(e)));
                         continue;
                     }
                 };
                 if buffers.last().is_none_or(|b| b.0 != segment) {
                     let len = st.segments[&segment].bytes;
-                    buffers.push((segment, len, Vec::new(), 0));
+                    buffers.push((segment, len, Vec::new(), 0, 0));
                 }
                 let last = buffers.last_mut().expect("pushed");
                 last.3 += 1;
+                last.4 += charge;
                 let offset = st.segments[&segment].bytes;
                 log::frame(&mut last.2, &payload);
                 let seg = st.segments.get_mut(&segment).expect("segment");
                 seg.bytes += frame_bytes;
+                seg.charged += charge;
                 seg.live += 1;
-                st.bytes += frame_bytes;
+                st.bytes += charge;
                 st.next_seq += 1;
+                if qualifier_arc.as_deref() != Some(qualifier) {
+                    qualifier_arc = Some(Arc::from(qualifier));
+                }
                 written.push(Pending {
                     seq,
+                    qualifier: qualifier_arc.clone().expect("set"),
                     segment,
                     offset,
                     payload_bytes: payload.len() as u32,
@@ -376,33 +515,48 @@ impl Queue {
                 });
                 out.push(Ok(()));
             }
-            for (segment, _, buf, _) in &buffers {
+            for (segment, _, buf, _, _) in &buffers {
                 let seg = &st.segments[segment];
                 if let Err(e) = (&*seg.log).write_all(buf) {
                     // Nothing of this batch may stay half-written before later appends.
-                    for (segment, before, _, count) in &buffers {
+                    for (segment, before, _, count, charged) in &buffers {
                         let seg = st.segments.get_mut(segment).expect("segment");
                         let _ = seg.log.set_len(*before);
-                        let added = seg.bytes - before;
                         seg.bytes = *before;
+                        seg.charged -= charged;
                         seg.live -= count;
-                        st.bytes -= added;
+                        st.bytes -= charged;
+                        self.disk.give(*charged);
+                        self.events.give(*count as u64);
                     }
                     return self.fail_batch(events.len(), e);
                 }
                 to_sync.push(seg.log.clone());
             }
+            st.storing.extend(written.iter().cloned());
         }
-        for f in &to_sync {
-            if let Err(e) = f.sync_data() {
-                return self.fail_batch(events.len(), e);
-            }
-        }
+        let synced = to_sync.iter().try_for_each(|f| f.sync_data());
         let mut st = self.state.lock().unwrap();
+        let mine: BTreeSet<u64> = written.iter().map(|p| p.seq).collect();
+        st.storing.retain(|p| !mine.contains(&p.seq));
+        // Those a drop took meanwhile are acked already.
+        let mut taken = BTreeSet::new();
+        st.dropped_while_storing.retain(|seq| {
+            let is_mine = mine.contains(seq);
+            if is_mine {
+                taken.insert(*seq);
+            }
+            !is_mine
+        });
+        if let Err(e) = synced {
+            drop(st);
+            return self.fail_batch(events.len(), e);
+        }
         self.metrics
             .accepted
             .fetch_add(written.len() as u64, Ordering::Relaxed);
-        st.ready.extend(written);
+        st.ready
+            .extend(written.into_iter().filter(|p| !taken.contains(&p.seq)));
         self.publish_depth(&st);
         out
     }
@@ -451,6 +605,7 @@ impl Queue {
                 log: Arc::new(log),
                 ack: None,
                 bytes: 0,
+                charged: 0,
                 live: 0,
             },
         );
@@ -463,7 +618,8 @@ impl Queue {
 
     fn delete_segment(&self, st: &mut State, n: u64) {
         if let Some(seg) = st.segments.remove(&n) {
-            st.bytes -= seg.bytes;
+            st.bytes -= seg.charged;
+            self.disk.give(seg.charged);
             // The log first: an ack file alone is removed at recovery.
             let _ = fs::remove_file(segment_path(&self.dir, n, "log"));
             let _ = fs::remove_file(segment_path(&self.dir, n, "ack"));
@@ -474,7 +630,7 @@ impl Queue {
     /// reads it from its segment. The caller must [`Queue::finish`] it.
     pub fn take(&self, now_ms: u64, share: usize) -> Option<(Pending, EventRecord)> {
         let mut st = self.state.lock().unwrap();
-        if st.inflight >= share || self.removed.load(Ordering::Acquire) {
+        if st.running.len() >= share || self.removed.load(Ordering::Acquire) {
             return None;
         }
         // Due events join the ready ones (behind them), earliest due first.
@@ -497,7 +653,7 @@ impl Queue {
                 .and_then(|payload| EventRecord::decode(&payload));
             match record {
                 Some(r) => {
-                    st.inflight += 1;
+                    st.running.insert(p.seq, p.clone());
                     return Some((p, r));
                 }
                 None => {
@@ -527,22 +683,114 @@ impl Queue {
                 .is_some_and(|Reverse(d)| d.0.not_before_ms <= now_ms)
     }
 
-    /// A taken event is done with: acked (it ran, or was given up and kept).
+    /// A taken event is done with: acked (it ran, or was given up and kept),
+    /// unless a drop acked it already.
     pub fn finish_ack(&self, p: &Pending) {
         let mut st = self.state.lock().unwrap();
-        st.inflight -= 1;
-        self.ack_locked(&mut st, p);
+        if st.running.remove(&p.seq).is_some() {
+            self.ack_locked(&mut st, p);
+        }
         self.publish_depth(&st);
     }
 
-    /// A taken event goes back to wait until `p.not_before_ms`.
+    /// A taken event goes back to wait until `p.not_before_ms`, unless a drop
+    /// acked it meanwhile.
     pub fn finish_later(&self, p: Pending) {
         let mut st = self.state.lock().unwrap();
-        st.inflight -= 1;
-        if !self.removed.load(Ordering::Acquire) {
+        if st.running.remove(&p.seq).is_some() && !self.removed.load(Ordering::Acquire) {
             st.delayed.push(Reverse(Delayed(p)));
         }
         self.publish_depth(&st);
+    }
+
+    /// A taken event whose run failed goes back to wait until
+    /// `p.not_before_ms`, and its attempts and due time are recorded for a
+    /// restart (unless a drop acked it meanwhile).
+    pub fn finish_retry(&self, p: Pending) {
+        let mut st = self.state.lock().unwrap();
+        if st.running.remove(&p.seq).is_none() || self.removed.load(Ordering::Acquire) {
+            return;
+        }
+        // Only RETRIES_MAX records were charged for; settings edited on disk
+        // beyond it may retry more, unrecorded.
+        if p.attempts <= RETRIES_MAX {
+            let record = RetryRecord {
+                seq: p.seq,
+                attempts: p.attempts,
+                not_before_ms: p.not_before_ms,
+            };
+            self.write_ack_file(&mut st, p.segment, &record.encode());
+        }
+        st.delayed.push(Reverse(Delayed(p)));
+        self.publish_depth(&st);
+    }
+
+    /// The qualifiers its events not yet acked name ("" for the unqualified function).
+    pub fn qualifiers(&self) -> BTreeSet<Arc<str>> {
+        let st = self.state.lock().unwrap();
+        let delayed = st.delayed.iter().map(|Reverse(d)| &d.0);
+        st.ready
+            .iter()
+            .chain(delayed)
+            .chain(st.running.values())
+            .chain(&st.storing)
+            .map(|p| p.qualifier.clone())
+            .collect()
+    }
+
+    /// True while the event `seq` is taken and not dropped: its run may start.
+    pub fn is_running(&self, seq: u64) -> bool {
+        self.state.lock().unwrap().running.contains_key(&seq)
+    }
+
+    /// Drops every event of `qualifier` (its version or alias was deleted):
+    /// those waiting, running or being stored are acked, durably, and none
+    /// of them runs again (a run under way finishes; its outcome is not
+    /// acted on). Returns how many were dropped.
+    pub fn drop_qualifier(&self, qualifier: &str) -> usize {
+        let mut st = self.state.lock().unwrap();
+        if self.removed.load(Ordering::Acquire) {
+            return 0;
+        }
+        let of = |p: &Pending| &*p.qualifier == qualifier;
+        let mut gone: Vec<Pending> = Vec::new();
+        let ready = std::mem::take(&mut st.ready);
+        let (out, keep): (VecDeque<_>, VecDeque<_>) = ready.into_iter().partition(of);
+        st.ready = keep;
+        gone.extend(out);
+        let delayed = std::mem::take(&mut st.delayed).into_vec();
+        let (out, keep): (Vec<_>, Vec<_>) = delayed.into_iter().partition(|d| of(&d.0 .0));
+        st.delayed = keep.into();
+        gone.extend(out.into_iter().map(|d| d.0 .0));
+        let running: Vec<u64> = st
+            .running
+            .values()
+            .filter(|p| of(p))
+            .map(|p| p.seq)
+            .collect();
+        for seq in running {
+            gone.extend(st.running.remove(&seq));
+        }
+        let storing: Vec<Pending> = st.storing.iter().filter(|p| of(p)).cloned().collect();
+        st.dropped_while_storing
+            .extend(storing.iter().map(|p| p.seq));
+        gone.extend(storing);
+        for p in &gone {
+            self.ack_locked(&mut st, p);
+        }
+        // Durably: after a crash none of them runs on a version published anew.
+        for seg in st.segments.values() {
+            if let Some(f) = &seg.ack {
+                if let Err(e) = f.sync_data() {
+                    eprintln!("hearth: async queue {}: cannot sync acks: {e}", self.key);
+                }
+            }
+        }
+        if !gone.is_empty() {
+            let _ = File::open(&self.dir).and_then(|d| d.sync_all());
+        }
+        self.publish_depth(&st);
+        gone.len()
     }
 
     fn ack_locked(&self, st: &mut State, p: &Pending) {
@@ -550,13 +798,28 @@ impl Queue {
             return;
         }
         let last = st.segments.keys().next_back().copied();
-        let Some(seg) = st.segments.get_mut(&p.segment) else {
+        if !st.segments.contains_key(&p.segment) {
+            return;
+        }
+        self.write_ack_file(st, p.segment, &AckRecord { seq: p.seq }.encode());
+        let seg = st.segments.get_mut(&p.segment).expect("checked");
+        seg.live -= 1;
+        self.events.give(1);
+        if seg.live == 0 && (Some(p.segment) != last || seg.bytes >= SEGMENT_IDLE_KEPT_BYTES) {
+            self.delete_segment(st, p.segment);
+        }
+    }
+
+    /// Appends one record to the ack file of `segment` (not synced: a lost
+    /// record only runs an event again, or sooner).
+    fn write_ack_file(&self, st: &mut State, segment: u64, payload: &[u8]) {
+        let Some(seg) = st.segments.get_mut(&segment) else {
             return;
         };
-        let mut buf = Vec::with_capacity(16);
-        log::frame(&mut buf, &AckRecord { seq: p.seq }.encode());
+        let mut buf = Vec::with_capacity(FRAME_HEAD_BYTES + payload.len());
+        log::frame(&mut buf, payload);
         if seg.ack.is_none() {
-            match open_append(&segment_path(&self.dir, p.segment, "ack")) {
+            match open_append(&segment_path(&self.dir, segment, "ack")) {
                 Ok(f) => seg.ack = Some(f),
                 Err(e) => eprintln!(
                     "hearth: async queue {}: cannot open an ack file: {e}",
@@ -566,21 +829,20 @@ impl Queue {
         }
         if let Some(f) = &mut seg.ack {
             if let Err(e) = f.write_all(&buf) {
-                eprintln!("hearth: async queue {}: cannot write an ack: {e}", self.key);
+                eprintln!(
+                    "hearth: async queue {}: cannot write to an ack file: {e}",
+                    self.key
+                );
             }
-        }
-        seg.live -= 1;
-        if seg.live == 0 && Some(p.segment) != last {
-            self.delete_segment(st, p.segment);
         }
     }
 
     fn publish_depth(&self, st: &State) {
-        let depth = st.ready.len() + st.delayed.len() + st.inflight;
+        let depth = st.ready.len() + st.delayed.len() + st.running.len();
         self.metrics.depth.store(depth as u64, Ordering::Relaxed);
     }
 
-    /// Bytes of its segment files.
+    /// Bytes charged for its segments (their logs and room for their acks).
     pub fn bytes(&self) -> u64 {
         self.state.lock().unwrap().bytes
     }
@@ -597,8 +859,10 @@ impl Queue {
         self.removed.store(true, Ordering::Release);
         st.ready.clear();
         st.delayed.clear();
+        st.running.clear();
+        self.events.give(live_events(&st));
         st.segments.clear();
-        st.bytes = 0;
+        self.disk.give(std::mem::take(&mut st.bytes));
         self.publish_depth(&st);
         let _ = fs::remove_dir_all(&self.dir);
     }
@@ -609,9 +873,28 @@ impl Queue {
     }
 }
 
+impl Drop for Queue {
+    /// Its segments stay on disk (they are recovered at the next start) but
+    /// are no longer this server's to charge.
+    fn drop(&mut self) {
+        let st = self.state.get_mut().unwrap_or_else(|e| e.into_inner());
+        self.events.give(live_events(st));
+        st.segments.clear();
+        self.disk.give(std::mem::take(&mut st.bytes));
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Budgets no test reaches.
+    fn unbounded() -> Charges {
+        Charges {
+            disk: Budget::new("async event disk", "bytes", u64::MAX),
+            events: Budget::new("queued async events", "events", u64::MAX),
+        }
+    }
 
     fn dir(label: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!(
@@ -632,7 +915,7 @@ mod tests {
     #[test]
     fn unacked_events_come_back_after_a_reopen_and_acked_ones_do_not() {
         let d = dir("reopen");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         push(&q, 5);
         let (p1, r1) = q.take(0, 10).unwrap();
         assert_eq!(r1.body, b"{\"n\":1}");
@@ -641,7 +924,7 @@ mod tests {
         q.finish_ack(&p2);
         let _running = q.take(0, 10).unwrap(); // taken, never acked: runs again
         drop(q);
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         let mut seqs = Vec::new();
         while let Some((p, _)) = q.take(0, 10) {
             seqs.push(p.seq);
@@ -659,9 +942,114 @@ mod tests {
     }
 
     #[test]
+    fn dropping_a_qualifier_acks_its_waiting_and_running_events_for_good() {
+        let d = dir("drop");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        let events: Vec<(&str, &str, &[u8])> = vec![
+            ("1", "running", b"{}"),
+            ("1", "delayed", b"{}"),
+            ("live", "other", b"{}"),
+            ("1", "ready", b"{}"),
+            ("", "latest", b"{}"),
+        ];
+        assert!(q.append(&events, 1, u64::MAX).iter().all(Result::is_ok));
+        let (running, _) = q.take(0, usize::MAX).unwrap();
+        let (mut delayed, _) = q.take(0, usize::MAX).unwrap();
+        delayed.not_before_ms = 1 << 50;
+        q.finish_later(delayed);
+        assert_eq!(q.drop_qualifier("1"), 3);
+        assert_eq!(q.depth(), 2);
+        assert!(!q.is_running(running.seq), "its run must not start");
+        // The run under way ends; it is not queued again.
+        q.finish_later(running.clone());
+        q.finish_ack(&running);
+        assert_eq!(q.depth(), 2);
+        let left = |q: &Queue| -> Vec<String> {
+            std::iter::from_fn(|| q.take(u64::MAX, usize::MAX))
+                .map(|(_, r)| r.request_id)
+                .collect()
+        };
+        assert_eq!(left(&q), ["other", "latest"]);
+        drop(q);
+        // Nor after a restart.
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        assert_eq!(left(&q), ["other", "latest"]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn events_not_yet_acked_are_bounded_in_number_across_queues() {
+        let (da, db) = (dir("count-a"), dir("count-b"));
+        let charges = Charges {
+            events: Budget::new("queued async events", "events", 3),
+            ..unbounded()
+        };
+        let a = Queue::open("a", da.clone(), charges.clone()).unwrap();
+        let b = Queue::open("b", db.clone(), charges.clone()).unwrap();
+        push(&a, 2);
+        let one: Vec<(&str, &str, &[u8])> = vec![("", "r", b"{}")];
+        assert!(b.append(&one, 1, u64::MAX)[0].is_ok());
+        assert!(matches!(
+            b.append(&one, 1, u64::MAX)[0],
+            Err(AppendError::TooManyQueued { events_max: 3 })
+        ));
+        // An event done with makes room.
+        let (p, _) = a.take(0, usize::MAX).unwrap();
+        a.finish_ack(&p);
+        assert!(b.append(&one, 1, u64::MAX)[0].is_ok());
+        // A removed queue's events, and a closed one's, no longer count.
+        b.remove();
+        assert_eq!(charges.events.used(), 1);
+        drop(a);
+        assert_eq!(charges.events.used(), 0);
+        // Reopened, what was not acked counts again.
+        let a = Queue::open("a", da.clone(), charges.clone()).unwrap();
+        assert_eq!((a.depth(), charges.events.used()), (1, 1));
+        let _ = fs::remove_dir_all(&da);
+    }
+
+    #[test]
+    fn a_retry_keeps_its_attempts_and_its_wait_across_a_restart() {
+        let d = dir("retry");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 2);
+        let (mut failed, _) = q.take(0, usize::MAX).unwrap();
+        failed.attempts = 1;
+        failed.not_before_ms = 1 << 50;
+        q.finish_retry(failed.clone());
+        // Put off without using an attempt: not recorded.
+        let (mut throttled, _) = q.take(0, usize::MAX).unwrap();
+        throttled.deferrals = 3;
+        throttled.not_before_ms = 1 << 51;
+        q.finish_later(throttled.clone());
+        drop(q);
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        assert_eq!(q.depth(), 2);
+        let (p, _) = q.take(1000, usize::MAX).unwrap();
+        assert_eq!((p.seq, p.attempts, p.deferrals), (throttled.seq, 0, 0));
+        assert!(q.take(1000, usize::MAX).is_none(), "the retry ran early");
+        assert_eq!(q.next_due_ms(), Some(1 << 50));
+        let (p, _) = q.take(1 << 50, usize::MAX).unwrap();
+        assert_eq!((p.seq, p.attempts), (failed.seq, 1));
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_event_whose_target_is_gone_as_it_is_stored_is_refused() {
+        let d = dir("gone");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        let events: Vec<(&str, &str, &[u8])> = vec![("1", "a", b"{}"), ("2", "b", b"{}")];
+        let out = q.append_checked(&events, 1, u64::MAX, |i| i == 1);
+        assert!(matches!(out[0], Err(AppendError::Removed)));
+        assert!(out[1].is_ok());
+        assert_eq!(q.depth(), 1);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
     fn delayed_events_come_due_in_order_behind_the_ready_ones() {
         let d = dir("due");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         push(&q, 4);
         // seq 1..=4 due at 40, 30, 20, 10.
         delay_all(&q, |seq| 50 - 10 * seq);
@@ -694,7 +1082,7 @@ mod tests {
         const TAKES: usize = 1000;
         let idle_takes = |n: usize| {
             let d = dir("idle");
-            let q = Queue::open("f", d.clone()).unwrap();
+            let q = Queue::open("f", d.clone(), unbounded()).unwrap();
             push(&q, n);
             delay_all(&q, |_| 1 << 50);
             let fastest = (0..5)
@@ -723,7 +1111,7 @@ mod tests {
     #[test]
     fn a_torn_append_is_cut_and_later_appends_survive() {
         let d = dir("torn");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         push(&q, 2);
         drop(q);
         let log = segment_path(&d, 1, "log");
@@ -731,11 +1119,11 @@ mod tests {
         // Half a frame, as a crash in the middle of a write leaves it.
         let mut f = OpenOptions::new().append(true).open(&log).unwrap();
         f.write_all(&[7, 0, 0, 0, 1, 2]).unwrap();
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         assert_eq!(fs::metadata(&log).unwrap().len(), len);
         push(&q, 1);
         drop(q);
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         assert_eq!(q.depth(), 3);
         let _ = fs::remove_dir_all(&d);
     }
@@ -743,7 +1131,7 @@ mod tests {
     #[test]
     fn the_byte_cap_refuses_appends_and_done_segments_are_deleted() {
         let d = dir("cap");
-        let q = Queue::open("f", d.clone()).unwrap();
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
         let body = vec![b'x'; 1 << 20];
         let one: Vec<(&str, &str, &[u8])> = vec![("", "r", &body)];
         for _ in 0..6 {

@@ -8,7 +8,8 @@
 //! - [`qemu`]: microVMs restored from a migration snapshot, controlled over QMP.
 //! - [`firecracker`]: Firecracker microVMs restored from a Full snapshot, with
 //!   the agent's channel on vsock; [`vmfiles`] holds the file chores both VM
-//!   backends share, [`vmlog`] their capped logs (VMM output, guest console).
+//!   backends share, [`vmlog`] their capped logs (VMM output, guest console),
+//!   [`vmcgroup`] the CPU cgroup of a VMM process.
 //!
 //! All start the same runtime root ([`crate::runtime`]) and greet the agent
 //! with the same [`handshake`]; this module holds the seam between them and
@@ -21,6 +22,7 @@ pub mod handshake;
 pub mod process;
 pub mod qemu;
 pub mod runtime_api;
+pub mod vmcgroup;
 pub mod vmfiles;
 pub mod vmlog;
 
@@ -29,6 +31,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::spec::FunctionSpec;
+
+/// CPU of one instance, whatever runs it (a process sandbox, a VMM): its cgroup's quota,
+/// 1/1000 of a core per period (one core). Instances are pinned to their worker's core, so
+/// what the cgroup adds is that all the instance's threads count as one entity against
+/// the other tenants on that core, and the hard ceiling should pinning ever go.
+pub const INSTANCE_CPU_MILLICORES: u32 = 1000;
 
 /// Why an instance could not be made ready. Every variant but [`StartError::Init`]
 /// is a host-side failure (deploy answers 503); the message of each is what

@@ -645,3 +645,39 @@ fn qemu_vms_run_under_seccomp_in_a_cgroup_with_the_instance_cpu_quota() {
     );
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// A deploy whose snapshot (guest memory, 256 MiB at least) cannot fit the
+/// functions' disk budget is refused before a template boots and writes it,
+/// and leaves nothing on disk. Before, the template wrote its snapshot first
+/// and the budget was checked against what it wrote (here that deploy fit:
+/// its memory file is sparse), so one deploy could overshoot by its memory.
+#[test]
+fn a_vm_deploy_whose_snapshot_cannot_fit_the_disk_budget_is_refused_before_booting() {
+    require_qemu!();
+    let dir = common::temp_dir("qemu-disk-budget");
+    let state = dir.join("state");
+    let s = Hearth::start(
+        &state,
+        &dir.join("serve.log"),
+        &["--cores", "1", "--functions-disk-max-mb", "200"],
+    );
+    let r = s.deploy_raw("behave", "");
+    assert_eq!(r.status, 507, "{}\n{}", r.text(), s.stderr());
+    r.assert_json_error("insufficient_storage");
+    assert!(
+        r.text().contains("functions disk budget is exhausted"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        !s.stderr().contains("template ready"),
+        "a template VM was booted:\n{}",
+        s.stderr()
+    );
+    assert_eq!(
+        common::dir_entries(&state.join("functions")),
+        Vec::<String>::new()
+    );
+    s.stop();
+    let _ = fs::remove_dir_all(&dir);
+}

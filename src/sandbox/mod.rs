@@ -319,6 +319,12 @@ pub trait Backend: Send + Sync {
     fn restore(&self, _spec: &FunctionSpec, _dir: &std::path::Path) {}
     /// The function is gone: drop anything kept for it (standbys, templates in memory).
     fn forget(&self, _id: &str) {}
+    /// The most disk [`Backend::prepare`] may add to `dir` (a VM's code image and
+    /// snapshot), bytes; the deploy reserves it in the functions' disk budget before
+    /// prepare writes anything, and refuses when it does not fit.
+    fn prepare_bytes_max(&self, _spec: &FunctionSpec, _dir: &std::path::Path) -> u64 {
+        0
+    }
     /// Files the backend keeps per function, relative to its directory (for `GET /functions/<id>`).
     fn artifacts(&self, _dir: &std::path::Path) -> Vec<PathBuf> {
         Vec::new()

@@ -67,7 +67,7 @@ use std::time::{Duration, Instant};
 pub use vmm::VmmError;
 
 use super::vmcgroup::{self, VmmCgroup};
-use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
+use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
 use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::{FcMemory, ServeConfig};
 use crate::guest::images::{self, Guest, RuntimeDrives};
@@ -445,6 +445,10 @@ impl Backend for FirecrackerBackend {
         // Node.js from the runtime image; `provided` and `python3` from the
         // userland image, served the Runtime API by the agent.
         true
+    }
+
+    fn prepare_bytes_max(&self, spec: &FunctionSpec, dir: &Path) -> u64 {
+        snapshot_bytes_max(dir, super::qemu::guest_memory_mb(spec))
     }
 
     fn forget(&self, id: &str) {

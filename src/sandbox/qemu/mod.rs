@@ -69,7 +69,7 @@ pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::handshake;
 use super::vmcgroup::{self, VmmCgroup};
-use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
+use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
 use super::{Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest, RuntimeDrives};
@@ -374,6 +374,10 @@ impl Backend for QemuBackend {
         // Node.js from the runtime image; `provided` and `python3` from the
         // userland image, served the Runtime API by the agent.
         true
+    }
+
+    fn prepare_bytes_max(&self, spec: &FunctionSpec, dir: &Path) -> u64 {
+        snapshot_bytes_max(dir, guest_memory_mb(spec))
     }
 
     fn forget(&self, id: &str) {

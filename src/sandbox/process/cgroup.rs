@@ -845,6 +845,35 @@ mod tests {
     }
 
     #[test]
+    fn the_cpu_contract_is_the_same_quota_and_weight_on_v1_and_v2() {
+        let standby = Limits {
+            memory_bytes: 1 << 30,
+            pids_max: 256,
+            cpu_millicores: 250,
+            cpu_background: true,
+        };
+        let s = |k: &'static str, v: &str| (k, v.to_string());
+        assert_eq!(
+            cpu_settings(Version::V1, &standby),
+            [
+                s("cpu.cfs_period_us", "100000"),
+                s("cpu.cfs_quota_us", "25000"),
+                s("cpu.shares", "64")
+            ]
+        );
+        assert_eq!(
+            cpu_settings(Version::V2, &standby),
+            [s("cpu.max", "25000 100000"), s("cpu.weight", "6")]
+        );
+        let unlimited = Limits {
+            cpu_millicores: 0,
+            cpu_background: false,
+            ..standby
+        };
+        assert!(cpu_settings(Version::V2, &unlimited).is_empty());
+    }
+
+    #[test]
     fn only_server_group_names_yield_a_server_pid() {
         let id = "0123456789abcdef";
         assert_eq!(server_pid(&server_group_name(id, 4242, 7)), Some(4242));

@@ -563,3 +563,121 @@ fn a_guest_flooding_its_console_leaves_a_capped_log() {
     s.stop();
     let _ = fs::remove_dir_all(&dir);
 }
+
+/// The CPU cgroup directory of process `pid` and its quota file's contents
+/// (v1 `cpu.cfs_quota_us`, v2 `cpu.max`), from `/proc/<pid>/cgroup` and the
+/// mounted hierarchies.
+fn cpu_cgroup(pid: i32) -> Option<(PathBuf, String)> {
+    let own = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
+    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
+    for line in own.lines() {
+        let mut f = line.splitn(3, ':');
+        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
+        let v1 = controllers.split(',').any(|c| c == "cpu");
+        if !v1 && !controllers.is_empty() {
+            continue;
+        }
+        for m in mounts.lines() {
+            let Some((left, right)) = m.split_once(" - ") else {
+                continue;
+            };
+            let (fields, super_opts): (Vec<&str>, Vec<&str>) =
+                (left.split(' ').collect(), right.split(' ').collect());
+            let mount_point = fields[4];
+            let fits = if v1 {
+                super_opts[0] == "cgroup" && super_opts[2].split(',').any(|o| o == "cpu")
+            } else {
+                super_opts[0] == "cgroup2"
+            };
+            let dir = Path::new(mount_point).join(path.trim_start_matches('/'));
+            let file = if v1 { "cpu.cfs_quota_us" } else { "cpu.max" };
+            if let (true, Ok(quota)) = (fits, fs::read_to_string(dir.join(file))) {
+                return Some((dir, quota.trim().to_string()));
+            }
+        }
+    }
+    None
+}
+
+/// Every QEMU runs under its own seccomp filter (`-sandbox`) and in a CPU
+/// cgroup with the process sandbox's per-instance quota, removed with the VM.
+/// Before, QEMU had no filter (`Seccomp: 0`) and sat in hearth's own cgroup.
+#[test]
+fn qemu_vms_run_under_seccomp_in_a_cgroup_with_the_instance_cpu_quota() {
+    require_qemu!();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: cgroups need root");
+        return;
+    }
+    let dir = common::temp_dir("qemu-confined");
+    let s = Hearth::start(
+        &dir.join("state"),
+        &dir.join("serve.log"),
+        &["--cores", "1"],
+    );
+    let id = s.deploy("behave", "");
+    let r = s.get(&format!("/f/{id}/whoami"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), s.stderr());
+    let vms = instance_vms(&id);
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let status = fs::read_to_string(format!("/proc/{}/status", vms[0])).unwrap();
+    let seccomp = status.lines().find(|l| l.starts_with("Seccomp:"));
+    assert_eq!(
+        seccomp.map(|l| l.split_whitespace().nth(1)),
+        Some(Some("2")),
+        "{status}"
+    );
+    let (group, quota) = cpu_cgroup(vms[0]).expect("the VM's cpu cgroup");
+    assert!(
+        group.to_string_lossy().contains(&format!("/hearth/{id}-")),
+        "{}",
+        group.display()
+    );
+    let want = u64::from(hearth::sandbox::INSTANCE_CPU_MILLICORES) * 100;
+    let got: u64 = quota.split_whitespace().next().unwrap().parse().unwrap();
+    assert_eq!(got, want, "{quota} in {}", group.display());
+    s.stop();
+    assert!(
+        wait_until(Duration::from_secs(10), || !group.exists()),
+        "{} outlived its VM",
+        group.display()
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// A deploy whose snapshot (guest memory, 256 MiB at least) cannot fit the
+/// functions' disk budget is refused before a template boots and writes it,
+/// and leaves nothing on disk. Before, the template wrote its snapshot first
+/// and the budget was checked against what it wrote (here that deploy fit:
+/// its memory file is sparse), so one deploy could overshoot by its memory.
+#[test]
+fn a_vm_deploy_whose_snapshot_cannot_fit_the_disk_budget_is_refused_before_booting() {
+    require_qemu!();
+    let dir = common::temp_dir("qemu-disk-budget");
+    let state = dir.join("state");
+    let s = Hearth::start(
+        &state,
+        &dir.join("serve.log"),
+        &["--cores", "1", "--functions-disk-max-mb", "200"],
+    );
+    let r = s.deploy_raw("behave", "");
+    assert_eq!(r.status, 507, "{}\n{}", r.text(), s.stderr());
+    r.assert_json_error("insufficient_storage");
+    assert!(
+        r.text().contains("functions disk budget is exhausted"),
+        "{}",
+        r.text()
+    );
+    assert!(
+        !s.stderr().contains("template ready"),
+        "a template VM was booted:\n{}",
+        s.stderr()
+    );
+    assert_eq!(
+        common::dir_entries(&state.join("functions")),
+        Vec::<String>::new()
+    );
+    s.stop();
+    let _ = fs::remove_dir_all(&dir);
+}

@@ -485,6 +485,13 @@ fn stage(
     sync_filesystem(staging);
     // A backend that keeps what it makes as a standby reserves its share itself.
     let memory = (!shared.functions.backend.keeps_standby()).then_some(memory);
+    // The most the backend may write (a VM's snapshot: its guest memory) must fit
+    // before it writes anything; the reservation is trimmed to what it wrote below.
+    let most = budget::disk_bytes(staging)
+        .saturating_add(shared.functions.backend.prepare_bytes_max(&spec, staging));
+    let Some(mut held) = disk.try_reserve(most) else {
+        return Err(disk_exhausted(&disk.explain(most)));
+    };
     let logs = shared
         .functions
         .backend
@@ -511,15 +518,16 @@ fn stage(
                 &format!("could not start the function: {e}"),
             ),
         })?;
-    // What the function really occupies, artifacts and block rounding included.
+    // What the function really occupies, artifacts and block rounding included
+    // (more than estimated only if the backend's bound is wrong).
     let on_disk = budget::disk_bytes(staging);
-    let Some(disk) = disk.try_reserve(on_disk) else {
+    if !held.resize(on_disk) {
         shared.functions.backend.forget(id);
-        return Err(disk_exhausted(&disk.explain(on_disk)));
-    };
+        return Err(disk_exhausted(&disk.explain(on_disk - held.amount())));
+    }
     // A standby took its own share of the budget (`Backend::use_memory_budget`).
     drop(memory);
-    Ok((spec, logs, vec![disk]))
+    Ok((spec, logs, vec![held]))
 }
 
 /// Flushes the staged files to disk before they are published (one syncfs

@@ -11,7 +11,10 @@
 //!   scale-out reserves one instance ([`super::Function::try_reserve`]), released when the
 //!   instance is retired. Standbys give theirs up when it is needed (see below).
 //! - **Disk** (`--functions-disk-max-mb`, bytes): each function's unpacked code plus its
-//!   backend artifacts, reserved at deploy and released when the function is deleted.
+//!   backend artifacts, reserved at deploy and released when the function is deleted. What
+//!   the backend may write (a VM's code image and snapshot, up to its guest memory) is
+//!   reserved before it writes anything, then trimmed to what it wrote
+//!   ([`Reservation::resize`]).
 //!
 //! Loaded functions are counted at start-up even beyond the ceiling (an operator may have
 //! lowered it); nothing new fits until enough is released.
@@ -171,6 +174,24 @@ impl Reservation {
     pub fn amount(&self) -> u64 {
         self.amount
     }
+
+    /// Makes the reservation hold `amount`: less always works (the rest is given back),
+    /// more only if the difference fits ([`Budget::try_take`]); otherwise nothing changes
+    /// and it returns false.
+    pub fn resize(&mut self, amount: u64) -> bool {
+        if amount <= self.amount {
+            self.budget.give(self.amount - amount);
+        } else if !self.budget.try_take(amount - self.amount) {
+            return false;
+        }
+        self.amount = amount;
+        true
+    }
+
+    /// The budget it is taken from.
+    pub fn budget(&self) -> &Budget {
+        &self.budget
+    }
 }
 
 impl Drop for Reservation {
@@ -303,6 +324,21 @@ mod tests {
             "never fits: nothing is reclaimed for it"
         );
         drop((mine, more));
+        assert_eq!(b.used(), 0);
+    }
+
+    #[test]
+    fn a_reservation_shrinks_always_and_grows_only_within_the_ceiling() {
+        let b = Budget::new("functions disk", "bytes", 1000);
+        let mut r = b.try_reserve(900).unwrap();
+        assert!(r.resize(300));
+        assert_eq!((r.amount(), b.used()), (300, 300));
+        let other = b.try_reserve(600).unwrap();
+        assert!(!r.resize(500), "200 more do not fit beside 600");
+        assert_eq!((r.amount(), b.used()), (300, 900));
+        assert!(r.resize(400));
+        assert_eq!(b.used(), 1000);
+        drop((r, other));
         assert_eq!(b.used(), 0);
     }
 

@@ -8,7 +8,8 @@
 //! - [`qemu`]: microVMs restored from a migration snapshot, controlled over QMP.
 //! - [`firecracker`]: Firecracker microVMs restored from a Full snapshot, with
 //!   the agent's channel on vsock; [`vmfiles`] holds the file chores both VM
-//!   backends share, [`vmlog`] their capped logs (VMM output, guest console).
+//!   backends share, [`vmlog`] their capped logs (VMM output, guest console),
+//!   [`vmcgroup`] the CPU cgroup of a VMM process.
 //!
 //! All start the same runtime root ([`crate::runtime`]) and greet the agent
 //! with the same [`handshake`]; this module holds the seam between them and
@@ -22,6 +23,7 @@ pub mod handshake;
 pub mod process;
 pub mod qemu;
 pub mod runtime_api;
+pub mod vmcgroup;
 pub mod vmfiles;
 pub mod vmlog;
 
@@ -30,6 +32,12 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use crate::spec::FunctionSpec;
+
+/// CPU of one instance, whatever runs it (a process sandbox, a VMM): its cgroup's quota,
+/// 1/1000 of a core per period (one core). Instances are pinned to their worker's core, so
+/// what the cgroup adds is that all the instance's threads count as one entity against
+/// the other tenants on that core, and the hard ceiling should pinning ever go.
+pub const INSTANCE_CPU_MILLICORES: u32 = 1000;
 
 /// Why an instance could not be made ready. Every variant but [`StartError::Init`]
 /// is a host-side failure (deploy answers 503); the message of each is what
@@ -312,6 +320,12 @@ pub trait Backend: Send + Sync {
     fn restore(&self, _spec: &FunctionSpec, _dir: &std::path::Path) {}
     /// The function is gone: drop anything kept for it (standbys, templates in memory).
     fn forget(&self, _id: &str) {}
+    /// The most disk [`Backend::prepare`] may add to `dir` (a VM's code image and
+    /// snapshot), bytes; the deploy reserves it in the functions' disk budget before
+    /// prepare writes anything, and refuses when it does not fit.
+    fn prepare_bytes_max(&self, _spec: &FunctionSpec, _dir: &std::path::Path) -> u64 {
+        0
+    }
     /// Files the backend keeps per function, relative to its directory (for `GET /functions/<id>`).
     fn artifacts(&self, _dir: &std::path::Path) -> Vec<PathBuf> {
         Vec::new()

@@ -1,7 +1,8 @@
 //! File chores shared by the microVM backends (QEMU and Firecracker):
 //! publishing snapshot files (fsync, rename, fsync the directory), removing
-//! half-written ones, warming the page cache for restores, a Unix socket
-//! path's length check, and the private memory of a VMM process.
+//! half-written ones, the most a deploy writes, warming the page cache for
+//! restores, a Unix socket path's length check, and the private memory of a
+//! VMM process.
 
 use std::fs;
 use std::io::{self, Write};
@@ -9,6 +10,27 @@ use std::path::{Path, PathBuf};
 
 /// Longest Unix socket path (sun_path holds 108 bytes with the NUL).
 pub const SOCKET_PATH_BYTES_MAX: usize = 107;
+
+/// What a VM snapshot holds beyond guest memory, as a deploy counts it against
+/// the functions' disk budget before writing: QEMU's device state and ROMs
+/// (a few hundred KiB), Firecracker's state file (tens of KiB) and working
+/// set (at most 512 KiB), the description. An allowance, not a check: the
+/// deploy measures what was written and counts that.
+pub const SNAPSHOT_STATE_BYTES_MAX: u64 = 16 << 20;
+
+/// The most a VM backend's deploy writes into the function directory `dir`
+/// (code unpacked in `dir/code`): the code image as mkfs sizes it, the guest
+/// memory of `memory_mb` (the memory file, whole in the worst case) and
+/// [`SNAPSHOT_STATE_BYTES_MAX`].
+pub fn snapshot_bytes_max(dir: &Path, memory_mb: u32) -> u64 {
+    // Unreadable code fails the image build before anything large is written.
+    let code_image = crate::guest::ext4::measure(&dir.join("code"))
+        .map(crate::guest::ext4::image_bytes)
+        .unwrap_or(0);
+    code_image
+        .saturating_add(u64::from(memory_mb) << 20)
+        .saturating_add(SNAPSHOT_STATE_BYTES_MAX)
+}
 
 /// Removes its files when dropped (after a successful rename they are gone already).
 pub struct RemoveOnDrop(pub Vec<PathBuf>);
@@ -123,6 +145,21 @@ pub fn rss_anon_bytes(pid: i32) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The bound counts the whole guest memory, the state allowance and a
+    /// code image at least as large as the code.
+    #[test]
+    fn a_snapshot_is_bounded_by_guest_memory_state_and_code_image() {
+        let dir = std::env::temp_dir().join(format!("hearth-snapmax-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&dir);
+        fs::create_dir_all(dir.join("code")).unwrap();
+        fs::write(dir.join("code/big"), vec![1u8; 3 << 20]).unwrap();
+        let most = snapshot_bytes_max(&dir, 256);
+        let without_code = (256 << 20) + SNAPSHOT_STATE_BYTES_MAX;
+        assert!(most >= without_code + (3 << 20), "{most}");
+        assert!(most <= without_code + (64 << 20), "{most}");
+        fs::remove_dir_all(&dir).unwrap();
+    }
 
     #[test]
     fn socket_paths_are_checked_against_sun_path() {

@@ -22,8 +22,10 @@
 //!
 //! Cgroups (v2 only, the hierarchy the jailer finds first in /proc/mounts):
 //! each VMM gets `<cgroup2>/hearth-fc-<hash of the state dir>/<id>` with
-//! `memory.max` (guest memory + [`VMM_OVERHEAD_MB`]), `cpu.max` (one core per
-//! vCPU) and `pids.max`, as far as the hierarchy offers those controllers.
+//! `memory.max` (guest memory + [`VMM_OVERHEAD_MB`]), the instance CPU
+//! contract of every sandbox (`cpu.max` from
+//! [`crate::sandbox::INSTANCE_CPU_MILLICORES`], [`crate::sandbox::vmcgroup::limits`])
+//! and `pids.max`, as far as the hierarchy offers those controllers.
 //!
 //! Cleanup: a jailed VMM is PID 1 of its own PID namespace and a child of
 //! hearth only through `PR_SET_CHILD_SUBREAPER` (the jailer exits after the
@@ -42,7 +44,9 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::sandbox::process::cgroup;
 use crate::sandbox::process::uids::{UidLease, UidPool, UidsExhausted};
+use crate::sandbox::vmcgroup;
 use crate::sandbox::vmfiles::{open_plain, SOCKET_PATH_BYTES_MAX};
 
 /// The jail base directory's name inside the state directory.
@@ -58,8 +62,6 @@ pub const GID: u32 = 260_000;
 pub const VMM_OVERHEAD_MB: u64 = 128;
 /// Threads of one VMM (Firecracker uses a handful).
 pub const PIDS_MAX: u32 = 64;
-/// Length of one CPU period for `cpu.max`.
-const CPU_PERIOD_US: u64 = 100_000;
 /// The API and vsock sockets as the jailed Firecracker sees them.
 pub const API_SOCK: &str = "/run/api.sock";
 pub const VSOCK_SOCK: &str = "/run/v.sock";
@@ -109,7 +111,6 @@ pub struct JailerArgs<'a> {
     pub base: &'a Path,
     pub cgroups: Option<&'a Cgroups>,
     pub guest_memory_mb: u32,
-    pub vcpus: u32,
 }
 
 /// The jailer's command line (without the program): identity, chroot base,
@@ -136,7 +137,7 @@ pub fn jailer_args(a: &JailerArgs<'_>) -> Vec<OsString> {
         push("2");
         push("--parent-cgroup");
         push(&cg.parent);
-        for (file, value) in limits(&cg.controllers, a.guest_memory_mb, a.vcpus) {
+        for (file, value) in limits(&cg.controllers, a.guest_memory_mb) {
             push("--cgroup");
             push(&format!("{file}={value}"));
         }
@@ -149,9 +150,10 @@ pub fn jailer_args(a: &JailerArgs<'_>) -> Vec<OsString> {
     v
 }
 
-/// The cgroup files and values for a VMM whose guest has `guest_memory_mb`
-/// and `vcpus`, limited to the `controllers` present.
-pub fn limits(controllers: &[String], guest_memory_mb: u32, vcpus: u32) -> Vec<(String, String)> {
+/// The cgroup files and values for a VMM whose guest has `guest_memory_mb`,
+/// limited to the `controllers` present. Its CPU is an instance's, not one
+/// core per vCPU ([`cgroup::cpu_settings`]).
+pub fn limits(controllers: &[String], guest_memory_mb: u32) -> Vec<(String, String)> {
     let has = |c: &str| controllers.iter().any(|x| x == c);
     let mut out = Vec::new();
     if has("memory") {
@@ -159,8 +161,8 @@ pub fn limits(controllers: &[String], guest_memory_mb: u32, vcpus: u32) -> Vec<(
         out.push(("memory.max".into(), bytes.to_string()));
     }
     if has("cpu") {
-        let quota = CPU_PERIOD_US * u64::from(vcpus.max(1));
-        out.push(("cpu.max".into(), format!("{quota} {CPU_PERIOD_US}")));
+        let cpu = cgroup::cpu_settings(cgroup::Version::V2, &vmcgroup::limits());
+        out.extend(cpu.into_iter().map(|(f, v)| (f.to_string(), v)));
     }
     if has("pids") {
         out.push(("pids.max".into(), PIDS_MAX.to_string()));
@@ -282,6 +284,21 @@ impl Jail {
     /// A uid for one VMM, returned when the lease is dropped.
     pub fn lease_uid(&self) -> Result<UidLease, UidsExhausted> {
         self.uids.lease()
+    }
+
+    /// Why jailed VMMs run without a CPU limit, if they do: no cgroup v2
+    /// hierarchy, or one without the cpu controller.
+    pub fn cpu_unlimited(&self) -> Option<String> {
+        match &self.cgroups {
+            None => {
+                Some("no cgroup v2 hierarchy (the jailer is given cgroup v2 limits only)".into())
+            }
+            Some(c) if !c.controllers.iter().any(|x| x == "cpu") => Some(format!(
+                "the cgroup v2 hierarchy at {} offers no cpu controller",
+                c.mount.display()
+            )),
+            Some(_) => None,
+        }
     }
 
     /// A short description for the start-up log.
@@ -629,7 +646,6 @@ mod tests {
             base: Path::new("/s/jail"),
             cgroups: Some(&cg),
             guest_memory_mb: 256,
-            vcpus: 1,
         };
         let args = strings(&jailer_args(&a));
         let text = args.join(" ");
@@ -650,16 +666,17 @@ mod tests {
     #[test]
     fn limits_follow_the_guest_and_the_controllers_present() {
         let all: Vec<String> = CONTROLLERS.iter().map(|c| c.to_string()).collect();
+        // CPU is an instance's (the process sandbox's contract), not a core per vCPU.
         assert_eq!(
-            limits(&all, 512, 2),
+            limits(&all, 512),
             vec![
                 ("memory.max".to_string(), ((512u64 + 128) << 20).to_string()),
-                ("cpu.max".to_string(), "200000 100000".to_string()),
+                ("cpu.max".to_string(), "100000 100000".to_string()),
                 ("pids.max".to_string(), "64".to_string()),
             ]
         );
-        assert_eq!(limits(&["pids".to_string()], 512, 1).len(), 1);
-        assert!(limits(&[], 512, 1).is_empty());
+        assert_eq!(limits(&["pids".to_string()], 512).len(), 1);
+        assert!(limits(&[], 512).is_empty());
     }
 
     #[test]

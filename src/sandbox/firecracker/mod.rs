@@ -37,8 +37,10 @@
 //! so the snapshot, comes once their bootstrap first polls `/next`, and a
 //! restored clone continues from that poll.
 //!
-//! With `--jailer` every VMM runs under Firecracker's jailer instead: chroot,
-//! own uid, cgroup, new PID namespace ([`jail`]).
+//! Without the jailer each VMM runs in a CPU cgroup of its own with the
+//! instance CPU contract ([`crate::sandbox::vmcgroup`]). With `--jailer`
+//! every VMM runs under Firecracker's jailer instead: chroot, own uid,
+//! cgroup (the same CPU contract), new PID namespace ([`jail`]).
 //!
 //! Parts: `api` (request bodies and the API client), `vmm` (one process),
 //! `vsock` (the host end of the channel), `snapshot` (making and checking a
@@ -58,14 +60,15 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 pub use vmm::VmmError;
 
 use super::boot_gate::BootGate;
-use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
+use super::vmcgroup::{self, VmmCgroup};
+use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
 use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::{FcMemory, ServeConfig};
 use crate::guest::images::{self, Guest, RuntimeDrives};
@@ -222,6 +225,8 @@ struct Inner {
     memory: FcMemory,
     /// Working sets of the functions (Uffd restores).
     worksets: WorkSets,
+    /// An unjailed VMM started without its CPU cgroup was reported.
+    cgroup_warned: AtomicBool,
 }
 
 /// See the module documentation.
@@ -260,8 +265,14 @@ impl FirecrackerBackend {
             let j = Jail::new(jailer, &cfg.state_dir, VM_ID_BYTES_MAX, &shared)
                 .map_err(SetupError::Host)?;
             eprintln!("hearth: firecracker: {}", j.describe());
+            if let Some(why) = j.cpu_unlimited() {
+                eprintln!(
+                    "hearth: firecracker: warning: jailed VMMs run without a CPU limit: {why}"
+                );
+            }
             Some(j)
         } else {
+            vmcgroup::sweep_in_background();
             None
         };
         eprintln!(
@@ -287,6 +298,7 @@ impl FirecrackerBackend {
                 jail,
                 memory: cfg.fc_memory,
                 worksets: WorkSets::default(),
+                cgroup_warned: AtomicBool::new(false),
             }),
         })
     }
@@ -314,14 +326,16 @@ impl Inner {
     ) -> Result<Vmm, VmmError> {
         let (vm_dir, vm_id) = self.vm_dir(&spec.id, role);
         match &self.jail {
-            None => Vmm::spawn(&self.firecracker, &vm_dir, cwd, &vm_id, label, core),
+            None => {
+                let cgroup = VmmCgroup::create("firecracker", &spec.id, &self.cgroup_warned);
+                Vmm::spawn(&self.firecracker, &vm_dir, cwd, &vm_id, label, core, cgroup)
+            }
             Some(jail) => {
                 let s = JailedSpawn {
                     jail,
                     firecracker: &self.firecracker,
                     files,
                     guest_memory_mb: super::qemu::guest_memory_mb(spec),
-                    vcpus: 1,
                 };
                 Vmm::spawn_jailed(&s, &vm_id, label, core)
             }
@@ -432,6 +446,10 @@ impl Backend for FirecrackerBackend {
         // Node.js from the runtime image; `provided` and `python3` from the
         // userland image, served the Runtime API by the agent.
         true
+    }
+
+    fn prepare_bytes_max(&self, spec: &FunctionSpec, dir: &Path) -> u64 {
+        snapshot_bytes_max(dir, super::qemu::guest_memory_mb(spec))
     }
 
     fn forget(&self, id: &str) {

@@ -18,6 +18,7 @@ use super::api::{Api, ApiError};
 use super::jail::{self, Jail, JailerArgs};
 use super::uffd::UFFD_SOCK;
 use crate::sandbox::process::uids::{UidLease, UidsExhausted};
+use crate::sandbox::vmcgroup::VmmCgroup;
 use crate::sandbox::vmfiles::socket_path_fits;
 use crate::sandbox::vmlog::{self, VmLog};
 
@@ -114,6 +115,8 @@ pub struct Vmm {
     /// Its stdout/stderr, which carry the guest's serial console: capped.
     log: VmLog,
     jailed: Option<Jailed>,
+    /// Unjailed: its CPU cgroup, joined before exec, removed after the process.
+    cgroup: Option<VmmCgroup>,
     /// Shown in logs: the function and the instance's role.
     label: String,
     /// hearth killed it (its exit is no news), or its exit was logged.
@@ -127,7 +130,6 @@ pub struct JailedSpawn<'a> {
     /// Files hard-linked into its root (see [`Vmm::resource`]).
     pub files: &'a [&'a Path],
     pub guest_memory_mb: u32,
-    pub vcpus: u32,
 }
 
 fn io_at(what: String) -> impl FnOnce(io::Error) -> VmmError {
@@ -144,10 +146,11 @@ fn open_log(path: &Path) -> Result<(VmLog, Stdio, Stdio), VmmError> {
 
 /// Moves the child out of the terminal's process group and arranges for it to
 /// die with the hearth thread that started it (jailed: the jailer only; its
-/// clone is handled by [`jail::sweep`]), pinned to `core`.
-fn detach_and_pin(cmd: &mut Command, core: Option<usize>) {
+/// clone is handled by [`jail::sweep`]), pinned to `core`, inside `cgroup`.
+fn detach_and_pin(cmd: &mut Command, core: Option<usize>, cgroup: Option<&VmmCgroup>) {
     // Out of the terminal's process group: Ctrl-C is hearth's to handle.
     cmd.process_group(0);
+    let cgroup_fds = cgroup.map(VmmCgroup::procs_fds).unwrap_or_default();
     // SAFETY: the closure runs between fork and exec and only makes
     // async-signal-safe system calls on plain data.
     unsafe {
@@ -156,15 +159,15 @@ fn detach_and_pin(cmd: &mut Command, core: Option<usize>) {
             if let Some(core) = core {
                 let _ = crate::util::cpu::pin_thread(0, core);
             }
-            Ok(())
+            VmmCgroup::pre_exec(&cgroup_fds)
         });
     }
 }
 
 impl Vmm {
     /// Starts `firecracker --api-sock <dir>/api.sock` with `cwd` as its
-    /// working directory (relative drive paths resolve there). A stale
-    /// `dir` of an earlier VMM is removed first, sockets included.
+    /// working directory (relative drive paths resolve there), in `cgroup`.
+    /// A stale `dir` of an earlier VMM is removed first, sockets included.
     pub fn spawn(
         bin: &Path,
         dir: &Path,
@@ -172,6 +175,7 @@ impl Vmm {
         id: &str,
         label: String,
         core: Option<usize>,
+        cgroup: Option<VmmCgroup>,
     ) -> Result<Vmm, VmmError> {
         for name in [API_SOCK, VSOCK_SOCK] {
             let p = dir.join(name);
@@ -190,7 +194,7 @@ impl Vmm {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        detach_and_pin(&mut cmd, core);
+        detach_and_pin(&mut cmd, core, cgroup.as_ref());
         let child = cmd.spawn().map_err(|err| {
             let _ = fs::remove_dir_all(dir);
             VmmError::Start {
@@ -204,6 +208,7 @@ impl Vmm {
             api_sock: dir.join(API_SOCK),
             log,
             jailed: None,
+            cgroup,
             label,
             accounted: false,
         })
@@ -255,6 +260,7 @@ impl Vmm {
                 cgroup,
                 uid,
             }),
+            cgroup: None,
             label,
             accounted: true,
         };
@@ -274,7 +280,6 @@ impl Vmm {
             base: &s.jail.base,
             cgroups: s.jail.cgroups.as_ref(),
             guest_memory_mb: s.guest_memory_mb,
-            vcpus: s.vcpus,
         });
         let mut cmd = Command::new(&s.jail.jailer);
         cmd.args(&args)
@@ -282,7 +287,7 @@ impl Vmm {
             .stdin(Stdio::null())
             .stdout(out)
             .stderr(err);
-        detach_and_pin(&mut cmd, core);
+        detach_and_pin(&mut cmd, core, None);
         let mut jailer = cmd.spawn().map_err(|err| VmmError::Start {
             bin: s.jail.jailer.clone(),
             err,
@@ -504,6 +509,8 @@ impl Drop for Vmm {
             .dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned());
+        // Empty now: the process is reaped.
+        drop(self.cgroup.take());
         let Some(j) = self.jailed.take() else {
             let _ = fs::remove_dir_all(&self.dir);
             return;
@@ -590,7 +597,6 @@ exit 1
             firecracker: Path::new("/bin/false"),
             files: &[],
             guest_memory_mb: 256,
-            vcpus: 1,
         };
         let id = "0123456789abcdef-0";
         let err = Vmm::spawn_jailed(&spawn, id, "test".into(), None)
@@ -643,7 +649,6 @@ exit 1
             firecracker: &fc,
             files: &[&image],
             guest_memory_mb: 256,
-            vcpus: 1,
         };
         let deadline = Instant::now() + Duration::from_secs(20);
         let mut vmm = Vmm::spawn_jailed(&spawn, "0123456789abcdef-0", "test".into(), None).unwrap();

@@ -51,8 +51,6 @@ pub const INIT_TIMEOUT: Duration = Duration::from_secs(10);
 pub const TMP_BYTES: u64 = 64 << 20;
 /// Processes and threads per instance (Node uses about a dozen threads).
 pub const PIDS_MAX: u32 = 256;
-/// CPU quota per instance: at most one core.
-pub const CPU_MILLICORES: u32 = 1000;
 /// First host uid mapped to an instance's root; each live instance holds its own
 /// (see [`UidPool`]), so at most this many instances live at once.
 const HOST_UID_BASE: u32 = 200_000;
@@ -352,7 +350,7 @@ impl Inner {
             tmp_bytes: TMP_BYTES,
             memory_bytes: u64::from(spec.memory_mb) << 20,
             pids_max: PIDS_MAX,
-            cpu_millicores: CPU_MILLICORES,
+            cpu_millicores: crate::sandbox::INSTANCE_CPU_MILLICORES,
             cpu_core: match place {
                 Placement::Core(core) => Some(core),
                 Placement::Deploy | Placement::Standby => None,

@@ -7,6 +7,10 @@
 //!
 //! Cgroups are best-effort: when a hierarchy or controller is missing, [`create`] returns what
 //! it could set up plus a warning, and the sandbox runs with fewer limits.
+//!
+//! VMM processes (QEMU, Firecracker without the jailer) get a group with the cpu controller
+//! only ([`create_cpu`], see [`crate::sandbox::vmcgroup`]), under the same CPU contract
+//! ([`cpu_settings`]).
 
 use std::fs;
 use std::io;
@@ -209,6 +213,45 @@ fn cpu_quota_us(millicores: u32) -> u64 {
     (u64::from(millicores) * CPU_PERIOD_US / 1000).max(CPU_QUOTA_MIN_US)
 }
 
+/// The CPU contract of a sandbox as cgroup files and values, in the order they are
+/// written: the quota of `cpu_millicores` per period (none when 0), and the background
+/// weight when `cpu_background`. The jailer is given the v2 ones for a jailed VMM.
+pub fn cpu_settings(version: Version, limits: &Limits) -> Vec<(&'static str, String)> {
+    let mut out = Vec::new();
+    if limits.cpu_millicores > 0 {
+        let quota = cpu_quota_us(limits.cpu_millicores);
+        match version {
+            Version::V1 => {
+                out.push(("cpu.cfs_period_us", CPU_PERIOD_US.to_string()));
+                out.push(("cpu.cfs_quota_us", quota.to_string()));
+            }
+            Version::V2 => out.push(("cpu.max", format!("{quota} {CPU_PERIOD_US}"))),
+        }
+    }
+    if limits.cpu_background {
+        match version {
+            Version::V1 => out.push(("cpu.shares", BACKGROUND_CPU_SHARES.to_string())),
+            Version::V2 => out.push(("cpu.weight", BACKGROUND_CPU_WEIGHT.to_string())),
+        }
+    }
+    out
+}
+
+/// Writes [`cpu_settings`] into `dir`. The quota must hold: its failure is the error. The
+/// background weight is best effort: its failure is a warning.
+fn configure_cpu(dir: &Path, version: Version, limits: &Limits) -> io::Result<Vec<String>> {
+    let mut warnings = Vec::new();
+    for (file, value) in cpu_settings(version, limits) {
+        match write_file(dir, file, &value) {
+            Err(e) if matches!(file, "cpu.shares" | "cpu.weight") => {
+                warnings.push(format!("background cpu weight not applied: {e}"))
+            }
+            r => r?,
+        }
+    }
+    Ok(warnings)
+}
+
 /// Creates and configures the cgroups of sandbox `name`. Returns the group (if any hierarchy
 /// could be used) and warnings describing limits that could not be applied.
 pub fn create(name: &str, limits: Limits) -> (Option<Group>, Vec<String>) {
@@ -231,18 +274,76 @@ pub fn create(name: &str, limits: Limits) -> (Option<Group>, Vec<String>) {
             )),
         }
     }
-    let (g, w) = create_v1(&mounts, &own, name, limits);
+    let (g, w) = create_v1(&mounts, &own, name, limits, &["memory", "pids", "cpu"]);
     warnings.extend(w);
     (g, warnings)
 }
 
+/// Creates the cgroup `name` with the cpu controller only, configured by [`cpu_settings`]
+/// (for a VMM process: its memory is its guest's, fixed when it starts). Returns the group,
+/// if a hierarchy with the cpu controller could be used, and warnings otherwise.
+pub fn create_cpu(name: &str, limits: Limits) -> (Option<Group>, Vec<String>) {
+    assert!(!name.is_empty() && !name.contains('/') && name != "." && name != "..");
+    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
+    let mounts = parse_mountinfo(&mountinfo);
+    let own = parse_proc_cgroup(&own);
+    let mut warnings = Vec::new();
+    if let Some(m) = mounts
+        .iter()
+        .find(|m| m.v2 && v2_offers(&m.mount_point, &["cpu"]))
+    {
+        match create_v2_cpu(&m.mount_point, name, &limits) {
+            Ok((g, w)) => {
+                warnings.extend(w);
+                return (Some(g), warnings);
+            }
+            Err(e) => warnings.push(format!(
+                "cgroup v2 at {} not usable: {e}",
+                m.mount_point.display()
+            )),
+        }
+    }
+    let (g, w) = create_v1(&mounts, &own, name, limits, &["cpu"]);
+    warnings.extend(w);
+    (g, warnings)
+}
+
+fn create_v2_cpu(
+    mount_point: &Path,
+    name: &str,
+    limits: &Limits,
+) -> io::Result<(Group, Vec<String>)> {
+    let base = mount_point.join("hearth");
+    fs::create_dir_all(&base)?;
+    write_file(mount_point, "cgroup.subtree_control", "+cpu")?;
+    write_file(&base, "cgroup.subtree_control", "+cpu")?;
+    let dir = base.join(name);
+    make_leaf(&dir)?;
+    let warnings = configure_cpu(&dir, Version::V2, limits).inspect_err(|_| {
+        let _ = fs::remove_dir(&dir);
+    })?;
+    let g = Group {
+        version: Version::V2,
+        memory: None,
+        pids: None,
+        cpu: Some(dir),
+    };
+    Ok((g, warnings))
+}
+
 /// A cgroup2 hierarchy whose root offers the memory and pids controllers.
 fn v2_usable(mount_point: &Path) -> bool {
+    v2_offers(mount_point, &["memory", "pids"])
+}
+
+/// Whether the root of the cgroup2 hierarchy at `mount_point` offers every one of `controllers`.
+fn v2_offers(mount_point: &Path, controllers: &[&str]) -> bool {
     let Some(c) = read_file(mount_point, "cgroup.controllers") else {
         return false;
     };
     let c: Vec<&str> = c.split_whitespace().collect();
-    c.contains(&"memory") && c.contains(&"pids")
+    controllers.iter().all(|x| c.contains(x))
 }
 
 fn create_v2(mount_point: &Path, name: &str, limits: Limits) -> io::Result<(Group, Vec<String>)> {
@@ -282,16 +383,9 @@ fn create_v2(mount_point: &Path, name: &str, limits: Limits) -> io::Result<(Grou
         }
         None
     } else {
-        if limits.cpu_millicores > 0 {
-            let max = format!("{} {CPU_PERIOD_US}", cpu_quota_us(limits.cpu_millicores));
-            if let Err(e) = write_file(&dir, "cpu.max", &max) {
-                warnings.push(format!("cpu limit not applied: {e}"));
-            }
-        }
-        if limits.cpu_background {
-            if let Err(e) = write_file(&dir, "cpu.weight", &BACKGROUND_CPU_WEIGHT.to_string()) {
-                warnings.push(format!("background cpu weight not applied: {e}"));
-            }
+        match configure_cpu(&dir, Version::V2, &limits) {
+            Ok(w) => warnings.extend(w),
+            Err(e) => warnings.push(format!("cpu limit not applied: {e}")),
         }
         Some(dir.clone())
     };
@@ -309,6 +403,7 @@ fn create_v1(
     own: &[(Vec<String>, String)],
     name: &str,
     limits: Limits,
+    controllers: &[&str],
 ) -> (Option<Group>, Vec<String>) {
     let mut warnings = Vec::new();
     let mut g = Group {
@@ -317,7 +412,7 @@ fn create_v1(
         pids: None,
         cpu: None,
     };
-    for controller in ["memory", "pids", "cpu"] {
+    for &controller in controllers {
         let Some(m) = mounts
             .iter()
             .find(|m| !m.v2 && m.controllers.iter().any(|c| c == controller))
@@ -347,7 +442,7 @@ fn create_v1(
         let r = match controller {
             "memory" => configure_v1_memory(&dir, limits.memory_bytes),
             "pids" => write_file(&dir, "pids.max", &limits.pids_max.to_string()),
-            _ => configure_v1_cpu(&dir, limits.cpu_millicores),
+            _ => configure_cpu(&dir, Version::V1, &limits).map(|w| warnings.extend(w)),
         };
         if let Err(e) = r {
             warnings.push(format!("{controller} limit not applied: {e}"));
@@ -364,13 +459,6 @@ fn create_v1(
         if controller == "memory" && dir.join(tcp).exists() {
             if let Err(e) = write_file(&dir, tcp, &limits.memory_bytes.to_string()) {
                 warnings.push(format!("socket buffer limit not applied: {e}"));
-            }
-        }
-        if controller == "cpu" && limits.cpu_background {
-            // Best effort, as on v2: the quota above is what must hold.
-            let shares = BACKGROUND_CPU_SHARES.to_string();
-            if let Err(e) = write_file(&dir, "cpu.shares", &shares) {
-                warnings.push(format!("background cpu weight not applied: {e}"));
             }
         }
         match controller {
@@ -394,18 +482,6 @@ fn configure_v1_memory(dir: &Path, bytes: u64) -> io::Result<()> {
     // Best effort: some kernels refuse per-cgroup swappiness below a hierarchy.
     let _ = write_file(dir, "memory.swappiness", "0");
     Ok(())
-}
-
-fn configure_v1_cpu(dir: &Path, millicores: u32) -> io::Result<()> {
-    if millicores == 0 {
-        return Ok(());
-    }
-    write_file(dir, "cpu.cfs_period_us", &CPU_PERIOD_US.to_string())?;
-    write_file(
-        dir,
-        "cpu.cfs_quota_us",
-        &cpu_quota_us(millicores).to_string(),
-    )
 }
 
 impl Group {
@@ -443,6 +519,22 @@ impl Group {
             write_file(&d, "cgroup.procs", &pid.to_string())?;
         }
         Ok(())
+    }
+
+    /// Opens `cgroup.procs` of every directory of the group for writing, for a child to
+    /// join before it runs anything ([`join_self`] between fork and exec).
+    pub fn open_procs(&self) -> io::Result<Vec<fs::File>> {
+        self.dirs()
+            .iter()
+            .map(|d| {
+                fs::OpenOptions::new()
+                    .write(true)
+                    .open(d.join("cgroup.procs"))
+                    .map_err(|e| {
+                        io::Error::new(e.kind(), format!("{}/cgroup.procs: {e}", d.display()))
+                    })
+            })
+            .collect()
     }
 
     /// Memory charged to the sandbox now (pages, page cache, tmpfs, kernel memory).
@@ -508,6 +600,20 @@ impl Group {
             None => Ok(()),
         }
     }
+}
+
+/// Moves the calling process into the groups whose `cgroup.procs` files are open as `procs`
+/// ([`Group::open_procs`]). Async-signal-safe (one `write` each): for a child between fork
+/// and exec, so it is inside its limits before it runs a single instruction of its own.
+pub fn join_self(procs: &[std::os::fd::RawFd]) -> io::Result<()> {
+    for &fd in procs {
+        // "0" is the writing process.
+        // SAFETY: a write of a static one-byte buffer to a descriptor the caller keeps open.
+        if unsafe { libc::write(fd, b"0".as_ptr().cast(), 1) } != 1 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
 }
 
 /// The name of the `n`th sandbox group of server `pid` for function `id`
@@ -736,6 +842,35 @@ mod tests {
         assert_eq!(cpu_quota_us(250), 25_000);
         assert_eq!(cpu_quota_us(2500), 250_000);
         assert_eq!(cpu_quota_us(1), 1_000);
+    }
+
+    #[test]
+    fn the_cpu_contract_is_the_same_quota_and_weight_on_v1_and_v2() {
+        let standby = Limits {
+            memory_bytes: 1 << 30,
+            pids_max: 256,
+            cpu_millicores: 250,
+            cpu_background: true,
+        };
+        let s = |k: &'static str, v: &str| (k, v.to_string());
+        assert_eq!(
+            cpu_settings(Version::V1, &standby),
+            [
+                s("cpu.cfs_period_us", "100000"),
+                s("cpu.cfs_quota_us", "25000"),
+                s("cpu.shares", "64")
+            ]
+        );
+        assert_eq!(
+            cpu_settings(Version::V2, &standby),
+            [s("cpu.max", "25000 100000"), s("cpu.weight", "6")]
+        );
+        let unlimited = Limits {
+            cpu_millicores: 0,
+            cpu_background: false,
+            ..standby
+        };
+        assert!(cpu_settings(Version::V2, &unlimited).is_empty());
     }
 
     #[test]

@@ -21,6 +21,12 @@ pub const GUEST_DEVICE_WAIT_MS: u32 = 20_000;
 pub const AGENT_PORT: &str = "hearth.agent";
 /// The QEMU id of the guest RAM backend.
 const RAM_ID: &str = "pc.ram";
+/// QEMU's own seccomp filter (`-sandbox`), on for every VM: no obsolete
+/// system calls, no set*uid/set*gid, no fork/exec (so a snapshot is written
+/// to a descriptor hearth opened, never through `exec:`), no scheduler or
+/// priority changes (hearth pins the VM before exec).
+pub const SECCOMP_SANDBOX: &str =
+    "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny";
 
 /// How the VMs run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -147,6 +153,8 @@ pub fn qemu_args(p: &VmPlan<'_>, console: &Path) -> Vec<OsString> {
         "-no-reboot",
         "-nodefaults",
         "-no-user-config",
+        "-sandbox",
+        SECCOMP_SANDBOX,
     ]
     .iter()
     .map(|s| s.to_string())
@@ -248,6 +256,12 @@ mod tests {
             "-object memory-backend-file,id=pc.ram,size=256M,mem-path=/f/vm.ram,share=on"
         ));
         assert!(!a.contains(&"-incoming".to_string()));
+        assert!(
+            joined.contains(
+                "-sandbox on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+            ),
+            "{joined}"
+        );
     }
 
     #[test]

@@ -32,6 +32,10 @@
 //! private directory under `<state>/run/qemu/` (sockets, console log),
 //! removed with the VM.
 //!
+//! Confinement: every QEMU runs under its own seccomp filter (`-sandbox`,
+//! see `args::SECCOMP_SANDBOX`) and in a CPU cgroup of its own with the
+//! instance CPU contract ([`crate::sandbox::vmcgroup`]).
+//!
 //! Acceleration: KVM when the host's KVM can run a standard guest (vmx/svm
 //! and not the paravirtualised `kvm_pvm`), else software emulation (TCG),
 //! which needs `-M pc` (`-M microvm` hangs in TSC calibration under TCG).
@@ -54,7 +58,7 @@ use std::collections::HashMap;
 use std::fs;
 use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -65,7 +69,8 @@ pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::boot_gate::BootGate;
 use super::handshake;
-use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes};
+use super::vmcgroup::{self, VmmCgroup};
+use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
 use super::{Backend, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest, RuntimeDrives};
@@ -131,6 +136,8 @@ struct Inner {
     template_gate: BootGate,
     /// Log the phases of every restore (`HEARTH_QEMU_TRACE=1`).
     trace: bool,
+    /// A VM started without its CPU cgroup was reported.
+    cgroup_warned: AtomicBool,
 }
 
 /// See the module documentation.
@@ -160,6 +167,7 @@ impl QemuBackend {
             what: format!("create the run directory for {}", preferred.display()),
             err,
         })?;
+        vmcgroup::sweep_in_background();
         eprintln!(
             "hearth: qemu: {qemu_version}, -accel {} -M {}, kernel {} ({} modules), run dir {}",
             accel.as_str(),
@@ -181,6 +189,7 @@ impl QemuBackend {
                 slots: Mutex::new(HashMap::new()),
                 template_gate: BootGate::new(snapshot::TEMPLATE_BOOT_HOLD),
                 trace: std::env::var_os("HEARTH_QEMU_TRACE").is_some_and(|v| v != "0"),
+                cgroup_warned: AtomicBool::new(false),
             }),
         })
     }
@@ -212,6 +221,12 @@ impl Inner {
     fn vm_dir(&self, id: &str, role: &str) -> PathBuf {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         self.run_dir.join(format!("{id}-{role}{n}"))
+    }
+
+    /// The CPU cgroup for a VM of function `id` (none if the host has no
+    /// usable cpu controller: reported once).
+    fn cgroup(&self, id: &str) -> Option<VmmCgroup> {
+        VmmCgroup::create("qemu", id, &self.cgroup_warned)
     }
 
     /// The runtime drive for `spec`'s runtime: Node.js's own image, or
@@ -264,7 +279,7 @@ impl Inner {
             ram: &ram,
             restore: true,
         };
-        let mut vm = Vm::spawn(&self.qemu, &plan, core, Some(&snap))?;
+        let mut vm = Vm::spawn(&self.qemu, &plan, core, self.cgroup(&spec.id), Some(&snap))?;
         let fail = |e: VmError, vm: &Vm| in_vm("restore", e, vm);
         // Connected before the guest runs, so nothing it writes can be dropped.
         let channel = vm.connect_channel(deadline).map_err(|e| fail(e, &vm))?;
@@ -360,6 +375,10 @@ impl Backend for QemuBackend {
         // Node.js from the runtime image; `provided` and `python3` from the
         // userland image, served the Runtime API by the agent.
         true
+    }
+
+    fn prepare_bytes_max(&self, spec: &FunctionSpec, dir: &Path) -> u64 {
+        snapshot_bytes_max(dir, guest_memory_mb(spec))
     }
 
     fn forget(&self, id: &str) {

@@ -7,6 +7,7 @@
 
 use std::fmt;
 use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, BorrowedFd, RawFd};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -145,6 +146,26 @@ impl Qmp {
         let mut line = serde_json::to_vec(&msg).expect("json of plain values");
         line.push(b'\n');
         self.writer.write_all(&line).map_err(QmpError::Io)?;
+        self.reply(command, deadline)
+    }
+
+    /// Gives QEMU a copy of `fd` under `name` (`getfd`, the descriptor sent
+    /// with the command as SCM_RIGHTS), for commands that take `fd:<name>`.
+    pub fn pass_fd(
+        &mut self,
+        name: &str,
+        fd: BorrowedFd<'_>,
+        deadline: Instant,
+    ) -> Result<(), QmpError> {
+        let msg = json!({ "execute": "getfd", "arguments": { "fdname": name } });
+        let mut line = serde_json::to_vec(&msg).expect("json of plain values");
+        line.push(b'\n');
+        send_with_fd(&self.writer, &line, fd.as_raw_fd()).map_err(QmpError::Io)?;
+        self.reply("getfd", deadline).map(drop)
+    }
+
+    /// Reads up to the answer of `command`, skipping events.
+    fn reply(&mut self, command: &str, deadline: Instant) -> Result<Value, QmpError> {
         loop {
             match self.read_message(command, deadline)? {
                 Message::Return(v) => return Ok(v),
@@ -214,9 +235,36 @@ impl Qmp {
     }
 }
 
-/// Quotes `s` for `/bin/sh` (QEMU runs `exec:` migration URIs through it).
-pub fn shell_quote(s: &str) -> String {
-    format!("'{}'", s.replace('\'', r"'\''"))
+/// Writes all of `bytes` to `to`, `fd` attached to the first write as SCM_RIGHTS.
+fn send_with_fd(to: &UnixStream, bytes: &[u8], fd: RawFd) -> io::Result<()> {
+    let mut iov = libc::iovec {
+        iov_base: bytes.as_ptr() as *mut libc::c_void,
+        iov_len: bytes.len(),
+    };
+    let fd_bytes = std::mem::size_of::<RawFd>() as u32;
+    // Room for one header and one descriptor, aligned for cmsghdr.
+    let mut control = [0u64; 4];
+    // SAFETY: a zeroed msghdr is empty; `control` holds CMSG_SPACE(4) bytes
+    // (24 on 64-bit Linux); CMSG_* compute pointers into it; `iov` points
+    // into `bytes`, which outlives the call.
+    let sent = unsafe {
+        let mut msg: libc::msghdr = std::mem::zeroed();
+        msg.msg_iov = &mut iov;
+        msg.msg_iovlen = 1;
+        msg.msg_control = control.as_mut_ptr().cast();
+        msg.msg_controllen = libc::CMSG_SPACE(fd_bytes) as _;
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN(fd_bytes) as _;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<RawFd>(), fd);
+        libc::sendmsg(to.as_raw_fd(), &msg, libc::MSG_NOSIGNAL)
+    };
+    if sent < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut w = to;
+    w.write_all(&bytes[sent as usize..])
 }
 
 #[cfg(test)]
@@ -247,12 +295,6 @@ mod tests {
         );
         assert!(parse_line("{}").is_err());
         assert!(parse_line("not json").is_err());
-    }
-
-    #[test]
-    fn quoting_survives_quotes_and_spaces() {
-        assert_eq!(shell_quote("/a b/c"), "'/a b/c'");
-        assert_eq!(shell_quote("it's"), r"'it'\''s'");
     }
 
     #[test]

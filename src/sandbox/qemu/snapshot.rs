@@ -12,7 +12,6 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::args::{guest_memory_mb, kernel_cmdline, Accel, Machine, VmPlan};
-use super::qmp;
 use super::vm::{Vm, VmError};
 use super::Inner;
 use crate::guest::images;
@@ -116,10 +115,13 @@ impl Inner {
         let ram_tmp = dir.join(format!(".{RAM_FILE}.tmp"));
         let _ = fs::remove_file(&ram_tmp);
         // A failed template leaves no half-written files behind.
-        let _cleanup = RemoveOnDrop(vec![
-            ram_tmp.clone(),
-            dir.join(format!(".{SNAPSHOT_FILE}.tmp")),
-        ]);
+        let tmp = dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
+        let _cleanup = RemoveOnDrop(vec![ram_tmp.clone(), tmp.clone()]);
+        // The device state goes to a descriptor hearth opens and passes over
+        // QMP: QEMU's seccomp filter (`-sandbox spawn=deny`) forbids the
+        // `exec:` migration, which ran a shell, and QEMU 7.2 has no `file:` one.
+        let snap_out = fs::File::create(&tmp)
+            .map_err(|e| StartError::io(format!("create {}", tmp.display()), e))?;
         let plan = VmPlan {
             accel: self.accel,
             machine: self.machine,
@@ -134,7 +136,8 @@ impl Inner {
             restore: false,
         };
         let started = Instant::now();
-        let mut vm = Vm::spawn(&self.qemu, &plan, None, None)?;
+        let cgroup = self.cgroup(&spec.id);
+        let mut vm = Vm::spawn(&self.qemu, &plan, None, cgroup, None)?;
         let timeout = match self.accel {
             Accel::Kvm => TEMPLATE_READY_TIMEOUT_KVM,
             Accel::Tcg => TEMPLATE_READY_TIMEOUT_TCG,
@@ -150,14 +153,11 @@ impl Inner {
 
         let snap_started = Instant::now();
         let deadline = snap_started + SNAPSHOT_TIMEOUT;
-        let tmp = dir.join(format!(".{SNAPSHOT_FILE}.tmp"));
-        let _ = fs::remove_file(&tmp);
         let fail = |e: VmError, vm: &Vm| in_vm("snapshot", e, vm);
         let mut q = vm.qmp(deadline).map_err(|e| fail(e, &vm))?;
-        let uri = format!(
-            "exec:cat > {}",
-            qmp::shell_quote(&tmp.display().to_string())
-        );
+        q.pass_fd("snapshot", snap_out.as_fd(), deadline)
+            .map_err(|e| fail(VmError::Qmp(e), &vm))?;
+        let uri = "fd:snapshot";
         q.execute("migrate-set-capabilities", Some(ignore_shared()), deadline)
             .and_then(|_| q.execute("stop", None, deadline))
             .and_then(|_| q.execute("migrate", Some(json!({ "uri": uri })), deadline))
@@ -190,6 +190,7 @@ impl Inner {
         vm.quit(&mut q);
         drop(channel);
         drop(vm);
+        drop(snap_out);
         let publish = |tmp: &Path, name: &str| {
             publish(tmp, dir, name)
                 .map_err(|e| StartError::io(format!("snapshot {}", tmp.display()), e))

@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 
 use super::args::{qemu_args, VmPlan};
 use super::qmp::{Qmp, QmpError};
+use crate::sandbox::vmcgroup::VmmCgroup;
 use crate::sandbox::vmlog::{self, VmLog};
 use crate::util::program::find_program;
 
@@ -124,22 +125,26 @@ pub fn qemu_version(qemu: &Path) -> Result<String, String> {
 }
 
 /// A running QEMU and its private directory; dropping it kills the process,
-/// reaps it and removes the directory.
+/// reaps it and removes the directory and its cgroup.
 pub(super) struct Vm {
     child: Child,
     dir: PathBuf,
+    /// Its CPU cgroup, which it joined before exec.
+    cgroup: Option<VmmCgroup>,
     /// QEMU's own output (`qemu.log`) and the guest's serial console
     /// (`console.log`), both capped ([`vmlog`]).
     logs: [(VmLog, &'static str); 2],
 }
 
 impl Vm {
-    /// Starts QEMU for `plan`; `inherit` is a descriptor it keeps across exec
-    /// (the open snapshot of a restore).
+    /// Starts QEMU for `plan` in `cgroup`, pinned to `core`; `inherit` is a
+    /// descriptor it keeps across exec (the snapshot a restore reads or a
+    /// template writes).
     pub(super) fn spawn(
         qemu: &Path,
         plan: &VmPlan<'_>,
         core: Option<usize>,
+        cgroup: Option<VmmCgroup>,
         inherit: Option<&fs::File>,
     ) -> Result<Vm, VmError> {
         let dir = plan.dir.to_path_buf();
@@ -165,6 +170,10 @@ impl Vm {
         let console_fd = console.as_raw_fd();
         let console_path = PathBuf::from(format!("/proc/self/fd/{console_fd}"));
         let inherit_fd = inherit.map(AsRawFd::as_raw_fd);
+        let cgroup_fds = cgroup
+            .as_ref()
+            .map(VmmCgroup::procs_fds)
+            .unwrap_or_default();
         let mut cmd = Command::new(qemu);
         cmd.args(qemu_args(plan, &console_path))
             .stdin(Stdio::null())
@@ -188,7 +197,7 @@ impl Vm {
                 if let Some(core) = core {
                     let _ = crate::util::cpu::pin_thread(0, core);
                 }
-                Ok(())
+                VmmCgroup::pre_exec(&cgroup_fds)
             });
         }
         let spawned = cmd.spawn();
@@ -205,6 +214,7 @@ impl Vm {
         Ok(Vm {
             child,
             dir,
+            cgroup,
             logs: [(qemu_log, "qemu"), (console_log, "console")],
         })
     }
@@ -284,6 +294,8 @@ impl Drop for Vm {
             self.kill();
             let _ = self.child.wait();
         }
+        // Empty now: the process is reaped.
+        drop(self.cgroup.take());
         let _ = fs::remove_dir_all(&self.dir);
     }
 }

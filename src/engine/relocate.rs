@@ -256,6 +256,12 @@ impl Worker {
                 body,
             } => {
                 self.catch_up(&id);
+                if !self.fns.knows(&id) && self.shared.functions.get(&id).is_none() {
+                    // Gone while the request travelled: a code update replaced
+                    // the function its name led to. Routed again, it finds the
+                    // name's function now (or the 404 of a deleted one).
+                    return self.dispatch(tok, req, body);
+                }
                 self.invoke_here(tok, id, what, req, body)
             }
             Cargo::Queued(queued) => {

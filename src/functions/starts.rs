@@ -19,8 +19,10 @@ pub const STARTER_THREADS: usize = 4;
 /// Most starter threads at once: the kept ones and those made while every
 /// thread was busy (they end when they find nothing to run).
 pub const STARTER_THREADS_MAX: usize = 64;
-/// Most starts of one function running at once; its other starts wait.
-pub const STARTS_PER_FUNCTION_MAX: usize = 2;
+/// Most starts of one function running at once; its other starts wait. As
+/// many as the kept threads, so a burst of one function starts as fast as it
+/// did when those threads were all there was (a cap of 2 halved that).
+pub const STARTS_PER_FUNCTION_MAX: usize = STARTER_THREADS;
 
 /// An instance start a core asked for.
 pub struct StartJob {
@@ -205,7 +207,7 @@ mod tests {
     fn a_function_runs_at_most_its_share_and_others_pass_its_waiting_starts() {
         let mut q = Queue::default();
         let (hung, other) = (function("hung"), function("other"));
-        for _ in 0..5 {
+        for _ in 0..STARTS_PER_FUNCTION_MAX + 3 {
             q.waiting.push_back(StartJob {
                 core: 0,
                 function: hung.clone(),
@@ -217,7 +219,9 @@ mod tests {
         });
         let id = |j: StartJob| j.function.spec.id.clone();
         let taken: Vec<String> = std::iter::from_fn(|| q.take()).map(id).collect();
-        assert_eq!(taken, ["hung", "hung", "other"]);
+        let mut expected = vec!["hung"; STARTS_PER_FUNCTION_MAX];
+        expected.push("other");
+        assert_eq!(taken, expected);
         assert!(!q.any_runnable());
         q.finished("hung");
         assert_eq!(q.take().map(id).as_deref(), Some("hung"));

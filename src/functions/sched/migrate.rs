@@ -80,12 +80,12 @@ pub(super) fn next_core(mask: u64, me: usize) -> usize {
     (rotated.trailing_zeros() as usize + me + 1) % 64
 }
 
-/// The move of queued request `pending` of function `id` to core `target`
+/// The move of queued request `pending` of function `f` to core `target`
 /// with its connection (counted against [`RELOCATIONS_MAX`]); a service API
 /// invocation takes its answer's shape along from `service`.
 pub(super) fn relocate(
     service: &mut FxHashMap<ReplyTo, ServiceInvoke>,
-    id: &str,
+    f: &Function,
     mut pending: Pending,
     target: usize,
 ) -> Action {
@@ -95,7 +95,13 @@ pub(super) fn relocate(
         false => service.remove(&pending.to),
     };
     let queued = Queued {
-        function: id.to_string(),
+        function: f.spec.id.clone(),
+        // A code update can replace the function under its name meanwhile.
+        name: f
+            .spec
+            .name
+            .clone()
+            .filter(|_| f.spec.service.version.is_none()),
         pending,
         service,
     };
@@ -177,7 +183,7 @@ impl CorePool {
                     stay.push_back(pending);
                     continue;
                 }
-                let go = relocate(&mut self.service, id, pending, target);
+                let go = relocate(&mut self.service, &fs.f, pending, target);
                 self.actions.push_back(go);
             }
             for pending in stay {

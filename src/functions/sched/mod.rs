@@ -262,6 +262,8 @@ struct Pending {
 /// A queued request on its way to another core with its client's connection.
 pub struct Queued {
     function: String,
+    /// The name of an unpublished function (the one a code update replaces).
+    name: Option<String>,
     pending: Pending,
     /// How its answer is shaped, for a request of the Lambda service API.
     service: Option<ServiceInvoke>,
@@ -655,12 +657,20 @@ impl CorePool {
     pub fn on_relocated(&mut self, to: ReplyTo, queued: Queued, now: Instant) {
         let Queued {
             function,
+            name,
             mut pending,
             service,
         } = queued;
         pending.to = to;
         if let Some(s) = service {
             self.service.insert(to, s);
+        }
+        let function = self.successor(function, name.as_deref());
+        if let (Some(s), Some(fs)) = (self.service.get_mut(&to), self.fns.get(&function)) {
+            // The log tail is the successor's, if the request went to it.
+            if s.function.is_some() {
+                s.function = Some(fs.f.clone());
+            }
         }
         if let Some(r) = self.refused(&function) {
             self.reply(to, r);
@@ -674,6 +684,26 @@ impl CorePool {
         self.check_invariants();
     }
 
+    /// The function a relocated request of `id` (named `name`, if unpublished)
+    /// goes to here: `id` itself, or, when a code update replaced it while the
+    /// request travelled and this core has already let it go, the function
+    /// that now has its name. The request had not run; the new code serves it,
+    /// as it serves every request arriving after the update.
+    fn successor(&self, id: String, name: Option<&str>) -> String {
+        if self.fns.contains_key(&id) {
+            return id;
+        }
+        let Some(name) = name else { return id };
+        self.fns
+            .iter()
+            .find(|(_, fs)| {
+                fs.f.spec.name.as_deref() == Some(name)
+                    && fs.f.spec.service.version.is_none()
+                    && !fs.f.deleted.load(Relaxed)
+            })
+            .map_or(id, |(successor, _)| successor.clone())
+    }
+
     /// Event: the connection waiting for `queued` could not move; the request
     /// goes back into its queue here, by arrival, and this core waits for an
     /// instance to be handed over, as it would have without moves.
@@ -682,6 +712,7 @@ impl CorePool {
             function,
             mut pending,
             service,
+            ..
         } = queued;
         // It did not move: the move does not count.
         pending.relocations = pending.relocations.saturating_sub(1);

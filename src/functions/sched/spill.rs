@@ -207,7 +207,7 @@ impl CorePool {
                 fs.f.starved.fetch_and(!(1u64 << self.cfg.core), Relaxed);
             }
             add(&fs.f.metrics.requests_spilled, 1);
-            let go = relocate(&mut self.service, id, pending, target);
+            let go = relocate(&mut self.service, &fs.f, pending, target);
             self.actions.push_back(go);
             return;
         }

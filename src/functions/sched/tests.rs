@@ -1729,6 +1729,7 @@ fn with_moves_a_queue_left_behind_goes_after_its_instance() {
     for (_, q) in &core0.relocated {
         let q = Queued {
             function: q.function.clone(),
+            name: q.name.clone(),
             pending: Pending {
                 to: q.pending.to,
                 rid: q.pending.rid,
@@ -2127,4 +2128,51 @@ fn invoke_metadata_reads_back_through_the_runtime_api_reader() {
         "{:?}",
         inv.headers
     );
+}
+
+#[test]
+fn a_relocated_request_whose_function_was_replaced_meanwhile_runs_on_the_new_code() {
+    // An unpublished function "live" and the one a code update puts in its place.
+    let named = |id: &str| {
+        let f = function(id, 10, 10_000);
+        let mut spec = f.spec.clone();
+        spec.name = Some("live".into());
+        let memory = Budget::new("instance memory", "MiB", 1 << 20);
+        Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
+    };
+    let (old, new) = (named("old"), named("new"));
+    // Core 0 queued a request of the old code and sends it to core 1...
+    let mut core0 = Sim::new(config(0), &[&old]);
+    core0.alone = false;
+    let to = core0.request("old");
+    let pending = core0
+        .pool
+        .fns
+        .get_mut("old")
+        .unwrap()
+        .dequeue(&mut core0.pool.queued)
+        .unwrap();
+    let Action::Relocate { queued, .. } =
+        migrate::relocate(&mut core0.pool.service, &old, pending, 1)
+    else {
+        panic!("a relocation")
+    };
+    // ...which meanwhile learnt of the update and let the old code go.
+    let mut core1 = Sim::new(config(1), &[&old]);
+    (core1.alone, core1.now) = (false, core0.now);
+    old.deleted.store(true, Relaxed);
+    core1
+        .pool
+        .on_functions_changed(vec![new.clone()], core1.now);
+    assert!(!core1.pool.knows("old"));
+    core1.pool.on_relocated(to, queued, core1.now);
+    core1.drain();
+    assert_eq!(core1.status(to), None, "not a 404");
+    assert_eq!(core1.starts.len(), 1);
+    assert_eq!(core1.starts[0].spec.id, "new");
+    let [inst] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(inst, 200);
+    assert_eq!(core1.status(to), Some(200));
 }

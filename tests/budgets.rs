@@ -296,3 +296,50 @@ fn functions_whose_inits_hang_do_not_hold_up_another_functions_first_request() {
     drop(waiting);
     s.assert_healthy();
 }
+
+/// A deploy holds a control thread through its template's init (10 s in a
+/// process sandbox when the init hangs), so deploys alone must not take every
+/// control thread: reads (list, get, logs) keep places of their own, and the
+/// deploys beyond the changes' share are refused at once with 503.
+#[test]
+fn deploys_whose_inits_hang_leave_control_threads_for_reads() {
+    require_sandbox!();
+    let s = start(&[]);
+    let zip = zip_of(&hanging_init_source(0), 0);
+    let deploy = |zip: &[u8]| {
+        let mut head = format!(
+            "POST /deploy?memory_mb=128 HTTP/1.1\r\nHost: t\r\nAuthorization: {}\r\n\
+             Content-Type: application/zip\r\nContent-Length: {}\r\n\r\n",
+            s.auth(),
+            zip.len()
+        )
+        .into_bytes();
+        head.extend_from_slice(zip);
+        let mut c = s.connect();
+        c.write(&head);
+        c
+    };
+    // As many deploys as there are control threads in all; each stays in its
+    // init until the init timeout.
+    let hanging: Vec<_> = (0..hearth::control::plane::CONTROL_INFLIGHT_MAX)
+        .map(|_| deploy(&zip))
+        .collect();
+    std::thread::sleep(Duration::from_millis(1500));
+    let list = control(&s, "GET", "/functions", &[], b"");
+    assert_eq!(
+        list.status,
+        200,
+        "listing while deploys hang: {} / stderr:\n{}",
+        list.text(),
+        s.stderr()
+    );
+    let one_more = deploy(&zip).response();
+    assert_eq!(one_more.status, 503, "{}", one_more.text());
+    assert!(
+        one_more.text().contains("too many deploys"),
+        "{}",
+        one_more.text()
+    );
+    drop(hanging);
+    s.assert_healthy();
+}

@@ -1,7 +1,8 @@
 //! The control plane: deploy, list, inspect, delete, logs.
 //!
 //! Requests arrive on a worker core and are handed to a short-lived control
-//! thread (at most [`CONTROL_INFLIGHT_MAX`] at once; more → 503), because a
+//! thread (at most [`CONTROL_INFLIGHT_MAX`] at once, of which at most
+//! [`CONTROL_CHANGES_MAX`] changes; more → 503), because a
 //! deploy unpacks archives, writes files and boots a template instance. The
 //! answer goes to the callback the engine passed with the request, which
 //! carries it back to the core. Nothing here runs on the request path of
@@ -32,6 +33,13 @@ use crate::util::time::unix_time_ms;
 
 /// Control requests handled at the same time.
 pub const CONTROL_INFLIGHT_MAX: usize = 16;
+/// Of those, changes (any method but GET and HEAD). A deploy or code update
+/// holds its thread through the template's init (up to 10 s in a process
+/// sandbox, minutes on a VM) and a change of a busy name waits up to
+/// [`functions::NAME_WAIT_MAX`] for it, so changes alone could take every
+/// thread; the rest stay free for reads (list, get, logs), which an operator
+/// needs most when deploys hang.
+pub const CONTROL_CHANGES_MAX: usize = 12;
 
 /// An answer: the one owned reply type, as every producer uses it.
 pub type Answer = Reply;
@@ -66,6 +74,7 @@ pub(super) struct Plane {
 #[derive(Default)]
 pub struct Control {
     inflight: Arc<AtomicUsize>,
+    changes: Arc<AtomicUsize>,
     plane: OnceLock<Arc<Plane>>,
 }
 
@@ -125,28 +134,54 @@ impl Control {
     /// (then `done` is dropped uncalled).
     pub fn submit(&self, req: Request, body: Vec<u8>, done: Done) -> Result<(), Vec<u8>> {
         let plane = self.plane.get().expect("control plane started").clone();
-        if self.inflight.fetch_add(1, Ordering::AcqRel) >= CONTROL_INFLIGHT_MAX {
-            self.inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(json_error(
+        let change = !matches!(req.method.as_str(), "GET" | "HEAD");
+        let changing = match change {
+            true => Some(
+                Claim::take(&self.changes, CONTROL_CHANGES_MAX).ok_or_else(|| {
+                    json_error(
+                        "control_busy",
+                        "too many deploys and other changes in progress, retry later",
+                    )
+                })?,
+            ),
+            false => None,
+        };
+        let claim = Claim::take(&self.inflight, CONTROL_INFLIGHT_MAX).ok_or_else(|| {
+            json_error(
                 "control_busy",
                 "too many control requests in progress, retry later",
-            ));
-        }
-        let inflight = self.inflight.clone();
+            )
+        })?;
         let spawned = std::thread::Builder::new()
             .name("hearth-control".into())
             .spawn(move || {
+                let _held = (claim, changing);
                 done(handle(&plane, &req, &body));
-                inflight.fetch_sub(1, Ordering::AcqRel);
             });
-        if spawned.is_err() {
-            self.inflight.fetch_sub(1, Ordering::AcqRel);
-            return Err(json_error(
-                "control_busy",
-                "could not start a control thread",
-            ));
+        // A thread that did not start dropped its claims with its closure.
+        spawned
+            .map(drop)
+            .map_err(|_| json_error("control_busy", "could not start a control thread"))
+    }
+}
+
+/// One place in an in-flight count, given back when dropped.
+struct Claim(Arc<AtomicUsize>);
+
+impl Claim {
+    /// Takes a place in `count` while it is below `max`.
+    fn take(count: &Arc<AtomicUsize>, max: usize) -> Option<Claim> {
+        if count.fetch_add(1, Ordering::AcqRel) >= max {
+            count.fetch_sub(1, Ordering::AcqRel);
+            return None;
         }
-        Ok(())
+        Some(Claim(count.clone()))
+    }
+}
+
+impl Drop for Claim {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
     }
 }
 

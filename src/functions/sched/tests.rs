@@ -2262,3 +2262,91 @@ fn a_request_that_could_not_follow_its_replaced_function_runs_on_the_new_code() 
     core0.respond(inst, 200);
     assert_eq!(core0.status(to), Some(200));
 }
+
+#[test]
+fn an_instance_handed_over_as_its_function_is_deleted_serves_what_was_queued_for_it() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    let waiting = core1.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    // Deleted while the instance travels; core 1 has not heard of it yet.
+    f.deleted.store(true, Relaxed);
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    assert_eq!(
+        core1.sent.len(),
+        1,
+        "the waiting request goes to the instance"
+    );
+    let arrived = core1.attached[0];
+    core1.fakes.push((arrived, core0.fakes[0].1.clone()));
+    core1.pool.on_functions_changed(Vec::new(), core1.now);
+    core1.drain();
+    assert_eq!(core1.status(waiting), None, "not a 404");
+    core1.respond(arrived, 200);
+    assert_eq!(core1.status(waiting), Some(200));
+    // Nothing more to serve: the instance and the function go.
+    assert!(core1.fake(arrived).destroyed);
+    assert!(!core1.pool.knows("a"));
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(f.metrics.instances.load(Relaxed), 0);
+    assert_eq!(f.metrics.retired.load(Relaxed), 1);
+    assert_eq!(f.homes.load(Relaxed), 0);
+}
+
+#[test]
+fn an_instance_handed_over_to_a_core_that_let_its_function_go_is_retired() {
+    let (old, new) = (named("old"), named("new"));
+    let mut core0 = Sim::new(config(0), &[&old]);
+    let mut core1 = Sim::new(config(1), &[&old]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("old");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core0.respond(inst, 200);
+    // Core 1 is starved of the old code (its limit reached)...
+    old.starved.store(1 << 1, Relaxed);
+    core0.tick(0);
+    assert_eq!(core0.detached, vec![inst]);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    assert_eq!(old.homes.load(Relaxed), 1 << 1);
+    // ...and has let it go for the new code when the instance arrives.
+    old.deleted.store(true, Relaxed);
+    core1
+        .pool
+        .on_functions_changed(vec![new.clone()], core1.now);
+    assert!(!core1.pool.knows("old"));
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    assert!(core1.attached.is_empty() && core1.sent.is_empty());
+    assert_eq!(core1.destroyed, 1);
+    let log = core0.fake(inst);
+    assert!(log.killed && log.destroyed);
+    assert_eq!(old.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(old.metrics.instances.load(Relaxed), 0);
+    assert_eq!(old.metrics.retired.load(Relaxed), 1, "counted as retired");
+    assert_eq!(old.homes.load(Relaxed), 0);
+}

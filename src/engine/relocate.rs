@@ -265,6 +265,13 @@ impl Worker {
                 self.invoke_here(tok, id, what, req, body)
             }
             Cargo::Queued(queued) => {
+                if self.shared.functions.get(queued.function()).is_none() {
+                    // Replaced (or deleted) while the request travelled: this
+                    // core's view may still lack the function now under its
+                    // name, which serves it unless old instances here do.
+                    let all = self.shared.functions.all();
+                    self.fns.on_functions_changed(all, self.now);
+                }
                 let to = ReplyTo { token: tok, serial };
                 self.fns.on_relocated(to, queued, self.now);
                 self.run_actions();

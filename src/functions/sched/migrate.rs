@@ -215,7 +215,12 @@ impl CorePool {
         self.actions.push_back(Action::HandOver { core, instance });
     }
 
-    /// Takes over an instance from another core.
+    /// Takes over an instance from another core. One whose function this
+    /// core has let go (deleted, or replaced by a code update, while it
+    /// travelled) is destroyed: the requests that followed it go to the
+    /// successor ([`CorePool::on_relocated`]). One whose function is deleted
+    /// but still draining here serves what is queued for it, then is retired
+    /// like the function's other instances ([`CorePool::next_for`]).
     pub(super) fn migrated_in(&mut self, m: Migrated, now: Instant) {
         let Migrated {
             function: f,
@@ -224,15 +229,12 @@ impl CorePool {
             leftover,
         } = m;
         let id = f.spec.id.clone();
-        if !self.fns.contains_key(&id) || f.deleted.load(Relaxed) {
-            match self.fns.get(&id) {
-                Some(fs) => fs.sync_home(self.cfg.core),
-                None => {
-                    f.homes.fetch_and(!(1u64 << self.cfg.core), Relaxed);
-                }
-            }
+        if !self.fns.contains_key(&id) {
+            // The sender marked this core a home of the function.
+            f.homes.fetch_and(!(1u64 << self.cfg.core), Relaxed);
             handle.kill();
             f.metrics.instances.fetch_sub(1, Relaxed);
+            add(&f.metrics.retired, 1);
             f.release();
             self.actions.push_back(Action::Destroy(handle));
             return;

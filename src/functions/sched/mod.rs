@@ -665,14 +665,8 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(to, s);
         }
-        let function = self.successor(function, name.as_deref());
-        if let (Some(s), Some(fs)) = (self.service.get_mut(&to), self.fns.get(&function)) {
-            // The log tail is the successor's, if the request went to it.
-            if s.function.is_some() {
-                s.function = Some(fs.f.clone());
-            }
-        }
-        if let Some(r) = self.refused(&function) {
+        let function = self.reroute(to, function, name.as_deref());
+        if let Some(r) = self.refused_queued(&function) {
             self.reply(to, r);
         } else if pending.queue_deadline <= now {
             let waited = now.duration_since(pending.arrived).as_millis();
@@ -684,24 +678,40 @@ impl CorePool {
         self.check_invariants();
     }
 
-    /// The function a relocated request of `id` (named `name`, if unpublished)
-    /// goes to here: `id` itself, or, when a code update replaced it while the
-    /// request travelled and this core has already let it go, the function
-    /// that now has its name. The request had not run; the new code serves it,
-    /// as it serves every request arriving after the update.
-    fn successor(&self, id: String, name: Option<&str>) -> String {
-        if self.fns.contains_key(&id) {
+    /// The function a queued request of `id` (named `name`, if unpublished)
+    /// that left its queue goes to here, answered at `to`: `id` itself while
+    /// this core may still queue it ([`CorePool::drains`]), else, when a code
+    /// update replaced `id` meanwhile, the function that now has its name.
+    /// The request had not run; the new code serves it, as it serves every
+    /// request arriving after the update.
+    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> String {
+        if self.drains(&id) {
             return id;
         }
         let Some(name) = name else { return id };
+        let Some(fs) = self.fns.values().find(|fs| {
+            fs.f.spec.name.as_deref() == Some(name)
+                && fs.f.spec.service.version.is_none()
+                && !fs.f.deleted.load(Relaxed)
+        }) else {
+            return id;
+        };
+        if let Some(s) = self.service.get_mut(&to) {
+            // The log tail is the successor's.
+            if s.function.is_some() {
+                s.function = Some(fs.f.clone());
+            }
+        }
+        fs.f.spec.id.clone()
+    }
+
+    /// Whether a request of `id` accepted earlier may still queue here: `id`
+    /// is deployed, or it was deleted and its instances here (running or
+    /// starting) finish what was queued for it.
+    fn drains(&self, id: &str) -> bool {
         self.fns
-            .iter()
-            .find(|(_, fs)| {
-                fs.f.spec.name.as_deref() == Some(name)
-                    && fs.f.spec.service.version.is_none()
-                    && !fs.f.deleted.load(Relaxed)
-            })
-            .map_or(id, |(successor, _)| successor.clone())
+            .get(id)
+            .is_some_and(|fs| !fs.f.deleted.load(Relaxed) || fs.live + fs.starting > 0)
     }
 
     /// Event: the connection waiting for `queued` could not move; the request
@@ -710,19 +720,23 @@ impl CorePool {
     pub fn relocate_failed(&mut self, queued: Queued, now: Instant) {
         let Queued {
             function,
+            name,
             mut pending,
             service,
-            ..
         } = queued;
         // It did not move: the move does not count.
         pending.relocations = pending.relocations.saturating_sub(1);
         if let Some(s) = service {
             self.service.insert(pending.to, s);
         }
-        if let Some(r) = self.refused(&function) {
+        let function = self.reroute(pending.to, function, name.as_deref());
+        if let Some(r) = self.refused_queued(&function) {
             self.reply(pending.to, r);
         } else {
-            let fs = self.fns.get_mut(&function).expect("refused() checked it");
+            let fs = self
+                .fns
+                .get_mut(&function)
+                .expect("refused_queued() checked it");
             fs.insert_by_arrival(pending, &mut self.queued);
             // Starved only at the limit: a request that spilled from beside
             // an instance of its own waits for that one.
@@ -732,6 +746,16 @@ impl CorePool {
             self.grow(&function, now);
         }
         self.check_invariants();
+    }
+
+    /// The 404 a request of `id` accepted earlier (queued, then moved) gets
+    /// here, if `id` is unknown here, or deleted with nothing of it left to
+    /// serve it (see [`CorePool::drains`]).
+    fn refused_queued(&self, id: &str) -> Option<Reply> {
+        match self.drains(id) {
+            true => None,
+            false => self.refused(id),
+        }
     }
 
     /// The 404 a request for function `id` gets here, if it is unknown or deleted.

@@ -25,12 +25,7 @@ impl CorePool {
                 Ok(_) => break,
                 Err(e) => {
                     let note = format!("instance broke the protocol: {e}");
-                    inst.function
-                        .logs
-                        .lock()
-                        .unwrap()
-                        .push("host", true, note.as_bytes());
-                    self.instance_failed(i, now, "the instance broke the protocol");
+                    self.broke_protocol(i, &note, now);
                     break;
                 }
             };
@@ -64,12 +59,7 @@ impl CorePool {
                 }
                 other => {
                     let note = format!("unexpected {other:?} frame for request {}", h.request_id);
-                    inst.function
-                        .logs
-                        .lock()
-                        .unwrap()
-                        .push("host", true, note.as_bytes());
-                    self.instance_failed(i, now, "the instance broke the protocol");
+                    self.broke_protocol(i, &note, now);
                 }
             }
         }
@@ -102,11 +92,14 @@ impl CorePool {
             protocol::IDLE_FRAME_BYTES_MAX
         );
         eprintln!("hearth: function {}: {note}", inst.function.spec.id);
-        inst.function
-            .logs
-            .lock()
-            .unwrap()
-            .push("host", true, note.as_bytes());
+        self.broke_protocol(i, &note, now);
+    }
+
+    /// Fails instance `i`, which broke the protocol, after noting why in its
+    /// function's log as a line of the host's.
+    pub(super) fn broke_protocol(&mut self, i: usize, note: &str, now: Instant) {
+        let f = &self.insts[i].function;
+        f.logs.lock().unwrap().push("host", true, note.as_bytes());
         self.instance_failed(i, now, "the instance broke the protocol");
     }
 

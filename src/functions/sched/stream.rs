@@ -77,13 +77,7 @@ impl CorePool {
             FrameType::StreamEnd if started => self.stream_end(i, to, meta, now),
             _ => {
                 let note = format!("unexpected {kind:?} frame (stream started: {started})");
-                self.insts[i]
-                    .function
-                    .logs
-                    .lock()
-                    .unwrap()
-                    .push("host", true, note.as_bytes());
-                self.instance_failed(i, now, "the instance broke the protocol");
+                self.broke_protocol(i, &note, now);
             }
         }
     }

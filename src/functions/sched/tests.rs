@@ -2130,33 +2130,36 @@ fn invoke_metadata_reads_back_through_the_runtime_api_reader() {
     );
 }
 
+/// An unpublished function `id` named "live" (a code update replaces one
+/// such by another).
+fn named(id: &str) -> Arc<Function> {
+    let mut spec = function(id, 10, 10_000).spec.clone();
+    spec.name = Some("live".into());
+    let memory = Budget::new("instance memory", "MiB", 1 << 20);
+    Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
+}
+
+/// A request of `f` that `sim` queued and sends to core `target` with its
+/// connection; returns where its answer went on `sim` and the request.
+fn relocated(sim: &mut Sim, f: &Arc<Function>, target: usize) -> (ReplyTo, Queued) {
+    let to = sim.request(&f.spec.id);
+    let fs = sim.pool.fns.get_mut(&f.spec.id).unwrap();
+    let pending = fs.dequeue(&mut sim.pool.queued).unwrap();
+    let Action::Relocate { queued, .. } =
+        migrate::relocate(&mut sim.pool.service, f, pending, target)
+    else {
+        panic!("a relocation")
+    };
+    (to, queued)
+}
+
 #[test]
 fn a_relocated_request_whose_function_was_replaced_meanwhile_runs_on_the_new_code() {
-    // An unpublished function "live" and the one a code update puts in its place.
-    let named = |id: &str| {
-        let f = function(id, 10, 10_000);
-        let mut spec = f.spec.clone();
-        spec.name = Some("live".into());
-        let memory = Budget::new("instance memory", "MiB", 1 << 20);
-        Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
-    };
     let (old, new) = (named("old"), named("new"));
     // Core 0 queued a request of the old code and sends it to core 1...
     let mut core0 = Sim::new(config(0), &[&old]);
     core0.alone = false;
-    let to = core0.request("old");
-    let pending = core0
-        .pool
-        .fns
-        .get_mut("old")
-        .unwrap()
-        .dequeue(&mut core0.pool.queued)
-        .unwrap();
-    let Action::Relocate { queued, .. } =
-        migrate::relocate(&mut core0.pool.service, &old, pending, 1)
-    else {
-        panic!("a relocation")
-    };
+    let (to, queued) = relocated(&mut core0, &old, 1);
     // ...which meanwhile learnt of the update and let the old code go.
     let mut core1 = Sim::new(config(1), &[&old]);
     (core1.alone, core1.now) = (false, core0.now);
@@ -2175,4 +2178,175 @@ fn a_relocated_request_whose_function_was_replaced_meanwhile_runs_on_the_new_cod
     };
     core1.respond(inst, 200);
     assert_eq!(core1.status(to), Some(200));
+}
+
+#[test]
+fn a_relocated_request_of_a_replaced_function_known_here_without_instances_runs_on_the_new_code() {
+    let (old, new) = (named("old"), named("new"));
+    let mut core0 = Sim::new(config(0), &[&old]);
+    core0.alone = false;
+    let (to, queued) = relocated(&mut core0, &old, 1);
+    // Core 1 still has the old function in its view, deleted, with no
+    // instance of it; the new one is there too.
+    let mut core1 = Sim::new(config(1), &[&old, &new]);
+    (core1.alone, core1.now) = (false, core0.now);
+    old.deleted.store(true, Relaxed);
+    assert!(core1.pool.knows("old"));
+    core1.pool.on_relocated(to, queued, core1.now);
+    core1.drain();
+    assert_eq!(core1.status(to), None, "not a 404");
+    let starts: Vec<&str> = core1.starts.iter().map(|f| f.spec.id.as_str()).collect();
+    assert_eq!(starts, ["new"]);
+    let [inst] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(inst, 200);
+    assert_eq!(core1.status(to), Some(200));
+}
+
+#[test]
+fn a_relocated_request_of_a_replaced_function_finishes_on_its_instance_draining_there() {
+    let (old, new) = (named("old"), named("new"));
+    let mut core0 = Sim::new(config(0), &[&old]);
+    core0.alone = false;
+    let (to, queued) = relocated(&mut core0, &old, 1);
+    // Core 1 runs a request on an instance of the old code as the update lands.
+    let mut core1 = Sim::new(config(1), &[&old]);
+    (core1.alone, core1.now) = (false, core0.now);
+    let running = core1.request("old");
+    let [inst] = core1.start_all()[..] else {
+        panic!()
+    };
+    old.deleted.store(true, Relaxed);
+    core1
+        .pool
+        .on_functions_changed(vec![new.clone()], core1.now);
+    assert!(core1.pool.knows("old"), "draining");
+    core1.pool.on_relocated(to, queued, core1.now);
+    core1.drain();
+    assert_eq!(core1.status(to), None, "not a 404");
+    assert!(core1.starts.is_empty(), "it waits for the old instance");
+    core1.respond(inst, 200);
+    assert_eq!(core1.status(running), Some(200));
+    assert_eq!(core1.running(inst), core1.sent[1].1.request_id);
+    core1.respond(inst, 200);
+    assert_eq!(core1.status(to), Some(200));
+    // Drained: the old instance and the old function go.
+    assert!(core1.fake(inst).destroyed);
+    assert!(!core1.pool.knows("old"));
+    assert_eq!(old.metrics.instances.load(Relaxed), 0);
+}
+
+#[test]
+fn a_request_that_could_not_follow_its_replaced_function_runs_on_the_new_code() {
+    let (old, new) = (named("old"), named("new"));
+    let mut core0 = Sim::new(config(0), &[&old]);
+    let (to, queued) = relocated(&mut core0, &old, 1);
+    // The start asked for it fails; the update lands; the connection
+    // cannot move, and the request comes back.
+    core0.fail_start();
+    old.deleted.store(true, Relaxed);
+    core0
+        .pool
+        .on_functions_changed(vec![new.clone()], core0.now);
+    assert!(!core0.pool.knows("old"));
+    core0.functions.push(new.clone());
+    core0.pool.relocate_failed(queued, core0.now);
+    core0.drain();
+    assert_eq!(core0.status(to), None, "not a 404");
+    let starts: Vec<&str> = core0.starts.iter().map(|f| f.spec.id.as_str()).collect();
+    assert_eq!(starts, ["new"]);
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core0.respond(inst, 200);
+    assert_eq!(core0.status(to), Some(200));
+}
+
+#[test]
+fn an_instance_handed_over_as_its_function_is_deleted_serves_what_was_queued_for_it() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    let waiting = core1.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    // Deleted while the instance travels; core 1 has not heard of it yet.
+    f.deleted.store(true, Relaxed);
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    assert_eq!(
+        core1.sent.len(),
+        1,
+        "the waiting request goes to the instance"
+    );
+    let arrived = core1.attached[0];
+    core1.fakes.push((arrived, core0.fakes[0].1.clone()));
+    core1.pool.on_functions_changed(Vec::new(), core1.now);
+    core1.drain();
+    assert_eq!(core1.status(waiting), None, "not a 404");
+    core1.respond(arrived, 200);
+    assert_eq!(core1.status(waiting), Some(200));
+    // Nothing more to serve: the instance and the function go.
+    assert!(core1.fake(arrived).destroyed);
+    assert!(!core1.pool.knows("a"));
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(f.metrics.instances.load(Relaxed), 0);
+    assert_eq!(f.metrics.retired.load(Relaxed), 1);
+    assert_eq!(f.homes.load(Relaxed), 0);
+}
+
+#[test]
+fn an_instance_handed_over_to_a_core_that_let_its_function_go_is_retired() {
+    let (old, new) = (named("old"), named("new"));
+    let mut core0 = Sim::new(config(0), &[&old]);
+    let mut core1 = Sim::new(config(1), &[&old]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("old");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core0.respond(inst, 200);
+    // Core 1 is starved of the old code (its limit reached)...
+    old.starved.store(1 << 1, Relaxed);
+    core0.tick(0);
+    assert_eq!(core0.detached, vec![inst]);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    assert_eq!(old.homes.load(Relaxed), 1 << 1);
+    // ...and has let it go for the new code when the instance arrives.
+    old.deleted.store(true, Relaxed);
+    core1
+        .pool
+        .on_functions_changed(vec![new.clone()], core1.now);
+    assert!(!core1.pool.knows("old"));
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
+    assert!(core1.attached.is_empty() && core1.sent.is_empty());
+    assert_eq!(core1.destroyed, 1);
+    let log = core0.fake(inst);
+    assert!(log.killed && log.destroyed);
+    assert_eq!(old.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(old.metrics.instances.load(Relaxed), 0);
+    assert_eq!(old.metrics.retired.load(Relaxed), 1, "counted as retired");
+    assert_eq!(old.homes.load(Relaxed), 0);
 }

@@ -367,10 +367,13 @@ impl CorePool {
 
     /// Instance `i` finished a request. Round robin between functions waiting
     /// for a slot on this core: its slot goes to the next other function
-    /// waiting for one, if any; else it takes its next request.
+    /// waiting for one, if any; else it takes its next request. An instance
+    /// of a deleted function keeps its slot while requests are queued for it:
+    /// none is started for them, so they have no one else.
     pub(super) fn after_request(&mut self, i: usize, now: Instant) {
         let id = self.insts[i].function.spec.id.clone();
-        if let Some(pos) = self.slot_waiters.iter().position(|w| *w != id) {
+        let waiter = self.slot_waiters.iter().position(|w| *w != id);
+        if let Some(pos) = waiter.filter(|_| !self.drains_queue(&id)) {
             let waiter = self.slot_waiters.remove(pos).expect("position is valid");
             self.retire(i, now);
             self.grow(&waiter, now);
@@ -378,6 +381,14 @@ impl CorePool {
             return;
         }
         self.next_for(i, now);
+    }
+
+    /// Whether `id` is deleted and has requests queued here, which only its
+    /// instances here may serve.
+    fn drains_queue(&self, id: &str) -> bool {
+        self.fns
+            .get(id)
+            .is_some_and(|fs| fs.f.deleted.load(Relaxed) && !fs.queue.is_empty())
     }
 
     /// Gives an idle instance its next request, or parks it. An instance that
@@ -416,7 +427,11 @@ impl CorePool {
         }
         fs.f.starved.fetch_and(!me, Relaxed);
         if fs.f.deleted.load(Relaxed) {
-            self.retire(i, now);
+            // Held back by the fit, it leaves the queue to the function's
+            // instances still running here; should it be the last, the
+            // successor takes the queue.
+            let heir = self.retire(i, now);
+            self.take_over(heir, now);
             return;
         }
         self.insts[i].idle_since = now;
@@ -482,8 +497,11 @@ impl CorePool {
         }
     }
 
-    /// Removes an instance and has it destroyed off-loop; frees its concurrency slot.
-    pub(super) fn retire(&mut self, i: usize, now: Instant) {
+    /// Removes an instance and has it destroyed off-loop; frees its
+    /// concurrency slot. Returns the function that took over the queue of a
+    /// deleted function whose last instance here it was (see
+    /// [`CorePool::forget_if_drained`]).
+    pub(super) fn retire(&mut self, i: usize, now: Instant) -> Option<String> {
         let mut inst = self.insts.remove(i);
         // Its streamed answer was ended by whoever retires it busy.
         debug_assert!(!self.streams.contains_key(&inst.id));
@@ -508,21 +526,54 @@ impl CorePool {
             self.actions.push_back(Action::Destroy(inst.handle));
         }
         let id = id.clone();
-        self.forget_if_drained(&id);
+        self.forget_if_drained(&id)
     }
 
-    /// Drops a deleted function's state once no instance of it is left here;
-    /// requests still queued then (none could be served) get 404.
-    pub(super) fn forget_if_drained(&mut self, id: &str) {
-        let Some(fs) = self.fns.get(id) else { return };
+    /// Drops a deleted function's state once no instance of it is left here.
+    /// Requests still queued then had not run: when a code update replaced
+    /// the function, the one now under its name takes them (in their order,
+    /// with their deadlines) and returns its id, to be served by
+    /// [`CorePool::take_over`]; otherwise they get 404.
+    pub(super) fn forget_if_drained(&mut self, id: &str) -> Option<String> {
+        let fs = self.fns.get(id)?;
         if !fs.f.deleted.load(Relaxed) || fs.live > 0 || fs.starting > 0 {
-            return;
+            return None;
         }
         let mut fs = self.fns.remove(id).expect("present");
-        let message = format!("function {id} was deleted");
-        while let Some(p) = fs.dequeue(&mut self.queued) {
-            self.reply(p.to, Reply::error(404, "function_not_found", &message));
+        if fs.queue.is_empty() {
+            return None;
         }
+        let heir =
+            fs.f.spec
+                .name
+                .as_deref()
+                .filter(|_| fs.f.spec.service.version.is_none())
+                .and_then(|name| self.successor(name))
+                .cloned();
+        let Some(heir) = heir else {
+            let message = format!("function {id} was deleted");
+            while let Some(p) = fs.dequeue(&mut self.queued) {
+                self.reply(p.to, Reply::error(404, "function_not_found", &message));
+            }
+            return None;
+        };
+        let heir_id = &heir.spec.id;
+        while let Some(p) = fs.dequeue(&mut self.queued) {
+            self.log_tail_from(p.to, &heir);
+            let hs = self.fns.get_mut(heir_id).expect("a successor known here");
+            hs.insert_by_arrival(p, &mut self.queued);
+        }
+        Some(heir_id.clone())
+    }
+
+    /// Serves the requests `heir` took over from a function it replaced (see
+    /// [`CorePool::forget_if_drained`]) as newly queued ones of its own: on
+    /// an idle instance, spilled to another core, or by scaling out.
+    pub(super) fn take_over(&mut self, heir: Option<String>, now: Instant) {
+        let Some(id) = heir else { return };
+        self.fill(&id, now);
+        self.spill(&id, now);
+        self.grow(&id, now);
     }
 
     /// Answers the instance's request with 502 (if any), destroys it, replaces it if needed.
@@ -542,8 +593,9 @@ impl CorePool {
             let (id, reply) = (inst.id, Reply::error(502, "instance_crashed", &msg));
             self.answer_running(id, busy.to, reply, None);
         }
-        self.retire(i, now);
+        let heir = self.retire(i, now);
         self.grow(&f.spec.id, now);
+        self.take_over(heir, now);
     }
 
     /// A start finished: adopt the instance, or answer a waiting request
@@ -566,7 +618,8 @@ impl CorePool {
                     format!("instance start failed: {e}").as_bytes(),
                 );
                 if f.deleted.load(Relaxed) {
-                    self.forget_if_drained(&id);
+                    let heir = self.forget_if_drained(&id);
+                    self.take_over(heir, now);
                     return;
                 }
                 let waiting = self
@@ -690,8 +743,9 @@ impl CorePool {
         );
         let reply = Reply::error(504, "function_timeout", &message);
         self.answer_running(self.insts[i].id, busy.to, reply, None);
-        self.retire(i, now);
+        let heir = self.retire(i, now);
         self.grow(&f.spec.id, now);
+        self.take_over(heir, now);
     }
 
     /// Queued requests past their queue deadline get 504.

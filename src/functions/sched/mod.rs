@@ -688,21 +688,31 @@ impl CorePool {
         if self.drains(&id) {
             return id;
         }
-        let Some(name) = name else { return id };
-        let Some(fs) = self.fns.values().find(|fs| {
-            fs.f.spec.name.as_deref() == Some(name)
-                && fs.f.spec.service.version.is_none()
-                && !fs.f.deleted.load(Relaxed)
-        }) else {
+        let Some(heir) = name.and_then(|name| self.successor(name)).cloned() else {
             return id;
         };
+        self.log_tail_from(to, &heir);
+        heir.spec.id.clone()
+    }
+
+    /// The deployed function under `name` (the successor of those a code
+    /// update unpublished under it), if this core knows it.
+    fn successor(&self, name: &str) -> Option<&Arc<Function>> {
+        self.fns.values().map(|fs| &fs.f).find(|f| {
+            f.spec.name.as_deref() == Some(name)
+                && f.spec.service.version.is_none()
+                && !f.deleted.load(Relaxed)
+        })
+    }
+
+    /// A service API request answered at `to` that moved to function `heir`
+    /// has the log tail of `heir`.
+    fn log_tail_from(&mut self, to: ReplyTo, heir: &Arc<Function>) {
         if let Some(s) = self.service.get_mut(&to) {
-            // The log tail is the successor's.
             if s.function.is_some() {
-                s.function = Some(fs.f.clone());
+                s.function = Some(heir.clone());
             }
         }
-        fs.f.spec.id.clone()
     }
 
     /// Whether a request of `id` accepted earlier may still queue here: `id`
@@ -923,6 +933,9 @@ impl CorePool {
     /// Event: functions were deployed or deleted; `current` is all there are.
     /// A deleted function drains: new requests get 404, requests already
     /// queued or running finish on the instances it has; then its state goes.
+    /// Requests queued for it with none of its instances here go to the
+    /// function a code update put under its name, if any (see
+    /// [`CorePool::forget_if_drained`]).
     pub fn on_functions_changed(&mut self, current: Vec<Arc<Function>>, now: Instant) {
         for f in &current {
             self.fns
@@ -935,6 +948,7 @@ impl CorePool {
             .filter(|id| !current.iter().any(|f| &f.spec.id == *id))
             .cloned()
             .collect();
+        let mut heirs = Vec::new();
         for id in gone {
             self.slot_waiters.retain(|w| *w != id);
             let idle: Vec<usize> = self
@@ -943,9 +957,14 @@ impl CorePool {
                 .map(|fs| fs.unpark_oldest(fs.idle.len()))
                 .unwrap_or_default();
             for i in idle {
-                self.retire(i, now);
+                heirs.extend(self.retire(i, now));
             }
-            self.forget_if_drained(&id);
+            heirs.extend(self.forget_if_drained(&id));
+        }
+        // Served once the view is settled (a heir's scale-out may retire idle
+        // instances of other functions).
+        for heir in heirs {
+            self.take_over(Some(heir), now);
         }
         self.check_invariants();
     }

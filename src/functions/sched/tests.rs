@@ -2133,7 +2133,12 @@ fn invoke_metadata_reads_back_through_the_runtime_api_reader() {
 /// An unpublished function `id` named "live" (a code update replaces one
 /// such by another).
 fn named(id: &str) -> Arc<Function> {
-    let mut spec = function(id, 10, 10_000).spec.clone();
+    named_limited(id, 10)
+}
+
+/// [`named`] with `concurrency`.
+fn named_limited(id: &str, concurrency: u32) -> Arc<Function> {
+    let mut spec = function(id, concurrency, 10_000).spec.clone();
     spec.name = Some("live".into());
     let memory = Budget::new("instance memory", "MiB", 1 << 20);
     Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
@@ -2349,4 +2354,154 @@ fn an_instance_handed_over_to_a_core_that_let_its_function_go_is_retired() {
     assert_eq!(old.metrics.instances.load(Relaxed), 0);
     assert_eq!(old.metrics.retired.load(Relaxed), 1, "counted as retired");
     assert_eq!(old.homes.load(Relaxed), 0);
+}
+
+#[test]
+fn requests_queued_for_a_replaced_function_with_no_instance_here_go_to_the_new_code() {
+    let (old, new) = (named_limited("old", 1), named("new"));
+    let mut sim = Sim::new(config(0), &[&old]);
+    sim.functions.push(new.clone());
+    // Another core holds the old code's only instance: requests here wait
+    // for it to be handed over.
+    old.try_reserve().unwrap();
+    let first = sim.request("old");
+    sim.advance(1);
+    let second = sim.request("old");
+    assert!(sim.starts.is_empty(), "at the limit");
+    assert_eq!(old.starved.load(Relaxed), 1, "waits for a hand-over");
+    // The update lands; no instance of the old code will come here now.
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    assert_eq!(sim.status(first), None, "not a 404");
+    assert_eq!(sim.status(second), None, "not a 404");
+    assert!(!sim.pool.knows("old"));
+    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
+    assert_eq!(starts, ["new"]);
+    assert_eq!(new.backlog.load(Relaxed), 1);
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    // In their order of arrival.
+    sim.respond(inst, 200);
+    assert_eq!(sim.status(first), Some(200));
+    assert_eq!(sim.status(second), None);
+    sim.respond(inst, 200);
+    assert_eq!(sim.status(second), Some(200));
+}
+
+#[test]
+fn requests_queued_for_a_function_deleted_for_good_with_no_instance_here_get_404() {
+    let f = named_limited("old", 1);
+    let mut sim = Sim::new(config(0), &[&f]);
+    f.try_reserve().unwrap();
+    let waiting = sim.request("old");
+    f.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(Vec::new(), sim.now);
+    sim.drain();
+    assert_eq!(sim.status(waiting), Some(404));
+    assert!(sim.starts.is_empty());
+}
+
+#[test]
+fn the_last_instance_of_a_replaced_function_serves_its_queue_before_giving_its_slot_away() {
+    let (old, new, b) = (named("old"), named("new"), function("b", 10, 1000));
+    let mut cfg = config(0);
+    cfg.instances_max = 1;
+    let mut sim = Sim::new(cfg, &[&old, &b]);
+    sim.functions.push(new.clone());
+    let running = sim.request("old");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let queued = sim.request("old");
+    // "b" waits for the core's only slot.
+    let other = sim.request("b");
+    assert!(sim.starts.is_empty());
+    assert_eq!(sim.pool.slot_waiters, ["b"]);
+    old.deleted.store(true, Relaxed);
+    sim.pool
+        .on_functions_changed(vec![new.clone(), b.clone()], sim.now);
+    sim.drain();
+    assert!(sim.pool.knows("old"), "draining");
+    sim.respond(inst, 200);
+    assert_eq!(sim.status(running), Some(200));
+    assert_eq!(sim.status(queued), None, "not a 404");
+    assert!(sim.starts.is_empty(), "the slot is not given away yet");
+    sim.respond(inst, 200);
+    assert_eq!(sim.status(queued), Some(200));
+    // Drained: now "b" has the slot.
+    assert!(sim.fake(inst).destroyed);
+    assert!(!sim.pool.knows("old"));
+    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
+    assert_eq!(starts, ["b"]);
+    let [binst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(other), Some(200));
+}
+
+#[test]
+fn an_instance_of_a_replaced_function_held_back_by_the_fit_leaves_its_queue_to_one_running() {
+    let (old, new) = (named("old"), named("new"));
+    let mut sim = Sim::new(config(0), &[&old]);
+    sim.functions.push(new.clone());
+    sim.request("old");
+    let [a] = sim.start_all()[..] else { panic!() };
+    sim.request("old");
+    sim.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    sim.tick(0);
+    let [b] = sim.start_all()[..] else { panic!() };
+    // Both busy on a saturated core that fits one of them.
+    sim.pool.fns.get_mut("old").unwrap().fit = Some(1);
+    sim.pool.cpu_busy_pct = 95;
+    let queued = sim.request("old");
+    assert!(sim.starts.is_empty());
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    // The first to finish is over the fit: it goes, the other takes the queue.
+    sim.respond(a, 200);
+    assert!(sim.fake(a).destroyed);
+    assert_eq!(sim.status(queued), None, "not a 404");
+    sim.respond(b, 200);
+    assert_eq!(
+        sim.sent.last().unwrap().0,
+        b,
+        "the queued request runs on b"
+    );
+    sim.respond(b, 200);
+    assert_eq!(sim.status(queued), Some(200));
+    assert!(sim.fake(b).destroyed);
+    assert!(!sim.pool.knows("old"));
+    assert!(sim.starts.is_empty());
+}
+
+#[test]
+fn requests_queued_behind_the_last_instance_of_a_replaced_function_that_crashes_go_to_the_new_code()
+{
+    let (old, new) = (named("old"), named("new"));
+    let mut sim = Sim::new(config(0), &[&old]);
+    sim.functions.push(new.clone());
+    let running = sim.request("old");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let queued = sim.request("old");
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    sim.pool.on_channel_closed(inst, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.status(running), Some(502));
+    assert_eq!(sim.status(queued), None, "not a 404");
+    assert!(!sim.pool.knows("old"));
+    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
+    assert_eq!(starts, ["new"]);
+    let [fresh] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(fresh, 200);
+    assert_eq!(sim.status(queued), Some(200));
 }

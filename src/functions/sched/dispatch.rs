@@ -533,23 +533,24 @@ impl CorePool {
     /// Requests still queued then had not run: when a code update replaced
     /// the function, the one now under its name takes them (in their order,
     /// with their deadlines) and returns its id, to be served by
-    /// [`CorePool::take_over`]; otherwise they get 404.
+    /// [`CorePool::take_over`]; otherwise they get 404. While the core's
+    /// view still lists the function, they wait for the refresh instead,
+    /// which brings the successor (see [`FnState::listed`]).
     pub(super) fn forget_if_drained(&mut self, id: &str) -> Option<String> {
         let fs = self.fns.get(id)?;
         if !fs.f.deleted.load(Relaxed) || fs.live > 0 || fs.starting > 0 {
             return None;
         }
-        let mut fs = self.fns.remove(id).expect("present");
-        if fs.queue.is_empty() {
+        let heir = (!fs.queue.is_empty())
+            .then(|| fs.f.spec.name.as_deref())
+            .flatten()
+            .filter(|_| fs.f.spec.service.version.is_none())
+            .and_then(|name| self.successor(name))
+            .cloned();
+        if heir.is_none() && fs.listed && !fs.queue.is_empty() {
             return None;
         }
-        let heir =
-            fs.f.spec
-                .name
-                .as_deref()
-                .filter(|_| fs.f.spec.service.version.is_none())
-                .and_then(|name| self.successor(name))
-                .cloned();
+        let mut fs = self.fns.remove(id).expect("present");
         let Some(heir) = heir else {
             let message = format!("function {id} was deleted");
             while let Some(p) = fs.dequeue(&mut self.queued) {

@@ -372,6 +372,10 @@ struct FnState {
     /// The fit after each tick that measured it, over the last
     /// [`scale::FIT_BAND`], oldest first (at most [`FIT_BAND_TICKS`]).
     fit_recent: VecDeque<(Instant, usize)>,
+    /// The core's view still lists it. Deleted and still listed, it was
+    /// replaced or deleted since the last refresh: the function a code update
+    /// put under its name may not be in the view yet.
+    listed: bool,
 }
 
 impl FnState {
@@ -388,6 +392,7 @@ impl FnState {
             fit: None,
             fit_sample: None,
             fit_recent: VecDeque::new(),
+            listed: true,
         }
     }
 
@@ -954,7 +959,10 @@ impl CorePool {
             let idle: Vec<usize> = self
                 .fns
                 .get_mut(&id)
-                .map(|fs| fs.unpark_oldest(fs.idle.len()))
+                .map(|fs| {
+                    fs.listed = false;
+                    fs.unpark_oldest(fs.idle.len())
+                })
                 .unwrap_or_default();
             for i in idle {
                 heirs.extend(self.retire(i, now));

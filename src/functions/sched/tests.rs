@@ -2505,3 +2505,53 @@ fn requests_queued_behind_the_last_instance_of_a_replaced_function_that_crashes_
     sim.respond(fresh, 200);
     assert_eq!(sim.status(queued), Some(200));
 }
+
+#[test]
+fn requests_queued_behind_a_replaced_function_that_drains_before_the_core_hears_of_the_update_go_to_the_new_code(
+) {
+    let (old, new) = (named("old"), named("new"));
+    let mut sim = Sim::new(config(0), &[&old]);
+    sim.functions.push(new.clone());
+    let running = sim.request("old");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let queued = sim.request("old");
+    // The update is published, and the last old instance here dies before
+    // this core's view has the new code.
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_channel_closed(inst, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.status(running), Some(502));
+    assert_eq!(sim.status(queued), None, "waits for the view, not a 404");
+    assert!(sim.starts.is_empty(), "no old instance starts");
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    assert!(!sim.pool.knows("old"));
+    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
+    assert_eq!(starts, ["new"]);
+    let [fresh] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(fresh, 200);
+    assert_eq!(sim.status(queued), Some(200));
+}
+
+#[test]
+fn requests_queued_behind_a_function_deleted_for_good_that_drained_get_404_at_the_refresh() {
+    let f = named("old");
+    let mut sim = Sim::new(config(0), &[&f]);
+    sim.request("old");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let queued = sim.request("old");
+    f.deleted.store(true, Relaxed);
+    sim.pool.on_channel_closed(inst, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.status(queued), None);
+    sim.pool.on_functions_changed(Vec::new(), sim.now);
+    sim.drain();
+    assert_eq!(sim.status(queued), Some(404));
+    assert!(!sim.pool.knows("old"));
+}

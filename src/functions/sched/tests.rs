@@ -236,6 +236,16 @@ impl Sim {
     }
 
     /// Starts every instance asked for; returns their ids.
+    /// Checks that the one start asked for is of function `id`, and starts it.
+    fn the_start_of(&mut self, id: &str) -> InstId {
+        let starts: Vec<&str> = self.starts.iter().map(|f| f.spec.id.as_str()).collect();
+        assert_eq!(starts, [id]);
+        let [inst] = self.start_all()[..] else {
+            panic!("one start")
+        };
+        inst
+    }
+
     fn start_all(&mut self) -> Vec<InstId> {
         let mut ids = Vec::new();
         for f in std::mem::take(&mut self.starts) {
@@ -2200,11 +2210,7 @@ fn a_relocated_request_of_a_replaced_function_known_here_without_instances_runs_
     core1.pool.on_relocated(to, queued, core1.now);
     core1.drain();
     assert_eq!(core1.status(to), None, "not a 404");
-    let starts: Vec<&str> = core1.starts.iter().map(|f| f.spec.id.as_str()).collect();
-    assert_eq!(starts, ["new"]);
-    let [inst] = core1.start_all()[..] else {
-        panic!()
-    };
+    let inst = core1.the_start_of("new");
     core1.respond(inst, 200);
     assert_eq!(core1.status(to), Some(200));
 }
@@ -2259,11 +2265,7 @@ fn a_request_that_could_not_follow_its_replaced_function_runs_on_the_new_code() 
     core0.pool.relocate_failed(queued, core0.now);
     core0.drain();
     assert_eq!(core0.status(to), None, "not a 404");
-    let starts: Vec<&str> = core0.starts.iter().map(|f| f.spec.id.as_str()).collect();
-    assert_eq!(starts, ["new"]);
-    let [inst] = core0.start_all()[..] else {
-        panic!()
-    };
+    let inst = core0.the_start_of("new");
     core0.respond(inst, 200);
     assert_eq!(core0.status(to), Some(200));
 }
@@ -2376,12 +2378,8 @@ fn requests_queued_for_a_replaced_function_with_no_instance_here_go_to_the_new_c
     assert_eq!(sim.status(first), None, "not a 404");
     assert_eq!(sim.status(second), None, "not a 404");
     assert!(!sim.pool.knows("old"));
-    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
-    assert_eq!(starts, ["new"]);
     assert_eq!(new.backlog.load(Relaxed), 1);
-    let [inst] = sim.start_all()[..] else {
-        panic!()
-    };
+    let inst = sim.the_start_of("new");
     // In their order of arrival.
     sim.respond(inst, 200);
     assert_eq!(sim.status(first), Some(200));
@@ -2433,11 +2431,7 @@ fn the_last_instance_of_a_replaced_function_serves_its_queue_before_giving_its_s
     // Drained: now "b" has the slot.
     assert!(sim.fake(inst).destroyed);
     assert!(!sim.pool.knows("old"));
-    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
-    assert_eq!(starts, ["b"]);
-    let [binst] = sim.start_all()[..] else {
-        panic!()
-    };
+    let binst = sim.the_start_of("b");
     sim.respond(binst, 200);
     assert_eq!(sim.status(other), Some(200));
 }
@@ -2497,11 +2491,7 @@ fn requests_queued_behind_the_last_instance_of_a_replaced_function_that_crashes_
     assert_eq!(sim.status(running), Some(502));
     assert_eq!(sim.status(queued), None, "not a 404");
     assert!(!sim.pool.knows("old"));
-    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
-    assert_eq!(starts, ["new"]);
-    let [fresh] = sim.start_all()[..] else {
-        panic!()
-    };
+    let fresh = sim.the_start_of("new");
     sim.respond(fresh, 200);
     assert_eq!(sim.status(queued), Some(200));
 }
@@ -2528,11 +2518,7 @@ fn requests_queued_behind_a_replaced_function_that_drains_before_the_core_hears_
     sim.pool.on_functions_changed(vec![new.clone()], sim.now);
     sim.drain();
     assert!(!sim.pool.knows("old"));
-    let starts: Vec<&str> = sim.starts.iter().map(|f| f.spec.id.as_str()).collect();
-    assert_eq!(starts, ["new"]);
-    let [fresh] = sim.start_all()[..] else {
-        panic!()
-    };
+    let fresh = sim.the_start_of("new");
     sim.respond(fresh, 200);
     assert_eq!(sim.status(queued), Some(200));
 }

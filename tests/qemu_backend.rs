@@ -13,6 +13,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::qemu::{instance_vms, skip_reason, static_agent, wait_until, SLOW};
@@ -700,18 +702,19 @@ fn qemu_vms_run_in_a_cgroup_limiting_their_memory_and_tasks() {
     let state = dir.join("state");
     let s = Hearth::start(&state, &dir.join("serve.log"), &["--cores", "1"]);
     // The template lives only while the deploy runs: watched meanwhile.
-    let watched = state.clone();
+    let deployed = Arc::new(AtomicBool::new(false));
+    let (watched, done) = (state.clone(), deployed.clone());
     let watcher = std::thread::spawn(move || {
-        let deadline = Instant::now() + SLOW;
-        while Instant::now() < deadline {
+        while !done.load(Ordering::Relaxed) {
             if let Some(limits) = template_vm(&watched).and_then(memory_and_pids_limits) {
                 return Some(limits);
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         None
     });
     let id = s.deploy("behave", "memory_mb=320");
+    deployed.store(true, Ordering::Relaxed);
     let r = s.get(&format!("/f/{id}/whoami"));
     assert_eq!(r.status, 200, "{}\n{}", r.text(), s.stderr());
     let accel = if kvm_usable().is_ok() {

@@ -13,6 +13,8 @@ use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::qemu::{instance_vms, skip_reason, static_agent, wait_until, SLOW};
@@ -564,16 +566,21 @@ fn a_guest_flooding_its_console_leaves_a_capped_log() {
     let _ = fs::remove_dir_all(&dir);
 }
 
-/// The CPU cgroup directory of process `pid` and its quota file's contents
-/// (v1 `cpu.cfs_quota_us`, v2 `cpu.max`), from `/proc/<pid>/cgroup` and the
-/// mounted hierarchies.
-fn cpu_cgroup(pid: i32) -> Option<(PathBuf, String)> {
+/// The cgroup directory of process `pid` for `controller` and the contents
+/// of its file `v1_file` (cgroup v1) or `v2_file` (v2), from
+/// `/proc/<pid>/cgroup` and the mounted hierarchies.
+fn cgroup_value(
+    pid: i32,
+    controller: &str,
+    v1_file: &str,
+    v2_file: &str,
+) -> Option<(PathBuf, String)> {
     let own = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
     for line in own.lines() {
         let mut f = line.splitn(3, ':');
         let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-        let v1 = controllers.split(',').any(|c| c == "cpu");
+        let v1 = controllers.split(',').any(|c| c == controller);
         if !v1 && !controllers.is_empty() {
             continue;
         }
@@ -585,18 +592,48 @@ fn cpu_cgroup(pid: i32) -> Option<(PathBuf, String)> {
                 (left.split(' ').collect(), right.split(' ').collect());
             let mount_point = fields[4];
             let fits = if v1 {
-                super_opts[0] == "cgroup" && super_opts[2].split(',').any(|o| o == "cpu")
+                super_opts[0] == "cgroup" && super_opts[2].split(',').any(|o| o == controller)
             } else {
                 super_opts[0] == "cgroup2"
             };
             let dir = Path::new(mount_point).join(path.trim_start_matches('/'));
-            let file = if v1 { "cpu.cfs_quota_us" } else { "cpu.max" };
-            if let (true, Ok(quota)) = (fits, fs::read_to_string(dir.join(file))) {
-                return Some((dir, quota.trim().to_string()));
+            let file = if v1 { v1_file } else { v2_file };
+            if let (true, Ok(value)) = (fits, fs::read_to_string(dir.join(file))) {
+                return Some((dir, value.trim().to_string()));
             }
         }
     }
     None
+}
+
+/// The CPU cgroup directory of process `pid` and its quota (v1
+/// `cpu.cfs_quota_us`, v2 `cpu.max`).
+fn cpu_cgroup(pid: i32) -> Option<(PathBuf, String)> {
+    cgroup_value(pid, "cpu", "cpu.cfs_quota_us", "cpu.max")
+}
+
+/// The memory and task limits of process `pid`'s cgroups, with the
+/// directory of the memory one.
+fn memory_and_pids_limits(pid: i32) -> Option<(PathBuf, String, String)> {
+    let (dir, memory) = cgroup_value(pid, "memory", "memory.limit_in_bytes", "memory.max")?;
+    let (_, pids) = cgroup_value(pid, "pids", "pids.max", "pids.max")?;
+    Some((dir, memory, pids))
+}
+
+/// The pid of a template QEMU (booting, not restoring) of state dir `state`.
+fn template_vm(state: &Path) -> Option<i32> {
+    let state = state.to_string_lossy().into_owned();
+    fs::read_dir("/proc").ok()?.flatten().find_map(|e| {
+        let pid = e.file_name().to_string_lossy().parse::<i32>().ok()?;
+        let cmd = fs::read(e.path().join("cmdline")).ok()?;
+        let cmd = String::from_utf8_lossy(&cmd);
+        let qemu = cmd
+            .split('\0')
+            .next()
+            .is_some_and(|a| a.contains("qemu-system"));
+        let template = qemu && !cmd.contains("-incoming");
+        (template && cmd.contains(&state)).then_some(pid)
+    })
 }
 
 /// Every QEMU runs under its own seccomp filter (`-sandbox`) and in a CPU
@@ -637,6 +674,86 @@ fn qemu_vms_run_under_seccomp_in_a_cgroup_with_the_instance_cpu_quota() {
     let want = u64::from(hearth::sandbox::INSTANCE_CPU_MILLICORES) * 100;
     let got: u64 = quota.split_whitespace().next().unwrap().parse().unwrap();
     assert_eq!(got, want, "{quota} in {}", group.display());
+    s.stop();
+    assert!(
+        wait_until(Duration::from_secs(10), || !group.exists()),
+        "{} outlived its VM",
+        group.display()
+    );
+    let _ = fs::remove_dir_all(&dir);
+}
+
+/// Every QEMU, template and instance, runs in a cgroup that caps its memory
+/// at its guest's RAM plus the VMM allowance (with software emulation's
+/// translation cache) and its tasks at `VMM_PIDS_MAX`, and works under
+/// those limits. Before, QEMU's cgroup had the cpu controller only: nothing
+/// bounded what the host-side process could take.
+#[test]
+fn qemu_vms_run_in_a_cgroup_limiting_their_memory_and_tasks() {
+    require_qemu!();
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: cgroups need root");
+        return;
+    }
+    use hearth::sandbox::qemu::{kvm_usable, vmm_overhead_mb, Accel};
+    use hearth::sandbox::vmcgroup::VMM_PIDS_MAX;
+    let dir = common::temp_dir("qemu-limits");
+    let state = dir.join("state");
+    let s = Hearth::start(&state, &dir.join("serve.log"), &["--cores", "1"]);
+    // The template lives only while the deploy runs: watched meanwhile.
+    let deployed = Arc::new(AtomicBool::new(false));
+    let (watched, done) = (state.clone(), deployed.clone());
+    let watcher = std::thread::spawn(move || {
+        while !done.load(Ordering::Relaxed) {
+            if let Some(limits) = template_vm(&watched).and_then(memory_and_pids_limits) {
+                return Some(limits);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        None
+    });
+    let id = s.deploy("behave", "memory_mb=320");
+    deployed.store(true, Ordering::Relaxed);
+    let r = s.get(&format!("/f/{id}/whoami"));
+    assert_eq!(r.status, 200, "{}\n{}", r.text(), s.stderr());
+    let accel = if kvm_usable().is_ok() {
+        Accel::Kvm
+    } else {
+        Accel::Tcg
+    };
+    let memory_want = ((320 + u64::from(vmm_overhead_mb(accel))) << 20).to_string();
+    let pids_want = VMM_PIDS_MAX.to_string();
+    let (tdir, tmemory, tpids) = watcher
+        .join()
+        .unwrap()
+        .expect("the template's memory and pids cgroups");
+    assert!(
+        tdir.to_string_lossy().contains(&format!("/hearth/{id}-")),
+        "{}",
+        tdir.display()
+    );
+    assert_eq!((tmemory, tpids), (memory_want.clone(), pids_want.clone()));
+    let vms = instance_vms(&id);
+    assert_eq!(vms.len(), 1, "{vms:?}");
+    let (group, memory, pids) = memory_and_pids_limits(vms[0]).expect("the VM's cgroups");
+    assert!(
+        group.to_string_lossy().contains(&format!("/hearth/{id}-")),
+        "{}",
+        group.display()
+    );
+    assert_eq!(
+        (memory, pids),
+        (memory_want, pids_want),
+        "{}",
+        group.display()
+    );
+    // Still answering inside them.
+    for _ in 0..3 {
+        let r = s.get(&format!("/f/{id}/whoami"));
+        assert_eq!(r.status, 200, "{}\n{}", r.text(), s.stderr());
+    }
+    assert_eq!(instance_vms(&id), vms, "the VM was replaced");
     s.stop();
     assert!(
         wait_until(Duration::from_secs(10), || !group.exists()),

@@ -1,10 +1,12 @@
-//! The CPU cgroup of one VMM process (QEMU; Firecracker without the jailer,
-//! whose cgroup the jailer makes from the same [`cgroup::cpu_settings`]):
-//! the CPU contract of a process sandbox, [`INSTANCE_CPU_MILLICORES`] as
-//! `cpu.max`. Pinned to its worker's core, a spinning guest then competes
-//! with the other tenants there as one entity, whatever number of threads
-//! its VMM runs. VMs have no standbys, so no VMM starts at the background
-//! weight.
+//! The cgroup of one VMM process (QEMU; Firecracker without the jailer, whose
+//! cgroup the jailer makes from the same [`limits`]): a memory limit of its
+//! guest's RAM plus an allowance for the VMM itself, a task limit, and the CPU
+//! contract of a process sandbox ([`INSTANCE_CPU_MILLICORES`] as the quota).
+//! The memory and task limits bound what a guest (or a VMM bug) can make the
+//! host-side process take; killed at the limit, the VMM is one dead instance.
+//! Pinned to its worker's core, a spinning guest competes with the other
+//! tenants there as one entity, whatever number of threads its VMM runs. VMs
+//! have no standbys, so no VMM starts at the background weight.
 //!
 //! The child joins its group between fork and exec ([`VmmCgroup::pre_exec`]):
 //! the VMM never runs outside it. Groups are named like a process sandbox's
@@ -24,11 +26,21 @@ use super::INSTANCE_CPU_MILLICORES;
 /// leave their groups.
 const SWEEP_WAIT: Duration = Duration::from_secs(5);
 
-/// The limits a VMM's group is made with (only the cpu ones apply).
-pub fn limits() -> Limits {
+/// Memory a VMM may use beyond its guest's RAM: its own heap, page tables,
+/// libraries, and the page cache of the files it reads and writes (clean
+/// cache is reclaimed before the limit kills). QEMU under software emulation
+/// adds its translation cache (`qemu::vmm_overhead_mb`).
+pub const VMM_OVERHEAD_MB: u32 = 128;
+/// Tasks (threads) of one VMM: Firecracker runs a handful, QEMU 4 to 6 plus
+/// its block I/O pool (capped at `qemu::THREAD_POOL_MAX`).
+pub const VMM_PIDS_MAX: u32 = 64;
+
+/// The limits of a VMM whose guest has `guest_memory_mb` of RAM and which may
+/// use `overhead_mb` more of its own.
+pub fn limits(guest_memory_mb: u32, overhead_mb: u32) -> Limits {
     Limits {
-        memory_bytes: 0,
-        pids_max: 0,
+        memory_bytes: (u64::from(guest_memory_mb) + u64::from(overhead_mb)) << 20,
+        pids_max: VMM_PIDS_MAX,
         cpu_millicores: INSTANCE_CPU_MILLICORES,
         cpu_background: false,
     }
@@ -43,14 +55,21 @@ pub struct VmmCgroup {
 }
 
 impl VmmCgroup {
-    /// Makes the group of a VMM of function `id`. Without one (no cpu
-    /// controller, no permission) the VMM runs without a CPU limit: `backend`'s
-    /// first such failure is reported on stderr (`warned` remembers it).
-    pub fn create(backend: &str, id: &str, warned: &AtomicBool) -> Option<VmmCgroup> {
+    /// Makes the group of a VMM of function `id` with `limits` ([`limits`]).
+    /// Without one (no usable hierarchy, no permission) the VMM runs without
+    /// limits; with a partial one (a controller missing) without those:
+    /// `backend`'s first such failure is reported on stderr (`warned`
+    /// remembers it).
+    pub fn create(
+        backend: &str,
+        id: &str,
+        limits: Limits,
+        warned: &AtomicBool,
+    ) -> Option<VmmCgroup> {
         static SEQ: AtomicU32 = AtomicU32::new(0);
         let n = SEQ.fetch_add(1, Ordering::Relaxed);
         let name = cgroup::server_group_name(id, std::process::id(), n);
-        let (group, mut warnings) = cgroup::create_cpu(&name, limits());
+        let (group, mut warnings) = cgroup::create(&name, limits);
         let made = group.and_then(|group| match group.open_procs() {
             Ok(procs) => Some(VmmCgroup { group, procs }),
             Err(e) => {
@@ -63,7 +82,7 @@ impl VmmCgroup {
             let what = if made.is_some() {
                 "VMM cgroups are incomplete"
             } else {
-                "VMMs run without a CPU limit (no usable cgroup cpu controller)"
+                "VMMs run without memory, pids or CPU limits (no usable cgroup hierarchy)"
             };
             eprintln!(
                 "hearth: {backend}: {what}: {} (further warnings of this kind are not shown)",
@@ -88,6 +107,11 @@ impl VmmCgroup {
     /// The group's directory of the cpu controller.
     pub fn cpu_dir(&self) -> Option<&Path> {
         self.group.cpu.as_deref()
+    }
+
+    /// Whether the kernel killed the VMM at its memory limit.
+    pub fn oom_killed(&self) -> bool {
+        self.group.oom_killed()
     }
 }
 
@@ -123,7 +147,7 @@ mod tests {
     /// default weight (nothing starts in the background).
     #[test]
     fn a_vmm_gets_the_instance_cpu_quota_at_the_default_weight() {
-        let l = limits();
+        let l = limits(256, VMM_OVERHEAD_MB);
         assert_eq!(
             cgroup::cpu_settings(Version::V2, &l),
             [("cpu.max", "100000 100000".to_string())]
@@ -137,9 +161,27 @@ mod tests {
         );
     }
 
-    /// As root with a cpu controller: the group exists with the quota written,
-    /// a child made with its `pre_exec` starts inside it, and the group goes
-    /// when dropped after the child.
+    /// Its memory limit is the guest's RAM plus the allowance, in bytes.
+    #[test]
+    fn a_vmm_may_use_its_guest_memory_plus_its_overhead() {
+        let l = limits(256, 384);
+        assert_eq!(l.memory_bytes, 640 << 20);
+        assert_eq!(l.pids_max, VMM_PIDS_MAX);
+        assert_eq!(limits(1024, VMM_OVERHEAD_MB).memory_bytes, 1152 << 20);
+    }
+
+    /// The value of `file` in the first of the group's directories that has it.
+    fn read_limit(cg: &VmmCgroup, file: &str) -> Option<String> {
+        cg.group
+            .dirs()
+            .iter()
+            .find_map(|d| std::fs::read_to_string(d.join(file)).ok())
+            .map(|v| v.trim().to_string())
+    }
+
+    /// As root with cgroup controllers: the group exists with the memory,
+    /// pids and CPU limits written, a child made with its `pre_exec` starts
+    /// inside it, and the group goes when dropped after the child.
     #[test]
     fn a_child_joins_its_vmm_cgroup_before_exec() {
         use std::os::unix::process::CommandExt;
@@ -149,30 +191,43 @@ mod tests {
             return;
         }
         let warned = AtomicBool::new(false);
-        let Some(cg) = VmmCgroup::create("test", "0123456789abcdef", &warned) else {
-            eprintln!("skipped: no cgroup cpu controller here");
+        let l = limits(256, VMM_OVERHEAD_MB);
+        let Some(cg) = VmmCgroup::create("test", "0123456789abcdef", l, &warned) else {
+            eprintln!("skipped: no usable cgroup hierarchy here");
             return;
         };
-        let dir = cg.cpu_dir().expect("a cpu directory").to_path_buf();
-        let quota = match std::fs::read_to_string(dir.join("cpu.max")) {
-            Ok(max) => max,
-            Err(_) => std::fs::read_to_string(dir.join("cpu.cfs_quota_us")).unwrap(),
+        let (Some(dir), Some(_), Some(_)) = (cg.cpu_dir(), &cg.group.memory, &cg.group.pids) else {
+            eprintln!("skipped: no memory, pids and cpu controllers here");
+            return;
         };
-        assert!(quota.starts_with("100000"), "{quota}");
+        let dir = dir.to_path_buf();
+        let quota = read_limit(&cg, "cpu.max").or_else(|| read_limit(&cg, "cpu.cfs_quota_us"));
+        assert!(quota.as_deref().unwrap().starts_with("100000"), "{quota:?}");
+        let memory =
+            read_limit(&cg, "memory.max").or_else(|| read_limit(&cg, "memory.limit_in_bytes"));
+        assert_eq!(memory, Some(((256 + 128) << 20).to_string()));
+        assert_eq!(read_limit(&cg, "pids.max"), Some("64".to_string()));
         let fds = cg.procs_fds();
         let mut cmd = std::process::Command::new("sleep");
         cmd.arg("5");
         // SAFETY: the closure only writes to descriptors kept open by `cg`.
         unsafe { cmd.pre_exec(move || VmmCgroup::pre_exec(&fds)) };
         let mut child = cmd.spawn().unwrap();
-        let procs = std::fs::read_to_string(dir.join("cgroup.procs")).unwrap();
-        assert!(
-            procs.lines().any(|l| l == child.id().to_string()),
-            "{procs}"
-        );
+        for d in cg.group.dirs() {
+            let procs = std::fs::read_to_string(d.join("cgroup.procs")).unwrap();
+            assert!(
+                procs.lines().any(|l| l == child.id().to_string()),
+                "{}: {procs}",
+                d.display()
+            );
+        }
         child.kill().unwrap();
         child.wait().unwrap();
+        let dirs = cg.group.dirs();
         drop(cg);
         assert!(!dir.exists(), "{} outlived its VMM", dir.display());
+        for d in dirs {
+            assert!(!d.exists(), "{} outlived its VMM", d.display());
+        }
     }
 }

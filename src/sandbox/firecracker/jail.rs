@@ -21,11 +21,12 @@
 //! links share the inode with the originals).
 //!
 //! Cgroups (v2 only, the hierarchy the jailer finds first in /proc/mounts):
-//! each VMM gets `<cgroup2>/hearth-fc-<hash of the state dir>/<id>` with
-//! `memory.max` (guest memory + [`VMM_OVERHEAD_MB`]), the instance CPU
-//! contract of every sandbox (`cpu.max` from
-//! [`crate::sandbox::INSTANCE_CPU_MILLICORES`], [`crate::sandbox::vmcgroup::limits`])
-//! and `pids.max`, as far as the hierarchy offers those controllers.
+//! each VMM gets `<cgroup2>/hearth-fc-<hash of the state dir>/<id>` with the
+//! limits of every VMM ([`crate::sandbox::vmcgroup::limits`]): `memory.max`
+//! (guest memory + [`vmcgroup::VMM_OVERHEAD_MB`]), the instance CPU contract
+//! (`cpu.max` from [`crate::sandbox::INSTANCE_CPU_MILLICORES`]) and
+//! `pids.max` ([`vmcgroup::VMM_PIDS_MAX`]), as far as the hierarchy offers
+//! those controllers.
 //!
 //! Cleanup: a jailed VMM is PID 1 of its own PID namespace and a child of
 //! hearth only through `PR_SET_CHILD_SUBREAPER` (the jailer exits after the
@@ -57,11 +58,6 @@ pub const UID_BASE: u32 = 260_001;
 pub const UID_SPAN: u32 = 8192;
 /// The group every jailed VMM runs as; the linked files are readable by it.
 pub const GID: u32 = 260_000;
-/// Memory a VMM may use beyond its guest's memory (its own heap, page tables,
-/// page cache of the files it reads and writes).
-pub const VMM_OVERHEAD_MB: u64 = 128;
-/// Threads of one VMM (Firecracker uses a handful).
-pub const PIDS_MAX: u32 = 64;
 /// The API and vsock sockets as the jailed Firecracker sees them.
 pub const API_SOCK: &str = "/run/api.sock";
 pub const VSOCK_SOCK: &str = "/run/v.sock";
@@ -155,17 +151,17 @@ pub fn jailer_args(a: &JailerArgs<'_>) -> Vec<OsString> {
 /// core per vCPU ([`cgroup::cpu_settings`]).
 pub fn limits(controllers: &[String], guest_memory_mb: u32) -> Vec<(String, String)> {
     let has = |c: &str| controllers.iter().any(|x| x == c);
+    let l = vmcgroup::limits(guest_memory_mb, vmcgroup::VMM_OVERHEAD_MB);
     let mut out = Vec::new();
     if has("memory") {
-        let bytes = (u64::from(guest_memory_mb) + VMM_OVERHEAD_MB) << 20;
-        out.push(("memory.max".into(), bytes.to_string()));
+        out.push(("memory.max".into(), l.memory_bytes.to_string()));
     }
     if has("cpu") {
-        let cpu = cgroup::cpu_settings(cgroup::Version::V2, &vmcgroup::limits());
+        let cpu = cgroup::cpu_settings(cgroup::Version::V2, &l);
         out.extend(cpu.into_iter().map(|(f, v)| (f.to_string(), v)));
     }
     if has("pids") {
-        out.push(("pids.max".into(), PIDS_MAX.to_string()));
+        out.push(("pids.max".into(), l.pids_max.to_string()));
     }
     out
 }

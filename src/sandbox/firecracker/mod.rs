@@ -327,7 +327,10 @@ impl Inner {
         let (vm_dir, vm_id) = self.vm_dir(&spec.id, role);
         match &self.jail {
             None => {
-                let cgroup = VmmCgroup::create("firecracker", &spec.id, &self.cgroup_warned);
+                let memory_mb = super::qemu::guest_memory_mb(spec);
+                let limits = vmcgroup::limits(memory_mb, vmcgroup::VMM_OVERHEAD_MB);
+                let cgroup =
+                    VmmCgroup::create("firecracker", &spec.id, limits, &self.cgroup_warned);
                 Vmm::spawn(&self.firecracker, &vm_dir, cwd, &vm_id, label, core, cgroup)
             }
             Some(jail) => {

@@ -8,8 +8,8 @@
 //! Cgroups are best-effort: when a hierarchy or controller is missing, [`create`] returns what
 //! it could set up plus a warning, and the sandbox runs with fewer limits.
 //!
-//! VMM processes (QEMU, Firecracker without the jailer) get a group with the cpu controller
-//! only ([`create_cpu`], see [`crate::sandbox::vmcgroup`]), under the same CPU contract
+//! VMM processes (QEMU, Firecracker without the jailer) get groups made the same way, with
+//! limits of their own ([`crate::sandbox::vmcgroup`]) and the same CPU contract
 //! ([`cpu_settings`]).
 
 use std::fs;
@@ -277,59 +277,6 @@ pub fn create(name: &str, limits: Limits) -> (Option<Group>, Vec<String>) {
     let (g, w) = create_v1(&mounts, &own, name, limits, &["memory", "pids", "cpu"]);
     warnings.extend(w);
     (g, warnings)
-}
-
-/// Creates the cgroup `name` with the cpu controller only, configured by [`cpu_settings`]
-/// (for a VMM process: its memory is its guest's, fixed when it starts). Returns the group,
-/// if a hierarchy with the cpu controller could be used, and warnings otherwise.
-pub fn create_cpu(name: &str, limits: Limits) -> (Option<Group>, Vec<String>) {
-    assert!(!name.is_empty() && !name.contains('/') && name != "." && name != "..");
-    let mountinfo = fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let own = fs::read_to_string("/proc/self/cgroup").unwrap_or_default();
-    let mounts = parse_mountinfo(&mountinfo);
-    let own = parse_proc_cgroup(&own);
-    let mut warnings = Vec::new();
-    if let Some(m) = mounts
-        .iter()
-        .find(|m| m.v2 && v2_offers(&m.mount_point, &["cpu"]))
-    {
-        match create_v2_cpu(&m.mount_point, name, &limits) {
-            Ok((g, w)) => {
-                warnings.extend(w);
-                return (Some(g), warnings);
-            }
-            Err(e) => warnings.push(format!(
-                "cgroup v2 at {} not usable: {e}",
-                m.mount_point.display()
-            )),
-        }
-    }
-    let (g, w) = create_v1(&mounts, &own, name, limits, &["cpu"]);
-    warnings.extend(w);
-    (g, warnings)
-}
-
-fn create_v2_cpu(
-    mount_point: &Path,
-    name: &str,
-    limits: &Limits,
-) -> io::Result<(Group, Vec<String>)> {
-    let base = mount_point.join("hearth");
-    fs::create_dir_all(&base)?;
-    write_file(mount_point, "cgroup.subtree_control", "+cpu")?;
-    write_file(&base, "cgroup.subtree_control", "+cpu")?;
-    let dir = base.join(name);
-    make_leaf(&dir)?;
-    let warnings = configure_cpu(&dir, Version::V2, limits).inspect_err(|_| {
-        let _ = fs::remove_dir(&dir);
-    })?;
-    let g = Group {
-        version: Version::V2,
-        memory: None,
-        pids: None,
-        cpu: Some(dir),
-    };
-    Ok((g, warnings))
 }
 
 /// A cgroup2 hierarchy whose root offers the memory and pids controllers.

@@ -32,9 +32,13 @@
 //! private directory under `<state>/run/qemu/` (sockets, console log),
 //! removed with the VM.
 //!
-//! Confinement: every QEMU runs under its own seccomp filter (`-sandbox`,
-//! see `args::SECCOMP_SANDBOX`) and in a CPU cgroup of its own with the
-//! instance CPU contract ([`crate::sandbox::vmcgroup`]).
+//! Confinement: every QEMU (templates and instances) runs under its own
+//! seccomp filter (`-sandbox`, see `args::SECCOMP_SANDBOX`) and in a cgroup of
+//! its own ([`crate::sandbox::vmcgroup`]): memory up to its guest's RAM plus
+//! [`vmm_overhead_mb`] (with software emulation's translation cache capped
+//! at [`TCG_TB_SIZE_MB`]), [`crate::sandbox::vmcgroup::VMM_PIDS_MAX`] tasks
+//! (its I/O thread pool capped at [`THREAD_POOL_MAX`]), and the instance CPU
+//! contract.
 //!
 //! Acceleration: KVM when the host's KVM can run a standard guest (vmx/svm
 //! and not the paravirtualised `kvm_pvm`), else software emulation (TCG),
@@ -64,7 +68,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 
-pub use args::{guest_memory_mb, Accel, Machine, GUEST_DEVICE_WAIT_MS, TMP_MB};
+pub use args::{
+    guest_memory_mb, vmm_overhead_mb, Accel, Machine, GUEST_DEVICE_WAIT_MS, TCG_TB_SIZE_MB,
+    THREAD_POOL_MAX, TMP_MB,
+};
 pub use vm::{find_qemu, kvm_usable, qemu_version, VmError};
 
 use super::boot_gate::BootGate;
@@ -136,7 +143,7 @@ struct Inner {
     template_gate: BootGate,
     /// Log the phases of every restore (`HEARTH_QEMU_TRACE=1`).
     trace: bool,
-    /// A VM started without its CPU cgroup was reported.
+    /// A VM started without its cgroup (or part of it) was reported.
     cgroup_warned: AtomicBool,
 }
 
@@ -223,10 +230,11 @@ impl Inner {
         self.run_dir.join(format!("{id}-{role}{n}"))
     }
 
-    /// The CPU cgroup for a VM of function `id` (none if the host has no
-    /// usable cpu controller: reported once).
-    fn cgroup(&self, id: &str) -> Option<VmmCgroup> {
-        VmmCgroup::create("qemu", id, &self.cgroup_warned)
+    /// The cgroup for a VM of function `id` run as `plan` (none if the host
+    /// has no usable cgroup hierarchy: reported once).
+    fn cgroup(&self, id: &str, plan: &VmPlan<'_>) -> Option<VmmCgroup> {
+        let limits = vmcgroup::limits(plan.memory_mb, vmm_overhead_mb(plan.accel));
+        VmmCgroup::create("qemu", id, limits, &self.cgroup_warned)
     }
 
     /// The runtime drive for `spec`'s runtime: Node.js's own image, or
@@ -279,7 +287,8 @@ impl Inner {
             ram: &ram,
             restore: true,
         };
-        let mut vm = Vm::spawn(&self.qemu, &plan, core, self.cgroup(&spec.id), Some(&snap))?;
+        let cgroup = self.cgroup(&spec.id, &plan);
+        let mut vm = Vm::spawn(&self.qemu, &plan, core, cgroup, Some(&snap))?;
         let fail = |e: VmError, vm: &Vm| in_vm("restore", e, vm);
         // Connected before the guest runs, so nothing it writes can be dropped.
         let channel = vm.connect_channel(deadline).map_err(|e| fail(e, &vm))?;

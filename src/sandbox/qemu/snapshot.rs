@@ -136,7 +136,7 @@ impl Inner {
             restore: false,
         };
         let started = Instant::now();
-        let cgroup = self.cgroup(&spec.id);
+        let cgroup = self.cgroup(&spec.id, &plan);
         let mut vm = Vm::spawn(&self.qemu, &plan, None, cgroup, None)?;
         let timeout = match self.accel {
             Accel::Kvm => TEMPLATE_READY_TIMEOUT_KVM,

@@ -129,7 +129,7 @@ pub fn qemu_version(qemu: &Path) -> Result<String, String> {
 pub(super) struct Vm {
     child: Child,
     dir: PathBuf,
-    /// Its CPU cgroup, which it joined before exec.
+    /// Its cgroup (memory, pids, CPU limits), which it joined before exec.
     cgroup: Option<VmmCgroup>,
     /// QEMU's own output (`qemu.log`) and the guest's serial console
     /// (`console.log`), both capped ([`vmlog`]).
@@ -257,9 +257,13 @@ impl Vm {
         })
     }
 
-    /// The end of QEMU's own output and of the guest console, for errors.
+    /// The end of QEMU's own output and of the guest console, for errors;
+    /// first, whether its memory limit killed it (it says nothing itself).
     pub(super) fn log_tail(&self) -> String {
         let mut out = String::new();
+        if self.cgroup.as_ref().is_some_and(VmmCgroup::oom_killed) {
+            out.push_str("\n--- killed at its cgroup's memory limit");
+        }
         for (log, what) in &self.logs {
             let t = log.tail(LOG_TAIL_BYTES);
             if !t.trim().is_empty() {

@@ -759,12 +759,20 @@ fn a_deleted_version_number_is_never_published_again_even_after_a_restart() {
         assert_eq!(publish(&s), want);
     }
     delete(&s, "/2015-03-31/functions/vn?Qualifier=3");
-    assert_eq!(publish(&s), "4", "the deleted newest version's number came back");
+    assert_eq!(
+        publish(&s),
+        "4",
+        "the deleted newest version's number came back"
+    );
 
     delete(&s, "/2015-03-31/functions/vn?Qualifier=4");
     s.stop();
     let s = Server::start(&["--state-dir", state_arg]);
-    assert_eq!(publish(&s), "5", "the highest number was not kept across a restart");
+    assert_eq!(
+        publish(&s),
+        "5",
+        "the highest number was not kept across a restart"
+    );
 
     // A function deleted whole and made again starts from 1, as on Lambda.
     delete(&s, "/2015-03-31/functions/vn");

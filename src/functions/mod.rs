@@ -532,10 +532,7 @@ impl Registry {
         let name = held.name();
         let next = self.map.read().unwrap().version_high(name) + 1;
         names::store_version_high(&self.versions_dir, name, Some(next))?;
-        self.map
-            .write()
-            .unwrap()
-            .set_version_high(name, Some(next));
+        self.map.write().unwrap().set_version_high(name, Some(next));
         Ok(next)
     }
 

@@ -183,6 +183,11 @@ fn events_run_and_failures_are_retried_then_kept_and_listed() {
     });
     let f = &failed["failed"][0];
     assert_eq!(f["requestId"].as_str(), request_id.as_deref(), "{failed}");
+    assert_eq!((&failed["older"], &failed["skip"]), (&0.into(), &1.into()));
+    // The next page (skipping the one listed) is empty; unknown parameters are refused.
+    let next = s.get("/functions/ev/async/failed?skip=1").json();
+    assert_eq!(next["failed"], serde_json::json!([]), "{next}");
+    assert_eq!(s.get("/functions/ev/async/failed?limit=5").status, 400);
     assert_eq!(f["condition"], "RetriesExhausted");
     assert_eq!(f["attempts"], 2);
     assert_eq!(f["payload"], r#"{"n": 2, "fail": true}"#);

@@ -169,7 +169,9 @@ fn handle(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
             None => not_found(id),
         },
         Route::DeleteFunction(id) => delete(shared, id),
-        Route::AsyncFailed(id) => crate::control::lambda_event::failed_list(shared, id),
+        Route::AsyncFailed(id) => {
+            crate::control::lambda_event::failed_list(shared, id, req.query())
+        }
         Route::Lambda(op) => lambda::handle(shared, op, req, body),
         Route::Logs(id) => match shared.functions.get(id) {
             Some(f) => {

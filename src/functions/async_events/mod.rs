@@ -135,9 +135,10 @@ impl FunctionEvents {
         Ok(configs.get(&key).copied())
     }
 
-    /// The events given up and kept, oldest first.
-    pub fn failed(&self) -> io::Result<Vec<serde_json::Value>> {
-        self.failed.lock().unwrap().list()
+    /// A page of the events given up and kept, oldest first, the `skip`
+    /// newest left out (see [`FailedStore::list`]).
+    pub fn failed(&self, skip: usize) -> io::Result<failed::Listing> {
+        self.failed.lock().unwrap().list(skip)
     }
 
     /// Drops the settings and events of the versions and aliases that are gone

@@ -754,3 +754,51 @@ fn a_failed_events_retry_waits_its_turn_across_a_kill_9() {
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[test]
+fn one_functions_slow_backlog_leaves_invokers_for_another_function() {
+    // `async_events::dispatch::INVOKERS_PER_FUNCTION_MAX`: half of the 32 invokers.
+    const INVOKERS_PER_FUNCTION_MAX: usize = 16;
+    require_clients!();
+    let s = Server::start(&[]);
+    // A limit of 200 would let the hog run 100 events at once: more than
+    // all the invokers, were its share not capped.
+    create(&s, "hog", &["--timeout", "30"]);
+    aws_ok(
+        &s,
+        &[
+            "put-function-concurrency",
+            "--function-name",
+            "hog",
+            "--reserved-concurrent-executions",
+            "200",
+        ],
+    );
+    create(&s, "other", &[]);
+    for n in 0..40 {
+        let (status, _) = event(&s, "hog", &format!(r#"{{"n": {n}, "sleep_ms": 10000}}"#));
+        assert_eq!(status, 202, "event {n}");
+    }
+    let running = || {
+        let l = logs(&s, "hog");
+        l.matches("event-start [").count() - l.matches("event-done [").count()
+    };
+    wait_for(Duration::from_secs(30), "the hog to run its share", || {
+        running() >= INVOKERS_PER_FUNCTION_MAX
+    });
+    // Its runs take 10 s: the other function's event runs on an invoker
+    // the hog could not take, not after one of the hog's runs ends.
+    let sent = Instant::now();
+    let (status, _) = event(&s, "other", r#"{"n": 999}"#);
+    assert_eq!(status, 202);
+    wait_for(Duration::from_secs(6), "the other function's event", || {
+        logs(&s, "other").contains("event-done [999]")
+    });
+    eprintln!("the other function's event ran after {:?}", sent.elapsed());
+    let hog = running();
+    assert!(
+        hog <= INVOKERS_PER_FUNCTION_MAX,
+        "{hog} of the hog's events run at once"
+    );
+    s.assert_healthy();
+}

@@ -767,8 +767,8 @@ impl Cx<'_> {
                     ));
                 }
                 let gone: Vec<_> = functions.remove(&v.spec.id, &held).into_iter().collect();
-                // Its events and settings go with it: a version published
-                // anew under the number must not inherit them.
+                // Its events and settings go with it: none is left for a
+                // version that is gone (its number is never given again).
                 if let Err(e) = functions
                     .async_events
                     .drop_qualifier(Registry::async_key(&v), &q)

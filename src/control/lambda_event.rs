@@ -120,8 +120,8 @@ pub(super) fn accept(
         .map_err(|e| lambda_error(500, "ServiceException", &e.to_string()))?
         .ok_or_else(|| not_found(&found_by))?;
     // Asked again as the event is stored: an event accepted as its version
-    // or alias is deleted is dropped with it or refused, never stored for one
-    // published or made anew under the number or name.
+    // or alias is deleted is dropped with it or refused, never stored for an
+    // alias made anew under the name.
     let (functions, stored_key) = (plane.functions.clone(), key.clone());
     let still_there = Box::new(move || {
         functions

@@ -602,8 +602,8 @@ fn delete(shared: &Plane, id: &str) -> Answer {
     } else if f.spec.name.is_none() {
         functions.async_events.forget(&f.spec.id);
     } else if let (Some(name), Some(version)) = (&f.spec.name, f.spec.service.version) {
-        // A version's events and settings go with it: one published anew
-        // under the number must not inherit them.
+        // A version's events and settings go with it: none is left for a
+        // version that is gone (its number is never given again).
         if let Err(e) = functions
             .async_events
             .drop_qualifier(name, &version.to_string())

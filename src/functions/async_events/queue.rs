@@ -25,8 +25,8 @@
 //!
 //! Deleting a version or alias drops its events ([`Queue::drop_qualifier`]):
 //! those waiting, those being stored and those running are acked at once, so
-//! none of them runs on a version published anew under the same number (or
-//! an alias made again under the name).
+//! none of them runs once its target is gone (nor on an alias made again
+//! under the name).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -868,7 +868,7 @@ impl Queue {
         for p in &gone {
             self.ack_locked(&mut st, p);
         }
-        // Durably: after a crash none of them runs on a version published anew.
+        // Durably: after a crash none of them runs either.
         for seg in st.segments.values() {
             if let Some(f) = &seg.ack {
                 if let Err(e) = f.sync_data() {

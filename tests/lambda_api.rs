@@ -774,8 +774,13 @@ fn a_deleted_version_number_is_never_published_again_even_after_a_restart() {
         "the highest number was not kept across a restart"
     );
 
-    // A function deleted whole and made again starts from 1, as on Lambda.
+    // A function deleted whole and made again starts from 1, as on Lambda
+    // (through the service API or the control plane).
     delete(&s, "/2015-03-31/functions/vn");
+    common::deploy_fixture(&s, "plain", "name=vn");
+    assert_eq!(publish(&s), "1");
+    assert_eq!(publish(&s), "2");
+    delete(&s, "/functions/vn");
     common::deploy_fixture(&s, "plain", "name=vn");
     assert_eq!(publish(&s), "1");
     s.assert_healthy();

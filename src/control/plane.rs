@@ -599,6 +599,9 @@ fn delete(shared: &Plane, id: &str) -> Answer {
                 .filter_map(|v| functions.remove(&v.spec.id, &held)),
         );
         functions.async_events.forget(name);
+        if let Err(e) = functions.forget_versions(&held) {
+            eprintln!("hearth: cannot forget the version count of {name}: {e}");
+        }
     } else if f.spec.name.is_none() {
         functions.async_events.forget(&f.spec.id);
     } else if let (Some(name), Some(version)) = (&f.spec.name, f.spec.service.version) {

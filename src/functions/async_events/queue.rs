@@ -205,6 +205,9 @@ pub struct Queue {
     /// `<state>/async/<key>`.
     pub dir: PathBuf,
     state: Mutex<State>,
+    /// Held through each append, write to fsync: appends run one at a time,
+    /// so a failed one can be cut off its segments with nothing behind it.
+    appending: Mutex<()>,
     removed: AtomicBool,
     /// The server-wide disk budget its segments are charged to.
     disk: Arc<Budget>,
@@ -282,6 +285,7 @@ impl Queue {
                 dir_made: false,
                 broken: None,
             }),
+            appending: Mutex::new(()),
             removed: AtomicBool::new(false),
             disk: charges.disk,
             events: charges.events,
@@ -422,6 +426,7 @@ impl Queue {
             key: key.to_string(),
             dir,
             state: Mutex::new(st),
+            appending: Mutex::new(()),
             removed: AtomicBool::new(false),
             disk: charges.disk,
             events: charges.events,
@@ -457,6 +462,8 @@ impl Queue {
         bytes_max: u64,
         still_there: impl Fn(usize) -> bool,
     ) -> Vec<Result<(), AppendError>> {
+        // Uncontended in the server (its committer is the only writer).
+        let _one_at_a_time = self.appending.lock().unwrap();
         let mut out: Vec<Result<(), AppendError>> = Vec::with_capacity(events.len());
         let mut written: Vec<Pending> = Vec::new();
         let mut parts: Vec<Written> = Vec::new();
@@ -593,11 +600,11 @@ impl Queue {
     /// Undoes a failed append: each segment is cut back to its length before
     /// it and the events' charges are returned (`acked`: those a drop acked
     /// meanwhile, whose count it returned already), so nothing of the batch
-    /// stays counted or on disk for a later read to trip over. Appends run
-    /// one at a time, so nothing was appended behind the batch. A segment
-    /// that cannot be cut keeps bytes its length in memory does not know of:
-    /// the queue takes no more appends (its events still run) until a
-    /// restart, which cuts or runs what is there.
+    /// stays counted or on disk for a later read to trip over. Called
+    /// holding `appending`, so nothing was appended behind the batch. A
+    /// segment that cannot be cut keeps bytes its length in memory does not
+    /// know of: the queue takes no more appends (its events still run) until
+    /// a restart, which cuts or runs what is there.
     fn take_back(&self, st: &mut State, parts: &[Written], acked: &BTreeSet<u64>) {
         let last = st.segments.keys().next_back().copied();
         for part in parts.iter().rev() {

@@ -803,3 +803,89 @@ fn one_functions_slow_backlog_leaves_invokers_for_another_function() {
     );
     s.assert_healthy();
 }
+
+/// A tmpfs mounted at a directory for a test (root only), unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &std::path::Path, bytes: u64) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| SmallFs(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_event_the_disk_cannot_hold_is_refused_with_500_and_the_queue_goes_on() {
+    require_clients!();
+    let dir = temp_dir("async-full-disk");
+    let state = dir.join("state");
+    let Some(disk) = SmallFs::mount(&state.join("async"), 1 << 20) else {
+        eprintln!("skipped: cannot mount a tmpfs");
+        return;
+    };
+    // Declared after the mount: stopped (on drop) before it is unmounted.
+    let s = Server::start(&[
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--async-retry-base-ms",
+        "600000",
+    ]);
+    create(&s, "full", &[]);
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 600 << 10]).unwrap();
+    // Each event fails once, then waits ten minutes for its retry: it stays queued.
+    let pad = "x".repeat(150 << 10);
+    let payload = |n: usize| format!(r#"{{"n": {n}, "fail": true, "pad": "{pad}"}}"#);
+    let mut accepted = 0;
+    let refused = loop {
+        assert!(accepted < 8, "the tmpfs never filled");
+        let r = s.control(
+            "POST",
+            "/2015-03-31/functions/full/invocations",
+            &[("x-amz-invocation-type", "Event")],
+            payload(accepted).as_bytes(),
+        );
+        if r.status != 202 {
+            break r;
+        }
+        accepted += 1;
+    };
+    assert_eq!(refused.status, 500, "{}", refused.text());
+    assert_eq!(
+        refused.header("x-amzn-errortype"),
+        Some("ServiceException"),
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("could not be stored"),
+        "{}",
+        refused.text()
+    );
+    assert!(accepted >= 1, "not even one event fit");
+    // Room again: the queue takes events, and holds only those accepted.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(event(&s, "full", &payload(99)).0, 202);
+    wait_for(
+        Duration::from_secs(30),
+        "the accepted events to be queued",
+        || queued(&s, "full") == accepted as u64 + 1,
+    );
+    let log = logs(&s, "full");
+    assert!(
+        !log.contains(&format!("event-start [{accepted}]")),
+        "the refused event ran"
+    );
+    s.assert_healthy();
+}

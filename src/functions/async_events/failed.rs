@@ -7,6 +7,10 @@
 //! newest records that fit in half of both. Its bytes are charged to the
 //! server-wide disk budget of asynchronous events (`--async-disk-max-mb`),
 //! shared with the queues: a record that does not fit is not kept.
+//!
+//! A listing reads a page of at most [`LIST_BYTES_MAX`] of records, and of
+//! the others only their frame heads, so it holds no more than that in
+//! memory however large the file is.
 
 use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
@@ -209,21 +213,20 @@ impl FailedStore {
         }
         let mut records = Vec::with_capacity(bytes as usize + (window - first) + 2);
         records.push(b'[');
-        let mut payload = Vec::new();
+        let mut frame = Vec::new();
         for &(offset, len) in heads.range(first..window) {
-            let mut head = [0u8; log::FRAME_HEAD_BYTES];
-            file.read_exact_at(&mut head, offset)?;
-            payload.resize(len as usize - log::FRAME_HEAD_BYTES, 0);
-            file.read_exact_at(&mut payload, offset + log::FRAME_HEAD_BYTES as u64)?;
+            frame.resize(len as usize, 0);
+            file.read_exact_at(&mut frame, offset)?;
+            let (head, payload) = frame.split_at(log::FRAME_HEAD_BYTES);
             let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
             // A record that does not read back as written JSON is left out.
-            if crc32c(&payload) != crc || serde_json::from_slice::<IgnoredAny>(&payload).is_err() {
+            if crc32c(payload) != crc || serde_json::from_slice::<IgnoredAny>(payload).is_err() {
                 continue;
             }
             if records.len() > 1 {
                 records.push(b',');
             }
-            records.extend_from_slice(&payload);
+            records.extend_from_slice(payload);
         }
         records.push(b']');
         Ok(Listing {

@@ -740,6 +740,54 @@ fn a_double_encoded_qualifier_does_not_reach_a_published_version() {
 }
 
 #[test]
+fn a_deleted_version_number_is_never_published_again_even_after_a_restart() {
+    let dir = common::temp_dir("lambda-version-numbers");
+    let state = dir.join("state");
+    let state_arg = state.to_str().unwrap();
+    let mut s = Server::start(&["--state-dir", state_arg]);
+    let publish = |s: &Server| {
+        let r = s.control("POST", "/2015-03-31/functions/vn/versions", &[], b"{}");
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["Version"].as_str().unwrap().to_string()
+    };
+    let delete = |s: &Server, path: &str| {
+        let r = s.control("DELETE", path, &[], b"");
+        assert!(r.status == 200 || r.status == 204, "{}", r.text());
+    };
+    common::deploy_fixture(&s, "plain", "name=vn");
+    for want in ["1", "2", "3"] {
+        assert_eq!(publish(&s), want);
+    }
+    delete(&s, "/2015-03-31/functions/vn?Qualifier=3");
+    assert_eq!(
+        publish(&s),
+        "4",
+        "the deleted newest version's number came back"
+    );
+
+    delete(&s, "/2015-03-31/functions/vn?Qualifier=4");
+    s.stop();
+    let s = Server::start(&["--state-dir", state_arg]);
+    assert_eq!(
+        publish(&s),
+        "5",
+        "the highest number was not kept across a restart"
+    );
+
+    // A function deleted whole and made again starts from 1, as on Lambda
+    // (through the service API or the control plane).
+    delete(&s, "/2015-03-31/functions/vn");
+    common::deploy_fixture(&s, "plain", "name=vn");
+    assert_eq!(publish(&s), "1");
+    assert_eq!(publish(&s), "2");
+    delete(&s, "/functions/vn");
+    common::deploy_fixture(&s, "plain", "name=vn");
+    assert_eq!(publish(&s), "1");
+    s.assert_healthy();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_control_plane_does_not_delete_through_an_alias_or_under_one() {
     let s = Server::start(&[]);
     common::deploy_fixture(&s, "plain", "name=al");

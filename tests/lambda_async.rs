@@ -183,6 +183,11 @@ fn events_run_and_failures_are_retried_then_kept_and_listed() {
     });
     let f = &failed["failed"][0];
     assert_eq!(f["requestId"].as_str(), request_id.as_deref(), "{failed}");
+    assert_eq!((&failed["older"], &failed["skip"]), (&0.into(), &1.into()));
+    // The next page (skipping the one listed) is empty; unknown parameters are refused.
+    let next = s.get("/functions/ev/async/failed?skip=1").json();
+    assert_eq!(next["failed"], serde_json::json!([]), "{next}");
+    assert_eq!(s.get("/functions/ev/async/failed?limit=5").status, 400);
     assert_eq!(f["condition"], "RetriesExhausted");
     assert_eq!(f["attempts"], 2);
     assert_eq!(f["payload"], r#"{"n": 2, "fail": true}"#);
@@ -626,7 +631,8 @@ fn deleting_a_version_or_alias_drops_its_settings_and_queued_events() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     aws_err(&s, &args, "ResourceNotFoundException");
 
-    // So does the version: one published anew under its number inherits nothing.
+    // So does the version: its settings do not outlive it (and, as on
+    // Lambda, its number is not given again).
     aws_ok(
         &s,
         &["delete-alias", "--function-name", "drop", "--name", "live"],
@@ -643,17 +649,17 @@ fn deleting_a_version_or_alias_drops_its_settings_and_queued_events() {
     );
     assert_eq!(queued(&s, "drop"), 0, "the version's event stayed queued");
     let again = aws_ok(&s, &["publish-version", "--function-name", "drop"]);
-    assert_eq!(again["Version"], "1", "{again}");
+    assert_eq!(again["Version"], "2", "{again}");
     let args = config("1");
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     aws_err(&s, &args, "ResourceNotFoundException");
 
     // The control plane's delete of a version does the same.
-    assert_eq!(event(&s, "drop:1", r#"{"n": 3, "fail": true}"#).0, 202);
+    assert_eq!(event(&s, "drop:2", r#"{"n": 3, "fail": true}"#).0, 202);
     wait_for(Duration::from_secs(30), "the event to fail once", || {
-        queued(&s, "drop") == 1 && logs(&s, "drop:1").contains("event-start [3]")
+        queued(&s, "drop") == 1 && logs(&s, "drop:2").contains("event-start [3]")
     });
-    let r = s.control("DELETE", "/functions/drop:1", &[], b"");
+    let r = s.control("DELETE", "/functions/drop:2", &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(queued(&s, "drop"), 0, "the version's event stayed queued");
 }
@@ -748,4 +754,138 @@ fn a_failed_events_retry_waits_its_turn_across_a_kill_9() {
     assert_eq!(queued(&s, "again"), 1);
     drop(s);
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn one_functions_slow_backlog_leaves_invokers_for_another_function() {
+    // `async_events::dispatch::INVOKERS_PER_FUNCTION_MAX`: half of the 32 invokers.
+    const INVOKERS_PER_FUNCTION_MAX: usize = 16;
+    require_clients!();
+    let s = Server::start(&[]);
+    // A limit of 200 would let the hog run 100 events at once: more than
+    // all the invokers, were its share not capped.
+    create(&s, "hog", &["--timeout", "30"]);
+    aws_ok(
+        &s,
+        &[
+            "put-function-concurrency",
+            "--function-name",
+            "hog",
+            "--reserved-concurrent-executions",
+            "200",
+        ],
+    );
+    create(&s, "other", &[]);
+    for n in 0..40 {
+        let (status, _) = event(&s, "hog", &format!(r#"{{"n": {n}, "sleep_ms": 10000}}"#));
+        assert_eq!(status, 202, "event {n}");
+    }
+    let running = || {
+        let l = logs(&s, "hog");
+        l.matches("event-start [").count() - l.matches("event-done [").count()
+    };
+    wait_for(Duration::from_secs(30), "the hog to run its share", || {
+        running() >= INVOKERS_PER_FUNCTION_MAX
+    });
+    // Its runs take 10 s: the other function's event runs on an invoker
+    // the hog could not take, not after one of the hog's runs ends.
+    let sent = Instant::now();
+    let (status, _) = event(&s, "other", r#"{"n": 999}"#);
+    assert_eq!(status, 202);
+    wait_for(Duration::from_secs(6), "the other function's event", || {
+        logs(&s, "other").contains("event-done [999]")
+    });
+    eprintln!("the other function's event ran after {:?}", sent.elapsed());
+    let hog = running();
+    assert!(
+        hog <= INVOKERS_PER_FUNCTION_MAX,
+        "{hog} of the hog's events run at once"
+    );
+    s.assert_healthy();
+}
+
+/// A tmpfs mounted at a directory for a test (root only), unmounted on drop.
+struct SmallFs(std::path::PathBuf);
+
+impl SmallFs {
+    fn mount(at: &std::path::Path, bytes: u64) -> Option<SmallFs> {
+        std::fs::create_dir_all(at).unwrap();
+        let mounted = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+            .arg(at)
+            .status()
+            .is_ok_and(|s| s.success());
+        mounted.then(|| SmallFs(at.to_path_buf()))
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn an_event_the_disk_cannot_hold_is_refused_with_500_and_the_queue_goes_on() {
+    require_clients!();
+    let dir = temp_dir("async-full-disk");
+    let state = dir.join("state");
+    let Some(disk) = SmallFs::mount(&state.join("async"), 1 << 20) else {
+        eprintln!("skipped: cannot mount a tmpfs");
+        return;
+    };
+    // Declared after the mount: stopped (on drop) before it is unmounted.
+    let s = Server::start(&[
+        "--state-dir",
+        state.to_str().unwrap(),
+        "--async-retry-base-ms",
+        "600000",
+    ]);
+    create(&s, "full", &[]);
+    let filler = disk.0.join("filler");
+    std::fs::write(&filler, vec![0u8; 600 << 10]).unwrap();
+    // Each event fails once, then waits ten minutes for its retry: it stays queued.
+    let pad = "x".repeat(150 << 10);
+    let payload = |n: usize| format!(r#"{{"n": {n}, "fail": true, "pad": "{pad}"}}"#);
+    let mut accepted = 0;
+    let refused = loop {
+        assert!(accepted < 8, "the tmpfs never filled");
+        let r = s.control(
+            "POST",
+            "/2015-03-31/functions/full/invocations",
+            &[("x-amz-invocation-type", "Event")],
+            payload(accepted).as_bytes(),
+        );
+        if r.status != 202 {
+            break r;
+        }
+        accepted += 1;
+    };
+    assert_eq!(refused.status, 500, "{}", refused.text());
+    assert_eq!(
+        refused.header("x-amzn-errortype"),
+        Some("ServiceException"),
+        "{}",
+        refused.text()
+    );
+    assert!(
+        refused.text().contains("could not be stored"),
+        "{}",
+        refused.text()
+    );
+    assert!(accepted >= 1, "not even one event fit");
+    // Room again: the queue takes events, and holds only those accepted.
+    std::fs::remove_file(&filler).unwrap();
+    assert_eq!(event(&s, "full", &payload(99)).0, 202);
+    wait_for(
+        Duration::from_secs(30),
+        "the accepted events to be queued",
+        || queued(&s, "full") == accepted as u64 + 1,
+    );
+    let log = logs(&s, "full");
+    assert!(
+        !log.contains(&format!("event-start [{accepted}]")),
+        "the refused event ran"
+    );
+    s.assert_healthy();
 }

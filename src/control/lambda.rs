@@ -767,8 +767,8 @@ impl Cx<'_> {
                     ));
                 }
                 let gone: Vec<_> = functions.remove(&v.spec.id, &held).into_iter().collect();
-                // Its events and settings go with it: a version published
-                // anew under the number must not inherit them.
+                // Its events and settings go with it: none is left for a
+                // version that is gone (its number is never given again).
                 if let Err(e) = functions
                     .async_events
                     .drop_qualifier(Registry::async_key(&v), &q)
@@ -797,6 +797,9 @@ impl Cx<'_> {
                     .collect();
                 gone.extend(functions.remove(&latest.spec.id, &held));
                 functions.async_events.forget(held.name());
+                if let Err(e) = functions.forget_versions(&held) {
+                    eprintln!("hearth: cannot forget the version count of {name}: {e}");
+                }
                 gone
             }
         };
@@ -808,21 +811,21 @@ impl Cx<'_> {
     fn publish_version(&self, f: &Function, held: &NameLock<'_>) -> Result<Answer, Answer> {
         Self::replaceable(f)?;
         let name = f.spec.name.clone().expect("checked by replaceable");
-        let next = self
-            .plane
-            .functions
-            .versions(&name)
-            .last()
-            .and_then(|v| v.spec.service.version)
-            .unwrap_or(0)
-            + 1;
-        if next > VERSIONS_PER_FUNCTION_MAX {
+        let functions = &self.plane.functions;
+        if functions.versions(&name).len() >= VERSIONS_PER_FUNCTION_MAX as usize {
             return Err(lambda_error(
                 400,
                 "CodeStorageExceededException",
                 &format!("{name} already has {VERSIONS_PER_FUNCTION_MAX} versions"),
             ));
         }
+        let next = functions.claim_version(held).map_err(|e| {
+            lambda_error(
+                500,
+                "ServiceException",
+                &format!("cannot store the version count of {name}: {e}"),
+            )
+        })?;
         let mut service = f.spec.service.clone();
         service.version = Some(next);
         self.deploy(

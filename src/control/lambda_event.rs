@@ -18,6 +18,7 @@ use crate::control::sigv4;
 use crate::functions::async_events::config::{
     EventConfig, EVENT_AGE_S_MAX, EVENT_AGE_S_MIN, RETRIES_MAX,
 };
+use crate::functions::async_events::failed::Listing;
 use crate::functions::async_events::queue::AppendError;
 use crate::functions::async_events::EVENT_BYTES_MAX;
 use crate::functions::{Function, Registry};
@@ -119,8 +120,8 @@ pub(super) fn accept(
         .map_err(|e| lambda_error(500, "ServiceException", &e.to_string()))?
         .ok_or_else(|| not_found(&found_by))?;
     // Asked again as the event is stored: an event accepted as its version
-    // or alias is deleted is dropped with it or refused, never stored for one
-    // published or made anew under the number or name.
+    // or alias is deleted is dropped with it or refused, never stored for an
+    // alias made anew under the name.
     let (functions, stored_key) = (plane.functions.clone(), key.clone());
     let still_there = Box::new(move || {
         functions
@@ -368,9 +369,11 @@ fn stored(e: std::io::Error) -> Answer {
     )
 }
 
-/// `GET /functions/<id or name>/async/failed`: the events given up, with
-/// their errors, and the queue's state.
-pub(super) fn failed_list(plane: &Plane, id: &str) -> Answer {
+/// `GET /functions/<id or name>/async/failed[?skip=<n>]`: a page of the
+/// events given up, with their errors, and the queue's state. A page holds
+/// at most [`crate::functions::async_events::failed::LIST_BYTES_MAX`] of records; `older` says how many more there
+/// are, and `skip` the next page's `skip`.
+pub(super) fn failed_list(plane: &Plane, id: &str, query: &str) -> Answer {
     let Some(f) = plane.functions.get(id) else {
         return Reply::error(
             404,
@@ -378,18 +381,42 @@ pub(super) fn failed_list(plane: &Plane, id: &str) -> Answer {
             &format!("no function with id {id}"),
         );
     };
+    let mut skip = 0;
+    for (k, v) in crate::control::settings::parse_query(query) {
+        match (k.as_str(), v.parse::<usize>()) {
+            ("skip", Ok(n)) => skip = n,
+            _ => {
+                return Reply::error(
+                    400,
+                    "invalid_query",
+                    &format!("unknown or invalid parameter {k}={v} (takes skip=<n>)"),
+                )
+            }
+        }
+    }
     let key = Registry::async_key(&f);
     let (failed, depth) = match plane.functions.async_events.get(key) {
-        None => (Ok(Vec::new()), 0),
-        Some(q) => (q.failed(), q.queue.depth()),
+        None => (Ok(Listing::default()), 0),
+        Some(q) => (q.failed(skip), q.queue.depth()),
     };
     match failed {
-        Ok(list) => Reply::new(
-            200,
-            "application/json",
-            serde_json::to_vec_pretty(&json!({ "function": key, "queued": depth, "failed": list }))
-                .expect("json"),
-        ),
+        Ok(page) => {
+            // The records are spliced in as stored (JSON written by the
+            // store), not parsed and printed again: the page is the only copy.
+            let mut body = serde_json::to_vec(&json!({
+                "function": key,
+                "queued": depth,
+                "older": page.older,
+                "skip": skip + page.listed,
+            }))
+            .expect("json");
+            assert_eq!(body.pop(), Some(b'}'));
+            body.reserve_exact(page.records.len() + 12);
+            body.extend_from_slice(b",\"failed\":");
+            body.extend_from_slice(&page.records);
+            body.push(b'}');
+            Reply::new(200, "application/json", body)
+        }
         Err(e) => Reply::error(500, "io", &format!("cannot read the failed events: {e}")),
     }
 }

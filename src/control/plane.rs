@@ -204,7 +204,9 @@ fn handle(shared: &Plane, req: &Request, body: &[u8]) -> Answer {
             None => not_found(id),
         },
         Route::DeleteFunction(id) => delete(shared, id),
-        Route::AsyncFailed(id) => crate::control::lambda_event::failed_list(shared, id),
+        Route::AsyncFailed(id) => {
+            crate::control::lambda_event::failed_list(shared, id, req.query())
+        }
         Route::Lambda(op) => lambda::handle(shared, op, req, body),
         Route::Logs(id) => match shared.functions.get(id) {
             Some(f) => {
@@ -632,11 +634,14 @@ fn delete(shared: &Plane, id: &str) -> Answer {
                 .filter_map(|v| functions.remove(&v.spec.id, &held)),
         );
         functions.async_events.forget(name);
+        if let Err(e) = functions.forget_versions(&held) {
+            eprintln!("hearth: cannot forget the version count of {name}: {e}");
+        }
     } else if f.spec.name.is_none() {
         functions.async_events.forget(&f.spec.id);
     } else if let (Some(name), Some(version)) = (&f.spec.name, f.spec.service.version) {
-        // A version's events and settings go with it: one published anew
-        // under the number must not inherit them.
+        // A version's events and settings go with it: none is left for a
+        // version that is gone (its number is never given again).
         if let Err(e) = functions
             .async_events
             .drop_qualifier(name, &version.to_string())

@@ -210,6 +210,8 @@ pub struct Registry {
     map: RwLock<Index>,
     /// `<state>/aliases` (see [`names`]).
     aliases_dir: PathBuf,
+    /// `<state>/versions`: the highest version number of each name (see [`names`]).
+    versions_dir: PathBuf,
     pub backend: Box<dyn Backend>,
     /// Memory of all instances and standbys, MiB (`--instance-memory-max-mb`).
     pub memory: Arc<Budget>,
@@ -289,6 +291,10 @@ impl Registry {
         for (name, aliases) in names::load_aliases(&aliases_dir)? {
             map.set_aliases(&name, aliases);
         }
+        let versions_dir = names::versions_dir(&functions_dir);
+        for (name, high) in names::load_version_highs(&versions_dir)? {
+            map.set_version_high(&name, Some(high));
+        }
         let async_events = Arc::new(async_events::AsyncEvents::open(
             &cfg.state_dir.join("async"),
             async_events::AsyncLimits {
@@ -304,6 +310,7 @@ impl Registry {
         Ok(Registry {
             functions_dir,
             aliases_dir,
+            versions_dir,
             map: RwLock::new(map),
             backend,
             memory,
@@ -516,6 +523,26 @@ impl Registry {
         names::store_aliases(&self.aliases_dir, name, &aliases)?;
         self.map.write().unwrap().set_aliases(name, aliases);
         Ok(Ok(out))
+    }
+
+    /// Takes the next version number of the name `held` holds, storing it
+    /// before it is used: a number once given is never given again, even if
+    /// the version is deleted or its publish fails.
+    pub fn claim_version(&self, held: &NameLock<'_>) -> std::io::Result<u32> {
+        let name = held.name();
+        let next = self.map.read().unwrap().version_high(name) + 1;
+        names::store_version_high(&self.versions_dir, name, Some(next))?;
+        self.map.write().unwrap().set_version_high(name, Some(next));
+        Ok(next)
+    }
+
+    /// Forgets the version numbers of the name `held` holds (its function is
+    /// deleted; a new function of that name publishes from 1 again).
+    pub fn forget_versions(&self, held: &NameLock<'_>) -> std::io::Result<()> {
+        let name = held.name();
+        names::store_version_high(&self.versions_dir, name, None)?;
+        self.map.write().unwrap().set_version_high(name, None);
+        Ok(())
     }
 
     /// Every function, sorted by id.

@@ -6,6 +6,11 @@
 //! carries the version number. Aliases point at one version, or split
 //! requests between two by weight (`RoutingConfig`); they are kept in
 //! `<state>/aliases/<name>.json`, written whole and renamed into place.
+//!
+//! Lambda never gives a version number twice to one function, even after the
+//! newest version was deleted; the highest number ever published is kept in
+//! `<state>/versions/<name>` (decimal text, written the same way) until the
+//! whole function is deleted.
 
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
@@ -62,6 +67,8 @@ pub struct Index {
     pub by_id: HashMap<String, Arc<Function>>,
     by_key: HashMap<String, String>,
     aliases: HashMap<String, BTreeMap<String, Alias>>,
+    /// Highest version number ever published, by name (as stored).
+    versions_published: HashMap<String, u32>,
 }
 
 impl Index {
@@ -125,6 +132,28 @@ impl Index {
         v
     }
 
+    /// The highest version number `name` has ever published (0: none): the
+    /// stored count, or a version that exists beyond it (a state dir from
+    /// before the count was kept).
+    pub fn version_high(&self, name: &str) -> u32 {
+        let stored = self.versions_published.get(name).copied().unwrap_or(0);
+        let existing = self
+            .versions(name)
+            .last()
+            .and_then(|f| f.spec.service.version)
+            .unwrap_or(0);
+        stored.max(existing)
+    }
+
+    /// Records the highest version number of `name` (in memory; the caller
+    /// stores it); `None` forgets it.
+    pub fn set_version_high(&mut self, name: &str, high: Option<u32>) {
+        match high {
+            Some(h) => self.versions_published.insert(name.to_string(), h),
+            None => self.versions_published.remove(name),
+        };
+    }
+
     /// The aliases of `name`.
     pub fn aliases(&self, name: &str) -> BTreeMap<String, Alias> {
         self.aliases.get(name).cloned().unwrap_or_default()
@@ -146,6 +175,65 @@ pub fn aliases_dir(functions_dir: &Path) -> PathBuf {
         .parent()
         .unwrap_or(functions_dir)
         .join("aliases")
+}
+
+/// `<state>/versions`, beside the functions directory.
+pub fn versions_dir(functions_dir: &Path) -> PathBuf {
+    functions_dir
+        .parent()
+        .unwrap_or(functions_dir)
+        .join("versions")
+}
+
+/// Reads every stored highest version number (an unreadable file is
+/// reported and skipped: numbering goes on from the versions that exist).
+pub fn load_version_highs(dir: &Path) -> io::Result<HashMap<String, u32>> {
+    let mut out = HashMap::new();
+    let entries = match fs::read_dir(dir) {
+        Ok(e) => e,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(out),
+        Err(e) => return Err(e),
+    };
+    for entry in entries {
+        let path = entry?.path();
+        let Some(name) = path.file_name().and_then(|n| n.to_str()) else {
+            continue;
+        };
+        if name.starts_with('.') {
+            continue;
+        }
+        match fs::read_to_string(&path).map(|t| t.trim().parse::<u32>()) {
+            Ok(Ok(high)) => {
+                out.insert(name.to_string(), high);
+            }
+            _ => eprintln!(
+                "hearth: ignoring unreadable version count {}",
+                path.display()
+            ),
+        }
+    }
+    Ok(out)
+}
+
+/// Stores the highest version number of `name` atomically and durably;
+/// `None` removes it (the function is deleted: a new one of that name starts
+/// again from 1, as on Lambda).
+pub fn store_version_high(dir: &Path, name: &str, high: Option<u32>) -> io::Result<()> {
+    let path = dir.join(name);
+    let Some(high) = high else {
+        return match fs::remove_file(&path) {
+            Ok(()) => fs::File::open(dir)?.sync_all(),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+            Err(e) => Err(e),
+        };
+    };
+    fs::create_dir_all(dir)?;
+    let tmp = dir.join(format!(".{name}.tmp"));
+    let mut f = fs::File::create(&tmp)?;
+    f.write_all(format!("{high}\n").as_bytes())?;
+    f.sync_all()?;
+    fs::rename(&tmp, &path)?;
+    fs::File::open(dir)?.sync_all()
 }
 
 /// Reads every stored alias file (a name's file that does not parse is
@@ -230,6 +318,20 @@ mod tests {
         assert_eq!(load_aliases(&dir).unwrap()["f"], set);
         store_aliases(&dir, "f", &BTreeMap::new()).unwrap();
         assert!(load_aliases(&dir).unwrap().is_empty());
+        let _ = fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn version_counts_round_trip_and_none_removes_them() {
+        let dir = std::env::temp_dir().join(format!("hearth-versions-{}", random_u64()));
+        store_version_high(&dir, "f", Some(3)).unwrap();
+        store_version_high(&dir, "g", Some(1)).unwrap();
+        store_version_high(&dir, "f", Some(4)).unwrap();
+        let loaded = load_version_highs(&dir).unwrap();
+        assert_eq!(loaded.get("f"), Some(&4));
+        assert_eq!(loaded.get("g"), Some(&1));
+        store_version_high(&dir, "f", None).unwrap();
+        assert_eq!(load_version_highs(&dir).unwrap().get("f"), None);
         let _ = fs::remove_dir_all(&dir);
     }
 }

@@ -7,21 +7,80 @@
 //! newest records that fit in half of both. Its bytes are charged to the
 //! server-wide disk budget of asynchronous events (`--async-disk-max-mb`),
 //! shared with the queues: a record that does not fit is not kept.
+//!
+//! A listing reads a page of at most [`LIST_BYTES_MAX`] of records, and of
+//! the others only their frame heads, so it holds no more than that in
+//! memory however large the file is.
 
+use std::collections::VecDeque;
 use std::fs::{self, File, OpenOptions};
 use std::io::{self, Write};
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
+use serde::de::IgnoredAny;
 use serde_json::Value;
 
 use super::log;
 use crate::functions::budget::Budget;
+use crate::util::crc::crc32c;
 
 /// Failed events kept per function (past twice as many, the oldest are dropped).
 pub const FAILED_KEPT_MAX: usize = 1000;
 /// Bytes of failed events kept per function.
 pub const FAILED_BYTES_MAX: u64 = 64 << 20;
+/// Bytes of records one listing reads and returns (a record is at most
+/// [`log::FRAME_PAYLOAD_MAX`], so one always fits).
+pub const LIST_BYTES_MAX: u64 = 8 << 20;
+
+const _: () = assert!(LIST_BYTES_MAX >= (log::FRAME_HEAD_BYTES + log::FRAME_PAYLOAD_MAX) as u64);
+
+/// One page of a function's failed events.
+#[derive(Debug)]
+pub struct Listing {
+    /// A JSON array of the records, oldest first, as stored.
+    pub records: Vec<u8>,
+    /// How many records it holds (at most; one that does not read back is left out).
+    pub listed: usize,
+    /// Records kept before them, not listed: the next page skips `listed`
+    /// more of the newest.
+    pub older: usize,
+}
+
+impl Default for Listing {
+    fn default() -> Self {
+        Listing {
+            records: b"[]".to_vec(),
+            listed: 0,
+            older: 0,
+        }
+    }
+}
+
+/// The offsets and frame lengths of the last `newest` frames of `file`,
+/// read from their heads alone (up to the first that overruns the file or
+/// the frame bound, as [`log::frames`] stops).
+fn frame_heads(file: &File, newest: usize) -> io::Result<VecDeque<(u64, u64)>> {
+    let end = file.metadata()?.len();
+    let mut heads = VecDeque::with_capacity(newest.min(FAILED_KEPT_MAX) + 1);
+    let mut at = 0u64;
+    let mut head = [0u8; log::FRAME_HEAD_BYTES];
+    while end - at >= log::FRAME_HEAD_BYTES as u64 {
+        file.read_exact_at(&mut head, at)?;
+        let len = u32::from_le_bytes(head[..4].try_into().expect("4 bytes")) as usize;
+        let frame = (log::FRAME_HEAD_BYTES + len) as u64;
+        if len > log::FRAME_PAYLOAD_MAX || at + frame > end {
+            break;
+        }
+        if heads.len() == newest {
+            heads.pop_front();
+        }
+        heads.push_back((at, frame));
+        at += frame;
+    }
+    Ok(heads)
+}
 
 /// The failure store of one function.
 pub struct FailedStore {
@@ -134,20 +193,47 @@ impl FailedStore {
         Ok(())
     }
 
-    /// The newest records kept (at most [`FAILED_KEPT_MAX`]: the file may
-    /// hold up to twice as many until it is compacted), oldest first.
-    pub fn list(&self) -> io::Result<Vec<Value>> {
-        let all = match fs::read(&self.path) {
-            Ok(b) => b,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Vec::new()),
+    /// A page of the newest records kept (see [`Listing`]): the `skip`
+    /// newest left out, then as many as fit in [`LIST_BYTES_MAX`], within
+    /// the newest [`FAILED_KEPT_MAX`] (the file may hold up to twice as many
+    /// until it is compacted). Only the frame heads of the others are read.
+    pub fn list(&self, skip: usize) -> io::Result<Listing> {
+        let file = match File::open(&self.path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(Listing::default()),
             Err(e) => return Err(e),
         };
-        let frames = log::frames(&all).0;
-        let newest = &frames[frames.len().saturating_sub(self.kept_max)..];
-        Ok(newest
-            .iter()
-            .filter_map(|(_, p)| serde_json::from_slice(p).ok())
-            .collect())
+        let heads = frame_heads(&file, self.kept_max)?;
+        let window = heads.len().saturating_sub(skip);
+        let mut first = window;
+        let mut bytes = 0;
+        while first > 0 && bytes + heads[first - 1].1 <= LIST_BYTES_MAX {
+            first -= 1;
+            bytes += heads[first].1;
+        }
+        let mut records = Vec::with_capacity(bytes as usize + (window - first) + 2);
+        records.push(b'[');
+        let mut frame = Vec::new();
+        for &(offset, len) in heads.range(first..window) {
+            frame.resize(len as usize, 0);
+            file.read_exact_at(&mut frame, offset)?;
+            let (head, payload) = frame.split_at(log::FRAME_HEAD_BYTES);
+            let crc = u32::from_le_bytes(head[4..].try_into().expect("4 bytes"));
+            // A record that does not read back as written JSON is left out.
+            if crc32c(payload) != crc || serde_json::from_slice::<IgnoredAny>(payload).is_err() {
+                continue;
+            }
+            if records.len() > 1 {
+                records.push(b',');
+            }
+            records.extend_from_slice(payload);
+        }
+        records.push(b']');
+        Ok(Listing {
+            records,
+            listed: window - first,
+            older: first,
+        })
     }
 
     /// Keeps the newest records within half of both bounds.
@@ -204,6 +290,10 @@ mod tests {
         Budget::new("async event disk", "bytes", u64::MAX)
     }
 
+    fn listed(s: &FailedStore, skip: usize) -> Vec<Value> {
+        serde_json::from_slice(&s.list(skip).unwrap().records).unwrap()
+    }
+
     #[test]
     fn the_store_keeps_the_newest_records_within_its_bound() {
         let d = std::env::temp_dir().join(format!("hearth-failed-{}", std::process::id()));
@@ -213,7 +303,7 @@ mod tests {
         for i in 0..21 {
             s.push(&serde_json::json!({ "n": i })).unwrap();
         }
-        let kept = s.list().unwrap();
+        let kept = listed(&s, 0);
         assert_eq!(kept.len(), 10);
         assert_eq!(kept.last().unwrap()["n"], 20);
         assert_eq!(FailedStore::open(&d, unbounded()).unwrap().records, 10);
@@ -253,9 +343,38 @@ mod tests {
             s.push(&serde_json::json!({ "n": i })).unwrap();
         }
         assert_eq!(s.records, 15, "not compacted yet");
-        let kept = s.list().unwrap();
+        let kept = listed(&s, 0);
         assert_eq!(kept.len(), 10);
         assert_eq!((&kept[0]["n"], &kept[9]["n"]), (&5.into(), &14.into()));
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_listing_reads_a_bounded_page_and_the_next_skips_it() {
+        let d = std::env::temp_dir().join(format!("hearth-failed-page-{}", std::process::id()));
+        let _ = fs::remove_dir_all(&d);
+        fs::create_dir_all(&d).unwrap();
+        let mut s = FailedStore::open(&d, unbounded()).unwrap();
+        // 20 records of 1 MiB: 20 MiB on disk, more than a listing reads.
+        let big = "x".repeat(1 << 20);
+        for n in 0..20 {
+            s.push(&serde_json::json!({ "n": n, "payload": big }))
+                .unwrap();
+        }
+        let first = s.list(0).unwrap();
+        assert!(
+            first.records.len() as u64 <= LIST_BYTES_MAX,
+            "{}",
+            first.records.len()
+        );
+        assert_eq!((first.listed, first.older), (7, 13));
+        let page: Vec<Value> = serde_json::from_slice(&first.records).unwrap();
+        assert_eq!((&page[0]["n"], &page[6]["n"]), (&13.into(), &19.into()));
+        let next = s.list(first.listed).unwrap();
+        let page: Vec<Value> = serde_json::from_slice(&next.records).unwrap();
+        assert_eq!((page.len(), next.older), (7, 6));
+        assert_eq!(page[6]["n"], 12);
+        assert!(listed(&s, 20).is_empty());
         let _ = fs::remove_dir_all(&d);
     }
 }

@@ -135,9 +135,10 @@ impl FunctionEvents {
         Ok(configs.get(&key).copied())
     }
 
-    /// The events given up and kept, oldest first.
-    pub fn failed(&self) -> io::Result<Vec<serde_json::Value>> {
-        self.failed.lock().unwrap().list()
+    /// A page of the events given up and kept, oldest first, the `skip`
+    /// newest left out (see [`FailedStore::list`]).
+    pub fn failed(&self, skip: usize) -> io::Result<failed::Listing> {
+        self.failed.lock().unwrap().list(skip)
     }
 
     /// Drops the settings and events of the versions and aliases that are gone
@@ -239,25 +240,69 @@ fn valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// `<dir>.unreadable`: where queues that cannot be opened are set aside.
+fn unreadable_dir(dir: &Path) -> PathBuf {
+    let mut aside = dir.as_os_str().to_owned();
+    aside.push(".unreadable");
+    PathBuf::from(aside)
+}
+
 /// Moves the queue of `key` under `dir`, which cannot be opened (`e`), out
 /// of the way, so that the server starts and the function gets a new queue.
 fn set_aside(dir: &Path, key: &str, e: &io::Error) {
-    let mut aside = dir.as_os_str().to_owned();
-    aside.push(".unreadable");
-    let aside = PathBuf::from(aside).join(format!("{key}-{}", crate::util::time::unix_time_ms()));
+    let aside = unreadable_dir(dir).join(format!("{key}-{}", crate::util::time::unix_time_ms()));
     let moved = std::fs::create_dir_all(aside.parent().expect("joined"))
         .and_then(|()| std::fs::rename(dir.join(key), &aside));
     match moved {
         Ok(()) => eprintln!(
             "hearth: the async queue of {key} cannot be opened ({e}); its events will not run: \
-             it is moved to {}",
-            aside.display()
+             it is moved to {} (counted against --async-disk-max-mb; removed at a start {} days \
+             from now, or remove it and restart)",
+            aside.display(),
+            UNREADABLE_KEPT_MS / DAY_MS
         ),
         Err(m) => eprintln!(
             "hearth: the async queue of {key} cannot be opened ({e}) nor moved aside ({m}); \
              its function takes no asynchronous events until it is repaired and the server restarted"
         ),
     }
+}
+
+/// A day, ms.
+const DAY_MS: u64 = 24 * 3600 * 1000;
+/// How long a queue set aside as unreadable is kept for an operator to look
+/// at: a start later than that removes it.
+pub const UNREADABLE_KEPT_MS: u64 = 7 * DAY_MS;
+
+/// Removes the queues set aside under `aside` more than [`UNREADABLE_KEPT_MS`]
+/// before `now_ms` (by the time in their name, `<key>-<ms>`; another name is
+/// the operator's and stays); returns the bytes on disk of what stays.
+fn sweep_unreadable(aside: &Path, now_ms: u64) -> u64 {
+    let Ok(entries) = std::fs::read_dir(aside) else {
+        return 0;
+    };
+    let mut kept = 0;
+    for entry in entries.flatten() {
+        let path = entry.path();
+        let set_aside_ms = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.rsplit_once('-'))
+            .and_then(|(_, ms)| ms.parse::<u64>().ok());
+        if set_aside_ms.is_some_and(|ms| now_ms.saturating_sub(ms) > UNREADABLE_KEPT_MS) {
+            eprintln!(
+                "hearth: removing {}, set aside as unreadable over {} days ago",
+                path.display(),
+                UNREADABLE_KEPT_MS / DAY_MS
+            );
+            match std::fs::remove_dir_all(&path) {
+                Ok(()) => continue,
+                Err(e) => eprintln!("hearth: cannot remove {}: {e}", path.display()),
+            }
+        }
+        kept += crate::functions::budget::disk_bytes(&path);
+    }
+    kept
 }
 
 impl AsyncEvents {
@@ -267,7 +312,9 @@ impl AsyncEvents {
     /// (`exists("<key>:<qualifier>")`).
     /// A queue that cannot be opened does not stop the server: it is logged
     /// and moved aside to `<dir>.unreadable/<key>-<ms>` (its events are not
-    /// run), and its function starts with an empty queue.
+    /// run), and its function starts with an empty queue. What is set aside
+    /// is charged to the disk budget until the start that removes it (see
+    /// [`sweep_unreadable`]).
     pub fn open(
         dir: &Path,
         limits: AsyncLimits,
@@ -302,6 +349,16 @@ impl AsyncEvents {
                 }
                 Err(e) => set_aside(dir, &key, &e),
             }
+        }
+        let aside = unreadable_dir(dir);
+        let aside_bytes = sweep_unreadable(&aside, crate::util::time::unix_time_ms());
+        if aside_bytes > 0 {
+            eprintln!(
+                "hearth: {} holds {aside_bytes} bytes of async queues that could not be read, \
+                 counted against --async-disk-max-mb until removed (remove them and restart)",
+                aside.display()
+            );
+            disk.take_over(aside_bytes);
         }
         if disk.used() > disk.max() {
             eprintln!(
@@ -897,6 +954,10 @@ mod tests {
         let aside = PathBuf::from(aside);
         let kept = std::fs::read_dir(&aside).unwrap().count();
         assert_eq!(kept, 1, "set aside, not deleted");
+        assert!(
+            ev.charges.disk.used() >= crate::functions::budget::disk_bytes(&aside) - 4096,
+            "what is set aside is not charged"
+        );
         // Its function takes events again, in a new queue.
         let q = ev.queue_for("bad-segment", || true).unwrap().unwrap();
         let stored = submit(&ev, q);
@@ -920,5 +981,35 @@ mod tests {
         assert!(stored.recv().unwrap().is_ok());
         assert!(d.join("g").is_dir());
         let _ = std::fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn queues_set_aside_are_charged_and_removed_once_old() {
+        let (d, ev) = open("aside-sweep");
+        drop(ev);
+        let aside = unreadable_dir(&d);
+        let now = crate::util::time::unix_time_ms();
+        let old = aside.join(format!("f-{}", now - UNREADABLE_KEPT_MS - 1000));
+        let recent = aside.join(format!("g-{}", now - 1000));
+        for dir in [&old, &recent] {
+            std::fs::create_dir_all(dir).unwrap();
+            std::fs::write(dir.join("seg-0000000000000001.log"), vec![1u8; 64 << 10]).unwrap();
+        }
+        let limits = AsyncLimits {
+            queue_bytes_max: u64::MAX,
+            disk_bytes_max: u64::MAX,
+            retry_base_ms: 100,
+            failure_webhook: None,
+        };
+        let ev = AsyncEvents::open(&d, limits, |_| true).unwrap();
+        assert!(!old.exists(), "an old queue set aside was kept");
+        assert!(recent.exists(), "a recent queue set aside was removed");
+        assert!(
+            ev.charges.disk.used() >= 64 << 10,
+            "{}",
+            ev.charges.disk.used()
+        );
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_dir_all(&aside);
     }
 }

@@ -25,8 +25,8 @@
 //!
 //! Deleting a version or alias drops its events ([`Queue::drop_qualifier`]):
 //! those waiting, those being stored and those running are acked at once, so
-//! none of them runs on a version published anew under the same number (or
-//! an alias made again under the name).
+//! none of them runs once its target is gone (nor on an alias made again
+//! under the name).
 
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, VecDeque};
@@ -135,6 +135,21 @@ struct State {
     dropped_while_storing: Vec<u64>,
     /// The directory exists, durably (a new queue makes it with its first segment).
     dir_made: bool,
+    /// Why appends are refused until a restart: a failed append could not be
+    /// cut off its segment, whose length on disk is then unknown.
+    broken: Option<String>,
+}
+
+/// What one append put into one segment, to take it back if the append fails.
+struct Written {
+    segment: u64,
+    /// The segment's length before.
+    before: u64,
+    buf: Vec<u8>,
+    /// The seqs of the events in `buf`.
+    seqs: Vec<u64>,
+    /// Bytes charged for them.
+    charged: u64,
 }
 
 /// A [`Pending`] in the delayed heap, ordered by when it is due (then by seq).
@@ -190,6 +205,9 @@ pub struct Queue {
     /// `<state>/async/<key>`.
     pub dir: PathBuf,
     state: Mutex<State>,
+    /// Held through each append, write to fsync: appends run one at a time,
+    /// so a failed one can be cut off its segments with nothing behind it.
+    appending: Mutex<()>,
     removed: AtomicBool,
     /// The server-wide disk budget its segments are charged to.
     disk: Arc<Budget>,
@@ -197,6 +215,9 @@ pub struct Queue {
     events: Arc<Budget>,
     /// Its counters.
     pub metrics: QueueMetrics,
+    /// Failures a unit test makes the disk report.
+    #[cfg(test)]
+    faults: tests::Faults,
 }
 
 /// Events of `st` not acked.
@@ -262,11 +283,15 @@ impl Queue {
                 storing: Vec::new(),
                 dropped_while_storing: Vec::new(),
                 dir_made: false,
+                broken: None,
             }),
+            appending: Mutex::new(()),
             removed: AtomicBool::new(false),
             disk: charges.disk,
             events: charges.events,
             metrics: QueueMetrics::default(),
+            #[cfg(test)]
+            faults: Default::default(),
         }
     }
 
@@ -310,6 +335,7 @@ impl Queue {
             storing: Vec::new(),
             dropped_while_storing: Vec::new(),
             dir_made: true,
+            broken: None,
         };
         let last = numbers.last().copied();
         let mut qualifiers: HashMap<String, Arc<str>> = HashMap::new();
@@ -400,17 +426,22 @@ impl Queue {
             key: key.to_string(),
             dir,
             state: Mutex::new(st),
+            appending: Mutex::new(()),
             removed: AtomicBool::new(false),
             disk: charges.disk,
             events: charges.events,
             metrics,
+            #[cfg(test)]
+            faults: Default::default(),
         })
     }
 
     /// Appends `events` (qualifier, request id, body) and makes them durable
     /// (one fsync per segment written) before they can run. Each event gets
     /// its own outcome: those beyond `bytes_max` (this queue) or the server's
-    /// disk budget are refused, and nothing of them is written.
+    /// disk budget are refused, and nothing of them is written. A write or
+    /// fsync that fails refuses the whole batch and takes it back
+    /// ([`Queue::take_back`]).
     pub fn append(
         &self,
         events: &[(&str, &str, &[u8])],
@@ -431,16 +462,24 @@ impl Queue {
         bytes_max: u64,
         still_there: impl Fn(usize) -> bool,
     ) -> Vec<Result<(), AppendError>> {
+        // Uncontended in the server (its committer is the only writer).
+        let _one_at_a_time = self.appending.lock().unwrap();
         let mut out: Vec<Result<(), AppendError>> = Vec::with_capacity(events.len());
         let mut written: Vec<Pending> = Vec::new();
+        let mut parts: Vec<Written> = Vec::new();
         let mut to_sync: Vec<Arc<File>> = Vec::new();
         {
             let mut st = self.state.lock().unwrap();
             if self.removed.load(Ordering::Acquire) {
                 return events.iter().map(|_| Err(AppendError::Removed)).collect();
             }
-            // (segment, its length before, buffer, events in it, bytes charged for them)
-            let mut buffers: Vec<(u64, u64, Vec<u8>, usize, u64)> = Vec::new();
+            if let Some(why) = &st.broken {
+                let e = io::Error::other(format!(
+                    "the queue in {} takes no events until hearth restarts: {why}",
+                    self.dir.display()
+                ));
+                return self.fail_batch(events.len(), e);
+            }
             let mut payload = Vec::new();
             let mut qualifier_arc: Option<Arc<str>> = None;
             for (i, &(qualifier, request_id, body)) in events.iter().enumerate() {
@@ -484,15 +523,20 @@ impl Queue {
                         continue;
                     }
                 };
-                if buffers.last().is_none_or(|b| b.0 != segment) {
-                    let len = st.segments[&segment].bytes;
-                    buffers.push((segment, len, Vec::new(), 0, 0));
+                if parts.last().is_none_or(|w| w.segment != segment) {
+                    parts.push(Written {
+                        segment,
+                        before: st.segments[&segment].bytes,
+                        buf: Vec::new(),
+                        seqs: Vec::new(),
+                        charged: 0,
+                    });
                 }
-                let last = buffers.last_mut().expect("pushed");
-                last.3 += 1;
-                last.4 += charge;
+                let part = parts.last_mut().expect("pushed");
+                part.seqs.push(seq);
+                part.charged += charge;
                 let offset = st.segments[&segment].bytes;
-                log::frame(&mut last.2, &payload);
+                log::frame(&mut part.buf, &payload);
                 let seg = st.segments.get_mut(&segment).expect("segment");
                 seg.bytes += frame_bytes;
                 seg.charged += charge;
@@ -515,27 +559,17 @@ impl Queue {
                 });
                 out.push(Ok(()));
             }
-            for (segment, _, buf, _, _) in &buffers {
-                let seg = &st.segments[segment];
-                if let Err(e) = (&*seg.log).write_all(buf) {
-                    // Nothing of this batch may stay half-written before later appends.
-                    for (segment, before, _, count, charged) in &buffers {
-                        let seg = st.segments.get_mut(segment).expect("segment");
-                        let _ = seg.log.set_len(*before);
-                        seg.bytes = *before;
-                        seg.charged -= charged;
-                        seg.live -= count;
-                        st.bytes -= charged;
-                        self.disk.give(*charged);
-                        self.events.give(*count as u64);
-                    }
+            for part in &parts {
+                let seg = &st.segments[&part.segment];
+                if let Err(e) = (&*seg.log).write_all(&part.buf) {
+                    self.take_back(&mut st, &parts, &BTreeSet::new());
                     return self.fail_batch(events.len(), e);
                 }
                 to_sync.push(seg.log.clone());
             }
             st.storing.extend(written.iter().cloned());
         }
-        let synced = to_sync.iter().try_for_each(|f| f.sync_data());
+        let synced = to_sync.iter().try_for_each(|f| self.sync_log(f));
         let mut st = self.state.lock().unwrap();
         let mine: BTreeSet<u64> = written.iter().map(|p| p.seq).collect();
         st.storing.retain(|p| !mine.contains(&p.seq));
@@ -549,6 +583,8 @@ impl Queue {
             !is_mine
         });
         if let Err(e) = synced {
+            self.take_back(&mut st, &parts, &taken);
+            self.publish_depth(&st);
             drop(st);
             return self.fail_batch(events.len(), e);
         }
@@ -561,9 +597,70 @@ impl Queue {
         out
     }
 
-    /// A batch that could not be written or synced: all `n` events are
-    /// refused. Those written but not synced stay in their segment and may
-    /// run after a restart (refused events may run; accepted ones always do).
+    /// Undoes a failed append: each segment is cut back to its length before
+    /// it and the events' charges are returned (`acked`: those a drop acked
+    /// meanwhile, whose count it returned already), so nothing of the batch
+    /// stays counted or on disk for a later read to trip over. Called
+    /// holding `appending`, so nothing was appended behind the batch. A
+    /// segment that cannot be cut keeps bytes its length in memory does not
+    /// know of: the queue takes no more appends (its events still run) until
+    /// a restart, which cuts or runs what is there.
+    fn take_back(&self, st: &mut State, parts: &[Written], acked: &BTreeSet<u64>) {
+        let last = st.segments.keys().next_back().copied();
+        for part in parts.iter().rev() {
+            let unacked = part.seqs.iter().filter(|s| !acked.contains(s)).count();
+            // Gone: a drop acked all its events and deleted it (and returned its charge).
+            let Some(seg) = st.segments.get_mut(&part.segment) else {
+                continue;
+            };
+            debug_assert_eq!(seg.bytes, part.before + part.buf.len() as u64);
+            seg.live -= unacked;
+            self.events.give(unacked as u64);
+            match self.cut_log(&seg.log, part.before) {
+                Ok(()) => {
+                    seg.bytes = part.before;
+                    seg.charged -= part.charged;
+                    st.bytes -= part.charged;
+                    self.disk.give(part.charged);
+                }
+                Err(e) => {
+                    // Its bytes stay charged: they are on disk until the segment goes.
+                    eprintln!(
+                        "hearth: async queue {}: cannot cut back a failed append ({e}); \
+                         no more events are taken until hearth restarts",
+                        self.key
+                    );
+                    st.broken = Some(format!("a failed append could not be undone: {e}"));
+                }
+            }
+            let seg = &st.segments[&part.segment];
+            if seg.live == 0 && (Some(part.segment) != last || seg.bytes >= SEGMENT_IDLE_KEPT_BYTES)
+            {
+                self.delete_segment(st, part.segment);
+            }
+        }
+    }
+
+    /// fsyncs the data of a segment's log.
+    fn sync_log(&self, log: &File) -> io::Result<()> {
+        #[cfg(test)]
+        if self.faults.take_sync() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        log.sync_data()
+    }
+
+    /// Cuts a segment's log to `len` bytes.
+    fn cut_log(&self, log: &File, len: u64) -> io::Result<()> {
+        #[cfg(test)]
+        if self.faults.take_cut() {
+            return Err(io::Error::from_raw_os_error(libc::EIO));
+        }
+        log.set_len(len)
+    }
+
+    /// A batch that could not be stored: all `n` events are refused, and
+    /// none of them runs (see [`Queue::take_back`]).
     fn fail_batch(&self, n: usize, e: io::Error) -> Vec<Result<(), AppendError>> {
         eprintln!("hearth: async queue {}: cannot store events: {e}", self.key);
         (0..n)
@@ -778,7 +875,7 @@ impl Queue {
         for p in &gone {
             self.ack_locked(&mut st, p);
         }
-        // Durably: after a crash none of them runs on a version published anew.
+        // Durably: after a crash none of them runs either.
         for seg in st.segments.values() {
             if let Some(f) = &seg.ack {
                 if let Err(e) = f.sync_data() {
@@ -887,6 +984,26 @@ impl Drop for Queue {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Disk failures to report instead of doing the call, counted down.
+    #[derive(Default)]
+    pub(super) struct Faults {
+        syncs: std::sync::atomic::AtomicU32,
+        cuts: std::sync::atomic::AtomicU32,
+    }
+
+    impl Faults {
+        fn take(n: &std::sync::atomic::AtomicU32) -> bool {
+            n.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                .is_ok()
+        }
+        pub(super) fn take_sync(&self) -> bool {
+            Self::take(&self.syncs)
+        }
+        pub(super) fn take_cut(&self) -> bool {
+            Self::take(&self.cuts)
+        }
+    }
 
     /// Budgets no test reaches.
     fn unbounded() -> Charges {
@@ -1158,5 +1275,134 @@ mod tests {
         assert!(segments <= 2, "{segments} segments left");
         assert!(q.bytes() < 5 << 20);
         let _ = fs::remove_dir_all(&d);
+    }
+
+    fn log_bytes(d: &Path) -> u64 {
+        fs::read_dir(d)
+            .unwrap()
+            .map(|e| e.unwrap())
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".log"))
+            .map(|e| e.metadata().unwrap().len())
+            .sum()
+    }
+
+    fn seqs_after_reopen(d: &Path) -> Vec<u64> {
+        let q = Queue::open("f", d.to_path_buf(), unbounded()).unwrap();
+        let mut seqs = Vec::new();
+        while let Some((p, _)) = q.take(0, usize::MAX) {
+            seqs.push(p.seq);
+        }
+        seqs
+    }
+
+    #[test]
+    fn a_failed_sync_leaves_nothing_counted_or_written() {
+        let d = dir("sync-fails");
+        let charges = unbounded();
+        let q = Queue::open("f", d.clone(), charges.clone()).unwrap();
+        push(&q, 2);
+        let (events, disk, bytes, len) = (
+            charges.events.used(),
+            charges.disk.used(),
+            q.bytes(),
+            log_bytes(&d),
+        );
+        q.faults.syncs.store(1, Ordering::Relaxed);
+        let body: &[u8] = b"{}";
+        let three: Vec<(&str, &str, &[u8])> = vec![("", "r", body); 3];
+        let refused = q.append(&three, 1, u64::MAX);
+        assert!(refused.iter().all(|r| matches!(r, Err(AppendError::Io(_)))));
+        assert_eq!(charges.events.used(), events, "refused events stay counted");
+        assert_eq!(charges.disk.used(), disk, "refused bytes stay charged");
+        assert_eq!(q.bytes(), bytes);
+        assert_eq!(log_bytes(&d), len, "refused events stay in the segment");
+        assert_eq!(q.depth(), 2);
+        push(&q, 1);
+        drop(q);
+        assert_eq!(seqs_after_reopen(&d), vec![1, 2, 6]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn an_append_that_cannot_be_cut_back_stops_appends_but_not_runs() {
+        let d = dir("cut-fails");
+        let charges = unbounded();
+        let q = Queue::open("f", d.clone(), charges.clone()).unwrap();
+        push(&q, 1);
+        q.faults.syncs.store(1, Ordering::Relaxed);
+        q.faults.cuts.store(1, Ordering::Relaxed);
+        assert!(q.append(&[("", "r", b"{}")], 1, u64::MAX)[0].is_err());
+        assert_eq!(charges.events.used(), 1, "the refused event stays counted");
+        let Err(AppendError::Io(e)) = &q.append(&[("", "r", b"{}")], 1, u64::MAX)[0] else {
+            panic!("a broken queue took an event");
+        };
+        assert!(e.to_string().contains("until hearth restarts"), "{e}");
+        let (p, _) = q.take(0, 10).expect("the stored event still runs");
+        assert_eq!(p.seq, 1);
+        q.finish_ack(&p);
+        assert_eq!(charges.events.used(), 0);
+        drop(q);
+        // Its frame is whole on disk: a restart runs it (refused events may run).
+        assert_eq!(seqs_after_reopen(&d), vec![2]);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// A tmpfs of `bytes` at a new directory (root only), unmounted on drop.
+    struct SmallFs(PathBuf);
+
+    impl SmallFs {
+        fn mount(bytes: u64) -> Option<SmallFs> {
+            let d = dir("tmpfs");
+            fs::create_dir_all(&d).unwrap();
+            let ok = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", &format!("size={bytes}"), "tmpfs"])
+                .arg(&d)
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                let _ = fs::remove_dir(&d);
+                eprintln!("skipped: cannot mount a tmpfs (needs root)");
+                return None;
+            }
+            Some(SmallFs(d))
+        }
+    }
+
+    impl Drop for SmallFs {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(&self.0).status();
+            let _ = fs::remove_dir_all(&self.0);
+        }
+    }
+
+    #[test]
+    fn a_full_disk_refuses_an_append_and_leaves_nothing_of_it() {
+        let Some(small) = SmallFs::mount(256 << 10) else {
+            return;
+        };
+        let d = small.0.join("q");
+        let charges = unbounded();
+        let q = Queue::open("f", d.clone(), charges.clone()).unwrap();
+        let filler = small.0.join("filler");
+        fs::write(&filler, vec![0u8; 64 << 10]).unwrap();
+        let body = vec![b'x'; 20 << 10];
+        let mut accepted = 0;
+        let error = loop {
+            assert!(accepted < 20, "the tmpfs never filled");
+            match q.append(&[("", "r", &body)], 1, u64::MAX).pop().unwrap() {
+                Ok(()) => accepted += 1,
+                Err(AppendError::Io(e)) => break e,
+                Err(e) => panic!("{e:?}"),
+            }
+        };
+        assert_eq!(error.kind(), io::ErrorKind::StorageFull, "{error}");
+        assert_eq!(charges.events.used(), accepted);
+        assert_eq!(charges.disk.used(), q.bytes());
+        let frame = log_bytes(&d) / accepted;
+        assert_eq!(log_bytes(&d), accepted * frame, "a torn frame was left");
+        fs::remove_file(&filler).unwrap();
+        assert!(q.append(&[("", "r", &body)], 1, u64::MAX)[0].is_ok());
+        drop(q);
+        assert_eq!(seqs_after_reopen(&d).len() as u64, accepted + 1);
     }
 }

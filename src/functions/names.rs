@@ -219,8 +219,15 @@ pub fn load_version_highs(dir: &Path) -> io::Result<HashMap<String, u32>> {
 /// `None` removes it (the function is deleted: a new one of that name starts
 /// again from 1, as on Lambda).
 pub fn store_version_high(dir: &Path, name: &str, high: Option<u32>) -> io::Result<()> {
-    let path = dir.join(name);
-    let Some(high) = high else {
+    let text = high.map(|high| format!("{high}\n"));
+    store_file(dir, name, text.as_ref().map(String::as_bytes))
+}
+
+/// Replaces `dir/file` with `bytes` atomically and durably (through a
+/// temporary file, renamed once synced), or removes it durably (`None`).
+fn store_file(dir: &Path, file: &str, bytes: Option<&[u8]>) -> io::Result<()> {
+    let path = dir.join(file);
+    let Some(bytes) = bytes else {
         return match fs::remove_file(&path) {
             Ok(()) => fs::File::open(dir)?.sync_all(),
             Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
@@ -228,9 +235,9 @@ pub fn store_version_high(dir: &Path, name: &str, high: Option<u32>) -> io::Resu
         };
     };
     fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.tmp"));
+    let tmp = dir.join(format!(".{file}.tmp"));
     let mut f = fs::File::create(&tmp)?;
-    f.write_all(format!("{high}\n").as_bytes())?;
+    f.write_all(bytes)?;
     f.sync_all()?;
     fs::rename(&tmp, &path)?;
     fs::File::open(dir)?.sync_all()
@@ -268,21 +275,9 @@ pub fn load_aliases(dir: &Path) -> io::Result<HashMap<String, BTreeMap<String, A
 /// a deleted function's aliases must not come back after a crash, routing to
 /// the versions of a new function of that name).
 pub fn store_aliases(dir: &Path, name: &str, aliases: &BTreeMap<String, Alias>) -> io::Result<()> {
-    let path = dir.join(format!("{name}.json"));
-    if aliases.is_empty() {
-        return match fs::remove_file(&path) {
-            Ok(()) => fs::File::open(dir)?.sync_all(),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
-            Err(e) => Err(e),
-        };
-    }
-    fs::create_dir_all(dir)?;
-    let tmp = dir.join(format!(".{name}.json.tmp"));
-    let mut f = fs::File::create(&tmp)?;
-    f.write_all(&serde_json::to_vec_pretty(aliases).expect("json of plain data"))?;
-    f.sync_all()?;
-    fs::rename(&tmp, &path)?;
-    fs::File::open(dir)?.sync_all()
+    let json = (!aliases.is_empty())
+        .then(|| serde_json::to_vec_pretty(aliases).expect("json of plain data"));
+    store_file(dir, &format!("{name}.json"), json.as_deref())
 }
 
 #[cfg(test)]

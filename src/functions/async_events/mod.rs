@@ -623,14 +623,18 @@ mod tests {
             std::process::id(),
             crate::util::random::random_u64()
         ));
-        let limits = AsyncLimits {
+        let events = AsyncEvents::open(&d, test_limits(disk_bytes_max), |_| true).unwrap();
+        (d, events)
+    }
+
+    /// No queue cap, a server-wide disk cap of `disk_bytes_max`, quick retries.
+    fn test_limits(disk_bytes_max: u64) -> AsyncLimits {
+        AsyncLimits {
             queue_bytes_max: u64::MAX,
             disk_bytes_max,
             retry_base_ms: 100,
             failure_webhook: None,
-        };
-        let events = AsyncEvents::open(&d, limits, |_| true).unwrap();
-        (d, events)
+        }
     }
 
     /// A version or alias that is always there.
@@ -824,12 +828,7 @@ mod tests {
         assert_eq!(q.queue.depth(), 1, "only the unqualified event is left");
         // Settings dropped durably: a restart does not bring them back.
         drop((q, ev));
-        let limits = AsyncLimits {
-            queue_bytes_max: u64::MAX,
-            disk_bytes_max: u64::MAX,
-            retry_base_ms: 100,
-            failure_webhook: None,
-        };
+        let limits = test_limits(u64::MAX);
         let ev = AsyncEvents::open(&d, limits, |_| true).unwrap();
         let q = ev.get("f").unwrap();
         assert_eq!((q.config("1"), q.queue.depth()), (None, 1));
@@ -863,12 +862,7 @@ mod tests {
         drop((q, ev));
         // Stopped before it dropped what version 1 and aliases live and old
         // had: they are gone at the restart.
-        let limits = AsyncLimits {
-            queue_bytes_max: u64::MAX,
-            disk_bytes_max: u64::MAX,
-            retry_base_ms: 100,
-            failure_webhook: None,
-        };
+        let limits = test_limits(u64::MAX);
         let ev = AsyncEvents::open(&d, limits, |key| ["f", "f:2"].contains(&key)).unwrap();
         let q = ev.get("f").unwrap();
         let configured: Vec<Option<EventConfig>> =
@@ -936,12 +930,7 @@ mod tests {
         let ok = Queue::open("ok", d.join("ok"), charges).unwrap();
         assert!(ok.append(&[("", "r", b"{}")], 1, u64::MAX)[0].is_ok());
         drop(ok);
-        let limits = AsyncLimits {
-            queue_bytes_max: u64::MAX,
-            disk_bytes_max: u64::MAX,
-            retry_base_ms: 100,
-            failure_webhook: None,
-        };
+        let limits = test_limits(u64::MAX);
         let ev = AsyncEvents::open(&d, limits, |_| true).expect("the server starts");
         assert_eq!(ev.get("ok").unwrap().queue.depth(), 1);
         let bad = ev.get("bad-config").expect("opened with the defaults");
@@ -995,12 +984,7 @@ mod tests {
             std::fs::create_dir_all(dir).unwrap();
             std::fs::write(dir.join("seg-0000000000000001.log"), vec![1u8; 64 << 10]).unwrap();
         }
-        let limits = AsyncLimits {
-            queue_bytes_max: u64::MAX,
-            disk_bytes_max: u64::MAX,
-            retry_base_ms: 100,
-            failure_webhook: None,
-        };
+        let limits = test_limits(u64::MAX);
         let ev = AsyncEvents::open(&d, limits, |_| true).unwrap();
         assert!(!old.exists(), "an old queue set aside was kept");
         assert!(recent.exists(), "a recent queue set aside was removed");

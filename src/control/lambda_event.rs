@@ -371,8 +371,9 @@ fn stored(e: std::io::Error) -> Answer {
 
 /// `GET /functions/<id or name>/async/failed[?skip=<n>]`: a page of the
 /// events given up, with their errors, and the queue's state. A page holds
-/// at most [`crate::functions::async_events::failed::LIST_BYTES_MAX`] of records; `older` says how many more there
-/// are, and `skip` the next page's `skip`.
+/// at most [`crate::functions::async_events::failed::LIST_BYTES_MAX`] of
+/// records; `older` says how many more there are, and `skip` the next page's
+/// `skip`.
 pub(super) fn failed_list(plane: &Plane, id: &str, query: &str) -> Answer {
     let Some(f) = plane.functions.get(id) else {
         return Reply::error(

@@ -12,8 +12,9 @@
 //! Async work yields to synchronous traffic: at most half of a function's
 //! concurrency limit (at least one) runs its events at once, so requests
 //! always find the other half; and to other functions' events: one function
-//! holds at most half of the invokers ([`INVOKERS_PER_FUNCTION_MAX`]). As on Lambda, only function errors (the
-//! handler failed, timed out or crashed while running) use attempts:
+//! holds at most half of the invokers ([`INVOKERS_PER_FUNCTION_MAX`]). As on
+//! Lambda, only function errors (the handler failed, timed out or crashed
+//! while running) use attempts:
 //! throttled events (429) and the service's own errors (a 5xx without
 //! `X-Amz-Function-Error`: no memory for an instance, a start that failed)
 //! wait, with a backoff, and are tried again until they are too old.

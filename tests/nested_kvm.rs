@@ -16,8 +16,12 @@ use std::time::{Duration, Instant};
 use common::{Client, Response};
 use nested::{L1, STATE};
 
-/// Longest wait for one answer: a deploy boots a template VM nested.
+/// Longest wait for one answer: a restore, a queued request.
 const SLOW: Duration = Duration::from_secs(240);
+/// Longest wait for a deploy, which boots a template VM nested: beyond
+/// hearth's own limits on a template (300 s to READY, 120 s to write the
+/// snapshot), so a stuck one fails with hearth's error and the VMM's log.
+const DEPLOY_LIMIT: Duration = Duration::from_secs(450);
 
 fn wait_until(l1: &mut L1, limit: Duration, mut f: impl FnMut(&mut L1) -> bool) -> bool {
     let deadline = Instant::now() + limit;
@@ -41,7 +45,7 @@ fn deploy_zip(l1: &mut L1, zip: &[u8], fixture: &str, query: &str, backend: &str
         &format!("/deploy?{query}"),
         &[("content-type", "application/zip")],
         zip,
-        SLOW,
+        DEPLOY_LIMIT,
     );
     if r.status != 201 {
         l1.fail(&format!("deploy {fixture}: {} {}", r.status, r.text()));
@@ -103,7 +107,7 @@ fn send(l1: &L1, path: &str) -> Client {
     c
 }
 
-fn get(l1: &L1, path: &str) -> Response {
+fn get(l1: &mut L1, path: &str) -> Response {
     l1.call("GET", path, &[], b"", SLOW)
 }
 

@@ -394,20 +394,36 @@ impl L1 {
     }
 
     /// One request to hearth in L1 with the admin token.
+    /// A request that gets no answer within `limit` fails the test with
+    /// hearth's log, which says what it was doing.
     pub fn call(
-        &self,
+        &mut self,
         method: &str,
         path: &str,
         headers: &[(&str, &str)],
         body: &[u8],
         limit: Duration,
     ) -> Response {
-        let mut c = Client::connect(self.addr);
-        c.stream.set_read_timeout(Some(limit)).unwrap();
         let auth = format!("Bearer {TOKEN}");
         let mut h = headers.to_vec();
         h.push(("authorization", &auth));
-        c.request(method, path, &h, body)
+        let addr = self.addr;
+        let answer = std::panic::catch_unwind(|| {
+            let mut c = Client::connect(addr);
+            c.stream.set_read_timeout(Some(limit)).unwrap();
+            c.request(method, path, &h, body)
+        });
+        match answer {
+            Ok(r) => r,
+            Err(e) => {
+                let why = e
+                    .downcast_ref::<String>()
+                    .cloned()
+                    .or_else(|| e.downcast_ref::<&str>().map(|s| s.to_string()))
+                    .unwrap_or_default();
+                self.fail(&format!("{method} {path} (limit {limit:?}): {why}"))
+            }
+        }
     }
 }
 

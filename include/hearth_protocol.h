@@ -2,16 +2,18 @@
  * hearth host <-> guest wire protocol, version 2 (HEARTH_PROTO_VERSION).
  *
  * One persistent byte stream per instance carries every frame in both
- * directions. The stream is a socketpair end (process backend), a
- * virtio-serial port named "hearth.agent" (QEMU) or an AF_VSOCK connection
- * (Firecracker); the framing is identical on all three.
+ * directions. The stream is a socketpair end or, for Node.js, a pair of
+ * pipes (process backend), a virtio-serial port named "hearth.agent" (QEMU)
+ * or an AF_VSOCK connection (Firecracker); the framing is identical on all.
  *
  * The language runtime speaks the same frames on its fd 3, so a runtime for
  * another language only has to speak this header. In the process backend
- * fd 3 is the host's socket itself (the agent's "direct mode": it hands the
- * socket over and stays off the request path, and a second socket carries
- * only the agent's LOG frames for raw stdout/stderr writes, untagged). In
- * microVMs the agent relays between the port and a socketpair to the runtime.
+ * fd 3 is the host's channel itself (the agent's "direct mode": it hands the
+ * channel over and stays off the request path, and a second socket carries
+ * only the agent's LOG frames for raw stdout/stderr writes, untagged). When
+ * fd 3 is a pipe, the runtime only reads it and writes its frames to fd 4,
+ * the pipe back. In microVMs the agent relays between the port and a
+ * socketpair to the runtime.
  *
  * The runtime sends console output as LOG frames tagged with the request it
  * belongs to, before that request's RESPONSE/ERROR.

@@ -905,6 +905,45 @@ fn slow_handlers_fan_out_to_their_concurrency() {
     assert_eq!(v["instances"], 4, "{v}");
 }
 
+/// A Node.js instance of the process backend talks to hearth over a pair of
+/// pipes (fd 3 in, fd 4 out; a socketpair before: twice the kernel's work per
+/// message), and bodies of several MiB cross them whole both ways, on both
+/// I/O drivers (io_uring reads and writes pipes with READ/WRITE, not
+/// RECV/SEND; epoll registers the two ends apart).
+#[test]
+fn node_instances_talk_over_pipes_on_both_drivers() {
+    require_sandbox!();
+    for io in ["uring", "epoll"] {
+        let s = Server::start(&["--io", io]);
+        let id = deploy(&s, "behave", "");
+        let r = call(&s, "GET", &format!("/f/{id}/fds"), &[], b"");
+        assert_eq!(r.status, 200, "{io}: {}", r.text());
+        assert_eq!(
+            r.json(),
+            serde_json::json!({"3": "pipe", "4": "pipe"}),
+            "{io}"
+        );
+        // 4 MiB of every byte value: a binary body arrives base64-encoded and
+        // the answer goes back the same way, ~5.6 MB on each pipe.
+        let body: Vec<u8> = (0..4u32 << 20).map(|i| (i * 7 % 251) as u8).collect();
+        for _ in 0..3 {
+            let r = call(
+                &s,
+                "POST",
+                &format!("/f/{id}/echo"),
+                &[("content-type", "application/octet-stream")],
+                &body,
+            );
+            assert_eq!(r.status, 200, "{io}: {}", r.text());
+            assert!(
+                r.body == body,
+                "{io}: the body came back changed ({} bytes)",
+                r.body.len()
+            );
+        }
+    }
+}
+
 /// A function limited to one instance on a two-core server, with keep-alive clients on
 /// both cores: the connections accepted by the core without the instance move to the
 /// one holding it, and the instance stays put. (Before, the instance was handed back

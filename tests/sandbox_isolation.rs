@@ -100,6 +100,7 @@ fn spec_for(code: &Path, argv: Vec<String>) -> SandboxSpec {
             ("HOME".into(), "/tmp".into()),
         ],
         binds: vec![],
+        pipes: false,
     }
 }
 

@@ -27,6 +27,11 @@ OPTIONS
                        the agent sends LOG frames for the runtime's raw
                        stdout/stderr (and its own notes) on this socket, and
                        end of file on it means the host is gone.
+  --channel-out-fd <FD>
+                       direct mode, Node.js: the channel is a pair of pipes
+                       (cheaper than a socket per message): --channel-fd is
+                       the read end of the host's, this (>= 5) the write end
+                       of the one back; the runtime gets them as fds 3 and 4.
   --node <PATH>        Node.js binary              [default: /usr/bin/node]
   --shim <PATH>        runtime shim script         [default: /hearth/bootstrap.js]
   --cwd <DIR>          runtime working directory   [default: /var/task]
@@ -64,6 +69,9 @@ pub enum Command {
         channel_fd: RawFd,
         /// Direct mode's log socket.
         log_fd: Option<RawFd>,
+        /// Direct mode over pipes: the write end back to the host
+        /// (`channel_fd` is then the read end of the host's pipe).
+        channel_out_fd: Option<RawFd>,
         runtime: RuntimeSpec,
     },
     /// Boot a microVM from the kernel command line.
@@ -108,6 +116,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
     }
     let mut channel_fd = None;
     let mut log_fd = None;
+    let mut channel_out_fd = None;
     let mut runtime = RuntimeSpec {
         node: PathBuf::from("/usr/bin/node"),
         shim: PathBuf::from("/hearth/bootstrap.js"),
@@ -129,7 +138,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
                 .ok_or(format!("{flag} needs a value"))
         };
         match flag {
-            "--channel-fd" | "--log-fd" => {
+            "--channel-fd" | "--log-fd" | "--channel-out-fd" => {
                 let v = value()?;
                 let fd: RawFd = v
                     .parse()
@@ -139,10 +148,10 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
                         "{flag} {fd}: fds 0-2 are stdio; pass the socket as 3 or above"
                     ));
                 }
-                if flag == "--log-fd" {
-                    log_fd = Some(fd);
-                } else {
-                    channel_fd = Some(fd);
+                match flag {
+                    "--log-fd" => log_fd = Some(fd),
+                    "--channel-out-fd" => channel_out_fd = Some(fd),
+                    _ => channel_fd = Some(fd),
                 }
             }
             "--node" => runtime.node = PathBuf::from(value()?),
@@ -177,9 +186,22 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
             "--log-fd {channel_fd} is the channel; it needs its own socket"
         ));
     }
+    if let Some(out) = channel_out_fd {
+        if log_fd.is_none() || runtime.api.is_some() {
+            return Err("--channel-out-fd is for Node.js in direct mode (with --log-fd)".into());
+        }
+        // The runtime gets the pair as fds 3 and 4: a lower fd would be
+        // overwritten while they are put there.
+        if out < 5 || Some(out) == log_fd {
+            return Err(format!(
+                "--channel-out-fd {out}: needs its own fd, 5 or above"
+            ));
+        }
+    }
     Ok(Command::Process {
         channel_fd,
         log_fd,
+        channel_out_fd,
         runtime,
     })
 }
@@ -202,6 +224,7 @@ mod tests {
         let Command::Process {
             channel_fd,
             log_fd,
+            channel_out_fd,
             runtime,
         } = cmd
         else {
@@ -209,6 +232,7 @@ mod tests {
         };
         assert_eq!(channel_fd, 3);
         assert_eq!(log_fd, Some(4));
+        assert_eq!(channel_out_fd, None);
         assert_eq!(runtime.node, PathBuf::from("/n"));
         assert_eq!(runtime.shim, PathBuf::from("/s.js"));
         assert_eq!(runtime.cwd, PathBuf::from("/code"));
@@ -253,6 +277,20 @@ mod tests {
     }
 
     #[test]
+    fn a_pipe_pair_channel_is_read() {
+        let cmd = parse(&args("--channel-fd 3 --log-fd 4 --channel-out-fd 5"), false).unwrap();
+        assert!(matches!(
+            cmd,
+            Command::Process {
+                channel_fd: 3,
+                log_fd: Some(4),
+                channel_out_fd: Some(5),
+                ..
+            }
+        ));
+    }
+
+    #[test]
     fn bad_flags_are_errors() {
         for bad in [
             "--channel-fd",
@@ -263,6 +301,10 @@ mod tests {
             "--channel-fd 3 --log-fd 3",
             "--channel-fd 3 --log-fd 2",
             "--channel-fd 3 --runtime ruby",
+            "--channel-fd 3 --channel-out-fd 5",
+            "--channel-fd 3 --log-fd 4 --channel-out-fd 4",
+            "--channel-fd 3 --log-fd 5 --channel-out-fd 5",
+            "--channel-fd 3 --log-fd 4 --channel-out-fd 5 --runtime provided",
             "--runtime-api",
             "--runtime-api ruby",
             "--runtime-api python3 extra",

@@ -71,8 +71,9 @@ fn main() {
         Ok(Command::Process {
             channel_fd,
             log_fd,
+            channel_out_fd,
             runtime,
-        }) => std::process::exit(run_process(channel_fd, log_fd, &runtime)),
+        }) => std::process::exit(run_process((channel_fd, channel_out_fd), log_fd, &runtime)),
         Ok(Command::Vm { ignored_args }) => run_vm(&ignored_args),
         Ok(Command::RuntimeApi(kind)) => std::process::exit(runtime_api::run(kind)),
         Err(msg) => {
@@ -83,8 +84,9 @@ fn main() {
 }
 
 /// Process sandbox: relay (or, with a log socket, supervise) until the
-/// runtime dies or the host leaves.
-fn run_process(channel_fd: i32, log_fd: Option<i32>, spec: &RuntimeSpec) -> i32 {
+/// runtime dies or the host leaves. `channel` is the channel's fd and, for a
+/// pipe pair, the write end back to the host.
+fn run_process(channel: (i32, Option<i32>), log_fd: Option<i32>, spec: &RuntimeSpec) -> i32 {
     ensure_stdio();
     // The runtime runs as the same uid: were the agent dumpable, function code
     // could open /proc/1/mem and rewrite it (seccomp stops ptrace, not /proc),
@@ -103,8 +105,8 @@ fn run_process(channel_fd: i32, log_fd: Option<i32>, spec: &RuntimeSpec) -> i32 
         Err(e) => return fail(&format!("signalfd: {e}")),
     };
     let outcome = match log_fd {
-        Some(log_fd) => supervise(channel_fd, log_fd, signals, spec),
-        None => relay(channel_fd, signals, spec),
+        Some(log_fd) => supervise(channel, log_fd, signals, spec),
+        None => relay(channel.0, signals, spec),
     };
     let outcome = match outcome {
         Ok(o) => o,
@@ -137,33 +139,50 @@ fn relay(channel_fd: i32, signals: Signals, spec: &RuntimeSpec) -> Result<Outcom
     Ok(Relay::new(Mode::Process, channel, signals, runtime).run())
 }
 
-/// Direct mode: the runtime gets the channel; the agent keeps the log socket.
+/// Direct mode: the runtime gets the channel (a socket, or a pair of pipes:
+/// the read end from the host and the write end back); the agent keeps the
+/// log socket.
 fn supervise(
-    channel_fd: i32,
+    (channel_fd, out_fd): (i32, Option<i32>),
     log_fd: i32,
     signals: Signals,
     spec: &RuntimeSpec,
 ) -> Result<Outcome, i32> {
-    for (fd, what) in [(channel_fd, "channel"), (log_fd, "log")] {
-        if !sys::is_socket(fd).unwrap_or(false) {
-            return Err(fail(&format!("{what} fd {fd} is not a socket")));
+    let kinds = match out_fd {
+        None => vec![(channel_fd, "channel", true), (log_fd, "log", true)],
+        Some(out) => vec![
+            (channel_fd, "channel", false),
+            (out, "channel out", false),
+            (log_fd, "log", true),
+        ],
+    };
+    for (fd, what, socket) in kinds {
+        let ok = if socket {
+            sys::is_socket(fd)
+        } else {
+            sys::is_fifo(fd)
+        };
+        if !ok.unwrap_or(false) {
+            let kind = if socket { "socket" } else { "pipe" };
+            return Err(fail(&format!("{what} fd {fd} is not a {kind}")));
         }
     }
     // Never inherited by the runtime (the launcher cleared close-on-exec).
     if let Err(e) = sys::set_cloexec(log_fd, true) {
         return Err(fail(&format!("log fd {log_fd}: {e}")));
     }
-    // SAFETY: the launcher passed both descriptors for the agent to own.
-    let (channel, log) = unsafe {
+    // SAFETY: the launcher passed these descriptors for the agent to own.
+    let (channel, out, log) = unsafe {
         (
             OwnedFd::from_raw_fd(channel_fd),
+            out_fd.map(|fd| OwnedFd::from_raw_fd(fd)),
             OwnedFd::from_raw_fd(log_fd),
         )
     };
     if let (Some(kind), true) = (spec.api, spec.host_serves) {
         return serve_by_host(channel, log, signals, kind, spec);
     }
-    let runtime = spawn_runtime(spec, Some(channel))?;
+    let runtime = spawn_runtime(spec, Some((channel, out)))?;
     match Supervisor::new(log, signals, runtime) {
         Ok(s) => Ok(s.run()),
         Err(e) => Err(fail(&format!("log socket: {e}"))),
@@ -193,7 +212,10 @@ fn serve_by_host(
     Ok(outcome)
 }
 
-fn spawn_runtime(spec: &RuntimeSpec, direct: Option<OwnedFd>) -> Result<Runtime, i32> {
+fn spawn_runtime(
+    spec: &RuntimeSpec,
+    direct: Option<(OwnedFd, Option<OwnedFd>)>,
+) -> Result<Runtime, i32> {
     Runtime::spawn(spec, direct)
         .map_err(|e| fail(&format!("cannot start {}: {e}", spec.describe())))
 }

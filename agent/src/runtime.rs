@@ -1,7 +1,8 @@
 //! Starting and stopping the language runtime: `node <shim>` (or, for other
 //! languages, the agent itself in runtime-API mode) with the frame
 //! socket on fd 3 (a socketpair to the agent, or in direct mode the host's
-//! channel itself) and its stdout/stderr on pipes back to the agent.
+//! channel itself; over pipes, fd 3 reads from the host and fd 4 writes to
+//! it) and its stdout/stderr on pipes back to the agent.
 
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -14,6 +15,9 @@ use crate::sys;
 
 /// The fd number on which a runtime finds its frame socket.
 pub const RUNTIME_CHANNEL_FD: RawFd = 3;
+/// Where it writes its frames when the channel is a pipe pair (fd 3 is then
+/// the read end; the shim tells the two cases apart by fd 3's type).
+pub const RUNTIME_CHANNEL_OUT_FD: RawFd = 4;
 
 /// What to run and where.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -96,16 +100,21 @@ pub struct Runtime {
 impl Runtime {
     /// Starts the runtime. The caller must already have blocked SIGCHLD
     /// (see `reap::Signals`) so its exit cannot be missed. With `direct`, the
-    /// runtime's fd 3 is that socket (the host's channel), not one to the agent.
-    pub fn spawn(spec: &RuntimeSpec, direct: Option<OwnedFd>) -> io::Result<Runtime> {
-        let (agent_end, runtime_end) = match direct {
-            Some(fd) => (None, fd),
+    /// runtime's fd 3 is that socket (the host's channel), not one to the agent,
+    /// or that pipe's read end with the write end (≥ 5) as fd 4.
+    pub fn spawn(
+        spec: &RuntimeSpec,
+        direct: Option<(OwnedFd, Option<OwnedFd>)>,
+    ) -> io::Result<Runtime> {
+        let (agent_end, runtime_end, runtime_out) = match direct {
+            Some((fd, out)) => (None, fd, out),
             None => {
                 let (a, r) = sys::stream_socketpair()?;
-                (Some(a), r)
+                (Some(a), r, None)
             }
         };
         let runtime_fd = runtime_end.as_raw_fd();
+        let out_fd = runtime_out.as_ref().map(|o| o.as_raw_fd());
         let mut cmd = match spec.api {
             Some(kind) => {
                 let mut c = Command::new(RUNTIME_API_EXE);
@@ -136,12 +145,19 @@ impl Runtime {
                 } else {
                     sys::cvt(libc::dup2(runtime_fd, RUNTIME_CHANNEL_FD))?;
                 }
+                // The command line keeps the out fd at 5 or above, so neither
+                // dup2 overwrites the other's source.
+                let mut last = RUNTIME_CHANNEL_FD;
+                if let Some(out) = out_fd {
+                    sys::cvt(libc::dup2(out, RUNTIME_CHANNEL_OUT_FD))?;
+                    last = RUNTIME_CHANNEL_OUT_FD;
+                }
                 // Nothing else the agent holds (or inherited) may leak into
                 // the runtime: mark every higher fd close-on-exec. Closing them
                 // outright would also close std's exec-error pipe. Old kernels
                 // without close_range just keep relying on O_CLOEXEC.
                 libc::close_range(
-                    RUNTIME_CHANNEL_FD as libc::c_uint + 1,
+                    last as libc::c_uint + 1,
                     libc::c_uint::MAX,
                     libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
                 );
@@ -149,7 +165,10 @@ impl Runtime {
             });
         }
         let mut child = cmd.spawn()?;
+        // Only the runtime holds the host's channel now: its exit is the
+        // host's end of file.
         drop(runtime_end);
+        drop(runtime_out);
         let stdout: OwnedFd = child.stdout.take().expect("stdout is piped").into();
         let stderr: OwnedFd = child.stderr.take().expect("stderr is piped").into();
         for fd in [stdout.as_raw_fd(), stderr.as_raw_fd()]

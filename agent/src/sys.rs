@@ -88,6 +88,15 @@ pub fn is_socket(fd: RawFd) -> io::Result<bool> {
     Ok(st.st_mode & libc::S_IFMT == libc::S_IFSOCK)
 }
 
+/// True if `fd` is open and refers to a pipe (or FIFO).
+pub fn is_fifo(fd: RawFd) -> io::Result<bool> {
+    // SAFETY: fstat writes into the zeroed struct we own.
+    let mut st: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: fstat writes only into `st`.
+    cvt(unsafe { libc::fstat(fd, &mut st) })?;
+    Ok(st.st_mode & libc::S_IFMT == libc::S_IFIFO)
+}
+
 /// A connected pair of Unix stream sockets, both close-on-exec.
 pub fn stream_socketpair() -> io::Result<(OwnedFd, OwnedFd)> {
     let mut fds = [-1; 2];

@@ -5,7 +5,10 @@
  * Started by the guest agent as `node bootstrap.js`. File descriptor 3 is a
  * bidirectional stream socket carrying hearth frames (see
  * include/hearth_protocol.h): to the host itself (process sandbox, the
- * agent's direct mode) or to the agent, which relays (microVMs). Writes to
+ * agent's direct mode) or to the agent, which relays (microVMs). When fd 3
+ * is a pipe instead (the process sandbox: a message through a pipe costs
+ * less than one through a socket), it only reads, and frames go back on
+ * the pipe that is fd 4. Writes to
  * process.stdout / process.stderr become LOG frames on that socket, tagged
  * with the running invocation and ordered before its answer; raw writes to
  * fds 1 and 2 (native code, child processes) go to pipes the agent turns
@@ -87,12 +90,16 @@ const rawStderr = process.stderr.write.bind(process.stderr);
 // trip in perf/shim-bench.js). What a read holds is valid only until the next
 // read: the frame reader below copies whatever it keeps longer.
 const READ_BUF_LEN = 64 << 10;
-let chan;
+// Where frames are written: fd 3 itself, or fd 4 when fd 3 is a pipe.
+let OUT_FD = 3;
+let chan; // reads frames (and writes them when it is a socket)
+let chanOut; // writes frames: `chan`, or the pipe that is fd 4
 try {
+  if (fs.fstatSync(3).isFIFO()) OUT_FD = 4;
   chan = new net.Socket({
     fd: 3,
     readable: true,
-    writable: true,
+    writable: OUT_FD === 3,
     onread: {
       buffer: Buffer.allocUnsafe(READ_BUF_LEN),
       // Returns nothing: a callback returning false would stop the reads.
@@ -101,28 +108,38 @@ try {
       },
     },
   });
+  chanOut = chan;
+  if (OUT_FD !== 3) {
+    chanOut = new net.Socket({ fd: OUT_FD, readable: false, writable: true });
+    // Only reading keeps the process waiting; queued writes hold it anyway.
+    chanOut.unref();
+  }
 } catch (e) {
-  rawStderr(`hearth runtime: fd 3 is not a usable socket (${e && e.message})\n`);
+  rawStderr(`hearth runtime: fd 3 is not a usable channel (${e && e.message})\n`);
   process.exit(70);
 }
 
 function die(code) {
-  // Let an answer already handed to the socket reach the agent, then leave.
+  // Let an answer already handed to the channel reach the host, then leave.
   chan.removeAllListeners('end');
   chan.removeAllListeners('close');
-  if (chan.writableLength === 0) process.exit(code);
-  chan.once('drain', () => process.exit(code));
-  chan.once('close', () => process.exit(code));
+  chanOut.removeAllListeners('close');
+  if (chanOut.writableLength === 0) process.exit(code);
+  chanOut.once('drain', () => process.exit(code));
+  chanOut.once('close', () => process.exit(code));
   setTimeout(() => process.exit(code), 1000).unref();
 }
 
-chan.on('error', (e) => {
-  rawStderr(`hearth runtime: channel error: ${e && e.message}\n`);
-  process.exit(71);
-});
+for (const c of new Set([chan, chanOut])) {
+  c.on('error', (e) => {
+    rawStderr(`hearth runtime: channel error: ${e && e.message}\n`);
+    process.exit(71);
+  });
+}
 // The agent went away: nobody can reach this instance any more.
 chan.on('end', () => process.exit(0));
 chan.on('close', () => process.exit(0));
+if (chanOut !== chan) chanOut.on('close', () => process.exit(0));
 
 /**
  * Sends one frame. `body` is a Buffer/Uint8Array, a string (written as UTF-8
@@ -142,20 +159,20 @@ function sendFrame(type, id, metaStr, body, flags = 0) {
  * process.exit() reach the host, as it would through a pipe.
  */
 function writeFrame(frame) {
-  if (chan.destroyed) return false;
+  if (chanOut.destroyed) return false;
   let off = 0;
-  if (chan.writableLength === 0) {
+  if (chanOut.writableLength === 0) {
     try {
-      while (off < frame.length) off += fs.writeSync(3, frame, off);
+      while (off < frame.length) off += fs.writeSync(OUT_FD, frame, off);
       return true;
     } catch (e) {
       if (e.code !== 'EAGAIN') {
-        chan.destroy(e); // the channel is broken: its 'error' handler ends the runtime
+        chanOut.destroy(e); // the channel is broken: its 'error' handler ends the runtime
         return false;
       }
     }
   }
-  return chan.write(off === 0 ? frame : frame.subarray(off));
+  return chanOut.write(off === 0 ? frame : frame.subarray(off));
 }
 
 /** One frame's bytes. */
@@ -217,8 +234,8 @@ function sendLog(flags, body) {
  * LOG_BACKLOG_MAX bytes wait, unless `force` (the runtime's own last words).
  */
 function writeLog(frame, textBytes, force = false) {
-  if (chan.destroyed) return;
-  if (!force && chan.writableLength > LOG_BACKLOG_MAX) {
+  if (chanOut.destroyed) return;
+  if (!force && chanOut.writableLength > LOG_BACKLOG_MAX) {
     logDropped += textBytes;
     return;
   }
@@ -1275,7 +1292,7 @@ class ResponseStream extends Writable {
       flowing = sendFrame(T_STREAM_CHUNK, id, null, chunk.subarray(off, off + STREAM_CHUNK_MAX));
     }
     if (flowing) cb();
-    else chan.once('drain', () => cb());
+    else chanOut.once('drain', () => cb());
   }
 
   _final(cb) {

@@ -2,7 +2,8 @@
 // The Node side of perf/functions/floor-proxy.c: reads requests from fd 3 the
 // way hearth's shim does (a socket with `onread` into one reused buffer) and
 // answers each read with a fixed 32-byte message written straight to the
-// socket. Nothing is parsed and no frame is built.
+// socket. Nothing is parsed and no frame is built. With FLOOR_PIPES set (the
+// proxy's pipe mode) fd 3 is a pipe it only reads, and answers go to fd 4.
 //
 //   node floor-instance.js     answers at once: the process hop alone
 //   node floor-instance.js DIR FILE.EXPORT [METHOD PATH [BODY]]
@@ -18,8 +19,9 @@ const path = require('path');
 
 const ANSWER = Buffer.alloc(32, 'a');
 const FAILED = Buffer.alloc(32, 'e');
-const answer = () => fs.writeSync(3, ANSWER);
-const fail = () => fs.writeSync(3, FAILED);
+const OUT = process.env.FLOOR_PIPES ? 4 : 3;
+const answer = () => fs.writeSync(OUT, ANSWER);
+const fail = () => fs.writeSync(OUT, FAILED);
 
 let onRequest = answer;
 if (process.argv.length > 3) {
@@ -64,7 +66,7 @@ if (process.argv.length > 3) {
 const chan = new net.Socket({
   fd: 3,
   readable: true,
-  writable: true,
+  writable: !process.env.FLOOR_PIPES,
   onread: { buffer: Buffer.allocUnsafe(64 << 10), callback: () => { onRequest(); } },
 });
 chan.on('end', () => process.exit(0));

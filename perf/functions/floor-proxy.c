@@ -17,7 +17,8 @@
  *
  * Listens on 127.0.0.1 at a free port and prints "listening <port>"; starts
  * INSTANCES copies of COMMAND (searched in PATH) with its end of a socket pair
- * as their fd 3. FLOOR_PORT=P listens on port P instead, with SO_REUSEPORT:
+ * as their fd 3. FLOOR_PIPES=1 (understood by floor-instance.js and the shim)
+ * gives them a pair of pipes instead: fd 3 reads requests, fd 4 writes answers. FLOOR_PORT=P listens on port P instead, with SO_REUSEPORT:
  * one proxy per core on one port, each with its own instances, is the floor
  * of a thread-per-core server. Requests that find every instance
  * busy wait in a FIFO. Assumes each client read holds exactly one request (wrk
@@ -69,6 +70,7 @@ static const char FAILED[] =
 
 static int epfd;
 static int inst_fd[MAX_INSTANCES];
+static int inst_out[MAX_INSTANCES]; /* where requests are written (== inst_fd for a socket) */
 static int inst_client[MAX_INSTANCES]; /* client fd being served, or -1 */
 static int n_inst;
 static int waiting[MAX_FDS]; /* FIFO of client fds */
@@ -113,11 +115,11 @@ static void hand_over(int i, int client) {
     char msg[64];
     inst_client[i] = client;
     if (invoke != NULL) {
-        if (write(inst_fd[i], invoke, invoke_len) != (ssize_t)invoke_len) die("write to instance");
+        if (write(inst_out[i], invoke, invoke_len) != (ssize_t)invoke_len) die("write to instance");
         return;
     }
     memset(msg, 'r', sizeof msg);
-    if (write(inst_fd[i], msg, sizeof msg) != sizeof msg) die("write to instance");
+    if (write(inst_out[i], msg, sizeof msg) != sizeof msg) die("write to instance");
 }
 
 static uint32_t le32(const unsigned char *p) {
@@ -186,7 +188,7 @@ static void hello_all(const char *handler, const char *task_root) {
     size_t len;
     char *hello = frame(T_HELLO, meta, NULL, &len);
     for (int i = 0; i < n_inst; i++) {
-        if (write(inst_fd[i], hello, len) != (ssize_t)len) die("HELLO");
+        if (write(inst_out[i], hello, len) != (ssize_t)len) die("HELLO");
         inst_buf[i] = malloc(FRAME_MAX);
         if (inst_buf[i] == NULL) die("malloc");
         for (;;) {
@@ -273,6 +275,25 @@ int main(int argc, char **argv) {
     if (epfd < 0) die("epoll_create1");
 
     for (int i = 0; i < n_inst; i++) {
+        if (getenv("FLOOR_PIPES")) {
+            int down[2], up[2];
+            if (pipe2(down, O_CLOEXEC) < 0 || pipe2(up, O_CLOEXEC) < 0) die("pipe");
+            pid_t pid = fork();
+            if (pid < 0) die("fork");
+            if (pid == 0) {
+                if (dup2(down[0], 3) < 0 || dup2(up[1], 4) < 0) die("dup2");
+                execvp(argv[2], argv + 2);
+                die("exec");
+            }
+            close(down[0]);
+            close(up[1]);
+            inst_fd[i] = up[0];
+            inst_out[i] = down[1];
+            inst_client[i] = -1;
+            fd_instance[up[0]] = i + 1;
+            watch(up[0]);
+            continue;
+        }
         int sv[2];
         if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
         pid_t pid = fork();
@@ -284,6 +305,7 @@ int main(int argc, char **argv) {
         }
         close(sv[1]);
         inst_fd[i] = sv[0];
+        inst_out[i] = sv[0];
         inst_client[i] = -1;
         fd_instance[sv[0]] = i + 1;
         watch(sv[0]);

@@ -10,8 +10,8 @@ use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 
 use crate::engine::rapi::Role;
-use crate::engine::stream::Kind;
-use crate::engine::worker::{Token, Worker};
+use crate::engine::stream::{Kind, Stream};
+use crate::engine::worker::{set_nonblocking, Token, Worker};
 use crate::engine::{peer_of, AcceptBackoff};
 use crate::util::sock::set_nodelay;
 
@@ -26,13 +26,35 @@ struct Driver {
 }
 
 impl Driver {
-    fn register(&self, fd: RawFd, tok: Token) {
-        if let Err(e) = self.poll.registry().register(
-            &mut SourceFd(&fd),
-            MioToken(tok),
-            Interest::READABLE | Interest::WRITABLE,
-        ) {
-            eprintln!("hearth: epoll register: {e}");
+    /// Watches stream `tok`: its socket both ways, or a pipe pair's read end
+    /// for reading and its write end for writing (both made non-blocking here;
+    /// see `Action::Attach` in the worker).
+    fn register(&self, s: &Stream, tok: Token) {
+        let fds = if s.is_pipe() {
+            set_nonblocking(s.raw());
+            set_nonblocking(s.wraw());
+            vec![
+                (s.raw(), Interest::READABLE),
+                (s.wraw(), Interest::WRITABLE),
+            ]
+        } else {
+            vec![(s.raw(), Interest::READABLE | Interest::WRITABLE)]
+        };
+        for (fd, interest) in fds {
+            let r = self
+                .poll
+                .registry()
+                .register(&mut SourceFd(&fd), MioToken(tok), interest);
+            if let Err(e) = r {
+                eprintln!("hearth: epoll register: {e}");
+            }
+        }
+    }
+
+    /// Stops watching stream `s`'s descriptors.
+    fn deregister(&self, s: &Stream) {
+        for fd in [s.raw(), s.wraw()] {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
         }
     }
 
@@ -102,16 +124,14 @@ impl Driver {
             return;
         };
         if s.detaching {
-            let fd = s.raw();
             if s.registered {
-                let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+                self.deregister(s);
             }
             w.detached(tok);
             return;
         }
         if s.dead {
-            let fd = s.raw();
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+            self.deregister(s);
             w.free(tok);
             return;
         }
@@ -130,14 +150,16 @@ impl Driver {
                 std::mem::swap(&mut s.sending, &mut s.wbuf);
             }
             let rest = &s.sending[s.sent..];
-            // SAFETY: writing from our own buffer; MSG_NOSIGNAL avoids SIGPIPE.
+            let (ptr, len) = (rest.as_ptr() as *const libc::c_void, rest.len());
+            // SAFETY: writing from our own buffer; MSG_NOSIGNAL avoids SIGPIPE
+            // (a pipe whose reader left raises it too: hearth ignores it, as
+            // Rust programs do, and gets EPIPE).
             let n = unsafe {
-                libc::send(
-                    s.raw(),
-                    rest.as_ptr() as *const libc::c_void,
-                    rest.len(),
-                    libc::MSG_NOSIGNAL,
-                )
+                if s.is_pipe() {
+                    libc::write(s.wraw(), ptr, len)
+                } else {
+                    libc::send(s.raw(), ptr, len, libc::MSG_NOSIGNAL)
+                }
             };
             if n >= 0 {
                 s.sent += n as usize;
@@ -197,8 +219,7 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                 if let Some(s) = w.streams.get_mut(tok) {
                     if !s.registered && !s.dead {
                         s.registered = true;
-                        let fd = s.raw();
-                        d.register(fd, tok);
+                        d.register(s, tok);
                         d.read(w, tok, false);
                     }
                 }

@@ -1,4 +1,5 @@
-//! One socket owned by a worker: a client connection or an instance channel.
+//! One socket owned by a worker: a client connection or an instance channel
+//! (a socket, or a pair of pipes: `fd` reads and `wfd` writes).
 //!
 //! The logic appends to `wbuf` and consumes `rbuf`; the driver (io_uring or
 //! epoll) owns the bookkeeping fields and is the only code that does I/O.
@@ -28,6 +29,9 @@ pub enum Kind {
 /// A socket plus its buffers.
 pub struct Stream {
     pub fd: OwnedFd,
+    /// An instance channel made of pipes: the write end (`fd` is the read
+    /// end). Pipes take `read`/`write` where sockets take `recv`/`send`.
+    pub wfd: Option<OwnedFd>,
     /// Received bytes not yet consumed; consumption advances `rpos`.
     pub rbuf: Vec<u8>,
     pub rpos: usize,
@@ -74,6 +78,7 @@ impl Stream {
     pub fn new(fd: OwnedFd, kind: Kind) -> Stream {
         Stream {
             fd,
+            wfd: None,
             rbuf: Vec::new(),
             rpos: 0,
             wbuf: Vec::new(),
@@ -98,9 +103,27 @@ impl Stream {
         }
     }
 
-    /// The raw descriptor.
+    /// A new instance channel over a pair of pipes.
+    pub fn pipes(rx: OwnedFd, tx: OwnedFd, kind: Kind) -> Stream {
+        Stream {
+            wfd: Some(tx),
+            ..Stream::new(rx, kind)
+        }
+    }
+
+    /// The raw descriptor (the one read from).
     pub fn raw(&self) -> RawFd {
         self.fd.as_raw_fd()
+    }
+
+    /// The descriptor written to.
+    pub fn wraw(&self) -> RawFd {
+        self.wfd.as_ref().unwrap_or(&self.fd).as_raw_fd()
+    }
+
+    /// Whether the stream is a pair of pipes.
+    pub fn is_pipe(&self) -> bool {
+        self.wfd.is_some()
     }
 
     /// Unconsumed input.

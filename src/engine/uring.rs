@@ -133,6 +133,18 @@ impl Driver {
         if s.dead {
             if !s.recv_inflight && !s.send_inflight {
                 w.free(tok);
+            } else if s.is_pipe() {
+                // A pipe cannot be shut down: cancel what is in flight instead.
+                if !s.cancel_sent {
+                    s.cancel_sent = true;
+                    let inflight = [(s.recv_inflight, OP_RECV), (s.send_inflight, OP_SEND)];
+                    for (_, op) in inflight.into_iter().filter(|(busy, _)| *busy) {
+                        let e = opcode::AsyncCancel::new(ud(tok as u64, op))
+                            .build()
+                            .user_data(ud(tok as u64, OP_CANCEL));
+                        self.push(e);
+                    }
+                }
             } else {
                 // Makes in-flight operations complete so the entry can be freed.
                 // SAFETY: shutdown on a descriptor we own.
@@ -146,10 +158,17 @@ impl Driver {
         }
         if !s.send_inflight && s.sent < s.sending.len() {
             let rest = &s.sending[s.sent..];
-            let e = opcode::Send::new(types::Fd(s.raw()), rest.as_ptr(), rest.len() as u32)
-                .flags(libc::MSG_NOSIGNAL)
-                .build()
-                .user_data(ud(tok as u64, OP_SEND));
+            let e = if s.is_pipe() {
+                // Offset -1: a pipe has no position.
+                opcode::Write::new(types::Fd(s.wraw()), rest.as_ptr(), rest.len() as u32)
+                    .offset(u64::MAX)
+                    .build()
+            } else {
+                opcode::Send::new(types::Fd(s.raw()), rest.as_ptr(), rest.len() as u32)
+                    .flags(libc::MSG_NOSIGNAL)
+                    .build()
+            };
+            let e = e.user_data(ud(tok as u64, OP_SEND));
             s.send_inflight = true;
             self.push(e);
         }
@@ -177,9 +196,15 @@ impl Driver {
             if s.recv_buf.capacity() < want {
                 s.recv_buf = Vec::with_capacity(want);
             }
-            let e = opcode::Recv::new(types::Fd(s.raw()), s.recv_buf.as_mut_ptr(), want as u32)
-                .build()
-                .user_data(ud(tok as u64, OP_RECV));
+            let (fd, buf) = (types::Fd(s.raw()), s.recv_buf.as_mut_ptr());
+            let e = if s.is_pipe() {
+                opcode::Read::new(fd, buf, want as u32)
+                    .offset(u64::MAX)
+                    .build()
+            } else {
+                opcode::Recv::new(fd, buf, want as u32).build()
+            };
+            let e = e.user_data(ud(tok as u64, OP_RECV));
             s.recv_inflight = true;
             self.push(e);
         }

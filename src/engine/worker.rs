@@ -399,7 +399,11 @@ impl Worker {
         match s.kind {
             Kind::Channel(id) => {
                 let leftover = s.rbuf[s.rpos..].to_vec();
-                self.fns.on_detached(id, Endpoint::Channel(s.fd), leftover);
+                let endpoint = match s.wfd {
+                    Some(tx) => Endpoint::Pipes { rx: s.fd, tx },
+                    None => Endpoint::Channel(s.fd),
+                };
+                self.fns.on_detached(id, endpoint, leftover);
                 self.run_actions();
             }
             Kind::Rapi(inst, role) => {
@@ -616,11 +620,21 @@ impl Worker {
                 } => self.attach_rapi(inst, *served),
                 Action::Attach {
                     inst,
-                    channel: Endpoint::Channel(channel),
+                    channel: endpoint,
                     leftover,
                 } => {
-                    set_nonblocking(std::os::fd::AsRawFd::as_raw_fd(&channel));
-                    let mut stream = Stream::new(channel, Kind::Channel(inst));
+                    let mut stream = match endpoint {
+                        Endpoint::Channel(fd) => Stream::new(fd, Kind::Channel(inst)),
+                        Endpoint::Pipes { rx, tx } => Stream::pipes(rx, tx, Kind::Channel(inst)),
+                        Endpoint::RuntimeApi(_) => unreachable!("matched above"),
+                    };
+                    if !stream.is_pipe() {
+                        // Pipes stay blocking for io_uring, which would
+                        // complete a read of an empty non-blocking pipe with
+                        // EAGAIN instead of waiting; the epoll driver makes
+                        // them non-blocking when it registers them.
+                        set_nonblocking(stream.raw());
+                    }
                     stream.push_input(&leftover);
                     let tok = self.streams.insert(stream);
                     if self.channels.len() <= inst.slot() {

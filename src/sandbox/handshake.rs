@@ -46,15 +46,28 @@ pub fn hello(
     spec: &FunctionSpec,
     timeout: Duration,
 ) -> Result<(f64, InitLogs), StartError> {
+    hello_over(fd, fd, spec, timeout)
+}
+
+/// [`hello`] on a channel that reads from `fd` and writes to `tx` (the two
+/// ends of a pipe pair; the same socket otherwise).
+pub fn hello_over(
+    fd: BorrowedFd<'_>,
+    tx: BorrowedFd<'_>,
+    spec: &FunctionSpec,
+    timeout: Duration,
+) -> Result<(f64, InitLogs), StartError> {
     let mut frame = Vec::new();
     protocol::encode(&mut frame, FrameType::Hello, 0, 0, &hello_meta(spec), &[]);
-    let file = fd
-        .try_clone_to_owned()
-        .map_err(|e| StartError::io("dup channel", e))?;
-    let mut stream = std::fs::File::from(file);
-    stream
+    let dup = |fd: BorrowedFd<'_>| {
+        fd.try_clone_to_owned()
+            .map(std::fs::File::from)
+            .map_err(|e| StartError::io("dup channel", e))
+    };
+    dup(tx)?
         .write_all(&frame)
         .map_err(|e| StartError::io("send hello", e))?;
+    let mut stream = dup(fd)?;
     let deadline = Instant::now() + timeout;
     let mut dec = FrameDecoder::new();
     let mut logs = OutputTail::new(

@@ -213,6 +213,11 @@ impl std::error::Error for SetupError {
 pub enum Endpoint {
     /// Frames on the channel to the guest (the Node shim, or the agent's relay).
     Channel(OwnedFd),
+    /// Frames on a pair of pipes: `rx` reads what the guest writes, `tx`
+    /// writes to it. The process backend's Node.js instances use them: a
+    /// message through a pipe costs the two processes about half what one
+    /// through a Unix socket does (`perf/functions/floor.sh`, RESULTS.md).
+    Pipes { rx: OwnedFd, tx: OwnedFd },
     /// The Runtime API, served by the core itself ([`runtime_api`]).
     RuntimeApi(Box<runtime_api::Served>),
 }

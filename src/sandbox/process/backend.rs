@@ -78,6 +78,8 @@ pub struct ProcInstance {
     /// Declared after `sandbox`: dropped (and reusable) only once the sandbox is torn down.
     uid: UidLease,
     channel: Option<OwnedFd>,
+    /// With pipes, the write end of the channel (`channel` is the read end).
+    channel_out: Option<OwnedFd>,
     /// Host pid of the runtime (the agent's child), found on first use.
     runtime_pid: Option<i32>,
     /// The agent's log socket (raw runtime output), until taken.
@@ -91,10 +93,14 @@ impl Instance for ProcInstance {
         self.channel.take()
     }
     fn take_endpoint(&mut self) -> Option<Endpoint> {
-        match self.served.take() {
-            Some(served) => Some(Endpoint::RuntimeApi(served)),
-            None => self.channel.take().map(Endpoint::Channel),
+        if let Some(served) = self.served.take() {
+            return Some(Endpoint::RuntimeApi(served));
         }
+        let rx = self.channel.take()?;
+        Some(match self.channel_out.take() {
+            Some(tx) => Endpoint::Pipes { rx, tx },
+            None => Endpoint::Channel(rx),
+        })
     }
     fn take_log_channel(&mut self) -> Option<OwnedFd> {
         self.logs.take()
@@ -335,7 +341,12 @@ impl Inner {
         let mut argv: Vec<String> = ["/hearth/agent", "--channel-fd", "3", "--log-fd", "4"]
             .map(String::from)
             .to_vec();
-        let (root, binds) = if spec.runtime.is_nodejs() {
+        // Node.js talks to hearth over a pipe pair (see `Endpoint::Pipes`);
+        // the Runtime API modes pass descriptors over the channel, which
+        // needs a socket.
+        let pipes = spec.runtime.is_nodejs();
+        let (root, binds) = if pipes {
+            argv.extend(["--channel-out-fd".to_string(), "5".to_string()]);
             (self.runtime_root.clone(), Vec::new())
         } else {
             argv.extend(["--runtime".to_string(), spec.runtime.name().to_string()]);
@@ -361,6 +372,7 @@ impl Inner {
             argv,
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             binds,
+            pipes,
         };
         let mut sandbox = process::spawn(&self.hearth_exe, &sspec).map_err(StartError::Jail)?;
         if let (Placement::Standby, Some(group)) = (place, sandbox.group()) {
@@ -378,27 +390,32 @@ impl Inner {
         };
         let result = match spec.runtime.api_kind() {
             Some(kind) if !self.relay_runtime_api => serve_start(&sandbox, kind, spec),
-            _ => handshake::hello(sandbox.channel.as_fd(), spec, INIT_TIMEOUT)
-                .map(|(_, logs)| (None, logs)),
+            _ => {
+                let tx = sandbox.channel_out.as_ref().unwrap_or(&sandbox.channel);
+                handshake::hello_over(sandbox.channel.as_fd(), tx.as_fd(), spec, INIT_TIMEOUT)
+                    .map(|(_, logs)| (None, logs))
+            }
         };
         // Before anything reaps PID 1: shutdown must not signal a reused pid.
         self.work.lock().unwrap().initialising.remove(&ticket);
         match result {
             Ok((served, logs)) => {
+                let dup =
+                    |fd: &OwnedFd| fd.try_clone().map_err(|e| StartError::io("dup channel", e));
                 let channel = match served {
                     Some(_) => None,
-                    None => Some(
-                        sandbox
-                            .channel
-                            .try_clone()
-                            .map_err(|e| StartError::io("dup channel", e))?,
-                    ),
+                    None => Some(dup(&sandbox.channel)?),
+                };
+                let channel_out = match (&served, &sandbox.channel_out) {
+                    (None, Some(out)) => Some(dup(out)?),
+                    _ => None,
                 };
                 Ok((
                     ProcInstance {
                         sandbox,
                         uid,
                         channel,
+                        channel_out,
                         runtime_pid: None,
                         logs: log_socket,
                         served,

@@ -193,6 +193,8 @@ struct Prepared {
     pids_rlimit: Option<u64>,
     cpu_core: Option<usize>,
     keep_stderr: bool,
+    /// The channel is a pipe pair: its write end back to the host is fd 5.
+    pipes: bool,
     filter: Vec<seccomp::SockFilter>,
     exe: CString,
     argv: Vec<CString>,
@@ -261,6 +263,7 @@ fn prepare(spec: &SandboxSpec, has_pids_cgroup: bool) -> Result<Prepared, String
         },
         cpu_core: spec.cpu_core,
         keep_stderr: std::env::var(STDERR_ENV).is_ok_and(|v| v == "inherit"),
+        pipes: spec.pipes,
         filter: seccomp::build_filter().map_err(|e| format!("building the seccomp filter: {e}"))?,
         exe: argv[0].clone(),
         argv,
@@ -660,7 +663,7 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
         pin_to_core(core)?;
     }
     reset_signals();
-    prepare_fds(p.keep_stderr)?;
+    prepare_fds(p.keep_stderr, p.pipes)?;
     drop_privileges()?;
     seccomp::install(&p.filter).map_err(|e| format!("installing the seccomp filter: {e}"))?;
 
@@ -753,9 +756,10 @@ fn reset_signals() {
 }
 
 /// stdin and stdout (the pipe to hearth) become /dev/null, and so does stderr unless
-/// [`STDERR_ENV`] asks to keep it; fd 3 is the channel, fd 4 the log socket; everything else
-/// closes on exec.
-fn prepare_fds(keep_stderr: bool) -> Result<(), String> {
+/// [`STDERR_ENV`] asks to keep it; fd 3 is the channel (with `pipes`, the read end of the
+/// host's pipe, and fd 5 the write end of the one back), fd 4 the log socket; everything
+/// else closes on exec.
+fn prepare_fds(keep_stderr: bool, pipes: bool) -> Result<(), String> {
     // SAFETY: plain fd syscalls on descriptors this process owns.
     unsafe {
         let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC);
@@ -774,9 +778,17 @@ fn prepare_fds(keep_stderr: bool) -> Result<(), String> {
             libc::fcntl(4 as RawFd, libc::F_SETFD, 0),
             "the log socket (fd 4)",
         )?;
+        let mut first_closed = 5;
+        if pipes {
+            check(
+                libc::fcntl(5 as RawFd, libc::F_SETFD, 0),
+                "the channel's way back (fd 5)",
+            )?;
+            first_closed = 6;
+        }
         check(
             libc::close_range(
-                5,
+                first_closed,
                 libc::c_uint::MAX,
                 libc::CLOSE_RANGE_CLOEXEC as libc::c_int,
             ),

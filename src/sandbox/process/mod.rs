@@ -16,8 +16,10 @@
 //! the sandbox has exec'd, and the sandbox's PID 1 is reparented to hearth, which is a child
 //! subreaper ([`set_subreaper`]) and therefore reaps it ([`Sandbox::try_wait`]).
 //!
-//! The channel is a Unix stream socketpair: fd 3 inside, [`Sandbox::channel`] outside; a second
-//! one, fd 4 inside and [`Sandbox::logs`] outside, carries the agent's own output. Fds 0-2
+//! The channel is a Unix stream socketpair: fd 3 inside, [`Sandbox::channel`] outside; or, with
+//! [`SandboxSpec::pipes`], two pipes: fd 3 inside reads what [`Sandbox::channel_out`] writes,
+//! fd 5 inside writes what [`Sandbox::channel`] reads. A second socketpair, fd 4 inside and
+//! [`Sandbox::logs`] outside, carries the agent's own output. Fds 0-2
 //! are /dev/null (`HEARTH_SANDBOX_STDERR=inherit` in hearth's environment keeps hearth's stderr
 //! as fd 2, for debugging); no other descriptor survives into the sandbox.
 //!
@@ -87,6 +89,9 @@ pub struct SandboxSpec {
     /// empty directories of the root (the userland of non-Node runtimes: `/usr`, …).
     #[serde(default)]
     pub binds: Vec<PathBuf>,
+    /// The channel is a pair of pipes rather than a socketpair (see the module doc).
+    #[serde(default)]
+    pub pipes: bool,
 }
 
 /// Why a sandbox could not be created.
@@ -204,8 +209,11 @@ impl SandboxSpec {
 pub struct Sandbox {
     /// Host pid of the sandbox's PID 1.
     pub pid: i32,
-    /// Host end of the channel; fd 3 inside.
+    /// Host end of the channel; fd 3 inside. With pipes: the read end of the
+    /// pipe whose write end is fd 5 inside.
     pub channel: OwnedFd,
+    /// With pipes: the write end of the pipe whose read end is fd 3 inside.
+    pub channel_out: Option<OwnedFd>,
     /// Host end of the log socket; fd 4 inside (taken by whoever reads it).
     pub logs: Option<OwnedFd>,
     /// Limits the host could not apply (missing cgroup controllers, ...).
@@ -250,6 +258,34 @@ fn socketpair(what: &'static str) -> Result<(OwnedFd, OwnedFd), SandboxError> {
     Ok(unsafe { (OwnedFd::from_raw_fd(pair[0]), OwnedFd::from_raw_fd(pair[1])) })
 }
 
+/// Bytes a channel pipe holds (the kernel's default is 64 KiB; a Unix
+/// socket's send buffer is ~208 KiB): fewer wake-ups for a large body or
+/// answer. Best effort: a host whose `fs.pipe-max-size` is lower keeps the
+/// default.
+const PIPE_BYTES: libc::c_int = 256 * 1024;
+
+/// Two pipes, close-on-exec, as `(host reads, guest writes)` and
+/// `(guest reads, host writes)`.
+#[allow(clippy::type_complexity)]
+fn pipe_pair() -> Result<((OwnedFd, OwnedFd), (OwnedFd, OwnedFd)), SandboxError> {
+    let one = || {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two descriptors pipe2 writes.
+        if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+            return Err(SandboxError::Io {
+                what: "pipe for the channel",
+                source: io::Error::last_os_error(),
+            });
+        }
+        // SAFETY: pipe2 succeeded; both descriptors are ours. The size is a hint.
+        unsafe {
+            libc::fcntl(fds[0], libc::F_SETPIPE_SZ, PIPE_BYTES);
+            Ok((OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])))
+        }
+    };
+    Ok((one()?, one()?))
+}
+
 /// Starts `spec.argv` in a new sandbox. `hearth_exe` is the hearth binary (it runs as the
 /// launcher). Blocks until the command has been exec'd (or setup failed).
 pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxError> {
@@ -257,9 +293,22 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
     set_subreaper();
     let json = serde_json::to_vec(spec).expect("spec serialises");
 
-    let (host_end, guest_end) = socketpair("socketpair for the channel")?;
+    let (host_end, guest_end, host_out, guest_out) = if spec.pipes {
+        let ((host_reads, guest_writes), (guest_reads, host_writes)) = pipe_pair()?;
+        (
+            host_reads,
+            guest_reads,
+            Some(host_writes),
+            Some(guest_writes),
+        )
+    } else {
+        let (host_end, guest_end) = socketpair("socketpair for the channel")?;
+        (host_end, guest_end, None, None)
+    };
     let (host_logs, guest_logs) = socketpair("socketpair for the log socket")?;
-    let guest_fds = [guest_end.as_raw_fd(), guest_logs.as_raw_fd()];
+    // Become fds 3, 4 and (pipes) 5 in the launcher, and so in the sandbox.
+    let mut guest_fds = vec![guest_end.as_raw_fd(), guest_logs.as_raw_fd()];
+    guest_fds.extend(guest_out.as_ref().map(|o| o.as_raw_fd()));
 
     let mut cmd = Command::new(hearth_exe);
     cmd.arg("__sandbox")
@@ -273,8 +322,9 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
     // SAFETY: the closure only calls async-signal-safe functions (dup2, fcntl).
     unsafe {
         cmd.pre_exec(move || {
-            // Park both above 4 first, so neither dup2 closes the other's source.
-            let mut high = [0; 2];
+            // Park them all above 5 first, so no dup2 closes another's source.
+            let mut high = [0; 3];
+            let high = &mut high[..guest_fds.len()];
             for (h, &fd) in high.iter_mut().zip(&guest_fds) {
                 *h = libc::fcntl(fd, libc::F_DUPFD_CLOEXEC, 10);
                 if *h < 0 {
@@ -294,6 +344,7 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
         .spawn()
         .map_err(io_err("starting the sandbox launcher (hearth __sandbox)"))?;
     drop(guest_end);
+    drop(guest_out);
     drop(guest_logs);
     {
         let mut stdin = launcher.stdin.take().expect("stdin is piped");
@@ -354,6 +405,7 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
             let mut orphan = Sandbox {
                 pid: pid.unwrap_or(0),
                 channel: host_end,
+                channel_out: host_out,
                 logs: Some(host_logs),
                 warnings,
                 group,
@@ -368,6 +420,7 @@ pub fn spawn(hearth_exe: &Path, spec: &SandboxSpec) -> Result<Sandbox, SandboxEr
     Ok(Sandbox {
         pid,
         channel: host_end,
+        channel_out: host_out,
         logs: Some(host_logs),
         warnings,
         group,
@@ -567,6 +620,7 @@ mod tests {
             argv: vec!["/usr/bin/node".into()],
             env: vec![("A".into(), "b=c".into())],
             binds: vec![],
+            pipes: false,
         }
     }
 

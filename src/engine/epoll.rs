@@ -53,8 +53,9 @@ impl Driver {
 
     /// Stops watching stream `s`'s descriptors.
     fn deregister(&self, s: &Stream) {
-        for fd in [s.raw(), s.wraw()] {
-            let _ = self.poll.registry().deregister(&mut SourceFd(&fd));
+        let _ = self.poll.registry().deregister(&mut SourceFd(&s.raw()));
+        if s.is_pipe() {
+            let _ = self.poll.registry().deregister(&mut SourceFd(&s.wraw()));
         }
     }
 

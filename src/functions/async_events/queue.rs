@@ -253,6 +253,23 @@ fn read_trimmed(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The highest seq the ack and retry records in `acks` name (none: 0). An
+/// ack may name an event that is not in its segment (refused as it was
+/// stored, and dropped with its version meanwhile), so the segments alone
+/// do not say which seqs were given.
+fn seq_high_of_acks(acks: &[u8]) -> u64 {
+    log::frames(acks)
+        .0
+        .iter()
+        .filter_map(|(_, p)| {
+            AckRecord::decode(p)
+                .map(|a| a.seq)
+                .or_else(|| RetryRecord::decode(p).map(|r| r.seq))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
 /// Applies and removes the cut record of segment `n` in `dir`, if there is
 /// one (see [`CutRecord`]); returns the highest seq it names (none: 0). A
 /// record that does not match the segment (applied already, or stale) cuts
@@ -378,6 +395,9 @@ impl Queue {
                 if let Ok(n) = n.parse::<u64>() {
                     if !segment_path(&dir, n, "log").exists() {
                         let path = segment_path(&dir, n, ext);
+                        if ext == "ack" {
+                            seq_high = seq_high.max(seq_high_of_acks(&fs::read(&path)?));
+                        }
                         fs::remove_file(path)?;
                     }
                 }
@@ -413,6 +433,7 @@ impl Queue {
             let mut retries: HashMap<u64, RetryRecord> = HashMap::new();
             if ack_path.exists() {
                 let acks = read_trimmed(&ack_path)?;
+                seq_high = seq_high.max(seq_high_of_acks(&acks));
                 for (_, p) in log::frames(&acks).0 {
                     if let Some(a) = AckRecord::decode(p) {
                         acked.insert(a.seq);
@@ -1541,6 +1562,40 @@ mod tests {
         assert_eq!(seqs_after_reopen(&d), vec![1, 2, 3]);
         assert!(!segment_path(&d, 2, "cut").exists());
         assert_eq!(log_bytes(&d), len);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_seq_named_in_an_ack_file_is_not_given_again_after_a_restart() {
+        let d = dir("seq-acked");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 2);
+        while let Some((p, _)) = q.take(0, 10) {
+            q.finish_ack(&p);
+        }
+        drop(q);
+        // An event refused as it was stored and dropped with its version
+        // meanwhile is acked, but it is not in the segment (its append was
+        // cut back): the ack file names seq 3 beyond the segment's events.
+        let mut ack = OpenOptions::new()
+            .append(true)
+            .open(segment_path(&d, 1, "ack"))
+            .unwrap();
+        let mut buf = Vec::new();
+        log::frame(&mut buf, &AckRecord { seq: 3 }.encode());
+        ack.write_all(&buf).unwrap();
+        drop(ack);
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 1);
+        drop(q);
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        assert_eq!(
+            q.depth(),
+            1,
+            "the event accepted after the restart was lost"
+        );
+        let (p, _) = q.take(0, 10).unwrap();
+        assert!(p.seq > 3, "seq {} was given again", p.seq);
         let _ = fs::remove_dir_all(&d);
     }
 

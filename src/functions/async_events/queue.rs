@@ -1084,6 +1084,13 @@ impl Queue {
         let _ = fs::remove_dir_all(&self.dir);
     }
 
+    /// True once it has made its directory, or found it made (a queue made
+    /// anew does so with its first segment, and only in a directory that
+    /// holds no other queue's segments).
+    pub fn made_dir(&self) -> bool {
+        self.state.lock().unwrap().dir_made
+    }
+
     /// True once [`Queue::remove`] ran.
     pub fn is_removed(&self) -> bool {
         self.removed.load(Ordering::Acquire)

@@ -788,6 +788,57 @@ fn a_deleted_version_number_is_never_published_again_even_after_a_restart() {
 }
 
 #[test]
+fn a_delete_stopped_before_its_files_are_trashed_keeps_the_version_count() {
+    let dir = common::temp_dir("lambda-version-count-delete");
+    let state = dir.join("state");
+    let state_arg = state.to_str().unwrap();
+    let publish = |s: &Server, name: &str| {
+        let path = format!("/2015-03-31/functions/{name}/versions");
+        let r = s.control("POST", &path, &[], b"{}");
+        assert_eq!(r.status, 201, "{}", r.text());
+        r.json()["Version"].as_str().unwrap().to_string()
+    };
+    let mut s = Server::start(&["--state-dir", state_arg]);
+    let id = common::deploy_fixture(&s, "plain", "name=vc");
+    for want in ["1", "2", "3"] {
+        assert_eq!(publish(&s, "vc"), want);
+    }
+    let r = s.control("DELETE", "/2015-03-31/functions/vc?Qualifier=3", &[], b"");
+    assert_eq!(r.status, 204, "{}", r.text());
+    // The whole function's delete cannot move its files into the trash (a
+    // directory is in the way): on disk, as if the server died before that.
+    let blocker = state.join(format!("functions/.trash-{id}/x"));
+    std::fs::create_dir_all(&blocker).unwrap();
+    let r = s.control("DELETE", "/functions/vc", &[], b"");
+    assert_eq!(r.status, 500, "{}", r.text());
+    s.stop();
+    let mut s = Server::start(&["--state-dir", state_arg]);
+    assert_eq!(
+        s.get("/f/vc:2").status,
+        200,
+        "the function did not come back"
+    );
+    assert_eq!(
+        publish(&s, "vc"),
+        "4",
+        "the deleted version 3's number was given again"
+    );
+    // The other order: the files went, the count stayed (stopped before it
+    // was forgotten). A function made anew under the name starts from 1.
+    s.stop();
+    std::fs::write(state.join("versions/ghost"), "7\n").unwrap();
+    let s = Server::start(&["--state-dir", state_arg]);
+    assert!(
+        !state.join("versions/ghost").exists(),
+        "the count of a function that is gone was kept"
+    );
+    common::deploy_fixture(&s, "plain", "name=ghost");
+    assert_eq!(publish(&s, "ghost"), "1");
+    s.assert_healthy();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
 fn the_control_plane_does_not_delete_through_an_alias_or_under_one() {
     let s = Server::start(&[]);
     common::deploy_fixture(&s, "plain", "name=al");

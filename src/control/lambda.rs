@@ -753,6 +753,8 @@ impl Cx<'_> {
             .map_err(name_busy)?
             .filter(|(f, _)| f.spec.name.is_some())
             .ok_or_else(not_found)?;
+        // The function's own name (`name` may be its id), for its version count.
+        let whole = qualifier.is_none().then(|| held.name().to_string());
         let gone: Vec<_> = match qualifier {
             Some(q) if q.bytes().all(|b| b.is_ascii_digit()) => {
                 let v = functions
@@ -797,14 +799,17 @@ impl Cx<'_> {
                     .collect();
                 gone.extend(functions.remove(&latest.spec.id, &held));
                 functions.async_events.forget(held.name());
-                if let Err(e) = functions.forget_versions(&held) {
-                    eprintln!("hearth: cannot forget the version count of {name}: {e}");
-                }
                 gone
             }
         };
         drop(held);
         self.retire(&gone)?;
+        if let Some(name) = whole {
+            // Once its files are in the trash (see `Registry::forget_versions`).
+            if let Err(e) = functions.forget_versions(&name) {
+                eprintln!("hearth: cannot forget the version count of {name}: {e}");
+            }
+        }
         Ok(no_content())
     }
 

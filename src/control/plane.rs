@@ -634,9 +634,6 @@ fn delete(shared: &Plane, id: &str) -> Answer {
                 .filter_map(|v| functions.remove(&v.spec.id, &held)),
         );
         functions.async_events.forget(name);
-        if let Err(e) = functions.forget_versions(&held) {
-            eprintln!("hearth: cannot forget the version count of {name}: {e}");
-        }
     } else if f.spec.name.is_none() {
         functions.async_events.forget(&f.spec.id);
     } else if let (Some(name), Some(version)) = (&f.spec.name, f.spec.service.version) {
@@ -654,6 +651,12 @@ fn delete(shared: &Plane, id: &str) -> Answer {
     for g in &gone {
         if let Err(m) = retire(functions, g) {
             return error(500, "io", &m);
+        }
+    }
+    if let (Some(name), None) = (&f.spec.name, f.spec.service.version) {
+        // Once its files are in the trash (see `Registry::forget_versions`).
+        if let Err(e) = functions.forget_versions(name) {
+            eprintln!("hearth: cannot forget the version count of {name}: {e}");
         }
     }
     let versions: Vec<&str> = gone[1..].iter().map(|g| g.spec.id.as_str()).collect();

@@ -293,6 +293,15 @@ impl Registry {
         }
         let versions_dir = names::versions_dir(&functions_dir);
         for (name, high) in names::load_version_highs(&versions_dir)? {
+            if map.resolve(&name).is_none() && map.versions(&name).is_empty() {
+                // Its function's delete stopped after the files went, before
+                // the count did: a function made anew under the name starts at 1.
+                eprintln!("hearth: forgetting the version count of {name} (no such function)");
+                if let Err(e) = names::store_version_high(&versions_dir, &name, None) {
+                    eprintln!("hearth: cannot forget the version count of {name}: {e}");
+                }
+                continue;
+            }
             map.set_version_high(&name, Some(high));
         }
         let async_events = Arc::new(async_events::AsyncEvents::open(
@@ -536,11 +545,21 @@ impl Registry {
         Ok(next)
     }
 
-    /// Forgets the version numbers of the name `held` holds (its function is
-    /// deleted; a new function of that name publishes from 1 again).
-    pub fn forget_versions(&self, held: &NameLock<'_>) -> std::io::Result<()> {
-        let name = held.name();
-        names::store_version_high(&self.versions_dir, name, None)?;
+    /// Forgets the version numbers of `name`, whose whole function was
+    /// deleted and whose files are in the trash (a new function of that name
+    /// publishes from 1 again). Only then: forgotten before, a server
+    /// stopped in between would bring the function back without its count,
+    /// and publish a number given before. Takes the name again (it was let
+    /// go while the function drained); a function made anew under the name
+    /// meanwhile keeps the count.
+    pub fn forget_versions(&self, name: &str) -> Result<(), String> {
+        let held = self.lock_name(name).map_err(|e| e.to_string())?;
+        // What it reads stays true while the name is held.
+        if self.map.read().unwrap().resolve(name).is_some() || !self.versions(name).is_empty() {
+            return Ok(());
+        }
+        names::store_version_high(&self.versions_dir, held.name(), None)
+            .map_err(|e| e.to_string())?;
         self.map.write().unwrap().set_version_high(name, None);
         Ok(())
     }

@@ -169,6 +169,7 @@ impl AsyncEvents {
         let mut last = String::new();
         loop {
             let now = unix_time_ms();
+            self.check_set_aside(now);
             let queues = self.all();
             let mut shares: Vec<Option<usize>> = vec![None; queues.len()];
             let mut progress = true;

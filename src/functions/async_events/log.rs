@@ -5,7 +5,8 @@
 //! A frame is `[u32 payload length][u32 CRC-32C of the payload][payload]`,
 //! little-endian. Segments (`seg-<n>.log`) hold [`EventRecord`]s, their ack
 //! files (`seg-<n>.ack`) [`AckRecord`]s and [`RetryRecord`]s (told apart by
-//! their length), the failure store JSON documents.
+//! their length), a segment's cut file (`seg-<n>.cut`) one [`CutRecord`], the
+//! failure store JSON documents.
 
 /// Bytes before a frame's payload.
 pub const FRAME_HEAD_BYTES: usize = 8;
@@ -150,6 +151,58 @@ impl RetryRecord {
             seq: u64::from_le_bytes(p[..8].try_into().ok()?),
             attempts: u32::from_le_bytes(p[8..12].try_into().ok()?),
             not_before_ms: u64::from_le_bytes(p[12..].try_into().ok()?),
+        })
+    }
+}
+
+/// Where to cut a segment (`seg-<n>.cut`): an append refused to its client
+/// could not be cut back when it failed, so the next start cuts it off
+/// before anything runs. It names the refused events, so a record that does
+/// not match what lies behind `len` is known as stale.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct CutRecord {
+    /// The segment's length before the refused append.
+    pub len: u64,
+    /// The first and last [`EventRecord::seq`] of the refused events in it.
+    pub seq_first: u64,
+    pub seq_last: u64,
+}
+
+impl CutRecord {
+    /// Bytes of its frame payload.
+    pub const BYTES: usize = 24;
+
+    /// The payload of its frame.
+    pub fn encode(&self) -> [u8; Self::BYTES] {
+        let mut out = [0u8; Self::BYTES];
+        out[..8].copy_from_slice(&self.len.to_le_bytes());
+        out[8..16].copy_from_slice(&self.seq_first.to_le_bytes());
+        out[16..].copy_from_slice(&self.seq_last.to_le_bytes());
+        out
+    }
+
+    /// Reads a frame payload written by [`CutRecord::encode`].
+    pub fn decode(p: &[u8]) -> Option<CutRecord> {
+        let p: &[u8; Self::BYTES] = p.try_into().ok()?;
+        Some(CutRecord {
+            len: u64::from_le_bytes(p[..8].try_into().ok()?),
+            seq_first: u64::from_le_bytes(p[8..16].try_into().ok()?),
+            seq_last: u64::from_le_bytes(p[16..].try_into().ok()?),
+        })
+    }
+
+    /// Whether this record applies to the segment `log` (its valid frames):
+    /// `len` is a frame boundary short of its end, and every event behind it
+    /// is one of the refused ones.
+    pub fn applies_to(&self, log: &[u8]) -> bool {
+        let (frames, valid) = frames(log);
+        let len = self.len as usize;
+        if len >= log.len() || !(len == valid || frames.iter().any(|&(at, _)| at == len)) {
+            return false;
+        }
+        frames.iter().filter(|&&(at, _)| at >= len).all(|(_, p)| {
+            EventRecord::decode(p)
+                .is_some_and(|e| (self.seq_first..=self.seq_last).contains(&e.seq))
         })
     }
 }

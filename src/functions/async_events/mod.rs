@@ -24,7 +24,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::Ordering::Relaxed;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -229,6 +229,23 @@ pub struct AsyncEvents {
     charges: Charges,
     /// Wakes the dispatcher (new events, a run finished).
     wake: OnceLock<dispatch::Waker>,
+    /// Queues that could not be read at start, charged to `charges.disk`
+    /// until they are gone (see [`AsyncEvents::check_set_aside`]).
+    set_aside: Mutex<Vec<SetAside>>,
+    /// When [`AsyncEvents::check_set_aside`] last looked, ms since the epoch.
+    set_aside_checked_ms: AtomicU64,
+}
+
+/// A queue that could not be read at start, and what it is charged.
+#[derive(Debug)]
+struct SetAside {
+    /// Where it is: under `<dir>.unreadable`, or its own directory when it
+    /// could not be moved there.
+    path: PathBuf,
+    /// The key whose queue directory it is, when it was left in place.
+    in_place: Option<String>,
+    /// Bytes charged to the disk budget for it (its size when found).
+    bytes: u64,
 }
 
 /// A queue key must be a function name or id: it becomes a directory name.
@@ -240,6 +257,17 @@ fn valid_key(key: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
 }
 
+/// Whether the queue directory `dir` holds a segment file (one it cannot
+/// list: assumed so).
+fn holds_segments(dir: &Path) -> bool {
+    match std::fs::read_dir(dir) {
+        Ok(entries) => entries
+            .flatten()
+            .any(|e| e.file_name().to_string_lossy().starts_with("seg-")),
+        Err(e) => e.kind() != io::ErrorKind::NotFound,
+    }
+}
+
 /// `<dir>.unreadable`: where queues that cannot be opened are set aside.
 fn unreadable_dir(dir: &Path) -> PathBuf {
     let mut aside = dir.as_os_str().to_owned();
@@ -249,22 +277,38 @@ fn unreadable_dir(dir: &Path) -> PathBuf {
 
 /// Moves the queue of `key` under `dir`, which cannot be opened (`e`), out
 /// of the way, so that the server starts and the function gets a new queue.
-fn set_aside(dir: &Path, key: &str, e: &io::Error) {
+/// One that cannot be moved stays in place, and is returned to be charged
+/// (one moved is found with the others set aside, [`sweep_unreadable`]).
+fn set_aside(dir: &Path, key: &str, e: &io::Error) -> Option<SetAside> {
     let aside = unreadable_dir(dir).join(format!("{key}-{}", crate::util::time::unix_time_ms()));
     let moved = std::fs::create_dir_all(aside.parent().expect("joined"))
         .and_then(|()| std::fs::rename(dir.join(key), &aside));
     match moved {
-        Ok(()) => eprintln!(
-            "hearth: the async queue of {key} cannot be opened ({e}); its events will not run: \
-             it is moved to {} (counted against --async-disk-max-mb; removed at a start {} days \
-             from now, or remove it and restart)",
-            aside.display(),
-            UNREADABLE_KEPT_MS / DAY_MS
-        ),
-        Err(m) => eprintln!(
-            "hearth: the async queue of {key} cannot be opened ({e}) nor moved aside ({m}); \
-             its function takes no asynchronous events until it is repaired and the server restarted"
-        ),
+        Ok(()) => {
+            eprintln!(
+                "hearth: the async queue of {key} cannot be opened ({e}); its events will not run: \
+                 it is moved to {} (counted against --async-disk-max-mb; removed at a start {} \
+                 days from now, or remove it)",
+                aside.display(),
+                UNREADABLE_KEPT_MS / DAY_MS
+            );
+            None
+        }
+        Err(m) => {
+            let path = dir.join(key);
+            eprintln!(
+                "hearth: the async queue of {key} cannot be opened ({e}) nor moved aside ({m}); \
+                 its function takes no asynchronous events until {} is repaired or removed \
+                 (counted against --async-disk-max-mb meanwhile)",
+                path.display()
+            );
+            let bytes = crate::functions::budget::disk_bytes(&path);
+            Some(SetAside {
+                path,
+                in_place: Some(key.to_string()),
+                bytes,
+            })
+        }
     }
 }
 
@@ -273,15 +317,18 @@ const DAY_MS: u64 = 24 * 3600 * 1000;
 /// How long a queue set aside as unreadable is kept for an operator to look
 /// at: a start later than that removes it.
 pub const UNREADABLE_KEPT_MS: u64 = 7 * DAY_MS;
+/// How often the queues set aside are looked at: the charge of one that is
+/// gone (an operator removed it) is returned.
+pub const UNREADABLE_CHECK_MS: u64 = 60 * 1000;
 
 /// Removes the queues set aside under `aside` more than [`UNREADABLE_KEPT_MS`]
 /// before `now_ms` (by the time in their name, `<key>-<ms>`; another name is
-/// the operator's and stays); returns the bytes on disk of what stays.
-fn sweep_unreadable(aside: &Path, now_ms: u64) -> u64 {
+/// the operator's and stays); returns what stays, with its bytes on disk.
+fn sweep_unreadable(aside: &Path, now_ms: u64) -> Vec<SetAside> {
     let Ok(entries) = std::fs::read_dir(aside) else {
-        return 0;
+        return Vec::new();
     };
-    let mut kept = 0;
+    let mut kept = Vec::new();
     for entry in entries.flatten() {
         let path = entry.path();
         let set_aside_ms = entry
@@ -300,7 +347,12 @@ fn sweep_unreadable(aside: &Path, now_ms: u64) -> u64 {
                 Err(e) => eprintln!("hearth: cannot remove {}: {e}", path.display()),
             }
         }
-        kept += crate::functions::budget::disk_bytes(&path);
+        let bytes = crate::functions::budget::disk_bytes(&path);
+        kept.push(SetAside {
+            path,
+            in_place: None,
+            bytes,
+        });
     }
     kept
 }
@@ -312,9 +364,10 @@ impl AsyncEvents {
     /// (`exists("<key>:<qualifier>")`).
     /// A queue that cannot be opened does not stop the server: it is logged
     /// and moved aside to `<dir>.unreadable/<key>-<ms>` (its events are not
-    /// run), and its function starts with an empty queue. What is set aside
-    /// is charged to the disk budget until the start that removes it (see
-    /// [`sweep_unreadable`]).
+    /// run), and its function starts with an empty queue; one that cannot be
+    /// moved stays in place (and its function takes no events). What is set
+    /// aside, moved or not, is charged to the disk budget until it is gone
+    /// (see [`sweep_unreadable`], [`AsyncEvents::check_set_aside`]).
     pub fn open(
         dir: &Path,
         limits: AsyncLimits,
@@ -327,6 +380,7 @@ impl AsyncEvents {
         };
         let disk = &charges.disk;
         let mut queues = BTreeMap::new();
+        let mut set_aside = Vec::new();
         for entry in std::fs::read_dir(dir)? {
             let entry = match entry {
                 Ok(entry) => entry,
@@ -347,15 +401,19 @@ impl AsyncEvents {
                 Ok(q) => {
                     queues.insert(key, Arc::new(q));
                 }
-                Err(e) => set_aside(dir, &key, &e),
+                Err(e) => set_aside.extend(self::set_aside(dir, &key, &e)),
             }
         }
         let aside = unreadable_dir(dir);
-        let aside_bytes = sweep_unreadable(&aside, crate::util::time::unix_time_ms());
+        let now_ms = crate::util::time::unix_time_ms();
+        set_aside.extend(sweep_unreadable(&aside, now_ms));
+        let aside_bytes: u64 = set_aside.iter().map(|s| s.bytes).sum();
         if aside_bytes > 0 {
             eprintln!(
-                "hearth: {} holds {aside_bytes} bytes of async queues that could not be read, \
-                 counted against --async-disk-max-mb until removed (remove them and restart)",
+                "hearth: {} async queue(s) that could not be read hold {aside_bytes} bytes, \
+                 counted against --async-disk-max-mb until removed ({} and the queue \
+                 directories named above)",
+                set_aside.len(),
                 aside.display()
             );
             disk.take_over(aside_bytes);
@@ -378,7 +436,42 @@ impl AsyncEvents {
             pending_bytes: Budget::new("async accept backlog", "bytes", ACCEPT_PENDING_BYTES_MAX),
             charges,
             wake: OnceLock::new(),
+            set_aside: Mutex::new(set_aside),
+            set_aside_checked_ms: AtomicU64::new(now_ms),
         })
+    }
+
+    /// Returns the charge of each queue set aside at start that is gone,
+    /// looking at most once per [`UNREADABLE_CHECK_MS`] (the dispatcher
+    /// calls it every round). One moved aside is gone once its directory
+    /// is; one left in place once it holds no segment, or its function's
+    /// new queue has made its own in that directory (which it does only
+    /// when no segment is left there).
+    pub fn check_set_aside(&self, now_ms: u64) {
+        let checked_ms = self.set_aside_checked_ms.load(Relaxed);
+        if now_ms.saturating_sub(checked_ms) < UNREADABLE_CHECK_MS {
+            return;
+        }
+        self.set_aside_checked_ms.store(now_ms, Relaxed);
+        let mut set_aside = self.set_aside.lock().unwrap();
+        set_aside.retain(|s| {
+            let gone = match &s.in_place {
+                None => std::fs::symlink_metadata(&s.path)
+                    .is_err_and(|e| e.kind() == io::ErrorKind::NotFound),
+                Some(key) => {
+                    !holds_segments(&s.path) || self.get(key).is_some_and(|q| q.queue.made_dir())
+                }
+            };
+            if gone {
+                eprintln!(
+                    "hearth: {} is gone: its {} bytes no longer count against --async-disk-max-mb",
+                    s.path.display(),
+                    s.bytes
+                );
+                self.charges.disk.give(s.bytes);
+            }
+            !gone
+        });
     }
 
     /// The queue of `key`, made (in memory only: see [`FunctionEvents::new`])
@@ -973,6 +1066,41 @@ mod tests {
     }
 
     #[test]
+    fn a_queue_left_in_place_is_charged_until_it_is_gone() {
+        let (d, ev) = open("in-place");
+        drop(ev);
+        // A segment that cannot be read, beside 64 KiB of another, and no
+        // room to set the queue aside (a file where its directory goes).
+        let bad = d.join("bad");
+        std::fs::create_dir_all(bad.join("seg-0000000000000001.log")).unwrap();
+        std::fs::write(bad.join("seg-0000000000000002.log"), vec![1u8; 64 << 10]).unwrap();
+        let aside = unreadable_dir(&d);
+        std::fs::write(&aside, "in the way").unwrap();
+        let ev = AsyncEvents::open(&d, test_limits(u64::MAX), |_| true).unwrap();
+        assert!(bad.exists(), "it was not left in place");
+        let charged = ev.charges.disk.used();
+        assert!(charged >= 64 << 10, "{charged} bytes charged");
+        // Its function takes no events while it is there.
+        let q = ev.queue_for("bad", || true).unwrap().unwrap();
+        let refused = submit(&ev, q.clone());
+        commit_waiting(&ev);
+        assert!(matches!(refused.recv().unwrap(), Err(AppendError::Io(_))));
+        // Removed by the operator: new events are stored, and a check (not
+        // before a minute has passed) returns the charge.
+        std::fs::remove_dir_all(&bad).unwrap();
+        let stored = submit(&ev, q.clone());
+        commit_waiting(&ev);
+        assert!(stored.recv().unwrap().is_ok());
+        let now = crate::util::time::unix_time_ms();
+        ev.check_set_aside(now);
+        assert_eq!(ev.charges.disk.used(), charged + q.queue.bytes());
+        ev.check_set_aside(now + UNREADABLE_CHECK_MS);
+        assert_eq!(ev.charges.disk.used(), q.queue.bytes());
+        let _ = std::fs::remove_dir_all(&d);
+        let _ = std::fs::remove_file(&aside);
+    }
+
+    #[test]
     fn queues_set_aside_are_charged_and_removed_once_old() {
         let (d, ev) = open("aside-sweep");
         drop(ev);
@@ -993,6 +1121,10 @@ mod tests {
             "{}",
             ev.charges.disk.used()
         );
+        // Removed without a restart: the next check returns its charge.
+        std::fs::remove_dir_all(&recent).unwrap();
+        ev.check_set_aside(now + UNREADABLE_CHECK_MS);
+        assert_eq!(ev.charges.disk.used(), 0);
         let _ = std::fs::remove_dir_all(&d);
         let _ = std::fs::remove_dir_all(&aside);
     }

@@ -23,6 +23,11 @@
 //! one event may be put off thousands of times, and forgetting it only
 //! restarts its short backoff; its age is kept in its event record.
 //!
+//! An append that fails is cut back off its segment before the client hears
+//! the refusal; when even that cut fails, a cut record (`seg-<n>.cut`, see
+//! [`CutRecord`]) is stored durably instead, and the next start cuts the
+//! segment there before anything runs: a refused event never runs.
+//!
 //! Deleting a version or alias drops its events ([`Queue::drop_qualifier`]):
 //! those waiting, those being stored and those running are acked at once, so
 //! none of them runs once its target is gone (nor on an alias made again
@@ -38,7 +43,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use super::config::RETRIES_MAX;
-use super::log::{self, AckRecord, EventRecord, RetryRecord, FRAME_HEAD_BYTES};
+use super::log::{self, AckRecord, CutRecord, EventRecord, RetryRecord, FRAME_HEAD_BYTES};
 use crate::functions::budget::Budget;
 
 /// A segment is closed to appends past this size (it is deleted once all its
@@ -248,6 +253,72 @@ fn read_trimmed(path: &Path) -> io::Result<Vec<u8>> {
     Ok(bytes)
 }
 
+/// The highest seq the ack and retry records in `acks` name (none: 0). An
+/// ack may name an event that is not in its segment (refused as it was
+/// stored, and dropped with its version meanwhile), so the segments alone
+/// do not say which seqs were given.
+fn seq_high_of_acks(acks: &[u8]) -> u64 {
+    log::frames(acks)
+        .0
+        .iter()
+        .filter_map(|(_, p)| {
+            AckRecord::decode(p)
+                .map(|a| a.seq)
+                .or_else(|| RetryRecord::decode(p).map(|r| r.seq))
+        })
+        .max()
+        .unwrap_or(0)
+}
+
+/// Applies and removes the cut record of segment `n` in `dir`, if there is
+/// one (see [`CutRecord`]); returns the highest seq it names (none: 0). A
+/// record that does not match the segment (applied already, or stale) cuts
+/// nothing.
+fn apply_cut(dir: &Path, n: u64) -> io::Result<u64> {
+    let path = segment_path(dir, n, "cut");
+    let bytes = match fs::read(&path) {
+        Ok(bytes) => bytes,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(0),
+        Err(e) => return Err(e),
+    };
+    let record = log::frames(&bytes)
+        .0
+        .first()
+        .and_then(|(_, p)| CutRecord::decode(p));
+    let log_path = segment_path(dir, n, "log");
+    match record {
+        Some(cut) => {
+            let log = fs::read(&log_path)?;
+            if cut.applies_to(&log) {
+                eprintln!(
+                    "hearth: {}: cutting {} bytes at offset {}: events {}..={}, refused \
+                     before the restart",
+                    log_path.display(),
+                    log.len() as u64 - cut.len,
+                    cut.len,
+                    cut.seq_first,
+                    cut.seq_last
+                );
+                let f = OpenOptions::new().write(true).open(&log_path)?;
+                f.set_len(cut.len)?;
+                f.sync_all()?;
+            } else if cut.len < log.len() as u64 {
+                eprintln!(
+                    "hearth: {}: ignoring a cut record that does not match the segment",
+                    path.display()
+                );
+            }
+        }
+        None => eprintln!(
+            "hearth: {}: ignoring a cut record that cannot be read",
+            path.display()
+        ),
+    }
+    fs::remove_file(&path)?;
+    File::open(dir)?.sync_all()?;
+    Ok(record.map_or(0, |c| c.seq_last))
+}
+
 fn open_append(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .create(true)
@@ -303,6 +374,8 @@ impl Queue {
             make_dir(&dir)?;
         }
         let mut numbers = Vec::new();
+        // The highest seq any record names: a new event's seq is above it.
+        let mut seq_high = 0;
         for entry in fs::read_dir(&dir)? {
             let name = entry?.file_name();
             let name = name.to_string_lossy();
@@ -311,16 +384,28 @@ impl Queue {
                 .and_then(|r| r.strip_suffix(".log"))
             {
                 numbers.extend(n.parse::<u64>().ok());
-            } else if let Some(n) = name
+            } else if let Some((n, ext)) = name
                 .strip_prefix("seg-")
-                .and_then(|r| r.strip_suffix(".ack"))
+                .and_then(|r| r.split_once('.'))
+                .filter(|(_, ext)| ["ack", "cut"].contains(ext))
             {
-                // An ack file whose log was deleted (a crash between the two removals).
+                // An ack file or cut record whose log was deleted (a crash
+                // between the removals): gone before a new segment can take
+                // the number.
                 if let Ok(n) = n.parse::<u64>() {
                     if !segment_path(&dir, n, "log").exists() {
-                        let _ = fs::remove_file(segment_path(&dir, n, "ack"));
+                        let path = segment_path(&dir, n, ext);
+                        if ext == "ack" {
+                            seq_high = seq_high.max(seq_high_of_acks(&fs::read(&path)?));
+                        }
+                        fs::remove_file(path)?;
                     }
                 }
+            } else if name.starts_with("seg-") && name.ends_with(".cut.tmp") {
+                // A cut record never put in place: the server died before
+                // it answered the refusal, so its append is as a crash in
+                // the middle of an append leaves it (not acknowledged).
+                fs::remove_file(dir.join(&*name))?;
             }
         }
         numbers.sort_unstable();
@@ -342,11 +427,13 @@ impl Queue {
         for n in numbers {
             let log_path = segment_path(&dir, n, "log");
             let ack_path = segment_path(&dir, n, "ack");
+            seq_high = seq_high.max(apply_cut(&dir, n)?);
             let bytes = read_trimmed(&log_path)?;
             let mut acked = std::collections::HashSet::new();
             let mut retries: HashMap<u64, RetryRecord> = HashMap::new();
             if ack_path.exists() {
                 let acks = read_trimmed(&ack_path)?;
+                seq_high = seq_high.max(seq_high_of_acks(&acks));
                 for (_, p) in log::frames(&acks).0 {
                     if let Some(a) = AckRecord::decode(p) {
                         acked.insert(a.seq);
@@ -410,6 +497,7 @@ impl Queue {
                 },
             );
         }
+        st.next_seq = st.next_seq.max(seq_high + 1);
         let recovered = st.ready.len() + st.delayed.len();
         if recovered > 0 {
             eprintln!(
@@ -603,8 +691,9 @@ impl Queue {
     /// stays counted or on disk for a later read to trip over. Called
     /// holding `appending`, so nothing was appended behind the batch. A
     /// segment that cannot be cut keeps bytes its length in memory does not
-    /// know of: the queue takes no more appends (its events still run) until
-    /// a restart, which cuts or runs what is there.
+    /// know of: a cut record is stored for it ([`Queue::record_cut`]), so the
+    /// next start cuts them off before anything runs, and the queue takes no
+    /// more appends (its events still run) until that restart.
     fn take_back(&self, st: &mut State, parts: &[Written], acked: &BTreeSet<u64>) {
         let last = st.segments.keys().next_back().copied();
         for part in parts.iter().rev() {
@@ -630,6 +719,16 @@ impl Queue {
                          no more events are taken until hearth restarts",
                         self.key
                     );
+                    if let Err(r) = self.record_cut(part) {
+                        eprintln!(
+                            "hearth: async queue {}: cannot record where to cut segment {} \
+                             ({r}): its refused events {}..={} may run after a restart",
+                            self.key,
+                            part.segment,
+                            part.seqs[0],
+                            part.seqs[part.seqs.len() - 1]
+                        );
+                    }
                     st.broken = Some(format!("a failed append could not be undone: {e}"));
                 }
             }
@@ -639,6 +738,26 @@ impl Queue {
                 self.delete_segment(st, part.segment);
             }
         }
+    }
+
+    /// Stores, durably, where the next start is to cut the segment of
+    /// `part` (see [`CutRecord`]): through a temporary file, so a record is
+    /// whole or absent.
+    fn record_cut(&self, part: &Written) -> io::Result<()> {
+        let cut = CutRecord {
+            len: part.before,
+            seq_first: part.seqs[0],
+            seq_last: part.seqs[part.seqs.len() - 1],
+        };
+        let mut buf = Vec::new();
+        log::frame(&mut buf, &cut.encode());
+        let path = segment_path(&self.dir, part.segment, "cut");
+        let tmp = path.with_extension("cut.tmp");
+        let mut f = File::create(&tmp)?;
+        f.write_all(&buf)?;
+        f.sync_all()?;
+        fs::rename(&tmp, &path)?;
+        File::open(&self.dir)?.sync_all()
     }
 
     /// fsyncs the data of a segment's log.
@@ -717,9 +836,10 @@ impl Queue {
         if let Some(seg) = st.segments.remove(&n) {
             st.bytes -= seg.charged;
             self.disk.give(seg.charged);
-            // The log first: an ack file alone is removed at recovery.
+            // The log first: an ack file or cut record alone is removed at recovery.
             let _ = fs::remove_file(segment_path(&self.dir, n, "log"));
             let _ = fs::remove_file(segment_path(&self.dir, n, "ack"));
+            let _ = fs::remove_file(segment_path(&self.dir, n, "cut"));
         }
     }
 
@@ -962,6 +1082,13 @@ impl Queue {
         self.disk.give(std::mem::take(&mut st.bytes));
         self.publish_depth(&st);
         let _ = fs::remove_dir_all(&self.dir);
+    }
+
+    /// True once it has made its directory, or found it made (a queue made
+    /// anew does so with its first segment, and only in a directory that
+    /// holds no other queue's segments).
+    pub fn made_dir(&self) -> bool {
+        self.state.lock().unwrap().dir_made
     }
 
     /// True once [`Queue::remove`] ran.
@@ -1324,7 +1451,7 @@ mod tests {
     }
 
     #[test]
-    fn an_append_that_cannot_be_cut_back_stops_appends_but_not_runs() {
+    fn an_append_that_cannot_be_cut_back_stops_appends_and_never_runs() {
         let d = dir("cut-fails");
         let charges = unbounded();
         let q = Queue::open("f", d.clone(), charges.clone()).unwrap();
@@ -1342,8 +1469,140 @@ mod tests {
         q.finish_ack(&p);
         assert_eq!(charges.events.used(), 0);
         drop(q);
-        // Its frame is whole on disk: a restart runs it (refused events may run).
-        assert_eq!(seqs_after_reopen(&d), vec![2]);
+        // Its frame is whole on disk, but the client was refused it: a
+        // restart cuts it off before anything runs.
+        assert_eq!(seqs_after_reopen(&d), Vec::<u64>::new());
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_refused_append_that_could_not_be_cut_back_never_runs_after_a_restart() {
+        let d = dir("cut-record");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 2);
+        let (p, _) = q.take(0, 10).unwrap();
+        q.finish_ack(&p);
+        let len = log_bytes(&d);
+        q.faults.syncs.store(1, Ordering::Relaxed);
+        q.faults.cuts.store(1, Ordering::Relaxed);
+        let body: &[u8] = b"{}";
+        let refused = q.append(&[("", "r", body), ("", "r", body)], 1, u64::MAX);
+        assert!(refused.iter().all(Result::is_err));
+        assert!(log_bytes(&d) > len, "the refused events are on disk");
+        drop(q);
+        assert_eq!(seqs_after_reopen(&d), vec![2], "a refused event ran");
+        assert_eq!(log_bytes(&d), len, "the refused events were not cut off");
+        let cuts = fs::read_dir(&d)
+            .unwrap()
+            .filter(|e| e.as_ref().unwrap().path().extension() == Some("cut".as_ref()))
+            .count();
+        assert_eq!(cuts, 0, "the cut record stayed once applied");
+        // The queue takes events again, and they survive the next restart.
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 1);
+        drop(q);
+        assert_eq!(seqs_after_reopen(&d).len(), 2);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    /// Writes a cut record for segment `n` of the queue in `d`.
+    fn write_cut(d: &Path, n: u64, cut: log::CutRecord) {
+        let mut buf = Vec::new();
+        log::frame(&mut buf, &cut.encode());
+        fs::write(segment_path(d, n, "cut"), buf).unwrap();
+    }
+
+    #[test]
+    fn a_stale_cut_record_loses_no_event() {
+        let d = dir("cut-stale");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 3);
+        drop(q);
+        let len = log_bytes(&d);
+        // At the log's length or beyond it: applied already, or obsolete.
+        for at in [len, len + 100] {
+            write_cut(
+                &d,
+                1,
+                log::CutRecord {
+                    len: at,
+                    seq_first: 3,
+                    seq_last: 3,
+                },
+            );
+            assert_eq!(seqs_after_reopen(&d), vec![1, 2, 3]);
+            assert!(!segment_path(&d, 1, "cut").exists());
+        }
+        // Naming events that are not those behind its length, or a length
+        // that is no frame boundary: not this segment's record.
+        write_cut(
+            &d,
+            1,
+            log::CutRecord {
+                len: 0,
+                seq_first: 7,
+                seq_last: 9,
+            },
+        );
+        assert_eq!(seqs_after_reopen(&d), vec![1, 2, 3]);
+        write_cut(
+            &d,
+            1,
+            log::CutRecord {
+                len: 5,
+                seq_first: 1,
+                seq_last: 3,
+            },
+        );
+        assert_eq!(seqs_after_reopen(&d), vec![1, 2, 3]);
+        // Left from a segment that is gone: removed before a new segment
+        // could take its number.
+        write_cut(
+            &d,
+            2,
+            log::CutRecord {
+                len: 0,
+                seq_first: 1,
+                seq_last: 9,
+            },
+        );
+        assert_eq!(seqs_after_reopen(&d), vec![1, 2, 3]);
+        assert!(!segment_path(&d, 2, "cut").exists());
+        assert_eq!(log_bytes(&d), len);
+        let _ = fs::remove_dir_all(&d);
+    }
+
+    #[test]
+    fn a_seq_named_in_an_ack_file_is_not_given_again_after_a_restart() {
+        let d = dir("seq-acked");
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 2);
+        while let Some((p, _)) = q.take(0, 10) {
+            q.finish_ack(&p);
+        }
+        drop(q);
+        // An event refused as it was stored and dropped with its version
+        // meanwhile is acked, but it is not in the segment (its append was
+        // cut back): the ack file names seq 3 beyond the segment's events.
+        let mut ack = OpenOptions::new()
+            .append(true)
+            .open(segment_path(&d, 1, "ack"))
+            .unwrap();
+        let mut buf = Vec::new();
+        log::frame(&mut buf, &AckRecord { seq: 3 }.encode());
+        ack.write_all(&buf).unwrap();
+        drop(ack);
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        push(&q, 1);
+        drop(q);
+        let q = Queue::open("f", d.clone(), unbounded()).unwrap();
+        assert_eq!(
+            q.depth(),
+            1,
+            "the event accepted after the restart was lost"
+        );
+        let (p, _) = q.take(0, 10).unwrap();
+        assert!(p.seq > 3, "seq {} was given again", p.seq);
         let _ = fs::remove_dir_all(&d);
     }
 

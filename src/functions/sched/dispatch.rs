@@ -305,7 +305,9 @@ impl CorePool {
         self.fns.values().map(|f| f.starting).sum()
     }
 
-    /// Destroys the longest-idle instance of a function other than `except`.
+    /// Destroys the longest-idle instance of a function other than `except`
+    /// (the successor of a replaced function whose last instance it was
+    /// takes over its queue at once, see [`CorePool::take_over`]).
     fn evict_idle(&mut self, except: &str, now: Instant) -> bool {
         let victim = self
             .insts
@@ -315,7 +317,8 @@ impl CorePool {
             .map(|(k, _)| k);
         match victim {
             Some(k) => {
-                self.retire(k, now);
+                let heir = self.retire(k, now);
+                self.take_over(heir, now);
                 true
             }
             None => false,
@@ -375,9 +378,10 @@ impl CorePool {
         let waiter = self.slot_waiters.iter().position(|w| *w != id);
         if let Some(pos) = waiter.filter(|_| !self.drains_queue(&id)) {
             let waiter = self.slot_waiters.remove(pos).expect("position is valid");
-            self.retire(i, now);
+            let heir = self.retire(i, now);
             self.grow(&waiter, now);
             self.grow(&id, now);
+            self.take_over(heir, now);
             return;
         }
         self.next_for(i, now);
@@ -500,7 +504,8 @@ impl CorePool {
     /// Removes an instance and has it destroyed off-loop; frees its
     /// concurrency slot. Returns the function that took over the queue of a
     /// deleted function whose last instance here it was (see
-    /// [`CorePool::forget_if_drained`]).
+    /// [`CorePool::forget_if_drained`]); every caller hands it to
+    /// [`CorePool::take_over`], or those requests wait for the next tick.
     pub(super) fn retire(&mut self, i: usize, now: Instant) -> Option<String> {
         let mut inst = self.insts.remove(i);
         // Its streamed answer was ended by whoever retires it busy.
@@ -696,8 +701,12 @@ impl CorePool {
             .filter(|(_, i)| i.busy.is_none() && now.duration_since(i.idle_since) >= keep_warm)
             .map(|(k, _)| k)
             .collect();
+        let mut heirs = Vec::new();
         for i in cold {
-            self.retire(i, now);
+            heirs.extend(self.retire(i, now));
+        }
+        for heir in heirs {
+            self.take_over(Some(heir), now);
         }
     }
 

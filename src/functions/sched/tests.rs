@@ -2541,3 +2541,58 @@ fn requests_queued_behind_a_function_deleted_for_good_that_drained_get_404_at_th
     assert_eq!(sim.status(queued), Some(404));
     assert!(!sim.pool.knows("old"));
 }
+
+/// A core holding, for the replaced function "old", one idle instance with a
+/// request queued beside it and nothing running (its busy instance just
+/// crashed), the update published but this core's view not refreshed; the
+/// core's instance cap is `cap`, and "new" (the successor) is known here.
+/// Returns the sim and the queued request.
+fn old_idle_beside_its_queue(cap: usize, more: &[&Arc<Function>]) -> (Sim, ReplyTo) {
+    let (old, new) = (named("old"), named("new"));
+    let mut cfg = config(0);
+    cfg.instances_max = cap;
+    let mut fns = vec![&old, &new];
+    fns.extend_from_slice(more);
+    let mut sim = Sim::new(cfg, &fns);
+    sim.request("old");
+    let [a] = sim.start_all()[..] else { panic!() };
+    sim.request("old");
+    sim.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    sim.tick(0);
+    let [b] = sim.start_all()[..] else { panic!() };
+    sim.respond(a, 200);
+    sim.respond(b, 200);
+    // A saturated core that fits one of them: the second request waits.
+    sim.pool.fns.get_mut("old").unwrap().fit = Some(1);
+    sim.pool.cpu_busy_pct = 95;
+    sim.request("old");
+    let queued = sim.request("old");
+    let busy = sim.sent.last().unwrap().0;
+    assert_eq!(sim.pool.fns["old"].queue.len(), 1);
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_channel_closed(busy, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.live("old"), 1);
+    assert_eq!(sim.status(queued), None);
+    (sim, queued)
+}
+
+#[test]
+fn requests_a_replaced_function_leaves_when_its_last_instance_is_evicted_go_to_the_new_code_at_once(
+) {
+    let (b, c) = (function("b", 10, 1000), function("c", 10, 1000));
+    let (mut sim, queued) = old_idle_beside_its_queue(2, &[&b, &c]);
+    // "c" takes the free slot; "b" evicts the old code's idle instance.
+    sim.request("c");
+    sim.request("b");
+    assert!(!sim.pool.knows("old"));
+    assert_eq!(sim.pool.fns["new"].queue.len(), 1, "the new code took it");
+    // Without waiting for a tick, the new code serves it.
+    let new_inst = sim
+        .start_all()
+        .into_iter()
+        .find(|&i| sim.pool.insts[i.slot()].function.spec.id == "new")
+        .expect("an instance of the new code started for it");
+    sim.respond(new_inst, 200);
+    assert_eq!(sim.status(queued), Some(200));
+}

@@ -397,11 +397,14 @@ impl CorePool {
 
     /// Gives an idle instance its next request, or parks it. An instance that
     /// just started or moved here got its slot in its function's turn, so it
-    /// serves its own queue (see [`CorePool::after_request`] for the turns).
+    /// serves its own queue (see [`CorePool::after_request`] for the turns);
+    /// with nothing queued for it, or retired, it leaves its slot to the next
+    /// function waiting for one ([`CorePool::give_slot`]).
     pub(super) fn next_for(&mut self, i: usize, now: Instant) {
         let id = self.insts[i].function.spec.id.clone();
         if !self.fns.contains_key(&id) {
             self.retire(i, now);
+            self.give_slot(&id, now);
             return;
         }
         if let Some(target) = self.hand_over_to(&id) {
@@ -436,6 +439,15 @@ impl CorePool {
             // successor takes the queue.
             let heir = self.retire(i, now);
             self.take_over(heir, now);
+            self.give_slot(&id, now);
+            return;
+        }
+        if fs.queue.is_empty() && self.slot_waiters.iter().any(|w| *w != id) {
+            // Idle, it would hold the slot until the waiter's next event
+            // (a tick, a request) evicted it.
+            let heir = self.retire(i, now);
+            self.take_over(heir, now);
+            self.give_slot(&id, now);
             return;
         }
         self.insts[i].idle_since = now;
@@ -444,6 +456,15 @@ impl CorePool {
         // (The bits first: no lookup on the usual path, where nothing waits elsewhere.)
         if may_run && fs.queue.is_empty() && fs.f.backlog.load(Relaxed) & !me != 0 {
             self.pull(&id);
+        }
+    }
+
+    /// A slot here came free outside the turns of [`CorePool::after_request`]:
+    /// the next function other than `id` waiting for one gets it.
+    fn give_slot(&mut self, id: &str, now: Instant) {
+        if let Some(pos) = self.slot_waiters.iter().position(|w| *w != id) {
+            let waiter = self.slot_waiters.remove(pos).expect("position is valid");
+            self.grow(&waiter, now);
         }
     }
 

@@ -2596,3 +2596,61 @@ fn requests_a_replaced_function_leaves_when_its_last_instance_is_evicted_go_to_t
     sim.respond(new_inst, 200);
     assert_eq!(sim.status(queued), Some(200));
 }
+
+#[test]
+fn an_instance_started_for_a_client_that_left_gives_its_slot_to_a_function_waiting_for_one() {
+    let (a, b) = (function("a", 10, 1000), function("b", 10, 1000));
+    let mut cfg = config(0);
+    cfg.instances_max = 1;
+    let mut sim = Sim::new(cfg, &[&a, &b]);
+    let left = sim.request("a");
+    assert_eq!(sim.starts.len(), 1);
+    sim.pool.on_client_gone(left);
+    // "b" waits for the core's only slot, which the start holds.
+    let waiting = sim.request("b");
+    assert_eq!(sim.starts.len(), 1);
+    assert_eq!(sim.pool.slot_waiters, ["b"]);
+    // The instance comes up with nothing to do: "b" gets its slot now, not
+    // at the next tick.
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    assert!(sim.sent.is_empty());
+    assert_eq!(sim.closed, vec![inst]);
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(waiting), Some(200));
+}
+
+#[test]
+fn an_instance_of_a_replaced_function_retired_by_the_fit_gives_its_slot_to_a_function_waiting_for_one(
+) {
+    let (old, new, b) = (named("old"), named("new"), function("b", 10, 1000));
+    let mut cfg = config(0);
+    cfg.instances_max = 2;
+    let mut sim = Sim::new(cfg, &[&old, &b]);
+    sim.functions.push(new.clone());
+    sim.request("old");
+    let [x] = sim.start_all()[..] else { panic!() };
+    sim.request("old");
+    sim.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    sim.tick(0);
+    let [_y] = sim.start_all()[..] else { panic!() };
+    // Both busy on a saturated core that fits one of them; one more queued.
+    sim.pool.fns.get_mut("old").unwrap().fit = Some(1);
+    sim.pool.cpu_busy_pct = 95;
+    sim.request("old");
+    old.deleted.store(true, Relaxed);
+    sim.pool
+        .on_functions_changed(vec![new.clone(), b.clone()], sim.now);
+    sim.drain();
+    let waiting = sim.request("b");
+    assert_eq!(sim.pool.slot_waiters, ["b"]);
+    assert!(sim.starts.is_empty());
+    // x is over the fit and goes: its slot is b's.
+    sim.respond(x, 200);
+    assert!(sim.fake(x).destroyed);
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(waiting), Some(200));
+}

@@ -166,28 +166,36 @@ impl CorePool {
         {
             return self.dispatch_idle(id, pending, now);
         }
-        let fs = self.fns.get_mut(id).expect("looked up above");
-        // Requests covered by an instance being started for them are not
-        // "waiting beyond the limit"; a full queue below the limit scales out,
-        // but when no instance can start (the core holds its most, memory is
-        // spent) it may grow only to `QUEUE_HARD_FACTOR` times the bound.
-        let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;
-        let uncovered = fs.uncovered();
-        if uncovered >= self.cfg.queue_depth_max
-            && (at_limit || uncovered >= self.cfg.queue_depth_max * QUEUE_HARD_FACTOR)
-        {
-            f.metrics.error(ErrorKind::Throttled);
-            let message = match at_limit {
-                true => format!("function {id} is at its concurrency limit and its queue is full"),
-                false => format!("function {id} has no instance free and its queue is full"),
-            };
-            let r =
-                Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1");
+        if let Some(r) = self.queue_full(id) {
             return self.reply(to, r);
         }
+        let fs = self.fns.get_mut(id).expect("looked up above");
         fs.enqueue(pending, &mut self.queued);
         self.spill(id, now);
         self.grow(id, now);
+    }
+
+    /// The 429 a request joining the queue of `id` (known here) gets when the
+    /// queue is full, counted as throttled. Requests covered by an instance
+    /// being started for them are not "waiting beyond the limit"; a full
+    /// queue below the limit scales out, but when no instance can start (the
+    /// core holds its most, memory is spent) it may grow only to
+    /// [`QUEUE_HARD_FACTOR`] times the bound.
+    fn queue_full(&self, id: &str) -> Option<Reply> {
+        let fs = &self.fns[id];
+        let f = &fs.f;
+        let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;
+        let uncovered = fs.uncovered();
+        let max = self.cfg.queue_depth_max;
+        if uncovered < max || (!at_limit && uncovered < max * QUEUE_HARD_FACTOR) {
+            return None;
+        }
+        f.metrics.error(ErrorKind::Throttled);
+        let message = match at_limit {
+            true => format!("function {id} is at its concurrency limit and its queue is full"),
+            false => format!("function {id} has no instance free and its queue is full"),
+        };
+        Some(Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1"))
     }
 
     /// Gives `pending` to an idle instance of `id` (there is one).
@@ -558,7 +566,8 @@ impl CorePool {
     /// Drops a deleted function's state once no instance of it is left here.
     /// Requests still queued then had not run: when a code update replaced
     /// the function, the one now under its name takes them (in their order,
-    /// with their deadlines) and returns its id, to be served by
+    /// with their deadlines; those its queue has no room for get 429, see
+    /// [`CorePool::queue_full`]) and returns its id, to be served by
     /// [`CorePool::take_over`]; otherwise they get 404. While the core's
     /// view still lists the function, they wait for the refresh instead,
     /// which brings the successor (see [`FnState::listed`]).
@@ -587,6 +596,12 @@ impl CorePool {
         let heir_id = &heir.spec.id;
         while let Some(p) = fs.dequeue(&mut self.queued) {
             self.log_tail_from(p.to, &heir);
+            // They join its queue as arrivals do, oldest first: those beyond
+            // its bound get the 429 an arrival would.
+            if let Some(r) = self.queue_full(heir_id) {
+                self.reply(p.to, r);
+                continue;
+            }
             let hs = self.fns.get_mut(heir_id).expect("a successor known here");
             hs.insert_by_arrival(p, &mut self.queued);
         }

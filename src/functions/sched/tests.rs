@@ -2654,3 +2654,33 @@ fn an_instance_of_a_replaced_function_retired_by_the_fit_gives_its_slot_to_a_fun
     sim.respond(binst, 200);
     assert_eq!(sim.status(waiting), Some(200));
 }
+
+#[test]
+fn requests_a_replaced_function_hands_its_successor_beyond_the_successors_queue_bound_get_429() {
+    let (old, new) = (named_limited("old", 1), named_limited("new", 1));
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 2;
+    let mut sim = Sim::new(cfg, &[&old, &new]);
+    // Other cores hold both functions' only instances: requests here wait
+    // for them, up to the bound.
+    old.try_reserve().unwrap();
+    new.try_reserve().unwrap();
+    let first = sim.request("old");
+    sim.advance(1);
+    let second = sim.request("old");
+    sim.advance(1);
+    let own = sim.request("new");
+    assert_eq!(sim.pool.fns["old"].queue.len(), 2);
+    assert!(sim.replies.is_empty());
+    // The update lands: the old code's queue goes to the new code, whose
+    // queue has room for one more.
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    assert_eq!(sim.pool.fns["new"].queue.len(), 2, "the bound holds");
+    assert_eq!(sim.status(first), None, "the oldest fits");
+    assert_eq!(sim.status(own), None, "queued before, not refused now");
+    let refused = sim.reply_to(second).expect("an answer for the one beyond");
+    assert_eq!(refused.status, 429);
+    assert!(refused.headers.iter().any(|(k, _)| k == "retry-after"));
+}

@@ -191,7 +191,8 @@ pub enum Action {
     /// Stop watching an instance's channel and give it back, with its unread
     /// bytes, through [`CorePool::on_detached`] (it moves to another core).
     Detach(InstId),
-    /// Give a detached instance to another core.
+    /// Give a detached instance to another core; should it not get there,
+    /// give it back ([`CorePool::on_hand_over_failed`]).
     HandOver { core: usize, instance: Migrated },
     /// Ask `core`, which has requests of `function` queued, for its oldest:
     /// an instance of it is idle here ([`CorePool::on_pull`] there).
@@ -925,6 +926,14 @@ impl CorePool {
 
     /// Event: another core handed over an instance.
     pub fn on_migrated(&mut self, m: Migrated, now: Instant) {
+        self.migrated_in(m, now);
+        self.check_invariants();
+    }
+
+    /// Event: an instance handed over on [`Action::HandOver`] could not reach
+    /// its core (that core's loop has ended): it comes back and serves here,
+    /// as if handed over to this core, keeping its slot and its counts.
+    pub fn on_hand_over_failed(&mut self, m: Migrated, now: Instant) {
         self.migrated_in(m, now);
         self.check_invariants();
     }

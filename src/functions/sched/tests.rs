@@ -2684,3 +2684,41 @@ fn requests_a_replaced_function_hands_its_successor_beyond_the_successors_queue_
     assert_eq!(refused.status, 429);
     assert!(refused.headers.iter().any(|(k, _)| k == "retry-after"));
 }
+
+#[test]
+fn an_instance_whose_hand_over_cannot_reach_its_core_comes_back_and_serves_here() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    // Core 1's loop has ended: the owner gives the instance back.
+    core0.pool.on_hand_over_failed(moved, core0.now);
+    core0.drain();
+    assert_eq!(core0.attached.len(), 2, "attached here again");
+    let back = core0.attached[1];
+    core0.fakes.push((back, core0.fakes[0].1.clone()));
+    assert!(!core0.fake(back).killed);
+    assert_eq!(core0.live("a"), 1);
+    assert_eq!(f.instances.load(Relaxed), 1, "its slot is still its own");
+    assert_eq!(f.metrics.instances.load(Relaxed), 1);
+    assert_ne!(f.homes.load(Relaxed) & 1, 0);
+    let here = core0.request("a");
+    assert!(core0.starts.is_empty());
+    core0.respond(back, 200);
+    assert_eq!(core0.status(here), Some(200));
+}

@@ -271,6 +271,11 @@ impl CorePool {
             fs.sync_home(core);
             add(&fs.f.metrics.cold_starts, 1);
             self.actions.push_back(Action::Start(fs.f.clone()));
+            // It has its slot (one freed for it, or made by eviction): it no
+            // longer waits for one, unless the loop finds it must again.
+            if !self.slot_waiters.is_empty() {
+                self.slot_waiters.retain(|w| w != id);
+            }
         }
     }
 
@@ -383,9 +388,11 @@ impl CorePool {
     /// none is started for them, so they have no one else.
     pub(super) fn after_request(&mut self, i: usize, now: Instant) {
         let id = self.insts[i].function.spec.id.clone();
-        let waiter = self.slot_waiters.iter().position(|w| *w != id);
-        if let Some(pos) = waiter.filter(|_| !self.drains_queue(&id)) {
-            let waiter = self.slot_waiters.remove(pos).expect("position is valid");
+        let waiter = match self.drains_queue(&id) {
+            true => None,
+            false => self.take_waiter(&id),
+        };
+        if let Some(waiter) = waiter {
             let heir = self.retire(i, now);
             self.grow(&waiter, now);
             self.grow(&id, now);
@@ -421,6 +428,9 @@ impl CorePool {
         }
         let me = 1u64 << self.cfg.core;
         let may_run = self.under_fit(&id);
+        // Decided before `fs` is borrowed (nothing below changes it); with
+        // no function waiting for a slot it costs nothing.
+        let waiter = !self.slot_waiters.is_empty() && self.waiter_after(&id).is_some();
         let fs = self.fns.get_mut(&id).expect("checked");
         while let Some(p) = may_run.then(|| fs.dequeue(&mut self.queued)).flatten() {
             if super::forget_if_left(&mut self.gone, &mut self.service, &p.to) {
@@ -450,7 +460,7 @@ impl CorePool {
             self.give_slot(&id, now);
             return;
         }
-        if fs.queue.is_empty() && self.slot_waiters.iter().any(|w| *w != id) {
+        if fs.queue.is_empty() && waiter {
             // Idle, it would hold the slot until the waiter's next event
             // (a tick, a request) evicted it.
             let heir = self.retire(i, now);
@@ -468,12 +478,37 @@ impl CorePool {
     }
 
     /// A slot here came free outside the turns of [`CorePool::after_request`]:
-    /// the next function other than `id` waiting for one gets it.
+    /// the next function other than `id` waiting for one gets it, if it is
+    /// still free (a waiter that found none would lose its place in line).
     fn give_slot(&mut self, id: &str, now: Instant) {
-        if let Some(pos) = self.slot_waiters.iter().position(|w| *w != id) {
-            let waiter = self.slot_waiters.remove(pos).expect("position is valid");
+        if self.insts.len() + self.starting_total() >= self.cfg.instances_max {
+            return;
+        }
+        if let Some(waiter) = self.take_waiter(id) {
             self.grow(&waiter, now);
         }
+    }
+
+    /// The place in line of the first function other than `id` waiting for
+    /// a slot here that can still use one: it has requests no start covers
+    /// and is below its concurrency limit (one whose queue emptied
+    /// meanwhile, or that reached its limit on other cores, keeps its place
+    /// for when it needs a slot again).
+    fn waiter_after(&self, id: &str) -> Option<usize> {
+        self.slot_waiters.iter().position(|w| {
+            *w != id
+                && self.fns.get(w).is_some_and(|fs| {
+                    !fs.f.deleted.load(Relaxed)
+                        && fs.uncovered() > 0
+                        && fs.f.instances.load(Relaxed) < fs.f.spec.concurrency
+                })
+        })
+    }
+
+    /// Takes the function [`CorePool::waiter_after`] finds out of the line.
+    fn take_waiter(&mut self, id: &str) -> Option<String> {
+        let pos = self.waiter_after(id)?;
+        self.slot_waiters.remove(pos)
     }
 
     /// Whether one more request of `id` may run on this core now (see
@@ -618,7 +653,8 @@ impl CorePool {
         self.grow(&id, now);
     }
 
-    /// Answers the instance's request with 502 (if any), destroys it, replaces it if needed.
+    /// Answers the instance's request with 502 (if any), destroys it, replaces
+    /// it if needed; a slot that stays free goes to a function waiting for one.
     pub(super) fn instance_failed(&mut self, i: usize, now: Instant, why: &str) {
         let inst = &mut self.insts[i];
         let f = inst.function.clone();
@@ -638,6 +674,7 @@ impl CorePool {
         let heir = self.retire(i, now);
         self.grow(&f.spec.id, now);
         self.take_over(heir, now);
+        self.give_slot(&f.spec.id, now);
     }
 
     /// A start finished: adopt the instance, or answer a waiting request
@@ -769,7 +806,8 @@ impl CorePool {
         }
     }
 
-    /// Instance `i` did not answer in time: 504, and it is destroyed.
+    /// Instance `i` did not answer in time: 504, and it is destroyed (its
+    /// slot as in [`CorePool::instance_failed`]).
     fn timed_out(&mut self, i: usize, now: Instant) {
         let inst = &mut self.insts[i];
         let busy = inst.busy.take().expect("timed out while busy");
@@ -792,6 +830,7 @@ impl CorePool {
         let heir = self.retire(i, now);
         self.grow(&f.spec.id, now);
         self.take_over(heir, now);
+        self.give_slot(&f.spec.id, now);
     }
 
     /// Queued requests past their queue deadline get 504.

@@ -2722,3 +2722,60 @@ fn an_instance_whose_hand_over_cannot_reach_its_core_comes_back_and_serves_here(
     core0.respond(back, 200);
     assert_eq!(core0.status(here), Some(200));
 }
+
+#[test]
+fn a_crashed_instance_gives_its_slot_to_a_function_waiting_for_one() {
+    let (a, b) = (function("a", 10, 1000), function("b", 10, 1000));
+    let mut cfg = config(0);
+    cfg.instances_max = 1;
+    let mut sim = Sim::new(cfg, &[&a, &b]);
+    let running = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let waiting = sim.request("b");
+    assert!(sim.starts.is_empty());
+    sim.pool.on_channel_closed(inst, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.status(running), Some(502));
+    // Nothing of "a" waits: the slot is b's now, not at the next tick.
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(waiting), Some(200));
+}
+
+#[test]
+fn a_function_that_got_its_slot_by_eviction_does_not_wait_in_line_for_another() {
+    let (a, b, c) = (
+        function("a", 10, 1000),
+        function("b", 10, 1000),
+        function("c", 10, 1000),
+    );
+    let mut cfg = config(0);
+    cfg.instances_max = 2;
+    let mut sim = Sim::new(cfg, &[&a, &b, &c]);
+    sim.request("a");
+    let [ainst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(ainst, 200);
+    sim.request("c");
+    let [cinst] = sim.start_all()[..] else {
+        panic!()
+    };
+    // b takes the idle instance's slot.
+    let first_b = sim.request("b");
+    assert!(sim.fake(ainst).destroyed);
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(first_b), Some(200));
+    assert!(sim.pool.slot_waiters.is_empty(), "b has its slot");
+    // c's instance finishes with c's next request queued: it serves it,
+    // warm, rather than giving its slot to b, which needs none.
+    let next_c = sim.request("c");
+    sim.respond(cinst, 200);
+    assert!(!sim.fake(cinst).killed);
+    assert!(sim.starts.is_empty());
+    sim.respond(cinst, 200);
+    assert_eq!(sim.status(next_c), Some(200));
+}

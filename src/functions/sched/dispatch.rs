@@ -181,7 +181,7 @@ impl CorePool {
     /// queue below the limit scales out, but when no instance can start (the
     /// core holds its most, memory is spent) it may grow only to
     /// [`QUEUE_HARD_FACTOR`] times the bound.
-    fn queue_full(&self, id: &str) -> Option<Reply> {
+    pub(super) fn queue_full(&self, id: &str) -> Option<Reply> {
         let fs = &self.fns[id];
         let f = &fs.f;
         let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;

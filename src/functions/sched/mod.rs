@@ -671,13 +671,15 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(to, s);
         }
-        let function = self.reroute(to, function, name.as_deref());
+        let (function, rerouted) = self.reroute(to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
             self.reply(to, r);
         } else if pending.queue_deadline <= now {
             let waited = now.duration_since(pending.arrived).as_millis();
             let message = format!("no instance became free within {waited} ms");
             self.reply(to, Reply::error(504, "queue_timeout", &message));
+        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
+            self.reply(to, r);
         } else {
             self.place(&function, pending, now);
         }
@@ -689,16 +691,22 @@ impl CorePool {
     /// this core may still queue it ([`CorePool::drains`]), else, when a code
     /// update replaced `id` meanwhile, the function that now has its name.
     /// The request had not run; the new code serves it, as it serves every
-    /// request arriving after the update.
-    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> String {
+    /// request arriving after the update. `true` with the successor.
+    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> (String, bool) {
         if self.drains(&id) {
-            return id;
+            return (id, false);
         }
         let Some(heir) = name.and_then(|name| self.successor(name)).cloned() else {
-            return id;
+            return (id, false);
         };
         self.log_tail_from(to, &heir);
-        heir.spec.id.clone()
+        (heir.spec.id.clone(), true)
+    }
+
+    /// The 429 a request rerouted to `heir` (see [`CorePool::reroute`]) gets
+    /// when the successor's queue is full: it joins it as an arrival does.
+    fn heirs_queue_full(&self, heir: &str, rerouted: bool) -> Option<Reply> {
+        rerouted.then(|| self.queue_full(heir)).flatten()
     }
 
     /// The deployed function under `name` (the successor of those a code
@@ -745,8 +753,10 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(pending.to, s);
         }
-        let function = self.reroute(pending.to, function, name.as_deref());
+        let (function, rerouted) = self.reroute(pending.to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
+            self.reply(pending.to, r);
+        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
             self.reply(pending.to, r);
         } else {
             let fs = self

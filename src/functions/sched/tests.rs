@@ -2779,3 +2779,28 @@ fn a_function_that_got_its_slot_by_eviction_does_not_wait_in_line_for_another() 
     sim.respond(cinst, 200);
     assert_eq!(sim.status(next_c), Some(200));
 }
+
+#[test]
+fn a_relocated_request_rerouted_to_the_new_code_gets_429_when_its_queue_is_full() {
+    let (old, new) = (named("old"), named_limited("new", 1));
+    let mut core0 = Sim::new(config(0), &[&old]);
+    core0.alone = false;
+    let (to, queued) = relocated(&mut core0, &old, 1);
+    let mut cfg = config(1);
+    cfg.queue_depth_max = 1;
+    let mut core1 = Sim::new(cfg, &[&old, &new]);
+    (core1.alone, core1.now, core1.next_serial) = (false, core0.now, 100);
+    // The new code is at its limit (its instance elsewhere), one request queued.
+    new.try_reserve().unwrap();
+    let own = core1.request("new");
+    assert_eq!(core1.pool.fns["new"].queue.len(), 1);
+    old.deleted.store(true, Relaxed);
+    core1
+        .pool
+        .on_functions_changed(vec![new.clone()], core1.now);
+    core1.pool.on_relocated(to, queued, core1.now);
+    core1.drain();
+    assert_eq!(core1.pool.fns["new"].queue.len(), 1, "the bound holds");
+    assert_eq!(core1.status(own), None);
+    assert_eq!(core1.status(to), Some(429));
+}

@@ -632,6 +632,16 @@ impl CorePool {
         self.fns.contains_key(id)
     }
 
+    /// Whether function `id` takes new requests here: this core's view has
+    /// it, not deleted (a deleted one it still has only drains what was
+    /// queued or running). Read without the registry's lock: a function is
+    /// marked deleted under it as it is unpublished.
+    pub fn serves(&self, id: &str) -> bool {
+        self.fns
+            .get(id)
+            .is_some_and(|fs| !fs.f.deleted.load(Relaxed))
+    }
+
     /// The core a client connection whose request for `id` arrived here
     /// should move to, if any: when the function is limited to fewer
     /// instances than there are cores, all of them run (or start) elsewhere

@@ -2804,3 +2804,23 @@ fn a_relocated_request_rerouted_to_the_new_code_gets_429_when_its_queue_is_full(
     assert_eq!(core1.status(own), None);
     assert_eq!(core1.status(to), Some(429));
 }
+
+#[test]
+fn a_deleted_function_still_draining_here_is_known_but_serves_no_new_requests() {
+    let (old, new) = (named("old"), named("new"));
+    let mut sim = Sim::new(config(0), &[&old]);
+    sim.request("old");
+    sim.start_all();
+    assert!(sim.pool.serves("old"));
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    // Its instance here finishes its request: the view keeps it for that.
+    assert!(sim.pool.knows("old"));
+    assert!(
+        !sim.pool.serves("old"),
+        "a request that moved here is routed again"
+    );
+    assert!(sim.pool.serves("new"));
+    assert!(!sim.pool.serves("unknown"));
+}

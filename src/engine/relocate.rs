@@ -256,19 +256,23 @@ impl Worker {
                 body,
             } => {
                 self.catch_up(&id);
-                if !self.fns.knows(&id) && self.shared.functions.get(&id).is_none() {
+                if !self.fns.serves(&id) {
                     // Gone while the request travelled: a code update replaced
-                    // the function its name led to. Routed again, it finds the
-                    // name's function now (or the 404 of a deleted one).
+                    // the function its name led to (this core may still drain
+                    // it). Routed again, it finds the name's function now (or
+                    // the 404 of a deleted one).
                     return self.dispatch(tok, req, body);
                 }
                 self.invoke_here(tok, id, what, req, body)
             }
             Cargo::Queued(queued) => {
-                if self.shared.functions.get(queued.function()).is_none() {
-                    // Replaced (or deleted) while the request travelled: this
-                    // core's view may still lack the function now under its
-                    // name, which serves it unless old instances here do.
+                // The view first: a function live in it is published (no
+                // lock on the way of every spilled request).
+                if !self.fns.serves(queued.function()) {
+                    // Replaced (or deleted) while the request travelled, or
+                    // published after this core's view was taken: the view
+                    // may lack the function now under its name, which serves
+                    // it unless old instances here do.
                     let all = self.shared.functions.all();
                     self.fns.on_functions_changed(all, self.now);
                 }

@@ -655,7 +655,11 @@ impl Worker {
                     None => self.rapi_detach(inst),
                 },
                 Action::HandOver { core, instance } => {
-                    self.shared.send(core, Msg::InstanceMigrated(instance))
+                    // Dropped, it would keep its slot, memory and count for good.
+                    let msg = Msg::InstanceMigrated(instance);
+                    if let Err(Msg::InstanceMigrated(back)) = self.shared.try_send(core, msg) {
+                        self.fns.on_hand_over_failed(back, self.now);
+                    }
                 }
                 Action::Relocate { core, queued } => self.relocate(core, queued),
                 Action::Pull { core, function } => {

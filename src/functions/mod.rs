@@ -583,11 +583,12 @@ impl Registry {
 
     /// Publishes a newly deployed function (the caller broadcasts the change).
     /// A function that had its name is unpublished and returned: requests by
-    /// name go to the new one from now on, the old one drains.
+    /// name go to the new one from now on, the old one drains. It is marked
+    /// deleted under the lock ([`Index::insert`]): a core whose view is
+    /// refreshed from the new index never finds it live (such a view would
+    /// keep serving the old code and starting instances of it beside the new).
     pub fn insert(&self, f: Arc<Function>) -> Option<Arc<Function>> {
-        let old = self.map.write().unwrap().insert(f)?;
-        old.deleted.store(true, Ordering::Release);
-        Some(old)
+        self.map.write().unwrap().insert(f)
     }
 
     /// Unpublishes a function (by id or qualified name) whose name `held`

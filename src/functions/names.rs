@@ -16,6 +16,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -72,13 +73,19 @@ pub struct Index {
 }
 
 impl Index {
-    /// Adds `f`; returns the function that held its key before, now unlisted.
+    /// Adds `f`; returns the function that held its key before, now unlisted
+    /// and marked deleted. Marked here, by whoever holds the index (the
+    /// registry, under its lock): a reader that finds `f` in its place finds
+    /// the old one deleted, never a live function that is no longer listed.
     pub fn insert(&mut self, f: Arc<Function>) -> Option<Arc<Function>> {
         let replaced = qualified_key(&f).and_then(|key| {
             self.by_key
                 .insert(key, f.spec.id.clone())
                 .and_then(|old| self.by_id.remove(&old))
         });
+        if let Some(old) = &replaced {
+            old.deleted.store(true, Ordering::Release);
+        }
         self.by_id.insert(f.spec.id.clone(), f);
         replaced
     }
@@ -283,6 +290,34 @@ pub fn store_aliases(dir: &Path, name: &str, aliases: &BTreeMap<String, Alias>) 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A function `id` named `name` (no code on disk).
+    fn named(id: &str, name: &str) -> Arc<Function> {
+        let spec: crate::spec::FunctionSpec = serde_json::from_value(serde_json::json!({
+            "id": id, "handler": "index.handler", "memory_mb": 128, "timeout_ms": 1000,
+            "concurrency": 1, "env": [], "created_ms": 0, "code_bytes": 0,
+            "backend": "process", "name": name,
+        }))
+        .unwrap();
+        let memory = crate::functions::budget::Budget::new("memory", "MiB", 1024);
+        Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
+    }
+
+    #[test]
+    fn a_function_replaced_under_its_name_is_deleted_as_it_is_unlisted() {
+        let (old, new) = (
+            named("00000000000000a1", "f"),
+            named("00000000000000a2", "f"),
+        );
+        let mut index = Index::default();
+        assert!(index.insert(old.clone()).is_none());
+        assert!(!old.deleted.load(Ordering::Acquire));
+        let replaced = index.insert(new.clone()).expect("the old one is replaced");
+        assert!(Arc::ptr_eq(&replaced, &old));
+        assert!(old.deleted.load(Ordering::Acquire));
+        assert!(!new.deleted.load(Ordering::Acquire));
+        assert_eq!(index.resolve("f").as_deref(), Some("00000000000000a2"));
+    }
 
     #[test]
     fn weighted_aliases_split_by_the_draw() {

@@ -166,28 +166,36 @@ impl CorePool {
         {
             return self.dispatch_idle(id, pending, now);
         }
-        let fs = self.fns.get_mut(id).expect("looked up above");
-        // Requests covered by an instance being started for them are not
-        // "waiting beyond the limit"; a full queue below the limit scales out,
-        // but when no instance can start (the core holds its most, memory is
-        // spent) it may grow only to `QUEUE_HARD_FACTOR` times the bound.
-        let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;
-        let uncovered = fs.uncovered();
-        if uncovered >= self.cfg.queue_depth_max
-            && (at_limit || uncovered >= self.cfg.queue_depth_max * QUEUE_HARD_FACTOR)
-        {
-            f.metrics.error(ErrorKind::Throttled);
-            let message = match at_limit {
-                true => format!("function {id} is at its concurrency limit and its queue is full"),
-                false => format!("function {id} has no instance free and its queue is full"),
-            };
-            let r =
-                Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1");
+        if let Some(r) = self.queue_full(id) {
             return self.reply(to, r);
         }
+        let fs = self.fns.get_mut(id).expect("looked up above");
         fs.enqueue(pending, &mut self.queued);
         self.spill(id, now);
         self.grow(id, now);
+    }
+
+    /// The 429 a request joining the queue of `id` (known here) gets when the
+    /// queue is full, counted as throttled. Requests covered by an instance
+    /// being started for them are not "waiting beyond the limit"; a full
+    /// queue below the limit scales out, but when no instance can start (the
+    /// core holds its most, memory is spent) it may grow only to
+    /// [`QUEUE_HARD_FACTOR`] times the bound.
+    pub(super) fn queue_full(&self, id: &str) -> Option<Reply> {
+        let fs = &self.fns[id];
+        let f = &fs.f;
+        let at_limit = f.instances.load(Relaxed) >= f.spec.concurrency;
+        let uncovered = fs.uncovered();
+        let max = self.cfg.queue_depth_max;
+        if uncovered < max || (!at_limit && uncovered < max * QUEUE_HARD_FACTOR) {
+            return None;
+        }
+        f.metrics.error(ErrorKind::Throttled);
+        let message = match at_limit {
+            true => format!("function {id} is at its concurrency limit and its queue is full"),
+            false => format!("function {id} has no instance free and its queue is full"),
+        };
+        Some(Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1"))
     }
 
     /// Gives `pending` to an idle instance of `id` (there is one).
@@ -263,6 +271,11 @@ impl CorePool {
             fs.sync_home(core);
             add(&fs.f.metrics.cold_starts, 1);
             self.actions.push_back(Action::Start(fs.f.clone()));
+            // It has its slot (one freed for it, or made by eviction): it no
+            // longer waits for one, unless the loop finds it must again.
+            if !self.slot_waiters.is_empty() {
+                self.slot_waiters.retain(|w| w != id);
+            }
         }
     }
 
@@ -305,7 +318,9 @@ impl CorePool {
         self.fns.values().map(|f| f.starting).sum()
     }
 
-    /// Destroys the longest-idle instance of a function other than `except`.
+    /// Destroys the longest-idle instance of a function other than `except`
+    /// (the successor of a replaced function whose last instance it was
+    /// takes over its queue at once, see [`CorePool::take_over`]).
     fn evict_idle(&mut self, except: &str, now: Instant) -> bool {
         let victim = self
             .insts
@@ -315,7 +330,8 @@ impl CorePool {
             .map(|(k, _)| k);
         match victim {
             Some(k) => {
-                self.retire(k, now);
+                let heir = self.retire(k, now);
+                self.take_over(heir, now);
                 true
             }
             None => false,
@@ -372,12 +388,15 @@ impl CorePool {
     /// none is started for them, so they have no one else.
     pub(super) fn after_request(&mut self, i: usize, now: Instant) {
         let id = self.insts[i].function.spec.id.clone();
-        let waiter = self.slot_waiters.iter().position(|w| *w != id);
-        if let Some(pos) = waiter.filter(|_| !self.drains_queue(&id)) {
-            let waiter = self.slot_waiters.remove(pos).expect("position is valid");
-            self.retire(i, now);
+        let waiter = match self.drains_queue(&id) {
+            true => None,
+            false => self.take_waiter(&id),
+        };
+        if let Some(waiter) = waiter {
+            let heir = self.retire(i, now);
             self.grow(&waiter, now);
             self.grow(&id, now);
+            self.take_over(heir, now);
             return;
         }
         self.next_for(i, now);
@@ -393,11 +412,14 @@ impl CorePool {
 
     /// Gives an idle instance its next request, or parks it. An instance that
     /// just started or moved here got its slot in its function's turn, so it
-    /// serves its own queue (see [`CorePool::after_request`] for the turns).
+    /// serves its own queue (see [`CorePool::after_request`] for the turns);
+    /// with nothing queued for it, or retired, it leaves its slot to the next
+    /// function waiting for one ([`CorePool::give_slot`]).
     pub(super) fn next_for(&mut self, i: usize, now: Instant) {
         let id = self.insts[i].function.spec.id.clone();
         if !self.fns.contains_key(&id) {
             self.retire(i, now);
+            self.give_slot(&id, now);
             return;
         }
         if let Some(target) = self.hand_over_to(&id) {
@@ -406,6 +428,9 @@ impl CorePool {
         }
         let me = 1u64 << self.cfg.core;
         let may_run = self.under_fit(&id);
+        // Decided before `fs` is borrowed (nothing below changes it); with
+        // no function waiting for a slot it costs nothing.
+        let waiter = !self.slot_waiters.is_empty() && self.waiter_after(&id).is_some();
         let fs = self.fns.get_mut(&id).expect("checked");
         while let Some(p) = may_run.then(|| fs.dequeue(&mut self.queued)).flatten() {
             if super::forget_if_left(&mut self.gone, &mut self.service, &p.to) {
@@ -432,6 +457,15 @@ impl CorePool {
             // successor takes the queue.
             let heir = self.retire(i, now);
             self.take_over(heir, now);
+            self.give_slot(&id, now);
+            return;
+        }
+        if fs.queue.is_empty() && waiter {
+            // Idle, it would hold the slot until the waiter's next event
+            // (a tick, a request) evicted it.
+            let heir = self.retire(i, now);
+            self.take_over(heir, now);
+            self.give_slot(&id, now);
             return;
         }
         self.insts[i].idle_since = now;
@@ -441,6 +475,40 @@ impl CorePool {
         if may_run && fs.queue.is_empty() && fs.f.backlog.load(Relaxed) & !me != 0 {
             self.pull(&id);
         }
+    }
+
+    /// A slot here came free outside the turns of [`CorePool::after_request`]:
+    /// the next function other than `id` waiting for one gets it, if it is
+    /// still free (a waiter that found none would lose its place in line).
+    fn give_slot(&mut self, id: &str, now: Instant) {
+        if self.insts.len() + self.starting_total() >= self.cfg.instances_max {
+            return;
+        }
+        if let Some(waiter) = self.take_waiter(id) {
+            self.grow(&waiter, now);
+        }
+    }
+
+    /// The place in line of the first function other than `id` waiting for
+    /// a slot here that can still use one: it has requests no start covers
+    /// and is below its concurrency limit (one whose queue emptied
+    /// meanwhile, or that reached its limit on other cores, keeps its place
+    /// for when it needs a slot again).
+    fn waiter_after(&self, id: &str) -> Option<usize> {
+        self.slot_waiters.iter().position(|w| {
+            *w != id
+                && self.fns.get(w).is_some_and(|fs| {
+                    !fs.f.deleted.load(Relaxed)
+                        && fs.uncovered() > 0
+                        && fs.f.instances.load(Relaxed) < fs.f.spec.concurrency
+                })
+        })
+    }
+
+    /// Takes the function [`CorePool::waiter_after`] finds out of the line.
+    fn take_waiter(&mut self, id: &str) -> Option<String> {
+        let pos = self.waiter_after(id)?;
+        self.slot_waiters.remove(pos)
     }
 
     /// Whether one more request of `id` may run on this core now (see
@@ -500,7 +568,8 @@ impl CorePool {
     /// Removes an instance and has it destroyed off-loop; frees its
     /// concurrency slot. Returns the function that took over the queue of a
     /// deleted function whose last instance here it was (see
-    /// [`CorePool::forget_if_drained`]).
+    /// [`CorePool::forget_if_drained`]); every caller hands it to
+    /// [`CorePool::take_over`], or those requests wait for the next tick.
     pub(super) fn retire(&mut self, i: usize, now: Instant) -> Option<String> {
         let mut inst = self.insts.remove(i);
         // Its streamed answer was ended by whoever retires it busy.
@@ -532,7 +601,8 @@ impl CorePool {
     /// Drops a deleted function's state once no instance of it is left here.
     /// Requests still queued then had not run: when a code update replaced
     /// the function, the one now under its name takes them (in their order,
-    /// with their deadlines) and returns its id, to be served by
+    /// with their deadlines; those its queue has no room for get 429, see
+    /// [`CorePool::queue_full`]) and returns its id, to be served by
     /// [`CorePool::take_over`]; otherwise they get 404. While the core's
     /// view still lists the function, they wait for the refresh instead,
     /// which brings the successor (see [`FnState::listed`]).
@@ -561,6 +631,12 @@ impl CorePool {
         let heir_id = &heir.spec.id;
         while let Some(p) = fs.dequeue(&mut self.queued) {
             self.log_tail_from(p.to, &heir);
+            // They join its queue as arrivals do, oldest first: those beyond
+            // its bound get the 429 an arrival would.
+            if let Some(r) = self.queue_full(heir_id) {
+                self.reply(p.to, r);
+                continue;
+            }
             let hs = self.fns.get_mut(heir_id).expect("a successor known here");
             hs.insert_by_arrival(p, &mut self.queued);
         }
@@ -577,7 +653,8 @@ impl CorePool {
         self.grow(&id, now);
     }
 
-    /// Answers the instance's request with 502 (if any), destroys it, replaces it if needed.
+    /// Answers the instance's request with 502 (if any), destroys it, replaces
+    /// it if needed; a slot that stays free goes to a function waiting for one.
     pub(super) fn instance_failed(&mut self, i: usize, now: Instant, why: &str) {
         let inst = &mut self.insts[i];
         let f = inst.function.clone();
@@ -597,6 +674,7 @@ impl CorePool {
         let heir = self.retire(i, now);
         self.grow(&f.spec.id, now);
         self.take_over(heir, now);
+        self.give_slot(&f.spec.id, now);
     }
 
     /// A start finished: adopt the instance, or answer a waiting request
@@ -696,8 +774,12 @@ impl CorePool {
             .filter(|(_, i)| i.busy.is_none() && now.duration_since(i.idle_since) >= keep_warm)
             .map(|(k, _)| k)
             .collect();
+        let mut heirs = Vec::new();
         for i in cold {
-            self.retire(i, now);
+            heirs.extend(self.retire(i, now));
+        }
+        for heir in heirs {
+            self.take_over(Some(heir), now);
         }
     }
 
@@ -724,7 +806,8 @@ impl CorePool {
         }
     }
 
-    /// Instance `i` did not answer in time: 504, and it is destroyed.
+    /// Instance `i` did not answer in time: 504, and it is destroyed (its
+    /// slot as in [`CorePool::instance_failed`]).
     fn timed_out(&mut self, i: usize, now: Instant) {
         let inst = &mut self.insts[i];
         let busy = inst.busy.take().expect("timed out while busy");
@@ -747,6 +830,7 @@ impl CorePool {
         let heir = self.retire(i, now);
         self.grow(&f.spec.id, now);
         self.take_over(heir, now);
+        self.give_slot(&f.spec.id, now);
     }
 
     /// Queued requests past their queue deadline get 504.

@@ -2,7 +2,9 @@
 //! and still has requests waiting marks itself starved on the function, with
 //! the arrival time of its oldest waiting request; a core holding an idle
 //! instance of it detaches the instance's channel and hands the instance over,
-//! so instances spread evenly over the cores that want them.
+//! so instances spread evenly over the cores that want them. An instance that
+//! cannot reach its core (that core's loop has ended) comes back and serves
+//! on the core it left ([`CorePool::on_hand_over_failed`]).
 //!
 //! A core that holds all of a function's instances (a function limited to one
 //! concurrent execution, typically) also gives one up while it still has

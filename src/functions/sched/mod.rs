@@ -191,7 +191,8 @@ pub enum Action {
     /// Stop watching an instance's channel and give it back, with its unread
     /// bytes, through [`CorePool::on_detached`] (it moves to another core).
     Detach(InstId),
-    /// Give a detached instance to another core.
+    /// Give a detached instance to another core; should it not get there,
+    /// give it back ([`CorePool::on_hand_over_failed`]).
     HandOver { core: usize, instance: Migrated },
     /// Ask `core`, which has requests of `function` queued, for its oldest:
     /// an instance of it is idle here ([`CorePool::on_pull`] there).
@@ -631,6 +632,16 @@ impl CorePool {
         self.fns.contains_key(id)
     }
 
+    /// Whether function `id` takes new requests here: this core's view has
+    /// it, not deleted (a deleted one it still has only drains what was
+    /// queued or running). Read without the registry's lock: a function is
+    /// marked deleted under it as it is unpublished.
+    pub fn serves(&self, id: &str) -> bool {
+        self.fns
+            .get(id)
+            .is_some_and(|fs| !fs.f.deleted.load(Relaxed))
+    }
+
     /// The core a client connection whose request for `id` arrived here
     /// should move to, if any: when the function is limited to fewer
     /// instances than there are cores, all of them run (or start) elsewhere
@@ -670,13 +681,15 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(to, s);
         }
-        let function = self.reroute(to, function, name.as_deref());
+        let (function, rerouted) = self.reroute(to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
             self.reply(to, r);
         } else if pending.queue_deadline <= now {
             let waited = now.duration_since(pending.arrived).as_millis();
             let message = format!("no instance became free within {waited} ms");
             self.reply(to, Reply::error(504, "queue_timeout", &message));
+        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
+            self.reply(to, r);
         } else {
             self.place(&function, pending, now);
         }
@@ -688,16 +701,22 @@ impl CorePool {
     /// this core may still queue it ([`CorePool::drains`]), else, when a code
     /// update replaced `id` meanwhile, the function that now has its name.
     /// The request had not run; the new code serves it, as it serves every
-    /// request arriving after the update.
-    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> String {
+    /// request arriving after the update. `true` with the successor.
+    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> (String, bool) {
         if self.drains(&id) {
-            return id;
+            return (id, false);
         }
         let Some(heir) = name.and_then(|name| self.successor(name)).cloned() else {
-            return id;
+            return (id, false);
         };
         self.log_tail_from(to, &heir);
-        heir.spec.id.clone()
+        (heir.spec.id.clone(), true)
+    }
+
+    /// The 429 a request rerouted to `heir` (see [`CorePool::reroute`]) gets
+    /// when the successor's queue is full: it joins it as an arrival does.
+    fn heirs_queue_full(&self, heir: &str, rerouted: bool) -> Option<Reply> {
+        rerouted.then(|| self.queue_full(heir)).flatten()
     }
 
     /// The deployed function under `name` (the successor of those a code
@@ -744,8 +763,10 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(pending.to, s);
         }
-        let function = self.reroute(pending.to, function, name.as_deref());
+        let (function, rerouted) = self.reroute(pending.to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
+            self.reply(pending.to, r);
+        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
             self.reply(pending.to, r);
         } else {
             let fs = self
@@ -925,6 +946,14 @@ impl CorePool {
 
     /// Event: another core handed over an instance.
     pub fn on_migrated(&mut self, m: Migrated, now: Instant) {
+        self.migrated_in(m, now);
+        self.check_invariants();
+    }
+
+    /// Event: an instance handed over on [`Action::HandOver`] could not reach
+    /// its core (that core's loop has ended): it comes back and serves here,
+    /// as if handed over to this core, keeping its slot and its counts.
+    pub fn on_hand_over_failed(&mut self, m: Migrated, now: Instant) {
         self.migrated_in(m, now);
         self.check_invariants();
     }

@@ -218,8 +218,12 @@ impl CorePool {
                 .count();
             retire.extend(fs.unpark_oldest(n));
         }
+        let mut heirs = Vec::new();
         for i in retire {
-            self.retire(i, now);
+            heirs.extend(self.retire(i, now));
+        }
+        for heir in heirs {
+            self.take_over(Some(heir), now);
         }
         let held: Vec<String> = self
             .fns

@@ -2541,3 +2541,286 @@ fn requests_queued_behind_a_function_deleted_for_good_that_drained_get_404_at_th
     assert_eq!(sim.status(queued), Some(404));
     assert!(!sim.pool.knows("old"));
 }
+
+/// A core holding, for the replaced function "old", one idle instance with a
+/// request queued beside it and nothing running (its busy instance just
+/// crashed), the update published but this core's view not refreshed; the
+/// core's instance cap is `cap`, and "new" (the successor) is known here.
+/// Returns the sim and the queued request.
+fn old_idle_beside_its_queue(cap: usize, more: &[&Arc<Function>]) -> (Sim, ReplyTo) {
+    let (old, new) = (named("old"), named("new"));
+    let mut cfg = config(0);
+    cfg.instances_max = cap;
+    let mut fns = vec![&old, &new];
+    fns.extend_from_slice(more);
+    let mut sim = Sim::new(cfg, &fns);
+    sim.request("old");
+    let [a] = sim.start_all()[..] else { panic!() };
+    sim.request("old");
+    sim.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    sim.tick(0);
+    let [b] = sim.start_all()[..] else { panic!() };
+    sim.respond(a, 200);
+    sim.respond(b, 200);
+    // A saturated core that fits one of them: the second request waits.
+    sim.pool.fns.get_mut("old").unwrap().fit = Some(1);
+    sim.pool.cpu_busy_pct = 95;
+    sim.request("old");
+    let queued = sim.request("old");
+    let busy = sim.sent.last().unwrap().0;
+    assert_eq!(sim.pool.fns["old"].queue.len(), 1);
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_channel_closed(busy, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.live("old"), 1);
+    assert_eq!(sim.status(queued), None);
+    (sim, queued)
+}
+
+#[test]
+fn requests_a_replaced_function_leaves_when_its_last_instance_is_evicted_go_to_the_new_code_at_once(
+) {
+    let (b, c) = (function("b", 10, 1000), function("c", 10, 1000));
+    let (mut sim, queued) = old_idle_beside_its_queue(2, &[&b, &c]);
+    // "c" takes the free slot; "b" evicts the old code's idle instance.
+    sim.request("c");
+    sim.request("b");
+    assert!(!sim.pool.knows("old"));
+    assert_eq!(sim.pool.fns["new"].queue.len(), 1, "the new code took it");
+    // Without waiting for a tick, the new code serves it.
+    let new_inst = sim
+        .start_all()
+        .into_iter()
+        .find(|&i| sim.pool.insts[i.slot()].function.spec.id == "new")
+        .expect("an instance of the new code started for it");
+    sim.respond(new_inst, 200);
+    assert_eq!(sim.status(queued), Some(200));
+}
+
+#[test]
+fn an_instance_started_for_a_client_that_left_gives_its_slot_to_a_function_waiting_for_one() {
+    let (a, b) = (function("a", 10, 1000), function("b", 10, 1000));
+    let mut cfg = config(0);
+    cfg.instances_max = 1;
+    let mut sim = Sim::new(cfg, &[&a, &b]);
+    let left = sim.request("a");
+    assert_eq!(sim.starts.len(), 1);
+    sim.pool.on_client_gone(left);
+    // "b" waits for the core's only slot, which the start holds.
+    let waiting = sim.request("b");
+    assert_eq!(sim.starts.len(), 1);
+    assert_eq!(sim.pool.slot_waiters, ["b"]);
+    // The instance comes up with nothing to do: "b" gets its slot now, not
+    // at the next tick.
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    assert!(sim.sent.is_empty());
+    assert_eq!(sim.closed, vec![inst]);
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(waiting), Some(200));
+}
+
+#[test]
+fn an_instance_of_a_replaced_function_retired_by_the_fit_gives_its_slot_to_a_function_waiting_for_one(
+) {
+    let (old, new, b) = (named("old"), named("new"), function("b", 10, 1000));
+    let mut cfg = config(0);
+    cfg.instances_max = 2;
+    let mut sim = Sim::new(cfg, &[&old, &b]);
+    sim.functions.push(new.clone());
+    sim.request("old");
+    let [x] = sim.start_all()[..] else { panic!() };
+    sim.request("old");
+    sim.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    sim.tick(0);
+    let [_y] = sim.start_all()[..] else { panic!() };
+    // Both busy on a saturated core that fits one of them; one more queued.
+    sim.pool.fns.get_mut("old").unwrap().fit = Some(1);
+    sim.pool.cpu_busy_pct = 95;
+    sim.request("old");
+    old.deleted.store(true, Relaxed);
+    sim.pool
+        .on_functions_changed(vec![new.clone(), b.clone()], sim.now);
+    sim.drain();
+    let waiting = sim.request("b");
+    assert_eq!(sim.pool.slot_waiters, ["b"]);
+    assert!(sim.starts.is_empty());
+    // x is over the fit and goes: its slot is b's.
+    sim.respond(x, 200);
+    assert!(sim.fake(x).destroyed);
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(waiting), Some(200));
+}
+
+#[test]
+fn requests_a_replaced_function_hands_its_successor_beyond_the_successors_queue_bound_get_429() {
+    let (old, new) = (named_limited("old", 1), named_limited("new", 1));
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 2;
+    let mut sim = Sim::new(cfg, &[&old, &new]);
+    // Other cores hold both functions' only instances: requests here wait
+    // for them, up to the bound.
+    old.try_reserve().unwrap();
+    new.try_reserve().unwrap();
+    let first = sim.request("old");
+    sim.advance(1);
+    let second = sim.request("old");
+    sim.advance(1);
+    let own = sim.request("new");
+    assert_eq!(sim.pool.fns["old"].queue.len(), 2);
+    assert!(sim.replies.is_empty());
+    // The update lands: the old code's queue goes to the new code, whose
+    // queue has room for one more.
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    assert_eq!(sim.pool.fns["new"].queue.len(), 2, "the bound holds");
+    assert_eq!(sim.status(first), None, "the oldest fits");
+    assert_eq!(sim.status(own), None, "queued before, not refused now");
+    let refused = sim.reply_to(second).expect("an answer for the one beyond");
+    assert_eq!(refused.status, 429);
+    assert!(refused.headers.iter().any(|(k, _)| k == "retry-after"));
+}
+
+#[test]
+fn an_instance_whose_hand_over_cannot_reach_its_core_comes_back_and_serves_here() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    // Core 1's loop has ended: the owner gives the instance back.
+    core0.pool.on_hand_over_failed(moved, core0.now);
+    core0.drain();
+    assert_eq!(core0.attached.len(), 2, "attached here again");
+    let back = core0.attached[1];
+    core0.fakes.push((back, core0.fakes[0].1.clone()));
+    assert!(!core0.fake(back).killed);
+    assert_eq!(core0.live("a"), 1);
+    assert_eq!(f.instances.load(Relaxed), 1, "its slot is still its own");
+    assert_eq!(f.metrics.instances.load(Relaxed), 1);
+    assert_ne!(f.homes.load(Relaxed) & 1, 0);
+    let here = core0.request("a");
+    assert!(core0.starts.is_empty());
+    core0.respond(back, 200);
+    assert_eq!(core0.status(here), Some(200));
+}
+
+#[test]
+fn a_crashed_instance_gives_its_slot_to_a_function_waiting_for_one() {
+    let (a, b) = (function("a", 10, 1000), function("b", 10, 1000));
+    let mut cfg = config(0);
+    cfg.instances_max = 1;
+    let mut sim = Sim::new(cfg, &[&a, &b]);
+    let running = sim.request("a");
+    let [inst] = sim.start_all()[..] else {
+        panic!()
+    };
+    let waiting = sim.request("b");
+    assert!(sim.starts.is_empty());
+    sim.pool.on_channel_closed(inst, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.status(running), Some(502));
+    // Nothing of "a" waits: the slot is b's now, not at the next tick.
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(waiting), Some(200));
+}
+
+#[test]
+fn a_function_that_got_its_slot_by_eviction_does_not_wait_in_line_for_another() {
+    let (a, b, c) = (
+        function("a", 10, 1000),
+        function("b", 10, 1000),
+        function("c", 10, 1000),
+    );
+    let mut cfg = config(0);
+    cfg.instances_max = 2;
+    let mut sim = Sim::new(cfg, &[&a, &b, &c]);
+    sim.request("a");
+    let [ainst] = sim.start_all()[..] else {
+        panic!()
+    };
+    sim.respond(ainst, 200);
+    sim.request("c");
+    let [cinst] = sim.start_all()[..] else {
+        panic!()
+    };
+    // b takes the idle instance's slot.
+    let first_b = sim.request("b");
+    assert!(sim.fake(ainst).destroyed);
+    let binst = sim.the_start_of("b");
+    sim.respond(binst, 200);
+    assert_eq!(sim.status(first_b), Some(200));
+    assert!(sim.pool.slot_waiters.is_empty(), "b has its slot");
+    // c's instance finishes with c's next request queued: it serves it,
+    // warm, rather than giving its slot to b, which needs none.
+    let next_c = sim.request("c");
+    sim.respond(cinst, 200);
+    assert!(!sim.fake(cinst).killed);
+    assert!(sim.starts.is_empty());
+    sim.respond(cinst, 200);
+    assert_eq!(sim.status(next_c), Some(200));
+}
+
+#[test]
+fn a_relocated_request_rerouted_to_the_new_code_gets_429_when_its_queue_is_full() {
+    let (old, new) = (named("old"), named_limited("new", 1));
+    let mut core0 = Sim::new(config(0), &[&old]);
+    core0.alone = false;
+    let (to, queued) = relocated(&mut core0, &old, 1);
+    let mut cfg = config(1);
+    cfg.queue_depth_max = 1;
+    let mut core1 = Sim::new(cfg, &[&old, &new]);
+    (core1.alone, core1.now, core1.next_serial) = (false, core0.now, 100);
+    // The new code is at its limit (its instance elsewhere), one request queued.
+    new.try_reserve().unwrap();
+    let own = core1.request("new");
+    assert_eq!(core1.pool.fns["new"].queue.len(), 1);
+    old.deleted.store(true, Relaxed);
+    core1
+        .pool
+        .on_functions_changed(vec![new.clone()], core1.now);
+    core1.pool.on_relocated(to, queued, core1.now);
+    core1.drain();
+    assert_eq!(core1.pool.fns["new"].queue.len(), 1, "the bound holds");
+    assert_eq!(core1.status(own), None);
+    assert_eq!(core1.status(to), Some(429));
+}
+
+#[test]
+fn a_deleted_function_still_draining_here_is_known_but_serves_no_new_requests() {
+    let (old, new) = (named("old"), named("new"));
+    let mut sim = Sim::new(config(0), &[&old]);
+    sim.request("old");
+    sim.start_all();
+    assert!(sim.pool.serves("old"));
+    old.deleted.store(true, Relaxed);
+    sim.pool.on_functions_changed(vec![new.clone()], sim.now);
+    sim.drain();
+    // Its instance here finishes its request: the view keeps it for that.
+    assert!(sim.pool.knows("old"));
+    assert!(
+        !sim.pool.serves("old"),
+        "a request that moved here is routed again"
+    );
+    assert!(sim.pool.serves("new"));
+    assert!(!sim.pool.serves("unknown"));
+}

@@ -37,6 +37,8 @@
 #        (--duration in whole seconds)
 #        INSTANCES=N (per core; default 1: the fastest setting on one core)
 #        CORES=1|2 (default 1)
+#        FLOOR_PIPES=1: the floor and shim proxies talk to Node over a pair of
+#        pipes, as hearth does since 2026-12-03 (default: a socketpair)
 # Needs root, gcc, wrk, node, zip, curl and taskset, and 2 CPUs.
 set -euo pipefail
 
@@ -79,7 +81,7 @@ start_floor() { # name command args...
     local name=$1 port= core pids=()
     shift
     for core in $(seq 0 $((CORES - 1))); do
-        NODE_WRAP="taskset -c $core" start_server "${name}_$core" env ${port:+FLOOR_PORT=$port} "$@"
+        NODE_WRAP="taskset -c $core" start_server "${name}_$core" env ${port:+FLOOR_PORT=$port} ${FLOOR_PIPES:+FLOOR_PIPES=1} "$@"
         port=$REPLY
         pids+=("$(eval echo "\$${name}_${core}_PID")")
     done

@@ -274,41 +274,34 @@ int main(int argc, char **argv) {
     epfd = epoll_create1(0);
     if (epfd < 0) die("epoll_create1");
 
+    int pipes = getenv("FLOOR_PIPES") != NULL;
     for (int i = 0; i < n_inst; i++) {
-        if (getenv("FLOOR_PIPES")) {
+        /* The proxy reads ch[0] and writes ch[1]; the instance gets kid[0]
+         * as fd 3 and, with pipes, kid[1] as fd 4. */
+        int ch[2], kid[2];
+        if (pipes) {
             int down[2], up[2];
             if (pipe2(down, O_CLOEXEC) < 0 || pipe2(up, O_CLOEXEC) < 0) die("pipe");
-            pid_t pid = fork();
-            if (pid < 0) die("fork");
-            if (pid == 0) {
-                if (dup2(down[0], 3) < 0 || dup2(up[1], 4) < 0) die("dup2");
-                execvp(argv[2], argv + 2);
-                die("exec");
-            }
-            close(down[0]);
-            close(up[1]);
-            inst_fd[i] = up[0];
-            inst_out[i] = down[1];
-            inst_client[i] = -1;
-            fd_instance[up[0]] = i + 1;
-            watch(up[0]);
-            continue;
+            ch[0] = up[0], ch[1] = down[1], kid[0] = down[0], kid[1] = up[1];
+        } else {
+            int sv[2];
+            if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
+            ch[0] = ch[1] = sv[0], kid[0] = kid[1] = sv[1];
         }
-        int sv[2];
-        if (socketpair(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0, sv) < 0) die("socketpair");
         pid_t pid = fork();
         if (pid < 0) die("fork");
         if (pid == 0) {
-            if (dup2(sv[1], 3) < 0) die("dup2");
+            if (dup2(kid[0], 3) < 0 || (pipes && dup2(kid[1], 4) < 0)) die("dup2");
             execvp(argv[2], argv + 2);
             die("exec");
         }
-        close(sv[1]);
-        inst_fd[i] = sv[0];
-        inst_out[i] = sv[0];
+        close(kid[0]);
+        if (pipes) close(kid[1]);
+        inst_fd[i] = ch[0];
+        inst_out[i] = ch[1];
         inst_client[i] = -1;
-        fd_instance[sv[0]] = i + 1;
-        watch(sv[0]);
+        fd_instance[ch[0]] = i + 1;
+        watch(ch[0]);
     }
 
     const char *handler = getenv("FLOOR_HANDLER");

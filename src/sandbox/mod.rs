@@ -225,6 +225,7 @@ pub enum Endpoint {
 /// A running, initialised instance of one function.
 pub trait Instance: Send {
     /// The host end of the channel to the guest (taken once, by the owning core).
+    /// Of a pipe pair, only the read end: the core takes [`Instance::take_endpoint`].
     fn take_channel(&mut self) -> Option<OwnedFd>;
     /// What the owning core serves the instance through (taken once).
     fn take_endpoint(&mut self) -> Option<Endpoint> {

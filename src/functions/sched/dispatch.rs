@@ -451,18 +451,12 @@ impl CorePool {
             return;
         }
         fs.f.starved.fetch_and(!me, Relaxed);
-        if fs.f.deleted.load(Relaxed) {
-            // Held back by the fit, it leaves the queue to the function's
-            // instances still running here; should it be the last, the
-            // successor takes the queue.
-            let heir = self.retire(i, now);
-            self.take_over(heir, now);
-            self.give_slot(&id, now);
-            return;
-        }
-        if fs.queue.is_empty() && waiter {
-            // Idle, it would hold the slot until the waiter's next event
-            // (a tick, a request) evicted it.
+        // Retired: an instance of a deleted function held back by the fit
+        // (it leaves the queue to the function's instances still running
+        // here; should it be the last, the successor takes the queue), and
+        // one that would idle while another function waits for its slot
+        // (until the waiter's next event, a tick or a request, evicted it).
+        if fs.f.deleted.load(Relaxed) || (fs.queue.is_empty() && waiter) {
             let heir = self.retire(i, now);
             self.take_over(heir, now);
             self.give_slot(&id, now);

@@ -1121,9 +1121,11 @@ mod tests {
             "{}",
             ev.charges.disk.used()
         );
-        // Removed without a restart: the next check returns its charge.
+        // Removed without a restart: the next check returns its charge. The
+        // clock is read again: `open` counts the interval from its own start,
+        // later than `now`.
         std::fs::remove_dir_all(&recent).unwrap();
-        ev.check_set_aside(now + UNREADABLE_CHECK_MS);
+        ev.check_set_aside(crate::util::time::unix_time_ms() + UNREADABLE_CHECK_MS);
         assert_eq!(ev.charges.disk.used(), 0);
         let _ = std::fs::remove_dir_all(&d);
         let _ = std::fs::remove_dir_all(&aside);

@@ -224,13 +224,9 @@ pub enum Endpoint {
 
 /// A running, initialised instance of one function.
 pub trait Instance: Send {
-    /// The host end of the channel to the guest (taken once, by the owning core).
-    /// Of a pipe pair, only the read end: the core takes [`Instance::take_endpoint`].
-    fn take_channel(&mut self) -> Option<OwnedFd>;
-    /// What the owning core serves the instance through (taken once).
-    fn take_endpoint(&mut self) -> Option<Endpoint> {
-        self.take_channel().map(Endpoint::Channel)
-    }
+    /// What the owning core serves the instance through (taken once): the
+    /// host end of the channel to the guest, a pipe pair, or the Runtime API.
+    fn take_endpoint(&mut self) -> Option<Endpoint>;
     /// A second socket carrying only LOG frames (the process backend's agent
     /// in direct mode), taken once by the log collector; `None` when logs
     /// travel on the channel.

@@ -36,8 +36,8 @@ struct Fake {
 }
 
 impl Instance for Fake {
-    fn take_channel(&mut self) -> Option<OwnedFd> {
-        self.channel.take()
+    fn take_endpoint(&mut self) -> Option<Endpoint> {
+        self.channel.take().map(Endpoint::Channel)
     }
     fn kill(&mut self) {
         self.log.lock().unwrap().killed = true;

@@ -69,7 +69,7 @@ pub use vmm::VmmError;
 use super::boot_gate::BootGate;
 use super::vmcgroup::{self, VmmCgroup};
 use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
-use super::{handshake, Backend, InitLogs, Instance, SetupError, StartError};
+use super::{handshake, Backend, Endpoint, InitLogs, Instance, SetupError, StartError};
 use crate::config::{FcMemory, ServeConfig};
 use crate::guest::images::{self, Guest, RuntimeDrives};
 use crate::runtime::RuntimeKind;
@@ -177,8 +177,8 @@ pub struct FirecrackerInstance {
 }
 
 impl Instance for FirecrackerInstance {
-    fn take_channel(&mut self) -> Option<OwnedFd> {
-        self.channel.take()
+    fn take_endpoint(&mut self) -> Option<Endpoint> {
+        self.channel.take().map(Endpoint::Channel)
     }
     fn kill(&mut self) {
         self.vmm.kill();

@@ -89,9 +89,6 @@ pub struct ProcInstance {
 }
 
 impl Instance for ProcInstance {
-    fn take_channel(&mut self) -> Option<OwnedFd> {
-        self.channel.take()
-    }
     fn take_endpoint(&mut self) -> Option<Endpoint> {
         if let Some(served) = self.served.take() {
             return Some(Endpoint::RuntimeApi(served));

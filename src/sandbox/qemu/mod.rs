@@ -78,7 +78,7 @@ use super::boot_gate::BootGate;
 use super::handshake;
 use super::vmcgroup::{self, VmmCgroup};
 use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
-use super::{Backend, InitLogs, Instance, SetupError, StartError};
+use super::{Backend, Endpoint, InitLogs, Instance, SetupError, StartError};
 use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest, RuntimeDrives};
 use crate::runtime::RuntimeKind;
@@ -100,8 +100,8 @@ pub struct QemuInstance {
 }
 
 impl Instance for QemuInstance {
-    fn take_channel(&mut self) -> Option<OwnedFd> {
-        self.channel.take()
+    fn take_endpoint(&mut self) -> Option<Endpoint> {
+        self.channel.take().map(Endpoint::Channel)
     }
     fn kill(&mut self) {
         self.vm.kill();

@@ -4,6 +4,8 @@
 //! use L1's `/dev/kvm`. One L1 boot serves every cycle below (the boot is the
 //! fixed cost); each cycle deploys, invokes, breaks and restarts functions
 //! through the forwarded port, and looks inside L1 over its control channel.
+//! A cycle during which L1 itself stopped running (software-emulated SVM
+//! has hung it) runs once more on a fresh L1 ([`part`]).
 //!
 //! L2 code runs at emulation speed (Node.js ~37× slower than native), so the
 //! handlers are tiny and the timeouts generous.
@@ -615,16 +617,17 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
         }
         // HEARTH_NESTED_ONLY=uffd: only the Uffd cycles (while working on them).
         let app = if std::env::var("HEARTH_NESTED_ONLY").as_deref() != Ok("uffd") {
-            backend_cycle(
-                &mut l1,
-                &FIRECRACKER,
-                "--backend firecracker --fc-memory file",
-            )
+            part(&mut l1, "firecracker cycle", |l1, _| {
+                backend_cycle(l1, &FIRECRACKER, "--backend firecracker --fc-memory file")
+            })
         } else {
             None
         };
-        uffd_cycle(&mut l1, app);
-        jailer_cycle(&mut l1);
+        // A fresh L1 has none of the first cycle's functions.
+        part(&mut l1, "uffd cycles", |l1, fresh| {
+            uffd_cycle(l1, if fresh { None } else { app.clone() })
+        });
+        part(&mut l1, "jailer cycle", |l1, _| jailer_cycle(l1));
     } else {
         eprintln!(
             "nested: firecracker cycle skipped: no firecracker was installed on this host \
@@ -634,18 +637,46 @@ fn nested_kvm_host_runs_hearths_vm_backends() {
     // The QEMU backend picks KVM in L1 (`-M pc` by default) and serves from
     // a snapshot on `microvm`, the KVM-only type (~1 min; `pc` took twice as
     // long and is the machine every TCG test of the QEMU backend uses).
-    l1.start_hearth("", "--backend qemu");
-    let log = l1.serve_log();
-    assert!(log.contains("-accel kvm -M pc"), "{log}");
-    l1.stop_hearth();
-    machine_check(&mut l1, "microvm");
+    part(&mut l1, "qemu on microvm", |l1, _| {
+        l1.start_hearth("", "--backend qemu");
+        let log = l1.serve_log();
+        assert!(log.contains("-accel kvm -M pc"), "{log}");
+        l1.stop_hearth();
+        machine_check(l1, "microvm");
+    });
     // The whole QEMU cycle on KVM, then `-M pc` and `-M q35` (~1.5 min together;
     // the nested group took 308 s with them on this machine).
-    backend_cycle(&mut l1, &QEMU, "--backend qemu");
-    l1.sh(&format!("rm -rf {STATE}/functions"));
-    machine_check(&mut l1, "pc");
-    machine_check(&mut l1, "q35");
+    part(&mut l1, "qemu cycle", |l1, _| {
+        backend_cycle(l1, &QEMU, "--backend qemu");
+        l1.sh(&format!("rm -rf {STATE}/functions"));
+    });
+    part(&mut l1, "qemu on pc", |l1, _| machine_check(l1, "pc"));
+    part(&mut l1, "qemu on q35", |l1, _| machine_check(l1, "q35"));
     l1.shutdown();
+}
+
+/// Runs one part of the test. When it fails because L1 itself stopped
+/// running ([`L1::stalled_since`]), which says nothing about hearth, the part
+/// runs once more on a fresh L1 (`run` is told so: the old L1's state is
+/// gone); any other failure, or a second one, fails the test.
+fn part<T>(l1: &mut L1, name: &str, run: impl Fn(&mut L1, bool) -> T) -> T {
+    let seen = l1.console().len();
+    let e = match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| run(l1, false))) {
+        Ok(v) => return v,
+        Err(e) => e,
+    };
+    match l1.stalled_since(seen) {
+        Some(why) => {
+            eprintln!(
+                "nested: {name}: L1 stopped running ({why}), not hearth; \
+                 the part runs once more on a fresh L1"
+            );
+            drop(e);
+            l1.reboot();
+            run(l1, true)
+        }
+        None => std::panic::resume_unwind(e),
+    }
 }
 
 /// Waits until function `id` has no instance left (scaled to zero after `--keep-warm-ms`).

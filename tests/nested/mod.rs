@@ -352,6 +352,33 @@ impl L1 {
         fs::read_to_string(&self.console).unwrap_or_default()
     }
 
+    /// Why L1 itself stopped running after its console had `seen` bytes, if
+    /// it did: its kernel reported a soft lockup (its CPU was not run for tens
+    /// of seconds: the emulator's doing, as nothing inside L1 can stop the
+    /// idle task), or its shell does not answer within a minute.
+    /// Software-emulated SVM has hung L1 this way in the middle of an L2 boot
+    /// (a 420 s soft lockup in CI, 2026-12-03).
+    pub fn stalled_since(&mut self, seen: usize) -> Option<String> {
+        let console = self.console();
+        let lockup = console
+            .get(seen..)
+            .and_then(|new| new.lines().find(|l| l.contains("soft lockup")))
+            .map(|l| format!("L1's console: {}", l.trim()));
+        lockup.or_else(|| {
+            self.try_sh("true", Duration::from_secs(60))
+                .is_none()
+                .then(|| "L1's shell did not answer within 60 s".to_string())
+        })
+    }
+
+    /// Kills this L1 and boots a fresh one in its place (nothing of the old
+    /// one's state is kept: its disk is a snapshot).
+    pub fn reboot(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        *self = L1::boot();
+    }
+
     /// Fails the test with `why`, L1's console and hearth's log.
     pub fn fail(&mut self, why: &str) -> ! {
         let log = if self.child.try_wait().ok().flatten().is_none() {

@@ -328,8 +328,10 @@ impl AsyncEvents {
                         webhook,
                     );
                 }
-                m.retried.fetch_add(1, Ordering::Relaxed);
+                // Counted once its retry record is written: a count seen
+                // (by a test that kills the server then) is a retry on disk.
                 events.queue.finish_retry(pending);
+                m.retried.fetch_add(1, Ordering::Relaxed);
             }
         }
     }

@@ -795,12 +795,17 @@ fn one_functions_slow_backlog_leaves_invokers_for_another_function() {
     let sent = Instant::now();
     let (status, _) = event(&s, "other", r#"{"n": 999}"#);
     assert_eq!(status, 202);
-    wait_for(Duration::from_secs(20), "the other function's event", || {
-        logs(&s, "other").contains("event-done [999]")
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the other function's event",
+        || logs(&s, "other").contains("event-done [999]"),
+    );
     eprintln!("the other function's event ran after {:?}", sent.elapsed());
     let hog_done = logs(&s, "hog").matches("event-done [").count();
-    assert_eq!(hog_done, 0, "the other event waited for a run of the hog to end");
+    assert_eq!(
+        hog_done, 0,
+        "the other event waited for a run of the hog to end"
+    );
     let hog = running();
     assert!(
         hog <= INVOKERS_PER_FUNCTION_MAX,

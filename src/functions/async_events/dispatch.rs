@@ -808,7 +808,6 @@ mod tests {
 
     /// Holds the stand-in service's answers until the test lets them go:
     /// `None`, all go; `Some(n)`, `n` more may.
-    #[derive(Default)]
     struct Gate {
         permits: Mutex<Option<usize>>,
         cv: Condvar,

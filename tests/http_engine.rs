@@ -748,6 +748,19 @@ fn running_out_of_descriptors_pauses_accepts_then_recovers(io: &str) {
         c.write(GET_HEALTHZ);
     }
     std::thread::sleep(Duration::from_millis(300));
+    // A loaded machine may not have answered any yet: wait for a first answer
+    // (those beyond the limit wait anyway, as the answered keep their
+    // descriptors).
+    let answered_yet = |c: &Client| {
+        c.stream.set_nonblocking(true).unwrap();
+        let got = c.stream.peek(&mut [0u8; 1]).is_ok();
+        c.stream.set_nonblocking(false).unwrap();
+        got
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !clients.iter().any(answered_yet) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
     // Those that got a descriptor are answered; the rest wait in the backlog.
     let mut waiting = Vec::new();
     let mut answered = 0;

@@ -409,6 +409,13 @@ fn delete_waits_for_in_flight_requests() {
     let id = deploy(&s, "behave", "");
     let mut slow = s.connect();
     slow.write(format!("GET /f/{id}/sleep?ms=800 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+    // Received before the delete, however late a loaded machine reads it;
+    // then a moment for it to reach the instance.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while call(&s, "GET", &format!("/functions/{id}"), &[], b"").json()["invocations"] == 0 {
+        assert!(Instant::now() < deadline, "the slow request never arrived");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     std::thread::sleep(Duration::from_millis(200));
     let r = call(&s, "DELETE", &format!("/functions/{id}"), &[], b"");
     assert_eq!(r.status, 200, "{}", r.text());

@@ -77,8 +77,11 @@ fn memory_budget_refuses_the_deploy_and_the_scale_out_that_do_not_fit() {
         "1000",
     ]);
     let zip = zip_fixture("plain");
+    // Busy for 8 s: long enough for the checks below once both instances run,
+    // even if a loaded machine starts the second one late (with 3 s runs and
+    // 2 s for both to start, little was left for them).
     let slow = zip_of(
-        "exports.handler = async () => { await new Promise(r => setTimeout(r, 3000)); return { statusCode: 200, body: 'done' }; };\n",
+        "exports.handler = async () => { await new Promise(r => setTimeout(r, 8000)); return { statusCode: 200, body: 'done' }; };\n",
         0,
     );
     let small = deploy_ok(&s, &zip, "memory_mb=64");
@@ -88,12 +91,16 @@ fn memory_budget_refuses_the_deploy_and_the_scale_out_that_do_not_fit() {
             let addr = s.addr;
             let id = busy.clone();
             std::thread::spawn(move || {
-                common::Client::connect(addr).request("GET", &format!("/f/{id}/"), &[], b"")
+                let mut c = common::Client::connect(addr);
+                c.stream
+                    .set_read_timeout(Some(Duration::from_secs(30)))
+                    .unwrap();
+                c.request("GET", &format!("/f/{id}/"), &[], b"")
             })
         })
         .collect();
     // Both instances run (the standbys gave up their memory for them).
-    let end = Instant::now() + Duration::from_secs(2);
+    let end = Instant::now() + Duration::from_secs(10);
     while control(&s, "GET", &format!("/functions/{busy}"), &[], b"").json()["instances"] != 2 {
         assert!(Instant::now() < end, "two instances never ran");
         std::thread::sleep(Duration::from_millis(20));
@@ -260,12 +267,17 @@ fn functions_whose_inits_hang_do_not_hold_up_another_functions_first_request() {
             .as_millis()
     };
     // Their deploys load (and leave standbys); every init after that hangs.
-    let hang_after = epoch_ms() + 10_000;
+    // The five deploys must be done by then: the window is eight times what
+    // one deploy took here, and at least 10 s (a fixed 10 s was tight for six
+    // deploys on a loaded machine).
+    let t = Instant::now();
+    let plain = deploy_ok(&s, &zip_fixture("plain"), "memory_mb=128");
+    let window = (8 * t.elapsed().as_millis()).max(10_000);
+    let hang_after = epoch_ms() + window;
     let zip = zip_of(&hanging_init_source(hang_after), 0);
     let hanging: Vec<String> = (0..5)
         .map(|_| deploy_ok(&s, &zip, "memory_mb=128&concurrency=2&timeout_ms=30000"))
         .collect();
-    let plain = deploy_ok(&s, &zip_fixture("plain"), "memory_mb=128");
     assert!(
         epoch_ms() < hang_after,
         "the deploys took too long for this test"

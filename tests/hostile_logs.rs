@@ -16,8 +16,13 @@ use common::{control, deploy_fixture as deploy, deploy_zip, zip_fixture, Respons
 /// Growth of the server's memory a flood may cause (the log ring is 1 MiB;
 /// the rest is a channel's read buffer for one 8 MiB frame and allocator slack).
 const RSS_GROWTH_KIB_MAX: u64 = 64 * 1024;
-/// Slowest answer a bystander may see while a function floods its log.
-const BYSTANDER_LATENCY_MAX: Duration = Duration::from_millis(200);
+/// Slowest answer a bystander may see while a function floods its log. Each
+/// answer takes a few ms here, and the worst of a few hundred was 70 ms with
+/// the flooding function, its log intake, the bystander's function and another
+/// test sharing two cores; a CI machine that also runs a nested VM stretches
+/// that further, so the bound leaves room for scheduling. An event loop held
+/// by an 8 MiB flood handled line by line would take longer.
+const BYSTANDER_LATENCY_MAX: Duration = Duration::from_millis(1000);
 
 /// An invocation of function `id` at `path`.
 fn invoke(s: &Server, id: &str, path: &str) -> Response {

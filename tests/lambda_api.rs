@@ -959,7 +959,9 @@ fn invocations_by_name_do_not_wait_for_an_alias_being_stored() {
         scope.spawn(move || {
             let _ = tx.send(s.get("/f/stall/x").status);
         });
-        let by_name = rx.recv_timeout(Duration::from_secs(3));
+        // The store stays stuck until the FIFO is read below, so however
+        // long this waits, an invocation waiting for it would not come back.
+        let by_name = rx.recv_timeout(Duration::from_secs(20));
         // The store goes on: it writes into the FIFO, cannot fsync it, and
         // changes nothing.
         let reader = std::fs::OpenOptions::new()

@@ -738,8 +738,9 @@ fn a_failed_events_retry_waits_its_turn_across_a_kill_9() {
             "function=\"again\"",
         ) == 1
     });
-    // The retry record is written right after the count.
-    std::thread::sleep(Duration::from_millis(200));
+    // The retry record is written before the count (it used to be written
+    // just after, and the test slept 200 ms, which a loaded machine may not
+    // honour).
     s.signal(libc::SIGKILL);
     s.wait_exit(Duration::from_secs(10));
 
@@ -777,7 +778,7 @@ fn one_functions_slow_backlog_leaves_invokers_for_another_function() {
     );
     create(&s, "other", &[]);
     for n in 0..40 {
-        let (status, _) = event(&s, "hog", &format!(r#"{{"n": {n}, "sleep_ms": 10000}}"#));
+        let (status, _) = event(&s, "hog", &format!(r#"{{"n": {n}, "sleep_ms": 25000}}"#));
         assert_eq!(status, 202, "event {n}");
     }
     let running = || {
@@ -787,15 +788,24 @@ fn one_functions_slow_backlog_leaves_invokers_for_another_function() {
     wait_for(Duration::from_secs(30), "the hog to run its share", || {
         running() >= INVOKERS_PER_FUNCTION_MAX
     });
-    // Its runs take 10 s: the other function's event runs on an invoker
-    // the hog could not take, not after one of the hog's runs ends.
+    // Its runs take 25 s: the other function's event runs on an invoker
+    // the hog could not take, not after one of the hog's runs ends. (With
+    // 10 s runs and 6 s for the other event, a loaded machine was left little
+    // room; now none of the hog's runs may have ended when it is done.)
     let sent = Instant::now();
     let (status, _) = event(&s, "other", r#"{"n": 999}"#);
     assert_eq!(status, 202);
-    wait_for(Duration::from_secs(6), "the other function's event", || {
-        logs(&s, "other").contains("event-done [999]")
-    });
+    wait_for(
+        Duration::from_secs(20),
+        "the other function's event",
+        || logs(&s, "other").contains("event-done [999]"),
+    );
     eprintln!("the other function's event ran after {:?}", sent.elapsed());
+    let hog_done = logs(&s, "hog").matches("event-done [").count();
+    assert_eq!(
+        hog_done, 0,
+        "the other event waited for a run of the hog to end"
+    );
     let hog = running();
     assert!(
         hog <= INVOKERS_PER_FUNCTION_MAX,

@@ -530,15 +530,24 @@ fn a_guest_flooding_its_console_leaves_a_capped_log() {
                 .map(|(_, d)| PathBuf::from(d.trim()))
         })
         .unwrap_or_else(|| panic!("no run dir in:\n{stderr}"));
-    // The drain thread may still be moving the last bytes.
-    std::thread::sleep(Duration::from_millis(500));
-    let logs: Vec<(PathBuf, Vec<u8>)> = fs::read_dir(&run_dir)
-        .unwrap()
-        .flatten()
-        .map(|e| e.path())
-        .filter(|p| p.to_string_lossy().contains(&format!("/{id}-")))
-        .filter_map(|p| Some((p.join("console.log"), fs::read(p.join("console.log")).ok()?)))
-        .collect();
+    let read_logs = || -> Vec<(PathBuf, Vec<u8>)> {
+        fs::read_dir(&run_dir)
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .filter(|p| p.to_string_lossy().contains(&format!("/{id}-")))
+            .filter_map(|p| Some((p.join("console.log"), fs::read(p.join("console.log")).ok()?)))
+            .collect()
+    };
+    // The drain thread may still be moving the last bytes (for longer than a
+    // fixed 500 ms on a loaded machine): wait for the latest output.
+    wait_until(Duration::from_secs(30), || {
+        read_logs().iter().any(|(_, t)| {
+            let t = String::from_utf8_lossy(t);
+            t.contains("bytes of output dropped]") && t.trim_end().ends_with("xxxx")
+        })
+    });
+    let logs = read_logs();
     for (path, text) in &logs {
         assert!(
             text.len() as u64 <= hearth::sandbox::vmlog::FILE_BYTES_MAX,

@@ -76,7 +76,9 @@ test('plain: full event, context and environment', async () => {
     env: { GREETING: 'hello', AWS_LAMBDA_FUNCTION_NAME: 'not-allowed' },
   });
   const timeMs = Date.UTC(2026, 10, 27, 1, 38, 38, 123);
-  const deadline = Date.now() + 5000;
+  // Far enough out that a loaded machine's delay before the handler runs
+  // still leaves most of it (with 5 s, 2 s of delay failed the check below).
+  const deadline = Date.now() + 30000;
   const r = await c.invoke(
     {
       method: 'POST',
@@ -166,7 +168,7 @@ test('plain: full event, context and environment', async () => {
     logGroupName: `/aws/lambda/${FID}`,
   });
   assert.match(logStreamName, /^\d{4}\/\d{2}\/\d{2}\/\[\$LATEST\][0-9a-f]{32}$/);
-  assert.ok(remainingMs > 3000 && remainingMs <= 5000, `remaining ${remainingMs}`);
+  assert.ok(remainingMs > 20000 && remainingMs <= 30000, `remaining ${remainingMs}`);
   assert.deepEqual(out.env, {
     AWS_LAMBDA_FUNCTION_NAME: FID,
     AWS_LAMBDA_FUNCTION_VERSION: '$LATEST',

@@ -413,8 +413,9 @@ impl CorePool {
     /// Gives an idle instance its next request, or parks it. An instance that
     /// just started or moved here got its slot in its function's turn, so it
     /// serves its own queue (see [`CorePool::after_request`] for the turns);
-    /// with nothing queued for it, or retired, it leaves its slot to the next
-    /// function waiting for one ([`CorePool::give_slot`]).
+    /// handed over to another core, retired, or with nothing queued for it,
+    /// it leaves its slot to the next function waiting for one
+    /// ([`CorePool::give_slot`]).
     pub(super) fn next_for(&mut self, i: usize, now: Instant) {
         let id = self.insts[i].function.spec.id.clone();
         if !self.fns.contains_key(&id) {
@@ -424,6 +425,9 @@ impl CorePool {
         }
         if let Some(target) = self.hand_over_to(&id) {
             self.migrate(i, target, now);
+            // Gone from this core as if retired: a function waiting for a
+            // slot here would otherwise wait for its next tick or request.
+            self.give_slot(&id, now);
             return;
         }
         let me = 1u64 << self.cfg.core;

@@ -2824,3 +2824,31 @@ fn a_deleted_function_still_draining_here_is_known_but_serves_no_new_requests() 
     assert!(sim.pool.serves("new"));
     assert!(!sim.pool.serves("unknown"));
 }
+
+#[test]
+fn an_instance_handed_over_as_it_comes_up_gives_its_slot_to_a_function_waiting_for_one() {
+    let (a, b) = (function("a", 1, 1000), function("b", 10, 60_000));
+    let mut cfg = config(0);
+    cfg.instances_max = 1;
+    let mut core0 = Sim::new(cfg, &[&a, &b]);
+    let mut core1 = Sim::new(config(1), &[&a, &b]);
+    (core0.alone, core1.alone) = (false, false);
+    // The core's only slot starts an instance of "a" for a request that
+    // times out in the queue meanwhile; "b" waits for the slot.
+    let expired = core0.request("a");
+    let waiting = core0.request("b");
+    assert_eq!(core0.pool.slot_waiters, ["b"]);
+    core0.advance(11_001);
+    core0.tick(0);
+    assert_eq!(core0.status(expired), Some(504));
+    // Core 1 is starved of "a": the instance goes there as it comes up.
+    core1.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    assert_eq!(core0.detached, vec![inst]);
+    // The slot it leaves here is b's now, not at the next tick.
+    let binst = core0.the_start_of("b");
+    core0.respond(binst, 200);
+    assert_eq!(core0.status(waiting), Some(200));
+}

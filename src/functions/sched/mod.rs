@@ -669,7 +669,7 @@ impl CorePool {
 
     /// Event: a connection moved here with `queued`, a request queued on
     /// another core; its answer now goes to `to`. It takes its place in the
-    /// queue by arrival.
+    /// queue by arrival, under the queue's bound (see [`CorePool::place`]).
     pub fn on_relocated(&mut self, to: ReplyTo, queued: Queued, now: Instant) {
         let Queued {
             function,
@@ -681,15 +681,13 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(to, s);
         }
-        let (function, rerouted) = self.reroute(to, function, name.as_deref());
+        let function = self.reroute(to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
             self.reply(to, r);
         } else if pending.queue_deadline <= now {
             let waited = now.duration_since(pending.arrived).as_millis();
             let message = format!("no instance became free within {waited} ms");
             self.reply(to, Reply::error(504, "queue_timeout", &message));
-        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
-            self.reply(to, r);
         } else {
             self.place(&function, pending, now);
         }
@@ -701,22 +699,17 @@ impl CorePool {
     /// this core may still queue it ([`CorePool::drains`]), else, when a code
     /// update replaced `id` meanwhile, the function that now has its name.
     /// The request had not run; the new code serves it, as it serves every
-    /// request arriving after the update. `true` with the successor.
-    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> (String, bool) {
+    /// request arriving after the update (it joins the successor's queue as
+    /// an arrival does).
+    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> String {
         if self.drains(&id) {
-            return (id, false);
+            return id;
         }
         let Some(heir) = name.and_then(|name| self.successor(name)).cloned() else {
-            return (id, false);
+            return id;
         };
         self.log_tail_from(to, &heir);
-        (heir.spec.id.clone(), true)
-    }
-
-    /// The 429 a request rerouted to `heir` (see [`CorePool::reroute`]) gets
-    /// when the successor's queue is full: it joins it as an arrival does.
-    fn heirs_queue_full(&self, heir: &str, rerouted: bool) -> Option<Reply> {
-        rerouted.then(|| self.queue_full(heir)).flatten()
+        heir.spec.id.clone()
     }
 
     /// The deployed function under `name` (the successor of those a code
@@ -750,7 +743,10 @@ impl CorePool {
 
     /// Event: the connection waiting for `queued` could not move; the request
     /// goes back into its queue here, by arrival, and this core waits for an
-    /// instance to be handed over, as it would have without moves.
+    /// instance to be handed over, as it would have without moves. It joins
+    /// the queue as an arrival does ([`CorePool::queue_by_arrival`]): an idle
+    /// instance here takes it at once, and beyond the queue's bound it gets
+    /// 429 (arrivals may have filled its place meanwhile).
     pub fn relocate_failed(&mut self, queued: Queued, now: Instant) {
         let Queued {
             function,
@@ -763,17 +759,11 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(pending.to, s);
         }
-        let (function, rerouted) = self.reroute(pending.to, function, name.as_deref());
+        let function = self.reroute(pending.to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
             self.reply(pending.to, r);
-        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
-            self.reply(pending.to, r);
-        } else {
-            let fs = self
-                .fns
-                .get_mut(&function)
-                .expect("refused_queued() checked it");
-            fs.insert_by_arrival(pending, &mut self.queued);
+        } else if self.queue_by_arrival(&function, pending, now) {
+            let fs = &self.fns[&function];
             // Starved only at the limit: a request that spilled from beside
             // an instance of its own waits for that one.
             if fs.f.instances.load(Relaxed) >= fs.f.spec.concurrency {

@@ -2852,3 +2852,62 @@ fn an_instance_handed_over_as_it_comes_up_gives_its_slot_to_a_function_waiting_f
     core0.respond(binst, 200);
     assert_eq!(core0.status(waiting), Some(200));
 }
+
+#[test]
+fn a_relocated_request_beyond_the_queue_bound_gets_429_as_an_arrival_would() {
+    let f = function("a", 1, 10_000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 1;
+    let mut core0 = Sim::new(cfg, &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    // Another core holds the function's only instance: requests here wait
+    // for it, up to the bound.
+    f.try_reserve().unwrap();
+    // A queued request's connection cannot move; meanwhile an arrival took
+    // its place in the queue.
+    let (back, queued) = relocated(&mut core0, &f, 1);
+    let own = core0.request("a");
+    core0.pool.relocate_failed(queued, core0.now);
+    core0.drain();
+    // And a request queued on core 1 moves here.
+    let (_, moved) = relocated(&mut core1, &f, 0);
+    let to = ReplyTo {
+        token: 999,
+        serial: 999,
+    };
+    core0.pool.on_relocated(to, moved, core0.now);
+    core0.drain();
+    assert_eq!(core0.pool.fns["a"].queue.len(), 1, "the bound holds");
+    assert_eq!(core0.status(own), None);
+    for refused in [back, to] {
+        let r = core0.reply_to(refused).expect("an answer beyond the bound");
+        assert_eq!(r.status, 429);
+        assert!(r.headers.iter().any(|(k, _)| k == "retry-after"));
+    }
+}
+
+#[test]
+fn a_request_back_from_a_failed_move_takes_an_idle_instance_at_once() {
+    let f = function("a", 4, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core0.request("a");
+    let [busy] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    let [idle] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(idle, 200);
+    core0.advance(1);
+    let spilled = core0.request("a");
+    let (_, q) = core0.relocated.pop().expect("spilled to core 1");
+    // Core 0's instance comes free before the move fails.
+    core0.respond(busy, 200);
+    core0.pool.relocate_failed(q, core0.now);
+    core0.drain();
+    assert_eq!(core0.pool.queued, 0, "not left beside the idle instance");
+    core0.respond(busy, 200);
+    assert_eq!(core0.status(spilled), Some(200));
+}

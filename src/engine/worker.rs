@@ -658,7 +658,7 @@ impl Worker {
                     // Dropped, it would keep its slot, memory and count for good.
                     let msg = Msg::InstanceMigrated(instance);
                     if let Err(Msg::InstanceMigrated(back)) = self.shared.try_send(core, msg) {
-                        self.fns.on_hand_over_failed(back, self.now);
+                        self.fns.on_hand_over_failed(core, back, self.now);
                     }
                 }
                 Action::Relocate { core, queued } => self.relocate(core, queued),

@@ -217,6 +217,16 @@ impl CorePool {
         self.actions.push_back(Action::HandOver { core, instance });
     }
 
+    /// Takes back an instance whose hand-over to `core` failed (see
+    /// [`CorePool::on_hand_over_failed`]). `core` was made a home of its
+    /// function as the instance left ([`CorePool::migrate`]), and with its
+    /// loop ended it never clears that itself: connections would keep
+    /// trying to move there.
+    pub(super) fn came_back(&mut self, core: usize, m: Migrated, now: Instant) {
+        m.function.homes.fetch_and(!(1u64 << core), Relaxed);
+        self.migrated_in(m, now);
+    }
+
     /// Takes over an instance from another core. One whose function this
     /// core has let go (deleted, or replaced by a code update, while it
     /// travelled) is destroyed: the requests that followed it go to the

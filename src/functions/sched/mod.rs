@@ -940,11 +940,11 @@ impl CorePool {
         self.check_invariants();
     }
 
-    /// Event: an instance handed over on [`Action::HandOver`] could not reach
-    /// its core (that core's loop has ended): it comes back and serves here,
-    /// as if handed over to this core, keeping its slot and its counts.
-    pub fn on_hand_over_failed(&mut self, m: Migrated, now: Instant) {
-        self.migrated_in(m, now);
+    /// Event: an instance handed over to `core` on [`Action::HandOver`] could
+    /// not reach it (that core's loop has ended): it comes back and serves
+    /// here, as if handed over to this core, keeping its slot and its counts.
+    pub fn on_hand_over_failed(&mut self, core: usize, m: Migrated, now: Instant) {
+        self.came_back(core, m, now);
         self.check_invariants();
     }
 

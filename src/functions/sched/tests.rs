@@ -2707,7 +2707,7 @@ fn an_instance_whose_hand_over_cannot_reach_its_core_comes_back_and_serves_here(
     core0.drain();
     let (_, moved) = core0.handed.pop().unwrap();
     // Core 1's loop has ended: the owner gives the instance back.
-    core0.pool.on_hand_over_failed(moved, core0.now);
+    core0.pool.on_hand_over_failed(1, moved, core0.now);
     core0.drain();
     assert_eq!(core0.attached.len(), 2, "attached here again");
     let back = core0.attached[1];
@@ -2910,4 +2910,44 @@ fn a_request_back_from_a_failed_move_takes_an_idle_instance_at_once() {
     assert_eq!(core0.pool.queued, 0, "not left beside the idle instance");
     core0.respond(busy, 200);
     assert_eq!(core0.status(spilled), Some(200));
+}
+
+#[test]
+fn a_core_a_hand_over_could_not_reach_is_no_longer_a_home_of_the_function() {
+    let f = function("a", 1, 1000);
+    let three = |core| SchedConfig {
+        cores: 3,
+        ..config(core)
+    };
+    let mut core0 = Sim::new(three(0), &[&f]);
+    let core1 = Sim::new(three(1), &[&f]);
+    let mut core2 = Sim::new(three(2), &[&f]);
+    core0.alone = false;
+    core2.alone = false;
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    // Core 2 is starved of "a": the instance goes there once it finishes,
+    // and core 1's connections for "a" with it.
+    core2.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    assert_eq!(core1.pool.home_core("a"), Some(2));
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (2, moved) = core0.handed.pop().unwrap() else {
+        panic!("handed to core 2")
+    };
+    // Core 2's loop has ended: the instance comes back to core 0, and core
+    // 1's connections go there, not to core 2.
+    core0.pool.on_hand_over_failed(2, moved, core0.now);
+    core0.drain();
+    assert_eq!(f.homes.load(Relaxed), 1 << 0);
+    assert_eq!(core1.pool.home_core("a"), Some(0));
 }

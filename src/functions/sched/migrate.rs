@@ -207,7 +207,6 @@ impl CorePool {
         let Some((function, handle, core)) = self.migrating.remove(&inst) else {
             return;
         };
-        add(&function.metrics.handovers, 1);
         let instance = Migrated {
             function,
             handle,
@@ -215,6 +214,14 @@ impl CorePool {
             leftover,
         };
         self.actions.push_back(Action::HandOver { core, instance });
+    }
+
+    /// Takes over an instance another core handed over: a hand-over done,
+    /// counted here (one that fails comes back instead, see
+    /// [`CorePool::came_back`]).
+    pub(super) fn handed_in(&mut self, m: Migrated, now: Instant) {
+        add(&m.function.metrics.handovers, 1);
+        self.migrated_in(m, now);
     }
 
     /// Takes back an instance whose hand-over to `core` failed (see

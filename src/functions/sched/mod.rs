@@ -936,7 +936,7 @@ impl CorePool {
 
     /// Event: another core handed over an instance.
     pub fn on_migrated(&mut self, m: Migrated, now: Instant) {
-        self.migrated_in(m, now);
+        self.handed_in(m, now);
         self.check_invariants();
     }
 

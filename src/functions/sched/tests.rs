@@ -1265,14 +1265,19 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
     let (target, moved) = core0.handed.pop().unwrap();
     assert_eq!(target, 1);
     assert_eq!(f.starved.load(Relaxed), 0);
+    assert_eq!(
+        f.metrics.handovers.load(Relaxed),
+        0,
+        "counted once it arrives"
+    );
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
     assert_eq!(f.metrics.handovers.load(Relaxed), 1);
     assert_eq!(
         f.metrics.retired.load(Relaxed),
         0,
         "a hand-over is not a retirement"
     );
-    core1.pool.on_migrated(moved, core1.now);
-    core1.drain();
     assert_eq!(core1.attached.len(), 1);
     assert_eq!(
         core1.sent.len(),
@@ -2950,4 +2955,30 @@ fn a_core_a_hand_over_could_not_reach_is_no_longer_a_home_of_the_function() {
     core0.drain();
     assert_eq!(f.homes.load(Relaxed), 1 << 0);
     assert_eq!(core1.pool.home_core("a"), Some(0));
+}
+
+#[test]
+fn a_hand_over_that_could_not_reach_its_core_is_not_counted() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    core0.respond(inst, 200);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    core0.pool.on_hand_over_failed(1, moved, core0.now);
+    core0.drain();
+    assert_eq!(core0.live("a"), 1, "back here");
+    assert_eq!(f.metrics.handovers.load(Relaxed), 0);
 }

@@ -2982,3 +2982,29 @@ fn a_hand_over_that_could_not_reach_its_core_is_not_counted() {
     assert_eq!(core0.live("a"), 1, "back here");
     assert_eq!(f.metrics.handovers.load(Relaxed), 0);
 }
+
+#[test]
+fn a_start_no_core_can_take_is_destroyed_and_gives_its_slot_back() {
+    let memory = Budget::new("instance memory", "MiB", 1 << 20);
+    let spec = function("a", 1, 1000).spec.clone();
+    let f = Arc::new(Function::new(
+        spec,
+        PathBuf::from("/nonexistent"),
+        memory.clone(),
+    ));
+    f.try_reserve().unwrap();
+    let log = Arc::new(Mutex::new(FakeLog::default()));
+    let fake = Fake {
+        log: log.clone(),
+        channel: None,
+    };
+    // The core that asked for it has stopped (its loop ended at shutdown).
+    Started {
+        function: f.clone(),
+        result: Ok(Box::new(fake)),
+    }
+    .discard();
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(memory.used(), 0, "its memory is given back");
+    assert!(log.lock().unwrap().destroyed, "the instance is destroyed");
+}

@@ -60,6 +60,14 @@ pub struct Migrated {
     leftover: Vec<u8>,
 }
 
+impl Migrated {
+    /// Ends an instance handed to a core whose loop ended before it took it
+    /// (at server exit), as that core's [`CorePool::shutdown`] would have.
+    pub fn discard(self) {
+        super::end_at_exit(&self.function, self.handle);
+    }
+}
+
 /// The starved core (a bit in `mask`) whose oldest request arrived first, and when.
 fn oldest_starved(f: &Function, mask: u64) -> (usize, u64) {
     let mut best = (next_core(mask, 0), u64::MAX);

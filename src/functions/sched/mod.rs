@@ -229,6 +229,15 @@ pub struct Tick {
     pub cpu_busy_pct: u64,
 }
 
+/// Ends instance `handle` of `f` at server exit: killed and destroyed here
+/// and now, its slot given back, no longer counted.
+fn end_at_exit(f: &Function, mut handle: Box<dyn Instance>) {
+    handle.kill();
+    f.release();
+    f.metrics.instances.fetch_sub(1, Relaxed);
+    handle.destroy();
+}
+
 /// Whether the client at `to` left while its request waited (see
 /// [`CorePool::on_client_gone`]); if so, it is forgotten with the shape its
 /// answer would have had.
@@ -996,18 +1005,20 @@ impl CorePool {
         self.check_invariants();
     }
 
-    /// Kills and destroys every instance, here and now, at server exit. The
+    /// Kills and destroys every instance, here and now, at server exit: those
+    /// here and those whose channel was being detached for another core
+    /// (dropped with the pool, they would keep their slots and memory). The
     /// owner has dropped the channels; no action is left to carry out.
     pub fn shutdown(&mut self) {
         for (_, mut handle) in self.dying.drain(..) {
             handle.kill();
             handle.destroy();
         }
-        for (_, mut inst) in std::mem::take(&mut self.insts) {
-            inst.handle.kill();
-            inst.function.release();
-            inst.function.metrics.instances.fetch_sub(1, Relaxed);
-            inst.handle.destroy();
+        for (_, inst) in std::mem::take(&mut self.insts) {
+            end_at_exit(&inst.function, inst.handle);
+        }
+        for (_, (f, handle, _)) in self.migrating.drain() {
+            end_at_exit(&f, handle);
         }
         self.actions.clear();
     }

@@ -3008,3 +3008,49 @@ fn a_start_no_core_can_take_is_destroyed_and_gives_its_slot_back() {
     assert_eq!(memory.used(), 0, "its memory is given back");
     assert!(log.lock().unwrap().destroyed, "the instance is destroyed");
 }
+
+/// An instance of "a" on core 0 on its way to starved core 1: detached
+/// here, handed over (`Migrated`) once its channel is free.
+fn leaving_for_core_1() -> (Arc<Function>, Sim, InstId) {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    (f, core0, inst)
+}
+
+#[test]
+fn at_exit_an_instance_whose_channel_is_being_detached_is_killed_and_gives_its_slot_back() {
+    let (f, mut core0, inst) = leaving_for_core_1();
+    core0.pool.shutdown();
+    assert!(core0.fake(inst).killed);
+    assert!(core0.fake(inst).destroyed);
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(f.metrics.instances.load(Relaxed), 0);
+}
+
+#[test]
+fn an_instance_handed_to_a_core_that_stopped_before_taking_it_is_discarded() {
+    let (f, mut core0, inst) = leaving_for_core_1();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    // Core 1 took the message but its loop ended before reading it.
+    moved.discard();
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(f.metrics.instances.load(Relaxed), 0);
+    assert!(core0.fake(inst).killed);
+    assert!(core0.fake(inst).destroyed);
+}

@@ -125,7 +125,8 @@ pub struct FunctionMetrics {
     /// Instances removed, for any reason (idle past keep-warm, over the fit,
     /// crashed, timed out, evicted for memory, the function deleted).
     pub retired: AtomicU64,
-    /// Idle instances handed from one core to another.
+    /// Idle instances handed from one core to another, counted as they
+    /// reach it (one that cannot, and comes back, is not).
     pub handovers: AtomicU64,
     /// Client connections moved to the core holding the function's instance.
     pub connections_moved: AtomicU64,

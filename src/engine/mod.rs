@@ -402,7 +402,12 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     crate::functions::Registry::start_threads(
         &shared,
         |s| &s.functions,
-        |s, core, started| s.inboxes.send(core, Msg::InstanceStarted(started)),
+        |s, core, started| {
+            let msg = Msg::InstanceStarted(started);
+            if let Err(Msg::InstanceStarted(started)) = s.inboxes.try_send(core, msg) {
+                started.discard();
+            }
+        },
     );
     shared
         .functions

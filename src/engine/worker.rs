@@ -658,7 +658,7 @@ impl Worker {
                     // Dropped, it would keep its slot, memory and count for good.
                     let msg = Msg::InstanceMigrated(instance);
                     if let Err(Msg::InstanceMigrated(back)) = self.shared.try_send(core, msg) {
-                        self.fns.on_hand_over_failed(back, self.now);
+                        self.fns.on_hand_over_failed(core, back, self.now);
                     }
                 }
                 Action::Relocate { core, queued } => self.relocate(core, queued),
@@ -701,13 +701,23 @@ impl Worker {
         Some(tok)
     }
 
-    /// Kills every instance at server exit, after dropping their channels.
+    /// Kills every instance at server exit, after dropping their channels,
+    /// and those sent here that the loop did not take (a start that finished,
+    /// an instance handed over): dropped with the inbox, they would keep
+    /// their slots and memory.
     pub fn shutdown_instances(&mut self) {
         for (_, tok) in self.channels.drain(..).flatten() {
             let _ = self.streams.try_remove(tok);
         }
         self.drop_rapis();
         self.fns.shutdown();
+        while let Ok(msg) = self.inbox.try_recv() {
+            match msg {
+                Msg::InstanceStarted(started) => started.discard(),
+                Msg::InstanceMigrated(m) => m.discard(),
+                _ => {}
+            }
+        }
     }
 
     /// Refreshes this core's view of the functions if `id` was published

@@ -203,6 +203,19 @@ pub struct Started {
     pub result: Result<Box<dyn Instance>, StartError>,
 }
 
+impl Started {
+    /// Ends a start no core will take (the one that asked has stopped): the
+    /// instance is destroyed and the slot reserved for it given back, as that
+    /// core's scheduler would have done. Dropped, the instance would be torn
+    /// down, but its concurrency slot and memory would stay reserved.
+    pub fn discard(self) {
+        self.function.release();
+        if let Ok(inst) = self.result {
+            inst.destroy();
+        }
+    }
+}
+
 /// All deployed functions, the backend that runs them, and the threads that
 /// start and destroy instances.
 pub struct Registry {
@@ -367,8 +380,8 @@ impl Registry {
                         inst
                     })
             };
-            // To a core that has stopped, the instance is dropped (and
-            // destroyed) right here, before the job counts as done.
+            // To a core that has stopped, the start is discarded (the
+            // instance destroyed) right here, before the job counts as done.
             let started = Started {
                 function: f,
                 result,

@@ -160,10 +160,7 @@ impl CorePool {
             queue_deadline: now + Duration::from_millis(f.spec.timeout_ms) + QUEUE_INIT_ALLOWANCE,
             relocations: 0,
         };
-        let fs = &self.fns[id];
-        // A full queue takes an idle instance even beyond the fit.
-        if !fs.idle.is_empty() && (self.under_fit(id) || fs.uncovered() >= self.cfg.queue_depth_max)
-        {
+        if self.takes_idle(id) {
             return self.dispatch_idle(id, pending, now);
         }
         if let Some(r) = self.queue_full(id) {
@@ -198,6 +195,15 @@ impl CorePool {
         Some(Reply::error(429, "too_many_requests", &message).with_header("retry-after", "1"))
     }
 
+    /// Whether a request of `id` (known here) goes to an idle instance at
+    /// once rather than into the queue: there is one, and the fit lets one
+    /// more request run or the queue is full (a full queue takes an idle
+    /// instance even beyond the fit).
+    fn takes_idle(&self, id: &str) -> bool {
+        let fs = &self.fns[id];
+        !fs.idle.is_empty() && (self.under_fit(id) || fs.uncovered() >= self.cfg.queue_depth_max)
+    }
+
     /// Gives `pending` to an idle instance of `id` (there is one).
     fn dispatch_idle(&mut self, id: &str, pending: Pending, now: Instant) {
         let i = self.fns.get_mut(id).and_then(|fs| fs.unpark());
@@ -205,17 +211,34 @@ impl CorePool {
     }
 
     /// Serves a request of `id` accepted on another core (see
-    /// [`CorePool::on_relocated`]): at once by an idle instance while the
-    /// fit allows, else queued in its place by arrival.
+    /// [`CorePool::on_relocated`]) as one arriving here would be, queued in
+    /// its place by arrival ([`CorePool::queue_by_arrival`]).
     pub(super) fn place(&mut self, id: &str, pending: Pending, now: Instant) {
-        if !self.fns[id].idle.is_empty() && self.under_fit(id) {
-            return self.dispatch_idle(id, pending, now);
+        if self.queue_by_arrival(id, pending, now) {
+            // The idle instance it came for was taken meanwhile: another may be free.
+            self.spill(id, now);
+            self.grow(id, now);
         }
-        let fs = self.fns.get_mut(id).expect("placed for a known function");
+    }
+
+    /// Queues `pending`, a request of `id` (known here) accepted earlier,
+    /// here or on another core, in its place by arrival, as an arrival joins
+    /// the queue: it goes to an idle instance at once if one may take it,
+    /// and gets the 429 of [`CorePool::queue_full`] beyond the queue's bound
+    /// (requests moving between cores would otherwise pile up past it on
+    /// one core). Returns whether it queued.
+    pub(super) fn queue_by_arrival(&mut self, id: &str, pending: Pending, now: Instant) -> bool {
+        if self.takes_idle(id) {
+            self.dispatch_idle(id, pending, now);
+            return false;
+        }
+        if let Some(r) = self.queue_full(id) {
+            self.reply(pending.to, r);
+            return false;
+        }
+        let fs = self.fns.get_mut(id).expect("queued for a known function");
         fs.insert_by_arrival(pending, &mut self.queued);
-        // The idle instance it came for was taken meanwhile: another may be free.
-        self.spill(id, now);
-        self.grow(id, now);
+        true
     }
 
     /// Starts instances for queued requests not yet covered by one starting,
@@ -413,8 +436,9 @@ impl CorePool {
     /// Gives an idle instance its next request, or parks it. An instance that
     /// just started or moved here got its slot in its function's turn, so it
     /// serves its own queue (see [`CorePool::after_request`] for the turns);
-    /// with nothing queued for it, or retired, it leaves its slot to the next
-    /// function waiting for one ([`CorePool::give_slot`]).
+    /// handed over to another core, retired, or with nothing queued for it,
+    /// it leaves its slot to the next function waiting for one
+    /// ([`CorePool::give_slot`]).
     pub(super) fn next_for(&mut self, i: usize, now: Instant) {
         let id = self.insts[i].function.spec.id.clone();
         if !self.fns.contains_key(&id) {
@@ -424,6 +448,9 @@ impl CorePool {
         }
         if let Some(target) = self.hand_over_to(&id) {
             self.migrate(i, target, now);
+            // Gone from this core as if retired: a function waiting for a
+            // slot here would otherwise wait for its next tick or request.
+            self.give_slot(&id, now);
             return;
         }
         let me = 1u64 << self.cfg.core;

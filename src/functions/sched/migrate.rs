@@ -60,6 +60,14 @@ pub struct Migrated {
     leftover: Vec<u8>,
 }
 
+impl Migrated {
+    /// Ends an instance handed to a core whose loop ended before it took it
+    /// (at server exit), as that core's [`CorePool::shutdown`] would have.
+    pub fn discard(self) {
+        super::end_at_exit(&self.function, self.handle);
+    }
+}
+
 /// The starved core (a bit in `mask`) whose oldest request arrived first, and when.
 fn oldest_starved(f: &Function, mask: u64) -> (usize, u64) {
     let mut best = (next_core(mask, 0), u64::MAX);
@@ -207,7 +215,6 @@ impl CorePool {
         let Some((function, handle, core)) = self.migrating.remove(&inst) else {
             return;
         };
-        add(&function.metrics.handovers, 1);
         let instance = Migrated {
             function,
             handle,
@@ -215,6 +222,24 @@ impl CorePool {
             leftover,
         };
         self.actions.push_back(Action::HandOver { core, instance });
+    }
+
+    /// Takes over an instance another core handed over: a hand-over done,
+    /// counted here (one that fails comes back instead, see
+    /// [`CorePool::came_back`]).
+    pub(super) fn handed_in(&mut self, m: Migrated, now: Instant) {
+        add(&m.function.metrics.handovers, 1);
+        self.migrated_in(m, now);
+    }
+
+    /// Takes back an instance whose hand-over to `core` failed (see
+    /// [`CorePool::on_hand_over_failed`]). `core` was made a home of its
+    /// function as the instance left ([`CorePool::migrate`]), and with its
+    /// loop ended it never clears that itself: connections would keep
+    /// trying to move there.
+    pub(super) fn came_back(&mut self, core: usize, m: Migrated, now: Instant) {
+        m.function.homes.fetch_and(!(1u64 << core), Relaxed);
+        self.migrated_in(m, now);
     }
 
     /// Takes over an instance from another core. One whose function this

@@ -229,6 +229,15 @@ pub struct Tick {
     pub cpu_busy_pct: u64,
 }
 
+/// Ends instance `handle` of `f` at server exit: killed and destroyed here
+/// and now, its slot given back, no longer counted.
+fn end_at_exit(f: &Function, mut handle: Box<dyn Instance>) {
+    handle.kill();
+    f.release();
+    f.metrics.instances.fetch_sub(1, Relaxed);
+    handle.destroy();
+}
+
 /// Whether the client at `to` left while its request waited (see
 /// [`CorePool::on_client_gone`]); if so, it is forgotten with the shape its
 /// answer would have had.
@@ -669,7 +678,7 @@ impl CorePool {
 
     /// Event: a connection moved here with `queued`, a request queued on
     /// another core; its answer now goes to `to`. It takes its place in the
-    /// queue by arrival.
+    /// queue by arrival, under the queue's bound (see [`CorePool::place`]).
     pub fn on_relocated(&mut self, to: ReplyTo, queued: Queued, now: Instant) {
         let Queued {
             function,
@@ -681,15 +690,13 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(to, s);
         }
-        let (function, rerouted) = self.reroute(to, function, name.as_deref());
+        let function = self.reroute(to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
             self.reply(to, r);
         } else if pending.queue_deadline <= now {
             let waited = now.duration_since(pending.arrived).as_millis();
             let message = format!("no instance became free within {waited} ms");
             self.reply(to, Reply::error(504, "queue_timeout", &message));
-        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
-            self.reply(to, r);
         } else {
             self.place(&function, pending, now);
         }
@@ -701,22 +708,17 @@ impl CorePool {
     /// this core may still queue it ([`CorePool::drains`]), else, when a code
     /// update replaced `id` meanwhile, the function that now has its name.
     /// The request had not run; the new code serves it, as it serves every
-    /// request arriving after the update. `true` with the successor.
-    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> (String, bool) {
+    /// request arriving after the update (it joins the successor's queue as
+    /// an arrival does).
+    fn reroute(&mut self, to: ReplyTo, id: String, name: Option<&str>) -> String {
         if self.drains(&id) {
-            return (id, false);
+            return id;
         }
         let Some(heir) = name.and_then(|name| self.successor(name)).cloned() else {
-            return (id, false);
+            return id;
         };
         self.log_tail_from(to, &heir);
-        (heir.spec.id.clone(), true)
-    }
-
-    /// The 429 a request rerouted to `heir` (see [`CorePool::reroute`]) gets
-    /// when the successor's queue is full: it joins it as an arrival does.
-    fn heirs_queue_full(&self, heir: &str, rerouted: bool) -> Option<Reply> {
-        rerouted.then(|| self.queue_full(heir)).flatten()
+        heir.spec.id.clone()
     }
 
     /// The deployed function under `name` (the successor of those a code
@@ -750,7 +752,10 @@ impl CorePool {
 
     /// Event: the connection waiting for `queued` could not move; the request
     /// goes back into its queue here, by arrival, and this core waits for an
-    /// instance to be handed over, as it would have without moves.
+    /// instance to be handed over, as it would have without moves. It joins
+    /// the queue as an arrival does ([`CorePool::queue_by_arrival`]): an idle
+    /// instance here takes it at once, and beyond the queue's bound it gets
+    /// 429 (arrivals may have filled its place meanwhile).
     pub fn relocate_failed(&mut self, queued: Queued, now: Instant) {
         let Queued {
             function,
@@ -763,17 +768,11 @@ impl CorePool {
         if let Some(s) = service {
             self.service.insert(pending.to, s);
         }
-        let (function, rerouted) = self.reroute(pending.to, function, name.as_deref());
+        let function = self.reroute(pending.to, function, name.as_deref());
         if let Some(r) = self.refused_queued(&function) {
             self.reply(pending.to, r);
-        } else if let Some(r) = self.heirs_queue_full(&function, rerouted) {
-            self.reply(pending.to, r);
-        } else {
-            let fs = self
-                .fns
-                .get_mut(&function)
-                .expect("refused_queued() checked it");
-            fs.insert_by_arrival(pending, &mut self.queued);
+        } else if self.queue_by_arrival(&function, pending, now) {
+            let fs = &self.fns[&function];
             // Starved only at the limit: a request that spilled from beside
             // an instance of its own waits for that one.
             if fs.f.instances.load(Relaxed) >= fs.f.spec.concurrency {
@@ -946,15 +945,15 @@ impl CorePool {
 
     /// Event: another core handed over an instance.
     pub fn on_migrated(&mut self, m: Migrated, now: Instant) {
-        self.migrated_in(m, now);
+        self.handed_in(m, now);
         self.check_invariants();
     }
 
-    /// Event: an instance handed over on [`Action::HandOver`] could not reach
-    /// its core (that core's loop has ended): it comes back and serves here,
-    /// as if handed over to this core, keeping its slot and its counts.
-    pub fn on_hand_over_failed(&mut self, m: Migrated, now: Instant) {
-        self.migrated_in(m, now);
+    /// Event: an instance handed over to `core` on [`Action::HandOver`] could
+    /// not reach it (that core's loop has ended): it comes back and serves
+    /// here, as if handed over to this core, keeping its slot and its counts.
+    pub fn on_hand_over_failed(&mut self, core: usize, m: Migrated, now: Instant) {
+        self.came_back(core, m, now);
         self.check_invariants();
     }
 
@@ -1006,18 +1005,20 @@ impl CorePool {
         self.check_invariants();
     }
 
-    /// Kills and destroys every instance, here and now, at server exit. The
+    /// Kills and destroys every instance, here and now, at server exit: those
+    /// here and those whose channel was being detached for another core
+    /// (dropped with the pool, they would keep their slots and memory). The
     /// owner has dropped the channels; no action is left to carry out.
     pub fn shutdown(&mut self) {
         for (_, mut handle) in self.dying.drain(..) {
             handle.kill();
             handle.destroy();
         }
-        for (_, mut inst) in std::mem::take(&mut self.insts) {
-            inst.handle.kill();
-            inst.function.release();
-            inst.function.metrics.instances.fetch_sub(1, Relaxed);
-            inst.handle.destroy();
+        for (_, inst) in std::mem::take(&mut self.insts) {
+            end_at_exit(&inst.function, inst.handle);
+        }
+        for (_, (f, handle, _)) in self.migrating.drain() {
+            end_at_exit(&f, handle);
         }
         self.actions.clear();
     }

@@ -26,8 +26,9 @@
 //!
 //! The request travels as a queued one does behind a handed-over instance
 //! ([`Action::Relocate`]): with its connection, at most
-//! [`super::RELOCATIONS_MAX`] times, to be placed by arrival; one that
-//! cannot move stays queued here, its move not counted. The sender clears
+//! [`super::RELOCATIONS_MAX`] times, to be placed by arrival (under the
+//! queue's bound there, as an arrival); one that cannot move stays queued
+//! here (under the bound too), its move not counted. The sender clears
 //! the target's idle bit (so that, as a rule, each idle instance is sent one
 //! request); the target sets it again when an instance of it parks, and at
 //! each tick. A request that arrives to find the instance taken (by the

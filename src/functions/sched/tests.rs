@@ -1265,14 +1265,19 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
     let (target, moved) = core0.handed.pop().unwrap();
     assert_eq!(target, 1);
     assert_eq!(f.starved.load(Relaxed), 0);
+    assert_eq!(
+        f.metrics.handovers.load(Relaxed),
+        0,
+        "counted once it arrives"
+    );
+    core1.pool.on_migrated(moved, core1.now);
+    core1.drain();
     assert_eq!(f.metrics.handovers.load(Relaxed), 1);
     assert_eq!(
         f.metrics.retired.load(Relaxed),
         0,
         "a hand-over is not a retirement"
     );
-    core1.pool.on_migrated(moved, core1.now);
-    core1.drain();
     assert_eq!(core1.attached.len(), 1);
     assert_eq!(
         core1.sent.len(),
@@ -2707,7 +2712,7 @@ fn an_instance_whose_hand_over_cannot_reach_its_core_comes_back_and_serves_here(
     core0.drain();
     let (_, moved) = core0.handed.pop().unwrap();
     // Core 1's loop has ended: the owner gives the instance back.
-    core0.pool.on_hand_over_failed(moved, core0.now);
+    core0.pool.on_hand_over_failed(1, moved, core0.now);
     core0.drain();
     assert_eq!(core0.attached.len(), 2, "attached here again");
     let back = core0.attached[1];
@@ -2823,4 +2828,229 @@ fn a_deleted_function_still_draining_here_is_known_but_serves_no_new_requests() 
     );
     assert!(sim.pool.serves("new"));
     assert!(!sim.pool.serves("unknown"));
+}
+
+#[test]
+fn an_instance_handed_over_as_it_comes_up_gives_its_slot_to_a_function_waiting_for_one() {
+    let (a, b) = (function("a", 1, 1000), function("b", 10, 60_000));
+    let mut cfg = config(0);
+    cfg.instances_max = 1;
+    let mut core0 = Sim::new(cfg, &[&a, &b]);
+    let mut core1 = Sim::new(config(1), &[&a, &b]);
+    (core0.alone, core1.alone) = (false, false);
+    // The core's only slot starts an instance of "a" for a request that
+    // times out in the queue meanwhile; "b" waits for the slot.
+    let expired = core0.request("a");
+    let waiting = core0.request("b");
+    assert_eq!(core0.pool.slot_waiters, ["b"]);
+    core0.advance(11_001);
+    core0.tick(0);
+    assert_eq!(core0.status(expired), Some(504));
+    // Core 1 is starved of "a": the instance goes there as it comes up.
+    core1.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    assert_eq!(core0.detached, vec![inst]);
+    // The slot it leaves here is b's now, not at the next tick.
+    let binst = core0.the_start_of("b");
+    core0.respond(binst, 200);
+    assert_eq!(core0.status(waiting), Some(200));
+}
+
+#[test]
+fn a_relocated_request_beyond_the_queue_bound_gets_429_as_an_arrival_would() {
+    let f = function("a", 1, 10_000);
+    let mut cfg = config(0);
+    cfg.queue_depth_max = 1;
+    let mut core0 = Sim::new(cfg, &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    // Another core holds the function's only instance: requests here wait
+    // for it, up to the bound.
+    f.try_reserve().unwrap();
+    // A queued request's connection cannot move; meanwhile an arrival took
+    // its place in the queue.
+    let (back, queued) = relocated(&mut core0, &f, 1);
+    let own = core0.request("a");
+    core0.pool.relocate_failed(queued, core0.now);
+    core0.drain();
+    // And a request queued on core 1 moves here.
+    let (_, moved) = relocated(&mut core1, &f, 0);
+    let to = ReplyTo {
+        token: 999,
+        serial: 999,
+    };
+    core0.pool.on_relocated(to, moved, core0.now);
+    core0.drain();
+    assert_eq!(core0.pool.fns["a"].queue.len(), 1, "the bound holds");
+    assert_eq!(core0.status(own), None);
+    for refused in [back, to] {
+        let r = core0.reply_to(refused).expect("an answer beyond the bound");
+        assert_eq!(r.status, 429);
+        assert!(r.headers.iter().any(|(k, _)| k == "retry-after"));
+    }
+}
+
+#[test]
+fn a_request_back_from_a_failed_move_takes_an_idle_instance_at_once() {
+    let f = function("a", 4, 10_000);
+    let (mut core0, mut core1) = two_cores_with_moves(&f);
+    core0.request("a");
+    let [busy] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    let [idle] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(idle, 200);
+    core0.advance(1);
+    let spilled = core0.request("a");
+    let (_, q) = core0.relocated.pop().expect("spilled to core 1");
+    // Core 0's instance comes free before the move fails.
+    core0.respond(busy, 200);
+    core0.pool.relocate_failed(q, core0.now);
+    core0.drain();
+    assert_eq!(core0.pool.queued, 0, "not left beside the idle instance");
+    core0.respond(busy, 200);
+    assert_eq!(core0.status(spilled), Some(200));
+}
+
+#[test]
+fn a_core_a_hand_over_could_not_reach_is_no_longer_a_home_of_the_function() {
+    let f = function("a", 1, 1000);
+    let three = |core| SchedConfig {
+        cores: 3,
+        ..config(core)
+    };
+    let mut core0 = Sim::new(three(0), &[&f]);
+    let core1 = Sim::new(three(1), &[&f]);
+    let mut core2 = Sim::new(three(2), &[&f]);
+    core0.alone = false;
+    core2.alone = false;
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    // Core 2 is starved of "a": the instance goes there once it finishes,
+    // and core 1's connections for "a" with it.
+    core2.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    assert_eq!(core1.pool.home_core("a"), Some(2));
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (2, moved) = core0.handed.pop().unwrap() else {
+        panic!("handed to core 2")
+    };
+    // Core 2's loop has ended: the instance comes back to core 0, and core
+    // 1's connections go there, not to core 2.
+    core0.pool.on_hand_over_failed(2, moved, core0.now);
+    core0.drain();
+    assert_eq!(f.homes.load(Relaxed), 1 << 0);
+    assert_eq!(core1.pool.home_core("a"), Some(0));
+}
+
+#[test]
+fn a_hand_over_that_could_not_reach_its_core_is_not_counted() {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    core0.respond(inst, 200);
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    core0.pool.on_hand_over_failed(1, moved, core0.now);
+    core0.drain();
+    assert_eq!(core0.live("a"), 1, "back here");
+    assert_eq!(f.metrics.handovers.load(Relaxed), 0);
+}
+
+#[test]
+fn a_start_no_core_can_take_is_destroyed_and_gives_its_slot_back() {
+    let memory = Budget::new("instance memory", "MiB", 1 << 20);
+    let spec = function("a", 1, 1000).spec.clone();
+    let f = Arc::new(Function::new(
+        spec,
+        PathBuf::from("/nonexistent"),
+        memory.clone(),
+    ));
+    f.try_reserve().unwrap();
+    let log = Arc::new(Mutex::new(FakeLog::default()));
+    let fake = Fake {
+        log: log.clone(),
+        channel: None,
+    };
+    // The core that asked for it has stopped (its loop ended at shutdown).
+    Started {
+        function: f.clone(),
+        result: Ok(Box::new(fake)),
+    }
+    .discard();
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(memory.used(), 0, "its memory is given back");
+    assert!(log.lock().unwrap().destroyed, "the instance is destroyed");
+}
+
+/// An instance of "a" on core 0 on its way to starved core 1: detached
+/// here, handed over (`Migrated`) once its channel is free.
+fn leaving_for_core_1() -> (Arc<Function>, Sim, InstId) {
+    let f = function("a", 1, 1000);
+    let mut core0 = Sim::new(config(0), &[&f]);
+    let mut core1 = Sim::new(config(1), &[&f]);
+    (core0.alone, core1.alone) = (false, false);
+    core0.request("a");
+    let [inst] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    core0.respond(inst, 200);
+    assert_eq!(core0.detached, vec![inst]);
+    (f, core0, inst)
+}
+
+#[test]
+fn at_exit_an_instance_whose_channel_is_being_detached_is_killed_and_gives_its_slot_back() {
+    let (f, mut core0, inst) = leaving_for_core_1();
+    core0.pool.shutdown();
+    assert!(core0.fake(inst).killed);
+    assert!(core0.fake(inst).destroyed);
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(f.metrics.instances.load(Relaxed), 0);
+}
+
+#[test]
+fn an_instance_handed_to_a_core_that_stopped_before_taking_it_is_discarded() {
+    let (f, mut core0, inst) = leaving_for_core_1();
+    let null = std::fs::File::open("/dev/null").unwrap();
+    core0.pool.on_detached(
+        inst,
+        crate::sandbox::Endpoint::Channel(null.into()),
+        Vec::new(),
+    );
+    core0.drain();
+    let (_, moved) = core0.handed.pop().unwrap();
+    // Core 1 took the message but its loop ended before reading it.
+    moved.discard();
+    assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");
+    assert_eq!(f.metrics.instances.load(Relaxed), 0);
+    assert!(core0.fake(inst).killed);
+    assert!(core0.fake(inst).destroyed);
 }

@@ -151,6 +151,10 @@ pub struct ServeConfig {
     pub connection_moves: bool,
     /// Pin worker threads to cores.
     pub pin: bool,
+    /// Run worker threads as `SCHED_BATCH`: a worker woken (by a client's
+    /// bytes, say) does not preempt the instance running on its core, it runs
+    /// when that instance blocks or its time slice ends (`util::cpu::set_batch`).
+    pub batch_workers: bool,
     /// Keep one initialised standby instance per function in use (process backend).
     pub standby: bool,
     /// Run Firecracker VMMs under the jailer (`sandbox::firecracker::jail`).

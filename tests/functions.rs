@@ -957,6 +957,45 @@ fn node_instances_talk_over_pipes_on_both_drivers() {
     }
 }
 
+/// `--batch-workers` runs the worker threads as SCHED_BATCH (woken by a
+/// client's bytes, a worker does not preempt the instance running on its core)
+/// and their instances still with the default policy, though the starts run on
+/// threads a worker spawned (they inherited SCHED_BATCH before the starter
+/// threads and the launcher reset it); without it the workers keep the default.
+#[test]
+fn batch_workers_run_as_batch_and_their_instances_with_the_default_policy() {
+    require_sandbox!();
+    for (flags, workers) in [
+        (&["--cores", "2", "--batch-workers"][..], libc::SCHED_BATCH),
+        (&["--cores", "2"][..], libc::SCHED_OTHER),
+    ] {
+        let s = Server::start(flags);
+        let id = deploy(&s, "behave", "");
+        let r = call(&s, "GET", &format!("/f/{id}/policy"), &[], b"");
+        assert_eq!(r.status, 200, "{flags:?}: {}", r.text());
+        assert_eq!(r.json()["policy"], libc::SCHED_OTHER, "{flags:?}");
+        let seen = worker_policies(s.pid());
+        assert_eq!(seen.len(), 2, "{flags:?}: worker threads {seen:?}");
+        assert!(seen.iter().all(|&p| p == workers), "{flags:?}: {seen:?}");
+    }
+}
+
+/// The scheduling policy of each `hearth-w*` thread of process `pid`.
+fn worker_policies(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
+        let dir = task.unwrap().path();
+        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
+        if !comm.starts_with("hearth-w") {
+            continue;
+        }
+        let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
+        let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
+        out.push(fields[41 - 3].parse().unwrap());
+    }
+    out
+}
+
 /// A function limited to one instance on a two-core server, with keep-alive clients on
 /// both cores: the connections accepted by the core without the instance move to the
 /// one holding it, and the instance stays put. (Before, the instance was handed back

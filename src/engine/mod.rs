@@ -376,6 +376,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     );
     let io_mode = cfg.io;
     let pin = cfg.pin;
+    let batch = cfg.batch_workers;
     let grace = cfg.shutdown_grace;
     let shared = Arc::new(Shared {
         core_metrics: (0..cores)
@@ -441,6 +442,11 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
             .spawn(move || {
                 if pin {
                     pin_to(core);
+                }
+                if batch {
+                    if let Err(e) = cpu::set_batch(true) {
+                        eprintln!("hearth: worker {core}: could not switch to SCHED_BATCH: {e}");
+                    }
                 }
                 let waker = shared.inboxes.wakers[core].as_raw_fd();
                 let mut worker = Worker::new(core, shared, inbox);

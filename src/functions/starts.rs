@@ -147,6 +147,12 @@ impl Starts {
     /// Body of a starter thread: runs starts while any may run; a thread
     /// beyond the kept ones then ends, a kept one waits to be woken.
     fn serve(self: Arc<Self>) {
+        // Spawned by a worker, it inherits the worker's SCHED_BATCH
+        // (`--batch-workers`), and the instances it starts would inherit it
+        // from here: they run with the default policy.
+        if let Err(e) = crate::util::cpu::set_batch(false) {
+            eprintln!("hearth: a starter thread could not reset its scheduling policy: {e}");
+        }
         let run = self.run.get().expect("set before threads start");
         let mut q = self.queue.lock().unwrap();
         loop {

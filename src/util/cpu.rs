@@ -25,9 +25,49 @@ pub fn pin_thread(tid: libc::pid_t, core: usize) -> io::Result<()> {
     }
 }
 
+/// Sets the calling thread's scheduling policy: `SCHED_BATCH` when `batch`,
+/// else `SCHED_OTHER` (both at nice 0's weight; a batch thread differs only
+/// in that its wake-ups never preempt the thread running on its CPU).
+/// Threads and processes it creates afterwards inherit the policy.
+pub fn set_batch(batch: bool) -> io::Result<()> {
+    let policy = if batch {
+        libc::SCHED_BATCH
+    } else {
+        libc::SCHED_OTHER
+    };
+    let param = libc::sched_param { sched_priority: 0 };
+    // SAFETY: `param` is a valid sched_param; pid 0 is the calling thread.
+    if unsafe { libc::sched_setscheduler(0, policy, &param) } == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_thread_switches_to_batch_and_back() {
+        std::thread::spawn(|| {
+            fn policy() -> i32 {
+                // SAFETY: plain syscall about the calling thread.
+                unsafe { libc::sched_getscheduler(0) }
+            }
+            set_batch(true).unwrap();
+            assert_eq!(policy(), libc::SCHED_BATCH);
+            // What it spawns inherits it (the starter threads reset it).
+            assert_eq!(
+                std::thread::spawn(policy).join().unwrap(),
+                libc::SCHED_BATCH
+            );
+            set_batch(false).unwrap();
+            assert_eq!(policy(), libc::SCHED_OTHER);
+        })
+        .join()
+        .unwrap();
+    }
 
     /// The CPUs the calling thread may run on.
     fn allowed_cpus() -> Vec<usize> {

@@ -662,6 +662,9 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
     if let Some(core) = p.cpu_core {
         pin_to_core(core)?;
     }
+    // The default policy, whatever thread of hearth's spawned the launcher
+    // (worker threads may run as SCHED_BATCH: `--batch-workers`).
+    cpu::set_batch(false).map_err(|e| format!("setting SCHED_OTHER: {e}"))?;
     reset_signals();
     prepare_fds(p.keep_stderr, p.pipes)?;
     drop_privileges()?;

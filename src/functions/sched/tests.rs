@@ -1851,6 +1851,24 @@ fn two_cores_with_moves(f: &Arc<Function>) -> (Sim, Sim) {
     (core0, core1)
 }
 
+/// Two cores with moves ([`two_cores_with_moves`]), each with an instance of
+/// `f`: core 0's busy with a request, core 1's idle after answering one, and
+/// core 0's clock a millisecond on. Returns the cores and the two instances.
+fn busy_here_idle_there(f: &Arc<Function>) -> (Sim, Sim, InstId, InstId) {
+    let (mut core0, mut core1) = two_cores_with_moves(f);
+    core0.request("a");
+    let [busy] = core0.start_all()[..] else {
+        panic!()
+    };
+    core1.request("a");
+    let [idle] = core1.start_all()[..] else {
+        panic!()
+    };
+    core1.respond(idle, 200);
+    core0.advance(1);
+    (core0, core1, busy, idle)
+}
+
 #[test]
 fn a_request_that_would_wait_spills_to_an_idle_instance_on_another_core() {
     let f = function("a", 4, 10_000);
@@ -1996,17 +2014,7 @@ fn an_instance_held_back_by_the_fit_on_a_saturated_core_takes_no_spilled_request
 #[test]
 fn a_spilled_request_that_finds_the_instance_taken_queues_there_and_a_failed_move_does_not_count() {
     let f = function("a", 4, 10_000);
-    let (mut core0, mut core1) = two_cores_with_moves(&f);
-    core0.request("a");
-    let [busy] = core0.start_all()[..] else {
-        panic!()
-    };
-    core1.request("a");
-    let [idle] = core1.start_all()[..] else {
-        panic!()
-    };
-    core1.respond(idle, 200);
-    core0.advance(1);
+    let (mut core0, mut core1, busy, idle) = busy_here_idle_there(&f);
     let spilled = core0.request("a");
     assert_eq!(core0.relocated.len(), 1);
     // Before it arrives, a request of core 1's own takes the idle instance.
@@ -2895,17 +2903,7 @@ fn a_relocated_request_beyond_the_queue_bound_gets_429_as_an_arrival_would() {
 #[test]
 fn a_request_back_from_a_failed_move_takes_an_idle_instance_at_once() {
     let f = function("a", 4, 10_000);
-    let (mut core0, mut core1) = two_cores_with_moves(&f);
-    core0.request("a");
-    let [busy] = core0.start_all()[..] else {
-        panic!()
-    };
-    core1.request("a");
-    let [idle] = core1.start_all()[..] else {
-        panic!()
-    };
-    core1.respond(idle, 200);
-    core0.advance(1);
+    let (mut core0, mut core1, busy, idle) = busy_here_idle_there(&f);
     let spilled = core0.request("a");
     let (_, q) = core0.relocated.pop().expect("spilled to core 1");
     // Core 0's instance comes free before the move fails.

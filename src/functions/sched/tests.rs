@@ -2700,17 +2700,7 @@ fn requests_a_replaced_function_hands_its_successor_beyond_the_successors_queue_
 
 #[test]
 fn an_instance_whose_hand_over_cannot_reach_its_core_comes_back_and_serves_here() {
-    let f = function("a", 1, 1000);
-    let mut core0 = Sim::new(config(0), &[&f]);
-    let mut core1 = Sim::new(config(1), &[&f]);
-    (core0.alone, core1.alone) = (false, false);
-    core0.request("a");
-    let [inst] = core0.start_all()[..] else {
-        panic!()
-    };
-    core1.request("a");
-    core0.respond(inst, 200);
-    assert_eq!(core0.detached, vec![inst]);
+    let (f, mut core0, inst) = leaving_for_core_1();
     let null = std::fs::File::open("/dev/null").unwrap();
     core0.pool.on_detached(
         inst,
@@ -2903,7 +2893,7 @@ fn a_relocated_request_beyond_the_queue_bound_gets_429_as_an_arrival_would() {
 #[test]
 fn a_request_back_from_a_failed_move_takes_an_idle_instance_at_once() {
     let f = function("a", 4, 10_000);
-    let (mut core0, mut core1, busy, idle) = busy_here_idle_there(&f);
+    let (mut core0, _core1, busy, _idle) = busy_here_idle_there(&f);
     let spilled = core0.request("a");
     let (_, q) = core0.relocated.pop().expect("spilled to core 1");
     // Core 0's instance comes free before the move fails.

@@ -663,8 +663,9 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
         pin_to_core(core)?;
     }
     // The default policy, whatever thread of hearth's spawned the launcher
-    // (worker threads may run as SCHED_BATCH: `--batch-workers`).
-    cpu::set_batch(false).map_err(|e| format!("setting SCHED_OTHER: {e}"))?;
+    // (worker threads may run as SCHED_BATCH: `--batch-workers`). Best effort:
+    // a policy is a matter of latency, not of isolation.
+    let _ = cpu::set_batch(false);
     reset_signals();
     prepare_fds(p.keep_stderr, p.pipes)?;
     drop_privileges()?;

@@ -343,10 +343,9 @@ impl Sim {
         self.reply_to(to).map(|r| r.status)
     }
 
-    /// Finishes handing `inst`, detached here, over to `to`: its channel
-    /// comes back, the instance goes, `to` adopts it. Returns the core it was
-    /// sent to and its id there.
-    fn hand_over(&mut self, inst: InstId, to: &mut Sim) -> (usize, InstId) {
+    /// Completes the detach of `inst` (its channel comes back) and returns
+    /// the hand-over it became: the core it is sent to and the instance.
+    fn send_off(&mut self, inst: InstId) -> (usize, Migrated) {
         let null = std::fs::File::open("/dev/null").unwrap();
         self.pool.on_detached(
             inst,
@@ -354,7 +353,14 @@ impl Sim {
             Vec::new(),
         );
         self.drain();
-        let (target, moved) = self.handed.pop().expect("an instance handed over");
+        self.handed.pop().expect("an instance handed over")
+    }
+
+    /// Finishes handing `inst`, detached here, over to `to`: its channel
+    /// comes back, the instance goes, `to` adopts it. Returns the core it was
+    /// sent to and its id there.
+    fn hand_over(&mut self, inst: InstId, to: &mut Sim) -> (usize, InstId) {
+        let (target, moved) = self.send_off(inst);
         let attached = to.attached.len();
         to.pool.on_migrated(moved, to.now);
         to.drain();
@@ -2296,14 +2302,7 @@ fn an_instance_handed_over_as_its_function_is_deleted_serves_what_was_queued_for
     let waiting = core1.request("a");
     core0.respond(inst, 200);
     assert_eq!(core0.detached, vec![inst]);
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (_, moved) = core0.handed.pop().unwrap();
+    let (_, moved) = core0.send_off(inst);
     // Deleted while the instance travels; core 1 has not heard of it yet.
     f.deleted.store(true, Relaxed);
     core1.pool.on_migrated(moved, core1.now);
@@ -2344,14 +2343,7 @@ fn an_instance_handed_over_to_a_core_that_let_its_function_go_is_retired() {
     old.starved.store(1 << 1, Relaxed);
     core0.tick(0);
     assert_eq!(core0.detached, vec![inst]);
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (_, moved) = core0.handed.pop().unwrap();
+    let (_, moved) = core0.send_off(inst);
     assert_eq!(old.homes.load(Relaxed), 1 << 1);
     // ...and has let it go for the new code when the instance arrives.
     old.deleted.store(true, Relaxed);
@@ -2701,14 +2693,7 @@ fn requests_a_replaced_function_hands_its_successor_beyond_the_successors_queue_
 #[test]
 fn an_instance_whose_hand_over_cannot_reach_its_core_comes_back_and_serves_here() {
     let (f, mut core0, inst) = leaving_for_core_1();
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (_, moved) = core0.handed.pop().unwrap();
+    let (_, moved) = core0.send_off(inst);
     // Core 1's loop has ended: the owner gives the instance back.
     core0.pool.on_hand_over_failed(1, moved, core0.now);
     core0.drain();
@@ -2927,14 +2912,7 @@ fn a_core_a_hand_over_could_not_reach_is_no_longer_a_home_of_the_function() {
     core0.respond(inst, 200);
     assert_eq!(core0.detached, vec![inst]);
     assert_eq!(core1.pool.home_core("a"), Some(2));
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (2, moved) = core0.handed.pop().unwrap() else {
+    let (2, moved) = core0.send_off(inst) else {
         panic!("handed to core 2")
     };
     // Core 2's loop has ended: the instance comes back to core 0, and core
@@ -2947,24 +2925,8 @@ fn a_core_a_hand_over_could_not_reach_is_no_longer_a_home_of_the_function() {
 
 #[test]
 fn a_hand_over_that_could_not_reach_its_core_is_not_counted() {
-    let f = function("a", 1, 1000);
-    let mut core0 = Sim::new(config(0), &[&f]);
-    let mut core1 = Sim::new(config(1), &[&f]);
-    (core0.alone, core1.alone) = (false, false);
-    core0.request("a");
-    let [inst] = core0.start_all()[..] else {
-        panic!()
-    };
-    core1.request("a");
-    core0.respond(inst, 200);
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (_, moved) = core0.handed.pop().unwrap();
+    let (f, mut core0, inst) = leaving_for_core_1();
+    let (_, moved) = core0.send_off(inst);
     core0.pool.on_hand_over_failed(1, moved, core0.now);
     core0.drain();
     assert_eq!(core0.live("a"), 1, "back here");
@@ -3027,14 +2989,7 @@ fn at_exit_an_instance_whose_channel_is_being_detached_is_killed_and_gives_its_s
 #[test]
 fn an_instance_handed_to_a_core_that_stopped_before_taking_it_is_discarded() {
     let (f, mut core0, inst) = leaving_for_core_1();
-    let null = std::fs::File::open("/dev/null").unwrap();
-    core0.pool.on_detached(
-        inst,
-        crate::sandbox::Endpoint::Channel(null.into()),
-        Vec::new(),
-    );
-    core0.drain();
-    let (_, moved) = core0.handed.pop().unwrap();
+    let (_, moved) = core0.send_off(inst);
     // Core 1 took the message but its loop ended before reading it.
     moved.discard();
     assert_eq!(f.instances.load(Relaxed), 0, "its slot is free");

@@ -812,10 +812,13 @@ impl Refill {
 /// Where a new sandbox initialises, and at which CPU weight.
 #[derive(Clone, Copy, Debug)]
 enum Placement {
-    /// A deploy's first instance: on any CPU (the deploy waits for it).
+    /// A deploy's first instance (the deploy waits for it). Not pinned here:
+    /// it runs on the CPUs of the thread that starts it, which inherited them
+    /// from its spawner (a control thread: the CPU of the worker that took the
+    /// deploy). A start that takes it as a standby pins it.
     Deploy,
-    /// A standby made in the background: on any CPU, at the background CPU
-    /// weight ([`process::cgroup::BACKGROUND_CPU_SHARES`]) so that its
+    /// A standby made in the background: not pinned here either (as `Deploy`),
+    /// at the background CPU weight ([`process::cgroup::BACKGROUND_CPU_SHARES`]) so that its
     /// initialisation does not take CPU from requests being served; the
     /// start that takes it gives it the default weight.
     Standby,

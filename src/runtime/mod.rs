@@ -299,8 +299,7 @@ mod tests {
         fs::create_dir_all(&dir).unwrap();
         let script = |name: &str, body: &str| {
             let p = dir.join(name);
-            fs::write(&p, format!("#!/bin/sh\n{body}\n")).unwrap();
-            fs::set_permissions(&p, std::os::unix::fs::PermissionsExt::from_mode(0o755)).unwrap();
+            crate::util::program::write_executable(&p, &format!("#!/bin/sh\n{body}\n"));
             p
         };
         let ours = hearth_protocol::VERSION;

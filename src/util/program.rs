@@ -21,6 +21,26 @@ pub fn which(name: &str) -> Option<PathBuf> {
         .find(|p| p.is_file())
 }
 
+/// Writes an executable file at `path` holding `text`, for tests that run
+/// scripts. A child process writes it: a descriptor this process held open
+/// for writing would be inherited by whatever another test thread forks
+/// meanwhile, and running the file while that child lives fails with ETXTBSY
+/// ("Text file busy"; CI failed on it).
+#[cfg(test)]
+pub fn write_executable(path: &Path, text: &str) {
+    let status = std::process::Command::new("sh")
+        .args([
+            "-c",
+            "printf '%s' \"$1\" > \"$2\" && chmod 755 \"$2\"",
+            "sh",
+            text,
+        ])
+        .arg(path)
+        .status()
+        .expect("run sh");
+    assert!(status.success(), "writing {}", path.display());
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -567,9 +567,9 @@ mod tests {
         let out = state.join("out");
         fs::create_dir_all(&out).unwrap();
         let script = state.join("jailer.sh");
-        fs::write(
+        crate::util::program::write_executable(
             &script,
-            format!(
+            &format!(
                 r#"#!/bin/sh
 while [ $# -gt 0 ]; do
   case "$1" in --id) id=$2; shift;; --uid) uid=$2; shift;; --parent-cgroup) parent=$2; shift;; esac
@@ -588,9 +588,7 @@ exit 1
                 o = out.display(),
                 gid = jail::GID,
             ),
-        )
-        .unwrap();
-        fs::set_permissions(&script, fs::Permissions::from_mode(0o755)).unwrap();
+        );
         let jail = Jail::new(script, &state, 28, &[]).unwrap();
         let spawn = JailedSpawn {
             jail: &jail,

@@ -121,12 +121,18 @@ impl Agent {
             if let Some(f) = self.decoder.next_frame().expect("agent sent a valid frame") {
                 return Some(f);
             }
-            let n = self.host().read(&mut buf).unwrap_or_else(|e| {
-                panic!(
-                    "reading from the agent: {e}; agent said:\n{}",
-                    self.diagnostics()
-                )
-            });
+            let n = match self.host().read(&mut buf) {
+                // A read on a socket with a receive timeout is not restarted
+                // after a signal, whatever SA_RESTART says (signal(7)); CI saw
+                // EINTR here once.
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.unwrap_or_else(|e| {
+                    panic!(
+                        "reading from the agent: {e}; agent said:\n{}",
+                        self.diagnostics()
+                    )
+                }),
+            };
             if n == 0 {
                 assert_eq!(self.decoder.pending(), 0, "stream ended inside a frame");
                 return None;
@@ -150,7 +156,10 @@ impl Agent {
             if done(&got) {
                 return got;
             }
-            let n = sock.read(&mut buf).expect("read log socket");
+            let n = match sock.read(&mut buf) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => r.expect("read log socket"),
+            };
             assert!(n > 0, "log socket closed early: {got:?}");
             dec.push(&buf[..n]);
         }

@@ -454,10 +454,17 @@ impl Client {
         self.stream.write_all(bytes).is_ok()
     }
 
-    /// Reads once into the buffer; `Ok(0)` is EOF.
+    /// Reads once into the buffer; `Ok(0)` is EOF. A read a signal interrupted
+    /// is tried again (with a receive timeout set, the kernel does not restart
+    /// it whatever SA_RESTART says: signal(7)).
     fn fill(&mut self) -> std::io::Result<usize> {
         let mut chunk = [0u8; 16 * 1024];
-        let n = self.stream.read(&mut chunk)?;
+        let n = loop {
+            match self.stream.read(&mut chunk) {
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+                r => break r?,
+            }
+        };
         self.buf.extend_from_slice(&chunk[..n]);
         Ok(n)
     }

@@ -155,6 +155,9 @@ pub struct ServeConfig {
     /// bytes, say) does not preempt the instance running on its core, it runs
     /// when that instance blocks or its time slice ends (`util::cpu::set_batch`).
     pub batch_workers: bool,
+    /// How long a worker may yield its CPU, instead of sleeping, while an
+    /// instance on its core runs a request (`engine::spin`); zero: never.
+    pub spin_wait: Duration,
     /// Keep one initialised standby instance per function in use (process backend).
     pub standby: bool,
     /// Run Firecracker VMMs under the jailer (`sandbox::firecracker::jail`).

@@ -4,12 +4,13 @@
 
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use mio::unix::SourceFd;
 use mio::{Events, Interest, Poll, Token as MioToken};
 
 use crate::engine::rapi::Role;
+use crate::engine::spin::SpinWait;
 use crate::engine::stream::{Kind, Stream};
 use crate::engine::worker::{set_nonblocking, Token, Worker};
 use crate::engine::{peer_of, AcceptBackoff};
@@ -195,7 +196,7 @@ impl Driver {
 }
 
 /// Runs `w` on epoll until it has drained after a shutdown.
-pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
+pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd, spin: SpinWait) -> io::Result<()> {
     let mut d = Driver {
         poll: Poll::new()?,
         buf: vec![0; READ_CHUNK],
@@ -241,10 +242,18 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
                 continue;
             }
         }
-        match d
-            .poll
-            .poll(&mut events, Some(w.sleep_for(last_tick, Instant::now())))
-        {
+        let ready = !spin.is_off()
+            && w.fns.running()
+            && spin.wait(|| {
+                d.poll.poll(&mut events, Some(Duration::ZERO)).is_ok() && !events.is_empty()
+            });
+        let waited = match ready {
+            true => Ok(()),
+            false => d
+                .poll
+                .poll(&mut events, Some(w.sleep_for(last_tick, Instant::now()))),
+        };
+        match waited {
             Ok(()) => {}
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
             Err(e) => return Err(e),

@@ -18,6 +18,7 @@ pub mod phases;
 pub mod port;
 pub mod rapi;
 pub mod relocate;
+pub mod spin;
 pub mod stream;
 pub mod streamed;
 pub mod uring;
@@ -377,6 +378,7 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     let io_mode = cfg.io;
     let pin = cfg.pin;
     let batch = cfg.batch_workers;
+    let spin = spin::SpinWait::new(cfg.spin_wait);
     let grace = cfg.shutdown_grace;
     let shared = Arc::new(Shared {
         core_metrics: (0..cores)
@@ -451,9 +453,9 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
                 let waker = shared.inboxes.wakers[core].as_raw_fd();
                 let mut worker = Worker::new(core, shared, inbox);
                 let r = if use_uring {
-                    uring::run(&mut worker, listener, waker)
+                    uring::run(&mut worker, listener, waker, spin)
                 } else {
-                    epoll::run(&mut worker, listener, waker)
+                    epoll::run(&mut worker, listener, waker, spin)
                 };
                 if let Err(e) = r {
                     eprintln!("hearth: worker {core} failed: {e}");

@@ -9,6 +9,7 @@ use std::time::Instant;
 use io_uring::{cqueue, opcode, squeue, types, IoUring};
 
 use crate::engine::rapi::Role;
+use crate::engine::spin::SpinWait;
 use crate::engine::stream::Kind;
 use crate::engine::worker::{Token, Worker};
 use crate::engine::{peer_of, AcceptBackoff};
@@ -62,11 +63,13 @@ fn new_ring(entries: u32) -> io::Result<IoUring> {
     IoUring::builder()
         .setup_single_issuer()
         .setup_defer_taskrun()
+        .setup_taskrun_flag()
         .build(entries)
         .or_else(|_| {
             IoUring::builder()
                 .setup_single_issuer()
                 .setup_coop_taskrun()
+                .setup_taskrun_flag()
                 .build(entries)
         })
         .or_else(|_| IoUring::new(entries))
@@ -258,7 +261,7 @@ fn is_listener(kind: &Kind) -> bool {
 }
 
 /// Runs `w` on io_uring until it has drained after a shutdown.
-pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
+pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd, spin: SpinWait) -> io::Result<()> {
     let mut d = Driver {
         ring: new_ring(RING_ENTRIES)?,
         listener: Some(listener),
@@ -291,6 +294,12 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd) -> io::Result<()> {
         }
         if w.finished() {
             return Ok(());
+        }
+        if !spin.is_off() && w.fns.running() {
+            // Hand the kernel what this turn queued (the request for the
+            // instance among it), then yield while the instance answers.
+            let _ = d.ring.submit();
+            spin.wait(|| !d.ring.completion().is_empty() || d.ring.submission().taskrun());
         }
         let ts = types::Timespec::from(w.sleep_for(last_tick, Instant::now()));
         let args = types::SubmitArgs::new().timespec(&ts);

@@ -635,6 +635,11 @@ impl CorePool {
         p
     }
 
+    /// Whether an instance on this core is running a request.
+    pub fn running(&self) -> bool {
+        self.insts.iter().any(|(_, i)| i.busy.is_some())
+    }
+
     /// Whether this core has function `id` in its view (its owner refreshes
     /// the view when a function was published after the last refresh).
     pub fn knows(&self, id: &str) -> bool {

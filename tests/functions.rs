@@ -980,15 +980,23 @@ fn batch_workers_run_as_batch_and_their_instances_with_the_default_policy() {
     }
 }
 
-/// The scheduling policy of each `hearth-w*` thread of process `pid`.
-fn worker_policies(pid: u32) -> Vec<i32> {
+/// The `/proc` directories of the worker (`hearth-w*`) threads of process `pid`.
+fn worker_tasks(pid: u32) -> Vec<std::path::PathBuf> {
     let mut out = Vec::new();
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
         let dir = task.unwrap().path();
         let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if !comm.starts_with("hearth-w") {
-            continue;
+        if comm.starts_with("hearth-w") {
+            out.push(dir);
         }
+    }
+    out
+}
+
+/// The scheduling policy of each worker thread of process `pid`.
+fn worker_policies(pid: u32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for dir in worker_tasks(pid) {
         let stat = std::fs::read_to_string(dir.join("stat")).unwrap();
         let fields: Vec<&str> = stat[stat.rfind(')').unwrap() + 2..].split(' ').collect();
         out.push(fields[41 - 3].parse().unwrap());
@@ -1023,16 +1031,12 @@ fn workers_sleep_while_a_handler_waits_on_a_timer() {
     }
 }
 
-/// CPU time of the `hearth-w*` threads of process `pid` so far, ns (schedstat).
+/// CPU time of the worker threads of process `pid` so far, ns (schedstat).
 fn workers_cpu_ns(pid: u32) -> u64 {
     let mut ns = 0;
-    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap() {
-        let dir = task.unwrap().path();
-        let comm = std::fs::read_to_string(dir.join("comm")).unwrap_or_default();
-        if comm.starts_with("hearth-w") {
-            let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap();
-            ns += stat.split(' ').next().unwrap().parse::<u64>().unwrap();
-        }
+    for dir in worker_tasks(pid) {
+        let stat = std::fs::read_to_string(dir.join("schedstat")).unwrap();
+        ns += stat.split(' ').next().unwrap().parse::<u64>().unwrap();
     }
     ns
 }

@@ -295,21 +295,28 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd, spin: SpinWait) -> i
         if w.finished() {
             return Ok(());
         }
+        let mut ready = false;
         if !spin.is_off() && w.fns.running() {
             // Hand the kernel what this turn queued (the request for the
             // instance among it), then yield while the instance answers.
             let _ = d.ring.submit();
-            spin.wait(|| !d.ring.completion().is_empty() || d.ring.submission().taskrun());
+            ready = spin.wait(|| !d.ring.completion().is_empty() || d.ring.submission().taskrun())
+                && !d.ring.submission().taskrun();
         }
-        let ts = types::Timespec::from(w.sleep_for(last_tick, Instant::now()));
-        let args = types::SubmitArgs::new().timespec(&ts);
-        match d.ring.submitter().submit_with_args(1, &args) {
-            Ok(_) => {}
-            Err(e)
-                if e.raw_os_error() == Some(libc::ETIME)
-                    || e.raw_os_error() == Some(libc::EINTR)
-                    || e.raw_os_error() == Some(libc::EBUSY) => {}
-            Err(e) => return Err(e),
+        // Completions already in the queue with no task work pending: they
+        // are read below without entering the kernel (nothing is left to
+        // submit either, the spin began with a submit).
+        if !ready {
+            let ts = types::Timespec::from(w.sleep_for(last_tick, Instant::now()));
+            let args = types::SubmitArgs::new().timespec(&ts);
+            match d.ring.submitter().submit_with_args(1, &args) {
+                Ok(_) => {}
+                Err(e)
+                    if e.raw_os_error() == Some(libc::ETIME)
+                        || e.raw_os_error() == Some(libc::EINTR)
+                        || e.raw_os_error() == Some(libc::EBUSY) => {}
+                Err(e) => return Err(e),
+            }
         }
         w.now = Instant::now();
         let mut cq = Vec::with_capacity(64);

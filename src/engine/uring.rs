@@ -301,11 +301,12 @@ pub fn run(w: &mut Worker, listener: OwnedFd, waker: RawFd, spin: SpinWait) -> i
             // instance among it), then yield while the instance answers.
             let _ = d.ring.submit();
             ready = spin.wait(|| !d.ring.completion().is_empty() || d.ring.submission().taskrun())
-                && !d.ring.submission().taskrun();
+                && !d.ring.submission().taskrun()
+                && d.ring.submission().is_empty();
         }
-        // Completions already in the queue with no task work pending: they
-        // are read below without entering the kernel (nothing is left to
-        // submit either, the spin began with a submit).
+        // Completions already in the queue, no task work pending and nothing
+        // left to submit (the spin began with a submit): they are read below
+        // without entering the kernel.
         if !ready {
             let ts = types::Timespec::from(w.sleep_for(last_tick, Instant::now()));
             let args = types::SubmitArgs::new().timespec(&ts);

@@ -189,6 +189,11 @@ def results_section(summary, a, cold, qemu):
             p99 = [us(x["p99_us"]) for x in ol] + ["-"] * (3 - len(ol))
             ans = f"{ol[-1]['throughput_rps']:.0f} / {ol[-1]['rate_rps']:.0f}" if ol else "-"
             lines.append(f"| {test} | {system} | {r['throughput_rps']:.0f} | {p99[0]} | {p99[1]} | {p99[2]} | {ans} |")
+    def cell(name, x):
+        """A p99 median with each round's p99 and the answered rate."""
+        each = ", ".join(us(v) for v in x["p99_us_all"])
+        return f"{name}{us(x['p99_us'])} ({each}; {x['throughput_rps']:.0f} answered/s)"
+
     same = []
     for test, bare in (("express", "express"), ("trivial", "node-http")):
         rows = summary.get(test, {})
@@ -197,10 +202,6 @@ def results_section(summary, a, cold, qemu):
         if not h or not b:
             continue
         ratio = h["p99_us"] / b["p99_us"] if b["p99_us"] else float("nan")
-
-        def cell(name, x):
-            each = ", ".join(us(v) for v in x["p99_us_all"])
-            return f"{name}{us(x['p99_us'])} ({each}; {x['throughput_rps']:.0f} answered/s)"
         same.append(f"| {test} | {h['rate_rps']:.0f} | {h['rounds']} | {cell(bare + ' ', b)} | {cell('', h)} "
                     f"| {ratio:.2f}× |")
     if same:

@@ -226,6 +226,18 @@ struct ServeArgs {
     /// 3-5 % slower. 0 turns it off; at most 10000.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     spin_wait_us: u64,
+    /// The CPU weight of all instances together, per core, in threads' default
+    /// weights: the cgroup directory holding every sandbox gets cores x this
+    /// (cgroup v1 cpu.shares 1024 each, v2 cpu.weight 100 each, within the
+    /// kernel's range). At 1 the instances on a core weigh what its worker thread
+    /// does. Measured (perf/RESULTS.md, "the instances' CPU weight"): against the
+    /// kernel's default (all instances as one thread), the trivial handler no
+    /// longer falls into its slow mode (55-65k instead of 85-90k req/s, by chance
+    /// per run); 2 or 4 gave up to 1.14-1.36x the requests per second for Express
+    /// and half hearth's CPU per request, at a longer tail at half load when the
+    /// load generator shares the cores. 1 to 64.
+    #[arg(long, default_value_t = hearth::sandbox::process::cgroup::INSTANCES_CPU_WEIGHT_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=64))]
+    instances_cpu_weight: u64,
     /// Do not move client connections between cores: neither to the core holding
     /// its function's instance when the function is limited to fewer instances than
     /// there are cores (the instance is handed between the cores in turns instead),
@@ -399,6 +411,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         pin: !a.no_pin,
         batch_workers: a.batch_workers,
         spin_wait: Duration::from_micros(a.spin_wait_us),
+        instances_cpu_weight: a.instances_cpu_weight,
         standby: !a.no_standby && a.standbys_max > 0,
         standbys_max: a.standbys_max,
         standby_idle: Duration::from_millis(a.standby_idle_ms.max(1)),

@@ -1394,11 +1394,11 @@ fn a_second_server_cannot_share_a_port() {
     s.assert_healthy();
 }
 
-/// The cpu cgroup directories of server `pid`'s sandboxes of function `id`,
-/// oldest first, with the file that holds their CPU weight (`cpu.shares` on
+/// The cpu cgroup directory holding the sandboxes of a process in `pid`'s
+/// cgroup, with the file that holds a CPU weight there (`cpu.shares` on
 /// cgroup v1, `cpu.weight` on v2) and its default value; `None` without a
-/// cpu controller.
-fn cpu_groups(pid: u32, id: &str) -> Option<(Vec<std::path::PathBuf>, &'static str, u64)> {
+/// cpu controller (or before any sandbox made the directory).
+fn sandboxes_cpu_dir(pid: u32) -> Option<(std::path::PathBuf, &'static str, u64)> {
     let own = std::fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
     let (base, file, default) = match own.lines().find_map(|l| {
         let mut f = l.splitn(3, ':');
@@ -1418,9 +1418,14 @@ fn cpu_groups(pid: u32, id: &str) -> Option<(Vec<std::path::PathBuf>, &'static s
             100,
         ),
     };
-    if !base.join(file).exists() {
-        return None;
-    }
+    base.join(file).exists().then_some((base, file, default))
+}
+
+/// The cpu cgroup directories of server `pid`'s sandboxes of function `id`,
+/// oldest first, with the file that holds their CPU weight and its default
+/// value (see [`sandboxes_cpu_dir`]); `None` without a cpu controller.
+fn cpu_groups(pid: u32, id: &str) -> Option<(Vec<std::path::PathBuf>, &'static str, u64)> {
+    let (base, file, default) = sandboxes_cpu_dir(pid)?;
     let prefix = format!("{id}-{pid}-");
     let mut dirs: Vec<(u64, std::path::PathBuf)> = std::fs::read_dir(&base)
         .ok()?
@@ -1433,6 +1438,39 @@ fn cpu_groups(pid: u32, id: &str) -> Option<(Vec<std::path::PathBuf>, &'static s
         .collect();
     dirs.sort();
     Some((dirs.into_iter().map(|(_, d)| d).collect(), file, default))
+}
+
+/// Every sandbox's cgroup sits in one `hearth` directory, scheduled as one
+/// entity beside the server's worker threads. At the kernel's default weight
+/// all instances on a core weighed less than their worker, and a busy one got
+/// the CPU only when the worker slept (`cgroup::INSTANCES_CPU_WEIGHT_DEFAULT`);
+/// the server gives it cores x `--instances-cpu-weight` default weights.
+#[test]
+fn the_directory_holding_the_sandboxes_gets_the_instances_cpu_weight() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "2", "--instances-cpu-weight", "5"]);
+    let read = || -> Option<(u64, u64, std::path::PathBuf)> {
+        let (dir, file, default) = sandboxes_cpu_dir(s.pid())?;
+        let w = std::fs::read_to_string(dir.join(file)).ok()?;
+        Some((w.trim().parse().ok()?, default, dir))
+    };
+    // Each new sandbox writes the weight; other tests' servers share the
+    // directory and write theirs, so a read may follow another's write:
+    // another sandbox of this server writes it again.
+    let mut seen = Vec::new();
+    for n in 0..20 {
+        deploy(&s, "behave", "");
+        let Some((weight, default, dir)) = read() else {
+            eprintln!("skipped: no cpu cgroup controller for the sandboxes");
+            return;
+        };
+        if weight == 10 * default {
+            s.assert_healthy();
+            return;
+        }
+        seen.push(weight);
+        assert!(n < 19, "{}: {seen:?}", dir.display());
+    }
 }
 
 #[test]

@@ -101,6 +101,7 @@ fn spec_for(code: &Path, argv: Vec<String>) -> SandboxSpec {
         ],
         binds: vec![],
         pipes: false,
+        parent_cpu_weight: 0,
     }
 }
 

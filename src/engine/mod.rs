@@ -330,6 +330,11 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     }
     // Function starvation is tracked in a 64-bit mask of cores.
     let cores = cfg.cores.clamp(1, 64);
+    // The directory holding every sandbox weighs `instances_cpu_weight`
+    // threads per core (`cgroup::INSTANCES_CPU_WEIGHT_DEFAULT`).
+    crate::sandbox::process::cgroup::set_parent_weight(
+        (cores as u64).saturating_mul(cfg.instances_cpu_weight),
+    );
     raise_nofile_limit(
         (cores as u64)
             .saturating_mul(cfg.http.connections_per_core_max as u64)

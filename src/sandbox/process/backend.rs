@@ -370,6 +370,7 @@ impl Inner {
             env: vec![("PATH".into(), "/usr/bin:/bin".into())],
             binds,
             pipes,
+            parent_cpu_weight: process::cgroup::parent_weight(),
         };
         let mut sandbox = process::spawn(&self.hearth_exe, &sspec).map_err(StartError::Jail)?;
         if let (Placement::Standby, Some(group)) = (place, sandbox.group()) {

@@ -63,6 +63,84 @@ pub const BACKGROUND_CPU_WEIGHT: u64 = 6;
 const DEFAULT_CPU_SHARES: u64 = 1024;
 const DEFAULT_CPU_WEIGHT: u64 = 100;
 
+/// The CPU weight of the `hearth` directory that holds every sandbox, per
+/// core hearth serves on, in default weights (one ordinary thread's): the
+/// default of `serve --instances-cpu-weight`.
+///
+/// The kernel schedules that directory as one entity beside hearth's own
+/// threads (v1) or beside the cgroup hearth runs in (v2), and splits its
+/// weight between CPUs by where its load is. Left at the kernel's default
+/// (one thread's weight for all of it), every instance on a core of a
+/// two-core server together weighed about half its worker thread: a lone busy
+/// instance got the CPU only when its worker slept, the worker's
+/// `sched_yield` came back at once, and the core settled in a slow pattern
+/// (the instance preempted at each answer instead of sleeping); the trivial
+/// handler made 55–65k req/s in that pattern against 85–90k in the other, by
+/// chance per run. At one per core the instances on a core weigh what their
+/// worker does when the load is even (`perf/RESULTS.md`, "the instances' CPU
+/// weight").
+pub const INSTANCES_CPU_WEIGHT_DEFAULT: u64 = 1;
+
+/// The `hearth` directory's weight in default weights, set once at start
+/// ([`set_parent_weight`]); 0 leaves the directory's weight as it is (tests
+/// that make sandboxes directly).
+static PARENT_WEIGHT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
+/// Sets the weight, in default weights, that [`create`] gives the directory
+/// holding every sandbox: cores × `serve --instances-cpu-weight`.
+pub fn set_parent_weight(units: u64) {
+    PARENT_WEIGHT.store(units, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// What [`set_parent_weight`] set (0 when nothing did).
+pub fn parent_weight() -> u64 {
+    PARENT_WEIGHT.load(std::sync::atomic::Ordering::Relaxed)
+}
+
+/// The weight file and value for the `hearth` directory at `units` default
+/// weights, within the kernel's range (v1 shares 2..=262144, v2 weight
+/// 1..=10000).
+pub fn parent_cpu_weight(version: Version, units: u64) -> (&'static str, String) {
+    let units = units.max(1);
+    match version {
+        Version::V1 => (
+            "cpu.shares",
+            DEFAULT_CPU_SHARES
+                .saturating_mul(units)
+                .clamp(2, 262_144)
+                .to_string(),
+        ),
+        Version::V2 => (
+            "cpu.weight",
+            DEFAULT_CPU_WEIGHT
+                .saturating_mul(units)
+                .clamp(1, 10_000)
+                .to_string(),
+        ),
+    }
+}
+
+/// Gives `parent` (the `hearth` directory) its weight for the serving cores;
+/// best effort: a failure is a warning. Written with each new sandbox, since
+/// the directory may have been made (or re-made) by that sandbox; servers
+/// sharing one `hearth` directory leave the last writer's value.
+fn weigh_parent(parent: &Path, version: Version, warnings: &mut Vec<String>) {
+    let units = parent_weight();
+    if units == 0 {
+        return;
+    }
+    let (file, value) = parent_cpu_weight(version, units);
+    if read_file(parent, file).is_some_and(|v| v.trim() == value) {
+        return;
+    }
+    if let Err(e) = write_file(parent, file, &value) {
+        warnings.push(format!(
+            "cpu weight of {} not applied: {e}",
+            parent.display()
+        ));
+    }
+}
+
 /// The cgroup directories of one sandbox.
 #[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
@@ -334,6 +412,7 @@ fn create_v2(mount_point: &Path, name: &str, limits: Limits) -> io::Result<(Grou
             Ok(w) => warnings.extend(w),
             Err(e) => warnings.push(format!("cpu limit not applied: {e}")),
         }
+        weigh_parent(&base, Version::V2, &mut warnings);
         Some(dir.clone())
     };
     let g = Group {
@@ -411,7 +490,12 @@ fn create_v1(
         match controller {
             "memory" => g.memory = Some(dir),
             "pids" => g.pids = Some(dir),
-            _ => g.cpu = Some(dir),
+            _ => {
+                if let Some(parent) = dir.parent() {
+                    weigh_parent(parent, Version::V1, &mut warnings);
+                }
+                g.cpu = Some(dir)
+            }
         }
     }
     if g.memory.is_none() && g.pids.is_none() && g.cpu.is_none() {
@@ -818,6 +902,19 @@ mod tests {
             ..standby
         };
         assert!(cpu_settings(Version::V2, &unlimited).is_empty());
+    }
+
+    #[test]
+    fn the_parent_weight_is_counted_in_default_weights_within_the_kernel_range() {
+        let w = |v, units| parent_cpu_weight(v, units).1;
+        assert_eq!(parent_cpu_weight(Version::V1, 2).0, "cpu.shares");
+        assert_eq!(w(Version::V1, 2), "2048");
+        assert_eq!(w(Version::V1, 0), "1024");
+        assert_eq!(w(Version::V1, 1000), "262144");
+        assert_eq!(parent_cpu_weight(Version::V2, 2).0, "cpu.weight");
+        assert_eq!(w(Version::V2, 8), "800");
+        assert_eq!(w(Version::V2, 4096), "10000");
+        assert_eq!(w(Version::V2, u64::MAX), "10000");
     }
 
     #[test]

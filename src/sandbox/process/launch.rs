@@ -287,6 +287,7 @@ fn launch() -> Result<(), String> {
         cpu_millicores: spec.cpu_millicores,
         cpu_background: spec.cpu_background,
     };
+    cgroup::set_parent_weight(spec.parent_cpu_weight);
     let (group, warnings) = cgroup::create(&spec.name, limits);
     for w in warnings {
         report(&Line::Warning(w));

@@ -92,6 +92,10 @@ pub struct SandboxSpec {
     /// The channel is a pair of pipes rather than a socketpair (see the module doc).
     #[serde(default)]
     pub pipes: bool,
+    /// The CPU weight, in default weights, of the directory holding every
+    /// sandbox ([`cgroup::set_parent_weight`]); 0 leaves it as it is.
+    #[serde(default)]
+    pub parent_cpu_weight: u64,
 }
 
 /// Why a sandbox could not be created.
@@ -621,6 +625,7 @@ mod tests {
             env: vec![("A".into(), "b=c".into())],
             binds: vec![],
             pipes: false,
+            parent_cpu_weight: 0,
         }
     }
 

@@ -158,8 +158,9 @@ pub struct ServeConfig {
     /// How long a worker may yield its CPU, instead of sleeping, while an
     /// instance on its core runs a request (`engine::spin`); zero: never.
     pub spin_wait: Duration,
-    /// The CPU weight of all sandboxes together per core, in default weights
-    /// (one thread's), against the workers' and the host's other threads
+    /// The CPU weight of all sandboxes together per CPU hearth may use, in
+    /// default weights (one thread's), against the workers' and the host's
+    /// other threads
     /// (`sandbox::process::cgroup::INSTANCES_CPU_WEIGHT_DEFAULT`).
     pub instances_cpu_weight: u64,
     /// Keep one initialised standby instance per function in use (process backend).

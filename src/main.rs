@@ -226,16 +226,16 @@ struct ServeArgs {
     /// 3-5 % slower. 0 turns it off; at most 10000.
     #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(0..=10_000))]
     spin_wait_us: u64,
-    /// The CPU weight of all instances together, per core, in threads' default
-    /// weights: the cgroup directory holding every sandbox gets cores x this
-    /// (cgroup v1 cpu.shares 1024 each, v2 cpu.weight 100 each, within the
-    /// kernel's range). At 1 the instances on a core weigh what its worker thread
-    /// does. Measured (perf/RESULTS.md, "the instances' CPU weight"): against the
-    /// kernel's default (all instances as one thread), the trivial handler no
-    /// longer falls into its slow mode (55-65k instead of 85-90k req/s, by chance
-    /// per run); 2 or 4 gave up to 1.14-1.36x the requests per second for Express
-    /// and half hearth's CPU per request, at a longer tail at half load when the
-    /// load generator shares the cores. 1 to 64.
+    /// The CPU weight of all instances together, per CPU, in threads' default
+    /// weights: the cgroup directory holding every sandbox (of every server on
+    /// the host) gets this x the CPUs hearth may use (cgroup v1 cpu.shares 1024
+    /// each, v2 cpu.weight 100 each, within the kernel's range). At 1 the
+    /// instances on an evenly loaded CPU weigh what its worker thread does. Measured (perf/RESULTS.md, "the instances' CPU weight"): against the
+    /// kernel's default (all instances as one thread) the trivial handler no
+    /// longer falls, by chance per run, into a slow mode (55-65k instead of
+    /// 85-90k req/s). 2 or 4 gave more throughput (Express GET 1.14-1.36x,
+    /// Express at concurrency 1 1.17-1.26x, per core 1.13-1.20x) for less host
+    /// CPU per request, and a longer p99 at half load. 1 to 64.
     #[arg(long, default_value_t = hearth::sandbox::process::cgroup::INSTANCES_CPU_WEIGHT_DEFAULT, value_parser = clap::value_parser!(u64).range(1..=64))]
     instances_cpu_weight: u64,
     /// Do not move client connections between cores: neither to the core holding

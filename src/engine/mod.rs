@@ -331,9 +331,12 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     // Function starvation is tracked in a 64-bit mask of cores.
     let cores = cfg.cores.clamp(1, 64);
     // The directory holding every sandbox weighs `instances_cpu_weight`
-    // threads per core (`cgroup::INSTANCES_CPU_WEIGHT_DEFAULT`).
+    // threads per CPU hearth may use (`cgroup::INSTANCES_CPU_WEIGHT_DEFAULT`):
+    // the host's, not this server's cores, since every server on the host
+    // shares that directory and would otherwise undo another's weight.
+    let cpus = std::thread::available_parallelism().map_or(cores, |n| n.get());
     crate::sandbox::process::cgroup::set_parent_weight(
-        (cores as u64).saturating_mul(cfg.instances_cpu_weight),
+        (cpus as u64).saturating_mul(cfg.instances_cpu_weight),
     );
     raise_nofile_limit(
         (cores as u64)

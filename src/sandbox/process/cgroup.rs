@@ -63,9 +63,9 @@ pub const BACKGROUND_CPU_WEIGHT: u64 = 6;
 const DEFAULT_CPU_SHARES: u64 = 1024;
 const DEFAULT_CPU_WEIGHT: u64 = 100;
 
-/// The CPU weight of the `hearth` directory that holds every sandbox, per
-/// core hearth serves on, in default weights (one ordinary thread's): the
-/// default of `serve --instances-cpu-weight`.
+/// The CPU weight of the `hearth` directory that holds every sandbox, per CPU
+/// hearth may use, in default weights (one ordinary thread's): the default of
+/// `serve --instances-cpu-weight`.
 ///
 /// The kernel schedules that directory as one entity beside hearth's own
 /// threads (v1) or beside the cgroup hearth runs in (v2), and splits its
@@ -76,9 +76,10 @@ const DEFAULT_CPU_WEIGHT: u64 = 100;
 /// `sched_yield` came back at once, and the core settled in a slow pattern
 /// (the instance preempted at each answer instead of sleeping); the trivial
 /// handler made 55–65k req/s in that pattern against 85–90k in the other, by
-/// chance per run. At one per core the instances on a core weigh what their
-/// worker does when the load is even (`perf/RESULTS.md`, "the instances' CPU
-/// weight").
+/// chance per run. At one per CPU the instances on an evenly loaded CPU weigh
+/// what its worker does (`perf/RESULTS.md`, "the instances' CPU weight"). The
+/// count is the host's CPUs, not a server's `--cores`: every server on the
+/// host shares the directory, and each writes the weight.
 pub const INSTANCES_CPU_WEIGHT_DEFAULT: u64 = 1;
 
 /// The `hearth` directory's weight in default weights, set once at start
@@ -87,7 +88,7 @@ pub const INSTANCES_CPU_WEIGHT_DEFAULT: u64 = 1;
 static PARENT_WEIGHT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 /// Sets the weight, in default weights, that [`create`] gives the directory
-/// holding every sandbox: cores × `serve --instances-cpu-weight`.
+/// holding every sandbox: CPUs × `serve --instances-cpu-weight`.
 pub fn set_parent_weight(units: u64) {
     PARENT_WEIGHT.store(units, std::sync::atomic::Ordering::Relaxed);
 }

@@ -230,7 +230,8 @@ struct ServeArgs {
     /// weights: the cgroup directory holding every sandbox (of every server on
     /// the host) gets this x the CPUs hearth may use (cgroup v1 cpu.shares 1024
     /// each, v2 cpu.weight 100 each, within the kernel's range). At 1 the
-    /// instances on an evenly loaded CPU weigh what its worker thread does. Measured (perf/RESULTS.md, "the instances' CPU weight"): against the
+    /// instances on an evenly loaded CPU weigh what its worker thread does.
+    /// Measured (perf/RESULTS.md, "the instances' CPU weight"): against the
     /// kernel's default (all instances as one thread) the trivial handler no
     /// longer falls, by chance per run, into a slow mode (55-65k instead of
     /// 85-90k req/s). 2 or 4 gave more throughput (Express GET 1.14-1.36x,

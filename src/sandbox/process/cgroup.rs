@@ -121,8 +121,8 @@ pub fn parent_cpu_weight(version: Version, units: u64) -> (&'static str, String)
     }
 }
 
-/// Gives `parent` (the `hearth` directory) its weight for the serving cores;
-/// best effort: a failure is a warning. Written with each new sandbox, since
+/// Gives `parent` (the `hearth` directory) the weight [`set_parent_weight`]
+/// set; best effort: a failure is a warning. Written with each new sandbox, since
 /// the directory may have been made (or re-made) by that sandbox; servers
 /// sharing one `hearth` directory leave the last writer's value.
 fn weigh_parent(parent: &Path, version: Version, warnings: &mut Vec<String>) {

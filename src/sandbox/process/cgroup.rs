@@ -16,6 +16,7 @@ use std::fs;
 use std::io;
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -85,17 +86,17 @@ pub const INSTANCES_CPU_WEIGHT_DEFAULT: u64 = 1;
 /// The `hearth` directory's weight in default weights, set once at start
 /// ([`set_parent_weight`]); 0 leaves the directory's weight as it is (tests
 /// that make sandboxes directly).
-static PARENT_WEIGHT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static PARENT_WEIGHT: AtomicU64 = AtomicU64::new(0);
 
 /// Sets the weight, in default weights, that [`create`] gives the directory
 /// holding every sandbox: CPUs × `serve --instances-cpu-weight`.
 pub fn set_parent_weight(units: u64) {
-    PARENT_WEIGHT.store(units, std::sync::atomic::Ordering::Relaxed);
+    PARENT_WEIGHT.store(units, Ordering::Relaxed);
 }
 
 /// What [`set_parent_weight`] set (0 when nothing did).
 pub fn parent_weight() -> u64 {
-    PARENT_WEIGHT.load(std::sync::atomic::Ordering::Relaxed)
+    PARENT_WEIGHT.load(Ordering::Relaxed)
 }
 
 /// The weight file and value for the `hearth` directory at `units` default

@@ -1,13 +1,17 @@
-//! A core's CPU use over the last tick, read from `/proc/stat`: the sample the
-//! scheduler's scale-out and scale-in decisions take (see
-//! [`crate::functions::sched::Tick`]).
+//! A core's CPU use over the last tick, read from `/proc/stat`, and the worker
+//! thread's own share of it: the samples the scheduler's scale-out and
+//! scale-in decisions take (see [`crate::functions::sched::Tick`]).
 
-/// Busy and total jiffies of one CPU at the last sample, and the busy share between the last two.
+use std::time::Duration;
+
+/// Busy and total jiffies of one CPU at the last sample, and the busy share
+/// between the last two; the calling thread's CPU time at its last sample.
 #[derive(Default)]
 pub struct CpuMeter {
     busy: u64,
     total: u64,
     busy_pct: u64,
+    own_ns: Option<u64>,
 }
 
 impl CpuMeter {
@@ -22,6 +26,23 @@ impl CpuMeter {
             self.total = total;
         }
         self.busy_pct
+    }
+
+    /// CPU time the calling thread (the core's worker) used since its previous
+    /// call; zero on the first.
+    pub fn own_cpu(&mut self) -> Duration {
+        let mut ts = libc::timespec {
+            tv_sec: 0,
+            tv_nsec: 0,
+        };
+        // SAFETY: clock_gettime writes the timespec we pass and nothing else.
+        if unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut ts) } != 0 {
+            return Duration::ZERO;
+        }
+        let now = ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64;
+        let since = self.own_ns.map_or(0, |prev| now.saturating_sub(prev));
+        self.own_ns = Some(now);
+        Duration::from_nanos(since)
     }
 }
 

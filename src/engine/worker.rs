@@ -549,10 +549,12 @@ impl Worker {
             self.close_stream(t);
         }
         let cpu_busy_pct = self.cpu.sample(self.core);
+        let worker_cpu = self.cpu.own_cpu();
         self.fns.on_tick(Tick {
             now,
             wall_ms: crate::util::time::unix_time_ms(),
             cpu_busy_pct,
+            worker_cpu,
         });
         self.run_actions();
     }

@@ -227,6 +227,10 @@ pub struct Tick {
     pub wall_ms: u64,
     /// This core's CPU use over the last tick, percent.
     pub cpu_busy_pct: u64,
+    /// CPU time the core's worker thread used over the last tick: hearth's
+    /// own share of the core, which the fit estimate does not count as room
+    /// for another instance ([`scale::host_share`]).
+    pub worker_cpu: Duration,
 }
 
 /// Ends instance `handle` of `f` at server exit: killed and destroyed here
@@ -582,6 +586,9 @@ pub struct CorePool {
     clock: (Instant, u64),
     /// This core's CPU use over the last tick, percent.
     cpu_busy_pct: u64,
+    /// The worker's CPU time over the last tick, and that tick's length.
+    worker_cpu: Duration,
+    tick_len: Duration,
     /// Clients that left while their request was queued or running here.
     gone: FxHashSet<ReplyTo>,
     /// When a queue here that another core could take requests from will be
@@ -622,6 +629,8 @@ impl CorePool {
             rng,
             clock: (now, wall_ms),
             cpu_busy_pct: 0,
+            worker_cpu: Duration::ZERO,
+            tick_len: Duration::ZERO,
             gone: FxHashSet::default(),
             spill_check: None,
             spill_ids: Vec::new(),
@@ -941,8 +950,10 @@ impl CorePool {
     /// Event: periodic tick. Timeouts (504, instance destroyed), queue expiry,
     /// fit estimates, scale-out of waiting queues, keep-warm reaping.
     pub fn on_tick(&mut self, tick: Tick) {
+        self.tick_len = tick.now.saturating_duration_since(self.clock.0);
         self.clock = (tick.now, tick.wall_ms);
         self.cpu_busy_pct = tick.cpu_busy_pct;
+        self.worker_cpu = tick.worker_cpu;
         self.tick(tick.now);
         self.reopen(tick.now);
         self.check_invariants();

@@ -135,25 +135,53 @@ pub fn excess_over_fit(live: usize, fit: Option<usize>, saturated: bool) -> usiz
 
 /// The fit from one tick of a function's instances: `run_ns` and `wait_ns`
 /// their time on a CPU and waiting for one, `busy` their wall time serving
-/// requests. `busy - wait` is what a request would take without contention,
-/// `run / (busy - wait)` the share of it that needs this CPU, so about
-/// `(busy - wait) / run` instances keep the core busy: 1 for a CPU-bound
-/// handler, many for one that mostly waits on I/O. Contention makes the
-/// estimate high (the relay through the host counts as waiting), so it
-/// converges from above as surplus instances go. `None` below
-/// [`FIT_SAMPLE_MIN`] of busy time: too little to learn from.
-pub fn fit_estimate(run_ns: u64, wait_ns: u64, busy: Duration) -> Option<usize> {
+/// requests, `host_ns` the part of that wall time the core spent in its own
+/// worker ([`host_share`]). `busy - wait - host` is what a request would take
+/// without contention, `run / (busy - wait - host)` the share of it that needs
+/// this CPU, so about `(busy - wait - host) / run` instances keep the core
+/// busy: 1 for a CPU-bound handler, many for one that mostly waits on I/O.
+/// Contention makes the estimate high, so it converges from above as surplus
+/// instances go. `None` below [`FIT_SAMPLE_MIN`] of busy time: too little to
+/// learn from.
+///
+/// Without `host`, the time an instance sits with its answer written while
+/// the worker on its CPU reads it and serves the next client counted as room
+/// for another instance: a quick handler on a saturated core measured
+/// `(100 - 5) / 66` ms per tick with one instance (1.44, rounded to 1, a hair
+/// from 2) and `(200 - 71) / 64` with two (2.0), and stayed wherever it
+/// started; two instances of the trivial handler on one core served 0.71× what
+/// one did (`perf/RESULTS.md`, "the fit counted the worker's time").
+pub fn fit_estimate(run_ns: u64, wait_ns: u64, busy: Duration, host_ns: u64) -> Option<usize> {
     if busy < FIT_SAMPLE_MIN {
         return None;
     }
     let busy_ns = busy.as_nanos() as u64;
-    let alone = busy_ns.saturating_sub(wait_ns).max(run_ns).max(1);
+    let alone = busy_ns
+        .saturating_sub(wait_ns)
+        .saturating_sub(host_ns)
+        .max(run_ns)
+        .max(1);
     // No CPU at all in that much busy time: it only waits.
     Some(if run_ns == 0 {
         FIT_MAX
     } else {
         ((alone as f64 / run_ns as f64).round() as usize).clamp(1, FIT_MAX)
     })
+}
+
+/// The part of a function's busy time `busy` (summed over its instances, in
+/// a tick `tick` long) that the core's worker spent running (`worker` over the
+/// tick): the worker's time in proportion to how many of the function's
+/// instances were busy on average. While the worker runs on the CPU it shares
+/// with them, they are not running; those that wait to run count it as
+/// waiting, and those that wait for the worker (their answer not yet read,
+/// their next request not yet written) would count it as room for more.
+pub fn host_share(worker: Duration, busy: Duration, tick: Duration) -> u64 {
+    if tick.is_zero() {
+        return 0;
+    }
+    let share = worker.as_nanos() * busy.as_nanos() / tick.as_nanos();
+    u64::try_from(share).unwrap_or(u64::MAX)
 }
 
 impl CorePool {
@@ -192,7 +220,8 @@ impl CorePool {
         let mut retire = Vec::new();
         for (id, fs) in self.fns.iter_mut() {
             if let Some(&(run, wait, busy)) = per_fn.get(id) {
-                if let Some(sample) = fit_estimate(run, wait, busy) {
+                let host = host_share(self.worker_cpu, busy, self.tick_len);
+                if let Some(sample) = fit_estimate(run, wait, busy, host) {
                     // A rise counts once two ticks in a row show it: one
                     // tick's sample jumps (measured: 1 -> 24..78) when the
                     // instances waited on the host for that tick.

@@ -20,7 +20,8 @@
 # Node processes (from /proc/<pid>/stat; tick-sampled, so the user/system
 # split is rough but the sum holds), medians over the rounds. hearth ÷ bare is
 # what one-core.sh reports, but with N instances (one-core.sh deploys with the
-# defaults: 3-6 instances on one core for the trivial handler); floor ÷ bare is
+# defaults, which settle at one instance per core for either handler since
+# 2026-12-04; two for the trivial one before); floor ÷ bare is
 # where the simplest process-per-instance server stands here (one design, not
 # a proven bound); shim − floor is the runtime shim's cost and hearth − shim
 # the host's (HTTP, scheduler, sandbox). The proxies answer 500 when the

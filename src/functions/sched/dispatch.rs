@@ -539,7 +539,7 @@ impl CorePool {
         let Some(fs) = self.fns.get(id) else {
             return true;
         };
-        let Some(cap) = scale::run_cap(fs.fit, self.saturated()) else {
+        let Some(cap) = scale::run_cap(fs.run_fit.or(fs.fit), self.saturated()) else {
             return true;
         };
         let running = self

@@ -228,8 +228,8 @@ pub struct Tick {
     /// This core's CPU use over the last tick, percent.
     pub cpu_busy_pct: u64,
     /// CPU time the core's worker thread used over the last tick: hearth's
-    /// own share of the core, which the fit estimate does not count as room
-    /// for another instance ([`scale::host_share`]).
+    /// own share of the core, which the run fit does not count as room for
+    /// another running request ([`scale::host_share`]).
     pub worker_cpu: Duration,
 }
 
@@ -383,6 +383,12 @@ struct FnState {
     fit: Option<usize>,
     /// The last tick's raw fit sample (see [`CorePool::fit_instances`]).
     fit_sample: Option<usize>,
+    /// How many of its requests may run at once on a saturated core: the
+    /// last tick's fit with the worker's own time on the core left out
+    /// ([`scale::host_share`]), never above `fit`. `fit` keeps counting that
+    /// time as room, so the instances it keeps serve bursts in parallel while
+    /// the core has CPU to spare.
+    run_fit: Option<usize>,
     /// The fit after each tick that measured it, over the last
     /// [`scale::FIT_BAND`], oldest first (at most [`FIT_BAND_TICKS`]).
     fit_recent: VecDeque<(Instant, usize)>,
@@ -405,6 +411,7 @@ impl FnState {
             live_since: now,
             fit: None,
             fit_sample: None,
+            run_fit: None,
             fit_recent: VecDeque::new(),
             listed: true,
         }

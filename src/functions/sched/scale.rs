@@ -43,6 +43,9 @@ pub struct FnView {
     /// [`FIT_BAND_BUSY_PCT`] busy the lowest of the last [`FIT_BAND`], else
     /// the latest.
     pub fit: Option<usize>,
+    /// How many of its requests may run at once on a saturated core (the fit
+    /// without the worker's time, see `FnState::run_fit`), if measured.
+    pub run_fit: Option<usize>,
 }
 
 impl FnView {
@@ -67,6 +70,7 @@ impl FnView {
             } else {
                 fs.fit
             },
+            run_fit: fs.run_fit,
         }
     }
 }
@@ -93,7 +97,8 @@ pub const FIT_BAND_BUSY_PCT: u64 = 50;
 /// is full (`queue_depth_max`), or the first request waited:
 /// - with the fit known, [`SCALE_UP_WAIT`] while the function has fewer
 ///   instances than its fit (on a busy core the lowest of the last
-///   [`FIT_BAND`], see [`FnView::fit`]), whatever the core's load: at its fit the
+///   [`FIT_BAND`], see [`FnView::fit`]; on a saturated core no more than
+///   may run there at once, [`FnView::run_fit`]), whatever the core's load: at its fit the
 ///   instances keep the core busy, and another would only take CPU from them
 ///   (on a loaded core a start also costs an initialisation that the requests
 ///   wait behind; measured with open load near the core's capacity, starting
@@ -109,7 +114,11 @@ pub fn scale_out(f: &FnView, saturated: bool, queue_depth_max: usize) -> bool {
     if f.live + f.starting == 0 || uncovered >= queue_depth_max {
         return true;
     }
-    match f.fit {
+    let fit = match (f.fit, f.run_fit) {
+        (Some(fit), Some(run)) if saturated => Some(fit.min(run)),
+        (fit, _) => fit,
+    };
+    match fit {
         Some(fit) => f.live + f.starting < fit && f.head_wait >= SCALE_UP_WAIT,
         None => f.head_wait >= SCALE_UP_WAIT_MAX || (f.head_wait >= SCALE_UP_WAIT && !saturated),
     }
@@ -144,12 +153,16 @@ pub fn excess_over_fit(live: usize, fit: Option<usize>, saturated: bool) -> usiz
 /// instances go. `None` below [`FIT_SAMPLE_MIN`] of busy time: too little to
 /// learn from.
 ///
-/// Without `host`, the time an instance sits with its answer written while
-/// the worker on its CPU reads it and serves the next client counted as room
-/// for another instance: a quick handler on a saturated core measured
-/// `(100 - 5) / 66` ms per tick with one instance (1.44, rounded to 1, a hair
-/// from 2) and `(200 - 71) / 64` with two (2.0), and stayed wherever it
-/// started; two instances of the trivial handler on one core served 0.71× what
+/// Two estimates come from it each tick. With `host` 0, the time an instance
+/// sits with its answer written while the worker on its CPU reads it and
+/// serves the next client counts as room for another instance: that fit sets
+/// how many instances a function keeps, so a spare can take a burst while the
+/// core has CPU to spare. With `host`, it is the run fit: how many requests
+/// may run at once on a saturated core, and how far the function scales out
+/// there. A quick handler on a saturated core measured `(100 - 5) / 66` ms
+/// per tick with one instance (1.44, rounded to 1, a hair from 2) and `(200 -
+/// 71) / 64` with two (2.0), and with one estimate stayed wherever it started;
+/// two instances of the trivial handler running on one core served 0.71× what
 /// one did (`perf/RESULTS.md`, "the fit counted the worker's time").
 pub fn fit_estimate(run_ns: u64, wait_ns: u64, busy: Duration, host_ns: u64) -> Option<usize> {
     if busy < FIT_SAMPLE_MIN {
@@ -221,7 +234,7 @@ impl CorePool {
         for (id, fs) in self.fns.iter_mut() {
             if let Some(&(run, wait, busy)) = per_fn.get(id) {
                 let host = host_share(self.worker_cpu, busy, self.tick_len);
-                if let Some(sample) = fit_estimate(run, wait, busy, host) {
+                if let Some(sample) = fit_estimate(run, wait, busy, 0) {
                     // A rise counts once two ticks in a row show it: one
                     // tick's sample jumps (measured: 1 -> 24..78) when the
                     // instances waited on the host for that tick.
@@ -229,6 +242,7 @@ impl CorePool {
                     let fit = sample.min(rise_seen.max(fs.fit.unwrap_or(sample)));
                     fs.fit = Some(fit);
                     fs.fit_sample = Some(sample);
+                    fs.run_fit = fit_estimate(run, wait, busy, host).map(|r| r.min(fit));
                     fs.note_fit(fit, now);
                 }
             }

@@ -340,6 +340,14 @@ impl Sim {
         self.drain();
     }
 
+    /// Whether instance `i` is running a request.
+    fn busy(&self, i: InstId) -> bool {
+        self.pool
+            .insts
+            .get(i.slot())
+            .is_some_and(|x| x.busy.is_some())
+    }
+
     /// The answer sent to `to`, if any.
     fn reply_to(&self, to: ReplyTo) -> Option<&Reply> {
         self.replies.iter().find(|(t, _)| *t == to).map(|(_, r)| r)
@@ -980,11 +988,7 @@ fn a_quick_handler_beside_a_busy_worker_runs_one_request_at_a_time() {
             sim.request("a");
         }
         for &i in &insts {
-            let busy = sim
-                .pool
-                .insts
-                .get(i.slot())
-                .is_some_and(|x| x.busy.is_some());
+            let busy = sim.busy(i);
             let mut log = sim.fake(i);
             let st = log.sched.get_or_insert_with(SchedTime::default);
             if busy {
@@ -1001,12 +1005,7 @@ fn a_quick_handler_beside_a_busy_worker_runs_one_request_at_a_time() {
             running(&sim)
         );
         for &i in &insts {
-            if sim
-                .pool
-                .insts
-                .get(i.slot())
-                .is_some_and(|x| x.busy.is_some())
-            {
+            if sim.busy(i) {
                 sim.respond(i, 200);
             }
         }
@@ -1154,21 +1153,11 @@ fn a_fit_that_moves_for_a_tick_neither_retires_nor_starts_instances() {
         sim.advance(50);
         sim.tick(95);
         for &i in &insts {
-            if sim
-                .pool
-                .insts
-                .get(i.slot())
-                .is_some_and(|x| x.busy.is_some())
-            {
+            if sim.busy(i) {
                 sim.respond(i, 200);
             }
         }
-        while let Some(&i) = insts.iter().find(|i| {
-            sim.pool
-                .insts
-                .get(i.slot())
-                .is_some_and(|x| x.busy.is_some())
-        }) {
+        while let Some(&i) = insts.iter().find(|&&i| sim.busy(i)) {
             sim.respond(i, 200);
         }
         sim.advance(50);
@@ -1202,22 +1191,16 @@ fn instances_with_stats(n: usize, concurrency: u32) -> (Sim, Vec<InstId>) {
 /// cap lets run is busy throughout, using a `fit`th of the tick's CPU, with
 /// three requests kept waiting; then checks the fit reached `fit`.
 fn ticks_at_fit(sim: &mut Sim, insts: &[InstId], fit: u64, ticks: usize, cpu: u64) {
-    let busy = |sim: &Sim, i: InstId| {
-        sim.pool
-            .insts
-            .get(i.slot())
-            .is_some_and(|x| x.busy.is_some())
-    };
     for _ in 0..ticks {
         for &i in insts {
-            if busy(sim, i) {
+            if sim.busy(i) {
                 sim.fake(i).sched.as_mut().unwrap().run_ns += 100_000_000 / fit;
             }
         }
         sim.advance(100);
         sim.tick(cpu);
         for &i in insts {
-            if busy(sim, i) {
+            if sim.busy(i) {
                 sim.respond(i, 200);
             }
         }

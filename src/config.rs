@@ -21,6 +21,20 @@ pub enum IoMode {
     Epoll,
 }
 
+/// The scheduling policy of the worker threads (`util::cpu::set_batch`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
+pub enum WorkerPolicy {
+    /// The default policy, except while the core is crowded (every request
+    /// waits behind a handler slower than its clients): then `SCHED_BATCH`
+    /// (`functions::sched::preempt`).
+    Adaptive,
+    /// Always the default policy: a woken worker preempts the instance on its core.
+    Normal,
+    /// Always `SCHED_BATCH`: a woken worker waits for the instance on its
+    /// core to block or use up its slice.
+    Batch,
+}
+
 /// Which sandbox backend runs instances.
 #[derive(
     Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
@@ -151,10 +165,10 @@ pub struct ServeConfig {
     pub connection_moves: bool,
     /// Pin worker threads to cores.
     pub pin: bool,
-    /// Run worker threads as `SCHED_BATCH`: a worker woken (by a client's
-    /// bytes, say) does not preempt the instance running on its core, it runs
-    /// when that instance blocks or its time slice ends (`util::cpu::set_batch`).
-    pub batch_workers: bool,
+    /// The worker threads' scheduling policy: whether a worker woken (by a
+    /// client's bytes, say) preempts the instance running on its core, or
+    /// runs when that instance blocks or its time slice ends.
+    pub worker_policy: WorkerPolicy,
     /// How long a worker may yield its CPU, instead of sleeping, while an
     /// instance on its core runs a request (`engine::spin`); zero: never.
     pub spin_wait: Duration,

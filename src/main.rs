@@ -6,7 +6,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Parser, Subcommand};
-use hearth::config::{self, BackendKind, FcMemory, HttpLimits, IoMode, ServeConfig};
+use hearth::config::{self, BackendKind, FcMemory, HttpLimits, IoMode, ServeConfig, WorkerPolicy};
 
 /// hearth: a self-hosted, Lambda-compatible serverless runtime.
 ///
@@ -207,14 +207,19 @@ struct ServeArgs {
     /// Do not pin worker threads to cores.
     #[arg(long)]
     no_pin: bool,
-    /// Run worker threads as SCHED_BATCH: a worker woken by a client's bytes or an
-    /// instance's answer does not preempt the instance running on its core; it runs
-    /// when the instance blocks or its time slice ends, and serves what arrived
-    /// meanwhile in one turn. Measured (perf/RESULTS.md): Express 1.07-1.14x the
-    /// requests per second at 13-17 % less host CPU per request, the trivial handler
-    /// unchanged, and about twice the p99 at half load (an answer waits behind what
-    /// Node does after writing it, e.g. a garbage collection). Off by default.
-    #[arg(long)]
+    /// The worker threads' scheduling policy. normal: a worker woken by a
+    /// client's bytes or an instance's answer preempts the instance running on
+    /// its core. batch: SCHED_BATCH, it waits until the instance blocks or its
+    /// time slice ends and serves what arrived meanwhile in one turn; measured
+    /// (perf/RESULTS.md): Express 1.07-1.14x the requests per second at less host
+    /// CPU per request, the trivial handler 0.94-1.00x, about twice the p99 at
+    /// half load. adaptive: normal, and batch while the core is crowded (two
+    /// ticks in a row with the CPU saturated, nearly every request queued and
+    /// handlers running 100 µs or more); the metric hearth_worker_batch shows it.
+    #[arg(long, value_enum, default_value = "adaptive")]
+    worker_policy: WorkerPolicy,
+    /// Same as --worker-policy batch (kept for existing command lines).
+    #[arg(long, hide = true, conflicts_with = "worker_policy")]
     batch_workers: bool,
     /// While an instance on its core runs a request, a worker with nothing else
     /// to do yields its CPU for up to this long (µs) instead of sleeping, so the
@@ -410,7 +415,11 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         queue_depth_max: a.queue_depth_max.max(1),
         connection_moves: !a.no_connection_moves,
         pin: !a.no_pin,
-        batch_workers: a.batch_workers,
+        worker_policy: if a.batch_workers {
+            WorkerPolicy::Batch
+        } else {
+            a.worker_policy
+        },
         spin_wait: Duration::from_micros(a.spin_wait_us),
         instances_cpu_weight: a.instances_cpu_weight,
         standby: !a.no_standby && a.standbys_max > 0,

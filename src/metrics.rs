@@ -31,6 +31,8 @@ pub struct CoreMetrics {
     pub shed_input: AtomicU64,
     /// Connections closed because their unread answers stalled over the budget.
     pub out_evicted: AtomicU64,
+    /// Whether the core's worker runs as `SCHED_BATCH` now (gauge, 0 or 1).
+    pub batch: AtomicU64,
     /// Time requests spent in each phase inside hearth.
     pub phases: PhaseMetrics,
 }
@@ -184,7 +186,7 @@ type Series<M> = (&'static str, &'static str, &'static str, fn(&M) -> u64);
 
 /// Renders the front-end series of all cores.
 pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
-    let series: [Series<CoreMetrics>; 12] = [
+    let series: [Series<CoreMetrics>; 13] = [
         (
             "hearth_open_connections",
             "gauge",
@@ -256,6 +258,12 @@ pub fn render_cores(out: &mut String, cores: &[std::sync::Arc<CoreMetrics>]) {
             "counter",
             "Connections closed because their unread answers stalled over the output budget.",
             |m| m.out_evicted.load(Relaxed),
+        ),
+        (
+            "hearth_worker_batch",
+            "gauge",
+            "1 while the core's worker runs as SCHED_BATCH (--worker-policy), else 0.",
+            |m| m.batch.load(Relaxed),
         ),
     ];
     for (name, kind, help, get) in series {

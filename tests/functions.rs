@@ -957,16 +957,19 @@ fn node_instances_talk_over_pipes_on_both_drivers() {
     }
 }
 
-/// `--batch-workers` runs the worker threads as SCHED_BATCH (woken by a
+/// `--worker-policy batch` runs the worker threads as SCHED_BATCH (woken by a
 /// client's bytes, a worker does not preempt the instance running on its core)
 /// and their instances still with the default policy, though the starts run on
 /// threads a worker spawned (they inherited SCHED_BATCH before the starter
-/// threads and the launcher reset it); without it the workers keep the default.
+/// threads and the launcher reset it); `normal`, the hidden `--batch-workers`
+/// (same as batch) and the adaptive default (the core idle) as they say.
 #[test]
 fn batch_workers_run_as_batch_and_their_instances_with_the_default_policy() {
     require_sandbox!();
     for (flags, workers) in [
+        (&["--cores", "2", "--worker-policy", "batch"][..], libc::SCHED_BATCH),
         (&["--cores", "2", "--batch-workers"][..], libc::SCHED_BATCH),
+        (&["--cores", "2", "--worker-policy", "normal"][..], libc::SCHED_OTHER),
         (&["--cores", "2"][..], libc::SCHED_OTHER),
     ] {
         let s = Server::start(flags);
@@ -978,6 +981,64 @@ fn batch_workers_run_as_batch_and_their_instances_with_the_default_policy() {
         assert_eq!(seen.len(), 2, "{flags:?}: worker threads {seen:?}");
         assert!(seen.iter().all(|&p| p == workers), "{flags:?}: {seen:?}");
     }
+}
+
+/// Under the adaptive default, a worker whose core is crowded (its CPU
+/// saturated, every request queued behind a handler that runs for a
+/// millisecond) turns SCHED_BATCH after a couple of ticks, says so in
+/// `hearth_worker_batch`, and turns back once the load stops; the instance
+/// keeps the default policy throughout.
+#[test]
+fn a_crowded_core_runs_its_worker_as_batch_until_the_load_stops() {
+    require_sandbox!();
+    let s = Server::start(&["--cores", "1"]);
+    let id = deploy(&s, "behave", "concurrency=1");
+    assert_eq!(worker_policies(s.pid()), [libc::SCHED_OTHER]);
+    let batch_gauge = || {
+        let text = call(&s, "GET", "/metrics", &[], b"").text();
+        text.lines()
+            .find_map(|l| l.strip_prefix("hearth_worker_batch{core=\"0\"} "))
+            .map(str::to_owned)
+    };
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let (turned, gauge) = std::thread::scope(|scope| {
+        for _ in 0..6 {
+            let (s, id, stop) = (&s, &id, &stop);
+            scope.spawn(move || {
+                let mut c = s.connect();
+                while !stop.load(Relaxed) {
+                    let r = c.request("GET", &format!("/f/{id}/burn?ms=1"), &[], b"");
+                    assert_eq!(r.status, 200, "{}", r.text());
+                }
+            });
+        }
+        let start = Instant::now();
+        let mut turned = None;
+        while turned.is_none() && start.elapsed() < Duration::from_secs(10) {
+            std::thread::sleep(Duration::from_millis(50));
+            if worker_policies(s.pid()) == [libc::SCHED_BATCH] {
+                turned = Some(start.elapsed());
+            }
+        }
+        let gauge = batch_gauge();
+        let r = call(&s, "GET", &format!("/f/{id}/policy"), &[], b"");
+        assert_eq!(r.json()["policy"], libc::SCHED_OTHER, "the instance");
+        stop.store(true, Relaxed);
+        (turned, gauge)
+    });
+    let turned = turned.expect("the worker never turned SCHED_BATCH under load");
+    eprintln!("turned batch after {turned:?}");
+    assert_eq!(gauge.as_deref(), Some("1"));
+    let start = Instant::now();
+    while worker_policies(s.pid()) != [libc::SCHED_OTHER] {
+        assert!(
+            start.elapsed() < Duration::from_secs(2),
+            "still SCHED_BATCH 2 s after the load stopped"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(batch_gauge().as_deref(), Some("0"));
+    s.assert_healthy();
 }
 
 /// The `/proc` directories of the worker (`hearth-w*`) threads of process `pid`.

@@ -32,7 +32,7 @@ use std::sync::mpsc::{channel, Sender};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::config::{IoMode, ServeConfig};
+use crate::config::{IoMode, ServeConfig, WorkerPolicy};
 use crate::metrics::CoreMetrics;
 use crate::util::cpu;
 use worker::{Msg, Worker};
@@ -385,7 +385,6 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
     );
     let io_mode = cfg.io;
     let pin = cfg.pin;
-    let batch = cfg.batch_workers;
     let spin = spin::SpinWait::new(cfg.spin_wait);
     let grace = cfg.shutdown_grace;
     let shared = Arc::new(Shared {
@@ -453,13 +452,11 @@ pub fn serve(cfg: ServeConfig) -> io::Result<()> {
                 if pin {
                     pin_to(core);
                 }
-                if batch {
-                    if let Err(e) = cpu::set_batch(true) {
-                        eprintln!("hearth: worker {core}: could not switch to SCHED_BATCH: {e}");
-                    }
-                }
                 let waker = shared.inboxes.wakers[core].as_raw_fd();
                 let mut worker = Worker::new(core, shared, inbox);
+                if worker.shared.cfg.worker_policy == WorkerPolicy::Batch {
+                    worker.set_batch(true);
+                }
                 let r = if use_uring {
                     uring::run(&mut worker, listener, waker, spin)
                 } else {

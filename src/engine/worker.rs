@@ -11,7 +11,7 @@ use std::time::{Duration, Instant};
 
 use slab::Slab;
 
-use crate::config::TICK;
+use crate::config::{WorkerPolicy, TICK};
 use crate::engine::conn::{Conn, ConnState};
 use crate::engine::cpu_meter::CpuMeter;
 use crate::engine::stream::{Kind, Stream};
@@ -96,6 +96,10 @@ pub struct Worker {
     pub in_held: usize,
     /// This core's share of `HttpLimits::in_bytes_total_max`.
     pub in_budget: usize,
+    /// Whether this worker thread runs as `SCHED_BATCH` now (see `WorkerPolicy`).
+    batch: bool,
+    /// Setting the policy failed once (reported once).
+    policy_failed: bool,
 }
 
 impl Worker {
@@ -149,6 +153,8 @@ impl Worker {
             budget_paused: Vec::new(),
             in_held: 0,
             in_budget,
+            batch: false,
+            policy_failed: false,
         }
     }
 
@@ -556,7 +562,31 @@ impl Worker {
             cpu_busy_pct,
             worker_cpu,
         });
+        if self.shared.cfg.worker_policy == WorkerPolicy::Adaptive {
+            self.set_batch(self.fns.worker_batch());
+        }
         self.run_actions();
+    }
+
+    /// Switches this worker thread to `SCHED_BATCH` or back to the default
+    /// policy, if it is not there yet. Threads it spawns afterwards inherit
+    /// the policy; the starter threads and the sandbox launcher reset it.
+    pub fn set_batch(&mut self, batch: bool) {
+        if batch == self.batch {
+            return;
+        }
+        match crate::util::cpu::set_batch(batch) {
+            Ok(()) => {
+                self.batch = batch;
+                self.metrics.batch.store(u64::from(batch), Ordering::Relaxed);
+            }
+            // Logged once: the next tick would fail the same way.
+            Err(e) if !self.policy_failed => {
+                self.policy_failed = true;
+                eprintln!("hearth: worker {}: cannot set its scheduling policy: {e}", self.core);
+            }
+            Err(_) => {}
+        }
     }
 
     /// Handles queued messages; returns false when the worker should stop.

@@ -372,6 +372,7 @@ impl CorePool {
         meta.extend_from_slice(decimal(wall_ms + timeout_ms).as_bytes());
         meta.push(b']');
         let frame_len = crate::protocol::HEADER_BYTES + meta.len() + p.body.len();
+        self.preempt.sent(p.arrived < now);
         inst.busy = Some(Busy {
             to: p.to,
             rid: p.rid,

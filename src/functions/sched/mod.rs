@@ -26,10 +26,12 @@
 //! The modules: [`dispatch`] (queues, dispatch, retiring), [`scale`] (when to
 //! scale out or in, and the fit estimate), [`migrate`] (hand-over between
 //! cores), [`reply`] (instance answers to HTTP replies), [`stream`]
-//! (streamed answers).
+//! (streamed answers), [`preempt`] (whether the worker gives up wake-up
+//! preemption while the core is crowded).
 
 mod dispatch;
 mod migrate;
+pub mod preempt;
 mod reply;
 pub mod scale;
 mod spill;
@@ -596,6 +598,9 @@ pub struct CorePool {
     /// The worker's CPU time over the last tick, and that tick's length.
     worker_cpu: Duration,
     tick_len: Duration,
+    /// This tick's requests and answers, and whether the worker should run
+    /// without wake-up preemption ([`CorePool::worker_batch`]).
+    preempt: preempt::Preempt,
     /// Clients that left while their request was queued or running here.
     gone: FxHashSet<ReplyTo>,
     /// When a queue here that another core could take requests from will be
@@ -638,6 +643,7 @@ impl CorePool {
             cpu_busy_pct: 0,
             worker_cpu: Duration::ZERO,
             tick_len: Duration::ZERO,
+            preempt: preempt::Preempt::default(),
             gone: FxHashSet::default(),
             spill_check: None,
             spill_ids: Vec::new(),
@@ -649,6 +655,12 @@ impl CorePool {
         };
         p.on_functions_changed(functions, now);
         p
+    }
+
+    /// Whether the core was crowded over its last ticks, so that its worker
+    /// gains nothing from preempting its instances (see [`preempt`]).
+    pub fn worker_batch(&self) -> bool {
+        self.preempt.batch()
     }
 
     /// Whether an instance on this core is running a request.
@@ -961,6 +973,7 @@ impl CorePool {
         self.clock = (tick.now, tick.wall_ms);
         self.cpu_busy_pct = tick.cpu_busy_pct;
         self.worker_cpu = tick.worker_cpu;
+        self.preempt.on_tick(self.saturated());
         self.tick(tick.now);
         self.reopen(tick.now);
         self.check_invariants();

@@ -160,6 +160,7 @@ impl CorePool {
         let f = inst.function.clone();
         let took = now.saturating_duration_since(busy.started);
         inst.busy_done += took;
+        self.preempt.done(took);
         f.metrics.observe_duration(took.as_micros() as u64);
         let id = &f.spec.id;
         self.after_request(i, now);

@@ -967,9 +967,15 @@ fn node_instances_talk_over_pipes_on_both_drivers() {
 fn batch_workers_run_as_batch_and_their_instances_with_the_default_policy() {
     require_sandbox!();
     for (flags, workers) in [
-        (&["--cores", "2", "--worker-policy", "batch"][..], libc::SCHED_BATCH),
+        (
+            &["--cores", "2", "--worker-policy", "batch"][..],
+            libc::SCHED_BATCH,
+        ),
         (&["--cores", "2", "--batch-workers"][..], libc::SCHED_BATCH),
-        (&["--cores", "2", "--worker-policy", "normal"][..], libc::SCHED_OTHER),
+        (
+            &["--cores", "2", "--worker-policy", "normal"][..],
+            libc::SCHED_OTHER,
+        ),
         (&["--cores", "2"][..], libc::SCHED_OTHER),
     ] {
         let s = Server::start(flags);
@@ -987,11 +993,18 @@ fn batch_workers_run_as_batch_and_their_instances_with_the_default_policy() {
 /// saturated, every request queued behind a handler that runs for a
 /// millisecond) turns SCHED_BATCH after a couple of ticks, says so in
 /// `hearth_worker_batch`, and turns back once the load stops; the instance
-/// keeps the default policy throughout.
+/// keeps the default policy throughout. On both drivers (the decision is the
+/// worker's, driver-independent).
 #[test]
 fn a_crowded_core_runs_its_worker_as_batch_until_the_load_stops() {
     require_sandbox!();
-    let s = Server::start(&["--cores", "1"]);
+    for io in ["uring", "epoll"] {
+        crowded_core_turns_batch(io);
+    }
+}
+
+fn crowded_core_turns_batch(io: &str) {
+    let s = Server::start(&["--cores", "1", "--io", io]);
     let id = deploy(&s, "behave", "concurrency=1");
     assert_eq!(worker_policies(s.pid()), [libc::SCHED_OTHER]);
     let batch_gauge = || {
@@ -1026,14 +1039,15 @@ fn a_crowded_core_runs_its_worker_as_batch_until_the_load_stops() {
         stop.store(true, Relaxed);
         (turned, gauge)
     });
-    let turned = turned.expect("the worker never turned SCHED_BATCH under load");
-    eprintln!("turned batch after {turned:?}");
+    let turned =
+        turned.unwrap_or_else(|| panic!("{io}: the worker never turned SCHED_BATCH under load"));
+    eprintln!("{io}: turned batch after {turned:?}");
     assert_eq!(gauge.as_deref(), Some("1"));
     let start = Instant::now();
     while worker_policies(s.pid()) != [libc::SCHED_OTHER] {
         assert!(
             start.elapsed() < Duration::from_secs(2),
-            "still SCHED_BATCH 2 s after the load stopped"
+            "{io}: still SCHED_BATCH 2 s after the load stopped"
         );
         std::thread::sleep(Duration::from_millis(20));
     }

@@ -578,12 +578,17 @@ impl Worker {
         match crate::util::cpu::set_batch(batch) {
             Ok(()) => {
                 self.batch = batch;
-                self.metrics.batch.store(u64::from(batch), Ordering::Relaxed);
+                self.metrics
+                    .batch
+                    .store(u64::from(batch), Ordering::Relaxed);
             }
             // Logged once: the next tick would fail the same way.
             Err(e) if !self.policy_failed => {
                 self.policy_failed = true;
-                eprintln!("hearth: worker {}: cannot set its scheduling policy: {e}", self.core);
+                eprintln!(
+                    "hearth: worker {}: cannot set its scheduling policy: {e}",
+                    self.core
+                );
             }
             Err(_) => {}
         }

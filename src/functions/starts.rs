@@ -148,7 +148,7 @@ impl Starts {
     /// beyond the kept ones then ends, a kept one waits to be woken.
     fn serve(self: Arc<Self>) {
         // Spawned by a worker, it inherits the worker's SCHED_BATCH
-        // (`--batch-workers`), and the instances it starts would inherit it
+        // (`--worker-policy`), and the instances it starts would inherit it
         // from here: they run with the default policy.
         if let Err(e) = crate::util::cpu::set_batch(false) {
             eprintln!("hearth: a starter thread could not reset its scheduling policy: {e}");

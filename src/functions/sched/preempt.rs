@@ -16,7 +16,10 @@
 //! handler 0.94–1.00×, and about twice the p99 at half load, where an answer
 //! waits behind whatever Node does after writing it. So the worker turns
 //! batch only while the core is [`crowded`], and turns back the first tick it
-//! is not.
+//! is not. Against the default policy (2026-12-04): Express 1.16× on both
+//! cores and 1.05× per core, the trivial handler never turns batch, and the
+//! p99 at half load does not move; the closed-loop p99 per core grows by
+//! about 40 %.
 
 use std::time::Duration;
 

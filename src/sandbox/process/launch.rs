@@ -664,7 +664,7 @@ fn setup_child(p: &Prepared) -> Result<std::convert::Infallible, String> {
         pin_to_core(core)?;
     }
     // The default policy, whatever thread of hearth's spawned the launcher
-    // (worker threads may run as SCHED_BATCH: `--batch-workers`). Best effort:
+    // (worker threads may run as SCHED_BATCH: `--worker-policy`). Best effort:
     // a policy is a matter of latency, not of isolation.
     let _ = cpu::set_batch(false);
     reset_signals();

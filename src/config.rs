@@ -25,12 +25,12 @@ pub enum IoMode {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, clap::ValueEnum)]
 pub enum WorkerPolicy {
     /// The default policy, except while the core is crowded (every request
-    /// waits behind a handler slower than its clients): then `SCHED_BATCH`
-    /// (`functions::sched::preempt`).
+    /// waits behind a handler slower than its clients): then SCHED_BATCH.
+    // The rule: functions::sched::preempt.
     Adaptive,
     /// Always the default policy: a woken worker preempts the instance on its core.
     Normal,
-    /// Always `SCHED_BATCH`: a woken worker waits for the instance on its
+    /// Always SCHED_BATCH: a woken worker waits for the instance on its
     /// core to block or use up its slice.
     Batch,
 }

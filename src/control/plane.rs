@@ -155,6 +155,10 @@ impl Control {
         let spawned = std::thread::Builder::new()
             .name("hearth-control".into())
             .spawn(move || {
+                // Spawned by a worker, which may run as SCHED_BATCH
+                // (`--worker-policy`): a deploy's first instance and the VMs
+                // and snapshot builds it starts would inherit it from here.
+                let _ = crate::util::cpu::set_batch(false);
                 let _held = (claim, changing);
                 done(handle(&plane, &req, &body));
             });

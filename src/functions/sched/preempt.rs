@@ -65,12 +65,11 @@ pub fn crowded(load: &TickLoad, saturated: bool) -> bool {
         && load.took / load.done >= CROWDED_RUN_MIN
 }
 
-/// A core's running count and its decision.
+/// A core's running count, and how many crowded ticks in a row it has seen.
 #[derive(Debug, Default)]
 pub struct Preempt {
     load: TickLoad,
     streak: u8,
-    batch: bool,
 }
 
 impl Preempt {
@@ -89,17 +88,15 @@ impl Preempt {
     /// Ends a tick: decides from its load and starts counting the next.
     pub fn on_tick(&mut self, saturated: bool) {
         let load = std::mem::take(&mut self.load);
-        if crowded(&load, saturated) {
-            self.streak = self.streak.saturating_add(1);
-        } else {
-            self.streak = 0;
-        }
-        self.batch = self.streak >= CROWDED_TICKS;
+        self.streak = match crowded(&load, saturated) {
+            true => self.streak.saturating_add(1),
+            false => 0,
+        };
     }
 
     /// Whether the worker should run without wake-up preemption now.
     pub fn batch(&self) -> bool {
-        self.batch
+        self.streak >= CROWDED_TICKS
     }
 }
 

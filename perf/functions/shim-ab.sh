@@ -10,8 +10,11 @@
 # request (medians) per variant, and each variant against the first.
 #
 # Usage: perf/functions/shim-ab.sh [--rounds N] [--duration 4s] [--no-build]
-#                                  NAME=SHIM.js [NAME=SHIM.js...]
+#                                  NAME=SHIM.js[@FLAG,FLAG...] [NAME=...]
 #        APP=express (default: POST /greet on the Express fixture) or trivial
+# Every Node gets hearth's flags (NODE_FLAGS in agent/src/runtime.rs); the
+# flags after `@` are added for that variant (e.g. to try V8 options:
+# big=include/runtime/bootstrap.js@--min-semi-space-size=16).
 #
 # The spread here is round to round: two copies of one shim differed by up to
 # 14 % in a median of three rounds (perf/RESULTS.md, 2026-12-04); use six
@@ -30,7 +33,7 @@ while [ $# -gt 0 ]; do
     --rounds) ROUNDS=$2; shift 2 ;;
     --duration) DURATION=$2; shift 2 ;;
     --no-build) shift ;;
-    -h | --help) sed -n '2,19p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h | --help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *=*) VARIANTS+=("$1"); shift ;;
     *) die "unknown argument: $1 (see --help)" ;;
     esac
@@ -68,12 +71,17 @@ PID_OF[floor]=$FLOOR_PID
 NAMES=()
 n=0
 for v in "${VARIANTS[@]}"; do
-    name=${v%%=*} file=$(realpath "${v#*=}")
+    name=${v%%=*} file=${v#*=} flags=()
+    if [[ $file == *@* ]]; then
+        IFS=, read -r -a flags <<<"${file#*@}"
+        file=${file%%@*}
+    fi
+    file=$(realpath "$file")
     [ -f "$file" ] || die "$file: no such shim"
     [ -z "${PID_OF[$name]:-}" ] || die "$name is named twice"
     n=$((n + 1))
     NODE_WRAP="taskset -c 0" start_server "V$n" env FLOOR_PIPES=1 FLOOR_HANDLER="$HANDLER" FLOOR_TASK_ROOT="$TASK_ROOT" \
-        FLOOR_BODY="$BODY" FLOOR_META="$META" "$TMP/floor-proxy" 1 node "${NODE_FLAGS[@]}" "$file"
+        FLOOR_BODY="$BODY" FLOOR_META="$META" "$TMP/floor-proxy" 1 node "${NODE_FLAGS[@]}" "${flags[@]}" "$file"
     TARGETS+=$'\n'"shim $name http://127.0.0.1:$REPLY$URL_PATH $LUA"
     PID_OF[$name]=$(eval echo "\$V${n}_PID")
     NAMES+=("$name")

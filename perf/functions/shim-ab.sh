@@ -39,6 +39,7 @@ while [ $# -gt 0 ]; do
     esac
 done
 [ ${#VARIANTS[@]} -ge 1 ] || die "name at least one shim: NAME=path/to/bootstrap.js (see --help)"
+[[ "$DURATION" =~ ^[0-9]+s$ ]] || die "--duration takes whole seconds, e.g. 4s"
 # shellcheck source=lib.sh
 . "$ROOT/perf/functions/lib.sh"
 # Nothing of hearth runs here: no build (BUILD=0 above), only the checks.
@@ -51,15 +52,15 @@ TMP=$(mktemp -d /tmp/hearth-shim-ab.XXXXXX)
 NODE_FLAGS=(--single-threaded-gc --no-allocation-site-pretenuring)
 
 gcc -O2 -o "$TMP/floor-proxy" "$HERE/floor-proxy.c"
-tail='"127.0.0.1","HTTP/1.1","0c6b5a9e-3f1d-4c2a-9b7e-2d4f6a8c0e11",1764547200000,"127.0.0.1:8080",0,4102444800000]'
+META_TAIL='"127.0.0.1","HTTP/1.1","0c6b5a9e-3f1d-4c2a-9b7e-2d4f6a8c0e11",1764547200000,"127.0.0.1:8080",0,4102444800000]'
 case "${APP:-express}" in
 express)
     TASK_ROOT=$FIXTURE HANDLER=app.handler URL_PATH=/greet LUA="$HERE/post-greet.lua"
     BODY='{ "name": "John Doe" }' FLOOR_REQUEST=(POST /greet)
-    META='["POST","/greet","",[["host","127.0.0.1:8080"],["content-type","application/json"],["content-length","22"]],'$tail ;;
+    META='["POST","/greet","",[["host","127.0.0.1:8080"],["content-type","application/json"],["content-length","22"]],'$META_TAIL ;;
 trivial)
     TASK_ROOT="$HERE/trivial" HANDLER=index.handler URL_PATH=/ LUA=- BODY= FLOOR_REQUEST=(GET /)
-    META='["GET","/","",[["host","127.0.0.1:8080"]],'$tail ;;
+    META='["GET","/","",[["host","127.0.0.1:8080"]],'$META_TAIL ;;
 *) die "APP is express or trivial" ;;
 esac
 
@@ -72,6 +73,7 @@ NAMES=()
 n=0
 for v in "${VARIANTS[@]}"; do
     name=${v%%=*} file=${v#*=} flags=()
+    [[ "$name" =~ ^[A-Za-z0-9_-]+$ ]] || die "$name: a variant's name is letters, digits, - and _"
     if [[ $file == *@* ]]; then
         IFS=, read -r -a flags <<<"${file#*@}"
         file=${file%%@*}

@@ -88,9 +88,10 @@ impl Preempt {
     /// Ends a tick: decides from its load and starts counting the next.
     pub fn on_tick(&mut self, saturated: bool) {
         let load = std::mem::take(&mut self.load);
-        self.streak = match crowded(&load, saturated) {
-            true => self.streak.saturating_add(1),
-            false => 0,
+        self.streak = if crowded(&load, saturated) {
+            self.streak.saturating_add(1)
+        } else {
+            0
         };
     }
 

@@ -256,6 +256,13 @@ test('plain: text vs base64 request bodies', async () => {
     ['application/octet-stream', Buffer.from('plain ascii'), true],
     ['image/png', Buffer.from([0x89, 0x50, 0x4e, 0x47]), true],
     ['text/plain', Buffer.from([0x66, 0xff, 0xfe]), true], // not valid UTF-8
+    // The shim decodes first and checks the bytes only when the text holds a
+    // U+FFFD: one sent as such is text, one the decoder made is not.
+    ['text/plain', Buffer.from('a \ufffd b'), false],
+    ['application/json', Buffer.from([0x22, 0xc3, 0x28, 0x22]), true], // broken two-byte sequence
+    ['application/json', Buffer.from([0x22, 0xed, 0xa0, 0x80, 0x22]), true], // a surrogate, encoded
+    ['text/plain', Buffer.from([0xc0, 0xaf]), true], // an overlong '/'
+    ['text/plain', Buffer.from([0xef, 0xbf, 0xbd, 0xff]), true], // a real U+FFFD, then a bad byte
     [null, Buffer.from('no content type'), true],
     ['multipart/form-data; boundary=x', Buffer.from('--x--'), true],
   ];

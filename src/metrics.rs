@@ -134,6 +134,9 @@ pub struct FunctionMetrics {
     pub connections_moved: AtomicU64,
     /// Queued requests sent to another core's idle instance (see `sched::spill`).
     pub requests_spilled: AtomicU64,
+    /// Requests sent to a busy instance behind the one it runs (see
+    /// `sched::CorePool::send_ahead`).
+    pub requests_sent_ahead: AtomicU64,
     pub queue_depth: AtomicU64,
     pub instances: AtomicU64,
     pub duration_buckets: [AtomicU64; DURATION_BUCKETS_US.len() + 1],
@@ -321,7 +324,7 @@ pub fn render_functions<'a>(
     out: &mut String,
     fns: impl Iterator<Item = (&'a str, &'a FunctionMetrics)> + Clone,
 ) {
-    let simple: [Series<FunctionMetrics>; 10] = [
+    let simple: [Series<FunctionMetrics>; 11] = [
         (
             "hearth_function_invocations_total",
             "counter",
@@ -357,6 +360,12 @@ pub fn render_functions<'a>(
             "counter",
             "Queued requests sent, with their connections, to an idle instance on another core.",
             |m| m.requests_spilled.load(Relaxed),
+        ),
+        (
+            "hearth_function_requests_sent_ahead_total",
+            "counter",
+            "Requests sent to a busy instance behind the one it runs, to start as soon as it answers (one at a time still).",
+            |m| m.requests_sent_ahead.load(Relaxed),
         ),
         (
             "hearth_function_queue_depth",

@@ -918,6 +918,80 @@ fn slow_handlers_fan_out_to_their_concurrency() {
     assert_eq!(v["instances"], 4, "{v}");
 }
 
+/// A request that queues behind a quick request is sent to the busy instance
+/// ahead of time (the shim holds it, runs it next): still one invocation at
+/// a time, each with its whole timeout from its own start, and one whose
+/// instance dies before it starts runs on a new instance, not lost with it.
+/// On both I/O drivers.
+#[test]
+fn requests_sent_ahead_run_one_at_a_time_and_survive_their_instance() {
+    require_sandbox!();
+    for io in ["uring", "epoll"] {
+        let s = Server::start(&["--cores", "1", "--io", io]);
+        let id = deploy(&s, "behave", "concurrency=1&timeout_ms=3000");
+        let ahead = |s: &Server| {
+            let v = call(s, "GET", &format!("/functions/{id}"), &[], b"").json();
+            v["sent_ahead"].as_u64().unwrap()
+        };
+        assert_eq!(
+            call(&s, "GET", &format!("/f/{id}/whoami"), &[], b"").status,
+            200
+        );
+        // Eight clients, 25 quick requests each, on the one instance.
+        let mut clients: Vec<Client> = (0..8).map(|_| s.connect()).collect();
+        for _ in 0..25 {
+            for c in clients.iter_mut() {
+                c.write(format!("GET /f/{id}/overlap HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            }
+            for c in clients.iter_mut() {
+                let r = c.response();
+                assert_eq!(r.status, 200, "{io}: {}", r.text());
+                let v = r.json();
+                assert_eq!(v["maxActive"], 1, "{io}: one invocation at a time: {v}");
+                let left = v["remaining"].as_u64().unwrap();
+                assert!(
+                    (2500..=3000).contains(&left),
+                    "{io}: {left} ms left at the start"
+                );
+            }
+        }
+        assert!(ahead(&s) > 0, "{io}: nothing was sent ahead");
+        // The instance exits 400 ms into a request; a quick one sent ahead
+        // of it meanwhile runs on the next instance (its first call there).
+        // Whether it goes ahead depends on the last request having been
+        // quick (2 ms at most): on a loaded machine, try again.
+        let mut went = false;
+        for _ in 0..5 {
+            for _ in 0..5 {
+                assert_eq!(
+                    call(&s, "GET", &format!("/f/{id}/whoami"), &[], b"").status,
+                    200
+                );
+            }
+            let mut dying = s.connect();
+            dying.write(format!("GET /f/{id}/exit?ms=400 HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            std::thread::sleep(Duration::from_millis(100));
+            let before = ahead(&s);
+            let mut next = s.connect();
+            next.write(format!("GET /f/{id}/whoami HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            std::thread::sleep(Duration::from_millis(100));
+            went = ahead(&s) == before + 1;
+            assert_eq!(dying.response().status, 502, "{io}");
+            let r = next.response();
+            assert_eq!(r.status, 200, "{io}: {}", r.text());
+            assert_eq!(r.json()["calls"], 1, "{io}: it ran on a new instance");
+            if went {
+                break;
+            }
+        }
+        assert!(
+            went,
+            "{io}: no request went ahead of a dying one in five tries"
+        );
+        s.assert_healthy();
+    }
+}
+
 /// A Node.js instance of the process backend talks to hearth over a pair of
 /// pipes (fd 3 in, fd 4 out; a socketpair before: twice the kernel's work per
 /// message), and bodies of several MiB cross them whole both ways, on both

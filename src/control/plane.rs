@@ -254,6 +254,7 @@ fn summary(shared: &Plane, f: &Function) -> serde_json::Value {
         "instances": f.instances.load(Ordering::Relaxed),
         "invocations": m.invocations.load(Ordering::Relaxed),
         "cold_starts": m.cold_starts.load(Ordering::Relaxed),
+        "sent_ahead": m.requests_sent_ahead.load(Ordering::Relaxed),
         "artifacts": shared.functions.backend.artifacts(&f.dir),
     })
 }

@@ -254,6 +254,14 @@ pub trait Instance: Send {
     fn sched_time(&mut self) -> Option<SchedTime> {
         None
     }
+    /// Whether an INVOKE sent while the instance runs another waits in the
+    /// runtime and runs right after it: the Node shim reading a channel of
+    /// its own (it queues what arrives meanwhile). The scheduler then sends
+    /// such an instance its next request ahead (see `sched::CorePool::send_ahead`).
+    /// Not through a relay or the Runtime API, which expect one at a time.
+    fn runs_queued(&self) -> bool {
+        false
+    }
 }
 
 /// Where a task's time went, cumulative, from `/proc/<pid>/schedstat`.

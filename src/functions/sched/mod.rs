@@ -99,6 +99,14 @@ pub const RELOCATIONS_MAX: u8 = 2;
 /// Instances one core may hold over all functions (the default of
 /// [`SchedConfig::instances_max`]).
 pub const INSTANCES_PER_CORE_MAX: usize = 256;
+/// An instance is sent its next request ahead (see [`CorePool::send_ahead`])
+/// only while its last request took at most this long: the request sent
+/// ahead is bound to it, so it may wait up to about that long although
+/// another instance freed up meanwhile.
+pub const AHEAD_TOOK_MAX: Duration = Duration::from_millis(2);
+/// Largest body of a request sent ahead: hearth keeps a copy of it, to queue
+/// again should the instance fail before it starts.
+pub const AHEAD_BODY_MAX: usize = 64 << 10;
 
 /// What a core's scheduler is told once, at creation.
 pub struct SchedConfig {
@@ -275,6 +283,14 @@ struct Pending {
     relocations: u8,
 }
 
+impl Pending {
+    /// Its INVOKE frame's length when sent ahead (no deadline: the runtime
+    /// sets it when it starts the request).
+    fn frame_len_ahead(&self) -> usize {
+        crate::protocol::HEADER_BYTES + self.meta_head.len() + 1 + self.body.len()
+    }
+}
+
 /// A queued request on its way to another core with its client's connection.
 pub struct Queued {
     function: String,
@@ -311,6 +327,8 @@ struct Busy {
     arrived: Instant,
     /// Length of its INVOKE frame on the channel.
     frame_len: usize,
+    /// It was sent ahead: its frame carries no deadline.
+    sent_ahead: bool,
 }
 
 /// An instance on this core.
@@ -330,6 +348,12 @@ struct Inst {
     log_intake: LogIntake,
     /// Started here and not yet given a request (its first one waited for the start).
     fresh: bool,
+    /// The request sent behind the running one, waiting in the runtime (a
+    /// copy: it goes back to the queue if the instance fails first); only
+    /// while `busy`.
+    ahead: Option<Pending>,
+    /// How long its last request took (`Duration::MAX` before the first).
+    last_took: Duration,
 }
 
 impl Inst {
@@ -346,6 +370,8 @@ impl Inst {
             exiting: false,
             log_intake: LogIntake::new(now),
             fresh: false,
+            ahead: None,
+            last_took: Duration::MAX,
         }
     }
 
@@ -921,6 +947,14 @@ impl CorePool {
     fn undelivered(&self, i: usize, unsent: &[u8]) -> Option<Pending> {
         let inst = &self.insts[i];
         let busy = inst.busy.as_ref()?;
+        // A request sent ahead went after it: when its whole frame is in
+        // `unsent` it goes back to the queue with the instance (see
+        // `retire`), and the busy one's frame is the one before it; when
+        // part of it was written, so was all of the busy one's.
+        let unsent = match &inst.ahead {
+            Some(a) => unsent.get(..unsent.len().checked_sub(a.frame_len_ahead())?)?,
+            None => unsent,
+        };
         let start = unsent.len().checked_sub(busy.frame_len)?;
         let mut decoder = crate::protocol::FrameDecoder::new();
         decoder.push(&unsent[start..]);
@@ -928,10 +962,13 @@ impl CorePool {
         if frame.kind != FrameType::Invoke || frame.request_id != busy.rid {
             return None;
         }
-        // The metadata ends with the deadline added at dispatch; a new
-        // dispatch adds a new one.
+        // The metadata ends with the deadline added at dispatch (none for a
+        // request sent ahead: only the bracket); a new dispatch adds a new one.
         let mut meta_head = frame.meta;
-        let at = memchr::memmem::rfind(&meta_head, DEADLINE_SEP.as_bytes())?;
+        let at = match busy.sent_ahead {
+            true => meta_head.len().checked_sub(1)?,
+            false => memchr::memmem::rfind(&meta_head, DEADLINE_SEP.as_bytes())?,
+        };
         meta_head.truncate(at);
         let timeout = Duration::from_millis(inst.function.spec.timeout_ms);
         Some(Pending {
@@ -1146,6 +1183,10 @@ impl CorePool {
         for (_, inst) in &self.insts {
             *live.entry(inst.function.spec.id.as_str()).or_default() += 1;
             busy += usize::from(inst.busy.is_some());
+            debug_assert!(
+                inst.ahead.is_none() || inst.busy.is_some(),
+                "a request ahead of none running"
+            );
         }
         let mut queued = 0;
         for (id, fs) in &self.fns {
@@ -1172,6 +1213,7 @@ impl CorePool {
             for &i in &fs.idle {
                 let inst = &self.insts[i];
                 debug_assert!(inst.busy.is_none(), "busy instance listed idle");
+                debug_assert!(inst.ahead.is_none(), "idle instance with a request ahead");
                 debug_assert_eq!(&inst.function.spec.id, id, "idle under another function");
             }
         }

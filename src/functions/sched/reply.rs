@@ -160,10 +160,15 @@ impl CorePool {
         let f = inst.function.clone();
         let took = now.saturating_duration_since(busy.started);
         inst.busy_done += took;
+        inst.last_took = took;
         self.preempt.done(took);
         f.metrics.observe_duration(took.as_micros() as u64);
         let id = &f.spec.id;
-        self.after_request(i, now);
+        if self.insts[i].ahead.is_some() {
+            self.run_ahead(i, now);
+        } else {
+            self.after_request(i, now);
+        }
         // The queue head may have waited long enough to scale out.
         self.grow(id, now);
     }

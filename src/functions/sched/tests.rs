@@ -33,6 +33,8 @@ struct FakeLog {
 struct Fake {
     log: Arc<Mutex<FakeLog>>,
     channel: Option<OwnedFd>,
+    /// What [`Instance::runs_queued`] answers.
+    queues: bool,
 }
 
 impl Instance for Fake {
@@ -53,6 +55,9 @@ impl Instance for Fake {
     }
     fn sched_time(&mut self) -> Option<SchedTime> {
         self.log.lock().unwrap().sched
+    }
+    fn runs_queued(&self) -> bool {
+        self.queues
     }
 }
 
@@ -86,6 +91,9 @@ struct Sim {
     /// Whether this core is the only one, so the functions' queue-depth
     /// metric (over all cores) must equal its own queue depth.
     alone: bool,
+    /// Whether the instances started from now on queue INVOKEs that arrive
+    /// while they run one (as the Node shim does).
+    queueing: bool,
 }
 
 const WALL_MS_AT_START: u64 = 1_800_000_000_000;
@@ -160,6 +168,7 @@ impl Sim {
             fakes: Vec::new(),
             functions,
             alone: true,
+            queueing: false,
         }
     }
 
@@ -254,6 +263,7 @@ impl Sim {
             let fake = Fake {
                 log: log.clone(),
                 channel: Some(OwnedFd::from(null)),
+                queues: self.queueing,
             };
             let attached = self.attached.len();
             self.pool.on_started(
@@ -310,6 +320,17 @@ impl Sim {
             meta.as_bytes(),
             b"out",
         );
+        let n = self.pool.on_channel_input(inst, &bytes, self.now);
+        assert_eq!(n, bytes.len(), "a whole frame is consumed");
+        self.drain();
+    }
+
+    /// `inst` answers request `rid` with 200 (the last INVOKE sent to an
+    /// instance is not the one it runs when a request went ahead).
+    fn respond_to(&mut self, inst: InstId, rid: u32) {
+        let mut bytes = Vec::new();
+        let meta = br#"{"status":200,"headers":[]}"#;
+        protocol::encode(&mut bytes, FrameType::Response, 0, rid, meta, b"out");
         let n = self.pool.on_channel_input(inst, &bytes, self.now);
         assert_eq!(n, bytes.len(), "a whole frame is consumed");
         self.drain();
@@ -3047,6 +3068,7 @@ fn a_start_no_core_can_take_is_destroyed_and_gives_its_slot_back() {
     let fake = Fake {
         log: log.clone(),
         channel: None,
+        queues: false,
     };
     // The core that asked for it has stopped (its loop ended at shutdown).
     Started {
@@ -3096,4 +3118,157 @@ fn an_instance_handed_to_a_core_that_stopped_before_taking_it_is_discarded() {
     assert_eq!(f.metrics.instances.load(Relaxed), 0);
     assert!(core0.fake(inst).killed);
     assert!(core0.fake(inst).destroyed);
+}
+
+/// Instance `a`'s first request answered quickly, with `r2` running on it and
+/// `r3` sent ahead; returns the sim, the instance and the three clients.
+fn one_request_ahead() -> (Sim, InstId, [ReplyTo; 3]) {
+    let a = function("a", 1, 1000);
+    let mut sim = Sim::new(config(0), &[&a]);
+    sim.queueing = true;
+    let r1 = sim.request("a");
+    let inst = sim.the_start_of("a");
+    let (r2, r3) = (sim.request("a"), sim.request("a"));
+    assert_eq!(
+        sim.sent.len(),
+        1,
+        "nothing ahead before a first request has taken its time"
+    );
+    sim.respond(inst, 200);
+    assert_eq!(sim.status(r1), Some(200));
+    assert_eq!(
+        sim.sent.len(),
+        3,
+        "the next request, and the one after it ahead"
+    );
+    let meta_len = |k: usize| {
+        let v: serde_json::Value = serde_json::from_slice(&sim.sent[k].1.meta).unwrap();
+        v.as_array().unwrap().len()
+    };
+    assert_eq!(meta_len(1), 11, "the running request carries its deadline");
+    assert_eq!(
+        meta_len(2),
+        10,
+        "the one ahead carries none: the runtime sets it at start"
+    );
+    assert!(sim.pool.fns["a"].queue.is_empty());
+    (sim, inst, [r1, r2, r3])
+}
+
+#[test]
+fn a_quick_instance_that_queues_runs_the_request_sent_ahead_with_a_timeout_of_its_own() {
+    let (mut sim, inst, [_, r2, r3]) = one_request_ahead();
+    let (rid2, rid3) = (sim.sent[1].1.request_id, sim.sent[2].1.request_id);
+    // r2 takes most of its 1 s; r3's clock starts only when r2 is answered.
+    sim.advance(900);
+    sim.tick(50);
+    sim.respond_to(inst, rid2);
+    assert_eq!(sim.status(r2), Some(200));
+    assert_eq!(
+        sim.sent.len(),
+        3,
+        "r3 was already there: nothing more is sent"
+    );
+    assert_eq!(sim.pool.insts[inst.slot()].busy.as_ref().unwrap().rid, rid3);
+    sim.advance(900);
+    sim.tick(50);
+    assert_eq!(
+        sim.status(r3),
+        None,
+        "1.8 s after it was sent, 0.9 s after it started"
+    );
+    sim.respond_to(inst, rid3);
+    assert_eq!(sim.status(r3), Some(200));
+    assert!(!sim.busy(inst));
+    // r3 took 0.9 s: a request arriving while the next one runs waits in
+    // the queue as before.
+    let (r4, r5) = (sim.request("a"), sim.request("a"));
+    assert_eq!((sim.sent.len(), sim.pool.fns["a"].queue.len()), (4, 1));
+    sim.respond(inst, 200);
+    sim.respond(inst, 200);
+    assert_eq!((sim.status(r4), sim.status(r5)), (Some(200), Some(200)));
+    // r5 was quick: one arriving while r6 runs goes ahead at once.
+    let (r6, r7) = (sim.request("a"), sim.request("a"));
+    assert_eq!((sim.sent.len(), sim.pool.fns["a"].queue.len()), (7, 0));
+    let (rid6, rid7) = (sim.sent[5].1.request_id, sim.sent[6].1.request_id);
+    sim.respond_to(inst, rid6);
+    sim.respond_to(inst, rid7);
+    assert_eq!((sim.status(r6), sim.status(r7)), (Some(200), Some(200)));
+}
+
+#[test]
+fn a_request_sent_ahead_runs_elsewhere_when_its_instance_fails_before_it() {
+    // Crashed under r2: r2 gets 502, r3 never started and is served anew.
+    let (mut sim, inst, [_, r2, r3]) = one_request_ahead();
+    sim.pool.on_channel_closed(inst, &[], sim.now);
+    sim.drain();
+    assert_eq!(sim.status(r2), Some(502));
+    assert_eq!(sim.status(r3), None);
+    let next = sim.the_start_of("a");
+    let rid3 = sim.running(next);
+    assert_eq!(sim.sent.last().unwrap().1.request_id, rid3);
+    sim.respond(next, 200);
+    assert_eq!(sim.status(r3), Some(200));
+
+    // Timed out under r2: 504, and r3 again goes to a new instance.
+    let (mut sim, _, [_, r2, r3]) = one_request_ahead();
+    sim.advance(1001);
+    sim.tick(50);
+    assert_eq!(sim.status(r2), Some(504));
+    let next = sim.the_start_of("a");
+    sim.respond(next, 200);
+    assert_eq!(sim.status(r3), Some(200));
+
+    // Gone before either frame left hearth: both queue again, in order.
+    let (mut sim, inst, [_, r2, r3]) = one_request_ahead();
+    let mut unsent = Vec::new();
+    for (_, f) in &sim.sent[1..] {
+        protocol::encode(&mut unsent, f.kind, 0, f.request_id, &f.meta, &f.body);
+    }
+    sim.pool.on_channel_closed(inst, &unsent, sim.now);
+    sim.drain();
+    assert_eq!(sim.status(r2), None, "never reached the instance: no 502");
+    let next = sim.the_start_of("a");
+    sim.respond(next, 200);
+    assert_eq!(sim.status(r2), Some(200), "the older request first");
+    let later = sim.sent.last().unwrap().1.request_id;
+    sim.respond_to(next, later);
+    assert_eq!(sim.status(r3), Some(200));
+}
+
+#[test]
+fn nothing_goes_ahead_to_a_slow_instance_or_to_a_runtime_that_does_not_queue() {
+    for (queueing, first_took_ms) in [(false, 0), (true, 3)] {
+        let a = function("a", 1, 1000);
+        let mut sim = Sim::new(config(0), &[&a]);
+        sim.queueing = queueing;
+        sim.request("a");
+        let inst = sim.the_start_of("a");
+        sim.request("a");
+        sim.request("a");
+        sim.advance(first_took_ms);
+        sim.respond(inst, 200);
+        assert_eq!(
+            sim.sent.len(),
+            2,
+            "queueing {queueing}, {first_took_ms} ms: one at a time"
+        );
+        assert_eq!(sim.pool.fns["a"].queue.len(), 1);
+    }
+    // Below its concurrency limit on a core with room, a request behind a
+    // busy instance waits for a new one rather than for that instance
+    // (which may be slow this time, however quick the last request was).
+    let b = function("b", 2, 1000);
+    let mut sim = Sim::new(config(0), &[&b]);
+    sim.queueing = true;
+    sim.request("b");
+    let inst = sim.the_start_of("b");
+    sim.respond(inst, 200);
+    sim.request("b");
+    sim.request("b");
+    assert_eq!(sim.sent.len(), 2, "nothing ahead");
+    sim.advance(SCALE_UP_WAIT.as_millis() as u64 + 1);
+    sim.tick(0);
+    sim.the_start_of("b");
+    assert_eq!(sim.sent.len(), 3, "the new instance took it");
 }

@@ -86,6 +86,8 @@ pub struct ProcInstance {
     logs: Option<OwnedFd>,
     /// The Runtime API hearth serves this instance (instead of `channel`), until taken.
     served: Option<Box<runtime_api::Served>>,
+    /// The Node shim reads the channel itself (no Runtime API): see [`Instance::runs_queued`].
+    shim: bool,
 }
 
 impl Instance for ProcInstance {
@@ -123,6 +125,9 @@ impl Instance for ProcInstance {
     }
     fn oom_killed(&self) -> bool {
         self.sandbox.oom_killed()
+    }
+    fn runs_queued(&self) -> bool {
+        self.shim
     }
     /// The main threads of the agent and of Node: the ones a request passes
     /// through (V8's helper threads run beside them and are left out).
@@ -416,6 +421,7 @@ impl Inner {
                         channel_out,
                         runtime_pid: None,
                         logs: log_socket,
+                        shim: spec.runtime.is_nodejs(),
                         served,
                     },
                     logs,

@@ -64,7 +64,12 @@ enum hearth_frame_type {
                               lower-case, repeats as separate pairs; path is what
                               follows /f/<id>; time_ms and deadline_ms are unix ms;
                               raw 1: the body is the event itself (the service
-                              API's Invoke), 0: an HTTP request; body: raw bytes. */
+                              API's Invoke), 0: an HTTP request; body: raw bytes.
+                              deadline_ms is left out of an INVOKE sent to a Node
+                              instance behind the one it runs (hearth's
+                              "send ahead"): the runtime queues it and, when it
+                              starts it, sets the deadline to that time plus the
+                              function's timeout (HELLO's timeout_ms). */
     /* guest -> host */
     HEARTH_READY = 16,     /* meta: {"init_ms":<number>,"runtime":"node v20..."} */
     HEARTH_INIT_ERROR = 17,/* meta: {"errorType","errorMessage","stack"?} */

@@ -25,7 +25,9 @@
  *   - INVOKE: build an API Gateway HTTP API 2.0 event (the shape Lambda
  *     function URLs deliver), call the handler, answer RESPONSE or ERROR with
  *     the same request id. One invocation runs at a time; frames that arrive
- *     meanwhile are queued. With `raw: true` in its metadata (the service
+ *     meanwhile are queued (hearth sends a quick instance its next request
+ *     ahead this way, with no deadline in its metadata: it is set when the
+ *     request starts, from the timeout). With `raw: true` in its metadata (the service
  *     API's Invoke) the body is the event's JSON text and the answer is the
  *     result's JSON text as it is, with no function-URL translation; an ERROR
  *     then also carries the stack as `trace`, as Lambda's Node runtime reports.

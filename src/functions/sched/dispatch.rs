@@ -179,13 +179,10 @@ impl CorePool {
 
     /// A request of `id` (known here) that just queued alone, behind busy
     /// instances only, goes ahead to one of them that would take it
-    /// ([`CorePool::send_ahead`]) unless another core has an idle instance
-    /// of `id` (spilling it there may serve it sooner). Returns whether it
-    /// went.
+    /// ([`CorePool::send_ahead`]). Returns whether it went.
     fn ahead_on_arrival(&mut self, id: &str) -> bool {
         let fs = &self.fns[id];
-        let others = !(1u64 << self.cfg.core);
-        if fs.queue.len() != 1 || fs.live == 0 || fs.f.idle_on.load(Relaxed) & others != 0 {
+        if fs.queue.len() != 1 || fs.live == 0 {
             return false;
         }
         let f = &fs.f;
@@ -555,8 +552,11 @@ impl CorePool {
     /// bodies ([`AHEAD_BODY_MAX`]), functions that could not run the request
     /// sooner (at their concurrency limit, or held to the core's fit), and
     /// only where [`CorePool::next_for`] would simply give the instance that
-    /// request next: no other core starved of the function, no other
-    /// function waiting for a slot here.
+    /// request next: no other core starved of the function or with an idle
+    /// instance of it (the queue may spill there, see `spill`: a request
+    /// bound to an instance here would wait out that instance's pause, a
+    /// collection or a slow request), no other function waiting for a slot
+    /// here.
     ///
     /// [`Instance::runs_queued`]: crate::sandbox::Instance::runs_queued
     pub(super) fn send_ahead(&mut self, i: usize) {
@@ -578,6 +578,7 @@ impl CorePool {
             .front()
             .is_none_or(|p| p.body.len() > AHEAD_BODY_MAX)
             || f.starved.load(Relaxed) & others != 0
+            || f.idle_on.load(Relaxed) & others != 0
             || (!self.slot_waiters.is_empty() && self.waiter_after(id).is_some())
         {
             return;

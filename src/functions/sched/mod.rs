@@ -1179,10 +1179,11 @@ impl CorePool {
             return;
         }
         let mut live: HashMap<&str, usize> = HashMap::new();
-        let mut busy = 0;
+        let (mut busy, mut ahead) = (0, 0);
         for (_, inst) in &self.insts {
             *live.entry(inst.function.spec.id.as_str()).or_default() += 1;
             busy += usize::from(inst.busy.is_some());
+            ahead += usize::from(inst.ahead.is_some());
             debug_assert!(
                 inst.ahead.is_none() || inst.busy.is_some(),
                 "a request ahead of none running"
@@ -1220,12 +1221,12 @@ impl CorePool {
         debug_assert!(live.is_empty(), "instances of unknown functions: {live:?}");
         debug_assert_eq!(self.queued, queued, "queue depth is not the sum of queues");
         debug_assert!(
-            self.gone.len() <= queued + busy,
+            self.gone.len() <= queued + busy + ahead,
             "clients gone that had nothing here"
         );
         debug_assert!(
-            self.service.len() <= queued + busy,
-            "service invocations that are neither queued nor running"
+            self.service.len() <= queued + busy + ahead,
+            "service invocations that are neither queued, sent ahead nor running"
         );
         debug_assert!(
             self.streams.len() <= busy,

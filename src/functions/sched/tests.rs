@@ -3237,6 +3237,20 @@ fn a_request_sent_ahead_runs_elsewhere_when_its_instance_fails_before_it() {
 }
 
 #[test]
+fn a_client_that_leaves_while_its_request_is_ahead_gets_nothing() {
+    let (mut sim, inst, [_, r2, r3]) = one_request_ahead();
+    let (rid2, rid3) = (sim.sent[1].1.request_id, sim.sent[2].1.request_id);
+    sim.pool.on_client_gone(r3);
+    sim.respond_to(inst, rid2);
+    assert_eq!(sim.status(r2), Some(200));
+    // It had started in the runtime: its answer is read, and dropped.
+    sim.respond_to(inst, rid3);
+    assert_eq!(sim.status(r3), None);
+    assert!(sim.pool.gone.is_empty());
+    assert!(!sim.busy(inst));
+}
+
+#[test]
 fn nothing_goes_ahead_to_a_slow_instance_or_to_a_runtime_that_does_not_queue() {
     for (queueing, first_took_ms) in [(false, 0), (true, 3)] {
         let a = function("a", 1, 1000);

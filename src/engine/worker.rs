@@ -131,7 +131,7 @@ impl Worker {
                 sched,
                 shared.functions.all(),
                 now,
-                crate::util::time::unix_time_ms(),
+                crate::util::time::unix_time_ms_at(now),
             ),
             channels: Vec::new(),
             rapis: Vec::new(),
@@ -558,7 +558,7 @@ impl Worker {
         let worker_cpu = self.cpu.own_cpu();
         self.fns.on_tick(Tick {
             now,
-            wall_ms: crate::util::time::unix_time_ms(),
+            wall_ms: crate::util::time::unix_time_ms_at(now),
             cpu_busy_pct,
             worker_cpu,
         });

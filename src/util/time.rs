@@ -2,7 +2,7 @@
 //! metadata, log lines, deadlines sent to the guest), and civil dates of day counts.
 //! Intervals use `Instant` instead.
 
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 /// Time since 1970-01-01T00:00:00Z; zero if the clock is set before it.
 pub fn since_unix_epoch() -> Duration {
@@ -14,6 +14,18 @@ pub fn since_unix_epoch() -> Duration {
 /// Milliseconds since the Unix epoch; zero if the clock is set before it.
 pub fn unix_time_ms() -> u64 {
     since_unix_epoch().as_millis() as u64
+}
+
+/// Milliseconds since the Unix epoch at an earlier instant `at` (an event
+/// loop's cached "now"), never later than the clock read then: a deadline sent
+/// to a guest counted from a wall-clock reading taken after `at` would grant
+/// more than the timeout by the time in between (CI caught a handler seeing
+/// 2,001 ms left of a 2,000 ms timeout). The clock is read before the instant,
+/// so the ordering errs to the early side too.
+pub fn unix_time_ms_at(at: Instant) -> u64 {
+    let wall = since_unix_epoch();
+    let since = Instant::now().saturating_duration_since(at);
+    wall.saturating_sub(since).as_millis() as u64
 }
 
 /// Days since 1970-01-01 of a proleptic Gregorian date (Howard Hinnant's method).
@@ -55,5 +67,16 @@ mod tests {
         assert!(before <= ms && ms <= after, "{before} <= {ms} <= {after}");
         // Later than 2020-01-01: the value is in milliseconds, not seconds.
         assert!(ms > 1_577_836_800_000);
+    }
+
+    #[test]
+    fn the_time_at_an_earlier_instant_is_not_read_later() {
+        let at = Instant::now();
+        let then = unix_time_ms();
+        std::thread::sleep(Duration::from_millis(30));
+        let ms = unix_time_ms_at(at);
+        assert!(ms <= then, "{ms} <= {then}");
+        assert!(then - ms < 20, "{ms} is close to {then}");
+        assert!(unix_time_ms_at(Instant::now() + Duration::from_secs(1)) >= then);
     }
 }

@@ -233,7 +233,8 @@ pub struct Served {
 pub struct Tick {
     /// The event loop's clock.
     pub now: Instant,
-    /// Wall clock, milliseconds since the Unix epoch (for the guest's deadlines).
+    /// Wall clock at `now`, milliseconds since the Unix epoch (for the guest's
+    /// deadlines; never read later than `now`, see `util::time::unix_time_ms_at`).
     pub wall_ms: u64,
     /// This core's CPU use over the last tick, percent.
     pub cpu_busy_pct: u64,

@@ -163,6 +163,10 @@ pub struct ServeConfig {
     /// the function cannot have one on every core (`engine::relocate`), or with a
     /// request spilled to another core's idle instance (`functions::sched::spill`).
     pub connection_moves: bool,
+    /// Run an instance of a function limited to fewer instances than there are
+    /// cores on the next core's CPU (`--instances-on-own-cpu` off; see
+    /// `functions::sched::SchedConfig::instance_cpu`).
+    pub instances_beside: bool,
     /// Pin worker threads to cores.
     pub pin: bool,
     /// The worker threads' scheduling policy: whether a worker woken (by a

@@ -253,6 +253,14 @@ struct ServeArgs {
     /// core's instance is idle (it waits where it is).
     #[arg(long)]
     no_connection_moves: bool,
+    /// Run every instance on its worker's CPU. By default an instance of a function
+    /// limited to fewer instances than there are cores (whose requests all go to the
+    /// core holding it) runs on the next core's CPU, so that Node and the worker
+    /// feeding it run side by side instead of taking turns on one CPU (Express at
+    /// concurrency 1: 1.07x bare Express instead of 0.85x; perf/RESULTS.md,
+    /// "an instance beside its worker").
+    #[arg(long)]
+    instances_on_own_cpu: bool,
     /// Do not keep an initialised standby instance per function (process backend).
     #[arg(long)]
     no_standby: bool,
@@ -416,6 +424,7 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         keep_warm: Duration::from_millis(a.keep_warm_ms),
         queue_depth_max: a.queue_depth_max.max(1),
         connection_moves: !a.no_connection_moves,
+        instances_beside: !a.instances_on_own_cpu,
         pin: !a.no_pin,
         worker_policy: if a.batch_workers {
             WorkerPolicy::Batch

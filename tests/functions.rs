@@ -992,6 +992,63 @@ fn requests_sent_ahead_run_one_at_a_time_and_survive_their_instance() {
     }
 }
 
+/// A function limited to fewer instances than there are cores has its
+/// requests served by the core holding its instance, and that instance runs
+/// on the next core's CPU, beside the worker feeding it; with
+/// `--instances-on-own-cpu`, or when it may have an instance per core, on the
+/// worker's own CPU.
+#[test]
+fn an_instance_held_below_one_per_core_runs_beside_its_worker() {
+    require_sandbox!();
+    if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
+        eprintln!("skipped: needs 2 CPUs (workers pinned to CPUs 0 and 1)");
+        return;
+    }
+    for (flags, concurrency, beside) in [
+        (&[][..], 1, true),
+        (&["--instances-on-own-cpu"][..], 1, false),
+        (&[][..], 2, false),
+    ] {
+        let mut args = vec!["--cores", "2"];
+        args.extend_from_slice(flags);
+        let s = Server::start(&args);
+        let id = deploy(&s, "behave", &format!("concurrency={concurrency}"));
+        let answered = |s: &Server| -> Vec<u64> {
+            let m = call(s, "GET", "/metrics", &[], b"").text();
+            (0..2)
+                .map(|c| {
+                    let label = format!("core=\"{c}\",class=\"2xx\"");
+                    common::metric_sum(&m, "hearth_responses_total", &label)
+                })
+                .collect()
+        };
+        let before = answered(&s);
+        // One connection: with concurrency 1 it moves to the core holding the
+        // instance; with 2 its core starts one of its own.
+        let mut c = s.connect();
+        let mut cpus = std::collections::BTreeSet::new();
+        for _ in 0..12 {
+            c.write(format!("GET /f/{id}/cpus HTTP/1.1\r\nHost: t\r\n\r\n").as_bytes());
+            let r = c.response();
+            assert_eq!(r.status, 200, "{}", r.text());
+            cpus.insert(r.json()["cpus"].as_str().unwrap().to_string());
+        }
+        let after = answered(&s);
+        let served: Vec<u64> = after.iter().zip(&before).map(|(a, b)| a - b).collect();
+        let what =
+            format!("{flags:?}, concurrency {concurrency}: served {served:?}, cpus {cpus:?}");
+        // The one before's own answer may count on either core.
+        let core = if served[0] >= 12 { 0 } else { 1 };
+        assert!(served[core] >= 12 && served[1 - core] <= 1, "{what}");
+        let expected = if beside { 1 - core } else { core };
+        assert_eq!(
+            cpus.into_iter().collect::<Vec<_>>(),
+            [expected.to_string()],
+            "{what}"
+        );
+    }
+}
+
 /// A Node.js instance of the process backend talks to hearth over a pair of
 /// pipes (fd 3 in, fd 4 out; a socketpair before: twice the kernel's work per
 /// message), and bodies of several MiB cross them whole both ways, on both

@@ -118,6 +118,7 @@ impl Worker {
             core,
             cores: shared.core_metrics.len(),
             moves: shared.cfg.connection_moves,
+            beside: shared.cfg.instances_beside,
             queue_depth_max: shared.cfg.queue_depth_max,
             keep_warm: shared.cfg.keep_warm,
             instances_max: INSTANCES_PER_CORE_MAX,
@@ -703,7 +704,10 @@ impl Worker {
                     let from = self.core;
                     self.shared.send(core, Msg::Pull { function, from })
                 }
-                Action::Start(f) => self.shared.functions.request_start(self.core, f),
+                Action::Start { function, cpu } => self
+                    .shared
+                    .functions
+                    .request_start(self.core, cpu, function),
                 Action::Destroy(handle) => self.shared.functions.destroy(handle),
             }
         }

@@ -371,7 +371,7 @@ impl Registry {
                 Err(StartError::Deleted)
             } else {
                 reg.backend
-                    .start(&f.spec, &f.dir, job.core)
+                    .start(&f.spec, &f.dir, job.cpu)
                     .map(|(mut inst, init_logs)| {
                         f.logs.lock().unwrap().extend_init(&init_logs);
                         if let Some(socket) = inst.take_log_channel() {
@@ -407,10 +407,15 @@ impl Registry {
             .expect("spawn reaper thread");
     }
 
-    /// Asks a starter thread for a new instance of `f` for `core`.
-    pub fn request_start(&self, core: usize, function: Arc<Function>) {
+    /// Asks a starter thread for a new instance of `f` for `core`, to run on
+    /// CPU `cpu`.
+    pub fn request_start(&self, core: usize, cpu: usize, function: Arc<Function>) {
         *self.pending.lock().unwrap() += 1;
-        self.starts.push(StartJob { core, function });
+        self.starts.push(StartJob {
+            core,
+            cpu,
+            function,
+        });
     }
 
     /// Hands an instance to the reaper thread for destruction.

@@ -26,7 +26,10 @@ pub const STARTS_PER_FUNCTION_MAX: usize = STARTER_THREADS;
 
 /// An instance start a core asked for.
 pub struct StartJob {
+    /// The core that asked, which the instance is handed to.
     pub core: usize,
+    /// The CPU the instance runs on.
+    pub cpu: usize,
     pub function: Arc<Function>,
 }
 
@@ -216,11 +219,13 @@ mod tests {
         for _ in 0..STARTS_PER_FUNCTION_MAX + 3 {
             q.waiting.push_back(StartJob {
                 core: 0,
+                cpu: 0,
                 function: hung.clone(),
             });
         }
         q.waiting.push_back(StartJob {
             core: 0,
+            cpu: 0,
             function: other.clone(),
         });
         let id = |j: StartJob| j.function.spec.id.clone();
@@ -252,11 +257,13 @@ mod tests {
             let f = function(&format!("hung{}", n % 3));
             starts.push(StartJob {
                 core: 0,
+                cpu: 0,
                 function: f,
             });
         }
         starts.push(StartJob {
             core: 0,
+            cpu: 0,
             function: function("other"),
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -318,7 +318,11 @@ impl CorePool {
             fs.starting += 1;
             fs.sync_home(core);
             add(&fs.f.metrics.cold_starts, 1);
-            self.actions.push_back(Action::Start(fs.f.clone()));
+            let cpu = self.cfg.instance_cpu(&fs.f);
+            self.actions.push_back(Action::Start {
+                function: fs.f.clone(),
+                cpu,
+            });
             // It has its slot (one freed for it, or made by eviction): it no
             // longer waits for one, unless the loop finds it must again.
             if !self.slot_waiters.is_empty() {

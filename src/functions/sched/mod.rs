@@ -120,6 +120,9 @@ pub struct SchedConfig {
     /// go after it ([`Action::Relocate`]) instead of waiting for it to return,
     /// and requests spill to other cores' idle instances ([`spill`]).
     pub moves: bool,
+    /// Instances of functions limited to fewer instances than there are cores
+    /// run on the next core's CPU ([`SchedConfig::instance_cpu`]).
+    pub beside: bool,
     /// Requests a function may queue beyond those covered by starting instances
     /// once it is at its concurrency limit (`--queue-depth-max`).
     pub queue_depth_max: usize,
@@ -131,6 +134,28 @@ pub struct SchedConfig {
     pub memory: Arc<Budget>,
     /// Seed of the request-id generator.
     pub seed: u64,
+}
+
+impl SchedConfig {
+    /// The CPU an instance of `f` held by this core (`core`) runs on: the next core's
+    /// when the function is limited to fewer instances than there are cores
+    /// (and `beside` is on), else this core's. Such a function's requests all
+    /// come to the core holding its instance ([`CorePool::home_core`]), so its
+    /// worker's share of each request (parse, event, answer) and Node's would
+    /// otherwise take turns on one CPU while the next one has room; side by
+    /// side, a busy instance is fed the request it was sent ahead while it
+    /// runs and does not wait for the worker (perf/RESULTS.md, "an instance
+    /// beside its worker": Express at concurrency 1 from 0.85x to 1.07x bare
+    /// Express). A function allowed an instance per core keeps each on its
+    /// worker's CPU, where its cores' instances balance the load already.
+    pub fn instance_cpu(&self, f: &Function) -> usize {
+        let cores = self.cores;
+        if self.beside && cores > 1 && (f.spec.concurrency as usize) < cores {
+            (self.core + 1) % cores
+        } else {
+            self.core
+        }
+    }
 }
 
 /// Identifies an instance on its core. The slot is reused after the instance
@@ -211,9 +236,10 @@ pub enum Action {
     /// it waits for went), to be queued there ([`CorePool::on_relocated`]);
     /// if it cannot move, give the request back ([`CorePool::relocate_failed`]).
     Relocate { core: usize, queued: Queued },
-    /// Start an instance of the function for this core, off the event loop;
-    /// the outcome comes back as [`CorePool::on_started`].
-    Start(Arc<Function>),
+    /// Start an instance of the function for this core, to run on CPU `cpu`
+    /// ([`SchedConfig::instance_cpu`]), off the event loop; the outcome comes
+    /// back as [`CorePool::on_started`].
+    Start { function: Arc<Function>, cpu: usize },
     /// Destroy an instance off the event loop.
     Destroy(Box<dyn Instance>),
 }

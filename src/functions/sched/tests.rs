@@ -69,6 +69,8 @@ struct Sim {
     next_serial: u64,
     /// Functions the pool asked to start an instance of, not yet started.
     starts: Vec<Arc<Function>>,
+    /// The CPU each start in `starts` was asked to run on.
+    start_cpus: Vec<usize>,
     replies: Vec<(ReplyTo, Reply)>,
     /// How an instance served each answer (phase timings).
     served: Vec<(ReplyTo, Option<Served>)>,
@@ -103,6 +105,7 @@ fn config(core: usize) -> SchedConfig {
         core,
         cores: 2,
         moves: false,
+        beside: false,
         queue_depth_max: 100,
         keep_warm: Duration::from_secs(60),
         instances_max: INSTANCES_PER_CORE_MAX,
@@ -154,6 +157,7 @@ impl Sim {
             wall_ms: WALL_MS_AT_START,
             next_serial: 1,
             starts: Vec::new(),
+            start_cpus: Vec::new(),
             replies: Vec::new(),
             served: Vec::new(),
             streamed: Vec::new(),
@@ -195,7 +199,10 @@ impl Sim {
                 Action::HandOver { core, instance } => self.handed.push((core, instance)),
                 Action::Relocate { core, queued } => self.relocated.push((core, queued)),
                 Action::Pull { core, function } => self.pulled.push((core, function)),
-                Action::Start(f) => self.starts.push(f),
+                Action::Start { function, cpu } => {
+                    self.starts.push(function);
+                    self.start_cpus.push(cpu);
+                }
                 Action::Destroy(handle) => {
                     handle.destroy();
                     self.destroyed += 1;
@@ -1417,6 +1424,41 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
     core1.respond(moved_id, 200);
     assert_eq!(core1.status(waiting), Some(200));
     assert_eq!(f.instances.load(Relaxed), 1, "one instance all along");
+}
+
+#[test]
+fn an_instance_of_a_function_held_below_one_per_core_runs_on_the_next_cpu() {
+    let cfg = |core, cores, beside| SchedConfig {
+        cores,
+        beside,
+        ..config(core)
+    };
+    for (core, cores, beside, expected) in [
+        // The function's requests all come to core 0; Node runs beside it.
+        (0, 2, true, [1, 0]),
+        (1, 2, true, [0, 1]),
+        // Of three cores, two instances cannot cover them either.
+        (2, 3, true, [0, 0]),
+        // Off: every instance on its worker's CPU.
+        (0, 2, false, [0, 0]),
+        (1, 2, false, [1, 1]),
+        // One core: nowhere else to go.
+        (0, 1, true, [0, 0]),
+    ] {
+        let (one, wide) = (function("one", 1, 1000), function("wide", 2, 1000));
+        let mut sim = Sim::new(cfg(core, cores, beside), &[&one, &wide]);
+        sim.request("one");
+        sim.request("wide");
+        assert_eq!(
+            sim.start_cpus, expected,
+            "core {core} of {cores}, beside {beside}"
+        );
+        assert_eq!(
+            sim.pool.cfg.instance_cpu(&one),
+            expected[0],
+            "a hand-over re-pins to the same CPU"
+        );
+    }
 }
 
 #[test]

@@ -238,8 +238,9 @@ pub trait Instance: Send {
     /// Kills if needed and releases everything (waits for exit, removes cgroups, files).
     /// May block; called off the event loops.
     fn destroy(self: Box<Self>);
-    /// The instance now belongs to `core`: move its CPU affinity there.
-    fn repin(&mut self, _core: usize) {}
+    /// The instance was handed to another core: run it on CPU `cpu` from now on
+    /// (that core's, or the next one's: `SchedConfig::instance_cpu`).
+    fn repin(&mut self, _cpu: usize) {}
     /// Memory charged to the instance, where the backend can tell.
     fn memory_bytes(&self) -> Option<u64>;
     /// The instance answered a request (its response is queued); called on
@@ -318,12 +319,14 @@ pub trait Backend: Send + Sync {
     /// Deploy-time preparation (image, template, snapshot) in `dir`, the function's
     /// directory; fails with `StartError::Init` when the handler does not load.
     fn prepare(&self, spec: &FunctionSpec, dir: &std::path::Path) -> Result<InitLogs, StartError>;
-    /// Makes a new ready instance for `spec` on `core`. Blocking; runs on a starter thread.
+    /// Makes a new ready instance for `spec`, to run on CPU `cpu` (the asking
+    /// core's, or the next one's: `SchedConfig::instance_cpu`). Blocking; runs
+    /// on a starter thread.
     fn start(
         &self,
         spec: &FunctionSpec,
         dir: &std::path::Path,
-        core: usize,
+        cpu: usize,
     ) -> Result<(Box<dyn Instance>, InitLogs), StartError>;
     /// A function was loaded from the state dir at start-up: warm up whatever
     /// makes its first start fast (process: a standby; VMs: check the snapshot).

@@ -164,7 +164,8 @@ pub struct ServeConfig {
     /// request spilled to another core's idle instance (`functions::sched::spill`).
     pub connection_moves: bool,
     /// Run an instance of a function limited to fewer instances than there are
-    /// cores on the next core's CPU (`--instances-on-own-cpu` off; see
+    /// cores on the next core's CPU (`--instances-on-own-cpu` off, and no more
+    /// workers than CPUs; see
     /// `functions::sched::SchedConfig::instance_cpu`).
     pub instances_beside: bool,
     /// Pin worker threads to cores.

@@ -397,9 +397,10 @@ fn absolute_state_dir(dir: &std::path::Path) -> Result<PathBuf, String> {
 
 fn serve(a: ServeArgs) -> Result<(), String> {
     let state_dir = absolute_state_dir(&a.state_dir)?;
+    let cores = a.cores.unwrap_or_else(config::online_cores).max(1);
     let cfg = ServeConfig {
         listen: a.listen,
-        cores: a.cores.unwrap_or_else(config::online_cores).max(1),
+        cores,
         state_dir,
         io: a.io,
         backend: a.backend,
@@ -424,7 +425,10 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         keep_warm: Duration::from_millis(a.keep_warm_ms),
         queue_depth_max: a.queue_depth_max.max(1),
         connection_moves: !a.no_connection_moves,
-        instances_beside: !a.instances_on_own_cpu,
+        // With more workers than CPUs the next core's number may name no CPU
+        // of this machine. Read here, on the main thread: a worker thread is
+        // pinned to one CPU and would see one.
+        instances_beside: !a.instances_on_own_cpu && cores <= config::online_cores(),
         pin: !a.no_pin,
         worker_policy: if a.batch_workers {
             WorkerPolicy::Batch

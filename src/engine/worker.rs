@@ -118,10 +118,7 @@ impl Worker {
             core,
             cores: shared.core_metrics.len(),
             moves: shared.cfg.connection_moves,
-            // With more workers than CPUs the next core's number may name
-            // no CPU of this machine.
-            beside: shared.cfg.instances_beside
-                && shared.core_metrics.len() <= crate::config::online_cores(),
+            beside: shared.cfg.instances_beside,
             queue_depth_max: shared.cfg.queue_depth_max,
             keep_warm: shared.cfg.keep_warm,
             instances_max: INSTANCES_PER_CORE_MAX,

@@ -257,8 +257,9 @@ struct ServeArgs {
     /// limited to fewer instances than there are cores (whose requests all go to the
     /// core holding it) runs on the next core's CPU, so that Node and the worker
     /// feeding it run side by side instead of taking turns on one CPU (Express at
-    /// concurrency 1: 1.07x bare Express instead of 0.85x; perf/RESULTS.md,
-    /// "an instance beside its worker").
+    /// concurrency 1: median 1.15x the requests per second, p99 16-37 % shorter;
+    /// perf/RESULTS.md, "an instance beside its worker"). Off by itself when there
+    /// are more workers than CPUs.
     #[arg(long)]
     instances_on_own_cpu: bool,
     /// Do not keep an initialised standby instance per function (process backend).

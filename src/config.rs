@@ -163,9 +163,9 @@ pub struct ServeConfig {
     /// the function cannot have one on every core (`engine::relocate`), or with a
     /// request spilled to another core's idle instance (`functions::sched::spill`).
     pub connection_moves: bool,
-    /// Run an instance of a function limited to fewer instances than there are
-    /// cores on the next core's CPU (`--instances-on-own-cpu` off, and no more
-    /// workers than CPUs; see
+    /// Run an instance of a Node.js function with concurrency 1 on the next
+    /// core's CPU (`--instances-on-own-cpu`, `--no-connection-moves` and
+    /// `--no-pin` off, no more workers than CPUs; the process backend only; see
     /// `functions::sched::SchedConfig::instance_cpu`).
     pub instances_beside: bool,
     /// Pin worker threads to cores.

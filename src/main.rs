@@ -223,7 +223,7 @@ struct ServeArgs {
     /// Same as --worker-policy batch (kept for existing command lines).
     #[arg(long, hide = true, conflicts_with = "worker_policy")]
     batch_workers: bool,
-    /// While an instance on its core runs a request, a worker with nothing else
+    /// While an instance it holds runs a request, a worker with nothing else
     /// to do yields its CPU for up to this long (µs) instead of sleeping, so the
     /// answer and clients' next requests find it awake: no wake-up per event. It
     /// sleeps as soon as a few yields in a row find nothing else to run (the
@@ -253,13 +253,13 @@ struct ServeArgs {
     /// core's instance is idle (it waits where it is).
     #[arg(long)]
     no_connection_moves: bool,
-    /// Run every instance on its worker's CPU. By default an instance of a function
-    /// limited to fewer instances than there are cores (whose requests all go to the
-    /// core holding it) runs on the next core's CPU, so that Node and the worker
+    /// Run every instance on its worker's CPU. By default (process backend) an
+    /// instance of a Node.js function with concurrency 1, whose requests all go to
+    /// the core holding it, runs on the next core's CPU, so that Node and the worker
     /// feeding it run side by side instead of taking turns on one CPU (Express at
     /// concurrency 1: median 1.15x the requests per second, p99 16-37 % shorter;
-    /// perf/RESULTS.md, "an instance beside its worker"). Off by itself when there
-    /// are more workers than CPUs.
+    /// perf/RESULTS.md, "an instance beside its worker"). Off by itself with
+    /// --no-connection-moves, --no-pin or more workers than CPUs.
     #[arg(long)]
     instances_on_own_cpu: bool,
     /// Do not keep an initialised standby instance per function (process backend).
@@ -426,10 +426,14 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         keep_warm: Duration::from_millis(a.keep_warm_ms),
         queue_depth_max: a.queue_depth_max.max(1),
         connection_moves: !a.no_connection_moves,
-        // With more workers than CPUs the next core's number may name no CPU
-        // of this machine. Read here, on the main thread: a worker thread is
-        // pinned to one CPU and would see one.
-        instances_beside: !a.instances_on_own_cpu && cores <= config::online_cores(),
+        // Only where a function's requests gather on one worker (connection
+        // moves) and workers sit on their CPUs (pinned, no more workers than
+        // CPUs: the next core's number could name no CPU). Read here, on the
+        // main thread: a worker thread is pinned to one CPU and would see one.
+        instances_beside: !a.instances_on_own_cpu
+            && !a.no_connection_moves
+            && !a.no_pin
+            && cores <= config::online_cores(),
         pin: !a.no_pin,
         worker_policy: if a.batch_workers {
             WorkerPolicy::Batch

@@ -992,13 +992,13 @@ fn requests_sent_ahead_run_one_at_a_time_and_survive_their_instance() {
     }
 }
 
-/// A function limited to fewer instances than there are cores has its
-/// requests served by the core holding its instance, and that instance runs
-/// on the next core's CPU, beside the worker feeding it; with
-/// `--instances-on-own-cpu`, or when it may have an instance per core, on the
+/// A Node.js function with concurrency 1 has its requests served by the core
+/// holding its instance, and that instance runs on the next core's CPU,
+/// beside the worker feeding it; with `--instances-on-own-cpu` or
+/// `--no-connection-moves`, or when it may have more instances, on the
 /// worker's own CPU.
 #[test]
-fn an_instance_held_below_one_per_core_runs_beside_its_worker() {
+fn a_node_instance_held_to_one_runs_beside_its_worker() {
     require_sandbox!();
     if std::thread::available_parallelism().map_or(1, |n| n.get()) < 2 {
         eprintln!("skipped: needs 2 CPUs (workers pinned to CPUs 0 and 1)");
@@ -1007,6 +1007,7 @@ fn an_instance_held_below_one_per_core_runs_beside_its_worker() {
     for (flags, concurrency, beside) in [
         (&[][..], 1, true),
         (&["--instances-on-own-cpu"][..], 1, false),
+        (&["--no-connection-moves"][..], 1, false),
         (&[][..], 2, false),
     ] {
         let mut args = vec!["--cores", "2"];
@@ -1024,7 +1025,8 @@ fn an_instance_held_below_one_per_core_runs_beside_its_worker() {
         };
         let before = answered(&s);
         // One connection: with concurrency 1 it moves to the core holding the
-        // instance; with 2 its core starts one of its own.
+        // instance (or, without moves, the instance comes to it); with 2 its
+        // core starts one of its own.
         let mut c = s.connect();
         let mut cpus = std::collections::BTreeSet::new();
         for _ in 0..12 {

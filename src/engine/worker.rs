@@ -118,7 +118,9 @@ impl Worker {
             core,
             cores: shared.core_metrics.len(),
             moves: shared.cfg.connection_moves,
-            beside: shared.cfg.instances_beside,
+            // Requests sent ahead, which the placement relies on, are the
+            // process backend's (its Node shim queues them).
+            beside: shared.cfg.instances_beside && shared.functions.backend_name() == "process",
             queue_depth_max: shared.cfg.queue_depth_max,
             keep_warm: shared.cfg.keep_warm,
             instances_max: INSTANCES_PER_CORE_MAX,

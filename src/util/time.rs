@@ -76,7 +76,7 @@ mod tests {
         std::thread::sleep(Duration::from_millis(30));
         let ms = unix_time_ms_at(at);
         assert!(ms <= then, "{ms} <= {then}");
-        assert!(then - ms < 20, "{ms} is close to {then}");
+        assert!(then - ms < 1000, "{ms} is close to {then}");
         assert!(unix_time_ms_at(Instant::now() + Duration::from_secs(1)) >= then);
     }
 }

@@ -120,8 +120,10 @@ pub struct SchedConfig {
     /// go after it ([`Action::Relocate`]) instead of waiting for it to return,
     /// and requests spill to other cores' idle instances ([`spill`]).
     pub moves: bool,
-    /// Instances of functions limited to fewer instances than there are cores
-    /// run on the next core's CPU ([`SchedConfig::instance_cpu`]).
+    /// Instances of Node.js functions limited to one instance run on the next
+    /// core's CPU ([`SchedConfig::instance_cpu`]): set for the process backend
+    /// (whose Node instances take requests sent ahead) with connection moves
+    /// on and workers pinned.
     pub beside: bool,
     /// Requests a function may queue beyond those covered by starting instances
     /// once it is at its concurrency limit (`--queue-depth-max`).
@@ -137,20 +139,25 @@ pub struct SchedConfig {
 }
 
 impl SchedConfig {
-    /// The CPU an instance of `f` held by this core (`core`) runs on: the next core's
-    /// when the function is limited to fewer instances than there are cores
-    /// (and `beside` is on), else this core's. Such a function's requests all
-    /// come to the core holding its instance ([`CorePool::home_core`]), so its
-    /// worker's share of each request (parse, event, answer) and Node's would
-    /// otherwise take turns on one CPU while the next one has room; side by
-    /// side, a busy instance is fed the request it was sent ahead while it
-    /// runs and does not wait for the worker (perf/RESULTS.md, "an instance
-    /// beside its worker": Express at concurrency 1 from 0.85x to 1.07x bare
-    /// Express). A function allowed an instance per core keeps each on its
-    /// worker's CPU, where its cores' instances balance the load already.
+    /// The CPU an instance of `f` held by this core (`core`) runs on: the next
+    /// core's for a Node.js function limited to one instance when `beside` is
+    /// on, else this core's. Such a function's requests all come to the core
+    /// holding its instance ([`CorePool::home_core`]), so its worker's share of
+    /// each request (parse, event, answer) and Node's would otherwise take
+    /// turns on one CPU while the next one has room; side by side, a busy
+    /// instance runs the request sent ahead to it ([`CorePool::send_ahead`]:
+    /// the process backend's Node shim) without waiting for the worker
+    /// (perf/RESULTS.md, "an instance beside its worker": Express a median
+    /// 1.15x, p99 16-37 % shorter). Without requests sent ahead every request
+    /// would cost a cross-CPU wake-up (0.69x for a quick handler, measured
+    /// before they existed), so other runtimes stay on the worker's CPU. Only
+    /// concurrency 1: the core's CPU load, which scales its instances
+    /// (`saturated`, the fit), is read on its own CPU, and a lone
+    /// instance's count does not scale. A function allowed more instances
+    /// keeps each on its worker's CPU.
     pub fn instance_cpu(&self, f: &Function) -> usize {
         let cores = self.cores;
-        if self.beside && cores > 1 && (f.spec.concurrency as usize) < cores {
+        if self.beside && cores > 1 && f.spec.concurrency == 1 && f.spec.runtime.is_nodejs() {
             (self.core + 1) % cores
         } else {
             self.core

@@ -1427,28 +1427,36 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
 }
 
 #[test]
-fn an_instance_of_a_function_held_below_one_per_core_runs_on_the_next_cpu() {
+fn a_node_instance_held_to_one_runs_on_the_next_cpu() {
     let cfg = |core, cores, beside| SchedConfig {
         cores,
         beside,
         ..config(core)
     };
+    // A Runtime API function: no request is sent ahead to it.
+    let python = || {
+        let mut spec = function("py", 1, 1000).spec.clone();
+        spec.runtime = crate::runtime::kind::RuntimeKind::Python3;
+        let memory = Budget::new("instance memory", "MiB", 1 << 20);
+        Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
+    };
+    // CPUs of the starts of: Node at concurrency 1, Node at 2, Python at 1.
     for (core, cores, beside, expected) in [
         // The function's requests all come to core 0; Node runs beside it.
-        (0, 2, true, [1, 0]),
-        (1, 2, true, [0, 1]),
-        // Of three cores, two instances cannot cover them either.
-        (2, 3, true, [0, 0]),
+        (0, 2, true, [1, 0, 0]),
+        (1, 2, true, [0, 1, 1]),
+        (2, 3, true, [0, 2, 2]),
         // Off: every instance on its worker's CPU.
-        (0, 2, false, [0, 0]),
-        (1, 2, false, [1, 1]),
+        (0, 2, false, [0, 0, 0]),
+        (1, 2, false, [1, 1, 1]),
         // One core: nowhere else to go.
-        (0, 1, true, [0, 0]),
+        (0, 1, true, [0, 0, 0]),
     ] {
-        let (one, wide) = (function("one", 1, 1000), function("wide", 2, 1000));
-        let mut sim = Sim::new(cfg(core, cores, beside), &[&one, &wide]);
+        let (one, two, py) = (function("one", 1, 1000), function("two", 2, 1000), python());
+        let mut sim = Sim::new(cfg(core, cores, beside), &[&one, &two, &py]);
         sim.request("one");
-        sim.request("wide");
+        sim.request("two");
+        sim.request("py");
         assert_eq!(
             sim.start_cpus, expected,
             "core {core} of {cores}, beside {beside}"

@@ -164,9 +164,10 @@ pub struct ServeConfig {
     /// request spilled to another core's idle instance (`functions::sched::spill`).
     pub connection_moves: bool,
     /// Run an instance of a Node.js function with concurrency 1 on the next
-    /// core's CPU (`--instances-on-own-cpu`, `--no-connection-moves` and
-    /// `--no-pin` off, no more workers than CPUs; the process backend only; see
-    /// `functions::sched::SchedConfig::instance_cpu`).
+    /// core's CPU, with V8's collector on helper threads on its worker's CPU
+    /// (`--instances-on-own-cpu`, `--no-connection-moves` and `--no-pin` off,
+    /// 2 or more workers and no more than CPUs; the process backend only; see
+    /// `functions::sched::SchedConfig::instance_cpus`).
     pub instances_beside: bool,
     /// Pin worker threads to cores.
     pub pin: bool,

@@ -427,12 +427,14 @@ fn serve(a: ServeArgs) -> Result<(), String> {
         queue_depth_max: a.queue_depth_max.max(1),
         connection_moves: !a.no_connection_moves,
         // Only where a function's requests gather on one worker (connection
-        // moves) and workers sit on their CPUs (pinned, no more workers than
-        // CPUs: the next core's number could name no CPU). Read here, on the
-        // main thread: a worker thread is pinned to one CPU and would see one.
+        // moves) and workers sit on their CPUs (pinned, more than one, no more
+        // workers than CPUs: the next core's number could name no CPU). Read
+        // here, on the main thread: a worker thread is pinned to one CPU and
+        // would see one.
         instances_beside: !a.instances_on_own_cpu
             && !a.no_connection_moves
             && !a.no_pin
+            && cores > 1
             && cores <= config::online_cores(),
         pin: !a.no_pin,
         worker_policy: if a.batch_workers {

@@ -42,6 +42,19 @@ pub struct FunctionSpec {
     pub runtime: RuntimeKind,
 }
 
+impl FunctionSpec {
+    /// A Node.js function limited to one instance: where hearth places
+    /// instances beside their worker (`ServeConfig::instances_beside`), its
+    /// instance's main threads run on the CPU after its worker's, and its
+    /// collector's helper threads on the worker's
+    /// (`functions::sched::SchedConfig::instance_cpus`). The one rule both the
+    /// scheduler (placement) and the process backend (Node's flags at spawn,
+    /// before any core holds the instance) read.
+    pub fn runs_beside_its_worker(&self) -> bool {
+        self.concurrency == 1 && self.runtime.is_nodejs()
+    }
+}
+
 /// Lambda configuration fields kept for the service API (`Runtime`, `Role`, …).
 #[derive(Clone, Debug, Default, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]

@@ -37,6 +37,9 @@ OPTIONS
   --cwd <DIR>          runtime working directory   [default: /var/task]
   --env <KEY=VALUE>    extra runtime environment variable (repeatable); the
                        base set is PATH, HOME, LANG, TZ, LAMBDA_TASK_ROOT
+  --parallel-gc        Node.js: start it without --single-threaded-gc, so
+                       V8 collects on helper threads too (for an instance
+                       whose helpers hearth puts on another CPU)
   --runtime <KIND>     not Node.js: `provided` (/var/task/bootstrap) or
                        `python3`; the agent runs itself with --runtime-api
                        as the runtime on fd 3, which serves the Lambda
@@ -124,6 +127,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
         extra_env: Vec::new(),
         api: None,
         host_serves: false,
+        parallel_gc: false,
     };
     let mut it = args.iter();
     while let Some(arg) = it.next() {
@@ -165,6 +169,7 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
                 );
             }
             "--host-serves-api" if inline.is_none() => runtime.host_serves = true,
+            "--parallel-gc" if inline.is_none() => runtime.parallel_gc = true,
             "--env" => {
                 let v = value()?;
                 match v.split_once('=') {
@@ -178,6 +183,9 @@ pub fn parse(args: &[String], is_pid1: bool) -> Result<Command, String> {
         }
     }
     let channel_fd = channel_fd.expect("checked above");
+    if runtime.parallel_gc && runtime.api.is_some() {
+        return Err("--parallel-gc is for Node.js (not with --runtime)".to_string());
+    }
     if runtime.host_serves && (runtime.api.is_none() || log_fd.is_none()) {
         return Err("--host-serves-api needs --runtime and --log-fd".to_string());
     }
@@ -274,6 +282,25 @@ mod tests {
             panic!()
         };
         assert_eq!(runtime.api, Some(Kind::Provided));
+    }
+
+    #[test]
+    fn node_may_collect_on_helper_threads() {
+        for (line, parallel) in [
+            ("--channel-fd 3", false),
+            ("--channel-fd 3 --parallel-gc", true),
+        ] {
+            let Command::Process { runtime, .. } = parse(&args(line), false).unwrap() else {
+                panic!("{line}")
+            };
+            assert_eq!(runtime.parallel_gc, parallel, "{line}");
+            assert_eq!(
+                runtime.describe().contains("--single-threaded-gc"),
+                !parallel,
+                "{line}"
+            );
+        }
+        assert!(parse(&args("--channel-fd 3 --runtime python3 --parallel-gc"), false).is_err());
     }
 
     #[test]

@@ -253,6 +253,8 @@ fn run_vm(ignored_args: &[String]) -> ! {
         extra_env: Vec::new(),
         api: cfg.api,
         host_serves: false,
+        // One vCPU: helper threads could only take turns with the main one.
+        parallel_gc: false,
     };
     let runtime = Runtime::spawn(&spec, None)
         .unwrap_or_else(|e| stop_vm(&format!("cannot start {}: {e}", spec.describe())));

@@ -34,9 +34,22 @@ pub struct RuntimeSpec {
     pub api: Option<Kind>,
     /// With `api`: hearth serves the Runtime API itself (see `host_api`).
     pub host_serves: bool,
+    /// Node.js without [`SINGLE_THREADED_GC`]: hearth runs V8's helper threads
+    /// on another CPU than the main thread (`InstanceCpus` in hearth).
+    pub parallel_gc: bool,
 }
 
 impl RuntimeSpec {
+    /// The V8 flags Node.js starts with.
+    pub fn node_flags(&self) -> Vec<&'static str> {
+        let mut flags = Vec::with_capacity(NODE_FLAGS.len() + 1);
+        if !self.parallel_gc {
+            flags.push(SINGLE_THREADED_GC);
+        }
+        flags.extend(NODE_FLAGS);
+        flags
+    }
+
     /// The command line, for messages.
     pub fn describe(&self) -> String {
         match self.api {
@@ -44,21 +57,24 @@ impl RuntimeSpec {
             None => format!(
                 "{} {} {}",
                 self.node.display(),
-                NODE_FLAGS.join(" "),
+                self.node_flags().join(" "),
                 self.shim.display()
             ),
         }
     }
 }
 
+/// V8 flag of a Node.js runtime whose threads all share one CPU (perf/RESULTS.md
+/// has the runs): hearth pins an instance to the core that owns it, and a
+/// microVM has one vCPU, where V8's parallel and concurrent collector threads
+/// cannot run beside the main thread, only take turns with it and with
+/// hearth's worker. The Express app through the shim, pinned (`SHIM_APP=express
+/// taskset -c 1 node perf/shim-bench.js`): 7.0k -> 8.4k round trips/s, 126 ->
+/// 104 us of CPU each, p99 1.6-1.8 -> 0.6 ms. Left out with
+/// [`RuntimeSpec::parallel_gc`], where the helpers get a CPU of their own.
+pub const SINGLE_THREADED_GC: &str = "--single-threaded-gc";
+
 /// V8 flags every Node.js runtime starts with (perf/RESULTS.md has the runs).
-///
-/// `--single-threaded-gc`: an instance runs on one CPU (hearth pins it to the
-/// core that owns it; a microVM has one vCPU), where V8's parallel and
-/// concurrent collector threads cannot run beside the main thread, only take
-/// turns with it and with hearth's worker. The Express app through the shim,
-/// pinned (`SHIM_APP=express taskset -c 1 node perf/shim-bench.js`): 7.0k ->
-/// 8.4k round trips/s, 126 -> 104 us of CPU each, p99 1.6-1.8 -> 0.6 ms.
 ///
 /// `--no-allocation-site-pretenuring`: V8 allocates straight into the old
 /// generation from an allocation site whose objects mostly survived earlier
@@ -72,7 +88,7 @@ impl RuntimeSpec {
 /// 111-118 -> 95-102 us of CPU per round trip, p99 0.7-0.9 -> 0.5 ms. The
 /// trivial handler is unchanged; a handler that keeps every object it makes (a
 /// 200k-entry cache) pays 0.6 -> 0.7 us per call.
-pub const NODE_FLAGS: [&str; 2] = ["--single-threaded-gc", "--no-allocation-site-pretenuring"];
+pub const NODE_FLAGS: [&str; 1] = ["--no-allocation-site-pretenuring"];
 
 /// How the agent runs itself in runtime-API mode.
 const RUNTIME_API_EXE: &str = "/proc/self/exe";
@@ -123,7 +139,7 @@ impl Runtime {
             }
             None => {
                 let mut c = Command::new(&spec.node);
-                c.args(NODE_FLAGS).arg(&spec.shim);
+                c.args(spec.node_flags()).arg(&spec.shim);
                 c
             }
         };

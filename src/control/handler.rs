@@ -264,7 +264,7 @@ mod tests {
             &self,
             _spec: &crate::spec::FunctionSpec,
             _dir: &Path,
-            _core: usize,
+            _cpus: crate::sandbox::InstanceCpus,
         ) -> Result<
             (Box<dyn crate::sandbox::Instance>, crate::sandbox::InitLogs),
             crate::sandbox::StartError,

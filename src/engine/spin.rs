@@ -2,7 +2,7 @@
 //!
 //! A worker shares its CPU with the instances it owns (they are pinned to it,
 //! but for a Node function with concurrency 1, pinned to the next CPU:
-//! `SchedConfig::instance_cpu`; its answers come sooner for the spin).
+//! `SchedConfig::instance_cpus`; its answers come sooner for the spin).
 //! When it has handed a request to one of them and has nothing else to do, the
 //! answer comes from a process that can only run once the worker lets go of
 //! the CPU. Sleeping in the kernel lets go, but then every event meant for the

@@ -706,10 +706,10 @@ impl Worker {
                     let from = self.core;
                     self.shared.send(core, Msg::Pull { function, from })
                 }
-                Action::Start { function, cpu } => self
+                Action::Start { function, cpus } => self
                     .shared
                     .functions
-                    .request_start(self.core, cpu, function),
+                    .request_start(self.core, cpus, function),
                 Action::Destroy(handle) => self.shared.functions.destroy(handle),
             }
         }

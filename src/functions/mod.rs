@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use crate::config::ServeConfig;
 use crate::metrics::FunctionMetrics;
-use crate::sandbox::{Backend, Instance, StartError};
+use crate::sandbox::{Backend, Instance, InstanceCpus, StartError};
 use crate::spec::FunctionSpec;
 use budget::{Budget, Reservation};
 use names::Index;
@@ -371,7 +371,7 @@ impl Registry {
                 Err(StartError::Deleted)
             } else {
                 reg.backend
-                    .start(&f.spec, &f.dir, job.cpu)
+                    .start(&f.spec, &f.dir, job.cpus)
                     .map(|(mut inst, init_logs)| {
                         f.logs.lock().unwrap().extend_init(&init_logs);
                         if let Some(socket) = inst.take_log_channel() {
@@ -408,12 +408,12 @@ impl Registry {
     }
 
     /// Asks a starter thread for a new instance of `f` for `core`, to run on
-    /// CPU `cpu`.
-    pub fn request_start(&self, core: usize, cpu: usize, function: Arc<Function>) {
+    /// `cpus`.
+    pub fn request_start(&self, core: usize, cpus: InstanceCpus, function: Arc<Function>) {
         *self.pending.lock().unwrap() += 1;
         self.starts.push(StartJob {
             core,
-            cpu,
+            cpus,
             function,
         });
     }

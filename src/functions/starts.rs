@@ -13,6 +13,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
 
 use super::Function;
+use crate::sandbox::InstanceCpus;
 
 /// Starter threads kept while there is nothing to start.
 pub const STARTER_THREADS: usize = 4;
@@ -28,8 +29,8 @@ pub const STARTS_PER_FUNCTION_MAX: usize = STARTER_THREADS;
 pub struct StartJob {
     /// The core that asked, which the instance is handed to.
     pub core: usize,
-    /// The CPU the instance runs on.
-    pub cpu: usize,
+    /// The CPUs the instance runs on.
+    pub cpus: InstanceCpus,
     pub function: Arc<Function>,
 }
 
@@ -219,13 +220,13 @@ mod tests {
         for _ in 0..STARTS_PER_FUNCTION_MAX + 3 {
             q.waiting.push_back(StartJob {
                 core: 0,
-                cpu: 0,
+                cpus: InstanceCpus::on(0),
                 function: hung.clone(),
             });
         }
         q.waiting.push_back(StartJob {
             core: 0,
-            cpu: 0,
+            cpus: InstanceCpus::on(0),
             function: other.clone(),
         });
         let id = |j: StartJob| j.function.spec.id.clone();
@@ -257,13 +258,13 @@ mod tests {
             let f = function(&format!("hung{}", n % 3));
             starts.push(StartJob {
                 core: 0,
-                cpu: 0,
+                cpus: InstanceCpus::on(0),
                 function: f,
             });
         }
         starts.push(StartJob {
             core: 0,
-            cpu: 0,
+            cpus: InstanceCpus::on(0),
             function: function("other"),
         });
         let deadline = std::time::Instant::now() + Duration::from_secs(10);

@@ -39,6 +39,19 @@ use crate::spec::FunctionSpec;
 /// the other tenants on that core, and the hard ceiling should pinning ever go.
 pub const INSTANCE_CPU_MILLICORES: u32 = 1000;
 
+/// CPU on top of [`INSTANCE_CPU_MILLICORES`] for an instance whose helper threads
+/// run on a CPU of their own ([`InstanceCpus::split`]; the process backend's Node
+/// instances placed beside their worker). Its main thread may fill one core and
+/// V8 collects beside it, on the worker's CPU; at one core in all, the
+/// collector's share came out of the main thread's time: the Express app at
+/// concurrency 1 was throttled in most 100 ms periods, its main thread idle 7 %
+/// of the time and its p99 longer (perf/RESULTS.md, "V8's helpers on the
+/// worker's CPU"). Express's helpers used ~7 % of a core there; a quarter
+/// leaves room for handlers that allocate more. Only V8's own tasks run on
+/// those threads: whatever threads a handler starts inherit its main thread's
+/// CPU (and a sandbox cannot change its affinity).
+pub const HELPERS_CPU_MILLICORES: u32 = 250;
+
 /// Why an instance could not be made ready. Every variant but [`StartError::Init`]
 /// is a host-side failure (deploy answers 503); the message of each is what
 /// users and logs see, so it names what failed and keeps the cause's words.
@@ -222,6 +235,34 @@ pub enum Endpoint {
     RuntimeApi(Box<runtime_api::Served>),
 }
 
+/// The CPUs an instance runs on. Its processes' main threads (Node's event
+/// loop, the agent) on `main`; every other thread (V8's collector and compiler
+/// helpers) on `helpers`. One CPU for both, except for an instance placed
+/// beside its worker (the process backend's Node.js functions limited to one
+/// instance): its main thread on the CPU after the worker's, its helpers on
+/// the worker's, where they run beside the main thread instead of taking turns
+/// with it (perf/RESULTS.md, "V8's helpers on the worker's CPU"). The
+/// microVM backends use `main` alone (a VM has one vCPU).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct InstanceCpus {
+    /// Where each process's main thread runs.
+    pub main: usize,
+    /// Where the other threads run.
+    pub helpers: usize,
+}
+
+impl InstanceCpus {
+    /// Everything on `cpu`.
+    pub fn on(cpu: usize) -> InstanceCpus {
+        InstanceCpus { main: cpu, helpers: cpu }
+    }
+
+    /// The helpers run on a CPU of their own.
+    pub fn split(self) -> bool {
+        self.main != self.helpers
+    }
+}
+
 /// A running, initialised instance of one function.
 pub trait Instance: Send {
     /// What the owning core serves the instance through (taken once): the
@@ -238,9 +279,9 @@ pub trait Instance: Send {
     /// Kills if needed and releases everything (waits for exit, removes cgroups, files).
     /// May block; called off the event loops.
     fn destroy(self: Box<Self>);
-    /// The instance was handed to another core: run it on CPU `cpu` from now on
-    /// (that core's, or the next one's: `SchedConfig::instance_cpu`).
-    fn repin(&mut self, _cpu: usize) {}
+    /// The instance was handed to another core: run it on `cpus` from now on
+    /// (`SchedConfig::instance_cpus`).
+    fn repin(&mut self, _cpus: InstanceCpus) {}
     /// Memory charged to the instance, where the backend can tell.
     fn memory_bytes(&self) -> Option<u64>;
     /// The instance answered a request (its response is queued); called on
@@ -319,14 +360,13 @@ pub trait Backend: Send + Sync {
     /// Deploy-time preparation (image, template, snapshot) in `dir`, the function's
     /// directory; fails with `StartError::Init` when the handler does not load.
     fn prepare(&self, spec: &FunctionSpec, dir: &std::path::Path) -> Result<InitLogs, StartError>;
-    /// Makes a new ready instance for `spec`, to run on CPU `cpu` (the asking
-    /// core's, or the next one's: `SchedConfig::instance_cpu`). Blocking; runs
-    /// on a starter thread.
+    /// Makes a new ready instance for `spec`, to run on `cpus`
+    /// (`SchedConfig::instance_cpus`). Blocking; runs on a starter thread.
     fn start(
         &self,
         spec: &FunctionSpec,
         dir: &std::path::Path,
-        cpu: usize,
+        cpus: InstanceCpus,
     ) -> Result<(Box<dyn Instance>, InitLogs), StartError>;
     /// A function was loaded from the state dir at start-up: warm up whatever
     /// makes its first start fast (process: a standby; VMs: check the snapshot).

@@ -318,10 +318,10 @@ impl CorePool {
             fs.starting += 1;
             fs.sync_home(core);
             add(&fs.f.metrics.cold_starts, 1);
-            let cpu = self.cfg.instance_cpu(&fs.f);
+            let cpus = self.cfg.instance_cpus(&fs.f);
             self.actions.push_back(Action::Start {
                 function: fs.f.clone(),
-                cpu,
+                cpus,
             });
             // It has its slot (one freed for it, or made by eviction): it no
             // longer waits for one, unless the loop finds it must again.

@@ -266,7 +266,7 @@ impl CorePool {
             self.actions.push_back(Action::Destroy(handle));
             return;
         }
-        handle.repin(self.cfg.instance_cpu(&f));
+        handle.repin(self.cfg.instance_cpus(&f));
         let inst_id = self.next_id();
         self.actions.push_back(Action::Attach {
             inst: inst_id,

@@ -56,7 +56,7 @@ use crate::http::parse::Request;
 use crate::http::reply::{Reply, ReplyTo};
 use crate::metrics::add;
 use crate::protocol::FrameType;
-use crate::sandbox::{Endpoint, Instance, SchedTime};
+use crate::sandbox::{Endpoint, Instance, InstanceCpus, SchedTime};
 pub use migrate::Migrated;
 
 /// Extra time a queued request may wait for an instance to start, beyond the
@@ -121,7 +121,7 @@ pub struct SchedConfig {
     /// and requests spill to other cores' idle instances ([`spill`]).
     pub moves: bool,
     /// Instances of Node.js functions limited to one instance run on the next
-    /// core's CPU ([`SchedConfig::instance_cpu`]): set for the process backend
+    /// core's CPU ([`SchedConfig::instance_cpus`]): set for the process backend
     /// (whose Node instances take requests sent ahead) with connection moves
     /// on and workers pinned.
     pub beside: bool,
@@ -139,9 +139,11 @@ pub struct SchedConfig {
 }
 
 impl SchedConfig {
-    /// The CPU an instance of `f` held by this core (`core`) runs on: the next
-    /// core's for a Node.js function limited to one instance when `beside` is
-    /// on, else this core's. Such a function's requests all come to the core
+    /// The CPUs an instance of `f` held by this core (`core`) runs on: for a
+    /// Node.js function limited to one instance when `beside` is on
+    /// ([`crate::spec::FunctionSpec::runs_beside_its_worker`]), its main thread on the next
+    /// core's CPU and V8's helper threads on this core's; else all on this
+    /// core's. Such a function's requests all come to the core
     /// holding its instance ([`CorePool::home_core`]), so its worker's share of
     /// each request (parse, event, answer) and Node's would otherwise take
     /// turns on one CPU while the next one has room; side by side, a busy
@@ -154,13 +156,20 @@ impl SchedConfig {
     /// concurrency 1: the core's CPU load, which scales its instances
     /// (`saturated`, the fit), is read on its own CPU, and a lone
     /// instance's count does not scale. A function allowed more instances
-    /// keeps each on its worker's CPU.
-    pub fn instance_cpu(&self, f: &Function) -> usize {
+    /// keeps each on its worker's CPU. The helpers: such an instance's Node
+    /// runs its collector on helper threads (the process backend starts it
+    /// without `--single-threaded-gc`), which on this core's CPU run beside
+    /// its main thread instead of taking turns with it (perf/RESULTS.md,
+    /// "V8's helpers on the worker's CPU").
+    pub fn instance_cpus(&self, f: &Function) -> InstanceCpus {
         let cores = self.cores;
-        if self.beside && cores > 1 && f.spec.concurrency == 1 && f.spec.runtime.is_nodejs() {
-            (self.core + 1) % cores
+        if self.beside && cores > 1 && f.spec.runs_beside_its_worker() {
+            InstanceCpus {
+                main: (self.core + 1) % cores,
+                helpers: self.core,
+            }
         } else {
-            self.core
+            InstanceCpus::on(self.core)
         }
     }
 }
@@ -243,10 +252,13 @@ pub enum Action {
     /// it waits for went), to be queued there ([`CorePool::on_relocated`]);
     /// if it cannot move, give the request back ([`CorePool::relocate_failed`]).
     Relocate { core: usize, queued: Queued },
-    /// Start an instance of the function for this core, to run on CPU `cpu`
-    /// ([`SchedConfig::instance_cpu`]), off the event loop; the outcome comes
+    /// Start an instance of the function for this core, to run on `cpus`
+    /// ([`SchedConfig::instance_cpus`]), off the event loop; the outcome comes
     /// back as [`CorePool::on_started`].
-    Start { function: Arc<Function>, cpu: usize },
+    Start {
+        function: Arc<Function>,
+        cpus: InstanceCpus,
+    },
     /// Destroy an instance off the event loop.
     Destroy(Box<dyn Instance>),
 }

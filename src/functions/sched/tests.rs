@@ -25,7 +25,7 @@ use std::borrow::Cow;
 struct FakeLog {
     killed: bool,
     destroyed: bool,
-    repinned: Option<usize>,
+    repinned: Option<InstanceCpus>,
     sched: Option<SchedTime>,
 }
 
@@ -47,8 +47,8 @@ impl Instance for Fake {
     fn destroy(self: Box<Self>) {
         self.log.lock().unwrap().destroyed = true;
     }
-    fn repin(&mut self, core: usize) {
-        self.log.lock().unwrap().repinned = Some(core);
+    fn repin(&mut self, cpus: InstanceCpus) {
+        self.log.lock().unwrap().repinned = Some(cpus);
     }
     fn memory_bytes(&self) -> Option<u64> {
         None
@@ -70,7 +70,7 @@ struct Sim {
     /// Functions the pool asked to start an instance of, not yet started.
     starts: Vec<Arc<Function>>,
     /// The CPU each start in `starts` was asked to run on.
-    start_cpus: Vec<usize>,
+    start_cpus: Vec<InstanceCpus>,
     replies: Vec<(ReplyTo, Reply)>,
     /// How an instance served each answer (phase timings).
     served: Vec<(ReplyTo, Option<Served>)>,
@@ -199,9 +199,9 @@ impl Sim {
                 Action::HandOver { core, instance } => self.handed.push((core, instance)),
                 Action::Relocate { core, queued } => self.relocated.push((core, queued)),
                 Action::Pull { core, function } => self.pulled.push((core, function)),
-                Action::Start { function, cpu } => {
+                Action::Start { function, cpus } => {
                     self.starts.push(function);
-                    self.start_cpus.push(cpu);
+                    self.start_cpus.push(cpus);
                 }
                 Action::Destroy(handle) => {
                     handle.destroy();
@@ -1420,7 +1420,7 @@ fn a_starved_core_gets_an_idle_instance_handed_over() {
     );
     let moved_id = core1.attached[0];
     core1.fakes.push((moved_id, core0.fakes[0].1.clone()));
-    assert_eq!(core1.fake(moved_id).repinned, Some(1));
+    assert_eq!(core1.fake(moved_id).repinned, Some(InstanceCpus::on(1)));
     core1.respond(moved_id, 200);
     assert_eq!(core1.status(waiting), Some(200));
     assert_eq!(f.instances.load(Relaxed), 1, "one instance all along");
@@ -1440,7 +1440,8 @@ fn a_node_instance_held_to_one_runs_on_the_next_cpu() {
         let memory = Budget::new("instance memory", "MiB", 1 << 20);
         Arc::new(Function::new(spec, PathBuf::from("/nonexistent"), memory))
     };
-    // CPUs of the starts of: Node at concurrency 1, Node at 2, Python at 1.
+    // Main CPUs of the starts of: Node at concurrency 1, Node at 2, Python at
+    // 1; the helpers always on the core's own.
     for (core, cores, beside, expected) in [
         // The function's requests all come to core 0; Node runs beside it.
         (0, 2, true, [1, 0, 0]),
@@ -1457,14 +1458,13 @@ fn a_node_instance_held_to_one_runs_on_the_next_cpu() {
         sim.request("one");
         sim.request("two");
         sim.request("py");
+        let what = format!("core {core} of {cores}, beside {beside}");
+        let expected = expected.map(|main| InstanceCpus { main, helpers: core });
+        assert_eq!(sim.start_cpus, expected, "{what}");
         assert_eq!(
-            sim.start_cpus, expected,
-            "core {core} of {cores}, beside {beside}"
-        );
-        assert_eq!(
-            sim.pool.cfg.instance_cpu(&one),
+            sim.pool.cfg.instance_cpus(&one),
             expected[0],
-            "a hand-over re-pins to the same CPU"
+            "{what}: a hand-over re-pins to the same CPUs"
         );
     }
 }

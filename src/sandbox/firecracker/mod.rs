@@ -69,7 +69,9 @@ pub use vmm::VmmError;
 use super::boot_gate::BootGate;
 use super::vmcgroup::{self, VmmCgroup};
 use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
-use super::{handshake, Backend, Endpoint, InitLogs, Instance, SetupError, StartError};
+use super::{
+    handshake, Backend, Endpoint, InitLogs, Instance, InstanceCpus, SetupError, StartError,
+};
 use crate::config::{FcMemory, ServeConfig};
 use crate::guest::images::{self, Guest, RuntimeDrives};
 use crate::runtime::RuntimeKind;
@@ -426,9 +428,9 @@ impl Backend for FirecrackerBackend {
         &self,
         spec: &FunctionSpec,
         dir: &Path,
-        core: usize,
+        cpus: InstanceCpus,
     ) -> Result<(Box<dyn Instance>, InitLogs), StartError> {
-        let (inst, logs) = self.inner.restore_instance(spec, dir, Some(core))?;
+        let (inst, logs) = self.inner.restore_instance(spec, dir, Some(cpus.main))?;
         Ok((Box::new(inst), logs))
     }
 

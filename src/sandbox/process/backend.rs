@@ -40,7 +40,8 @@ use crate::sandbox::handshake;
 use crate::sandbox::process;
 use crate::sandbox::runtime_api;
 use crate::sandbox::{
-    Backend, Endpoint, InitLogs, Instance, MemoryBudget, SchedTime, SetupError, StartError,
+    Backend, Endpoint, InitLogs, Instance, InstanceCpus, MemoryBudget, SchedTime, SetupError,
+    StartError,
 };
 use crate::spec::FunctionSpec;
 use crate::util::cpu;
@@ -117,8 +118,8 @@ impl Instance for ProcInstance {
         drop(channel);
         retire_uid(sandbox.destroy(), uid);
     }
-    fn repin(&mut self, core: usize) {
-        pin_tree(self.sandbox.pid, core);
+    fn repin(&mut self, cpus: InstanceCpus) {
+        pin_tree(self.sandbox.pid, cpus);
     }
     fn memory_bytes(&self) -> Option<u64> {
         self.sandbox.memory_bytes()
@@ -172,6 +173,10 @@ struct Inner {
     /// Runtimes other than Node.js get the Runtime API from the agent's relay
     /// process, not from the worker cores (`--runtime-api-relay`).
     relay_runtime_api: bool,
+    /// Instances are placed beside their worker (`ServeConfig::instances_beside`):
+    /// those of Node.js functions limited to one instance start with V8's
+    /// parallel collector, whose helpers run on the worker's CPU ([`InstanceCpus`]).
+    beside: bool,
     /// Work in progress that may make sandboxes; see [`Busy`].
     work: Mutex<Work>,
     /// Signalled when `work.busy` drops.
@@ -271,6 +276,7 @@ impl ProcessBackend {
             forgotten: Mutex::new(HashSet::new()),
             use_standby,
             relay_runtime_api: cfg.runtime_api_relay,
+            beside: cfg.instances_beside,
             work: Mutex::new(Work::default()),
             work_done: Condvar::new(),
         });
@@ -347,8 +353,15 @@ impl Inner {
         // the Runtime API modes pass descriptors over the channel, which
         // needs a socket.
         let pipes = spec.runtime.is_nodejs();
+        // Decided here, before any core holds the instance (a deploy's first
+        // instance and standbys are made unpinned): Node's flags and the
+        // quota are fixed at its start.
+        let helpers_apart = pipes && self.beside && spec.runs_beside_its_worker();
         let (root, binds) = if pipes {
             argv.extend(["--channel-out-fd".to_string(), "5".to_string()]);
+            if helpers_apart {
+                argv.push("--parallel-gc".to_string());
+            }
             (self.runtime_root.clone(), Vec::new())
         } else {
             argv.extend(["--runtime".to_string(), spec.runtime.name().to_string()]);
@@ -363,9 +376,14 @@ impl Inner {
             tmp_bytes: TMP_BYTES,
             memory_bytes: u64::from(spec.memory_mb) << 20,
             pids_max: PIDS_MAX,
-            cpu_millicores: crate::sandbox::INSTANCE_CPU_MILLICORES,
+            cpu_millicores: crate::sandbox::INSTANCE_CPU_MILLICORES
+                + if helpers_apart {
+                    crate::sandbox::HELPERS_CPU_MILLICORES
+                } else {
+                    0
+                },
             cpu_core: match place {
-                Placement::Core(core) => Some(core),
+                Placement::Core(cpus) => Some(cpus.main),
                 Placement::Deploy | Placement::Standby => None,
             },
             cpu_background: matches!(place, Placement::Standby),
@@ -604,14 +622,14 @@ impl Backend for ProcessBackend {
         &self,
         spec: &FunctionSpec,
         dir: &Path,
-        core: usize,
+        cpus: InstanceCpus,
     ) -> Result<(Box<dyn Instance>, InitLogs), StartError> {
         let _busy = self.inner.busy()?;
         self.inner.used(&spec.id);
         let standby = self.inner.take_standby(&spec.id);
         let made = match standby {
             Some(inst) => {
-                pin_tree(inst.sandbox.pid, core);
+                pin_tree(inst.sandbox.pid, cpus);
                 if let Some(Err(e)) = inst.sandbox.group().map(Group::to_foreground) {
                     eprintln!(
                         "hearth: a standby of {} keeps its background cpu weight: {e}",
@@ -620,7 +638,13 @@ impl Backend for ProcessBackend {
                 }
                 Ok((inst, Vec::new()))
             }
-            None => self.inner.spawn(spec, dir, Placement::Core(core)),
+            None => self.inner.spawn(spec, dir, Placement::Core(cpus)).map(|made| {
+                // Spawned on `cpus.main`; V8's helper threads exist now.
+                if cpus.split() {
+                    pin_tree(made.0.sandbox.pid, cpus);
+                }
+                made
+            }),
         };
         self.inner.refill(spec, dir);
         made.map(|(i, l)| (Box::new(i) as Box<dyn Instance>, l))
@@ -829,12 +853,15 @@ enum Placement {
     /// initialisation does not take CPU from requests being served; the
     /// start that takes it gives it the default weight.
     Standby,
-    /// An instance a core asked for: pinned to that core's CPU.
-    Core(usize),
+    /// An instance a core asked for: pinned to `main` from its start (the
+    /// start splits off the helpers once they exist).
+    Core(InstanceCpus),
 }
 
-/// Pins every thread of `pid` and its descendants to `core`.
-fn pin_tree(pid: i32, core: usize) {
+/// Pins `pid` and its descendants to `cpus`: each process's main thread to
+/// `cpus.main`, its other threads to `cpus.helpers`. Threads a main thread
+/// makes later inherit its CPU.
+fn pin_tree(pid: i32, cpus: InstanceCpus) {
     let mut todo = vec![pid];
     while let Some(p) = todo.pop() {
         let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else {
@@ -844,7 +871,8 @@ fn pin_tree(pid: i32, core: usize) {
             let Ok(tid) = t.file_name().to_string_lossy().parse::<i32>() else {
                 continue;
             };
-            let _ = cpu::pin_thread(tid, core);
+            let cpu = if tid == p { cpus.main } else { cpus.helpers };
+            let _ = cpu::pin_thread(tid, cpu);
             if let Ok(children) = std::fs::read_to_string(t.path().join("children")) {
                 todo.extend(
                     children

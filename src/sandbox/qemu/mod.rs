@@ -78,7 +78,7 @@ use super::boot_gate::BootGate;
 use super::handshake;
 use super::vmcgroup::{self, VmmCgroup};
 use super::vmfiles::{prefetch, private_run_dir, rss_anon_bytes, snapshot_bytes_max};
-use super::{Backend, Endpoint, InitLogs, Instance, SetupError, StartError};
+use super::{Backend, Endpoint, InitLogs, Instance, InstanceCpus, SetupError, StartError};
 use crate::config::ServeConfig;
 use crate::guest::images::{self, Guest, RuntimeDrives};
 use crate::runtime::RuntimeKind;
@@ -361,9 +361,9 @@ impl Backend for QemuBackend {
         &self,
         spec: &FunctionSpec,
         dir: &Path,
-        core: usize,
+        cpus: InstanceCpus,
     ) -> Result<(Box<dyn Instance>, InitLogs), StartError> {
-        let (inst, logs) = self.inner.restore_instance(spec, dir, Some(core))?;
+        let (inst, logs) = self.inner.restore_instance(spec, dir, Some(cpus.main))?;
         Ok((Box::new(inst), logs))
     }
 

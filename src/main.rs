@@ -255,11 +255,13 @@ struct ServeArgs {
     no_connection_moves: bool,
     /// Run every instance on its worker's CPU. By default (process backend) an
     /// instance of a Node.js function with concurrency 1, whose requests all go to
-    /// the core holding it, runs on the next core's CPU, so that Node and the worker
-    /// feeding it run side by side instead of taking turns on one CPU (Express at
-    /// concurrency 1: median 1.15x the requests per second, p99 16-37 % shorter;
-    /// perf/RESULTS.md, "an instance beside its worker"). Off by itself with
-    /// --no-connection-moves, --no-pin or more workers than CPUs.
+    /// the core holding it, runs its main thread on the next core's CPU, so that
+    /// Node and the worker feeding it run side by side instead of taking turns on
+    /// one CPU, and V8's collector on helper threads on the worker's CPU (its
+    /// quota: 1.25 cores). Express at concurrency 1: 1.26-1.29x the requests per
+    /// second, 1.00-1.04x bare single-process Express (perf/RESULTS.md, "V8's
+    /// helpers on the worker's CPU"). Off by itself with --no-connection-moves,
+    /// --no-pin, one worker or more workers than CPUs.
     #[arg(long)]
     instances_on_own_cpu: bool,
     /// Do not keep an initialised standby instance per function (process backend).

@@ -7,6 +7,7 @@
 
 mod common;
 
+use std::fs;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::time::{Duration, Instant};
@@ -1058,6 +1059,23 @@ fn a_node_instance_held_to_one_runs_beside_its_worker() {
             [(main.to_string(), format!("[\"{core}\"]"), !beside)],
             "{what}"
         );
+        // The collector's helpers get a quarter core of quota on top of the
+        // main thread's one, and only then (standbys included: every Node
+        // process of the function has it).
+        let quota_us = if beside { 125_000 } else { 100_000 };
+        let nodes: Vec<i32> = common::descendants(s.pid() as i32)
+            .into_iter()
+            .filter(|p| {
+                fs::read_to_string(format!("/proc/{p}/comm")).is_ok_and(|c| c.trim() == "node")
+            })
+            .collect();
+        assert!(!nodes.is_empty(), "{what}: no node process found");
+        for p in nodes {
+            if let Some((_, quota)) = common::cpu_cgroup(p) {
+                let quota = quota.split(' ').next().unwrap_or_default().to_string();
+                assert_eq!(quota, quota_us.to_string(), "{what}: node {p}");
+            }
+        }
     }
 }
 

@@ -18,7 +18,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::qemu::{instance_vms, skip_reason, static_agent, wait_until, SLOW};
-use common::{header_values, Client, Response};
+use common::{cgroup_value, cpu_cgroup, header_values, Client, Response};
 use hearth::guest::{ext4, images};
 
 fn root() -> &'static Path {
@@ -573,52 +573,6 @@ fn a_guest_flooding_its_console_leaves_a_capped_log() {
     );
     s.stop();
     let _ = fs::remove_dir_all(&dir);
-}
-
-/// The cgroup directory of process `pid` for `controller` and the contents
-/// of its file `v1_file` (cgroup v1) or `v2_file` (v2), from
-/// `/proc/<pid>/cgroup` and the mounted hierarchies.
-fn cgroup_value(
-    pid: i32,
-    controller: &str,
-    v1_file: &str,
-    v2_file: &str,
-) -> Option<(PathBuf, String)> {
-    let own = fs::read_to_string(format!("/proc/{pid}/cgroup")).ok()?;
-    let mounts = fs::read_to_string("/proc/self/mountinfo").ok()?;
-    for line in own.lines() {
-        let mut f = line.splitn(3, ':');
-        let (_, controllers, path) = (f.next()?, f.next()?, f.next()?);
-        let v1 = controllers.split(',').any(|c| c == controller);
-        if !v1 && !controllers.is_empty() {
-            continue;
-        }
-        for m in mounts.lines() {
-            let Some((left, right)) = m.split_once(" - ") else {
-                continue;
-            };
-            let (fields, super_opts): (Vec<&str>, Vec<&str>) =
-                (left.split(' ').collect(), right.split(' ').collect());
-            let mount_point = fields[4];
-            let fits = if v1 {
-                super_opts[0] == "cgroup" && super_opts[2].split(',').any(|o| o == controller)
-            } else {
-                super_opts[0] == "cgroup2"
-            };
-            let dir = Path::new(mount_point).join(path.trim_start_matches('/'));
-            let file = if v1 { v1_file } else { v2_file };
-            if let (true, Ok(value)) = (fits, fs::read_to_string(dir.join(file))) {
-                return Some((dir, value.trim().to_string()));
-            }
-        }
-    }
-    None
-}
-
-/// The CPU cgroup directory of process `pid` and its quota (v1
-/// `cpu.cfs_quota_us`, v2 `cpu.max`).
-fn cpu_cgroup(pid: i32) -> Option<(PathBuf, String)> {
-    cgroup_value(pid, "cpu", "cpu.cfs_quota_us", "cpu.max")
 }
 
 /// The memory and task limits of process `pid`'s cgroups, with the

@@ -300,7 +300,11 @@ mod tests {
                 "{line}"
             );
         }
-        assert!(parse(&args("--channel-fd 3 --runtime python3 --parallel-gc"), false).is_err());
+        assert!(parse(
+            &args("--channel-fd 3 --runtime python3 --parallel-gc"),
+            false
+        )
+        .is_err());
     }
 
     #[test]

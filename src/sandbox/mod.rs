@@ -254,7 +254,10 @@ pub struct InstanceCpus {
 impl InstanceCpus {
     /// Everything on `cpu`.
     pub fn on(cpu: usize) -> InstanceCpus {
-        InstanceCpus { main: cpu, helpers: cpu }
+        InstanceCpus {
+            main: cpu,
+            helpers: cpu,
+        }
     }
 
     /// The helpers run on a CPU of their own.

@@ -1459,7 +1459,10 @@ fn a_node_instance_held_to_one_runs_on_the_next_cpu() {
         sim.request("two");
         sim.request("py");
         let what = format!("core {core} of {cores}, beside {beside}");
-        let expected = expected.map(|main| InstanceCpus { main, helpers: core });
+        let expected = expected.map(|main| InstanceCpus {
+            main,
+            helpers: core,
+        });
         assert_eq!(sim.start_cpus, expected, "{what}");
         assert_eq!(
             sim.pool.cfg.instance_cpus(&one),

@@ -175,7 +175,8 @@ struct Inner {
     relay_runtime_api: bool,
     /// Instances are placed beside their worker (`ServeConfig::instances_beside`):
     /// those of Node.js functions limited to one instance start with V8's
-    /// parallel collector, whose helpers run on the worker's CPU ([`InstanceCpus`]).
+    /// parallel collector, whose helpers run on the worker's CPU ([`InstanceCpus`]),
+    /// and a quota of [`crate::sandbox::HELPERS_CPU_MILLICORES`] more.
     beside: bool,
     /// Work in progress that may make sandboxes; see [`Busy`].
     work: Mutex<Work>,
@@ -638,13 +639,15 @@ impl Backend for ProcessBackend {
                 }
                 Ok((inst, Vec::new()))
             }
-            None => self.inner.spawn(spec, dir, Placement::Core(cpus)).map(|made| {
-                // Spawned on `cpus.main`; V8's helper threads exist now.
-                if cpus.split() {
-                    pin_tree(made.0.sandbox.pid, cpus);
-                }
-                made
-            }),
+            None => self
+                .inner
+                .spawn(spec, dir, Placement::Core(cpus))
+                .inspect(|(inst, _)| {
+                    // Spawned on `cpus.main`; V8's helper threads exist now.
+                    if cpus.split() {
+                        pin_tree(inst.sandbox.pid, cpus);
+                    }
+                }),
         };
         self.inner.refill(spec, dir);
         made.map(|(i, l)| (Box::new(i) as Box<dyn Instance>, l))

@@ -13,8 +13,8 @@
 //! needs ([`SOCKET_FAMILIES_ALLOWED`]: Unix, IPv4, IPv6, netlink, all confined by the network
 //! namespace); any other family (notably `AF_VSOCK`, which ignores network namespaces and
 //! reaches the host's hypervisor sockets) fails with `EAFNOSUPPORT`, as on a kernel built
-//! without it. `sched_setaffinity` fails with `EPERM`: an instance stays on the core hearth
-//! pinned it to (hearth re-pins from outside; `sched_getaffinity`, which libuv reads, stays
+//! without it. `sched_setaffinity` fails with `EPERM`: an instance's threads stay on the CPUs hearth
+//! pinned them to (hearth re-pins from outside; `sched_getaffinity`, which libuv reads, stays
 //! allowed).
 //!
 //! The program is built by a tiny assembler with symbolic forward jumps ([`Asm`]), because

@@ -141,10 +141,10 @@ pub struct SchedConfig {
 impl SchedConfig {
     /// The CPUs an instance of `f` held by this core (`core`) runs on: for a
     /// Node.js function limited to one instance when `beside` is on
-    /// ([`crate::spec::FunctionSpec::runs_beside_its_worker`]), its main thread on the next
-    /// core's CPU and V8's helper threads on this core's; else all on this
-    /// core's. Such a function's requests all come to the core
-    /// holding its instance ([`CorePool::home_core`]), so its worker's share of
+    /// ([`crate::spec::FunctionSpec::runs_beside_its_worker`]), its main
+    /// thread on the next core's CPU and V8's helper threads on this core's;
+    /// else all on this core's. Such a function's requests all come to the
+    /// core holding its instance ([`CorePool::home_core`]), so its worker's share of
     /// each request (parse, event, answer) and Node's would otherwise take
     /// turns on one CPU while the next one has room; side by side, a busy
     /// instance runs the request sent ahead to it ([`CorePool::send_ahead`]:

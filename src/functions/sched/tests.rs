@@ -69,7 +69,7 @@ struct Sim {
     next_serial: u64,
     /// Functions the pool asked to start an instance of, not yet started.
     starts: Vec<Arc<Function>>,
-    /// The CPU each start in `starts` was asked to run on.
+    /// The CPUs each start in `starts` was asked to run on.
     start_cpus: Vec<InstanceCpus>,
     replies: Vec<(ReplyTo, Reply)>,
     /// How an instance served each answer (phase timings).

@@ -47,9 +47,13 @@ pub const INSTANCE_CPU_MILLICORES: u32 = 1000;
 /// concurrency 1 was throttled in most 100 ms periods, its main thread idle 7 %
 /// of the time and its p99 longer (perf/RESULTS.md, "V8's helpers on the
 /// worker's CPU"). Express's helpers used ~7 % of a core there; a quarter
-/// leaves room for handlers that allocate more. Only V8's own tasks run on
-/// those threads: whatever threads a handler starts inherit its main thread's
-/// CPU (and a sandbox cannot change its affinity).
+/// leaves room for handlers that allocate more. Threads a handler starts
+/// once the instance is ready inherit its main thread's CPU (and a sandbox
+/// cannot change its affinity); those already running when the instance is
+/// split (libuv's pool or workers its initialisation started) go with V8's
+/// to the worker's CPU. Either way the quota bounds the whole instance: 1.25
+/// cores, at most one of them on either CPU, which it shares with a worker as
+/// every instance does.
 pub const HELPERS_CPU_MILLICORES: u32 = 250;
 
 /// Why an instance could not be made ready. Every variant but [`StartError::Init`]

@@ -1008,6 +1008,9 @@ fn a_node_instance_held_to_one_runs_beside_its_worker() {
     }
     for (flags, concurrency, beside) in [
         (&[][..], 1, true),
+        // No standby: the instance is the deploy's, or a fresh spawn split
+        // once its threads exist.
+        (&["--no-standby"][..], 1, true),
         (&["--instances-on-own-cpu"][..], 1, false),
         (&["--no-connection-moves"][..], 1, false),
         (&[][..], 2, false),
@@ -1070,11 +1073,16 @@ fn a_node_instance_held_to_one_runs_beside_its_worker() {
             })
             .collect();
         assert!(!nodes.is_empty(), "{what}: no node process found");
+        let mut read = 0;
         for p in nodes {
             if let Some((_, quota)) = common::cpu_cgroup(p) {
                 let quota = quota.split(' ').next().unwrap_or_default().to_string();
                 assert_eq!(quota, quota_us.to_string(), "{what}: node {p}");
+                read += 1;
             }
+        }
+        if read == 0 {
+            eprintln!("{what}: quota not checked (no cpu cgroup controller here)");
         }
     }
 }

@@ -59,7 +59,8 @@ bench_prepare wrk node zip curl taskset gcc
 WRK_THREADS=$CORES
 WRK_CONNS=10
 INSTANCES=${INSTANCES:-1}
-# What hearth's agent starts Node with (NODE_FLAGS in agent/src/runtime.rs).
+# What hearth's agent starts Node with on one CPU (SINGLE_THREADED_GC and
+# NODE_FLAGS in agent/src/runtime.rs; an instance beside its worker drops the first).
 NODE_FLAGS=(--single-threaded-gc --no-allocation-site-pretenuring)
 TMP=$(mktemp -d /tmp/hearth-floor.XXXXXX)
 

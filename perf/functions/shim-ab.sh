@@ -12,7 +12,7 @@
 # Usage: perf/functions/shim-ab.sh [--rounds N] [--duration 4s] [--no-build]
 #                                  NAME=SHIM.js[@FLAG,FLAG...] [NAME=...]
 #        APP=express (default: POST /greet on the Express fixture) or trivial
-# Every Node gets hearth's flags (NODE_FLAGS in agent/src/runtime.rs); the
+# Every Node gets hearth's flags (SINGLE_THREADED_GC, NODE_FLAGS in agent/src/runtime.rs); the
 # flags after `@` are added for that variant (e.g. to try V8 options:
 # big=include/runtime/bootstrap.js@--min-semi-space-size=16).
 #
@@ -48,7 +48,8 @@ WRK_THREADS=1
 WRK_CONNS=10
 wrk() { command taskset -c 1 wrk "$@"; }
 TMP=$(mktemp -d /tmp/hearth-shim-ab.XXXXXX)
-# What hearth's agent starts Node with (NODE_FLAGS in agent/src/runtime.rs).
+# What hearth's agent starts Node with on one CPU (SINGLE_THREADED_GC and
+# NODE_FLAGS in agent/src/runtime.rs; an instance beside its worker drops the first).
 NODE_FLAGS=(--single-threaded-gc --no-allocation-site-pretenuring)
 
 gcc -O2 -o "$TMP/floor-proxy" "$HERE/floor-proxy.c"

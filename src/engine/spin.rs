@@ -1,8 +1,9 @@
 //! Waiting for an instance's answer by yielding the CPU instead of sleeping.
 //!
 //! A worker shares its CPU with the instances it owns (they are pinned to it,
-//! but for a Node function with concurrency 1, pinned to the next CPU:
-//! `SchedConfig::instance_cpus`; its answers come sooner for the spin).
+//! but for a Node function with concurrency 1, whose main thread is pinned to
+//! the next CPU: `SchedConfig::instance_cpus`; its answers come sooner for the
+//! spin).
 //! When it has handed a request to one of them and has nothing else to do, the
 //! answer comes from a process that can only run once the worker lets go of
 //! the CPU. Sleeping in the kernel lets go, but then every event meant for the

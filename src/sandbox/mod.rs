@@ -34,9 +34,11 @@ use std::time::Duration;
 use crate::spec::FunctionSpec;
 
 /// CPU of one instance, whatever runs it (a process sandbox, a VMM): its cgroup's quota,
-/// 1/1000 of a core per period (one core). Instances are pinned to their worker's core, so
-/// what the cgroup adds is that all the instance's threads count as one entity against
-/// the other tenants on that core, and the hard ceiling should pinning ever go.
+/// 1/1000 of a core per period (one core; see [`HELPERS_CPU_MILLICORES`] for the one kind
+/// that gets more). Instances are pinned to their worker's core (or split between it and
+/// the next: [`InstanceCpus`]), so what the cgroup adds is that all the instance's threads
+/// count as one entity against the other tenants on those CPUs, and the hard ceiling
+/// should pinning ever go.
 pub const INSTANCE_CPU_MILLICORES: u32 = 1000;
 
 /// CPU on top of [`INSTANCE_CPU_MILLICORES`] for an instance whose helper threads
@@ -47,13 +49,15 @@ pub const INSTANCE_CPU_MILLICORES: u32 = 1000;
 /// concurrency 1 was throttled in most 100 ms periods, its main thread idle 7 %
 /// of the time and its p99 longer (perf/RESULTS.md, "V8's helpers on the
 /// worker's CPU"). Express's helpers used ~7 % of a core there; a quarter
-/// leaves room for handlers that allocate more. Threads a handler starts
-/// once the instance is ready inherit its main thread's CPU (and a sandbox
-/// cannot change its affinity); those already running when the instance is
-/// split (libuv's pool or workers its initialisation started) go with V8's
-/// to the worker's CPU. Either way the quota bounds the whole instance: 1.25
-/// cores, at most one of them on either CPU, which it shares with a worker as
-/// every instance does.
+/// leaves room for handlers that allocate more. Every thread but each
+/// process's main one goes to the worker's CPU whenever hearth pins the
+/// instance (at start, for a standby taken, at each hand-over): V8's, and also
+/// libuv's pool and any workers the handler started by then (a thread started
+/// afterwards inherits its creator's CPU until the next hand-over). A sandbox
+/// cannot change its own affinity, so a handler chooses at most which of the
+/// two CPUs its threads use; the quota bounds the whole instance: 1.25 cores,
+/// at most one of them on either CPU, which it shares with a worker as every
+/// instance does.
 pub const HELPERS_CPU_MILLICORES: u32 = 250;
 
 /// Why an instance could not be made ready. Every variant but [`StartError::Init`]

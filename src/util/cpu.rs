@@ -1,5 +1,7 @@
 //! Pinning a thread to one CPU (`sched_setaffinity(2)`): event-loop threads, sandboxed
-//! instances and VM processes each run on the core that serves them.
+//! instances and VM processes each run on the core that serves them (or, for an
+//! instance placed beside its worker, on the next core's and that one's:
+//! `sandbox::InstanceCpus`).
 
 use std::io;
 

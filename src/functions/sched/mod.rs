@@ -120,8 +120,9 @@ pub struct SchedConfig {
     /// go after it ([`Action::Relocate`]) instead of waiting for it to return,
     /// and requests spill to other cores' idle instances ([`spill`]).
     pub moves: bool,
-    /// Instances of Node.js functions limited to one instance run on the next
-    /// core's CPU ([`SchedConfig::instance_cpus`]): set for the process backend
+    /// Instances of Node.js functions limited to one instance run their main
+    /// thread on the next core's CPU and their other threads on this core's
+    /// ([`SchedConfig::instance_cpus`]): set for the process backend
     /// (whose Node instances take requests sent ahead) with connection moves
     /// on and workers pinned.
     pub beside: bool,
@@ -160,7 +161,9 @@ impl SchedConfig {
     /// runs its collector on helper threads (the process backend starts it
     /// without `--single-threaded-gc`), which on this core's CPU run beside
     /// its main thread instead of taking turns with it (perf/RESULTS.md,
-    /// "V8's helpers on the worker's CPU").
+    /// "V8's helpers on the worker's CPU"); this core's CPU load, which other
+    /// functions' scaling reads, counts their share (~7 % of a core for
+    /// Express at full speed).
     pub fn instance_cpus(&self, f: &Function) -> InstanceCpus {
         let cores = self.cores;
         if self.beside && cores > 1 && f.spec.runs_beside_its_worker() {
